@@ -1,0 +1,39 @@
+"""Every dir kiln writes is written atomically: into a temporary sibling, then renamed into place.
+
+A crash or an error half-way leaves at most a hidden `.name.tmp-*` sibling (removed on the way out
+when Python gets the chance), never a dir at the target path that would load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from kiln.errors import OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False):
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target}: output dir already exists; pass --overwrite (overwrite=True) "
+                                "to replace it, or choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():  # overwrite: move the old one aside so the swap is two renames
+            old = target.parent / f".{target.name}.old-{tag}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,231 @@
+"""Configs are data: dataclasses that round-trip through JSON and validate themselves.
+
+PretrainedConfig describes a model (and which shard a checkpoint holds), QuantConfig how it is
+quantized, BuildConfig the limits an engine is built for. Field names follow TensorRT-LLM's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import ConfigError
+from kiln.mapping import Mapping
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+class QuantAlgo(str, enum.Enum):
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W4A8_AWQ = "W4A8_AWQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    INT8 = "INT8"  # KV cache
+    # FP8 above doubles as the KV-cache algorithm, as in TensorRT-LLM.
+
+
+KV_CACHE_ALGOS = (QuantAlgo.INT8, QuantAlgo.FP8)
+WEIGHT_ALGOS = tuple(a for a in QuantAlgo if a is not QuantAlgo.INT8)
+
+
+def _check(condition: bool, owner: str, name: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{owner}.{name} must be {allowed}, got {value!r}")
+
+
+def _check_positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               type(obj).__name__, name, "an integer >= 1", value)
+
+
+def _parse_algo(value: Any, owner: str, name: str, allowed: tuple[QuantAlgo, ...]) -> QuantAlgo | None:
+    if value is None or isinstance(value, QuantAlgo) and value in allowed:
+        return value
+    names = [a.value for a in allowed]
+    if isinstance(value, str) and value.upper() in names:
+        return QuantAlgo(value.upper())
+    raise ConfigError(f"{owner}.{name} must be one of {names} or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    quant_algo: QuantAlgo | None = None
+    kv_cache_quant_algo: QuantAlgo | None = None
+    group_size: int = 128
+    has_zero_point: bool = False
+    exclude_modules: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_("quant_algo", _parse_algo(self.quant_algo, "QuantConfig", "quant_algo", WEIGHT_ALGOS))
+        set_("kv_cache_quant_algo",
+             _parse_algo(self.kv_cache_quant_algo, "QuantConfig", "kv_cache_quant_algo", KV_CACHE_ALGOS))
+        _check(self.group_size in (32, 64, 128), "QuantConfig", "group_size", "one of 32, 64, 128", self.group_size)
+        set_("exclude_modules", tuple(self.exclude_modules))
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_algo is not None or self.kv_cache_quant_algo is not None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quant_algo"] = self.quant_algo and self.quant_algo.value
+        d["kv_cache_quant_algo"] = self.kv_cache_quant_algo and self.kv_cache_quant_algo.value
+        d["exclude_modules"] = list(self.exclude_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        return cls(**_known_fields(cls, d, "quantization"))
+
+
+def _known_fields(cls, d: dict, where: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s) {unknown}; known fields: {sorted(names)}")
+    return dict(d)
+
+
+POSITION_EMBEDDING_TYPES = ("rope_gpt_neox",)
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """A model's structure, dtype, and the shard layout of the checkpoint that holds it."""
+
+    architecture: str
+    dtype: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    intermediate_size: int
+    hidden_act: str = "silu"
+    norm_epsilon: float = 1e-5
+    max_position_embeddings: int = 2048
+    position_embedding_type: str = "rope_gpt_neox"
+    rotary_base: float = 10000.0
+    rotary_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    mapping: Mapping = field(default_factory=Mapping)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self):
+        owner = "PretrainedConfig"
+        torch_dtype(self.dtype)
+        _check_positive_ints(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_key_value_heads", "head_size", "intermediate_size",
+                                    "max_position_embeddings"))
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, owner, "num_key_value_heads",
+               f"a divisor of num_attention_heads ({self.num_attention_heads})", self.num_key_value_heads)
+        _check(self.hidden_act in ("silu",), owner, "hidden_act", "'silu'", self.hidden_act)
+        _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, owner, "position_embedding_type",
+               f"one of {POSITION_EMBEDDING_TYPES}", self.position_embedding_type)
+        _check(self.rotary_base > 0, owner, "rotary_base", "> 0", self.rotary_base)
+        _check(self.norm_epsilon > 0, owner, "norm_epsilon", "> 0", self.norm_epsilon)
+        _check(self.rotary_scaling is None or self.rotary_scaling.get("type") in ROPE_SCALING_TYPES, owner,
+               "rotary_scaling.type", f"one of {ROPE_SCALING_TYPES}", self.rotary_scaling)
+        _check(self.sliding_window is None or isinstance(self.sliding_window, int) and self.sliding_window >= 1,
+               owner, "sliding_window", "None or an integer >= 1", self.sliding_window)
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    def replace(self, **changes) -> "PretrainedConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        d["mapping"] = self.mapping.to_dict()
+        d["quantization"] = self.quantization.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, rank: int = 0) -> "PretrainedConfig":
+        d = _known_fields(cls, d, "model config")
+        d["mapping"] = Mapping.from_dict(d.get("mapping", {"world_size": 1, "tp_size": 1, "pp_size": 1}), rank)
+        d["quantization"] = QuantConfig.from_dict(d.get("quantization", {}))
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"model config: {e}") from None
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Ceilings on the dynamic shapes an engine serves; the KV cache comes from one memory budget."""
+
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    max_num_tokens: int = 8192
+    kv_cache_type: str = "paged"
+    tokens_per_block: int = 32
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+
+    def __post_init__(self):
+        owner = "BuildConfig"
+        _check_positive_ints(self, ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+                                    "tokens_per_block"))
+        _check(self.max_input_len <= self.max_seq_len, owner, "max_input_len",
+               f"<= max_seq_len ({self.max_seq_len})", self.max_input_len)
+        _check(self.kv_cache_type in ("paged", "continuous"), owner, "kv_cache_type", "'paged' or 'continuous'",
+               self.kv_cache_type)
+        _check(self.tokens_per_block & (self.tokens_per_block - 1) == 0, owner, "tokens_per_block",
+               "a power of two", self.tokens_per_block)
+        _check(0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, owner, "kv_cache_free_gpu_mem_fraction",
+               "in (0, 1]", self.kv_cache_free_gpu_mem_fraction)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildConfig":
+        return cls(**_known_fields(cls, d, "build config"))
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON file, naming it in the error when it is missing or not valid JSON."""
+    from kiln.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,73 @@
+"""Multi-head attention with GQA, rotary positions and an optional sliding window.
+
+The model sees one flat stream of tokens; an `AttentionBatch`, passed explicitly from layer to layer,
+says how the stream splits into sequences and where each one's cached keys and values live. This is
+the reference path (plain PyTorch, any device); fast kernels take the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.layers.linear import QKVLinear, RowLinear
+from kiln.layers.rotary import apply_rope, inv_freq, rope_cos_sin
+from kiln.mapping import Mapping
+
+
+@dataclass
+class AttentionBatch:
+    """query_lens[i] new tokens of sequence i follow its context_lens[i] cached ones."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    kv_caches: list | None = None  # one DenseKVCache per sequence, or None when nothing is cached
+
+    @classmethod
+    def uncached(cls, batch: int, seq_len: int) -> "AttentionBatch":
+        return cls([seq_len] * batch, [0] * batch)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, mapping: Mapping):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_size = config.head_size
+        self.qkv = QKVLinear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                             config.head_size, config.attention_bias, mapping)
+        self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
+                               config.attention_bias, mapping)
+        self.sliding_window = config.sliding_window
+        self.rope = (config.rotary_base, config.head_size, config.rotary_scaling, config.max_position_embeddings)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        q, k, v = self.qkv.split_heads(self.qkv(x))
+        freqs = inv_freq(*self.rope, seq_len=int(positions.max()) + 1)
+        cos, sin = rope_cos_sin(positions, freqs, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (n, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
+            span = slice(start, start + n)
+            keys, values = k[span], v[span]
+            if batch.kv_caches is not None:
+                keys, values = batch.kv_caches[i].append(self.layer_idx, ctx, keys, values)
+            out[span] = self._attend(q[span], keys, values, ctx)
+            start += n
+        return self.dense(out.flatten(-2))
+
+    def _attend(self, q, k, v, context_len: int) -> torch.Tensor:
+        """q: [n, h, d] at positions context_len..context_len+n-1; k, v: [context_len + n, kv, d]."""
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        q_pos = torch.arange(context_len, context_len + q.shape[0], device=q.device)[:, None]
+        k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= q_pos - k_pos < self.sliding_window
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=mask, scale=self.head_size ** -0.5)
+        return out.transpose(0, 1)

@@ -1,0 +1,46 @@
+"""Vocab-parallel embedding and lm_head: each tensor-parallel rank holds a slice of the (padded) vocab."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.mapping import Mapping, padded_vocab_size, shard_vocab
+from kiln.runtime.distributed import all_gather_last_dim, all_reduce
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping):
+        super().__init__()
+        self.mapping = mapping
+        self.rows = padded_vocab_size(vocab_size, mapping.tp_size) // mapping.tp_size
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.shard_rules = {"weight": shard_vocab}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.mapping.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        start = self.mapping.tp_rank * self.rows
+        local = input_ids - start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return all_reduce(out, self.mapping)
+
+
+class LMHead(nn.Module):
+    """Logits over the vocab; with tensor parallelism each rank computes its slice and they are gathered."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping):
+        super().__init__()
+        self.mapping = mapping
+        self.vocab_size = vocab_size
+        rows = padded_vocab_size(vocab_size, mapping.tp_size) // mapping.tp_size
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.shard_rules = {"weight": shard_vocab}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.mapping.tp_size > 1:
+            logits = all_gather_last_dim(logits, self.mapping)
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,71 @@
+"""Rotary position embeddings (GPT-NeoX / Hugging Face "rotate half" layout) and their scalings.
+
+Scalings follow the reference implementations in transformers' modeling_rope_utils:
+linear (positions divided by the factor), dynamic NTK (base grown with the sequence length,
+https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr) and llama3 (frequency-dependent
+interpolation from the Llama 3.1 release).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq_len: int) -> torch.Tensor:
+    """Inverse frequencies for a forward whose largest position is seq_len - 1."""
+    kind = scaling and scaling["type"]
+    if kind == "dynamic":
+        original = scaling.get("original_max_position_embeddings") or max_position
+        if seq_len > original:
+            factor = scaling["factor"]
+            base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    freqs = _default_inv_freq(base, dim)
+    if kind == "linear":
+        freqs = freqs / scaling["factor"]
+    elif kind == "llama3":
+        freqs = _llama3_inv_freq(freqs, scaling)
+    return freqs
+
+
+def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shape [tokens, 1, dim], computed in float32 and cast to the activations' dtype."""
+    angles = positions.float()[:, None] * freqs.to(positions.device)[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_size]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def interleaved_to_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta's interleaved rotary pairs (also GGUF's layout) to the
+    rotate-half layout kiln and Hugging Face use; the inverse of llama.cpp's permute on convert."""
+    rows = weight.shape[0]
+    head_size = rows // num_heads
+    return (weight.reshape(num_heads, head_size // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(rows, *weight.shape[1:]))

@@ -1,0 +1,34 @@
+"""Model registry: Hugging Face architecture name -> kiln model class.
+
+Each family registers itself in its own folder; this table is the one place that lists them, and
+modules are imported only when a class is asked for (no import-time work).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kiln.errors import UnsupportedArchitectureError
+from kiln.models.base import DecoderModelForCausalLM, PretrainedModel
+
+# HF architecture name -> (module, class name). Checkpoints store the HF name as `architecture`.
+_REGISTRY = {
+    "LlamaForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
+    "MistralForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
+}
+MODEL_MAP = dict(_REGISTRY)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(architecture: str) -> type[PretrainedModel]:
+    if architecture not in _REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}")
+    module, name = _REGISTRY[architecture]
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["MODEL_MAP", "PretrainedModel", "DecoderModelForCausalLM", "model_class", "supported_architectures"]

@@ -1,0 +1,278 @@
+"""PretrainedModel and DecoderModelForCausalLM: the model object of the convert -> build -> run flow.
+
+A model is a torch.nn.Module holding one rank's shard of the weights. Converters create it empty
+(on the meta device) and attach *lazy* weights, functions that read, transform and shard one
+tensor when asked. `save_checkpoint` streams them to disk one at a time (memory bounded by the
+largest tensor), and the first forward, or `materialize()`, loads them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kiln.checkpoint.atomic import atomic_dir
+from kiln.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
+from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
+from kiln.config import PretrainedConfig, read_json
+from kiln.errors import CheckpointError, EngineVersionError
+from kiln.layers.attention import Attention, AttentionBatch
+from kiln.layers.embedding import LMHead, VocabEmbedding
+from kiln.layers.mlp import GatedMLP
+from kiln.layers.normalization import RMSNorm
+from kiln.mapping import Mapping, replicate
+from kiln.version import FORMAT_VERSION, __version__
+
+CONFIG_FILE = "config.json"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.rename(path)
+
+
+def check_format_version(d: dict, path: Path, what: str, fix: str) -> None:
+    found = d.get("format_version")
+    if found != FORMAT_VERSION:
+        raise EngineVersionError(f"{path}: {what} has format_version {found!r} (written by kiln "
+                                 f"{d.get('kiln_version', '?')}); this kiln {__version__} reads format_version "
+                                 f"{FORMAT_VERSION}. {fix}")
+
+
+class PretrainedModel(nn.Module):
+    """Base of every model: config, this rank's weights (maybe lazy), checkpoint I/O."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.config = config
+        self._lazy: dict[str, Callable[[], torch.Tensor]] = {}
+        # Writes the tokenizer files (tokenizer, chat template, generation config) into a dir.
+        self.tokenizer_writer: Callable[[Path], None] | None = None
+
+    @property
+    def mapping(self) -> Mapping:
+        return self.config.mapping
+
+    @classmethod
+    def empty(cls, config: PretrainedConfig) -> "PretrainedModel":
+        """The model structure on the meta device: shapes and names, no memory."""
+        with torch.device("meta"):
+            return cls(config)
+
+    # ---- weights ------------------------------------------------------------------------------------
+
+    def weight_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every weight this rank holds (tied weights once)."""
+        return {name: (self.config.torch_dtype, tuple(p.shape)) for name, p in self.named_parameters()}
+
+    def shard_rule(self, name: str):
+        module_name, _, leaf = name.rpartition(".")
+        return getattr(self.get_submodule(module_name), "shard_rules", {}).get(leaf, replicate)
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load this rank's weights; names and shapes must match exactly (errors list every mismatch)."""
+        specs = self.weight_specs()
+        missing = sorted(set(specs) - set(weights))
+        unexpected = sorted(set(weights) - set(specs))
+        misshaped = [f"{n}: got {tuple(weights[n].shape)}, expected {specs[n][1]}"
+                     for n in specs if n in weights and tuple(weights[n].shape) != specs[n][1]]
+        if missing or unexpected or misshaped:
+            problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                        for label, items in (("missing", missing), ("unexpected", unexpected),
+                                             ("mis-shaped", misshaped)) if items]
+            raise CheckpointError(f"{type(self).__name__}.load: weights do not match the config: "
+                                  + "; ".join(problems))
+        for name, tensor in weights.items():
+            module_name, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(module_name), leaf,
+                    nn.Parameter(tensor.to(self.config.torch_dtype), requires_grad=False))
+        self._lazy.clear()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Models with tied embeddings share one tensor where both live on this rank."""
+
+    def set_lazy_weights(self, loaders: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._lazy = loaders
+
+    def attach_source(self, source, name_map, where: str) -> None:
+        """Make every weight a lazy read of `source` (anything with get(name) and `in`) through
+        `name_map`, then this rank's shard. Missing source tensors are reported up front."""
+        names = self.weight_specs()
+        missing = sorted({s.name for n in names for s in name_map.sources(n) if s.name not in source})
+        if missing:
+            raise CheckpointError(f"{where}: missing tensor(s) the config calls for: {', '.join(missing[:8])}"
+                                  f"{' ...' if len(missing) > 8 else ''}")
+
+        def load(name):
+            return self.shard_rule(name)(name_map.load(name, source, self.config), self.mapping)
+        self.set_lazy_weights({name: functools.partial(load, name) for name in names})
+
+    def _read_lazy(self, name: str) -> torch.Tensor:
+        dtype, shape = self.weight_specs()[name]
+        tensor = self._lazy[name]()
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"weight {name!r} has shape {tuple(tensor.shape)} but the config gives "
+                                  f"{shape}; the checkpoint's config.json does not match its weights")
+        return tensor.to(dtype)
+
+    def materialize(self, device: str | torch.device = "cpu") -> "PretrainedModel":
+        """Load every lazy weight (onto `device`); a no-op when the weights are already loaded."""
+        if self._lazy:
+            self.load({name: self._read_lazy(name).to(device) for name in self._lazy})
+        return self.to(device)
+
+    def named_weights(self):
+        """(name, tensor) of every weight, reading lazy ones one at a time."""
+        for name, param in self.named_parameters():
+            yield name, self._read_lazy(name) if name in self._lazy else param.detach()
+
+    # ---- checkpoint I/O ----------------------------------------------------------------------------
+
+    def checkpoint_config(self) -> dict:
+        return {**self.config.to_dict(), "kiln_version": __version__, "format_version": FORMAT_VERSION}
+
+    def write_rank(self, out_dir: Path) -> None:
+        """Stream this rank's weights into out_dir/rank{N}.safetensors, one tensor in memory at a time."""
+        path = Path(out_dir) / rank_file(self.mapping.rank)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with SafetensorsWriter(tmp, self.weight_specs(), {"format": "pt"}) as writer:
+            for name, tensor in self.named_weights():
+                writer.write(name, tensor)
+        tmp.rename(path)
+
+    def write_metadata(self, out_dir: Path) -> None:
+        """config.json and the tokenizer files."""
+        write_json_atomic(Path(out_dir) / CONFIG_FILE, self.checkpoint_config())
+        if self.tokenizer_writer is not None:
+            self.tokenizer_writer(Path(out_dir))
+
+    def save_checkpoint(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write a kiln checkpoint. A single-rank model writes the whole dir atomically; a rank of a
+        larger mapping adds its rank file (and the shared config) to the dir, each file atomically."""
+        out_dir = Path(out_dir)
+        if self.mapping.world_size == 1:
+            with atomic_dir(out_dir, overwrite) as tmp:
+                self.write_rank(tmp)
+                self.write_metadata(tmp)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.write_rank(out_dir)
+            self.write_metadata(out_dir)
+        return out_dir
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str | Path, rank: int = 0) -> "PretrainedModel":
+        ckpt_dir = Path(ckpt_dir)
+        d = read_json(ckpt_dir / CONFIG_FILE, "kiln checkpoint config")
+        check_format_version(d, ckpt_dir / CONFIG_FILE, "this checkpoint",
+                             "Re-run `kiln convert` on the source model with this kiln.")
+        from kiln.models import model_class  # the registry imports the model modules
+
+        config = PretrainedConfig.from_dict({k: v for k, v in d.items() if k not in ("kiln_version",
+                                                                                      "format_version")}, rank)
+        model = model_class(config.architecture).empty(config)
+        weights = SafetensorsFile(ckpt_dir / rank_file(rank))
+        model.check_file_matches(weights)
+        model.set_lazy_weights({name: (lambda n=name: weights.get(n)) for name in model.weight_specs()})
+        model.tokenizer_writer = lambda dst: copy_tokenizer_files(ckpt_dir, dst)
+        return model
+
+    def check_file_matches(self, weights: SafetensorsFile) -> None:
+        """Compare a rank file's header with the config before reading any tensor."""
+        specs = self.weight_specs()
+        missing = sorted(set(specs) - set(weights.keys()))
+        misshaped = [f"{n} {weights.shape(n)} != {specs[n][1]}" for n in specs
+                     if n in weights.header and weights.shape(n) != specs[n][1]]
+        if missing or misshaped:
+            raise CheckpointError(f"{weights.path}: does not match config.json: "
+                                  f"missing {missing[:5]}, mis-shaped {misshaped[:5]}")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int, fused_mlp: bool):
+        super().__init__()
+        m = config.mapping
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
+        self.attention = Attention(config, layer_idx, m)
+        self.post_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, m,
+                            fused=fused_mlp)
+
+    def forward(self, x, positions, batch):
+        h = x + self.attention(self.input_layernorm(x), positions, batch)
+        return h + self.mlp(self.post_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The `transformer` of a causal LM: embedding (first stage), this stage's layers, final norm (last)."""
+
+    def __init__(self, config: PretrainedConfig, fused_mlp: bool):
+        super().__init__()
+        m = config.mapping
+        self.vocab_embedding = VocabEmbedding(config.vocab_size, config.hidden_size, m) \
+            if m.is_first_pp_rank else None
+        # Keyed by the global layer index, so names match across pipeline stages.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, fused_mlp)
+                                     for i in m.pp_layers(config.num_hidden_layers)})
+        self.ln_f = RMSNorm(config.hidden_size, config.norm_epsilon) if m.is_last_pp_rank else None
+
+    def forward(self, input_ids, hidden, positions, batch):
+        x = self.vocab_embedding(input_ids) if self.vocab_embedding is not None else hidden
+        for layer in self.layers.values():
+            x = layer(x, positions, batch)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+
+class DecoderModelForCausalLM(PretrainedModel):
+    """A decoder-only LM; `fused_mlp` selects the engine's runtime layout (fc and gate in one matmul)."""
+
+    def __init__(self, config: PretrainedConfig, fused_mlp: bool = False):
+        super().__init__(config)
+        m = config.mapping
+        self.transformer = DecoderModel(config, fused_mlp)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, m) if m.is_last_pp_rank else None
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and self.lm_head is not None and \
+                self.transformer.vocab_embedding is not None:
+            self.lm_head.weight = self.transformer.vocab_embedding.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                batch: AttentionBatch | None = None, hidden_states: torch.Tensor | None = None,
+                last_token_only: bool = False) -> torch.Tensor:
+        """Logits (last stage) or hidden states (earlier pipeline stages).
+
+        With a [batch, seq] LongTensor alone, runs whole causal sequences and returns [batch, seq, vocab].
+        Otherwise input_ids is a flat token stream described by `batch`, with one position per token;
+        `last_token_only` keeps the logits of each sequence's last token.
+        """
+        if self._lazy:
+            self.materialize()
+        tokens = input_ids if input_ids is not None else hidden_states
+        if tokens.dim() == 2 and batch is None and input_ids is not None:
+            b, t = input_ids.shape
+            positions = torch.arange(t, device=input_ids.device).repeat(b)
+            out = self.forward(input_ids.reshape(-1), positions, AttentionBatch.uncached(b, t))
+            return out.reshape(b, t, -1)
+        x = self.transformer(input_ids, hidden_states, positions, batch)
+        if self.lm_head is None:
+            return x
+        if last_token_only:
+            ends = torch.tensor(batch.query_lens, device=x.device).cumsum(0) - 1
+            x = x[ends]
+        return self.lm_head(x)

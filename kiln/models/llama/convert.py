@@ -1,0 +1,76 @@
+"""Llama-family name maps: Hugging Face, Meta and GGUF tensor names -> kiln names.
+
+kiln's `mlp.fc` is the gate projection and `mlp.gate` the up projection (TensorRT-LLM's naming).
+Meta and GGUF store q/k rows in interleaved rotary order; `interleaved_to_half` undoes that.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.layers.rotary import interleaved_to_half
+
+L = "transformer.layers.{i}."
+
+
+def _q_rows(w, config):
+    return interleaved_to_half(w, config.num_attention_heads)
+
+
+def _k_rows(w, config):
+    return interleaved_to_half(w, config.num_key_value_heads)
+
+
+def hf_name_map(tied: bool) -> NameMap:
+    hf = "model.layers.{i}."
+    table = {
+        "transformer.vocab_embedding.weight": "model.embed_tokens.weight",
+        "transformer.ln_f.weight": "model.norm.weight",
+        "lm_head.weight": "model.embed_tokens.weight" if tied else "lm_head.weight",
+        L + "input_layernorm.weight": hf + "input_layernorm.weight",
+        L + "post_layernorm.weight": hf + "post_attention_layernorm.weight",
+        L + "attention.dense.weight": hf + "self_attn.o_proj.weight",
+        L + "attention.dense.bias": hf + "self_attn.o_proj.bias",
+        L + "mlp.fc.weight": hf + "mlp.gate_proj.weight",
+        L + "mlp.gate.weight": hf + "mlp.up_proj.weight",
+        L + "mlp.proj.weight": hf + "mlp.down_proj.weight",
+        L + "mlp.fc.bias": hf + "mlp.gate_proj.bias",
+        L + "mlp.gate.bias": hf + "mlp.up_proj.bias",
+        L + "mlp.proj.bias": hf + "mlp.down_proj.bias",
+    }
+    for kind in ("weight", "bias"):
+        table[L + f"attention.qkv.{kind}"] = tuple(hf + f"self_attn.{p}_proj.{kind}" for p in "qkv")
+    return NameMap(table)
+
+
+def meta_name_map(tied: bool) -> NameMap:
+    m = "layers.{i}."
+    return NameMap({
+        "transformer.vocab_embedding.weight": "tok_embeddings.weight",
+        "transformer.ln_f.weight": "norm.weight",
+        "lm_head.weight": "tok_embeddings.weight" if tied else "output.weight",
+        L + "input_layernorm.weight": m + "attention_norm.weight",
+        L + "post_layernorm.weight": m + "ffn_norm.weight",
+        L + "attention.qkv.weight": (Src(m + "attention.wq.weight", _q_rows), Src(m + "attention.wk.weight", _k_rows),
+                                     m + "attention.wv.weight"),
+        L + "attention.dense.weight": m + "attention.wo.weight",
+        L + "mlp.fc.weight": m + "feed_forward.w1.weight",
+        L + "mlp.gate.weight": m + "feed_forward.w3.weight",
+        L + "mlp.proj.weight": m + "feed_forward.w2.weight",
+    })
+
+
+def gguf_name_map(tied: bool) -> NameMap:
+    b = "blk.{i}."
+    return NameMap({
+        "transformer.vocab_embedding.weight": "token_embd.weight",
+        "transformer.ln_f.weight": "output_norm.weight",
+        "lm_head.weight": "token_embd.weight" if tied else "output.weight",
+        L + "input_layernorm.weight": b + "attn_norm.weight",
+        L + "post_layernorm.weight": b + "ffn_norm.weight",
+        L + "attention.qkv.weight": (Src(b + "attn_q.weight", _q_rows), Src(b + "attn_k.weight", _k_rows),
+                                     b + "attn_v.weight"),
+        L + "attention.dense.weight": b + "attn_output.weight",
+        L + "mlp.fc.weight": b + "ffn_gate.weight",
+        L + "mlp.gate.weight": b + "ffn_up.weight",
+        L + "mlp.proj.weight": b + "ffn_down.weight",
+    })

@@ -1,0 +1,79 @@
+"""GGUF metadata (llama.cpp's `llama.*` keys) -> kiln PretrainedConfig, and the tokenizer inside the file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.config import PretrainedConfig
+from kiln.errors import CheckpointError, UnsupportedArchitectureError
+from kiln.mapping import Mapping
+
+log = logging.getLogger(__name__)
+
+# general.file_type -> the dtype "auto" picks; quantized files dequantize to float32 (exact).
+GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+
+
+def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> PretrainedConfig:
+    arch = gguf.require("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(f"{gguf.path}: GGUF architecture {arch!r} is not supported; "
+                                           f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    if "rope_freqs.weight" in gguf:
+        raise CheckpointError(f"{gguf.path}: GGUF rope frequency factors (llama3 rope scaling) are not supported "
+                              "yet; convert the Hugging Face checkpoint instead")
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
+    heads = k("attention.head_count")
+    hidden = k("embedding_length")
+    tokens = gguf.field("tokenizer.ggml.tokens")
+    vocab = gguf.field(f"{arch}.vocab_size") or (len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[1])
+    eos = [gguf.field(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id")]
+    scaling = None
+    if gguf.field(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": gguf.require(f"{arch}.rope.scaling.factor")}
+    return PretrainedConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        dtype=GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32") if dtype == "auto" else dtype,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=k("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=gguf.field(f"{arch}.attention.head_count_kv") or heads,
+        head_size=gguf.field(f"{arch}.attention.key_length") or hidden // heads,
+        intermediate_size=k("feed_forward_length"),
+        norm_epsilon=float(k("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=k("context_length"),
+        rotary_base=float(gguf.field(f"{arch}.rope.freq_base", 10000.0)),
+        rotary_scaling=scaling,
+        tie_word_embeddings="output.weight" not in gguf,
+        bos_token_id=gguf.field("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        mapping=mapping,
+    )
+
+
+def gguf_tokenizer_writer(gguf: GGUFFile):
+    """Writes the file's tokenizer and chat template as Hugging Face tokenizer files (or nothing, with a
+    warning, when the GGUF carries no tokenizer)."""
+
+    def write(dst: Path) -> None:
+        if gguf.field("tokenizer.ggml.model") is None:
+            log.warning("%s carries no tokenizer; the checkpoint will need token ids as input", gguf.path)
+            return
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.path.parent, gguf_file=gguf.path.name)
+        template = gguf.field("tokenizer.chat_template")
+        if template and not tokenizer.chat_template:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(dst)
+        eos = [int(e) for e in (gguf.field("tokenizer.ggml.eos_token_id"),
+                                gguf.field("tokenizer.ggml.eot_token_id")) if e is not None]
+        generation = {"bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"), "eos_token_id": eos}
+        (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    return write
