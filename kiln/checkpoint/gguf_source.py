@@ -46,4 +46,4 @@ class GGUFFile:
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         # GGUF lists dims fastest-first; torch wants them slowest-first.
         shape = tuple(int(d) for d in reversed(t.shape))
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy

@@ -1,0 +1,67 @@
+"""One convert for every model: detect the source format, pick the architecture's class, write all ranks.
+
+Formats: a Hugging Face dir (config.json), a Meta dir (params.json + consolidated.NN.pth), a GGUF
+file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.checkpoint.atomic import atomic_dir
+from kiln.config import read_json
+from kiln.errors import CheckpointError
+from kiln.mapping import Mapping
+
+SOURCE_FORMATS = ("hf", "meta", "gguf")
+
+
+def detect_source_format(src: str | Path) -> str:
+    src = Path(src)
+    if src.is_file() and src.suffix == ".gguf":
+        return "gguf"
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            if "format_version" in read_json(src / "config.json", "config"):
+                raise CheckpointError(f"{src}: is already a kiln checkpoint or engine; build or run it directly")
+            return "hf"
+        if (src / "params.json").is_file():
+            return "meta"
+        raise CheckpointError(f"{src}: config.json not found (expected a Hugging Face dir with config.json, "
+                              "a kiln checkpoint, a Meta dir with params.json, or a .gguf file)")
+    raise CheckpointError(f"{src}: no such model (expected a Hugging Face, kiln or Meta dir, or a .gguf file)")
+
+
+def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None):
+    """The model object for one rank of `src`, with lazy weights; any supported format."""
+    from kiln.models import model_class
+
+    src, mapping = Path(src), mapping or Mapping()
+    fmt = detect_source_format(src)
+    if fmt == "hf":
+        architectures = read_json(src / "config.json", "config").get("architectures") or ["<none>"]
+        return model_class(architectures[0]).from_hugging_face(src, dtype, mapping)
+    if fmt == "meta":
+        return model_class("LlamaForCausalLM").from_meta_ckpt(src, dtype, mapping)
+    from kiln.checkpoint.gguf_source import GGUFFile
+    from kiln.models.llama.gguf import GGUF_ARCHITECTURES
+
+    arch = GGUFFile(src).field("general.architecture")
+    return model_class(GGUF_ARCHITECTURES.get(arch, f"gguf:{arch}")).from_gguf(src, dtype, mapping)
+
+
+def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "auto", tp_size: int = 1,
+                       pp_size: int = 1, overwrite: bool = False, progress=None) -> Path:
+    """Write a kiln checkpoint of every rank of `src` into out_dir (atomically), streaming tensor by tensor.
+
+    `progress`, if given, is called with (rank, world_size) before each rank is written.
+    """
+    mapping = Mapping.of(tp_size, pp_size)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for rank in range(mapping.world_size):
+            if progress:
+                progress(rank, mapping.world_size)
+            model = load_source_model(src, dtype, mapping.with_rank(rank))
+            model.write_rank(tmp)
+        model.write_metadata(tmp)
+    return Path(out_dir)
