@@ -187,11 +187,14 @@ class PretrainedConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Ceilings on the dynamic shapes an engine serves; the KV cache comes from one memory budget."""
+    """Ceilings on the dynamic shapes an engine serves; the KV cache comes from one memory budget.
+
+    max_seq_len and max_input_len left as None are filled from the model at build time.
+    """
 
     max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
     max_num_tokens: int = 8192
     kv_cache_type: str = "paged"
     tokens_per_block: int = 32
@@ -199,15 +202,20 @@ class BuildConfig:
 
     def __post_init__(self):
         owner = "BuildConfig"
-        _check_positive_ints(self, ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
-                                    "tokens_per_block"))
-        _check(self.max_input_len <= self.max_seq_len, owner, "max_input_len",
-               f"<= max_seq_len ({self.max_seq_len})", self.max_input_len)
+        _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block"))
+        for name in ("max_input_len", "max_seq_len"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   owner, name, "None or an integer >= 1", value)
+        if self.max_input_len is not None and self.max_seq_len is not None:
+            _check(self.max_input_len <= self.max_seq_len, owner, "max_input_len",
+                   f"<= max_seq_len ({self.max_seq_len})", self.max_input_len)
         _check(self.kv_cache_type in ("paged", "continuous"), owner, "kv_cache_type", "'paged' or 'continuous'",
                self.kv_cache_type)
         _check(self.tokens_per_block & (self.tokens_per_block - 1) == 0, owner, "tokens_per_block",
                "a power of two", self.tokens_per_block)
-        _check(0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, owner, "kv_cache_free_gpu_mem_fraction",
+        _check(isinstance(self.kv_cache_free_gpu_mem_fraction, (int, float))
+               and 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, owner, "kv_cache_free_gpu_mem_fraction",
                "in (0, 1]", self.kv_cache_free_gpu_mem_fraction)
 
     def to_dict(self) -> dict:

@@ -133,10 +133,14 @@ class PretrainedModel(nn.Module):
             self.load({name: self._read_lazy(name).to(device) for name in self._lazy})
         return self.to(device)
 
+    def read_weight(self, name: str) -> torch.Tensor:
+        """One weight, read from its source if it is still lazy."""
+        return self._read_lazy(name) if name in self._lazy else self.get_parameter(name).detach()
+
     def named_weights(self):
         """(name, tensor) of every weight, reading lazy ones one at a time."""
-        for name, param in self.named_parameters():
-            yield name, self._read_lazy(name) if name in self._lazy else param.detach()
+        for name in self.weight_specs():
+            yield name, self.read_weight(name)
 
     # ---- checkpoint I/O ----------------------------------------------------------------------------
 
@@ -246,6 +250,12 @@ class DecoderModelForCausalLM(PretrainedModel):
         self.transformer = DecoderModel(config, fused_mlp)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, m) if m.is_last_pp_rank else None
         self.tie_weights()
+
+    @classmethod
+    def empty_runtime(cls, config: PretrainedConfig) -> "DecoderModelForCausalLM":
+        """The engine's structure (fused MLP) on the meta device."""
+        with torch.device("meta"):
+            return cls(config, fused_mlp=True)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and self.lm_head is not None and \

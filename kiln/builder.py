@@ -1,0 +1,191 @@
+"""build(model, BuildConfig) -> Engine: the weights in the runtime layout, the limits, the plan, a fingerprint.
+
+The runtime layout fuses the MLP's fc and gate into one matmul (QKV is fused from the checkpoint on).
+Build limits are ceilings on dynamic shapes, not compiled-in sizes. An engine dir carries its
+manifest (format and kiln/torch versions, mapping, weights hash) so a load can refuse a mismatch and
+print the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from kiln.checkpoint.atomic import atomic_dir
+from kiln.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
+from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
+from kiln.config import BuildConfig, PretrainedConfig, read_json
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, rank_file, write_json_atomic
+from kiln.version import FORMAT_VERSION, __version__
+
+ENGINE_KEYS = ("build_config", "plan", "fingerprint", "kiln_version", "format_version")
+REBUILD = "Rebuild it: `kiln build --checkpoint-dir CKPT --output-dir ENGINE --overwrite` (or `kiln convert` first)."
+
+
+def engine_weight_name(name: str) -> str | None:
+    """Checkpoint name -> runtime name; None for the second half of a fused pair."""
+    if name.endswith(".mlp.fc.weight") or name.endswith(".mlp.fc.bias"):
+        return name.replace(".mlp.fc.", ".mlp.fc_gate.")
+    if ".mlp.gate." in name:
+        return None
+    return name
+
+
+def engine_weights(model: PretrainedModel):
+    """(runtime name, tensor) of one rank, read lazily: fc and gate are concatenated into fc_gate.
+
+    Both are this rank's column shards, so the fused tensor is [fc_r; gate_r] and the runtime's
+    chunk(2) splits it back on every rank.
+    """
+    for name in model.weight_specs():
+        runtime = engine_weight_name(name)
+        if runtime is None:
+            continue
+        tensor = model.read_weight(name)
+        if runtime != name:
+            tensor = torch.cat([tensor, model.read_weight(name.replace(".mlp.fc.", ".mlp.gate."))])
+        yield runtime, tensor
+
+
+@dataclasses.dataclass
+class Engine:
+    """A built engine for one rank. `weights()` yields its runtime-layout tensors one at a time (from the
+    checkpoint model just built, or from an engine dir), so saving streams and loading is one path."""
+
+    config: PretrainedConfig
+    build_config: BuildConfig
+    plan: dict
+    weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]
+    tokenizer_writer: Callable[[Path], None] | None = None
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+
+    def runtime_model(self, device: str | torch.device = "cpu") -> PretrainedModel:
+        """The model in the runtime layout (fused MLP), weights loaded onto `device`."""
+        runtime = self._empty_runtime()
+        runtime.load({name: t.to(device) for name, t in self.weights()})
+        return runtime.to(device)
+
+    def _empty_runtime(self) -> PretrainedModel:
+        from kiln.models import model_class
+
+        return model_class(self.config.architecture).empty_runtime(self.config)
+
+    def manifest(self) -> dict:
+        return {**self.config.to_dict(), "kiln_version": __version__, "format_version": FORMAT_VERSION,
+                "build_config": self.build_config.to_dict(), "plan": self.plan, "fingerprint": self.fingerprint}
+
+    def write_rank(self, out_dir: Path) -> None:
+        """Stream this rank's runtime weights to disk, hashing them on the way (the fingerprint)."""
+        path = Path(out_dir) / rank_file(self.config.mapping.rank)
+        digest = hashlib.sha256()
+        with SafetensorsWriter(path, self._empty_runtime().weight_specs(), {"format": "pt"}) as writer:
+            for name, tensor in self.weights():
+                writer.write(name, tensor)
+                digest.update(name.encode())
+                digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.fingerprint = {"kiln_version": __version__, "format_version": FORMAT_VERSION,
+                            "torch_version": torch.__version__,
+                            f"rank{self.config.mapping.rank}_sha256": digest.hexdigest()}
+
+    def write_metadata(self, out_dir: Path, build_seconds: float) -> None:
+        out_dir = Path(out_dir)
+        write_json_atomic(out_dir / CONFIG_FILE, self.manifest())
+        if self.tokenizer_writer is not None:
+            self.tokenizer_writer(out_dir)
+        specs = self._empty_runtime().weight_specs().values()
+        report = {"build_seconds": round(build_seconds, 3), "plan": self.plan,
+                  "build_config": self.build_config.to_dict(),
+                  "parameters_per_rank": sum(math.prod(shape) for _, shape in specs),
+                  "bytes_per_rank": sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs)}
+        write_json_atomic(out_dir / "build_report.json", report)
+
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the engine dir atomically (this rank's weights, manifest, tokenizer, build report)."""
+        if self.config.mapping.world_size > 1:
+            raise ConfigError("Engine.save writes single-rank engines; build all ranks with "
+                              "kiln.builder.build_checkpoint (or `kiln build`)")
+        start = time.perf_counter()
+        with atomic_dir(out_dir, overwrite) as tmp:
+            self.write_rank(tmp)
+            self.write_metadata(tmp, time.perf_counter() - start)
+        return Path(out_dir)
+
+    @classmethod
+    def from_dir(cls, engine_dir: str | Path, rank: int = 0) -> "Engine":
+        """Open an engine dir, checking its manifest first; weights are read when used."""
+        engine_dir = Path(engine_dir)
+        d = read_json(engine_dir / CONFIG_FILE, "engine config")
+        if "build_config" not in d:
+            raise CheckpointError(f"{engine_dir}: is not an engine (no build_config in config.json); "
+                                  f"build it with `kiln build --checkpoint-dir {engine_dir} --output-dir ENGINE`")
+        check_format_version(d, engine_dir / CONFIG_FILE, "this engine", REBUILD)
+        config = PretrainedConfig.from_dict({k: v for k, v in d.items() if k not in ENGINE_KEYS}, rank)
+        engine = cls(config=config, build_config=BuildConfig.from_dict(d["build_config"]), plan=d["plan"],
+                     weights=lambda: iter(()), fingerprint=d.get("fingerprint", {}),
+                     tokenizer_writer=lambda dst: copy_tokenizer_files(engine_dir, dst))
+        file = SafetensorsFile(engine_dir / rank_file(rank))
+        engine._empty_runtime().check_file_matches(file)
+        engine.weights = lambda: ((name, file.get(name)) for name in file.keys())
+        return engine
+
+
+def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | None) -> BuildConfig:
+    """Fill unset limits from the model and check them against it (all up front, before any work)."""
+    bc = build_config or BuildConfig()
+    max_seq_len = bc.max_seq_len or config.max_position_embeddings
+    if max_seq_len > config.max_position_embeddings and config.rotary_scaling is None:
+        raise ConfigError(f"BuildConfig.max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
+                          f"({config.max_position_embeddings}); lower --max-seq-len")
+    max_input_len = min(bc.max_input_len or max_seq_len, max_seq_len)
+    return dataclasses.replace(bc, max_seq_len=max_seq_len, max_input_len=max_input_len)
+
+
+def plan_for(config: PretrainedConfig) -> dict:
+    """What the runtime will run. The reference path for now; the GPU runtime adds its kernels here."""
+    return {"runtime": "reference", "attention": "torch_sdpa", "mlp_layout": "fused_fc_gate",
+            "kv_cache": "dense_per_sequence", "cuda_graph_batch_sizes": []}
+
+
+def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> Engine:
+    """Check the limits against the model and return the Engine of this rank (weights stay lazy)."""
+    bc = resolve_build_config(model.config, build_config)
+    return Engine(config=model.config, build_config=bc, plan=plan_for(model.config),
+                  weights=lambda: engine_weights(model), tokenizer_writer=model.tokenizer_writer)
+
+
+def build_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, build_config: BuildConfig | None = None,
+                     overwrite: bool = False, progress=None) -> Path:
+    """Build every rank of a kiln checkpoint into an engine dir (atomically)."""
+    ckpt_dir = Path(ckpt_dir)
+    world = read_json(ckpt_dir / CONFIG_FILE, "kiln checkpoint config").get("mapping", {}).get("world_size", 1)
+    start = time.perf_counter()
+    with atomic_dir(out_dir, overwrite) as tmp:
+        fingerprint = {}
+        for rank in range(world):
+            if progress:
+                progress(rank, world)
+            engine = build(PretrainedModel.from_checkpoint(ckpt_dir, rank), build_config)
+            engine.write_rank(tmp)
+            fingerprint.update(engine.fingerprint)
+        engine.fingerprint = fingerprint
+        engine.write_metadata(tmp, time.perf_counter() - start)
+    return Path(out_dir)
+
+
+def describe(path: str | Path) -> dict:
+    """What a checkpoint or engine dir holds: its manifest and, per rank file, tensor shapes and sizes."""
+    path = Path(path)
+    d = read_json(path / CONFIG_FILE, "kiln config")
+    ranks = {}
+    for f in sorted(path.glob("rank*.safetensors")):
+        st = SafetensorsFile(f)
+        ranks[f.name] = {"tensors": {n: list(st.shape(n)) for n in st.keys()}, "bytes": f.stat().st_size}
+    return {"kind": "engine" if "build_config" in d else "checkpoint", "config": d, "ranks": ranks}
+
