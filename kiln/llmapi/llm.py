@@ -1,0 +1,164 @@
+"""LLM: the one entry point to run a model. Accepts an engine dir, a kiln checkpoint dir, or a source
+model (HF dir, Meta dir, GGUF file: converted and built in-process, the engine cached)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kiln.builder import Engine, build
+from kiln.checkpoint.convert import load_source_model
+from kiln.config import BuildConfig, read_json
+from kiln.errors import ConfigError, EngineVersionError
+from kiln.llmapi import tokenizer as tok
+from kiln.llmapi.engine_cache import engine_cache_dir
+from kiln.llmapi.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from kiln.models.base import CONFIG_FILE, PretrainedModel
+from kiln.runtime.engine import GenerationEngine
+from kiln.runtime.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def open_engine(model: str | Path, dtype: str = "auto", build_config: BuildConfig | None = None) -> tuple[Engine, Path]:
+    """The Engine for `model` and the dir its tokenizer files are in."""
+    path = Path(model)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        manifest = read_json(path / CONFIG_FILE, "config")
+        if "build_config" in manifest:
+            return Engine.from_dir(path), path
+        if "format_version" in manifest:
+            return build(PretrainedModel.from_checkpoint(path), build_config), path
+    cached = engine_cache_dir(path, dtype, build_config)
+    if (cached / CONFIG_FILE).is_file():
+        try:
+            return Engine.from_dir(cached), cached
+        except EngineVersionError:
+            log.info("rebuilding the cached engine %s (written by another kiln)", cached)
+    log.info("converting and building %s (cached in %s)", path, cached)
+    build(load_source_model(path, dtype), build_config).save(cached, overwrite=True)
+    return Engine.from_dir(cached), cached
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    stop_at: dict[int, int] = field(default_factory=dict)  # seq_id -> end of text at the stop string
+
+
+class LLM:
+    """Generate from a model: `LLM(path).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str | None = None,
+                 build_config: BuildConfig | None = None, tensor_parallel_size: int = 1):
+        if tensor_parallel_size != 1:
+            raise ConfigError("tensor_parallel_size > 1 is not available yet; run with tensor_parallel_size=1")
+        if model is None:
+            from kiln.default_model import default_model_path
+
+            model = default_model_path()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.engine, tokenizer_dir = open_engine(model, dtype, build_config)
+        self.tokenizer = tok.load_tokenizer(tokenizer_dir)
+        self.build_config = self.engine.build_config
+        self.generator = GenerationEngine(self.engine.runtime_model(self.device), self.build_config, self.device,
+                                          self.engine.config.eos_token_ids)
+        self._next_request = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _submit(self, prompt: str | list[int], params: SamplingParams, chat: list[dict] | None = None) -> _Request:
+        if chat is not None:
+            text, ids = None, tok.encode_chat(self.tokenizer, chat)
+        elif isinstance(prompt, str):
+            text, ids = prompt, tok.encode_prompt(self.tokenizer, prompt)
+        else:
+            text, ids = None, list(prompt)
+        seqs = [self.generator.add_request(ids, params, seed_offset=i) for i in range(params.n)]
+        request = _Request(self._next_request, text, ids, seqs)
+        self._next_request += 1
+        return request
+
+    def _check_stop_strings(self, request: _Request) -> None:
+        for seq in request.seqs:
+            if seq.finished or not seq.params.stop:
+                continue
+            text = tok.decode(self.tokenizer, seq.output_ids)
+            hits = [(text.find(s), s) for s in seq.params.stop if s in text]
+            if hits:
+                end, stop = min(hits)
+                request.stop_at[seq.seq_id] = end
+                seq.finish("stop", stop)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for index, seq in enumerate(request.seqs):
+            text = tok.decode(self.tokenizer, seq.output_ids)
+            if seq.seq_id in request.stop_at:
+                text = text[: request.stop_at[seq.seq_id]]
+            elif not seq.finished:
+                text = _stable_prefix(text, seq.params.stop)
+            outputs.append(CompletionOutput(index, text, list(seq.output_ids), seq.finish_reason, seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs,
+                             finished=all(s.finished for s in request.seqs))
+
+    def _run(self, requests: list[_Request]) -> Iterator[None]:
+        """Step the engine until these requests finish, yielding after every step."""
+        try:
+            while not all(s.finished for r in requests for s in r.seqs):
+                self.generator.step()
+                for request in requests:
+                    self._check_stop_strings(request)
+                yield
+        finally:  # an abandoned stream or an error frees the caches of what is left
+            for request in requests:
+                for seq in request.seqs:
+                    self.generator.abort(seq)
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Prompts: a string, a list of token ids, or a list of either. One RequestOutput per prompt."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = [self._submit(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
+        for _ in self._run(requests):
+            pass
+        return [self._output(r) for r in requests]
+
+    def generate_stream(self, prompt, sampling_params: SamplingParams | None = None,
+                        chat: list[dict] | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every new token (text so far); the last one is finished."""
+        request = self._submit(prompt, sampling_params or SamplingParams(), chat)
+        for _ in self._run([request]):
+            yield self._output(request)
+
+    def chat(self, messages: str | list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Answer a conversation (or one user message) through the model's chat template."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        request = self._submit(None, sampling_params or SamplingParams(), chat=messages)
+        for _ in self._run([request]):
+            pass
+        return self._output(request)
+
+
+def _is_token_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def _stable_prefix(text: str, stops: list[str]) -> str:
+    """Text safe to show mid-generation: no half-decoded character, nothing that may start a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((len(s) - 1 for s in stops), default=0)
+    return text[: len(text) - hold] if hold else text

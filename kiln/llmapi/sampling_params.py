@@ -1,0 +1,64 @@
+"""SamplingParams (how to pick tokens and when to stop) and the outputs of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; seed makes sampling repeatable."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    n: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", isinstance(self.temperature, (int, float)) and self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+             "> 0 (1 = off)"),
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "None or an integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    stop_reason: int | str | None = None  # the EOS/stop token id or the stop string that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool

@@ -1,0 +1,69 @@
+"""The generation loop: requests in, one scheduled model step at a time, tokens out.
+
+`GenerationEngine` knows token ids only; text (detokenization, stop strings) is the LLM API's business.
+It checks every request against the build limits when it arrives, so a bad one fails alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from kiln.config import BuildConfig
+from kiln.errors import ConfigError
+from kiln.runtime.executor import Executor
+from kiln.runtime.sampler import make_generator
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.sequence import Sequence
+
+
+class GenerationEngine:
+    def __init__(self, model, build_config: BuildConfig, device: torch.device, eos_token_ids=()):
+        self.build_config = build_config
+        self.eos_token_ids = set(eos_token_ids)
+        self.executor = Executor(model, device)
+        self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens)
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_ids: list[int], params, seed_offset: int = 0) -> Sequence:
+        bc = self.build_config
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if len(prompt_ids) > bc.max_input_len:
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, more than the engine's max_input_len "
+                              f"({bc.max_input_len}); shorten it or rebuild with a larger --max-input-len")
+        if len(prompt_ids) >= bc.max_seq_len:
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, leaving no room to generate within "
+                              f"max_seq_len ({bc.max_seq_len})")
+        seed = None if params.seed is None else params.seed + seed_offset
+        seq = Sequence(next(self._ids), list(prompt_ids), params,
+                       max_len=min(len(prompt_ids) + params.max_tokens, bc.max_seq_len),
+                       generator=make_generator(seed))
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Run one step; returns the sequences that got a token (finished ones say why)."""
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        for seq, token in zip(seqs, self.executor.step(seqs)):
+            seq.output_ids.append(token)
+            self._check_stop(seq, token)
+        return seqs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.finish("stop", token)
+        elif len(seq.all_ids) >= seq.max_len:
+            seq.finish("length")
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request: its cache is freed at once and it leaves the batch at the next step."""
+        if not seq.finished:
+            seq.finish("abort")
