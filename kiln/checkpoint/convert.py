@@ -56,6 +56,7 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "auto"
 
     `progress`, if given, is called with (rank, world_size) before each rank is written.
     """
+    detect_source_format(src)  # fail on a bad source before creating anything
     mapping = Mapping.of(tp_size, pp_size)
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):

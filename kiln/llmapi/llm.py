@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from kiln.builder import Engine, build
-from kiln.checkpoint.convert import load_source_model
+from kiln.checkpoint.convert import detect_source_format, load_source_model
 from kiln.config import BuildConfig, read_json
 from kiln.errors import ConfigError, EngineVersionError
 from kiln.llmapi import tokenizer as tok
@@ -33,6 +33,7 @@ def open_engine(model: str | Path, dtype: str = "auto", build_config: BuildConfi
             return Engine.from_dir(path), path
         if "format_version" in manifest:
             return build(PretrainedModel.from_checkpoint(path), build_config), path
+    detect_source_format(path)  # names a missing or unrecognised source before any work
     cached = engine_cache_dir(path, dtype, build_config)
     if (cached / CONFIG_FILE).is_file():
         try:

@@ -1,0 +1,192 @@
+"""The `kiln` command: each sub-command parses flags into the API's config objects and calls the API.
+
+Flags are named after the config fields they set. Errors print as one line (a traceback with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from kiln.version import __version__
+
+DEFAULT_QUESTION = "What is the capital of France?"
+
+
+def _tqdm_progress(desc: str):
+    """A progress callback (step, total) drawing a bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(step: int, total: int):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="rank", file=sys.stderr, leave=False)
+        bar.n = step
+        bar.refresh()
+    return progress
+
+
+def cmd_convert(args) -> None:
+    from kiln.checkpoint.convert import convert_checkpoint
+
+    start = time.perf_counter()
+    out = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, args.tp_size, args.pp_size,
+                             args.overwrite, progress=_tqdm_progress("converting"))
+    print(f"wrote kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
+
+
+def _build_config(args):
+    from kiln.config import BuildConfig
+
+    return BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens)
+
+
+def cmd_build(args) -> None:
+    from kiln.builder import build_checkpoint
+
+    start = time.perf_counter()
+    out = build_checkpoint(args.checkpoint_dir, args.output_dir, _build_config(args), args.overwrite,
+                           progress=_tqdm_progress("building"))
+    print(f"wrote engine {out} in {time.perf_counter() - start:.1f}s")
+
+
+def cmd_run(args) -> None:
+    from kiln.llmapi.llm import LLM
+    from kiln.llmapi.sampling_params import SamplingParams
+
+    llm = LLM(args.engine_dir, dtype=args.dtype, device=args.device)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop or [],
+                            repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos)
+    if args.prompt is not None:
+        stream = llm.generate_stream(args.prompt, params)
+    else:
+        chat = args.chat if args.chat is not None else DEFAULT_QUESTION
+        if args.chat is None:
+            print(f"> {chat}", file=sys.stderr)
+        stream = llm.generate_stream(None, params, chat=[{"role": "user", "content": chat}])
+    shown = ""
+    for output in stream:
+        text = output.outputs[0].text
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    completion = output.outputs[0]
+    print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
+
+
+def cmd_inspect(args) -> None:
+    from kiln.builder import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    c = info["config"]
+    print(f"{info['kind']}: {args.path}")
+    print(f"  architecture  {c['architecture']}  dtype {c['dtype']}  kiln format {c.get('format_version')}")
+    print(f"  layers {c['num_hidden_layers']}  hidden {c['hidden_size']}  heads {c['num_attention_heads']} "
+          f"(kv {c['num_key_value_heads']}, head size {c['head_size']})  ffn {c['intermediate_size']}  "
+          f"vocab {c['vocab_size']}")
+    print(f"  mapping       {c['mapping']}")
+    print(f"  quantization  {c['quantization']}")
+    if "build_config" in c:
+        print(f"  build_config  {c['build_config']}")
+        print(f"  plan          {c['plan']}")
+    for name, rank in info["ranks"].items():
+        print(f"  {name}: {len(rank['tensors'])} tensors, {rank['bytes'] / 2**20:.1f} MiB")
+        if args.tensors:
+            for tensor, shape in rank["tensors"].items():
+                print(f"    {tensor} {shape}")
+
+
+def _add_build_flags(p) -> None:
+    p.add_argument("--max-batch-size", type=int, default=8, help="most sequences in one step")
+    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: max_seq_len)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Convert, build and run LLM inference engines.")
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert an HF dir, Meta dir or GGUF file into a kiln checkpoint")
+    p.add_argument("--model-dir", required=True, help="source: HF dir, Meta dir or .gguf file (detected)")
+    p.add_argument("--output-dir", required=True, help="kiln checkpoint dir to write")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("build", help="build an engine from a kiln checkpoint")
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="engine dir to write")
+    _add_build_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", help="generate text (default: SmolLM2-135M-Instruct answers a question)")
+    p.add_argument("--engine-dir", "--model", dest="engine_dir", default=None,
+                   help="engine dir, kiln checkpoint, HF dir, Meta dir or .gguf (default: the built-in model)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="plain text to continue")
+    text.add_argument("--chat", help="a user message, sent through the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype when converting a source model in-process")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show what a checkpoint or engine holds")
+    p.add_argument("path")
+    p.add_argument("--tensors", action="store_true", help="list every tensor and its shape")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kiln.errors import KilnError
+
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="kiln: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except KilnError as e:
+        if args.debug:
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

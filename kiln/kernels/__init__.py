@@ -1,0 +1,31 @@
+"""Fused GPU kernels of the fast runtime, each a Triton kernel beside its torch reference.
+
+| module | kernel (Triton, CUDA only) | reference (torch, any device) | what it fuses |
+| --- | --- | --- | --- |
+| `rmsnorm` | `rms_norm` | `rms_norm_ref` | residual add + RMSNorm, one read and one write of the row |
+| `rotary` | `apply_rotary` | `apply_rotary_ref` | cos/sin from positions + rotate-half on q and k, in place |
+| `activation` | `silu_and_mul` | `silu_and_mul_ref` | SiLU of the fc half times the gate half |
+| `paged_attention` | `paged_decode_attention` | `paged_decode_attention_ref` | decode attention over a paged KV cache (split-K) |
+| `paged_attention` | `varlen_prefill_attention` | `varlen_prefill_attention_ref` | causal flash attention over packed sequences |
+
+Every kernel takes the same arguments as its reference and returns the same result up to
+floating-point rounding; tests/kernels compares them on random inputs. Callers pick the kernel when
+`triton_available()` and the tensors are on CUDA, else the reference: that is how CPU runs (and CI)
+exercise every layer. Importing this package never imports Triton's GPU machinery eagerly, and works
+with no Triton installed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports and a CUDA GPU is visible: the only place the kernels can run."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -1,0 +1,60 @@
+"""RMSNorm with an optional fused residual add (Zhang & Sennrich 2019, arXiv:1910.07467).
+
+In a pre-norm decoder every layer does `residual = x + residual; x = norm(residual)`: fusing the add
+into the norm reads each row once and writes it twice, instead of three reads and two writes. The sum
+is normalised in float32 before it is rounded, so the fused path is never less exact than the unfused.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference below still works
+    triton = None
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """normed, or (normed, x + residual) when residual is given; the sum is the next residual."""
+    h = x.float() if residual is None else x.float() + residual.float()
+    normed = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, h.to(x.dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA."""
+    hidden = x.shape[-1]
+    rows = x.reshape(-1, hidden)  # a view when x is contiguous, which activations are
+    res = None if residual is None else residual.reshape(-1, hidden)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res_out = None if residual is None else torch.empty_like(rows)
+    block = triton.next_power_of_2(hidden)
+    # One program per row; the whole row sits in registers up to 64K elements (every LLM hidden size).
+    assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
+        rows.stride(0), 0 if res is None else res.stride(0), hidden, eps,
+        HAS_RESIDUAL=res is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+    out = out.view(*x.shape[:-1], hidden)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_stride, n, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        h = x.to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(res_out_ptr + row * n + cols, h.to(x.dtype), mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n + eps)
+        # Round to x's dtype before the weight multiply, as the reference (and transformers) does;
+        # the product of two 16-bit floats is exact in float32, so the one rounding below matches torch's.
+        normed = (h * rstd).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
