@@ -160,23 +160,30 @@ def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> En
                   weights=lambda: engine_weights(model), tokenizer_writer=model.tokenizer_writer)
 
 
-def build_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, build_config: BuildConfig | None = None,
-                     overwrite: bool = False, progress=None) -> Path:
-    """Build every rank of a kiln checkpoint into an engine dir (atomically)."""
-    ckpt_dir = Path(ckpt_dir)
-    world = read_json(ckpt_dir / CONFIG_FILE, "kiln checkpoint config").get("mapping", {}).get("world_size", 1)
+def build_all_ranks(load_rank: Callable[[int], PretrainedModel], world_size: int, out_dir: str | Path,
+                    build_config: BuildConfig | None = None, overwrite: bool = False, progress=None) -> Path:
+    """Build every rank (load_rank(rank) gives its model) into one engine dir, atomically, rank by rank."""
     start = time.perf_counter()
     with atomic_dir(out_dir, overwrite) as tmp:
         fingerprint = {}
-        for rank in range(world):
+        for rank in range(world_size):
             if progress:
-                progress(rank, world)
-            engine = build(PretrainedModel.from_checkpoint(ckpt_dir, rank), build_config)
+                progress(rank, world_size)
+            engine = build(load_rank(rank), build_config)
             engine.write_rank(tmp)
             fingerprint.update(engine.fingerprint)
         engine.fingerprint = fingerprint
         engine.write_metadata(tmp, time.perf_counter() - start)
     return Path(out_dir)
+
+
+def build_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, build_config: BuildConfig | None = None,
+                     overwrite: bool = False, progress=None) -> Path:
+    """Build every rank of a kiln checkpoint into an engine dir."""
+    ckpt_dir = Path(ckpt_dir)
+    world = read_json(ckpt_dir / CONFIG_FILE, "kiln checkpoint config").get("mapping", {}).get("world_size", 1)
+    return build_all_ranks(lambda rank: PretrainedModel.from_checkpoint(ckpt_dir, rank), world, out_dir,
+                           build_config, overwrite, progress)
 
 
 def describe(path: str | Path) -> dict:

@@ -58,13 +58,30 @@ def cmd_build(args) -> None:
 
 def cmd_run(args) -> None:
     from kiln.llmapi.llm import LLM
+    from kiln.runtime.workers import join_torchrun, torchrun_rank
+
+    device = args.device
+    if torchrun_rank() is not None:  # one of several ranks started by torchrun
+        device = join_torchrun(args.engine_dir)
+        if device is None:  # a rank other than 0: it served until rank 0 was done
+            return
+    with LLM(args.engine_dir, dtype=args.dtype, device=device) as llm:
+        _generate_to_stdout(llm, args)
+    if torchrun_rank() is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _generate_to_stdout(llm, args) -> None:
     from kiln.llmapi.sampling_params import SamplingParams
 
-    llm = LLM(args.engine_dir, dtype=args.dtype, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [],
                             repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos)
-    if args.prompt is not None:
+    if args.prompt_ids is not None:
+        stream = llm.generate_stream([int(t) for t in args.prompt_ids.split(",")], params)
+    elif args.prompt is not None:
         stream = llm.generate_stream(args.prompt, params)
     else:
         chat = args.chat if args.chat is not None else DEFAULT_QUESTION
@@ -79,6 +96,8 @@ def cmd_run(args) -> None:
         shown = text
     sys.stdout.write("\n")
     completion = output.outputs[0]
+    if args.prompt_ids is not None:
+        print(" ".join(map(str, completion.token_ids)))
     print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
 
 
@@ -143,6 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="plain text to continue")
     text.add_argument("--chat", help="a user message, sent through the model's chat template")
+    text.add_argument("--prompt-ids", help="comma-separated token ids; the output's ids are printed too")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

@@ -73,6 +73,11 @@ class Mapping:
 
     @classmethod
     def from_dict(cls, d: dict, rank: int = 0) -> "Mapping":
+        fields = ("world_size", "tp_size", "pp_size")
+        unknown, missing = sorted(set(d) - set(fields)), [f for f in fields if f not in d]
+        if unknown or missing:
+            raise ConfigError(f"mapping: unknown field(s) {unknown}, missing field(s) {missing}; "
+                              f"expected {list(fields)}")
         return cls(world_size=d["world_size"], tp_size=d["tp_size"], pp_size=d["pp_size"], rank=rank)
 
 

@@ -24,8 +24,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA."""
     hidden = x.shape[-1]
-    rows = x.reshape(-1, hidden)  # a view when x is contiguous, which activations are
-    res = None if residual is None else residual.reshape(-1, hidden)
+    rows = _rows(x)
+    res = None if residual is None else _rows(residual)
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     res_out = None if residual is None else torch.empty_like(rows)
     block = triton.next_power_of_2(hidden)
@@ -37,6 +37,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         HAS_RESIDUAL=res is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
     out = out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] as [rows, hidden] with unit stride along hidden (a view for activations)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 if triton is not None:

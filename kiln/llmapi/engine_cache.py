@@ -27,9 +27,9 @@ def _file_stamps(src: Path) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None) -> Path:
+def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None, world_key=None) -> Path:
     src = Path(src).resolve()
     key = json.dumps({"src": str(src), "files": _file_stamps(src), "dtype": dtype,
                       "build_config": build_config.to_dict() if build_config else None,
-                      "format_version": FORMAT_VERSION}, sort_keys=True)
+                      "world": world_key, "format_version": FORMAT_VERSION}, sort_keys=True)
     return cache_root() / "engines" / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

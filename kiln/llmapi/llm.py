@@ -9,40 +9,74 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
-from kiln.builder import Engine, build
+from kiln.builder import Engine, build_all_ranks
 from kiln.checkpoint.convert import detect_source_format, load_source_model
 from kiln.config import BuildConfig, read_json
 from kiln.errors import ConfigError, EngineVersionError
 from kiln.llmapi import tokenizer as tok
 from kiln.llmapi.engine_cache import engine_cache_dir
 from kiln.llmapi.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from kiln.mapping import Mapping
 from kiln.models.base import CONFIG_FILE, PretrainedModel
 from kiln.runtime.engine import GenerationEngine
+from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.workers import DriverRunner, WorkerGroup
 
 log = logging.getLogger(__name__)
 
 
-def open_engine(model: str | Path, dtype: str = "auto", build_config: BuildConfig | None = None) -> tuple[Engine, Path]:
-    """The Engine for `model` and the dir its tokenizer files are in."""
+def _check_world(engine_dir: Path, mapping: dict, tp: int | None, pp: int | None) -> None:
+    for name, wanted, have in (("tensor_parallel_size", tp, mapping["tp_size"]),
+                               ("pipeline_parallel_size", pp, mapping["pp_size"])):
+        if wanted is not None and wanted != have:
+            raise ConfigError(f"{engine_dir} was built for tp_size={mapping['tp_size']}, pp_size={mapping['pp_size']} "
+                              f"but {name}={wanted} was asked for; pass {name}={have}, or convert and build "
+                              f"again with --tp-size/--pp-size")
+
+
+def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildConfig | None = None,
+                    tp_size: int | None = None, pp_size: int | None = None) -> Path:
+    """An engine dir for `model`: itself if it is one, else built (all ranks) into the engine cache from a
+    kiln checkpoint or a source model. tp/pp None take the engine's or checkpoint's own (1 for sources)."""
     path = Path(model)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        manifest = read_json(path / CONFIG_FILE, "config")
-        if "build_config" in manifest:
-            return Engine.from_dir(path), path
-        if "format_version" in manifest:
-            return build(PretrainedModel.from_checkpoint(path), build_config), path
-    detect_source_format(path)  # names a missing or unrecognised source before any work
-    cached = engine_cache_dir(path, dtype, build_config)
+    manifest = read_json(path / CONFIG_FILE, "config") if (path / CONFIG_FILE).is_file() else {}
+    if "build_config" in manifest:
+        _check_world(path, manifest["mapping"], tp_size, pp_size)
+        return path
+    if "format_version" in manifest:  # a kiln checkpoint: its mapping is fixed
+        _check_world(path, manifest["mapping"], tp_size, pp_size)
+        world = manifest["mapping"]["world_size"]
+        load = lambda rank: PretrainedModel.from_checkpoint(path, rank)  # noqa: E731
+    else:
+        detect_source_format(path)  # names a missing or unrecognised source before any work
+        mapping = Mapping.of(tp_size or 1, pp_size or 1)
+        world = mapping.world_size
+        load = lambda rank: load_source_model(path, dtype, mapping.with_rank(rank))  # noqa: E731
+    cached = engine_cache_dir(path, dtype, build_config, world_key=(tp_size, pp_size))
     if (cached / CONFIG_FILE).is_file():
         try:
-            return Engine.from_dir(cached), cached
+            Engine.from_dir(cached)
+            return cached
         except EngineVersionError:
             log.info("rebuilding the cached engine %s (written by another kiln)", cached)
-    log.info("converting and building %s (cached in %s)", path, cached)
-    build(load_source_model(path, dtype), build_config).save(cached, overwrite=True)
-    return Engine.from_dir(cached), cached
+    log.info("building %s into the engine cache %s", path, cached)
+    return build_all_ranks(load, world, cached, build_config, overwrite=True)
+
+
+def _make_runner(engine_dir: Path, engine: Engine, device: torch.device):
+    """In-process for one rank; rank 0's driver under torchrun; else a group of spawned workers."""
+    world = engine.config.mapping.world_size
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_world_size() != world or dist.get_rank() != 0:
+            raise ConfigError(f"torchrun started {dist.get_world_size()} ranks but {engine_dir} has {world}; "
+                              f"use --nproc-per-node {world} (LLM runs on rank 0, see kiln.runtime.workers)")
+        return DriverRunner(ModelRunner(engine.runtime_model(device), device), engine.config.vocab_size)
+    if world > 1:
+        return WorkerGroup(str(engine_dir), world)
+    return ModelRunner(engine.runtime_model(device), device)
 
 
 @dataclass
@@ -58,20 +92,33 @@ class LLM:
     """Generate from a model: `LLM(path).generate(prompts, SamplingParams(...))`."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str | None = None,
-                 build_config: BuildConfig | None = None, tensor_parallel_size: int = 1):
-        if tensor_parallel_size != 1:
-            raise ConfigError("tensor_parallel_size > 1 is not available yet; run with tensor_parallel_size=1")
+                 build_config: BuildConfig | None = None, tensor_parallel_size: int | None = None,
+                 pipeline_parallel_size: int | None = None):
+        """model: an engine dir, a kiln checkpoint dir, an HF dir, a Meta dir or a .gguf file (default: the
+        built-in model). With tensor/pipeline_parallel_size > 1 the ranks run as worker processes."""
         if model is None:
             from kiln.default_model import default_model_path
 
             model = default_model_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.engine, tokenizer_dir = open_engine(model, dtype, build_config)
-        self.tokenizer = tok.load_tokenizer(tokenizer_dir)
+        self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size)
+        self.engine = Engine.from_dir(self.engine_dir)
+        self.tokenizer = tok.load_tokenizer(self.engine_dir)
         self.build_config = self.engine.build_config
-        self.generator = GenerationEngine(self.engine.runtime_model(self.device), self.build_config, self.device,
-                                          self.engine.config.eos_token_ids)
+        self.runner = _make_runner(self.engine_dir, self.engine, self.device)
+        self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids)
         self._next_request = 0
+
+    def shutdown(self) -> None:
+        """Stop worker processes (and, under torchrun, release the other ranks)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
 
     # ---- requests ------------------------------------------------------------------------------
 

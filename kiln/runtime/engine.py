@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.runtime.executor import Executor
@@ -19,10 +17,11 @@ from kiln.runtime.sequence import Sequence
 
 
 class GenerationEngine:
-    def __init__(self, model, build_config: BuildConfig, device: torch.device, eos_token_ids=()):
+    def __init__(self, runner, build_config: BuildConfig, eos_token_ids=()):
+        """runner: a ModelRunner (one process) or a WorkerGroup (tensor/pipeline-parallel ranks)."""
         self.build_config = build_config
         self.eos_token_ids = set(eos_token_ids)
-        self.executor = Executor(model, device)
+        self.executor = Executor(runner)
         self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens)
         self._ids = itertools.count()
 
@@ -54,6 +53,8 @@ class GenerationEngine:
         for seq, token in zip(seqs, self.executor.step(seqs)):
             seq.output_ids.append(token)
             self._check_stop(seq, token)
+            if seq.finished:
+                self.executor.free(seq)
         return seqs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -67,3 +68,4 @@ class GenerationEngine:
         """Cancel a request: its cache is freed at once and it leaves the batch at the next step."""
         if not seq.finished:
             seq.finish("abort")
+            self.executor.free(seq)

@@ -26,7 +26,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached: int = 0  # tokens whose keys and values are in the cache
-    kv_cache: object | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -42,4 +41,3 @@ class Sequence:
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason
-        self.kv_cache = None  # frees its memory at once

@@ -1,0 +1,241 @@
+"""Attention for the runtime: decode over a paged KV cache, and causal prefill over packed sequences.
+
+Paged KV cache (Kwon et al. 2023, vLLM, arXiv:2309.06180): k_cache/v_cache are
+[num_blocks, block_size, kv_heads, d]; sequence b's token t lives in block block_tables[b, t // block_size]
+at slot t % block_size. context_lens[b] counts the tokens already written, the current one included.
+
+Decode is split-K "flash decoding" (Dao et al. 2023, https://pytorch.org/blog/flash-decoding/): a
+single query per sequence gives too few programs to fill the GPU, so each sequence's context is cut into
+`num_splits` ranges attended in parallel; each writes its output and log-sum-exp, and a second small
+kernel merges them. One program serves all the query heads that share a KV head (GQA), so each key and
+value is read from memory once. Prefill is FlashAttention-2 (Dao 2023, arXiv:2307.08691) over
+sequences packed back to back, cu_seqlens marking where each starts.
+
+A sliding window of W keeps the keys at positions q_pos - W < k_pos <= q_pos, as kiln.layers.attention does.
+Both kernels use exp2 with log2(e) folded into the scale, so their log-sum-exps are in base 2.
+"""
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references below still work
+    triton = None
+
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------- references (any device)
+
+def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
+    """Softmax attention in float32. q [m, heads, d], k/v [n, kv_heads, d], mask [m, n] (True = attend)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(groups, dim=1), v.float().repeat_interleave(groups, dim=1)
+    scores = torch.einsum("mhd,nhd->hmn", q.float(), k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+    """q [batch, heads, d] -> [batch, heads, d]: each sequence's one new query over its cached keys."""
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b, n in enumerate(context_lens.tolist()):
+        pages = block_tables[b, :math.ceil(n / block_size)].long()
+        lo = 0 if sliding_window is None else max(n - sliding_window, 0)
+        k = k_cache[pages].flatten(0, 1)[lo:n]
+        v = v_cache[pages].flatten(0, 1)[lo:n]
+        out[b] = _attend_ref(q[b:b + 1], k, v, scale, None)[0]
+    return out
+
+
+def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None):
+    """Causal attention within each packed sequence; q [tokens, heads, d], k/v [tokens, kv_heads, d]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        pos = torch.arange(end - start, device=q.device)
+        mask = pos[None, :] <= pos[:, None]
+        if sliding_window is not None:
+            mask &= pos[:, None] - pos[None, :] < sliding_window
+        out[start:end] = _attend_ref(q[start:end], k[start:end], v[start:end], scale, mask)
+    return out
+
+
+# ---------------------------------------------------------------- Triton launchers (CUDA)
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, max_context: int, block_n: int, device: torch.device) -> int:
+    """Enough splits for about four programs per SM, never more than there are key tiles.
+
+    Chosen from shapes alone (the block table's width bounds every context), so no host-device sync.
+    """
+    tiles = triton.cdiv(max_context, block_n)
+    return max(1, min(triton.cdiv(4 * _num_sms(device.index or 0), programs), tiles, 64))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+    """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors."""
+    batch, heads, head_size = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    group = heads // kv_heads
+    max_context = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window)
+    block_n = 64
+    splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
+    partial = torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        scale * _LOG2E, sliding_window or 0, group, head_size, splits,
+        PAGE=block_size, HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=4)
+    out = torch.empty_like(q)
+    _decode_merge_kernel[(batch, heads)](
+        partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4)
+    return out
+
+
+def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None):
+    """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors."""
+    tokens, heads, head_size = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    out = torch.empty_like(q)
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_m = 64 if block_d <= 128 else 32  # keeps the q tile and accumulator in registers
+    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, heads)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1], head_size,
+        HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_m, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    return out
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # float32 inputs would otherwise go through TF32 (10-bit mantissa) and miss the reference.
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _online_softmax_step(s, m, l, acc, v, IEEE: tl.constexpr):
+        """One FlashAttention step: fold scores s [rows, n] (base-2 logits) and values v [n, d] in."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])  # masked scores are -inf: p = 0
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
+                             k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb,
+                             scale_log2, window, group, head_size, num_splits,
+                             PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        ctx = tl.load(ctx_ptr + b)
+        first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
+        # This split's range of keys, in whole tiles so that only the last tile is partial.
+        split_len = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
+        lo = first + split * split_len
+        hi = tl.minimum(lo + split_len, ctx)
+
+        g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        heads = kvh * group + g
+        d_ok = d < head_size
+        q = tl.load(q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
+                    mask=(g < group)[:, None] & d_ok[None, :], other=0.0)
+        # A finite start for the running max keeps exp2(m - m_new) free of inf - inf.
+        m = tl.full([BLOCK_G], -1e30, tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            ok = t < hi
+            page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
+            kv_mask = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + page[:, None] * k_sblk + (t % PAGE)[:, None] * k_stok + kvh * k_sh + d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * scale_log2
+            s = tl.where(ok[None, :], s, float("-inf"))
+            v = tl.load(v_ptr + page[:, None] * v_sblk + (t % PAGE)[:, None] * v_stok + kvh * v_sh + d[None, :],
+                        mask=kv_mask, other=0.0)
+            m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
+
+        empty = l == 0.0  # a split past the end of a short context
+        out = acc / tl.where(empty, 1.0, l)[:, None]
+        row = (b * tl.num_programs(1) * group + heads) * num_splits + split  # partial is [b, heads, splits, d]
+        tl.store(part_ptr + row[:, None] * head_size + d[None, :], out, mask=(g < group)[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
+
+    @triton.jit
+    def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
+                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+        row = (b * heads + h) * num_splits + s
+        lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+        parts = tl.load(part_ptr + row[:, None] * head_size + d[None, :],
+                        mask=(s < num_splits)[:, None] & (d < head_size)[None, :], other=0.0)
+        out = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh,
+                        scale_log2, window, group, head_size,
+                        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(cu_ptr + seq)
+        n = tl.load(cu_ptr + seq + 1) - start
+        start = start.to(tl.int64)  # token offsets times strides can pass 2**31
+        if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
+            return
+        kvh = h // group
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_size
+        q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
+                    mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
+        m = tl.full([BLOCK_M], -1e30, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum((tile + 1) * BLOCK_M, n)  # causal: no key after this tile's last query
+        lo = 0
+        if HAS_WINDOW:  # and none before its first query's window
+            lo = tl.maximum(tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        for kstart in range(lo, hi, BLOCK_N):
+            cols = kstart + tl.arange(0, BLOCK_N)
+            kv_mask = (cols < hi)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (start + cols)[:, None] * k_st + kvh * k_sh + d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * scale_log2
+            keep = (cols[None, :] <= rows[:, None]) & (cols < hi)[None, :]
+            if HAS_WINDOW:
+                keep &= rows[:, None] - cols[None, :] < window
+            s = tl.where(keep, s, float("-inf"))
+            v = tl.load(v_ptr + (start + cols)[:, None] * v_st + kvh * v_sh + d[None, :], mask=kv_mask, other=0.0)
+            m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on padding rows past n
+        tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows < n)[:, None] & d_ok[None, :])
