@@ -68,9 +68,9 @@ def cmd_run(args) -> None:
     with LLM(args.engine_dir, dtype=args.dtype, device=device) as llm:
         _generate_to_stdout(llm, args)
     if torchrun_rank() is not None:
-        import torch.distributed as dist
+        from kiln.runtime.distributed import leave_process_group
 
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _generate_to_stdout(llm, args) -> None:

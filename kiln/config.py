@@ -110,7 +110,13 @@ def _known_fields(cls, d: dict, where: str) -> dict:
 
 
 POSITION_EMBEDDING_TYPES = ("rope_gpt_neox",)
-ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+# Rope scaling type -> the fields it needs (see kiln/layers/rotary.py).
+ROPE_SCALING_FIELDS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -152,10 +158,17 @@ class PretrainedConfig:
         _check(self.hidden_act in ("silu",), owner, "hidden_act", "'silu'", self.hidden_act)
         _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, owner, "position_embedding_type",
                f"one of {POSITION_EMBEDDING_TYPES}", self.position_embedding_type)
-        _check(self.rotary_base > 0, owner, "rotary_base", "> 0", self.rotary_base)
-        _check(self.norm_epsilon > 0, owner, "norm_epsilon", "> 0", self.norm_epsilon)
-        _check(self.rotary_scaling is None or self.rotary_scaling.get("type") in ROPE_SCALING_TYPES, owner,
-               "rotary_scaling.type", f"one of {ROPE_SCALING_TYPES}", self.rotary_scaling)
+        for name in ("rotary_base", "norm_epsilon"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, owner, name,
+                   "a number > 0", value)
+        scaling = self.rotary_scaling
+        _check(scaling is None or isinstance(scaling, dict) and scaling.get("type") in ROPE_SCALING_TYPES, owner,
+               "rotary_scaling.type", f"one of {ROPE_SCALING_TYPES}", scaling)
+        if scaling is not None:
+            needed = ROPE_SCALING_FIELDS[scaling["type"]]
+            _check(all(f in scaling for f in needed), owner, "rotary_scaling",
+                   f"a dict with {list(needed)} for type {scaling['type']!r}", scaling)
         _check(self.sliding_window is None or isinstance(self.sliding_window, int) and self.sliding_window >= 1,
                owner, "sliding_window", "None or an integer >= 1", self.sliding_window)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

@@ -43,3 +43,91 @@ def smollm2_gguf() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.is_file() else None
+
+
+# ---- helpers for the checkpoint tests -------------------------------------------------------------
+
+def to_4x_config(hf_dir: Path, scaling_key: str = "type") -> None:
+    """Rewrite a transformers-5 config.json in place into the transformers-4.x form: `rope_theta` and
+    `rope_scaling` (its kind under `scaling_key`, "type" or "rope_type") instead of `rope_parameters`,
+    and `torch_dtype` instead of `dtype`."""
+    import json
+
+    path = Path(hf_dir) / "config.json"
+    d = json.loads(path.read_text())
+    rope = dict(d.pop("rope_parameters", None) or {})
+    d["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    kind = rope.pop("rope_type", "default")
+    d["rope_scaling"] = None if kind == "default" else {scaling_key: kind, **rope}
+    d["torch_dtype"] = d.pop("dtype")
+    d["transformers_version"] = "4.46.0"
+    path.write_text(json.dumps(d, indent=2))
+
+
+def greedy_tokens(forward, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding without a KV cache: `forward(ids)` returns [batch, seq, vocab] logits."""
+    with torch.no_grad():
+        for _ in range(steps):
+            next_id = forward(ids)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def hf_forward(hf_model):
+    """The transformers model as `ids -> logits`, with no cache (each call sees the whole sequence)."""
+    def forward(ids):
+        with torch.no_grad():
+            return hf_model(ids, use_cache=False).logits
+    return forward
+
+
+def half_to_interleaved(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q/k rows from Hugging Face's rotate-half layout to Meta's / GGUF's interleaved rotary pairs:
+    llama.cpp's `LlamaModel.permute`, the inverse of `permute` in transformers' convert_llama_weights_to_hf.py."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def leftovers(out_dir: Path) -> list[str]:
+    """Anything a failed write to out_dir left behind: the dir itself or a `.NAME.tmp-*` / `.NAME.old-*` sibling."""
+    out_dir = Path(out_dir)
+    found = [p.name for p in out_dir.parent.glob(f".{out_dir.name}.*")]
+    return found + ([out_dir.name] if out_dir.exists() else [])
+
+
+# ---- shared by the builder, runtime, llmapi and CLI tests -------------------------------------------------
+
+TINY_SLIDING_WINDOW = 8  # shorter than the prompts + 32 generated tokens, so the window really cuts
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_session(tmp_path_factory):
+    """(hf_dir, transformers model) of a tiny Llama, made once per session; tests must not change either."""
+    hf_dir = tmp_path_factory.mktemp("tiny_llama") / "hf"
+    return hf_dir, make_hf_model(hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_session(tmp_path_factory):
+    """(hf_dir, transformers model) of a tiny Mistral with a sliding window, made once per session."""
+    hf_dir = tmp_path_factory.mktemp("tiny_mistral") / "hf"
+    return hf_dir, make_hf_model(hf_dir, arch="mistral", sliding_window=TINY_SLIDING_WINDOW)
+
+
+@pytest.fixture
+def kiln_cache(tmp_path, monkeypatch):
+    """Point kiln's engine cache at a fresh tmp dir, so no test touches the home dir."""
+    cache = tmp_path / "kiln_cache"
+    monkeypatch.setenv("KILN_CACHE_DIR", str(cache))
+    return cache
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Reference greedy decoding: argmax of transformers' logits over the whole sequence, no KV cache."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = hf_model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()

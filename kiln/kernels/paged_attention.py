@@ -27,6 +27,9 @@ except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
 _LOG2E = 1.4426950408889634
+# Launch configurations, measured on an H100 with bench_kernels.py (Llama-3-8B shapes).
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, programs_per_sm=4)
+PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)  # for head_size <= 128
 
 
 # ---------------------------------------------------------------- references (any device)
@@ -75,12 +78,13 @@ def _num_sms(device_index: int) -> int:
 
 
 def _num_splits(programs: int, max_context: int, block_n: int, device: torch.device) -> int:
-    """Enough splits for about four programs per SM, never more than there are key tiles.
+    """Enough splits for a few programs per SM, never more than there are key tiles.
 
     Chosen from shapes alone (the block table's width bounds every context), so no host-device sync.
     """
     tiles = triton.cdiv(max_context, block_n)
-    return max(1, min(triton.cdiv(4 * _num_sms(device.index or 0), programs), tiles, 64))
+    per_sm = DECODE_CONFIG["programs_per_sm"]
+    return max(1, min(triton.cdiv(per_sm * _num_sms(device.index or 0), programs), tiles, 64))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
@@ -92,7 +96,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     max_context = block_tables.shape[1] * block_size
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
-    block_n = 64
+    cfg = DECODE_CONFIG
+    block_n = cfg["BLOCK_N"]
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
     partial = torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
@@ -102,7 +107,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=4)
+        BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty_like(q)
     _decode_merge_kernel[(batch, heads)](
         partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
@@ -116,13 +121,14 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_size))
-    block_m = 64 if block_d <= 128 else 32  # keeps the q tile and accumulator in registers
-    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, heads)
+    cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1], head_size,
         HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_m, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        BLOCK_D=block_d, **cfg)
     return out
 
 
@@ -202,6 +208,23 @@ if triton is not None:
         tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
 
     @triton.jit
+    def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2, window, n,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Fold keys kstart..kstart+BLOCK_N of one sequence into the running softmax of q's rows."""
+        cols = kstart + tl.arange(0, BLOCK_N)
+        kv_mask = d_ok[None, :]
+        if CAUSAL:  # the diagonal tile can also run past the sequence's end
+            kv_mask = (cols < n)[:, None] & kv_mask
+        k = tl.load(k_ptrs + kstart * k_st, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * scale_log2
+        if CAUSAL:
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols < n)[None, :], s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
+        v = tl.load(v_ptrs + kstart * v_st, mask=kv_mask, other=0.0)
+        return _online_softmax_step(s, m, l, acc, v, IEEE)
+
+    @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh,
                         scale_log2, window, group, head_size,
                         HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
@@ -221,21 +244,19 @@ if triton is not None:
         m = tl.full([BLOCK_M], -1e30, tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum((tile + 1) * BLOCK_M, n)  # causal: no key after this tile's last query
+        k_ptrs = k_ptr + (start + tl.arange(0, BLOCK_N))[:, None] * k_st + kvh * k_sh + d[None, :]
+        v_ptrs = v_ptr + (start + tl.arange(0, BLOCK_N))[:, None] * v_st + kvh * v_sh + d[None, :]
+        diag = tile * BLOCK_M  # keys before the tile's first query need no causal mask (FlashAttention-2)
         lo = 0
-        if HAS_WINDOW:  # and none before its first query's window
-            lo = tl.maximum(tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-        for kstart in range(lo, hi, BLOCK_N):
-            cols = kstart + tl.arange(0, BLOCK_N)
-            kv_mask = (cols < hi)[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + (start + cols)[:, None] * k_st + kvh * k_sh + d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * scale_log2
-            keep = (cols[None, :] <= rows[:, None]) & (cols < hi)[None, :]
-            if HAS_WINDOW:
-                keep &= rows[:, None] - cols[None, :] < window
-            s = tl.where(keep, s, float("-inf"))
-            v = tl.load(v_ptr + (start + cols)[:, None] * v_st + kvh * v_sh + d[None, :], mask=kv_mask, other=0.0)
-            m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
+        if HAS_WINDOW:  # nor any before its first query's window
+            lo = tl.maximum(diag - window + 1, 0) // BLOCK_N * BLOCK_N
+        for kstart in range(lo, diag, BLOCK_N):
+            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2,
+                                      window, n, False, HAS_WINDOW, IEEE, BLOCK_N)
+        hi = tl.minimum(diag + BLOCK_M, n)  # causal: no key after the tile's last query
+        for kstart in range(diag, hi, BLOCK_N):
+            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2,
+                                      window, n, True, HAS_WINDOW, IEEE, BLOCK_N)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on padding rows past n
         tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(rows < n)[:, None] & d_ok[None, :])

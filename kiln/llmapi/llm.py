@@ -179,7 +179,14 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        requests = [self._submit(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
+        requests = []
+        try:
+            for p, sp in zip(prompts, params):
+                requests.append(self._submit(p, sp or SamplingParams()))
+        except BaseException:  # a bad prompt fails the call alone: withdraw the ones already queued
+            for seq in (s for r in requests for s in r.seqs):
+                self.generator.abort(seq)
+            raise
         for _ in self._run(requests):
             pass
         return [self._output(r) for r in requests]

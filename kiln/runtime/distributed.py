@@ -38,3 +38,11 @@ def all_gather_last_dim(x: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(mapping.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=tp_group(mapping))
     return torch.cat(parts, dim=-1)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, dropping our references to its subgroups first (a group object that
+    outlives destroy_process_group aborts the interpreter at exit)."""
+    _TP_GROUPS.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return any(not s.finished for s in self.waiting) or any(not s.finished for s in self.running)
 
     def schedule(self) -> list[Sequence]:
         """The sequences of the next step: running ones first (one token each), then newly admitted ones."""

@@ -16,12 +16,14 @@ import datetime
 import multiprocessing
 import os
 import socket
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 
 from kiln.errors import KilnError
+from kiln.runtime.distributed import leave_process_group
 from kiln.runtime.model_runner import ModelRunner, StepInputs
 
 SHUTDOWN = "shutdown"
@@ -119,8 +121,7 @@ def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, conn) -
             conn.send(("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port() -> int:
@@ -144,23 +145,31 @@ class WorkerGroup:
         self.pending_free: list[int] = []
         self._receive("ready", START_TIMEOUT_S)
 
+    def _dead_worker(self):
+        return next((p for p in self.processes if not p.is_alive()), None)
+
+    def _fail(self, reason: str):
+        """Stop the group and raise, naming a dead worker first (the usual root cause)."""
+        deadline = time.monotonic() + 1.0
+        while self._dead_worker() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # a peer's crash reaches rank 0 before its exit is visible here
+        dead = self._dead_worker()
+        self.close()
+        if dead is not None:
+            reason = f"worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}; {reason}"
+        raise WorkerError(f"{reason} (all workers were stopped)")
+
     def _receive(self, expected: str, timeout_s: float | None = None):
         """Wait for rank 0's answer, checking every worker's pulse while waiting."""
-        waited = 0.0
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self.conn.poll(0.05):
-            waited += 0.05
-            dead = [p for p in self.processes if not p.is_alive()]
-            if dead:
-                self.close()
-                raise WorkerError(f"worker {dead[0].name} (pid {dead[0].pid}) exited with code {dead[0].exitcode}; "
-                                  "all workers were stopped")
-            if timeout_s is not None and waited > timeout_s:
-                self.close()
-                raise WorkerError(f"workers did not answer within {timeout_s:.0f}s; all were stopped")
+            if self._dead_worker() is not None:
+                self._fail("the group cannot go on")
+            if deadline is not None and time.monotonic() > deadline:
+                self._fail(f"workers did not answer within {timeout_s:.0f}s")
         kind, payload = self.conn.recv()
         if kind == "error":
-            self.close()
-            raise WorkerError(payload.strip().splitlines()[0] + " (all workers were stopped)")
+            self._fail(f"rank 0 reported: {payload.strip().splitlines()[0]}")
         assert kind == expected, kind
         return payload
 
@@ -214,5 +223,5 @@ def join_torchrun(engine_dir: str):
     try:
         serve_worker(ModelRunner(engine.runtime_model(device), device))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
     return None

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from kiln.config import PretrainedConfig
+from kiln.config import ROPE_SCALING_FIELDS, PretrainedConfig
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 
 # transformers 5.x writes rope_parameters (theta included) and dtype; 4.x rope_theta, rope_scaling, torch_dtype.
-ROPE_FIELDS = {
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
+ROPE_FIELDS = ROPE_SCALING_FIELDS
 
 
 def _rope(hf: dict, path: str) -> tuple[float, dict | None]:

@@ -1,0 +1,140 @@
+"""GGUF (llama.cpp) -> kiln: a file written here with gguf.GGUFWriter from a tiny HF Llama converts to the
+same model transformers runs; Q8_0 weights match HF weights quantized and dequantized the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import half_to_interleaved, make_hf_model
+from kiln.checkpoint.convert import convert_checkpoint
+from kiln.models.base import PretrainedModel
+from kiln.models.llama.model import LLaMAForCausalLM
+
+ATOL = 1e-4
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+
+# HF name (after "model.layers.{i}.") -> llama.cpp name (after "blk.{i}.")
+LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def gguf_tensors(hf) -> dict[str, torch.Tensor]:
+    """llama.cpp's names and layout (q/k rows permuted as convert_hf_to_gguf.py's LlamaModel.permute does)."""
+    c = hf.config
+    sd = hf.state_dict()
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        for hf_name, name in LAYER_NAMES.items():
+            t = sd[f"model.layers.{i}.{hf_name}"]
+            if name == "attn_q.weight":
+                t = half_to_interleaved(t, c.num_attention_heads)
+            elif name == "attn_k.weight":
+                t = half_to_interleaved(t, c.num_key_value_heads)
+            out[f"blk.{i}.{name}"] = t
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
+    data = t.numpy().astype(np.float32)
+    return torch.from_numpy(np.array(gguf.quants.dequantize(gguf.quants.quantize(data, Q8_0), Q8_0),
+                                     dtype=np.float32).reshape(t.shape))
+
+
+def write_gguf(hf, path: Path, quantize: bool) -> None:
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    for name, t in gguf_tensors(hf).items():
+        array = t.numpy().astype(np.float32)  # torch's row-major shape; the writer reverses it for GGUF
+        if quantize and t.dim() == 2:
+            w.add_tensor(name, gguf.quants.quantize(array, Q8_0), raw_dtype=Q8_0)
+        else:
+            w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+VARIANTS = {"untied": dict(tie_word_embeddings=False), "tied": dict(tie_word_embeddings=True),
+            "head_dim": dict(head_dim=32)}  # head_dim != embedding_length / head_count: read from key_length
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def hf_llama(request, tmp_path_factory):
+    model = make_hf_model(tmp_path_factory.mktemp("gguf") / "hf", seed=5, **VARIANTS[request.param])
+    model.variant = request.param
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids) if not hasattr(model, "generation_config") else model(ids, use_cache=False).logits
+
+
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def test_f32_gguf_matches_transformers(hf_llama, tmp_path):
+    path = tmp_path / "tiny-f32.gguf"
+    write_gguf(hf_llama, path, quantize=False)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert ("output.weight" in names) == (not hf_llama.config.tie_word_embeddings)
+
+    model = LLaMAForCausalLM.from_gguf(path, dtype="float32")
+    c = model.config
+    assert c.tie_word_embeddings == hf_llama.config.tie_word_embeddings
+    assert (c.vocab_size, c.num_key_value_heads, c.intermediate_size) == (128, 2, 96)
+    assert c.head_size == hf_llama.config.head_dim
+    expected = _logits(hf_llama, IDS)
+    assert (_logits(model, IDS) - expected).abs().max().item() <= ATOL
+
+    out = convert_checkpoint(path, tmp_path / "ckpt", dtype="float32")
+    assert json.loads((out / "config.json").read_text())["architecture"] == "LlamaForCausalLM"
+    assert (_logits(PretrainedModel.from_checkpoint(out), IDS) - expected).abs().max().item() <= ATOL
+
+
+def test_q8_0_gguf_matches_hf_with_the_same_quantization_error(hf_llama, tmp_path):
+    path = tmp_path / "tiny-q8_0.gguf"
+    write_gguf(hf_llama, path, quantize=True)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == Q8_0 and types["token_embd.weight"] == Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+    # The reference: the HF model with every 2-D weight quantized then dequantized with gguf.quants.
+    # Q8_0 blocks run along a row, so permuting q/k rows commutes with the round trip.
+    reference = make_hf_model(tmp_path / "ref", seed=5, **VARIANTS[hf_llama.variant])
+    with torch.no_grad():
+        for p in reference.parameters():  # tied weights are one parameter: quantized once
+            if p.dim() == 2:
+                p.copy_(q8_roundtrip(p))
+    float_logits = _logits(hf_llama, IDS)
+    expected = _logits(reference, IDS)
+    assert (expected - float_logits).abs().max().item() > 10 * ATOL  # the quantization error is visible
+
+    model = LLaMAForCausalLM.from_gguf(path, dtype="float32")
+    assert (_logits(model, IDS) - expected).abs().max().item() <= ATOL
