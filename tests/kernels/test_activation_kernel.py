@@ -1,0 +1,32 @@
+"""silu_and_mul: the reference against the formula, and the Triton kernel against the reference."""
+
+import pytest
+import torch
+
+from kiln.kernels import triton_available
+from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+needs_gpu = pytest.mark.skipif(not triton_available(),
+                               reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+
+# Triton's exp is not libm's, so silu, rounded to 16 bits, can land one ulp (relative 2**-10 in fp16,
+# 2**-7 in bf16) apart; the multiply by the gate and its rounding add up to half an ulp more.
+ULP2 = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}  # two ulps
+
+
+def test_reference_is_silu_of_the_first_half_times_the_second():
+    x = torch.randn(6, 2 * 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fc, gate = x[:, :40], x[:, 40:]
+    expected = fc / (1 + torch.exp(-fc)) * gate
+    torch.testing.assert_close(silu_and_mul_ref(x), expected)
+    assert not torch.allclose(silu_and_mul_ref(x), gate / (1 + torch.exp(-gate)) * fc)  # the order matters
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 2 * 14336), (5, 2 * 11008), (33, 2 * 1000), (2, 3, 2 * 96)])
+def test_kernel_matches_reference(dtype, shape):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 4).to(dtype).cuda()
+    got, want = silu_and_mul(x), silu_and_mul_ref(x)
+    print(f"silu_and_mul {dtype} {shape}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=ULP2[dtype], atol=1e-5)

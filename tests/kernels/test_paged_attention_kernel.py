@@ -1,0 +1,142 @@
+"""Paged decode and varlen prefill attention.
+
+On CPU the references are checked against dense attention written another way (torch's
+scaled_dot_product_attention on unpaged, per-sequence tensors); on the GPU the Triton kernels are
+checked against the references.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import triton_available
+from kiln.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
+                                          varlen_prefill_attention, varlen_prefill_attention_ref)
+
+needs_gpu = pytest.mark.skipif(not triton_available(),
+                               reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+
+# The kernels round softmax weights to the input dtype before the weights-times-values product (as
+# FlashAttention does) and sum in another order; outputs are O(1), so a few ulps of the dtype.
+TOL = {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make_decode_case(context_lens, heads, kv_heads, d, block_size, dtype=torch.float32, seed=0):
+    """Dense per-sequence K/V scattered into random, non-contiguous cache blocks.
+
+    Unused blocks, the slots after each context, and the block table's unused entries hold random
+    values, so a kernel that reads past a context or the wrong block gets a different answer.
+    """
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(n / block_size) for n in context_lens]
+    num_blocks = sum(need) + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.randint(0, num_blocks, (len(context_lens), max(need) + 2), generator=g, dtype=torch.int32)
+    dense_k, dense_v, used = [], [], 0
+    for b, n in enumerate(context_lens):
+        pages = order[used:used + need[b]]
+        used += need[b]
+        block_tables[b, :need[b]] = pages.int()
+        dense_k.append(torch.randn(n, kv_heads, d, generator=g).to(dtype))
+        dense_v.append(torch.randn(n, kv_heads, d, generator=g).to(dtype))
+        for t in range(n):
+            k_cache[pages[t // block_size], t % block_size] = dense_k[b][t]
+            v_cache[pages[t // block_size], t % block_size] = dense_v[b][t]
+    q = torch.randn(len(context_lens), heads, d, generator=g).to(dtype)
+    return q, k_cache, v_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32), dense_k, dense_v
+
+
+def sdpa(q, k, v, scale, mask=None, is_causal=False):
+    """q [m, heads, d], k/v [n, kv_heads, d] -> [m, heads, d] through torch's SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_reference_is_dense_attention(block_size, heads, kv_heads, window):
+    lens = [1, 7, 16, 33]
+    q, k_cache, v_cache, tables, ctx, dense_k, dense_v = make_decode_case(lens, heads, kv_heads, 32, block_size)
+    scale = 32 ** -0.5
+    got = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, scale, window)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        mask = None if window is None else (n - 1 - pos < window)[None, :]  # the query sits at n - 1
+        want = sdpa(q[b:b + 1], dense_k[b], dense_v[b], scale, mask)
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def _packed(seq_lens, heads, kv_heads, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(seq_lens)
+    q = torch.randn(tokens, heads, d, generator=g).to(dtype)
+    k = torch.randn(tokens, kv_heads, d, generator=g).to(dtype)
+    v = torch.randn(tokens, kv_heads, d, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_reference_is_causal_attention_per_sequence(heads, kv_heads, window):
+    lens = [1, 5, 12]
+    q, k, v, cu = _packed(lens, heads, kv_heads, 16)
+    got = varlen_prefill_attention_ref(q, k, v, cu, max(lens), 0.3, window)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = e - s
+        if window is None:
+            want = sdpa(q[s:e], k[s:e], v[s:e], 0.3, is_causal=True)
+        else:  # a band below the diagonal: causal and within the window
+            ones = torch.ones(n, n, dtype=torch.bool)
+            want = sdpa(q[s:e], k[s:e], v[s:e], 0.3, mask=ones.tril() & ~ones.tril(-window))
+        torch.testing.assert_close(got[s:e], want, rtol=1e-5, atol=1e-5)
+
+
+DECODE_CASES = [  # context lens, heads, kv_heads, head_size, block_size, window
+    ([1, 2, 17, 64], 8, 8, 64, 16, None),
+    ([5, 100, 1000, 2049], 32, 8, 128, 16, None),
+    ([300, 1, 77], 16, 2, 128, 32, 64),
+    ([3000, 129], 28, 4, 128, 16, 1024),
+    ([40, 9], 12, 12, 96, 8, None),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_kernel_matches_reference(dtype, case):
+    lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
+    q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, ctx)]
+    got = paged_decode_attention(*args, d ** -0.5, window)
+    want = paged_decode_attention_ref(*args, d ** -0.5, window)
+    print(f"paged_decode {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window
+    ([1, 17, 64], 4, 4, 64, None),
+    ([130, 300, 5], 32, 8, 128, None),
+    ([200, 77], 16, 2, 128, 32),
+    ([90], 6, 3, 80, None),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_kernel_matches_reference(dtype, case):
+    lens, heads, kv_heads, d, window = PREFILL_CASES[case]
+    q, k, v, cu = (t.cuda() for t in _packed(lens, heads, kv_heads, d, dtype, case))
+    got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
+    want = varlen_prefill_attention_ref(q, k, v, cu, max(lens), d ** -0.5, window)
+    print(f"varlen_prefill {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])

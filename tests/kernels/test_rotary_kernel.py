@@ -1,0 +1,69 @@
+"""apply_rotary: the reference against rotation written with complex numbers, the kernel against the reference."""
+
+import pytest
+import torch
+
+from kiln.kernels import triton_available
+from kiln.kernels.rotary import apply_rotary, apply_rotary_ref
+
+needs_gpu = pytest.mark.skipif(not triton_available(),
+                               reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+
+
+def _inv_freq(head_size: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+
+
+def test_reference_rotates_each_half_pair_by_position_times_frequency():
+    g = torch.Generator().manual_seed(0)
+    tokens, d = 9, 32
+    q, k = torch.randn(tokens, 4, d, generator=g), torch.randn(tokens, 2, d, generator=g)
+    positions = torch.randint(0, 500, (tokens,), generator=g)
+    freqs = _inv_freq(d)
+    angle = positions.double()[:, None, None] * freqs.double()  # [tokens, 1, d/2]
+    expected = []
+    for x in (q, k):
+        z = torch.complex(x[..., :d // 2].double(), x[..., d // 2:].double()) * torch.exp(1j * angle)
+        expected.append(torch.cat([z.real, z.imag], dim=-1).float())
+    q_out, k_out = apply_rotary_ref(q.clone(), k.clone(), positions, freqs)
+    torch.testing.assert_close(q_out, expected[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_out, expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_rotates_in_place():
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    before = q.clone()
+    q_out, k_out = apply_rotary_ref(q, k, torch.tensor([0, 1, 2]), _inv_freq(8))
+    assert q_out is q and k_out is k
+    torch.testing.assert_close(q[0], before[0])  # position 0 is the identity
+    assert not torch.allclose(q[1:], before[1:])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (64, 8, 1, 80)])
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_kernel_matches_reference(dtype, tokens, heads, kv_heads, head_size, fused_qkv):
+    g = torch.Generator().manual_seed(tokens * heads + head_size)
+    width = (heads + 2 * kv_heads) * head_size
+    qkv = torch.randn(tokens, width, generator=g).to(dtype).cuda()
+    if fused_qkv:  # strided views into the QKV matmul's output, as the runtime passes them
+        q = qkv[:, :heads * head_size].view(tokens, heads, head_size)
+        k = qkv[:, heads * head_size:(heads + kv_heads) * head_size].view(tokens, kv_heads, head_size)
+    else:
+        q = qkv[:, :heads * head_size].reshape(tokens, heads, head_size).contiguous()
+        k = qkv[:, -kv_heads * head_size:].reshape(tokens, kv_heads, head_size).contiguous()
+    positions = torch.randint(0, 8192, (tokens,), generator=g).cuda()
+    freqs = _inv_freq(head_size, 500000.0).cuda()
+    want_q, want_k = apply_rotary_ref(q.clone(), k.clone(), positions, freqs)
+    v_before = qkv[:, (heads + kv_heads) * head_size:].clone()
+    got_q, got_k = apply_rotary(q, k, positions, freqs)
+    assert got_q.data_ptr() == q.data_ptr()
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_size:], v_before) or not fused_qkv  # v untouched
+    # cos/sin from libdevice vs torch may differ in float32's last bit and round apart in 16 bits:
+    # one ulp of cos (2**-8 in bf16) times |x| (up to ~4) bounds the difference.
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    err = max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item())
+    print(f"apply_rotary {dtype} {(tokens, heads, kv_heads, head_size)} fused={fused_qkv}: max err {err:.3g}")
+    torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
