@@ -153,7 +153,8 @@ class LLM:
                 text = text[: request.stop_at[seq.seq_id]]
             elif not seq.finished:
                 text = _stable_prefix(text, seq.params.stop)
-            outputs.append(CompletionOutput(index, text, list(seq.output_ids), seq.finish_reason, seq.stop_reason))
+            outputs.append(CompletionOutput(index, text, list(seq.output_ids), seq.finish_reason, seq.stop_reason,
+                                            list(seq.logprobs) if seq.params.logprobs is not None else None))
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs,
                              finished=all(s.finished for s in request.seqs))
 

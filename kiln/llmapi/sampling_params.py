@@ -21,6 +21,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +39,12 @@ class SamplingParams:
             ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
             ("seed", self.seed is None or isinstance(self.seed, int), "None or an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("presence_penalty", isinstance(self.presence_penalty, (int, float)) and -2 <= self.presence_penalty <= 2,
+             "in [-2, 2]"),
+            ("frequency_penalty", isinstance(self.frequency_penalty, (int, float))
+             and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("logprobs", self.logprobs is None or isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
+             "None or an integer in [0, 20]"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -53,6 +62,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
     stop_reason: int | str | None = None  # the EOS/stop token id or the stop string that ended it
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token: (logprob, top alternatives)
 
 
 @dataclass

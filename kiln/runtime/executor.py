@@ -4,7 +4,7 @@ or a group of worker processes), and sample each sequence's next token from the 
 from __future__ import annotations
 
 from kiln.runtime.model_runner import StepInputs
-from kiln.runtime.sampler import sample_token
+from kiln.runtime.sampler import sample_token, token_logprobs
 from kiln.runtime.sequence import Sequence
 
 
@@ -24,6 +24,7 @@ def step_inputs(seqs: list[Sequence]) -> StepInputs:
 class Executor:
     def __init__(self, runner):
         self.runner = runner  # ModelRunner, or a WorkerGroup of ranks
+        self.live: set[int] = set()  # sequences holding KV cache on the runner(s)
 
     def step(self, seqs: list[Sequence]) -> list[int]:
         """Feed each sequence its pending tokens; return the token sampled for each."""
@@ -31,8 +32,13 @@ class Executor:
         tokens = []
         for seq, row in zip(seqs, logits):
             seq.num_cached += len(seq.pending_ids())
-            tokens.append(sample_token(row, seq.params, seq.all_ids, seq.generator))
+            token = sample_token(row, seq.params, seq.all_ids, seq.generator, seq.output_ids)
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(token_logprobs(row, token, seq.params.logprobs))
+            tokens.append(token)
+            self.live.add(seq.seq_id)
         return tokens
 
     def free(self, seq: Sequence) -> None:
         self.runner.free([seq.seq_id])
+        self.live.discard(seq.seq_id)

@@ -30,12 +30,25 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_token(logits: torch.Tensor, params, seen_tokens: list[int], generator: torch.Generator | None) -> int:
-    """Pick the next token from one sequence's logits [vocab] (float32)."""
+def apply_presence_frequency_penalty(logits: torch.Tensor, output_tokens: list[int], presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the generated tokens: minus presence once, minus frequency per occurrence."""
+    ids, counts = torch.tensor(output_tokens, device=logits.device).unique(return_counts=True)
+    logits[ids] -= presence + frequency * counts.to(logits.dtype)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params, seen_tokens: list[int], generator: torch.Generator | None,
+                 output_tokens: list[int] = ()) -> int:
+    """Pick the next token from one sequence's logits [vocab]. seen_tokens (prompt and output) feed the
+    repetition penalty; output_tokens the presence and frequency penalties."""
     logits = logits.float().clone()
     if params.repetition_penalty != 1.0 and seen_tokens:
         seen = torch.tensor(sorted(set(seen_tokens)), device=logits.device)
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_tokens:
+        logits = apply_presence_frequency_penalty(logits, list(output_tokens), params.presence_penalty,
+                                                  params.frequency_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)
@@ -48,3 +61,11 @@ def make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     return generator
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of the chosen token under the model's distribution, and the top_n alternatives."""
+    logprobs = logits.float().log_softmax(-1)
+    top = torch.topk(logprobs, top_n) if top_n else None
+    alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+    return float(logprobs[token]), alternatives

@@ -26,6 +26,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached: int = 0  # tokens whose keys and values are in the cache
+    logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
 
     @property
     def all_ids(self) -> list[int]:
