@@ -6,6 +6,7 @@ Flags are named after the config fields they set. Errors print as one line (a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -16,8 +17,10 @@ from kiln.version import __version__
 DEFAULT_QUESTION = "What is the capital of France?"
 
 
+@contextlib.contextmanager
 def _tqdm_progress(desc: str):
-    """A progress callback (step, total) drawing a bar on stderr."""
+    """A progress callback (step, total) drawing a bar on stderr (a terminal only). The bar is cleared on
+    the way out, so the result or the one-line error that follows starts a clean line."""
     from tqdm import tqdm
 
     bar = None
@@ -25,18 +28,23 @@ def _tqdm_progress(desc: str):
     def progress(step: int, total: int):
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="rank", file=sys.stderr, leave=False)
+            bar = tqdm(total=total, desc=desc, unit="rank", file=sys.stderr, leave=False, disable=None)
         bar.n = step
         bar.refresh()
-    return progress
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_convert(args) -> None:
     from kiln.checkpoint.convert import convert_checkpoint
 
     start = time.perf_counter()
-    out = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, args.tp_size, args.pp_size,
-                             args.overwrite, progress=_tqdm_progress("converting"))
+    with _tqdm_progress("converting") as progress:
+        out = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, args.tp_size, args.pp_size,
+                                 args.overwrite, progress=progress)
     print(f"wrote kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -51,8 +59,9 @@ def cmd_build(args) -> None:
     from kiln.builder import build_checkpoint
 
     start = time.perf_counter()
-    out = build_checkpoint(args.checkpoint_dir, args.output_dir, _build_config(args), args.overwrite,
-                           progress=_tqdm_progress("building"))
+    with _tqdm_progress("building") as progress:
+        out = build_checkpoint(args.checkpoint_dir, args.output_dir, _build_config(args), args.overwrite,
+                               progress=progress)
     print(f"wrote engine {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -99,6 +108,31 @@ def _generate_to_stdout(llm, args) -> None:
     if args.prompt_ids is not None:
         print(" ".join(map(str, completion.token_ids)))
     print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    import asyncio
+    from pathlib import Path
+
+    from kiln.serve.server import serve
+
+    def load_engine():
+        from kiln.llmapi.llm import LLM
+        from kiln.serve.async_llm import AsyncLLM
+
+        llm = LLM(args.path, dtype=args.dtype, device=args.device, build_config=_build_config(args),
+                  tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size)
+        return AsyncLLM(llm, max_waiting=args.max_waiting)
+
+    if args.served_model_name:
+        name = args.served_model_name
+    elif args.path:
+        name = Path(args.path).name
+    else:
+        from kiln.default_model import default_model_path
+
+        name = default_model_path().stem
+    asyncio.run(serve(load_engine, name, args.host, args.port, args.api_key, args.request_timeout))
 
 
 def cmd_inspect(args) -> None:
@@ -175,6 +209,23 @@ def make_parser() -> argparse.ArgumentParser:
                    help="dtype when converting a source model in-process")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (completions, chat, streaming)")
+    p.add_argument("path", nargs="?", default=None,
+                   help="engine dir, kiln checkpoint, HF dir, Meta dir or .gguf (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: PATH's name)")
+    p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel worker processes")
+    p.add_argument("--pp-size", type=int, default=None, help="pipeline-parallel stages")
+    _add_build_flags(p)
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests allowed to wait for a slot; more are answered 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cancelled")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="show what a checkpoint or engine holds")
     p.add_argument("path")

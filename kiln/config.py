@@ -109,14 +109,21 @@ def _known_fields(cls, d: dict, where: str) -> dict:
     return dict(d)
 
 
-POSITION_EMBEDDING_TYPES = ("rope_gpt_neox",)
+# rope_gpt_neox: rotary ("rotate half" layout); learned_absolute: a position embedding table (GPT-2).
+POSITION_EMBEDDING_TYPES = ("rope_gpt_neox", "learned_absolute")
 # Rope scaling type -> the fields it needs (see kiln/layers/rotary.py).
 ROPE_SCALING_FIELDS = {
     "linear": ("factor",),
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
 }
 ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
+NORM_TYPES = ("rmsnorm", "layernorm")
+# Activations by MLP kind: a gated MLP is act(fc(x)) * gate(x) (SwiGLU, GeGLU), a plain one act(fc(x)).
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,27 @@ class PretrainedConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    # Structure beyond Llama (defaults are Llama's). Families set them in their HF config readers.
+    qkv_bias: bool = False  # bias on q/k/v only (Qwen2); attention_bias puts one on the output too
+    norm_type: str = "rmsnorm"  # "layernorm" has a bias (GPT-2, GPT-NeoX)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) (Gemma)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
+    gated_mlp: bool = True
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
+    sandwich_norm: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
+    embedding_multiplier: float = 1.0  # sqrt(hidden_size) in Gemma, applied in the activations' dtype
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power; None: head_size
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer: full or sliding; None: sliding_window for all
+    rotary_dim: int | None = None  # rotate the first rotary_dim dims of each head (GPT-NeoX); None: all
+    rotary_base_local: float | None = None  # rotary base of sliding layers, unscaled (Gemma 3)
+    moe_num_experts: int = 0  # 0: dense MLP
+    moe_top_k: int = 0
+    moe_intermediate_size: int = 0
+    moe_normalize_topk: bool = True  # renormalise the top-k softmax probabilities to sum to 1
+    moe_shared_expert_intermediate_size: int = 0  # a sigmoid-gated shared expert (Qwen2-MoE)
+    moe_dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mapping: Mapping = field(default_factory=Mapping)
@@ -155,7 +183,10 @@ class PretrainedConfig:
                                     "max_position_embeddings"))
         _check(self.num_attention_heads % self.num_key_value_heads == 0, owner, "num_key_value_heads",
                f"a divisor of num_attention_heads ({self.num_attention_heads})", self.num_key_value_heads)
-        _check(self.hidden_act in ("silu",), owner, "hidden_act", "'silu'", self.hidden_act)
+        acts = GATED_ACTIVATIONS if self.gated_mlp else PLAIN_ACTIVATIONS
+        _check(self.hidden_act in acts, owner, "hidden_act",
+               f"one of {acts} for a {'gated' if self.gated_mlp else 'plain'} MLP", self.hidden_act)
+        self._check_structure()
         _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, owner, "position_embedding_type",
                f"one of {POSITION_EMBEDDING_TYPES}", self.position_embedding_type)
         for name in ("rotary_base", "norm_epsilon"):
@@ -173,6 +204,50 @@ class PretrainedConfig:
                owner, "sliding_window", "None or an integer >= 1", self.sliding_window)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
+    def _check_structure(self) -> None:
+        owner = "PretrainedConfig"
+        _check(self.norm_type in NORM_TYPES, owner, "norm_type", f"one of {NORM_TYPES}", self.norm_type)
+        _check(not (self.norm_unit_offset and self.norm_type != "rmsnorm"), owner, "norm_unit_offset",
+               "False unless norm_type is 'rmsnorm'", self.norm_unit_offset)
+        _check(not (self.parallel_residual and self.sandwich_norm), owner, "sandwich_norm",
+               "False with parallel_residual", self.sandwich_norm)
+        for name in ("embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping", "rotary_base_local"):
+            value = getattr(self, name)
+            _check(value is None and name != "embedding_multiplier" or
+                   isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, owner, name,
+                   "a number > 0" + ("" if name == "embedding_multiplier" else " or None"), value)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            _check(len(self.layer_types) == self.num_hidden_layers and set(self.layer_types) <= set(LAYER_TYPES),
+                   owner, "layer_types", f"None or num_hidden_layers ({self.num_hidden_layers}) of {LAYER_TYPES}",
+                   self.layer_types)
+        rd = self.rotary_dim
+        _check(rd is None or isinstance(rd, int) and not isinstance(rd, bool) and 2 <= rd <= self.head_size
+               and rd % 2 == 0, owner, "rotary_dim", f"None or an even integer in [2, head_size={self.head_size}]",
+               rd)
+        for name in ("moe_num_experts", "moe_top_k", "moe_intermediate_size",
+                     "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, owner, name,
+                   "an integer >= 0", value)
+        if self.moe_num_experts:
+            _check(1 <= self.moe_top_k <= self.moe_num_experts, owner, "moe_top_k",
+                   f"in [1, moe_num_experts={self.moe_num_experts}]", self.moe_top_k)
+            _check(self.moe_intermediate_size >= 1, owner, "moe_intermediate_size", "an integer >= 1 with experts",
+                   self.moe_intermediate_size)
+        object.__setattr__(self, "moe_dense_layers", tuple(self.moe_dense_layers))
+        _check(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.moe_dense_layers), owner,
+               "moe_dense_layers", f"layer indices in [0, {self.num_hidden_layers - 1}]", self.moe_dense_layers)
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_num_experts > 0 and layer not in self.moe_dense_layers
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
@@ -183,6 +258,9 @@ class PretrainedConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["moe_dense_layers"] = list(self.moe_dense_layers)
+        if self.layer_types is not None:
+            d["layer_types"] = list(self.layer_types)
         d["mapping"] = self.mapping.to_dict()
         d["quantization"] = self.quantization.to_dict()
         return d

@@ -1,20 +1,46 @@
-"""RMSNorm, computed in float32 as the reference models do, then cast back."""
+"""RMSNorm (optionally scaling by 1 + w, as Gemma does) and LayerNorm, computed in float32 as the
+reference models do, then cast back."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.mapping import replicate
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.eps = eps
+        self.unit_offset = unit_offset
         self.shard_rules = {"weight": replicate}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma keeps w as stored and scales by (1 + w) in float32
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.eps = eps
+        self.shard_rules = {"weight": replicate, "bias": replicate}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def make_norm(config, size: int | None = None) -> nn.Module:
+    """The config's norm over `size` features (default hidden_size)."""
+    size = size or config.hidden_size
+    if config.norm_type == "layernorm":
+        return LayerNorm(size, config.norm_epsilon)
+    return RMSNorm(size, config.norm_epsilon, config.norm_unit_offset)

@@ -1,0 +1,135 @@
+"""The OpenAI protocol: request bodies -> SamplingParams (400 on a bad field, naming it) and
+RequestOutputs -> response and stream-chunk JSON. https://platform.openai.com/docs/api-reference"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from kiln.errors import ConfigError
+from kiln.llmapi.sampling_params import RequestOutput, SamplingParams
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, error_type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _field(body: dict, name: str, types, default=None, check=None, allowed: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)) or \
+            not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise APIError(400, f"'{name}' must be of type {names}, got {type(value).__name__}", param=name)
+    if check is not None and not check(value):
+        raise APIError(400, f"'{name}' must be {allowed}, got {value!r}", param=name)
+    return value
+
+
+def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
+    """Map an OpenAI request body onto SamplingParams (kiln extensions: top_k, repetition_penalty,
+    ignore_eos, stop_token_ids)."""
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    if chat:
+        want = _field(body, "logprobs", bool, False)
+        top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20, "in [0, 20]")
+        logprobs = top if want else None
+    else:
+        logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "in [0, 20]")
+    max_tokens = _field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+                        int, default_max_tokens, lambda v: v >= 1, ">= 1")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
+            top_p=_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
+            top_k=max(0, _field(body, "top_k", int, 0)),
+            seed=_field(body, "seed", int),
+            stop=stop,
+            stop_token_ids=_field(body, "stop_token_ids", list, []),
+            repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
+            presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
+            ignore_eos=_field(body, "ignore_eos", bool, False),
+            n=_field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
+            logprobs=logprobs,
+        )
+    except ConfigError as e:  # SamplingParams names the field
+        raise APIError(400, str(e)) from None
+
+
+def include_usage(body: dict) -> bool:
+    options = _field(body, "stream_options", dict, {})
+    return bool(options.get("include_usage", False))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(output: RequestOutput) -> dict:
+    completion = sum(len(o.token_ids) for o in output.outputs)
+    prompt = len(output.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def completion_logprobs(tokenizer, entries, start: int = 0) -> dict:
+    """The legacy completions logprobs object for entries[start:]."""
+    entries = entries[start:]
+    return {
+        "tokens": [_token_text(tokenizer, t) for t, _ in entries],
+        "token_logprobs": [lp for _, (lp, _) in entries],
+        "top_logprobs": [{_token_text(tokenizer, i): v for i, v in alts} for _, (_, alts) in entries],
+        "text_offset": [],
+    }
+
+
+def chat_logprobs(tokenizer, entries, start: int = 0) -> dict:
+    def item(token, lp):
+        text = _token_text(tokenizer, token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in alts]}
+                        for t, (lp, alts) in entries[start:]]}
+
+
+def logprob_entries(completion) -> list:
+    """(token, (logprob, alternatives)) per generated token."""
+    return list(zip(completion.token_ids, completion.logprobs or []))
+
+
+def completion_response(output: RequestOutput, model: str, request_id: str, tokenizer) -> dict:
+    return {
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason,
+                     "logprobs": completion_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None
+                     else None} for o in output.outputs],
+        "usage": usage(output),
+    }
+
+
+def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer) -> dict:
+    return {
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                     "finish_reason": o.finish_reason,
+                     "logprobs": chat_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None else None}
+                    for o in output.outputs],
+        "usage": usage(output),
+    }

@@ -1,0 +1,284 @@
+"""`kiln serve`: OpenAI-compatible HTTP on aiohttp.
+
+aiohttp because it is one well-kept package that does async HTTP/1.1 serving and server-sent
+events natively, cancels a handler when its client disconnects (so the request is aborted and its KV
+cache freed at once), and needs no ASGI stack or validation framework on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from kiln.errors import ConfigError, KilnError
+from kiln.llmapi import tokenizer as tok
+from kiln.serve import protocol
+from kiln.serve.async_llm import AsyncLLM, QueueFullError
+from kiln.serve.protocol import APIError
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 * 1024 * 1024
+SETTINGS = web.AppKey("settings", dict)  # model_name, api_key, request_timeout, engine (None while loading)
+
+
+def get_engine(request: web.Request) -> AsyncLLM:
+    engine = request.app[SETTINGS]["engine"]
+    if engine is None:
+        raise APIError(503, "the model is still loading; retry when /health says ok", error_type="server_error",
+                       headers={"Retry-After": "5"})
+    return engine
+
+
+# ---- errors, auth, body size -----------------------------------------------------------------------
+
+def error_response(e: APIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, headers=e.headers)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    settings = request.app[SETTINGS]
+    try:
+        if settings["api_key"] and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization", "") != f"Bearer {settings['api_key']}":
+                raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'.",
+                               code="invalid_api_key", error_type="authentication_error")
+        return await handler(request)
+    except APIError as e:
+        return error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large"))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(APIError(e.status, e.reason, error_type="invalid_request_error"))
+        raise
+
+
+async def read_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    model = body.get("model")
+    served = request.app[SETTINGS]["model_name"]
+    if model is not None and model != served:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`.", param="model",
+                       code="model_not_found", error_type="not_found_error")
+    return body
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+def completion_prompt(engine: AsyncLLM, body: dict) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return _encode(engine, lambda t: tok.encode_prompt(t, prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+                   param="prompt")
+
+
+def chat_prompt(engine: AsyncLLM, body: dict) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+            for m in messages):
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
+                       param="messages")
+    return _encode(engine, lambda t: tok.encode_chat(t, messages))
+
+
+def _encode(engine: AsyncLLM, encode) -> list[int]:
+    try:
+        return encode(engine.llm.tokenizer)
+    except KilnError as e:
+        raise APIError(400, str(e)) from None
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
+    """Async generator of RequestOutputs with the server's limits turned into API errors."""
+    try:
+        engine.check(prompt_ids, params)
+    except QueueFullError as e:
+        raise APIError(429, str(e), code="queue_full", error_type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    except ConfigError as e:
+        raise APIError(400, str(e), code="context_length_exceeded") from None
+    except KilnError as e:
+        raise APIError(503, str(e), error_type="server_error") from None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stream = engine.generate(prompt_ids, params)
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                output = await asyncio.wait_for(stream.__anext__(), remaining)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise APIError(408, f"request timed out after {timeout_s:.0f}s", code="timeout") from None
+            except KilnError as e:
+                raise APIError(500, str(e), error_type="server_error") from None
+            yield output
+    finally:
+        await stream.aclose()  # aborts the request if it did not finish
+
+
+def default_max_tokens(engine: AsyncLLM, prompt_ids: list[int], chat: bool) -> int:
+    """OpenAI's defaults: 16 for completions; for chat, whatever room the context leaves."""
+    room = engine.llm.build_config.max_seq_len - len(prompt_ids)
+    return max(1, room) if chat else 16
+
+
+async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
+    engine = get_engine(request)
+    body = await read_body(request)
+    prompt_ids = chat_prompt(engine, body) if chat else completion_prompt(engine, body)
+    params = protocol.sampling_params(body, default_max_tokens(engine, prompt_ids, chat), chat)
+    stream = bool(protocol._field(body, "stream", bool, False))
+    model = request.app[SETTINGS]["model_name"]
+    request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+    outputs = generate(engine, prompt_ids, params, request.app[SETTINGS]["request_timeout"])
+    if stream:
+        return await stream_response(request, outputs, chat, model, request_id, protocol.include_usage(body))
+    final = None
+    async for final in outputs:
+        pass
+    respond = protocol.chat_response if chat else protocol.completion_response
+    return web.json_response(respond(final, model, request_id, engine.llm.tokenizer))
+
+
+async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool):
+    """Server-sent events: one chunk per new piece of text per choice, then usage (if asked), then [DONE]."""
+    tokenizer = get_engine(request).llm.tokenizer
+    first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    sent_text: dict[int, int] = {}
+    sent_logprobs: dict[int, int] = {}
+
+    async def send(payload: dict) -> None:
+        await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+    async def send_choices(output) -> None:
+        for o in output.outputs:
+            start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
+            delta_text = o.text[start_text or 0:]
+            if not delta_text and o.finish_reason is None and start_text is not None:
+                continue
+            choice = {"index": o.index, "finish_reason": o.finish_reason}
+            entries = protocol.logprob_entries(o)
+            if chat:
+                choice["delta"] = ({"role": "assistant"} if start_text is None else {}) | (
+                    {"content": delta_text} if delta_text or start_text is None else {})
+                choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
+                                      if o.logprobs is not None else None)
+            else:
+                choice["text"] = delta_text
+                choice["logprobs"] = (protocol.completion_logprobs(tokenizer, entries, start_lp)
+                                      if o.logprobs is not None else None)
+            sent_text[o.index], sent_logprobs[o.index] = len(o.text), len(entries)
+            await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]})
+
+    last = first
+    try:
+        if first is not None:
+            await send_choices(first)
+        async for last in outputs:
+            await send_choices(last)
+    except APIError as e:  # after the headers went out, an error travels in the stream
+        await send(e.body())
+    if with_usage and last is not None:
+        await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [],
+                    "usage": protocol.usage(last)})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def anext_or_none(agen):
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+# ---- other endpoints --------------------------------------------------------------------------------
+
+async def completions(request):
+    return await handle_completion(request, chat=False)
+
+
+async def chat_completions(request):
+    return await handle_completion(request, chat=True)
+
+
+async def models(request):
+    name = request.app[SETTINGS]["model_name"]
+    return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                          "owned_by": "kiln"}]})
+
+
+async def health(request):
+    engine = request.app[SETTINGS]["engine"]
+    if engine is None or engine.error is not None:
+        return web.json_response({"status": "unavailable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request):
+    engine = get_engine(request)
+    return web.Response(text=engine.metrics.render(engine.gauges()), content_type="text/plain")
+
+
+def make_app(model_name: str, api_key: str | None = None, request_timeout: float | None = None,
+             engine: AsyncLLM | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = {"model_name": model_name, "api_key": api_key, "request_timeout": request_timeout,
+                     "engine": engine}
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(load_engine, model_name: str, host: str, port: int, api_key: str | None,
+                request_timeout: float | None) -> None:
+    """Listen at once (/health answers 503 while `load_engine()` runs in a thread), serve until SIGTERM
+    or SIGINT, then stop taking requests, abort what runs, and stop the engine and its workers."""
+    app = make_app(model_name, api_key, request_timeout)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("listening on http://%s:%d (OpenAI API under /v1); loading %s", host, port, model_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.ensure_future(asyncio.to_thread(load_engine))
+    await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        app[SETTINGS]["engine"] = loading.result()  # raises the load error, if any
+        log.info("ready: serving %s", model_name)
+        await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    engine = app[SETTINGS]["engine"]
+    if engine is not None:
+        await asyncio.to_thread(engine.shutdown)
