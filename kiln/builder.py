@@ -29,11 +29,19 @@ ENGINE_KEYS = ("build_config", "plan", "fingerprint", "kiln_version", "format_ve
 REBUILD = "Rebuild it: `kiln build --checkpoint-dir CKPT --output-dir ENGINE --overwrite` (or `kiln convert` first)."
 
 
-def engine_weight_name(name: str) -> str | None:
-    """Checkpoint name -> runtime name; None for the second half of a fused pair."""
-    if name.endswith(".mlp.fc.weight") or name.endswith(".mlp.fc.bias"):
-        return name.replace(".mlp.fc.", ".mlp.fc_gate.")
-    if ".mlp.gate." in name:
+def _sibling(name: str, module: str) -> str:
+    """`...mlp.fc.weight` -> `...mlp.<module>.weight` (same parent, same leaf)."""
+    parent, _, rest = name.rpartition(".fc.") if ".fc." in name else name.rpartition(".gate.")
+    return f"{parent}.{module}.{rest}"
+
+
+def engine_weight_name(name: str, gated: bool = True) -> str | None:
+    """Checkpoint name -> runtime name; None for the second half of a fused pair. A gated MLP's `fc` (also
+    in experts and shared experts) becomes `fc_gate`; a plain MLP (no gate: GPT-2, GPT-NeoX) keeps `fc`."""
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+    if module == "fc" and gated:
+        return _sibling(name, "fc_gate")
+    if module == "gate" and gated:
         return None
     return name
 
@@ -41,16 +49,21 @@ def engine_weight_name(name: str) -> str | None:
 def engine_weights(model: PretrainedModel):
     """(runtime name, tensor) of one rank, read lazily: fc and gate are concatenated into fc_gate.
 
-    Both are this rank's column shards, so the fused tensor is [fc_r; gate_r] and the runtime's
-    chunk(2) splits it back on every rank.
+    Both are this rank's column shards, so the fused tensor is [fc_r; gate_r] on the output dim (dim -2 of a
+    weight, also of stacked expert weights; dim -1 of a bias) and the runtime's chunk(2) splits it back on
+    every rank.
     """
-    for name in model.weight_specs():
-        runtime = engine_weight_name(name)
+    names = model.weight_specs()
+    for name in names:
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+        gated = module in ("fc", "gate") and _sibling(name, "gate" if module == "fc" else "fc") in names
+        runtime = engine_weight_name(name, gated)
         if runtime is None:
             continue
         tensor = model.read_weight(name)
         if runtime != name:
-            tensor = torch.cat([tensor, model.read_weight(name.replace(".mlp.fc.", ".mlp.gate."))])
+            dim = -1 if name.endswith(".bias") else -2
+            tensor = torch.cat([tensor, model.read_weight(_sibling(name, "gate"))], dim=dim)
         yield runtime, tensor
 
 

@@ -135,6 +135,17 @@ def cmd_serve(args) -> None:
     asyncio.run(serve(load_engine, name, args.host, args.port, args.api_key, args.request_timeout))
 
 
+def cmd_bench(args) -> None:
+    if args.serve:
+        from kiln.bench import serve_load
+
+        serve_load.run(args)
+    else:
+        from kiln.bench import offline
+
+        offline.run(args)
+
+
 def cmd_inspect(args) -> None:
     from kiln.builder import describe
 
@@ -169,6 +180,8 @@ def _add_build_flags(p) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from kiln.bench.shapes import LLAMA_SHAPES  # a plain table: cheap to import
+
     parser = argparse.ArgumentParser(prog="kiln", description="Convert, build and run LLM inference engines.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -226,6 +239,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="measure throughput and latency (offline, or of a running server)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="engine dir, checkpoint, HF dir, Meta dir or .gguf")
+    source.add_argument("--synthetic", default=None, choices=sorted(LLAMA_SHAPES),
+                        help="random weights of a real model shape, built on the device")
+    source.add_argument("--serve", default=None, metavar="URL", help="drive a running kiln serve (or any "
+                        "OpenAI-compatible server) at --concurrency")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (words with --serve)")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (--serve)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--output-json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="show what a checkpoint or engine holds")
     p.add_argument("path")

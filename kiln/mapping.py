@@ -108,6 +108,16 @@ def shard_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     return _split(tensor, 1, mapping.tp_size, mapping.tp_rank, "a row-parallel weight")
 
 
+def shard_expert_column(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
+    """Stacked expert weights [experts, out, in]: every rank holds every expert's slice of the output dim."""
+    return _split(tensor, 1, mapping.tp_size, mapping.tp_rank, "a column-parallel expert tensor")
+
+
+def shard_expert_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
+    """Stacked expert weights [experts, out, in]: split the input dim."""
+    return _split(tensor, 2, mapping.tp_size, mapping.tp_rank, "a row-parallel expert weight")
+
+
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return -(-vocab_size // tp_size) * tp_size
 

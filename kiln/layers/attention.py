@@ -1,4 +1,5 @@
-"""Multi-head attention with GQA, rotary positions and an optional sliding window.
+"""Multi-head attention with GQA, rotary positions (maybe partial), an optional sliding window, q/k norms
+and score soft-capping; each layer reads its own window and rotary base from the config.
 
 The model sees one flat stream of tokens; an `AttentionBatch`, passed explicitly from layer to layer,
 says how the stream splits into sequences and where each one's cached keys and values live. This is
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.layers.linear import QKVLinear, RowLinear
-from kiln.layers.rotary import apply_rope, inv_freq, rope_cos_sin
+from kiln.layers.normalization import make_norm
+from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
 from kiln.mapping import Mapping
 
 
@@ -37,17 +39,32 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_size = config.head_size
         self.qkv = QKVLinear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                             config.head_size, config.attention_bias, mapping)
+                             config.head_size, config.attention_bias or config.qkv_bias, mapping)
         self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
                                config.attention_bias, mapping)
-        self.sliding_window = config.sliding_window
-        self.rope = (config.rotary_base, config.head_size, config.rotary_scaling, config.max_position_embeddings)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
+        self.qk_norm = config.qk_norm
+        sliding = config.is_sliding_layer(layer_idx)
+        self.sliding_window = config.sliding_window if sliding else None
+        self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        self.rope = None
+        if config.position_embedding_type == "rope_gpt_neox":
+            local = sliding and config.rotary_base_local is not None  # Gemma 3's local layers: own base, unscaled
+            scaling = None if local else config.rotary_scaling
+            self.rope = (config.rotary_base_local if local else config.rotary_base,
+                         config.rotary_dim or config.head_size, scaling, config.max_position_embeddings)
+            self.rope_factor = attention_factor(scaling)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         q, k, v = self.qkv.split_heads(self.qkv(x))
-        freqs = inv_freq(*self.rope, seq_len=int(positions.max()) + 1)
-        cos, sin = rope_cos_sin(positions, freqs, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            freqs = inv_freq(*self.rope, seq_len=int(positions.max()) + 1)
+            cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty_like(q)
         start = 0
         for i, (n, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
@@ -68,6 +85,10 @@ class Attention(nn.Module):
         mask = k_pos <= q_pos
         if self.sliding_window is not None:
             mask &= q_pos - k_pos < self.sliding_window
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, scale=self.head_size ** -0.5)
-        return out.transpose(0, 1)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ v).transpose(0, 1)

@@ -28,6 +28,17 @@ class VocabEmbedding(nn.Module):
         return all_reduce(out, self.mapping)
 
 
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions (GPT-2), replicated on every rank."""
+
+    def __init__(self, max_positions: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_positions, hidden_size), requires_grad=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)
+
+
 class LMHead(nn.Module):
     """Logits over the vocab; with tensor parallelism each rank computes its slice and they are gathered."""
 

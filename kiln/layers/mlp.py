@@ -1,4 +1,5 @@
-"""The gated MLP of Llama-family models: proj(act(fc(x)) * gate(x)).
+"""MLPs: the gated one of Llama-family models, proj(act(fc(x)) * gate(x)), and the plain proj(act(fc(x)))
+of GPT-2 and GPT-NeoX.
 
 Names follow TensorRT-LLM: `fc` is the source's gate_proj, `gate` its up_proj. Engines fuse fc and
 gate into one column-parallel `fc_gate` matmul (the runtime layout); checkpoints keep them apart.
@@ -13,7 +14,12 @@ from torch import nn
 from kiln.layers.linear import ColumnLinear, RowLinear
 from kiln.mapping import Mapping
 
-ACTIVATIONS = {"silu": F.silu}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF's gelu_new / gelu_pytorch_tanh
+    "relu": F.relu,
+}
 
 
 class GatedMLP(nn.Module):
@@ -35,3 +41,23 @@ class GatedMLP(nn.Module):
         else:
             fc, gate = self.fc(x), self.gate(x)
         return self.proj(self.act(fc) * gate)
+
+
+class MLP(nn.Module):
+    """The plain MLP: no gate, so engines keep fc as it is."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool, mapping: Mapping):
+        super().__init__()
+        self.act = ACTIVATIONS[hidden_act]
+        self.fc = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
+        self.proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+def make_mlp(config, fused: bool) -> nn.Module:
+    if config.gated_mlp:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias,
+                        config.mapping, fused)
+    return MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, config.mapping)

@@ -3,7 +3,8 @@
 Scalings follow the reference implementations in transformers' modeling_rope_utils:
 linear (positions divided by the factor), dynamic NTK (base grown with the sequence length,
 https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr) and llama3 (frequency-dependent
-interpolation from the Llama 3.1 release).
+interpolation from the Llama 3.1 release) and longrope (Phi-3's per-frequency factors, short below the
+original context and long beyond it, with cos/sin scaled by an attention factor; arXiv:2402.13753).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq
         if seq_len > original:
             factor = scaling["factor"]
             base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    if kind == "longrope":
+        long = seq_len > scaling["original_max_position_embeddings"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     freqs = _default_inv_freq(base, dim)
     if kind == "linear":
         freqs = freqs / scaling["factor"]
@@ -45,11 +50,16 @@ def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq
     return freqs
 
 
-def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
+def attention_factor(scaling: dict | None) -> float:
+    """The factor longrope applies to cos and sin (1 for every other scaling)."""
+    return scaling["attention_factor"] if scaling and scaling["type"] == "longrope" else 1.0
+
+
+def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
     """cos and sin of shape [tokens, 1, dim], computed in float32 and cast to the activations' dtype."""
     angles = positions.float()[:, None] * freqs.to(positions.device)[None, :]
     emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    return (emb.cos() * factor).to(dtype)[:, None, :], (emb.sin() * factor).to(dtype)[:, None, :]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +68,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_size]."""
-    return x * cos + _rotate_half(x) * sin
+    """x: [tokens, heads, head_size]; rotates the first cos.shape[-1] dims (partial rotary), keeps the rest."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, tail = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + _rotate_half(head) * sin, tail], dim=-1)
 
 
 def interleaved_to_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

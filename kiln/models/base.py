@@ -23,9 +23,10 @@ from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import PretrainedConfig, read_json
 from kiln.errors import CheckpointError, EngineVersionError
 from kiln.layers.attention import Attention, AttentionBatch
-from kiln.layers.embedding import LMHead, VocabEmbedding
-from kiln.layers.mlp import GatedMLP
-from kiln.layers.normalization import RMSNorm
+from kiln.layers.embedding import LMHead, PositionEmbedding, VocabEmbedding
+from kiln.layers.mlp import make_mlp
+from kiln.layers.moe import MoE
+from kiln.layers.normalization import make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.version import FORMAT_VERSION, __version__
 
@@ -110,7 +111,7 @@ class PretrainedModel(nn.Module):
         """Make every weight a lazy read of `source` (anything with get(name) and `in`) through
         `name_map`, then this rank's shard. Missing source tensors are reported up front."""
         names = self.weight_specs()
-        missing = sorted({s.name for n in names for s in name_map.sources(n) if s.name not in source})
+        missing = sorted({s for n in names for s in name_map.source_names(n, self.config) if s not in source})
         if missing:
             raise CheckpointError(f"{where}: missing tensor(s) the config calls for: {', '.join(missing[:8])}"
                                   f"{' ...' if len(missing) > 8 else ''}")
@@ -205,20 +206,31 @@ class PretrainedModel(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """One decoder block. Pre-norm (Llama): h = x + attn(norm(x)), then h + mlp(norm(h)); parallel
+    residual (GPT-NeoX): x + attn(norm1(x)) + mlp(norm2(x)); sandwich norms (Gemma 2/3) also normalise
+    each sub-block's output before it joins the residual."""
 
     def __init__(self, config: PretrainedConfig, layer_idx: int, fused_mlp: bool):
         super().__init__()
-        m = config.mapping
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.attention = Attention(config, layer_idx, m)
-        self.post_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, m,
-                            fused=fused_mlp)
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = make_norm(config)
+        self.attention = Attention(config, layer_idx, config.mapping)
+        self.post_layernorm = make_norm(config)
+        self.mlp = MoE(config, fused_mlp) if config.is_moe_layer(layer_idx) else make_mlp(config, fused_mlp)
+        self.sandwich_norm = config.sandwich_norm
+        if config.sandwich_norm:
+            self.attention_out_layernorm = make_norm(config)
+            self.mlp_out_layernorm = make_norm(config)
 
     def forward(self, x, positions, batch):
-        h = x + self.attention(self.input_layernorm(x), positions, batch)
-        return h + self.mlp(self.post_layernorm(h))
+        attn = self.attention(self.input_layernorm(x), positions, batch)
+        if self.parallel_residual:
+            return x + attn + self.mlp(self.post_layernorm(x))
+        if self.sandwich_norm:
+            attn = self.attention_out_layernorm(attn)
+        h = x + attn
+        mlp = self.mlp(self.post_layernorm(h))
+        return h + (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp)
 
 
 class DecoderModel(nn.Module):
@@ -229,13 +241,24 @@ class DecoderModel(nn.Module):
         m = config.mapping
         self.vocab_embedding = VocabEmbedding(config.vocab_size, config.hidden_size, m) \
             if m.is_first_pp_rank else None
+        self.position_embedding = PositionEmbedding(config.max_position_embeddings, config.hidden_size) \
+            if m.is_first_pp_rank and config.position_embedding_type == "learned_absolute" else None
+        self.embedding_multiplier = config.embedding_multiplier
         # Keyed by the global layer index, so names match across pipeline stages.
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, fused_mlp)
                                      for i in m.pp_layers(config.num_hidden_layers)})
-        self.ln_f = RMSNorm(config.hidden_size, config.norm_epsilon) if m.is_last_pp_rank else None
+        self.ln_f = make_norm(config) if m.is_last_pp_rank else None
+
+    def embed(self, input_ids, positions):
+        x = self.vocab_embedding(input_ids)
+        if self.embedding_multiplier != 1.0:  # Gemma: sqrt(hidden), rounded to the activations' dtype first
+            x = x * torch.tensor(self.embedding_multiplier, dtype=x.dtype)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        return x
 
     def forward(self, input_ids, hidden, positions, batch):
-        x = self.vocab_embedding(input_ids) if self.vocab_embedding is not None else hidden
+        x = self.embed(input_ids, positions) if self.vocab_embedding is not None else hidden
         for layer in self.layers.values():
             x = layer(x, positions, batch)
         return self.ln_f(x) if self.ln_f is not None else x
@@ -285,4 +308,6 @@ class DecoderModelForCausalLM(PretrainedModel):
         if last_token_only:
             ends = torch.tensor(batch.query_lens, device=x.device).cumsum(0) - 1
             x = x[ends]
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

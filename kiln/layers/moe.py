@@ -1,0 +1,78 @@
+"""Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a softmax router picks top-k experts per token.
+
+Expert weights are stacked, one tensor per projection: `experts.fc` and `experts.gate` [experts, inter, hidden],
+`experts.proj` [experts, hidden, inter] (engines fuse fc and gate into `experts.fc_gate`). Tensor parallelism
+splits every expert's intermediate dim, so each rank runs all experts on its slice and one all-reduce sums
+them. Tokens are grouped by expert (index_select, then index_add), never looped one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.layers.linear import Linear
+from kiln.layers.mlp import ACTIVATIONS, GatedMLP
+from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
+from kiln.runtime.distributed import all_reduce
+
+
+def _param(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
+                 mapping: Mapping, fused: bool):
+        super().__init__()
+        inter = intermediate_size // mapping.tp_size
+        self.act = ACTIVATIONS[hidden_act]
+        self.fused = fused
+        if fused:
+            self.fc_gate = _param(num_experts, 2 * inter, hidden_size)
+        else:
+            self.fc, self.gate = _param(num_experts, inter, hidden_size), _param(num_experts, inter, hidden_size)
+        self.proj = _param(num_experts, hidden_size, inter)
+        self.shard_rules = {"fc": shard_expert_column, "gate": shard_expert_column, "proj": shard_expert_row}
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]; experts, weights [tokens, top_k]. This rank's partial sum (not reduced)."""
+        out = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            h = x[token]
+            if self.fused:
+                fc, gate = F.linear(h, self.fc_gate[e]).chunk(2, dim=-1)
+            else:
+                fc, gate = F.linear(h, self.fc[e]), F.linear(h, self.gate[e])
+            y = F.linear(self.act(fc) * gate, self.proj[e])
+            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config, fused: bool):
+        super().__init__()
+        m = config.mapping
+        self.mapping = m
+        self.top_k = config.moe_top_k
+        self.normalize = config.moe_normalize_topk
+        self.router = Linear(config.hidden_size, config.moe_num_experts, False, replicate, replicate)
+        self.experts = Experts(config.moe_num_experts, config.hidden_size, config.moe_intermediate_size,
+                               config.hidden_act, m, fused)
+        self.shared_expert = None
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(config.hidden_size, config.moe_shared_expert_intermediate_size,
+                                          config.hidden_act, False, m, fused)
+            self.shared_expert_gate = Linear(config.hidden_size, 1, False, replicate, replicate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = all_reduce(self.experts(x, experts, weights.to(x.dtype)), self.mapping)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
