@@ -1,0 +1,106 @@
+"""The sampler against transformers' logits processors (the reference kiln promises to follow) and
+against softmax(logits / T) for the frequencies of its draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from kiln.llmapi.sampling_params import SamplingParams
+from kiln.runtime.sampler import apply_repetition_penalty, make_generator, sample_token, top_k_top_p_filter
+
+
+def _hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p: the order of transformers' generate()."""
+    scores = (logits / temperature)[None]
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores[0]
+
+
+def _random_logits(seed: int, vocab: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_greedy_is_argmax():
+    for seed in range(50):
+        logits = _random_logits(seed, 1000)
+        params = SamplingParams(temperature=0, top_k=5, top_p=0.5)  # filters do not matter when greedy
+        assert sample_token(logits, params, [], make_generator(seed)) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (10, 1.0), (999, 1.0), (0, 0.9), (0, 0.3), (0, 0.01),
+                                          (50, 0.8), (5, 0.99), (1000, 1.0), (2000, 0.5)])
+def test_top_k_top_p_filter_equals_transformers_warpers(top_k, top_p):
+    for seed in range(20):
+        logits = _random_logits(seed, 1000)
+        temperature = 0.5 + seed / 10
+        ours = top_k_top_p_filter(logits / temperature, top_k, top_p)
+        theirs = _hf_filter(logits, temperature, min(top_k, 1000), top_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_filter_does_not_change_its_input():
+    logits = _random_logits(0, 100)
+    before = logits.clone()
+    top_k_top_p_filter(logits, 5, 0.5)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_repetition_penalty_equals_transformers(penalty):
+    for seed in range(20):
+        logits = _random_logits(seed, 500)
+        g = torch.Generator().manual_seed(seed)
+        seen = torch.randint(0, 500, (40,), generator=g)  # with repeats, as a real context has
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(seen[None], logits[None].clone())[0]
+        ours = apply_repetition_penalty(logits.clone(), torch.unique(seen), penalty)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_repetition_penalty_changes_the_greedy_choice_like_transformers():
+    moved = 0
+    for seed in range(30):
+        logits = _random_logits(seed, 200)
+        seen = torch.topk(logits, 3).indices.tolist() + [7, 7, 150]
+        expected = int(RepetitionPenaltyLogitsProcessor(1.8)(torch.tensor([seen]), logits[None].clone())[0].argmax())
+        params = SamplingParams(temperature=0, repetition_penalty=1.8)
+        assert sample_token(logits, params, seen, None) == expected
+        moved += expected != int(logits.argmax())
+    assert moved >= 10  # the penalty really changed the choice in many cases
+
+
+def _draws(logits, params, seed, count):
+    generator = make_generator(seed)
+    return [sample_token(logits, params, [], generator) for _ in range(count)]
+
+
+def test_seeded_sampling_repeats_and_differs_across_seeds():
+    logits = _random_logits(0, 1000, scale=1.0)
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    a, b, c = _draws(logits, params, 1234, 50), _draws(logits, params, 1234, 50), _draws(logits, params, 1235, 50)
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 6, 1.0), (1.0, 0, 0.8), (0.9, 7, 0.9)])
+def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
+    """N draws: each frequency is Binomial(N, p)/N with std <= 0.5/sqrt(N); 5 std (0.018 at N=20000) bounds all
+    10 tokens with a false alarm chance below 1e-5, while a wrong temperature or filter moves some p by > 0.05."""
+    n = 20000
+    logits = _random_logits(3, 10, scale=1.5)
+    expected = _hf_filter(logits, temperature, top_k, top_p).softmax(-1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = torch.bincount(torch.tensor(_draws(logits, params, 7, n)), minlength=10).double()
+    freq = counts / n
+    assert torch.all(counts[expected == 0] == 0)  # filtered tokens are never drawn
+    assert float((freq - expected.double()).abs().max()) <= 5 * 0.5 / math.sqrt(n)
+    # The check has power: the unfiltered T=1 distribution is far from the expected one.
+    assert float((logits.softmax(-1) - expected).abs().max()) > 0.05
