@@ -163,7 +163,7 @@ def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | N
 def plan_for(config: PretrainedConfig) -> dict:
     """What the runtime will run. The reference path for now; the GPU runtime adds its kernels here."""
     return {"runtime": "reference", "attention": "torch_sdpa", "mlp_layout": "fused_fc_gate",
-            "kv_cache": "dense_per_sequence", "cuda_graph_batch_sizes": []}
+            "kv_cache": "paged", "cuda_graph_batch_sizes": []}
 
 
 def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> Engine:

@@ -290,11 +290,12 @@ class BuildConfig:
     kv_cache_type: str = "paged"
     tokens_per_block: int = 32
     kv_cache_free_gpu_mem_fraction: float = 0.9
+    kv_cache_max_tokens: int | None = None  # an explicit KV-cache size instead of the memory fraction
 
     def __post_init__(self):
         owner = "BuildConfig"
         _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block"))
-        for name in ("max_input_len", "max_seq_len"):
+        for name in ("max_input_len", "max_seq_len", "kv_cache_max_tokens"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    owner, name, "None or an integer >= 1", value)

@@ -22,15 +22,25 @@ from kiln.mapping import Mapping
 
 @dataclass
 class AttentionBatch:
-    """query_lens[i] new tokens of sequence i follow its context_lens[i] cached ones."""
+    """Whole sequences with no cache, packed back to back (the reference forward, `model(input_ids)`).
+
+    The runtime passes a PagedAttentionBatch (kiln.runtime.paged_batch) instead: anything with
+    query_lens and `attend(layer, q, k, v)` can stand here.
+    """
 
     query_lens: list[int]
-    context_lens: list[int]
-    kv_caches: list | None = None  # one DenseKVCache per sequence, or None when nothing is cached
 
     @classmethod
     def uncached(cls, batch: int, seq_len: int) -> "AttentionBatch":
-        return cls([seq_len] * batch, [0] * batch)
+        return cls([seq_len] * batch)
+
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for n in self.query_lens:
+            out[start:start + n] = layer.attend_dense(q[start:start + n], k[start:start + n], v[start:start + n], 0)
+            start += n
+        return out
 
 
 class Attention(nn.Module):
@@ -65,18 +75,9 @@ class Attention(nn.Module):
             freqs = inv_freq(*self.rope, seq_len=int(positions.max()) + 1)
             cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = torch.empty_like(q)
-        start = 0
-        for i, (n, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
-            span = slice(start, start + n)
-            keys, values = k[span], v[span]
-            if batch.kv_caches is not None:
-                keys, values = batch.kv_caches[i].append(self.layer_idx, ctx, keys, values)
-            out[span] = self._attend(q[span], keys, values, ctx)
-            start += n
-        return self.dense(out.flatten(-2))
+        return self.dense(batch.attend(self, q, k, v).flatten(-2))
 
-    def _attend(self, q, k, v, context_len: int) -> torch.Tensor:
+    def attend_dense(self, q, k, v, context_len: int) -> torch.Tensor:
         """q: [n, h, d] at positions context_len..context_len+n-1; k, v: [context_len + n, kv, d]."""
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

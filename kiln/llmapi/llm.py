@@ -73,10 +73,11 @@ def _make_runner(engine_dir: Path, engine: Engine, device: torch.device):
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise ConfigError(f"torchrun started {dist.get_world_size()} ranks but {engine_dir} has {world}; "
                               f"use --nproc-per-node {world} (LLM runs on rank 0, see kiln.runtime.workers)")
-        return DriverRunner(ModelRunner(engine.runtime_model(device), device), engine.config.vocab_size)
+        return DriverRunner(ModelRunner(engine.runtime_model(device), device, engine.build_config),
+                            engine.config.vocab_size)
     if world > 1:
-        return WorkerGroup(str(engine_dir), world)
-    return ModelRunner(engine.runtime_model(device), device)
+        return WorkerGroup(str(engine_dir), world, engine.build_config)
+    return ModelRunner(engine.runtime_model(device), device, engine.build_config)
 
 
 @dataclass

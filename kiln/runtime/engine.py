@@ -10,6 +10,7 @@ import itertools
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
+from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.executor import Executor
 from kiln.runtime.sampler import make_generator
 from kiln.runtime.scheduler import Scheduler
@@ -18,11 +19,13 @@ from kiln.runtime.sequence import Sequence
 
 class GenerationEngine:
     def __init__(self, runner, build_config: BuildConfig, eos_token_ids=()):
-        """runner: a ModelRunner (one process) or a WorkerGroup (tensor/pipeline-parallel ranks)."""
+        """runner: a ModelRunner (one process), DriverRunner (torchrun) or WorkerGroup (worker processes);
+        it says how many KV-cache blocks every rank holds."""
         self.build_config = build_config
         self.eos_token_ids = set(eos_token_ids)
-        self.executor = Executor(runner)
-        self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens)
+        self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
+        self.executor = Executor(runner, self.blocks)
+        self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks)
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params, seed_offset: int = 0) -> Sequence:
@@ -47,15 +50,16 @@ class GenerationEngine:
 
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that got a token (finished ones say why)."""
-        seqs = self.scheduler.schedule()
-        if not seqs:
+        step = self.scheduler.schedule()
+        if not step:
             return []
-        for seq, token in zip(seqs, self.executor.step(seqs)):
+        produced = self.executor.step(step)
+        for seq, token in produced:
             seq.output_ids.append(token)
             self._check_stop(seq, token)
             if seq.finished:
-                self.executor.free(seq)
-        return seqs
+                self.scheduler.free(seq)
+        return [seq for seq, _ in produced]
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -68,4 +72,4 @@ class GenerationEngine:
         """Cancel a request: its cache is freed at once and it leaves the batch at the next step."""
         if not seq.finished:
             seq.finish("abort")
-            self.executor.free(seq)
+            self.scheduler.free(seq)

@@ -1,24 +1,60 @@
-"""A dense per-sequence KV cache for the reference path (the GPU runtime pages it in blocks)."""
+"""The paged KV cache: per layer, keys and values in [num_blocks, block_size, kv_heads, head_size] tensors
+(the layout the paged attention kernels read), sized at start-up from one memory budget."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
+from kiln.errors import ConfigError
 
-class DenseKVCache:
-    """Keys and values of one sequence for the layers this rank runs, each [max_len, kv_heads, head_size]."""
+log = logging.getLogger(__name__)
+CPU_MEMORY_FRACTION = 0.25  # of the machine's RAM, at most, for a CPU KV cache
 
-    def __init__(self, layers, max_len: int, num_kv_heads: int, head_size: int, dtype, device):
-        shape = (max_len, num_kv_heads, head_size)
+
+class PagedKVCache:
+    def __init__(self, layers, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, num_kv_heads, head_size)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.max_len = max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
 
-    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v at positions start.. and return all keys and values up to the new end."""
-        end = start + k.shape[0]
-        if end > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} tokens cannot hold position {end - 1}")
-        self.k[layer][start:end] = k
-        self.v[layer][start:end] = v
-        return self.k[layer][:end], self.v[layer][:end]
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_size: int, dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_size * dtype.itemsize
+
+
+def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activation_reserve: int) -> int:
+    """How many blocks this rank can hold.
+
+    GPU: kv_cache_free_gpu_mem_fraction of the memory free once the weights are loaded, less a reserve
+    for activations. CPU: what max_batch_size sequences of max_seq_len need, capped at a quarter of RAM.
+    An explicit kv_cache_max_tokens replaces both. Refuses, saying by how much, when not even one
+    max_seq_len sequence fits.
+    """
+    bc = build_config
+    bs = bc.tokens_per_block
+    if bc.kv_cache_max_tokens is not None:
+        budget, source = -(-bc.kv_cache_max_tokens // bs) * block_bytes, "kv_cache_max_tokens"
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * bc.kv_cache_free_gpu_mem_fraction) - activation_reserve
+        source = f"{bc.kv_cache_free_gpu_mem_fraction:.0%} of the {free / 2**30:.1f} GiB free on {device}"
+    else:
+        wanted = -(-bc.max_batch_size * bc.max_seq_len // bs) * block_bytes
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget, source = min(wanted, int(ram * CPU_MEMORY_FRACTION)), "max_batch_size x max_seq_len (CPU)"
+    num_blocks = max(0, budget // block_bytes)
+    one_sequence = -(-bc.max_seq_len // bs)
+    if num_blocks < one_sequence:
+        raise ConfigError(
+            f"the KV cache fits {num_blocks * bs} tokens ({source}), less than one sequence of max_seq_len "
+            f"{bc.max_seq_len}: {(one_sequence - num_blocks) * block_bytes / 2**30:.2f} GiB short. Lower "
+            "--max-seq-len or --max-num-tokens, raise kv_cache_free_gpu_mem_fraction, or use more GPUs (--tp-size)")
+    log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, from %s); %d sequences of max_seq_len %d fit",
+             num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, source,
+             num_blocks // one_sequence, bc.max_seq_len)
+    return num_blocks

@@ -1,74 +1,88 @@
-"""ModelRunner: one rank's model shard and KV caches; runs the forward of one scheduled step.
+"""ModelRunner: one rank's model shard and its paged KV cache; runs the forward of one scheduled step.
 
-The step's inputs are plain data (`StepInputs`), so the same step runs in-process, or is broadcast
-from rank 0 to every rank of a tensor/pipeline-parallel group. With pipeline parallelism each stage
-receives the previous stage's hidden states and sends its own on; the last stage's first
-tensor-parallel rank hands the logits to rank 0.
+The step's inputs are plain data (`StepInputs`, built by the front end, which owns the block tables),
+so the same step runs in-process or is broadcast from rank 0 to every rank of a tensor/pipeline-parallel
+group. With pipeline parallelism each stage receives the previous stage's hidden states and sends its
+own on; the last stage's first tensor-parallel rank hands the logits to rank 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from kiln.layers.attention import AttentionBatch
 from kiln.mapping import kv_heads_per_rank
-from kiln.runtime.kv_cache import DenseKVCache
+from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
+from kiln.runtime.paged_batch import PagedAttentionBatch
 
 
 @dataclass
 class StepInputs:
-    """One step of the batch: each sequence's new tokens, flattened."""
+    """One step of the batch: each sequence's new tokens, flattened, and where their KV lives."""
 
-    seq_ids: list[int]
     token_ids: list[int]
     positions: list[int]
     query_lens: list[int]
-    context_lens: list[int]
-    cache_lens: list[int]  # the KV cache size of each sequence, allocated when first seen
-    free_ids: list[int] = field(default_factory=list)  # sequences whose caches to drop first
+    context_lens: list[int]  # tokens already cached before this step
+    slot_mapping: list[int]  # flat cache slot of each new token
+    block_tables: list[list[int]]
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device: torch.device, build_config):
         self.model = model
         self.device = torch.device(device)
         config = model.config
         self.mapping = config.mapping
         self.hidden_size = config.hidden_size
         self.dtype = config.torch_dtype
-        self.caches: dict[int, DenseKVCache] = {}
-        self.cache_shape = dict(layers=self.mapping.pp_layers(config.num_hidden_layers),
-                                num_kv_heads=kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size),
-                                head_size=config.head_size, dtype=self.dtype, device=self.device)
+        layers = self.mapping.pp_layers(config.num_hidden_layers)
+        kv_heads = kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size)
+        block_bytes = bytes_per_block(len(layers), build_config.tokens_per_block, kv_heads, config.head_size,
+                                      self.dtype)
+        # Activations of the largest step, and its logits, with room to spare.
+        reserve = 16 * build_config.max_num_tokens * (config.hidden_size + config.intermediate_size) * 4 \
+            + build_config.max_batch_size * config.vocab_size * 4
+        num_blocks = plan_num_blocks(build_config, block_bytes, self.device, reserve)
+        self.num_blocks = self._agree_across_ranks(num_blocks)
+        self.kv = PagedKVCache(layers, self.num_blocks, build_config.tokens_per_block, kv_heads, config.head_size,
+                               self.dtype, self.device)
 
-    def free(self, seq_ids) -> None:
-        for seq_id in seq_ids:
-            self.caches.pop(seq_id, None)
+    def _agree_across_ranks(self, num_blocks: int) -> int:
+        """Every rank must hold the same block tables: take the smallest cache any rank can afford."""
+        if self.mapping.world_size == 1 or not dist.is_initialized():
+            return num_blocks
+        t = torch.tensor([num_blocks], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
-    def num_cached_sequences(self) -> int:
-        return len(self.caches)
+    def _batch(self, inp: StepInputs) -> PagedAttentionBatch:
+        widest = max(len(t) for t in inp.block_tables)
+        tables = torch.tensor([t + [0] * (widest - len(t)) for t in inp.block_tables], dtype=torch.int32,
+                              device=self.device)
+        seq_lens = [c + q for c, q in zip(inp.context_lens, inp.query_lens)]
+        cu = [0]
+        for n in inp.query_lens:
+            cu.append(cu[-1] + n)
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        return PagedAttentionBatch(inp.query_lens, inp.context_lens, self.kv, as_tensor(inp.slot_mapping, torch.long),
+                                   tables, as_tensor(seq_lens, torch.int32), as_tensor(cu, torch.int32))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
         """Run this rank's part of the step. Returns the last-token logits [batch, vocab] on the rank
         that produced them (the last stage), None elsewhere."""
-        self.free(inp.free_ids)
-        for seq_id, size in zip(inp.seq_ids, inp.cache_lens):
-            if seq_id not in self.caches:
-                self.caches[seq_id] = DenseKVCache(max_len=size, **self.cache_shape)
-        batch = AttentionBatch(inp.query_lens, inp.context_lens, [self.caches[i] for i in inp.seq_ids])
-        tokens = torch.tensor(inp.token_ids, device=self.device)
+        batch = self._batch(inp)
         positions = torch.tensor(inp.positions, device=self.device)
         hidden = None
         m = self.mapping
         if not m.is_first_pp_rank:
             hidden = torch.empty(len(inp.token_ids), self.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(hidden, src=m.rank - m.tp_size)
-        out = self.model(None if hidden is not None else tokens, positions, batch, hidden_states=hidden,
-                         last_token_only=True)
+        tokens = None if hidden is not None else torch.tensor(inp.token_ids, device=self.device)
+        out = self.model(tokens, positions, batch, hidden_states=hidden, last_token_only=True)
         if not m.is_last_pp_rank:
             dist.send(out.contiguous(), dst=m.rank + m.tp_size)
             return None

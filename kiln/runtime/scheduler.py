@@ -1,23 +1,29 @@
 """In-flight batching: requests join the running batch at any step and leave it as soon as they finish.
 
-Plain Python, no tensors: each step it admits waiting sequences (oldest first) while the batch has
-room (max_batch_size) and the step's token budget (max_num_tokens) holds their prompts; running
-sequences each add one decode token. A prompt longer than the whole budget runs alone.
+Plain Python, no tensors. Each step gives every running sequence its next tokens (one when decoding,
+a chunk of its prompt while prefilling) within the step's token budget (max_num_tokens), then admits
+waiting sequences (oldest first) while the batch has room (max_batch_size), the budget holds, and the
+KV cache has blocks for their prompts. A long prompt is prefilled in chunks across steps. When a
+running sequence needs a block and none is left, the newest running sequence is preempted: its blocks
+are freed and it waits to be recomputed (prompt and output so far), so no request fails for memory.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_num_tokens: int):
+    def __init__(self, max_batch_size: int, max_num_tokens: int, blocks: BlockManager):
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -25,17 +31,55 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return any(not s.finished for s in self.waiting) or any(not s.finished for s in self.running)
 
-    def schedule(self) -> list[Sequence]:
-        """The sequences of the next step: running ones first (one token each), then newly admitted ones."""
+    def free(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks at once."""
+        self.blocks.free(seq.seq_id)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next step: (sequence, number of its pending tokens to compute now), running ones first."""
         self.running = [s for s in self.running if not s.finished]
         self.waiting = deque(s for s in self.waiting if not s.finished)
-        budget = self.max_num_tokens - len(self.running)
-        while self.waiting and len(self.running) < self.max_batch_size:
-            need = len(self.waiting[0].pending_ids())
-            if need > budget and self.running:
+        budget = self.max_num_tokens
+        step: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            n = min(len(seq.pending_ids()), budget)
+            if n == 0:
+                continue
+            if not self._reserve(seq, seq.num_cached + n):
+                continue  # seq itself was preempted
+            step.append((seq, n))
+            budget -= n
+        step = [(s, n) for s, n in step if s in self.running]
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            tokens = seq.all_ids
+            if not self.blocks.can_allocate(len(tokens)):
                 break
-            seq = self.waiting.popleft()
+            self.waiting.popleft()
+            seq.num_cached = self.blocks.allocate(seq.seq_id, tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            budget -= need
-        return list(self.running)
+            n = min(len(tokens) - seq.num_cached, budget)
+            step.append((seq, n))
+            budget -= n
+        return step
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for num_tokens of seq, preempting the newest other sequences as needed; False if seq
+        itself had to go."""
+        while not self.blocks.append_slots(seq.seq_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -62,21 +62,16 @@ class DriverRunner:
     def __init__(self, local: ModelRunner, vocab_size: int):
         self.local = local
         self.vocab_size = vocab_size
-        self.pending_free: list[int] = []
+        self.num_blocks = local.num_blocks  # agreed by every rank
 
     def execute(self, inp: StepInputs) -> torch.Tensor:
-        inp.free_ids, self.pending_free = inp.free_ids + self.pending_free, []
         dist.broadcast_object_list([inp], src=0)
         logits = self.local.execute(inp)
         source = _logits_rank(self.local)
         if source != 0:
-            logits = torch.empty(len(inp.seq_ids), self.vocab_size, dtype=self.local.dtype, device=self.local.device)
+            logits = torch.empty(len(inp.query_lens), self.vocab_size, dtype=self.local.dtype, device=self.local.device)
             dist.recv(logits, src=source)
         return logits
-
-    def free(self, seq_ids) -> None:
-        """Caches are dropped on every rank with the next step (a broadcast of its own would cost a round trip)."""
-        self.pending_free += list(seq_ids)
 
     def shutdown(self) -> None:
         dist.broadcast_object_list([SHUTDOWN], src=0)
@@ -95,19 +90,19 @@ def serve_worker(runner: ModelRunner) -> None:
             dist.send(logits.contiguous(), dst=0)
 
 
-def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, conn) -> None:
+def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_config, conn) -> None:
     """Entry point of a spawned worker process."""
     from kiln.builder import Engine
 
     try:
         device = init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}")
         engine = Engine.from_dir(engine_dir, rank)
-        runner = ModelRunner(engine.runtime_model(device), device)
+        runner = ModelRunner(engine.runtime_model(device), device, build_config)
         if rank != 0:
             serve_worker(runner)
             return
         driver = DriverRunner(runner, engine.config.vocab_size)
-        conn.send(("ready", None))
+        conn.send(("ready", runner.num_blocks))
         while True:
             kind, payload = conn.recv()
             if kind == SHUTDOWN:
@@ -133,17 +128,16 @@ def _free_port() -> int:
 class WorkerGroup:
     """world_size worker processes serving one engine dir; the same interface as ModelRunner."""
 
-    def __init__(self, engine_dir: str, world_size: int):
+    def __init__(self, engine_dir: str, world_size: int, build_config):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         port = _free_port()
         self.processes = [ctx.Process(target=_worker_main, args=(r, world_size, port, str(engine_dir),
-                                                                 child if r == 0 else None),
+                                                                 build_config, child if r == 0 else None),
                                       name=f"kiln-rank{r}", daemon=True) for r in range(world_size)]
         for p in self.processes:
             p.start()
-        self.pending_free: list[int] = []
-        self._receive("ready", START_TIMEOUT_S)
+        self.num_blocks = self._receive("ready", START_TIMEOUT_S)
 
     def _dead_worker(self):
         return next((p for p in self.processes if not p.is_alive()), None)
@@ -176,12 +170,8 @@ class WorkerGroup:
     def execute(self, inp: StepInputs) -> torch.Tensor:
         if not self.processes:
             raise WorkerError("the worker group was shut down")
-        inp.free_ids, self.pending_free = inp.free_ids + self.pending_free, []
         self.conn.send(("step", inp))
         return self._receive("logits")
-
-    def free(self, seq_ids) -> None:
-        self.pending_free += list(seq_ids)
 
     def close(self) -> None:
         """Stop every worker: politely if rank 0 still listens, then by force; leaves no process behind."""
@@ -208,7 +198,7 @@ def torchrun_rank() -> int | None:
     return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
-def join_torchrun(engine_dir: str):
+def join_torchrun(engine_dir: str, build_config=None):
     """Under torchrun: join the group and open this rank's engine. Ranks other than 0 serve until rank 0
     shuts them down and return None; rank 0 returns its device, for LLM(engine_dir, device=...)."""
     from kiln.builder import Engine
@@ -221,7 +211,7 @@ def join_torchrun(engine_dir: str):
     if rank == 0:
         return device
     try:
-        serve_worker(ModelRunner(engine.runtime_model(device), device))
+        serve_worker(ModelRunner(engine.runtime_model(device), device, build_config or engine.build_config))
     finally:
         leave_process_group()
     return None

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from kiln.builder import Engine
+from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.distributed import leave_process_group
 from kiln.runtime.model_runner import ModelRunner, StepInputs
 from kiln.runtime.workers import DriverRunner, init_distributed, serve_worker, torchrun_rank
@@ -17,20 +18,25 @@ from kiln.runtime.workers import DriverRunner, init_distributed, serve_worker, t
 PROMPTS = [[1, 5, 9, 20, 3], [7, 8, 9], [100, 3, 4, 5, 6, 7, 8, 9, 10]]
 
 
-def steps():
+def steps(block_size: int = 32):
     """A prefill of three prompts of different lengths, then one decode token each."""
-    ids = [t for p in PROMPTS for t in p]
-    positions = [i for p in PROMPTS for i in range(len(p))]
+    blocks = BlockManager(num_blocks=16, block_size=block_size)
+    for i, p in enumerate(PROMPTS):
+        blocks.allocate(i, p + [0])  # room for the decode token
+    tables = [blocks.tables[i] for i in range(len(PROMPTS))]
     lens = [len(p) for p in PROMPTS]
-    yield StepInputs([0, 1, 2], ids, positions, lens, [0, 0, 0], [32, 32, 32])
-    yield StepInputs([0, 1, 2], [11, 12, 13], lens, [1, 1, 1], lens, [32, 32, 32])
+    yield StepInputs([t for p in PROMPTS for t in p], [i for p in PROMPTS for i in range(len(p))], lens,
+                     [0] * len(PROMPTS), [blocks.slot(i, t) for i, p in enumerate(PROMPTS) for t in range(len(p))],
+                     tables)
+    yield StepInputs([11, 12, 13], lens, [1] * len(PROMPTS), lens, [blocks.slot(i, n) for i, n in enumerate(lens)],
+                     tables)
 
 
 def main(engine_dir: str, out: str) -> None:
     rank = torchrun_rank()
     device = init_distributed(rank, int(os.environ["WORLD_SIZE"]))
     engine = Engine.from_dir(engine_dir, rank)
-    runner = ModelRunner(engine.runtime_model(device), device)
+    runner = ModelRunner(engine.runtime_model(device), device, engine.build_config)
     if rank != 0:
         serve_worker(runner)
     else:

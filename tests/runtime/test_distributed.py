@@ -54,7 +54,8 @@ def reference_tokens(engines):
 
 
 def reference_logits(engine_dir):
-    runner = ModelRunner(Engine.from_dir(engine_dir).runtime_model("cpu"), "cpu")
+    engine = Engine.from_dir(engine_dir)
+    runner = ModelRunner(engine.runtime_model("cpu"), "cpu", engine.build_config)
     return [runner.execute(step) for step in steps()]
 
 
