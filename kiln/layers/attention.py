@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels import triton_available
+from kiln.kernels.rotary import apply_rotary
 from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
@@ -29,6 +31,10 @@ class AttentionBatch:
     """
 
     query_lens: list[int]
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.query_lens)
 
     @classmethod
     def uncached(cls, batch: int, seq_len: int) -> "AttentionBatch":
@@ -66,16 +72,31 @@ class Attention(nn.Module):
             self.rope = (config.rotary_base_local if local else config.rotary_base,
                          config.rotary_dim or config.head_size, scaling, config.max_position_embeddings)
             self.rope_factor = attention_factor(scaling)
+            self.fused_rope = self.rope[1] == config.head_size and self.rope_factor == 1.0
+            self._freqs = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         q, k, v = self.qkv.split_heads(self.qkv(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            freqs = inv_freq(*self.rope, seq_len=int(positions.max()) + 1)
-            cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            freqs = self._inv_freq(batch.max_seq_len, x.device)
+            if self.fused_rope and q.is_cuda and triton_available():
+                q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
+            else:
+                cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.dense(batch.attend(self, q, k, v).flatten(-2))
+
+    def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """The rotary frequencies on `device`; kept when they do not depend on the length (no host work
+        and no copy per layer and step)."""
+        scaling = self.rope[2]
+        if scaling and scaling["type"] in ("dynamic", "longrope"):
+            return inv_freq(*self.rope, seq_len=seq_len).to(device)
+        if self._freqs is None or self._freqs.device != device:
+            self._freqs = inv_freq(*self.rope, seq_len=seq_len).to(device)
+        return self._freqs
 
     def attend_dense(self, q, k, v, context_len: int) -> torch.Tensor:
         """q: [n, h, d] at positions context_len..context_len+n-1; k, v: [context_len + n, kv, d]."""

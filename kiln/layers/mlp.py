@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels import triton_available
+from kiln.kernels.activation import silu_and_mul
 from kiln.layers.linear import ColumnLinear, RowLinear
 from kiln.mapping import Mapping
 
@@ -36,6 +38,8 @@ class GatedMLP(nn.Module):
         self.proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.act is F.silu and x.is_cuda and triton_available():
+            return self.proj(silu_and_mul(self.fc_gate(x)))  # one Triton launch for act(fc) * gate
         if self.fused:
             fc, gate = self.fc_gate(x).chunk(2, dim=-1)
         else:

@@ -144,7 +144,7 @@ class LLM:
             if hits:
                 end, stop = min(hits)
                 request.stop_at[seq.seq_id] = end
-                seq.finish("stop", stop)
+                self.generator.finish(seq, "stop", stop)
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = []

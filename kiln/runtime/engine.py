@@ -57,19 +57,22 @@ class GenerationEngine:
         for seq, token in produced:
             seq.output_ids.append(token)
             self._check_stop(seq, token)
-            if seq.finished:
-                self.scheduler.free(seq)
         return [seq for seq, _ in produced]
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
-            seq.finish("stop", token)
+            self.finish(seq, "stop", token)
         elif len(seq.all_ids) >= seq.max_len:
-            seq.finish("length")
+            self.finish(seq, "length")
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (for any reason: EOS, length, a stop string seen by the caller, abort): its KV
+        blocks are released at once and it leaves the batch at the next step."""
+        if not seq.finished:
+            seq.finish(reason, stop_reason)
+            self.scheduler.free(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Cancel a request: its cache is freed at once and it leaves the batch at the next step."""
-        if not seq.finished:
-            seq.finish("abort")
-            self.scheduler.free(seq)
+        """Cancel a request."""
+        self.finish(seq, "abort")

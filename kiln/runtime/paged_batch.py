@@ -31,6 +31,10 @@ class PagedAttentionBatch:
     cu_seqlens: torch.Tensor  # [batch + 1] int32: where each sequence's new tokens start
 
     @property
+    def max_seq_len(self) -> int:
+        return max(c + q for c, q in zip(self.context_lens, self.query_lens))
+
+    @property
     def decode_only(self) -> bool:
         return max(self.query_lens) == 1
 
