@@ -131,3 +131,18 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
             next_id = hf_model(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0, len(prompt):].tolist()
+
+
+# ---- any family ---------------------------------------------------------------------------------------
+
+def make_tiny_hf(out_dir: Path, config_cls, model_cls, seed: int = 0, **config):
+    """Save a random tiny transformers model of any family (float32) to out_dir and return it. Every 1-D
+    parameter (norm weights, biases) gets noise, since HF inits them to constants and a mix-up would hide."""
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**config)).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1 or p.std() == 0:  # also a zero-initialised router
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out_dir)
+    return model

@@ -20,3 +20,24 @@ LLAMA_SHAPES = {
                         num_key_value_heads=8, intermediate_size=28672, tie_word_embeddings=False,
                         rope_theta=500000.0, max_position_embeddings=8192),
 }
+
+# Other families: the architecture and its Hugging Face config fields (transformers names), for synthetic
+# checkpoints and benchmarks of real shapes.
+FAMILY_SHAPES = {
+    "qwen2.5-7b": dict(architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                       tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
+    "gemma-2-9b": dict(architecture="Gemma2ForCausalLM", vocab_size=256000, hidden_size=3584, num_hidden_layers=42,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=14336,
+                       tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=8192,
+                       sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0),
+    "phi-3-mini": dict(architecture="Phi3ForCausalLM", vocab_size=32064, hidden_size=3072, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192,
+                       tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096,
+                       sliding_window=2047),
+    "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                         num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+                         rope_theta=1000000.0, max_position_embeddings=32768),
+}

@@ -18,8 +18,16 @@ from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_r
 from kiln.runtime.distributed import all_reduce
 
 
-def _param(*shape) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+class ExpertLinear(nn.Module):
+    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rule):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features), requires_grad=False)
+        self.shard_rules = {"weight": rule}
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(x, self.weight[expert])
 
 
 class Experts(nn.Module):
@@ -30,11 +38,11 @@ class Experts(nn.Module):
         self.act = ACTIVATIONS[hidden_act]
         self.fused = fused
         if fused:
-            self.fc_gate = _param(num_experts, 2 * inter, hidden_size)
+            self.fc_gate = ExpertLinear(num_experts, hidden_size, 2 * inter, shard_expert_column)
         else:
-            self.fc, self.gate = _param(num_experts, inter, hidden_size), _param(num_experts, inter, hidden_size)
-        self.proj = _param(num_experts, hidden_size, inter)
-        self.shard_rules = {"fc": shard_expert_column, "gate": shard_expert_column, "proj": shard_expert_row}
+            self.fc = ExpertLinear(num_experts, hidden_size, inter, shard_expert_column)
+            self.gate = ExpertLinear(num_experts, hidden_size, inter, shard_expert_column)
+        self.proj = ExpertLinear(num_experts, inter, hidden_size, shard_expert_row)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; experts, weights [tokens, top_k]. This rank's partial sum (not reduced)."""
@@ -43,11 +51,11 @@ class Experts(nn.Module):
             token, slot = (experts == e).nonzero(as_tuple=True)
             h = x[token]
             if self.fused:
-                fc, gate = F.linear(h, self.fc_gate[e]).chunk(2, dim=-1)
+                fc, gate = self.fc_gate(h, e).chunk(2, dim=-1)
             else:
-                fc, gate = F.linear(h, self.fc[e]), F.linear(h, self.gate[e])
-            y = F.linear(self.act(fc) * gate, self.proj[e])
-            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+                fc, gate = self.fc(h, e), self.gate(h, e)
+            y = self.proj(self.act(fc) * gate, e)
+            out.index_add_(0, token, y * weights[token, slot, None])
         return out
 
 

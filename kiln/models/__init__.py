@@ -15,6 +15,17 @@ from kiln.models.base import DecoderModelForCausalLM, PretrainedModel
 _REGISTRY = {
     "LlamaForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
     "MistralForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
+    "GemmaForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
+    "GPT2LMHeadModel": ("kiln.models.gpt2.model", "GPT2ForCausalLM"),
+    "GPTNeoXForCausalLM": ("kiln.models.gpt_neox.model", "GPTNeoXForCausalLM"),
+    "MixtralForCausalLM": ("kiln.models.mixtral.model", "MixtralForCausalLM"),
+    "Phi3ForCausalLM": ("kiln.models.phi3.model", "Phi3ForCausalLM"),
+    "Qwen2ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
+    "Qwen3ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
+    "Qwen2MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
+    "Qwen3MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
 }
 MODEL_MAP = dict(_REGISTRY)
 

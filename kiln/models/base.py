@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from kiln.checkpoint.atomic import atomic_dir
+from kiln.checkpoint.hf_source import HFWeights
 from kiln.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
-from kiln.config import PretrainedConfig, read_json
-from kiln.errors import CheckpointError, EngineVersionError
+from kiln.config import PretrainedConfig, QuantConfig, read_json
+from kiln.errors import CheckpointError, ConfigError, EngineVersionError
 from kiln.layers.attention import Attention, AttentionBatch
 from kiln.layers.embedding import LMHead, PositionEmbedding, VocabEmbedding
 from kiln.layers.mlp import make_mlp
@@ -264,8 +265,43 @@ class DecoderModel(nn.Module):
         return self.ln_f(x) if self.ln_f is not None else x
 
 
+def refuse_quantization(quant_config: QuantConfig | None) -> None:
+    if quant_config is not None and quant_config.is_quantized:
+        raise ConfigError("quant_config: quantized conversion is not available yet; convert without "
+                          "quant_config (quant_algo None)")
+
+
 class DecoderModelForCausalLM(PretrainedModel):
-    """A decoder-only LM; `fused_mlp` selects the engine's runtime layout (fc and gate in one matmul)."""
+    """A decoder-only LM; `fused_mlp` selects the engine's runtime layout (fc and gate in one matmul).
+
+    A family subclass declares its HF reading: `config_from_hf` (config.json -> PretrainedConfig) and
+    `hf_name_map` (kiln names -> HF tensor names); `from_hugging_face` is shared.
+    """
+
+    HF_ARCHITECTURES: tuple[str, ...] = ()
+
+    @classmethod
+    def config_from_hf(cls, hf: dict, dtype: str, mapping: Mapping, generation: dict | None,
+                       path: str) -> PretrainedConfig:
+        raise NotImplementedError
+
+    @classmethod
+    def hf_name_map(cls, config: PretrainedConfig):
+        raise NotImplementedError
+
+    @classmethod
+    def from_hugging_face(cls, hf_dir: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
+                          quant_config: QuantConfig | None = None) -> "DecoderModelForCausalLM":
+        refuse_quantization(quant_config)
+        hf_dir = Path(hf_dir)
+        hf = read_json(hf_dir / "config.json", "Hugging Face config.json")
+        generation = (read_json(hf_dir / "generation_config.json", "generation config")
+                      if (hf_dir / "generation_config.json").is_file() else None)
+        config = cls.config_from_hf(hf, dtype, mapping or Mapping(), generation, str(hf_dir / "config.json"))
+        model = cls.empty(config)
+        model.attach_source(HFWeights(hf_dir), cls.hf_name_map(config), str(hf_dir))
+        model.tokenizer_writer = lambda dst: copy_tokenizer_files(hf_dir, dst)
+        return model
 
     def __init__(self, config: PretrainedConfig, fused_mlp: bool = False):
         super().__init__(config)

@@ -21,6 +21,11 @@ def _k_rows(w, config):
 
 
 def hf_name_map(tied: bool) -> NameMap:
+    return NameMap(hf_table(tied))
+
+
+def hf_table(tied: bool) -> dict:
+    """The Llama HF names, which many families share (Qwen, Mixtral, Gemma extend this table)."""
     hf = "model.layers.{i}."
     table = {
         "transformer.vocab_embedding.weight": "model.embed_tokens.weight",
@@ -39,7 +44,7 @@ def hf_name_map(tied: bool) -> NameMap:
     }
     for kind in ("weight", "bias"):
         table[L + f"attention.qkv.{kind}"] = tuple(hf + f"self_attn.{p}_proj.{kind}" for p in "qkv")
-    return NameMap(table)
+    return table
 
 
 def meta_name_map(tied: bool) -> NameMap:

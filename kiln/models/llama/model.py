@@ -5,46 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.checkpoint.gguf_source import GGUFFile
-from kiln.checkpoint.hf_source import HFWeights
 from kiln.checkpoint.meta_source import MetaWeights
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
-from kiln.config import QuantConfig, read_json
-from kiln.errors import ConfigError
+from kiln.config import QuantConfig
 from kiln.mapping import Mapping
-from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama import convert
 from kiln.models.llama.config import config_from_hf
 from kiln.models.llama.gguf import config_from_gguf, gguf_tokenizer_writer
 from kiln.models.llama.meta import config_from_meta
 
 
-def _refuse_quantization(quant_config: QuantConfig | None) -> None:
-    if quant_config is not None and quant_config.is_quantized:
-        raise ConfigError("quant_config: quantized conversion is not available yet; convert without "
-                          "quant_config (quant_algo None)")
-
-
 class LLaMAForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
     @classmethod
-    def from_hugging_face(cls, hf_dir: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
-                          quant_config: QuantConfig | None = None) -> "LLaMAForCausalLM":
-        _refuse_quantization(quant_config)
-        hf_dir = Path(hf_dir)
-        hf = read_json(hf_dir / "config.json", "Hugging Face config.json")
-        generation = (read_json(hf_dir / "generation_config.json", "generation config")
-                      if (hf_dir / "generation_config.json").is_file() else None)
-        config = config_from_hf(hf, dtype, mapping or Mapping(), generation, str(hf_dir / "config.json"))
-        model = cls.empty(config)
-        model.attach_source(HFWeights(hf_dir), convert.hf_name_map(config.tie_word_embeddings), str(hf_dir))
-        model.tokenizer_writer = lambda dst: copy_tokenizer_files(hf_dir, dst)
-        return model
+    def config_from_hf(cls, hf, dtype, mapping, generation, path):
+        return config_from_hf(hf, dtype, mapping, generation, path)
+
+    @classmethod
+    def hf_name_map(cls, config):
+        return convert.hf_name_map(config.tie_word_embeddings)
 
     @classmethod
     def from_meta_ckpt(cls, meta_dir: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
                        quant_config: QuantConfig | None = None) -> "LLaMAForCausalLM":
-        _refuse_quantization(quant_config)
+        refuse_quantization(quant_config)
         meta_dir = Path(meta_dir)
         weights = MetaWeights(meta_dir)
         config = config_from_meta(meta_dir, weights, dtype, mapping or Mapping())
@@ -56,7 +42,7 @@ class LLaMAForCausalLM(DecoderModelForCausalLM):
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
                   quant_config: QuantConfig | None = None) -> "LLaMAForCausalLM":
-        _refuse_quantization(quant_config)
+        refuse_quantization(quant_config)
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf, dtype, mapping or Mapping())
         model = cls.empty(config)

@@ -1,0 +1,49 @@
+"""Phi-3 / Phi-3.5: the Llama structure with fused source projections, and longrope scaling.
+
+The source's `qkv_proj` is already kiln's [q; k; v]; its `gate_up_proj` is [gate; up], split here into
+kiln's fc (gate) and gate (up) so checkpoints and shard rules stay those of every gated MLP.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.models import hf_config
+from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.llama.convert import L
+
+HF = "model.layers.{i}."
+
+
+def _first_half(tensor, config):
+    return tensor.chunk(2, dim=0)[0]
+
+
+def _second_half(tensor, config):
+    return tensor.chunk(2, dim=0)[1]
+
+
+def phi3_structure(hf: dict) -> dict:
+    return dict(sliding_window=hf.get("sliding_window") or None)
+
+
+class Phi3ForCausalLM(DecoderModelForCausalLM):
+    HF_ARCHITECTURES = ("Phi3ForCausalLM",)
+
+    @classmethod
+    def config_from_hf(cls, hf, dtype, mapping, generation, path):
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, phi3_structure)
+
+    @classmethod
+    def hf_name_map(cls, config):
+        return NameMap({
+            "transformer.vocab_embedding.weight": "model.embed_tokens.weight",
+            "transformer.ln_f.weight": "model.norm.weight",
+            "lm_head.weight": "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight",
+            L + "input_layernorm.weight": HF + "input_layernorm.weight",
+            L + "post_layernorm.weight": HF + "post_attention_layernorm.weight",
+            L + "attention.qkv.weight": HF + "self_attn.qkv_proj.weight",
+            L + "attention.dense.weight": HF + "self_attn.o_proj.weight",
+            L + "mlp.fc.weight": Src(HF + "mlp.gate_up_proj.weight", _first_half),
+            L + "mlp.gate.weight": Src(HF + "mlp.gate_up_proj.weight", _second_half),
+            L + "mlp.proj.weight": HF + "mlp.down_proj.weight",
+        })
