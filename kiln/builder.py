@@ -23,6 +23,7 @@ from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import BuildConfig, PretrainedConfig, read_json
 from kiln.errors import CheckpointError, ConfigError
 from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, rank_file, write_json_atomic
+from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes
 from kiln.version import FORMAT_VERSION, __version__
 
 ENGINE_KEYS = ("build_config", "plan", "fingerprint", "kiln_version", "format_version")
@@ -160,16 +161,18 @@ def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | N
     return dataclasses.replace(bc, max_seq_len=max_seq_len, max_input_len=max_input_len)
 
 
-def plan_for(config: PretrainedConfig) -> dict:
-    """What the runtime will run. The reference path for now; the GPU runtime adds its kernels here."""
-    return {"runtime": "reference", "attention": "torch_sdpa", "mlp_layout": "fused_fc_gate",
-            "kv_cache": "paged", "cuda_graph_batch_sizes": []}
+def plan_for(build_config: BuildConfig) -> dict:
+    """What the runtime runs: on CUDA the Triton kernels and decode CUDA graphs at these batch sizes,
+    elsewhere the torch references of the same kernels."""
+    return {"kv_cache": "paged", "tokens_per_block": build_config.tokens_per_block, "mlp_layout": "fused_fc_gate",
+            "kernels_cuda": "triton", "kernels_other": "torch_reference",
+            "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size)}
 
 
 def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> Engine:
     """Check the limits against the model and return the Engine of this rank (weights stay lazy)."""
     bc = resolve_build_config(model.config, build_config)
-    return Engine(config=model.config, build_config=bc, plan=plan_for(model.config),
+    return Engine(config=model.config, build_config=bc, plan=plan_for(bc),
                   weights=lambda: engine_weights(model), tokenizer_writer=model.tokenizer_writer)
 
 

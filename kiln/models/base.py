@@ -341,7 +341,7 @@ class DecoderModelForCausalLM(PretrainedModel):
         x = self.transformer(input_ids, hidden_states, positions, batch)
         if self.lm_head is None:
             return x
-        if last_token_only:
+        if last_token_only and max(batch.query_lens) > 1:  # (decode steps have one token per sequence)
             ends = torch.tensor(batch.query_lens, device=x.device).cumsum(0) - 1
             x = x[ends]
         logits = self.lm_head(x)

@@ -8,12 +8,15 @@ own on; the last stage's first tensor-parallel rank hands the logits to rank 0.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from kiln.kernels import triton_available
 from kiln.mapping import kv_heads_per_rank
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
 
@@ -45,10 +48,25 @@ class ModelRunner:
         # Activations of the largest step, and its logits, with room to spare.
         reserve = 16 * build_config.max_num_tokens * (config.hidden_size + config.intermediate_size) * 4 \
             + build_config.max_batch_size * config.vocab_size * 4
-        num_blocks = plan_num_blocks(build_config, block_bytes, self.device, reserve)
-        self.num_blocks = self._agree_across_ranks(num_blocks)
-        self.kv = PagedKVCache(layers, self.num_blocks, build_config.tokens_per_block, kv_heads, config.head_size,
+        physical = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve))
+        self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
                                self.dtype, self.device)
+        self.graphs = None
+        self.num_blocks = physical  # what the front end's BlockManager may hand out
+        if self._can_use_graphs(config):
+            self.num_blocks = physical - 1  # the last block is the graphs' scratch space for padding rows
+            self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size,
+                                       -(-build_config.max_seq_len // build_config.tokens_per_block),
+                                       scratch_block=physical - 1)
+            self.graphs.capture()
+
+    def _can_use_graphs(self, config) -> bool:
+        """One CUDA GPU, no pipeline or tensor split, rotary frequencies that do not depend on the length,
+        and no score soft-capping (whose attention runs per sequence, with host-side lengths)."""
+        scaling = config.rotary_scaling
+        return (self.device.type == "cuda" and triton_available() and self.mapping.world_size == 1
+                and os.environ.get("KILN_CUDA_GRAPHS", "1") != "0" and config.attn_logit_softcapping is None
+                and not (scaling and scaling["type"] in ("dynamic", "longrope")))
 
     def _agree_across_ranks(self, num_blocks: int) -> int:
         """Every rank must hold the same block tables: take the smallest cache any rank can afford."""
@@ -74,6 +92,8 @@ class ModelRunner:
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
         """Run this rank's part of the step. Returns the last-token logits [batch, vocab] on the rank
         that produced them (the last stage), None elsewhere."""
+        if self.graphs is not None and self.graphs.can_run(inp):
+            return self.graphs.run(inp)
         batch = self._batch(inp)
         positions = torch.tensor(inp.positions, device=self.device)
         hidden = None

@@ -33,6 +33,7 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
         again = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
         assert llm.generator.blocks.hit_rate() > 0  # the long prompt's full blocks were reused
+        assert llm.runner.graphs is not None and llm.runner.graphs.replays > 0  # decode ran as CUDA graphs
     for prompt, out, out2 in zip(PROMPTS, outputs, again):
         expected = hf_greedy_cuda(hf, prompt, 32)
         assert out.outputs[0].token_ids == expected

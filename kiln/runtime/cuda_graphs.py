@@ -1,0 +1,91 @@
+"""CUDA graphs for decode steps: one graph per batch size, captured at load, replayed every decode step.
+
+A decode step launches hundreds of small kernels; at small batch the GPU waits on the host to launch
+them. A graph replays the whole forward with one launch. Inputs live in static buffers; a batch is
+padded up to the next captured size, the padding rows pointing at a scratch block that no sequence owns.
+Graphs are used on one GPU without pipeline stages; prefill and mixed steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kiln.runtime.paged_batch import PagedAttentionBatch
+
+log = logging.getLogger(__name__)
+
+
+def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 32, then every 16: the batch sizes decode graphs are captured for."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch_size]
+    sizes += list(range(8, min(max_batch_size, 32) + 1, 8)) + list(range(48, max_batch_size + 1, 16))
+    if not sizes or sizes[-1] < max_batch_size:
+        sizes.append(max_batch_size)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv, device: torch.device, max_batch_size: int, max_blocks_per_seq: int,
+                 scratch_block: int):
+        self.model, self.kv, self.device = model, kv, device
+        self.sizes = cuda_graph_batch_sizes(max_batch_size)
+        n, w = self.sizes[-1], max_blocks_per_seq
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), scratch_block * kv.block_size, dtype=torch.long, device=device)
+        self.tables = torch.full((n, w), scratch_block, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.scratch_slot = scratch_block * kv.block_size
+        self.scratch_block = scratch_block
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0
+
+    def _batch(self, size: int) -> PagedAttentionBatch:
+        return PagedAttentionBatch([1] * size, [1] * size, self.kv, self.slots[:size], self.tables[:size],
+                                   self.seq_lens[:size], self.cu[:size + 1])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
+            args = (self.tokens[:size], self.positions[:size], self._batch(size))
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm up outside the graph (Triton compiles here)
+                self.model(*args, last_token_only=True)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.model(*args, last_token_only=True)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.sizes, time.perf_counter() - start)
+
+    def can_run(self, inp) -> bool:
+        return max(inp.query_lens) == 1 and len(inp.query_lens) <= self.sizes[-1]
+
+    def run(self, inp) -> torch.Tensor:
+        """Copy the step into the static buffers, padded to a captured size, and replay its graph."""
+        b = len(inp.query_lens)
+        size = next(s for s in self.sizes if s >= b)
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, pin_memory=True)  # noqa: E731
+        self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
+        self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
+        self.slots[:b].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
+        self.slots[b:size].fill_(self.scratch_slot)
+        width = max(len(t) for t in inp.block_tables)
+        tables = [t + [self.scratch_block] * (width - len(t)) for t in inp.block_tables]
+        self.tables[:b, :width].copy_(as_tensor(tables, torch.int32), non_blocking=True)
+        self.tables[b:size].fill_(self.scratch_block)
+        seq_lens = [c + 1 for c in inp.context_lens]
+        self.seq_lens[:b].copy_(as_tensor(seq_lens, torch.int32), non_blocking=True)
+        self.seq_lens[b:size].fill_(1)
+        self.graphs[size].replay()
+        self.replays += 1
+        return self.outputs[size][:b]
