@@ -45,6 +45,9 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
     manifest = read_json(path / CONFIG_FILE, "config") if (path / CONFIG_FILE).is_file() else {}
     if "build_config" in manifest:
         _check_world(path, manifest["mapping"], tp_size, pp_size)
+        if build_config is not None and build_config.to_dict() != manifest["build_config"]:
+            log.warning("%s is a built engine: its own limits %s apply, not the ones asked for; build it again "
+                        "to change them", path, manifest["build_config"])
         return path
     if "format_version" in manifest:  # a kiln checkpoint: its mapping is fixed
         _check_world(path, manifest["mapping"], tp_size, pp_size)
@@ -107,7 +110,8 @@ class LLM:
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
         self.build_config = self.engine.build_config
         self.runner = _make_runner(self.engine_dir, self.engine, self.device)
-        self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids)
+        self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids,
+                                          self.engine.config.vocab_size)
         self._next_request = 0
 
     def shutdown(self) -> None:

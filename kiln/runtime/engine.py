@@ -18,11 +18,12 @@ from kiln.runtime.sequence import Sequence
 
 
 class GenerationEngine:
-    def __init__(self, runner, build_config: BuildConfig, eos_token_ids=()):
+    def __init__(self, runner, build_config: BuildConfig, eos_token_ids=(), vocab_size: int | None = None):
         """runner: a ModelRunner (one process), DriverRunner (torchrun) or WorkerGroup (worker processes);
         it says how many KV-cache blocks every rank holds."""
         self.build_config = build_config
         self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size = vocab_size
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
         self.executor = Executor(runner, self.blocks)
         self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks)
@@ -32,6 +33,9 @@ class GenerationEngine:
         bc = self.build_config
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not 0 <= t < self.vocab_size)
+            raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
         if len(prompt_ids) > bc.max_input_len:
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, more than the engine's max_input_len "
                               f"({bc.max_input_len}); shorten it or rebuild with a larger --max-input-len")

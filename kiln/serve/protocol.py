@@ -23,7 +23,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _field(body: dict, name: str, types, default=None, check=None, allowed: str = ""):
+def field(body: dict, name: str, types, default=None, check=None, allowed: str = ""):
     value = body.get(name, default)
     if value is None:
         return default
@@ -39,33 +39,33 @@ def _field(body: dict, name: str, types, default=None, check=None, allowed: str 
 def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln extensions: top_k, repetition_penalty,
     ignore_eos, stop_token_ids)."""
-    stop = _field(body, "stop", (str, list), [])
+    stop = field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
     if chat:
-        want = _field(body, "logprobs", bool, False)
-        top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20, "in [0, 20]")
+        want = field(body, "logprobs", bool, False)
+        top = field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20, "in [0, 20]")
         logprobs = top if want else None
     else:
-        logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "in [0, 20]")
-    max_tokens = _field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+        logprobs = field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "in [0, 20]")
+    max_tokens = field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                         int, default_max_tokens, lambda v: v >= 1, ">= 1")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
-            top_p=_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
-            top_k=max(0, _field(body, "top_k", int, 0)),
-            seed=_field(body, "seed", int),
+            temperature=field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
+            top_p=field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
+            top_k=max(0, field(body, "top_k", int, 0)),
+            seed=field(body, "seed", int),
             stop=stop,
-            stop_token_ids=_field(body, "stop_token_ids", list, []),
-            repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
-            presence_penalty=_field(body, "presence_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]"),
-            frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2,
+            stop_token_ids=field(body, "stop_token_ids", list, []),
+            repetition_penalty=field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "> 0"),
+            presence_penalty=field(body, "presence_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            frequency_penalty=field(body, "frequency_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2,
                                      "in [-2, 2]"),
-            ignore_eos=_field(body, "ignore_eos", bool, False),
-            n=_field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
+            ignore_eos=field(body, "ignore_eos", bool, False),
+            n=field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
             logprobs=logprobs,
         )
     except ConfigError as e:  # SamplingParams names the field
@@ -73,7 +73,9 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
 
 
 def include_usage(body: dict) -> bool:
-    options = _field(body, "stream_options", dict, {})
+    options = field(body, "stream_options", dict, {})
+    if options and not body.get("stream"):
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
     return bool(options.get("include_usage", False))
 
 

@@ -161,12 +161,13 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     body = await read_body(request)
     prompt_ids = chat_prompt(engine, body) if chat else completion_prompt(engine, body)
     params = protocol.sampling_params(body, default_max_tokens(engine, prompt_ids, chat), chat)
-    stream = bool(protocol._field(body, "stream", bool, False))
+    stream = bool(protocol.field(body, "stream", bool, False))
+    with_usage = protocol.include_usage(body)
     model = request.app[SETTINGS]["model_name"]
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     outputs = generate(engine, prompt_ids, params, request.app[SETTINGS]["request_timeout"])
     if stream:
-        return await stream_response(request, outputs, chat, model, request_id, protocol.include_usage(body))
+        return await stream_response(request, outputs, chat, model, request_id, with_usage)
     final = None
     async for final in outputs:
         pass

@@ -566,3 +566,21 @@ def test_sigterm_during_streams_exits_cleanly(engine_dir, tmp_path):
         stalled.close()
     finally:
         server.stop()
+
+
+def test_stream_options_without_stream_is_400(server, client, model):
+    status, _, body = server.request("POST", "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2,
+                                                                 "stream_options": {"include_usage": True}})
+    assert_error(status, body, 400, "stream_options")
+    assert_still_serving(client, model)
+
+
+def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server):
+    from kiln.bench.serve_load import drive
+
+    report = asyncio.run(drive(server.url, num_requests=8, concurrency=4, prompt_words=5, output_len=6,
+                               api_key=API_KEY, model=None))
+    assert report["succeeded"] == 8 and not report["errors"]
+    assert report["output_tokens_per_s"] > 0
+    assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
+    assert 0 < report["itl_s"]["p50"] <= report["itl_s"]["p99"]
