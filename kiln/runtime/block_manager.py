@@ -125,8 +125,9 @@ class BlockManager:
                 self.block_of[previous], self.hash_of[block] = block, previous
 
     def free(self, seq_id: int) -> None:
-        """Release a sequence's blocks; cached ones stay findable until reused for something else."""
-        for block in self.tables.pop(seq_id, []):
+        """Release a sequence's blocks; cached ones stay findable until reused for something else. The
+        last block goes first, so it is evicted first: a prefix's later blocks are useless without its first."""
+        for block in reversed(self.tables.pop(seq_id, [])):
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.hash_of:

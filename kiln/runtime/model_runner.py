@@ -48,13 +48,15 @@ class ModelRunner:
         # Activations of the largest step, and its logits, with room to spare.
         reserve = 16 * build_config.max_num_tokens * (config.hidden_size + config.intermediate_size) * 4 \
             + build_config.max_batch_size * config.vocab_size * 4
-        physical = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve))
+        self.num_blocks = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve))
+        use_graphs = self._can_use_graphs(config)
+        # With graphs, one block past the plan is their scratch space for padding rows: taking it from the
+        # plan could leave less than the one max_seq_len sequence the plan guarantees (it would never finish).
+        physical = self.num_blocks + 1 if use_graphs else self.num_blocks
         self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
                                self.dtype, self.device)
         self.graphs = None
-        self.num_blocks = physical  # what the front end's BlockManager may hand out
-        if self._can_use_graphs(config):
-            self.num_blocks = physical - 1  # the last block is the graphs' scratch space for padding rows
+        if use_graphs:
             self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size,
                                        -(-build_config.max_seq_len // build_config.tokens_per_block),
                                        scratch_block=physical - 1)

@@ -37,6 +37,13 @@ def llama(tiny_llama_session):
     return LLM(tiny_llama_session[0], device="cpu")
 
 
+def _assert_no_blocks_held(llm) -> None:
+    """No sequence holds a KV-cache block: no tables, and every block is free or evictable cached prefix."""
+    blocks = llm.generator.blocks
+    assert blocks.tables == {}
+    assert not any(blocks.refs) and blocks.num_available() == blocks.num_blocks
+
+
 def _tokens(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
@@ -139,7 +146,7 @@ def test_a_bad_prompt_in_a_batch_leaves_no_request_behind(tiny_llama_session, ll
     with pytest.raises(ConfigError, match="max_input_len"):
         llm.generate([PROMPTS[0], list(range(9))], GREEDY)
     assert not llm.generator.has_unfinished()  # the good prompt's request was withdrawn too
-    assert llm.runner.num_cached_sequences() == 0
+    _assert_no_blocks_held(llm)
 
 
 def test_n_with_seed_gives_n_reproducible_samples(llama):
@@ -178,10 +185,11 @@ def test_abandoned_stream_frees_its_request(llama):
     stream = llama.generate_stream(PROMPTS[1], GREEDY)
     for _ in range(3):
         next(stream)
-    assert llama.runner.num_cached_sequences() == 1
+    blocks = llama.generator.blocks
+    assert len(blocks.tables) == 1 and blocks.num_available() < blocks.num_blocks
     stream.close()
     assert not llama.generator.has_unfinished()
-    assert llama.runner.num_cached_sequences() == 0
+    _assert_no_blocks_held(llama)
 
 
 def test_llm_accepts_engine_checkpoint_and_hf_dirs(tiny_llama_session, tmp_path, llama_reference):

@@ -16,7 +16,7 @@ from kiln.models.llama.model import LLaMAForCausalLM
 from kiln.runtime.engine import GenerationEngine
 from kiln.runtime.model_runner import ModelRunner
 
-from conftest import hf_greedy
+from conftest import TINY_SLIDING_WINDOW, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 PROMPTS = [[5, 9, 17], list(range(20, 31)), [100, 3, 64, 12, 7, 7, 1], [42]]
@@ -37,13 +37,25 @@ def reference(built):
 
 def _engine(built, eos=(), **limits) -> GenerationEngine:
     model, bc, _ = built
-    runner = ModelRunner(model, torch.device("cpu"))
-    return GenerationEngine(runner, BuildConfig(**{**bc.to_dict(), **limits}), eos)
+    build_config = BuildConfig(**{**bc.to_dict(), **limits})
+    return GenerationEngine(ModelRunner(model, torch.device("cpu"), build_config), build_config, eos)
 
 
-def _caches(engine: GenerationEngine) -> dict:
-    """seq_id -> KV cache of the sequences whose caches are held."""
-    return engine.executor.runner.caches
+def _tables(engine: GenerationEngine) -> dict:
+    """seq_id -> block table of the sequences that hold KV-cache blocks."""
+    return engine.blocks.tables
+
+
+def _referenced(engine: GenerationEngine) -> int:
+    """Blocks some live sequence holds (cached-but-unreferenced prefix blocks are free to take)."""
+    blocks = engine.blocks
+    return sum(1 for r in blocks.refs if r > 0)
+
+
+def _assert_all_released(engine: GenerationEngine) -> None:
+    blocks = engine.blocks
+    assert _tables(engine) == {}
+    assert _referenced(engine) == 0 and blocks.num_available() == blocks.num_blocks
 
 
 def _drain(engine: GenerationEngine, max_steps: int = 1000) -> None:
@@ -85,15 +97,17 @@ def test_abort_frees_the_cache_and_the_others_continue(built, reference):
     for _ in range(4):
         engine.step()
     victim = seqs[1]
-    assert set(_caches(engine)) == {s.seq_id for s in seqs}
+    assert set(_tables(engine)) == {s.seq_id for s in seqs}
+    held, victims_blocks = _referenced(engine), len(_tables(engine)[victim.seq_id])
     engine.abort(victim)
-    assert victim.seq_id not in _caches(engine)  # freed at once, not at the next step
+    assert victim.seq_id not in _tables(engine)  # freed at once, not at the next step
+    assert _referenced(engine) == held - victims_blocks  # no prefix is shared: all its blocks went back
     assert victim.finish_reason == "abort"
     tokens_at_abort = list(victim.output_ids)
     _drain(engine)
     assert victim.output_ids == tokens_at_abort  # it left the batch
     assert seqs[0].output_ids == reference[0] and seqs[2].output_ids == reference[2]
-    assert _caches(engine) == {}  # finished sequences free theirs too
+    _assert_all_released(engine)  # finished sequences free theirs too
 
 
 def test_abort_of_a_waiting_request_never_runs_it(built, reference):
@@ -104,7 +118,7 @@ def test_abort_of_a_waiting_request_never_runs_it(built, reference):
     _drain(engine)
     assert waiting.output_ids == [] and waiting.finish_reason == "abort"
     assert running.output_ids == reference[0]
-    assert _caches(engine) == {}
+    _assert_all_released(engine)
 
 
 def test_length_at_max_tokens(built, reference):
@@ -156,3 +170,91 @@ def test_prompt_longer_than_max_input_len_is_refused_alone(built, reference):
         engine.add_request([], GREEDY)
     _drain(engine)
     assert ok.output_ids == reference[0]
+
+
+# ---- the paged KV cache: prefix reuse, chunked prefill and preemption leave the tokens unchanged ----------
+
+SHARED = [(7 * i + 3) % 120 + 1 for i in range(24)]  # three 8-token blocks every prompt below starts with
+
+
+def _drain_recording(engine: GenerationEngine) -> list[list[tuple[int, int, int]]]:
+    """Drain the engine; per step, (seq_id, tokens cached before, tokens computed) of each scheduled sequence."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        step = schedule()
+        steps.append([(s.seq_id, s.num_cached, n) for s, n in step])
+        return step
+
+    engine.scheduler.schedule = recording
+    _drain(engine)
+    return steps
+
+
+def test_shared_prefixes_are_reused_and_tokens_equal_transformers(built):
+    hf = built[2]
+    first = SHARED + [90, 91, 92, 93, 94]
+    engine = _engine(built, tokens_per_block=8, max_input_len=64)
+    a = engine.add_request(first, GREEDY)
+    engine.step()  # a's 29-token prompt is computed: its 3 full blocks become findable
+    b = engine.add_request(SHARED + [5, 6], GREEDY)  # hits a's 3 blocks while a still holds them
+    c = engine.add_request(SHARED + [60] * 9, GREEDY)
+    _drain(engine)
+    assert engine.blocks.prefix_hit_tokens == 24 + 24
+    # After a finished its blocks are unreferenced but still cached, its generated tokens' blocks too.
+    d = engine.add_request(first + a.output_ids[:10], GREEDY)  # 39 tokens: 4 full blocks before the last
+    _drain(engine)
+    assert engine.blocks.prefix_hit_tokens == 24 + 24 + 32
+    assert engine.blocks.hit_rate() == pytest.approx(80 / (29 + 26 + 33 + 39))
+    for seq in (a, b, c, d):
+        assert seq.output_ids == hf_greedy(hf, seq.prompt_ids, 32), seq.seq_id
+    _assert_all_released(engine)
+
+
+def test_prompts_prefilled_in_chunks_equal_transformers(built, reference):
+    engine = _engine(built, max_num_tokens=4, tokens_per_block=4)
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    steps = _drain_recording(engine)
+    assert all(sum(n for _, _, n in step) <= 4 for step in steps)
+    chunks = [(seq_id, n) for step in steps for seq_id, cached, n in step if cached + n < len(PROMPTS[seq_id])]
+    assert chunks, "no prompt was split across steps"
+    assert [s.output_ids for s in seqs] == reference
+    _assert_all_released(engine)
+
+
+@pytest.mark.parametrize("tokens_per_block,max_num_tokens", [(4, 16), (8, 16), (4, 3)])  # the last also chunks
+def test_a_tiny_kv_cache_preempts_and_recomputes_without_changing_tokens(built, reference, tokens_per_block,
+                                                                         max_num_tokens):
+    # Room for one 48-token sequence; four of up to 11 + 32 tokens must take turns.
+    engine = _engine(built, max_seq_len=48, max_input_len=16, kv_cache_max_tokens=48,
+                     tokens_per_block=tokens_per_block, max_num_tokens=max_num_tokens)
+    assert engine.blocks.num_blocks == 48 // tokens_per_block
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    _drain(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [s.output_ids for s in seqs] == reference
+    _assert_all_released(engine)
+
+
+@pytest.fixture(scope="module")
+def built_mistral(tiny_mistral_session):
+    hf_dir, hf = tiny_mistral_session
+    engine = build(LLaMAForCausalLM.from_hugging_face(hf_dir), BuildConfig(max_seq_len=128, max_input_len=32))
+    return engine.runtime_model(), engine.build_config, hf
+
+
+def test_sliding_window_mistral_through_the_paged_cache_equals_transformers(built_mistral):
+    hf = built_mistral[2]
+    prompts = [list(range(30, 50)), list(range(30, 44)) + [9, 9], [77, 1, 5]]
+    assert all(len(p) + 32 > 2 * TINY_SLIDING_WINDOW for p in prompts)  # the window cuts the context
+    # Chunks continue a cached context, decode reads paged blocks, prefixes are shared, the cache is small.
+    engine = _engine(built_mistral, tokens_per_block=4, max_num_tokens=6, kv_cache_max_tokens=64, max_seq_len=64)
+    first = engine.add_request(prompts[0], GREEDY)
+    for _ in range(5):
+        engine.step()
+    others = [engine.add_request(p, GREEDY) for p in prompts[1:]]
+    _drain(engine)
+    assert engine.blocks.hit_rate() > 0
+    for seq in [first] + others:
+        assert seq.output_ids == hf_greedy(hf, seq.prompt_ids, 32), seq.seq_id
+    _assert_all_released(engine)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model
+from kiln.config import BuildConfig
 from kiln.kernels import triton_available
 from kiln.llmapi.llm import LLM
 from kiln.llmapi.sampling_params import SamplingParams
@@ -38,3 +39,15 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
         expected = hf_greedy_cuda(hf, prompt, 32)
         assert out.outputs[0].token_ids == expected
         assert out2.outputs[0].token_ids == expected
+
+
+def test_cuda_graphs_leave_room_for_one_max_seq_len_sequence(tmp_path, monkeypatch):
+    # A cache of exactly one max_seq_len sequence: the graphs' scratch block must not come out of it, or a
+    # sequence that grows to max_seq_len preempts itself and never fits again.
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(tmp_path / "hf").to("cuda")
+    bc = BuildConfig(max_seq_len=64, max_input_len=16, tokens_per_block=16, kv_cache_max_tokens=64)
+    with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
+        assert llm.runner.graphs is not None and llm.generator.blocks.num_blocks == 4
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy_cuda(hf, PROMPTS[0], 64 - len(PROMPTS[0]))

@@ -1,8 +1,14 @@
 """The in-flight batching scheduler, pure Python, on thousands of random request streams.
 
-The policy under test (kiln/runtime/scheduler.py): each step the running sequences decode one token each;
-waiting ones are admitted oldest first while the batch has room (max_batch_size) and the step's token budget
-(max_num_tokens) holds their whole prompts; a prompt longer than the whole budget runs alone.
+The policy under test (kiln/runtime/scheduler.py): each step the running sequences, oldest first, get their
+next tokens (one when decoding, a chunk of the prompt while prefilling) within the step's token budget
+(max_num_tokens); then waiting ones are admitted in order while the batch has room (max_batch_size), budget
+is left, and the KV cache has blocks for their whole prompt. When a running sequence needs a block and none
+is left, the newest running sequences are preempted: their blocks are freed and they wait, at the head of
+the queue, to be recomputed from whatever prefix the cache still holds.
+
+A fake executor drives it: it writes each computed token into a shadow KV cache (slot -> token), so a
+sequence that reads a block it does not own, or a prefix hit with the wrong contents, shows up.
 """
 
 from __future__ import annotations
@@ -11,91 +17,208 @@ import random
 
 import pytest
 
+from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sequence import Sequence, Status
 
 
-def _seq(seq_id: int, prompt_len: int, max_new: int) -> Sequence:
-    return Sequence(seq_id, [1] * prompt_len, params=None, max_len=prompt_len + max_new, generator=None)
+def _seq(seq_id: int, prompt: list[int] | int, max_new: int) -> Sequence:
+    prompt = [1] * prompt if isinstance(prompt, int) else prompt
+    return Sequence(seq_id, prompt, params=None, max_len=len(prompt) + max_new, generator=None)
 
 
-def _run_case(rng: random.Random) -> None:
-    max_batch, max_tokens = rng.randint(1, 6), rng.randint(1, 48)
-    sched = Scheduler(max_batch, max_tokens)
-    added: list[Sequence] = []
-    admitted: list[Sequence] = []  # in the order they first ran
-    finished_waiting: set[int] = set()  # aborted before they ever ran
-    running_before: list[Sequence] = []
-    steps, adding_steps = 0, rng.randint(1, 40)
+class Stream:
+    """One random request stream, checked step by step against the policy."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.bs = rng.choice([1, 2, 4, 8])
+        self.max_batch, self.max_tokens = rng.randint(1, 6), rng.randint(1, 48)
+        self.max_seq_len = rng.randint(2, 40)
+        # From one max_seq_len sequence's worth of blocks (preemption is common) to plenty.
+        num_blocks = -(-self.max_seq_len // self.bs) + rng.choice([0, 0, 1, 3, 40])
+        self.sched = Scheduler(self.max_batch, self.max_tokens, BlockManager(num_blocks, self.bs))
+        self.blocks = self.sched.blocks
+        self.added: list[Sequence] = []
+        self.queue: list[Sequence] = []  # the model's waiting queue
+        self.running: list[Sequence] = []  # the model's running batch, oldest first
+        self.shadow: dict[int, int] = {}
+
+    def add_requests(self) -> None:
+        for _ in range(self.rng.choice([0, 0, 1, 1, 2, 4])):
+            earlier = [s.all_ids for s in self.added]
+            prompt = list(self.rng.choice(earlier)) if earlier and self.rng.random() < 0.5 else []
+            prompt = prompt[:self.rng.randint(0, self.max_seq_len - 2)]
+            prompt += [self.rng.randint(0, 2) for _ in range(self.rng.randint(1 if not prompt else 0, 12))]
+            prompt = prompt[:self.max_seq_len - 1]
+            seq = _seq(len(self.added), prompt, self.rng.randint(1, self.max_seq_len - len(prompt)))
+            self.sched.add(seq)
+            self.added.append(seq)
+            self.queue.append(seq)
+
+    def abort_some(self) -> None:
+        for seq in self.added:
+            if not seq.finished and self.rng.random() < 0.01:
+                seq.finish("abort")
+                self.sched.free(seq)
+                self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        self.queue = [s for s in self.queue if s is not seq]
+        self.running = [s for s in self.running if s is not seq]
+
+    def check_step(self, step: list[tuple[Sequence, int]], before: dict[int, int]) -> None:
+        seqs = [s for s, _ in step]
+        assert len(seqs) == len({s.seq_id for s in seqs})
+        assert not any(s.finished for s in seqs), "finished sequences must leave the batch"
+        assert all(n >= 1 for _, n in step)
+        assert sum(n for _, n in step) <= self.max_tokens
+        assert len(self.sched.running) <= self.max_batch and len(step) <= self.max_batch
+        for seq, n in step:
+            assert n <= len(seq.all_ids) - seq.num_cached
+            assert len(self.blocks.tables[seq.seq_id]) * self.bs >= seq.num_cached + n, "no blocks for the step"
+            for pos in range(seq.num_cached):  # what it will attend to holds its own tokens
+                assert self.shadow.get(self.blocks.slot(seq.seq_id, pos)) == seq.all_ids[pos]
+
+        # Preemption takes the newest running sequences; the survivors keep their order and come first.
+        stayed = [s for s in self.running if s in self.sched.running]
+        gone = self.running[len(stayed):]
+        assert self.running[:len(stayed)] == stayed, "an older sequence was preempted before a newer one"
+        assert self.sched.num_preemptions - before["preemptions"] == len(gone)
+        for seq in gone:
+            assert seq.status is Status.WAITING and seq.seq_id not in self.blocks.tables
+            assert seq.num_cached == 0
+        scheduled_running = [s for s in seqs if s in stayed]
+        assert seqs[:len(scheduled_running)] == scheduled_running
+        budget_left = self.max_tokens - sum(n for _, n in step)
+        for seq in stayed:  # every survivor got tokens unless the budget ran out
+            assert seq in seqs or budget_left == 0
+
+        # Admission: the model's queue, preempted ones back at its head (oldest first), strictly in order.
+        self.queue = gone + self.queue
+        new = seqs[len(scheduled_running):]
+        assert new == self.queue[:len(new)], "admission out of order"
+        self.queue = self.queue[len(new):]
+        for i, (seq, n) in enumerate(step[len(scheduled_running):]):
+            cached = seq.num_cached
+            assert cached % self.bs == 0 and cached < len(seq.all_ids)
+            if n < len(seq.all_ids) - cached:  # a first chunk only when it spends the rest of the budget
+                assert i == len(new) - 1 and budget_left == 0
+        # An admitted sequence, a preempted one too, starts at its prefix hit: not at 0, nor where it was.
+        assert sum(s.num_cached for s in new) == self.blocks.prefix_hit_tokens - before["hits"]
+        self.running = stayed + new
+        # Work conserving: the head of the queue waits only when the batch, the budget or the blocks are full.
+        if self.queue:
+            head = self.queue[0]
+            assert (len(self.running) == self.max_batch or budget_left == 0
+                    or self.blocks.blocks_for(len(head.all_ids)) > self.blocks.num_available())
+        assert self.running == self.sched.running
+        assert [s for s in self.sched.waiting if not s.finished] == self.queue
+
+    def execute(self, step: list[tuple[Sequence, int]]) -> None:
+        """The executor and the engine: compute, register full blocks, sample, stop, free."""
+        for seq, n in step:
+            for pos in range(seq.num_cached, seq.num_cached + n):
+                self.shadow[self.blocks.slot(seq.seq_id, pos)] = seq.all_ids[pos]
+            seq.num_cached += n
+            self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
+            if seq.num_cached == len(seq.all_ids):
+                seq.output_ids.append(self.rng.randint(0, 2))
+                if len(seq.all_ids) >= seq.max_len or self.rng.random() < 0.05:
+                    seq.finish("length")
+                    self.sched.free(seq)
+                    self._leave(seq)
+
+
+def _run_case(case: int) -> int:
+    rng = random.Random(case)
+    stream = Stream(rng)
+    sched = stream.sched
+    steps, adding_steps = 0, rng.randint(1, 30)
     while steps < adding_steps or sched.has_unfinished():
         steps += 1
-        assert steps < 2000, "the scheduler stopped making progress"
+        assert steps < 3000, "the scheduler stopped making progress"
         if steps <= adding_steps:
-            for _ in range(rng.choice([0, 0, 1, 1, 2, 4])):
-                seq = _seq(len(added), rng.choice([rng.randint(1, 8), rng.randint(1, 64)]), rng.randint(1, 6))
-                sched.add(seq)
-                added.append(seq)
-        for seq in added:  # aborts, of waiting and of running requests
-            if not seq.finished and rng.random() < 0.02:
-                if seq not in admitted:
-                    finished_waiting.add(seq.seq_id)
-                seq.finish("abort")
-
-        batch = sched.schedule()
-        ids = [s.seq_id for s in batch]
-        step_tokens = sum(len(s.pending_ids()) for s in batch)
-        new = [s for s in batch if s not in admitted]
-
-        assert len(batch) <= max_batch
-        assert len(set(ids)) == len(ids)
-        assert not any(s.finished for s in batch), "finished sequences must leave the batch"
-        if step_tokens > max_tokens:  # only a single oversized prompt, alone
-            assert len(batch) == 1 and batch[0].num_cached == 0 and len(batch[0].prompt_ids) > max_tokens
-        # Running sequences keep their place (no preemption) and come first; then the newly admitted.
-        assert batch[:len(batch) - len(new)] == [s for s in running_before if not s.finished]
-        assert all(s.num_cached == 0 for s in new)
-        # FIFO: admission follows arrival, skipping only requests aborted while waiting.
-        admitted += new
-        queue = [s for s in added if s.seq_id not in finished_waiting]
-        assert admitted == queue[:len(admitted)]
-        # Work conserving: the oldest waiting request is left out only when it does not fit.
-        waiting = [s for s in queue[len(admitted):] if not s.finished]
-        if waiting:
-            assert batch, "an idle step with requests waiting"
-            assert len(batch) == max_batch or len(waiting[0].prompt_ids) > max_tokens - step_tokens
-
-        for seq in batch:  # what the executor and the engine do with a step
-            seq.num_cached += len(seq.pending_ids())
-            seq.output_ids.append(0)
-            if len(seq.all_ids) >= seq.max_len or rng.random() < 0.05:
-                seq.finish("length")
-        running_before = [s for s in batch if not s.finished]
-
-    assert all(s.finished for s in added)
-    assert not any(s.seq_id in finished_waiting for s in admitted)
+            stream.add_requests()
+        stream.abort_some()
+        before = {"preemptions": sched.num_preemptions, "hits": stream.blocks.prefix_hit_tokens}
+        step = sched.schedule()
+        stream.check_step(step, before)
+        stream.execute(step)
+    assert all(s.finished for s in stream.added)
+    assert stream.blocks.tables == {} and not any(stream.blocks.refs), "a block leaked"
+    assert stream.blocks.num_available() == stream.blocks.num_blocks
+    return sched.num_preemptions
 
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_random_request_streams_keep_the_scheduler_invariants(chunk):
-    for case in range(chunk * 750, (chunk + 1) * 750):
-        _run_case(random.Random(case))
+    preemptions = [_run_case(case) for case in range(chunk * 500, (chunk + 1) * 500)]
+    assert sum(p > 0 for p in preemptions) > 50  # the small caches really preempt
 
 
-def test_oversized_prompt_runs_alone_then_others_join():
-    sched = Scheduler(max_batch_size=4, max_num_tokens=10)
+def test_long_prompt_is_prefilled_in_chunks_and_others_join_when_budget_allows():
+    sched = Scheduler(max_batch_size=4, max_num_tokens=10, blocks=BlockManager(16, 4))
     big, small = _seq(0, 25, 3), _seq(1, 3, 3)
     sched.add(big)
     sched.add(small)
-    assert sched.schedule() == [big]
+    assert sched.schedule() == [(big, 10)]
+    big.num_cached = 10
+    assert sched.schedule() == [(big, 10)]
+    big.num_cached = 20
+    assert sched.schedule() == [(big, 5), (small, 3)]
     big.num_cached, big.output_ids = 25, [0]
-    assert sched.schedule() == [big, small]  # 1 decode token + a 3-token prompt fit in 10
+    small.num_cached, small.output_ids = 3, [0]
+    assert sched.schedule() == [(big, 1), (small, 1)]
 
 
-def test_head_of_line_prompt_that_does_not_fit_waits_and_blocks_later_ones():
-    sched = Scheduler(max_batch_size=8, max_num_tokens=10)
+def test_admission_is_in_order_even_when_a_later_prompt_would_fit():
+    sched = Scheduler(max_batch_size=8, max_num_tokens=10, blocks=BlockManager(16, 4))
     first, second, third = _seq(0, 6, 5), _seq(1, 6, 5), _seq(2, 1, 5)
     for s in (first, second, third):
         sched.add(s)
-    assert sched.schedule() == [first]  # 6 + 6 > 10; the 1-token third does not overtake second
+    assert sched.schedule() == [(first, 6), (second, 4)]  # the budget is spent: third does not overtake
     first.num_cached, first.output_ids = 6, [0]
-    assert sched.schedule() == [first, second, third]  # 1 + 6 + 1 <= 10
+    second.num_cached = 4
+    assert sched.schedule() == [(first, 1), (second, 2), (third, 1)]
+
+
+def test_head_of_line_prompt_without_blocks_waits_and_blocks_later_ones():
+    sched = Scheduler(max_batch_size=8, max_num_tokens=64, blocks=BlockManager(4, 4))
+    running, big, tiny = _seq(0, 8, 5), _seq(1, 9, 5), _seq(2, 1, 5)
+    for s in (running, big, tiny):
+        sched.add(s)
+    assert sched.schedule() == [(running, 8)]  # 2 blocks left: big needs 3; tiny would fit but waits
+    assert list(sched.waiting) == [big, tiny]
+
+
+def test_out_of_blocks_preempts_the_newest_which_returns_first_from_its_cached_prefix():
+    blocks = BlockManager(4, 2)
+    sched = Scheduler(max_batch_size=4, max_num_tokens=64, blocks=blocks)
+    old, new, later = _seq(0, [1, 2, 3], 8), _seq(1, [4, 5, 6], 8), _seq(2, [7], 8)
+    sched.add(old)
+    sched.add(new)
+    assert sched.schedule() == [(old, 3), (new, 3)]  # all 4 blocks taken
+    for s in (old, new):
+        s.num_cached = 3
+        blocks.register_full_blocks(s.seq_id, s.all_ids, 3)
+        s.output_ids = [9]
+    sched.add(later)
+    assert sched.schedule() == [(old, 1), (new, 1)]  # no new block yet (4 tokens in 2 blocks); later waits
+    for s in (old, new):
+        s.num_cached, s.output_ids = 4, [9, 9]
+        blocks.register_full_blocks(s.seq_id, s.all_ids, 4)
+    new_blocks = list(blocks.tables[new.seq_id])
+    # old's 5th token needs a third block: new, the newest, is preempted. Its blocks stay cached, last one
+    # first in line for eviction, and old takes that one.
+    step = sched.schedule()
+    assert sched.num_preemptions == 1 and new.status is Status.WAITING and new.num_cached == 0
+    assert list(sched.waiting) == [new, later]
+    assert step == [(old, 1)]
+    assert blocks.tables[old.seq_id][2] == new_blocks[1] and list(blocks.evictable) == [new_blocks[0]]
+    old.num_cached, old.output_ids = 5, [9, 9, 9]
+    old.finish("length")
+    sched.free(old)
+    step = sched.schedule()
+    assert step[0] == (new, 3) and new.num_cached == 2  # back first; its first block was a cache hit
+    assert step[1] == (later, 1)

@@ -1,0 +1,103 @@
+"""PagedAttentionBatch.attend against the reference AttentionBatch on whole sequences without a cache.
+
+Each sequence's earlier keys and values are placed in scattered blocks of a PagedKVCache; the step's new
+queries must then attend exactly as the same rows of an uncached forward over the whole sequence would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kiln.kernels import triton_available
+from kiln.layers.attention import Attention, AttentionBatch
+from kiln.runtime.kv_cache import PagedKVCache
+from kiln.runtime.paged_batch import PagedAttentionBatch
+
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 16, 4
+
+
+@dataclass
+class Layer:
+    """What attend reads of an attention layer; the dense math is Attention's own."""
+
+    sliding_window: int | None = None
+    softcap: float | None = None
+    layer_idx: int = 0
+    scale: float = HEAD_SIZE ** -0.5
+    attend_dense = Attention.attend_dense
+
+
+def _paged_vs_reference(layer: Layer, steps: list[tuple[int, int]], device: str) -> None:
+    """steps: (tokens already cached, new tokens) per sequence."""
+    gen = torch.Generator().manual_seed(len(steps) * 100 + sum(c for c, _ in steps))
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    lengths = [c + n for c, n in steps]
+    q, k, v = rand(sum(lengths), HEADS, HEAD_SIZE), rand(sum(lengths), KV_HEADS, HEAD_SIZE), \
+        rand(sum(lengths), KV_HEADS, HEAD_SIZE)
+    expected = AttentionBatch(lengths).attend(layer, q, k, v)
+
+    widest = -(-max(lengths) // BLOCK)
+    num_blocks = widest * len(steps) + 3
+    kv = PagedKVCache([0], num_blocks, BLOCK, KV_HEADS, HEAD_SIZE, torch.float32, torch.device(device))
+    order = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, not in sequence order
+    tables, slots, new_rows, start = [], [], [], 0
+    for i, (ctx, n) in enumerate(steps):
+        table = order[i * widest:(i + 1) * widest]
+        tables.append(table)
+        for pos in range(ctx + n):
+            slot = table[pos // BLOCK] * BLOCK + pos % BLOCK
+            if pos < ctx:  # in the cache from earlier steps
+                kv.k[0].view(-1, KV_HEADS, HEAD_SIZE)[slot] = k[start + pos]
+                kv.v[0].view(-1, KV_HEADS, HEAD_SIZE)[slot] = v[start + pos]
+            else:
+                slots.append(slot)
+                new_rows.append(start + pos)
+        start += ctx + n
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    cu = [0]
+    for _, n in steps:
+        cu.append(cu[-1] + n)
+    batch = PagedAttentionBatch([n for _, n in steps], [c for c, _ in steps], kv,
+                                torch.tensor(slots, dtype=torch.long, device=device), as_tensor(tables),
+                                as_tensor(lengths), as_tensor(cu))
+    rows = torch.tensor(new_rows, device=device)
+    out = batch.attend(layer, q[rows], k[rows], v[rows])
+    torch.testing.assert_close(out, expected[rows], atol=1e-4, rtol=1e-4)
+
+
+DEVICES = ["cpu"] + (["cuda"] if triton_available() else [])  # CUDA runs the Triton kernels
+STEPS = {
+    "mixed": [(5, 6), (9, 1), (0, 7), (13, 3)],  # a prefill continuing a cached prefix, decode, a fresh prompt
+    "decode_only": [(9, 1), (1, 1), (16, 1), (4, 1)],
+    "fresh_prefill": [(0, 7), (0, 1), (0, 12)],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [None, 3, 8])
+@pytest.mark.parametrize("kind", list(STEPS))
+def test_paged_attention_equals_uncached_attention(kind, window, device):
+    _paged_vs_reference(Layer(sliding_window=window), STEPS[kind], device)
+
+
+@pytest.mark.parametrize("kind", list(STEPS))
+def test_soft_capped_scores_through_the_paged_cache(kind):
+    _paged_vs_reference(Layer(softcap=5.0), STEPS[kind], "cpu")
+
+
+def test_a_later_step_reads_the_keys_an_earlier_step_wrote_to_the_cache():
+    # Step 1 prefills 4 tokens into block 0; step 2 writes 2 more into block 2 and reads all 6.
+    layer = Layer()
+    kv = PagedKVCache([0], 3, BLOCK, KV_HEADS, HEAD_SIZE, torch.float32, torch.device("cpu"))
+    k, v, q = torch.randn(6, KV_HEADS, HEAD_SIZE), torch.randn(6, KV_HEADS, HEAD_SIZE), torch.randn(6, HEADS, HEAD_SIZE)
+    batch = PagedAttentionBatch([4], [0], kv, torch.arange(4), torch.tensor([[0]], dtype=torch.int32),
+                                torch.tensor([4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32))
+    batch.attend(layer, q[:4], k[:4], v[:4])
+    torch.testing.assert_close(kv.k[0][0], k[:4])
+    step = PagedAttentionBatch([2], [4], kv, torch.tensor([8, 9]), torch.tensor([[0, 2]], dtype=torch.int32),
+                               torch.tensor([6], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32))
+    out = step.attend(layer, q[4:], k[4:], v[4:])
+    torch.testing.assert_close(out, AttentionBatch([6]).attend(layer, q, k, v)[4:], atol=1e-5, rtol=1e-5)
