@@ -18,8 +18,10 @@ class PagedKVCache:
     def __init__(self, layers, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_blocks, block_size, num_kv_heads, head_size)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        # empty, not zeros: a slot is always written before it is read, and on the CPU untouched pages of
+        # a large cache then cost no resident memory.
+        self.k = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
+        self.v = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
         self.num_blocks, self.block_size = num_blocks, block_size
 
 

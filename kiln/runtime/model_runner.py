@@ -93,19 +93,56 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
         """Run this rank's part of the step. Returns the last-token logits [batch, vocab] on the rank
-        that produced them (the last stage), None elsewhere."""
+        that produced them (the last stage), None elsewhere.
+
+        With pipeline stages the step is cut into pp_size micro-batches of whole sequences that flow
+        through the stages one after another, so stage k works on micro-batch i while stage k+1 works on
+        micro-batch i-1 (GPipe-style, within the step)."""
         if self.graphs is not None and self.graphs.can_run(inp):
             return self.graphs.run(inp)
-        batch = self._batch(inp)
-        positions = torch.tensor(inp.positions, device=self.device)
-        hidden = None
         m = self.mapping
-        if not m.is_first_pp_rank:
-            hidden = torch.empty(len(inp.token_ids), self.hidden_size, dtype=self.dtype, device=self.device)
-            dist.recv(hidden, src=m.rank - m.tp_size)
+        if m.pp_size == 1:
+            return self._forward(inp, None)
+        sends, outputs = [], []
+        for micro in split_step(inp, m.pp_size):
+            hidden = None
+            if not m.is_first_pp_rank:
+                hidden = torch.empty(len(micro.token_ids), self.hidden_size, dtype=self.dtype, device=self.device)
+                dist.recv(hidden, src=m.rank - m.tp_size)
+            out = self._forward(micro, hidden)
+            if m.is_last_pp_rank:
+                outputs.append(out)
+            else:
+                sends.append(dist.isend(out.contiguous(), dst=m.rank + m.tp_size))
+        for work in sends:
+            work.wait()
+        return torch.cat(outputs) if m.is_last_pp_rank else None
+
+    def _forward(self, inp: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
+        positions = torch.tensor(inp.positions, device=self.device)
         tokens = None if hidden is not None else torch.tensor(inp.token_ids, device=self.device)
-        out = self.model(tokens, positions, batch, hidden_states=hidden, last_token_only=True)
-        if not m.is_last_pp_rank:
-            dist.send(out.contiguous(), dst=m.rank + m.tp_size)
-            return None
-        return out
+        return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
+
+
+def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:
+    """Cut a step into at most `parts` micro-batches of whole sequences with similar token counts."""
+    target = -(-len(inp.token_ids) // parts)
+    groups, current, tokens = [], [], 0
+    for i, n in enumerate(inp.query_lens):
+        current.append(i)
+        tokens += n
+        if tokens >= target and len(groups) < parts - 1:
+            groups.append(current)
+            current, tokens = [], 0
+    if current:
+        groups.append(current)
+    starts = [0]
+    for n in inp.query_lens:
+        starts.append(starts[-1] + n)
+    micro = []
+    for group in groups:
+        lo, hi = starts[group[0]], starts[group[-1] + 1]
+        micro.append(StepInputs(inp.token_ids[lo:hi], inp.positions[lo:hi], [inp.query_lens[i] for i in group],
+                                [inp.context_lens[i] for i in group], inp.slot_mapping[lo:hi],
+                                [inp.block_tables[i] for i in group]))
+    return micro

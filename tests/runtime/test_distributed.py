@@ -110,3 +110,18 @@ def test_killed_worker_fails_the_caller_fast_and_leaves_no_process(engines):
     for p in processes:
         p.join(timeout=5)
     assert not any(p.is_alive() for p in processes)
+
+
+def test_split_step_keeps_every_token_in_order_in_whole_sequences():
+    from kiln.runtime.model_runner import split_step
+
+    step = next(steps())
+    for parts in (1, 2, 3, 5):
+        micro = split_step(step, parts)
+        assert 1 <= len(micro) <= min(parts, len(step.query_lens))
+        assert [t for m in micro for t in m.token_ids] == step.token_ids
+        assert [q for m in micro for q in m.query_lens] == step.query_lens
+        assert [s for m in micro for s in m.slot_mapping] == step.slot_mapping
+        assert [b for m in micro for b in m.block_tables] == step.block_tables
+        for m in micro:
+            assert sum(m.query_lens) == len(m.token_ids) == len(m.positions)
