@@ -11,6 +11,7 @@ Triton kernels run, elsewhere their torch references.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -47,23 +48,69 @@ class PagedAttentionBatch:
         k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
+        if layer.softcap is not None:
+            return self._attend_each(layer, q, k_flat, v_flat, range(len(self.query_lens)))
         fast = q.is_cuda and triton_available()
-        if layer.softcap is None and self.decode_only:
-            decode = paged_decode_attention if fast else paged_decode_attention_ref
+        decode = paged_decode_attention if fast else paged_decode_attention_ref
+        prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
+        if self.decode_only:
             return decode(q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window)
-        if layer.softcap is None and self.fresh_prefill:
-            prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
+        if self.fresh_prefill:
             return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window)
-        return self._attend_each(layer, q, k_flat, v_flat)
-
-    def _attend_each(self, layer, q, k_flat, v_flat) -> torch.Tensor:
+        # A mixed step (new requests joining running ones): one call for all the decode tokens, one for all
+        # the fresh prompts, and per sequence only for prompts that continue a cached prefix or chunk.
+        p = self._parts
         out = torch.empty_like(q)
+        if p.decode_seqs.numel():
+            out[p.decode_tokens] = decode(q[p.decode_tokens], k_cache, v_cache, self.block_tables[p.decode_seqs],
+                                          self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window)
+        if p.fresh_tokens.numel():
+            t = p.fresh_tokens
+            out[t] = prefill(q[t], k[t], v[t], p.fresh_cu, p.fresh_max, layer.scale, layer.sliding_window)
+        if p.other_seqs:
+            out = self._attend_each(layer, q, k_flat, v_flat, p.other_seqs, out)
+        return out
+
+    @cached_property
+    def _parts(self) -> "_StepParts":
+        """Which sequences of a mixed step decode, start fresh, or continue (computed once per step)."""
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        pairs = list(enumerate(zip(self.query_lens, self.context_lens)))
+        decode = [i for i, (n, _) in pairs if n == 1]
+        fresh = [i for i, (n, c) in pairs if n > 1 and c == 0]
+        fresh_tokens = [t for i in fresh for t in range(starts[i], starts[i + 1])]
+        fresh_cu = [0]
+        for i in fresh:
+            fresh_cu.append(fresh_cu[-1] + self.query_lens[i])
+        device = self.slot_mapping.device
+        as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+        return _StepParts(as_tensor(decode), as_tensor([starts[i] for i in decode]), as_tensor(fresh_tokens),
+                          as_tensor(fresh_cu, torch.int32), max((self.query_lens[i] for i in fresh), default=0),
+                          [i for i, (n, c) in pairs if n > 1 and c > 0])
+
+    def _attend_each(self, layer, q, k_flat, v_flat, seqs, out=None) -> torch.Tensor:
+        """Per sequence: gather its keys and values from the cache and attend densely (the general path)."""
+        out = torch.empty_like(q) if out is None else out
         block_size = self.kv.block_size
         offsets = torch.arange(block_size, device=q.device)
-        start = 0
-        for i, (n, ctx) in enumerate(zip(self.query_lens, self.context_lens)):
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        for i in seqs:
+            n, ctx, start = self.query_lens[i], self.context_lens[i], starts[i]
             blocks = self.block_tables[i, : -(-(ctx + n) // block_size)].long()
             slots = (blocks[:, None] * block_size + offsets).flatten()[: ctx + n]
             out[start:start + n] = layer.attend_dense(q[start:start + n], k_flat[slots], v_flat[slots], ctx)
-            start += n
         return out
+
+
+@dataclass
+class _StepParts:
+    decode_seqs: torch.Tensor  # sequence indices with one new token
+    decode_tokens: torch.Tensor  # and that token's index in the flat stream
+    fresh_tokens: torch.Tensor  # tokens of prompts with nothing cached yet
+    fresh_cu: torch.Tensor  # their cu_seqlens
+    fresh_max: int
+    other_seqs: list[int]  # prompts continuing a cached prefix or an earlier chunk
