@@ -83,7 +83,7 @@ def _make_runner(engine_dir: Path, engine: Engine, device: torch.device):
     return ModelRunner(engine.runtime_model(device), device, engine.build_config)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     request_id: int
     prompt: str | None

@@ -14,7 +14,8 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+# eq=False: sequences are compared and hashed by identity (value equality would compare every token)
+@dataclass(eq=False)
 class Sequence:
     seq_id: int
     prompt_ids: list[int]

@@ -24,7 +24,7 @@ class QueueFullError(KilnError):
     """Too many requests are waiting; the client should retry later."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
