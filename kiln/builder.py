@@ -65,8 +65,11 @@ def engine_weights(model: PretrainedModel):
         if runtime is None:
             continue
         tensor = model.read_weight(name)
-        if runtime != name:
-            dim = -1 if name.endswith(".bias") else -2
+        if runtime != name and not name.endswith(".prequant_scaling_factor"):
+            # Weights, packed int4 codes, group scales and zero points are [out, ...]: join on the output dim
+            # (-2; stacked experts too); biases and per-channel scales are [out]: join on -1. fc and gate
+            # share their input, so an AWQ prequant scale [in] is one for both (fc's is kept).
+            dim = -1 if tensor.dim() == 1 else -2
             tensor = torch.cat([tensor, model.read_weight(_sibling(name, "gate"))], dim=dim)
         yield runtime, tensor
 

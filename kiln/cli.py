@@ -48,6 +48,25 @@ def cmd_convert(args) -> None:
     print(f"wrote kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
 
 
+def cmd_quantize(args) -> None:
+    from kiln.config import QuantConfig
+    from kiln.mapping import Mapping
+    from kiln.models.base import PretrainedModel
+    from kiln.quantization.evaluate import REPORT_FILE, format_report
+
+    quant_config = QuantConfig(quant_algo=args.quant_algo, group_size=args.group_size,
+                               has_zero_point=args.has_zero_point,
+                               exclude_modules=tuple(args.exclude_modules or ("lm_head",)))
+    start = time.perf_counter()
+    out = PretrainedModel.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
+                                   calib_dataset=args.calib_dataset, calib_size=args.calib_size,
+                                   calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype,
+                                   overwrite=args.overwrite, evaluate=args.eval)
+    print(f"wrote {quant_config.quant_algo.value} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
+    if args.eval:
+        print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
+
+
 def _build_config(args):
     from kiln.config import BuildConfig
 
@@ -195,6 +214,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="quantize a source model into a kiln checkpoint (W8A16, W4A16, AWQ)")
+    p.add_argument("--model-dir", required=True, help="source: HF dir, Meta dir or .gguf file (detected)")
+    p.add_argument("--output-dir", required=True, help="kiln checkpoint dir to write")
+    p.add_argument("--quant-algo", required=True, type=str.upper, metavar="{W8A16,W4A16,W4A16_AWQ}",
+                   help="W8A16: per-channel int8; W4A16: group-wise int4 round-to-nearest; W4A16_AWQ: "
+                        "int4 with activation-aware scales searched on calibration text")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
+    p.add_argument("--has-zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
+    p.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
+                   help="modules kept in full precision (fnmatch on names or their suffixes; default: lm_head)")
+    p.add_argument("--calib-dataset", default=None,
+                   help="calibration text: .txt, or .jsonl with a 'text' field (default: text shipped with kiln)")
+    p.add_argument("--calib-size", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-max-seq-len", type=int, default=256, help="tokens per calibration / eval window")
+    p.add_argument("--eval", action="store_true", help="report perplexity, KL and top-1 agreement against the "
+                   "unquantized model on held-out text (quant_report.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("build", help="build an engine from a kiln checkpoint")
     p.add_argument("--checkpoint-dir", required=True)

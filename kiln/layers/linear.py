@@ -1,5 +1,12 @@
 """Tensor-parallel linear layers. Each knows which slice of the full weight it owns (`shard_rules`),
-so model files only declare structure and never compute offsets."""
+so model files only declare structure and never compute offsets.
+
+The quantization seam: a linear layer holds a `LinearMethod` that creates its weight tensors, says how
+each is sharded, turns a full-precision weight into them, and applies them to an input. The default is
+the plain matmul below; quantized methods live in kiln/quantization (one module per algorithm) and are
+chosen from the checkpoint's QuantConfig (kiln.quantization.methods.quant_method_for). The layer itself
+only adds the bias and, for a row-parallel layer, the all-reduce.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +20,70 @@ from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, sh
 from kiln.runtime.distributed import all_reduce
 
 
+class LinearMethod:
+    """How a linear layer holds and applies its weight. Subclasses register their tensors as parameters
+    of the layer (so checkpoint names are `<linear>.<leaf>`) and add their shard rules."""
+
+    name = "none"
+
+    def create_weights(self, layer: "Linear") -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        """x W^T with this rank's weights, no bias."""
+        raise NotImplementedError
+
+    def quantize(self, weight: torch.Tensor, dtype: torch.dtype,
+                 input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """A full-precision weight [out, in] -> {leaf: tensor} of this method (unsharded)."""
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def create_weights(self, layer: "Linear") -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)
+        layer.shard_rules["weight"] = layer.weight_rule
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+    def quantize(self, weight, dtype, input_scale=None):
+        return {"weight": weight.to(dtype)}
+
+
 class Linear(nn.Module):
-    """y = x W^T + b over this rank's shard; `shard_rules` maps each parameter to its shard function."""
+    """y = x W^T + b over this rank's shard; `shard_rules` maps each parameter to its shard function.
+
+    in_features / out_features are this rank's; `input_sharded` says the input dim is split across ranks
+    (row-parallel), which a method needs to shard per-input-channel tensors.
+    """
+
+    input_sharded = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_rule, bias_rule):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_rule = weight_rule
+        self.shard_rules = {}
+        self.quant_method: LinearMethod = UnquantizedLinearMethod()
+        self.quant_method.create_weights(self)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.shard_rules = {"weight": weight_rule, "bias": bias_rule}
+        self.shard_rules["bias"] = bias_rule
+
+    def set_quant_method(self, method: LinearMethod) -> None:
+        """Replace the weight tensors by those of `method` (created on the current default device)."""
+        for leaf in [k for k in self.shard_rules if k != "bias"]:
+            delattr(self, leaf)
+            del self.shard_rules[leaf]
+        self.quant_method = method
+        method.create_weights(self)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
 
 
 class ColumnLinear(Linear):
@@ -36,12 +96,14 @@ class ColumnLinear(Linear):
 class RowLinear(Linear):
     """Input features split across ranks; the partial sums are all-reduced, then the whole bias is added."""
 
+    input_sharded = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool, mapping: Mapping):
         super().__init__(in_features // mapping.tp_size, out_features, bias, shard_row, replicate)
         self.mapping = mapping
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight), self.mapping)
+        y = all_reduce(self.matmul(x), self.mapping)
         return y if self.bias is None else y + self.bias
 
 

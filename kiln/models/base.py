@@ -29,6 +29,7 @@ from kiln.layers.mlp import make_mlp
 from kiln.layers.moe import MoE
 from kiln.layers.normalization import make_norm
 from kiln.mapping import Mapping, replicate
+from kiln.quantization.methods import apply_quant_config
 from kiln.version import FORMAT_VERSION, __version__
 
 CONFIG_FILE = "config.json"
@@ -75,8 +76,10 @@ class PretrainedModel(nn.Module):
     # ---- weights ------------------------------------------------------------------------------------
 
     def weight_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Name -> (dtype, shape) of every weight this rank holds (tied weights once)."""
-        return {name: (self.config.torch_dtype, tuple(p.shape)) for name, p in self.named_parameters()}
+        """Name -> (dtype, shape) of every weight this rank holds (tied weights once). Floating-point weights
+        take the model's dtype; integer ones (quantized codes) keep their own."""
+        return {name: (self.config.torch_dtype if p.is_floating_point() else p.dtype, tuple(p.shape))
+                for name, p in self.named_parameters()}
 
     def shard_rule(self, name: str):
         module_name, _, leaf = name.rpartition(".")
@@ -98,7 +101,7 @@ class PretrainedModel(nn.Module):
         for name, tensor in weights.items():
             module_name, _, leaf = name.rpartition(".")
             setattr(self.get_submodule(module_name), leaf,
-                    nn.Parameter(tensor.to(self.config.torch_dtype), requires_grad=False))
+                    nn.Parameter(tensor.to(specs[name][0]), requires_grad=False))
         self._lazy.clear()
         self.tie_weights()
 
@@ -177,6 +180,19 @@ class PretrainedModel(nn.Module):
             self.write_rank(out_dir)
             self.write_metadata(out_dir)
         return out_dir
+
+    @classmethod
+    def quantize(cls, hf_dir: str | Path, output_dir: str | Path, quant_config: QuantConfig,
+                 mapping: Mapping | None = None, calib_dataset: str | Path | None = None, calib_size: int = 32,
+                 calib_max_seq_len: int = 256, dtype: str = "auto", overwrite: bool = False,
+                 evaluate: bool = False) -> Path:
+        """Write a quantized kiln checkpoint of the source model `hf_dir` (any format `kiln convert` reads) for
+        every rank of `mapping`, atomically; weight-only algorithms stream tensor by tensor, AWQ calibrates
+        layer by layer first. With `evaluate`, also write quant_report.json (see kiln.quantization.evaluate)."""
+        from kiln.quantization.workflow import quantize_checkpoint
+
+        return quantize_checkpoint(hf_dir, output_dir, quant_config, mapping, calib_dataset, calib_size,
+                                   calib_max_seq_len, dtype, overwrite, evaluate_quality=evaluate)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, rank: int = 0) -> "PretrainedModel":
@@ -308,6 +324,7 @@ class DecoderModelForCausalLM(PretrainedModel):
         m = config.mapping
         self.transformer = DecoderModel(config, fused_mlp)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, m) if m.is_last_pp_rank else None
+        apply_quant_config(self, config.quantization)  # each quantized linear gets its method's tensors
         self.tie_weights()
 
     @classmethod

@@ -1,0 +1,165 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, arXiv:2306.00978), W4A16.
+
+A few input channels carry much larger activations than the rest, and the weights they multiply matter most.
+Scaling those weight columns up by s before quantizing (and the activations down by 1/s, which leaves the
+float product unchanged) gives them finer steps. Per input channel s = mean|x|^alpha (normalised so
+max(s) * min(s) = 1), with alpha searched on a grid over [0, 1] to minimise the mean squared error of the
+quantized layer's output on calibration activations (the paper's section 3.2). alpha = 0 is s = 1, plain
+round-to-nearest, so the search never does worse than RTN on its calibration data. (The paper's weight
+clipping search is not done here.)
+
+Where the layer's input is a norm's output (QKV after input_layernorm; fc and gate after post_layernorm, one
+s for both since they share the input) 1/s folds into the norm's weight; the attention output and mlp.proj
+follow no norm, so they keep 1/s as `prequant_scaling_factor`.
+
+Calibration streams layer by layer: only one decoder layer's weights and the activations of the calibration
+batch live in memory at a time. Each layer's inputs come from the float layers before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from kiln.config import QuantConfig
+from kiln.errors import ConfigError
+from kiln.layers.attention import AttentionBatch
+from kiln.layers.linear import Linear
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
+
+log = logging.getLogger("kiln")
+
+# The norm whose output feeds a column-parallel linear of a decoder layer (relative names).
+NORM_BEFORE = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm", "mlp.gate": "post_layernorm"}
+ALPHA_GRID = 20
+MAX_SEARCH_TOKENS = 4096
+
+
+def check_awq_supported(config) -> None:
+    if config.moe_num_experts:
+        raise ConfigError("QuantConfig.quant_algo W4A16_AWQ does not support mixture-of-experts models yet "
+                          "(its scale would fold into the norm the unquantized experts share); use W4A16 or W8A16")
+
+
+def rtn_error(x: torch.Tensor, weights: list[torch.Tensor], qc: QuantConfig, dtype, s=None) -> float:
+    """Mean squared output error of the group's layers quantized with input scale s (None: plain RTN)."""
+    err, count = 0.0, 0
+    xs = x if s is None else x / s
+    for w in weights:
+        ref = x @ w.T
+        ws = w if s is None else w * s
+        packed, scale, zero = quantize_int4_groups(ws, qc.group_size, qc.has_zero_point, dtype)
+        q = dequantize_int4(packed, scale, zero, qc.group_size, torch.float32)
+        err += (xs @ q.T - ref).pow(2).sum().item()
+        count += ref.numel()
+    return err / count
+
+
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qc: QuantConfig, dtype) -> tuple:
+    """(s [in], mse with s, mse of plain RTN) for the linears `weights` [out_j, in] sharing the input x [N, in]."""
+    x = x.float()
+    weights = [w.float() for w in weights]
+    x_mean = x.abs().mean(0)
+    best = (float("inf"), None)
+    rtn = None
+    for step in range(ALPHA_GRID + 1):
+        alpha = step / ALPHA_GRID
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = rtn_error(x, weights, qc, dtype, s)
+        if step == 0:
+            rtn = err
+        if err < best[0]:
+            best = (err, s)
+    return best[1], best[0], rtn
+
+
+def _load_module(module: nn.Module, prefix: str, model, device) -> nn.Module:
+    """Give a freshly built (meta) submodule its weights, read one by one from `model` (lazy or loaded)."""
+    for name, _ in list(module.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        setattr(owner, leaf, nn.Parameter(model.read_weight(prefix + name).to(device), requires_grad=False))
+    return module.to(device)
+
+
+def _embed(model, tokens: torch.Tensor, positions: torch.Tensor, device) -> torch.Tensor:
+    emb = model.transformer
+    parts = [m for m in ("vocab_embedding", "position_embedding") if getattr(emb, m) is not None]
+    for m in parts:
+        _load_module(getattr(emb, m), f"transformer.{m}.", model, device)
+    with torch.no_grad():
+        x = emb.embed(tokens.reshape(-1).to(device), positions)
+    for m in parts:  # back to shapes only: the embedding table need not stay in memory
+        getattr(emb, m).to_empty(device="meta")
+    model.tie_weights()
+    return x
+
+
+def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tuple[dict, dict, dict]:
+    """AWQ scales of every quantized linear of a TP=1 source model (lazy weights), layer by layer.
+
+    Returns (input_scales {linear name: s}, norm_scales {norm name: s}, errors {linear name: (awq, rtn) mse}).
+    """
+    from kiln.models.base import DecoderLayer
+    from kiln.quantization.methods import quant_method_for
+
+    config = model.config
+    check_awq_supported(config)
+    n, t = tokens.shape
+    positions = torch.arange(t, device=device).repeat(n)
+    batch = AttentionBatch.uncached(n, t)
+    x = _embed(model, tokens, positions, device)
+    pick = torch.randperm(n * t, generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
+    input_scales, norm_scales, errors = {}, {}, {}
+    for i in model.mapping.pp_layers(config.num_hidden_layers):
+        prefix = f"transformer.layers.{i}."
+        with torch.device("meta"):
+            layer = DecoderLayer(config, i, fused_mlp=False)
+        layer = _load_module(layer, prefix, model, device).eval()
+        inputs, hooks = {}, []
+
+        def capture(name, module, args):  # returns None: the input goes on unchanged
+            inputs[name] = args[0].detach()[pick]
+        for name, m in layer.named_modules():
+            if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None:
+                hooks.append(m.register_forward_pre_hook(functools.partial(capture, name)))
+        with torch.no_grad():
+            y = layer(x, positions, batch)
+        for h in hooks:
+            h.remove()
+        _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)
+        log.debug("AWQ layer %d: %s", i, {k: v for k, v in errors.items() if k.startswith(prefix)})
+        x = y
+        del layer, inputs
+    return input_scales, norm_scales, errors
+
+
+def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, errors) -> None:
+    groups: dict[str, list[str]] = {}  # one search per shared input: fc and gate together
+    for name in inputs:
+        key = NORM_BEFORE.get(name, name)
+        if not layer.get_submodule(name).input_sharded and name not in NORM_BEFORE:
+            raise ConfigError(f"W4A16_AWQ: no norm to fold the scale of {prefix + name} into; exclude it with "
+                              "exclude_modules or use W4A16")
+        groups.setdefault(key, []).append(name)
+    for key, names in groups.items():
+        x = inputs[names[0]]
+        weights = [layer.get_submodule(n).weight.detach() for n in names]
+        s, err, rtn = search_scale(x, weights, qc, dtype)
+        for n in names:
+            input_scales[prefix + n] = s.cpu()
+            errors[prefix + n] = (err, rtn)
+        if key in ("input_layernorm", "post_layernorm"):
+            norm_scales[prefix + key] = s.cpu()
+
+
+def fold_into_norm(leaf: str, tensor: torch.Tensor, s: torch.Tensor, config) -> torch.Tensor:
+    """A norm's weight (or LayerNorm bias) with 1/s folded in, so its output is the old output / s."""
+    t = tensor.float()
+    if leaf == "weight" and config.norm_unit_offset:  # Gemma's RMSNorm scales by (1 + w)
+        return ((1.0 + t) / s - 1.0).to(tensor.dtype)
+    return (t / s).to(tensor.dtype)

@@ -1,0 +1,191 @@
+"""Weight-only quantization: W8A16 (per-channel symmetric int8) and W4A16 (group-wise int4, round to nearest,
+symmetric or with a zero point). Activations stay in the model's dtype; the reference path dequantizes the
+weight and runs a plain matmul, which is correct on any device (a fused GPU kernel is future work).
+
+Checkpoint tensors of a quantized linear `<linear>` (all [out, ...] on dim 0, so column, QKV and row shard
+rules apply to them as to a plain weight):
+
+- W8A16: `weight` int8 [out, in] (q in [-127, 127]); `weights_scaling_factor` [out]; w = q * s.
+- W4A16: `weight` uint8 [out, in / 2], two 4-bit codes u in [0, 15] per byte along the input dim: byte j of a
+  row holds input column 2j in its low nibble and 2j + 1 in its high nibble (so a row-parallel split of the
+  input dim is a split of the bytes); `weights_scaling_factor` [out, ceil(in / group)]; with a zero point,
+  `zero_point` [out, ceil(in / group)] (integers in [0, 15], stored in the model dtype) and w = (u - z) * s;
+  symmetric, the zero is 8 and w = (u - 8) * s. Input column c belongs to group c // group_size; the last
+  group of a row may be short (SmolLM2's 576 inputs are 4.5 groups of 128), except that a row-parallel
+  layer split across ranks needs whole groups on every rank.
+- AWQ adds `prequant_scaling_factor` [in] where its scale could not be folded into a norm: the layer computes
+  (x * prequant_scaling_factor) W^T.
+
+Scales are rounded to the model dtype *before* the codes are computed, so dequantizing a checkpoint gives the
+quantizer's own reconstruction exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.layers.linear import Linear, LinearMethod
+from kiln.mapping import replicate
+
+INT8_MAX = 127
+INT4_LEVELS = 15  # codes 0..15
+INT4_SYMMETRIC_ZERO = 8
+
+
+# ---- the math: pure functions of (tensor, format) ------------------------------------------------------
+
+def quantize_int8_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (q int8 [out, in], scale [out] in `dtype`), symmetric, one scale per output row."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=1e-8).to(dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15] of shape [..., n] (n even) -> [..., n / 2] bytes, low nibble first."""
+    if codes.shape[-1] % 2:
+        raise ConfigError(f"int4 packing needs an even number of input features, got {codes.shape[-1]}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n / 2] bytes -> [..., n] uint8 codes in [0, 15] (the inverse of pack_int4)."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int, zero_point: bool, dtype: torch.dtype):
+    """[out, in] -> (packed uint8 [out, in / 2], scale [out, in / g], zero [out, in / g] or None).
+
+    Round to nearest. Symmetric: s = max|w| / 7 over the group, codes u = clamp(round(w / s) + 8, 0, 15).
+    With a zero point (asymmetric, as AWQ's GEMM format): s = (max - min) / 15, z = clamp(round(-min / s),
+    0, 15), u = clamp(round(w / s) + z, 0, 15).
+    """
+    out, inp = weight.shape
+    groups = -(-inp // group_size)
+    # A short last group is padded with zeros, which change neither its max |w| nor its range (both include 0).
+    w = F.pad(weight.float(), (0, groups * group_size - inp)).reshape(out, groups, group_size)
+    if zero_point:
+        hi, lo = w.amax(-1).clamp(min=0), w.amin(-1).clamp(max=0)
+        scale = ((hi - lo) / INT4_LEVELS).clamp(min=1e-8).to(dtype)
+        zero = torch.round(-lo / scale.float()).clamp(0, INT4_LEVELS)
+    else:
+        scale = (w.abs().amax(-1) / (INT4_LEVELS // 2)).clamp(min=1e-8).to(dtype)
+        zero = torch.full_like(scale, INT4_SYMMETRIC_ZERO, dtype=torch.float32)
+    codes = torch.round(w / scale.float()[..., None]) + zero[..., None]
+    codes = codes.clamp(0, INT4_LEVELS).to(torch.uint8).reshape(out, groups * group_size)[:, :inp]
+    return pack_int4(codes), scale, (zero.to(dtype) if zero_point else None)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    codes = unpack_int4(packed).float()
+    inp = codes.shape[1]
+    z = zero.float() if zero is not None else torch.full_like(scale, INT4_SYMMETRIC_ZERO, dtype=torch.float32)
+    expand = lambda t: t.repeat_interleave(group_size, dim=1)[:, :inp]  # noqa: E731 (group -> its columns)
+    return ((codes - expand(z)) * expand(scale.float())).to(dtype)
+
+
+def shard_input_vector(tensor: torch.Tensor, mapping) -> torch.Tensor:
+    """A per-input-channel vector of a row-parallel layer: split like the input dim."""
+    from kiln.mapping import _split
+
+    return _split(tensor, 0, mapping.tp_size, mapping.tp_rank, "a row-parallel input vector")
+
+
+# ---- the methods a linear layer holds ------------------------------------------------------------------
+
+def _param(*shape, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class _WeightOnlyMethod(LinearMethod):
+    """Shared by both formats: the optional AWQ prequant scale, and apply = dequantize then matmul."""
+
+    def __init__(self, prequant: bool = False):
+        self.prequant = prequant
+
+    def _create_prequant(self, layer: Linear) -> None:
+        if self.prequant:
+            layer.prequant_scaling_factor = _param(layer.in_features)
+            layer.shard_rules["prequant_scaling_factor"] = shard_input_vector if layer.input_sharded else replicate
+
+    def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.prequant:
+            x = x * layer.prequant_scaling_factor
+        return F.linear(x, self.dequantize(layer, x.dtype))
+
+    def _prequant_tensor(self, input_scale, weight, dtype) -> dict:
+        if not self.prequant:
+            return {}
+        s = input_scale if input_scale is not None else weight.new_ones(weight.shape[1])
+        return {"prequant_scaling_factor": (1.0 / s.float()).to(dtype)}
+
+
+class Int8WeightOnlyMethod(_WeightOnlyMethod):
+    name = "W8A16"
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.weight = _param(layer.out_features, layer.in_features, dtype=torch.int8)
+        layer.weights_scaling_factor = _param(layer.out_features)
+        layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)
+        self._create_prequant(layer)
+
+    def dequantize(self, layer, dtype):
+        return dequantize_int8(layer.weight, layer.weights_scaling_factor, dtype)
+
+    def quantize(self, weight, dtype, input_scale=None):
+        w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
+        q, s = quantize_int8_per_channel(w, dtype)
+        return {"weight": q, "weights_scaling_factor": s, **self._prequant_tensor(input_scale, weight, dtype)}
+
+
+class Int4GroupMethod(_WeightOnlyMethod):
+    name = "W4A16"
+
+    def __init__(self, group_size: int, zero_point: bool, prequant: bool = False):
+        super().__init__(prequant)
+        self.group_size, self.zero_point = group_size, zero_point
+
+    def create_weights(self, layer: Linear) -> None:
+        g, inp = self.group_size, layer.in_features
+        split = layer.input_sharded and layer.mapping.tp_size > 1
+        if split and inp % g:
+            raise ConfigError(f"QuantConfig.group_size ({g}) must divide a row-parallel layer's input features "
+                              f"per rank ({inp}): a group may not straddle ranks; choose one of 32, 64, 128 that "
+                              f"divides it, a smaller tp_size, or exclude the layer with exclude_modules")
+        if inp % 2:
+            raise ConfigError(f"W4A16 packs two inputs per byte: a quantized layer's input features ({inp}"
+                              f"{' per rank' if split else ''}) must be even; exclude the layer with exclude_modules")
+        groups = -(-inp // g)
+        layer.weight = _param(layer.out_features, inp // 2, dtype=torch.uint8)
+        layer.weights_scaling_factor = _param(layer.out_features, groups)
+        rules = {"weight": layer.weight_rule, "weights_scaling_factor": layer.weight_rule}
+        if self.zero_point:
+            layer.zero_point = _param(layer.out_features, groups)
+            rules["zero_point"] = layer.weight_rule
+        layer.shard_rules.update(rules)
+        self._create_prequant(layer)
+
+    def dequantize(self, layer, dtype):
+        zero = layer.zero_point if self.zero_point else None
+        return dequantize_int4(layer.weight, layer.weights_scaling_factor, zero, self.group_size, dtype)
+
+    def quantize(self, weight, dtype, input_scale=None):
+        w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
+        packed, s, z = quantize_int4_groups(w, self.group_size, self.zero_point, dtype)
+        out = {"weight": packed, "weights_scaling_factor": s}
+        if z is not None:
+            out["zero_point"] = z
+        return {**out, **self._prequant_tensor(input_scale, weight, dtype)}

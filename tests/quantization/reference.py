@@ -1,0 +1,96 @@
+"""Float math written out for the tests, independent of kiln.quantization: the formats as docs/quantization.md
+describes them, and a transformers model whose weights are replaced by the dequantized ones."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",),
+              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",)}
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Byte j holds input column 2j (low nibble) and 2j + 1 (high nibble)."""
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int64)
+    out[:, 0::2] = packed.to(torch.int64) % 16
+    out[:, 1::2] = packed.to(torch.int64) // 16
+    return out
+
+
+def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
+    """A quantized linear's checkpoint tensors (leaf -> tensor) -> its effective float weight [out, in],
+    with the AWQ prequant scale multiplied into the input columns. Input column c is in group c // group."""
+    w, s = tensors["weight"], tensors["weights_scaling_factor"].double()
+    if w.dtype == torch.int8:
+        full = w.double() * s[:, None]
+    else:
+        codes = unpack(w).double()
+        z = tensors["zero_point"].double() if "zero_point" in tensors else torch.full_like(s, 8.0)
+        group_of = torch.arange(codes.shape[1]) // group
+        full = (codes - z[:, group_of]) * s[:, group_of]
+    if "prequant_scaling_factor" in tensors:
+        full = full * tensors["prequant_scaling_factor"].double()[None, :]
+    return full.float()
+
+
+def rtn_int4(w: torch.Tensor, group: int, zero_point: bool, dtype=torch.float32):
+    """Round-to-nearest int4 of w [out, in] -> (codes [out, in] in 0..15, scale, zero) per group, in float32
+    with the scale rounded to `dtype` first."""
+    out, inp = w.shape
+    groups = -(-inp // group)  # a short last group: pad with zeros (they change neither max |w| nor the range)
+    padded = torch.zeros(out, groups * group)
+    padded[:, :inp] = w.float()
+    g = padded.reshape(out, groups, group)
+    if zero_point:
+        hi, lo = g.amax(-1).clamp(min=0), g.amin(-1).clamp(max=0)
+        s = ((hi - lo) / 15).to(dtype).float()
+        z = torch.round(-lo / s).clamp(0, 15)
+    else:
+        s = (g.abs().amax(-1) / 7).to(dtype).float()
+        z = torch.full_like(s, 8.0)
+    codes = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, 15)
+    return codes.reshape(out, groups * group)[:, :inp].long(), s.to(dtype), z.to(dtype)
+
+
+def linear_tensors(ckpt: dict, module: str) -> dict:
+    return {k.rsplit(".", 1)[1]: v for k, v in ckpt.items() if k.rsplit(".", 1)[0] == module}
+
+
+def dequantized_hf(hf_model, ckpt: dict, config):
+    """A copy of the transformers model with every kiln linear replaced by its dequantized checkpoint weight
+    and the norms by the checkpoint's (AWQ folds scales into them)."""
+    model = copy.deepcopy(hf_model)
+    q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
+    with torch.no_grad():
+        for i in range(config.num_hidden_layers):
+            layer = model.model.layers[i]
+            prefix = f"transformer.layers.{i}."
+            layer.input_layernorm.weight.copy_(ckpt[prefix + "input_layernorm.weight"])
+            layer.post_attention_layernorm.weight.copy_(ckpt[prefix + "post_layernorm.weight"])
+            for kiln_name, hf_names in HF_LINEARS.items():
+                w = dequantize(linear_tensors(ckpt, prefix + kiln_name), config.quantization.group_size) \
+                    if ckpt[prefix + kiln_name + ".weight"].dtype in (torch.int8, torch.uint8) \
+                    else ckpt[prefix + kiln_name + ".weight"]
+                parts = w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)
+                for hf_name, part in zip(hf_names, parts):
+                    layer.get_submodule(hf_name).weight.copy_(part)
+    return model
+
+
+# ---- the shared tiny model -------------------------------------------------------------------------------
+
+# hidden 128 and ffn 256 hold whole groups of 32, 64 and 128 (the default TINY_LLAMA's ffn 96 does not).
+QUANT_LLAMA = dict(hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def quant_llama(tmp_path_factory):
+    """(hf_dir, transformers model) of a tiny Llama whose shapes fit every group size; tests must not change it."""
+    from conftest import make_hf_model  # tests/conftest.py
+
+    hf_dir = tmp_path_factory.mktemp("quant_llama") / "hf"
+    return hf_dir, make_hf_model(hf_dir, **QUANT_LLAMA)

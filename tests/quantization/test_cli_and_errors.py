@@ -1,0 +1,107 @@
+"""`kiln quantize` end to end (with --eval), and bad input: each mistake is a clear error that writes nothing."""
+
+import json
+
+import pytest
+
+from kiln.cli import main
+from kiln.config import QuantConfig
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.base import PretrainedModel
+from reference import quant_llama  # noqa: F401
+from conftest import leftovers
+
+REPORT_METRICS = {"tokens", "perplexity_float", "perplexity_quantized", "perplexity_change_pct",
+                  "mean_kl_divergence", "top1_agreement"}
+
+
+def test_cli_quantize_with_eval_writes_a_checkpoint_and_a_report(quant_llama, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(out), "--quant-algo", "w4a16",
+                 "--group-size", "32", "--has-zero-point", "--tp-size", "2", "--eval",
+                 "--calib-max-seq-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "top-1 agreement" in printed
+    report = json.loads((out / "quant_report.json").read_text())
+    assert set(report["metrics"]) == REPORT_METRICS
+    m = report["metrics"]
+    assert m["tokens"] > 0 and 0.0 <= m["top1_agreement"] <= 1.0 and m["mean_kl_divergence"] >= 0.0
+    assert report["quantization"]["group_size"] == 32 and report["quantization"]["has_zero_point"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["mapping"]["tp_size"] == 2 and config["quantization"]["quant_algo"] == "W4A16"
+    assert sorted(p.name for p in out.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
+    # an existing dir is refused without --overwrite
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(out),
+                 "--quant-algo", "W8A16"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_awq_with_a_user_jsonl_calibration_file(quant_llama, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"sample {i} " * 40}) for i in range(4)) + "\n")
+    out = tmp_path / "awq"
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(out), "--quant-algo",
+                 "W4A16_AWQ", "--group-size", "64", "--calib-dataset", str(calib), "--calib-size", "4",
+                 "--calib-max-seq-len", "32"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization"]["quant_algo"] == "W4A16_AWQ"
+
+
+def test_cli_unknown_algo_lists_the_valid_ones(quant_llama, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(out),
+                 "--quant-algo", "W3A16"]) == 1
+    err = capsys.readouterr().err
+    assert "quant_algo" in err and "W4A16_AWQ" in err and "W8A16" in err
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(quant_algo="W3A16"), "quant_algo"),
+    (dict(quant_algo="W4A16", group_size=96), "group_size"),
+])
+def test_bad_quant_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("qc,field", [
+    (QuantConfig(quant_algo="FP8"), "quant_algo"),  # a known algorithm this kiln cannot produce yet
+    (QuantConfig(), "quant_algo"),  # nothing to quantize
+    (QuantConfig(quant_algo="W8A16", exclude_modules=()), "exclude_modules"),  # lm_head stays full precision
+    (QuantConfig(quant_algo="W8A16", exclude_modules=("lm_head", "layers.0.mlp.fc")), "exclude_modules"),
+])
+def test_unsupported_configs_fail_before_writing(quant_llama, tmp_path, qc, field):
+    with pytest.raises(ConfigError, match=field):
+        PretrainedModel.quantize(quant_llama[0], tmp_path / "q", qc)
+    assert leftovers(tmp_path / "q") == []
+
+
+def test_a_short_last_group_quantizes_at_tp1(tmp_path):
+    """ffn 96 is 1.5 groups of 64: the last group of mlp.proj's rows is short (SmolLM2's 576 / 128 too)."""
+    from conftest import make_hf_model
+    from safetensors.torch import load_file
+
+    import torch
+    from reference import dequantized_hf
+
+    hf = make_hf_model(tmp_path / "hf")
+    out = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo="W4A16", group_size=64))
+    ckpt = load_file(out / "rank0.safetensors")
+    assert ckpt["transformer.layers.0.mlp.proj.weights_scaling_factor"].shape == (64, 2)
+    model = PretrainedModel.from_checkpoint(out)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert (model(ids) - dequantized_hf(hf, ckpt, model.config)(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bad.jsonl", '{"text": "fine"}\nnot json\n', r"bad.jsonl:2"),
+    ("nofield.jsonl", '{"body": "x"}\n', "text"),
+    ("empty.txt", "   \n", "no text"),
+])
+def test_corrupt_calibration_file_is_named_and_writes_nothing(quant_llama, tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        PretrainedModel.quantize(quant_llama[0], tmp_path / "q", QuantConfig(quant_algo="W4A16_AWQ", group_size=64),
+                                 calib_dataset=tmp_path / name)
+    assert leftovers(tmp_path / "q") == []
