@@ -584,3 +584,16 @@ def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(serv
     assert report["output_tokens_per_s"] > 0
     assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
     assert 0 < report["itl_s"]["p50"] <= report["itl_s"]["p99"]
+
+
+def test_a_request_past_the_timeout_is_408_and_frees_its_blocks(engine_dir, tmp_path_factory):
+    proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("timeout_server"), "--request-timeout", "0.02")
+    proc.start()
+    try:
+        body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+        status, _, response = proc.request("POST", "/v1/completions", body)
+        assert_error(status, response, 408)
+        assert proc.wait_idle() == {}  # the timed-out request was aborted and its KV blocks freed
+        assert proc.request("GET", "/health")[0] == 200  # (a new completion could itself time out at 20 ms)
+    finally:
+        proc.stop()
