@@ -199,7 +199,7 @@ def _add_build_flags(p) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from kiln.bench.shapes import LLAMA_SHAPES  # a plain table: cheap to import
+    from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES  # plain tables: cheap to import
 
     parser = argparse.ArgumentParser(prog="kiln", description="Convert, build and run LLM inference engines.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
@@ -283,7 +283,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure throughput and latency (offline, or of a running server)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="engine dir, checkpoint, HF dir, Meta dir or .gguf")
-    source.add_argument("--synthetic", default=None, choices=sorted(LLAMA_SHAPES),
+    source.add_argument("--synthetic", default=None, choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}),
                         help="random weights of a real model shape, built on the device")
     source.add_argument("--serve", default=None, metavar="URL", help="drive a running kiln serve (or any "
                         "OpenAI-compatible server) at --concurrency")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.bench.shapes import LLAMA_SHAPES
+from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 
 
 @dataclass
@@ -91,15 +91,22 @@ def hf_offline(hf_model, prompts, output_len: int, label: str, batch_size: int) 
 
 
 def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
-    """A transformers Llama of a named real shape with random weights, built directly on the device."""
+    """A transformers model of a named real shape (LLAMA_SHAPES or FAMILY_SHAPES) with random weights,
+    built directly on the device."""
     import transformers
 
-    config = transformers.LlamaConfig(**LLAMA_SHAPES[shape], rms_norm_eps=1e-5)
+    if shape in LLAMA_SHAPES:
+        config = transformers.LlamaConfig(**LLAMA_SHAPES[shape], rms_norm_eps=1e-5)
+        model_cls = transformers.LlamaForCausalLM
+    else:
+        fields = dict(FAMILY_SHAPES[shape])
+        model_cls = getattr(transformers, fields.pop("architecture"))
+        config = model_cls.config_class(**fields)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config).eval()
+            model = model_cls(config).eval()
     finally:
         torch.set_default_dtype(previous)
     return model
