@@ -44,7 +44,8 @@ def cmd_convert(args) -> None:
     start = time.perf_counter()
     with _tqdm_progress("converting") as progress:
         out = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, args.tp_size, args.pp_size,
-                                 args.overwrite, progress=progress)
+                                 args.overwrite, progress=progress, moe_tp_size=args.moe_tp_size,
+                                 moe_ep_size=args.moe_ep_size)
     print(f"wrote kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -212,6 +213,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--pp-size", type=int, default=1, help="pipeline-parallel stages")
+    p.add_argument("--moe-tp-size", type=int, default=None,
+                   help="MoE: ranks splitting each expert's intermediate dim (default: tp-size / moe-ep-size)")
+    p.add_argument("--moe-ep-size", type=int, default=None,
+                   help="MoE: expert-parallel groups the experts are dealt out to (default: tp-size / moe-tp-size, "
+                        "else 1); moe-tp-size * moe-ep-size must equal tp-size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_convert)
 

@@ -3,11 +3,16 @@
 Ranks are laid out tensor-parallel first: rank = pp_rank * tp_size + tp_rank, so the tp_size
 ranks of one pipeline stage are neighbours (one node, fast links). Every shard rule here is a
 pure function of (full tensor, mapping): convert, quantize and build share them.
+
+Mixture-of-experts layers may split the TP group differently (TensorRT-LLM's moe_tp_size x moe_ep_size =
+tp_size): the experts are dealt out to moe_ep_size groups of moe_tp_size neighbouring ranks (tp rank r holds the
+experts of group r // moe_tp_size), and inside a group each expert's intermediate dim is split moe_tp_size ways.
+Either way every rank's expert output is a partial sum, so the MoE layer keeps its one all-reduce over the TP group.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -20,12 +25,15 @@ class Mapping:
     tp_size: int = 1
     pp_size: int = 1
     rank: int = 0
+    moe_tp_size: int | None = None  # None: tp_size // moe_ep_size
+    moe_ep_size: int | None = None  # None: tp_size // moe_tp_size (1 when both are None)
 
     def __post_init__(self):
         for name in ("world_size", "tp_size", "pp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Mapping.{name} must be an integer >= 1, got {value!r}")
+        self._resolve_moe_sizes()
         if self.world_size != self.tp_size * self.pp_size:
             raise ConfigError(
                 f"Mapping.world_size ({self.world_size}) must equal tp_size * pp_size "
@@ -34,12 +42,37 @@ class Mapping:
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"Mapping.rank must be in [0, {self.world_size - 1}], got {self.rank!r}")
 
+    def _resolve_moe_sizes(self) -> None:
+        """Fill in whichever of moe_tp_size / moe_ep_size is None, then check their product is tp_size."""
+        for name in ("moe_tp_size", "moe_ep_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"Mapping.{name} must be an integer >= 1, got {value!r}")
+        tp, ep = self.moe_tp_size, self.moe_ep_size
+        if tp is None and ep is None:
+            tp, ep = self.tp_size, 1
+        elif tp is None:
+            if self.tp_size % ep:
+                raise ConfigError(f"Mapping.moe_ep_size ({ep}) must divide tp_size ({self.tp_size})")
+            tp = self.tp_size // ep
+        elif ep is None:
+            if self.tp_size % tp:
+                raise ConfigError(f"Mapping.moe_tp_size ({tp}) must divide tp_size ({self.tp_size})")
+            ep = self.tp_size // tp
+        if tp * ep != self.tp_size:
+            raise ConfigError(f"Mapping.moe_tp_size * moe_ep_size ({tp} * {ep} = {tp * ep}) must equal tp_size "
+                              f"({self.tp_size})")
+        object.__setattr__(self, "moe_tp_size", tp)  # frozen: resolved once, here
+        object.__setattr__(self, "moe_ep_size", ep)
+
     @classmethod
-    def of(cls, tp_size: int = 1, pp_size: int = 1, rank: int = 0) -> "Mapping":
-        return cls(world_size=tp_size * pp_size, tp_size=tp_size, pp_size=pp_size, rank=rank)
+    def of(cls, tp_size: int = 1, pp_size: int = 1, rank: int = 0, moe_tp_size: int | None = None,
+           moe_ep_size: int | None = None) -> "Mapping":
+        return cls(world_size=tp_size * pp_size, tp_size=tp_size, pp_size=pp_size, rank=rank,
+                   moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
 
     def with_rank(self, rank: int) -> "Mapping":
-        return Mapping(self.world_size, self.tp_size, self.pp_size, rank)
+        return replace(self, rank=rank)
 
     @property
     def tp_rank(self) -> int:
@@ -48,6 +81,24 @@ class Mapping:
     @property
     def pp_rank(self) -> int:
         return self.rank // self.tp_size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        """Which slice of each local expert's intermediate dim this rank holds."""
+        return self.tp_rank % self.moe_tp_size
+
+    @property
+    def moe_ep_rank(self) -> int:
+        """Which group of experts this rank holds."""
+        return self.tp_rank // self.moe_tp_size
+
+    def local_experts(self, num_experts: int) -> range:
+        """Global indices of the experts this rank holds."""
+        if num_experts % self.moe_ep_size:
+            raise ConfigError(f"Mapping.moe_ep_size ({self.moe_ep_size}) must divide the number of experts "
+                              f"({num_experts})")
+        per_rank = num_experts // self.moe_ep_size
+        return range(self.moe_ep_rank * per_rank, (self.moe_ep_rank + 1) * per_rank)
 
     @property
     def is_first_pp_rank(self) -> bool:
@@ -66,28 +117,35 @@ class Mapping:
         return range(start, start + base + (1 if self.pp_rank < extra else 0))
 
     def to_dict(self) -> dict:
-        """The mapping as stored in a checkpoint: the layout, not which rank reads it."""
+        """The mapping as stored in a checkpoint: the layout, not which rank reads it. The moe sizes are
+        written only when experts are split otherwise than the default (all tensor-parallel), so dense and
+        default configs read as before."""
         d = asdict(self)
         d.pop("rank")
+        if (self.moe_tp_size, self.moe_ep_size) == (self.tp_size, 1):
+            del d["moe_tp_size"], d["moe_ep_size"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict, rank: int = 0) -> "Mapping":
-        fields = ("world_size", "tp_size", "pp_size")
-        unknown, missing = sorted(set(d) - set(fields)), [f for f in fields if f not in d]
+        """Checkpoints written before expert parallelism lack the moe fields: they default as in the constructor."""
+        fields, optional = ("world_size", "tp_size", "pp_size"), ("moe_tp_size", "moe_ep_size")
+        unknown = sorted(set(d) - set(fields) - set(optional))
+        missing = [f for f in fields if f not in d]
         if unknown or missing:
             raise ConfigError(f"mapping: unknown field(s) {unknown}, missing field(s) {missing}; "
-                              f"expected {list(fields)}")
-        return cls(world_size=d["world_size"], tp_size=d["tp_size"], pp_size=d["pp_size"], rank=rank)
+                              f"expected {list(fields)} and optionally {list(optional)}")
+        return cls(world_size=d["world_size"], tp_size=d["tp_size"], pp_size=d["pp_size"], rank=rank,
+                   moe_tp_size=d.get("moe_tp_size"), moe_ep_size=d.get("moe_ep_size"))
 
 
 # ---- shard rules: (full tensor, mapping) -> this rank's slice --------------------------------------
 
-def _split(tensor: torch.Tensor, dim: int, parts: int, index: int, what: str) -> torch.Tensor:
+def _split(tensor: torch.Tensor, dim: int, parts: int, index: int, what: str, by: str = "tp_size") -> torch.Tensor:
     size = tensor.shape[dim]
     if size % parts:
-        raise ConfigError(f"cannot split {what} of size {size} (dim {dim}) into tp_size={parts} equal parts; "
-                          f"choose a tp_size that divides {size}")
+        raise ConfigError(f"cannot split {what} of size {size} (dim {dim}) into {by}={parts} equal parts; "
+                          f"choose a {by} that divides {size}")
     chunk = size // parts
     return tensor.narrow(dim, index * chunk, chunk).contiguous()
 
@@ -108,14 +166,20 @@ def shard_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     return _split(tensor, 1, mapping.tp_size, mapping.tp_rank, "a row-parallel weight")
 
 
+def _local_experts(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
+    return _split(tensor, 0, mapping.moe_ep_size, mapping.moe_ep_rank, "the experts", "moe_ep_size")
+
+
 def shard_expert_column(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
-    """Stacked expert weights [experts, out, in]: every rank holds every expert's slice of the output dim."""
-    return _split(tensor, 1, mapping.tp_size, mapping.tp_rank, "a column-parallel expert tensor")
+    """Stacked expert weights [experts, out, in]: this rank's experts, then their slice of the output dim."""
+    return _split(_local_experts(tensor, mapping), 1, mapping.moe_tp_size, mapping.moe_tp_rank,
+                  "a column-parallel expert tensor", "moe_tp_size")
 
 
 def shard_expert_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
-    """Stacked expert weights [experts, out, in]: split the input dim."""
-    return _split(tensor, 2, mapping.tp_size, mapping.tp_rank, "a row-parallel expert weight")
+    """Stacked expert weights [experts, out, in]: this rank's experts, then their slice of the input dim."""
+    return _split(_local_experts(tensor, mapping), 2, mapping.moe_tp_size, mapping.moe_tp_rank,
+                  "a row-parallel expert weight", "moe_tp_size")
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:

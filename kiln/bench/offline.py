@@ -30,10 +30,22 @@ class BenchResult:
     output_len: int
     seconds: float
     output_tokens_per_s: float
+    requests_per_s: float = 0.0
+    ttft_s: dict | None = None  # p50/p90/p99, kiln only (transformers' generate does not report it)
+    itl_s: dict | None = None
+    peak_gpu_gb: float | None = None
 
     def row(self) -> str:
+        ms = lambda d: "—" if d is None else " / ".join(f"{v * 1000:.1f}" for v in d.values())  # noqa: E731
+        peak = "—" if self.peak_gpu_gb is None else f"{self.peak_gpu_gb:.1f}"
         return (f"| {self.system} | {self.scenario} | {self.requests} | {self.input_len} | {self.output_len} | "
-                f"{self.seconds:.2f} | {self.output_tokens_per_s:,.1f} |")
+                f"{self.seconds:.2f} | {self.output_tokens_per_s:,.1f} | {self.requests_per_s:.2f} | "
+                f"{ms(self.ttft_s)} | {ms(self.itl_s)} | {peak} |")
+
+
+TABLE_HEADER = ("| system | scenario | requests | input | output | seconds | output tokens/s | requests/s | "
+                "TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | peak GPU GB |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def sync(device: torch.device) -> None:
@@ -60,17 +72,23 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def kiln_offline(llm, prompts, output_len: int, label: str) -> BenchResult:
+    from kiln.bench.serve_load import percentiles
     from kiln.llmapi.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
     sync(llm.device)
+    if llm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(llm.device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     sync(llm.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return BenchResult("kiln", label, len(prompts), len(prompts[0]), output_len, seconds, tokens / seconds)
+    peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
+    return BenchResult("kiln", label, len(prompts), len(prompts[0]), output_len, seconds, tokens / seconds,
+                       len(prompts) / seconds, percentiles([o.ttft() for o in outputs]),
+                       percentiles([x for o in outputs for x in o.inter_token_latencies()]), peak)
 
 
 def hf_offline(hf_model, prompts, output_len: int, label: str, batch_size: int) -> BenchResult:
@@ -87,7 +105,7 @@ def hf_offline(hf_model, prompts, output_len: int, label: str, batch_size: int) 
     sync(device)
     seconds = time.perf_counter() - start
     return BenchResult("transformers", label, len(prompts), len(prompts[0]), output_len, seconds,
-                       len(prompts) * output_len / seconds)
+                       len(prompts) * output_len / seconds, len(prompts) / seconds)
 
 
 def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
@@ -148,10 +166,12 @@ def run(args) -> list[BenchResult]:
         if hf_model is not None and not args.no_baseline:
             results.append(hf_offline(hf_model, prompts, args.output_len, label, batch_size=n))
     llm.shutdown()
-    print("| system | scenario | requests | input | output | seconds | output tokens/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(TABLE_HEADER)
     for r in results:
         print(r.row())
+    batch1 = next(r for r in results if r.system == "kiln" and r.requests == 1)
+    print(f"# kiln batch-1 decode: {batch1.output_tokens_per_s * weight_bytes / bandwidth:.0%} of the roofline "
+          "(prefill included)")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": describe_device(device), "bandwidth_bytes_per_s": bandwidth,

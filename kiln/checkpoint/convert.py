@@ -51,13 +51,16 @@ def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | N
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "auto", tp_size: int = 1,
-                       pp_size: int = 1, overwrite: bool = False, progress=None) -> Path:
+                       pp_size: int = 1, overwrite: bool = False, progress=None, moe_tp_size: int | None = None,
+                       moe_ep_size: int | None = None) -> Path:
     """Write a kiln checkpoint of every rank of `src` into out_dir (atomically), streaming tensor by tensor.
 
-    `progress`, if given, is called with (rank, world_size) before each rank is written.
+    `moe_tp_size` x `moe_ep_size` (= tp_size) split MoE experts as in Mapping; by default experts are
+    tensor-parallel like the dense MLP. `progress`, if given, is called with (rank, world_size) before each
+    rank is written.
     """
+    mapping = Mapping.of(tp_size, pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
     detect_source_format(src)  # fail on a bad source before creating anything
-    mapping = Mapping.of(tp_size, pp_size)
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):
             if progress:

@@ -1,9 +1,11 @@
 """Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a softmax router picks top-k experts per token.
 
 Expert weights are stacked, one tensor per projection: `experts.fc` and `experts.gate` [experts, inter, hidden],
-`experts.proj` [experts, hidden, inter] (engines fuse fc and gate into `experts.fc_gate`). Tensor parallelism
-splits every expert's intermediate dim, so each rank runs all experts on its slice and one all-reduce sums
-them. Tokens are grouped by expert (index_select, then index_add), never looped one by one.
+`experts.proj` [experts, hidden, inter] (engines fuse fc and gate into `experts.fc_gate`). Under tensor
+parallelism a rank holds the experts of its expert-parallel group (Mapping.moe_ep_size groups) and its
+moe_tp_size-th slice of their intermediate dim; every rank routes with the full (replicated) router, runs only
+its local experts on the tokens routed to them, and one all-reduce over the TP group sums the partial outputs.
+Tokens are grouped by expert (index_select, then index_add), never looped one by one.
 """
 
 from __future__ import annotations
@@ -34,27 +36,33 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
                  mapping: Mapping, fused: bool):
         super().__init__()
-        inter = intermediate_size // mapping.tp_size
+        self.local = mapping.local_experts(num_experts)  # global expert ids; weight row i is self.local[i]
+        inter = intermediate_size // mapping.moe_tp_size
+        local = len(self.local)
         self.act = ACTIVATIONS[hidden_act]
         self.fused = fused
         if fused:
-            self.fc_gate = ExpertLinear(num_experts, hidden_size, 2 * inter, shard_expert_column)
+            self.fc_gate = ExpertLinear(local, hidden_size, 2 * inter, shard_expert_column)
         else:
-            self.fc = ExpertLinear(num_experts, hidden_size, inter, shard_expert_column)
-            self.gate = ExpertLinear(num_experts, hidden_size, inter, shard_expert_column)
-        self.proj = ExpertLinear(num_experts, inter, hidden_size, shard_expert_row)
+            self.fc = ExpertLinear(local, hidden_size, inter, shard_expert_column)
+            self.gate = ExpertLinear(local, hidden_size, inter, shard_expert_column)
+        self.proj = ExpertLinear(local, inter, hidden_size, shard_expert_row)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden]; experts, weights [tokens, top_k]. This rank's partial sum (not reduced)."""
+        """x [tokens, hidden]; experts (global ids), weights [tokens, top_k]. This rank's partial sum (not
+        reduced): only its local experts contribute; the others' tokens are some other rank's work."""
         out = torch.zeros_like(x)
+        first, stop = self.local.start, self.local.stop
         for e in experts.unique().tolist():
+            if not first <= e < stop:
+                continue
             token, slot = (experts == e).nonzero(as_tuple=True)
-            h = x[token]
+            h, i = x[token], e - first
             if self.fused:
-                fc, gate = self.fc_gate(h, e).chunk(2, dim=-1)
+                fc, gate = self.fc_gate(h, i).chunk(2, dim=-1)
             else:
-                fc, gate = self.fc(h, e), self.gate(h, e)
-            y = self.proj(self.act(fc) * gate, e)
+                fc, gate = self.fc(h, i), self.gate(h, i)
+            y = self.proj(self.act(fc) * gate, i)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
 

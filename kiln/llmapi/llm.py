@@ -159,9 +159,11 @@ class LLM:
             elif not seq.finished:
                 text = _stable_prefix(text, seq.params.stop)
             outputs.append(CompletionOutput(index, text, list(seq.output_ids), seq.finish_reason, seq.stop_reason,
-                                            list(seq.logprobs) if seq.params.logprobs is not None else None))
+                                            list(seq.logprobs) if seq.params.logprobs is not None else None,
+                                            list(seq.token_times)))
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs,
-                             finished=all(s.finished for s in request.seqs))
+                             finished=all(s.finished for s in request.seqs),
+                             arrival_time=request.seqs[0].arrival_time)
 
     def _run(self, requests: list[_Request]) -> Iterator[None]:
         """Step the engine until these requests finish, yielding after every step."""

@@ -63,6 +63,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
     stop_reason: int | str | None = None  # the EOS/stop token id or the stop string that ended it
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token: (logprob, top alternatives)
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() when each token was ready
 
 
 @dataclass
@@ -72,3 +73,13 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    arrival_time: float | None = None  # time.monotonic() when the request was added
+
+    def ttft(self, index: int = 0) -> float | None:
+        """Seconds from arrival to the first token of output `index`."""
+        times = self.outputs[index].token_times
+        return times[0] - self.arrival_time if times and self.arrival_time is not None else None
+
+    def inter_token_latencies(self, index: int = 0) -> list[float]:
+        times = self.outputs[index].token_times
+        return [b - a for a, b in zip(times, times[1:])]

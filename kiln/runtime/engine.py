@@ -7,6 +7,7 @@ It checks every request against the build limits when it arrives, so a bad one f
 from __future__ import annotations
 
 import itertools
+import time
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
@@ -58,8 +59,10 @@ class GenerationEngine:
         if not step:
             return []
         produced = self.executor.step(step)
+        now = time.monotonic()
         for seq, token in produced:
             seq.output_ids.append(token)
+            seq.token_times.append(now)
             self._check_stop(seq, token)
         return [seq for seq, _ in produced]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached: int = 0  # tokens whose keys and values are in the cache
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
 
     @property
     def all_ids(self) -> list[int]:

@@ -145,10 +145,10 @@ class AsyncLLM:
                 self._abort(stream)
 
     def _abort(self, stream: _Stream) -> None:
+        self.metrics.request_finished("abort")  # first: whoever sees the blocks freed sees it counted
+        self.active.remove(stream)
         for seq in stream.request.seqs:
             self.llm.generator.abort(seq)
-        self.active.remove(stream)
-        self.metrics.request_finished("abort")
 
     def _publish(self) -> None:
         now = time.monotonic()
@@ -156,19 +156,19 @@ class AsyncLLM:
             self.llm._check_stop_strings(stream.request)
             output = self.llm._output(stream.request)
             tokens = sum(len(o.token_ids) for o in output.outputs)
-            if tokens != stream.tokens_seen:
+            changed = tokens != stream.tokens_seen
+            if changed:
                 self.metrics.tokens_generated(tokens - stream.tokens_seen)
                 if stream.last_token_at is None:
                     self.metrics.observe_ttft(now - stream.arrived)
                 else:
                     self.metrics.observe_itl(now - stream.last_token_at)
                 stream.tokens_seen, stream.last_token_at = tokens, now
-                stream.post(output)
-            elif output.finished:
-                stream.post(output)
-            if output.finished:
+            if output.finished:  # counted before the client hears of it, so its next /metrics read includes it
                 self.active.remove(stream)
                 self.metrics.request_finished(output.outputs[0].finish_reason)
+            if changed or output.finished:
+                stream.post(output)
 
     # ---- observability -------------------------------------------------------------------------
 

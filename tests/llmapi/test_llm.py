@@ -262,3 +262,13 @@ def test_copy_of_an_hf_dir_gets_its_own_cache_entry(tiny_llama_session, tmp_path
     LLM(tiny_llama_session[0], device="cpu")
     LLM(copy, device="cpu")
     assert len(list((kiln_cache / "engines").iterdir())) == 2
+
+
+def test_outputs_carry_token_times_for_latency_metrics(tiny_llama_session, kiln_cache):
+    hf_dir, _ = tiny_llama_session
+    llm = LLM(hf_dir)
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    times = out.outputs[0].token_times
+    assert len(times) == 5 and times == sorted(times)
+    assert out.ttft() is not None and out.ttft() >= 0
+    assert len(out.inter_token_latencies()) == 4 and all(x >= 0 for x in out.inter_token_latencies())
