@@ -51,3 +51,34 @@ def test_cuda_graphs_leave_room_for_one_max_seq_len_sequence(tmp_path, monkeypat
         assert llm.runner.graphs is not None and llm.generator.blocks.num_blocks == 4
         out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy_cuda(hf, PROMPTS[0], 64 - len(PROMPTS[0]))
+
+
+REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256,
+                  rope_theta=500000.0)  # Llama-3-8B layer shapes (two layers), Llama-2 vocab
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 2e-2)])
+def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypatch, dtype, tolerance):
+    """Paged Triton attention, fused kernels and decode CUDA graphs against the plain-PyTorch reference
+    forward in float32 (relative to the largest reference logit)."""
+    from dist_logits_main import PROMPTS as STEP_PROMPTS, steps
+
+    from kiln.builder import Engine
+    from kiln.config import BuildConfig
+    from kiln.llmapi.llm import open_engine_dir
+    from kiln.runtime.model_runner import ModelRunner
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    make_hf_model(tmp_path / "hf", **REAL_SHAPE)
+    build_config = BuildConfig(max_batch_size=4, max_seq_len=256, kv_cache_max_tokens=2048)
+    engine = Engine.from_dir(open_engine_dir(tmp_path / "hf", dtype, build_config))
+    runner = ModelRunner(engine.runtime_model("cuda"), "cuda", engine.build_config)
+    reference = Engine.from_dir(open_engine_dir(tmp_path / "hf", "float32", build_config)).runtime_model("cpu")
+    for step_index, step in enumerate(steps(build_config.tokens_per_block)):
+        got = runner.execute(step).float().cpu()
+        for i, prompt in enumerate(STEP_PROMPTS):
+            ids = prompt + ([11 + i] if step_index else [])
+            want = reference(torch.tensor([ids]))[0, -1]
+            assert (got[i] - want).abs().max() <= tolerance * want.abs().max(), (dtype, step_index, i)
+    assert runner.graphs is not None and runner.graphs.replays == 1  # the decode step ran as a graph
