@@ -29,7 +29,8 @@ from kiln.layers.mlp import make_mlp
 from kiln.layers.moe import MoE
 from kiln.layers.normalization import make_norm
 from kiln.mapping import Mapping, replicate
-from kiln.quantization.methods import apply_quant_config
+from kiln.quantization.hf_import import PrequantizedNameMap, hf_quant_format
+from kiln.quantization.methods import apply_quant_config, quantized_linears
 from kiln.version import FORMAT_VERSION, __version__
 
 CONFIG_FILE = "config.json"
@@ -314,8 +315,14 @@ class DecoderModelForCausalLM(PretrainedModel):
         generation = (read_json(hf_dir / "generation_config.json", "generation config")
                       if (hf_dir / "generation_config.json").is_file() else None)
         config = cls.config_from_hf(hf, dtype, mapping or Mapping(), generation, str(hf_dir / "config.json"))
+        prequantized = hf_quant_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ: imported, not re-quantized
+        if prequantized is not None:
+            config = config.replace(quantization=prequantized.quant_config)
         model = cls.empty(config)
-        model.attach_source(HFWeights(hf_dir), cls.hf_name_map(config), str(hf_dir))
+        name_map = cls.hf_name_map(config)
+        if prequantized is not None:
+            name_map = PrequantizedNameMap(name_map, prequantized, quantized_linears(model))
+        model.attach_source(HFWeights(hf_dir), name_map, str(hf_dir))
         model.tokenizer_writer = lambda dst: copy_tokenizer_files(hf_dir, dst)
         return model
 

@@ -87,6 +87,9 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
     mapping = mapping or Mapping()
     source = load_source_model(src, dtype, Mapping())
     cls = type(source)
+    if source.config.quantization.is_quantized:
+        raise ConfigError(f"{src}: is already quantized ({source.config.quantization.quant_algo.value}, imported "
+                          f"from its quantization_config); convert it with `kiln convert` instead of quantizing")
     check_quant_config(quant_config, source.config)
     qconfig = source.config.replace(quantization=quant_config)
     reference = cls.empty(qconfig)  # raises on shapes the format cannot hold, before any work

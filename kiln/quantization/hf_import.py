@@ -1,0 +1,146 @@
+"""Import of pre-quantized Hugging Face checkpoints (AutoAWQ GEMM, GPTQ) into kiln's W4A16 format with a zero point,
+with no re-quantization: the int4 codes, zeros and scales are unpacked from the source's int32 packing, turned from
+its [in, out] layout into kiln's [out, in], and repacked (kiln/quantization/weight_only.py describes kiln's layout).
+Both formats dequantize as w = (q - z) * s with one scale and zero per group of `group_size` inputs, which is
+kiln's W4A16 with `has_zero_point`; GPTQ's symmetric checkpoints carry their zero (8) like any other.
+
+- AWQ (AutoAWQ `version: "gemm"`): `qweight` int32 [in, out / 8], `qzeros` int32 [in / group, out / 8], `scales`
+  [in / group, out]. Eight codes per int32 along the output dim, nibble i (bits 4i..4i+3) holding output column
+  8c + AWQ_ORDER[i] (AutoAWQ's GEMM order, chosen for its kernel's dequantization).
+- GPTQ (AutoGPTQ / GPTQModel, `desc_act: false`): `qweight` int32 [in / 8, out], eight codes along the input dim
+  in plain order; `qzeros` int32 [in / group, out / 8] along the output dim in plain order; `scales` as AWQ. The
+  original format (`checkpoint_format` "gptq", the default) stores each zero minus one, a historical quirk that
+  GPTQModel's "gptq_v2" drops.
+
+Scales are converted to the model dtype; they come in float16, so a float16 or float32 model keeps them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.config import QuantAlgo, QuantConfig
+from kiln.errors import CheckpointError, ConfigError
+from kiln.quantization.weight_only import pack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ GEMM int32 holds column 8c + AWQ_ORDER[i]
+PLAIN_ORDER = tuple(range(8))
+GPTQ_FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+
+
+# ---- the math: pure functions of the source tensors ----------------------------------------------------
+
+def unpack_int32(packed: torch.Tensor, order=PLAIN_ORDER) -> torch.Tensor:
+    """int32 [..., n] -> int64 codes [..., 8n] in [0, 15]: nibble i of packed[..., c] is code 8c + order[i]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    nibbles = (packed.to(torch.int64)[..., None] >> shifts) & 0xF  # [..., n, 8], nibble i at index i
+    codes = torch.empty_like(nibbles)
+    codes[..., list(order)] = nibbles
+    return codes.flatten(-2)
+
+
+def awq_weight(qweight: torch.Tensor, config) -> torch.Tensor:
+    """AWQ qweight [in, out / 8] -> kiln packed codes [out, in / 2]."""
+    return pack_int4(unpack_int32(qweight, AWQ_ORDER).T.contiguous())
+
+
+def awq_zeros(qzeros: torch.Tensor, config) -> torch.Tensor:
+    """AWQ qzeros [groups, out / 8] -> kiln zero_point [out, groups]."""
+    return unpack_int32(qzeros, AWQ_ORDER).T.contiguous().float()
+
+
+def group_scales(scales: torch.Tensor, config) -> torch.Tensor:
+    """scales [groups, out] (AWQ and GPTQ) -> kiln weights_scaling_factor [out, groups]."""
+    return scales.T.contiguous()
+
+
+def gptq_weight(qweight: torch.Tensor, config) -> torch.Tensor:
+    """GPTQ qweight [in / 8, out] (packed along the input dim) -> kiln packed codes [out, in / 2]."""
+    return pack_int4(unpack_int32(qweight.T.contiguous()).contiguous())
+
+
+def gptq_zeros(offset: int) -> Callable:
+    def convert(qzeros: torch.Tensor, config) -> torch.Tensor:
+        """GPTQ qzeros [groups, out / 8] -> kiln zero_point [out, groups], undoing the format's offset."""
+        return ((unpack_int32(qzeros) + offset) & 0xF).T.contiguous().float()
+    return convert
+
+
+# ---- reading a config.json's quantization_config -------------------------------------------------------
+
+@dataclass(frozen=True)
+class HFQuantFormat:
+    """A pre-quantized source: the kiln QuantConfig it becomes and, per kiln leaf, (source leaf, converter)."""
+
+    method: str
+    quant_config: QuantConfig
+    leaves: dict[str, tuple[str, Callable]]
+
+
+def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
+    """The pre-quantized format a Hugging Face config.json declares; None for a float checkpoint."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    where = f"{path}: quantization_config"
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"{where}.quant_method {method!r} cannot be imported; this kiln imports 'awq' (GEMM) "
+                          f"and 'gptq' checkpoints; convert the float model and use `kiln quantize` instead")
+    bits = qc.get("bits", qc.get("w_bit"))
+    group = qc.get("group_size", qc.get("q_group_size"))
+    if bits != 4:
+        raise ConfigError(f"{where}.bits is {bits!r}; this kiln imports 4-bit {method.upper()} checkpoints only")
+    if group not in (32, 64, 128):
+        raise ConfigError(f"{where}.group_size is {group!r}; kiln's W4A16 holds groups of 32, 64 or 128 inputs")
+    quant_config = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=group, has_zero_point=True)
+    scales = ("scales", group_scales)
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ConfigError(f"{where}.version is {version!r}; this kiln imports AutoAWQ's 'gemm' packing only")
+        if qc.get("zero_point", True) is not True:
+            raise ConfigError(f"{where}.zero_point is false; this kiln imports AWQ checkpoints with zero points")
+        leaves = {"weight": ("qweight", awq_weight), "zero_point": ("qzeros", awq_zeros),
+                  "weights_scaling_factor": scales}
+        return HFQuantFormat(method, quant_config, leaves)
+    if qc.get("desc_act"):
+        raise ConfigError(f"{where}.desc_act is true (act-order: each input's group is given by g_idx); this "
+                          f"kiln imports GPTQ checkpoints quantized with desc_act false only")
+    if qc.get("lm_head"):
+        raise ConfigError(f"{where}.lm_head is true; this kiln keeps lm_head in full precision")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in GPTQ_FORMAT_ZERO_OFFSET:
+        raise ConfigError(f"{where}.checkpoint_format {fmt!r} is not one of {list(GPTQ_FORMAT_ZERO_OFFSET)}")
+    leaves = {"weight": ("qweight", gptq_weight), "zero_point": ("qzeros", gptq_zeros(GPTQ_FORMAT_ZERO_OFFSET[fmt])),
+              "weights_scaling_factor": scales}
+    return HFQuantFormat(method, quant_config, leaves)
+
+
+class PrequantizedNameMap(NameMap):
+    """A family's float name map, with each quantized linear's leaves read from the source's packed tensors.
+
+    `<linear>.weight` maps to HF `<proj>.weight` in the float map; here its leaves map to `<proj>.qweight`,
+    `<proj>.qzeros` and `<proj>.scales`, each converted to kiln's [out, ...] layout before the fused QKV's
+    sources are concatenated on dim 0.
+    """
+
+    def __init__(self, base: NameMap, fmt: HFQuantFormat, quantized_modules):
+        self.base, self.fmt, self.quantized = base, fmt, set(quantized_modules)
+
+    def sources(self, kiln_name: str) -> tuple[Src, ...]:
+        module, _, leaf = kiln_name.rpartition(".")
+        if module not in self.quantized or leaf not in self.fmt.leaves:
+            return self.base.sources(kiln_name)
+        source_leaf, convert = self.fmt.leaves[leaf]
+        out = []
+        for src in self.base.sources(module + ".weight"):
+            if src.transform is not None or not src.name.endswith(".weight"):
+                raise CheckpointError(f"{src.name}: a {self.fmt.method.upper()} checkpoint of this family needs a "
+                                      f"row transform of its packed weights, which kiln does not implement")
+            out.append(Src(src.name[: -len("weight")] + source_leaf, convert))
+        return tuple(out)
