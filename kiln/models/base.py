@@ -79,8 +79,10 @@ class PretrainedModel(nn.Module):
     def weight_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Name -> (dtype, shape) of every weight this rank holds (tied weights once). Floating-point weights
         take the model's dtype; integer ones (quantized codes) keep their own."""
-        return {name: (self.config.torch_dtype if p.is_floating_point() else p.dtype, tuple(p.shape))
-                for name, p in self.named_parameters()}
+        return {name: self._spec(p) for name, p in self.named_parameters()}
+
+    def _spec(self, param: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.config.torch_dtype if param.is_floating_point() else param.dtype, tuple(param.shape)
 
     def shard_rule(self, name: str):
         module_name, _, leaf = name.rpartition(".")
@@ -126,7 +128,7 @@ class PretrainedModel(nn.Module):
         self.set_lazy_weights({name: functools.partial(load, name) for name in names})
 
     def _read_lazy(self, name: str) -> torch.Tensor:
-        dtype, shape = self.weight_specs()[name]
+        dtype, shape = self._spec(self.get_parameter(name))  # (not weight_specs(): one walk per tensor read)
         tensor = self._lazy[name]()
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"weight {name!r} has shape {tuple(tensor.shape)} but the config gives "
