@@ -25,6 +25,7 @@ from kiln.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import BuildConfig, PretrainedConfig, read_json
 from kiln.errors import CheckpointError, ConfigError
+from kiln.kernels.quant_gemm import linear_plan
 from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, rank_file, write_json_atomic
 from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes
 from kiln.version import FORMAT_VERSION, __version__
@@ -65,10 +66,12 @@ def engine_weights(model: PretrainedModel):
         if runtime is None:
             continue
         tensor = model.read_weight(name)
-        if runtime != name and not name.endswith(".prequant_scaling_factor"):
+        if runtime != name and not name.endswith((".prequant_scaling_factor", ".activation_scaling_factor",
+                                                  ".input_permutation")):
             # Weights, packed int4 codes, group scales and zero points are [out, ...]: join on the output dim
             # (-2; stacked experts too); biases and per-channel scales are [out]: join on -1. fc and gate
-            # share their input, so an AWQ prequant scale [in] is one for both (fc's is kept).
+            # share their input, so an AWQ prequant scale [in], a static activation scale [1] and a GPTQ
+            # act-order input permutation [in] are one for both (fc's is kept).
             dim = -1 if tensor.dim() == 1 else -2
             tensor = torch.cat([tensor, model.read_weight(_sibling(name, "gate"))], dim=dim)
         yield runtime, tensor
@@ -167,18 +170,19 @@ def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | N
     return dataclasses.replace(bc, max_seq_len=max_seq_len, max_input_len=max_input_len)
 
 
-def plan_for(build_config: BuildConfig) -> dict:
+def plan_for(build_config: BuildConfig, quant_algo: str | None = None) -> dict:
     """What the runtime runs: on CUDA the Triton kernels and decode CUDA graphs at these batch sizes,
-    elsewhere the torch references of the same kernels."""
+    elsewhere the torch references of the same kernels; for weight-only quantized linears, which kernel."""
     return {"kv_cache": "paged", "tokens_per_block": build_config.tokens_per_block, "mlp_layout": "fused_fc_gate",
             "kernels_cuda": "triton", "kernels_other": "torch_reference",
-            "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size)}
+            "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size), **linear_plan(quant_algo)}
 
 
 def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> Engine:
     """Check the limits against the model and return the Engine of this rank (weights stay lazy)."""
     bc = resolve_build_config(model.config, build_config)
-    return Engine(config=model.config, build_config=bc, plan=plan_for(bc),
+    algo = model.config.quantization.quant_algo
+    return Engine(config=model.config, build_config=bc, plan=plan_for(bc, algo and algo.value),
                   weights=lambda: engine_weights(model), tokenizer_writer=model.tokenizer_writer)
 
 

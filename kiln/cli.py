@@ -53,17 +53,18 @@ def cmd_quantize(args) -> None:
     from kiln.config import QuantConfig
     from kiln.mapping import Mapping
     from kiln.models.base import PretrainedModel
-    from kiln.quantization.evaluate import REPORT_FILE, format_report
+    from kiln.quantization.evaluate import REPORT_FILE, algo_label, format_report
 
-    quant_config = QuantConfig(quant_algo=args.quant_algo, group_size=args.group_size,
-                               has_zero_point=args.has_zero_point,
-                               exclude_modules=tuple(args.exclude_modules or ("lm_head",)))
+    quant_config = QuantConfig(quant_algo=args.quant_algo, kv_cache_quant_algo=args.kv_cache_quant_algo,
+                               group_size=args.group_size, has_zero_point=args.has_zero_point,
+                               exclude_modules=tuple(args.exclude_modules or ("lm_head",)),
+                               smoothquant_alpha=args.smoothquant_alpha)
     start = time.perf_counter()
     out = PretrainedModel.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
                                    calib_dataset=args.calib_dataset, calib_size=args.calib_size,
                                    calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype,
                                    overwrite=args.overwrite, evaluate=args.eval)
-    print(f"wrote {quant_config.quant_algo.value} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {algo_label(quant_config.to_dict())} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
     if args.eval:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
 
@@ -201,6 +202,7 @@ def _add_build_flags(p) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES  # plain tables: cheap to import
+    from kiln.bench.workloads import NAMED_WORKLOADS
 
     parser = argparse.ArgumentParser(prog="kiln", description="Convert, build and run LLM inference engines.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
@@ -221,14 +223,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("quantize", help="quantize a source model into a kiln checkpoint (W8A16, W4A16, AWQ)")
+    p = sub.add_parser("quantize", help="quantize a source model into a kiln checkpoint (weight-only int8/int4, AWQ, "
+                                        "FP8, SmoothQuant W8A8, W4A8 AWQ; KV cache INT8/FP8)")
     p.add_argument("--model-dir", required=True, help="source: HF dir, Meta dir or .gguf file (detected)")
     p.add_argument("--output-dir", required=True, help="kiln checkpoint dir to write")
-    p.add_argument("--quant-algo", required=True, type=str.upper, metavar="{W8A16,W4A16,W4A16_AWQ}",
+    p.add_argument("--quant-algo", type=str.upper,
+                   metavar="{W8A16,W4A16,W4A16_AWQ,W4A8_AWQ,W8A8_SQ_PER_CHANNEL,FP8,FP8_PER_CHANNEL_PER_TOKEN}",
                    help="W8A16: per-channel int8; W4A16: group-wise int4 round-to-nearest; W4A16_AWQ: "
-                        "int4 with activation-aware scales searched on calibration text")
+                        "int4 with activation-aware scales searched on calibration text; W4A8_AWQ: those int4 "
+                        "weights with FP8 activations; W8A8_SQ_PER_CHANNEL: SmoothQuant int8 weights and per-token "
+                        "int8 activations; FP8: e4m3 weights and activations, per-tensor scales from calibration; "
+                        "FP8_PER_CHANNEL_PER_TOKEN: per-channel weight and per-token activation scales")
+    p.add_argument("--kv-cache-quant-algo", type=str.upper, metavar="{INT8,FP8}",
+                   help="KV cache of int8 or float8 (e4m3) codes with per-layer scales calibrated on the "
+                        "calibration text: twice the tokens in the same memory; with or without --quant-algo")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
     p.add_argument("--has-zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
+    p.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                   help="W8A8_SQ_PER_CHANNEL migration strength in [0, 1]: how much of the activations' range "
+                        "moves into the weights")
     p.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
                    help="modules kept in full precision (fnmatch on names or their suffixes; default: lm_head)")
     p.add_argument("--calib-dataset", default=None,
@@ -302,7 +315,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None)
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--workloads", default=None, metavar="NAME[,NAME]",
+                   help=f"named workloads: {', '.join(NAMED_WORKLOADS)} (default: batch-1 decode and one of "
+                   "--num-requests x --input-len / --output-len)")
+    p.add_argument("--workload-file", default=None, help="JSON list of workloads (kiln/bench/workloads.py)")
+    p.add_argument("--quant-algo", default=None, metavar="ALGO[,ALGO]",
+                   help="also bench the model quantized with each algorithm (kiln quantize's --quant-algo)")
+    p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, choices=["INT8", "FP8"],
+                   help="quantized KV cache for the quantized systems (alone: one KV-only system)")
+    p.add_argument("--skip-unquantized", action="store_true", help="bench only the quantized systems")
+    p.add_argument("--max-batch-size", type=int, default=256, help="the engine's running batch ceiling")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     p.add_argument("--output-json", default=None, help="also write the results here")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also plot the results (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="show what a checkpoint or engine holds")

@@ -76,6 +76,7 @@ class QuantConfig:
     group_size: int = 128
     has_zero_point: bool = False
     exclude_modules: tuple[str, ...] = ("lm_head",)
+    smoothquant_alpha: float = 0.5  # W8A8_SQ_PER_CHANNEL's migration strength (kiln.quantization.smoothquant)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -83,6 +84,10 @@ class QuantConfig:
         set_("kv_cache_quant_algo",
              _parse_algo(self.kv_cache_quant_algo, "QuantConfig", "kv_cache_quant_algo", KV_CACHE_ALGOS))
         _check(self.group_size in (32, 64, 128), "QuantConfig", "group_size", "one of 32, 64, 128", self.group_size)
+        _check(isinstance(self.smoothquant_alpha, (int, float)) and not isinstance(self.smoothquant_alpha, bool)
+               and 0.0 <= self.smoothquant_alpha <= 1.0, "QuantConfig", "smoothquant_alpha",
+               "a number in [0, 1]", self.smoothquant_alpha)
+        set_("smoothquant_alpha", float(self.smoothquant_alpha))
         set_("exclude_modules", tuple(self.exclude_modules))
 
     @property
@@ -291,10 +296,13 @@ class BuildConfig:
     tokens_per_block: int = 32
     kv_cache_free_gpu_mem_fraction: float = 0.9
     kv_cache_max_tokens: int | None = None  # an explicit KV-cache size instead of the memory fraction
+    # Greedy decode steps run back to back on the GPU (CUDA graphs feeding each step's argmax to the next)
+    # before the host looks at the tokens: the host's per-step work then overlaps the GPU's. 1 turns it off.
+    decode_steps_per_sync: int = 4
 
     def __post_init__(self):
         owner = "BuildConfig"
-        _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block"))
+        _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block", "decode_steps_per_sync"))
         for name in ("max_input_len", "max_seq_len", "kv_cache_max_tokens"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1,

@@ -1,24 +1,33 @@
-"""`kiln bench`: offline throughput and batch-1 decode speed of an engine, side by side with Hugging Face
-transformers on the same weights and the memory-bandwidth roofline, in the same run.
+"""`kiln bench`: throughput and latency of an engine on named workloads, side by side with Hugging Face
+transformers on the same weights and the hardware's ceilings, in the same run.
 
-    kiln bench --synthetic llama-3-8b --dtype bfloat16          # random weights of a real shape (GPU)
+    kiln bench --synthetic llama-3-8b --dtype bfloat16 --workloads decode-1,offline-3000   # random weights (GPU)
+    kiln bench --synthetic llama-3-8b --dtype bfloat16 --quant-algo W8A16,FP8 --workloads decode-1
     kiln bench --model PATH --num-requests 32 --input-len 128 --output-len 128
 
-Prompts are random token ids and every request generates exactly output_len tokens (ignore_eos),
-so runs are comparable across engines.
+Prompts are random token ids and every request generates exactly output_len tokens (ignore_eos), so
+runs are comparable across engines. Each kiln system is timed from opening its engine dir to the first
+token (load, CUDA-graph capture, one prefill), then on every workload. Results: a table, JSON
+(--output-json) and a PNG plot (--plot, needs matplotlib).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
+from kiln.bench.workloads import Workload, select
+from kiln.config import BuildConfig, QuantConfig
 
 
 @dataclass
@@ -34,28 +43,35 @@ class BenchResult:
     ttft_s: dict | None = None  # p50/p90/p99, kiln only (transformers' generate does not report it)
     itl_s: dict | None = None
     peak_gpu_gb: float | None = None
+    extra: dict = field(default_factory=dict)  # workload-specific: prefix TTFTs, roofline fractions
 
     def row(self) -> str:
         ms = lambda d: "—" if d is None else " / ".join(f"{v * 1000:.1f}" for v in d.values())  # noqa: E731
         peak = "—" if self.peak_gpu_gb is None else f"{self.peak_gpu_gb:.1f}"
         return (f"| {self.system} | {self.scenario} | {self.requests} | {self.input_len} | {self.output_len} | "
                 f"{self.seconds:.2f} | {self.output_tokens_per_s:,.1f} | {self.requests_per_s:.2f} | "
-                f"{ms(self.ttft_s)} | {ms(self.itl_s)} | {peak} |")
+                f"{ms(self.ttft_s)} | {ms(self.itl_s)} | {peak} | {format_extra(self.extra)} |")
 
 
-TABLE_HEADER = ("| system | scenario | requests | input | output | seconds | output tokens/s | requests/s | "
-                "TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | peak GPU GB |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEADER = ("| system | workload | requests | input | output | seconds | output tokens/s | requests/s | "
+                "TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | peak GPU GB | notes |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def format_extra(extra: dict) -> str:
+    """The notes column: seconds as ms, fractions as percentages."""
+    parts = []
+    for key, value in extra.items():
+        if key.endswith("_s"):
+            parts.append(f"{key[:-2]} {value * 1000:.1f} ms")
+        else:
+            parts.append(f"{key} {value:.0%}")
+    return ", ".join(parts) or "—"
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -71,41 +87,55 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 5 * 2 * src.numel() / (time.perf_counter() - start)
 
 
-def kiln_offline(llm, prompts, output_len: int, label: str) -> BenchResult:
+def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
+    """Run every request of `workload` through the engine. With a shared prefix, the first request runs
+    alone (filling the cache), then the others together; `extra` holds both TTFTs."""
     from kiln.bench.serve_load import percentiles
     from kiln.llmapi.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+    w = workload
+    params = SamplingParams(max_tokens=w.output_len, temperature=0, ignore_eos=True)
+    prompts = w.prompts(llm.engine.config.vocab_size, seed=zlib.crc32(w.name.encode()))
+    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
     sync(llm.device)
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    extra = {}
+    if w.shared_prefix_len:
+        outputs = llm.generate(prompts[:1], params)
+        outputs += llm.generate(prompts[1:], params)
+        followers = [o.ttft() for o in outputs[1:]]
+        extra = {"first_ttft_s": outputs[0].ttft(), "followers_ttft_p50_s": percentiles(followers)["p50"]}
+        extra["followers_over_first"] = extra["followers_ttft_p50_s"] / extra["first_ttft_s"]
+    else:
+        outputs = llm.generate(prompts, params)
     sync(llm.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
-    return BenchResult("kiln", label, len(prompts), len(prompts[0]), output_len, seconds, tokens / seconds,
+    return BenchResult(label, w.name, len(prompts), w.input_len, w.output_len, seconds, tokens / seconds,
                        len(prompts) / seconds, percentiles([o.ttft() for o in outputs]),
-                       percentiles([x for o in outputs for x in o.inter_token_latencies()]), peak)
+                       percentiles([x for o in outputs for x in o.inter_token_latencies()]), peak, extra)
 
 
-def hf_offline(hf_model, prompts, output_len: int, label: str, batch_size: int) -> BenchResult:
-    """transformers' generate, greedy, in batches of equal-length prompts (no padding needed)."""
+def hf_offline(hf_model, workload: Workload) -> BenchResult:
+    """transformers' generate, greedy, on the first baseline_requests prompts at that batch size (equal
+    lengths: no padding needed). Its tokens/s is comparable; its request count is said in the table."""
+    w = workload
+    prompts = w.prompts(hf_model.config.vocab_size, seed=zlib.crc32(w.name.encode()))[: w.baseline_requests]
     device = hf_model.device
-    warm = torch.tensor(prompts[:1], device=device)
+    warm = torch.tensor([prompts[0][:8]], device=device)
     hf_model.generate(warm, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     sync(device)
     start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        ids = torch.tensor(prompts[i:i + batch_size], device=device)
-        hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                          min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    ids = torch.tensor(prompts, device=device)
+    hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.output_len,
+                      min_new_tokens=w.output_len, do_sample=False, pad_token_id=0)
     sync(device)
     seconds = time.perf_counter() - start
-    return BenchResult("transformers", label, len(prompts), len(prompts[0]), output_len, seconds,
-                       len(prompts) * output_len / seconds, len(prompts) / seconds)
+    return BenchResult("transformers", w.name, len(prompts), w.input_len, w.output_len, seconds,
+                       len(prompts) * w.output_len / seconds, len(prompts) / seconds)
 
 
 def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
@@ -130,53 +160,166 @@ def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def run(args) -> list[BenchResult]:
-    """Build (or open) the model, then time each scenario for kiln and for transformers."""
-    from kiln.config import BuildConfig
+def matmul_flops(device: torch.device, n: int = 8192) -> float:
+    """Measured dense matmul rate in FLOP/s (bf16 on a GPU, float32 on a CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n ** 3 / (time.perf_counter() - start)
+
+
+def prefill_flops(config, tokens: int) -> float:
+    """FLOPs of one forward over a prompt of `tokens`: 2 per weight per token, plus causal attention."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = config.intermediate_size * (3 if config.gated_mlp else 2)
+    kv = config.num_key_value_heads * config.head_size
+    q = config.num_attention_heads * config.head_size
+    per_token = layers * 2 * (h * (q + 2 * kv) + q * h + h * inter) + 2 * h * config.vocab_size
+    attention = layers * 2 * 2 * q * tokens * tokens / 2  # QK^T and PV over the causal half
+    return per_token * tokens + attention
+
+
+def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device) -> Path:
+    """The engine dir of one kiln system: the source as is, or quantized first (into a temp checkpoint)."""
+    import tempfile
+
+    from kiln.llmapi.llm import open_engine_dir
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    if quant is not None:
+        ckpt = Path(tempfile.mkdtemp(prefix="kiln-bench-quant-")) / "ckpt"
+        start = time.perf_counter()
+        source = quantize_checkpoint(source, ckpt, quant, dtype=args.dtype, device=str(device))
+        print(f"# quantized to {quant.quant_algo and quant.quant_algo.value} / KV "
+              f"{quant.kv_cache_quant_algo and quant.kv_cache_quant_algo.value} in {time.perf_counter() - start:.0f}s")
+    return open_engine_dir(source, args.dtype, build_config)
+
+
+def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
+    """("kiln", None) for the unquantized engine, then one system per --quant-algo (and KV-cache algo)."""
+    systems = [] if args.skip_unquantized else [("kiln", None)]
+    kv = args.kv_cache_quant_algo
+    for algo in (args.quant_algo.split(",") if args.quant_algo else []):
+        systems.append((f"kiln {algo}" + (f" KV {kv}" if kv else ""),
+                        QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)))
+    if kv and not args.quant_algo:
+        systems.append((f"kiln KV {kv}", QuantConfig(kv_cache_quant_algo=kv)))
+    return systems
+
+
+def bench_system(label, engine_dir, args, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
+    """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
     from kiln.llmapi.llm import LLM
+    from kiln.llmapi.sampling_params import SamplingParams
 
+    sync(device)
+    start = time.perf_counter()
+    llm = LLM(engine_dir, device=str(device))
+    llm.generate([[1] * 16], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    sync(device)
+    load_s = time.perf_counter() - start
+    try:
+        weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+        info = {"load_to_first_token_s": load_s, "weight_bytes": weight_bytes,
+                "kv_cache_tokens": getattr(llm.runner, "kv_token_capacity", None),
+                "decode_roofline_tokens_per_s": ceilings["bandwidth"] / weight_bytes}
+        print(f"# {label}: weights {weight_bytes / 1e9:.2f} GB, KV cache {info['kv_cache_tokens']} tokens, "
+              f"engine load to first token {load_s:.1f}s, batch-1 decode roofline "
+              f"{info['decode_roofline_tokens_per_s']:,.1f} tokens/s", flush=True)
+        results = []
+        for w in workloads:
+            r = kiln_offline(llm, w, label)
+            if w.num_requests == 1 and w.output_len > 1:
+                r.extra["of_decode_roofline"] = r.output_tokens_per_s / info["decode_roofline_tokens_per_s"]
+            if w.output_len <= 16 or w.input_len >= 1024:  # prefill-bound: against the measured matmul rate
+                floor = prefill_flops(llm.engine.config, w.input_len) * w.num_requests / ceilings["flops"]
+                r.extra["compute_floor_s"] = floor
+            print(r.row(), flush=True)
+            results.append(r)
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results, info
+
+
+def run(args) -> list[BenchResult]:
+    """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    hf_model, source = None, args.model
-    if args.synthetic:
-        import tempfile
-
-        hf_model = synthetic_hf_model(args.synthetic, getattr(torch, args.dtype), device)
-        source = tempfile.mkdtemp(prefix=f"kiln-bench-{args.synthetic}-")
-        hf_model.save_pretrained(source)
-    elif not args.no_baseline and (Path(source) / "config.json").is_file() and \
-            "format_version" not in json.loads((Path(source) / "config.json").read_text()):
-        import transformers  # an HF dir: the same weights through transformers
-
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype)
-                                                                     if args.dtype != "auto" else "auto").to(device)
-    build_config = BuildConfig(max_batch_size=args.num_requests, max_seq_len=args.input_len + args.output_len,
-                               max_num_tokens=max(8192, args.input_len))
-    llm = LLM(source, dtype=args.dtype, device=str(device), build_config=build_config)
-    config = llm.engine.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
-    bandwidth = copy_bandwidth(device)
-    print(f"# {describe_device(device)}; weights {weight_bytes / 1e9:.2f} GB ({config.dtype}); "
-          f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"# batch-1 decode roofline (weights read once per token): {bandwidth / weight_bytes:,.1f} tokens/s")
+    workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
+    ceilings = {"bandwidth": copy_bandwidth(device), "flops": matmul_flops(device)}
+    print(f"# {describe_device(device)}; measured copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s, "
+          f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    source, hf_model = prepare_source(args, device)
     results = []
-    scenarios = [("batch-1 decode", 1), ("offline", args.num_requests)]
-    for label, n in scenarios:
-        prompts = random_prompts(n, args.input_len, config.vocab_size)
-        results.append(kiln_offline(llm, prompts, args.output_len, label))
-        if hf_model is not None and not args.no_baseline:
-            results.append(hf_offline(hf_model, prompts, args.output_len, label, batch_size=n))
-    llm.shutdown()
+    print(TABLE_HEADER, flush=True)
+    if hf_model is not None:
+        for w in workloads:
+            results.append(hf_offline(hf_model, w))
+            print(results[-1].row(), flush=True)
+        del hf_model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    longest = max(w.input_len + w.output_len for w in workloads)
+    build_config = BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
+                               max_seq_len=longest, max_input_len=max(w.input_len for w in workloads),
+                               max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)))
+    systems = {}
+    for label, quant in quant_systems(args):
+        engine_dir = build_engine(source, args, quant, build_config, device)
+        system_results, systems[label] = bench_system(label, engine_dir, args, workloads, device, ceilings)
+        results += system_results
     print(TABLE_HEADER)
     for r in results:
         print(r.row())
-    batch1 = next(r for r in results if r.system == "kiln" and r.requests == 1)
-    print(f"# kiln batch-1 decode: {batch1.output_tokens_per_s * weight_bytes / bandwidth:.0%} of the roofline "
-          "(prefill included)")
+    report = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+              "command": "kiln " + " ".join(sys.argv[1:]), "bandwidth_bytes_per_s": ceilings["bandwidth"],
+              "matmul_flops_per_s": ceilings["flops"], "systems": systems, "results": [asdict(r) for r in results]}
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"device": describe_device(device), "bandwidth_bytes_per_s": bandwidth,
-                       "weight_bytes": weight_bytes, "results": [asdict(r) for r in results]}, f, indent=2)
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        from kiln.bench.plot import plot_results
+
+        plot_results(report, args.plot)
     return results
+
+
+def prepare_source(args, device):
+    """(source path, transformers model or None): a synthetic model is built on the device and saved."""
+    import tempfile
+
+    if args.synthetic:
+        hf_model = synthetic_hf_model(args.synthetic, getattr(torch, args.dtype), device)
+        source = tempfile.mkdtemp(prefix=f"kiln-bench-{args.synthetic}-")
+        hf_model.save_pretrained(source)
+        return source, None if args.no_baseline else hf_model
+    source = Path(args.model)
+    is_hf = (source / "config.json").is_file() and "format_version" not in json.loads(
+        (source / "config.json").read_text())
+    if args.no_baseline or not is_hf:
+        return source, None
+    import transformers
+
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
+    return source, transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def describe_device(device: torch.device) -> str:

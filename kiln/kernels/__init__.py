@@ -5,8 +5,12 @@
 | `rmsnorm` | `rms_norm` | `rms_norm_ref` | residual add + RMSNorm, one read and one write of the row |
 | `rotary` | `apply_rotary` | `apply_rotary_ref` | cos/sin from positions + rotate-half on q and k, in place |
 | `activation` | `silu_and_mul` | `silu_and_mul_ref` | SiLU of the fc half times the gate half |
-| `paged_attention` | `paged_decode_attention` | `paged_decode_attention_ref` | decode attention over a paged KV cache (split-K) |
+| `paged_attention` | `paged_decode_attention` | `paged_decode_attention_ref` | decode attention over a paged KV cache (split-K; int8 / fp8 codes with `kv_scale`) |
 | `paged_attention` | `varlen_prefill_attention` | `varlen_prefill_attention_ref` | causal flash attention over packed sequences |
+| `moe` | `fused_moe` | `fused_moe_ref` | MoE experts: sort by expert, two grouped GEMMs (gated act fused), no host sync |
+| `quant_gemm` | `w4a16_matmul` | `w4a16_matmul_ref` | int4 group dequantization into the matmul (GEMV / GEMM) |
+| `quant_gemm` | `w4a16_dequantize` | `dequantize_int4` (quantization.weight_only) | int4 codes to 16-bit weights (prefill-sized matmuls) |
+| `quant_gemm` | `w8a16_matmul` | `w8a16_matmul_ref` | int8 per-channel dequantization into the matmul (GEMV / GEMM) |
 
 Every kernel takes the same arguments as its reference and returns the same result up to
 floating-point rounding; tests/kernels compares them on random inputs. Callers pick the kernel when

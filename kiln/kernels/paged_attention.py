@@ -13,6 +13,11 @@ sequences packed back to back, cu_seqlens marking where each starts.
 
 A sliding window of W keeps the keys at positions q_pos - W < k_pos <= q_pos, as kiln.layers.attention does.
 Both kernels use exp2 with log2(e) folded into the scale, so their log-sum-exps are in base 2.
+
+A quantized cache (kiln.quantization.kv_cache) holds int8 or float8_e4m3fn codes and `kv_scale` = [s_k, s_v]:
+keys and values are read as codes and dequantized in registers. Every int8 and e4m3 code is exact in fp16,
+bf16 and fp32, so the kernels convert codes to the query's dtype for the matmuls and apply the scales
+outside them: s_k joins the softmax scale, s_v multiplies the output (sum_j p_j (c_j s_v) = s_v sum_j p_j c_j).
 """
 
 import functools
@@ -36,6 +41,16 @@ PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for 
 
 # ---------------------------------------------------------------- references (any device)
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows]; 1-byte codes through a uint8 view, since torch's indexing kernels do not all take float8."""
+    return x.view(torch.uint8)[rows].view(x.dtype) if x.element_size() == 1 else x[rows]
+
+
+def _read(x: torch.Tensor, kv_scale: torch.Tensor | None, which: int) -> torch.Tensor:
+    """Keys (which=0) or values (1) as float32: dequantized codes when the cache is quantized."""
+    return x.float() if kv_scale is None else x.float() * kv_scale[which].float()
+
+
 def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
     """Softmax attention in float32. q [m, heads, d], k/v [n, kv_heads, d], mask [m, n] (True = attend)."""
     groups = q.shape[1] // k.shape[1]
@@ -46,22 +61,25 @@ def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v).to(q.dtype)
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                               kv_scale=None):
     """q [batch, heads, d] -> [batch, heads, d]: each sequence's one new query over its cached keys."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     for b, n in enumerate(context_lens.tolist()):
         pages = block_tables[b, :math.ceil(n / block_size)].long()
         lo = 0 if sliding_window is None else max(n - sliding_window, 0)
-        k = k_cache[pages].flatten(0, 1)[lo:n]
-        v = v_cache[pages].flatten(0, 1)[lo:n]
+        k = _read(gather_rows(k_cache, pages).flatten(0, 1)[lo:n], kv_scale, 0)
+        v = _read(gather_rows(v_cache, pages).flatten(0, 1)[lo:n], kv_scale, 1)
         out[b] = _attend_ref(q[b:b + 1], k, v, scale, None)[0]
     return out
 
 
-def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None):
-    """Causal attention within each packed sequence; q [tokens, heads, d], k/v [tokens, kv_heads, d]."""
+def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
+    """Causal attention within each packed sequence; q [tokens, heads, d], k/v [tokens, kv_heads, d]
+    (codes when kv_scale is given)."""
     out = torch.empty_like(q)
+    k, v = _read(k, kv_scale, 0), _read(v, kv_scale, 1)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         pos = torch.arange(end - start, device=q.device)
@@ -89,7 +107,8 @@ def _num_splits(programs: int, max_context: int, block_n: int, device: torch.dev
     return max(1, min(triton.cdiv(per_sm * _num_sms(device.index or 0), programs), tiles, 64))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                           kv_scale=None):
     """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors."""
     batch, heads, head_size = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -104,10 +123,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     partial = torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         scale * _LOG2E, sliding_window or 0, group, head_size, splits,
-        PAGE=block_size, HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
+        IEEE=q.dtype == torch.float32,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty_like(q)
@@ -117,7 +137,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return out
 
 
-def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None):
+def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
     """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors."""
     tokens, heads, head_size = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -127,9 +147,10 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1], head_size,
-        HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
+        head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
+        IEEE=q.dtype == torch.float32,
         BLOCK_D=block_d, **cfg)
     return out
 
@@ -155,11 +176,22 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
+    def _kv_scales(kvs_ptr, scale_log2, HAS_SCALE: tl.constexpr):
+        """(the score scale with s_k folded in, s_v): the codes of a quantized cache need both."""
+        qk_scale = scale_log2
+        v_scale = 1.0
+        if HAS_SCALE:
+            qk_scale = scale_log2 * tl.load(kvs_ptr).to(tl.float32)
+            v_scale = tl.load(kvs_ptr + 1).to(tl.float32)
+        return qk_scale, v_scale
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb,
                              scale_log2, window, group, head_size, num_splits,
-                             PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
         b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
         first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
@@ -173,6 +205,7 @@ if triton is not None:
         d_ok = d < head_size
         q = tl.load(q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
                     mask=(g < group)[:, None] & d_ok[None, :], other=0.0)
+        qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         # A finite start for the running max keeps exp2(m - m_new) free of inf - inf.
         m = tl.full([BLOCK_G], -1e30, tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
@@ -183,15 +216,15 @@ if triton is not None:
             page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
             kv_mask = ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + page[:, None] * k_sblk + (t % PAGE)[:, None] * k_stok + kvh * k_sh + d[None, :],
-                        mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * scale_log2
+                        mask=kv_mask, other=0.0).to(q.dtype)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
             s = tl.where(ok[None, :], s, float("-inf"))
             v = tl.load(v_ptr + page[:, None] * v_sblk + (t % PAGE)[:, None] * v_stok + kvh * v_sh + d[None, :],
-                        mask=kv_mask, other=0.0)
+                        mask=kv_mask, other=0.0).to(q.dtype)
             m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
 
         empty = l == 0.0  # a split past the end of a short context
-        out = acc / tl.where(empty, 1.0, l)[:, None]
+        out = acc * (v_scale / tl.where(empty, 1.0, l))[:, None]
         row = (b * tl.num_programs(1) * group + heads) * num_splits + split  # partial is [b, heads, splits, d]
         tl.store(part_ptr + row[:, None] * head_size + d[None, :], out, mask=(g < group)[:, None] & d_ok[None, :])
         tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
@@ -210,26 +243,26 @@ if triton is not None:
         tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
 
     @triton.jit
-    def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2, window, n,
+    def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale, window, n,
                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
         """Fold keys kstart..kstart+BLOCK_N of one sequence into the running softmax of q's rows."""
         cols = kstart + tl.arange(0, BLOCK_N)
         kv_mask = d_ok[None, :]
         if CAUSAL:  # the diagonal tile can also run past the sequence's end
             kv_mask = (cols < n)[:, None] & kv_mask
-        k = tl.load(k_ptrs + kstart * k_st, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * scale_log2
+        k = tl.load(k_ptrs + kstart * k_st, mask=kv_mask, other=0.0).to(q.dtype)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         if CAUSAL:
             s = tl.where((cols[None, :] <= rows[:, None]) & (cols < n)[None, :], s, float("-inf"))
         if HAS_WINDOW:
             s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
-        v = tl.load(v_ptrs + kstart * v_st, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + kstart * v_st, mask=kv_mask, other=0.0).to(q.dtype)
         return _online_softmax_step(s, m, l, acc, v, IEEE)
 
     @triton.jit
-    def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh,
-                        scale_log2, window, group, head_size,
-                        HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
+                        o_sh, scale_log2, window, group, head_size,
+                        HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(cu_ptr + seq)
@@ -243,6 +276,7 @@ if triton is not None:
         d_ok = d < head_size
         q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
                     mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
+        qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         m = tl.full([BLOCK_M], -1e30, tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -253,12 +287,12 @@ if triton is not None:
         if HAS_WINDOW:  # nor any before its first query's window
             lo = tl.maximum(diag - window + 1, 0) // BLOCK_N * BLOCK_N
         for kstart in range(lo, diag, BLOCK_N):
-            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2,
+            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
                                       window, n, False, HAS_WINDOW, IEEE, BLOCK_N)
         hi = tl.minimum(diag + BLOCK_M, n)  # causal: no key after the tile's last query
         for kstart in range(diag, hi, BLOCK_N):
-            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, scale_log2,
+            m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
                                       window, n, True, HAS_WINDOW, IEEE, BLOCK_N)
-        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on padding rows past n
+        out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]  # l is 0 only on padding rows past n
         tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(rows < n)[:, None] & d_ok[None, :])

@@ -20,6 +20,7 @@ from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
 from kiln.mapping import Mapping
+from kiln.quantization.kv_cache import SCALE_NAME, fake_quantize, kv_format
 
 
 @dataclass
@@ -41,6 +42,9 @@ class AttentionBatch:
         return cls([seq_len] * batch)
 
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer.kv_cache_dtype is not None:  # what the runtime reads back from its quantized cache
+            s = layer.kv_cache_scaling_factor
+            k, v = fake_quantize(k, s[0], layer.kv_cache_dtype), fake_quantize(v, s[1], layer.kv_cache_dtype)
         out = torch.empty_like(q)
         start = 0
         for n in self.query_lens:
@@ -65,6 +69,11 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if sliding else None
         self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
         self.softcap = config.attn_logit_softcapping
+        # A quantized KV cache: its code dtype, and [s_k, s_v] (kiln.quantization.kv_cache).
+        kv_algo = config.quantization.kv_cache_quant_algo
+        self.kv_cache_dtype = None if kv_algo is None else kv_format(kv_algo).dtype
+        self.register_parameter(SCALE_NAME, None if kv_algo is None else
+                                nn.Parameter(torch.ones(2), requires_grad=False))
         self.rope = None
         if config.position_embedding_type == "rope_gpt_neox":
             local = sliding and config.rotary_base_local is not None  # Gemma 3's local layers: own base, unscaled

@@ -5,7 +5,9 @@ Expert weights are stacked, one tensor per projection: `experts.fc` and `experts
 parallelism a rank holds the experts of its expert-parallel group (Mapping.moe_ep_size groups) and its
 moe_tp_size-th slice of their intermediate dim; every rank routes with the full (replicated) router, runs only
 its local experts on the tokens routed to them, and one all-reduce over the TP group sums the partial outputs.
-Tokens are grouped by expert (index_select, then index_add), never looped one by one.
+Tokens are grouped by expert, never looped one by one: on CUDA one sort and two grouped Triton GEMMs for all
+experts, with no host sync (kiln.kernels.moe.fused_moe, so decode graphs capture it); elsewhere one matmul per
+expert present (fused_moe_ref).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels import triton_available
+from kiln.kernels.moe import fused_moe, fused_moe_ref
 from kiln.layers.linear import Linear
-from kiln.layers.mlp import ACTIVATIONS, GatedMLP
+from kiln.layers.mlp import GatedMLP
 from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
 from kiln.runtime.distributed import all_reduce
 
@@ -28,9 +32,6 @@ class ExpertLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features), requires_grad=False)
         self.shard_rules = {"weight": rule}
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(x, self.weight[expert])
-
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
@@ -39,7 +40,7 @@ class Experts(nn.Module):
         self.local = mapping.local_experts(num_experts)  # global expert ids; weight row i is self.local[i]
         inter = intermediate_size // mapping.moe_tp_size
         local = len(self.local)
-        self.act = ACTIVATIONS[hidden_act]
+        self.act = hidden_act
         self.fused = fused
         if fused:
             self.fc_gate = ExpertLinear(local, hidden_size, 2 * inter, shard_expert_column)
@@ -51,20 +52,12 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; experts (global ids), weights [tokens, top_k]. This rank's partial sum (not
         reduced): only its local experts contribute; the others' tokens are some other rank's work."""
-        out = torch.zeros_like(x)
-        first, stop = self.local.start, self.local.stop
-        for e in experts.unique().tolist():
-            if not first <= e < stop:
-                continue
-            token, slot = (experts == e).nonzero(as_tuple=True)
-            h, i = x[token], e - first
-            if self.fused:
-                fc, gate = self.fc_gate(h, i).chunk(2, dim=-1)
-            else:
-                fc, gate = self.fc(h, i), self.gate(h, i)
-            y = self.proj(self.act(fc) * gate, i)
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return out
+        if self.fused:
+            fc, gate = self.fc_gate.weight.chunk(2, dim=1)  # views of the runtime's [fc | gate] rows
+        else:
+            fc, gate = self.fc.weight, self.gate.weight
+        run = fused_moe if x.is_cuda and triton_available() else fused_moe_ref
+        return run(x, fc, gate, self.proj.weight, experts, weights, self.local.start, self.act)
 
 
 class MoE(nn.Module):

@@ -139,16 +139,15 @@ class LLM:
         self._next_request += 1
         return request
 
-    def _check_stop_strings(self, request: _Request) -> None:
-        for seq in request.seqs:
-            if seq.finished or not seq.params.stop:
-                continue
-            text = tok.decode(self.tokenizer, seq.output_ids)
-            hits = [(text.find(s), s) for s in seq.params.stop if s in text]
-            if hits:
-                end, stop = min(hits)
-                request.stop_at[seq.seq_id] = end
-                self.generator.finish(seq, "stop", stop)
+    def _check_stop_strings(self, request: _Request, seq) -> None:
+        if seq.finished or not seq.params.stop:
+            return
+        text = tok.decode(self.tokenizer, seq.output_ids)
+        hits = [(text.find(s), s) for s in seq.params.stop if s in text]
+        if hits:
+            end, stop = min(hits)
+            request.stop_at[seq.seq_id] = end
+            self.generator.finish(seq, "stop", stop)
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = []
@@ -167,11 +166,17 @@ class LLM:
 
     def _run(self, requests: list[_Request]) -> Iterator[None]:
         """Step the engine until these requests finish, yielding after every step."""
+        request_of = {seq.seq_id: r for r in requests for seq in r.seqs}
+        unfinished = {seq.seq_id for r in requests for seq in r.seqs if not seq.finished}
         try:
-            while not all(s.finished for r in requests for s in r.seqs):
-                self.generator.step()
-                for request in requests:
-                    self._check_stop_strings(request)
+            while unfinished:
+                produced = self.generator.step()
+                for seq in produced:  # only they can have changed (a sweep when nothing ran, to be sure)
+                    if seq.seq_id in request_of:
+                        self._check_stop_strings(request_of[seq.seq_id], seq)
+                for seq in produced if produced else (s for r in requests for s in r.seqs):
+                    if seq.finished:
+                        unfinished.discard(seq.seq_id)
                 yield
         finally:  # an abandoned stream or an error frees the caches of what is left
             for request in requests:

@@ -29,7 +29,7 @@ from kiln.layers.mlp import make_mlp
 from kiln.layers.moe import MoE
 from kiln.layers.normalization import make_norm
 from kiln.mapping import Mapping, replicate
-from kiln.quantization.hf_import import PrequantizedNameMap, hf_quant_format
+from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import apply_quant_config, quantized_linears
 from kiln.version import FORMAT_VERSION, __version__
 
@@ -82,7 +82,9 @@ class PretrainedModel(nn.Module):
         return {name: self._spec(p) for name, p in self.named_parameters()}
 
     def _spec(self, param: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self.config.torch_dtype if param.is_floating_point() else param.dtype, tuple(param.shape)
+        # FP8 codes (one byte) keep their dtype like integer codes; wider floats take the model's.
+        full_precision = param.is_floating_point() and param.element_size() > 1
+        return self.config.torch_dtype if full_precision else param.dtype, tuple(param.shape)
 
     def shard_rule(self, name: str):
         module_name, _, leaf = name.rpartition(".")
@@ -220,6 +222,14 @@ class PretrainedModel(nn.Module):
         missing = sorted(set(specs) - set(weights.keys()))
         misshaped = [f"{n} {weights.shape(n)} != {specs[n][1]}" for n in specs
                      if n in weights.header and weights.shape(n) != specs[n][1]]
+        kv_algo = self.config.quantization.kv_cache_quant_algo
+        no_kv_scales = [n for n in missing if n.endswith(".kv_cache_scaling_factor")]
+        if no_kv_scales:
+            raise CheckpointError(
+                f"{weights.path}: config.json sets quantization.kv_cache_quant_algo {kv_algo.value} but the file has "
+                f"no kv_cache_scaling_factor for {len(no_kv_scales)} layer(s) ({no_kv_scales[0]}, ...); make it with "
+                f"`kiln quantize --kv-cache-quant-algo {kv_algo.value}` (which calibrates the scales), or set "
+                "kv_cache_quant_algo to null for a full-precision cache")
         if missing or misshaped:
             raise CheckpointError(f"{weights.path}: does not match config.json: "
                                   f"missing {missing[:5]}, mis-shaped {misshaped[:5]}")
@@ -317,13 +327,13 @@ class DecoderModelForCausalLM(PretrainedModel):
         generation = (read_json(hf_dir / "generation_config.json", "generation config")
                       if (hf_dir / "generation_config.json").is_file() else None)
         config = cls.config_from_hf(hf, dtype, mapping or Mapping(), generation, str(hf_dir / "config.json"))
-        prequantized = hf_quant_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ: imported, not re-quantized
+        prequantized = prequantized_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ / FP8: imported as is
         if prequantized is not None:
             config = config.replace(quantization=prequantized.quant_config)
         model = cls.empty(config)
         name_map = cls.hf_name_map(config)
         if prequantized is not None:
-            name_map = PrequantizedNameMap(name_map, prequantized, quantized_linears(model))
+            name_map = prequantized.name_map(name_map, quantized_linears(model))
         model.attach_source(HFWeights(hf_dir), name_map, str(hf_dir))
         model.tokenizer_writer = lambda dst: copy_tokenizer_files(hf_dir, dst)
         return model

@@ -2,7 +2,8 @@
 
 For the float and the quantized model on the same token windows: perplexity of each, the mean per-token
 KL divergence KL(p_float || p_quant) of the next-token distributions, and top-1 agreement (how often both
-models rank the same next token first). Both are the reference forward of a TP=1 model.
+models rank the same next token first). Both are the reference forward of a TP=1 model; with a quantized KV
+cache it quantize-dequantizes keys and values as the runtime's cache does (kiln.layers.attention.AttentionBatch).
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ def compare(float_model, quant_model, windows, device="cpu") -> dict:
             "top1_agreement": agree / count}
 
 
+def algo_label(quantization: dict) -> str:
+    """"W4A16_AWQ", "INT8 KV cache", "W8A16 + FP8 KV cache" from a QuantConfig.to_dict()."""
+    kv = quantization.get("kv_cache_quant_algo")
+    parts = [quantization["quant_algo"], kv and f"{kv} KV cache"]
+    return " + ".join(p for p in parts if p)
+
+
 def format_report(report: dict) -> str:
     m = report["metrics"]
     return (f"quality on {m['tokens']} held-out tokens: perplexity {m['perplexity_float']:.3f} (float) -> "
-            f"{m['perplexity_quantized']:.3f} ({report['quantization']['quant_algo']}, "
+            f"{m['perplexity_quantized']:.3f} ({algo_label(report['quantization'])}, "
             f"{m['perplexity_change_pct']:+.2f}%), mean KL {m['mean_kl_divergence']:.5f}, "
             f"top-1 agreement {100 * m['top1_agreement']:.1f}%")

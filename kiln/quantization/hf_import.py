@@ -11,6 +11,11 @@ kiln's W4A16 with `has_zero_point`; GPTQ's symmetric checkpoints carry their zer
   in plain order; `qzeros` int32 [in / group, out / 8] along the output dim in plain order; `scales` as AWQ. The
   original format (`checkpoint_format` "gptq", the default) stores each zero minus one, a historical quirk that
   GPTQModel's "gptq_v2" drops.
+- GPTQ with `desc_act: true` (act-order): the same tensors, but input channel c belongs to group `g_idx[c]`, so
+  a group's channels are scattered. Sorting the channels by group (a stable sort of g_idx) makes every group a
+  run of `group_size` columns, which is kiln's layout exactly; the sort is kept as `input_permutation` and the
+  model becomes W4A16_GPTQ (kiln/quantization/weight_only.py). Layers that share their input (q, k, v; gate
+  and up) must share g_idx, as GPTQ's act-order gives them (it sorts by the same input statistics).
 
 Scales are converted to the model dtype; they come in float16, so a float16 or float32 model keeps them exactly.
 """
@@ -25,7 +30,7 @@ import torch
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import CheckpointError, ConfigError
-from kiln.quantization.weight_only import pack_int4
+from kiln.quantization.weight_only import pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ GEMM int32 holds column 8c + AWQ_ORDER[i]
 PLAIN_ORDER = tuple(range(8))
@@ -70,6 +75,20 @@ def gptq_zeros(offset: int) -> Callable:
     return convert
 
 
+def act_order_permutation(g_idx: list[torch.Tensor], group: int, where: str) -> torch.Tensor:
+    """The g_idx of layers sharing one input -> the permutation that sorts their channels into kiln's groups."""
+    first = g_idx[0].to(torch.int64)
+    if any(not torch.equal(first, g.to(torch.int64)) for g in g_idx[1:]):
+        raise CheckpointError(f"{where}: layers that share their input have different g_idx, so one input "
+                              f"order cannot serve them; kiln imports act-order checkpoints whose q/k/v and "
+                              f"gate/up projections share g_idx (as GPTQ writes them)")
+    perm = torch.sort(first, stable=True).indices
+    if not torch.equal(first[perm], torch.arange(first.numel()) // group):
+        raise CheckpointError(f"{where}: g_idx does not give every group exactly group_size ({group}) input "
+                              f"channels, so its groups are not kiln's; this checkpoint cannot be imported exactly")
+    return perm
+
+
 # ---- reading a config.json's quantization_config -------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class HFQuantFormat:
     method: str
     quant_config: QuantConfig
     leaves: dict[str, tuple[str, Callable]]
+    act_order: bool = False  # GPTQ desc_act: the weight's columns are sorted by g_idx
 
 
 def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
@@ -108,9 +128,6 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
         leaves = {"weight": ("qweight", awq_weight), "zero_point": ("qzeros", awq_zeros),
                   "weights_scaling_factor": scales}
         return HFQuantFormat(method, quant_config, leaves)
-    if qc.get("desc_act"):
-        raise ConfigError(f"{where}.desc_act is true (act-order: each input's group is given by g_idx); this "
-                          f"kiln imports GPTQ checkpoints quantized with desc_act false only")
     if qc.get("lm_head"):
         raise ConfigError(f"{where}.lm_head is true; this kiln keeps lm_head in full precision")
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
@@ -118,7 +135,10 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
         raise ConfigError(f"{where}.checkpoint_format {fmt!r} is not one of {list(GPTQ_FORMAT_ZERO_OFFSET)}")
     leaves = {"weight": ("qweight", gptq_weight), "zero_point": ("qzeros", gptq_zeros(GPTQ_FORMAT_ZERO_OFFSET[fmt])),
               "weights_scaling_factor": scales}
-    return HFQuantFormat(method, quant_config, leaves)
+    if not qc.get("desc_act"):
+        return HFQuantFormat(method, quant_config, leaves)
+    act_order = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=group, has_zero_point=True)
+    return HFQuantFormat(method, act_order, {**leaves, "input_permutation": ("g_idx", None)}, act_order=True)
 
 
 class PrequantizedNameMap(NameMap):
@@ -144,3 +164,23 @@ class PrequantizedNameMap(NameMap):
                                       f"row transform of its packed weights, which kiln does not implement")
             out.append(Src(src.name[: -len("weight")] + source_leaf, convert))
         return tuple(out)
+
+    def load(self, kiln_name: str, source, config) -> torch.Tensor:
+        """As NameMap.load; for act-order GPTQ the weight's columns are sorted into groups by the permutation
+        of g_idx, which is itself the `input_permutation` leaf."""
+        module, _, leaf = kiln_name.rpartition(".")
+        if not (self.fmt.act_order and module in self.quantized and leaf in ("weight", "input_permutation")):
+            return super().load(kiln_name, source, config)
+        g_idx = [s.name for m in self._input_sharers(module) for s in self.sources(m + ".input_permutation")]
+        perm = act_order_permutation([source.get(n) for n in g_idx], config.quantization.group_size,
+                                     ", ".join(g_idx))
+        if leaf == "input_permutation":
+            return perm.to(torch.int32)
+        return pack_int4(unpack_int4(super().load(kiln_name, source, config))[:, perm])
+
+    def _input_sharers(self, module: str) -> list[str]:
+        """`module` and the quantized modules the runtime feeds the same input (mlp.fc and mlp.gate, fused
+        there into one matmul; QKV's q, k and v are one module already)."""
+        parent, _, last = module.rpartition(".")
+        sibling = {"fc": "gate", "gate": "fc"}.get(last)
+        return [module] + ([f"{parent}.{sibling}"] if sibling and f"{parent}.{sibling}" in self.quantized else [])

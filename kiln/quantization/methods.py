@@ -15,18 +15,39 @@ from torch import nn
 from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
+from kiln.quantization.fp8 import Fp8Method
+from kiln.quantization.w4a8 import W4A8AwqMethod
+from kiln.quantization.w8a8 import Int8W8A8Method
 from kiln.quantization.weight_only import Int4GroupMethod, Int8WeightOnlyMethod
 
-SUPPORTED_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ)
+# quant_algo -> (QuantConfig, layer) -> the layer's method. AWQ's and SmoothQuant's per-input-channel scales fold
+# into the norm before a column-parallel layer (QKV, fc/gate); a row-parallel layer (attention output, mlp.proj)
+# follows no norm, so it keeps the scale itself (`prequant`).
+METHODS = {
+    QuantAlgo.W8A16: lambda qc, layer: Int8WeightOnlyMethod(),
+    QuantAlgo.W4A16: lambda qc, layer: Int4GroupMethod(qc.group_size, qc.has_zero_point),
+    QuantAlgo.W4A16_AWQ: lambda qc, layer: Int4GroupMethod(qc.group_size, qc.has_zero_point,
+                                                           prequant=layer.input_sharded),
+    QuantAlgo.W4A16_GPTQ: lambda qc, layer: Int4GroupMethod(qc.group_size, qc.has_zero_point, act_order=True),
+    QuantAlgo.W4A8_AWQ: lambda qc, layer: W4A8AwqMethod(qc.group_size, qc.has_zero_point,
+                                                        prequant=layer.input_sharded),
+    QuantAlgo.W8A8_SQ_PER_CHANNEL: lambda qc, layer: Int8W8A8Method(prequant=layer.input_sharded),
+    QuantAlgo.FP8: lambda qc, layer: Fp8Method(static=True),
+    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc, layer: Fp8Method(static=False),
+}
+IMPORTED_ONLY = (QuantAlgo.W4A16_GPTQ,)  # held by models converted from act-order GPTQ; `kiln quantize` makes none
+SUPPORTED_ALGOS = tuple(a for a in METHODS if a not in IMPORTED_ONLY)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
 
 
 def check_supported(qc: QuantConfig) -> None:
     if qc.quant_algo is not None and qc.quant_algo not in SUPPORTED_ALGOS:
         raise ConfigError(f"QuantConfig.quant_algo {qc.quant_algo.value} is not implemented yet; this kiln "
-                          f"quantizes with one of {[a.value for a in SUPPORTED_ALGOS]}")
-    if qc.kv_cache_quant_algo is not None:
-        raise ConfigError("QuantConfig.kv_cache_quant_algo is not implemented yet; leave it None")
+                          f"quantizes with one of {supported_names()}")
+
+
+def supported_names() -> list[str]:
+    return [a.value for a in SUPPORTED_ALGOS]
 
 
 def is_excluded(module_name: str, patterns) -> bool:
@@ -46,23 +67,17 @@ def quant_method_for(module_name: str, layer: nn.Module, qc: QuantConfig) -> Lin
     """The method `layer` holds under `qc`; None keeps it in full precision."""
     if qc.quant_algo is None or not isinstance(layer, QUANTIZABLE) or is_excluded(module_name, qc.exclude_modules):
         return None
-    if qc.quant_algo is QuantAlgo.W8A16:
-        return Int8WeightOnlyMethod()
-    if qc.quant_algo is QuantAlgo.W4A16:
-        return Int4GroupMethod(qc.group_size, qc.has_zero_point)
-    if qc.quant_algo is QuantAlgo.W4A16_AWQ:
-        # AWQ's per-input-channel scale folds into the norm before a column-parallel layer (QKV, fc/gate); a
-        # row-parallel layer (attention output, mlp.proj) follows no norm, so it keeps the scale itself.
-        return Int4GroupMethod(qc.group_size, qc.has_zero_point, prequant=layer.input_sharded)
-    check_supported(qc)
-    return None
+    if qc.quant_algo not in IMPORTED_ONLY:
+        check_supported(qc)
+    return METHODS[qc.quant_algo](qc, layer)
 
 
 def apply_quant_config(model: nn.Module, qc: QuantConfig) -> None:
     """Give every quantized linear layer of `model` its method (new tensors on the current default device)."""
     if qc.quant_algo is None:
         return
-    check_supported(qc)
+    if qc.quant_algo not in IMPORTED_ONLY:
+        check_supported(qc)
     for name, module in model.named_modules():
         if isinstance(module, Linear):
             method = quant_method_for(name, module, qc)

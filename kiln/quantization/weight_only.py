@@ -1,6 +1,7 @@
 """Weight-only quantization: W8A16 (per-channel symmetric int8) and W4A16 (group-wise int4, round to nearest,
 symmetric or with a zero point). Activations stay in the model's dtype; the reference path dequantizes the
-weight and runs a plain matmul, which is correct on any device (a fused GPU kernel is future work).
+weight and runs a plain matmul, which is correct on any device; on CUDA with Triton, `apply` runs the fused
+dequantize-matmul kernels of kiln.kernels.quant_gemm on this same packed layout.
 
 Checkpoint tensors of a quantized linear `<linear>` (all [out, ...] on dim 0, so column, QKV and row shard
 rules apply to them as to a plain weight):
@@ -15,6 +16,10 @@ rules apply to them as to a plain weight):
   layer split across ranks needs whole groups on every rank.
 - AWQ adds `prequant_scaling_factor` [in] where its scale could not be folded into a norm: the layer computes
   (x * prequant_scaling_factor) W^T.
+- W4A16_GPTQ (imported act-order GPTQ, kiln.quantization.hf_import) adds `input_permutation` int32 [in]: the
+  columns are the source's input channels sorted by group, column j being channel input_permutation[j], so
+  the layer computes x[..., input_permutation] W^T. A row-parallel layer's permutation must keep every rank's
+  inputs on that rank.
 
 Scales are rounded to the model dtype *before* the codes are computed, so dequantizing a checkpoint gives the
 quantizer's own reconstruction exactly.
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import ConfigError
+from kiln.kernels import triton_available
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 
@@ -101,6 +107,16 @@ def shard_input_vector(tensor: torch.Tensor, mapping) -> torch.Tensor:
     return _split(tensor, 0, mapping.tp_size, mapping.tp_rank, "a row-parallel input vector")
 
 
+def shard_input_permutation(tensor: torch.Tensor, mapping) -> torch.Tensor:
+    """A row-parallel layer's input permutation: this rank's slice, renumbered into this rank's inputs."""
+    local = shard_input_vector(tensor, mapping)
+    start = mapping.tp_rank * local.numel()
+    if not bool(((local >= start) & (local < start + local.numel())).all()):
+        raise ConfigError("an act-order (GPTQ desc_act) row-parallel layer's input permutation moves inputs across "
+                          "tensor-parallel ranks, which its matmul cannot follow; convert it with tp_size 1")
+    return local - start
+
+
 # ---- the methods a linear layer holds ------------------------------------------------------------------
 
 def _param(*shape, dtype=None) -> nn.Parameter:
@@ -124,7 +140,16 @@ class _WeightOnlyMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.prequant:
             x = x * layer.prequant_scaling_factor
+        if x.is_cuda and triton_available():
+            from kiln.kernels import quant_gemm  # imported here: its torch references import this module
+
+            if quant_gemm.kernel_supports(x):
+                return self.fused_matmul(quant_gemm, layer, x)
         return F.linear(x, self.dequantize(layer, x.dtype))
+
+    def fused_matmul(self, quant_gemm, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x W^T by this format's Triton kernel (kiln.kernels.quant_gemm), the weights read packed."""
+        raise NotImplementedError
 
     def _prequant_tensor(self, input_scale, weight, dtype) -> dict:
         if not self.prequant:
@@ -145,6 +170,9 @@ class Int8WeightOnlyMethod(_WeightOnlyMethod):
     def dequantize(self, layer, dtype):
         return dequantize_int8(layer.weight, layer.weights_scaling_factor, dtype)
 
+    def fused_matmul(self, quant_gemm, layer, x):
+        return quant_gemm.w8a16_matmul(x, layer.weight, layer.weights_scaling_factor)
+
     def quantize(self, weight, dtype, input_scale=None):
         w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
         q, s = quantize_int8_per_channel(w, dtype)
@@ -154,9 +182,9 @@ class Int8WeightOnlyMethod(_WeightOnlyMethod):
 class Int4GroupMethod(_WeightOnlyMethod):
     name = "W4A16"
 
-    def __init__(self, group_size: int, zero_point: bool, prequant: bool = False):
+    def __init__(self, group_size: int, zero_point: bool, prequant: bool = False, act_order: bool = False):
         super().__init__(prequant)
-        self.group_size, self.zero_point = group_size, zero_point
+        self.group_size, self.zero_point, self.act_order = group_size, zero_point, act_order
 
     def create_weights(self, layer: Linear) -> None:
         g, inp = self.group_size, layer.in_features
@@ -175,14 +203,29 @@ class Int4GroupMethod(_WeightOnlyMethod):
         if self.zero_point:
             layer.zero_point = _param(layer.out_features, groups)
             rules["zero_point"] = layer.weight_rule
+        if self.act_order:
+            layer.input_permutation = _param(inp, dtype=torch.int32)
+            rules["input_permutation"] = shard_input_permutation if layer.input_sharded else replicate
         layer.shard_rules.update(rules)
         self._create_prequant(layer)
 
     def dequantize(self, layer, dtype):
         zero = layer.zero_point if self.zero_point else None
-        return dequantize_int4(layer.weight, layer.weights_scaling_factor, zero, self.group_size, dtype)
+        w = dequantize_int4(layer.weight, layer.weights_scaling_factor, zero, self.group_size, dtype)
+        if self.act_order:  # back to the input order: column j is input channel input_permutation[j]
+            w = torch.empty_like(w).index_copy_(1, layer.input_permutation.long(), w)
+        return w
+
+    def fused_matmul(self, quant_gemm, layer, x):
+        zero = layer.zero_point if self.zero_point else None
+        if self.act_order:
+            x = x.index_select(-1, layer.input_permutation)
+        return quant_gemm.w4a16_matmul(x, layer.weight, layer.weights_scaling_factor, zero, self.group_size)
 
     def quantize(self, weight, dtype, input_scale=None):
+        if self.act_order:
+            raise ConfigError("W4A16_GPTQ is imported from GPTQ checkpoints (`kiln convert` of an act-order GPTQ "
+                              "model), not quantized by kiln; quantize with --quant-algo W4A16 or W4A16_AWQ")
         w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
         packed, s, z = quantize_int4_groups(w, self.group_size, self.zero_point, dtype)
         out = {"weight": packed, "weights_scaling_factor": s}

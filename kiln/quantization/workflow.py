@@ -1,9 +1,10 @@
 """Model.quantize: a source model -> a quantized kiln checkpoint (every rank), optionally with a quality report.
 
-Each checkpoint tensor is a pure function of (source tensor, QuantConfig, AWQ scales): `QuantizedSource.get`
+Each checkpoint tensor is a pure function of (source tensor, QuantConfig, calibration): `QuantizedSource.get`
 gives the unsharded (TP=1) tensor, and each rank's shard rules cut its slice, the same rules convert and
-build use. Weight-only algorithms read, quantize and write one linear at a time; AWQ first calibrates layer
-by layer (kiln.quantization.awq). Everything is validated before anything is written, and the output dir
+build use. Every algorithm reads, quantizes and writes one linear at a time; those that need calibration
+(CALIBRATORS: AWQ's scale search, SmoothQuant's smoothing scales, the static activation scales of FP8 and
+W4A8_AWQ) first stream the calibration text through the float model layer by layer. Everything is validated before anything is written, and the output dir
 is written atomically.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +22,8 @@ from kiln.checkpoint.atomic import atomic_dir
 from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
-from kiln.quantization import awq, calibration, evaluate
-from kiln.quantization.methods import check_supported, is_excluded, quantized_linears
+from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, smoothquant
+from kiln.quantization.methods import check_supported, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
 
@@ -29,25 +31,77 @@ log = logging.getLogger("kiln")
 class QuantizedSource:
     """Checkpoint name -> full (TP=1) tensor of the quantized model, read lazily from a float source model."""
 
-    def __init__(self, source, reference, input_scales: dict | None = None, norm_scales: dict | None = None):
+    def __init__(self, source, reference, input_scales: dict | None = None, norm_scales: dict | None = None,
+                 kv_scales: dict | None = None, act_absmax: dict | None = None, device="cpu"):
         self.source = source  # the float model at TP=1, lazy weights
         self.linears = quantized_linears(reference)  # the quantized model at TP=1, on the meta device
         self.input_scales, self.norm_scales = input_scales or {}, norm_scales or {}
+        self.act_absmax = act_absmax or {}  # linear -> calibrated max |x| per input channel (FP8, W4A8_AWQ)
+        self.device = device  # where each weight is quantized (one linear at a time); the results come back to CPU
+        self.kv_scales = kv_scales or {}  # checkpoint name -> kv_cache_scaling_factor (kiln.quantization.kv_cache)
         self.dtype = reference.config.torch_dtype
         self._last: tuple[str, dict] | None = None  # one linear's tensors: its leaves are read back to back
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.kv_scales:
+            return self.kv_scales[name]
         module, _, leaf = name.rpartition(".")
         if module in self.linears and leaf != "bias":
             if self._last is None or self._last[0] != module:
-                method = self.linears[module].quant_method
-                weight = self.source.read_weight(module + ".weight")
-                self._last = (module, method.quantize(weight, self.dtype, self.input_scales.get(module)))
+                self._last = (module, self._quantize(module))
             return self._last[1][leaf]
         tensor = self.source.read_weight(name)
         if module in self.norm_scales:
             return awq.fold_into_norm(leaf, tensor, self.norm_scales[module], self.source.config)
         return tensor
+
+    def _quantize(self, module: str) -> dict[str, torch.Tensor]:
+        def on_device(t):
+            return None if t is None else t.to(self.device)
+        weight = on_device(self.source.read_weight(module + ".weight"))
+        extra = {"act_absmax": on_device(self.act_absmax[module])} if module in self.act_absmax else {}
+        tensors = self.linears[module].quant_method.quantize(weight, self.dtype,
+                                                             on_device(self.input_scales.get(module)), **extra)
+        return {leaf: t.cpu() for leaf, t in tensors.items()}
+
+
+# ---- calibration of the weight algorithms: quant_algo -> (source, tokens, QuantConfig, reference, device) ----
+
+@dataclass
+class WeightCalibration:
+    input_scales: dict = field(default_factory=dict)  # linear -> s: its weight becomes W * s (AWQ, SmoothQuant)
+    norm_scales: dict = field(default_factory=dict)  # norm -> s folded in as 1 / s
+    act_absmax: dict = field(default_factory=dict)  # linear -> max |x| per input channel (static activation scales)
+    awq_errors: dict = field(default_factory=dict)  # linear -> (awq, rtn) mse, for the quality report
+
+
+def _calibrate_awq(source, tokens, qc, reference, device) -> WeightCalibration:
+    input_scales, norm_scales, errors = awq.calibrate(source, tokens, qc, device)
+    return WeightCalibration(input_scales, norm_scales, awq_errors=errors)
+
+
+def _calibrate_w4a8(source, tokens, qc, reference, device) -> WeightCalibration:
+    calibrated = _calibrate_awq(source, tokens, qc, reference, device)
+    calibrated.act_absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
+    return calibrated
+
+
+def _calibrate_fp8(source, tokens, qc, reference, device) -> WeightCalibration:
+    return WeightCalibration(act_absmax=act_stats.calibrate_absmax(source, tokens, qc, device))
+
+
+def _calibrate_smoothquant(source, tokens, qc, reference, device) -> WeightCalibration:
+    absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
+    prequant = {name for name, m in quantized_linears(reference).items() if m.quant_method.prequant}
+    input_scales, norm_scales = smoothquant.smoothing_scales(source, absmax, qc.smoothquant_alpha, prequant)
+    return WeightCalibration(input_scales, norm_scales)
+
+
+CALIBRATORS = {QuantAlgo.W4A16_AWQ: _calibrate_awq, QuantAlgo.W4A8_AWQ: _calibrate_w4a8,
+               QuantAlgo.FP8: _calibrate_fp8, QuantAlgo.W8A8_SQ_PER_CHANNEL: _calibrate_smoothquant}
+# Structures an algorithm cannot handle yet (mixture-of-experts for the ones that fold scales into norms).
+MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_awq_supported,
+                QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
 
 
 def _rank_model(cls, config, source: QuantizedSource):
@@ -61,9 +115,9 @@ def _rank_model(cls, config, source: QuantizedSource):
 
 def check_quant_config(qc: QuantConfig, config) -> None:
     """Whole-configuration checks that need no weights (shapes are checked by building every rank)."""
-    if qc.quant_algo is None:
-        raise ConfigError(f"QuantConfig.quant_algo must be one of "
-                          f"{[a.value for a in (QuantAlgo.W8A16, QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ)]} to quantize")
+    if qc.quant_algo is None and qc.kv_cache_quant_algo is None:
+        raise ConfigError(f"QuantConfig.quant_algo must be one of {supported_names()}, or "
+                          f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
     check_supported(qc)
     if not is_excluded("lm_head", qc.exclude_modules):
         raise ConfigError("QuantConfig.exclude_modules must include 'lm_head': this kiln keeps lm_head and the "
@@ -73,8 +127,8 @@ def check_quant_config(qc: QuantConfig, config) -> None:
         if config.gated_mlp and is_excluded(fc, qc.exclude_modules) != is_excluded(gate, qc.exclude_modules):
             raise ConfigError(f"QuantConfig.exclude_modules must name both or neither of {fc} and {gate} "
                               "(the engine runs them as one matmul)")
-    if qc.quant_algo is QuantAlgo.W4A16_AWQ:
-        awq.check_awq_supported(config)
+    if qc.quant_algo in MODEL_CHECKS:
+        MODEL_CHECKS[qc.quant_algo](config)
 
 
 def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mapping | None = None,
@@ -97,14 +151,22 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
         cls.empty(qconfig.replace(mapping=mapping.with_rank(rank)))
     texts = calibration.read_texts(calib_dataset)  # a bad file fails here, before anything is written
     tokenizer = None
-    if quant_config.quant_algo is QuantAlgo.W4A16_AWQ or evaluate_quality:
+    calibrate = CALIBRATORS.get(quant_config.quant_algo)
+    if calibrate is not None or quant_config.kv_cache_quant_algo or evaluate_quality:
         tokenizer = calibration.source_tokenizer(source)
-    input_scales, norm_scales, awq_errors = {}, {}, {}
-    if quant_config.quant_algo is QuantAlgo.W4A16_AWQ:
+    weight_calibration = WeightCalibration()
+    if calibrate is not None:
         tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
-        log.info("AWQ: calibrating on %d x %d tokens, layer by layer", *tokens.shape)
-        input_scales, norm_scales, awq_errors = awq.calibrate(source, tokens, quant_config, device)
-    quantized = QuantizedSource(source, reference, input_scales, norm_scales)
+        log.info("%s: calibrating on %d x %d tokens, layer by layer", quant_config.quant_algo.value, *tokens.shape)
+        weight_calibration = calibrate(source, tokens, quant_config, reference, device)
+    kv_scales = {}
+    if quant_config.kv_cache_quant_algo is not None:
+        tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
+        log.info("KV cache %s: calibrating on %d x %d tokens, layer by layer",
+                 quant_config.kv_cache_quant_algo.value, *tokens.shape)
+        kv_scales = kv_cache.calibrate(source, tokens, quant_config.kv_cache_quant_algo, device)
+    quantized = QuantizedSource(source, reference, weight_calibration.input_scales, weight_calibration.norm_scales,
+                                kv_scales, act_absmax=weight_calibration.act_absmax, device=device)
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):
             model = _rank_model(cls, qconfig.replace(mapping=mapping.with_rank(rank)), quantized)
@@ -113,8 +175,9 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
         model.write_metadata(tmp)
         if evaluate_quality:
             report = quality_report(source, cls, qconfig, quantized, tokenizer, calib_max_seq_len, device)
-            if awq_errors:
-                report["awq_layer_mse"] = {k: {"awq": a, "rtn": r} for k, (a, r) in awq_errors.items()}
+            if weight_calibration.awq_errors:
+                report["awq_layer_mse"] = {k: {"awq": a, "rtn": r}
+                                           for k, (a, r) in weight_calibration.awq_errors.items()}
             (tmp / evaluate.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             log.info(evaluate.format_report(report))
     return Path(out_dir)

@@ -4,6 +4,11 @@ A decode step launches hundreds of small kernels; at small batch the GPU waits o
 them. A graph replays the whole forward with one launch. Inputs live in static buffers; a batch is
 padded up to the next captured size, the padding rows pointing at a scratch block that no sequence owns.
 Graphs are used on one GPU without pipeline stages; prefill and mixed steps run eagerly.
+
+Each graph also ends by advancing its own inputs for a greedy next step: the argmax becomes the next
+input token, positions and lengths grow by one and the cache slots follow from the block tables. So
+`run_burst` replays k greedy decode steps back to back with no host work between them; the host reads
+the k tokens once, while it has long since queued the work (the caller reserved the blocks beforehand).
 """
 
 from __future__ import annotations
@@ -63,9 +68,19 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self.model(*args, last_token_only=True)
+                self._advance(size, self.outputs[size])
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
         log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.sizes, time.perf_counter() - start)
+
+    def _advance(self, size: int, logits: torch.Tensor) -> None:
+        """Inputs of the next greedy decode step, computed on the GPU (captured into the graph)."""
+        self.tokens[:size].copy_(logits.argmax(-1))
+        self.positions[:size] += 1
+        self.seq_lens[:size] += 1
+        bs = self.kv.block_size
+        block = self.tables[:size].gather(1, (self.positions[:size] // bs)[:, None])[:, 0]
+        self.slots[:size].copy_(block.long() * bs + self.positions[:size] % bs)
 
     def can_run(self, inp) -> bool:
         return max(inp.query_lens) == 1 and len(inp.query_lens) <= self.sizes[-1]
@@ -77,11 +92,13 @@ class DecodeGraphs:
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, pin_memory=True)  # noqa: E731
         self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
         self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
+        self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
         self.slots[:b].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
         self.slots[b:size].fill_(self.scratch_slot)
         width = max(len(t) for t in inp.block_tables)
         tables = [t + [self.scratch_block] * (width - len(t)) for t in inp.block_tables]
         self.tables[:b, :width].copy_(as_tensor(tables, torch.int32), non_blocking=True)
+        self.tables[:b, width:].fill_(self.scratch_block)  # a burst may run past a table's end: scratch, not stale
         self.tables[b:size].fill_(self.scratch_block)
         seq_lens = [c + 1 for c in inp.context_lens]
         self.seq_lens[:b].copy_(as_tensor(seq_lens, torch.int32), non_blocking=True)
@@ -89,3 +106,18 @@ class DecodeGraphs:
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size][:b]
+
+    def run_burst(self, inp, steps: int) -> torch.Tensor:
+        """`steps` greedy decode steps from `inp`: their tokens [steps, batch], still on the GPU. Every
+        sequence's block table must already cover the positions the steps reach (or they land in the
+        scratch block: the caller discards tokens past a sequence's end)."""
+        b = len(inp.query_lens)
+        size = next(s for s in self.sizes if s >= b)
+        tokens = torch.empty(steps, b, dtype=torch.long, device=self.device)
+        self.run(inp)
+        tokens[0].copy_(self.tokens[:b])
+        for i in range(1, steps):
+            self.graphs[size].replay()
+            tokens[i].copy_(self.tokens[:b])
+        self.replays += steps - 1
+        return tokens

@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import time
 
+import torch
+
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.executor import Executor
-from kiln.runtime.sampler import make_generator
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 
@@ -26,7 +27,7 @@ class GenerationEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size = vocab_size
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
-        self.executor = Executor(runner, self.blocks)
+        self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync)
         self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks)
         self._ids = itertools.count()
 
@@ -43,10 +44,11 @@ class GenerationEngine:
         if len(prompt_ids) >= bc.max_seq_len:
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, leaving no room to generate within "
                               f"max_seq_len ({bc.max_seq_len})")
-        seed = None if params.seed is None else params.seed + seed_offset
+        # unseeded requests draw a seed here, so a request's stream never depends on its neighbours
+        seed = int(torch.randint(0, 2**62, (1,))) if params.seed is None else params.seed + seed_offset
         seq = Sequence(next(self._ids), list(prompt_ids), params,
                        max_len=min(len(prompt_ids) + params.max_tokens, bc.max_seq_len),
-                       generator=make_generator(seed))
+                       seed=seed)
         self.scheduler.add(seq)
         return seq
 
@@ -60,10 +62,14 @@ class GenerationEngine:
             return []
         produced = self.executor.step(step)
         now = time.monotonic()
-        for seq, token in produced:
-            seq.output_ids.append(token)
-            seq.token_times.append(now)
-            self._check_stop(seq, token)
+        for seq, tokens in produced:
+            for token in tokens:  # several after a burst of decode steps: those past a stop are dropped
+                seq.append_token(token, now)
+                self._check_stop(seq, token)
+                if seq.finished:
+                    break
+            if len(tokens) > 1 and not seq.finished:  # a burst's blocks are registered once its tokens are known
+                self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
         return [seq for seq, _ in produced]
 
     def _check_stop(self, seq: Sequence, token: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.model_runner import StepInputs
-from kiln.runtime.sampler import sample_token, token_logprobs
+from kiln.runtime.sampler import sample_batch, token_logprobs
 from kiln.runtime.sequence import Sequence
 
 
@@ -31,12 +31,21 @@ def _all_greedy(seqs) -> bool:
 
 
 class Executor:
-    def __init__(self, runner, blocks: BlockManager):
+    def __init__(self, runner, blocks: BlockManager, max_seq_len: int, decode_steps_per_sync: int = 1):
         self.runner = runner  # ModelRunner, DriverRunner (torchrun) or WorkerGroup
         self.blocks = blocks
+        self.max_seq_len = max_seq_len
+        self.decode_steps_per_sync = decode_steps_per_sync
 
-    def step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (sequence, sampled token) for the sequences that produced one."""
+    def step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
+        """Run one step; returns (sequence, new tokens) for the sequences that produced any: one token
+        each, or several from a burst of greedy decode steps (the caller drops those past a stop)."""
+        steps = self._burst_steps(step)
+        if steps > 1:
+            tokens = self.runner.decode_burst(step_inputs(step, self.blocks), steps)
+            for seq, _ in step:
+                seq.num_cached += steps
+            return list(zip((seq for seq, _ in step), tokens.T.tolist()))
         logits = self.runner.execute(step_inputs(step, self.blocks))
         ready = []
         for (seq, n), row in zip(step, logits):
@@ -46,13 +55,29 @@ class Executor:
                 ready.append((seq, row))
         if not ready:
             return []
-        if _all_greedy(s for s, _ in ready):  # one argmax and one host transfer for the whole batch
-            tokens = torch.stack([row for _, row in ready]).argmax(-1).tolist()
-            return [(seq, token) for (seq, _), token in zip(ready, tokens)]
-        out = []
-        for seq, row in ready:
-            token = sample_token(row, seq.params, seq.all_ids, seq.generator, seq.output_ids)
+        seqs = [seq for seq, _ in ready]
+        logits = torch.stack([row for _, row in ready])
+        tokens = sample_batch(logits, seqs)
+        for seq, row, token in zip(seqs, logits, tokens):
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(row, token, seq.params.logprobs))
-            out.append((seq, token))
-        return out
+        return [(seq, [token]) for seq, token in zip(seqs, tokens)]
+
+    def _burst_steps(self, step) -> int:
+        """How many greedy decode steps this step can run before the host looks (1: an ordinary step).
+
+        Only decode steps of greedy requests without stop strings (a stop string is matched on text, by
+        the caller, after the fact), and only as far as every sequence's blocks reach: blocks are
+        reserved here for the whole burst, up to each sequence's own end."""
+        steps = self.decode_steps_per_sync
+        # n == 1 alone is not decoding: a prompt chunk cut to one token by the budget has more to come
+        if steps == 1 or not hasattr(self.runner, "decode_burst") or any(seq.num_pending != 1 for seq, _ in step):
+            return 1
+        seqs = [seq for seq, _ in step]
+        if not _all_greedy(seqs) or any(seq.params.stop for seq in seqs):
+            return 1
+        steps = min(steps, min(self.max_seq_len - seq.num_cached for seq in seqs))
+        for seq in seqs:
+            if not self.blocks.append_slots(seq.seq_id, min(seq.num_cached + steps, seq.max_len)):
+                return 1
+        return steps

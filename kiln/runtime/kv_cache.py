@@ -17,6 +17,7 @@ CPU_MEMORY_FRACTION = 0.25  # of the machine's RAM, at most, for a CPU KV cache
 class PagedKVCache:
     def __init__(self, layers, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device):
+        check_cache_dtype(dtype, device)
         shape = (num_blocks, block_size, num_kv_heads, head_size)
         # empty, not zeros: a slot is always written before it is read, and on the CPU untouched pages of
         # a large cache then cost no resident memory.
@@ -25,12 +26,26 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
 
 
+def check_cache_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """The paged attention kernels convert float8 (e4m3) codes in registers, which needs compute capability 8.9
+    (Ada, Hopper) or later; int8 codes work on any GPU."""
+    device = torch.device(device)
+    if dtype == torch.float8_e4m3fn and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ConfigError(f"an FP8 KV cache needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                              f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. "
+                              "Quantize with --kv-cache-quant-algo INT8 instead")
+
+
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_size: int, dtype) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_size * dtype.itemsize
 
 
-def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activation_reserve: int) -> int:
-    """How many blocks this rank can hold.
+def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activation_reserve: int,
+                    dtype: torch.dtype) -> int:
+    """How many blocks of `dtype` elements (the model's, or int8 / float8 codes) this rank can hold. The
+    budget is in bytes, so a 1-byte cache holds twice the tokens of a 16-bit one.
 
     GPU: kv_cache_free_gpu_mem_fraction of the memory free once the weights are loaded, less a reserve
     for activations. CPU: what max_batch_size sequences of max_seq_len need, capped at a quarter of RAM.
@@ -57,7 +72,7 @@ def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activa
         raise ConfigError(
             f"the KV cache fits {num_blocks * bs} tokens ({source}), less than one sequence of max_seq_len "
             f"{bc.max_seq_len}: {(one_sequence - num_blocks) * block_bytes / 2**30:.2f} GiB short. Lower {fix}")
-    log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, from %s); %d sequences of max_seq_len %d fit",
-             num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, source,
-             num_blocks // one_sequence, bc.max_seq_len)
+    log.info("KV cache (%s): %d blocks of %d tokens = %d tokens (%.2f GiB, from %s); %d sequences of max_seq_len "
+             "%d fit", str(dtype).removeprefix("torch."), num_blocks, bs, num_blocks * bs,
+             num_blocks * block_bytes / 2**30, source, num_blocks // one_sequence, bc.max_seq_len)
     return num_blocks

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from kiln.kernels import triton_available
 from kiln.mapping import kv_heads_per_rank
+from kiln.quantization.kv_cache import cache_dtype
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
@@ -43,18 +44,21 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         layers = self.mapping.pp_layers(config.num_hidden_layers)
         kv_heads = kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size)
+        kv_dtype = cache_dtype(config.quantization, self.dtype)  # int8 / float8 codes for a quantized cache
         block_bytes = bytes_per_block(len(layers), build_config.tokens_per_block, kv_heads, config.head_size,
-                                      self.dtype)
+                                      kv_dtype)
         # Activations of the largest step, and its logits, with room to spare.
         reserve = 16 * build_config.max_num_tokens * (config.hidden_size + config.intermediate_size) * 4 \
             + build_config.max_batch_size * config.vocab_size * 4
-        self.num_blocks = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve))
+        self.num_blocks = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve,
+                                                                   kv_dtype))
+        self.kv_token_capacity = self.num_blocks * build_config.tokens_per_block  # for `kiln bench` to report
         use_graphs = self._can_use_graphs(config)
         # With graphs, one block past the plan is their scratch space for padding rows: taking it from the
         # plan could leave less than the one max_seq_len sequence the plan guarantees (it would never finish).
         physical = self.num_blocks + 1 if use_graphs else self.num_blocks
         self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
-                               self.dtype, self.device)
+                               kv_dtype, self.device)
         self.graphs = None
         if use_graphs:
             self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size,
@@ -117,6 +121,32 @@ class ModelRunner:
         for work in sends:
             work.wait()
         return torch.cat(outputs) if m.is_last_pp_rank else None
+
+    @torch.inference_mode()
+    def decode_burst(self, inp: StepInputs, steps: int) -> torch.Tensor:
+        """`steps` greedy decode steps back to back: tokens [steps, batch]. In CUDA graphs when they can
+        run (on the GPU, no host sync in between); else eagerly, one step after another."""
+        if self.graphs is not None and self.graphs.can_run(inp):
+            return self.graphs.run_burst(inp, steps)
+        return self._eager_burst(inp, steps)
+
+    def _eager_burst(self, inp: StepInputs, steps: int) -> torch.Tensor:
+        """The same steps without graphs. A sequence leaves the burst when its next position is past its
+        block table (the caller reserved blocks up to its end): its later entries stay -1, never read."""
+        out = torch.full((steps, len(inp.query_lens)), -1, dtype=torch.long)
+        rows, bs = list(range(len(inp.query_lens))), self.kv.block_size
+        for i in range(steps):
+            tokens = self.execute(inp).argmax(-1).tolist()
+            out[i, rows] = torch.tensor(tokens)
+            keep = [j for j, p in enumerate(inp.positions) if p + 1 < len(inp.block_tables[j]) * bs]
+            if not keep:
+                break
+            rows = [rows[j] for j in keep]
+            positions = [inp.positions[j] + 1 for j in keep]
+            tables = [inp.block_tables[j] for j in keep]
+            inp = StepInputs([tokens[j] for j in keep], positions, [1] * len(keep), positions,
+                             [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], tables)
+        return out
 
     def _forward(self, inp: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
         positions = torch.tensor(inp.positions, device=self.device)

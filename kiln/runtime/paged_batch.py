@@ -6,6 +6,10 @@ step reads it after it is written. A step of decode tokens only runs one paged-d
 whole batch; new prompts run one varlen causal prefill; anything else (a prefill that continues a
 cached prefix, soft-capped scores) gathers each sequence's keys and attends per sequence. On CUDA the
 Triton kernels run, elsewhere their torch references.
+
+With a quantized cache (int8 / float8 codes, the layer's `kv_cache_scaling_factor` [s_k, s_v]) the new keys
+and values are quantized once, written, and every path attends those codes: fresh prompts too, so prefill
+and decode see the same keys, and the reference forward (which emulates the cache) matches the runtime.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from functools import cached_property
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
+from kiln.kernels.paged_attention import (gather_rows, paged_decode_attention, paged_decode_attention_ref,
                                           varlen_prefill_attention, varlen_prefill_attention_ref)
+from kiln.quantization.kv_cache import dequantize, quantize
 from kiln.runtime.kv_cache import PagedKVCache
 
 
@@ -46,27 +51,34 @@ class PagedAttentionBatch:
     def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv.k[layer.layer_idx], self.kv.v[layer.layer_idx]
         k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        k_flat.index_copy_(0, self.slot_mapping, k)
-        v_flat.index_copy_(0, self.slot_mapping, v)
+        kv_scale = layer.kv_cache_scaling_factor  # None: the cache holds keys and values as they are
+        if kv_scale is not None:
+            k, v = quantize(k, kv_scale[0], k_cache.dtype), quantize(v, kv_scale[1], v_cache.dtype)
+        _write(k_flat, self.slot_mapping, k)
+        _write(v_flat, self.slot_mapping, v)
         if layer.softcap is not None:
             return self._attend_each(layer, q, k_flat, v_flat, range(len(self.query_lens)))
         fast = q.is_cuda and triton_available()
         decode = paged_decode_attention if fast else paged_decode_attention_ref
         prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
         if self.decode_only:
-            return decode(q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window)
+            return decode(q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window,
+                          kv_scale)
         if self.fresh_prefill:
-            return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window)
+            return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window,
+                           kv_scale)
         # A mixed step (new requests joining running ones): one call for all the decode tokens, one for all
         # the fresh prompts, and per sequence only for prompts that continue a cached prefix or chunk.
         p = self._parts
         out = torch.empty_like(q)
         if p.decode_seqs.numel():
             out[p.decode_tokens] = decode(q[p.decode_tokens], k_cache, v_cache, self.block_tables[p.decode_seqs],
-                                          self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window)
+                                          self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window,
+                                          kv_scale)
         if p.fresh_tokens.numel():
             t = p.fresh_tokens
-            out[t] = prefill(q[t], k[t], v[t], p.fresh_cu, p.fresh_max, layer.scale, layer.sliding_window)
+            out[t] = prefill(q[t], gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max, layer.scale,
+                             layer.sliding_window, kv_scale)
         if p.other_seqs:
             out = self._attend_each(layer, q, k_flat, v_flat, p.other_seqs, out)
         return out
@@ -102,8 +114,19 @@ class PagedAttentionBatch:
             n, ctx, start = self.query_lens[i], self.context_lens[i], starts[i]
             blocks = self.block_tables[i, : -(-(ctx + n) // block_size)].long()
             slots = (blocks[:, None] * block_size + offsets).flatten()[: ctx + n]
-            out[start:start + n] = layer.attend_dense(q[start:start + n], k_flat[slots], v_flat[slots], ctx)
+            k, v = gather_rows(k_flat, slots), gather_rows(v_flat, slots)
+            if layer.kv_cache_scaling_factor is not None:
+                s = layer.kv_cache_scaling_factor
+                k, v = dequantize(k, s[0], q.dtype), dequantize(v, s[1], q.dtype)
+            out[start:start + n] = layer.attend_dense(q[start:start + n], k, v, ctx)
         return out
+
+
+def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache_flat[slots] = values; 1-byte codes through a uint8 view (no index_copy_ for float8 on the CPU)."""
+    if cache_flat.element_size() == 1:
+        cache_flat, values = cache_flat.view(torch.uint8), values.view(torch.uint8)
+    cache_flat.index_copy_(0, slots, values)
 
 
 @dataclass

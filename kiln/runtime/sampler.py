@@ -1,7 +1,10 @@
-"""Token sampling on the reference path: repetition penalty, temperature, top-k, top-p, seeded draws.
+"""Token sampling for a whole batch on the logits' device: penalties, temperature, top-k, top-p, seeded draws.
 
 The filters follow Hugging Face's logits processors so that a kiln run and a transformers run with
-the same settings pick from the same distribution.
+the same settings pick from the same distribution. `sample_batch` filters every sampled row at once
+(one sort) and draws with the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i
+with probability p_i, so a draw is one noise tensor and an argmax on the GPU, never a host round trip.
+Each request's noise comes from its own generator, so seeded requests repeat whatever runs beside them.
 """
 
 from __future__ import annotations
@@ -38,27 +41,54 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, output_tokens: list[i
     return logits
 
 
-def sample_token(logits: torch.Tensor, params, seen_tokens: list[int], generator: torch.Generator | None,
-                 output_tokens: list[int] = ()) -> int:
-    """Pick the next token from one sequence's logits [vocab]. seen_tokens (prompt and output) feed the
-    repetition penalty; output_tokens the presence and frequency penalties."""
-    logits = logits.float().clone()
-    if params.repetition_penalty != 1.0 and seen_tokens:
-        seen = torch.tensor(sorted(set(seen_tokens)), device=logits.device)
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_tokens:
-        logits = apply_presence_frequency_penalty(logits, list(output_tokens), params.presence_penalty,
-                                                  params.frequency_penalty)
-    if params.greedy:
-        return int(logits.argmax())
-    logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def top_k_top_p_filter_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Row-wise top_k_top_p_filter for [rows, vocab] logits (top_k 0: off, top_p 1: off), with one sort."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))  # ties with the k-th stay
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # of the tokens ranked above: dropped once it reaches top_p
+    drop = (mass_before >= top_p[:, None]) & (rank > 0) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A per-request generator: seeded requests repeat exactly, whatever else runs beside them."""
-    generator = torch.Generator()
+def _apply_penalties(logits: torch.Tensor, seqs) -> torch.Tensor:
+    for i, seq in enumerate(seqs):
+        params = seq.params
+        if params.repetition_penalty != 1.0 and seq.all_ids:
+            seen = torch.tensor(sorted(set(seq.all_ids)), device=logits.device)
+            logits[i] = apply_repetition_penalty(logits[i], seen, params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
+            logits[i] = apply_presence_frequency_penalty(logits[i], seq.output_ids, params.presence_penalty,
+                                                         params.frequency_penalty)
+    return logits
+
+
+def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
+    """The next token of each sequence from its logits row ([batch, vocab], any device)."""
+    logits = _apply_penalties(logits.float().clone(), seqs)
+    tokens = logits.argmax(-1)
+    rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if rows:
+        device = logits.device
+        params = [seqs[i].params for i in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        probs = top_k_top_p_filter_batch(logits[rows] / temperature[:, None], top_k, top_p).softmax(-1)
+        noise = torch.stack([torch.empty(logits.shape[-1], device=device).exponential_(
+            generator=seqs[i].generator(device)) for i in rows])
+        tokens[rows] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
+    return tokens.tolist()
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator on `device`: seeded requests repeat exactly, whatever else runs beside them."""
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     return generator
 

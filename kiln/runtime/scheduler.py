@@ -38,20 +38,23 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step: (sequence, number of its pending tokens to compute now), running ones first."""
         self.running = [s for s in self.running if not s.finished]
-        self.waiting = deque(s for s in self.waiting if not s.finished)
+        if any(s.finished for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.finished)
         budget = self.max_num_tokens
         step: list[tuple[Sequence, int]] = []
+        preempted_before = self.num_preemptions
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
                 continue
-            n = min(len(seq.pending_ids()), budget)
+            n = min(seq.num_pending, budget)
             if n == 0:
                 continue
             if not self._reserve(seq, seq.num_cached + n):
                 continue  # seq itself was preempted
             step.append((seq, n))
             budget -= n
-        step = [(s, n) for s, n in step if s in self.running]
+        if self.num_preemptions != preempted_before:
+            step = [(s, n) for s, n in step if s.status is Status.RUNNING]
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
             tokens = seq.all_ids

@@ -22,7 +22,7 @@ class Sequence:
     prompt_ids: list[int]
     params: object  # SamplingParams
     max_len: int  # prompt + generated tokens never exceed this (max_tokens and the engine's max_seq_len)
-    generator: torch.Generator
+    seed: int  # of this sequence's sampling noise (kiln.runtime.sampler)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -31,18 +31,34 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
+    # prompt + output, kept as one list (the scheduler reads it every step; concatenating each time is O(len))
+    all_ids: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.all_ids = self.prompt_ids + self.output_ids
+
+    _generators: dict = field(default_factory=dict, repr=False)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This sequence's random stream on `device` (made at its first sampled token there)."""
+        if device not in self._generators:
+            from kiln.runtime.sampler import make_generator
+
+            self._generators[device] = make_generator(self.seed, device)
+        return self._generators[device]
+
+    def append_token(self, token: int, when: float) -> None:
+        self.output_ids.append(token)
+        self.all_ids.append(token)
+        self.token_times.append(when)
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def num_pending(self) -> int:
+        return len(self.all_ids) - self.num_cached
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    def pending_ids(self) -> list[int]:
-        """Tokens the next forward must feed: the whole prompt first, then one token at a time."""
-        return self.all_ids[self.num_cached:]
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason

@@ -153,7 +153,8 @@ class AsyncLLM:
     def _publish(self) -> None:
         now = time.monotonic()
         for stream in list(self.active):
-            self.llm._check_stop_strings(stream.request)
+            for seq in stream.request.seqs:
+                self.llm._check_stop_strings(stream.request, seq)
             output = self.llm._output(stream.request)
             tokens = sum(len(o.token_ids) for o in output.outputs)
             changed = tokens != stream.tokens_seen

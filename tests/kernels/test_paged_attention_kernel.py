@@ -140,3 +140,62 @@ def test_prefill_kernel_matches_reference(dtype, case):
     want = varlen_prefill_attention_ref(q, k, v, cu, max(lens), d ** -0.5, window)
     print(f"varlen_prefill {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# ---- a quantized cache: int8 / float8_e4m3fn codes and kv_scale = [s_k, s_v] ------------------------------
+
+CODE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def to_codes(x: torch.Tensor, code_dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """x as codes of its absmax scale (round to nearest; e4m3's cast rounds), and the scale."""
+    s = x.float().abs().max().item() / CODE_MAX[code_dtype]
+    y = x.float() / s
+    return (y.round().to(code_dtype) if code_dtype == torch.int8 else y.to(code_dtype)), s
+
+
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_references_read_codes_times_their_scale(code_dtype):
+    q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case([3, 20, 9], 8, 2, 16, 4)
+    (kc, sk), (vc, sv) = to_codes(k_cache * 3, code_dtype), to_codes(v_cache, code_dtype)
+    kv_scale = torch.tensor([sk, sv])
+    got = paged_decode_attention_ref(q, kc, vc, tables, ctx, 0.25, None, kv_scale)
+    want = paged_decode_attention_ref(q, kc.float() * sk, vc.float() * sv, tables, ctx, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    q, k, v, cu = _packed([4, 11], 4, 2, 16)
+    (kc, sk), (vc, sv) = to_codes(k, code_dtype), to_codes(v, code_dtype)
+    got = varlen_prefill_attention_ref(q, kc, vc, cu, 11, 0.3, 3, torch.tensor([sk, sv]))
+    want = varlen_prefill_attention_ref(q, kc.float() * sk, vc.float() * sv, cu, 11, 0.3, 3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, dtype, case):
+    lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
+    q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
+    (kc, sk), (vc, sv) = to_codes(k_cache * 3, code_dtype), to_codes(v_cache, code_dtype)
+    kv_scale = torch.tensor([sk, sv], dtype=dtype, device="cuda")  # the layer's parameter, in the model dtype
+    args = [t.cuda() for t in (q, kc, vc, tables, ctx)]
+    got = paged_decode_attention(*args, d ** -0.5, window, kv_scale)
+    want = paged_decode_attention_ref(*args, d ** -0.5, window, kv_scale)
+    print(f"paged_decode {code_dtype} cache, {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", [0, 2, 3])
+def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtype, case):
+    lens, heads, kv_heads, d, window = PREFILL_CASES[case]
+    q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, case)
+    (kc, sk), (vc, sv) = to_codes(k * 3, code_dtype), to_codes(v, code_dtype)
+    kv_scale = torch.tensor([sk, sv], dtype=dtype, device="cuda")
+    q, kc, vc, cu = (t.cuda() for t in (q, kc, vc, cu))
+    got = varlen_prefill_attention(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
+    want = varlen_prefill_attention_ref(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
+    print(f"varlen_prefill {code_dtype} codes, {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])

@@ -173,7 +173,8 @@ def test_seeded_sampling_repeats_in_a_new_llm(tiny_llama_session):
 def test_generate_stream_grows_to_the_generate_result(llama, llama_reference):
     outputs = list(llama.generate_stream(PROMPTS[1], GREEDY))
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
-    assert lengths == list(range(1, 33))
+    # one token from the prefill, then greedy decode bursts of decode_steps_per_sync (4) tokens
+    assert lengths == [1] + list(range(5, 33, 4)) + [32]
     for o in outputs:
         assert o.outputs[0].token_ids == llama_reference[1][:len(o.outputs[0].token_ids)]
     assert not any(o.finished for o in outputs[:-1])

@@ -1,6 +1,7 @@
 """Shared checks of the model-family tests: a converted tiny transformers model must give transformers'
 logits (float32, <= 1e-4) and greedy tokens, through from_hugging_face, convert + from_checkpoint, the
-runtime (kiln.LLM) and tensor parallelism."""
+runtime (kiln.LLM) and tensor parallelism. test_family_parity.py runs them over every family's CASES table;
+each test_<family>.py declares its table and tests only what is particular to the family."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ class Family:
             _, hf = self.hf(case)
             self.tokens[case] = greedy_tokens(hf_forward(hf), prompt(hf), GEN_TOKENS)[0, PROMPT_LEN:].tolist()
         return self.tokens[case]
+
+
+_FAMILIES: dict[int, Family] = {}  # id(CASES) -> its Family, one per session
+
+
+def shared_family(tmp_path_factory, cases: dict) -> Family:
+    """The session's one Family of a CASES table: the parity tests and the family's own tests share its models."""
+    if id(cases) not in _FAMILIES:
+        _FAMILIES[id(cases)] = Family(tmp_path_factory, cases)
+    return _FAMILIES[id(cases)]
 
 
 PROMPT_LEN = 8

@@ -1,14 +1,14 @@
 """Gemma, Gemma 2 and Gemma 3 (text) converted from tiny transformers models match them: sqrt(hidden)
 embedding scale, (1 + w) norms, GELU-tanh gated MLP, sandwich norms, soft-capping, alternating sliding
-windows, q/k norms, per-layer rotary bases, query_pre_attn_scalar."""
+windows, q/k norms, per-layer rotary bases, query_pre_attn_scalar.
+This file declares the cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
 import pytest
 import transformers as tf
 
-from family_checks import (Family, check_convert_checkpoint, check_from_hugging_face, check_runtime,
-                           check_tensor_parallel, report_max_diffs)
+from family_checks import shared_family
 from kiln.models.gemma.model import GemmaForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check
@@ -30,31 +30,9 @@ CASES = {
                                                         "factor": 4.0}})),
 }
 
-report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return Family(tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_from_hugging_face_matches_transformers(family, case):
-    check_from_hugging_face(family, case, GemmaForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_convert_checkpoint_matches_transformers(family, case, tmp_path):
-    check_convert_checkpoint(family, case, tmp_path, GemmaForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_llm_greedy_tokens_equal_transformers(family, case, kiln_cache):
-    check_runtime(family, case)
-
-
-def test_tensor_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_cache):
-    check_tensor_parallel(family, ["gemma2", "gemma3"], tmp_path)
+    return shared_family(tmp_path_factory, CASES)
 
 
 def test_gemma3_config_reads_the_per_layer_structure(family):

@@ -1,13 +1,13 @@
 """GPT-NeoX / Pythia converted from tiny transformers models match them: LayerNorm with bias, partial rotary,
-parallel and sequential residuals, plain GELU MLP, per-head interleaved fused QKV in the source."""
+parallel and sequential residuals, plain GELU MLP, per-head interleaved fused QKV in the source.
+This file declares the cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
 import pytest
 import transformers as tf
 
-from family_checks import (Family, check_convert_checkpoint, check_from_hugging_face, check_runtime,
-                           check_tensor_parallel, report_max_diffs)
+from family_checks import shared_family
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check
@@ -22,31 +22,9 @@ CASES = {
         rope_parameters=dict(rope_type="default", rope_theta=1000.0, partial_rotary_factor=1.0))),
 }
 
-report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return Family(tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_from_hugging_face_matches_transformers(family, case):
-    check_from_hugging_face(family, case, GPTNeoXForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_convert_checkpoint_matches_transformers(family, case, tmp_path):
-    check_convert_checkpoint(family, case, tmp_path, GPTNeoXForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_llm_greedy_tokens_equal_transformers(family, case, kiln_cache):
-    check_runtime(family, case)
-
-
-def test_tensor_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_cache):
-    check_tensor_parallel(family, ["neox_parallel"], tmp_path)
+    return shared_family(tmp_path_factory, CASES)
 
 
 def test_plain_mlp_keeps_fc_in_the_engine(family):

@@ -1,13 +1,13 @@
 """Mixtral converted from tiny transformers models matches them: several experts, top-2 renormalised routing,
-GQA, a sliding window."""
+GQA, a sliding window.
+This file declares the cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
 import pytest
 import transformers as tf
 
-from family_checks import (Family, check_convert_checkpoint, check_from_hugging_face, check_runtime,
-                           check_tensor_parallel, report_max_diffs)
+from family_checks import shared_family
 from kiln.models.mixtral.model import MixtralForCausalLM
 
 TINY = dict(vocab_size=127, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -19,31 +19,9 @@ CASES = {
                              dict(TINY, sliding_window=5, num_local_experts=6, num_experts_per_tok=3)),
 }
 
-report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return Family(tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_from_hugging_face_matches_transformers(family, case):
-    check_from_hugging_face(family, case, MixtralForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_convert_checkpoint_matches_transformers(family, case, tmp_path):
-    check_convert_checkpoint(family, case, tmp_path, MixtralForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_llm_greedy_tokens_equal_transformers(family, case, kiln_cache):
-    check_runtime(family, case)
-
-
-def test_tensor_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_cache):
-    check_tensor_parallel(family, ["mixtral"], tmp_path)
+    return shared_family(tmp_path_factory, CASES)
 
 
 def test_experts_are_stacked_and_fused_in_the_engine(family):

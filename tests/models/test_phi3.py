@@ -1,5 +1,6 @@
 """Phi-3 / Phi-3.5 converted from tiny transformers models match them: fused qkv_proj and gate_up_proj in the
-source, longrope scaling (short and long factors), a sliding window, partial rotary."""
+source, longrope scaling (short and long factors), a sliding window, partial rotary.
+This file declares the cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import math
 import pytest
 import transformers as tf
 
-from family_checks import (Family, check_convert_checkpoint, check_from_hugging_face, check_runtime,
-                           check_tensor_parallel, report_max_diffs)
+from family_checks import shared_family
 from kiln.models.phi3.model import Phi3ForCausalLM
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -34,31 +34,9 @@ CASES = {
 }
 RUNTIME_CASES = [c for c in CASES if c != "phi3_longrope_long"]
 
-report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return Family(tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_from_hugging_face_matches_transformers(family, case):
-    check_from_hugging_face(family, case, Phi3ForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_convert_checkpoint_matches_transformers(family, case, tmp_path):
-    check_convert_checkpoint(family, case, tmp_path, Phi3ForCausalLM)
-
-
-@pytest.mark.parametrize("case", RUNTIME_CASES)
-def test_llm_greedy_tokens_equal_transformers(family, case, kiln_cache):
-    check_runtime(family, case)
-
-
-def test_tensor_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_cache):
-    check_tensor_parallel(family, ["phi3_longrope_short"], tmp_path)
+    return shared_family(tmp_path_factory, CASES)
 
 
 def test_longrope_config_carries_the_attention_factor(family):

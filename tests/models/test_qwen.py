@@ -1,12 +1,12 @@
-"""Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE and Qwen3-MoE converted from tiny transformers models match them."""
+"""Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE and Qwen3-MoE converted from tiny transformers models match them.
+This file declares the cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
 import pytest
 import transformers as tf
 
-from family_checks import (Family, report_max_diffs, check_convert_checkpoint, check_from_hugging_face, check_runtime,
-                           check_tensor_parallel)
+from family_checks import shared_family
 from kiln.models.qwen.model import QWenForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check
@@ -33,31 +33,9 @@ CASES = {
 }
 
 
-report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return Family(tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_from_hugging_face_matches_transformers(family, case):
-    check_from_hugging_face(family, case, QWenForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_convert_checkpoint_matches_transformers(family, case, tmp_path):
-    check_convert_checkpoint(family, case, tmp_path, QWenForCausalLM)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_llm_greedy_tokens_equal_transformers(family, case, kiln_cache):
-    check_runtime(family, case)
-
-
-def test_tensor_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_cache):
-    check_tensor_parallel(family, ["qwen2_tied", "qwen3_moe", "qwen2_moe"], tmp_path)
+    return shared_family(tmp_path_factory, CASES)
 
 
 def test_dense_layers_and_moe_fields_follow_the_source(family):

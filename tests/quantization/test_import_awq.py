@@ -142,7 +142,8 @@ def test_tp2_conversion_shards_the_imported_tensors(imported, tmp_path):
 
 
 @pytest.mark.parametrize("change, field", [({"version": "gemv"}, "version"), ({"bits": 8}, "bits"),
-                                            ({"quant_method": "gptq", "desc_act": True}, "desc_act"),
+                                            ({"quant_method": "gptq", "checkpoint_format": "marlin"},
+                                             "checkpoint_format"),
                                             ({"quant_method": "bitsandbytes"}, "quant_method")])
 def test_unsupported_quantization_configs_are_refused(hf_llama, tmp_path, change, field):
     src = tmp_path / "src"

@@ -53,6 +53,24 @@ def test_cuda_graphs_leave_room_for_one_max_seq_len_sequence(tmp_path, monkeypat
     assert out[0].outputs[0].token_ids == hf_greedy_cuda(hf, PROMPTS[0], 64 - len(PROMPTS[0]))
 
 
+def test_decode_bursts_in_graphs_equal_single_steps(tmp_path, monkeypatch):
+    """Greedy decode bursts (the graph feeds its argmax to the next step) give the tokens of one step at a
+    time, for sequences that end mid-burst at different lengths, and leave no block behind."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    make_hf_model(tmp_path / "hf")
+    prompts = PROMPTS + [[3] * 33, [4, 4]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (5, 7, 13, 3, 22)]
+    tokens = {}
+    for steps in (1, 4):
+        bc = BuildConfig(max_batch_size=8, max_seq_len=128, decode_steps_per_sync=steps)
+        with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
+            tokens[steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            assert llm.runner.graphs.replays > 0
+            assert not llm.generator.blocks.tables and llm.generator.blocks.usage() == 0
+    assert tokens[4] == tokens[1]
+    assert [len(t) for t in tokens[4]] == [5, 7, 13, 3, 22]
+
+
 REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256,
                   rope_theta=500000.0)  # Llama-3-8B layer shapes (two layers), Llama-2 vocab

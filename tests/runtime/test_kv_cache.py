@@ -19,32 +19,34 @@ def test_bytes_per_block_is_keys_and_values_of_every_layer():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # an explicit size replaces either budget; no GPU is touched
 def test_kv_cache_max_tokens_rounds_up_to_whole_blocks(device):
     bc = BuildConfig(max_seq_len=64, tokens_per_block=16, kv_cache_max_tokens=100)
-    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device(device), activation_reserve=10**12) == 7  # ceil(100 / 16)
+    # ceil(100 / 16)
+    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device(device), activation_reserve=10**12, dtype=torch.bfloat16) == 7
 
 
 def test_cpu_holds_max_batch_size_sequences_of_max_seq_len():
     bc = BuildConfig(max_batch_size=3, max_seq_len=50, tokens_per_block=16)
-    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0) == 10  # ceil(150 / 16)
+    # ceil(150 / 16)
+    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0, dtype=torch.bfloat16) == 10
 
 
 def test_cpu_cache_is_capped_at_a_quarter_of_ram(monkeypatch):
     pages = {"SC_PAGE_SIZE": 1000, "SC_PHYS_PAGES": 3000}  # 3 MB of RAM: a quarter is 7.5 blocks
     monkeypatch.setattr("kiln.runtime.kv_cache.os.sysconf", pages.__getitem__)
     bc = BuildConfig(max_batch_size=64, max_seq_len=64, tokens_per_block=16)
-    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0) == 7
+    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0, dtype=torch.bfloat16) == 7
 
 
 def test_gpu_takes_its_fraction_of_free_memory_less_the_activation_reserve(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000))
     bc = BuildConfig(max_seq_len=64, tokens_per_block=16, kv_cache_free_gpu_mem_fraction=0.5)
     # (0.5 * 10 MB - 1 MB) / 100 kB
-    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cuda"), activation_reserve=1_000_000) == 40
+    assert plan_num_blocks(bc, BLOCK_BYTES, torch.device("cuda"), activation_reserve=1_000_000, dtype=torch.bfloat16) == 40
 
 
 def test_an_explicit_size_below_one_sequence_names_the_flags_to_change():
     bc = BuildConfig(max_seq_len=64, tokens_per_block=16, kv_cache_max_tokens=40)  # 3 blocks; one sequence needs 4
     with pytest.raises(ConfigError) as e:
-        plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0)
+        plan_num_blocks(bc, BLOCK_BYTES, torch.device("cpu"), activation_reserve=0, dtype=torch.bfloat16)
     message = str(e.value)
     assert "48 tokens" in message and "max_seq_len 64" in message
     assert "--max-seq-len" in message and "kv_cache_max_tokens" in message
@@ -55,7 +57,7 @@ def test_gpu_memory_below_one_sequence_names_the_flags_to_change(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000_000, 80_000_000))
     bc = BuildConfig(max_seq_len=2048, tokens_per_block=32)  # 64 blocks needed, 9 fit
     with pytest.raises(ConfigError) as e:
-        plan_num_blocks(bc, BLOCK_BYTES, torch.device("cuda"), activation_reserve=0)
+        plan_num_blocks(bc, BLOCK_BYTES, torch.device("cuda"), activation_reserve=0, dtype=torch.bfloat16)
     message = str(e.value)
     assert "288 tokens" in message and "max_seq_len 2048" in message
     assert f"{55 * BLOCK_BYTES / 2**30:.2f} GiB short" in message

@@ -13,6 +13,7 @@ import torch
 
 from kiln.kernels import triton_available
 from kiln.layers.attention import Attention, AttentionBatch
+from kiln.quantization.kv_cache import quantize
 from kiln.runtime.kv_cache import PagedKVCache
 from kiln.runtime.paged_batch import PagedAttentionBatch
 
@@ -27,6 +28,8 @@ class Layer:
     softcap: float | None = None
     layer_idx: int = 0
     scale: float = HEAD_SIZE ** -0.5
+    kv_cache_dtype: torch.dtype | None = None  # int8 / float8 codes: a quantized cache
+    kv_cache_scaling_factor: torch.Tensor | None = None  # [s_k, s_v] with a quantized cache
     attend_dense = Attention.attend_dense
 
 
@@ -41,7 +44,9 @@ def _paged_vs_reference(layer: Layer, steps: list[tuple[int, int]], device: str)
 
     widest = -(-max(lengths) // BLOCK)
     num_blocks = widest * len(steps) + 3
-    kv = PagedKVCache([0], num_blocks, BLOCK, KV_HEADS, HEAD_SIZE, torch.float32, torch.device(device))
+    kv = PagedKVCache([0], num_blocks, BLOCK, KV_HEADS, HEAD_SIZE, layer.kv_cache_dtype or torch.float32,
+                      torch.device(device))
+    stored_k, stored_v = _as_stored(layer, k, 0), _as_stored(layer, v, 1)
     order = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, not in sequence order
     tables, slots, new_rows, start = [], [], [], 0
     for i, (ctx, n) in enumerate(steps):
@@ -50,8 +55,8 @@ def _paged_vs_reference(layer: Layer, steps: list[tuple[int, int]], device: str)
         for pos in range(ctx + n):
             slot = table[pos // BLOCK] * BLOCK + pos % BLOCK
             if pos < ctx:  # in the cache from earlier steps
-                kv.k[0].view(-1, KV_HEADS, HEAD_SIZE)[slot] = k[start + pos]
-                kv.v[0].view(-1, KV_HEADS, HEAD_SIZE)[slot] = v[start + pos]
+                _bytes(kv.k[0]).view(-1, KV_HEADS, HEAD_SIZE)[slot] = stored_k[start + pos]
+                _bytes(kv.v[0]).view(-1, KV_HEADS, HEAD_SIZE)[slot] = stored_v[start + pos]
             else:
                 slots.append(slot)
                 new_rows.append(start + pos)
@@ -68,6 +73,17 @@ def _paged_vs_reference(layer: Layer, steps: list[tuple[int, int]], device: str)
     torch.testing.assert_close(out, expected[rows], atol=1e-4, rtol=1e-4)
 
 
+def _as_stored(layer: Layer, x: torch.Tensor, which: int) -> torch.Tensor:
+    """x as the cache holds it: itself, or its codes (bytes) in a quantized cache."""
+    if layer.kv_cache_dtype is None:
+        return x
+    return _bytes(quantize(x, layer.kv_cache_scaling_factor[which], layer.kv_cache_dtype))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t  # (no float8 index_put on the CPU)
+
+
 DEVICES = ["cpu"] + (["cuda"] if triton_available() else [])  # CUDA runs the Triton kernels
 STEPS = {
     "mixed": [(5, 6), (9, 1), (0, 7), (13, 3)],  # a prefill continuing a cached prefix, decode, a fresh prompt
@@ -81,6 +97,17 @@ STEPS = {
 @pytest.mark.parametrize("kind", list(STEPS))
 def test_paged_attention_equals_uncached_attention(kind, window, device):
     _paged_vs_reference(Layer(sliding_window=window), STEPS[kind], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kind", list(STEPS))
+def test_quantized_cache_equals_uncached_attention_over_the_same_codes(kind, code_dtype, device):
+    """Every path (decode, fresh prefill, a continued prefix) attends the codes; the uncached reference
+    quantize-dequantizes k and v the same way."""
+    scales = torch.tensor([4.5, 4.0], device=device) / (127.0 if code_dtype == torch.int8 else 448.0)
+    _paged_vs_reference(Layer(kv_cache_dtype=code_dtype, kv_cache_scaling_factor=scales),
+                        STEPS[kind], device)
 
 
 @pytest.mark.parametrize("kind", list(STEPS))

@@ -11,7 +11,19 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopPLogitsWarper)
 
 from kiln.llmapi.sampling_params import SamplingParams
-from kiln.runtime.sampler import apply_repetition_penalty, make_generator, sample_token, top_k_top_p_filter
+from kiln.runtime.sampler import (apply_repetition_penalty, sample_batch, top_k_top_p_filter,
+                                  top_k_top_p_filter_batch)
+from kiln.runtime.sequence import Sequence
+
+
+def _seq(params, seen=(), seed=0) -> Sequence:
+    """A sequence whose context (prompt) is `seen`."""
+    return Sequence(0, list(seen), params, max_len=10**6, seed=seed)
+
+
+def sample_token(logits, params, seen, seq_or_seed) -> int:
+    seq = seq_or_seed if isinstance(seq_or_seed, Sequence) else _seq(params, seen, seq_or_seed or 0)
+    return sample_batch(logits[None], [seq])[0]
 
 
 def _hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -32,7 +44,7 @@ def test_greedy_is_argmax():
     for seed in range(50):
         logits = _random_logits(seed, 1000)
         params = SamplingParams(temperature=0, top_k=5, top_p=0.5)  # filters do not matter when greedy
-        assert sample_token(logits, params, [], make_generator(seed)) == int(logits.argmax())
+        assert sample_token(logits, params, [], seed) == int(logits.argmax())
 
 
 @pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (10, 1.0), (999, 1.0), (0, 0.9), (0, 0.3), (0, 0.01),
@@ -78,8 +90,28 @@ def test_repetition_penalty_changes_the_greedy_choice_like_transformers():
 
 
 def _draws(logits, params, seed, count):
-    generator = make_generator(seed)
-    return [sample_token(logits, params, [], generator) for _ in range(count)]
+    seq = _seq(params, seed=seed)  # one stream, advanced by every draw
+    return [sample_token(logits, params, [], seq) for _ in range(count)]
+
+
+def test_batched_filter_equals_the_row_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g) * 3
+    top_k = torch.tensor([0, 1, 7, 0, 50, 400])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.3, 0.8, 0.05])
+    ours = top_k_top_p_filter_batch(logits, top_k, top_p)
+    for row, k, p in zip(range(6), top_k.tolist(), top_p.tolist()):
+        assert torch.equal(ours[row], top_k_top_p_filter(logits[row], k, p)), (k, p)
+
+
+def test_a_seeded_row_draws_the_same_whatever_runs_beside_it():
+    logits = _random_logits(5, 400, scale=1.0)
+    params = SamplingParams(temperature=1.0, seed=11)
+    alone = [sample_batch(logits[None], [s])[0] for s in [_seq(params, seed=11)] for _ in range(20)]
+    seq, other = _seq(params, seed=11), _seq(SamplingParams(temperature=0.8, top_k=3), seed=99)
+    greedy = _seq(SamplingParams(temperature=0))
+    beside = [sample_batch(torch.stack([logits, logits, logits]), [other, seq, greedy])[1] for _ in range(20)]
+    assert alone == beside
 
 
 def test_seeded_sampling_repeats_and_differs_across_seeds():

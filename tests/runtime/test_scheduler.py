@@ -24,7 +24,7 @@ from kiln.runtime.sequence import Sequence, Status
 
 def _seq(seq_id: int, prompt: list[int] | int, max_new: int) -> Sequence:
     prompt = [1] * prompt if isinstance(prompt, int) else prompt
-    return Sequence(seq_id, prompt, params=None, max_len=len(prompt) + max_new, generator=None)
+    return Sequence(seq_id, prompt, params=None, max_len=len(prompt) + max_new, seed=0)
 
 
 class Stream:
@@ -123,7 +123,7 @@ class Stream:
             seq.num_cached += n
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
             if seq.num_cached == len(seq.all_ids):
-                seq.output_ids.append(self.rng.randint(0, 2))
+                seq.append_token(self.rng.randint(0, 2), 0.0)
                 if len(seq.all_ids) >= seq.max_len or self.rng.random() < 0.05:
                     seq.finish("length")
                     self.sched.free(seq)
@@ -167,8 +167,10 @@ def test_long_prompt_is_prefilled_in_chunks_and_others_join_when_budget_allows()
     assert sched.schedule() == [(big, 10)]
     big.num_cached = 20
     assert sched.schedule() == [(big, 5), (small, 3)]
-    big.num_cached, big.output_ids = 25, [0]
-    small.num_cached, small.output_ids = 3, [0]
+    big.num_cached = 25
+    big.append_token(0, 0.0)
+    small.num_cached = 3
+    small.append_token(0, 0.0)
     assert sched.schedule() == [(big, 1), (small, 1)]
 
 
@@ -178,7 +180,8 @@ def test_admission_is_in_order_even_when_a_later_prompt_would_fit():
     for s in (first, second, third):
         sched.add(s)
     assert sched.schedule() == [(first, 6), (second, 4)]  # the budget is spent: third does not overtake
-    first.num_cached, first.output_ids = 6, [0]
+    first.num_cached = 6
+    first.append_token(0, 0.0)
     second.num_cached = 4
     assert sched.schedule() == [(first, 1), (second, 2), (third, 1)]
 
@@ -202,11 +205,12 @@ def test_out_of_blocks_preempts_the_newest_which_returns_first_from_its_cached_p
     for s in (old, new):
         s.num_cached = 3
         blocks.register_full_blocks(s.seq_id, s.all_ids, 3)
-        s.output_ids = [9]
+        s.append_token(9, 0.0)
     sched.add(later)
     assert sched.schedule() == [(old, 1), (new, 1)]  # no new block yet (4 tokens in 2 blocks); later waits
     for s in (old, new):
-        s.num_cached, s.output_ids = 4, [9, 9]
+        s.num_cached = 4
+        s.append_token(9, 0.0)
         blocks.register_full_blocks(s.seq_id, s.all_ids, 4)
     new_blocks = list(blocks.tables[new.seq_id])
     # old's 5th token needs a third block: new, the newest, is preempted. Its blocks stay cached, last one

@@ -117,7 +117,9 @@ def test_completion_stream_concatenates_to_the_non_streaming_text(client, model)
     texts, reasons, usages, chunks = streamed(stream, chat_api=False)
     assert texts == {0: full.choices[0].text}
     assert reasons == {0: "length"}
-    assert chunks > 12  # it streams as it generates, not the whole text in one event
+    # it streams as it generates, not the whole text in one event (greedy decode runs in bursts of up to
+    # BuildConfig.decode_steps_per_sync = 4 steps, whose tokens arrive together)
+    assert chunks >= 24 // 4
     assert len(usages) == 1
     assert (usages[0].prompt_tokens, usages[0].completion_tokens) == (full.usage.prompt_tokens, 24)
     assert usages[0].total_tokens == full.usage.prompt_tokens + 24

@@ -3,15 +3,23 @@
 All: embeddings scaled by sqrt(hidden_size), RMSNorm scaling by (1 + w), GELU-tanh gated MLP, tied lm_head.
 Gemma 2 adds norms on the attention and MLP outputs (sandwich), query_pre_attn_scalar, attention and final
 logit soft-capping, and alternating sliding-window / global layers; Gemma 3 drops the soft-capping, adds q/k
-norms and gives the sliding layers their own rotary base.
+norms and gives the sliding layers their own rotary base. Gemma 3 also converts from GGUF (gguf.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap
+from kiln.config import QuantConfig
+from kiln.errors import UnsupportedArchitectureError
+from kiln.mapping import Mapping
 from kiln.models import hf_config
-from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
+from kiln.models.gemma import gguf as gemma_gguf
 from kiln.models.llama.convert import L, hf_table
+from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
 
 HF = "model.layers.{i}."
 
@@ -59,3 +67,21 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
                           L + "attention_out_layernorm.weight": HF + "post_attention_layernorm.weight",
                           L + "mlp_out_layernorm.weight": HF + "post_feedforward_layernorm.weight"})
         return NameMap(table)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
+                  quant_config: QuantConfig | None = None) -> "GemmaForCausalLM":
+        """Gemma 3 from llama.cpp's GGUF (quantized tensors dequantized to float32 on read)."""
+        refuse_quantization(quant_config)
+        gguf = GGUFFile(path)
+        arch = gguf.require("general.architecture")
+        if arch != "gemma3":
+            raise UnsupportedArchitectureError(
+                f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Gemma file (Gemma reads 'gemma3'); "
+                f"GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)}")
+        config = cls.config_from_hf(gemma_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
+                                    f"{gguf.path} (GGUF metadata)")
+        model = cls.empty(config)
+        model.attach_source(gguf, gemma_gguf.gguf_name_map(config.tie_word_embeddings), str(path))
+        model.tokenizer_writer = gguf_tokenizer_writer(gguf, gemma_gguf.CHAT_TEMPLATE, config.eos_token_ids)
+        return model

@@ -1,4 +1,5 @@
-"""GGUF metadata (llama.cpp's `llama.*` keys) -> kiln PretrainedConfig, and the tokenizer inside the file."""
+"""GGUF metadata (llama.cpp's `llama.*` keys) -> kiln PretrainedConfig, and the tokenizer inside the file
+(shared by every family that reads GGUF)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ log = logging.getLogger(__name__)
 
 # general.file_type -> the dtype "auto" picks; quantized files dequantize to float32 (exact).
 GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+# GGUF general.architecture -> the HF architecture whose class reads it (from_gguf).
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> PretrainedConfig:
     arch = gguf.require("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedArchitectureError(f"{gguf.path}: GGUF architecture {arch!r} is not supported; "
-                                           f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    if GGUF_ARCHITECTURES.get(arch) != "LlamaForCausalLM":
+        raise UnsupportedArchitectureError(f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Llama "
+                                           f"file; GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)} "
+                                           "(kiln convert picks the right class)")
     if "rope_freqs.weight" in gguf:
         raise CheckpointError(f"{gguf.path}: GGUF rope frequency factors (llama3 rope scaling) are not supported "
                               "yet; convert the Hugging Face checkpoint instead")
@@ -56,9 +59,10 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
     )
 
 
-def gguf_tokenizer_writer(gguf: GGUFFile):
+def gguf_tokenizer_writer(gguf: GGUFFile, chat_template: str | None = None, eos_token_ids=None):
     """Writes the file's tokenizer and chat template as Hugging Face tokenizer files (or nothing, with a
-    warning, when the GGUF carries no tokenizer)."""
+    warning, when the GGUF carries no tokenizer). `chat_template` is the family's default for files that
+    carry none; `eos_token_ids` (default: the file's eos and eot) go to generation_config.json."""
 
     def write(dst: Path) -> None:
         if gguf.field("tokenizer.ggml.model") is None:
@@ -67,12 +71,13 @@ def gguf_tokenizer_writer(gguf: GGUFFile):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.path.parent, gguf_file=gguf.path.name)
-        template = gguf.field("tokenizer.chat_template")
+        template = gguf.field("tokenizer.chat_template") or chat_template
         if template and not tokenizer.chat_template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(dst)
-        eos = [int(e) for e in (gguf.field("tokenizer.ggml.eos_token_id"),
-                                gguf.field("tokenizer.ggml.eot_token_id")) if e is not None]
+        eos = list(eos_token_ids) if eos_token_ids is not None else [
+            int(e) for e in (gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id"))
+            if e is not None]
         generation = {"bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"), "eos_token_id": eos}
         (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 

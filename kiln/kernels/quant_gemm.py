@@ -1,0 +1,310 @@
+"""Weight-only quantized matmul y = x W^T, W held as int4 groups (W4A16) or per-channel int8 (W8A16), in
+kiln's checkpoint layout (kiln/quantization/weight_only.py): no repack at build or load time.
+
+Decode is memory-bound: at batch 1 a layer's time is the time to stream its weights, so int4 weights can
+be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at full bandwidth. Two kernels:
+
+- GEMV (a few rows of x): each program owns a block of output rows and streams their packed bytes along the
+  whole input dim, doing the multiply-adds on CUDA cores. For int4 the group's scale and zero are applied
+  once per group, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k). Programs of the
+  same output block but different rows of x are adjacent in the launch order, so the weights come from L2
+  after the first read.
+- GEMM (a few to ~100 rows): one int4 group per step, tiles of x times the group's codes minus its zero
+  (exact small integers in x's dtype) on tensor cores (tl.dot), the float32 partial sums then times the
+  group's scale; the two nibbles of a byte feed two dots, x's even and odd columns, so nothing interleaves.
+  On the H100 this is still bound by the in-register unpacking (see docs/quantization.md for the numbers).
+- From DEQUANT_MIN_ROWS rows (prefill): int4 weights are dequantized by a Triton kernel (bit for bit the
+  reference's dequantization) and cuBLAS multiplies, so the unpacking is done once, not once per row tile.
+  int8 keeps its GEMM at every size: its tiles convert with one instruction per weight.
+
+Both autotune over a few tile shapes per (N, K, power-of-two bucket of M); CUDA-graph capture warms up
+outside the graph, so tuning never runs inside one. Results equal the references (dequantize to x's dtype,
+then F.linear) up to the rounding of the dequantized weight to x's dtype and of the sums: the tests bound
+the difference by 3 units of x's dtype in the last place of sum_k |x_k| |w_k|.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references below still work
+    triton = None
+
+# Rows of x up to which the GEMV runs: on the H100 it is 1.9x bf16 at 1 row and its time grows with the rows,
+# while the GEMM is 0.8x bf16 at 4 rows (kiln/kernels/bench_quant_gemm.py).
+GEMV_MAX_ROWS = 2
+# Rows of x from which int4 weights are dequantized to x's dtype by a Triton kernel and cuBLAS does the matmul:
+# the fused GEMM's unpacking is repeated for every tile of rows (0.13x bf16 at 256 rows on the H100), while the
+# dequantization is one pass over the weights (an estimate from the bandwidth: about 0.5x bf16 at 256 rows,
+# better beyond; bench_quant_gemm.py times both).
+DEQUANT_MIN_ROWS = 128
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1"  # the CPU interpreter cannot time configs
+
+
+# The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
+KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
+                   "W4A16_AWQ": "triton_w4a16_gemv_gemm", "W4A16_GPTQ": "triton_w4a16_gemv_gemm"}
+
+
+def linear_plan(quant_algo: str | None) -> dict:
+    """The plan entry of a model's quantized linear layers ({} when none is weight-only quantized)."""
+    kernel = KERNEL_FOR_ALGO.get(quant_algo)
+    if kernel is None:
+        return {}
+    rows = {"gemv_max_rows": GEMV_MAX_ROWS, **({"dequant_min_rows": DEQUANT_MIN_ROWS} if "W4" in quant_algo else {})}
+    return {"quantized_linear": {"cuda": kernel, "other": "dequantize_then_matmul", **rows}}
+
+
+def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """x [..., in] @ dequantize_int4(...)^T -> [..., out] in x's dtype."""
+    return F.linear(x, dequantize_int4(packed, scale, zero, group_size, x.dtype))
+
+
+def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ dequantize_int8(...)^T -> [..., out] in x's dtype."""
+    return F.linear(x, dequantize_int8(q, scale, x.dtype))
+
+
+def kernel_supports(x: torch.Tensor) -> bool:
+    """The kernels run on CUDA for 16-bit activations; everything else takes the reference."""
+    return x.is_cuda and x.dtype in KERNEL_DTYPES
+
+
+def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """Triton version of `w4a16_matmul_ref`, same arguments and result (see the module docstring)."""
+    rows = _rows(x)
+    if rows.shape[0] >= DEQUANT_MIN_ROWS:
+        y = F.linear(rows, w4a16_dequantize(packed, scale, zero, group_size, x.dtype))
+    else:
+        y = w4a16_fused_matmul(rows, packed, scale, zero, group_size)
+    return y.view(*x.shape[:-1], packed.shape[0])
+
+
+def w4a16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Triton version of `dequantize_int4` (kiln/quantization/weight_only.py), bit for bit: [out, in] in dtype."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
+    grid = (triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k // 2, DEQUANT_BLOCK_KB))
+    _w4_dequant_kernel[grid](packed, scale, z, out, n, k, GROUP=group_size, HAS_ZERO=zero is not None,
+                             BLOCK_N=DEQUANT_BLOCK_N, BLOCK_KB=DEQUANT_BLOCK_KB)
+    return out
+
+
+def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       group_size: int) -> torch.Tensor:
+    """x [m, in] (unit stride along in) -> [m, out] by the GEMV or the GEMM kernel, weights read packed."""
+    n, k = packed.shape[0], rows.shape[1]
+    y = torch.empty(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
+    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
+    args = (rows, packed, scale, z, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
+    if rows.shape[0] <= GEMV_MAX_ROWS:
+        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (m fastest: L2 reuse)
+        _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
+    else:
+        grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
+    return y
+
+
+def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Triton version of `w8a16_matmul_ref`, same arguments and result (see the module docstring)."""
+    rows, (n, k) = _rows(x), q.shape
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    args = (rows, q, scale, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
+    if rows.shape[0] <= GEMV_MAX_ROWS:
+        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _launch(_w8_gemv_kernel, grid, args)
+    else:
+        grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _launch(_w8_gemm_kernel, grid, args)
+    return y.view(*x.shape[:-1], n)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(kernel, grid, args, **meta) -> None:
+    """Run `kernel` through its autotuner, or with its first config when AUTOTUNE is off."""
+    tuned, configs = _TUNED[kernel]
+    if not AUTOTUNE:
+        kernel[grid(configs[0].kwargs)](*args, **meta, **configs[0].kwargs)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _bucket(m: int) -> int:
+    """The autotuning key for the number of rows: the next power of two (decode batches vary step to step)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+if triton is not None:
+    SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
+    MAGIC_2_23 = tl.constexpr(0x4B000000)  # the bits of float32 2^23
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w)
+                     for n, kb, w in ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8), (4, 1024, 4),
+                                      (2, 1024, 4), (16, 256, 4), (32, 256, 8))]
+    _W4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                        for m, n, w, s in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3),
+                                           (64, 128, 4, 3), (128, 128, 8, 3), (16, 128, 4, 4), (32, 32, 4, 5))]
+    _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
+                        for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
+                                               (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
+                                               (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
+
+    @triton.jit
+    def _int4_to_float(code):
+        """An int32 holding a value v < 2^23 in its low bits (here u or 16 u) -> float32 v, exactly: v ORed into
+        the mantissa of 2^23, minus 2^23. Two full-rate instructions instead of a quarter-rate int->float
+        conversion, which would otherwise bound the int4 GEMV by arithmetic, not memory."""
+        return (code | MAGIC_2_23).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        # A [BLOCK_N, GROUPS, HALF] tile of bytes: GROUPS whole groups of HALF bytes (2 * HALF inputs) per row.
+        HALF: tl.constexpr = GROUP // 2
+        G: tl.constexpr = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)
+        GROUPS: tl.constexpr = BLOCK_KB // HALF  # every config's BLOCK_KB is a multiple of the largest HALF
+        kb_total: tl.constexpr = K // 2
+        m = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        gi, bj, pair = tl.arange(0, GROUPS), tl.arange(0, HALF), tl.arange(0, 2)
+        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        for g0 in range(0, G, GROUPS):
+            grp = g0 + gi
+            byte = grp[:, None] * HALF + bj[None, :]  # [GROUPS, HALF] byte index within a row
+            ok = byte < kb_total
+            # x's columns 2j and 2j + 1 (byte j's low and high nibble), read contiguously, then split.
+            x2 = tl.load(x_ptr + m * stride_xm + 2 * byte[:, :, None] + pair[None, None, :], mask=ok[:, :, None],
+                         other=0.0).to(tl.float32)
+            xe, xo = tl.split(x2)
+            w = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * kb_total + byte[None, :, :],
+                        mask=row_ok[:, None, None] & ok[None, :, :], other=0).to(tl.int32)
+            # The high nibble is taken in place as 16 u (no shift); x / 16 is exact.
+            lo, hi16 = _int4_to_float(w & 0xF), _int4_to_float(w & 0xF0)
+            dot = tl.sum(lo * xe[None, :, :] + hi16 * (xo * 0.0625)[None, :, :], axis=2)
+            sg = rows[:, None] * G + grp[None, :]
+            sg_ok = row_ok[:, None] & (grp < G)[None, :]
+            s = tl.load(s_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
+            else:
+                z = SYMMETRIC_ZERO
+            acc += s * (dot - z * tl.sum(xe + xo, axis=1)[None, :])
+        tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One group per step: the dots run on the exact integers u - z (exact in 16-bit floats) and the group's
+        # scale multiplies the float32 partial sums, one multiply per output instead of one per weight.
+        HALF: tl.constexpr = GROUP // 2
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        kb_total: tl.constexpr = K // 2
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        hb, pair = tl.arange(0, HALF), tl.arange(0, 2)
+        x_rows = x_ptr + rm[:, None, None].to(tl.int64) * stride_xm
+        w_cols = w_ptr + rn[None, :].to(tl.int64) * kb_total
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for grp in range(0, G):
+            byte = grp * HALF + hb
+            ok = byte < kb_total
+            x2 = tl.load(x_rows + 2 * byte[None, :, None] + pair[None, None, :],
+                         mask=m_ok[:, None, None] & ok[None, :, None], other=0.0)
+            xe, xo = tl.split(x2)
+            w = tl.load(w_cols + byte[:, None], mask=ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
+            s = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                z = SYMMETRIC_ZERO
+            part = tl.dot(xe, (_int4_to_float(w & 0xF) - z).to(xe.dtype))
+            part = tl.dot(xo, (_int4_to_float(w >> 4) - z).to(xe.dtype), part)
+            acc += part * s[None, :]
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
+                           HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        # (u - z) * s in float32, one rounding to the output dtype: the reference's arithmetic exactly.
+        HALF: tl.constexpr = GROUP // 2
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        kb_total: tl.constexpr = K // 2
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        byte = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
+        ok = (rows < N)[:, None] & (byte < kb_total)[None, :]
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kb_total + byte[None, :], mask=ok, other=0).to(tl.int32)
+        sg = rows[:, None] * G + (byte // HALF)[None, :]
+        s = tl.load(s_ptr + sg, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + sg, mask=ok, other=0.0).to(tl.float32)
+        else:
+            z = SYMMETRIC_ZERO
+        lo, hi = ((w & 0xF).to(tl.float32) - z) * s, ((w >> 4).to(tl.float32) - z) * s
+        vals = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KB))  # columns 2j, 2j + 1 side by side
+        cols = tl.program_id(1) * 2 * BLOCK_KB + tl.arange(0, 2 * BLOCK_KB)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], vals.to(out_ptr.dtype.element_ty),
+                 mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+    @triton.jit
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
+                        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        # Per-channel scale: the whole row's sum is scaled once at the end.
+        m = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros([BLOCK_N, BLOCK_KB], tl.float32)
+        for k0 in range(0, K, BLOCK_KB):
+            cols = k0 + tl.arange(0, BLOCK_KB)
+            ok = cols < K
+            x = tl.load(x_ptr + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & ok[None, :],
+                        other=0)
+            acc += w.to(tl.float32) * x[None, :]
+        s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _w8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        # int8 codes are exact in 16-bit floats (|q| <= 127), so the dot runs on them and the scale comes last.
+        BLOCK_K: tl.constexpr = 2 * BLOCK_KB  # same byte-per-row tile as the int4 kernel, in int8 columns
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = cols < K
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                        mask=m_ok[:, None] & ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + cols[:, None], mask=ok[:, None] & n_ok[None, :],
+                        other=0)
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(y, (acc * s[None, :]).to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"])(kernel), configs)
+              for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w4_gemm_kernel, _W4_GEMM_CONFIGS),
+                                      (_w8_gemv_kernel, _GEMV_CONFIGS), (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}

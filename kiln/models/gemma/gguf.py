@@ -1,0 +1,106 @@
+"""Gemma 3 from a GGUF file (llama.cpp's `gemma3` architecture): its metadata read as the Hugging Face
+config it came from, and the GGUF tensor names -> kiln names.
+
+What GGUF leaves out, llama.cpp fixes by rule (src/llama-model.cpp, LLM_ARCH_GEMMA3), and so do we:
+every 6th layer is global, the others slide (unless the file has sliding_window_pattern); sliding layers
+rotate with base 10000 and no scaling; queries are scaled by head_dim ** -1/2, except Gemma 3 27B
+(62 layers), which uses (hidden / heads) ** -1/2.
+llama.cpp's converter stores each RMSNorm's scale as 1 + w (it adds Gemma's unit offset), so w is the
+stored value minus 1; q/k rows are not permuted (Gemma uses NeoX rotary there).
+Files from llama.cpp's converter carry no chat template: Gemma's turn format is the default.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.models.llama.convert import L
+from kiln.models.llama.gguf import GGUF_FILE_DTYPES
+
+SLIDING_PATTERN = 6  # llama.cpp: hparams.set_swa_pattern(6)
+LOCAL_ROPE_BASE = 10000.0  # llama.cpp: rope_freq_base_train_swa
+END_OF_TURN = "<end_of_turn>"  # ends a chat turn: a stop token beside <eos>, as in Gemma's generation_config
+
+# Gemma 3's chat template (text only): a system message is prefixed to the first user turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
+    """The Gemma3ForCausalLM config.json (transformers 5 form) that the file's `gemma3.*` metadata encodes."""
+    k = lambda key: gguf.require(f"gemma3.{key}")  # noqa: E731
+    layers, hidden, heads = k("block_count"), k("embedding_length"), k("attention.head_count")
+    head_dim = gguf.field("gemma3.attention.key_length") or hidden // heads
+    tokens = gguf.field("tokenizer.ggml.tokens") or []
+    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
+    if END_OF_TURN in tokens:
+        eos.append(tokens.index(END_OF_TURN))
+    full_rope = {"rope_type": "default", "rope_theta": float(gguf.field("gemma3.rope.freq_base", 1000000.0))}
+    if gguf.field("gemma3.rope.scaling.type") == "linear":  # Gemma 3 4B-27B: the global layers only
+        full_rope.update(rope_type="linear", factor=float(k("rope.scaling.factor")))
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "dtype": GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32") if dtype == "auto" else dtype,
+        "vocab_size": int(gguf.field("gemma3.vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": gguf.field("gemma3.attention.head_count_kv") or heads,
+        "head_dim": head_dim,
+        "intermediate_size": k("feed_forward_length"),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": k("context_length"),
+        "rope_parameters": {"full_attention": full_rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": LOCAL_ROPE_BASE}},
+        "sliding_window": k("attention.sliding_window"),
+        "layer_types": _layer_types(gguf.field("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN), layers),
+        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+        "final_logit_softcapping": gguf.field("gemma3.final_logit_softcapping"),
+        "attn_logit_softcapping": gguf.field("gemma3.attn_logit_softcapping"),
+        "tie_word_embeddings": "output.weight" not in gguf,
+        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+    }
+
+
+def _layer_types(pattern, layers: int) -> list[str]:
+    """sliding_window_pattern as newer converters write it: n (every n-th layer global) or one bool per layer
+    (True: sliding)."""
+    sliding = pattern if isinstance(pattern, list) else [(i + 1) % pattern != 0 for i in range(layers)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def _minus_one(w, config):
+    return w - 1
+
+
+def gguf_name_map(tied: bool) -> NameMap:
+    b = "blk.{i}."
+    norm = lambda name: Src(name, _minus_one)  # noqa: E731
+    return NameMap({
+        "transformer.vocab_embedding.weight": "token_embd.weight",
+        "transformer.ln_f.weight": norm("output_norm.weight"),
+        "lm_head.weight": "token_embd.weight" if tied else "output.weight",
+        L + "input_layernorm.weight": norm(b + "attn_norm.weight"),
+        L + "attention.qkv.weight": (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"),
+        L + "attention.q_norm.weight": norm(b + "attn_q_norm.weight"),
+        L + "attention.k_norm.weight": norm(b + "attn_k_norm.weight"),
+        L + "attention.dense.weight": b + "attn_output.weight",
+        L + "attention_out_layernorm.weight": norm(b + "post_attention_norm.weight"),
+        L + "post_layernorm.weight": norm(b + "ffn_norm.weight"),  # HF's pre_feedforward_layernorm
+        L + "mlp_out_layernorm.weight": norm(b + "post_ffw_norm.weight"),
+        L + "mlp.fc.weight": b + "ffn_gate.weight",
+        L + "mlp.gate.weight": b + "ffn_up.weight",
+        L + "mlp.proj.weight": b + "ffn_down.weight",
+    })

@@ -1,0 +1,159 @@
+"""FP8 (e4m3) weights and activations: `FP8` (one weight scale per tensor, one static activation scale per layer
+from calibration) and `FP8_PER_CHANNEL_PER_TOKEN` (one weight scale per output channel, one activation scale per
+token computed at run time).
+
+Checkpoint tensors of a quantized linear `<linear>`:
+
+- `weight` float8_e4m3fn [out, in]; the effective weight is w = weight * weights_scaling_factor[:, None].
+- `weights_scaling_factor` [out] (model dtype). FP8's per-tensor scale is stored once per output row (the same
+  value on every row of one source tensor), so the fused QKV and fc_gate, an imported checkpoint's separate
+  q/k/v scales and every TP rule treat it like a bias: split with the output dim, whole on a row-parallel rank.
+- `activation_scaling_factor` [1] (FP8 only): x is quantized as saturate(x / a); replicated on every rank. It is
+  max |x| / 448 over the calibration tokens (fc and gate see the same input, so the engine keeps fc's).
+
+The GEMM is y = (x_q @ weight^T) * a_row * s_col, accumulated in float32 (`fp8_gemm`). On CUDA with compute
+capability >= 8.9 and a bfloat16 model it is one torch._scaled_mm with row-wise scales; anywhere else the
+emulation multiplies the same e4m3 values in float32 and applies the same scales, so both give the same numbers
+up to float32 summation order. A CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there
+would be slower than the bfloat16 model it replaces.
+
+Scales are rounded to the model dtype before the weight is divided by them, so dequantizing the checkpoint
+gives the quantizer's reconstruction exactly (an e4m3 value times a bf16/fp16 scale is exact in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.layers.linear import Linear, LinearMethod
+from kiln.mapping import replicate
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scale
+FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
+SCALED_MM_ALIGN = 16  # torch._scaled_mm needs K and N multiples of 16
+
+
+# ---- the math: pure functions of (tensor, format) ------------------------------------------------------
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Saturating cast (values beyond +-448 clamp instead of becoming NaN)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_fp8_weight(weight: torch.Tensor, dtype: torch.dtype, per_channel: bool):
+    """[out, in] -> (q float8_e4m3fn [out, in], scale [out] in `dtype`): max |w| of each row (or of the whole
+    tensor, repeated on every row) maps to 448."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
+    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE).to(dtype)
+    return to_fp8(w / scale.float()[:, None]), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def static_activation_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The calibrated max |x| (any shape) -> activation_scaling_factor [1] in `dtype`."""
+    return (absmax.float().max() / FP8_MAX).clamp(min=MIN_SCALE).reshape(1).to(dtype)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (x_q float8 [M, K], scale float32 [M, 1]) with each row's max |x| at 448."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return to_fp8(x.float() / scale), scale
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] with a per-tensor scale [1] -> (x_q float8 [M, K], scale float32 [M, 1])."""
+    s = scale.float().reshape(1, 1)
+    return to_fp8(x.float() / s), s.expand(x.shape[0], 1).contiguous()
+
+
+def fp8_backend(device: torch.device) -> str:
+    """"scaled_mm" on CUDA GPUs with FP8 tensor cores, "emulated" off CUDA; anything else is refused."""
+    if device.type != "cuda":
+        return "emulated"
+    check_fp8_capability(_capability(device.index if device.index is not None else torch.cuda.current_device()))
+    return "scaled_mm"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def check_fp8_capability(capability: tuple[int, int]) -> None:
+    if tuple(capability) < FP8_CAPABILITY:
+        need = f"sm_{FP8_CAPABILITY[0]}{FP8_CAPABILITY[1]}"
+        raise ConfigError(f"FP8 GEMMs need an NVIDIA GPU of compute capability {need} or newer (Ada, Hopper); this "
+                          f"GPU is sm_{capability[0]}{capability[1]}. Quantize with W8A8_SQ_PER_CHANNEL or W8A16 "
+                          f"for it, or run the FP8 checkpoint on the CPU (emulated)")
+
+
+def fp8_gemm_emulated(xq, x_scale, wq, w_scale, out_dtype) -> torch.Tensor:
+    """The reference: e4m3 products summed in float32, then the row and column scales."""
+    acc = xq.float() @ wq.float().T
+    return (acc * x_scale * w_scale.float()[None, :]).to(out_dtype)
+
+
+def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """(x_q [M, K] @ w_q [N, K]^T) * x_scale [M, 1] * w_scale [N] -> [M, N] in out_dtype."""
+    k, n = xq.shape[1], wq.shape[0]
+    if (fp8_backend(xq.device) == "scaled_mm" and out_dtype == torch.bfloat16  # row-wise scales: bf16 out only
+            and k % SCALED_MM_ALIGN == 0 and n % SCALED_MM_ALIGN == 0):
+        return torch._scaled_mm(xq, wq.T, scale_a=x_scale, scale_b=w_scale.float()[None, :], out_dtype=out_dtype)
+    return fp8_gemm_emulated(xq, x_scale, wq, w_scale, out_dtype)
+
+
+# ---- the method a linear layer holds -------------------------------------------------------------------
+
+def _param(*shape, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Fp8Method(LinearMethod):
+    """FP8 (static=True: calibrated per-tensor activation scale) or FP8_PER_CHANNEL_PER_TOKEN (static=False)."""
+
+    def __init__(self, static: bool):
+        self.static = static
+        self.name = "FP8" if static else "FP8_PER_CHANNEL_PER_TOKEN"
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.weight = _param(layer.out_features, layer.in_features, dtype=FP8)
+        layer.weights_scaling_factor = _param(layer.out_features)
+        layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)
+        if self.static:
+            layer.activation_scaling_factor = _param(1)
+            layer.shard_rules["activation_scaling_factor"] = replicate
+
+    def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(layer.weight, layer.weights_scaling_factor, dtype)
+
+    def quantize_input(self, layer: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            return quantize_fp8_static(x, layer.activation_scaling_factor)
+        return quantize_fp8_per_token(x)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, x_scale = self.quantize_input(layer, x2)
+        y = fp8_gemm(xq, x_scale, layer.weight, layer.weights_scaling_factor, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
+        q, s = quantize_fp8_weight(weight, dtype, per_channel=not self.static)
+        out = {"weight": q, "weights_scaling_factor": s}
+        if self.static:
+            if act_absmax is None:
+                raise ConfigError("FP8 needs the calibrated max |x| of each quantized layer's input "
+                                  "(kiln.quantization.act_stats); quantize through quantize_checkpoint")
+            out["activation_scaling_factor"] = static_activation_scale(act_absmax, dtype)
+        return out

@@ -1,0 +1,198 @@
+"""Import of FP8 checkpoints published in the Hugging Face ecosystem into kiln's FP8 formats
+(kiln/quantization/fp8.py), and the dispatch of every pre-quantized `quantization_config` by its quant_method.
+
+Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float8_e4m3fn plus its scales):
+
+- `quant_method: "fp8"` without `weight_block_size` (AutoFP8, vLLM, llm-compressor's older exports):
+  `weight_scale` per tensor ([] or [1]); with `activation_scheme: "static"` also `input_scale` per tensor.
+  Static -> kiln FP8, dynamic -> FP8_PER_CHANNEL_PER_TOKEN. Exact: the per-tensor weight scale is stored on
+  every row (kiln's [out] layout); the fused QKV keeps each of q, k, v's own scale on its rows, and its static
+  activation scale is the largest of the three input scales (one input, one quantization).
+- `quant_method: "fp8"` with `weight_block_size` [bo, bi] (transformers' FineGrainedFP8, DeepSeek-V3 style):
+  `weight_scale_inv` [ceil(out / bo), ceil(in / bi)], the multiplier of each block (w = q * s despite the
+  name); dynamic activations only. kiln's GEMM has no block scales, so each weight is dequantized and
+  re-quantized per output channel (FP8_PER_CHANNEL_PER_TOKEN): the only lossy import, by at most one e4m3
+  rounding per weight.
+- `quant_method: "compressed-tensors"` with one config group of float 8-bit weights (strategy "tensor" or
+  "channel": `weight_scale` [1] or [out, 1]) and float 8-bit input activations (static "tensor" with
+  `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN).
+
+Scales are converted to the model dtype (a bfloat16 model rounds a float32 scale to 8 bits of mantissa, far
+below an e4m3 step). A checkpoint whose config declares FP8 but lacks a scale tensor is refused up front with
+the missing names (PretrainedModel.attach_source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.config import QuantAlgo, QuantConfig
+from kiln.errors import CheckpointError, ConfigError
+from kiln.quantization import hf_import
+from kiln.quantization.fp8 import FP8, quantize_fp8_weight
+
+LEAVES = ("weight", "weights_scaling_factor", "activation_scaling_factor")
+
+
+@dataclass(frozen=True)
+class Fp8ImportFormat:
+    """An FP8 source: the kiln QuantConfig it becomes, its weight-scale tensor and layout, and whether it holds
+    static input scales."""
+
+    method: str
+    quant_config: QuantConfig
+    scale_leaf: str  # "weight_scale" or "weight_scale_inv"
+    block: tuple[int, int] | None  # (rows, columns) of a block of weight_scale_inv; None: per tensor / channel
+
+    @property
+    def static(self) -> bool:
+        return self.quant_config.quant_algo is QuantAlgo.FP8
+
+    def name_map(self, base: NameMap, quantized_modules) -> NameMap:
+        return Fp8NameMap(base, self, quantized_modules)
+
+
+@dataclass(frozen=True)
+class _WrappedFormat:
+    """AWQ / GPTQ (kiln.quantization.hf_import) behind the same two members."""
+
+    fmt: hf_import.HFQuantFormat
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return self.fmt.quant_config
+
+    def name_map(self, base: NameMap, quantized_modules) -> NameMap:
+        return hf_import.PrequantizedNameMap(base, self.fmt, quantized_modules)
+
+
+def prequantized_format(hf: dict, path: str):
+    """The pre-quantized format a Hugging Face config.json declares (with `quant_config` and
+    `name_map(base, quantized_modules)`); None for a float checkpoint."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format}
+    if method in readers:
+        return readers[method](qc, f"{path}: quantization_config")
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"{path}: quantization_config.quant_method {method!r} cannot be imported; this kiln "
+                          f"imports {['awq', 'gptq', *readers]}; convert the float model and use `kiln quantize`")
+    return _WrappedFormat(hf_import.hf_quant_format(hf, path))
+
+
+def _fp8_format(qc: dict, where: str) -> Fp8ImportFormat:
+    scheme = str(qc.get("activation_scheme", "dynamic")).lower()
+    if scheme not in ("static", "dynamic"):
+        raise ConfigError(f"{where}.activation_scheme {scheme!r} is not one of ['static', 'dynamic']")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{where}.fmt {qc.get('fmt')!r}: this kiln imports e4m3 FP8 weights only")
+    block = qc.get("weight_block_size")
+    if block is not None:
+        if scheme != "dynamic" or len(block) != 2:
+            raise ConfigError(f"{where}: block-wise FP8 (weight_block_size {block}) is imported with dynamic "
+                              f"activations and a [rows, columns] block only; got activation_scheme {scheme!r}")
+        algo, scale_leaf, block = QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "weight_scale_inv", tuple(block)
+    else:
+        algo = QuantAlgo.FP8 if scheme == "static" else QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
+        scale_leaf = "weight_scale"
+    _check_ignored(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [], where)
+    return Fp8ImportFormat("fp8", QuantConfig(quant_algo=algo), scale_leaf, block)
+
+
+def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ConfigError(f"{where}.config_groups holds {len(groups)} groups; this kiln imports one group that "
+                          f"targets every Linear")
+    (name, group), = groups.items()
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    if (weights.get("type"), weights.get("num_bits"), weights.get("strategy")) not in (
+            ("float", 8, "tensor"), ("float", 8, "channel")):
+        raise ConfigError(f"{where}.config_groups.{name}.weights: this kiln imports float 8-bit weights with "
+                          f"strategy 'tensor' or 'channel', got {weights}")
+    if not acts or acts.get("type") != "float" or acts.get("num_bits") != 8:
+        raise ConfigError(f"{where}.config_groups.{name}.input_activations: this kiln imports float 8-bit "
+                          f"activations (FP8 W8A8) only, got {acts}")
+    kinds = {(False, "tensor"): QuantAlgo.FP8, (True, "token"): QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN}
+    algo = kinds.get((bool(acts.get("dynamic")), acts.get("strategy")))
+    if algo is None:
+        raise ConfigError(f"{where}.config_groups.{name}.input_activations: strategy {acts.get('strategy')!r} with "
+                          f"dynamic {acts.get('dynamic')!r} is not imported; this kiln reads static 'tensor' or "
+                          f"dynamic 'token' activation scales")
+    _check_ignored(qc.get("ignore") or [], where)
+    return Fp8ImportFormat("compressed-tensors", QuantConfig(quant_algo=algo), "weight_scale", None)
+
+
+def _check_ignored(ignored: list, where: str) -> None:
+    # kiln keeps lm_head in full precision; a source that left a decoder linear unquantized would need a
+    # per-layer exclude list mapped from HF names, which this importer does not do.
+    others = [m for m in ignored if m.rsplit(".", 1)[-1] != "lm_head" and m != "re:.*lm_head"]
+    if others:
+        raise ConfigError(f"{where}: layers kept unquantized {others[:4]} are not supported; this kiln imports FP8 "
+                          f"checkpoints that quantize every decoder linear (lm_head excepted)")
+
+
+# ---- the tensors ---------------------------------------------------------------------------------------
+
+def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 [out, in] with one multiplier per [bo, bi] block (the last ones may be short) -> float32 [out, in]."""
+    out, inp = q.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
+    return q.float() * s
+
+
+class Fp8NameMap(NameMap):
+    """A family's float name map, with each quantized linear's leaves read from the FP8 source's tensors."""
+
+    def __init__(self, base: NameMap, fmt: Fp8ImportFormat, quantized_modules):
+        self.base, self.fmt, self.quantized = base, fmt, set(quantized_modules)
+        self._last: tuple[str, dict] | None = None  # one linear's leaves are read back to back
+
+    def _hf_prefixes(self, module: str) -> list[str]:
+        prefixes = []
+        for src in self.base.sources(module + ".weight"):
+            if src.transform is not None or not src.name.endswith(".weight"):
+                raise CheckpointError(f"{src.name}: an FP8 checkpoint of this family needs a row transform of its "
+                                      f"weights, which kiln does not implement")
+            prefixes.append(src.name[: -len("weight")])
+        return prefixes
+
+    def sources(self, kiln_name: str) -> tuple[Src, ...]:
+        module, _, leaf = kiln_name.rpartition(".")
+        if module not in self.quantized or leaf not in LEAVES:
+            return self.base.sources(kiln_name)
+        leaves = {"weight": ("weight", self.fmt.scale_leaf), "weights_scaling_factor": ("weight", self.fmt.scale_leaf),
+                  "activation_scaling_factor": ("input_scale",)}[leaf]
+        return tuple(Src(p + source_leaf) for p in self._hf_prefixes(module) for source_leaf in leaves)
+
+    def load(self, kiln_name: str, source, config) -> torch.Tensor:
+        module, _, leaf = kiln_name.rpartition(".")
+        if module not in self.quantized or leaf not in LEAVES:
+            return self.base.load(kiln_name, source, config)
+        if self._last is None or self._last[0] != module:
+            parts = [self._read(prefix, source, config.torch_dtype) for prefix in self._hf_prefixes(module)]
+            self._last = (module, {k: [p[k] for p in parts] for k in parts[0]})
+        tensors = self._last[1][leaf]
+        return torch.stack(tensors).amax(0) if leaf == "activation_scaling_factor" else torch.cat(tensors)
+
+    def _read(self, prefix: str, source, dtype) -> dict[str, torch.Tensor]:
+        q, scale = source.get(prefix + "weight"), source.get(prefix + self.fmt.scale_leaf)
+        if q.dtype != FP8:
+            raise CheckpointError(f"{prefix}weight: is {q.dtype}, but the config's quantization_config declares "
+                                  f"float8_e4m3fn weights")
+        if self.fmt.block is not None:
+            q, row_scale = quantize_fp8_weight(block_dequantize(q, scale, self.fmt.block), dtype, per_channel=True)
+        else:
+            row_scale = scale.float().reshape(-1).expand(q.shape[0]) if scale.numel() == 1 else scale.reshape(-1)
+            if row_scale.numel() != q.shape[0]:
+                raise CheckpointError(f"{prefix}{self.fmt.scale_leaf}: shape {tuple(scale.shape)} is neither one "
+                                      f"scale nor one per output row ({q.shape[0]})")
+        out = {"weight": q, "weights_scaling_factor": row_scale.to(dtype)}
+        if self.fmt.static:
+            out["activation_scaling_factor"] = source.get(prefix + "input_scale").float().reshape(1).to(dtype)
+        return out

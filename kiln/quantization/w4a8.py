@@ -1,0 +1,47 @@
+"""W4A8_AWQ: group-wise int4 AWQ weights (W4A16_AWQ's format and scale search) with FP8 activations, quantized with
+one static scale per layer from calibration.
+
+Checkpoint tensors: those of W4A16 (kiln/quantization/weight_only.py), AWQ's `prequant_scaling_factor` on
+row-parallel layers, and `activation_scaling_factor` [1] as in FP8 (kiln/quantization/fp8.py): max |x / s| over
+the calibration tokens / 448, where x / s is the input after AWQ's smoothing. Replicated on every rank.
+
+The matmul runs on the e4m3 activation codes, which the model dtype holds exactly, against the dequantized int4
+weight, then scales each row: y = (x_q @ w^T) * a. This is the same on every device; kiln has no fused int4 x
+fp8 kernel, so on the GPU W4A8_AWQ saves W4A16's memory and measures the FP8 activation's quality cost, but is
+not faster than W4A16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import ConfigError
+from kiln.layers.linear import Linear
+from kiln.mapping import replicate
+from kiln.quantization.fp8 import quantize_fp8_static, static_activation_scale
+from kiln.quantization.weight_only import Int4GroupMethod, _param
+
+
+class W4A8AwqMethod(Int4GroupMethod):
+    name = "W4A8_AWQ"
+
+    def create_weights(self, layer: Linear) -> None:
+        super().create_weights(layer)
+        layer.activation_scaling_factor = _param(1)
+        layer.shard_rules["activation_scaling_factor"] = replicate
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.prequant:
+            x = x * layer.prequant_scaling_factor
+        xq, scale = quantize_fp8_static(x.reshape(-1, x.shape[-1]), layer.activation_scaling_factor)
+        y = F.linear(xq.to(x.dtype), self.dequantize(layer, x.dtype))
+        return (y.float() * scale).to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+    def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
+        if act_absmax is None:
+            raise ConfigError("W4A8_AWQ needs the calibrated max |x| of each quantized layer's input "
+                              "(kiln.quantization.act_stats); quantize through quantize_checkpoint")
+        s = input_scale.float() if input_scale is not None else torch.ones_like(act_absmax, dtype=torch.float32)
+        out = super().quantize(weight, dtype, input_scale)
+        return {**out, "activation_scaling_factor": static_activation_scale(act_absmax.float() / s, dtype)}

@@ -1,0 +1,54 @@
+"""`kiln bench` end to end on a tiny model (CPU): workloads from a file, the transformers baseline, a
+quantized system, the JSON report and the plot."""
+
+import json
+
+import pytest
+
+from kiln.bench.workloads import NAMED_WORKLOADS, Workload, read_workload_file, select
+from kiln.cli import main
+from kiln.errors import ConfigError
+
+
+def test_shared_prefix_prompts_share_exactly_the_prefix():
+    w = Workload("p", 5, 40, 2, shared_prefix_len=32)
+    prompts = w.prompts(vocab_size=1000, seed=3)
+    assert all(p[:32] == prompts[0][:32] for p in prompts)
+    assert len({tuple(p[32:]) for p in prompts}) == 5 and all(len(p) == 40 for p in prompts)
+
+
+def test_bad_workloads_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="named workloads"):
+        select("decode-1,nope", None, 1, 8, 8)
+    bad = tmp_path / "w.json"
+    bad.write_text(json.dumps([{"name": "x", "num_requests": 1, "input_len": 8, "output_len": 2, "batch": 3}]))
+    with pytest.raises(ConfigError, match=r"unknown fields \['batch'\]"):
+        read_workload_file(bad)
+    with pytest.raises(ConfigError, match="shared_prefix_len"):
+        Workload("x", 1, 8, 2, shared_prefix_len=8)
+    assert NAMED_WORKLOADS["prefix-64"].shared_prefix_len == 1024
+
+
+def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
+    hf_dir, _ = tiny_llama
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([
+        {"name": "one", "num_requests": 1, "input_len": 8, "output_len": 6},
+        {"name": "prefix", "num_requests": 4, "input_len": 40, "output_len": 3, "shared_prefix_len": 32},
+    ]))
+    report_path, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["bench", "--model", str(hf_dir), "--workload-file", str(workloads), "--dtype", "float32",
+                 "--quant-algo", "W8A16", "--output-json", str(report_path), "--plot", str(png)]) == 0
+    report = json.loads(report_path.read_text())
+    rows = {(r["system"], r["scenario"]): r for r in report["results"]}
+    assert set(rows) == {(s, w) for s in ("transformers", "kiln", "kiln W8A16") for w in ("one", "prefix")}
+    for system in ("kiln", "kiln W8A16"):
+        info = report["systems"][system]
+        assert info["load_to_first_token_s"] > 0 and info["kv_cache_tokens"] > 0
+        prefix = rows[(system, "prefix")]
+        assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
+        assert "followers_over_first" in prefix["extra"]
+        assert "of_decode_roofline" in rows[(system, "one")]["extra"]
+    assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| kiln W8A16 | prefix | 4 |" in capsys.readouterr().out

@@ -1,0 +1,151 @@
+"""Grouped MoE: the alignment (every held pair once, blocks of one expert), the reference against the
+formula written per token, and the Triton kernel against the reference, with expert parallelism's
+dropped experts, every activation, and (on the GPU) no host sync, so a CUDA graph replays it.
+
+The kernel tests run on CUDA, or on the CPU under Triton's interpreter
+(`TRITON_INTERPRET=1 PYTHONPATH=<site with triton> pytest tests/kernels/test_moe_kernel.py`)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from kiln.kernels import triton_available
+from kiln.kernels.moe import fused_moe, fused_moe_ref, moe_align
+from kiln.layers.mlp import ACTIVATIONS
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if triton_available() else "cpu"
+needs_kernel = pytest.mark.skipif(not (triton_available() or INTERPRETER),
+                                  reason="needs an NVIDIA GPU with Triton, or TRITON_INTERPRET=1 with Triton")
+needs_gpu = pytest.mark.skipif(not triton_available(), reason="CUDA graphs and sync checks need an NVIDIA GPU")
+
+# The kernel rounds where the reference does (each matmul, the activation, each product), so the two
+# differ by the order of float32 sums inside the matmuls: in 16-bit that flips a rounded intermediate by
+# one ulp now and then, which moves the output by about one ulp of its scale; two ulps of the largest
+# output bound it. float32 (no TF32) differs by sum order alone, ~hidden * 2**-24 relative.
+ULP = {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+def routing(tokens, num_experts, top_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(tokens, num_experts, generator=g).softmax(-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    return experts, weights / weights.sum(-1, keepdim=True)
+
+
+def expert_weights(num_local, hidden, inter, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    fc = torch.randn(num_local, inter, hidden, generator=g) / hidden ** 0.5
+    gate = torch.randn(num_local, inter, hidden, generator=g) / hidden ** 0.5
+    proj = torch.randn(num_local, hidden, inter, generator=g) / inter ** 0.5
+    return fc.to(dtype), gate.to(dtype), proj.to(dtype)
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,block_m",
+                         [(1, 8, 2, 0, 8, 16), (37, 8, 2, 0, 8, 16), (50, 6, 3, 2, 2, 4), (9, 4, 2, 2, 2, 64)])
+def test_align_puts_every_held_pair_once_in_blocks_of_its_expert(tokens, num_experts, top_k, first, num_local,
+                                                                 block_m):
+    experts, _ = routing(tokens, num_experts, top_k, seed=tokens)
+    sorted_pairs, block_expert = moe_align(experts, first, num_local, block_m)
+    pairs = tokens * top_k
+    flat = experts.reshape(-1)
+    held = [p for p in range(pairs) if first <= flat[p] < first + num_local]
+    real = sorted_pairs[sorted_pairs < pairs]
+    assert sorted(real.tolist()) == held  # every held pair once, no other pair
+    assert (sorted_pairs[sorted_pairs >= pairs] == pairs).all()  # the rest is padding
+    assert sorted_pairs.numel() == block_expert.numel() * block_m >= pairs + num_local * (block_m - 1)
+    for b, e in enumerate(block_expert.tolist()):
+        rows = sorted_pairs[b * block_m:(b + 1) * block_m]
+        rows = rows[rows < pairs]
+        if e < 0:
+            assert rows.numel() == 0
+        else:
+            assert (flat[rows] == first + e).all()
+    active = block_expert[block_expert >= 0]
+    assert (active.diff() >= 0).all()  # experts' runs are in order, each run one stretch of blocks
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_reference_is_the_weighted_sum_of_each_tokens_experts(act):
+    tokens, hidden, inter, top_k, first, num_local = 7, 12, 10, 2, 2, 3
+    experts, weights = routing(tokens, 6, top_k, seed=1)
+    fc, gate, proj = (w.double() for w in expert_weights(num_local, hidden, inter, seed=2))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for t in range(tokens):
+        for s in range(top_k):
+            i = int(experts[t, s]) - first
+            if 0 <= i < num_local:  # others are another rank's experts
+                h = ACTIVATIONS[act](fc[i] @ x[t]) * (gate[i] @ x[t])
+                expected[t] += weights[t, s].double() * (proj[i] @ h)
+    got = fused_moe_ref(x, fc, gate, proj, experts, weights.double(), first, act)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert expected.abs().min() == 0 and expected.abs().max() > 0.1  # some tokens dropped, others not
+
+
+def run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, act, fused_layout, seed=0):
+    experts, weights = routing(tokens, num_experts, top_k, seed)
+    fc, gate, proj = (w.to(DEVICE) for w in expert_weights(num_local, hidden, inter, seed + 1, dtype))
+    if fused_layout:  # the engine's fc_gate: fc and gate are two views of one [local, 2*inter, hidden] tensor
+        fc, gate = torch.cat([fc, gate], dim=1).chunk(2, dim=1)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(DEVICE)
+    args = (x, fc, gate, proj, experts.to(DEVICE), weights.to(dtype).to(DEVICE), first, act)
+    return fused_moe(*args), fused_moe_ref(*args)
+
+
+def assert_within_ulps(got, want, dtype):
+    scale = want.abs().max().item()
+    assert scale > 0.1  # the outputs are not all dropped
+    err = (got.float() - want.float()).abs().max().item()
+    print(f"fused_moe {dtype}: max err {err:.3g} (scale {scale:.3g})")
+    bound = 2 * ULP[dtype] * scale if dtype != torch.float32 else 1e-5 * scale
+    assert err <= bound, f"max error {err} over {bound}"
+
+
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter", [
+    (1, 8, 2, 0, 8, 64, 96),  # decode: two rows, 16-row blocks
+    (45, 8, 2, 0, 8, 80, 72),  # ragged tiles in every dim
+    (300, 6, 3, 2, 2, 64, 48),  # expert parallelism: 2 of 6 experts held, 64-row blocks
+])
+def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter):
+    got, want = run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, "silu",
+                         fused_layout=True)
+    assert_within_ulps(got, want, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_kernel_matches_reference_for_each_activation(act):
+    got, want = run_both(20, 4, 2, 0, 4, 48, 40, torch.float32, act, fused_layout=False, seed=5)
+    assert_within_ulps(got, want, torch.float32)
+
+
+@needs_gpu
+def test_kernel_makes_no_host_sync_and_replays_in_a_cuda_graph():
+    tokens, num_experts, top_k, hidden, inter, dtype = 4, 8, 2, 128, 256, torch.bfloat16
+    fc, gate, proj = (w.cuda() for w in expert_weights(num_experts, hidden, inter, 0, dtype))
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    experts, weights = (t.cuda() for t in routing(tokens, num_experts, top_k, seed=1))
+    weights = weights.to(dtype)
+    fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")  # compile outside the checks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")
+    new_experts, new_weights = routing(tokens, num_experts, top_k, seed=2)
+    experts.copy_(new_experts)
+    weights.copy_(new_weights)
+    x.copy_(torch.randn(tokens, hidden, device="cuda", dtype=dtype))
+    graph.replay()
+    assert_within_ulps(out, fused_moe_ref(x, fc, gate, proj, experts, weights, 0, "silu"), dtype)

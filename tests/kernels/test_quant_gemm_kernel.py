@@ -1,0 +1,116 @@
+"""Weight-only matmuls: the references against the formats' float math written out (CPU), the plan entry, and
+the Triton kernels (GEMV and GEMM, every int4 variant, odd shapes) against the references (GPU)."""
+
+import pytest
+import torch
+
+from kiln.kernels import quant_gemm as qg
+from kiln.kernels import triton_available
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
+from tests.quantization.reference import dequantize
+
+needs_gpu = pytest.mark.skipif(not triton_available(),
+                               reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+
+
+def ulp_bound(x: torch.Tensor, w: torch.Tensor, ulps: float) -> torch.Tensor:
+    """`ulps` units in the last place of x's dtype on sum_k |x_k| |w_k|, the size every rounding scales with."""
+    unit = torch.finfo(x.dtype).eps / 2
+    return ulps * unit * (x.double().abs() @ w.double().abs().T) + torch.finfo(x.dtype).tiny
+
+
+@pytest.mark.parametrize("group,zero_point", [(32, True), (64, False), (128, True), (128, False)])
+def test_w4a16_reference_is_the_format_math(group, zero_point):
+    g = torch.Generator().manual_seed(group + zero_point)
+    w, x = torch.randn(24, 200, generator=g), torch.randn(3, 200, generator=g)
+    packed, scale, zero = quantize_int4_groups(w, group, zero_point, torch.float32)
+    tensors = {"weight": packed, "weights_scaling_factor": scale, **({"zero_point": zero} if zero_point else {})}
+    expected = x.double() @ dequantize(tensors, group).double().T
+    # float32 throughout: the dequantized weight is exact, the matmul rounds each of its sums.
+    torch.testing.assert_close(qg.w4a16_matmul_ref(x, packed, scale, zero, group).double(), expected,
+                               rtol=0, atol=float(ulp_bound(x, dequantize(tensors, group), 200).max()))
+
+
+def test_w8a16_reference_is_the_format_math():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(24, 100, generator=g), torch.randn(3, 100, generator=g)
+    q, scale = quantize_int8_per_channel(w, torch.float32)
+    full = dequantize({"weight": q, "weights_scaling_factor": scale})
+    torch.testing.assert_close(qg.w8a16_matmul_ref(x, q, scale).double(), x.double() @ full.double().T,
+                               rtol=0, atol=float(ulp_bound(x, full, 100).max()))
+
+
+def test_plan_names_the_kernel_of_each_weight_only_algorithm():
+    assert qg.linear_plan("W4A16_AWQ")["quantized_linear"]["cuda"] == "triton_w4a16_gemv_gemm"
+    assert qg.linear_plan("W8A16")["quantized_linear"]["cuda"] == "triton_w8a16_gemv_gemm"
+    assert qg.linear_plan(None) == {}
+
+
+# Odd shapes (no multiple of any tile; short last groups); rows through the GEMV (1, 2), the GEMM (3, 37) and,
+# for int4, dequantize + cuBLAS (DEQUANT_MIN_ROWS + 3).
+SHAPES = [(77, 200), (131, 456), (96, 576), (50, 1000)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,zero_point", [(32, True), (64, False), (128, True), (128, False)])
+def test_w4a16_dequantize_kernel_is_bit_equal_to_the_reference(dtype, group, zero_point):
+    torch.manual_seed(group)
+    for n, k in SHAPES:
+        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, dtype)
+        assert torch.equal(qg.w4a16_dequantize(packed, scale, zero, group, dtype),
+                           dequantize_int4(packed, scale, zero, group, dtype)), f"[{n}, {k}]"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 37, qg.DEQUANT_MIN_ROWS + 3])
+@pytest.mark.parametrize("group,zero_point", [(32, True), (64, False), (128, True), (128, False)])
+def test_w4a16_kernel_matches_reference(dtype, rows, group, zero_point):
+    torch.manual_seed(rows * group + zero_point)
+    for n, k in SHAPES:
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, dtype)
+        ref = qg.w4a16_matmul_ref(x, packed, scale, zero, group)
+        w = dequantize_int4(packed, scale, zero, group, dtype)
+        # The reference rounds w to x's dtype (half an ulp), both round y (half each), the sums differ in order.
+        err = (qg.w4a16_matmul(x, packed, scale, zero, group).double() - ref.double()).abs()
+        assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] max error {err.max().item()}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 37])
+def test_w8a16_kernel_matches_reference(dtype, rows):
+    torch.manual_seed(rows)
+    for n, k in SHAPES:
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), dtype)
+        ref = qg.w8a16_matmul_ref(x, q, scale)
+        err = (qg.w8a16_matmul(x, q, scale).double() - ref.double()).abs()
+        assert (err <= ulp_bound(x, q.double() * scale.double()[:, None], 3)).all(), f"[{n}, {k}]"
+
+
+@needs_gpu
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quantized_linear_runs_the_kernel_on_cuda(act_order):
+    from kiln.layers.linear import ColumnLinear
+    from kiln.mapping import Mapping
+    from kiln.quantization.weight_only import Int4GroupMethod
+
+    torch.manual_seed(0)
+    layer = ColumnLinear(256, 96, bias=False, mapping=Mapping())
+    layer.set_quant_method(Int4GroupMethod(64, zero_point=True))
+    for leaf, t in layer.quant_method.quantize(torch.randn(96, 256), torch.bfloat16).items():
+        getattr(layer, leaf).data = t
+    if act_order:  # the same codes, read as act-order columns: the kernel path must permute x to match
+        packed = layer.weight.data
+        layer.set_quant_method(Int4GroupMethod(64, zero_point=True, act_order=True))
+        layer.weight.data, layer.input_permutation.data = packed, torch.randperm(256).int()
+        layer.weights_scaling_factor.data = torch.rand(96, 4, dtype=torch.bfloat16) + 0.5
+        layer.zero_point.data = torch.randint(0, 16, (96, 4)).bfloat16()
+    layer = layer.cuda()
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    w = layer.quant_method.dequantize(layer, torch.bfloat16)
+    err = (layer(x).double() - torch.nn.functional.linear(x, w).double()).abs()
+    assert (err <= ulp_bound(x, w, 3)).all()

@@ -1,0 +1,63 @@
+"""Every family's tiny transformers models, converted, match transformers: logits (float32, <= 1e-4) and 32
+greedy tokens through from_hugging_face and through convert + from_checkpoint, greedy tokens through kiln.LLM
+(KV cache, scheduler), and through two tensor-parallel worker processes. One table row per family; each
+family's cases (the structural variants it must cover) live in its own test_<family>.py."""
+
+from __future__ import annotations
+
+import pytest
+import test_gemma
+import test_gpt2
+import test_gpt_neox
+import test_mixtral
+import test_phi3
+import test_qwen
+from family_checks import (check_convert_checkpoint, check_from_hugging_face, check_runtime, check_tensor_parallel,
+                           report_max_diffs, shared_family)
+
+from kiln.models.gemma.model import GemmaForCausalLM
+from kiln.models.gpt2.model import GPT2ForCausalLM
+from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
+from kiln.models.mixtral.model import MixtralForCausalLM
+from kiln.models.phi3.model import Phi3ForCausalLM
+from kiln.models.qwen.model import QWenForCausalLM
+
+# family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
+FAMILIES = {
+    "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
+    "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),
+    "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
+    "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
+    # phi3_longrope_long compares without a KV cache only (see test_phi3)
+    "phi3": (test_phi3.CASES, Phi3ForCausalLM, test_phi3.RUNTIME_CASES, ["phi3_longrope_short"]),
+    "qwen": (test_qwen.CASES, QWenForCausalLM, list(test_qwen.CASES), ["qwen2_tied", "qwen3_moe", "qwen2_moe"]),
+}
+ALL_CASES = [(f, case) for f, (cases, *_) in FAMILIES.items() for case in cases]
+RUNTIME_CASES = [(f, case) for f, (_, _, runtime, _) in FAMILIES.items() for case in runtime]
+
+report = pytest.fixture(scope="module", autouse=True)(report_max_diffs)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return lambda name: shared_family(tmp_path_factory, FAMILIES[name][0])
+
+
+@pytest.mark.parametrize("name,case", ALL_CASES)
+def test_from_hugging_face_matches_transformers(families, name, case):
+    check_from_hugging_face(families(name), case, FAMILIES[name][1])
+
+
+@pytest.mark.parametrize("name,case", ALL_CASES)
+def test_convert_checkpoint_matches_transformers(families, name, case, tmp_path):
+    check_convert_checkpoint(families(name), case, tmp_path, FAMILIES[name][1])
+
+
+@pytest.mark.parametrize("name,case", RUNTIME_CASES)
+def test_llm_greedy_tokens_equal_transformers(families, name, case, kiln_cache):
+    check_runtime(families(name), case)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_tensor_parallel_greedy_tokens_equal_single_rank(families, name, tmp_path, kiln_cache):
+    check_tensor_parallel(families(name), FAMILIES[name][3], tmp_path)

@@ -1,0 +1,71 @@
+"""Float math written out for the weight-and-activation formats (FP8, W8A8 SmoothQuant, W4A8 AWQ), independent of
+kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per token or with the
+checkpoint's static scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a
+transformers model whose linears do exactly that, with the checkpoint's norms (SmoothQuant folds into them)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from reference import HF_LINEARS, linear_tensors, unpack
+from torch import nn
+
+E4M3_MAX, INT8_MAX = 448.0, 127.0
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest e4m3fn value (saturating at 448), returned as float64."""
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).double()
+
+
+def fake_quant_input(x: torch.Tensor, t: dict) -> torch.Tensor:
+    """x (float64 [M, K]) after the format's activation quantization, dequantized."""
+    if "prequant_scaling_factor" in t:
+        x = x * t["prequant_scaling_factor"].double()
+    if t["weight"].dtype == torch.int8:  # SmoothQuant: per-token int8
+        s = x.abs().amax(-1, keepdim=True) / INT8_MAX
+        return torch.round(x / s).clamp(-INT8_MAX, INT8_MAX) * s
+    if "activation_scaling_factor" in t:  # FP8 / W4A8: one static scale
+        s = t["activation_scaling_factor"].double()
+        return e4m3(x / s) * s
+    s = x.abs().amax(-1, keepdim=True) / E4M3_MAX  # FP8 per token
+    return e4m3(x / s) * s
+
+
+def dequantized_weight(t: dict, group: int) -> torch.Tensor:
+    w, s = t["weight"], t["weights_scaling_factor"].double()
+    if w.dtype == torch.uint8:  # int4 groups, symmetric (W4A8_AWQ here)
+        codes = unpack(w).double()
+        z = t["zero_point"].double() if "zero_point" in t else torch.full_like(s, 8.0)
+        g = torch.arange(codes.shape[1]) // group
+        return (codes - z[:, g]) * s[:, g]
+    return w.double() * s[:, None]
+
+
+class FakeQuantLinear(nn.Module):
+    def __init__(self, tensors: dict, rows: slice, group: int):
+        super().__init__()
+        self.t, self.w = tensors, dequantized_weight(tensors, group)[rows]
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).double()
+        return (fake_quant_input(flat, self.t) @ self.w.T).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def fake_quant_hf(hf_model, ckpt: dict, config):
+    model = copy.deepcopy(hf_model)
+    q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            prefix = f"transformer.layers.{i}."
+            layer.input_layernorm.weight.copy_(ckpt[prefix + "input_layernorm.weight"])
+            layer.post_attention_layernorm.weight.copy_(ckpt[prefix + "post_layernorm.weight"])
+            for kiln_name, hf_names in HF_LINEARS.items():
+                t = linear_tensors(ckpt, prefix + kiln_name)
+                bounds = [0, q, q + kv, q + 2 * kv] if len(hf_names) == 3 else [0, None]
+                for j, hf_name in enumerate(hf_names):
+                    parent, _, leaf = hf_name.rpartition(".")
+                    linear = FakeQuantLinear(t, slice(bounds[j], bounds[j + 1]), config.quantization.group_size)
+                    setattr(layer.get_submodule(parent), leaf, linear)
+    return model

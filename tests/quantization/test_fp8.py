@@ -1,0 +1,137 @@
+"""FP8 and FP8_PER_CHANNEL_PER_TOKEN: the e4m3 format math against float math written out, quantize -> checkpoint ->
+from_checkpoint -> build -> run against transformers with fake-quantized linears (act_reference.py), TP=2 shards,
+and the errors (no FP8 GPU, unknown algorithm)."""
+
+import pytest
+import torch
+from act_reference import e4m3, fake_quant_hf
+from conftest import hf_greedy
+from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+import kiln
+from kiln.builder import engine_weights
+from kiln.config import QuantConfig
+from kiln.errors import ConfigError
+from kiln.mapping import Mapping
+from kiln.models.base import PretrainedModel
+from kiln.quantization import fp8
+
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+# e4m3: 3 mantissa bits, so round-to-nearest is within 2^-4 of |w| for normal values; below 2^-6 (subnormals,
+# spacing 2^-9) within 2^-10, in units of the scale.
+E4M3_REL, E4M3_SUBNORMAL_ABS = 2.0 ** -4, 2.0 ** -10
+
+
+@pytest.fixture(scope="module")
+def quantized(quant_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8")
+    return {a: PretrainedModel.quantize(quant_llama[0], out / a, QuantConfig(quant_algo=a), calib_size=4,
+                                        calib_max_seq_len=64) for a in ALGOS}
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_codes_round_to_nearest_e4m3_and_dequantize_exactly(per_channel):
+    w = torch.randn(48, 80) * torch.logspace(-3, 0, 80)  # columns over three decades: subnormals too
+    q, s = fp8.quantize_fp8_weight(w, torch.bfloat16, per_channel)
+    amax = w.abs().amax(1) if per_channel else w.abs().amax().expand(48)
+    assert torch.equal(s, (amax / 448).to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(q.double(), e4m3(w / s.float()[:, None]))
+    deq = q.double() * s.double()[:, None]
+    assert torch.equal(fp8.dequantize_fp8(q, s, torch.float32).double(), deq)  # exact: the quantizer's reconstruction
+    bound = torch.maximum(E4M3_REL * w.double().abs(), E4M3_SUBNORMAL_ABS * s.double()[:, None])
+    assert ((deq - w.double()).abs() <= bound * (1 + 2 ** -7)).all()  # (bf16 scale rounding: the 2^-7)
+
+
+def test_per_token_and_static_activation_quantization():
+    x = torch.randn(6, 64) * 3
+    xq, s = fp8.quantize_fp8_per_token(x)
+    assert torch.equal(s, x.abs().amax(1, keepdim=True) / 448)
+    assert torch.equal(xq.double(), e4m3(x / s)) and (xq.float().abs().amax(1) == 448).all()
+    xq, s = fp8.quantize_fp8_static(x * 10, torch.tensor([0.01]))  # beyond the range: saturates, no NaN
+    assert s.shape == (6, 1) and torch.equal(xq.double(), e4m3(x * 10 / 0.01)) and not xq.float().isnan().any()
+
+
+def test_emulated_gemm_equals_float64_math_on_the_codes():
+    xq, xs = fp8.quantize_fp8_per_token(torch.randn(5, 256))
+    wq, ws = fp8.quantize_fp8_weight(torch.randn(40, 256), torch.float32, True)
+    y = fp8.fp8_gemm(xq, xs, wq, ws, torch.float32)
+    ref = (xq.double() @ wq.double().T) * xs.double() * ws.double()[None, :]
+    terms = (xq.double().abs() @ wq.double().abs().T) * xs.double() * ws.double()[None, :]
+    # products of two e4m3 values are exact in float32; only the float32 sum and the output rounding differ
+    assert ((y.double() - ref).abs() <= 256 * 2.0 ** -24 * terms + 2.0 ** -24 * ref.abs()).all()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_logits_equal_transformers_with_fake_quantized_linears(quant_llama, quantized, algo):
+    hf = quant_llama[1]
+    ckpt = load_file(quantized[algo] / "rank0.safetensors")
+    model = PretrainedModel.from_checkpoint(quantized[algo])
+    with torch.no_grad():
+        ours, ref, full = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
+    # float32 model: kiln sums e4m3 products in float32, the reference in float64; an activation that lands
+    # on a rounding tie could flip one e4m3 step, which no input here does (the bound is float32's).
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - full).abs().max() > 1e-3  # the comparison would see a model that was not quantized
+
+
+def test_checkpoint_tensors(quant_llama, quantized):
+    ckpt = load_file(quantized["FP8"] / "rank0.safetensors")
+    t = linear_tensors(ckpt, "transformer.layers.1.attention.qkv")
+    assert t["weight"].dtype == torch.float8_e4m3fn and t["weights_scaling_factor"].shape == (t["weight"].shape[0],)
+    assert t["weights_scaling_factor"].unique().numel() == 1  # per-tensor: the fused QKV is one tensor
+    assert t["activation_scaling_factor"].shape == (1,)
+    fc, gate = (linear_tensors(ckpt, f"transformer.layers.1.mlp.{m}") for m in ("fc", "gate"))
+    assert torch.equal(fc["activation_scaling_factor"], gate["activation_scaling_factor"])  # one input
+    pc = load_file(quantized["FP8_PER_CHANNEL_PER_TOKEN"] / "rank0.safetensors")
+    t = linear_tensors(pc, "transformer.layers.1.mlp.proj")
+    assert set(t) == {"weight", "weights_scaling_factor"}
+    w = quant_llama[1].model.layers[1].mlp.down_proj.weight.detach()
+    assert torch.equal(t["weights_scaling_factor"], w.abs().amax(1) / 448)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, quantized, algo, tmp_path):
+    model = PretrainedModel.from_checkpoint(quantized[algo])
+    fused = dict(engine_weights(model))
+    assert fused["transformer.layers.0.mlp.fc_gate.weights_scaling_factor"].shape == (512,)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
+    prompt = [1, 17, 5, 99, 42]
+    ref = fake_quant_hf(quant_llama[1], load_file(quantized[algo] / "rank0.safetensors"), model.config)
+    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
+        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+
+
+def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", QuantConfig(quant_algo="FP8"), Mapping.of(2),
+                                   calib_size=4, calib_max_seq_len=64)
+    full = load_file(quantized["FP8"] / "rank0.safetensors")
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in range(2)]
+    layer = "transformer.layers.1."
+    for leaf in ("weight", "weights_scaling_factor"):  # column: output rows
+        name = layer + "mlp.fc." + leaf
+        assert torch.equal(torch.cat([r[name] for r in ranks]).float(), full[name].float())
+    proj = layer + "mlp.proj."
+    assert torch.equal(torch.cat([r[proj + "weight"] for r in ranks], 1).float(), full[proj + "weight"].float())
+    for name in (proj + "weights_scaling_factor", proj + "activation_scaling_factor",
+                 layer + "attention.qkv.activation_scaling_factor"):  # row output scales and per-tensor: whole
+        assert all(torch.equal(r[name], full[name]) for r in ranks)
+    model = PretrainedModel.from_checkpoint(out, rank=1)
+    for name in model.weight_specs():
+        assert torch.equal(ranks[1][name].float(), model.shard_rule(name)(full[name], model.mapping).float()), name
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_names_the_capability():
+    fp8.check_fp8_capability((9, 0))
+    fp8.check_fp8_capability((8, 9))
+    with pytest.raises(ConfigError, match=r"compute capability sm_89 or newer.*this GPU is sm_80"):
+        fp8.check_fp8_capability((8, 0))
+
+
+def test_unknown_or_unimplemented_algorithm_lists_the_valid_ones(quant_llama, tmp_path):
+    with pytest.raises(ConfigError, match=r"quant_algo must be one of \[.*'FP8_PER_CHANNEL_PER_TOKEN'"):
+        QuantConfig(quant_algo="FP16")
+    with pytest.raises(ConfigError, match=r"W4A16_GPTQ is not implemented yet.*'W8A8_SQ_PER_CHANNEL'.*'FP8'"):
+        PretrainedModel.quantize(quant_llama[0], tmp_path / "q", QuantConfig(quant_algo="W4A16_GPTQ"))

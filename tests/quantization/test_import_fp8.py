@@ -1,0 +1,145 @@
+"""FP8 checkpoints of the Hugging Face ecosystem (quant_method "fp8" per-tensor static / dynamic and block-wise,
+compressed-tensors float8 per-tensor / per-channel) import into kiln's FP8 formats. The tests write those
+checkpoints themselves, in the published layouts, with the e4m3 quantization written out here."""
+
+import json
+
+import pytest
+import torch
+from act_reference import e4m3, fake_quant_hf
+from reference import QUANT_LLAMA
+from safetensors.torch import load_file, save_file
+
+from kiln.checkpoint.convert import convert_checkpoint
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.base import PretrainedModel
+
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+BLOCK = 32
+FP8 = {"quant_method": "fp8", "activation_scheme": "static"}
+CT = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+      "config_groups": {"group_0": {"targets": ["Linear"],
+                                    "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
+                                                "symmetric": True, "dynamic": False},
+                                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                                          "dynamic": True, "symmetric": True}}}}
+
+
+def fp8_tensors(w: torch.Tensor, layout: str) -> dict:
+    """One linear's weight [out, in] in the source layout: codes and the scale(s) they multiply."""
+    w = w.float()
+    if layout == "block":  # one multiplier per BLOCK x BLOCK block ("weight_scale_inv")
+        out, inp = w.shape
+        blocks = w.reshape(out // BLOCK, BLOCK, inp // BLOCK, BLOCK).abs().amax((1, 3))
+        s = blocks / 448
+        full = s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+        return {"weight": e4m3(w / full).to(torch.float8_e4m3fn), "weight_scale_inv": s}
+    s = w.abs().amax(1, keepdim=True) / 448 if layout == "channel" else w.abs().amax() / 448
+    codes = e4m3(w / s).to(torch.float8_e4m3fn)
+    return {"weight": codes, "weight_scale": s.reshape([1] if layout == "tensor1" else list(s.shape))}
+
+
+def write_fp8_checkpoint(hf_model, out_dir, quantization_config: dict, layout: str, drop: str | None = None):
+    """Save hf_model with every decoder linear in FP8 (input_scale per linear when static); `drop` omits the
+    tensors whose name ends with it. Returns {hf linear name: its source tensors}."""
+    out_dir.mkdir(parents=True)
+    tensors, sources = {}, {}
+    for n, (name, p) in enumerate(hf_model.state_dict().items()):
+        proj = name[: -len(".weight")]
+        if not (proj.startswith("model.layers.") and proj.endswith("_proj") and name.endswith(".weight")):
+            tensors[name] = p.contiguous()
+            continue
+        t = fp8_tensors(p, layout)
+        t["input_scale"] = torch.tensor(0.01 + 0.001 * n)  # distinct per linear: q, k, v differ
+        sources[proj] = t
+        tensors.update({f"{proj}.{leaf}": v for leaf, v in t.items()})
+    tensors = {k: v.contiguous() for k, v in tensors.items() if drop is None or not k.endswith(drop)}
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    config = hf_model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return sources
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    from conftest import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("fp8src") / "hf", **QUANT_LLAMA)
+
+
+def _import(hf_model, tmp_path, config, layout):
+    sources = write_fp8_checkpoint(hf_model, tmp_path / "src", config, layout)
+    out = convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+    return sources, load_file(out / "rank0.safetensors"), PretrainedModel.from_checkpoint(out)
+
+
+def _rows(t: dict, out: int) -> torch.Tensor:
+    return t["weight_scale"].float().reshape(-1).expand(out)
+
+
+@pytest.mark.parametrize("config,layout,algo", [
+    (FP8, "tensor0", "FP8"),
+    ({**FP8, "activation_scheme": "dynamic"}, "tensor0", "FP8_PER_CHANNEL_PER_TOKEN"),
+    (CT, "channel", "FP8_PER_CHANNEL_PER_TOKEN"),
+    ({**CT, "config_groups": {"g": {**CT["config_groups"]["group_0"],
+                                    "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+                                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                          "dynamic": False}}}}, "tensor1", "FP8"),
+], ids=["fp8-static", "fp8-dynamic", "ct-channel-token", "ct-tensor-static"])
+def test_codes_and_scales_carry_over_exactly_and_the_model_runs(hf_model, tmp_path, config, layout, algo):
+    sources, ckpt, model = _import(hf_model, tmp_path, config, layout)
+    assert model.config.quantization.quant_algo.value == algo
+    q, k, v = (sources[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
+    qkv = "transformer.layers.1.attention.qkv."
+    assert torch.equal(ckpt[qkv + "weight"].view(torch.uint8),
+                       torch.cat([t["weight"] for t in (q, k, v)]).view(torch.uint8))
+    assert torch.equal(ckpt[qkv + "weights_scaling_factor"],
+                       torch.cat([_rows(t, t["weight"].shape[0]) for t in (q, k, v)]))
+    if algo == "FP8":  # one input, one scale: the largest of q, k and v's
+        assert ckpt[qkv + "activation_scaling_factor"].item() == max(t["input_scale"].item() for t in (q, k, v))
+    else:
+        assert qkv + "activation_scaling_factor" not in ckpt
+    with torch.no_grad():
+        ours, ref = model(IDS), fake_quant_hf(hf_model, ckpt, model.config)(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_block_scales_are_requantized_per_channel_within_one_e4m3_step(hf_model, tmp_path):
+    sources, ckpt, model = _import(hf_model, tmp_path, {**FP8, "activation_scheme": "dynamic",
+                                                        "weight_block_size": [BLOCK, BLOCK]}, "block")
+    assert model.config.quantization.quant_algo.value == "FP8_PER_CHANNEL_PER_TOKEN"
+    t = sources["model.layers.0.mlp.down_proj"]
+    s = t["weight_scale_inv"].repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    source_w = t["weight"].float() * s  # dequantized in float32, then re-quantized per output row
+    row_scale = ckpt["transformer.layers.0.mlp.proj.weights_scaling_factor"]
+    assert torch.equal(row_scale, source_w.abs().amax(1) / 448)
+    source_w, row_scale = source_w.double(), row_scale.double()
+    ours = ckpt["transformer.layers.0.mlp.proj.weight"].double() * row_scale[:, None]
+    bound = torch.maximum(2.0 ** -4 * source_w.abs(), 2.0 ** -10 * row_scale[:, None])
+    assert ((ours - source_w).abs() <= bound).all()
+    with torch.no_grad():
+        assert (model(IDS) - fake_quant_hf(hf_model, ckpt, model.config)(IDS).logits).abs().max() <= 1e-3
+
+
+def test_checkpoint_without_scales_is_refused_naming_them(hf_model, tmp_path):
+    write_fp8_checkpoint(hf_model, tmp_path / "src", FP8, "tensor0", drop=".weight_scale")
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\).*model\.layers\.0\.self_attn\.q_proj\.weight_scale"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+    write_fp8_checkpoint(hf_model, tmp_path / "src2", FP8, "tensor0", drop=".input_scale")
+    with pytest.raises(CheckpointError, match=r"input_scale"):
+        convert_checkpoint(tmp_path / "src2", tmp_path / "ckpt2")
+
+
+@pytest.mark.parametrize("config,message", [
+    ({**CT, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                                    "input_activations": None}}}, r"weights: this kiln imports float 8-bit"),
+    ({**CT, "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, r"kept unquantized.*down_proj"),
+    ({**FP8, "weight_block_size": [BLOCK, BLOCK]}, r"block-wise FP8 .* dynamic activations"),
+    ({"quant_method": "bitsandbytes"}, (r"'bitsandbytes' cannot be imported; this kiln imports "
+                                       r"\['awq', 'gptq', 'fp8', 'compressed-tensors'\]")),
+])
+def test_unsupported_fp8_configs_are_refused(hf_model, tmp_path, config, message):
+    write_fp8_checkpoint(hf_model, tmp_path / "src", config, "tensor0")
+    with pytest.raises(ConfigError, match=message):
+        convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")

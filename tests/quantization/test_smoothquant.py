@@ -1,0 +1,115 @@
+"""W8A8_SQ_PER_CHANNEL (SmoothQuant): the smoothing scales and the per-token int8 GEMM against float math written
+out, quantize -> checkpoint -> build -> run against transformers with fake-quantized linears, TP=2 shards, and the
+migration strength's validation and effect."""
+
+import pytest
+import torch
+from act_reference import fake_quant_hf
+from conftest import hf_greedy
+from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+import kiln
+import kiln.cli
+from kiln.checkpoint.convert import load_source_model
+from kiln.config import QuantConfig
+from kiln.errors import ConfigError
+from kiln.mapping import Mapping
+from kiln.models.base import PretrainedModel
+from kiln.quantization import act_stats, calibration, smoothquant, w8a8
+
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+SQ = QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL")
+
+
+@pytest.fixture(scope="module")
+def sq_ckpt(quant_llama, tmp_path_factory):
+    return PretrainedModel.quantize(quant_llama[0], tmp_path_factory.mktemp("sq") / "q", SQ, calib_size=4,
+                                    calib_max_seq_len=64)
+
+
+def test_smoothing_scale_is_the_papers_formula():
+    act = torch.rand(32) * 10
+    w1, w2 = torch.randn(16, 32), torch.randn(8, 32) * 3
+    for alpha in (0.0, 0.5, 0.85):
+        s = smoothquant.smoothing_scale(act, [w1, w2], alpha)
+        w_max = torch.maximum(w1.abs().amax(0), w2.abs().amax(0))
+        assert torch.allclose(s, act ** alpha / w_max ** (1 - alpha), rtol=1e-6)
+
+
+def test_per_token_int8_and_emulated_gemm_equal_integer_math():
+    x = torch.randn(7, 96) * torch.linspace(0.1, 5, 96)
+    xq, s = w8a8.quantize_int8_per_token(x)
+    assert torch.equal(s, x.abs().amax(1, keepdim=True) / 127)
+    assert torch.equal(xq, torch.round(x / s).clamp(-127, 127).to(torch.int8))
+    wq = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
+    ws = torch.rand(24) + 0.5
+    y = w8a8.int8_gemm(xq, s, wq, ws, torch.float32)
+    exact = (xq.long() @ wq.long().T).double()  # integer accumulation, as _int_mm does
+    ref = exact * s.double() * ws.double()[None, :]
+    assert ((y.double() - ref).abs() <= 2.0 ** -22 * ref.abs() + 1e-12).all()  # |acc| < 2^24: exact, then 3 roundings
+
+
+def test_logits_equal_transformers_with_fake_quantized_linears(quant_llama, sq_ckpt):
+    hf = quant_llama[1]
+    ckpt = load_file(sq_ckpt / "rank0.safetensors")
+    model = PretrainedModel.from_checkpoint(sq_ckpt)
+    with torch.no_grad():
+        ours, ref, full = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - full).abs().max() > 1e-3
+
+
+def test_smoothing_folds_into_norms_and_prequant_on_row_layers(quant_llama, sq_ckpt):
+    hf_dir, hf = quant_llama
+    ckpt = load_file(sq_ckpt / "rank0.safetensors")
+    prequant = sorted(k.split(".", 3)[-1] for k in ckpt if k.endswith("prequant_scaling_factor"))
+    assert prequant == ["attention.dense.prequant_scaling_factor"] * 2 + ["mlp.proj.prequant_scaling_factor"] * 2
+    # The folded norm is the source norm / s, with s from the calibrated max |x| and the weights written out.
+    src = load_source_model(hf_dir, "auto", Mapping())
+    tokens = calibration.token_batches(calibration.read_texts(None), calibration.source_tokenizer(src),
+                                       src.config.vocab_size, 4, 64)
+    absmax = act_stats.calibrate_absmax(src, tokens, SQ, "cpu")["transformer.layers.1.mlp.fc"]
+    layer = hf.model.layers[1]
+    w_max = torch.maximum(layer.mlp.gate_proj.weight.abs().amax(0), layer.mlp.up_proj.weight.abs().amax(0))
+    s = (absmax.clamp(min=1e-5) ** 0.5 / w_max.detach().clamp(min=1e-5) ** 0.5)
+    assert torch.allclose(ckpt["transformer.layers.1.post_layernorm.weight"],
+                          layer.post_attention_layernorm.weight.detach() / s, rtol=1e-6)
+    q, scale = w8a8.quantize_int8_per_channel(layer.mlp.gate_proj.weight.detach() * s, torch.float32)
+    t = linear_tensors(ckpt, "transformer.layers.1.mlp.fc")
+    assert torch.equal(t["weight"], q) and torch.equal(t["weights_scaling_factor"], scale)
+
+
+def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, sq_ckpt, tmp_path):
+    model = PretrainedModel.from_checkpoint(sq_ckpt)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
+    prompt = [1, 17, 5, 99, 42]
+    ref = fake_quant_hf(quant_llama[1], load_file(sq_ckpt / "rank0.safetensors"), model.config)
+    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
+        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+
+
+def test_tp2_rank_files_reassemble_to_tp1(quant_llama, sq_ckpt, tmp_path):
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", SQ, Mapping.of(2), calib_size=4,
+                                   calib_max_seq_len=64)
+    full = load_file(sq_ckpt / "rank0.safetensors")
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in range(2)]
+    proj = "transformer.layers.1.mlp.proj."
+    assert torch.equal(torch.cat([r[proj + "weight"] for r in ranks], 1), full[proj + "weight"])
+    assert torch.equal(torch.cat([r[proj + "prequant_scaling_factor"] for r in ranks]), full[proj + "prequant_scaling_factor"])
+    assert all(torch.equal(r[proj + "weights_scaling_factor"], full[proj + "weights_scaling_factor"]) for r in ranks)
+    model = PretrainedModel.from_checkpoint(out, rank=1)
+    for name in model.weight_specs():
+        assert torch.equal(ranks[1][name], model.shard_rule(name)(full[name], model.mapping)), name
+
+
+def test_alpha_is_validated_and_recorded(quant_llama, tmp_path):
+    with pytest.raises(ConfigError, match=r"smoothquant_alpha must be a number in \[0, 1\], got 1.5"):
+        QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL", smoothquant_alpha=1.5)
+    qc = QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL", smoothquant_alpha=0.8)
+    assert QuantConfig.from_dict(qc.to_dict()) == qc
+    assert kiln.cli.main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
+                          "--quant-algo", "W8A8_SQ_PER_CHANNEL", "--smoothquant-alpha", "0.8",
+                          "--calib-size", "2", "--calib-max-seq-len", "32"]) == 0
+    assert PretrainedModel.from_checkpoint(tmp_path / "q").config.quantization.smoothquant_alpha == 0.8

@@ -1,0 +1,67 @@
+"""W4A8_AWQ: int4 AWQ weights with static FP8 activations; quantize -> checkpoint -> build -> run against transformers
+with fake-quantized linears (act_reference.py), the activation scale against the calibration written out, TP=2."""
+
+import pytest
+import torch
+from act_reference import fake_quant_hf
+from conftest import hf_greedy
+from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+import kiln
+from kiln.checkpoint.convert import load_source_model
+from kiln.config import QuantConfig
+from kiln.mapping import Mapping
+from kiln.models.base import PretrainedModel
+from kiln.quantization import awq, calibration
+from kiln.quantization.act_stats import calibrate_absmax
+
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+W4A8 = QuantConfig(quant_algo="W4A8_AWQ", group_size=64)
+
+
+@pytest.fixture(scope="module")
+def w4a8_ckpt(quant_llama, tmp_path_factory):
+    return PretrainedModel.quantize(quant_llama[0], tmp_path_factory.mktemp("w4a8") / "q", W4A8, calib_size=4,
+                                    calib_max_seq_len=64)
+
+
+def test_logits_equal_transformers_with_fake_quantized_linears(quant_llama, w4a8_ckpt):
+    hf = quant_llama[1]
+    ckpt = load_file(w4a8_ckpt / "rank0.safetensors")
+    model = PretrainedModel.from_checkpoint(w4a8_ckpt)
+    with torch.no_grad():
+        ours, ref, full = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - full).abs().max() > 1e-3
+
+
+def test_activation_scale_is_max_of_the_smoothed_input_over_448(quant_llama, w4a8_ckpt):
+    src = load_source_model(quant_llama[0], "auto", Mapping())
+    tokens = calibration.token_batches(calibration.read_texts(None), calibration.source_tokenizer(src),
+                                       src.config.vocab_size, 4, 64)
+    absmax = calibrate_absmax(src, tokens, W4A8, "cpu")
+    scales, _, _ = awq.calibrate(src, tokens, W4A8, "cpu")
+    ckpt = load_file(w4a8_ckpt / "rank0.safetensors")
+    for name in ("transformer.layers.0.attention.qkv", "transformer.layers.1.mlp.proj"):
+        t = linear_tensors(ckpt, name)
+        expected = (absmax[name] / scales[name]).max() / 448
+        assert torch.allclose(t["activation_scaling_factor"], expected.reshape(1), rtol=1e-6), name
+        assert t["weight"].dtype == torch.uint8
+
+
+def test_build_run_and_tp2_shards(quant_llama, w4a8_ckpt, tmp_path):
+    model = PretrainedModel.from_checkpoint(w4a8_ckpt)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
+    prompt = [1, 17, 5, 99, 42]
+    ref = fake_quant_hf(quant_llama[1], load_file(w4a8_ckpt / "rank0.safetensors"), model.config)
+    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
+        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+    tp2 = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", W4A8, Mapping.of(2), calib_size=4,
+                                   calib_max_seq_len=64)
+    full = load_file(w4a8_ckpt / "rank0.safetensors")
+    rank1 = load_file(tp2 / "rank1.safetensors")
+    model = PretrainedModel.from_checkpoint(tp2, rank=1)
+    for name in model.weight_specs():
+        assert torch.equal(rank1[name], model.shard_rule(name)(full[name], model.mapping)), name
