@@ -73,7 +73,8 @@ def _build_config(args):
     from kiln.config import BuildConfig
 
     return BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
-                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens)
+                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                       decode_steps_per_sync=args.decode_steps_per_sync)
 
 
 def cmd_build(args) -> None:
@@ -198,6 +199,9 @@ def _add_build_flags(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
+    p.add_argument("--decode-steps-per-sync", type=int, default=4,
+                   help="greedy decode steps run back to back on the GPU before the host reads their tokens "
+                        "(1: token by token)")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -90,6 +90,29 @@ def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding
     return out
 
 
+def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
+                                sliding_window=None, kv_scale=None, max_query_len=None):
+    """Prompts that continue a cached prefix (or an earlier chunk): sequence b's new queries
+    q[cu[b]:cu[b+1]] sit at positions context_lens[b] onwards and attend causally over its cached keys,
+    their own included (already written to the cache). max_query_len (the longest one's new tokens) sizes
+    the kernel's grid; the reference does not need it."""
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for b, (start, end, ctx) in enumerate(zip(bounds[:-1], bounds[1:], context_lens.tolist())):
+        total = ctx + end - start
+        pages = block_tables[b, :math.ceil(total / block_size)].long()
+        k = _read(gather_rows(k_cache, pages).flatten(0, 1)[:total], kv_scale, 0)
+        v = _read(gather_rows(v_cache, pages).flatten(0, 1)[:total], kv_scale, 1)
+        q_pos = torch.arange(ctx, total, device=q.device)[:, None]
+        k_pos = torch.arange(total, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= q_pos - k_pos < sliding_window
+        out[start:end] = _attend_ref(q[start:end], k, v, scale, mask)
+    return out
+
+
 # ---------------------------------------------------------------- Triton launchers (CUDA)
 
 @functools.cache
@@ -151,6 +174,26 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         IEEE=q.dtype == torch.float32,
+        BLOCK_D=block_d, **cfg)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
+                            sliding_window=None, kv_scale=None, max_query_len=None):
+    """Triton version of `paged_prefill_attention_ref`, same arguments and result. CUDA tensors.
+    max_query_len (the longest sequence's new tokens) sizes the grid; without it, q's length does."""
+    tokens, heads, head_size = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    out = torch.empty_like(q)
+    block_d = max(16, triton.next_power_of_2(head_size))
+    cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    grid = (triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, kv_scale, out, cu_seqlens, context_lens, block_tables, q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
+        scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, PAGE=block_size,
+        HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, IEEE=q.dtype == torch.float32,
         BLOCK_D=block_d, **cfg)
     return out
 
@@ -294,5 +337,55 @@ if triton is not None:
             m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
                                       window, n, True, HAS_WINDOW, IEEE, BLOCK_N)
         out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]  # l is 0 only on padding rows past n
+        tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows < n)[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
+                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
+                              scale_log2, window, group, head_size,
+                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+        """FlashAttention-2 for new queries over a paged cache: keys are found through the block table."""
+        tile, seq, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        start = tl.load(cu_ptr + seq)
+        n = tl.load(cu_ptr + seq + 1) - start
+        start = start.to(tl.int64)
+        if tile * BLOCK_M >= n:
+            return
+        ctx = tl.load(ctx_ptr + seq)
+        kvh = h // group
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_pos = ctx + rows
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_size
+        q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
+                    mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
+        qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
+        m = tl.full([BLOCK_M], -1e30, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum(ctx + tile * BLOCK_M + BLOCK_M, ctx + n)  # causal: no key after the tile's last query
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        for kstart in range(lo, hi, BLOCK_N):
+            t = kstart + tl.arange(0, BLOCK_N)
+            ok = t < hi
+            page = tl.load(bt_ptr + seq * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
+            kv_mask = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + page[:, None] * k_sblk + (t % PAGE)[:, None] * k_stok + kvh * k_sh + d[None, :],
+                        mask=kv_mask, other=0.0).to(q.dtype)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            keep = (t[None, :] <= q_pos[:, None]) & ok[None, :]
+            if HAS_WINDOW:
+                keep = keep & (q_pos[:, None] - t[None, :] < window)
+            s = tl.where(keep, s, float("-inf"))
+            v = tl.load(v_ptr + page[:, None] * v_sblk + (t % PAGE)[:, None] * v_stok + kvh * v_sh + d[None, :],
+                        mask=kv_mask, other=0.0).to(q.dtype)
+            m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
+        out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]
         tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(rows < n)[:, None] & d_ok[None, :])

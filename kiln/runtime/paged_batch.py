@@ -21,6 +21,7 @@ import torch
 
 from kiln.kernels import triton_available
 from kiln.kernels.paged_attention import (gather_rows, paged_decode_attention, paged_decode_attention_ref,
+                                          paged_prefill_attention, paged_prefill_attention_ref,
                                           varlen_prefill_attention, varlen_prefill_attention_ref)
 from kiln.quantization.kv_cache import dequantize, quantize
 from kiln.runtime.kv_cache import PagedKVCache
@@ -61,6 +62,7 @@ class PagedAttentionBatch:
         fast = q.is_cuda and triton_available()
         decode = paged_decode_attention if fast else paged_decode_attention_ref
         prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
+        continuing = paged_prefill_attention if fast else paged_prefill_attention_ref
         if self.decode_only:
             return decode(q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window,
                           kv_scale)
@@ -68,7 +70,7 @@ class PagedAttentionBatch:
             return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window,
                            kv_scale)
         # A mixed step (new requests joining running ones): one call for all the decode tokens, one for all
-        # the fresh prompts, and per sequence only for prompts that continue a cached prefix or chunk.
+        # the fresh prompts, one for the prompts that continue a cached prefix or an earlier chunk.
         p = self._parts
         out = torch.empty_like(q)
         if p.decode_seqs.numel():
@@ -79,8 +81,10 @@ class PagedAttentionBatch:
             t = p.fresh_tokens
             out[t] = prefill(q[t], gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max, layer.scale,
                              layer.sliding_window, kv_scale)
-        if p.other_seqs:
-            out = self._attend_each(layer, q, k_flat, v_flat, p.other_seqs, out)
+        if p.other_tokens.numel():  # prompts continuing a cached prefix: one call over the paged cache
+            t = p.other_tokens
+            out[t] = continuing(q[t], k_cache, v_cache, self.block_tables[p.other_seqs], p.other_cu, p.other_ctx,
+                                layer.scale, layer.sliding_window, kv_scale, p.other_max)
         return out
 
     @cached_property
@@ -96,15 +100,21 @@ class PagedAttentionBatch:
         fresh_cu = [0]
         for i in fresh:
             fresh_cu.append(fresh_cu[-1] + self.query_lens[i])
+        other = [i for i, (n, c) in pairs if n > 1 and c > 0]
+        other_cu = [0]
+        for i in other:
+            other_cu.append(other_cu[-1] + self.query_lens[i])
         device = self.slot_mapping.device
         as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
         return _StepParts(as_tensor(decode), as_tensor([starts[i] for i in decode]), as_tensor(fresh_tokens),
                           as_tensor(fresh_cu, torch.int32), max((self.query_lens[i] for i in fresh), default=0),
-                          [i for i, (n, c) in pairs if n > 1 and c > 0])
+                          as_tensor(other), as_tensor([t for i in other for t in range(starts[i], starts[i + 1])]),
+                          as_tensor(other_cu, torch.int32), as_tensor([self.context_lens[i] for i in other], torch.int32),
+                          max((self.query_lens[i] for i in other), default=0))
 
-    def _attend_each(self, layer, q, k_flat, v_flat, seqs, out=None) -> torch.Tensor:
-        """Per sequence: gather its keys and values from the cache and attend densely (the general path)."""
-        out = torch.empty_like(q) if out is None else out
+    def _attend_each(self, layer, q, k_flat, v_flat, seqs) -> torch.Tensor:
+        """Per sequence: gather its keys and values from the cache and attend densely (soft-capped scores)."""
+        out = torch.empty_like(q)
         block_size = self.kv.block_size
         offsets = torch.arange(block_size, device=q.device)
         starts = [0]
@@ -136,4 +146,8 @@ class _StepParts:
     fresh_tokens: torch.Tensor  # tokens of prompts with nothing cached yet
     fresh_cu: torch.Tensor  # their cu_seqlens
     fresh_max: int
-    other_seqs: list[int]  # prompts continuing a cached prefix or an earlier chunk
+    other_seqs: torch.Tensor  # prompts continuing a cached prefix or an earlier chunk
+    other_tokens: torch.Tensor  # their new tokens in the flat stream
+    other_cu: torch.Tensor  # and those tokens' cu_seqlens
+    other_ctx: torch.Tensor  # tokens each has cached before this step
+    other_max: int  # the longest one's new tokens

@@ -5,6 +5,7 @@ scaled_dot_product_attention on unpaged, per-sequence tensors); on the GPU the T
 checked against the references.
 """
 
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from kiln.kernels import triton_available
 from kiln.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
+                                          paged_prefill_attention, paged_prefill_attention_ref,
                                           varlen_prefill_attention, varlen_prefill_attention_ref)
 
 needs_gpu = pytest.mark.skipif(not triton_available(),
@@ -198,4 +200,50 @@ def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtyp
     got = varlen_prefill_attention(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
     want = varlen_prefill_attention_ref(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
     print(f"varlen_prefill {code_dtype} codes, {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def make_continuing_case(cached, new, heads, kv_heads, d, block_size, dtype=torch.float32, seed=0):
+    """Sequences with `cached` tokens in the cache and `new` more (also in the cache, as the runtime writes
+    them before attending), and the new tokens' queries packed back to back."""
+    totals = [c + n for c, n in zip(cached, new)]
+    _, k_cache, v_cache, tables, _, dense_k, dense_v = make_decode_case(totals, heads, kv_heads, d, block_size,
+                                                                        dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(new), heads, d, generator=g).to(dtype)
+    cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32)
+    return q, k_cache, v_cache, tables, cu, torch.tensor(cached, dtype=torch.int32), dense_k, dense_v
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("window", [None, 6])
+def test_continuing_prefill_reference_is_causal_attention_at_its_offset(heads, kv_heads, window):
+    cached, new = [0, 9, 32, 5], [3, 7, 1, 20]
+    q, k_cache, v_cache, tables, cu, ctx, dense_k, dense_v = make_continuing_case(cached, new, heads, kv_heads, 16, 8)
+    got = paged_prefill_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 0.25, window)
+    for b, (c, n) in enumerate(zip(cached, new)):
+        q_pos, k_pos = torch.arange(c, c + n)[:, None], torch.arange(c + n)[None, :]
+        mask = (k_pos <= q_pos) & (True if window is None else q_pos - k_pos < window)
+        want = sdpa(q[cu[b]:cu[b + 1]], dense_k[b], dense_v[b], 0.25, mask)
+        torch.testing.assert_close(got[cu[b]:cu[b + 1]], want, rtol=1e-5, atol=1e-5)
+
+
+CONTINUING_CASES = [  # cached, new, heads, kv_heads, head_size, block_size, window
+    ([1024, 1024, 1000], [32, 5, 77], 32, 8, 128, 32, None),
+    ([0, 17, 64], [64, 130, 1], 4, 2, 64, 16, None),
+    ([300, 40], [90, 200], 16, 2, 128, 32, 48),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(CONTINUING_CASES)))
+def test_continuing_prefill_kernel_matches_reference(dtype, case):
+    cached, new, heads, kv_heads, d, block_size, window = CONTINUING_CASES[case]
+    q, k_cache, v_cache, tables, cu, ctx, _, _ = make_continuing_case(cached, new, heads, kv_heads, d, block_size,
+                                                                      dtype, case)
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, cu, ctx)]
+    got = paged_prefill_attention(*args, d ** -0.5, window, max_query_len=max(new))
+    want = paged_prefill_attention_ref(*args, d ** -0.5, window)
+    print(f"paged_prefill {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
