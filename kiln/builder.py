@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from kiln.version import FORMAT_VERSION, __version__
 
 ENGINE_KEYS = ("build_config", "plan", "fingerprint", "kiln_version", "format_version")
 REBUILD = "Rebuild it: `kiln build --checkpoint-dir CKPT --output-dir ENGINE --overwrite` (or `kiln convert` first)."
+
+log = logging.getLogger("kiln")
 
 
 def _sibling(name: str, module: str) -> str:
@@ -91,9 +94,12 @@ class Engine:
 
     def runtime_model(self, device: str | torch.device = "cpu") -> PretrainedModel:
         """The model in the runtime layout (fused MLP), weights loaded onto `device`."""
+        start = time.perf_counter()
         runtime = self._empty_runtime()
         runtime.load({name: t.to(device) for name, t in self.weights()})
-        return runtime.to(device)
+        runtime = runtime.to(device)
+        log.info("loaded %s weights onto %s in %.1fs", self.config.architecture, device, time.perf_counter() - start)
+        return runtime
 
     def _empty_runtime(self) -> PretrainedModel:
         from kiln.models import model_class

@@ -24,12 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 32, then every 16: the batch sizes decode graphs are captured for."""
-    sizes = [s for s in (1, 2, 4) if s < max_batch_size]
-    sizes += list(range(8, min(max_batch_size, 32) + 1, 8)) + list(range(48, max_batch_size + 1, 16))
-    if not sizes or sizes[-1] < max_batch_size:
-        sizes.append(max_batch_size)
-    return sorted(set(sizes))
+    """Powers of two up to max_batch_size, and max_batch_size itself: the batch sizes decode graphs are
+    captured for. A decode step reads every weight whatever its batch, so padding a batch up to the next
+    size costs little, and few sizes keep the capture at load short."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
 
 
 class DecodeGraphs:
@@ -79,7 +78,10 @@ class DecodeGraphs:
         self.positions[:size] += 1
         self.seq_lens[:size] += 1
         bs = self.kv.block_size
-        block = self.tables[:size].gather(1, (self.positions[:size] // bs)[:, None])[:, 0]
+        column = self.positions[:size] // bs
+        inside = column < self.tables.shape[1]  # past the table (a burst's last advance): scratch, never run
+        block = self.tables[:size].gather(1, column.clamp(max=self.tables.shape[1] - 1)[:, None])[:, 0]
+        block = torch.where(inside, block, self.scratch_block)
         self.slots[:size].copy_(block.long() * bs + self.positions[:size] % bs)
 
     def can_run(self, inp) -> bool:
