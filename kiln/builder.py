@@ -91,12 +91,17 @@ class Engine:
     weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]
     tokenizer_writer: Callable[[Path], None] | None = None
     fingerprint: dict = dataclasses.field(default_factory=dict)
+    weight_file: SafetensorsFile | None = None  # an engine dir's rank file: loads onto a GPU in parallel
 
     def runtime_model(self, device: str | torch.device = "cpu") -> PretrainedModel:
         """The model in the runtime layout (fused MLP), weights loaded onto `device`."""
         start = time.perf_counter()
+        device = torch.device(device)
         runtime = self._empty_runtime()
-        runtime.load({name: t.to(device) for name, t in self.weights()})
+        if self.weight_file is not None and device.type != "cpu":
+            runtime.load(self.weight_file.load_all(device))
+        else:
+            runtime.load({name: t.to(device) for name, t in self.weights()})
         runtime = runtime.to(device)
         log.info("loaded %s weights onto %s in %.1fs", self.config.architecture, device, time.perf_counter() - start)
         return runtime
@@ -162,6 +167,7 @@ class Engine:
         file = SafetensorsFile(engine_dir / rank_file(rank))
         engine._empty_runtime().check_file_matches(file)
         engine.weights = lambda: ((name, file.get(name)) for name in file.keys())
+        engine.weight_file = file
         return engine
 
 

@@ -328,7 +328,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, choices=["INT8", "FP8"],
                    help="quantized KV cache for the quantized systems (alone: one KV-only system)")
     p.add_argument("--skip-unquantized", action="store_true", help="bench only the quantized systems")
-    p.add_argument("--max-batch-size", type=int, default=256, help="the engine's running batch ceiling")
+    p.add_argument("--max-batch-size", type=int, default=512, help="the engine's running batch ceiling")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     p.add_argument("--output-json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the results (needs matplotlib)")

@@ -89,7 +89,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
     """Run every request of `workload` through the engine. With a shared prefix, the first request runs
-    alone (filling the cache), then the others together; `extra` holds both TTFTs."""
+    alone (filling the cache), then one follower alone, then the others together; `extra` holds the TTFTs."""
     from kiln.bench.serve_load import percentiles
     from kiln.llmapi.sampling_params import SamplingParams
 
@@ -102,12 +102,14 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
         torch.cuda.reset_peak_memory_stats(llm.device)
     start = time.perf_counter()
     extra = {}
-    if w.shared_prefix_len:
+    if w.shared_prefix_len:  # the first fills the cache; one follower alone; then the others together
         outputs = llm.generate(prompts[:1], params)
-        outputs += llm.generate(prompts[1:], params)
-        followers = [o.ttft() for o in outputs[1:]]
-        extra = {"first_ttft_s": outputs[0].ttft(), "followers_ttft_p50_s": percentiles(followers)["p50"]}
-        extra["followers_over_first"] = extra["followers_ttft_p50_s"] / extra["first_ttft_s"]
+        outputs += llm.generate(prompts[1:2], params)
+        outputs += llm.generate(prompts[2:], params)
+        first, alone = outputs[0].ttft(), outputs[1].ttft()
+        together = percentiles([o.ttft() for o in outputs[2:]])["p50"] if len(outputs) > 2 else float("nan")
+        extra = {"first_ttft_s": first, "follower_alone_ttft_s": alone, "alone_over_first": alone / first,
+                 "followers_together_ttft_p50_s": together, "together_over_first": together / first}
     else:
         outputs = llm.generate(prompts, params)
     sync(llm.device)

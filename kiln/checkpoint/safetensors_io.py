@@ -89,6 +89,32 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
 
 
+    def load_all(self, device: torch.device, threads: int = 8) -> dict[str, torch.Tensor]:
+        """Every tensor, copied onto `device` straight from a mapping of the file, several at a time: no
+        staging copy, and the reads of some overlap the host-to-device copies of others. (The whole file
+        ends up in memory at once: for loading an engine onto a GPU, not for streaming a conversion.)"""
+        import mmap
+        from concurrent.futures import ThreadPoolExecutor
+
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never written back
+
+        def copy(name: str) -> tuple[str, torch.Tensor]:
+            info = self.header[name]
+            begin, end = info["data_offsets"]
+            dtype = DTYPE_CODES[info["dtype"]]
+            if begin == end:
+                return name, torch.empty(info["shape"], dtype=dtype, device=device)
+            view = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+            return name, view.to(device, copy=True).view(dtype).reshape(info["shape"])
+
+        try:  # (a copy from pageable memory has read its source when it returns: the mapping can close)
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                return dict(pool.map(copy, self.keys()))
+        finally:
+            mapped.close()
+
+
 class SafetensorsWriter:
     """Streaming writer: the header comes from `specs` (name -> (dtype, shape)); tensors follow in any order."""
 

@@ -56,8 +56,10 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
+        seconds = {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
+            began = time.perf_counter()
             args = (self.tokens[:size], self.positions[:size], self._batch(size))
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -69,8 +71,10 @@ class DecodeGraphs:
                 self.outputs[size] = self.model(*args, last_token_only=True)
                 self._advance(size, self.outputs[size])
             self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.sizes, time.perf_counter() - start)
+            torch.cuda.synchronize(self.device)
+            seconds[size] = round(time.perf_counter() - began, 2)
+        log.info("captured decode CUDA graphs in %.1fs (seconds per batch size: %s)", time.perf_counter() - start,
+                 seconds)
 
     def _advance(self, size: int, logits: torch.Tensor) -> None:
         """Inputs of the next greedy decode step, computed on the GPU (captured into the graph)."""

@@ -47,7 +47,7 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
         assert info["load_to_first_token_s"] > 0 and info["kv_cache_tokens"] > 0
         prefix = rows[(system, "prefix")]
         assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
-        assert "followers_over_first" in prefix["extra"]
+        assert prefix["extra"]["follower_alone_ttft_s"] > 0 and "together_over_first" in prefix["extra"]
         assert "of_decode_roofline" in rows[(system, "one")]["extra"]
     assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

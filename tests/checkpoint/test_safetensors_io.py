@@ -49,6 +49,21 @@ def test_round_trip_every_dtype(tmp_path):
     assert_same({n: f.get(n) for n in f.keys()}, tensors)
 
 
+def test_load_all_equals_reading_each_tensor(tmp_path):
+    """The parallel, mapped loader an engine uses on a GPU (run here onto the CPU: same code path)."""
+    tensors = sample_tensors()
+    path = tmp_path / "all.safetensors"
+    save_tensors(path, tensors)
+    file = SafetensorsFile(path)
+    loaded = file.load_all(torch.device("cpu"), threads=3)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    loaded[next(iter(loaded))].zero_()  # its own memory: the file is untouched
+    assert torch.equal(file.get(next(iter(tensors))), tensors[next(iter(tensors))])
+
+
 def test_streaming_writer_takes_tensors_in_any_order(tmp_path):
     tensors = sample_tensors()
     specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
