@@ -5,8 +5,13 @@ Scaling those weight columns up by s before quantizing (and the activations down
 float product unchanged) gives them finer steps. Per input channel s = mean|x|^alpha (normalised so
 max(s) * min(s) = 1), with alpha searched on a grid over [0, 1] to minimise the mean squared error of the
 quantized layer's output on calibration activations (the paper's section 3.2). alpha = 0 is s = 1, plain
-round-to-nearest, so the search never does worse than RTN on its calibration data. (The paper's weight
-clipping search is not done here.)
+round-to-nearest, so the search never does worse than RTN on its calibration data.
+
+Then, as the paper's released code does, the weight clipping search: per output channel and input group of
+the scaled weight, a bound on |W s| shrunk from the group's max by up to half (in 1/20 steps), chosen to
+minimise that group's share of the output error on the calibration activations. The bound 1.0 x max is in
+the grid, so clipping never does worse either. Like AutoAWQ, the fused QKV projection is not clipped (its
+errors move attention scores, which a per-group output error does not see).
 
 Where the layer's input is a norm's output (QKV after input_layernorm; fc and gate after post_layernorm, one
 s for both since they share the input) 1/s folds into the norm's weight; the attention output and mlp.proj
@@ -36,6 +41,8 @@ log = logging.getLogger("kiln")
 NORM_BEFORE = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm", "mlp.gate": "post_layernorm"}
 ALPHA_GRID = 20
 MAX_SEARCH_TOKENS = 4096
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_TOKENS, CLIP_ROWS = 20, 0.5, 512, 256  # AutoAWQ's grid; rows per pass bound memory
+NOT_CLIPPED = ("attention.qkv",)
 
 
 def check_awq_supported(config) -> None:
@@ -77,6 +84,49 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qc: QuantConfig, 
     return best[1], best[0], rtn
 
 
+def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[rows, in] -> [rows, groups, group_size], a short last group padded with zeros."""
+    groups = -(-t.shape[1] // group_size)
+    return torch.nn.functional.pad(t, (0, groups * group_size - t.shape[1])).reshape(t.shape[0], groups, group_size)
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, qc: QuantConfig, dtype) -> torch.Tensor:
+    """The |w| bound [out, groups] of each output channel's input group that minimises that group's part of
+    the output error x w^T after quantization; x [n, in] and w [out, in] are in the scaled domain."""
+    xg = _grouped(x[:CLIP_TOKENS].float(), qc.group_size)  # [n, groups, g]
+    bounds = []
+    for rows in w.float().split(CLIP_ROWS):
+        wg = _grouped(rows, qc.group_size)
+        ref = torch.einsum("ngk,ogk->nog", xg, wg)
+        full = wg.abs().amax(-1)
+        best, best_err = full.clone(), torch.full_like(full, float("inf"))
+        for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+            bound = full * (1 - step / CLIP_GRID)
+            clipped = torch.maximum(torch.minimum(rows, _expand(bound, rows.shape[1], qc.group_size)),
+                                    -_expand(bound, rows.shape[1], qc.group_size))
+            packed, scale, zero = quantize_int4_groups(clipped, qc.group_size, qc.has_zero_point, dtype)
+            q = _grouped(dequantize_int4(packed, scale, zero, qc.group_size, torch.float32), qc.group_size)
+            err = (torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).mean(0)
+            better = err < best_err
+            best, best_err = torch.where(better, bound, best), torch.where(better, err, best_err)
+        bounds.append(best)
+    return torch.cat(bounds)
+
+
+def _expand(per_group: torch.Tensor, columns: int, group_size: int) -> torch.Tensor:
+    return per_group.repeat_interleave(group_size, dim=1)[:, :columns]
+
+
+def clip_weight(weight: torch.Tensor, bound: torch.Tensor, s: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The source weight with |W s| clipped to `bound` per (output, group): clamp(W, -b / s, b / s), so the
+    method's own W * s sees the clipped values."""
+    limit = _expand(bound.float(), weight.shape[1], group_size)
+    if s is not None:
+        limit = limit / s.float()
+    w = weight.float()
+    return torch.maximum(torch.minimum(w, limit), -limit).to(weight.dtype)
+
+
 def _load_module(module: nn.Module, prefix: str, model, device) -> nn.Module:
     """Give a freshly built (meta) submodule its weights, read one by one from `model` (lazy or loaded)."""
     for name, _ in list(module.named_parameters()):
@@ -99,10 +149,10 @@ def _embed(model, tokens: torch.Tensor, positions: torch.Tensor, device) -> torc
     return x
 
 
-def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tuple[dict, dict, dict]:
-    """AWQ scales of every quantized linear of a TP=1 source model (lazy weights), layer by layer.
-
-    Returns (input_scales {linear name: s}, norm_scales {norm name: s}, errors {linear name: (awq, rtn) mse}).
+def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tuple[dict, dict, dict, dict]:
+    """AWQ scales and clipping bounds of every quantized linear of a TP=1 source model (lazy weights), layer by
+    layer. Returns (input_scales {linear: s}, norm_scales {norm: s}, errors {linear: (awq, rtn) mse},
+    clips {linear: bound [out, groups] on |W s|}).
     """
     from kiln.models.base import DecoderLayer
     from kiln.quantization.methods import quant_method_for
@@ -114,7 +164,7 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
     batch = AttentionBatch.uncached(n, t)
     x = _embed(model, tokens, positions, device)
     pick = torch.randperm(n * t, generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
-    input_scales, norm_scales, errors = {}, {}, {}
+    input_scales, norm_scales, errors, clips = {}, {}, {}, {}
     for i in model.mapping.pp_layers(config.num_hidden_layers):
         prefix = f"transformer.layers.{i}."
         with torch.device("meta"):
@@ -132,10 +182,15 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
         for h in hooks:
             h.remove()
         _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)
+        for name, x_in in inputs.items():
+            if name not in NOT_CLIPPED:
+                s = input_scales[prefix + name].to(device)
+                w = layer.get_submodule(name).weight.detach()
+                clips[prefix + name] = search_clip(x_in.float() / s, w.float() * s, qc, config.torch_dtype).cpu()
         log.debug("AWQ layer %d: %s", i, {k: v for k, v in errors.items() if k.startswith(prefix)})
         x = y
         del layer, inputs
-    return input_scales, norm_scales, errors
+    return input_scales, norm_scales, errors, clips
 
 
 def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, errors) -> None:

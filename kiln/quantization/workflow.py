@@ -32,11 +32,13 @@ class QuantizedSource:
     """Checkpoint name -> full (TP=1) tensor of the quantized model, read lazily from a float source model."""
 
     def __init__(self, source, reference, input_scales: dict | None = None, norm_scales: dict | None = None,
-                 kv_scales: dict | None = None, act_absmax: dict | None = None, device="cpu"):
+                 kv_scales: dict | None = None, act_absmax: dict | None = None, device="cpu",
+                 weight_clips: dict | None = None):
         self.source = source  # the float model at TP=1, lazy weights
         self.linears = quantized_linears(reference)  # the quantized model at TP=1, on the meta device
         self.input_scales, self.norm_scales = input_scales or {}, norm_scales or {}
         self.act_absmax = act_absmax or {}  # linear -> calibrated max |x| per input channel (FP8, W4A8_AWQ)
+        self.weight_clips = weight_clips or {}  # linear -> bound on |W s| per (output, group) (AWQ)
         self.device = device  # where each weight is quantized (one linear at a time); the results come back to CPU
         self.kv_scales = kv_scales or {}  # checkpoint name -> kv_cache_scaling_factor (kiln.quantization.kv_cache)
         self.dtype = reference.config.torch_dtype
@@ -59,6 +61,9 @@ class QuantizedSource:
         def on_device(t):
             return None if t is None else t.to(self.device)
         weight = on_device(self.source.read_weight(module + ".weight"))
+        if module in self.weight_clips:
+            weight = awq.clip_weight(weight, on_device(self.weight_clips[module]), on_device(self.input_scales.get(module)),
+                                     self.linears[module].quant_method.group_size)
         extra = {"act_absmax": on_device(self.act_absmax[module])} if module in self.act_absmax else {}
         tensors = self.linears[module].quant_method.quantize(weight, self.dtype,
                                                              on_device(self.input_scales.get(module)), **extra)
@@ -73,11 +78,12 @@ class WeightCalibration:
     norm_scales: dict = field(default_factory=dict)  # norm -> s folded in as 1 / s
     act_absmax: dict = field(default_factory=dict)  # linear -> max |x| per input channel (static activation scales)
     awq_errors: dict = field(default_factory=dict)  # linear -> (awq, rtn) mse, for the quality report
+    weight_clips: dict = field(default_factory=dict)  # linear -> AWQ's bound on |W s| per (output, group)
 
 
 def _calibrate_awq(source, tokens, qc, reference, device) -> WeightCalibration:
-    input_scales, norm_scales, errors = awq.calibrate(source, tokens, qc, device)
-    return WeightCalibration(input_scales, norm_scales, awq_errors=errors)
+    input_scales, norm_scales, errors, clips = awq.calibrate(source, tokens, qc, device)
+    return WeightCalibration(input_scales, norm_scales, awq_errors=errors, weight_clips=clips)
 
 
 def _calibrate_w4a8(source, tokens, qc, reference, device) -> WeightCalibration:
@@ -166,7 +172,8 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
                  quant_config.kv_cache_quant_algo.value, *tokens.shape)
         kv_scales = kv_cache.calibrate(source, tokens, quant_config.kv_cache_quant_algo, device)
     quantized = QuantizedSource(source, reference, weight_calibration.input_scales, weight_calibration.norm_scales,
-                                kv_scales, act_absmax=weight_calibration.act_absmax, device=device)
+                                kv_scales, act_absmax=weight_calibration.act_absmax, device=device,
+                                weight_clips=weight_calibration.weight_clips)
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):
             model = _rank_model(cls, qconfig.replace(mapping=mapping.with_rank(rank)), quantized)

@@ -41,7 +41,7 @@ def test_activation_scale_is_max_of_the_smoothed_input_over_448(quant_llama, w4a
     tokens = calibration.token_batches(calibration.read_texts(None), calibration.source_tokenizer(src),
                                        src.config.vocab_size, 4, 64)
     absmax = calibrate_absmax(src, tokens, W4A8, "cpu")
-    scales, _, _ = awq.calibrate(src, tokens, W4A8, "cpu")
+    scales, *_ = awq.calibrate(src, tokens, W4A8, "cpu")
     ckpt = load_file(w4a8_ckpt / "rank0.safetensors")
     for name in ("transformer.layers.0.attention.qkv", "transformer.layers.1.mlp.proj"):
         t = linear_tensors(ckpt, name)
