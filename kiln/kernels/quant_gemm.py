@@ -48,7 +48,9 @@ GEMV_MAX_ROWS = 2
 DEQUANT_MIN_ROWS = 128
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1"  # the CPU interpreter cannot time configs
+# The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
+# tuning every shape and row bucket a test touches takes minutes, and it checks only the config it picks).
+AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KILN_AUTOTUNE", "1") != "0"
 
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
