@@ -20,7 +20,8 @@ def plot_results(report: dict, png_path: str | Path) -> Path:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib (the JSON report does not)") from None
+        raise ConfigError("--plot needs matplotlib: pip install 'kiln-llm[bench]' (or matplotlib); the JSON "
+                          "report does not") from None
     results = report["results"]
     workloads = list(dict.fromkeys(r["scenario"] for r in results))
     systems = list(dict.fromkeys(r["system"] for r in results))
