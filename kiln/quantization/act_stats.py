@@ -15,7 +15,7 @@ import torch
 from kiln.config import QuantConfig
 from kiln.layers.attention import AttentionBatch
 from kiln.layers.linear import Linear
-from kiln.quantization.awq import _embed, _load_module
+from kiln.quantization import streaming
 
 log = logging.getLogger("kiln")
 
@@ -23,20 +23,17 @@ log = logging.getLogger("kiln")
 def calibrate_absmax(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> dict[str, torch.Tensor]:
     """{linear name: max |x| over the calibration tokens, per input channel, float32 [in] on the CPU} for every
     linear of a TP=1 source model (lazy weights) that `qc` quantizes; tokens is [n, t]."""
-    from kiln.models.base import DecoderLayer
     from kiln.quantization.methods import quant_method_for
 
     config = model.config
     n, t = tokens.shape
     positions = torch.arange(t, device=device).repeat(n)
     batch = AttentionBatch.uncached(n, t)
-    x = _embed(model, tokens, positions, device)
+    x = streaming.embed(model, tokens, positions, device)
     absmax: dict[str, torch.Tensor] = {}
     for i in model.mapping.pp_layers(config.num_hidden_layers):
         prefix = f"transformer.layers.{i}."
-        with torch.device("meta"):
-            layer = DecoderLayer(config, i, fused_mlp=False)
-        layer = _load_module(layer, prefix, model, device).eval()
+        layer = streaming.load_layer(model, i, device)
         hooks = [m.register_forward_pre_hook(_observer(absmax, prefix + name))
                  for name, m in layer.named_modules()
                  if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None]

@@ -27,12 +27,12 @@ import functools
 import logging
 
 import torch
-from torch import nn
 
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
 from kiln.layers.attention import AttentionBatch
 from kiln.layers.linear import Linear
+from kiln.quantization import streaming
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
 log = logging.getLogger("kiln")
@@ -127,34 +127,11 @@ def clip_weight(weight: torch.Tensor, bound: torch.Tensor, s: torch.Tensor | Non
     return torch.maximum(torch.minimum(w, limit), -limit).to(weight.dtype)
 
 
-def _load_module(module: nn.Module, prefix: str, model, device) -> nn.Module:
-    """Give a freshly built (meta) submodule its weights, read one by one from `model` (lazy or loaded)."""
-    for name, _ in list(module.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        setattr(owner, leaf, nn.Parameter(model.read_weight(prefix + name).to(device), requires_grad=False))
-    return module.to(device)
-
-
-def _embed(model, tokens: torch.Tensor, positions: torch.Tensor, device) -> torch.Tensor:
-    emb = model.transformer
-    parts = [m for m in ("vocab_embedding", "position_embedding") if getattr(emb, m) is not None]
-    for m in parts:
-        _load_module(getattr(emb, m), f"transformer.{m}.", model, device)
-    with torch.no_grad():
-        x = emb.embed(tokens.reshape(-1).to(device), positions)
-    for m in parts:  # back to shapes only: the embedding table need not stay in memory
-        getattr(emb, m).to_empty(device="meta")
-    model.tie_weights()
-    return x
-
-
 def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tuple[dict, dict, dict, dict]:
     """AWQ scales and clipping bounds of every quantized linear of a TP=1 source model (lazy weights), layer by
     layer. Returns (input_scales {linear: s}, norm_scales {norm: s}, errors {linear: (awq, rtn) mse},
     clips {linear: bound [out, groups] on |W s|}).
     """
-    from kiln.models.base import DecoderLayer
     from kiln.quantization.methods import quant_method_for
 
     config = model.config
@@ -162,14 +139,12 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
     n, t = tokens.shape
     positions = torch.arange(t, device=device).repeat(n)
     batch = AttentionBatch.uncached(n, t)
-    x = _embed(model, tokens, positions, device)
+    x = streaming.embed(model, tokens, positions, device)
     pick = torch.randperm(n * t, generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
     input_scales, norm_scales, errors, clips = {}, {}, {}, {}
     for i in model.mapping.pp_layers(config.num_hidden_layers):
         prefix = f"transformer.layers.{i}."
-        with torch.device("meta"):
-            layer = DecoderLayer(config, i, fused_mlp=False)
-        layer = _load_module(layer, prefix, model, device).eval()
+        layer = streaming.load_layer(model, i, device)
         inputs, hooks = {}, []
 
         def capture(name, module, args):  # returns None: the input goes on unchanged

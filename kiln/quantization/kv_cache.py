@@ -93,20 +93,17 @@ def calibrate(model, tokens: torch.Tensor, algo: QuantAlgo, device="cpu") -> dic
     """{"transformer.layers.{i}.attention.kv_cache_scaling_factor": [s_k, s_v]} of a TP=1 float source model
     (lazy weights), from the absmax of each layer's keys and values over `tokens` [n, seq]."""
     from kiln.layers.attention import AttentionBatch
-    from kiln.models.base import DecoderLayer
-    from kiln.quantization.awq import _embed, _load_module
+    from kiln.quantization import streaming
 
     config = model.config
     n, t = tokens.shape
     positions = torch.arange(t, device=device).repeat(n)
     batch = _AmaxBatch(AttentionBatch.uncached(n, t))
-    x = _embed(model, tokens, positions, device)
+    x = streaming.embed(model, tokens, positions, device)
     scales = {}
     for i in model.mapping.pp_layers(config.num_hidden_layers):
         prefix = f"transformer.layers.{i}."
-        with torch.device("meta"):
-            layer = DecoderLayer(config, i, fused_mlp=False)
-        layer = _load_module(layer, prefix, model, device).eval()
+        layer = streaming.load_layer(model, i, device)
         with torch.no_grad():
             x = layer(x, positions, batch)
         amax = batch.amax[i]
