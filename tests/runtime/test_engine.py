@@ -258,3 +258,26 @@ def test_sliding_window_mistral_through_the_paged_cache_equals_transformers(buil
     for seq in [first] + others:
         assert seq.output_ids == hf_greedy(hf, seq.prompt_ids, 32), seq.seq_id
     _assert_all_released(engine)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 7])
+def test_decode_bursts_give_the_tokens_of_single_steps(built, reference, steps):
+    """Bursts of greedy steps (here run eagerly, as on the CPU) stop each sequence where single steps would:
+    at its EOS mid-burst, at its own max_tokens, at max_seq_len; and keep the block accounting exact."""
+    # A token the third prompt produces mid-way and the others never do: it stops there, they go on.
+    others = set(reference[0][:5] + reference[1][:13] + reference[3])
+    eos = next(t for t in reference[2][2:29] if t not in others)
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (5, 13, 32, 60)]  # the last meets max_seq_len
+    outputs = {}
+    for k in (1, steps):
+        engine = _engine(built, eos=[eos], decode_steps_per_sync=k, max_seq_len=40)
+        seqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+        _drain(engine)
+        outputs[k] = [(s.output_ids, s.finish_reason) for s in seqs]
+        _assert_all_released(engine)
+    assert outputs[steps] == outputs[1]
+    ids, reason = outputs[steps][2]
+    assert reason == "stop" and ids[-1] == eos and len(ids) < 32
+    assert [len(ids) for ids, _ in outputs[steps]][0:2] == [5, 13]
+    last, reason = outputs[steps][3]
+    assert reason == "length" and len(last) == 40 - 1 and last[:32] == reference[3]
