@@ -24,6 +24,10 @@ LLAMA_SHAPES = {
 # Other families: the architecture and its Hugging Face config fields (transformers names), for synthetic
 # checkpoints and benchmarks of real shapes.
 FAMILY_SHAPES = {
+    "mistral-7b": dict(architecture="MistralForCausalLM", vocab_size=32768, hidden_size=4096, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                       tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768,
+                       sliding_window=None),  # Mistral-7B v0.3
     "qwen2.5-7b": dict(architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
                        tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
