@@ -1,0 +1,69 @@
+"""Where a batch-1 decode step's time goes, on a GPU: the CUDA graph replayed alone against the whole engine
+step, and the kernels of one replay by total time (the numbers behind docs/performance.md's breakdown).
+
+    python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from kiln.bench.offline import describe_device, sync, synthetic_hf_model
+from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
+
+
+def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
+    graph.replay()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        graph.replay()
+    sync(device)
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def main() -> None:
+    from kiln.config import BuildConfig
+    from kiln.llmapi.llm import LLM
+    from kiln.llmapi.sampling_params import SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", default="llama-3-8b", choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}))
+    parser.add_argument("--steps", type=int, default=256, help="output tokens of the end-to-end run")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    source = tempfile.mkdtemp(prefix="kiln-profile-")
+    hf = synthetic_hf_model(args.synthetic, torch.bfloat16, device)
+    hf.save_pretrained(source)
+    del hf
+    torch.cuda.empty_cache()
+    # Room past the run: each replay advances the graph's own inputs by a token (kiln.runtime.cuda_graphs).
+    llm = LLM(source, dtype="bfloat16", device="cuda",
+              build_config=BuildConfig(max_batch_size=1, max_seq_len=128 + args.steps + 512))
+    prompt = torch.randint(0, llm.engine.config.vocab_size, (128,)).tolist()
+    params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
+    llm.generate([prompt[::-1]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    llm.generate([prompt], params)
+    sync(device)
+    per_token = (time.perf_counter() - start) / args.steps * 1000
+    graph = llm.runner.graphs.graphs[1]
+    print(f"# {describe_device(device)}, {args.synthetic} bf16")
+    print(f"end to end: {per_token:.3f} ms per output token (prefill included)")
+    print(f"graph replay alone: {replay_ms(graph, device):.3f} ms per decode step")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        sync(device)
+    print("kernels of 3 replays:")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
