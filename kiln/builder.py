@@ -91,14 +91,14 @@ class Engine:
     weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]
     tokenizer_writer: Callable[[Path], None] | None = None
     fingerprint: dict = dataclasses.field(default_factory=dict)
-    weight_file: SafetensorsFile | None = None  # an engine dir's rank file: loads onto a GPU in parallel
+    weight_file: SafetensorsFile | None = None  # an engine dir's rank file: loaded several tensors at a time
 
     def runtime_model(self, device: str | torch.device = "cpu") -> PretrainedModel:
         """The model in the runtime layout (fused MLP), weights loaded onto `device`."""
         start = time.perf_counter()
         device = torch.device(device)
         runtime = self._empty_runtime()
-        if self.weight_file is not None and device.type != "cpu":
+        if self.weight_file is not None:
             runtime.load(self.weight_file.load_all(device))
         else:
             runtime.load({name: t.to(device) for name, t in self.weights()})

@@ -89,6 +89,19 @@ def half_to_interleaved(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
+def add_gguf_shape(writer, config) -> None:
+    """The decoder-shape keys every llama.cpp architecture writes, from a transformers config."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
 def leftovers(out_dir: Path) -> list[str]:
     """Anything a failed write to out_dir left behind: the dir itself or a `.NAME.tmp-*` / `.NAME.old-*` sibling."""
     out_dir = Path(out_dir)

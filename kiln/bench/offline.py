@@ -103,9 +103,8 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
     params = SamplingParams(max_tokens=w.output_len, temperature=0, ignore_eos=True)
     seed = zlib.crc32(w.name.encode())
     prompts = w.prompts(llm.engine.config.vocab_size, seed=seed)
-    # Warm-up on other prompts of the same shape (no prefix to reuse), up to a batch of 64: the step sizes of
-    # the run then already have their compiled (and autotuned) kernels.
-    # With a shared prefix, as the run does it: the first alone, then the others (prompts continuing a cache).
+    # Warm-up on other prompts of the same shape (no prefix to reuse), up to a batch of 64, in the run's order
+    # (with a shared prefix: the first alone, then the rest): the run's steps find their kernels compiled and tuned.
     warm = dataclasses.replace(w, name=w.name + "-warm-up", num_requests=min(w.num_requests, 64), output_len=2)
     warm_prompts = warm.prompts(llm.engine.config.vocab_size, seed=seed + 1)
     for part in ([warm_prompts[:1], warm_prompts[1:]] if w.shared_prefix_len else [warm_prompts]):
@@ -229,7 +228,7 @@ def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
     return systems
 
 
-def bench_system(label, engine_dir, args, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
+def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
     """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
     from kiln.llmapi.llm import LLM
     from kiln.llmapi.sampling_params import SamplingParams
@@ -305,7 +304,7 @@ def run(args) -> list[BenchResult]:
     systems = {}
     for label, quant in quant_systems(args):
         engine_dir = build_engine(source, args, quant, build_config, device)
-        system_results, systems[label] = bench_system(label, engine_dir, args, workloads, device, ceilings)
+        system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings)
         results += system_results
     print(TABLE_HEADER)
     for r in results:

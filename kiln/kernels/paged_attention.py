@@ -229,6 +229,12 @@ if triton is not None:
         return qk_scale, v_scale
 
     @triton.jit
+    def _load_pages(ptr, page, t, kvh, d, mask, s_blk, s_tok, s_h, PAGE: tl.constexpr):
+        """Rows t of one KV head of a paged cache (page: each row's block, from the block table)."""
+        return tl.load(ptr + page[:, None] * s_blk + (t % PAGE)[:, None] * s_tok + kvh * s_h + d[None, :],
+                       mask=mask, other=0.0)
+
+    @triton.jit
     def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb,
                              scale_log2, window, group, head_size, num_splits,
@@ -258,12 +264,10 @@ if triton is not None:
             ok = t < hi
             page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
             kv_mask = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + page[:, None] * k_sblk + (t % PAGE)[:, None] * k_stok + kvh * k_sh + d[None, :],
-                        mask=kv_mask, other=0.0).to(q.dtype)
+            k = _load_pages(k_ptr, page, t, kvh, d, kv_mask, k_sblk, k_stok, k_sh, PAGE).to(q.dtype)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             s = tl.where(ok[None, :], s, float("-inf"))
-            v = tl.load(v_ptr + page[:, None] * v_sblk + (t % PAGE)[:, None] * v_stok + kvh * v_sh + d[None, :],
-                        mask=kv_mask, other=0.0).to(q.dtype)
+            v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
             m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
 
         empty = l == 0.0  # a split past the end of a short context
@@ -376,15 +380,13 @@ if triton is not None:
             ok = t < hi
             page = tl.load(bt_ptr + seq * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
             kv_mask = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + page[:, None] * k_sblk + (t % PAGE)[:, None] * k_stok + kvh * k_sh + d[None, :],
-                        mask=kv_mask, other=0.0).to(q.dtype)
+            k = _load_pages(k_ptr, page, t, kvh, d, kv_mask, k_sblk, k_stok, k_sh, PAGE).to(q.dtype)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             keep = (t[None, :] <= q_pos[:, None]) & ok[None, :]
             if HAS_WINDOW:
                 keep = keep & (q_pos[:, None] - t[None, :] < window)
             s = tl.where(keep, s, float("-inf"))
-            v = tl.load(v_ptr + page[:, None] * v_sblk + (t % PAGE)[:, None] * v_stok + kvh * v_sh + d[None, :],
-                        mask=kv_mask, other=0.0).to(q.dtype)
+            v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
             m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
         out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]
         tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),

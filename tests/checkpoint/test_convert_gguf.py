@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import half_to_interleaved, make_hf_model
+from conftest import add_gguf_shape, half_to_interleaved, make_hf_model
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
 from kiln.models.llama.model import LLaMAForCausalLM
@@ -56,15 +56,7 @@ def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
 def write_gguf(hf, path: Path, quantize: bool) -> None:
     c = hf.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_gguf_shape(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import make_tiny_hf
+from conftest import add_gguf_shape, make_tiny_hf
 from family_checks import ATOL
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
@@ -54,15 +54,7 @@ def write_gemma3_gguf(hf, path, pattern) -> None:
     """As llama.cpp's convert_hf_to_gguf.py (Gemma3Model) writes it: every RMSNorm scale stored as 1 + w."""
     c, sd = hf.config, hf.state_dict()
     w = gguf_py.GGUFWriter(str(path), "gemma3")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_gguf_shape(w, c)
     w.add_sliding_window(c.sliding_window)
     if pattern is not None:
         w.add_sliding_window_pattern(pattern)

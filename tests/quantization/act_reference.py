@@ -6,9 +6,11 @@ transformers model whose linears do exactly that, with the checkpoint's norms (S
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from reference import HF_LINEARS, linear_tensors, unpack
+from safetensors.torch import load_file
 from torch import nn
 
 E4M3_MAX, INT8_MAX = 448.0, 127.0
@@ -69,3 +71,17 @@ def fake_quant_hf(hf_model, ckpt: dict, config):
                     linear = FakeQuantLinear(t, slice(bounds[j], bounds[j + 1]), config.quantization.group_size)
                     setattr(layer.get_submodule(parent), leaf, linear)
     return model
+
+
+def assert_logits_equal_fake_quant_hf(hf_model, ckpt_dir, ids: torch.Tensor) -> None:
+    """kiln's logits from a quantized checkpoint equal `fake_quant_hf`'s within float32 summation (1e-4 of the
+    largest logit; the reference sums in float64), and differ from the float model's, so the comparison would
+    see a model that was not quantized. (An activation on a rounding tie could flip one step; none here does.)"""
+    from kiln.models.base import PretrainedModel
+
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    ckpt = load_file(Path(ckpt_dir) / "rank0.safetensors")
+    with torch.no_grad():
+        ours, ref, full = model(ids), fake_quant_hf(hf_model, ckpt, model.config)(ids).logits, hf_model(ids).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - full).abs().max() > 1e-3

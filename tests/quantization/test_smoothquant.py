@@ -4,7 +4,7 @@ migration strength's validation and effect."""
 
 import pytest
 import torch
-from act_reference import fake_quant_hf
+from act_reference import assert_logits_equal_fake_quant_hf, fake_quant_hf
 from conftest import hf_greedy
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
@@ -51,13 +51,7 @@ def test_per_token_int8_and_emulated_gemm_equal_integer_math():
 
 
 def test_logits_equal_transformers_with_fake_quantized_linears(quant_llama, sq_ckpt):
-    hf = quant_llama[1]
-    ckpt = load_file(sq_ckpt / "rank0.safetensors")
-    model = PretrainedModel.from_checkpoint(sq_ckpt)
-    with torch.no_grad():
-        ours, ref, full = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
-    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert (ours - full).abs().max() > 1e-3
+    assert_logits_equal_fake_quant_hf(quant_llama[1], sq_ckpt, IDS)
 
 
 def test_smoothing_folds_into_norms_and_prequant_on_row_layers(quant_llama, sq_ckpt):

@@ -3,7 +3,7 @@ with fake-quantized linears (act_reference.py), the activation scale against the
 
 import pytest
 import torch
-from act_reference import fake_quant_hf
+from act_reference import assert_logits_equal_fake_quant_hf, fake_quant_hf
 from conftest import hf_greedy
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
@@ -27,13 +27,7 @@ def w4a8_ckpt(quant_llama, tmp_path_factory):
 
 
 def test_logits_equal_transformers_with_fake_quantized_linears(quant_llama, w4a8_ckpt):
-    hf = quant_llama[1]
-    ckpt = load_file(w4a8_ckpt / "rank0.safetensors")
-    model = PretrainedModel.from_checkpoint(w4a8_ckpt)
-    with torch.no_grad():
-        ours, ref, full = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
-    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert (ours - full).abs().max() > 1e-3
+    assert_logits_equal_fake_quant_hf(quant_llama[1], w4a8_ckpt, IDS)
 
 
 def test_activation_scale_is_max_of_the_smoothed_input_over_448(quant_llama, w4a8_ckpt):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from kiln.config import PretrainedConfig
 from kiln.mapping import Mapping
 from kiln.models import hf_config
-from kiln.models.hf_config import source_dtype  # noqa: F401 (re-exported)
 
 
 def llama_structure(hf: dict) -> dict:
