@@ -8,6 +8,12 @@ if ! python -c "import pytest" 2>/dev/null; then
 fi
 # Quantized GEMMs run their first tile config: autotuning every shape the tests touch takes minutes.
 export KILN_AUTOTUNE=${KILN_AUTOTUNE:-0}
-python -m pytest -q -p no:cacheprovider -o addopts="" "$@" \
-  tests/kernels tests/runtime/test_gpu_runtime.py tests/runtime/test_paged_batch.py \
-  tests/quantization/test_kv_cache_quant.py tests/quantization/test_gpu_quant2.py
+# With pytest-xdist (also in .whl/) the kernel tests run in 8 processes: they share the GPU, and compiles
+# overlap. The runtime tests run one at a time: each engine sizes its KV cache from the GPU's free memory.
+workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+pytest="python -m pytest -q -p no:cacheprovider -o addopts="
+status=0
+$pytest $workers "$@" tests/kernels tests/quantization/test_gpu_quant2.py || status=$?
+$pytest "$@" tests/runtime/test_gpu_runtime.py tests/runtime/test_paged_batch.py \
+  tests/quantization/test_kv_cache_quant.py || status=$?
+exit $status

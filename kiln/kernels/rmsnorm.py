@@ -2,7 +2,8 @@
 
 In a pre-norm decoder every layer does `residual = x + residual; x = norm(residual)`: fusing the add
 into the norm reads each row once and writes it twice, instead of three reads and two writes. The sum
-is normalised in float32 before it is rounded, so the fused path is never less exact than the unfused.
+is rounded to x's dtype before it is normalised, as the unfused add would round it (and transformers does),
+so fusing changes no bit.
 """
 
 import torch
@@ -16,9 +17,10 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """normed, or (normed, x + residual) when residual is given; the sum is the next residual."""
-    h = x.float() if residual is None else x.float() + residual.float()
+    summed = x if residual is None else x + residual
+    h = summed.float()
     normed = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return normed if residual is None else (normed, h.to(x.dtype))
+    return normed if residual is None else (normed, summed)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -57,7 +59,9 @@ if triton is not None:
         h = x.to(tl.float32)
         if HAS_RESIDUAL:
             h += tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(res_out_ptr + row * n + cols, h.to(x.dtype), mask=mask)
+            h = h.to(x.dtype)
+            tl.store(res_out_ptr + row * n + cols, h, mask=mask)
+            h = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n + eps)
         # Round to x's dtype before the weight multiply, as the reference (and transformers) does;
         # the product of two 16-bit floats is exact in float32, so the one rounding below matches torch's.

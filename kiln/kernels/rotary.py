@@ -2,7 +2,9 @@
 
 GPT-NeoX "rotate half" layout, which kiln and Hugging Face use: dimension i pairs with i + d/2.
 The kernel computes cos/sin from positions itself, so no [tokens, d] cos/sin table is read or built:
-one launch rotates both q and k of a token with a single read and write of each.
+one launch rotates both q and k of a token with a single read and write of each. The runtime also has it
+write the rotated keys and the values into their paged-cache slots (`apply_rotary_and_write_cache`), which
+saves the two copy kernels per layer that a separate cache write costs in every decode step.
 """
 
 import torch
@@ -37,26 +39,47 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return q, k
 
 
+def apply_rotary_and_write_cache_ref(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
+    """`apply_rotary_ref`, then k_cache[slots] = k and v_cache[slots] = v; caches [slots, kv_heads, d]."""
+    apply_rotary_ref(q, k, positions, inv_freq)
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+    return q, k
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
     """Triton version of `apply_rotary_ref`: rotates in place, returns (q, k). CUDA tensors.
 
     q and k may be strided views (say, slices of a fused QKV output) as long as head_size is contiguous.
     """
+    return _launch(q, k, positions, inv_freq, None)
+
+
+def apply_rotary_and_write_cache(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
+    """Triton version of `apply_rotary_and_write_cache_ref`, one launch. CUDA tensors; the caches hold
+    q's dtype (a quantized cache takes the separate write, which quantizes)."""
+    assert v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    return _launch(q, k, positions, inv_freq, (v, k_cache, v_cache, slots))
+
+
+def _launch(q, k, positions, inv_freq, cache):
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "apply_rotary: head_size must be the contiguous dim"
     tokens, heads, head_size = q.shape
-    half = head_size // 2
+    v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
     _rotary_kernel[(tokens,)](
-        q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, k.shape[1], half,
-        BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+        q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, k.shape[1],
+        head_size // 2, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        WRITE_CACHE=cache is not None, BLOCK_HQ=triton.next_power_of_2(heads),
+        BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4)
     return q, k
 
 
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(x_ptr, tok_stride, head_stride, token, heads, half, cos, sin,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_heads(x_ptr, tok_stride, head_stride, token, heads, half, cos, sin, cache_ptr, c_tok_stride,
+                      c_head_stride, slot, WRITE_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         i = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < heads) & (i < half)
@@ -65,19 +88,35 @@ if triton is not None:
         x2 = tl.load(ptr + half, mask=mask, other=0.0)
         c, s = cos.to(x1.dtype)[None, :], sin.to(x1.dtype)[None, :]
         # Round after each multiply as torch's elementwise ops do, so 16-bit results match the reference.
-        out1 = (x1 * c).to(x1.dtype).to(tl.float32) - (x2 * s).to(x1.dtype).to(tl.float32)
-        out2 = (x2 * c).to(x1.dtype).to(tl.float32) + (x1 * s).to(x1.dtype).to(tl.float32)
-        tl.store(ptr, out1.to(x1.dtype), mask=mask)
-        tl.store(ptr + half, out2.to(x1.dtype), mask=mask)
+        out1 = ((x1 * c).to(x1.dtype).to(tl.float32) - (x2 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        out2 = ((x2 * c).to(x1.dtype).to(tl.float32) + (x1 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        tl.store(ptr, out1, mask=mask)
+        tl.store(ptr + half, out2, mask=mask)
+        if WRITE_CACHE:
+            cache = cache_ptr + slot * c_tok_stride + h * c_head_stride + i
+            tl.store(cache, out1, mask=mask)
+            tl.store(cache + half, out2, mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, freq_ptr, q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
-                       q_heads, k_heads, half,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       q_heads, k_heads, half, v_ptr, kc_ptr, vc_ptr, slot_ptr, v_tok_stride, v_head_stride,
+                       kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride,
+                       WRITE_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BLOCK_D)
         angle = tl.load(pos_ptr + token).to(tl.float32) * tl.load(freq_ptr + i, mask=i < half, other=0.0)
         # libdevice's cos/sin, not the approximate PTX ones: angles reach max_position radians.
         cos, sin = libdevice.cos(angle), libdevice.sin(angle)
-        _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, q_heads, half, cos, sin, BLOCK_HQ, BLOCK_D)
-        _rotate_heads(k_ptr, k_tok_stride, k_head_stride, token, k_heads, half, cos, sin, BLOCK_HK, BLOCK_D)
+        slot = tl.load(slot_ptr + token).to(tl.int64) if WRITE_CACHE else 0
+        _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, q_heads, half, cos, sin, q_ptr, 0, 0, 0,
+                      False, BLOCK_HQ, BLOCK_D)
+        _rotate_heads(k_ptr, k_tok_stride, k_head_stride, token, k_heads, half, cos, sin, kc_ptr, kc_tok_stride,
+                      kc_head_stride, slot, WRITE_CACHE, BLOCK_HK, BLOCK_D)
+        if WRITE_CACHE:  # the values go to their slot unchanged, as two halves like the keys
+            h = tl.arange(0, BLOCK_HK)[:, None]
+            j = tl.arange(0, BLOCK_D)[None, :]
+            for part in tl.static_range(2):
+                mask = (h < k_heads) & (j < half)
+                v = tl.load(v_ptr + token * v_tok_stride + h * v_head_stride + part * half + j, mask=mask)
+                tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + j, v, mask=mask)

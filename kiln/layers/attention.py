@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.rotary import apply_rotary
+from kiln.kernels.rotary import apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
@@ -28,7 +28,7 @@ class AttentionBatch:
     """Whole sequences with no cache, packed back to back (the reference forward, `model(input_ids)`).
 
     The runtime passes a PagedAttentionBatch (kiln.runtime.paged_batch) instead: anything with
-    query_lens and `attend(layer, q, k, v)` can stand here.
+    query_lens, `cache_slots(layer)` and `attend(layer, q, k, v, kv_written)` can stand here.
     """
 
     query_lens: list[int]
@@ -37,11 +37,15 @@ class AttentionBatch:
     def max_seq_len(self) -> int:
         return max(self.query_lens)
 
+    def cache_slots(self, layer) -> None:
+        """No cache to write (the paged batch returns where the new keys and values go)."""
+        return None
+
     @classmethod
     def uncached(cls, batch: int, seq_len: int) -> "AttentionBatch":
         return cls([seq_len] * batch)
 
-    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False):
         if layer.kv_cache_dtype is not None:  # what the runtime reads back from its quantized cache
             s = layer.kv_cache_scaling_factor
             k, v = fake_quantize(k, s[0], layer.kv_cache_dtype), fake_quantize(v, s[1], layer.kv_cache_dtype)
@@ -88,14 +92,20 @@ class Attention(nn.Module):
         q, k, v = self.qkv.split_heads(self.qkv(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        kv_written = False
         if self.rope is not None:
             freqs = self._inv_freq(batch.max_seq_len, x.device)
             if self.fused_rope and q.is_cuda and triton_available():
-                q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
+                cache = batch.cache_slots(self)  # (k_cache, v_cache, slots) rows, or None
+                if cache is None:
+                    q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
+                else:  # the same launch also writes k and v into the paged cache
+                    q, k = apply_rotary_and_write_cache(q, k, v, positions, freqs, *cache)
+                    kv_written = True
             else:
                 cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.dense(batch.attend(self, q, k, v).flatten(-2))
+        return self.dense(batch.attend(self, q, k, v, kv_written).flatten(-2))
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The rotary frequencies on `device`; kept when they do not depend on the length (no host work

@@ -1,5 +1,5 @@
 """RMSNorm (optionally scaling by 1 + w, as Gemma does) and LayerNorm, computed in float32 as the
-reference models do, then cast back."""
+reference models do, then cast back; `add_and_norm` adds a residual first, fused into one kernel on the GPU."""
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,13 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
         self.shard_rules = {"weight": replicate}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or (norm(x + residual), x + residual) with the sum rounded to x's dtype first."""
         if x.is_cuda and not self.unit_offset and triton_available():
-            return rms_norm(x, self.weight, self.eps)  # the same math in one Triton launch
+            return rms_norm(x, self.weight, self.eps, residual)  # the same math in one Triton launch
+        if residual is not None:
+            x = x + residual
+            return self(x), x
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -37,9 +41,18 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.shard_rules = {"weight": replicate, "bias": replicate}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """As RMSNorm.forward."""
+        if residual is not None:
+            x = x + residual
+            return self(x), x
         return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
+    """(norm(x + residual), x + residual); residual None means x is already the whole stream."""
+    return (norm(x), x) if residual is None else norm(x, residual)
 
 
 def make_norm(config, size: int | None = None) -> nn.Module:

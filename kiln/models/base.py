@@ -27,7 +27,7 @@ from kiln.layers.attention import Attention, AttentionBatch
 from kiln.layers.embedding import LMHead, PositionEmbedding, VocabEmbedding
 from kiln.layers.mlp import make_mlp
 from kiln.layers.moe import MoE
-from kiln.layers.normalization import make_norm
+from kiln.layers.normalization import add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import apply_quant_config, quantized_linears
@@ -238,7 +238,11 @@ class PretrainedModel(nn.Module):
 class DecoderLayer(nn.Module):
     """One decoder block. Pre-norm (Llama): h = x + attn(norm(x)), then h + mlp(norm(h)); parallel
     residual (GPT-NeoX): x + attn(norm1(x)) + mlp(norm2(x)); sandwich norms (Gemma 2/3) also normalise
-    each sub-block's output before it joins the residual."""
+    each sub-block's output before it joins the residual.
+
+    A layer returns its last sub-block's output and the residual stream apart, (out, residual): the next
+    layer's first norm adds them (`add_and_norm`), one fused kernel on the GPU instead of an add and a norm.
+    residual None means x is the whole stream (the first layer); out + residual is the layer's output."""
 
     def __init__(self, config: PretrainedConfig, layer_idx: int, fused_mlp: bool):
         super().__init__()
@@ -252,15 +256,21 @@ class DecoderLayer(nn.Module):
             self.attention_out_layernorm = make_norm(config)
             self.mlp_out_layernorm = make_norm(config)
 
-    def forward(self, x, positions, batch):
-        attn = self.attention(self.input_layernorm(x), positions, batch)
-        if self.parallel_residual:
-            return x + attn + self.mlp(self.post_layernorm(x))
+    def forward(self, x, positions, batch, residual=None):
+        h, residual = add_and_norm(self.input_layernorm, x, residual)
+        attn = self.attention(h, positions, batch)
+        if self.parallel_residual:  # in transformers' order: (mlp + attn) + x
+            return self.mlp(self.post_layernorm(residual)) + attn, residual
         if self.sandwich_norm:
             attn = self.attention_out_layernorm(attn)
-        h = x + attn
-        mlp = self.mlp(self.post_layernorm(h))
-        return h + (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp)
+        h, residual = add_and_norm(self.post_layernorm, attn, residual)
+        mlp = self.mlp(h)
+        return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
+
+    def full_output(self, x, positions, batch):
+        """The layer's output as one tensor (calibration runs layers one at a time)."""
+        out, residual = self(x, positions, batch)
+        return out + residual
 
 
 class DecoderModel(nn.Module):
@@ -289,9 +299,12 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, hidden, positions, batch):
         x = self.embed(input_ids, positions) if self.vocab_embedding is not None else hidden
+        residual = None
         for layer in self.layers.values():
-            x = layer(x, positions, batch)
-        return self.ln_f(x) if self.ln_f is not None else x
+            x, residual = layer(x, positions, batch, residual)
+        if self.ln_f is not None:
+            return add_and_norm(self.ln_f, x, residual)[0]
+        return x if residual is None else x + residual  # the next pipeline stage's input: the whole stream
 
 
 def refuse_quantization(quant_config: QuantConfig | None) -> None:

@@ -38,7 +38,7 @@ def calibrate_absmax(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu")
                  for name, m in layer.named_modules()
                  if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None]
         with torch.no_grad():
-            x = layer(x, positions, batch)
+            x = layer.full_output(x, positions, batch)
         for h in hooks:
             h.remove()
         del layer

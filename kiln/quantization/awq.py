@@ -153,7 +153,7 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
             if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None:
                 hooks.append(m.register_forward_pre_hook(functools.partial(capture, name)))
         with torch.no_grad():
-            y = layer(x, positions, batch)
+            y = layer.full_output(x, positions, batch)
         for h in hooks:
             h.remove()
         _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)

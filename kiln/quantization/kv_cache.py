@@ -84,7 +84,10 @@ class _AmaxBatch:
     def max_seq_len(self) -> int:
         return self.batch.max_seq_len
 
-    def attend(self, layer, q, k, v):
+    def cache_slots(self, layer) -> None:
+        return None  # uncached: the keys and values reach `attend`
+
+    def attend(self, layer, q, k, v, kv_written=False):
         self.amax[layer.layer_idx] = torch.stack([k.detach().abs().amax().float(), v.detach().abs().amax().float()])
         return self.batch.attend(layer, q, k, v)
 
@@ -105,7 +108,7 @@ def calibrate(model, tokens: torch.Tensor, algo: QuantAlgo, device="cpu") -> dic
         prefix = f"transformer.layers.{i}."
         layer = streaming.load_layer(model, i, device)
         with torch.no_grad():
-            x = layer(x, positions, batch)
+            x = layer.full_output(x, positions, batch)
         amax = batch.amax[i]
         scales[prefix + "attention." + SCALE_NAME] = scale_from_amax(amax, algo, config.torch_dtype).cpu()
         log.debug("KV cache layer %d: |k|max %.3g |v|max %.3g", i, *amax.tolist())

@@ -49,14 +49,28 @@ class PagedAttentionBatch:
     def fresh_prefill(self) -> bool:
         return max(self.context_lens) == 0
 
-    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def cache_slots(self, layer):
+        """(k_cache, v_cache, slot_mapping), the caches as [slots, kv_heads, d], for a kernel that writes the
+        new keys and values as it makes them; None for a quantized cache, which `attend` quantizes and writes."""
+        if layer.kv_cache_scaling_factor is not None:
+            return None
+        return (*self._flat_cache(layer), self.slot_mapping)
+
+    def _flat_cache(self, layer):
         k_cache, v_cache = self.kv.k[layer.layer_idx], self.kv.v[layer.layer_idx]
-        k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        return k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False):
+        """Write the new keys and values to the cache (unless `kv_written`: a kernel of the layer did), then
+        attend."""
+        k_cache, v_cache = self.kv.k[layer.layer_idx], self.kv.v[layer.layer_idx]
+        k_flat, v_flat = self._flat_cache(layer)
         kv_scale = layer.kv_cache_scaling_factor  # None: the cache holds keys and values as they are
         if kv_scale is not None:
             k, v = quantize(k, kv_scale[0], k_cache.dtype), quantize(v, kv_scale[1], v_cache.dtype)
-        _write(k_flat, self.slot_mapping, k)
-        _write(v_flat, self.slot_mapping, v)
+        if not kv_written:
+            _write(k_flat, self.slot_mapping, k)
+            _write(v_flat, self.slot_mapping, v)
         if layer.softcap is not None:
             return self._attend_each(layer, q, k_flat, v_flat, range(len(self.query_lens)))
         fast = q.is_cuda and triton_available()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.rotary import apply_rotary, apply_rotary_ref
+from kiln.kernels.rotary import (apply_rotary, apply_rotary_and_write_cache, apply_rotary_and_write_cache_ref,
+                                 apply_rotary_ref)
 
 needs_gpu = pytest.mark.skipif(not triton_available(),
                                reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
@@ -39,6 +40,59 @@ def test_reference_rotates_in_place():
     assert not torch.allclose(q[1:], before[1:])
 
 
+def test_reference_with_cache_writes_the_rotated_keys_and_the_values_at_their_slots():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    k_cache, v_cache = torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, 8, generator=g)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    positions, slots = torch.tensor([4, 5, 6]), torch.tensor([7, 2, 9])
+    want_q, want_k = apply_rotary_ref(q.clone(), k.clone(), positions, _inv_freq(8))
+    apply_rotary_and_write_cache_ref(q, k, v, positions, _inv_freq(8), k_cache, v_cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(k_cache[slots], want_k) and torch.equal(v_cache[slots], v)
+    others = torch.tensor([i for i in range(10) if i not in slots.tolist()])
+    assert torch.equal(k_cache[others], k_before[others]) and torch.equal(v_cache[others], v_before[others])
+
+
+def _qkv_views(tokens, heads, kv_heads, head_size, dtype, fused_qkv, g):
+    """q, k, v and the QKV output they view: strided slices of it (fused), or contiguous copies."""
+    width = (heads + 2 * kv_heads) * head_size
+    qkv = torch.randn(tokens, width, generator=g).to(dtype).cuda()
+    bounds = (0, heads * head_size, (heads + kv_heads) * head_size, width)
+    parts = [qkv[:, a:b].view(tokens, -1, head_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    return (parts if fused_qkv else [p.contiguous() for p in parts]), qkv
+
+
+# cos/sin from libdevice vs torch may differ in float32's last bit and round apart in 16 bits:
+# one ulp of cos (2**-8 in bf16) times |x| (up to ~4) bounds the difference.
+ROTARY_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (64, 8, 1, 80)])
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_heads, head_size, fused_qkv):
+    g = torch.Generator().manual_seed(tokens * heads + head_size + 1)
+    (q, k, v), _ = _qkv_views(tokens, heads, kv_heads, head_size, dtype, fused_qkv, g)
+    num_slots = 4 * tokens + 8
+    k_cache = torch.randn(num_slots, kv_heads, head_size, generator=g).to(dtype).cuda()
+    v_cache = torch.randn(num_slots, kv_heads, head_size, generator=g).to(dtype).cuda()
+    slots = torch.randperm(num_slots, generator=g)[:tokens].cuda()
+    positions = torch.randint(0, 8192, (tokens,), generator=g).cuda()
+    freqs = _inv_freq(head_size, 500000.0).cuda()
+    want = [t.clone() for t in (q, k, k_cache, v_cache)]
+    apply_rotary_and_write_cache_ref(want[0], want[1], v, positions, freqs, want[2], want[3], slots)
+    apply_rotary_and_write_cache(q, k, v, positions, freqs, k_cache, v_cache, slots)
+    tol = ROTARY_TOL[dtype]
+    for got, expected in zip((q, k, k_cache), want[:3]):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert torch.equal(v_cache, want[3])  # values are copied bit for bit, other slots untouched
+    unwritten = torch.ones(num_slots, dtype=torch.bool, device="cuda")
+    unwritten[slots] = False
+    assert torch.equal(k_cache[unwritten], want[2][unwritten])
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (64, 8, 1, 80)])
@@ -60,9 +114,7 @@ def test_kernel_matches_reference(dtype, tokens, heads, kv_heads, head_size, fus
     got_q, got_k = apply_rotary(q, k, positions, freqs)
     assert got_q.data_ptr() == q.data_ptr()
     assert torch.equal(qkv[:, (heads + kv_heads) * head_size:], v_before) or not fused_qkv  # v untouched
-    # cos/sin from libdevice vs torch may differ in float32's last bit and round apart in 16 bits:
-    # one ulp of cos (2**-8 in bf16) times |x| (up to ~4) bounds the difference.
-    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    tol = ROTARY_TOL[dtype]
     err = max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item())
     print(f"apply_rotary {dtype} {(tokens, heads, kv_heads, head_size)} fused={fused_qkv}: max err {err:.3g}")
     torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
