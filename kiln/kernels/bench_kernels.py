@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import triton_available
+from kiln.kernels import paged_attention
 from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+from kiln.kernels.gemv import gemv, gemv_ref
 from kiln.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
                                           varlen_prefill_attention, varlen_prefill_attention_ref)
 from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
@@ -70,6 +72,32 @@ def bench_decode(batch: int = 32, context: int = 2048, block_size: int = 16):
            lambda: paged_decode_attention_ref(*args), nbytes=2 * k_cache.numel() * 2, ref_iters=3)
 
 
+def bench_decode_tiles(contexts=(256, 1024, 8192), block_ns=(32, 64, 128)):
+    """Batch-1 decode attention by key tile (BLOCK_N, hence the shortest split): latency, not bandwidth."""
+    default = paged_attention.DECODE_CONFIG["BLOCK_N"]
+    for block_n in block_ns:
+        paged_attention.DECODE_CONFIG["BLOCK_N"] = block_n
+        for context in contexts:
+            print(f"BLOCK_N {block_n}:", end=" ")
+            bench_decode(batch=1, context=context)
+    paged_attention.DECODE_CONFIG["BLOCK_N"] = default
+
+
+def bench_gemv(rows: int = 1):
+    """Batch-1 linear layers of Llama-3-8B (qkv, o, fc_gate, down, lm_head): the Triton GEMV against cuBLAS."""
+    from triton.testing import do_bench
+
+    for n, k in ((6144, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER), (128256, HIDDEN)):
+        x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+        w = torch.randn(n, k, device="cuda", dtype=DTYPE) / k ** 0.5
+        err = (gemv(x, w) - gemv_ref(x, w)).abs().max().item()
+        # do_bench flushes the L2 cache (50 MB on the H100) between calls: in a decode step no weight is in it.
+        g_ms, c_ms = (do_bench(lambda f=f: f(x, w), warmup=10, rep=50) for f in (gemv, gemv_ref))
+        tb = w.numel() * 2 / 1e9
+        print(f"gemv {rows}x{n}x{k} (max err {err:.2g}): Triton {g_ms * 1e3:7.1f} us {tb / g_ms:5.2f} TB/s, "
+              f"cuBLAS {c_ms * 1e3:7.1f} us {tb / c_ms:5.2f} TB/s")
+
+
 def bench_prefill(seqs: int = 4, seq_len: int = 2048):
     tokens = seqs * seq_len
     q = torch.randn(tokens, HEADS, HEAD_SIZE, device="cuda", dtype=DTYPE)
@@ -94,6 +122,8 @@ def main():
     for tokens in (32, 4096):
         bench_pointwise(tokens)
     bench_decode()
+    bench_decode_tiles()
+    bench_gemv()
     bench_prefill()
 
 

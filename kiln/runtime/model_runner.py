@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
 
 from kiln.kernels import triton_available
+from kiln.layers.linear import choose_linear_kernels
 from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
 from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.host_tensors import int_tensor, padded_tables
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
 
@@ -42,6 +45,7 @@ class ModelRunner:
         self.mapping = config.mapping
         self.hidden_size = config.hidden_size
         self.dtype = config.torch_dtype
+        choose_linear_kernels(model)  # times kernels while the memory the KV cache will take is still free
         layers = self.mapping.pp_layers(config.num_hidden_layers)
         kv_heads = kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size)
         kv_dtype = cache_dtype(config.quantization, self.dtype)  # int8 / float8 codes for a quantized cache

@@ -1,0 +1,43 @@
+"""gemv: the Triton GEMV against F.linear on random shapes, and its choice against cuBLAS (GPU only)."""
+
+import pytest
+import torch
+
+from kiln.kernels import triton_available
+from kiln.kernels.gemv import gemv, gemv_ref, use_gemv
+
+needs_gpu = pytest.mark.skipif(not triton_available(),
+                               reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 6144, 4096), (1, 1000, 1234), (2, 7, 4100), (1, 3, 64)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_kernel_matches_reference(dtype, rows, n, k, strided):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, 2 * k if strided else k, generator=g).to(dtype).cuda()
+    x = x[:, :k] if strided else x  # a row stride past k, as a slice of a wider activation
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).cuda()
+    got, want = gemv(x, w), gemv_ref(x, w)
+    # Both sum in float32 in different orders, then round once: the sums differ by at most k float32 ulps of
+    # sum |x||w|, and the results by those plus one ulp of the output's dtype.
+    magnitude = (x.float().abs() @ w.float().abs().T)
+    bound = k * 2.0 ** -23 * magnitude + 2.0 ** -MANTISSA_BITS[dtype] * want.float().abs() + 1e-30
+    err = (got.float() - want.float()).abs()
+    print(f"gemv {dtype} {rows}x{n}x{k}: max err {err.max().item():.3g}, worst err / bound {(err / bound).max():.3g}")
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (err <= bound).all()
+
+
+@needs_gpu
+def test_choice_is_never_timed_inside_a_cuda_graph_capture():
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(333, 512, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert use_gemv(x, w) is False  # an unseen shape inside a capture: cuBLAS, and nothing recorded
+    decided = use_gemv(x, w)  # outside: timed once, then remembered
+    assert use_gemv(x, w) is decided
+    assert use_gemv(torch.randn(3, 512, dtype=torch.bfloat16, device="cuda"), w) is False  # over GEMV_MAX_ROWS
