@@ -104,10 +104,11 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
     seed = zlib.crc32(w.name.encode())
     prompts = w.prompts(llm.engine.config.vocab_size, seed=seed)
     # Warm-up on other prompts of the same shape (no prefix to reuse), up to a batch of 64, in the run's order
-    # (with a shared prefix: the first alone, then the rest): the run's steps find their kernels compiled and tuned.
+    # (with a shared prefix: the first alone, one follower alone, then the rest): the run's steps find their
+    # kernels compiled and tuned for every shape they meet.
     warm = dataclasses.replace(w, name=w.name + "-warm-up", num_requests=min(w.num_requests, 64), output_len=2)
     warm_prompts = warm.prompts(llm.engine.config.vocab_size, seed=seed + 1)
-    for part in ([warm_prompts[:1], warm_prompts[1:]] if w.shared_prefix_len else [warm_prompts]):
+    for part in ([warm_prompts[:1], warm_prompts[1:2], warm_prompts[2:]] if w.shared_prefix_len else [warm_prompts]):
         if part:
             llm.generate(part, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     sync(llm.device)

@@ -30,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.gemv import quick_bench
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -307,6 +308,7 @@ if triton is not None:
         y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(y, (acc * s[None, :]).to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-    _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"])(kernel), configs)
+    _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"], do_bench=quick_bench,
+                                       cache_results=True)(kernel), configs)
               for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w4_gemm_kernel, _W4_GEMM_CONFIGS),
                                       (_w8_gemv_kernel, _GEMV_CONFIGS), (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}

@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.gemv import GEMV_MAX_ROWS, gemv, use_gemv
+from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
+from kiln.layers.embedding import LMHead
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
 
@@ -46,9 +46,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.shard_rules["weight"] = layer.weight_rule
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and use_gemv(x, layer.weight):  # batch-1 decode shapes where it beats cuBLAS
-            return gemv(x, layer.weight)
-        return F.linear(x, layer.weight)
+        return linear(x, layer.weight)  # cuBLAS, or a GEMV for batch-1 shapes where it measured faster
 
     def quantize(self, weight, dtype, input_scale=None):
         return {"weight": weight.to(dtype)}
@@ -57,15 +55,13 @@ class UnquantizedLinearMethod(LinearMethod):
 def choose_linear_kernels(model: nn.Module) -> None:
     """Time the GEMV against cuBLAS once for each distinct full-precision weight shape of `model` (on CUDA),
     at 1 to GEMV_MAX_ROWS rows, so that decode steps and their CUDA graphs find the choice made."""
-    timed = False
-    for module in model.modules():
-        if isinstance(module, Linear) and isinstance(module.quant_method, UnquantizedLinearMethod) \
-                and module.weight.is_cuda:
-            timed = True
-            for rows in range(1, GEMV_MAX_ROWS + 1):
-                use_gemv(torch.empty(rows, module.in_features, dtype=module.weight.dtype, device=module.weight.device),
-                         module.weight)
-    if timed:  # the timer's L2-flush buffer goes back to the GPU, for the KV cache to size itself
+    weights = [m.weight for m in model.modules() if m.__class__ is LMHead or
+               isinstance(m, Linear) and isinstance(m.quant_method, UnquantizedLinearMethod)]
+    weights = [w for w in weights if w.is_cuda]
+    for weight in weights:
+        for rows in range(1, GEMV_MAX_ROWS + 1):
+            use_gemv(torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device), weight)
+    if weights:  # the timer's L2-flush buffer goes back to the GPU, for the KV cache to size itself
         torch.cuda.empty_cache()
 
 

@@ -136,3 +136,19 @@ def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top
     assert float((freq - expected.double()).abs().max()) <= 5 * 0.5 / math.sqrt(n)
     # The check has power: the unfiltered T=1 distribution is far from the expected one.
     assert float((logits.softmax(-1) - expected).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize("vocab", [128256, 32000, 151936, 1000, 50257])
+def test_greedy_tokens_equal_argmax_with_ties_inside_and_across_chunks(vocab):
+    from kiln.runtime.sampler import greedy_tokens
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g)
+    top = logits.max() + 1
+    logits[1, [5, vocab - 1]] = top  # a tie across chunks: the first wins
+    logits[2, [vocab // 2, vocab // 2 + 1]] = top  # a tie inside one chunk
+    logits[3] = 0.0  # all equal: index 0
+    logits[4, vocab - 1] = top  # the last index
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits[0]), logits[0].argmax(-1))  # one row, no batch dim
+    assert torch.equal(greedy_tokens(logits.bfloat16()), logits.bfloat16().argmax(-1))
