@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from kiln.errors import ConfigError
+from kiln.kernels import triton_available
+from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, quantize_fp8_rows
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
-MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scale
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 SCALED_MM_ALIGN = 16  # torch._scaled_mm needs K and N multiples of 16
 
@@ -66,12 +66,16 @@ def static_activation_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] -> (x_q float8 [M, K], scale float32 [M, 1]) with each row's max |x| at 448."""
+    if x.is_cuda and triton_available():
+        return quantize_fp8_rows(x)  # the same numbers in one Triton pass
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
     return to_fp8(x.float() / scale), scale
 
 
 def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] with a per-tensor scale [1] -> (x_q float8 [M, K], scale float32 [M, 1])."""
+    if x.is_cuda and triton_available():
+        return quantize_fp8_rows(x, scale)  # the same numbers in one Triton pass
     s = scale.float().reshape(1, 1)
     return to_fp8(x.float() / s), s.expand(x.shape[0], 1).contiguous()
 
