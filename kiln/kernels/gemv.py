@@ -4,8 +4,9 @@ At batch 1 a linear layer's time is the time to stream its weight, so the best k
 full memory bandwidth. cuBLAS does that for most decode shapes of an 8B model, but not for all: on the H100 it
 ran Llama-3-8B's 4096 x 4096 attention output projection at 1.6 TB/s (20.8 us) against 3.0 TB/s of copy
 bandwidth, and split the K dim of others into a GEMM plus a reduction kernel. Which kernel wins depends on the
-shape and the GPU, so `use_gemv` times both once per (shape, dtype, rows) on the GPU at hand and remembers the
-faster; the choice is made in the warm-up before CUDA-graph capture and never inside a capture.
+shape and the GPU, so `use_gemv` times both once per (shape, dtype, rows) on the GPU at hand, as a decode step
+runs them, and remembers the faster; the engine makes every choice at load (kiln.layers.linear
+.choose_linear_kernels), never inside a CUDA-graph capture.
 
 Each program owns BLOCK_N output rows and streams them along the whole input dim in BLOCK_K columns, with
 float32 partial sums per column summed once at the end; programs of the same output rows but another row of x
@@ -29,6 +30,7 @@ log = logging.getLogger("kiln")
 
 GEMV_MAX_ROWS = 2  # more rows of x: cuBLAS's GEMMs reuse each weight tile across rows, this kernel does not
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TIMING_BYTES = 256 * 2**20  # weight bytes streamed per timed pass: five times the H100's L2 cache
 _faster: dict[tuple, bool] = {}  # (n, k, dtype, rows, device index) -> the GEMV measured faster than cuBLAS
 
 
@@ -67,18 +69,34 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _time(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    from triton.testing import do_bench
-
+    """Time both kernels as a decode step runs them: back to back in a CUDA graph, over copies of the weight
+    that together overflow the L2 cache, so every call streams its weight from memory (timing one call after
+    an L2 flush measured launch gaps too, and picked the wrong kernel for some shapes)."""
     sample = torch.randn_like(x)
-    gemv(sample, weight)  # autotunes the tile shape first
-    ms_gemv = do_bench(lambda: gemv(sample, weight), warmup=5, rep=10)
-    ms_cublas = do_bench(lambda: F.linear(sample, weight), warmup=5, rep=10)
-    bytes_per_ms = weight.numel() * weight.element_size() / 1e9  # GB per ms = TB/s
-    log.info("linear %s x %s %s: Triton GEMV %.1f us (%.2f TB/s, %s), cuBLAS %.1f us (%.2f TB/s) -> %s",
-             tuple(x.shape), tuple(weight.shape), str(x.dtype).removeprefix("torch."), ms_gemv * 1e3,
-             bytes_per_ms / ms_gemv, _gemv_kernel.best_config, ms_cublas * 1e3, bytes_per_ms / ms_cublas,
-             "GEMV" if ms_gemv < ms_cublas else "cuBLAS")
-    return ms_gemv < ms_cublas
+    gemv(sample, weight)  # autotunes the tile shape, outside the graph
+    nbytes = weight.numel() * weight.element_size()
+    copies = [weight] + [weight.clone() for _ in range(min(-(-TIMING_BYTES // nbytes), 16) - 1)]
+    calls = max(64 // len(copies), 1)
+    ms = {}
+    for name, fn in (("GEMV", gemv), ("cuBLAS", F.linear)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                for w in copies:
+                    fn(sample, w)
+        graph.replay()  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        ms[name] = start.elapsed_time(end) / (3 * calls * len(copies))
+        del graph
+    log.info("linear %s x %s %s: Triton GEMV %.1f us (%.2f TB/s, %s), cuBLAS %.1f us (%.2f TB/s)",
+             tuple(x.shape), tuple(weight.shape), str(x.dtype).removeprefix("torch."), ms["GEMV"] * 1e3,
+             nbytes / ms["GEMV"] / 1e9, _gemv_kernel.best_config, ms["cuBLAS"] * 1e3, nbytes / ms["cuBLAS"] / 1e9)
+    return ms["GEMV"] < ms["cuBLAS"]
 
 
 def quick_bench(kernel_call, quantiles):
