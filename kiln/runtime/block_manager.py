@@ -105,6 +105,8 @@ class BlockManager:
         """Grow the table to hold num_tokens tokens; False (and no change) when blocks run out."""
         table = self.tables[seq_id]
         need = self.blocks_for(num_tokens) - len(table)
+        if need <= 0:  # the common case (every decode step but one in block_size)
+            return True
         if need > self.num_available():
             return False
         for _ in range(need):

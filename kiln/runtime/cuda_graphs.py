@@ -18,7 +18,9 @@ import time
 
 import torch
 
+from kiln.runtime.host_tensors import int_tensor, padded_tables
 from kiln.runtime.paged_batch import PagedAttentionBatch
+from kiln.runtime.sampler import greedy_tokens
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class DecodeGraphs:
 
     def _advance(self, size: int, logits: torch.Tensor) -> None:
         """Inputs of the next greedy decode step, computed on the GPU (captured into the graph)."""
-        self.tokens[:size].copy_(logits.argmax(-1))
+        self.tokens[:size].copy_(greedy_tokens(logits))
         self.positions[:size] += 1
         self.seq_lens[:size] += 1
         bs = self.kv.block_size
@@ -95,15 +97,15 @@ class DecodeGraphs:
         """Copy the step into the static buffers, padded to a captured size, and replay its graph."""
         b = len(inp.query_lens)
         size = next(s for s in self.sizes if s >= b)
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, pin_memory=True)  # noqa: E731
+        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=True)  # noqa: E731
         self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
         self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
         self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
         self.slots[:b].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
         self.slots[b:size].fill_(self.scratch_slot)
         width = max(len(t) for t in inp.block_tables)
-        tables = [t + [self.scratch_block] * (width - len(t)) for t in inp.block_tables]
-        self.tables[:b, :width].copy_(as_tensor(tables, torch.int32), non_blocking=True)
+        tables = padded_tables(inp.block_tables, width, self.scratch_block, "cpu", pin_memory=True)
+        self.tables[:b, :width].copy_(tables, non_blocking=True)
         self.tables[:b, width:].fill_(self.scratch_block)  # a burst may run past a table's end: scratch, not stale
         self.tables[b:size].fill_(self.scratch_block)
         seq_lens = [c + 1 for c in inp.context_lens]

@@ -24,7 +24,7 @@ class GenerationEngine:
         """runner: a ModelRunner (one process), DriverRunner (torchrun) or WorkerGroup (worker processes);
         it says how many KV-cache blocks every rank holds."""
         self.build_config = build_config
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
         self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync)
@@ -46,9 +46,10 @@ class GenerationEngine:
                               f"max_seq_len ({bc.max_seq_len})")
         # unseeded requests draw a seed here, so a request's stream never depends on its neighbours
         seed = int(torch.randint(0, 2**62, (1,))) if params.seed is None else params.seed + seed_offset
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), params,
                        max_len=min(len(prompt_ids) + params.max_tokens, bc.max_seq_len),
-                       seed=seed)
+                       seed=seed, stop_ids=stop_ids)
         self.scheduler.add(seq)
         return seq
 
@@ -63,19 +64,21 @@ class GenerationEngine:
         produced = self.executor.step(step)
         now = time.monotonic()
         for seq, tokens in produced:
-            for token in tokens:  # several after a burst of decode steps: those past a stop are dropped
-                seq.append_token(token, now)
-                self._check_stop(seq, token)
-                if seq.finished:
-                    break
+            self._append(seq, tokens, now)
             if len(tokens) > 1 and not seq.finished:  # a burst's blocks are registered once its tokens are known
                 self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
         return [seq for seq, _ in produced]
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
-            self.finish(seq, "stop", token)
+    def _append(self, seq: Sequence, tokens: list[int], now: float) -> None:
+        """Append the step's tokens (several after a burst of decode steps) up to the first stop token or the
+        length limit, and finish the sequence there: the tokens past it are dropped."""
+        tokens = tokens[:max(1, seq.max_len - len(seq.all_ids))]
+        stopped = not seq.stop_ids.isdisjoint(tokens)
+        if stopped:
+            tokens = tokens[:next(i for i, token in enumerate(tokens) if token in seq.stop_ids) + 1]
+        seq.append_tokens(tokens, now)
+        if stopped:
+            self.finish(seq, "stop", tokens[-1])
         elif len(seq.all_ids) >= seq.max_len:
             self.finish(seq, "length")
 

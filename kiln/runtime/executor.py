@@ -4,8 +4,6 @@ every sequence whose prompt is now fully computed."""
 
 from __future__ import annotations
 
-import torch
-
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.model_runner import StepInputs
 from kiln.runtime.sampler import sample_batch, token_logprobs
@@ -13,21 +11,27 @@ from kiln.runtime.sequence import Sequence
 
 
 def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepInputs:
+    """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls)."""
     inp = StepInputs([], [], [], [], [], [])
+    bs = blocks.block_size
     for seq, n in step:
         start = seq.num_cached
-        inp.token_ids += seq.all_ids[start:start + n]
-        inp.positions += range(start, start + n)
+        table = blocks.tables[seq.seq_id]
         inp.query_lens.append(n)
         inp.context_lens.append(start)
-        inp.slot_mapping += [blocks.slot(seq.seq_id, p) for p in range(start, start + n)]
-        inp.block_tables.append(blocks.tables[seq.seq_id])
+        inp.block_tables.append(table)
+        if n == 1:  # decoding: the common case
+            inp.token_ids.append(seq.all_ids[start])
+            inp.positions.append(start)
+            inp.slot_mapping.append(table[start // bs] * bs + start % bs)
+            continue
+        end = start + n
+        inp.token_ids += seq.all_ids[start:end]
+        inp.positions += range(start, end)
+        for b in range(start // bs, (end - 1) // bs + 1):  # each block's run of slots at once
+            base = table[b] * bs - b * bs
+            inp.slot_mapping += range(base + max(start, b * bs), base + min(end, (b + 1) * bs))
     return inp
-
-
-def _all_greedy(seqs) -> bool:
-    return all(s.params.greedy and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
-               and not s.params.frequency_penalty and s.params.logprobs is None for s in seqs)
 
 
 class Executor:
@@ -47,20 +51,21 @@ class Executor:
                 seq.num_cached += steps
             return list(zip((seq for seq, _ in step), tokens.T.tolist()))
         logits = self.runner.execute(step_inputs(step, self.blocks))
-        ready = []
-        for (seq, n), row in zip(step, logits):
+        ready = []  # rows of the sequences that sample: not a chunk in the middle of a prompt
+        for i, (seq, n) in enumerate(step):
             seq.num_cached += n
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
-            if seq.num_cached == len(seq.all_ids):  # not a chunk in the middle of a prompt
-                ready.append((seq, row))
+            if seq.num_cached == len(seq.all_ids):
+                ready.append(i)
         if not ready:
             return []
-        seqs = [seq for seq, _ in ready]
-        logits = torch.stack([row for _, row in ready])
+        seqs = [step[i][0] for i in ready]
+        if len(ready) < len(step):
+            logits = logits[ready]
         tokens = sample_batch(logits, seqs)
-        for seq, row, token in zip(seqs, logits, tokens):
+        for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprobs(row, token, seq.params.logprobs))
+                seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))
         return [(seq, [token]) for seq, token in zip(seqs, tokens)]
 
     def _burst_steps(self, step) -> int:
@@ -70,13 +75,13 @@ class Executor:
         the caller, after the fact), and only as far as every sequence's blocks reach: blocks are
         reserved here for the whole burst, up to each sequence's own end."""
         steps = self.decode_steps_per_sync
+        if steps == 1 or not hasattr(self.runner, "decode_burst"):
+            return 1
         # n == 1 alone is not decoding: a prompt chunk cut to one token by the budget has more to come
-        if steps == 1 or not hasattr(self.runner, "decode_burst") or any(seq.num_pending != 1 for seq, _ in step):
-            return 1
         seqs = [seq for seq, _ in step]
-        if not _all_greedy(seqs) or any(seq.params.stop for seq in seqs):
+        if not all(seq.num_pending == 1 and seq.burstable for seq in seqs):
             return 1
-        steps = min(steps, min(self.max_seq_len - seq.num_cached for seq in seqs))
+        steps = min(steps, self.max_seq_len - max(seq.num_cached for seq in seqs))
         for seq in seqs:
             if not self.blocks.append_slots(seq.seq_id, min(seq.num_cached + steps, seq.max_len)):
                 return 1

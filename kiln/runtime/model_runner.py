@@ -23,6 +23,7 @@ from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.host_tensors import int_tensor, padded_tables
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
+from kiln.runtime.sampler import greedy_tokens
 
 
 @dataclass
@@ -87,16 +88,12 @@ class ModelRunner:
         return int(t.item())
 
     def _batch(self, inp: StepInputs) -> PagedAttentionBatch:
-        widest = max(len(t) for t in inp.block_tables)
-        tables = torch.tensor([t + [0] * (widest - len(t)) for t in inp.block_tables], dtype=torch.int32,
-                              device=self.device)
+        tables = padded_tables(inp.block_tables, max(len(t) for t in inp.block_tables), 0, self.device)
         seq_lens = [c + q for c, q in zip(inp.context_lens, inp.query_lens)]
-        cu = [0]
-        for n in inp.query_lens:
-            cu.append(cu[-1] + n)
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        as_tensor = lambda x, dtype: int_tensor(x, dtype, self.device)  # noqa: E731
         return PagedAttentionBatch(inp.query_lens, inp.context_lens, self.kv, as_tensor(inp.slot_mapping, torch.long),
-                                   tables, as_tensor(seq_lens, torch.int32), as_tensor(cu, torch.int32))
+                                   tables, as_tensor(seq_lens, torch.int32),
+                                   as_tensor([0, *accumulate(inp.query_lens)], torch.int32))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
@@ -135,26 +132,39 @@ class ModelRunner:
         return self._eager_burst(inp, steps)
 
     def _eager_burst(self, inp: StepInputs, steps: int) -> torch.Tensor:
-        """The same steps without graphs. A sequence leaves the burst when its next position is past its
-        block table (the caller reserved blocks up to its end): its later entries stay -1, never read."""
-        out = torch.full((steps, len(inp.query_lens)), -1, dtype=torch.long)
-        rows, bs = list(range(len(inp.query_lens))), self.kv.block_size
+        """The same steps without graphs, the next step's inputs advanced on tensors (as the graphs do: no
+        per-sequence host work between steps). A sequence leaves the burst when its next position is past
+        its block table (the caller reserved blocks up to its end): its later entries stay -1, never read."""
+        out = torch.full((steps, len(inp.query_lens)), -1, dtype=torch.long, device=self.device)
+        rows = torch.arange(len(inp.query_lens), device=self.device)
+        batch = self._batch(inp)
+        tables = batch.block_tables
+        ends = int_tensor([len(t) * self.kv.block_size for t in inp.block_tables], torch.long, self.device)
+        tokens, positions = (int_tensor(x, torch.long, self.device) for x in (inp.token_ids, inp.positions))
         for i in range(steps):
-            tokens = self.execute(inp).argmax(-1).tolist()
-            out[i, rows] = torch.tensor(tokens)
-            keep = [j for j, p in enumerate(inp.positions) if p + 1 < len(inp.block_tables[j]) * bs]
-            if not keep:
+            tokens = greedy_tokens(self.model(tokens, positions, batch, last_token_only=True))
+            out[i, rows] = tokens
+            if i == steps - 1:
                 break
-            rows = [rows[j] for j in keep]
-            positions = [inp.positions[j] + 1 for j in keep]
-            tables = [inp.block_tables[j] for j in keep]
-            inp = StepInputs([tokens[j] for j in keep], positions, [1] * len(keep), positions,
-                             [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], tables)
+            positions = positions + 1
+            keep = positions < ends  # the first position past a table
+            if not keep.all():
+                if not keep.any():
+                    break
+                rows, tokens, positions, ends, tables = (x[keep] for x in (rows, tokens, positions, ends, tables))
+            batch = self._decode_batch(positions, tables)
         return out
 
+    def _decode_batch(self, positions: torch.Tensor, tables: torch.Tensor) -> PagedAttentionBatch:
+        """One new token per sequence at `positions`, its cache slot read off the block tables."""
+        bs, n = self.kv.block_size, len(positions)
+        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
+        return PagedAttentionBatch([1] * n, positions.tolist(), self.kv, slots, tables, (positions + 1).int(),
+                                   torch.arange(n + 1, dtype=torch.int32, device=self.device))
+
     def _forward(self, inp: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.tensor(inp.positions, device=self.device)
-        tokens = None if hidden is not None else torch.tensor(inp.token_ids, device=self.device)
+        positions = int_tensor(inp.positions, torch.long, self.device)
+        tokens = None if hidden is not None else int_tensor(inp.token_ids, torch.long, self.device)
         return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
 
 

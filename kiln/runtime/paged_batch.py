@@ -104,26 +104,23 @@ class PagedAttentionBatch:
     @cached_property
     def _parts(self) -> "_StepParts":
         """Which sequences of a mixed step decode, start fresh, or continue (computed once per step)."""
-        starts = [0]
-        for n in self.query_lens:
-            starts.append(starts[-1] + n)
+        from itertools import accumulate, chain
+
+        from kiln.runtime.host_tensors import int_tensor  # lists of thousands of ints: its fast path
+
+        starts = [0, *accumulate(self.query_lens)]
         pairs = list(enumerate(zip(self.query_lens, self.context_lens)))
         decode = [i for i, (n, _) in pairs if n == 1]
         fresh = [i for i, (n, c) in pairs if n > 1 and c == 0]
-        fresh_tokens = [t for i in fresh for t in range(starts[i], starts[i + 1])]
-        fresh_cu = [0]
-        for i in fresh:
-            fresh_cu.append(fresh_cu[-1] + self.query_lens[i])
         other = [i for i, (n, c) in pairs if n > 1 and c > 0]
-        other_cu = [0]
-        for i in other:
-            other_cu.append(other_cu[-1] + self.query_lens[i])
+        tokens_of = lambda seqs: list(chain.from_iterable(range(starts[i], starts[i + 1]) for i in seqs))  # noqa: E731
+        cu_of = lambda seqs: [0, *accumulate(self.query_lens[i] for i in seqs)]  # noqa: E731
         device = self.slot_mapping.device
-        as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
-        return _StepParts(as_tensor(decode), as_tensor([starts[i] for i in decode]), as_tensor(fresh_tokens),
-                          as_tensor(fresh_cu, torch.int32), max((self.query_lens[i] for i in fresh), default=0),
-                          as_tensor(other), as_tensor([t for i in other for t in range(starts[i], starts[i + 1])]),
-                          as_tensor(other_cu, torch.int32), as_tensor([self.context_lens[i] for i in other], torch.int32),
+        as_tensor = lambda x, dtype=torch.long: int_tensor(x, dtype, device)  # noqa: E731
+        return _StepParts(as_tensor(decode), as_tensor([starts[i] for i in decode]), as_tensor(tokens_of(fresh)),
+                          as_tensor(cu_of(fresh), torch.int32), max((self.query_lens[i] for i in fresh), default=0),
+                          as_tensor(other), as_tensor(tokens_of(other)), as_tensor(cu_of(other), torch.int32),
+                          as_tensor([self.context_lens[i] for i in other], torch.int32),
                           max((self.query_lens[i] for i in other), default=0))
 
     def _attend_each(self, layer, q, k_flat, v_flat, seqs) -> torch.Tensor:

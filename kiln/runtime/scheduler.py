@@ -38,8 +38,6 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step: (sequence, number of its pending tokens to compute now), running ones first."""
         self.running = [s for s in self.running if not s.finished]
-        if any(s.finished for s in self.waiting):
-            self.waiting = deque(s for s in self.waiting if not s.finished)
         budget = self.max_num_tokens
         step: list[tuple[Sequence, int]] = []
         preempted_before = self.num_preemptions
@@ -57,6 +55,9 @@ class Scheduler:
             step = [(s, n) for s, n in step if s.status is Status.RUNNING]
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
+            if seq.finished:  # aborted while waiting: dropped when it comes up (no scan of the queue every step)
+                self.waiting.popleft()
+                continue
             tokens = seq.all_ids
             if not self.blocks.can_allocate(len(tokens)):
                 break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -31,6 +32,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it: its stop_token_ids, and EOS unless ignore_eos
     # prompt + output, kept as one list (the scheduler reads it every step; concatenating each time is O(len))
     all_ids: list[int] = field(init=False)
 
@@ -48,9 +50,21 @@ class Sequence:
         return self._generators[device]
 
     def append_token(self, token: int, when: float) -> None:
-        self.output_ids.append(token)
-        self.all_ids.append(token)
-        self.token_times.append(when)
+        self.append_tokens([token], when)
+
+    def append_tokens(self, tokens: list[int], when: float) -> None:
+        """New output tokens, all ready at `when` (one step, or a burst of decode steps read at once)."""
+        self.output_ids += tokens
+        self.all_ids += tokens
+        self.token_times += [when] * len(tokens)
+
+    @cached_property  # the params never change: checked once, not at every step
+    def burstable(self) -> bool:
+        """Greedy, nothing read from the logits but their argmax, and no stop string (matched on text by the
+        caller, after the fact): its decode steps can run in a burst, the host reading the tokens once."""
+        p = self.params
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None and not p.stop)
 
     @property
     def num_pending(self) -> int:
