@@ -79,6 +79,11 @@ def _time(x: torch.Tensor, weight: torch.Tensor) -> bool:
     calls = max(64 // len(copies), 1)
     ms = {}
     for name, fn in (("GEMV", gemv), ("cuBLAS", F.linear)):
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):  # cuBLAS makes its handle and workspace here, never inside the capture
+            fn(sample, weight)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(calls):
