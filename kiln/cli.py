@@ -58,7 +58,8 @@ def cmd_quantize(args) -> None:
     quant_config = QuantConfig(quant_algo=args.quant_algo, kv_cache_quant_algo=args.kv_cache_quant_algo,
                                group_size=args.group_size, has_zero_point=args.has_zero_point,
                                exclude_modules=tuple(args.exclude_modules or ("lm_head",)),
-                               smoothquant_alpha=args.smoothquant_alpha)
+                               smoothquant_alpha=args.smoothquant_alpha,
+                               keep_sensitive_layers=args.keep_sensitive_layers)
     start = time.perf_counter()
     out = PretrainedModel.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
                                    calib_dataset=args.calib_dataset, calib_size=args.calib_size,
@@ -248,6 +249,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "moves into the weights")
     p.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
                    help="modules kept in full precision (fnmatch on names or their suffixes; default: lm_head)")
+    p.add_argument("--keep-sensitive-layers", type=int, default=0, metavar="N",
+                   help="keep the N decoder layers whose quantization costs the most (KL on the calibration text) "
+                        "in full precision; they are added to exclude_modules")
     p.add_argument("--calib-dataset", default=None,
                    help="calibration text: .txt, or .jsonl with a 'text' field (default: text shipped with kiln)")
     p.add_argument("--calib-size", type=int, default=32, help="calibration windows")

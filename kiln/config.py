@@ -77,6 +77,7 @@ class QuantConfig:
     has_zero_point: bool = False
     exclude_modules: tuple[str, ...] = ("lm_head",)
     smoothquant_alpha: float = 0.5  # W8A8_SQ_PER_CHANNEL's migration strength (kiln.quantization.smoothquant)
+    keep_sensitive_layers: int = 0  # layers kept in full precision, chosen on calibration (quantization.sensitivity)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -88,6 +89,9 @@ class QuantConfig:
                and 0.0 <= self.smoothquant_alpha <= 1.0, "QuantConfig", "smoothquant_alpha",
                "a number in [0, 1]", self.smoothquant_alpha)
         set_("smoothquant_alpha", float(self.smoothquant_alpha))
+        _check(isinstance(self.keep_sensitive_layers, int) and not isinstance(self.keep_sensitive_layers, bool)
+               and self.keep_sensitive_layers >= 0, "QuantConfig", "keep_sensitive_layers", "an integer >= 0",
+               self.keep_sensitive_layers)
         set_("exclude_modules", tuple(self.exclude_modules))
 
     @property

@@ -4,12 +4,15 @@ Each checkpoint tensor is a pure function of (source tensor, QuantConfig, calibr
 gives the unsharded (TP=1) tensor, and each rank's shard rules cut its slice, the same rules convert and
 build use. Every algorithm reads, quantizes and writes one linear at a time; those that need calibration
 (CALIBRATORS: AWQ's scale search, SmoothQuant's smoothing scales, the static activation scales of FP8 and
-W4A8_AWQ) first stream the calibration text through the float model layer by layer. Everything is validated before anything is written, and the output dir
+W4A8_AWQ) first stream the calibration text through the float model layer by layer; with
+QuantConfig.keep_sensitive_layers the decoder layers whose quantization costs most on that text then stay in full
+precision (kiln.quantization.sensitivity). Everything is validated before anything is written, and the output dir
 is written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -22,7 +25,7 @@ from kiln.checkpoint.atomic import atomic_dir
 from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
-from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, smoothquant
+from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, sensitivity, smoothquant
 from kiln.quantization.methods import check_supported, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
@@ -135,6 +138,7 @@ def check_quant_config(qc: QuantConfig, config) -> None:
                               "(the engine runs them as one matmul)")
     if qc.quant_algo in MODEL_CHECKS:
         MODEL_CHECKS[qc.quant_algo](config)
+    sensitivity.check_keep_count(qc.keep_sensitive_layers, config.num_hidden_layers, qc.quant_algo is not None)
 
 
 def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mapping | None = None,
@@ -158,13 +162,20 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
     texts = calibration.read_texts(calib_dataset)  # a bad file fails here, before anything is written
     tokenizer = None
     calibrate = CALIBRATORS.get(quant_config.quant_algo)
-    if calibrate is not None or quant_config.kv_cache_quant_algo or evaluate_quality:
+    if calibrate is not None or quant_config.kv_cache_quant_algo or quant_config.keep_sensitive_layers or \
+            evaluate_quality:
         tokenizer = calibration.source_tokenizer(source)
     weight_calibration = WeightCalibration()
     if calibrate is not None:
         tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
         log.info("%s: calibrating on %d x %d tokens, layer by layer", quant_config.quant_algo.value, *tokens.shape)
         weight_calibration = calibrate(source, tokens, quant_config, reference, device)
+    scores = {}
+    if quant_config.keep_sensitive_layers:
+        tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
+        qconfig, weight_calibration, scores = keep_sensitive_layers(source, cls, qconfig, tokens, weight_calibration,
+                                                                    device)
+        quant_config, reference = qconfig.quantization, cls.empty(qconfig)
     kv_scales = {}
     if quant_config.kv_cache_quant_algo is not None:
         tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
@@ -182,12 +193,32 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
         model.write_metadata(tmp)
         if evaluate_quality:
             report = quality_report(source, cls, qconfig, quantized, tokenizer, calib_max_seq_len, device)
+            if scores:
+                report["layer_sensitivity_kl"] = {str(i): kl for i, kl in scores.items()}
             if weight_calibration.awq_errors:
                 report["awq_layer_mse"] = {k: {"awq": a, "rtn": r}
                                            for k, (a, r) in weight_calibration.awq_errors.items()}
             (tmp / evaluate.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             log.info(evaluate.format_report(report))
     return Path(out_dir)
+
+
+def keep_sensitive_layers(source, cls, qconfig, tokens, weight_calibration: WeightCalibration, device):
+    """(config whose exclude_modules add the QuantConfig.keep_sensitive_layers layers that cost the most on the
+    calibration tokens, the calibration without those layers, {layer: score}); kiln.quantization.sensitivity."""
+    qc = qconfig.quantization
+    wc = weight_calibration
+    quantized = QuantizedSource(source, cls.empty(qconfig), wc.input_scales, wc.norm_scales, act_absmax=wc.act_absmax,
+                                device=device, weight_clips=wc.weight_clips)
+    log.info("%s: scoring each decoder layer's quantization on %d x %d calibration tokens",
+             qc.quant_algo.value, *tokens.shape)
+    scores = sensitivity.layer_scores(source, _rank_model(cls, qconfig, quantized), tokens, device)
+    keep = sensitivity.most_sensitive(scores, qc.keep_sensitive_layers)
+    log.info("keeping decoder layers %s in full precision (mean KL on calibration text when quantized alone: %s)",
+             keep, ", ".join(f"{scores[i]:.2e}" for i in keep))
+    excluded = qc.exclude_modules + tuple(sensitivity.layer_pattern(i) for i in keep)
+    qconfig = qconfig.replace(quantization=dataclasses.replace(qc, exclude_modules=excluded))
+    return qconfig, sensitivity.without_layers(wc, keep), scores
 
 
 def quality_report(source, cls, qconfig, quantized: QuantizedSource, tokenizer, seq_len: int, device) -> dict:
