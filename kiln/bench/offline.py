@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -201,20 +202,24 @@ def prefill_flops(config, tokens: int) -> float:
     return per_token * tokens + attention
 
 
-def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device) -> Path:
-    """The engine dir of one kiln system: the source as is, or quantized first (into a temp checkpoint)."""
+def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device) -> tuple[Path, list]:
+    """(the engine dir of one kiln system: the source as is, or quantized first into a temp checkpoint; the dirs
+    to delete after it: with a synthetic source, all of them, since 8B-shaped copies fill a disk fast)."""
     import tempfile
 
     from kiln.llmapi.llm import open_engine_dir
     from kiln.quantization.workflow import quantize_checkpoint
 
+    scratch = []
     if quant is not None:
         ckpt = Path(tempfile.mkdtemp(prefix="kiln-bench-quant-")) / "ckpt"
+        scratch.append(ckpt.parent)
         start = time.perf_counter()
         source = quantize_checkpoint(source, ckpt, quant, dtype=args.dtype, device=str(device))
         print(f"# quantized to {quant.quant_algo and quant.quant_algo.value} / KV "
               f"{quant.kv_cache_quant_algo and quant.kv_cache_quant_algo.value} in {time.perf_counter() - start:.0f}s")
-    return open_engine_dir(source, args.dtype, build_config)
+    engine_dir = open_engine_dir(source, args.dtype, build_config)
+    return engine_dir, (scratch + [engine_dir] if args.synthetic else scratch)
 
 
 def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
@@ -304,9 +309,11 @@ def run(args) -> list[BenchResult]:
                                max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)))
     systems = {}
     for label, quant in quant_systems(args):
-        engine_dir = build_engine(source, args, quant, build_config, device)
+        engine_dir, scratch = build_engine(source, args, quant, build_config, device)
         system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings)
         results += system_results
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
     print(TABLE_HEADER)
     for r in results:
         print(r.row())
