@@ -49,6 +49,15 @@ class PagedAttentionBatch:
     def fresh_prefill(self) -> bool:
         return max(self.context_lens) == 0
 
+    @property
+    def continuing_only(self) -> bool:
+        """Every sequence has several new tokens after some cached ones."""
+        return min(self.context_lens) > 0 and min(self.query_lens) > 1
+
+    @cached_property
+    def _context_lens(self) -> torch.Tensor:
+        return self.seq_lens - (self.cu_seqlens[1:] - self.cu_seqlens[:-1])
+
     def cache_slots(self, layer):
         """(k_cache, v_cache, slot_mapping), the caches as [slots, kv_heads, d], for a kernel that writes the
         new keys and values as it makes them; None for a quantized cache, which `attend` quantizes and writes."""
@@ -83,6 +92,9 @@ class PagedAttentionBatch:
         if self.fresh_prefill:
             return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window,
                            kv_scale)
+        if self.continuing_only:  # prefix hits and later chunks alone: no gather and scatter per layer
+            return continuing(q, k_cache, v_cache, self.block_tables, self.cu_seqlens, self._context_lens,
+                              layer.scale, layer.sliding_window, kv_scale, max(self.query_lens))
         # A mixed step (new requests joining running ones): one call for all the decode tokens, one for all
         # the fresh prompts, one for the prompts that continue a cached prefix or an earlier chunk.
         p = self._parts

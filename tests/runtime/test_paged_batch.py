@@ -89,6 +89,7 @@ STEPS = {
     "mixed": [(5, 6), (9, 1), (0, 7), (13, 3)],  # a prefill continuing a cached prefix, decode, a fresh prompt
     "decode_only": [(9, 1), (1, 1), (16, 1), (4, 1)],
     "fresh_prefill": [(0, 7), (0, 1), (0, 12)],
+    "continuing_only": [(5, 6), (16, 3), (1, 9)],  # prefix hits or later chunks, no other kind beside them
 }
 
 
