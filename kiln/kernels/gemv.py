@@ -40,14 +40,33 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Triton version of `gemv_ref`: x [..., k] with at most GEMV_MAX_ROWS rows, weight [n, k]; CUDA tensors."""
+    rows = _rows(x)
+    y = _launch(rows, weight, None, None, x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def scaled_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq [m, k] @ wq [n, k]^T) * x_scale [m, 1] * w_scale [n] -> [m, n] in out_dtype, m <= GEMV_MAX_ROWS: the
+    FP8 GEMM of kiln.quantization.fp8 at decode batch sizes. Codes convert to float32 exactly, their products
+    are exact, the sum is in float32 and the scales come after it, as in `fp8_gemm_emulated`."""
+    return _launch(_rows(xq), wq, x_scale.reshape(-1).float().contiguous(), w_scale, out_dtype)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(rows, weight, x_scale, w_scale, out_dtype) -> torch.Tensor:
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     n, k = weight.shape
-    y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    y = torch.empty(rows.shape[0], n, dtype=out_dtype, device=rows.device)
+    scaled = x_scale is not None
     grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
-    _gemv_kernel[grid](rows, weight, y, n, k, rows.stride(0), weight.stride(0), rows.shape[0])
-    return y.view(*x.shape[:-1], n)
+    _gemv_kernel[grid](rows, weight, y, x_scale if scaled else y, w_scale if scaled else y, n, k, rows.stride(0),
+                       weight.stride(0), rows.shape[0], HAS_SCALES=scaled)
+    return y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -119,8 +138,8 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "M"], do_bench=quick_bench, cache_results=True)
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, stride_xm, stride_wn, M,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm, stride_wn, M,
+                     HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -132,4 +151,7 @@ if triton is not None:
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
                         mask=row_ok[:, None] & ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-        tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALES:  # (sum * x's row scale) * w's column scale, in float32, as the emulated FP8 GEMM
+            y = y * tl.load(xs_ptr + m) * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)

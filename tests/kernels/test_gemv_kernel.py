@@ -41,3 +41,29 @@ def test_choice_is_never_timed_inside_a_cuda_graph_capture():
     decided = use_gemv(x, w)  # outside: timed once, then remembered
     assert use_gemv(x, w) is decided
     assert use_gemv(torch.randn(3, 512, dtype=torch.bfloat16, device="cuda"), w) is False  # over GEMV_MAX_ROWS
+
+
+needs_fp8_gpu = pytest.mark.skipif(not triton_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs an NVIDIA GPU with FP8 (compute capability 8.9+) and Triton")
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 6144, 4096), (1, 1000, 1234), (2, 7, 4100)])
+def test_scaled_gemv_matches_the_emulated_fp8_gemm(out_dtype, rows, n, k):
+    from kiln.kernels.gemv import scaled_gemv
+    from kiln.quantization.fp8 import fp8_gemm, fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
+
+    g = torch.Generator().manual_seed(rows * n + k + 7)
+    x = torch.randn(rows, k, generator=g).to(out_dtype).cuda()
+    wq, ws = quantize_fp8_weight(torch.randn(n, k, generator=g).cuda(), out_dtype, per_channel=True)
+    xq, xs = quantize_fp8_per_token(x)
+    got, want = scaled_gemv(xq, xs, wq, ws, out_dtype), fp8_gemm_emulated(xq, xs, wq, ws, out_dtype)
+    assert torch.equal(fp8_gemm(xq, xs, wq, ws, out_dtype), got)  # the FP8 method runs this kernel at decode
+    # e4m3 products are exact in float32; the sums differ by order only: k float32 ulps of sum |terms|, scaled,
+    # plus one rounding to the output dtype.
+    terms = (xq.float().abs() @ wq.float().abs().T) * xs * ws.float()[None, :]
+    bound = k * 2.0 ** -23 * terms + 2.0 ** -MANTISSA_BITS[out_dtype] * want.float().abs() + 1e-30
+    err = (got.float() - want.float()).abs()
+    print(f"scaled_gemv {out_dtype} {rows}x{n}x{k}: worst err / bound {(err / bound).max():.3g}")
+    assert got.dtype == out_dtype and (err <= bound).all()
