@@ -322,7 +322,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None)
-    p.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--baseline", default="hf", choices=["hf", "none"],
+                   help="hf: also run transformers' generate on the same model and workloads (default); none: kiln only")
+    p.add_argument("--no-baseline", dest="baseline", action="store_const", const="none",
+                   help="the same as --baseline none")
     p.add_argument("--workloads", default=None, metavar="NAME[,NAME]",
                    help=f"named workloads: {', '.join(NAMED_WORKLOADS)} (default: batch-1 decode and one of "
                    "--num-requests x --input-len / --output-len)")

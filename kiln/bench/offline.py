@@ -337,11 +337,11 @@ def prepare_source(args, device):
         hf_model = synthetic_hf_model(args.synthetic, getattr(torch, args.dtype), device)
         source = tempfile.mkdtemp(prefix=f"kiln-bench-{args.synthetic}-")
         hf_model.save_pretrained(source)
-        return source, None if args.no_baseline else hf_model
+        return source, None if args.baseline == "none" else hf_model
     source = Path(args.model)
     is_hf = (source / "config.json").is_file() and "format_version" not in json.loads(
         (source / "config.json").read_text())
-    if args.no_baseline or not is_hf:
+    if args.baseline == "none" or not is_hf:
         return source, None
     import transformers
 

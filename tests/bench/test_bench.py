@@ -6,7 +6,7 @@ import json
 import pytest
 
 from kiln.bench.workloads import NAMED_WORKLOADS, Workload, read_workload_file, select
-from kiln.cli import main
+from kiln.cli import main, make_parser
 from kiln.errors import ConfigError
 
 
@@ -53,3 +53,9 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
     assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kiln W8A16 | prefix | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,baseline", [([], "hf"), (["--baseline", "none"], "none"), (["--no-baseline"], "none"),
+                                           (["--baseline", "hf"], "hf")])
+def test_bench_baseline_flag(argv, baseline):
+    assert make_parser().parse_args(["bench", "--synthetic", "llama-3-8b", *argv]).baseline == baseline
