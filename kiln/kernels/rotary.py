@@ -3,11 +3,13 @@
 GPT-NeoX "rotate half" layout, which kiln and Hugging Face use: dimension i pairs with i + d/2.
 The kernel computes cos/sin from positions itself, so no [tokens, d] cos/sin table is read or built:
 one launch rotates both q and k of a token with a single read and write of each. The runtime also has it
-write the rotated keys and the values into their paged-cache slots (`apply_rotary_and_write_cache`), which
-saves the two copy kernels per layer that a separate cache write costs in every decode step.
+write the rotated keys and the values into their paged-cache slots (`apply_rotary_and_write_cache`), as codes
+for a quantized cache, which saves the copy (and quantize) kernels a separate write costs in every decode step.
 """
 
 import torch
+
+from kiln.quantization.kv_cache import QMAX, quantize
 
 try:
     import triton
@@ -39,11 +41,17 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return q, k
 
 
-def apply_rotary_and_write_cache_ref(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
-    """`apply_rotary_ref`, then k_cache[slots] = k and v_cache[slots] = v; caches [slots, kv_heads, d]."""
+def apply_rotary_and_write_cache_ref(q, k, v, positions, inv_freq, k_cache, v_cache, slots, kv_scale=None):
+    """`apply_rotary_ref`, then k_cache[slots] = k and v_cache[slots] = v; caches [slots, kv_heads, d]. With
+    kv_scale ([s_k, s_v]) the caches hold int8 or float8 codes, quantize(k, s_k) and quantize(v, s_v)
+    (kiln.quantization.kv_cache)."""
     apply_rotary_ref(q, k, positions, inv_freq)
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    for cache, x, which in ((k_cache, k, 0), (v_cache, v, 1)):
+        if kv_scale is not None:
+            x = quantize(x, kv_scale[which], cache.dtype)
+        if cache.element_size() == 1:  # (no index_copy_ for float8 on the CPU: copy the bytes)
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.index_copy_(0, slots, x)
     return q, k
 
 
@@ -52,34 +60,50 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_
 
     q and k may be strided views (say, slices of a fused QKV output) as long as head_size is contiguous.
     """
-    return _launch(q, k, positions, inv_freq, None)
+    return _launch(q, k, positions, inv_freq, None, None)
 
 
-def apply_rotary_and_write_cache(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
-    """Triton version of `apply_rotary_and_write_cache_ref`, one launch. CUDA tensors; the caches hold
-    q's dtype (a quantized cache takes the separate write, which quantizes)."""
+def apply_rotary_and_write_cache(q, k, v, positions, inv_freq, k_cache, v_cache, slots, kv_scale=None):
+    """Triton version of `apply_rotary_and_write_cache_ref`, one launch, the same codes bit for bit. CUDA."""
     assert v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    return _launch(q, k, positions, inv_freq, (v, k_cache, v_cache, slots))
+    return _launch(q, k, positions, inv_freq, (v, k_cache, v_cache, slots), kv_scale)
 
 
-def _launch(q, k, positions, inv_freq, cache):
+_CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}  # the cache's element type -> the kernel's QUANT
+
+
+def _launch(q, k, positions, inv_freq, cache, kv_scale):
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "apply_rotary: head_size must be the contiguous dim"
     tokens, heads, head_size = q.shape
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
+    code = None if kv_scale is None else k_cache.dtype
     _rotary_kernel[(tokens,)](
         q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, k.shape[1],
         head_size // 2, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1),
-        WRITE_CACHE=cache is not None, BLOCK_HQ=triton.next_power_of_2(heads),
-        BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4)
+        v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
+        WRITE_CACHE=cache is not None, QUANT=_CODES[code], QMAX=QMAX.get(code, 0.0),
+        BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4)
     return q, k
 
 
 if triton is not None:
 
     @triton.jit
+    def _to_cache(x, s, QUANT: tl.constexpr, QMAX: tl.constexpr):
+        """New keys or values as the cache stores them: as they are, or codes (kv_cache.quantize's math: IEEE
+        division, clamp, then round half to even for int8, the e4m3 cast's rounding for float8)."""
+        if QUANT == 0:
+            return x
+        c = tl.clamp(tl.math.div_rn(x.to(tl.float32), s), -QMAX, QMAX)
+        if QUANT == 1:
+            return libdevice.rint(c).to(tl.int8)
+        return c.to(tl.float8e4nv)
+
+    @triton.jit
     def _rotate_heads(x_ptr, tok_stride, head_stride, token, heads, half, cos, sin, cache_ptr, c_tok_stride,
-                      c_head_stride, slot, WRITE_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                      c_head_stride, slot, scale, WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         i = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < heads) & (i < half)
@@ -94,29 +118,33 @@ if triton is not None:
         tl.store(ptr + half, out2, mask=mask)
         if WRITE_CACHE:
             cache = cache_ptr + slot * c_tok_stride + h * c_head_stride + i
-            tl.store(cache, out1, mask=mask)
-            tl.store(cache + half, out2, mask=mask)
+            tl.store(cache, _to_cache(out1, scale, QUANT, QMAX), mask=mask)
+            tl.store(cache + half, _to_cache(out2, scale, QUANT, QMAX), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, freq_ptr, q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
                        q_heads, k_heads, half, v_ptr, kc_ptr, vc_ptr, slot_ptr, v_tok_stride, v_head_stride,
-                       kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride,
-                       WRITE_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, kvs_ptr,
+                       WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                       BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BLOCK_D)
         angle = tl.load(pos_ptr + token).to(tl.float32) * tl.load(freq_ptr + i, mask=i < half, other=0.0)
         # libdevice's cos/sin, not the approximate PTX ones: angles reach max_position radians.
         cos, sin = libdevice.cos(angle), libdevice.sin(angle)
         slot = tl.load(slot_ptr + token).to(tl.int64) if WRITE_CACHE else 0
-        _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, q_heads, half, cos, sin, q_ptr, 0, 0, 0,
-                      False, BLOCK_HQ, BLOCK_D)
+        s_k, s_v = 1.0, 1.0
+        if QUANT != 0:  # [s_k, s_v] of a quantized cache
+            s_k, s_v = tl.load(kvs_ptr).to(tl.float32), tl.load(kvs_ptr + 1).to(tl.float32)
+        _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, q_heads, half, cos, sin, q_ptr, 0, 0, 0, s_k,
+                      False, 0, QMAX, BLOCK_HQ, BLOCK_D)
         _rotate_heads(k_ptr, k_tok_stride, k_head_stride, token, k_heads, half, cos, sin, kc_ptr, kc_tok_stride,
-                      kc_head_stride, slot, WRITE_CACHE, BLOCK_HK, BLOCK_D)
-        if WRITE_CACHE:  # the values go to their slot unchanged, as two halves like the keys
+                      kc_head_stride, slot, s_k, WRITE_CACHE, QUANT, QMAX, BLOCK_HK, BLOCK_D)
+        if WRITE_CACHE:  # the values go to their slot unrotated, as two halves like the keys
             h = tl.arange(0, BLOCK_HK)[:, None]
             j = tl.arange(0, BLOCK_D)[None, :]
             for part in tl.static_range(2):
                 mask = (h < k_heads) & (j < half)
                 v = tl.load(v_ptr + token * v_tok_stride + h * v_head_stride + part * half + j, mask=mask)
-                tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + j, v, mask=mask)
+                tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + j,
+                         _to_cache(v, s_v, QUANT, QMAX), mask=mask)

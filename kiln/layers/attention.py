@@ -96,7 +96,7 @@ class Attention(nn.Module):
         if self.rope is not None:
             freqs = self._inv_freq(batch.max_seq_len, x.device)
             if self.fused_rope and q.is_cuda and triton_available():
-                cache = batch.cache_slots(self)  # (k_cache, v_cache, slots) rows, or None
+                cache = batch.cache_slots(self)  # (k_cache, v_cache, slots, kv_scale), or None
                 if cache is None:
                     q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
                 else:  # the same launch also writes k and v into the paged cache

@@ -59,11 +59,9 @@ class PagedAttentionBatch:
         return self.seq_lens - (self.cu_seqlens[1:] - self.cu_seqlens[:-1])
 
     def cache_slots(self, layer):
-        """(k_cache, v_cache, slot_mapping), the caches as [slots, kv_heads, d], for a kernel that writes the
-        new keys and values as it makes them; None for a quantized cache, which `attend` quantizes and writes."""
-        if layer.kv_cache_scaling_factor is not None:
-            return None
-        return (*self._flat_cache(layer), self.slot_mapping)
+        """(k_cache, v_cache, slot_mapping, kv_scale), the caches as [slots, kv_heads, d], for a kernel that
+        writes the new keys and values as it makes them (as codes when kv_scale, [s_k, s_v], is not None)."""
+        return (*self._flat_cache(layer), self.slot_mapping, layer.kv_cache_scaling_factor)
 
     def _flat_cache(self, layer):
         k_cache, v_cache = self.kv.k[layer.layer_idx], self.kv.v[layer.layer_idx]
@@ -75,7 +73,7 @@ class PagedAttentionBatch:
         k_cache, v_cache = self.kv.k[layer.layer_idx], self.kv.v[layer.layer_idx]
         k_flat, v_flat = self._flat_cache(layer)
         kv_scale = layer.kv_cache_scaling_factor  # None: the cache holds keys and values as they are
-        if kv_scale is not None:
+        if kv_scale is not None and not (kv_written and self.decode_only):  # new prompts attend their own codes
             k, v = quantize(k, kv_scale[0], k_cache.dtype), quantize(v, kv_scale[1], v_cache.dtype)
         if not kv_written:
             _write(k_flat, self.slot_mapping, k)

@@ -54,6 +54,21 @@ def test_reference_with_cache_writes_the_rotated_keys_and_the_values_at_their_sl
     assert torch.equal(k_cache[others], k_before[others]) and torch.equal(v_cache[others], v_before[others])
 
 
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_reference_with_a_quantized_cache_writes_the_codes(code_dtype):
+    from kiln.quantization.kv_cache import quantize
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    k_cache, v_cache = (torch.zeros(10, 2, 8, dtype=code_dtype) for _ in range(2))
+    scale = torch.tensor([0.02, 0.03])
+    slots, positions = torch.tensor([7, 2, 9]), torch.tensor([4, 5, 6])
+    apply_rotary_and_write_cache_ref(q, k, v, positions, _inv_freq(8), k_cache, v_cache, slots, scale)
+    for cache, x, s in ((k_cache, k, scale[0]), (v_cache, v, scale[1])):  # k: rotated in place
+        assert torch.equal(cache[slots].view(torch.uint8), quantize(x, s, code_dtype).view(torch.uint8))
+    assert (k_cache[slots].float() != 0).any()
+
+
 def _qkv_views(tokens, heads, kv_heads, head_size, dtype, fused_qkv, g):
     """q, k, v and the QKV output they view: strided slices of it (fused), or contiguous copies."""
     width = (heads + 2 * kv_heads) * head_size
@@ -91,6 +106,33 @@ def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_head
     unwritten = torch.ones(num_slots, dtype=torch.bool, device="cuda")
     unwritten[slots] = False
     assert torch.equal(k_cache[unwritten], want[2][unwritten])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64)])
+def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens, heads, kv_heads, head_size):
+    """The codes are kv_cache.quantize of the kernel's own rotated keys (and of the values), bit for bit; a
+    small scale makes some of them saturate."""
+    from kiln.quantization.kv_cache import QMAX, quantize
+
+    if code_dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("an FP8 cache needs compute capability 8.9+")
+    g = torch.Generator().manual_seed(tokens * heads + head_size + 2)
+    (q, k, v), _ = _qkv_views(tokens, heads, kv_heads, head_size, dtype, True, g)
+    num_slots = 4 * tokens + 8
+    k_cache, v_cache = (torch.zeros(num_slots, kv_heads, head_size, dtype=code_dtype, device="cuda")
+                        for _ in range(2))
+    scale = (torch.tensor([3.0, 2.5]) / QMAX[code_dtype]).to(dtype).cuda()  # |x| > 3 saturates
+    slots = torch.randperm(num_slots, generator=g)[:tokens].cuda()
+    positions = torch.randint(0, 8192, (tokens,), generator=g).cuda()
+    apply_rotary_and_write_cache(q, k, v, positions, _inv_freq(head_size, 500000.0).cuda(), k_cache, v_cache,
+                                 slots, scale)
+    for cache, x, s in ((k_cache, k, scale[0]), (v_cache, v, scale[1])):  # (float8 indexed through its bytes)
+        assert torch.equal(cache.view(torch.uint8)[slots], quantize(x, s, code_dtype).view(torch.uint8))
+    written = k_cache.view(torch.uint8)[slots].view(code_dtype)
+    assert (written.float().abs() == QMAX[code_dtype]).any()  # saturation was exercised
 
 
 @needs_gpu
