@@ -93,12 +93,16 @@ if triton is not None:
     def _to_cache(x, s, QUANT: tl.constexpr, QMAX: tl.constexpr):
         """New keys or values as the cache stores them: as they are, or codes (kv_cache.quantize's math: IEEE
         division, clamp, then round half to even for int8, the e4m3 cast's rounding for float8)."""
+        # One return: Triton compiles the statements after a `return` inside a constexpr `if` too.
         if QUANT == 0:
-            return x
-        c = tl.clamp(tl.math.div_rn(x.to(tl.float32), s), -QMAX, QMAX)
-        if QUANT == 1:
-            return libdevice.rint(c).to(tl.int8)
-        return c.to(tl.float8e4nv)
+            y = x
+        else:
+            c = tl.clamp(tl.math.div_rn(x.to(tl.float32), s), -QMAX, QMAX)
+            if QUANT == 1:
+                y = libdevice.rint(c).to(tl.int8)
+            else:
+                y = c.to(tl.float8e4nv)
+        return y
 
     @triton.jit
     def _rotate_heads(x_ptr, tok_stride, head_stride, token, heads, half, cos, sin, cache_ptr, c_tok_stride,
