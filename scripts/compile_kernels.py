@@ -7,7 +7,8 @@ catches that class of error before device time is spent. It needs triton install
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     PYTHONPATH=/tmp/triton_site:. python scripts/compile_kernels.py
 
-Each entry is (kernel, its signature, one set of constexprs); add one when a kernel or its specializations change.
+Each case names a kernel, one set of its constexprs and the element types of the pointers that are not bf16;
+add one when a kernel or its specializations change. Scalars are int32 unless listed in FLOAT_SCALARS.
 """
 
 from __future__ import annotations
@@ -16,56 +17,68 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import fp8_quant, gemv, rmsnorm, rotary
+from kiln.kernels import activation, fp8_quant, gemv, moe, paged_attention, quant_gemm, rmsnorm, rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_SCALARS = {"eps", "scale_log2"}
 
 
-def _rotary_cases():
-    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "pos_ptr": "*i64", "freq_ptr": "*fp32", "q_tok_stride": "i32",
-           "q_head_stride": "i32", "k_tok_stride": "i32", "k_head_stride": "i32", "q_heads": "i32", "k_heads": "i32",
-           "half": "i32", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i64",
-           "v_tok_stride": "i32", "v_head_stride": "i32", "kc_tok_stride": "i32", "kc_head_stride": "i32",
-           "vc_tok_stride": "i32", "vc_head_stride": "i32", "kvs_ptr": "*fp32", "WRITE_CACHE": "constexpr",
-           "QUANT": "constexpr", "QMAX": "constexpr", "BLOCK_HQ": "constexpr", "BLOCK_HK": "constexpr",
-           "BLOCK_D": "constexpr"}
-    for write, quant, cache, qmax in ((False, 0, "*bf16", 0.0), (True, 0, "*bf16", 0.0), (True, 1, "*i8", 127.0),
-                                      (True, 2, "*fp8e4nv", 448.0)):
-        yield (f"rotary write={write} quant={quant}", rotary._rotary_kernel,
-               dict(sig, kc_ptr=cache, vc_ptr=cache, kvs_ptr="*bf16" if quant else "*fp32"),
-               {"WRITE_CACHE": write, "QUANT": quant, "QMAX": qmax, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_D": 64})
+def signature(fn, pointers: dict[str, str]) -> dict[str, str]:
+    """Triton's signature of `fn`: pointers `*bf16` unless given, floats by name, other scalars int32."""
+    def kind(p):
+        if p.is_constexpr:
+            return "constexpr"
+        if p.name.endswith("_ptr"):
+            return pointers.get(p.name, "*bf16")
+        return "fp32" if p.name in FLOAT_SCALARS else "i32"
+    return {p.name: kind(p) for p in fn.params}
 
 
-def _gemv_cases():
-    for scaled, codes in ((False, "*bf16"), (True, "*fp8e4nv")):
-        sig = {"x_ptr": codes, "w_ptr": codes, "y_ptr": "*bf16", "xs_ptr": "*fp32" if scaled else "*bf16",
-               "ws_ptr": "*bf16", "N": "i32", "K": "constexpr", "stride_xm": "i32", "stride_wn": "i32", "M": "i32",
-               "HAS_SCALES": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-        yield (f"gemv scaled={scaled}", gemv._gemv_kernel.fn, sig,
-               {"K": 4096, "HAS_SCALES": scaled, "BLOCK_N": 4, "BLOCK_K": 1024})
-
-
-def _pointwise_cases():
-    for static in (False, True):
-        sig = {"x_ptr": "*bf16", "static_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_stride": "i32",
-               "K": "i32", "STATIC": "constexpr", "BLOCK": "constexpr"}
-        yield f"fp8 quant static={static}", fp8_quant._quantize_rows_kernel, sig, {"STATIC": static, "BLOCK": 4096}
-    for residual in (False, True):
-        sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
-               "x_stride": "i32", "res_stride": "i32", "n": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
-               "BLOCK": "constexpr"}
-        yield f"rms_norm residual={residual}", rmsnorm._rms_norm_kernel, sig, {"HAS_RESIDUAL": residual, "BLOCK": 4096}
+ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, IEEE=False, BLOCK_D=128)
+CASES = [  # (label, kernel, constexprs, pointer types)
+    *[(f"rotary write={w} quant={q}", rotary._rotary_kernel,
+       dict(WRITE_CACHE=w, QUANT=q, QMAX=m, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64),
+       dict(pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c, kvs_ptr="*bf16" if q else "*fp32"))
+      for w, q, c, m in ((False, 0, "*bf16", 0.0), (True, 0, "*bf16", 0.0), (True, 1, "*i8", 127.0),
+                         (True, 2, "*fp8e4nv", 448.0))],
+    *[(f"gemv scaled={s}", gemv._gemv_kernel.fn, dict(K=4096, HAS_SCALES=s, BLOCK_N=4, BLOCK_K=1024),
+       dict(x_ptr=c, w_ptr=c, xs_ptr="*fp32") if s else {})
+      for s, c in ((False, "*bf16"), (True, "*fp8e4nv"))],
+    *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
+       dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
+    *[(f"rms_norm residual={r}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, BLOCK=4096), {}) for r in (False, True)],
+    ("silu_and_mul", activation._silu_and_mul_kernel, dict(BLOCK=1024), {}),
+    *[(f"decode split kv={c}", paged_attention._decode_split_kernel,
+       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", BLOCK_G=16, BLOCK_N=128),
+       dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
+      for c in ("*bf16", "*i8", "*fp8e4nv")],
+    ("decode merge", paged_attention._decode_merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
+     dict(part_ptr="*fp32", lse_ptr="*fp32")),
+    ("varlen prefill", paged_attention._prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64), dict(cu_ptr="*i32")),
+    ("paged prefill", paged_attention._paged_prefill_kernel, dict(ATTENTION, PAGE=32, BLOCK_M=64, BLOCK_N=64),
+     dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32")),
+    *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks), dict(w_ptr="*u8"))
+      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=8, BLOCK_KB=512)),
+                                   ("gemm", quant_gemm._w4_gemm_kernel, dict(BLOCK_M=16, BLOCK_N=64)),
+                                   ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
+      for z in (False, True)],
+    ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, BLOCK_N=8, BLOCK_KB=512), dict(w_ptr="*i8")),
+    ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
+    ("moe grouped gemm", moe._grouped_gemm_kernel,
+     dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,
+          BLOCK_K=64), dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32")),
+]
 
 
 def main() -> None:
     failed = 0
-    for name, fn, signature, constexprs in (*_rotary_cases(), *_gemv_cases(), *_pointwise_cases()):
+    for label, fn, constexprs, pointers in CASES:
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET)
-            print(f"ok      {name}")
+            triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs), target=TARGET)
+            print(f"ok      {label}")
         except Exception as e:  # a compile error: report it and go on to the next kernel
             failed += 1
-            print(f"FAILED  {name}: {type(e).__name__}: {str(e)[-400:]}")
+            print(f"FAILED  {label}: {type(e).__name__}: {str(e)[-400:]}")
     raise SystemExit(1 if failed else 0)
 
 
