@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels import paged_attention
 from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kiln.kernels.gemv import gemv, gemv_ref
 from kiln.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
@@ -72,17 +71,6 @@ def bench_decode(batch: int = 32, context: int = 2048, block_size: int = 16):
            lambda: paged_decode_attention_ref(*args), nbytes=2 * k_cache.numel() * 2, ref_iters=3)
 
 
-def bench_decode_tiles(contexts=(256, 1024, 8192), block_ns=(32, 64, 128)):
-    """Batch-1 decode attention by key tile (BLOCK_N, hence the shortest split): latency, not bandwidth."""
-    default = paged_attention.DECODE_CONFIG["BLOCK_N"]
-    for block_n in block_ns:
-        paged_attention.DECODE_CONFIG["BLOCK_N"] = block_n
-        for context in contexts:
-            print(f"BLOCK_N {block_n}:", end=" ")
-            bench_decode(batch=1, context=context)
-    paged_attention.DECODE_CONFIG["BLOCK_N"] = default
-
-
 def bench_gemv(rows: int = 1):
     """Batch-1 linear layers of Llama-3-8B (qkv, o, fc_gate, down, lm_head): the Triton GEMV against cuBLAS."""
     from triton.testing import do_bench
@@ -122,7 +110,6 @@ def main():
     for tokens in (32, 4096):
         bench_pointwise(tokens)
     bench_decode()
-    bench_decode_tiles()
     bench_gemv()
     bench_prefill()
 
