@@ -88,9 +88,18 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _time(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Time both kernels as a decode step runs them: back to back in a CUDA graph, over copies of the weight
-    that together overflow the L2 cache, so every call streams its weight from memory (timing one call after
-    an L2 flush measured launch gaps too, and picked the wrong kernel for some shapes)."""
+    ms = time_gemv_and_cublas(x, weight)
+    nbytes = weight.numel() * weight.element_size()
+    log.info("linear %s x %s %s: Triton GEMV %.1f us (%.2f TB/s, %s), cuBLAS %.1f us (%.2f TB/s)",
+             tuple(x.shape), tuple(weight.shape), str(x.dtype).removeprefix("torch."), ms["GEMV"] * 1e3,
+             nbytes / ms["GEMV"] / 1e9, _gemv_kernel.best_config, ms["cuBLAS"] * 1e3, nbytes / ms["cuBLAS"] / 1e9)
+    return ms["GEMV"] < ms["cuBLAS"]
+
+
+def time_gemv_and_cublas(x: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
+    """Milliseconds per call of each, timed as a decode step runs them: back to back in a CUDA graph, over copies
+    of the weight that together overflow the L2 cache, so every call streams its weight from memory (timing one
+    call after an L2 flush measured launch gaps too, and picked the wrong kernel for some shapes)."""
     sample = torch.randn_like(x)
     gemv(sample, weight)  # autotunes the tile shape, outside the graph
     nbytes = weight.numel() * weight.element_size()
@@ -117,10 +126,7 @@ def _time(x: torch.Tensor, weight: torch.Tensor) -> bool:
         end.synchronize()
         ms[name] = start.elapsed_time(end) / (3 * calls * len(copies))
         del graph
-    log.info("linear %s x %s %s: Triton GEMV %.1f us (%.2f TB/s, %s), cuBLAS %.1f us (%.2f TB/s)",
-             tuple(x.shape), tuple(weight.shape), str(x.dtype).removeprefix("torch."), ms["GEMV"] * 1e3,
-             nbytes / ms["GEMV"] / 1e9, _gemv_kernel.best_config, ms["cuBLAS"] * 1e3, nbytes / ms["cuBLAS"] / 1e9)
-    return ms["GEMV"] < ms["cuBLAS"]
+    return ms
 
 
 def quick_bench(kernel_call, quantiles):
