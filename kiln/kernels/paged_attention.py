@@ -307,22 +307,40 @@ if triton is not None:
         return _online_softmax_step(s, m, l, acc, v, IEEE)
 
     @triton.jit
-    def _prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
-                        o_sh, scale_log2, window, group, head_size,
-                        HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _sequence(cu_ptr, seq):
+        """(start, n): where sequence `seq`'s new tokens start in the packed stream, and how many it has."""
         start = tl.load(cu_ptr + seq)
         n = tl.load(cu_ptr + seq + 1) - start
-        start = start.to(tl.int64)  # token offsets times strides can pass 2**31
-        if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
-            return
-        kvh = h // group
+        return start.to(tl.int64), n  # token offsets times strides can pass 2**31
+
+    @triton.jit
+    def _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A prefill program's queries: (rows, d, d_ok, q) of tile `tile` of a sequence's new tokens."""
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < head_size
         q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
                     mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
+        return rows, d, d_ok, q
+
+    @triton.jit
+    def _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale):
+        """Normalise a prefill tile's accumulator and store its rows (l is 0 only on padding rows past n)."""
+        out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]
+        tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows < n)[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
+                        o_sh, scale_log2, window, group, head_size,
+                        HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start, n = _sequence(cu_ptr, seq)
+        if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
+            return
+        rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
+        kvh = h // group
         qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         m = tl.full([BLOCK_M], -1e30, tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
@@ -340,9 +358,7 @@ if triton is not None:
         for kstart in range(diag, hi, BLOCK_N):
             m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
                                       window, n, True, HAS_WINDOW, IEEE, BLOCK_N)
-        out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]  # l is 0 only on padding rows past n
-        tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows < n)[:, None] & d_ok[None, :])
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
 
 
     @triton.jit
@@ -354,19 +370,13 @@ if triton is not None:
                               BLOCK_D: tl.constexpr):
         """FlashAttention-2 for new queries over a paged cache: keys are found through the block table."""
         tile, seq, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-        start = tl.load(cu_ptr + seq)
-        n = tl.load(cu_ptr + seq + 1) - start
-        start = start.to(tl.int64)
+        start, n = _sequence(cu_ptr, seq)
         if tile * BLOCK_M >= n:
             return
+        rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
         ctx = tl.load(ctx_ptr + seq)
         kvh = h // group
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         q_pos = ctx + rows
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < head_size
-        q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
-                    mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
         qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         m = tl.full([BLOCK_M], -1e30, tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
@@ -388,6 +398,4 @@ if triton is not None:
             s = tl.where(keep, s, float("-inf"))
             v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
             m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
-        out = acc * (v_scale / tl.where(l == 0.0, 1.0, l))[:, None]
-        tl.store(o_ptr + (start + rows)[:, None] * o_st + h * o_sh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows < n)[:, None] & d_ok[None, :])
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
