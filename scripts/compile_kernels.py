@@ -41,9 +41,11 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c, kvs_ptr="*bf16" if q else "*fp32"))
       for w, q, c, m in ((False, 0, "*bf16", 0.0), (True, 0, "*bf16", 0.0), (True, 1, "*i8", 127.0),
                          (True, 2, "*fp8e4nv", 448.0))],
-    *[(f"gemv scaled={s}", gemv._gemv_kernel.fn, dict(K=4096, HAS_SCALES=s, BLOCK_N=4, BLOCK_K=1024),
-       dict(x_ptr=c, w_ptr=c, xs_ptr="*fp32") if s else {})
-      for s, c in ((False, "*bf16"), (True, "*fp8e4nv"))],
+    *[(f"gemv {label}", gemv._gemv_kernel.fn,
+       dict(K=4096, HAS_X_SCALE=xs, HAS_W_SCALE=ws, BLOCK_N=4, BLOCK_K=1024), pointers)
+      for label, xs, ws, pointers in (("bf16", False, False, {}),
+                                      ("fp8", True, True, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32")),
+                                      ("w8a16", False, True, dict(w_ptr="*i8")))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
     *[(f"rms_norm residual={r}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, BLOCK=4096), {}) for r in (False, True)],
@@ -62,7 +64,6 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                    ("gemm", quant_gemm._w4_gemm_kernel, dict(BLOCK_M=16, BLOCK_N=64)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
-    ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, BLOCK_N=8, BLOCK_KB=512), dict(w_ptr="*i8")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
     ("moe grouped gemm", moe._grouped_gemm_kernel,
      dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,

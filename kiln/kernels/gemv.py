@@ -45,12 +45,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def scaled_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+def scaled_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor, w_scale: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """(xq [m, k] @ wq [n, k]^T) * x_scale [m, 1] * w_scale [n] -> [m, n] in out_dtype, m <= GEMV_MAX_ROWS: the
-    FP8 GEMM of kiln.quantization.fp8 at decode batch sizes. Codes convert to float32 exactly, their products
-    are exact, the sum is in float32 and the scales come after it, as in `fp8_gemm_emulated`."""
-    return _launch(_rows(xq), wq, x_scale.reshape(-1).float().contiguous(), w_scale, out_dtype)
+    """(xq [m, k] @ wq [n, k]^T) * x_scale [m, 1] * w_scale [n] -> [m, n] in out_dtype, m <= GEMV_MAX_ROWS; no
+    row scale when x_scale is None. The FP8 GEMM of kiln.quantization.fp8 at decode batch sizes (and W8A16's,
+    x as it is): codes convert to float32 exactly, the sum is in float32 and the scales come after it, as in
+    `fp8_gemm_emulated`."""
+    x_scale = None if x_scale is None else x_scale.reshape(-1).float().contiguous()
+    return _launch(_rows(xq), wq, x_scale, w_scale, out_dtype)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -62,10 +64,10 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype) -> torch.Tensor:
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     n, k = weight.shape
     y = torch.empty(rows.shape[0], n, dtype=out_dtype, device=rows.device)
-    scaled = x_scale is not None
     grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
-    _gemv_kernel[grid](rows, weight, y, x_scale if scaled else y, w_scale if scaled else y, n, k, rows.stride(0),
-                       weight.stride(0), rows.shape[0], HAS_SCALES=scaled)
+    _gemv_kernel[grid](rows, weight, y, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
+                       n, k, rows.stride(0), weight.stride(0), rows.shape[0],
+                       HAS_X_SCALE=x_scale is not None, HAS_W_SCALE=w_scale is not None)
     return y
 
 
@@ -145,7 +147,8 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "M"], do_bench=quick_bench, cache_results=True)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm, stride_wn, M,
-                     HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_X_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         m = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -158,6 +161,8 @@ if triton is not None:
                         mask=row_ok[:, None] & ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_SCALES:  # (sum * x's row scale) * w's column scale, in float32, as the emulated FP8 GEMM
-            y = y * tl.load(xs_ptr + m) * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_X_SCALE:  # (sum * x's row scale) * w's column scale, in float32, as the emulated FP8 GEMM
+            y = y * tl.load(xs_ptr + m)
+        if HAS_W_SCALE:
+            y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)

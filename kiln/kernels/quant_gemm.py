@@ -8,7 +8,8 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   whole input dim, doing the multiply-adds on CUDA cores. For int4 the group's scale and zero are applied
   once per group, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k). Programs of the
   same output block but different rows of x are adjacent in the launch order, so the weights come from L2
-  after the first read.
+  after the first read. int8 needs no unpacking: it runs the full-precision GEMV (kiln.kernels.gemv), its
+  per-channel scale applied after the float32 sum.
 - GEMM (a few to ~100 rows): one int4 group per step, tiles of x times the group's codes minus its zero
   (exact small integers in x's dtype) on tensor cores (tl.dot), the float32 partial sums then times the
   group's scale; the two nibbles of a byte feed two dots, x's even and odd columns, so nothing interleaves.
@@ -30,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.gemv import quick_bench
+from kiln.kernels.gemv import quick_bench, scaled_gemv
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -126,14 +127,12 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton version of `w8a16_matmul_ref`, same arguments and result (see the module docstring)."""
     rows, (n, k) = _rows(x), q.shape
+    if rows.shape[0] <= GEMV_MAX_ROWS:  # the full-precision GEMV, the per-channel scale after the sum
+        return scaled_gemv(rows, None, q, scale, x.dtype).view(*x.shape[:-1], n)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     args = (rows, q, scale, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
-    if rows.shape[0] <= GEMV_MAX_ROWS:
-        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _launch(_w8_gemv_kernel, grid, args)
-    else:
-        grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _launch(_w8_gemm_kernel, grid, args)
+    grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _launch(_w8_gemm_kernel, grid, args)
     return y.view(*x.shape[:-1], n)
 
 
@@ -270,24 +269,6 @@ if triton is not None:
                  mask=(rows < N)[:, None] & (cols < K)[None, :])
 
     @triton.jit
-    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-        # Per-channel scale: the whole row's sum is scaled once at the end.
-        m = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros([BLOCK_N, BLOCK_KB], tl.float32)
-        for k0 in range(0, K, BLOCK_KB):
-            cols = k0 + tl.arange(0, BLOCK_KB)
-            ok = cols < K
-            x = tl.load(x_ptr + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & ok[None, :],
-                        other=0)
-            acc += w.to(tl.float32) * x[None, :]
-        s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + rows, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton.jit
     def _w8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
         # int8 codes are exact in 16-bit floats (|q| <= 127), so the dot runs on them and the scale comes last.
@@ -311,4 +292,4 @@ if triton is not None:
     _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"], do_bench=quick_bench,
                                        cache_results=True)(kernel), configs)
               for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w4_gemm_kernel, _W4_GEMM_CONFIGS),
-                                      (_w8_gemv_kernel, _GEMV_CONFIGS), (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
+                                      (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
