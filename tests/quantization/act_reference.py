@@ -85,3 +85,19 @@ def assert_logits_equal_fake_quant_hf(hf_model, ckpt_dir, ids: torch.Tensor) -> 
         ours, ref, full = model(ids), fake_quant_hf(hf_model, ckpt, model.config)(ids).logits, hf_model(ids).logits
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert (ours - full).abs().max() > 1e-3
+
+
+def assert_engine_greedy_equals_fake_quant_hf(hf_model, ckpt_dir, engine_dir, prompt=(1, 17, 5, 99, 42),
+                                             tokens: int = 6) -> None:
+    """An engine built from the quantized checkpoint generates, greedily through `LLM` on the CPU, the tokens
+    `fake_quant_hf` generates: the whole build -> load -> run path, against float math written out."""
+    import kiln
+    from conftest import hf_greedy
+    from kiln.models.base import PretrainedModel
+
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(engine_dir)
+    ref = fake_quant_hf(hf_model, load_file(Path(ckpt_dir) / "rank0.safetensors"), model.config)
+    with kiln.LLM(engine_dir, device="cpu") as llm:
+        out = llm.generate(list(prompt), kiln.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, list(prompt), tokens)

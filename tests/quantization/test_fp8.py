@@ -4,12 +4,10 @@ and the errors (no FP8 GPU, unknown algorithm)."""
 
 import pytest
 import torch
-from act_reference import assert_logits_equal_fake_quant_hf, e4m3, fake_quant_hf
-from conftest import hf_greedy
+from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf, e4m3
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
-import kiln
 from kiln.builder import engine_weights
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
@@ -85,15 +83,9 @@ def test_checkpoint_tensors(quant_llama, quantized):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, quantized, algo, tmp_path):
-    model = PretrainedModel.from_checkpoint(quantized[algo])
-    fused = dict(engine_weights(model))
+    fused = dict(engine_weights(PretrainedModel.from_checkpoint(quantized[algo])))
     assert fused["transformer.layers.0.mlp.fc_gate.weights_scaling_factor"].shape == (512,)
-    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
-    prompt = [1, 17, 5, 99, 42]
-    ref = fake_quant_hf(quant_llama[1], load_file(quantized[algo] / "rank0.safetensors"), model.config)
-    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
-        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+    assert_engine_greedy_equals_fake_quant_hf(quant_llama[1], quantized[algo], tmp_path / "engine")
 
 
 def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):

@@ -4,8 +4,7 @@ migration strength's validation and effect."""
 
 import pytest
 import torch
-from act_reference import assert_logits_equal_fake_quant_hf, fake_quant_hf
-from conftest import hf_greedy
+from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
@@ -75,13 +74,7 @@ def test_smoothing_folds_into_norms_and_prequant_on_row_layers(quant_llama, sq_c
 
 
 def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, sq_ckpt, tmp_path):
-    model = PretrainedModel.from_checkpoint(sq_ckpt)
-    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
-    prompt = [1, 17, 5, 99, 42]
-    ref = fake_quant_hf(quant_llama[1], load_file(sq_ckpt / "rank0.safetensors"), model.config)
-    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
-        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+    assert_engine_greedy_equals_fake_quant_hf(quant_llama[1], sq_ckpt, tmp_path / "engine")
 
 
 def test_tp2_rank_files_reassemble_to_tp1(quant_llama, sq_ckpt, tmp_path):

@@ -3,12 +3,10 @@ with fake-quantized linears (act_reference.py), the activation scale against the
 
 import pytest
 import torch
-from act_reference import assert_logits_equal_fake_quant_hf, fake_quant_hf
-from conftest import hf_greedy
+from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
-import kiln
 from kiln.checkpoint.convert import load_source_model
 from kiln.config import QuantConfig
 from kiln.mapping import Mapping
@@ -45,13 +43,7 @@ def test_activation_scale_is_max_of_the_smoothed_input_over_448(quant_llama, w4a
 
 
 def test_build_run_and_tp2_shards(quant_llama, w4a8_ckpt, tmp_path):
-    model = PretrainedModel.from_checkpoint(w4a8_ckpt)
-    kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64)).save(tmp_path / "engine")
-    prompt = [1, 17, 5, 99, 42]
-    ref = fake_quant_hf(quant_llama[1], load_file(w4a8_ckpt / "rank0.safetensors"), model.config)
-    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
-        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 6)
+    assert_engine_greedy_equals_fake_quant_hf(quant_llama[1], w4a8_ckpt, tmp_path / "engine")
     tp2 = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", W4A8, Mapping.of(2), calib_size=4,
                                    calib_max_seq_len=64)
     full = load_file(w4a8_ckpt / "rank0.safetensors")
