@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.gemv import quick_bench, scaled_gemv
+from kiln.kernels.gemv import GEMV_MAX_ROWS, quick_bench, scaled_gemv
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -40,9 +40,9 @@ try:
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
-# Rows of x up to which the GEMV runs: on the H100 it is 1.9x bf16 at 1 row and its time grows with the rows,
-# while the GEMM is 0.8x bf16 at 4 rows (kiln/kernels/bench_quant_gemm.py).
-GEMV_MAX_ROWS = 2
+# Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H100 the int4
+# GEMV is 1.9x bf16 at 1 row and its time grows with the rows, while the GEMM is 0.8x bf16 at 4 rows
+# (kiln/kernels/bench_quant_gemm.py).
 # Rows of x from which int4 weights are dequantized to x's dtype by a Triton kernel and cuBLAS does the matmul:
 # the fused GEMM's unpacking is repeated for every tile of rows (0.13x bf16 at 256 rows on the H100), while the
 # dequantization is one pass over the weights (an estimate from the bandwidth: about 0.5x bf16 at 256 rows,
