@@ -49,9 +49,6 @@ class Sequence:
             self._generators[device] = make_generator(self.seed, device)
         return self._generators[device]
 
-    def append_token(self, token: int, when: float) -> None:
-        self.append_tokens([token], when)
-
     def append_tokens(self, tokens: list[int], when: float) -> None:
         """New output tokens, all ready at `when` (one step, or a burst of decode steps read at once)."""
         self.output_ids += tokens

@@ -123,7 +123,7 @@ class Stream:
             seq.num_cached += n
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
             if seq.num_cached == len(seq.all_ids):
-                seq.append_token(self.rng.randint(0, 2), 0.0)
+                seq.append_tokens([self.rng.randint(0, 2)], 0.0)
                 if len(seq.all_ids) >= seq.max_len or self.rng.random() < 0.05:
                     seq.finish("length")
                     self.sched.free(seq)
@@ -168,9 +168,9 @@ def test_long_prompt_is_prefilled_in_chunks_and_others_join_when_budget_allows()
     big.num_cached = 20
     assert sched.schedule() == [(big, 5), (small, 3)]
     big.num_cached = 25
-    big.append_token(0, 0.0)
+    big.append_tokens([0], 0.0)
     small.num_cached = 3
-    small.append_token(0, 0.0)
+    small.append_tokens([0], 0.0)
     assert sched.schedule() == [(big, 1), (small, 1)]
 
 
@@ -181,7 +181,7 @@ def test_admission_is_in_order_even_when_a_later_prompt_would_fit():
         sched.add(s)
     assert sched.schedule() == [(first, 6), (second, 4)]  # the budget is spent: third does not overtake
     first.num_cached = 6
-    first.append_token(0, 0.0)
+    first.append_tokens([0], 0.0)
     second.num_cached = 4
     assert sched.schedule() == [(first, 1), (second, 2), (third, 1)]
 
@@ -205,12 +205,12 @@ def test_out_of_blocks_preempts_the_newest_which_returns_first_from_its_cached_p
     for s in (old, new):
         s.num_cached = 3
         blocks.register_full_blocks(s.seq_id, s.all_ids, 3)
-        s.append_token(9, 0.0)
+        s.append_tokens([9], 0.0)
     sched.add(later)
     assert sched.schedule() == [(old, 1), (new, 1)]  # no new block yet (4 tokens in 2 blocks); later waits
     for s in (old, new):
         s.num_cached = 4
-        s.append_token(9, 0.0)
+        s.append_tokens([9], 0.0)
         blocks.register_full_blocks(s.seq_id, s.all_ids, 4)
     new_blocks = list(blocks.tables[new.seq_id])
     # old's 5th token needs a third block: new, the newest, is preempted. Its blocks stay cached, last one
