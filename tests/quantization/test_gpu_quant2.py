@@ -99,7 +99,7 @@ def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
                  for d in ("cpu", "cuda")]
         for name, cpu in ckpts[0].items():
             gpu = ckpts[1][name]
-            if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+            if algo == "FP8_PER_CHANNEL_PER_TOKEN" and cpu.dtype == torch.float8_e4m3fn:
                 # torch's CPU and CUDA casts to e4m3 may round a quotient that sits on a rounding tie apart (seen:
                 # 1 weight of 32768, 120 vs 112): codes may differ by one step, rarely, never more.
                 codes_cpu, codes_gpu = cpu.view(torch.uint8).int(), gpu.view(torch.uint8).int()
@@ -107,6 +107,9 @@ def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
                 assert (codes_cpu - codes_gpu).abs().max() <= 1 and differ.float().mean() < 1e-3, (
                     f"{name}: {int(differ.sum())} of {differ.numel()} differ, e.g. cpu "
                     f"{cpu[differ][:4].float().tolist()} gpu {gpu[differ][:4].float().tolist()}")
+            elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                # CUDA divides by a scalar as a multiply by its reciprocal: a weight scale may be 1 ulp apart.
+                assert torch.allclose(cpu.float(), gpu.float(), rtol=1e-6, atol=0), name
             elif name.endswith(("activation_scaling_factor", "prequant_scaling_factor", "layernorm.weight")):
                 assert torch.allclose(cpu, gpu, rtol=1e-4), name  # from two float32 forwards of the calibration text
 
