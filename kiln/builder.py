@@ -28,7 +28,7 @@ from kiln.config import BuildConfig, PretrainedConfig, read_json
 from kiln.errors import CheckpointError, ConfigError
 from kiln.kernels.quant_gemm import linear_plan
 from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, rank_file, write_json_atomic
-from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes
+from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes, prefill_graph_token_counts
 from kiln.version import FORMAT_VERSION, __version__
 
 ENGINE_KEYS = ("build_config", "plan", "fingerprint", "kiln_version", "format_version")
@@ -183,11 +183,13 @@ def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | N
 
 
 def plan_for(build_config: BuildConfig, quant_algo: str | None = None) -> dict:
-    """What the runtime runs: on CUDA the Triton kernels and decode CUDA graphs at these batch sizes,
-    elsewhere the torch references of the same kernels; for weight-only quantized linears, which kernel."""
+    """What the runtime runs: on CUDA the Triton kernels, decode CUDA graphs at these batch sizes and
+    continuing-prefill graphs at these token counts, elsewhere the torch references of the same kernels; for
+    weight-only quantized linears, which kernel."""
     return {"kv_cache": "paged", "tokens_per_block": build_config.tokens_per_block, "mlp_layout": "fused_fc_gate",
             "kernels_cuda": "triton", "kernels_other": "torch_reference",
-            "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size), **linear_plan(quant_algo)}
+            "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size),
+            "cuda_graph_prefill_tokens": prefill_graph_token_counts(build_config), **linear_plan(quant_algo)}
 
 
 def build(model: PretrainedModel, build_config: BuildConfig | None = None) -> Engine:

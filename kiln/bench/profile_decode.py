@@ -1,7 +1,8 @@
-"""Where a batch-1 decode step's time goes, on a GPU: the CUDA graph replayed alone against the whole engine
-step, and the kernels of one replay by total time (the numbers behind docs/performance.md's breakdown).
+"""Where a decode step's time goes, on a GPU: the CUDA graph replayed alone against the whole engine step,
+and the kernels of one replay by total time (the numbers behind docs/performance.md's breakdown). At batch 1
+by default; --batch 512 profiles the decode steps of the offline workload.
 
-    python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256]
+    python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256] [--batch 1]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", default="llama-3-8b", choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}))
     parser.add_argument("--steps", type=int, default=256, help="output tokens of the end-to-end run")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoding together (128-token prompts)")
     args = parser.parse_args()
     device = torch.device("cuda")
     source = tempfile.mkdtemp(prefix="kiln-profile-")
@@ -43,18 +45,18 @@ def main() -> None:
     torch.cuda.empty_cache()
     # Room past the run: each replay advances the graph's own inputs by a token (kiln.runtime.cuda_graphs).
     llm = LLM(source, dtype="bfloat16", device="cuda",
-              build_config=BuildConfig(max_batch_size=1, max_seq_len=128 + args.steps + 512))
-    prompt = torch.randint(0, llm.engine.config.vocab_size, (128,)).tolist()
+              build_config=BuildConfig(max_batch_size=args.batch, max_seq_len=128 + args.steps + 512))
+    prompts = torch.randint(0, llm.engine.config.vocab_size, (args.batch, 128)).tolist()
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
-    llm.generate([prompt[::-1]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    llm.generate([p[::-1] for p in prompts], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
     sync(device)
     start = time.perf_counter()
-    llm.generate([prompt], params)
+    llm.generate(prompts, params)
     sync(device)
     per_token = (time.perf_counter() - start) / args.steps * 1000
-    graph = llm.runner.graphs.graphs[1]
-    print(f"# {describe_device(device)}, {args.synthetic} bf16")
-    print(f"end to end: {per_token:.3f} ms per output token (prefill included)")
+    graph = llm.runner.graphs.graphs[args.batch]
+    print(f"# {describe_device(device)}, {args.synthetic} bf16, batch {args.batch}")
+    print(f"end to end: {per_token:.3f} ms per decode step (prefill included)")
     print(f"graph replay alone: {replay_ms(graph, device):.3f} ms per decode step")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -18,6 +18,11 @@ from kiln.bench.offline import sync, synthetic_hf_model
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 
 
+def prefill_graph_replays(llm) -> int:
+    graphs = llm.runner.prefill_graphs
+    return 0 if graphs is None else graphs.replays
+
+
 def main() -> None:
     from kiln.config import BuildConfig
     from kiln.llmapi.llm import LLM
@@ -60,6 +65,7 @@ def main() -> None:
             prompt = prefix + torch.randint(0, vocab, (args.suffix_len,), generator=g).tolist()
             step_seconds.clear()
             hits = engine.blocks.prefix_hit_tokens
+            replays = prefill_graph_replays(llm)
             if trial == 2 and i == 1:
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -68,7 +74,8 @@ def main() -> None:
             else:
                 out = llm.generate([prompt], params)[0]
             print(f"prefix {trial} {'first' if i == 0 else f'follower {i}'}: cache hit "
-                  f"{engine.blocks.prefix_hit_tokens - hits} tokens, TTFT {out.ttft() * 1e3:.1f} ms, first steps "
+                  f"{engine.blocks.prefix_hit_tokens - hits} tokens, prefill graphs replayed "
+                  f"{prefill_graph_replays(llm) - replays}, TTFT {out.ttft() * 1e3:.1f} ms, first steps "
                   f"{[round(s * 1e3, 1) for s in step_seconds[:3]]} ms", flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     if device.type == "cuda":

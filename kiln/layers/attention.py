@@ -28,7 +28,8 @@ class AttentionBatch:
     """Whole sequences with no cache, packed back to back (the reference forward, `model(input_ids)`).
 
     The runtime passes a PagedAttentionBatch (kiln.runtime.paged_batch) instead: anything with
-    query_lens, `cache_slots(layer)` and `attend(layer, q, k, v, kv_written)` can stand here.
+    query_lens, `cache_slots(layer)`, `attend(layer, q, k, v, kv_written)` and `last_token_rows(device)` can
+    stand here.
     """
 
     query_lens: list[int]
@@ -40,6 +41,10 @@ class AttentionBatch:
     def cache_slots(self, layer) -> None:
         """No cache to write (the paged batch returns where the new keys and values go)."""
         return None
+
+    def last_token_rows(self, device: torch.device) -> torch.Tensor:
+        """Index of each sequence's last token in the flat token stream."""
+        return torch.tensor(self.query_lens, device=device).cumsum(0) - 1
 
     @classmethod
     def uncached(cls, batch: int, seq_len: int) -> "AttentionBatch":

@@ -391,8 +391,7 @@ class DecoderModelForCausalLM(PretrainedModel):
         if self.lm_head is None:
             return x
         if last_token_only and max(batch.query_lens) > 1:  # (decode steps have one token per sequence)
-            ends = torch.tensor(batch.query_lens, device=x.device).cumsum(0) - 1
-            x = x[ends]
+            x = x[batch.last_token_rows(x.device)]
         logits = self.lm_head(x)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -3,7 +3,11 @@
 A decode step launches hundreds of small kernels; at small batch the GPU waits on the host to launch
 them. A graph replays the whole forward with one launch. Inputs live in static buffers; a batch is
 padded up to the next captured size, the padding rows pointing at a scratch block that no sequence owns.
-Graphs are used on one GPU without pipeline stages; prefill and mixed steps run eagerly.
+Graphs are used on one GPU without pipeline stages; prefill and mixed steps run eagerly, except one:
+
+A step that is a single sequence's few new tokens after a cached prefix (a prefix-cache hit, the last
+chunk of a long prompt) reads every weight once, like a decode step, and launches a few hundred kernels from
+Python: eagerly, the host sets its time, not the GPU. `PrefillGraphs` replays it from a graph per token count.
 
 Each graph also ends by advancing its own inputs for a greedy next step: the argmax becomes the next
 input token, positions and lengths grow by one and the cache slots follow from the block tables. So
@@ -31,6 +35,32 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     size costs little, and few sizes keep the capture at load short."""
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
     return sizes + [max_batch_size]
+
+
+# Token counts of the continuing-prefill graphs: a step of up to 256 new tokens on top of a cached prefix is
+# still cheap enough on the GPU (an 8B model reads its weights in about 5 ms) that eager launches dominate it.
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
+
+
+def prefill_graph_token_counts(build_config) -> list[int]:
+    """The token counts continuing-prefill graphs are captured for: those a step may hold after at least one
+    cached token."""
+    limit = min(build_config.max_num_tokens, build_config.max_seq_len - 1)
+    return [n for n in PREFILL_GRAPH_TOKENS if n <= limit]
+
+
+def capture_graph(device: torch.device, pool, forward):
+    """(graph, its output): `forward` run once on a side stream (Triton compiles and autotunes there, outside
+    the graph), then captured into a graph that allocates from `pool`."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 class DecodeGraphs:
@@ -63,16 +93,13 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
             began = time.perf_counter()
             args = (self.tokens[:size], self.positions[:size], self._batch(size))
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm up outside the graph (Triton compiles here)
-                self.model(*args, last_token_only=True)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args, last_token_only=True)
-                self._advance(size, self.outputs[size])
-            self.graphs[size] = graph
+
+            def step(size=size, args=args):
+                logits = self.model(*args, last_token_only=True)
+                self._advance(size, logits)
+                return logits
+
+            self.graphs[size], self.outputs[size] = capture_graph(self.device, pool, step)
             torch.cuda.synchronize(self.device)
             seconds[size] = round(time.perf_counter() - began, 2)
         log.info("captured decode CUDA graphs in %.1fs (seconds per batch size: %s)", time.perf_counter() - start,
@@ -129,3 +156,79 @@ class DecodeGraphs:
             tokens[i].copy_(self.tokens[:b])
         self.replays += steps - 1
         return tokens
+
+
+class PrefillGraphs:
+    """Graphs for a step of one sequence that continues a cached prefix with 2..max(sizes) new tokens, one
+    graph per token count in `sizes`. A shorter step is padded up to the next count: its padding tokens sit
+    after the real ones (causal attention keeps them out of the real tokens' rows), write their keys to the
+    scratch slot, and the step's cu_seqlens, on the GPU, tell attention and the logits where the real tokens
+    end. The attention kernel reads the context length from the GPU too, so one graph serves any prefix."""
+
+    def __init__(self, model, kv, device: torch.device, sizes: list[int], max_blocks_per_seq: int,
+                 scratch_block: int):
+        self.model, self.kv, self.device, self.sizes = model, kv, device, sizes
+        n = sizes[-1]
+        self.scratch_slot = scratch_block * kv.block_size
+        self.scratch_block = scratch_block
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
+        self.table = torch.full((1, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+        self.cu = torch.zeros(2, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0
+
+    def forward(self, size: int) -> torch.Tensor:
+        """The forward each graph holds: the last real token's logits [1, vocab] of the step in the buffers."""
+        # context_lens [1] only marks the step as continuing a prefix; the kernels read the real one on the GPU
+        batch = PagedAttentionBatch([size], [1], self.kv, self.slots[:size], self.table, self.seq_lens, self.cu)
+        return self.model(self.tokens[:size], self.positions[:size], batch, last_token_only=True)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            self.seq_lens.fill_(size + 1)  # for the warm-up: one token of context, all rows real, all scratch
+            self.cu[1] = size
+            self.graphs[size], self.outputs[size] = capture_graph(self.device, pool,
+                                                                  lambda size=size: self.forward(size))
+        torch.cuda.synchronize(self.device)
+        log.info("captured continuing-prefill CUDA graphs for %s tokens in %.1fs", self.sizes,
+                 time.perf_counter() - start)
+
+    def can_run(self, inp) -> bool:
+        """One sequence, 2..max(sizes) new tokens after a cached prefix, and room in its table for the padding
+        (the attention kernel reads the block table up to context + padded length)."""
+        if len(inp.query_lens) != 1 or inp.context_lens[0] == 0 or not 1 < inp.query_lens[0] <= self.sizes[-1]:
+            return False
+        size = next(s for s in self.sizes if s >= inp.query_lens[0])
+        return inp.context_lens[0] + size <= self.table.shape[1] * self.kv.block_size
+
+    def run(self, inp) -> torch.Tensor:
+        """Replay the step's graph: logits [1, vocab]."""
+        size = self.load(inp)
+        self.graphs[size].replay()
+        self.replays += 1
+        return self.outputs[size]
+
+    def load(self, inp) -> int:
+        """Copy the step into the static buffers, padded up to a captured size; returns that size."""
+        n = inp.query_lens[0]
+        size = next(s for s in self.sizes if s >= n)
+        pin = self.device.type == "cuda"
+        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
+        self.tokens[:n].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
+        self.positions[:n].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
+        self.positions[n:size].zero_()
+        self.slots[:n].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
+        self.slots[n:size].fill_(self.scratch_slot)
+        table = inp.block_tables[0]
+        self.table[0, :len(table)].copy_(as_tensor(table, torch.int32), non_blocking=True)
+        self.table[0, len(table):].fill_(self.scratch_block)
+        self.seq_lens.copy_(as_tensor([inp.context_lens[0] + n], torch.int32), non_blocking=True)
+        self.cu.copy_(as_tensor([0, n], torch.int32), non_blocking=True)
+        return size

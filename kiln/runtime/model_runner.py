@@ -19,7 +19,7 @@ from kiln.kernels import triton_available
 from kiln.layers.linear import choose_linear_kernels
 from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
-from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
 from kiln.runtime.host_tensors import int_tensor, padded_tables
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
@@ -64,12 +64,17 @@ class ModelRunner:
         physical = self.num_blocks + 1 if use_graphs else self.num_blocks
         self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
                                kv_dtype, self.device)
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if use_graphs:
-            self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size,
-                                       -(-build_config.max_seq_len // build_config.tokens_per_block),
+            blocks_per_seq = -(-build_config.max_seq_len // build_config.tokens_per_block)
+            self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size, blocks_per_seq,
                                        scratch_block=physical - 1)
             self.graphs.capture()
+            sizes = prefill_graph_token_counts(build_config)
+            if sizes:
+                self.prefill_graphs = PrefillGraphs(model, self.kv, self.device, sizes, blocks_per_seq,
+                                                    scratch_block=physical - 1)
+                self.prefill_graphs.capture()
 
     def _can_use_graphs(self, config) -> bool:
         """One CUDA GPU, no pipeline or tensor split, rotary frequencies that do not depend on the length,
@@ -103,8 +108,9 @@ class ModelRunner:
         With pipeline stages the step is cut into pp_size micro-batches of whole sequences that flow
         through the stages one after another, so stage k works on micro-batch i while stage k+1 works on
         micro-batch i-1 (GPipe-style, within the step)."""
-        if self.graphs is not None and self.graphs.can_run(inp):
-            return self.graphs.run(inp)
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None and graphs.can_run(inp):
+                return graphs.run(inp)
         m = self.mapping
         if m.pp_size == 1:
             return self._forward(inp, None)

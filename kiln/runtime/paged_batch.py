@@ -58,6 +58,11 @@ class PagedAttentionBatch:
     def _context_lens(self) -> torch.Tensor:
         return self.seq_lens - (self.cu_seqlens[1:] - self.cu_seqlens[:-1])
 
+    def last_token_rows(self, device: torch.device) -> torch.Tensor:
+        """Index of each sequence's last new token, from cu_seqlens on the GPU (a captured step pads its
+        tokens: the host's query_lens would point at padding)."""
+        return self.cu_seqlens[1:].long() - 1
+
     def cache_slots(self, layer):
         """(k_cache, v_cache, slot_mapping, kv_scale), the caches as [slots, kv_heads, d], for a kernel that
         writes the new keys and values as it makes them (as codes when kv_scale, [s_k, s_v], is not None)."""

@@ -71,6 +71,27 @@ def test_decode_bursts_in_graphs_equal_single_steps(tmp_path, monkeypatch):
     assert [len(t) for t in tokens[4]] == [5, 7, 13, 3, 22]
 
 
+def test_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path, monkeypatch):
+    """A prompt continuing a cached prefix by a few tokens replays a continuing-prefill graph, padded up to
+    the next captured size: its greedy tokens equal transformers' for new-token counts inside and between the
+    sizes, with a sliding window, and a continuation longer than the largest size runs eagerly."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(tmp_path / "hf", arch="mistral", sliding_window=48, max_position_embeddings=512).to("cuda")
+    prefix = [(7 * i) % 128 for i in range(64)]  # two full 32-token blocks, cached by the first request
+    bc = BuildConfig(max_batch_size=4, max_seq_len=512)
+    with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
+        graphs = llm.runner.prefill_graphs
+        assert graphs is not None and graphs.sizes == [16, 32, 64, 128, 256]
+        llm.generate([prefix + [1]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        for new, replayed in ((2, 1), (17, 1), (64, 1), (255, 1), (300, 0)):
+            prompt = prefix + [(5 * i + new) % 128 for i in range(new)]
+            before, hits = graphs.replays, llm.generator.blocks.prefix_hit_tokens
+            out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+            assert llm.generator.blocks.prefix_hit_tokens - hits == 64, new
+            assert graphs.replays - before == replayed, new
+            assert out.outputs[0].token_ids == hf_greedy_cuda(hf, prompt, 8), new
+
+
 REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256,
                   rope_theta=500000.0)  # Llama-3-8B layer shapes (two layers), Llama-2 vocab

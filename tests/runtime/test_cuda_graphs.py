@@ -1,0 +1,60 @@
+"""What the continuing-prefill CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a step
+padded up to a captured size gives the logits of the step itself. The GPU test replays the graphs themselves
+(test_gpu_runtime.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_hf_model
+from kiln.builder import Engine
+from kiln.config import BuildConfig
+from kiln.llmapi.llm import open_engine_dir
+from kiln.runtime.block_manager import BlockManager
+from kiln.runtime.cuda_graphs import PrefillGraphs, prefill_graph_token_counts
+from kiln.runtime.kv_cache import PagedKVCache
+from kiln.runtime.model_runner import ModelRunner, StepInputs
+
+
+def _step(blocks: BlockManager, tokens: list[int], start: int) -> StepInputs:
+    """tokens at positions start.. of sequence 0, after `start` cached ones."""
+    positions = list(range(start, start + len(tokens)))
+    return StepInputs(tokens, positions, [len(tokens)], [start], [blocks.slot(0, p) for p in positions],
+                      [blocks.tables[0]])
+
+
+def test_padded_continuing_prefill_gives_the_logits_of_the_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    make_hf_model(tmp_path / "hf", arch="mistral", sliding_window=24)
+    bc = BuildConfig(max_batch_size=2, max_seq_len=128, tokens_per_block=16, kv_cache_max_tokens=256)
+    engine = Engine.from_dir(open_engine_dir(tmp_path / "hf", "float32", bc))
+    runner = ModelRunner(engine.runtime_model("cpu"), "cpu", engine.build_config)
+    scratch = runner.num_blocks - 1  # no sequence below owns the last block
+    blocks = BlockManager(num_blocks=scratch, block_size=16)
+    prefix, suffix = list(range(3, 43)), [5, 9, 11, 2, 7, 60, 1]
+    blocks.allocate(0, prefix + suffix)
+    runner.execute(_step(blocks, prefix, 0))
+    graphs = PrefillGraphs(runner.model, runner.kv, torch.device("cpu"), [4, 16], max_blocks_per_seq=8,
+                           scratch_block=scratch)
+    step = _step(blocks, suffix, len(prefix))
+    assert graphs.can_run(step)
+    padded = graphs.forward(graphs.load(step))  # 7 tokens padded to 16: first fills the cache, then compared
+    torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
+
+
+def test_which_steps_a_continuing_prefill_graph_takes():
+    kv = PagedKVCache(range(1), num_blocks=10, block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    graphs = PrefillGraphs(None, kv, torch.device("cpu"), [16, 32], max_blocks_per_seq=4, scratch_block=9)
+
+    def step(query_lens, context_lens):
+        return StepInputs([], [], query_lens, context_lens, [], [[0]] * len(query_lens))
+
+    assert graphs.can_run(step([5], [10])) and graphs.can_run(step([32], [32]))  # 32 + 32 fills the 64 slots
+    assert not graphs.can_run(step([1], [10]))  # a decode step
+    assert not graphs.can_run(step([5], [0]))  # a fresh prompt
+    assert not graphs.can_run(step([33], [10]))  # past the largest size
+    assert not graphs.can_run(step([17], [33]))  # padded to 32 after 33 cached: past the 64-slot table
+    assert not graphs.can_run(step([5, 5], [10, 10]))  # two sequences
+    assert prefill_graph_token_counts(BuildConfig(max_seq_len=100, max_num_tokens=8192)) == [16, 32, 64]
+    assert prefill_graph_token_counts(BuildConfig(max_seq_len=4096, max_num_tokens=48)) == [16, 32]
