@@ -51,9 +51,12 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"rms_norm residual={r}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, BLOCK=4096), {}) for r in (False, True)],
     ("silu_and_mul", activation._silu_and_mul_kernel, dict(BLOCK=1024), {}),
     *[(f"decode split kv={c}", paged_attention._decode_split_kernel,
-       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", BLOCK_G=16, BLOCK_N=128),
+       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", ONE_SPLIT=False, BLOCK_G=16, BLOCK_N=128),
        dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
       for c in ("*bf16", "*i8", "*fp8e4nv")],
+    ("decode one split", paged_attention._decode_split_kernel,
+     dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=128),
+     dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
     ("decode merge", paged_attention._decode_merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
      dict(part_ptr="*fp32", lse_ptr="*fp32")),
     ("varlen prefill", paged_attention._prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64), dict(cu_ptr="*i32")),

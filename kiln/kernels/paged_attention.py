@@ -143,17 +143,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     cfg = DECODE_CONFIG
     block_n = cfg["BLOCK_N"]
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
-    partial = torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
+    partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
+    lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        scale * _LOG2E, sliding_window or 0, group, head_size, splits,
+        out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    out = torch.empty_like(q)
+    if one:
+        return out
     _decode_merge_kernel[(batch, heads)](
         partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4)
@@ -236,11 +239,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
-                             k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb,
+                             k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
+        and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs."""
         b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
         first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
@@ -272,9 +277,14 @@ if triton is not None:
 
         empty = l == 0.0  # a split past the end of a short context
         out = acc * (v_scale / tl.where(empty, 1.0, l))[:, None]
-        row = (b * tl.num_programs(1) * group + heads) * num_splits + split  # partial is [b, heads, splits, d]
-        tl.store(part_ptr + row[:, None] * head_size + d[None, :], out, mask=(g < group)[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
+        mask = (g < group)[:, None] & d_ok[None, :]
+        if ONE_SPLIT:
+            tl.store(part_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :], out.to(part_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            row = (b * tl.num_programs(1) * group + heads) * num_splits + split  # partial: [b, heads, splits, d]
+            tl.store(part_ptr + row[:, None] * head_size + d[None, :], out, mask=mask)
+            tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
 
     @triton.jit
     def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
