@@ -140,9 +140,11 @@ def quick_bench(kernel_call, quantiles):
 
 
 if triton is not None:
+    # The last three load as many bytes per step from 1-byte weights (int8, e4m3) as the others from bf16.
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": kb}, num_warps=w, num_stages=s)
                 for n, kb, w, s in ((4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 8, 3), (2, 1024, 4, 3),
-                                    (4, 1024, 8, 2), (16, 512, 8, 2), (32, 128, 4, 4))]
+                                    (4, 1024, 8, 2), (16, 512, 8, 2), (32, 128, 4, 4),
+                                    (4, 2048, 8, 2), (8, 1024, 8, 3), (2, 2048, 4, 3))]
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "M"], do_bench=quick_bench, cache_results=True)
     @triton.jit
