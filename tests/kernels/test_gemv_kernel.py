@@ -67,3 +67,29 @@ def test_scaled_gemv_matches_the_emulated_fp8_gemm(out_dtype, rows, n, k):
     err = (got.float() - want.float()).abs()
     print(f"scaled_gemv {out_dtype} {rows}x{n}x{k}: worst err / bound {(err / bound).max():.3g}")
     assert got.dtype == out_dtype and (err <= bound).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 1000, 1234)])
+def test_int8_codes_by_bits_equal_the_conversion(rows, n, k):
+    """The autotuner may take either way of turning int8 codes into floats (_int8_to_float or the GPU's
+    conversion): both give the same sums, bit for bit, and the float64 product within float32 rounding."""
+    import triton
+
+    from kiln.kernels.gemv import _gemv_kernel
+
+    g = torch.Generator().manual_seed(rows + n + k)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16).cuda()
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
+    scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16).cuda()
+    outs = []
+    for bits in (False, True):
+        y = torch.empty(rows, n, dtype=torch.float32, device="cuda")
+        _gemv_kernel.fn[(rows, triton.cdiv(n, 4))](x, w, y, y, scale, n, k, x.stride(0), w.stride(0), rows,
+                                                   HAS_X_SCALE=False, HAS_W_SCALE=True, BLOCK_N=4, BLOCK_K=1024,
+                                                   INT8_BY_BITS=bits, num_warps=8)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+    want = x.double() @ (w.double() * scale.double()[:, None]).T
+    terms = x.double().abs() @ (w.double().abs() * scale.double()[:, None]).T
+    assert ((outs[1].double() - want).abs() <= k * 2.0 ** -23 * terms + 1e-30).all()
