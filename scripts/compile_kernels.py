@@ -58,11 +58,13 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     ("decode one split", paged_attention._decode_split_kernel,
      dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=128),
      dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
-    ("decode merge", paged_attention._decode_merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
+    ("merge splits", paged_attention._merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
      dict(part_ptr="*fp32", lse_ptr="*fp32")),
     ("varlen prefill", paged_attention._prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64), dict(cu_ptr="*i32")),
-    ("paged prefill", paged_attention._paged_prefill_kernel, dict(ATTENTION, PAGE=32, BLOCK_M=64, BLOCK_N=64),
-     dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32")),
+    *[(f"paged prefill one_split={one}", paged_attention._paged_prefill_kernel,
+       dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64),
+       dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
+      for one in (True, False)],
     *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks), dict(w_ptr="*u8"))
       for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=8, BLOCK_KB=512)),
                                    ("gemm", quant_gemm._w4_gemm_kernel, dict(BLOCK_M=16, BLOCK_N=64)),

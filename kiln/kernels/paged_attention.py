@@ -155,12 +155,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if one:
-        return out
-    _decode_merge_kernel[(batch, heads)](
+    if not one:
+        _merge_splits(partial, lse, out)
+    return out
+
+
+def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out[r, h] = the splits' partial outputs [r, h, s] weighted by their softmax mass (lse, base 2)."""
+    rows, heads, splits, head_size = partial.shape
+    _merge_kernel[(rows, heads)](
         partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4)
-    return out
 
 
 def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
@@ -188,16 +193,27 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     tokens, heads, head_size = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_size))
     cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    grid = (triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
-    _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, kv_scale, out, cu_seqlens, context_lens, block_tables, q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, PAGE=block_size,
+    tiles, seqs = triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1
+    # A few new tokens after a long prefix (a prefix-cache hit) make few programs, each streaming the whole
+    # context: split the keys across programs as decode does, and merge.
+    max_context = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window + cfg["BLOCK_M"] + cfg["BLOCK_N"])
+    splits = _num_splits(tiles * seqs * heads, max_context, cfg["BLOCK_N"], q.device)
+    out = torch.empty_like(q)
+    one = splits == 1
+    partial = out if one else torch.empty(tokens, heads, splits, head_size, dtype=torch.float32, device=q.device)
+    lse = None if one else torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
+    _paged_prefill_kernel[(tiles, seqs, heads * splits)](
+        q, k_cache, v_cache, kv_scale, partial, lse, cu_seqlens, context_lens, block_tables, q.stride(0),
+        q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0),
+        out.stride(1), scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, splits, PAGE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=block_d, **cfg)
+        ONE_SPLIT=one, BLOCK_D=block_d, **cfg)
+    if not one:
+        _merge_splits(partial, lse, out)
     return out
 
 
@@ -287,13 +303,13 @@ if triton is not None:
             tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
 
     @triton.jit
-    def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
-                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
         row = (b * heads + h) * num_splits + s
         lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+        w = tl.exp2(lse - tl.max(lse, axis=0))  # a query sees at least one key (itself): the max is finite
         parts = tl.load(part_ptr + row[:, None] * head_size + d[None, :],
                         mask=(s < num_splits)[:, None] & (d < head_size)[None, :], other=0.0)
         out = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w, axis=0)
@@ -372,14 +388,17 @@ if triton is not None:
 
 
     @triton.jit
-    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
+    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
                               k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
-                              scale_log2, window, group, head_size,
+                              scale_log2, window, group, head_size, num_splits,
                               PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
-        """FlashAttention-2 for new queries over a paged cache: keys are found through the block table."""
-        tile, seq, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+                              IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
+        several splits, each program folds one share of the keys and stores a partial output [token, head,
+        split] with its log-sum-exp, for the merge."""
+        tile, seq, hs = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        h, split = hs // num_splits, hs % num_splits
         start, n = _sequence(cu_ptr, seq)
         if tile * BLOCK_M >= n:
             return
@@ -395,6 +414,10 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        if not ONE_SPLIT:  # this split's share of the keys, in whole tiles
+            split_len = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+            lo = lo + split * split_len
+            hi = tl.minimum(lo + split_len, hi)
         for kstart in range(lo, hi, BLOCK_N):
             t = kstart + tl.arange(0, BLOCK_N)
             ok = t < hi
@@ -408,4 +431,12 @@ if triton is not None:
             s = tl.where(keep, s, float("-inf"))
             v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
             m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
-        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
+        if ONE_SPLIT:
+            _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
+        else:
+            empty = l == 0.0  # no key of this split is visible to the row (or a padding row)
+            out = acc * (v_scale / tl.where(empty, 1.0, l))[:, None]
+            row = ((start + rows) * (tl.num_programs(2) // num_splits) + h) * num_splits + split
+            row_ok = rows < n
+            tl.store(o_ptr + row[:, None] * head_size + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=row_ok)

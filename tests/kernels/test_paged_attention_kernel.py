@@ -230,6 +230,8 @@ def test_continuing_prefill_reference_is_causal_attention_at_its_offset(heads, k
 
 CONTINUING_CASES = [  # cached, new, heads, kv_heads, head_size, block_size, window
     ([1024, 1024, 1000], [32, 5, 77], 32, 8, 128, 32, None),
+    ([1024], [32], 32, 8, 128, 32, None),  # a prefix-cache hit: few programs, the keys split among many more
+    ([100, 60, 7], [512, 300, 256], 32, 8, 128, 32, None),  # enough programs: one split, no merge
     ([0, 17, 64], [64, 130, 1], 4, 2, 64, 16, None),
     ([300, 40], [90, 200], 16, 2, 128, 32, 48),
 ]
