@@ -42,11 +42,14 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for w, q, c, m in ((False, 0, "*bf16", 0.0), (True, 0, "*bf16", 0.0), (True, 1, "*i8", 127.0),
                          (True, 2, "*fp8e4nv", 448.0))],
     *[(f"gemv {label}", gemv._gemv_kernel.fn,
-       dict(K=4096, HAS_X_SCALE=xs, HAS_W_SCALE=ws, BLOCK_N=4, BLOCK_K=1024, INT8_BY_BITS=bits), pointers)
-      for label, xs, ws, bits, pointers in (
-          ("bf16", False, False, False, {}),
-          ("fp8", True, True, False, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32")),
-          ("w8a16", False, True, False, dict(w_ptr="*i8")), ("w8a16 int8 by bits", False, True, True, dict(w_ptr="*i8")))],
+       dict(K=4096, HAS_X_SCALE=xs, HAS_W_SCALE=ws, QUANTIZE_X=qx, BLOCK_N=4, BLOCK_K=1024, INT8_BY_BITS=bits),
+       pointers)
+      for label, xs, ws, qx, bits, pointers in (
+          ("bf16", False, False, False, False, {}),
+          ("fp8", True, True, False, False, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32")),
+          ("fp8 static, quantizing x", False, True, True, False, dict(w_ptr="*fp8e4nv")),
+          ("w8a16", False, True, False, False, dict(w_ptr="*i8")),
+          ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
     *[(f"rms_norm residual={r}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, BLOCK=4096), {}) for r in (False, True)],

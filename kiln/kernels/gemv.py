@@ -55,19 +55,28 @@ def scaled_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor
     return _launch(_rows(xq), wq, x_scale, w_scale, out_dtype)
 
 
+def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """scaled_gemv of x quantized with the static per-tensor scale x_scale [1], quantized by the GEMV itself as
+    it reads x (no separate kernel and no x_q in memory): the same numbers, bit for bit, as
+    scaled_gemv(*kiln.quantization.fp8.quantize_fp8_static(x, x_scale), wq, w_scale, out_dtype)."""
+    return _launch(_rows(x), wq, x_scale.reshape(1), w_scale, out_dtype, quantize_x=True)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch(rows, weight, x_scale, w_scale, out_dtype) -> torch.Tensor:
+def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False) -> torch.Tensor:
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     n, k = weight.shape
     y = torch.empty(rows.shape[0], n, dtype=out_dtype, device=rows.device)
     grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
     _gemv_kernel[grid](rows, weight, y, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
                        n, k, rows.stride(0), weight.stride(0), rows.shape[0],
-                       HAS_X_SCALE=x_scale is not None, HAS_W_SCALE=w_scale is not None)
+                       HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
+                       QUANTIZE_X=quantize_x)
     return y
 
 
@@ -162,16 +171,26 @@ if triton is not None:
                      do_bench=quick_bench, cache_results=True)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm, stride_wn, M,
-                     HAS_X_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, INT8_BY_BITS: tl.constexpr):
+                     HAS_X_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, QUANTIZE_X: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8_BY_BITS: tl.constexpr):
+        """y[m] = (x[m] @ w^T) (* x's row scale) (* w's column scale). With QUANTIZE_X, x is the activation and
+        xs_ptr its static FP8 scale [1]: each element is quantized to e4m3 as it is read, as
+        kiln.kernels.fp8_quant does, and the scale multiplies the sum."""
         m = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        x_scale = 1.0
+        if HAS_X_SCALE:
+            x_scale = tl.load(xs_ptr + m)
+        if QUANTIZE_X:
+            x_scale = tl.load(xs_ptr).to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = cols < K
             x = tl.load(x_ptr + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+            if QUANTIZE_X:
+                x = tl.clamp(tl.math.div_rn(x, x_scale), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
                         mask=row_ok[:, None] & ok[None, :], other=0.0)
             if INT8_BY_BITS:
@@ -179,8 +198,8 @@ if triton is not None:
             else:
                 acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_X_SCALE:  # (sum * x's row scale) * w's column scale, in float32, as the emulated FP8 GEMM
-            y = y * tl.load(xs_ptr + m)
+        if HAS_X_SCALE or QUANTIZE_X:  # (sum * x's row scale) * w's column scale, in float32, as the emulated
+            y = y * x_scale  # FP8 GEMM
         if HAS_W_SCALE:
             y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)

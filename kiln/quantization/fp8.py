@@ -14,7 +14,7 @@ Checkpoint tensors of a quantized linear `<linear>`:
 The GEMM is y = (x_q @ weight^T) * a_row * s_col, accumulated in float32 (`fp8_gemm`). On CUDA with compute
 capability >= 8.9, one or two rows (decode) run kiln's Triton GEMV on the codes (kiln.kernels.gemv.scaled_gemv;
 with torch._scaled_mm there, FP8 batch-1 decode measured 0.94x the bf16 engine on the H100, for half the weight
-bytes), more rows of a bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the
+bytes; FP8's static activation scale is applied by that GEMV as it reads x, `static_fp8_gemv`), more rows of a bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the
 emulation multiplies the same e4m3 values in float32 and applies the same scales, so both give the same numbers
 up to float32 summation order. A CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there
 would be slower than the bfloat16 model it replaces.
@@ -33,7 +33,7 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, quantize_fp8_rows
-from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv
+from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 
@@ -154,8 +154,14 @@ class Fp8Method(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        xq, x_scale = self.quantize_input(layer, x2)
-        y = fp8_gemm(xq, x_scale, layer.weight, layer.weights_scaling_factor, x.dtype)
+        if self.static and x2.shape[0] <= GEMV_MAX_ROWS and x2.is_cuda and triton_available():
+            fp8_backend(x2.device)  # refuses GPUs without FP8
+            # decode: the GEMV quantizes x as it reads it (the numbers of the two-kernel path below, one launch)
+            y = static_fp8_gemv(x2, layer.activation_scaling_factor, layer.weight, layer.weights_scaling_factor,
+                                x.dtype)
+        else:
+            xq, x_scale = self.quantize_input(layer, x2)
+            y = fp8_gemm(xq, x_scale, layer.weight, layer.weights_scaling_factor, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):

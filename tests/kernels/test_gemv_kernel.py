@@ -86,10 +86,26 @@ def test_int8_codes_by_bits_equal_the_conversion(rows, n, k):
     for bits in (False, True):
         y = torch.empty(rows, n, dtype=torch.float32, device="cuda")
         _gemv_kernel.fn[(rows, triton.cdiv(n, 4))](x, w, y, y, scale, n, k, x.stride(0), w.stride(0), rows,
-                                                   HAS_X_SCALE=False, HAS_W_SCALE=True, BLOCK_N=4, BLOCK_K=1024,
-                                                   INT8_BY_BITS=bits, num_warps=8)
+                                                   HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False, BLOCK_N=4,
+                                                   BLOCK_K=1024, INT8_BY_BITS=bits, num_warps=8)
         outs.append(y)
     assert torch.equal(outs[0], outs[1])
     want = x.double() @ (w.double() * scale.double()[:, None]).T
     terms = x.double().abs() @ (w.double().abs() * scale.double()[:, None]).T
     assert ((outs[1].double() - want).abs() <= k * 2.0 ** -23 * terms + 1e-30).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 1000, 1234)])
+def test_static_fp8_gemv_quantizes_x_as_the_separate_kernel_does(rows, n, k):
+    """The GEMV that quantizes x itself with a static scale gives, bit for bit, the GEMV of x quantized first
+    (kiln.kernels.fp8_quant), including values that saturate at +-448."""
+    from kiln.kernels.gemv import scaled_gemv, static_fp8_gemv
+    from kiln.quantization.fp8 import quantize_fp8_static, quantize_fp8_weight
+
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = (torch.randn(rows, k, generator=g) * 3).to(torch.bfloat16).cuda()
+    wq, ws = quantize_fp8_weight(torch.randn(n, k, generator=g).cuda(), torch.bfloat16, per_channel=True)
+    scale = (x.float().abs().amax() / 448 / 2).reshape(1).to(torch.bfloat16)  # half the range: some saturate
+    got = static_fp8_gemv(x, scale, wq, ws, torch.bfloat16)
+    assert torch.equal(got, scaled_gemv(*quantize_fp8_static(x, scale), wq, ws, torch.bfloat16))
