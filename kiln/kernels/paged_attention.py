@@ -7,9 +7,11 @@ at slot t % block_size. context_lens[b] counts the tokens already written, the c
 Decode is split-K "flash decoding" (Dao et al. 2023, https://pytorch.org/blog/flash-decoding/): a
 single query per sequence gives too few programs to fill the GPU, so each sequence's context is cut into
 `num_splits` ranges attended in parallel; each writes its output and log-sum-exp, and a second small
-kernel merges them. One program serves all the query heads that share a KV head (GQA), so each key and
-value is read from memory once. Prefill is FlashAttention-2 (Dao 2023, arXiv:2307.08691) over
-sequences packed back to back, cu_seqlens marking where each starts.
+kernel merges them (with one split, when the batch alone fills the GPU, the kernel writes the output). One
+program serves all the query heads that share a KV head (GQA), so each key and value is read from memory
+once. Prefill is FlashAttention-2 (Dao 2023, arXiv:2307.08691) over sequences packed back to back,
+cu_seqlens marking where each starts; prefill over the paged cache splits the keys the same way when its
+query tiles are too few to fill the GPU (a prefix-cache hit's few new tokens over a long prefix).
 
 A sliding window of W keeps the keys at positions q_pos - W < k_pos <= q_pos, as kiln.layers.attention does.
 Both kernels use exp2 with log2(e) folded into the scale, so their log-sum-exps are in base 2.
