@@ -143,6 +143,8 @@ def instrument(llm, clock: PhaseClock) -> None:
     if getattr(llm.runner, "graphs", None) is not None:  # a burst of CUDA-graph replays, with their inputs' copies
         clock.wrap(llm.runner.graphs, "run", "forward", sync)
         clock.wrap(llm.runner.graphs, "run_burst", "forward", sync)
+    if getattr(llm.runner, "prefill_graphs", None) is not None:  # a continuing prefill replayed from a graph
+        clock.wrap(llm.runner.prefill_graphs, "run", "forward", sync)
     parts = cached_property(clock.timed(paged_batch.PagedAttentionBatch.__dict__["_parts"].func, "inputs"))
     parts.__set_name__(paged_batch.PagedAttentionBatch, "_parts")
     paged_batch.PagedAttentionBatch._parts = parts
