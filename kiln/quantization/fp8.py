@@ -14,9 +14,9 @@ Checkpoint tensors of a quantized linear `<linear>`:
 The GEMM is y = (x_q @ weight^T) * a_row * s_col, accumulated in float32 (`fp8_gemm`). On CUDA with compute
 capability >= 8.9, one or two rows (decode) run kiln's Triton GEMV on the codes (kiln.kernels.gemv.scaled_gemv;
 with torch._scaled_mm there, FP8 batch-1 decode measured 0.94x the bf16 engine on the H100, for half the weight
-bytes; FP8's static activation scale is applied by that GEMV as it reads x, `static_fp8_gemv`), more rows of a bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the
-emulation multiplies the same e4m3 values in float32 and applies the same scales, so both give the same numbers
-up to float32 summation order. A CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there
+bytes; with FP8's static scale the GEMV also quantizes x as it reads it, `static_fp8_gemv`), more rows of a
+bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the emulation multiplies the same e4m3
+values in float32 and applies the same scales, so both give the same numbers up to float32 summation order. A CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there
 would be slower than the bfloat16 model it replaces.
 
 Scales are rounded to the model dtype before the weight is divided by them, so dequantizing the checkpoint
@@ -110,11 +110,16 @@ def fp8_gemm_emulated(xq, x_scale, wq, w_scale, out_dtype) -> torch.Tensor:
     return (acc * x_scale * w_scale.float()[None, :]).to(out_dtype)
 
 
+def _runs_gemv(x: torch.Tensor) -> bool:
+    """Decode rows on a CUDA GPU: kiln's Triton GEMV, not a GEMM."""
+    return x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and triton_available()
+
+
 def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
     """(x_q [M, K] @ w_q [N, K]^T) * x_scale [M, 1] * w_scale [N] -> [M, N] in out_dtype."""
     k, n = xq.shape[1], wq.shape[0]
-    if xq.shape[0] <= GEMV_MAX_ROWS and xq.is_cuda and triton_available():
+    if _runs_gemv(xq):
         fp8_backend(xq.device)  # refuses GPUs without FP8
         return scaled_gemv(xq, x_scale, wq, w_scale, out_dtype)  # decode: one read of the weights, no padding
     if (fp8_backend(xq.device) == "scaled_mm" and out_dtype == torch.bfloat16  # row-wise scales: bf16 out only
@@ -154,7 +159,7 @@ class Fp8Method(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.static and x2.shape[0] <= GEMV_MAX_ROWS and x2.is_cuda and triton_available():
+        if self.static and _runs_gemv(x2):
             fp8_backend(x2.device)  # refuses GPUs without FP8
             # decode: the GEMV quantizes x as it reads it (the numbers of the two-kernel path below, one launch)
             y = static_fp8_gemv(x2, layer.activation_scaling_factor, layer.weight, layer.weights_scaling_factor,
