@@ -16,8 +16,9 @@ capability >= 8.9, one or two rows (decode) run kiln's Triton GEMV on the codes 
 with torch._scaled_mm there, FP8 batch-1 decode measured 0.94x the bf16 engine on the H100, for half the weight
 bytes; with FP8's static scale the GEMV also quantizes x as it reads it, `static_fp8_gemv`), more rows of a
 bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the emulation multiplies the same e4m3
-values in float32 and applies the same scales, so both give the same numbers up to float32 summation order. A CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there
-would be slower than the bfloat16 model it replaces.
+values in float32 and applies the same scales, so both give the same numbers up to float32 summation order. A
+CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there would be slower than the bfloat16
+model it replaces.
 
 Scales are rounded to the model dtype before the weight is divided by them, so dequantizing the checkpoint
 gives the quantizer's reconstruction exactly (an e4m3 value times a bf16/fp16 scale is exact in float32).
