@@ -68,8 +68,9 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64),
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
       for one in (True, False)],
-    *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks), dict(w_ptr="*u8"))
-      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=8, BLOCK_KB=512)),
+    *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks),
+       dict(w_ptr="*i32" if name == "gemv" else "*u8"))
+      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=32, BLOCK_KW=128)),
                                    ("gemm", quant_gemm._w4_gemm_kernel, dict(BLOCK_M=16, BLOCK_N=64)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],

@@ -4,9 +4,11 @@ kiln's checkpoint layout (kiln/quantization/weight_only.py): no repack at build 
 Decode is memory-bound: at batch 1 a layer's time is the time to stream its weights, so int4 weights can
 be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at full bandwidth. Two kernels:
 
-- GEMV (a few rows of x): each program owns a block of output rows and streams their packed bytes along the
-  whole input dim, doing the multiply-adds on CUDA cores. For int4 the group's scale and zero are applied
-  once per group, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k). Programs of the
+- GEMV (a few rows of x): each program owns a block of output rows and streams their packed codes along the
+  whole input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores. For int4 the group's scale
+  and zero are applied once per group, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k),
+  and a code becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs
+  two instructions and the kernel is bound by memory, not by unpacking. Programs of the
   same output block but different rows of x are adjacent in the launch order, so the weights come from L2
   after the first read. int8 needs no unpacking: it runs the full-precision GEMV (kiln.kernels.gemv), its
   per-channel scale applied after the float32 sum.
@@ -115,13 +117,19 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     y = torch.empty(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
     z = zero if zero is not None else scale  # unread when HAS_ZERO is False
     args = (rows, packed, scale, z, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
-    if rows.shape[0] <= GEMV_MAX_ROWS:
+    if rows.shape[0] <= GEMV_MAX_ROWS and _reads_as_words(packed):
         grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (m fastest: L2 reuse)
+        args = (rows, packed.view(torch.int32), *args[2:])
         _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
     else:
         grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
     return y
+
+
+def _reads_as_words(packed: torch.Tensor) -> bool:
+    """Whether the GEMV can read the packed codes as int32 words: rows of whole words (in % 8 == 0), aligned."""
+    return packed.is_contiguous() and packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -158,9 +166,13 @@ def _bucket(m: int) -> int:
 if triton is not None:
     SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
     MAGIC_2_23 = tl.constexpr(0x4B000000)  # the bits of float32 2^23
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w)
-                     for n, kb, w in ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8), (4, 1024, 4),
-                                      (2, 1024, 4), (16, 256, 4), (32, 256, 8))]
+    # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
+    # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
+    SHIFT_EXP = tl.constexpr(69)
+    # BLOCK_KW words (8 columns each) per row and step; more rows per thread share more of the work on x.
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
+                     for n, kw, w in ((32, 128, 4), (16, 128, 4), (16, 128, 2), (64, 128, 8), (32, 64, 4),
+                                      (8, 128, 4), (16, 64, 2), (32, 128, 8))]
     _W4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                         for m, n, w, s in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3),
                                            (64, 128, 4, 3), (128, 128, 8, 3), (16, 128, 4, 4), (32, 32, 4, 5))]
@@ -178,30 +190,48 @@ if triton is not None:
 
     @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-        # A [BLOCK_N, GROUPS, HALF] tile of bytes: GROUPS whole groups of HALF bytes (2 * HALF inputs) per row.
-        HALF: tl.constexpr = GROUP // 2
-        G: tl.constexpr = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)
-        GROUPS: tl.constexpr = BLOCK_KB // HALF  # every config's BLOCK_KB is a multiple of the largest HALF
-        kb_total: tl.constexpr = K // 2
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
+        # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
+        # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
+        # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
+        # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
+        # float32 sums carry that factor until the end. (Each thread holds 4 words of BLOCK_N / warps rows, so the
+        # work on x is shared by those rows.)
+        KW: tl.constexpr = K // 8  # words per row
+        WPG: tl.constexpr = GROUP // 8  # words per group (>= 4: a thread's 4 words share one group)
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        CHUNKS: tl.constexpr = BLOCK_KW // 4
+        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        gi, bj, pair = tl.arange(0, GROUPS), tl.arange(0, HALF), tl.arange(0, 2)
-        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        for g0 in range(0, G, GROUPS):
-            grp = g0 + gi
-            byte = grp[:, None] * HALF + bj[None, :]  # [GROUPS, HALF] byte index within a row
-            ok = byte < kb_total
-            # x's columns 2j and 2j + 1 (byte j's low and high nibble), read contiguously, then split.
-            x2 = tl.load(x_ptr + m * stride_xm + 2 * byte[:, :, None] + pair[None, None, :], mask=ok[:, :, None],
-                         other=0.0).to(tl.float32)
-            xe, xo = tl.split(x2)
-            w = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * kb_total + byte[None, :, :],
-                        mask=row_ok[:, None, None] & ok[None, :, :], other=0).to(tl.int32)
-            # The high nibble is taken in place as 16 u (no shift); x / 16 is exact.
-            lo, hi16 = _int4_to_float(w & 0xF), _int4_to_float(w & 0xF0)
-            dot = tl.sum(lo * xe[None, :, :] + hi16 * (xo * 0.0625)[None, :, :], axis=2)
+        acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
+        for k0 in range(0, KW, BLOCK_KW):
+            word = k0 + tl.arange(0, BLOCK_KW)
+            ok = word < KW
+            w_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & ok[None, :]  # (no K mask: 16-byte loads)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + word[None, :], mask=w_mask, other=0)
+            high = w >> 12
+            dot = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+            x_sum = tl.zeros([BLOCK_KW], tl.float32)
+            for j in tl.static_range(8):
+                if EVEN_K:
+                    xj = tl.load(x_ptr + m * stride_xm + 8 * word + j).to(tl.float32)
+                else:
+                    xj = tl.load(x_ptr + m * stride_xm + 8 * word + j, mask=ok, other=0.0).to(tl.float32)
+                x_sum += xj
+                if j < 5:
+                    code = w & (15 << (4 * j))
+                    xj *= 2.0 ** (149 - 4 * j - SHIFT_EXP)
+                else:  # slot j - 3 of the shifted word
+                    code = high & (15 << (4 * j - 12))
+                    xj *= 2.0 ** (161 - 4 * j - SHIFT_EXP)
+                dot += code.to(tl.float32, bitcast=True) * xj[None, :]
+            # Each thread's 4 words are one chunk of one group: the chunk sums stay in the thread.
+            dot = tl.sum(tl.reshape(dot, [BLOCK_N, CHUNKS, 4]), axis=2)
+            x_sum = tl.sum(tl.reshape(x_sum, [CHUNKS, 4]), axis=1) * (2.0 ** -SHIFT_EXP)
+            grp = (k0 + 4 * tl.arange(0, CHUNKS)) // WPG
             sg = rows[:, None] * G + grp[None, :]
             sg_ok = row_ok[:, None] & (grp < G)[None, :]
             s = tl.load(s_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
@@ -209,8 +239,9 @@ if triton is not None:
                 z = tl.load(z_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
             else:
                 z = SYMMETRIC_ZERO
-            acc += s * (dot - z * tl.sum(xe + xo, axis=1)[None, :])
-        tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+            acc += s * (dot - z * x_sum[None, :])  # s (sum_k u_k x_k - z sum_k x_k), per chunk
+        y = tl.sum(acc, axis=1) * (2.0 ** SHIFT_EXP)
+        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,

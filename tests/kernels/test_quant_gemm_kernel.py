@@ -46,9 +46,10 @@ def test_plan_names_the_kernel_of_each_weight_only_algorithm():
     assert qg.linear_plan(None) == {}
 
 
-# Odd shapes (no multiple of any tile; short last groups); rows through the GEMV (1, 2), the GEMM (3, 37) and,
-# for int4, dequantize + cuBLAS (DEQUANT_MIN_ROWS + 3).
-SHAPES = [(77, 200), (131, 456), (96, 576), (50, 1000)]
+# Odd shapes (no multiple of any tile; short last groups), one whose rows are whole tiles of the int4 GEMV (its
+# unmasked path) and one whose rows are not whole int32 words (the int4 GEMV hands it to the GEMM); rows through
+# the GEMV (1, 2), the GEMM (3, 37) and, for int4, dequantize + cuBLAS (DEQUANT_MIN_ROWS + 3).
+SHAPES = [(77, 200), (131, 456), (96, 576), (50, 1000), (40, 2048), (33, 204)]
 
 
 @needs_gpu
