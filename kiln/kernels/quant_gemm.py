@@ -171,8 +171,8 @@ if triton is not None:
     SHIFT_EXP = tl.constexpr(69)
     # BLOCK_KW words (8 columns each) per row and step; more rows per thread share more of the work on x.
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
-                     for n, kw, w in ((32, 128, 4), (16, 128, 4), (16, 128, 2), (64, 128, 8), (32, 64, 4),
-                                      (8, 128, 4), (16, 64, 2), (32, 128, 8))]
+                     for n, kw, w in ((32, 128, 4), (16, 128, 4), (8, 128, 4), (8, 256, 4), (4, 256, 4),
+                                      (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
     _W4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                         for m, n, w, s in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3),
                                            (64, 128, 4, 3), (128, 128, 8, 3), (16, 128, 4, 4), (32, 32, 4, 5))]
@@ -187,6 +187,13 @@ if triton is not None:
         the mantissa of 2^23, minus 2^23. Two full-rate instructions instead of a quarter-rate int->float
         conversion, which would otherwise bound the int4 GEMV by arithmetic, not memory."""
         return (code | MAGIC_2_23).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _load_words(w_rows, row_ok, k0, KW: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr):
+        """Words k0 .. k0 + BLOCK_KW of each row (0 where masked); with EVEN_K no column mask, so 16-byte loads."""
+        word = k0 + tl.arange(0, BLOCK_KW)
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (word < KW)[None, :]
+        return tl.load(w_rows + word[None, :], mask=mask, other=0)
 
     @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
@@ -207,11 +214,14 @@ if triton is not None:
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
+        w_next = _load_words(w_rows, row_ok, 0, KW, BLOCK_KW, EVEN_K)
         for k0 in range(0, KW, BLOCK_KW):
             word = k0 + tl.arange(0, BLOCK_KW)
             ok = word < KW
-            w_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & ok[None, :]  # (no K mask: 16-byte loads)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + word[None, :], mask=w_mask, other=0)
+            # The next step's words are requested before this step's arithmetic: twice the bytes in flight.
+            w = w_next
+            w_next = _load_words(w_rows, row_ok & (k0 + BLOCK_KW < KW), k0 + BLOCK_KW, KW, BLOCK_KW, EVEN_K)
             high = w >> 12
             dot = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
             x_sum = tl.zeros([BLOCK_KW], tl.float32)
