@@ -57,7 +57,7 @@ def cmd_quantize(args) -> None:
 
     quant_config = QuantConfig(quant_algo=args.quant_algo, kv_cache_quant_algo=args.kv_cache_quant_algo,
                                group_size=args.group_size, has_zero_point=args.has_zero_point,
-                               exclude_modules=tuple(args.exclude_modules or ("lm_head",)),
+                               exclude_modules=_exclude_modules(args),
                                smoothquant_alpha=args.smoothquant_alpha,
                                keep_sensitive_layers=args.keep_sensitive_layers)
     start = time.perf_counter()
@@ -68,6 +68,18 @@ def cmd_quantize(args) -> None:
     print(f"wrote {algo_label(quant_config.to_dict())} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
     if args.eval:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
+
+
+def _exclude_modules(args) -> tuple[str, ...]:
+    """lm_head (unless --quantize-lm-head), then the --exclude-modules patterns."""
+    from kiln.errors import ConfigError
+    from kiln.quantization.methods import is_excluded
+
+    extra = tuple(args.exclude_modules or ())
+    if args.quantize_lm_head and is_excluded("lm_head", extra):
+        raise ConfigError("--quantize-lm-head and --exclude-modules contradict: a pattern of --exclude-modules "
+                          "keeps lm_head in full precision; drop one of them")
+    return tuple(dict.fromkeys(("lm_head",) * (not args.quantize_lm_head) + extra))
 
 
 def _build_config(args):
@@ -184,6 +196,7 @@ def cmd_inspect(args) -> None:
           f"vocab {c['vocab_size']}")
     print(f"  mapping       {c['mapping']}")
     print(f"  quantization  {c['quantization']}")
+    print(f"  lm_head       {_lm_head_format(c['quantization'])}")
     if "build_config" in c:
         print(f"  build_config  {c['build_config']}")
         print(f"  plan          {c['plan']}")
@@ -192,6 +205,14 @@ def cmd_inspect(args) -> None:
         if args.tensors:
             for tensor, shape in rank["tensors"].items():
                 print(f"    {tensor} {shape}")
+
+
+def _lm_head_format(quantization: dict) -> str:
+    from kiln.config import QuantConfig
+    from kiln.quantization.methods import quantizes_lm_head
+
+    qc = QuantConfig.from_dict(quantization)
+    return f"quantized ({qc.quant_algo.value})" if quantizes_lm_head(qc) else "full precision"
 
 
 def _add_build_flags(p) -> None:
@@ -248,7 +269,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="W8A8_SQ_PER_CHANNEL migration strength in [0, 1]: how much of the activations' range "
                         "moves into the weights")
     p.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
-                   help="modules kept in full precision (fnmatch on names or their suffixes; default: lm_head)")
+                   help="modules kept in full precision besides lm_head (fnmatch on names or their suffixes)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize lm_head too (by default it stays in full precision): W8A16 int8; W4A16 and "
+                        "W4A16_AWQ int4 round-to-nearest (no AWQ search for lm_head); FP8 and "
+                        "FP8_PER_CHANNEL_PER_TOKEN per-channel weights with per-token activations. A tied "
+                        "embedding stays in full precision. Not with W8A8_SQ_PER_CHANNEL or W4A8_AWQ")
     p.add_argument("--keep-sensitive-layers", type=int, default=0, metavar="N",
                    help="keep the N decoder layers whose quantization costs the most (KL on the calibration text) "
                         "in full precision; they are added to exclude_modules")
@@ -335,6 +361,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, choices=["INT8", "FP8"],
                    help="quantized KV cache for the quantized systems (alone: one KV-only system)")
     p.add_argument("--skip-unquantized", action="store_true", help="bench only the quantized systems")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize lm_head too in the quantized systems (kiln quantize's --quantize-lm-head)")
     p.add_argument("--max-batch-size", type=int, default=512, help="the engine's running batch ceiling")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     p.add_argument("--output-json", default=None, help="also write the results here")

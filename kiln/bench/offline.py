@@ -226,9 +226,10 @@ def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
     """("kiln", None) for the unquantized engine, then one system per --quant-algo (and KV-cache algo)."""
     systems = [] if args.skip_unquantized else [("kiln", None)]
     kv = args.kv_cache_quant_algo
+    exclude, head = ((), " lm_head") if args.quantize_lm_head else (("lm_head",), "")
     for algo in (args.quant_algo.split(",") if args.quant_algo else []):
-        systems.append((f"kiln {algo}" + (f" KV {kv}" if kv else ""),
-                        QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)))
+        systems.append((f"kiln {algo}{head}" + (f" KV {kv}" if kv else ""),
+                        QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, exclude_modules=exclude)))
     if kv and not args.quant_algo:
         systems.append((f"kiln KV {kv}", QuantConfig(kv_cache_quant_algo=kv)))
     return systems

@@ -1,4 +1,9 @@
-"""Vocab-parallel embedding and lm_head: each tensor-parallel rank holds a slice of the (padded) vocab."""
+"""Vocab-parallel embedding and lm_head: each tensor-parallel rank holds a slice of the (padded) vocab.
+
+LMHead is a Linear (column-parallel over the padded vocab), so it holds its weight through a LinearMethod like
+every other linear: full precision by default, quantized when the QuantConfig does not exclude "lm_head"
+(kiln.quantization.methods.LM_HEAD_METHODS).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.gemv import linear
+from kiln.layers.linear import Linear
 from kiln.mapping import Mapping, padded_vocab_size, shard_vocab
 from kiln.runtime.distributed import all_gather_last_dim, all_reduce
 
@@ -40,19 +45,20 @@ class PositionEmbedding(nn.Module):
         return F.embedding(positions, self.weight)
 
 
-class LMHead(nn.Module):
-    """Logits over the vocab; with tensor parallelism each rank computes its slice and they are gathered."""
+class LMHead(Linear):
+    """Logits over the vocab; with tensor parallelism each rank computes its slice and they are gathered.
+
+    Rows are the vocab padded to a multiple of tp_size (`shard_vocab` zero-fills the padding rows of every
+    leaf, so a padded row's logit is 0, whatever the method) and sliced away after the gather."""
 
     def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping):
-        super().__init__()
+        rows = padded_vocab_size(vocab_size, mapping.tp_size) // mapping.tp_size
+        super().__init__(hidden_size, rows, False, shard_vocab, shard_vocab)
         self.mapping = mapping
         self.vocab_size = vocab_size
-        rows = padded_vocab_size(vocab_size, mapping.tp_size) // mapping.tp_size
-        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
-        self.shard_rules = {"weight": shard_vocab}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)  # cuBLAS, or a GEMV at batch 1 where it measured faster
+        logits = self.matmul(hidden)  # unquantized: cuBLAS, or a GEMV at batch 1 where it measured faster
         if self.mapping.tp_size > 1:
             logits = all_gather_last_dim(logits, self.mapping)
         return logits[..., : self.vocab_size]

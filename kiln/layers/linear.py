@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
-from kiln.layers.embedding import LMHead
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
 
@@ -55,8 +54,8 @@ class UnquantizedLinearMethod(LinearMethod):
 def choose_linear_kernels(model: nn.Module) -> None:
     """Time the GEMV against cuBLAS once for each distinct full-precision weight shape of `model` (on CUDA),
     at 1 to GEMV_MAX_ROWS rows, so that decode steps and their CUDA graphs find the choice made."""
-    weights = [m.weight for m in model.modules() if m.__class__ is LMHead or
-               isinstance(m, Linear) and isinstance(m.quant_method, UnquantizedLinearMethod)]
+    weights = [m.weight for m in model.modules()  # (lm_head too: it is a Linear)
+               if isinstance(m, Linear) and isinstance(m.quant_method, UnquantizedLinearMethod)]
     weights = [w for w in weights if w.is_cuda]
     for weight in weights:
         for rows in range(1, GEMV_MAX_ROWS + 1):

@@ -30,7 +30,7 @@ from kiln.layers.moe import MoE
 from kiln.layers.normalization import add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8_import import prequantized_format
-from kiln.quantization.methods import apply_quant_config, quantized_linears
+from kiln.quantization.methods import apply_quant_config, quantized_linears, quantizes_lm_head
 from kiln.version import FORMAT_VERSION, __version__
 
 CONFIG_FILE = "config.json"
@@ -144,8 +144,13 @@ class PretrainedModel(nn.Module):
         return self.to(device)
 
     def read_weight(self, name: str) -> torch.Tensor:
-        """One weight, read from its source if it is still lazy."""
+        """One weight, read from its source if it is still lazy (a tied weight by the name it is stored under)."""
+        name = self.stored_name(name)
         return self._read_lazy(name) if name in self._lazy else self.get_parameter(name).detach()
+
+    def stored_name(self, name: str) -> str:
+        """The name a weight is held under: a tied weight's is its owner's (weight_specs lists it once)."""
+        return name
 
     def named_weights(self):
         """(name, tensor) of every weight, reading lazy ones one at a time."""
@@ -343,6 +348,11 @@ class DecoderModelForCausalLM(PretrainedModel):
         prequantized = prequantized_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ / FP8: imported as is
         if prequantized is not None:
             config = config.replace(quantization=prequantized.quant_config)
+            if config.tie_word_embeddings and quantizes_lm_head(config.quantization):
+                raise ConfigError(f"{hf_dir / 'config.json'}: quantization_config quantizes lm_head (lm_head: true) "
+                                  "but tie_word_embeddings is true; kiln imports a quantized lm_head from untied "
+                                  "checkpoints only. Convert the float model and run `kiln quantize "
+                                  "--quantize-lm-head` instead")
         model = cls.empty(config)
         name_map = cls.hf_name_map(config)
         if prequantized is not None:
@@ -365,10 +375,18 @@ class DecoderModelForCausalLM(PretrainedModel):
         with torch.device("meta"):
             return cls(config, fused_mlp=True)
 
+    def _ties_lm_head(self) -> bool:
+        """lm_head shares the embedding's tensor: tied embeddings, both on this rank, lm_head in full precision
+        (a quantized lm_head holds its own tensors, quantized from the embedding matrix)."""
+        return (self.config.tie_word_embeddings and self.lm_head is not None and
+                self.transformer.vocab_embedding is not None and self.lm_head.quant_method.name == "none")
+
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and self.lm_head is not None and \
-                self.transformer.vocab_embedding is not None:
+        if self._ties_lm_head():
             self.lm_head.weight = self.transformer.vocab_embedding.weight
+
+    def stored_name(self, name: str) -> str:
+        return "transformer.vocab_embedding.weight" if name == "lm_head.weight" and self._ties_lm_head() else name
 
     def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 batch: AttentionBatch | None = None, hidden_states: torch.Tensor | None = None,

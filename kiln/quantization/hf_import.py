@@ -2,7 +2,9 @@
 with no re-quantization: the int4 codes, zeros and scales are unpacked from the source's int32 packing, turned from
 its [in, out] layout into kiln's [out, in], and repacked (kiln/quantization/weight_only.py describes kiln's layout).
 Both formats dequantize as w = (q - z) * s with one scale and zero per group of `group_size` inputs, which is
-kiln's W4A16 with `has_zero_point`; GPTQ's symmetric checkpoints carry their zero (8) like any other.
+kiln's W4A16 with `has_zero_point`; GPTQ's symmetric checkpoints carry their zero (8) like any other. A GPTQ
+checkpoint with `lm_head: true` has lm_head packed the same way: it is imported quantized (exclude_modules
+empty), from untied checkpoints only (kiln.models.base refuses a tied one).
 
 - AWQ (AutoAWQ `version: "gemm"`): `qweight` int32 [in, out / 8], `qzeros` int32 [in / group, out / 8], `scales`
   [in / group, out]. Eight codes per int32 along the output dim, nibble i (bits 4i..4i+3) holding output column
@@ -117,7 +119,10 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
         raise ConfigError(f"{where}.bits is {bits!r}; this kiln imports 4-bit {method.upper()} checkpoints only")
     if group not in (32, 64, 128):
         raise ConfigError(f"{where}.group_size is {group!r}; kiln's W4A16 holds groups of 32, 64 or 128 inputs")
-    quant_config = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=group, has_zero_point=True)
+    # GPTQModel's `lm_head: true` packs lm_head like any other linear (AutoAWQ never quantizes it).
+    exclude = () if method == "gptq" and qc.get("lm_head") else ("lm_head",)
+    quant_config = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=group, has_zero_point=True,
+                               exclude_modules=exclude)
     scales = ("scales", group_scales)
     if method == "awq":
         version = str(qc.get("version", "gemm")).lower()
@@ -128,8 +133,6 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
         leaves = {"weight": ("qweight", awq_weight), "zero_point": ("qzeros", awq_zeros),
                   "weights_scaling_factor": scales}
         return HFQuantFormat(method, quant_config, leaves)
-    if qc.get("lm_head"):
-        raise ConfigError(f"{where}.lm_head is true; this kiln keeps lm_head in full precision")
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in GPTQ_FORMAT_ZERO_OFFSET:
         raise ConfigError(f"{where}.checkpoint_format {fmt!r} is not one of {list(GPTQ_FORMAT_ZERO_OFFSET)}")
@@ -137,7 +140,8 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
               "weights_scaling_factor": scales}
     if not qc.get("desc_act"):
         return HFQuantFormat(method, quant_config, leaves)
-    act_order = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=group, has_zero_point=True)
+    act_order = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=group, has_zero_point=True,
+                            exclude_modules=exclude)
     return HFQuantFormat(method, act_order, {**leaves, "input_permutation": ("g_idx", None)}, act_order=True)
 
 

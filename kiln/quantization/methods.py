@@ -1,9 +1,15 @@
 """Which LinearMethod each linear layer of a model holds, from the model's QuantConfig.
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
-pattern of `exclude_modules` names them; embeddings, lm_head, MoE routers and stacked expert weights stay in
-full precision in this version. A pattern matches a module's full name or any dotted suffix of it (fnmatch
+pattern of `exclude_modules` names them; embeddings, MoE routers and stacked expert weights stay in full
+precision in this version. A pattern matches a module's full name or any dotted suffix of it (fnmatch
 syntax): "lm_head", "mlp.proj", "transformer.layers.0.*".
+
+lm_head is excluded by default (QuantConfig.exclude_modules = ("lm_head",), as TensorRT-LLM and ModelOpt do);
+a config that drops "lm_head" from the list quantizes it too, with LM_HEAD_METHODS: methods that need no
+calibration of lm_head's input (the calibrations stream the decoder layers only): int4 round to nearest for
+the AWQ algorithm too (no scale search), FP8 with per-channel weight and per-token activation scales. A tied
+model's embedding stays in full precision, lm_head is quantized from that matrix and stored as its own tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from torch import nn
 
 from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
+from kiln.layers.embedding import LMHead
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
 from kiln.quantization.fp8 import Fp8Method
 from kiln.quantization.w4a8 import W4A8AwqMethod
@@ -35,6 +42,16 @@ METHODS = {
     QuantAlgo.FP8: lambda qc, layer: Fp8Method(static=True),
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc, layer: Fp8Method(static=False),
 }
+# quant_algo -> QuantConfig -> lm_head's method, when exclude_modules does not keep lm_head in full precision.
+# None of them needs lm_head's input statistics: no calibration streams the final norm's output.
+LM_HEAD_METHODS = {
+    QuantAlgo.W8A16: lambda qc: Int8WeightOnlyMethod(),
+    QuantAlgo.W4A16: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point),
+    QuantAlgo.W4A16_AWQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point),  # round to nearest
+    QuantAlgo.W4A16_GPTQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point, act_order=True),
+    QuantAlgo.FP8: lambda qc: Fp8Method(static=False),  # no static activation scale to calibrate
+    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8Method(static=False),
+}
 IMPORTED_ONLY = (QuantAlgo.W4A16_GPTQ,)  # held by models converted from act-order GPTQ; `kiln quantize` makes none
 SUPPORTED_ALGOS = tuple(a for a in METHODS if a not in IMPORTED_ONLY)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
@@ -44,6 +61,20 @@ def check_supported(qc: QuantConfig) -> None:
     if qc.quant_algo is not None and qc.quant_algo not in SUPPORTED_ALGOS:
         raise ConfigError(f"QuantConfig.quant_algo {qc.quant_algo.value} is not implemented yet; this kiln "
                           f"quantizes with one of {supported_names()}")
+
+
+def quantizes_lm_head(qc: QuantConfig) -> bool:
+    return qc.quant_algo is not None and not is_excluded("lm_head", qc.exclude_modules)
+
+
+def check_lm_head(qc: QuantConfig) -> None:
+    """Refuse a config that quantizes lm_head with an algorithm that has no method for it."""
+    if quantizes_lm_head(qc) and qc.quant_algo not in LM_HEAD_METHODS:
+        able = [a.value for a in LM_HEAD_METHODS if a not in IMPORTED_ONLY]
+        raise ConfigError(f"QuantConfig.exclude_modules must include 'lm_head' for {qc.quant_algo.value}: its "
+                          f"activation scales need calibration of lm_head's input, which kiln does not do; lm_head "
+                          f"can be quantized with one of {able}. Keep 'lm_head' in exclude_modules (the default; "
+                          f"on the CLI, drop --quantize-lm-head)")
 
 
 def supported_names() -> list[str]:
@@ -65,10 +96,14 @@ def is_excluded(module_name: str, patterns) -> bool:
 
 def quant_method_for(module_name: str, layer: nn.Module, qc: QuantConfig) -> LinearMethod | None:
     """The method `layer` holds under `qc`; None keeps it in full precision."""
-    if qc.quant_algo is None or not isinstance(layer, QUANTIZABLE) or is_excluded(module_name, qc.exclude_modules):
+    if qc.quant_algo is None or not isinstance(layer, (*QUANTIZABLE, LMHead)) or \
+            is_excluded(module_name, qc.exclude_modules):
         return None
     if qc.quant_algo not in IMPORTED_ONLY:
         check_supported(qc)
+    if isinstance(layer, LMHead):
+        check_lm_head(qc)
+        return LM_HEAD_METHODS[qc.quant_algo](qc)
     return METHODS[qc.quant_algo](qc, layer)
 
 

@@ -88,8 +88,7 @@ def _mean_kl(source, x: torch.Tensor, perturbed: dict[int, torch.Tensor], window
     (one window's logits in memory, not the batch's)."""
     config = source.config
     norm = streaming.load_module(source.transformer.ln_f, "transformer.ln_f.", source, device)
-    head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
-    head = source.read_weight(head_name).to(device)
+    head = source.read_weight("lm_head.weight").to(device)  # (a tied model's embedding matrix)
 
     def log_probs(h: torch.Tensor) -> torch.Tensor:
         logits = (norm(h) @ head.T)[:, : config.vocab_size].float()

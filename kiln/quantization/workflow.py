@@ -26,7 +26,7 @@ from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, sensitivity, smoothquant
-from kiln.quantization.methods import check_supported, is_excluded, quantized_linears, supported_names
+from kiln.quantization.methods import check_lm_head, check_supported, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
 
@@ -63,7 +63,7 @@ class QuantizedSource:
     def _quantize(self, module: str) -> dict[str, torch.Tensor]:
         def on_device(t):
             return None if t is None else t.to(self.device)
-        weight = on_device(self.source.read_weight(module + ".weight"))
+        weight = on_device(self.source.read_weight(module + ".weight"))  # lm_head of a tied model: the embedding
         if module in self.weight_clips:
             weight = awq.clip_weight(weight, on_device(self.weight_clips[module]), on_device(self.input_scales.get(module)),
                                      self.linears[module].quant_method.group_size)
@@ -128,9 +128,7 @@ def check_quant_config(qc: QuantConfig, config) -> None:
         raise ConfigError(f"QuantConfig.quant_algo must be one of {supported_names()}, or "
                           f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
     check_supported(qc)
-    if not is_excluded("lm_head", qc.exclude_modules):
-        raise ConfigError("QuantConfig.exclude_modules must include 'lm_head': this kiln keeps lm_head and the "
-                          "embeddings in full precision")
+    check_lm_head(qc)
     for i in range(config.num_hidden_layers):
         fc, gate = (f"transformer.layers.{i}.mlp.{m}" for m in ("fc", "gate"))
         if config.gated_mlp and is_excluded(fc, qc.exclude_modules) != is_excluded(gate, qc.exclude_modules):

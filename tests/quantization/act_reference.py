@@ -70,6 +70,9 @@ def fake_quant_hf(hf_model, ckpt: dict, config):
                     parent, _, leaf = hf_name.rpartition(".")
                     linear = FakeQuantLinear(t, slice(bounds[j], bounds[j + 1]), config.quantization.group_size)
                     setattr(layer.get_submodule(parent), leaf, linear)
+        head = linear_tensors(ckpt, "lm_head")
+        if "weights_scaling_factor" in head:  # a quantized lm_head (its own tensors, even if tied)
+            model.lm_head = FakeQuantLinear(head, slice(None), config.quantization.group_size)
     return model
 
 

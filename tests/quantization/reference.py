@@ -61,8 +61,8 @@ def linear_tensors(ckpt: dict, module: str) -> dict:
 
 
 def dequantized_hf(hf_model, ckpt: dict, config):
-    """A copy of the transformers model with every kiln linear replaced by its dequantized checkpoint weight
-    and the norms by the checkpoint's (AWQ folds scales into them)."""
+    """A copy of the transformers model with every kiln linear (lm_head too, when quantized) replaced by its
+    dequantized checkpoint weight and the norms by the checkpoint's (AWQ folds scales into them)."""
     model = copy.deepcopy(hf_model)
     q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
     with torch.no_grad():
@@ -78,6 +78,9 @@ def dequantized_hf(hf_model, ckpt: dict, config):
                 parts = w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)
                 for hf_name, part in zip(hf_names, parts):
                     layer.get_submodule(hf_name).weight.copy_(part)
+        head = linear_tensors(ckpt, "lm_head")
+        if head and head["weight"].dtype in (torch.int8, torch.uint8):  # quantized: its own tensor, even if tied
+            model.lm_head.weight = torch.nn.Parameter(dequantize(head, config.quantization.group_size))
     return model
 
 

@@ -40,13 +40,15 @@ def pack_along_last(codes: torch.Tensor, order) -> torch.Tensor:
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement into int32
 
 
-def write_prequantized(hf_model, out_dir, method: str, checkpoint_format: str = "gptq"):
-    """Save hf_model as an AWQ-GEMM or GPTQ checkpoint; return {hf linear name: (codes, zeros, scales)}."""
+def write_prequantized(hf_model, out_dir, method: str, checkpoint_format: str = "gptq", lm_head: bool = False):
+    """Save hf_model as an AWQ-GEMM or GPTQ checkpoint (GPTQModel's `lm_head: true` packs lm_head too); return
+    {hf linear name: (codes, zeros, scales)}."""
     out_dir.mkdir(parents=True)
     tensors, quantized = {}, {}
     for name, p in hf_model.state_dict().items():
         proj = name[: -len(".weight")]
-        if not (proj.startswith("model.layers.") and proj.endswith("_proj") and name.endswith(".weight")):
+        decoder_linear = proj.startswith("model.layers.") and proj.endswith("_proj") and name.endswith(".weight")
+        if not (decoder_linear or lm_head and name == "lm_head.weight"):
             tensors[name] = p.contiguous()
             continue
         q, z, s = asymmetric_int4(p.T, GROUP)
@@ -66,7 +68,7 @@ def write_prequantized(hf_model, out_dir, method: str, checkpoint_format: str = 
         {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": GROUP, "zero_point": True}
         if method == "awq" else
         {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False,
-         "checkpoint_format": checkpoint_format})
+         "checkpoint_format": checkpoint_format, "lm_head": lm_head})
     (out_dir / "config.json").write_text(json.dumps(config))
     return quantized
 
@@ -139,6 +141,32 @@ def test_tp2_conversion_shards_the_imported_tensors(imported, tmp_path):
         assert model.mapping == Mapping.of(2, rank=rank)
         for name in model.weight_specs():
             assert torch.equal(shard[name], model.shard_rule(name)(full[name], model.mapping)), name
+
+
+def test_gptq_with_lm_head_true_imports_lm_head_quantized(hf_llama, tmp_path):
+    quantized = write_prequantized(hf_llama, tmp_path / "src", "gptq", lm_head=True)
+    ckpt_dir = convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    q, z, s = quantized["lm_head"]
+    assert torch.equal(unpack(ckpt["lm_head.weight"]), q.T) and torch.equal(ckpt["lm_head.zero_point"], z.T.float())
+    assert torch.equal(ckpt["lm_head.weights_scaling_factor"], s.T.float())
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    assert model.config.quantization.exclude_modules == ()
+    without_head = {k: v for k, v in quantized.items() if k != "lm_head"}
+    with torch.no_grad():
+        ours, expected = model(IDS), dequantized_hf(hf_llama, quantized)(IDS).logits
+        float_head = dequantized_hf(hf_llama, without_head)(IDS).logits
+    assert (ours - expected).abs().max() <= 1e-4
+    assert (ours - float_head).abs().max() > 1e-3  # lm_head really is the imported int4 one
+
+
+def test_gptq_lm_head_true_with_tied_embeddings_is_refused(tmp_path):
+    from conftest import make_hf_model
+
+    hf = make_hf_model(tmp_path / "hf", tie_word_embeddings=True, **QUANT_LLAMA)
+    write_prequantized(hf, tmp_path / "src", "gptq", lm_head=True)
+    with pytest.raises(ConfigError, match=r"lm_head: true.*tie_word_embeddings.*--quantize-lm-head"):
+        LLaMAForCausalLM.from_hugging_face(tmp_path / "src")
 
 
 @pytest.mark.parametrize("change, field", [({"version": "gemv"}, "version"), ({"bits": 8}, "bits"),
