@@ -80,7 +80,7 @@ def _make_runner(engine_dir: Path, engine: Engine, device: torch.device):
         return DriverRunner(ModelRunner(engine.runtime_model(device), device, engine.build_config),
                             engine.config.vocab_size)
     if world > 1:
-        return WorkerGroup(str(engine_dir), world, engine.build_config)
+        return WorkerGroup(str(engine_dir), world, engine.build_config, device.type)
     return ModelRunner(engine.runtime_model(device), device, engine.build_config)
 
 

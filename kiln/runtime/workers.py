@@ -35,10 +35,12 @@ class WorkerError(KilnError):
     """A worker process died or failed; the whole group has been stopped."""
 
 
-def init_distributed(rank: int, world_size: int, init_method: str = "env://") -> torch.device:
-    """Join the process group; each rank takes the GPU of its local rank (or the CPU, over gloo)."""
+def init_distributed(rank: int, world_size: int, init_method: str = "env://",
+                     device_type: str | None = None) -> torch.device:
+    """Join the process group; each rank takes the GPU of its local rank (or the CPU, over gloo). device_type
+    "cpu" keeps the ranks on the CPU on a GPU machine too; by default they take GPUs where there are any."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
-    if torch.cuda.is_available():
+    if (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -90,12 +92,13 @@ def serve_worker(runner: ModelRunner) -> None:
             dist.send(logits.contiguous(), dst=0)
 
 
-def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_config, conn) -> None:
+def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_config, device_type: str,
+                 conn) -> None:
     """Entry point of a spawned worker process."""
     from kiln.builder import Engine
 
     try:
-        device = init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}")
+        device = init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}", device_type)
         engine = Engine.from_dir(engine_dir, rank)
         runner = ModelRunner(engine.runtime_model(device), device, build_config)
         if rank != 0:
@@ -128,12 +131,13 @@ def _free_port() -> int:
 class WorkerGroup:
     """world_size worker processes serving one engine dir; the same interface as ModelRunner."""
 
-    def __init__(self, engine_dir: str, world_size: int, build_config):
+    def __init__(self, engine_dir: str, world_size: int, build_config, device_type: str | None = None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         port = _free_port()
-        self.processes = [ctx.Process(target=_worker_main, args=(r, world_size, port, str(engine_dir),
-                                                                 build_config, child if r == 0 else None),
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.processes = [ctx.Process(target=_worker_main, args=(r, world_size, port, str(engine_dir), build_config,
+                                                                 device_type, child if r == 0 else None),
                                       name=f"kiln-rank{r}", daemon=True) for r in range(world_size)]
         for p in self.processes:
             p.start()
