@@ -18,8 +18,9 @@ Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float
   `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN).
 
 Scales are converted to the model dtype (a bfloat16 model rounds a float32 scale to 8 bits of mantissa, far
-below an e4m3 step). A checkpoint whose config declares FP8 but lacks a scale tensor is refused up front with
-the missing names (PretrainedModel.attach_source).
+below an e4m3 step). An lm_head the source stores in FP8 (no ignore list naming it) is dequantized into kiln's
+full-precision lm_head: exact up to the model dtype's rounding. A checkpoint whose config declares FP8 but
+lacks a scale tensor is refused up front with the missing names (PretrainedModel.attach_source).
 """
 
 from __future__ import annotations
@@ -173,12 +174,23 @@ class Fp8NameMap(NameMap):
     def load(self, kiln_name: str, source, config) -> torch.Tensor:
         module, _, leaf = kiln_name.rpartition(".")
         if module not in self.quantized or leaf not in LEAVES:
-            return self.base.load(kiln_name, source, config)
+            tensor = self.base.load(kiln_name, source, config)
+            return self._dequantized(kiln_name, tensor, source) if tensor.dtype == FP8 else tensor
         if self._last is None or self._last[0] != module:
             parts = [self._read(prefix, source, config.torch_dtype) for prefix in self._hf_prefixes(module)]
             self._last = (module, {k: [p[k] for p in parts] for k in parts[0]})
         tensors = self._last[1][leaf]
         return torch.stack(tensors).amax(0) if leaf == "activation_scaling_factor" else torch.cat(tensors)
+
+    def _dequantized(self, kiln_name: str, q: torch.Tensor, source) -> torch.Tensor:
+        """A weight kiln holds in full precision (lm_head, unless quantized on kiln's side) that the source stores
+        in FP8 all the same: its codes times its scale, in float32. Read as plain floats, codes would be off by
+        that scale."""
+        (src,) = self.base.sources(kiln_name)
+        scale = source.get(src.name[: -len("weight")] + self.fmt.scale_leaf).float()
+        if self.fmt.block is not None:
+            return block_dequantize(q, scale, self.fmt.block)
+        return q.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
 
     def _read(self, prefix: str, source, dtype) -> dict[str, torch.Tensor]:
         q, scale = source.get(prefix + "weight"), source.get(prefix + self.fmt.scale_leaf)

@@ -39,14 +39,16 @@ def fp8_tensors(w: torch.Tensor, layout: str) -> dict:
     return {"weight": codes, "weight_scale": s.reshape([1] if layout == "tensor1" else list(s.shape))}
 
 
-def write_fp8_checkpoint(hf_model, out_dir, quantization_config: dict, layout: str, drop: str | None = None):
-    """Save hf_model with every decoder linear in FP8 (input_scale per linear when static); `drop` omits the
-    tensors whose name ends with it. Returns {hf linear name: its source tensors}."""
+def write_fp8_checkpoint(hf_model, out_dir, quantization_config: dict, layout: str, drop: str | None = None,
+                         fp8_lm_head: bool = False):
+    """Save hf_model with every decoder linear (and lm_head with `fp8_lm_head`) in FP8 (input_scale per linear
+    when static); `drop` omits the tensors whose name ends with it. Returns {hf linear name: its tensors}."""
     out_dir.mkdir(parents=True)
     tensors, sources = {}, {}
     for n, (name, p) in enumerate(hf_model.state_dict().items()):
         proj = name[: -len(".weight")]
-        if not (proj.startswith("model.layers.") and proj.endswith("_proj") and name.endswith(".weight")):
+        decoder_linear = proj.startswith("model.layers.") and proj.endswith("_proj")
+        if not ((decoder_linear or fp8_lm_head and proj == "lm_head") and name.endswith(".weight")):
             tensors[name] = p.contiguous()
             continue
         t = fp8_tensors(p, layout)
@@ -103,6 +105,32 @@ def test_codes_and_scales_carry_over_exactly_and_the_model_runs(hf_model, tmp_pa
     with torch.no_grad():
         ours, ref = model(IDS), fake_quant_hf(hf_model, ckpt, model.config)(IDS).logits
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("config,layout", [
+    (FP8, "tensor0"),
+    ({**CT, "ignore": []}, "channel"),
+    ({**FP8, "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}, "block"),
+], ids=["fp8-static", "ct-channel", "fp8-block"])
+def test_an_fp8_lm_head_is_dequantized_into_the_full_precision_lm_head(hf_model, tmp_path, config, layout):
+    """A source that stores lm_head in FP8 too: kiln's lm_head (full precision) holds codes times scale, not the
+    codes read as plain floats."""
+    sources = write_fp8_checkpoint(hf_model, tmp_path / "src", config, layout, fp8_lm_head=True)
+    out = convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+    ckpt = load_file(out / "rank0.safetensors")
+    t = sources["lm_head"]
+    if layout == "block":
+        scale = t["weight_scale_inv"].repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    else:
+        scale = t["weight_scale"].float().reshape(-1, 1) if t["weight_scale"].numel() > 1 else t["weight_scale"]
+    want = t["weight"].float() * scale
+    assert ckpt["lm_head.weight"].dtype == torch.float32 and torch.equal(ckpt["lm_head.weight"], want)
+    model = PretrainedModel.from_checkpoint(out)
+    ref = fake_quant_hf(hf_model, ckpt, model.config)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(want)
+        ours, theirs = model(IDS), ref(IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
 def test_block_scales_are_requantized_per_channel_within_one_e4m3_step(hf_model, tmp_path):
