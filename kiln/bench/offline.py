@@ -43,7 +43,8 @@ class BenchResult:
     output_tokens_per_s: float
     requests_per_s: float = 0.0
     ttft_s: dict | None = None  # p50/p90/p99, kiln only (transformers' generate does not report it)
-    itl_s: dict | None = None
+    itl_s: dict | None = None  # gaps between tokens: 0 inside a decode burst (tokens read at once)
+    tpot_s: dict | None = None  # time per output token after the first, per request: the decode speed seen
     peak_gpu_gb: float | None = None
     extra: dict = field(default_factory=dict)  # workload-specific: prefix TTFTs, roofline fractions
 
@@ -52,12 +53,12 @@ class BenchResult:
         peak = "—" if self.peak_gpu_gb is None else f"{self.peak_gpu_gb:.1f}"
         return (f"| {self.system} | {self.scenario} | {self.requests} | {self.input_len} | {self.output_len} | "
                 f"{self.seconds:.2f} | {self.output_tokens_per_s:,.1f} | {self.requests_per_s:.2f} | "
-                f"{ms(self.ttft_s)} | {ms(self.itl_s)} | {peak} | {format_extra(self.extra)} |")
+                f"{ms(self.ttft_s)} | {ms(self.itl_s)} | {ms(self.tpot_s)} | {peak} | {format_extra(self.extra)} |")
 
 
 TABLE_HEADER = ("| system | workload | requests | input | output | seconds | output tokens/s | requests/s | "
-                "TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | peak GPU GB | notes |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                "TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | TPOT ms p50/p90/p99 | peak GPU GB | notes |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def format_extra(extra: dict) -> str:
@@ -131,9 +132,11 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
+    tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]
     return BenchResult(label, w.name, len(prompts), w.input_len, w.output_len, seconds, tokens / seconds,
                        len(prompts) / seconds, percentiles([o.ttft() for o in outputs]),
-                       percentiles([x for o in outputs for x in o.inter_token_latencies()]), peak, extra)
+                       percentiles([x for o in outputs for x in o.inter_token_latencies()]),
+                       percentiles(tpot) if tpot else None, peak, extra)
 
 
 def hf_offline(hf_model, workload: Workload) -> BenchResult:

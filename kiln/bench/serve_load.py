@@ -33,7 +33,9 @@ async def _one_request(session, url: str, body: dict, headers: dict) -> dict:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     itl = [b - a for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] - start if times else float("nan"), "itl": itl, "tokens": tokens,
+    # after the first token, per token (a chunk may carry several: the usage count is the token count)
+    tpot = (times[-1] - times[0]) / (tokens - 1) if times and tokens > 1 else None
+    return {"ttft": times[0] - start if times else float("nan"), "itl": itl, "tpot": tpot, "tokens": tokens,
             "latency": time.perf_counter() - start}
 
 
@@ -64,6 +66,7 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
         "output_tokens_per_s": tokens / seconds, "requests_per_s": len(ok) / seconds,
         "ttft_s": percentiles([r["ttft"] for r in ok]),
         "itl_s": percentiles([x for r in ok for x in r["itl"]]),
+        "tpot_s": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
         "mean_latency_s": statistics.fmean(r["latency"] for r in ok) if ok else float("nan"),
         "errors": [r["error"] for r in results if "error" in r][:5],
     }

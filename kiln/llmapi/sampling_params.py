@@ -80,6 +80,13 @@ class RequestOutput:
         times = self.outputs[index].token_times
         return times[0] - self.arrival_time if times and self.arrival_time is not None else None
 
+    def time_per_output_token(self, index: int = 0) -> float | None:
+        """Seconds per output token after the first: (last token's time - first's) / (tokens - 1). The decode
+        speed one request saw; unlike the gaps between tokens it is not zero inside a burst of decode steps that
+        the host reads at once."""
+        times = self.outputs[index].token_times
+        return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+
     def inter_token_latencies(self, index: int = 0) -> list[float]:
         times = self.outputs[index].token_times
         return [b - a for a, b in zip(times, times[1:])]

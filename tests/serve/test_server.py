@@ -586,6 +586,7 @@ def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(serv
     assert report["output_tokens_per_s"] > 0
     assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
     assert 0 < report["itl_s"]["p50"] <= report["itl_s"]["p99"]
+    assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"] <= report["mean_latency_s"]
 
 
 def test_a_request_past_the_timeout_is_408_and_frees_its_blocks(engine_dir, tmp_path_factory):
