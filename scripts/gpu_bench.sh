@@ -22,6 +22,10 @@ if [[ $what == quant || $what == all ]]; then
       --workloads decode-1,offline-3000 --output-json "$out/llama-3-8b-$algo.json" 2>&1 | grep -v Warning \
       | tee "$out/llama-3-8b-$algo.txt"
   done
+  rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"  # the same engines with lm_head quantized too (opt-in)
+  $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --quant-algo W4A16,W8A16,FP8 --quantize-lm-head \
+    --workloads decode-1 --output-json "$out/llama-3-8b-quant-lm-head.json" 2>&1 | grep -v Warning \
+    | tee "$out/llama-3-8b-quant-lm-head.txt"
   rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
   $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --skip-unquantized --kv-cache-quant-algo INT8 \
     --workloads decode-1 --output-json "$out/llama-3-8b-kv-int8.json" 2>&1 | grep -v Warning \
