@@ -47,6 +47,7 @@ NAMED_WORKLOADS = {w.name: w for w in (
     Workload("offline-64", 64, 128, 128),
     Workload("offline-3000", 3000, 128, 128),  # throughput, decode-heavy
     Workload("prefill-1000", 1000, 2048, 128, baseline_requests=16),  # throughput, prefill-heavy
+    Workload("long-1000", 1000, 1000, 1000, baseline_requests=16),  # long generations (TensorRT-LLM's 1000/1000)
     Workload("ttft-2048", 1, 2048, 1),  # time to first token of one long prompt
     Workload("prefix-64", 64, 1056, 16, shared_prefix_len=1024),  # followers reuse a 1024-token prefix
 )}
