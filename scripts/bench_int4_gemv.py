@@ -9,6 +9,7 @@ speed-up and the tile the autotuner chose, then the sum over 32 decoder layers (
 import torch
 
 from kiln.kernels import quant_gemm as qg
+from kiln.kernels.bench_quant_gemm import graph_us
 from kiln.kernels.gemv import linear
 from kiln.quantization.weight_only import quantize_int4_groups
 
@@ -16,25 +17,9 @@ SHAPES = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("fc_gate", 28672, 4096),
           ("lm_head", 128256, 4096))
 
 
-def timed(fn_per_copy, copies, calls=4):
-    """Microseconds per call: `calls` passes over `copies`, captured in one CUDA graph, replayed 3 times."""
-    for c in copies:
-        fn_per_copy(c)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            for c in copies:
-                fn_per_copy(c)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (3 * calls * len(copies))
+def timed(fn_per_copy, copies) -> float:
+    """Microseconds per call: passes over `copies` replayed from one CUDA graph."""
+    return graph_us(lambda: [fn_per_copy(c) for c in copies], iters=4) / len(copies)
 
 
 def main():
