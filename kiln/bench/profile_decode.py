@@ -1,8 +1,10 @@
 """Where a decode step's time goes, on a GPU: the CUDA graph replayed alone against the whole engine step,
 and the kernels of one replay by total time (the numbers behind docs/performance.md's breakdown). At batch 1
-by default; --batch 512 profiles the decode steps of the offline workload.
+by default; --batch 512 profiles the decode steps of the offline workload; --quant-algo profiles the engine of
+the same weights quantized (as `kiln bench --quant-algo` builds it).
 
-    python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256] [--batch 1]
+    python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256] [--batch 1] \
+        [--quant-algo W8A16 [--quantize-lm-head]]
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+def quantized(source: str, algo: str, lm_head: bool) -> str:
+    """A checkpoint of `source` quantized with `algo` (lm_head too if asked), in a temporary dir."""
+    from kiln.config import QuantConfig
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    ckpt = tempfile.mkdtemp(prefix="kiln-profile-quant-") + "/ckpt"
+    qc = QuantConfig(quant_algo=algo, exclude_modules=() if lm_head else ("lm_head",))
+    return str(quantize_checkpoint(source, ckpt, qc, dtype="bfloat16", device="cuda"))
+
+
 def main() -> None:
     from kiln.config import BuildConfig
     from kiln.llmapi.llm import LLM
@@ -36,6 +48,8 @@ def main() -> None:
     parser.add_argument("--synthetic", default="llama-3-8b", choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}))
     parser.add_argument("--steps", type=int, default=256, help="output tokens of the end-to-end run")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoding together (128-token prompts)")
+    parser.add_argument("--quant-algo", default=None, help="profile the engine quantized with this algorithm")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="with --quant-algo: lm_head too")
     args = parser.parse_args()
     device = torch.device("cuda")
     source = tempfile.mkdtemp(prefix="kiln-profile-")
@@ -43,6 +57,8 @@ def main() -> None:
     hf.save_pretrained(source)
     del hf
     torch.cuda.empty_cache()
+    if args.quant_algo:
+        source = quantized(source, args.quant_algo, args.quantize_lm_head)
     # Room past the run: each replay advances the graph's own inputs by a token (kiln.runtime.cuda_graphs).
     llm = LLM(source, dtype="bfloat16", device="cuda",
               build_config=BuildConfig(max_batch_size=args.batch, max_seq_len=128 + args.steps + 512))
@@ -55,7 +71,8 @@ def main() -> None:
     sync(device)
     per_token = (time.perf_counter() - start) / args.steps * 1000
     graph = llm.runner.graphs.graphs[args.batch]
-    print(f"# {describe_device(device)}, {args.synthetic} bf16, batch {args.batch}")
+    print(f"# {describe_device(device)}, {args.synthetic} bf16, {args.quant_algo or 'unquantized'}"
+          f"{' (lm_head too)' if args.quant_algo and args.quantize_lm_head else ''}, batch {args.batch}")
     print(f"end to end: {per_token:.3f} ms per decode step (prefill included)")
     print(f"graph replay alone: {replay_ms(graph, device):.3f} ms per decode step")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
