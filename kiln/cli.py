@@ -73,13 +73,14 @@ def cmd_quantize(args) -> None:
 def _exclude_modules(args) -> tuple[str, ...]:
     """lm_head (unless --quantize-lm-head), then the --exclude-modules patterns."""
     from kiln.errors import ConfigError
+    from kiln.config import exclusions
     from kiln.quantization.methods import is_excluded
 
     extra = tuple(args.exclude_modules or ())
     if args.quantize_lm_head and is_excluded("lm_head", extra):
         raise ConfigError("--quantize-lm-head and --exclude-modules contradict: a pattern of --exclude-modules "
                           "keeps lm_head in full precision; drop one of them")
-    return tuple(dict.fromkeys(("lm_head",) * (not args.quantize_lm_head) + extra))
+    return exclusions(args.quantize_lm_head, extra)
 
 
 def _build_config(args):

@@ -69,6 +69,11 @@ def _parse_algo(value: Any, owner: str, name: str, allowed: tuple[QuantAlgo, ...
     raise ConfigError(f"{owner}.{name} must be one of {names} or None, got {value!r}")
 
 
+def exclusions(quantize_lm_head: bool, patterns=()) -> tuple[str, ...]:
+    """QuantConfig.exclude_modules: lm_head unless it is to be quantized, then `patterns` (duplicates dropped)."""
+    return tuple(dict.fromkeys(("lm_head",) * (not quantize_lm_head) + tuple(patterns)))
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     quant_algo: QuantAlgo | None = None

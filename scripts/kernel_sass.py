@@ -3,7 +3,7 @@ without a GPU: the instructions of the kernel's longest loop by opcode, its regi
 
 A memory-bound kernel (a GEMV) is only as fast as the memory if its loop issues few enough instructions per
 byte it loads: the int4 GEMV that unpacked bytes issued 7.3 instructions per weight in its loop and streamed
-1-2 TB/s; its int32-word form issues 3.3. Counting them here costs no device time:
+1-2 TB/s; its int32-word form issues 3.4-3.6. Counting them here costs no device time:
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     PYTHONPATH=/tmp/triton_site:. python scripts/kernel_sass.py "w4 gemv" [--num-warps 4] [--sass]

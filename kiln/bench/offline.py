@@ -29,7 +29,7 @@ import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
-from kiln.config import BuildConfig, QuantConfig
+from kiln.config import BuildConfig, QuantConfig, exclusions
 
 
 @dataclass
@@ -229,7 +229,7 @@ def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
     """("kiln", None) for the unquantized engine, then one system per --quant-algo (and KV-cache algo)."""
     systems = [] if args.skip_unquantized else [("kiln", None)]
     kv = args.kv_cache_quant_algo
-    exclude, head = ((), " lm_head") if args.quantize_lm_head else (("lm_head",), "")
+    exclude, head = exclusions(args.quantize_lm_head), " lm_head" * args.quantize_lm_head
     for algo in (args.quant_algo.split(",") if args.quant_algo else []):
         systems.append((f"kiln {algo}{head}" + (f" KV {kv}" if kv else ""),
                         QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, exclude_modules=exclude)))

@@ -31,11 +31,11 @@ def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
 
 def quantized(source: str, algo: str, lm_head: bool) -> str:
     """A checkpoint of `source` quantized with `algo` (lm_head too if asked), in a temporary dir."""
-    from kiln.config import QuantConfig
+    from kiln.config import QuantConfig, exclusions
     from kiln.quantization.workflow import quantize_checkpoint
 
     ckpt = tempfile.mkdtemp(prefix="kiln-profile-quant-") + "/ckpt"
-    qc = QuantConfig(quant_algo=algo, exclude_modules=() if lm_head else ("lm_head",))
+    qc = QuantConfig(quant_algo=algo, exclude_modules=exclusions(lm_head))
     return str(quantize_checkpoint(source, ckpt, qc, dtype="bfloat16", device="cuda"))
 
 

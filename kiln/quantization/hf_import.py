@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.config import QuantAlgo, QuantConfig
+from kiln.config import QuantAlgo, QuantConfig, exclusions
 from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization.weight_only import pack_int4, unpack_int4
 
@@ -120,7 +120,7 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
     if group not in (32, 64, 128):
         raise ConfigError(f"{where}.group_size is {group!r}; kiln's W4A16 holds groups of 32, 64 or 128 inputs")
     # GPTQModel's `lm_head: true` packs lm_head like any other linear (AutoAWQ never quantizes it).
-    exclude = () if method == "gptq" and qc.get("lm_head") else ("lm_head",)
+    exclude = exclusions(quantize_lm_head=method == "gptq" and bool(qc.get("lm_head")))
     quant_config = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=group, has_zero_point=True,
                                exclude_modules=exclude)
     scales = ("scales", group_scales)
