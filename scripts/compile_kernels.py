@@ -8,7 +8,8 @@ catches that class of error before device time is spent. It needs triton install
     PYTHONPATH=/tmp/triton_site:. python scripts/compile_kernels.py
 
 Each case names a kernel, one set of its constexprs and the element types of the pointers that are not bf16;
-add one when a kernel or its specializations change. Scalars are int32 unless listed in FLOAT_SCALARS.
+add one when a kernel or its specializations change. Scalars are int32 unless listed in FLOAT_SCALARS. Kernels
+that take USE_PDL are compiled with it on, as an H100 runs them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
 def main() -> None:
     failed = 0
     for label, fn, constexprs, pointers in CASES:
+        if any(p.name == "USE_PDL" for p in fn.params):  # as they run on an H100: with PDL (kiln.kernels.pdl)
+            constexprs = {"USE_PDL": True, **constexprs}
         try:
             triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs), target=TARGET)
             print(f"ok      {label}")

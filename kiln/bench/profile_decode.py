@@ -1,15 +1,18 @@
 """Where a decode step's time goes, on a GPU: the CUDA graph replayed alone against the whole engine step,
 and the kernels of one replay by total time (the numbers behind docs/performance.md's breakdown). At batch 1
 by default; --batch 512 profiles the decode steps of the offline workload; --quant-algo profiles the engine of
-the same weights quantized (as `kiln bench --quant-algo` builds it).
+the same weights quantized (as `kiln bench --quant-algo` builds it); a comma-separated list profiles each in turn
+on the same weights ("none": unquantized).
 
     python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256] [--batch 1] \
-        [--quant-algo W8A16 [--quantize-lm-head]]
+        [--quant-algo none,W8A16 [--quantize-lm-head]]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import shutil
 import tempfile
 import time
 
@@ -17,6 +20,7 @@ import torch
 
 from kiln.bench.offline import describe_device, sync, synthetic_hf_model
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
+from kiln.llmapi.engine_cache import cache_root
 
 
 def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
@@ -40,15 +44,11 @@ def quantized(source: str, algo: str, lm_head: bool) -> str:
 
 
 def main() -> None:
-    from kiln.config import BuildConfig
-    from kiln.llmapi.llm import LLM
-    from kiln.llmapi.sampling_params import SamplingParams
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", default="llama-3-8b", choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}))
     parser.add_argument("--steps", type=int, default=256, help="output tokens of the end-to-end run")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoding together (128-token prompts)")
-    parser.add_argument("--quant-algo", default=None, help="profile the engine quantized with this algorithm")
+    parser.add_argument("--quant-algo", default="none", help="profile the engine quantized with these algorithms")
     parser.add_argument("--quantize-lm-head", action="store_true", help="with --quant-algo: lm_head too")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -57,8 +57,21 @@ def main() -> None:
     hf.save_pretrained(source)
     del hf
     torch.cuda.empty_cache()
-    if args.quant_algo:
-        source = quantized(source, args.quant_algo, args.quantize_lm_head)
+    for algo in args.quant_algo.split(","):
+        ckpt = source if algo == "none" else quantized(source, algo, args.quantize_lm_head)
+        profile(ckpt, algo, args, device)
+        gc.collect()  # the engine's weights and KV cache go back to the GPU before the next one loads
+        torch.cuda.empty_cache()
+        if ckpt != source:  # each checkpoint and engine is 5-16 GB: one of each on disk at a time
+            shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(cache_root(), ignore_errors=True)
+
+
+def profile(source: str, algo: str, args, device: torch.device) -> None:
+    from kiln.config import BuildConfig
+    from kiln.llmapi.llm import LLM
+    from kiln.llmapi.sampling_params import SamplingParams
+
     # Room past the run: each replay advances the graph's own inputs by a token (kiln.runtime.cuda_graphs).
     llm = LLM(source, dtype="bfloat16", device="cuda",
               build_config=BuildConfig(max_batch_size=args.batch, max_seq_len=128 + args.steps + 512))
@@ -71,8 +84,8 @@ def main() -> None:
     sync(device)
     per_token = (time.perf_counter() - start) / args.steps * 1000
     graph = llm.runner.graphs.graphs[args.batch]
-    print(f"# {describe_device(device)}, {args.synthetic} bf16, {args.quant_algo or 'unquantized'}"
-          f"{' (lm_head too)' if args.quant_algo and args.quantize_lm_head else ''}, batch {args.batch}")
+    print(f"# {describe_device(device)}, {args.synthetic} bf16, {algo}"
+          f"{' (lm_head too)' if algo != 'none' and args.quantize_lm_head else ''}, batch {args.batch}")
     print(f"end to end: {per_token:.3f} ms per decode step (prefill included)")
     print(f"graph replay alone: {replay_ms(graph, device):.3f} ms per decode step")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -80,7 +93,7 @@ def main() -> None:
             graph.replay()
         sync(device)
     print("kernels of 3 replays:")
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
     llm.shutdown()
 
 

@@ -15,6 +15,11 @@ try:
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2*I] = [fc | gate] -> silu(fc) * gate, [..., I]."""
@@ -31,14 +36,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
     block = 1024
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out, rows.stride(0), inter, BLOCK=block, num_warps=4)
+        rows, out, rows.stride(0), inter, BLOCK=block, num_warps=4, **pdl_args(x.device))
     return out.view(*x.shape[:-1], inter)
 
 
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter

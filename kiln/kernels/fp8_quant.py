@@ -21,6 +21,11 @@ try:
 except ImportError:  # CPU-only installs: kiln.quantization.fp8 keeps the torch reference
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scale
 
@@ -36,7 +41,7 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None)
     assert block <= 65536, f"quantize_fp8_rows: a row of {k} is over the kernel's 65536"
     _quantize_rows_kernel[(m,)](
         rows, static_scale if static_scale is not None else scale, q, scale, rows.stride(0), k,
-        STATIC=static_scale is not None, BLOCK=block, num_warps=min(max(block // 1024, 1), 16))
+        STATIC=static_scale is not None, BLOCK=block, num_warps=min(max(block // 1024, 1), 16), **pdl_args(x.device))
     return q, scale
 
 
@@ -45,7 +50,9 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, static_ptr, q_ptr, scale_ptr, x_stride, K, STATIC: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < K

@@ -26,6 +26,11 @@ try:
 except ImportError:  # CPU-only installs: F.linear is the reference and the only path
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 log = logging.getLogger("kiln")
 
 GEMV_MAX_ROWS = 2  # more rows of x: cuBLAS's GEMMs reuse each weight tile across rows, this kernel does not
@@ -76,7 +81,7 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False)
     _gemv_kernel[grid](rows, weight, y, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
                        n, k, rows.stride(0), weight.stride(0), rows.shape[0],
                        HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
-                       QUANTIZE_X=quantize_x)
+                       QUANTIZE_X=quantize_x, **pdl_args(rows.device))
     return y
 
 
@@ -167,36 +172,51 @@ if triton is not None:
         int-to-float conversion runs at a quarter of the FMA rate and can bound a GEMV of int8 weights."""
         return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
+    @triton.jit
+    def _load_w_tile(w_ptr, rows, row_ok, k0, K: tl.constexpr, stride_wn, BLOCK_K: tl.constexpr):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
+                       mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_step(acc, w, x_ptr, k0, K: tl.constexpr, x_scale, QUANTIZE_X: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INT8_BY_BITS: tl.constexpr):
+        """acc + this step's weights times x's columns k0 .. k0 + BLOCK_K (x_ptr at x's row)."""
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if QUANTIZE_X:
+            x = tl.clamp(tl.math.div_rn(x, x_scale), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        if INT8_BY_BITS:
+            return acc + _int8_to_float(w) * x[None, :]
+        return acc + w.to(tl.float32) * x[None, :]
+
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "M"], prune_configs_by={"early_config_prune": _prune_configs},
                      do_bench=quick_bench, cache_results=True)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm, stride_wn, M,
                      HAS_X_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, QUANTIZE_X: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8_BY_BITS: tl.constexpr):
+                     USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8_BY_BITS: tl.constexpr):
         """y[m] = (x[m] @ w^T) (* x's row scale) (* w's column scale). With QUANTIZE_X, x is the activation and
         xs_ptr its static FP8 scale [1]: each element is quantized to e4m3 as it is read, as
-        kiln.kernels.fp8_quant does, and the scale multiplies the sum."""
+        kiln.kernels.fp8_quant does, and the scale multiplies the sum. The first step's weights are requested
+        before the wait for x (kiln.kernels.pdl), so they stream while the kernel before this one ends."""
+        allow_dependents(USE_PDL)
         m = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        w_first = _load_w_tile(w_ptr, rows, row_ok, 0, K, stride_wn, BLOCK_K)
+        wait_for_inputs(USE_PDL)
+        x_row = x_ptr + m * stride_xm
         x_scale = 1.0
         if HAS_X_SCALE:
             x_scale = tl.load(xs_ptr + m)
         if QUANTIZE_X:
             x_scale = tl.load(xs_ptr).to(tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            ok = cols < K
-            x = tl.load(x_ptr + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-            if QUANTIZE_X:
-                x = tl.clamp(tl.math.div_rn(x, x_scale), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
-                        mask=row_ok[:, None] & ok[None, :], other=0.0)
-            if INT8_BY_BITS:
-                acc += _int8_to_float(w) * x[None, :]
-            else:
-                acc += w.to(tl.float32) * x[None, :]
+        acc = _gemv_step(tl.zeros([BLOCK_N, BLOCK_K], tl.float32), w_first, x_row, 0, K, x_scale, QUANTIZE_X,
+                         BLOCK_K, INT8_BY_BITS)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _load_w_tile(w_ptr, rows, row_ok, k0, K, stride_wn, BLOCK_K)
+            acc = _gemv_step(acc, w, x_row, k0, K, x_scale, QUANTIZE_X, BLOCK_K, INT8_BY_BITS)
         y = tl.sum(acc, axis=1)
         if HAS_X_SCALE or QUANTIZE_X:  # (sum * x's row scale) * w's column scale, in float32, as the emulated
             y = y * x_scale  # FP8 GEMM

@@ -33,6 +33,11 @@ try:
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 _LOG2E = 1.4426950408889634
 # Launch configurations, the fastest of a small sweep on an H100 (Llama-3-8B shapes, bf16): decode at
 # batch 32, context 2048 (2.6 TB/s of KV read; 11 configs, 1.5-2.6 TB/s), prefill 4 x 2048 tokens
@@ -156,7 +161,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_args(q.device))
     if not one:
         _merge_splits(partial, lse, out)
     return out
@@ -167,7 +173,8 @@ def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -
     rows, heads, splits, head_size = partial.shape
     _merge_kernel[(rows, heads)](
         partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4)
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4,
+        **pdl_args(out.device))
 
 
 def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
@@ -261,9 +268,11 @@ if triton is not None:
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                              IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
         """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
         and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs."""
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
         first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
@@ -306,7 +315,9 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
-                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
         row = (b * heads + h) * num_splits + s

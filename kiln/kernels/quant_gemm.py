@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.gemv import GEMV_MAX_ROWS, quick_bench, scaled_gemv
+from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -41,6 +42,9 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 # Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H100 the int4
 # GEMV is 1.9x bf16 at 1 row and its time grows with the rows, while the GEMM is 0.8x bf16 at 4 rows
@@ -120,7 +124,7 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     if rows.shape[0] <= GEMV_MAX_ROWS and _reads_as_words(packed):
         grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (m fastest: L2 reuse)
         args = (rows, packed.view(torch.int32), *args[2:])
-        _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
+        _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None, **pdl_args(rows.device))
     else:
         grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
@@ -197,14 +201,17 @@ if triton is not None:
 
     @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KW: tl.constexpr):
         # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
         # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
         # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
         # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
         # float32 sums carry that factor until the end. (Each thread holds 4 words of BLOCK_N / warps rows, so the
-        # work on x is shared by those rows.)
+        # work on x is shared by those rows.) The first step's words are requested before the wait for x
+        # (kiln.kernels.pdl), so they stream while the kernel before this one ends.
+        allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         WPG: tl.constexpr = GROUP // 8  # words per group (>= 4: a thread's 4 words share one group)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
@@ -216,6 +223,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
         w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
         w_next = _load_words(w_rows, row_ok, 0, KW, BLOCK_KW, EVEN_K)
+        wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             word = k0 + tl.arange(0, BLOCK_KW)
             ok = word < KW

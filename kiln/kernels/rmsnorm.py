@@ -14,6 +14,11 @@ try:
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """normed, or (normed, x + residual) when residual is given; the sum is the next residual."""
@@ -36,7 +41,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
         rows.stride(0), 0 if res is None else res.stride(0), hidden, eps,
-        HAS_RESIDUAL=res is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+        HAS_RESIDUAL=res is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16), **pdl_args(x.device))
     out = out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -51,10 +56,13 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_stride, n, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        allow_dependents(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: read before the wait
+        wait_for_inputs(USE_PDL)
         x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         h = x.to(tl.float32)
         if HAS_RESIDUAL:
@@ -66,5 +74,4 @@ if triton is not None:
         # Round to x's dtype before the weight multiply, as the reference (and transformers) does;
         # the product of two 16-bit floats is exact in float32, so the one rounding below matches torch's.
         normed = (h * rstd).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)

@@ -22,6 +22,11 @@ try:
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
+from kiln.kernels.pdl import pdl_args
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -83,7 +88,7 @@ def _launch(q, k, positions, inv_freq, cache, kv_scale):
         v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
         WRITE_CACHE=cache is not None, QUANT=_CODES[code], QMAX=QMAX.get(code, 0.0),
         BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4)
+        BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4, **pdl_args(q.device))
     return q, k
 
 
@@ -130,7 +135,9 @@ if triton is not None:
                        q_heads, k_heads, half, v_ptr, kc_ptr, vc_ptr, slot_ptr, v_tok_stride, v_head_stride,
                        kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, kvs_ptr,
                        WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                       BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         token = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BLOCK_D)
         angle = tl.load(pos_ptr + token).to(tl.float32) * tl.load(freq_ptr + i, mask=i < half, other=0.0)
