@@ -3,12 +3,12 @@ them: `PYTHONPATH=. python scripts/bench_decode_gemv.py [--formats bf16,int8,fp8
 
 Each kernel is replayed from a CUDA graph over copies of its weight that together overflow the L2 cache, so
 every call reads its weight from memory (kiln.kernels.bench_quant_gemm replays one weight, which a 4096 x 4096
-int4 matrix leaves in L2). Formats are run as their engines run them at batch 1: bf16 by `linear` (the GEMV or
-cuBLAS, whichever measured faster), int8 by `w8a16_matmul`, fp8 by `static_fp8_gemv` (per-tensor scales, as the
-FP8 engine's layers), `fp8-tok` by per-token quantization then `scaled_gemv` (the FP8 lm_head), `fp8-cublas` by
-cuBLAS's FP8 GEMM with the operands swapped (x padded to 16 rows), int4 (group 128) by `w4a16_matmul`. KILN_PDL=0
-times the kernels launched without programmatic dependent launch (kiln.kernels.pdl). Prints microseconds and TB/s of the weight bytes (codes and scales), then the sum over
-32 decoder layers (qkv, o_proj, fc_gate, down)."""
+int4 matrix leaves in L2). Formats run as their engines run them at batch 1: bf16 by `linear` (the GEMV or cuBLAS,
+whichever measured faster), int8 by `w8a16_matmul`, fp8 by `static_fp8_gemv` (per-tensor scales, as the FP8
+engine's layers), `fp8-tok` by per-token quantization then `scaled_gemv` (the FP8 lm_head), int4 (group 128) by
+`w4a16_matmul`. KILN_PDL=0 times them launched without programmatic dependent launch (kiln.kernels.pdl). Prints
+microseconds and TB/s of the weight bytes (codes and scales), then the sum over 32 decoder layers (qkv, o_proj,
+fc_gate, down)."""
 
 import argparse
 
@@ -17,7 +17,7 @@ import torch
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels.bench_quant_gemm import graph_us
 from kiln.kernels.gemv import linear, scaled_gemv, static_fp8_gemv
-from kiln.quantization.fp8 import quantize_fp8_per_token, quantize_fp8_static, quantize_fp8_weight
+from kiln.quantization.fp8 import quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import (
     quantize_int4_groups,
     quantize_int8_per_channel,
@@ -49,23 +49,11 @@ def fp8_per_token(w, x):
     return (q, s), lambda c: scaled_gemv(*quantize_fp8_per_token(x), c[0], c[1], torch.bfloat16)
 
 
-def fp8_cublas(w, x):
-    """cuBLAS's FP8 GEMM with the weight as the left operand (y^T = W x^T), x quantized into a 16-row buffer."""
-    q, s = quantize_fp8_weight(w, torch.bfloat16, per_channel=False)
-    x_scale = (x.abs().max().float() / 448.0).reshape(())
-    padded = torch.zeros(16, x.shape[1], dtype=torch.float8_e4m3fn, device=x.device)
-
-    def call(c):
-        padded[:1].copy_(quantize_fp8_static(x, x_scale.reshape(1))[0])
-        return torch._scaled_mm(c[0], padded.t(), scale_a=c[1], scale_b=x_scale, out_dtype=torch.bfloat16)[:, :1]
-    return (q, s.float()[0]), call  # (a per-tensor scale: every row's is the same)
-
-
 def bf16(w, x):
     return (w.to(torch.bfloat16),), lambda c: linear(x, c[0])
 
 
-FORMATS = {"bf16": bf16, "int8": int8, "fp8": fp8, "fp8-tok": fp8_per_token, "fp8-cublas": fp8_cublas, "int4": int4}
+FORMATS = {"bf16": bf16, "int8": int8, "fp8": fp8, "fp8-tok": fp8_per_token, "int4": int4}
 
 
 def time_format(make, w, x) -> tuple[float, int]:

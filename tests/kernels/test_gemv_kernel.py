@@ -69,26 +69,33 @@ def test_scaled_gemv_matches_the_emulated_fp8_gemm(out_dtype, rows, n, k):
     assert got.dtype == out_dtype and (err <= bound).all()
 
 
+def _gemv_one_tile(x, w, y, xs, ws, **flags):
+    """_gemv_kernel with one tile config (the autotuner may take another per variant, another summation order),
+    launched as the engine launches it (with PDL on a Hopper GPU)."""
+    import triton
+
+    from kiln.kernels.gemv import _gemv_kernel
+    from kiln.kernels.pdl import pdl_args
+
+    rows, n, k = x.shape[0], w.shape[0], w.shape[1]
+    flags = dict(HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False, INT8_BY_BITS=False, **flags)
+    _gemv_kernel.fn[(rows, triton.cdiv(n, 4))](x, w, y, y if xs is None else xs, ws, n, k, x.stride(0),
+                                               w.stride(0), rows, BLOCK_N=4, BLOCK_K=1024, num_warps=8,
+                                               **flags, **pdl_args(x.device))
+    return y
+
+
 @needs_gpu
 @pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 1000, 1234)])
 def test_int8_codes_by_bits_equal_the_conversion(rows, n, k):
     """The autotuner may take either way of turning int8 codes into floats (_int8_to_float or the GPU's
     conversion): both give the same sums, bit for bit, and the float64 product within float32 rounding."""
-    import triton
-
-    from kiln.kernels.gemv import _gemv_kernel
-
     g = torch.Generator().manual_seed(rows + n + k)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16).cuda()
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
     scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16).cuda()
-    outs = []
-    for bits in (False, True):
-        y = torch.empty(rows, n, dtype=torch.float32, device="cuda")
-        _gemv_kernel.fn[(rows, triton.cdiv(n, 4))](x, w, y, y, scale, n, k, x.stride(0), w.stride(0), rows,
-                                                   HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False, BLOCK_N=4,
-                                                   BLOCK_K=1024, INT8_BY_BITS=bits, num_warps=8)
-        outs.append(y)
+    outs = [_gemv_one_tile(x, w, torch.empty(rows, n, dtype=torch.float32, device="cuda"), None, scale,
+                           INT8_BY_BITS=bits) for bits in (False, True)]
     assert torch.equal(outs[0], outs[1])
     want = x.double() @ (w.double() * scale.double()[:, None]).T
     terms = x.double().abs() @ (w.double().abs() * scale.double()[:, None]).T
@@ -99,7 +106,8 @@ def test_int8_codes_by_bits_equal_the_conversion(rows, n, k):
 @pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 1000, 1234)])
 def test_static_fp8_gemv_quantizes_x_as_the_separate_kernel_does(rows, n, k):
     """The GEMV that quantizes x itself with a static scale gives, bit for bit, the GEMV of x quantized first
-    (kiln.kernels.fp8_quant), including values that saturate at +-448."""
+    (kiln.kernels.fp8_quant), including values that saturate at +-448, with one tile config; the public
+    functions agree within float32 rounding (the autotuner picks each one's tile)."""
     from kiln.kernels.gemv import scaled_gemv, static_fp8_gemv
     from kiln.quantization.fp8 import quantize_fp8_static, quantize_fp8_weight
 
@@ -107,5 +115,13 @@ def test_static_fp8_gemv_quantizes_x_as_the_separate_kernel_does(rows, n, k):
     x = (torch.randn(rows, k, generator=g) * 3).to(torch.bfloat16).cuda()
     wq, ws = quantize_fp8_weight(torch.randn(n, k, generator=g).cuda(), torch.bfloat16, per_channel=True)
     scale = (x.float().abs().amax() / 448 / 2).reshape(1).to(torch.bfloat16)  # half the range: some saturate
-    got = static_fp8_gemv(x, scale, wq, ws, torch.bfloat16)
-    assert torch.equal(got, scaled_gemv(*quantize_fp8_static(x, scale), wq, ws, torch.bfloat16))
+    xq, xs = quantize_fp8_static(x, scale)
+    fused = _gemv_one_tile(x, wq, torch.empty(rows, n, dtype=torch.bfloat16, device="cuda"), scale, ws,
+                           QUANTIZE_X=True)
+    separate = _gemv_one_tile(xq, wq, torch.empty(rows, n, dtype=torch.bfloat16, device="cuda"),
+                              xs.reshape(-1).contiguous(), ws, HAS_X_SCALE=True)
+    assert torch.equal(fused, separate)
+    got, want = static_fp8_gemv(x, scale, wq, ws, torch.bfloat16), scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
+    terms = (xq.float().abs() * xs) @ (wq.float().abs() * ws.float()[:, None]).T
+    bound = k * 2.0 ** -23 * terms + 2.0 ** -7 * want.float().abs() + 1e-30
+    assert ((got.float() - want.float()).abs() <= bound).all()
