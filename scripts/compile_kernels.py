@@ -73,7 +73,6 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(w_ptr="*i32" if name == "gemv" else "*u8"))
       for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=32, BLOCK_KW=128)),
                                    ("gemm", quant_gemm._w4_gemm_kernel, dict(BLOCK_M=16, BLOCK_N=64)),
-                                   ("gemm swapped", quant_gemm._w4_gemm_t_kernel, dict(BLOCK_N=128, BLOCK_M=64)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),

@@ -22,7 +22,7 @@ from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups,
 DTYPE = torch.bfloat16
 # (name, out, in): the fused QKV, attention output, fused fc+gate and MLP down projection of one layer.
 LLAMA3_8B = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("fc_gate", 28672, 4096), ("down", 4096, 14336))
-ROWS = (1, 4, 16, 32, 64, 128, 256)
+ROWS = (1, 4, 16, 64, 128, 256)
 
 
 def graph_us(fn, iters: int = 50) -> float:
@@ -102,12 +102,8 @@ def bench_shape(name: str, n: int, k: int, totals: dict) -> None:
                  "w4g128zp": (lambda: qg.w4a16_matmul(x, packed_z, scale_z, zero, 128),
                              packed.numel() + scale.numel() * 4 + io),
                 "w8": (lambda: qg.w8a16_matmul(x, q8, s8), q8.numel() + s8.numel() * 2 + io)}
-        if m > qg.GEMV_MAX_ROWS:  # the two int4 GEMMs, each forced
-            y = torch.empty(m, n, dtype=DTYPE, device="cuda")
-            args = (x, packed, scale, scale, y, m, n, k, x.stride(0), qg._bucket(m))
-            cands["w4 swapped"] = (lambda: qg.w4a16_gemm(args, 128, False, swapped=True), cands["w4g128"][1])
-            cands["w4 byte"] = (lambda: qg.w4a16_gemm(args, 128, False, swapped=False), cands["w4g128"][1])
-        if m >= 16:  # the int4 path DEQUANT_MIN_ROWS chooses from 128 rows, forced
+        if m >= 16:  # the two int4 paths DEQUANT_MIN_ROWS chooses between, forced
+            cands["w4 fused"] = (lambda: qg.w4a16_fused_matmul(x, packed, scale, None, 128), cands["w4g128"][1])
             cands["w4 deq+cuBLAS"] = (lambda: F.linear(x, qg.w4a16_dequantize(packed, scale, None, 128, DTYPE)),
                                       cands["w4g128"][1])
         check(f"tuned w4a16 {name} m{m}", cands["w4g128"][0](), F.linear(x, w4), x, w4)

@@ -126,20 +126,9 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
         args = (rows, packed.view(torch.int32), *args[2:])
         _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None, **pdl_args(rows.device))
     else:
-        w4a16_gemm(args, group_size, zero is not None, swapped=True)
+        grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
     return y
-
-
-def w4a16_gemm(args: tuple, group_size: int, has_zero: bool, swapped: bool) -> None:
-    """The int4 GEMM on w4a16_fused_matmul's arguments: with the weights as the MMA's left operand (swapped), or
-    x (the byte GEMM, kept while bench_quant_gemm compares the two on the GPU)."""
-    m, n = args[5], args[6]
-    if swapped:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-        _launch(_w4_gemm_t_kernel, grid, args, GROUP=group_size, HAS_ZERO=has_zero)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=has_zero)
 
 
 def _reads_as_words(packed: torch.Tensor) -> bool:
@@ -191,13 +180,6 @@ if triton is not None:
     _W4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                         for m, n, w, s in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3),
                                            (64, 128, 4, 3), (128, 128, 8, 3), (16, 128, 4, 4), (32, 32, 4, 5))]
-    # (BLOCK_N weight rows: the MMA's M, a multiple of 64 for Hopper's warpgroup MMA; BLOCK_M rows of x: its N.)
-    # 128 x 64 tiles need 8 warps: with 4 they spill (scripts/kernel_sass.py counts 8.4 instructions per weight
-    # per step at 8 warps, the fewest of these tiles per row of x).
-    _W4_GEMM_T_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s)
-                          for n, m, w, s in ((64, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 16, 4, 4),
-                                             (128, 32, 4, 4), (128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
-                                             (128, 128, 8, 3))]
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
                                                (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
@@ -313,49 +295,6 @@ if triton is not None:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _w4_gemm_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                          GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        """y^T = W x^T, a [BLOCK_N, BLOCK_M] tile of it per program: the weights are the MMA's left operand and
-        x's few rows its right one ("swap AB"), so the codes are unpacked in registers, elementwise, into the
-        operand's own layout (no trip through shared memory), and each weight is unpacked once per BLOCK_M rows.
-        A byte holds columns 2j (low nibble) and 2j + 1 (high): the low nibbles meet x's even columns and the high
-        ones its odd columns, two dots per group; the group's scale multiplies their float32 sum."""
-        HALF: tl.constexpr = GROUP // 2
-        G: tl.constexpr = (K + GROUP - 1) // GROUP
-        KB: tl.constexpr = K // 2
-        EVEN_K: tl.constexpr = K % GROUP == 0  # no column mask: the loads are vectorized
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_ok, m_ok = rn < N, rm < M
-        hb, pair = tl.arange(0, HALF), tl.arange(0, 2)
-        w_rows = w_ptr + rn[:, None].to(tl.int64) * KB
-        x_rows = x_ptr + rm[:, None, None].to(tl.int64) * stride_xm
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for grp in range(0, G):
-            byte = grp * HALF + hb
-            x_pairs = x_rows + 2 * byte[None, :, None] + pair[None, None, :]  # columns 2j, 2j + 1: contiguous
-            if EVEN_K:
-                w = tl.load(w_rows + byte[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-                x = tl.load(x_pairs, mask=m_ok[:, None, None], other=0.0)
-            else:
-                w = tl.load(w_rows + byte[None, :], mask=n_ok[:, None] & (byte < KB)[None, :], other=0).to(tl.int32)
-                x = tl.load(x_pairs, mask=m_ok[:, None, None] & (byte < KB)[None, :, None], other=0.0)
-            x_even, x_odd = tl.split(x)
-            s = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            else:
-                z = SYMMETRIC_ZERO
-            # u - z exactly (a small integer, exact in 16-bit floats): u ORed into 2^23's mantissa, minus 2^23 + z.
-            lo = ((w & 0xF) | MAGIC_2_23).to(tl.float32, bitcast=True) - (8388608.0 + z)
-            hi = ((w >> 4) | MAGIC_2_23).to(tl.float32, bitcast=True) - (8388608.0 + z)
-            part = tl.dot(lo.to(x.dtype), tl.trans(x_even))
-            part = tl.dot(hi.to(x.dtype), tl.trans(x_odd), part)
-            acc += part * s[:, None]
-        y = y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
-
-    @triton.jit
     def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
                            HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
         # (u - z) * s in float32, one rounding to the output dtype: the reference's arithmetic exactly.
@@ -402,5 +341,4 @@ if triton is not None:
     _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"], do_bench=quick_bench,
                                        cache_results=True)(kernel), configs)
               for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w4_gemm_kernel, _W4_GEMM_CONFIGS),
-                                      (_w4_gemm_t_kernel, _W4_GEMM_T_CONFIGS),
                                       (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
