@@ -26,9 +26,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # CPU-only installs, or a Triton without PDL: every kernel launches plainly
+except ImportError:  # CPU-only installs: every kernel launches plainly
     triton = None
+try:  # Triton 3.3 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: no PDL, and the helpers below do nothing
+    gdc_wait = None
 
 
 @functools.cache
@@ -37,8 +40,9 @@ def _gpu_has_pdl(device_index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: a CUDA GPU of compute capability 9.0 or later, KILN_PDL unset or 1."""
-    if triton is None or device.type != "cuda" or os.environ.get("KILN_PDL", "1") == "0":
+    """Whether kernels on `device` launch with PDL: a CUDA GPU of compute capability 9.0 or later, a Triton that has
+    it, and KILN_PDL unset or 1."""
+    if gdc_wait is None or device.type != "cuda" or os.environ.get("KILN_PDL", "1") == "0":
         return False
     return _gpu_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -48,7 +52,7 @@ def pdl_args(device: torch.device) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"USE_PDL": False}
 
 
-if triton is not None:
+if triton is not None and gdc_wait is not None:
 
     @triton.jit
     def allow_dependents(USE_PDL: tl.constexpr):
@@ -61,3 +65,13 @@ if triton is not None:
         """Block until the kernel before this one has finished and its writes are visible."""
         if USE_PDL:
             gdc_wait()
+
+elif triton is not None:  # USE_PDL is always False here
+
+    @triton.jit
+    def allow_dependents(USE_PDL: tl.constexpr):
+        pass
+
+    @triton.jit
+    def wait_for_inputs(USE_PDL: tl.constexpr):
+        pass
