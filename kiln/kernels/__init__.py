@@ -16,7 +16,8 @@ Every kernel takes the same arguments as its reference and returns the same resu
 floating-point rounding; tests/kernels compares them on random inputs. Callers pick the kernel when
 `triton_available()` and the tensors are on CUDA, else the reference: that is how CPU runs (and CI)
 exercise every layer. Importing this package never imports Triton's GPU machinery eagerly, and works
-with no Triton installed.
+with no Triton installed. On Hopper the kernels of a decode step launch with programmatic dependent launch
+(`pdl`): each one's programs start while the kernel before it ends.
 """
 
 from __future__ import annotations

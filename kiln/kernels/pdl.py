@@ -11,8 +11,9 @@ requests its first tile of weights while the kernel before it ends.
 The contract of a kernel that takes `USE_PDL` (launched with `**pdl_args(device)`):
   1. it calls `allow_dependents(USE_PDL)` first;
   2. before `wait_for_inputs(USE_PDL)` it reads only weights and writes nothing.
-Waiting is transitive (a kernel ends only after its own wait), so a kernel never runs beside any but the one
-before it. Kernels launched without PDL (torch's, cuBLAS's) wait for the whole previous kernel as usual.
+Waiting is transitive (a kernel ends only after its own wait), so what a kernel does after its wait never overlaps
+an earlier kernel; only weight reads may. Kernels launched without PDL (torch's, cuBLAS's) wait for the whole
+previous kernel as usual.
 CUDA graphs keep the launches' programmatic edges. `KILN_PDL=0` turns it off (to compare, or to rule it out).
 """
 
