@@ -92,7 +92,7 @@ def serve_worker(runner: ModelRunner) -> None:
             dist.send(logits.contiguous(), dst=0)
 
 
-def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_config, device_type: str,
+def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_config, device_type: str | None,
                  conn) -> None:
     """Entry point of a spawned worker process."""
     from kiln.builder import Engine
@@ -135,7 +135,6 @@ class WorkerGroup:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         port = _free_port()
-        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processes = [ctx.Process(target=_worker_main, args=(r, world_size, port, str(engine_dir), build_config,
                                                                  device_type, child if r == 0 else None),
                                       name=f"kiln-rank{r}", daemon=True) for r in range(world_size)]
