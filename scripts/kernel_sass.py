@@ -31,10 +31,15 @@ OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 
+# Integer arguments that are multiples of 16 on real shapes (Llama's dims, KB = in / 2, G = in / 128): Triton
+# specializes such arguments at run time, which lets it vectorize and pipeline the loads they index.
+MULTIPLES_OF_16 = {"N", "KB", "G", "stride_xm", "stride_wn"}
+
+
 def aligned_pointers(fn) -> dict:
-    """Triton's run-time specialization of 16-byte aligned pointer arguments, as compile attributes."""
+    """Triton's run-time specialization of 16-byte aligned pointers and multiple-of-16 shapes, as attributes."""
     return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-            if p.name.endswith("_ptr") and not p.is_constexpr}
+            if not p.is_constexpr and (p.name.endswith("_ptr") or p.name in MULTIPLES_OF_16)}
 
 
 def disassemble(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages: int) -> tuple[str, str]:

@@ -127,6 +127,8 @@ def main():
     for m in ROWS:
         base = totals[(m, "bf16")]
         print(f"  m{m:<4} " + "  ".join(f"{c} {base / t:4.2f}x" for (mm, c), t in totals.items() if mm == m))
+    print(f"int4 GEMM tiles (BLOCK_M, BLOCK_N, SPLIT, warps, stages) by (N, in/2, group, zero, rows bucket): "
+          f"{ {key[:5]: tile for key, tile in qg._PICKED.items()} }")
     for kernel, (tuned, _) in qg._TUNED.items():
         print(f"best configs of {kernel.fn.__name__}: "
               f"{ {key[:3]: str(cfg) for key, cfg in tuned.cache.items()} }")

@@ -12,18 +12,24 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   same output block but different rows of x are adjacent in the launch order, so the weights come from L2
   after the first read. int8 needs no unpacking: it runs the full-precision GEMV (kiln.kernels.gemv), its
   per-channel scale applied after the float32 sum.
-- GEMM (a few to ~100 rows): one int4 group per step, tiles of x times the group's codes minus its zero
-  (exact small integers in x's dtype) on tensor cores (tl.dot), the float32 partial sums then times the
-  group's scale; the two nibbles of a byte feed two dots, x's even and odd columns, so nothing interleaves.
-  On the H100 this is still bound by the in-register unpacking (see docs/quantization.md for the numbers).
+- GEMM (3 to DEQUANT_MIN_ROWS - 1 rows): one int4 group per step. Each weight is dequantized once per tile of
+  rows to exactly the reference's 16-bit value ((u - z) s, rounded once) by packed 16-bit arithmetic, two
+  weights an instruction (_dequant_nibbles: inline PTX, about 3 instructions a weight in the loop), so one
+  float32 accumulator runs along the whole row on tensor cores and the loads pipeline freely. The two nibbles
+  of a byte are columns 2j and 2j+1: x is split into its even and odd columns once per call (a copy of x,
+  small beside the weights), so each nibble plane feeds one dot with contiguous x and nothing interleaves in
+  registers. A tile of rows covers up to 64 (or 128) rows; when too few tiles of output columns would fill
+  the GPU, the input dim is split (split-K), the partial sums written apart and added in a fixed order, so
+  results are deterministic.
 - From DEQUANT_MIN_ROWS rows (prefill): int4 weights are dequantized by a Triton kernel (bit for bit the
   reference's dequantization) and cuBLAS multiplies, so the unpacking is done once, not once per row tile.
   int8 keeps its GEMM at every size: its tiles convert with one instruction per weight.
 
 Both autotune over a few tile shapes per (N, K, power-of-two bucket of M); CUDA-graph capture warms up
-outside the graph, so tuning never runs inside one. Results equal the references (dequantize to x's dtype,
-then F.linear) up to the rounding of the dequantized weight to x's dtype and of the sums: the tests bound
-the difference by 3 units of x's dtype in the last place of sum_k |x_k| |w_k|.
+outside the graph, so tuning never runs inside one (a shape first seen inside a capture takes the first
+config). Results equal the references (dequantize to x's dtype, then F.linear) up to the rounding of the
+dequantized weight to x's dtype and of the sums: the tests bound the difference by 3 units of x's dtype in
+the last place of sum_k |x_k| |w_k|.
 """
 
 from __future__ import annotations
@@ -46,14 +52,14 @@ except ImportError:  # CPU-only installs: the references below still work
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
-# Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H100 the int4
-# GEMV is 1.9x bf16 at 1 row and its time grows with the rows, while the GEMM is 0.8x bf16 at 4 rows
-# (kiln/kernels/bench_quant_gemm.py).
+# Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H200 the int4
+# GEMV is 2.0x bf16 at 1 row and its time grows with the rows, while the GEMM is 1.2x bf16 at 4 rows
+# (kiln/kernels/bench_quant_gemm.py, one decoder layer's linears).
 # Rows of x from which int4 weights are dequantized to x's dtype by a Triton kernel and cuBLAS does the matmul:
-# the fused GEMM's unpacking is repeated for every tile of rows (0.13x bf16 at 256 rows on the H100), while the
-# dequantization is one pass over the weights (an estimate from the bandwidth: about 0.5x bf16 at 256 rows,
-# better beyond; bench_quant_gemm.py times both).
-DEQUANT_MIN_ROWS = 128
+# the fused GEMM unpacks the weights once per tile of up to 128 rows, the dequantization once in all. Measured
+# on the H200 (bench_quant_gemm.py, one decoder layer): at 128 rows the GEMM is 0.67x bf16 and the
+# dequantization 0.42x; at 256 rows both 0.49x.
+DEQUANT_MIN_ROWS = 256
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
@@ -126,14 +132,69 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
         args = (rows, packed.view(torch.int32), *args[2:])
         _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None, **pdl_args(rows.device))
     else:
-        grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _launch(_w4_gemm_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None)
+        _w4_gemm(rows, packed, scale, zero, group_size, y)
     return y
 
 
 def _reads_as_words(packed: torch.Tensor) -> bool:
     """Whether the GEMV can read the packed codes as int32 words: rows of whole words (in % 8 == 0), aligned."""
     return packed.is_contiguous() and packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0
+
+
+def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+             group_size: int, y: torch.Tensor) -> None:
+    """y = rows @ dequantize_int4(...)^T by _w4_gemm_kernel, its tiles and split-K picked per shape."""
+    m, kb = rows.shape[0], packed.shape[1]  # int4 packing needs an even input dim: kb bytes are its columns
+    pairs = rows.unflatten(1, (kb, 2)).permute(2, 0, 1).contiguous()  # [even columns, odd columns]
+    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
+    args = (pairs[0], pairs[1], packed, scale, z, m, packed.shape[0], kb, scale.shape[1])
+    meta = dict(GROUP=group_size, HAS_ZERO=zero is not None, EVEN_K=kb % (group_size // 2) == 0)
+    key = (packed.shape[0], kb, group_size, zero is not None, _bucket(m), rows.dtype)
+    tile = _pick_tile(key, _w4_gemm_tiles(_bucket(m)), lambda t: _run_w4_gemm(args, y, t, meta))
+    _run_w4_gemm(args, y, tile, meta)
+
+
+def _run_w4_gemm(args, y: torch.Tensor, tile: tuple, meta: dict) -> None:
+    block_m, block_n, split, warps, stages = tile
+    m, n, groups = args[5], args[6], args[8]
+    per_split = -(-groups // split)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    _w4_gemm_kernel[grid](*args, per_split, out, **meta, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
+                          num_warps=warps, num_stages=stages)
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](out, y, m * n, SPLIT=split, BLOCK=SUM_BLOCK)
+
+
+def _w4_gemm_tiles(bucket: int) -> list[tuple]:
+    """Candidate (BLOCK_M, BLOCK_N, SPLIT, warps, stages): one tile of rows covers the batch where it can, so the
+    weights are unpacked once; the first is the untuned default."""
+    block_m = min(max(bucket, 16), 64)
+    tiles = [(block_m, n, split, w, st) for n, split, w, st in _W4_GEMM_SHAPES]
+    if bucket >= 128:
+        tiles += [(128, n, split, 8, 3) for n, split in ((128, 1), (128, 2), (64, 2), (128, 4))]
+    return tiles
+
+
+# The tile each GEMM key runs, chosen by timing the candidates the first time the key is seen.
+_PICKED: dict = {}
+
+
+def _pick_tile(key, tiles: list, run) -> tuple:
+    """The fastest tile of `tiles` for `key` (cached); the first when tuning is off or a CUDA graph is capturing
+    (a capture cannot time, and its replays would keep whatever ran)."""
+    if key in _PICKED:
+        return _PICKED[key]
+    if not AUTOTUNE or torch.cuda.is_current_stream_capturing():
+        return tiles[0]
+    times = {}
+    for tile in tiles:
+        try:
+            times[tile] = quick_bench(lambda: run(tile), quantiles=None)
+        except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
+            continue
+    _PICKED[key] = min(times, key=times.get)
+    return _PICKED[key]
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -169,7 +230,6 @@ def _bucket(m: int) -> int:
 
 if triton is not None:
     SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
-    MAGIC_2_23 = tl.constexpr(0x4B000000)  # the bits of float32 2^23
     # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
     # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
@@ -177,20 +237,15 @@ if triton is not None:
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
                      for n, kw, w in ((32, 128, 4), (16, 128, 4), (8, 128, 4), (8, 256, 4), (4, 256, 4),
                                       (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
-    _W4_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                        for m, n, w, s in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3),
-                                           (64, 128, 4, 3), (128, 128, 8, 3), (16, 128, 4, 4), (32, 32, 4, 5))]
+    # (BLOCK_N, SPLIT, warps, stages) of the int4 GEMM, BLOCK_M from the rows (_w4_gemm_tiles). Split-K for the
+    # shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs).
+    _W4_GEMM_SHAPES = ((64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
+                       (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))
+    SUM_BLOCK = 1024
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
                                                (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
                                                (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
-
-    @triton.jit
-    def _int4_to_float(code):
-        """An int32 holding a value v < 2^23 in its low bits (here u or 16 u) -> float32 v, exactly: v ORed into
-        the mantissa of 2^23, minus 2^23. Two full-rate instructions instead of a quarter-rate int->float
-        conversion, which would otherwise bound the int4 GEMV by arithmetic, not memory."""
-        return (code | MAGIC_2_23).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _load_words(w_rows, row_ok, k0, KW: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr):
@@ -261,38 +316,101 @@ if triton is not None:
         y = tl.sum(acc, axis=1) * (2.0 ** SHIFT_EXP)
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
+    # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
+    # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;
+    # minus MAGIC + z is u - z, exact; times s is one rounding of an exact product, as the reference rounds
+    # (u - z) s in float32 to its dtype. About 2 instructions a weight, where float32 math and a conversion take 6.
+    # Operands: $0 $1 low nibbles, $2 $3 high nibbles (2 elements a register), $4 the 4 code bytes, $5 $6 the
+    # scales, $7 $8 MAGIC + z. (PTX: prmt, lop3 with LUT 0xEA = (a & b) | c; bf16x2 arithmetic needs sm_90.)
+    _NIBBLES_ASM = """{{
+    .reg .b32 t0, t1, h0, h1;
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    shr.b32 h0, t0, 4;
+    shr.b32 h1, t1, 4;
+    lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 h0, h0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 h1, h1, 0x000F000F, {magic}, 0xEA;
+    sub.rn.{t} t0, t0, $7;
+    sub.rn.{t} t1, t1, $8;
+    sub.rn.{t} h0, h0, $7;
+    sub.rn.{t} h1, h1, $8;
+    mul.rn.{t} $0, t0, $5;
+    mul.rn.{t} $1, t1, $6;
+    mul.rn.{t} $2, h0, $5;
+    mul.rn.{t} $3, h1, $6;
+    }}"""
+    # MAGIC per dtype: 2^7 (bf16, 7 mantissa bits) and 2^10 (fp16), so MAGIC + u for u < 16 is exact.
+    _BF16_NIBBLES = tl.constexpr(_NIBBLES_ASM.format(magic="0x43004300", t="bf16x2"))
+    _F16_NIBBLES = tl.constexpr(_NIBBLES_ASM.format(magic="0x64006400", t="f16x2"))
+
     @triton.jit
-    def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One group per step: the dots run on the exact integers u - z (exact in 16-bit floats) and the group's
-        # scale multiplies the float32 partial sums, one multiply per output instead of one per weight.
+    def _dequant_nibbles(w, s, z, dtype: tl.constexpr):
+        """uint8 codes [k, n] (low nibble column 2j, high 2j+1), scales and zeros [1, n] in float32 -> the two
+        nibble planes' weights (u - z) s in `dtype`, each [k, n]."""
+        s16 = tl.broadcast_to(s.to(dtype), w.shape)
+        if dtype == tl.bfloat16:
+            zc = tl.broadcast_to((z + 128.0).to(dtype), w.shape)
+            return tl.inline_asm_elementwise(_BF16_NIBBLES, "=r,=r,=r,=r,r,r,r,r,r", [w, s16, zc],
+                                             dtype=(s16.dtype, s16.dtype), is_pure=True, pack=4)
+        zc = tl.broadcast_to((z + 1024.0).to(dtype), w.shape)
+        return tl.inline_asm_elementwise(_F16_NIBBLES, "=r,=r,=r,=r,r,r,r,r,r", [w, s16, zc],
+                                         dtype=(s16.dtype, s16.dtype), is_pure=True, pack=4)
+
+    @triton.jit
+    def _w4_gemm_kernel(xe_ptr, xo_ptr, w_ptr, s_ptr, z_ptr, M, N, KB, G, per_split, out_ptr, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        # One group per step. Its codes u become (u - z) s rounded once to x's dtype (_dequant_nibbles): the
+        # reference's dequantized weights bit for bit, so one accumulator runs over the whole row. Low nibbles are
+        # the even columns (xe), high nibbles the odd ones (xo), each [M, KB] with unit stride.
+        # Program (i, j, s) owns rows tile i, outputs tile j and groups [s per_split, (s + 1) per_split).
+        # Rows and outputs past the end read the last one instead (their results are not stored), so with whole
+        # groups (EVEN_K) no load needs a mask; pointers advance by a group per step.
         HALF: tl.constexpr = GROUP // 2
-        G: tl.constexpr = (K + GROUP - 1) // GROUP
-        kb_total: tl.constexpr = K // 2
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = rm < M, rn < N
-        hb, pair = tl.arange(0, HALF), tl.arange(0, 2)
-        x_rows = x_ptr + rm[:, None, None].to(tl.int64) * stride_xm
-        w_cols = w_ptr + rn[None, :].to(tl.int64) * kb_total
+        rm_in, rn_in = tl.minimum(rm, M - 1), tl.minimum(rn, N - 1)
+        g_start = tl.program_id(2) * per_split
+        hb = tl.arange(0, HALF)
+        x_off = rm_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
+        xe_p, xo_p = xe_ptr + x_off, xo_ptr + x_off
+        w_p = w_ptr + rn_in[None, :].to(tl.int64) * KB + g_start * HALF + hb[:, None]
+        s_p, z_p = s_ptr + rn_in * G + g_start, z_ptr + rn_in * G + g_start
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for grp in range(0, G):
-            byte = grp * HALF + hb
-            ok = byte < kb_total
-            x2 = tl.load(x_rows + 2 * byte[None, :, None] + pair[None, None, :],
-                         mask=m_ok[:, None, None] & ok[None, :, None], other=0.0)
-            xe, xo = tl.split(x2)
-            w = tl.load(w_cols + byte[:, None], mask=ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
-            s = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn * G + grp, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        for grp in range(g_start, tl.minimum(g_start + per_split, G)):
+            if EVEN_K:
+                xe, xo, w = tl.load(xe_p), tl.load(xo_p), tl.load(w_p)
             else:
-                z = SYMMETRIC_ZERO
-            part = tl.dot(xe, (_int4_to_float(w & 0xF) - z).to(xe.dtype))
-            part = tl.dot(xo, (_int4_to_float(w >> 4) - z).to(xe.dtype), part)
-            acc += part * s[None, :]
-        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+                k_ok = hb + grp * HALF < KB
+                xe = tl.load(xe_p, mask=k_ok[None, :], other=0.0)
+                xo = tl.load(xo_p, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_p, mask=k_ok[:, None], other=0)
+            s = tl.load(s_p).to(tl.float32)[None, :]
+            if HAS_ZERO:
+                z = tl.load(z_p).to(tl.float32)[None, :]
+            else:
+                z = tl.full([1, BLOCK_N], SYMMETRIC_ZERO, tl.float32)
+            lo, hi = _dequant_nibbles(w, s, z, xe.dtype)
+            acc = tl.dot(xe, lo, acc)
+            acc = tl.dot(xo, hi, acc)
+            xe_p, xo_p, w_p, s_p, z_p = xe_p + HALF, xo_p + HALF, w_p + HALF, s_p + 1, z_p + 1
+        m_ok, n_ok = rm < M, rn < N
+        out = rm[:, None].to(tl.int64) * N + rn[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        else:  # this split's partial sums, added up in a fixed order by _sum_splits_kernel
+            tl.store(out_ptr + tl.program_id(2).to(tl.int64) * M * N + out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < size
+        total = tl.load(part_ptr + i, mask=ok, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            total += tl.load(part_ptr + s * size + i, mask=ok, other=0.0)
+        tl.store(y_ptr + i, total.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
@@ -340,5 +458,4 @@ if triton is not None:
 
     _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"], do_bench=quick_bench,
                                        cache_results=True)(kernel), configs)
-              for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w4_gemm_kernel, _W4_GEMM_CONFIGS),
-                                      (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
+              for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
