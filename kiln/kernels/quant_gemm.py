@@ -14,7 +14,7 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   per-channel scale applied after the float32 sum.
 - GEMM (3 to DEQUANT_MIN_ROWS - 1 rows): one int4 group per step. Each weight is dequantized once per tile of
   rows to exactly the reference's 16-bit value ((u - z) s, rounded once) by packed 16-bit arithmetic, two
-  weights an instruction (_dequant_nibbles: inline PTX, about 3 instructions a weight in the loop), so one
+  weights an instruction (_dequant_nibbles, inline PTX; scripts/kernel_sass.py counts the loop), so one
   float32 accumulator runs along the whole row on tensor cores and the loads pipeline freely. The two nibbles
   of a byte are columns 2j and 2j+1: x is split into its even and odd columns once per call (a copy of x,
   small beside the weights), so each nibble plane feeds one dot with contiguous x and nothing interleaves in
@@ -144,14 +144,20 @@ def _reads_as_words(packed: torch.Tensor) -> bool:
 def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemm_kernel, its tiles and split-K picked per shape."""
+    args, meta = _w4_gemm_args(rows, packed, scale, zero, group_size)
+    key = (*packed.shape, group_size, zero is not None, _bucket(rows.shape[0]), rows.dtype)
+    tile = _pick_tile(key, _w4_gemm_tiles(_bucket(rows.shape[0])), lambda t: _run_w4_gemm(args, y, t, meta))
+    _run_w4_gemm(args, y, tile, meta)
+
+
+def _w4_gemm_args(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  group_size: int) -> tuple[tuple, dict]:
+    """_w4_gemm_kernel's arguments before per_split, and its shape constexprs (the tile's come from _run_w4_gemm)."""
     m, kb = rows.shape[0], packed.shape[1]  # int4 packing needs an even input dim: kb bytes are its columns
     pairs = rows.unflatten(1, (kb, 2)).permute(2, 0, 1).contiguous()  # [even columns, odd columns]
     z = zero if zero is not None else scale  # unread when HAS_ZERO is False
     args = (pairs[0], pairs[1], packed, scale, z, m, packed.shape[0], kb, scale.shape[1])
-    meta = dict(GROUP=group_size, HAS_ZERO=zero is not None, EVEN_K=kb % (group_size // 2) == 0)
-    key = (packed.shape[0], kb, group_size, zero is not None, _bucket(m), rows.dtype)
-    tile = _pick_tile(key, _w4_gemm_tiles(_bucket(m)), lambda t: _run_w4_gemm(args, y, t, meta))
-    _run_w4_gemm(args, y, tile, meta)
+    return args, dict(GROUP=group_size, HAS_ZERO=zero is not None, EVEN_K=kb % (group_size // 2) == 0)
 
 
 def _run_w4_gemm(args, y: torch.Tensor, tile: tuple, meta: dict) -> None:
@@ -319,7 +325,7 @@ if triton is not None:
     # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
     # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;
     # minus MAGIC + z is u - z, exact; times s is one rounding of an exact product, as the reference rounds
-    # (u - z) s in float32 to its dtype. About 2 instructions a weight, where float32 math and a conversion take 6.
+    # (u - z) s in float32 to its dtype: 16 instructions for 8 weights.
     # Operands: $0 $1 low nibbles, $2 $3 high nibbles (2 elements a register), $4 the 4 code bytes, $5 $6 the
     # scales, $7 $8 MAGIC + z. (PTX: prmt, lop3 with LUT 0xEA = (a & b) | c; bf16x2 arithmetic needs sm_90.)
     _NIBBLES_ASM = """{{

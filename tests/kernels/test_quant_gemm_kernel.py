@@ -89,9 +89,7 @@ def test_w4a16_gemm_matches_reference_with_every_tile(rows):
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
         w = dequantize_int4(packed, scale, zero, group, x.dtype)
         ref = torch.nn.functional.linear(x, w)
-        meta = dict(GROUP=group, HAS_ZERO=zero_point, EVEN_K=k % group == 0)
-        pairs = x.unflatten(1, (k // 2, 2)).permute(2, 0, 1).contiguous()
-        args = (pairs[0], pairs[1], packed, scale, zero if zero_point else scale, rows, n, k // 2, scale.shape[1])
+        args, meta = qg._w4_gemm_args(x, packed, scale, zero, group)
         for tile in qg._w4_gemm_tiles(qg._bucket(rows)):
             y = torch.full_like(ref, float("nan"))
             qg._run_w4_gemm(args, y, tile, meta)
