@@ -359,8 +359,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload-file", default=None, help="JSON list of workloads (kiln/bench/workloads.py)")
     p.add_argument("--quant-algo", default=None, metavar="ALGO[,ALGO]",
                    help="also bench the model quantized with each algorithm (kiln quantize's --quant-algo)")
-    p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, choices=["INT8", "FP8"],
-                   help="quantized KV cache for the quantized systems (alone: one KV-only system)")
+    p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, metavar="KV[,KV]",
+                   help="KV cache formats of the quantized systems, each of INT8, FP8 or NONE (the model's "
+                        "dtype): one system per --quant-algo and format (alone: one KV-only system per format)")
     p.add_argument("--skip-unquantized", action="store_true", help="bench only the quantized systems")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too in the quantized systems (kiln quantize's --quantize-lm-head)")

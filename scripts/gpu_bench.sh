@@ -18,7 +18,8 @@ if [[ $what == quant || $what == all ]]; then
   # One quantized system per call: each needs the 16 GB source, its checkpoint and its engine on disk at once.
   for algo in FP8 W4A16 W8A16; do
     rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
-    $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --quant-algo $algo \
+    kv=$([[ $algo == FP8 ]] && echo "--kv-cache-quant-algo none,FP8" || true)  # FP8 with either KV cache
+    $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --quant-algo $algo $kv \
       --workloads decode-1,offline-3000 --output-json "$out/llama-3-8b-$algo.json" 2>&1 | grep -v Warning \
       | tee "$out/llama-3-8b-$algo.txt"
   done

@@ -30,6 +30,7 @@ import torch
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
 from kiln.config import BuildConfig, QuantConfig, exclusions
+from kiln.errors import ConfigError
 
 
 @dataclass
@@ -228,14 +229,27 @@ def build_engine(source, args, quant: QuantConfig | None, build_config: BuildCon
 def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
     """("kiln", None) for the unquantized engine, then one system per --quant-algo (and KV-cache algo)."""
     systems = [] if args.skip_unquantized else [("kiln", None)]
-    kv = args.kv_cache_quant_algo
+    kvs = kv_cache_formats(args.kv_cache_quant_algo)
     exclude, head = exclusions(args.quantize_lm_head), " lm_head" * args.quantize_lm_head
     for algo in (args.quant_algo.split(",") if args.quant_algo else []):
-        systems.append((f"kiln {algo}{head}" + (f" KV {kv}" if kv else ""),
-                        QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, exclude_modules=exclude)))
-    if kv and not args.quant_algo:
-        systems.append((f"kiln KV {kv}", QuantConfig(kv_cache_quant_algo=kv)))
+        for kv in kvs:
+            systems.append((f"kiln {algo}{head}" + (f" KV {kv}" if kv else ""),
+                            QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, exclude_modules=exclude)))
+    if not args.quant_algo:
+        systems += [(f"kiln KV {kv}", QuantConfig(kv_cache_quant_algo=kv)) for kv in kvs if kv]
     return systems
+
+
+def kv_cache_formats(arg: str | None) -> list[str | None]:
+    """--kv-cache-quant-algo "FP8,NONE" -> ["FP8", None]; unset -> [None] (the model's dtype)."""
+    if not arg:
+        return [None]
+    formats = arg.upper().split(",")
+    bad = [f for f in formats if f not in ("INT8", "FP8", "NONE")]
+    if bad:
+        raise ConfigError(f"--kv-cache-quant-algo: {', '.join(bad)} is not a KV cache format; "
+                          "use INT8, FP8 or NONE (the model's dtype), comma-separated")
+    return [None if f == "NONE" else f for f in formats]
 
 
 def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:

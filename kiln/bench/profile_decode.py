@@ -5,7 +5,7 @@ the same weights quantized (as `kiln bench --quant-algo` builds it); a comma-sep
 on the same weights ("none": unquantized).
 
     python -m kiln.bench.profile_decode --synthetic llama-3-8b [--steps 256] [--batch 1] \
-        [--quant-algo none,W8A16 [--quantize-lm-head]]
+        [--quant-algo none,W8A16 [--quantize-lm-head]] [--kv-cache-quant-algo FP8]
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def quantized(source: str, algo: str, lm_head: bool) -> str:
-    """A checkpoint of `source` quantized with `algo` (lm_head too if asked), in a temporary dir."""
+def quantized(source: str, algo: str, lm_head: bool, kv: str | None) -> str:
+    """A checkpoint of `source` quantized with `algo` ("none": weights as they are; lm_head too if asked) and
+    its KV cache with `kv` (None: the model dtype), in a temporary dir."""
     from kiln.config import QuantConfig, exclusions
     from kiln.quantization.workflow import quantize_checkpoint
 
     ckpt = tempfile.mkdtemp(prefix="kiln-profile-quant-") + "/ckpt"
-    qc = QuantConfig(quant_algo=algo, exclude_modules=exclusions(lm_head))
+    qc = QuantConfig(quant_algo=None if algo == "none" else algo, kv_cache_quant_algo=kv,
+                     exclude_modules=exclusions(lm_head))
     return str(quantize_checkpoint(source, ckpt, qc, dtype="bfloat16", device="cuda"))
 
 
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences decoding together (128-token prompts)")
     parser.add_argument("--quant-algo", default="none", help="profile the engine quantized with these algorithms")
     parser.add_argument("--quantize-lm-head", action="store_true", help="with --quant-algo: lm_head too")
+    parser.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, choices=["INT8", "FP8"],
+                        help="every engine profiled with this KV cache format")
     args = parser.parse_args()
     device = torch.device("cuda")
     source = tempfile.mkdtemp(prefix="kiln-profile-")
@@ -58,7 +62,8 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
     for algo in args.quant_algo.split(","):
-        ckpt = source if algo == "none" else quantized(source, algo, args.quantize_lm_head)
+        plain = algo == "none" and args.kv_cache_quant_algo is None
+        ckpt = source if plain else quantized(source, algo, args.quantize_lm_head, args.kv_cache_quant_algo)
         profile(ckpt, algo, args, device)
         gc.collect()  # the engine's weights and KV cache go back to the GPU before the next one loads
         torch.cuda.empty_cache()
@@ -85,7 +90,8 @@ def profile(source: str, algo: str, args, device: torch.device) -> None:
     per_token = (time.perf_counter() - start) / args.steps * 1000
     graph = llm.runner.graphs.graphs[args.batch]
     print(f"# {describe_device(device)}, {args.synthetic} bf16, {algo}"
-          f"{' (lm_head too)' if algo != 'none' and args.quantize_lm_head else ''}, batch {args.batch}")
+          f"{' (lm_head too)' if algo != 'none' and args.quantize_lm_head else ''}, KV cache "
+          f"{args.kv_cache_quant_algo or 'bf16'}, batch {args.batch}")
     print(f"end to end: {per_token:.3f} ms per decode step (prefill included)")
     print(f"graph replay alone: {replay_ms(graph, device):.3f} ms per decode step")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -34,3 +34,10 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def rows_view(t):
+    """[..., hidden] as [rows, hidden] with unit stride along hidden (a view for activations), as the
+    row-wise kernels take it."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

@@ -4,6 +4,9 @@ The engine fuses fc and gate into one matmul whose output is [tokens, 2*I] = [fc
 reads each half once and writes the [tokens, I] product, instead of torch's three passes (silu, mul,
 and the chunk copy). SiLU is from Elfwing et al. 2017, arXiv:1702.03118 (the GLU variant: Shazeer 2020,
 arXiv:2002.05202).
+
+With `fp8_scale` (the static activation scale of the FP8 linear that reads the product) the kernel writes e4m3
+codes of the product as rounded to x's dtype, as kiln.kernels.fp8_quant would: one pass less, no bit changed.
 """
 
 import torch
@@ -15,9 +18,12 @@ try:
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
+from kiln.kernels import rows_view
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
+    from kiln.kernels.fp8_quant import to_e4m3
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -27,23 +33,26 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(fc) * gate
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """Triton version of `silu_and_mul_ref`, CUDA tensors."""
+def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None):
+    """Triton version of `silu_and_mul_ref`, CUDA tensors. With `fp8_scale` (a static activation scale [1])
+    the product comes back as Fp8Rows [rows, I], quantized with it."""
     inter = x.shape[-1] // 2
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
+    rows = rows_view(x)
+    quantize = fp8_scale is not None
+    out = torch.empty(rows.shape[0], inter, dtype=torch.float8_e4m3fn if quantize else x.dtype, device=x.device)
+    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
     block = 1024
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out, rows.stride(0), inter, BLOCK=block, num_warps=4, **pdl_args(x.device))
-    return out.view(*x.shape[:-1], inter)
+        rows, out, fp8_scale if quantize else out, row_scale if quantize else out, rows.stride(0), inter,
+        FP8_OUT=quantize, BLOCK=block, num_warps=4, **pdl_args(x.device))
+    return Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], inter)
 
 
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
+                             BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -54,4 +63,11 @@ if triton is not None:
         f = fc.to(tl.float32)
         # silu in float32 rounded to x's dtype, then the multiply: the two roundings torch makes.
         act = (f / (1.0 + tl.exp(-f))).to(fc.dtype)
-        tl.store(out_ptr + row * inter + cols, (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype), mask=mask)
+        y = (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
+        if FP8_OUT:
+            s = tl.load(fp8_scale_ptr).to(tl.float32)
+            tl.store(out_ptr + row * inter + cols, to_e4m3(y.to(tl.float32), s), mask=mask)
+            if tl.program_id(1) == 0:
+                tl.store(row_scale_ptr + row, s)
+        else:
+            tl.store(out_ptr + row * inter + cols, y, mask=mask)

@@ -11,9 +11,11 @@ scale, divided with IEEE rounding (div_rn), the quotient saturated to +-448 and 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from kiln.kernels.rmsnorm import _rows
+from kiln.kernels import rows_view, triton_available
 
 try:
     import triton
@@ -30,10 +32,35 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scale
 
 
-def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None):
+class Fp8Rows(NamedTuple):
+    """Activations already quantized for an FP8 linear: codes [M, K] float8_e4m3fn and each row's scale [M, 1]
+    float32. The RMSNorm and SiLU-and-mul kernels write these directly when the linear that reads their output
+    has a static scale (kiln.quantization.fp8.fuse_fp8_inputs), saving the separate pass below."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def quantize_fp8_rows_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> Fp8Rows:
+    """The torch math of `quantize_fp8_rows` (any device)."""
+    if static_scale is None:
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    return Fp8Rows((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
+
+
+def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> Fp8Rows:
+    """x [M, K] -> Fp8Rows: the Triton pass on CUDA, the torch math elsewhere (the same numbers)."""
+    if x.is_cuda and triton_available():
+        return quantize_fp8_rows(x, static_scale)
+    return quantize_fp8_rows_ref(x, static_scale)
+
+
+def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> Fp8Rows:
     """x [M, K] (CUDA) -> (x_q [M, K] float8_e4m3fn, scale [M, 1] float32); per-token scales when static_scale
     is None, else the [1] static scale on every row."""
-    rows = _rows(x)
+    rows = rows_view(x)
     m, k = rows.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
@@ -42,11 +69,17 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None)
     _quantize_rows_kernel[(m,)](
         rows, static_scale if static_scale is not None else scale, q, scale, rows.stride(0), k,
         STATIC=static_scale is not None, BLOCK=block, num_warps=min(max(block // 1024, 1), 16), **pdl_args(x.device))
-    return q, scale
+    return Fp8Rows(q, scale)
 
 
 if triton is not None:
     _FP8_MAX, _MIN_SCALE = tl.constexpr(FP8_MAX), tl.constexpr(MIN_SCALE)
+
+    @triton.jit
+    def to_e4m3(y, s):
+        """float32 y / s saturated to +-448 and rounded to e4m3, as quantize_fp8_rows_ref does (the kernels that
+        write Fp8Rows share it)."""
+        return tl.clamp(tl.math.div_rn(y, s), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, static_ptr, q_ptr, scale_ptr, x_stride, K, STATIC: tl.constexpr,
@@ -61,6 +94,5 @@ if triton is not None:
             s = tl.load(static_ptr).to(tl.float32)
         else:
             s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _FP8_MAX), _MIN_SCALE)
-        q = tl.clamp(tl.math.div_rn(x, s), -_FP8_MAX, _FP8_MAX)
-        tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(q_ptr + row * K + cols, to_e4m3(x, s), mask=mask)
         tl.store(scale_ptr + row, s)

@@ -26,6 +26,7 @@ try:
 except ImportError:  # CPU-only installs: F.linear is the reference and the only path
     triton = None
 
+from kiln.kernels import rows_view
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -45,7 +46,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Triton version of `gemv_ref`: x [..., k] with at most GEMV_MAX_ROWS rows, weight [n, k]; CUDA tensors."""
-    rows = _rows(x)
+    rows = rows_view(x)
     y = _launch(rows, weight, None, None, x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -57,7 +58,7 @@ def scaled_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor
     x as it is): codes convert to float32 exactly, the sum is in float32 and the scales come after it, as in
     `fp8_gemm_emulated`."""
     x_scale = None if x_scale is None else x_scale.reshape(-1).float().contiguous()
-    return _launch(_rows(xq), wq, x_scale, w_scale, out_dtype)
+    return _launch(rows_view(xq), wq, x_scale, w_scale, out_dtype)
 
 
 def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -65,12 +66,7 @@ def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
     """scaled_gemv of x quantized with the static per-tensor scale x_scale [1], quantized by the GEMV itself as
     it reads x (no separate kernel and no x_q in memory): the same numbers, bit for bit, as
     scaled_gemv(*kiln.quantization.fp8.quantize_fp8_static(x, x_scale), wq, w_scale, out_dtype)."""
-    return _launch(_rows(x), wq, x_scale.reshape(1), w_scale, out_dtype, quantize_x=True)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return _launch(rows_view(x), wq, x_scale.reshape(1), w_scale, out_dtype, quantize_x=True)
 
 
 def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False) -> torch.Tensor:

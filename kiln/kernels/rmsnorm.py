@@ -4,6 +4,10 @@ In a pre-norm decoder every layer does `residual = x + residual; x = norm(residu
 into the norm reads each row once and writes it twice, instead of three reads and two writes. The sum
 is rounded to x's dtype before it is normalised, as the unfused add would round it (and transformers does),
 so fusing changes no bit.
+
+When the linear that reads the norm's output takes static-scale FP8 input, the kernel can also write e4m3 codes
+(`fp8_scale`): the row rounded to x's dtype, then divided and cast as kiln.kernels.fp8_quant does, so the
+separate quantization pass disappears and no bit changes.
 """
 
 import torch
@@ -14,9 +18,12 @@ try:
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
+from kiln.kernels import rows_view
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
+    from kiln.kernels.fp8_quant import to_e4m3
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -28,35 +35,37 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return normed if residual is None else (normed, summed)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             fp8_scale: torch.Tensor | None = None):
+    """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA. With `fp8_scale`
+    (a static activation scale [1]) the normed rows come back as Fp8Rows [rows, hidden], quantized with it."""
     hidden = x.shape[-1]
-    rows = _rows(x)
-    res = None if residual is None else _rows(residual)
-    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rows = rows_view(x)
+    res = None if residual is None else rows_view(residual)
+    quantize = fp8_scale is not None
+    assert not quantize or weight.dtype == x.dtype, "rms_norm: FP8 output needs the weight in x's dtype"
+    out_dtype = torch.float8_e4m3fn if quantize else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
     res_out = None if residual is None else torch.empty_like(rows)
     block = triton.next_power_of_2(hidden)
     # One program per row; the whole row sits in registers up to 64K elements (every LLM hidden size).
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
-        rows.stride(0), 0 if res is None else res.stride(0), hidden, eps,
-        HAS_RESIDUAL=res is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16), **pdl_args(x.device))
-    out = out.view(*x.shape[:-1], hidden)
+        fp8_scale if quantize else weight, row_scale if quantize else weight,
+        rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
+        FP8_OUT=quantize, BLOCK=block, num_warps=min(max(block // 512, 1), 16), **pdl_args(x.device))
+    out = Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., hidden] as [rows, hidden] with unit stride along hidden (a view for activations)."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_stride, n, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride,
+                         res_stride, n, eps, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
         allow_dependents(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -74,4 +83,9 @@ if triton is not None:
         # Round to x's dtype before the weight multiply, as the reference (and transformers) does;
         # the product of two 16-bit floats is exact in float32, so the one rounding below matches torch's.
         normed = (h * rstd).to(x.dtype).to(tl.float32)
-        tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8_OUT:  # the normed row in x's dtype (what the unfused norm would store), then to e4m3
+            s = tl.load(fp8_scale_ptr).to(tl.float32)
+            tl.store(out_ptr + row * n + cols, to_e4m3((w * normed).to(x.dtype).to(tl.float32), s), mask=mask)
+            tl.store(row_scale_ptr + row, s)
+        else:
+            tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)

@@ -99,7 +99,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         kv_written = False
         if self.rope is not None:
-            freqs = self._inv_freq(batch.max_seq_len, x.device)
+            freqs = self._inv_freq(batch.max_seq_len, q.device)  # (x may be an FP8 linear's Fp8Rows)
             if self.fused_rope and q.is_cuda and triton_available():
                 cache = batch.cache_slots(self)  # (k_cache, v_cache, slots, kv_scale), or None
                 if cache is None:

@@ -33,6 +33,10 @@ class LinearMethod:
         """x W^T with this rank's weights, no bias."""
         raise NotImplementedError
 
+    def prepare(self, layer: "Linear") -> None:
+        """Once the weights are loaded, before the engine's first step: derive what apply needs from them
+        (nothing by default)."""
+
     def quantize(self, weight: torch.Tensor, dtype: torch.dtype,
                  input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A full-precision weight [out, in] -> {leaf: tensor} of this method (unsharded)."""
@@ -49,6 +53,13 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def quantize(self, weight, dtype, input_scale=None):
         return {"weight": weight.to(dtype)}
+
+
+def prepare_linear_layers(model: nn.Module) -> None:
+    """Each linear layer's `LinearMethod.prepare`, once its weights are loaded."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.quant_method.prepare(m)
 
 
 def choose_linear_kernels(model: nn.Module) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.activation import silu_and_mul
+from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
 from kiln.layers.linear import ColumnLinear, RowLinear
 from kiln.mapping import Mapping
 
@@ -36,15 +37,23 @@ class GatedMLP(nn.Module):
             self.fc = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
             self.gate = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
         self.proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
+        # proj's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_fp8_inputs):
+        # the activation then writes proj's e4m3 input directly.
+        self.fp8_act_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.act is F.silu and x.is_cuda and triton_available():
-            return self.proj(silu_and_mul(self.fc_gate(x)))  # one Triton launch for act(fc) * gate
         if self.fused:
-            fc, gate = self.fc_gate(x).chunk(2, dim=-1)
+            fc_gate = self.fc_gate(x)  # (x may be fc_gate's FP8 input, Fp8Rows: no tensor checks on it)
+            if self.act is F.silu and fc_gate.is_cuda and triton_available():
+                # one Triton launch for act(fc) * gate (and its quantization for an FP8 proj)
+                return self.proj(silu_and_mul(fc_gate, self.fp8_act_scale))
+            fc, gate = fc_gate.chunk(2, dim=-1)
         else:
             fc, gate = self.fc(x), self.gate(x)
-        return self.proj(self.act(fc) * gate)
+        h = self.act(fc) * gate
+        if self.fp8_act_scale is not None:
+            h = quantize_fp8_rows_ref(h.reshape(-1, h.shape[-1]), self.fp8_act_scale)
+        return self.proj(h)
 
 
 class MLP(nn.Module):

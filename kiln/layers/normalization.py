@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
+from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
 from kiln.kernels.rmsnorm import rms_norm
 from kiln.mapping import replicate
 
@@ -17,14 +18,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.shard_rules = {"weight": replicate}
+        # The static scale of the FP8 linear that reads this norm's output, set at engine load
+        # (DecoderLayer.fuse_fp8_inputs): the output is then that linear's e4m3 input, Fp8Rows.
+        self.fp8_out_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) with the sum rounded to x's dtype first."""
-        if x.is_cuda and not self.unit_offset and triton_available():
-            return rms_norm(x, self.weight, self.eps, residual)  # the same math in one Triton launch
+        if x.is_cuda and not self.unit_offset and triton_available():  # the same math in one Triton launch
+            return rms_norm(x, self.weight, self.eps, residual, self.fp8_out_scale)
         if residual is not None:
             x = x + residual
             return self(x), x
+        normed = self._normed(x)
+        if self.fp8_out_scale is None:
+            return normed
+        return quantize_fp8_rows_ref(normed.reshape(-1, normed.shape[-1]), self.fp8_out_scale)
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

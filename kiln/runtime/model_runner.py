@@ -46,6 +46,7 @@ class ModelRunner:
         self.mapping = config.mapping
         self.hidden_size = config.hidden_size
         self.dtype = config.torch_dtype
+        model.prepare_runtime()
         choose_linear_kernels(model)  # times kernels while the memory the KV cache will take is still free
         layers = self.mapping.pp_layers(config.num_hidden_layers)
         kv_heads = kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size)

@@ -61,3 +61,19 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
                                            (["--baseline", "hf"], "hf")])
 def test_bench_baseline_flag(argv, baseline):
     assert make_parser().parse_args(["bench", "--synthetic", "llama-3-8b", *argv]).baseline == baseline
+
+
+def test_one_system_per_weight_and_kv_cache_format():
+    from kiln.bench.offline import quant_systems
+
+    def systems(*argv):
+        args = make_parser().parse_args(["bench", "--synthetic", "llama-3.2-1b", *argv])
+        return [(label, qc and (qc.quant_algo and qc.quant_algo.value,
+                                qc.kv_cache_quant_algo and qc.kv_cache_quant_algo.value))
+                for label, qc in quant_systems(args)]
+
+    assert systems("--quant-algo", "FP8", "--kv-cache-quant-algo", "none,fp8") == [
+        ("kiln", None), ("kiln FP8", ("FP8", None)), ("kiln FP8 KV FP8", ("FP8", "FP8"))]
+    assert systems("--kv-cache-quant-algo", "INT8", "--skip-unquantized") == [("kiln KV INT8", (None, "INT8"))]
+    with pytest.raises(ConfigError, match="INT8, FP8 or NONE"):
+        systems("--kv-cache-quant-algo", "INT4")

@@ -54,3 +54,27 @@ def test_kernel_matches_reference(dtype, shape, with_residual):
         got, want = got[0], want[0]
     print(f"rms_norm {dtype} {shape} residual={with_residual}: max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=ULP2[dtype], atol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fp8_output_is_the_normed_row_quantized(dtype, with_residual):
+    """With fp8_scale the kernel writes the e4m3 codes of the row it would have stored: bit for bit
+    quantize_fp8_rows of its own unquantized output (the separate pass it replaces for an FP8 linear)."""
+    from kiln.kernels.fp8_quant import quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(7 + with_residual)
+    x = (torch.randn(37, 4096, generator=g) * 3).to(dtype).cuda()
+    w = torch.randn(4096, generator=g).to(dtype).cuda()
+    res = torch.randn(37, 4096, generator=g).to(dtype).cuda() if with_residual else None
+    plain = rms_norm(x, w, 1e-6, res)
+    normed = plain[0] if with_residual else plain
+    scale = (normed.float().abs().max() / 448 * 0.75).reshape(1).to(dtype)  # the largest values saturate
+    got = rms_norm(x, w, 1e-6, res, fp8_scale=scale)
+    if with_residual:
+        assert torch.equal(got[1], plain[1])
+        got = got[0]
+    want = quantize_fp8_rows(normed, scale)
+    assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale) and (got.q.float().abs() == 448).any()

@@ -88,6 +88,30 @@ def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, qua
     assert_engine_greedy_equals_fake_quant_hf(quant_llama[1], quantized[algo], tmp_path / "engine")
 
 
+def test_fused_input_quantization_changes_no_logit(quantized):
+    """prepare_runtime has the norms and the gated activation write the FP8 linears' e4m3 inputs (Fp8Rows) where
+    the linear's scale is static: the logits are bit for bit those of each linear quantizing its own input."""
+    import kiln
+    from kiln.kernels.fp8_quant import Fp8Rows
+
+    def runtime_model(algo, fused):
+        model = kiln.build(PretrainedModel.from_checkpoint(quantized[algo])).runtime_model()
+        if fused:
+            model.prepare_runtime()
+        return model
+
+    model = runtime_model("FP8", fused=True)
+    layer = model.transformer.layers["1"]
+    assert layer.input_layernorm.fp8_out_scale is layer.attention.qkv.activation_scaling_factor
+    assert layer.post_layernorm.fp8_out_scale is layer.mlp.fc_gate.activation_scaling_factor
+    assert layer.mlp.fp8_act_scale is layer.mlp.proj.activation_scaling_factor
+    assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), runtime_model("FP8", fused=False)(IDS))
+    per_token = runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=True)  # dynamic scales: nothing to fuse
+    assert per_token.transformer.layers["1"].input_layernorm.fp8_out_scale is None
+
+
 def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):
     out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", QuantConfig(quant_algo="FP8"), Mapping.of(2),
                                    calib_size=4, calib_max_seq_len=64)
