@@ -35,7 +35,7 @@ def signature(fn, pointers: dict[str, str]) -> dict[str, str]:
     return {p.name: kind(p) for p in fn.params}
 
 
-ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, IEEE=False, BLOCK_D=128)
+ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, CODES_FP16=False, IEEE=False, BLOCK_D=128)
 CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"rotary write={w} quant={q}", rotary._rotary_kernel,
        dict(WRITE_CACHE=w, QUANT=q, QMAX=m, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64),
@@ -53,14 +53,17 @@ CASES = [  # (label, kernel, constexprs, pointer types)
           ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
-    *[(f"rms_norm residual={r}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, BLOCK=4096), {}) for r in (False, True)],
-    ("silu_and_mul", activation._silu_and_mul_kernel, dict(BLOCK=1024), {}),
+    *[(f"rms_norm residual={r} fp8 out={q}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, FP8_OUT=q, BLOCK=4096),
+       dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for r in (False, True) for q in (False, True)],
+    *[(f"silu_and_mul fp8 out={q}", activation._silu_and_mul_kernel, dict(FP8_OUT=q, BLOCK=1024),
+       dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for q in (False, True)],
     *[(f"decode split kv={c}", paged_attention._decode_split_kernel,
-       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", ONE_SPLIT=False, BLOCK_G=16, BLOCK_N=128),
+       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=c != "*bf16", ONE_SPLIT=False, BLOCK_G=16,
+            BLOCK_N=64),
        dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
       for c in ("*bf16", "*i8", "*fp8e4nv")],
     ("decode one split", paged_attention._decode_split_kernel,
-     dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=128),
+     dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=64),
      dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
     ("merge splits", paged_attention._merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
      dict(part_ptr="*fp32", lse_ptr="*fp32")),

@@ -33,7 +33,8 @@ BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 # Integer arguments that are multiples of 16 on real shapes (Llama's dims, KB = in / 2, G = in / 128): Triton
 # specializes such arguments at run time, which lets it vectorize and pipeline the loads they index.
-MULTIPLES_OF_16 = {"N", "KB", "G", "stride_xm", "stride_wn"}
+MULTIPLES_OF_16 = {"N", "KB", "G", "stride_xm", "stride_wn", "head_size", "q_sb", "q_sh", "k_sblk", "k_stok", "k_sh",
+                   "v_sblk", "v_stok", "v_sh", "o_sb", "o_sh"}
 
 
 def aligned_pointers(fn) -> dict:

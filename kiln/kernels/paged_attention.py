@@ -18,8 +18,13 @@ Both kernels use exp2 with log2(e) folded into the scale, so their log-sum-exps 
 
 A quantized cache (kiln.quantization.kv_cache) holds int8 or float8_e4m3fn codes and `kv_scale` = [s_k, s_v]:
 keys and values are read as codes and dequantized in registers. Every int8 and e4m3 code is exact in fp16,
-bf16 and fp32, so the kernels convert codes to the query's dtype for the matmuls and apply the scales
-outside them: s_k joins the softmax scale, s_v multiplies the output (sum_j p_j (c_j s_v) = s_v sum_j p_j c_j).
+bf16 and fp32, so the kernels convert codes to a float type for the matmuls and apply the scales outside them:
+s_k joins the softmax scale, s_v multiplies the output (sum_j p_j (c_j s_v) = s_v sum_j p_j c_j). That type is
+the query's, except e4m3 codes under a bf16 query, which go to fp16 (`CODES_FP16`): Hopper converts two e4m3
+codes to fp16 in one instruction but to bf16 in five (in the sm_90 machine code of a 64-key decode step, 840
+instructions against 1035; scripts/kernel_sass.py "decode split"). A bf16 query is exact in fp16 from 2^-14 to
+65504 (below, fp16's subnormals keep it to 2^-24; beyond, it is clamped), and the probabilities round to fp16's
+11 bits instead of bf16's 8. int8 codes keep the query's dtype: their conversion to fp16 is no cheaper.
 """
 
 import functools
@@ -42,7 +47,9 @@ _LOG2E = 1.4426950408889634
 # Launch configurations, the fastest of a small sweep on an H100 (Llama-3-8B shapes, bf16): decode at
 # batch 32, context 2048 (2.6 TB/s of KV read; 11 configs, 1.5-2.6 TB/s), prefill 4 x 2048 tokens
 # (386 TFLOP/s; 8 configs, 175-386). Retune per GPU when the runtime grows an autotuning cache.
-DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=2, programs_per_sm=2)
+# BLOCK_N 64: at batch 512 and contexts of 128-256 keys (offline decode) a 128-key tile is mostly masked; on the
+# H100, 112 us a layer against 137 (bf16 cache) and no slower at 2048 keys (scripts/bench_decode_attention.py).
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
 
 
@@ -159,13 +166,18 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
+        CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_args(q.device))
     if not one:
         _merge_splits(partial, lse, out)
     return out
+
+
+def _codes_fp16(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """An e4m3 cache read by a bf16 query: the matmuls run in fp16 (see the module docstring)."""
+    return cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
 
 
 def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
@@ -190,8 +202,7 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        IEEE=q.dtype == torch.float32,
-        BLOCK_D=block_d, **cfg)
+        CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, **cfg)
     return out
 
 
@@ -219,8 +230,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
         q, k_cache, v_cache, kv_scale, partial, lse, cu_seqlens, context_lens, block_tables, q.stride(0),
         q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0),
         out.stride(1), scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, splits, PAGE=block_size,
-        HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, IEEE=q.dtype == torch.float32,
-        ONE_SPLIT=one, BLOCK_D=block_d, **cfg)
+        HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
+        CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d, **cfg)
     if not one:
         _merge_splits(partial, lse, out)
     return out
@@ -247,6 +258,14 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
+    def _codes_query(q, CODES_FP16: tl.constexpr):
+        """q as the matmuls over cache codes take it: fp16 for a bf16 query of a quantized cache, the keys and
+        values converting to q's dtype after it (see the module docstring)."""
+        if CODES_FP16:
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        return q
+
+    @triton.jit
     def _kv_scales(kvs_ptr, scale_log2, HAS_SCALE: tl.constexpr):
         """(the score scale with s_k folded in, s_v): the codes of a quantized cache need both."""
         qk_scale = scale_log2
@@ -267,8 +286,9 @@ if triton is not None:
                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                             CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
         and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs."""
         allow_dependents(USE_PDL)
@@ -286,6 +306,7 @@ if triton is not None:
         d_ok = d < head_size
         q = tl.load(q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
                     mask=(g < group)[:, None] & d_ok[None, :], other=0.0)
+        q = _codes_query(q, CODES_FP16)
         qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         # A finite start for the running max keeps exp2(m - m_new) free of inf - inf.
         m = tl.full([BLOCK_G], -1e30, tl.float32)
@@ -372,13 +393,14 @@ if triton is not None:
     @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
                         o_sh, scale_log2, window, group, head_size,
-                        HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start, n = _sequence(cu_ptr, seq)
         if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
             return
         rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
+        q = _codes_query(q, CODES_FP16)
         kvh = h // group
         qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
         m = tl.full([BLOCK_M], -1e30, tl.float32)
@@ -405,8 +427,8 @@ if triton is not None:
                               k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
                               scale_log2, window, group, head_size, num_splits,
                               PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                              CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
         several splits, each program folds one share of the keys and stores a partial output [token, head,
         split] with its log-sum-exp, for the merge."""
@@ -416,6 +438,7 @@ if triton is not None:
         if tile * BLOCK_M >= n:
             return
         rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
+        q = _codes_query(q, CODES_FP16)
         ctx = tl.load(ctx_ptr + seq)
         kvh = h // group
         q_pos = ctx + rows

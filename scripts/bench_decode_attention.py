@@ -1,0 +1,57 @@
+"""Paged decode attention per KV-cache format (bf16, FP8, INT8 codes) at the offline workload's shapes, with a
+sweep of the kernel's tile configs: `PYTHONPATH=. python scripts/bench_decode_attention.py` (a GPU).
+
+Llama-3-8B heads (32 query, 8 KV, head_size 128), one layer, CUDA-graph replay (the engine decodes from graphs);
+GB/s counts the cache bytes read (keys and values of every context token), so it can be set against the copy
+bandwidth. Each format's result is first checked against the reference (max error printed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import paged_attention as pa
+from kiln.kernels.bench_quant_gemm import graph_us
+
+HEADS, KV_HEADS, HEAD_SIZE, PAGE = 32, 8, 128, 32
+FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# (batch, context): offline 128/128 at batch 512 (contexts 128-256), and a long-context batch
+SHAPES = ((512, 192), (64, 2048))
+CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (256, 8, 2), (32, 4, 3))  # BLOCK_N, warps, stages
+
+
+def cache(num_blocks: int, fmt: str) -> torch.Tensor:
+    x = torch.randn(num_blocks, PAGE, KV_HEADS, HEAD_SIZE, device="cuda")
+    if fmt == "int8":
+        return (x * 40).clamp(-127, 127).round().to(torch.int8)
+    return (x * 100).clamp(-448, 448).to(FORMATS[fmt]) if fmt == "fp8" else x.to(FORMATS[fmt])
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    torch.manual_seed(0)
+    default = dict(pa.DECODE_CONFIG)
+    for batch, context in SHAPES:
+        blocks = context // PAGE
+        tables = torch.randperm(batch * blocks, device="cuda").int().view(batch, blocks)  # scattered pages
+        lens = torch.randint(context // 2, context + 1, (batch,), dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, HEADS, HEAD_SIZE, device="cuda", dtype=torch.bfloat16)
+        read = 2 * int(lens.sum()) * KV_HEADS * HEAD_SIZE
+        for fmt in FORMATS:
+            k, v = cache(batch * blocks, fmt), cache(batch * blocks, fmt)
+            kv_scale = None if fmt == "bf16" else torch.tensor([0.01, 0.02], device="cuda")
+            args = (q, k, v, tables, lens, HEAD_SIZE ** -0.5, None, kv_scale)
+            pa.DECODE_CONFIG.update(default)
+            err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float()).abs()
+            line = []
+            for block_n, warps, stages in CONFIGS:
+                pa.DECODE_CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
+                gbs = read * FORMATS[fmt].itemsize / us / 1e3
+                line.append(f"{block_n}/{warps}/{stages} {us:6.1f}us {gbs:5.0f}GB/s")
+            print(f"b{batch} ctx~{context} {fmt:<5} (err {err.max().item():.2g}): " + "  ".join(line), flush=True)
+    pa.DECODE_CONFIG.update(default)
+
+
+if __name__ == "__main__":
+    main()
