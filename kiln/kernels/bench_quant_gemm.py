@@ -114,6 +114,28 @@ def bench_shape(name: str, n: int, k: int, totals: dict) -> None:
             totals[(m, c)] = totals.get((m, c), 0.0) + t
 
 
+def weights_left_or_right(totals: dict) -> None:
+    """The int4 GEMM's best tile with the weights on the MMA's right (y = x W^T) and on its left (y^T = W x^T,
+    unpacked in registers), per shape and row count: which side the tuner should keep."""
+    print("int4 GEMM, best tile per operand side (us):", flush=True)
+    for name, n, k in LLAMA3_8B:
+        packed, scale, _ = quantize_int4_groups(torch.randn(n, k, device="cuda") * 0.02, 128, False, DTYPE)
+        for m in (16, 64, 128):
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            args, meta = qg._w4_gemm_args(x, packed, scale, None, 128)
+            y = torch.empty(m, n, device="cuda", dtype=DTYPE)
+            best = {}
+            for tile in qg._w4_gemm_tiles(qg._bucket(m)):
+                us = graph_us(lambda: qg._run_w4_gemm(args, y, tile, meta))
+                side = "left" if tile[-1] else "right"
+                if us < best.get(side, (float("inf"),))[0]:
+                    best[side] = (us, tile)
+            line = "  ".join(f"{side} {us:7.1f}us {tile}" for side, (us, tile) in best.items())
+            print(f"  {name:<8} m{m:<4} {line}", flush=True)
+            for side, (us, _) in best.items():
+                totals[(m, side)] = totals.get((m, side), 0.0) + us
+
+
 def main():
     if not triton_available():
         raise SystemExit("bench_quant_gemm needs an NVIDIA GPU with Triton")
@@ -127,8 +149,11 @@ def main():
     for m in ROWS:
         base = totals[(m, "bf16")]
         print(f"  m{m:<4} " + "  ".join(f"{c} {base / t:4.2f}x" for (mm, c), t in totals.items() if mm == m))
-    print(f"int4 GEMM tiles (BLOCK_M, BLOCK_N, SPLIT, warps, stages) by (N, in/2, group, zero, rows bucket): "
-          f"{ {key[:5]: tile for key, tile in qg._PICKED.items()} }")
+    sides: dict = {}
+    weights_left_or_right(sides)
+    print("  one decoder layer: " + "  ".join(f"m{m} {side} {us:.1f}us" for (m, side), us in sides.items()))
+    print(f"int4 GEMM tiles (BLOCK_M, BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT) by (N, in/2, group, zero, rows "
+          f"bucket): { {key[:5]: tile for key, tile in qg._PICKED.items()} }")
     for kernel, (tuned, _) in qg._TUNED.items():
         print(f"best configs of {kernel.fn.__name__}: "
               f"{ {key[:3]: str(cfg) for key, cfg in tuned.cache.items()} }")

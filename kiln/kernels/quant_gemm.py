@@ -20,7 +20,9 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   small beside the weights), so each nibble plane feeds one dot with contiguous x and nothing interleaves in
   registers. A tile of rows covers up to 64 (or 128) rows; when too few tiles of output columns would fill
   the GPU, the input dim is split (split-K), the partial sums written apart and added in a fixed order, so
-  results are deterministic.
+  results are deterministic. Some tiles compute y^T = W x^T instead (WEIGHTS_LEFT), so that Hopper's MMA takes
+  the unpacked weights from registers and they skip the round trip through shared memory; the tuner times
+  both kinds.
 - From DEQUANT_MIN_ROWS rows (prefill): int4 weights are dequantized by a Triton kernel (bit for bit the
   reference's dequantization) and cuBLAS multiplies, so the unpacking is done once, not once per row tile.
   int8 keeps its GEMM at every size: its tiles convert with one instruction per weight.
@@ -161,24 +163,24 @@ def _w4_gemm_args(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 
 def _run_w4_gemm(args, y: torch.Tensor, tile: tuple, meta: dict) -> None:
-    block_m, block_n, split, warps, stages = tile
+    block_m, block_n, split, warps, stages, weights_left = tile
     m, n, groups = args[5], args[6], args[8]
     per_split = -(-groups // split)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     _w4_gemm_kernel[grid](*args, per_split, out, **meta, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
-                          num_warps=warps, num_stages=stages)
+                          WEIGHTS_LEFT=weights_left, num_warps=warps, num_stages=stages)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](out, y, m * n, SPLIT=split, BLOCK=SUM_BLOCK)
 
 
 def _w4_gemm_tiles(bucket: int) -> list[tuple]:
-    """Candidate (BLOCK_M, BLOCK_N, SPLIT, warps, stages): one tile of rows covers the batch where it can, so the
-    weights are unpacked once; the first is the untuned default."""
+    """Candidate (BLOCK_M, BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT): one tile of rows covers the batch where
+    it can, so the weights are unpacked once; the first is the untuned default."""
     block_m = min(max(bucket, 16), 64)
-    tiles = [(block_m, n, split, w, st) for n, split, w, st in _W4_GEMM_SHAPES]
+    tiles = [(block_m, n, split, w, st, left) for n, split, w, st, left in _W4_GEMM_SHAPES]
     if bucket >= 128:
-        tiles += [(128, n, split, 8, 3) for n, split in ((128, 1), (128, 2), (64, 2), (128, 4))]
+        tiles += [(128, n, split, 8, 3, False) for n, split in ((128, 1), (128, 2), (64, 2), (128, 4))]
     return tiles
 
 
@@ -243,10 +245,13 @@ if triton is not None:
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
                      for n, kw, w in ((32, 128, 4), (16, 128, 4), (8, 128, 4), (8, 256, 4), (4, 256, 4),
                                       (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
-    # (BLOCK_N, SPLIT, warps, stages) of the int4 GEMM, BLOCK_M from the rows (_w4_gemm_tiles). Split-K for the
-    # shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs).
-    _W4_GEMM_SHAPES = ((64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
-                       (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))
+    # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT) of the int4 GEMM, BLOCK_M from the rows (_w4_gemm_tiles).
+    # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
+    # three put the weights on the MMA's left, unpacked in registers (see _w4_gemm_kernel); not yet timed on a GPU.
+    _W4_GEMM_SHAPES = tuple((*shape, False) for shape in (
+        (64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
+        (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))) + (
+        (64, 1, 4, 4, True), (128, 1, 8, 3, True), (64, 4, 4, 4, True))
     SUM_BLOCK = 1024
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
@@ -367,13 +372,17 @@ if triton is not None:
     @triton.jit
     def _w4_gemm_kernel(xe_ptr, xo_ptr, w_ptr, s_ptr, z_ptr, M, N, KB, G, per_split, out_ptr, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
         # One group per step. Its codes u become (u - z) s rounded once to x's dtype (_dequant_nibbles): the
         # reference's dequantized weights bit for bit, so one accumulator runs over the whole row. Low nibbles are
         # the even columns (xe), high nibbles the odd ones (xo), each [M, KB] with unit stride.
         # Program (i, j, s) owns rows tile i, outputs tile j and groups [s per_split, (s + 1) per_split).
         # Rows and outputs past the end read the last one instead (their results are not stored), so with whole
         # groups (EVEN_K) no load needs a mask; pointers advance by a group per step.
+        # WEIGHTS_LEFT computes y^T = W x^T: the unpacked weights are the MMA's left operand, which Hopper's wgmma
+        # takes from registers, so they never go through shared memory (sm_90 machine code of the group-128 tiles:
+        # no shared-memory store in the loop, against 8-33 with the weights on the right; scripts/kernel_sass.py
+        # "w4 gemm"). x^T is then the right operand, read from shared memory as the weights were.
         HALF: tl.constexpr = GROUP // 2
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -382,9 +391,13 @@ if triton is not None:
         hb = tl.arange(0, HALF)
         x_off = rm_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
         xe_p, xo_p = xe_ptr + x_off, xo_ptr + x_off
-        w_p = w_ptr + rn_in[None, :].to(tl.int64) * KB + g_start * HALF + hb[:, None]
+        if WEIGHTS_LEFT:  # codes [BLOCK_N, HALF]: y^T = W x^T, the unpacked weights the MMA's register operand
+            w_p = w_ptr + rn_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:  # codes [HALF, BLOCK_N]: y = x W^T
+            w_p = w_ptr + rn_in[None, :].to(tl.int64) * KB + g_start * HALF + hb[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         s_p, z_p = s_ptr + rn_in * G + g_start, z_ptr + rn_in * G + g_start
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for grp in range(g_start, tl.minimum(g_start + per_split, G)):
             if EVEN_K:
                 xe, xo, w = tl.load(xe_p), tl.load(xo_p), tl.load(w_p)
@@ -392,16 +405,23 @@ if triton is not None:
                 k_ok = hb + grp * HALF < KB
                 xe = tl.load(xe_p, mask=k_ok[None, :], other=0.0)
                 xo = tl.load(xo_p, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_p, mask=k_ok[:, None], other=0)
-            s = tl.load(s_p).to(tl.float32)[None, :]
+                w = tl.load(w_p, mask=k_ok[None, :] if WEIGHTS_LEFT else k_ok[:, None], other=0)
+            s = tl.load(s_p).to(tl.float32)
             if HAS_ZERO:
-                z = tl.load(z_p).to(tl.float32)[None, :]
+                z = tl.load(z_p).to(tl.float32)
             else:
-                z = tl.full([1, BLOCK_N], SYMMETRIC_ZERO, tl.float32)
-            lo, hi = _dequant_nibbles(w, s, z, xe.dtype)
-            acc = tl.dot(xe, lo, acc)
-            acc = tl.dot(xo, hi, acc)
+                z = tl.full([BLOCK_N], SYMMETRIC_ZERO, tl.float32)
+            if WEIGHTS_LEFT:
+                lo, hi = _dequant_nibbles(w, s[:, None], z[:, None], xe.dtype)
+                acc_t = tl.dot(lo, tl.trans(xe), acc_t)
+                acc_t = tl.dot(hi, tl.trans(xo), acc_t)
+            else:
+                lo, hi = _dequant_nibbles(w, s[None, :], z[None, :], xe.dtype)
+                acc = tl.dot(xe, lo, acc)
+                acc = tl.dot(xo, hi, acc)
             xe_p, xo_p, w_p, s_p, z_p = xe_p + HALF, xo_p + HALF, w_p + HALF, s_p + 1, z_p + 1
+        if WEIGHTS_LEFT:
+            acc = tl.trans(acc_t)
         m_ok, n_ok = rm < M, rn < N
         out = rm[:, None].to(tl.int64) * N + rn[None, :]
         if SPLIT == 1:

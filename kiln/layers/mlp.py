@@ -13,7 +13,7 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.activation import silu_and_mul
-from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
+from kiln.kernels.fp8_quant import quantize_activation
 from kiln.layers.linear import ColumnLinear, RowLinear
 from kiln.mapping import Mapping
 
@@ -52,7 +52,7 @@ class GatedMLP(nn.Module):
             fc, gate = self.fc(x), self.gate(x)
         h = self.act(fc) * gate
         if self.fp8_act_scale is not None:
-            h = quantize_fp8_rows_ref(h.reshape(-1, h.shape[-1]), self.fp8_act_scale)
+            h = quantize_activation(h.reshape(-1, h.shape[-1]), self.fp8_act_scale)
         return self.proj(h)
 
 

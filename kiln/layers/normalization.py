@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
+from kiln.kernels.fp8_quant import quantize_activation
 from kiln.kernels.rmsnorm import rms_norm
 from kiln.mapping import replicate
 
@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         normed = self._normed(x)
         if self.fp8_out_scale is None:
             return normed
-        return quantize_fp8_rows_ref(normed.reshape(-1, normed.shape[-1]), self.fp8_out_scale)
+        return quantize_activation(normed.reshape(-1, normed.shape[-1]), self.fp8_out_scale)
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
