@@ -35,7 +35,7 @@ MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scal
 class Fp8Rows(NamedTuple):
     """Activations already quantized for an FP8 linear: codes [M, K] float8_e4m3fn and each row's scale [M, 1]
     float32. The RMSNorm and SiLU-and-mul kernels write these directly when the linear that reads their output
-    has a static scale (kiln.quantization.fp8.fuse_fp8_inputs), saving the separate pass below."""
+    has a static scale (kiln.models.base.DecoderLayer.fuse_fp8_inputs), saving the separate pass below."""
 
     q: torch.Tensor
     scale: torch.Tensor
