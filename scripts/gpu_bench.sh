@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The benchmarks of docs/performance.md, on one GPU: bf16 Llama-3-8B shapes on every named workload
 # beside transformers, then each quantized engine beside bf16 on batch-1 decode and offline 3000 x 128/128, and
-# the INT8 KV cache's capacity. A command may need more than the device tool's 10 minutes: run the parts apart.
-# Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|all]
+# the INT8 KV cache's capacity; "w4" alone: the int4 GEMM per tile side and row count, then W4A16 beside bf16 at
+# batch 1 and 64 (issue 4's two speed lines). A command may need more than the device tool's 10 minutes: run the
+# parts apart.
+# Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|all]
 set -euo pipefail
-out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|all]}
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|all]}
 what=${2:-all}
 mkdir -p "$out"
 kiln="python -m kiln"
@@ -31,4 +33,11 @@ if [[ $what == quant || $what == all ]]; then
   $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --skip-unquantized --kv-cache-quant-algo INT8 \
     --workloads decode-1 --output-json "$out/llama-3-8b-kv-int8.json" 2>&1 | grep -v Warning \
     | tee "$out/llama-3-8b-kv-int8.txt"
+fi
+if [[ $what == w4 ]]; then
+  python -m kiln.kernels.bench_quant_gemm 2>&1 | grep -v Warning | tee "$out/bench-quant-gemm.txt"
+  rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
+  $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --quant-algo W4A16 \
+    --workloads decode-1,offline-64 --output-json "$out/llama-3-8b-w4a16.json" 2>&1 | grep -v Warning \
+    | tee "$out/llama-3-8b-w4a16.txt"
 fi
