@@ -14,7 +14,8 @@ from kiln.kernels import paged_attention as pa
 from kiln.kernels.bench_quant_gemm import graph_us
 
 HEADS, KV_HEADS, HEAD_SIZE, PAGE = 32, 8, 128, 32
-FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8 pairs": torch.float8_e4m3fn, "int8": torch.int8}
+FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8 pairs": torch.float8_e4m3fn, "int8": torch.int8,
+           "int8 pairs": torch.int8}  # "pairs": the 1-byte codes read as 16-bit words of two (CODES_AS_PAIRS)
 # (batch, context): offline 128/128 at batch 512 (contexts 128-256), and a long-context batch
 SHAPES = ((512, 192), (64, 2048))
 CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (256, 8, 2), (32, 4, 3))  # BLOCK_N, warps, stages
@@ -22,7 +23,7 @@ CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (256, 8, 2), (32, 4
 
 def cache(num_blocks: int, fmt: str) -> torch.Tensor:
     x = torch.randn(num_blocks, PAGE, KV_HEADS, HEAD_SIZE, device="cuda")
-    if fmt == "int8":
+    if fmt.startswith("int8"):
         return (x * 40).clamp(-127, 127).round().to(torch.int8)
     return (x * 100).clamp(-448, 448).to(FORMATS[fmt]) if fmt.startswith("fp8") else x.to(FORMATS[fmt])
 
@@ -30,7 +31,7 @@ def cache(num_blocks: int, fmt: str) -> torch.Tensor:
 def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    default, default_pairs = dict(pa.DECODE_CONFIG), pa.E4M3_AS_PAIRS
+    default, default_pairs = dict(pa.DECODE_CONFIG), pa.CODES_AS_PAIRS
     for batch, context in SHAPES:
         blocks = context // PAGE
         tables = torch.randperm(batch * blocks, device="cuda").int().view(batch, blocks)  # scattered pages
@@ -42,7 +43,7 @@ def main():
             kv_scale = None if fmt == "bf16" else torch.tensor([0.01, 0.02], device="cuda")
             args = (q, k, v, tables, lens, HEAD_SIZE ** -0.5, None, kv_scale)
             pa.DECODE_CONFIG.update(default)
-            pa.E4M3_AS_PAIRS = fmt == "fp8 pairs"  # e4m3 codes read as 16-bit words of two
+            pa.CODES_AS_PAIRS = fmt.endswith("pairs")
             err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float()).abs()
             line = []
             for block_n, warps, stages in CONFIGS:
@@ -52,7 +53,7 @@ def main():
                 line.append(f"{block_n}/{warps}/{stages} {us:6.1f}us {gbs:5.0f}GB/s")
             print(f"b{batch} ctx~{context} {fmt:<9} (err {err.max().item():.2g}): " + "  ".join(line), flush=True)
     pa.DECODE_CONFIG.update(default)
-    pa.E4M3_AS_PAIRS = default_pairs
+    pa.CODES_AS_PAIRS = default_pairs
 
 
 if __name__ == "__main__":

@@ -62,10 +62,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
             BLOCK_N=64),
        dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
       for c in ("*bf16", "*i8", "*fp8e4nv")],
-    *[(f"decode e4m3 pairs one_split={one}", paged_attention._decode_e4m3_pairs_kernel,
-       dict(ATTENTION, PAGE=32, HAS_SCALE=True, ONE_SPLIT=one, BLOCK_G=16, BLOCK_N=64),
+    *[(f"decode code pairs int8={i8} one_split={one}", paged_attention._decode_code_pairs_kernel,
+       dict(ATTENTION, PAGE=32, HAS_SCALE=True, ONE_SPLIT=one, BLOCK_G=16, BLOCK_N=64, INT8=i8),
        dict(k_ptr="*i16", v_ptr="*i16", bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*bf16" if one else "*fp32",
-            lse_ptr="*fp32")) for one in (True, False)],
+            lse_ptr="*fp32")) for i8 in (False, True) for one in (True, False)],
     ("decode one split", paged_attention._decode_split_kernel,
      dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=64),
      dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),

@@ -25,8 +25,9 @@ codes to fp16 in one instruction but to bf16 in five (in the sm_90 machine code 
 instructions against 1035; scripts/kernel_sass.py "decode split"). A bf16 query is exact in fp16 from 2^-14 to
 65504 (below, fp16's subnormals keep it to 2^-24; beyond, it is clamped), and the probabilities round to fp16's
 11 bits instead of bf16's 8. int8 codes keep the query's dtype: their conversion to fp16 is no cheaper.
-Decode can also read an e4m3 cache as 16-bit words of two codes (`E4M3_AS_PAIRS`, _decode_e4m3_pairs_kernel):
-the tiles then load as a bf16 cache's do, and one instruction converts a word; it is off until timed on a GPU.
+Decode can also read a 1-byte cache as 16-bit words of two codes (`CODES_AS_PAIRS`, _decode_code_pairs_kernel):
+the tiles then load as a bf16 cache's do, and a few packed instructions convert two words; it is off until timed
+on a GPU.
 """
 
 import functools
@@ -52,10 +53,10 @@ _LOG2E = 1.4426950408889634
 # BLOCK_N 64: at batch 512 and contexts of 128-256 keys (offline decode) a 128-key tile is mostly masked; on the
 # H100, 112 us a layer against 137 (bf16 cache) and no slower at 2048 keys (scripts/bench_decode_attention.py).
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
-# Decode over an e4m3 cache read as 16-bit words of two codes (_decode_e4m3_pairs_kernel): in the sm_90 machine
-# code a 64-key step issues 515 instructions against 840 for the codes read one by one (scripts/kernel_sass.py
-# "decode"). Not yet timed on a GPU, so off; scripts/bench_decode_attention.py times both.
-E4M3_AS_PAIRS = False
+# Decode over a 1-byte cache read as 16-bit words of two codes (_decode_code_pairs_kernel): in the sm_90 machine
+# code a 64-key step issues about 515 instructions against 840-1035 for the codes read one by one
+# (scripts/kernel_sass.py "decode"). Not yet timed on a GPU, so off; scripts/bench_decode_attention.py times both.
+CODES_AS_PAIRS = False
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
 
 
@@ -167,10 +168,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
-    pairs = _reads_e4m3_pairs(q, k_cache)
+    pairs = _reads_code_pairs(q, k_cache)
+    extra = {}
     if pairs:  # the same bytes as 16-bit words: [blocks, page, kv heads, head_size / 2]
+        extra = dict(INT8=k_cache.dtype == torch.int8)
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
-    kernel = _decode_e4m3_pairs_kernel if pairs else _decode_split_kernel
+    kernel = _decode_code_pairs_kernel if pairs else _decode_split_kernel
     kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
@@ -179,15 +182,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl_args(q.device))
+        num_stages=cfg["num_stages"], **extra, **pdl_args(q.device))
     if not one:
         _merge_splits(partial, lse, out)
     return out
 
 
-def _reads_e4m3_pairs(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Decode over an e4m3 cache by 16-bit words of two codes (E4M3_AS_PAIRS): a 16-bit query, an even head."""
-    return (E4M3_AS_PAIRS and cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
+def _reads_code_pairs(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Decode over an int8 or e4m3 cache by 16-bit words of two codes (CODES_AS_PAIRS): a 16-bit query and an
+    even head size."""
+    return (CODES_AS_PAIRS and cache.dtype in (torch.int8, torch.float8_e4m3fn) and q.dtype != torch.float32
             and cache.shape[-1] % 2 == 0)
 
 
@@ -351,26 +355,34 @@ if triton is not None:
             tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
 
     @triton.jit
-    def _e4m3_pairs(w):
-        """int16 words of two e4m3 codes (the low byte is the even column) -> (even, odd) codes as fp16, exactly:
-        one cvt.rn.f16x2.e4m3x2 a word, and a byte permute per two words to gather each plane."""
+    def _code_pairs(w, INT8: tl.constexpr):
+        """int16 words of two codes (the low byte is the even column) -> (even, odd) codes as fp16, exactly, two
+        words at a time. e4m3: one cvt.rn.f16x2.e4m3x2 a word, then a byte permute per plane. int8: a byte
+        permute puts each code under the fp16 exponent of 1024 (0x64), the sign bit flipped, so the half reads
+        1024 + 128 + c, and one packed subtract of 1152 leaves c."""
+        if INT8:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 e, o, k; mov.b32 k, 0x64806480; prmt.b32 e, $2, 0x64646464, 0x4240; "
+                "prmt.b32 o, $2, 0x64646464, 0x4341; xor.b32 e, e, 0x00800080; xor.b32 o, o, 0x00800080; "
+                "sub.f16x2 $0, e, k; sub.f16x2 $1, o, k; }",
+                "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
         return tl.inline_asm_elementwise(
             "{ .reg .b32 a, b; .reg .b16 w0, w1; mov.b32 {w0, w1}, $2; cvt.rn.f16x2.e4m3x2 a, w0; "
             "cvt.rn.f16x2.e4m3x2 b, w1; prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, a, b, 0x7632; }",
             "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
 
     @triton.jit
-    def _decode_e4m3_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
+    def _decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
                                   k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                                   scale_log2, window, group, head_size, num_splits,
                                   PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                                   CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
                                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  USE_PDL: tl.constexpr):
-        """_decode_split_kernel over an e4m3 cache viewed as int16 words (k_ptr, v_ptr and their strides count
-        words): each word holds columns 2j and 2j+1. The query is split into its even and odd columns, so
-        s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd halves, stored
-        interleaved at the end. The tiles are loaded as 16-bit words, as a bf16 cache's are."""
+                                  INT8: tl.constexpr, USE_PDL: tl.constexpr):
+        """_decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
+        strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
+        and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd
+        halves, stored interleaved at the end. The tiles are loaded as 16-bit words, as a bf16 cache's are."""
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -398,11 +410,13 @@ if triton is not None:
             ok = t < hi
             page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
             kv_mask = ok[:, None] & j_ok[None, :]
-            k_even, k_odd = _e4m3_pairs(_load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE))
+            k_even, k_odd = _code_pairs(_load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE),
+                                        INT8)
             s = tl.dot(q_even, tl.trans(k_even))
             s = tl.dot(q_odd, tl.trans(k_odd), s) * qk_scale
             s = tl.where(ok[None, :], s, float("-inf"))
-            v_even, v_odd = _e4m3_pairs(_load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE))
+            v_even, v_odd = _code_pairs(_load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE),
+                                        INT8)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])  # masked scores are -inf: p = 0
             alpha = tl.exp2(m - m_new)

@@ -172,15 +172,15 @@ def test_references_read_codes_times_their_scale(code_dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("code_dtype,e4m3_pairs", [(torch.int8, False), (torch.float8_e4m3fn, False),
-                                                   (torch.float8_e4m3fn, True)])
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", [0, 1, 2, 4])
-def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, e4m3_pairs, dtype, case, monkeypatch):
-    """Both kernels of an e4m3 cache: codes read one by one, and as 16-bit words of two (E4M3_AS_PAIRS)."""
+def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, pairs, dtype, case, monkeypatch):
+    """Both decode kernels of a 1-byte cache: codes read one by one, and as 16-bit words of two (CODES_AS_PAIRS)."""
     from kiln.kernels import paged_attention
 
-    monkeypatch.setattr(paged_attention, "E4M3_AS_PAIRS", e4m3_pairs)
+    monkeypatch.setattr(paged_attention, "CODES_AS_PAIRS", pairs)
     lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
     q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
     (kc, sk), (vc, sv) = to_codes(k_cache * 3, code_dtype), to_codes(v_cache, code_dtype)
