@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import activation, fp8_quant, gemv, moe, paged_attention, quant_gemm, rmsnorm, rotary
+from kiln.kernels import activation, fp8_quant, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm, rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
@@ -57,22 +57,22 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for r in (False, True) for q in (False, True)],
     *[(f"silu_and_mul fp8 out={q}", activation._silu_and_mul_kernel, dict(FP8_OUT=q, BLOCK=1024),
        dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for q in (False, True)],
-    *[(f"decode split kv={c}", paged_attention._decode_split_kernel,
+    *[(f"decode split kv={c}", paged_attention_kernels.decode_split_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=c != "*bf16", ONE_SPLIT=False, BLOCK_G=16,
             BLOCK_N=64),
        dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
       for c in ("*bf16", "*i8", "*fp8e4nv")],
-    *[(f"decode code pairs int8={i8} one_split={one}", paged_attention._decode_code_pairs_kernel,
+    *[(f"decode code pairs int8={i8} one_split={one}", paged_attention_kernels.decode_code_pairs_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=True, ONE_SPLIT=one, BLOCK_G=16, BLOCK_N=64, INT8=i8),
        dict(k_ptr="*i16", v_ptr="*i16", bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*bf16" if one else "*fp32",
             lse_ptr="*fp32")) for i8 in (False, True) for one in (True, False)],
-    ("decode one split", paged_attention._decode_split_kernel,
+    ("decode one split", paged_attention_kernels.decode_split_kernel,
      dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, BLOCK_G=16, BLOCK_N=64),
      dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
-    ("merge splits", paged_attention._merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
+    ("merge splits", paged_attention_kernels.merge_kernel, dict(BLOCK_S=64, BLOCK_D=128),
      dict(part_ptr="*fp32", lse_ptr="*fp32")),
-    ("varlen prefill", paged_attention._prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64), dict(cu_ptr="*i32")),
-    *[(f"paged prefill one_split={one}", paged_attention._paged_prefill_kernel,
+    ("varlen prefill", paged_attention_kernels.prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64), dict(cu_ptr="*i32")),
+    *[(f"paged prefill one_split={one}", paged_attention_kernels.paged_prefill_kernel,
        dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64),
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
       for one in (True, False)],
