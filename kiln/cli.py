@@ -367,6 +367,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="quantize lm_head too in the quantized systems (kiln quantize's --quantize-lm-head)")
     p.add_argument("--max-batch-size", type=int, default=512, help="the engine's running batch ceiling")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
+    p.add_argument("--decode-steps-per-sync", type=int, default=4,
+                   help="greedy decode steps the engine runs before the host looks (BuildConfig's)")
     p.add_argument("--output-json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the results (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
