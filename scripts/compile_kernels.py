@@ -58,7 +58,7 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"silu_and_mul fp8 out={q}", activation._silu_and_mul_kernel, dict(FP8_OUT=q, BLOCK=1024),
        dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for q in (False, True)],
     *[(f"decode split kv={c}", paged_attention_kernels.decode_split_kernel,
-       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=c != "*bf16", ONE_SPLIT=False, BLOCK_G=16,
+       dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=c == "*fp8e4nv", ONE_SPLIT=False, BLOCK_G=16,
             BLOCK_N=64),
        dict(k_ptr=c, v_ptr=c, bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32"))
       for c in ("*bf16", "*i8", "*fp8e4nv")],

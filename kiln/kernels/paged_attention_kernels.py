@@ -54,24 +54,29 @@ def _load_pages(ptr, page, t, kvh, d, mask, s_blk, s_tok, s_h, PAGE: tl.constexp
 
 
 @triton.jit
+def _split_keys(ctx_ptr, b, split, window, num_splits, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys of sequence b that decode split `split` folds in, whole tiles but the last."""
+    ctx = tl.load(ctx_ptr + b)
+    first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
+    split_len = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * split_len
+    return lo, tl.minimum(lo + split_len, ctx)
+
+
+@triton.jit
 def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
-                         k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
-                         scale_log2, window, group, head_size, num_splits,
-                         PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                        k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+                        scale_log2, window, group, head_size, num_splits,
+                        PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
     and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
-    first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
-    # This split's range of keys, in whole tiles so that only the last tile is partial.
-    split_len = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
-    lo = first + split * split_len
-    hi = tl.minimum(lo + split_len, ctx)
+    lo, hi = _split_keys(ctx_ptr, b, split, window, num_splits, HAS_WINDOW, BLOCK_N)
 
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kvh * group + g
@@ -127,12 +132,12 @@ def _code_pairs(w, INT8: tl.constexpr):
 
 @triton.jit
 def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
-                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
-                              scale_log2, window, group, head_size, num_splits,
-                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              INT8: tl.constexpr, USE_PDL: tl.constexpr):
+                             k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+                             scale_log2, window, group, head_size, num_splits,
+                             PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             INT8: tl.constexpr, USE_PDL: tl.constexpr):
     """decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
     strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
     and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd
@@ -140,11 +145,7 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
-    first = tl.maximum(ctx - window, 0) if HAS_WINDOW else 0
-    split_len = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
-    lo = first + split * split_len
-    hi = tl.minimum(lo + split_len, ctx)
+    lo, hi = _split_keys(ctx_ptr, b, split, window, num_splits, HAS_WINDOW, BLOCK_N)
 
     HALF: tl.constexpr = BLOCK_D // 2
     g, j = tl.arange(0, BLOCK_G), tl.arange(0, HALF)  # j: word j holds columns 2j, 2j + 1
@@ -194,7 +195,7 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
 
 @triton.jit
 def merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -255,9 +256,9 @@ def _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale):
 
 @triton.jit
 def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
-                    o_sh, scale_log2, window, group, head_size,
-                    HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   o_sh, scale_log2, window, group, head_size,
+                   HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, n = _sequence(cu_ptr, seq)
     if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
@@ -287,11 +288,11 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st
 
 @triton.jit
 def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
-                          k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
-                          scale_log2, window, group, head_size, num_splits,
-                          PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
+                         scale_log2, window, group, head_size, num_splits,
+                         PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
     several splits, each program folds one share of the keys and stores a partial output [token, head,
     split] with its log-sum-exp, for the merge."""
