@@ -54,7 +54,7 @@ _LOG2E = 1.4426950408889634
 # H100, 112 us a layer against 137 (bf16 cache) and no slower at 2048 keys (scripts/bench_decode_attention.py).
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # Decode over a 1-byte cache read as 16-bit words of two codes (decode_code_pairs_kernel): in the sm_90 machine
-# code a 64-key step issues about 515 instructions against 840-1035 for the codes read one by one
+# code a 64-key step issues 515 (e4m3) or 582 (int8) instructions against 820-1050 for the codes read one by one
 # (scripts/kernel_sass.py "decode"). Not yet timed on a GPU, so off; scripts/bench_decode_attention.py times both.
 CODES_AS_PAIRS = False
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
