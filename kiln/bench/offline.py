@@ -29,7 +29,7 @@ import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
-from kiln.config import BuildConfig, QuantConfig, exclusions
+from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
 from kiln.errors import ConfigError
 
 
@@ -245,10 +245,11 @@ def kv_cache_formats(arg: str | None) -> list[str | None]:
     if not arg:
         return [None]
     formats = arg.upper().split(",")
-    bad = [f for f in formats if f not in ("INT8", "FP8", "NONE")]
+    valid = [algo.value for algo in KV_CACHE_ALGOS]
+    bad = [f for f in formats if f not in (*valid, "NONE")]
     if bad:
         raise ConfigError(f"--kv-cache-quant-algo: {', '.join(bad)} is not a KV cache format; "
-                          "use INT8, FP8 or NONE (the model's dtype), comma-separated")
+                          f"use {', '.join(valid)} or NONE (the model's dtype), comma-separated")
     return [None if f == "NONE" else f for f in formats]
 
 

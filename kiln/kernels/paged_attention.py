@@ -21,10 +21,10 @@ keys and values are read as codes and dequantized in registers. Every int8 and e
 bf16 and fp32, so the kernels convert codes to a float type for the matmuls and apply the scales outside them:
 s_k joins the softmax scale, s_v multiplies the output (sum_j p_j (c_j s_v) = s_v sum_j p_j c_j). That type is
 the query's, except e4m3 codes under a bf16 query, which go to fp16 (`CODES_FP16`): Hopper converts two e4m3
-codes to fp16 in one instruction but to bf16 in five (in the sm_90 machine code of a 64-key decode step, 840
-instructions against 1035; scripts/kernel_sass.py "decode split"). A bf16 query is exact in fp16 from 2^-14 to
-65504 (below, fp16's subnormals keep it to 2^-24; beyond, it is clamped), and the probabilities round to fp16's
-11 bits instead of bf16's 8. int8 codes keep the query's dtype: their conversion to fp16 is no cheaper.
+codes to fp16 in one instruction but to bf16 in five (in the sm_90 machine code of a 64-key decode step, 822
+instructions against 986; scripts/kernel_sass.py "decode split" --num-stages 2). A bf16 query is exact in fp16
+from 2^-14 to 65504 (below, fp16's subnormals keep it to 2^-24; beyond, it is clamped), and the probabilities
+round to fp16's 11 bits instead of bf16's 8. int8 codes keep the query's dtype: their conversion to fp16 is no cheaper.
 Decode can also read a 1-byte cache as 16-bit words of two codes (`CODES_AS_PAIRS`, decode_code_pairs_kernel):
 the tiles then load as a bf16 cache's do, and a few packed instructions convert two words; it is off until timed
 on a GPU.
@@ -54,8 +54,9 @@ _LOG2E = 1.4426950408889634
 # H100, 112 us a layer against 137 (bf16 cache) and no slower at 2048 keys (scripts/bench_decode_attention.py).
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # Decode over a 1-byte cache read as 16-bit words of two codes (decode_code_pairs_kernel): in the sm_90 machine
-# code a 64-key step issues 515 (e4m3) or 582 (int8) instructions against 820-1050 for the codes read one by one
-# (scripts/kernel_sass.py "decode"). Not yet timed on a GPU, so off; scripts/bench_decode_attention.py times both.
+# code a 64-key step issues 515 (e4m3) or 582 (int8) instructions against 822 or 1016 for the codes read one by
+# one (scripts/kernel_sass.py "decode" --num-stages 2). Not yet timed on a GPU, so off;
+# scripts/bench_decode_attention.py times both.
 CODES_AS_PAIRS = False
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
 
@@ -169,20 +170,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     pairs = _reads_code_pairs(q, k_cache)
-    extra = {}
     if pairs:  # the same bytes as 16-bit words: [blocks, page, kv heads, head_size / 2]
-        extra = dict(INT8=k_cache.dtype == torch.int8)
+        flags = dict(INT8=k_cache.dtype == torch.int8)
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
+    else:
+        flags = dict(CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32)
     kernel = decode_code_pairs_kernel if pairs else decode_split_kernel
     kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **extra, **pdl_args(q.device))
+        ONE_SPLIT=one, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **pdl_args(q.device))
     if not one:
         _merge_splits(partial, lse, out)
     return out

@@ -135,9 +135,8 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
                              k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             INT8: tl.constexpr, USE_PDL: tl.constexpr):
+                             ONE_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, INT8: tl.constexpr, USE_PDL: tl.constexpr):
     """decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
     strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
     and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd

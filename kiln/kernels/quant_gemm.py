@@ -41,6 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels import rows_view
 from kiln.kernels.gemv import GEMV_MAX_ROWS, quick_bench, scaled_gemv
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
@@ -102,7 +103,7 @@ def kernel_supports(x: torch.Tensor) -> bool:
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group_size: int) -> torch.Tensor:
     """Triton version of `w4a16_matmul_ref`, same arguments and result (see the module docstring)."""
-    rows = _rows(x)
+    rows = rows_view(x)
     if rows.shape[0] >= DEQUANT_MIN_ROWS:
         y = F.linear(rows, w4a16_dequantize(packed, scale, zero, group_size, x.dtype))
     else:
@@ -207,7 +208,7 @@ def _pick_tile(key, tiles: list, run) -> tuple:
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton version of `w8a16_matmul_ref`, same arguments and result (see the module docstring)."""
-    rows, (n, k) = _rows(x), q.shape
+    rows, (n, k) = rows_view(x), q.shape
     if rows.shape[0] <= GEMV_MAX_ROWS:  # the full-precision GEMV, the per-channel scale after the sum
         return scaled_gemv(rows, None, q, scale, x.dtype).view(*x.shape[:-1], n)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
@@ -215,11 +216,6 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _launch(_w8_gemm_kernel, grid, args)
     return y.view(*x.shape[:-1], n)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _launch(kernel, grid, args, **meta) -> None:
@@ -380,9 +376,9 @@ if triton is not None:
         # Rows and outputs past the end read the last one instead (their results are not stored), so with whole
         # groups (EVEN_K) no load needs a mask; pointers advance by a group per step.
         # WEIGHTS_LEFT computes y^T = W x^T: the unpacked weights are the MMA's left operand, which Hopper's wgmma
-        # takes from registers, so they never go through shared memory (sm_90 machine code of the group-128 tiles:
-        # no shared-memory store in the loop, against 8-33 with the weights on the right; scripts/kernel_sass.py
-        # "w4 gemm"). x^T is then the right operand, read from shared memory as the weights were.
+        # takes from registers, so they never go through shared memory (sm_90 machine code of the 64-row, group-128
+        # tiles: no shared-memory store in the loop, against 18-33 with the weights on the right;
+        # scripts/kernel_sass.py "w4 gemm"). x^T is then the right operand, read from shared memory as the weights were.
         HALF: tl.constexpr = GROUP // 2
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -1,0 +1,105 @@
+"""Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
+swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
+either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs. It checks
+the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
+
+    pip install --no-deps --target /tmp/triton_site triton==3.6.0
+    pip install --no-deps --target /tmp/np_site numpy==2.2.6   # the interpreter needs numpy < 2.3
+    TRITON_INTERPRET=1 PYTHONPATH=/tmp/np_site:/tmp/triton_site:. python scripts/interpret_kernels.py
+
+fp16 throughout: the interpreter's bfloat16 arithmetic is not torch's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels import paged_attention as pa
+from kiln.kernels import paged_attention_kernels as pk
+from kiln.kernels import quant_gemm as qg
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
+
+
+@triton.jit
+def _dequant_nibbles_plain(w, s, z, dtype: tl.constexpr):
+    """qg._dequant_nibbles without PTX: (u - z) s of each nibble plane, rounded once."""
+    w = w.to(tl.int32)
+    return (((w & 0xF).to(tl.float32) - z) * s).to(dtype), (((w >> 4).to(tl.float32) - z) * s).to(dtype)
+
+
+@triton.jit
+def _e4m3_plain(b):
+    """An e4m3 byte's value, from its sign, exponent and mantissa fields."""
+    e, m = ((b >> 3) & 15).to(tl.float32), (b & 7).to(tl.float32)
+    value = tl.where(e == 0, m / 8.0 * 0.015625, (1.0 + m / 8.0) * tl.exp2(e - 7.0))
+    return tl.where((b >> 7) & 1 == 1, -value, value).to(tl.float16)
+
+
+@triton.jit
+def _int8_plain(b):
+    return tl.where(b >= 128, b - 256, b).to(tl.float16)
+
+
+@triton.jit
+def _code_pairs_plain(w, INT8: tl.constexpr):
+    """pk._code_pairs without PTX: the low byte of each word is the even column."""
+    w = w.to(tl.int32)
+    if INT8:
+        return _int8_plain(w & 0xFF), _int8_plain((w >> 8) & 0xFF)
+    return _e4m3_plain(w & 0xFF), _e4m3_plain((w >> 8) & 0xFF)
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    err, top = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+    print(f"{name:<60} max err {err:.3g} (|ref| {top:.3g})", flush=True)
+    if err > 2 ** -9 * top:  # fp16 output rounding, with room for the summation order
+        raise SystemExit(f"{name}: differs from the reference")
+
+
+def int4_gemm() -> None:
+    for m, n, k, group, zero in ((5, 96, 256, 128, False), (37, 130, 384, 64, True), (3, 64, 200, 32, True)):
+        x = torch.randn(m, k).half()
+        packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
+        want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
+        args, meta = qg._w4_gemm_args(x, packed, scale, z, group)
+        for tile in ((16, 64, 1, 4, 2), (32, 64, 2, 4, 2)):
+            for left in (False, True):
+                y = torch.empty(m, n, dtype=torch.float16)
+                qg._run_w4_gemm(args, y, (*tile, left), meta)
+                check(f"w4 gemm m{m} n{n} k{k} g{group} zero={zero} tile {tile} left={left}", y, want)
+
+
+def decode_attention() -> None:
+    cases = (([40, 100, 7], 8, 2, 64, 32, None, 4), ([300, 1, 77], 16, 2, 128, 32, 64, 4),
+             ([33, 9], 12, 12, 96, 8, None, 1))  # lens, heads, kv heads, head size, page, window, SMs
+    for lens, heads, kv_heads, d, page, window, sms in cases:
+        pa._num_sms = lambda index, sms=sms: sms  # the split count without a GPU to ask
+        blocks = -(-max(lens) // page)
+        tables = torch.randperm(len(lens) * blocks).int().view(len(lens), blocks)
+        ctx, q = torch.tensor(lens, dtype=torch.int32), torch.randn(len(lens), heads, d).half()
+        x = torch.randn(2, len(lens) * blocks, page, kv_heads, d) * 50
+        for code in (torch.int8, torch.float8_e4m3fn):
+            k, v = x.clamp(-127, 127).round().to(code) if code == torch.int8 else x.clamp(-448, 448).to(code)
+            args = (q, k, v, tables, ctx, d ** -0.5, window, torch.tensor([0.02, 0.03]))
+            want = pa.paged_decode_attention_ref(*args)
+            for pairs in (False, True):
+                pa.CODES_AS_PAIRS = pairs
+                check(f"decode {str(code)[6:]} lens {lens} d{d} pairs={pairs}", pa.paged_decode_attention(*args), want)
+    pa.CODES_AS_PAIRS = False
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
+    torch.manual_seed(0)
+    qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
+    int4_gemm()
+    decode_attention()
+
+
+if __name__ == "__main__":
+    main()
