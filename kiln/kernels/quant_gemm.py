@@ -243,11 +243,13 @@ if triton is not None:
                                       (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
     # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT) of the int4 GEMM, BLOCK_M from the rows (_w4_gemm_tiles).
     # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
-    # three put the weights on the MMA's left, unpacked in registers (see _w4_gemm_kernel); not yet timed on a GPU.
+    # puts the weights on the MMA's left, unpacked in registers (see _w4_gemm_kernel): timed on an H200 (ninth
+    # session, bench_quant_gemm), the left side won only Llama-3-8B's fc_gate at 64 rows (57.1 against 60.2 us),
+    # with this tile; the other left tiles lost everywhere and were dropped (each candidate lengthens a first open).
     _W4_GEMM_SHAPES = tuple((*shape, False) for shape in (
         (64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
         (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))) + (
-        (64, 1, 4, 4, True), (128, 1, 8, 3, True), (64, 4, 4, 4, True))
+        (128, 1, 8, 3, True),)
     SUM_BLOCK = 1024
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
