@@ -15,6 +15,7 @@ are adjacent in the launch order, so the second row reads the weights from L2.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -114,9 +115,7 @@ def time_gemv_and_cublas(x: torch.Tensor, weight: torch.Tensor) -> dict[str, flo
     call after an L2 flush measured launch gaps too, and picked the wrong kernel for some shapes)."""
     sample = torch.randn_like(x)
     gemv(sample, weight)  # autotunes the tile shape, outside the graph
-    nbytes = weight.numel() * weight.element_size()
-    copies = [weight] + [weight.clone() for _ in range(min(-(-TIMING_BYTES // nbytes), 16) - 1)]
-    calls = max(64 // len(copies), 1)
+    copies = [w for w, in weight_copies(weight)]
     ms = {}
     for name, fn in (("GEMV", gemv), ("cuBLAS", F.linear)):
         stream = torch.cuda.Stream(x.device)
@@ -124,21 +123,35 @@ def time_gemv_and_cublas(x: torch.Tensor, weight: torch.Tensor) -> dict[str, flo
         with torch.cuda.stream(stream):  # cuBLAS makes its handle and workspace here, never inside the capture
             fn(sample, weight)
         torch.cuda.current_stream(x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                for w in copies:
-                    fn(sample, w)
-        graph.replay()  # warm-up
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        ms[name] = start.elapsed_time(end) / (3 * calls * len(copies))
-        del graph
+        ms[name] = graph_ms_per_call([functools.partial(fn, sample, w) for w in copies])
     return ms
+
+
+def weight_copies(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """`tensors` (one weight's parts) and clones of them, together over TIMING_BYTES (at most 16 in all): timed
+    over the copies, every call streams its weight from memory, as in a decode step, never from the L2 cache."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    count = min(-(-TIMING_BYTES // nbytes), 16)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(count - 1)]
+
+
+def graph_ms_per_call(calls: list) -> float:
+    """Milliseconds per call of `calls` (already compiled, each over its own weight copy), replayed back to back from
+    one CUDA graph as a decode step runs kernels: no host launch gaps, weights from memory (weight_copies)."""
+    repeat = max(64 // len(calls), 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            for call in calls:
+                call()
+    graph.replay()  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (3 * repeat * len(calls))
 
 
 def quick_bench(kernel_call, quantiles):
