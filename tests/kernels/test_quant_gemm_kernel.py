@@ -101,6 +101,29 @@ def test_w4a16_gemm_matches_reference_with_every_tile(rows):
 
 
 @needs_gpu
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_w4a16_gemm_tuner_times_the_tiles_in_a_graph_and_keeps_one(monkeypatch, zero_point):
+    """With tuning on (the GPU tests otherwise run with it off), the first call of a shape times every tile from
+    a CUDA graph over weight copies, keeps one of them, and its result is the reference's; later calls reuse it."""
+    monkeypatch.setattr(qg, "AUTOTUNE", True)
+    monkeypatch.setattr(qg, "_PICKED", {})
+    torch.manual_seed(7)
+    rows, n, k, group = 40, 300, 2048, 128
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
+    w = dequantize_int4(packed, scale, zero, group, x.dtype)
+    y = torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
+    qg._w4_gemm(x, packed, scale, zero, group, y)
+    (key, tile), = qg._PICKED.items()
+    assert tile in qg._w4_gemm_tiles(qg._bucket(rows))
+    err = (y.double() - torch.nn.functional.linear(x, w).double()).abs()
+    assert (err <= ulp_bound(x, w, 3)).all(), f"tuned tile {tile}: max error {err.max().item()}"
+    again = torch.empty_like(y)
+    qg._w4_gemm(x, packed, scale, zero, group, again)
+    assert torch.equal(again, y) and qg._PICKED == {key: tile}
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 37])
 def test_w8a16_kernel_matches_reference(dtype, rows):
