@@ -1,6 +1,7 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs. It checks
+either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; and the
+e4m3 MMA GEMV on every tile (no PTX, but its tiles, masks and splits are only timed on a GPU). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -18,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import gemv
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
+from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
 
@@ -92,6 +95,18 @@ def decode_attention() -> None:
     pa.CODES_AS_PAIRS = False
 
 
+def fp8_dot_gemv() -> None:
+    """Codes of x given (the interpreter's own e4m3 rounding is not the GPU's, so not x quantized by the kernel)."""
+    for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 200, 1000)):
+        wq, ws = quantize_fp8_weight(torch.randn(n, k), torch.float16, per_channel=True)
+        xq, xs = quantize_fp8_per_token(torch.randn(rows, k).half())
+        want = fp8_gemm_emulated(xq, xs, wq, ws, torch.float16)
+        for tile in gemv.FP8_DOT_TILES:
+            y = torch.empty(rows, n, dtype=torch.float16)
+            gemv._run((xq, wq, y, xs.reshape(-1).float().contiguous(), ws.float(), False), tile)
+            check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
@@ -99,6 +114,7 @@ def main() -> None:
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
     int4_gemm()
     decode_attention()
+    fp8_dot_gemv()
 
 
 if __name__ == "__main__":

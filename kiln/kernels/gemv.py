@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,10 @@ GEMV_MAX_ROWS = 2  # more rows of x: cuBLAS's GEMMs reuse each weight tile acros
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TIMING_BYTES = 256 * 2**20  # weight bytes streamed per timed pass: five times the H100's L2 cache
 _faster: dict[tuple, bool] = {}  # (n, k, dtype, rows, device index) -> the GEMV measured faster than cuBLAS
+# The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
+# tuning every shape and row bucket a test touches takes minutes, and it checks only the config it picks).
+AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KILN_AUTOTUNE", "1") != "0"
+FP8_DOT_MIN_CAPABILITY = (8, 9)  # e4m3 MMA: Ada and Hopper
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,14 +77,82 @@ def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
 
 def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False) -> torch.Tensor:
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
-    n, k = weight.shape
-    y = torch.empty(rows.shape[0], n, dtype=out_dtype, device=rows.device)
-    grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
-    _gemv_kernel[grid](rows, weight, y, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
-                       n, k, rows.stride(0), weight.stride(0), rows.shape[0],
-                       HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
-                       QUANTIZE_X=quantize_x, **pdl_args(rows.device))
+    y = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype, device=rows.device)
+    args = (rows, weight, y, x_scale, w_scale, quantize_x)
+    _run(args, _fp8_kernel_choice(args) if _both_fp8(rows, weight, quantize_x) else None)
     return y
+
+
+def _run(args, tile) -> None:
+    """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), or the e4m3 MMA kernel with
+    `tile` = (BLOCK_N, BLOCK_K, SPLIT, warps, stages)."""
+    rows, weight, y, x_scale, w_scale, quantize_x = args
+    n, k = weight.shape
+    scales = (y if x_scale is None else x_scale, y if w_scale is None else w_scale)
+    if tile is None:
+        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
+        _gemv_kernel[grid](rows, weight, y, *scales, n, k, rows.stride(0), weight.stride(0), rows.shape[0],
+                           HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
+                           QUANTIZE_X=quantize_x, **pdl_args(rows.device))
+        return
+    block_n, block_k, split, warps, stages = tile
+    out = y if split == 1 else torch.empty(split, *y.shape, dtype=torch.float32, device=y.device)
+    _fp8_dot_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        rows, weight, out, *scales, rows.shape[0], n, k, rows.stride(0), weight.stride(0),
+        HAS_X_SCALE=x_scale is not None and not quantize_x, QUANTIZE_X=quantize_x, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
+    if split > 1:
+        sum_splits(out, y)
+
+
+def sum_splits(partials: torch.Tensor, y: torch.Tensor) -> None:
+    """y = partials [SPLIT, *y.shape] (float32) summed over the splits in a fixed order, rounded once to y's dtype."""
+    size = y.numel()
+    _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partials, y, size, SPLIT=partials.shape[0], BLOCK=SUM_BLOCK)
+
+
+def _both_fp8(rows, weight, quantize_x: bool) -> bool:
+    """e4m3 weights times e4m3 codes of x (given, or quantized by the kernel): the tensor cores can do it."""
+    return (weight.dtype == torch.float8_e4m3fn and (quantize_x or rows.dtype == torch.float8_e4m3fn)
+            and torch.cuda.get_device_capability(rows.device) >= FP8_DOT_MIN_CAPABILITY)
+
+
+# The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;
+# until then (tuning off, or a capture, which cannot time) the CUDA-core kernel.
+_FP8_PICKED: dict = {}
+
+
+def _fp8_kernel_choice(args):
+    rows, weight, y, x_scale, w_scale, quantize_x = args
+    key = (*weight.shape, rows.shape[0], quantize_x, y.dtype, rows.device.index)
+    if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+        copies = weight_copies(weight, w_scale)
+        ms = candidate_ms(
+            [None, *FP8_DOT_TILES],
+            lambda tile: [functools.partial(_run, (rows, w, y, x_scale, s, quantize_x), tile) for w, s in copies])
+        _FP8_PICKED[key] = min(ms, key=ms.get)
+        mma = min((t for t in ms if t is not None), key=ms.get, default=None)
+        log.info("FP8 GEMV %s x %s%s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),
+                 tuple(weight.shape), ", quantizing x" if quantize_x else "", ms[None] * 1e3,
+                 "-" if mma is None else f"{ms[mma] * 1e3:.1f} us (tile {mma})",
+                 "CUDA cores" if _FP8_PICKED[key] is None else "e4m3 MMA")
+    return _FP8_PICKED.get(key)
+
+
+def candidate_ms(candidates: list, calls_of) -> dict:
+    """Milliseconds per call of each candidate (a tile, a kernel) that compiles for this GPU, its calls
+    (`calls_of(candidate)`: one per weight copy) replayed from a CUDA graph as the engine's decode graphs run them.
+    Timed one call at a time after an L2 flush (do_bench), the host's launch costs counted too and hid split-K's
+    gain: on an H200 the int4 GEMM's tuner kept a 24.4 us tile for a 64-row o_proj that has a 12.1 us one."""
+    ms = {}
+    for candidate in candidates:
+        calls = calls_of(candidate)
+        try:
+            calls[0]()  # compiles (and lets Triton's own autotuner run) outside the capture
+        except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
+            continue
+        ms[candidate] = graph_ms_per_call(calls)
+    return ms
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -232,3 +305,63 @@ if triton is not None:
         if HAS_W_SCALE:
             y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < size
+        total = tl.load(part_ptr + i, mask=ok, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            total += tl.load(part_ptr + s * size + i, mask=ok, other=0.0)
+        tl.store(y_ptr + i, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+    # (BLOCK_N, BLOCK_K, SPLIT, warps, stages) of _fp8_dot_gemv_kernel. BLOCK_N is the MMA's M side, 64 or more
+    # for Hopper's wgmma (a 16-row tile compiles to fp16 HMMAs and converts every byte); with 4096 outputs that is
+    # 64 programs, half an H100's SMs, so the input dim is also split (SPLIT programs sum their parts).
+    FP8_DOT_TILES = ((64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 512, 2, 4, 3),
+                     (128, 256, 1, 4, 3), (128, 128, 2, 4, 4), (64, 128, 4, 4, 6), (128, 256, 2, 8, 3))
+    SUM_BLOCK = 1024
+
+    @triton.jit
+    def _fp8_dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
+                             HAS_X_SCALE: tl.constexpr, QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """_gemv_kernel's y for e4m3 weights and e4m3 codes of x, on the tensor cores: y^T = W x^T with x's rows
+        padded with zeros to 16, the weights the MMA's M side. The CUDA-core kernel spends two conversions and an
+        FMA on each weight byte (it streamed e4m3 at 2.0-2.8 TB/s where bf16 reached 3.0 on the H100); here the
+        loop issues under one instruction per byte (scripts/kernel_sass.py "fp8 dot"), the weights going to shared
+        memory by cp.async. Products of e4m3 codes are exact in float32, as in the emulated GEMM; only the order of
+        the sum differs. With QUANTIZE_X, x is the activation and xs_ptr its static scale [1] (as _gemv_kernel).
+        Program (i, s) owns outputs i*BLOCK_N.. over the s-th of SPLIT parts of the input dim; with SPLIT > 1 it
+        writes its scaled part in float32 to y_ptr [SPLIT, M, N] for sum_splits. No weight is read before the
+        PDL wait: a first tile loaded early lands in registers, and the loop then compiled to register shuffles
+        (PRMT) instead of cp.async."""
+        allow_dependents(USE_PDL)
+        x_rows = tl.arange(0, 16)
+        cols = tl.arange(0, BLOCK_K)
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ok = outs < N
+        steps: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        per_split: tl.constexpr = (steps + SPLIT - 1) // SPLIT
+        k_begin = tl.program_id(1) * per_split * BLOCK_K
+        k_end = tl.minimum(k_begin + per_split * BLOCK_K, K)
+        w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        x_ptrs = x_ptr + x_rows[:, None] * stride_xm + cols[None, :]
+        wait_for_inputs(USE_PDL)
+        x_scale = 1.0
+        if QUANTIZE_X:
+            x_scale = tl.load(xs_ptr).to(tl.float32)
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            w = tl.load(w_ptrs + k0, mask=out_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
+            x = tl.load(x_ptrs + k0, mask=(x_rows < M)[:, None] & (k0 + cols < K)[None, :], other=0.0)
+            if QUANTIZE_X:
+                x = tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -448.0, 448.0).to(tl.float8e4nv)
+            acc = tl.dot(w, tl.trans(x), acc)
+        if HAS_X_SCALE:
+            acc = acc * tl.load(xs_ptr + x_rows, mask=x_rows < M, other=0.0)[None, :]
+        if QUANTIZE_X:
+            acc = acc * x_scale
+        y = acc * tl.load(ws_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + tl.program_id(1).to(tl.int64) * M * N + x_rows[None, :] * N + outs[:, None]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(x_rows < M)[None, :] & out_ok[:, None])

@@ -37,13 +37,20 @@ the last place of sum_k |x_k| |w_k|.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels import rows_view
-from kiln.kernels.gemv import GEMV_MAX_ROWS, graph_ms_per_call, quick_bench, scaled_gemv, weight_copies
+from kiln.kernels.gemv import (
+    AUTOTUNE,  # (KILN_AUTOTUNE=0: first configs only)
+    GEMV_MAX_ROWS,
+    candidate_ms,
+    quick_bench,
+    scaled_gemv,
+    sum_splits,
+    weight_copies,
+)
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
@@ -66,9 +73,6 @@ if triton is not None:
 DEQUANT_MIN_ROWS = 256
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
-# tuning every shape and row bucket a test touches takes minutes, and it checks only the config it picks).
-AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KILN_AUTOTUNE", "1") != "0"
 
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
@@ -153,7 +157,8 @@ def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     tiles = _w4_gemm_tiles(_bucket(rows.shape[0]))
     if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = [_w4_gemm_args(rows, *w, group_size)[0] for w in _int4_weight_copies(packed, scale, zero)]
-        _PICKED[key] = _fastest_tile(tiles, lambda t: [functools.partial(_run_w4_gemm, a, y, t, meta) for a in copies])
+        ms = candidate_ms(tiles, lambda t: [functools.partial(_run_w4_gemm, a, y, t, meta) for a in copies])
+        _PICKED[key] = min(ms, key=ms.get)
     _run_w4_gemm(args, y, _PICKED.get(key, tiles[0]), meta)
 
 
@@ -183,7 +188,7 @@ def _run_w4_gemm(args, y: torch.Tensor, tile: tuple, meta: dict) -> None:
     _w4_gemm_kernel[grid](*args, per_split, out, **meta, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
                           WEIGHTS_LEFT=weights_left, num_warps=warps, num_stages=stages)
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](out, y, m * n, SPLIT=split, BLOCK=SUM_BLOCK)
+        sum_splits(out, y)
 
 
 def _w4_gemm_tiles(bucket: int) -> list[tuple]:
@@ -199,21 +204,6 @@ def _w4_gemm_tiles(bucket: int) -> list[tuple]:
 # The tile each GEMM key runs, chosen by timing the candidates the first time the key is seen; until then (tuning off,
 # or a CUDA graph capturing: a capture cannot time, and its replays would keep whatever ran) the first candidate.
 _PICKED: dict = {}
-
-
-def _fastest_tile(tiles: list, calls_of) -> tuple:
-    """The tile whose calls (`calls_of(tile)`: one per weight copy) replay fastest from a CUDA graph, as the engine's
-    decode graphs run them. Timed one call at a time after an L2 flush (do_bench), the host's launch costs counted
-    too and hid split-K's gain: on an H200 the tuner kept a 24.4 us tile for a 64-row o_proj that has a 12.1 us one."""
-    times = {}
-    for tile in tiles:
-        calls = calls_of(tile)
-        try:
-            calls[0]()  # compiles outside the capture
-        except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
-            continue
-        times[tile] = graph_ms_per_call(calls)
-    return min(times, key=times.get)
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -260,7 +250,6 @@ if triton is not None:
         (64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
         (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))) + (
         (128, 1, 8, 3, True),)
-    SUM_BLOCK = 1024
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
                                                (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
@@ -434,17 +423,8 @@ if triton is not None:
         out = rm[:, None].to(tl.int64) * N + rn[None, :]
         if SPLIT == 1:
             tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-        else:  # this split's partial sums, added up in a fixed order by _sum_splits_kernel
+        else:  # this split's partial sums, added up in a fixed order by gemv.sum_splits
             tl.store(out_ptr + tl.program_id(2).to(tl.int64) * M * N + out, acc, mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < size
-        total = tl.load(part_ptr + i, mask=ok, other=0.0)
-        for s in tl.static_range(1, SPLIT):
-            total += tl.load(part_ptr + s * size + i, mask=ok, other=0.0)
-        tl.store(y_ptr + i, total.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,

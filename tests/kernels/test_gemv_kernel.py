@@ -125,3 +125,69 @@ def test_static_fp8_gemv_quantizes_x_as_the_separate_kernel_does(rows, n, k):
     terms = (xq.float().abs() * xs) @ (wq.float().abs() * ws.float()[:, None]).T
     bound = k * 2.0 ** -23 * terms + 2.0 ** -7 * want.float().abs() + 1e-30
     assert ((got.float() - want.float()).abs() <= bound).all()
+
+
+def _fp8_operands(rows, n, k, seed):
+    from kiln.quantization.fp8 import quantize_fp8_static, quantize_fp8_weight
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k, generator=g) * 3).to(torch.bfloat16).cuda()
+    wq, ws = quantize_fp8_weight(torch.randn(n, k, generator=g).cuda(), torch.bfloat16, per_channel=True)
+    scale = (x.float().abs().amax() / 448 / 2).reshape(1).to(torch.bfloat16)  # half the range: some saturate
+    xq, xs = quantize_fp8_static(x, scale)
+    return x, scale, xq, xs, wq, ws.float()
+
+
+def _fp8_bound(xq, xs, wq, ws, want, k):
+    """e4m3 products are exact in float32; the sums differ by order only (k float32 ulps of sum |terms|), plus one
+    rounding to bf16."""
+    terms = (xq.float().abs() * xs) @ (wq.float().abs() * ws[:, None]).T
+    return k * 2.0 ** -23 * terms + 2.0 ** -7 * want.float().abs() + 1e-30
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 6144, 4096), (1, 1000, 1234), (2, 7, 4100)])
+def test_fp8_dot_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
+    """The e4m3 MMA GEMV, each tile the chooser may take (split input dims included), against the emulated FP8
+    GEMM; with x quantized by the kernel itself, bit for bit the same tile on x quantized first."""
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run
+    from kiln.quantization.fp8 import fp8_gemm_emulated
+
+    x, scale, xq, xs, wq, ws = _fp8_operands(rows, n, k, rows * n + k + 11)
+    want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
+    bound = _fp8_bound(xq, xs, wq, ws, want, k)
+    x_scale = xs.reshape(-1).float().contiguous()
+    for tile in FP8_DOT_TILES:
+        codes, fused = (torch.empty(rows, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        _run((xq, wq, codes, x_scale, ws, False), tile)
+        _run((x, wq, fused, scale, ws, True), tile)
+        err = (codes.float() - want.float()).abs()
+        print(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}: worst err / bound {(err / bound).max():.3g}")
+        assert (err <= bound).all(), tile
+        assert torch.equal(fused, codes), tile
+
+
+@needs_fp8_gpu
+def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
+    """The FP8 GEMV times the CUDA-core kernel against the e4m3 MMA tiles the first time it sees a shape (never
+    inside a CUDA-graph capture, which keeps the CUDA-core kernel and records nothing), then keeps the choice."""
+    from kiln.kernels import gemv
+    from kiln.quantization.fp8 import fp8_gemm_emulated
+
+    monkeypatch.setattr(gemv, "AUTOTUNE", True)
+    monkeypatch.setattr(gemv, "_FP8_PICKED", {})
+    x, scale, xq, xs, wq, ws = _fp8_operands(1, 4096, 4096, 5)
+    out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+    gemv._run((xq, wq, out, xs.reshape(-1).float().contiguous(), ws, False), None)  # Triton tunes its tile here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
+    assert gemv._FP8_PICKED == {}
+    got = gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
+    (key, choice), = gemv._FP8_PICKED.items()
+    assert choice is None or choice in gemv.FP8_DOT_TILES
+    want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
+    assert ((got.float() - want.float()).abs() <= _fp8_bound(xq, xs, wq, ws, want, 4096)).all()
+    assert torch.equal(gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16), got) and len(gemv._FP8_PICKED) == 1
+    gemv.static_fp8_gemv(x, scale, wq, ws, torch.bfloat16)  # x quantized by the kernel: a key of its own
+    assert len(gemv._FP8_PICKED) == 2
