@@ -86,13 +86,16 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=32, BLOCK_KW=128)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
-    *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}", quant_gemm._w4_gemm_kernel,
-       dict(GROUP=g, HAS_ZERO=z, EVEN_K=g == 128, SPLIT=split, BLOCK_M=m, BLOCK_N=n, WEIGHTS_LEFT=left),
+    *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",
+       quant_gemm._w4_gemm_kernel,
+       dict(GROUP=g, HAS_ZERO=z, EVEN_K=g == 128, SPLIT=split, BLOCK_M=m, BLOCK_N=n, WEIGHTS_LEFT=left,
+            X_AS_IS=as_is),
        dict(w_ptr="*u8", out_ptr="*bf16" if split == 1 else "*fp32"))
       for z, split, m, n, g, left in ((False, 1, 16, 64, 128, False), (True, 1, 64, 128, 128, False),
                                       (False, 4, 64, 256, 128, False), (True, 2, 128, 128, 128, False),
                                       (True, 1, 32, 64, 32, False), (False, 1, 64, 64, 128, True),
-                                      (True, 4, 64, 64, 128, True), (False, 1, 16, 128, 32, True))],
+                                      (True, 4, 64, 64, 128, True), (False, 1, 16, 128, 32, True))
+      for as_is in (False, True)],
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
     ("moe grouped gemm", moe._grouped_gemm_kernel,

@@ -68,12 +68,13 @@ def int4_gemm() -> None:
         x = torch.randn(m, k).half()
         packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
         want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
-        args, meta = qg._w4_gemm_args(x, packed, scale, z, group)
         for tile in ((16, 64, 1, 4, 2), (32, 64, 2, 4, 2)):
             for left in (False, True):
-                y = torch.empty(m, n, dtype=torch.float16)
-                qg._run_w4_gemm(args, y, (*tile, left), meta)
-                check(f"w4 gemm m{m} n{n} k{k} g{group} zero={zero} tile {tile} left={left}", y, want)
+                for as_is in (False, True):
+                    y = torch.empty(m, n, dtype=torch.float16)
+                    qg._run_w4_gemm(x, packed, scale, z, group, y, (*tile, left, as_is))
+                    check(f"w4 gemm m{m} n{n} k{k} g{group} zero={zero} tile {tile} left={left} x as is={as_is}",
+                          y, want)
 
 
 def decode_attention() -> None:

@@ -116,18 +116,18 @@ def bench_shape(name: str, n: int, k: int, totals: dict) -> None:
 
 def weights_left_or_right(totals: dict) -> None:
     """The int4 GEMM's best tile with the weights on the MMA's right (y = x W^T) and on its left (y^T = W x^T,
-    unpacked in registers), per shape and row count: which side the tuner should keep."""
-    print("int4 GEMM, best tile per operand side (us):", flush=True)
+    unpacked in registers), each with x's column pairs split by a copy first or in the kernel (X_AS_IS), per shape
+    and row count, the copy's time included: which kinds of tile the tuner should keep."""
+    print("int4 GEMM, best tile per operand side and x handover (us):", flush=True)
     for name, n, k in LLAMA3_8B:
         packed, scale, _ = quantize_int4_groups(torch.randn(n, k, device="cuda") * 0.02, 128, False, DTYPE)
         for m in (16, 64, 128):
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
-            args, meta = qg._w4_gemm_args(x, packed, scale, None, 128)
             y = torch.empty(m, n, device="cuda", dtype=DTYPE)
             best = {}
             for tile in qg._w4_gemm_tiles(qg._bucket(m)):
-                us = graph_us(lambda: qg._run_w4_gemm(args, y, tile, meta))
-                side = "left" if tile[-1] else "right"
+                us = graph_us(lambda: qg._run_w4_gemm(x, packed, scale, None, 128, y, tile))
+                side = ("left" if tile[5] else "right") + (", x as is" if tile[6] else "")
                 if us < best.get(side, (float("inf"),))[0]:
                     best[side] = (us, tile)
             line = "  ".join(f"{side} {us:7.1f}us {tile}" for side, (us, tile) in best.items())

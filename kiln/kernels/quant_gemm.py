@@ -152,14 +152,13 @@ def _reads_as_words(packed: torch.Tensor) -> bool:
 def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemm_kernel, its tiles and split-K picked per shape."""
-    args, meta = _w4_gemm_args(rows, packed, scale, zero, group_size)
     key = (*packed.shape, group_size, zero is not None, _bucket(rows.shape[0]), rows.dtype)
     tiles = _w4_gemm_tiles(_bucket(rows.shape[0]))
     if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
-        copies = [_w4_gemm_args(rows, *w, group_size)[0] for w in _int4_weight_copies(packed, scale, zero)]
-        ms = candidate_ms(tiles, lambda t: [functools.partial(_run_w4_gemm, a, y, t, meta) for a in copies])
+        copies = _int4_weight_copies(packed, scale, zero)
+        ms = candidate_ms(tiles, lambda t: [functools.partial(_run_w4_gemm, rows, *w, group_size, y, t) for w in copies])
         _PICKED[key] = min(ms, key=ms.get)
-    _run_w4_gemm(args, y, _PICKED.get(key, tiles[0]), meta)
+    _run_w4_gemm(rows, packed, scale, zero, group_size, y, _PICKED.get(key, tiles[0]))
 
 
 def _int4_weight_copies(packed, scale, zero) -> list[tuple]:
@@ -169,35 +168,36 @@ def _int4_weight_copies(packed, scale, zero) -> list[tuple]:
     return weight_copies(packed, scale, zero)
 
 
-def _w4_gemm_args(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  group_size: int) -> tuple[tuple, dict]:
-    """_w4_gemm_kernel's arguments before per_split, and its shape constexprs (the tile's come from _run_w4_gemm)."""
-    m, kb = rows.shape[0], packed.shape[1]  # int4 packing needs an even input dim: kb bytes are its columns
-    pairs = rows.unflatten(1, (kb, 2)).permute(2, 0, 1).contiguous()  # [even columns, odd columns]
-    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
-    args = (pairs[0], pairs[1], packed, scale, z, m, packed.shape[0], kb, scale.shape[1])
-    return args, dict(GROUP=group_size, HAS_ZERO=zero is not None, EVEN_K=kb % (group_size // 2) == 0)
-
-
-def _run_w4_gemm(args, y: torch.Tensor, tile: tuple, meta: dict) -> None:
-    block_m, block_n, split, warps, stages, weights_left = tile
-    m, n, groups = args[5], args[6], args[8]
+def _run_w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group_size: int, y: torch.Tensor, tile: tuple) -> None:
+    """One int4 GEMM with `tile`, x handed over as the tile takes it (see X_AS_IS in _w4_gemm_kernel): the timed
+    call of the tuner, so a tile that needs x's columns split by a copy first pays for that copy."""
+    block_m, block_n, split, warps, stages, weights_left, x_as_is = tile
+    m, n, kb, groups = rows.shape[0], packed.shape[0], packed.shape[1], scale.shape[1]  # kb bytes: x's column pairs
+    if x_as_is:
+        xe, xo = rows, rows
+    else:
+        xe, xo = rows.unflatten(1, (kb, 2)).permute(2, 0, 1).contiguous()  # [even columns], [odd columns]
     per_split = -(-groups // split)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    _w4_gemm_kernel[grid](*args, per_split, out, **meta, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
-                          WEIGHTS_LEFT=weights_left, num_warps=warps, num_stages=stages)
+    _w4_gemm_kernel[grid](xe, xo, packed, scale, zero if zero is not None else scale,  # (zero unread without it)
+                          m, n, kb, groups, per_split, out, rows.stride(0), GROUP=group_size,
+                          HAS_ZERO=zero is not None, EVEN_K=kb % (group_size // 2) == 0, SPLIT=split,
+                          BLOCK_M=block_m, BLOCK_N=block_n, WEIGHTS_LEFT=weights_left, X_AS_IS=x_as_is,
+                          num_warps=warps, num_stages=stages)
     if split > 1:
         sum_splits(out, y)
 
 
 def _w4_gemm_tiles(bucket: int) -> list[tuple]:
-    """Candidate (BLOCK_M, BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT): one tile of rows covers the batch where
-    it can, so the weights are unpacked once; the first is the untuned default."""
+    """Candidate (BLOCK_M, BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS): one tile of rows covers the batch
+    where it can, so the weights are unpacked once; the first is the untuned default."""
     block_m = min(max(bucket, 16), 64)
-    tiles = [(block_m, n, split, w, st, left) for n, split, w, st, left in _W4_GEMM_SHAPES]
+    tiles = [(block_m, *shape) for shape in _W4_GEMM_SHAPES]
+    tiles += [(block_m, *shape[:-1], True) for shape in _W4_GEMM_SHAPES if shape[0] <= 128]
     if bucket >= 128:
-        tiles += [(128, n, split, 8, 3, False) for n, split in ((128, 1), (128, 2), (64, 2), (128, 4))]
+        tiles += [(128, n, split, 8, 3, False, False) for n, split in ((128, 1), (128, 2), (64, 2), (128, 4))]
     return tiles
 
 
@@ -241,15 +241,16 @@ if triton is not None:
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
                      for n, kw, w in ((32, 128, 4), (16, 128, 4), (8, 128, 4), (8, 256, 4), (4, 256, 4),
                                       (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
-    # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT) of the int4 GEMM, BLOCK_M from the rows (_w4_gemm_tiles).
+    # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS) of the int4 GEMM, BLOCK_M from the rows
+    # (_w4_gemm_tiles, which adds the X_AS_IS twin of each tile up to 128 wide: wider ones spill registers).
     # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
     # puts the weights on the MMA's left, unpacked in registers (see _w4_gemm_kernel): timed on an H200 (ninth
     # session, bench_quant_gemm), the left side won only Llama-3-8B's fc_gate at 64 rows (57.1 against 60.2 us),
     # with this tile; the other left tiles lost everywhere and were dropped (each candidate lengthens a first open).
-    _W4_GEMM_SHAPES = tuple((*shape, False) for shape in (
+    _W4_GEMM_SHAPES = tuple((*shape, False, False) for shape in (
         (64, 1, 4, 4), (128, 1, 4, 4), (128, 1, 8, 3), (256, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 4),
         (64, 4, 4, 4), (128, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (32, 4, 4, 4), (64, 8, 4, 4))) + (
-        (128, 1, 8, 3, True),)
+        (128, 1, 8, 3, True, False),)
     _W8_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=s)
                         for m, n, kb, w, s in ((16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 64, 64, 4, 4),
                                                (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
@@ -367,12 +368,16 @@ if triton is not None:
                                          dtype=(s16.dtype, s16.dtype), is_pure=True, pack=4)
 
     @triton.jit
-    def _w4_gemm_kernel(xe_ptr, xo_ptr, w_ptr, s_ptr, z_ptr, M, N, KB, G, per_split, out_ptr, GROUP: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False):
+    def _w4_gemm_kernel(xe_ptr, xo_ptr, w_ptr, s_ptr, z_ptr, M, N, KB, G, per_split, out_ptr, stride_xm,
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WEIGHTS_LEFT: tl.constexpr = False,
+                        X_AS_IS: tl.constexpr = False):
         # One group per step. Its codes u become (u - z) s rounded once to x's dtype (_dequant_nibbles): the
         # reference's dequantized weights bit for bit, so one accumulator runs over the whole row. Low nibbles are
-        # the even columns (xe), high nibbles the odd ones (xo), each [M, KB] with unit stride.
+        # the even columns (xe), high nibbles the odd ones (xo), each [M, KB] with unit stride. X_AS_IS: xe_ptr is x
+        # itself ([M, 2 KB], rows stride_xm apart), each group's columns loaded whole and split into their even and
+        # odd halves in registers, instead of by a copy of x before the launch (one kernel and a round trip to memory
+        # per GEMM: 2.1-3.0 us of each 64-row GEMM on an H200, bench_quant_gemm's tuned times against its sweep's).
         # Program (i, j, s) owns rows tile i, outputs tile j and groups [s per_split, (s + 1) per_split).
         # Rows and outputs past the end read the last one instead (their results are not stored), so with whole
         # groups (EVEN_K) no load needs a mask; pointers advance by a group per step.
@@ -386,8 +391,13 @@ if triton is not None:
         rm_in, rn_in = tl.minimum(rm, M - 1), tl.minimum(rn, N - 1)
         g_start = tl.program_id(2) * per_split
         hb = tl.arange(0, HALF)
-        x_off = rm_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
-        xe_p, xo_p = xe_ptr + x_off, xo_ptr + x_off
+        if X_AS_IS:
+            gb = tl.arange(0, GROUP)
+            xe_p = xe_ptr + rm_in[:, None].to(tl.int64) * stride_xm + g_start * GROUP + gb[None, :]
+            xo_p = xe_p
+        else:
+            x_off = rm_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
+            xe_p, xo_p = xe_ptr + x_off, xo_ptr + x_off
         if WEIGHTS_LEFT:  # codes [BLOCK_N, HALF]: y^T = W x^T, the unpacked weights the MMA's register operand
             w_p = w_ptr + rn_in[:, None].to(tl.int64) * KB + g_start * HALF + hb[None, :]
             acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -397,12 +407,20 @@ if triton is not None:
         s_p, z_p = s_ptr + rn_in * G + g_start, z_ptr + rn_in * G + g_start
         for grp in range(g_start, tl.minimum(g_start + per_split, G)):
             if EVEN_K:
-                xe, xo, w = tl.load(xe_p), tl.load(xo_p), tl.load(w_p)
+                w = tl.load(w_p)
+                if X_AS_IS:
+                    xe, xo = tl.split(tl.reshape(tl.load(xe_p), [BLOCK_M, HALF, 2]))
+                else:
+                    xe, xo = tl.load(xe_p), tl.load(xo_p)
             else:
                 k_ok = hb + grp * HALF < KB
-                xe = tl.load(xe_p, mask=k_ok[None, :], other=0.0)
-                xo = tl.load(xo_p, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_p, mask=k_ok[None, :] if WEIGHTS_LEFT else k_ok[:, None], other=0)
+                if X_AS_IS:
+                    x = tl.load(xe_p, mask=(gb + grp * GROUP < 2 * KB)[None, :], other=0.0)
+                    xe, xo = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))
+                else:
+                    xe = tl.load(xe_p, mask=k_ok[None, :], other=0.0)
+                    xo = tl.load(xo_p, mask=k_ok[None, :], other=0.0)
             s = tl.load(s_p).to(tl.float32)
             if HAS_ZERO:
                 z = tl.load(z_p).to(tl.float32)
@@ -416,7 +434,8 @@ if triton is not None:
                 lo, hi = _dequant_nibbles(w, s[None, :], z[None, :], xe.dtype)
                 acc = tl.dot(xe, lo, acc)
                 acc = tl.dot(xo, hi, acc)
-            xe_p, xo_p, w_p, s_p, z_p = xe_p + HALF, xo_p + HALF, w_p + HALF, s_p + 1, z_p + 1
+            x_step: tl.constexpr = GROUP if X_AS_IS else HALF
+            xe_p, xo_p, w_p, s_p, z_p = xe_p + x_step, xo_p + x_step, w_p + HALF, s_p + 1, z_p + 1
         if WEIGHTS_LEFT:
             acc = tl.trans(acc_t)
         m_ok, n_ok = rm < M, rn < N

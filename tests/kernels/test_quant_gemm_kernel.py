@@ -82,21 +82,21 @@ def test_w4a16_kernel_matches_reference(dtype, rows, group, zero_point):
 @needs_gpu
 @pytest.mark.parametrize("rows", [5, 64, 100])
 def test_w4a16_gemm_matches_reference_with_every_tile(rows):
-    """Each candidate tile of the int4 GEMM (split-K included) is a tuning choice, so each must be right alone."""
+    """Each candidate tile of the int4 GEMM (split-K, either operand side, x split by a copy or in the kernel) is a
+    tuning choice, so each must be right alone."""
     torch.manual_seed(rows)
     for n, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 2048, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
         w = dequantize_int4(packed, scale, zero, group, x.dtype)
         ref = torch.nn.functional.linear(x, w)
-        args, meta = qg._w4_gemm_args(x, packed, scale, zero, group)
         for tile in qg._w4_gemm_tiles(qg._bucket(rows)):
             y = torch.full_like(ref, float("nan"))
-            qg._run_w4_gemm(args, y, tile, meta)
+            qg._run_w4_gemm(x, packed, scale, zero, group, y, tile)
             err = (y.double() - ref.double()).abs()
             assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
             again = torch.empty_like(y)
-            qg._run_w4_gemm(args, again, tile, meta)
+            qg._run_w4_gemm(x, packed, scale, zero, group, again, tile)
             assert torch.equal(again, y), f"tile {tile}: split-K sums must be added in a fixed order"
 
 
