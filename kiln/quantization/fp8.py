@@ -14,7 +14,8 @@ Checkpoint tensors of a quantized linear `<linear>`:
 The GEMM is y = (x_q @ weight^T) * a_row * s_col, accumulated in float32 (`fp8_gemm`). On CUDA with compute
 capability >= 8.9, one or two rows (decode) run kiln's Triton GEMV on the codes (kiln.kernels.gemv.scaled_gemv;
 with torch._scaled_mm there, FP8 batch-1 decode measured 0.94x the bf16 engine on the H100, for half the weight
-bytes; with FP8's static scale the GEMV also quantizes x as it reads it, `static_fp8_gemv`), more rows of a
+bytes; with FP8's static scale the GEMV also quantizes x as it reads it, `static_fp8_gemv`; per shape, the GEMV on
+the CUDA cores or an e4m3 MMA GEMV on the tensor cores, whichever measured faster at load), more rows of a
 bfloat16 model one torch._scaled_mm with row-wise scales; anywhere else the emulation multiplies the same e4m3
 values in float32 and applies the same scales, so both give the same numbers up to float32 summation order. A
 CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there would be slower than the bfloat16
