@@ -104,7 +104,7 @@ def fp8_dot_gemv() -> None:
         want = fp8_gemm_emulated(xq, xs, wq, ws, torch.float16)
         for tile in gemv.FP8_DOT_TILES:
             y = torch.empty(rows, n, dtype=torch.float16)
-            gemv._run((xq, wq, y, xs.reshape(-1).float().contiguous(), ws.float(), False), tile)
+            gemv._run_gemv((xq, wq, y, xs.reshape(-1).float().contiguous(), ws.float(), False), tile)
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 

@@ -79,11 +79,11 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False)
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype, device=rows.device)
     args = (rows, weight, y, x_scale, w_scale, quantize_x)
-    _run(args, _fp8_kernel_choice(args) if _both_fp8(rows, weight, quantize_x) else None)
+    _run_gemv(args, _fp8_kernel_choice(args) if _both_fp8(rows, weight, quantize_x) else None)
     return y
 
 
-def _run(args, tile) -> None:
+def _run_gemv(args, tile) -> None:
     """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), or the e4m3 MMA kernel with
     `tile` = (BLOCK_N, BLOCK_K, SPLIT, warps, stages)."""
     rows, weight, y, x_scale, w_scale, quantize_x = args
@@ -127,9 +127,8 @@ def _fp8_kernel_choice(args):
     key = (*weight.shape, rows.shape[0], quantize_x, y.dtype, rows.device.index)
     if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = weight_copies(weight, w_scale)
-        ms = candidate_ms(
-            [None, *FP8_DOT_TILES],
-            lambda tile: [functools.partial(_run, (rows, w, y, x_scale, s, quantize_x), tile) for w, s in copies])
+        ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
+            functools.partial(_run_gemv, (rows, w, y, x_scale, s, quantize_x), tile) for w, s in copies])
         _FP8_PICKED[key] = min(ms, key=ms.get)
         mma = min((t for t in ms if t is not None), key=ms.get, default=None)
         log.info("FP8 GEMV %s x %s%s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),

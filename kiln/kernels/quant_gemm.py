@@ -156,7 +156,8 @@ def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     tiles = _w4_gemm_tiles(_bucket(rows.shape[0]))
     if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = _int4_weight_copies(packed, scale, zero)
-        ms = candidate_ms(tiles, lambda t: [functools.partial(_run_w4_gemm, rows, *w, group_size, y, t) for w in copies])
+        ms = candidate_ms(tiles, lambda t: [
+            functools.partial(_run_w4_gemm, rows, *w, group_size, y, t) for w in copies])
         _PICKED[key] = min(ms, key=ms.get)
     _run_w4_gemm(rows, packed, scale, zero, group_size, y, _PICKED.get(key, tiles[0]))
 

@@ -150,7 +150,7 @@ def _fp8_bound(xq, xs, wq, ws, want, k):
 def test_fp8_dot_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
     """The e4m3 MMA GEMV, each tile the chooser may take (split input dims included), against the emulated FP8
     GEMM; with x quantized by the kernel itself, bit for bit the same tile on x quantized first."""
-    from kiln.kernels.gemv import FP8_DOT_TILES, _run
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv
     from kiln.quantization.fp8 import fp8_gemm_emulated
 
     x, scale, xq, xs, wq, ws = _fp8_operands(rows, n, k, rows * n + k + 11)
@@ -159,8 +159,8 @@ def test_fp8_dot_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
     x_scale = xs.reshape(-1).float().contiguous()
     for tile in FP8_DOT_TILES:
         codes, fused = (torch.empty(rows, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        _run((xq, wq, codes, x_scale, ws, False), tile)
-        _run((x, wq, fused, scale, ws, True), tile)
+        _run_gemv((xq, wq, codes, x_scale, ws, False), tile)
+        _run_gemv((x, wq, fused, scale, ws, True), tile)
         err = (codes.float() - want.float()).abs()
         print(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}: worst err / bound {(err / bound).max():.3g}")
         assert (err <= bound).all(), tile
@@ -178,7 +178,7 @@ def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
     monkeypatch.setattr(gemv, "_FP8_PICKED", {})
     x, scale, xq, xs, wq, ws = _fp8_operands(1, 4096, 4096, 5)
     out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
-    gemv._run((xq, wq, out, xs.reshape(-1).float().contiguous(), ws, False), None)  # Triton tunes its tile here
+    gemv._run_gemv((xq, wq, out, xs.reshape(-1).float().contiguous(), ws, False), None)  # Triton tunes its tile here
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
