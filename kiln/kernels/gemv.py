@@ -79,7 +79,7 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False)
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype, device=rows.device)
     args = (rows, weight, y, x_scale, w_scale, quantize_x)
-    _run_gemv(args, _fp8_kernel_choice(args) if _both_fp8(rows, weight, quantize_x) else None)
+    _run_gemv(args, _fp8_kernel_choice(args) if _fp8_codes_with_scales(*args) else None)
     return y
 
 
@@ -98,9 +98,8 @@ def _run_gemv(args, tile) -> None:
     block_n, block_k, split, warps, stages = tile
     out = y if split == 1 else torch.empty(split, *y.shape, dtype=torch.float32, device=y.device)
     _fp8_dot_gemv_kernel[(triton.cdiv(n, block_n), split)](
-        rows, weight, out, *scales, rows.shape[0], n, k, rows.stride(0), weight.stride(0),
-        HAS_X_SCALE=x_scale is not None and not quantize_x, QUANTIZE_X=quantize_x, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
+        rows, weight, out, x_scale, w_scale, rows.shape[0], n, k, rows.stride(0), weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
     if split > 1:
         sum_splits(out, y)
 
@@ -111,10 +110,12 @@ def sum_splits(partials: torch.Tensor, y: torch.Tensor) -> None:
     _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partials, y, size, SPLIT=partials.shape[0], BLOCK=SUM_BLOCK)
 
 
-def _both_fp8(rows, weight, quantize_x: bool) -> bool:
-    """e4m3 weights times e4m3 codes of x (given, or quantized by the kernel): the tensor cores can do it."""
-    return (weight.dtype == torch.float8_e4m3fn and (quantize_x or rows.dtype == torch.float8_e4m3fn)
-            and torch.cuda.get_device_capability(rows.device) >= FP8_DOT_MIN_CAPABILITY)
+def _fp8_codes_with_scales(rows, weight, y, x_scale, w_scale, quantize_x) -> bool:
+    """e4m3 weights and e4m3 codes of x, with both scales: the tensor cores can do it. Not for x quantized by the
+    GEMV itself (static_fp8_gemv): an MMA kernel that did so quantized the 16 padded rows with an IEEE division
+    each, and timed 28.5 us on Llama-3-8B's o_proj on an H200 against the CUDA-core kernel's 8.6."""
+    return (weight.dtype == rows.dtype == torch.float8_e4m3fn and not quantize_x and x_scale is not None
+            and w_scale is not None and torch.cuda.get_device_capability(rows.device) >= FP8_DOT_MIN_CAPABILITY)
 
 
 # The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;
@@ -123,16 +124,16 @@ _FP8_PICKED: dict = {}
 
 
 def _fp8_kernel_choice(args):
-    rows, weight, y, x_scale, w_scale, quantize_x = args
-    key = (*weight.shape, rows.shape[0], quantize_x, y.dtype, rows.device.index)
+    rows, weight, y, x_scale, w_scale, _ = args  # (x given as codes: see _fp8_codes_with_scales)
+    key = (*weight.shape, rows.shape[0], y.dtype, rows.device.index)
     if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = weight_copies(weight, w_scale)
         ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
-            functools.partial(_run_gemv, (rows, w, y, x_scale, s, quantize_x), tile) for w, s in copies])
+            functools.partial(_run_gemv, (rows, w, y, x_scale, s, False), tile) for w, s in copies])
         _FP8_PICKED[key] = min(ms, key=ms.get)
         mma = min((t for t in ms if t is not None), key=ms.get, default=None)
-        log.info("FP8 GEMV %s x %s%s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),
-                 tuple(weight.shape), ", quantizing x" if quantize_x else "", ms[None] * 1e3,
+        log.info("FP8 GEMV %s x %s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),
+                 tuple(weight.shape), ms[None] * 1e3,
                  "-" if mma is None else f"{ms[mma] * 1e3:.1f} us (tile {mma})",
                  "CUDA cores" if _FP8_PICKED[key] is None else "e4m3 MMA")
     return _FP8_PICKED.get(key)
@@ -323,14 +324,14 @@ if triton is not None:
 
     @triton.jit
     def _fp8_dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
-                             HAS_X_SCALE: tl.constexpr, QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+                             USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT: tl.constexpr):
         """_gemv_kernel's y for e4m3 weights and e4m3 codes of x, on the tensor cores: y^T = W x^T with x's rows
         padded with zeros to 16, the weights the MMA's M side. The CUDA-core kernel spends two conversions and an
         FMA on each weight byte (it streamed e4m3 at 2.0-2.8 TB/s where bf16 reached 3.0 on the H100); here the
         loop issues under one instruction per byte (scripts/kernel_sass.py "fp8 dot"), the weights going to shared
         memory by cp.async. Products of e4m3 codes are exact in float32, as in the emulated GEMM; only the order of
-        the sum differs. With QUANTIZE_X, x is the activation and xs_ptr its static scale [1] (as _gemv_kernel).
+        the sum differs: y = sum * x's row scale (xs_ptr [M]) * w's column scale (ws_ptr [N]), in float32.
         Program (i, s) owns outputs i*BLOCK_N.. over the s-th of SPLIT parts of the input dim; with SPLIT > 1 it
         writes its scaled part in float32 to y_ptr [SPLIT, M, N] for sum_splits. No weight is read before the
         PDL wait: a first tile loaded early lands in registers, and the loop then compiled to register shuffles
@@ -347,20 +348,12 @@ if triton is not None:
         w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + cols[None, :]
         x_ptrs = x_ptr + x_rows[:, None] * stride_xm + cols[None, :]
         wait_for_inputs(USE_PDL)
-        x_scale = 1.0
-        if QUANTIZE_X:
-            x_scale = tl.load(xs_ptr).to(tl.float32)
         acc = tl.zeros([BLOCK_N, 16], tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             w = tl.load(w_ptrs + k0, mask=out_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=(x_rows < M)[:, None] & (k0 + cols < K)[None, :], other=0.0)
-            if QUANTIZE_X:
-                x = tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -448.0, 448.0).to(tl.float8e4nv)
             acc = tl.dot(w, tl.trans(x), acc)
-        if HAS_X_SCALE:
-            acc = acc * tl.load(xs_ptr + x_rows, mask=x_rows < M, other=0.0)[None, :]
-        if QUANTIZE_X:
-            acc = acc * x_scale
+        acc = acc * tl.load(xs_ptr + x_rows, mask=x_rows < M, other=0.0)[None, :]
         y = acc * tl.load(ws_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + tl.program_id(1).to(tl.int64) * M * N + x_rows[None, :] * N + outs[:, None]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(x_rows < M)[None, :] & out_ok[:, None])
