@@ -115,7 +115,12 @@ def _fp8_codes_with_scales(rows, weight, y, x_scale, w_scale, quantize_x) -> boo
     GEMV itself (static_fp8_gemv): an MMA kernel that did so quantized the 16 padded rows with an IEEE division
     each, and timed 28.5 us on Llama-3-8B's o_proj on an H200 against the CUDA-core kernel's 8.6."""
     return (weight.dtype == rows.dtype == torch.float8_e4m3fn and not quantize_x and x_scale is not None
-            and w_scale is not None and torch.cuda.get_device_capability(rows.device) >= FP8_DOT_MIN_CAPABILITY)
+            and w_scale is not None and _has_fp8_mma(rows.device.index))
+
+
+@functools.cache
+def _has_fp8_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= FP8_DOT_MIN_CAPABILITY
 
 
 # The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;

@@ -378,7 +378,7 @@ if triton is not None:
         # the even columns (xe), high nibbles the odd ones (xo), each [M, KB] with unit stride. X_AS_IS: xe_ptr is x
         # itself ([M, 2 KB], rows stride_xm apart), each group's columns loaded whole and split into their even and
         # odd halves in registers, instead of by a copy of x before the launch (one kernel and a round trip to memory
-        # per GEMM: 2.1-3.0 us of each 64-row GEMM on an H200, bench_quant_gemm's tuned times against its sweep's).
+        # per GEMM: 2.1-3.6 us of each 64-row GEMM on an H200, bench_quant_gemm's tuned times against its sweep's).
         # Program (i, j, s) owns rows tile i, outputs tile j and groups [s per_split, (s + 1) per_split).
         # Rows and outputs past the end read the last one instead (their results are not stored), so with whole
         # groups (EVEN_K) no load needs a mask; pointers advance by a group per step.
