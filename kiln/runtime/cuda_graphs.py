@@ -5,9 +5,9 @@ them. A graph replays the whole forward with one launch. Inputs live in static b
 padded up to the next captured size, the padding rows pointing at a scratch block that no sequence owns.
 Graphs are used on one GPU without pipeline stages; prefill and mixed steps run eagerly, except one:
 
-A step that is a single sequence's few new tokens after a cached prefix (a prefix-cache hit, the last
-chunk of a long prompt) reads every weight once, like a decode step, and launches a few hundred kernels from
-Python: eagerly, the host sets its time, not the GPU. `PrefillGraphs` replays it from a graph per token count.
+A step that is a single sequence's few new tokens (a short prompt, a prefix-cache hit, the last chunk of a
+long prompt) reads every weight once, like a decode step, and launches a few hundred kernels from Python:
+eagerly, the host sets its time, not the GPU. `PrefillGraphs` replays it from a graph per token count.
 
 Each graph also ends by advancing its own inputs for a greedy next step: the argmax becomes the next
 input token, positions and lengths grow by one and the cache slots follow from the block tables. So
@@ -37,14 +37,14 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
-# Token counts of the continuing-prefill graphs: a step of up to 256 new tokens on top of a cached prefix is
+# Token counts of the prefill graphs: a step of up to 256 new tokens, after a cached prefix or not, is
 # still cheap enough on the GPU (an 8B model reads its weights in about 5 ms) that eager launches dominate it.
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 
 
 def prefill_graph_token_counts(build_config) -> list[int]:
-    """The token counts continuing-prefill graphs are captured for: those a step may hold after at least one
-    cached token."""
+    """The token counts prefill graphs are captured for: those a step of one sequence may hold (a prompt
+    leaves room for at least one generated token)."""
     limit = min(build_config.max_num_tokens, build_config.max_seq_len - 1)
     return [n for n in PREFILL_GRAPH_TOKENS if n <= limit]
 
@@ -159,11 +159,12 @@ class DecodeGraphs:
 
 
 class PrefillGraphs:
-    """Graphs for a step of one sequence that continues a cached prefix with 2..max(sizes) new tokens, one
-    graph per token count in `sizes`. A shorter step is padded up to the next count: its padding tokens sit
-    after the real ones (causal attention keeps them out of the real tokens' rows), write their keys to the
+    """Graphs for a step of one sequence with 2..max(sizes) new tokens, a fresh prompt or one that continues a
+    cached prefix, one graph per token count in `sizes`. A shorter step is padded up to the next count: its
+    padding tokens sit after the real ones (causal attention keeps them out of the real tokens' rows), write their keys to the
     scratch slot, and the step's cu_seqlens, on the GPU, tell attention and the logits where the real tokens
-    end. The attention kernel reads the context length from the GPU too, so one graph serves any prefix."""
+    end. The attention kernel reads the context length from the GPU too, so one graph serves any prefix, the
+    empty one included: a fresh prompt attends over its own keys, which the step writes to the cache first."""
 
     def __init__(self, model, kv, device: torch.device, sizes: list[int], max_blocks_per_seq: int,
                  scratch_block: int):
@@ -197,13 +198,13 @@ class PrefillGraphs:
             self.graphs[size], self.outputs[size] = capture_graph(self.device, pool,
                                                                   lambda size=size: self.forward(size))
         torch.cuda.synchronize(self.device)
-        log.info("captured continuing-prefill CUDA graphs for %s tokens in %.1fs", self.sizes,
+        log.info("captured prefill CUDA graphs for %s tokens in %.1fs", self.sizes,
                  time.perf_counter() - start)
 
     def can_run(self, inp) -> bool:
-        """One sequence, 2..max(sizes) new tokens after a cached prefix, and room in its table for the padding
-        (the attention kernel reads the block table up to context + padded length)."""
-        if len(inp.query_lens) != 1 or inp.context_lens[0] == 0 or not 1 < inp.query_lens[0] <= self.sizes[-1]:
+        """One sequence, 2..max(sizes) new tokens, and room in its table for the padding (the attention kernel
+        reads the block table up to context + padded length)."""
+        if len(inp.query_lens) != 1 or not 1 < inp.query_lens[0] <= self.sizes[-1]:
             return False
         size = next(s for s in self.sizes if s >= inp.query_lens[0])
         return inp.context_lens[0] + size <= self.table.shape[1] * self.kv.block_size

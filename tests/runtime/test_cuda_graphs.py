@@ -1,5 +1,5 @@
-"""What the continuing-prefill CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a step
-padded up to a captured size gives the logits of the step itself. The GPU test replays the graphs themselves
+"""What the prefill CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a step padded up to
+a captured size, fresh or after a cached prefix, gives the logits of the step itself. The GPU test replays the graphs themselves
 (test_gpu_runtime.py)."""
 
 from __future__ import annotations
@@ -23,22 +23,40 @@ def _step(blocks: BlockManager, tokens: list[int], start: int) -> StepInputs:
                       [blocks.tables[0]])
 
 
-def test_padded_continuing_prefill_gives_the_logits_of_the_step(tmp_path, monkeypatch):
+def _runner_and_graphs(tmp_path, monkeypatch):
+    """A float32 CPU runner of a sliding-window model, a block manager that leaves its last block as the
+    graphs' scratch, and graphs of 4 and 16 tokens (run eagerly: `forward` is what each graph holds)."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     make_hf_model(tmp_path / "hf", arch="mistral", sliding_window=24)
     bc = BuildConfig(max_batch_size=2, max_seq_len=128, tokens_per_block=16, kv_cache_max_tokens=256)
     engine = Engine.from_dir(open_engine_dir(tmp_path / "hf", "float32", bc))
     runner = ModelRunner(engine.runtime_model("cpu"), "cpu", engine.build_config)
     scratch = runner.num_blocks - 1  # no sequence below owns the last block
-    blocks = BlockManager(num_blocks=scratch, block_size=16)
+    graphs = PrefillGraphs(runner.model, runner.kv, torch.device("cpu"), [4, 16], max_blocks_per_seq=8,
+                           scratch_block=scratch)
+    return runner, BlockManager(num_blocks=scratch, block_size=16), graphs
+
+
+def test_padded_continuing_prefill_gives_the_logits_of_the_step(tmp_path, monkeypatch):
+    runner, blocks, graphs = _runner_and_graphs(tmp_path, monkeypatch)
     prefix, suffix = list(range(3, 43)), [5, 9, 11, 2, 7, 60, 1]
     blocks.allocate(0, prefix + suffix)
     runner.execute(_step(blocks, prefix, 0))
-    graphs = PrefillGraphs(runner.model, runner.kv, torch.device("cpu"), [4, 16], max_blocks_per_seq=8,
-                           scratch_block=scratch)
     step = _step(blocks, suffix, len(prefix))
     assert graphs.can_run(step)
     padded = graphs.forward(graphs.load(step))  # 7 tokens padded to 16: first fills the cache, then compared
+    torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_fresh_prompt_gives_the_logits_of_its_eager_prefill(tmp_path, monkeypatch):
+    """A prompt with nothing cached, padded from 11 to 16 tokens: the graph's forward attends over the keys it
+    has just written to the cache, the eager step over the step's own keys (the varlen prefill path)."""
+    runner, blocks, graphs = _runner_and_graphs(tmp_path, monkeypatch)
+    prompt = [17, 4, 99, 23, 8, 61, 5, 42, 77, 12, 30]
+    blocks.allocate(0, prompt)
+    step = _step(blocks, prompt, 0)
+    assert graphs.can_run(step)
+    padded = graphs.forward(graphs.load(step))
     torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
 
 
@@ -52,7 +70,7 @@ def test_which_steps_a_continuing_prefill_graph_takes():
 
     assert graphs.can_run(step([5], [10])) and graphs.can_run(step([32], [32]))  # 32 + 32 fills the 64 slots
     assert not graphs.can_run(step([1], [10]))  # a decode step
-    assert not graphs.can_run(step([5], [0]))  # a fresh prompt
+    assert graphs.can_run(step([5], [0])) and graphs.can_run(step([32], [0]))  # fresh prompts
     assert not graphs.can_run(step([33], [10]))  # past the largest size
     assert not graphs.can_run(step([17], [33]))  # padded to 32 after 33 cached: past the 64-slot table
     assert not graphs.can_run(step([5, 5], [10, 10]))  # two sequences

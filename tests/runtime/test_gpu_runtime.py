@@ -71,10 +71,11 @@ def test_decode_bursts_in_graphs_equal_single_steps(tmp_path, monkeypatch):
     assert [len(t) for t in tokens[4]] == [5, 7, 13, 3, 22]
 
 
-def test_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path, monkeypatch):
-    """A prompt continuing a cached prefix by a few tokens replays a continuing-prefill graph, padded up to
-    the next captured size: its greedy tokens equal transformers' for new-token counts inside and between the
-    sizes, with a sliding window, and a continuation longer than the largest size runs eagerly."""
+def test_short_prompts_and_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path, monkeypatch):
+    """A fresh prompt of up to 256 tokens, or one continuing a cached prefix by a few tokens, replays a prefill
+    graph padded up to the next captured size: its greedy tokens equal transformers' for new-token counts inside
+    and between the sizes, with a sliding window, and a continuation longer than the largest size runs
+    eagerly."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_hf_model(tmp_path / "hf", arch="mistral", sliding_window=48, max_position_embeddings=512).to("cuda")
     prefix = [(7 * i) % 128 for i in range(64)]  # two full 32-token blocks, cached by the first request
@@ -82,7 +83,10 @@ def test_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path, monkeypatch):
     with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
         graphs = llm.runner.prefill_graphs
         assert graphs is not None and graphs.sizes == [16, 32, 64, 128, 256]
-        llm.generate([prefix + [1]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        first = prefix + [1]  # 65 fresh tokens: padded to 128
+        out = llm.generate([first], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+        assert graphs.replays == 1
+        assert out.outputs[0].token_ids == hf_greedy_cuda(hf, first, 8)
         for new, replayed in ((2, 1), (17, 1), (64, 1), (255, 1), (300, 0)):
             prompt = prefix + [(5 * i + new) % 128 for i in range(new)]
             before, hits = graphs.replays, llm.generator.blocks.prefix_hit_tokens
