@@ -239,6 +239,7 @@ CONTINUING_CASES = [  # cached, new, heads, kv_heads, head_size, block_size, win
     ([100, 60, 7], [512, 300, 256], 32, 8, 128, 32, None),  # enough programs: one split, no merge
     ([0, 17, 64], [64, 130, 1], 4, 2, 64, 16, None),
     ([300, 40], [90, 200], 16, 2, 128, 32, 48),
+    ([0], [100], 32, 8, 128, 32, None),  # a fresh prompt alone (a prefill graph's step): split keys, some empty
 ]
 
 
