@@ -161,10 +161,11 @@ class DecodeGraphs:
 class PrefillGraphs:
     """Graphs for a step of one sequence with 2..max(sizes) new tokens, a fresh prompt or one that continues a
     cached prefix, one graph per token count in `sizes`. A shorter step is padded up to the next count: its
-    padding tokens sit after the real ones (causal attention keeps them out of the real tokens' rows), write their keys to the
-    scratch slot, and the step's cu_seqlens, on the GPU, tell attention and the logits where the real tokens
-    end. The attention kernel reads the context length from the GPU too, so one graph serves any prefix, the
-    empty one included: a fresh prompt attends over its own keys, which the step writes to the cache first."""
+    padding tokens sit after the real ones (causal attention keeps them out of the real tokens' rows), write
+    their keys to the scratch slot, and the step's cu_seqlens, on the GPU, tell attention and the logits where
+    the real tokens end. The attention kernel reads the context length from the GPU too, so one graph serves any
+    prefix, the empty one included: a fresh prompt attends over its own keys, which the step writes to the cache
+    first."""
 
     def __init__(self, model, kv, device: torch.device, sizes: list[int], max_blocks_per_seq: int,
                  scratch_block: int):

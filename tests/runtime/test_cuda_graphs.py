@@ -1,6 +1,6 @@
 """What the prefill CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a step padded up to
-a captured size, fresh or after a cached prefix, gives the logits of the step itself. The GPU test replays the graphs themselves
-(test_gpu_runtime.py)."""
+a captured size, fresh or after a cached prefix, gives the logits of the step itself. The GPU test replays the
+graphs themselves (test_gpu_runtime.py)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_padded_fresh_prompt_gives_the_logits_of_its_eager_prefill(tmp_path, mon
     torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
 
 
-def test_which_steps_a_continuing_prefill_graph_takes():
+def test_which_steps_a_prefill_graph_takes():
     kv = PagedKVCache(range(1), num_blocks=10, block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32,
                       device=torch.device("cpu"))
     graphs = PrefillGraphs(None, kv, torch.device("cpu"), [16, 32], max_blocks_per_seq=4, scratch_block=9)
