@@ -143,6 +143,7 @@ def instrument(llm, clock: PhaseClock) -> None:
     if getattr(llm.runner, "graphs", None) is not None:  # a burst of CUDA-graph replays, with their inputs' copies
         clock.wrap(llm.runner.graphs, "run", "forward", sync)
         clock.wrap(llm.runner.graphs, "run_burst", "forward", sync)
+        clock.wrap(llm.runner.graphs, "continue_burst", "forward", sync)  # a run-ahead burst
     if getattr(llm.runner, "prefill_graphs", None) is not None:  # a continuing prefill replayed from a graph
         clock.wrap(llm.runner.prefill_graphs, "run", "forward", sync)
     parts = cached_property(clock.timed(paged_batch.PagedAttentionBatch.__dict__["_parts"].func, "inputs"))

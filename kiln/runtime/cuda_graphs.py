@@ -13,6 +13,8 @@ Each graph also ends by advancing its own inputs for a greedy next step: the arg
 input token, positions and lengths grow by one and the cache slots follow from the block tables. So
 `run_burst` replays k greedy decode steps back to back with no host work between them; the host reads
 the k tokens once, while it has long since queued the work (the caller reserved the blocks beforehand).
+`continue_burst` queues the k steps after those from the buffers as the last replay left them, before the host
+has read anything: the host's work between bursts then overlaps the GPU's.
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ class DecodeGraphs:
         self.tokens[:size].copy_(greedy_tokens(logits))
         self.positions[:size] += 1
         self.seq_lens[:size] += 1
+        self._slots_from_tables(size)
+
+    def _slots_from_tables(self, size: int) -> None:
+        """Each row's cache slot for the token at its position, read off its block table on the GPU."""
         bs = self.kv.block_size
         column = self.positions[:size] // bs
         inside = column < self.tables.shape[1]  # past the table (a burst's last advance): scratch, never run
@@ -121,7 +127,14 @@ class DecodeGraphs:
         return max(inp.query_lens) == 1 and len(inp.query_lens) <= self.sizes[-1]
 
     def run(self, inp) -> torch.Tensor:
-        """Copy the step into the static buffers, padded to a captured size, and replay its graph."""
+        """Replay the step's graph: logits [batch, vocab]."""
+        size = self.load(inp)
+        self.graphs[size].replay()
+        self.replays += 1
+        return self.outputs[size][:len(inp.query_lens)]
+
+    def load(self, inp) -> int:
+        """Copy the step into the static buffers, padded up to a captured size; returns that size."""
         b = len(inp.query_lens)
         size = next(s for s in self.sizes if s >= b)
         as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=True)  # noqa: E731
@@ -130,31 +143,42 @@ class DecodeGraphs:
         self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
         self.slots[:b].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
         self.slots[b:size].fill_(self.scratch_slot)
-        width = max(len(t) for t in inp.block_tables)
-        tables = padded_tables(inp.block_tables, width, self.scratch_block, "cpu", pin_memory=True)
-        self.tables[:b, :width].copy_(tables, non_blocking=True)
-        self.tables[:b, width:].fill_(self.scratch_block)  # a burst may run past a table's end: scratch, not stale
+        self._load_tables(inp.block_tables)
         self.tables[b:size].fill_(self.scratch_block)
         seq_lens = [c + 1 for c in inp.context_lens]
         self.seq_lens[:b].copy_(as_tensor(seq_lens, torch.int32), non_blocking=True)
         self.seq_lens[b:size].fill_(1)
-        self.graphs[size].replay()
-        self.replays += 1
-        return self.outputs[size][:b]
+        return size
+
+    def _load_tables(self, block_tables: list[list[int]]) -> None:
+        width = max(len(t) for t in block_tables)
+        tables = padded_tables(block_tables, width, self.scratch_block, "cpu", pin_memory=True)
+        self.tables[:len(block_tables), :width].copy_(tables, non_blocking=True)
+        # a burst may run past a table's end: scratch, not a stale block
+        self.tables[:len(block_tables), width:].fill_(self.scratch_block)
 
     def run_burst(self, inp, steps: int) -> torch.Tensor:
         """`steps` greedy decode steps from `inp`: their tokens [steps, batch], still on the GPU. Every
         sequence's block table must already cover the positions the steps reach (or they land in the
         scratch block: the caller discards tokens past a sequence's end)."""
-        b = len(inp.query_lens)
+        return self._replay_steps(self.load(inp), len(inp.query_lens), steps)
+
+    def continue_burst(self, block_tables: list[list[int]], steps: int) -> torch.Tensor:
+        """`steps` more greedy decode steps of the batch of the last `run_burst` (or `continue_burst`), from the
+        inputs its last replay advanced to. The sequences' block tables have grown to cover the new steps: they
+        are copied in, and the slots of the next step read off them again."""
+        b = len(block_tables)
         size = next(s for s in self.sizes if s >= b)
+        self._load_tables(block_tables)
+        self._slots_from_tables(size)
+        return self._replay_steps(size, b, steps)
+
+    def _replay_steps(self, size: int, b: int, steps: int) -> torch.Tensor:
         tokens = torch.empty(steps, b, dtype=torch.long, device=self.device)
-        self.run(inp)
-        tokens[0].copy_(self.tokens[:b])
-        for i in range(1, steps):
+        for i in range(steps):
             self.graphs[size].replay()
             tokens[i].copy_(self.tokens[:b])
-        self.replays += steps - 1
+        self.replays += steps
         return tokens
 
 

@@ -61,7 +61,7 @@ class GenerationEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        produced = self.executor.step(step)
+        produced = self.executor.step(step, may_run_ahead=not self.scheduler.waiting)
         now = time.monotonic()
         for seq, tokens in produced:
             self._append(seq, tokens, now)

@@ -1,11 +1,20 @@
 """The front end of a step: turn the scheduled (sequence, tokens) pairs into StepInputs with their cache
 slots, run them on a runner (in-process or a group of worker processes), and sample the next token of
-every sequence whose prompt is now fully computed."""
+every sequence whose prompt is now fully computed.
+
+Greedy decode steps run in bursts of `decode_steps_per_sync`, the host reading a burst's tokens once. While
+nothing waits to join the batch, the next burst is queued before the host reads the last (run ahead): on the
+GPU the host's work between bursts (appending tokens, stop checks, scheduling, the caller's detokenizing) then
+overlaps the kernels instead of leaving the GPU idle. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
+turns it off or on."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from kiln.runtime.block_manager import BlockManager
-from kiln.runtime.model_runner import StepInputs
+from kiln.runtime.model_runner import BurstTokens, StepInputs
 from kiln.runtime.sampler import sample_batch, token_logprobs
 from kiln.runtime.sequence import Sequence
 
@@ -34,22 +43,65 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
     return inp
 
 
+def _run_ahead_setting(runner) -> bool:
+    """KILN_DECODE_RUN_AHEAD=1 or 0; unset, on where the queued burst runs while the host works: a GPU. On the
+    CPU the runner computes it at once, which would only hold back the tokens of the burst before it."""
+    setting = os.environ.get("KILN_DECODE_RUN_AHEAD")
+    if setting is None:
+        return runner.device.type == "cuda"
+    return setting != "0"
+
+
+@dataclass
+class RunAhead:
+    """A decode burst queued right after another, before the host read that one's tokens: the same sequences'
+    next steps. The next step takes its tokens if it is those sequences' decode again; else they are dropped (the
+    keys it wrote sit past every sequence's cached tokens, where the next real step writes its own)."""
+
+    seqs: list[Sequence]
+    starts: list[int]  # each sequence's num_cached where the burst begins
+    steps: int
+    tokens: BurstTokens
+
+    def continues(self, step: list[tuple[Sequence, int]]) -> bool:
+        return len(step) == len(self.seqs) and all(
+            seq is expected and n == 1 and seq.num_cached == start
+            for (seq, n), expected, start in zip(step, self.seqs, self.starts))
+
+
 class Executor:
     def __init__(self, runner, blocks: BlockManager, max_seq_len: int, decode_steps_per_sync: int = 1):
         self.runner = runner  # ModelRunner, DriverRunner (torchrun) or WorkerGroup
         self.blocks = blocks
         self.max_seq_len = max_seq_len
         self.decode_steps_per_sync = decode_steps_per_sync
+        self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
+        self.ahead: RunAhead | None = None
+        self.bursts_run_ahead = 0  # bursts whose tokens came from a run-ahead (the others were dropped)
 
-    def step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
+    def step(self, step: list[tuple[Sequence, int]], may_run_ahead: bool = False) -> list[tuple[Sequence, list[int]]]:
         """Run one step; returns (sequence, new tokens) for the sequences that produced any: one token
-        each, or several from a burst of greedy decode steps (the caller drops those past a stop)."""
-        steps = self._burst_steps(step)
-        if steps > 1:
+        each, or several from a burst of greedy decode steps (the caller drops those past a stop).
+
+        may_run_ahead: nothing is waiting to join the batch, so after a burst the next one is queued before this
+        one's tokens are read (the GPU then runs it while the host handles these tokens and schedules again)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.continues(step):
+            steps, tokens = ahead.steps, ahead.tokens
+            self.bursts_run_ahead += 1
+        else:
+            steps = self._burst_steps(step)
+            if steps == 1:
+                return self._single_step(step)
             tokens = self.runner.decode_burst(step_inputs(step, self.blocks), steps)
-            for seq, _ in step:
-                seq.num_cached += steps
-            return list(zip((seq for seq, _ in step), tokens.T.tolist()))
+        if may_run_ahead and self.run_ahead:
+            self.ahead = self._queue_next_burst(step, steps)
+        per_sequence = tokens.per_sequence()
+        for seq, _ in step:
+            seq.num_cached += steps
+        return list(zip((seq for seq, _ in step), per_sequence))
+
+    def _single_step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
         logits = self.runner.execute(step_inputs(step, self.blocks))
         ready = []  # rows of the sequences that sample: not a chunk in the middle of a prompt
         for i, (seq, n) in enumerate(step):
@@ -86,3 +138,16 @@ class Executor:
             if not self.blocks.append_slots(seq.seq_id, min(seq.num_cached + steps, seq.max_len)):
                 return 1
         return steps
+
+    def _queue_next_burst(self, step: list[tuple[Sequence, int]], steps: int) -> RunAhead | None:
+        """The burst after this one, queued now, when every sequence has room for all of it: within its length
+        limit (so none leaves the batch by length in this burst) and in blocks, reserved here."""
+        seqs = [seq for seq, _ in step]
+        if any(seq.num_cached + 2 * steps >= seq.max_len for seq in seqs):
+            return None
+        for seq in seqs:
+            if not self.blocks.append_slots(seq.seq_id, seq.num_cached + 2 * steps):
+                return None
+        tables = [self.blocks.tables[seq.seq_id] for seq in seqs]
+        tokens = self.runner.continue_burst(tables, steps)
+        return RunAhead(seqs, [seq.num_cached + steps for seq in seqs], steps, tokens)

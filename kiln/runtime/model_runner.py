@@ -66,6 +66,7 @@ class ModelRunner:
         self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
                                kv_dtype, self.device)
         self.graphs = self.prefill_graphs = None
+        self._burst_in_graphs, self._eager_next = False, None  # where the last decode burst ran, for its continuation
         if use_graphs:
             blocks_per_seq = -(-build_config.max_seq_len // build_config.tokens_per_block)
             self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size, blocks_per_seq,
@@ -131,35 +132,50 @@ class ModelRunner:
         return torch.cat(outputs) if m.is_last_pp_rank else None
 
     @torch.inference_mode()
-    def decode_burst(self, inp: StepInputs, steps: int) -> torch.Tensor:
-        """`steps` greedy decode steps back to back: tokens [steps, batch]. In CUDA graphs when they can
-        run (on the GPU, no host sync in between); else eagerly, one step after another."""
-        if self.graphs is not None and self.graphs.can_run(inp):
-            return self.graphs.run_burst(inp, steps)
-        return self._eager_burst(inp, steps)
+    def decode_burst(self, inp: StepInputs, steps: int) -> BurstTokens:
+        """`steps` greedy decode steps back to back: tokens [steps, batch], on their way to the host. In CUDA
+        graphs when they can run (on the GPU, no host sync in between); else eagerly, one step after another."""
+        self._burst_in_graphs = self.graphs is not None and self.graphs.can_run(inp)
+        if self._burst_in_graphs:
+            return BurstTokens(self.graphs.run_burst(inp, steps))
+        tokens, positions = (int_tensor(x, torch.long, self.device) for x in (inp.token_ids, inp.positions))
+        return BurstTokens(self._eager_burst(inp.block_tables, tokens, positions, steps))
 
-    def _eager_burst(self, inp: StepInputs, steps: int) -> torch.Tensor:
+    @torch.inference_mode()
+    def continue_burst(self, block_tables: list[list[int]], steps: int) -> BurstTokens:
+        """`steps` more greedy decode steps of the last burst's batch, from where it ended, queued before the host
+        reads that burst's tokens. The caller grew every block table to cover them (and no sequence left the last
+        burst early: each had room for all its steps)."""
+        if self._burst_in_graphs:
+            return BurstTokens(self.graphs.continue_burst(block_tables, steps))
+        tokens, positions = self._eager_next
+        return BurstTokens(self._eager_burst(block_tables, tokens, positions, steps))
+
+    def _eager_burst(self, block_tables: list[list[int]], tokens: torch.Tensor, positions: torch.Tensor,
+                     steps: int) -> torch.Tensor:
         """The same steps without graphs, the next step's inputs advanced on tensors (as the graphs do: no
         per-sequence host work between steps). A sequence leaves the burst when its next position is past
         its block table (the caller reserved blocks up to its end): its later entries stay -1, never read."""
-        out = torch.full((steps, len(inp.query_lens)), -1, dtype=torch.long, device=self.device)
-        rows = torch.arange(len(inp.query_lens), device=self.device)
-        batch = self._batch(inp)
-        tables = batch.block_tables
-        ends = int_tensor([len(t) * self.kv.block_size for t in inp.block_tables], torch.long, self.device)
-        tokens, positions = (int_tensor(x, torch.long, self.device) for x in (inp.token_ids, inp.positions))
+        n = len(block_tables)
+        out = torch.full((steps, n), -1, dtype=torch.long, device=self.device)
+        rows = torch.arange(n, device=self.device)
+        tables = padded_tables(block_tables, max(len(t) for t in block_tables), 0, self.device)
+        ends = int_tensor([len(t) * self.kv.block_size for t in block_tables], torch.long, self.device)
+        self._eager_next = None
         for i in range(steps):
-            tokens = greedy_tokens(self.model(tokens, positions, batch, last_token_only=True))
+            tokens = greedy_tokens(self.model(tokens, positions, self._decode_batch(positions, tables),
+                                              last_token_only=True))
             out[i, rows] = tokens
-            if i == steps - 1:
-                break
             positions = positions + 1
+            if i == steps - 1:
+                if len(rows) == n:  # every sequence ran every step: `continue_burst` may go on from here
+                    self._eager_next = tokens, positions
+                break
             keep = positions < ends  # the first position past a table
             if not keep.all():
                 if not keep.any():
                     break
                 rows, tokens, positions, ends, tables = (x[keep] for x in (rows, tokens, positions, ends, tables))
-            batch = self._decode_batch(positions, tables)
         return out
 
     def _decode_batch(self, positions: torch.Tensor, tables: torch.Tensor) -> PagedAttentionBatch:
@@ -173,6 +189,26 @@ class ModelRunner:
         positions = int_tensor(inp.positions, torch.long, self.device)
         tokens = None if hidden is not None else int_tensor(inp.token_ids, torch.long, self.device)
         return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
+
+
+class BurstTokens:
+    """A decode burst's tokens [steps, batch] on their way to the host. On the GPU they are copied to pinned
+    memory as soon as the burst is queued, and an event marks the copy: reading them waits for this burst alone,
+    not for the next one queued behind it."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.copied = tokens, None
+        if tokens.is_cuda:
+            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.tokens.copy_(tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def per_sequence(self) -> list[list[int]]:
+        """Each sequence's tokens, in step order (waits for the burst)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.tokens.T.tolist()
 
 
 def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:

@@ -281,3 +281,42 @@ def test_decode_bursts_give_the_tokens_of_single_steps(built, reference, steps):
     assert [len(ids) for ids, _ in outputs[steps]][0:2] == [5, 13]
     last, reason = outputs[steps][3]
     assert reason == "length" and len(last) == 40 - 1 and last[:32] == reference[3]
+
+
+@pytest.mark.parametrize("kv_cache_max_tokens", [None, 80])  # 80: blocks run out, run-aheads and sequences wait
+def test_bursts_run_ahead_give_the_tokens_of_single_steps(built, reference, kv_cache_max_tokens, monkeypatch):
+    """The burst queued before the last one's tokens are read (on by default on a GPU only) is kept while the
+    batch goes on unchanged and dropped when it changes: a sequence stops at its EOS mid-burst, one reaches its
+    max_tokens, a request joins (sharing a cached prefix), another is aborted. Tokens and block accounting equal
+    those of single steps."""
+    monkeypatch.delenv("KILN_DECODE_RUN_AHEAD", raising=False)
+    assert not _engine(built).executor.run_ahead  # on the CPU, by default
+    monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
+    others = set(reference[0][:5] + reference[1][:13] + reference[3])
+    eos = next(t for t in reference[2][2:29] if t not in others)  # stops the third prompt mid-way
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (5, 13, 32, 60, 30)]
+    prompts = PROMPTS + [PROMPTS[1] + [8]]  # the last joins later and finds the second's blocks cached
+    outputs, aborted = {}, {}
+    for k in (1, 4):
+        engine = _engine(built, eos=[eos], decode_steps_per_sync=k, max_seq_len=40, tokens_per_block=4,
+                         kv_cache_max_tokens=kv_cache_max_tokens)
+        queued = []  # the run-aheads queued (the others: no room for one)
+        queue = engine.executor._queue_next_burst
+        engine.executor._queue_next_burst = lambda *a: queued.append(queue(*a)) or queued[-1]
+        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:4], params)]
+        for _ in range(6):
+            engine.step()
+        victim = engine.add_request(PROMPTS[3], params[1])
+        engine.step()
+        engine.abort(victim)
+        aborted[k] = victim.finish_reason
+        seqs.append(engine.add_request(prompts[4], params[4]))
+        _drain(engine)
+        outputs[k] = [(s.output_ids, s.finish_reason) for s in seqs]
+        _assert_all_released(engine)
+        if k > 1:
+            used, queued = engine.executor.bursts_run_ahead, [a for a in queued if a is not None]
+            assert 0 < used < len(queued)  # some kept, some dropped
+    assert outputs[4] == outputs[1] and aborted == {1: "abort", 4: "abort"}
+    assert outputs[4][2][1] == "stop" and outputs[4][3][1] == "length"
+    assert engine.blocks.hit_rate() > 0

@@ -55,20 +55,24 @@ def test_cuda_graphs_leave_room_for_one_max_seq_len_sequence(tmp_path, monkeypat
 
 def test_decode_bursts_in_graphs_equal_single_steps(tmp_path, monkeypatch):
     """Greedy decode bursts (the graph feeds its argmax to the next step) give the tokens of one step at a
-    time, for sequences that end mid-burst at different lengths, and leave no block behind."""
+    time, for sequences that end mid-burst at different lengths, and leave no block behind; with the next burst
+    queued before the last is read (run ahead) or not. One sequence crosses into a block reserved for a run-ahead
+    burst: the graphs take its grown table."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     make_hf_model(tmp_path / "hf")
     prompts = PROMPTS + [[3] * 33, [4, 4]]
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (5, 7, 13, 3, 22)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (5, 7, 13, 40, 22)]
     tokens = {}
-    for steps in (1, 4):
+    for steps, run_ahead in ((1, "0"), (4, "0"), (4, "1")):
+        monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", run_ahead)
         bc = BuildConfig(max_batch_size=8, max_seq_len=128, decode_steps_per_sync=steps)
         with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
-            tokens[steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            tokens[steps, run_ahead] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             assert llm.runner.graphs.replays > 0
+            assert (llm.generator.executor.bursts_run_ahead > 0) == (run_ahead == "1")
             assert not llm.generator.blocks.tables and llm.generator.blocks.usage() == 0
-    assert tokens[4] == tokens[1]
-    assert [len(t) for t in tokens[4]] == [5, 7, 13, 3, 22]
+    assert tokens[4, "0"] == tokens[1, "0"] and tokens[4, "1"] == tokens[1, "0"]
+    assert [len(t) for t in tokens[4, "1"]] == [5, 7, 13, 40, 22]
 
 
 def test_short_prompts_and_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path, monkeypatch):
