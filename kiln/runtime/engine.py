@@ -61,7 +61,8 @@ class GenerationEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        produced = self.executor.step(step, may_run_ahead=not self.scheduler.waiting)
+        # a full batch only changes when a sequence ends: requests waiting for a seat do not stop a run-ahead
+        produced = self.executor.step(step, may_run_ahead=not self.scheduler.can_admit())
         now = time.monotonic()
         for seq, tokens in produced:
             self._append(seq, tokens, now)

@@ -2,8 +2,8 @@
 slots, run them on a runner (in-process or a group of worker processes), and sample the next token of
 every sequence whose prompt is now fully computed.
 
-Greedy decode steps run in bursts of `decode_steps_per_sync`, the host reading a burst's tokens once. While
-nothing waits to join the batch, the next burst is queued before the host reads the last (run ahead): on the
+Greedy decode steps run in bursts of `decode_steps_per_sync`, the host reading a burst's tokens once. While no
+waiting request could join the batch, the next burst is queued before the host reads the last (run ahead): on the
 GPU the host's work between bursts (appending tokens, stop checks, scheduling, the caller's detokenizing) then
 overlaps the kernels instead of leaving the GPU idle. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
 turns it off or on."""
@@ -83,8 +83,9 @@ class Executor:
         """Run one step; returns (sequence, new tokens) for the sequences that produced any: one token
         each, or several from a burst of greedy decode steps (the caller drops those past a stop).
 
-        may_run_ahead: nothing is waiting to join the batch, so after a burst the next one is queued before this
-        one's tokens are read (the GPU then runs it while the host handles these tokens and schedules again)."""
+        may_run_ahead: no waiting request could join the batch at the next step (none waits, or the batch is
+        full), so after a burst the next one is queued before this one's tokens are read (the GPU then runs it
+        while the host handles these tokens and schedules again)."""
         ahead, self.ahead = self.ahead, None
         if ahead is not None and ahead.continues(step):
             steps, tokens = ahead.steps, ahead.tokens

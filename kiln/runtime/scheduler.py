@@ -31,6 +31,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return any(not s.finished for s in self.waiting) or any(not s.finished for s in self.running)
 
+    def can_admit(self) -> bool:
+        """Whether a waiting sequence could join the batch without another leaving it first."""
+        return bool(self.waiting) and len(self.running) < self.max_batch_size
+
     def free(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks at once."""
         self.blocks.free(seq.seq_id)

@@ -320,3 +320,25 @@ def test_bursts_run_ahead_give_the_tokens_of_single_steps(built, reference, kv_c
     assert outputs[4] == outputs[1] and aborted == {1: "abort", 4: "abort"}
     assert outputs[4][2][1] == "stop" and outputs[4][3][1] == "length"
     assert engine.blocks.hit_rate() > 0
+
+
+def test_a_full_batch_runs_ahead_while_requests_wait_for_a_seat(built, reference, monkeypatch):
+    """Two seats, four requests: the waiting ones cannot join until a running one ends, so bursts run ahead
+    with requests waiting, and every sequence still gets transformers' tokens."""
+    monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
+    engine = _engine(built, max_batch_size=2)
+    waiting_when_queued = []
+    queue = engine.executor._queue_next_burst
+
+    def queue_and_note(*args):
+        ahead = queue(*args)
+        if ahead is not None:
+            waiting_when_queued.append(len(engine.scheduler.waiting))
+        return ahead
+
+    engine.executor._queue_next_burst = queue_and_note
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    _drain(engine)
+    assert [s.output_ids for s in seqs] == reference
+    assert any(n > 0 for n in waiting_when_queued) and engine.executor.bursts_run_ahead > 0
+    _assert_all_released(engine)
