@@ -2,7 +2,7 @@
 # The benchmarks of docs/performance.md, on one GPU: bf16 Llama-3-8B shapes on every named workload
 # beside transformers, then each quantized engine beside bf16 on batch-1 decode and offline 3000 x 128/128, and
 # the INT8 KV cache's capacity; "w4" alone: the int4 GEMM per tile side and row count, then W4A16 beside bf16 at
-# batch 1 and 64 (issue 4's two speed lines); "ahead" alone: bf16 at batch 1 and 64 with the decode run-ahead off,
+# batch 1 and 64 (issue 4's two speed lines); "ahead" alone: bf16 at batch 1, 64 and 512 with the run-ahead off,
 # then on. A command may need more than the device tool's 10 minutes: run the parts apart.
 # Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|all]
 set -euo pipefail
@@ -45,7 +45,7 @@ if [[ $what == ahead ]]; then
   for run_ahead in 0 1; do
     rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
     KILN_DECODE_RUN_AHEAD=$run_ahead $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none \
-      --workloads decode-1,offline-64 --output-json "$out/llama-3-8b-run-ahead-$run_ahead.json" 2>&1 \
+      --workloads decode-1,offline-64,offline-3000 --output-json "$out/llama-3-8b-run-ahead-$run_ahead.json" 2>&1 \
       | grep -v Warning | tee "$out/llama-3-8b-run-ahead-$run_ahead.txt"
   done
 fi
