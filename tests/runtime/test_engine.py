@@ -300,7 +300,7 @@ def test_bursts_run_ahead_give_the_tokens_of_single_steps(built, reference, kv_c
     for k in (1, 4):
         engine = _engine(built, eos=[eos], decode_steps_per_sync=k, max_seq_len=40, tokens_per_block=4,
                          kv_cache_max_tokens=kv_cache_max_tokens)
-        queued = []  # the run-aheads queued (the others: no room for one)
+        queued = []  # the run-aheads planned: None (no room for one), queued, or only watched (paused)
         queue = engine.executor._queue_next_burst
         engine.executor._queue_next_burst = lambda *a: queued.append(queue(*a)) or queued[-1]
         seqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:4], params)]
@@ -315,11 +315,32 @@ def test_bursts_run_ahead_give_the_tokens_of_single_steps(built, reference, kv_c
         outputs[k] = [(s.output_ids, s.finish_reason) for s in seqs]
         _assert_all_released(engine)
         if k > 1:
-            used, queued = engine.executor.bursts_run_ahead, [a for a in queued if a is not None]
+            used, queued = engine.executor.bursts_run_ahead, [a for a in queued if a and a.tokens is not None]
             assert 0 < used < len(queued)  # some kept, some dropped
     assert outputs[4] == outputs[1] and aborted == {1: "abort", 4: "abort"}
     assert outputs[4][2][1] == "stop" and outputs[4][3][1] == "length"
     assert engine.blocks.hit_rate() > 0
+
+
+def test_run_ahead_pauses_while_the_batch_keeps_changing(built, monkeypatch):
+    """A run-ahead dropped costs a burst of GPU time: after two drops in a row (a sequence leaves at every step)
+    no burst is queued ahead, only watched, and the sequence left alone still gets transformers' tokens."""
+    monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
+    engine = _engine(built)
+    continued = []
+    continue_burst = engine.executor.runner.continue_burst
+    engine.executor.runner.continue_burst = lambda *a: continued.append(a) or continue_burst(*a)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    seqs = [engine.add_request([5 + i, 9, 17], params) for i in range(5)]
+    engine.step()  # the prompts
+    for victim in seqs[1:]:  # a burst, then one sequence leaves: the next step is never the run-ahead's batch
+        engine.step()
+        engine.abort(victim)
+    _drain(engine)
+    assert len(continued) == 2 and engine.executor.bursts_run_ahead == 0
+    assert list(engine.executor.ahead_kept)[:4] == [False] * 4 and all(list(engine.executor.ahead_kept)[4:])
+    assert seqs[0].output_ids == hf_greedy(built[2], [5, 9, 17], 60)
+    _assert_all_released(engine)
 
 
 def test_a_full_batch_runs_ahead_while_requests_wait_for_a_seat(built, reference, monkeypatch):
