@@ -94,18 +94,19 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
             began = time.perf_counter()
-            args = (self.tokens[:size], self.positions[:size], self._batch(size))
-
-            def step(size=size, args=args):
-                logits = self.model(*args, last_token_only=True)
-                self._advance(size, logits)
-                return logits
-
-            self.graphs[size], self.outputs[size] = capture_graph(self.device, pool, step)
+            self.graphs[size], self.outputs[size] = capture_graph(self.device, pool,
+                                                                  lambda size=size: self.forward(size))
             torch.cuda.synchronize(self.device)
             seconds[size] = round(time.perf_counter() - began, 2)
         log.info("captured decode CUDA graphs in %.1fs (seconds per batch size: %s)", time.perf_counter() - start,
                  seconds)
+
+    def forward(self, size: int) -> torch.Tensor:
+        """What each graph holds: the decode step of the first `size` rows of the buffers, then their advance to
+        the next greedy step. Returns the logits [size, vocab]."""
+        logits = self.model(self.tokens[:size], self.positions[:size], self._batch(size), last_token_only=True)
+        self._advance(size, logits)
+        return logits
 
     def _advance(self, size: int, logits: torch.Tensor) -> None:
         """Inputs of the next greedy decode step, computed on the GPU (captured into the graph)."""
@@ -137,7 +138,8 @@ class DecodeGraphs:
         """Copy the step into the static buffers, padded up to a captured size; returns that size."""
         b = len(inp.query_lens)
         size = next(s for s in self.sizes if s >= b)
-        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=True)  # noqa: E731
+        pin = self.device.type == "cuda"
+        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
         self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
         self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
         self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
@@ -152,7 +154,7 @@ class DecodeGraphs:
 
     def _load_tables(self, block_tables: list[list[int]]) -> None:
         width = max(len(t) for t in block_tables)
-        tables = padded_tables(block_tables, width, self.scratch_block, "cpu", pin_memory=True)
+        tables = padded_tables(block_tables, width, self.scratch_block, "cpu", pin_memory=self.device.type == "cuda")
         self.tables[:len(block_tables), :width].copy_(tables, non_blocking=True)
         # a burst may run past a table's end: scratch, not a stale block
         self.tables[:len(block_tables), width:].fill_(self.scratch_block)

@@ -1,6 +1,7 @@
-"""What the prefill CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a step padded up to
-a captured size, fresh or after a cached prefix, gives the logits of the step itself. The GPU test replays the
-graphs themselves (test_gpu_runtime.py)."""
+"""What the CUDA graphs replay, run eagerly (on the CPU with the reference kernels): a prefill step padded up to a
+captured size, fresh or after a cached prefix, gives the logits of the step itself; decode bursts, and the burst
+run ahead after them, give the tokens of eager steps. The GPU test replays the graphs themselves
+(test_gpu_runtime.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from kiln.builder import Engine
 from kiln.config import BuildConfig
 from kiln.llmapi.llm import open_engine_dir
 from kiln.runtime.block_manager import BlockManager
-from kiln.runtime.cuda_graphs import PrefillGraphs, prefill_graph_token_counts
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
 from kiln.runtime.kv_cache import PagedKVCache
 from kiln.runtime.model_runner import ModelRunner, StepInputs
+from kiln.runtime.sampler import greedy_tokens
 
 
 def _step(blocks: BlockManager, tokens: list[int], start: int) -> StepInputs:
@@ -76,3 +78,41 @@ def test_which_steps_a_prefill_graph_takes():
     assert not graphs.can_run(step([5, 5], [10, 10]))  # two sequences
     assert prefill_graph_token_counts(BuildConfig(max_seq_len=100, max_num_tokens=8192)) == [16, 32, 64]
     assert prefill_graph_token_counts(BuildConfig(max_seq_len=4096, max_num_tokens=48)) == [16, 32]
+
+
+class EagerReplay:
+    """A graph whose replay calls what it holds (on the CPU, where nothing is captured)."""
+
+    def __init__(self, forward):
+        self.replay = forward
+
+
+def test_a_burst_run_ahead_from_the_decode_graph_buffers_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """A burst of 4 decode steps from the graph buffers, then 4 more run ahead from where its last advance left
+    them, after one sequence's table grew by the block its next token starts: the tokens and keys of 8 eager
+    steps. The run-ahead must load the grown table and read that token's slot off it again (the advance found no
+    block there)."""
+    runner, blocks, _ = _runner_and_graphs(tmp_path, monkeypatch)
+    graphs = DecodeGraphs(runner.model, runner.kv, torch.device("cpu"), max_batch_size=2, max_blocks_per_seq=8,
+                          scratch_block=runner.num_blocks - 1)
+    for size in graphs.sizes:
+        graphs.graphs[size] = EagerReplay(lambda size=size: graphs.forward(size))
+    prompts = [list(range(40, 52)), [3, 1, 4, 1, 5]]  # 12 tokens: its 5th decode step starts block 1
+    for i, prompt in enumerate(prompts):
+        blocks.allocate(i, prompt)
+    slots = [blocks.slot(i, p) for i, prompt in enumerate(prompts) for p in range(len(prompt))]
+    prefill = StepInputs(prompts[0] + prompts[1], [*range(12), *range(5)], [12, 5], [0, 0], slots,
+                         [blocks.tables[0], blocks.tables[1]])
+    first = greedy_tokens(runner.execute(prefill)).tolist()
+    decode = StepInputs(first, [12, 5], [1, 1], [12, 5], [blocks.slot(0, 12), blocks.slot(1, 5)],
+                        [list(blocks.tables[0]), list(blocks.tables[1])])
+    tokens = graphs.run_burst(decode, 4)
+    assert blocks.append_slots(0, 12 + 8) and blocks.append_slots(1, 5 + 8)
+    assert [len(t) for t in blocks.tables.values()] == [2, 1]
+    tokens = torch.cat([tokens, graphs.continue_burst([blocks.tables[0], blocks.tables[1]], 4)])
+    grown = blocks.tables[0][1]
+    keys = {i: k[grown, :4].clone() for i, k in runner.kv.k.items()}  # positions 16-19, in the grown block
+    decode.block_tables = [blocks.tables[0], blocks.tables[1]]
+    assert tokens.T.tolist() == runner.decode_burst(decode, 8).per_sequence()  # rewrites the keys, then reads
+    for i, k in runner.kv.k.items():
+        torch.testing.assert_close(keys[i], k[grown, :4], rtol=0, atol=0)
