@@ -165,13 +165,17 @@ class DecodeGraphs:
         scratch block: the caller discards tokens past a sequence's end)."""
         return self._replay_steps(self.load(inp), len(inp.query_lens), steps)
 
-    def continue_burst(self, block_tables: list[list[int]], steps: int) -> torch.Tensor:
-        """`steps` more greedy decode steps of the batch of the last `run_burst` (or `continue_burst`), from the
+    def continue_burst(self, block_tables: list[list[int] | None], steps: int) -> torch.Tensor:
+        """`steps` more greedy decode steps of the rows of the last `run_burst` (or `continue_burst`), from the
         inputs its last replay advanced to. The sequences' block tables have grown to cover the new steps: they
-        are copied in, and the slots of the next step read off them again."""
+        are copied in, and the slots of the next step read off them again. A row whose sequence left the batch
+        (None) turns into a padding row: position 0 over the scratch block."""
         b = len(block_tables)
         size = next(s for s in self.sizes if s >= b)
-        self._load_tables(block_tables)
+        self._load_tables([[] if table is None else table for table in block_tables])
+        left = self.tables[:size, 0] == self.scratch_block  # and the padding rows: no sequence owns that block
+        self.positions[:size].masked_fill_(left, 0)
+        self.seq_lens[:size].masked_fill_(left, 1)
         self._slots_from_tables(size)
         return self._replay_steps(size, b, steps)
 

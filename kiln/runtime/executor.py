@@ -5,7 +5,8 @@ every sequence whose prompt is now fully computed.
 Greedy decode steps run in bursts of `decode_steps_per_sync`, the host reading a burst's tokens once. While no
 waiting request could join the batch, the next burst is queued before the host reads the last (run ahead): on the
 GPU the host's work between bursts (appending tokens, stop checks, scheduling, the caller's detokenizing) then
-overlaps the kernels instead of leaving the GPU idle. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
+overlaps the kernels instead of leaving the GPU idle. Sequences that end leave dead rows in it; a request that
+joins drops it, and run-ahead pauses while drops are frequent. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
 turns it off or on."""
 
 from __future__ import annotations
@@ -55,25 +56,31 @@ def _run_ahead_setting(runner) -> bool:
 
 @dataclass
 class RunAhead:
-    """A decode burst queued right after another, before the host read that one's tokens: the same sequences'
-    next steps. The next step takes its tokens if it is those sequences' decode again; else they are dropped (the
-    keys it wrote sit past every sequence's cached tokens, where the next real step writes its own)."""
+    """A decode burst queued right after another, before the host read that one's tokens: the same rows' next
+    steps. The next step takes its tokens if it is the decode of those rows' sequences that are still running
+    (a sequence that ended or was aborted leaves its row dead: its keys go to the scratch block from then on);
+    else they are dropped (the keys it wrote sit past every sequence's cached tokens, where the next real step
+    writes its own)."""
 
-    seqs: list[Sequence]
-    starts: list[int]  # each sequence's num_cached where the burst begins
+    seqs: list[Sequence | None]  # per row of the burst; None: a sequence that left the batch
+    starts: list[int]  # each row's num_cached where the burst begins
     steps: int
     tokens: BurstTokens | None  # None: not queued (run-ahead paused), only watched for whether it would be kept
 
-    def continues(self, step: list[tuple[Sequence, int]]) -> bool:
-        return len(step) == len(self.seqs) and all(
-            seq is expected and n == 1 and seq.num_cached == start
-            for (seq, n), expected, start in zip(step, self.seqs, self.starts))
+    def rows_of(self, step: list[tuple[Sequence, int]]) -> list[int] | None:
+        """The row of each of the step's sequences, if the step is the decode of some of this burst's sequences
+        at the burst's start; else None."""
+        row_of = {id(seq): i for i, seq in enumerate(self.seqs) if seq is not None}
+        rows = [row_of.get(id(seq)) for seq, _ in step]
+        if any(i is None or n != 1 or seq.num_cached != self.starts[i] for i, (seq, n) in zip(rows, step)):
+            return None
+        return rows
 
 
 # A dropped run-ahead wastes a burst of GPU time (4 steps: 11 ms for an 8B model at batch 1), a kept one saves the
 # host's time between bursts (about 0.6 ms there): it pays while fewer than 1 in 20 are dropped. Run-ahead pauses
-# while more than one of the last 32 that could have run would have been dropped (sequences ending at EOS in a big
-# batch, requests arriving while serving), and resumes when the batch holds steady again.
+# while more than one of the last 32 that could have run would have been dropped (requests joining often, as when
+# serving many users), and resumes when the batch holds steady again.
 RUN_AHEAD_WINDOW = 32
 RUN_AHEAD_MAX_DROPS = 1
 
@@ -97,22 +104,26 @@ class Executor:
         full), so after a burst the next one is queued before this one's tokens are read (the GPU then runs it
         while the host handles these tokens and schedules again)."""
         ahead, self.ahead = self.ahead, None
+        rows = None if ahead is None else ahead.rows_of(step)
         if ahead is not None:
-            self.ahead_kept.append(ahead.continues(step))
-        if ahead is not None and ahead.tokens is not None and self.ahead_kept[-1]:
+            self.ahead_kept.append(rows is not None)
+        if rows is not None and ahead.tokens is not None:
             steps, tokens = ahead.steps, ahead.tokens
+            running = {id(seq) for seq, _ in step}
+            layout = [seq if seq is not None and id(seq) in running else None for seq in ahead.seqs]
             self.bursts_run_ahead += 1
         else:
             steps = self._burst_steps(step)
             if steps == 1:
                 return self._single_step(step)
             tokens = self.runner.decode_burst(step_inputs(step, self.blocks), steps)
+            layout, rows = [seq for seq, _ in step], range(len(step))
         if may_run_ahead and self.run_ahead:
-            self.ahead = self._queue_next_burst(step, steps)
-        per_sequence = tokens.per_sequence()
+            self.ahead = self._queue_next_burst(layout, steps)
+        per_row = tokens.per_sequence()
         for seq, _ in step:
             seq.num_cached += steps
-        return list(zip((seq for seq, _ in step), per_sequence))
+        return [(seq, per_row[i]) for (seq, _), i in zip(step, rows)]
 
     def _single_step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
         logits = self.runner.execute(step_inputs(step, self.blocks))
@@ -152,18 +163,22 @@ class Executor:
                 return 1
         return steps
 
-    def _queue_next_burst(self, step: list[tuple[Sequence, int]], steps: int) -> RunAhead | None:
-        """The burst after this one, when every sequence has room for all of it within its length limit (so none
-        leaves the batch by length in this burst): queued now, its blocks reserved here, unless run-ahead is
-        paused or blocks are short; then only watched."""
-        seqs = [seq for seq, _ in step]
-        if any(seq.num_cached + 2 * steps >= seq.max_len for seq in seqs):
+    def _queue_next_burst(self, layout: list[Sequence | None], steps: int) -> RunAhead | None:
+        """The burst after this one, over the same rows (`layout`: the sequence of each, None where one left),
+        when every sequence has room for all of it within its length limit (so none leaves the batch by length in
+        this burst) and at least half the rows are alive (else a fresh burst packs the batch into a smaller
+        graph): queued now, its blocks reserved here, unless run-ahead is paused or blocks are short; then only
+        watched."""
+        live = [seq for seq in layout if seq is not None]
+        if 2 * len(live) < len(layout) or any(seq.num_cached + 2 * steps >= seq.max_len for seq in live):
             return None
-        ahead = RunAhead(seqs, [seq.num_cached + steps for seq in seqs], steps, None)
+        starts = [seq.num_cached + steps if seq is not None else -1 for seq in layout]
+        ahead = RunAhead(layout, starts, steps, None)
         if self.ahead_kept.count(False) > RUN_AHEAD_MAX_DROPS:
             return ahead
-        for seq in seqs:
+        for seq in live:
             if not self.blocks.append_slots(seq.seq_id, seq.num_cached + 2 * steps):
                 return ahead
-        ahead.tokens = self.runner.continue_burst([self.blocks.tables[seq.seq_id] for seq in seqs], steps)
+        tables = [None if seq is None else self.blocks.tables[seq.seq_id] for seq in layout]
+        ahead.tokens = self.runner.continue_burst(tables, steps)
         return ahead

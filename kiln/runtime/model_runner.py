@@ -142,14 +142,23 @@ class ModelRunner:
         return BurstTokens(self._eager_burst(inp.block_tables, tokens, positions, steps))
 
     @torch.inference_mode()
-    def continue_burst(self, block_tables: list[list[int]], steps: int) -> BurstTokens:
-        """`steps` more greedy decode steps of the last burst's batch, from where it ended, queued before the host
+    def continue_burst(self, block_tables: list[list[int] | None], steps: int) -> BurstTokens:
+        """`steps` more greedy decode steps of the last burst's rows, from where it ended, queued before the host
         reads that burst's tokens. The caller grew every block table to cover them (and no sequence left the last
-        burst early: each had room for all its steps)."""
+        burst early: each had room for all its steps); None: the row's sequence has left the batch, and the row
+        runs no more (its tokens are -1)."""
         if self._burst_in_graphs:
             return BurstTokens(self.graphs.continue_burst(block_tables, steps))
         tokens, positions = self._eager_next
-        return BurstTokens(self._eager_burst(block_tables, tokens, positions, steps))
+        live = [i for i, table in enumerate(block_tables) if table is not None]
+        index = torch.tensor(live, device=self.device)
+        out = torch.full((steps, len(block_tables)), -1, dtype=torch.long, device=self.device)
+        out[:, index] = self._eager_burst([block_tables[i] for i in live], tokens[index], positions[index], steps)
+        if self._eager_next is not None:  # where every row goes on from, the rows that left included
+            tokens, positions = tokens.clone(), positions.clone()
+            tokens[index], positions[index] = self._eager_next
+            self._eager_next = tokens, positions
+        return BurstTokens(out)
 
     def _eager_burst(self, block_tables: list[list[int]], tokens: torch.Tensor, positions: torch.Tensor,
                      steps: int) -> torch.Tensor:

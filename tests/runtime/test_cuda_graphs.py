@@ -87,17 +87,15 @@ class EagerReplay:
         self.replay = forward
 
 
-def test_a_burst_run_ahead_from_the_decode_graph_buffers_gives_the_eager_tokens(tmp_path, monkeypatch):
-    """A burst of 4 decode steps from the graph buffers, then 4 more run ahead from where its last advance left
-    them, after one sequence's table grew by the block its next token starts: the tokens and keys of 8 eager
-    steps. The run-ahead must load the grown table and read that token's slot off it again (the advance found no
-    block there)."""
+def _decode_graphs_after_two_prompts(tmp_path, monkeypatch):
+    """The runner, its blocks, decode graphs of 1 and 2 rows whose replays run eagerly, and the decode step after
+    two prompts (12 tokens: the 5th decode step of the first starts its block 1; 5 tokens)."""
     runner, blocks, _ = _runner_and_graphs(tmp_path, monkeypatch)
     graphs = DecodeGraphs(runner.model, runner.kv, torch.device("cpu"), max_batch_size=2, max_blocks_per_seq=8,
                           scratch_block=runner.num_blocks - 1)
     for size in graphs.sizes:
         graphs.graphs[size] = EagerReplay(lambda size=size: graphs.forward(size))
-    prompts = [list(range(40, 52)), [3, 1, 4, 1, 5]]  # 12 tokens: its 5th decode step starts block 1
+    prompts = [list(range(40, 52)), [3, 1, 4, 1, 5]]
     for i, prompt in enumerate(prompts):
         blocks.allocate(i, prompt)
     slots = [blocks.slot(i, p) for i, prompt in enumerate(prompts) for p in range(len(prompt))]
@@ -106,6 +104,15 @@ def test_a_burst_run_ahead_from_the_decode_graph_buffers_gives_the_eager_tokens(
     first = greedy_tokens(runner.execute(prefill)).tolist()
     decode = StepInputs(first, [12, 5], [1, 1], [12, 5], [blocks.slot(0, 12), blocks.slot(1, 5)],
                         [list(blocks.tables[0]), list(blocks.tables[1])])
+    return runner, blocks, graphs, decode
+
+
+def test_a_burst_run_ahead_from_the_decode_graph_buffers_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """A burst of 4 decode steps from the graph buffers, then 4 more run ahead from where its last advance left
+    them, after one sequence's table grew by the block its next token starts: the tokens and keys of 8 eager
+    steps. The run-ahead must load the grown table and read that token's slot off it again (the advance found no
+    block there)."""
+    runner, blocks, graphs, decode = _decode_graphs_after_two_prompts(tmp_path, monkeypatch)
     tokens = graphs.run_burst(decode, 4)
     assert blocks.append_slots(0, 12 + 8) and blocks.append_slots(1, 5 + 8)
     assert [len(t) for t in blocks.tables.values()] == [2, 1]
@@ -116,3 +123,21 @@ def test_a_burst_run_ahead_from_the_decode_graph_buffers_gives_the_eager_tokens(
     assert tokens.T.tolist() == runner.decode_burst(decode, 8).per_sequence()  # rewrites the keys, then reads
     for i, k in runner.kv.k.items():
         torch.testing.assert_close(keys[i], k[grown, :4], rtol=0, atol=0)
+
+
+def test_a_row_whose_sequence_left_runs_ahead_as_padding(tmp_path, monkeypatch):
+    """The second sequence leaves after the first burst: the run-ahead's row for it goes back to position 0 over
+    the scratch block, so its freed block is left as it was, and the first sequence's tokens are those of its 8
+    eager steps alone."""
+    runner, blocks, graphs, decode = _decode_graphs_after_two_prompts(tmp_path, monkeypatch)
+    tokens = graphs.run_burst(decode, 4)
+    freed = blocks.tables[1][0]
+    blocks.free(1)
+    keys = {i: k[freed].clone() for i, k in runner.kv.k.items()}
+    assert blocks.append_slots(0, 12 + 8)
+    tokens = torch.cat([tokens, graphs.continue_burst([blocks.tables[0], None], 4)])
+    assert graphs.positions[1] == 4  # back to 0, then 4 steps
+    for i, k in runner.kv.k.items():
+        torch.testing.assert_close(keys[i], k[freed], rtol=0, atol=0)
+    alone = StepInputs(decode.token_ids[:1], [12], [1], [12], decode.slot_mapping[:1], [blocks.tables[0]])
+    assert tokens[:, 0].tolist() == runner.decode_burst(alone, 8).per_sequence()[0]

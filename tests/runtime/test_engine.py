@@ -322,24 +322,50 @@ def test_bursts_run_ahead_give_the_tokens_of_single_steps(built, reference, kv_c
     assert engine.blocks.hit_rate() > 0
 
 
-def test_run_ahead_pauses_while_the_batch_keeps_changing(built, monkeypatch):
-    """A run-ahead dropped costs a burst of GPU time: after two drops in a row (a sequence leaves at every step)
-    no burst is queued ahead, only watched, and the sequence left alone still gets transformers' tokens."""
+def _count_continued(engine) -> list:
+    """The runner's continue_burst calls (the run-aheads queued), recorded as they happen."""
+    continued, continue_burst = [], engine.executor.runner.continue_burst
+    engine.executor.runner.continue_burst = lambda *a: continued.append(a) or continue_burst(*a)
+    return continued
+
+
+def test_run_ahead_goes_on_while_sequences_leave_the_batch(built, monkeypatch):
+    """A sequence that leaves (here aborted at every step) leaves its row dead: the others keep the burst run
+    ahead for them, until fewer than half the rows live and a fresh burst packs the batch."""
     monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
     engine = _engine(built)
-    continued = []
-    continue_burst = engine.executor.runner.continue_burst
-    engine.executor.runner.continue_burst = lambda *a: continued.append(a) or continue_burst(*a)
+    continued = _count_continued(engine)
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     seqs = [engine.add_request([5 + i, 9, 17], params) for i in range(5)]
     engine.step()  # the prompts
-    for victim in seqs[1:]:  # a burst, then one sequence leaves: the next step is never the run-ahead's batch
+    for victim in seqs[1:]:
         engine.step()
         engine.abort(victim)
     _drain(engine)
+    assert [None in tables for tables, _ in continued[:3]] == [False, True, True]  # then 3 of 5 rows dead: packed
+    assert all(engine.executor.ahead_kept) and engine.executor.bursts_run_ahead == len(continued)
+    assert seqs[0].output_ids == hf_greedy(built[2], [5, 9, 17], 60)
+    _assert_all_released(engine)
+
+
+def test_run_ahead_pauses_while_requests_keep_joining(built, monkeypatch):
+    """A run-ahead dropped costs a burst of GPU time: after two drops (a request joins after every burst) no burst
+    is queued ahead, only watched, and every sequence still gets transformers' tokens."""
+    monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
+    engine = _engine(built)
+    continued = _count_continued(engine)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    prompts = [[5 + i, 9, 17] for i in range(5)]
+    seqs = [engine.add_request(prompts[0], params)]
+    engine.step()  # the prompt
+    for prompt in prompts[1:]:
+        engine.step()  # a burst, its run-ahead queued or watched
+        seqs.append(engine.add_request(prompt, params))
+        engine.step()  # the new prompt joins: the run-ahead is dropped
+    _drain(engine)
     assert len(continued) == 2 and engine.executor.bursts_run_ahead == 0
     assert list(engine.executor.ahead_kept)[:4] == [False] * 4 and all(list(engine.executor.ahead_kept)[4:])
-    assert seqs[0].output_ids == hf_greedy(built[2], [5, 9, 17], 60)
+    assert [s.output_ids for s in seqs] == [hf_greedy(built[2], p, 60) for p in prompts]
     _assert_all_released(engine)
 
 
