@@ -117,6 +117,8 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
     sync(llm.device)
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
+    executor = llm.generator.executor
+    bursts, bursts_run_ahead = executor.bursts, executor.bursts_run_ahead
     start = time.perf_counter()
     extra = {}
     if w.shared_prefix_len:  # the first fills the cache; one follower alone; then the others together
@@ -131,6 +133,8 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
         outputs = llm.generate(prompts, params)
     sync(llm.device)
     seconds = time.perf_counter() - start
+    if executor.bursts > bursts:  # the share of decode bursts queued before the host read the one before
+        extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
     tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]

@@ -94,7 +94,7 @@ class Executor:
         self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
         self.ahead: RunAhead | None = None
         self.ahead_kept: deque[bool] = deque(maxlen=RUN_AHEAD_WINDOW)  # whether the next step continued each one
-        self.bursts_run_ahead = 0  # bursts whose tokens came from a run-ahead (the others were dropped)
+        self.bursts = self.bursts_run_ahead = 0  # decode bursts run, and those whose tokens came from a run-ahead
 
     def step(self, step: list[tuple[Sequence, int]], may_run_ahead: bool = False) -> list[tuple[Sequence, list[int]]]:
         """Run one step; returns (sequence, new tokens) for the sequences that produced any: one token
@@ -118,6 +118,7 @@ class Executor:
                 return self._single_step(step)
             tokens = self.runner.decode_burst(step_inputs(step, self.blocks), steps)
             layout, rows = [seq for seq, _ in step], range(len(step))
+        self.bursts += 1
         if may_run_ahead and self.run_ahead:
             self.ahead = self._queue_next_burst(layout, steps)
         per_row = tokens.per_sequence()

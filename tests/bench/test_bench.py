@@ -50,6 +50,7 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
         assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
         assert prefix["extra"]["follower_alone_ttft_s"] > 0 and "together_over_first" in prefix["extra"]
         assert "of_decode_roofline" in rows[(system, "one")]["extra"]
+        assert rows[(system, "one")]["extra"]["bursts_run_ahead"] == 0  # decoded in bursts; no run-ahead on the CPU
         one = rows[(system, "one")]  # 6 tokens: the first, then 5 steps in (seconds - TTFT)
         assert 0 < one["tpot_s"]["p50"] <= (one["seconds"] - one["ttft_s"]["p50"]) / 5 + 1e-6
     assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
