@@ -183,3 +183,8 @@ class AsyncLLM:
         return {"kiln_requests_running": running, "kiln_requests_waiting": self.num_waiting(),
                 "kiln_kv_cache_sequences": len(blocks.tables), "kiln_kv_cache_usage_ratio": blocks.usage(),
                 "kiln_prefix_cache_hit_rate": blocks.hit_rate()}
+
+    def counters(self) -> dict[str, int]:
+        executor = self.llm.generator.executor
+        return {"kiln_decode_bursts_total": executor.bursts,
+                "kiln_decode_bursts_run_ahead_total": executor.bursts_run_ahead}

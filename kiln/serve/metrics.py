@@ -57,10 +57,13 @@ class Metrics:
     def observe_itl(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
-    def render(self, gauges: dict[str, float]) -> str:
+    def render(self, gauges: dict[str, float], counters: dict[str, int]) -> str:
+        """Prometheus text: the engine's gauges and counters (read off it when scraped), then this object's own."""
         lines = []
         for name, value in gauges.items():
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]
+        for name, value in counters.items():
+            lines += [f"# TYPE {name} counter", f"{name} {value}"]
         lines += ["# TYPE kiln_prompt_tokens_total counter", f"kiln_prompt_tokens_total {self.prompt_tokens}",
                   "# TYPE kiln_generation_tokens_total counter",
                   f"kiln_generation_tokens_total {self.generation_tokens}",

@@ -257,7 +257,7 @@ async def health(request):
 
 async def metrics(request):
     engine = get_engine(request)
-    return web.Response(text=engine.metrics.render(engine.gauges()), content_type="text/plain")
+    return web.Response(text=engine.metrics.render(engine.gauges(), engine.counters()), content_type="text/plain")
 
 
 def make_app(model_name: str, api_key: str | None = None, request_timeout: float | None = None,

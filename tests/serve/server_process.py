@@ -32,8 +32,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m kiln serve PATH --host 127.0.0.1 --port P ...`, logging to a file beside the cache dir."""
 
-    def __init__(self, path: Path, workdir: Path, *args: str, api_key: str | None = None):
-        self.path, self.args, self.api_key = Path(path), list(args), api_key
+    def __init__(self, path: Path, workdir: Path, *args: str, api_key: str | None = None, env: dict | None = None):
+        self.path, self.args, self.api_key, self.env = Path(path), list(args), api_key, env or {}
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "server.log"
@@ -64,7 +64,8 @@ class ServerProcess:
                    "--port", str(self.port), *self.args]
             if self.api_key:
                 cmd += ["--api-key", self.api_key]
-            env = {**os.environ, "KILN_CACHE_DIR": str(self.workdir / "kiln_cache"), "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "KILN_CACHE_DIR": str(self.workdir / "kiln_cache"), "PYTHONUNBUFFERED": "1",
+                   **self.env}
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             if self._wait_healthy(timeout):

@@ -52,7 +52,10 @@ def engine_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("server"), "--max-batch-size", "64", api_key=API_KEY)
+    # The decode run-ahead on, as on a GPU (off by default on the CPU): streams joining, ending at stop strings and
+    # hanging up go through it.
+    proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("server"), "--max-batch-size", "64", api_key=API_KEY,
+                         env={"KILN_DECODE_RUN_AHEAD": "1"})
     proc.start()
     yield proc
     proc.stop()
@@ -489,6 +492,8 @@ def test_metrics_are_valid_prometheus_text(server, client, model):
     long_prompt = "tell me more " * 20  # over one 32-token KV block, so the second request reuses it
     for _ in range(2):  # at least one TTFT and ITL observation, and one prefix-cache hit
         complete(client, model, prompt=long_prompt, max_tokens=4, temperature=0)
+    # greedy decode bursts, the later ones run ahead (forced on for this server)
+    complete(client, model, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     status, headers, text = server.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     samples = {}
@@ -502,6 +507,7 @@ def test_metrics_are_valid_prometheus_text(server, client, model):
     for name in ("kiln_requests_running", "kiln_requests_waiting", "kiln_kv_cache_sequences",
                  "kiln_prompt_tokens_total", "kiln_generation_tokens_total"):
         assert name in samples, name
+    assert samples["kiln_decode_bursts_total"] > samples["kiln_decode_bursts_run_ahead_total"] > 0
     assert 0 <= samples["kiln_kv_cache_usage_ratio"] <= 1
     assert 0 < samples["kiln_prefix_cache_hit_rate"] <= 1
     for hist in ("kiln_time_to_first_token_seconds", "kiln_inter_token_latency_seconds"):
