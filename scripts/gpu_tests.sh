@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU-only test (kernels against their torch references, the runtime against the reference path and
-# transformers), on a machine with an NVIDIA GPU. pytest may come from wheels in .whl/ (no registry there).
+# transformers), on a machine with an NVIDIA GPU. pytest may come from wheels in .whl/ (no registry there; the
+# folder is git-ignored, so a device call names it in `carry`).
 set -euo pipefail
 if ! python -c "import pytest" 2>/dev/null; then
   python -m pip install -q --no-index --no-deps --target /tmp/kiln-site .whl/*.whl

@@ -77,8 +77,8 @@ class RunAhead:
         return rows
 
 
-# A dropped run-ahead wastes a burst of GPU time (4 steps: 11 ms for an 8B model at batch 1), a kept one saves the
-# host's time between bursts (about 0.6 ms there): it pays while fewer than 1 in 20 are dropped. Run-ahead pauses
+# A dropped run-ahead wastes a burst of GPU time (4 steps: 11-16 ms for an 8B model at batch 1), a kept one saves
+# the host's time between bursts (about 0.7 ms there): it pays while fewer than 1 in 20 are dropped. Run-ahead pauses
 # while more than one of the last 32 that could have run would have been dropped (requests joining often, as when
 # serving many users), and resumes when the batch holds steady again.
 RUN_AHEAD_WINDOW = 32
