@@ -83,7 +83,7 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for one in (True, False)],
     *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks),
        dict(w_ptr="*i32" if name == "gemv" else "*u8"))
-      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(BLOCK_N=32, BLOCK_KW=128)),
+      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=256)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
     *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",

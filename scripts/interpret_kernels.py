@@ -1,7 +1,8 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
 either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; and the
-e4m3 MMA GEMV on every tile (no PTX, but its tiles, masks and splits are only timed on a GPU). It checks
+e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
+GPU). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -77,6 +78,18 @@ def int4_gemm() -> None:
                           y, want)
 
 
+def int4_gemv() -> None:
+    """Rows of whole words (in % 8 == 0); the last shape's rows are not a whole number of 512-word steps."""
+    for m, n, k, group, zero in ((1, 96, 256, 128, False), (2, 37, 1024, 64, True), (1, 21, 14336 // 4, 128, True)):
+        x = torch.randn(m, k).half()
+        packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
+        want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
+        for tile in qg.W4_GEMV_TILES:
+            y = torch.empty(m, n, dtype=torch.float16)
+            qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, group, y, tile)
+            check(f"w4 gemv m{m} n{n} k{k} g{group} zero={zero} tile {tile}", y, want)
+
+
 def decode_attention() -> None:
     cases = (([40, 100, 7], 8, 2, 64, 32, None, 4), ([300, 1, 77], 16, 2, 128, 32, 64, 4),
              ([33, 9], 12, 12, 96, 8, None, 1))  # lens, heads, kv heads, head size, page, window, SMs
@@ -114,6 +127,7 @@ def main() -> None:
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
     int4_gemm()
+    int4_gemv()
     decode_attention()
     fp8_dot_gemv()
 

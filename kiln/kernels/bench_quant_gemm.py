@@ -152,8 +152,10 @@ def main():
     sides: dict = {}
     weights_left_or_right(sides)
     print("  one decoder layer: " + "  ".join(f"m{m} {side} {us:.1f}us" for (m, side), us in sides.items()))
+    print(f"int4 GEMV tiles (BLOCK_N, BLOCK_KW, warps) by (N, in/8, group, zero, rows): "
+          f"{ {key[1:6]: tile for key, tile in qg._PICKED.items() if key[0] == 'gemv'} }")
     print(f"int4 GEMM tiles (BLOCK_M, BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT) by (N, in/2, group, zero, rows "
-          f"bucket): { {key[:5]: tile for key, tile in qg._PICKED.items()} }")
+          f"bucket): { {key[:5]: tile for key, tile in qg._PICKED.items() if key[0] != 'gemv'} }")
     for kernel, (tuned, _) in qg._TUNED.items():
         print(f"best configs of {kernel.fn.__name__}: "
               f"{ {key[:3]: str(cfg) for key, cfg in tuned.cache.items()} }")

@@ -5,13 +5,14 @@ Decode is memory-bound: at batch 1 a layer's time is the time to stream its weig
 be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at full bandwidth. Two kernels:
 
 - GEMV (a few rows of x): each program owns a block of output rows and streams their packed codes along the
-  whole input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores. For int4 the group's scale
-  and zero are applied once per group, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k),
-  and a code becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs
-  two instructions and the kernel is bound by memory, not by unpacking. Programs of the
-  same output block but different rows of x are adjacent in the launch order, so the weights come from L2
-  after the first read. int8 needs no unpacking: it runs the full-precision GEMV (kiln.kernels.gemv), its
-  per-channel scale applied after the float32 sum.
+  input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores; a step of 512 words covers a
+  4096-wide row, so all of a program's loads are in flight at once. For int4 the group's scale and zero are
+  applied once per word, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k), and a code
+  becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs two
+  instructions. Each thread holds one word of each of its outputs and the 8 columns of x that word multiplies,
+  so no value crosses threads until the final sum. Programs of the same output block but different rows of x
+  are adjacent in the launch order, so the weights come from L2 after the first read. int8 needs no unpacking:
+  it runs the full-precision GEMV (kiln.kernels.gemv), its per-channel scale applied after the float32 sum.
 - GEMM (3 to DEQUANT_MIN_ROWS - 1 rows): one int4 group per step. Each weight is dequantized once per tile of
   rows to exactly the reference's 16-bit value ((u - z) s, rounded once) by packed 16-bit arithmetic, two
   weights an instruction (_dequant_nibbles, inline PTX; scripts/kernel_sass.py counts the loop), so one
@@ -27,11 +28,12 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   reference's dequantization) and cuBLAS multiplies, so the unpacking is done once, not once per row tile.
   int8 keeps its GEMM at every size: its tiles convert with one instruction per weight.
 
-Both autotune over a few tile shapes per (N, K, power-of-two bucket of M); CUDA-graph capture warms up
-outside the graph, so tuning never runs inside one (a shape first seen inside a capture takes the first
-config). Results equal the references (dequantize to x's dtype, then F.linear) up to the rounding of the
-dequantized weight to x's dtype and of the sums: the tests bound the difference by 3 units of x's dtype in
-the last place of sum_k |x_k| |w_k|.
+The int4 kernels time a few tiles per (N, K, rows of x, or their power-of-two bucket for the GEMM) the first
+time a shape is seen, replayed from a CUDA graph over weight copies that overflow L2, as a decode step runs
+them; the int8 GEMM autotunes with Triton's tuner. CUDA-graph capture warms up outside the graph, so tuning
+never runs inside one (a shape first seen inside a capture takes the first tile). Results equal the references
+(dequantize to x's dtype, then F.linear) up to the rounding of the dequantized weight to x's dtype and of the
+sums: the tests bound the difference by 3 units of x's dtype in the last place of sum_k |x_k| |w_k|.
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ if triton is not None:
 DEQUANT_MIN_ROWS = 256
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# (BLOCK_N, BLOCK_KW, warps) of the int4 GEMV, the first the untuned default: BLOCK_KW words of each of BLOCK_N
+# outputs a step, one word per thread and output, so BLOCK_KW is a multiple of the threads (32 a warp). A step of
+# 512 words covers a 4096-wide row at once: every load of the program is in flight together. On an H200 (Llama-3-8B
+# shapes, one row) each of the first five won a shape; the rest were within 10% of the best on one. Tiles of one
+# output, or of 1024 words, lost on every shape by 24% or more and were dropped.
+W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4), (4, 256, 4), (8, 256, 4),
+                 (8, 128, 4), (16, 256, 8))
 
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
@@ -131,17 +140,37 @@ def w4a16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                        group_size: int) -> torch.Tensor:
     """x [m, in] (unit stride along in) -> [m, out] by the GEMV or the GEMM kernel, weights read packed."""
-    n, k = packed.shape[0], rows.shape[1]
-    y = torch.empty(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
-    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
-    args = (rows, packed, scale, z, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
+    y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
     if rows.shape[0] <= GEMV_MAX_ROWS and _reads_as_words(packed):
-        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (m fastest: L2 reuse)
-        args = (rows, packed.view(torch.int32), *args[2:])
-        _launch(_w4_gemv_kernel, grid, args, GROUP=group_size, HAS_ZERO=zero is not None, **pdl_args(rows.device))
+        _w4_gemv(rows, packed.view(torch.int32), scale, zero, group_size, y)
     else:
         _w4_gemm(rows, packed, scale, zero, group_size, y)
     return y
+
+
+def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+             group_size: int, y: torch.Tensor) -> None:
+    """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int32 words), its tile picked per shape
+    by timing the candidates as the GEMM's are."""
+    key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
+    if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+        copies = _int4_weight_copies(words, scale, zero)
+        ms = candidate_ms(list(W4_GEMV_TILES), lambda t: [
+            functools.partial(_run_w4_gemv, rows, *w, group_size, y, t) for w in copies])
+        _PICKED[key] = min(ms, key=ms.get)
+    _run_w4_gemv(rows, words, scale, zero, group_size, y, _PICKED.get(key, W4_GEMV_TILES[0]))
+
+
+def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group_size: int, y: torch.Tensor, tile: tuple) -> None:
+    """One int4 GEMV with `tile` = (BLOCK_N, BLOCK_KW, warps); programs of the same outputs and another row of x are
+    adjacent in the launch order, so the second row reads the weights from L2."""
+    block_n, block_kw, warps = tile
+    n = words.shape[0]
+    _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
+        rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
+        GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        num_warps=warps, **pdl_args(rows.device))
 
 
 def _reads_as_words(packed: torch.Tensor) -> bool:
@@ -238,10 +267,6 @@ if triton is not None:
     # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
     # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
-    # BLOCK_KW words (8 columns each) per row and step; more rows per thread share more of the work on x.
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_KW": kw}, num_warps=w)
-                     for n, kw, w in ((32, 128, 4), (16, 128, 4), (8, 128, 4), (8, 256, 4), (4, 256, 4),
-                                      (16, 256, 8), (16, 128, 2), (32, 64, 4), (64, 128, 8), (8, 128, 2))]
     # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS) of the int4 GEMM, BLOCK_M from the rows
     # (_w4_gemm_tiles, which adds the X_AS_IS twin of each tile up to 128 wide: wider ones spill registers).
     # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
@@ -258,51 +283,75 @@ if triton is not None:
                                                (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
     @triton.jit
-    def _load_words(w_rows, row_ok, k0, KW: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr):
-        """Words k0 .. k0 + BLOCK_KW of each row (0 where masked); with EVEN_K no column mask, so 16-byte loads."""
-        word = k0 + tl.arange(0, BLOCK_KW)
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (word < KW)[None, :]
-        return tl.load(w_rows + word[None, :], mask=mask, other=0)
+    def _split8(x):
+        """[B, 8] -> its 8 columns, each [B] (three halvings of the last dim: j = 4 a + 2 b + c)."""
+        c0, c1 = tl.split(tl.reshape(x, [x.shape[0], 2, 2, 2]))  # by c
+        c00, c01 = tl.split(c0)  # by b
+        c10, c11 = tl.split(c1)
+        x0, x4 = tl.split(c00)  # by a
+        x2, x6 = tl.split(c01)
+        x1, x5 = tl.split(c10)
+        x3, x7 = tl.split(c11)
+        return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, M_BUCKET,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _load_step(p, ok, EVEN_K: tl.constexpr):
+        """A GEMV step's values at p, 0 past the row's end (where ok is False); no mask when steps are whole."""
+        if EVEN_K:
+            v = tl.load(p)
+        else:
+            v = tl.load(p, mask=ok, other=0)
+        return v
+
+    @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr):
         # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
         # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
         # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
         # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
-        # float32 sums carry that factor until the end. (Each thread holds 4 words of BLOCK_N / warps rows, so the
-        # work on x is shared by those rows.) The first step's words are requested before the wait for x
-        # (kiln.kernels.pdl), so they stream while the kernel before this one ends.
+        # float32 sums carry that factor until the end. The group's scale and zero come once per word:
+        # s (sum_j u_j x_j - z sum_j x_j).
+        # The tile is [BLOCK_KW words, BLOCK_N outputs] with one word per thread and output: the word indices are
+        # XORed with program_id(2), always 0, so that Triton cannot prove a thread's words contiguous and does not
+        # give it four (one 16-byte load). Then the 8 columns of x that a word multiplies, loaded as one 16-byte
+        # vector, land in the thread that holds the word. With four words a thread, x's columns came from other
+        # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
+        # "w4 gemv"). Each thread's outputs share its x.
         allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
-        WPG: tl.constexpr = GROUP // 8  # words per group (>= 4: a thread's 4 words share one group)
+        WPG: tl.constexpr = GROUP // 8  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
-        CHUNKS: tl.constexpr = BLOCK_KW // 4
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
-        w_next = _load_words(w_rows, row_ok, 0, KW, BLOCK_KW, EVEN_K)
+        outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
+            outs = tl.minimum(outs, N - 1)
+        # With whole tiles, an output's words are a constant distance from the first's (KW is constexpr), so the
+        # loads take one address register and immediate offsets, not a 64-bit address per word.
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
+        w_p = w_ptr + outs[None, :].to(tl.int64) * KW + first[:, None]
+        s_p = s_ptr + outs[None, :] * G + (first // WPG)[:, None]
+        z_p = z_ptr + outs[None, :] * G + (first // WPG)[:, None]
+        x_p = x_ptr + m * stride_xm + 8 * first[:, None] + tl.arange(0, 8)[None, :]
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
-            word = k0 + tl.arange(0, BLOCK_KW)
-            ok = word < KW
-            # The next step's words are requested before this step's arithmetic: twice the bytes in flight.
-            w = w_next
-            w_next = _load_words(w_rows, row_ok & (k0 + BLOCK_KW < KW), k0 + BLOCK_KW, KW, BLOCK_KW, EVEN_K)
+            ok = (k0 + first < KW)[:, None]
+            w = _load_step(w_p + k0, ok, EVEN_K)
+            s = _load_step(s_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+            if HAS_ZERO:
+                z = _load_step(z_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+            else:
+                z = SYMMETRIC_ZERO
+            xs = _split8(_load_step(x_p + 8 * k0, ok, EVEN_K).to(tl.float32))
             high = w >> 12
-            dot = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+            dot = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
             x_sum = tl.zeros([BLOCK_KW], tl.float32)
             for j in tl.static_range(8):
-                if EVEN_K:
-                    xj = tl.load(x_ptr + m * stride_xm + 8 * word + j).to(tl.float32)
-                else:
-                    xj = tl.load(x_ptr + m * stride_xm + 8 * word + j, mask=ok, other=0.0).to(tl.float32)
+                xj = xs[j]
                 x_sum += xj
                 if j < 5:
                     code = w & (15 << (4 * j))
@@ -310,21 +359,10 @@ if triton is not None:
                 else:  # slot j - 3 of the shifted word
                     code = high & (15 << (4 * j - 12))
                     xj *= 2.0 ** (161 - 4 * j - SHIFT_EXP)
-                dot += code.to(tl.float32, bitcast=True) * xj[None, :]
-            # Each thread's 4 words are one chunk of one group: the chunk sums stay in the thread.
-            dot = tl.sum(tl.reshape(dot, [BLOCK_N, CHUNKS, 4]), axis=2)
-            x_sum = tl.sum(tl.reshape(x_sum, [CHUNKS, 4]), axis=1) * (2.0 ** -SHIFT_EXP)
-            grp = (k0 + 4 * tl.arange(0, CHUNKS)) // WPG
-            sg = rows[:, None] * G + grp[None, :]
-            sg_ok = row_ok[:, None] & (grp < G)[None, :]
-            s = tl.load(s_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + sg, mask=sg_ok, other=0.0).to(tl.float32)
-            else:
-                z = SYMMETRIC_ZERO
-            acc += s * (dot - z * x_sum[None, :])  # s (sum_k u_k x_k - z sum_k x_k), per chunk
-        y = tl.sum(acc, axis=1) * (2.0 ** SHIFT_EXP)
-        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+                dot += code.to(tl.float32, bitcast=True) * xj[:, None]
+            acc += s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
+        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
+        tl.store(y_ptr + m * N + outs, y.to(y_ptr.dtype.element_ty), mask=outs < N)
 
     # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
     # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;
@@ -492,4 +530,4 @@ if triton is not None:
 
     _TUNED = {kernel: (triton.autotune(configs=configs, key=["N", "K", "M_BUCKET"], do_bench=quick_bench,
                                        cache_results=True)(kernel), configs)
-              for kernel, configs in ((_w4_gemv_kernel, _GEMV_CONFIGS), (_w8_gemm_kernel, _W8_GEMM_CONFIGS))}
+              for kernel, configs in ((_w8_gemm_kernel, _W8_GEMM_CONFIGS),)}

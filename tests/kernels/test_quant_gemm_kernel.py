@@ -101,6 +101,41 @@ def test_w4a16_gemm_matches_reference_with_every_tile(rows):
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+def test_w4a16_gemv_matches_reference_with_every_tile(rows):
+    """Each tile of the int4 GEMV is a tuning choice, so each must be right alone: outputs past the last tile, and
+    rows that end inside a step (456 and 3584 columns are 57 and 448 words)."""
+    torch.manual_seed(rows)
+    for n, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
+        w = dequantize_int4(packed, scale, zero, group, x.dtype)
+        ref = torch.nn.functional.linear(x, w)
+        for tile in qg.W4_GEMV_TILES:
+            y = torch.full_like(ref, float("nan"))
+            qg._run_w4_gemv(x, packed.view(torch.int32), scale, zero, group, y, tile)
+            err = (y.double() - ref.double()).abs()
+            assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
+
+
+@needs_gpu
+def test_w4a16_gemv_tuner_keeps_one_tile(monkeypatch):
+    """With tuning on, the first one-row call of a shape times the GEMV's tiles and keeps one; later calls reuse it."""
+    monkeypatch.setattr(qg, "AUTOTUNE", True)
+    monkeypatch.setattr(qg, "_PICKED", {})
+    torch.manual_seed(8)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    packed, scale, zero = quantize_int4_groups(torch.randn(300, 2048, device="cuda"), 128, True, x.dtype)
+    w = dequantize_int4(packed, scale, zero, 128, x.dtype)
+    y = qg.w4a16_matmul(x, packed, scale, zero, 128)
+    (key, tile), = qg._PICKED.items()
+    assert tile in qg.W4_GEMV_TILES
+    err = (y.double() - torch.nn.functional.linear(x, w).double()).abs()
+    assert (err <= ulp_bound(x, w, 3)).all(), f"tuned tile {tile}: max error {err.max().item()}"
+    assert torch.equal(qg.w4a16_matmul(x, packed, scale, zero, 128), y) and qg._PICKED == {key: tile}
+
+
+@needs_gpu
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_w4a16_gemm_tuner_times_the_tiles_in_a_graph_and_keeps_one(monkeypatch, zero_point):
     """With tuning on (the GPU tests otherwise run with it off), the first call of a shape times every tile from
