@@ -29,6 +29,7 @@ except ImportError:  # CPU-only installs: F.linear is the reference and the only
     triton = None
 
 from kiln.kernels import rows_view
+from kiln.kernels.choices import KernelChoices
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -39,7 +40,7 @@ log = logging.getLogger("kiln")
 GEMV_MAX_ROWS = 2  # more rows of x: cuBLAS's GEMMs reuse each weight tile across rows, this kernel does not
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TIMING_BYTES = 256 * 2**20  # weight bytes streamed per timed pass: five times the H100's L2 cache
-_faster: dict[tuple, bool] = {}  # (n, k, dtype, rows, device index) -> the GEMV measured faster than cuBLAS
+_faster = KernelChoices("gemv_or_cublas")  # (n, k, dtype, rows, device index) -> the GEMV measured faster
 # The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
 # tuning every shape and row bucket a test touches takes minutes, and it checks only the config it picks).
 AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KILN_AUTOTUNE", "1") != "0"
@@ -125,7 +126,7 @@ def _has_fp8_mma(device_index: int) -> bool:
 
 # The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;
 # until then (tuning off, or a capture, which cannot time) the CUDA-core kernel.
-_FP8_PICKED: dict = {}
+_FP8_PICKED = KernelChoices("fp8_gemv")
 
 
 def _fp8_kernel_choice(args):

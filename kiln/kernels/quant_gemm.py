@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import rows_view
+from kiln.kernels.choices import KernelChoices
 from kiln.kernels.gemv import (
     AUTOTUNE,  # (KILN_AUTOTUNE=0: first configs only)
     GEMV_MAX_ROWS,
@@ -231,9 +232,10 @@ def _w4_gemm_tiles(bucket: int) -> list[tuple]:
     return tiles
 
 
-# The tile each GEMM key runs, chosen by timing the candidates the first time the key is seen; until then (tuning off,
-# or a CUDA graph capturing: a capture cannot time, and its replays would keep whatever ran) the first candidate.
-_PICKED: dict = {}
+# The tile each int4 GEMV and GEMM key runs, chosen by timing the candidates the first time the key is seen; until
+# then (tuning off, or a CUDA graph capturing: a capture cannot time, and its replays would keep whatever ran) the
+# first candidate.
+_PICKED = KernelChoices("int4_tile")  # kept on disk for the next start (kiln.kernels.choices)
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

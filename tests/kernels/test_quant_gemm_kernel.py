@@ -4,6 +4,7 @@ the Triton kernels (GEMV and GEMM, every int4 variant, odd shapes) against the r
 import pytest
 import torch
 
+from kiln.kernels import choices
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import triton_available
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
@@ -133,6 +134,26 @@ def test_w4a16_gemv_tuner_keeps_one_tile(monkeypatch):
     err = (y.double() - torch.nn.functional.linear(x, w).double()).abs()
     assert (err <= ulp_bound(x, w, 3)).all(), f"tuned tile {tile}: max error {err.max().item()}"
     assert torch.equal(qg.w4a16_matmul(x, packed, scale, zero, 128), y) and qg._PICKED == {key: tile}
+
+
+@needs_gpu
+def test_w4a16_tiles_tuned_once_are_read_from_disk_after_a_restart(monkeypatch, tmp_path):
+    """The tiles a first open timed are on disk (kiln.kernels.choices): once the process's memory of them is
+    dropped, as a restarted server starts, the same shapes run the same tiles without timing anything."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_AUTOTUNE", "1")
+    monkeypatch.setattr(qg, "AUTOTUNE", True)
+    choices.forget_all()
+    torch.manual_seed(9)
+    packed, scale, zero = quantize_int4_groups(torch.randn(328, 2304, device="cuda"), 128, False, torch.bfloat16)
+    xs = [torch.randn(rows, 2304, device="cuda", dtype=torch.bfloat16) for rows in (1, 40)]  # the GEMV, the GEMM
+    first = [qg.w4a16_matmul(x, packed, scale, zero, 128) for x in xs]
+    picked = dict(qg._PICKED.items())
+    choices.forget_all()
+    monkeypatch.setattr(qg, "candidate_ms", lambda *args: pytest.fail("timed again after a restart"))
+    again = [qg.w4a16_matmul(x, packed, scale, zero, 128) for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert dict(qg._PICKED.items()) == picked and len(picked) == 2
 
 
 @needs_gpu
