@@ -80,43 +80,36 @@ def test_w4a16_kernel_matches_reference(dtype, rows, group, zero_point):
         assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] max error {err.max().item()}"
 
 
-@needs_gpu
-@pytest.mark.parametrize("rows", [5, 64, 100])
-def test_w4a16_gemm_matches_reference_with_every_tile(rows):
-    """Each candidate tile of the int4 GEMM (split-K, either operand side, x split by a copy or in the kernel) is a
-    tuning choice, so each must be right alone."""
-    torch.manual_seed(rows)
-    for n, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 2048, 128, False)):
-        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
-        w = dequantize_int4(packed, scale, zero, group, x.dtype)
-        ref = torch.nn.functional.linear(x, w)
-        for tile in qg._w4_gemm_tiles(qg._bucket(rows)):
-            y = torch.full_like(ref, float("nan"))
-            qg._run_w4_gemm(x, packed, scale, zero, group, y, tile)
-            err = (y.double() - ref.double()).abs()
-            assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
-            again = torch.empty_like(y)
-            qg._run_w4_gemm(x, packed, scale, zero, group, again, tile)
-            assert torch.equal(again, y), f"tile {tile}: split-K sums must be added in a fixed order"
+def every_tile(rows: int) -> list:
+    """(tile, run) of each candidate of the kernel that `rows` rows of x take: the GEMV's or the GEMM's."""
+    if rows <= qg.GEMV_MAX_ROWS:
+        return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemv(x, p.view(torch.int32), s, z, g, y, t))
+                for t in qg.W4_GEMV_TILES]
+    return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemm(x, p, s, z, g, y, t))
+            for t in qg._w4_gemm_tiles(qg._bucket(rows))]
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows", [1, 2])
-def test_w4a16_gemv_matches_reference_with_every_tile(rows):
-    """Each tile of the int4 GEMV is a tuning choice, so each must be right alone: outputs past the last tile, and
-    rows that end inside a step (456 and 3584 columns are 57 and 448 words)."""
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 100])
+def test_w4a16_kernels_match_reference_with_every_tile(rows):
+    """Each candidate tile of the int4 GEMV (1 or 2 rows) and GEMM (split-K, either operand side, x split by a copy
+    or in the kernel) is a tuning choice, so each must be right alone, and give the same bits again (split-K sums
+    in a fixed order). The shapes leave outputs past the last tile, and rows that end inside a GEMV step (456 and
+    3584 columns are 57 and 448 words)."""
     torch.manual_seed(rows)
     for n, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
         w = dequantize_int4(packed, scale, zero, group, x.dtype)
         ref = torch.nn.functional.linear(x, w)
-        for tile in qg.W4_GEMV_TILES:
+        for tile, run in every_tile(rows):
             y = torch.full_like(ref, float("nan"))
-            qg._run_w4_gemv(x, packed.view(torch.int32), scale, zero, group, y, tile)
+            run(x, packed, scale, zero, group, y)
             err = (y.double() - ref.double()).abs()
             assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
+            again = torch.empty_like(y)
+            run(x, packed, scale, zero, group, again)
+            assert torch.equal(again, y), f"tile {tile}: the same call must give the same bits"
 
 
 @needs_gpu
