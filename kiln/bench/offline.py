@@ -31,7 +31,7 @@ from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
 from kiln.errors import ConfigError
-from kiln.kernels.choices import forget_all
+from kiln.kernels import choices
 
 
 @dataclass
@@ -278,17 +278,18 @@ def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[B
     llm.shutdown()
     del llm  # (this frame's reference: the engine's GPU memory must be free before the second open)
     _release(device)
-    forget_all()
+    choices.forget_all()
     llm, load_s = open_to_first_token()
     try:
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         info = {"load_to_first_token_s": load_s, "first_load_to_first_token_s": first_load_s,
-                "weight_bytes": weight_bytes,
+                "kernel_choices_at_restart": dict(choices.counts), "weight_bytes": weight_bytes,
                 "kv_cache_tokens": getattr(llm.runner, "kv_token_capacity", None),
                 "decode_roofline_tokens_per_s": ceilings["bandwidth"] / weight_bytes}
         print(f"# {label}: weights {weight_bytes / 1e9:.2f} GB, KV cache {info['kv_cache_tokens']} tokens, "
-              f"engine load to first token {load_s:.1f}s (first open {first_load_s:.1f}s), batch-1 decode roofline "
-              f"{info['decode_roofline_tokens_per_s']:,.1f} tokens/s", flush=True)
+              f"engine load to first token {load_s:.1f}s (first open {first_load_s:.1f}s; kernel choices at the "
+              f"restart: {choices.counts['from_disk']} from disk, {choices.counts['timed']} timed), batch-1 decode "
+              f"roofline {info['decode_roofline_tokens_per_s']:,.1f} tokens/s", flush=True)
         results = []
         for w in workloads:
             r = kiln_offline(llm, w, label)

@@ -28,6 +28,7 @@ import torch
 _MISSING = object()
 _disk: dict | None = None  # the file's entries as this process last read them (None: not read yet)
 _ALL: list["KernelChoices"] = []  # every kind, for forget_all
+counts = {"timed": 0, "from_disk": 0}  # choices made since the last forget_all, by where they came from
 
 
 def enabled() -> bool:
@@ -59,6 +60,7 @@ class KernelChoices:
 
     def __setitem__(self, key, value) -> None:
         self._memory[key] = value
+        counts["timed"] += 1
         if enabled():
             _write(self._disk_key(key), value)
 
@@ -73,6 +75,7 @@ class KernelChoices:
         value = _read().get(self._disk_key(key), _MISSING)
         if value is not _MISSING:
             self._memory[key] = value = tuple(value) if isinstance(value, list) else value
+            counts["from_disk"] += 1
         return value
 
     def _disk_key(self, key) -> str:
@@ -86,6 +89,7 @@ def forget_all() -> None:
     for choices in _ALL:
         choices._memory.clear()
     _disk = None
+    counts.update(timed=0, from_disk=0)
 
 
 def choices_file() -> Path:

@@ -29,8 +29,9 @@ def test_a_restart_reads_the_choices_of_the_last_process(cache_dir):
     faster[(4096, 4096, torch.bfloat16, 1, 0)] = True
     assert choices.choices_file().parent == cache_dir / "kernel-choices"
 
+    assert choices.counts == {"timed": 3, "from_disk": 0}
     choices.forget_all()  # as a new process starts
-    assert not tiles.items()
+    assert not tiles.items() and choices.counts == {"timed": 0, "from_disk": 0}
     assert tiles[(4096, 512, 128, False, 1, torch.bfloat16)] == (8, 512, 4)  # a tuple again, as the kernels take it
     assert (6144, 512, 128, True, 1, torch.bfloat16) in tiles and tiles.get((6144, 512, 128, True, 1, torch.bfloat16),
                                                                            "default") is None
@@ -38,6 +39,7 @@ def test_a_restart_reads_the_choices_of_the_last_process(cache_dir):
     assert (1, 2, 3) not in tiles and tiles.get((1, 2, 3), (1, 1, 1)) == (1, 1, 1)
     with pytest.raises(KeyError):
         tiles[(1, 2, 3)]
+    assert choices.counts == {"timed": 0, "from_disk": 3}  # what kiln bench reports of its restart
 
 
 def test_another_process_reads_them_from_the_file(cache_dir):
