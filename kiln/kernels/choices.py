@@ -16,16 +16,20 @@ first candidate everywhere, as the tests run) the file is neither read nor writt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("kiln")
 _MISSING = object()
+_write_failed = False  # (logged once)
 _disk: dict | None = None  # the file's entries as this process last read them (None: not read yet)
 _ALL: list["KernelChoices"] = []  # every kind, for forget_all
 counts = {"timed": 0, "from_disk": 0}  # choices made since the last forget_all, by where they came from
@@ -134,15 +138,24 @@ def _load(path: Path) -> dict:
 
 
 def _write(disk_key: str, value) -> None:
-    global _disk
+    """Add one entry to the file. A cache that cannot be written (a read-only home, a full disk) is no reason to
+    stop an engine: the choice stays in memory, and the failure is logged once."""
+    global _disk, _write_failed
     path = choices_file()
     entries = _load(path)  # what other processes wrote since this one read it
     entries[disk_key] = list(value) if isinstance(value, tuple) else value
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
         tmp.replace(path)
+    except OSError as e:
+        if not _write_failed:
+            log.warning("kernel choices are not kept for the next start: cannot write %s (%s); set "
+                        "KILN_CACHE_DIR to a writable dir", path, e)
+        _write_failed = True
+        return
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _disk = entries

@@ -84,3 +84,18 @@ def test_tuning_off_neither_reads_nor_writes_the_file(cache_dir, monkeypatch):
     monkeypatch.setenv("KILN_AUTOTUNE", "1")
     choices.forget_all()
     assert tiles.get((2,)) is None and tiles[(1,)] == (1, 2, 3)
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache dir would be")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(blocker))
+    monkeypatch.setenv("KILN_AUTOTUNE", "1")
+    choices.forget_all()
+    tiles = choices.KernelChoices("test_tile")
+    tiles[(1,)] = (1, 2, 3)  # no exception: the engine keeps loading
+    tiles[(2,)] = (4, 5, 6)
+    assert tiles[(1,)] == (1, 2, 3) and tiles[(2,)] == (4, 5, 6)
+    warnings = [r.getMessage() for r in caplog.records if "not kept for the next start" in r.getMessage()]
+    assert len(warnings) == 1 and "KILN_CACHE_DIR" in warnings[0] and str(blocker) in warnings[0]
+    choices.forget_all()
