@@ -10,8 +10,8 @@ One JSON file per version of kiln's kernel code (a hash of kiln/kernels/*.py), t
 $XDG_CACHE_HOME/kiln, else ~/.cache/kiln), so a change to any of them starts afresh. Entries are keyed by the
 kind of choice, the GPU's name and the choice's own key. A write merges with what other processes (tensor-parallel
 ranks) wrote before it and lands atomically (a temporary sibling, then a rename); two writes at the same moment can
-lose one entry, which is then timed again at the next start. With KILN_AUTOTUNE=0 (the
-first candidate everywhere, as the tests run) the file is neither read nor written.
+lose one entry, which is then timed again at the next start. With KILN_AUTOTUNE=0 (the first candidate everywhere,
+as the tests run) the file is neither read nor written.
 """
 
 from __future__ import annotations
