@@ -306,6 +306,20 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _step_weights(w_p, s_p, z_p, k0, first, KW: tl.constexpr, WPG: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+        """The int4 GEMV's codes, scales and zeros (float32; the symmetric zero without zero points) of the step
+        at word k0."""
+        ok = (k0 + first < KW)[:, None]
+        w = _load_step(w_p + k0, ok, EVEN_K)
+        s = _load_step(s_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+        if HAS_ZERO:
+            z = _load_step(z_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+        else:
+            z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
+        return w, s, z
+
+    @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr):
@@ -339,16 +353,14 @@ if triton is not None:
         z_p = z_ptr + outs[None, :] * G + (first // WPG)[:, None]
         x_p = x_ptr + m * stride_xm + 8 * first[:, None] + tl.arange(0, 8)[None, :]
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        # The first step's weights are requested before the wait for x (kiln.kernels.pdl), so they stream while the
+        # kernel before this one ends.
+        w, s, z = _step_weights(w_p, s_p, z_p, 0, first, KW, WPG, HAS_ZERO, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
-            ok = (k0 + first < KW)[:, None]
-            w = _load_step(w_p + k0, ok, EVEN_K)
-            s = _load_step(s_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
-            if HAS_ZERO:
-                z = _load_step(z_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
-            else:
-                z = SYMMETRIC_ZERO
-            xs = _split8(_load_step(x_p + 8 * k0, ok, EVEN_K).to(tl.float32))
+            if k0 > 0:
+                w, s, z = _step_weights(w_p, s_p, z_p, k0, first, KW, WPG, HAS_ZERO, EVEN_K)
+            xs = _split8(_load_step(x_p + 8 * k0, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             high = w >> 12
             dot = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
             x_sum = tl.zeros([BLOCK_KW], tl.float32)
