@@ -5,8 +5,8 @@ Decode is memory-bound: at batch 1 a layer's time is the time to stream its weig
 be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at full bandwidth. Two kernels:
 
 - GEMV (a few rows of x): each program owns a block of output rows and streams their packed codes along the
-  input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores; a step of 512 words covers a
-  4096-wide row, so all of a program's loads are in flight at once. For int4 the group's scale and zero are
+  input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores; a step of up to 512 words covers
+  a 4096-wide row, so all of a program's loads are in flight at once. For int4 the group's scale and zero are
   applied once per word, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k), and a code
   becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs two
   instructions. Each thread holds one word of each of its outputs and the 8 columns of x that word multiplies,
