@@ -31,7 +31,6 @@ from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
 from kiln.errors import ConfigError
-from kiln.kernels import choices
 
 
 @dataclass
@@ -258,37 +257,51 @@ def kv_cache_formats(arg: str | None) -> list[str | None]:
     return [None if f == "NONE" else f for f in formats]
 
 
-def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
-    """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
+def open_to_first_token(engine_dir, device: torch.device):
+    """(the engine at `engine_dir`, seconds from LLM(...) to its first generated token)."""
     from kiln.llmapi.llm import LLM
     from kiln.llmapi.sampling_params import SamplingParams
 
-    def open_to_first_token():
-        sync(device)
-        start = time.perf_counter()
-        llm = LLM(engine_dir, device=str(device))
-        llm.generate([[1] * 16], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        sync(device)
-        return llm, time.perf_counter() - start
+    sync(device)
+    start = time.perf_counter()
+    llm = LLM(engine_dir, device=str(device))
+    llm.generate([[1] * 16], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    sync(device)
+    return llm, time.perf_counter() - start
 
+
+def restart_to_first_token(engine_dir, device: torch.device) -> dict:
+    """open_to_first_token in a new Python process, as a redeployed server starts (`python -m kiln.bench.restart`):
+    {"load_to_first_token_s", "kernel_choices": {"from_disk", "timed"}}. In the bench's own process, Triton's
+    compiled kernels and kiln's kernel choices would still be in memory."""
+    done = subprocess.run([sys.executable, "-m", "kiln.bench.restart", str(engine_dir), str(device)],
+                          stdout=subprocess.PIPE, text=True)  # (its log goes to this process's stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"the engine at {engine_dir} failed to open in a new process (its log is above)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
+    """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
     # Timed twice: the first open compiles kernels (and times the candidates of the tuned ones) into their disk
-    # caches, the second is a restart with warm caches, as a redeployed server would see: the kernel choices this
-    # process holds in memory are dropped first, so they come from the disk as a new process's would.
-    llm, first_load_s = open_to_first_token()
+    # caches; the second, in a new process, is a restart with warm caches, as a redeployed server would see. Then
+    # this process opens the engine again for the workloads.
+    llm, first_load_s = open_to_first_token(engine_dir, device)
     llm.shutdown()
-    del llm  # (this frame's reference: the engine's GPU memory must be free before the second open)
+    del llm  # (this frame's reference: the engine's GPU memory must be free before the next open)
     _release(device)
-    choices.forget_all()
-    llm, load_s = open_to_first_token()
+    restart = restart_to_first_token(engine_dir, device)
+    llm, _ = open_to_first_token(engine_dir, device)
     try:
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+        load_s, picked = restart["load_to_first_token_s"], restart["kernel_choices"]
         info = {"load_to_first_token_s": load_s, "first_load_to_first_token_s": first_load_s,
-                "kernel_choices_at_restart": dict(choices.counts), "weight_bytes": weight_bytes,
+                "kernel_choices_at_restart": picked, "weight_bytes": weight_bytes,
                 "kv_cache_tokens": getattr(llm.runner, "kv_token_capacity", None),
                 "decode_roofline_tokens_per_s": ceilings["bandwidth"] / weight_bytes}
         print(f"# {label}: weights {weight_bytes / 1e9:.2f} GB, KV cache {info['kv_cache_tokens']} tokens, "
-              f"engine load to first token {load_s:.1f}s (first open {first_load_s:.1f}s; kernel choices at the "
-              f"restart: {choices.counts['from_disk']} from disk, {choices.counts['timed']} timed), batch-1 decode "
+              f"engine load to first token {load_s:.1f}s in a new process (first open {first_load_s:.1f}s; kernel "
+              f"choices at the restart: {picked['from_disk']} from disk, {picked['timed']} timed), batch-1 decode "
               f"roofline {info['decode_roofline_tokens_per_s']:,.1f} tokens/s", flush=True)
         results = []
         for w in workloads:

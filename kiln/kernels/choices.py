@@ -88,7 +88,7 @@ class KernelChoices:
 
 def forget_all() -> None:
     """Drop every choice this process holds in memory, as a restarted process starts: the next lookups read the
-    file again (kiln bench times its second open so, as a redeployed server would see it)."""
+    file again."""
     global _disk
     for choices in _ALL:
         choices._memory.clear()
