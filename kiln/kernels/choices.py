@@ -1,9 +1,9 @@
 """Kernel choices made by timing on the GPU (a tile, the GEMV or cuBLAS), kept on disk so that a restarted engine
 does not time them again.
 
-The first open of an engine times the candidate kernels of every layer shape and batch size it runs; for a
-W4A16 Llama-3-8B that took about 40 s on an H200, and a redeployed server would pay it at every start. Triton
-keeps its compiled kernels on disk; this keeps the choices beside them.
+The first open of an engine times the candidate kernels of every layer shape and batch size it runs (a W4A16
+Llama-3-8B's first open, compiling and timing them, took 42.7 s on an H200), and a redeployed server would time
+them again at every start. Triton keeps its compiled kernels on disk; this keeps the choices beside them.
 
 One JSON file per version of kiln's kernel code (a hash of kiln/kernels/*.py), torch and Triton, under
 <cache root>/kernel-choices/ (the cache root of kiln.llmapi.engine_cache: $KILN_CACHE_DIR, else

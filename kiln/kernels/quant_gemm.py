@@ -154,12 +154,8 @@ def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
     """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int32 words), its tile picked per shape
     by timing the candidates as the GEMM's are."""
     key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
-    if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
-        copies = _int4_weight_copies(words, scale, zero)
-        ms = candidate_ms(list(W4_GEMV_TILES), lambda t: [
-            functools.partial(_run_w4_gemv, rows, *w, group_size, y, t) for w in copies])
-        _PICKED[key] = min(ms, key=ms.get)
-    _run_w4_gemv(rows, words, scale, zero, group_size, y, _PICKED.get(key, W4_GEMV_TILES[0]))
+    tile = _tuned_tile(key, W4_GEMV_TILES, _run_w4_gemv, rows, words, scale, zero, group_size, y)
+    _run_w4_gemv(rows, words, scale, zero, group_size, y, tile)
 
 
 def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -183,13 +179,21 @@ def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemm_kernel, its tiles and split-K picked per shape."""
     key = (*packed.shape, group_size, zero is not None, _bucket(rows.shape[0]), rows.dtype)
-    tiles = _w4_gemm_tiles(_bucket(rows.shape[0]))
+    tile = _tuned_tile(key, _w4_gemm_tiles(_bucket(rows.shape[0])), _run_w4_gemm, rows, packed, scale, zero,
+                       group_size, y)
+    _run_w4_gemm(rows, packed, scale, zero, group_size, y, tile)
+
+
+def _tuned_tile(key: tuple, tiles, run, rows, packed, scale, zero, group_size: int, y) -> tuple:
+    """The tile `run` (the GEMV's or the GEMM's launcher) takes for `key`: the fastest of `tiles`, timed the first
+    time the key is seen over weight copies, as a decode step runs them; the first tile while tuning is off or a
+    CUDA graph captures (a capture cannot time)."""
     if key not in _PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = _int4_weight_copies(packed, scale, zero)
-        ms = candidate_ms(tiles, lambda t: [
-            functools.partial(_run_w4_gemm, rows, *w, group_size, y, t) for w in copies])
+        ms = candidate_ms(list(tiles), lambda t: [
+            functools.partial(run, rows, *w, group_size, y, t) for w in copies])
         _PICKED[key] = min(ms, key=ms.get)
-    _run_w4_gemm(rows, packed, scale, zero, group_size, y, _PICKED.get(key, tiles[0]))
+    return _PICKED.get(key, tiles[0])
 
 
 def _int4_weight_copies(packed, scale, zero) -> list[tuple]:
