@@ -1,8 +1,9 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; and the
+either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; the
 e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
-GPU). It checks
+GPU); and rotary with its cache write, one head a program and all in one (libdevice's cos and sin swapped for
+Triton's). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -15,6 +16,7 @@ fp16 throughout: the interpreter's bfloat16 arithmetic is not torch's.
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import triton
@@ -24,6 +26,7 @@ from kiln.kernels import gemv
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
+from kiln.kernels import rotary
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
@@ -55,6 +58,16 @@ def _code_pairs_plain(w, INT8: tl.constexpr):
     if INT8:
         return _int8_plain(w & 0xFF), _int8_plain((w >> 8) & 0xFF)
     return _e4m3_plain(w & 0xFF), _e4m3_plain((w >> 8) & 0xFF)
+
+
+@triton.jit
+def _cos(x):
+    return tl.cos(x)
+
+
+@triton.jit
+def _sin(x):
+    return tl.sin(x)
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -121,15 +134,31 @@ def fp8_dot_gemv() -> None:
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 
+def rotary_with_cache_write() -> None:
+    """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
+    for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d).half()
+        q, k, v = (t.view(tokens, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+        caches, slots = torch.zeros(2, 4 * tokens, kv_heads, d).half(), torch.randperm(4 * tokens)[:tokens]
+        positions, freqs = torch.randint(0, 8192, (tokens,)), 500000.0 ** -(torch.arange(0, d, 2).float() / d)
+        want = [t.clone() for t in (q, k, *caches)]
+        rotary.apply_rotary_and_write_cache_ref(*want[:2], v, positions, freqs, *want[2:], slots)
+        rotary.apply_rotary_and_write_cache(q, k, v, positions, freqs, caches[0], caches[1], slots)
+        for name, got, expected in zip("q k k_cache v_cache".split(), (q, k, *caches), want):
+            check(f"rotary {tokens} tokens {heads}/{kv_heads} heads d{d}: {name}", got, expected)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
+    rotary.libdevice = types.SimpleNamespace(cos=_cos, sin=_sin)  # the interpreter has no libdevice
     int4_gemm()
     int4_gemv()
     decode_attention()
     fp8_dot_gemv()
+    rotary_with_cache_write()
 
 
 if __name__ == "__main__":

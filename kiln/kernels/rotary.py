@@ -77,18 +77,29 @@ def apply_rotary_and_write_cache(q, k, v, positions, inv_freq, k_cache, v_cache,
 _CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}  # the cache's element type -> the kernel's QUANT
 
 
+# Tokens up to which each program rotates one head (of q, or of k with its values): a decode step's few tokens
+# spread over q_heads + kv_heads programs, not one program that walks every head in turn. On an H200 the one
+# program of a batch-1 step took 4.2 us (Llama-3-8B, kiln.bench.profile_decode with KILN_PDL=0), a chain of
+# dependent loads on one SM. Larger batches keep all heads of q (or of k) in one program, so cos and sin are
+# computed twice a token rather than once a head.
+HEAD_PER_PROGRAM_MAX_TOKENS = 16
+
+
 def _launch(q, k, positions, inv_freq, cache, kv_scale):
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "apply_rotary: head_size must be the contiguous dim"
     tokens, heads, head_size = q.shape
+    kv_heads = k.shape[1]
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
     code = None if kv_scale is None else k_cache.dtype
-    _rotary_kernel[(tokens,)](
-        q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, k.shape[1],
-        head_size // 2, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
-        WRITE_CACHE=cache is not None, QUANT=_CODES[code], QMAX=QMAX.get(code, 0.0),
-        BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        BLOCK_D=triton.next_power_of_2(head_size // 2), num_warps=4, **pdl_args(q.device))
+    block_h = 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
+    q_programs = triton.cdiv(heads, block_h)
+    block_d = triton.next_power_of_2(head_size // 2)
+    _rotary_kernel[(tokens, q_programs + triton.cdiv(kv_heads, block_h))](
+        q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, kv_heads,
+        head_size // 2, q_programs, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0),
+        k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
+        WRITE_CACHE=cache is not None, QUANT=_CODES[code], QMAX=QMAX.get(code, 0.0), BLOCK_H=block_h,
+        BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 64)), **pdl_args(q.device))
     return q, k
 
 
@@ -110,10 +121,11 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _rotate_heads(x_ptr, tok_stride, head_stride, token, heads, half, cos, sin, cache_ptr, c_tok_stride,
+    def _rotate_heads(x_ptr, tok_stride, head_stride, token, h, heads, half, cos, sin, cache_ptr, c_tok_stride,
                       c_head_stride, slot, scale, WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        h = tl.arange(0, BLOCK_H)[:, None]
+                      BLOCK_D: tl.constexpr):
+        """Rotate heads h ([BLOCK_H, 1], those below `heads`) of one token in place, and write them to the
+        cache's slot if asked."""
         i = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < heads) & (i < half)
         ptr = x_ptr + token * tok_stride + h * head_stride + i
@@ -132,30 +144,37 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, freq_ptr, q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
-                       q_heads, k_heads, half, v_ptr, kc_ptr, vc_ptr, slot_ptr, v_tok_stride, v_head_stride,
-                       kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, kvs_ptr,
-                       WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                       BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                       q_heads, k_heads, half, q_programs, v_ptr, kc_ptr, vc_ptr, slot_ptr, v_tok_stride,
+                       v_head_stride, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, kvs_ptr,
+                       WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        # Program (token, j) rotates BLOCK_H heads of the token: q's for j < q_programs, else k's, whose values
+        # it also copies to the cache.
         allow_dependents(USE_PDL)
+        i = tl.arange(0, BLOCK_D)
+        freq = tl.load(freq_ptr + i, mask=i < half, other=0.0)  # a constant of the model: read before the wait
         wait_for_inputs(USE_PDL)
         token = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, BLOCK_D)
-        angle = tl.load(pos_ptr + token).to(tl.float32) * tl.load(freq_ptr + i, mask=i < half, other=0.0)
+        j = tl.program_id(1)
+        angle = tl.load(pos_ptr + token).to(tl.float32) * freq
         # libdevice's cos/sin, not the approximate PTX ones: angles reach max_position radians.
         cos, sin = libdevice.cos(angle), libdevice.sin(angle)
-        slot = tl.load(slot_ptr + token).to(tl.int64) if WRITE_CACHE else 0
-        s_k, s_v = 1.0, 1.0
-        if QUANT != 0:  # [s_k, s_v] of a quantized cache
-            s_k, s_v = tl.load(kvs_ptr).to(tl.float32), tl.load(kvs_ptr + 1).to(tl.float32)
-        _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, q_heads, half, cos, sin, q_ptr, 0, 0, 0, s_k,
-                      False, 0, QMAX, BLOCK_HQ, BLOCK_D)
-        _rotate_heads(k_ptr, k_tok_stride, k_head_stride, token, k_heads, half, cos, sin, kc_ptr, kc_tok_stride,
-                      kc_head_stride, slot, s_k, WRITE_CACHE, QUANT, QMAX, BLOCK_HK, BLOCK_D)
-        if WRITE_CACHE:  # the values go to their slot unrotated, as two halves like the keys
-            h = tl.arange(0, BLOCK_HK)[:, None]
-            j = tl.arange(0, BLOCK_D)[None, :]
-            for part in tl.static_range(2):
-                mask = (h < k_heads) & (j < half)
-                v = tl.load(v_ptr + token * v_tok_stride + h * v_head_stride + part * half + j, mask=mask)
-                tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + j,
-                         _to_cache(v, s_v, QUANT, QMAX), mask=mask)
+        if j < q_programs:
+            h = j * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+            _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, h, q_heads, half, cos, sin, q_ptr, 0, 0, 0, 1.0,
+                          False, 0, QMAX, BLOCK_D)
+        else:
+            h = (j - q_programs) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+            slot = tl.load(slot_ptr + token).to(tl.int64) if WRITE_CACHE else 0
+            s_k, s_v = 1.0, 1.0
+            if QUANT != 0:  # [s_k, s_v] of a quantized cache
+                s_k, s_v = tl.load(kvs_ptr).to(tl.float32), tl.load(kvs_ptr + 1).to(tl.float32)
+            _rotate_heads(k_ptr, k_tok_stride, k_head_stride, token, h, k_heads, half, cos, sin, kc_ptr,
+                          kc_tok_stride, kc_head_stride, slot, s_k, WRITE_CACHE, QUANT, QMAX, BLOCK_D)
+            if WRITE_CACHE:  # the values go to their slot unrotated, as two halves like the keys
+                d = tl.arange(0, BLOCK_D)[None, :]
+                for part in tl.static_range(2):
+                    mask = (h < k_heads) & (d < half)
+                    v = tl.load(v_ptr + token * v_tok_stride + h * v_head_stride + part * half + d, mask=mask)
+                    tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + d,
+                             _to_cache(v, s_v, QUANT, QMAX), mask=mask)

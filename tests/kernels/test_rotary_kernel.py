@@ -85,7 +85,9 @@ ROTARY_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (64, 8, 1, 80)])
+# Up to HEAD_PER_PROGRAM_MAX_TOKENS tokens each program rotates one head; beyond, all of q's or k's heads.
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64),
+                                                             (64, 8, 1, 80)])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_heads, head_size, fused_qkv):
     g = torch.Generator().manual_seed(tokens * heads + head_size + 1)
