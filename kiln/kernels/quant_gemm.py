@@ -310,15 +310,17 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _step_weights(w_p, s_p, z_p, k0, first, KW: tl.constexpr, WPG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+    def _step_weights(w_row, s_row, z_row, k0, first, out_words, out_groups, KW: tl.constexpr, WPG: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
         """The int4 GEMV's codes, scales and zeros (float32; the symmetric zero without zero points) of the step
-        at word k0."""
+        at word k0. The address of each is the step's scalar base, plus the thread's word, plus the output's
+        constant offset, added in that order so the last becomes the load's immediate offset."""
         ok = (k0 + first < KW)[:, None]
-        w = _load_step(w_p + k0, ok, EVEN_K)
-        s = _load_step(s_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+        w = _load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
+        group = (first // WPG)[:, None]
+        s = _load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
         if HAS_ZERO:
-            z = _load_step(z_p + k0 // WPG, ok, EVEN_K).to(tl.float32)
+            z = _load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
         else:
             z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
         return w, s, z
@@ -346,25 +348,30 @@ if triton is not None:
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m = tl.program_id(0).to(tl.int64)
-        outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        outs = tl.arange(0, BLOCK_N)  # from n0
         if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
-            outs = tl.minimum(outs, N - 1)
-        # With whole tiles, an output's words are a constant distance from the first's (KW is constexpr), so the
-        # loads take one address register and immediate offsets, not a 64-bit address per word.
+            outs = tl.minimum(outs, N - 1 - n0)
+        # Each address is a scalar base (uniform registers), plus the thread's word (one 64-bit add), plus the
+        # output's distance from n0, a constant with whole tiles: then the loads of a thread's outputs share one
+        # address register with immediate offsets. Offsets as one int32 tensor before the add cost two 64-bit
+        # adds a load instead (scripts/kernel_sass.py "w4 gemv").
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
-        w_p = w_ptr + outs[None, :].to(tl.int64) * KW + first[:, None]
-        s_p = s_ptr + outs[None, :] * G + (first // WPG)[:, None]
-        z_p = z_ptr + outs[None, :] * G + (first // WPG)[:, None]
-        x_p = x_ptr + m * stride_xm + 8 * first[:, None] + tl.arange(0, 8)[None, :]
+        w_row = w_ptr + n0.to(tl.int64) * KW
+        s_row = s_ptr + n0.to(tl.int64) * G
+        z_row = z_ptr + n0.to(tl.int64) * G
+        x_row = x_ptr + m * stride_xm
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         # The first step's weights are requested before the wait for x (kiln.kernels.pdl), so they stream while the
         # kernel before this one ends.
-        w, s, z = _step_weights(w_p, s_p, z_p, 0, first, KW, WPG, HAS_ZERO, EVEN_K)
+        w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             if k0 > 0:
-                w, s, z = _step_weights(w_p, s_p, z_p, k0, first, KW, WPG, HAS_ZERO, EVEN_K)
-            xs = _split8(_load_step(x_p + 8 * k0, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
+                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+                                        EVEN_K)
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             high = w >> 12
             dot = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
             x_sum = tl.zeros([BLOCK_KW], tl.float32)
@@ -380,7 +387,7 @@ if triton is not None:
                 dot += code.to(tl.float32, bitcast=True) * xj[:, None]
             acc += s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
         y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
-        tl.store(y_ptr + m * N + outs, y.to(y_ptr.dtype.element_ty), mask=outs < N)
+        tl.store(y_ptr + m * N + n0 + outs, y.to(y_ptr.dtype.element_ty), mask=n0 + tl.arange(0, BLOCK_N) < N)
 
     # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
     # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;
