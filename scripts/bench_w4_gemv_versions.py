@@ -1,0 +1,74 @@
+"""The int4 GEMV of several versions of kiln/kernels/quant_gemm.py side by side in one run, on an NVIDIA GPU: each
+tile of each version's W4_GEMV_TILES on Llama-3-8B's four linear shapes at one row (group 128, symmetric and with
+zero points), timed as the engine's tuner times them (CUDA-graph replay over weight copies that overflow L2), and
+checked against F.linear of the dequantized weight (3 units of bf16 in the last place of sum |x||w|).
+
+    python scripts/bench_w4_gemv_versions.py [OLD_QUANT_GEMM.py ...]
+
+The working tree's kernel is always the first column; each file named is imported as its own module, so an old
+version (say, `git show REV:kiln/kernels/quant_gemm.py > /tmp/old.py`) runs beside it in the same process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import quant_gemm
+from kiln.kernels.bench_quant_gemm import LLAMA3_8B
+from kiln.kernels.gemv import candidate_ms
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
+
+GROUP = 128
+
+
+def load_version(path: str):
+    spec = importlib.util.spec_from_file_location(f"quant_gemm_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tile_us(module, x, packed, scale, zero) -> dict:
+    """Microseconds per call of each tile, and whether every tile's result is within the bound."""
+    words = packed.view(torch.int32)
+    y = torch.empty(1, packed.shape[0], dtype=x.dtype, device=x.device)
+    copies = module._int4_weight_copies(words, scale, zero)
+    ms = candidate_ms(list(module.W4_GEMV_TILES), lambda tile: [
+        lambda w=w, tile=tile: module._run_w4_gemv(x, w[0], w[1], w[2], GROUP, y, tile) for w in copies])
+    weight = dequantize_int4(packed, scale, zero, GROUP, x.dtype)
+    want = F.linear(x.float(), weight.float())
+    bound = 3 * 2.0 ** -8 * (x.float().abs() @ weight.float().abs().T)
+    ok = True
+    for tile in module.W4_GEMV_TILES:
+        module._run_w4_gemv(x, words, scale, zero, GROUP, y, tile)
+        ok &= bool(((y.float() - want).abs() <= bound).all())
+    return {tile: t * 1000 for tile, t in ms.items()}, ok
+
+
+def main() -> None:
+    versions = [("tree", quant_gemm)] + [(path, load_version(path)) for path in sys.argv[1:]]
+    print(f"# {torch.cuda.get_device_name()}, one row, group {GROUP}; best tile's us per call (all tiles ok)")
+    torch.manual_seed(0)
+    totals = {(name, zero): 0.0 for name, _ in versions for zero in (False, True)}
+    for zero in (False, True):
+        for shape, n, k in LLAMA3_8B:
+            x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+            packed, scale, z = quantize_int4_groups(torch.randn(n, k, device="cuda"), GROUP, zero, torch.bfloat16)
+            cells = []
+            for name, module in versions:
+                us, ok = tile_us(module, x, packed, scale, z)
+                best = min(us, key=us.get)
+                totals[name, zero] += us[best]
+                cells.append(f"{name}: {us[best]:.1f} {best} ok={ok}")
+                print(f"    {name} zero={zero} {shape}: " + "  ".join(f"{t}:{v:.1f}" for t, v in us.items()))
+            print(f"zero={zero!s:<5} {shape:<8} " + " | ".join(cells), flush=True)
+    for (name, zero), total in totals.items():
+        print(f"layer total zero={zero} {name}: {total:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
