@@ -367,9 +367,9 @@ if triton is not None:
         w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
-            if KW > BLOCK_KW:  # the next step's weights are requested before this step's math (masked past the end)
-                w_next, s_next, z_next = _step_weights(w_row, s_row, z_row, k0 + BLOCK_KW, first, outs * KW,
-                                                       outs * G, KW, WPG, HAS_ZERO, False)
+            if k0 > 0:
+                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+                                        EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             high = w >> 12
@@ -386,8 +386,6 @@ if triton is not None:
                     xj *= 2.0 ** (161 - 4 * j - SHIFT_EXP)
                 dot += code.to(tl.float32, bitcast=True) * xj[:, None]
             acc += s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
-            if KW > BLOCK_KW:
-                w, s, z = w_next, s_next, z_next
         y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
         tl.store(y_ptr + m * N + n0 + outs, y.to(y_ptr.dtype.element_ty), mask=n0 + tl.arange(0, BLOCK_N) < N)
 
