@@ -82,8 +82,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
       for one in (True, False)],
     *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks),
-       dict(w_ptr="*i32" if name == "gemv" else "*u8"))
+       dict(w_ptr="*i32" if name.startswith("gemv") else "*u8"))
       for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=256)),
+                                   ("gemv silu", quant_gemm._w4_gemv_kernel,
+                                    dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
     *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import gemv
+from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
@@ -93,7 +94,7 @@ def int4_gemm() -> None:
 
 def int4_gemv() -> None:
     """Rows of whole words (in % 8 == 0); the last shape's rows are not a whole number of 512-word steps."""
-    for m, n, k, group, zero in ((1, 96, 256, 128, False), (2, 37, 1024, 64, True), (1, 21, 14336 // 4, 128, True)):
+    for m, n, k, group, zero in ((1, 96, 256, 128, False), (2, 38, 1024, 64, True), (1, 22, 14336 // 4, 128, True)):
         x = torch.randn(m, k).half()
         packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
         want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
@@ -101,6 +102,10 @@ def int4_gemv() -> None:
             y = torch.empty(m, n, dtype=torch.float16)
             qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, group, y, tile)
             check(f"w4 gemv m{m} n{n} k{k} g{group} zero={zero} tile {tile}", y, want)
+            if n % 2 == 0:  # the weights as [fc; gate] of a gated MLP, the activation in the epilogue
+                gated = torch.empty(m, n // 2, dtype=torch.float16)
+                qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, group, gated, tile, gated=True)
+                check(f"w4 gemv silu m{m} n{n} k{k} g{group} zero={zero} tile {tile}", gated, silu_and_mul_ref(y))
 
 
 def decode_attention() -> None:

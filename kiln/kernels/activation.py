@@ -51,6 +51,14 @@ def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None):
 if triton is not None:
 
     @triton.jit
+    def silu_times(fc, gate):
+        """silu(fc) * gate in fc's dtype: silu in float32 rounded to the dtype, then the multiply rounded, the two
+        roundings torch makes (also the int4 GEMV's epilogue, kiln.kernels.quant_gemm)."""
+        f = fc.to(tl.float32)
+        act = (f / (1.0 + tl.exp(-f))).to(fc.dtype)
+        return (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
+
+    @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
                              BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         allow_dependents(USE_PDL)
@@ -60,10 +68,7 @@ if triton is not None:
         mask = cols < inter
         fc = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         gate = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0)
-        f = fc.to(tl.float32)
-        # silu in float32 rounded to x's dtype, then the multiply: the two roundings torch makes.
-        act = (f / (1.0 + tl.exp(-f))).to(fc.dtype)
-        y = (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
+        y = silu_times(fc, gate)
         if FP8_OUT:
             s = tl.load(fp8_scale_ptr).to(tl.float32)
             tl.store(out_ptr + row * inter + cols, to_e4m3(y.to(tl.float32), s), mask=mask)

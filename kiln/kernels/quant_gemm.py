@@ -64,6 +64,7 @@ except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
 if triton is not None:
+    from kiln.kernels.activation import silu_times
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 # Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H200 the int4
@@ -95,8 +96,9 @@ def linear_plan(quant_algo: str | None) -> dict:
     kernel = KERNEL_FOR_ALGO.get(quant_algo)
     if kernel is None:
         return {}
-    rows = {"gemv_max_rows": GEMV_MAX_ROWS, **({"dequant_min_rows": DEQUANT_MIN_ROWS} if "W4" in quant_algo else {})}
-    return {"quantized_linear": {"cuda": kernel, "other": "dequantize_then_matmul", **rows}}
+    w4 = {"dequant_min_rows": DEQUANT_MIN_ROWS, "gated_mlp_silu": "gemv_epilogue"} if "W4" in quant_algo else {}
+    return {"quantized_linear": {"cuda": kernel, "other": "dequantize_then_matmul", "gemv_max_rows": GEMV_MAX_ROWS,
+                                 **w4}}
 
 
 def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -149,6 +151,24 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     return y
 
 
+def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                              group_size: int) -> torch.Tensor | None:
+    """silu(fc) * gate of [fc | gate] = w4a16_matmul(x, ...) (the gated MLP's fc_gate weights [fc; gate]), in one
+    launch: the GEMV with the activation as its epilogue, rounding as w4a16_matmul then silu_and_mul do. None
+    where the GEMV does not run (more than GEMV_MAX_ROWS rows, or codes not readable as words): the caller
+    multiplies and activates apart."""
+    rows = rows_view(x)
+    if rows.shape[0] > GEMV_MAX_ROWS or not _reads_as_words(packed) or packed.shape[0] % 2:
+        return None
+    words = packed.view(torch.int32)
+    y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
+    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
+    run = functools.partial(_run_w4_gemv, gated=True)
+    tile = _tuned_tile(key, W4_GEMV_TILES, run, rows, words, scale, zero, group_size, y)
+    run(rows, words, scale, zero, group_size, y, tile)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int32 words), its tile picked per shape
@@ -159,15 +179,16 @@ def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 group_size: int, y: torch.Tensor, tile: tuple) -> None:
+                 group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False) -> None:
     """One int4 GEMV with `tile` = (BLOCK_N, BLOCK_KW, warps); programs of the same outputs and another row of x are
-    adjacent in the launch order, so the second row reads the weights from L2."""
+    adjacent in the launch order, so the second row reads the weights from L2. `gated`: y = silu(fc) * gate of
+    the weights' two halves (`w4a16_silu_and_mul_matmul`)."""
     block_n, block_kw, warps = tile
-    n = words.shape[0]
+    n = y.shape[1]
     _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
         rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
         GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        num_warps=warps, **pdl_args(rows.device))
+        GATED=gated, num_warps=warps, **pdl_args(rows.device))
 
 
 def _reads_as_words(packed: torch.Tensor) -> bool:
@@ -326,9 +347,32 @@ if triton is not None:
         return w, s, z
 
     @triton.jit
+    def _slot_scaled(xs):
+        """x's 8 columns (xs, _split8), each times the power of two that turns the float32 bits of its code, masked
+        in its slot (_w4_gemv_kernel), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
+        columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
+        return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
+                xs[3] * 2.0 ** (137 - SHIFT_EXP), xs[4] * 2.0 ** (133 - SHIFT_EXP), xs[5] * 2.0 ** (141 - SHIFT_EXP),
+                xs[6] * 2.0 ** (137 - SHIFT_EXP), xs[7] * 2.0 ** (133 - SHIFT_EXP))
+
+    @triton.jit
+    def _word_sums(w, s, z, x_sum, slots):
+        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int32 words [k, n], s and z [k, n] in
+        float32, x_sum and slots (_slot_scaled) [k]. An AND and an FMA a code."""
+        high = w >> 12
+        dot = tl.zeros(w.shape, tl.float32)
+        for j in tl.static_range(8):
+            if j < 5:
+                code = w & (15 << (4 * j))
+            else:  # slot j - 3 of the shifted word
+                code = high & (15 << (4 * j - 12))
+            dot += code.to(tl.float32, bitcast=True) * slots[j][:, None]
+        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
+
+    @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KW: tl.constexpr):
+                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
         # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
         # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
@@ -342,6 +386,9 @@ if triton is not None:
         # vector, land in the thread that holds the word. With four words a thread, x's columns came from other
         # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
         # "w4 gemv"). Each thread's outputs share its x.
+        # GATED: the weight rows are [fc; gate] (2N of them) and y is silu(fc) * gate [N]: each program sums
+        # BLOCK_N fc rows and the BLOCK_N gate rows N further on over the same x, and the activation is the
+        # epilogue (no fc_gate output, no second launch).
         allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         WPG: tl.constexpr = GROUP // 8  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
@@ -361,33 +408,35 @@ if triton is not None:
         s_row = s_ptr + n0.to(tl.int64) * G
         z_row = z_ptr + n0.to(tl.int64) * G
         x_row = x_ptr + m * stride_xm
+        gate_rows = N.to(tl.int64)  # (GATED) how far the gate rows are from the fc rows
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        acc_gate = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         # The first step's weights are requested before the wait for x (kiln.kernels.pdl), so they stream while the
         # kernel before this one ends.
         w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
+        if GATED:
+            wg, sg, zg = _step_weights(w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G, 0,
+                                       first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             if k0 > 0:
                 w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
                                         EVEN_K)
+                if GATED:
+                    wg, sg, zg = _step_weights(w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G,
+                                               k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            high = w >> 12
-            dot = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-            x_sum = tl.zeros([BLOCK_KW], tl.float32)
-            for j in tl.static_range(8):
-                xj = xs[j]
-                x_sum += xj
-                if j < 5:
-                    code = w & (15 << (4 * j))
-                    xj *= 2.0 ** (149 - 4 * j - SHIFT_EXP)
-                else:  # slot j - 3 of the shifted word
-                    code = high & (15 << (4 * j - 12))
-                    xj *= 2.0 ** (161 - 4 * j - SHIFT_EXP)
-                dot += code.to(tl.float32, bitcast=True) * xj[:, None]
-            acc += s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
-        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
-        tl.store(y_ptr + m * N + n0 + outs, y.to(y_ptr.dtype.element_ty), mask=n0 + tl.arange(0, BLOCK_N) < N)
+            x_sum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
+            slots = _slot_scaled(xs)
+            acc += _word_sums(w, s, z, x_sum, slots)
+            if GATED:
+                acc_gate += _word_sums(wg, sg, zg, x_sum, slots)
+        y = (tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)).to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
+        if GATED:
+            y = silu_times(y, (tl.sum(acc_gate, axis=0) * (2.0 ** SHIFT_EXP)).to(y_ptr.dtype.element_ty))
+        out = n0 + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + m * N + out, y, mask=out < N)
 
     # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
     # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;

@@ -33,6 +33,11 @@ class LinearMethod:
         """x W^T with this rank's weights, no bias."""
         raise NotImplementedError
 
+    def silu_and_mul_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor | None:
+        """silu(fc) * gate of [fc | gate] = apply(layer, x), in one kernel where this method has one for x (the
+        gated MLP's fc_gate); None (the default) where not: the caller multiplies, then activates."""
+        return None
+
     def prepare(self, layer: "Linear") -> None:
         """Once the weights are loaded, before the engine's first step: derive what apply needs from them
         (nothing by default)."""

@@ -119,6 +119,15 @@ def shard_input_permutation(tensor: torch.Tensor, mapping) -> torch.Tensor:
 
 # ---- the methods a linear layer holds ------------------------------------------------------------------
 
+def _kernels_for(x: torch.Tensor):
+    """kiln.kernels.quant_gemm where its kernels run on x, else None (the reference: dequantize, then matmul)."""
+    if not (x.is_cuda and triton_available()):
+        return None
+    from kiln.kernels import quant_gemm  # imported here: its torch references import this module
+
+    return quant_gemm if quant_gemm.kernel_supports(x) else None
+
+
 def _param(*shape, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
@@ -140,11 +149,9 @@ class _WeightOnlyMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.prequant:
             x = x * layer.prequant_scaling_factor
-        if x.is_cuda and triton_available():
-            from kiln.kernels import quant_gemm  # imported here: its torch references import this module
-
-            if quant_gemm.kernel_supports(x):
-                return self.fused_matmul(quant_gemm, layer, x)
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is not None:
+            return self.fused_matmul(quant_gemm, layer, x)
         return F.linear(x, self.dequantize(layer, x.dtype))
 
     def fused_matmul(self, quant_gemm, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -221,6 +228,18 @@ class Int4GroupMethod(_WeightOnlyMethod):
         if self.act_order:
             x = x.index_select(-1, layer.input_permutation)
         return quant_gemm.w4a16_matmul(x, layer.weight, layer.weights_scaling_factor, zero, self.group_size)
+
+    def silu_and_mul_matmul(self, layer, x):
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is None:
+            return None
+        if self.prequant:
+            x = x * layer.prequant_scaling_factor
+        if self.act_order:
+            x = x.index_select(-1, layer.input_permutation)
+        zero = layer.zero_point if self.zero_point else None
+        return quant_gemm.w4a16_silu_and_mul_matmul(x, layer.weight, layer.weights_scaling_factor, zero,
+                                                    self.group_size)
 
     def quantize(self, weight, dtype, input_scale=None):
         if self.act_order:

@@ -44,6 +44,7 @@ def test_w8a16_reference_is_the_format_math():
 def test_plan_names_the_kernel_of_each_weight_only_algorithm():
     assert qg.linear_plan("W4A16_AWQ")["quantized_linear"]["cuda"] == "triton_w4a16_gemv_gemm"
     assert qg.linear_plan("W8A16")["quantized_linear"]["cuda"] == "triton_w8a16_gemv_gemm"
+    assert qg.linear_plan("W4A16")["quantized_linear"]["gated_mlp_silu"] == "gemv_epilogue"
     assert qg.linear_plan(None) == {}
 
 
@@ -110,6 +111,30 @@ def test_w4a16_kernels_match_reference_with_every_tile(rows):
             again = torch.empty_like(y)
             run(x, packed, scale, zero, group, again)
             assert torch.equal(again, y), f"tile {tile}: the same call must give the same bits"
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(rows):
+    """The gated MLP's fc_gate GEMV with the activation as its epilogue, on every tile: the same bits as the same
+    tile's GEMV followed by silu_and_mul (each output's sum is the same; only the store changes). Intermediate
+    sizes leave activated outputs past the last tile (131) and rows that end inside a step (3584 columns)."""
+    from kiln.kernels.activation import silu_and_mul
+
+    torch.manual_seed(rows + 40)
+    for inter, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        packed, scale, zero = quantize_int4_groups(torch.randn(2 * inter, k, device="cuda"), group, zero_point,
+                                                   x.dtype)
+        words = packed.view(torch.int32)
+        for tile in qg.W4_GEMV_TILES:
+            fc_gate = torch.empty(rows, 2 * inter, device="cuda", dtype=x.dtype)
+            qg._run_w4_gemv(x, words, scale, zero, group, fc_gate, tile)
+            fused = torch.full((rows, inter), float("nan"), device="cuda", dtype=x.dtype)
+            qg._run_w4_gemv(x, words, scale, zero, group, fused, tile, gated=True)
+            assert torch.equal(fused, silu_and_mul(fc_gate)), f"[{inter}, {k}] tile {tile}"
+    assert qg.w4a16_silu_and_mul_matmul(torch.randn(3, k, device="cuda", dtype=x.dtype), packed, scale, zero,
+                                        group) is None  # more rows than the GEMV takes: the caller's two steps
 
 
 @needs_gpu
