@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import rows_view
+from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.choices import KernelChoices
 from kiln.kernels.gemv import (
     AUTOTUNE,  # (KILN_AUTOTUNE=0: first configs only)
@@ -105,6 +106,12 @@ def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                      group_size: int) -> torch.Tensor:
     """x [..., in] @ dequantize_int4(...)^T -> [..., out] in x's dtype."""
     return F.linear(x, dequantize_int4(packed, scale, zero, group_size, x.dtype))
+
+
+def w4a16_silu_and_mul_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                                  zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """silu(fc) * gate of [fc | gate] = w4a16_matmul_ref(...): the gated MLP's fc_gate and activation."""
+    return silu_and_mul_ref(w4a16_matmul_ref(x, packed, scale, zero, group_size))
 
 
 def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
