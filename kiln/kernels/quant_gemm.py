@@ -415,23 +415,25 @@ if triton is not None:
         s_row = s_ptr + n0.to(tl.int64) * G
         z_row = z_ptr + n0.to(tl.int64) * G
         x_row = x_ptr + m * stride_xm
-        gate_rows = N.to(tl.int64)  # (GATED) how far the gate rows are from the fc rows
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        acc_gate = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        if GATED:  # the gate rows, N rows past the fc rows
+            gate_rows = tl.cast(N, tl.int64)
+            wg_row, sg_row, zg_row = w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G
+            acc_gate = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         # The first step's weights are requested before the wait for x (kiln.kernels.pdl), so they stream while the
         # kernel before this one ends.
         w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
         if GATED:
-            wg, sg, zg = _step_weights(w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G, 0,
-                                       first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
+            wg, sg, zg = _step_weights(wg_row, sg_row, zg_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+                                       EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             if k0 > 0:
                 w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
                                         EVEN_K)
                 if GATED:
-                    wg, sg, zg = _step_weights(w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G,
-                                               k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
+                    wg, sg, zg = _step_weights(wg_row, sg_row, zg_row, k0, first, outs * KW, outs * G, KW, WPG,
+                                               HAS_ZERO, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             x_sum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
