@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import gemv
-from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
+from kiln.kernels.activation import silu_and_mul_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
