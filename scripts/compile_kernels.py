@@ -88,6 +88,11 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                     dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
+    *[(f"w4 gemv rotary quant={q}", quant_gemm._w4_qkv_rotary_kernel,
+       dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=512),
+       dict(w_ptr="*i32", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
+            kvs_ptr="*bf16" if q else "*fp32"))
+      for q, c, m in ((0, "*bf16", 0.0), (1, "*i8", 127.0))],
     *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",
        quant_gemm._w4_gemm_kernel,
        dict(GROUP=g, HAS_ZERO=z, EVEN_K=g == 128, SPLIT=split, BLOCK_M=m, BLOCK_N=n, WEIGHTS_LEFT=left,

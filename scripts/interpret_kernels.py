@@ -2,8 +2,8 @@
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
 either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; the
 e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
-GPU); and rotary with its cache write, one head a program and all in one (libdevice's cos and sin swapped for
-Triton's). It checks
+GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
+rotary as its epilogue (libdevice's cos and sin swapped for Triton's). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -153,6 +153,27 @@ def rotary_with_cache_write() -> None:
             check(f"rotary {tokens} tokens {heads}/{kv_heads} heads d{d}: {name}", got, expected)
 
 
+def int4_qkv_rotary() -> None:
+    """The int4 GEMV of a fused QKV projection with rotary and the cache write as its epilogue, on every tile that
+    divides half a head, against the same tile's GEMV followed by the rotary kernel."""
+    for m, heads, kv_heads, d, k in ((1, 4, 2, 64, 512), (2, 6, 2, 32, 1024)):
+        n = (heads + 2 * kv_heads) * d
+        x, positions = torch.randn(m, k).half(), torch.randint(0, 8192, (m,))
+        packed, scale, z = quantize_int4_groups(torch.randn(n, k), 128, True, torch.float16)
+        freqs, slots = 500000.0 ** -(torch.arange(0, d, 2).float() / d), torch.randperm(4 * m)[:m]
+        for tile in [t for t in qg.W4_GEMV_TILES if (d // 2) % t[0] == 0]:
+            want, want_caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, 128, want, tile)
+            q, kk, v = (t.view(m, -1, d) for t in want.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+            rotary.apply_rotary_and_write_cache(q, kk, v, positions, freqs, *want_caches, slots)
+            got, caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            qg._run_w4_qkv_rotary(x, packed.view(torch.int32), scale, z, 128, got, tile,
+                                  (heads, kv_heads, d, positions, freqs, *caches, slots, None))
+            for name, a, b in (("qkv", got, want), ("k_cache", caches[0], want_caches[0]),
+                               ("v_cache", caches[1], want_caches[1])):
+                check(f"w4 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
@@ -164,6 +185,7 @@ def main() -> None:
     decode_attention()
     fp8_dot_gemv()
     rotary_with_cache_write()
+    int4_qkv_rotary()
 
 
 if __name__ == "__main__":

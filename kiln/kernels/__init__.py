@@ -12,6 +12,7 @@
 | `gemv` | `gemv`, `scaled_gemv` | `gemv_ref`, `fp8_gemm_emulated` (quantization.fp8) | decode's one or two rows: one read of the weights (e4m3 on the CUDA or the tensor cores, the faster) |
 | `quant_gemm` | `w4a16_matmul` | `w4a16_matmul_ref` | int4 group dequantization into the matmul (GEMV / GEMM) |
 | `quant_gemm` | `w4a16_silu_and_mul_matmul` | `w4a16_silu_and_mul_matmul_ref` | the gated MLP's fc_gate GEMV with SiLU-and-mul as its epilogue (1-2 rows) |
+| `quant_gemm` | `w4a16_qkv_rotary_matmul` | `w4a16_qkv_rotary_matmul_ref` | the fused QKV GEMV with rotary and the KV-cache write as its epilogue (1-2 rows) |
 | `quant_gemm` | `w4a16_dequantize` | `dequantize_int4` (quantization.weight_only) | int4 codes to 16-bit weights (prefill-sized matmuls) |
 | `quant_gemm` | `w8a16_matmul` | `w8a16_matmul_ref` | int8 per-channel dequantization into the matmul (GEMV / GEMM) |
 

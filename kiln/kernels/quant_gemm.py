@@ -56,6 +56,7 @@ from kiln.kernels.gemv import (
     weight_copies,
 )
 from kiln.kernels.pdl import pdl_args
+from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -67,6 +68,7 @@ except ImportError:  # CPU-only installs: the references below still work
 if triton is not None:
     from kiln.kernels.activation import silu_times
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+    from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
 
 # Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H200 the int4
 # GEMV is 2.0x bf16 at 1 row and its time grows with the rows, while the GEMM is 1.2x bf16 at 4 rows
@@ -114,6 +116,17 @@ def w4a16_silu_and_mul_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: 
     return silu_and_mul_ref(w4a16_matmul_ref(x, packed, scale, zero, group_size))
 
 
+def w4a16_qkv_rotary_matmul_ref(x, packed, scale, zero, group_size, heads, kv_heads, head_size, positions, inv_freq,
+                                k_cache, v_cache, slots, kv_scale) -> torch.Tensor:
+    """The fused QKV projection w4a16_matmul_ref(x, ...), then apply_rotary_and_write_cache_ref on its q, k and v
+    (kiln.kernels.rotary): returns the projection with q and k rotated; the keys and values land in the caches."""
+    qkv = w4a16_matmul_ref(x, packed, scale, zero, group_size)
+    q, k, v = (t.unflatten(-1, (-1, head_size)) for t in
+               qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1))
+    apply_rotary_and_write_cache_ref(q, k, v, positions, inv_freq, k_cache, v_cache, slots, kv_scale)
+    return torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+
+
 def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ dequantize_int8(...)^T -> [..., out] in x's dtype."""
     return F.linear(x, dequantize_int8(q, scale, x.dtype))
@@ -151,7 +164,7 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
                        group_size: int) -> torch.Tensor:
     """x [m, in] (unit stride along in) -> [m, out] by the GEMV or the GEMM kernel, weights read packed."""
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
-    if rows.shape[0] <= GEMV_MAX_ROWS and _reads_as_words(packed):
+    if gemv_takes(rows, packed):
         _w4_gemv(rows, packed.view(torch.int32), scale, zero, group_size, y)
     else:
         _w4_gemm(rows, packed, scale, zero, group_size, y)
@@ -164,9 +177,9 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     launch: the GEMV with the activation as its epilogue, rounding as w4a16_matmul then silu_and_mul do. None
     where the GEMV does not run (more than GEMV_MAX_ROWS rows, or codes not readable as words): the caller
     multiplies and activates apart."""
-    rows = rows_view(x)
-    if rows.shape[0] > GEMV_MAX_ROWS or not _reads_as_words(packed) or packed.shape[0] % 2:
+    if not gemv_takes(x, packed) or packed.shape[0] % 2:
         return None
+    rows = rows_view(x)
     words = packed.view(torch.int32)
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
     key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
@@ -174,6 +187,42 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     tile = _tuned_tile(key, W4_GEMV_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
+
+
+def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                            group_size: int, heads: int, kv_heads: int, head_size: int, positions: torch.Tensor,
+                            inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slots: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The fused QKV projection w4a16_matmul(x, ...) [rows, (heads + 2 kv_heads) head_size] followed by
+    kiln.kernels.rotary.apply_rotary_and_write_cache on its q, k and v, in one launch: the GEMV with rotary as its
+    epilogue, the same bits. None where the GEMV does not run (more than GEMV_MAX_ROWS rows, codes not readable
+    as words, or no tile that divides half a head): the caller projects, then rotates."""
+    tiles = [tile for tile in W4_GEMV_TILES if (head_size // 2) % tile[0] == 0]
+    if not gemv_takes(x, packed) or head_size % 2 or not tiles:
+        return None
+    rows = rows_view(x)
+    words = packed.view(torch.int32)
+    y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
+    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size)
+    run = functools.partial(_run_w4_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
+                                                         v_cache, slots, kv_scale))
+    # (timing a tile writes this step's keys and values to their slots, the same bits each time)
+    tile = _tuned_tile(key, tiles, run, rows, words, scale, zero, group_size, y)
+    run(rows, words, scale, zero, group_size, y, tile)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
+    """One launch of _w4_qkv_rotary_kernel with `tile`; `rotary` the heads and cache of w4a16_qkv_rotary_matmul."""
+    heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
+    block_n, block_kw, warps = tile
+    programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
+    _w4_qkv_rotary_kernel[(rows.shape[0], programs, 1)](
+        rows, words, scale, zero if zero is not None else scale, y, positions, inv_freq, k_cache, v_cache, slots,
+        kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], GROUP=group_size,
+        HAS_ZERO=zero is not None, HEAD=head_size, **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n,
+        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
 
 
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -196,6 +245,12 @@ def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, z
         rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
         GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
         GATED=gated, num_warps=warps, **pdl_args(rows.device))
+
+
+def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether the int4 GEMV (and its epilogue variants) runs x [..., in] against these codes: 1-2 rows, codes
+    read as int32 words."""
+    return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and _reads_as_words(packed)
 
 
 def _reads_as_words(packed: torch.Tensor) -> bool:
@@ -377,9 +432,13 @@ if triton is not None:
         return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
+    def _w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+        """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
+        scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
+        `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
+        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
         # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
         # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
@@ -393,59 +452,108 @@ if triton is not None:
         # vector, land in the thread that holds the word. With four words a thread, x's columns came from other
         # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
         # "w4 gemv"). Each thread's outputs share its x.
-        # GATED: the weight rows are [fc; gate] (2N of them) and y is silu(fc) * gate [N]: each program sums
-        # BLOCK_N fc rows and the BLOCK_N gate rows N further on over the same x, and the activation is the
-        # epilogue (no fc_gate output, no second launch).
-        allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         WPG: tl.constexpr = GROUP // 8  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
-        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
-        m = tl.program_id(0).to(tl.int64)
-        n0 = tl.program_id(1) * BLOCK_N
-        outs = tl.arange(0, BLOCK_N)  # from n0
-        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
-            outs = tl.minimum(outs, N - 1 - n0)
         # Each address is a scalar base (uniform registers), plus the thread's word (one 64-bit add), plus the
-        # output's distance from n0, a constant with whole tiles: then the loads of a thread's outputs share one
-        # address register with immediate offsets. Offsets as one int32 tensor before the add cost two 64-bit
-        # adds a load instead (scripts/kernel_sass.py "w4 gemv").
+        # output's distance from the first, a constant with whole tiles: then the loads of a thread's outputs
+        # share one address register with immediate offsets. Offsets as one int32 tensor before the add cost two
+        # 64-bit adds a load instead (scripts/kernel_sass.py "w4 gemv").
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
-        w_row = w_ptr + n0.to(tl.int64) * KW
-        s_row = s_ptr + n0.to(tl.int64) * G
-        z_row = z_ptr + n0.to(tl.int64) * G
-        x_row = x_ptr + m * stride_xm
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        if GATED:  # the gate rows, N rows past the fc rows
-            gate_rows = tl.cast(N, tl.int64)
-            wg_row, sg_row, zg_row = w_row + gate_rows * KW, s_row + gate_rows * G, z_row + gate_rows * G
-            acc_gate = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        # The first step's weights are requested before the wait for x (kiln.kernels.pdl), so they stream while the
-        # kernel before this one ends.
+        if PAIRED:
+            wp_row, sp_row, zp_row = w_row + gap * KW, s_row + gap * G, z_row + gap * G
+            acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        # The first step's weights are requested before the wait for x, so they stream while the kernel before
+        # this one ends.
         w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
-        if GATED:
-            wg, sg, zg = _step_weights(wg_row, sg_row, zg_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+        if PAIRED:
+            wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
                                        EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             if k0 > 0:
                 w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
                                         EVEN_K)
-                if GATED:
-                    wg, sg, zg = _step_weights(wg_row, sg_row, zg_row, k0, first, outs * KW, outs * G, KW, WPG,
+                if PAIRED:
+                    wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
                                                HAS_ZERO, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             x_sum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
             slots = _slot_scaled(xs)
             acc += _word_sums(w, s, z, x_sum, slots)
-            if GATED:
-                acc_gate += _word_sums(wg, sg, zg, x_sum, slots)
-        y = (tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)).to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
+            if PAIRED:
+                acc_paired += _word_sums(wp, sp, zp, x_sum, slots)
+        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
+        y_paired = y
+        if PAIRED:
+            y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
+        return y, y_paired
+
+    @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
+        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (_w4_row_sums). GATED: the weight rows are [fc; gate]
+        (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on,
+        and the activation is the epilogue (no fc_gate output, no second launch)."""
+        allow_dependents(USE_PDL)
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        m = tl.program_id(0).to(tl.int64)
+        n0 = tl.program_id(1) * BLOCK_N
+        outs = tl.arange(0, BLOCK_N)  # from n0
+        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
+            outs = tl.minimum(outs, N - 1 - n0)
+        y, y_gate = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8),
+                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
+                                 GATED, K, GROUP, HAS_ZERO, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
-            y = silu_times(y, (tl.sum(acc_gate, axis=0) * (2.0 ** SHIFT_EXP)).to(y_ptr.dtype.element_ty))
+            y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
         out = n0 + tl.arange(0, BLOCK_N)
         tl.store(y_ptr + m * N + out, y, mask=out < N)
+
+    @triton.jit
+    def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                              stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
+                              kv_heads, K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                              HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """The fused QKV projection y [rows, (q_heads + 2 kv_heads) HEAD] with rotary as its epilogue, as
+        kiln.kernels.rotary.apply_rotary_and_write_cache leaves it: q and k heads rotated (rotate-half: dim i pairs
+        with i + HEAD / 2), and the keys and values written to their cache slot (as codes with a quantized cache).
+        Program (row, p) sums dims i0 .. i0 + BLOCK_N of the first half of a head and the same dims of its second
+        half (_w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program."""
+        allow_dependents(USE_PDL)
+        HALF: tl.constexpr = HEAD // 2
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        m = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1) // (HALF // BLOCK_N)
+        i0 = tl.program_id(1) % (HALF // BLOCK_N) * BLOCK_N
+        dims = i0 + tl.arange(0, BLOCK_N)
+        freq = tl.load(freq_ptr + dims)  # a constant of the model: read before the wait
+        n0 = (head * HEAD + i0).to(tl.int64)
+        y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 8), s_ptr + n0 * G, z_ptr + n0 * G,
+                              tl.arange(0, BLOCK_N), HALF, True, K, GROUP, HAS_ZERO, (K // 8) % BLOCK_KW == 0,
+                              BLOCK_N, BLOCK_KW, USE_PDL)
+        y1, y2 = y1.to(y_ptr.dtype.element_ty), y2.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
+        if head < q_heads + kv_heads:  # q and k rotate, v does not
+            cos, sin = cos_sin(tl.load(pos_ptr + m).to(tl.float32) * freq)
+            y1, y2 = rotate_pair(y1, y2, cos, sin)
+        out = y_ptr + m * ((q_heads + 2 * kv_heads) * HEAD) + n0 + tl.arange(0, BLOCK_N)
+        tl.store(out, y1)
+        tl.store(out + HALF, y2)
+        if head >= q_heads:  # a key or a value: its cache slot too
+            slot = tl.load(slot_ptr + m).to(tl.int64)
+            if head < q_heads + kv_heads:
+                scale = tl.load(kvs_ptr).to(tl.float32) if QUANT != 0 else 1.0
+                cache = kc_ptr + slot * kc_tok_stride + (head - q_heads) * kc_head_stride + dims
+            else:
+                scale = tl.load(kvs_ptr + 1).to(tl.float32) if QUANT != 0 else 1.0
+                cache = vc_ptr + slot * vc_tok_stride + (head - q_heads - kv_heads) * vc_head_stride + dims
+            tl.store(cache, to_cache(y1, scale, QUANT, QMAX))
+            tl.store(cache + HALF, to_cache(y2, scale, QUANT, QMAX))
 
     # Two 16-bit floats per register: bytes b0..b3 of the codes (one register, 4 elements of the tile) spread to
     # [b0, b1] and [b2, b3] (prmt), a nibble of each ORed into the mantissa of MAGIC (lop3) gives MAGIC + u, exact;

@@ -77,6 +77,12 @@ def apply_rotary_and_write_cache(q, k, v, positions, inv_freq, k_cache, v_cache,
 _CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}  # the cache's element type -> the kernel's QUANT
 
 
+def cache_code_args(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> dict:
+    """The QUANT and QMAX constants of `to_cache` for this cache: its codes' type, or none without kv_scale."""
+    code = None if kv_scale is None else k_cache.dtype
+    return {"QUANT": _CODES[code], "QMAX": QMAX.get(code, 0.0)}
+
+
 # Tokens up to which each program rotates one head (of q, or of k with its values): a decode step's few tokens
 # spread over q_heads + kv_heads programs, not one program that walks every head in turn. On an H200 the one
 # program of a batch-1 step took 4.2 us (Llama-3-8B, kiln.bench.profile_decode with KILN_PDL=0), a chain of
@@ -90,7 +96,6 @@ def _launch(q, k, positions, inv_freq, cache, kv_scale):
     tokens, heads, head_size = q.shape
     kv_heads = k.shape[1]
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
-    code = None if kv_scale is None else k_cache.dtype
     block_h = 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
     q_programs = triton.cdiv(heads, block_h)
     block_d = triton.next_power_of_2(head_size // 2)
@@ -98,7 +103,7 @@ def _launch(q, k, positions, inv_freq, cache, kv_scale):
         q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, kv_heads,
         head_size // 2, q_programs, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
-        WRITE_CACHE=cache is not None, QUANT=_CODES[code], QMAX=QMAX.get(code, 0.0), BLOCK_H=block_h,
+        WRITE_CACHE=cache is not None, **cache_code_args(k_cache, kv_scale), BLOCK_H=block_h,
         BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 64)), **pdl_args(q.device))
     return q, k
 
@@ -106,7 +111,7 @@ def _launch(q, k, positions, inv_freq, cache, kv_scale):
 if triton is not None:
 
     @triton.jit
-    def _to_cache(x, s, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    def to_cache(x, s, QUANT: tl.constexpr, QMAX: tl.constexpr):
         """New keys or values as the cache stores them: as they are, or codes (kv_cache.quantize's math: IEEE
         division, clamp, then round half to even for int8, the e4m3 cast's rounding for float8)."""
         # One return: Triton compiles the statements after a `return` inside a constexpr `if` too.
@@ -121,6 +126,22 @@ if triton is not None:
         return y
 
     @triton.jit
+    def cos_sin(angle):
+        """libdevice's cos and sin of float32 angles, not the approximate PTX ones: angles reach max_position
+        radians."""
+        return libdevice.cos(angle), libdevice.sin(angle)
+
+    @triton.jit
+    def rotate_pair(x1, x2, cos, sin):
+        """(x1 cos - x2 sin, x2 cos + x1 sin) in x1's dtype, cos and sin (float32) rounded to it first and each
+        product rounded, as torch's elementwise ops do, so 16-bit results match the reference (also the int4
+        GEMV's rotary epilogue, kiln.kernels.quant_gemm)."""
+        c, s = cos.to(x1.dtype), sin.to(x1.dtype)
+        out1 = ((x1 * c).to(x1.dtype).to(tl.float32) - (x2 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        out2 = ((x2 * c).to(x1.dtype).to(tl.float32) + (x1 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        return out1, out2
+
+    @triton.jit
     def _rotate_heads(x_ptr, tok_stride, head_stride, token, h, heads, half, cos, sin, cache_ptr, c_tok_stride,
                       c_head_stride, slot, scale, WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
                       BLOCK_D: tl.constexpr):
@@ -131,16 +152,13 @@ if triton is not None:
         ptr = x_ptr + token * tok_stride + h * head_stride + i
         x1 = tl.load(ptr, mask=mask, other=0.0)
         x2 = tl.load(ptr + half, mask=mask, other=0.0)
-        c, s = cos.to(x1.dtype)[None, :], sin.to(x1.dtype)[None, :]
-        # Round after each multiply as torch's elementwise ops do, so 16-bit results match the reference.
-        out1 = ((x1 * c).to(x1.dtype).to(tl.float32) - (x2 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
-        out2 = ((x2 * c).to(x1.dtype).to(tl.float32) + (x1 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        out1, out2 = rotate_pair(x1, x2, cos[None, :], sin[None, :])
         tl.store(ptr, out1, mask=mask)
         tl.store(ptr + half, out2, mask=mask)
         if WRITE_CACHE:
             cache = cache_ptr + slot * c_tok_stride + h * c_head_stride + i
-            tl.store(cache, _to_cache(out1, scale, QUANT, QMAX), mask=mask)
-            tl.store(cache + half, _to_cache(out2, scale, QUANT, QMAX), mask=mask)
+            tl.store(cache, to_cache(out1, scale, QUANT, QMAX), mask=mask)
+            tl.store(cache + half, to_cache(out2, scale, QUANT, QMAX), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, freq_ptr, q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
@@ -156,9 +174,7 @@ if triton is not None:
         wait_for_inputs(USE_PDL)
         token = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
-        angle = tl.load(pos_ptr + token).to(tl.float32) * freq
-        # libdevice's cos/sin, not the approximate PTX ones: angles reach max_position radians.
-        cos, sin = libdevice.cos(angle), libdevice.sin(angle)
+        cos, sin = cos_sin(tl.load(pos_ptr + token).to(tl.float32) * freq)
         if j < q_programs:
             h = j * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
             _rotate_heads(q_ptr, q_tok_stride, q_head_stride, token, h, q_heads, half, cos, sin, q_ptr, 0, 0, 0, 1.0,
@@ -177,4 +193,4 @@ if triton is not None:
                     mask = (h < k_heads) & (d < half)
                     v = tl.load(v_ptr + token * v_tok_stride + h * v_head_stride + part * half + d, mask=mask)
                     tl.store(vc_ptr + slot * vc_tok_stride + h * vc_head_stride + part * half + d,
-                             _to_cache(v, s_v, QUANT, QMAX), mask=mask)
+                             to_cache(v, s_v, QUANT, QMAX), mask=mask)

@@ -94,6 +94,10 @@ class Attention(nn.Module):
             self._freqs = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        qkv = self._qkv_rotated_into_cache(x, positions, batch)
+        if qkv is not None:  # one kernel projected, rotated and wrote the cache (the int4 GEMV at 1-2 rows)
+            q, k, v = self.qkv.split_heads(qkv)
+            return self.dense(batch.attend(self, q, k, v, kv_written=True).flatten(-2))
         q, k, v = self.qkv.split_heads(self.qkv(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -111,6 +115,22 @@ class Attention(nn.Module):
                 cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.dense(batch.attend(self, q, k, v, kv_written).flatten(-2))
+
+    def _qkv_rotary_fusable(self) -> bool:
+        """Whether rotary may be the QKV projection's epilogue: rotate-half over the whole head with unscaled
+        frequencies (fused_rope), nothing between the projection and the rotation (no bias, no q/k norm)."""
+        return self.rope is not None and self.fused_rope and not self.qk_norm and self.qkv.bias is None
+
+    def _qkv_rotated_into_cache(self, x, positions: torch.Tensor, batch) -> torch.Tensor | None:
+        """The QKV projection with rotary and the cache write fused into it, where the projection's method has
+        such a kernel for x (LinearMethod.rotary_qkv_matmul); else None."""
+        if not self._qkv_rotary_fusable():
+            return None
+        cache = batch.cache_slots(self)  # (k_cache, v_cache, slots, kv_scale), or None
+        if cache is None:
+            return None
+        freqs = self._inv_freq(batch.max_seq_len, positions.device)
+        return self.qkv.quant_method.rotary_qkv_matmul(self.qkv, x, positions, freqs, cache)
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The rotary frequencies on `device`; kept when they do not depend on the length (no host work

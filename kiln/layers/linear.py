@@ -38,6 +38,13 @@ class LinearMethod:
         gated MLP's fc_gate); None (the default) where not: the caller multiplies, then activates."""
         return None
 
+    def rotary_qkv_matmul(self, layer: "QKVLinear", x: torch.Tensor, positions: torch.Tensor,
+                          inv_freq: torch.Tensor, cache: tuple) -> torch.Tensor | None:
+        """apply(layer, x) for the fused QKV projection, then rotary on q and k and the keys and values written to
+        `cache` ((k_cache, v_cache, slots, kv_scale): kiln.kernels.rotary.apply_rotary_and_write_cache), in one
+        kernel where this method has one for x; None (the default) where not: the caller does the three apart."""
+        return None
+
     def prepare(self, layer: "Linear") -> None:
         """Once the weights are loaded, before the engine's first step: derive what apply needs from them
         (nothing by default)."""

@@ -224,22 +224,39 @@ class Int4GroupMethod(_WeightOnlyMethod):
         return w
 
     def fused_matmul(self, quant_gemm, layer, x):
-        zero = layer.zero_point if self.zero_point else None
         if self.act_order:
             x = x.index_select(-1, layer.input_permutation)
-        return quant_gemm.w4a16_matmul(x, layer.weight, layer.weights_scaling_factor, zero, self.group_size)
+        return quant_gemm.w4a16_matmul(x, *self._packed(layer))
 
     def silu_and_mul_matmul(self, layer, x):
-        quant_gemm = _kernels_for(x)
+        quant_gemm, x = self._gemv_input(layer, x)
         if quant_gemm is None:
             return None
+        return quant_gemm.w4a16_silu_and_mul_matmul(x, *self._packed(layer))
+
+    def rotary_qkv_matmul(self, layer, x, positions, inv_freq, cache):
+        quant_gemm, x = self._gemv_input(layer, x)
+        if quant_gemm is None:
+            return None
+        return quant_gemm.w4a16_qkv_rotary_matmul(x, *self._packed(layer), layer.num_heads, layer.num_kv_heads,
+                                                  layer.head_size, positions, inv_freq, *cache)
+
+    def _gemv_input(self, layer, x) -> tuple:
+        """(kiln.kernels.quant_gemm, x as its int4 GEMV takes it: AWQ-scaled, act-order permuted) where the GEMV
+        runs on x (CUDA, 1-2 rows), else (None, x): the epilogue variants are the GEMV's."""
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight):
+            return None, x
         if self.prequant:
             x = x * layer.prequant_scaling_factor
         if self.act_order:
             x = x.index_select(-1, layer.input_permutation)
-        zero = layer.zero_point if self.zero_point else None
-        return quant_gemm.w4a16_silu_and_mul_matmul(x, layer.weight, layer.weights_scaling_factor, zero,
-                                                    self.group_size)
+        return quant_gemm, x
+
+    def _packed(self, layer) -> tuple:
+        """(codes, scales, zeros or None, group size): the int4 kernels' weight arguments."""
+        return (layer.weight, layer.weights_scaling_factor, layer.zero_point if self.zero_point else None,
+                self.group_size)
 
     def quantize(self, weight, dtype, input_scale=None):
         if self.act_order:

@@ -138,6 +138,43 @@ def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(row
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, cache_dtype):
+    """The fused QKV GEMV with rotary and the cache write as its epilogue, on every tile that divides half a head:
+    the same bits, in the projection and in both caches, as the same tile's GEMV followed by
+    apply_rotary_and_write_cache (a quantized cache holds the same codes)."""
+    from kiln.kernels.rotary import apply_rotary_and_write_cache
+
+    torch.manual_seed(rows + 60)
+    kv_scale = None if cache_dtype == torch.bfloat16 else torch.tensor([0.05, 0.04], device="cuda")
+    for heads, kv_heads, head_size, k in ((32, 8, 128, 1024), (6, 2, 64, 456)):
+        n = (heads + 2 * kv_heads) * head_size
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 64, True, x.dtype)
+        words, slots = packed.view(torch.int32), torch.randperm(8 * rows, device="cuda")[:rows]
+        positions = torch.randint(0, 8192, (rows,), device="cuda")
+        inv_freq = 500000.0 ** -(torch.arange(0, head_size, 2, device="cuda").float() / head_size)
+        for tile in [t for t in qg.W4_GEMV_TILES if (head_size // 2) % t[0] == 0]:
+            caches = torch.randn(4, 8 * rows, kv_heads, head_size, device="cuda").to(cache_dtype)
+            want = torch.empty(rows, n, device="cuda", dtype=x.dtype)
+            qg._run_w4_gemv(x, words, scale, zero, 64, want, tile)
+            q, kk, v = (t.unflatten(-1, (-1, head_size)) for t in
+                        want.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1))
+            apply_rotary_and_write_cache(q, kk, v, positions, inv_freq, caches[0], caches[1], slots, kv_scale)
+            got = torch.full_like(want, float("nan"))
+            qg._run_w4_qkv_rotary(x, words, scale, zero, 64, got, tile, (heads, kv_heads, head_size, positions,
+                                                                         inv_freq, caches[2], caches[3], slots,
+                                                                         kv_scale))
+            assert torch.equal(got, want), f"{heads}/{kv_heads} heads, tile {tile}: projection"
+            for mine, theirs, name in ((caches[2], caches[0], "keys"), (caches[3], caches[1], "values")):
+                same = torch.equal(mine.view(torch.uint8)[slots], theirs.view(torch.uint8)[slots])
+                assert same, f"{heads}/{kv_heads} heads, tile {tile}: {name}"
+    assert qg.w4a16_qkv_rotary_matmul(torch.randn(3, k, device="cuda", dtype=x.dtype), packed, scale, zero, 64, heads,
+                                      kv_heads, head_size, positions, inv_freq, *caches[:2], slots, kv_scale) is None
+
+
+@needs_gpu
 def test_w4a16_gemv_tuner_keeps_one_tile(monkeypatch):
     """With tuning on, the first one-row call of a shape times the GEMV's tiles and keeps one; later calls reuse it."""
     monkeypatch.setattr(qg, "AUTOTUNE", True)

@@ -129,3 +129,40 @@ def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypat
             want = reference(torch.tensor([ids]))[0, -1]
             assert (got[i] - want).abs().max() <= tolerance * want.abs().max(), (dtype, step_index, i)
     assert runner.graphs is not None and runner.graphs.replays == 1  # the decode step ran as a graph
+
+
+def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch):
+    """At one or two rows a W4A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and its
+    fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
+    engine running the GEMV, then the rotary and activation kernels (one tile for all, so the sums agree)."""
+    from kiln.config import QuantConfig
+    from kiln.kernels import quant_gemm
+    from kiln.quantization.weight_only import Int4GroupMethod
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(quant_gemm, "AUTOTUNE", False)
+    make_hf_model(tmp_path / "hf")
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "w4", QuantConfig(quant_algo="W4A16", group_size=32),
+                               dtype="bfloat16", device="cuda")
+    fused_calls = []
+    for name in ("w4a16_qkv_rotary_matmul", "w4a16_silu_and_mul_matmul"):  # count the calls that fused
+        real = getattr(quant_gemm, name)
+
+        def counted(*args, real=real, name=name):
+            y = real(*args)
+            fused_calls.extend([name] if y is not None else [])
+            return y
+        monkeypatch.setattr(quant_gemm, name, counted)
+
+    def tokens():
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
+            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
+
+    fused = tokens()
+    assert {"w4a16_qkv_rotary_matmul", "w4a16_silu_and_mul_matmul"} <= set(fused_calls)
+    monkeypatch.setattr(Int4GroupMethod, "rotary_qkv_matmul", lambda *args: None)
+    monkeypatch.setattr(Int4GroupMethod, "silu_and_mul_matmul", lambda *args: None)
+    assert tokens() == fused
