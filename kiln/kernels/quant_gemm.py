@@ -99,7 +99,8 @@ def linear_plan(quant_algo: str | None) -> dict:
     kernel = KERNEL_FOR_ALGO.get(quant_algo)
     if kernel is None:
         return {}
-    w4 = {"dequant_min_rows": DEQUANT_MIN_ROWS, "gated_mlp_silu": "gemv_epilogue"} if "W4" in quant_algo else {}
+    w4 = {"dequant_min_rows": DEQUANT_MIN_ROWS, "gated_mlp_silu": "gemv_epilogue",
+          "qkv_rotary_and_cache_write": "gemv_epilogue"} if "W4" in quant_algo else {}
     return {"quantized_linear": {"cuda": kernel, "other": "dequantize_then_matmul", "gemv_max_rows": GEMV_MAX_ROWS,
                                  **w4}}
 

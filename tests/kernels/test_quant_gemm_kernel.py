@@ -45,6 +45,7 @@ def test_plan_names_the_kernel_of_each_weight_only_algorithm():
     assert qg.linear_plan("W4A16_AWQ")["quantized_linear"]["cuda"] == "triton_w4a16_gemv_gemm"
     assert qg.linear_plan("W8A16")["quantized_linear"]["cuda"] == "triton_w8a16_gemv_gemm"
     assert qg.linear_plan("W4A16")["quantized_linear"]["gated_mlp_silu"] == "gemv_epilogue"
+    assert qg.linear_plan("W4A16")["quantized_linear"]["qkv_rotary_and_cache_write"] == "gemv_epilogue"
     assert qg.linear_plan(None) == {}
 
 
