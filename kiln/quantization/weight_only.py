@@ -27,6 +27,8 @@ quantizer's own reconstruction exactly.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -243,9 +245,11 @@ class Int4GroupMethod(_WeightOnlyMethod):
 
     def _gemv_input(self, layer, x) -> tuple:
         """(kiln.kernels.quant_gemm, x as its int4 GEMV takes it: AWQ-scaled, act-order permuted) where the GEMV
-        runs on x (CUDA, 1-2 rows), else (None, x): the epilogue variants are the GEMV's."""
+        runs on x (CUDA, 1-2 rows), else (None, x): the epilogue variants are the GEMV's. KILN_GEMV_EPILOGUES=0
+        turns the variants off (to compare, or to rule them out)."""
         quant_gemm = _kernels_for(x)
-        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight):
+        if (quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight)
+                or os.environ.get("KILN_GEMV_EPILOGUES", "1") == "0"):
             return None, x
         if self.prequant:
             x = x * layer.prequant_scaling_factor
