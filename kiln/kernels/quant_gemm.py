@@ -412,7 +412,7 @@ if triton is not None:
     @triton.jit
     def _slot_scaled(xs):
         """x's 8 columns (xs, _split8), each times the power of two that turns the float32 bits of its code, masked
-        in its slot (_w4_gemv_kernel), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
+        in its slot (_w4_row_sums), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
         columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
         return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
                 xs[3] * 2.0 ** (137 - SHIFT_EXP), xs[4] * 2.0 ** (133 - SHIFT_EXP), xs[5] * 2.0 ** (141 - SHIFT_EXP),
@@ -440,7 +440,7 @@ if triton is not None:
         scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
         `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
         Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
-        # w_ptr is the packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
+        # w_row points at packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
         # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
         # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs

@@ -94,43 +94,27 @@ class Attention(nn.Module):
             self._freqs = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        qkv = self._qkv_rotated_into_cache(x, positions, batch)
-        if qkv is not None:  # one kernel projected, rotated and wrote the cache (the int4 GEMV at 1-2 rows)
-            q, k, v = self.qkv.split_heads(qkv)
-            return self.dense(batch.attend(self, q, k, v, kv_written=True).flatten(-2))
+        # (positions, not x, give the device: x may be an FP8 linear's Fp8Rows)
+        fused_rope = self.rope is not None and self.fused_rope and positions.is_cuda and triton_available()
+        freqs = None if self.rope is None else self._inv_freq(batch.max_seq_len, positions.device)
+        cache = batch.cache_slots(self) if fused_rope else None  # (k_cache, v_cache, slots, kv_scale), or None
+        if cache is not None and not self.qk_norm and self.qkv.bias is None:  # nothing between qkv and rotary
+            qkv = self.qkv.quant_method.rotary_qkv_matmul(self.qkv, x, positions, freqs, cache)
+            if qkv is not None:  # one kernel projected, rotated and wrote the cache (the int4 GEMV at 1-2 rows)
+                q, k, v = self.qkv.split_heads(qkv)
+                return self.dense(batch.attend(self, q, k, v, kv_written=True).flatten(-2))
         q, k, v = self.qkv.split_heads(self.qkv(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        kv_written = False
-        if self.rope is not None:
-            freqs = self._inv_freq(batch.max_seq_len, q.device)  # (x may be an FP8 linear's Fp8Rows)
-            if self.fused_rope and q.is_cuda and triton_available():
-                cache = batch.cache_slots(self)  # (k_cache, v_cache, slots, kv_scale), or None
-                if cache is None:
-                    q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
-                else:  # the same launch also writes k and v into the paged cache
-                    q, k = apply_rotary_and_write_cache(q, k, v, positions, freqs, *cache)
-                    kv_written = True
-            else:
-                cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_written = cache is not None
+        if fused_rope and cache is None:
+            q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
+        elif fused_rope:  # the same launch also writes k and v into the paged cache
+            q, k = apply_rotary_and_write_cache(q, k, v, positions, freqs, *cache)
+        elif self.rope is not None:
+            cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.dense(batch.attend(self, q, k, v, kv_written).flatten(-2))
-
-    def _qkv_rotary_fusable(self) -> bool:
-        """Whether rotary may be the QKV projection's epilogue: rotate-half over the whole head with unscaled
-        frequencies (fused_rope), nothing between the projection and the rotation (no bias, no q/k norm)."""
-        return self.rope is not None and self.fused_rope and not self.qk_norm and self.qkv.bias is None
-
-    def _qkv_rotated_into_cache(self, x, positions: torch.Tensor, batch) -> torch.Tensor | None:
-        """The QKV projection with rotary and the cache write fused into it, where the projection's method has
-        such a kernel for x (LinearMethod.rotary_qkv_matmul); else None."""
-        if not self._qkv_rotary_fusable():
-            return None
-        cache = batch.cache_slots(self)  # (k_cache, v_cache, slots, kv_scale), or None
-        if cache is None:
-            return None
-        freqs = self._inv_freq(batch.max_seq_len, positions.device)
-        return self.qkv.quant_method.rotary_qkv_matmul(self.qkv, x, positions, freqs, cache)
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The rotary frequencies on `device`; kept when they do not depend on the length (no host work
