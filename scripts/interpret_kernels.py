@@ -3,7 +3,7 @@ swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX)
 either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; the
 e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
 GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
-rotary as its epilogue (libdevice's cos and sin swapped for Triton's). It checks
+rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -69,6 +69,11 @@ def _cos(x):
 @triton.jit
 def _sin(x):
     return tl.sin(x)
+
+
+@triton.jit
+def _mul_rn(x, y):
+    return x * y  # numpy rounds each product
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -179,7 +184,7 @@ def main() -> None:
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
-    rotary.libdevice = types.SimpleNamespace(cos=_cos, sin=_sin)  # the interpreter has no libdevice
+    rotary.libdevice = types.SimpleNamespace(cos=_cos, sin=_sin, mul_rn=_mul_rn)  # the interpreter has no libdevice
     int4_gemm()
     int4_gemv()
     decode_attention()

@@ -135,10 +135,15 @@ if triton is not None:
     def rotate_pair(x1, x2, cos, sin):
         """(x1 cos - x2 sin, x2 cos + x1 sin) in x1's dtype, cos and sin (float32) rounded to it first and each
         product rounded, as torch's elementwise ops do, so 16-bit results match the reference (also the int4
-        GEMV's rotary epilogue, kiln.kernels.quant_gemm)."""
-        c, s = cos.to(x1.dtype), sin.to(x1.dtype)
-        out1 = ((x1 * c).to(x1.dtype).to(tl.float32) - (x2 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
-        out2 = ((x2 * c).to(x1.dtype).to(tl.float32) + (x1 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        GEMV's rotary epilogue, kiln.kernels.quant_gemm, which must give the same bits)."""
+        c, s = cos.to(x1.dtype).to(tl.float32), sin.to(x1.dtype).to(tl.float32)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        # mul_rn: a product the compiler may not contract with the sum into an FMA. A plain `*` was contracted,
+        # and into a different FMA in each kernel (one skipped product rounding, not always the same one).
+        out1 = (libdevice.mul_rn(f1, c).to(x1.dtype).to(tl.float32)
+                - libdevice.mul_rn(f2, s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        out2 = (libdevice.mul_rn(f2, c).to(x1.dtype).to(tl.float32)
+                + libdevice.mul_rn(f1, s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
         return out1, out2
 
     @triton.jit
