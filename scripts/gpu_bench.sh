@@ -3,7 +3,8 @@
 # beside transformers, then each quantized engine beside bf16 on batch-1 decode and offline 3000 x 128/128, and
 # the INT8 KV cache's capacity; "w4" alone: the int4 GEMM per tile side and row count, then W4A16 beside bf16 at
 # batch 1 and 64 (issue 4's two speed lines); "ahead" alone: bf16 at batch 1, 64 and 512 with the run-ahead off,
-# then on; "epilogues" alone: W4A16 beside bf16 at batch 1 and 64 with the int4 GEMV's epilogues on, then off.
+# then on; "epilogues" alone: W4A16 beside bf16 at batch 1 and 64 with the int4 GEMV's epilogues on, then W4A16
+# at batch 1 with them off.
 # A command may need more than the device tool's 10 minutes: run the parts apart.
 # Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|epilogues|all]
 set -euo pipefail
@@ -43,13 +44,15 @@ if [[ $what == w4 ]]; then
     | tee "$out/llama-3-8b-w4a16.txt"
 fi
 if [[ $what == epilogues ]]; then
-  # W4A16's int4 GEMV with SiLU-and-mul and rotary as its epilogues (on by default), then without them.
+  # W4A16's int4 GEMV with SiLU-and-mul and rotary as its epilogues (on by default) beside bf16, then W4A16
+  # alone without them at batch 1 (the epilogues only run at 1-2 rows, so batch 64 is the same either way).
   for epilogues in 1 0; do
     rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
+    which=$([[ $epilogues == 1 ]] && echo "--workloads decode-1,offline-64" \
+            || echo "--workloads decode-1 --skip-unquantized")
     KILN_GEMV_EPILOGUES=$epilogues $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none \
-      --quant-algo W4A16 --workloads decode-1,offline-64 \
-      --output-json "$out/llama-3-8b-w4a16-epilogues-$epilogues.json" 2>&1 | grep -v Warning \
-      | tee "$out/llama-3-8b-w4a16-epilogues-$epilogues.txt"
+      --quant-algo W4A16 $which --output-json "$out/llama-3-8b-w4a16-epilogues-$epilogues.json" 2>&1 \
+      | grep -v Warning | tee "$out/llama-3-8b-w4a16-epilogues-$epilogues.txt"
   done
 fi
 if [[ $what == ahead ]]; then
