@@ -18,8 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import (activation, fp8_quant, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm, rotary,
-                          w4_mma_gemv)
+from kiln.kernels import activation, fp8_quant, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm, rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
@@ -89,9 +88,6 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                     dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
-    *[(f"w4 mma gemv gated={gated} K={k}", w4_mma_gemv._w4_mma_gemv_kernel,
-       dict(K=k, ROWS=1, HAS_ZERO=False, GATED=gated, BF16=True, WARPS=8, AT_ONCE=4), dict(x_ptr="*i32", w_ptr="*i32"))
-      for gated in (False, True) for k in (4096, 14336)],
     *[(f"w4 gemv rotary quant={q}", quant_gemm._w4_qkv_rotary_kernel,
        dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=512),
        dict(w_ptr="*i32", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,

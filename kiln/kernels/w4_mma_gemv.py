@@ -2,11 +2,10 @@
 of x and group-128 codes, in the packed layout every int4 kernel reads (no repack).
 
 Why: the CUDA-core GEMV (quant_gemm._w4_gemv_kernel) spends an AND and an FMA on every weight, plus x's share,
-3.1-4.4 instructions a weight in its sm_90 loop, and streams int4 at 45-65% of an H200's bandwidth. Here a
+3.1-4.4 instructions a weight in its sm_90 loop, and streams int4 at about 56-60% of an H200's bandwidth. Here a
 warp turns 16 output rows x 16 columns into one mma.m16n8k16: each lane unpacks its 8 codes to 16-bit pairs
 with a prmt, a shift and lop3s (the magic-number trick of quant_gemm._dequant_nibbles), subtracts the zero
-point exactly, and the tensor core does the 256 multiply-adds in float32: 15 instructions for 8 weights a lane in
-the inner steps, 2.0-3.0 a weight with addresses and loads (scripts/kernel_sass.py "w4 mma").
+point exactly, and the tensor core does the 256 multiply-adds in float32. About 2 instructions a weight.
 
 Which lane holds what (PTX ISA, mma.m16n8k16 with 16-bit A and B; g = lane // 4, t = lane % 4):
 - A, the weights [16 rows, 16 k slots]: a0 = (row g, slots 2t, 2t+1), a1 = (row g + 8, same), a2 = (row g,
@@ -21,10 +20,9 @@ n0..n3 in one 16-bit half. prmt puts its two bytes in the two 16-bit halves, so 
 pairs are shuffled to match by two more prmts. Column g of B is x's row g % rows, so with one row every column of
 D is y, and with two rows c0 and c2 are row 0's y, c1 and c3 row 1's.
 
-The mapping only holds if Triton gives the inline assembly's operands the lanes above: a blocked layout over
-[g, warp, group of the turn, 4t + register] with threads [8, 1, 1, 4] (lane = 4 g + t) and each thread's 4
-registers along the last dimension. Triton picks it from the 16-word runs the code loads read; `mma_layout_ok`
-reads the compiled kernel's layout and the GPU tests assert it.
+The mapping only holds if Triton gives the inline assembly's operands the lanes above: a blocked layout with
+threads [.., 8, 4, 1] (lane = 4 g + t) and the last dimension in registers. `mma_layout_ok` reads the compiled
+kernel's layout and the GPU tests assert it.
 """
 
 from __future__ import annotations
@@ -47,11 +45,9 @@ if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 GROUP = 128  # the only group size this kernel takes: a lane's 32 columns of a group are one 16-byte load
-# (warps, groups a warp loads at once) of the kernel. The warps of a program split K, and each warp loads its
-# groups of a turn together: a 4096-wide row is one turn of 8 warps x 4 groups, so all of a program's codes are
-# requested at once, before the wait for x.
-# Four groups of 16 warps spill registers in the gated kernel.
-W4_MMA_TILES = (("mma", 8, 4), ("mma", 16, 2), ("mma", 8, 2))
+# (warps, groups a warp loads at once) of the kernel; the warps of a program split K (group i goes to warp
+# i % warps), so a 4096-output GEMV still has 8 warps an SM in flight.
+W4_MMA_TILES = (("mma", 8, 1), ("mma", 4, 1), ("mma", 8, 2), ("mma", 4, 2))
 
 
 def mma_gemv_takes(n_rows_of_w: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -79,9 +75,8 @@ def mma_layout_ok(compiled_ttgir: str) -> bool:
     asm_layouts = re.findall(r"tt\.elementwise_inline_asm.*?-> tensor<[^,]+, (#\w+)>", compiled_ttgir)
     for name in set(asm_layouts):
         layout = re.search(rf"^{name} = #ttg\.blocked<\{{(.*)\}}>", compiled_ttgir, re.M)
-        if layout is None or "sizePerThread = [1, 1, 1, 4]" not in layout.group(1) \
-                or "threadsPerWarp = [8, 1, 1, 4]" not in layout.group(1) \
-                or "order = [3, 0, 1, 2]" not in layout.group(1):
+        if layout is None or "sizePerThread = [1, 1, 4]" not in layout.group(1) \
+                or "threadsPerWarp = [8, 1, 4]" not in layout.group(1) or "order = [2, 0, 1]" not in layout.group(1):
             return False
     return bool(asm_layouts)
 
@@ -91,9 +86,8 @@ if triton is not None:
 
     # One group of 128 columns for one lane: 8 mma.m16n8k16 steps (see the module docstring), then
     # acc += scale * sum. Operands, 4 registers each (pack=4): $0-$3 the new acc (c0..c3); $4-$7 row g's code
-    # words; $8-$11 row g + 8's; $12-$27 x's pairs, word i's four at $12 + 4i ..; $28 and $32 the scales of rows
-    # g and g + 8, $36 and $40 their MAGIC + zero in both 16-bit halves (each operand one value a lane, so the
-    # other three registers are the same); $44-$47 acc.
+    # words; $8-$11 row g + 8's; $12-$27 x's pairs, word i's four at $12 + 4i ..; $28-$31 the scales of c0..c3
+    # (row g, g, g + 8, g + 8); $32 and $34 MAGIC + zero of rows g and g + 8 in both 16-bit halves; $36-$39 acc.
     # MAGIC + u (u < 16) is exact in 16 bits (2^7 for bf16, 2^10 for fp16), minus MAGIC + z is u - z, exact.
     def _group_asm(magic: str, t: str) -> str:
         lines = ["{", ".reg .b32 w, v, p0, p1, q0, q1, a0, a1, a2, a3, b0, b1;",
@@ -103,7 +97,7 @@ if triton is not None:
         for step in range(8):
             word, half = step // 2, step % 2
             select = "0x4342" if half else "0x4140"  # the half-word's two bytes, one in each 16-bit half
-            x_lo, x_hi = 12 + 4 * word + 2 * half, 13 + 4 * word + 2 * half  # (x[c], x[c+1]), (x[c+2], x[c+3])
+            x_lo, x_hi = 12 + 4 * word + 2 * half, 12 + 4 * word + 2 * half + 1
             lines += [
                 f"prmt.b32 w, ${4 + word}, 0, {select};",
                 f"prmt.b32 v, ${8 + word}, 0, {select};",
@@ -113,109 +107,108 @@ if triton is not None:
                 f"lop3.b32 p1, p1, 0x000F000F, {magic}, 0xEA;",
                 f"lop3.b32 q0, v, 0x000F000F, {magic}, 0xEA;",
                 f"lop3.b32 q1, q1, 0x000F000F, {magic}, 0xEA;",
-                f"sub.rn.{t}x2 a0, p0, $36;",  # (n0, n2) of row g: slots 2t, 2t + 1
-                f"sub.rn.{t}x2 a1, q0, $40;",  # row g + 8
-                f"sub.rn.{t}x2 a2, p1, $36;",  # (n1, n3): slots 2t + 8, 2t + 9
-                f"sub.rn.{t}x2 a3, q1, $40;",
+                f"sub.rn.{t}x2 a0, p0, $32;",  # (n0, n2) of row g: slots 2t, 2t + 1
+                f"sub.rn.{t}x2 a1, q0, $34;",  # row g + 8
+                f"sub.rn.{t}x2 a2, p1, $32;",  # (n1, n3): slots 2t + 8, 2t + 9
+                f"sub.rn.{t}x2 a3, q1, $34;",
                 f"prmt.b32 b0, ${x_lo}, ${x_hi}, 0x5410;",  # (x[c], x[c + 2])
                 f"prmt.b32 b1, ${x_lo}, ${x_hi}, 0x7632;",  # (x[c + 1], x[c + 3])
                 f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{d0, d1, d2, d3}}, {{a0, a1, a2, a3}}, "
                 "{b0, b1}, {d0, d1, d2, d3};",
             ]
-        lines += [f"fma.rn.f32 ${i}, ${28 if i < 2 else 32}, d{i}, ${44 + i};" for i in range(4)]
+        lines += [f"fma.rn.f32 ${i}, ${28 + i}, d{i}, ${36 + i};" for i in range(4)]
         return "\n".join(lines + ["}"])
 
     _BF16_GROUP = tl.constexpr(_group_asm("0x43004300", "bf16"))
     _F16_GROUP = tl.constexpr(_group_asm("0x64006400", "f16"))
-    _GROUP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 24 + ["f"] * 8 + ["r"] * 8 + ["f"] * 4))
+    _GROUP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 24 + ["f"] * 4 + ["r"] * 4 + ["f"] * 4))
 
     @triton.jit
-    def _group_mma(w, v, x0, x1, x2, x3, scales, zeros, acc, live, BF16: tl.constexpr):
-        """acc + the groups' sums (_group_asm): codes, x and acc [8, WARPS, AT_ONCE, 16] in the fragment layout,
-        the scales and MAGIC + zeros of rows g and g + 8 [8, WARPS, AT_ONCE, 1]; groups not `live` add 0."""
-        s_g, s_g8 = scales
-        zz_g, zz_g8 = zeros
-        operands = [w, v, x0, x1, x2, x3, tl.where(live, s_g, 0.0), tl.where(live, s_g8, 0.0), zz_g, zz_g8, acc]
+    def _group_mma(w, v, x0, x1, x2, x3, s, zz, acc, BF16: tl.constexpr):
+        """acc + the group's sums (_group_asm), every operand [8, WARPS, 16] in the fragment layout."""
         if BF16:
-            out = tl.inline_asm_elementwise(_BF16_GROUP, _GROUP_CONSTRAINTS, operands, dtype=tl.float32,
-                                            is_pure=True, pack=4)
+            out = tl.inline_asm_elementwise(_BF16_GROUP, _GROUP_CONSTRAINTS, [w, v, x0, x1, x2, x3, s, zz, acc],
+                                            dtype=tl.float32, is_pure=True, pack=4)
         else:
-            out = tl.inline_asm_elementwise(_F16_GROUP, _GROUP_CONSTRAINTS, operands, dtype=tl.float32,
-                                            is_pure=True, pack=4)
+            out = tl.inline_asm_elementwise(_F16_GROUP, _GROUP_CONSTRAINTS, [w, v, x0, x1, x2, x3, s, zz, acc],
+                                            dtype=tl.float32, is_pure=True, pack=4)
         return out
 
     @triton.jit
-    def _magic_zero(z, BF16: tl.constexpr):
-        """MAGIC + z in both 16-bit halves of an int32 (z an integer code in float32)."""
+    def _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g, j, KW: tl.constexpr, G: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, BF16: tl.constexpr):
+        """One group's codes of rows g and g + 8 (int32 words, [8, WARPS, 16]: lane t's 4 words at j = 4t ..
+        4t + 3), and the scales and MAGIC + zero of c0..c3 (rows g, g, g + 8, g + 8) at the same places, for the
+        warps' groups `group` [1, WARPS, 1]."""
+        # The 16 words of a row's group are one contiguous run along the last dimension: Triton gives each
+        # thread 4 of them (one 16-byte load) and the run's 4 quarters to 4 lanes (t), then g to the next 8.
+        w = tl.load(w_ptr + rows_g * KW + group * 16 + j)
+        v = tl.load(w_ptr + (rows_g + 8) * KW + group * 16 + j)
+        # Scales and zeros of rows g and g + 8, each loaded once a lane and spread to c0..c3 in registers.
+        s_g = tl.load(s_ptr + rows_g * G + group).to(tl.float32)
+        s_g8 = tl.load(s_ptr + (rows_g + 8) * G + group).to(tl.float32)
+        if HAS_ZERO:
+            z_g = tl.load(z_ptr + rows_g * G + group).to(tl.float32)
+            z_g8 = tl.load(z_ptr + (rows_g + 8) * G + group).to(tl.float32)
+        else:
+            z_g = tl.full(s_g.shape, SYMMETRIC_ZERO, tl.float32)
+            z_g8 = z_g
+        upper = (j % 4) >= 2  # c2, c3: row g + 8
+        s = tl.where(upper, s_g8, s_g)
+        z = tl.where(upper, z_g8, z_g)
         if BF16:
             half = (z + 128.0).to(tl.bfloat16).to(tl.int16, bitcast=True)
         else:
             half = (z + 1024.0).to(tl.float16).to(tl.int16, bitcast=True)
         bits = half.to(tl.int32) & 0xFFFF
-        return bits | (bits << 16)
+        return w, v, s, bits | (bits << 16)
 
     @triton.jit
-    def _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g, j, KW: tl.constexpr, G: tl.constexpr,
-                       HAS_ZERO: tl.constexpr, BF16: tl.constexpr):
-        """The codes of rows g and g + 8 in the warps' groups `group` [1, WARPS, AT_ONCE, 1] (int32 words,
-        [8, WARPS, AT_ONCE, 16]: lane t's 4 words of a group at j = 4t .. 4t + 3), and the scales and MAGIC + zeros
-        of rows g and g + 8 ([8, WARPS, AT_ONCE, 1] each)."""
-        # The 16 words of a row's group are one contiguous run along the last dimension: Triton gives each
-        # thread 4 of them (one 16-byte load) and the run's 4 quarters to 4 lanes (t), g to the next 8, the
-        # warps to the warps, and the groups a warp takes at once to registers: all of them are loaded together.
-        w = tl.load(w_ptr + rows_g * KW + group * 16 + j)
-        v = tl.load(w_ptr + (rows_g + 8) * KW + group * 16 + j)
-        s_g = tl.load(s_ptr + rows_g * G + group).to(tl.float32)
-        s_g8 = tl.load(s_ptr + (rows_g + 8) * G + group).to(tl.float32)
-        if HAS_ZERO:
-            zz_g = _magic_zero(tl.load(z_ptr + rows_g * G + group).to(tl.float32), BF16)
-            zz_g8 = _magic_zero(tl.load(z_ptr + (rows_g + 8) * G + group).to(tl.float32), BF16)
-        else:
-            zz_g = _magic_zero(tl.full(s_g.shape, SYMMETRIC_ZERO, tl.float32), BF16)
-            zz_g8 = zz_g
-        return w, v, (s_g, s_g8), (zz_g, zz_g8)
+    def _lane_x(x_ptr, group, x_row, j, stride_xm):
+        """x's pairs of the group for each lane's columns: word i's four pairs [8, WARPS, 16] for i = 0..3 (lane
+        t's columns are 32t .. 32t + 31 of the group, its word i's 8w .. 8w + 7 of those)."""
+        base = x_ptr + x_row * stride_xm + group * 64 + (j // 4) * 16 + j % 4
+        return tl.load(base), tl.load(base + 4), tl.load(base + 8), tl.load(base + 12)
 
     @triton.jit
     def _mma_row_sums(x_ptr, w_ptr, s_ptr, z_ptr, n0, gap, stride_xm, PAIRED: tl.constexpr, K: tl.constexpr,
                       ROWS: tl.constexpr, HAS_ZERO: tl.constexpr, BF16: tl.constexpr, WARPS: tl.constexpr,
                       AT_ONCE: tl.constexpr, USE_PDL: tl.constexpr):
         """The sums of the 16 rows from n0 (and with PAIRED of the 16 from n0 + gap), [8, 16] each in the C
-        fragment's order: [g, 4t + c] is row n0 + g + 8 (c // 2), x row c % 2 (of ROWS). Each warp takes
-        AT_ONCE groups at a time, group a WARPS + warp of the turn."""
+        fragment's order: [g, 4t + c] is row n0 + g + 8 (c // 2), x row c % 2 (of ROWS)."""
         KW: tl.constexpr = K // 8
         G: tl.constexpr = K // 128
-        g = tl.arange(0, 8)[:, None, None, None]
-        turn = tl.arange(0, WARPS)[None, :, None, None] + WARPS * tl.arange(0, AT_ONCE)[None, None, :, None]
-        j = tl.arange(0, 16)[None, None, None, :]
-        # lane t's 16 pairs of x in a group (+ 64 a group), as word i's four at + 4i (pair 16t + 4i + j % 4)
-        x_lane = x_ptr + (g % ROWS) * stride_xm + (j // 4) * 16 + j % 4
+        g = tl.arange(0, 8)[:, None, None]
+        warp = tl.arange(0, WARPS)[None, :, None]
+        j = tl.arange(0, 16)[None, None, :]
+        x_row = g % ROWS
         rows_g = n0 + g
-        acc = tl.zeros([8, WARPS, AT_ONCE, 16], tl.float32)
+        acc = tl.zeros([8, WARPS, 16], tl.float32)
         acc_paired = acc
-        # The first turn's codes are requested before the wait for x (kiln.kernels.pdl).
-        group = tl.minimum(turn, G - 1)
+        # The first groups' codes are requested before the wait for x (kiln.kernels.pdl).
+        group = tl.minimum(warp, G - 1)
         w, v, s, zz = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g, j, KW, G, HAS_ZERO, BF16)
         if PAIRED:
             wp, vp, sp, zzp = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g + gap, j, KW, G, HAS_ZERO, BF16)
         wait_for_inputs(USE_PDL)
         for first in range(0, G, WARPS * AT_ONCE):
-            group = first + turn
-            live = group < G
-            group = tl.minimum(group, G - 1)  # past the end: the last group again, its scale 0
-            if first > 0:
-                w, v, s, zz = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g, j, KW, G, HAS_ZERO, BF16)
+            for i in tl.static_range(AT_ONCE):
+                group = first + i * WARPS + warp
+                live = group < G
+                group = tl.minimum(group, G - 1)  # a warp past the end re-reads the last group, adds nothing
+                if first > 0 or i > 0:
+                    w, v, s, zz = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g, j, KW, G, HAS_ZERO, BF16)
+                    if PAIRED:
+                        wp, vp, sp, zzp = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g + gap, j, KW, G,
+                                                         HAS_ZERO, BF16)
+                x0, x1, x2, x3 = _lane_x(x_ptr, group, x_row, j, stride_xm)
+                acc = _group_mma(w, v, x0, x1, x2, x3, tl.where(live, s, 0.0), zz, acc, BF16)
                 if PAIRED:
-                    wp, vp, sp, zzp = _lane_operands(w_ptr, s_ptr, z_ptr, group, rows_g + gap, j, KW, G, HAS_ZERO,
-                                                     BF16)
-            x_at = x_lane + group * 64
-            x0, x1, x2, x3 = tl.load(x_at), tl.load(x_at + 4), tl.load(x_at + 8), tl.load(x_at + 12)
-            acc = _group_mma(w, v, x0, x1, x2, x3, s, zz, acc, live, BF16)
-            if PAIRED:
-                acc_paired = _group_mma(wp, vp, x0, x1, x2, x3, sp, zzp, acc_paired, live, BF16)
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+                    acc_paired = _group_mma(wp, vp, x0, x1, x2, x3, tl.where(live, sp, 0.0), zzp, acc_paired, BF16)
+        y = tl.sum(acc, axis=1)
         y_paired = y
         if PAIRED:
-            y_paired = tl.sum(tl.sum(acc_paired, axis=2), axis=1)
+            y_paired = tl.sum(acc_paired, axis=1)
         return y, y_paired
 
     @triton.jit
