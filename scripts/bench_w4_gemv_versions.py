@@ -1,6 +1,5 @@
 """The int4 GEMV of several versions of kiln/kernels/quant_gemm.py side by side in one run, on an NVIDIA GPU: each
-tile of each version's GEMV candidates (W4_GEMV_TILES, and the tensor-core kernel's tiles where the version has
-them) on Llama-3-8B's four linear shapes at one row (group 128, symmetric and with
+tile of each version's W4_GEMV_TILES on Llama-3-8B's four linear shapes at one row (group 128, symmetric and with
 zero points), timed as the engine's tuner times them (CUDA-graph replay over weight copies that overflow L2), and
 checked against F.linear of the dequantized weight (3 units of bf16 in the last place of sum |x||w|).
 
@@ -38,14 +37,13 @@ def tile_us(module, x, packed, scale, zero) -> dict:
     words = packed.view(torch.int32)
     y = torch.empty(1, packed.shape[0], dtype=x.dtype, device=x.device)
     copies = module._int4_weight_copies(words, scale, zero)
-    tiles = list(module._gemv_tiles(y, words, GROUP) if hasattr(module, "_gemv_tiles") else module.W4_GEMV_TILES)
-    ms = candidate_ms(tiles, lambda tile: [
+    ms = candidate_ms(list(module.W4_GEMV_TILES), lambda tile: [
         lambda w=w, tile=tile: module._run_w4_gemv(x, w[0], w[1], w[2], GROUP, y, tile) for w in copies])
     weight = dequantize_int4(packed, scale, zero, GROUP, x.dtype)
     want = F.linear(x.float(), weight.float())
     bound = 3 * 2.0 ** -8 * (x.float().abs() @ weight.float().abs().T)
     ok = True
-    for tile in tiles:
+    for tile in module.W4_GEMV_TILES:
         module._run_w4_gemv(x, words, scale, zero, GROUP, y, tile)
         ok &= bool(((y.float() - want).abs() <= bound).all())
     return {tile: t * 1000 for tile, t in ms.items()}, ok
@@ -66,10 +64,6 @@ def main() -> None:
                 best = min(us, key=us.get)
                 totals[name, zero] += us[best]
                 cells.append(f"{name}: {us[best]:.1f} {best} ok={ok}")
-                mma = {t: v for t, v in us.items() if t[0] == "mma"}
-                if mma:  # the best of each kernel, CUDA cores and tensor cores
-                    cores = min(v for t, v in us.items() if t[0] != "mma")
-                    cells.append(f"CUDA cores {cores:.1f}, tensor cores {min(mma.values()):.1f}")
                 print(f"    {name} zero={zero} {shape}: " + "  ".join(f"{t}:{v:.1f}" for t, v in us.items()))
             print(f"zero={zero!s:<5} {shape:<8} " + " | ".join(cells), flush=True)
     for (name, zero), total in totals.items():

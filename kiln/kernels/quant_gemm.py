@@ -57,7 +57,6 @@ from kiln.kernels.gemv import (
 )
 from kiln.kernels.pdl import pdl_args
 from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
-from kiln.kernels.w4_mma_gemv import W4_MMA_TILES, mma_gemv_takes, run_w4_mma_gemv
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
 
 try:
@@ -186,7 +185,7 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
     key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     run = functools.partial(_run_w4_gemv, gated=True)
-    tile = _tuned_tile(key, _gemv_tiles(y, words, group_size), run, rows, words, scale, zero, group_size, y)
+    tile = _tuned_tile(key, W4_GEMV_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
 
@@ -232,27 +231,15 @@ def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
     """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int32 words), its tile picked per shape
     by timing the candidates as the GEMM's are."""
     key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
-    tile = _tuned_tile(key, _gemv_tiles(y, words, group_size), _run_w4_gemv, rows, words, scale, zero, group_size,
-                       y)
+    tile = _tuned_tile(key, W4_GEMV_TILES, _run_w4_gemv, rows, words, scale, zero, group_size, y)
     _run_w4_gemv(rows, words, scale, zero, group_size, y, tile)
-
-
-def _gemv_tiles(y: torch.Tensor, words: torch.Tensor, group_size: int) -> tuple:
-    """The GEMV's candidate tiles for output y: the CUDA-core kernel's, and the tensor-core kernel's where it
-    takes the codes (kiln.kernels.w4_mma_gemv: group 128, whole 16-row tiles)."""
-    if mma_gemv_takes(y.shape[1], 8 * words.shape[1], group_size, y.dtype):
-        return W4_GEMV_TILES + W4_MMA_TILES
-    return W4_GEMV_TILES
 
 
 def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False) -> None:
     """One int4 GEMV with `tile` = (BLOCK_N, BLOCK_KW, warps); programs of the same outputs and another row of x are
     adjacent in the launch order, so the second row reads the weights from L2. `gated`: y = silu(fc) * gate of
-    the weights' two halves (`w4a16_silu_and_mul_matmul`). A tile of W4_MMA_TILES runs the tensor-core GEMV."""
-    if tile[0] == "mma":
-        run_w4_mma_gemv(rows, words, scale, zero, y, tile, gated)
-        return
+    the weights' two halves (`w4a16_silu_and_mul_matmul`)."""
     block_n, block_kw, warps = tile
     n = y.shape[1]
     _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
