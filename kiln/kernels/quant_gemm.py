@@ -87,6 +87,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # output, or of 1024 words, lost on every shape by 24% or more and were dropped.
 W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4), (4, 256, 4), (8, 256, 4),
                  (8, 128, 4), (16, 256, 8))
+# The tiles the GEMV's epilogue variants (SiLU-and-mul, rotary) choose from: the four that came first or second for
+# the plain GEMV of Llama-3-8B's qkv and fc_gate on an H200, symmetric and with zero points (fifteenth session,
+# scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and a variant's compile
+# is the slowest of the GEMV's (libdevice's cos and sin): with all nine the epilogues took a W4A16 engine's first
+# open from 18.9 s to 78.3 s.
+W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
@@ -185,7 +191,7 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
     key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     run = functools.partial(_run_w4_gemv, gated=True)
-    tile = _tuned_tile(key, W4_GEMV_TILES, run, rows, words, scale, zero, group_size, y)
+    tile = _tuned_tile(key, W4_EPILOGUE_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
 
@@ -198,7 +204,7 @@ def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     kiln.kernels.rotary.apply_rotary_and_write_cache on its q, k and v, in one launch: the GEMV with rotary as its
     epilogue, the same bits. None where the GEMV does not run (more than GEMV_MAX_ROWS rows, codes not readable
     as words, or no tile that divides half a head): the caller projects, then rotates."""
-    tiles = [tile for tile in W4_GEMV_TILES if (head_size // 2) % tile[0] == 0]
+    tiles = [tile for tile in W4_EPILOGUE_TILES if (head_size // 2) % tile[0] == 0]
     if not gemv_takes(x, packed) or head_size % 2 or not tiles:
         return None
     rows = rows_view(x)

@@ -117,7 +117,7 @@ def test_w4a16_kernels_match_reference_with_every_tile(rows):
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2])
 def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(rows):
-    """The gated MLP's fc_gate GEMV with the activation as its epilogue, on every tile: the same bits as the same
+    """The gated MLP's fc_gate GEMV with the activation as its epilogue, on each of its tiles: the same bits as the same
     tile's GEMV followed by silu_and_mul (each output's sum is the same; only the store changes). Intermediate
     sizes leave activated outputs past the last tile (131) and rows that end inside a step (3584 columns)."""
     from kiln.kernels.activation import silu_and_mul
@@ -128,7 +128,7 @@ def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(row
         packed, scale, zero = quantize_int4_groups(torch.randn(2 * inter, k, device="cuda"), group, zero_point,
                                                    x.dtype)
         words = packed.view(torch.int32)
-        for tile in qg.W4_GEMV_TILES:
+        for tile in qg.W4_EPILOGUE_TILES:
             fc_gate = torch.empty(rows, 2 * inter, device="cuda", dtype=x.dtype)
             qg._run_w4_gemv(x, words, scale, zero, group, fc_gate, tile)
             fused = torch.full((rows, inter), float("nan"), device="cuda", dtype=x.dtype)
@@ -142,8 +142,8 @@ def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(row
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
 def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, cache_dtype):
-    """The fused QKV GEMV with rotary and the cache write as its epilogue, on every tile that divides half a head:
-    the same bits, in the projection and in both caches, as the same tile's GEMV followed by
+    """The fused QKV GEMV with rotary and the cache write as its epilogue, on each of its tiles that divides half a
+    head: the same bits, in the projection and in both caches, as the same tile's GEMV followed by
     apply_rotary_and_write_cache (a quantized cache holds the same codes)."""
     from kiln.kernels.rotary import apply_rotary_and_write_cache
 
@@ -156,7 +156,7 @@ def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, c
         words, slots = packed.view(torch.int32), torch.randperm(8 * rows, device="cuda")[:rows]
         positions = torch.randint(0, 8192, (rows,), device="cuda")
         inv_freq = 500000.0 ** -(torch.arange(0, head_size, 2, device="cuda").float() / head_size)
-        for tile in [t for t in qg.W4_GEMV_TILES if (head_size // 2) % t[0] == 0]:
+        for tile in [t for t in qg.W4_EPILOGUE_TILES if (head_size // 2) % t[0] == 0]:
             caches = torch.randn(4, 8 * rows, kv_heads, head_size, device="cuda").to(cache_dtype)
             want = torch.empty(rows, n, device="cuda", dtype=x.dtype)
             qg._run_w4_gemv(x, words, scale, zero, 64, want, tile)
