@@ -31,6 +31,7 @@ from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
 from kiln.errors import ConfigError
+from kiln.kernels import choices
 
 
 @dataclass
@@ -285,8 +286,11 @@ def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[B
     """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
     # Timed twice: the first open compiles kernels (and times the candidates of the tuned ones) into their disk
     # caches; the second, in a new process, is a restart with warm caches, as a redeployed server would see. Then
-    # this process opens the engine again for the workloads.
+    # this process opens the engine again for the workloads. The JSON records the kernel choices the first open made
+    # (the tiles each tuner kept; one an earlier system of the run made already is not repeated).
+    held_before = choices.held()
     llm, first_load_s = open_to_first_token(engine_dir, device)
+    made = {key: value for key, value in choices.held().items() if key not in held_before}
     llm.shutdown()
     del llm  # (this frame's reference: the engine's GPU memory must be free before the next open)
     _release(device)
@@ -296,7 +300,7 @@ def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[B
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         load_s, picked = restart["load_to_first_token_s"], restart["kernel_choices"]
         info = {"load_to_first_token_s": load_s, "first_load_to_first_token_s": first_load_s,
-                "kernel_choices_at_restart": picked, "weight_bytes": weight_bytes,
+                "kernel_choices_at_restart": picked, "kernel_choices_made": made, "weight_bytes": weight_bytes,
                 "kv_cache_tokens": getattr(llm.runner, "kv_token_capacity", None),
                 "decode_roofline_tokens_per_s": ceilings["bandwidth"] / weight_bytes}
         print(f"# {label}: weights {weight_bytes / 1e9:.2f} GB, KV cache {info['kv_cache_tokens']} tokens, "

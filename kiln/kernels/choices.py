@@ -86,6 +86,11 @@ class KernelChoices:
         return "|".join([self.kind, _gpu_name(), *map(str, key)])
 
 
+def held() -> dict:
+    """Every choice this process holds, "kind|key" -> value (what kiln bench records of what its tuners kept)."""
+    return {"|".join([c.kind, *map(str, key)]): value for c in _ALL for key, value in c.items()}
+
+
 def forget_all() -> None:
     """Drop every choice this process holds in memory, as a restarted process starts: the next lookups read the
     file again."""

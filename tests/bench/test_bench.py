@@ -47,6 +47,7 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
         assert info["load_to_first_token_s"] > 0 and info["first_load_to_first_token_s"] > 0
         assert info["kv_cache_tokens"] > 0
         assert info["kernel_choices_at_restart"] == {"timed": 0, "from_disk": 0}  # the CPU times no kernel
+        assert info["kernel_choices_made"] == {}  # nor keeps a tile
         prefix = rows[(system, "prefix")]
         assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
         assert prefix["extra"]["follower_alone_ttft_s"] > 0 and "together_over_first" in prefix["extra"]

@@ -30,6 +30,9 @@ def test_a_restart_reads_the_choices_of_the_last_process(cache_dir):
     assert choices.choices_file().parent == cache_dir / "kernel-choices"
 
     assert choices.counts == {"timed": 3, "from_disk": 0}
+    held = choices.held()  # what kiln bench records: every kind's choices, the keys as text
+    assert held["test_tile|4096|512|128|False|1|torch.bfloat16"] == (8, 512, 4)
+    assert held["test_faster|4096|4096|torch.bfloat16|1|0"] is True and len(held) == 3
     choices.forget_all()  # as a new process starts
     assert not tiles.items() and choices.counts == {"timed": 0, "from_disk": 0}
     assert tiles[(4096, 512, 128, False, 1, torch.bfloat16)] == (8, 512, 4)  # a tuple again, as the kernels take it
