@@ -7,6 +7,12 @@ checked against F.linear of the dequantized weight (3 units of bf16 in the last 
 
 The working tree's kernel is always the first column; each file named is imported as its own module, so an old
 version (say, `git show REV:kiln/kernels/quant_gemm.py > /tmp/old.py`) runs beside it in the same process.
+
+    python scripts/bench_w4_gemv_versions.py --sweep
+
+times the tree's best tile (symmetric codes) and the Triton 16-bit GEMV of bf16 weights (kiln.kernels.gemv)
+at 4096 columns and 1024 .. 57344 outputs, and fits time = fixed + bytes / rate to each: whether the int4 GEMV
+loses its time in a cost per call or in a streaming rate below the bandwidth.
 """
 
 from __future__ import annotations
@@ -70,5 +76,28 @@ def main() -> None:
         print(f"layer total zero={zero} {name}: {total:.1f} us")
 
 
+def sweep() -> None:
+    """The fit of the module docstring, by least squares over the output counts."""
+    from kiln.kernels.gemv import gemv
+
+    print(f"# {torch.cuda.get_device_name()}, one row, 4096 columns; us per call (best tile), then the fit")
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    points = {"int4": [], "bf16": []}
+    for n in (1024, 2048, 4096, 8192, 16384, 28672, 57344):
+        packed, scale, _ = quantize_int4_groups(torch.randn(n, 4096, device="cuda"), GROUP, False, torch.bfloat16)
+        us, _ = tile_us(quant_gemm, x, packed, scale, None)
+        weight = torch.randn(n, 4096, dtype=torch.bfloat16, device="cuda")
+        copies = [weight] + [weight.clone() for _ in range(3)]  # more than L2 holds, as tile_us's copies
+        bf16_us = 1000 * candidate_ms(["gemv"], lambda _: [lambda w=w: gemv(x, w) for w in copies])["gemv"]
+        points["int4"].append((packed.numel() + scale.numel() * 2, min(us.values())))
+        points["bf16"].append((weight.numel() * 2, bf16_us))
+        print(f"n={n:<6} int4 {min(us.values()):7.1f} us ({min(us, key=us.get)})   bf16 {bf16_us:7.1f} us", flush=True)
+    for name, pts in points.items():
+        bytes_, us = torch.tensor(pts, dtype=torch.float64).T
+        slope, fixed = torch.linalg.lstsq(torch.stack([bytes_, torch.ones_like(bytes_)], 1), us[:, None]).solution[:, 0]
+        print(f"{name}: fixed {fixed:.2f} us a call, streaming at {1e-6 / slope:.2f} TB/s")
+
+
 if __name__ == "__main__":
-    main()
+    sweep() if sys.argv[1:] == ["--sweep"] else main()
