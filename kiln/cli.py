@@ -369,6 +369,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     p.add_argument("--decode-steps-per-sync", type=int, default=4,
                    help="greedy decode steps the engine runs before the host looks (BuildConfig's)")
+    p.add_argument("--profile", action="store_true",
+                   help="run each kiln workload again under torch.profiler and print its kernels by GPU time")
     p.add_argument("--output-json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the results (needs matplotlib)")
     p.set_defaults(func=cmd_bench)

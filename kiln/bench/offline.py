@@ -13,6 +13,7 @@ token (load, CUDA-graph capture, one prefill), then on every workload. Results: 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -97,9 +98,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return best
 
 
-def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
+def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcontext) -> BenchResult:
     """Run every request of `workload` through the engine. With a shared prefix, the first request runs
-    alone (filling the cache), then one follower alone, then the others together; `extra` holds the TTFTs."""
+    alone (filling the cache), then one follower alone, then the others together; `extra` holds the TTFTs.
+    The timed part, not the warm-up, runs inside the context manager `around()` (profile_workload's profiler)."""
     from kiln.bench.serve_load import percentiles
     from kiln.llmapi.sampling_params import SamplingParams
 
@@ -120,20 +122,21 @@ def kiln_offline(llm, workload: Workload, label: str) -> BenchResult:
         torch.cuda.reset_peak_memory_stats(llm.device)
     executor = llm.generator.executor
     bursts, bursts_run_ahead = executor.bursts, executor.bursts_run_ahead
-    start = time.perf_counter()
-    extra = {}
-    if w.shared_prefix_len:  # the first fills the cache; one follower alone; then the others together
-        outputs = llm.generate(prompts[:1], params)
-        outputs += llm.generate(prompts[1:2], params)
-        outputs += llm.generate(prompts[2:], params)
-        first, alone = outputs[0].ttft(), outputs[1].ttft()
-        together = percentiles([o.ttft() for o in outputs[2:]])["p50"] if len(outputs) > 2 else float("nan")
-        extra = {"first_ttft_s": first, "follower_alone_ttft_s": alone, "alone_over_first": alone / first,
-                 "followers_together_ttft_p50_s": together, "together_over_first": together / first}
-    else:
-        outputs = llm.generate(prompts, params)
-    sync(llm.device)
-    seconds = time.perf_counter() - start
+    with around():
+        start = time.perf_counter()
+        extra = {}
+        if w.shared_prefix_len:  # the first fills the cache; one follower alone; then the others together
+            outputs = llm.generate(prompts[:1], params)
+            outputs += llm.generate(prompts[1:2], params)
+            outputs += llm.generate(prompts[2:], params)
+            first, alone = outputs[0].ttft(), outputs[1].ttft()
+            together = percentiles([o.ttft() for o in outputs[2:]])["p50"] if len(outputs) > 2 else float("nan")
+            extra = {"first_ttft_s": first, "follower_alone_ttft_s": alone, "alone_over_first": alone / first,
+                     "followers_together_ttft_p50_s": together, "together_over_first": together / first}
+        else:
+            outputs = llm.generate(prompts, params)
+        sync(llm.device)
+        seconds = time.perf_counter() - start
     if executor.bursts > bursts:  # the share of decode bursts queued before the host read the one before
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -282,8 +285,26 @@ def restart_to_first_token(engine_dir, device: torch.device) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[BenchResult], dict]:
-    """Open the engine (timed to its first token), then run every workload; the engine is closed after."""
+def profile_workload(llm, workload: Workload, label: str, device: torch.device, floor_s: float | None) -> None:
+    """Run `workload` again under torch.profiler and print where its time went: the share of the wall time the
+    GPU ran kernels, against the compute floor where there is one, and the kernels by total GPU time (on a CPU,
+    the operators by CPU time). A second run, so the measured row above is not slowed by the profiler."""
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    prof = torch.profiler.profile(activities=[activity])
+    wall = kiln_offline(llm, workload, label, around=lambda: prof).seconds
+    events = prof.key_averages()
+    busy = sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e6
+    floor = f", compute floor {floor_s:.2f} s" if floor_s else ""
+    print(f"# profile of {label} {workload.name}: {wall:.2f} s under the profiler, "
+          f"{'GPU kernels' if cuda else 'CPU operators'} {busy:.2f} s{floor}")
+    print(events.table(sort_by="device_time_total" if cuda else "self_cpu_time_total", row_limit=25), flush=True)
+
+
+def bench_system(label, engine_dir, workloads, device, ceilings, profile: bool = False) -> tuple[list[BenchResult],
+                                                                                                  dict]:
+    """Open the engine (timed to its first token), then run every workload (and with `profile` run each again
+    under the profiler, profile_workload); the engine is closed after."""
     # Timed twice: the first open compiles kernels (and times the candidates of the tuned ones) into their disk
     # caches; the second, in a new process, is a restart with warm caches, as a redeployed server would see. Then
     # this process opens the engine again for the workloads. The JSON records the kernel choices the first open made
@@ -317,6 +338,8 @@ def bench_system(label, engine_dir, workloads, device, ceilings) -> tuple[list[B
                 r.extra["compute_floor_s"] = floor
             print(r.row(), flush=True)
             results.append(r)
+            if profile:
+                profile_workload(llm, w, label, device, r.extra.get("compute_floor_s"))
     finally:
         llm.shutdown()
         del llm
@@ -355,7 +378,7 @@ def run(args) -> list[BenchResult]:
     systems = {}
     for label, quant in quant_systems(args):
         engine_dir, scratch = build_engine(source, args, quant, build_config, device)
-        system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings)
+        system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings, args.profile)
         results += system_results
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)

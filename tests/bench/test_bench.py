@@ -60,6 +60,21 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
     assert "| kiln W8A16 | prefix | 4 |" in capsys.readouterr().out
 
 
+def test_bench_profile_runs_each_workload_again_under_the_profiler(tiny_llama, tmp_path, capsys):
+    """--profile: after a workload's measured row, the same workload under torch.profiler, its operators by time
+    (kernels by GPU time on a GPU); the measured row comes first and is not the profiled run."""
+    hf_dir, _ = tiny_llama
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "few", "num_requests": 2, "input_len": 24, "output_len": 3}]))
+    assert main(["bench", "--model", str(hf_dir), "--workload-file", str(workloads), "--dtype", "float32",
+                 "--baseline", "none", "--profile"]) == 0
+    out = capsys.readouterr().out
+    row, profile = out.index("| kiln | few | 2 |"), out.index("# profile of kiln few:")
+    assert row < profile and "CPU operators" in out[profile:]
+    table = out[profile:].splitlines()
+    assert any("aten::" in line for line in table)  # the engine's operators, with their times
+
+
 @pytest.mark.parametrize("argv,baseline", [([], "hf"), (["--baseline", "none"], "none"), (["--no-baseline"], "none"),
                                            (["--baseline", "hf"], "hf")])
 def test_bench_baseline_flag(argv, baseline):
