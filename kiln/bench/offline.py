@@ -286,9 +286,9 @@ def restart_to_first_token(engine_dir, device: torch.device) -> dict:
 
 
 def profile_workload(llm, workload: Workload, label: str, device: torch.device, floor_s: float | None) -> None:
-    """Run `workload` again under torch.profiler and print where its time went: the share of the wall time the
-    GPU ran kernels, against the compute floor where there is one, and the kernels by total GPU time (on a CPU,
-    the operators by CPU time). A second run, so the measured row above is not slowed by the profiler."""
+    """Run `workload` again under torch.profiler and print where its time went: the wall time, the GPU's total
+    kernel time and the compute floor where there is one, then the kernels by total GPU time (on a CPU, the
+    operators by CPU time). A second run, so the measured row above is not slowed by the profiler."""
     cuda = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     prof = torch.profiler.profile(activities=[activity])
@@ -301,8 +301,8 @@ def profile_workload(llm, workload: Workload, label: str, device: torch.device, 
     print(events.table(sort_by="device_time_total" if cuda else "self_cpu_time_total", row_limit=25), flush=True)
 
 
-def bench_system(label, engine_dir, workloads, device, ceilings, profile: bool = False) -> tuple[list[BenchResult],
-                                                                                                  dict]:
+def bench_system(label, engine_dir, workloads, device, ceilings,
+                 profile: bool = False) -> tuple[list[BenchResult], dict]:
     """Open the engine (timed to its first token), then run every workload (and with `profile` run each again
     under the profiler, profile_workload); the engine is closed after."""
     # Timed twice: the first open compiles kernels (and times the candidates of the tuned ones) into their disk
