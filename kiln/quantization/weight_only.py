@@ -149,12 +149,15 @@ class _WeightOnlyMethod(LinearMethod):
         raise NotImplementedError
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.prequant:
-            x = x * layer.prequant_scaling_factor
+        x = self._prequant_scaled(layer, x)
         quant_gemm = _kernels_for(x)
         if quant_gemm is not None:
             return self.fused_matmul(quant_gemm, layer, x)
         return F.linear(x, self.dequantize(layer, x.dtype))
+
+    def _prequant_scaled(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x times AWQ's prequant scale, where the layer has one."""
+        return x * layer.prequant_scaling_factor if self.prequant else x
 
     def fused_matmul(self, quant_gemm, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x W^T by this format's Triton kernel (kiln.kernels.quant_gemm), the weights read packed."""
@@ -226,9 +229,7 @@ class Int4GroupMethod(_WeightOnlyMethod):
         return w
 
     def fused_matmul(self, quant_gemm, layer, x):
-        if self.act_order:
-            x = x.index_select(-1, layer.input_permutation)
-        return quant_gemm.w4a16_matmul(x, *self._packed(layer))
+        return quant_gemm.w4a16_matmul(self._act_ordered(layer, x), *self._packed(layer))
 
     def silu_and_mul_matmul(self, layer, x):
         quant_gemm, x = self._gemv_input(layer, x)
@@ -251,11 +252,11 @@ class Int4GroupMethod(_WeightOnlyMethod):
         if (quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight)
                 or os.environ.get("KILN_GEMV_EPILOGUES", "1") == "0"):
             return None, x
-        if self.prequant:
-            x = x * layer.prequant_scaling_factor
-        if self.act_order:
-            x = x.index_select(-1, layer.input_permutation)
-        return quant_gemm, x
+        return quant_gemm, self._act_ordered(layer, self._prequant_scaled(layer, x))
+
+    def _act_ordered(self, layer, x) -> torch.Tensor:
+        """x's columns in the codes' order (GPTQ act-order: column j is input channel input_permutation[j])."""
+        return x.index_select(-1, layer.input_permutation) if self.act_order else x
 
     def _packed(self, layer) -> tuple:
         """(codes, scales, zeros or None, group size): the int4 kernels' weight arguments."""
