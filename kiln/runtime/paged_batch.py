@@ -103,14 +103,14 @@ class PagedAttentionBatch:
         p = self._parts
         out = torch.empty_like(q)
         if p.decode_seqs.numel():
-            out[p.decode_tokens] = decode(q[p.decode_tokens], k_cache, v_cache, self.block_tables[p.decode_seqs],
-                                          self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window,
-                                          kv_scale)
-        if p.fresh_tokens.numel():
+            t = p.decode_tokens
+            out[t] = decode(q[t], k_cache, v_cache, self.block_tables[p.decode_seqs], self.seq_lens[p.decode_seqs],
+                            layer.scale, layer.sliding_window, kv_scale)
+        if p.fresh_max:
             t = p.fresh_tokens
             out[t] = prefill(q[t], gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max, layer.scale,
                              layer.sliding_window, kv_scale)
-        if p.other_tokens.numel():  # prompts continuing a cached prefix: one call over the paged cache
+        if p.other_max:  # prompts continuing a cached prefix: one call over the paged cache
             t = p.other_tokens
             out[t] = continuing(q[t], k_cache, v_cache, self.block_tables[p.other_seqs], p.other_cu, p.other_ctx,
                                 layer.scale, layer.sliding_window, kv_scale, p.other_max)
@@ -132,9 +132,10 @@ class PagedAttentionBatch:
         cu_of = lambda seqs: [0, *accumulate(self.query_lens[i] for i in seqs)]  # noqa: E731
         device = self.slot_mapping.device
         as_tensor = lambda x, dtype=torch.long: int_tensor(x, dtype, device)  # noqa: E731
-        return _StepParts(as_tensor(decode), as_tensor([starts[i] for i in decode]), as_tensor(tokens_of(fresh)),
+        rows = lambda x: _as_slice(x) or as_tensor(x)  # noqa: E731
+        return _StepParts(as_tensor(decode), rows([starts[i] for i in decode]), rows(tokens_of(fresh)),
                           as_tensor(cu_of(fresh), torch.int32), max((self.query_lens[i] for i in fresh), default=0),
-                          as_tensor(other), as_tensor(tokens_of(other)), as_tensor(cu_of(other), torch.int32),
+                          as_tensor(other), rows(tokens_of(other)), as_tensor(cu_of(other), torch.int32),
                           as_tensor([self.context_lens[i] for i in other], torch.int32),
                           max((self.query_lens[i] for i in other), default=0))
 
@@ -158,6 +159,14 @@ class PagedAttentionBatch:
         return out
 
 
+def _as_slice(rows: list[int]) -> slice | None:
+    """rows as a slice where they are one run of consecutive indices (the scheduler puts running sequences before
+    new ones, so a mixed step's decode tokens, fresh prompts and continuing prompts usually are): indexing by it
+    is a view and writing through it a copy, where an index tensor costs a gather and a scatter a layer. rows are
+    increasing (the tokens of sequences in order)."""
+    return slice(rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] + 1 == len(rows) else None
+
+
 def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """cache_flat[slots] = values; 1-byte codes through a uint8 view (no index_copy_ for float8 on the CPU)."""
     if cache_flat.element_size() == 1:
@@ -168,12 +177,12 @@ def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 @dataclass
 class _StepParts:
     decode_seqs: torch.Tensor  # sequence indices with one new token
-    decode_tokens: torch.Tensor  # and that token's index in the flat stream
-    fresh_tokens: torch.Tensor  # tokens of prompts with nothing cached yet
+    decode_tokens: torch.Tensor | slice  # and that token's index in the flat stream (a slice where consecutive)
+    fresh_tokens: torch.Tensor | slice  # tokens of prompts with nothing cached yet
     fresh_cu: torch.Tensor  # their cu_seqlens
     fresh_max: int
     other_seqs: torch.Tensor  # prompts continuing a cached prefix or an earlier chunk
-    other_tokens: torch.Tensor  # their new tokens in the flat stream
+    other_tokens: torch.Tensor | slice  # their new tokens in the flat stream
     other_cu: torch.Tensor  # and those tokens' cu_seqlens
     other_ctx: torch.Tensor  # tokens each has cached before this step
     other_max: int  # the longest one's new tokens

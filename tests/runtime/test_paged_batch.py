@@ -87,6 +87,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 DEVICES = ["cpu"] + (["cuda"] if triton_available() else [])  # CUDA runs the Triton kernels
 STEPS = {
     "mixed": [(5, 6), (9, 1), (0, 7), (13, 3)],  # a prefill continuing a cached prefix, decode, a fresh prompt
+    # as the scheduler orders a step (running sequences first): each kind's tokens are one run, read as a slice
+    "mixed_in_runs": [(9, 1), (4, 1), (5, 6), (11, 2), (0, 7), (0, 3)],
     "decode_only": [(9, 1), (1, 1), (16, 1), (4, 1)],
     "fresh_prefill": [(0, 7), (0, 1), (0, 12)],
     "continuing_only": [(5, 6), (16, 3), (1, 9)],  # prefix hits or later chunks, no other kind beside them
@@ -109,6 +111,17 @@ def test_quantized_cache_equals_uncached_attention_over_the_same_codes(kind, cod
     scales = torch.tensor([4.5, 4.0], device=device) / (127.0 if code_dtype == torch.int8 else 448.0)
     _paged_vs_reference(Layer(kv_cache_dtype=code_dtype, kv_cache_scaling_factor=scales),
                         STEPS[kind], device)
+
+
+def test_a_mixed_step_reads_each_kind_of_sequence_by_slice_where_its_tokens_are_one_run():
+    """The parts of STEPS["mixed_in_runs"] are slices (views, no gather), those of STEPS["mixed"] index tensors
+    where a kind's tokens are split (the continuing prompts 0 and 3)."""
+    def parts(steps):
+        return PagedAttentionBatch([n for _, n in steps], [c for c, _ in steps], None, torch.zeros(1), None, None,
+                                   None)._parts
+    runs, split = parts(STEPS["mixed_in_runs"]), parts(STEPS["mixed"])
+    assert (runs.decode_tokens, runs.other_tokens, runs.fresh_tokens) == (slice(0, 2), slice(2, 10), slice(10, 20))
+    assert split.other_tokens.tolist() == [0, 1, 2, 3, 4, 5, 14, 15, 16] and split.fresh_tokens == slice(7, 14)
 
 
 @pytest.mark.parametrize("kind", list(STEPS))
