@@ -15,7 +15,7 @@ kiln="python -m kiln"
 fresh_caches() {
   # Each run starts cold: no engine, no kernel choices, and no compiled Triton kernels. Triton's cache outlives
   # kiln's: a run after another one with the same kernels skipped their compiles, which made a first open look
-  # tens of seconds shorter (the epilogues' off run of the fifteenth session: 18.9 s warm, 48.2 s cold).
+  # tens of seconds shorter (the fifteenth session's epilogues-off run, 18.9 s: the on run had compiled its GEMMs).
   rm -rf /tmp/kiln-bench-* "${HOME}/.cache/kiln"
   TRITON_CACHE_DIR=$(mktemp -d /tmp/triton-cache-XXXX)
   export TRITON_CACHE_DIR
