@@ -129,6 +129,9 @@ def decode_attention() -> None:
             for pairs in (False, True):
                 pa.CODES_AS_PAIRS = pairs
                 check(f"decode {str(code)[6:]} lens {lens} d{d} pairs={pairs}", pa.paged_decode_attention(*args), want)
+            into = torch.zeros(len(lens) + 2, heads, d).half()  # a mixed step's output: the decode rows a view of it
+            pa.paged_decode_attention(*args, out=into[1:-1])
+            check(f"decode {str(code)[6:]} lens {lens} d{d} into a view", into[1:-1], want)
     pa.CODES_AS_PAIRS = False
 
 

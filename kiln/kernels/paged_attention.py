@@ -85,10 +85,11 @@ def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                               kv_scale=None):
-    """q [batch, heads, d] -> [batch, heads, d]: each sequence's one new query over its cached keys."""
+                               kv_scale=None, out=None):
+    """q [batch, heads, d] -> [batch, heads, d]: each sequence's one new query over its cached keys. Every
+    attention function here writes into `out` where given (a view of a larger output), else a new tensor."""
     block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     for b, n in enumerate(context_lens.tolist()):
         pages = block_tables[b, :math.ceil(n / block_size)].long()
         lo = 0 if sliding_window is None else max(n - sliding_window, 0)
@@ -98,10 +99,11 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     return out
 
 
-def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
+def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
+                                 out=None):
     """Causal attention within each packed sequence; q [tokens, heads, d], k/v [tokens, kv_heads, d]
     (codes when kv_scale is given)."""
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     k, v = _read(k, kv_scale, 0), _read(v, kv_scale, 1)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -114,13 +116,13 @@ def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
-                                sliding_window=None, kv_scale=None, max_query_len=None):
+                                sliding_window=None, kv_scale=None, max_query_len=None, out=None):
     """Prompts that continue a cached prefix (or an earlier chunk): sequence b's new queries
     q[cu[b]:cu[b+1]] sit at positions context_lens[b] onwards and attend causally over its cached keys,
     their own included (already written to the cache). max_query_len (the longest one's new tokens) sizes
     the kernel's grid; the reference does not need it."""
     block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     bounds = cu_seqlens.tolist()
     for b, (start, end, ctx) in enumerate(zip(bounds[:-1], bounds[1:], context_lens.tolist())):
         total = ctx + end - start
@@ -154,7 +156,7 @@ def _num_splits(programs: int, max_context: int, block_n: int, device: torch.dev
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                           kv_scale=None):
+                           kv_scale=None, out=None):
     """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors."""
     batch, heads, head_size = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -166,7 +168,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     cfg = DECODE_CONFIG
     block_n = cfg["BLOCK_N"]
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
@@ -211,11 +213,12 @@ def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -
         **pdl_args(out.device))
 
 
-def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None):
+def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
+                             out=None):
     """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors."""
     tokens, heads, head_size = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     block_d = max(16, triton.next_power_of_2(head_size))
     cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
@@ -229,7 +232,7 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
-                            sliding_window=None, kv_scale=None, max_query_len=None):
+                            sliding_window=None, kv_scale=None, max_query_len=None, out=None):
     """Triton version of `paged_prefill_attention_ref`, same arguments and result. CUDA tensors.
     max_query_len (the longest sequence's new tokens) sizes the grid; without it, q's length does."""
     tokens, heads, head_size = q.shape
@@ -244,7 +247,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     if sliding_window is not None:
         max_context = min(max_context, sliding_window + cfg["BLOCK_M"] + cfg["BLOCK_N"])
     splits = _num_splits(tiles * seqs * heads, max_context, cfg["BLOCK_N"], q.device)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     one = splits == 1
     partial = out if one else torch.empty(tokens, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)

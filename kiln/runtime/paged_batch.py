@@ -103,17 +103,15 @@ class PagedAttentionBatch:
         p = self._parts
         out = torch.empty_like(q)
         if p.decode_seqs.numel():
-            t = p.decode_tokens
-            out[t] = decode(q[t], k_cache, v_cache, self.block_tables[p.decode_seqs], self.seq_lens[p.decode_seqs],
-                            layer.scale, layer.sliding_window, kv_scale)
+            _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, self.block_tables[p.decode_seqs],
+                         self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window, kv_scale)
         if p.fresh_max:
             t = p.fresh_tokens
-            out[t] = prefill(q[t], gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max, layer.scale,
-                             layer.sliding_window, kv_scale)
+            _attend_into(out, t, prefill, q, gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max,
+                         layer.scale, layer.sliding_window, kv_scale)
         if p.other_max:  # prompts continuing a cached prefix: one call over the paged cache
-            t = p.other_tokens
-            out[t] = continuing(q[t], k_cache, v_cache, self.block_tables[p.other_seqs], p.other_cu, p.other_ctx,
-                                layer.scale, layer.sliding_window, kv_scale, p.other_max)
+            _attend_into(out, p.other_tokens, continuing, q, k_cache, v_cache, self.block_tables[p.other_seqs],
+                         p.other_cu, p.other_ctx, layer.scale, layer.sliding_window, kv_scale, p.other_max)
         return out
 
     @cached_property
@@ -159,10 +157,18 @@ class PagedAttentionBatch:
         return out
 
 
+def _attend_into(out: torch.Tensor, rows, attend, q: torch.Tensor, *args) -> None:
+    """out[rows] = attend(q[rows], *args); where rows is a slice the kernel writes into that view of out itself."""
+    if isinstance(rows, slice):
+        attend(q[rows], *args, out=out[rows])
+    else:
+        out[rows] = attend(q[rows], *args)
+
+
 def _as_slice(rows: list[int]) -> slice | None:
     """rows as a slice where they are one run of consecutive indices (the scheduler puts running sequences before
-    new ones, so a mixed step's decode tokens, fresh prompts and continuing prompts usually are): indexing by it
-    is a view and writing through it a copy, where an index tensor costs a gather and a scatter a layer. rows are
+    new ones, so a mixed step's decode tokens, fresh prompts and continuing prompts usually are): reading and
+    writing through it are views, where an index tensor costs a gather and a scatter a layer. rows are
     increasing (the tokens of sequences in order)."""
     return slice(rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] + 1 == len(rows) else None
 
