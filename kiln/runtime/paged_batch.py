@@ -3,9 +3,11 @@
 Each layer first writes the step's new keys and values into their cache slots, for every sequence,
 and only then attends: so a sequence that reuses a prefix block another sequence fills in this same
 step reads it after it is written. A step of decode tokens only runs one paged-decode call over the
-whole batch; new prompts run one varlen causal prefill; anything else (a prefill that continues a
-cached prefix, soft-capped scores) gathers each sequence's keys and attends per sequence. On CUDA the
-Triton kernels run, elsewhere their torch references.
+whole batch; new prompts run one varlen causal prefill; prompts that continue a cached prefix run one
+paged prefill; a mixed step runs one call per kind of sequence, each reading its tokens and writing its
+output through a view where they are one run (as the scheduler orders them). Soft-capped scores gather
+each sequence's keys and attend per sequence. On CUDA the Triton kernels run, elsewhere their torch
+references.
 
 With a quantized cache (int8 / float8 codes, the layer's `kv_cache_scaling_factor` [s_k, s_v]) the new keys
 and values are quantized once, written, and every path attends those codes: fresh prompts too, so prefill
