@@ -96,13 +96,13 @@ class PhaseClock:
         record["prefill_tokens"] = sum(n for _, n in step if n > 1)
 
 
-def tiny_llama(out_dir: str, hidden: int, vocab: int) -> None:
+def tiny_llama(out_dir: str, hidden: int, vocab: int, max_positions: int) -> None:
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=1024, tie_word_embeddings=False)
+                                      max_position_embeddings=max_positions, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
 
 
@@ -188,7 +188,7 @@ def open_llm(args, work: str):
         hf.save_pretrained(source)
         del hf
     else:
-        tiny_llama(source, args.hidden, args.vocab)
+        tiny_llama(source, args.hidden, args.vocab, max(1024, args.input_len + args.output_len))
     bc = BuildConfig(max_batch_size=args.batch, max_num_tokens=args.max_num_tokens, max_input_len=args.input_len,
                      max_seq_len=args.input_len + args.output_len, decode_steps_per_sync=args.steps_per_sync)
     return LLM(source, dtype=args.dtype, device=args.device, build_config=bc)

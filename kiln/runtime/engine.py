@@ -35,7 +35,7 @@ class GenerationEngine:
         bc = self.build_config
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
-        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt_ids):
+        if self.vocab_size is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < self.vocab_size:
             bad = next(t for t in prompt_ids if not 0 <= t < self.vocab_size)
             raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
         if len(prompt_ids) > bc.max_input_len:

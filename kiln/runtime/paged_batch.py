@@ -104,7 +104,7 @@ class PagedAttentionBatch:
         # the fresh prompts, one for the prompts that continue a cached prefix or an earlier chunk.
         p = self._parts
         out = torch.empty_like(q)
-        if p.decode_seqs.numel():
+        if p.num_decode:
             _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, self.block_tables[p.decode_seqs],
                          self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window, kv_scale)
         if p.fresh_max:
@@ -128,14 +128,21 @@ class PagedAttentionBatch:
         decode = [i for i, (n, _) in pairs if n == 1]
         fresh = [i for i, (n, c) in pairs if n > 1 and c == 0]
         other = [i for i, (n, c) in pairs if n > 1 and c > 0]
-        tokens_of = lambda seqs: list(chain.from_iterable(range(starts[i], starts[i + 1]) for i in seqs))  # noqa: E731
         cu_of = lambda seqs: [0, *accumulate(self.query_lens[i] for i in seqs)]  # noqa: E731
         device = self.slot_mapping.device
         as_tensor = lambda x, dtype=torch.long: int_tensor(x, dtype, device)  # noqa: E731
-        rows = lambda x: _as_slice(x) or as_tensor(x)  # noqa: E731
-        return _StepParts(as_tensor(decode), rows([starts[i] for i in decode]), rows(tokens_of(fresh)),
+
+        def seqs_index(seqs):  # the sequences' rows of per-sequence tensors (block tables, lengths)
+            return slice(seqs[0], seqs[-1] + 1) if _consecutive(seqs) else as_tensor(seqs)
+
+        def tokens_index(seqs):  # their new tokens' rows of the flat token stream
+            if _consecutive(seqs):
+                return slice(starts[seqs[0]], starts[seqs[-1] + 1])
+            return as_tensor(list(chain.from_iterable(range(starts[i], starts[i + 1]) for i in seqs)))
+
+        return _StepParts(len(decode), seqs_index(decode), tokens_index(decode), tokens_index(fresh),
                           as_tensor(cu_of(fresh), torch.int32), max((self.query_lens[i] for i in fresh), default=0),
-                          as_tensor(other), rows(tokens_of(other)), as_tensor(cu_of(other), torch.int32),
+                          seqs_index(other), tokens_index(other), as_tensor(cu_of(other), torch.int32),
                           as_tensor([self.context_lens[i] for i in other], torch.int32),
                           max((self.query_lens[i] for i in other), default=0))
 
@@ -167,12 +174,12 @@ def _attend_into(out: torch.Tensor, rows, attend, q: torch.Tensor, *args) -> Non
         out[rows] = attend(q[rows], *args)
 
 
-def _as_slice(rows: list[int]) -> slice | None:
-    """rows as a slice where they are one run of consecutive indices (the scheduler puts running sequences before
-    new ones, so a mixed step's decode tokens, fresh prompts and continuing prompts usually are): reading and
-    writing through it are views, where an index tensor costs a gather and a scatter a layer. rows are
-    increasing (the tokens of sequences in order)."""
-    return slice(rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] + 1 == len(rows) else None
+def _consecutive(seqs: list[int]) -> bool:
+    """Whether these (increasing) sequence indices are one run. The scheduler puts running sequences before new
+    ones, so a mixed step's decoding, fresh and continuing sequences usually each are: then their rows of the
+    step's tensors are slices, read and written as views, where an index tensor costs a gather (or a scatter) a
+    layer."""
+    return bool(seqs) and seqs[-1] - seqs[0] + 1 == len(seqs)
 
 
 def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -183,13 +190,14 @@ def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 
 @dataclass
-class _StepParts:
-    decode_seqs: torch.Tensor  # sequence indices with one new token
-    decode_tokens: torch.Tensor | slice  # and that token's index in the flat stream (a slice where consecutive)
+class _StepParts:  # each index a slice where its rows are one run (_consecutive), else an index tensor
+    num_decode: int
+    decode_seqs: torch.Tensor | slice  # sequences with one new token
+    decode_tokens: torch.Tensor | slice  # and that token's row in the flat stream
     fresh_tokens: torch.Tensor | slice  # tokens of prompts with nothing cached yet
     fresh_cu: torch.Tensor  # their cu_seqlens
     fresh_max: int
-    other_seqs: torch.Tensor  # prompts continuing a cached prefix or an earlier chunk
+    other_seqs: torch.Tensor | slice  # prompts continuing a cached prefix or an earlier chunk
     other_tokens: torch.Tensor | slice  # their new tokens in the flat stream
     other_cu: torch.Tensor  # and those tokens' cu_seqlens
     other_ctx: torch.Tensor  # tokens each has cached before this step

@@ -172,6 +172,18 @@ def test_prompt_longer_than_max_input_len_is_refused_alone(built, reference):
     assert ok.output_ids == reference[0]
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(built, reference):
+    model, bc, _ = built
+    vocab = model.config.vocab_size
+    engine = GenerationEngine(ModelRunner(model, torch.device("cpu"), bc), bc, vocab_size=vocab)
+    for bad in (-1, vocab):
+        with pytest.raises(ConfigError, match=rf"token id {bad} is outside the model's vocabulary \[0, {vocab}\)"):
+            engine.add_request([1, bad, 2], GREEDY)
+    ok = engine.add_request(PROMPTS[0], GREEDY)
+    _drain(engine)
+    assert ok.output_ids == reference[0]
+
+
 # ---- the paged KV cache: prefix reuse, chunked prefill and preemption leave the tokens unchanged ----------
 
 SHARED = [(7 * i + 3) % 120 + 1 for i in range(24)]  # three 8-token blocks every prompt below starts with

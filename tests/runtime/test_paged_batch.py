@@ -115,13 +115,15 @@ def test_quantized_cache_equals_uncached_attention_over_the_same_codes(kind, cod
 
 def test_a_mixed_step_reads_each_kind_of_sequence_by_slice_where_its_tokens_are_one_run():
     """The parts of STEPS["mixed_in_runs"] are slices (views, no gather), those of STEPS["mixed"] index tensors
-    where a kind's tokens are split (the continuing prompts 0 and 3)."""
+    where a kind's sequences are split (the continuing prompts 0 and 3)."""
     def parts(steps):
         return PagedAttentionBatch([n for _, n in steps], [c for c, _ in steps], None, torch.zeros(1), None, None,
                                    None)._parts
     runs, split = parts(STEPS["mixed_in_runs"]), parts(STEPS["mixed"])
     assert (runs.decode_tokens, runs.other_tokens, runs.fresh_tokens) == (slice(0, 2), slice(2, 10), slice(10, 20))
-    assert split.other_tokens.tolist() == [0, 1, 2, 3, 4, 5, 14, 15, 16] and split.fresh_tokens == slice(7, 14)
+    assert (runs.decode_seqs, runs.other_seqs) == (slice(0, 2), slice(2, 4))
+    assert split.other_tokens.tolist() == [0, 1, 2, 3, 4, 5, 14, 15, 16] and split.other_seqs.tolist() == [0, 3]
+    assert (split.fresh_tokens, split.decode_tokens, split.decode_seqs) == (slice(7, 14), slice(6, 7), slice(1, 2))
 
 
 @pytest.mark.parametrize("kind", list(STEPS))
