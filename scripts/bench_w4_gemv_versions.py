@@ -78,7 +78,7 @@ def main() -> None:
 
 def sweep() -> None:
     """The fit of the module docstring, by least squares over the output counts."""
-    from kiln.kernels.gemv import gemv
+    from kiln.kernels.gemv import gemv, weight_copies
 
     print(f"# {torch.cuda.get_device_name()}, one row, 4096 columns; us per call (best tile), then the fit")
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def sweep() -> None:
         packed, scale, _ = quantize_int4_groups(torch.randn(n, 4096, device="cuda"), GROUP, False, torch.bfloat16)
         us, _ = tile_us(quant_gemm, x, packed, scale, None)
         weight = torch.randn(n, 4096, dtype=torch.bfloat16, device="cuda")
-        copies = [weight] + [weight.clone() for _ in range(3)]  # more than L2 holds, as tile_us's copies
+        copies = [w for w, in weight_copies(weight)]  # more than L2 holds, as tile_us's copies
         bf16_us = 1000 * candidate_ms(["gemv"], lambda _: [lambda w=w: gemv(x, w) for w in copies])["gemv"]
         points["int4"].append((packed.numel() + scale.numel() * 2, min(us.values())))
         points["bf16"].append((weight.numel() * 2, bf16_us))
