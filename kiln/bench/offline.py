@@ -214,6 +214,15 @@ def prefill_flops(config, tokens: int) -> float:
     return per_token * tokens + attention
 
 
+def decode_kv_bytes(config, input_len: int, output_len: int, kv_element_bytes: int) -> float:
+    """Bytes of cached keys and values that one request's decode steps read: the first output token comes from the
+    prefill, and the token at position p then attends p + 1 cached tokens (itself included) in every layer. Decode
+    attention streams them from memory, so on a long prompt they are a floor of their own beside the FLOPs."""
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_size * kv_element_bytes
+    steps = output_len - 1
+    return per_token * (steps * (input_len + 1) + steps * (steps - 1) / 2)
+
+
 def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device) -> tuple[Path, list]:
     """(the engine dir of one kiln system: the source as is, or quantized first into a temp checkpoint; the dirs
     to delete after it: with a synthetic source, all of them, since 8B-shaped copies fill a disk fast)."""
@@ -319,6 +328,7 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
     llm, _ = open_to_first_token(engine_dir, device)
     try:
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+        kv_element_bytes = next(iter(llm.runner.kv.k.values())).element_size()
         load_s, picked = restart["load_to_first_token_s"], restart["kernel_choices"]
         info = {"load_to_first_token_s": load_s, "first_load_to_first_token_s": first_load_s,
                 "kernel_choices_at_restart": picked, "kernel_choices_made": made, "weight_bytes": weight_bytes,
@@ -336,6 +346,9 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
             if w.output_len <= 16 or w.input_len >= 1024:  # prefill-bound: against the measured matmul rate
                 floor = prefill_flops(llm.engine.config, w.input_len) * w.num_requests / ceilings["flops"]
                 r.extra["compute_floor_s"] = floor
+                if w.output_len > 1:  # and the decode steps' reads of the cache, at the measured bandwidth
+                    kv_bytes = decode_kv_bytes(llm.engine.config, w.input_len, w.output_len, kv_element_bytes)
+                    r.extra["kv_read_floor_s"] = kv_bytes * w.num_requests / ceilings["bandwidth"]
             print(r.row(), flush=True)
             results.append(r)
             if profile:

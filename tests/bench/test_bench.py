@@ -29,6 +29,20 @@ def test_bad_workloads_are_named(tmp_path):
     assert NAMED_WORKLOADS["prefix-64"].shared_prefix_len == 1024
 
 
+def test_decode_kv_bytes_count_each_decode_tokens_reads():
+    """One request's decode steps read, per layer, keys and values of every cached token up to their own."""
+    from types import SimpleNamespace
+
+    from kiln.bench.offline import decode_kv_bytes
+
+    config = SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_size=8)
+    per_token = 3 * 2 * 2 * 8 * 2  # layers, keys and values, heads, head size, bf16 bytes
+    input_len, output_len = 11, 5
+    read = sum(position + 1 for position in range(input_len, input_len + output_len - 1))  # outputs 2..5
+    assert decode_kv_bytes(config, input_len, output_len, 2) == per_token * read
+    assert decode_kv_bytes(config, input_len, 1, 2) == 0  # the only output comes from the prefill
+
+
 def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
     hf_dir, _ = tiny_llama
     workloads = tmp_path / "workloads.json"
@@ -52,6 +66,7 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
         assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
         assert prefix["extra"]["follower_alone_ttft_s"] > 0 and "together_over_first" in prefix["extra"]
         assert "of_decode_roofline" in rows[(system, "one")]["extra"]
+        assert rows[(system, "one")]["extra"]["kv_read_floor_s"] > 0  # beside its compute floor (6 outputs)
         assert rows[(system, "one")]["extra"]["bursts_run_ahead"] == 0  # decoded in bursts; no run-ahead on the CPU
         one = rows[(system, "one")]  # 6 tokens: the first, then 5 steps in (seconds - TTFT)
         assert 0 < one["tpot_s"]["p50"] <= (one["seconds"] - one["ttft_s"]["p50"]) / 5 + 1e-6
