@@ -1,0 +1,85 @@
+"""The prefill attention kernels on each candidate tile config, on an NVIDIA GPU: Llama-3-8B's heads (32 query heads,
+8 KV heads, head size 128, bf16) on the two kinds of prompt work a prefill-heavy step holds, each candidate checked
+against the torch reference first.
+
+    python scripts/bench_prefill_attention.py
+
+- fresh: 4 new prompts of 2048 tokens packed back to back (varlen_prefill_attention), as a step of prefill-1000
+  with its 8192-token budget;
+- continuing: 4 chunks of 1024 tokens after 1024 cached ones (paged_prefill_attention over a 32-token-page cache),
+  as a long prompt's later chunks.
+
+Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG, which was set when the kernels were written and never
+timed against others. Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per query-key
+pair), the current config first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import paged_attention as pa
+from kiln.kernels.gemv import graph_ms_per_call
+
+HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 32
+CANDIDATES = [pa.PREFILL_CONFIG] + [  # compile for sm_90 without spills (scripts/kernel_sass.py-style check)
+    dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    for m, n, w, s in ((64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3),
+                       (128, 128, 8, 2), (128, 128, 8, 3))]
+
+
+def fresh_case(lens: list[int]) -> tuple:
+    """Arguments of varlen_prefill_attention for prompts of `lens` tokens, and their causal FLOPs."""
+    q = torch.randn(sum(lens), HEADS, D, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(sum(lens), KV_HEADS, D, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    flops = sum(4 * HEADS * D * n * (n + 1) / 2 for n in lens)
+    return (q, k, v, cu, max(lens), D ** -0.5), flops
+
+
+def continuing_case(chunks: list[tuple[int, int]]) -> tuple:
+    """Arguments of paged_prefill_attention for (cached tokens, new tokens) per sequence, the new ones' keys
+    already in the cache, and their FLOPs."""
+    blocks_per_seq = max(-(-(c + n) // PAGE) for c, n in chunks)
+    k_cache, v_cache = (torch.randn(len(chunks) * blocks_per_seq, PAGE, KV_HEADS, D, dtype=torch.bfloat16,
+                                    device="cuda") for _ in range(2))
+    tables = torch.randperm(len(chunks) * blocks_per_seq, device="cuda").int().view(len(chunks), blocks_per_seq)
+    new = [n for _, n in chunks]
+    q = torch.randn(sum(new), HEADS, D, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor([c for c, _ in chunks], dtype=torch.int32, device="cuda")
+    flops = sum(4 * HEADS * D * sum(c + i + 1 for i in range(n)) for c, n in chunks)
+    return (q, k_cache, v_cache, tables, cu, ctx, D ** -0.5, None, None, max(new)), flops
+
+
+def checked(kernel, reference, args) -> bool:
+    """The kernel against its torch reference (float32 softmax) on `args`: within bf16's rounding of the output."""
+    got, want = kernel(*args).float(), reference(*args).float()
+    return bool(((got - want).abs() <= 2e-2 * want.abs().max()).all())
+
+
+def main() -> None:
+    print(f"# {torch.cuda.get_device_name()}; heads {HEADS}/{KV_HEADS}, head size {D}, bf16")
+    torch.manual_seed(0)
+    small_fresh, _ = fresh_case([100, 37, 250])
+    small_continuing, _ = continuing_case([(40, 70), (300, 5), (0, 33)])
+    cases = {"fresh 4 x 2048": (pa.varlen_prefill_attention, fresh_case([2048] * 4)),
+             "continuing 4 x 1024 after 1024": (pa.paged_prefill_attention, continuing_case([(1024, 1024)] * 4))}
+    current = dict(pa.PREFILL_CONFIG)
+    try:
+        for config in CANDIDATES:
+            pa.PREFILL_CONFIG = config
+            ok = (checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small_fresh)
+                  and checked(pa.paged_prefill_attention, pa.paged_prefill_attention_ref, small_continuing))
+            cells = []
+            for name, (kernel, (args, flops)) in cases.items():
+                kernel(*args)  # compiled outside the graph's capture
+                ms = graph_ms_per_call([lambda kernel=kernel, args=args: kernel(*args)])
+                cells.append(f"{name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
+            print(f"{config} ok={ok} | " + " | ".join(cells), flush=True)
+    finally:
+        pa.PREFILL_CONFIG = current
+
+
+if __name__ == "__main__":
+    main()
