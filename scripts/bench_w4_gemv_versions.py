@@ -10,13 +10,15 @@ version (say, `git show REV:kiln/kernels/quant_gemm.py > /tmp/old.py`) runs besi
 
     python scripts/bench_w4_gemv_versions.py --sweep
 
-times the tree's best tile (symmetric codes) and the Triton 16-bit GEMV of bf16 weights (kiln.kernels.gemv)
-at 4096 columns and 1024 .. 57344 outputs, and fits time = fixed + bytes / rate to each: whether the int4 GEMV
-loses its time in a cost per call or in a streaming rate below the bandwidth.
+times the tree's best tile (symmetric codes), the FP8 GEMV as an FP8 engine's decode runs it (e4m3 codes of x
+and of the weights, the tuner's kernel) and the Triton 16-bit GEMV of bf16 weights (kiln.kernels.gemv) at 4096
+columns and 1024 .. 57344 outputs, and fits time = fixed + bytes / rate to each: whether a quantized GEMV loses
+its time in a cost per call or in a streaming rate below the bandwidth.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 
@@ -76,28 +78,48 @@ def main() -> None:
         print(f"layer total zero={zero} {name}: {total:.1f} us")
 
 
+def fp8_us(xq, x_scale, weight) -> tuple[float, object, int]:
+    """Microseconds per call of the FP8 GEMV as an FP8 engine's decode runs it (x as e4m3 codes with its row scale:
+    the tuner's choice of the CUDA-core kernel or an e4m3 MMA tile), that choice, and the bytes it reads."""
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv, candidate_ms, weight_copies
+    from kiln.quantization.fp8 import quantize_fp8_weight
+
+    wq, w_scale = quantize_fp8_weight(weight, torch.bfloat16, per_channel=True)
+    w_scale = w_scale.float()  # as the FP8 linear keeps them for its GEMMs (Fp8Method.prepare)
+    y = torch.empty(1, wq.shape[0], dtype=torch.bfloat16, device=wq.device)
+    x_scale = x_scale.reshape(-1).float().contiguous()
+    ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
+        functools.partial(_run_gemv, (xq, w, y, x_scale, s, False), tile) for w, s in weight_copies(wq, w_scale)])
+    best = min(ms, key=ms.get)
+    return 1000 * ms[best], best, wq.numel() + w_scale.numel() * w_scale.element_size()
+
+
 def sweep() -> None:
     """The fit of the module docstring, by least squares over the output counts."""
     from kiln.kernels.gemv import gemv, weight_copies
+    from kiln.quantization.fp8 import quantize_fp8_per_token
 
     print(f"# {torch.cuda.get_device_name()}, one row, 4096 columns; us per call (best tile), then the fit")
     torch.manual_seed(0)
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
-    points = {"int4": [], "bf16": []}
+    xq, x_scale = quantize_fp8_per_token(x)
+    points = {"int4": [], "fp8": [], "bf16": []}
     for n in (1024, 2048, 4096, 8192, 16384, 28672, 57344):
         packed, scale, _ = quantize_int4_groups(torch.randn(n, 4096, device="cuda"), GROUP, False, torch.bfloat16)
         us, _ = tile_us(quant_gemm, x, packed, scale, None)
         weight = torch.randn(n, 4096, dtype=torch.bfloat16, device="cuda")
+        fp8, fp8_tile, fp8_bytes = fp8_us(xq, x_scale, weight)
         copies = [w for w, in weight_copies(weight)]  # more than L2 holds, as tile_us's copies
         bf16_us = 1000 * candidate_ms(["gemv"], lambda _: [lambda w=w: gemv(x, w) for w in copies])["gemv"]
         points["int4"].append((packed.numel() + scale.numel() * 2, min(us.values())))
+        points["fp8"].append((fp8_bytes, fp8))
         points["bf16"].append((weight.numel() * 2, bf16_us))
-        print(f"n={n:<6} int4 {min(us.values()):7.1f} us ({min(us, key=us.get)})   bf16 {bf16_us:7.1f} us", flush=True)
+        print(f"n={n:<6} int4 {min(us.values()):7.1f} us ({min(us, key=us.get)})   fp8 {fp8:7.1f} us ({fp8_tile})   "
+              f"bf16 {bf16_us:7.1f} us", flush=True)
     for name, pts in points.items():
         bytes_, us = torch.tensor(pts, dtype=torch.float64).T
         slope, fixed = torch.linalg.lstsq(torch.stack([bytes_, torch.ones_like(bytes_)], 1), us[:, None]).solution[:, 0]
         print(f"{name}: fixed {fixed:.2f} us a call, streaming at {1e-6 / slope:.2f} TB/s")
-
 
 if __name__ == "__main__":
     sweep() if sys.argv[1:] == ["--sweep"] else main()
