@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from kiln.kernels import quant_gemm
 from kiln.kernels.bench_quant_gemm import LLAMA3_8B
-from kiln.kernels.gemv import candidate_ms
+from kiln.kernels.gemv import candidate_ms, weight_copies
+from kiln.quantization.fp8 import quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
 GROUP = 128
@@ -81,8 +82,7 @@ def main() -> None:
 def fp8_us(xq, x_scale, weight) -> tuple[float, object, int]:
     """Microseconds per call of the FP8 GEMV as an FP8 engine's decode runs it (x as e4m3 codes with its row scale:
     the tuner's choice of the CUDA-core kernel or an e4m3 MMA tile), that choice, and the bytes it reads."""
-    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv, candidate_ms, weight_copies
-    from kiln.quantization.fp8 import quantize_fp8_weight
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv  # (the tiles exist where Triton does)
 
     wq, w_scale = quantize_fp8_weight(weight, torch.bfloat16, per_channel=True)
     w_scale = w_scale.float()  # as the FP8 linear keeps them for its GEMMs (Fp8Method.prepare)
@@ -96,8 +96,7 @@ def fp8_us(xq, x_scale, weight) -> tuple[float, object, int]:
 
 def sweep() -> None:
     """The fit of the module docstring, by least squares over the output counts."""
-    from kiln.kernels.gemv import gemv, weight_copies
-    from kiln.quantization.fp8 import quantize_fp8_per_token
+    from kiln.kernels.gemv import gemv
 
     print(f"# {torch.cuda.get_device_name()}, one row, 4096 columns; us per call (best tile), then the fit")
     torch.manual_seed(0)
@@ -120,6 +119,7 @@ def sweep() -> None:
         bytes_, us = torch.tensor(pts, dtype=torch.float64).T
         slope, fixed = torch.linalg.lstsq(torch.stack([bytes_, torch.ones_like(bytes_)], 1), us[:, None]).solution[:, 0]
         print(f"{name}: fixed {fixed:.2f} us a call, streaming at {1e-6 / slope:.2f} TB/s")
+
 
 if __name__ == "__main__":
     sweep() if sys.argv[1:] == ["--sweep"] else main()
