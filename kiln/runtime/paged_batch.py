@@ -105,15 +105,15 @@ class PagedAttentionBatch:
         p = self._parts
         out = torch.empty_like(q)
         if p.num_decode:
-            _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, self.block_tables[p.decode_seqs],
-                         self.seq_lens[p.decode_seqs], layer.scale, layer.sliding_window, kv_scale)
+            _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, p.decode_tables, p.decode_lens,
+                         layer.scale, layer.sliding_window, kv_scale)
         if p.fresh_max:
             t = p.fresh_tokens
             _attend_into(out, t, prefill, q, gather_rows(k, t), gather_rows(v, t), p.fresh_cu, p.fresh_max,
                          layer.scale, layer.sliding_window, kv_scale)
         if p.other_max:  # prompts continuing a cached prefix: one call over the paged cache
-            _attend_into(out, p.other_tokens, continuing, q, k_cache, v_cache, self.block_tables[p.other_seqs],
-                         p.other_cu, p.other_ctx, layer.scale, layer.sliding_window, kv_scale, p.other_max)
+            _attend_into(out, p.other_tokens, continuing, q, k_cache, v_cache, p.other_tables, p.other_cu,
+                         p.other_ctx, layer.scale, layer.sliding_window, kv_scale, p.other_max)
         return out
 
     @cached_property
@@ -132,17 +132,18 @@ class PagedAttentionBatch:
         device = self.slot_mapping.device
         as_tensor = lambda x, dtype=torch.long: int_tensor(x, dtype, device)  # noqa: E731
 
-        def seqs_index(seqs):  # the sequences' rows of per-sequence tensors (block tables, lengths)
-            return slice(seqs[0], seqs[-1] + 1) if _consecutive(seqs) else as_tensor(seqs)
+        def rows_of(x, seqs):  # the sequences' rows of a per-sequence tensor, gathered once a step for every layer
+            return x.index_select(0, as_tensor(seqs))
 
         def tokens_index(seqs):  # their new tokens' rows of the flat token stream
             if _consecutive(seqs):
                 return slice(starts[seqs[0]], starts[seqs[-1] + 1])
             return as_tensor(list(chain.from_iterable(range(starts[i], starts[i + 1]) for i in seqs)))
 
-        return _StepParts(len(decode), seqs_index(decode), tokens_index(decode), tokens_index(fresh),
-                          as_tensor(cu_of(fresh), torch.int32), max((self.query_lens[i] for i in fresh), default=0),
-                          seqs_index(other), tokens_index(other), as_tensor(cu_of(other), torch.int32),
+        return _StepParts(len(decode), rows_of(self.block_tables, decode), rows_of(self.seq_lens, decode),
+                          tokens_index(decode), tokens_index(fresh), as_tensor(cu_of(fresh), torch.int32),
+                          max((self.query_lens[i] for i in fresh), default=0),
+                          rows_of(self.block_tables, other), tokens_index(other), as_tensor(cu_of(other), torch.int32),
                           as_tensor([self.context_lens[i] for i in other], torch.int32),
                           max((self.query_lens[i] for i in other), default=0))
 
@@ -176,9 +177,9 @@ def _attend_into(out: torch.Tensor, rows, attend, q: torch.Tensor, *args) -> Non
 
 def _consecutive(seqs: list[int]) -> bool:
     """Whether these (increasing) sequence indices are one run. The scheduler puts running sequences before new
-    ones, so a mixed step's decoding, fresh and continuing sequences usually each are: then their rows of the
-    step's tensors are slices, read and written as views, where an index tensor costs a gather (or a scatter) a
-    layer."""
+    ones, so a mixed step's decoding, fresh and continuing sequences usually each are: then their tokens' rows of
+    q, k, v and the output are slices, read and written as views, where an index tensor costs a gather (or a
+    scatter) a layer."""
     return bool(seqs) and seqs[-1] - seqs[0] + 1 == len(seqs)
 
 
@@ -190,14 +191,15 @@ def _write(cache_flat: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 
 @dataclass
-class _StepParts:  # each index a slice where its rows are one run (_consecutive), else an index tensor
-    num_decode: int
-    decode_seqs: torch.Tensor | slice  # sequences with one new token
+class _StepParts:  # token rows: a slice where they are one run (_consecutive), else an index tensor
+    num_decode: int  # sequences with one new token
+    decode_tables: torch.Tensor  # their block tables
+    decode_lens: torch.Tensor  # and lengths
     decode_tokens: torch.Tensor | slice  # and that token's row in the flat stream
     fresh_tokens: torch.Tensor | slice  # tokens of prompts with nothing cached yet
     fresh_cu: torch.Tensor  # their cu_seqlens
     fresh_max: int
-    other_seqs: torch.Tensor | slice  # prompts continuing a cached prefix or an earlier chunk
+    other_tables: torch.Tensor  # block tables of the prompts continuing a cached prefix or an earlier chunk
     other_tokens: torch.Tensor | slice  # their new tokens in the flat stream
     other_cu: torch.Tensor  # and those tokens' cu_seqlens
     other_ctx: torch.Tensor  # tokens each has cached before this step

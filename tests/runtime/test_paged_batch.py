@@ -114,16 +114,19 @@ def test_quantized_cache_equals_uncached_attention_over_the_same_codes(kind, cod
 
 
 def test_a_mixed_step_reads_each_kind_of_sequence_by_slice_where_its_tokens_are_one_run():
-    """The parts of STEPS["mixed_in_runs"] are slices (views, no gather), those of STEPS["mixed"] index tensors
-    where a kind's sequences are split (the continuing prompts 0 and 3)."""
+    """The token rows of STEPS["mixed_in_runs"] are slices (views, no gather), those of STEPS["mixed"] index tensors
+    where a kind's sequences are split (the continuing prompts 0 and 3). Each kind's block tables and lengths are
+    gathered once for the step."""
     def parts(steps):
-        return PagedAttentionBatch([n for _, n in steps], [c for c, _ in steps], None, torch.zeros(1), None, None,
+        tables = torch.arange(len(steps) * 3, dtype=torch.int32).view(len(steps), 3)
+        lens = torch.tensor([c + n for c, n in steps], dtype=torch.int32)
+        return PagedAttentionBatch([n for _, n in steps], [c for c, _ in steps], None, torch.zeros(1), tables, lens,
                                    None)._parts
     runs, split = parts(STEPS["mixed_in_runs"]), parts(STEPS["mixed"])
     assert (runs.decode_tokens, runs.other_tokens, runs.fresh_tokens) == (slice(0, 2), slice(2, 10), slice(10, 20))
-    assert (runs.decode_seqs, runs.other_seqs) == (slice(0, 2), slice(2, 4))
-    assert split.other_tokens.tolist() == [0, 1, 2, 3, 4, 5, 14, 15, 16] and split.other_seqs.tolist() == [0, 3]
-    assert (split.fresh_tokens, split.decode_tokens, split.decode_seqs) == (slice(7, 14), slice(6, 7), slice(1, 2))
+    assert runs.decode_lens.tolist() == [10, 5] and runs.other_tables[:, 0].tolist() == [6, 9]
+    assert split.other_tokens.tolist() == [0, 1, 2, 3, 4, 5, 14, 15, 16] and split.other_tables[:, 0].tolist() == [0, 9]
+    assert (split.fresh_tokens, split.decode_tokens, split.decode_lens.tolist()) == (slice(7, 14), slice(6, 7), [10])
 
 
 @pytest.mark.parametrize("kind", list(STEPS))
