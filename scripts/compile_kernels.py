@@ -14,6 +14,8 @@ that take USE_PDL are compiled with it on, as an H100 runs them.
 
 from __future__ import annotations
 
+import time
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -116,9 +118,10 @@ def main() -> None:
     for label, fn, constexprs, pointers in CASES:
         if any(p.name == "USE_PDL" for p in fn.params):  # as they run on an H100: with PDL (kiln.kernels.pdl)
             constexprs = {"USE_PDL": True, **constexprs}
+        start = time.perf_counter()
         try:
             triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs), target=TARGET)
-            print(f"ok      {label}")
+            print(f"ok      {label} ({time.perf_counter() - start:.1f} s)")  # what a first open pays per variant
         except Exception as e:  # a compile error: report it and go on to the next kernel
             failed += 1
             print(f"FAILED  {label}: {type(e).__name__}: {str(e)[-400:]}")

@@ -1,6 +1,7 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA, and decode attention over int8 and e4m3 caches, codes read one by one or as pairs; the
+either side of the MMA, decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and the
+prefill attention kernels on each candidate tile of scripts/bench_prefill_attention.py; the
 e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
 GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
 rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks
@@ -135,6 +136,36 @@ def decode_attention() -> None:
     pa.CODES_AS_PAIRS = False
 
 
+def prefill_attention() -> None:
+    """Fresh prompts and continuing chunks on each tile of scripts/bench_prefill_attention.py's candidates (their
+    masks and diagonal tiles differ by BLOCK_M and BLOCK_N), against the references."""
+    from bench_prefill_attention import CANDIDATES
+
+    pa._num_sms = lambda index: 4  # the split count without a GPU to ask
+    heads, kv_heads, d, page = 4, 2, 128, 32
+    lens, chunks = [100, 37, 150], [(40, 70), (200, 5), (0, 33)]
+    q = torch.randn(sum(lens), heads, d).half()
+    k, v = torch.randn(2, sum(lens), kv_heads, d).half()
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    fresh = (q, k, v, cu, max(lens), d ** -0.5)
+    blocks = max(-(-(c + n) // page) for c, n in chunks)
+    caches = torch.randn(2, len(chunks) * blocks, page, kv_heads, d).half()
+    tables = torch.randperm(len(chunks) * blocks).int().view(len(chunks), blocks)
+    new = [n for _, n in chunks]
+    continuing = (torch.randn(sum(new), heads, d).half(), *caches, tables,
+                  torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32),
+                  torch.tensor([c for c, _ in chunks], dtype=torch.int32), d ** -0.5, None, None, max(new))
+    current = pa.PREFILL_CONFIG
+    for config in CANDIDATES:
+        pa.PREFILL_CONFIG = config
+        tile = tuple(config.values())
+        check(f"prefill fresh tile {tile}", pa.varlen_prefill_attention(*fresh),
+              pa.varlen_prefill_attention_ref(*fresh))
+        check(f"prefill continuing tile {tile}", pa.paged_prefill_attention(*continuing),
+              pa.paged_prefill_attention_ref(*continuing))
+    pa.PREFILL_CONFIG = current
+
+
 def fp8_dot_gemv() -> None:
     """Codes of x given (the interpreter's own e4m3 rounding is not the GPU's, so not x quantized by the kernel)."""
     for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 200, 1000)):
@@ -191,6 +222,7 @@ def main() -> None:
     int4_gemm()
     int4_gemv()
     decode_attention()
+    prefill_attention()
     fp8_dot_gemv()
     rotary_with_cache_write()
     int4_qkv_rotary()

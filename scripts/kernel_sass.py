@@ -6,7 +6,7 @@ byte it loads: the int4 GEMV that unpacked bytes issued 7.3 instructions per wei
 1-2 TB/s; its int32-word form issues 3.4-3.6. Counting them here costs no device time:
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
-    PYTHONPATH=/tmp/triton_site:. python scripts/kernel_sass.py "w4 gemv" [--num-warps 4] [--sass]
+    PYTHONPATH=/tmp/triton_site:. python scripts/kernel_sass.py "w4 gemv" [--num-warps 4] [--set BLOCK_N=16] [--sass]
 
 The label picks the cases of scripts/compile_kernels.py whose label contains it. Pointers are compiled as
 16-byte aligned, as Triton specializes them at run time (without it no load is vectorized).
@@ -80,18 +80,23 @@ def main() -> None:
     parser.add_argument("label", help="a substring of scripts/compile_kernels.py case labels")
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                        help="override a case's constexpr (a tile: --set BLOCK_N=16 --set BLOCK_KW=128)")
     parser.add_argument("--sass", action="store_true", help="also print the whole disassembly")
     args = parser.parse_args()
+    overrides = {name: int(value) for name, value in (item.split("=", 1) for item in args.set)}
     cases = [case for case in CASES if args.label in case[0]]
     if not cases:
         raise SystemExit(f"no case of scripts/compile_kernels.py has {args.label!r} in its label")
     for label, fn, constexprs, pointers in cases:
+        constexprs = {**constexprs, **overrides}
         sass, registers = disassemble(fn, constexprs, pointers, args.num_warps, args.num_stages)
         loop = longest_loop(sass)
         spills = sass.count("STL")
         top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
+        mma = {op: n for op, n in collections.Counter(OPCODE.findall(sass)).items() if "MMA" in op}
         print(f"{label}: {constexprs}\n  {registers} registers, {spills} spill stores; longest loop "
-              f"{sum(loop.values())} instructions per step: {top}")
+              f"{sum(loop.values())} instructions per step: {top}" + (f"; tensor-core ops {mma}" if mma else ""))
         if args.sass:
             print(sass)
 

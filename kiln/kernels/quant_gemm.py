@@ -89,9 +89,9 @@ W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4
                  (8, 128, 4), (16, 256, 8))
 # The tiles the GEMV's epilogue variants (SiLU-and-mul, rotary) choose from: the four that came first or second for
 # the plain GEMV of Llama-3-8B's qkv and fc_gate on an H200, symmetric and with zero points (fifteenth session,
-# scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and a variant's compile
-# is the slowest of the GEMV's (libdevice's cos and sin): with all nine the epilogues took a W4A16 engine's first
-# open from 18.9 s to 78.3 s.
+# scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and the rotary variant's
+# compile is the GEMV's slowest (libdevice's cos and sin; scripts/compile_kernels.py prints each one's seconds). Most
+# of a cold W4A16 first open is the int4 GEMM's tiles, timed as the prefill graphs are captured (docs/performance.md).
 W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 
 
