@@ -16,6 +16,7 @@ and decode see the same keys, and the reference forward (which emulates the cach
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -104,7 +105,10 @@ class PagedAttentionBatch:
         # the fresh prompts, one for the prompts that continue a cached prefix or an earlier chunk.
         p = self._parts
         out = torch.empty_like(q)
-        if p.num_decode:
+        side = _decode_stream(q) if fast and p.num_decode and (p.fresh_max or p.other_max) else None
+        if side is not None:  # the decode tokens' attention beside the prompts' (after them, on the side stream)
+            side.wait_stream(torch.cuda.current_stream(q.device))
+        elif p.num_decode:
             _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, p.decode_tables, p.decode_lens,
                          layer.scale, layer.sliding_window, kv_scale)
         if p.fresh_max:
@@ -114,6 +118,11 @@ class PagedAttentionBatch:
         if p.other_max:  # prompts continuing a cached prefix: one call over the paged cache
             _attend_into(out, p.other_tokens, continuing, q, k_cache, v_cache, p.other_tables, p.other_cu,
                          p.other_ctx, layer.scale, layer.sliding_window, kv_scale, p.other_max)
+        if side is not None:
+            with torch.cuda.stream(side):
+                _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, p.decode_tables, p.decode_lens,
+                             layer.scale, layer.sliding_window, kv_scale)
+            torch.cuda.current_stream(q.device).wait_stream(side)
         return out
 
     @cached_property
@@ -165,6 +174,29 @@ class PagedAttentionBatch:
                 k, v = dequantize(k, s[0], q.dtype), dequantize(v, s[1], q.dtype)
             out[start:start + n] = layer.attend_dense(q[start:start + n], k, v, ctx)
         return out
+
+
+# A mixed step's decode attention streams the cache (memory-bound) while its prompts' attention multiplies
+# (compute-bound): on a second CUDA stream the two can share the SMs. KILN_DECODE_ATTENTION_STREAM: "off" (one
+# stream, the decode call first), "normal" or "high" (the side stream's priority: with "high", as the prompts'
+# programs finish, the decode programs take their place ahead of the prompts' next ones).
+_STREAM_PRIORITIES = {"normal": 0, "high": -1}
+_decode_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}  # one per device and priority
+
+
+def _decode_stream(q: torch.Tensor):
+    """The side stream for a mixed step's decode attention on q's device, or None: turned off, or inside a CUDA
+    graph's capture (captured steps keep one stream)."""
+    setting = os.environ.get("KILN_DECODE_ATTENTION_STREAM", "off")
+    if setting != "off" and setting not in _STREAM_PRIORITIES:
+        raise ValueError(f"KILN_DECODE_ATTENTION_STREAM={setting!r}: allowed values are off, normal and high; unset "
+                         "it for off")
+    if setting == "off" or torch.cuda.is_current_stream_capturing():
+        return None
+    key = (q.device, _STREAM_PRIORITIES[setting])
+    if key not in _decode_streams:
+        _decode_streams[key] = torch.cuda.Stream(q.device, priority=key[1])
+    return _decode_streams[key]
 
 
 def _attend_into(out: torch.Tensor, rows, attend, q: torch.Tensor, *args) -> None:

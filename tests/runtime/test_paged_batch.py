@@ -147,3 +147,26 @@ def test_a_later_step_reads_the_keys_an_earlier_step_wrote_to_the_cache():
                                torch.tensor([6], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32))
     out = step.attend(layer, q[4:], k[4:], v[4:])
     torch.testing.assert_close(out, AttentionBatch([6]).attend(layer, q, k, v)[4:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not triton_available(), reason="the side stream is a CUDA stream: needs a GPU with Triton")
+@pytest.mark.parametrize("priority", ["normal", "high"])
+@pytest.mark.parametrize("kind", ["mixed", "mixed_in_runs"])
+def test_a_mixed_step_with_its_decode_attention_on_a_side_stream(kind, priority, monkeypatch):
+    """KILN_DECODE_ATTENTION_STREAM runs the decode tokens' attention on a second stream beside the prompts':
+    the output is the same, and the stream is the one the setting asks for."""
+    from kiln.runtime import paged_batch
+
+    monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", priority)
+    monkeypatch.setattr(paged_batch, "_decode_streams", {})
+    _paged_vs_reference(Layer(), STEPS[kind], "cuda")
+    [(device, level)] = paged_batch._decode_streams
+    assert level == paged_batch._STREAM_PRIORITIES[priority]
+
+
+def test_an_unknown_decode_attention_stream_setting_names_the_allowed_values(monkeypatch):
+    from kiln.runtime.paged_batch import _decode_stream
+
+    monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", "fast")
+    with pytest.raises(ValueError, match="allowed values are off, normal and high"):
+        _decode_stream(torch.zeros(1))
