@@ -1,0 +1,62 @@
+"""A prefill-heavy workload on one engine, with a mixed step's decode attention on the main stream and on a side
+stream (KILN_DECODE_ATTENTION_STREAM, kiln/runtime/paged_batch.py), alternating in one process: the same engine,
+kernels and KV cache for each, so only the setting differs. On an NVIDIA GPU:
+
+    python scripts/ab_decode_attention_stream.py [--requests 500] [--settings off,high] [--rounds 1]
+
+Llama-3-8B shapes, random bf16 weights, N requests of 2048 prompt and 128 output tokens (prefill-1000's shape,
+fewer requests, so that an A/B fits a short device call). Prints each run's seconds and its share of the compute
+floor, as `kiln bench` counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import torch
+
+from kiln.bench.offline import (copy_bandwidth, describe_device, kiln_offline, matmul_flops, open_to_first_token,
+                                prefill_flops, synthetic_hf_model)
+from kiln.bench.workloads import Workload
+from kiln.config import BuildConfig
+from kiln.llmapi.llm import open_engine_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--settings", default="off,high")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--device", default="cuda")  # elsewhere every setting runs the torch references
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    flops, bandwidth = matmul_flops(device), copy_bandwidth(device)
+    print(f"# {describe_device(device)}; matmul {flops / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+    source = tempfile.mkdtemp(prefix="kiln-ab-llama-3-8b-")
+    try:
+        hf_model = synthetic_hf_model("llama-3-8b", torch.bfloat16, device)
+        hf_model.save_pretrained(source)
+        del hf_model
+        workload = Workload(f"prefill-{args.requests}", args.requests, 2048, 128)
+        build = BuildConfig(max_batch_size=min(512, args.requests), max_seq_len=2048 + 128, max_input_len=2048,
+                            max_num_tokens=8192, decode_steps_per_sync=4)
+        engine_dir = open_engine_dir(source, "bfloat16", build)
+        llm, _ = open_to_first_token(engine_dir, device)
+        floor = prefill_flops(llm.engine.config, 2048) * args.requests / flops
+        for _ in range(args.rounds):
+            for setting in args.settings.split(","):
+                os.environ["KILN_DECODE_ATTENTION_STREAM"] = setting
+                r = kiln_offline(llm, workload, f"kiln stream={setting}")
+                print(f"{setting}: {r.seconds:.2f} s, {r.output_tokens_per_s:,.1f} output tokens/s, compute floor "
+                      f"{floor:.2f} s: {floor / r.seconds:.1%}", flush=True)
+        llm.shutdown()
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
