@@ -57,18 +57,33 @@ class GenerationEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that got a token (finished ones say why)."""
+        """Run one step; returns the sequences that got a token (finished ones say why).
+
+        With a step queued ahead (Executor.can_queue_ahead) the tokens returned are those of the step before,
+        read while this one runs; a step that cannot be queued ahead reads them first, since it needs them."""
         step = self.scheduler.schedule()
-        if not step:
-            return []
-        # a full batch only changes when a sequence ends: requests waiting for a seat do not stop a run-ahead
-        produced = self.executor.step(step, may_run_ahead=not self.scheduler.can_admit())
+        got = []
+        if self.executor.in_flight is not None and not (step and self.executor.can_queue_ahead(step)):
+            got = self._append_all(self.executor.collect())
+            step = [(seq, n) for seq, n in step if not seq.finished]  # (one that just stopped leaves it)
+        if step:
+            # a full batch only changes when a sequence ends: requests waiting for a seat do not stop a run-ahead
+            got += self._append_all(self.executor.step(step, may_run_ahead=not self.scheduler.can_admit()))
+        return list(dict.fromkeys(got))  # (a sequence may have got the token in flight and this step's)
+
+    def _append_all(self, produced: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
         now = time.monotonic()
+        got = []
         for seq, tokens in produced:
+            if seq.finished:  # ended (a stop token, an abort) while a step after it was queued: its token goes
+                continue
             self._append(seq, tokens, now)
-            if len(tokens) > 1 and not seq.finished:  # a burst's blocks are registered once its tokens are known
-                self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
-        return [seq for seq, _ in produced]
+            got.append(seq)
+            # the cache already holds tokens that were not known until now (a burst's, or one in flight): their
+            # full blocks become findable now
+            if not seq.finished and seq.num_cached > len(seq.all_ids) - len(tokens):
+                self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
+        return got
 
     def _append(self, seq: Sequence, tokens: list[int], now: float) -> None:
         """Append the step's tokens (several after a burst of decode steps) up to the first stop token or the

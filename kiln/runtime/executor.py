@@ -31,8 +31,8 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
         inp.query_lens.append(n)
         inp.context_lens.append(start)
         inp.block_tables.append(table)
-        if n == 1:  # decoding: the common case
-            inp.token_ids.append(seq.all_ids[start])
+        if n == 1:  # decoding: the common case; a token still in flight is filled in on the GPU (IN_FLIGHT)
+            inp.token_ids.append(seq.all_ids[start] if start < len(seq.all_ids) else IN_FLIGHT)
             inp.positions.append(start)
             inp.slot_mapping.append(table[start // bs] * bs + start % bs)
             continue
@@ -45,13 +45,27 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
     return inp
 
 
-def _run_ahead_setting(runner) -> bool:
-    """KILN_DECODE_RUN_AHEAD=1 or 0; unset, on where the queued burst runs while the host works: a GPU. On the
-    CPU the runner computes it at once, which would only hold back the tokens of the burst before it."""
-    setting = os.environ.get("KILN_DECODE_RUN_AHEAD")
+IN_FLIGHT = -1  # a step input's token id that the GPU fills from the step before (never a real id: fails loudly)
+
+
+def _run_ahead_setting(runner, name: str = "KILN_DECODE_RUN_AHEAD", default_on_gpu: bool = True) -> bool:
+    """`name`=1 or 0; unset, on where the queued work runs while the host works (a GPU) and `default_on_gpu`.
+    On the CPU the runner computes it at once, which would only hold back the tokens of the step before it."""
+    setting = os.environ.get(name)
     if setting is None:
-        return runner.device.type == "cuda"
+        return default_on_gpu and runner.device.type == "cuda"
     return setting != "0"
+
+
+@dataclass
+class InFlight:
+    """A prompt-carrying step queued before the host read the tokens of the step before it (mixed run-ahead):
+    the sequences it samples, in row order, and their greedy tokens, on the GPU (the next step's inputs read them
+    there) and on their way to the host."""
+
+    seqs: list[Sequence]
+    on_device: object  # torch.Tensor [len(seqs)]
+    tokens: BurstTokens
 
 
 @dataclass
@@ -92,6 +106,11 @@ class Executor:
         self.max_seq_len = max_seq_len
         self.decode_steps_per_sync = decode_steps_per_sync
         self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
+        # Steps with prompts queued ahead (KILN_MIXED_RUN_AHEAD=1; off by default until measured on a GPU)
+        self.mixed_run_ahead = hasattr(runner, "execute_greedy") and _run_ahead_setting(
+            runner, "KILN_MIXED_RUN_AHEAD", default_on_gpu=False)
+        self.in_flight: InFlight | None = None
+        self.steps_queued_ahead = 0
         self.ahead: RunAhead | None = None
         self.ahead_kept: deque[bool] = deque(maxlen=RUN_AHEAD_WINDOW)  # whether the next step continued each one
         self.bursts = self.bursts_run_ahead = 0  # decode bursts run, and those whose tokens came from a run-ahead
@@ -103,6 +122,9 @@ class Executor:
         may_run_ahead: no waiting request could join the batch at the next step (none waits, or the batch is
         full), so after a burst the next one is queued before this one's tokens are read (the GPU then runs it
         while the host handles these tokens and schedules again)."""
+        if self.can_queue_ahead(step):
+            return self._queue_ahead(step)
+        assert self.in_flight is None, "the engine reads a step in flight before one that needs its tokens"
         ahead, self.ahead = self.ahead, None
         rows = None if ahead is None else ahead.rows_of(step)
         if ahead is not None:
@@ -125,6 +147,54 @@ class Executor:
         for seq, _ in step:
             seq.num_cached += steps
         return [(seq, per_row[i]) for (seq, _), i in zip(step, rows)]
+
+    def can_queue_ahead(self, step: list[tuple[Sequence, int]]) -> bool:
+        """Whether `step` runs queued ahead (mixed run-ahead): it carries prompt tokens for several sequences (so
+        it runs eagerly, outside the CUDA graphs), and every one of them samples greedily with nothing else read
+        from its logits (`burstable`), so its tokens can stay on the GPU until the next step is queued."""
+        return (self.mixed_run_ahead and len(step) > 1 and any(n > 1 for _, n in step)
+                and all(seq.burstable for seq, _ in step))
+
+    def collect(self) -> list[tuple[Sequence, list[int]]]:
+        """The tokens of the step in flight (waits for them), as (sequence, [token]); none in flight: []."""
+        done, self.in_flight = self.in_flight, None
+        if done is None:
+            return []
+        for seq in done.seqs:
+            seq.num_in_flight -= 1
+        return [(seq, tokens) for seq, tokens in zip(done.seqs, done.tokens.per_sequence())]
+
+    def _queue_ahead(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
+        """Queue `step` with its sampled tokens left on the GPU, then read the step queued before it: on a GPU the
+        host's work between two steps (appending tokens, stop checks, scheduling, the next step's inputs) then
+        overlaps the kernels instead of leaving the GPU idle. A sequence whose token is still in flight takes its
+        input from the step before, on the GPU. Returns the tokens of the step before (none for the first)."""
+        before = self.in_flight
+        self.steps_queued_ahead += 1
+        inp = step_inputs(step, self.blocks)
+        fill_rows, fill_from = [], []  # rows of this step's tokens that are the step before's samples
+        if before is not None:
+            row_of = {id(seq): i for i, seq in enumerate(before.seqs)}
+            start = 0
+            for seq, n in step:
+                if seq.num_in_flight and seq.num_cached == len(seq.all_ids):  # its next input is in flight
+                    fill_rows.append(start)
+                    fill_from.append(row_of[id(seq)])
+                start += n
+        sampling = [i for i, (seq, n) in enumerate(step)
+                    if seq.num_cached + n == len(seq.all_ids) + seq.num_in_flight]
+        fill = (fill_rows, fill_from, before.on_device) if fill_rows else None
+        on_device = self.runner.execute_greedy(inp, sampling, fill)
+        for seq, n in step:
+            seq.num_cached += n
+            self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
+        seqs = [step[i][0] for i in sampling]
+        queued = InFlight(seqs, on_device, BurstTokens(on_device[None])) if seqs else None  # (copy started)
+        for seq in seqs:
+            seq.num_in_flight += 1
+        produced = self.collect()  # the step before: its tokens are ready while this one runs
+        self.in_flight = queued
+        return produced
 
     def _single_step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
         logits = self.runner.execute(step_inputs(step, self.blocks))

@@ -16,11 +16,19 @@ _TYPECODES = {torch.long: "q", torch.int32: "i"}
 def int_tensor(values: list[int], dtype: torch.dtype, device: torch.device | str, pin_memory: bool = False
                ) -> torch.Tensor:
     """torch.tensor(values, dtype=dtype, device=device) for int64 or int32, 1-D; pinned on the host if asked
-    (the source of a non_blocking copy to the GPU)."""
+    (the source of a non_blocking copy to the GPU).
+
+    To a GPU the copy goes through pinned memory without blocking: a plain copy from pageable memory waits for
+    the stream's queued kernels to finish, so the host could not build the next step while the GPU runs this one.
+    (torch keeps the pinned buffer until the copy is done.)"""
     if not values:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=dtype, device=device, pin_memory=pin_memory)
     host = torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
-    return host.pin_memory() if pin_memory else host.to(device)
+    if pin_memory:
+        return host.pin_memory()
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def padded_tables(tables: list[list[int]], width: int, fill: int, device: torch.device | str,

@@ -194,9 +194,23 @@ class ModelRunner:
         return PagedAttentionBatch([1] * n, positions.tolist(), self.kv, slots, tables, (positions + 1).int(),
                                    torch.arange(n + 1, dtype=torch.int32, device=self.device))
 
-    def _forward(self, inp: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
+    @torch.inference_mode()
+    def execute_greedy(self, inp: StepInputs, rows: list[int], fill=None) -> torch.Tensor:
+        """The step's forward (eager, one process) and the greedy tokens of its sequences `rows` (indices in the
+        step), left on the device: nothing is read back, so the host can queue the next step before they exist.
+        fill: (token rows, indices into `earlier`, earlier): those rows' input tokens (IN_FLIGHT in
+        inp.token_ids) are the samples of the step before, still on the device."""
+        logits = self._forward(inp, None, fill)
+        if len(rows) < logits.shape[0]:
+            logits = logits.index_select(0, int_tensor(rows, torch.long, self.device))
+        return greedy_tokens(logits)
+
+    def _forward(self, inp: StepInputs, hidden: torch.Tensor | None, fill=None) -> torch.Tensor:
         positions = int_tensor(inp.positions, torch.long, self.device)
         tokens = None if hidden is not None else int_tensor(inp.token_ids, torch.long, self.device)
+        if fill is not None:
+            rows, source, earlier = fill
+            tokens[int_tensor(rows, torch.long, self.device)] = earlier[int_tensor(source, torch.long, self.device)]
         return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
 
 

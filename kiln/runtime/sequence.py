@@ -29,6 +29,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached: int = 0  # tokens whose keys and values are in the cache
+    num_in_flight: int = 0  # tokens sampled by a step queued ahead, still on the GPU (kiln.runtime.executor)
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
@@ -65,7 +66,12 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        return len(self.all_ids) - self.num_cached
+        """Tokens to compute: known ones past the cache, and the one in flight (its step's input comes from the
+        GPU). None once the last token the length limit allows is in flight: it ends the sequence, uncomputed."""
+        known = len(self.all_ids) + self.num_in_flight
+        if self.num_in_flight and known >= self.max_len:
+            return 0
+        return known - self.num_cached
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,14 @@ from kiln.runtime.model_runner import ModelRunner
 from conftest import TINY_SLIDING_WINDOW, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True, params=["0", "1"], ids=["steps-in-turn", "mixed-run-ahead"])
+def mixed_run_ahead(request, monkeypatch):
+    """Every test twice: each step read before the next is scheduled, and (KILN_MIXED_RUN_AHEAD=1) the steps that
+    carry prompts queued before the host reads the step before: the tokens must not change."""
+    monkeypatch.setenv("KILN_MIXED_RUN_AHEAD", request.param)
+    return request.param == "1"
 PROMPTS = [[5, 9, 17], list(range(20, 31)), [100, 3, 64, 12, 7, 7, 1], [42]]
 
 
@@ -401,3 +409,44 @@ def test_a_full_batch_runs_ahead_while_requests_wait_for_a_seat(built, reference
     assert [s.output_ids for s in seqs] == reference
     assert any(n > 0 for n in waiting_when_queued) and engine.executor.bursts_run_ahead > 0
     _assert_all_released(engine)
+
+
+def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, reference, mixed_run_ahead):
+    """Requests joining running ones in small chunks make many mixed steps. Queued ahead (mixed-run-ahead), a
+    sequence's next input is its token still in flight; one stops on a token, one is aborted while its token is in
+    flight, one ends at its length: the tokens and the freed blocks are those of steps taken in turn."""
+    stop = reference[1][6]
+    engine = _engine(built, max_num_tokens=6, tokens_per_block=4)
+    victim = engine.add_request(PROMPTS[0], GREEDY)  # decoding while the prompts below join
+    seqs = [engine.add_request(PROMPTS[0], GREEDY),
+            engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[stop])),
+            engine.add_request(PROMPTS[2], GREEDY),
+            engine.add_request(PROMPTS[3], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))]
+    for _ in range(100):  # until its first token is sampled
+        if victim.output_ids or victim.num_in_flight:
+            break
+        engine.step()
+    assert victim.num_in_flight == int(mixed_run_ahead)  # queued ahead: that token is still in flight
+    engine.abort(victim)
+    aborted_with = list(victim.output_ids)
+    _drain(engine)
+    assert seqs[0].output_ids == reference[0] and seqs[2].output_ids == reference[2]
+    assert seqs[1].output_ids == reference[1][:reference[1].index(stop) + 1] and seqs[1].finish_reason == "stop"
+    assert seqs[3].output_ids == reference[3][:9] and seqs[3].finish_reason == "length"
+    assert victim.output_ids == aborted_with == reference[0][:len(aborted_with)]
+    assert victim.finish_reason == "abort"
+    assert (engine.executor.steps_queued_ahead > 0) == mixed_run_ahead
+    assert engine.executor.in_flight is None and all(s.num_in_flight == 0 for s in seqs)
+    _assert_all_released(engine)
+
+
+def test_mixed_run_ahead_is_off_by_default_and_never_takes_sampled_or_penalized_requests(built, monkeypatch):
+    monkeypatch.delenv("KILN_MIXED_RUN_AHEAD")
+    assert not _engine(built).executor.mixed_run_ahead  # (off everywhere until measured on a GPU)
+    monkeypatch.setenv("KILN_MIXED_RUN_AHEAD", "1")
+    engine = _engine(built)
+    greedy = engine.add_request(PROMPTS[1], GREEDY)
+    sampled = engine.add_request(PROMPTS[2], SamplingParams(temperature=0.8, max_tokens=4, seed=1))
+    step = [(greedy, 11), (sampled, 7)]
+    assert not engine.executor.can_queue_ahead(step)  # its token is drawn on the host's terms (seeded noise)
+    assert engine.executor.can_queue_ahead(step[:1] + [(engine.add_request(PROMPTS[0], GREEDY), 3)])
