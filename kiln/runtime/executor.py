@@ -187,7 +187,8 @@ class Executor:
         on_device = self.runner.execute_greedy(inp, sampling, fill)
         for seq, n in step:
             seq.num_cached += n
-            self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
+            if n > 1:  # a prompt's chunk: its full blocks are findable now (a decoding row's, once its token is read)
+                self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
         seqs = [step[i][0] for i in sampling]
         queued = InFlight(seqs, on_device, BurstTokens(on_device[None])) if seqs else None  # (copy started)
         for seq in seqs:
