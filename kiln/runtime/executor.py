@@ -57,6 +57,13 @@ def _run_ahead_setting(runner, name: str = "KILN_DECODE_RUN_AHEAD", default_on_g
     return setting != "0"
 
 
+def mixed_run_ahead_setting(runner) -> bool:
+    """Whether steps that carry prompts are queued ahead: KILN_MIXED_RUN_AHEAD=1, on a runner in this process
+    (off by default until measured on a GPU)."""
+    return hasattr(runner, "execute_greedy") and _run_ahead_setting(runner, "KILN_MIXED_RUN_AHEAD",
+                                                                    default_on_gpu=False)
+
+
 @dataclass
 class InFlight:
     """A prompt-carrying step queued before the host read the tokens of the step before it (mixed run-ahead):
@@ -106,9 +113,7 @@ class Executor:
         self.max_seq_len = max_seq_len
         self.decode_steps_per_sync = decode_steps_per_sync
         self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
-        # Steps with prompts queued ahead (KILN_MIXED_RUN_AHEAD=1; off by default until measured on a GPU)
-        self.mixed_run_ahead = hasattr(runner, "execute_greedy") and _run_ahead_setting(
-            runner, "KILN_MIXED_RUN_AHEAD", default_on_gpu=False)
+        self.mixed_run_ahead = mixed_run_ahead_setting(runner)
         self.in_flight: InFlight | None = None
         self.steps_queued_ahead = 0
         self.ahead: RunAhead | None = None
