@@ -65,11 +65,13 @@ TABLE_HEADER = ("| system | workload | requests | input | output | seconds | out
 
 
 def format_extra(extra: dict) -> str:
-    """The notes column: seconds as ms, fractions as percentages."""
+    """The notes column: seconds as ms, counts as they are, fractions as percentages."""
     parts = []
     for key, value in extra.items():
         if key.endswith("_s"):
             parts.append(f"{key[:-2]} {value * 1000:.1f} ms")
+        elif isinstance(value, int):
+            parts.append(f"{key} {value}")
         else:
             parts.append(f"{key} {value:.0%}")
     return ", ".join(parts) or "—"
@@ -121,7 +123,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
     executor = llm.generator.executor
-    bursts, bursts_run_ahead = executor.bursts, executor.bursts_run_ahead
+    bursts, bursts_run_ahead, queued_ahead = executor.bursts, executor.bursts_run_ahead, executor.steps_queued_ahead
     with around():
         start = time.perf_counter()
         extra = {}
@@ -139,6 +141,8 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         seconds = time.perf_counter() - start
     if executor.bursts > bursts:  # the share of decode bursts queued before the host read the one before
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
+    if executor.steps_queued_ahead > queued_ahead:  # steps with prompts queued ahead (KILN_MIXED_RUN_AHEAD=1)
+        extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
     tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]

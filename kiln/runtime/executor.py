@@ -7,7 +7,11 @@ waiting request could join the batch, the next burst is queued before the host r
 GPU the host's work between bursts (appending tokens, stop checks, scheduling, the caller's detokenizing) then
 overlaps the kernels instead of leaving the GPU idle. Sequences that end leave dead rows in it; a request that
 joins drops it, and run-ahead pauses while drops are frequent. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
-turns it off or on."""
+turns it off or on.
+
+Steps that carry prompts (new requests joining running ones) can be queued ahead too (mixed run-ahead,
+`KILN_MIXED_RUN_AHEAD=1`, off by default until measured): their greedy tokens stay on the GPU, where the next
+step's inputs read them, and the host reads them while that next step runs."""
 
 from __future__ import annotations
 
@@ -126,14 +130,17 @@ class Executor:
 
         may_run_ahead: no waiting request could join the batch at the next step (none waits, or the batch is
         full), so after a burst the next one is queued before this one's tokens are read (the GPU then runs it
-        while the host handles these tokens and schedules again)."""
-        if self.can_queue_ahead(step):
-            return self._queue_ahead(step)
-        assert self.in_flight is None, "the engine reads a step in flight before one that needs its tokens"
+        while the host handles these tokens and schedules again).
+
+        A step that carries prompts may be queued ahead instead (`can_queue_ahead`): then the tokens returned are
+        those of the step queued before it."""
         ahead, self.ahead = self.ahead, None
         rows = None if ahead is None else ahead.rows_of(step)
         if ahead is not None:
             self.ahead_kept.append(rows is not None)
+        if self.can_queue_ahead(step):  # (it carries prompts: a burst queued ahead is dropped, as rows_of said)
+            return self._queue_ahead(step)
+        assert self.in_flight is None, "the engine reads a step in flight before one that needs its tokens"
         if rows is not None and ahead.tokens is not None:
             steps, tokens = ahead.steps, ahead.tokens
             running = {id(seq) for seq, _ in step}
