@@ -62,10 +62,10 @@ def _run_ahead_setting(runner, name: str = "KILN_DECODE_RUN_AHEAD", default_on_g
 
 
 def mixed_run_ahead_setting(runner) -> bool:
-    """Whether steps that carry prompts are queued ahead: KILN_MIXED_RUN_AHEAD=1, on a runner in this process
-    (off by default until measured on a GPU)."""
-    return hasattr(runner, "execute_greedy") and _run_ahead_setting(runner, "KILN_MIXED_RUN_AHEAD",
-                                                                    default_on_gpu=False)
+    """Whether steps that carry prompts are queued ahead: KILN_MIXED_RUN_AHEAD=1, on one rank's runner in this
+    process (off by default until measured on a GPU)."""
+    return (hasattr(runner, "execute_greedy") and runner.mapping.world_size == 1
+            and _run_ahead_setting(runner, "KILN_MIXED_RUN_AHEAD", default_on_gpu=False))
 
 
 @dataclass
