@@ -6,9 +6,8 @@ step reads it after it is written. A step of decode tokens only runs one paged-d
 whole batch; new prompts run one varlen causal prefill; prompts that continue a cached prefix run one
 paged prefill; a mixed step runs one call per kind of sequence, each reading its tokens and writing its
 output through a view where they are one run (as the scheduler orders them), the decode call on a second CUDA
-stream beside the prompts' (`_decode_stream`). Soft-capped scores gather
-each sequence's keys and attend per sequence. On CUDA the Triton kernels run, elsewhere their torch
-references.
+stream beside the prompts' (`_decode_stream`). Soft-capped scores gather each sequence's keys and attend per
+sequence. On CUDA the Triton kernels run, elsewhere their torch references.
 
 With a quantized cache (int8 / float8 codes, the layer's `kv_cache_scaling_factor` [s_k, s_v]) the new keys
 and values are quantized once, written, and every path attends those codes: fresh prompts too, so prefill

@@ -67,7 +67,7 @@ class Sequence:
     @property
     def num_pending(self) -> int:
         """Tokens to compute: known ones past the cache, and the one in flight (its step's input comes from the
-        GPU). None once the last token the length limit allows is in flight: it ends the sequence, uncomputed."""
+        GPU). Zero once the last token the length limit allows is in flight: it ends the sequence, uncomputed."""
         known = len(self.all_ids) + self.num_in_flight
         if self.num_in_flight and known >= self.max_len:
             return 0
