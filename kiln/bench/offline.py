@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -377,7 +378,7 @@ def run(args) -> list[BenchResult]:
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
     ceilings = {"bandwidth": copy_bandwidth(device), "flops": matmul_flops(device)}
     print(f"# {describe_device(device)}; measured copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s, "
-          f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s", flush=True)
+          f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s; settings {kiln_settings() or 'the defaults'}", flush=True)
     source, hf_model = prepare_source(args, device)
     results = []
     print(TABLE_HEADER, flush=True)
@@ -403,7 +404,8 @@ def run(args) -> list[BenchResult]:
     for r in results:
         print(r.row())
     report = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-              "command": "kiln " + " ".join(sys.argv[1:]), "bandwidth_bytes_per_s": ceilings["bandwidth"],
+              "command": "kiln " + " ".join(sys.argv[1:]), "settings": kiln_settings(),
+              "bandwidth_bytes_per_s": ceilings["bandwidth"],
               "matmul_flops_per_s": ceilings["flops"], "systems": systems, "results": [asdict(r) for r in results]}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
@@ -432,6 +434,12 @@ def prepare_source(args, device):
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     return source, transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+
+
+def kiln_settings() -> dict[str, str]:
+    """The KILN_* environment variables of this run (runtime switches such as KILN_MIXED_RUN_AHEAD): a result
+    says what it ran with."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("KILN_")}
 
 
 def git_commit() -> str | None:

@@ -43,8 +43,9 @@ def test_decode_kv_bytes_count_each_decode_tokens_reads():
     assert decode_kv_bytes(config, input_len, 1, 2) == 0  # the only output comes from the prefill
 
 
-def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
+def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys, monkeypatch):
     hf_dir, _ = tiny_llama
+    monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", "off")  # a runtime switch: the report says it was set
     workloads = tmp_path / "workloads.json"
     workloads.write_text(json.dumps([
         {"name": "one", "num_requests": 1, "input_len": 8, "output_len": 6},
@@ -54,6 +55,7 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys):
     assert main(["bench", "--model", str(hf_dir), "--workload-file", str(workloads), "--dtype", "float32",
                  "--quant-algo", "W8A16", "--output-json", str(report_path), "--plot", str(png)]) == 0
     report = json.loads(report_path.read_text())
+    assert report["settings"]["KILN_DECODE_ATTENTION_STREAM"] == "off"
     rows = {(r["system"], r["scenario"]): r for r in report["results"]}
     assert set(rows) == {(s, w) for s in ("transformers", "kiln", "kiln W8A16") for w in ("one", "prefix")}
     for system in ("kiln", "kiln W8A16"):
