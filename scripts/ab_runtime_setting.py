@@ -3,12 +3,12 @@ variable), alternating in one process: the same engine, kernels and KV cache for
 differs. On an NVIDIA GPU:
 
     python scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high [--requests 500] [--rounds 1]
-    python scripts/ab_runtime_setting.py KILN_MIXED_RUN_AHEAD 0,1
+    python scripts/ab_runtime_setting.py KILN_STEP_RUN_AHEAD 0,1
 
 Llama-3-8B shapes, random bf16 weights, N requests of 2048 prompt and 128 output tokens (prefill-1000's shape,
 fewer requests, so that an A/B fits a short device call). Prints each run's seconds and its share of the compute
 floor, as `kiln bench` counts them. The settings it takes are read at every step (KILN_DECODE_ATTENTION_STREAM
-by the attention of a mixed step, KILN_MIXED_RUN_AHEAD by the executor, which the script re-reads per run).
+by the attention of a mixed step, KILN_STEP_RUN_AHEAD by the executor, which the script re-reads per run).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from kiln.bench.offline import (copy_bandwidth, describe_device, kiln_offline, m
 from kiln.bench.workloads import Workload
 from kiln.config import BuildConfig
 from kiln.llmapi.llm import open_engine_dir
-from kiln.runtime.executor import mixed_run_ahead_setting as executor_setting
+from kiln.runtime.executor import step_run_ahead_setting as executor_setting
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("variable", help="the environment variable, e.g. KILN_MIXED_RUN_AHEAD")
+    parser.add_argument("variable", help="the environment variable, e.g. KILN_STEP_RUN_AHEAD")
     parser.add_argument("values", help="its values, comma-separated, e.g. 0,1")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=1)
@@ -55,7 +55,7 @@ def main() -> None:
             for value in args.values.split(","):
                 os.environ[args.variable] = value
                 executor = llm.generator.executor
-                executor.mixed_run_ahead = executor_setting(executor.runner)  # (read once, at the engine's start)
+                executor.step_run_ahead = executor_setting(executor.runner)  # (read once, at the engine's start)
                 r = kiln_offline(llm, workload, f"kiln {args.variable}={value}")
                 print(f"{args.variable}={value}: {r.seconds:.2f} s, {r.output_tokens_per_s:,.1f} output tokens/s, "
                       f"compute floor {floor:.2f} s: {floor / r.seconds:.1%}", flush=True)

@@ -142,7 +142,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         seconds = time.perf_counter() - start
     if executor.bursts > bursts:  # the share of decode bursts queued before the host read the one before
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
-    if executor.steps_queued_ahead > queued_ahead:  # steps with prompts queued ahead (KILN_MIXED_RUN_AHEAD=1)
+    if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)
         extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
@@ -437,7 +437,7 @@ def prepare_source(args, device):
 
 
 def kiln_settings() -> dict[str, str]:
-    """The KILN_* environment variables of this run (runtime switches such as KILN_MIXED_RUN_AHEAD): a result
+    """The KILN_* environment variables of this run (runtime switches such as KILN_STEP_RUN_AHEAD): a result
     says what it ran with."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("KILN_")}
 

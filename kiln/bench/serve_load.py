@@ -40,7 +40,7 @@ async def _one_request(session, url: str, body: dict, headers: dict) -> dict:
 
 
 async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int, output_len: int,
-                api_key: str | None, model: str | None) -> dict:
+                api_key: str | None, model: str | None, temperature: float = 0.0) -> dict:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -50,8 +50,8 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
 
     async def bounded(session):
         prompt = " ".join(rng.choice(words) for _ in range(prompt_words))
-        body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
+        body = {"prompt": prompt, "max_tokens": output_len, "temperature": temperature, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
         async with semaphore:
             return await _one_request(session, url, body, headers)
 
@@ -62,7 +62,8 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "requests": num_requests, "succeeded": len(ok), "concurrency": concurrency, "seconds": seconds,
+        "requests": num_requests, "succeeded": len(ok), "concurrency": concurrency, "temperature": temperature,
+        "seconds": seconds,
         "output_tokens_per_s": tokens / seconds, "requests_per_s": len(ok) / seconds,
         "ttft_s": percentiles([r["ttft"] for r in ok]),
         "itl_s": percentiles([x for r in ok for x in r["itl"]]),
@@ -74,6 +75,6 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
 
 def run(args) -> dict:
     report = asyncio.run(drive(args.serve.rstrip("/"), args.num_requests, args.concurrency, args.input_len,
-                               args.output_len, args.api_key, args.served_model_name))
+                               args.output_len, args.api_key, args.served_model_name, args.temperature))
     print(json.dumps(report, indent=2))
     return report

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from kiln.runtime.host_tensors import int_tensor, padded_tables
+from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables
 from kiln.runtime.paged_batch import PagedAttentionBatch
 from kiln.runtime.sampler import greedy_tokens
 
@@ -127,9 +127,10 @@ class DecodeGraphs:
     def can_run(self, inp) -> bool:
         return max(inp.query_lens) == 1 and len(inp.query_lens) <= self.sizes[-1]
 
-    def run(self, inp) -> torch.Tensor:
-        """Replay the step's graph: logits [batch, vocab]."""
+    def run(self, inp, fill=None) -> torch.Tensor:
+        """Replay the step's graph: logits [batch, vocab]. fill: rows whose token is on the GPU (fill_tokens)."""
         size = self.load(inp)
+        fill_tokens(self.tokens, fill)
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size][:len(inp.query_lens)]
@@ -139,7 +140,7 @@ class DecodeGraphs:
         b = len(inp.query_lens)
         size = next(s for s in self.sizes if s >= b)
         pin = self.device.type == "cuda"
-        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
+        as_tensor = lambda x, dtype: list_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
         self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
         self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
         self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
@@ -240,9 +241,10 @@ class PrefillGraphs:
         size = next(s for s in self.sizes if s >= inp.query_lens[0])
         return inp.context_lens[0] + size <= self.table.shape[1] * self.kv.block_size
 
-    def run(self, inp) -> torch.Tensor:
-        """Replay the step's graph: logits [1, vocab]."""
+    def run(self, inp, fill=None) -> torch.Tensor:
+        """Replay the step's graph: logits [1, vocab]. fill: rows whose token is on the GPU (fill_tokens)."""
         size = self.load(inp)
+        fill_tokens(self.tokens, fill)
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size]
@@ -252,7 +254,7 @@ class PrefillGraphs:
         n = inp.query_lens[0]
         size = next(s for s in self.sizes if s >= n)
         pin = self.device.type == "cuda"
-        as_tensor = lambda x, dtype: int_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
+        as_tensor = lambda x, dtype: list_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
         self.tokens[:n].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
         self.positions[:n].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
         self.positions[n:size].zero_()

@@ -9,9 +9,9 @@ overlaps the kernels instead of leaving the GPU idle. Sequences that end leave d
 joins drops it, and run-ahead pauses while drops are frequent. On by default on a GPU; `KILN_DECODE_RUN_AHEAD=0|1`
 turns it off or on.
 
-Steps that carry prompts (new requests joining running ones) can be queued ahead too (mixed run-ahead,
-`KILN_MIXED_RUN_AHEAD=1`, off by default until measured): their greedy tokens stay on the GPU, where the next
-step's inputs read them, and the host reads them while that next step runs."""
+Every other step (prompts joining running sequences, sampled requests' decode steps) can be queued ahead too
+(step run-ahead, `KILN_STEP_RUN_AHEAD=1`, off by default until measured): its sampled tokens stay on the GPU,
+where the next step's inputs read them, and the host reads them while that next step runs."""
 
 from __future__ import annotations
 
@@ -61,18 +61,18 @@ def _run_ahead_setting(runner, name: str = "KILN_DECODE_RUN_AHEAD", default_on_g
     return setting != "0"
 
 
-def mixed_run_ahead_setting(runner) -> bool:
-    """Whether steps that carry prompts are queued ahead: KILN_MIXED_RUN_AHEAD=1, on one rank's runner in this
-    process (off by default until measured on a GPU)."""
-    return (hasattr(runner, "execute_greedy") and runner.mapping.world_size == 1
-            and _run_ahead_setting(runner, "KILN_MIXED_RUN_AHEAD", default_on_gpu=False))
+def step_run_ahead_setting(runner) -> bool:
+    """Whether steps other than decode bursts are queued ahead: KILN_STEP_RUN_AHEAD=1, on one rank's runner in
+    this process (off by default until measured on a GPU)."""
+    return (hasattr(runner, "execute_ahead") and runner.mapping.world_size == 1
+            and _run_ahead_setting(runner, "KILN_STEP_RUN_AHEAD", default_on_gpu=False))
 
 
 @dataclass
 class InFlight:
-    """A prompt-carrying step queued before the host read the tokens of the step before it (mixed run-ahead):
-    the sequences it samples, in row order, and their greedy tokens, on the GPU (the next step's inputs read them
-    there) and on their way to the host."""
+    """A step queued before the host read the tokens of the step before it (step run-ahead): the sequences it
+    samples, in row order, and their tokens, on the GPU (the next step's inputs read them there) and on their way
+    to the host."""
 
     seqs: list[Sequence]
     on_device: object  # torch.Tensor [len(seqs)]
@@ -117,9 +117,9 @@ class Executor:
         self.max_seq_len = max_seq_len
         self.decode_steps_per_sync = decode_steps_per_sync
         self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
-        self.mixed_run_ahead = mixed_run_ahead_setting(runner)
+        self.step_run_ahead = step_run_ahead_setting(runner)
         self.in_flight: InFlight | None = None
-        self.steps_queued_ahead = 0
+        self.steps_queued_ahead = 0  # (the decode bursts' own run-ahead counts in bursts_run_ahead)
         self.ahead: RunAhead | None = None
         self.ahead_kept: deque[bool] = deque(maxlen=RUN_AHEAD_WINDOW)  # whether the next step continued each one
         self.bursts = self.bursts_run_ahead = 0  # decode bursts run, and those whose tokens came from a run-ahead
@@ -132,13 +132,13 @@ class Executor:
         full), so after a burst the next one is queued before this one's tokens are read (the GPU then runs it
         while the host handles these tokens and schedules again).
 
-        A step that carries prompts may be queued ahead instead (`can_queue_ahead`): then the tokens returned are
+        A step that is not a burst may be queued ahead instead (`can_queue_ahead`): then the tokens returned are
         those of the step queued before it."""
         ahead, self.ahead = self.ahead, None
         rows = None if ahead is None else ahead.rows_of(step)
         if ahead is not None:
             self.ahead_kept.append(rows is not None)
-        if self.can_queue_ahead(step):  # (it carries prompts: a burst queued ahead is dropped, as rows_of said)
+        if self.can_queue_ahead(step):  # (not a burst: a burst queued ahead is dropped, as rows_of said)
             return self._queue_ahead(step)
         assert self.in_flight is None, "the engine reads a step in flight before one that needs its tokens"
         if rows is not None and ahead.tokens is not None:
@@ -161,11 +161,12 @@ class Executor:
         return [(seq, per_row[i]) for (seq, _), i in zip(step, rows)]
 
     def can_queue_ahead(self, step: list[tuple[Sequence, int]]) -> bool:
-        """Whether `step` runs queued ahead (mixed run-ahead): it carries prompt tokens for several sequences (so
-        it runs eagerly, outside the CUDA graphs), and every one of them samples greedily with nothing else read
-        from its logits (`burstable`), so its tokens can stay on the GPU until the next step is queued."""
-        return (self.mixed_run_ahead and len(step) > 1 and any(n > 1 for _, n in step)
-                and all(seq.burstable for seq, _ in step))
+        """Whether `step` runs queued ahead (step run-ahead): every sequence in it is `queueable` (its token can
+        stay on the GPU until the next step is queued), and it is not a greedy decode step that a burst takes."""
+        if not self.step_run_ahead or not all(seq.queueable for seq, _ in step):
+            return False
+        return not (self.decode_steps_per_sync > 1 and hasattr(self.runner, "decode_burst")
+                    and all(seq.num_pending == 1 and seq.burstable for seq, _ in step))
 
     def collect(self) -> list[tuple[Sequence, list[int]]]:
         """The tokens of the step in flight (waits for them), as (sequence, [token]); none in flight: []."""
@@ -196,12 +197,12 @@ class Executor:
         sampling = [i for i, (seq, n) in enumerate(step)
                     if seq.num_cached + n == len(seq.all_ids) + seq.num_in_flight]
         fill = (fill_rows, fill_from, before.on_device) if fill_rows else None
-        on_device = self.runner.execute_greedy(inp, sampling, fill)
+        seqs = [step[i][0] for i in sampling]
+        on_device = self.runner.execute_ahead(inp, sampling, seqs, fill)
         for seq, n in step:
             seq.num_cached += n
             if n > 1:  # a prompt's chunk: its full blocks are findable now (a decoding row's, once its token is read)
                 self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
-        seqs = [step[i][0] for i in sampling]
         queued = InFlight(seqs, on_device, BurstTokens(on_device[None])) if seqs else None  # (copy started)
         for seq in seqs:
             seq.num_in_flight += 1

@@ -1,7 +1,7 @@
-"""A step's int tensors from Python lists, built fast: at batch 512 the runtime builds several every step.
+"""A step's tensors from Python lists of numbers, built fast: at batch 512 the runtime builds several every step.
 
 torch.tensor reads a Python list element by element (~50 ns each: 0.2 ms for a 512 x 8 block table);
-packing the ints into an `array` first and wrapping its buffer is about four times faster.
+packing the numbers into an `array` first and wrapping its buffer is about four times faster.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from array import array
 
 import torch
 
-_TYPECODES = {torch.long: "q", torch.int32: "i"}
+_TYPECODES = {torch.long: "q", torch.int32: "i", torch.float32: "f"}
 
 
-def int_tensor(values: list[int], dtype: torch.dtype, device: torch.device | str, pin_memory: bool = False
-               ) -> torch.Tensor:
-    """torch.tensor(values, dtype=dtype, device=device) for int64 or int32, 1-D; pinned on the host if asked
-    (the source of a non_blocking copy to the GPU).
+def list_tensor(values: list, dtype: torch.dtype, device: torch.device | str, pin_memory: bool = False
+                ) -> torch.Tensor:
+    """torch.tensor(values, dtype=dtype, device=device) for int64, int32 or float32, 1-D; pinned on the host if
+    asked (the source of a non_blocking copy to the GPU).
 
     To a GPU the copy goes through pinned memory without blocking: a plain copy from pageable memory waits for
     the stream's queued kernels to finish, so the host could not build the next step while the GPU runs this one.
@@ -38,4 +38,14 @@ def padded_tables(tables: list[list[int]], width: int, fill: int, device: torch.
     for table in tables:
         flat += table
         flat += pad[len(table):]
-    return int_tensor(flat, torch.int32, device, pin_memory).view(len(tables), width)
+    return list_tensor(flat, torch.int32, device, pin_memory).view(len(tables), width)
+
+
+def fill_tokens(tokens: torch.Tensor, fill) -> None:
+    """tokens[rows] = earlier[source] for fill = (rows, source, earlier), on the tokens' device; None: nothing. The
+    rows are a step's inputs that are the samples of the step before it, not yet read by the host (a step queued
+    ahead, kiln.runtime.executor)."""
+    if fill is not None:
+        rows, source, earlier = fill
+        device = tokens.device
+        tokens[list_tensor(rows, torch.long, device)] = earlier[list_tensor(source, torch.long, device)]

@@ -20,10 +20,10 @@ from kiln.layers.linear import choose_linear_kernels
 from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
 from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
-from kiln.runtime.host_tensors import int_tensor, padded_tables
+from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
-from kiln.runtime.sampler import greedy_tokens
+from kiln.runtime.sampler import greedy_tokens, sample_tokens
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ModelRunner:
     def _batch(self, inp: StepInputs) -> PagedAttentionBatch:
         tables = padded_tables(inp.block_tables, max(len(t) for t in inp.block_tables), 0, self.device)
         seq_lens = [c + q for c, q in zip(inp.context_lens, inp.query_lens)]
-        as_tensor = lambda x, dtype: int_tensor(x, dtype, self.device)  # noqa: E731
+        as_tensor = lambda x, dtype: list_tensor(x, dtype, self.device)  # noqa: E731
         return PagedAttentionBatch(inp.query_lens, inp.context_lens, self.kv, as_tensor(inp.slot_mapping, torch.long),
                                    tables, as_tensor(seq_lens, torch.int32),
                                    as_tensor([0, *accumulate(inp.query_lens)], torch.int32))
@@ -138,7 +138,7 @@ class ModelRunner:
         self._burst_in_graphs = self.graphs is not None and self.graphs.can_run(inp)
         if self._burst_in_graphs:
             return BurstTokens(self.graphs.run_burst(inp, steps))
-        tokens, positions = (int_tensor(x, torch.long, self.device) for x in (inp.token_ids, inp.positions))
+        tokens, positions = (list_tensor(x, torch.long, self.device) for x in (inp.token_ids, inp.positions))
         return BurstTokens(self._eager_burst(inp.block_tables, tokens, positions, steps))
 
     @torch.inference_mode()
@@ -169,7 +169,7 @@ class ModelRunner:
         out = torch.full((steps, n), -1, dtype=torch.long, device=self.device)
         rows = torch.arange(n, device=self.device)
         tables = padded_tables(block_tables, max(len(t) for t in block_tables), 0, self.device)
-        ends = int_tensor([len(t) * self.kv.block_size for t in block_tables], torch.long, self.device)
+        ends = list_tensor([len(t) * self.kv.block_size for t in block_tables], torch.long, self.device)
         self._eager_next = None
         for i in range(steps):
             tokens = greedy_tokens(self.model(tokens, positions, self._decode_batch(positions, tables),
@@ -195,22 +195,22 @@ class ModelRunner:
                                    torch.arange(n + 1, dtype=torch.int32, device=self.device))
 
     @torch.inference_mode()
-    def execute_greedy(self, inp: StepInputs, rows: list[int], fill=None) -> torch.Tensor:
-        """The step's forward (eager, one process) and the greedy tokens of its sequences `rows` (indices in the
-        step), left on the device: nothing is read back, so the host can queue the next step before they exist.
-        fill: (token rows, indices into `earlier`, earlier): those rows' input tokens (IN_FLIGHT in
-        inp.token_ids) are the samples of the step before, still on the device."""
-        logits = self._forward(inp, None, fill)
+    def execute_ahead(self, inp: StepInputs, rows: list[int], seqs: list, fill=None) -> torch.Tensor:
+        """Run the step (in a CUDA graph where one takes it) and sample the next token of the sequences `seqs`, its
+        rows `rows`, leaving them on the device: nothing is read back, so the host can queue the next step before
+        they exist. The sequences apply no penalties (their history on the host may lack a token in flight).
+        fill: (token rows, indices into `earlier`, earlier): those rows' inputs (IN_FLIGHT in inp.token_ids) are
+        the samples of the step before, still on the device (fill_tokens)."""
+        graphs = next((g for g in (self.graphs, self.prefill_graphs) if g is not None and g.can_run(inp)), None)
+        logits = self._forward(inp, None, fill) if graphs is None else graphs.run(inp, fill)
         if len(rows) < logits.shape[0]:
-            logits = logits.index_select(0, int_tensor(rows, torch.long, self.device))
-        return greedy_tokens(logits)
+            logits = logits.index_select(0, list_tensor(rows, torch.long, self.device))
+        return sample_tokens(logits.float(), seqs)
 
     def _forward(self, inp: StepInputs, hidden: torch.Tensor | None, fill=None) -> torch.Tensor:
-        positions = int_tensor(inp.positions, torch.long, self.device)
-        tokens = None if hidden is not None else int_tensor(inp.token_ids, torch.long, self.device)
-        if fill is not None:
-            rows, source, earlier = fill
-            tokens[int_tensor(rows, torch.long, self.device)] = earlier[int_tensor(source, torch.long, self.device)]
+        positions = list_tensor(inp.positions, torch.long, self.device)
+        tokens = None if hidden is not None else list_tensor(inp.token_ids, torch.long, self.device)
+        fill_tokens(tokens, fill)
         return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
 
 

@@ -130,7 +130,7 @@ class PagedAttentionBatch:
         """Which sequences of a mixed step decode, start fresh, or continue (computed once per step)."""
         from itertools import accumulate, chain
 
-        from kiln.runtime.host_tensors import int_tensor  # lists of thousands of ints: its fast path
+        from kiln.runtime.host_tensors import list_tensor  # lists of thousands of ints: its fast path
 
         starts = [0, *accumulate(self.query_lens)]
         pairs = list(enumerate(zip(self.query_lens, self.context_lens)))
@@ -139,7 +139,7 @@ class PagedAttentionBatch:
         other = [i for i, (n, c) in pairs if n > 1 and c > 0]
         cu_of = lambda seqs: [0, *accumulate(self.query_lens[i] for i in seqs)]  # noqa: E731
         device = self.slot_mapping.device
-        as_tensor = lambda x, dtype=torch.long: int_tensor(x, dtype, device)  # noqa: E731
+        as_tensor = lambda x, dtype=torch.long: list_tensor(x, dtype, device)  # noqa: E731
 
         def rows_of(x, seqs):  # the sequences' rows of a per-sequence tensor, gathered once a step for every layer
             return x.index_select(0, as_tensor(seqs))

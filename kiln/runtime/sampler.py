@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.runtime.host_tensors import list_tensor
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty (arXiv:1909.05858): divide positive logits of seen tokens, multiply negative ones."""
@@ -85,20 +87,26 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
     """The next token of each sequence from its logits row ([batch, vocab], any device)."""
-    logits = _apply_penalties(logits.float().clone(), seqs)
+    return sample_tokens(_apply_penalties(logits.float().clone(), seqs), seqs).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """The next token of each sequence from its float logits row, penalties already applied, as a tensor on the
+    logits' device: nothing is read back, so the host may queue more work before the tokens exist."""
     tokens = greedy_tokens(logits)
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
     if rows:
         device = logits.device
         params = [seqs[i].params for i in rows]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        probs = top_k_top_p_filter_batch(logits[rows] / temperature[:, None], top_k, top_p).softmax(-1)
+        index = list_tensor(rows, torch.long, device)
+        temperature = list_tensor([p.temperature for p in params], torch.float32, device)
+        top_k = list_tensor([p.top_k for p in params], torch.long, device)
+        top_p = list_tensor([p.top_p for p in params], torch.float32, device)
+        probs = top_k_top_p_filter_batch(logits.index_select(0, index) / temperature[:, None], top_k, top_p)
         noise = torch.stack([torch.empty(logits.shape[-1], device=device).exponential_(
             generator=seqs[i].generator(device)) for i in rows])
-        tokens[rows] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
-    return tokens.tolist()
+        tokens[index] = (probs.softmax(-1) / noise.clamp_min_(1e-30)).argmax(-1)
+    return tokens
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

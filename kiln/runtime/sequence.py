@@ -57,12 +57,19 @@ class Sequence:
         self.token_times += [when] * len(tokens)
 
     @cached_property  # the params never change: checked once, not at every step
-    def burstable(self) -> bool:
-        """Greedy, nothing read from the logits but their argmax, and no stop string (matched on text by the
-        caller, after the fact): its decode steps can run in a burst, the host reading the tokens once."""
+    def queueable(self) -> bool:
+        """Nothing read from the logits but the sampled token, and no penalty (it reads the tokens so far on the
+        host): a step can be queued before the host has read this sequence's token from the step before."""
         p = self.params
-        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None and not p.stop)
+        return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None)
+
+    @cached_property
+    def burstable(self) -> bool:
+        """Queueable, greedy, and no stop string (matched on text by the caller, after the fact): its decode steps
+        can run in a burst, the host reading the tokens once."""
+        p = self.params
+        return self.queueable and p.greedy and not p.stop
 
     @property
     def num_pending(self) -> int:

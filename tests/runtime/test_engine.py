@@ -21,12 +21,14 @@ from conftest import TINY_SLIDING_WINDOW, hf_greedy
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, params=["0", "1"], ids=["steps-in-turn", "mixed-run-ahead"])
-def mixed_run_ahead(request, monkeypatch):
-    """Every test twice: each step read before the next is scheduled, and (KILN_MIXED_RUN_AHEAD=1) the steps that
-    carry prompts queued before the host reads the step before: the tokens must not change."""
-    monkeypatch.setenv("KILN_MIXED_RUN_AHEAD", request.param)
+@pytest.fixture(autouse=True, params=["0", "1"], ids=["steps-in-turn", "step-run-ahead"])
+def step_run_ahead(request, monkeypatch):
+    """Every test twice: each step read before the next is scheduled, and (KILN_STEP_RUN_AHEAD=1) every step but a
+    decode burst queued before the host reads the step before: the tokens must not change."""
+    monkeypatch.setenv("KILN_STEP_RUN_AHEAD", request.param)
     return request.param == "1"
+
+
 PROMPTS = [[5, 9, 17], list(range(20, 31)), [100, 3, 64, 12, 7, 7, 1], [42]]
 
 
@@ -411,8 +413,8 @@ def test_a_full_batch_runs_ahead_while_requests_wait_for_a_seat(built, reference
     _assert_all_released(engine)
 
 
-def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, reference, mixed_run_ahead):
-    """Requests joining running ones in small chunks make many mixed steps. Queued ahead (mixed-run-ahead), a
+def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, reference, step_run_ahead):
+    """Requests joining running ones in small chunks make many mixed steps. Queued ahead (step-run-ahead), a
     sequence's next input is its token still in flight; one stops on a token, one is aborted while its token is in
     flight, one ends at its length: the tokens and the freed blocks are those of steps taken in turn."""
     stop = reference[1][6]
@@ -426,7 +428,7 @@ def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, refer
         if victim.output_ids or victim.num_in_flight:
             break
         engine.step()
-    assert victim.num_in_flight == int(mixed_run_ahead)  # queued ahead: that token is still in flight
+    assert victim.num_in_flight == int(step_run_ahead)  # queued ahead: that token is still in flight
     engine.abort(victim)
     aborted_with = list(victim.output_ids)
     _drain(engine)
@@ -435,18 +437,47 @@ def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, refer
     assert seqs[3].output_ids == reference[3][:9] and seqs[3].finish_reason == "length"
     assert victim.output_ids == aborted_with == reference[0][:len(aborted_with)]
     assert victim.finish_reason == "abort"
-    assert (engine.executor.steps_queued_ahead > 0) == mixed_run_ahead
+    assert (engine.executor.steps_queued_ahead > 0) == step_run_ahead
     assert engine.executor.in_flight is None and all(s.num_in_flight == 0 for s in seqs)
     _assert_all_released(engine)
 
 
-def test_mixed_run_ahead_is_off_by_default_and_never_takes_sampled_or_penalized_requests(built, monkeypatch):
-    monkeypatch.delenv("KILN_MIXED_RUN_AHEAD")
-    assert not _engine(built).executor.mixed_run_ahead  # (off everywhere until measured on a GPU)
-    monkeypatch.setenv("KILN_MIXED_RUN_AHEAD", "1")
+def test_step_run_ahead_is_off_by_default_and_never_takes_penalized_requests_or_bursts(built, monkeypatch):
+    monkeypatch.delenv("KILN_STEP_RUN_AHEAD")
+    assert not _engine(built).executor.step_run_ahead  # (off everywhere until measured on a GPU)
+    monkeypatch.setenv("KILN_STEP_RUN_AHEAD", "1")
     engine = _engine(built)
     greedy = engine.add_request(PROMPTS[1], GREEDY)
     sampled = engine.add_request(PROMPTS[2], SamplingParams(temperature=0.8, max_tokens=4, seed=1))
-    step = [(greedy, 11), (sampled, 7)]
-    assert not engine.executor.can_queue_ahead(step)  # its token is drawn on the host's terms (seeded noise)
-    assert engine.executor.can_queue_ahead(step[:1] + [(engine.add_request(PROMPTS[0], GREEDY), 3)])
+    penalized = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, repetition_penalty=1.3))
+    with_logprobs = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, logprobs=2))
+    assert engine.executor.can_queue_ahead([(greedy, 11), (sampled, 7)])
+    for seq in (penalized, with_logprobs):  # penalties read the tokens so far on the host; logprobs the logits
+        assert not engine.executor.can_queue_ahead([(greedy, 11), (seq, 3)])
+    greedy.num_cached = 11
+    greedy.output_ids.append(7)
+    greedy.all_ids.append(7)
+    assert not engine.executor.can_queue_ahead([(greedy, 1)])  # a greedy decode step: a burst takes it
+
+
+@pytest.mark.parametrize("decode_steps_per_sync", [1, 4])
+def test_seeded_sampling_gives_the_same_tokens_queued_ahead(built, monkeypatch, decode_steps_per_sync):
+    """Sampled requests (temperature, top-k, top-p, seeded) beside greedy ones, joining while others decode: queued
+    ahead, every step included (one decode step per sync) or all but the greedy bursts, they draw the tokens they
+    draw with each step read in turn."""
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=12, seed=3, ignore_eos=True),
+              GREEDY, SamplingParams(temperature=1.3, max_tokens=9, seed=8, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_p=0.5, max_tokens=15, seed=5, ignore_eos=True)]
+    outputs, queued = {}, {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("KILN_STEP_RUN_AHEAD", setting)
+        engine = _engine(built, decode_steps_per_sync=decode_steps_per_sync, max_num_tokens=8, tokens_per_block=4)
+        seqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params[:2])]
+        for _ in range(3):
+            engine.step()
+        seqs += [engine.add_request(p, sp) for p, sp in zip(PROMPTS[2:], params[2:])]
+        _drain(engine)
+        outputs[setting], queued[setting] = [s.output_ids for s in seqs], engine.executor.steps_queued_ahead
+        _assert_all_released(engine)
+    assert outputs["1"] == outputs["0"] and [len(o) for o in outputs["1"]] == [12, 32, 9, 15]
+    assert queued["0"] == 0 and queued["1"] > 0

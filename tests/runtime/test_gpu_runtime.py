@@ -174,14 +174,16 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
     assert not fused_calls
 
 
-def test_mixed_steps_queued_ahead_equal_transformers_and_queue_without_a_host_sync(tmp_path, monkeypatch):
-    """KILN_MIXED_RUN_AHEAD=1 on the GPU: requests joining running ones give transformers' greedy tokens, steps
-    were queued ahead, and queuing one (its inputs to the GPU, the forward, the greedy tokens, a row's input filled
-    from the step before) never waits for the GPU: that is what lets the host work while the step before runs."""
+def test_steps_queued_ahead_equal_transformers_and_queue_without_a_host_sync(tmp_path, monkeypatch):
+    """KILN_STEP_RUN_AHEAD=1 on the GPU: requests joining running ones give transformers' greedy tokens, steps
+    were queued ahead, and queuing a mixed step (its inputs to the GPU, the forward, the sampled tokens, a row's
+    input filled from the step before) never waits for the GPU: that is what lets the host work while the step
+    before runs. Seeded sampled requests draw the same tokens queued ahead as read in turn, decode steps in CUDA
+    graphs included."""
     from kiln.runtime.executor import step_inputs
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("KILN_MIXED_RUN_AHEAD", "1")
+    monkeypatch.setenv("KILN_STEP_RUN_AHEAD", "1")
     hf = make_hf_model(tmp_path / "hf").to("cuda")
     bc = BuildConfig(max_batch_size=8, max_seq_len=128, max_num_tokens=32)  # long prompts join in chunks
     prompts = PROMPTS + [list(range(5, 65)), [9] * 40]
@@ -193,21 +195,31 @@ def test_mixed_steps_queued_ahead_equal_transformers_and_queue_without_a_host_sy
         first = engine.add_request(PROMPTS[0], params)  # its prompt, then (below) its next step beside a new prompt
         step = engine.scheduler.schedule()
         assert [n for _, n in step] == [len(PROMPTS[0])]
-        earlier = runner.execute_greedy(step_inputs(step, engine.blocks), [0])  # its token, left on the GPU
+        earlier = runner.execute_ahead(step_inputs(step, engine.blocks), [0], [first])  # its token, on the GPU
         first.num_cached, first.num_in_flight = len(PROMPTS[0]), 1  # (as the executor leaves it)
         engine.add_request(list(range(90, 120)), params)  # (a prompt not seen before: no prefix hit)
         step = engine.scheduler.schedule()
         assert [n for _, n in step] == [1, 30]
         inp = step_inputs(step, engine.blocks)
         assert inp.token_ids[0] == -1  # filled on the GPU from `earlier`
-        runner.execute_greedy(inp, [0], ([0], [0], earlier))  # (compiles what this step's shapes need)
+        runner.execute_ahead(inp, [0], [first], ([0], [0], earlier))  # (compiles what this step's shapes need)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            tokens = runner.execute_greedy(inp, [0], ([0], [0], earlier))
+            tokens = runner.execute_ahead(inp, [0], [first], ([0], [0], earlier))
         finally:
             torch.cuda.set_sync_debug_mode("default")
         expected = hf_greedy_cuda(hf, PROMPTS[0], 2)
         assert earlier.tolist() == expected[:1] and tokens.tolist() == expected[1:]
     for prompt, out in zip(prompts, outputs):
         assert out.outputs[0].token_ids == hf_greedy_cuda(hf, prompt, 24)
+    sampled = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True)
+               for i in range(len(prompts))]
+    tokens = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("KILN_STEP_RUN_AHEAD", setting)
+        with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
+            tokens[setting] = [o.outputs[0].token_ids for o in llm.generate(prompts, sampled)]
+            assert llm.runner.graphs.replays > 0
+            assert (llm.generator.executor.steps_queued_ahead > 0) == (setting == "1")
+    assert tokens["1"] == tokens["0"]

@@ -5,17 +5,23 @@ import random
 import pytest
 import torch
 
-from kiln.runtime.host_tensors import int_tensor, padded_tables
+from kiln.runtime.host_tensors import list_tensor, padded_tables
 
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32])
 @pytest.mark.parametrize("n", [0, 1, 517])
-def test_int_tensor_equals_torch_tensor(dtype, n):
+def test_int_list_tensor_equals_torch_tensor(dtype, n):
     hi = torch.iinfo(dtype).max
     values = [random.Random(n).randint(-hi - 1, hi) for _ in range(n)]
-    out = int_tensor(values, dtype, "cpu")
+    out = list_tensor(values, dtype, "cpu")
     expected = torch.tensor(values, dtype=dtype)
     assert out.dtype == dtype and out.shape == expected.shape and torch.equal(out, expected)
+
+
+def test_float_list_tensor_equals_torch_tensor():
+    values = [random.Random(1).uniform(-3, 3) for _ in range(33)] + [0.8, 1.0, 1e-30]  # (sampling parameters)
+    out = list_tensor(values, torch.float32, "cpu")
+    assert out.dtype == torch.float32 and torch.equal(out, torch.tensor(values, dtype=torch.float32))
 
 
 def test_padded_tables_pad_each_row_to_the_width():

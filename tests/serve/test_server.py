@@ -585,12 +585,13 @@ def test_stream_options_without_stream_is_400(server, client, model):
     assert_still_serving(client, model)
 
 
-def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server):
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server, temperature):
     from kiln.bench.serve_load import drive
 
     report = asyncio.run(drive(server.url, num_requests=8, concurrency=4, prompt_words=5, output_len=6,
-                               api_key=API_KEY, model=None))
-    assert report["succeeded"] == 8 and not report["errors"]
+                               api_key=API_KEY, model=None, temperature=temperature))
+    assert report["succeeded"] == 8 and not report["errors"] and report["temperature"] == temperature
     assert report["output_tokens_per_s"] > 0
     assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
     assert 0 < report["itl_s"]["p50"] <= report["itl_s"]["p99"]
