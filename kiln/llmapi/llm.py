@@ -214,10 +214,16 @@ class LLM:
 
     def generate_stream(self, prompt, sampling_params: SamplingParams | None = None,
                         chat: list[dict] | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every new token (text so far); the last one is finished."""
+        """Yield the request's output after every new token (text so far); the last one is finished. (A step
+        queued ahead gives its tokens at the next step: nothing is yielded until something is new.)"""
         request = self._submit(prompt, sampling_params or SamplingParams(), chat)
+        seen = 0
         for _ in self._run([request]):
-            yield self._output(request)
+            output = self._output(request)
+            tokens = sum(len(o.token_ids) for o in output.outputs)
+            if tokens != seen or output.finished:
+                seen = tokens
+                yield output
 
     def chat(self, messages: str | list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Answer a conversation (or one user message) through the model's chat template."""

@@ -60,16 +60,16 @@ class GenerationEngine:
         """Run one step; returns the sequences that got a token (finished ones say why).
 
         With a step queued ahead (Executor.can_queue_ahead) the tokens returned are those of the step before,
-        read while this one runs; a step that cannot be queued ahead reads them first, since it needs them."""
+        read while this one runs. When the next step cannot be queued ahead (it needs those tokens on the host),
+        this call only reads them and returns: they reach the caller now, not after that step; the next call
+        schedules again (the same step, or more)."""
         step = self.scheduler.schedule()
-        got = []
         if self.executor.in_flight is not None and not (step and self.executor.can_queue_ahead(step)):
-            got = self._append_all(self.executor.collect())
-            step = [(seq, n) for seq, n in step if not seq.finished]  # (one that just stopped leaves it)
-        if step:
-            # a full batch only changes when a sequence ends: requests waiting for a seat do not stop a run-ahead
-            got += self._append_all(self.executor.step(step, may_run_ahead=not self.scheduler.can_admit()))
-        return list(dict.fromkeys(got))  # (a sequence may have got the token in flight and this step's)
+            return self._append_all(self.executor.collect())
+        if not step:
+            return []
+        # a full batch only changes when a sequence ends: requests waiting for a seat do not stop a run-ahead
+        return self._append_all(self.executor.step(step, may_run_ahead=not self.scheduler.can_admit()))
 
     def _append_all(self, produced: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
         now = time.monotonic()

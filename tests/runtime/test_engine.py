@@ -372,8 +372,10 @@ def test_run_ahead_goes_on_while_sequences_leave_the_batch(built, monkeypatch):
 
 def test_run_ahead_pauses_while_requests_keep_joining(built, monkeypatch):
     """A run-ahead dropped costs a burst of GPU time: after two drops (a request joins after every burst) no burst
-    is queued ahead, only watched, and every sequence still gets transformers' tokens."""
+    is queued ahead, only watched, and every sequence still gets transformers' tokens. (The script of steps below
+    assumes each step is read before the next: queued ahead, a joining prompt's step is read by the call after.)"""
     monkeypatch.setenv("KILN_DECODE_RUN_AHEAD", "1")
+    monkeypatch.setenv("KILN_STEP_RUN_AHEAD", "0")
     engine = _engine(built)
     continued = _count_continued(engine)
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
