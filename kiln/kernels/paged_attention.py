@@ -227,7 +227,8 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, **cfg)
+        CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
+        **cfg)
     return out
 
 
@@ -256,7 +257,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
         q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0),
         out.stride(1), scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, splits, PAGE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d, **cfg)
+        CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d,
+        EVEN_D=head_size == block_d, **cfg)
     if not one:
         _merge_splits(partial, lse, out)
     return out

@@ -235,11 +235,13 @@ def _sequence(cu_ptr, seq):
 
 
 @triton.jit
-def _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A prefill program's queries: (rows, d, d_ok, q) of tile `tile` of a sequence's new tokens."""
+def _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    """A prefill program's queries: (rows, d, d_ok, q) of tile `tile` of a sequence's new tokens. EVEN_D: the head
+    size is BLOCK_D, so d_ok is a constant and the key and value loads carry no mask on d."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_size
+    d_ok = d < (BLOCK_D if EVEN_D else head_size)
     q = tl.load(q_ptr + (start + rows)[:, None] * q_st + h * q_sh + d[None, :],
                 mask=(rows < n)[:, None] & d_ok[None, :], other=0.0)
     return rows, d, d_ok, q
@@ -257,12 +259,15 @@ def _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale):
 def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
                    o_sh, scale_log2, window, group, head_size,
                    HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    tile, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EVEN_D: tl.constexpr):
+    # The last query tiles first: causal work grows with the tile, and the GPU starts programs in order, so the
+    # longest ones start first and the short ones fill the end of the grid (FlashAttention-2's ordering).
+    tile, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, n = _sequence(cu_ptr, seq)
     if tile * BLOCK_M >= n:  # the grid is sized for the longest sequence
         return
-    rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
+    rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D, EVEN_D)
     q = _codes_query(q, CODES_FP16)
     kvh = h // group
     qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
@@ -291,16 +296,17 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
                          scale_log2, window, group, head_size, num_splits,
                          PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                          CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         EVEN_D: tl.constexpr):
     """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
     several splits, each program folds one share of the keys and stores a partial output [token, head,
-    split] with its log-sum-exp, for the merge."""
-    tile, seq, hs = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    split] with its log-sum-exp, for the merge. The last query tiles first, as in prefill_kernel."""
+    tile, seq, hs = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     h, split = hs // num_splits, hs % num_splits
     start, n = _sequence(cu_ptr, seq)
     if tile * BLOCK_M >= n:
         return
-    rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D)
+    rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, head_size, BLOCK_M, BLOCK_D, EVEN_D)
     q = _codes_query(q, CODES_FP16)
     ctx = tl.load(ctx_ptr + seq)
     kvh = h // group
