@@ -117,9 +117,12 @@ class BlockManager:
         """Make the blocks that num_computed tokens fill findable by later prompts with the same prefix."""
         if not self.prefix_caching:
             return
-        table, hashes = self.tables[seq_id], self.hashes[seq_id]
-        previous = hashes[-1] if hashes else None
-        for i in range(len(hashes), num_computed // self.block_size):
+        hashes = self.hashes[seq_id]
+        full = num_computed // self.block_size
+        if full <= len(hashes):  # no block newly full: most calls (a decoding sequence inside a block)
+            return
+        table, previous = self.tables[seq_id], hashes[-1] if hashes else None
+        for i in range(len(hashes), full):
             previous = chain_hash(previous, tokens[i * self.block_size:(i + 1) * self.block_size])
             hashes.append(previous)
             block = table[i]

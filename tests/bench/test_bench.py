@@ -112,3 +112,11 @@ def test_one_system_per_weight_and_kv_cache_format():
     assert systems("--kv-cache-quant-algo", "INT8", "--skip-unquantized") == [("kiln KV INT8", (None, "INT8"))]
     with pytest.raises(ConfigError, match="INT8, FP8 or NONE"):
         systems("--kv-cache-quant-algo", "INT4")
+
+
+def test_the_notes_column_shows_seconds_as_ms_counts_as_counts_and_fractions_as_percentages():
+    from kiln.bench.offline import format_extra
+
+    notes = {"compute_floor_s": 40.0948, "bursts_run_ahead": 0.214, "steps_queued_ahead": 262}
+    assert format_extra(notes) == "compute_floor 40094.8 ms, bursts_run_ahead 21%, steps_queued_ahead 262"
+    assert format_extra({}) == "—"
