@@ -135,6 +135,7 @@ def instrument(llm, clock: PhaseClock) -> None:
     clock.wrap(gen.executor, "step", "executor")
     clock.wrap(executor, "step_inputs", "inputs")
     clock.wrap(executor, "sample_batch", "sampling")
+    clock.wrap(model_runner, "sample_tokens", "sampling")  # a step queued ahead (KILN_STEP_RUN_AHEAD) samples there
     clock.wrap(model_runner.ModelRunner, "_batch", "inputs")
     clock.wrap(model_runner.ModelRunner, "_forward", "inputs")  # its own part: the token and position tensors
     clock.wrap(model_runner.ModelRunner, "_eager_burst", "burst")
