@@ -444,9 +444,9 @@ def test_steps_queued_ahead_stop_abort_and_release_as_steps_in_turn(built, refer
     _assert_all_released(engine)
 
 
-def test_step_run_ahead_is_off_by_default_and_never_takes_penalized_requests_or_bursts(built, monkeypatch):
+def test_step_run_ahead_is_off_by_default_on_the_cpu_and_never_takes_penalized_requests_or_bursts(built, monkeypatch):
     monkeypatch.delenv("KILN_STEP_RUN_AHEAD")
-    assert not _engine(built).executor.step_run_ahead  # (off everywhere until measured on a GPU)
+    assert not _engine(built).executor.step_run_ahead  # the CPU runs each step at once: nothing to overlap
     monkeypatch.setenv("KILN_STEP_RUN_AHEAD", "1")
     engine = _engine(built)
     greedy = engine.add_request(PROMPTS[1], GREEDY)
