@@ -84,7 +84,8 @@ def main() -> None:
                 ok = torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2)
                 ms = ms_per_call(call)
                 rate = flops / ms / 1e9
-                cells.append(f"{way} {ms:.3f} ms {rate:.0f} TFLOP/s ({100 * rate / square:.1f}%){'' if ok else ' MISMATCH'}")
+                mark = "" if ok else " MISMATCH"
+                cells.append(f"{way} {ms:.3f} ms {rate:.0f} TFLOP/s ({100 * rate / square:.1f}%){mark}")
             print(f"{name} {rows} x {n_out} x {k}: " + " | ".join(cells), flush=True)
 
 
