@@ -69,6 +69,8 @@ def main() -> None:
     torch.manual_seed(0)
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(50):  # about a second of work first: clocks ramp up under load (the first run's square rate
+        a @ b            # was below some shapes' at a cold start)
     square = 2 * n ** 3 / ms_per_call(lambda: a @ b) / 1e9
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; square {n} matmul {square:.0f} TFLOP/s")
     for rows in map(int, args.rows.split(",")):
