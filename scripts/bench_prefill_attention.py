@@ -9,9 +9,9 @@ against the torch reference first.
 - continuing: 4 chunks of 1024 tokens after 1024 cached ones (paged_prefill_attention over a 32-token-page cache),
   as a long prompt's later chunks.
 
-Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG, which was set when the kernels were written and never
-timed against others. Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per query-key
-pair), the current config first.
+Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG: each candidate in turn, the current one first. Then
+the fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles. Prints each config's ms and
+TFLOP/s (causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ CANDIDATES = [pa.PREFILL_CONFIG] + [  # each on HGMMA for sm_90; only 128 x 128 
     dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     for m, n, w, s in ((64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3),
                        (128, 128, 8, 2), (128, 128, 8, 3))]
+# Tiles for the fresh prompts' TMA kernel (pa.PREFILL_TMA_CONFIG): in sm_90 code 64 x 64 on 4 warps holds 164
+# registers; 128-row tiles need 8 warps (on 4 they spill: scripts/kernel_sass.py "varlen prefill tma").
+TMA_CANDIDATES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+                  for m, n, w, s in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                                     (128, 128, 8, 2), (128, 128, 8, 3))]
 
 
 def fresh_case(lens: list[int]) -> tuple:
@@ -77,8 +82,19 @@ def main() -> None:
                 ms = graph_ms_per_call([lambda kernel=kernel, args=args: kernel(*args)])
                 cells.append(f"{name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
             print(f"{config} ok={ok} | " + " | ".join(cells), flush=True)
+        fresh_kernel, (args, flops) = cases["fresh 4 x 2048"]
+        for config in TMA_CANDIDATES:  # the fresh prompts' kernel with TMA loads, against the plain one above
+            pa.PREFILL_TMA_CONFIG = config
+            try:
+                ok = checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small_fresh)
+                fresh_kernel(*args)
+                ms = graph_ms_per_call([lambda: fresh_kernel(*args)])
+                print(f"TMA {config} ok={ok} | fresh 4 x 2048: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+            except Exception as error:  # a tile that does not compile or fit: say so and go on
+                print(f"TMA {config} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
     finally:
         pa.PREFILL_CONFIG = current
+        pa.PREFILL_TMA_CONFIG = None
 
 
 if __name__ == "__main__":

@@ -27,12 +27,15 @@ FLOAT_SCALARS = {"eps", "scale_log2"}
 
 
 def signature(fn, pointers: dict[str, str]) -> dict[str, str]:
-    """Triton's signature of `fn`: pointers `*bf16` unless given, floats by name, other scalars int32."""
+    """Triton's signature of `fn`: the types given (pointers, tensor descriptors), other pointers `*bf16`, floats
+    by name, other scalars int32."""
     def kind(p):
         if p.is_constexpr:
             return "constexpr"
+        if p.name in pointers:
+            return pointers[p.name]
         if p.name.endswith("_ptr"):
-            return pointers.get(p.name, "*bf16")
+            return "*bf16"
         return "fp32" if p.name in FLOAT_SCALARS else "i32"
     return {p.name: kind(p) for p in fn.params}
 
@@ -80,6 +83,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
      dict(part_ptr="*fp32", lse_ptr="*fp32")),
     ("varlen prefill", paged_attention_kernels.prefill_kernel, dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, EVEN_D=True),
      dict(cu_ptr="*i32")),
+    *[(f"varlen prefill tma {m}x{n}", paged_attention_kernels.prefill_tma_kernel,
+       dict(HAS_WINDOW=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=128),
+       dict(cu_ptr="*i32", k_desc=f"tensordesc<bf16[{n}, 128]>", v_desc=f"tensordesc<bf16[{n}, 128]>"))
+      for m, n in ((64, 64), (128, 64), (128, 128))],
     *[(f"paged prefill one_split={one}", paged_attention_kernels.paged_prefill_kernel,
        dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64, EVEN_D=True),
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))

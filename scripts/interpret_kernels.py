@@ -1,9 +1,9 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
 either side of the MMA, decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and the
-prefill attention kernels on each candidate tile of scripts/bench_prefill_attention.py; the
-e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a
-GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
+prefill attention kernels (the fresh prompts' TMA one too) on each candidate tile of
+scripts/bench_prefill_attention.py; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles,
+masks and splits are only timed on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
 rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks
 the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
@@ -139,7 +139,7 @@ def decode_attention() -> None:
 def prefill_attention() -> None:
     """Fresh prompts and continuing chunks on each tile of scripts/bench_prefill_attention.py's candidates (their
     masks and diagonal tiles differ by BLOCK_M and BLOCK_N), against the references."""
-    from bench_prefill_attention import CANDIDATES
+    from bench_prefill_attention import CANDIDATES, TMA_CANDIDATES
 
     pa._num_sms = lambda index: 4  # the split count without a GPU to ask
     heads, kv_heads, d, page = 4, 2, 128, 32
@@ -164,6 +164,15 @@ def prefill_attention() -> None:
         check(f"prefill continuing tile {tile}", pa.paged_prefill_attention(*continuing),
               pa.paged_prefill_attention_ref(*continuing))
     pa.PREFILL_CONFIG = current
+    windowed = (*fresh, 40)
+    for config in TMA_CANDIDATES:  # the fresh prompts' TMA kernel: tiles loaded past a sequence's end, windows
+        pa.PREFILL_TMA_CONFIG = config
+        tile = tuple(config.values())
+        check(f"prefill fresh TMA tile {tile}", pa.varlen_prefill_attention(*fresh),
+              pa.varlen_prefill_attention_ref(*fresh))
+        check(f"prefill fresh TMA tile {tile} window 40", pa.varlen_prefill_attention(*windowed),
+              pa.varlen_prefill_attention_ref(*windowed))
+    pa.PREFILL_TMA_CONFIG = None
 
 
 def fp8_dot_gemv() -> None:

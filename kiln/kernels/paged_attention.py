@@ -43,8 +43,10 @@ except ImportError:  # CPU-only installs: the references below still work
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:  # the kernels themselves (kiln/kernels/paged_attention_kernels.py)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from kiln.kernels.paged_attention_kernels import (decode_code_pairs_kernel, decode_split_kernel, merge_kernel,
-                                                      paged_prefill_kernel, prefill_kernel)
+                                                      paged_prefill_kernel, prefill_kernel, prefill_tma_kernel)
 
 _LOG2E = 1.4426950408889634
 # Launch configurations, the fastest of a small sweep on an H100 (Llama-3-8B shapes, bf16): decode at
@@ -60,6 +62,9 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # (bf16: 86); at batch 64 and ~2048 keys, 73-76 against 121 with 128-key tiles.
 CODES_AS_PAIRS = True
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
+# Fresh prompts' keys and values loaded by TMA (prefill_tma_kernel, Hopper and later) where the tensors allow it
+# (_tma_layout); with this tile, or None: the plain kernel. Off until timed (scripts/bench_prefill_attention.py).
+PREFILL_TMA_CONFIG: dict | None = None
 
 
 # ---------------------------------------------------------------- references (any device)
@@ -223,6 +228,16 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
+    tma = PREFILL_TMA_CONFIG
+    if tma is not None and kv_scale is None and _tma_layout(q, k, v, block_d):
+        assert tma["BLOCK_M"] % tma["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
+        grid = (triton.cdiv(max_seqlen, tma["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
+        k_desc, v_desc = (_rows_descriptor(x, tma["BLOCK_N"]) for x in (k, v))
+        prefill_tma_kernel[grid](
+            q, k_desc, v_desc, out, cu_seqlens, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            scale * _LOG2E, sliding_window or 0, heads // k.shape[1], HAS_WINDOW=sliding_window is not None,
+            BLOCK_D=block_d, **tma)
+        return out
     prefill_kernel[grid](
         q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
@@ -230,6 +245,25 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
         **cfg)
     return out
+
+
+def _tma_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_d: int) -> bool:
+    """Whether the TMA kernel can read k and v: 16-bit like q, head size a power of two, each token's heads side by
+    side (a [tokens, kv heads x head size] matrix), 16-byte aligned rows, and a GPU with TMA (the interpreter runs
+    it anywhere)."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == block_d):
+        return False
+    for x in (k, v):
+        if x.stride(1) != block_d or x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:
+            return False
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def _rows_descriptor(x: torch.Tensor, block_rows: int):
+    """x [tokens, kv heads, head size] as a TMA descriptor over [tokens, kv heads x head size], in tiles of
+    [block_rows, head size]: a tile at (token, head x head size) is block_rows tokens of one head."""
+    tokens, heads, d = x.shape
+    return TensorDescriptor(x, shape=[tokens, heads * d], strides=[x.stride(0), 1], block_shape=[block_rows, d])
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,

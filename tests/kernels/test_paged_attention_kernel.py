@@ -144,6 +144,28 @@ def test_prefill_kernel_matches_reference(dtype, case):
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@needs_gpu
+@pytest.mark.parametrize("tile", [(64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
+@pytest.mark.parametrize("case", [1, 2])
+def test_prefill_tma_kernel_matches_reference_from_a_fused_qkv(tile, case, monkeypatch):
+    """The fresh prompts' TMA kernel (Hopper and later; elsewhere the plain kernel runs, as the engine would), on
+    keys and values as the engine passes them: views of one fused QKV row per token, whose key tiles run past a
+    sequence's end into the next one's tokens."""
+    from kiln.kernels import paged_attention as pa
+
+    lens, heads, kv_heads, d, window = PREFILL_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    qkv = torch.randn(sum(lens), (heads + 2 * kv_heads) * d, generator=g).to(torch.bfloat16).cuda()
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).cuda()
+    monkeypatch.setattr(pa, "PREFILL_TMA_CONFIG", dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile)))
+    assert pa._tma_layout(q, k, v, d) == (torch.cuda.get_device_capability()[0] >= 9)
+    got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
+    want = varlen_prefill_attention_ref(q, k, v, cu, max(lens), d ** -0.5, window)
+    torch.testing.assert_close(got, want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
 # ---- a quantized cache: int8 / float8_e4m3fn codes and kv_scale = [s_k, s_v] ------------------------------
 
 CODE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
