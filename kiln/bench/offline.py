@@ -354,6 +354,10 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
                 if w.output_len > 1:  # and the decode steps' reads of the cache, at the measured bandwidth
                     kv_bytes = decode_kv_bytes(llm.engine.config, w.input_len, w.output_len, kv_element_bytes)
                     r.extra["kv_read_floor_s"] = kv_bytes * w.num_requests / ceilings["bandwidth"]
+                # The floor's rate comes from a short burst on a cool GPU; lent GPUs of one kind then sustain
+                # different clocks (the same GEMMs 5-7% apart between sessions). The rate again, right after the
+                # run, says how this GPU held up, so lines from different machines can be read side by side.
+                r.extra["matmul_after_tflops"] = round(matmul_flops(device) / 1e12)
             print(r.row(), flush=True)
             results.append(r)
             if profile:
