@@ -248,10 +248,11 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
 
 
 def _tma_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_d: int) -> bool:
-    """Whether the TMA kernel can read k and v: 16-bit like q, head size a power of two, each token's heads side by
-    side (a [tokens, kv heads x head size] matrix), 16-byte aligned rows, and a GPU with TMA (the interpreter runs
-    it anywhere)."""
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == block_d):
+    """Whether the TMA kernel can read k and v: 16-bit like q, head size a power of two up to 128 (its tiles' size),
+    each token's heads side by side (a [tokens, kv heads x head size] matrix), 16-byte aligned rows, and a GPU with
+    TMA (the interpreter runs it anywhere)."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[2] == block_d <= 128):
         return False
     for x in (k, v):
         if x.stride(1) != block_d or x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:
