@@ -1,6 +1,7 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA, decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and the
+either side of the MMA, decode attention over int8 and e4m3 caches, codes read one by one or as pairs, its split
+programs merging their parts themselves (FUSED_MERGE), and the
 prefill attention kernels (the fresh prompts' TMA one too) on each candidate tile of
 scripts/bench_prefill_attention.py; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles,
 masks and splits are only timed on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
@@ -136,6 +137,29 @@ def decode_attention() -> None:
     pa.CODES_AS_PAIRS = False
 
 
+def fused_merge() -> None:
+    """Decode's split programs merging their parts themselves (pa.FUSED_MERGE), over a 16-bit cache and over
+    codes read as pairs, against the references; the counts must be back at zero after each call."""
+    pa._num_sms = lambda index: 16  # enough programs per SM wanted that every sequence splits
+    pairs, pa.FUSED_MERGE = pa.CODES_AS_PAIRS, True
+    for lens, heads, kv_heads, d, window, code in (([300, 70, 129], 8, 2, 64, None, None),
+                                                   ([200, 5], 4, 1, 128, 96, torch.int8)):
+        page, blocks = 16, -(-max(lens) // 16)
+        tables = torch.randperm(len(lens) * blocks).int().view(len(lens), blocks)
+        ctx, q = torch.tensor(lens, dtype=torch.int32), torch.randn(len(lens), heads, d).half()
+        x = torch.randn(2, len(lens) * blocks, page, kv_heads, d)
+        k, v = (x * 40).clamp(-127, 127).round().to(code) if code else x.half()
+        scale = torch.tensor([0.02, 0.03]) if code else None
+        args = (q, k, v, tables, ctx, d ** -0.5, window, scale)
+        assert pa._num_splits(len(lens) * kv_heads, blocks * page, pa.DECODE_CONFIG["BLOCK_N"], q.device) > 1
+        pa.CODES_AS_PAIRS = code is not None
+        check(f"decode fused merge lens {lens} d{d} {code or 'fp16'}", pa.paged_decode_attention(*args),
+              pa.paged_decode_attention_ref(*args))
+        if pa._SPLIT_COUNTS[q.device].any():
+            raise SystemExit("fused merge: counts left nonzero")
+    pa.FUSED_MERGE, pa.CODES_AS_PAIRS = False, pairs
+
+
 def prefill_attention() -> None:
     """Fresh prompts and continuing chunks on each tile of scripts/bench_prefill_attention.py's candidates (their
     masks and diagonal tiles differ by BLOCK_M and BLOCK_N), against the references."""
@@ -231,6 +255,7 @@ def main() -> None:
     int4_gemm()
     int4_gemv()
     decode_attention()
+    fused_merge()
     prefill_attention()
     fp8_dot_gemv()
     rotary_with_cache_write()

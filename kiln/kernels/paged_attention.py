@@ -61,6 +61,13 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # session): a layer at batch 512 and ~192 keys takes 76 us for e4m3 or int8 pairs against 95-100 read one by one
 # (bf16: 86); at batch 64 and ~2048 keys, 73-76 against 121 with 128-key tiles.
 CODES_AS_PAIRS = True
+# Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
+# (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
+# batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off until timed. Its counts live in one
+# buffer per device (_split_counts): two decode calls at once on one device, from two engines on two streams,
+# would share them, which one engine never does.
+FUSED_MERGE = False
+_SPLIT_COUNTS: dict = {}
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
 # Fresh prompts' keys and values loaded by TMA (prefill_tma_kernel, Hopper and later) where the tensors allow it
 # (_tma_layout); with this tile, or None: the plain kernel. Off until timed (scripts/bench_prefill_attention.py).
@@ -183,18 +190,31 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
     else:
         flags = dict(CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32)
+    counts = None if one or not FUSED_MERGE else _split_counts(q.device, batch * kv_heads)
     kernel = decode_code_pairs_kernel if pairs else decode_split_kernel
     kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse,
+        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse, out, counts,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        ONE_SPLIT=one, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **pdl_args(q.device))
-    if not one:
+    if not one and counts is None:
         _merge_splits(partial, lse, out)
     return out
+
+
+def _split_counts(device: torch.device, n: int) -> torch.Tensor | None:
+    """FUSED_MERGE's zeroed int32 counts, one per (sequence, KV head), which the kernels leave zeroed; None where
+    they cannot be had: more than the buffer holds, or a first call inside a CUDA-graph capture (the buffer must
+    outlive the graph's memory pool; kiln's captures run each forward once before, which makes it)."""
+    counts = _SPLIT_COUNTS.get(device)
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counts = _SPLIT_COUNTS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return counts if n <= counts.numel() else None
 
 
 def _reads_code_pairs(q: torch.Tensor, cache: torch.Tensor) -> bool:

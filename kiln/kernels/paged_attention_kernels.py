@@ -64,15 +64,48 @@ def _split_keys(ctx_ptr, b, split, window, num_splits, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
-                        k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+def _merge_if_last(part_ptr, lse_ptr, out_ptr, count_ptr, b, kvh, group, head_size, num_splits, o_sb, o_sh,
+                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """merge_kernel's work for the heads of one (sequence, KV head), done by whichever of its split programs
+    finishes last, so no merge kernel follows (FUSED_MERGE). Each program counts itself in once its partial is
+    stored; the count's release and acquire order those stores before the last program's loads, which bypass L1
+    (.cg), and the last program sets the count back to 0 for the next launch."""
+    tl.debug_barrier()  # every thread of this program has stored its part
+    counter = count_ptr + b * tl.num_programs(1) + kvh
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        heads = kvh * group + g
+        mask = (g < group)[:, None] & (d < head_size)[None, :]
+        first = (b * tl.num_programs(1) * group + heads) * num_splits  # split 0's row of each head
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        # Online, as merge_kernel weighs by exp2(lse - max lse). Split 0 always holds keys, so m is finite from it.
+        for split in range(num_splits):
+            lse = tl.load(lse_ptr + first + split, mask=g < group, other=0.0, cache_modifier=".cg")
+            part = tl.load(part_ptr + (first + split)[:, None] * head_size + d[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            alpha, w = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+            acc = acc * alpha[:, None] + w[:, None] * part
+            total = total * alpha + w
+            m = m_new
+        tl.store(out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :],
+                 (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
+                        q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                         scale_log2, window, group, head_size, num_splits,
                         PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                         CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
-    and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs."""
+    and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs. With
+    FUSED_MERGE the last split program to finish merges into out_ptr (o_sb, o_sh), counting in count_ptr."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -110,6 +143,9 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr,
         row = (b * tl.num_programs(1) * group + heads) * num_splits + split  # partial: [b, heads, splits, d]
         tl.store(part_ptr + row[:, None] * head_size + d[None, :], out, mask=mask)
         tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
+        if FUSED_MERGE:
+            _merge_if_last(part_ptr, lse_ptr, out_ptr, count_ptr, b, kvh, group, head_size, num_splits, o_sb, o_sh,
+                           BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -131,12 +167,13 @@ def _code_pairs(w, INT8: tl.constexpr):
 
 
 @triton.jit
-def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, q_sb, q_sh,
-                             k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
+                             q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             ONE_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, INT8: tl.constexpr, USE_PDL: tl.constexpr):
+                             ONE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
+                             USE_PDL: tl.constexpr):
     """decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
     strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
     and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd
@@ -190,6 +227,9 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
         tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=g < group)
     tl.store(out, (acc_even * norm).to(part_ptr.dtype.element_ty), mask=mask)
     tl.store(out + 1, (acc_odd * norm).to(part_ptr.dtype.element_ty), mask=mask)
+    if FUSED_MERGE and not ONE_SPLIT:
+        _merge_if_last(part_ptr, lse_ptr, out_ptr, count_ptr, b, kvh, group, head_size, num_splits, o_sb, o_sh,
+                       BLOCK_G, BLOCK_D)
 
 
 @triton.jit

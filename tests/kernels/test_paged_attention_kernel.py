@@ -215,6 +215,31 @@ def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, pa
 
 
 @needs_gpu
+@pytest.mark.parametrize("cache", ["bf16", "int8 pairs"])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_split_programs_merging_their_parts_match_the_reference(cache, case, monkeypatch):
+    """FUSED_MERGE: the last split program of each (sequence, KV head) merges, no merge kernel; three launches in a
+    row, since each must leave the counts at zero for the next."""
+    from kiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "FUSED_MERGE", True)
+    lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
+    q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, torch.bfloat16,
+                                                              case)
+    kv_scale = None
+    if cache == "int8 pairs":
+        (k_cache, sk), (v_cache, sv) = to_codes(k_cache, torch.int8), to_codes(v_cache, torch.int8)
+        kv_scale = torch.tensor([sk, sv], dtype=torch.bfloat16, device="cuda")
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, ctx)]
+    want = paged_decode_attention_ref(*args, d ** -0.5, window, kv_scale)
+    for _ in range(3):
+        got = paged_decode_attention(*args, d ** -0.5, window, kv_scale)
+        torch.testing.assert_close(got, want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+    counts = paged_attention._SPLIT_COUNTS.get(got.device)
+    assert counts is None or not counts.any()
+
+
+@needs_gpu
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", [0, 2, 3])
