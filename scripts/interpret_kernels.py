@@ -179,10 +179,15 @@ def prefill_attention() -> None:
     continuing = (torch.randn(sum(new), heads, d).half(), *caches, tables,
                   torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32),
                   torch.tensor([c for c, _ in chunks], dtype=torch.int32), d ** -0.5, None, None, max(new))
+    # keys that grow along each prompt: row maxima keep rising past the first tiles, so the lazy rescaling
+    # (_lazy_softmax_step) rescales mid-prompt as well as skipping
+    rising = (q, k * torch.linspace(0.05, 4, k.shape[0])[:, None, None].half(), v, cu, max(lens), d ** -0.5)
     current = pa.PREFILL_CONFIG
     for config in CANDIDATES:
         pa.PREFILL_CONFIG = config
         tile = tuple(config.values())
+        check(f"prefill fresh rising keys tile {tile}", pa.varlen_prefill_attention(*rising),
+              pa.varlen_prefill_attention_ref(*rising))
         check(f"prefill fresh tile {tile}", pa.varlen_prefill_attention(*fresh),
               pa.varlen_prefill_attention_ref(*fresh))
         check(f"prefill continuing tile {tile}", pa.paged_prefill_attention(*continuing),

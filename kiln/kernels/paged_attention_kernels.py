@@ -27,6 +27,23 @@ def _online_softmax_step(s, m, l, acc, v, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE: tl.constexpr):
+    """_online_softmax_step for the prefill kernels, which multiply more than they stream: s is raw scores (q k^T,
+    masked ones -inf) and m a running max in the same units that moves only once some row's max grew by more than
+    2^8 in p (FlashAttention-4's lazy rescaling). p = exp2(s qk_scale - m qk_scale) stays below 2^8 meanwhile, and
+    the accumulator's rescale, a multiply per element of it, is skipped on the steps where no max moved that far,
+    most steps past the first few. The scale goes in with the max's subtraction: one FFMA a score, not two ops."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    if tl.max((m_new - m) * qk_scale, axis=0) > 8.0:
+        alpha = tl.exp2((m - m_new) * qk_scale)
+        acc = acc * alpha[:, None]
+        l = l * alpha
+        m = m_new
+    p = tl.exp2(s * qk_scale - (m * qk_scale)[:, None])  # masked scores are -inf: p = 0
+    return m, l + tl.sum(p, axis=1), acc + _dot(p.to(v.dtype), v, IEEE)
+
+
+@triton.jit
 def _codes_query(q, CODES_FP16: tl.constexpr):
     """q as the matmuls over cache codes take it: fp16 for a bf16 query of a quantized cache, the keys and
     values converting to q's dtype after it (see the module docstring)."""
@@ -257,13 +274,13 @@ def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, 
     if CAUSAL:  # the diagonal tile can also run past the sequence's end
         kv_mask = (cols < n)[:, None] & kv_mask
     k = tl.load(k_ptrs + kstart * k_st, mask=kv_mask, other=0.0).to(q.dtype)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    s = _dot(q, tl.trans(k), IEEE)
     if CAUSAL:
         s = tl.where((cols[None, :] <= rows[:, None]) & (cols < n)[None, :], s, float("-inf"))
     if HAS_WINDOW:
         s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
     v = tl.load(v_ptrs + kstart * v_st, mask=kv_mask, other=0.0).to(q.dtype)
-    return _online_softmax_step(s, m, l, acc, v, IEEE)
+    return _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE)
 
 
 @triton.jit
@@ -337,13 +354,13 @@ def _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_
     are the next sequence's tokens or, past the tensor, zeros; the causal mask drops their scores."""
     cols = kstart + tl.arange(0, BLOCK_N)
     k = k_desc.load([row0 + kstart, col])
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k))
     if CAUSAL:
         s = tl.where((cols[None, :] <= rows[:, None]) & (cols < n)[None, :], s, float("-inf"))
     if HAS_WINDOW:
         s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
     v = v_desc.load([row0 + kstart, col])
-    return _online_softmax_step(s, m, l, acc, v, False)
+    return _lazy_softmax_step(s, m, l, acc, v, qk_scale, False)
 
 
 @triton.jit
@@ -415,13 +432,13 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
         page = tl.load(bt_ptr + seq * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
         kv_mask = ok[:, None] & d_ok[None, :]
         k = _load_pages(k_ptr, page, t, kvh, d, kv_mask, k_sblk, k_stok, k_sh, PAGE).to(q.dtype)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = _dot(q, tl.trans(k), IEEE)
         keep = (t[None, :] <= q_pos[:, None]) & ok[None, :]
         if HAS_WINDOW:
             keep = keep & (q_pos[:, None] - t[None, :] < window)
         s = tl.where(keep, s, float("-inf"))
         v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
-        m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
+        m, l, acc = _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE)
     if ONE_SPLIT:
         _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
     else:
@@ -430,4 +447,4 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
         row = ((start + rows) * (tl.num_programs(2) // num_splits) + h) * num_splits + split
         row_ok = rows < n
         tl.store(o_ptr + row[:, None] * head_size + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log2(l)), mask=row_ok)
+        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m * qk_scale + tl.log2(l)), mask=row_ok)  # base 2

@@ -145,6 +145,20 @@ def test_prefill_kernel_matches_reference(dtype, case):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_kernel_rescales_when_row_maxima_rise_mid_prompt(dtype):
+    """Keys that grow along the prompt: each row's max keeps rising past the first tiles, so the kernel's lazy
+    rescaling (it skips the rescale while no max grew by more than 2^8 in the softmax weights) must rescale there."""
+    lens, heads, kv_heads, d, window = PREFILL_CASES[1]
+    q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, 1)
+    k = k * torch.cat([torch.linspace(0.05, 4, n) for n in lens]).to(dtype)[:, None, None]
+    q, k, v, cu = (t.cuda() for t in (q, k, v, cu))
+    got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
+    want = varlen_prefill_attention_ref(q, k, v, cu, max(lens), d ** -0.5, window)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_gpu
 @pytest.mark.parametrize("tile", [(64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
 @pytest.mark.parametrize("case", [1, 2])
 def test_prefill_tma_kernel_matches_reference_from_a_fused_qkv(tile, case, monkeypatch):
