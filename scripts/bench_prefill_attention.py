@@ -9,9 +9,10 @@ against the torch reference first.
 - continuing: 4 chunks of 1024 tokens after 1024 cached ones (paged_prefill_attention over a 32-token-page cache),
   as a long prompt's later chunks.
 
-Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG: each candidate in turn, the current one first. Then
-the fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles. Prints each config's ms and
-TFLOP/s (causal FLOPs: 4 x heads x head size per query-key pair).
+Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG: each candidate in turn, the current one first, then
+the current one with lazy rescaling (PREFILL_LAZY_RESCALE). Then the fresh prompts' kernel with TMA loads
+(PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling. Prints each config's ms and TFLOP/s
+(causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
 from __future__ import annotations
@@ -71,31 +72,36 @@ def main() -> None:
     cases = {"fresh 4 x 2048": (pa.varlen_prefill_attention, fresh_case([2048] * 4)),
              "continuing 4 x 1024 after 1024": (pa.paged_prefill_attention, continuing_case([(1024, 1024)] * 4))}
     current = dict(pa.PREFILL_CONFIG)
-    try:
-        for config in CANDIDATES:
-            pa.PREFILL_CONFIG = config
+
+    def run(label: str, names) -> None:
+        """Check the kernels under the module's settings now, then time the named cases; a failure is printed."""
+        try:
             ok = (checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small_fresh)
                   and checked(pa.paged_prefill_attention, pa.paged_prefill_attention_ref, small_continuing))
             cells = []
-            for name, (kernel, (args, flops)) in cases.items():
+            for name in names:
+                kernel, (args, flops) = cases[name]
                 kernel(*args)  # compiled outside the graph's capture
                 ms = graph_ms_per_call([lambda kernel=kernel, args=args: kernel(*args)])
                 cells.append(f"{name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
-            print(f"{config} ok={ok} | " + " | ".join(cells), flush=True)
-        fresh_kernel, (args, flops) = cases["fresh 4 x 2048"]
+            print(f"{label} ok={ok} | " + " | ".join(cells), flush=True)
+        except Exception as error:  # a tile that does not compile or fit: say so and go on
+            print(f"{label} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+
+    try:
+        for config in CANDIDATES:
+            pa.PREFILL_CONFIG = config
+            run(str(config), cases)
+        pa.PREFILL_CONFIG = current
+        pa.PREFILL_LAZY_RESCALE = True  # the current tile with lazy rescaling (_lazy_softmax_step)
+        run(f"lazy rescaling {current}", cases)
         for config in TMA_CANDIDATES:  # the fresh prompts' kernel with TMA loads, against the plain one above
             pa.PREFILL_TMA_CONFIG = config
-            try:
-                ok = checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small_fresh)
-                fresh_kernel(*args)
-                ms = graph_ms_per_call([lambda: fresh_kernel(*args)])
-                print(f"TMA {config} ok={ok} | fresh 4 x 2048: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-            except Exception as error:  # a tile that does not compile or fit: say so and go on
-                print(f"TMA {config} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            for lazy in (False, True):
+                pa.PREFILL_LAZY_RESCALE = lazy
+                run(f"TMA{' lazy' if lazy else ''} {config}", ["fresh 4 x 2048"])
     finally:
-        pa.PREFILL_CONFIG = current
-        pa.PREFILL_TMA_CONFIG = None
-
+        pa.PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG, pa.PREFILL_LAZY_RESCALE = current, None, False
 
 if __name__ == "__main__":
     main()

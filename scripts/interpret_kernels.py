@@ -1,12 +1,12 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA, decode attention over int8 and e4m3 caches, codes read one by one or as pairs, its split
-programs merging their parts themselves (FUSED_MERGE), and the
-prefill attention kernels (the fresh prompts' TMA one too) on each candidate tile of
-scripts/bench_prefill_attention.py; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles,
-masks and splits are only timed on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
-rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks
-the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
+either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its
+split programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA
+one too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
+lazily; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
+on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
+rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks the kernels' indexing,
+masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     pip install --no-deps --target /tmp/np_site numpy==2.2.6   # the interpreter needs numpy < 2.3
@@ -182,26 +182,29 @@ def prefill_attention() -> None:
     # keys that grow along each prompt: row maxima keep rising past the first tiles, so the lazy rescaling
     # (_lazy_softmax_step) rescales mid-prompt as well as skipping
     rising = (q, k * torch.linspace(0.05, 4, k.shape[0])[:, None, None].half(), v, cu, max(lens), d ** -0.5)
-    current = pa.PREFILL_CONFIG
-    for config in CANDIDATES:
-        pa.PREFILL_CONFIG = config
-        tile = tuple(config.values())
-        check(f"prefill fresh rising keys tile {tile}", pa.varlen_prefill_attention(*rising),
-              pa.varlen_prefill_attention_ref(*rising))
-        check(f"prefill fresh tile {tile}", pa.varlen_prefill_attention(*fresh),
-              pa.varlen_prefill_attention_ref(*fresh))
-        check(f"prefill continuing tile {tile}", pa.paged_prefill_attention(*continuing),
-              pa.paged_prefill_attention_ref(*continuing))
-    pa.PREFILL_CONFIG = current
-    windowed = (*fresh, 40)
-    for config in TMA_CANDIDATES:  # the fresh prompts' TMA kernel: tiles loaded past a sequence's end, windows
-        pa.PREFILL_TMA_CONFIG = config
-        tile = tuple(config.values())
-        check(f"prefill fresh TMA tile {tile}", pa.varlen_prefill_attention(*fresh),
-              pa.varlen_prefill_attention_ref(*fresh))
-        check(f"prefill fresh TMA tile {tile} window 40", pa.varlen_prefill_attention(*windowed),
-              pa.varlen_prefill_attention_ref(*windowed))
-    pa.PREFILL_TMA_CONFIG = None
+    current, windowed = pa.PREFILL_CONFIG, (*fresh, 40)
+    for lazy in (False, True):  # the softmax rescaled at every step, and lazily (PREFILL_LAZY_RESCALE)
+        pa.PREFILL_LAZY_RESCALE = lazy
+        for config in CANDIDATES:
+            pa.PREFILL_CONFIG = config
+            tile = f"tile {tuple(config.values())} lazy={lazy}"
+            check(f"prefill fresh rising keys {tile}", pa.varlen_prefill_attention(*rising),
+                  pa.varlen_prefill_attention_ref(*rising))
+            check(f"prefill fresh {tile}", pa.varlen_prefill_attention(*fresh), pa.varlen_prefill_attention_ref(*fresh))
+            check(f"prefill continuing {tile}", pa.paged_prefill_attention(*continuing),
+                  pa.paged_prefill_attention_ref(*continuing))
+        pa.PREFILL_CONFIG = current
+        for config in TMA_CANDIDATES:  # the fresh prompts' TMA kernel: tiles loaded past a sequence's end, windows
+            pa.PREFILL_TMA_CONFIG = config
+            tile = f"tile {tuple(config.values())} lazy={lazy}"
+            check(f"prefill fresh TMA {tile}", pa.varlen_prefill_attention(*fresh),
+                  pa.varlen_prefill_attention_ref(*fresh))
+            check(f"prefill fresh TMA {tile} window 40", pa.varlen_prefill_attention(*windowed),
+                  pa.varlen_prefill_attention_ref(*windowed))
+            check(f"prefill fresh TMA rising keys {tile}", pa.varlen_prefill_attention(*rising),
+                  pa.varlen_prefill_attention_ref(*rising))
+        pa.PREFILL_TMA_CONFIG = None
+    pa.PREFILL_LAZY_RESCALE = False
 
 
 def fp8_dot_gemv() -> None:

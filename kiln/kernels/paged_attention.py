@@ -72,6 +72,10 @@ PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for 
 # Fresh prompts' keys and values loaded by TMA (prefill_tma_kernel, Hopper and later) where the tensors allow it
 # (_tma_layout); with this tile, or None: the plain kernel. Off until timed (scripts/bench_prefill_attention.py).
 PREFILL_TMA_CONFIG: dict | None = None
+# The prefill kernels' softmax rescales lazily (_lazy_softmax_step: only once some row's max grew by more than 2^8
+# in its weights, as FlashAttention-4 does; the sm_90 loop then skips 64 of its 563 instructions on most steps).
+# Off until timed.
+PREFILL_LAZY_RESCALE = False
 
 
 # ---------------------------------------------------------------- references (any device)
@@ -256,14 +260,14 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         prefill_tma_kernel[grid](
             q, k_desc, v_desc, out, cu_seqlens, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             scale * _LOG2E, sliding_window or 0, heads // k.shape[1], HAS_WINDOW=sliding_window is not None,
-            BLOCK_D=block_d, **tma)
+            BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE, **tma)
         return out
     prefill_kernel[grid](
         q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
-        **cfg)
+        LAZY=PREFILL_LAZY_RESCALE, **cfg)
     return out
 
 
@@ -313,7 +317,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
         out.stride(1), scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, splits, PAGE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d,
-        EVEN_D=head_size == block_d, **cfg)
+        EVEN_D=head_size == block_d, LAZY=PREFILL_LAZY_RESCALE, **cfg)
     if not one:
         _merge_splits(partial, lse, out)
     return out

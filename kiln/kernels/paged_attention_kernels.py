@@ -44,6 +44,23 @@ def _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _prefill_softmax_step(s, m, l, acc, v, qk_scale, IEEE: tl.constexpr, LAZY: tl.constexpr):
+    """The prefill kernels' step over raw scores s: lazily rescaled (LAZY; m then stays in raw units, see
+    _running_lse) or as decode does it."""
+    if LAZY:
+        return _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE)
+    return _online_softmax_step(s * qk_scale, m, l, acc, v, IEEE)
+
+
+@triton.jit
+def _running_lse(m, l, qk_scale, LAZY: tl.constexpr):
+    """log2 of a row's softmax mass in scaled units, from _prefill_softmax_step's running max and sum."""
+    if LAZY:
+        return m * qk_scale + tl.log2(l)
+    return m + tl.log2(l)
+
+
+@triton.jit
 def _codes_query(q, CODES_FP16: tl.constexpr):
     """q as the matmuls over cache codes take it: fp16 for a bf16 query of a quantized cache, the keys and
     values converting to q's dtype after it (see the module docstring)."""
@@ -267,7 +284,8 @@ def merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_s
 
 @triton.jit
 def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale, window, n,
-                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  LAZY: tl.constexpr):
     """Fold keys kstart..kstart+BLOCK_N of one sequence into the running softmax of q's rows."""
     cols = kstart + tl.arange(0, BLOCK_N)
     kv_mask = d_ok[None, :]
@@ -280,7 +298,7 @@ def _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, 
     if HAS_WINDOW:
         s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
     v = tl.load(v_ptrs + kstart * v_st, mask=kv_mask, other=0.0).to(q.dtype)
-    return _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE)
+    return _prefill_softmax_step(s, m, l, acc, v, qk_scale, IEEE, LAZY)
 
 
 @triton.jit
@@ -317,7 +335,7 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st
                    o_sh, scale_log2, window, group, head_size,
                    HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_D: tl.constexpr):
+                   EVEN_D: tl.constexpr, LAZY: tl.constexpr):
     # The last query tiles first: causal work grows with the tile, and the GPU starts programs in order, so the
     # longest ones start first and the short ones fill the end of the grid (FlashAttention-2's ordering).
     tile, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -339,17 +357,17 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st
         lo = tl.maximum(diag - window + 1, 0) // BLOCK_N * BLOCK_N
     for kstart in range(lo, diag, BLOCK_N):
         m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
-                                  window, n, False, HAS_WINDOW, IEEE, BLOCK_N)
+                                  window, n, False, HAS_WINDOW, IEEE, BLOCK_N, LAZY)
     hi = tl.minimum(diag + BLOCK_M, n)  # causal: no key after the tile's last query
     for kstart in range(diag, hi, BLOCK_N):
         m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
-                                  window, n, True, HAS_WINDOW, IEEE, BLOCK_N)
+                                  window, n, True, HAS_WINDOW, IEEE, BLOCK_N, LAZY)
     _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
 
 
 @triton.jit
 def _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_scale, window, n,
-                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr):
     """_prefill_step with the key and value tiles loaded by TMA (tensor descriptors): rows past the sequence's end
     are the next sequence's tokens or, past the tensor, zeros; the causal mask drops their scores."""
     cols = kstart + tl.arange(0, BLOCK_N)
@@ -360,13 +378,13 @@ def _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_
     if HAS_WINDOW:
         s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
     v = v_desc.load([row0 + kstart, col])
-    return _lazy_softmax_step(s, m, l, acc, v, qk_scale, False)
+    return _prefill_softmax_step(s, m, l, acc, v, qk_scale, False, LAZY)
 
 
 @triton.jit
 def prefill_tma_kernel(q_ptr, k_desc, v_desc, o_ptr, cu_ptr, q_st, q_sh, o_st, o_sh, scale_log2, window, group,
                        HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, LAZY: tl.constexpr):
     """prefill_kernel for 16-bit q, k and v of head size BLOCK_D with no cache scales, its key and value tiles
     loaded by Hopper's TMA: k_desc and v_desc are 2-D descriptors over [tokens, kv heads x head size] with blocks
     of [BLOCK_N, BLOCK_D]. (Triton 3.6 warp-specializes loops on Blackwell only, so the loads and the MMAs
@@ -386,10 +404,10 @@ def prefill_tma_kernel(q_ptr, k_desc, v_desc, o_ptr, cu_ptr, q_st, q_sh, o_st, o
         lo = tl.maximum(diag - window + 1, 0) // BLOCK_N * BLOCK_N
     for kstart in range(lo, diag, BLOCK_N):
         m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, scale_log2, window,
-                                      n, False, HAS_WINDOW, BLOCK_N)
+                                      n, False, HAS_WINDOW, BLOCK_N, LAZY)
     for kstart in range(diag, tl.minimum(diag + BLOCK_M, n), BLOCK_N):
         m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, scale_log2, window,
-                                      n, True, HAS_WINDOW, BLOCK_N)
+                                      n, True, HAS_WINDOW, BLOCK_N, LAZY)
     _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, 1.0)
 
 
@@ -400,7 +418,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
                          PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                          CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr):
+                         EVEN_D: tl.constexpr, LAZY: tl.constexpr):
     """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
     several splits, each program folds one share of the keys and stores a partial output [token, head,
     split] with its log-sum-exp, for the merge. The last query tiles first, as in prefill_kernel."""
@@ -438,7 +456,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
             keep = keep & (q_pos[:, None] - t[None, :] < window)
         s = tl.where(keep, s, float("-inf"))
         v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
-        m, l, acc = _lazy_softmax_step(s, m, l, acc, v, qk_scale, IEEE)
+        m, l, acc = _prefill_softmax_step(s, m, l, acc, v, qk_scale, IEEE, LAZY)
     if ONE_SPLIT:
         _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
     else:
@@ -447,4 +465,4 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
         row = ((start + rows) * (tl.num_programs(2) // num_splits) + h) * num_splits + split
         row_ok = rows < n
         tl.store(o_ptr + row[:, None] * head_size + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m * qk_scale + tl.log2(l)), mask=row_ok)  # base 2
+        tl.store(lse_ptr + row, tl.where(empty, float("-inf"), _running_lse(m, l, qk_scale, LAZY)), mask=row_ok)

@@ -145,10 +145,15 @@ def test_prefill_kernel_matches_reference(dtype, case):
 
 
 @needs_gpu
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_prefill_kernel_rescales_when_row_maxima_rise_mid_prompt(dtype):
-    """Keys that grow along the prompt: each row's max keeps rising past the first tiles, so the kernel's lazy
-    rescaling (it skips the rescale while no max grew by more than 2^8 in the softmax weights) must rescale there."""
+def test_prefill_kernel_rescales_when_row_maxima_rise_mid_prompt(dtype, lazy, monkeypatch):
+    """Keys that grow along the prompt: each row's max keeps rising past the first tiles, so the kernel must
+    rescale there; lazily (PREFILL_LAZY_RESCALE), it skips the rescale while no max grew by more than 2^8 in the
+    softmax weights, and must still rescale when one did."""
+    from kiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "PREFILL_LAZY_RESCALE", lazy)
     lens, heads, kv_heads, d, window = PREFILL_CASES[1]
     q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, 1)
     k = k * torch.cat([torch.linspace(0.05, 4, n) for n in lens]).to(dtype)[:, None, None]
@@ -161,7 +166,8 @@ def test_prefill_kernel_rescales_when_row_maxima_rise_mid_prompt(dtype):
 @needs_gpu
 @pytest.mark.parametrize("tile", [(64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
 @pytest.mark.parametrize("case", [1, 2])
-def test_prefill_tma_kernel_matches_reference_from_a_fused_qkv(tile, case, monkeypatch):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_prefill_tma_kernel_matches_reference_from_a_fused_qkv(tile, case, lazy, monkeypatch):
     """The fresh prompts' TMA kernel (Hopper and later; elsewhere the plain kernel runs, as the engine would), on
     keys and values as the engine passes them: views of one fused QKV row per token, whose key tiles run past a
     sequence's end into the next one's tokens."""
@@ -174,6 +180,7 @@ def test_prefill_tma_kernel_matches_reference_from_a_fused_qkv(tile, case, monke
     q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).cuda()
     monkeypatch.setattr(pa, "PREFILL_TMA_CONFIG", dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile)))
+    monkeypatch.setattr(pa, "PREFILL_LAZY_RESCALE", lazy)
     assert pa._tma_layout(q, k, v, d) == (torch.cuda.get_device_capability()[0] >= 9)
     got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
     want = varlen_prefill_attention_ref(q, k, v, cu, max(lens), d ** -0.5, window)
