@@ -312,9 +312,15 @@ CONTINUING_CASES = [  # cached, new, heads, kv_heads, head_size, block_size, win
 
 
 @needs_gpu
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", range(len(CONTINUING_CASES)))
-def test_continuing_prefill_kernel_matches_reference(dtype, case):
+def test_continuing_prefill_kernel_matches_reference(dtype, case, lazy, monkeypatch):
+    """Over the paged cache, splits merged by their log-sum-exp; with the softmax rescaled at every step and lazily
+    (PREFILL_LAZY_RESCALE: the running max in raw units, which the stored log-sum-exp must convert)."""
+    from kiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "PREFILL_LAZY_RESCALE", lazy)
     cached, new, heads, kv_heads, d, block_size, window = CONTINUING_CASES[case]
     q, k_cache, v_cache, tables, cu, ctx, _, _ = make_continuing_case(cached, new, heads, kv_heads, d, block_size,
                                                                       dtype, case)
