@@ -17,10 +17,10 @@ step's rows (prompt rows' O-projection and MLP beside the decoders' attention) i
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
+
+from bench_prefill_gemm import ms_per_call
 
 from kiln.kernels import paged_attention as pa
 
@@ -28,22 +28,6 @@ HEADS, KV_HEADS, HEAD_SIZE, PAGE = 32, 8, 128, 32
 HIDDEN, INTER = 4096, 14336
 PROMPT_ROWS, DECODERS, CONTEXT = 7700, 488, 2176  # a prefill-1000 mixed step: 8192 tokens, ~488 of them decoding
 CARVEOUTS = (None, 8, 16, 24, 32, 48, 64)
-
-
-def ms_per_iter(body, iters: int = 20, rounds: int = 5) -> float:
-    for _ in range(3):
-        body()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            body()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def decode_inputs():
@@ -84,13 +68,13 @@ def main() -> None:
     flops = 2 * PROMPT_ROWS * HIDDEN * 2 * INTER
     print(f"# {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs, "
           f"torch {torch.__version__}; decode attention error {err:.2g}")
-    alone = ms_per_iter(decode)
+    alone = ms_per_call(decode)
     print(f"decode attention alone: {alone:.3f} ms ({kv_bytes / alone / 1e9:.2f} TB/s), {DECODERS} sequences "
           f"of ~{CONTEXT} tokens")
     base = None
     for carve in CARVEOUTS:
         torch._C._set_sm_carveout_experimental(carve)
-        g, s, c = ms_per_iter(gemm), ms_per_iter(serial), ms_per_iter(concurrent)
+        g, s, c = ms_per_call(gemm), ms_per_call(serial), ms_per_call(concurrent)
         base = base or s
         print(f"carve-out {carve or 0:>2} SMs: GEMM {g:.3f} ms ({flops / g / 1e9:.0f} TFLOP/s) | serial {s:.3f} ms "
               f"| concurrent {c:.3f} ms ({100 * (c / base - 1):+.1f}% against serial at 0)", flush=True)
