@@ -43,7 +43,10 @@ except ImportError:  # CPU-only installs: the references below still work
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:  # the kernels themselves (kiln/kernels/paged_attention_kernels.py)
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    try:  # host-side TMA descriptors: Triton 3.3 and later
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
 
     from kiln.kernels.paged_attention_kernels import (decode_code_pairs_kernel, decode_split_kernel, merge_kernel,
                                                       paged_prefill_kernel, prefill_kernel, prefill_tma_kernel)
@@ -275,8 +278,8 @@ def _tma_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_d: int)
     """Whether the TMA kernel can read k and v: 16-bit like q, head size a power of two up to 128 (its tiles' size),
     each token's heads side by side (a [tokens, kv heads x head size] matrix), 16-byte aligned rows, and a GPU with
     TMA (the interpreter runs it anywhere)."""
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[2] == block_d <= 128):
+    if TensorDescriptor is None or not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
+                                        and q.shape[2] == block_d <= 128):
         return False
     for x in (k, v):
         if x.stride(1) != block_d or x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:
