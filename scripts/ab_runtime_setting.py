@@ -7,8 +7,9 @@ differs. On an NVIDIA GPU:
 
 Llama-3-8B shapes, random bf16 weights, N requests of 2048 prompt and 128 output tokens (prefill-1000's shape,
 fewer requests, so that an A/B fits a short device call). Prints each run's seconds and its share of the compute
-floor, as `kiln bench` counts them. The settings it takes are read at every step (KILN_DECODE_ATTENTION_STREAM
-by the attention of a mixed step, KILN_STEP_RUN_AHEAD by the executor, which the script re-reads per run).
+floor, as `kiln bench` counts them, with its inter-token latency percentiles and its notes. The settings it takes
+are read at every step (KILN_DECODE_ATTENTION_STREAM by the attention of a mixed step, KILN_STEP_RUN_AHEAD by the
+executor, which the script re-reads per run).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import tempfile
 
 import torch
 
-from kiln.bench.offline import (copy_bandwidth, describe_device, kiln_offline, matmul_flops, open_to_first_token,
-                                prefill_flops, synthetic_hf_model)
+from kiln.bench.offline import (copy_bandwidth, describe_device, format_extra, kiln_offline, matmul_flops,
+                                open_to_first_token, prefill_flops, synthetic_hf_model)
 from kiln.bench.workloads import Workload
 from kiln.config import BuildConfig
 from kiln.llmapi.llm import open_engine_dir
@@ -57,8 +58,10 @@ def main() -> None:
                 executor = llm.generator.executor
                 executor.step_run_ahead = executor_setting(executor.runner)  # (read once, at the engine's start)
                 r = kiln_offline(llm, workload, f"kiln {args.variable}={value}")
+                itl = " / ".join(f"{v * 1000:.1f}" for v in (r.itl_s or {}).values())  # (the 2-step p99: docs)
                 print(f"{args.variable}={value}: {r.seconds:.2f} s, {r.output_tokens_per_s:,.1f} output tokens/s, "
-                      f"compute floor {floor:.2f} s: {floor / r.seconds:.1%}", flush=True)
+                      f"compute floor {floor:.2f} s: {floor / r.seconds:.1%}; ITL ms p50/p90/p99 {itl}; "
+                      f"{format_extra(r.extra)}", flush=True)
         llm.shutdown()
     finally:
         shutil.rmtree(source, ignore_errors=True)

@@ -123,8 +123,9 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     sync(llm.device)
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
-    executor = llm.generator.executor
+    executor, scheduler = llm.generator.executor, llm.generator.scheduler
     bursts, bursts_run_ahead, queued_ahead = executor.bursts, executor.bursts_run_ahead, executor.steps_queued_ahead
+    preempted = scheduler.num_preemptions
     with around():
         start = time.perf_counter()
         extra = {}
@@ -140,8 +141,11 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
             outputs = llm.generate(prompts, params)
         sync(llm.device)
         seconds = time.perf_counter() - start
-    if executor.bursts > bursts:  # the share of decode bursts queued before the host read the one before
+    if executor.bursts > bursts:  # decode bursts, and the share queued before the host read the one before
+        extra["bursts"] = executor.bursts - bursts
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
+    if scheduler.num_preemptions > preempted:  # sequences sent back to wait for KV-cache room (recomputed later)
+        extra["preemptions"] = scheduler.num_preemptions - preempted
     if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)
         extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)

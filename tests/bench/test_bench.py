@@ -71,6 +71,8 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys, m
         assert rows[(system, "one")]["extra"]["kv_read_floor_s"] > 0  # beside its compute floor (6 outputs)
         assert rows[(system, "one")]["extra"]["matmul_after_tflops"] >= 0  # the rate again after the run
         assert rows[(system, "one")]["extra"]["bursts_run_ahead"] == 0  # decoded in bursts; no run-ahead on the CPU
+        assert rows[(system, "one")]["extra"]["bursts"] > 0
+        assert "preemptions" not in rows[(system, "one")]["extra"]  # noted only when the KV cache ran short
         one = rows[(system, "one")]  # 6 tokens: the first, then 5 steps in (seconds - TTFT)
         assert 0 < one["tpot_s"]["p50"] <= (one["seconds"] - one["ttft_s"]["p50"]) / 5 + 1e-6
     assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
