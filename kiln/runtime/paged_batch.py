@@ -179,9 +179,10 @@ class PagedAttentionBatch:
 # A mixed step's decode attention streams the cache (memory-bound) while its prompts' attention multiplies
 # (compute-bound): on a second CUDA stream the two share the SMs. The decode call is launched after the prompts' on
 # a stream of higher priority, so as the prompts' programs finish, decode programs take their place. On an H200
-# (scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high --requests 400: 400 x 2048/128, Llama-3-8B
-# shapes) a run took 25.15 s against 26.26 s on one stream. KILN_DECODE_ATTENTION_STREAM: "high" (the default),
-# "normal" (the side stream at the main one's priority) or "off" (one stream).
+# (scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,normal --requests 400 --rounds 2: 400 x
+# 2048/128, Llama-3-8B shapes) it gains 0.2-0.6% at high priority, 0.6-0.8% at normal: the two kernels mostly take
+# turns on the SMs (docs/performance.md). KILN_DECODE_ATTENTION_STREAM: "high" (the default), "normal" (the side
+# stream at the main one's priority) or "off" (one stream).
 _STREAM_PRIORITIES = {"normal": 0, "high": -1}
 _decode_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}  # one per device and priority
 
