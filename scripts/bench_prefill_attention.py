@@ -9,9 +9,9 @@ against the torch reference first.
 - continuing: 4 chunks of 1024 tokens after 1024 cached ones (paged_prefill_attention over a 32-token-page cache),
   as a long prompt's later chunks.
 
-Both kernels take kiln.kernels.paged_attention.PREFILL_CONFIG: each candidate in turn, the current one first, then
-the current one with lazy rescaling (PREFILL_LAZY_RESCALE). Then the fresh prompts' kernel with TMA loads
-(PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling. Prints each config's ms and TFLOP/s
+Each candidate tile in turn runs both plain kernels (as PREFILL_CONFIG and PAGED_PREFILL_CONFIG of
+kiln.kernels.paged_attention, TMA off), then the current tiles with lazy rescaling (PREFILL_LAZY_RESCALE). Then the
+fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling. Prints each config's ms and TFLOP/s
 (causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
@@ -23,10 +23,10 @@ from kiln.kernels import paged_attention as pa
 from kiln.kernels.gemv import graph_ms_per_call
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 32
-CANDIDATES = [pa.PREFILL_CONFIG] + [  # each on HGMMA for sm_90; only 128 x 128 spills (3 stores, fresh prompts)
+CANDIDATES = [pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG] + [  # each on HGMMA for sm_90; only 128 x 128 spills (3 stores, fresh prompts)
     dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     for m, n, w, s in ((64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3),
-                       (128, 128, 8, 2), (128, 128, 8, 3))]
+                       (128, 128, 8, 2))]
 # Tiles for the fresh prompts' TMA kernel (pa.PREFILL_TMA_CONFIG): in sm_90 code 64 x 64 on 4 warps holds 164
 # registers; 128-row tiles need 8 warps (on 4 they spill: scripts/kernel_sass.py "varlen prefill tma").
 TMA_CANDIDATES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
@@ -71,7 +71,7 @@ def main() -> None:
     small_continuing, _ = continuing_case([(40, 70), (300, 5), (0, 33)])
     cases = {"fresh 4 x 2048": (pa.varlen_prefill_attention, fresh_case([2048] * 4)),
              "continuing 4 x 1024 after 1024": (pa.paged_prefill_attention, continuing_case([(1024, 1024)] * 4))}
-    current = dict(pa.PREFILL_CONFIG)
+    current = pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG
 
     def run(label: str, names) -> None:
         """Check the kernels under the module's settings now, then time the named cases; a failure is printed."""
@@ -89,19 +89,20 @@ def main() -> None:
             print(f"{label} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
 
     try:
+        pa.PREFILL_TMA_CONFIG = None
         for config in CANDIDATES:
-            pa.PREFILL_CONFIG = config
+            pa.PREFILL_CONFIG = pa.PAGED_PREFILL_CONFIG = config
             run(str(config), cases)
-        pa.PREFILL_CONFIG = current
-        pa.PREFILL_LAZY_RESCALE = True  # the current tile with lazy rescaling (_lazy_softmax_step)
-        run(f"lazy rescaling {current}", cases)
+        pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG = current[:2]
+        pa.PREFILL_LAZY_RESCALE = True  # the current tiles with lazy rescaling (_lazy_softmax_step)
+        run(f"lazy rescaling {current[:2]}", cases)
         for config in TMA_CANDIDATES:  # the fresh prompts' kernel with TMA loads, against the plain one above
             pa.PREFILL_TMA_CONFIG = config
             for lazy in (False, True):
                 pa.PREFILL_LAZY_RESCALE = lazy
                 run(f"TMA{' lazy' if lazy else ''} {config}", ["fresh 4 x 2048"])
     finally:
-        pa.PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG, pa.PREFILL_LAZY_RESCALE = current, None, False
+        (pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG), pa.PREFILL_LAZY_RESCALE = current, False
 
 if __name__ == "__main__":
     main()

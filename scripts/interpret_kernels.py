@@ -182,18 +182,19 @@ def prefill_attention() -> None:
     # keys that grow along each prompt: row maxima keep rising past the first tiles, so the lazy rescaling
     # (_lazy_softmax_step) rescales mid-prompt as well as skipping
     rising = (q, k * torch.linspace(0.05, 4, k.shape[0])[:, None, None].half(), v, cu, max(lens), d ** -0.5)
-    current, windowed = pa.PREFILL_CONFIG, (*fresh, 40)
+    current, windowed = (pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG), (*fresh, 40)
     for lazy in (False, True):  # the softmax rescaled at every step, and lazily (PREFILL_LAZY_RESCALE)
         pa.PREFILL_LAZY_RESCALE = lazy
+        pa.PREFILL_TMA_CONFIG = None  # the plain kernels first
         for config in CANDIDATES:
-            pa.PREFILL_CONFIG = config
+            pa.PREFILL_CONFIG = pa.PAGED_PREFILL_CONFIG = config
             tile = f"tile {tuple(config.values())} lazy={lazy}"
             check(f"prefill fresh rising keys {tile}", pa.varlen_prefill_attention(*rising),
                   pa.varlen_prefill_attention_ref(*rising))
             check(f"prefill fresh {tile}", pa.varlen_prefill_attention(*fresh), pa.varlen_prefill_attention_ref(*fresh))
             check(f"prefill continuing {tile}", pa.paged_prefill_attention(*continuing),
                   pa.paged_prefill_attention_ref(*continuing))
-        pa.PREFILL_CONFIG = current
+        pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG = current[:2]
         for config in TMA_CANDIDATES:  # the fresh prompts' TMA kernel: tiles loaded past a sequence's end, windows
             pa.PREFILL_TMA_CONFIG = config
             tile = f"tile {tuple(config.values())} lazy={lazy}"
@@ -203,7 +204,7 @@ def prefill_attention() -> None:
                   pa.varlen_prefill_attention_ref(*windowed))
             check(f"prefill fresh TMA rising keys {tile}", pa.varlen_prefill_attention(*rising),
                   pa.varlen_prefill_attention_ref(*rising))
-        pa.PREFILL_TMA_CONFIG = None
+        pa.PREFILL_TMA_CONFIG = current[2]
     pa.PREFILL_LAZY_RESCALE = False
 
 

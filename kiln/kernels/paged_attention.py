@@ -71,13 +71,19 @@ CODES_AS_PAIRS = True
 # would share them, which one engine never does.
 FUSED_MERGE = False
 _SPLIT_COUNTS: dict = {}
-PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # for head_size <= 128
+PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # fresh prompts, head_size <= 128
+# Continuing chunks (paged_prefill_kernel, keys from the paged cache): 128 x 128 tiles took 0.389 ms for 4 x 1024
+# tokens after 1024 against 0.419 with PREFILL_CONFIG's (H200, nineteenth session; 0.410 against 0.427 in the
+# eighteenth; scripts/bench_prefill_attention.py).
+PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # head_size <= 128
 # Fresh prompts' keys and values loaded by TMA (prefill_tma_kernel, Hopper and later) where the tensors allow it
-# (_tma_layout); with this tile, or None: the plain kernel. Off until timed (scripts/bench_prefill_attention.py).
-PREFILL_TMA_CONFIG: dict | None = None
+# (_tma_layout); with this tile, or None: the plain kernel on PREFILL_CONFIG. On an H200 (nineteenth session) 4 x
+# 2048 fresh tokens took 0.338 ms (407 TFLOP/s) against the plain kernel's 0.365 (scripts/bench_prefill_attention.py).
+PREFILL_TMA_CONFIG: dict | None = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # The prefill kernels' softmax rescales lazily (_lazy_softmax_step: only once some row's max grew by more than 2^8
 # in its weights, as FlashAttention-4 does; the sm_90 loop then skips 64 of its 563 instructions on most steps).
-# Off until timed.
+# Off: slower on an H200 in every kernel (nineteenth session: fresh 0.390 ms against 0.365, continuing 0.469 against
+# 0.419, TMA 0.356 against 0.338; scripts/bench_prefill_attention.py).
 PREFILL_LAZY_RESCALE = False
 
 
@@ -302,7 +308,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     block_d = max(16, triton.next_power_of_2(head_size))
-    cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    cfg = PAGED_PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     tiles, seqs = triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1
     # A few new tokens after a long prefix (a prefix-cache hit) make few programs, each streaming the whole
     # context: split the keys across programs as decode does, and merge.

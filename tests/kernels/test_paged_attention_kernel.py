@@ -133,9 +133,16 @@ PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window
 
 
 @needs_gpu
+@pytest.mark.parametrize("tma", [True, False], ids=["tma-default", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
-def test_prefill_kernel_matches_reference(dtype, case):
+def test_prefill_kernel_matches_reference(dtype, case, tma, monkeypatch):
+    """With the default PREFILL_TMA_CONFIG (16-bit cases of power-of-two head sizes take the TMA kernel on Hopper),
+    and with the plain kernel alone."""
+    from kiln.kernels import paged_attention
+
+    if not tma:
+        monkeypatch.setattr(paged_attention, "PREFILL_TMA_CONFIG", None)
     lens, heads, kv_heads, d, window = PREFILL_CASES[case]
     q, k, v, cu = (t.cuda() for t in _packed(lens, heads, kv_heads, d, dtype, case))
     got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
@@ -150,10 +157,11 @@ def test_prefill_kernel_matches_reference(dtype, case):
 def test_prefill_kernel_rescales_when_row_maxima_rise_mid_prompt(dtype, lazy, monkeypatch):
     """Keys that grow along the prompt: each row's max keeps rising past the first tiles, so the kernel must
     rescale there; lazily (PREFILL_LAZY_RESCALE), it skips the rescale while no max grew by more than 2^8 in the
-    softmax weights, and must still rescale when one did."""
+    softmax weights, and must still rescale when one did. The plain kernel (the TMA one has its own test)."""
     from kiln.kernels import paged_attention
 
     monkeypatch.setattr(paged_attention, "PREFILL_LAZY_RESCALE", lazy)
+    monkeypatch.setattr(paged_attention, "PREFILL_TMA_CONFIG", None)
     lens, heads, kv_heads, d, window = PREFILL_CASES[1]
     q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, 1)
     k = k * torch.cat([torch.linspace(0.05, 4, n) for n in lens]).to(dtype)[:, None, None]
