@@ -75,7 +75,7 @@ PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # fres
 # Continuing chunks (paged_prefill_kernel, keys from the paged cache): 128 x 128 tiles took 0.389 ms for 4 x 1024
 # tokens after 1024 against 0.419 with PREFILL_CONFIG's (H200, nineteenth session; 0.410 against 0.427 in the
 # eighteenth; scripts/bench_prefill_attention.py).
-PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # head_size <= 128
+PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # 16-bit q, head_size <= 128
 # Fresh prompts' keys and values loaded by TMA (prefill_tma_kernel, Hopper and later) where the tensors allow it
 # (_tma_layout); with this tile, or None: the plain kernel on PREFILL_CONFIG. On an H200 (nineteenth session) 4 x
 # 2048 fresh tokens took 0.338 ms (407 TFLOP/s) against the plain kernel's 0.365 (scripts/bench_prefill_attention.py).
@@ -308,7 +308,9 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     block_d = max(16, triton.next_power_of_2(head_size))
-    cfg = PAGED_PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    # float32's 128 x 128 tiles outgrow shared memory (257 KB against the H200's 227)
+    cfg = ((PAGED_PREFILL_CONFIG if q.element_size() == 2 else PREFILL_CONFIG) if block_d <= 128
+           else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
     tiles, seqs = triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1
     # A few new tokens after a long prefix (a prefix-cache hit) make few programs, each streaming the whole
     # context: split the keys across programs as decode does, and merge.
