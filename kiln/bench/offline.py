@@ -148,6 +148,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         extra["preemptions"] = scheduler.num_preemptions - preempted
     if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)
         extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
+    extra.update(long_gap_notes([o.inter_token_latencies() for o in outputs]))
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
     tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]
@@ -155,6 +156,20 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
                        len(prompts) / seconds, percentiles([o.ttft() for o in outputs]),
                        percentiles([x for o in outputs for x in o.inter_token_latencies()]),
                        percentiles(tpot) if tpot else None, peak, extra)
+
+
+def long_gap_notes(gaps: list[list[float]]) -> dict:
+    """Where the long inter-token gaps are, to tell a slow step from a token held back a step: the gaps longer than
+    1.5x the median nonzero one (`long_gaps`, a count), and the share of those that are a request's first gap,
+    between its first and second token (`long_gaps_first`). Nothing when no gap is that long."""
+    positive = sorted(x for g in gaps for x in g if x > 0)
+    if not positive:
+        return {}
+    limit = 1.5 * positive[len(positive) // 2]
+    long = [i for g in gaps for i, x in enumerate(g) if x > limit]
+    if not long:
+        return {}
+    return {"long_gaps": len(long), "long_gaps_first": long.count(0) / len(long)}
 
 
 def hf_offline(hf_model, workload: Workload) -> BenchResult:

@@ -17,6 +17,16 @@ def test_shared_prefix_prompts_share_exactly_the_prefix():
     assert len({tuple(p[32:]) for p in prompts}) == 5 and all(len(p) == 40 for p in prompts)
 
 
+def test_long_gap_notes_count_the_gaps_past_one_and_a_half_medians_and_the_first_ones():
+    from kiln.bench.offline import long_gap_notes
+
+    step = 0.2  # three requests' gaps: one slow first gap, one slow later gap, burst zeros in between
+    gaps = [[2 * step, step, step, 0.0, step], [step, step, 0.0, 3.1 * step], [step, 0.29, step]]
+    assert long_gap_notes(gaps) == {"long_gaps": 2, "long_gaps_first": 0.5}  # 0.29 < 1.5 x 0.2: not long
+    assert long_gap_notes([[step, step], [0.0]]) == {}  # none that long
+    assert long_gap_notes([[0.0, 0.0], []]) == {}  # all tokens of bursts
+
+
 def test_bad_workloads_are_named(tmp_path):
     with pytest.raises(ConfigError, match="named workloads"):
         select("decode-1,nope", None, 1, 8, 8)
