@@ -252,6 +252,7 @@ def test_decode_split_programs_merging_their_parts_match_the_reference(cache, ca
     from kiln.kernels import paged_attention
 
     monkeypatch.setattr(paged_attention, "FUSED_MERGE", True)
+    monkeypatch.setattr(paged_attention, "_SPLIT_COUNTS", {})  # made by the first call that splits
     lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
     q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, torch.bfloat16,
                                                               case)
@@ -264,8 +265,12 @@ def test_decode_split_programs_merging_their_parts_match_the_reference(cache, ca
     for _ in range(3):
         got = paged_decode_attention(*args, d ** -0.5, window, kv_scale)
         torch.testing.assert_close(got, want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+    max_context = tables.shape[1] * block_size if window is None else min(tables.shape[1] * block_size, window)
+    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context,
+                                         paged_attention.DECODE_CONFIG["BLOCK_N"], got.device)
     counts = paged_attention._SPLIT_COUNTS.get(got.device)
-    assert counts is None or not counts.any()
+    assert (counts is not None) == (splits > 1)  # the fused path ran wherever the keys were split
+    assert counts is None or not counts.any()  # and left its counts at zero
 
 
 @needs_gpu
