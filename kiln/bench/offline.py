@@ -148,7 +148,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         extra["preemptions"] = scheduler.num_preemptions - preempted
     if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)
         extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
-    extra.update(long_gap_notes([o.inter_token_latencies() for o in outputs]))
+    extra.update(long_gap_notes([o.outputs[0].token_times for o in outputs]))
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
     tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]
@@ -158,18 +158,22 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
                        percentiles(tpot) if tpot else None, peak, extra)
 
 
-def long_gap_notes(gaps: list[list[float]]) -> dict:
-    """Where the long inter-token gaps are, to tell a slow step from a token held back a step: the gaps longer than
-    1.5x the median nonzero one (`long_gaps`, a count), and the share of those that are a request's first gap,
-    between its first and second token (`long_gaps_first`). Nothing when no gap is that long."""
-    positive = sorted(x for g in gaps for x in g if x > 0)
+def long_gap_notes(token_times: list[list[float]]) -> dict:
+    """Where the long inter-token gaps are, from each request's token times: the gaps longer than 1.5x the median
+    nonzero one (`long_gaps`, a count); the share of them that are a request's first gap, between its first and
+    second token (`long_gaps_first`); and at how many distinct moments they ended (`long_gap_ends`). Tokens read
+    in one engine step share a time, so a few ends for many gaps means a few slow steps held every request back,
+    and about as many ends as gaps means single requests skipped steps. Nothing when no gap is that long."""
+    gaps = [[(b - a, b) for a, b in zip(times, times[1:])] for times in token_times]
+    positive = sorted(gap for g in gaps for gap, _ in g if gap > 0)
     if not positive:
         return {}
     limit = 1.5 * positive[len(positive) // 2]
-    long = [i for g in gaps for i, x in enumerate(g) if x > limit]
+    long = [(i, end) for g in gaps for i, (gap, end) in enumerate(g) if gap > limit]
     if not long:
         return {}
-    return {"long_gaps": len(long), "long_gaps_first": long.count(0) / len(long)}
+    return {"long_gaps": len(long), "long_gaps_first": sum(i == 0 for i, _ in long) / len(long),
+            "long_gap_ends": len({end for _, end in long})}
 
 
 def hf_offline(hf_model, workload: Workload) -> BenchResult:

@@ -17,14 +17,15 @@ def test_shared_prefix_prompts_share_exactly_the_prefix():
     assert len({tuple(p[32:]) for p in prompts}) == 5 and all(len(p) == 40 for p in prompts)
 
 
-def test_long_gap_notes_count_the_gaps_past_one_and_a_half_medians_and_the_first_ones():
+def test_long_gap_notes_count_the_gaps_past_one_and_a_half_medians_where_they_start_and_end():
     from kiln.bench.offline import long_gap_notes
 
-    step = 0.2  # three requests' gaps: one slow first gap, one slow later gap, burst zeros in between
-    gaps = [[2 * step, step, step, 0.0, step], [step, step, 0.0, 3.1 * step], [step, 0.29, step]]
-    assert long_gap_notes(gaps) == {"long_gaps": 2, "long_gaps_first": 0.5}  # 0.29 < 1.5 x 0.2: not long
-    assert long_gap_notes([[step, step], [0.0]]) == {}  # none that long
-    assert long_gap_notes([[0.0, 0.0], []]) == {}  # all tokens of bursts
+    # three requests' token times in steps of 0.2 s: the first one's first gap is slow, and one slow step (ending
+    # at 2.0) holds back the other two; tokens of a burst share a time (gap 0); 0.29 < 1.5 x 0.2 is not slow
+    times = [[0.0, 0.4, 0.6, 0.8, 0.8, 1.0], [1.0, 1.2, 1.4, 2.0, 2.2], [1.2, 1.4, 2.0, 2.29]]
+    assert long_gap_notes(times) == {"long_gaps": 3, "long_gaps_first": 1 / 3, "long_gap_ends": 2}
+    assert long_gap_notes([[0.0, 0.2, 0.4], [0.5]]) == {}  # none that long
+    assert long_gap_notes([[1.0, 1.0, 1.0], []]) == {}  # all tokens of one burst
 
 
 def test_bad_workloads_are_named(tmp_path):
