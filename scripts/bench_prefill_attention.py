@@ -11,8 +11,8 @@ against the torch reference first.
 
 Each candidate tile in turn runs both plain kernels (as PREFILL_CONFIG and PAGED_PREFILL_CONFIG of
 kiln.kernels.paged_attention, TMA off), then the current tiles with lazy rescaling (PREFILL_LAZY_RESCALE). Then the
-fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling. Prints each config's ms and TFLOP/s
-(causal FLOPs: 4 x heads x head size per query-key pair).
+fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling.
+Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from kiln.kernels import paged_attention as pa
 from kiln.kernels.gemv import graph_ms_per_call
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 32
-CANDIDATES = [pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG] + [  # each on HGMMA for sm_90; only 128 x 128 spills (3 stores, fresh prompts)
+# each on HGMMA for sm_90; only 128 x 128 spills (3 stores, fresh prompts)
+CANDIDATES = [pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG] + [
     dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     for m, n, w, s in ((64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3),
                        (128, 128, 8, 2))]

@@ -8,6 +8,9 @@ NVIDIA GPU, each checked against F.linear first:
 - `cuBLASLt`: F.linear with torch.backends.cuda.preferred_blas_library("cublaslt");
 - `two halves` (fc_gate only): its fc and gate rows as two calls, two outputs.
 
+Then fc_gate with its activation: F.linear and then `silu_and_mul` (kiln's prompt path) against the Triton GEMM
+with the activation as its epilogue (kiln.kernels.gated_gemm, `KILN_GATED_GEMM=1`) on each of its candidate tiles.
+
 In prefill-1000's profile the fc_gate GEMM ran at about 91% of the square matmul rate and the other three at about
 95%; this asks whether another layout or library closes that. Prints ms and TFLOP/s per shape and way, and the
 square 8192 matmul's rate measured in the same run.
@@ -89,6 +92,35 @@ def main() -> None:
                 mark = "" if ok else " MISMATCH"
                 cells.append(f"{way} {ms:.3f} ms {rate:.0f} TFLOP/s ({100 * rate / square:.1f}%){mark}")
             print(f"{name} {rows} x {n_out} x {k}: " + " | ".join(cells), flush=True)
+        fc_gate_with_activation(rows, square)
+
+
+def fc_gate_with_activation(rows: int, square: float) -> None:
+    """fc_gate and SiLU-and-mul, as kiln runs them today and fused (each tile checked against the reference)."""
+    from kiln.kernels import gated_gemm
+    from kiln.kernels.activation import silu_and_mul
+
+    n_out, k = SHAPES["fc_gate"]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    ref = gated_gemm.silu_and_mul_gemm_ref(x, w).float()
+    flops = 2 * rows * n_out * k
+    ways = {"F.linear + silu_and_mul": lambda: silu_and_mul(F.linear(x, w))}
+    for cfg in gated_gemm.GATED_GEMM_CONFIGS:
+        label = "fused {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
+        ways[label] = lambda cfg=cfg: gated_gemm.silu_and_mul_gemm(x, w, cfg)
+    cells = []
+    for way, call in ways.items():
+        try:
+            scale = ref.abs().max().item()
+            ok = torch.allclose(call().float(), ref, rtol=2 ** -5, atol=2 ** -5 * scale)
+            ms = ms_per_call(call)
+            rate = flops / ms / 1e9
+            mark = "" if ok else " MISMATCH"
+            cells.append(f"{way} {ms:.3f} ms {rate:.0f} TFLOP/s ({100 * rate / square:.1f}%){mark}")
+        except Exception as error:  # a tile that does not compile or fit: say so and go on
+            cells.append(f"{way} failed: {type(error).__name__}: {str(error)[:120]}")
+    print(f"fc_gate + activation {rows} x {n_out} x {k}: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import activation, fp8_quant, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm, rotary
+from kiln.kernels import (activation, fp8_quant, gated_gemm, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm,
+                          rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
@@ -117,6 +118,13 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                       (True, 1, 32, 64, 32, False), (False, 1, 64, 64, 128, True),
                                       (True, 4, 64, 64, 128, True), (False, 1, 16, 128, 32, True))
       for as_is in (False, True)],
+    *[(f"gated gemm {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} stages={c['num_stages']}",
+       gated_gemm._silu_and_mul_gemm_kernel,
+       {k: v for k, v in c.items() if k.isupper()},
+       dict(x_desc=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
+            w_desc=f"tensordesc<bf16[{c['BLOCK_N']}, {c['BLOCK_K']}]>",
+            y_desc=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_N']}]>"))
+      for c in gated_gemm.GATED_GEMM_CONFIGS],
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
     ("moe grouped gemm", moe._grouped_gemm_kernel,

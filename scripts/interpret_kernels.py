@@ -5,7 +5,8 @@ split programs merging their parts themselves (FUSED_MERGE); the prefill attenti
 one too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
 lazily; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
 on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
-rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's). It checks the kernels' indexing,
+rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the fc_gate GEMM with SiLU-and-mul
+as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and epilogue run only on Hopper). It checks the kernels' indexing,
 masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
@@ -255,6 +256,20 @@ def int4_qkv_rotary() -> None:
                 check(f"w4 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
 
 
+def gated_gemm_tiles() -> None:
+    from kiln.kernels import gated_gemm
+
+    g = torch.Generator().manual_seed(5)
+    for rows, inter, k in ((300, 200, 136), (70, 48, 40)):  # no tile divides rows, I or K
+        x = torch.randn(rows, k, generator=g).half()
+        w = (torch.randn(2 * inter, k, generator=g) / k ** 0.5).half()
+        # and groups of 2 row tiles, the last group short: the grouped order's edge
+        for cfg in [*gated_gemm.GATED_GEMM_CONFIGS, dict(gated_gemm.GATED_GEMM_CONFIGS[-1], BLOCK_M=32, GROUP_M=2)]:
+            tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} group {GROUP_M}".format(**cfg)
+            check(f"gated gemm {rows}x{inter}x{k} tile {tile}", gated_gemm.silu_and_mul_gemm(x, w, cfg),
+                  gated_gemm.silu_and_mul_gemm_ref(x, w))
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
@@ -269,6 +284,7 @@ def main() -> None:
     fp8_dot_gemv()
     rotary_with_cache_write()
     int4_qkv_rotary()
+    gated_gemm_tiles()
 
 
 if __name__ == "__main__":

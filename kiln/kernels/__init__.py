@@ -5,6 +5,7 @@
 | `rmsnorm` | `rms_norm` | `rms_norm_ref` | residual add + RMSNorm, one read and one write of the row (e4m3 for an FP8 linear) |
 | `rotary` | `apply_rotary` | `apply_rotary_ref` | cos/sin from positions + rotate-half on q and k, in place |
 | `activation` | `silu_and_mul` | `silu_and_mul_ref` | SiLU of the fc half times the gate half (e4m3 for an FP8 linear) |
+| `gated_gemm` | `silu_and_mul_gemm` | `silu_and_mul_gemm_ref` | the 16-bit fc_gate GEMM of prompt rows with SiLU-and-mul as its epilogue (TMA; `KILN_GATED_GEMM=1`) |
 | `fp8_quant` | `quantize_fp8_rows` | `quantize_fp8_rows_ref` | activations to e4m3, per-token or static scale |
 | `paged_attention` | `paged_decode_attention` | `paged_decode_attention_ref` | decode attention over a paged KV cache (split-K; int8 / fp8 codes with `kv_scale`) |
 | `paged_attention` | `varlen_prefill_attention` | `varlen_prefill_attention_ref` | causal flash attention over packed sequences |

@@ -63,6 +63,18 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return linear(x, layer.weight)  # cuBLAS, or a GEMV for batch-1 shapes where it measured faster
 
+    def silu_and_mul_matmul(self, layer, x):
+        """Prompt-sized rows on Hopper with KILN_GATED_GEMM=1: the Triton GEMM with the activation as its epilogue
+        (kiln.kernels.gated_gemm, off until timed)."""
+        if not x.is_cuda:
+            return None
+        from kiln.kernels import gated_gemm
+
+        if (x.dim() != 2 or x.shape[0] < gated_gemm.MIN_ROWS or not gated_gemm.gated_gemm_enabled()
+                or not gated_gemm.can_run(x, layer.weight)):
+            return None
+        return gated_gemm.silu_and_mul_gemm(x, layer.weight)
+
     def quantize(self, weight, dtype, input_scale=None):
         return {"weight": weight.to(dtype)}
 
