@@ -56,13 +56,14 @@ def silu_and_mul_gemm_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 def can_run(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether silu_and_mul_gemm takes x and weight: 16-bit CUDA tensors of one dtype on a GPU with TMA (or the
-    interpreter), rows of x and weight contiguous, K a multiple of 8 (16-byte rows) and I too (the output's)."""
+    interpreter), rows of x and the weight contiguous and 16-byte aligned, K a multiple of 8 (16-byte rows) and I
+    too (the output's)."""
     if TensorDescriptor is None or x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if weight.dtype != x.dtype or x.stride(1) != 1 or weight.stride(1) != 1 or not weight.is_contiguous():
+    if weight.dtype != x.dtype or x.stride(1) != 1 or not weight.is_contiguous():
         return False
     k, inter = x.shape[1], weight.shape[0] // 2
-    if weight.shape[1] != k or k % 8 or inter % 8 or x.stride(0) % 8 or x.data_ptr() % 16:
+    if weight.shape[1] != k or k % 8 or inter % 8 or x.stride(0) % 8 or x.data_ptr() % 16 or weight.data_ptr() % 16:
         return False
     return not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9
 
