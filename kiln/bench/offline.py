@@ -126,6 +126,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     executor, scheduler = llm.generator.executor, llm.generator.scheduler
     bursts, bursts_run_ahead, queued_ahead = executor.bursts, executor.bursts_run_ahead, executor.steps_queued_ahead
     preempted = scheduler.num_preemptions
+    allocator = allocator_counts(llm.device)
     with around():
         start = time.perf_counter()
         extra = {}
@@ -149,6 +150,8 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)
         extra["steps_queued_ahead"] = executor.steps_queued_ahead - queued_ahead
     extra.update(long_gap_notes([o.outputs[0].token_times for o in outputs]))
+    # the caching allocator's calls to the driver in the timed run (each can wait for the whole GPU): noted if any
+    extra.update({key: n - allocator[key] for key, n in allocator_counts(llm.device).items() if n > allocator[key]})
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     peak = torch.cuda.max_memory_allocated(llm.device) / 1e9 if llm.device.type == "cuda" else None
     tpot = [t for o in outputs if (t := o.time_per_output_token()) is not None]
@@ -156,6 +159,16 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
                        len(prompts) / seconds, percentiles([o.ttft() for o in outputs]),
                        percentiles([x for o in outputs for x in o.inter_token_latencies()]),
                        percentiles(tpot) if tpot else None, peak, extra)
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's device allocations, frees, and retries (a free of every cached block, then the
+    allocation again) so far; none off CUDA."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"device_allocs": stats.get("num_device_alloc", 0), "device_frees": stats.get("num_device_free", 0),
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 def long_gap_notes(token_times: list[list[float]]) -> dict:
