@@ -118,7 +118,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                       (True, 1, 32, 64, 32, False), (False, 1, 64, 64, 128, True),
                                       (True, 4, 64, 64, 128, True), (False, 1, 16, 128, 32, True))
       for as_is in (False, True)],
-    *[(f"gated gemm {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} stages={c['num_stages']}",
+    *[(f"gated gemm {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} stages={c['num_stages']}"
+       f"{' persistent' if c['PERSISTENT'] else ''}",
        gated_gemm._silu_and_mul_gemm_kernel,
        {k: v for k, v in c.items() if k.isupper()},
        dict(x_desc=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",

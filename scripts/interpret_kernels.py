@@ -265,7 +265,7 @@ def gated_gemm_tiles() -> None:
         w = (torch.randn(2 * inter, k, generator=g) / k ** 0.5).half()
         # and groups of 2 row tiles, the last group short: the grouped order's edge
         for cfg in [*gated_gemm.GATED_GEMM_CONFIGS, dict(gated_gemm.GATED_GEMM_CONFIGS[-1], BLOCK_M=32, GROUP_M=2)]:
-            tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} group {GROUP_M}".format(**cfg)
+            tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} group {GROUP_M} persistent={PERSISTENT}".format(**cfg)
             check(f"gated gemm {rows}x{inter}x{k} tile {tile}", gated_gemm.silu_and_mul_gemm(x, w, cfg),
                   gated_gemm.silu_and_mul_gemm_ref(x, w))
 

@@ -35,10 +35,20 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 # Candidates for scripts/bench_prefill_gemm.py, the first the default: 128 x 128 tiles of each half hold two
 # float32 accumulators of 64 registers a thread on 8 warps; a stage is 48 KB of shared memory (x, fc, gate).
-GATED_GEMM_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-                      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-                      dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)]
+# PERSISTENT: one program an SM walks the tiles, its tile and K loops flattened into one that Triton pipelines
+# across tiles (the next tile's loads start during this one's epilogue).
+GATED_GEMM_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, num_warps=8,
+                           num_stages=4),
+                      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, num_warps=8,
+                           num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, num_warps=4,
+                           num_stages=4),
+                      dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, num_warps=4,
+                           num_stages=4),
+                      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=True, num_warps=8,
+                           num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PERSISTENT=True, num_warps=4,
+                           num_stages=4)]
 GATED_GEMM_CONFIG = GATED_GEMM_CONFIGS[0]
 MIN_ROWS = 256  # below, the GEMV (1-2 rows) or cuBLAS's small-M kernels; prompts are where the pass costs
 
@@ -79,23 +89,40 @@ def silu_and_mul_gemm(x: torch.Tensor, weight: torch.Tensor, config: dict | None
     x_desc = TensorDescriptor(x, shape=[rows, k], strides=[x.stride(0), 1], block_shape=[bm, bk])
     w_desc = TensorDescriptor(weight, shape=[2 * inter, k], strides=[k, 1], block_shape=[bn, bk])
     y_desc = TensorDescriptor(y, shape=[rows, inter], strides=[inter, 1], block_shape=[bm, bn])
-    grid = (triton.cdiv(rows, bm) * triton.cdiv(inter, bn),)
-    _silu_and_mul_gemm_kernel[grid](x_desc, w_desc, y_desc, rows, inter, k, **cfg)
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(inter, bn)
+    programs = min(tiles, _sm_count(x.device)) if cfg["PERSISTENT"] else tiles
+    _silu_and_mul_gemm_kernel[(programs,)](x_desc, w_desc, y_desc, rows, inter, k, programs, **cfg)
     return y
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_gemm_kernel(x_desc, w_desc, y_desc, M, I, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """Program p: output tile (m, n) in groups of GROUP_M row tiles (the programs running together share
-        weight tiles in L2), y[m, n] = silu(x[m] fc[n]^T) * (x[m] gate[n]^T). A fc tile that runs past I reads
-        gate rows, and a gate tile past 2 I reads zeros: both only feed outputs past I, which the store drops."""
-        pid = tl.program_id(0)
+    def _silu_and_mul_gemm_kernel(x_desc, w_desc, y_desc, M, I, K, programs, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                                  PERSISTENT: tl.constexpr):
+        """y = silu(x fc^T) * (x gate^T), tile by tile (_gated_tile): program p takes tile p, or with PERSISTENT
+        tiles p, p + programs, ..."""
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
+        if PERSISTENT:
+            for tile in tl.range(tl.program_id(0), tiles, programs, flatten=True):
+                _gated_tile(x_desc, w_desc, y_desc, tile, M, I, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        else:
+            _gated_tile(x_desc, w_desc, y_desc, tl.program_id(0), M, I, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+    @triton.jit
+    def _gated_tile(x_desc, w_desc, y_desc, tile, M, I, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """Output tile `tile` (m, n), in groups of GROUP_M row tiles (tiles in flight together share weight tiles
+        in L2): y[m, n] = silu(x[m] fc[n]^T) * (x[m] gate[n]^T). A fc tile that runs past I reads gate rows, and
+        a gate tile past 2 I reads zeros: both only feed outputs past I, which the store drops."""
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
-        in_group = pid % (GROUP_M * tiles_n)  # a group: GROUP_M row tiles (fewer in the last) by every column tile
-        first_m = pid // (GROUP_M * tiles_n) * GROUP_M
+        in_group = tile % (GROUP_M * tiles_n)  # a group: GROUP_M row tiles (fewer in the last) by every column tile
+        first_m = tile // (GROUP_M * tiles_n) * GROUP_M
         size_m = min(tiles_m - first_m, GROUP_M)
         m0 = (first_m + in_group % size_m) * BLOCK_M
         n0 = in_group // size_m * BLOCK_N
