@@ -121,7 +121,7 @@ def decode_attention() -> None:
     cases = (([40, 100, 7], 8, 2, 64, 32, None, 4), ([300, 1, 77], 16, 2, 128, 32, 64, 4),
              ([33, 9], 12, 12, 96, 8, None, 1))  # lens, heads, kv heads, head size, page, window, SMs
     for lens, heads, kv_heads, d, page, window, sms in cases:
-        pa._num_sms = lambda index, sms=sms: sms  # the split count without a GPU to ask
+        pa.num_sms = lambda index, sms=sms: sms  # the split count without a GPU to ask
         blocks = -(-max(lens) // page)
         tables = torch.randperm(len(lens) * blocks).int().view(len(lens), blocks)
         ctx, q = torch.tensor(lens, dtype=torch.int32), torch.randn(len(lens), heads, d).half()
@@ -142,7 +142,7 @@ def decode_attention() -> None:
 def fused_merge() -> None:
     """Decode's split programs merging their parts themselves (pa.FUSED_MERGE), over a 16-bit cache and over
     codes read as pairs, against the references; the counts must be back at zero after each call."""
-    pa._num_sms = lambda index: 16  # enough programs per SM wanted that every sequence splits
+    pa.num_sms = lambda index: 16  # enough programs per SM wanted that every sequence splits
     pairs, pa.FUSED_MERGE = pa.CODES_AS_PAIRS, True
     for lens, heads, kv_heads, d, window, code in (([300, 70, 129], 8, 2, 64, None, None),
                                                    ([200, 5], 4, 1, 128, 96, torch.int8)):
@@ -167,7 +167,7 @@ def prefill_attention() -> None:
     masks and diagonal tiles differ by BLOCK_M and BLOCK_N), against the references."""
     from bench_prefill_attention import CANDIDATES, TMA_CANDIDATES
 
-    pa._num_sms = lambda index: 4  # the split count without a GPU to ask
+    pa.num_sms = lambda index: 4  # the split count without a GPU to ask
     heads, kv_heads, d, page = 4, 2, 128, 32
     lens, chunks = [100, 37, 150], [(40, 70), (200, 5), (0, 33)]
     q = torch.randn(sum(lens), heads, d).half()

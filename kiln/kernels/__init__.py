@@ -41,6 +41,14 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.cache
+def num_sms(device_index: int) -> int:
+    """The streaming multiprocessors of CUDA device `device_index` (asked once)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def rows_view(t):
     """[..., hidden] as [rows, hidden] with unit stride along hidden (a view for activations), as the
     row-wise kernels take it."""

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels import num_sms
+
 try:
     import triton
     import triton.language as tl
@@ -90,13 +92,11 @@ def silu_and_mul_gemm(x: torch.Tensor, weight: torch.Tensor, config: dict | None
     w_desc = TensorDescriptor(weight, shape=[2 * inter, k], strides=[k, 1], block_shape=[bn, bk])
     y_desc = TensorDescriptor(y, shape=[rows, inter], strides=[inter, 1], block_shape=[bm, bn])
     tiles = triton.cdiv(rows, bm) * triton.cdiv(inter, bn)
-    programs = min(tiles, _sm_count(x.device)) if cfg["PERSISTENT"] else tiles
+    sms = num_sms(x.device.index or 0) if x.is_cuda else 4  # (4 under the interpreter)
+    programs = min(tiles, sms) if cfg["PERSISTENT"] else tiles
     _silu_and_mul_gemm_kernel[(programs,)](x_desc, w_desc, y_desc, rows, inter, k, programs, **cfg)
     return y
 
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 if triton is not None:

@@ -30,7 +30,6 @@ then load as a bf16 cache's do, and a few packed instructions convert two words 
 both 1-byte formats multiply in fp16 there. Prefill and a float32 query read the codes one by one.
 """
 
-import functools
 import math
 
 import torch
@@ -40,6 +39,7 @@ try:
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
+from kiln.kernels import num_sms
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:  # the kernels themselves (kiln/kernels/paged_attention_kernels.py)
@@ -165,11 +165,6 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens, c
 
 # ---------------------------------------------------------------- Triton launchers (CUDA)
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(programs: int, max_context: int, block_n: int, device: torch.device) -> int:
     """Enough splits for a few programs per SM, never more than there are key tiles.
 
@@ -177,7 +172,7 @@ def _num_splits(programs: int, max_context: int, block_n: int, device: torch.dev
     """
     tiles = triton.cdiv(max_context, block_n)
     per_sm = DECODE_CONFIG["programs_per_sm"]
-    return max(1, min(triton.cdiv(per_sm * _num_sms(device.index or 0), programs), tiles, 64))
+    return max(1, min(triton.cdiv(per_sm * num_sms(device.index or 0), programs), tiles, 64))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import nn
 
+from kiln.kernels import gated_gemm
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
@@ -66,11 +67,7 @@ class UnquantizedLinearMethod(LinearMethod):
     def silu_and_mul_matmul(self, layer, x):
         """Prompt-sized rows on Hopper with KILN_GATED_GEMM=1: the Triton GEMM with the activation as its epilogue
         (kiln.kernels.gated_gemm, off until timed)."""
-        if not x.is_cuda:
-            return None
-        from kiln.kernels import gated_gemm
-
-        if (x.dim() != 2 or x.shape[0] < gated_gemm.MIN_ROWS or not gated_gemm.gated_gemm_enabled()
+        if (not x.is_cuda or x.dim() != 2 or x.shape[0] < gated_gemm.MIN_ROWS or not gated_gemm.gated_gemm_enabled()
                 or not gated_gemm.can_run(x, layer.weight)):
             return None
         return gated_gemm.silu_and_mul_gemm(x, layer.weight)
