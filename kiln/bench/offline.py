@@ -163,12 +163,14 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
 
 def allocator_counts(device: torch.device) -> dict[str, int]:
     """The CUDA caching allocator's device allocations, frees, and retries (a free of every cached block, then the
-    allocation again) so far; none off CUDA."""
+    allocation again) so far, and the pinned host allocations (`host_allocs`; each waits for the whole GPU, see
+    kiln.runtime.host_tensors); none off CUDA."""
     if device.type != "cuda":
         return {}
     stats = torch.cuda.memory_stats(device)
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
     return {"device_allocs": stats.get("num_device_alloc", 0), "device_frees": stats.get("num_device_free", 0),
-            "alloc_retries": stats.get("num_alloc_retries", 0)}
+            "alloc_retries": stats.get("num_alloc_retries", 0), "host_allocs": host.get("num_host_alloc", 0)}
 
 
 def long_gap_notes(token_times: list[list[float]]) -> dict:

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables
+from kiln.runtime.host_tensors import copy_list, fill_tokens, padded_rows
 from kiln.runtime.paged_batch import PagedAttentionBatch
 from kiln.runtime.sampler import greedy_tokens
 
@@ -139,24 +139,22 @@ class DecodeGraphs:
         """Copy the step into the static buffers, padded up to a captured size; returns that size."""
         b = len(inp.query_lens)
         size = next(s for s in self.sizes if s >= b)
-        pin = self.device.type == "cuda"
-        as_tensor = lambda x, dtype: list_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
-        self.tokens[:b].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
-        self.positions[:b].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
+        copy_list(self.tokens[:b], inp.token_ids, torch.long)
+        copy_list(self.positions[:b], inp.positions, torch.long)
         self.positions[b:size].zero_()  # padding rows advance too: keep them inside their table
-        self.slots[:b].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
+        copy_list(self.slots[:b], inp.slot_mapping, torch.long)
         self.slots[b:size].fill_(self.scratch_slot)
         self._load_tables(inp.block_tables)
         self.tables[b:size].fill_(self.scratch_block)
         seq_lens = [c + 1 for c in inp.context_lens]
-        self.seq_lens[:b].copy_(as_tensor(seq_lens, torch.int32), non_blocking=True)
+        copy_list(self.seq_lens[:b], seq_lens, torch.int32)
         self.seq_lens[b:size].fill_(1)
         return size
 
     def _load_tables(self, block_tables: list[list[int]]) -> None:
         width = max(len(t) for t in block_tables)
-        tables = padded_tables(block_tables, width, self.scratch_block, "cpu", pin_memory=self.device.type == "cuda")
-        self.tables[:len(block_tables), :width].copy_(tables, non_blocking=True)
+        copy_list(self.tables[:len(block_tables), :width], padded_rows(block_tables, width, self.scratch_block),
+                  torch.int32)
         # a burst may run past a table's end: scratch, not a stale block
         self.tables[:len(block_tables), width:].fill_(self.scratch_block)
 
@@ -253,16 +251,14 @@ class PrefillGraphs:
         """Copy the step into the static buffers, padded up to a captured size; returns that size."""
         n = inp.query_lens[0]
         size = next(s for s in self.sizes if s >= n)
-        pin = self.device.type == "cuda"
-        as_tensor = lambda x, dtype: list_tensor(x, dtype, "cpu", pin_memory=pin)  # noqa: E731
-        self.tokens[:n].copy_(as_tensor(inp.token_ids, torch.long), non_blocking=True)
-        self.positions[:n].copy_(as_tensor(inp.positions, torch.long), non_blocking=True)
+        copy_list(self.tokens[:n], inp.token_ids, torch.long)
+        copy_list(self.positions[:n], inp.positions, torch.long)
         self.positions[n:size].zero_()
-        self.slots[:n].copy_(as_tensor(inp.slot_mapping, torch.long), non_blocking=True)
+        copy_list(self.slots[:n], inp.slot_mapping, torch.long)
         self.slots[n:size].fill_(self.scratch_slot)
         table = inp.block_tables[0]
-        self.table[0, :len(table)].copy_(as_tensor(table, torch.int32), non_blocking=True)
+        copy_list(self.table[0, :len(table)], table, torch.int32)
         self.table[0, len(table):].fill_(self.scratch_block)
-        self.seq_lens.copy_(as_tensor([inp.context_lens[0] + n], torch.int32), non_blocking=True)
-        self.cu.copy_(as_tensor([0, n], torch.int32), non_blocking=True)
+        copy_list(self.seq_lens, [inp.context_lens[0] + n], torch.int32)
+        copy_list(self.cu, [0, n], torch.int32)
         return size

@@ -1,44 +1,154 @@
-"""A step's tensors from Python lists of numbers, built fast: at batch 512 the runtime builds several every step.
+"""A step's tensors from Python lists of numbers, built fast and copied to the GPU without waiting for it.
 
 torch.tensor reads a Python list element by element (~50 ns each: 0.2 ms for a 512 x 8 block table);
 packing the numbers into an `array` first and wrapping its buffer is about four times faster.
+
+To a GPU the numbers go through page-locked (pinned) host memory, so the copy is queued behind the GPU's work
+instead of waiting for it (a copy from pageable memory waits for the stream's queued kernels). But allocating
+page-locked memory is itself one of CUDA's implicit synchronizations: cudaHostAlloc waits for the whole GPU. torch's
+caching host allocator calls it whenever none of its cached blocks of the rounded size is free, and with a step
+queued ahead (kiln.runtime.executor) the blocks of two steps are in use at once, so as the batch grew it allocated,
+and each time the host stood still until the step just queued had finished: prefill-1000's inter-token p99 doubled
+(scripts/step_timeline.py on an H200 showed launches of 340-440 ms, two steps, in the first 96 engine calls). So the
+host-to-device copies go through one pinned ring allocated once (`StagingRing`), and the sampled tokens come back
+into pinned buffers that are reused (`readback_buffer`).
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import deque
 
 import torch
 
 _TYPECODES = {torch.long: "q", torch.int32: "i", torch.float32: "f"}
+RING_BYTES = 16 << 20  # a mixed step of 8192 tokens at batch 512 stages about 0.5 MB: dozens of steps a lap
+RING_ALIGN = 64  # bytes: each region starts on a cache line (and any dtype's alignment)
+READBACK_ELEMENTS = 1 << 13  # a reused readback buffer's size: a burst of 16 steps at batch 512
 
 
-def list_tensor(values: list, dtype: torch.dtype, device: torch.device | str, pin_memory: bool = False
-                ) -> torch.Tensor:
-    """torch.tensor(values, dtype=dtype, device=device) for int64, int32 or float32, 1-D; pinned on the host if
-    asked (the source of a non_blocking copy to the GPU).
+class StagingRing:
+    """Pinned host memory for host-to-device copies, handed out round a ring instead of allocated per copy.
 
-    To a GPU the copy goes through pinned memory without blocking: a plain copy from pageable memory waits for
-    the stream's queued kernels to finish, so the host could not build the next step while the GPU runs this one.
-    (torch keeps the pinned buffer until the copy is done.)"""
+    Offsets are virtual (they only grow; the byte is at offset % capacity), so a region may be written again once
+    the ring has gone a whole lap past its start. Each copy records a fence (a CUDA event) after it is queued;
+    before a region's bytes are reused, the fences of the regions there are waited for: with dozens of steps a
+    lap, they finished long before, so no wait is ever long."""
+
+    def __init__(self, nbytes: int = RING_BYTES, pin_memory: bool = True, new_fence=None):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        self.new_fence = new_fence or _recorded_event
+        self.next = 0  # virtual offset of the next region
+        self.pending: deque = deque()  # (virtual start, fence) of each region a queued copy may read, oldest first
+
+    def copy(self, host: torch.Tensor, dst: torch.Tensor | None = None,
+             device: torch.device | str | None = None) -> torch.Tensor:
+        """host (a contiguous CPU tensor) copied through the ring into dst (filled in place, same numel), or
+        into a new tensor on `device`; returns that tensor. The copy is queued on the current stream."""
+        start, staged = self._take(host.numel() * host.element_size())
+        staged = staged.view(host.dtype).view(host.shape)
+        staged.copy_(host)
+        if dst is None:
+            out = staged.to(device, non_blocking=True)
+        else:
+            out = dst.copy_(staged.view(dst.shape), non_blocking=True)
+        self.pending.append((start, self.new_fence()))
+        return out
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= len(self.buffer) // 4  # (larger ones would lap the ring every few copies)
+
+    def _take(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        capacity = len(self.buffer)
+        size = -(-nbytes // RING_ALIGN) * RING_ALIGN
+        start = self.next
+        if start % capacity + size > capacity:  # no room before the end: start the next lap
+            start += capacity - start % capacity
+        end = start + size
+        while self.pending and self.pending[0][0] + capacity < end:  # its bytes are about to be overwritten
+            self.pending.popleft()[1].synchronize()
+        self.next = end
+        return start, self.buffer[start % capacity:start % capacity + nbytes]
+
+
+def _recorded_event():
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+_rings: dict[int, StagingRing] = {}
+_readbacks: list[torch.Tensor] = []  # free pinned readback buffers (each of READBACK_ELEMENTS int64)
+
+
+def _ring(device: torch.device) -> StagingRing:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _rings:
+        _rings[index] = StagingRing()
+    return _rings[index]
+
+
+def to_cuda(host: torch.Tensor, device: torch.device | str, dst: torch.Tensor | None = None) -> torch.Tensor:
+    """A CPU tensor copied to a CUDA device without waiting for the GPU: through the staging ring, or (a CUDA
+    graph being captured, or too large for the ring) through pinned memory of its own."""
+    device = torch.device(device)
+    nbytes = host.numel() * host.element_size()
+    if torch.cuda.is_current_stream_capturing() or not _ring(device).fits(nbytes):
+        pinned = host.pin_memory()  # (torch keeps the pinned buffer until the copy is done)
+        return pinned.to(device, non_blocking=True) if dst is None else dst.copy_(pinned.view(dst.shape),
+                                                                                  non_blocking=True)
+    return _ring(device).copy(host, dst, device)
+
+
+def readback_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A pinned host buffer of at least numel int64 (or `dtype`) elements for a device-to-host copy; give it back
+    with release_readback once read. Reused, since each new pinned allocation can wait for the whole GPU."""
+    if dtype == torch.long and numel <= READBACK_ELEMENTS:
+        if _readbacks:
+            return _readbacks.pop()
+        return torch.empty(READBACK_ELEMENTS, dtype=torch.long, pin_memory=True)
+    return torch.empty(numel, dtype=dtype, pin_memory=True)  # (rare: left to torch's allocator)
+
+
+def release_readback(buffer: torch.Tensor) -> None:
+    """A readback buffer whose copy has finished and been read: free for the next one."""
+    if buffer.dtype == torch.long and buffer.numel() == READBACK_ELEMENTS:
+        _readbacks.append(buffer)
+
+
+def list_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.tensor(values, dtype=dtype, device=device) for int64, int32 or float32, 1-D; to a GPU without
+    waiting for it (to_cuda)."""
     if not values:  # frombuffer refuses an empty buffer
-        return torch.empty(0, dtype=dtype, device=device, pin_memory=pin_memory)
+        return torch.empty(0, dtype=dtype, device=device)
     host = torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
-    if pin_memory:
-        return host.pin_memory()
-    if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return to_cuda(host, device) if torch.device(device).type == "cuda" else host.to(device)
 
 
-def padded_tables(tables: list[list[int]], width: int, fill: int, device: torch.device | str,
-                  pin_memory: bool = False) -> torch.Tensor:
-    """Block tables as one [batch, width] int32 tensor, short rows padded with `fill`, from one flat list."""
+def copy_list(dst: torch.Tensor, values: list, dtype: torch.dtype) -> None:
+    """dst (a view of as many elements as values, any shape) = values, queued without waiting for the GPU: how a
+    step's inputs reach a CUDA graph's static buffers."""
+    if not values:
+        return
+    host = torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
+    if dst.is_cuda:
+        to_cuda(host, dst.device, dst)
+    else:
+        dst.copy_(host.view(dst.shape))
+
+
+def padded_rows(tables: list[list[int]], width: int, fill: int) -> list[int]:
+    """Block tables as one flat row-major list of [batch, width], short rows padded with `fill`."""
     flat, pad = [], [fill] * width
     for table in tables:
         flat += table
         flat += pad[len(table):]
-    return list_tensor(flat, torch.int32, device, pin_memory).view(len(tables), width)
+    return flat
+
+
+def padded_tables(tables: list[list[int]], width: int, fill: int, device: torch.device | str) -> torch.Tensor:
+    """Block tables as one [batch, width] int32 tensor, short rows padded with `fill`."""
+    return list_tensor(padded_rows(tables, width, fill), torch.int32, device).view(len(tables), width)
 
 
 def fill_tokens(tokens: torch.Tensor, fill) -> None:

@@ -20,7 +20,7 @@ from kiln.layers.linear import choose_linear_kernels
 from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
 from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
-from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables
+from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables, readback_buffer, release_readback
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
 from kiln.runtime.sampler import greedy_tokens, sample_tokens
@@ -217,21 +217,28 @@ class ModelRunner:
 class BurstTokens:
     """A decode burst's tokens [steps, batch] on their way to the host. On the GPU they are copied to pinned
     memory as soon as the burst is queued, and an event marks the copy: reading them waits for this burst alone,
-    not for the next one queued behind it."""
+    not for the next one queued behind it. The pinned buffer is a reused one (host_tensors.readback_buffer): a
+    fresh pinned allocation would wait for the whole GPU, the burst just queued included."""
 
     def __init__(self, tokens: torch.Tensor):
-        self.tokens, self.copied = tokens, None
+        self.tokens, self.copied, self.buffer, self.read = tokens, None, None, None
         if tokens.is_cuda:
-            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.buffer = readback_buffer(tokens.numel(), tokens.dtype)
+            self.tokens = self.buffer[:tokens.numel()].view(tokens.shape)
             self.tokens.copy_(tokens, non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
 
     def per_sequence(self) -> list[list[int]]:
         """Each sequence's tokens, in step order (waits for the burst)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.tokens.T.tolist()
+        if self.read is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self.read = self.tokens.T.tolist()
+            if self.buffer is not None:  # read: the buffer is free for the next burst
+                release_readback(self.buffer)
+                self.buffer = self.tokens = None
+        return self.read
 
 
 def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:
