@@ -108,6 +108,7 @@ def fc_gate_with_activation(rows: int, square: float) -> None:
     ways = {"F.linear + silu_and_mul": lambda: silu_and_mul(F.linear(x, w))}
     for cfg in gated_gemm.GATED_GEMM_CONFIGS:
         label = "fused {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
+        label += " persistent" if cfg["PERSISTENT"] else ""  # (else two tiles share a label, one result lost)
         ways[label] = lambda cfg=cfg: gated_gemm.silu_and_mul_gemm(x, w, cfg)
     cells = []
     for way, call in ways.items():

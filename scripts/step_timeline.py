@@ -1,6 +1,6 @@
 """Where the engine's slow calls go: `kiln bench` with every engine step timed on the host, phase by phase.
 
-    python scripts/step_timeline.py [kiln bench arguments]
+    python scripts/step_timeline.py [--sync-debug] [kiln bench arguments]
     e.g. python scripts/step_timeline.py --synthetic llama-3-8b --dtype bfloat16 --baseline none \
              --workloads prefill-1000
 
@@ -10,13 +10,18 @@ with their phases:
 
 - `schedule`: the scheduler's choice of the next step (host only);
 - `launch`: the runner's kernel launches and input copies (`execute`, `execute_ahead`, `decode_burst`); a long
-  one has waited for the GPU somewhere (a synchronizing call);
+  one has waited for the GPU somewhere (a synchronizing call). Within it, `forward` (the model's launches, eager
+  or a graph's replay) and `sample` (sampling's launches);
 - `collect`: waiting for a step queued ahead to finish and reading its tokens: the GPU's time past the host's;
 - `append`: appending the tokens, stop checks, freeing finished sequences' blocks;
 - `gc`: Python's garbage collector running inside the call (any generation), from `gc.callbacks`.
 
 Made to find the doubled inter-token p99 of prefill-1000 with step run-ahead: whether the late reads are host
 work (a phase past its usual) or a GPU step held up (a long `collect`).
+
+With `--sync-debug` the timed run also runs under torch.cuda.set_sync_debug_mode("warn"): every operation torch
+knows to wait for the GPU (a read of a device value, a copy from pageable memory, ...) is counted by the place in
+kiln that called it, and listed with the engine calls it happened in.
 """
 
 from __future__ import annotations
@@ -25,19 +30,28 @@ import gc
 import statistics
 import sys
 import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
 
+import torch
+
+import kiln.runtime.model_runner as model_runner
 from kiln.cli import main as kiln_main
 from kiln.llmapi.llm import LLM
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.runtime.engine import GenerationEngine
 from kiln.runtime.executor import Executor
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.scheduler import Scheduler
 
-PHASES = ("schedule", "launch", "collect", "append", "gc")
+PHASES = ("schedule", "launch", "forward", "sample", "collect", "append", "gc")
 calls: list[dict] = []  # one per GenerationEngine.step: start, seconds, tokens, and seconds per phase
 current: dict | None = None
 generate_starts: list[int] = []  # index into `calls` where each LLM.generate began
 gc_started: float | None = None
+syncs: Counter = Counter()  # (kiln frames that called it, the warning) -> times, in the timed run
+sync_calls: defaultdict = defaultdict(set)  # the same key -> the engine calls it happened in
 
 
 def timed(cls, name: str, phase: str) -> None:
@@ -51,6 +65,19 @@ def timed(cls, name: str, phase: str) -> None:
             if current is not None:
                 current[phase] += time.perf_counter() - start
     setattr(cls, name, wrapper)
+
+
+def timed_function(module, name: str, phase: str) -> None:
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if current is not None:
+                current[phase] += time.perf_counter() - start
+    setattr(module, name, wrapper)
 
 
 def engine_step(original):
@@ -81,15 +108,42 @@ def install() -> None:
     timed(Scheduler, "schedule", "schedule")
     for name in ("execute", "execute_ahead", "decode_burst", "continue_burst"):
         timed(ModelRunner, name, "launch")
+    for graphs in (DecodeGraphs, PrefillGraphs):
+        timed(graphs, "run", "forward")
+    timed(ModelRunner, "_forward", "forward")
+    timed_function(model_runner, "sample_tokens", "sample")
     timed(Executor, "collect", "collect")
     timed(GenerationEngine, "_append_all", "append")
     original_generate = LLM.generate
 
     def generate(self, *args, **kwargs):
         generate_starts.append(len(calls))
+        syncs.clear()  # (only the last generate's, the timed run's, are reported)
+        sync_calls.clear()
         return original_generate(self, *args, **kwargs)
     LLM.generate = generate
     gc.callbacks.append(on_gc)
+
+
+def on_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Counts torch's synchronizing-operation warnings by the kiln frames that led to them; shows the others."""
+    text = str(message)
+    if "synchroniz" not in text:
+        return show_warning(message, category, filename, lineno, file, line)
+    frames = [f for f in traceback.extract_stack()[:-1] if "/kiln/" in f.filename and "step_timeline" not in f.filename]
+    key = (" <- ".join(f"{f.filename.rsplit('/kiln/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-4:])),
+           text.splitlines()[0][:100])
+    syncs[key] += 1
+    sync_calls[key].add(len(calls))
+
+
+show_warning = warnings.showwarning
+
+
+def watch_syncs() -> None:
+    torch.cuda.set_sync_debug_mode("warn")
+    warnings.simplefilter("always")
+    warnings.showwarning = on_warning
 
 
 def report() -> None:
@@ -110,12 +164,22 @@ def report() -> None:
         c = timed_run[i]
         phases = "  ".join(f"{c[p] * 1e3:7.2f}" for p in PHASES)
         print(f"{i:5d} {c['start'] - t0:7.2f} {c['seconds'] * 1e3:7.2f} {c['tokens']:5d} {c['ahead']!s:>5}  {phases}")
+    if syncs:
+        first = generate_starts[-1] if generate_starts else 0
+        print("\nsynchronizing operations in the timed run (times; engine calls; where):")
+        for key, n in syncs.most_common():
+            at = sorted(i - first for i in sync_calls[key])
+            print(f"{n:6d}  calls {at[:12]}{' ...' if len(at) > 12 else ''}\n        {key[1]}\n        {key[0]}")
 
 
 if __name__ == "__main__":
     install()
+    args = sys.argv[1:]
+    if "--sync-debug" in args:
+        args.remove("--sync-debug")
+        watch_syncs()
     try:
-        code = kiln_main(["bench", *sys.argv[1:]])
+        code = kiln_main(["bench", *args])
     finally:
         report()
     sys.exit(code)
