@@ -16,6 +16,7 @@ into pinned buffers that are reused (`readback_buffer`).
 
 from __future__ import annotations
 
+import threading
 from array import array
 from collections import deque
 
@@ -33,26 +34,29 @@ class StagingRing:
     Offsets are virtual (they only grow; the byte is at offset % capacity), so a region may be written again once
     the ring has gone a whole lap past its start. Each copy records a fence (a CUDA event) after it is queued;
     before a region's bytes are reused, the fences of the regions there are waited for: with dozens of steps a
-    lap, they finished long before, so no wait is ever long."""
+    lap, they finished long before, so no wait is ever long. new_fence(device) records one on the device's current
+    stream, after the copy."""
 
     def __init__(self, nbytes: int = RING_BYTES, pin_memory: bool = True, new_fence=None):
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         self.new_fence = new_fence or _recorded_event
         self.next = 0  # virtual offset of the next region
         self.pending: deque = deque()  # (virtual start, fence) of each region a queued copy may read, oldest first
+        self.lock = threading.Lock()  # (a server's threads may build tensors at once)
 
     def copy(self, host: torch.Tensor, dst: torch.Tensor | None = None,
              device: torch.device | str | None = None) -> torch.Tensor:
         """host (a contiguous CPU tensor) copied through the ring into dst (filled in place, same numel), or
         into a new tensor on `device`; returns that tensor. The copy is queued on the current stream."""
-        start, staged = self._take(host.numel() * host.element_size())
-        staged = staged.view(host.dtype).view(host.shape)
-        staged.copy_(host)
-        if dst is None:
-            out = staged.to(device, non_blocking=True)
-        else:
-            out = dst.copy_(staged.view(dst.shape), non_blocking=True)
-        self.pending.append((start, self.new_fence()))
+        with self.lock:
+            start, staged = self._take(host.numel() * host.element_size())
+            staged = staged.view(host.dtype).view(host.shape)
+            staged.copy_(host)
+            if dst is None:
+                out = staged.to(device, non_blocking=True)
+            else:
+                out = dst.copy_(staged.view(dst.shape), non_blocking=True)
+            self.pending.append((start, self.new_fence(out.device)))
         return out
 
     def fits(self, nbytes: int) -> bool:
@@ -71,9 +75,9 @@ class StagingRing:
         return start, self.buffer[start % capacity:start % capacity + nbytes]
 
 
-def _recorded_event():
+def _recorded_event(device: torch.device):
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 

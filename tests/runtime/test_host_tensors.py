@@ -47,7 +47,8 @@ def test_staging_ring_copies_exactly_and_waits_only_for_regions_it_overwrites():
     rng = random.Random(0)
     fences = []
 
-    def new_fence():
+    def new_fence(device):
+        assert device == torch.device("cpu")  # (the fence goes on the stream of the copy's device)
         fences.append(RecordingFence())
         return fences[-1]
 
@@ -75,7 +76,7 @@ def test_staging_ring_copies_exactly_and_waits_only_for_regions_it_overwrites():
 
 
 def test_staging_ring_fits_only_a_quarter_of_itself():
-    ring = StagingRing(1024, pin_memory=False, new_fence=RecordingFence)
+    ring = StagingRing(1024, pin_memory=False, new_fence=lambda device: RecordingFence())
     assert ring.fits(256) and not ring.fits(257)
 
 
