@@ -1,6 +1,6 @@
 """Where the engine's slow calls go: `kiln bench` with every engine step timed on the host, phase by phase.
 
-    python scripts/step_timeline.py [--sync-debug] [kiln bench arguments]
+    python scripts/step_timeline.py [--sync-debug] [--count-launches] [kiln bench arguments]
     e.g. python scripts/step_timeline.py --synthetic llama-3-8b --dtype bfloat16 --baseline none \
              --workloads prefill-1000
 
@@ -21,7 +21,10 @@ work (a phase past its usual) or a GPU step held up (a long `collect`).
 
 With `--sync-debug` the timed run also runs under torch.cuda.set_sync_debug_mode("warn"): every operation torch
 knows to wait for the GPU (a read of a device value, a copy from pageable memory, ...) is counted by the place in
-kiln that called it, and listed with the engine calls it happened in.
+kiln that called it, and listed with the engine calls it happened in. With `--count-launches` each call also counts
+the work it queued on the GPU: Triton kernels, and torch operations on CUDA tensors other than views (each one a
+kernel or a copy, cuBLAS's GEMMs included); a driver lets a stream hold only so many launches pending, and past
+that a launch waits for the GPU. (Counting costs the host a few µs an operation, so it can change the timing.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import warnings
 from collections import Counter, defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kiln.runtime.model_runner as model_runner
 from kiln.cli import main as kiln_main
@@ -46,6 +50,9 @@ from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.scheduler import Scheduler
 
 PHASES = ("schedule", "launch", "forward", "sample", "collect", "append", "gc")
+VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "slice", "select", "t", "transpose", "permute", "expand",
+            "as_strided", "alias", "detach", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "narrow",
+            "empty", "empty_strided", "empty_like", "lift_fresh", "is_same_size"}  # no GPU work of their own
 calls: list[dict] = []  # one per GenerationEngine.step: start, seconds, tokens, and seconds per phase
 current: dict | None = None
 generate_starts: list[int] = []  # index into `calls` where each LLM.generate began
@@ -84,6 +91,7 @@ def engine_step(original):
     def wrapper(self):
         global current
         current = dict.fromkeys(PHASES, 0.0)
+        current["launches"] = 0
         current["start"] = time.perf_counter()
         got = original(self)
         current["seconds"] = time.perf_counter() - current["start"]
@@ -140,6 +148,36 @@ def on_warning(message, category, filename, lineno, file=None, line=None) -> Non
 show_warning = warnings.showwarning
 
 
+class LaunchCounter(TorchDispatchMode):
+    """Counts the torch operations on CUDA tensors that queue GPU work, into the engine call running them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if current is not None and func.overloadpacket.__name__ not in VIEW_OPS and any(
+                isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *(kwargs or {}).values())):
+            current["launches"] += 1
+        return out
+
+
+def count_launches() -> None:
+    """Triton's launches (JITFunction.run) and torch's (LaunchCounter, entered around every generate)."""
+    from triton.runtime.jit import JITFunction
+
+    run = JITFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        if current is not None and not kwargs.get("warmup", False):
+            current["launches"] += 1
+        return run(self, *args, **kwargs)
+    JITFunction.run = counted_run
+    generate = LLM.generate
+
+    def counted_generate(self, *args, **kwargs):
+        with LaunchCounter():
+            return generate(self, *args, **kwargs)
+    LLM.generate = counted_generate
+
+
 def watch_syncs() -> None:
     torch.cuda.set_sync_debug_mode("warn")
     warnings.simplefilter("always")
@@ -152,18 +190,25 @@ def report() -> None:
         return
     print(f"\n# step timeline of the last generate: {len(timed_run)} engine calls, "
           f"{sum(c['seconds'] for c in timed_run):.2f} s in them")
-    for phase in ("seconds", *PHASES):
+    for phase in ("seconds", *PHASES, "launches"):
         values = sorted(c[phase] for c in timed_run)
-        q = statistics.quantiles(values, n=100)
+        q = statistics.quantiles(values, n=100, method="inclusive")
+        if phase == "launches":
+            if values[-1]:
+                print(f"launches: total {sum(values):8d}    p50 {q[49]:7.0f}     p90 {q[89]:7.0f}     "
+                      f"p99 {q[98]:7.0f}     max {values[-1]:7d}")
+            continue
         print(f"{phase:>8}: total {sum(values):8.3f} s  p50 {q[49] * 1e3:7.2f} ms  p90 {q[89] * 1e3:7.2f} ms  "
               f"p99 {q[98] * 1e3:7.2f} ms  max {values[-1] * 1e3:7.2f} ms")
     t0 = timed_run[0]["start"]
     slowest = sorted(range(len(timed_run)), key=lambda i: timed_run[i]["seconds"], reverse=True)[:40]
-    print("\ncall  at s  ms  tokens  queued-ahead  " + "  ".join(PHASES) + "  (ms; the 40 slowest calls, by time)")
+    print("\ncall  at s  ms  tokens  queued-ahead  " + "  ".join(PHASES)
+          + "  launches  (ms; the 40 slowest calls, by time)")
     for i in sorted(slowest):
         c = timed_run[i]
         phases = "  ".join(f"{c[p] * 1e3:7.2f}" for p in PHASES)
-        print(f"{i:5d} {c['start'] - t0:7.2f} {c['seconds'] * 1e3:7.2f} {c['tokens']:5d} {c['ahead']!s:>5}  {phases}")
+        print(f"{i:5d} {c['start'] - t0:7.2f} {c['seconds'] * 1e3:7.2f} {c['tokens']:5d} {c['ahead']!s:>5}  {phases}"
+              f"  {c['launches']:6d}")
     if syncs:
         first = generate_starts[-1] if generate_starts else 0
         print("\nsynchronizing operations in the timed run (times; engine calls; where):")
@@ -178,6 +223,9 @@ if __name__ == "__main__":
     if "--sync-debug" in args:
         args.remove("--sync-debug")
         watch_syncs()
+    if "--count-launches" in args:
+        args.remove("--count-launches")
+        count_launches()
     try:
         code = kiln_main(["bench", *args])
     finally:
