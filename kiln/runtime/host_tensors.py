@@ -4,14 +4,13 @@ torch.tensor reads a Python list element by element (~50 ns each: 0.2 ms for a 5
 packing the numbers into an `array` first and wrapping its buffer is about four times faster.
 
 To a GPU the numbers go through page-locked (pinned) host memory, so the copy is queued behind the GPU's work
-instead of waiting for it (a copy from pageable memory waits for the stream's queued kernels). But allocating
-page-locked memory is itself one of CUDA's implicit synchronizations: cudaHostAlloc waits for the whole GPU. torch's
-caching host allocator calls it whenever none of its cached blocks of the rounded size is free, and with a step
-queued ahead (kiln.runtime.executor) the blocks of two steps are in use at once, so as the batch grew it allocated,
-and each time the host stood still until the step just queued had finished: prefill-1000's inter-token p99 doubled
-(scripts/step_timeline.py on an H200 showed launches of 340-440 ms, two steps, in the first 96 engine calls). So the
-host-to-device copies go through one pinned ring allocated once (`StagingRing`), and the sampled tokens come back
-into pinned buffers that are reused (`readback_buffer`).
+instead of waiting for it (a copy from pageable memory waits for the stream's queued kernels). They used to take a
+fresh pinned tensor per copy from torch's caching host allocator. Allocating page-locked memory is one of CUDA's
+implicit synchronizations, and with a step queued ahead (kiln.runtime.executor) the cached blocks of two steps are
+in use at once, so it was the first suspect for prefill-1000's doubled inter-token p99. It was not the cause (the
+slow launches stayed; docs/performance.md, twentieth session), but the path was slow: per step, one pinned ring
+allocated once (`StagingRing`) took the median launch of a mixed step from 57 to 30 ms of host time on an H200. The
+sampled tokens likewise come back into pinned buffers that are reused (`readback_buffer`).
 """
 
 from __future__ import annotations
@@ -96,12 +95,12 @@ def to_cuda(host: torch.Tensor, device: torch.device | str, dst: torch.Tensor | 
     """A CPU tensor copied to a CUDA device without waiting for the GPU: through the staging ring, or (a CUDA
     graph being captured, or too large for the ring) through pinned memory of its own."""
     device = torch.device(device)
-    nbytes = host.numel() * host.element_size()
-    if torch.cuda.is_current_stream_capturing() or not _ring(device).fits(nbytes):
+    ring = _ring(device)
+    if torch.cuda.is_current_stream_capturing() or not ring.fits(host.numel() * host.element_size()):
         pinned = host.pin_memory()  # (torch keeps the pinned buffer until the copy is done)
         return pinned.to(device, non_blocking=True) if dst is None else dst.copy_(pinned.view(dst.shape),
                                                                                   non_blocking=True)
-    return _ring(device).copy(host, dst, device)
+    return ring.copy(host, dst, device)
 
 
 def readback_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -218,7 +218,7 @@ class BurstTokens:
     """A decode burst's tokens [steps, batch] on their way to the host. On the GPU they are copied to pinned
     memory as soon as the burst is queued, and an event marks the copy: reading them waits for this burst alone,
     not for the next one queued behind it. The pinned buffer is a reused one (host_tensors.readback_buffer): a
-    fresh pinned allocation would wait for the whole GPU, the burst just queued included."""
+    fresh pinned allocation can wait for the whole GPU, the burst just queued included."""
 
     def __init__(self, tokens: torch.Tensor):
         self.tokens, self.copied, self.buffer, self.read = tokens, None, None, None
