@@ -8,9 +8,9 @@ instead of waiting for it (a copy from pageable memory waits for the stream's qu
 fresh pinned tensor per copy from torch's caching host allocator. Allocating page-locked memory is one of CUDA's
 implicit synchronizations, and with a step queued ahead (kiln.runtime.executor) the cached blocks of two steps are
 in use at once, so it was the first suspect for prefill-1000's doubled inter-token p99. It was not the cause (the
-slow launches stayed; docs/performance.md, twentieth session), but the path was slow: per step, one pinned ring
-allocated once (`StagingRing`) took the median launch of a mixed step from 57 to 30 ms of host time on an H200. The
-sampled tokens likewise come back into pinned buffers that are reused (`readback_buffer`).
+slow launches stayed; docs/performance.md, twentieth session), but the path was slow: with one pinned ring
+allocated once (`StagingRing`), the median launch of a mixed step went from 57 to 30 ms of host time on an H200
+(one run each). The sampled tokens likewise come back into pinned buffers that are reused (`readback_buffer`).
 """
 
 from __future__ import annotations
