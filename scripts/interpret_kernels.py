@@ -136,7 +136,46 @@ def decode_attention() -> None:
             into = torch.zeros(len(lens) + 2, heads, d).half()  # a mixed step's output: the decode rows a view of it
             pa.paged_decode_attention(*args, out=into[1:-1])
             check(f"decode {str(code)[6:]} lens {lens} d{d} into a view", into[1:-1], want)
+        fp8_attention_codes(q, k, v, tables, ctx, d, window, lens)
     pa.CODES_AS_PAIRS = False
+
+
+@triton.jit
+def _to_e4m3_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n).to(tl.float8e4nv), mask=i < n)
+
+
+def interpreter_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) cast to e4m3 by the interpreter itself. Its cast is wrong where rounding carries into the
+    exponent (Triton 3.6: 1.99 becomes 1.0, 31.4 becomes 16), so a kernel's codes are compared with this cast of
+    the exact quotients: that checks the kernel's arithmetic; the bits against torch's cast are the GPU test's."""
+    flat = x.float().contiguous().view(-1)
+    y = torch.empty(flat.shape, dtype=torch.float8_e4m3fn)
+    _to_e4m3_kernel[(triton.cdiv(flat.numel(), 1024),)](flat, y, flat.numel(), BLOCK=1024)
+    return y.view(x.shape)
+
+
+def fp8_attention_codes(q, k, v, tables, ctx, d, window, lens) -> None:
+    """fp8_out_scale: where the merge kernel runs, it writes the codes of the 16-bit output over the static scale
+    (Fp8Rows), saturated ones included; unsplit, the 16-bit output itself."""
+    from kiln.kernels.fp8_quant import FP8_MAX, Fp8Rows
+
+    args = (q, k, v, tables, ctx, d ** -0.5, window, torch.tensor([0.02, 0.03]))
+    plain = pa.paged_decode_attention(*args)
+    for scale in (plain.float().abs().amax() / 400, plain.float().abs().amax() / 900):  # the second saturates
+        scale = scale.half().reshape(1)
+        got = pa.paged_decode_attention(*args, fp8_out_scale=scale)
+        if not isinstance(got, Fp8Rows):
+            if not torch.equal(got, plain):
+                raise SystemExit(f"decode fp8 codes lens {lens}: the unsplit output changed")
+            continue
+        want = interpreter_e4m3((plain.flatten(-2).float() / scale.float()).clamp(-FP8_MAX, FP8_MAX))
+        same = (torch.equal(got.q.view(torch.uint8), want.view(torch.uint8))
+                and torch.equal(got.scale, scale.float().expand(len(lens), 1)))
+        print(f"{'decode fp8 codes lens ' + str(lens) + ' d' + str(d):<60} bit-equal {same}", flush=True)
+        if not same:
+            raise SystemExit(f"decode fp8 codes lens {lens}: not the quantized output")
 
 
 def fused_merge() -> None:

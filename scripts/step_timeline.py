@@ -61,8 +61,9 @@ syncs: Counter = Counter()  # (kiln frames that called it, the warning) -> times
 sync_calls: defaultdict = defaultdict(set)  # the same key -> the engine calls it happened in
 
 
-def timed(cls, name: str, phase: str) -> None:
-    original = getattr(cls, name)
+def timed(owner, name: str, phase: str) -> None:
+    """owner.name (a class's method or a module's function) timed into the running engine call's phase."""
+    original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -71,20 +72,7 @@ def timed(cls, name: str, phase: str) -> None:
         finally:
             if current is not None:
                 current[phase] += time.perf_counter() - start
-    setattr(cls, name, wrapper)
-
-
-def timed_function(module, name: str, phase: str) -> None:
-    original = getattr(module, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            if current is not None:
-                current[phase] += time.perf_counter() - start
-    setattr(module, name, wrapper)
+    setattr(owner, name, wrapper)
 
 
 def engine_step(original):
@@ -119,7 +107,7 @@ def install() -> None:
     for graphs in (DecodeGraphs, PrefillGraphs):
         timed(graphs, "run", "forward")
     timed(ModelRunner, "_forward", "forward")
-    timed_function(model_runner, "sample_tokens", "sample")
+    timed(model_runner, "sample_tokens", "sample")
     timed(Executor, "collect", "collect")
     timed(GenerationEngine, "_append_all", "append")
     original_generate = LLM.generate

@@ -40,6 +40,7 @@ except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
 from kiln.kernels import num_sms
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:  # the kernels themselves (kiln/kernels/paged_attention_kernels.py)
@@ -176,8 +177,14 @@ def _num_splits(programs: int, max_context: int, block_n: int, device: torch.dev
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                           kv_scale=None, out=None):
-    """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors."""
+                           kv_scale=None, out=None, fp8_out_scale=None):
+    """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors.
+
+    fp8_out_scale: the static FP8 scale [1] of the linear that reads the output (the output projection of an FP8
+    engine). Where the merge kernel runs (the keys are split), it then writes that linear's e4m3 input itself and
+    the result is Fp8Rows [batch, heads x head size], bit for bit quantize_fp8_rows_ref of the 16-bit output: the
+    projection's GEMV reads codes instead of dividing every element of its input in every program. Elsewhere the
+    16-bit output, as without it."""
     batch, heads, head_size = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -188,8 +195,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     cfg = DECODE_CONFIG
     block_n = cfg["BLOCK_N"]
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
-    out = torch.empty_like(q) if out is None else out
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
+    codes = fp8_out_scale is not None and not one and not FUSED_MERGE and out is None
+    out = torch.empty_like(q) if out is None or codes else out  # (codes: the merge writes its own; the kernel
+    # below is then handed this 16-bit one, unwritten, so that it compiles as ever)
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     pairs = _reads_code_pairs(q, k_cache)
@@ -208,8 +217,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **pdl_args(q.device))
+    if codes:
+        fp8 = Fp8Rows(torch.empty(batch, heads * head_size, dtype=torch.float8_e4m3fn, device=q.device),
+                      torch.empty(batch, 1, dtype=torch.float32, device=q.device))
+        _merge_splits(partial, lse, fp8.q.view(batch, heads, head_size), q, fp8_out_scale, fp8.scale)
+        return fp8
     if not one and counts is None:
-        _merge_splits(partial, lse, out)
+        _merge_splits(partial, lse, out, q)
     return out
 
 
@@ -237,11 +251,14 @@ def _codes_fp16(q: torch.Tensor, cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
 
 
-def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
-    """out[r, h] = the splits' partial outputs [r, h, s] weighted by their softmax mass (lse, base 2)."""
+def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
+                  fp8_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> None:
+    """out[r, h] = the splits' partial outputs [r, h, s] weighted by their softmax mass (lse, base 2); with
+    fp8_scale, as e4m3 codes of the output rounded to q's dtype, and row_scale [r, 1] gets the scale."""
     rows, heads, splits, head_size = partial.shape
     merge_kernel[(rows, heads)](
-        partial, lse, out, out.stride(0), out.stride(1), heads, head_size, splits,
+        partial, lse, out, q, fp8_scale if fp8_scale is not None else lse, row_scale if row_scale is not None else lse,
+        out.stride(0), out.stride(1), heads, head_size, splits, FP8_OUT=fp8_scale is not None,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4,
         **pdl_args(out.device))
 
@@ -325,5 +342,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
         CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d,
         EVEN_D=head_size == block_d, LAZY=PREFILL_LAZY_RESCALE, **cfg)
     if not one:
-        _merge_splits(partial, lse, out)
+        _merge_splits(partial, lse, out, q)
     return out

@@ -5,6 +5,7 @@ the references and launchers there. CUDA only: import it where Triton is install
 import triton
 import triton.language as tl
 
+from kiln.kernels.fp8_quant import to_e4m3
 from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -267,8 +268,12 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
 
 
 @triton.jit
-def merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_splits,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_ptr, o_sb, o_sh, heads, head_size,
+                 num_splits, FP8_OUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """out[b, h] = the splits' parts weighted by their softmax mass. FP8_OUT: out holds e4m3 codes of the output
+    rounded to like_ptr's dtype (the query's: what the 16-bit output would hold) over the static scale
+    fp8_scale_ptr [1], as the next linear would quantize it, and row_scale_ptr [b] gets that scale (Fp8Rows)."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -279,6 +284,11 @@ def merge_kernel(part_ptr, lse_ptr, out_ptr, o_sb, o_sh, heads, head_size, num_s
     parts = tl.load(part_ptr + row[:, None] * head_size + d[None, :],
                     mask=(s < num_splits)[:, None] & (d < head_size)[None, :], other=0.0)
     out = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w, axis=0)
+    if FP8_OUT:
+        scale = tl.load(fp8_scale_ptr).to(tl.float32)
+        out = to_e4m3(out.to(like_ptr.dtype.element_ty).to(tl.float32), scale)
+        if h == 0:
+            tl.store(row_scale_ptr + b, scale)
     tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.rotary import apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import make_norm
@@ -71,6 +72,9 @@ class Attention(nn.Module):
                              config.head_size, config.attention_bias or config.qkv_bias, mapping)
         self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
                                config.attention_bias, mapping)
+        # dense's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_fp8_inputs): decode
+        # attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output.
+        self.fp8_out_scale: torch.Tensor | None = None
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
         self.qk_norm = config.qk_norm
@@ -102,7 +106,7 @@ class Attention(nn.Module):
             qkv = self.qkv.quant_method.rotary_qkv_matmul(self.qkv, x, positions, freqs, cache)
             if qkv is not None:  # one kernel projected, rotated and wrote the cache (the int4 GEMV at 1-2 rows)
                 q, k, v = self.qkv.split_heads(qkv)
-                return self.dense(batch.attend(self, q, k, v, kv_written=True).flatten(-2))
+                return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written=True)))
         q, k, v = self.qkv.split_heads(self.qkv(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -114,7 +118,7 @@ class Attention(nn.Module):
         elif self.rope is not None:
             cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.dense(batch.attend(self, q, k, v, kv_written).flatten(-2))
+        return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written)))
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The rotary frequencies on `device`; kept when they do not depend on the length (no host work
@@ -142,3 +146,9 @@ class Attention(nn.Module):
         scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
         return (probs @ v).transpose(0, 1)
+
+
+def _heads_joined(out: torch.Tensor | Fp8Rows) -> torch.Tensor | Fp8Rows:
+    """Attention's output [tokens, heads, d] as the output projection's input [tokens, heads x d] (Fp8Rows, the
+    projection's e4m3 input, come joined already)."""
+    return out if isinstance(out, Fp8Rows) else out.flatten(-2)

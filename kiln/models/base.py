@@ -276,11 +276,13 @@ class DecoderLayer(nn.Module):
         return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
 
     def fuse_fp8_inputs(self) -> None:
-        """Where a static-FP8 linear reads an RMSNorm's or the gated activation's output, that kernel writes
-        the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows): one pass less per linear, no bit
+        """Where a static-FP8 linear reads an RMSNorm's, the gated activation's or decode attention's output, that
+        kernel writes the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows): one pass less per linear, no bit
         changed. A no-op for every other format. Set once, when the engine loads (ModelRunner)."""
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.fp8_out_scale = fp8_input_scale(self.attention.qkv)
+        if os.environ.get("KILN_FP8_ATTENTION_CODES", "0") == "1":  # (off until timed on a GPU)
+            self.attention.fp8_out_scale = fp8_input_scale(self.attention.dense)  # decode attention's output feeds it
         if isinstance(self.mlp, GatedMLP) and self.mlp.fused:
             if isinstance(self.post_layernorm, RMSNorm):  # its output feeds fc_gate alone
                 self.post_layernorm.fp8_out_scale = fp8_input_scale(self.mlp.fc_gate)

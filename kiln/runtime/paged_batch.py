@@ -93,8 +93,9 @@ class PagedAttentionBatch:
         prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
         continuing = paged_prefill_attention if fast else paged_prefill_attention_ref
         if self.decode_only:
-            return decode(q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window,
-                          kv_scale)
+            args = (q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window, kv_scale)
+            # an FP8 output projection's e4m3 input, where the kernel can write it (paged_decode_attention)
+            return decode(*args, fp8_out_scale=layer.fp8_out_scale) if fast else decode(*args)
         if self.fresh_prefill:
             return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window,
                            kv_scale)

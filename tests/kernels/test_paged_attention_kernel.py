@@ -124,6 +124,35 @@ def test_decode_kernel_matches_reference(dtype, case):
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case):
+    """fp8_out_scale (an FP8 engine's output projection, KILN_FP8_ATTENTION_CODES=1): where the keys are split, the
+    merge kernel returns Fp8Rows, the same bits as quantizing the kernel's own 16-bit output with that static scale
+    (saturated values included); unsplit, the 16-bit output itself."""
+    from kiln.kernels import paged_attention
+    from kiln.kernels.fp8_quant import Fp8Rows, quantize_fp8_rows_ref
+
+    lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
+    q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, ctx)]
+    plain = paged_decode_attention(*args, d ** -0.5, window)
+    max_context = tables.shape[1] * block_size if window is None else min(tables.shape[1] * block_size, window)
+    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context, paged_attention.DECODE_CONFIG["BLOCK_N"],
+                                         plain.device)
+    for over in (400, 900):  # max |output| to 400 of e4m3's 448, then to 900: half of them saturate
+        scale = (plain.float().abs().amax() / over).to(dtype).reshape(1)
+        got = paged_decode_attention(*args, d ** -0.5, window, fp8_out_scale=scale)
+        if splits == 1:
+            assert torch.equal(got, plain)
+            continue
+        assert isinstance(got, Fp8Rows)
+        want = quantize_fp8_rows_ref(plain.flatten(-2), scale)
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
+
+
 PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window
     ([1, 17, 64], 4, 4, 64, None),
     ([130, 300, 5], 32, 8, 128, None),

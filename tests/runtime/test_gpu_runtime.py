@@ -174,6 +174,47 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
     assert not fused_calls
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 GEMMs need an Ada or Hopper GPU")
+def test_fp8_decode_attention_writing_the_projections_input_gives_the_same_tokens(tmp_path, monkeypatch):
+    """KILN_FP8_ATTENTION_CODES=1: an FP8 engine's decode attention writes its output projection's e4m3 input
+    (Fp8Rows) where it merges split keys; greedy tokens, one sequence and two together, equal those of the engine
+    whose projection quantizes its input itself (one GEMV tile for both, so the sums agree)."""
+    from kiln.config import QuantConfig
+    from kiln.kernels import gemv, paged_attention
+    from kiln.kernels.fp8_quant import Fp8Rows
+    from kiln.quantization.workflow import quantize_checkpoint
+    from kiln.runtime import paged_batch
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gemv, "AUTOTUNE", False)
+    make_hf_model(tmp_path / "hf")
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="bfloat16",
+                               calib_size=4, calib_max_seq_len=64, device="cuda")
+    codes_returned = []
+    real = paged_attention.paged_decode_attention
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        codes_returned.append(isinstance(out, Fp8Rows))
+        return out
+    monkeypatch.setattr(paged_batch, "paged_decode_attention", counted)
+
+    def tokens():
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
+            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
+
+    monkeypatch.setenv("KILN_FP8_ATTENTION_CODES", "1")
+    fused = tokens()
+    assert any(codes_returned)
+    codes_returned.clear()
+    monkeypatch.setenv("KILN_FP8_ATTENTION_CODES", "0")
+    assert tokens() == fused
+    assert not any(codes_returned)
+
+
 def test_steps_queued_ahead_equal_transformers_and_queue_without_a_host_sync(tmp_path, monkeypatch):
     """KILN_STEP_RUN_AHEAD=1 on the GPU: requests joining running ones give transformers' greedy tokens, steps
     were queued ahead, and queuing a mixed step (its inputs to the GPU, the forward, the sampled tokens, a row's
