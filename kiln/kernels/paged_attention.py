@@ -196,9 +196,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     block_n = cfg["BLOCK_N"]
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
+    # codes: the merge kernel writes Fp8Rows of its own (the split kernel's 16-bit `out` then stays unwritten)
     codes = fp8_out_scale is not None and not one and not FUSED_MERGE and out is None
-    out = torch.empty_like(q) if out is None or codes else out  # (codes: the merge writes its own; the kernel
-    # below is then handed this 16-bit one, unwritten, so that it compiles as ever)
+    out = torch.empty_like(q) if out is None else out
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     pairs = _reads_code_pairs(q, k_cache)
