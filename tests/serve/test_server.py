@@ -467,7 +467,7 @@ def test_64_concurrent_streams_with_disconnects(server, client, model):
     expected = {p: complete(client, model, prompt=p, max_tokens=LOAD_MAX_TOKENS, temperature=0).choices[0].text
                 for p in LOAD_PROMPTS}
     rss = []
-    for _ in range(4):  # the allocators warm up over the first rounds: compare the rounds after the first
+    for _ in range(6):  # the allocators warm up over the first rounds: compare the rounds after the first
         server.wait_idle()
         before = finished_by_reason(server)
         assert asyncio.run(load_round(server, model, expected)) == (48, 16)
@@ -480,7 +480,9 @@ def test_64_concurrent_streams_with_disconnects(server, client, model):
     # Per round the server handles 64 requests whose KV caches are at most 64 KiB each (256 positions x
     # 2 layers x 2 KV heads x 16 x 4 bytes x K and V): 4 MiB if every one were kept. Allow that plus as
     # much again of allocator slack; a leak of per-request buffers, outputs or connections grows past it in
-    # every round, while the allocators' one-off growth (seen in round 2 or 3) leaves one of the two flat.
+    # every round, while the allocators' one-off growth (seen in round 2 or 3) leaves some flat. Four rounds
+    # compared, not two: the heap of this shared server moves by +-24 MiB between rounds at times (a full CI run
+    # saw [400796, 376412, 400868, 410880] KiB), so two rounds could both grow with no leak.
     growth = [after - before for before, after in zip(rss[1:], rss[2:])]
     assert min(growth) < 8 * 1024, f"RSS grew in every round after the first: {rss} KiB"
     assert_still_serving(client, model)
