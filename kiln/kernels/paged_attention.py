@@ -67,8 +67,9 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 CODES_AS_PAIRS = True
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
-# batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off until timed. Its counts live in one
-# buffer per device (_split_counts): two decode calls at once on one device, from two engines on two streams,
+# batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off: timed on an H200, batch 1 took 6.4 us a
+# layer against 4.4 with the merge kernel (scripts/bench_decode_attention.py, nineteenth session). Its counts live
+# in one buffer per device (_split_counts): two decode calls at once on one device, from two engines on two streams,
 # would share them, which one engine never does.
 FUSED_MERGE = False
 _SPLIT_COUNTS: dict = {}
