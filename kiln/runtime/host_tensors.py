@@ -37,7 +37,7 @@ class StagingRing:
     stream, after the copy."""
 
     def __init__(self, nbytes: int = RING_BYTES, pin_memory: bool = True, new_fence=None):
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        self.buffer = _reusable_empty(nbytes, torch.uint8, pin_memory)
         self.new_fence = new_fence or _recorded_event
         self.next = 0  # virtual offset of the next region
         self.pending: deque = deque()  # (virtual start, fence) of each region a queued copy may read, oldest first
@@ -72,6 +72,14 @@ class StagingRing:
             self.pending.popleft()[1].synchronize()
         self.next = end
         return start, self.buffer[start % capacity:start % capacity + nbytes]
+
+
+def _reusable_empty(numel: int, dtype: torch.dtype, pin_memory: bool = True) -> torch.Tensor:
+    """A host buffer that later steps write into. Made outside inference mode even when the first step to ask
+    runs in it: an inference tensor may not be written outside inference mode, and steps run in and out of it
+    (a step queued ahead copies its tokens back outside)."""
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
 
 
 def _recorded_event(device: torch.device):
@@ -109,8 +117,8 @@ def readback_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.long and numel <= READBACK_ELEMENTS:
         if _readbacks:
             return _readbacks.pop()
-        return torch.empty(READBACK_ELEMENTS, dtype=torch.long, pin_memory=True)
-    return torch.empty(numel, dtype=dtype, pin_memory=True)  # (rare: left to torch's allocator)
+        return _reusable_empty(READBACK_ELEMENTS, torch.long)
+    return torch.empty(numel, dtype=dtype, pin_memory=True)  # (rare, and used once: left to torch's allocator)
 
 
 def release_readback(buffer: torch.Tensor) -> None:

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from kiln.runtime.host_tensors import StagingRing, copy_list, list_tensor, padded_rows, padded_tables
+from kiln.runtime.host_tensors import (StagingRing, copy_list, list_tensor, padded_rows, padded_tables, readback_buffer,
+                                       release_readback)
 
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32])
@@ -78,6 +79,28 @@ def test_staging_ring_copies_exactly_and_waits_only_for_regions_it_overwrites():
 def test_staging_ring_fits_only_a_quarter_of_itself():
     ring = StagingRing(1024, pin_memory=False, new_fence=lambda device: RecordingFence())
     assert ring.fits(256) and not ring.fits(257)
+
+
+def test_a_ring_made_in_inference_mode_takes_copies_outside_it():
+    """Steps run in and out of inference mode (a step queued ahead copies outside it), and an inference tensor may
+    not be written outside: the ring's buffer is a normal tensor whichever mode made it."""
+    with torch.inference_mode():
+        ring = StagingRing(1024, pin_memory=False, new_fence=lambda device: RecordingFence())
+    assert not ring.buffer.is_inference()
+    dst = torch.empty(3, dtype=torch.long)
+    ring.copy(torch.tensor([5, 6, 7]), dst)
+    assert dst.tolist() == [5, 6, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory)")
+def test_a_readback_buffer_first_taken_in_inference_mode_is_written_outside_it():
+    with torch.inference_mode():
+        release_readback(readback_buffer(4, torch.long))
+    buffer = readback_buffer(4, torch.long)
+    buffer[:4].copy_(torch.arange(4, device="cuda"), non_blocking=True)
+    torch.cuda.synchronize()
+    assert buffer[:4].tolist() == [0, 1, 2, 3]
+    release_readback(buffer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory and its allocator)")
