@@ -128,7 +128,7 @@ def test_decode_kernel_matches_reference(dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case):
-    """fp8_out_scale (an FP8 engine's output projection, KILN_FP8_ATTENTION_CODES=1): where the keys are split, the
+    """fp8_out_scale (an FP8 engine's output projection, KILN_FP8_ATTENTION_CODES): where the keys are split, the
     merge kernel returns Fp8Rows, the same bits as quantizing the kernel's own 16-bit output with that static scale
     (saturated values included); unsplit, the 16-bit output itself."""
     from kiln.kernels import paged_attention

@@ -177,8 +177,8 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 GEMMs need an Ada or Hopper GPU")
 def test_fp8_decode_attention_writing_the_projections_input_gives_the_same_tokens(tmp_path, monkeypatch):
-    """KILN_FP8_ATTENTION_CODES=1: an FP8 engine's decode attention writes its output projection's e4m3 input
-    (Fp8Rows) where it merges split keys; greedy tokens, one sequence and two together, equal those of the engine
+    """KILN_FP8_ATTENTION_CODES (on unless 0): an FP8 engine's decode attention writes its output projection's e4m3
+    input (Fp8Rows) where it merges split keys; greedy tokens, one sequence and two together, equal those of the engine
     whose projection quantizes its input itself (one GEMV tile for both, so the sums agree)."""
     from kiln.config import QuantConfig
     from kiln.kernels import gemv, paged_attention
