@@ -1,6 +1,6 @@
 """Where the engine's slow calls go: `kiln bench` with every engine step timed on the host, phase by phase.
 
-    python scripts/step_timeline.py [--sync-debug] [--count-launches] [kiln bench arguments]
+    python scripts/step_timeline.py [--sync-debug | --count-launches | --api-calls] [kiln bench arguments]
     e.g. python scripts/step_timeline.py --synthetic llama-3-8b --dtype bfloat16 --baseline none \
              --workloads prefill-1000
 
@@ -25,6 +25,10 @@ kiln that called it, and listed with the engine calls it happened in. With `--co
 the work it queued on the GPU: Triton kernels, and torch operations on CUDA tensors other than views (each one a
 kernel or a copy, cuBLAS's GEMMs included); a driver lets a stream hold only so many launches pending, and past
 that a launch waits for the GPU. (Counting costs the host a few µs an operation, so it can change the timing.)
+With `--api-calls` each generate runs under torch's profiler, and for the timed run's slowest engine calls the
+CUDA runtime and driver calls the host spent longest in are listed: which call waits (a kernel launch, a copy, an
+event), and at which of the engine call's launches (is it held by a full launch queue, partway through the step,
+or by one call that waits for the GPU?). The three options are meant for separate runs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import warnings
 from collections import Counter, defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kiln.runtime.model_runner as model_runner
@@ -59,6 +64,11 @@ generate_starts: list[int] = []  # index into `calls` where each LLM.generate be
 gc_started: float | None = None
 syncs: Counter = Counter()  # (kiln frames that called it, the warning) -> times, in the timed run
 sync_calls: defaultdict = defaultdict(set)  # the same key -> the engine calls it happened in
+traces: list = []  # with --api-calls: the profiler of each generate, the last one's kept
+# CUDA API calls that queue work on a stream (each takes a slot of its launch queue), by the names torch's
+# profiler gives the runtime's and the driver's calls
+QUEUEING_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                  "cudaMemcpyAsync", "cudaMemsetAsync", "cudaEventRecord", "cudaStreamWaitEvent"}
 
 
 def timed(owner, name: str, phase: str) -> None:
@@ -81,7 +91,8 @@ def engine_step(original):
         current = dict.fromkeys(PHASES, 0.0)
         current["launches"] = 0
         current["start"] = time.perf_counter()
-        got = original(self)
+        with record_function(f"engine_call_{len(calls)}"):  # (free unless a profiler runs: --api-calls)
+            got = original(self)
         current["seconds"] = time.perf_counter() - current["start"]
         current["tokens"] = len(got)
         current["ahead"] = self.executor.in_flight is not None
@@ -166,6 +177,64 @@ def count_launches() -> None:
     LLM.generate = counted_generate
 
 
+def trace_api_calls() -> None:
+    """Each generate under torch's profiler (CPU side: torch's operations and the CUDA API calls; the kernels
+    too), keeping the last one's."""
+    generate = LLM.generate
+
+    def traced_generate(self, *args, **kwargs):
+        traces.clear()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            out = generate(self, *args, **kwargs)
+        traces.append(trace)
+        return out
+    LLM.generate = traced_generate
+
+
+def api_calls_by_engine_call(first: int) -> dict[int, list[tuple[str, float, int]]]:
+    """The timed run's CUDA API calls per engine call (index from the run's first): (name, ms, how many queueing
+    calls the engine call had made before it), in order."""
+    import bisect
+
+    events = traces[-1].events()
+    marks = sorted((e.time_range.start, e.time_range.end, int(e.name.rsplit("_", 1)[1]) - first)
+                   for e in events if e.name.startswith("engine_call_"))
+    starts = [m[0] for m in marks]
+    by_call: dict[int, list] = defaultdict(list)
+    for e in sorted((e for e in events if e.name.startswith("cu") and e.device_type.name == "CPU"),
+                    key=lambda e: e.time_range.start):
+        i = bisect.bisect_right(starts, e.time_range.start) - 1
+        if i < 0 or e.time_range.start > marks[i][1]:
+            continue  # outside every engine call
+        made = by_call[marks[i][2]]
+        queued = sum(name in QUEUEING_CALLS for name, _, _ in made)
+        made.append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued))
+    return by_call
+
+
+def report_api_calls(timed_run: list[dict], first: int) -> None:
+    by_call = api_calls_by_engine_call(first)
+    if not by_call:
+        print("\nno CUDA API call recorded (no GPU?)")
+        return
+    totals: defaultdict = defaultdict(lambda: [0, 0.0, 0.0])  # name -> [calls, ms, longest ms]
+    for made in by_call.values():
+        for name, ms, _ in made:
+            total = totals[name]
+            total[0], total[1], total[2] = total[0] + 1, total[1] + ms, max(total[2], ms)
+    print("\nCUDA API calls of the timed run (calls, total ms, longest ms):")
+    for name, (n, ms, longest) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"{n:8d} {ms:10.1f} {longest:9.2f}  {name}")
+    slowest = sorted(range(len(timed_run)), key=lambda i: timed_run[i]["seconds"], reverse=True)[:40]
+    print("\ncall  ms  queueing-calls  | its three longest API calls: name ms @ queueing calls made before it")
+    for i in sorted(slowest):
+        made = by_call.get(i, [])
+        longest = sorted(made, key=lambda m: -m[1])[:3]
+        queued = sum(name in QUEUEING_CALLS for name, _, _ in made)
+        print(f"{i:5d} {timed_run[i]['seconds'] * 1e3:7.2f} {queued:6d}  | "
+              + "   ".join(f"{name} {ms:.2f} @ {before}" for name, ms, before in longest))
+
+
 def watch_syncs() -> None:
     torch.cuda.set_sync_debug_mode("warn")
     warnings.simplefilter("always")
@@ -203,6 +272,8 @@ def report() -> None:
         for key, n in syncs.most_common():
             at = sorted(i - first for i in sync_calls[key])
             print(f"{n:6d}  calls {at[:12]}{' ...' if len(at) > 12 else ''}\n        {key[1]}\n        {key[0]}")
+    if traces:
+        report_api_calls(timed_run, generate_starts[-1] if generate_starts else 0)
 
 
 if __name__ == "__main__":
@@ -214,6 +285,9 @@ if __name__ == "__main__":
     if "--count-launches" in args:
         args.remove("--count-launches")
         count_launches()
+    if "--api-calls" in args:
+        args.remove("--api-calls")
+        trace_api_calls()
     try:
         code = kiln_main(["bench", *args])
     finally:
