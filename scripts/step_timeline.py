@@ -91,7 +91,7 @@ def engine_step(original):
         current = dict.fromkeys(PHASES, 0.0)
         current["launches"] = 0
         current["start"] = time.perf_counter()
-        with record_function(f"engine_call_{len(calls)}"):  # (free unless a profiler runs: --api-calls)
+        with record_function(f"engine_call_{len(calls)}"):  # (recorded only under a profiler: --api-calls)
             got = original(self)
         current["seconds"] = time.perf_counter() - current["start"]
         current["tokens"] = len(got)
@@ -201,14 +201,15 @@ def api_calls_by_engine_call(first: int) -> dict[int, list[tuple[str, float, int
                    for e in events if e.name.startswith("engine_call_"))
     starts = [m[0] for m in marks]
     by_call: dict[int, list] = defaultdict(list)
+    queued: Counter = Counter()  # engine call -> queueing calls so far
     for e in sorted((e for e in events if e.name.startswith("cu") and e.device_type.name == "CPU"),
                     key=lambda e: e.time_range.start):
         i = bisect.bisect_right(starts, e.time_range.start) - 1
         if i < 0 or e.time_range.start > marks[i][1]:
             continue  # outside every engine call
-        made = by_call[marks[i][2]]
-        queued = sum(name in QUEUEING_CALLS for name, _, _ in made)
-        made.append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued))
+        call = marks[i][2]
+        by_call[call].append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued[call]))
+        queued[call] += e.name in QUEUEING_CALLS
     return by_call
 
 

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from kiln.runtime import host_tensors
 from kiln.runtime.host_tensors import (StagingRing, copy_list, list_tensor, padded_rows, padded_tables, readback_buffer,
                                        release_readback)
 
@@ -93,7 +94,8 @@ def test_a_ring_made_in_inference_mode_takes_copies_outside_it():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory)")
-def test_a_readback_buffer_first_taken_in_inference_mode_is_written_outside_it():
+def test_a_readback_buffer_first_taken_in_inference_mode_is_written_outside_it(monkeypatch):
+    monkeypatch.setattr(host_tensors, "_readbacks", [])  # (so the first one is made here, in inference mode)
     with torch.inference_mode():
         release_readback(readback_buffer(4, torch.long))
     buffer = readback_buffer(4, torch.long)
