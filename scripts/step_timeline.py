@@ -28,11 +28,13 @@ that a launch waits for the GPU. (Counting costs the host a few µs an operation
 With `--api-calls` each generate runs under torch's profiler, and for the timed run's slowest engine calls the
 CUDA runtime and driver calls the host spent longest in are listed: which call waits (a kernel launch, a copy, an
 event), and at which of the engine call's launches (is it held by a full launch queue, partway through the step,
-or by one call that waits for the GPU?). The three options are meant for separate runs.
+or by one call that waits for the GPU?). It also sums the time the GPU ran nothing at all, and where: the host's
+share of a throughput gap. The three options are meant for separate runs.
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import statistics
 import sys
@@ -191,30 +193,55 @@ def trace_api_calls() -> None:
     LLM.generate = traced_generate
 
 
-def api_calls_by_engine_call(first: int) -> dict[int, list[tuple[str, float, int]]]:
-    """The timed run's CUDA API calls per engine call (index from the run's first): (name, ms, how many queueing
-    calls the engine call had made before it), in order."""
-    import bisect
+def engine_call_marks(events, first: int) -> list[tuple[float, float, int]]:
+    """(start µs, end µs, index from the timed run's first) of each engine call in the trace, by start."""
+    return sorted((e.time_range.start, e.time_range.end, int(e.name.rsplit("_", 1)[1]) - first)
+                  for e in events if e.name.startswith("engine_call_"))
 
-    events = traces[-1].events()
-    marks = sorted((e.time_range.start, e.time_range.end, int(e.name.rsplit("_", 1)[1]) - first)
-                   for e in events if e.name.startswith("engine_call_"))
+
+def call_at(marks: list, starts: list, t: float) -> int | None:
+    """The engine call running at t (µs), if any."""
+    i = bisect.bisect_right(starts, t) - 1
+    return marks[i][2] if i >= 0 and t <= marks[i][1] else None
+
+
+def api_calls_by_engine_call(events, marks: list) -> dict[int, list[tuple[str, float, int]]]:
+    """The CUDA API calls each engine call made: (name, ms, how many queueing calls it had made before), in order."""
     starts = [m[0] for m in marks]
     by_call: dict[int, list] = defaultdict(list)
     queued: Counter = Counter()  # engine call -> queueing calls so far
     for e in sorted((e for e in events if e.name.startswith("cu") and e.device_type.name == "CPU"),
                     key=lambda e: e.time_range.start):
-        i = bisect.bisect_right(starts, e.time_range.start) - 1
-        if i < 0 or e.time_range.start > marks[i][1]:
+        call = call_at(marks, starts, e.time_range.start)
+        if call is None:
             continue  # outside every engine call
-        call = marks[i][2]
         by_call[call].append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued[call]))
         queued[call] += e.name in QUEUEING_CALLS
     return by_call
 
 
+def gpu_idle_gaps(events, marks: list) -> list[tuple[float, float]]:
+    """(start µs, ms) of each moment in the timed run (first engine call's start to last's end) when the GPU ran
+    nothing, no kernel and no copy on any stream: what the host costs the throughput, unlike a wait that only
+    delays the tokens' reading."""
+    window_start, window_end = marks[0][0], max(m[1] for m in marks)
+    gaps, t = [], window_start
+    for start, end in sorted((e.time_range.start, e.time_range.end) for e in events
+                             if e.device_type.name == "CUDA"):
+        if start >= window_end:
+            break
+        if start > t:
+            gaps.append((t, (start - t) / 1e3))
+        t = max(t, end)
+    if t < window_end:
+        gaps.append((t, (window_end - t) / 1e3))
+    return gaps
+
+
 def report_api_calls(timed_run: list[dict], first: int) -> None:
-    by_call = api_calls_by_engine_call(first)
+    events = traces[-1].events()
+    marks = engine_call_marks(events, first)
+    by_call = api_calls_by_engine_call(events, marks)
     if not by_call:
         print("\nno CUDA API call recorded (no GPU?)")
         return
@@ -226,13 +253,24 @@ def report_api_calls(timed_run: list[dict], first: int) -> None:
     print("\nCUDA API calls of the timed run (calls, total ms, longest ms):")
     for name, (n, ms, longest) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"{n:8d} {ms:10.1f} {longest:9.2f}  {name}")
+    gaps = gpu_idle_gaps(events, marks)
+    starts = [m[0] for m in marks]
+    idle_in: Counter = Counter()  # engine call -> GPU idle ms that began in it
+    for at, ms in gaps:
+        idle_in[call_at(marks, starts, at)] += ms
+    window_s = (max(m[1] for m in marks) - marks[0][0]) / 1e6
+    print(f"\nGPU idle in the timed run: {sum(ms for _, ms in gaps) / 1e3:.3f} s of {window_s:.3f} s, "
+          f"{len(gaps)} gaps; the longest (s from the first call, ms, engine call):")
+    for at, ms in sorted(gaps, key=lambda g: -g[1])[:12]:
+        print(f"  {(at - marks[0][0]) / 1e6:8.3f} {ms:8.2f}  {call_at(marks, starts, at)}")
     slowest = sorted(range(len(timed_run)), key=lambda i: timed_run[i]["seconds"], reverse=True)[:40]
-    print("\ncall  ms  queueing-calls  | its three longest API calls: name ms @ queueing calls made before it")
+    print("\ncall  ms  gpu-idle-ms  queueing-calls  | its three longest API calls: name ms @ queueing calls made "
+          "before it")
     for i in sorted(slowest):
         made = by_call.get(i, [])
         longest = sorted(made, key=lambda m: -m[1])[:3]
         queued = sum(name in QUEUEING_CALLS for name, _, _ in made)
-        print(f"{i:5d} {timed_run[i]['seconds'] * 1e3:7.2f} {queued:6d}  | "
+        print(f"{i:5d} {timed_run[i]['seconds'] * 1e3:7.2f} {idle_in[i]:7.2f} {queued:6d}  | "
               + "   ".join(f"{name} {ms:.2f} @ {before}" for name, ms, before in longest))
 
 
