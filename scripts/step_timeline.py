@@ -56,7 +56,7 @@ from kiln.runtime.executor import Executor
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.scheduler import Scheduler
 
-PHASES = ("schedule", "launch", "forward", "sample", "collect", "append", "gc")
+PHASES = ("schedule", "launch", "forward", "sample", "collect", "append", "gc", "compile", "autotune")
 VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "slice", "select", "t", "transpose", "permute", "expand",
             "as_strided", "alias", "detach", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "narrow",
             "empty", "empty_strided", "empty_like", "lift_fresh", "is_same_size"}  # no GPU work of their own
@@ -92,6 +92,7 @@ def engine_step(original):
         global current
         current = dict.fromkeys(PHASES, 0.0)
         current["launches"] = 0
+        current["compiled"] = []  # (Triton kernel, ms) of each compile or compile-cache load in this call
         current["start"] = time.perf_counter()
         with record_function(f"engine_call_{len(calls)}"):  # (recorded only under a profiler: --api-calls)
             got = original(self)
@@ -132,6 +133,32 @@ def install() -> None:
         return original_generate(self, *args, **kwargs)
     LLM.generate = generate
     gc.callbacks.append(on_gc)
+    watch_triton()
+
+
+def watch_triton() -> None:
+    """Triton compiles a kernel anew for each new specialization of its arguments (each integer's divisibility by
+    16 and equality to 1, each pointer's alignment), inside the launch: from its disk cache in milliseconds, or
+    from source in a second. An autotuned kernel also times its configs at a new key, waiting for the GPU. Both
+    land in `forward`; here they are also timed apart (`compile`, `autotune`), with the kernels' names."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    do_compile = JITFunction._do_compile
+
+    def timed_compile(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return do_compile(self, *args, **kwargs)
+        finally:
+            if current is not None:
+                seconds = time.perf_counter() - start
+                current["compile"] += seconds
+                current["compiled"].append((self.__name__, seconds * 1e3))
+    JITFunction._do_compile = timed_compile
+    timed(Autotuner, "_bench", "autotune")
 
 
 def on_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -311,6 +338,12 @@ def report() -> None:
         for key, n in syncs.most_common():
             at = sorted(i - first for i in sync_calls[key])
             print(f"{n:6d}  calls {at[:12]}{' ...' if len(at) > 12 else ''}\n        {key[1]}\n        {key[0]}")
+    compiled = [(i, name, ms) for i, c in enumerate(timed_run) for name, ms in c["compiled"]]
+    if compiled:
+        print(f"\nTriton compiles in the timed run: {len(compiled)}, {sum(ms for *_, ms in compiled):.1f} ms "
+              "(engine call, kernel, ms; the first 60):")
+        for i, name, ms in compiled[:60]:
+            print(f"{i:6d}  {name}  {ms:.1f}")
     if traces:
         report_api_calls(timed_run, generate_starts[-1] if generate_starts else 0)
 
