@@ -342,11 +342,15 @@ def make_parser() -> argparse.ArgumentParser:
     source.add_argument("--serve", default=None, metavar="URL", help="drive a running kiln serve (or any "
                         "OpenAI-compatible server) at --concurrency")
     p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (words with --serve)")
+    p.add_argument("--input-len", type=int, default=128,
+                   help="prompt tokens (words with --serve, unless --token-id-prompts)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (--serve)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the requests' sampling temperature (--serve; 0 = greedy, as every offline run)")
+    p.add_argument("--token-id-prompts", action="store_true",
+                   help="with --serve: prompts of --input-len random token ids, not words (for a model without a "
+                        "tokenizer, such as random weights)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])

@@ -39,8 +39,10 @@ async def _one_request(session, url: str, body: dict, headers: dict) -> dict:
             "latency": time.perf_counter() - start}
 
 
-async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int, output_len: int,
-                api_key: str | None, model: str | None, temperature: float = 0.0) -> dict:
+async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, output_len: int,
+                api_key: str | None, model: str | None, temperature: float = 0.0, token_ids: bool = False) -> dict:
+    """prompt_len words a prompt, or with token_ids that many random token ids (a model with no tokenizer, such as
+    random weights of a real shape; ids 3-99, which every vocabulary has)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -49,7 +51,8 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
     semaphore = asyncio.Semaphore(concurrency)
 
     async def bounded(session):
-        prompt = " ".join(rng.choice(words) for _ in range(prompt_words))
+        prompt = ([rng.randrange(3, 100) for _ in range(prompt_len)] if token_ids
+                  else " ".join(rng.choice(words) for _ in range(prompt_len)))
         body = {"prompt": prompt, "max_tokens": output_len, "temperature": temperature, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
         async with semaphore:
@@ -75,6 +78,7 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_words: int
 
 def run(args) -> dict:
     report = asyncio.run(drive(args.serve.rstrip("/"), args.num_requests, args.concurrency, args.input_len,
-                               args.output_len, args.api_key, args.served_model_name, args.temperature))
+                               args.output_len, args.api_key, args.served_model_name, args.temperature,
+                               args.token_id_prompts))
     print(json.dumps(report, indent=2))
     return report

@@ -587,13 +587,17 @@ def test_stream_options_without_stream_is_400(server, client, model):
     assert_still_serving(client, model)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server, temperature):
+@pytest.mark.parametrize("temperature, token_ids", [(0.0, False), (0.8, False), (0.0, True)])
+def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server, temperature, token_ids):
+    """Prompts of words, or (--token-id-prompts, for a model without a tokenizer) of exactly that many token ids."""
     from kiln.bench.serve_load import drive
 
-    report = asyncio.run(drive(server.url, num_requests=8, concurrency=4, prompt_words=5, output_len=6,
-                               api_key=API_KEY, model=None, temperature=temperature))
+    prompt_tokens_before = server.metric_values()["kiln_prompt_tokens_total"]
+    report = asyncio.run(drive(server.url, num_requests=8, concurrency=4, prompt_len=5, output_len=6,
+                               api_key=API_KEY, model=None, temperature=temperature, token_ids=token_ids))
     assert report["succeeded"] == 8 and not report["errors"] and report["temperature"] == temperature
+    if token_ids:
+        assert server.metric_values()["kiln_prompt_tokens_total"] - prompt_tokens_before == 8 * 5
     assert report["output_tokens_per_s"] > 0
     assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
     assert 0 < report["itl_s"]["p50"] <= report["itl_s"]["p99"]
