@@ -88,7 +88,8 @@ def _build_config(args):
 
     return BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                        max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                       decode_steps_per_sync=args.decode_steps_per_sync)
+                       decode_steps_per_sync=args.decode_steps_per_sync,
+                       capacity_scheduler_policy=args.capacity_scheduler_policy)
 
 
 def cmd_build(args) -> None:
@@ -225,6 +226,15 @@ def _add_build_flags(p) -> None:
     p.add_argument("--decode-steps-per-sync", type=int, default=4,
                    help="greedy decode steps run back to back on the GPU before the host reads their tokens "
                         "(1: token by token)")
+    _add_policy_flag(p)
+
+
+def _add_policy_flag(p) -> None:
+    # (checked by BuildConfig, whose error names the allowed values: no torch import for --help)
+    p.add_argument("--capacity-scheduler-policy", default="max_utilization",
+                   help="max_utilization (the default): admit a request when its prompt fits, preempt the newest when the cache "
+                        "runs out; guaranteed_no_evict: admit one only when its whole output fits too, so none is "
+                        "ever preempted")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -375,6 +385,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     p.add_argument("--decode-steps-per-sync", type=int, default=4,
                    help="greedy decode steps the engine runs before the host looks (BuildConfig's)")
+    _add_policy_flag(p)
     p.add_argument("--profile", action="store_true",
                    help="run each kiln workload again under torch.profiler and print its kernels by GPU time")
     p.add_argument("--output-json", default=None, help="also write the results here")

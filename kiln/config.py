@@ -290,6 +290,9 @@ class PretrainedConfig:
             raise ConfigError(f"model config: {e}") from None
 
 
+CAPACITY_SCHEDULER_POLICIES = ("max_utilization", "guaranteed_no_evict")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Ceilings on the dynamic shapes an engine serves; the KV cache comes from one memory budget.
@@ -308,6 +311,11 @@ class BuildConfig:
     # Greedy decode steps run back to back on the GPU (CUDA graphs feeding each step's argmax to the next)
     # before the host looks at the tokens: the host's per-step work then overlaps the GPU's. 1 turns it off.
     decode_steps_per_sync: int = 4
+    # Who gets the KV cache (TensorRT-LLM's names): "max_utilization" admits a request when its prompt fits and
+    # preempts the newest running one (to be recomputed) when blocks run out; "guaranteed_no_evict" admits one
+    # only when the cache can also hold every running request's output to its max_tokens, so none is ever
+    # preempted (no recomputation; fewer requests at once when max_tokens is far above what they generate).
+    capacity_scheduler_policy: str = "max_utilization"
 
     def __post_init__(self):
         owner = "BuildConfig"
@@ -323,6 +331,8 @@ class BuildConfig:
                self.kv_cache_type)
         _check(self.tokens_per_block & (self.tokens_per_block - 1) == 0, owner, "tokens_per_block",
                "a power of two", self.tokens_per_block)
+        _check(self.capacity_scheduler_policy in CAPACITY_SCHEDULER_POLICIES, owner, "capacity_scheduler_policy",
+               " or ".join(map(repr, CAPACITY_SCHEDULER_POLICIES)), self.capacity_scheduler_policy)
         _check(isinstance(self.kv_cache_free_gpu_mem_fraction, (int, float))
                and 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, owner, "kv_cache_free_gpu_mem_fraction",
                "in (0, 1]", self.kv_cache_free_gpu_mem_fraction)

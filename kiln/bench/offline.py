@@ -434,7 +434,8 @@ def run(args) -> list[BenchResult]:
     build_config = BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
                                max_seq_len=longest, max_input_len=max(w.input_len for w in workloads),
                                max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)),
-                               decode_steps_per_sync=args.decode_steps_per_sync)
+                               decode_steps_per_sync=args.decode_steps_per_sync,
+                               capacity_scheduler_policy=args.capacity_scheduler_policy)
     systems = {}
     for label, quant in quant_systems(args):
         engine_dir, scratch = build_engine(source, args, quant, build_config, device)

@@ -28,7 +28,8 @@ class GenerationEngine:
         self.vocab_size = vocab_size
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
         self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync)
-        self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks)
+        self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks,
+                                   no_evict=build_config.capacity_scheduler_policy == "guaranteed_no_evict")
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params, seed_offset: int = 0) -> Sequence:

@@ -6,6 +6,10 @@ waiting sequences (oldest first) while the batch has room (max_batch_size), the 
 KV cache has blocks for their prompts. A long prompt is prefilled in chunks across steps. When a
 running sequence needs a block and none is left, the newest running sequence is preempted: its blocks
 are freed and it waits to be recomputed (prompt and output so far), so no request fails for memory.
+
+With no_evict (BuildConfig's capacity_scheduler_policy "guaranteed_no_evict") a waiting sequence is admitted
+only when the free blocks cover its whole length (prompt and max_tokens) on top of what the running ones may
+still grow to: no sequence is ever preempted, and none recomputes a prompt it has already computed.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from kiln.runtime.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_num_tokens: int, blocks: BlockManager):
+    def __init__(self, max_batch_size: int, max_num_tokens: int, blocks: BlockManager, no_evict: bool = False):
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.blocks = blocks
+        self.no_evict = no_evict
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -57,22 +62,32 @@ class Scheduler:
             budget -= n
         if self.num_preemptions != preempted_before:
             step = [(s, n) for s, n in step if s.status is Status.RUNNING]
+        reserved = self._growth_of_running() if self.no_evict else 0  # blocks the running ones may still take
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
             if seq.finished:  # aborted while waiting: dropped when it comes up (no scan of the queue every step)
                 self.waiting.popleft()
                 continue
             tokens = seq.all_ids
-            if not self.blocks.can_allocate(len(tokens)):
+            need = self.blocks.blocks_for(seq.max_len if self.no_evict else len(tokens))
+            if need + reserved > self.blocks.num_available():
                 break
             self.waiting.popleft()
             seq.num_cached = self.blocks.allocate(seq.seq_id, tokens)
+            if self.no_evict:
+                reserved += need - len(self.blocks.tables[seq.seq_id])
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(len(tokens) - seq.num_cached, budget)
             step.append((seq, n))
             budget -= n
         return step
+
+    def _growth_of_running(self) -> int:
+        """Blocks the running sequences may still add before each reaches its max_len."""
+        tables = self.blocks.tables
+        return sum(max(self.blocks.blocks_for(s.max_len) - len(tables[s.seq_id]), 0) for s in self.running
+                   if s.status is Status.RUNNING)
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for num_tokens of seq, preempting the newest other sequences as needed; False if seq

@@ -258,6 +258,32 @@ def test_a_tiny_kv_cache_preempts_and_recomputes_without_changing_tokens(built, 
     _assert_all_released(engine)
 
 
+@pytest.mark.parametrize("tokens_per_block,max_num_tokens", [(4, 16), (8, 3)])
+def test_guaranteed_no_evict_runs_the_tiny_cache_in_turns_without_preempting(built, reference, tokens_per_block,
+                                                                             max_num_tokens):
+    """The cache above (room for one sequence of 48 tokens) under capacity_scheduler_policy guaranteed_no_evict:
+    each request waits until the cache can hold its whole output, so none is preempted, and the tokens are
+    transformers' all the same."""
+    engine = _engine(built, max_seq_len=48, max_input_len=16, kv_cache_max_tokens=48,
+                     tokens_per_block=tokens_per_block, max_num_tokens=max_num_tokens,
+                     capacity_scheduler_policy="guaranteed_no_evict")
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    most_running = 0
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        most_running = max(most_running, len(engine.scheduler.running))
+    assert engine.scheduler.num_preemptions == 0 and most_running == 1
+    assert [s.output_ids for s in seqs] == reference
+    _assert_all_released(engine)
+
+
+def test_an_unknown_capacity_scheduler_policy_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match="capacity_scheduler_policy.*'max_utilization' or 'guaranteed_no_evict'"):
+        BuildConfig(capacity_scheduler_policy="fcfs")
+
+
 @pytest.fixture(scope="module")
 def built_mistral(tiny_mistral_session):
     hf_dir, hf = tiny_mistral_session

@@ -30,14 +30,14 @@ def _seq(seq_id: int, prompt: list[int] | int, max_new: int) -> Sequence:
 class Stream:
     """One random request stream, checked step by step against the policy."""
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    def __init__(self, rng: random.Random, no_evict: bool = False):
+        self.rng, self.no_evict = rng, no_evict
         self.bs = rng.choice([1, 2, 4, 8])
         self.max_batch, self.max_tokens = rng.randint(1, 6), rng.randint(1, 48)
         self.max_seq_len = rng.randint(2, 40)
         # From one max_seq_len sequence's worth of blocks (preemption is common) to plenty.
         num_blocks = -(-self.max_seq_len // self.bs) + rng.choice([0, 0, 1, 3, 40])
-        self.sched = Scheduler(self.max_batch, self.max_tokens, BlockManager(num_blocks, self.bs))
+        self.sched = Scheduler(self.max_batch, self.max_tokens, BlockManager(num_blocks, self.bs), no_evict)
         self.blocks = self.sched.blocks
         self.added: list[Sequence] = []
         self.queue: list[Sequence] = []  # the model's waiting queue
@@ -85,6 +85,7 @@ class Stream:
         gone = self.running[len(stayed):]
         assert self.running[:len(stayed)] == stayed, "an older sequence was preempted before a newer one"
         assert self.sched.num_preemptions - before["preemptions"] == len(gone)
+        assert not (self.no_evict and gone), "guaranteed_no_evict preempted a sequence"
         for seq in gone:
             assert seq.status is Status.WAITING and seq.seq_id not in self.blocks.tables
             assert seq.num_cached == 0
@@ -107,11 +108,16 @@ class Stream:
         # An admitted sequence, a preempted one too, starts at its prefix hit: not at 0, nor where it was.
         assert sum(s.num_cached for s in new) == self.blocks.prefix_hit_tokens - before["hits"]
         self.running = stayed + new
-        # Work conserving: the head of the queue waits only when the batch, the budget or the blocks are full.
+        # Work conserving: the head of the queue waits only when the batch, the budget or the blocks are full
+        # (with no_evict: the blocks for its whole length, beyond what the running ones may still grow to).
         if self.queue:
             head = self.queue[0]
-            assert (len(self.running) == self.max_batch or budget_left == 0
-                    or self.blocks.blocks_for(len(head.all_ids)) > self.blocks.num_available())
+            need = self.blocks.blocks_for(len(head.all_ids))
+            if self.no_evict:
+                need = self.blocks.blocks_for(head.max_len) + sum(
+                    max(self.blocks.blocks_for(s.max_len) - len(self.blocks.tables[s.seq_id]), 0)
+                    for s in self.running)
+            assert len(self.running) == self.max_batch or budget_left == 0 or need > self.blocks.num_available()
         assert self.running == self.sched.running
         assert [s for s in self.sched.waiting if not s.finished] == self.queue
 
@@ -130,9 +136,9 @@ class Stream:
                     self._leave(seq)
 
 
-def _run_case(case: int) -> int:
+def _run_case(case: int, no_evict: bool = False) -> int:
     rng = random.Random(case)
-    stream = Stream(rng)
+    stream = Stream(rng, no_evict)
     sched = stream.sched
     steps, adding_steps = 0, rng.randint(1, 30)
     while steps < adding_steps or sched.has_unfinished():
@@ -155,6 +161,15 @@ def _run_case(case: int) -> int:
 def test_random_request_streams_keep_the_scheduler_invariants(chunk):
     preemptions = [_run_case(case) for case in range(chunk * 500, (chunk + 1) * 500)]
     assert sum(p > 0 for p in preemptions) > 50  # the small caches really preempt
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_guaranteed_no_evict_never_preempts_and_keeps_the_invariants(chunk):
+    """The same streams (the caches that made max_utilization preempt) under guaranteed_no_evict: every request
+    finishes, no block leaks, admission stays in order and waits only for what the policy needs."""
+    cases = range(chunk * 500, (chunk + 1) * 500)
+    assert sum(_run_case(case) > 0 for case in cases) > 50
+    assert all(_run_case(case, no_evict=True) == 0 for case in cases)
 
 
 def test_long_prompt_is_prefilled_in_chunks_and_others_join_when_budget_allows():
