@@ -232,8 +232,19 @@ def call_at(marks: list, starts: list, t: float) -> int | None:
     return marks[i][2] if i >= 0 and t <= marks[i][1] else None
 
 
-def api_calls_by_engine_call(events, marks: list) -> dict[int, list[tuple[str, float, int]]]:
-    """The CUDA API calls each engine call made: (name, ms, how many queueing calls it had made before), in order."""
+def launched_by(event) -> str:
+    """The torch operation that made a CUDA API call, and the first kernel it ran: which work a slow call was
+    for (a cuBLAS GEMM of a new shape loads its kernel at first use, which may wait for the whole GPU)."""
+    parent = getattr(event, "cpu_parent", None)
+    if parent is None or parent.name.startswith("engine_call_"):
+        return "(no torch operation: a Triton kernel or a graph)"
+    kernels = getattr(parent, "kernels", None) or []
+    return parent.name + (f" -> {kernels[0].name[:60]}" if kernels else "")
+
+
+def api_calls_by_engine_call(events, marks: list) -> dict[int, list[tuple[str, float, int, object]]]:
+    """The CUDA API calls each engine call made: (name, ms, how many queueing calls it had made before, the
+    event), in order."""
     starts = [m[0] for m in marks]
     by_call: dict[int, list] = defaultdict(list)
     queued: Counter = Counter()  # engine call -> queueing calls so far
@@ -242,7 +253,7 @@ def api_calls_by_engine_call(events, marks: list) -> dict[int, list[tuple[str, f
         call = call_at(marks, starts, e.time_range.start)
         if call is None:
             continue  # outside every engine call
-        by_call[call].append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued[call]))
+        by_call[call].append((e.name, (e.time_range.end - e.time_range.start) / 1e3, queued[call], e))
         queued[call] += e.name in QUEUEING_CALLS
     return by_call
 
@@ -274,7 +285,7 @@ def report_api_calls(timed_run: list[dict], first: int) -> None:
         return
     totals: defaultdict = defaultdict(lambda: [0, 0.0, 0.0])  # name -> [calls, ms, longest ms]
     for made in by_call.values():
-        for name, ms, _ in made:
+        for name, ms, *_ in made:
             total = totals[name]
             total[0], total[1], total[2] = total[0] + 1, total[1] + ms, max(total[2], ms)
     print("\nCUDA API calls of the timed run (calls, total ms, longest ms):")
@@ -296,9 +307,10 @@ def report_api_calls(timed_run: list[dict], first: int) -> None:
     for i in sorted(slowest):
         made = by_call.get(i, [])
         longest = sorted(made, key=lambda m: -m[1])[:3]
-        queued = sum(name in QUEUEING_CALLS for name, _, _ in made)
+        queued = sum(name in QUEUEING_CALLS for name, *_ in made)
         print(f"{i:5d} {timed_run[i]['seconds'] * 1e3:7.2f} {idle_in[i]:7.2f} {queued:6d}  | "
-              + "   ".join(f"{name} {ms:.2f} @ {before}" for name, ms, before in longest))
+              + "   ".join(f"{name} {ms:.2f} @ {before}" for name, ms, before, _ in longest)
+              + (f"\n        the longest for: {launched_by(longest[0][3])}" if longest else ""))
 
 
 def watch_syncs() -> None:
