@@ -232,9 +232,9 @@ def _add_build_flags(p) -> None:
 def _add_policy_flag(p) -> None:
     # (checked by BuildConfig, whose error names the allowed values: no torch import for --help)
     p.add_argument("--capacity-scheduler-policy", default="max_utilization",
-                   help="max_utilization (the default): admit a request when its prompt fits, preempt the newest when the cache "
-                        "runs out; guaranteed_no_evict: admit one only when its whole output fits too, so none is "
-                        "ever preempted")
+                   help="max_utilization (the default): admit a request when its prompt fits, preempt the newest "
+                        "when the cache runs out; guaranteed_no_evict: admit one only when its whole output fits "
+                        "too, so none is ever preempted")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -49,9 +49,10 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a new sequence of num_tokens fits, even with no prefix reused."""
-        return self.blocks_for(num_tokens) <= self.num_available()
+    def can_allocate(self, num_tokens: int, reserved: int = 0) -> bool:
+        """Whether a new sequence of num_tokens fits, even with no prefix reused, beside `reserved` blocks
+        promised to others."""
+        return self.blocks_for(num_tokens) + reserved <= self.num_available()
 
     def usage(self) -> float:
         """Fraction of blocks referenced by a live sequence."""

@@ -69,13 +69,12 @@ class Scheduler:
                 self.waiting.popleft()
                 continue
             tokens = seq.all_ids
-            need = self.blocks.blocks_for(seq.max_len if self.no_evict else len(tokens))
-            if need + reserved > self.blocks.num_available():
+            if not self.blocks.can_allocate(seq.max_len if self.no_evict else len(tokens), reserved):
                 break
             self.waiting.popleft()
             seq.num_cached = self.blocks.allocate(seq.seq_id, tokens)
             if self.no_evict:
-                reserved += need - len(self.blocks.tables[seq.seq_id])
+                reserved += self.blocks.blocks_for(seq.max_len) - len(self.blocks.tables[seq.seq_id])
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(len(tokens) - seq.num_cached, budget)
