@@ -8,7 +8,9 @@ own on; the last stage's first tensor-parallel rank hands the logits to rank 0.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -24,6 +26,8 @@ from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables, r
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
 from kiln.runtime.sampler import greedy_tokens, sample_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +81,21 @@ class ModelRunner:
                 self.prefill_graphs = PrefillGraphs(model, self.kv, self.device, sizes, blocks_per_seq,
                                                     scratch_block=physical - 1)
                 self.prefill_graphs.capture()
+            if os.environ.get("KILN_WARM_LM_HEAD", "0") == "1":  # (off until an A/B on a GPU decides)
+                self._warm_lm_head(build_config.max_batch_size)
+
+    def _warm_lm_head(self, max_rows: int) -> None:
+        """lm_head run once at every row count a step can give it (a row a sequence), so that the cuBLAS kernels
+        those shapes pick are loaded now. With CUDA's lazy loading (torch's default) a kernel is loaded at its
+        first launch, which may wait for all the GPU's queued work: the suspected cause of prefill-1000's slow
+        launches while its batch fills, when every step brings a new row count (docs/performance.md)."""
+        start = time.perf_counter()
+        hidden = torch.zeros(max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            for rows in range(1, max_rows + 1):
+                self.model.lm_head(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        log.info("ran lm_head at 1-%d rows in %.2fs (KILN_WARM_LM_HEAD)", max_rows, time.perf_counter() - start)
 
     def _can_use_graphs(self, config) -> bool:
         """One CUDA GPU, no pipeline or tensor split, rotary frequencies that do not depend on the length,

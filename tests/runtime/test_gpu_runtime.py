@@ -41,6 +41,32 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
         assert out2.outputs[0].token_ids == expected
 
 
+def test_warming_lm_head_at_load_runs_every_row_count_and_changes_no_token(tmp_path, monkeypatch):
+    """KILN_WARM_LM_HEAD=1 (off until timed): the engine runs lm_head at 1..max_batch_size rows while it loads,
+    so each cuBLAS kernel those shapes pick is loaded before a step meets it; the tokens are transformers'."""
+    from kiln.runtime.model_runner import ModelRunner
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KILN_WARM_LM_HEAD", "1")
+    hf = make_hf_model(tmp_path / "hf").to("cuda")
+    rows_seen = []
+    warm = ModelRunner._warm_lm_head
+
+    def counted(self, max_rows):
+        lm_head = self.model.lm_head.forward
+        self.model.lm_head.forward = lambda x: rows_seen.append(x.shape[0]) or lm_head(x)
+        try:
+            warm(self, max_rows)
+        finally:
+            del self.model.lm_head.forward
+    monkeypatch.setattr(ModelRunner, "_warm_lm_head", counted)
+    with LLM(tmp_path / "hf", device="cuda", build_config=BuildConfig(max_batch_size=8)) as llm:
+        out = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert rows_seen == list(range(1, 9))
+    for prompt, o in zip(PROMPTS, out):
+        assert o.outputs[0].token_ids == hf_greedy_cuda(hf, prompt, 16)
+
+
 def test_cuda_graphs_leave_room_for_one_max_seq_len_sequence(tmp_path, monkeypatch):
     # A cache of exactly one max_seq_len sequence: the graphs' scratch block must not come out of it, or a
     # sequence that grows to max_seq_len preempts itself and never fits again.
