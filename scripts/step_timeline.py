@@ -93,10 +93,16 @@ def engine_step(original):
         current = dict.fromkeys(PHASES, 0.0)
         current["launches"] = 0
         current["compiled"] = []  # (Triton kernel, ms) of each compile or compile-cache load in this call
+        allocator = torch.cuda.memory_stats()
         current["start"] = time.perf_counter()
         with record_function(f"engine_call_{len(calls)}"):  # (recorded only under a profiler: --api-calls)
             got = original(self)
         current["seconds"] = time.perf_counter() - current["start"]
+        after = torch.cuda.memory_stats()
+        # cudaMalloc calls in this call (new segments of torch's caching allocator) and retries (a failed
+        # cudaMalloc, then cudaFree of the cached blocks: a whole-device synchronization)
+        current["mallocs"] = after.get("segment.all.allocated", 0) - allocator.get("segment.all.allocated", 0)
+        current["retries"] = after.get("num_alloc_retries", 0) - allocator.get("num_alloc_retries", 0)
         current["tokens"] = len(got)
         current["ahead"] = self.executor.in_flight is not None
         calls.append(current)
@@ -148,17 +154,28 @@ def watch_triton() -> None:
         return
     do_compile = JITFunction._do_compile
 
-    def timed_compile(self, *args, **kwargs):
+    def timed_compile(self, key, signature, device, constexprs, options, attrs, warmup):
         start = time.perf_counter()
         try:
-            return do_compile(self, *args, **kwargs)
+            return do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
         finally:
             if current is not None:
                 seconds = time.perf_counter() - start
                 current["compile"] += seconds
-                current["compiled"].append((self.__name__, seconds * 1e3))
+                current["compiled"].append((self.__name__, seconds * 1e3, specialized(self, constexprs, attrs)))
     JITFunction._do_compile = timed_compile
     timed(Autotuner, "_bench", "autotune")
+
+
+def specialized(kernel, constexprs: dict, attrs: dict) -> str:
+    """The arguments Triton specialized this compile on, beyond the declared constexprs: integers equal to 1 or
+    None (as `name=value`) and integers or pointers divisible by 16 (as `name/16`). Two compiles of one kernel
+    differ in these; the timed run's compiles print them, so the argument that made a new one shows."""
+    declared = {p.num for p in kernel.params if p.is_constexpr}
+    names = kernel.arg_names
+    ones = [f"{names[k[0]]}={v}" for k, v in constexprs.items() if len(k) == 1 and k[0] not in declared]
+    aligned = [f"{names[k[0]]}/16" for k, v in attrs.items() if len(k) == 1 and any("divisib" in str(a) for a in v)]
+    return " ".join(sorted(ones) + sorted(aligned))
 
 
 def on_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -325,6 +342,8 @@ def report() -> None:
         return
     print(f"\n# step timeline of the last generate: {len(timed_run)} engine calls, "
           f"{sum(c['seconds'] for c in timed_run):.2f} s in them")
+    print(f" mallocs: {sum(c['mallocs'] for c in timed_run)} cudaMalloc calls in "
+          f"{sum(c['mallocs'] > 0 for c in timed_run)} engine calls, {sum(c['retries'] for c in timed_run)} retries")
     for phase in ("seconds", *PHASES, "launches"):
         values = sorted(c[phase] for c in timed_run)
         q = statistics.quantiles(values, n=100, method="inclusive")
@@ -338,24 +357,27 @@ def report() -> None:
     t0 = timed_run[0]["start"]
     slowest = sorted(range(len(timed_run)), key=lambda i: timed_run[i]["seconds"], reverse=True)[:40]
     print("\ncall  at s  ms  tokens  queued-ahead  " + "  ".join(PHASES)
-          + "  launches  (ms; the 40 slowest calls, by time)")
+          + "  launches  mallocs  retries  (ms; the 40 slowest calls, by time)")
     for i in sorted(slowest):
         c = timed_run[i]
         phases = "  ".join(f"{c[p] * 1e3:7.2f}" for p in PHASES)
         print(f"{i:5d} {c['start'] - t0:7.2f} {c['seconds'] * 1e3:7.2f} {c['tokens']:5d} {c['ahead']!s:>5}  {phases}"
-              f"  {c['launches']:6d}")
+              f"  {c['launches']:6d}  {c['mallocs']:4d} {c['retries']:3d}")
     if syncs:
         first = generate_starts[-1] if generate_starts else 0
         print("\nsynchronizing operations in the timed run (times; engine calls; where):")
         for key, n in syncs.most_common():
             at = sorted(i - first for i in sync_calls[key])
             print(f"{n:6d}  calls {at[:12]}{' ...' if len(at) > 12 else ''}\n        {key[1]}\n        {key[0]}")
-    compiled = [(i, name, ms) for i, c in enumerate(timed_run) for name, ms in c["compiled"]]
+    compiled = [(i, *record) for i, c in enumerate(timed_run) for record in c["compiled"]]
     if compiled:
-        print(f"\nTriton compiles in the timed run: {len(compiled)}, {sum(ms for *_, ms in compiled):.1f} ms "
-              "(engine call, kernel, ms; the first 60):")
-        for i, name, ms in compiled[:60]:
-            print(f"{i:6d}  {name}  {ms:.1f}")
+        print(f"\nTriton compiles in the timed run: {len(compiled)}, {sum(r[2] for r in compiled):.1f} ms "
+              "(engine call, kernel, ms, specialized on; then the same kernel's earlier compiles; the first 60):")
+        earlier = [r for c in calls[:len(calls) - len(timed_run)] for r in c["compiled"]]
+        for i, name, ms, spec in compiled[:60]:
+            print(f"{i:6d}  {name}  {ms:.1f}\n        {spec}")
+            for other in {s for n, _, s in earlier if n == name}:
+                print(f"  was   {other}")
     if traces:
         report_api_calls(timed_run, generate_starts[-1] if generate_starts else 0)
 

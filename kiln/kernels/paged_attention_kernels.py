@@ -9,6 +9,13 @@ from kiln.kernels.fp8_quant import to_e4m3
 from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
+# Integers that change from step to step (the block table's width, the number of key splits). Triton compiles a
+# kernel anew for each integer's divisibility by 16 and equality to 1: a step meeting a new combination compiled
+# paged_prefill_kernel for 1.16 s in prefill-1000's timed run (docs/performance.md, twenty-second session). Read as
+# scalars, they gain nothing from specializing.
+VARYING_INTS = ("bt_sb", "num_splits")
+
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     # float32 inputs would otherwise go through TF32 (10-bit mantissa) and miss the reference.
@@ -130,7 +137,7 @@ def _merge_if_last(part_ptr, lse_ptr, out_ptr, count_ptr, b, kvh, group, head_si
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS)
 def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
                         q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                         scale_log2, window, group, head_size, num_splits,
@@ -201,7 +208,7 @@ def _code_pairs(w, INT8: tl.constexpr):
         "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS)
 def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
                              q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
@@ -267,7 +274,7 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
                        BLOCK_G, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS)
 def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_ptr, o_sb, o_sh, heads, head_size,
                  num_splits, FP8_OUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  USE_PDL: tl.constexpr):
@@ -421,7 +428,7 @@ def prefill_tma_kernel(q_ptr, k_desc, v_desc, o_ptr, cu_ptr, q_st, q_sh, o_st, o
     _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, 1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS)
 def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
                          k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
                          scale_log2, window, group, head_size, num_splits,

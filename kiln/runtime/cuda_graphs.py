@@ -227,9 +227,26 @@ class PrefillGraphs:
             self.cu[1] = size
             self.graphs[size], self.outputs[size] = capture_graph(self.device, pool,
                                                                   lambda size=size: self.forward(size))
+        self._compile_one_split()
         torch.cuda.synchronize(self.device)
         log.info("captured prefill CUDA graphs for %s tokens in %.1fs", self.sizes,
                  time.perf_counter() - start)
+
+    def _compile_one_split(self, tokens_each: int = 16) -> None:
+        """One eager step of many prompts continuing a cached token, on scratch, no larger than the largest graph.
+        The graphs above are of one sequence, whose attention splits its keys across programs; a step with many
+        programs keeps them in one (no merge), a kernel variant Triton would otherwise compile in the first such
+        step: in prefill-1000's timed run, 1.16 s of one step, the first to continue a long prompt
+        (docs/performance.md, twenty-second session)."""
+        seqs = max(self.sizes[-1] // tokens_each, 1)
+        n = seqs * tokens_each
+        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=self.device)
+        seq_lens = torch.full((seqs,), tokens_each + 1, dtype=torch.int32, device=self.device)
+        cu = torch.arange(0, n + 1, tokens_each, dtype=torch.int32, device=self.device)
+        batch = PagedAttentionBatch([tokens_each] * seqs, [1] * seqs, self.kv, slots,
+                                    self.table.expand(seqs, -1).contiguous(), seq_lens, cu)
+        self.model(tokens, tokens, batch, last_token_only=True)
 
     def can_run(self, inp) -> bool:
         """One sequence, 2..max(sizes) new tokens, and room in its table for the padding (the attention kernel

@@ -81,14 +81,15 @@ class ModelRunner:
                 self.prefill_graphs = PrefillGraphs(model, self.kv, self.device, sizes, blocks_per_seq,
                                                     scratch_block=physical - 1)
                 self.prefill_graphs.capture()
-            if os.environ.get("KILN_WARM_LM_HEAD", "0") == "1":  # (off until an A/B on a GPU decides)
+            if os.environ.get("KILN_WARM_LM_HEAD", "1") == "1":  # (KILN_WARM_LM_HEAD=0 turns it off)
                 self._warm_lm_head(build_config.max_batch_size)
 
     def _warm_lm_head(self, max_rows: int) -> None:
         """lm_head run once at every row count a step can give it (a row a sequence), so that the cuBLAS kernels
-        those shapes pick are loaded now. With CUDA's lazy loading (torch's default) a kernel is loaded at its
-        first launch, which may wait for all the GPU's queued work: the suspected cause of prefill-1000's slow
-        launches while its batch fills, when every step brings a new row count (docs/performance.md)."""
+        those shapes pick are set up now. The first GEMM at a new row count waits at its launch for all the GPU's
+        queued work, with lazy or eager module loading alike, and not for its output's allocation
+        (scripts/launch_wait_probe.py on an H200): while prefill-1000's batch fills, every step brings a new row
+        count, and each such step's launch waited for the one queued before it (docs/performance.md)."""
         start = time.perf_counter()
         hidden = torch.zeros(max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
         with torch.inference_mode():

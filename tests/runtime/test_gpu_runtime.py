@@ -42,8 +42,8 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
 
 
 def test_warming_lm_head_at_load_runs_every_row_count_and_changes_no_token(tmp_path, monkeypatch):
-    """KILN_WARM_LM_HEAD=1 (off until timed): the engine runs lm_head at 1..max_batch_size rows while it loads,
-    so each cuBLAS kernel those shapes pick is loaded before a step meets it; the tokens are transformers'."""
+    """KILN_WARM_LM_HEAD (on by default): the engine runs lm_head at 1..max_batch_size rows while it loads, so
+    no step meets a new row count's first GEMM (which waits for the GPU's queue); the tokens are transformers'."""
     from kiln.runtime.model_runner import ModelRunner
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
