@@ -92,7 +92,7 @@ def engine_step(original):
         global current
         current = dict.fromkeys(PHASES, 0.0)
         current["launches"] = 0
-        current["compiled"] = []  # (Triton kernel, ms) of each compile or compile-cache load in this call
+        current["compiled"] = []  # (Triton kernel, ms, specialization) of each compile or cache load in this call
         allocator = torch.cuda.memory_stats()
         current["start"] = time.perf_counter()
         with record_function(f"engine_call_{len(calls)}"):  # (recorded only under a profiler: --api-calls)
