@@ -20,8 +20,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -421,7 +423,40 @@ def run(args) -> list[BenchResult]:
     ceilings = {"bandwidth": copy_bandwidth(device), "flops": matmul_flops(device)}
     print(f"# {describe_device(device)}; measured copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s, "
           f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s; settings {kiln_settings() or 'the defaults'}", flush=True)
-    source, hf_model = prepare_source(args, device)
+    with _scratch_dirs() as scratch:
+        source, hf_model = prepare_source(args, device)
+        if args.synthetic:
+            scratch.append(source)
+        return _bench_source(args, device, workloads, ceilings, source, hf_model, scratch)
+
+
+@contextlib.contextmanager
+def _scratch_dirs():
+    """A list of dirs to delete when the run ends, however it ends: a synthetic model's checkpoint and engine are
+    copies of random weights (16 GB each at Llama-3-8B's shapes, 4 a disk of 64 GB) that no later run reuses. A
+    SIGTERM (`timeout`'s) becomes SystemExit here, so a killed run deletes them too."""
+    scratch: list = []
+    installed = _main_thread()  # (signal handlers are the main thread's to set)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if installed else None
+    try:
+        yield scratch
+    finally:
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _bench_source(args, device, workloads, ceilings, source, hf_model, scratch: list) -> list[BenchResult]:
+    """The baseline and each kiln system on one source; dirs to delete at the end go on `scratch`."""
     results = []
     print(TABLE_HEADER, flush=True)
     if hf_model is not None:
@@ -438,10 +473,11 @@ def run(args) -> list[BenchResult]:
                                capacity_scheduler_policy=args.capacity_scheduler_policy)
     systems = {}
     for label, quant in quant_systems(args):
-        engine_dir, scratch = build_engine(source, args, quant, build_config, device)
+        engine_dir, system_scratch = build_engine(source, args, quant, build_config, device)
+        scratch += system_scratch
         system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings, args.profile)
         results += system_results
-        for path in scratch:
+        for path in system_scratch:  # (before the next system's engine takes the disk)
             shutil.rmtree(path, ignore_errors=True)
     print(TABLE_HEADER)
     for r in results:

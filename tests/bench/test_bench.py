@@ -134,3 +134,26 @@ def test_the_notes_column_shows_seconds_as_ms_counts_as_counts_and_fractions_as_
     notes = {"compute_floor_s": 40.0948, "bursts_run_ahead": 0.214, "steps_queued_ahead": 262}
     assert format_extra(notes) == "compute_floor 40094.8 ms, bursts_run_ahead 21%, steps_queued_ahead 262"
     assert format_extra({}) == "—"
+
+
+def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tmp_path, monkeypatch):
+    """--synthetic writes a checkpoint of random weights and builds an engine from it (16 GB each at Llama-3-8B's
+    shapes): both are deleted when the run ends. (A tiny shape stands in for the real ones, same code path.)"""
+    import tempfile
+
+    from kiln.bench.shapes import LLAMA_SHAPES
+
+    monkeypatch.setitem(LLAMA_SHAPES, "tiny-test", dict(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=128))
+    scratch, cache = tmp_path / "tmp", tmp_path / "cache"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("KILN_CACHE_DIR", str(cache))
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 32, "output_len": 2}]))
+    assert main(["bench", "--synthetic", "tiny-test", "--workload-file", str(workloads), "--dtype", "float32",
+                 "--baseline", "none"]) == 0
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("kiln-")] == []  # (torch keeps caches there)
+    engines = cache / "engines"
+    assert not engines.exists() or list(engines.iterdir()) == []
