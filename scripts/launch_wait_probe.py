@@ -6,8 +6,10 @@ free block for is a cudaMalloc). On an NVIDIA GPU:
     CUDA_MODULE_LOADING=EAGER python scripts/launch_wait_probe.py    # every kernel loaded with its module
 
 On an H200 (twenty-second session) the first launch at each new row count waited the whole queue under both
-loading modes, and the second did not: not lazy loading. Three cases tell the allocator from cuBLAS: the GEMM
-allocating its output, the GEMM into an output made before the queue filled, and an allocation alone.
+loading modes, and the second did not: not lazy loading. Two more cases look at the allocator: an allocation
+alone at new sizes, and the GEMM into an output made before the queue filled (at the row counts the first case
+met, so it shows the allocation's share only once cuBLAS has seen the shape). Row 391 after 390 is a new shape
+whose output fits the block 390's freed.
 
 Queues about 200 ms of matmuls, then times the host's launch of lm_head's GEMM (Llama-3-8B's 128256 x 4096,
 bf16) at a row count, with the queue still full: microseconds if the launch returns at once, about the queue's
