@@ -176,7 +176,11 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
 
 
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool):
-    """Server-sent events: one chunk per new piece of text per choice, then usage (if asked), then [DONE]."""
+    """Server-sent events: a chunk per choice whenever it has new tokens, then usage (if asked), then [DONE].
+
+    A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
+    still incomplete, text held back as a possible stop string): clients see progress, and `kiln bench --serve`
+    times every token's arrival, not only the arrivals that happened to carry text."""
     tokenizer = get_engine(request).llm.tokenizer
     first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -184,6 +188,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
     sent_logprobs: dict[int, int] = {}
 
     async def send(payload: dict) -> None:
@@ -193,7 +198,8 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
         for o in output.outputs:
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
             delta_text = o.text[start_text or 0:]
-            if not delta_text and o.finish_reason is None and start_text is not None:
+            no_new_tokens = len(o.token_ids) == sent_tokens.get(o.index)
+            if not delta_text and no_new_tokens and o.finish_reason is None:
                 continue
             choice = {"index": o.index, "finish_reason": o.finish_reason}
             entries = protocol.logprob_entries(o)
@@ -207,6 +213,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
                 choice["logprobs"] = (protocol.completion_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
             sent_text[o.index], sent_logprobs[o.index] = len(o.text), len(entries)
+            sent_tokens[o.index] = len(o.token_ids)
             await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]})
 
     last = first

@@ -604,6 +604,28 @@ def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(serv
     assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"] <= report["mean_latency_s"]
 
 
+def test_a_model_without_a_tokenizer_streams_its_tokens_as_they_come(tmp_path_factory):
+    """Random weights of a real shape have no tokenizer, so no token adds text: the stream still sends a chunk for
+    each burst of new tokens (it once sent one at the start and one at the end, and `kiln bench --serve` read the
+    whole generation as one inter-token gap)."""
+    root = tmp_path_factory.mktemp("no_tokenizer")
+    make_hf_model(root / "hf", max_position_embeddings=MAX_SEQ_LEN)
+    engine = build_checkpoint(convert_checkpoint(root / "hf", root / "ckpt"), root / "no-tokenizer",
+                              BuildConfig(max_batch_size=4, max_input_len=MAX_INPUT_LEN, max_seq_len=MAX_SEQ_LEN))
+    proc = ServerProcess(engine, root / "server").start()
+    try:
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0, timeout=60)
+        stream = client.completions.create(model=engine.name, prompt=[5, 6, 7, 8], max_tokens=24, temperature=0,
+                                           extra_body={"ignore_eos": True}, stream=True,
+                                           stream_options={"include_usage": True})
+        texts, reasons, usages, chunks = streamed(stream, chat_api=False)
+        assert texts == {0: ""} and reasons == {0: "length"} and usages[0].completion_tokens == 24
+        # bursts of up to decode_steps_per_sync = 4 tokens arrive together; plus the usage chunk
+        assert chunks >= 24 // 4 + 1
+    finally:
+        proc.stop()
+
+
 def test_a_request_past_the_timeout_is_408_and_frees_its_blocks(engine_dir, tmp_path_factory):
     proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("timeout_server"), "--request-timeout", "0.02")
     proc.start()
