@@ -423,7 +423,7 @@ def run(args) -> list[BenchResult]:
     ceilings = {"bandwidth": copy_bandwidth(device), "flops": matmul_flops(device)}
     print(f"# {describe_device(device)}; measured copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s, "
           f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s; settings {kiln_settings() or 'the defaults'}", flush=True)
-    with _scratch_dirs() as scratch:
+    with scratch_dirs() as scratch:
         source, hf_model = prepare_source(args, device)
         if args.synthetic:
             scratch.append(source)
@@ -431,7 +431,7 @@ def run(args) -> list[BenchResult]:
 
 
 @contextlib.contextmanager
-def _scratch_dirs():
+def scratch_dirs():
     """A list of dirs to delete when the run ends, however it ends: a synthetic model's checkpoint and engine are
     copies of random weights (16 GB each at Llama-3-8B's shapes, 4 a disk of 64 GB) that no later run reuses. A
     SIGTERM (`timeout`'s) becomes SystemExit here, so a killed run deletes them too."""

@@ -15,12 +15,12 @@ import gc
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from kiln.bench.offline import describe_device, sync, synthetic_hf_model
+from kiln.bench.offline import describe_device, scratch_dirs, sync, synthetic_hf_model
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
-from kiln.llmapi.engine_cache import cache_root
 
 
 def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
@@ -33,13 +33,15 @@ def replay_ms(graph, device: torch.device, repeats: int = 100) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def quantized(source: str, algo: str, lm_head: bool, kv: str | None) -> str:
+def quantized(source: str, algo: str, lm_head: bool, kv: str | None, scratch: list) -> str:
     """A checkpoint of `source` quantized with `algo` ("none": weights as they are; lm_head too if asked) and
-    its KV cache with `kv` (None: the model dtype), in a temporary dir."""
+    its KV cache with `kv` (None: the model dtype), in a temporary dir put on `scratch`."""
     from kiln.config import QuantConfig, exclusions
     from kiln.quantization.workflow import quantize_checkpoint
 
-    ckpt = tempfile.mkdtemp(prefix="kiln-profile-quant-") + "/ckpt"
+    work = tempfile.mkdtemp(prefix="kiln-profile-quant-")
+    scratch.append(work)
+    ckpt = work + "/ckpt"
     qc = QuantConfig(quant_algo=None if algo == "none" else algo, kv_cache_quant_algo=kv,
                      exclude_modules=exclusions(lm_head))
     return str(quantize_checkpoint(source, ckpt, qc, dtype="bfloat16", device="cuda"))
@@ -56,23 +58,28 @@ def main() -> None:
                         help="every engine profiled with this KV cache format")
     args = parser.parse_args()
     device = torch.device("cuda")
-    source = tempfile.mkdtemp(prefix="kiln-profile-")
-    hf = synthetic_hf_model(args.synthetic, torch.bfloat16, device)
-    hf.save_pretrained(source)
-    del hf
-    torch.cuda.empty_cache()
-    for algo in args.quant_algo.split(","):
-        plain = algo == "none" and args.kv_cache_quant_algo is None
-        ckpt = source if plain else quantized(source, algo, args.quantize_lm_head, args.kv_cache_quant_algo)
-        profile(ckpt, algo, args, device)
-        gc.collect()  # the engine's weights and KV cache go back to the GPU before the next one loads
+    with scratch_dirs() as scratch:  # random weights and their engines: deleted however the run ends
+        source = tempfile.mkdtemp(prefix="kiln-profile-")
+        scratch.append(source)
+        hf = synthetic_hf_model(args.synthetic, torch.bfloat16, device)
+        hf.save_pretrained(source)
+        del hf
         torch.cuda.empty_cache()
-        if ckpt != source:  # each checkpoint and engine is 5-16 GB: one of each on disk at a time
-            shutil.rmtree(ckpt, ignore_errors=True)
-        shutil.rmtree(cache_root(), ignore_errors=True)
+        for algo in args.quant_algo.split(","):
+            plain = algo == "none" and args.kv_cache_quant_algo is None
+            ckpt = source if plain else quantized(source, algo, args.quantize_lm_head, args.kv_cache_quant_algo,
+                                                  scratch)
+            engine_dir = profile(ckpt, algo, args, device, scratch)
+            gc.collect()  # the engine's weights and KV cache go back to the GPU before the next one loads
+            torch.cuda.empty_cache()
+            # each checkpoint and engine is 5-16 GB: one of each on disk at a time (only this run's own engine
+            # leaves the engine cache; the user's engines and kernel choices stay)
+            for path in ([] if plain else [Path(ckpt).parent]) + [engine_dir]:
+                shutil.rmtree(path, ignore_errors=True)
 
 
-def profile(source: str, algo: str, args, device: torch.device) -> None:
+def profile(source: str, algo: str, args, device: torch.device, scratch: list) -> Path:
+    """Print the profile of one engine of `source`; returns its engine dir (also put on `scratch`)."""
     from kiln.config import BuildConfig
     from kiln.llmapi.llm import LLM
     from kiln.llmapi.sampling_params import SamplingParams
@@ -80,6 +87,7 @@ def profile(source: str, algo: str, args, device: torch.device) -> None:
     # Room past the run: each replay advances the graph's own inputs by a token (kiln.runtime.cuda_graphs).
     llm = LLM(source, dtype="bfloat16", device="cuda",
               build_config=BuildConfig(max_batch_size=args.batch, max_seq_len=128 + args.steps + 512))
+    scratch.append(llm.engine_dir)
     prompts = torch.randint(0, llm.engine.config.vocab_size, (args.batch, 128)).tolist()
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
     llm.generate([p[::-1] for p in prompts], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
@@ -101,6 +109,7 @@ def profile(source: str, algo: str, args, device: torch.device) -> None:
     print("kernels of 3 replays:")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
     llm.shutdown()
+    return llm.engine_dir
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kiln.bench.offline import sync, synthetic_hf_model
+from kiln.bench.offline import scratch_dirs, sync, synthetic_hf_model
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 
 
@@ -26,7 +26,6 @@ def prefill_graph_replays(llm) -> int:
 def main() -> None:
     from kiln.config import BuildConfig
     from kiln.llmapi.llm import LLM
-    from kiln.llmapi.sampling_params import SamplingParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", default="llama-3-8b", choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}))
@@ -34,14 +33,24 @@ def main() -> None:
     parser.add_argument("--suffix-len", type=int, default=32)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = tempfile.mkdtemp(prefix="kiln-profile-")
-    hf = synthetic_hf_model(args.synthetic, torch.bfloat16, device)
-    hf.save_pretrained(source)
-    del hf
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    llm = LLM(source, dtype="bfloat16", device=str(device),
-              build_config=BuildConfig(max_batch_size=64, max_seq_len=args.prefix_len + args.suffix_len + 64))
+    with scratch_dirs() as scratch:  # the random weights and their engine: deleted however the run ends
+        source = tempfile.mkdtemp(prefix="kiln-profile-")
+        scratch.append(source)
+        hf = synthetic_hf_model(args.synthetic, torch.bfloat16, device)
+        hf.save_pretrained(source)
+        del hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        llm = LLM(source, dtype="bfloat16", device=str(device),
+                  build_config=BuildConfig(max_batch_size=64, max_seq_len=args.prefix_len + args.suffix_len + 64))
+        scratch.append(llm.engine_dir)
+        profile_followers(llm, args, device)
+
+
+def profile_followers(llm, args, device: torch.device) -> None:
+    """Each prefix's first request and two followers, timed step by step; the profile of one follower."""
+    from kiln.llmapi.sampling_params import SamplingParams
+
     engine = llm.generator
     step_seconds = []
     engine_step = engine.step

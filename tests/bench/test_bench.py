@@ -2,6 +2,7 @@
 quantized system, the JSON report and the plot."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,9 +137,10 @@ def test_the_notes_column_shows_seconds_as_ms_counts_as_counts_and_fractions_as_
     assert format_extra({}) == "—"
 
 
-def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tmp_path, monkeypatch):
-    """--synthetic writes a checkpoint of random weights and builds an engine from it (16 GB each at Llama-3-8B's
-    shapes): both are deleted when the run ends. (A tiny shape stands in for the real ones, same code path.)"""
+@pytest.fixture
+def tiny_synthetic(tmp_path, monkeypatch):
+    """A tiny shape registered as `--synthetic tiny-test` (the real shapes' code path, at 16 GB less a run), temp
+    dirs made under one folder, and the engine cache in another; returns (the temp folder, the cache)."""
     import tempfile
 
     from kiln.bench.shapes import LLAMA_SHAPES
@@ -150,10 +152,37 @@ def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tmp_path, monkeyp
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("KILN_CACHE_DIR", str(cache))
+    return scratch, cache
+
+
+def kiln_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("kiln-"))  # (torch keeps caches there too)
+
+
+def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tiny_synthetic, tmp_path):
+    """--synthetic writes a checkpoint of random weights and builds an engine from it (16 GB each at Llama-3-8B's
+    shapes): both are deleted when the run ends."""
+    scratch, cache = tiny_synthetic
     workloads = tmp_path / "workloads.json"
     workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 32, "output_len": 2}]))
     assert main(["bench", "--synthetic", "tiny-test", "--workload-file", str(workloads), "--dtype", "float32",
                  "--baseline", "none"]) == 0
-    assert [p.name for p in scratch.iterdir() if p.name.startswith("kiln-")] == []  # (torch keeps caches there)
+    assert kiln_dirs(scratch) == []
     engines = cache / "engines"
     assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_the_prefix_profile_deletes_its_weights_and_engine_and_nothing_else(tiny_synthetic, monkeypatch, capsys):
+    """kiln.bench.profile_prefix (on the CPU here) deletes the random checkpoint and the engine it built; an
+    engine already in the cache stays. (profile_decode, which needs a GPU, cleans up the same way.)"""
+    from kiln.bench import profile_prefix
+
+    scratch, cache = tiny_synthetic
+    users_engine = cache / "engines" / "someone-elses-engine"
+    users_engine.mkdir(parents=True)
+    monkeypatch.setattr("sys.argv", ["profile_prefix", "--synthetic", "tiny-test", "--prefix-len", "32",
+                                     "--suffix-len", "8"])
+    profile_prefix.main()
+    assert "follower 1: cache hit 32 tokens" in capsys.readouterr().out  # it ran: the prefix was reused
+    assert kiln_dirs(scratch) == []
+    assert list((cache / "engines").iterdir()) == [users_engine]
