@@ -91,12 +91,17 @@ def cache_code_args(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> dic
 HEAD_PER_PROGRAM_MAX_TOKENS = 16
 
 
+def head_block(tokens: int, heads: int, kv_heads: int) -> int:
+    """Heads each program rotates (a power of two; scripts/bench_rotary.py sweeps it)."""
+    return 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
+
+
 def _launch(q, k, positions, inv_freq, cache, kv_scale):
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "apply_rotary: head_size must be the contiguous dim"
     tokens, heads, head_size = q.shape
     kv_heads = k.shape[1]
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
-    block_h = 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
+    block_h = head_block(tokens, heads, kv_heads)
     q_programs = triton.cdiv(heads, block_h)
     block_d = triton.next_power_of_2(head_size // 2)
     _rotary_kernel[(tokens, q_programs + triton.cdiv(kv_heads, block_h))](
