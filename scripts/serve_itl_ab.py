@@ -1,14 +1,18 @@
-"""Serving latency under each value of a runtime setting (an environment variable): `kiln serve` started once
-per value, then driven by `kiln bench --serve`'s client, streaming, at a fixed concurrency. On an NVIDIA GPU:
+"""Serving latency under each value of a setting, an environment variable or a `kiln serve` flag: `kiln serve`
+started once per value, then driven by `kiln bench --serve`'s client, streaming, at a fixed concurrency. On an
+NVIDIA GPU:
 
     python scripts/serve_itl_ab.py KILN_STEP_RUN_AHEAD 0,1 [--synthetic llama-3-8b] [--concurrency 64]
         [--requests 512] [--input-len 1024] [--output-len 128] [--rounds 1]
+    python scripts/serve_itl_ab.py max-num-tokens 2048,4096,8192    # kiln serve --max-num-tokens: an engine each
 
 A server's batch is always filling: prompts join while others decode, as in the ramp-up of prefill-1000, where
 step run-ahead doubled the inter-token p99 (docs/performance.md). Offline runs cannot show what a client sees;
 this does. With --synthetic the model is random weights of a real shape, written once to a temporary folder
 (bf16, no tokenizer, so the prompts are random token ids); --model takes any model folder instead. The engine is
-built into kiln's engine cache by the first server, and each later one loads it. Prints a row a run: output
+built into an engine cache in the run's temporary folder by the first server, and each later one loads it; a
+flag that changes the engine (say --max-num-tokens) builds one per value, each deleted after its server (16 GB
+each at Llama-3-8B's shapes). The folder goes when the run ends, by SIGTERM too. Prints a row a run: output
 tokens/s, TTFT and ITL percentiles, and writes the reports to --output-json if given.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,13 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve"))
 from server_process import ServerProcess  # noqa: E402  (the tests' real-subprocess server, reused)
 
+from kiln.bench.offline import scratch_dirs  # noqa: E402
 from kiln.bench.serve_load import drive  # noqa: E402
 from kiln.bench.synthetic import write_synthetic_hf  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variable", help="the environment variable, e.g. KILN_STEP_RUN_AHEAD")
+    parser.add_argument("variable", help="an environment variable (upper case: KILN_STEP_RUN_AHEAD) or a kiln "
+                        "serve flag without its dashes (max-num-tokens)")
     parser.add_argument("values", help="its values, comma-separated, e.g. 0,1")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--synthetic", default="llama-3-8b", help="random weights of this shape (the default)")
@@ -46,7 +53,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kiln-serve-ab-") as tmp:
+    with scratch_dirs(), tempfile.TemporaryDirectory(prefix="kiln-serve-ab-") as tmp:
         model = Path(args.model) if args.model else write_synthetic_hf(Path(tmp) / args.synthetic, args.synthetic,
                                                                         "bfloat16")
         token_ids = not args.model or not any(model.glob("tokenizer*"))
@@ -64,13 +71,22 @@ def serve_and_drive(model: Path, workdir: Path, args, value: str, token_ids: boo
              "--max-seq-len", str(args.input_len + args.output_len), "--max-waiting", str(args.requests)]
     if args.device:
         flags += ["--device", args.device]
-    server = ServerProcess(model, workdir / "server", *flags, env={args.variable: value})
+    cache = workdir / "cache"  # kiln's engine cache for this run, in its temporary folder
+    env = {"KILN_CACHE_DIR": str(cache)}
+    is_flag = not args.variable.isupper()
+    if is_flag:
+        flags += [f"--{args.variable}", value]
+    else:
+        env[args.variable] = value
+    server = ServerProcess(model, workdir / "server", *flags, env=env)
     server.start(timeout=1800)  # (the first one builds the engine)
     try:
         return asyncio.run(drive(server.url, args.requests, args.concurrency, args.input_len, args.output_len,
                                  None, None, token_ids=token_ids))
     finally:
         server.stop()
+        if is_flag:  # an engine of this value's own: one on the disk at a time
+            shutil.rmtree(cache / "engines", ignore_errors=True)
 
 
 def print_row(variable: str, report: dict) -> None:
