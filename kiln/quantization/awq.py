@@ -146,12 +146,9 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
         prefix = f"transformer.layers.{i}."
         layer = streaming.load_layer(model, i, device)
         inputs, hooks = {}, []
-
-        def capture(name, module, args):  # returns None: the input goes on unchanged
-            inputs[name] = args[0].detach()[pick]
         for name, m in layer.named_modules():
             if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None:
-                hooks.append(m.register_forward_pre_hook(functools.partial(capture, name)))
+                hooks.append(m.register_forward_pre_hook(functools.partial(_capture_input, inputs, name, pick)))
         with torch.no_grad():
             y = layer.full_output(x, positions, batch)
         for h in hooks:
@@ -166,6 +163,11 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
         x = y
         del layer, inputs
     return input_scales, norm_scales, errors, clips
+
+
+def _capture_input(inputs: dict, name: str, pick: torch.Tensor, module, args) -> None:
+    """A forward pre-hook: keep the `pick` rows of a linear's input under `name` (None: the input goes on)."""
+    inputs[name] = args[0].detach()[pick]
 
 
 def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, errors) -> None:
