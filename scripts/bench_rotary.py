@@ -4,7 +4,7 @@
 
 Why: in the batch-512 decode step of an engine with an FP8 cache the kernel took 23.2 us a layer on an H200 with
 PDL off (docs/performance.md, twenty-third session), where its bytes take about 3 us at the copy bandwidth; at
-prefill's thousands of tokens a step it runs near that bandwidth. Timed outside the engine, the cache format, the
+prefill's thousands of tokens a step it moves about 2.7 TB/s. Timed outside the engine, the cache format, the
 token count and the head blocking can be told apart. Llama-3-8B heads (32 query, 8 KV, head_size 128) as slices of
 one fused QKV output, as the engine passes them; slots scattered over the cache; CUDA-graph replay. GB/s counts
 the bytes the kernel must move: q and k read and written, v read, the new keys and values written to the cache.

@@ -8,12 +8,13 @@ NVIDIA GPU:
 
 A server's batch is always filling: prompts join while others decode, as in the ramp-up of prefill-1000, where
 step run-ahead once doubled the inter-token p99 (docs/performance.md; served, on an H200, run-ahead gave 3.4% more
-throughput and no longer gaps). Offline runs cannot show what a client sees; this does. With --synthetic the model is random weights of a real shape, written once to a temporary folder
-(bf16, no tokenizer, so the prompts are random token ids); --model takes any model folder instead. The engine is
-built into an engine cache in the run's temporary folder by the first server, and each later one loads it; a
-flag that changes the engine (say --max-num-tokens) builds one per value, each deleted after its server (16 GB
-each at Llama-3-8B's shapes). The folder goes when the run ends, by SIGTERM too. Prints a row a run: output
-tokens/s, TTFT and ITL percentiles, and writes the reports to --output-json if given.
+throughput and no longer gaps). Offline runs cannot show what a client sees; this does. With --synthetic the
+model is random weights of a real shape, written once to a temporary folder (bf16, no tokenizer, so the prompts
+are random token ids); --model takes any model folder instead. The engine is built into an engine cache in the
+run's temporary folder by the first server, and each later one loads it; a flag that changes the engine (say
+--max-num-tokens) builds one per value, each deleted after its server (16 GB each at Llama-3-8B's shapes). The
+folder goes when the run ends, by SIGTERM too. Prints a row a run: output tokens/s, TTFT and ITL percentiles,
+and writes the reports to --output-json if given.
 """
 
 from __future__ import annotations
