@@ -186,3 +186,30 @@ def test_the_prefix_profile_deletes_its_weights_and_engine_and_nothing_else(tiny
     assert "follower 1: cache hit 32 tokens" in capsys.readouterr().out  # it ran: the prefix was reused
     assert kiln_dirs(scratch) == []
     assert list((cache / "engines").iterdir()) == [users_engine]
+
+
+def test_a_run_killed_by_sigterm_deletes_its_scratch_dirs(tmp_path):
+    """`timeout` ends a run with SIGTERM: inside `scratch_dirs` that becomes SystemExit, so the dirs go anyway and
+    the process exits with 128 + 15, as a killed process would. A real process and a real signal."""
+    import signal
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "kiln-bench-scratch"
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from kiln.bench.offline import scratch_dirs\n"
+            "with scratch_dirs() as dirs:\n"
+            f"    Path({str(scratch)!r}).mkdir(); (Path({str(scratch)!r}) / 'weights').write_bytes(b'x' * 1024)\n"
+            f"    dirs.append({str(scratch)!r})\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert scratch.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not scratch.exists()
