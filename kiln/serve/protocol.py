@@ -36,9 +36,33 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
     return value
 
 
+# OpenAI request fields (and vLLM's min_tokens) that kiln does not implement, each with the values that ask for
+# nothing: clients send some of them by default. Any other value is refused by name, since answering as if the
+# field were absent would return output the client did not ask for (prose where `response_format` asked for JSON).
+UNIMPLEMENTED_FIELDS = {
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "functions": ([],),
+    "min_tokens": (0,),
+}
+
+
+def refuse_unimplemented(body: dict) -> None:
+    for name, unused in UNIMPLEMENTED_FIELDS.items():
+        value = body.get(name)
+        if value is not None and value not in unused:
+            raise APIError(400, f"'{name}' is not implemented by kiln serve (got {value!r}); leave it out or send "
+                           f"{unused[0]!r}", param=name)
+
+
 def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln extensions: top_k, repetition_penalty,
-    ignore_eos, stop_token_ids)."""
+    ignore_eos, stop_token_ids); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS)."""
+    refuse_unimplemented(body)
     stop = field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):

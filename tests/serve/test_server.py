@@ -314,6 +314,34 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
     assert_still_serving(client, model)
 
 
+UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
+    ("completions", {"logit_bias": {"42": 100}}),
+    ("completions", {"best_of": 3}),
+    ("completions", {"echo": True}),
+    ("completions", {"suffix": " the end"}),
+    ("completions", {"min_tokens": 8}),
+    ("chat/completions", {"response_format": {"type": "json_object"}}),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {}}}]}),
+    ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
+]
+
+
+@pytest.mark.parametrize("endpoint,extra", UNIMPLEMENTED, ids=lambda v: v if isinstance(v, str) else next(iter(v)))
+def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model, endpoint, extra):
+    """Answering as if the field were absent would return what the client did not ask for."""
+    prompt = {"prompt": PROMPT} if endpoint == "completions" else {"messages": MESSAGES}
+    (name, value), = extra.items()
+    status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
+    assert "not implemented" in assert_error(status, response, 400, name)["message"]
+    # the values that ask for nothing, as some clients send by default, are accepted
+    unused = {"logit_bias": {}, "best_of": 1, "echo": False, "suffix": "", "min_tokens": 0,
+              "response_format": {"type": "text"}, "tools": [], "functions": []}[name]
+    status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
+                                                                     name: unused})
+    assert status == 200, response
+    assert_still_serving(client, model)
+
+
 @pytest.mark.parametrize("body", [b'{"model": "x", "prompt": ', b"[1, 2]", b"\xff\xfe", b""])
 def test_malformed_json_is_400(server, client, model, body):
     status, _, response = server.request("POST", "/v1/completions", body)
