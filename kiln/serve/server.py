@@ -98,11 +98,27 @@ def completion_prompt(engine: AsyncLLM, body: dict) -> list[int]:
 def chat_prompt(engine: AsyncLLM, body: dict) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
-            for m in messages):
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
-                       param="messages")
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    messages = [{**m, "content": text_content(m.get("content", ""))} for m in messages]
     return _encode(engine, lambda t: tok.encode_chat(t, messages))
+
+
+def text_content(content) -> str:
+    """A message's content as the chat template takes it: a string, or OpenAI's list of text parts joined by
+    newlines (as vLLM joins them). kiln serves text models: any other part is refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        kinds = {p.get("type") for p in content} - {"text"}
+        if kinds:
+            raise APIError(400, f"message content parts of type {sorted(map(str, kinds))} are not supported: kiln "
+                           "serves text models; send text parts ({'type': 'text', 'text': ...}) or a string",
+                           param="messages")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
+    raise APIError(400, "a message's 'content' must be a string or a list of {'type': 'text', 'text': str} parts",
+                   param="messages")
 
 
 def _encode(engine: AsyncLLM, encode) -> list[int]:

@@ -266,6 +266,17 @@ def test_greedy_chat_equals_llm_chat(client, model, llm):
     assert r.choices[0].finish_reason == expected.outputs[0].finish_reason
 
 
+def test_content_as_text_parts_is_the_parts_joined(client, model, llm):
+    """OpenAI's list form of a message's content (as many clients send it): its text parts, joined by newlines."""
+    parts = [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]
+    as_parts = chat(client, model, max_tokens=8, temperature=0,
+                    messages=[MESSAGES[0], {"role": "user", "content": parts}])
+    as_text = chat(client, model, max_tokens=8, temperature=0,
+                   messages=[MESSAGES[0], {"role": "user", "content": "Name a colour.\nOne word."}])
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+
+
 def test_greedy_completion_equals_llm_generate(client, model, llm):
     from kiln import SamplingParams
 
@@ -302,6 +313,9 @@ BAD_BODIES = [  # (endpoint, body, param named in the error)
     ("completions", {}, "prompt"),
     ("chat/completions", {"messages": "hello"}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": 7}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                      "image_url": {"url": "x"}}]}]}, "messages"),
     ("chat/completions", {"messages": MESSAGES, "logprobs": 2}, "logprobs"),
     ("chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": "usage"}, "stream_options"),
 ]
