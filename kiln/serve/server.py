@@ -8,6 +8,7 @@ cache freed at once), and needs no ASGI stack or validation framework on top.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -18,6 +19,7 @@ from aiohttp import web
 from kiln.errors import ConfigError, KilnError
 from kiln.llmapi import tokenizer as tok
 from kiln.serve import protocol
+from kiln.llmapi.sampling_params import RequestOutput
 from kiln.serve.async_llm import AsyncLLM, QueueFullError
 from kiln.serve.protocol import APIError
 
@@ -80,10 +82,14 @@ async def read_body(request: web.Request) -> dict:
 
 # ---- prompts ------------------------------------------------------------------------------------
 
-def completion_prompt(engine: AsyncLLM, body: dict) -> list[int]:
+def completion_prompts(engine: AsyncLLM, body: dict) -> list[list[int]]:
+    """'prompt' as token ids: one prompt (a string or token ids), or a batch (a list of either)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+    is_batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+    return [completion_prompt(engine, p) for p in (prompt if is_batch else [prompt])]
+
+
+def completion_prompt(engine: AsyncLLM, prompt) -> list[int]:
     if isinstance(prompt, str):
         return _encode(engine, lambda t: tok.encode_prompt(t, prompt))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -91,7 +97,7 @@ def completion_prompt(engine: AsyncLLM, body: dict) -> list[int]:
         if not all(0 <= t < vocab_size for t in prompt):  # an id past the embedding would fail the engine
             raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size}) for this model", param="prompt")
         return prompt
-    raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+    raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of either (a batch)",
                    param="prompt")
 
 
@@ -134,8 +140,8 @@ def queue_full(e: QueueFullError) -> APIError:
     return APIError(429, str(e), code="queue_full", error_type="rate_limit_error", headers={"Retry-After": "1"})
 
 
-async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
-    """Async generator of RequestOutputs with the server's limits turned into API errors."""
+def check(engine: AsyncLLM, prompt_ids: list[int], params) -> None:
+    """Whether the engine takes this prompt now, as an API error if not."""
     try:
         engine.check(prompt_ids, params)
     except QueueFullError as e:
@@ -144,6 +150,59 @@ async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: f
         raise APIError(400, str(e), code="context_length_exceeded") from None
     except KilnError as e:
         raise APIError(503, str(e), error_type="server_error") from None
+
+
+async def generate_all(engine: AsyncLLM, prompts: list[list[int]], params, timeout_s: float | None):
+    """generate() over a batch of prompts: after each change, one RequestOutput holding every prompt's latest
+    choices, prompt i's choice j as index i * n + j (OpenAI's order), and all the prompts' ids (for the usage).
+    Every prompt is checked before any starts; when one fails, or the client goes, the others are aborted."""
+    if len(prompts) == 1:
+        async for output in generate(engine, prompts[0], params, timeout_s):
+            yield output
+        return
+    for prompt_ids in prompts:
+        check(engine, prompt_ids, params)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:  # puts (i, output) per change, then (i, None); or (i, the error)
+        try:
+            async for output in generate(engine, prompts[i], params, timeout_s):
+                await queue.put((i, output))
+            await queue.put((i, None))
+        except Exception as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+    latest: dict[int, RequestOutput] = {}
+    try:
+        running = len(prompts)
+        while running:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+                continue
+            latest[i] = item
+            yield joined(latest, params.n)
+    finally:  # (cancelling a task closes its generate(), which aborts its request)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def joined(latest: dict[int, RequestOutput], n: int) -> RequestOutput:
+    """The latest outputs of a batch's prompts as one RequestOutput (see generate_all)."""
+    first = latest[min(latest)]
+    return RequestOutput(first.request_id, None, [t for i in sorted(latest) for t in latest[i].prompt_token_ids],
+                         [dataclasses.replace(o, index=i * n + o.index) for i in sorted(latest)
+                          for o in latest[i].outputs],
+                         all(out.finished for out in latest.values()), first.arrival_time)
+
+
+async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
+    """Async generator of RequestOutputs with the server's limits turned into API errors."""
+    check(engine, prompt_ids, params)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stream = engine.generate(prompt_ids, params)
     try:
@@ -175,13 +234,13 @@ def default_max_tokens(engine: AsyncLLM, prompt_ids: list[int], chat: bool) -> i
 async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = get_engine(request)
     body = await read_body(request)
-    prompt_ids = chat_prompt(engine, body) if chat else completion_prompt(engine, body)
-    params = protocol.sampling_params(body, default_max_tokens(engine, prompt_ids, chat), chat)
+    prompts = [chat_prompt(engine, body)] if chat else completion_prompts(engine, body)
+    params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat)
     stream = bool(protocol.field(body, "stream", bool, False))
     with_usage = protocol.include_usage(body)
     model = request.app[SETTINGS]["model_name"]
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
-    outputs = generate(engine, prompt_ids, params, request.app[SETTINGS]["request_timeout"])
+    outputs = generate_all(engine, prompts, params, request.app[SETTINGS]["request_timeout"])
     if stream:
         return await stream_response(request, outputs, chat, model, request_id, with_usage)
     final = None

@@ -277,6 +277,44 @@ def test_content_as_text_parts_is_the_parts_joined(client, model, llm):
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
 
 
+def test_a_batch_of_prompts_answers_each_in_order(client, model):
+    """OpenAI's list of prompts: prompt i's choice j is index i * n + j, each as if asked alone; the usage sums."""
+    prompts = ["The quick brown fox", "Once upon a time", [5, 6, 7]]
+    alone = [complete(client, model, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    batch = complete(client, model, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 6 * 6
+    texts, reasons, usages, _ = streamed(complete(client, model, prompt=prompts, max_tokens=6, temperature=0, n=2,
+                                                  stream=True, stream_options={"include_usage": True}), False)
+    assert texts == {c.index: c.text for c in batch.choices} and set(reasons.values()) == {"length"}
+    assert usages[0].total_tokens == batch.usage.total_tokens
+
+
+def test_a_batch_whose_client_hangs_up_frees_every_prompt(server, client, model):
+    generated_before = server.metric_values()["kiln_generation_tokens_total"]
+    stream = complete(client, model, prompt=["Hi", "Hello", "Hey"], max_tokens=MAX_SEQ_LEN - 16,
+                      extra_body={"ignore_eos": True},
+                      temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    assert server.wait_idle() == {}  # all three aborted, their KV blocks freed ...
+    generated = server.metric_values()["kiln_generation_tokens_total"] - generated_before
+    assert generated < 3 * (MAX_SEQ_LEN - 16) / 2  # ... long before they would have finished
+    assert_still_serving(client, model)
+
+
+def test_a_batch_with_one_bad_prompt_runs_none(server, client, model):
+    too_long = "hello " * (MAX_INPUT_LEN + 8)
+    status, _, body = server.request("POST", "/v1/completions", {"model": model, "prompt": ["Hi", too_long],
+                                                                 "max_tokens": 200, "ignore_eos": True})
+    assert_error(status, body, 400)
+    assert server.wait_idle() == {}
+    assert_still_serving(client, model)
+
+
 def test_greedy_completion_equals_llm_generate(client, model, llm):
     from kiln import SamplingParams
 
