@@ -265,6 +265,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     sent_logprobs: dict[int, int] = {}
+    ended: set[int] = set()  # choices whose finish_reason went out: later outputs still carry them
 
     async def send(payload: dict) -> None:
         await response.write(f"data: {json.dumps(payload)}\n\n".encode())
@@ -274,7 +275,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
             delta_text = o.text[start_text or 0:]
             no_new_tokens = len(o.token_ids) == sent_tokens.get(o.index)
-            if not delta_text and no_new_tokens and o.finish_reason is None:
+            if o.index in ended or not delta_text and no_new_tokens and o.finish_reason is None:
                 continue
             choice = {"index": o.index, "finish_reason": o.finish_reason}
             entries = protocol.logprob_entries(o)
@@ -289,6 +290,8 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
                                       if o.logprobs is not None else None)
             sent_text[o.index], sent_logprobs[o.index] = len(o.text), len(entries)
             sent_tokens[o.index] = len(o.token_ids)
+            if o.finish_reason is not None:
+                ended.add(o.index)
             await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]})
 
     last = first

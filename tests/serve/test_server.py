@@ -286,10 +286,13 @@ def test_a_batch_of_prompts_answers_each_in_order(client, model):
     assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone for _ in range(2)]
     assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
     assert batch.usage.completion_tokens == 6 * 6
-    texts, reasons, usages, _ = streamed(complete(client, model, prompt=prompts, max_tokens=6, temperature=0, n=2,
-                                                  stream=True, stream_options={"include_usage": True}), False)
+    chunks = list(complete(client, model, prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True,
+                           stream_options={"include_usage": True}))
+    texts, reasons, usages, _ = streamed(chunks, False)
     assert texts == {c.index: c.text for c in batch.choices} and set(reasons.values()) == {"length"}
     assert usages[0].total_tokens == batch.usage.total_tokens
+    ends = [c.index for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
+    assert sorted(ends) == list(range(6))  # each choice ends once, however long the others run
 
 
 def test_a_batch_whose_client_hangs_up_frees_every_prompt(server, client, model):
