@@ -72,12 +72,16 @@ async def read_body(request: web.Request) -> dict:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
-    model = body.get("model")
+    if body.get("model") is not None:
+        check_model(request, body["model"])
+    return body
+
+
+def check_model(request: web.Request, model: str) -> None:
     served = request.app[SETTINGS]["model_name"]
-    if model is not None and model != served:
+    if model != served:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`.", param="model",
                        code="model_not_found", error_type="not_found_error")
-    return body
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -327,10 +331,17 @@ async def chat_completions(request):
     return await handle_completion(request, chat=True)
 
 
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "kiln"}
+
+
 async def models(request):
-    name = request.app[SETTINGS]["model_name"]
-    return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                          "owned_by": "kiln"}]})
+    return web.json_response({"object": "list", "data": [model_card(request.app[SETTINGS]["model_name"])]})
+
+
+async def retrieve_model(request):
+    check_model(request, request.match_info["model"])
+    return web.json_response(model_card(request.match_info["model"]))
 
 
 async def health(request):
@@ -353,6 +364,7 @@ def make_app(model_name: str, api_key: str | None = None, request_timeout: float
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

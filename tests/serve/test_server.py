@@ -112,6 +112,12 @@ def test_models_lists_the_served_name(client, model):
     assert [m.id for m in client.models.list().data] == [model]
 
 
+def test_a_model_is_retrieved_by_name_and_another_is_404(client, model):
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+
+
 def test_completion_stream_concatenates_to_the_non_streaming_text(client, model):
     full = complete(client, model, max_tokens=24, temperature=0)
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
