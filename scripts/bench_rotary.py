@@ -1,13 +1,14 @@
 """Rotary with the paged-cache write (kiln.kernels.rotary.apply_rotary_and_write_cache) alone, per cache format
-(bf16, FP8 and INT8 codes) and token count, with a sweep of the heads each program rotates:
-`PYTHONPATH=. python scripts/bench_rotary.py` (a GPU).
+(bf16, FP8 and INT8 codes) and token count, with a sweep of the heads each program rotates and its warps:
+`PYTHONPATH=. python scripts/bench_rotary.py` (a GPU; about 60 compiles, 1-2 minutes).
 
 Why: in the batch-512 decode step of an engine with an FP8 cache the kernel took 23.2 us a layer on an H200 with
 PDL off (docs/performance.md, twenty-third session), where its bytes take about 3 us at the copy bandwidth; at
-prefill's thousands of tokens a step it moves about 2.7 TB/s. Timed outside the engine, the cache format, the
-token count and the head blocking can be told apart. Llama-3-8B heads (32 query, 8 KV, head_size 128) as slices of
-one fused QKV output, as the engine passes them; slots scattered over the cache; CUDA-graph replay. GB/s counts
-the bytes the kernel must move: q and k read and written, v read, the new keys and values written to the cache.
+prefill's thousands of tokens a step it moves about 2.7 TB/s. Timed outside the engine, the cache format, the token
+count and the program's shape can be told apart (at 32 heads a program the FP8 variant holds 161 registers a thread
+on 4 warps, 74 on 8: scripts/kernel_sass.py). Llama-3-8B heads (32 query, 8 KV, head_size 128) as slices of one
+fused QKV output, as the engine passes them; slots scattered over the cache; CUDA-graph replay. GB/s counts the
+bytes the kernel must move: q and k read and written, v read, the new keys and values written to the cache.
 Each case is first checked against the reference (largest difference printed).
 """
 
@@ -21,7 +22,7 @@ from kiln.kernels.bench_quant_gemm import graph_us
 HEADS, KV_HEADS, HEAD_SIZE = 32, 8, 128
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
 FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
-HEAD_BLOCKS = (None, 1, 2, 4, 8, 16, 32)  # None: the kernel's own choice (rotary.head_block)
+SHAPES = [None] + [(h, w) for h in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]  # (BLOCK_H, warps); None: the default
 
 
 def inputs(tokens: int, fmt: str, device: str = "cuda"):
@@ -56,19 +57,22 @@ def moved_bytes(tokens: int, fmt: str) -> int:
 def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    default = rotary.head_block
+    default = rotary.program_shape
     for fmt in FORMATS:
         for tokens in TOKENS:
             args = inputs(tokens, fmt)
-            line = []
-            for block in HEAD_BLOCKS:
-                rotary.head_block = default if block is None else (lambda *_, b=block: b)
-                error = largest_difference(args)
-                us = graph_us(lambda: rotary.apply_rotary_and_write_cache(*args), iters=20)
-                name = f"auto={default(tokens, HEADS, KV_HEADS)}" if block is None else f"{block}"
-                line.append(f"{name} {us:6.1f}us {moved_bytes(tokens, fmt) / us / 1e3:5.0f}GB/s err {error:.3g}")
-            rotary.head_block = default
-            print(f"{fmt:5s} {tokens:5d} tokens | " + " | ".join(line), flush=True)
+            timed, errors = {}, {}
+            for shape in SHAPES:
+                rotary.program_shape = default if shape is None else (lambda *_, s=shape: s)
+                name = shape or ("default",) + default(tokens, HEADS, KV_HEADS, HEAD_SIZE // 2)
+                errors[name] = largest_difference(args)
+                timed[name] = graph_us(lambda: rotary.apply_rotary_and_write_cache(*args), iters=20)
+            rotary.program_shape = default
+            best = min(timed, key=timed.get)
+            print(f"{fmt} {tokens} tokens: best {best} at {moved_bytes(tokens, fmt) / timed[best] / 1e3:.0f} GB/s; "
+                  f"largest difference from the reference {max(errors.values()):.3g} | "
+                  + " | ".join(f"{name} {us:.1f}us" for name, us in sorted(timed.items(), key=lambda t: t[1])),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,10 @@ def cache_code_args(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> dic
 HEAD_PER_PROGRAM_MAX_TOKENS = 16
 
 
-def head_block(tokens: int, heads: int, kv_heads: int) -> int:
-    """Heads each program rotates (a power of two; scripts/bench_rotary.py sweeps it)."""
-    return 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
+def program_shape(tokens: int, heads: int, kv_heads: int, block_d: int) -> tuple[int, int]:
+    """(heads each program rotates, a power of two; its warps). scripts/bench_rotary.py sweeps both."""
+    block_h = 1 if tokens <= HEAD_PER_PROGRAM_MAX_TOKENS else triton.next_power_of_2(max(heads, kv_heads))
+    return block_h, max(1, min(4, block_h * block_d // 64))
 
 
 def _launch(q, k, positions, inv_freq, cache, kv_scale):
@@ -101,15 +102,15 @@ def _launch(q, k, positions, inv_freq, cache, kv_scale):
     tokens, heads, head_size = q.shape
     kv_heads = k.shape[1]
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k, k, positions)  # unread without cache
-    block_h = head_block(tokens, heads, kv_heads)
-    q_programs = triton.cdiv(heads, block_h)
     block_d = triton.next_power_of_2(head_size // 2)
+    block_h, num_warps = program_shape(tokens, heads, kv_heads, block_d)
+    q_programs = triton.cdiv(heads, block_h)
     _rotary_kernel[(tokens, q_programs + triton.cdiv(kv_heads, block_h))](
         q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, kv_heads,
         head_size // 2, q_programs, v, k_cache, v_cache, slots, v.stride(0), v.stride(1), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), kv_scale if kv_scale is not None else inv_freq,
         WRITE_CACHE=cache is not None, **cache_code_args(k_cache, kv_scale), BLOCK_H=block_h,
-        BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 64)), **pdl_args(q.device))
+        BLOCK_D=block_d, num_warps=num_warps, **pdl_args(q.device))
     return q, k
 
 
