@@ -18,8 +18,8 @@ from aiohttp import web
 
 from kiln.errors import ConfigError, KilnError
 from kiln.llmapi import tokenizer as tok
-from kiln.serve import protocol
 from kiln.llmapi.sampling_params import RequestOutput
+from kiln.serve import protocol
 from kiln.serve.async_llm import AsyncLLM, QueueFullError
 from kiln.serve.protocol import APIError
 
