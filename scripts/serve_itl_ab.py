@@ -13,8 +13,9 @@ model is random weights of a real shape, written once to a temporary folder (bf1
 are random token ids); --model takes any model folder instead. The engine is built into an engine cache in the
 run's temporary folder by the first server, and each later one loads it; a flag that changes the engine (say
 --max-num-tokens) builds one per value, each deleted after its server (16 GB each at Llama-3-8B's shapes). The
-folder goes when the run ends, by SIGTERM too. Prints a row a run: output tokens/s, TTFT and ITL percentiles,
-and writes the reports to --output-json if given.
+folder goes when the run ends, by SIGTERM too. Each server first answers an untimed round of `--concurrency`
+short requests. Prints a row a run: output tokens/s, TTFT and ITL percentiles, and writes the reports to
+--output-json if given.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def serve_and_drive(model: Path, workdir: Path, args, value: str, token_ids: boo
     server = ServerProcess(model, workdir / "server", *flags, env=env)
     server.start(timeout=1800)  # (the first one builds the engine)
     try:
+        # Untimed first: a round of the same shape, so Triton's compiles (a fresh machine's first server) and
+        # the first GEMM at each row count land outside the timed run.
+        asyncio.run(drive(server.url, args.concurrency, args.concurrency, args.input_len, 8, None, None,
+                          token_ids=token_ids))
         return asyncio.run(drive(server.url, args.requests, args.concurrency, args.input_len, args.output_len,
                                  None, None, token_ids=token_ids))
     finally:
