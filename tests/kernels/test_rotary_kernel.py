@@ -85,9 +85,10 @@ ROTARY_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-# Up to HEAD_PER_PROGRAM_MAX_TOKENS tokens each program rotates one head; beyond, all of q's or k's heads.
+# Up to HEAD_PER_PROGRAM_MAX_TOKENS tokens each program rotates one head; beyond, BLOCK_H heads (several
+# programs for q's heads, the last one partly masked where BLOCK_H does not divide them).
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64),
-                                                             (64, 8, 1, 80)])
+                                                             (64, 8, 1, 80), (300, 32, 8, 128), (40, 2, 1, 256)])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_heads, head_size, fused_qkv):
     g = torch.Generator().manual_seed(tokens * heads + head_size + 1)
@@ -113,7 +114,7 @@ def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_head
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64)])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (300, 32, 8, 128)])
 def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens, heads, kv_heads, head_size):
     """The codes are kv_cache.quantize of the kernel's own rotated keys (and of the values), bit for bit; a
     small scale makes some of them saturate."""
