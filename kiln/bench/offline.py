@@ -36,6 +36,7 @@ from kiln.bench.workloads import Workload, select
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
 from kiln.errors import ConfigError
 from kiln.kernels import choices
+from kiln.quantization.methods import quantizes_lm_head
 
 
 @dataclass
@@ -234,29 +235,66 @@ def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def matmul_flops(device: torch.device, n: int = 8192) -> float:
-    """Measured dense matmul rate in FLOP/s (bf16 on a GPU, float32 on a CPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n if device.type == "cuda" else 512
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
+# The format of the GEMMs an engine's linears run in prefill, by quantization algorithm: FP8 engines multiply e4m3
+# codes (torch._scaled_mm), SmoothQuant engines int8 codes (torch._int_mm); every other algorithm dequantizes to
+# the model dtype first, so its linears run at the bf16 rate.
+GEMM_FORMAT = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "W8A8_SQ_PER_CHANNEL": "int8"}
+
+
+def _square_matmul(fmt: str, n: int, device: torch.device):
+    """A function multiplying two random n x n matrices in `fmt`, as the engine's GEMMs of that format do: the
+    weight operand transposed (column-major), FP8 with float32 row-wise scales and a bf16 output."""
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    a, w = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    if fmt == "fp8":
+        a, w = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        rows, cols = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+        return lambda: torch._scaled_mm(a, w.T, scale_a=rows, scale_b=cols, out_dtype=torch.bfloat16)
+    if fmt == "int8":
+        a, w = ((x * 32).clamp(-127, 127).to(torch.int8) for x in (a, w))
+        return lambda: torch._int_mm(a, w.T)
+    return lambda: a @ w.T
+
+
+def matmul_flops(device: torch.device, fmt: str = "bf16", n: int = 8192) -> float:
+    """Measured dense matmul rate in FLOP/s: of `fmt` (bf16, fp8 or int8) on a GPU; float32 on a CPU, whatever
+    the format (a CPU has no faster low-precision GEMM for kiln to use)."""
+    if device.type != "cuda":
+        fmt, n = "fp32", 512
+    multiply = _square_matmul(fmt, n, device)
+    multiply()
     sync(device)
     start = time.perf_counter()
     for _ in range(10):
-        a @ b
+        multiply()
     sync(device)
     return 10 * 2 * n ** 3 / (time.perf_counter() - start)
 
 
-def prefill_flops(config, tokens: int) -> float:
-    """FLOPs of one forward over a prompt of `tokens`: 2 per weight per token, plus causal attention."""
+def prefill_flops_by_part(config, tokens: int) -> dict[str, float]:
+    """FLOPs of one forward over a prompt of `tokens`: the decoder layers' linears and lm_head at 2 per weight per
+    token (lm_head counted at every token, as the usual 2-per-parameter count does), and causal attention."""
     h, layers = config.hidden_size, config.num_hidden_layers
     inter = config.intermediate_size * (3 if config.gated_mlp else 2)
     kv = config.num_key_value_heads * config.head_size
     q = config.num_attention_heads * config.head_size
-    per_token = layers * 2 * (h * (q + 2 * kv) + q * h + h * inter) + 2 * h * config.vocab_size
-    attention = layers * 2 * 2 * q * tokens * tokens / 2  # QK^T and PV over the causal half
-    return per_token * tokens + attention
+    return {"linears": layers * 2 * (h * (q + 2 * kv) + q * h + h * inter) * tokens,
+            "lm_head": 2 * h * config.vocab_size * tokens,
+            "attention": layers * 2 * 2 * q * tokens * tokens / 2}  # QK^T and PV over the causal half
+
+
+def prefill_flops(config, tokens: int) -> float:
+    return sum(prefill_flops_by_part(config, tokens).values())
+
+
+def prefill_floor_s(config, tokens: int, rates: dict[str, float]) -> float:
+    """Seconds one prompt's forward needs at the measured matmul rates: the linears (and a quantized lm_head) at
+    the rate of the format the engine's GEMMs run in, the rest at bf16's."""
+    quant = config.quantization
+    fmt = GEMM_FORMAT.get(quant.quant_algo.value if quant.quant_algo else None, "bf16")
+    head_fmt = fmt if quantizes_lm_head(quant) else "bf16"
+    parts = prefill_flops_by_part(config, tokens)
+    return parts["linears"] / rates[fmt] + parts["lm_head"] / rates[head_fmt] + parts["attention"] / rates["bf16"]
 
 
 def decode_kv_bytes(config, input_len: int, output_len: int, kv_element_bytes: int) -> float:
@@ -383,13 +421,14 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
               f"engine load to first token {load_s:.1f}s in a new process (first open {first_load_s:.1f}s; kernel "
               f"choices at the restart: {picked['from_disk']} from disk, {picked['timed']} timed), batch-1 decode "
               f"roofline {info['decode_roofline_tokens_per_s']:,.1f} tokens/s", flush=True)
+        rates = gemm_rates(ceilings, llm.engine.config, device)
         results = []
         for w in workloads:
             r = kiln_offline(llm, w, label)
             if w.num_requests == 1 and w.output_len > 1:
                 r.extra["of_decode_roofline"] = r.output_tokens_per_s / info["decode_roofline_tokens_per_s"]
             if w.output_len <= 16 or w.input_len >= 1024:  # prefill-bound: against the measured matmul rate
-                floor = prefill_flops(llm.engine.config, w.input_len) * w.num_requests / ceilings["flops"]
+                floor = prefill_floor_s(llm.engine.config, w.input_len, rates) * w.num_requests
                 r.extra["compute_floor_s"] = floor
                 if w.output_len > 1:  # and the decode steps' reads of the cache, at the measured bandwidth
                     kv_bytes = decode_kv_bytes(llm.engine.config, w.input_len, w.output_len, kv_element_bytes)
@@ -409,6 +448,17 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
     return results, info
 
 
+def gemm_rates(ceilings: dict, config, device: torch.device) -> dict[str, float]:
+    """The measured matmul rates (FLOP/s by format) with the format of this engine's GEMMs among them: measured
+    the first time an engine of that format is benched, then kept for the run."""
+    algo = config.quantization.quant_algo
+    fmt = GEMM_FORMAT.get(algo.value if algo else None)
+    if fmt and fmt not in ceilings["flops"]:
+        ceilings["flops"][fmt] = matmul_flops(device, fmt)
+        print(f"# matmul {fmt} {ceilings['flops'][fmt] / 1e12:.0f} TFLOP/s", flush=True)
+    return ceilings["flops"]
+
+
 def _release(device: torch.device) -> None:
     """Give a closed engine's GPU memory back: the next engine plans its KV cache from what is free."""
     gc.collect()
@@ -420,9 +470,9 @@ def run(args) -> list[BenchResult]:
     """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
-    ceilings = {"bandwidth": copy_bandwidth(device), "flops": matmul_flops(device)}
+    ceilings = {"bandwidth": copy_bandwidth(device), "flops": {"bf16": matmul_flops(device)}}
     print(f"# {describe_device(device)}; measured copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s, "
-          f"matmul {ceilings['flops'] / 1e12:.0f} TFLOP/s; settings {kiln_settings() or 'the defaults'}", flush=True)
+          f"matmul {ceilings['flops']['bf16'] / 1e12:.0f} TFLOP/s; settings {kiln_settings() or 'the defaults'}", flush=True)
     with scratch_dirs() as scratch:
         source, hf_model = prepare_source(args, device)
         if args.synthetic:
@@ -485,7 +535,8 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, scratch: 
     report = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
               "command": "kiln " + " ".join(sys.argv[1:]), "settings": kiln_settings(),
               "bandwidth_bytes_per_s": ceilings["bandwidth"],
-              "matmul_flops_per_s": ceilings["flops"], "systems": systems, "results": [asdict(r) for r in results]}
+              "matmul_flops_per_s": ceilings["flops"]["bf16"], "matmul_flops_per_s_by_format": ceilings["flops"],
+              "systems": systems, "results": [asdict(r) for r in results]}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     if args.plot:

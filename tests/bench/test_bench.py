@@ -55,6 +55,37 @@ def test_decode_kv_bytes_count_each_decode_tokens_reads():
     assert decode_kv_bytes(config, input_len, 1, 2) == 0  # the only output comes from the prefill
 
 
+@pytest.mark.parametrize("algo,quantize_lm_head,linears_format", [
+    (None, False, "bf16"), ("W4A16", False, "bf16"), ("W8A16", True, "bf16"), ("FP8", False, "fp8"),
+    ("FP8", True, "fp8"), ("FP8_PER_CHANNEL_PER_TOKEN", False, "fp8"), ("W8A8_SQ_PER_CHANNEL", False, "int8")])
+def test_the_prefill_floor_runs_the_linears_at_the_rate_of_the_engines_gemm_format(algo, quantize_lm_head,
+                                                                                 linears_format):
+    """An FP8 engine's floor is its linears at the e4m3 rate, lm_head (unless quantized) and attention at bf16's;
+    an algorithm that dequantizes before its GEMM runs at bf16's throughout."""
+    from kiln.bench.offline import prefill_floor_s
+    from kiln.config import PretrainedConfig, QuantConfig, exclusions
+
+    config = PretrainedConfig(architecture="LlamaForCausalLM", dtype="bfloat16", vocab_size=100, hidden_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=4,
+                              intermediate_size=24,
+                              quantization=QuantConfig(quant_algo=algo, exclude_modules=exclusions(quantize_lm_head)))
+    tokens = 10
+    linears = 2 * 2 * (16 * (16 + 2 * 8) + 16 * 16 + 16 * 3 * 24) * tokens  # layers, 2 a weight, qkv o fc_gate proj
+    lm_head = 2 * 16 * 100 * tokens
+    attention = 2 * 2 * 2 * 16 * tokens * tokens / 2  # layers, QK^T and PV, 2 a multiply-add, the causal half
+    rates = {"bf16": 1.0, "fp8": 2.0, "int8": 4.0}
+    head_rate = rates[linears_format] if quantize_lm_head else rates["bf16"]
+    want = linears / rates[linears_format] + lm_head / head_rate + attention / rates["bf16"]
+    assert prefill_floor_s(config, tokens, rates) == pytest.approx(want)
+
+
+def test_gemm_formats_name_real_algorithms():
+    from kiln.bench.offline import GEMM_FORMAT
+    from kiln.config import QuantAlgo
+
+    assert set(GEMM_FORMAT) <= {a.value for a in QuantAlgo}
+
+
 def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys, monkeypatch):
     hf_dir, _ = tiny_llama
     monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", "off")  # a runtime switch: the report says it was set
