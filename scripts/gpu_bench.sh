@@ -4,11 +4,12 @@
 # the INT8 KV cache's capacity; "w4" alone: the int4 GEMM per tile side and row count, then W4A16 beside bf16 at
 # batch 1 and 64 (issue 4's two speed lines); "ahead" alone: bf16 at batch 1, 64 and 512 with the run-ahead off,
 # then on; "epilogues" alone: W4A16 beside bf16 at batch 1 and 64 with the int4 GEMV's epilogues on, then W4A16
-# at batch 1 with them off.
+# at batch 1 with them off; "trtllm" alone: FP8 weights with the FP8 KV cache on the three workloads of
+# TensorRT-LLM's published Llama-3.1-8B FP8 figures (issue 5's absolute lines).
 # A command may need more than the device tool's 10 minutes: run the parts apart.
-# Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|epilogues|all]
+# Usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|epilogues|trtllm|all]
 set -euo pipefail
-out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|epilogues|all]}
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [bf16|quant|w4|ahead|epilogues|trtllm|all]}
 what=${2:-all}
 mkdir -p "$out"
 kiln="python -m kiln"
@@ -62,6 +63,13 @@ if [[ $what == epilogues ]]; then
       --quant-algo W4A16 $which --output-json "$out/llama-3-8b-w4a16-epilogues-$epilogues.json" 2>&1 \
       | grep -v Warning | tee "$out/llama-3-8b-w4a16-epilogues-$epilogues.txt"
   done
+fi
+if [[ $what == trtllm ]]; then
+  fresh_caches
+  $kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none --skip-unquantized --quant-algo FP8 \
+    --kv-cache-quant-algo FP8 --workloads offline-3000,prefill-1000,long-1000 \
+    --output-json "$out/llama-3-8b-fp8-trtllm-workloads.json" 2>&1 | grep -v Warning \
+    | tee "$out/llama-3-8b-fp8-trtllm-workloads.txt"
 fi
 if [[ $what == ahead ]]; then
   for run_ahead in 0 1; do
