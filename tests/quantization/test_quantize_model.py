@@ -152,6 +152,34 @@ def test_build_and_llm_greedy_equal_dequantized_transformers(quant_llama, quanti
     assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 8)
 
 
+def format_bytes(config, qc: QuantConfig) -> int:
+    """A model's size from its format's definition alone (issue 4's memory line): each decoder linear of (out, in)
+    weights as 1 byte a weight and one scale an output (W8A16), or half a byte and one scale (and zero) per group
+    of inputs (W4A16); AWQ's input scales on the two linears after no norm; the rest in the model dtype."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, config.dtype)).element_size()
+    linears = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]  # qkv, dense, fc_gate, proj: (out, in)
+    if qc.quant_algo.value == "W8A16":
+        per_layer = sum(o * i + o * dtype_bytes for o, i in linears)
+    else:
+        groups = lambda i: -(-i // qc.group_size)  # noqa: E731
+        per_layer = sum(o * i // 2 + o * groups(i) * dtype_bytes * (1 + qc.has_zero_point) for o, i in linears)
+        if qc.quant_algo.value == "W4A16_AWQ":
+            per_layer += (q + inter) * dtype_bytes
+    full_precision = (2 * config.vocab_size * h + (2 * layers + 1) * h) * dtype_bytes  # embedding, lm_head, norms
+    return layers * per_layer + full_precision
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_engine_holds_exactly_the_formats_size(quantized, name, tmp_path):
+    model = PretrainedModel.from_checkpoint(quantized[name])
+    kiln.build(model, kiln.BuildConfig(max_batch_size=1, max_seq_len=32)).save(tmp_path / "engine")
+    held = sum(t.numel() * t.element_size() for f in (tmp_path / "engine").glob("*.safetensors")
+               for t in load_file(f).values())
+    assert held == format_bytes(model.config, CONFIGS[name])
+
+
 def test_checkpoint_with_missing_scales_is_refused(quantized, tmp_path):
     import shutil
 
