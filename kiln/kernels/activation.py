@@ -41,11 +41,16 @@ def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None):
     quantize = fp8_scale is not None
     out = torch.empty(rows.shape[0], inter, dtype=torch.float8_e4m3fn if quantize else x.dtype, device=x.device)
     row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
-    block = 1024
+    block, num_warps = program_shape(rows.shape[0], inter)
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
         rows, out, fp8_scale if quantize else out, row_scale if quantize else out, rows.stride(0), inter,
-        FP8_OUT=quantize, BLOCK=block, num_warps=4, **pdl_args(x.device))
+        FP8_OUT=quantize, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
     return Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], inter)
+
+
+def program_shape(rows: int, inter: int) -> tuple[int, int]:
+    """(columns of a row each program takes, warps). scripts/bench_pointwise.py sweeps both."""
+    return 1024, 4
 
 
 if triton is not None:

@@ -48,16 +48,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
     res_out = None if residual is None else torch.empty_like(rows)
-    block = triton.next_power_of_2(hidden)
-    # One program per row; the whole row sits in registers up to 64K elements (every LLM hidden size).
+    block, num_warps = program_shape(rows.shape[0], hidden)
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
         fp8_scale if quantize else weight, row_scale if quantize else weight,
         rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
-        FP8_OUT=quantize, BLOCK=block, num_warps=min(max(block // 512, 1), 16), **pdl_args(x.device))
+        FP8_OUT=quantize, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
     out = Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
+
+
+def program_shape(rows: int, hidden: int) -> tuple[int, int]:
+    """(BLOCK, warps) of the one program a row: the whole row sits in registers, up to 64K elements (every LLM
+    hidden size). scripts/bench_pointwise.py sweeps the warps."""
+    block = triton.next_power_of_2(hidden)
+    return block, min(max(block // 512, 1), 16)
 
 
 if triton is not None:

@@ -1,0 +1,92 @@
+"""RMSNorm (with its residual add) and SiLU-and-mul alone, per output format (the model dtype, or the e4m3 codes an
+FP8 linear reads) and row count, over each kernel's program shape: `PYTHONPATH=. python scripts/bench_pointwise.py`
+(a GPU; about 120 compiles, 1-2 minutes).
+
+Why: rotary's program shape, set by a formula, ran 4-5x slower than the best shape of a sweep once its cache held
+codes (docs/performance.md, twenty-fourth session). These two kernels' shapes are formulas too. In the FP8
+batch-512 decode step (H200, PDL off) RMSNorm took 5.8 us a call and SiLU-and-mul 11.8 us: about 2.5 and 3.1 TB/s
+of the bytes each must move, against 4.2 TB/s of copy bandwidth. Llama-3-8B sizes (hidden 4096, intermediate
+14336), bf16, CUDA-graph replay. GB/s counts those bytes: RMSNorm reads x and the residual and writes the new
+residual and the normed rows; SiLU-and-mul reads [fc | gate] and writes the product. Each case is first checked
+against the reference (largest difference printed; codes compared as the values they stand for).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import activation, rmsnorm
+from kiln.kernels.bench_quant_gemm import graph_us
+from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
+
+HIDDEN, INTER = 4096, 14336
+ROWS = (1, 16, 64, 256, 512, 2048, 8192)
+FP8_SCALE = 0.02  # a static activation scale: |x| up to about 9 fits e4m3's 448
+NORM_SHAPES = [None] + [(4096, w) for w in (1, 2, 4, 8, 16, 32)]  # (BLOCK: the whole row, warps); None: the default
+SILU_SHAPES = [None] + [(b, w) for b in (256, 512, 1024, 2048, 4096) for w in (1, 2, 4, 8)]
+
+
+def as_values(out) -> torch.Tensor:
+    """A kernel's or reference's output as float values: codes times their row scales, or the rows as they are."""
+    return out.q.float() * out.scale if hasattr(out, "scale") else out.float()
+
+
+def norm_case(rows: int, fp8: bool, device: str = "cuda", dtype=torch.bfloat16):
+    """(run, largest difference from the reference, bytes moved) of RMSNorm with the residual add."""
+    x, residual = (torch.randn(rows, HIDDEN, device=device, dtype=dtype) for _ in range(2))
+    weight = torch.randn(HIDDEN, device=device, dtype=dtype)
+    scale = torch.tensor([FP8_SCALE], device=device) if fp8 else None
+    run = lambda: rmsnorm.rms_norm(x, weight, 1e-5, residual, scale)  # noqa: E731
+    normed, summed = rmsnorm.rms_norm_ref(x, weight, 1e-5, residual)
+    want = quantize_fp8_rows_ref(normed, scale) if fp8 else normed
+
+    def difference() -> float:
+        out, new_residual = run()
+        return max((as_values(out) - as_values(want)).abs().max().item(),
+                   (new_residual.float() - summed.float()).abs().max().item())
+
+    moved = rows * HIDDEN * (2 + 2 + 2 + (1 if fp8 else 2))
+    return run, difference, moved
+
+
+def silu_case(rows: int, fp8: bool, device: str = "cuda", dtype=torch.bfloat16):
+    """(run, largest difference from the reference, bytes moved) of SiLU-and-mul."""
+    fc_gate = torch.randn(rows, 2 * INTER, device=device, dtype=dtype)
+    scale = torch.tensor([FP8_SCALE], device=device) if fp8 else None
+    run = lambda: activation.silu_and_mul(fc_gate, scale)  # noqa: E731
+    product = activation.silu_and_mul_ref(fc_gate)
+    want = quantize_fp8_rows_ref(product, scale) if fp8 else product
+    moved = rows * INTER * (2 * 2 + (1 if fp8 else 2))
+    return run, lambda: (as_values(run()) - as_values(want)).abs().max().item(), moved
+
+
+def sweep(label: str, module, shapes, case):
+    """For each output format and row count: every shape checked against the reference, then timed; one line
+    with the fastest shape and all of them by time."""
+    default = module.program_shape
+    for fp8 in (False, True):
+        for rows in ROWS:
+            run, difference, moved = case(rows, fp8)
+            timed, errors = {}, {}
+            for shape in shapes:
+                module.program_shape = default if shape is None else (lambda *_, s=shape: s)
+                name = shape or ("default",) + default(rows, HIDDEN if module is rmsnorm else INTER)
+                errors[name] = difference()
+                timed[name] = graph_us(run, iters=20)
+            module.program_shape = default
+            best = min(timed, key=timed.get)
+            print(f"{label} {'fp8' if fp8 else 'bf16'} {rows} rows: best {best} at {moved / timed[best] / 1e3:.0f} "
+                  f"GB/s; largest difference from the reference {max(errors.values()):.3g} | "
+                  + " | ".join(f"{name} {us:.1f}us" for name, us in sorted(timed.items(), key=lambda t: t[1])),
+                  flush=True)
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    torch.manual_seed(0)
+    sweep("rms_norm", rmsnorm, NORM_SHAPES, norm_case)
+    sweep("silu_and_mul", activation, SILU_SHAPES, silu_case)
+
+
+if __name__ == "__main__":
+    main()
