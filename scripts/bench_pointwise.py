@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import activation, rmsnorm
-from kiln.kernels.bench_quant_gemm import graph_us
 from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
+from shape_sweep import report, time_shapes
 
 HIDDEN, INTER = 4096, 14336
 ROWS = (1, 16, 64, 256, 512, 2048, 8192)
@@ -60,32 +60,20 @@ def silu_case(rows: int, fp8: bool, device: str = "cuda", dtype=torch.bfloat16):
     return run, lambda: (as_values(run()) - as_values(want)).abs().max().item(), moved
 
 
-def sweep(label: str, module, shapes, case):
-    """For each output format and row count: every shape checked against the reference, then timed; one line
-    with the fastest shape and all of them by time."""
-    default = module.program_shape
+def sweep(label: str, module, shapes, case, width: int):
+    """For each output format and row count, every shape checked and timed (shape_sweep)."""
     for fp8 in (False, True):
         for rows in ROWS:
             run, difference, moved = case(rows, fp8)
-            timed, errors = {}, {}
-            for shape in shapes:
-                module.program_shape = default if shape is None else (lambda *_, s=shape: s)
-                name = shape or ("default",) + default(rows, HIDDEN if module is rmsnorm else INTER)
-                errors[name] = difference()
-                timed[name] = graph_us(run, iters=20)
-            module.program_shape = default
-            best = min(timed, key=timed.get)
-            print(f"{label} {'fp8' if fp8 else 'bf16'} {rows} rows: best {best} at {moved / timed[best] / 1e3:.0f} "
-                  f"GB/s; largest difference from the reference {max(errors.values()):.3g} | "
-                  + " | ".join(f"{name} {us:.1f}us" for name, us in sorted(timed.items(), key=lambda t: t[1])),
-                  flush=True)
+            timed, errors = time_shapes(module, shapes, (rows, width), run, difference)
+            report(f"{label} {'fp8' if fp8 else 'bf16'} {rows} rows", moved, timed, errors)
 
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    sweep("rms_norm", rmsnorm, NORM_SHAPES, norm_case)
-    sweep("silu_and_mul", activation, SILU_SHAPES, silu_case)
+    sweep("rms_norm", rmsnorm, NORM_SHAPES, norm_case, HIDDEN)
+    sweep("silu_and_mul", activation, SILU_SHAPES, silu_case, INTER)
 
 
 if __name__ == "__main__":

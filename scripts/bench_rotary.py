@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import rotary
-from kiln.kernels.bench_quant_gemm import graph_us
+from shape_sweep import report, time_shapes
 
 HEADS, KV_HEADS, HEAD_SIZE = 32, 8, 128
 TOKENS = (1, 16, 64, 256, 512, 2048, 8192)
@@ -57,22 +57,13 @@ def moved_bytes(tokens: int, fmt: str) -> int:
 def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    default = rotary.program_shape
     for fmt in FORMATS:
         for tokens in TOKENS:
             args = inputs(tokens, fmt)
-            timed, errors = {}, {}
-            for shape in SHAPES:
-                rotary.program_shape = default if shape is None else (lambda *_, s=shape: s)
-                name = shape or ("default",) + default(tokens, HEADS, KV_HEADS, HEAD_SIZE // 2)
-                errors[name] = largest_difference(args)
-                timed[name] = graph_us(lambda: rotary.apply_rotary_and_write_cache(*args), iters=20)
-            rotary.program_shape = default
-            best = min(timed, key=timed.get)
-            print(f"{fmt} {tokens} tokens: best {best} at {moved_bytes(tokens, fmt) / timed[best] / 1e3:.0f} GB/s; "
-                  f"largest difference from the reference {max(errors.values()):.3g} | "
-                  + " | ".join(f"{name} {us:.1f}us" for name, us in sorted(timed.items(), key=lambda t: t[1])),
-                  flush=True)
+            timed, errors = time_shapes(rotary, SHAPES, (tokens, HEADS, KV_HEADS, HEAD_SIZE // 2),
+                                        lambda: rotary.apply_rotary_and_write_cache(*args),
+                                        lambda: largest_difference(args))
+            report(f"{fmt} {tokens} tokens", moved_bytes(tokens, fmt), timed, errors)
 
 
 if __name__ == "__main__":
