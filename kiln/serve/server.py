@@ -188,20 +188,22 @@ async def generate_all(engine: AsyncLLM, prompts: list[list[int]], params, timeo
                 running -= 1
                 continue
             latest[i] = item
-            yield joined(latest, params.n)
+            yield joined(latest, params.n, len(prompts))
     finally:  # (cancelling a task closes its generate(), which aborts its request)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def joined(latest: dict[int, RequestOutput], n: int) -> RequestOutput:
-    """The latest outputs of a batch's prompts as one RequestOutput (see generate_all)."""
+def joined(latest: dict[int, RequestOutput], n: int, prompts: int) -> RequestOutput:
+    """The latest outputs of a batch's prompts as one RequestOutput (see generate_all); finished once all
+    `prompts` have reported and finished."""
     first = latest[min(latest)]
     return RequestOutput(first.request_id, None, [t for i in sorted(latest) for t in latest[i].prompt_token_ids],
                          [dataclasses.replace(o, index=i * n + o.index) for i in sorted(latest)
                           for o in latest[i].outputs],
-                         all(out.finished for out in latest.values()), first.arrival_time)
+                         len(latest) == prompts and all(out.finished for out in latest.values()),
+                         first.arrival_time)
 
 
 async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
