@@ -82,13 +82,13 @@ def main() -> None:
 def fp8_us(xq, x_scale, weight) -> tuple[float, object, int]:
     """Microseconds per call of the FP8 GEMV as an FP8 engine's decode runs it (x as e4m3 codes with its row scale:
     the tuner's choice of the CUDA-core kernel or an e4m3 MMA tile), that choice, and the bytes it reads."""
-    from kiln.kernels.gemv import DOT_TILES, _run_gemv  # (the tiles exist where Triton does)
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv  # (the tiles exist where Triton does)
 
     wq, w_scale = quantize_fp8_weight(weight, torch.bfloat16, per_channel=True)
     w_scale = w_scale.float()  # as the FP8 linear keeps them for its GEMMs (Fp8Method.prepare)
     y = torch.empty(1, wq.shape[0], dtype=torch.bfloat16, device=wq.device)
     x_scale = x_scale.reshape(-1).float().contiguous()
-    ms = candidate_ms([None, *DOT_TILES], lambda tile: [
+    ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
         functools.partial(_run_gemv, (xq, w, y, x_scale, s, False), tile) for w, s in weight_copies(wq, w_scale)])
     best = min(ms, key=ms.get)
     return 1000 * ms[best], best, wq.numel() + w_scale.numel() * w_scale.element_size()

@@ -57,11 +57,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
           ("fp8 static, quantizing x", False, True, True, False, dict(w_ptr="*fp8e4nv")),
           ("w8a16", False, True, False, False, dict(w_ptr="*i8")),
           ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")))],
-    *[(f"{label} dot gemv {n}x{kb} split={split}", gemv._dot_gemv_kernel,
-       dict(K=4096, HAS_X_SCALE=label == "fp8", BLOCK_N=n, BLOCK_K=kb, SPLIT=split), pointers)
-      for n, kb, split in ((64, 256, 1), (64, 256, 2), (128, 128, 2))
-      for label, pointers in (("fp8", dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32")),
-                              ("w8a16", dict(w_ptr="*i8")))],
+    *[(f"fp8 dot gemv {n}x{kb} split={split}", gemv._fp8_dot_gemv_kernel,
+       dict(K=4096, BLOCK_N=n, BLOCK_K=kb, SPLIT=split),
+       dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32"))
+      for n, kb, split in ((64, 256, 1), (64, 256, 2), (128, 128, 2))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
     *[(f"rms_norm residual={r} fp8 out={q}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, FP8_OUT=q, BLOCK=4096),

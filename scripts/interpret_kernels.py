@@ -3,7 +3,7 @@ swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX)
 either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its
 split programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA
 one too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
-lazily; the MMA GEMV (e4m3, and int8 weights) and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
+lazily; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
 on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
 rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the fc_gate GEMM with SiLU-and-mul
 as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and epilogue run only on Hopper).
@@ -31,10 +31,9 @@ from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
-from kiln.kernels.quant_gemm import w8a16_matmul_ref
 from kiln.kernels.activation import silu_and_mul_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
-from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
 
 @triton.jit
@@ -250,21 +249,16 @@ def prefill_attention() -> None:
     pa.PREFILL_LAZY_RESCALE = False
 
 
-def dot_gemv() -> None:
-    """The MMA GEMV: FP8 with the codes of x given (the interpreter's own e4m3 rounding is not the GPU's, so not x
-    quantized by the kernel), and W8A16's int8 weights with x as it is."""
+def fp8_dot_gemv() -> None:
+    """Codes of x given (the interpreter's own e4m3 rounding is not the GPU's, so not x quantized by the kernel)."""
     for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 200, 1000)):
         wq, ws = quantize_fp8_weight(torch.randn(n, k), torch.float16, per_channel=True)
         xq, xs = quantize_fp8_per_token(torch.randn(rows, k).half())
         want = fp8_gemm_emulated(xq, xs, wq, ws, torch.float16)
-        x, (q8, s8) = torch.randn(rows, k).half(), quantize_int8_per_channel(torch.randn(n, k), torch.float16)
-        want8 = w8a16_matmul_ref(x, q8, s8)
-        for tile in gemv.DOT_TILES:
-            y, y8 = (torch.empty(rows, n, dtype=torch.float16) for _ in range(2))
+        for tile in gemv.FP8_DOT_TILES:
+            y = torch.empty(rows, n, dtype=torch.float16)
             gemv._run_gemv((xq, wq, y, xs.reshape(-1).float().contiguous(), ws.float(), False), tile)
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
-            gemv._run_gemv((x, q8, y8, None, s8, False), tile)
-            check(f"w8a16 dot gemv {rows}x{n}x{k} tile {tile}", y8, want8)
 
 
 def rotary_with_cache_write() -> None:
@@ -327,7 +321,7 @@ def main() -> None:
     decode_attention()
     fused_merge()
     prefill_attention()
-    dot_gemv()
+    fp8_dot_gemv()
     rotary_with_cache_write()
     int4_qkv_rotary()
     gated_gemm_tiles()

@@ -44,9 +44,7 @@ _faster = KernelChoices("gemv_or_cublas")  # (n, k, dtype, rows, device index) -
 # The CPU interpreter cannot time configs; KILN_AUTOTUNE=0 takes each kernel's first config (fast test runs:
 # tuning every shape and row bucket a test touches takes minutes, and it checks only the config it picks).
 AUTOTUNE = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KILN_AUTOTUNE", "1") != "0"
-# The GPUs whose tensor cores take each weight dtype of the MMA GEMV: e4m3 from Ada and Hopper on; int8 weights
-# are converted to x's 16-bit dtype in registers, an MMA every tensor-core GPU has.
-MMA_MIN_CAPABILITY = {torch.float8_e4m3fn: (8, 9), torch.int8: (8, 0)}
+FP8_DOT_MIN_CAPABILITY = (8, 9)  # e4m3 MMA: Ada and Hopper
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -82,12 +80,12 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False)
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype, device=rows.device)
     args = (rows, weight, y, x_scale, w_scale, quantize_x)
-    _run_gemv(args, _mma_choice(args) if _fits_the_tensor_cores(*args) else None)
+    _run_gemv(args, _fp8_kernel_choice(args) if _fp8_codes_with_scales(*args) else None)
     return y
 
 
 def _run_gemv(args, tile) -> None:
-    """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), or the MMA kernel with
+    """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), or the e4m3 MMA kernel with
     `tile` = (BLOCK_N, BLOCK_K, SPLIT, warps, stages)."""
     rows, weight, y, x_scale, w_scale, quantize_x = args
     n, k = weight.shape
@@ -100,9 +98,9 @@ def _run_gemv(args, tile) -> None:
         return
     block_n, block_k, split, warps, stages = tile
     out = y if split == 1 else torch.empty(split, *y.shape, dtype=torch.float32, device=y.device)
-    _dot_gemv_kernel[(triton.cdiv(n, block_n), split)](
-        rows, weight, out, *scales, rows.shape[0], n, k, rows.stride(0), weight.stride(0),
-        HAS_X_SCALE=x_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
+    _fp8_dot_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        rows, weight, out, x_scale, w_scale, rows.shape[0], n, k, rows.stride(0), weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
     if split > 1:
         sum_splits(out, y)
 
@@ -113,43 +111,40 @@ def sum_splits(partials: torch.Tensor, y: torch.Tensor) -> None:
     _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partials, y, size, SPLIT=partials.shape[0], BLOCK=SUM_BLOCK)
 
 
-def _fits_the_tensor_cores(rows, weight, y, x_scale, w_scale, quantize_x) -> bool:
-    """Whether the MMA kernel can run this GEMV: e4m3 weights and e4m3 codes of x with both scales (FP8), or int8
-    weights with their column scale and 16-bit x as it is (W8A16), on a GPU of MMA_MIN_CAPABILITY. Not for x
-    quantized by the GEMV itself (static_fp8_gemv): an MMA kernel that did so quantized the 16 padded rows with an
-    IEEE division each, and timed 28.5 us on Llama-3-8B's o_proj on an H200 against the CUDA-core kernel's 8.6."""
-    fp8 = weight.dtype == rows.dtype == torch.float8_e4m3fn and x_scale is not None
-    int8 = weight.dtype == torch.int8 and rows.dtype in (torch.float16, torch.bfloat16) and x_scale is None
-    return (fp8 or int8) and not quantize_x and w_scale is not None and _has_mma(rows.device.index, weight.dtype)
+def _fp8_codes_with_scales(rows, weight, y, x_scale, w_scale, quantize_x) -> bool:
+    """e4m3 weights and e4m3 codes of x, with both scales: the tensor cores can do it. Not for x quantized by the
+    GEMV itself (static_fp8_gemv): an MMA kernel that did so quantized the 16 padded rows with an IEEE division
+    each, and timed 28.5 us on Llama-3-8B's o_proj on an H200 against the CUDA-core kernel's 8.6. Nor for W8A16's
+    int8 weights: the MMA kernel converting them to bf16 in registers took 1.6-2.0x the CUDA-core kernel's time on
+    every Llama-3-8B shape on an H200 (12.8 us against 7.9 on o_proj; docs/performance.md, twenty-fifth session)."""
+    return (weight.dtype == rows.dtype == torch.float8_e4m3fn and not quantize_x and x_scale is not None
+            and w_scale is not None and _has_fp8_mma(rows.device.index))
 
 
 @functools.cache
-def _has_mma(device_index: int, weight_dtype: torch.dtype) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= MMA_MIN_CAPABILITY[weight_dtype]
+def _has_fp8_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= FP8_DOT_MIN_CAPABILITY
 
 
-# The kernel each GEMV key of _fits_the_tensor_cores runs (None: the CUDA-core kernel), chosen by timing the first
-# time the key is seen; until then (tuning off, or a capture, which cannot time) the CUDA-core kernel.
-_MMA_PICKED = KernelChoices("mma_gemv")
+# The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;
+# until then (tuning off, or a capture, which cannot time) the CUDA-core kernel.
+_FP8_PICKED = KernelChoices("fp8_gemv")
 
 
-def _mma_choice(args):
-    rows, weight, y, x_scale, w_scale, _ = args
-    key = (*weight.shape, weight.dtype, rows.shape[0], rows.dtype, y.dtype, rows.device.index)
-    if key not in _MMA_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+def _fp8_kernel_choice(args):
+    rows, weight, y, x_scale, w_scale, _ = args  # (x given as codes: see _fp8_codes_with_scales)
+    key = (*weight.shape, rows.shape[0], y.dtype, rows.device.index)
+    if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = weight_copies(weight, w_scale)
-        ms = candidate_ms([None, *DOT_TILES], lambda tile: [
+        ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
             functools.partial(_run_gemv, (rows, w, y, x_scale, s, False), tile) for w, s in copies])
-        _MMA_PICKED[key] = min(ms, key=ms.get)
+        _FP8_PICKED[key] = min(ms, key=ms.get)
         mma = min((t for t in ms if t is not None), key=ms.get, default=None)
-        log.info("%s GEMV %s x %s: CUDA cores %.1f us, MMA %s; runs %s", WEIGHT_NAMES[weight.dtype],
-                 tuple(rows.shape), tuple(weight.shape), ms[None] * 1e3,
+        log.info("FP8 GEMV %s x %s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),
+                 tuple(weight.shape), ms[None] * 1e3,
                  "-" if mma is None else f"{ms[mma] * 1e3:.1f} us (tile {mma})",
-                 "CUDA cores" if _MMA_PICKED[key] is None else "MMA")
-    return _MMA_PICKED.get(key)
-
-
-WEIGHT_NAMES = {torch.float8_e4m3fn: "FP8", torch.int8: "W8A16"}
+                 "CUDA cores" if _FP8_PICKED[key] is None else "e4m3 MMA")
+    return _FP8_PICKED.get(key)
 
 
 def candidate_ms(candidates: list, calls_of) -> dict:
@@ -328,25 +323,23 @@ if triton is not None:
             total += tl.load(part_ptr + s * size + i, mask=ok, other=0.0)
         tl.store(y_ptr + i, total.to(y_ptr.dtype.element_ty), mask=ok)
 
-    # (BLOCK_N, BLOCK_K, SPLIT, warps, stages) of _dot_gemv_kernel. BLOCK_N is the MMA's M side, 64 or more
+    # (BLOCK_N, BLOCK_K, SPLIT, warps, stages) of _fp8_dot_gemv_kernel. BLOCK_N is the MMA's M side, 64 or more
     # for Hopper's wgmma (a 16-row tile compiles to fp16 HMMAs and converts every byte); with 4096 outputs that is
     # 64 programs, half an H100's SMs, so the input dim is also split (SPLIT programs sum their parts).
-    DOT_TILES = ((64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 512, 2, 4, 3),
-                 (128, 256, 1, 4, 3), (128, 128, 2, 4, 4), (64, 128, 4, 4, 6), (128, 256, 2, 8, 3))
+    FP8_DOT_TILES = ((64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 512, 2, 4, 3),
+                     (128, 256, 1, 4, 3), (128, 128, 2, 4, 4), (64, 128, 4, 4, 6), (128, 256, 2, 8, 3))
     SUM_BLOCK = 1024
 
     @triton.jit
-    def _dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
-                         HAS_X_SCALE: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-        """_gemv_kernel's y for e4m3 weights and e4m3 codes of x, or for int8 weights (converted to x's 16-bit
-        dtype in registers, exactly: |q| <= 127) and x as it is, on the tensor cores: y^T = W x^T with x's rows
+    def _fp8_dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
+                             USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT: tl.constexpr):
+        """_gemv_kernel's y for e4m3 weights and e4m3 codes of x, on the tensor cores: y^T = W x^T with x's rows
         padded with zeros to 16, the weights the MMA's M side. The CUDA-core kernel spends two conversions and an
         FMA on each weight byte (it streamed e4m3 at 2.0-2.8 TB/s where bf16 reached 3.0 on the H100); here the
         loop issues under one instruction per byte (scripts/kernel_sass.py "fp8 dot"), the weights going to shared
-        memory by cp.async. Products of e4m3 codes, or of bf16 or fp16 values, are exact in float32, as in the
-        emulated GEMM and the CUDA-core kernel; only the order of the sum differs: y = sum (* x's row scale,
-        xs_ptr [M], HAS_X_SCALE) * w's column scale (ws_ptr [N]), in float32.
+        memory by cp.async. Products of e4m3 codes are exact in float32, as in the emulated GEMM; only the order of
+        the sum differs: y = sum * x's row scale (xs_ptr [M]) * w's column scale (ws_ptr [N]), in float32.
         Program (i, s) owns outputs i*BLOCK_N.. over the s-th of SPLIT parts of the input dim; with SPLIT > 1 it
         writes its scaled part in float32 to y_ptr [SPLIT, M, N] for sum_splits. No weight is read before the
         PDL wait: a first tile loaded early lands in registers, and the loop then compiled to register shuffles
@@ -367,9 +360,8 @@ if triton is not None:
         for k0 in range(k_begin, k_end, BLOCK_K):
             w = tl.load(w_ptrs + k0, mask=out_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=(x_rows < M)[:, None] & (k0 + cols < K)[None, :], other=0.0)
-            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # (e4m3 to e4m3: no conversion)
-        if HAS_X_SCALE:
-            acc = acc * tl.load(xs_ptr + x_rows, mask=x_rows < M, other=0.0)[None, :]
+            acc = tl.dot(w, tl.trans(x), acc)
+        acc = acc * tl.load(xs_ptr + x_rows, mask=x_rows < M, other=0.0)[None, :]
         y = acc * tl.load(ws_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + tl.program_id(1).to(tl.int64) * M * N + x_rows[None, :] * N + outs[:, None]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(x_rows < M)[None, :] & out_ok[:, None])

@@ -150,14 +150,14 @@ def _fp8_bound(xq, xs, wq, ws, want, k):
 def test_fp8_dot_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
     """The e4m3 MMA GEMV, each tile the chooser may take (split input dims included), against the emulated FP8
     GEMM, and the same bits when run again (split parts are added in a fixed order)."""
-    from kiln.kernels.gemv import DOT_TILES, _run_gemv
+    from kiln.kernels.gemv import FP8_DOT_TILES, _run_gemv
     from kiln.quantization.fp8 import fp8_gemm_emulated
 
     _, _, xq, xs, wq, ws = _fp8_operands(rows, n, k, rows * n + k + 11)
     want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
     bound = _fp8_bound(xq, xs, wq, ws, want, k)
     x_scale = xs.reshape(-1).float().contiguous()
-    for tile in DOT_TILES:
+    for tile in FP8_DOT_TILES:
         y, again = (torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2))
         _run_gemv((xq, wq, y, x_scale, ws, False), tile)
         _run_gemv((xq, wq, again, x_scale, ws, False), tile)
@@ -176,78 +176,19 @@ def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
     from kiln.quantization.fp8 import fp8_gemm_emulated
 
     monkeypatch.setattr(gemv, "AUTOTUNE", True)
-    monkeypatch.setattr(gemv, "_MMA_PICKED", {})
+    monkeypatch.setattr(gemv, "_FP8_PICKED", {})
     x, scale, xq, xs, wq, ws = _fp8_operands(1, 4096, 4096, 5)
     out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
     gemv._run_gemv((xq, wq, out, xs.reshape(-1).float().contiguous(), ws, False), None)  # Triton tunes its tile here
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
-    assert gemv._MMA_PICKED == {}
+    assert gemv._FP8_PICKED == {}
     got = gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
-    (key, choice), = gemv._MMA_PICKED.items()
-    assert choice is None or choice in gemv.DOT_TILES
+    (key, choice), = gemv._FP8_PICKED.items()
+    assert choice is None or choice in gemv.FP8_DOT_TILES
     want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
     assert ((got.float() - want.float()).abs() <= _fp8_bound(xq, xs, wq, ws, want, 4096)).all()
-    assert torch.equal(gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16), got) and len(gemv._MMA_PICKED) == 1
+    assert torch.equal(gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16), got) and len(gemv._FP8_PICKED) == 1
     gemv.static_fp8_gemv(x, scale, wq, ws, torch.bfloat16)
-    assert len(gemv._MMA_PICKED) == 1
-
-
-def _int8_operands(rows, n, k, seed):
-    """W8A16's operands: bf16 x, int8 codes over their whole range, and a bf16 scale per output."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g).to(torch.bfloat16).cuda()
-    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
-    scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16).cuda()
-    return x, q, scale
-
-
-def _int8_bound(x, q, scale, want, k):
-    """bf16 times int8 products are exact in float32; the sums differ by order only (k float32 ulps of the sum of
-    |terms|, scaled), plus one rounding to bf16."""
-    terms = (x.double().abs() @ q.double().abs().T) * scale.double()[None, :]
-    return k * 2.0 ** -23 * terms + 2.0 ** -7 * want.abs() + 1e-30
-
-
-@needs_gpu
-@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 6144, 4096), (1, 1000, 1234), (2, 7, 4100)])
-def test_int8_dot_gemv_every_tile_matches_the_exact_product(rows, n, k):
-    """W8A16's GEMV on the tensor cores (int8 weights converted to bf16 in registers), each tile the chooser may
-    take, against the product in float64, and the same bits when run again (split parts add in a fixed order)."""
-    from kiln.kernels.gemv import DOT_TILES, _run_gemv
-
-    x, q, scale = _int8_operands(rows, n, k, rows * n + k + 13)
-    want = (x.double() @ q.double().T) * scale.double()[None, :]
-    bound = _int8_bound(x, q, scale, want, k)
-    for tile in DOT_TILES:
-        y, again = (torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        _run_gemv((x, q, y, None, scale, False), tile)
-        _run_gemv((x, q, again, None, scale, False), tile)
-        err = (y.double() - want).abs()
-        print(f"int8 dot gemv {rows}x{n}x{k} tile {tile}: worst err / bound {(err / bound).max():.3g}")
-        assert (err <= bound).all(), tile
-        assert torch.equal(again, y), tile
-
-
-@needs_gpu
-def test_int8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
-    """W8A16's GEMV times the CUDA-core kernel against the MMA tiles the first time it sees a shape, never inside a
-    CUDA-graph capture, and keeps the choice under a key of its own weight dtype (an FP8 GEMV of the same shape
-    chooses apart)."""
-    from kiln.kernels import gemv
-
-    monkeypatch.setattr(gemv, "AUTOTUNE", True)
-    monkeypatch.setattr(gemv, "_MMA_PICKED", {})
-    x, q, scale = _int8_operands(1, 4096, 4096, 7)
-    gemv._run_gemv((x, q, torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda"), None, scale, False), None)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gemv.scaled_gemv(x, None, q, scale, torch.bfloat16)
-    assert gemv._MMA_PICKED == {}
-    got = gemv.scaled_gemv(x, None, q, scale, torch.bfloat16)
-    (key, choice), = gemv._MMA_PICKED.items()
-    assert torch.int8 in key and (choice is None or choice in gemv.DOT_TILES)
-    want = (x.double() @ q.double().T) * scale.double()[None, :]
-    assert ((got.double() - want).abs() <= _int8_bound(x, q, scale, want, 4096)).all()
-    assert torch.equal(gemv.scaled_gemv(x, None, q, scale, torch.bfloat16), got) and len(gemv._MMA_PICKED) == 1
+    assert len(gemv._FP8_PICKED) == 1
