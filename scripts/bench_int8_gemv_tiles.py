@@ -1,0 +1,57 @@
+"""W8A16's batch-1 GEMV on Llama-3-8B shapes: the tile Triton's tuner picks for int8 weights against every int8
+tile, each timed as a decode step runs it (CUDA-graph replay over weight copies beyond the L2 cache):
+`PYTHONPATH=. python scripts/bench_int8_gemv_tiles.py` (an NVIDIA GPU with Triton).
+
+Why: on an H200 the int8 GEMV streamed o_proj at 2.1 TB/s where the same kernel streamed e4m3 weights at 2.9
+(docs/performance.md, twenty-fifth session). The tuner times each tile one call at a time after an L2 flush; the
+engine replays them back to back from graphs. Each tile is first checked against the float64 product.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from kiln.kernels import gemv
+from kiln.kernels.pdl import pdl_args
+from kiln.quantization.weight_only import quantize_int8_per_channel
+
+SHAPES = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("fc_gate", 28672, 4096), ("down", 4096, 14336))
+
+
+def run_tile(x, q, scale, y, config) -> None:
+    n, k = q.shape
+    gemv._gemv_kernel.fn[(1, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
+        x, q, y, y, scale, n, k, x.stride(0), q.stride(0), 1, HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False,
+        num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs, **pdl_args(x.device))
+
+
+def main() -> None:
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    torch.manual_seed(0)
+    for name, n, k in SHAPES:
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), torch.bfloat16)
+        want = (x.double() @ q.double().T) * scale.double()
+        gemv.scaled_gemv(x, None, q, scale, torch.bfloat16)  # the tuner picks its tile here
+        picked = gemv._gemv_kernel.best_config
+        copies = gemv.weight_copies(q, scale)
+        timed = {}
+        for config in gemv._CONFIGS:
+            y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+            run_tile(x, q, scale, y, config)
+            assert ((y.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all(), (name, config)
+            timed[str(config)] = 1000 * gemv.graph_ms_per_call(
+                [functools.partial(run_tile, x, w, s, y, config) for w, s in copies])
+        best = min(timed, key=timed.get)
+        gbps = (q.numel() + 2 * n) / 1e3
+        print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({gbps / timed[str(picked)]:.0f} "
+              f"GB/s); best {best} {timed[best]:.1f} us ({gbps / timed[best]:.0f} GB/s)", flush=True)
+        for config, us in sorted(timed.items(), key=lambda t: t[1])[:5]:
+            print(f"    {us:6.1f} us  {config}")
+
+
+if __name__ == "__main__":
+    main()
