@@ -4,7 +4,9 @@ tile, each timed as a decode step runs it (CUDA-graph replay over weight copies 
 
 Why: on an H200 the int8 GEMV streamed o_proj at 2.1 TB/s where the same kernel streamed e4m3 weights at 2.9
 (docs/performance.md, twenty-fifth session). The tuner times each tile one call at a time after an L2 flush; the
-engine replays them back to back from graphs. Each tile is first checked against the float64 product.
+engine replays them back to back from graphs. Each tile is first checked against the float64 product. Then the
+same for the GEMV on int32 words of codes (kiln.kernels.quant_gemm._w8_gemv_kernel), which W8A16 takes where
+it measures faster.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import triton
 
 from kiln.kernels import gemv
+from kiln.kernels import quant_gemm as qg
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import quantize_int8_per_channel
 
@@ -47,6 +50,16 @@ def main() -> None:
                 [functools.partial(run_tile, x, w, s, y, config) for w, s in copies])
         best = min(timed, key=timed.get)
         gbps = (q.numel() + 2 * n) / 1e3
+        words = q.view(torch.int32)
+        packed = {tile: 1000 * ms for tile, ms in gemv.candidate_ms(list(qg.W8_GEMV_TILES), lambda tile: [
+            functools.partial(qg._run_w8_gemv, x, w, s, y, tile) for w, s in gemv.weight_copies(words, scale)]).items()}
+        for tile in qg.W8_GEMV_TILES:  # checked after timing: each tile's last output is in y
+            qg._run_w8_gemv(x, words, scale, y, tile)
+            assert ((y.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all(), (name, tile)
+        word_best = min(packed, key=packed.get)
+        print(f"{name}: word GEMV (_w8_gemv_kernel) best tile {word_best} {packed[word_best]:.1f} us "
+              f"({gbps / packed[word_best]:.0f} GB/s); every tile: "
+              + ", ".join(f"{t} {us:.1f}" for t, us in packed.items()), flush=True)
         print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({gbps / timed[str(picked)]:.0f} "
               f"GB/s); best {best} {timed[best]:.1f} us ({gbps / timed[best]:.0f} GB/s)", flush=True)
         for config, us in sorted(timed.items(), key=lambda t: t[1])[:5]:

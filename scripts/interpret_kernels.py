@@ -32,8 +32,9 @@ from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
 from kiln.kernels.activation import silu_and_mul_ref
+from kiln.kernels.quant_gemm import w8a16_matmul_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
-from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
+from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
 
 
 @triton.jit
@@ -261,6 +262,18 @@ def fp8_dot_gemv() -> None:
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 
+def int8_gemv() -> None:
+    """W8A16's GEMV on int32 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
+    tile divides."""
+    for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 33, 4100)):
+        x, (q, scale) = torch.randn(rows, k).half(), quantize_int8_per_channel(torch.randn(n, k), torch.float16)
+        want = w8a16_matmul_ref(x, q, scale)
+        for tile in qg.W8_GEMV_TILES:
+            y = torch.empty(rows, n, dtype=torch.float16)
+            check(f"int8 gemv {rows}x{n}x{k} tile {tile}", qg._run_w8_gemv(x, q.view(torch.int32), scale, y, tile),
+                  want)
+
+
 def rotary_with_cache_write() -> None:
     """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
     for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
@@ -322,6 +335,7 @@ def main() -> None:
     fused_merge()
     prefill_attention()
     fp8_dot_gemv()
+    int8_gemv()
     rotary_with_cache_write()
     int4_qkv_rotary()
     gated_gemm_tiles()

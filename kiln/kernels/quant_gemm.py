@@ -94,6 +94,10 @@ W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4
 # of a cold W4A16 first open is the int4 GEMM's tiles, timed as the prefill graphs are captured (docs/performance.md).
 W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 
+# (BLOCK_N, BLOCK_KW, warps) of the int8 GEMV (_w8_gemv_kernel), the first the untuned default: BLOCK_KW words of
+# 4 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Not yet timed
+# on a GPU: the int4 GEMV's winners, at the same bytes a step.
+W8_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (4, 1024, 8), (8, 256, 4), (2, 1024, 4))
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
 KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
@@ -335,13 +339,49 @@ _PICKED = KernelChoices("int4_tile")  # kept on disk for the next start (kiln.ke
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton version of `w8a16_matmul_ref`, same arguments and result (see the module docstring)."""
     rows, (n, k) = rows_view(x), q.shape
-    if rows.shape[0] <= GEMV_MAX_ROWS:  # the full-precision GEMV, the per-channel scale after the sum
-        return scaled_gemv(rows, None, q, scale, x.dtype).view(*x.shape[:-1], n)
+    if rows.shape[0] <= GEMV_MAX_ROWS:  # a GEMV, the per-channel scale after the sum
+        return _w8_gemv(rows, q, scale).view(*x.shape[:-1], n)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     args = (rows, q, scale, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
     grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _launch(_w8_gemm_kernel, grid, args)
     return y.view(*x.shape[:-1], n)
+
+
+# The kernel each int8 GEMV key runs: a tile of _w8_gemv_kernel, or None for the full-precision GEMV with int8
+# weights (kiln.kernels.gemv), chosen by timing both kinds the first time the key is seen; until then the first
+# W8_GEMV_TILES entry.
+_W8_PICKED = KernelChoices("w8_gemv")
+
+
+def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """rows [m <= GEMV_MAX_ROWS, k] @ dequantize_int8(q, scale)^T, the scale after the float32 sum: by
+    _w8_gemv_kernel where the codes read as int32 words, else (or where timing found it faster) by the
+    full-precision GEMV."""
+    y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
+    if not _reads_as_words(q):
+        return scaled_gemv(rows, None, q, scale, rows.dtype)
+    words = q.view(torch.int32)
+    key = (*q.shape, rows.shape[0], rows.dtype, rows.device.index)
+    if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+        ms = candidate_ms([None, *W8_GEMV_TILES], lambda tile: [
+            functools.partial(_run_w8_gemv, rows, w, s, y, tile) for w, s in weight_copies(words, scale)])
+        _W8_PICKED[key] = min(ms, key=ms.get)
+    return _run_w8_gemv(rows, words, scale, y, _W8_PICKED.get(key, W8_GEMV_TILES[0]))
+
+
+def _run_w8_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
+                 tile: tuple | None) -> torch.Tensor:
+    """One int8 GEMV into y by _w8_gemv_kernel with `tile` = (BLOCK_N, BLOCK_KW, warps), or (tile None) by the
+    full-precision GEMV, which returns its own output."""
+    if tile is None:
+        return scaled_gemv(rows, None, words.view(torch.int8), scale, rows.dtype)
+    block_n, block_kw, warps = tile
+    n = y.shape[1]
+    _w8_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
+        rows, words, scale, y, n, rows.shape[1], rows.stride(0), EVEN_N=n % block_n == 0, BLOCK_N=block_n,
+        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
+    return y
 
 
 def _launch(kernel, grid, args, **meta) -> None:
@@ -363,6 +403,7 @@ if triton is not None:
     # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
     # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
+    BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
     # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS) of the int4 GEMM, BLOCK_M from the rows
     # (_w4_gemm_tiles, which adds the X_AS_IS twin of each tile up to 128 wide: wider ones spill registers).
     # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
@@ -389,6 +430,14 @@ if triton is not None:
         x1, x5 = tl.split(c10)
         x3, x7 = tl.split(c11)
         return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _split4(x):
+        """[B, 4] -> its 4 columns, each [B] (two halvings of the last dim: j = 2 a + c)."""
+        even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # by c
+        x0, x2 = tl.split(even)  # by a
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
 
     @triton.jit
     def _load_step(p, ok, EVEN_K: tl.constexpr):
@@ -520,6 +569,50 @@ if triton is not None:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
         out = n0 + tl.arange(0, BLOCK_N)
         tl.store(y_ptr + m * N + out, y, mask=out < N)
+
+    @triton.jit
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
+                        EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int32
+        words, word c of a row holding columns 4c..4c+3, column 4c + j in bits 8j..8j+7. XOR with 0x80808080 makes
+        each byte the unsigned code u = q + 128 (one instruction a word), and the int4 GEMV's trick (_w4_row_sums)
+        turns it into a float: bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the word by 16 bits,
+        read as float32 bits, are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one
+        FMA, where the full-precision GEMV (kiln.kernels.gemv) converts each code apart. The sums carry
+        2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32.
+        The first step's weights are requested before the wait for x (kiln.kernels.pdl)."""
+        allow_dependents(USE_PDL)
+        KW: tl.constexpr = K // 4  # words per row
+        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
+        m = tl.program_id(0).to(tl.int64)
+        n0 = tl.program_id(1) * BLOCK_N
+        outs = tl.arange(0, BLOCK_N)  # from n0
+        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
+            outs = tl.minimum(outs, N - 1 - n0)
+        w_row = w_ptr + n0.to(tl.int64) * KW
+        x_row = x_ptr + m * stride_xm
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see _w4_row_sums)
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        x_sums = tl.zeros([BLOCK_KW], tl.float32)
+        w = _load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        wait_for_inputs(USE_PDL)
+        for k0 in range(0, KW, BLOCK_KW):
+            ok = (k0 + first < KW)[:, None]
+            if k0 > 0:
+                w = _load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+            x_p = x_row + 4 * k0 + (4 * first)[:, None] + tl.arange(0, 4)[None, :]
+            x0, x1, x2, x3 = _split4(_load_step(x_p, ok, EVEN_K).to(tl.float32))
+            x_sums += (x0 + x1) + (x2 + x3)
+            u = w ^ BYTE_SIGNS  # (a word past the row's end reads 0: codes 128 times x's 0 there)
+            high = u >> 16
+            acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+            acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+            acc += (high & 0xFF).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+            acc += (high & 0xFF00).to(tl.float32, bitcast=True) * (x3 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+        sums = tl.sum(acc, axis=0) - tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
+        y = sums * (2.0 ** SHIFT_EXP) * tl.load(s_ptr + n0 + outs).to(tl.float32)
+        out = n0 + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
 
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,

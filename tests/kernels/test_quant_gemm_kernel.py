@@ -249,6 +249,46 @@ def test_w8a16_kernel_matches_reference(dtype, rows):
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+def test_w8a16_gemv_matches_reference_with_every_tile(rows):
+    """The int8 GEMV on words of codes, each tile its tuner may take, on shapes no tile divides (N) or steps through
+    evenly (K), within the same 3 ulps of the reference as the tuned path."""
+    torch.manual_seed(20 + rows)
+    for n, k in SHAPES:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), x.dtype)
+        ref = qg.w8a16_matmul_ref(x, q, scale)
+        for tile in qg.W8_GEMV_TILES:
+            y = torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
+            qg._run_w8_gemv(x, q.view(torch.int32), scale, y, tile)
+            err = (y.double() - ref.double()).abs()
+            assert (err <= ulp_bound(x, q.double() * scale.double()[:, None], 3)).all(), f"[{n}, {k}] {tile}"
+
+
+@needs_gpu
+def test_w8a16_gemv_tuner_times_both_kernels_and_keeps_one(monkeypatch):
+    """With tuning on, the first one-row call of a shape times the int8 GEMV's tiles against the full-precision
+    GEMV (None), never inside a CUDA-graph capture, and keeps the choice; later calls give the same bits."""
+    monkeypatch.setattr(qg, "AUTOTUNE", True)
+    monkeypatch.setattr(qg, "_W8_PICKED", {})
+    torch.manual_seed(21)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    q, scale = quantize_int8_per_channel(torch.randn(300, 2048, device="cuda"), x.dtype)
+    y = torch.empty(1, 300, device="cuda", dtype=x.dtype)
+    qg._run_w8_gemv(x, q.view(torch.int32), scale, y, qg.W8_GEMV_TILES[0])  # compiles the untuned default here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        qg.w8a16_matmul(x, q, scale)
+    assert qg._W8_PICKED == {}
+    y = qg.w8a16_matmul(x, q, scale)
+    (key, choice), = qg._W8_PICKED.items()
+    assert choice is None or choice in qg.W8_GEMV_TILES
+    err = (y.double() - qg.w8a16_matmul_ref(x, q, scale).double()).abs()
+    assert (err <= ulp_bound(x, q.double() * scale.double()[:, None], 3)).all(), f"choice {choice}"
+    assert torch.equal(qg.w8a16_matmul(x, q, scale), y) and qg._W8_PICKED == {key: choice}
+
+
+@needs_gpu
 @pytest.mark.parametrize("act_order", [False, True])
 def test_quantized_linear_runs_the_kernel_on_cuda(act_order):
     from kiln.layers.linear import ColumnLinear
