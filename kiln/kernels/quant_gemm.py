@@ -11,8 +11,10 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs two
   instructions. Each thread holds one word of each of its outputs and the 8 columns of x that word multiplies,
   so no value crosses threads until the final sum. Programs of the same output block but different rows of x
-  are adjacent in the launch order, so the weights come from L2 after the first read. int8 needs no unpacking:
-  it runs the full-precision GEMV (kiln.kernels.gemv), its per-channel scale applied after the float32 sum.
+  are adjacent in the launch order, so the weights come from L2 after the first read. int8 codes are read as
+  words of 4 the same way (_w8_gemv_kernel), each made a float by one AND; per shape, timing may instead pick the
+  full-precision GEMV (kiln.kernels.gemv) with int8 weights. Either applies the per-channel scale after the
+  float32 sum.
 - GEMM (3 to DEQUANT_MIN_ROWS - 1 rows): one int4 group per step. Each weight is dequantized once per tile of
   rows to exactly the reference's 16-bit value ((u - z) s, rounded once) by packed 16-bit arithmetic, two
   weights an instruction (_dequant_nibbles, inline PTX; scripts/kernel_sass.py counts the loop), so one
@@ -358,9 +360,9 @@ def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """rows [m <= GEMV_MAX_ROWS, k] @ dequantize_int8(q, scale)^T, the scale after the float32 sum: by
     _w8_gemv_kernel where the codes read as int32 words, else (or where timing found it faster) by the
     full-precision GEMV."""
-    y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
     if not _reads_as_words(q):
         return scaled_gemv(rows, None, q, scale, rows.dtype)
+    y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
     words = q.view(torch.int32)
     key = (*q.shape, rows.shape[0], rows.dtype, rows.device.index)
     if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
