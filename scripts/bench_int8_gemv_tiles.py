@@ -46,9 +46,9 @@ def main() -> None:
             timed[str(config)] = 1000 * gemv.graph_ms_per_call(
                 [functools.partial(run_tile, x, w, s, y, config) for w, s in copies])
         best = min(timed, key=timed.get)
-        gbps = (q.numel() + 2 * n) / 1e3
-        print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({gbps / timed[str(picked)]:.0f} "
-              f"GB/s); best {best} {timed[best]:.1f} us ({gbps / timed[best]:.0f} GB/s)", flush=True)
+        kilobytes = (q.numel() + 2 * n) / 1e3  # codes and scales; per us: GB/s
+        print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({kilobytes / timed[str(picked)]:.0f} "
+              f"GB/s); best {best} {timed[best]:.1f} us ({kilobytes / timed[best]:.0f} GB/s)", flush=True)
         for config, us in sorted(timed.items(), key=lambda t: t[1])[:5]:
             print(f"    {us:6.1f} us  {config}")
 
