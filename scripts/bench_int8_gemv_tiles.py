@@ -15,13 +15,12 @@ import torch
 import triton
 
 from kiln.kernels import gemv
+from kiln.kernels.bench_quant_gemm import LLAMA3_8B
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import quantize_int8_per_channel
 
-SHAPES = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("fc_gate", 28672, 4096), ("down", 4096, 14336))
-
-
 def run_tile(x, q, scale, y, config) -> None:
+    """The full-precision GEMV on int8 codes with one of its autotuner's configs, as the engine launches it."""
     n, k = q.shape
     gemv._gemv_kernel.fn[(1, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
         x, q, y, y, scale, n, k, x.stride(0), q.stride(0), 1, HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False,
@@ -31,7 +30,7 @@ def run_tile(x, q, scale, y, config) -> None:
 def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    for name, n, k in SHAPES:
+    for name, n, k in LLAMA3_8B:  # (one decoder layer's four linears)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), torch.bfloat16)
         want = (x.double() @ q.double().T) * scale.double()
