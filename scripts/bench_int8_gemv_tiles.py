@@ -18,13 +18,12 @@ import triton
 
 from kiln.kernels import gemv
 from kiln.kernels import quant_gemm as qg
+from kiln.kernels.bench_quant_gemm import LLAMA3_8B
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import quantize_int8_per_channel
 
-SHAPES = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("fc_gate", 28672, 4096), ("down", 4096, 14336))
-
-
 def run_tile(x, q, scale, y, config) -> None:
+    """The full-precision GEMV on int8 codes with one of its autotuner's configs, as the engine launches it."""
     n, k = q.shape
     gemv._gemv_kernel.fn[(1, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
         x, q, y, y, scale, n, k, x.stride(0), q.stride(0), 1, HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False,
@@ -34,7 +33,7 @@ def run_tile(x, q, scale, y, config) -> None:
 def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    for name, n, k in SHAPES:
+    for name, n, k in LLAMA3_8B:  # (one decoder layer's four linears)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), torch.bfloat16)
         want = (x.double() @ q.double().T) * scale.double()
@@ -49,7 +48,7 @@ def main() -> None:
             timed[str(config)] = 1000 * gemv.graph_ms_per_call(
                 [functools.partial(run_tile, x, w, s, y, config) for w, s in copies])
         best = min(timed, key=timed.get)
-        gbps = (q.numel() + 2 * n) / 1e3
+        kilobytes = (q.numel() + 2 * n) / 1e3  # codes and scales; per us: GB/s
         words = q.view(torch.int32)
         packed = {tile: 1000 * ms for tile, ms in gemv.candidate_ms(list(qg.W8_GEMV_TILES), lambda tile: [
             functools.partial(qg._run_w8_gemv, x, w, s, y, tile) for w, s in gemv.weight_copies(words, scale)]).items()}
@@ -58,10 +57,10 @@ def main() -> None:
             assert ((y.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all(), (name, tile)
         word_best = min(packed, key=packed.get)
         print(f"{name}: word GEMV (_w8_gemv_kernel) best tile {word_best} {packed[word_best]:.1f} us "
-              f"({gbps / packed[word_best]:.0f} GB/s); every tile: "
+              f"({kilobytes / packed[word_best]:.0f} GB/s); every tile: "
               + ", ".join(f"{t} {us:.1f}" for t, us in packed.items()), flush=True)
-        print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({gbps / timed[str(picked)]:.0f} "
-              f"GB/s); best {best} {timed[best]:.1f} us ({gbps / timed[best]:.0f} GB/s)", flush=True)
+        print(f"{name} {n}x{k}: tuner's pick {picked} {timed[str(picked)]:.1f} us ({kilobytes / timed[str(picked)]:.0f} "
+              f"GB/s); best {best} {timed[best]:.1f} us ({kilobytes / timed[best]:.0f} GB/s)", flush=True)
         for config, us in sorted(timed.items(), key=lambda t: t[1])[:5]:
             print(f"    {us:6.1f} us  {config}")
 

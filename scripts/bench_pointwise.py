@@ -23,8 +23,8 @@ import itertools
 import torch
 
 from kiln.kernels import activation, rmsnorm
-from kiln.kernels.gemv import weight_copies
 from kiln.kernels.fp8_quant import quantize_fp8_rows_ref
+from kiln.kernels.gemv import weight_copies
 from shape_sweep import report, time_shapes
 
 HIDDEN, INTER = 4096, 14336
