@@ -97,9 +97,10 @@ W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4
 W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 
 # (BLOCK_N, BLOCK_KW, warps) of the int8 GEMV (_w8_gemv_kernel), the first the untuned default: BLOCK_KW words of
-# 4 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Not yet timed
-# on a GPU: the int4 GEMV's winners, at the same bytes a step.
-W8_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (4, 1024, 8), (8, 256, 4), (2, 1024, 4))
+# 4 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Of seven timed
+# on an H200 on Llama-3-8B's shapes (scripts/bench_int8_gemv_tiles.py), these three were each within 5% of the
+# best on some shape, and (8, 512, 4) within 4% on all four; the other four were never within 5%.
+W8_GEMV_TILES = ((8, 512, 4), (4, 512, 4), (8, 256, 4))
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
 KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
