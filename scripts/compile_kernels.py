@@ -129,6 +129,7 @@ CASES = [  # (label, kernel, constexprs, pointer types)
             y_desc=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_N']}]>"))
       for c in gated_gemm.GATED_GEMM_CONFIGS],
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
+    ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256), dict(w_ptr="*i64")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
     ("moe grouped gemm", moe._grouped_gemm_kernel,
      dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,

@@ -263,15 +263,15 @@ def fp8_dot_gemv() -> None:
 
 
 def int8_gemv() -> None:
-    """W8A16's GEMV on int32 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
+    """W8A16's GEMV on int64 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
     tile divides."""
-    for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 33, 4100)):
+    for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 33, 4104)):
         x, (q, scale) = torch.randn(rows, k).half(), quantize_int8_per_channel(torch.randn(n, k), torch.float16)
         want = w8a16_matmul_ref(x, q, scale)
         for tile in qg.W8_GEMV_TILES:
             y = torch.empty(rows, n, dtype=torch.float16)
-            check(f"int8 gemv {rows}x{n}x{k} tile {tile}", qg._run_w8_gemv(x, q.view(torch.int32), scale, y, tile),
-                  want)
+            got = qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, tile)
+            check(f"int8 gemv {rows}x{n}x{k} tile {tile}", got, want)
 
 
 def rotary_with_cache_write() -> None:

@@ -100,7 +100,9 @@ W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 # 4 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Of seven timed
 # on an H200 on Llama-3-8B's shapes (scripts/bench_int8_gemv_tiles.py), these three were each within 5% of the
 # best on some shape, and (8, 512, 4) within 4% on all four; the other four were never within 5%.
-W8_GEMV_TILES = ((8, 512, 4), (4, 512, 4), (8, 256, 4))
+W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 128, 4), (8, 512, 4), (4, 512, 4))
+# The words _w8_gemv_kernel reads the int8 codes as: 8 codes each.
+W8_WORD_DTYPE = torch.int64
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
 KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
@@ -359,12 +361,12 @@ _W8_PICKED = KernelChoices("w8_gemv")
 
 def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """rows [m <= GEMV_MAX_ROWS, k] @ dequantize_int8(q, scale)^T, the scale after the float32 sum: by
-    _w8_gemv_kernel where the codes read as int32 words, else (or where timing found it faster) by the
+    _w8_gemv_kernel where the codes read as int64 words, else (or where timing found it faster) by the
     full-precision GEMV."""
-    if not _reads_as_words(q):
+    if not (q.is_contiguous() and q.shape[1] % 8 == 0 and q.data_ptr() % 8 == 0):  # not as int64 words
         return scaled_gemv(rows, None, q, scale, rows.dtype)
     y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
-    words = q.view(torch.int32)
+    words = q.view(W8_WORD_DTYPE)
     key = (*q.shape, rows.shape[0], rows.dtype, rows.device.index)
     if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         ms = candidate_ms([None, *W8_GEMV_TILES], lambda tile: [
@@ -576,16 +578,18 @@ if triton is not None:
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
                         EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-        """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int32
-        words, word c of a row holding columns 4c..4c+3, column 4c + j in bits 8j..8j+7. XOR with 0x80808080 makes
-        each byte the unsigned code u = q + 128 (one instruction a word), and the int4 GEMV's trick (_w4_row_sums)
-        turns it into a float: bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the word by 16 bits,
-        read as float32 bits, are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one
-        FMA, where the full-precision GEMV (kiln.kernels.gemv) converts each code apart. The sums carry
-        2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32.
-        The first step's weights are requested before the wait for x (kiln.kernels.pdl)."""
+        """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int64
+        words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8
+        bytes of an output's codes and the 8 columns of x they multiply (16 bytes), as the int4 GEMV loads a word of
+        8 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte the unsigned code u = q + 128
+        (one instruction a half), and the int4 GEMV's trick (_w4_row_sums) turns it into a float: bytes 0 and 1
+        masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits, are the
+        subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA, where the
+        full-precision GEMV (kiln.kernels.gemv) converts each code apart. The sums carry 2^-SHIFT_EXP until the
+        end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32. The first step's weights
+        are requested before the wait for x (kiln.kernels.pdl)."""
         allow_dependents(USE_PDL)
-        KW: tl.constexpr = K // 4  # words per row
+        KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m = tl.program_id(0).to(tl.int64)
         n0 = tl.program_id(1) * BLOCK_N
@@ -603,19 +607,28 @@ if triton is not None:
             ok = (k0 + first < KW)[:, None]
             if k0 > 0:
                 w = _load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
-            x_p = x_row + 4 * k0 + (4 * first)[:, None] + tl.arange(0, 4)[None, :]
-            x0, x1, x2, x3 = _split4(_load_step(x_p, ok, EVEN_K).to(tl.float32))
-            x_sums += (x0 + x1) + (x2 + x3)
-            u = w ^ BYTE_SIGNS  # (a word past the row's end reads 0: codes 128 times x's 0 there)
-            high = u >> 16
-            acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0 ** (149 - SHIFT_EXP))[:, None]
-            acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (141 - SHIFT_EXP))[:, None]
-            acc += (high & 0xFF).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (149 - SHIFT_EXP))[:, None]
-            acc += (high & 0xFF00).to(tl.float32, bitcast=True) * (x3 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            xs = _split8(_load_step(x_p, ok, EVEN_K).to(tl.float32))
+            x_sums += ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
+            # (a word past the row's end reads 0: codes 128 times x's 0 there)
+            acc = _byte_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3])  # (the low half: truncation)
+            acc = _byte_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7])
         sums = tl.sum(acc, axis=0) - tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
         y = sums * (2.0 ** SHIFT_EXP) * tl.load(s_ptr + n0 + outs).to(tl.float32)
         out = n0 + tl.arange(0, BLOCK_N)
         tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+
+    @triton.jit
+    def _byte_sums(acc, half, x0, x1, x2, x3):
+        """acc plus each 32-bit half's sum_j u_j x_j 2^-SHIFT_EXP: half [k, n] holds 4 int8 codes, x0..x3 [k] the
+        columns of x they multiply."""
+        u = half ^ BYTE_SIGNS
+        high = u >> 16
+        acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+        acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+        acc += (high & 0xFF).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+        acc += (high & 0xFF00).to(tl.float32, bitcast=True) * (x3 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+        return acc
 
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,

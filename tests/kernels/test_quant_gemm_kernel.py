@@ -252,15 +252,16 @@ def test_w8a16_kernel_matches_reference(dtype, rows):
 @pytest.mark.parametrize("rows", [1, 2])
 def test_w8a16_gemv_matches_reference_with_every_tile(rows):
     """The int8 GEMV on words of codes, each tile its tuner may take, on shapes no tile divides (N) or steps through
-    evenly (K), within the same 3 ulps of the reference as the tuned path."""
+    evenly (K), within the same 3 ulps of the reference as the tuned path. (Rows of codes that are not whole
+    words take the full-precision GEMV: test_w8a16_kernel_matches_reference.)"""
     torch.manual_seed(20 + rows)
-    for n, k in SHAPES:
+    for n, k in [(n, k) for n, k in SHAPES if k % 8 == 0]:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         q, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), x.dtype)
         ref = qg.w8a16_matmul_ref(x, q, scale)
         for tile in qg.W8_GEMV_TILES:
             y = torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
-            qg._run_w8_gemv(x, q.view(torch.int32), scale, y, tile)
+            qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, tile)
             err = (y.double() - ref.double()).abs()
             assert (err <= ulp_bound(x, q.double() * scale.double()[:, None], 3)).all(), f"[{n}, {k}] {tile}"
 
@@ -275,7 +276,7 @@ def test_w8a16_gemv_tuner_times_both_kernels_and_keeps_one(monkeypatch):
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     q, scale = quantize_int8_per_channel(torch.randn(300, 2048, device="cuda"), x.dtype)
     y = torch.empty(1, 300, device="cuda", dtype=x.dtype)
-    qg._run_w8_gemv(x, q.view(torch.int32), scale, y, qg.W8_GEMV_TILES[0])  # compiles the untuned default here
+    qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, qg.W8_GEMV_TILES[0])  # compiles the untuned default here
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         qg.w8a16_matmul(x, q, scale)
