@@ -96,12 +96,13 @@ W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4
 # of a cold W4A16 first open is the int4 GEMM's tiles, timed as the prefill graphs are captured (docs/performance.md).
 W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
 
-# (BLOCK_N, BLOCK_KW, warps) of the int8 GEMV (_w8_gemv_kernel), the first the untuned default: BLOCK_KW words of
-# 4 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Of seven timed
-# on an H200 on Llama-3-8B's shapes (scripts/bench_int8_gemv_tiles.py), these three were each within 5% of the
-# best on some shape, and (8, 512, 4) within 4% on all four; the other four were never within 5%.
-W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 128, 4), (8, 512, 4), (4, 512, 4))
-# The words _w8_gemv_kernel reads the int8 codes as: 8 codes each.
+# (BLOCK_N, BLOCK_KW, warps) of the int8 GEMV (_w8_gemv_kernel), the first the untuned default: BLOCK_KW int64
+# words of 8 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Each
+# was the fastest of five on one of Llama-3-8B's shapes on an H200 (scripts/bench_int8_gemv_tiles.py); (8, 256, 4)
+# was within 3% of the best on three and 9% on qkv. (8, 128, 4) and (4, 512, 4) never won and were dropped.
+W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
+# The words _w8_gemv_kernel reads the int8 codes as: 8 codes each. int32 words of 4 took 2% longer on a layer's four
+# shapes (8.3, 5.5, 30.6 and 16.3 us against 8.0, 5.5, 28.8 and 17.1), and batch-1 decode 2% longer.
 W8_WORD_DTYPE = torch.int64
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
