@@ -12,7 +12,7 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
   instructions. Each thread holds one word of each of its outputs and the 8 columns of x that word multiplies,
   so no value crosses threads until the final sum. Programs of the same output block but different rows of x
   are adjacent in the launch order, so the weights come from L2 after the first read. int8 codes are read as
-  words of 4 the same way (_w8_gemv_kernel), each made a float by one AND; per shape, timing may instead pick the
+  int64 words of 8 (_w8_gemv_kernel), each made a float by one AND; per shape, timing may instead pick the
   full-precision GEMV (kiln.kernels.gemv) with int8 weights. Either applies the per-channel scale after the
   float32 sum.
 - GEMM (3 to DEQUANT_MIN_ROWS - 1 rows): one int4 group per step. Each weight is dequantized once per tile of
