@@ -438,14 +438,6 @@ if triton is not None:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _split4(x):
-        """[B, 4] -> its 4 columns, each [B] (two halvings of the last dim: j = 2 a + c)."""
-        even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # by c
-        x0, x2 = tl.split(even)  # by a
-        x1, x3 = tl.split(odd)
-        return x0, x1, x2, x3
-
-    @triton.jit
     def _load_step(p, ok, EVEN_K: tl.constexpr):
         """A GEMV step's values at p, 0 past the row's end (where ok is False); no mask when steps are whole."""
         if EVEN_K:
