@@ -43,7 +43,7 @@ def load_version(path: str):
 
 def word_gemv_us(module, x, q, scale, y, want, name) -> dict:
     """Microseconds per call of each of `module`'s int8 word-GEMV tiles, each checked against want."""
-    words = q.view(getattr(module, "W8_WORD_DTYPE", torch.int32))  # (int32 words before 2026-12-04)
+    words = q.view(getattr(module, "WORD_DTYPE", getattr(module, "W8_WORD_DTYPE", torch.int32)))  # (older names)
     us = {tile: 1000 * ms for tile, ms in gemv.candidate_ms(list(module.W8_GEMV_TILES), lambda tile: [
         functools.partial(module._run_w8_gemv, x, w, s, y, tile) for w, s in gemv.weight_copies(words, scale)]).items()}
     for tile in module.W8_GEMV_TILES:  # checked after timing: each tile's last output is in y

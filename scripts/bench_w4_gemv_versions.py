@@ -43,7 +43,7 @@ def load_version(path: str):
 
 def tile_us(module, x, packed, scale, zero) -> dict:
     """Microseconds per call of each tile, and whether every tile's result is within the bound."""
-    words = packed.view(torch.int32)
+    words = packed.view(getattr(module, "WORD_DTYPE", torch.int32))  # (int32 words of 8 codes before 2026-12-04)
     y = torch.empty(1, packed.shape[0], dtype=x.dtype, device=x.device)
     copies = module._int4_weight_copies(words, scale, zero)
     ms = candidate_ms(list(module.W4_GEMV_TILES), lambda tile: [

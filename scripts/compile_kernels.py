@@ -99,15 +99,15 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
       for one in (True, False)],
     *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks),
-       dict(w_ptr="*i32" if name.startswith("gemv") else "*u8"))
-      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=256)),
+       dict(w_ptr="*i64" if name.startswith("gemv") else "*u8"))
+      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=128)),
                                    ("gemv silu", quant_gemm._w4_gemv_kernel,
-                                    dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
+                                    dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=128, GATED=True)),
                                    ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
     *[(f"w4 gemv rotary quant={q}", quant_gemm._w4_qkv_rotary_kernel,
-       dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=512),
-       dict(w_ptr="*i32", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
+       dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=256),
+       dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
             kvs_ptr="*bf16" if q else "*fp32"))
       for q, c, m in ((0, "*bf16", 0.0), (1, "*i8", 127.0))],
     *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",

@@ -110,11 +110,11 @@ def int4_gemv() -> None:
         want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
         for tile in qg.W4_GEMV_TILES:
             y = torch.empty(m, n, dtype=torch.float16)
-            qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, group, y, tile)
+            qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, z, group, y, tile)
             check(f"w4 gemv m{m} n{n} k{k} g{group} zero={zero} tile {tile}", y, want)
             if n % 2 == 0:  # the weights as [fc; gate] of a gated MLP, the activation in the epilogue
                 gated = torch.empty(m, n // 2, dtype=torch.float16)
-                qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, group, gated, tile, gated=True)
+                qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, z, group, gated, tile, gated=True)
                 check(f"w4 gemv silu m{m} n{n} k{k} g{group} zero={zero} tile {tile}", gated, silu_and_mul_ref(y))
 
 
@@ -270,7 +270,7 @@ def int8_gemv() -> None:
         want = w8a16_matmul_ref(x, q, scale)
         for tile in qg.W8_GEMV_TILES:
             y = torch.empty(rows, n, dtype=torch.float16)
-            got = qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, tile)
+            got = qg._run_w8_gemv(x, q.view(qg.WORD_DTYPE), scale, y, tile)
             check(f"int8 gemv {rows}x{n}x{k} tile {tile}", got, want)
 
 
@@ -298,11 +298,11 @@ def int4_qkv_rotary() -> None:
         freqs, slots = 500000.0 ** -(torch.arange(0, d, 2).float() / d), torch.randperm(4 * m)[:m]
         for tile in [t for t in qg.W4_GEMV_TILES if (d // 2) % t[0] == 0]:
             want, want_caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
-            qg._run_w4_gemv(x, packed.view(torch.int32), scale, z, 128, want, tile)
+            qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, z, 128, want, tile)
             q, kk, v = (t.view(m, -1, d) for t in want.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
             rotary.apply_rotary_and_write_cache(q, kk, v, positions, freqs, *want_caches, slots)
             got, caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
-            qg._run_w4_qkv_rotary(x, packed.view(torch.int32), scale, z, 128, got, tile,
+            qg._run_w4_qkv_rotary(x, packed.view(qg.WORD_DTYPE), scale, z, 128, got, tile,
                                   (heads, kv_heads, d, positions, freqs, *caches, slots, None))
             for name, a, b in (("qkv", got, want), ("k_cache", caches[0], want_caches[0]),
                                ("v_cache", caches[1], want_caches[1])):

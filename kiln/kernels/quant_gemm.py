@@ -5,7 +5,7 @@ Decode is memory-bound: at batch 1 a layer's time is the time to stream its weig
 be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at full bandwidth. Two kernels:
 
 - GEMV (a few rows of x): each program owns a block of output rows and streams their packed codes along the
-  input dim, as int32 words of 8 codes, doing the multiply-adds on CUDA cores; a step of up to 512 words covers
+  input dim, as int64 words of 16 codes, doing the multiply-adds on CUDA cores; a step of up to 256 words covers
   a 4096-wide row, so all of a program's loads are in flight at once. For int4 the group's scale and zero are
   applied once per word, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k), and a code
   becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs two
@@ -82,28 +82,29 @@ if triton is not None:
 DEQUANT_MIN_ROWS = 256
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_KB = 8, 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# (BLOCK_N, BLOCK_KW, warps) of the int4 GEMV, the first the untuned default: BLOCK_KW words of each of BLOCK_N
-# outputs a step, one word per thread and output, so BLOCK_KW is a multiple of the threads (32 a warp). A step of
-# 512 words covers a 4096-wide row at once: every load of the program is in flight together. On an H200 (Llama-3-8B
-# shapes, one row) each of the first five won a shape; the rest were within 10% of the best on one. Tiles of one
-# output, or of 1024 words, lost on every shape by 24% or more and were dropped.
-W4_GEMV_TILES = ((4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 128, 4), (2, 512, 4), (4, 256, 4), (8, 256, 4),
-                 (8, 128, 4), (16, 256, 8))
+# (BLOCK_N, BLOCK_KW, warps) of the int4 GEMV, the first the untuned default: BLOCK_KW int64 words of each of
+# BLOCK_N outputs a step, one word per thread and output. A step of 256 words covers a 4096-wide row at once: every
+# load of the program is in flight together. On an H200 (Llama-3-8B shapes, one row, int32 words of 8 codes and
+# twice the words a step) each of the first five won a shape; the rest were within 10% of the best on one. Tiles of
+# one output, or of 8192 codes a step, lost on every shape by 24% or more and were dropped.
+W4_GEMV_TILES = ((4, 256, 4), (8, 256, 4), (8, 256, 8), (16, 64, 4), (2, 256, 4), (4, 128, 4), (8, 128, 4),
+                 (8, 64, 4), (16, 128, 8))
 # The tiles the GEMV's epilogue variants (SiLU-and-mul, rotary) choose from: the four that came first or second for
 # the plain GEMV of Llama-3-8B's qkv and fc_gate on an H200, symmetric and with zero points (fifteenth session,
 # scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and the rotary variant's
 # compile is the GEMV's slowest (libdevice's cos and sin; scripts/compile_kernels.py prints each one's seconds). Most
 # of a cold W4A16 first open is the int4 GEMM's tiles, timed as the prefill graphs are captured (docs/performance.md).
-W4_EPILOGUE_TILES = ((8, 512, 4), (4, 256, 4), (8, 128, 4), (8, 256, 4))
+W4_EPILOGUE_TILES = ((8, 256, 4), (4, 128, 4), (8, 64, 4), (8, 128, 4))
 
 # (BLOCK_N, BLOCK_KW, warps) of the int8 GEMV (_w8_gemv_kernel), the first the untuned default: BLOCK_KW int64
 # words of 8 codes each of BLOCK_N outputs a step, one word per thread and output, as the int4 GEMV's tiles. Each
 # was the fastest of five on one of Llama-3-8B's shapes on an H200 (scripts/bench_int8_gemv_tiles.py); (8, 256, 4)
 # was within 3% of the best on three and 9% on qkv. (8, 128, 4) and (4, 512, 4) never won and were dropped.
 W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
-# The words _w8_gemv_kernel reads the int8 codes as: 8 codes each. int32 words of 4 took 2% longer on a layer's four
-# shapes (8.3, 5.5, 30.6 and 16.3 us against 8.0, 5.5, 28.8 and 17.1), and batch-1 decode 2% longer.
-W8_WORD_DTYPE = torch.int64
+# The words the GEMVs read the codes as: 8 bytes, 16 int4 codes or 8 int8 ones. For int8, int32 words of 4 took 2%
+# longer on a layer's four shapes (8.3, 5.5, 30.6 and 16.3 us against 8.0, 5.5, 28.8 and 17.1), and batch-1 decode
+# 2% longer. For int4 (int32 words of 8 before): not yet timed.
+WORD_DTYPE = torch.int64
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
 KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
@@ -182,7 +183,7 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     """x [m, in] (unit stride along in) -> [m, out] by the GEMV or the GEMM kernel, weights read packed."""
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
     if gemv_takes(rows, packed):
-        _w4_gemv(rows, packed.view(torch.int32), scale, zero, group_size, y)
+        _w4_gemv(rows, packed.view(WORD_DTYPE), scale, zero, group_size, y)
     else:
         _w4_gemm(rows, packed, scale, zero, group_size, y)
     return y
@@ -197,7 +198,7 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     if not gemv_takes(x, packed) or packed.shape[0] % 2:
         return None
     rows = rows_view(x)
-    words = packed.view(torch.int32)
+    words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
     key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     run = functools.partial(_run_w4_gemv, gated=True)
@@ -218,7 +219,7 @@ def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     if not gemv_takes(x, packed) or head_size % 2 or not tiles:
         return None
     rows = rows_view(x)
-    words = packed.view(torch.int32)
+    words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
     key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size)
     run = functools.partial(_run_w4_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
@@ -244,7 +245,7 @@ def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tenso
 
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
-    """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int32 words), its tile picked per shape
+    """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int64 words), its tile picked per shape
     by timing the candidates as the GEMM's are."""
     key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     tile = _tuned_tile(key, W4_GEMV_TILES, _run_w4_gemv, rows, words, scale, zero, group_size, y)
@@ -266,13 +267,14 @@ def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, z
 
 def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
     """Whether the int4 GEMV (and its epilogue variants) runs x [..., in] against these codes: 1-2 rows, codes
-    read as int32 words."""
+    read as int64 words."""
     return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and _reads_as_words(packed)
 
 
-def _reads_as_words(packed: torch.Tensor) -> bool:
-    """Whether the GEMV can read the packed codes as int32 words: rows of whole words (in % 8 == 0), aligned."""
-    return packed.is_contiguous() and packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0
+def _reads_as_words(codes: torch.Tensor) -> bool:
+    """Whether a GEMV can read the codes (int4 pairs or int8, a byte each) as int64 words: rows of whole words
+    (in % 16 == 0 for int4, % 8 for int8), aligned."""
+    return codes.is_contiguous() and codes.shape[1] % 8 == 0 and codes.data_ptr() % 8 == 0
 
 
 def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -364,10 +366,10 @@ def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """rows [m <= GEMV_MAX_ROWS, k] @ dequantize_int8(q, scale)^T, the scale after the float32 sum: by
     _w8_gemv_kernel where the codes read as int64 words, else (or where timing found it faster) by the
     full-precision GEMV."""
-    if not (q.is_contiguous() and q.shape[1] % 8 == 0 and q.data_ptr() % 8 == 0):  # not as int64 words
+    if not _reads_as_words(q):
         return scaled_gemv(rows, None, q, scale, rows.dtype)
     y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
-    words = q.view(W8_WORD_DTYPE)
+    words = q.view(WORD_DTYPE)
     key = (*q.shape, rows.shape[0], rows.dtype, rows.device.index)
     if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         ms = candidate_ms([None, *W8_GEMV_TILES], lambda tile: [
@@ -426,6 +428,16 @@ if triton is not None:
                                                (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
     @triton.jit
+    def _halves(x):
+        """[B, 16] -> columns 0..7 and 8..15, each [B, 8]."""
+        return tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 8]), (0, 2, 1)))
+
+    @triton.jit
+    def _sum8(xs):
+        """The sum of _split8's 8 columns."""
+        return ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
+
+    @triton.jit
     def _split8(x):
         """[B, 8] -> its 8 columns, each [B] (three halvings of the last dim: j = 4 a + 2 b + c)."""
         c0, c1 = tl.split(tl.reshape(x, [x.shape[0], 2, 2, 2]))  # by c
@@ -472,18 +484,25 @@ if triton is not None:
                 xs[6] * 2.0 ** (137 - SHIFT_EXP), xs[7] * 2.0 ** (133 - SHIFT_EXP))
 
     @triton.jit
-    def _word_sums(w, s, z, x_sum, slots):
-        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int32 words [k, n], s and z [k, n] in
-        float32, x_sum and slots (_slot_scaled) [k]. An AND and an FMA a code."""
-        high = w >> 12
-        dot = tl.zeros(w.shape, tl.float32)
+    def _word_sums(w, s, z, x_sum, slots_low, slots_high):
+        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int64 words [k, n] of 16 codes, s and z
+        [k, n] in float32, x_sum [k] and the slots (_slot_scaled) of the columns of x each 32-bit half
+        multiplies. An AND and an FMA a code; the scale and zero once a word."""
+        dot = _half_dot(w.to(tl.int32), slots_low, tl.zeros(w.shape, tl.float32))  # (the low half: truncation)
+        dot = _half_dot((w >> 32).to(tl.int32), slots_high, dot)
+        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
+
+    @triton.jit
+    def _half_dot(half, slots, dot):
+        """dot plus sum_j u_j x_j 2^-SHIFT_EXP of the 8 codes in each int32 half of a word [k, n]."""
+        high = half >> 12
         for j in tl.static_range(8):
             if j < 5:
-                code = w & (15 << (4 * j))
-            else:  # slot j - 3 of the shifted word
+                code = half & (15 << (4 * j))
+            else:  # slot j - 3 of the shifted half
                 code = high & (15 << (4 * j - 12))
             dot += code.to(tl.float32, bitcast=True) * slots[j][:, None]
-        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
+        return dot
 
     @triton.jit
     def _w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
@@ -493,8 +512,9 @@ if triton is not None:
         scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
         `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
         Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
-        # w_row points at packed codes read as int32 words: word c of a row holds the codes of columns 8c..8c+7,
-        # column 8c + j in bits 4j..4j+3 (little-endian bytes, low nibble first). A code masked in place,
+        # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
+        # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
+        # 8 of them. Within a half, a code masked in place,
         # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
         # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
         # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
@@ -502,12 +522,12 @@ if triton is not None:
         # s (sum_j u_j x_j - z sum_j x_j).
         # The tile is [BLOCK_KW words, BLOCK_N outputs] with one word per thread and output: the word indices are
         # XORed with program_id(2), always 0, so that Triton cannot prove a thread's words contiguous and does not
-        # give it four (one 16-byte load). Then the 8 columns of x that a word multiplies, loaded as one 16-byte
-        # vector, land in the thread that holds the word. With four words a thread, x's columns came from other
+        # give it two (one 16-byte load). Then the 16 columns of x that a word multiplies, loaded as two 16-byte
+        # vectors, land in the thread that holds the word. With four words a thread, x's columns came from other
         # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
         # "w4 gemv"). Each thread's outputs share its x.
-        KW: tl.constexpr = K // 8  # words per row
-        WPG: tl.constexpr = GROUP // 8  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
+        KW: tl.constexpr = K // 16  # words per row
+        WPG: tl.constexpr = GROUP // 16  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         # Each address is a scalar base (uniform registers), plus the thread's word (one 64-bit add), plus the
         # output's distance from the first, a constant with whole tiles: then the loads of a thread's outputs
@@ -532,13 +552,14 @@ if triton is not None:
                 if PAIRED:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
                                                HAS_ZERO, EVEN_K)
-            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            xs = _split8(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            x_sum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
-            slots = _slot_scaled(xs)
-            acc += _word_sums(w, s, z, x_sum, slots)
+            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
+            x_low, x_high = _halves(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
+            xs_low, xs_high = _split8(x_low), _split8(x_high)
+            x_sum = _sum8(xs_low) + _sum8(xs_high)
+            slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
+            acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
             if PAIRED:
-                acc_paired += _word_sums(wp, sp, zp, x_sum, slots)
+                acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
         y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
         y_paired = y
         if PAIRED:
@@ -559,9 +580,9 @@ if triton is not None:
         outs = tl.arange(0, BLOCK_N)  # from n0
         if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
             outs = tl.minimum(outs, N - 1 - n0)
-        y, y_gate = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8),
+        y, y_gate = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
                                  s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
-                                 GATED, K, GROUP, HAS_ZERO, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+                                 GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -602,7 +623,7 @@ if triton is not None:
                 w = _load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = _split8(_load_step(x_p, ok, EVEN_K).to(tl.float32))
-            x_sums += ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
+            x_sums += _sum8(xs)
             # (a word past the row's end reads 0: codes 128 times x's 0 there)
             acc = _byte_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3])  # (the low half: truncation)
             acc = _byte_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7])
@@ -643,8 +664,8 @@ if triton is not None:
         dims = i0 + tl.arange(0, BLOCK_N)
         freq = tl.load(freq_ptr + dims)  # a constant of the model: read before the wait
         n0 = (head * HEAD + i0).to(tl.int64)
-        y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 8), s_ptr + n0 * G, z_ptr + n0 * G,
-                              tl.arange(0, BLOCK_N), HALF, True, K, GROUP, HAS_ZERO, (K // 8) % BLOCK_KW == 0,
+        y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
+                              tl.arange(0, BLOCK_N), HALF, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
                               BLOCK_N, BLOCK_KW, USE_PDL)
         y1, y2 = y1.to(y_ptr.dtype.element_ty), y2.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if head < q_heads + kv_heads:  # q and k rotate, v does not

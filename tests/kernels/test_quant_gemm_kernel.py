@@ -50,9 +50,9 @@ def test_plan_names_the_kernel_of_each_weight_only_algorithm():
 
 
 # Odd shapes (no multiple of any tile; short last groups), one whose rows are whole tiles of the int4 GEMV (its
-# unmasked path) and one whose rows are not whole int32 words (the int4 GEMV hands it to the GEMM); rows through
+# unmasked path) and one whose rows are not whole int64 words (the GEMVs hand it on); rows through
 # the GEMV (1, 2), the GEMM (3, 37) and, for int4, dequantize + cuBLAS (DEQUANT_MIN_ROWS + 3).
-SHAPES = [(77, 200), (131, 456), (96, 576), (50, 1000), (40, 2048), (33, 204)]
+SHAPES = [(77, 208), (131, 464), (96, 576), (50, 1008), (40, 2048), (33, 204)]
 
 
 @needs_gpu
@@ -85,7 +85,7 @@ def test_w4a16_kernel_matches_reference(dtype, rows, group, zero_point):
 def every_tile(rows: int) -> list:
     """(tile, run) of each candidate of the kernel that `rows` rows of x take: the GEMV's or the GEMM's."""
     if rows <= qg.GEMV_MAX_ROWS:
-        return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemv(x, p.view(torch.int32), s, z, g, y, t))
+        return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemv(x, p.view(qg.WORD_DTYPE), s, z, g, y, t))
                 for t in qg.W4_GEMV_TILES]
     return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemm(x, p, s, z, g, y, t))
             for t in qg._w4_gemm_tiles(qg._bucket(rows))]
@@ -96,10 +96,10 @@ def every_tile(rows: int) -> list:
 def test_w4a16_kernels_match_reference_with_every_tile(rows):
     """Each candidate tile of the int4 GEMV (1 or 2 rows) and GEMM (split-K, either operand side, x split by a copy
     or in the kernel) is a tuning choice, so each must be right alone, and give the same bits again (split-K sums
-    in a fixed order). The shapes leave outputs past the last tile, and rows that end inside a GEMV step (456 and
-    3584 columns are 57 and 448 words)."""
+    in a fixed order). The shapes leave outputs past the last tile, and rows that end inside a GEMV step (464 and
+    3584 columns are 29 and 224 int64 words)."""
     torch.manual_seed(rows)
-    for n, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
+    for n, k, group, zero_point in ((131, 464, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
         w = dequantize_int4(packed, scale, zero, group, x.dtype)
@@ -123,11 +123,11 @@ def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(row
     from kiln.kernels.activation import silu_and_mul
 
     torch.manual_seed(rows + 40)
-    for inter, k, group, zero_point in ((131, 456, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
+    for inter, k, group, zero_point in ((131, 464, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(2 * inter, k, device="cuda"), group, zero_point,
                                                    x.dtype)
-        words = packed.view(torch.int32)
+        words = packed.view(qg.WORD_DTYPE)
         for tile in qg.W4_EPILOGUE_TILES:
             fc_gate = torch.empty(rows, 2 * inter, device="cuda", dtype=x.dtype)
             qg._run_w4_gemv(x, words, scale, zero, group, fc_gate, tile)
@@ -149,11 +149,11 @@ def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, c
 
     torch.manual_seed(rows + 60)
     kv_scale = None if cache_dtype == torch.bfloat16 else torch.tensor([0.05, 0.04], device="cuda")
-    for heads, kv_heads, head_size, k in ((32, 8, 128, 1024), (6, 2, 64, 456)):
+    for heads, kv_heads, head_size, k in ((32, 8, 128, 1024), (6, 2, 64, 464)):
         n = (heads + 2 * kv_heads) * head_size
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 64, True, x.dtype)
-        words, slots = packed.view(torch.int32), torch.randperm(8 * rows, device="cuda")[:rows]
+        words, slots = packed.view(qg.WORD_DTYPE), torch.randperm(8 * rows, device="cuda")[:rows]
         positions = torch.randint(0, 8192, (rows,), device="cuda")
         inv_freq = 500000.0 ** -(torch.arange(0, head_size, 2, device="cuda").float() / head_size)
         for tile in [t for t in qg.W4_EPILOGUE_TILES if (head_size // 2) % t[0] == 0]:
@@ -261,7 +261,7 @@ def test_w8a16_gemv_matches_reference_with_every_tile(rows):
         ref = qg.w8a16_matmul_ref(x, q, scale)
         for tile in qg.W8_GEMV_TILES:
             y = torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
-            qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, tile)
+            qg._run_w8_gemv(x, q.view(qg.WORD_DTYPE), scale, y, tile)
             err = (y.double() - ref.double()).abs()
             assert (err <= ulp_bound(x, q.double() * scale.double()[:, None], 3)).all(), f"[{n}, {k}] {tile}"
 
@@ -276,7 +276,7 @@ def test_w8a16_gemv_tuner_times_both_kernels_and_keeps_one(monkeypatch):
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     q, scale = quantize_int8_per_channel(torch.randn(300, 2048, device="cuda"), x.dtype)
     y = torch.empty(1, 300, device="cuda", dtype=x.dtype)
-    qg._run_w8_gemv(x, q.view(qg.W8_WORD_DTYPE), scale, y, qg.W8_GEMV_TILES[0])  # compiles the untuned default here
+    qg._run_w8_gemv(x, q.view(qg.WORD_DTYPE), scale, y, qg.W8_GEMV_TILES[0])  # compiles the untuned default here
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         qg.w8a16_matmul(x, q, scale)
