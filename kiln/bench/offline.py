@@ -68,6 +68,24 @@ TABLE_HEADER = ("| system | workload | requests | input | output | seconds | out
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+RATIO_HEADER = ("# output tokens/s over a reference's, same run and workload:\n"
+                "| system | workload | over | ratio |\n| --- | --- | --- | --- |")
+# The systems a ratio is taken over: transformers (--baseline hf) and kiln's unquantized engine, the references the
+# issues' speed targets are stated against (kiln over transformers; a quantized engine over bf16).
+RATIO_REFERENCES = ("transformers", "kiln")
+
+
+def speed_ratios(results: list[BenchResult]) -> list[dict]:
+    """Each kiln system's output tokens/s over each reference's (RATIO_REFERENCES) on the same workload, where
+    the run has that reference: computed once here, so that no report divides by hand."""
+    speed = {(r.system, r.scenario): r.output_tokens_per_s for r in results}
+    return [{"system": r.system, "workload": r.scenario, "over": reference,
+             "ratio": r.output_tokens_per_s / speed[(reference, r.scenario)]}
+            for r in results if r.system != "transformers"
+            for reference in RATIO_REFERENCES
+            if reference != r.system and speed.get((reference, r.scenario))]
+
+
 def format_extra(extra: dict) -> str:
     """The notes column: seconds as ms, counts as they are, fractions as percentages."""
     parts = []
@@ -534,11 +552,16 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, scratch: 
     print(TABLE_HEADER)
     for r in results:
         print(r.row())
+    ratios = speed_ratios(results)
+    if ratios:
+        print(RATIO_HEADER)
+        for ratio in ratios:
+            print(f"| {ratio['system']} | {ratio['workload']} | {ratio['over']} | {ratio['ratio']:.2f}x |")
     report = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
               "command": "kiln " + " ".join(sys.argv[1:]), "settings": kiln_settings(),
               "bandwidth_bytes_per_s": ceilings["bandwidth"],
               "matmul_flops_per_s": ceilings["flops"]["bf16"], "matmul_flops_per_s_by_format": ceilings["flops"],
-              "systems": systems, "results": [asdict(r) for r in results]}
+              "systems": systems, "results": [asdict(r) for r in results], "ratios": ratios}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     if args.plot:

@@ -120,7 +120,16 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys, m
         assert 0 < one["tpot_s"]["p50"] <= (one["seconds"] - one["ttft_s"]["p50"]) / 5 + 1e-6
     assert report["systems"]["kiln W8A16"]["weight_bytes"] < report["systems"]["kiln"]["weight_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| kiln W8A16 | prefix | 4 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| kiln W8A16 | prefix | 4 |" in out
+    # every kiln system over transformers, and the quantized engine over the unquantized one, on each workload
+    ratios = {(r["system"], r["workload"], r["over"]): r["ratio"] for r in report["ratios"]}
+    assert set(ratios) == {("kiln", w, "transformers") for w in ("one", "prefix")} | {
+        ("kiln W8A16", w, over) for w in ("one", "prefix") for over in ("transformers", "kiln")}
+    for (system, workload, over), ratio in ratios.items():
+        speed = rows[(system, workload)]["output_tokens_per_s"] / rows[(over, workload)]["output_tokens_per_s"]
+        assert ratio == pytest.approx(speed)
+        assert f"| {system} | {workload} | {over} | {ratio:.2f}x |" in out
 
 
 def test_bench_profile_runs_each_workload_again_under_the_profiler(tiny_llama, tmp_path, capsys):
