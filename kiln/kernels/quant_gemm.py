@@ -270,9 +270,11 @@ def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
     return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and _reads_as_words(packed)
 
 
-def _reads_as_words(packed: torch.Tensor) -> bool:
-    """Whether the GEMV can read the packed codes as int32 words: rows of whole words (in % 8 == 0), aligned."""
-    return packed.is_contiguous() and packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0
+def _reads_as_words(codes: torch.Tensor, word: torch.dtype = torch.int32) -> bool:
+    """Whether a GEMV can read the codes (bytes: int4 pairs or int8) as words of `word`: rows of whole words,
+    aligned (int4 in int32 words: in % 8 == 0)."""
+    size = word.itemsize
+    return codes.is_contiguous() and codes.shape[1] % size == 0 and codes.data_ptr() % size == 0
 
 
 def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -364,7 +366,7 @@ def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """rows [m <= GEMV_MAX_ROWS, k] @ dequantize_int8(q, scale)^T, the scale after the float32 sum: by
     _w8_gemv_kernel where the codes read as int64 words, else (or where timing found it faster) by the
     full-precision GEMV."""
-    if not (q.is_contiguous() and q.shape[1] % 8 == 0 and q.data_ptr() % 8 == 0):  # not as int64 words
+    if not _reads_as_words(q, W8_WORD_DTYPE):
         return scaled_gemv(rows, None, q, scale, rows.dtype)
     y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
     words = q.view(W8_WORD_DTYPE)
