@@ -13,7 +13,6 @@ measures faster: the working tree's, and beside it each older quant_gemm.py name
 from __future__ import annotations
 
 import functools
-import importlib.util
 import sys
 
 import torch
@@ -25,6 +24,8 @@ from kiln.kernels.bench_quant_gemm import LLAMA3_8B
 from kiln.kernels.pdl import pdl_args
 from kiln.quantization.weight_only import quantize_int8_per_channel
 
+from bench_w4_gemv_versions import load_version  # (this folder's script: an older quant_gemm.py as a module)
+
 
 def run_tile(x, q, scale, y, config) -> None:
     """The full-precision GEMV on int8 codes with one of its autotuner's configs, as the engine launches it."""
@@ -32,13 +33,6 @@ def run_tile(x, q, scale, y, config) -> None:
     gemv._gemv_kernel.fn[(1, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
         x, q, y, y, scale, n, k, x.stride(0), q.stride(0), 1, HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False,
         num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs, **pdl_args(x.device))
-
-
-def load_version(path: str):
-    spec = importlib.util.spec_from_file_location(f"quant_gemm_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def word_gemv_us(module, x, q, scale, y, want, name) -> dict:
