@@ -86,9 +86,10 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # BLOCK_N outputs a step, one word per thread and output. A step of 256 words covers a 4096-wide row at once: every
 # load of the program is in flight together. On an H200 (Llama-3-8B shapes, one row, int32 words of 8 codes and
 # twice the words a step) each of the first five won a shape; the rest were within 10% of the best on one. Tiles of
-# one output, or of 8192 codes a step, lost on every shape by 24% or more and were dropped.
-W4_GEMV_TILES = ((4, 256, 4), (8, 256, 4), (8, 256, 8), (16, 64, 4), (2, 256, 4), (4, 128, 4), (8, 128, 4),
-                 (8, 64, 4), (16, 128, 8))
+# one output, or of 8192 codes a step, lost on every shape by 24% or more and were dropped. On int64 words the
+# fifth, (2, 256, 4), was 18-51% behind the best on all eight shapes and was dropped too (twenty-seventh session).
+W4_GEMV_TILES = ((4, 256, 4), (8, 256, 4), (8, 256, 8), (16, 64, 4), (4, 128, 4), (8, 128, 4), (8, 64, 4),
+                 (16, 128, 8))
 # The tiles the GEMV's epilogue variants (SiLU-and-mul, rotary) choose from: the four that came first or second for
 # the plain GEMV of Llama-3-8B's qkv and fc_gate on an H200, symmetric and with zero points (fifteenth session,
 # scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and the rotary variant's
@@ -103,7 +104,9 @@ W4_EPILOGUE_TILES = ((8, 256, 4), (4, 128, 4), (8, 64, 4), (8, 128, 4))
 W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
 # The words the GEMVs read the codes as: 8 bytes, 16 int4 codes or 8 int8 ones. For int8, int32 words of 4 took 2%
 # longer on a layer's four shapes (8.3, 5.5, 30.6 and 16.3 us against 8.0, 5.5, 28.8 and 17.1), and batch-1 decode
-# 2% longer. For int4 (int32 words of 8 before): not yet timed.
+# 2% longer. For int4, int32 words of 8 took 3-6% longer on a layer's four shapes (46.1 against 44.7 us with zero
+# points, 44.8 against 42.1 symmetric; scripts/bench_w4_gemv_versions.py), and batch-1 decode ran at 1.92x bf16
+# against 1.78-1.90x in earlier sessions' runs on int32 words (twenty-seventh session).
 WORD_DTYPE = torch.int64
 
 # The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
