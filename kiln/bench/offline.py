@@ -231,6 +231,12 @@ def hf_offline(hf_model, workload: Workload) -> BenchResult:
                        len(prompts) * w.output_len / seconds, len(prompts) / seconds)
 
 
+def synthetic_dtype(device: torch.device) -> str:
+    """--synthetic's weights under --dtype auto: the real checkpoints' bfloat16 on a GPU; float32 elsewhere, where
+    the torch reference path computes."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
     """A transformers model of a named real shape (LLAMA_SHAPES or FAMILY_SHAPES) with random weights,
     built directly on the device."""
@@ -488,6 +494,8 @@ def _release(device: torch.device) -> None:
 def run(args) -> list[BenchResult]:
     """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.synthetic and args.dtype == "auto":
+        args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
     bandwidth, bf16_flops = copy_bandwidth(device), matmul_flops(device)
     ceilings = {"bandwidth": bandwidth, "flops": {"bf16": bf16_flops}}  # (other formats' rates join as needed)
