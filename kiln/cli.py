@@ -363,7 +363,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "tokenizer, such as random weights)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: the checkpoint's dtype; with --synthetic, bfloat16 on a GPU and float32 elsewhere")
     p.add_argument("--device", default=None)
     p.add_argument("--baseline", default="hf", choices=["hf", "none"],
                    help="hf: also run transformers' generate on the same model and workloads (default); none: kiln only")
