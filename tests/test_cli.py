@@ -105,6 +105,15 @@ def test_missing_model_dir_is_one_line(tmp_path):
                           str(missing))
 
 
+def test_a_source_model_dir_where_a_kiln_dir_is_read_is_one_line_naming_convert(tiny_llama_session, tmp_path):
+    """kiln build and kiln inspect read kiln dirs; a Hugging Face dir there is told to go through kiln convert."""
+    hf_dir, _ = tiny_llama_session
+    result = kiln_cli("build", "--checkpoint-dir", hf_dir, "--output-dir", tmp_path / "engine")
+    assert_one_line_error(result, "not a kiln checkpoint", f"kiln convert --model-dir {hf_dir}")
+    assert not (tmp_path / "engine").exists()
+    assert_one_line_error(kiln_cli("inspect", hf_dir), "not a kiln checkpoint", "kiln convert")
+
+
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
