@@ -33,7 +33,7 @@ import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
-from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
+from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions, resolve_device
 from kiln.errors import ConfigError
 from kiln.kernels import choices
 from kiln.quantization.methods import quantizes_lm_head
@@ -493,7 +493,7 @@ def _release(device: torch.device) -> None:
 
 def run(args) -> list[BenchResult]:
     """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.synthetic and args.dtype == "auto":
         args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
