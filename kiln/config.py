@@ -27,6 +27,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def conversion_dtype(requested: str, source: str) -> str:
+    """The dtype a conversion writes: the source checkpoint's own (`source`) for "auto", else the one requested,
+    checked here so that a bad request is not blamed on the source's config."""
+    if requested == "auto":
+        return source
+    if requested not in DTYPES:
+        raise ConfigError(f"the requested dtype must be auto or one of {sorted(DTYPES)}, got {requested!r}")
+    return requested
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: `device`, else cuda where torch sees a GPU, else cpu. A device this torch cannot run on
     is refused here, with the fix, before any conversion or build starts."""
