@@ -114,6 +114,19 @@ def test_a_source_model_dir_where_a_kiln_dir_is_read_is_one_line_naming_convert(
     assert_one_line_error(kiln_cli("inspect", hf_dir), "not a kiln checkpoint", "kiln convert")
 
 
+def test_serve_on_a_taken_port_is_one_line_naming_the_flag(tiny_llama_session):
+    """The server listens before it loads the model; a port another socket holds fails there, in one line."""
+    import socket
+
+    hf_dir, _ = tiny_llama_session
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = kiln_cli("serve", hf_dir, "--port", port, "--device", "cpu")
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
