@@ -127,6 +127,17 @@ def test_serve_on_a_taken_port_is_one_line_naming_the_flag(tiny_llama_session):
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "--port")
 
 
+def test_bench_against_no_server_is_one_line_naming_the_url():
+    """`kiln bench --serve URL` with nothing listening there: one line, the URL and how to start a server."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago, now closed again: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = kiln_cli("bench", "--serve", f"http://127.0.0.1:{port}", "--num-requests", 1, "--token-id-prompts")
+    assert_one_line_error(result, f"cannot reach a server at http://127.0.0.1:{port}", "kiln serve")
+
+
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -37,6 +37,9 @@ def test_bad_workloads_are_named(tmp_path):
     bad.write_text(json.dumps([{"name": "x", "num_requests": 1, "input_len": 8, "output_len": 2, "batch": 3}]))
     with pytest.raises(ConfigError, match=r"unknown fields \['batch'\]"):
         read_workload_file(bad)
+    bad.write_text(json.dumps([{"name": "x", "input_len": 8}]))
+    with pytest.raises(ConfigError, match=r"missing fields \['num_requests', 'output_len'\]"):
+        read_workload_file(bad)
     with pytest.raises(ConfigError, match="shared_prefix_len"):
         Workload("x", 1, 8, 2, shared_prefix_len=8)
     assert NAMED_WORKLOADS["prefix-64"].shared_prefix_len == 1024
