@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import ConfigError
-from kiln.layers.linear import Linear
+from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 from kiln.quantization.fp8 import quantize_fp8_static, static_activation_scale
 from kiln.quantization.weight_only import Int4GroupMethod, _kernels_for, _param
@@ -45,11 +45,10 @@ class W4A8AwqMethod(Int4GroupMethod):
             y = F.linear(codes, self.dequantize(layer, x.dtype))
         return (y.float() * scale).to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
-    def silu_and_mul_matmul(self, layer, x):
-        return None  # (the row scale comes before the activation: the layer's plain path)
-
-    def rotary_qkv_matmul(self, layer, x, positions, inv_freq, cache):
-        return None  # (and before the rotation)
+    # The row scale comes before the activation and the rotation, so the int4 GEMV's epilogues do not apply: the
+    # layers take their plain paths (LinearMethod's defaults).
+    silu_and_mul_matmul = LinearMethod.silu_and_mul_matmul
+    rotary_qkv_matmul = LinearMethod.rotary_qkv_matmul
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         if act_absmax is None:
