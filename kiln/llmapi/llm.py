@@ -199,7 +199,8 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
-            raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+            raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all of "
+                              "them, or a list of one per prompt")
         requests = []
         try:
             for p, sp in zip(prompts, params):
