@@ -138,6 +138,13 @@ def test_bench_against_no_server_is_one_line_naming_the_url():
     assert_one_line_error(result, f"cannot reach a server at http://127.0.0.1:{port}", "kiln serve")
 
 
+def test_prompt_ids_that_are_not_integers_are_one_line(tiny_llama_session):
+    hf_dir, _ = tiny_llama_session
+    result = kiln_cli("run", "--model", hf_dir, "--prompt-ids", "1,x", "--device", "cpu")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'1,x' is not a list of token ids" in result.stderr
+
+
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
