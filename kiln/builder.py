@@ -27,7 +27,8 @@ from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import BuildConfig, PretrainedConfig, read_json
 from kiln.errors import CheckpointError, ConfigError
 from kiln.kernels.quant_gemm import linear_plan
-from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, rank_file, write_json_atomic
+from kiln.models.base import (CONFIG_FILE, PretrainedModel, check_format_version, check_kiln_config, rank_file,
+                              write_json_atomic)
 from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes, prefill_graph_token_counts
 from kiln.version import FORMAT_VERSION, __version__
 
@@ -239,6 +240,7 @@ def describe(path: str | Path) -> dict:
     """What a checkpoint or engine dir holds: its manifest and, per rank file, tensor shapes and sizes."""
     path = Path(path)
     d = read_json(path / CONFIG_FILE, "kiln config")
+    check_kiln_config(d, path / CONFIG_FILE)
     ranks = {}
     for f in sorted(path.glob("rank*.safetensors")):
         st = SafetensorsFile(f)

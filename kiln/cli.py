@@ -237,6 +237,13 @@ def _add_policy_flag(p) -> None:
                         "too, so none is ever preempted")
 
 
+def port_number(text: str) -> int:
+    """--port's type: an integer in 0-65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give an integer in 0-65535")
+    return int(text)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES  # plain tables: cheap to import
     from kiln.bench.workloads import NAMED_WORKLOADS
@@ -331,7 +338,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default=None,
                    help="engine dir, kiln checkpoint, HF dir, Meta dir or .gguf (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: PATH's name)")
     p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel worker processes")
@@ -363,7 +370,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "tokenizer, such as random weights)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: the checkpoint's dtype; with --synthetic, bfloat16 on a GPU and float32 elsewhere")
     p.add_argument("--device", default=None)
     p.add_argument("--baseline", default="hf", choices=["hf", "none"],
                    help="hf: also run transformers' generate on the same model and workloads (default); none: kiln only")

@@ -27,6 +27,36 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def conversion_dtype(requested: str, source: str) -> str:
+    """The dtype a conversion writes: the source checkpoint's own (`source`) for "auto", else the one requested,
+    checked here so that a bad request is not blamed on the source's config."""
+    if requested == "auto":
+        return source
+    if requested not in DTYPES:
+        raise ConfigError(f"the requested dtype must be auto or one of {sorted(DTYPES)}, got {requested!r}")
+    return requested
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: `device`, else cuda where torch sees a GPU, else cpu. A device this torch cannot run on
+    is refused here, with the fix, before any conversion or build starts."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {str(resolved)!r}: this torch ({torch.__version__}) sees no CUDA GPU; run on "
+                              "the CPU (device='cpu', --device cpu) or install a CUDA build of torch")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {str(resolved)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+    return resolved
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 

@@ -105,6 +105,39 @@ def test_missing_model_dir_is_one_line(tmp_path):
                           str(missing))
 
 
+def test_a_source_model_dir_where_a_kiln_dir_is_read_is_one_line_naming_convert(tiny_llama_session, tmp_path):
+    """kiln build and kiln inspect read kiln dirs; a Hugging Face dir there is told to go through kiln convert."""
+    hf_dir, _ = tiny_llama_session
+    result = kiln_cli("build", "--checkpoint-dir", hf_dir, "--output-dir", tmp_path / "engine")
+    assert_one_line_error(result, "not a kiln checkpoint", f"kiln convert --model-dir {hf_dir}")
+    assert not (tmp_path / "engine").exists()
+    assert_one_line_error(kiln_cli("inspect", hf_dir), "not a kiln checkpoint", "kiln convert")
+
+
+def test_serve_on_a_taken_port_is_one_line_naming_the_flag(tiny_llama_session):
+    """The server listens before it loads the model; a port another socket holds fails there, in one line."""
+    import socket
+
+    hf_dir, _ = tiny_llama_session
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = kiln_cli("serve", hf_dir, "--port", port, "--device", "cpu")
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_bench_against_no_server_is_one_line_naming_the_url():
+    """`kiln bench --serve URL` with nothing listening there: one line, the URL and how to start a server."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago, now closed again: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = kiln_cli("bench", "--serve", f"http://127.0.0.1:{port}", "--num-requests", 1, "--token-id-prompts")
+    assert_one_line_error(result, f"cannot reach a server at http://127.0.0.1:{port}", "kiln serve")
+
+
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -220,3 +220,19 @@ def test_bad_mapping(kwargs, field):
 def test_mapping_from_dict_refuses_unknown_and_missing_fields():
     rejects(lambda: Mapping.from_dict({"world_size": 2, "tp_size": 2, "pp_size": 1, "cp_size": 1}), "cp_size")
     rejects(lambda: Mapping.from_dict({"world_size": 2, "tp_size": 2}), "pp_size")
+
+
+def test_resolve_device_refuses_what_this_torch_cannot_run_on():
+    """A device string torch does not know, and (without a visible GPU) a CUDA device, are refused with the fix,
+    before an LLM converts or builds anything; no device means cuda where there is a GPU, else cpu."""
+    import torch
+
+    from kiln.config import resolve_device
+
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match="--device cpu" if count == 0 else f"has {count} CUDA GPU"):
+        resolve_device(f"cuda:{count}" if count else "cuda")

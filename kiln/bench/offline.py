@@ -33,7 +33,7 @@ import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
-from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions
+from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions, resolve_device
 from kiln.errors import ConfigError
 from kiln.kernels import choices
 from kiln.quantization.methods import quantizes_lm_head
@@ -229,6 +229,12 @@ def hf_offline(hf_model, workload: Workload) -> BenchResult:
     seconds = time.perf_counter() - start
     return BenchResult("transformers", w.name, len(prompts), w.input_len, w.output_len, seconds,
                        len(prompts) * w.output_len / seconds, len(prompts) / seconds)
+
+
+def synthetic_dtype(device: torch.device) -> str:
+    """--synthetic's weights under --dtype auto: the real checkpoints' bfloat16 on a GPU; float32 elsewhere, where
+    the torch reference path computes."""
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
@@ -487,7 +493,9 @@ def _release(device: torch.device) -> None:
 
 def run(args) -> list[BenchResult]:
     """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    if args.synthetic and args.dtype == "auto":
+        args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
     bandwidth, bf16_flops = copy_bandwidth(device), matmul_flops(device)
     ceilings = {"bandwidth": bandwidth, "flops": {"bf16": bf16_flops}}  # (other formats' rates join as needed)

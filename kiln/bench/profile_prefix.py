@@ -16,6 +16,7 @@ import torch
 
 from kiln.bench.offline import scratch_dirs, sync, synthetic_hf_model
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
+from kiln.config import resolve_device
 
 
 def prefill_graph_replays(llm) -> int:
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=1024)
     parser.add_argument("--suffix-len", type=int, default=32)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(None)
     with scratch_dirs() as scratch:  # the random weights and their engine: deleted however the run ends
         source = tempfile.mkdtemp(prefix="kiln-profile-")
         scratch.append(source)

@@ -9,6 +9,8 @@ import random
 import statistics
 import time
 
+from kiln.errors import ConfigError
+
 
 def percentiles(values: list[float], points=(50, 90, 99)) -> dict[str, float]:
     if not values:
@@ -59,8 +61,12 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
             return await _one_request(session, url, body, headers)
 
     start = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        results = await asyncio.gather(*(bounded(session) for _ in range(num_requests)))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            results = await asyncio.gather(*(bounded(session) for _ in range(num_requests)))
+    except aiohttp.ClientConnectorError as e:
+        raise ConfigError(f"cannot reach a server at {url} ({e.os_error.strerror or e}); start one there (`kiln "
+                          "serve MODEL --port N`) or point --serve at it") from None
     seconds = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)

@@ -60,6 +60,7 @@ def custom_workload(num_requests: int, input_len: int, output_len: int) -> Workl
 def read_workload_file(path: str | Path) -> list[Workload]:
     path = Path(path)
     fields = {f.name for f in dataclasses.fields(Workload)}
+    required = sorted(f.name for f in dataclasses.fields(Workload) if f.default is dataclasses.MISSING)
     try:
         items = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -69,10 +70,11 @@ def read_workload_file(path: str | Path) -> list[Workload]:
         raise ConfigError(f"{path}: must be a JSON list of objects with fields {sorted(fields)}")
     workloads = []
     for n, item in enumerate(items):
-        unknown = sorted(set(item) - fields)
-        if unknown or "name" not in item:
-            raise ConfigError(f"{path}: workload {n} has unknown fields {unknown} or no 'name'; "
-                              f"known fields: {sorted(fields)}")
+        unknown, missing = sorted(set(item) - fields), [f for f in required if f not in item]
+        wrong = [f"unknown fields {unknown}"] * bool(unknown) + [f"missing fields {missing}"] * bool(missing)
+        if wrong:
+            raise ConfigError(f"{path}: workload {n} has {' and '.join(wrong)}; required: {required}, optional: "
+                              f"{sorted(fields - set(required))}")
         workloads.append(Workload(**item))
     return workloads
 

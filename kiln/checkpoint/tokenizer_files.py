@@ -22,5 +22,9 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     return copied
 
 
+# Any one of these makes a directory's tokenizer (the rest of TOKENIZER_FILES complete it).
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def has_tokenizer(path: str | Path) -> bool:
-    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    return any((Path(path) / name).is_file() for name in TOKENIZER_MAIN_FILES)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from kiln.builder import Engine, build_all_ranks
 from kiln.checkpoint.convert import detect_source_format, load_source_model
-from kiln.config import BuildConfig, read_json
+from kiln.config import BuildConfig, read_json, resolve_device
 from kiln.errors import ConfigError, EngineVersionError
 from kiln.llmapi import tokenizer as tok
 from kiln.llmapi.engine_cache import engine_cache_dir
@@ -105,7 +105,7 @@ class LLM:
             from kiln.default_model import default_model_path
 
             model = default_model_path()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)

@@ -48,7 +48,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp.rename(path)
 
 
+def check_kiln_config(d: dict, path: Path) -> None:
+    """Refuse a config.json that kiln did not write (no format_version, no kiln_version): most often a source
+    model's dir passed where a kiln checkpoint or engine is read."""
+    if "format_version" not in d and "kiln_version" not in d:
+        raise CheckpointError(f"{path}: not a kiln checkpoint or engine (no format_version; a source model's "
+                              f"config.json?). Convert it first: `kiln convert --model-dir {path.parent} --output-dir "
+                              "CKPT`; kiln run, kiln serve and LLM() also take a source model dir as it is.")
+
+
 def check_format_version(d: dict, path: Path, what: str, fix: str) -> None:
+    check_kiln_config(d, path)
     found = d.get("format_version")
     if found != FORMAT_VERSION:
         raise EngineVersionError(f"{path}: {what} has format_version {found!r} (written by kiln "

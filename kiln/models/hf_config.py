@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from kiln.config import ROPE_SCALING_FIELDS, PretrainedConfig
+from kiln.config import ROPE_SCALING_FIELDS, PretrainedConfig, conversion_dtype
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 
@@ -96,14 +96,15 @@ def activation(name: str, path: str) -> str:
 
 
 def common_fields(hf: dict, dtype: str, generation: dict | None, path: str) -> dict:
-    """PretrainedConfig fields named alike across Llama-style configs (raises KeyError for a missing one)."""
+    """PretrainedConfig fields named alike across Llama-style configs (raises KeyError for a missing one); dtype is
+    the one the conversion writes."""
     heads = hf["num_attention_heads"]
     theta, scaling = rope(hf, path)
     head_size = hf.get("head_dim") or hf["hidden_size"] // heads
     factor = partial_rotary_factor(hf)
     return dict(
         architecture=hf["architectures"][0],
-        dtype=source_dtype(hf) if dtype == "auto" else dtype,
+        dtype=dtype,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_hidden_layers=hf["num_hidden_layers"],
@@ -136,7 +137,9 @@ def sliding_fields(hf: dict) -> dict:
 
 def config_from_hf(hf: dict, dtype: str, mapping: Mapping, generation: dict | None, path: str,
                    structure: Callable[[dict], dict]) -> PretrainedConfig:
-    """common_fields plus the family's `structure(hf)` (its overrides), errors naming the file."""
+    """common_fields plus the family's `structure(hf)` (its overrides), errors naming the file (not the dtype's:
+    a bad one is the caller's request)."""
+    dtype = conversion_dtype(dtype, source_dtype(hf))
     try:
         return PretrainedConfig(**{**common_fields(hf, dtype, generation, path), **structure(hf)}, mapping=mapping)
     except KeyError as e:

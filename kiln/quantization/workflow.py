@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kiln.checkpoint.atomic import atomic_dir
-from kiln.config import QuantAlgo, QuantConfig
+from kiln.config import QuantAlgo, QuantConfig, resolve_device
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, sensitivity, smoothquant
@@ -145,7 +145,7 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
                         device: str | None = None) -> Path:
     from kiln.checkpoint.convert import load_source_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     mapping = mapping or Mapping()
     source = load_source_model(src, dtype, Mapping())
     cls = type(source)

@@ -379,7 +379,12 @@ async def serve(load_engine, model_name: str, host: str, port: int, api_key: str
     app = make_app(model_name, api_key, request_timeout)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (or --host), or "
+                          "stop the process that holds it") from None
     log.info("listening on http://%s:%d (OpenAI API under /v1); loading %s", host, port, model_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 quantized system, the JSON report and the plot."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_bad_workloads_are_named(tmp_path):
     bad = tmp_path / "w.json"
     bad.write_text(json.dumps([{"name": "x", "num_requests": 1, "input_len": 8, "output_len": 2, "batch": 3}]))
     with pytest.raises(ConfigError, match=r"unknown fields \['batch'\]"):
+        read_workload_file(bad)
+    bad.write_text(json.dumps([{"name": "x", "input_len": 8}]))
+    with pytest.raises(ConfigError, match=r"missing fields \['num_requests', 'output_len'\]"):
         read_workload_file(bad)
     with pytest.raises(ConfigError, match="shared_prefix_len"):
         Workload("x", 1, 8, 2, shared_prefix_len=8)
@@ -210,6 +214,17 @@ def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tiny_synthetic, t
     assert kiln_dirs(scratch) == []
     engines = cache / "engines"
     assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_a_synthetic_run_takes_the_default_dtype(tiny_synthetic, tmp_path, caplog):
+    """--dtype auto (the default) with --synthetic: random weights have no checkpoint dtype to follow, so the run
+    takes the real checkpoints' bfloat16 on a GPU and float32 on the CPU (it once failed on torch.auto)."""
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 16, "output_len": 2}]))
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assert main(["bench", "--synthetic", "tiny-test", "--workload-file", str(workloads), "--baseline", "none",
+                     "--device", "cpu"]) == 0
+    assert "KV cache (float32)" in caplog.text
 
 
 def test_the_prefix_profile_deletes_its_weights_and_engine_and_nothing_else(tiny_synthetic, monkeypatch, capsys):

@@ -243,10 +243,15 @@ def test_engine_dir_of_another_format_is_refused(tiny_llama_session, tmp_path):
 
 
 def test_text_prompt_without_tokenizer_says_to_pass_ids(llama):
+    """The message names the files looked for and each way to pass ids; a chat names the template's places."""
     from kiln.errors import KilnError
 
-    with pytest.raises(KilnError, match="token ids"):
+    with pytest.raises(KilnError, match="token ids") as text:
         llama.generate("hello", GREEDY)
+    assert all(part in str(text.value) for part in ("tokenizer.json", "tokenizer.model", "--prompt-ids"))
+    with pytest.raises(KilnError, match="no chat template") as chat:
+        llama.chat([{"role": "user", "content": "hello"}], GREEDY)
+    assert "tokenizer_config.json" in str(chat.value) and "--prompt" in str(chat.value)
 
 
 def test_sampling_params_are_validated():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
+from kiln.config import conversion_dtype
 from kiln.models.llama.convert import L
 from kiln.models.llama.gguf import GGUF_FILE_DTYPES
 
@@ -50,7 +51,7 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
         full_rope.update(rope_type="linear", factor=float(k("rope.scaling.factor")))
     return {
         "architectures": ["Gemma3ForCausalLM"],
-        "dtype": GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32") if dtype == "auto" else dtype,
+        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
         "vocab_size": int(gguf.field("gemma3.vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[1]),
         "hidden_size": hidden,
         "num_hidden_layers": layers,

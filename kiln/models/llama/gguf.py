@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from kiln.checkpoint.gguf_source import GGUFFile
-from kiln.config import PretrainedConfig
+from kiln.config import PretrainedConfig, conversion_dtype
 from kiln.errors import CheckpointError, UnsupportedArchitectureError
 from kiln.mapping import Mapping
 
@@ -40,7 +40,7 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
         scaling = {"type": "linear", "factor": gguf.require(f"{arch}.rope.scaling.factor")}
     return PretrainedConfig(
         architecture=GGUF_ARCHITECTURES[arch],
-        dtype=GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32") if dtype == "auto" else dtype,
+        dtype=conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
         vocab_size=int(vocab),
         hidden_size=hidden,
         num_hidden_layers=k("block_count"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.config import PretrainedConfig, read_json
+from kiln.config import PretrainedConfig, conversion_dtype, read_json
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 
@@ -22,7 +22,7 @@ def config_from_meta(meta_dir: Path, weights, dtype: str, mapping: Mapping) -> P
         intermediate = weights.shape("layers.0.feed_forward.w1.weight")[0]
         return PretrainedConfig(
             architecture="LlamaForCausalLM",
-            dtype="bfloat16" if dtype == "auto" else dtype,  # Meta publishes bfloat16 weights
+            dtype=conversion_dtype(dtype, "bfloat16"),  # Meta publishes bfloat16 weights
             vocab_size=vocab,
             hidden_size=dim,
             num_hidden_layers=params["n_layers"],
