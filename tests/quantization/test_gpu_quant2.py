@@ -145,6 +145,42 @@ def test_fused_fp8_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     assert torch.equal(logits(ids, fused=True), logits(ids, fused=False))
 
 
+@requires_fp8_gpu
+def test_w4a8_runs_its_e4m3_codes_through_the_int4_kernels(tmp_path):
+    """On the GPU a W4A8_AWQ linear multiplies its input's e4m3 codes by W4A16's kernels (the int4 GEMV at 1 row,
+    the int4 GEMM at 64) and scales the rows after: within 3 bf16 ulps of sum |x_q| |w| plus the output's rounding
+    of the float64 product of the same codes and dequantized weights. The GEMV's SiLU and rotary epilogues are
+    declined (the row scale must come first), so the layers take their plain paths."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from conftest import make_hf_model
+
+    import kiln
+    from kiln.config import QuantConfig
+    from kiln.models.base import PretrainedModel
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "w4a8", QuantConfig(quant_algo="W4A8_AWQ", group_size=64),
+                               dtype="bfloat16", calib_size=4, calib_max_seq_len=64, device="cuda")
+    layer0 = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda").transformer.layers["0"]
+    torch.manual_seed(0)
+    for linear in (layer0.attention.qkv, layer0.mlp.fc_gate, layer0.mlp.proj):
+        method = linear.quant_method
+        for rows in (1, 64):
+            x = torch.randn(rows, linear.in_features, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                got = linear(x)
+            xin = x * linear.prequant_scaling_factor if method.prequant else x
+            xq, scale = quantize_fp8_static(xin, linear.activation_scaling_factor)
+            w = method.dequantize(linear, torch.float32).double()
+            want = (xq.double() @ w.T) * scale.double()
+            bound = 3 * 2.0 ** -8 * (xq.double().abs() @ w.abs().T) * scale.double() + 2.0 ** -8 * want.abs()
+            err = (got.double() - want).abs()
+            assert (err <= bound).all(), f"{rows} rows: max error {err.max().item():.3g}"
+        assert method.silu_and_mul_matmul(linear, x[:1]) is None
+        assert method.rotary_qkv_matmul(linear, x[:1], None, None, None) is None
+
+
 def _time(fn, iters=50) -> float:
     for _ in range(5):
         fn()
