@@ -239,6 +239,9 @@ def build_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, build_config: Bu
 def describe(path: str | Path) -> dict:
     """What a checkpoint or engine dir holds: its manifest and, per rank file, tensor shapes and sizes."""
     path = Path(path)
+    if path.exists() and not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: not a kiln checkpoint or engine dir (no {CONFIG_FILE}); convert a source model "
+                              f"first: `kiln convert --model-dir {path} --output-dir CKPT`")
     d = read_json(path / CONFIG_FILE, "kiln config")
     check_kiln_config(d, path / CONFIG_FILE)
     ranks = {}

@@ -126,7 +126,7 @@ def _generate_to_stdout(llm, args) -> None:
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [],
                             repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos)
     if args.prompt_ids is not None:
-        stream = llm.generate_stream([int(t) for t in args.prompt_ids.split(",")], params)
+        stream = llm.generate_stream(args.prompt_ids, params)
     elif args.prompt is not None:
         stream = llm.generate_stream(args.prompt, params)
     else:
@@ -244,6 +244,15 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def token_ids(text: str) -> list[int]:
+    """--prompt-ids' type: comma-separated integers."""
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.lstrip("-").isdigit() for t in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token ids: give integers separated by commas, "
+                                         "such as 1,2,3")
+    return [int(t) for t in parts]
+
+
 def make_parser() -> argparse.ArgumentParser:
     from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES  # plain tables: cheap to import
     from kiln.bench.workloads import NAMED_WORKLOADS
@@ -320,7 +329,8 @@ def make_parser() -> argparse.ArgumentParser:
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="plain text to continue")
     text.add_argument("--chat", help="a user message, sent through the model's chat template")
-    text.add_argument("--prompt-ids", help="comma-separated token ids; the output's ids are printed too")
+    text.add_argument("--prompt-ids", type=token_ids,
+                      help="comma-separated token ids; the output's ids are printed too")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

@@ -112,6 +112,9 @@ def test_a_source_model_dir_where_a_kiln_dir_is_read_is_one_line_naming_convert(
     assert_one_line_error(result, "not a kiln checkpoint", f"kiln convert --model-dir {hf_dir}")
     assert not (tmp_path / "engine").exists()
     assert_one_line_error(kiln_cli("inspect", hf_dir), "not a kiln checkpoint", "kiln convert")
+    gguf = tmp_path / "model.gguf"  # a file: inspect reads dirs
+    gguf.write_bytes(b"GGUF")
+    assert_one_line_error(kiln_cli("inspect", gguf), "not a kiln checkpoint or engine dir", "kiln convert")
 
 
 def test_serve_on_a_taken_port_is_one_line_naming_the_flag(tiny_llama_session):
@@ -136,6 +139,13 @@ def test_bench_against_no_server_is_one_line_naming_the_url():
         port = probe.getsockname()[1]
     result = kiln_cli("bench", "--serve", f"http://127.0.0.1:{port}", "--num-requests", 1, "--token-id-prompts")
     assert_one_line_error(result, f"cannot reach a server at http://127.0.0.1:{port}", "kiln serve")
+
+
+def test_prompt_ids_that_are_not_integers_are_one_line(tiny_llama_session):
+    hf_dir, _ = tiny_llama_session
+    result = kiln_cli("run", "--model", hf_dir, "--prompt-ids", "1,x", "--device", "cpu")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'1,x' is not a list of token ids" in result.stderr
 
 
 def test_existing_output_dir_without_overwrite_is_one_line(tiny_llama_session, tmp_path):

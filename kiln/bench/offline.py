@@ -497,6 +497,8 @@ def run(args) -> list[BenchResult]:
     if args.synthetic and args.dtype == "auto":
         args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
+    # (checked before any work: a bad --quant-algo or build flag fails now, not after the baseline's run)
+    system_configs, build_config = quant_systems(args), bench_build_config(args, workloads)
     bandwidth, bf16_flops = copy_bandwidth(device), matmul_flops(device)
     ceilings = {"bandwidth": bandwidth, "flops": {"bf16": bf16_flops}}  # (other formats' rates join as needed)
     print(f"# {describe_device(device)}; measured copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
@@ -505,7 +507,8 @@ def run(args) -> list[BenchResult]:
         source, hf_model = prepare_source(args, device)
         if args.synthetic:
             scratch.append(source)
-        return _bench_source(args, device, workloads, ceilings, source, hf_model, scratch)
+        return _bench_source(args, device, workloads, ceilings, source, hf_model, system_configs, build_config,
+                             scratch)
 
 
 @contextlib.contextmanager
@@ -533,7 +536,18 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _bench_source(args, device, workloads, ceilings, source, hf_model, scratch: list) -> list[BenchResult]:
+def bench_build_config(args, workloads) -> BuildConfig:
+    """The engines' limits: every workload fits, under the run's batch, token budget and scheduling flags."""
+    return BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
+                       max_seq_len=max(w.input_len + w.output_len for w in workloads),
+                       max_input_len=max(w.input_len for w in workloads),
+                       max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)),
+                       decode_steps_per_sync=args.decode_steps_per_sync,
+                       capacity_scheduler_policy=args.capacity_scheduler_policy)
+
+
+def _bench_source(args, device, workloads, ceilings, source, hf_model, system_configs: list,
+                  build_config: BuildConfig, scratch: list) -> list[BenchResult]:
     """The baseline and each kiln system on one source; dirs to delete at the end go on `scratch`."""
     results = []
     print(TABLE_HEADER, flush=True)
@@ -543,14 +557,8 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, scratch: 
             print(results[-1].row(), flush=True)
         del hf_model
         _release(device)
-    longest = max(w.input_len + w.output_len for w in workloads)
-    build_config = BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
-                               max_seq_len=longest, max_input_len=max(w.input_len for w in workloads),
-                               max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)),
-                               decode_steps_per_sync=args.decode_steps_per_sync,
-                               capacity_scheduler_policy=args.capacity_scheduler_policy)
     systems = {}
-    for label, quant in quant_systems(args):
+    for label, quant in system_configs:
         engine_dir, system_scratch = build_engine(source, args, quant, build_config, device)
         scratch += system_scratch
         system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings, args.profile)

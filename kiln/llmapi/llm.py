@@ -44,6 +44,10 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
     kiln checkpoint or a source model. tp/pp None take the engine's or checkpoint's own (1 for sources)."""
     path = Path(model)
     manifest = read_json(path / CONFIG_FILE, "config") if (path / CONFIG_FILE).is_file() else {}
+    if "format_version" in manifest and dtype not in ("auto", manifest.get("dtype")):
+        log.warning("%s is a kiln %s of %s: dtype %s applies only when a source model is converted; convert the "
+                    "source again with --dtype %s to change it", path,
+                    "engine" if "build_config" in manifest else "checkpoint", manifest.get("dtype"), dtype, dtype)
     if "build_config" in manifest:
         _check_world(path, manifest["mapping"], tp_size, pp_size)
         if build_config is not None and build_config.to_dict() != manifest["build_config"]:
@@ -199,7 +203,8 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
-            raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+            raise ConfigError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one for all of "
+                              "them, or a list of one per prompt")
         requests = []
         try:
             for p, sp in zip(prompts, params):

@@ -7,6 +7,7 @@ It checks every request against the build limits when it arrives, so a bad one f
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 
 import torch
@@ -36,6 +37,9 @@ class GenerationEngine:
         bc = self.build_config
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool))
+            raise ConfigError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
         if self.vocab_size is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < self.vocab_size:
             bad = next(t for t in prompt_ids if not 0 <= t < self.vocab_size)
             raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")

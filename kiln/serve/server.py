@@ -25,6 +25,7 @@ from kiln.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 1024 * 1024
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's (a chat template may know fewer)
 # On SIGTERM aiohttp lets running requests finish for this long, waits as long again for those it could not
 # stop, then cancels them: at most ~10 s. (Its default of 60 s, twice, outlasts the 30 s a process manager
 # usually waits before SIGKILL, and a client that stalls mid-stream would hold all of it.)
@@ -110,6 +111,9 @@ def chat_prompt(engine: AsyncLLM, body: dict) -> list[int]:
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    unknown = sorted({m["role"] for m in messages} - CHAT_ROLES)
+    if unknown:
+        raise APIError(400, f"unknown message roles {unknown}; the roles are {sorted(CHAT_ROLES)}", param="messages")
     messages = [{**m, "content": text_content(m.get("content", ""))} for m in messages]
     return _encode(engine, lambda t: tok.encode_chat(t, messages))
 

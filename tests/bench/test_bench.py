@@ -227,6 +227,17 @@ def test_a_synthetic_run_takes_the_default_dtype(tiny_synthetic, tmp_path, caplo
     assert "KV cache (float32)" in caplog.text
 
 
+def test_bad_system_flags_fail_before_any_run(tiny_synthetic, capsys):
+    """A bad --quant-algo, KV cache format or build flag is refused before the ceilings, the weights and the
+    baseline's run: nothing was measured, and no table was printed."""
+    for flags in (["--quant-algo", "W5"], ["--kv-cache-quant-algo", "INT3"],
+                  ["--capacity-scheduler-policy", "fast"]):
+        assert main(["bench", "--synthetic", "tiny-test", "--workloads", "decode-1", "--device", "cpu", *flags]) != 0
+        captured = capsys.readouterr()
+        assert "| system |" not in captured.out and "measured copy bandwidth" not in captured.out
+        assert flags[1] in captured.err
+
+
 def test_the_prefix_profile_deletes_its_weights_and_engine_and_nothing_else(tiny_synthetic, monkeypatch, capsys):
     """kiln.bench.profile_prefix (on the CPU here) deletes the random checkpoint and the engine it built; an
     engine already in the cache stays. (profile_decode, which needs a GPU, cleans up the same way.)"""

@@ -261,6 +261,18 @@ def test_sampling_params_are_validated():
             SamplingParams(**bad)
 
 
+def test_a_dtype_for_a_kiln_checkpoint_is_named_as_not_applying(tiny_llama_session, tmp_path, caplog):
+    """A kiln checkpoint's dtype was fixed when it was converted: asking for another one says so (it used to be
+    ignored in silence), and the run goes on in the checkpoint's own."""
+    import logging
+
+    ckpt = convert_checkpoint(tiny_llama_session[0], tmp_path / "ckpt")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        llm = LLM(ckpt, dtype="float16", device="cpu")
+    assert "kiln checkpoint of float32: dtype float16 applies only when a source model is converted" in caplog.text
+    assert llm.engine.config.dtype == "float32"
+
+
 def test_copy_of_an_hf_dir_gets_its_own_cache_entry(tiny_llama_session, tmp_path, kiln_cache):
     # The cache key is the source's path and files: a copy elsewhere builds its own engine.
     copy = tmp_path / "copy"

@@ -189,6 +189,9 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_name(built, reference):
     for bad in (-1, vocab):
         with pytest.raises(ConfigError, match=rf"token id {bad} is outside the model's vocabulary \[0, {vocab}\)"):
             engine.add_request([1, bad, 2], GREEDY)
+    for bad, kind in ((2.5, "float"), (True, "bool"), ("7", "str")):
+        with pytest.raises(ConfigError, match=rf"token ids must be integers, got {bad!r} \({kind}\)"):
+            engine.add_request([1, bad, 2], GREEDY)
     ok = engine.add_request(PROMPTS[0], GREEDY)
     _drain(engine)
     assert ok.output_ids == reference[0]

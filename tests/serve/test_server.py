@@ -360,6 +360,7 @@ BAD_BODIES = [  # (endpoint, body, param named in the error)
     ("completions", {}, "prompt"),
     ("chat/completions", {"messages": "hello"}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": 7}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hello"}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
                                                                       "image_url": {"url": "x"}}]}]}, "messages"),
