@@ -2,8 +2,8 @@
 sweep of the kernel's tile configs: `PYTHONPATH=. python scripts/bench_decode_attention.py` (a GPU).
 
 Llama-3-8B heads (32 query, 8 KV, head_size 128), one layer, CUDA-graph replay (the engine decodes from graphs);
-last, the default tile with FUSED_MERGE (the split programs merge their parts; no merge kernel) for each format;
-GB/s counts the cache bytes read (keys and values of every context token), so it can be set against the copy
+last, the default tile (decode_block_n's), alone and with FUSED_MERGE (the split programs merge their parts; no
+merge kernel) for each format; GB/s counts the cache bytes read (keys and values of every context token), so it can be set against the copy
 bandwidth. Each format's result is first checked against the reference (max error printed).
 """
 
@@ -17,9 +17,10 @@ from kiln.kernels.bench_quant_gemm import graph_us
 HEADS, KV_HEADS, HEAD_SIZE, PAGE = 32, 8, 128, 32
 FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8 pairs": torch.float8_e4m3fn, "int8": torch.int8,
            "int8 pairs": torch.int8}  # "pairs": the 1-byte codes read as 16-bit words of two (CODES_AS_PAIRS)
-# (batch, context): offline 128/128 at batch 512 (contexts 128-256), a long-context batch, and batch-1 decode
-# (decode-1: 128 in, 256 out), where every sequence splits and FUSED_MERGE matters
-SHAPES = ((512, 192), (64, 2048), (1, 384))
+# (batch, context): offline 128/128 at batch 512 (contexts 128-256), longer contexts up to 2048 (where the pairs
+# kernel changes tile: PAIRS_LONG_CONTEXT), and batch-1 decode (decode-1: 128 in, 256 out), where every sequence
+# splits and FUSED_MERGE matters
+SHAPES = ((512, 192), (256, 512), (128, 1024), (64, 2048), (1, 384))
 CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (256, 8, 2), (32, 4, 3))  # BLOCK_N, warps, stages
 
 
@@ -33,7 +34,7 @@ def cache(num_blocks: int, fmt: str) -> torch.Tensor:
 def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
-    default, default_pairs = dict(pa.DECODE_CONFIG), pa.CODES_AS_PAIRS
+    default, default_pairs, default_long = dict(pa.DECODE_CONFIG), pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N
     for batch, context in SHAPES:
         blocks = context // PAGE
         tables = torch.randperm(batch * blocks, device="cuda").int().view(batch, blocks)  # scattered pages
@@ -48,20 +49,24 @@ def main():
             pa.CODES_AS_PAIRS = fmt.endswith("pairs")
             err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float()).abs()
             line = []
-            for block_n, warps, stages in CONFIGS:
+            for block_n, warps, stages in CONFIGS:  # (every context: the long-context tile too)
                 pa.DECODE_CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                pa.PAIRS_LONG_BLOCK_N = block_n
                 us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
                 gbs = read * FORMATS[fmt].itemsize / us / 1e3
                 line.append(f"{block_n}/{warps}/{stages} {us:6.1f}us {gbs:5.0f}GB/s")
-            pa.DECODE_CONFIG.update(default)  # the default tile again, its split programs merging (FUSED_MERGE)
-            pa.FUSED_MERGE = True
+            pa.DECODE_CONFIG.update(default)  # the default tiles again (decode_block_n)
+            pa.PAIRS_LONG_BLOCK_N = default_long
+            us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
+            line.append(f"| default ({pa.decode_block_n(pa.CODES_AS_PAIRS, context)} keys) {us:6.1f}us")
+            pa.FUSED_MERGE = True  # and with its split programs merging
             fused_err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float())
             us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
             pa.FUSED_MERGE = False
             line.append(f"| fused merge {us:6.1f}us (err {fused_err.abs().max().item():.2g})")
             print(f"b{batch} ctx~{context} {fmt:<9} (err {err.max().item():.2g}): " + "  ".join(line), flush=True)
     pa.DECODE_CONFIG.update(default)
-    pa.CODES_AS_PAIRS = default_pairs
+    pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N = default_pairs, default_long
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def int4_gemv() -> None:
 
 def decode_attention() -> None:
     cases = (([40, 100, 7], 8, 2, 64, 32, None, 4), ([300, 1, 77], 16, 2, 128, 32, 64, 4),
-             ([33, 9], 12, 12, 96, 8, None, 1))  # lens, heads, kv heads, head size, page, window, SMs
+             ([33, 9], 12, 12, 96, 8, None, 1),
+             ([1100, 30], 4, 2, 64, 32, None, 4))  # lens, heads, kv heads, head size, page, window, SMs (the last:
+    # a block table of PAIRS_LONG_CONTEXT keys or more, so the pairs kernel takes its long-context tile)
     for lens, heads, kv_heads, d, page, window, sms in cases:
         pa.num_sms = lambda index, sms=sms: sms  # the split count without a GPU to ask
         blocks = -(-max(lens) // page)

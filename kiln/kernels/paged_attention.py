@@ -65,6 +65,13 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # session): a layer at batch 512 and ~192 keys takes 76 us for e4m3 or int8 pairs against 95-100 read one by one
 # (bf16: 86); at batch 64 and ~2048 keys, 73-76 against 121 with 128-key tiles.
 CODES_AS_PAIRS = True
+# The pairs kernel takes 128-key tiles where the block table spans PAIRS_LONG_CONTEXT keys or more. Timed on an H200
+# (scripts/bench_decode_attention.py, ninth session; 4 warps, 2 stages), a layer at batch 64 and ~2048 keys took
+# 73.2 us with 128-key tiles against 85.5 with 64 for e4m3 pairs (int8 pairs: 75.6 against 87.1), and at batch 512
+# and ~192 keys 79.9 against 76.0 (81.7 against 77.1). A 16-bit cache is faster with 64-key tiles at both (109.8
+# against 120.9 us, and 86.2 against 118.1), so it keeps them. The bound between is a guess: nothing was timed
+# from 192 to 2048 keys.
+PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 1024, 128
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
 # batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off: timed on an H200, batch 1 took 6.4 us a
@@ -177,6 +184,12 @@ def _num_splits(programs: int, max_context: int, block_n: int, device: torch.dev
     return max(1, min(triton.cdiv(per_sm * num_sms(device.index or 0), programs), tiles, 64))
 
 
+def decode_block_n(pairs: bool, max_context: int) -> int:
+    """Keys a tile of the decode kernel: pairs, whether it reads a 1-byte cache as pairs of codes (_reads_code_pairs);
+    max_context, the most keys its block table spans (a shape, so no host-device sync)."""
+    return PAIRS_LONG_BLOCK_N if pairs and max_context >= PAIRS_LONG_CONTEXT else DECODE_CONFIG["BLOCK_N"]
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
                            kv_scale=None, out=None, fp8_out_scale=None):
     """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors.
@@ -194,7 +207,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
     cfg = DECODE_CONFIG
-    block_n = cfg["BLOCK_N"]
+    pairs = _reads_code_pairs(q, k_cache)
+    block_n = decode_block_n(pairs, max_context)
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
     # codes: the merge kernel writes Fp8Rows of its own (the split kernel's 16-bit `out` then stays unwritten)
@@ -202,7 +216,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     out = torch.empty_like(q) if out is None else out
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
-    pairs = _reads_code_pairs(q, k_cache)
     if pairs:  # the same bytes as 16-bit words: [blocks, page, kv heads, head_size / 2]
         flags = dict(INT8=k_cache.dtype == torch.int8)
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)

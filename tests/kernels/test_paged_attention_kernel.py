@@ -139,8 +139,8 @@ def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case)
     args = [t.cuda() for t in (q, k_cache, v_cache, tables, ctx)]
     plain = paged_decode_attention(*args, d ** -0.5, window)
     max_context = tables.shape[1] * block_size if window is None else min(tables.shape[1] * block_size, window)
-    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context, paged_attention.DECODE_CONFIG["BLOCK_N"],
-                                         plain.device)
+    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context,
+                                         paged_attention.decode_block_n(False, max_context), plain.device)
     for over in (400, 900):  # max |output| to 400 of e4m3's 448, then to 900: half of them saturate
         scale = (plain.float().abs().amax() / over).to(dtype).reshape(1)
         got = paged_decode_attention(*args, d ** -0.5, window, fp8_out_scale=scale)
@@ -295,8 +295,8 @@ def test_decode_split_programs_merging_their_parts_match_the_reference(cache, ca
         got = paged_decode_attention(*args, d ** -0.5, window, kv_scale)
         torch.testing.assert_close(got, want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
     max_context = tables.shape[1] * block_size if window is None else min(tables.shape[1] * block_size, window)
-    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context,
-                                         paged_attention.DECODE_CONFIG["BLOCK_N"], got.device)
+    block_n = paged_attention.decode_block_n(cache == "int8 pairs", max_context)
+    splits = paged_attention._num_splits(len(lens) * kv_heads, max_context, block_n, got.device)
     counts = paged_attention._SPLIT_COUNTS.get(got.device)
     assert (counts is not None) == (splits > 1)  # the fused path ran wherever the keys were split
     assert counts is None or not counts.any()  # and left its counts at zero
