@@ -66,12 +66,14 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
 # (bf16: 86); at batch 64 and ~2048 keys, 73-76 against 121 with 128-key tiles.
 CODES_AS_PAIRS = True
 # The pairs kernel takes 128-key tiles where the block table spans PAIRS_LONG_CONTEXT keys or more. Timed on an H200
-# (scripts/bench_decode_attention.py, ninth session; 4 warps, 2 stages), a layer at batch 64 and ~2048 keys took
-# 73.2 us with 128-key tiles against 85.5 with 64 for e4m3 pairs (int8 pairs: 75.6 against 87.1), and at batch 512
-# and ~192 keys 79.9 against 76.0 (81.7 against 77.1). A 16-bit cache is faster with 64-key tiles at both (109.8
-# against 120.9 us, and 86.2 against 118.1), so it keeps them. The bound between is a guess: nothing was timed
-# from 192 to 2048 keys.
-PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 1024, 128
+# (scripts/bench_decode_attention.py, twenty-eighth session; 4 warps, 2 stages), a layer of e4m3 pairs took, with
+# 128-key tiles against 64: 75.3 against 83.7 us at batch 256 and ~512 keys, 71.1 against 83.3 at batch 128 and
+# ~1024, 73.0 against 84.8 at batch 64 and ~2048, but 80.1 against 76.1 at batch 512 and ~192 (int8 pairs alike).
+# So the bound is the smallest win measured. A CUDA graph's block table spans max_seq_len, so its decode steps take
+# the long tiles whenever max_seq_len does: FP8 offline-3000 (~192 keys) ran 24,931.5 tokens/s with them against
+# 25,011.3 without, while long-1000 went from 14,627.6 to 15,408.9. A 16-bit cache is faster with 64-key tiles at
+# every length timed, so it keeps them.
+PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 512, 128
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
 # batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off: timed on an H200, batch 1 took 6.4 us a
