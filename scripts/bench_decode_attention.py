@@ -3,8 +3,9 @@ sweep of the kernel's tile configs: `PYTHONPATH=. python scripts/bench_decode_at
 
 Llama-3-8B heads (32 query, 8 KV, head_size 128), one layer, CUDA-graph replay (the engine decodes from graphs);
 last, the default tile (decode_block_n's), alone and with FUSED_MERGE (the split programs merge their parts; no
-merge kernel) for each format; GB/s counts the cache bytes read (keys and values of every context token), so it can be set against the copy
-bandwidth. Each format's result is first checked against the reference (max error printed).
+merge kernel) for each format; GB/s counts the cache bytes read (keys and values of every context token), so it
+can be set against the copy bandwidth. Each format's result is first checked against the reference (max error
+printed).
 """
 
 from __future__ import annotations

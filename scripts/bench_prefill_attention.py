@@ -12,6 +12,8 @@ against the torch reference first.
 Each candidate tile in turn runs both plain kernels (as PREFILL_CONFIG and PAGED_PREFILL_CONFIG of
 kiln.kernels.paged_attention, TMA off), then the current tiles with lazy rescaling (PREFILL_LAZY_RESCALE). Then the
 fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling.
+Last, fresh prompts over a quantized cache's codes (e4m3 and int8, bf16 queries, as a step with an FP8 or INT8 KV
+cache reads them back from their slots): the plain kernel, then the TMA one (PREFILL_TMA_CODES) on each tile.
 Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
@@ -42,6 +44,16 @@ def fresh_case(lens: list[int]) -> tuple:
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     flops = sum(4 * HEADS * D * n * (n + 1) / 2 for n in lens)
     return (q, k, v, cu, max(lens), D ** -0.5), flops
+
+
+def fresh_codes_case(lens: list[int], code: torch.dtype) -> tuple:
+    """fresh_case with the keys and values as a quantized cache's codes and their scales [s_k, s_v]."""
+    (q, k, v, cu, max_len, scale), flops = fresh_case(lens)
+    qmax = 127.0 if code == torch.int8 else 448.0
+    kv_scale = torch.tensor([k.abs().max() / qmax, v.abs().max() / qmax], dtype=torch.bfloat16, device="cuda")
+    k, v = ((x.float() / s.float()).clamp(-qmax, qmax) for x, s in zip((k, v), kv_scale))
+    k, v = (x.round().to(code) if code == torch.int8 else x.to(code) for x in (k, v))
+    return (q, k, v, cu, max_len, scale, None, kv_scale), flops
 
 
 def continuing_case(chunks: list[tuple[int, int]]) -> tuple:
@@ -102,8 +114,21 @@ def main() -> None:
             for lazy in (False, True):
                 pa.PREFILL_LAZY_RESCALE = lazy
                 run(f"TMA{' lazy' if lazy else ''} {config}", ["fresh 4 x 2048"])
+        pa.PREFILL_TMA_CONFIG, pa.PREFILL_LAZY_RESCALE = current[2], False
+        for code in (torch.float8_e4m3fn, torch.int8):  # over a quantized cache's codes: plain, then TMA
+            name = f"fresh 4 x 2048, {str(code)[6:]} codes"
+            small = fresh_codes_case([100, 37, 250], code)[0]
+            args, flops = fresh_codes_case([2048] * 4, code)
+            for tma_codes, config in [(False, current[2]), *((True, c) for c in TMA_CANDIDATES)]:
+                pa.PREFILL_TMA_CODES, pa.PREFILL_TMA_CONFIG = tma_codes, config
+                ok = checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small)
+                pa.varlen_prefill_attention(*args)  # compiled outside the graph's capture
+                ms = graph_ms_per_call([lambda: pa.varlen_prefill_attention(*args)])
+                label = f"TMA {config}" if tma_codes else "plain"
+                print(f"{name} {label} ok={ok} | {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     finally:
         (pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG), pa.PREFILL_LAZY_RESCALE = current, False
+        pa.PREFILL_TMA_CODES = False
 
 if __name__ == "__main__":
     main()

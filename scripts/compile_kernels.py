@@ -91,9 +91,16 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"varlen prefill lazy={lazy}", paged_attention_kernels.prefill_kernel,
        dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, EVEN_D=True, LAZY=lazy), dict(cu_ptr="*i32")) for lazy in (False, True)],
     *[(f"varlen prefill tma {m}x{n}", paged_attention_kernels.prefill_tma_kernel,
-       dict(HAS_WINDOW=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, LAZY=True),
-       dict(cu_ptr="*i32", k_desc=f"tensordesc<bf16[{n}, 128]>", v_desc=f"tensordesc<bf16[{n}, 128]>"))
+       dict(HAS_WINDOW=False, HAS_SCALE=False, CODES_FP16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, LAZY=True),
+       dict(cu_ptr="*i32", kvs_ptr="*fp32", k_desc=f"tensordesc<bf16[{n}, 128]>",
+            v_desc=f"tensordesc<bf16[{n}, 128]>"))
       for m, n in ((64, 64), (128, 64), (128, 128))],
+    *[(f"varlen prefill tma {code} codes", paged_attention_kernels.prefill_tma_kernel,
+       dict(HAS_WINDOW=False, HAS_SCALE=True, CODES_FP16=code == "fp8e4nv", BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+            LAZY=False),
+       dict(cu_ptr="*i32", kvs_ptr="*fp32", k_desc=f"tensordesc<{code}[64, 128]>",
+            v_desc=f"tensordesc<{code}[64, 128]>"))
+      for code in ("fp8e4nv", "i8")],
     *[(f"paged prefill one_split={one}", paged_attention_kernels.paged_prefill_kernel,
        dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64, EVEN_D=True, LAZY=True),
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))

@@ -91,6 +91,10 @@ PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 # (_tma_layout); with this tile, or None: the plain kernel on PREFILL_CONFIG. On an H200 (nineteenth session) 4 x
 # 2048 fresh tokens took 0.338 ms (407 TFLOP/s) against the plain kernel's 0.365 (scripts/bench_prefill_attention.py).
 PREFILL_TMA_CONFIG: dict | None = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+# The TMA kernel for the codes of a quantized cache too (fresh prompts read theirs back from their slots:
+# kiln.runtime.paged_batch), else the plain kernel. Off until timed on a GPU (scripts/bench_prefill_attention.py
+# times both): built in the twenty-eighth session, checked only under Triton's interpreter so far.
+PREFILL_TMA_CODES = False
 # The prefill kernels' softmax rescales lazily (_lazy_softmax_step: only once some row's max grew by more than 2^8
 # in its weights, as FlashAttention-4 does; the sm_90 loop then skips 64 of its 563 instructions on most steps).
 # Off: slower on an H200 in every kernel (nineteenth session: fresh 0.390 ms against 0.365, continuing 0.469 against
@@ -290,14 +294,15 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
     tma = PREFILL_TMA_CONFIG
-    if tma is not None and kv_scale is None and _tma_layout(q, k, v, block_d):
+    if tma is not None and (kv_scale is None or PREFILL_TMA_CODES) and _tma_layout(q, k, v, block_d, kv_scale):
         assert tma["BLOCK_M"] % tma["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
         grid = (triton.cdiv(max_seqlen, tma["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
         k_desc, v_desc = (_rows_descriptor(x, tma["BLOCK_N"]) for x in (k, v))
         prefill_tma_kernel[grid](
-            q, k_desc, v_desc, out, cu_seqlens, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            q, k_desc, v_desc, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             scale * _LOG2E, sliding_window or 0, heads // k.shape[1], HAS_WINDOW=sliding_window is not None,
-            BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE, **tma)
+            HAS_SCALE=kv_scale is not None, CODES_FP16=_codes_fp16(q, k), BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE,
+            **tma)
         return out
     prefill_kernel[grid](
         q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -308,12 +313,13 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     return out
 
 
-def _tma_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_d: int) -> bool:
-    """Whether the TMA kernel can read k and v: 16-bit like q, head size a power of two up to 128 (its tiles' size),
-    each token's heads side by side (a [tokens, kv heads x head size] matrix), 16-byte aligned rows, and a GPU with
-    TMA (the interpreter runs it anywhere)."""
-    if TensorDescriptor is None or not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
-                                        and q.shape[2] == block_d <= 128):
+def _tma_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_d: int, kv_scale=None) -> bool:
+    """Whether the TMA kernel can read k and v: a 16-bit q; k and v in q's dtype, or with kv_scale a quantized
+    cache's codes; head size a power of two up to 128 (its tiles' size), each token's heads side by side (a [tokens,
+    kv heads x head size] matrix), 16-byte aligned rows, and a GPU with TMA (the interpreter runs it anywhere)."""
+    kv_dtypes = (q.dtype,) if kv_scale is None else (torch.int8, torch.float8_e4m3fn)
+    if TensorDescriptor is None or not (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype
+                                        and k.dtype in kv_dtypes and q.shape[2] == block_d <= 128):
         return False
     for x in (k, v):
         if x.stride(1) != block_d or x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:

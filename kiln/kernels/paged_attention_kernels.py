@@ -388,29 +388,32 @@ def _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_
     """_prefill_step with the key and value tiles loaded by TMA (tensor descriptors): rows past the sequence's end
     are the next sequence's tokens or, past the tensor, zeros; the causal mask drops their scores."""
     cols = kstart + tl.arange(0, BLOCK_N)
-    k = k_desc.load([row0 + kstart, col])
+    k = k_desc.load([row0 + kstart, col]).to(q.dtype)  # (a quantized cache's codes: exact in q's dtype)
     s = tl.dot(q, tl.trans(k))
     if CAUSAL:
         s = tl.where((cols[None, :] <= rows[:, None]) & (cols < n)[None, :], s, float("-inf"))
     if HAS_WINDOW:
         s = tl.where(rows[:, None] - cols[None, :] < window, s, float("-inf"))
-    v = v_desc.load([row0 + kstart, col])
+    v = v_desc.load([row0 + kstart, col]).to(q.dtype)
     return _prefill_softmax_step(s, m, l, acc, v, qk_scale, False, LAZY)
 
 
 @triton.jit
-def prefill_tma_kernel(q_ptr, k_desc, v_desc, o_ptr, cu_ptr, q_st, q_sh, o_st, o_sh, scale_log2, window, group,
-                       HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, LAZY: tl.constexpr):
-    """prefill_kernel for 16-bit q, k and v of head size BLOCK_D with no cache scales, its key and value tiles
-    loaded by Hopper's TMA: k_desc and v_desc are 2-D descriptors over [tokens, kv heads x head size] with blocks
-    of [BLOCK_N, BLOCK_D]. (Triton 3.6 warp-specializes loops on Blackwell only, so the loads and the MMAs
-    share warps here, as in prefill_kernel: what changes is how the tiles arrive.)"""
+def prefill_tma_kernel(q_ptr, k_desc, v_desc, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, o_st, o_sh, scale_log2, window,
+                       group, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LAZY: tl.constexpr):
+    """prefill_kernel for a 16-bit q of head size BLOCK_D, its key and value tiles loaded by Hopper's TMA: k_desc
+    and v_desc are 2-D descriptors over [tokens, kv heads x head size] with blocks of [BLOCK_N, BLOCK_D], of 16-bit
+    keys and values or (HAS_SCALE) the codes of a quantized cache, which convert as in prefill_kernel. (Triton 3.6
+    warp-specializes loops on Blackwell only, so the loads and the MMAs share warps here, as in prefill_kernel:
+    what changes is how the tiles arrive.)"""
     tile, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, n = _sequence(cu_ptr, seq)
     if tile * BLOCK_M >= n:
         return
     rows, d, d_ok, q = _query_tile(q_ptr, start, n, tile, h, q_st, q_sh, BLOCK_D, BLOCK_M, BLOCK_D, True)
+    q = _codes_query(q, CODES_FP16)
+    qk_scale, v_scale = _kv_scales(kvs_ptr, scale_log2, HAS_SCALE)
     row0, col = start.to(tl.int32), (h // group) * BLOCK_D  # descriptor offsets are 32-bit
     m = tl.full([BLOCK_M], -1e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -420,12 +423,12 @@ def prefill_tma_kernel(q_ptr, k_desc, v_desc, o_ptr, cu_ptr, q_st, q_sh, o_st, o
     if HAS_WINDOW:
         lo = tl.maximum(diag - window + 1, 0) // BLOCK_N * BLOCK_N
     for kstart in range(lo, diag, BLOCK_N):
-        m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, scale_log2, window,
+        m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_scale, window,
                                       n, False, HAS_WINDOW, BLOCK_N, LAZY)
     for kstart in range(diag, tl.minimum(diag + BLOCK_M, n), BLOCK_N):
-        m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, scale_log2, window,
+        m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_scale, window,
                                       n, True, HAS_WINDOW, BLOCK_N, LAZY)
-    _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, 1.0)
+    _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
 
 
 @triton.jit(do_not_specialize=VARYING_INTS)

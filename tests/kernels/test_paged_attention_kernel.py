@@ -306,15 +306,25 @@ def test_decode_split_programs_merging_their_parts_match_the_reference(cache, ca
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", [0, 2, 3])
-def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtype, case):
+@pytest.mark.parametrize("tma_codes", [False, True], ids=["plain", "tma"])
+def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtype, case, tma_codes, monkeypatch):
+    """Both kernels (PREFILL_TMA_CODES): where the TMA one can read the codes (a 16-bit q, a power-of-two head size,
+    Hopper), it must be the one that runs."""
+    from kiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "PREFILL_TMA_CODES", tma_codes)
     lens, heads, kv_heads, d, window = PREFILL_CASES[case]
     q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, case)
     (kc, sk), (vc, sv) = to_codes(k * 3, code_dtype), to_codes(v, code_dtype)
     kv_scale = torch.tensor([sk, sv], dtype=dtype, device="cuda")
     q, kc, vc, cu = (t.cuda() for t in (q, kc, vc, cu))
+    takes_tma = tma_codes and paged_attention._tma_layout(q, kc, vc, d, kv_scale)
+    assert takes_tma == (tma_codes and dtype != torch.float32 and d in (64, 128)
+                         and torch.cuda.get_device_capability()[0] >= 9)
     got = varlen_prefill_attention(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
     want = varlen_prefill_attention_ref(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
-    print(f"varlen_prefill {code_dtype} codes, {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
+    print(f"varlen_prefill {code_dtype} codes, {dtype} case {case}, TMA {takes_tma}: "
+          f"max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
