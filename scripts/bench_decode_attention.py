@@ -1,5 +1,6 @@
 """Paged decode attention per KV-cache format (bf16, FP8, INT8 codes) at the offline workload's shapes, with a
-sweep of the kernel's tile configs: `PYTHONPATH=. python scripts/bench_decode_attention.py` (a GPU).
+sweep of the kernel's tile configs (and, for the pairs kernel, caps on its registers):
+`PYTHONPATH=. python scripts/bench_decode_attention.py` (a GPU).
 
 Llama-3-8B heads (32 query, 8 KV, head_size 128), one layer, CUDA-graph replay (the engine decodes from graphs);
 last, the default tile (decode_block_n's), alone and with FUSED_MERGE (the split programs merge their parts; no
@@ -22,7 +23,9 @@ FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8 pairs": torc
 # kernel changes tile: PAIRS_LONG_CONTEXT), and batch-1 decode (decode-1: 128 in, 256 out), where every sequence
 # splits and FUSED_MERGE matters
 SHAPES = ((512, 192), (256, 512), (128, 1024), (64, 2048), (1, 384))
-CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (256, 8, 2), (32, 4, 3))  # BLOCK_N, warps, stages
+# BLOCK_N, warps, stages, and for the pairs kernel a cap on its registers (PAIRS_MAX_REGISTERS; None: the compiler's)
+CONFIGS = ((128, 4, 2, None), (128, 4, 2, 128), (64, 4, 2, None), (64, 4, 2, 96), (64, 4, 3, None),
+           (128, 8, 2, None), (256, 8, 2, None), (32, 4, 3, None))
 
 
 def cache(num_blocks: int, fmt: str) -> torch.Tensor:
@@ -36,6 +39,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
     default, default_pairs, default_long = dict(pa.DECODE_CONFIG), pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N
+    default_caps = dict(pa.PAIRS_MAX_REGISTERS)
     for batch, context in SHAPES:
         blocks = context // PAGE
         tables = torch.randperm(batch * blocks, device="cuda").int().view(batch, blocks)  # scattered pages
@@ -50,14 +54,19 @@ def main():
             pa.CODES_AS_PAIRS = fmt.endswith("pairs")
             err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float()).abs()
             line = []
-            for block_n, warps, stages in CONFIGS:  # (every context: the long-context tile too)
+            for block_n, warps, stages, cap in CONFIGS:  # (every context: the long-context tile too)
+                if cap and not pa.CODES_AS_PAIRS:  # (the cap is the pairs kernel's)
+                    continue
                 pa.DECODE_CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                pa.PAIRS_LONG_BLOCK_N = block_n
+                pa.PAIRS_LONG_BLOCK_N, pa.PAIRS_MAX_REGISTERS = block_n, {block_n: cap} if cap else {}
+                capped = pa.paged_decode_attention(*args).float()
+                cap_err = (capped - pa.paged_decode_attention_ref(*args).float()).abs().max().item()
                 us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
                 gbs = read * FORMATS[fmt].itemsize / us / 1e3
-                line.append(f"{block_n}/{warps}/{stages} {us:6.1f}us {gbs:5.0f}GB/s")
+                label = f"{block_n}/{warps}/{stages}" + (f" r{cap} (err {cap_err:.2g})" if cap else "")
+                line.append(f"{label} {us:6.1f}us {gbs:5.0f}GB/s")
             pa.DECODE_CONFIG.update(default)  # the default tiles again (decode_block_n)
-            pa.PAIRS_LONG_BLOCK_N = default_long
+            pa.PAIRS_LONG_BLOCK_N, pa.PAIRS_MAX_REGISTERS = default_long, default_caps
             us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
             line.append(f"| default ({pa.decode_block_n(pa.CODES_AS_PAIRS, context)} keys) {us:6.1f}us")
             pa.FUSED_MERGE = True  # and with its split programs merging
@@ -67,7 +76,7 @@ def main():
             line.append(f"| fused merge {us:6.1f}us (err {fused_err.abs().max().item():.2g})")
             print(f"b{batch} ctx~{context} {fmt:<9} (err {err.max().item():.2g}): " + "  ".join(line), flush=True)
     pa.DECODE_CONFIG.update(default)
-    pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N = default_pairs, default_long
+    pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N, pa.PAIRS_MAX_REGISTERS = default_pairs, default_long, default_caps
 
 
 if __name__ == "__main__":

@@ -48,11 +48,13 @@ def aligned_pointers(fn) -> dict:
             if not p.is_constexpr and (p.name.endswith("_ptr") or p.name in MULTIPLES_OF_16)}
 
 
-def disassemble(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages: int) -> tuple[str, str]:
-    """(the kernel's SASS, its registers per thread)."""
+def disassemble(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages: int,
+                maxnreg: int | None = None) -> tuple[str, str]:
+    """(the kernel's SASS, its registers per thread and shared memory per program); maxnreg caps the registers
+    (Triton's launch option)."""
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs,
-                                      attrs=aligned_pointers(fn)), target=TARGET,
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                                      attrs=aligned_pointers(fn)), target=TARGET, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -60,7 +62,8 @@ def disassemble(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages
                               check=True).stdout
         usage = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
-    return sass, re.search(r"REG:(\d+)", usage).group(1)
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    return sass, f"{registers} registers, {kernel.metadata.shared} bytes shared"
 
 
 def longest_loop(sass: str) -> collections.Counter:
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--num-stages", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                         help="override a case's constexpr (a tile: --set BLOCK_N=16 --set BLOCK_KW=128)")
+    parser.add_argument("--maxnreg", type=int, help="cap the registers a thread (more programs an SM)")
     parser.add_argument("--sass", action="store_true", help="also print the whole disassembly")
     args = parser.parse_args()
     overrides = {name: int(value) for name, value in (item.split("=", 1) for item in args.set)}
@@ -90,12 +94,12 @@ def main() -> None:
         raise SystemExit(f"no case of scripts/compile_kernels.py has {args.label!r} in its label")
     for label, fn, constexprs, pointers in cases:
         constexprs = {**constexprs, **overrides}
-        sass, registers = disassemble(fn, constexprs, pointers, args.num_warps, args.num_stages)
+        sass, registers = disassemble(fn, constexprs, pointers, args.num_warps, args.num_stages, args.maxnreg)
         loop = longest_loop(sass)
         spills = sass.count("STL")
         top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
         mma = {op: n for op, n in collections.Counter(OPCODE.findall(sass)).items() if "MMA" in op}
-        print(f"{label}: {constexprs}\n  {registers} registers, {spills} spill stores; longest loop "
+        print(f"{label}: {constexprs}\n  {registers}, {spills} spill stores; longest loop "
               f"{sum(loop.values())} instructions per step: {top}" + (f"; tensor-core ops {mma}" if mma else ""))
         if args.sass:
             print(sass)

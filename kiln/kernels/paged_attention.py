@@ -74,6 +74,12 @@ CODES_AS_PAIRS = True
 # 25,011.3 without, while long-1000 went from 14,627.6 to 15,408.9. A 16-bit cache is faster with 64-key tiles at
 # every length timed, so it keeps them.
 PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 512, 128
+# The registers a thread of the pairs kernel may hold, by its tile's keys (Triton's maxnreg): fewer registers, more
+# programs an SM to hide the loads' latency. In sm_90 code (scripts/kernel_sass.py "decode code pairs" --maxnreg N)
+# the 64-key tile takes 117 (4 programs an SM) and fits in 96 without spilling (5, as the bf16 kernel's 96 give);
+# the 128-key tile takes 143 (3) and fits in 128 with 6 spill stores (4). Shared memory allows 5-10. Empty (the
+# compiler's choice) until timed on a GPU: scripts/bench_decode_attention.py sweeps both caps.
+PAIRS_MAX_REGISTERS: dict[int, int] = {}
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
 # batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off: timed on an H200, batch 1 took 6.4 us a
@@ -236,7 +242,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **pdl_args(q.device))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **_register_cap(pairs, block_n),
+        **pdl_args(q.device))
     if codes:
         fp8 = Fp8Rows(torch.empty(batch, heads * head_size, dtype=torch.float8_e4m3fn, device=q.device),
                       torch.empty(batch, 1, dtype=torch.float32, device=q.device))
@@ -245,6 +252,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if not one and counts is None:
         _merge_splits(partial, lse, out, q)
     return out
+
+
+def _register_cap(pairs: bool, block_n: int) -> dict:
+    """The pairs kernel's maxnreg launch option for this tile (PAIRS_MAX_REGISTERS), or none."""
+    return {"maxnreg": PAIRS_MAX_REGISTERS[block_n]} if pairs and block_n in PAIRS_MAX_REGISTERS else {}
 
 
 def _split_counts(device: torch.device, n: int) -> torch.Tensor | None:
