@@ -108,12 +108,18 @@ class PagedAttentionBatch:
         # the fresh prompts, one for the prompts that continue a cached prefix or an earlier chunk.
         p = self._parts
         out = torch.empty_like(q)
-        side = _decode_stream(q) if fast and p.num_decode and (p.fresh_max or p.other_max) else None
-        if side is not None:  # the decode tokens' attention beside the prompts' (after them, on the side stream)
+        attend_decode = lambda: _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache,  # noqa: E731
+                                             p.decode_tables, p.decode_lens, layer.scale, layer.sliding_window,
+                                             kv_scale)
+        side, first = (_decode_stream(q) if fast and p.num_decode and (p.fresh_max or p.other_max)
+                       else (None, False))
+        if side is not None:  # the decode tokens' attention beside the prompts', on the side stream
             side.wait_stream(torch.cuda.current_stream(q.device))
+            if first:
+                with torch.cuda.stream(side):
+                    attend_decode()
         elif p.num_decode:
-            _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, p.decode_tables, p.decode_lens,
-                         layer.scale, layer.sliding_window, kv_scale)
+            attend_decode()
         if p.fresh_max:
             t = p.fresh_tokens
             _attend_into(out, t, prefill, q, *self._new_keys(k, v, k_flat, v_flat, kv_scale, t), p.fresh_cu,
@@ -122,9 +128,9 @@ class PagedAttentionBatch:
             _attend_into(out, p.other_tokens, continuing, q, k_cache, v_cache, p.other_tables, p.other_cu,
                          p.other_ctx, layer.scale, layer.sliding_window, kv_scale, p.other_max)
         if side is not None:
-            with torch.cuda.stream(side):
-                _attend_into(out, p.decode_tokens, decode, q, k_cache, v_cache, p.decode_tables, p.decode_lens,
-                             layer.scale, layer.sliding_window, kv_scale)
+            if not first:
+                with torch.cuda.stream(side):
+                    attend_decode()
             torch.cuda.current_stream(q.device).wait_stream(side)
         return out
 
@@ -196,24 +202,27 @@ class PagedAttentionBatch:
 # (scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,normal --requests 400 --rounds 2: 400 x
 # 2048/128, Llama-3-8B shapes) it gains 0.2-0.6% at high priority, 0.6-0.8% at normal: the two kernels mostly take
 # turns on the SMs (docs/performance.md). KILN_DECODE_ATTENTION_STREAM: "high" (the default), "normal" (the side
-# stream at the main one's priority) or "off" (one stream).
-_STREAM_PRIORITIES = {"normal": 0, "high": -1}
+# stream at the main one's priority), "first" (at high priority, launched before the prompts' attention, so its
+# programs take the SMs first; not yet timed) or "off" (one stream).
+_STREAM_SETTINGS = {"high": (-1, False), "normal": (0, False), "first": (-1, True)}  # (priority, launched first)
 _decode_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}  # one per device and priority
 
 
-def _decode_stream(q: torch.Tensor):
-    """The side stream for a mixed step's decode attention on q's device, or None: turned off, or inside a CUDA
-    graph's capture (captured steps keep one stream)."""
+def _decode_stream(q: torch.Tensor) -> tuple[torch.cuda.Stream | None, bool]:
+    """(the side stream for a mixed step's decode attention on q's device, whether it is launched before the
+    prompts' attention); the stream is None where turned off, or inside a CUDA graph's capture (captured steps
+    keep one stream)."""
     setting = os.environ.get("KILN_DECODE_ATTENTION_STREAM", "high")
-    if setting != "off" and setting not in _STREAM_PRIORITIES:
-        raise ValueError(f"KILN_DECODE_ATTENTION_STREAM={setting!r}: allowed values are high (the default), normal "
-                         "and off")
+    if setting != "off" and setting not in _STREAM_SETTINGS:
+        raise ValueError(f"KILN_DECODE_ATTENTION_STREAM={setting!r}: allowed values are high (the default), normal, "
+                         "first and off")
     if setting == "off" or torch.cuda.is_current_stream_capturing():
-        return None
-    key = (q.device, _STREAM_PRIORITIES[setting])
+        return None, False
+    priority, first = _STREAM_SETTINGS[setting]
+    key = (q.device, priority)
     if key not in _decode_streams:
-        _decode_streams[key] = torch.cuda.Stream(q.device, priority=key[1])
-    return _decode_streams[key]
+        _decode_streams[key] = torch.cuda.Stream(q.device, priority=priority)
+    return _decode_streams[key], first
 
 
 def _attend_into(out: torch.Tensor, rows, attend, q: torch.Tensor, *args) -> None:

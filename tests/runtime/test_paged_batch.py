@@ -151,7 +151,7 @@ def test_a_later_step_reads_the_keys_an_earlier_step_wrote_to_the_cache():
 
 
 @pytest.mark.skipif(not triton_available(), reason="the side stream is a CUDA stream: needs a GPU with Triton")
-@pytest.mark.parametrize("setting", ["high", "normal", "off"])
+@pytest.mark.parametrize("setting", ["high", "normal", "first", "off"])
 @pytest.mark.parametrize("kind", ["mixed", "mixed_in_runs"])
 def test_a_mixed_step_with_its_decode_attention_on_a_side_stream(kind, setting, monkeypatch):
     """KILN_DECODE_ATTENTION_STREAM runs the decode tokens' attention on a second stream beside the prompts' (or,
@@ -161,7 +161,7 @@ def test_a_mixed_step_with_its_decode_attention_on_a_side_stream(kind, setting, 
     monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", setting)
     monkeypatch.setattr(paged_batch, "_decode_streams", {})
     _paged_vs_reference(Layer(), STEPS[kind], "cuda")
-    expected = [] if setting == "off" else [paged_batch._STREAM_PRIORITIES[setting]]
+    expected = [] if setting == "off" else [paged_batch._STREAM_SETTINGS[setting][0]]
     assert [level for _, level in paged_batch._decode_streams] == expected
 
 
@@ -169,5 +169,5 @@ def test_an_unknown_decode_attention_stream_setting_names_the_allowed_values(mon
     from kiln.runtime.paged_batch import _decode_stream
 
     monkeypatch.setenv("KILN_DECODE_ATTENTION_STREAM", "fast")
-    with pytest.raises(ValueError, match="allowed values are high .the default., normal and off"):
+    with pytest.raises(ValueError, match="allowed values are high .the default., normal, first and off"):
         _decode_stream(torch.zeros(1))
