@@ -1,5 +1,6 @@
 """Paged decode attention per KV-cache format (bf16, FP8, INT8 codes) at the offline workload's shapes, with a
-sweep of the kernel's tile configs (and, for the pairs kernel, caps on its registers):
+sweep of the kernel's tile configs (and, for the pairs kernel, caps on its registers and the next tile's words
+requested a step ahead: PAIRS_MAX_REGISTERS, PAIRS_PREFETCH):
 `PYTHONPATH=. python scripts/bench_decode_attention.py` (a GPU).
 
 Llama-3-8B heads (32 query, 8 KV, head_size 128), one layer, CUDA-graph replay (the engine decodes from graphs);
@@ -23,9 +24,11 @@ FORMATS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8 pairs": torc
 # kernel changes tile: PAIRS_LONG_CONTEXT), and batch-1 decode (decode-1: 128 in, 256 out), where every sequence
 # splits and FUSED_MERGE matters
 SHAPES = ((512, 192), (256, 512), (128, 1024), (64, 2048), (1, 384))
-# BLOCK_N, warps, stages, and for the pairs kernel a cap on its registers (PAIRS_MAX_REGISTERS; None: the compiler's)
-CONFIGS = ((128, 4, 2, None), (128, 4, 2, 128), (64, 4, 2, None), (64, 4, 2, 96), (64, 4, 3, None),
-           (128, 8, 2, None), (256, 8, 2, None), (32, 4, 3, None))
+# BLOCK_N, warps, stages, and for the pairs kernel a cap on its registers (PAIRS_MAX_REGISTERS; None: the
+# compiler's) and whether it requests the next tile's words a step ahead (PAIRS_PREFETCH)
+CONFIGS = ((128, 4, 2, None, False), (128, 4, 2, 128, False), (128, 4, 2, None, True), (64, 4, 2, None, False),
+           (64, 4, 2, 96, False), (64, 4, 2, None, True), (64, 4, 3, None, False), (128, 8, 2, None, False),
+           (256, 8, 2, None, False), (32, 4, 3, None, False))
 
 
 def cache(num_blocks: int, fmt: str) -> torch.Tensor:
@@ -39,7 +42,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     torch.manual_seed(0)
     default, default_pairs, default_long = dict(pa.DECODE_CONFIG), pa.CODES_AS_PAIRS, pa.PAIRS_LONG_BLOCK_N
-    default_caps = dict(pa.PAIRS_MAX_REGISTERS)
+    default_caps, default_prefetch = dict(pa.PAIRS_MAX_REGISTERS), pa.PAIRS_PREFETCH
     for batch, context in SHAPES:
         blocks = context // PAGE
         tables = torch.randperm(batch * blocks, device="cuda").int().view(batch, blocks)  # scattered pages
@@ -54,19 +57,22 @@ def main():
             pa.CODES_AS_PAIRS = fmt.endswith("pairs")
             err = (pa.paged_decode_attention(*args).float() - pa.paged_decode_attention_ref(*args).float()).abs()
             line = []
-            for block_n, warps, stages, cap in CONFIGS:  # (every context: the long-context tile too)
-                if cap and not pa.CODES_AS_PAIRS:  # (the cap is the pairs kernel's)
+            for block_n, warps, stages, cap, prefetch in CONFIGS:  # (every context: the long-context tile too)
+                if (cap or prefetch) and not pa.CODES_AS_PAIRS:  # (both are the pairs kernel's)
                     continue
                 pa.DECODE_CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                 pa.PAIRS_LONG_BLOCK_N, pa.PAIRS_MAX_REGISTERS = block_n, {block_n: cap} if cap else {}
-                capped = pa.paged_decode_attention(*args).float()
-                cap_err = (capped - pa.paged_decode_attention_ref(*args).float()).abs().max().item()
+                pa.PAIRS_PREFETCH = prefetch
+                got = pa.paged_decode_attention(*args).float()
+                got_err = (got - pa.paged_decode_attention_ref(*args).float()).abs().max().item()
                 us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
                 gbs = read * FORMATS[fmt].itemsize / us / 1e3
-                label = f"{block_n}/{warps}/{stages}" + (f" r{cap} (err {cap_err:.2g})" if cap else "")
+                variant = (f" r{cap}" if cap else "") + (" prefetch" if prefetch else "")
+                label = f"{block_n}/{warps}/{stages}" + (f"{variant} (err {got_err:.2g})" if variant else "")
                 line.append(f"{label} {us:6.1f}us {gbs:5.0f}GB/s")
             pa.DECODE_CONFIG.update(default)  # the default tiles again (decode_block_n)
             pa.PAIRS_LONG_BLOCK_N, pa.PAIRS_MAX_REGISTERS = default_long, default_caps
+            pa.PAIRS_PREFETCH = default_prefetch
             us = graph_us(lambda: pa.paged_decode_attention(*args), iters=20)
             line.append(f"| default ({pa.decode_block_n(pa.CODES_AS_PAIRS, context)} keys) {us:6.1f}us")
             pa.FUSED_MERGE = True  # and with its split programs merging

@@ -80,6 +80,11 @@ PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 512, 128
 # the 128-key tile takes 143 (3) and fits in 128 with 6 spill stores (4). Shared memory allows 5-10. Empty (the
 # compiler's choice) until timed on a GPU: scripts/bench_decode_attention.py sweeps both caps.
 PAIRS_MAX_REGISTERS: dict[int, int] = {}
+# The pairs kernel requests the next tile's words before it works on its own (decode_code_pairs_kernel's
+# PREFETCH), so a program waits on memory once instead of once a tile. It costs a second tile of words in
+# registers: in sm_90 code 144 a thread for 64-key tiles (3 programs an SM) and 225 for 128-key tiles (2), no
+# spills. Off until timed on a GPU (scripts/bench_decode_attention.py sweeps it).
+PAIRS_PREFETCH = False
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
 # batch 1 (the merge took 1.6 us of 2.1 ms a W4A16 token on an H200). Off: timed on an H200, batch 1 took 6.4 us a
@@ -229,7 +234,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if pairs:  # the same bytes as 16-bit words: [blocks, page, kv heads, head_size / 2]
-        flags = dict(INT8=k_cache.dtype == torch.int8)
+        flags = dict(INT8=k_cache.dtype == torch.int8, PREFETCH=PAIRS_PREFETCH)
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
     else:
         flags = dict(CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32)

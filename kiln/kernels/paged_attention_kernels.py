@@ -208,6 +208,16 @@ def _code_pairs(w, INT8: tl.constexpr):
         "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
 
 
+@triton.jit
+def _tile_rows(bt_ptr, b, bt_sb, start, hi, j_ok, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(keys t = start..start+BLOCK_N, which are before hi, each one's page, the mask of their words) of a decode
+    tile over a paged cache."""
+    t = start + tl.arange(0, BLOCK_N)
+    ok = t < hi
+    page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
+    return t, ok, page, ok[:, None] & j_ok[None, :]
+
+
 @triton.jit(do_not_specialize=VARYING_INTS)
 def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
                              q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
@@ -215,11 +225,13 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                              ONE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     """decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
     strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
     and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd
-    halves, stored interleaved at the end. The tiles are loaded as 16-bit words, as a bf16 cache's are."""
+    halves, stored interleaved at the end. The tiles are loaded as 16-bit words, as a bf16 cache's are.
+    PREFETCH: each step requests the next tile's words before it works on its own (held in registers, a second
+    tile's worth), so a program waits on memory once, not once a tile."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -238,18 +250,26 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
     l = tl.zeros([BLOCK_G], tl.float32)
     acc_even = tl.zeros([BLOCK_G, HALF], tl.float32)
     acc_odd = tl.zeros([BLOCK_G, HALF], tl.float32)
+    if PREFETCH:  # the first tile's words
+        t, ok_next, page, kv_mask = _tile_rows(bt_ptr, b, bt_sb, lo, hi, j_ok, PAGE, BLOCK_N)
+        k_next = _load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE)
+        v_next = _load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE)
     for start in range(lo, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
-        ok = t < hi
-        page = tl.load(bt_ptr + b * bt_sb + t // PAGE, mask=ok, other=0).to(tl.int64)
-        kv_mask = ok[:, None] & j_ok[None, :]
-        k_even, k_odd = _code_pairs(_load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE),
-                                    INT8)
+        if PREFETCH:  # this tile's words arrived during the last step; the next tile's arrive during this one
+            ok, k_words, v_words = ok_next, k_next, v_next
+            t, ok_next, page, kv_mask = _tile_rows(bt_ptr, b, bt_sb, start + BLOCK_N, hi, j_ok, PAGE, BLOCK_N)
+            k_next = _load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE)
+            v_next = _load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE)
+        else:
+            t, ok, page, kv_mask = _tile_rows(bt_ptr, b, bt_sb, start, hi, j_ok, PAGE, BLOCK_N)
+            k_words = _load_pages(k_ptr, page, t, kvh, j, kv_mask, k_sblk, k_stok, k_sh, PAGE)
+        k_even, k_odd = _code_pairs(k_words, INT8)
         s = tl.dot(q_even, tl.trans(k_even))
         s = tl.dot(q_odd, tl.trans(k_odd), s) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
-        v_even, v_odd = _code_pairs(_load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE),
-                                    INT8)
+        if not PREFETCH:
+            v_words = _load_pages(v_ptr, page, t, kvh, j, kv_mask, v_sblk, v_stok, v_sh, PAGE)
+        v_even, v_odd = _code_pairs(v_words, INT8)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])  # masked scores are -inf: p = 0
         alpha = tl.exp2(m - m_new)

@@ -253,14 +253,18 @@ def test_references_read_codes_times_their_scale(code_dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("way", ["one by one", "pairs", "pairs prefetched", "pairs, registers capped"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", [0, 1, 2, 4])
-def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, pairs, dtype, case, monkeypatch):
-    """Both decode kernels of a 1-byte cache: codes read one by one, and as 16-bit words of two (CODES_AS_PAIRS)."""
+def test_decode_kernel_reads_a_quantized_cache_like_the_reference(code_dtype, way, dtype, case, monkeypatch):
+    """Both decode kernels of a 1-byte cache: codes read one by one, and as 16-bit words of two (CODES_AS_PAIRS),
+    the latter also with the next tile requested a step ahead (PAIRS_PREFETCH) and with its registers capped
+    (PAIRS_MAX_REGISTERS, the caps scripts/bench_decode_attention.py times)."""
     from kiln.kernels import paged_attention
 
-    monkeypatch.setattr(paged_attention, "CODES_AS_PAIRS", pairs)
+    monkeypatch.setattr(paged_attention, "CODES_AS_PAIRS", way != "one by one")
+    monkeypatch.setattr(paged_attention, "PAIRS_PREFETCH", way == "pairs prefetched")
+    monkeypatch.setattr(paged_attention, "PAIRS_MAX_REGISTERS", {64: 96, 128: 128} if "capped" in way else {})
     lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
     q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
     (kc, sk), (vc, sv) = to_codes(k_cache * 3, code_dtype), to_codes(v_cache, code_dtype)
