@@ -27,8 +27,8 @@ SHAPES = ((512, 192), (256, 512), (128, 1024), (64, 2048), (1, 384))
 # BLOCK_N, warps, stages, and for the pairs kernel a cap on its registers (PAIRS_MAX_REGISTERS; None: the
 # compiler's) and whether it requests the next tile's words a step ahead (PAIRS_PREFETCH)
 CONFIGS = ((128, 4, 2, None, False), (128, 4, 2, 128, False), (128, 4, 2, None, True), (64, 4, 2, None, False),
-           (64, 4, 2, 96, False), (64, 4, 2, None, True), (64, 4, 3, None, False), (128, 8, 2, None, False),
-           (256, 8, 2, None, False), (32, 4, 3, None, False))
+           (64, 4, 2, 96, False), (64, 4, 2, None, True), (64, 4, 2, 128, True), (64, 4, 3, None, False),
+           (128, 8, 2, None, False), (256, 8, 2, None, False), (32, 4, 3, None, False))
 
 
 def cache(num_blocks: int, fmt: str) -> torch.Tensor:
