@@ -598,7 +598,7 @@ if triton is not None:
         """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int64
         words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8
         bytes of an output's codes and the 8 columns of x they multiply (16 bytes), as the int4 GEMV loads a word of
-        8 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte the unsigned code u = q + 128
+        16 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte the unsigned code u = q + 128
         (one instruction a half), and the int4 GEMV's trick (_w4_row_sums) turns it into a float: bytes 0 and 1
         masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits, are the
         subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA, where the

@@ -306,6 +306,17 @@ def test_decode_split_programs_merging_their_parts_match_the_reference(cache, ca
     assert counts is None or not counts.any()  # and left its counts at zero
 
 
+class LaunchCounter:
+    """Stands in for a Triton kernel in its module: records each launch's grid (kernel[grid]) and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @needs_gpu
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -322,10 +333,11 @@ def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtyp
     (kc, sk), (vc, sv) = to_codes(k * 3, code_dtype), to_codes(v, code_dtype)
     kv_scale = torch.tensor([sk, sv], dtype=dtype, device="cuda")
     q, kc, vc, cu = (t.cuda() for t in (q, kc, vc, cu))
-    takes_tma = tma_codes and paged_attention._tma_layout(q, kc, vc, d, kv_scale)
-    assert takes_tma == (tma_codes and dtype != torch.float32 and d in (64, 128)
-                         and torch.cuda.get_device_capability()[0] >= 9)
+    tma = LaunchCounter(paged_attention.prefill_tma_kernel)
+    monkeypatch.setattr(paged_attention, "prefill_tma_kernel", tma)
+    takes_tma = tma_codes and dtype != torch.float32 and d in (64, 128) and torch.cuda.get_device_capability()[0] >= 9
     got = varlen_prefill_attention(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
+    assert len(tma.grids) == takes_tma
     want = varlen_prefill_attention_ref(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
     print(f"varlen_prefill {code_dtype} codes, {dtype} case {case}, TMA {takes_tma}: "
           f"max err {(got - want).abs().max().item():.3g}")
