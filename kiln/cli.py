@@ -83,13 +83,23 @@ def _exclude_modules(args) -> tuple[str, ...]:
     return exclusions(args.quantize_lm_head, extra)
 
 
+# BuildConfig's fields that have a flag, each None unless given (BuildConfig's default then). A built engine
+# keeps the limits it was built with (kiln.llmapi.llm names one asked for) and takes the RUNTIME_FIELDS.
+BUILD_CONFIG_FLAGS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block",
+                      "kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens", "decode_steps_per_sync",
+                      "capacity_scheduler_policy")
+
+
+def given_build_fields(args) -> dict:
+    """The BuildConfig fields whose flags were given."""
+    return {name: getattr(args, name) for name in BUILD_CONFIG_FLAGS if getattr(args, name, None) is not None}
+
+
 def _build_config(args):
+    """A BuildConfig of the flags given, the rest at their defaults."""
     from kiln.config import BuildConfig
 
-    return BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
-                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                       decode_steps_per_sync=args.decode_steps_per_sync,
-                       capacity_scheduler_policy=args.capacity_scheduler_policy)
+    return BuildConfig(**given_build_fields(args))
 
 
 def cmd_build(args) -> None:
@@ -108,10 +118,11 @@ def cmd_run(args) -> None:
 
     device = args.device
     if torchrun_rank() is not None:  # one of several ranks started by torchrun
-        device = join_torchrun(args.engine_dir)
+        device = join_torchrun(args.engine_dir, _build_config(args))
         if device is None:  # a rank other than 0: it served until rank 0 was done
             return
-    with LLM(args.engine_dir, dtype=args.dtype, device=device) as llm:
+    with LLM(args.engine_dir, dtype=args.dtype, device=device, build_config=_build_config(args)) \
+            as llm:
         _generate_to_stdout(llm, args)
     if torchrun_rank() is not None:
         from kiln.runtime.distributed import leave_process_group
@@ -218,20 +229,28 @@ def _lm_head_format(quantization: dict) -> str:
 
 
 def _add_build_flags(p) -> None:
-    p.add_argument("--max-batch-size", type=int, default=8, help="most sequences in one step")
+    p.add_argument("--max-batch-size", type=int, default=None, help="most sequences in one step (default: 8)")
     p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: max_seq_len)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
-    p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
-    p.add_argument("--decode-steps-per-sync", type=int, default=4,
+    p.add_argument("--max-num-tokens", type=int, default=None, help="most tokens in one step (default: 8192)")
+    p.add_argument("--tokens-per-block", type=int, default=None, help="tokens in a KV-cache block, a power of two "
+                   "(default: 32)")
+    _add_runtime_flags(p)
+
+
+def _add_runtime_flags(p) -> None:
+    """BuildConfig's RUNTIME_FIELDS: read when an engine is loaded, so they apply to a built engine too."""
+    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=None, metavar="FRACTION",
+                   help="share of the GPU memory left free by the weights that the KV cache takes, in (0, 1] "
+                        "(default: 0.9)")
+    p.add_argument("--kv-cache-max-tokens", type=int, default=None, metavar="TOKENS",
+                   help="size the KV cache for this many tokens instead of by the memory fraction")
+    p.add_argument("--decode-steps-per-sync", type=int, default=None,
                    help="greedy decode steps run back to back on the GPU before the host reads their tokens "
-                        "(1: token by token)")
-    _add_policy_flag(p)
-
-
-def _add_policy_flag(p) -> None:
+                        "(default: 4; 1: token by token)")
     # (checked by BuildConfig, whose error names the allowed values: no torch import for --help)
-    p.add_argument("--capacity-scheduler-policy", default="max_utilization",
+    p.add_argument("--capacity-scheduler-policy", default=None,
                    help="max_utilization (the default): admit a request when its prompt fits, preempt the newest "
                         "when the cache runs out; guaranteed_no_evict: admit one only when its whole output fits "
                         "too, so none is ever preempted")
@@ -342,6 +361,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype when converting a source model in-process")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_runtime_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (completions, chat, streaming)")
@@ -401,9 +421,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="quantize lm_head too in the quantized systems (kiln quantize's --quantize-lm-head)")
     p.add_argument("--max-batch-size", type=int, default=512, help="the engine's running batch ceiling")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
-    p.add_argument("--decode-steps-per-sync", type=int, default=4,
-                   help="greedy decode steps the engine runs before the host looks (BuildConfig's)")
-    _add_policy_flag(p)
+    _add_runtime_flags(p)
     p.add_argument("--profile", action="store_true",
                    help="run each kiln workload again under torch.profiler and print its kernels by GPU time")
     p.add_argument("--output-json", default=None, help="also write the results here")

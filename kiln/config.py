@@ -11,7 +11,7 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -347,6 +347,13 @@ class BuildConfig:
     # preempted (no recomputation; fewer requests at once when max_tokens is far above what they generate).
     capacity_scheduler_policy: str = "max_utilization"
 
+    # Options read when an engine is loaded, not built into it: the KV cache is sized on the GPU the engine runs
+    # on, and the decode bursts and the admission policy are the scheduler's. LLM(engine_dir, build_config=bc)
+    # takes them from bc whatever the engine was built with; the other fields shape the engine (its CUDA graphs,
+    # its limits) and change only by building again.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens",
+                                                 "decode_steps_per_sync", "capacity_scheduler_policy")
+
     def __post_init__(self):
         owner = "BuildConfig"
         _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block", "decode_steps_per_sync"))
@@ -373,6 +380,14 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "BuildConfig":
         return cls(**_known_fields(cls, d, "build config"))
+
+    def engine_fields(self) -> dict:
+        """The fields an engine is built with (all but RUNTIME_FIELDS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+
+    def with_runtime_options(self, other: "BuildConfig") -> "BuildConfig":
+        """This engine's config with other's RUNTIME_FIELDS."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.RUNTIME_FIELDS})
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -57,7 +57,8 @@ def test_help_names_flags_after_config_fields(capsys):
     with pytest.raises(SystemExit):
         main(["build", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens"):
+    for flag in ("--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens", "--tokens-per-block",
+                 "--kv-cache-free-gpu-mem-fraction", "--kv-cache-max-tokens", "--capacity-scheduler-policy"):
         assert flag in out
 
 
@@ -192,3 +193,24 @@ def test_run_with_token_ids_on_a_tiny_model(tiny_llama_session, tmp_path, monkey
                  "--ignore-eos", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.split()
     assert [int(t) for t in out] == hf_greedy(hf, [5, 9, 17], 12)
+
+
+def test_runtime_flags_size_a_built_engines_kv_cache(tiny_llama_session, tmp_path, capsys, caplog):
+    """--kv-cache-max-tokens (a BuildConfig runtime field) applies to an engine built without it, with no
+    warning about the engine's own limits."""
+    import logging
+
+    from conftest import hf_greedy
+
+    hf_dir, hf = tiny_llama_session
+    engine = tmp_path / "engine"
+    assert main(["convert", "--model-dir", str(hf_dir), "--output-dir", str(tmp_path / "ckpt")]) == 0
+    assert main(["build", "--checkpoint-dir", str(tmp_path / "ckpt"), "--output-dir", str(engine), "--max-seq-len",
+                 "64", "--max-batch-size", "3"]) == 0
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assert main(["run", "--engine-dir", str(engine), "--prompt-ids", "5,9,17", "--max-tokens", "6",
+                     "--ignore-eos", "--device", "cpu", "--kv-cache-max-tokens", "64"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == hf_greedy(hf, [5, 9, 17], 6)
+    assert "= 64 tokens" in caplog.text and "from kv_cache_max_tokens" in caplog.text
+    assert "fixed when it was built" not in caplog.text

@@ -537,13 +537,12 @@ def _main_thread() -> bool:
 
 
 def bench_build_config(args, workloads) -> BuildConfig:
-    """The engines' limits: every workload fits, under the run's batch, token budget and scheduling flags."""
+    """The engines' limits: every workload fits, under the run's batch, token budget and runtime flags."""
+    runtime = {name: getattr(args, name) for name in BuildConfig.RUNTIME_FIELDS if getattr(args, name) is not None}
     return BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
                        max_seq_len=max(w.input_len + w.output_len for w in workloads),
                        max_input_len=max(w.input_len for w in workloads),
-                       max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)),
-                       decode_steps_per_sync=args.decode_steps_per_sync,
-                       capacity_scheduler_policy=args.capacity_scheduler_policy)
+                       max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)), **runtime)
 
 
 def _bench_source(args, device, workloads, ceilings, source, hf_model, system_configs: list,

@@ -1,7 +1,8 @@
 """LLM(hf_dir) converts and builds in-process; the engine is cached so the next start just loads it.
 
 The cache key covers the source (path, file sizes and modification times), the dtype, the build
-config and kiln's format version, so any change rebuilds. Root: $KILN_CACHE_DIR, else
+config's engine fields and kiln's format version, so any change to them rebuilds (its RUNTIME_FIELDS, such as
+the KV cache's memory fraction, apply at load and rebuild nothing). Root: $KILN_CACHE_DIR, else
 $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
 """
 
@@ -30,6 +31,6 @@ def _file_stamps(src: Path) -> list:
 def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None, world_key=None) -> Path:
     src = Path(src).resolve()
     key = json.dumps({"src": str(src), "files": _file_stamps(src), "dtype": dtype,
-                      "build_config": build_config.to_dict() if build_config else None,
+                      "build_config": build_config.engine_fields() if build_config else None,
                       "world": world_key, "format_version": FORMAT_VERSION}, sort_keys=True)
     return cache_root() / "engines" / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -50,9 +50,7 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
                     "engine" if "build_config" in manifest else "checkpoint", manifest.get("dtype"), dtype, dtype)
     if "build_config" in manifest:
         _check_world(path, manifest["mapping"], tp_size, pp_size)
-        if build_config is not None and build_config.to_dict() != manifest["build_config"]:
-            log.warning("%s is a built engine: its own limits %s apply, not the ones asked for; build it again "
-                        "to change them", path, manifest["build_config"])
+        _warn_fixed_limits(path, manifest["build_config"], build_config)
         return path
     if "format_version" in manifest:  # a kiln checkpoint: its mapping is fixed
         _check_world(path, manifest["mapping"], tp_size, pp_size)
@@ -74,18 +72,36 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
     return build_all_ranks(load, world, cached, build_config, overwrite=True)
 
 
-def _make_runner(engine_dir: Path, engine: Engine, device: torch.device):
+def _warn_fixed_limits(path: Path, built: dict, asked: BuildConfig | None) -> None:
+    """Name the limits asked for that a built engine cannot take (its RUNTIME_FIELDS apply at load). A field
+    left at BuildConfig's default counts as not asked for."""
+    if asked is None:
+        return
+    defaults = BuildConfig().engine_fields()
+    differ = {name: (built.get(name), value) for name, value in asked.engine_fields().items()
+              if value != defaults[name] and built.get(name) != value}
+    if differ:
+        log.warning("%s is a built engine: %s fixed when it was built; build it again to change %s", path,
+                    ", ".join(f"{name} {have} (asked: {want})" for name, (have, want) in differ.items()),
+                    "it" if len(differ) == 1 else "them")
+
+
+def runtime_build_config(engine: Engine, asked: BuildConfig | None) -> BuildConfig:
+    """The engine's build config with the RUNTIME_FIELDS of the one asked for, if any."""
+    return engine.build_config if asked is None else engine.build_config.with_runtime_options(asked)
+
+
+def _make_runner(engine_dir: Path, engine: Engine, build_config: BuildConfig, device: torch.device):
     """In-process for one rank; rank 0's driver under torchrun; else a group of spawned workers."""
     world = engine.config.mapping.world_size
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise ConfigError(f"torchrun started {dist.get_world_size()} ranks but {engine_dir} has {world}; "
                               f"use --nproc-per-node {world} (LLM runs on rank 0, see kiln.runtime.workers)")
-        return DriverRunner(ModelRunner(engine.runtime_model(device), device, engine.build_config),
-                            engine.config.vocab_size)
+        return DriverRunner(ModelRunner(engine.runtime_model(device), device, build_config), engine.config.vocab_size)
     if world > 1:
-        return WorkerGroup(str(engine_dir), world, engine.build_config, device.type)
-    return ModelRunner(engine.runtime_model(device), device, engine.build_config)
+        return WorkerGroup(str(engine_dir), world, build_config, device.type)
+    return ModelRunner(engine.runtime_model(device), device, build_config)
 
 
 @dataclass(eq=False)
@@ -104,7 +120,9 @@ class LLM:
                  build_config: BuildConfig | None = None, tensor_parallel_size: int | None = None,
                  pipeline_parallel_size: int | None = None):
         """model: an engine dir, a kiln checkpoint dir, an HF dir, a Meta dir or a .gguf file (default: the
-        built-in model). With tensor/pipeline_parallel_size > 1 the ranks run as worker processes."""
+        built-in model). build_config: the limits to build with; a built engine takes only its RUNTIME_FIELDS
+        (the KV cache's size, decode bursts, admission policy). With tensor/pipeline_parallel_size > 1 the ranks
+        run as worker processes."""
         if model is None:
             from kiln.default_model import default_model_path
 
@@ -113,7 +131,7 @@ class LLM:
         self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
-        self.build_config = self.engine.build_config
+        self.build_config = runtime_build_config(self.engine, build_config)
         # Python's cycle collector walks every tracked object at each full collection, and the ~400,000 that
         # importing torch and transformers made would be walked again and again as requests come and go (0.25 s
         # of the 0.3 s it took to submit 3,000 prompts). They live as long as the process: leave them out of
@@ -121,7 +139,7 @@ class LLM:
         # with a dropped LLM whatever cycles they are in.
         gc.collect()
         gc.freeze()
-        self.runner = _make_runner(self.engine_dir, self.engine, self.device)
+        self.runner = _make_runner(self.engine_dir, self.engine, self.build_config, self.device)
         self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids,
                                           self.engine.config.vocab_size)
         self._next_request = 0

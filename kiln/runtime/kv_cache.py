@@ -67,8 +67,9 @@ def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activa
     num_blocks = max(0, budget // block_bytes)
     one_sequence = -(-bc.max_seq_len // bs)
     if num_blocks < one_sequence:
-        fix = ("--max-seq-len, or raise kv_cache_max_tokens" if bc.kv_cache_max_tokens is not None else
-               "--max-seq-len or --max-num-tokens, raise kv_cache_free_gpu_mem_fraction, or use more GPUs (--tp-size)")
+        fix = ("--max-seq-len, or raise --kv-cache-max-tokens (kv_cache_max_tokens)" if bc.kv_cache_max_tokens
+               is not None else "--max-seq-len or --max-num-tokens, raise --kv-cache-free-gpu-mem-fraction "
+               "(kv_cache_free_gpu_mem_fraction), or use more GPUs (--tp-size)")
         raise ConfigError(
             f"the KV cache fits {num_blocks * bs} tokens ({source}), less than one sequence of max_seq_len "
             f"{bc.max_seq_len}: {(one_sequence - num_blocks) * block_bytes / 2**30:.2f} GiB short. Lower {fix}")

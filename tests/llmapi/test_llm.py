@@ -273,6 +273,43 @@ def test_a_dtype_for_a_kiln_checkpoint_is_named_as_not_applying(tiny_llama_sessi
     assert llm.engine.config.dtype == "float32"
 
 
+def test_a_built_engine_takes_the_runtime_options_asked_for(tiny_llama_session, tmp_path, caplog,
+                                                           llama_reference):
+    """The KV cache's size, the decode bursts and the admission policy are read at load (BuildConfig's
+    RUNTIME_FIELDS): a built engine takes them from the build_config given, and only a limit fixed at build time
+    that differs is named as not applying."""
+    import logging
+
+    engine_dir = build(LLaMAForCausalLM.from_hugging_face(tiny_llama_session[0]),
+                       BuildConfig(max_batch_size=4, max_seq_len=64, tokens_per_block=16)).save(tmp_path / "engine")
+    asked = BuildConfig(max_batch_size=4, kv_cache_max_tokens=100, decode_steps_per_sync=1,
+                        capacity_scheduler_policy="guaranteed_no_evict")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        llm = LLM(engine_dir, device="cpu", build_config=asked)
+    assert "fixed when it was built" not in caplog.text
+    assert llm.runner.num_blocks == 7  # 100 tokens in whole blocks of 16
+    assert (llm.build_config.decode_steps_per_sync, llm.build_config.capacity_scheduler_policy) == \
+        (1, "guaranteed_no_evict")
+    assert (llm.build_config.max_batch_size, llm.build_config.max_seq_len) == (4, 64)  # the engine's own
+    assert _tokens(llm.generate(PROMPTS[0], GREEDY)) == [llama_reference[0]]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        llm = LLM(engine_dir, device="cpu", build_config=BuildConfig(max_batch_size=6, kv_cache_max_tokens=64))
+    assert "max_batch_size 4 (asked: 6) fixed when it was built" in caplog.text
+    assert "max_num_tokens" not in caplog.text and "kv_cache" not in caplog.text
+    assert (llm.runner.num_blocks, llm.build_config.max_batch_size) == (4, 4)
+
+
+def test_runtime_options_rebuild_no_cached_engine(tiny_llama_session, kiln_cache):
+    hf_dir, _ = tiny_llama_session
+    LLM(hf_dir, device="cpu", build_config=BuildConfig(max_seq_len=64))
+    before = _snapshot(kiln_cache)
+    llm = LLM(hf_dir, device="cpu", build_config=BuildConfig(max_seq_len=64, kv_cache_max_tokens=64))
+    assert _snapshot(kiln_cache) == before
+    assert llm.runner.num_blocks * llm.build_config.tokens_per_block == 64
+
+
 def test_copy_of_an_hf_dir_gets_its_own_cache_entry(tiny_llama_session, tmp_path, kiln_cache):
     # The cache key is the source's path and files: a copy elsewhere builds its own engine.
     copy = tmp_path / "copy"
