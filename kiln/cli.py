@@ -383,7 +383,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure throughput and latency (offline, or of a running server)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", default=None, help="engine dir, checkpoint, HF dir, Meta dir or .gguf")
+    source.add_argument("--model", "--engine-dir", dest="model", default=None,
+                        help="engine dir, checkpoint, HF dir, Meta dir or .gguf")
     source.add_argument("--synthetic", default=None, choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}),
                         help="random weights of a real model shape, built on the device")
     source.add_argument("--serve", default=None, metavar="URL", help="drive a running kiln serve (or any "

@@ -50,7 +50,7 @@ class BenchResult:
     output_tokens_per_s: float
     requests_per_s: float = 0.0
     ttft_s: dict | None = None  # p50/p90/p99, kiln only (transformers' generate does not report it)
-    itl_s: dict | None = None  # gaps between tokens: 0 inside a decode burst (tokens read at once)
+    itl_s: dict | None = None  # gaps between arrivals of new tokens (a decode burst's arrive together)
     tpot_s: dict | None = None  # time per output token after the first, per request: the decode speed seen
     peak_gpu_gb: float | None = None
     extra: dict = field(default_factory=dict)  # workload-specific: prefix TTFTs, roofline fractions
@@ -147,6 +147,8 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     executor, scheduler = llm.generator.executor, llm.generator.scheduler
     bursts, bursts_run_ahead, queued_ahead = executor.bursts, executor.bursts_run_ahead, executor.steps_queued_ahead
     preempted = scheduler.num_preemptions
+    blocks = llm.generator.blocks
+    queried, hits = blocks.prefix_queried_tokens, blocks.prefix_hit_tokens
     allocator = allocator_counts(llm.device)
     with around():
         start = time.perf_counter()
@@ -158,7 +160,10 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
             first, alone = outputs[0].ttft(), outputs[1].ttft()
             together = percentiles([o.ttft() for o in outputs[2:]])["p50"] if len(outputs) > 2 else float("nan")
             extra = {"first_ttft_s": first, "follower_alone_ttft_s": alone, "alone_over_first": alone / first,
-                     "followers_together_ttft_p50_s": together, "together_over_first": together / first}
+                     "followers_together_ttft_p50_s": together, "together_over_first": together / first,
+                     # prompt tokens found in the prefix cache, of those looked up (the block manager's counts)
+                     "prefix_cache_hit_rate": (blocks.prefix_hit_tokens - hits)
+                     / max(1, blocks.prefix_queried_tokens - queried)}
         else:
             outputs = llm.generate(prompts, params)
         sync(llm.device)
@@ -386,7 +391,8 @@ def open_to_first_token(engine_dir, device: torch.device):
     sync(device)
     start = time.perf_counter()
     llm = LLM(engine_dir, device=str(device))
-    llm.generate([[1] * 16], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    prompt = [1] * min(16, llm.build_config.max_input_len)  # (a bench of shorter prompts builds for them)
+    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     sync(device)
     return llm, time.perf_counter() - start
 
@@ -564,26 +570,40 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, system_co
         results += system_results
         for path in system_scratch:  # (before the next system's engine takes the disk)
             shutil.rmtree(path, ignore_errors=True)
+    ratios = speed_ratios(results)
+    print_results(results, ratios)
+    save_report(args, run_report(describe_device(device), results, bandwidth_bytes_per_s=ceilings["bandwidth"],
+                                 matmul_flops_per_s=ceilings["flops"]["bf16"],
+                                 matmul_flops_per_s_by_format=ceilings["flops"], systems=systems, ratios=ratios))
+    return results
+
+
+def print_results(results: list[BenchResult], ratios: list[dict] = ()) -> None:
+    """The closing table, and the speed ratios."""
     print(TABLE_HEADER)
     for r in results:
         print(r.row())
-    ratios = speed_ratios(results)
     if ratios:
         print(RATIO_HEADER)
         for ratio in ratios:
             print(f"| {ratio['system']} | {ratio['workload']} | {ratio['over']} | {ratio['ratio']:.2f}x |")
-    report = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-              "command": "kiln " + " ".join(sys.argv[1:]), "settings": kiln_settings(),
-              "bandwidth_bytes_per_s": ceilings["bandwidth"],
-              "matmul_flops_per_s": ceilings["flops"]["bf16"], "matmul_flops_per_s_by_format": ceilings["flops"],
-              "systems": systems, "results": [asdict(r) for r in results], "ratios": ratios}
+
+
+def run_report(device: str, results: list[BenchResult], **fields) -> dict:
+    """The JSON report of a run: where, when, which commit and command, the results, and `fields`."""
+    return {"device": device, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+            "command": "kiln " + " ".join(sys.argv[1:]), "settings": kiln_settings(), **fields,
+            "results": [asdict(r) for r in results]}
+
+
+def save_report(args, report: dict) -> None:
+    """--output-json and --plot."""
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     if args.plot:
         from kiln.bench.plot import plot_results
 
         plot_results(report, args.plot)
-    return results
 
 
 def prepare_source(args, device):
@@ -598,7 +618,11 @@ def prepare_source(args, device):
     source = Path(args.model)
     is_hf = (source / "config.json").is_file() and "format_version" not in json.loads(
         (source / "config.json").read_text())
-    if args.baseline == "none" or not is_hf:
+    if args.baseline == "none":
+        return source, None
+    if not is_hf:  # (the default asks for the baseline: say why there is none rather than leave it out in silence)
+        print(f"# no transformers baseline: {source} is not a Hugging Face dir (transformers runs only those); "
+              "bench the HF dir the engine was built from to get one, or pass --baseline none", flush=True)
         return source, None
     import transformers
 

@@ -1,5 +1,8 @@
 """`kiln bench --serve URL`: drive a running OpenAI-compatible server at a fixed concurrency and report
-throughput, time to first token and inter-token latency percentiles (streaming completions)."""
+throughput, time to first token and inter-token latency percentiles (streaming completions), for each workload
+(--workloads, --workload-file, or one of --num-requests x --input-len / --output-len) in the table, JSON and
+plot of an offline run. The gaps are between the chunks a client receives (a chunk may carry several tokens);
+TPOT is per token. Peak GPU memory is the server's to know, so it is left out."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 
 from kiln.errors import ConfigError
@@ -42,19 +46,23 @@ async def _one_request(session, url: str, body: dict, headers: dict) -> dict:
 
 
 async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, output_len: int,
-                api_key: str | None, model: str | None, temperature: float = 0.0, token_ids: bool = False) -> dict:
+                api_key: str | None, model: str | None, temperature: float = 0.0, token_ids: bool = False,
+                shared_prefix_len: int = 0) -> dict:
     """prompt_len words a prompt, or with token_ids that many random token ids (a model with no tokenizer, such as
-    random weights of a real shape; ids 3-99, which every vocabulary has)."""
+    random weights of a real shape; ids 3-99, which every vocabulary has); every prompt starts with the same
+    shared_prefix_len of them."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rng = random.Random(0)
     words = ["alpha", "river", "stone", "light", "garden", "music", "paper", "winter", "cloud", "signal"]
+    draw = (lambda: rng.randrange(3, 100)) if token_ids else (lambda: rng.choice(words))  # noqa: E731
+    prefix = [draw() for _ in range(shared_prefix_len)]
     semaphore = asyncio.Semaphore(concurrency)
 
     async def bounded(session):
-        prompt = ([rng.randrange(3, 100) for _ in range(prompt_len)] if token_ids
-                  else " ".join(rng.choice(words) for _ in range(prompt_len)))
+        parts = prefix + [draw() for _ in range(prompt_len - shared_prefix_len)]
+        prompt = parts if token_ids else " ".join(parts)
         body = {"prompt": prompt, "max_tokens": output_len, "temperature": temperature, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
         async with semaphore:
@@ -82,9 +90,34 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
     }
 
 
-def run(args) -> dict:
-    report = asyncio.run(drive(args.serve.rstrip("/"), args.num_requests, args.concurrency, args.input_len,
-                               args.output_len, args.api_key, args.served_model_name, args.temperature,
-                               args.token_id_prompts))
-    print(json.dumps(report, indent=2))
-    return report
+def served_workloads(args) -> list:
+    from kiln.bench.workloads import custom_workload, select
+
+    if args.workloads or args.workload_file:
+        return select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
+    return [custom_workload(args.num_requests, args.input_len, args.output_len)]
+
+
+def run(args) -> list:
+    from kiln.bench.offline import TABLE_HEADER, BenchResult, print_results, run_report, save_report
+
+    url = args.serve.rstrip("/")
+    system = f"server {args.served_model_name or url}"
+    workloads = served_workloads(args)
+    results = []
+    print(TABLE_HEADER, flush=True)
+    for w in workloads:
+        r = asyncio.run(drive(url, w.num_requests, args.concurrency, w.input_len, w.output_len, args.api_key,
+                              args.served_model_name, args.temperature, args.token_id_prompts, w.shared_prefix_len))
+        extra = {"concurrency": args.concurrency, "mean_latency_s": r["mean_latency_s"]}
+        if r["succeeded"] < r["requests"]:
+            extra["failed"] = r["requests"] - r["succeeded"]
+            print(f"# {w.name}: {extra['failed']} requests failed, the first: {r['errors']}", file=sys.stderr)
+        results.append(BenchResult(system, w.name, w.num_requests, w.input_len, w.output_len, r["seconds"],
+                                   r["output_tokens_per_s"], r["requests_per_s"], r["ttft_s"], r["itl_s"],
+                                   r["tpot_s"], None, extra))
+        print(results[-1].row(), flush=True)
+    print_results(results)
+    save_report(args, run_report(f"the server at {url}", results, concurrency=args.concurrency,
+                                 temperature=args.temperature, token_id_prompts=args.token_id_prompts))
+    return results

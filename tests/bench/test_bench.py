@@ -114,6 +114,9 @@ def test_bench_reports_every_system_and_workload(tiny_llama, tmp_path, capsys, m
         prefix = rows[(system, "prefix")]
         assert prefix["requests"] == 4 and prefix["extra"]["first_ttft_s"] > 0
         assert prefix["extra"]["follower_alone_ttft_s"] > 0 and "together_over_first" in prefix["extra"]
+        # 3 followers find the 32-token prefix cached (one block of the default 32 tokens) of the 4 x 40 prompt
+        # tokens looked up
+        assert prefix["extra"]["prefix_cache_hit_rate"] == pytest.approx(3 * 32 / (4 * 40))
         assert "of_decode_roofline" in rows[(system, "one")]["extra"]
         assert rows[(system, "one")]["extra"]["kv_read_floor_s"] > 0  # beside its compute floor (6 outputs)
         assert rows[(system, "one")]["extra"]["matmul_after_tflops"] >= 0  # the rate again after the run
@@ -279,3 +282,14 @@ def test_a_run_killed_by_sigterm_deletes_its_scratch_dirs(tmp_path):
     finally:
         proc.kill()
     assert not scratch.exists()
+
+
+def test_a_source_transformers_cannot_run_says_why_there_is_no_baseline(tiny_llama, tmp_path, capsys):
+    from kiln.checkpoint.convert import convert_checkpoint
+
+    ckpt = convert_checkpoint(tiny_llama[0], tmp_path / "ckpt")
+    report_path = tmp_path / "r.json"
+    assert main(["bench", "--engine-dir", str(ckpt), "--num-requests", "2", "--input-len", "4", "--output-len", "2",
+                 "--output-json", str(report_path)]) == 0
+    assert f"# no transformers baseline: {ckpt} is not a Hugging Face dir" in capsys.readouterr().out
+    assert {r["system"] for r in json.loads(report_path.read_text())["results"]} == {"kiln"}

@@ -326,4 +326,16 @@ def test_outputs_carry_token_times_for_latency_metrics(tiny_llama_session, kiln_
     times = out.outputs[0].token_times
     assert len(times) == 5 and times == sorted(times)
     assert out.ttft() is not None and out.ttft() >= 0
-    assert len(out.inter_token_latencies()) == 4 and all(x >= 0 for x in out.inter_token_latencies())
+    arrivals = sorted(set(times))  # a burst of decode steps read at once arrives at one time
+    assert out.inter_token_latencies() == [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(x > 0 for x in out.inter_token_latencies())
+
+
+def test_inter_token_latencies_are_the_gaps_between_arrivals():
+    """Tokens that arrive together (a decode burst) make one gap, not zeros: p50 ITL was 0.0 ms offline."""
+    from kiln.llmapi.sampling_params import CompletionOutput, RequestOutput
+
+    times = [1.0, 1.5, 1.5, 1.5, 1.5, 2.5, 2.5]
+    out = RequestOutput(0, None, [1], [CompletionOutput(0, "", list(range(7)), None, None, None, times)], True, 0.5)
+    assert out.inter_token_latencies() == [0.5, 1.0]
+    assert out.time_per_output_token() == 1.5 / 6 and out.ttft() == 0.5

@@ -694,6 +694,30 @@ def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(serv
     assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"] <= report["mean_latency_s"]
 
 
+def test_kiln_bench_serve_runs_each_workload_into_the_table_json_and_plot(server, tmp_path, capsys):
+    """`kiln bench --serve` takes workloads as an offline run does (a shared prefix included) and writes the same
+    table, JSON report and PNG."""
+    from kiln.bench.offline import TABLE_HEADER
+    from kiln.cli import main
+
+    workloads = [{"name": "short", "num_requests": 6, "input_len": 7, "output_len": 5},
+                 {"name": "shared", "num_requests": 4, "input_len": 12, "output_len": 3, "shared_prefix_len": 8}]
+    (tmp_path / "w.json").write_text(json.dumps(workloads))
+    prompt_tokens_before = server.metric_values()["kiln_prompt_tokens_total"]
+    assert main(["bench", "--serve", server.url, "--api-key", API_KEY, "--token-id-prompts", "--concurrency", "3",
+                 "--workload-file", str(tmp_path / "w.json"), "--output-json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "r.png")]) == 0
+    assert server.metric_values()["kiln_prompt_tokens_total"] - prompt_tokens_before == 6 * 7 + 4 * 12
+    assert TABLE_HEADER.splitlines()[0] in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["scenario"], r["requests"], r["input_len"]) for r in report["results"]] == [("short", 6, 7),
+                                                                                           ("shared", 4, 12)]
+    for r in report["results"]:
+        assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_s"]["p50"] and r["extra"]["concurrency"] == 3
+        assert "failed" not in r["extra"]
+    assert report["concurrency"] == 3 and (tmp_path / "r.png").stat().st_size > 0
+
+
 def test_a_model_without_a_tokenizer_streams_its_tokens_as_they_come(tmp_path_factory):
     """Random weights of a real shape have no tokenizer, so no token adds text: the stream still sends a chunk for
     each burst of new tokens (it once sent one at the start and one at the end, and `kiln bench --serve` read the
