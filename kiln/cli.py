@@ -60,13 +60,14 @@ def cmd_quantize(args) -> None:
                                exclude_modules=_exclude_modules(args),
                                smoothquant_alpha=args.smoothquant_alpha,
                                keep_sensitive_layers=args.keep_sensitive_layers)
+    evaluate = args.eval or args.eval_dataset is not None
     start = time.perf_counter()
     out = PretrainedModel.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
                                    calib_dataset=args.calib_dataset, calib_size=args.calib_size,
                                    calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype,
-                                   overwrite=args.overwrite, evaluate=args.eval)
+                                   overwrite=args.overwrite, evaluate=evaluate, eval_dataset=args.eval_dataset)
     print(f"wrote {algo_label(quant_config.to_dict())} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
-    if args.eval:
+    if evaluate:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
 
 
@@ -330,6 +331,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-max-seq-len", type=int, default=256, help="tokens per calibration / eval window")
     p.add_argument("--eval", action="store_true", help="report perplexity, KL and top-1 agreement against the "
                    "unquantized model on held-out text (quant_report.json)")
+    p.add_argument("--eval-dataset", default=None,
+                   help="--eval's held-out text (implies --eval): .txt, or .jsonl with a 'text' field (default: text "
+                        "shipped with kiln)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
@@ -405,7 +409,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="auto: the checkpoint's dtype; with --synthetic, bfloat16 on a GPU and float32 elsewhere")
     p.add_argument("--device", default=None)
     p.add_argument("--baseline", default="hf", choices=["hf", "none"],
-                   help="hf: also run transformers' generate on the same model and workloads (default); none: kiln only")
+                   help="hf: also run transformers' generate on the same model and workloads (default); none: "
+                        "kiln only")
     p.add_argument("--no-baseline", dest="baseline", action="store_const", const="none",
                    help="the same as --baseline none")
     p.add_argument("--workloads", default=None, metavar="NAME[,NAME]",

@@ -1,4 +1,4 @@
-"""Every dir kiln writes is written atomically: into a temporary sibling, then renamed into place.
+"""Every dir (and file) kiln writes is written atomically: into a temporary sibling, then renamed into place.
 
 A crash or an error half-way leaves at most a hidden `.name.tmp-*` sibling (removed on the way out
 when Python gets the chance), never a dir at the target path that would load.
@@ -37,3 +37,14 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """One file into an existing dir, the same way: a hidden sibling, then a rename over the target."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

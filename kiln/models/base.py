@@ -207,15 +207,18 @@ class PretrainedModel(nn.Module):
     def quantize(cls, hf_dir: str | Path, output_dir: str | Path, quant_config: QuantConfig,
                  mapping: Mapping | None = None, calib_dataset: str | Path | None = None, calib_size: int = 32,
                  calib_max_seq_len: int = 256, dtype: str = "auto", overwrite: bool = False,
-                 evaluate: bool = False, device: str | None = None) -> Path:
+                 evaluate: bool = False, device: str | None = None,
+                 eval_dataset: str | Path | None = None) -> Path:
         """Write a quantized kiln checkpoint of the source model `hf_dir` (any format `kiln convert` reads) for
         every rank of `mapping`, atomically; weight-only algorithms stream tensor by tensor, AWQ calibrates
-        layer by layer first. With `evaluate`, also write quant_report.json (see kiln.quantization.evaluate).
+        layer by layer first. With `evaluate`, then also write quant_report.json (see kiln.quantization.evaluate)
+        from the held-out text shipped with kiln, or from `eval_dataset` (.txt, or .jsonl with a 'text' field).
         `device` does the work (default: cuda when there is a GPU, else cpu)."""
         from kiln.quantization.workflow import quantize_checkpoint
 
         return quantize_checkpoint(hf_dir, output_dir, quant_config, mapping, calib_dataset, calib_size,
-                                   calib_max_seq_len, dtype, overwrite, evaluate_quality=evaluate, device=device)
+                                   calib_max_seq_len, dtype, overwrite, evaluate_quality=evaluate, device=device,
+                                   eval_dataset=eval_dataset)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, rank: int = 0) -> "PretrainedModel":

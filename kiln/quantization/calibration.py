@@ -21,17 +21,18 @@ from kiln.quantization import calib_text
 log = logging.getLogger("kiln")
 
 
-def read_texts(path: str | Path | None) -> list[str]:
-    """The calibration texts: the shipped default, or a user's .txt / .jsonl file."""
+def read_texts(path: str | Path | None, default: str = calib_text.CALIBRATION,
+               what: str = "calibration dataset") -> list[str]:
+    """The calibration (or evaluation) texts: the shipped default, or a user's .txt / .jsonl file."""
     if path is None:
-        return [calib_text.CALIBRATION]
+        return [default]
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: calibration dataset not found (plain text or JSONL with a 'text' field)")
+        raise CheckpointError(f"{path}: {what} not found (plain text or JSONL with a 'text' field)")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: calibration dataset is not UTF-8 text ({e})") from None
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text ({e})") from None
     if path.suffix in (".jsonl", ".json"):
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -47,7 +48,7 @@ def read_texts(path: str | Path | None) -> list[str]:
     else:
         texts = [raw]
     if not any(t.strip() for t in texts):
-        raise CheckpointError(f"{path}: calibration dataset holds no text")
+        raise CheckpointError(f"{path}: {what} holds no text")
     return texts
 
 
@@ -88,7 +89,8 @@ def token_batches(texts: list[str], tokenizer, vocab_size: int, num_samples: int
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 
 
-def heldout_windows(tokenizer, vocab_size: int, seq_len: int) -> list[torch.Tensor]:
-    """All of the shipped held-out text as windows of at most seq_len tokens (the last may be shorter)."""
-    ids = torch.tensor(encode([calib_text.HELDOUT], tokenizer, vocab_size))
+def heldout_windows(tokenizer, vocab_size: int, seq_len: int, texts: list[str] | None = None) -> list[torch.Tensor]:
+    """All of the held-out texts (default: the shipped one) as windows of at most seq_len tokens (the last may be
+    shorter)."""
+    ids = torch.tensor(encode(texts or [calib_text.HELDOUT], tokenizer, vocab_size))
     return [w for w in ids.split(seq_len) if len(w) >= 2]

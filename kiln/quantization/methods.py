@@ -59,8 +59,9 @@ QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
 
 def check_supported(qc: QuantConfig) -> None:
     if qc.quant_algo is not None and qc.quant_algo not in SUPPORTED_ALGOS:
-        raise ConfigError(f"QuantConfig.quant_algo {qc.quant_algo.value} is not implemented yet; this kiln "
-                          f"quantizes with one of {supported_names()}")
+        raise ConfigError(f"QuantConfig.quant_algo {qc.quant_algo.value} is imported, not made: `kiln convert` "
+                          "reads a GPTQ checkpoint (quantization_config.quant_method 'gptq') as it is; `kiln "
+                          f"quantize` makes one of {supported_names()}")
 
 
 def quantizes_lm_head(qc: QuantConfig) -> bool:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint.atomic import atomic_dir
+from kiln.checkpoint.atomic import atomic_dir, atomic_write_text
 from kiln.config import QuantAlgo, QuantConfig, resolve_device
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
-from kiln.quantization import act_stats, awq, calibration, evaluate, kv_cache, sensitivity, smoothquant
+from kiln.quantization import act_stats, awq, calib_text, calibration, evaluate, kv_cache, sensitivity, smoothquant
 from kiln.quantization.methods import check_lm_head, check_supported, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
@@ -65,8 +65,8 @@ class QuantizedSource:
             return None if t is None else t.to(self.device)
         weight = on_device(self.source.read_weight(module + ".weight"))  # lm_head of a tied model: the embedding
         if module in self.weight_clips:
-            weight = awq.clip_weight(weight, on_device(self.weight_clips[module]), on_device(self.input_scales.get(module)),
-                                     self.linears[module].quant_method.group_size)
+            weight = awq.clip_weight(weight, on_device(self.weight_clips[module]),
+                                     on_device(self.input_scales.get(module)), self.linears[module].quant_method.group_size)
         extra = {"act_absmax": on_device(self.act_absmax[module])} if module in self.act_absmax else {}
         tensors = self.linears[module].quant_method.quantize(weight, self.dtype,
                                                              on_device(self.input_scales.get(module)), **extra)
@@ -142,7 +142,7 @@ def check_quant_config(qc: QuantConfig, config) -> None:
 def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mapping | None = None,
                         calib_dataset=None, calib_size: int = 32, calib_max_seq_len: int = 256,
                         dtype: str = "auto", overwrite: bool = False, evaluate_quality: bool = False,
-                        device: str | None = None) -> Path:
+                        device: str | None = None, eval_dataset=None) -> Path:
     from kiln.checkpoint.convert import load_source_model
 
     device = str(resolve_device(device))
@@ -158,6 +158,8 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
     for rank in range(mapping.world_size):
         cls.empty(qconfig.replace(mapping=mapping.with_rank(rank)))
     texts = calibration.read_texts(calib_dataset)  # a bad file fails here, before anything is written
+    eval_texts = calibration.read_texts(eval_dataset, calib_text.HELDOUT, "evaluation dataset") \
+        if evaluate_quality else None
     tokenizer = None
     calibrate = CALIBRATORS.get(quant_config.quant_algo)
     if calibrate is not None or quant_config.kv_cache_quant_algo or quant_config.keep_sensitive_layers or \
@@ -189,15 +191,17 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
             model.write_rank(tmp)
         model.tokenizer_writer = source.tokenizer_writer
         model.write_metadata(tmp)
-        if evaluate_quality:
-            report = quality_report(source, cls, qconfig, quantized, tokenizer, calib_max_seq_len, device)
-            if scores:
-                report["layer_sensitivity_kl"] = {str(i): kl for i, kl in scores.items()}
-            if weight_calibration.awq_errors:
-                report["awq_layer_mse"] = {k: {"awq": a, "rtn": r}
-                                           for k, (a, r) in weight_calibration.awq_errors.items()}
-            (tmp / evaluate.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-            log.info(evaluate.format_report(report))
+    if evaluate_quality:  # after the checkpoint is in place: an evaluation that fails loses none of the work
+        log.info("wrote %s; evaluating it against the unquantized model", out_dir)
+        report = quality_report(source, cls, qconfig, quantized, tokenizer, calib_max_seq_len, device, eval_texts)
+        report["eval_text"] = str(eval_dataset) if eval_dataset else "kiln.quantization.calib_text.HELDOUT"
+        if scores:
+            report["layer_sensitivity_kl"] = {str(i): kl for i, kl in scores.items()}
+        if weight_calibration.awq_errors:
+            report["awq_layer_mse"] = {k: {"awq": a, "rtn": r}
+                                       for k, (a, r) in weight_calibration.awq_errors.items()}
+        atomic_write_text(Path(out_dir) / evaluate.REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        log.info(evaluate.format_report(report))
     return Path(out_dir)
 
 
@@ -219,11 +223,12 @@ def keep_sensitive_layers(source, cls, qconfig, tokens, weight_calibration: Weig
     return qconfig, sensitivity.without_layers(wc, keep), scores
 
 
-def quality_report(source, cls, qconfig, quantized: QuantizedSource, tokenizer, seq_len: int, device) -> dict:
-    windows = calibration.heldout_windows(tokenizer, qconfig.vocab_size, seq_len)
+def quality_report(source, cls, qconfig, quantized: QuantizedSource, tokenizer, seq_len: int, device,
+                   texts: list[str] | None = None) -> dict:
+    windows = calibration.heldout_windows(tokenizer, qconfig.vocab_size, seq_len, texts)
     quant_model = _rank_model(cls, qconfig.replace(mapping=Mapping()), quantized).materialize(device)
     float_model = source.materialize(device)
     metrics = evaluate.compare(float_model, quant_model, windows, device)
     return {"quantization": qconfig.quantization.to_dict(), "dtype": qconfig.dtype,
-            "eval_text": "kiln.quantization.calib_text.HELDOUT", "tokenizer": tokenizer is not None,
+            "tokenizer": tokenizer is not None,
             "seq_len": seq_len, "windows": len(windows), "metrics": metrics}

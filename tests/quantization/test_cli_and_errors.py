@@ -36,6 +36,56 @@ def test_cli_quantize_with_eval_writes_a_checkpoint_and_a_report(quant_llama, tm
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("algo, kv", [("W8A16", None), ("W4A16", None), ("W4A16_AWQ", None), ("W4A8_AWQ", None),
+                                      ("W8A8_SQ_PER_CHANNEL", None), ("FP8", None), ("FP8_PER_CHANNEL_PER_TOKEN", None),
+                                      (None, "INT8"), (None, "FP8")])
+def test_eval_reports_every_mode_on_a_users_held_out_text(quant_llama, tmp_path, algo, kv):
+    """--eval for each weight algorithm and KV cache format, on --eval-dataset's text (a JSONL file here): the
+    quantized model differs from the float one (KL > 0), and the report names the text."""
+    from kiln.quantization.calibration import heldout_windows, read_texts
+
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"held out line {i}, " * 6}) for i in range(3)) + "\n")
+    qc = QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=64)
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "q", qc, calib_size=4, calib_max_seq_len=32,
+                                   evaluate=True, eval_dataset=text)
+    report = json.loads((out / "quant_report.json").read_text())
+    m = report["metrics"]
+    assert report["eval_text"] == str(text) and report["quantization"]["quant_algo"] == algo
+    assert report["quantization"]["kv_cache_quant_algo"] == kv
+    windows = heldout_windows(None, quant_llama[1].config.vocab_size, 32, read_texts(text))  # (no tokenizer)
+    assert m["tokens"] == sum(len(w) - 1 for w in windows) > 0
+    assert m["mean_kl_divergence"] > 0 and 0.0 <= m["top1_agreement"] <= 1.0
+
+
+def test_a_bad_eval_dataset_fails_before_anything_is_written(quant_llama, tmp_path, capsys):
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text('{"txt": "no text field"}\n')
+    out = tmp_path / "q"
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(out), "--quant-algo", "W8A16",
+                 "--eval-dataset", str(bad)]) == 1
+    assert f"{bad}:1: each JSONL line needs a string 'text' field" in capsys.readouterr().err
+    assert leftovers(out) == []
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint(quant_llama, tmp_path, monkeypatch):
+    """The report is written after the checkpoint is in place, so an evaluation that fails (out of memory, say)
+    does not throw the quantization away."""
+    from kiln.quantization import evaluate
+    from kiln.models.base import CONFIG_FILE
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the evaluation ran out of memory")
+
+    monkeypatch.setattr(evaluate, "compare", out_of_memory)
+    out = tmp_path / "q"
+    with pytest.raises(MemoryError):
+        PretrainedModel.quantize(quant_llama[0], out, QuantConfig(quant_algo="W8A16"), evaluate=True)
+    assert (out / CONFIG_FILE).is_file() and (out / "rank0.safetensors").is_file()
+    assert not (out / "quant_report.json").exists()
+    assert leftovers(out) == [out.name] and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_cli_awq_with_a_user_jsonl_calibration_file(quant_llama, tmp_path):
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": f"sample {i} " * 40}) for i in range(4)) + "\n")

@@ -1,0 +1,94 @@
+"""What FP8's quality cost on the built-in model comes from: e4m3 weights and activations at several scale
+granularities, each evaluated as `kiln quantize --eval` does (same held-out text, same metrics). On the CPU:
+
+    python scripts/fp8_scale_granularity.py [WEIGHTS:ACTIVATIONS ...]
+
+WEIGHTS is one of tensor, channel, block64, block32 (an e4m3 scale per tensor, output row, or 64 x 64 / 32 x 32
+block, max |w| at 448) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per
+64 / 32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all) or
+float. Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full precision) runs
+quantize-dequantized weights and activations in float32, from the float model's weights; no checkpoint is written.
+The defaults run the rows of docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kiln.checkpoint.convert import load_source_model
+from kiln.config import QuantConfig
+from kiln.default_model import default_model_path
+from kiln.layers.linear import Linear
+from kiln.quantization import calibration, evaluate, fp8
+from kiln.quantization.methods import is_excluded
+
+DEFAULT_RUNS = ("tensor:float", "channel:float", "float:mantissa3", "tensor:token", "channel:token",
+                "channel:group64", "block64:group64", "block64:group32", "block32:group32")
+
+
+def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """x [R, C] quantize-dequantized to e4m3 with one scale per rows x cols block (its max |x| at 448)."""
+    r, c = x.shape
+    rows, cols = min(rows, r), min(cols, c)
+    blocks = x.float().reshape(r // rows, rows, c // cols, cols)
+    scale = (blocks.abs().amax(dim=(1, 3), keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
+    return (fp8.to_fp8(blocks / scale).float() * scale).reshape(r, c)
+
+
+def mantissa3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 3 mantissa bits (nearest, ties to even), any exponent."""
+    m, e = torch.frexp(x.float())  # x = m 2^e, 0.5 <= |m| < 1: 4 significant bits are m to 2^-4
+    return torch.ldexp(torch.round(m * 16) / 16, e)
+
+
+WEIGHTS = {"tensor": lambda w: e4m3_blocks(w, *w.shape), "channel": lambda w: e4m3_blocks(w, 1, w.shape[1]),
+           "block64": lambda w: e4m3_blocks(w, 64, 64), "block32": lambda w: e4m3_blocks(w, 32, 32),
+           "float": lambda w: w.float()}
+ACTIVATIONS = {"token": lambda x: e4m3_blocks(x, 1, x.shape[1]), "group64": lambda x: e4m3_blocks(x, 1, 64),
+               "group32": lambda x: e4m3_blocks(x, 1, 32), "mantissa3": mantissa3, "float": lambda x: x.float()}
+
+
+class FakeQuantMatmul:
+    """A linear's matmul on e4m3-rounded weights and activations, in float32 (Linear.forward adds the bias).
+    A plain object, not a module: set on a Linear, it shadows the class's matmul."""
+
+    def __init__(self, weight: torch.Tensor, activations):
+        self.weight, self.activations = weight, activations
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.activations(x.reshape(-1, x.shape[-1])) @ self.weight.T
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def fake_quantized(model, weights: str, activations: str) -> dict:
+    """{name: original linear} after the linears FP8 quantizes run e4m3 fakes (restore with the result)."""
+    excluded = QuantConfig(quant_algo="FP8").exclude_modules
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear) and not is_excluded(name, excluded):
+            module.matmul = FakeQuantMatmul(WEIGHTS[weights](module.weight.detach()), ACTIVATIONS[activations])
+            swapped[name] = module
+    return swapped
+
+
+def main(runs: list[str]) -> None:
+    source = load_source_model(default_model_path(), "float32", None)
+    windows = calibration.heldout_windows(calibration.source_tokenizer(source), source.config.vocab_size, 256)
+    float_model = source.materialize("cpu")
+    quant_model = load_source_model(default_model_path(), "float32", None).materialize("cpu")  # (not the same one)
+    print("| weights | activations | perplexity change | mean KL / token | top-1 agreement |")
+    print("| --- | --- | --- | --- | --- |")
+    for run in runs:
+        weights, activations = run.split(":")
+        swapped = fake_quantized(quant_model, weights, activations)
+        m = evaluate.compare(float_model, quant_model, windows)
+        for module in swapped.values():
+            del module.matmul  # back to the class's own matmul
+        print(f"| {weights} | {activations} | {m['perplexity_change_pct']:+.2f}% | {m['mean_kl_divergence']:.4f} | "
+              f"{m['top1_agreement']:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(DEFAULT_RUNS))
