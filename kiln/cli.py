@@ -301,16 +301,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="source: HF dir, Meta dir or .gguf file (detected)")
     p.add_argument("--output-dir", required=True, help="kiln checkpoint dir to write")
     p.add_argument("--quant-algo", type=str.upper,
-                   metavar="{W8A16,W4A16,W4A16_AWQ,W4A8_AWQ,W8A8_SQ_PER_CHANNEL,FP8,FP8_PER_CHANNEL_PER_TOKEN}",
+                   metavar="{W8A16,W4A16,W4A16_AWQ,W4A8_AWQ,W8A8_SQ_PER_CHANNEL,FP8,FP8_PER_CHANNEL_PER_TOKEN,"
+                           "FP8_BLOCK_SCALES}",
                    help="W8A16: per-channel int8; W4A16: group-wise int4 round-to-nearest; W4A16_AWQ: "
                         "int4 with activation-aware scales searched on calibration text; W4A8_AWQ: those int4 "
                         "weights with FP8 activations; W8A8_SQ_PER_CHANNEL: SmoothQuant int8 weights and per-token "
                         "int8 activations; FP8: e4m3 weights and activations, per-tensor scales from calibration; "
-                        "FP8_PER_CHANNEL_PER_TOKEN: per-channel weight and per-token activation scales")
+                        "FP8_PER_CHANNEL_PER_TOKEN: per-channel weight and per-token activation scales; "
+                        "FP8_BLOCK_SCALES: e4m3 with a scale per group of --group-size inputs, for weights (per "
+                        "row) and activations (per token)")
     p.add_argument("--kv-cache-quant-algo", type=str.upper, metavar="{INT8,FP8}",
                    help="KV cache of int8 or float8 (e4m3) codes with per-layer scales calibrated on the "
                         "calibration text: twice the tokens in the same memory; with or without --quant-algo")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="inputs per scale of int4 and FP8_BLOCK_SCALES: 32, 64 or 128")
     p.add_argument("--has-zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
     p.add_argument("--smoothquant-alpha", type=float, default=0.5,
                    help="W8A8_SQ_PER_CHANNEL migration strength in [0, 1]: how much of the activations' range "
@@ -319,8 +323,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="modules kept in full precision besides lm_head (fnmatch on names or their suffixes)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too (by default it stays in full precision): W8A16 int8; W4A16 and "
-                        "W4A16_AWQ int4 round-to-nearest (no AWQ search for lm_head); FP8 and "
-                        "FP8_PER_CHANNEL_PER_TOKEN per-channel weights with per-token activations. A tied "
+                        "W4A16_AWQ int4 round-to-nearest (no AWQ search for lm_head); FP8, "
+                        "FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES per-channel weights with per-token "
+                        "activations. A tied "
                         "embedding stays in full precision. Not with W8A8_SQ_PER_CHANNEL or W4A8_AWQ")
     p.add_argument("--keep-sensitive-layers", type=int, default=0, metavar="N",
                    help="keep the N decoder layers whose quantization costs the most (KL on the calibration text) "

@@ -70,6 +70,7 @@ class QuantAlgo(str, enum.Enum):
     W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
     FP8 = "FP8"
     FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    FP8_BLOCK_SCALES = "FP8_BLOCK_SCALES"
     INT8 = "INT8"  # KV cache
     # FP8 above doubles as the KV-cache algorithm, as in TensorRT-LLM.
 

@@ -20,8 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import (activation, fp8_quant, gated_gemm, gemv, moe, paged_attention_kernels, quant_gemm, rmsnorm,
-                          rotary)
+from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gemv, moe, paged_attention_kernels,
+                          quant_gemm, rmsnorm, rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
@@ -140,6 +140,11 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
     ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256), dict(w_ptr="*i64")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
+    *[(f"fp8 group gemm group={g} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", fp8_group_gemm._fp8_group_gemm_kernel,
+       dict(GROUP=g, **c.kwargs), dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32"))
+      for c in fp8_group_gemm._CONFIGS for g in (64, 128)],
+    *[(f"fp8 quantize groups group={g}", fp8_quant._quantize_groups_kernel, dict(GROUP=g, BLOCK=4096),
+       dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for g in (64, 128)],
     ("moe grouped gemm", moe._grouped_gemm_kernel,
      dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,
           BLOCK_K=64), dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32")),

@@ -3,8 +3,8 @@ granularities, each evaluated as `kiln quantize --eval` does (same held-out text
 
     python scripts/fp8_scale_granularity.py [WEIGHTS:ACTIVATIONS ...]
 
-WEIGHTS is one of tensor, channel, block64, block32 (an e4m3 scale per tensor, output row, or 64 x 64 / 32 x 32
-block, max |w| at 448) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per
+WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or
+32 x 32 block, or 64 inputs of a row, max |w| at 448) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per
 64 / 32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all) or
 float. Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full precision) runs
 quantize-dequantized weights and activations in float32, from the float model's weights; no checkpoint is written.
@@ -25,7 +25,7 @@ from kiln.quantization import calibration, evaluate, fp8
 from kiln.quantization.methods import is_excluded
 
 DEFAULT_RUNS = ("tensor:float", "channel:float", "float:mantissa3", "tensor:token", "channel:token",
-                "channel:group64", "block64:group64", "block64:group32", "block32:group32")
+                "channel:group64", "block64:group64", "block64:group32", "block32:group32", "group64:group64")
 
 
 def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -45,6 +45,7 @@ def mantissa3(x: torch.Tensor) -> torch.Tensor:
 
 WEIGHTS = {"tensor": lambda w: e4m3_blocks(w, *w.shape), "channel": lambda w: e4m3_blocks(w, 1, w.shape[1]),
            "block64": lambda w: e4m3_blocks(w, 64, 64), "block32": lambda w: e4m3_blocks(w, 32, 32),
+           "group64": lambda w: e4m3_blocks(w, 1, 64),
            "float": lambda w: w.float()}
 ACTIVATIONS = {"token": lambda x: e4m3_blocks(x, 1, x.shape[1]), "group64": lambda x: e4m3_blocks(x, 1, 64),
                "group32": lambda x: e4m3_blocks(x, 1, 32), "mantissa3": mantissa3, "float": lambda x: x.float()}

@@ -3,7 +3,7 @@ swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX)
 either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its
 split programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA
 one too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
-lazily; the e4m3 MMA GEMV and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
+lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
 on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
 rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the fc_gate GEMM with SiLU-and-mul
 as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and epilogue run only on Hopper).
@@ -288,6 +288,28 @@ def fp8_dot_gemv() -> None:
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 
+def fp8_group_gemm() -> None:
+    """FP8_BLOCK_SCALES' GEMM on every tile: groups of 32-128 inputs, a short last group (576 = 4.5 x 128), rows and
+    outputs that no tile divides. Codes of x from the reference (the interpreter rounds some e4m3 values wrong), whose
+    group scales the kernel's pass must match."""
+    from kiln.kernels import fp8_group_gemm as gg
+    from kiln.kernels.fp8_quant import quantize_fp8_groups, quantize_fp8_groups_ref
+    from kiln.quantization.fp8_block import quantize_fp8_groups_weight
+
+    for m, n, k, group in ((1, 130, 576, 128), (3, 70, 576, 64), (17, 64, 96, 32), (40, 200, 512, 128)):
+        x = torch.randn(m, k).half() * 3
+        xq, xs = quantize_fp8_groups_ref(x, group)
+        check(f"fp8 group scales {m}x{k} group {group}", quantize_fp8_groups(x, group).scale, xs)
+        wq, ws = quantize_fp8_groups_weight(torch.randn(n, k), group, torch.float16)
+        want = gg.fp8_group_gemm_ref(xq, xs, wq, ws, group, torch.float16)
+        for config in gg._CONFIGS:
+            y = torch.empty(m, n, dtype=torch.float16)
+            grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
+            gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), xs.stride(0), ws.stride(0),
+                                            gg._bucket(m), GROUP=group, **config.kwargs)
+            check(f"fp8 group gemm {m}x{n}x{k} group {group} {config.kwargs}", y, want)
+
+
 def int8_gemv() -> None:
     """W8A16's GEMV on int64 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
     tile divides."""
@@ -361,6 +383,7 @@ def main() -> None:
     fused_merge()
     prefill_attention()
     fp8_dot_gemv()
+    fp8_group_gemm()
     int8_gemv()
     rotary_with_cache_write()
     int4_qkv_rotary()

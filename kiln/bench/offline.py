@@ -267,7 +267,8 @@ def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
 # The format of the GEMMs an engine's linears run in prefill, by quantization algorithm: FP8 engines multiply e4m3
 # codes (torch._scaled_mm), SmoothQuant engines int8 codes (torch._int_mm); every other algorithm dequantizes to
 # the model dtype first, so its linears run at the bf16 rate.
-GEMM_FORMAT = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "W8A8_SQ_PER_CHANNEL": "int8"}
+GEMM_FORMAT = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "FP8_BLOCK_SCALES": "fp8",
+               "W8A8_SQ_PER_CHANNEL": "int8"}
 
 
 def _square_matmul(fmt: str, n: int, device: torch.device):

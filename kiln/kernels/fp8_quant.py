@@ -34,8 +34,9 @@ MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite, positive scal
 
 class Fp8Rows(NamedTuple):
     """Activations already quantized for an FP8 linear: codes [M, K] float8_e4m3fn and each row's scale [M, 1]
-    float32. The RMSNorm and SiLU-and-mul kernels write these directly when the linear that reads their output
-    has a static scale (kiln.models.base.DecoderLayer.fuse_fp8_inputs), saving the separate pass below."""
+    float32 (or, quantized by groups, each row's scale per group of inputs, [M, ceil(K / group)]). The RMSNorm and
+    SiLU-and-mul kernels write these directly when the linear that reads their output has a static scale
+    (kiln.models.base.DecoderLayer.fuse_fp8_inputs), saving the separate pass below."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -48,6 +49,38 @@ def quantize_fp8_rows_ref(x: torch.Tensor, static_scale: torch.Tensor | None = N
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     return Fp8Rows((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
+
+
+def quantize_fp8_groups_ref(x: torch.Tensor, group: int) -> Fp8Rows:
+    """x [M, K] -> codes [M, K] and one scale per row and group of `group` inputs, [M, ceil(K / group)] float32
+    (the last group may be short): each group's max |x| maps to 448."""
+    m, k = x.shape
+    groups = -(-k // group)
+    padded = torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
+    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Rows(q.view(m, groups * group)[:, :k].contiguous(), scale)
+
+
+def quantize_activation_groups(x: torch.Tensor, group: int) -> Fp8Rows:
+    """x [M, K] -> Fp8Rows with a scale per row and group: the Triton pass on CUDA, the torch math elsewhere."""
+    if x.is_cuda and triton_available():
+        return quantize_fp8_groups(x, group)
+    return quantize_fp8_groups_ref(x, group)
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int) -> Fp8Rows:
+    """quantize_fp8_groups_ref on CUDA, one program a row."""
+    rows = rows_view(x)
+    m, k = rows.shape
+    groups = -(-k // group)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    block = max(triton.next_power_of_2(k), group)
+    assert block <= 65536, f"quantize_fp8_groups: a row of {k} is over the kernel's 65536"
+    _quantize_groups_kernel[(m,)](rows, q, scale, rows.stride(0), k, groups, GROUP=group, BLOCK=block,
+                                  num_warps=min(max(block // 1024, 1), 16), **pdl_args(x.device))
+    return Fp8Rows(q, scale)
 
 
 def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> Fp8Rows:
@@ -96,3 +129,18 @@ if triton is not None:
             s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _FP8_MAX), _MIN_SCALE)
         tl.store(q_ptr + row * K + cols, to_e4m3(x, s), mask=mask)
         tl.store(scale_ptr + row, s)
+
+    @triton.jit
+    def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, x_stride, K, G, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                                USE_PDL: tl.constexpr):
+        """One row: its groups of GROUP inputs (a [BLOCK // GROUP, GROUP] view of the row; masked past K), each
+        with its own scale, as quantize_fp8_groups_ref."""
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = cols < K
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), _FP8_MAX), _MIN_SCALE)
+        tl.store(q_ptr + row * K + cols, to_e4m3(x, s[:, None]), mask=mask)
+        tl.store(scale_ptr + row * G + tl.arange(0, BLOCK // GROUP), s, mask=tl.arange(0, BLOCK // GROUP) < G)

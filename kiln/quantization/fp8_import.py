@@ -8,11 +8,13 @@ Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float
   Static -> kiln FP8, dynamic -> FP8_PER_CHANNEL_PER_TOKEN. Exact: the per-tensor weight scale is stored on
   every row (kiln's [out] layout); the fused QKV keeps each of q, k, v's own scale on its rows, and its static
   activation scale is the largest of the three input scales (one input, one quantization).
-- `quant_method: "fp8"` with `weight_block_size` [bo, bi] (transformers' FineGrainedFP8, DeepSeek-V3 style):
-  `weight_scale_inv` [ceil(out / bo), ceil(in / bi)], the multiplier of each block (w = q * s despite the
-  name); dynamic activations only. kiln's GEMM has no block scales, so each weight is dequantized and
-  re-quantized per output channel (FP8_PER_CHANNEL_PER_TOKEN): the only lossy import, by at most one e4m3
-  rounding per weight.
+- `quant_method: "fp8"` with `weight_block_size` [bo, bi] (transformers' FineGrainedFP8, DeepSeek-V3 and Qwen3
+  FP8 style): `weight_scale_inv` [ceil(out / bo), ceil(in / bi)], the multiplier of each block (w = q * s despite
+  the name); dynamic activations only. With bi one of 32, 64, 128 (the published ones use [128, 128]) it
+  becomes FP8_BLOCK_SCALES with group_size bi, as the source runs it (activations per token and group of bi):
+  the codes as they are, each block's scale repeated on its bo rows (kiln/quantization/fp8_block.py). Another bi
+  is dequantized and re-quantized per output channel (FP8_PER_CHANNEL_PER_TOKEN): the only lossy import, by at
+  most one e4m3 rounding per weight.
 - `quant_method: "compressed-tensors"` with one config group of float 8-bit weights (strategy "tensor" or
   "channel": `weight_scale` [1] or [out, 1]) and float 8-bit input activations (static "tensor" with
   `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN).
@@ -36,6 +38,7 @@ from kiln.quantization import hf_import
 from kiln.quantization.fp8 import FP8, quantize_fp8_weight
 
 LEAVES = ("weight", "weights_scaling_factor", "activation_scaling_factor")
+BLOCK_GROUP_SIZES = (32, 64, 128)  # a block's width FP8_BLOCK_SCALES takes as its group (QuantConfig.group_size)
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,17 @@ def _fp8_format(qc: dict, where: str) -> Fp8ImportFormat:
         if scheme != "dynamic" or len(block) != 2:
             raise ConfigError(f"{where}: block-wise FP8 (weight_block_size {block}) is imported with dynamic "
                               f"activations and a [rows, columns] block only; got activation_scheme {scheme!r}")
-        algo, scale_leaf, block = QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "weight_scale_inv", tuple(block)
+        scale_leaf, block = "weight_scale_inv", tuple(block)
+        if block[1] in BLOCK_GROUP_SIZES:
+            quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, group_size=block[1])
+        else:
+            quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
     else:
-        algo = QuantAlgo.FP8 if scheme == "static" else QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
+        quant_config = QuantConfig(quant_algo=QuantAlgo.FP8 if scheme == "static" else
+                                   QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
         scale_leaf = "weight_scale"
     _check_ignored(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [], where)
-    return Fp8ImportFormat("fp8", QuantConfig(quant_algo=algo), scale_leaf, block)
+    return Fp8ImportFormat("fp8", quant_config, scale_leaf, block)
 
 
 def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
@@ -197,7 +205,13 @@ class Fp8NameMap(NameMap):
         if q.dtype != FP8:
             raise CheckpointError(f"{prefix}weight: is {q.dtype}, but the config's quantization_config declares "
                                   f"float8_e4m3fn weights")
-        if self.fmt.block is not None:
+        if self.fmt.quant_config.quant_algo is QuantAlgo.FP8_BLOCK_SCALES:  # each block's scale on its rows
+            rows, cols = self.fmt.block
+            if tuple(scale.shape) != (-(-q.shape[0] // rows), -(-q.shape[1] // cols)):
+                raise CheckpointError(f"{prefix}{self.fmt.scale_leaf}: shape {tuple(scale.shape)} is not one scale "
+                                      f"per [{rows}, {cols}] block of the {tuple(q.shape)} weight")
+            row_scale = scale.float().repeat_interleave(rows, 0)[:q.shape[0]]
+        elif self.fmt.block is not None:
             q, row_scale = quantize_fp8_weight(block_dequantize(q, scale, self.fmt.block), dtype, per_channel=True)
         else:
             row_scale = scale.float().reshape(-1).expand(q.shape[0]) if scale.numel() == 1 else scale.reshape(-1)

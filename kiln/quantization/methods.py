@@ -23,6 +23,7 @@ from kiln.errors import ConfigError
 from kiln.layers.embedding import LMHead
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
 from kiln.quantization.fp8 import Fp8Method
+from kiln.quantization.fp8_block import Fp8BlockMethod
 from kiln.quantization.w4a8 import W4A8AwqMethod
 from kiln.quantization.w8a8 import Int8W8A8Method
 from kiln.quantization.weight_only import Int4GroupMethod, Int8WeightOnlyMethod
@@ -41,6 +42,7 @@ METHODS = {
     QuantAlgo.W8A8_SQ_PER_CHANNEL: lambda qc, layer: Int8W8A8Method(prequant=layer.input_sharded),
     QuantAlgo.FP8: lambda qc, layer: Fp8Method(static=True),
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc, layer: Fp8Method(static=False),
+    QuantAlgo.FP8_BLOCK_SCALES: lambda qc, layer: Fp8BlockMethod(qc.group_size),
 }
 # quant_algo -> QuantConfig -> lm_head's method, when exclude_modules does not keep lm_head in full precision.
 # None of them needs lm_head's input statistics: no calibration streams the final norm's output.
@@ -51,6 +53,7 @@ LM_HEAD_METHODS = {
     QuantAlgo.W4A16_GPTQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point, act_order=True),
     QuantAlgo.FP8: lambda qc: Fp8Method(static=False),  # no static activation scale to calibrate
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8Method(static=False),
+    QuantAlgo.FP8_BLOCK_SCALES: lambda qc: Fp8Method(static=False),  # (a vocabulary need not split into groups)
 }
 IMPORTED_ONLY = (QuantAlgo.W4A16_GPTQ,)  # held by models converted from act-order GPTQ; `kiln quantize` makes none
 SUPPORTED_ALGOS = tuple(a for a in METHODS if a not in IMPORTED_ONLY)

@@ -1,6 +1,6 @@
-"""Float math written out for the weight-and-activation formats (FP8, W8A8 SmoothQuant, W4A8 AWQ), independent of
-kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per token or with the
-checkpoint's static scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a
+"""Float math written out for the weight-and-activation formats (FP8, FP8_BLOCK_SCALES, W8A8 SmoothQuant, W4A8 AWQ),
+independent of kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per
+token, per token and group, or with the checkpoint's static scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a
 transformers model whose linears do exactly that, with the checkpoint's norms (SmoothQuant folds into them)."""
 
 from __future__ import annotations
@@ -21,8 +21,14 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).double()
 
 
-def fake_quant_input(x: torch.Tensor, t: dict) -> torch.Tensor:
+def fake_quant_input(x: torch.Tensor, t: dict, group: int) -> torch.Tensor:
     """x (float64 [M, K]) after the format's activation quantization, dequantized."""
+    if _groupwise_fp8(t):  # FP8_BLOCK_SCALES: per token and group of `group` inputs (the last may be short)
+        m, k = x.shape
+        groups = -(-k // group)
+        padded = torch.nn.functional.pad(x, (0, groups * group - k)).view(m, groups, group)
+        s = padded.abs().amax(-1, keepdim=True) / E4M3_MAX
+        return (e4m3(padded / s) * s).view(m, groups * group)[:, :k]
     if "prequant_scaling_factor" in t:
         x = x * t["prequant_scaling_factor"].double()
     if t["weight"].dtype == torch.int8:  # SmoothQuant: per-token int8
@@ -35,8 +41,14 @@ def fake_quant_input(x: torch.Tensor, t: dict) -> torch.Tensor:
     return e4m3(x / s) * s
 
 
+def _groupwise_fp8(t: dict) -> bool:
+    return t["weight"].dtype == torch.float8_e4m3fn and t["weights_scaling_factor"].dim() == 2
+
+
 def dequantized_weight(t: dict, group: int) -> torch.Tensor:
     w, s = t["weight"], t["weights_scaling_factor"].double()
+    if _groupwise_fp8(t):
+        return w.double() * s[:, torch.arange(w.shape[1]) // group]
     if w.dtype == torch.uint8:  # int4 groups, symmetric (W4A8_AWQ here)
         codes = unpack(w).double()
         z = t["zero_point"].double() if "zero_point" in t else torch.full_like(s, 8.0)
@@ -48,11 +60,11 @@ def dequantized_weight(t: dict, group: int) -> torch.Tensor:
 class FakeQuantLinear(nn.Module):
     def __init__(self, tensors: dict, rows: slice, group: int):
         super().__init__()
-        self.t, self.w = tensors, dequantized_weight(tensors, group)[rows]
+        self.t, self.w, self.group = tensors, dequantized_weight(tensors, group)[rows], group
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1]).double()
-        return (fake_quant_input(flat, self.t) @ self.w.T).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return (fake_quant_input(flat, self.t, self.group) @ self.w.T).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def fake_quant_hf(hf_model, ckpt: dict, config):

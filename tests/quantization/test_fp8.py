@@ -1,6 +1,6 @@
-"""FP8 and FP8_PER_CHANNEL_PER_TOKEN: the e4m3 format math against float math written out, quantize -> checkpoint ->
-from_checkpoint -> build -> run against transformers with fake-quantized linears (act_reference.py), TP=2 shards,
-and the errors (no FP8 GPU, unknown algorithm)."""
+"""FP8, FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES: the e4m3 format math against float math written out,
+quantize -> checkpoint -> from_checkpoint -> build -> run against transformers with fake-quantized linears
+(act_reference.py), TP=2 shards, and the errors (no FP8 GPU, unknown algorithm)."""
 
 import pytest
 import torch
@@ -13,10 +13,10 @@ from kiln.config import QuantConfig
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
-from kiln.quantization import fp8
+from kiln.quantization import fp8, fp8_block
 
 IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
-ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES")
 # e4m3: 3 mantissa bits, so round-to-nearest is within 2^-4 of |w| for normal values; below 2^-6 (subnormals,
 # spacing 2^-9) within 2^-10, in units of the scale.
 E4M3_REL, E4M3_SUBNORMAL_ABS = 2.0 ** -4, 2.0 ** -10
@@ -40,6 +40,49 @@ def test_weight_codes_round_to_nearest_e4m3_and_dequantize_exactly(per_channel):
     assert torch.equal(fp8.dequantize_fp8(q, s, torch.float32).double(), deq)  # exact: the quantizer's reconstruction
     bound = torch.maximum(E4M3_REL * w.double().abs(), E4M3_SUBNORMAL_ABS * s.double()[:, None])
     assert ((deq - w.double()).abs() <= bound * (1 + 2 ** -7)).all()  # (bf16 scale rounding: the 2^-7)
+
+
+def test_group_scales_are_searched_round_to_nearest_e4m3_and_dequantize_exactly():
+    """FP8_BLOCK_SCALES: one scale per row and group of 32 inputs (72 inputs: the last group has 8), the candidate
+    max|w| / 448 x 2^(j / 16) of least squared error; never worse than max|w| / 448 alone."""
+    w = torch.randn(24, 72) * torch.logspace(-3, 0, 72)
+    q, s = fp8_block.quantize_fp8_groups_weight(w, 32, torch.bfloat16)
+    group_of = torch.arange(72) // 32
+    amax = torch.stack([w[:, group_of == g].abs().amax(1) for g in range(3)], 1)
+    candidates = torch.stack([(amax / 448 * 2.0 ** (j / 16)).to(torch.bfloat16) for j in range(16)], -1)
+    assert s.shape == (24, 3) and (s[..., None] == candidates).any(-1).all()
+    scale = s.float()[:, group_of]
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(q.double(), e4m3(w / scale))
+    deq = q.double() * scale.double()
+    assert torch.equal(fp8_block.dequantize_fp8_groups(q, s, 32, torch.float32).double(), deq)
+    bound = torch.maximum(E4M3_REL * w.double().abs(), E4M3_SUBNORMAL_ABS * scale.double())
+    assert ((deq - w.double()).abs() <= bound * (1 + 2 ** -7)).all()
+
+    def group_errors(scale_of_group):
+        full = scale_of_group.float()[:, group_of].double()
+        err = (e4m3(w / full) * full - w.double()) ** 2
+        return torch.stack([err[:, group_of == g].sum(1) for g in range(3)], 1)
+    searched, plain = group_errors(s), group_errors((amax / 448).to(torch.bfloat16))
+    assert (searched <= plain).all() and (searched < plain).float().mean() > 0.5  # the search pays off mostly
+
+
+def test_group_activation_scales_and_the_gemm_equal_float64_math():
+    """Activations per token and group (the kiln.kernels.fp8_quant reference), and the GEMM's scaled sums, against
+    float64 math on the same codes: sum over groups of (codes' dot) * x scale * w scale."""
+    from kiln.kernels.fp8_quant import quantize_fp8_groups_ref
+
+    x, group = torch.randn(5, 200) * 3, 64  # 200 inputs: groups of 64, 64, 64, 8
+    xq, xs = quantize_fp8_groups_ref(x, group)
+    group_of = torch.arange(200) // group
+    amax = torch.stack([x[:, group_of == g].abs().amax(1) for g in range(4)], 1)
+    assert xs.shape == (5, 4) and torch.equal(xs, amax / 448)
+    assert torch.equal(xq.double(), e4m3(x / xs[:, group_of]))
+    wq, ws = fp8_block.quantize_fp8_groups_weight(torch.randn(40, 200), group, torch.float32)
+    y = fp8_block.fp8_groups_matmul(fp8.Fp8Rows(xq, xs), wq, ws, group, torch.float32)
+    ref = sum((xq.double()[:, group_of == g] @ wq.double()[:, group_of == g].T) * xs.double()[:, g:g + 1]
+              * ws.double()[None, :, g] for g in range(4))
+    terms = (xq.double().abs() * xs.double()[:, group_of]) @ (wq.double().abs() * ws.double()[:, group_of]).T
+    assert ((y.double() - ref).abs() <= 200 * 2.0 ** -24 * terms + 2.0 ** -24 * ref.abs()).all()
 
 
 def test_per_token_and_static_activation_quantization():
@@ -84,7 +127,7 @@ def test_checkpoint_tensors(quant_llama, quantized):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, quantized, algo, tmp_path):
     fused = dict(engine_weights(PretrainedModel.from_checkpoint(quantized[algo])))
-    assert fused["transformer.layers.0.mlp.fc_gate.weights_scaling_factor"].shape == (512,)
+    assert fused["transformer.layers.0.mlp.fc_gate.weights_scaling_factor"].shape[0] == 512  # fc and gate rows
     assert_engine_greedy_equals_fake_quant_hf(quant_llama[1], quantized[algo], tmp_path / "engine")
 
 
@@ -129,6 +172,34 @@ def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):
     model = PretrainedModel.from_checkpoint(out, rank=1)
     for name in model.weight_specs():
         assert torch.equal(ranks[1][name].float(), model.shard_rule(name)(full[name], model.mapping).float()), name
+
+
+def test_group_scales_shard_with_their_rows_and_whole_groups(quant_llama, quantized, tmp_path):
+    """FP8_BLOCK_SCALES at TP=2: a column-parallel layer's scales split by rows, a row-parallel one's by groups."""
+    qc = QuantConfig(quant_algo="FP8_BLOCK_SCALES", group_size=64)
+    full_dir = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp1", qc)
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", qc, Mapping.of(2))
+    full = load_file(full_dir / "rank0.safetensors")
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in range(2)]
+    layer = "transformer.layers.1."
+    assert full[layer + "mlp.proj.weights_scaling_factor"].shape == (128, 4)  # 256 inputs in groups of 64
+    for name, dim in (("mlp.fc.weights_scaling_factor", 0), ("mlp.proj.weights_scaling_factor", 1),
+                      ("mlp.proj.weight", 1)):
+        assert torch.equal(torch.cat([r[layer + name] for r in ranks], dim).float(), full[layer + name].float())
+    model = PretrainedModel.from_checkpoint(out, rank=1)
+    for name in model.weight_specs():
+        assert torch.equal(ranks[1][name].float(), model.shard_rule(name)(full[name], model.mapping).float()), name
+
+
+def test_a_group_straddling_ranks_is_refused(quant_llama, tmp_path):
+    from conftest import leftovers, make_hf_model
+
+    make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=192)  # proj: 96 inputs per rank
+    with pytest.raises(ConfigError, match=r"group_size \(64\) must divide a row-parallel layer's input features "
+                                          r"per rank \(96\)"):
+        PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo="FP8_BLOCK_SCALES",
+                                                                              group_size=64), Mapping.of(2))
+    assert leftovers(tmp_path / "q") == []
 
 
 def test_fp8_on_a_gpu_without_fp8_tensor_cores_names_the_capability():

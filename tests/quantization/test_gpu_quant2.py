@@ -146,6 +146,80 @@ def test_fused_fp8_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
 
 
 @requires_fp8_gpu
+def test_group_quantization_kernel_is_bit_equal_to_its_reference():
+    """FP8_BLOCK_SCALES' activations: the Triton pass writes the codes and group scales of the torch math, bit for
+    bit (576 inputs: 4.5 groups of 128, the last one short)."""
+    from kiln.kernels.fp8_quant import quantize_fp8_groups, quantize_fp8_groups_ref
+
+    for m, k, group in ((1, 4096, 128), (37, 576, 128), (300, 14336, 64), (5, 96, 32)):
+        x, _ = _operands(m, 1, k)
+        q, s = quantize_fp8_groups(x, group)
+        q_ref, s_ref = quantize_fp8_groups_ref(x, group)
+        assert torch.equal(s, s_ref), (m, k, group)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (m, k, group)
+
+
+@requires_fp8_gpu
+def test_group_gemm_equals_float64_math_for_every_tile():
+    """FP8_BLOCK_SCALES' GEMM, each of its tiles, against float64 math on the same codes: the sum over groups of
+    each group's products times the two scales. Within the accumulator bound above, per group."""
+    from kiln.kernels import fp8_group_gemm as gg
+    from kiln.kernels.fp8_quant import quantize_fp8_groups_ref
+    from kiln.quantization.fp8_block import quantize_fp8_groups_weight
+
+    for m, n, k, group in ((1, 4096, 4096, 128), (2, 6144, 4096, 128), (64, 4096, 14336, 128), (300, 960, 576, 64),
+                           (513, 1536, 576, 128)):
+        x, w = _operands(m, n, k)
+        xq, xs = quantize_fp8_groups_ref(x, group)
+        wq, ws = quantize_fp8_groups_weight(w, group, torch.bfloat16)
+        xd, wd = gg.dequantize_groups(xq, xs, group).double(), gg.dequantize_groups(wq, ws, group).double()
+        ref = xd @ wd.T
+        bound = max(group * 2.0 ** -24, 2.0 ** -13) * (xd.abs() @ wd.abs().T) + 2.0 ** -8 * ref.abs() + 1e-30
+        for config in gg._CONFIGS:
+            y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            grid = (triton_cdiv(m, config.kwargs["BLOCK_M"]), triton_cdiv(n, config.kwargs["BLOCK_N"]))
+            gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), xs.stride(0), ws.stride(0),
+                                            gg._bucket(m), GROUP=group, **config.kwargs, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+            excess = ((y.double() - ref).abs() - bound).max().item()
+            assert excess <= 0, f"{m}x{n}x{k} group {group} {config}: exceeds the bound by {excess}"
+        y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)  # the tuner's pick
+        assert ((y.double() - ref).abs() <= bound).all()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@requires_fp8_gpu
+def test_fp8_block_scales_engine_on_the_gpu_matches_its_emulation(tmp_path):
+    """A tiny model quantized to FP8_BLOCK_SCALES: the GPU's logits (group kernels) against the CPU emulation of
+    the same checkpoint in float32, and greedy tokens through LLM (CUDA graphs) equal to the emulation's."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from conftest import make_hf_model
+
+    import kiln
+    from kiln.config import QuantConfig
+    from kiln.models.base import PretrainedModel
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "block", QuantConfig(quant_algo="FP8_BLOCK_SCALES",
+                                                                                group_size=64), device="cpu")
+    ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+    with torch.no_grad():
+        cpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cpu")(ids)
+        gpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")(ids.cuda()).cpu()
+    assert (gpu - cpu).abs().max() <= 1e-3 * cpu.abs().max()  # float32 sums in another order, e4m3 ties aside
+    params = kiln.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        with kiln.LLM(ckpt, device=device) as llm:
+            outputs[device] = llm.generate([[1, 17, 5, 99, 42]], params)[0].outputs[0].token_ids
+    assert outputs["cuda"] == outputs["cpu"]
+
+
+@requires_fp8_gpu
 def test_w4a8_runs_its_e4m3_codes_through_the_int4_kernels(tmp_path):
     """On the GPU a W4A8_AWQ linear multiplies its input's e4m3 codes by W4A16's kernels (the int4 GEMV at 1 row,
     the int4 GEMM at 64) and scales the rows after: within 3 bf16 ulps of sum |x_q| |w| plus the output's rounding

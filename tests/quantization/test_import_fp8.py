@@ -16,6 +16,8 @@ from kiln.models.base import PretrainedModel
 
 IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
 BLOCK = 32
+# weight_block_size of the block layouts: 32 inputs, a kiln group size (imported as FP8_BLOCK_SCALES), and 16, not one
+BLOCKS = {"block": (BLOCK, BLOCK), "block-narrow": (BLOCK, 16)}
 FP8 = {"quant_method": "fp8", "activation_scheme": "static"}
 CT = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
       "config_groups": {"group_0": {"targets": ["Linear"],
@@ -28,11 +30,11 @@ CT = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore
 def fp8_tensors(w: torch.Tensor, layout: str) -> dict:
     """One linear's weight [out, in] in the source layout: codes and the scale(s) they multiply."""
     w = w.float()
-    if layout == "block":  # one multiplier per BLOCK x BLOCK block ("weight_scale_inv")
-        out, inp = w.shape
-        blocks = w.reshape(out // BLOCK, BLOCK, inp // BLOCK, BLOCK).abs().amax((1, 3))
+    if layout in BLOCKS:  # one multiplier per [rows, cols] block ("weight_scale_inv")
+        (rows, cols), (out, inp) = BLOCKS[layout], w.shape
+        blocks = w.reshape(out // rows, rows, inp // cols, cols).abs().amax((1, 3))
         s = blocks / 448
-        full = s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+        full = s.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
         return {"weight": e4m3(w / full).to(torch.float8_e4m3fn), "weight_scale_inv": s}
     s = w.abs().amax(1, keepdim=True) / 448 if layout == "channel" else w.abs().amax() / 448
     codes = e4m3(w / s).to(torch.float8_e4m3fn)
@@ -133,12 +135,31 @@ def test_an_fp8_lm_head_is_dequantized_into_the_full_precision_lm_head(hf_model,
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
-def test_block_scales_are_requantized_per_channel_within_one_e4m3_step(hf_model, tmp_path):
+def test_block_scales_carry_over_exactly_as_fp8_block_scales(hf_model, tmp_path):
+    """[32, 32] blocks (as DeepSeek-V3's and Qwen3's [128, 128]): the codes as they are, each block's scale on its
+    32 rows, activations per token and group of 32 as the source runs them."""
     sources, ckpt, model = _import(hf_model, tmp_path, {**FP8, "activation_scheme": "dynamic",
                                                         "weight_block_size": [BLOCK, BLOCK]}, "block")
+    assert model.config.quantization.quant_algo.value == "FP8_BLOCK_SCALES"
+    assert model.config.quantization.group_size == BLOCK
+    q, k, v = (sources[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
+    qkv = "transformer.layers.1.attention.qkv."
+    assert torch.equal(ckpt[qkv + "weight"].view(torch.uint8),
+                       torch.cat([t["weight"] for t in (q, k, v)]).view(torch.uint8))
+    assert torch.equal(ckpt[qkv + "weights_scaling_factor"],
+                       torch.cat([t["weight_scale_inv"].repeat_interleave(BLOCK, 0) for t in (q, k, v)]))
+    with torch.no_grad():
+        ours, ref = model(IDS), fake_quant_hf(hf_model, ckpt, model.config)(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_block_scales_of_another_width_are_requantized_per_channel_within_one_e4m3_step(hf_model, tmp_path):
+    (rows, cols) = BLOCKS["block-narrow"]
+    sources, ckpt, model = _import(hf_model, tmp_path, {**FP8, "activation_scheme": "dynamic",
+                                                        "weight_block_size": [rows, cols]}, "block-narrow")
     assert model.config.quantization.quant_algo.value == "FP8_PER_CHANNEL_PER_TOKEN"
     t = sources["model.layers.0.mlp.down_proj"]
-    s = t["weight_scale_inv"].repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    s = t["weight_scale_inv"].repeat_interleave(rows, 0).repeat_interleave(cols, 1)
     source_w = t["weight"].float() * s  # dequantized in float32, then re-quantized per output row
     row_scale = ckpt["transformer.layers.0.mlp.proj.weights_scaling_factor"]
     assert torch.equal(row_scale, source_w.abs().amax(1) / 448)

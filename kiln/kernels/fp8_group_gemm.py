@@ -1,0 +1,90 @@
+"""The GEMM of FP8_BLOCK_SCALES: e4m3 activations and weights, each with a scale per group of `group` inputs.
+
+    y[m, n] = sum over groups g of (sum over k in g of xq[m, k] wq[n, k]) * x_scale[m, g] * w_scale[n, g]
+
+x_scale [M, G] comes with the codes (kiln.kernels.fp8_quant.quantize_fp8_groups), w_scale [N, G] is the
+checkpoint's (a row's own scale per group, or, imported, its 128 x 128 block's scale on each of the block's rows).
+Each group's products are summed in float32 on the tensor cores (one FP8 MMA step of `group` inputs, the K tile),
+then scaled, as DeepSeek-V3's FP8 GEMMs do: the scales never meet the codes before the sum. The torch reference
+dequantizes both sides and multiplies in float32: the same numbers up to the order of the float32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels import rows_view
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference below
+    triton = None
+
+from kiln.kernels.gemv import AUTOTUNE, quick_bench
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """codes [R, K] with scales [R, ceil(K / group)] -> float32 [R, K]."""
+    return q.float() * scale.float().repeat_interleave(group, dim=1)[:, :q.shape[1]]
+
+
+def fp8_group_gemm_ref(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The reference: both sides dequantized, multiplied in float32."""
+    return (dequantize_groups(xq, x_scale, group) @ dequantize_groups(wq, w_scale, group).T).to(out_dtype)
+
+
+def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [M, K] e4m3 with x_scale [M, G] float32, wq [N, K] e4m3 with w_scale [N, G] -> y [M, N] (CUDA)."""
+    rows, (n, k) = rows_view(xq), wq.shape
+    m = rows.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    args = (rows, x_scale, wq, w_scale, y, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0),
+            _bucket(m))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    # A CUDA graph's capture cannot time candidates: it records the first tile, a decode-sized one.
+    if AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+        _tuned_kernel[grid](*args, GROUP=group)
+    else:
+        config = _CONFIGS[0]
+        _fp8_group_gemm_kernel[grid(config.kwargs)](*args, GROUP=group, **config.kwargs,
+                                                    num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+def _bucket(m: int) -> int:
+    """The tuning key for the number of rows: the next power of two (decode batches vary step to step)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+if triton is not None:
+    # (BLOCK_M, BLOCK_N, warps, stages): from decode rows (16: the smallest MMA tile) to prompt-sized ones. Not yet
+    # timed on a GPU. In sm_90 code (scripts/kernel_sass.py "fp8 group gemm") these need no spills: 64 and 128 rows
+    # run Hopper's FP8 wgmma (QGMMA), 16 and 32 rows convert the codes to fp16 for mma.sync. 128 x 128 on 8 warps
+    # (13 spill stores) and 128 x 256 (171) were left out: the scaled sum holds two accumulators a step.
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in ((16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                                     (64, 256, 8, 3), (128, 64, 4, 3))]
+
+    @triton.jit
+    def _fp8_group_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_xs, stride_ws,
+                               M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for g in range(0, tl.cdiv(K, GROUP)):
+            cols = g * GROUP + tl.arange(0, GROUP)
+            ok = cols < K  # (a short last group reads zeros past K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=m_ok[:, None] & ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + cols[:, None], mask=ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            xs = tl.load(xs_ptr + rm.to(tl.int64) * stride_xs + g, mask=m_ok, other=0.0)
+            ws = tl.load(ws_ptr + rn.to(tl.int64) * stride_ws + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(x, w) * (xs[:, None] * ws[None, :])
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BUCKET", "GROUP"], do_bench=quick_bench,
+                                    cache_results=True)(_fp8_group_gemm_kernel)

@@ -1,0 +1,113 @@
+"""FP8_BLOCK_SCALES: e4m3 weights and activations with a scale per group of `group_size` inputs (DeepSeek-V3's
+fine-grained FP8, TensorRT-LLM's name), no calibration.
+
+- Activations: one scale per token and group of group_size inputs, computed at run time (max |x| / 448).
+- Weights: one scale per output row and group of group_size inputs. kiln's quantizer gives each row its own
+  (finer than DeepSeek's 128 x 128 blocks), searched for the least squared error (SCALE_SEARCH_FACTORS); a
+  checkpoint with
+  128 x 128 blocks (`weight_block_size` [128, 128], kiln.quantization.fp8_import) is imported without
+  re-quantizing, each block's scale repeated on its 128 rows.
+
+A scale per group moves the largest values of each group onto e4m3's exact top (448), where one per tensor or
+per token leaves most groups' largest values short of it: on SmolLM2 this mode's mean KL is about 40% below
+static FP8's (docs/quantization.md, scripts/fp8_scale_granularity.py).
+
+Checkpoint tensors of a quantized linear `<linear>`:
+
+- `weight` float8_e4m3fn [out, in]; `weights_scaling_factor` [out, ceil(in / group_size)] (model dtype); input
+  column c of row r is weight[r, c] * weights_scaling_factor[r, c // group_size] (the last group may be short).
+  Both are [out, ...] on dim 0 and group-aligned on dim 1, so the column, QKV and row shard rules apply to them
+  as to a plain weight; a row-parallel layer split across ranks needs whole groups on every rank.
+
+The GEMM sums each group's e4m3 products in float32, then applies the two scales (kiln.kernels.fp8_group_gemm):
+the Triton kernel on CUDA (compute capability 8.9 or newer), the same math in float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.kernels import triton_available
+from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
+from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation_groups
+from kiln.layers.linear import Linear, LinearMethod
+from kiln.quantization.fp8 import FP8, fp8_backend, to_fp8
+
+
+# Each group's scale is the candidate of least squared error among max|w| / 448 times 2^(j / 16), j = 0..15. The
+# e4m3 grid repeats at every power of two, so these cover its placements without clipping (j = 0 puts the largest
+# weight on 448). On SmolLM2 the search takes a third of the weights' KL off (docs/quantization.md); the format and
+# the GEMM do not change. Float32 tensors times float32 tensors: the same bits on any device.
+SCALE_SEARCH_FACTORS = torch.tensor([2.0 ** (j / 16) for j in range(16)], dtype=torch.float32)
+
+
+def quantize_fp8_groups_weight(weight: torch.Tensor, group: int, dtype: torch.dtype):
+    """[out, in] -> (q e4m3 [out, in], scale [out, ceil(in / group)] in `dtype`), one scale per row and group
+    (SCALE_SEARCH_FACTORS). Each candidate is rounded to `dtype` before the division, so dequantizing gives this
+    reconstruction exactly."""
+    out, inp = weight.shape
+    groups = -(-inp // group)
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * group - inp)).view(out, groups, group)
+    amax_scale = padded.abs().amax(dim=-1) / torch.full((), FP8_MAX, device=weight.device)
+    best = None
+    for factor in SCALE_SEARCH_FACTORS.to(weight.device):
+        scale = (amax_scale * factor).clamp(min=MIN_SCALE).to(dtype)
+        q = to_fp8(padded / scale.float()[..., None])
+        err = (q.float() * scale.float()[..., None] - padded).square().sum(dim=-1)
+        if best is None:
+            best = [q, scale, err]
+        else:  # (strictly better only: ties keep the smaller scale)
+            better = err < best[2]
+            best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
+                    torch.minimum(err, best[2])]
+    q, scale = best[0].view(out, groups * group)[:, :inp].contiguous(), best[1]
+    return q, scale
+
+
+def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_groups(q, scale, group).to(dtype)
+
+
+def fp8_groups_matmul(x: Fp8Rows, wq: torch.Tensor, w_scale: torch.Tensor, group: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """x (codes [M, K] with scales [M, G]) @ the weight's dequantization^T -> [M, N]."""
+    if fp8_backend(x.q.device) != "emulated" and triton_available():  # (refuses GPUs without FP8)
+        return fp8_group_gemm(x.q, x.scale, wq, w_scale, group, out_dtype)
+    return fp8_group_gemm_ref(x.q, x.scale, wq, w_scale, group, out_dtype)
+
+
+def _param(*shape, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Fp8BlockMethod(LinearMethod):
+    name = "FP8_BLOCK_SCALES"
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def create_weights(self, layer: Linear) -> None:
+        g, inp = self.group_size, layer.in_features
+        if layer.input_sharded and layer.mapping.tp_size > 1 and inp % g:
+            raise ConfigError(f"QuantConfig.group_size ({g}) must divide a row-parallel layer's input features "
+                              f"per rank ({inp}): a group may not straddle ranks; choose one of 32, 64, 128 that "
+                              f"divides it, a smaller tp_size, or exclude the layer with exclude_modules")
+        layer.weight = _param(layer.out_features, inp, dtype=FP8)
+        layer.weights_scaling_factor = _param(layer.out_features, -(-inp // g))
+        layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)
+
+    def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8_groups(layer.weight, layer.weights_scaling_factor, self.group_size, dtype)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        fp8_backend(x.device)  # refuses GPUs without FP8 before anything runs
+        x2 = x.reshape(-1, x.shape[-1])
+        y = fp8_groups_matmul(quantize_activation_groups(x2, self.group_size), layer.weight,
+                              layer.weights_scaling_factor, self.group_size, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
+        q, s = quantize_fp8_groups_weight(weight, self.group_size, dtype)
+        return {"weight": q, "weights_scaling_factor": s}
