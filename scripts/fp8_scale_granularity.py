@@ -3,12 +3,12 @@ granularities, each evaluated as `kiln quantize --eval` does (same held-out text
 
     python scripts/fp8_scale_granularity.py [WEIGHTS:ACTIVATIONS ...]
 
-WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or
-32 x 32 block, or 64 inputs of a row, max |w| at 448) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per
-64 / 32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all) or
-float. Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full precision) runs
-quantize-dequantized weights and activations in float32, from the float model's weights; no checkpoint is written.
-The defaults run the rows of docs/quantization.md.
+WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or 32 x
+32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales) or float; ACTIVATIONS one of token, group64, group32 (a dynamic
+scale per token, or per 64 / 32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no
+range limit at all) or float. Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full
+precision) runs quantize-dequantized weights and activations in float32, from the float model's weights; no
+checkpoint is written. The defaults run the rows of docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from kiln.config import QuantConfig
 from kiln.default_model import default_model_path
 from kiln.layers.linear import Linear
 from kiln.quantization import calibration, evaluate, fp8
+from kiln.quantization.fp8_block import dequantize_fp8_groups, quantize_fp8_groups_weight
 from kiln.quantization.methods import is_excluded
 
-DEFAULT_RUNS = ("tensor:float", "channel:float", "float:mantissa3", "tensor:token", "channel:token",
-                "channel:group64", "block64:group64", "block64:group32", "block32:group32", "group64:group64")
+DEFAULT_RUNS = ("tensor:float", "channel:float", "group64:float", "group64-searched:float", "float:mantissa3",
+                "float:token", "float:group64", "tensor:token", "channel:token", "channel:group64", "block64:group64",
+                "group64:group64", "group64-searched:group64", "block32:group32")
 
 
 def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -37,6 +39,12 @@ def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return (fp8.to_fp8(blocks / scale).float() * scale).reshape(r, c)
 
 
+def searched_groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """FP8_BLOCK_SCALES' weights: a scale per row and group, searched for the least squared error."""
+    q, scale = quantize_fp8_groups_weight(w, group, torch.float32)
+    return dequantize_fp8_groups(q, scale, group, torch.float32)
+
+
 def mantissa3(x: torch.Tensor) -> torch.Tensor:
     """x rounded to 3 mantissa bits (nearest, ties to even), any exponent."""
     m, e = torch.frexp(x.float())  # x = m 2^e, 0.5 <= |m| < 1: 4 significant bits are m to 2^-4
@@ -45,7 +53,7 @@ def mantissa3(x: torch.Tensor) -> torch.Tensor:
 
 WEIGHTS = {"tensor": lambda w: e4m3_blocks(w, *w.shape), "channel": lambda w: e4m3_blocks(w, 1, w.shape[1]),
            "block64": lambda w: e4m3_blocks(w, 64, 64), "block32": lambda w: e4m3_blocks(w, 32, 32),
-           "group64": lambda w: e4m3_blocks(w, 1, 64),
+           "group64": lambda w: e4m3_blocks(w, 1, 64), "group64-searched": lambda w: searched_groups(w, 64),
            "float": lambda w: w.float()}
 ACTIVATIONS = {"token": lambda x: e4m3_blocks(x, 1, x.shape[1]), "group64": lambda x: e4m3_blocks(x, 1, 64),
                "group32": lambda x: e4m3_blocks(x, 1, 32), "mantissa3": mantissa3, "float": lambda x: x.float()}

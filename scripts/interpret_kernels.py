@@ -1,14 +1,14 @@
 """Run the kernels that hold inline PTX under Triton's CPU interpreter, against their references, with the PTX
 swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX): the int4 GEMM with the weights on
-either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its
-split programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA
-one too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
-lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed
-on a GPU); rotary with its cache write, one head a program and all in one, and the int4 GEMV of a fused QKV with
-rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the fc_gate GEMM with SiLU-and-mul
-as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and epilogue run only on Hopper).
-It checks the kernels' indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU
-tests.
+either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its split
+programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA one
+too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
+lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM and the int4 GEMV on every tile (no PTX, but their tiles,
+masks and splits are only timed on a GPU); rotary with its cache write, one head a program and all in one, and the
+int4 GEMV of a fused QKV with rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the
+fc_gate GEMM with SiLU-and-mul as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and
+epilogue run only on Hopper). It checks the kernels' indexing, masks and splits on a machine without a GPU; the PTX
+itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     pip install --no-deps --target /tmp/np_site numpy==2.2.6   # the interpreter needs numpy < 2.3
