@@ -4,11 +4,12 @@ granularities, each evaluated as `kiln quantize --eval` does (same held-out text
     python scripts/fp8_scale_granularity.py [WEIGHTS:ACTIVATIONS ...]
 
 WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or 32 x
-32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales) or float; ACTIVATIONS one of token, group64, group32 (a dynamic
-scale per token, or per 64 / 32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no
-range limit at all) or float. Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full
-precision) runs quantize-dequantized weights and activations in float32, from the float model's weights; no
-checkpoint is written. The defaults run the rows of docs/quantization.md.
+32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales) or float; ACTIVATIONS
+one of token, group64, group32 (a dynamic scale per token, or per 64 / 32 of its values), mantissa3 (3 mantissa
+bits, as e4m3, with an unbounded exponent: no range limit at all) or float. Every linear that `kiln quantize
+--quant-algo FP8` quantizes (lm_head stays in full precision) runs quantize-dequantized weights and activations in
+float32, from the float model's weights; no checkpoint is written. The defaults run the rows of
+docs/quantization.md.
 """
 
 from __future__ import annotations
