@@ -350,8 +350,8 @@ class BuildConfig:
 
     # Options read when an engine is loaded, not built into it: the KV cache is sized on the GPU the engine runs
     # on, and the decode bursts and the admission policy are the scheduler's. LLM(engine_dir, build_config=bc)
-    # takes them from bc whatever the engine was built with; the other fields shape the engine (its CUDA graphs,
-    # its limits) and change only by building again.
+    # takes those bc sets (with_runtime_options) whatever the engine was built with; the other fields shape the
+    # engine (its CUDA graphs, its limits) and change only by building again.
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens",
                                                  "decode_steps_per_sync", "capacity_scheduler_policy")
 
@@ -386,9 +386,13 @@ class BuildConfig:
         """The fields an engine is built with (all but RUNTIME_FIELDS)."""
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
-    def with_runtime_options(self, other: "BuildConfig") -> "BuildConfig":
-        """This engine's config with other's RUNTIME_FIELDS."""
-        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.RUNTIME_FIELDS})
+    def with_runtime_options(self, asked: "BuildConfig") -> "BuildConfig":
+        """This engine's config with the RUNTIME_FIELDS `asked` sets. A field left at BuildConfig's default counts
+        as not set and keeps this config's value (the flags of `kiln run` and `serve` are the defaults when not
+        given)."""
+        default = BuildConfig()
+        return dataclasses.replace(self, **{name: getattr(asked, name) for name in self.RUNTIME_FIELDS
+                                            if getattr(asked, name) != getattr(default, name)})
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -301,6 +301,18 @@ def test_a_built_engine_takes_the_runtime_options_asked_for(tiny_llama_session, 
     assert (llm.runner.num_blocks, llm.build_config.max_batch_size) == (4, 4)
 
 
+def test_runtime_options_left_at_their_defaults_keep_the_engines(tiny_llama_session, tmp_path):
+    """`kiln run ENGINE --kv-cache-max-tokens N` passes the other flags' defaults: an engine built with one decode
+    step per sync keeps it."""
+    engine_dir = build(LLaMAForCausalLM.from_hugging_face(tiny_llama_session[0]),
+                       BuildConfig(max_seq_len=64, decode_steps_per_sync=1, kv_cache_max_tokens=128)).save(
+                           tmp_path / "engine")
+    llm = LLM(engine_dir, device="cpu", build_config=BuildConfig(capacity_scheduler_policy="guaranteed_no_evict"))
+    bc = llm.build_config
+    assert (bc.decode_steps_per_sync, bc.kv_cache_max_tokens, bc.capacity_scheduler_policy) == \
+        (1, 128, "guaranteed_no_evict")
+
+
 def test_runtime_options_rebuild_no_cached_engine(tiny_llama_session, kiln_cache):
     hf_dir, _ = tiny_llama_session
     LLM(hf_dir, device="cpu", build_config=BuildConfig(max_seq_len=64))
