@@ -56,14 +56,15 @@ def quantize_fp8_groups_weight(weight: torch.Tensor, group: int, dtype: torch.dt
         scale = (amax_scale * factor).clamp(min=MIN_SCALE).to(dtype)
         q = to_fp8(padded / scale.float()[..., None])
         err = (q.float() * scale.float()[..., None] - padded).square().sum(dim=-1)
+        codes = q.view(torch.uint8)  # (torch.where has no float8 kernel on every device)
         if best is None:
-            best = [q, scale, err]
+            best = [codes, scale, err]
         else:  # (strictly better only: ties keep the smaller scale)
             better = err < best[2]
-            best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
+            best = [torch.where(better[..., None], codes, best[0]), torch.where(better, scale, best[1]),
                     torch.minimum(err, best[2])]
-    q, scale = best[0].view(out, groups * group)[:, :inp].contiguous(), best[1]
-    return q, scale
+    q = best[0].view(FP8).view(out, groups * group)[:, :inp].contiguous()
+    return q, best[1]
 
 
 def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
