@@ -143,6 +143,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"fp8 group gemm group={g} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", fp8_group_gemm._fp8_group_gemm_kernel,
        dict(GROUP=g, **c.kwargs), dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32"))
       for c in fp8_group_gemm._CONFIGS for g in (64, 128)],
+    *[(f"fp8 group gemv group={g} split={split}", fp8_group_gemm._fp8_group_gemv_kernel,
+       dict(GROUP=g, BLOCK_N=fp8_group_gemm.GEMV_TILE[0], SPLIT=split),
+       dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32"))
+      for g in (64, 128) for split in (1, 4)],
     *[(f"fp8 quantize groups group={g}", fp8_quant._quantize_groups_kernel, dict(GROUP=g, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for g in (64, 128)],
     ("moe grouped gemm", moe._grouped_gemm_kernel,

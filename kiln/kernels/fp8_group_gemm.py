@@ -5,15 +5,17 @@
 x_scale [M, G] comes with the codes (kiln.kernels.fp8_quant.quantize_fp8_groups), w_scale [N, G] is the
 checkpoint's (a row's own scale per group, or, imported, its 128 x 128 block's scale on each of the block's rows).
 Each group's products are summed in float32 on the tensor cores (one FP8 MMA step of `group` inputs, the K tile),
-then scaled, as DeepSeek-V3's FP8 GEMMs do: the scales never meet the codes before the sum. The torch reference
-dequantizes both sides and multiplies in float32: the same numbers up to the order of the float32 sums.
+then scaled, as DeepSeek-V3's FP8 GEMMs do: the scales never meet the codes before the sum. Up to 16 rows
+(decode) run a weights-left variant split over the input dim, for the wgmma's 64-row side and enough programs.
+The torch reference dequantizes both sides and multiplies in float32: the same numbers up to the order of the
+float32 sums. Neither kernel has run on a GPU yet: tests/quantization/test_gpu_quant2.py holds their checks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels import rows_view
+from kiln.kernels import num_sms, rows_view
 
 try:
     import triton
@@ -21,7 +23,7 @@ try:
 except ImportError:  # CPU-only installs: the reference below
     triton = None
 
-from kiln.kernels.gemv import AUTOTUNE, quick_bench
+from kiln.kernels.gemv import AUTOTUNE, quick_bench, sum_splits
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -39,6 +41,8 @@ def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype)
     rows, (n, k) = rows_view(xq), wq.shape
     m = rows.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m <= GEMV_ROWS:
+        return _group_gemv(rows, x_scale, wq, w_scale, group, y)
     args = (rows, x_scale, wq, w_scale, y, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0),
             _bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -49,6 +53,33 @@ def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype)
         config = _CONFIGS[0]
         _fp8_group_gemm_kernel[grid(config.kwargs)](*args, GROUP=group, **config.kwargs,
                                                     num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+# Decode: up to 16 rows run weights-left (GEMV_TILE), the input dim split so that the grid has two programs an SM.
+GEMV_ROWS = 16
+GEMV_TILE = (64, 4, 4)  # (BLOCK_N, warps, stages); not yet timed on a GPU
+
+
+def gemv_split(n: int, groups: int, sms: int, block_n: int = GEMV_TILE[0]) -> int:
+    """How many parts the input dim's groups are split into: enough for 2 programs an SM, at most one group each."""
+    return max(1, min(groups, -(-2 * sms // -(-n // block_n))))
+
+
+def _group_gemv(rows, x_scale, wq, w_scale, group: int, y) -> torch.Tensor:
+    """rows [m <= 16, K] by the weights-left kernel, split over the input dim (sum_splits adds the parts)."""
+    m, (n, k) = rows.shape[0], wq.shape
+    groups = -(-k // group)
+    block_n, warps, stages = GEMV_TILE
+    split = gemv_split(n, groups, num_sms(rows.device.index or 0) if rows.is_cuda else 4)
+    per_split = -(-groups // split)
+    split = -(-groups // per_split)  # (no empty part)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    _fp8_group_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        rows, x_scale, wq, w_scale, out, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0), per_split,
+        GROUP=group, BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=stages)
+    if split > 1:
+        sum_splits(out, y)
     return y
 
 
@@ -88,3 +119,30 @@ if triton is not None:
 
     _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BUCKET", "GROUP"], do_bench=quick_bench,
                                     cache_results=True)(_fp8_group_gemm_kernel)
+
+    @triton.jit
+    def _fp8_group_gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_xs, stride_ws,
+                               per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        """Up to 16 rows, weights-left as kiln.kernels.gemv's e4m3 MMA GEMV: y^T = W x^T with x's rows padded to
+        16, the weights the MMA's M side (64 outputs a program: Hopper's FP8 wgmma, no conversion of the codes).
+        Program (i, s) owns outputs i*BLOCK_N.. over groups s*per_split.. of the input dim; with SPLIT > 1 it
+        writes its part in float32 to y_ptr [SPLIT, M, N] for sum_splits."""
+        x_rows = tl.arange(0, 16)
+        cols = tl.arange(0, GROUP)
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ok, row_ok = outs < N, x_rows < M
+        first = tl.program_id(1) * per_split
+        last = tl.minimum(first + per_split, tl.cdiv(K, GROUP))
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        for g in range(first, last):
+            k = g * GROUP + cols
+            ok = k < K
+            w = tl.load(w_ptr + outs[:, None].to(tl.int64) * K + k[None, :], mask=out_ok[:, None] & ok[None, :],
+                        other=0.0)
+            x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & ok[None, :],
+                        other=0.0)
+            xs = tl.load(xs_ptr + x_rows * stride_xs + g, mask=row_ok, other=0.0)
+            ws = tl.load(ws_ptr + outs.to(tl.int64) * stride_ws + g, mask=out_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(w, tl.trans(x)) * (ws[:, None] * xs[None, :])
+        y_ptrs = y_ptr + tl.program_id(1).to(tl.int64) * M * N + x_rows[None, :] * N + outs[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[None, :] & out_ok[:, None])

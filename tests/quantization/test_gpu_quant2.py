@@ -183,8 +183,16 @@ def test_group_gemm_equals_float64_math_for_every_tile():
                                             num_stages=config.num_stages)
             excess = ((y.double() - ref).abs() - bound).max().item()
             assert excess <= 0, f"{m}x{n}x{k} group {group} {config}: exceeds the bound by {excess}"
-        y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)  # the tuner's pick
+        y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)  # the tuner's pick, or the GEMV's split
         assert ((y.double() - ref).abs() <= bound).all()
+        if m <= gg.GEMV_ROWS:  # the weights-left GEMV unsplit and split in 4, whatever the heuristic picks
+            for split in (1, 4):
+                gemv_split, gg.gemv_split = gg.gemv_split, lambda *args, split=split: split
+                try:
+                    y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)
+                finally:
+                    gg.gemv_split = gemv_split
+                assert ((y.double() - ref).abs() <= bound).all(), f"gemv {m}x{n}x{k} split {split}"
 
 
 def triton_cdiv(a: int, b: int) -> int:
