@@ -309,13 +309,9 @@ def fp8_group_gemm() -> None:
                                             gg._bucket(m), GROUP=group, **config.kwargs)
             check(f"fp8 group gemm {m}x{n}x{k} group {group} {config.kwargs}", y, want)
         if m <= gg.GEMV_ROWS:  # the weights-left kernel, unsplit and split over the input dim
-            for split in (1, 3):
-                gemv_split, gg.gemv_split = gg.gemv_split, lambda *args, split=split: split
-                try:
-                    got = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.float16)
-                finally:
-                    gg.gemv_split = gemv_split
-                check(f"fp8 group gemv {m}x{n}x{k} group {group} split {split}", got, want)
+            for parts in (1, 3):
+                got = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.float16, gemv_parts=parts)
+                check(f"fp8 group gemv {m}x{n}x{k} group {group} in {parts} parts", got, want)
 
 
 def int8_gemv() -> None:

@@ -36,13 +36,15 @@ def fp8_group_gemm_ref(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dt
     return (dequantize_groups(xq, x_scale, group) @ dequantize_groups(wq, w_scale, group).T).to(out_dtype)
 
 
-def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """xq [M, K] e4m3 with x_scale [M, G] float32, wq [N, K] e4m3 with w_scale [N, G] -> y [M, N] (CUDA)."""
+def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype,
+                   gemv_parts: int | None = None) -> torch.Tensor:
+    """xq [M, K] e4m3 with x_scale [M, G] float32, wq [N, K] e4m3 with w_scale [N, G] -> y [M, N] (CUDA).
+    gemv_parts: the GEMV's split of the input dim (tests and benches; default gemv_split's)."""
     rows, (n, k) = rows_view(xq), wq.shape
     m = rows.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m <= GEMV_ROWS:
-        return _group_gemv(rows, x_scale, wq, w_scale, group, y)
+        return _group_gemv(rows, x_scale, wq, w_scale, group, y, gemv_parts)
     args = (rows, x_scale, wq, w_scale, y, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0),
             _bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -66,12 +68,12 @@ def gemv_split(n: int, groups: int, sms: int, block_n: int = GEMV_TILE[0]) -> in
     return max(1, min(groups, -(-2 * sms // -(-n // block_n))))
 
 
-def _group_gemv(rows, x_scale, wq, w_scale, group: int, y) -> torch.Tensor:
+def _group_gemv(rows, x_scale, wq, w_scale, group: int, y, parts: int | None) -> torch.Tensor:
     """rows [m <= 16, K] by the weights-left kernel, split over the input dim (sum_splits adds the parts)."""
     m, (n, k) = rows.shape[0], wq.shape
     groups = -(-k // group)
     block_n, warps, stages = GEMV_TILE
-    split = gemv_split(n, groups, num_sms(rows.device.index or 0) if rows.is_cuda else 4)
+    split = parts or gemv_split(n, groups, num_sms(rows.device.index or 0) if rows.is_cuda else 4)
     per_split = -(-groups // split)
     split = -(-groups // per_split)  # (no empty part)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)

@@ -186,13 +186,9 @@ def test_group_gemm_equals_float64_math_for_every_tile():
         y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)  # the tuner's pick, or the GEMV's split
         assert ((y.double() - ref).abs() <= bound).all()
         if m <= gg.GEMV_ROWS:  # the weights-left GEMV unsplit and split in 4, whatever the heuristic picks
-            for split in (1, 4):
-                gemv_split, gg.gemv_split = gg.gemv_split, lambda *args, split=split: split
-                try:
-                    y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16)
-                finally:
-                    gg.gemv_split = gemv_split
-                assert ((y.double() - ref).abs() <= bound).all(), f"gemv {m}x{n}x{k} split {split}"
+            for parts in (1, 4):
+                y = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.bfloat16, gemv_parts=parts)
+                assert ((y.double() - ref).abs() <= bound).all(), f"gemv {m}x{n}x{k} in {parts} parts"
 
 
 def triton_cdiv(a: int, b: int) -> int:
