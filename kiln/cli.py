@@ -50,9 +50,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_quantize(args) -> None:
+    from kiln.checkpoint.convert import source_model_class
     from kiln.config import QuantConfig
     from kiln.mapping import Mapping
-    from kiln.models.base import PretrainedModel
     from kiln.quantization.evaluate import REPORT_FILE, algo_label, format_report
 
     quant_config = QuantConfig(quant_algo=args.quant_algo, kv_cache_quant_algo=args.kv_cache_quant_algo,
@@ -62,10 +62,11 @@ def cmd_quantize(args) -> None:
                                keep_sensitive_layers=args.keep_sensitive_layers)
     evaluate = args.eval or args.eval_dataset is not None
     start = time.perf_counter()
-    out = PretrainedModel.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
-                                   calib_dataset=args.calib_dataset, calib_size=args.calib_size,
-                                   calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype,
-                                   overwrite=args.overwrite, evaluate=evaluate, eval_dataset=args.eval_dataset)
+    model_class = source_model_class(args.model_dir)  # (its quantize: an architecture may override it)
+    out = model_class.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
+                              calib_dataset=args.calib_dataset, calib_size=args.calib_size,
+                              calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype, overwrite=args.overwrite,
+                              evaluate=evaluate, eval_dataset=args.eval_dataset)
     print(f"wrote {algo_label(quant_config.to_dict())} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
     if evaluate:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")

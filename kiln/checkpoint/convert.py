@@ -32,22 +32,34 @@ def detect_source_format(src: str | Path) -> str:
     raise CheckpointError(f"{src}: no such model (expected a Hugging Face, kiln or Meta dir, or a .gguf file)")
 
 
-def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None):
-    """The model object for one rank of `src`, with lazy weights; any supported format."""
+def source_model_class(src: str | Path):
+    """The kiln model class of `src`'s architecture (any supported format), read from its config."""
     from kiln.models import model_class
 
-    src, mapping = Path(src), mapping or Mapping()
+    src = Path(src)
     fmt = detect_source_format(src)
     if fmt == "hf":
         architectures = read_json(src / "config.json", "config").get("architectures") or ["<none>"]
-        return model_class(architectures[0]).from_hugging_face(src, dtype, mapping)
+        return model_class(architectures[0])
     if fmt == "meta":
-        return model_class("LlamaForCausalLM").from_meta_ckpt(src, dtype, mapping)
+        return model_class("LlamaForCausalLM")
     from kiln.checkpoint.gguf_source import GGUFFile
     from kiln.models.llama.gguf import GGUF_ARCHITECTURES
 
     arch = GGUFFile(src).field("general.architecture")
-    return model_class(GGUF_ARCHITECTURES.get(arch, f"gguf:{arch}")).from_gguf(src, dtype, mapping)
+    return model_class(GGUF_ARCHITECTURES.get(arch, f"gguf:{arch}"))
+
+
+# The reader of each source format: (model class, path, dtype, mapping) -> the model.
+SOURCE_READERS = {"hf": lambda cls, *args: cls.from_hugging_face(*args),
+                  "meta": lambda cls, *args: cls.from_meta_ckpt(*args),
+                  "gguf": lambda cls, *args: cls.from_gguf(*args)}
+
+
+def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None):
+    """The model object for one rank of `src`, with lazy weights; any supported format."""
+    src = Path(src)
+    return SOURCE_READERS[detect_source_format(src)](source_model_class(src), src, dtype, mapping or Mapping())
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "auto", tp_size: int = 1,

@@ -154,3 +154,20 @@ def test_corrupt_calibration_file_is_named_and_writes_nothing(quant_llama, tmp_p
         PretrainedModel.quantize(quant_llama[0], tmp_path / "q", QuantConfig(quant_algo="W4A16_AWQ", group_size=64),
                                  calib_dataset=tmp_path / name)
     assert leftovers(tmp_path / "q") == []
+
+
+def test_cli_quantize_runs_the_architectures_own_quantize(quant_llama, tmp_path, monkeypatch):
+    """`Model.quantize` is a classmethod an architecture may override: `kiln quantize` calls the source's class."""
+    from kiln.models.llama.model import LLaMAForCausalLM
+
+    calls = []
+    original = LLaMAForCausalLM.quantize.__func__
+
+    def recorded(cls, *args, **kwargs):
+        calls.append(cls)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LLaMAForCausalLM, "quantize", classmethod(recorded))
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
+                 "--quant-algo", "W8A16"]) == 0
+    assert calls == [LLaMAForCausalLM]
