@@ -31,6 +31,6 @@ def _file_stamps(src: Path) -> list:
 def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None, world_key=None) -> Path:
     src = Path(src).resolve()
     key = json.dumps({"src": str(src), "files": _file_stamps(src), "dtype": dtype,
-                      "build_config": build_config.engine_fields() if build_config else None,
+                      "build_config": (build_config or BuildConfig()).engine_fields(),  # (None: the defaults)
                       "world": world_key, "format_version": FORMAT_VERSION}, sort_keys=True)
     return cache_root() / "engines" / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

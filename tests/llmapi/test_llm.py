@@ -314,12 +314,14 @@ def test_runtime_options_left_at_their_defaults_keep_the_engines(tiny_llama_sess
 
 
 def test_runtime_options_rebuild_no_cached_engine(tiny_llama_session, kiln_cache):
+    """Nor does passing the default config (as `kiln run` and `kiln serve` do) where LLM(path) passed none."""
     hf_dir, _ = tiny_llama_session
-    LLM(hf_dir, device="cpu", build_config=BuildConfig(max_seq_len=64))
+    LLM(hf_dir, device="cpu")
     before = _snapshot(kiln_cache)
-    llm = LLM(hf_dir, device="cpu", build_config=BuildConfig(max_seq_len=64, kv_cache_max_tokens=64))
+    llm = LLM(hf_dir, device="cpu", build_config=BuildConfig(kv_cache_max_tokens=512))
+    LLM(hf_dir, device="cpu", build_config=BuildConfig())
     assert _snapshot(kiln_cache) == before
-    assert llm.runner.num_blocks * llm.build_config.tokens_per_block == 64
+    assert llm.runner.num_blocks * llm.build_config.tokens_per_block == 512
 
 
 def test_copy_of_an_hf_dir_gets_its_own_cache_entry(tiny_llama_session, tmp_path, kiln_cache):
