@@ -98,10 +98,11 @@ def _make_runner(engine_dir: Path, engine: Engine, build_config: BuildConfig, de
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise ConfigError(f"torchrun started {dist.get_world_size()} ranks but {engine_dir} has {world}; "
                               f"use --nproc-per-node {world} (LLM runs on rank 0, see kiln.runtime.workers)")
-        return DriverRunner(ModelRunner(engine.runtime_model(device), device, build_config), engine.config.vocab_size)
+        return DriverRunner(ModelRunner(engine.runtime_model(device), device, build_config, engine.plan),
+                            engine.config.vocab_size)
     if world > 1:
         return WorkerGroup(str(engine_dir), world, build_config, device.type)
-    return ModelRunner(engine.runtime_model(device), device, build_config)
+    return ModelRunner(engine.runtime_model(device), device, build_config, engine.plan)
 
 
 @dataclass(eq=False)

@@ -66,10 +66,11 @@ def capture_graph(device: torch.device, pool, forward):
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv, device: torch.device, max_batch_size: int, max_blocks_per_seq: int,
+    def __init__(self, model, kv, device: torch.device, sizes: list[int], max_blocks_per_seq: int,
                  scratch_block: int):
+        """sizes: the batch sizes to capture, ascending (the engine plan's cuda_graph_batch_sizes)."""
         self.model, self.kv, self.device = model, kv, device
-        self.sizes = cuda_graph_batch_sizes(max_batch_size)
+        self.sizes = list(sizes)
         n, w = self.sizes[-1], max_blocks_per_seq
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)

@@ -21,7 +21,8 @@ from kiln.kernels import triton_available
 from kiln.layers.linear import choose_linear_kernels
 from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
-from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
+from kiln.runtime.cuda_graphs import (DecodeGraphs, PrefillGraphs, cuda_graph_batch_sizes,
+                                     prefill_graph_token_counts)
 from kiln.runtime.host_tensors import fill_tokens, list_tensor, padded_tables, readback_buffer, release_readback
 from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 from kiln.runtime.paged_batch import PagedAttentionBatch
@@ -43,7 +44,9 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, build_config):
+    def __init__(self, model, device: torch.device, build_config, plan: dict | None = None):
+        """plan: the engine's (kiln.builder.plan_for): its CUDA graphs' batch sizes and prefill token counts, chosen
+        at build time; without one (a model not loaded from an engine) the same rules choose them here."""
         self.model = model
         self.device = torch.device(device)
         config = model.config
@@ -63,6 +66,10 @@ class ModelRunner:
         self.num_blocks = self._agree_across_ranks(plan_num_blocks(build_config, block_bytes, self.device, reserve,
                                                                    kv_dtype))
         self.kv_token_capacity = self.num_blocks * build_config.tokens_per_block  # for `kiln bench` to report
+        self.graph_batch_sizes = (plan["cuda_graph_batch_sizes"] if plan
+                                  else cuda_graph_batch_sizes(build_config.max_batch_size))
+        self.graph_prefill_tokens = (plan["cuda_graph_prefill_tokens"] if plan
+                                     else prefill_graph_token_counts(build_config))
         use_graphs = self._can_use_graphs(config)
         # With graphs, one block past the plan is their scratch space for padding rows: taking it from the
         # plan could leave less than the one max_seq_len sequence the plan guarantees (it would never finish).
@@ -73,13 +80,12 @@ class ModelRunner:
         self._burst_in_graphs, self._eager_next = False, None  # where the last decode burst ran, for its continuation
         if use_graphs:
             blocks_per_seq = -(-build_config.max_seq_len // build_config.tokens_per_block)
-            self.graphs = DecodeGraphs(model, self.kv, self.device, build_config.max_batch_size, blocks_per_seq,
+            self.graphs = DecodeGraphs(model, self.kv, self.device, self.graph_batch_sizes, blocks_per_seq,
                                        scratch_block=physical - 1)
             self.graphs.capture()
-            sizes = prefill_graph_token_counts(build_config)
-            if sizes:
-                self.prefill_graphs = PrefillGraphs(model, self.kv, self.device, sizes, blocks_per_seq,
-                                                    scratch_block=physical - 1)
+            if self.graph_prefill_tokens:
+                self.prefill_graphs = PrefillGraphs(model, self.kv, self.device, self.graph_prefill_tokens,
+                                                    blocks_per_seq, scratch_block=physical - 1)
                 self.prefill_graphs.capture()
             if os.environ.get("KILN_WARM_LM_HEAD", "1") == "1":  # (KILN_WARM_LM_HEAD=0 turns it off)
                 self._warm_lm_head(build_config.max_batch_size)

@@ -100,7 +100,7 @@ def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, build_c
     try:
         device = init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}", device_type)
         engine = Engine.from_dir(engine_dir, rank)
-        runner = ModelRunner(engine.runtime_model(device), device, build_config)
+        runner = ModelRunner(engine.runtime_model(device), device, build_config, engine.plan)
         if rank != 0:
             serve_worker(runner)
             return
@@ -215,7 +215,7 @@ def join_torchrun(engine_dir: str, build_config=None):
         return device
     try:
         bc = engine.build_config if build_config is None else engine.build_config.with_runtime_options(build_config)
-        serve_worker(ModelRunner(engine.runtime_model(device), device, bc))
+        serve_worker(ModelRunner(engine.runtime_model(device), device, bc, engine.plan))
     finally:
         leave_process_group()
     return None

@@ -353,3 +353,16 @@ def test_inter_token_latencies_are_the_gaps_between_arrivals():
     out = RequestOutput(0, None, [1], [CompletionOutput(0, "", list(range(7)), None, None, None, times)], True, 0.5)
     assert out.inter_token_latencies() == [0.5, 1.0]
     assert out.time_per_output_token() == 1.5 / 6 and out.ttft() == 0.5
+
+
+def test_the_runtime_takes_its_cuda_graph_sizes_from_the_engine_plan(tiny_llama_session, tmp_path):
+    """The batch sizes and prefill token counts of the CUDA graphs are chosen at build time and recorded in the
+    engine's plan; the runtime captures what the plan says (graphs run on a GPU only; the choice is made anywhere)."""
+    engine_dir = build(LLaMAForCausalLM.from_hugging_face(tiny_llama_session[0]),
+                       BuildConfig(max_batch_size=8, max_seq_len=64)).save(tmp_path / "engine")
+    config = json.loads((engine_dir / "config.json").read_text())
+    assert LLM(engine_dir, device="cpu").runner.graph_batch_sizes == config["plan"]["cuda_graph_batch_sizes"]
+    config["plan"].update(cuda_graph_batch_sizes=[1, 3, 8], cuda_graph_prefill_tokens=[16])
+    (engine_dir / "config.json").write_text(json.dumps(config))
+    runner = LLM(engine_dir, device="cpu").runner
+    assert (runner.graph_batch_sizes, runner.graph_prefill_tokens) == ([1, 3, 8], [16])

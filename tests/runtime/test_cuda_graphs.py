@@ -12,7 +12,7 @@ from kiln.builder import Engine
 from kiln.config import BuildConfig
 from kiln.llmapi.llm import open_engine_dir
 from kiln.runtime.block_manager import BlockManager
-from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_token_counts
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, cuda_graph_batch_sizes, prefill_graph_token_counts
 from kiln.runtime.kv_cache import PagedKVCache
 from kiln.runtime.model_runner import ModelRunner, StepInputs
 from kiln.runtime.sampler import greedy_tokens
@@ -91,8 +91,8 @@ def _decode_graphs_after_two_prompts(tmp_path, monkeypatch):
     """The runner, its blocks, decode graphs of 1 and 2 rows whose replays run eagerly, and the decode step after
     two prompts (12 tokens: the 5th decode step of the first starts its block 1; 5 tokens)."""
     runner, blocks, _ = _runner_and_graphs(tmp_path, monkeypatch)
-    graphs = DecodeGraphs(runner.model, runner.kv, torch.device("cpu"), max_batch_size=2, max_blocks_per_seq=8,
-                          scratch_block=runner.num_blocks - 1)
+    graphs = DecodeGraphs(runner.model, runner.kv, torch.device("cpu"), cuda_graph_batch_sizes(2),
+                          max_blocks_per_seq=8, scratch_block=runner.num_blocks - 1)
     for size in graphs.sizes:
         graphs.graphs[size] = EagerReplay(lambda size=size: graphs.forward(size))
     prompts = [list(range(40, 52)), [3, 1, 4, 1, 5]]
