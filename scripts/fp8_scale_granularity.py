@@ -4,12 +4,12 @@ granularities, each evaluated as `kiln quantize --eval` does (same held-out text
     python scripts/fp8_scale_granularity.py [WEIGHTS:ACTIVATIONS ...]
 
 WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or 32 x
-32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales) or float; ACTIVATIONS
-one of token, group64, group32 (a dynamic scale per token, or per 64 / 32 of its values), mantissa3 (3 mantissa
-bits, as e4m3, with an unbounded exponent: no range limit at all) or float. Every linear that `kiln quantize
---quant-algo FP8` quantizes (lm_head stays in full precision) runs quantize-dequantized weights and activations in
-float32, from the float model's weights; no checkpoint is written. The defaults run the rows of
-docs/quantization.md.
+32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales), channel-searched (one
+searched scale a row) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per 64 /
+32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all) or float.
+Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full precision) runs quantize-
+dequantized weights and activations in float32, from the float model's weights; no checkpoint is written. The
+defaults run the rows of docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def mantissa3(x: torch.Tensor) -> torch.Tensor:
 WEIGHTS = {"tensor": lambda w: e4m3_blocks(w, *w.shape), "channel": lambda w: e4m3_blocks(w, 1, w.shape[1]),
            "block64": lambda w: e4m3_blocks(w, 64, 64), "block32": lambda w: e4m3_blocks(w, 32, 32),
            "group64": lambda w: e4m3_blocks(w, 1, 64), "group64-searched": lambda w: searched_groups(w, 64),
+           "channel-searched": lambda w: searched_groups(w, w.shape[1]),
            "float": lambda w: w.float()}
 ACTIVATIONS = {"token": lambda x: e4m3_blocks(x, 1, x.shape[1]), "group64": lambda x: e4m3_blocks(x, 1, 64),
                "group32": lambda x: e4m3_blocks(x, 1, 32), "mantissa3": mantissa3, "float": lambda x: x.float()}
