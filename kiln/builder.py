@@ -27,8 +27,8 @@ from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import BuildConfig, PretrainedConfig, read_json
 from kiln.errors import CheckpointError, ConfigError
 from kiln.kernels.quant_gemm import linear_plan
-from kiln.models.base import (CONFIG_FILE, PretrainedModel, check_format_version, check_kiln_config, rank_file,
-                              write_json_atomic)
+from kiln.checkpoint.atomic import write_json_atomic
+from kiln.models.base import CONFIG_FILE, PretrainedModel, check_format_version, check_kiln_config, rank_file
 from kiln.runtime.cuda_graphs import cuda_graph_batch_sizes, prefill_graph_token_counts
 from kiln.version import FORMAT_VERSION, __version__
 

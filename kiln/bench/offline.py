@@ -33,6 +33,7 @@ import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
 from kiln.bench.workloads import Workload, select
+from kiln.checkpoint.atomic import write_json_atomic
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions, resolve_device
 from kiln.errors import ConfigError
 from kiln.kernels import choices
@@ -600,7 +601,7 @@ def run_report(device: str, results: list[BenchResult], **fields) -> dict:
 def save_report(args, report: dict) -> None:
     """--output-json and --plot."""
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report, indent=2))
+        write_json_atomic(Path(args.output_json), report)
     if args.plot:
         from kiln.bench.plot import plot_results
 

@@ -7,6 +7,7 @@ when Python gets the chance), never a dir at the target path that would load.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -48,3 +49,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -16,16 +16,16 @@ as the tests run) the file is neither read nor written.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import torch
+
+from kiln.checkpoint.atomic import atomic_write_text
 
 log = logging.getLogger("kiln")
 _MISSING = object()
@@ -149,18 +149,13 @@ def _write(disk_key: str, value) -> None:
     path = choices_file()
     entries = _load(path)  # what other processes wrote since this one read it
     entries[disk_key] = list(value) if isinstance(value, tuple) else value
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(entries, indent=0, sort_keys=True))
     except OSError as e:
         if not _write_failed:
             log.warning("kernel choices are not kept for the next start: cannot write %s (%s); set "
                         "KILN_CACHE_DIR to a writable dir", path, e)
         _write_failed = True
         return
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     _disk = entries

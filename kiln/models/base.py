@@ -9,7 +9,6 @@ largest tensor), and the first forward, or `materialize()`, loads them all.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kiln.checkpoint.atomic import atomic_dir
+from kiln.checkpoint.atomic import atomic_dir, write_json_atomic
 from kiln.checkpoint.hf_source import HFWeights
 from kiln.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
@@ -40,12 +39,6 @@ CONFIG_FILE = "config.json"
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.rename(path)
 
 
 def check_kiln_config(d: dict, path: Path) -> None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kiln.checkpoint.atomic import atomic_dir, atomic_write_text
+from kiln.checkpoint.atomic import atomic_dir, write_json_atomic
 from kiln.config import QuantAlgo, QuantConfig, resolve_device
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
@@ -200,7 +199,7 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
         if weight_calibration.awq_errors:
             report["awq_layer_mse"] = {k: {"awq": a, "rtn": r}
                                        for k, (a, r) in weight_calibration.awq_errors.items()}
-        atomic_write_text(Path(out_dir) / evaluate.REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        write_json_atomic(Path(out_dir) / evaluate.REPORT_FILE, report)
         log.info(evaluate.format_report(report))
     return Path(out_dir)
 
