@@ -404,6 +404,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="prompt tokens (words with --serve, unless --token-id-prompts)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (--serve)")
+    p.add_argument("--request-rate", type=float, default=None, metavar="PER_S",
+                   help="with --serve: requests arrive as a Poisson process at this rate, up to --concurrency in "
+                        "flight (default: all at once)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the requests' sampling temperature (--serve; 0 = greedy, as every offline run)")
     p.add_argument("--token-id-prompts", action="store_true",

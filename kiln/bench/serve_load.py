@@ -45,12 +45,22 @@ async def _one_request(session, url: str, body: dict, headers: dict) -> dict:
             "latency": time.perf_counter() - start}
 
 
+def arrival_gaps(num_requests: int, request_rate: float | None) -> list[float]:
+    """Seconds to wait after sending each request: Poisson arrivals at request_rate a second (exponential gaps,
+    seeded, so every run sends at the same moments); None or inf sends them all at once."""
+    if request_rate is None or request_rate == float("inf"):
+        return [0.0] * num_requests
+    rng = random.Random(1)
+    return [rng.expovariate(request_rate) for _ in range(num_requests - 1)] + [0.0]
+
+
 async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, output_len: int,
                 api_key: str | None, model: str | None, temperature: float = 0.0, token_ids: bool = False,
-                shared_prefix_len: int = 0) -> dict:
+                shared_prefix_len: int = 0, request_rate: float | None = None) -> dict:
     """prompt_len words a prompt, or with token_ids that many random token ids (a model with no tokenizer, such as
     random weights of a real shape; ids 3-99, which every vocabulary has); every prompt starts with the same
-    shared_prefix_len of them."""
+    shared_prefix_len of them. At most `concurrency` in flight; with request_rate, they arrive as arrival_gaps
+    says (TTFT counts from when a request is sent)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -68,10 +78,17 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
         async with semaphore:
             return await _one_request(session, url, body, headers)
 
+    async def arriving(session):
+        tasks = []
+        for gap in arrival_gaps(num_requests, request_rate):
+            tasks.append(asyncio.create_task(bounded(session)))
+            await asyncio.sleep(gap)
+        return await asyncio.gather(*tasks)
+
     start = time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            results = await asyncio.gather(*(bounded(session) for _ in range(num_requests)))
+            results = await arriving(session)
     except aiohttp.ClientConnectorError as e:
         raise ConfigError(f"cannot reach a server at {url} ({e.os_error.strerror or e}); start one there (`kiln "
                           "serve MODEL --port N`) or point --serve at it") from None
@@ -80,6 +97,7 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
     tokens = sum(r["tokens"] for r in ok)
     return {
         "requests": num_requests, "succeeded": len(ok), "concurrency": concurrency, "temperature": temperature,
+        "request_rate": request_rate,
         "seconds": seconds,
         "output_tokens_per_s": tokens / seconds, "requests_per_s": len(ok) / seconds,
         "ttft_s": percentiles([r["ttft"] for r in ok]),
@@ -108,16 +126,19 @@ def run(args) -> list:
     print(TABLE_HEADER, flush=True)
     for w in workloads:
         r = asyncio.run(drive(url, w.num_requests, args.concurrency, w.input_len, w.output_len, args.api_key,
-                              args.served_model_name, args.temperature, args.token_id_prompts, w.shared_prefix_len))
+                              args.served_model_name, args.temperature, args.token_id_prompts, w.shared_prefix_len,
+                              args.request_rate))
         extra = {"concurrency": args.concurrency, "mean_latency_s": r["mean_latency_s"]}
         if r["succeeded"] < r["requests"]:
             extra["failed"] = r["requests"] - r["succeeded"]
             print(f"# {w.name}: {extra['failed']} requests failed, the first: {r['errors']}", file=sys.stderr)
-        results.append(BenchResult(system, w.name, w.num_requests, w.input_len, w.output_len, r["seconds"],
+        scenario = w.name if args.request_rate is None else f"{w.name} @{args.request_rate:g}/s"
+        results.append(BenchResult(system, scenario, w.num_requests, w.input_len, w.output_len, r["seconds"],
                                    r["output_tokens_per_s"], r["requests_per_s"], r["ttft_s"], r["itl_s"],
                                    r["tpot_s"], None, extra))
         print(results[-1].row(), flush=True)
     print_results(results)
     save_report(args, run_report(f"the server at {url}", results, concurrency=args.concurrency,
-                                 temperature=args.temperature, token_id_prompts=args.token_id_prompts))
+                                 request_rate=args.request_rate, temperature=args.temperature,
+                                 token_id_prompts=args.token_id_prompts))
     return results

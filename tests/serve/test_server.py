@@ -718,6 +718,19 @@ def test_kiln_bench_serve_runs_each_workload_into_the_table_json_and_plot(server
     assert report["concurrency"] == 3 and (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_kiln_bench_serve_sends_requests_at_a_poisson_rate(server):
+    """--request-rate: the requests leave at seeded exponential gaps, so the run lasts at least their sum."""
+    from kiln.bench.serve_load import arrival_gaps, drive
+
+    gaps = arrival_gaps(6, 20.0)
+    assert len(gaps) == 6 and gaps[-1] == 0 and all(g > 0 for g in gaps[:-1]) and gaps == arrival_gaps(6, 20.0)
+    assert arrival_gaps(3, None) == [0.0] * 3
+    report = asyncio.run(drive(server.url, num_requests=6, concurrency=6, prompt_len=4, output_len=3,
+                               api_key=API_KEY, model=None, token_ids=True, request_rate=20.0))
+    assert report["succeeded"] == 6 and report["request_rate"] == 20.0
+    assert report["seconds"] >= sum(gaps)
+
+
 def test_a_model_without_a_tokenizer_streams_its_tokens_as_they_come(tmp_path_factory):
     """Random weights of a real shape have no tokenizer, so no token adds text: the stream still sends a chunk for
     each burst of new tokens (it once sent one at the start and one at the end, and `kiln bench --serve` read the
