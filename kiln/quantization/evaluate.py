@@ -13,28 +13,97 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kiln.layers.attention import AttentionBatch
+from kiln.quantization import streaming
+
 REPORT_FILE = "quant_report.json"
+
+
+class _Totals:
+    """The sums behind the metrics, over next-token predictions."""
+
+    def __init__(self):
+        self.nll_f = self.nll_q = self.kl = self.agree = 0.0
+        self.count = 0
+
+    def add(self, logits_f: torch.Tensor, logits_q: torch.Tensor, ids: torch.Tensor) -> None:
+        """One window: logits [t, vocab] of both models for token ids [t] (t - 1 predictions)."""
+        lf, lq = logits_f[:-1].float().log_softmax(-1), logits_q[:-1].float().log_softmax(-1)
+        target = ids[1:]
+        self.nll_f += F.nll_loss(lf, target, reduction="sum").item()
+        self.nll_q += F.nll_loss(lq, target, reduction="sum").item()
+        self.kl += (lf.exp() * (lf - lq)).sum().item()
+        self.agree += (lf.argmax(-1) == lq.argmax(-1)).sum().item()
+        self.count += target.numel()
+
+    def metrics(self) -> dict:
+        ppl_f, ppl_q = math.exp(self.nll_f / self.count), math.exp(self.nll_q / self.count)
+        return {"tokens": self.count, "perplexity_float": ppl_f, "perplexity_quantized": ppl_q,
+                "perplexity_change_pct": 100.0 * (ppl_q / ppl_f - 1.0), "mean_kl_divergence": self.kl / self.count,
+                "top1_agreement": self.agree / self.count}
 
 
 @torch.no_grad()
 def compare(float_model, quant_model, windows, device="cpu") -> dict:
-    """Metrics over every next-token prediction in each 1-D window of token ids (len - 1 predictions each)."""
-    nll_f = nll_q = kl = agree = 0.0
-    count = 0
+    """Metrics over every next-token prediction in each 1-D window of token ids (len - 1 predictions each), for
+    two models in memory."""
+    totals = _Totals()
     for row in windows:
         ids = row[None].to(device)
-        lf = float_model(ids)[0, :-1].float().log_softmax(-1)
-        lq = quant_model(ids)[0, :-1].float().log_softmax(-1)
-        target = ids[0, 1:]
-        nll_f += F.nll_loss(lf, target, reduction="sum").item()
-        nll_q += F.nll_loss(lq, target, reduction="sum").item()
-        kl += (lf.exp() * (lf - lq)).sum().item()
-        agree += (lf.argmax(-1) == lq.argmax(-1)).sum().item()
-        count += target.numel()
-    ppl_f, ppl_q = math.exp(nll_f / count), math.exp(nll_q / count)
-    return {"tokens": count, "perplexity_float": ppl_f, "perplexity_quantized": ppl_q,
-            "perplexity_change_pct": 100.0 * (ppl_q / ppl_f - 1.0), "mean_kl_divergence": kl / count,
-            "top1_agreement": agree / count}
+        totals.add(float_model(ids)[0], quant_model(ids)[0], ids[0])
+    return totals.metrics()
+
+
+@torch.no_grad()
+def compare_streamed(source, quant_model, windows, device="cpu", max_windows: int = 16) -> dict:
+    """compare's metrics for two lazy TP=1 models (the float source, the quantized one), streamed layer by layer
+    as the calibrations are (kiln.quantization.streaming): memory holds one decoder layer of each, the embedding
+    or the head, and the hidden states of up to max_windows windows of one length, never a whole model. So a
+    model larger than memory can be evaluated."""
+    totals = _Totals()
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for row in windows:
+        by_length.setdefault(len(row), []).append(row)
+    for rows in by_length.values():
+        for start in range(0, len(rows), max_windows):
+            ids = torch.stack(rows[start:start + max_windows]).to(device)
+            hidden_f, hidden_q = _final_hidden_states(source, quant_model, ids, device)
+            logits_f, logits_q = _logits(source, hidden_f, device), _logits(quant_model, hidden_q, device)
+            for w in range(ids.shape[0]):
+                totals.add(logits_f[w], logits_q[w], ids[w])
+    return totals.metrics()
+
+
+def _final_hidden_states(source, quant_model, ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' last decoder layer outputs for windows ids [n, t], one layer of each in memory at a time (the
+    quantized checkpoint keeps the source's embedding, so both start from it)."""
+    n, t = ids.shape
+    positions = torch.arange(t, device=device).repeat(n)
+    batch = AttentionBatch.uncached(n, t)
+    hidden_f = streaming.embed(source, ids, positions, device)
+    hidden_q = hidden_f
+    for i in range(source.config.num_hidden_layers):
+        layer = streaming.load_layer(source, i, device)
+        hidden_f = layer.full_output(hidden_f, positions, batch)
+        del layer
+        qlayer = streaming.load_module(quant_model.transformer.layers[str(i)], f"transformer.layers.{i}.",
+                                       quant_model, device)
+        hidden_q = qlayer.full_output(hidden_q, positions, batch)
+        qlayer.to_empty(device="meta")  # back to shapes only
+    return hidden_f.view(n, t, -1), hidden_q.view(n, t, -1)
+
+
+def _logits(model, hidden: torch.Tensor, device) -> torch.Tensor:
+    """model's final norm and lm_head (quantized or not) on hidden [n, t, hidden], as its forward applies them."""
+    norm = streaming.load_module(model.transformer.ln_f, "transformer.ln_f.", model, device)
+    head = streaming.load_module(model.lm_head, "lm_head.", model, device)
+    n, t, size = hidden.shape
+    logits = head(norm(hidden.reshape(n * t, size))).view(n, t, -1)
+    norm.to_empty(device="meta")
+    head.to_empty(device="meta")
+    model.tie_weights()
+    cap = model.config.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def algo_label(quantization: dict) -> str:

@@ -225,9 +225,8 @@ def keep_sensitive_layers(source, cls, qconfig, tokens, weight_calibration: Weig
 def quality_report(source, cls, qconfig, quantized: QuantizedSource, tokenizer, seq_len: int, device,
                    texts: list[str] | None = None) -> dict:
     windows = calibration.heldout_windows(tokenizer, qconfig.vocab_size, seq_len, texts)
-    quant_model = _rank_model(cls, qconfig.replace(mapping=Mapping()), quantized).materialize(device)
-    float_model = source.materialize(device)
-    metrics = evaluate.compare(float_model, quant_model, windows, device)
+    quant_model = _rank_model(cls, qconfig.replace(mapping=Mapping()), quantized)
+    metrics = evaluate.compare_streamed(source, quant_model, windows, device)
     return {"quantization": qconfig.quantization.to_dict(), "dtype": qconfig.dtype,
             "tokenizer": tokenizer is not None,
             "seq_len": seq_len, "windows": len(windows), "metrics": metrics}

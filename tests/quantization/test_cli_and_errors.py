@@ -77,7 +77,7 @@ def test_a_failed_evaluation_keeps_the_checkpoint(quant_llama, tmp_path, monkeyp
     def out_of_memory(*args, **kwargs):
         raise MemoryError("the evaluation ran out of memory")
 
-    monkeypatch.setattr(evaluate, "compare", out_of_memory)
+    monkeypatch.setattr(evaluate, "compare_streamed", out_of_memory)
     out = tmp_path / "q"
     with pytest.raises(MemoryError):
         PretrainedModel.quantize(quant_llama[0], out, QuantConfig(quant_algo="W8A16"), evaluate=True)
@@ -171,3 +171,27 @@ def test_cli_quantize_runs_the_architectures_own_quantize(quant_llama, tmp_path,
     assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
                  "--quant-algo", "W8A16"]) == 0
     assert calls == [LLaMAForCausalLM]
+
+
+@pytest.mark.parametrize("algo, kv, lm_head", [("W4A16_AWQ", None, False), ("FP8", None, True),
+                                               ("W8A8_SQ_PER_CHANNEL", None, False), (None, "INT8", False)])
+def test_streamed_evaluation_equals_the_two_models_in_memory(quant_llama, tmp_path, algo, kv, lm_head):
+    """--eval streams both models layer by layer (evaluate.compare_streamed), as calibration does: its metrics
+    equal those of the two models materialized whole (evaluate.compare), up to float32 summation order. Windows
+    of two lengths (a short last one) and, with lm_head quantized, the quantized head."""
+    from kiln.checkpoint.convert import load_source_model
+    from kiln.quantization import calibration, evaluate
+
+    excluded = () if lm_head else ("lm_head",)
+    qc = QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=64, exclude_modules=excluded)
+    ckpt = PretrainedModel.quantize(quant_llama[0], tmp_path / "q", qc, calib_size=4, calib_max_seq_len=32)
+    windows = calibration.heldout_windows(None, quant_llama[1].config.vocab_size, 48)
+    assert len({len(w) for w in windows}) == 2
+    source = load_source_model(quant_llama[0], "auto")
+    quantized = PretrainedModel.from_checkpoint(ckpt)
+    streamed = evaluate.compare_streamed(source, quantized, windows, max_windows=3)
+    whole = evaluate.compare(load_source_model(quant_llama[0], "auto").materialize(),
+                             PretrainedModel.from_checkpoint(ckpt).materialize(), windows)
+    assert streamed["tokens"] == whole["tokens"] and streamed["mean_kl_divergence"] > 0
+    for key in ("perplexity_float", "perplexity_quantized", "mean_kl_divergence", "top1_agreement"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
