@@ -64,8 +64,9 @@ class QuantizedSource:
             return None if t is None else t.to(self.device)
         weight = on_device(self.source.read_weight(module + ".weight"))  # lm_head of a tied model: the embedding
         if module in self.weight_clips:
+            group_size = self.linears[module].quant_method.group_size
             weight = awq.clip_weight(weight, on_device(self.weight_clips[module]),
-                                     on_device(self.input_scales.get(module)), self.linears[module].quant_method.group_size)
+                                     on_device(self.input_scales.get(module)), group_size)
         extra = {"act_absmax": on_device(self.act_absmax[module])} if module in self.act_absmax else {}
         tensors = self.linears[module].quant_method.quantize(weight, self.dtype,
                                                              on_device(self.input_scales.get(module)), **extra)
