@@ -56,6 +56,7 @@ WEIGHTS = {"tensor": lambda w: e4m3_blocks(w, *w.shape), "channel": lambda w: e4
            "block64": lambda w: e4m3_blocks(w, 64, 64), "block32": lambda w: e4m3_blocks(w, 32, 32),
            "group64": lambda w: e4m3_blocks(w, 1, 64), "group64-searched": lambda w: searched_groups(w, 64),
            "channel-searched": lambda w: searched_groups(w, w.shape[1]),
+           "tensor-searched": lambda w: searched_groups(w.reshape(1, -1), w.numel()).reshape(w.shape),
            "float": lambda w: w.float()}
 ACTIVATIONS = {"token": lambda x: e4m3_blocks(x, 1, x.shape[1]), "group64": lambda x: e4m3_blocks(x, 1, 64),
                "group32": lambda x: e4m3_blocks(x, 1, 32), "mantissa3": mantissa3, "float": lambda x: x.float()}

@@ -52,12 +52,41 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8_weight(weight: torch.Tensor, dtype: torch.dtype, per_channel: bool):
-    """[out, in] -> (q float8_e4m3fn [out, in], scale [out] in `dtype`): max |w| of each row (or of the whole
-    tensor, repeated on every row) maps to 448."""
+    """[out, in] -> (q float8_e4m3fn [out, in], scale [out] in `dtype`): per channel, each row's scale searched
+    (search_scales); per tensor, max |w| maps to 448, the scale repeated on every row (a search gains nothing for
+    one scale: docs/quantization.md)."""
+    if per_channel:
+        return search_scales(weight.float(), dtype)
     w = weight.float()
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
-    scale = _over_fp8_max(amax).clamp(min=MIN_SCALE).to(dtype)
+    scale = _over_fp8_max(w.abs().amax().expand(w.shape[0])).clamp(min=MIN_SCALE).to(dtype)
     return to_fp8(w / scale.float()[:, None]), scale
+
+
+# A searched scale is the candidate of least squared error among max|w| / 448 times 2^(j / 16), j = 0..15. The
+# e4m3 grid repeats at every power of two, so these cover its placements without clipping (j = 0 puts the largest
+# weight on 448). On SmolLM2 the search takes 40% off the weights' KL with a scale per 64 inputs of a row and 29%
+# with one a row (docs/quantization.md). Float32 tensors times float32 tensors: the same bits on any device.
+SCALE_SEARCH_FACTORS = torch.tensor([2.0 ** (j / 16) for j in range(16)], dtype=torch.float32)
+
+
+def search_scales(groups: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [..., n] -> (codes e4m3 [..., n], scale [...] in `dtype`): one searched scale per group of the last
+    dim. Each candidate is rounded to `dtype` before the division, so dequantizing gives this reconstruction
+    exactly; ties keep the smaller scale."""
+    amax_scale = _over_fp8_max(groups.abs().amax(dim=-1))
+    best = None
+    for factor in SCALE_SEARCH_FACTORS.to(groups.device):
+        scale = (amax_scale * factor).clamp(min=MIN_SCALE).to(dtype)
+        q = to_fp8(groups / scale.float()[..., None])
+        err = (q.float() * scale.float()[..., None] - groups).square().sum(dim=-1)
+        codes = q.view(torch.uint8)  # (torch.where has no float8 kernel on every device)
+        if best is None:
+            best = [codes, scale, err]
+        else:
+            better = err < best[2]
+            best = [torch.where(better[..., None], codes, best[0]), torch.where(better, scale, best[1]),
+                    torch.minimum(err, best[2])]
+    return best[0].view(FP8), best[1]
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,7 +3,7 @@ fine-grained FP8, TensorRT-LLM's name), no calibration.
 
 - Activations: one scale per token and group of group_size inputs, computed at run time (max |x| / 448).
 - Weights: one scale per output row and group of group_size inputs. kiln's quantizer gives each row its own
-  (finer than DeepSeek's 128 x 128 blocks), searched for the least squared error (SCALE_SEARCH_FACTORS); a
+  (finer than DeepSeek's 128 x 128 blocks), searched for the least squared error (fp8.search_scales); a
   checkpoint with
   128 x 128 blocks (`weight_block_size` [128, 128], kiln.quantization.fp8_import) is imported without
   re-quantizing, each block's scale repeated on its 128 rows.
@@ -31,40 +31,19 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
-from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation_groups
+from kiln.kernels.fp8_quant import Fp8Rows, quantize_activation_groups
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.quantization.fp8 import FP8, fp8_backend, to_fp8
-
-
-# Each group's scale is the candidate of least squared error among max|w| / 448 times 2^(j / 16), j = 0..15. The
-# e4m3 grid repeats at every power of two, so these cover its placements without clipping (j = 0 puts the largest
-# weight on 448). On SmolLM2 the search takes 40% off the weights' KL (docs/quantization.md); the format and
-# the GEMM do not change. Float32 tensors times float32 tensors: the same bits on any device.
-SCALE_SEARCH_FACTORS = torch.tensor([2.0 ** (j / 16) for j in range(16)], dtype=torch.float32)
+from kiln.quantization.fp8 import FP8, fp8_backend, search_scales
 
 
 def quantize_fp8_groups_weight(weight: torch.Tensor, group: int, dtype: torch.dtype):
-    """[out, in] -> (q e4m3 [out, in], scale [out, ceil(in / group)] in `dtype`), one scale per row and group
-    (SCALE_SEARCH_FACTORS). Each candidate is rounded to `dtype` before the division, so dequantizing gives this
-    reconstruction exactly."""
+    """[out, in] -> (q e4m3 [out, in], scale [out, ceil(in / group)] in `dtype`), one searched scale per row and
+    group (kiln.quantization.fp8.search_scales; the last group may be short)."""
     out, inp = weight.shape
     groups = -(-inp // group)
     padded = torch.nn.functional.pad(weight.float(), (0, groups * group - inp)).view(out, groups, group)
-    amax_scale = padded.abs().amax(dim=-1) / torch.full((), FP8_MAX, device=weight.device)
-    best = None
-    for factor in SCALE_SEARCH_FACTORS.to(weight.device):
-        scale = (amax_scale * factor).clamp(min=MIN_SCALE).to(dtype)
-        q = to_fp8(padded / scale.float()[..., None])
-        err = (q.float() * scale.float()[..., None] - padded).square().sum(dim=-1)
-        codes = q.view(torch.uint8)  # (torch.where has no float8 kernel on every device)
-        if best is None:
-            best = [codes, scale, err]
-        else:  # (strictly better only: ties keep the smaller scale)
-            better = err < best[2]
-            best = [torch.where(better[..., None], codes, best[0]), torch.where(better, scale, best[1]),
-                    torch.minimum(err, best[2])]
-    q = best[0].view(FP8).view(out, groups * group)[:, :inp].contiguous()
-    return q, best[1]
+    q, scale = search_scales(padded, dtype)
+    return q.view(out, groups * group)[:, :inp].contiguous(), scale
 
 
 def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:

@@ -22,6 +22,16 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).double()
 
 
+def searched_scale_candidates(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., 16]: the scales kiln's weight search picks one from, per group of max |w| `amax`: max|w| / 448 times
+    2^(j / 16), rounded to `dtype` (kiln.quantization.fp8.search_scales)."""
+    return torch.stack([(amax.float() / E4M3_MAX * 2.0 ** (j / 16)).to(dtype) for j in range(16)], -1)
+
+
+def is_searched_scale(scale: torch.Tensor, amax: torch.Tensor) -> bool:
+    return bool((scale[..., None] == searched_scale_candidates(amax, scale.dtype)).any(-1).all())
+
+
 def fake_quant_input(x: torch.Tensor, t: dict, group: int) -> torch.Tensor:
     """x (float64 [M, K]) after the format's activation quantization, dequantized."""
     if _groupwise_fp8(t):  # FP8_BLOCK_SCALES: per token and group of `group` inputs (the last may be short)

@@ -99,14 +99,20 @@ def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
                  for d in ("cpu", "cuda")]
         for name, cpu in ckpts[0].items():
             gpu = ckpts[1][name]
-            if algo == "FP8_PER_CHANNEL_PER_TOKEN" and cpu.dtype == torch.float8_e4m3fn:
+            if algo == "FP8_PER_CHANNEL_PER_TOKEN" and name.endswith("weights_scaling_factor"):
+                # Each row's scale is searched (kiln.quantization.fp8.search_scales): two candidates whose squared
+                # errors tie to float32 summation order may be picked apart on the two devices, rarely.
+                assert (cpu == gpu).float().mean() >= 0.99, name
+            elif algo == "FP8_PER_CHANNEL_PER_TOKEN" and cpu.dtype == torch.float8_e4m3fn:
                 # torch's CPU and CUDA casts to e4m3 may round a quotient that sits on a rounding tie apart (seen:
-                # 1 weight of 32768, 120 vs 112): codes may differ by one step, rarely, never more.
-                codes_cpu, codes_gpu = cpu.view(torch.uint8).int(), gpu.view(torch.uint8).int()
+                # 1 weight of 32768, 120 vs 112): codes may differ by one step, rarely, never more. Rows whose
+                # searched scales differ (above) are left out.
+                scale = name.removesuffix("weight") + "weights_scaling_factor"
+                rows = ckpts[0][scale] == ckpts[1][scale]
+                codes_cpu, codes_gpu = cpu[rows].view(torch.uint8).int(), gpu[rows].view(torch.uint8).int()
                 differ = codes_cpu != codes_gpu
                 assert (codes_cpu - codes_gpu).abs().max() <= 1 and differ.float().mean() < 1e-3, (
-                    f"{name}: {int(differ.sum())} of {differ.numel()} differ, e.g. cpu "
-                    f"{cpu[differ][:4].float().tolist()} gpu {gpu[differ][:4].float().tolist()}")
+                    f"{name}: {int(differ.sum())} of {differ.numel()} differ")
             elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
                 # amax / 448 divides element by element on both devices (kiln.quantization.fp8._over_fp8_max):
                 # CUDA would run a division by a Python number as a multiply by its reciprocal, 1 ulp apart at times.
