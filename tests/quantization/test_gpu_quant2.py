@@ -84,7 +84,8 @@ def test_int_mm_equals_emulation_and_float64():
 @requires_fp8_gpu
 def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
     """quantize_checkpoint(device="cuda") writes FP8_PER_CHANNEL_PER_TOKEN as on the CPU (the same float ops per
-    weight, up to ties the two casts round apart); FP8's and SmoothQuant's calibrated scales agree to float32 forward-pass rounding."""
+    weight, up to ties the two casts round apart, and rows whose searched scales tie); FP8's and SmoothQuant's
+    calibrated scales agree to float32 forward-pass rounding."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
     from safetensors.torch import load_file

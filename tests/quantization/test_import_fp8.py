@@ -173,7 +173,8 @@ def test_block_scales_of_another_width_are_requantized_per_channel_within_one_e4
 
 def test_checkpoint_without_scales_is_refused_naming_them(hf_model, tmp_path):
     write_fp8_checkpoint(hf_model, tmp_path / "src", FP8, "tensor0", drop=".weight_scale")
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\).*model\.layers\.0\.self_attn\.q_proj\.weight_scale"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing tensor\(s\).*model\.layers\.0\.self_attn\.q_proj\.weight_scale"):
         convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
     write_fp8_checkpoint(hf_model, tmp_path / "src2", FP8, "tensor0", drop=".input_scale")
     with pytest.raises(CheckpointError, match=r"input_scale"):
