@@ -21,8 +21,10 @@ values in float32 and applies the same scales, so both give the same numbers up 
 CUDA GPU below sm_89 is refused rather than emulated: the emulated GEMM there would be slower than the bfloat16
 model it replaces.
 
-Scales are rounded to the model dtype before the weight is divided by them, so dequantizing the checkpoint
-gives the quantizer's reconstruction exactly (an e4m3 value times a bf16/fp16 scale is exact in float32).
+Weight scales: FP8's puts max |w| at 448; FP8_PER_CHANNEL_PER_TOKEN's, one a row, is searched for the least
+squared error (`search_scales`). Scales are rounded to the model dtype before the weight is divided by them, so
+dequantizing the checkpoint gives the quantizer's reconstruction exactly (an e4m3 value times a bf16/fp16 scale is
+exact in float32).
 """
 
 from __future__ import annotations
