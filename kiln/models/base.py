@@ -245,8 +245,12 @@ class PretrainedModel(nn.Module):
                 f"`kiln quantize --kv-cache-quant-algo {kv_algo.value}` (which calibrates the scales), or set "
                 "kv_cache_quant_algo to null for a full-precision cache")
         if missing or misshaped:
-            raise CheckpointError(f"{weights.path}: does not match config.json: "
-                                  f"missing {missing[:5]}, mis-shaped {misshaped[:5]}")
+            quant = self.config.quantization.quant_algo
+            made_by = f"`kiln quantize --quant-algo {quant.value}`" if quant else "`kiln convert`"
+            raise CheckpointError(f"{weights.path}: does not match config.json: missing "
+                                  f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), mis-shaped "
+                                  f"{misshaped[:5]} ({len(misshaped)}); the checkpoint is incomplete or its files "
+                                  f"are from different runs: write it again with {made_by} of the source model")
 
 
 class DecoderLayer(nn.Module):

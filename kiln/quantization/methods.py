@@ -121,7 +121,10 @@ def apply_quant_config(model: nn.Module, qc: QuantConfig) -> None:
         if isinstance(module, Linear):
             method = quant_method_for(name, module, qc)
             if method is not None:
-                module.set_quant_method(method)
+                try:
+                    module.set_quant_method(method)
+                except ConfigError as e:  # (the method cannot know the layer's name)
+                    raise ConfigError(f"{name}: {e}") from None
 
 
 def quantized_linears(model: nn.Module) -> dict[str, Linear]:

@@ -237,6 +237,24 @@ def test_checkpoint_config_that_does_not_match_its_rank_file(good_ckpt, tmp_path
     assert "rank0.safetensors" in str(info.value) and "mlp.fc.weight" in str(info.value)
 
 
+def test_a_quantized_checkpoint_missing_its_scales_says_how_to_remake_it(good_hf, tmp_path):
+    """issue 4's bad input: a quantized checkpoint whose rank file lacks scales names the file, the tensors and the
+    command that writes a whole one."""
+    from safetensors.torch import save_file
+
+    from kiln.config import QuantConfig
+
+    ckpt = PretrainedModel.quantize(good_hf, tmp_path / "w8", QuantConfig(quant_algo="W8A16"))
+    tensors = load_file(ckpt / "rank0.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("weights_scaling_factor")},
+              str(ckpt / "rank0.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        PretrainedModel.from_checkpoint(ckpt)
+    message = str(info.value)
+    for needle in ("rank0.safetensors", "weights_scaling_factor", "missing", "`kiln quantize --quant-algo W8A16`"):
+        assert needle in message, needle
+
+
 def test_converting_a_kiln_checkpoint_again_is_refused(good_ckpt, tmp_path):
     convert_fails(good_ckpt, tmp_path / "out", CheckpointError, str(good_ckpt), "kiln checkpoint")
 

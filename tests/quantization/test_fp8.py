@@ -205,8 +205,8 @@ def test_a_group_straddling_ranks_is_refused(quant_llama, tmp_path):
     from conftest import leftovers, make_hf_model
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=192)  # proj: 96 inputs per rank
-    with pytest.raises(ConfigError, match=r"group_size \(64\) must divide a row-parallel layer's input features "
-                                          r"per rank \(96\)"):
+    with pytest.raises(ConfigError, match=r"transformer\.layers\.0\.mlp\.proj: QuantConfig\.group_size \(64\) must "
+                                          r"divide a row-parallel layer's input features per rank \(96\)"):
         PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo="FP8_BLOCK_SCALES",
                                                                               group_size=64), Mapping.of(2))
     assert leftovers(tmp_path / "q") == []
