@@ -391,8 +391,11 @@ class BuildConfig:
         as not set and keeps this config's value (the flags of `kiln run` and `serve` are the defaults when not
         given)."""
         default = BuildConfig()
-        return dataclasses.replace(self, **{name: getattr(asked, name) for name in self.RUNTIME_FIELDS
-                                            if getattr(asked, name) != getattr(default, name)})
+        given = {name: getattr(asked, name) for name in self.RUNTIME_FIELDS
+                 if getattr(asked, name) != getattr(default, name)}
+        if "kv_cache_free_gpu_mem_fraction" in given:  # (the two KV sizes are alternatives: the one asked for wins)
+            given.setdefault("kv_cache_max_tokens", None)
+        return dataclasses.replace(self, **given)
 
 
 def read_json(path: Path, what: str) -> dict:

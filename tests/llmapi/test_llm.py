@@ -311,6 +311,10 @@ def test_runtime_options_left_at_their_defaults_keep_the_engines(tiny_llama_sess
     bc = llm.build_config
     assert (bc.decode_steps_per_sync, bc.kv_cache_max_tokens, bc.capacity_scheduler_policy) == \
         (1, 128, "guaranteed_no_evict")
+    # A memory fraction asked for replaces the engine's token count: the two are alternatives.
+    bc = BuildConfig(max_seq_len=64, kv_cache_max_tokens=128).with_runtime_options(
+        BuildConfig(kv_cache_free_gpu_mem_fraction=0.5))
+    assert (bc.kv_cache_free_gpu_mem_fraction, bc.kv_cache_max_tokens) == (0.5, None)
 
 
 def test_runtime_options_rebuild_no_cached_engine(tiny_llama_session, kiln_cache):
