@@ -66,7 +66,7 @@ def cmd_quantize(args) -> None:
     out = model_class.quantize(args.model_dir, args.output_dir, quant_config, Mapping.of(args.tp_size),
                               calib_dataset=args.calib_dataset, calib_size=args.calib_size,
                               calib_max_seq_len=args.calib_max_seq_len, dtype=args.dtype, overwrite=args.overwrite,
-                              evaluate=evaluate, eval_dataset=args.eval_dataset)
+                              evaluate=evaluate, eval_dataset=args.eval_dataset, device=args.device)
     print(f"wrote {algo_label(quant_config.to_dict())} kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
     if evaluate:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
@@ -342,6 +342,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "shipped with kiln)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--device", default=None,
+                   help="torch device that calibrates and quantizes (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_quantize)
 

@@ -169,8 +169,14 @@ def test_cli_quantize_runs_the_architectures_own_quantize(quant_llama, tmp_path,
 
     monkeypatch.setattr(LLaMAForCausalLM, "quantize", classmethod(recorded))
     assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
-                 "--quant-algo", "W8A16"]) == 0
+                 "--quant-algo", "W8A16", "--device", "cpu"]) == 0
     assert calls == [LLaMAForCausalLM]
+
+
+def test_cli_quantize_names_a_device_it_cannot_use(quant_llama, tmp_path, capsys):
+    assert main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
+                 "--quant-algo", "W8A16", "--device", "tpu"]) == 1
+    assert "tpu" in capsys.readouterr().err and leftovers(tmp_path / "q") == []
 
 
 @pytest.mark.parametrize("algo, kv, lm_head", [("W4A16_AWQ", None, False), ("FP8", None, True),
