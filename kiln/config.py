@@ -76,6 +76,7 @@ class QuantAlgo(str, enum.Enum):
 
 
 KV_CACHE_ALGOS = (QuantAlgo.INT8, QuantAlgo.FP8)
+GROUP_SIZES = (32, 64, 128)  # inputs per scale of the group-wise formats (int4, FP8_BLOCK_SCALES)
 WEIGHT_ALGOS = tuple(a for a in QuantAlgo if a is not QuantAlgo.INT8)
 
 
@@ -120,7 +121,7 @@ class QuantConfig:
         set_("quant_algo", _parse_algo(self.quant_algo, "QuantConfig", "quant_algo", WEIGHT_ALGOS))
         set_("kv_cache_quant_algo",
              _parse_algo(self.kv_cache_quant_algo, "QuantConfig", "kv_cache_quant_algo", KV_CACHE_ALGOS))
-        _check(self.group_size in (32, 64, 128), "QuantConfig", "group_size", "one of 32, 64, 128", self.group_size)
+        _check(self.group_size in GROUP_SIZES, "QuantConfig", "group_size", "one of 32, 64, 128", self.group_size)
         _check(isinstance(self.smoothquant_alpha, (int, float)) and not isinstance(self.smoothquant_alpha, bool)
                and 0.0 <= self.smoothquant_alpha <= 1.0, "QuantConfig", "smoothquant_alpha",
                "a number in [0, 1]", self.smoothquant_alpha)
@@ -386,13 +387,15 @@ class BuildConfig:
         """The fields an engine is built with (all but RUNTIME_FIELDS)."""
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
-    def with_runtime_options(self, asked: "BuildConfig") -> "BuildConfig":
-        """This engine's config with the RUNTIME_FIELDS `asked` sets. A field left at BuildConfig's default counts
-        as not set and keeps this config's value (the flags of `kiln run` and `serve` are the defaults when not
-        given)."""
+    def fields_set(self, names) -> dict:
+        """Those of the fields `names` that this config sets: a field at BuildConfig's default counts as not set
+        (the flags of `kiln run` and `serve` are the defaults when not given)."""
         default = BuildConfig()
-        given = {name: getattr(asked, name) for name in self.RUNTIME_FIELDS
-                 if getattr(asked, name) != getattr(default, name)}
+        return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(default, name)}
+
+    def with_runtime_options(self, asked: "BuildConfig | None") -> "BuildConfig":
+        """This engine's config with the RUNTIME_FIELDS `asked` sets (fields_set); itself when asked is None."""
+        given = asked.fields_set(self.RUNTIME_FIELDS) if asked is not None else {}
         if "kv_cache_free_gpu_mem_fraction" in given:  # (the two KV sizes are alternatives: the one asked for wins)
             given.setdefault("kv_cache_max_tokens", None)
         return dataclasses.replace(self, **given)

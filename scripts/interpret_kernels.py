@@ -306,7 +306,7 @@ def fp8_group_gemm() -> None:
             y = torch.empty(m, n, dtype=torch.float16)
             grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
             gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), xs.stride(0), ws.stride(0),
-                                            gg._bucket(m), GROUP=group, **config.kwargs)
+                                            gg.rows_bucket(m), GROUP=group, **config.kwargs)
             check(f"fp8 group gemm {m}x{n}x{k} group {group} {config.kwargs}", y, want)
         if m <= gg.GEMV_ROWS:  # the weights-left kernel, unsplit and split over the input dim
             for parts in (1, 3):

@@ -6,11 +6,12 @@ p50 of each kiln system. Needs matplotlib (`pip install matplotlib`); the JSON r
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
+from kiln.checkpoint.atomic import atomic_write_bytes
 from kiln.errors import ConfigError
 
 
@@ -41,15 +42,11 @@ def plot_results(report: dict, png_path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"kiln bench: {report.get('device')} ({report.get('date')}, {report.get('commit')})", fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}")  # (written whole, then renamed: atomic)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return png_path
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png_path, png.getvalue())
+    return Path(png_path)
 
 
 def main() -> None:

@@ -125,7 +125,7 @@ def weights_left_or_right(totals: dict) -> None:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             y = torch.empty(m, n, device="cuda", dtype=DTYPE)
             best = {}
-            for tile in qg._w4_gemm_tiles(qg._bucket(m)):
+            for tile in qg._w4_gemm_tiles(qg.rows_bucket(m)):
                 us = graph_us(lambda: qg._run_w4_gemm(x, packed, scale, None, 128, y, tile))
                 side = ("left" if tile[5] else "right") + (", x as is" if tile[6] else "")
                 if us < best.get(side, (float("inf"),))[0]:

@@ -23,7 +23,7 @@ try:
 except ImportError:  # CPU-only installs: the reference below
     triton = None
 
-from kiln.kernels.gemv import AUTOTUNE, quick_bench, sum_splits
+from kiln.kernels.gemv import AUTOTUNE, quick_bench, rows_bucket, sum_splits
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype,
     if m <= GEMV_ROWS:
         return _group_gemv(rows, x_scale, wq, w_scale, group, y, gemv_parts)
     args = (rows, x_scale, wq, w_scale, y, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0),
-            _bucket(m))
+            rows_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     # A CUDA graph's capture cannot time candidates: it records the first tile, a decode-sized one.
     if AUTOTUNE and not torch.cuda.is_current_stream_capturing():
@@ -83,11 +83,6 @@ def _group_gemv(rows, x_scale, wq, w_scale, group: int, y, parts: int | None) ->
     if split > 1:
         sum_splits(out, y)
     return y
-
-
-def _bucket(m: int) -> int:
-    """The tuning key for the number of rows: the next power of two (decode batches vary step to step)."""
-    return 1 << max(m - 1, 0).bit_length()
 
 
 if triton is not None:

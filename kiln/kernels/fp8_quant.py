@@ -51,15 +51,25 @@ def quantize_fp8_rows_ref(x: torch.Tensor, static_scale: torch.Tensor | None = N
     return Fp8Rows((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
 
 
+def to_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[R, K] -> float32 [R, ceil(K / group), group], the last group padded with zeros."""
+    r, k = x.shape
+    groups = -(-k // group)
+    return torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(r, groups, group)
+
+
+def from_groups(grouped: torch.Tensor, k: int) -> torch.Tensor:
+    """to_groups' inverse: [R, G, group] -> [R, k], the padding dropped."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :k].contiguous()
+
+
 def quantize_fp8_groups_ref(x: torch.Tensor, group: int) -> Fp8Rows:
     """x [M, K] -> codes [M, K] and one scale per row and group of `group` inputs, [M, ceil(K / group)] float32
     (the last group may be short): each group's max |x| maps to 448."""
-    m, k = x.shape
-    groups = -(-k // group)
-    padded = torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
-    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
-    q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return Fp8Rows(q.view(m, groups * group)[:, :k].contiguous(), scale)
+    grouped = to_groups(x, group)
+    scale = (grouped.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (grouped / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Rows(from_groups(q, x.shape[1]), scale)
 
 
 def quantize_activation_groups(x: torch.Tensor, group: int) -> Fp8Rows:

@@ -235,6 +235,11 @@ def graph_ms_per_call(calls: list) -> float:
     return start.elapsed_time(end) / (3 * repeat * len(calls))
 
 
+def rows_bucket(m: int) -> int:
+    """The tuning key for the number of rows: the next power of two (decode batches vary step to step)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
 def quick_bench(kernel_call, quantiles):
     """The autotuners' timer, shorter than Triton's default (25 + 100 ms a config): tuning runs at engine load,
     where a second counts. Tuned configs are cached on disk (cache_results), so a warm start does not retune."""

@@ -53,6 +53,7 @@ from kiln.kernels.gemv import (
     GEMV_MAX_ROWS,
     candidate_ms,
     quick_bench,
+    rows_bucket,
     scaled_gemv,
     sum_splits,
     weight_copies,
@@ -283,8 +284,8 @@ def _reads_as_words(codes: torch.Tensor) -> bool:
 def _w4_gemm(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemm_kernel, its tiles and split-K picked per shape."""
-    key = (*packed.shape, group_size, zero is not None, _bucket(rows.shape[0]), rows.dtype)
-    tile = _tuned_tile(key, _w4_gemm_tiles(_bucket(rows.shape[0])), _run_w4_gemm, rows, packed, scale, zero,
+    key = (*packed.shape, group_size, zero is not None, rows_bucket(rows.shape[0]), rows.dtype)
+    tile = _tuned_tile(key, _w4_gemm_tiles(rows_bucket(rows.shape[0])), _run_w4_gemm, rows, packed, scale, zero,
                        group_size, y)
     _run_w4_gemm(rows, packed, scale, zero, group_size, y, tile)
 
@@ -353,7 +354,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     if rows.shape[0] <= GEMV_MAX_ROWS:  # a GEMV, the per-channel scale after the sum
         return _w8_gemv(rows, q, scale).view(*x.shape[:-1], n)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    args = (rows, q, scale, y, rows.shape[0], n, k, rows.stride(0), _bucket(rows.shape[0]))
+    args = (rows, q, scale, y, rows.shape[0], n, k, rows.stride(0), rows_bucket(rows.shape[0]))
     grid = lambda meta: (triton.cdiv(rows.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _launch(_w8_gemm_kernel, grid, args)
     return y.view(*x.shape[:-1], n)
@@ -404,9 +405,6 @@ def _launch(kernel, grid, args, **meta) -> None:
         tuned[grid](*args, **meta)
 
 
-def _bucket(m: int) -> int:
-    """The autotuning key for the number of rows: the next power of two (decode batches vary step to step)."""
-    return 1 << max(m - 1, 0).bit_length()
 
 
 if triton is not None:

@@ -73,22 +73,16 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
 
 
 def _warn_fixed_limits(path: Path, built: dict, asked: BuildConfig | None) -> None:
-    """Name the limits asked for that a built engine cannot take (its RUNTIME_FIELDS apply at load). A field
-    left at BuildConfig's default counts as not asked for."""
+    """Name the limits asked for (BuildConfig.fields_set) that a built engine cannot take (its RUNTIME_FIELDS
+    apply at load)."""
     if asked is None:
         return
-    defaults = BuildConfig().engine_fields()
-    differ = {name: (built.get(name), value) for name, value in asked.engine_fields().items()
-              if value != defaults[name] and built.get(name) != value}
+    differ = {name: (built.get(name), value) for name, value in asked.fields_set(asked.engine_fields()).items()
+              if built.get(name) != value}
     if differ:
         log.warning("%s is a built engine: %s fixed when it was built; build it again to change %s", path,
                     ", ".join(f"{name} {have} (asked: {want})" for name, (have, want) in differ.items()),
                     "it" if len(differ) == 1 else "them")
-
-
-def runtime_build_config(engine: Engine, asked: BuildConfig | None) -> BuildConfig:
-    """The engine's build config with the RUNTIME_FIELDS of the one asked for, if any."""
-    return engine.build_config if asked is None else engine.build_config.with_runtime_options(asked)
 
 
 def _make_runner(engine_dir: Path, engine: Engine, build_config: BuildConfig, device: torch.device):
@@ -132,7 +126,7 @@ class LLM:
         self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
-        self.build_config = runtime_build_config(self.engine, build_config)
+        self.build_config = self.engine.build_config.with_runtime_options(build_config)
         # Python's cycle collector walks every tracked object at each full collection, and the ~400,000 that
         # importing torch and transformers made would be walked again and again as requests come and go (0.25 s
         # of the 0.3 s it took to submit 3,000 prompts). They live as long as the process: leave them out of

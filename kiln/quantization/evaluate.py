@@ -55,11 +55,11 @@ def compare(float_model, quant_model, windows, device="cpu") -> dict:
 
 
 @torch.no_grad()
-def compare_streamed(source, quant_model, windows, device="cpu", max_windows: int = 16) -> dict:
+def compare_streamed(source, quant_model, windows, device="cpu", max_windows: int = 64) -> dict:
     """compare's metrics for two lazy TP=1 models (the float source, the quantized one), streamed layer by layer
-    as the calibrations are (kiln.quantization.streaming): memory holds one decoder layer of each, the embedding
-    or the head, and the hidden states of up to max_windows windows of one length, never a whole model. So a
-    model larger than memory can be evaluated."""
+    as the calibrations are (kiln.quantization.streaming): memory holds one decoder layer of each (then both
+    heads), the hidden states of up to max_windows windows of one length, and one window's logits; never a whole
+    model. So a model larger than memory can be evaluated. Each pass over the layers takes max_windows windows."""
     totals = _Totals()
     by_length: dict[int, list[torch.Tensor]] = {}
     for row in windows:
@@ -68,9 +68,11 @@ def compare_streamed(source, quant_model, windows, device="cpu", max_windows: in
         for start in range(0, len(rows), max_windows):
             ids = torch.stack(rows[start:start + max_windows]).to(device)
             hidden_f, hidden_q = _final_hidden_states(source, quant_model, ids, device)
-            logits_f, logits_q = _logits(source, hidden_f, device), _logits(quant_model, hidden_q, device)
+            head_f, head_q = _Head(source, device), _Head(quant_model, device)
             for w in range(ids.shape[0]):
-                totals.add(logits_f[w], logits_q[w], ids[w])
+                totals.add(head_f(hidden_f[w]), head_q(hidden_q[w]), ids[w])
+            head_f.release()
+            head_q.release()
     return totals.metrics()
 
 
@@ -93,17 +95,24 @@ def _final_hidden_states(source, quant_model, ids: torch.Tensor, device) -> tupl
     return hidden_f.view(n, t, -1), hidden_q.view(n, t, -1)
 
 
-def _logits(model, hidden: torch.Tensor, device) -> torch.Tensor:
-    """model's final norm and lm_head (quantized or not) on hidden [n, t, hidden], as its forward applies them."""
-    norm = streaming.load_module(model.transformer.ln_f, "transformer.ln_f.", model, device)
-    head = streaming.load_module(model.lm_head, "lm_head.", model, device)
-    n, t, size = hidden.shape
-    logits = head(norm(hidden.reshape(n * t, size))).view(n, t, -1)
-    norm.to_empty(device="meta")
-    head.to_empty(device="meta")
-    model.tie_weights()
-    cap = model.config.final_logit_softcapping
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+class _Head:
+    """A model's final norm and lm_head (quantized or not), loaded: hidden states [t, hidden] -> logits, as its
+    forward applies them; release() drops the weights again."""
+
+    def __init__(self, model, device):
+        self.model = model
+        self.norm = streaming.load_module(model.transformer.ln_f, "transformer.ln_f.", model, device)
+        self.lm_head = streaming.load_module(model.lm_head, "lm_head.", model, device)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden))
+        cap = self.model.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def release(self) -> None:
+        self.norm.to_empty(device="meta")
+        self.lm_head.to_empty(device="meta")
+        self.model.tie_weights()
 
 
 def algo_label(quantization: dict) -> str:

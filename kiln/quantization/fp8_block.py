@@ -26,24 +26,20 @@ the Triton kernel on CUDA (compute capability 8.9 or newer), the same math in fl
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from kiln.errors import ConfigError
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
-from kiln.kernels.fp8_quant import Fp8Rows, quantize_activation_groups
+from kiln.kernels.fp8_quant import Fp8Rows, from_groups, quantize_activation_groups, to_groups
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import FP8, fp8_backend, search_scales
+from kiln.quantization.weight_only import _param, check_whole_groups_per_rank
 
 
 def quantize_fp8_groups_weight(weight: torch.Tensor, group: int, dtype: torch.dtype):
     """[out, in] -> (q e4m3 [out, in], scale [out, ceil(in / group)] in `dtype`), one searched scale per row and
     group (kiln.quantization.fp8.search_scales; the last group may be short)."""
-    out, inp = weight.shape
-    groups = -(-inp // group)
-    padded = torch.nn.functional.pad(weight.float(), (0, groups * group - inp)).view(out, groups, group)
-    q, scale = search_scales(padded, dtype)
-    return q.view(out, groups * group)[:, :inp].contiguous(), scale
+    q, scale = search_scales(to_groups(weight, group), dtype)
+    return from_groups(q, weight.shape[1]), scale
 
 
 def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +54,6 @@ def fp8_groups_matmul(x: Fp8Rows, wq: torch.Tensor, w_scale: torch.Tensor, group
     return fp8_group_gemm_ref(x.q, x.scale, wq, w_scale, group, out_dtype)
 
 
-def _param(*shape, dtype=None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
 class Fp8BlockMethod(LinearMethod):
     name = "FP8_BLOCK_SCALES"
 
@@ -70,10 +62,7 @@ class Fp8BlockMethod(LinearMethod):
 
     def create_weights(self, layer: Linear) -> None:
         g, inp = self.group_size, layer.in_features
-        if layer.input_sharded and layer.mapping.tp_size > 1 and inp % g:
-            raise ConfigError(f"QuantConfig.group_size ({g}) must divide a row-parallel layer's input features "
-                              f"per rank ({inp}): a group may not straddle ranks; choose one of 32, 64, 128 that "
-                              f"divides it, a smaller tp_size, or exclude the layer with exclude_modules")
+        check_whole_groups_per_rank(layer, g)
         layer.weight = _param(layer.out_features, inp, dtype=FP8)
         layer.weights_scaling_factor = _param(layer.out_features, -(-inp // g))
         layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 import torch
 
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.config import QuantAlgo, QuantConfig
+from kiln.config import GROUP_SIZES, QuantAlgo, QuantConfig
 from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization import hf_import
 from kiln.quantization.fp8 import FP8, quantize_fp8_weight
 
 LEAVES = ("weight", "weights_scaling_factor", "activation_scaling_factor")
-BLOCK_GROUP_SIZES = (32, 64, 128)  # a block's width FP8_BLOCK_SCALES takes as its group (QuantConfig.group_size)
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def _fp8_format(qc: dict, where: str) -> Fp8ImportFormat:
             raise ConfigError(f"{where}: block-wise FP8 (weight_block_size {block}) is imported with dynamic "
                               f"activations and a [rows, columns] block only; got activation_scheme {scheme!r}")
         scale_leaf, block = "weight_scale_inv", tuple(block)
-        if block[1] in BLOCK_GROUP_SIZES:
+        if block[1] in GROUP_SIZES:  # (a block's width FP8_BLOCK_SCALES can take as its group)
             quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, group_size=block[1])
         else:
             quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.config import QuantAlgo, QuantConfig, exclusions
+from kiln.config import GROUP_SIZES, QuantAlgo, QuantConfig, exclusions
 from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization.weight_only import pack_int4, unpack_int4
 
@@ -117,7 +117,7 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
     group = qc.get("group_size", qc.get("q_group_size"))
     if bits != 4:
         raise ConfigError(f"{where}.bits is {bits!r}; this kiln imports 4-bit {method.upper()} checkpoints only")
-    if group not in (32, 64, 128):
+    if group not in GROUP_SIZES:
         raise ConfigError(f"{where}.group_size is {group!r}; kiln's W4A16 holds groups of 32, 64 or 128 inputs")
     # GPTQModel's `lm_head: true` packs lm_head like any other linear (AutoAWQ never quantizes it).
     exclude = exclusions(quantize_lm_head=method == "gptq" and bool(qc.get("lm_head")))

@@ -191,6 +191,17 @@ class Int8WeightOnlyMethod(_WeightOnlyMethod):
         return {"weight": q, "weights_scaling_factor": s, **self._prequant_tensor(input_scale, weight, dtype)}
 
 
+def check_whole_groups_per_rank(layer: Linear, group: int) -> bool:
+    """Refuse a row-parallel split whose ranks' inputs are not whole groups (the group-wise formats); True when the
+    layer's input dim is split across ranks."""
+    split = layer.input_sharded and layer.mapping.tp_size > 1
+    if split and layer.in_features % group:
+        raise ConfigError(f"QuantConfig.group_size ({group}) must divide a row-parallel layer's input features "
+                          f"per rank ({layer.in_features}): a group may not straddle ranks; choose one of 32, 64, "
+                          f"128 that divides it, a smaller tp_size, or exclude the layer with exclude_modules")
+    return split
+
+
 class Int4GroupMethod(_WeightOnlyMethod):
     name = "W4A16"
 
@@ -200,11 +211,7 @@ class Int4GroupMethod(_WeightOnlyMethod):
 
     def create_weights(self, layer: Linear) -> None:
         g, inp = self.group_size, layer.in_features
-        split = layer.input_sharded and layer.mapping.tp_size > 1
-        if split and inp % g:
-            raise ConfigError(f"QuantConfig.group_size ({g}) must divide a row-parallel layer's input features "
-                              f"per rank ({inp}): a group may not straddle ranks; choose one of 32, 64, 128 that "
-                              f"divides it, a smaller tp_size, or exclude the layer with exclude_modules")
+        split = check_whole_groups_per_rank(layer, g)
         if inp % 2:
             raise ConfigError(f"W4A16 packs two inputs per byte: a quantized layer's input features ({inp}"
                               f"{' per rank' if split else ''}) must be even; exclude the layer with exclude_modules")

@@ -214,8 +214,8 @@ def join_torchrun(engine_dir: str, build_config=None):
     if rank == 0:
         return device
     try:
-        bc = engine.build_config if build_config is None else engine.build_config.with_runtime_options(build_config)
-        serve_worker(ModelRunner(engine.runtime_model(device), device, bc, engine.plan))
+        serve_worker(ModelRunner(engine.runtime_model(device), device,
+                                 engine.build_config.with_runtime_options(build_config), engine.plan))
     finally:
         leave_process_group()
     return None

@@ -88,7 +88,7 @@ def every_tile(rows: int) -> list:
         return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemv(x, p.view(qg.WORD_DTYPE), s, z, g, y, t))
                 for t in qg.W4_GEMV_TILES]
     return [(t, lambda x, p, s, z, g, y, t=t: qg._run_w4_gemm(x, p, s, z, g, y, t))
-            for t in qg._w4_gemm_tiles(qg._bucket(rows))]
+            for t in qg._w4_gemm_tiles(qg.rows_bucket(rows))]
 
 
 @needs_gpu
@@ -227,7 +227,7 @@ def test_w4a16_gemm_tuner_times_the_tiles_in_a_graph_and_keeps_one(monkeypatch, 
     y = torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
     qg._w4_gemm(x, packed, scale, zero, group, y)
     (key, tile), = qg._PICKED.items()
-    assert tile in qg._w4_gemm_tiles(qg._bucket(rows))
+    assert tile in qg._w4_gemm_tiles(qg.rows_bucket(rows))
     err = (y.double() - torch.nn.functional.linear(x, w).double()).abs()
     assert (err <= ulp_bound(x, w, 3)).all(), f"tuned tile {tile}: max error {err.max().item()}"
     again = torch.empty_like(y)
