@@ -20,8 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gemv, moe, paged_attention_kernels,
-                          quant_gemm, rmsnorm, rotary)
+from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gemv, int8_gemm, moe,
+                          paged_attention_kernels, quant_gemm, rmsnorm, rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
@@ -149,6 +149,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for g in (64, 128) for split in (1, 4)],
     *[(f"fp8 quantize groups group={g}", fp8_quant._quantize_groups_kernel, dict(GROUP=g, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for g in (64, 128)],
+    *[(f"int8 gemm {bm}x{bn}x{bk}", int8_gemm._int8_gemm_kernel, dict(EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+       dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32")) for bm, bn, bk, _, _ in int8_gemm._tiles(128)],
+    *[(f"int8 quantize rows prequant={p}", int8_gemm._quantize_int8_kernel, dict(PREQUANT=p, BLOCK=4096),
+       dict(q_ptr="*i8", scale_ptr="*fp32")) for p in (False, True)],
     ("moe grouped gemm", moe._grouped_gemm_kernel,
      dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,
           BLOCK_K=64), dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32")),

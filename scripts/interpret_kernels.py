@@ -3,8 +3,9 @@ swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX)
 either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its split
 programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA one
 too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
-lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM and the int4 GEMV on every tile (no PTX, but their tiles,
-masks and splits are only timed on a GPU); rotary with its cache write, one head a program and all in one, and the
+lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM, SmoothQuant's int8 GEMM and the int4 GEMV on every
+tile (no PTX, but their tiles, masks and splits are only timed on a GPU), and SmoothQuant's activation pass bit for
+bit; rotary with its cache write, one head a program and all in one, and the
 int4 GEMV of a fused QKV with rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the
 fc_gate GEMM with SiLU-and-mul as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and
 epilogue run only on Hopper). It checks the kernels' indexing, masks and splits on a machine without a GPU; the PTX
@@ -326,6 +327,29 @@ def int8_gemv() -> None:
             check(f"int8 gemv {rows}x{n}x{k} tile {tile}", got, want)
 
 
+def int8_gemm_tiles() -> None:
+    """SmoothQuant's activation pass (with and without the prequant scale) bit for bit, and its int8 GEMM with the
+    scales in the epilogue on every candidate tile; rows and outputs that no tile divides, K that no BLOCK_K does."""
+    from kiln.kernels import int8_gemm as ig
+
+    for m, n, k in ((3, 70, 200), (17, 130, 576), (40, 200, 512)):
+        x = torch.randn(m, k).half() * torch.linspace(0.1, 4, k).half()
+        x[0] = 0
+        x[0, :8] = torch.tensor([127, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5])  # scale 1: ties, to even
+        prequant = (torch.rand(k) + 0.5).half()
+        for p in (None, prequant):
+            got, want = ig.quantize_int8_rows(x, p), ig.quantize_int8_rows_ref(x, p)
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                raise SystemExit(f"int8 rows {m}x{k} prequant={p is not None}: differ from the reference")
+            print(f"int8 rows {m}x{k} prequant={p is not None}: codes and scales equal", flush=True)
+        xq, xs = want
+        wq, ws = quantize_int8_per_channel(torch.randn(n, k), torch.float16)
+        ref = ig.int8_gemm_ref(xq, xs, wq, ws, torch.float16)
+        for tile in ig._tiles(gemv.rows_bucket(m)) + ig._tiles(128)[-3:]:
+            y = torch.empty(m, n, dtype=torch.float16)
+            check(f"int8 gemm {m}x{n}x{k} tile {tile}", ig._run(xq, xs.reshape(m), wq, ws, y, tile), ref)
+
+
 def rotary_with_cache_write() -> None:
     """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
     for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
@@ -389,6 +413,7 @@ def main() -> None:
     fp8_dot_gemv()
     fp8_group_gemm()
     int8_gemv()
+    int8_gemm_tiles()
     rotary_with_cache_write()
     int4_qkv_rotary()
     gated_gemm_tiles()

@@ -16,6 +16,8 @@
 | `quant_gemm` | `w4a16_qkv_rotary_matmul` | `w4a16_qkv_rotary_matmul_ref` | the fused QKV GEMV with rotary and the KV-cache write as its epilogue (1-2 rows) |
 | `quant_gemm` | `w4a16_dequantize` | `dequantize_int4` (quantization.weight_only) | int4 codes to 16-bit weights (prefill-sized matmuls) |
 | `quant_gemm` | `w8a16_matmul` | `w8a16_matmul_ref` | int8 per-channel dequantization into the matmul (GEMV / GEMM) |
+| `int8_gemm` | `quantize_int8_rows` | `quantize_int8_rows_ref` | SmoothQuant's activations to int8, per-token scale, the prequant scale multiplied in |
+| `int8_gemm` | `int8_gemm` | `int8_gemm_ref` | SmoothQuant's int8 GEMM, int32 sums, both scales in the epilogue (or `torch._int_mm`, timed) |
 
 Every kernel takes the same arguments as its reference and returns the same result up to
 floating-point rounding; tests/kernels compares them on random inputs. Callers pick the kernel when

@@ -1,6 +1,6 @@
-"""GPU checks of Quantization II: the FP8 (torch._scaled_mm) and INT8 (torch._int_mm) GEMMs against their emulated
-paths and float64 math on the same codes, a quantized checkpoint calibrated and quantized on the GPU, and (run as
-a script: `python tests/quantization/test_gpu_quant2.py`) a microbenchmark against bfloat16 F.linear.
+"""GPU checks of Quantization II: the FP8 (torch._scaled_mm) and INT8 (Triton, torch._int_mm) GEMMs against their
+emulated paths and float64 math on the same codes, a quantized checkpoint calibrated and quantized on the GPU, and
+(run as a script: `python tests/quantization/test_gpu_quant2.py`) a microbenchmark against bfloat16 F.linear.
 
 Bounds: both paths sum exact products (e4m3 x e4m3, int8 x int8) in float32 or int32, so they differ from the
 float64 sum by at most K * 2^-24 * sum|terms| (float32 summation), plus the bfloat16 rounding of the output
@@ -30,7 +30,8 @@ from kiln.quantization.fp8 import (
     quantize_fp8_static,
     quantize_fp8_weight,
 )
-from kiln.quantization.w8a8 import int8_gemm, int8_gemm_emulated, quantize_int8_per_token
+from kiln.kernels import int8_gemm as ig
+from kiln.kernels.int8_gemm import int8_gemm, int8_gemm_ref, quantize_int8_rows_ref
 from kiln.quantization.weight_only import quantize_int8_per_channel
 
 SHAPES = [(1, 4096, 4096), (4096, 4096, 4096), (1, 14336, 4096), (4096, 14336, 4096), (5, 960, 576)]
@@ -73,12 +74,38 @@ def test_scaled_mm_equals_emulation_and_float64():
 
 
 @requires_fp8_gpu
-def test_int_mm_equals_emulation_and_float64():
-    for m, n, k in SHAPES:
+def test_int8_gemm_equals_emulation_and_float64():
+    """SmoothQuant's GEMM as the engine runs it (the GEMV at 1-2 rows, else the timed choice), and every candidate
+    on its own: each Triton tile (scales in the epilogue) and torch._int_mm, which sum in int32 and must agree bit
+    for bit; plus 37 rows and 1000 outputs, which no tile divides."""
+    for m, n, k in SHAPES + [(37, 1000, 4096)]:
         x, w = _operands(m, n, k)
         wq, ws = quantize_int8_per_channel(w, torch.bfloat16)
-        xq, xs = quantize_int8_per_token(x)
-        _check(f"int8 {m}x{n}x{k}", int8_gemm, int8_gemm_emulated, xq, xs, wq, ws)
+        xq, xs = quantize_int8_rows_ref(x)
+        _check(f"int8 {m}x{n}x{k}", int8_gemm, int8_gemm_ref, xq, xs, wq, ws)
+        if m <= ig.GEMV_MAX_ROWS:
+            continue
+        outputs = {}
+        for tile in ig._tiles(ig.rows_bucket(m)) + [ig.INT_MM]:
+            y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            outputs[tile] = ig._run(xq, xs.reshape(m), wq, ws, y, tile)
+            _check(f"int8 {m}x{n}x{k} {tile}", lambda *a: outputs[tile], int8_gemm_ref, xq, xs, wq, ws)
+        first = outputs[ig.INT_MM]
+        assert all(torch.equal(y, first) for y in outputs.values()), f"int8 {m}x{n}x{k}: the candidates differ"
+
+
+@requires_fp8_gpu
+def test_int8_quantization_kernel_is_bit_equal_to_its_reference():
+    """One pass a row against the torch math, with and without SmoothQuant's prequant scale, on bf16 rows with an
+    outlier channel, and on a row of exact ties (scale 1), which must round to even."""
+    for m, k in ((1, 4096), (64, 14336), (5, 576)):
+        x, _ = _operands(m, 8, k)
+        x[0] = 0
+        x[0, :6] = torch.tensor([127, 0.5, 1.5, 2.5, -0.5, -126.5])
+        prequant = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+        for p in (None, prequant):
+            (q, s), (q_ref, s_ref) = ig.quantize_int8_rows(x, p), quantize_int8_rows_ref(x, p)
+            assert torch.equal(s, s_ref) and torch.equal(q, q_ref), f"int8 rows {m}x{k} prequant={p is not None}"
 
 
 @requires_fp8_gpu
@@ -203,9 +230,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @requires_fp8_gpu
-def test_fp8_block_scales_engine_on_the_gpu_matches_its_emulation(tmp_path):
-    """A tiny model quantized to FP8_BLOCK_SCALES: the GPU's logits (group kernels) against the CPU emulation of
-    the same checkpoint in float32, and greedy tokens through LLM (CUDA graphs) equal to the emulation's."""
+def test_fp8_block_scales_and_smoothquant_engines_on_the_gpu_match_their_emulation(tmp_path):
+    """A tiny model quantized to FP8_BLOCK_SCALES (group kernels) and to W8A8_SQ_PER_CHANNEL (the int8 pass, GEMV
+    and GEMM): the GPU's logits against the CPU emulation of the same checkpoint in float32, and greedy tokens
+    through LLM (CUDA graphs) equal to the emulation's."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
 
@@ -215,19 +243,21 @@ def test_fp8_block_scales_engine_on_the_gpu_matches_its_emulation(tmp_path):
     from kiln.quantization.workflow import quantize_checkpoint
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
-    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "block", QuantConfig(quant_algo="FP8_BLOCK_SCALES",
-                                                                                group_size=64), device="cpu")
     ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
-    with torch.no_grad():
-        cpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cpu")(ids)
-        gpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")(ids.cuda()).cpu()
-    assert (gpu - cpu).abs().max() <= 1e-3 * cpu.abs().max()  # float32 sums in another order, e4m3 ties aside
     params = kiln.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    outputs = {}
-    for device in ("cpu", "cuda"):
-        with kiln.LLM(ckpt, device=device) as llm:
-            outputs[device] = llm.generate([[1, 17, 5, 99, 42]], params)[0].outputs[0].token_ids
-    assert outputs["cuda"] == outputs["cpu"]
+    for algo, fields in (("FP8_BLOCK_SCALES", {"group_size": 64}), ("W8A8_SQ_PER_CHANNEL", {})):
+        ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / algo, QuantConfig(quant_algo=algo, **fields),
+                                   device="cpu")
+        with torch.no_grad():
+            cpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cpu")(ids)
+            gpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")(ids.cuda()).cpu()
+        # float32 sums in another order; a code at a rounding tie may land one step apart
+        assert (gpu - cpu).abs().max() <= 1e-3 * cpu.abs().max(), algo
+        outputs = {}
+        for device in ("cpu", "cuda"):
+            with kiln.LLM(ckpt, device=device) as llm:
+                outputs[device] = llm.generate([[1, 17, 5, 99, 42]], params)[0].outputs[0].token_ids
+        assert outputs["cuda"] == outputs["cpu"], algo
 
 
 @requires_fp8_gpu
@@ -286,18 +316,18 @@ def benchmark() -> None:
         wq, ws = quantize_fp8_weight(w, torch.bfloat16, per_channel=True)
         iq, iws = quantize_int8_per_channel(w, torch.bfloat16)
         xq, xs = quantize_fp8_per_token(x)
-        xi, xis = quantize_int8_per_token(x)
+        xi, xis = quantize_int8_rows_ref(x)
         t = [_time(lambda: torch.nn.functional.linear(x, wb)),
              _time(lambda: fp8_gemm(*quantize_fp8_per_token(x), wq, ws, torch.bfloat16)),
              _time(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16)),
-             _time(lambda: int8_gemm(*quantize_int8_per_token(x), iq, iws, torch.bfloat16)),
+             _time(lambda: int8_gemm(*ig.quantize_int8_activation(x), iq, iws, torch.bfloat16)),
              _time(lambda: int8_gemm(xi, xis, iq, iws, torch.bfloat16))]
         print(f"{m:>5} {n:>6} {k:>5} " + " ".join(f"{v:>9.1f}" for v in t))
 
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-    for check in (test_scaled_mm_equals_emulation_and_float64, test_int_mm_equals_emulation_and_float64):
+    for check in (test_scaled_mm_equals_emulation_and_float64, test_int8_gemm_equals_emulation_and_float64):
         try:
             check()
             print(check.__name__, "ok")
