@@ -112,8 +112,12 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=128)),
                                    ("gemv silu", quant_gemm._w4_gemv_kernel,
                                     dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=128, GATED=True)),
-                                   ("dequant", quant_gemm._w4_dequant_kernel, dict(BLOCK_N=8, BLOCK_KB=256)))
+                                   ("dequant", quant_gemm._w4_dequant_kernel,
+                                    dict(SCALED=True, BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
+    *[(f"w4 centered e4m3 codes zero={z}", quant_gemm._w4_dequant_kernel,
+       dict(K=4096, GROUP=128, HAS_ZERO=z, SCALED=False, BLOCK_N=8, BLOCK_KB=256),
+       dict(w_ptr="*u8", s_ptr="*u8", out_ptr="*fp8e4nv")) for z in (False, True)],
     *[(f"w4 gemv rotary quant={q}", quant_gemm._w4_qkv_rotary_kernel,
        dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=256),
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,

@@ -3,9 +3,9 @@ swapped for the same arithmetic in plain Triton (the interpreter cannot run PTX)
 either side of the MMA; decode attention over int8 and e4m3 caches, codes read one by one or as pairs, and its split
 programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA one
 too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
-lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM, SmoothQuant's int8 GEMM and the int4 GEMV on every
-tile (no PTX, but their tiles, masks and splits are only timed on a GPU), and SmoothQuant's activation pass bit for
-bit; rotary with its cache write, one head a program and all in one, and the
+lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM (and W4A8_AWQ's prompt matmul through it), SmoothQuant's
+int8 GEMM and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a GPU), and
+SmoothQuant's activation pass bit for bit; rotary with its cache write, one head a program and all in one, and the
 int4 GEMV of a fused QKV with rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the
 fc_gate GEMM with SiLU-and-mul as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and
 epilogue run only on Hopper). It checks the kernels' indexing, masks and splits on a machine without a GPU; the PTX
@@ -315,6 +315,22 @@ def fp8_group_gemm() -> None:
                 check(f"fp8 group gemv {m}x{n}x{k} group {group} in {parts} parts", got, want)
 
 
+def w4a8_prefill() -> None:
+    """W4A8_AWQ's prompt-sized matmul: the int4 codes less their zero point written as e4m3 (exactly), then the FP8
+    group GEMM with the int4 group scales and x's static scale; symmetric and with zero points, a short last group."""
+    for m, n, k, group, zero in ((256, 96, 256, 128, False), (260, 70, 576, 128, True), (256, 40, 192, 32, True)):
+        packed, scale, zeros = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
+        codes = qg.w4_centered_codes(packed, zeros, group)
+        want_codes = dequantize_int4(packed, torch.ones_like(scale), zeros, group, torch.float32)
+        if not torch.equal(codes.float(), want_codes):
+            raise SystemExit(f"w4 centered codes {n}x{k} zero={zero}: differ from the reference")
+        x_scale = torch.tensor([0.0123])
+        xq = quantize_fp8_per_token(torch.randn(m, k).half())[0]  # (any e4m3 codes: the static scale is given)
+        want = ((xq.float() @ dequantize_int4(packed, scale, zeros, group, torch.float32).T) * x_scale).half()
+        check(f"w4a8 prefill {m}x{n}x{k} group {group} zero={zero}",
+              qg.w4a8_matmul(xq, x_scale, packed, scale, zeros, group, torch.float16), want)
+
+
 def int8_gemv() -> None:
     """W8A16's GEMV on int64 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
     tile divides."""
@@ -412,6 +428,7 @@ def main() -> None:
     prefill_attention()
     fp8_dot_gemv()
     fp8_group_gemm()
+    w4a8_prefill()
     int8_gemv()
     int8_gemm_tiles()
     rotary_with_cache_write()

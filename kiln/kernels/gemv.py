@@ -118,11 +118,11 @@ def _fp8_codes_with_scales(rows, weight, y, x_scale, w_scale, quantize_x) -> boo
     int8 weights: the MMA kernel converting them to bf16 in registers took 1.6-2.0x the CUDA-core kernel's time on
     every Llama-3-8B shape on an H200 (12.8 us against 7.9 on o_proj; docs/performance.md, twenty-fifth session)."""
     return (weight.dtype == rows.dtype == torch.float8_e4m3fn and not quantize_x and x_scale is not None
-            and w_scale is not None and _has_fp8_mma(rows.device.index))
+            and w_scale is not None and has_fp8_mma(rows.device.index))
 
 
 @functools.cache
-def _has_fp8_mma(device_index: int) -> bool:
+def has_fp8_mma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= FP8_DOT_MIN_CAPABILITY
 
 

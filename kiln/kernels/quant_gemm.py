@@ -58,6 +58,7 @@ from kiln.kernels.gemv import (
     sum_splits,
     weight_copies,
 )
+from kiln.kernels.fp8_group_gemm import fp8_group_gemm
 from kiln.kernels.pdl import pdl_args
 from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
 from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
@@ -173,13 +174,39 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
 def w4a16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """Triton version of `dequantize_int4` (kiln/quantization/weight_only.py), bit for bit: [out, in] in dtype."""
+    return _w4_dequantize(packed, scale, zero, group_size, dtype, scaled=True)
+
+
+def w4_centered_codes(packed: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The int4 codes less their zero point, u - z in [-15, 15], as e4m3 [out, in] (exact): the weights of an FP8
+    GEMM whose group scales are the int4 format's (W4A8_AWQ's prompt-sized matmuls, `w4a8_matmul`)."""
+    return _w4_dequantize(packed, None, zero, group_size, torch.float8_e4m3fn, scaled=False)
+
+
+def _w4_dequantize(packed, scale, zero, group_size: int, dtype: torch.dtype, scaled: bool) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    z = zero if zero is not None else scale  # unread when HAS_ZERO is False
+    s = scale if scaled else packed  # unread when SCALED is False
+    z = zero if zero is not None else s  # unread when HAS_ZERO is False
     grid = (triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k // 2, DEQUANT_BLOCK_KB))
-    _w4_dequant_kernel[grid](packed, scale, z, out, n, k, GROUP=group_size, HAS_ZERO=zero is not None,
+    _w4_dequant_kernel[grid](packed, s, z, out, n, k, GROUP=group_size, HAS_ZERO=zero is not None, SCALED=scaled,
                              BLOCK_N=DEQUANT_BLOCK_N, BLOCK_KB=DEQUANT_BLOCK_KB)
     return out
+
+
+def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor | None, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """W4A8_AWQ's matmul of prompt-sized batches on FP8 tensor cores: e4m3 codes of x [M, K] with their static
+    scale [1], by the int4 weight. Its codes less their zero point are e4m3 exactly (w4_centered_codes), so
+    FP8_BLOCK_SCALES' group GEMM multiplies them, each group's sum scaled by the group's int4 scale and x's:
+        y = sum over groups g of (xq . (u - z))_g * s_g * x_scale
+    (kiln.quantization.w4a8's math: (xq @ dequantized w^T) * x_scale, up to float32 summation order). The codes
+    are written once a call, as W4A16 dequantizes its weights once for cuBLAS from DEQUANT_MIN_ROWS rows."""
+    rows = rows_view(xq)
+    groups = -(-packed.shape[1] * 2 // group_size)
+    # x's scale is one for every row and group: a [1, G] row read with a zero row stride
+    x_scales = x_scale.float().reshape(1, 1).expand(1, groups).contiguous().expand(rows.shape[0], groups)
+    return fp8_group_gemm(rows, x_scales, w4_centered_codes(packed, zero, group_size), scale, group_size, out_dtype)
 
 
 def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -808,8 +835,10 @@ if triton is not None:
 
     @triton.jit
     def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
-                           HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-        # (u - z) * s in float32, one rounding to the output dtype: the reference's arithmetic exactly.
+                           HAS_ZERO: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_KB: tl.constexpr):
+        # (u - z) * s in float32, one rounding to the output dtype: the reference's arithmetic exactly. Not SCALED:
+        # u - z alone (integers of at most 15 in magnitude, exact in any float output, e4m3 included).
         HALF: tl.constexpr = GROUP // 2
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         kb_total: tl.constexpr = K // 2
@@ -818,12 +847,14 @@ if triton is not None:
         ok = (rows < N)[:, None] & (byte < kb_total)[None, :]
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * kb_total + byte[None, :], mask=ok, other=0).to(tl.int32)
         sg = rows[:, None] * G + (byte // HALF)[None, :]
-        s = tl.load(s_ptr + sg, mask=ok, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + sg, mask=ok, other=0.0).to(tl.float32)
         else:
             z = SYMMETRIC_ZERO
-        lo, hi = ((w & 0xF).to(tl.float32) - z) * s, ((w >> 4).to(tl.float32) - z) * s
+        lo, hi = (w & 0xF).to(tl.float32) - z, (w >> 4).to(tl.float32) - z
+        if SCALED:
+            s = tl.load(s_ptr + sg, mask=ok, other=0.0).to(tl.float32)
+            lo, hi = lo * s, hi * s
         vals = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KB))  # columns 2j, 2j + 1 side by side
         cols = tl.program_id(1) * 2 * BLOCK_KB + tl.arange(0, 2 * BLOCK_KB)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], vals.to(out_ptr.dtype.element_ty),

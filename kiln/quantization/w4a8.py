@@ -5,12 +5,13 @@ Checkpoint tensors: those of W4A16 (kiln/quantization/weight_only.py), AWQ's `pr
 row-parallel layers, and `activation_scaling_factor` [1] as in FP8 (kiln/quantization/fp8.py): max |x / s| over
 the calibration tokens / 448, where x / s is the input after AWQ's smoothing. Replicated on every rank.
 
-The matmul runs on the e4m3 activation codes, which the model dtype holds exactly, against the int4 weight, then
-scales each row: y = (x_q @ w^T) * a. On a CUDA GPU the codes go through W4A16's kernels (kiln.kernels.quant_gemm:
-the int4 GEMV at 1-2 rows, the int4 GEMM above), elsewhere through the dequantized weight. kiln has no int4 x fp8
-tensor-core kernel, so W4A8_AWQ runs at about W4A16's speed plus one quantizing pass per linear, and measures the
-FP8 activations' quality cost. The int4 GEMV's epilogues (SiLU-and-mul, rotary) do not apply: the row scale must
-come before the activation and the rotation.
+The matmul runs on the e4m3 activation codes against the int4 weight, then scales each row: y = (x_q @ w^T) * a.
+On a GPU with e4m3 MMAs (Ada, Hopper), prompt-sized batches (from W4A16's DEQUANT_MIN_ROWS rows) run on the FP8
+tensor cores: the int4 codes less their zero point are e4m3 exactly, and FP8_BLOCK_SCALES' group GEMM sums each
+group of codes there and scales it by the group's int4 scale (kiln.kernels.quant_gemm.w4a8_matmul). Fewer rows,
+bound by streaming the weights, and other GPUs take W4A16's kernels on the codes in the model dtype (exact): the
+int4 GEMV at 1-2 rows, the int4 GEMM above; elsewhere the dequantized weight. The int4 GEMV's epilogues
+(SiLU-and-mul, rotary) do not apply: the row scale must come before the activation and the rotation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from kiln.quantization.fp8 import quantize_fp8_static, static_activation_scale
 from kiln.quantization.weight_only import Int4GroupMethod, _kernels_for, _param
 
 
+def on_fp8_tensor_cores(xq: torch.Tensor, quant_gemm) -> bool:
+    """Prompt-sized batches (W4A16's DEQUANT_MIN_ROWS: the weights' codes are written out once a call) on a GPU with
+    e4m3 MMAs (Ada, Hopper) run quant_gemm.w4a8_matmul; fewer rows stream the packed weights through W4A16's
+    GEMV and GEMM, which their memory traffic bounds."""
+    from kiln.kernels.gemv import has_fp8_mma
+
+    return xq.shape[0] >= quant_gemm.DEQUANT_MIN_ROWS and has_fp8_mma(xq.device.index)
+
+
 class W4A8AwqMethod(Int4GroupMethod):
     name = "W4A8_AWQ"
 
@@ -37,8 +47,11 @@ class W4A8AwqMethod(Int4GroupMethod):
         if self.prequant:
             x = x * layer.prequant_scaling_factor
         xq, scale = quantize_fp8_static(x.reshape(-1, x.shape[-1]), layer.activation_scaling_factor)
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is not None and on_fp8_tensor_cores(xq, quant_gemm):
+            y = quant_gemm.w4a8_matmul(xq, layer.activation_scaling_factor, *self._packed(layer), x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         codes = xq.to(x.dtype)  # (exact)
-        quant_gemm = _kernels_for(codes)
         if quant_gemm is not None:
             y = self.fused_matmul(quant_gemm, layer, codes)
         else:

@@ -261,10 +261,11 @@ def test_fp8_block_scales_and_smoothquant_engines_on_the_gpu_match_their_emulati
 
 
 @requires_fp8_gpu
-def test_w4a8_runs_its_e4m3_codes_through_the_int4_kernels(tmp_path):
+def test_w4a8_runs_its_e4m3_codes_through_the_int4_and_fp8_kernels(tmp_path):
     """On the GPU a W4A8_AWQ linear multiplies its input's e4m3 codes by W4A16's kernels (the int4 GEMV at 1 row,
-    the int4 GEMM at 64) and scales the rows after: within 3 bf16 ulps of sum |x_q| |w| plus the output's rounding
-    of the float64 product of the same codes and dequantized weights. The GEMV's SiLU and rotary epilogues are
+    the int4 GEMM at 64) and scales the rows after, and from 256 rows runs FP8 MMAs on the int4 codes less their
+    zero point (quant_gemm.w4a8_matmul): within 3 bf16 ulps of sum |x_q| |w| plus the output's rounding of the
+    float64 product of the same codes and dequantized weights. The GEMV's SiLU and rotary epilogues are
     declined (the row scale must come first), so the layers take their plain paths."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
@@ -281,7 +282,7 @@ def test_w4a8_runs_its_e4m3_codes_through_the_int4_kernels(tmp_path):
     torch.manual_seed(0)
     for linear in (layer0.attention.qkv, layer0.mlp.fc_gate, layer0.mlp.proj):
         method = linear.quant_method
-        for rows in (1, 64):
+        for rows in (1, 64, 300):
             x = torch.randn(rows, linear.in_features, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 got = linear(x)
