@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import ConfigError
+from kiln.kernels.gemv import has_fp8_mma
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 from kiln.quantization.fp8 import quantize_fp8_static, static_activation_scale
@@ -30,8 +31,6 @@ def on_fp8_tensor_cores(xq: torch.Tensor, quant_gemm) -> bool:
     """Prompt-sized batches (W4A16's DEQUANT_MIN_ROWS: the weights' codes are written out once a call) on a GPU with
     e4m3 MMAs (Ada, Hopper) run quant_gemm.w4a8_matmul; fewer rows stream the packed weights through W4A16's
     GEMV and GEMM, which their memory traffic bounds."""
-    from kiln.kernels.gemv import has_fp8_mma
-
     return xq.shape[0] >= quant_gemm.DEQUANT_MIN_ROWS and has_fp8_mma(xq.device.index)
 
 
