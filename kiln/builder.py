@@ -186,7 +186,7 @@ def resolve_build_config(config: PretrainedConfig, build_config: BuildConfig | N
 def plan_for(build_config: BuildConfig, quant_algo: str | None = None) -> dict:
     """What the runtime runs: on CUDA the Triton kernels, decode CUDA graphs at these batch sizes and
     single-sequence prefill graphs at these token counts, elsewhere the torch references of the same kernels; for
-    weight-only quantized linears, which kernel."""
+    quantized linears, which kernels."""
     return {"kv_cache": "paged", "tokens_per_block": build_config.tokens_per_block, "mlp_layout": "fused_fc_gate",
             "kernels_cuda": "triton", "kernels_other": "torch_reference",
             "cuda_graph_batch_sizes": cuda_graph_batch_sizes(build_config.max_batch_size),

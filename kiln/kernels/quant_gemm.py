@@ -111,20 +111,30 @@ W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
 # against 1.78-1.90x in earlier sessions' runs on int32 words (twenty-seventh session).
 WORD_DTYPE = torch.int64
 
-# The engine plan's record of which kernel each weight-only algorithm's linear layers run on CUDA.
-KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": "triton_w4a16_gemv_gemm",
-                   "W4A16_AWQ": "triton_w4a16_gemv_gemm", "W4A16_GPTQ": "triton_w4a16_gemv_gemm"}
+# The engine plan's record of the kernels each quantization algorithm's linear layers run on CUDA (in the order
+# of the rows they take), and elsewhere: weight-only formats dequantize, then multiply; FP8 and SmoothQuant multiply
+# their codes in float32 (the emulated GEMM).
+_W4 = "triton_w4a16_gemv_gemm"
+_FP8 = "triton_fp8_gemv, torch_scaled_mm"
+KERNEL_FOR_ALGO = {"W8A16": "triton_w8a16_gemv_gemm", "W4A16": _W4, "W4A16_AWQ": _W4, "W4A16_GPTQ": _W4,
+                   "W4A8_AWQ": "triton_w4a16_gemv_gemm on e4m3 codes, triton_fp8_group_gemm from dequant_min_rows",
+                   "FP8": _FP8, "FP8_PER_CHANNEL_PER_TOKEN": _FP8, "FP8_BLOCK_SCALES": "triton_fp8_group_gemv_gemm",
+                   "W8A8_SQ_PER_CHANNEL": "triton_int8_quantize, then triton_w8a16_gemv or the faster of "
+                                          "triton_int8_gemm and torch_int_mm"}
+CODES_MULTIPLIED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "W8A8_SQ_PER_CHANNEL")
 
 
 def linear_plan(quant_algo: str | None) -> dict:
-    """The plan entry of a model's quantized linear layers ({} when none is weight-only quantized)."""
+    """The plan entry of a model's quantized linear layers ({} when none is quantized)."""
     kernel = KERNEL_FOR_ALGO.get(quant_algo)
     if kernel is None:
         return {}
-    w4 = {"dequant_min_rows": DEQUANT_MIN_ROWS, "gated_mlp_silu": "gemv_epilogue",
-          "qkv_rotary_and_cache_write": "gemv_epilogue"} if "W4" in quant_algo else {}
-    return {"quantized_linear": {"cuda": kernel, "other": "dequantize_then_matmul", "gemv_max_rows": GEMV_MAX_ROWS,
-                                 **w4}}
+    other = "emulated_gemm_on_codes" if quant_algo in CODES_MULTIPLIED else "dequantize_then_matmul"
+    w4 = {"dequant_min_rows": DEQUANT_MIN_ROWS}
+    if quant_algo.startswith("W4A16"):  # (W4A8's row scale comes before the activation and the rotation)
+        w4.update(gated_mlp_silu="gemv_epilogue", qkv_rotary_and_cache_write="gemv_epilogue")
+    return {"quantized_linear": {"cuda": kernel, "other": other, "gemv_max_rows": GEMV_MAX_ROWS,
+                                 **(w4 if quant_algo.startswith("W4") else {})}}
 
 
 def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

@@ -41,11 +41,19 @@ def test_w8a16_reference_is_the_format_math():
                                rtol=0, atol=float(ulp_bound(x, full, 100).max()))
 
 
-def test_plan_names_the_kernel_of_each_weight_only_algorithm():
+def test_plan_names_the_kernels_of_each_weight_algorithm():
+    from kiln.config import WEIGHT_ALGOS
+
+    assert {a.value for a in WEIGHT_ALGOS} == set(qg.KERNEL_FOR_ALGO)
     assert qg.linear_plan("W4A16_AWQ")["quantized_linear"]["cuda"] == "triton_w4a16_gemv_gemm"
     assert qg.linear_plan("W8A16")["quantized_linear"]["cuda"] == "triton_w8a16_gemv_gemm"
     assert qg.linear_plan("W4A16")["quantized_linear"]["gated_mlp_silu"] == "gemv_epilogue"
     assert qg.linear_plan("W4A16")["quantized_linear"]["qkv_rotary_and_cache_write"] == "gemv_epilogue"
+    assert "gated_mlp_silu" not in qg.linear_plan("W4A8_AWQ")["quantized_linear"]  # (its row scale comes first)
+    assert "fp8_group_gemm" in qg.linear_plan("W4A8_AWQ")["quantized_linear"]["cuda"]
+    assert qg.linear_plan("FP8")["quantized_linear"]["other"] == "emulated_gemm_on_codes"
+    assert "int8_gemm" in qg.linear_plan("W8A8_SQ_PER_CHANNEL")["quantized_linear"]["cuda"]
+    assert qg.linear_plan(None) == {}
     assert qg.linear_plan(None) == {}
 
 
