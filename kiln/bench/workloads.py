@@ -167,7 +167,7 @@ def _dataset_request(path: Path, n: int, line: str) -> tuple[tuple[int, ...], in
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: a JSON {type(item).__name__}, not an object; write {DATASET_FORMAT}")
     if "prompt" in item and "input_ids" not in item:  # (no tokenizer at hand for --synthetic weights or --serve)
-        raise ConfigError(f'{where}: has a text "prompt"; kiln bench reads token ids: tokenize the prompts with the '
+        raise ConfigError(f'{where}: has a text "prompt"; kiln bench reads token ids; tokenize the prompts with the '
                           'model\'s tokenizer into "input_ids", as TensorRT-LLM\'s prepare_dataset.py writes them')
     unknown, missing = sorted(set(item) - DATASET_FIELDS), sorted({"input_ids", "output_tokens"} - set(item))
     if unknown or missing:
