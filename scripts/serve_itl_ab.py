@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve
 from server_process import ServerProcess  # noqa: E402  (the tests' real-subprocess server, reused)
 
 from kiln.bench.offline import scratch_dirs  # noqa: E402
-from kiln.bench.serve_load import drive  # noqa: E402
+from kiln.bench.serve_load import drive, workload_requests  # noqa: E402
 from kiln.bench.synthetic import write_synthetic_hf  # noqa: E402
+from kiln.bench.workloads import Workload  # noqa: E402
 
 
 def main() -> None:
@@ -85,10 +86,10 @@ def serve_and_drive(model: Path, workdir: Path, args, value: str, token_ids: boo
     try:
         # Untimed first: a round of the same shape, so Triton's compiles (a fresh machine's first server) and
         # the first GEMM at each row count land outside the timed run.
-        asyncio.run(drive(server.url, args.concurrency, args.concurrency, args.input_len, 8, None, None,
-                          token_ids=token_ids))
-        return asyncio.run(drive(server.url, args.requests, args.concurrency, args.input_len, args.output_len,
-                                 None, None, token_ids=token_ids))
+        warm = Workload("warm-up", args.concurrency, args.input_len, 8)
+        asyncio.run(drive(server.url, workload_requests(warm, token_ids), args.concurrency, None, None))
+        timed = Workload("timed", args.requests, args.input_len, args.output_len)
+        return asyncio.run(drive(server.url, workload_requests(timed, token_ids), args.concurrency, None, None))
     finally:
         server.stop()
         if is_flag:  # an engine of this value's own: one on the disk at a time

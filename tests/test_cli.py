@@ -142,6 +142,16 @@ def test_bench_against_no_server_is_one_line_naming_the_url():
     assert_one_line_error(result, f"cannot reach a server at http://127.0.0.1:{port}", "kiln serve")
 
 
+def test_a_bench_dataset_of_text_prompts_is_one_line_naming_the_line_and_the_fix(tmp_path):
+    """trtllm-bench also reads a text "prompt"; kiln bench reads token ids, and says so before any work."""
+    dataset = tmp_path / "text.jsonl"
+    dataset.write_text('{"task_id": 0, "input_ids": [1, 2], "output_tokens": 3}\n'
+                       '{"task_id": 1, "prompt": "Hi", "output_tokens": 3}\n')
+    result = kiln_cli("bench", "--synthetic", "llama-3.2-1b", "--dataset", dataset, "--device", "cpu")
+    assert_one_line_error(result, f"{dataset} line 2", '"prompt"', '"input_ids"', "prepare_dataset.py")
+    assert "| system |" not in result.stdout
+
+
 def test_prompt_ids_that_are_not_integers_are_one_line(tiny_llama_session):
     hf_dir, _ = tiny_llama_session
     result = kiln_cli("run", "--model", hf_dir, "--prompt-ids", "1,x", "--device", "cpu")

@@ -6,15 +6,16 @@ transformers on the same weights and the hardware's ceilings, in the same run.
     kiln bench --model PATH --num-requests 32 --input-len 128 --output-len 128
 
 Prompts are random token ids and every request generates exactly output_len tokens (ignore_eos), so
-runs are comparable across engines. Each kiln system is timed from opening its engine dir to the first
-token (load, CUDA-graph capture, one prefill), then on every workload. Results: a table, JSON
-(--output-json) and a PNG plot (--plot, needs matplotlib).
+runs are comparable across engines. `--dataset FILE` adds a workload of requests of their own lengths, JSON
+lines of {"input_ids": [...], "output_tokens": N} as TensorRT-LLM's trtllm-bench reads (the table gives its mean
+lengths; transformers, which gives a batch one output length, does not run it). Each kiln system is timed from
+opening its engine dir to the first token (load, CUDA-graph capture, one prefill), then on every workload.
+Results: a table, JSON (--output-json) and a PNG plot (--plot, needs matplotlib).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import os
@@ -26,13 +27,14 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from kiln.bench.shapes import FAMILY_SHAPES, LLAMA_SHAPES
-from kiln.bench.workloads import Workload, select
+from kiln.bench.workloads import DatasetWorkload, Workload, select
 from kiln.checkpoint.atomic import write_json_atomic
 from kiln.config import KV_CACHE_ALGOS, BuildConfig, QuantConfig, exclusions, resolve_device
 from kiln.errors import ConfigError
@@ -88,12 +90,12 @@ def speed_ratios(results: list[BenchResult]) -> list[dict]:
 
 
 def format_extra(extra: dict) -> str:
-    """The notes column: seconds as ms, counts as they are, fractions as percentages."""
+    """The notes column: seconds as ms, counts and words as they are, fractions as percentages."""
     parts = []
     for key, value in extra.items():
         if key.endswith("_s"):
             parts.append(f"{key[:-2]} {value * 1000:.1f} ms")
-        elif isinstance(value, int):
+        elif isinstance(value, (int, str)):
             parts.append(f"{key} {value}")
         else:
             parts.append(f"{key} {value:.0%}")
@@ -131,14 +133,13 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     from kiln.llmapi.sampling_params import SamplingParams
 
     w = workload
-    params = SamplingParams(max_tokens=w.output_len, temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in w.output_lens()]
     seed = zlib.crc32(w.name.encode())
     prompts = w.prompts(llm.engine.config.vocab_size, seed=seed)
-    # Warm-up on other prompts of the same shape (no prefix to reuse), up to a batch of 64, in the run's order
-    # (with a shared prefix: the first alone, one follower alone, then the rest): the run's steps find their
-    # kernels compiled and tuned for every shape they meet.
-    warm = dataclasses.replace(w, name=w.name + "-warm-up", num_requests=min(w.num_requests, 64), output_len=2)
-    warm_prompts = warm.prompts(llm.engine.config.vocab_size, seed=seed + 1)
+    # Warm-up on other prompts of the run's first lengths (no prefix of the run's to reuse), up to a batch of 64,
+    # in the run's order (with a shared prefix: the first alone, one follower alone, then the rest): the run's
+    # steps find their kernels compiled and tuned for every shape they meet.
+    warm_prompts = w.warm_up_prompts(llm.engine.config.vocab_size, seed=seed + 1)
     for part in ([warm_prompts[:1], warm_prompts[1:2], warm_prompts[2:]] if w.shared_prefix_len else [warm_prompts]):
         if part:
             llm.generate(part, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
@@ -155,20 +156,23 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         start = time.perf_counter()
         extra = {}
         if w.shared_prefix_len:  # the first fills the cache; one follower alone; then the others together
-            outputs = llm.generate(prompts[:1], params)
-            outputs += llm.generate(prompts[1:2], params)
-            outputs += llm.generate(prompts[2:], params)
+            outputs = llm.generate(prompts[:1], params[:1])
+            outputs += llm.generate(prompts[1:2], params[1:2])
+            outputs += llm.generate(prompts[2:], params[2:])
             first, alone = outputs[0].ttft(), outputs[1].ttft()
             together = percentiles([o.ttft() for o in outputs[2:]])["p50"] if len(outputs) > 2 else float("nan")
             extra = {"first_ttft_s": first, "follower_alone_ttft_s": alone, "alone_over_first": alone / first,
-                     "followers_together_ttft_p50_s": together, "together_over_first": together / first,
-                     # prompt tokens found in the prefix cache, of those looked up (the block manager's counts)
-                     "prefix_cache_hit_rate": (blocks.prefix_hit_tokens - hits)
-                     / max(1, blocks.prefix_queried_tokens - queried)}
+                     "followers_together_ttft_p50_s": together, "together_over_first": together / first}
         else:
             outputs = llm.generate(prompts, params)
         sync(llm.device)
         seconds = time.perf_counter() - start
+    # Prompt tokens found in the prefix cache, of those looked up (the block manager's counts): the point of a
+    # shared prefix, and noted for any other run that hit it (a dataset's prompts may share a system prompt).
+    if w.shared_prefix_len or blocks.prefix_hit_tokens > hits:
+        extra["prefix_cache_hit_rate"] = (blocks.prefix_hit_tokens - hits) / max(1, blocks.prefix_queried_tokens
+                                                                                  - queried)
+    extra.update(w.length_notes())
     if executor.bursts > bursts:  # decode bursts, and the share queued before the host read the one before
         extra["bursts"] = executor.bursts - bursts
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
@@ -460,12 +464,10 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
             r = kiln_offline(llm, w, label)
             if w.num_requests == 1 and w.output_len > 1:
                 r.extra["of_decode_roofline"] = r.output_tokens_per_s / info["decode_roofline_tokens_per_s"]
-            if w.output_len <= 16 or w.input_len >= 1024:  # prefill-bound: against the measured matmul rate
-                floor = prefill_floor_s(llm.engine.config, w.input_len, rates) * w.num_requests
-                r.extra["compute_floor_s"] = floor
-                if w.output_len > 1:  # and the decode steps' reads of the cache, at the measured bandwidth
-                    kv_bytes = decode_kv_bytes(llm.engine.config, w.input_len, w.output_len, kv_element_bytes)
-                    r.extra["kv_read_floor_s"] = kv_bytes * w.num_requests / ceilings["bandwidth"]
+            # Prefill-bound: short outputs or long prompts, by the mean lengths for a dataset (its input_len and
+            # output_len), as its bulk is what sets the run's time; then floors against the measured rates.
+            if w.output_len <= 16 or w.input_len >= 1024:
+                r.extra.update(floor_notes(llm.engine.config, w, rates, ceilings["bandwidth"], kv_element_bytes))
                 # The floor's rate comes from a short burst on a cool GPU; lent GPUs of one kind then sustain
                 # different clocks (the same GEMMs 5-7% apart between sessions). The rate again, right after the
                 # run, says how this GPU held up, so lines from different machines can be read side by side.
@@ -479,6 +481,19 @@ def bench_system(label, engine_dir, workloads, device, ceilings,
         del llm
         _release(device)
     return results, info
+
+
+def floor_notes(config, workload: Workload, rates: dict[str, float], bandwidth: float, kv_element_bytes: int) -> dict:
+    """The workload's prefill FLOPs at the measured matmul rates (`compute_floor_s`), and its decode steps' reads
+    of the KV cache at the measured bandwidth (`kv_read_floor_s`, where any request decodes past its first
+    token): summed over its requests, each length counted once and multiplied (offline-3000 has one)."""
+    lengths = Counter(workload.request_lengths())
+    notes = {"compute_floor_s": sum(n * prefill_floor_s(config, prompt, rates) for (prompt, _), n in lengths.items())}
+    kv_bytes = sum(n * decode_kv_bytes(config, prompt, output, kv_element_bytes)
+                   for (prompt, output), n in lengths.items())
+    if kv_bytes:
+        notes["kv_read_floor_s"] = kv_bytes / bandwidth
+    return notes
 
 
 def gemm_rates(ceilings: dict, config, device: torch.device) -> dict[str, float]:
@@ -504,7 +519,8 @@ def run(args) -> list[BenchResult]:
     device = resolve_device(args.device)
     if args.synthetic and args.dtype == "auto":
         args.dtype = synthetic_dtype(device)
-    workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
+    workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len,
+                       args.dataset)
     # (checked before any work: a bad --quant-algo or build flag fails now, not after the baseline's run)
     system_configs, build_config = quant_systems(args), bench_build_config(args, workloads)
     bandwidth, bf16_flops = copy_bandwidth(device), matmul_flops(device)
@@ -547,10 +563,10 @@ def _main_thread() -> bool:
 def bench_build_config(args, workloads) -> BuildConfig:
     """The engines' limits: every workload fits, under the run's batch, token budget and runtime flags."""
     runtime = {name: getattr(args, name) for name in BuildConfig.RUNTIME_FIELDS if getattr(args, name) is not None}
+    max_input_len = max(w.max_input_len for w in workloads)
     return BuildConfig(max_batch_size=min(args.max_batch_size, max(w.num_requests for w in workloads)),
-                       max_seq_len=max(w.input_len + w.output_len for w in workloads),
-                       max_input_len=max(w.input_len for w in workloads),
-                       max_num_tokens=max(args.max_num_tokens, max(w.input_len for w in workloads)), **runtime)
+                       max_seq_len=max(w.max_seq_len for w in workloads), max_input_len=max_input_len,
+                       max_num_tokens=max(args.max_num_tokens, max_input_len), **runtime)
 
 
 def _bench_source(args, device, workloads, ceilings, source, hf_model, system_configs: list,
@@ -560,6 +576,10 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, system_co
     print(TABLE_HEADER, flush=True)
     if hf_model is not None:
         for w in workloads:
+            if isinstance(w, DatasetWorkload):
+                print(f"# no transformers baseline for {w.name}: transformers' generate gives every request of a "
+                      "batch the same output length, and a dataset's requests each have their own", flush=True)
+                continue
             results.append(hf_offline(hf_model, w))
             print(results[-1].row(), flush=True)
         del hf_model

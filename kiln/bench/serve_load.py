@@ -1,7 +1,7 @@
 """`kiln bench --serve URL`: drive a running OpenAI-compatible server at a fixed concurrency and report
 throughput, time to first token and inter-token latency percentiles (streaming completions), for each workload
-(--workloads, --workload-file, or one of --num-requests x --input-len / --output-len) in the table, JSON and
-plot of an offline run. The gaps are between the chunks a client receives (a chunk may carry several tokens);
+(--workloads, --workload-file, --dataset, or one of --num-requests x --input-len / --output-len) in the table, JSON
+and plot of an offline run. The gaps are between the chunks a client receives (a chunk may carry several tokens);
 TPOT is per token. Peak GPU memory is the server's to know, so it is left out."""
 
 from __future__ import annotations
@@ -54,34 +54,45 @@ def arrival_gaps(num_requests: int, request_rate: float | None) -> list[float]:
     return [rng.expovariate(request_rate) for _ in range(num_requests - 1)] + [0.0]
 
 
-async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, output_len: int,
-                api_key: str | None, model: str | None, temperature: float = 0.0, token_ids: bool = False,
-                shared_prefix_len: int = 0, request_rate: float | None = None) -> dict:
-    """prompt_len words a prompt, or with token_ids that many random token ids (a model with no tokenizer, such as
-    random weights of a real shape; ids 3-99, which every vocabulary has); every prompt starts with the same
-    shared_prefix_len of them. At most `concurrency` in flight; with request_rate, they arrive as arrival_gaps
-    says (TTFT counts from when a request is sent)."""
-    import aiohttp
+def workload_requests(workload, token_ids: bool = False) -> list[tuple[list[int] | str, int]]:
+    """(prompt, max_tokens) of each request of `workload`. A dataset sends its own token ids (the completions API
+    takes a list of ints as a prompt; the server checks them against its vocabulary). Otherwise input_len words a
+    prompt, or with token_ids that many random token ids (a model with no tokenizer, such as random weights of a
+    real shape; ids 3-99, which every vocabulary has); every prompt starts with the same shared_prefix_len of them."""
+    from kiln.bench.workloads import DatasetWorkload
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if isinstance(workload, DatasetWorkload):
+        return [(list(ids), output) for ids, output in zip(workload.input_ids, workload.output_tokens)]
     rng = random.Random(0)
     words = ["alpha", "river", "stone", "light", "garden", "music", "paper", "winter", "cloud", "signal"]
     draw = (lambda: rng.randrange(3, 100)) if token_ids else (lambda: rng.choice(words))  # noqa: E731
-    prefix = [draw() for _ in range(shared_prefix_len)]
+    prefix = [draw() for _ in range(workload.shared_prefix_len)]
+    requests = []
+    for _ in range(workload.num_requests):
+        parts = prefix + [draw() for _ in range(workload.input_len - workload.shared_prefix_len)]
+        requests.append((parts if token_ids else " ".join(parts), workload.output_len))
+    return requests
+
+
+async def drive(url: str, requests: list[tuple[list[int] | str, int]], concurrency: int, api_key: str | None,
+                model: str | None, temperature: float = 0.0, request_rate: float | None = None) -> dict:
+    """Send each (prompt, max_tokens) of `requests` (workload_requests), streaming: at most `concurrency` in
+    flight; with request_rate, they arrive as arrival_gaps says (TTFT counts from when a request is sent)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     semaphore = asyncio.Semaphore(concurrency)
 
-    async def bounded(session):
-        parts = prefix + [draw() for _ in range(prompt_len - shared_prefix_len)]
-        prompt = parts if token_ids else " ".join(parts)
-        body = {"prompt": prompt, "max_tokens": output_len, "temperature": temperature, "ignore_eos": True,
+    async def bounded(session, prompt, max_tokens):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
         async with semaphore:
             return await _one_request(session, url, body, headers)
 
     async def arriving(session):
         tasks = []
-        for gap in arrival_gaps(num_requests, request_rate):
-            tasks.append(asyncio.create_task(bounded(session)))
+        for (prompt, max_tokens), gap in zip(requests, arrival_gaps(len(requests), request_rate)):
+            tasks.append(asyncio.create_task(bounded(session, prompt, max_tokens)))
             await asyncio.sleep(gap)
         return await asyncio.gather(*tasks)
 
@@ -96,7 +107,7 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "requests": num_requests, "succeeded": len(ok), "concurrency": concurrency, "temperature": temperature,
+        "requests": len(requests), "succeeded": len(ok), "concurrency": concurrency, "temperature": temperature,
         "request_rate": request_rate,
         "seconds": seconds,
         "output_tokens_per_s": tokens / seconds, "requests_per_s": len(ok) / seconds,
@@ -111,8 +122,9 @@ async def drive(url: str, num_requests: int, concurrency: int, prompt_len: int, 
 def served_workloads(args) -> list:
     from kiln.bench.workloads import custom_workload, select
 
-    if args.workloads or args.workload_file:
-        return select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len)
+    if args.workloads or args.workload_file or args.dataset:
+        return select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len,
+                      args.dataset)
     return [custom_workload(args.num_requests, args.input_len, args.output_len)]
 
 
@@ -125,10 +137,9 @@ def run(args) -> list:
     results = []
     print(TABLE_HEADER, flush=True)
     for w in workloads:
-        r = asyncio.run(drive(url, w.num_requests, args.concurrency, w.input_len, w.output_len, args.api_key,
-                              args.served_model_name, args.temperature, args.token_id_prompts, w.shared_prefix_len,
-                              args.request_rate))
-        extra = {"concurrency": args.concurrency, "mean_latency_s": r["mean_latency_s"]}
+        r = asyncio.run(drive(url, workload_requests(w, args.token_id_prompts), args.concurrency, args.api_key,
+                              args.served_model_name, args.temperature, args.request_rate))
+        extra = {"concurrency": args.concurrency, "mean_latency_s": r["mean_latency_s"], **w.length_notes()}
         if r["succeeded"] < r["requests"]:
             extra["failed"] = r["requests"] - r["succeeded"]
             print(f"# {w.name}: {extra['failed']} requests failed, the first: {r['errors']}", file=sys.stderr)

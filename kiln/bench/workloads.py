@@ -1,14 +1,15 @@
 """Benchmark workloads: how many requests, of what prompt and output lengths, sharing what prefix.
 
 The named ones are the lines of docs/performance.md (and of the GPU runtime's targets); a JSON file
-(a list of objects with these fields) adds any other: `kiln bench --workload-file mine.json`.
+(a list of objects with these fields) adds any other: `kiln bench --workload-file mine.json`. A dataset, requests
+of their own lengths as JSON lines in TensorRT-LLM's trtllm-bench format, is one more: `kiln bench --dataset FILE`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +41,60 @@ class Workload:
         ids = torch.randint(0, vocab_size, (self.num_requests, self.input_len), generator=g)
         ids[:, : self.shared_prefix_len] = ids[0, : self.shared_prefix_len]
         return ids.tolist()
+
+    def request_lengths(self) -> list[tuple[int, int]]:
+        """(prompt tokens, output tokens) of each request."""
+        return [(self.input_len, self.output_len)] * self.num_requests
+
+    def output_lens(self) -> list[int]:
+        return [output for _, output in self.request_lengths()]
+
+    @property
+    def max_input_len(self) -> int:
+        """The longest prompt: what an engine's max_input_len must hold."""
+        return max(prompt for prompt, _ in self.request_lengths())
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest request, prompt and output together: what an engine's max_seq_len must hold."""
+        return max(prompt + output for prompt, output in self.request_lengths())
+
+    def warm_up_prompts(self, vocab_size: int, seed: int, count: int = 64) -> list[list[int]]:
+        """Random ids of the lengths of the first `count` requests, the shared prefix shared among them: the
+        warm-up meets the run's shapes, but never its prompts, so the prefix cache cannot serve the run from it."""
+        g = torch.Generator().manual_seed(seed)
+        draw = lambda n: torch.randint(0, vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        prefix = draw(self.shared_prefix_len)
+        return [prefix + draw(prompt - self.shared_prefix_len) for prompt, _ in self.request_lengths()[:count]]
+
+    def length_notes(self) -> dict:
+        """What the table's notes say of the lengths: nothing, when every request has the same."""
+        return {}
+
+
+@dataclass(frozen=True)
+class DatasetWorkload(Workload):
+    """Requests of their own lengths, read from a file by read_dataset. input_len and output_len are the means
+    (rounded), for the table's columns; the rest of kiln asks request_lengths() or the max_* properties."""
+    path: str = ""
+    input_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
+    output_tokens: tuple[int, ...] = field(default=(), repr=False)
+    line_numbers: tuple[int, ...] = field(default=(), repr=False)  # each request's line in the file, for errors
+
+    def request_lengths(self) -> list[tuple[int, int]]:
+        return [(len(ids), output) for ids, output in zip(self.input_ids, self.output_tokens)]
+
+    def prompts(self, vocab_size: int, seed: int = 0) -> list[list[int]]:
+        """The file's token ids (`seed` is for random prompts: a dataset has none)."""
+        for ids, line in zip(self.input_ids, self.line_numbers):
+            if max(ids) >= vocab_size:
+                raise ConfigError(f"{self.path} line {line}: input_ids holds token id {max(ids)}, but the model's "
+                                  f"vocabulary has {vocab_size} ids (0 to {vocab_size - 1}); tokenize the dataset "
+                                  "with this model's tokenizer")
+        return [list(ids) for ids in self.input_ids]
+
+    def length_notes(self) -> dict:
+        return {"lengths": "mean", "input_max": self.max_input_len, "output_max": max(self.output_tokens)}
 
 
 NAMED_WORKLOADS = {w.name: w for w in (
@@ -79,8 +134,62 @@ def read_workload_file(path: str | Path) -> list[Workload]:
     return workloads
 
 
-def select(names: str | None, path: str | None, num_requests: int, input_len: int, output_len: int) -> list[Workload]:
-    """The workloads a bench run measures: named ones, a file's, or one from the length flags."""
+DATASET_FORMAT = ('one JSON object a line, {"input_ids": [token ids], "output_tokens": N} (and an optional '
+                  '"task_id"), as TensorRT-LLM\'s prepare_dataset.py writes for trtllm-bench')
+DATASET_FIELDS = {"task_id", "input_ids", "output_tokens"}  # task_id is allowed and ignored: kiln numbers by line
+
+
+def read_dataset(path: str | Path) -> DatasetWorkload:
+    """A JSON-lines dataset (DATASET_FORMAT) as one workload, named after the file; blank lines are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the dataset ({e.strerror or e}); pass a file of "
+                          f"{DATASET_FORMAT}") from None
+    requests = [(n, *_dataset_request(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    if not requests:
+        raise ConfigError(f"{path}: the dataset holds no requests; write {DATASET_FORMAT}")
+    line_numbers, input_ids, output_tokens = zip(*requests)
+    mean = lambda lengths: round(sum(lengths) / len(lengths))  # noqa: E731
+    return DatasetWorkload(f"dataset:{path.stem}", len(requests), mean([len(ids) for ids in input_ids]),
+                           mean(output_tokens), path=str(path), input_ids=input_ids, output_tokens=output_tokens,
+                           line_numbers=line_numbers)
+
+
+def _dataset_request(path: Path, n: int, line: str) -> tuple[tuple[int, ...], int]:
+    """(input_ids, output_tokens) of line n, or a ConfigError naming the line, the field and the fix."""
+    where = f"{path} line {n}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not JSON ({e.msg}); write {DATASET_FORMAT}") from None
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: a JSON {type(item).__name__}, not an object; write {DATASET_FORMAT}")
+    if "prompt" in item and "input_ids" not in item:  # (no tokenizer at hand for --synthetic weights or --serve)
+        raise ConfigError(f'{where}: has a text "prompt"; kiln bench reads token ids; tokenize the prompts with the '
+                          'model\'s tokenizer into "input_ids", as TensorRT-LLM\'s prepare_dataset.py writes them')
+    unknown, missing = sorted(set(item) - DATASET_FIELDS), sorted({"input_ids", "output_tokens"} - set(item))
+    if unknown or missing:
+        wrong = [f"unknown fields {unknown}"] * bool(unknown) + [f"missing fields {missing}"] * bool(missing)
+        raise ConfigError(f"{where}: {' and '.join(wrong)}; write {DATASET_FORMAT}")
+    ids, output = item["input_ids"], item["output_tokens"]
+    if not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+        raise ConfigError(f"{where}: input_ids must be a non-empty list of token ids (integers >= 0), got "
+                          f"{str(ids)[:80]}; write the prompt's ids from the model's tokenizer")
+    if not _is_int(output) or output < 1:
+        raise ConfigError(f"{where}: output_tokens must be an integer >= 1, got {output!r}; write how many tokens "
+                          "the request generates")
+    return tuple(ids), output
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def select(names: str | None, path: str | None, num_requests: int, input_len: int, output_len: int,
+           dataset: str | None = None) -> list[Workload]:
+    """The workloads a bench run measures: named ones, a file's, a dataset, or one from the length flags."""
     chosen = []
     for name in (names.split(",") if names else []):
         if name not in NAMED_WORKLOADS:
@@ -88,5 +197,7 @@ def select(names: str | None, path: str | None, num_requests: int, input_len: in
         chosen.append(NAMED_WORKLOADS[name])
     if path:
         chosen += read_workload_file(path)
+    if dataset:
+        chosen.append(read_dataset(dataset))
     return chosen or [Workload("decode-1", 1, input_len, output_len), custom_workload(num_requests, input_len,
                                                                                        output_len)]

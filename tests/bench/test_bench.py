@@ -1,5 +1,5 @@
-"""`kiln bench` end to end on a tiny model (CPU): workloads from a file, the transformers baseline, a
-quantized system, the JSON report and the plot."""
+"""`kiln bench` end to end on a tiny model (CPU): workloads from a file, a dataset of requests of their own
+lengths, the transformers baseline, a quantized system, the JSON report and the plot."""
 
 import json
 import logging
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.bench.workloads import NAMED_WORKLOADS, Workload, read_workload_file, select
+from kiln.bench.workloads import NAMED_WORKLOADS, Workload, read_dataset, read_workload_file, select
 from kiln.cli import main, make_parser
 from kiln.errors import ConfigError
 
@@ -43,6 +43,146 @@ def test_bad_workloads_are_named(tmp_path):
     with pytest.raises(ConfigError, match="shared_prefix_len"):
         Workload("x", 1, 8, 2, shared_prefix_len=8)
     assert NAMED_WORKLOADS["prefix-64"].shared_prefix_len == 1024
+
+
+def write_dataset(path: Path, lengths: list[tuple[int, int]], vocab_size: int = 128) -> Path:
+    """A trtllm-bench dataset of distinct random prompts of these (input, output) lengths, as prepare_dataset.py
+    writes it: one JSON object a line."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    path.write_text("".join(json.dumps({"task_id": n, "input_ids": torch.randint(0, vocab_size, (i,), generator=g)
+                                        .tolist(), "output_tokens": o}) + "\n" for n, (i, o) in enumerate(lengths)))
+    return path
+
+
+# Lengths of a mixed dataset: the longest request (70 + 5) is not the longest prompt plus the longest output
+# (70 + 6); 15 output tokens, not 4 x the mean 3.75 (rounded to 4) = 16; the 70- and 40-token prompts fill whole
+# KV blocks (32 tokens), so a warm-up on them would feed the prefix cache.
+MIXED = [(70, 5), (9, 3), (40, 6), (17, 1)]
+
+
+def test_a_dataset_is_read_as_one_workload_of_each_requests_lengths(tmp_path):
+    path = write_dataset(tmp_path / "mixed.jsonl", MIXED)
+    path.write_text(path.read_text() + "\n")  # a blank line at the end is no request
+    w = read_dataset(path)
+    assert (w.name, w.num_requests, w.input_len, w.output_len) == ("dataset:mixed", 4, 34, 4)  # the means
+    assert w.request_lengths() == MIXED and w.output_lens() == [5, 3, 6, 1]
+    assert (w.max_input_len, w.max_seq_len) == (70, 75)
+    lines = path.read_text().splitlines()
+    assert w.prompts(vocab_size=128) == [json.loads(line)["input_ids"] for line in lines[:4]]
+    assert w.length_notes() == {"lengths": "mean", "input_max": 70, "output_max": 6}
+    assert select(None, None, 1, 8, 8, dataset=str(path)) == [w]  # alone: no default workloads beside it
+    assert [x.name for x in select("decode-1", None, 1, 8, 8, dataset=str(path))] == ["decode-1", "dataset:mixed"]
+    fixed = Workload("f", 3, 10, 5)  # a fixed workload answers the same questions
+    assert fixed.request_lengths() == [(10, 5)] * 3 and (fixed.max_input_len, fixed.max_seq_len) == (10, 15)
+    with pytest.raises(ConfigError, match=rf"{path} line 1: input_ids holds token id \d+, but the model's "
+                                          r"vocabulary has 10 ids \(0 to 9\); tokenize"):
+        w.prompts(vocab_size=10)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"input_ids": [1, 2]', r"line 2: not JSON"),
+    ('[1, 2]', r"line 2: a JSON list, not an object"),
+    ('{"input_ids": [1, 2]}', r"line 2: missing fields \['output_tokens'\]"),
+    ('{"output_tokens": 4}', r"line 2: missing fields \['input_ids'\]"),
+    ('{"input_ids": [1], "output_tokens": 4, "max_tokens": 4}', r"line 2: unknown fields \['max_tokens'\]"),
+    ('{"prompt": "Hello", "output_tokens": 4}', r'line 2: has a text "prompt"; kiln bench reads token ids; tokenize '
+                                                r'.* into "input_ids", as TensorRT-LLM\'s prepare_dataset.py'),
+    ('{"input_ids": [], "output_tokens": 4}', r"line 2: input_ids must be a non-empty list of token ids"),
+    ('{"input_ids": [1, -2], "output_tokens": 4}', r"line 2: input_ids must be .* \(integers >= 0\)"),
+    ('{"input_ids": [1, 2.0], "output_tokens": 4}', r"line 2: input_ids must be .* \(integers >= 0\)"),
+    ('{"input_ids": "1 2", "output_tokens": 4}', r"line 2: input_ids must be a non-empty list"),
+    ('{"input_ids": [1], "output_tokens": 0}', r"line 2: output_tokens must be an integer >= 1, got 0"),
+    ('{"input_ids": [1], "output_tokens": "8"}', r"line 2: output_tokens must be an integer >= 1, got '8'"),
+    ('{"input_ids": [1], "output_tokens": true}', r"line 2: output_tokens must be an integer >= 1, got True"),
+])
+def test_a_bad_dataset_line_is_named_with_its_field_and_the_fix(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input_ids": [1, 2, 3], "output_tokens": 2}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path} {message}") as error:
+        read_dataset(path)
+    assert "; write" in str(error.value) or "; tokenize" in str(error.value)  # and the fix
+
+
+def test_an_empty_or_missing_dataset_is_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match=rf"{empty}: the dataset holds no requests; write one JSON object a line"):
+        read_dataset(empty)
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'nope.jsonl'}: cannot read the dataset"):
+        read_dataset(tmp_path / "nope.jsonl")
+
+
+def test_a_dataset_run_gives_each_request_its_own_output_length_and_warms_up_on_other_prompts(
+        tiny_llama_session, kiln_cache, tmp_path):
+    """The engine is built for the longest request; the timed run sends the file's prompts, each with its own
+    max_tokens; the warm-up sends random prompts of the same lengths, so the prefix cache has none of the run's."""
+    from kiln.bench.offline import bench_build_config, kiln_offline
+    from kiln.llmapi.llm import LLM
+
+    hf_dir, _ = tiny_llama_session
+    path = write_dataset(tmp_path / "mixed.jsonl", MIXED)
+    w = read_dataset(path)
+    config = bench_build_config(make_parser().parse_args(["bench", "--model", str(hf_dir), "--dataset", str(path)]),
+                                [w])
+    assert (config.max_input_len, config.max_seq_len, config.max_batch_size) == (70, 75, 4)
+    llm = LLM(hf_dir, dtype="float32", device="cpu", build_config=config)
+    calls, generate = [], llm.generate  # each call kiln_offline makes, and the real engine's outputs
+
+    def recording(prompts, params):
+        calls.append((prompts, generate(prompts, params)))
+        return calls[-1][1]
+
+    llm.generate = recording
+    try:
+        r = kiln_offline(llm, w, "kiln")
+    finally:
+        llm.shutdown()
+    *warm_up, (prompts, outputs) = calls
+    assert prompts == w.prompts(vocab_size=128)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 3, 6, 1]
+    assert r.output_tokens_per_s * r.seconds == pytest.approx(15)
+    warm_prompts = [p for part, _ in warm_up for p in part]
+    assert [len(p) for p in warm_prompts] == [70, 9, 40, 17]
+    assert not {tuple(p) for p in warm_prompts} & set(w.input_ids)
+    assert "prefix_cache_hit_rate" not in r.extra  # noted when the run hits the cache: it found none of its prompts
+    assert r.extra["lengths"] == "mean" and (r.extra["input_max"], r.extra["output_max"]) == (70, 6)
+
+
+def test_bench_on_a_dataset_runs_kiln_alone_and_says_its_lengths_are_means(tiny_llama_session, kiln_cache, tmp_path,
+                                                                           capsys):
+    hf_dir, _ = tiny_llama_session
+    path, report_path = write_dataset(tmp_path / "mixed.jsonl", MIXED), tmp_path / "r.json"
+    assert main(["bench", "--model", str(hf_dir), "--dataset", str(path), "--dtype", "float32",
+                 "--output-json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "# no transformers baseline for dataset:mixed: transformers' generate gives every request" in out
+    (row,) = json.loads(report_path.read_text())["results"]
+    assert (row["system"], row["scenario"], row["requests"], row["input_len"], row["output_len"]) == (
+        "kiln", "dataset:mixed", 4, 34, 4)
+    assert row["extra"]["compute_floor_s"] > 0 and row["extra"]["kv_read_floor_s"] > 0  # outputs of 4 on average
+    assert "| kiln | dataset:mixed | 4 | 34 | 4 |" in out and "lengths mean, input_max 70, output_max 6" in out
+
+
+def test_the_floors_sum_over_each_requests_lengths(tmp_path):
+    """A fixed workload's floors are one request's times the count, as before; a dataset's, each request's."""
+    from kiln.bench.offline import decode_kv_bytes, floor_notes, prefill_floor_s
+    from kiln.config import PretrainedConfig
+
+    config = PretrainedConfig(architecture="LlamaForCausalLM", dtype="bfloat16", vocab_size=100, hidden_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=4,
+                              intermediate_size=24)
+    rates, bandwidth = {"bf16": 3.0}, 2.0
+    assert floor_notes(config, Workload("f", 3, 10, 5), rates, bandwidth, 2) == {
+        "compute_floor_s": prefill_floor_s(config, 10, rates) * 3,
+        "kv_read_floor_s": decode_kv_bytes(config, 10, 5, 2) * 3 / bandwidth}
+    dataset = read_dataset(write_dataset(tmp_path / "d.jsonl", [(10, 1), (4, 3)], vocab_size=100))
+    assert floor_notes(config, dataset, rates, bandwidth, 2) == pytest.approx({
+        "compute_floor_s": prefill_floor_s(config, 10, rates) + prefill_floor_s(config, 4, rates),
+        "kv_read_floor_s": decode_kv_bytes(config, 4, 3, 2) / bandwidth})
+    single = read_dataset(write_dataset(tmp_path / "s.jsonl", [(10, 1), (4, 1)], vocab_size=100))
+    assert "kv_read_floor_s" not in floor_notes(config, single, rates, bandwidth, 2)  # no decode step reads
 
 
 def test_decode_kv_bytes_count_each_decode_tokens_reads():
@@ -179,8 +319,9 @@ def test_one_system_per_weight_and_kv_cache_format():
 def test_the_notes_column_shows_seconds_as_ms_counts_as_counts_and_fractions_as_percentages():
     from kiln.bench.offline import format_extra
 
-    notes = {"compute_floor_s": 40.0948, "bursts_run_ahead": 0.214, "steps_queued_ahead": 262}
-    assert format_extra(notes) == "compute_floor 40094.8 ms, bursts_run_ahead 21%, steps_queued_ahead 262"
+    notes = {"compute_floor_s": 40.0948, "bursts_run_ahead": 0.214, "steps_queued_ahead": 262, "lengths": "mean"}
+    assert format_extra(notes) == ("compute_floor 40094.8 ms, bursts_run_ahead 21%, steps_queued_ahead 262, "
+                                   "lengths mean")
     assert format_extra({}) == "—"
 
 

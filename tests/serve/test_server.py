@@ -680,11 +680,13 @@ def test_stream_options_without_stream_is_400(server, client, model):
 @pytest.mark.parametrize("temperature, token_ids", [(0.0, False), (0.8, False), (0.0, True)])
 def test_kiln_bench_serve_drives_the_server_and_reports_latency_percentiles(server, temperature, token_ids):
     """Prompts of words, or (--token-id-prompts, for a model without a tokenizer) of exactly that many token ids."""
-    from kiln.bench.serve_load import drive
+    from kiln.bench.serve_load import drive, workload_requests
+    from kiln.bench.workloads import Workload
 
     prompt_tokens_before = server.metric_values()["kiln_prompt_tokens_total"]
-    report = asyncio.run(drive(server.url, num_requests=8, concurrency=4, prompt_len=5, output_len=6,
-                               api_key=API_KEY, model=None, temperature=temperature, token_ids=token_ids))
+    requests = workload_requests(Workload("w", num_requests=8, input_len=5, output_len=6), token_ids)
+    report = asyncio.run(drive(server.url, requests, concurrency=4, api_key=API_KEY, model=None,
+                               temperature=temperature))
     assert report["succeeded"] == 8 and not report["errors"] and report["temperature"] == temperature
     if token_ids:
         assert server.metric_values()["kiln_prompt_tokens_total"] - prompt_tokens_before == 8 * 5
@@ -718,15 +720,37 @@ def test_kiln_bench_serve_runs_each_workload_into_the_table_json_and_plot(server
     assert report["concurrency"] == 3 and (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_kiln_bench_serve_sends_a_datasets_token_ids_each_with_its_own_output_length(server, tmp_path, capsys):
+    """--dataset: each line's input_ids are the prompt (a list of ints, as the completions API takes) and its
+    output_tokens the max_tokens; the server's counters see exactly those tokens."""
+    from kiln.cli import main
+
+    lengths = [(7, 5), (12, 2), (3, 4)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": list(range(100, 100 + i)), "output_tokens": o}) + "\n"
+                            for i, o in lengths))
+    before = server.metric_values()
+    assert main(["bench", "--serve", server.url, "--api-key", API_KEY, "--dataset", str(path), "--concurrency", "2",
+                 "--output-json", str(tmp_path / "r.json")]) == 0
+    after = server.metric_values()
+    assert after["kiln_prompt_tokens_total"] - before["kiln_prompt_tokens_total"] == 7 + 12 + 3
+    assert after["kiln_generation_tokens_total"] - before["kiln_generation_tokens_total"] == 5 + 2 + 4
+    (row,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert (row["scenario"], row["requests"], row["input_len"], row["output_len"]) == ("dataset:mixed", 3, 7, 4)
+    assert row["extra"]["lengths"] == "mean" and (row["extra"]["input_max"], row["extra"]["output_max"]) == (12, 5)
+    assert "failed" not in row["extra"] and "lengths mean, input_max 12, output_max 5" in capsys.readouterr().out
+
+
 def test_kiln_bench_serve_sends_requests_at_a_poisson_rate(server):
     """--request-rate: the requests leave at seeded exponential gaps, so the run lasts at least their sum."""
-    from kiln.bench.serve_load import arrival_gaps, drive
+    from kiln.bench.serve_load import arrival_gaps, drive, workload_requests
+    from kiln.bench.workloads import Workload
 
     gaps = arrival_gaps(6, 20.0)
     assert len(gaps) == 6 and gaps[-1] == 0 and all(g > 0 for g in gaps[:-1]) and gaps == arrival_gaps(6, 20.0)
     assert arrival_gaps(3, None) == [0.0] * 3
-    report = asyncio.run(drive(server.url, num_requests=6, concurrency=6, prompt_len=4, output_len=3,
-                               api_key=API_KEY, model=None, token_ids=True, request_rate=20.0))
+    requests = workload_requests(Workload("w", num_requests=6, input_len=4, output_len=3), token_ids=True)
+    report = asyncio.run(drive(server.url, requests, concurrency=6, api_key=API_KEY, model=None, request_rate=20.0))
     assert report["succeeded"] == 6 and report["request_rate"] == 20.0
     assert report["seconds"] >= sum(gaps)
 
