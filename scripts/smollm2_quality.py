@@ -76,8 +76,9 @@ def main() -> None:
         m = run_row(gguf, flags)
         results.append({"mode": label, "flags": flags, **m})
         print(f"| {label} | `{flags}` | {m['perplexity_float']:.3f} | {m['perplexity_quantized']:.3f} | "
-              f"{m['perplexity_change_pct']:+.2f}% +- {m['perplexity_change_se_pct']:.2f} | {m['mean_kl_divergence']:.4f} | {m['top1_agreement']:.1%} | "
-              f"{m['tokens']} | {m['wall_s']:.0f} s |", flush=True)
+              f"{m['perplexity_change_pct']:+.2f}% +- {m['perplexity_change_se_pct']:.2f} | "
+              f"{m['mean_kl_divergence']:.4f} | {m['top1_agreement']:.1%} | {m['tokens']} | {m['wall_s']:.0f} s |",
+              flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=1) + "\n")
 
