@@ -48,8 +48,10 @@ def fp8_group_gemm(xq, x_scale, wq, w_scale, group: int, out_dtype: torch.dtype,
     args = (rows, x_scale, wq, w_scale, y, m, n, k, rows.stride(0), x_scale.stride(0), w_scale.stride(0),
             rows_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    # A CUDA graph's capture cannot time candidates: it records the first tile, a decode-sized one.
-    if AUTOTUNE and not torch.cuda.is_current_stream_capturing():
+    # Inside a CUDA graph's capture the tuner launches the tile it kept for this key: every capture runs its
+    # forward once before (kiln.runtime.cuda_graphs.capture_graph), which times the candidates outside the graph,
+    # as quant_gemm's tuned GEMMs rely on.
+    if AUTOTUNE:
         _tuned_kernel[grid](*args, GROUP=group)
     else:
         config = _CONFIGS[0]
