@@ -298,14 +298,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="quantize a source model into a kiln checkpoint (weight-only int8/int4, AWQ, "
-                                        "FP8, SmoothQuant W8A8, W4A8 AWQ; KV cache INT8/FP8)")
+                                        "GPTQ, FP8, SmoothQuant W8A8, W4A8 AWQ; KV cache INT8/FP8)")
     p.add_argument("--model-dir", required=True, help="source: HF dir, Meta dir or .gguf file (detected)")
     p.add_argument("--output-dir", required=True, help="kiln checkpoint dir to write")
     p.add_argument("--quant-algo", type=str.upper,
-                   metavar="{W8A16,W4A16,W4A16_AWQ,W4A8_AWQ,W8A8_SQ_PER_CHANNEL,FP8,FP8_PER_CHANNEL_PER_TOKEN,"
-                           "FP8_BLOCK_SCALES}",
+                   metavar="{W8A16,W4A16,W4A16_AWQ,W4A16_GPTQ,W4A8_AWQ,W8A8_SQ_PER_CHANNEL,FP8,"
+                           "FP8_PER_CHANNEL_PER_TOKEN,FP8_BLOCK_SCALES}",
                    help="W8A16: per-channel int8; W4A16: group-wise int4 round-to-nearest; W4A16_AWQ: "
-                        "int4 with activation-aware scales searched on calibration text; W4A8_AWQ: those int4 "
+                        "int4 with activation-aware scales searched on calibration text; W4A16_GPTQ: int4 rounded "
+                        "column by column in act order, each rounding error passed on to the columns left "
+                        "(GPTQ, on calibration text); W4A8_AWQ: those AWQ int4 "
                         "weights with FP8 activations; W8A8_SQ_PER_CHANNEL: SmoothQuant int8 weights and per-token "
                         "int8 activations; FP8: e4m3 weights and activations, per-tensor scales from calibration; "
                         "FP8_PER_CHANNEL_PER_TOKEN: per-channel weight and per-token activation scales; "

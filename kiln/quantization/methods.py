@@ -50,21 +50,13 @@ LM_HEAD_METHODS = {
     QuantAlgo.W8A16: lambda qc: Int8WeightOnlyMethod(),
     QuantAlgo.W4A16: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point),
     QuantAlgo.W4A16_AWQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point),  # round to nearest
-    QuantAlgo.W4A16_GPTQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point, act_order=True),
+    QuantAlgo.W4A16_GPTQ: lambda qc: Int4GroupMethod(qc.group_size, qc.has_zero_point, act_order=True),  # RTN
     QuantAlgo.FP8: lambda qc: Fp8Method(static=False),  # no static activation scale to calibrate
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8Method(static=False),
     QuantAlgo.FP8_BLOCK_SCALES: lambda qc: Fp8Method(static=False),  # (a vocabulary need not split into groups)
 }
-IMPORTED_ONLY = (QuantAlgo.W4A16_GPTQ,)  # held by models converted from act-order GPTQ; `kiln quantize` makes none
-SUPPORTED_ALGOS = tuple(a for a in METHODS if a not in IMPORTED_ONLY)
+SUPPORTED_ALGOS = tuple(METHODS)  # every weight algorithm (tests/quantization check the list)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
-
-
-def check_supported(qc: QuantConfig) -> None:
-    if qc.quant_algo is not None and qc.quant_algo not in SUPPORTED_ALGOS:
-        raise ConfigError(f"QuantConfig.quant_algo {qc.quant_algo.value} is imported, not made: `kiln convert` "
-                          "reads a GPTQ checkpoint (quantization_config.quant_method 'gptq') as it is; `kiln "
-                          f"quantize` makes one of {supported_names()}")
 
 
 def quantizes_lm_head(qc: QuantConfig) -> bool:
@@ -74,7 +66,7 @@ def quantizes_lm_head(qc: QuantConfig) -> bool:
 def check_lm_head(qc: QuantConfig) -> None:
     """Refuse a config that quantizes lm_head with an algorithm that has no method for it."""
     if quantizes_lm_head(qc) and qc.quant_algo not in LM_HEAD_METHODS:
-        able = [a.value for a in LM_HEAD_METHODS if a not in IMPORTED_ONLY]
+        able = [a.value for a in LM_HEAD_METHODS]
         raise ConfigError(f"QuantConfig.exclude_modules must include 'lm_head' for {qc.quant_algo.value}: its "
                           f"activation scales need calibration of lm_head's input, which kiln does not do; lm_head "
                           f"can be quantized with one of {able}. Keep 'lm_head' in exclude_modules (the default; "
@@ -103,8 +95,6 @@ def quant_method_for(module_name: str, layer: nn.Module, qc: QuantConfig) -> Lin
     if qc.quant_algo is None or not isinstance(layer, (*QUANTIZABLE, LMHead)) or \
             is_excluded(module_name, qc.exclude_modules):
         return None
-    if qc.quant_algo not in IMPORTED_ONLY:
-        check_supported(qc)
     if isinstance(layer, LMHead):
         check_lm_head(qc)
         return LM_HEAD_METHODS[qc.quant_algo](qc)
@@ -115,8 +105,6 @@ def apply_quant_config(model: nn.Module, qc: QuantConfig) -> None:
     """Give every quantized linear layer of `model` its method (new tensors on the current default device)."""
     if qc.quant_algo is None:
         return
-    if qc.quant_algo not in IMPORTED_ONLY:
-        check_supported(qc)
     for name, module in model.named_modules():
         if isinstance(module, Linear):
             method = quant_method_for(name, module, qc)

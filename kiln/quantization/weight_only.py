@@ -271,12 +271,13 @@ class Int4GroupMethod(_WeightOnlyMethod):
                 self.group_size)
 
     def quantize(self, weight, dtype, input_scale=None):
-        if self.act_order:
-            raise ConfigError("W4A16_GPTQ is imported from GPTQ checkpoints (`kiln convert` of an act-order GPTQ "
-                              "model), not quantized by kiln; quantize with --quant-algo W4A16 or W4A16_AWQ")
+        """Round to nearest. The act-order format (W4A16_GPTQ) gets the identity order: GPTQ's own rounding, with
+        its order, comes from its calibration (kiln.quantization.gptq); this is the rest, such as lm_head."""
         w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
         packed, s, z = quantize_int4_groups(w, self.group_size, self.zero_point, dtype)
         out = {"weight": packed, "weights_scaling_factor": s}
         if z is not None:
             out["zero_point"] = z
+        if self.act_order:
+            out["input_permutation"] = torch.arange(weight.shape[1], dtype=torch.int32, device=weight.device)
         return {**out, **self._prequant_tensor(input_scale, weight, dtype)}

@@ -4,9 +4,9 @@ Each checkpoint tensor is a pure function of (source tensor, QuantConfig, calibr
 gives the unsharded (TP=1) tensor, and each rank's shard rules cut its slice, the same rules convert and
 build use. Every algorithm reads, quantizes and writes one linear at a time; those that need calibration
 (CALIBRATORS: AWQ's scale search, SmoothQuant's smoothing scales, the static activation scales of FP8 and
-W4A8_AWQ) first stream the calibration text through the float model layer by layer; with
-QuantConfig.keep_sensitive_layers the decoder layers whose quantization costs most on that text then stay in full
-precision (kiln.quantization.sensitivity). Everything is validated before anything is written, and the output dir
+W4A8_AWQ, GPTQ's rounding, which gives the linears' tensors themselves) first stream the calibration text
+through the float model layer by layer; with QuantConfig.keep_sensitive_layers the decoder layers whose
+quantization costs most on that text then stay in full precision (kiln.quantization.sensitivity). Everything is validated before anything is written, and the output dir
 is written atomically.
 """
 
@@ -24,8 +24,9 @@ from kiln.checkpoint.atomic import atomic_dir, write_json_atomic
 from kiln.config import QuantAlgo, QuantConfig, resolve_device
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
-from kiln.quantization import act_stats, awq, calib_text, calibration, evaluate, kv_cache, sensitivity, smoothquant
-from kiln.quantization.methods import check_lm_head, check_supported, is_excluded, quantized_linears, supported_names
+from kiln.quantization import (act_stats, awq, calib_text, calibration, evaluate, gptq, kv_cache, sensitivity,
+                                smoothquant)
+from kiln.quantization.methods import check_lm_head, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
 
@@ -35,12 +36,13 @@ class QuantizedSource:
 
     def __init__(self, source, reference, input_scales: dict | None = None, norm_scales: dict | None = None,
                  kv_scales: dict | None = None, act_absmax: dict | None = None, device="cpu",
-                 weight_clips: dict | None = None):
+                 weight_clips: dict | None = None, rounded: dict | None = None):
         self.source = source  # the float model at TP=1, lazy weights
         self.linears = quantized_linears(reference)  # the quantized model at TP=1, on the meta device
         self.input_scales, self.norm_scales = input_scales or {}, norm_scales or {}
         self.act_absmax = act_absmax or {}  # linear -> calibrated max |x| per input channel (FP8, W4A8_AWQ)
         self.weight_clips = weight_clips or {}  # linear -> bound on |W s| per (output, group) (AWQ)
+        self.rounded = rounded or {}  # linear -> its checkpoint tensors, quantized during calibration (GPTQ)
         self.device = device  # where each weight is quantized (one linear at a time); the results come back to CPU
         self.kv_scales = kv_scales or {}  # checkpoint name -> kv_cache_scaling_factor (kiln.quantization.kv_cache)
         self.dtype = reference.config.torch_dtype
@@ -60,6 +62,9 @@ class QuantizedSource:
         return tensor
 
     def _quantize(self, module: str) -> dict[str, torch.Tensor]:
+        if module in self.rounded:
+            return self.rounded[module]
+
         def on_device(t):
             return None if t is None else t.to(self.device)
         weight = on_device(self.source.read_weight(module + ".weight"))  # lm_head of a tied model: the embedding
@@ -73,7 +78,8 @@ class QuantizedSource:
         return {leaf: t.cpu() for leaf, t in tensors.items()}
 
 
-# ---- calibration of the weight algorithms: quant_algo -> (source, tokens, QuantConfig, reference, device) ----
+# ---- calibration of the weight algorithms: quant_algo -> (source, tokens, QuantConfig, reference, device,
+# mapping) -> WeightCalibration ----
 
 @dataclass
 class WeightCalibration:
@@ -82,32 +88,38 @@ class WeightCalibration:
     act_absmax: dict = field(default_factory=dict)  # linear -> max |x| per input channel (static activation scales)
     awq_errors: dict = field(default_factory=dict)  # linear -> (awq, rtn) mse, for the quality report
     weight_clips: dict = field(default_factory=dict)  # linear -> AWQ's bound on |W s| per (output, group)
+    rounded: dict = field(default_factory=dict)  # linear -> its checkpoint tensors (GPTQ rounds during calibration)
 
 
-def _calibrate_awq(source, tokens, qc, reference, device) -> WeightCalibration:
+def _calibrate_awq(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
     input_scales, norm_scales, errors, clips = awq.calibrate(source, tokens, qc, device)
     return WeightCalibration(input_scales, norm_scales, awq_errors=errors, weight_clips=clips)
 
 
-def _calibrate_w4a8(source, tokens, qc, reference, device) -> WeightCalibration:
-    calibrated = _calibrate_awq(source, tokens, qc, reference, device)
+def _calibrate_w4a8(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
+    calibrated = _calibrate_awq(source, tokens, qc, reference, device, mapping)
     calibrated.act_absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
     return calibrated
 
 
-def _calibrate_fp8(source, tokens, qc, reference, device) -> WeightCalibration:
+def _calibrate_fp8(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
     return WeightCalibration(act_absmax=act_stats.calibrate_absmax(source, tokens, qc, device))
 
 
-def _calibrate_smoothquant(source, tokens, qc, reference, device) -> WeightCalibration:
+def _calibrate_smoothquant(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
     absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
     prequant = {name for name, m in quantized_linears(reference).items() if m.quant_method.prequant}
     input_scales, norm_scales = smoothquant.smoothing_scales(source, absmax, qc.smoothquant_alpha, prequant)
     return WeightCalibration(input_scales, norm_scales)
 
 
+def _calibrate_gptq(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
+    return WeightCalibration(rounded=gptq.calibrate(source, tokens, qc, mapping.tp_size, device))
+
+
 CALIBRATORS = {QuantAlgo.W4A16_AWQ: _calibrate_awq, QuantAlgo.W4A8_AWQ: _calibrate_w4a8,
-               QuantAlgo.FP8: _calibrate_fp8, QuantAlgo.W8A8_SQ_PER_CHANNEL: _calibrate_smoothquant}
+               QuantAlgo.FP8: _calibrate_fp8, QuantAlgo.W8A8_SQ_PER_CHANNEL: _calibrate_smoothquant,
+               QuantAlgo.W4A16_GPTQ: _calibrate_gptq}
 # Structures an algorithm cannot handle yet (mixture-of-experts for the ones that fold scales into norms).
 MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_awq_supported,
                 QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
@@ -127,7 +139,6 @@ def check_quant_config(qc: QuantConfig, config) -> None:
     if qc.quant_algo is None and qc.kv_cache_quant_algo is None:
         raise ConfigError(f"QuantConfig.quant_algo must be one of {supported_names()}, or "
                           f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
-    check_supported(qc)
     check_lm_head(qc)
     for i in range(config.num_hidden_layers):
         fc, gate = (f"transformer.layers.{i}.mlp.{m}" for m in ("fc", "gate"))
@@ -169,7 +180,7 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
     if calibrate is not None:
         tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
         log.info("%s: calibrating on %d x %d tokens, layer by layer", quant_config.quant_algo.value, *tokens.shape)
-        weight_calibration = calibrate(source, tokens, quant_config, reference, device)
+        weight_calibration = calibrate(source, tokens, quant_config, reference, device, mapping)
     scores = {}
     if quant_config.keep_sensitive_layers:
         tokens = calibration.token_batches(texts, tokenizer, qconfig.vocab_size, calib_size, calib_max_seq_len)
@@ -184,7 +195,7 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
         kv_scales = kv_cache.calibrate(source, tokens, quant_config.kv_cache_quant_algo, device)
     quantized = QuantizedSource(source, reference, weight_calibration.input_scales, weight_calibration.norm_scales,
                                 kv_scales, act_absmax=weight_calibration.act_absmax, device=device,
-                                weight_clips=weight_calibration.weight_clips)
+                                weight_clips=weight_calibration.weight_clips, rounded=weight_calibration.rounded)
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):
             model = _rank_model(cls, qconfig.replace(mapping=mapping.with_rank(rank)), quantized)
@@ -211,7 +222,7 @@ def keep_sensitive_layers(source, cls, qconfig, tokens, weight_calibration: Weig
     qc = qconfig.quantization
     wc = weight_calibration
     quantized = QuantizedSource(source, cls.empty(qconfig), wc.input_scales, wc.norm_scales, act_absmax=wc.act_absmax,
-                                device=device, weight_clips=wc.weight_clips)
+                                device=device, weight_clips=wc.weight_clips, rounded=wc.rounded)
     log.info("%s: scoring each decoder layer's quantization on %d x %d calibration tokens",
              qc.quant_algo.value, *tokens.shape)
     scores = sensitivity.layer_scores(source, _rank_model(cls, qconfig, quantized), tokens, device)

@@ -116,7 +116,6 @@ def test_bad_quant_config_names_the_field(kwargs, field):
 
 
 @pytest.mark.parametrize("qc,field", [
-    (QuantConfig(quant_algo="W4A16_GPTQ"), "quant_algo"),  # a known algorithm this kiln cannot produce yet
     (QuantConfig(), "quant_algo"),  # nothing to quantize
     (QuantConfig(quant_algo="W8A16", exclude_modules=("lm_head", "layers.0.mlp.fc")), "exclude_modules"),
 ])

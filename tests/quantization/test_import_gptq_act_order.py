@@ -130,10 +130,3 @@ def test_g_idx_that_kiln_cannot_represent_is_refused(hf_llama, tmp_path, tamper,
     with pytest.raises(CheckpointError, match=match):
         convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
-
-
-def test_kiln_does_not_quantize_to_w4a16_gptq(hf_llama):
-    from kiln.quantization.weight_only import Int4GroupMethod
-
-    with pytest.raises(ConfigError, match="W4A16_GPTQ is imported"):
-        Int4GroupMethod(GROUP, True, act_order=True).quantize(torch.randn(8, 128), torch.float32)

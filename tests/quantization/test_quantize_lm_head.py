@@ -174,7 +174,7 @@ def test_llm_tp2_greedy_tokens_equal_tp1(odd_llama, tmp_path):
 def test_algorithms_without_an_lm_head_method_refuse_it_and_write_nothing(odd_llama, tmp_path, algo):
     qc = QuantConfig(quant_algo=algo, exclude_modules=())
     with pytest.raises(ConfigError, match=rf"exclude_modules must include 'lm_head' for {algo}.*'W8A16', "
-                                          r"'W4A16', 'W4A16_AWQ', 'FP8', 'FP8_PER_CHANNEL_PER_TOKEN'.*Keep 'lm_head'"):
+                                          r"'W4A16', 'W4A16_AWQ', 'W4A16_GPTQ', 'FP8'.*Keep 'lm_head'"):
         PretrainedModel.quantize(odd_llama[0], tmp_path / "q", qc)
     assert leftovers(tmp_path / "q") == []
 

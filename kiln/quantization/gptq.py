@@ -1,0 +1,129 @@
+"""GPTQ: int4 weights rounded one input column at a time, each column's rounding error pushed onto the columns
+not yet rounded, weighted by the inverse Hessian of the layer's output error (Frantar et al. 2022,
+arXiv:2210.17323). W4A16_GPTQ, made by `kiln quantize` as well as imported.
+
+For a linear y = x W^T and calibration inputs X, the output error of a weight change D is tr(D H D^T) with
+H = X^T X. Rounding column c to q leaves an error e = (w_c - q_c) / Hinv[c, c] (Hinv: the upper Cholesky factor of
+H^-1, over the columns not yet rounded), which the remaining columns absorb: W[:, c+1:] -= e Hinv[c, c+1:] (the
+paper's algorithm 1, in blocks of columns with lazy updates). H is damped by 1% of its mean diagonal, and inputs
+that never fire (a zero diagonal) get weight 0.
+
+Act order ("desc_act"): the columns are rounded in the order of decreasing H diagonal (the inputs with the most
+energy first, while the most columns are left to absorb their error), and each group of `group_size` consecutive
+columns *in that order* shares a scale. That is kiln's act-order W4A16 format as it is
+(kiln/quantization/weight_only.py): the codes are stored in the rounding order and `input_permutation[j]` names
+the input channel of column j, which the layer gathers from x. A row-parallel layer sorts within each
+tensor-parallel rank's slice of inputs, so every rank's inputs stay on it. Each group's scale (and zero point) is
+the round-to-nearest rule of W4A16 (`quantize_int4_groups`) on the group's columns as they stand when it starts.
+
+Calibration streams layer by layer as AWQ's does: one decoder layer's weights, its inputs' Hessians (in x in
+floats per quantized linear) and the calibration batch's hidden states, which come from the
+float layers before it. The quantized tensors are kept (half a byte a weight) until the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kiln.config import QuantConfig
+from kiln.layers.attention import AttentionBatch
+from kiln.layers.linear import Linear
+from kiln.quantization import streaming
+from kiln.quantization.weight_only import INT4_LEVELS, INT4_SYMMETRIC_ZERO, pack_int4, quantize_int4_groups
+
+log = logging.getLogger("kiln")
+
+DAMP = 0.01  # of the mean Hessian diagonal, added to it: H stays invertible when inputs are fewer than columns
+BLOCK = 128  # columns updated together (lazy batch updates); a multiple of every group size
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, zero_point: bool, dtype: torch.dtype,
+              chunks: int = 1) -> dict[str, torch.Tensor]:
+    """weight [out, in] and the Hessian of its input [in, in] -> kiln's act-order W4A16 tensors: `weight` (packed
+    codes, columns in rounding order), `weights_scaling_factor` [out, groups], `zero_point` (with zero_point) and
+    `input_permutation` [in] int32. chunks > 1 keeps the order within each of that many equal slices of the
+    inputs (a row-parallel layer's tensor-parallel ranks)."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = act_order(h.diagonal(), chunks)
+    w, h = w[:, perm], h[perm][:, perm]
+    h.diagonal().add_(DAMP * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out, inp = w.shape
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=w.device)
+    scales, zeros = [], []
+    for b0 in range(0, inp, BLOCK):
+        b1 = min(b0 + BLOCK, inp)
+        block, errors, hinv_block = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=w.device), hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            if (b0 + j) % group_size == 0:  # a group starts: its scale from its columns as they stand now
+                _, s, z = quantize_int4_groups(block[:, j:j + group_size], group_size, zero_point, dtype)
+                scales.append(s)
+                zeros.append(z)
+                s_col = s.float()[:, 0]
+                z_col = z.float()[:, 0] if zero_point else torch.full_like(s_col, INT4_SYMMETRIC_ZERO)
+            col = block[:, j]
+            u = (torch.round(col / s_col) + z_col).clamp(0, INT4_LEVELS)
+            codes[:, b0 + j] = u.to(torch.uint8)
+            err = (col - (u - z_col) * s_col) / hinv_block[j, j]
+            block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
+            errors[:, j] = err
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    tensors = {"weight": pack_int4(codes), "weights_scaling_factor": torch.cat(scales, dim=1),
+               "input_permutation": perm.to(torch.int32)}
+    if zero_point:
+        tensors["zero_point"] = torch.cat(zeros, dim=1)
+    return tensors
+
+
+def act_order(diagonal: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Input channels by decreasing Hessian diagonal, within each of `chunks` equal slices of them."""
+    size = diagonal.numel() // chunks
+    return torch.cat([torch.argsort(part, descending=True, stable=True) + i * size
+                      for i, part in enumerate(diagonal.split(size))])
+
+
+def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, device="cpu") -> dict[str, dict]:
+    """{linear name: its gptq_int4 tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
+    `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it."""
+    from kiln.quantization.methods import quant_method_for
+
+    config = model.config
+    n, t = tokens.shape
+    positions = torch.arange(t, device=device).repeat(n)
+    batch = AttentionBatch.uncached(n, t)
+    x = streaming.embed(model, tokens, positions, device)
+    quantized: dict[str, dict] = {}
+    for i in model.mapping.pp_layers(config.num_hidden_layers):
+        prefix = f"transformer.layers.{i}."
+        layer = streaming.load_layer(model, i, device)
+        linears = {name: m for name, m in layer.named_modules()
+                   if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None}
+        hessians: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(_accumulate(hessians, name)) for name, m in linears.items()]
+        with torch.no_grad():
+            x = layer.full_output(x, positions, batch)
+        for hook in hooks:
+            hook.remove()
+        for name, m in linears.items():
+            chunks = tp_size if m.input_sharded else 1
+            tensors = gptq_int4(m.weight.detach(), hessians.pop(name), qc.group_size, qc.has_zero_point,
+                                config.torch_dtype, chunks)
+            quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
+        log.debug("GPTQ layer %d: %d linears", i, len(linears))
+        del layer, hessians
+    return quantized
+
+
+def _accumulate(hessians: dict, name: str):
+    """A forward pre-hook adding x^T x of the linear's input to its Hessian (the input goes on unchanged)."""
+    def hook(module, args):
+        x = args[0].detach()
+        rows = x.reshape(-1, x.shape[-1]).float()
+        hessians[name] = hessians.get(name, 0) + rows.T @ rows
+    return hook

@@ -1,0 +1,119 @@
+"""W4A16_GPTQ made by `kiln quantize` (kiln.quantization.gptq): the rounding against its definition, and the
+quantize -> checkpoint -> model path against transformers with the checkpoint's weights written out here."""
+
+import pytest
+import torch
+from reference import HF_LINEARS, dequantize, linear_tensors, quant_llama, rtn_int4  # noqa: F401
+from safetensors.torch import load_file
+
+from kiln.config import QuantConfig
+from kiln.mapping import Mapping
+from kiln.models.base import PretrainedModel
+from kiln.quantization.gptq import act_order, gptq_int4
+from kiln.quantization.methods import quantized_linears
+
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+
+
+def in_input_order(tensors: dict, group: int) -> torch.Tensor:
+    """The checkpoint tensors' weight [out, in] with its columns back in input order (column j of the codes is
+    input channel input_permutation[j])."""
+    w = dequantize(tensors, group)
+    full = torch.empty_like(w)
+    full[:, tensors["input_permutation"].long()] = w
+    return full
+
+
+def correlated_inputs(n: int, inp: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) * 0.1 + torch.eye(inp)
+    return (torch.randn(n, inp, generator=g) @ mix) * torch.linspace(0.2, 3.0, inp)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("group", [32, 128])
+def test_gptq_halves_the_output_error_of_round_to_nearest_on_its_calibration_inputs(zero_point, group):
+    x = correlated_inputs(1024, 384)
+    w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1)) * 0.05
+    t = gptq_int4(w, x.T @ x, group, zero_point, torch.float32)
+    codes, s, z = rtn_int4(w, group, zero_point)
+    rtn = ((codes - z.repeat_interleave(group, 1)[:, :384]) * s.repeat_interleave(group, 1)[:, :384]).float()
+    err_gptq = (x @ (in_input_order(t, group) - w).T).pow(2).mean()
+    err_rtn = (x @ (rtn - w).T).pow(2).mean()
+    assert err_gptq < 0.5 * err_rtn
+    assert sorted(t["input_permutation"].tolist()) == list(range(384))
+    assert ("zero_point" in t) == zero_point and t["weights_scaling_factor"].shape == (96, 384 // group)
+
+
+def test_with_a_diagonal_hessian_gptq_is_round_to_nearest_in_act_order():
+    """H diagonal: no column's error reaches another (the inverse Hessian's factor is diagonal), so GPTQ rounds
+    every column as round-to-nearest does, with the groups formed in act order (decreasing H diagonal)."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    diagonal = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5
+    t = gptq_int4(w, torch.diag(diagonal), 32, True, torch.float32)
+    order = torch.argsort(diagonal, descending=True)
+    assert torch.equal(t["input_permutation"].long(), order)
+    codes, s, z = rtn_int4(w[:, order], 32, True)
+    assert torch.equal(dequantize(t, 32), dequantize({"weight": _pack(codes), "weights_scaling_factor": s,
+                                                      "zero_point": z}, 32))
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def test_act_order_keeps_each_tensor_parallel_slice_on_its_rank():
+    diagonal = torch.tensor([1.0, 5.0, 3.0, 2.0, 9.0, 0.5, 4.0, 7.0])
+    assert act_order(diagonal).tolist() == [4, 7, 1, 6, 2, 3, 0, 5]
+    assert act_order(diagonal, 2).tolist() == [1, 2, 3, 0, 4, 7, 6, 5]
+
+
+def test_dead_inputs_get_zero_weight():
+    x = correlated_inputs(256, 64)
+    x[:, 5] = 0
+    t = gptq_int4(torch.randn(8, 64), x.T @ x, 32, False, torch.float32)
+    assert torch.equal(in_input_order(t, 32)[:, 5], torch.zeros(8))
+
+
+@pytest.fixture(scope="module")
+def gptq_ckpt(quant_llama, tmp_path_factory):
+    qc = QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, has_zero_point=True)
+    return PretrainedModel.quantize(quant_llama[0], tmp_path_factory.mktemp("gptq") / "q", qc, calib_size=4,
+                                    calib_max_seq_len=64)
+
+
+def test_quantized_model_equals_transformers_with_the_checkpoint_weights(quant_llama, gptq_ckpt):
+    """Every decoder linear is act-order int4 (a real permutation); the model's logits equal transformers' with
+    each weight written back from the checkpoint's codes, zeros, scales and permutation."""
+    import copy
+
+    hf = quant_llama[1]
+    ckpt = load_file(gptq_ckpt / "rank0.safetensors")
+    model = PretrainedModel.from_checkpoint(gptq_ckpt)
+    assert model.config.quantization.quant_algo.value == "W4A16_GPTQ"
+    ref = copy.deepcopy(hf)
+    config = model.config
+    q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
+    for name in quantized_linears(model):
+        t = linear_tensors(ckpt, name)
+        assert not torch.equal(t["input_permutation"], torch.arange(t["input_permutation"].numel(), dtype=torch.int32))
+        i, kiln_name = int(name.split(".")[2]), name.split(".", 3)[3]
+        w = in_input_order(t, 64)
+        hf_names = HF_LINEARS[kiln_name]
+        for hf_name, part in zip(hf_names, w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)):
+            ref.model.layers[i].get_submodule(hf_name).weight.data.copy_(part)
+    with torch.no_grad():
+        ours, expected, full = model(IDS), ref(IDS).logits, hf(IDS).logits
+    assert (ours - expected).abs().max() <= 1e-4
+    assert (ours - full).abs().max() > 1e-4  # the reference is really quantized
+
+
+def test_tensor_parallel_checkpoint_keeps_row_parallel_inputs_on_their_rank(quant_llama, tmp_path):
+    """At TP=2 the row-parallel layers (attention output, mlp.proj) sort within each rank's inputs: every rank's
+    shard is written (the shard rule refuses a permutation across ranks) and holds a permutation of its own."""
+    qc = QuantConfig(quant_algo="W4A16_GPTQ", group_size=32)
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", qc, mapping=Mapping.of(2), calib_size=4,
+                                   calib_max_seq_len=64)
+    for rank in range(2):
+        perm = load_file(out / f"rank{rank}.safetensors")["transformer.layers.0.mlp.proj.input_permutation"]
+        assert sorted(perm.tolist()) == list(range(perm.numel()))
