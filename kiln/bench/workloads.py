@@ -134,20 +134,22 @@ def read_workload_file(path: str | Path) -> list[Workload]:
     return workloads
 
 
-DATASET_FORMAT = ('one JSON object a line, {"input_ids": [token ids], "output_tokens": N} (and an optional '
-                  '"task_id"), as TensorRT-LLM\'s prepare_dataset.py writes for trtllm-bench')
-DATASET_FIELDS = {"task_id", "input_ids", "output_tokens"}  # task_id is allowed and ignored: kiln numbers by line
+DATASET_FORMAT = ('one JSON object a line, {"input_ids": [token ids], "output_tokens": N} (or a text "prompt" '
+                  'for a --model dir with a tokenizer; and an optional "task_id"), as trtllm-bench reads')
+DATASET_FIELDS = {"task_id", "input_ids", "prompt", "output_tokens"}  # task_id is ignored: kiln numbers by line
 
 
-def read_dataset(path: str | Path) -> DatasetWorkload:
-    """A JSON-lines dataset (DATASET_FORMAT) as one workload, named after the file; blank lines are skipped."""
+def read_dataset(path: str | Path, tokenizer_dir: str | Path | None = None) -> DatasetWorkload:
+    """A JSON-lines dataset (DATASET_FORMAT) as one workload, named after the file; blank lines are skipped. Text
+    prompts are tokenized as LLM.generate tokenizes text, by the tokenizer saved in tokenizer_dir (the model's)."""
     path = Path(path)
+    tokenizer = _DatasetTokenizer(tokenizer_dir)
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the dataset ({e.strerror or e}); pass a file of "
                           f"{DATASET_FORMAT}") from None
-    requests = [(n, *_dataset_request(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    requests = [(n, *_dataset_request(path, n, line, tokenizer)) for n, line in enumerate(lines, 1) if line.strip()]
     if not requests:
         raise ConfigError(f"{path}: the dataset holds no requests; write {DATASET_FORMAT}")
     line_numbers, input_ids, output_tokens = zip(*requests)
@@ -157,7 +159,7 @@ def read_dataset(path: str | Path) -> DatasetWorkload:
                            line_numbers=line_numbers)
 
 
-def _dataset_request(path: Path, n: int, line: str) -> tuple[tuple[int, ...], int]:
+def _dataset_request(path: Path, n: int, line: str, tokenizer) -> tuple[tuple[int, ...], int]:
     """(input_ids, output_tokens) of line n, or a ConfigError naming the line, the field and the fix."""
     where = f"{path} line {n}"
     try:
@@ -166,14 +168,15 @@ def _dataset_request(path: Path, n: int, line: str) -> tuple[tuple[int, ...], in
         raise ConfigError(f"{where}: not JSON ({e.msg}); write {DATASET_FORMAT}") from None
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: a JSON {type(item).__name__}, not an object; write {DATASET_FORMAT}")
-    if "prompt" in item and "input_ids" not in item:  # (no tokenizer at hand for --synthetic weights or --serve)
-        raise ConfigError(f'{where}: has a text "prompt"; kiln bench reads token ids; tokenize the prompts with the '
-                          'model\'s tokenizer into "input_ids", as TensorRT-LLM\'s prepare_dataset.py writes them')
-    unknown, missing = sorted(set(item) - DATASET_FIELDS), sorted({"input_ids", "output_tokens"} - set(item))
+    unknown = sorted(set(item) - DATASET_FIELDS)
+    missing = sorted({"output_tokens"} - set(item)) + (["input_ids"] if not {"input_ids", "prompt"} & set(item) else [])
     if unknown or missing:
         wrong = [f"unknown fields {unknown}"] * bool(unknown) + [f"missing fields {missing}"] * bool(missing)
         raise ConfigError(f"{where}: {' and '.join(wrong)}; write {DATASET_FORMAT}")
-    ids, output = item["input_ids"], item["output_tokens"]
+    if "input_ids" in item and "prompt" in item:
+        raise ConfigError(f'{where}: has both "input_ids" and a text "prompt"; write one of them')
+    ids = item["input_ids"] if "input_ids" in item else tokenizer.encode(where, item["prompt"])
+    output = item["output_tokens"]
     if not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
         raise ConfigError(f"{where}: input_ids must be a non-empty list of token ids (integers >= 0), got "
                           f"{str(ids)[:80]}; write the prompt's ids from the model's tokenizer")
@@ -183,12 +186,35 @@ def _dataset_request(path: Path, n: int, line: str) -> tuple[tuple[int, ...], in
     return tuple(ids), output
 
 
+class _DatasetTokenizer:
+    """The model's tokenizer for a dataset's text prompts, loaded at the first one; where there is none (random
+    weights of --synthetic, a remote --serve, a model saved without tokenizer files) a text prompt is refused."""
+
+    def __init__(self, directory: str | Path | None):
+        self.directory, self._tokenizer = directory, None
+
+    def encode(self, where: str, prompt) -> list[int]:
+        from kiln.llmapi.tokenizer import encode_prompt, load_tokenizer
+
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f'{where}: "prompt" must be non-empty text, got {str(prompt)[:80]!r}; write the '
+                              'request\'s text')
+        if self._tokenizer is None and self.directory is not None and Path(self.directory).is_dir():
+            self._tokenizer = load_tokenizer(self.directory)
+        if self._tokenizer is None:
+            raise ConfigError(f'{where}: has a text "prompt", but this run has no tokenizer for it (text prompts need '
+                              '--model DIR with tokenizer files; not --synthetic or --serve); tokenize the prompts '
+                              'with the model\'s tokenizer into "input_ids", as TensorRT-LLM\'s prepare_dataset.py '
+                              'writes them')
+        return encode_prompt(self._tokenizer, prompt)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def select(names: str | None, path: str | None, num_requests: int, input_len: int, output_len: int,
-           dataset: str | None = None) -> list[Workload]:
+           dataset: str | None = None, tokenizer_dir: str | None = None) -> list[Workload]:
     """The workloads a bench run measures: named ones, a file's, a dataset, or one from the length flags."""
     chosen = []
     for name in (names.split(",") if names else []):
@@ -198,6 +224,6 @@ def select(names: str | None, path: str | None, num_requests: int, input_len: in
     if path:
         chosen += read_workload_file(path)
     if dataset:
-        chosen.append(read_dataset(dataset))
+        chosen.append(read_dataset(dataset, tokenizer_dir))
     return chosen or [Workload("decode-1", 1, input_len, output_len), custom_workload(num_requests, input_len,
                                                                                        output_len)]

@@ -87,8 +87,10 @@ def test_a_dataset_is_read_as_one_workload_of_each_requests_lengths(tmp_path):
     ('{"input_ids": [1, 2]}', r"line 2: missing fields \['output_tokens'\]"),
     ('{"output_tokens": 4}', r"line 2: missing fields \['input_ids'\]"),
     ('{"input_ids": [1], "output_tokens": 4, "max_tokens": 4}', r"line 2: unknown fields \['max_tokens'\]"),
-    ('{"prompt": "Hello", "output_tokens": 4}', r'line 2: has a text "prompt"; kiln bench reads token ids; tokenize '
+    ('{"prompt": "Hello", "output_tokens": 4}', r'line 2: has a text "prompt", but this run has no tokenizer for it '
                                                 r'.* into "input_ids", as TensorRT-LLM\'s prepare_dataset.py'),
+    ('{"prompt": "Hi", "input_ids": [1], "output_tokens": 4}', r'line 2: has both "input_ids" and a text "prompt"; '
+                                                               r'write one of them'),
     ('{"input_ids": [], "output_tokens": 4}', r"line 2: input_ids must be a non-empty list of token ids"),
     ('{"input_ids": [1, -2], "output_tokens": 4}', r"line 2: input_ids must be .* \(integers >= 0\)"),
     ('{"input_ids": [1, 2.0], "output_tokens": 4}', r"line 2: input_ids must be .* \(integers >= 0\)"),
@@ -103,6 +105,27 @@ def test_a_bad_dataset_line_is_named_with_its_field_and_the_fix(tmp_path, line, 
     with pytest.raises(ConfigError, match=rf"^{path} {message}") as error:
         read_dataset(path)
     assert "; write" in str(error.value) or "; tokenize" in str(error.value)  # and the fix
+
+
+def test_text_prompts_are_tokenized_by_the_models_tokenizer(tmp_path):
+    """With --model DIR holding tokenizer files, a "prompt" line becomes the ids LLM.generate would make of the
+    text (a word-level tokenizer, saved as transformers saves one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "the", "river", "runs", "cold", "and", "fast"])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    path = tmp_path / "text.jsonl"
+    path.write_text('{"task_id": 0, "prompt": "the river runs cold", "output_tokens": 3}\n'
+                    '{"task_id": 1, "input_ids": [5, 6], "output_tokens": 2}\n'
+                    '{"task_id": 2, "prompt": "and fast and cold", "output_tokens": 1}\n')
+    w = read_dataset(path, tmp_path / "model")
+    assert w.prompts(vocab_size=7) == [[1, 2, 3, 4], [5, 6], [5, 6, 5, 4]]
+    assert w.request_lengths() == [(4, 3), (2, 2), (4, 1)]
+    with pytest.raises(ConfigError, match=r'line 1: has a text "prompt", but this run has no tokenizer'):
+        read_dataset(path, tmp_path / "no-such-model")
 
 
 def test_an_empty_or_missing_dataset_is_named(tmp_path):
