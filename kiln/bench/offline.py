@@ -9,8 +9,9 @@ Prompts are random token ids and every request generates exactly output_len toke
 runs are comparable across engines. `--dataset FILE` adds a workload of requests of their own lengths, JSON
 lines of {"input_ids": [...], "output_tokens": N} as TensorRT-LLM's trtllm-bench reads (or a text "prompt", which
 the --model dir's tokenizer tokenizes). The table gives its mean lengths; transformers, which gives a batch one
-output length, does not run it. Each kiln system is timed from opening its engine dir to the first token (load, CUDA-graph capture, one prefill), then on every workload.
-Results: a table, JSON (--output-json) and a PNG plot (--plot, needs matplotlib).
+output length, does not run it. Each kiln system is timed from opening its engine dir to the first token (load,
+CUDA-graph capture, one prefill), then on every workload. Results: a table, JSON (--output-json) and a PNG plot
+(--plot, needs matplotlib).
 """
 
 from __future__ import annotations
