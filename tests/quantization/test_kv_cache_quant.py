@@ -73,6 +73,29 @@ def test_stored_scale_keeps_the_calibration_maximum_in_range(algo, dtype):
     assert (s.float() >= exact).all() and (s.float() <= exact * (1 + 2 * torch.finfo(dtype).eps)).all()
 
 
+def test_int8_scale_is_the_clip_ratio_of_least_error_and_e4m3_keeps_the_maximum():
+    """int8: of the candidate scales r amax / 127, the one whose codes read back closest to the values (squared
+    error, written out here in float64); with one outlier among many small values it clips (r < 1), and reads
+    back better than the maximum's scale. e4m3 keeps amax / 448."""
+    from kiln.quantization.kv_cache import INT8_CLIP_RATIOS, calibrated_scale
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 2, 16, generator=g)
+    x[0, 0, 0] = 40.0  # an outlier, as an attention sink's key has
+    s = calibrated_scale(x, kiln.QuantAlgo.INT8, torch.float32)
+    amax = x.abs().max()
+
+    def error(scale):
+        codes = torch.round(x.double() / scale).clamp(-127, 127)
+        return (codes * scale - x.double()).square().sum().item()
+    errors = {float(r): error(scale_from_amax(amax * r, kiln.QuantAlgo.INT8, torch.float32).double())
+              for r in INT8_CLIP_RATIOS}
+    assert error(s.double()) == pytest.approx(min(errors.values()), rel=1e-9)
+    assert s < amax / 127 and error(s.double()) < errors[1.0]
+    assert torch.equal(calibrated_scale(x, kiln.QuantAlgo.FP8, torch.float32),
+                       scale_from_amax(amax, kiln.QuantAlgo.FP8, torch.float32))
+
+
 def float_decode(q, k, v, scale):
     """One query per sequence over dense k/v [n, kv_heads, d], float64 softmax attention written out."""
     groups = q.shape[0] // k.shape[1]
@@ -125,17 +148,17 @@ def kv_quantized(kv_llama, tmp_path_factory):
     return {name: PretrainedModel.quantize(kv_llama[0], out / name, qc, **CALIB) for name, qc in CONFIGS.items()}
 
 
-def hf_key_value_amax(hf, tokens: torch.Tensor) -> list[tuple[float, float]]:
-    """Per layer (|k|max after rotary, |v|max) of transformers' forward over `tokens` [n, seq]."""
+def hf_keys_and_values(hf, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys after rotary, values) of transformers' forward over `tokens` [n, seq]."""
     import transformers.models.llama.modeling_llama as llama
 
     keys, values, rope = [], [], llama.apply_rotary_pos_emb
 
     def recording_rope(q, k, *args, **kwargs):
         q, k = rope(q, k, *args, **kwargs)
-        keys.append(k.abs().max().item())
+        keys.append(k.detach().clone())
         return q, k
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: values.append(o.abs().max().item()))
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: values.append(o.detach().clone()))
              for layer in hf.model.layers]
     try:
         llama.apply_rotary_pos_emb = recording_rope
@@ -149,16 +172,24 @@ def hf_key_value_amax(hf, tokens: torch.Tensor) -> list[tuple[float, float]]:
 
 
 @pytest.mark.parametrize("name", ["INT8", "FP8"])
-def test_scales_are_the_absmax_of_each_layers_keys_and_values(kv_llama, kv_quantized, name):
+def test_scales_come_from_each_layers_keys_and_values(kv_llama, kv_quantized, name):
+    """e4m3: each layer's max |k| and max |v| / 448, of transformers' keys and values over the calibration windows;
+    int8: the least-error clip ratio of those (calibrated_scale, checked against its definition above)."""
+    from kiln.quantization.kv_cache import calibrated_scale
+
     hf = kv_llama[1]
     ckpt = load_file(kv_quantized[name] / "rank0.safetensors")
     # The calibration windows quantize() used: the shipped text, as bytes (the tiny model has no tokenizer).
     tokens = calibration.token_batches([calib_text.CALIBRATION], None, hf.config.vocab_size, CALIB["calib_size"],
                                        CALIB["calib_max_seq_len"])
-    for i, (k_max, v_max) in enumerate(hf_key_value_amax(hf, tokens)):
+    for i, (k, v) in enumerate(hf_keys_and_values(hf, tokens)):
         got = ckpt[f"transformer.layers.{i}.attention.{SCALE}"]
         assert got.shape == (2,)
-        torch.testing.assert_close(got, torch.tensor([k_max, v_max]) / QMAX[name], rtol=1e-5, atol=0)
+        if name == "FP8":
+            want = torch.stack([k.abs().max(), v.abs().max()]) / QMAX[name]
+        else:
+            want = torch.stack([calibrated_scale(t, kiln.QuantAlgo.INT8, torch.float32) for t in (k, v)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     assert json.loads((kv_quantized[name] / "config.json").read_text())["quantization"]["kv_cache_quant_algo"] == name
 
 
