@@ -6,9 +6,9 @@ text. e4m3: s = amax / 448 (its largest finite value); a float grid's steps scal
 rare large ones buys the others nothing. int8 (symmetric): of s = r amax / 127 for the clip ratios r in
 INT8_CLIP_RATIOS, the one with the least squared error of the calibration values read back. Its steps are even, so
 clipping a few outliers refines them for every other value: on SmolLM2 with 32 calibration windows the search took
-the cache's mean KL from 0.0038 (r = 1, the maximum) to 0.0026 (docs/quantization.md). Keys and values get separate scales (`kv_cache_scaling_factor` = [s_k, s_v] under the attention
-module) because keys carry a few outlier channels that values do not: one shared scale would waste most of
-the values' range. One scale per tensor, not per head, keeps the scale a replicated 2-element tensor that any
+the cache's mean KL from 0.0038 (r = 1, the maximum) to 0.0026 (docs/quantization.md). Keys and values get
+separate scales (`kv_cache_scaling_factor` = [s_k, s_v] under the attention module) because keys carry a few
+outlier channels that values do not: one shared scale would waste most of the values' range. One scale per tensor, not per head, keeps the scale a replicated 2-element tensor that any
 tensor-parallel split shares and the kernels load once.
 
 Calibration streams layer by layer, as AWQ does (kiln.quantization.awq): one float decoder layer in memory at a
