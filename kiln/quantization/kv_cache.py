@@ -8,8 +8,9 @@ INT8_CLIP_RATIOS, the one with the least squared error of the calibration values
 clipping a few outliers refines them for every other value: on SmolLM2 with 32 calibration windows the search took
 the cache's mean KL from 0.0038 (r = 1, the maximum) to 0.0026 (docs/quantization.md). Keys and values get
 separate scales (`kv_cache_scaling_factor` = [s_k, s_v] under the attention module) because keys carry a few
-outlier channels that values do not: one shared scale would waste most of the values' range. One scale per tensor, not per head, keeps the scale a replicated 2-element tensor that any
-tensor-parallel split shares and the kernels load once.
+outlier channels that values do not: one shared scale would waste most of the values' range. One scale per
+tensor, not per head, keeps the scale a replicated 2-element tensor that any tensor-parallel split shares and the
+kernels load once.
 
 Calibration streams layer by layer, as AWQ does (kiln.quantization.awq): one float decoder layer in memory at a
 time, each fed by the float layers before it.
