@@ -117,3 +117,15 @@ def test_tensor_parallel_checkpoint_keeps_row_parallel_inputs_on_their_rank(quan
     for rank in range(2):
         perm = load_file(out / f"rank{rank}.safetensors")["transformer.layers.0.mlp.proj.input_permutation"]
         assert sorted(perm.tolist()) == list(range(perm.numel()))
+
+
+def test_a_quantized_lm_head_is_round_to_nearest_in_identity_order(quant_llama, tmp_path):
+    """lm_head's input is not calibrated (the calibrations stream the decoder layers): with --quantize-lm-head,
+    W4A16_GPTQ's lm_head is W4A16's round-to-nearest, its permutation the identity."""
+    qc = QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, exclude_modules=())
+    out = PretrainedModel.quantize(quant_llama[0], tmp_path / "head", qc, calib_size=4, calib_max_seq_len=64)
+    head = linear_tensors(load_file(out / "rank0.safetensors"), "lm_head")
+    w = quant_llama[1].lm_head.weight.detach()
+    codes, s, _ = rtn_int4(w, 32, False)
+    assert torch.equal(head["input_permutation"], torch.arange(w.shape[1], dtype=torch.int32))
+    assert torch.equal(dequantize(head, 32), dequantize({"weight": _pack(codes), "weights_scaling_factor": s}, 32))
