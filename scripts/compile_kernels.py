@@ -56,7 +56,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
           ("fp8", True, True, False, False, dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32")),
           ("fp8 static, quantizing x", False, True, True, False, dict(w_ptr="*fp8e4nv")),
           ("w8a16", False, True, False, False, dict(w_ptr="*i8")),
-          ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")))],
+          ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")),
+          ("w8a8 (int8 codes of x)", True, True, False, True, dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32")))],
     *[(f"fp8 dot gemv {n}x{kb} split={split}", gemv._fp8_dot_gemv_kernel,
        dict(K=4096, BLOCK_N=n, BLOCK_K=kb, SPLIT=split),
        dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32"))

@@ -344,8 +344,9 @@ def int8_gemv() -> None:
 
 
 def int8_gemm_tiles() -> None:
-    """SmoothQuant's activation pass (with and without the prequant scale) bit for bit, and its int8 GEMM with the
-    scales in the epilogue on every candidate tile; rows and outputs that no tile divides, K that no BLOCK_K does."""
+    """SmoothQuant's activation pass (with and without the prequant scale) bit for bit, its int8 GEMM with the
+    scales in the epilogue on every candidate tile (rows and outputs that no tile divides, K that no BLOCK_K does),
+    and decode's GEMV on the int8 codes."""
     from kiln.kernels import int8_gemm as ig
 
     for m, n, k in ((3, 70, 200), (17, 130, 576), (40, 200, 512)):
@@ -364,6 +365,12 @@ def int8_gemm_tiles() -> None:
         for tile in ig._tiles(gemv.rows_bucket(m)) + ig._tiles(128)[-3:]:
             y = torch.empty(m, n, dtype=torch.float16)
             check(f"int8 gemm {m}x{n}x{k} tile {tile}", ig._run(xq, xs.reshape(m), wq, ws, y, tile), ref)
+        for config in gemv._CONFIGS[:2]:  # decode's 2 rows by the GEMV on the codes (the interpreter cannot tune it)
+            y = torch.empty(2, n, dtype=torch.float16)
+            gemv._gemv_kernel.fn[(2, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
+                xq, wq, y, xs.reshape(-1)[:2].contiguous(), ws, n, k, xq.stride(0), wq.stride(0), 2, HAS_X_SCALE=True,
+                HAS_W_SCALE=True, QUANTIZE_X=False, USE_PDL=False, **config.kwargs)
+            check(f"int8 gemv 2x{n}x{k} {config.kwargs}", y, ref[:2])
 
 
 def rotary_with_cache_write() -> None:
