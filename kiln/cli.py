@@ -431,9 +431,11 @@ def make_parser() -> argparse.ArgumentParser:
                    "--num-requests x --input-len / --output-len)")
     p.add_argument("--workload-file", default=None, help="JSON list of workloads (kiln/bench/workloads.py)")
     p.add_argument("--dataset", default=None, metavar="FILE",
-                   help='JSON lines of requests, {"input_ids": [...] or "prompt": TEXT (tokenized by --model\'s '
-                        'tokenizer), "output_tokens": N}, as trtllm-bench reads (one more workload, of each '
-                        "request's own lengths)")
+                   help='JSON lines of requests, {"input_ids": [...] or "prompt": TEXT, "output_tokens": N}, as '
+                        "trtllm-bench reads (one more workload, of each request's own lengths)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a dir with the model's tokenizer files, for a --dataset of text prompts (default: --model's; "
+                        "--serve and --synthetic have none)")
     p.add_argument("--quant-algo", default=None, metavar="ALGO[,ALGO]",
                    help="also bench the model quantized with each algorithm (kiln quantize's --quant-algo)")
     p.add_argument("--kv-cache-quant-algo", default=None, type=str.upper, metavar="KV[,KV]",

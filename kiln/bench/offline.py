@@ -8,10 +8,10 @@ transformers on the same weights and the hardware's ceilings, in the same run.
 Prompts are random token ids and every request generates exactly output_len tokens (ignore_eos), so
 runs are comparable across engines. `--dataset FILE` adds a workload of requests of their own lengths, JSON
 lines of {"input_ids": [...], "output_tokens": N} as TensorRT-LLM's trtllm-bench reads (or a text "prompt", which
-the --model dir's tokenizer tokenizes). The table gives its mean lengths; transformers, which gives a batch one
-output length, does not run it. Each kiln system is timed from opening its engine dir to the first token (load,
-CUDA-graph capture, one prefill), then on every workload. Results: a table, JSON (--output-json) and a PNG plot
-(--plot, needs matplotlib).
+the tokenizer of --tokenizer or the --model dir tokenizes). The table gives its mean lengths; transformers, which
+gives a batch one output length, does not run it. Each kiln system is timed from opening its engine dir to the
+first token (load, CUDA-graph capture, one prefill), then on every workload. Results: a table, JSON (--output-json)
+and a PNG plot (--plot, needs matplotlib).
 """
 
 from __future__ import annotations
@@ -521,7 +521,7 @@ def run(args) -> list[BenchResult]:
     if args.synthetic and args.dtype == "auto":
         args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len,
-                       args.dataset, args.model)
+                       args.dataset, args.tokenizer or args.model)
     # (checked before any work: a bad --quant-algo or build flag fails now, not after the baseline's run)
     system_configs, build_config = quant_systems(args), bench_build_config(args, workloads)
     bandwidth, bf16_flops = copy_bandwidth(device), matmul_flops(device)

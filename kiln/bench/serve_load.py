@@ -124,7 +124,7 @@ def served_workloads(args) -> list:
 
     if args.workloads or args.workload_file or args.dataset:
         return select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len,
-                      args.dataset)
+                      args.dataset, args.tokenizer)
     return [custom_workload(args.num_requests, args.input_len, args.output_len)]
 
 

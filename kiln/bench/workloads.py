@@ -134,8 +134,8 @@ def read_workload_file(path: str | Path) -> list[Workload]:
     return workloads
 
 
-DATASET_FORMAT = ('one JSON object a line, {"input_ids": [token ids], "output_tokens": N} (or a text "prompt" '
-                  'for a --model dir with a tokenizer; and an optional "task_id"), as trtllm-bench reads')
+DATASET_FORMAT = ('one JSON object a line, {"input_ids": [token ids], "output_tokens": N} (or a text "prompt", '
+                  'with --tokenizer or a --model dir that has one; and an optional "task_id"), as trtllm-bench reads')
 DATASET_FIELDS = {"task_id", "input_ids", "prompt", "output_tokens"}  # task_id is ignored: kiln numbers by line
 
 
@@ -202,10 +202,10 @@ class _DatasetTokenizer:
         if self._tokenizer is None and self.directory is not None and Path(self.directory).is_dir():
             self._tokenizer = load_tokenizer(self.directory)
         if self._tokenizer is None:
-            raise ConfigError(f'{where}: has a text "prompt", but this run has no tokenizer for it (text prompts need '
-                              '--model DIR with tokenizer files; not --synthetic or --serve); tokenize the prompts '
-                              'with the model\'s tokenizer into "input_ids", as TensorRT-LLM\'s prepare_dataset.py '
-                              'writes them')
+            raise ConfigError(f'{where}: has a text "prompt", but this run has no tokenizer for it (--synthetic '
+                              'weights and --serve have none); tokenize the prompts into "input_ids" (as '
+                              'TensorRT-LLM\'s prepare_dataset.py writes them), or pass --tokenizer DIR, a dir with '
+                              'the model\'s tokenizer files')
         return encode_prompt(self._tokenizer, prompt)
 
 

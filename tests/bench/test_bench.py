@@ -88,7 +88,7 @@ def test_a_dataset_is_read_as_one_workload_of_each_requests_lengths(tmp_path):
     ('{"output_tokens": 4}', r"line 2: missing fields \['input_ids'\]"),
     ('{"input_ids": [1], "output_tokens": 4, "max_tokens": 4}', r"line 2: unknown fields \['max_tokens'\]"),
     ('{"prompt": "Hello", "output_tokens": 4}', r'line 2: has a text "prompt", but this run has no tokenizer for it '
-                                                r'.* into "input_ids", as TensorRT-LLM\'s prepare_dataset.py'),
+                                                r'.* into "input_ids" \(as TensorRT-LLM\'s prepare_dataset.py'),
     ('{"prompt": "Hi", "input_ids": [1], "output_tokens": 4}', r'line 2: has both "input_ids" and a text "prompt"; '
                                                                r'write one of them'),
     ('{"input_ids": [], "output_tokens": 4}', r"line 2: input_ids must be a non-empty list of token ids"),
@@ -124,8 +124,16 @@ def test_text_prompts_are_tokenized_by_the_models_tokenizer(tmp_path):
     w = read_dataset(path, tmp_path / "model")
     assert w.prompts(vocab_size=7) == [[1, 2, 3, 4], [5, 6], [5, 6, 5, 4]]
     assert w.request_lengths() == [(4, 3), (2, 2), (4, 1)]
-    with pytest.raises(ConfigError, match=r'line 1: has a text "prompt", but this run has no tokenizer'):
+    with pytest.raises(ConfigError, match=r'line 1: has a text "prompt", but this run has no tokenizer.*--tokenizer'):
         read_dataset(path, tmp_path / "no-such-model")
+    # `kiln bench --serve URL --dataset F --tokenizer DIR`: the client tokenizes, and sends the ids
+    from kiln.bench.serve_load import served_workloads, workload_requests
+    from kiln.cli import make_parser
+
+    args = make_parser().parse_args(["bench", "--serve", "http://127.0.0.1:1", "--dataset", str(path),
+                                     "--tokenizer", str(tmp_path / "model")])
+    (served,) = served_workloads(args)
+    assert workload_requests(served) == [([1, 2, 3, 4], 3), ([5, 6], 2), ([5, 6, 5, 4], 1)]
 
 
 def test_an_empty_or_missing_dataset_is_named(tmp_path):
