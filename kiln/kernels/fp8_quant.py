@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from kiln.kernels import rows_view, triton_available
+from kiln.kernels import row_program, rows_view, triton_available
 
 try:
     import triton
@@ -86,10 +86,9 @@ def quantize_fp8_groups(x: torch.Tensor, group: int) -> Fp8Rows:
     groups = -(-k // group)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, groups, dtype=torch.float32, device=x.device)
-    block = max(triton.next_power_of_2(k), group)
-    assert block <= 65536, f"quantize_fp8_groups: a row of {k} is over the kernel's 65536"
+    block, warps = row_program(max(k, group), "quantize_fp8_groups")
     _quantize_groups_kernel[(m,)](rows, q, scale, rows.stride(0), k, groups, GROUP=group, BLOCK=block,
-                                  num_warps=min(max(block // 1024, 1), 16), **pdl_args(x.device))
+                                  num_warps=warps, **pdl_args(x.device))
     return Fp8Rows(q, scale)
 
 
@@ -107,11 +106,10 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None)
     m, k = rows.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
-    assert block <= 65536, f"quantize_fp8_rows: a row of {k} is over the kernel's 65536"
+    block, warps = row_program(k, "quantize_fp8_rows")
     _quantize_rows_kernel[(m,)](
         rows, static_scale if static_scale is not None else scale, q, scale, rows.stride(0), k,
-        STATIC=static_scale is not None, BLOCK=block, num_warps=min(max(block // 1024, 1), 16), **pdl_args(x.device))
+        STATIC=static_scale is not None, BLOCK=block, num_warps=warps, **pdl_args(x.device))
     return Fp8Rows(q, scale)
 
 

@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import rows_view, triton_available
+from kiln.kernels import row_program, rows_view, triton_available
 
 try:
     import triton
@@ -70,11 +70,9 @@ def quantize_int8_rows(x: torch.Tensor, prequant: torch.Tensor | None = None) ->
     m, k = rows.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
-    assert block <= 65536, f"quantize_int8_rows: a row of {k} is over the kernel's 65536"
+    block, warps = row_program(k, "quantize_int8_rows")
     _quantize_int8_kernel[(m,)](rows, rows if prequant is None else prequant, q, scale, rows.stride(0), k,
-                                PREQUANT=prequant is not None, BLOCK=block, num_warps=min(max(block // 1024, 1), 16),
-                                **pdl_args(x.device))
+                                PREQUANT=prequant is not None, BLOCK=block, num_warps=warps, **pdl_args(x.device))
     return q, scale
 
 

@@ -17,7 +17,7 @@ tensor-parallel rank's slice of inputs, so every rank's inputs stay on it. Each 
 the round-to-nearest rule of W4A16 (`quantize_int4_groups`) on the group's columns as they stand when it starts.
 
 Calibration streams layer by layer as AWQ's does: one decoder layer's weights, its inputs' Hessians (in x in
-floats per quantized linear) and the calibration batch's hidden states, which come from the
+floats per input; fc and gate read the same one) and the calibration batch's hidden states, which come from the
 float layers before it. The quantized tensors are kept (half a byte a weight) until the checkpoint is written.
 """
 
@@ -31,6 +31,7 @@ from kiln.config import QuantConfig
 from kiln.layers.attention import AttentionBatch
 from kiln.layers.linear import Linear
 from kiln.quantization import streaming
+from kiln.quantization.awq import NORM_BEFORE
 from kiln.quantization.weight_only import INT4_LEVELS, INT4_SYMMETRIC_ZERO, pack_int4, quantize_int4_groups
 
 log = logging.getLogger("kiln")
@@ -104,15 +105,20 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
         layer = streaming.load_layer(model, i, device)
         linears = {name: m for name, m in layer.named_modules()
                    if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None}
+        # one Hessian per input: fc and gate read the same norm output (awq.NORM_BEFORE), so one hook sums it
+        inputs = {name: NORM_BEFORE.get(name, name) for name in linears}
         hessians: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(_accumulate(hessians, name)) for name, m in linears.items()]
+        first = {}  # input -> the first linear reading it, whose hook sums it
+        for name, key in inputs.items():
+            first.setdefault(key, name)
+        hooks = [linears[name].register_forward_pre_hook(_accumulate(hessians, key)) for key, name in first.items()]
         with torch.no_grad():
             x = layer.full_output(x, positions, batch)
         for hook in hooks:
             hook.remove()
         for name, m in linears.items():
             chunks = tp_size if m.input_sharded else 1
-            tensors = gptq_int4(m.weight.detach(), hessians.pop(name), qc.group_size, qc.has_zero_point,
+            tensors = gptq_int4(m.weight.detach(), hessians[inputs[name]], qc.group_size, qc.has_zero_point,
                                 config.torch_dtype, chunks)
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
         log.debug("GPTQ layer %d: %d linears", i, len(linears))
@@ -120,10 +126,10 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
     return quantized
 
 
-def _accumulate(hessians: dict, name: str):
-    """A forward pre-hook adding x^T x of the linear's input to its Hessian (the input goes on unchanged)."""
+def _accumulate(hessians: dict, key: str):
+    """A forward pre-hook adding x^T x of the linear's input to the Hessian of `key` (the input goes on unchanged)."""
     def hook(module, args):
         x = args[0].detach()
         rows = x.reshape(-1, x.shape[-1]).float()
-        hessians[name] = hessians.get(name, 0) + rows.T @ rows
+        hessians[key] = hessians.get(key, 0) + rows.T @ rows
     return hook
