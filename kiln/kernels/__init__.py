@@ -51,6 +51,15 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def divide_exactly(x, constant: float):
+    """x / constant, correctly rounded on every device. CUDA divides a tensor by a Python number as a multiply by
+    its reciprocal, which can differ in the last bit; the Triton kernels divide with IEEE rounding (div_rn), and a
+    reference or a checkpoint must not depend on the device it ran on."""
+    import torch
+
+    return x / torch.full_like(x, constant)
+
+
 def rows_view(t):
     """[..., hidden] as [rows, hidden] with unit stride along hidden (a view for activations), as the
     row-wise kernels take it."""

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from kiln.kernels import row_program, rows_view, triton_available
+from kiln.kernels import divide_exactly, row_program, rows_view, triton_available
 
 try:
     import triton
@@ -45,7 +45,7 @@ class Fp8Rows(NamedTuple):
 def quantize_fp8_rows_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> Fp8Rows:
     """The torch math of `quantize_fp8_rows` (any device)."""
     if static_scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+        scale = divide_exactly(x.abs().amax(dim=-1, keepdim=True).float(), FP8_MAX).clamp(min=MIN_SCALE)
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     return Fp8Rows((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
@@ -67,7 +67,7 @@ def quantize_fp8_groups_ref(x: torch.Tensor, group: int) -> Fp8Rows:
     """x [M, K] -> codes [M, K] and one scale per row and group of `group` inputs, [M, ceil(K / group)] float32
     (the last group may be short): each group's max |x| maps to 448."""
     grouped = to_groups(x, group)
-    scale = (grouped.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = divide_exactly(grouped.abs().amax(dim=-1), FP8_MAX).clamp(min=MIN_SCALE)
     q = (grouped / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Rows(from_groups(q, x.shape[1]), scale)
 

@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import row_program, rows_view, triton_available
+from kiln.kernels import divide_exactly, row_program, rows_view, triton_available
 
 try:
     import triton
@@ -53,7 +53,7 @@ def quantize_int8_rows_ref(x: torch.Tensor, prequant: torch.Tensor | None = None
     each row's max |x| at 127, rounded to nearest even."""
     if prequant is not None:
         x = x * prequant
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp(min=MIN_SCALE)
+    scale = divide_exactly(x.abs().amax(dim=-1, keepdim=True).float(), INT8_MAX).clamp(min=MIN_SCALE)
     return torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from kiln.errors import ConfigError
-from kiln.kernels import triton_available
+from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation
 from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
 from kiln.layers.linear import Linear, LinearMethod
@@ -101,9 +101,8 @@ def static_activation_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def _over_fp8_max(amax: torch.Tensor) -> torch.Tensor:
-    """amax / 448, correctly rounded on every device: CUDA divides by a Python number as a multiply by its
-    reciprocal, which can differ in the last bit, and the checkpoint would then depend on where it was made."""
-    return amax / torch.full_like(amax, FP8_MAX)
+    """amax / 448, correctly rounded on every device (the checkpoint must not depend on where it was made)."""
+    return divide_exactly(amax, FP8_MAX)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Rows:

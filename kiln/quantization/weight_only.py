@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import ConfigError
-from kiln.kernels import triton_available
+from kiln.kernels import divide_exactly, triton_available
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 
@@ -48,7 +48,7 @@ INT4_SYMMETRIC_ZERO = 8
 def quantize_int8_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] -> (q int8 [out, in], scale [out] in `dtype`), symmetric, one scale per output row."""
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=1e-8).to(dtype)
+    scale = divide_exactly(w.abs().amax(dim=1), INT8_MAX).clamp(min=1e-8).to(dtype)
     q = torch.round(w / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
