@@ -59,7 +59,8 @@ def cmd_quantize(args) -> None:
                                group_size=args.group_size, has_zero_point=args.has_zero_point,
                                exclude_modules=_exclude_modules(args),
                                smoothquant_alpha=args.smoothquant_alpha,
-                               keep_sensitive_layers=args.keep_sensitive_layers)
+                               keep_sensitive_layers=args.keep_sensitive_layers,
+                               weight_rounding=args.weight_rounding)
     evaluate = args.eval or args.eval_dataset is not None
     start = time.perf_counter()
     model_class = source_model_class(args.model_dir)  # (its quantize: an architecture may override it)
@@ -333,6 +334,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-sensitive-layers", type=int, default=0, metavar="N",
                    help="keep the N decoder layers whose quantization costs the most (KL on the calibration text) "
                         "in full precision; they are added to exclude_modules")
+    p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="FP8: round the weights to the nearest e4m3 value, or by GPTQ's error feedback on the "
+                        "calibration text (same format; on SmolLM2 a third less KL: docs/quantization.md)")
     p.add_argument("--calib-dataset", default=None,
                    help="calibration text: .txt, or .jsonl with a 'text' field (default: text shipped with kiln)")
     p.add_argument("--calib-size", type=int, default=32, help="calibration windows")

@@ -77,6 +77,9 @@ class QuantAlgo(str, enum.Enum):
 
 KV_CACHE_ALGOS = (QuantAlgo.INT8, QuantAlgo.FP8)
 GROUP_SIZES = (32, 64, 128)  # inputs per scale of the group-wise formats (int4, FP8_BLOCK_SCALES)
+# How weights are rounded onto their grid: to the nearest value, or by GPTQ's error feedback on calibration
+# inputs (kiln.quantization.gptq; FP8 only: int4 has its own algorithm name, W4A16_GPTQ)
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ALGOS = tuple(a for a in QuantAlgo if a is not QuantAlgo.INT8)
 
 
@@ -115,6 +118,7 @@ class QuantConfig:
     exclude_modules: tuple[str, ...] = ("lm_head",)
     smoothquant_alpha: float = 0.5  # W8A8_SQ_PER_CHANNEL's migration strength (kiln.quantization.smoothquant)
     keep_sensitive_layers: int = 0  # layers kept in full precision, chosen on calibration (quantization.sensitivity)
+    weight_rounding: str = "nearest"  # one of WEIGHT_ROUNDINGS
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -129,6 +133,8 @@ class QuantConfig:
         _check(isinstance(self.keep_sensitive_layers, int) and not isinstance(self.keep_sensitive_layers, bool)
                and self.keep_sensitive_layers >= 0, "QuantConfig", "keep_sensitive_layers", "an integer >= 0",
                self.keep_sensitive_layers)
+        _check(self.weight_rounding in WEIGHT_ROUNDINGS, "QuantConfig", "weight_rounding",
+               f"one of {list(WEIGHT_ROUNDINGS)}", self.weight_rounding)
         set_("exclude_modules", tuple(self.exclude_modules))
 
     @property

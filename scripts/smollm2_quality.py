@@ -30,6 +30,9 @@ ROWS = [
     ("FP8", "--quant-algo FP8"),
     ("FP8, layers 0 and 29 in full precision", "--quant-algo FP8 --exclude-modules lm_head transformer.layers.0.* "
                                               "transformer.layers.29.*"),
+    ("FP8, GPTQ-rounded weights", "--quant-algo FP8 --weight-rounding gptq"),
+    ("FP8, GPTQ-rounded weights, 2 sensitive layers kept", "--quant-algo FP8 --weight-rounding gptq "
+                                                          "--keep-sensitive-layers 2"),
     ("FP8_PER_CHANNEL_PER_TOKEN", "--quant-algo FP8_PER_CHANNEL_PER_TOKEN"),
     ("FP8_BLOCK_SCALES g32", "--quant-algo FP8_BLOCK_SCALES --group-size 32"),
     ("FP8_BLOCK_SCALES g64", "--quant-algo FP8_BLOCK_SCALES --group-size 64"),

@@ -132,9 +132,11 @@ class _Head:
 
 
 def algo_label(quantization: dict) -> str:
-    """"W4A16_AWQ", "INT8 KV cache", "W8A16 + FP8 KV cache" from a QuantConfig.to_dict()."""
-    kv = quantization.get("kv_cache_quant_algo")
-    parts = [quantization["quant_algo"], kv and f"{kv} KV cache"]
+    """"W4A16_AWQ", "INT8 KV cache", "W8A16 + FP8 KV cache", "FP8 (GPTQ-rounded)" from a QuantConfig.to_dict()."""
+    kv, algo = quantization.get("kv_cache_quant_algo"), quantization["quant_algo"]
+    if algo and quantization.get("weight_rounding", "nearest") != "nearest":
+        algo = f"{algo} ({quantization['weight_rounding'].upper()}-rounded)"
+    parts = [algo, kv and f"{kv} KV cache"]
     return " + ".join(p for p in parts if p)
 
 

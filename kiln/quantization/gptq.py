@@ -1,6 +1,7 @@
-"""GPTQ: int4 weights rounded one input column at a time, each column's rounding error pushed onto the columns
-not yet rounded, weighted by the inverse Hessian of the layer's output error (Frantar et al. 2022,
-arXiv:2210.17323). W4A16_GPTQ, made by `kiln quantize` as well as imported.
+"""GPTQ: weights rounded one input column at a time, each column's rounding error pushed onto the columns not
+yet rounded, weighted by the inverse Hessian of the layer's output error (Frantar et al. 2022, arXiv:2210.17323).
+It makes W4A16_GPTQ's int4 weights (`kiln quantize` makes them as well as imports them) and, with
+`--weight-rounding gptq`, FP8's e4m3 weights on round-to-nearest's per-tensor scale (a plain FP8 checkpoint).
 
 For a linear y = x W^T and calibration inputs X, the output error of a weight change D is tr(D H D^T) with
 H = X^T X. Rounding column c to q leaves an error e = (w_c - q_c) / Hinv[c, c] (Hinv: the upper Cholesky factor of
@@ -27,11 +28,12 @@ import logging
 
 import torch
 
-from kiln.config import QuantConfig
+from kiln.config import QuantAlgo, QuantConfig
 from kiln.layers.attention import AttentionBatch
 from kiln.layers.linear import Linear
 from kiln.quantization import streaming
 from kiln.quantization.awq import NORM_BEFORE
+from kiln.quantization.fp8 import quantize_fp8_weight, to_fp8
 from kiln.quantization.weight_only import INT4_LEVELS, INT4_SYMMETRIC_ZERO, pack_int4, quantize_int4_groups
 
 log = logging.getLogger("kiln")
@@ -46,6 +48,52 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, zero
     codes, columns in rounding order), `weights_scaling_factor` [out, groups], `zero_point` (with zero_point) and
     `input_permutation` [in] int32. chunks > 1 keeps the order within each of that many equal slices of the
     inputs (a row-parallel layer's tensor-parallel ranks)."""
+    codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    scales, zeros = [], []
+    group: dict[str, torch.Tensor] = {}
+
+    def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
+        if c % group_size == 0:  # a group starts: its scale from its columns as they stand now
+            _, s, z = quantize_int4_groups(pending[:, :group_size], group_size, zero_point, dtype)
+            scales.append(s)
+            zeros.append(z)
+            group["scale"] = s.float()[:, 0]
+            group["zero"] = z.float()[:, 0] if zero_point else torch.full_like(group["scale"], INT4_SYMMETRIC_ZERO)
+        u = (torch.round(pending[:, 0] / group["scale"]) + group["zero"]).clamp(0, INT4_LEVELS)
+        codes[:, c] = u.to(torch.uint8)
+        return (u - group["zero"]) * group["scale"]
+
+    perm = gptq_round(weight, hessian, round_column, chunks)
+    tensors = {"weight": pack_int4(codes), "weights_scaling_factor": torch.cat(scales, dim=1),
+               "input_permutation": perm.to(torch.int32)}
+    if zero_point:
+        tensors["zero_point"] = torch.cat(zeros, dim=1)
+    return tensors
+
+
+def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """weight [out, in] and the Hessian of its input -> FP8's tensors (kiln.quantization.fp8), the e4m3 codes
+    rounded by GPTQ on the per-tensor scale of round-to-nearest (max |w| / 448). The rounding runs in act order;
+    the codes go back to the input order, so the checkpoint is a plain FP8 one."""
+    _, scale = quantize_fp8_weight(weight, dtype, per_channel=False)
+    s = scale.float()[:, None]
+    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+
+    def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
+        codes[:, c] = to_fp8(pending[:, :1] / s)[:, 0]
+        return codes[:, c].float() * s[:, 0]
+
+    perm = gptq_round(weight, hessian, round_column)
+    ordered = torch.empty_like(codes)
+    ordered[:, perm] = codes
+    return {"weight": ordered, "weights_scaling_factor": scale}
+
+
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks: int = 1) -> torch.Tensor:
+    """GPTQ's loop over the columns of weight [out, in] in act order (see act_order) -> that order [in].
+    round_column(c, pending) rounds column c of the order, given pending [out, >= 1]: the columns from c to the end
+    of its block as they stand (c first), and returns the rounded column's value; the loop pushes the rounding
+    error onto the columns not yet rounded."""
     w = weight.float().clone()
     h = hessian.float().clone()
     dead = h.diagonal() == 0
@@ -56,30 +104,16 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, zero
     h.diagonal().add_(DAMP * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out, inp = w.shape
-    codes = torch.empty(out, inp, dtype=torch.uint8, device=w.device)
-    scales, zeros = [], []
     for b0 in range(0, inp, BLOCK):
         b1 = min(b0 + BLOCK, inp)
         block, errors, hinv_block = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=w.device), hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            if (b0 + j) % group_size == 0:  # a group starts: its scale from its columns as they stand now
-                _, s, z = quantize_int4_groups(block[:, j:j + group_size], group_size, zero_point, dtype)
-                scales.append(s)
-                zeros.append(z)
-                s_col = s.float()[:, 0]
-                z_col = z.float()[:, 0] if zero_point else torch.full_like(s_col, INT4_SYMMETRIC_ZERO)
             col = block[:, j]
-            u = (torch.round(col / s_col) + z_col).clamp(0, INT4_LEVELS)
-            codes[:, b0 + j] = u.to(torch.uint8)
-            err = (col - (u - z_col) * s_col) / hinv_block[j, j]
+            err = (col - round_column(b0 + j, block[:, j:])) / hinv_block[j, j]
             block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
             errors[:, j] = err
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
-    tensors = {"weight": pack_int4(codes), "weights_scaling_factor": torch.cat(scales, dim=1),
-               "input_permutation": perm.to(torch.int32)}
-    if zero_point:
-        tensors["zero_point"] = torch.cat(zeros, dim=1)
-    return tensors
+    return perm
 
 
 def act_order(diagonal: torch.Tensor, chunks: int = 1) -> torch.Tensor:
@@ -118,12 +152,23 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
             hook.remove()
         for name, m in linears.items():
             chunks = tp_size if m.input_sharded else 1
-            tensors = gptq_int4(m.weight.detach(), hessians[inputs[name]], qc.group_size, qc.has_zero_point,
-                                config.torch_dtype, chunks)
+            tensors = ROUNDERS[qc.quant_algo](m.weight.detach(), hessians[inputs[name]], qc, config.torch_dtype, chunks)
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
         log.debug("GPTQ layer %d: %d linears", i, len(linears))
         del layer, hessians
     return quantized
+
+
+def _round_int4(weight, hessian, qc: QuantConfig, dtype, chunks: int) -> dict[str, torch.Tensor]:
+    return gptq_int4(weight, hessian, qc.group_size, qc.has_zero_point, dtype, chunks)
+
+
+def _round_fp8(weight, hessian, qc: QuantConfig, dtype, chunks: int) -> dict[str, torch.Tensor]:
+    return gptq_fp8(weight, hessian, dtype)  # (codes in input order: each rank's slice is its own)
+
+
+# quant_algo -> (weight, Hessian, QuantConfig, dtype, TP chunks) -> the linear's GPTQ-rounded checkpoint tensors
+ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, QuantAlgo.FP8: _round_fp8}
 
 
 def _accumulate(hessians: dict, key: str):

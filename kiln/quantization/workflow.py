@@ -26,6 +26,7 @@ from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 from kiln.quantization import (act_stats, awq, calib_text, calibration, evaluate, gptq, kv_cache, sensitivity,
                                 smoothquant)
+from kiln.quantization.fp8 import static_activation_scale
 from kiln.quantization.methods import check_lm_head, is_excluded, quantized_linears, supported_names
 
 log = logging.getLogger("kiln")
@@ -103,7 +104,13 @@ def _calibrate_w4a8(source, tokens, qc, reference, device, mapping) -> WeightCal
 
 
 def _calibrate_fp8(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
-    return WeightCalibration(act_absmax=act_stats.calibrate_absmax(source, tokens, qc, device))
+    absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
+    if qc.weight_rounding == "nearest":
+        return WeightCalibration(act_absmax=absmax)
+    rounded = gptq.calibrate(source, tokens, qc, mapping.tp_size, device)
+    for name, tensors in rounded.items():
+        tensors["activation_scaling_factor"] = static_activation_scale(absmax[name], source.config.torch_dtype)
+    return WeightCalibration(act_absmax=absmax, rounded=rounded)
 
 
 def _calibrate_smoothquant(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
@@ -140,6 +147,10 @@ def check_quant_config(qc: QuantConfig, config) -> None:
         raise ConfigError(f"QuantConfig.quant_algo must be one of {supported_names()}, or "
                           f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
     check_lm_head(qc)
+    if qc.weight_rounding == "gptq" and qc.quant_algo not in gptq.ROUNDERS:
+        raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for FP8 (int4 weights: "
+                          f"--quant-algo W4A16_GPTQ); quant_algo {qc.quant_algo and qc.quant_algo.value} rounds to "
+                          "the nearest value: drop --weight-rounding")
     for i in range(config.num_hidden_layers):
         fc, gate = (f"transformer.layers.{i}.mlp.{m}" for m in ("fc", "gate"))
         if config.gated_mlp and is_excluded(fc, qc.exclude_modules) != is_excluded(gate, qc.exclude_modules):

@@ -69,7 +69,7 @@ def test_config_records_the_quantization_and_inspect_shows_it(quantized, capsys)
     d = json.loads((quantized["W4A16_g32_zp"] / "config.json").read_text())
     assert d["quantization"] == {"quant_algo": "W4A16", "kv_cache_quant_algo": None, "group_size": 32,
                                  "has_zero_point": True, "exclude_modules": ["lm_head"], "smoothquant_alpha": 0.5,
-                                 "keep_sensitive_layers": 0}
+                                 "keep_sensitive_layers": 0, "weight_rounding": "nearest"}
     assert kiln.cli.main(["inspect", str(quantized["W4A16_g32_zp"])]) == 0
     assert "'quant_algo': 'W4A16'" in capsys.readouterr().out
 
