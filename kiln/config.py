@@ -78,7 +78,7 @@ class QuantAlgo(str, enum.Enum):
 KV_CACHE_ALGOS = (QuantAlgo.INT8, QuantAlgo.FP8)
 GROUP_SIZES = (32, 64, 128)  # inputs per scale of the group-wise formats (int4, FP8_BLOCK_SCALES)
 # How weights are rounded onto their grid: to the nearest value, or by GPTQ's error feedback on calibration
-# inputs (kiln.quantization.gptq; FP8 only: int4 has its own algorithm name, W4A16_GPTQ)
+# inputs (kiln.quantization.gptq; the FP8 formats: int4 has its own algorithm name, W4A16_GPTQ)
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ALGOS = tuple(a for a in QuantAlgo if a is not QuantAlgo.INT8)
 

@@ -1,7 +1,8 @@
 """GPTQ: weights rounded one input column at a time, each column's rounding error pushed onto the columns not
 yet rounded, weighted by the inverse Hessian of the layer's output error (Frantar et al. 2022, arXiv:2210.17323).
 It makes W4A16_GPTQ's int4 weights (`kiln quantize` makes them as well as imports them) and, with
-`--weight-rounding gptq`, FP8's e4m3 weights on round-to-nearest's per-tensor scale (a plain FP8 checkpoint).
+`--weight-rounding gptq`, the e4m3 weights of FP8, FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES on
+round-to-nearest's scales (plain checkpoints of those formats).
 
 For a linear y = x W^T and calibration inputs X, the output error of a weight change D is tr(D H D^T) with
 H = X^T X. Rounding column c to q leaves an error e = (w_c - q_c) / Hinv[c, c] (Hinv: the upper Cholesky factor of
@@ -34,6 +35,7 @@ from kiln.layers.linear import Linear
 from kiln.quantization import streaming
 from kiln.quantization.awq import NORM_BEFORE
 from kiln.quantization.fp8 import quantize_fp8_weight, to_fp8
+from kiln.quantization.fp8_block import quantize_fp8_groups_weight
 from kiln.quantization.weight_only import INT4_LEVELS, INT4_SYMMETRIC_ZERO, pack_int4, quantize_int4_groups
 
 log = logging.getLogger("kiln")
@@ -71,22 +73,21 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, zero
     return tensors
 
 
-def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """weight [out, in] and the Hessian of its input -> FP8's tensors (kiln.quantization.fp8), the e4m3 codes
-    rounded by GPTQ on the per-tensor scale of round-to-nearest (max |w| / 448). The rounding runs in act order;
-    the codes go back to the input order, so the checkpoint is a plain FP8 one."""
-    _, scale = quantize_fp8_weight(weight, dtype, per_channel=False)
-    s = scale.float()[:, None]
+def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight [out, in], the Hessian of its input, and each weight's scale (broadcast to [out, in]: a tensor's, a
+    row's or a group's, fixed before the rounding) -> e4m3 codes [out, in], rounded by GPTQ in act order and put
+    back in input order, so the checkpoint is one of the plain FP8 formats."""
+    s = scale.float().expand(weight.shape)[:, act_order(hessian.diagonal())]
     codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
 
     def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
-        codes[:, c] = to_fp8(pending[:, :1] / s)[:, 0]
-        return codes[:, c].float() * s[:, 0]
+        codes[:, c] = to_fp8(pending[:, 0] / s[:, c])
+        return codes[:, c].float() * s[:, c]
 
     perm = gptq_round(weight, hessian, round_column)
     ordered = torch.empty_like(codes)
     ordered[:, perm] = codes
-    return {"weight": ordered, "weights_scaling_factor": scale}
+    return ordered
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks: int = 1) -> torch.Tensor:
@@ -164,11 +165,21 @@ def _round_int4(weight, hessian, qc: QuantConfig, dtype, chunks: int) -> dict[st
 
 
 def _round_fp8(weight, hessian, qc: QuantConfig, dtype, chunks: int) -> dict[str, torch.Tensor]:
-    return gptq_fp8(weight, hessian, dtype)  # (codes in input order: each rank's slice is its own)
+    """An FP8 format's tensors with round-to-nearest's scales and GPTQ's codes (in input order: any TP split)."""
+    scale = FP8_WEIGHT_SCALES[qc.quant_algo](weight, qc, dtype)
+    per_input = scale.float()[:, None] if scale.dim() == 1 else \
+        scale.float().repeat_interleave(qc.group_size, dim=1)[:, :weight.shape[1]]
+    return {"weight": gptq_fp8(weight, hessian, per_input), "weights_scaling_factor": scale}
 
 
+# FP8 format -> (weight, QuantConfig, dtype) -> its round-to-nearest weight scales: [out], or [out, groups]
+FP8_WEIGHT_SCALES = {
+    QuantAlgo.FP8: lambda w, qc, dtype: quantize_fp8_weight(w, dtype, per_channel=False)[1],
+    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda w, qc, dtype: quantize_fp8_weight(w, dtype, per_channel=True)[1],
+    QuantAlgo.FP8_BLOCK_SCALES: lambda w, qc, dtype: quantize_fp8_groups_weight(w, qc.group_size, dtype)[1],
+}
 # quant_algo -> (weight, Hessian, QuantConfig, dtype, TP chunks) -> the linear's GPTQ-rounded checkpoint tensors
-ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, QuantAlgo.FP8: _round_fp8}
+ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, **{algo: _round_fp8 for algo in FP8_WEIGHT_SCALES}}
 
 
 def _accumulate(hessians: dict, key: str):

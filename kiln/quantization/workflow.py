@@ -127,6 +127,13 @@ def _calibrate_gptq(source, tokens, qc, reference, device, mapping) -> WeightCal
 CALIBRATORS = {QuantAlgo.W4A16_AWQ: _calibrate_awq, QuantAlgo.W4A8_AWQ: _calibrate_w4a8,
                QuantAlgo.FP8: _calibrate_fp8, QuantAlgo.W8A8_SQ_PER_CHANNEL: _calibrate_smoothquant,
                QuantAlgo.W4A16_GPTQ: _calibrate_gptq}
+def calibrator_for(qc: QuantConfig):
+    """The algorithm's calibration; GPTQ's rounding (--weight-rounding gptq) for a format that otherwise has none."""
+    if qc.weight_rounding == "gptq" and qc.quant_algo not in CALIBRATORS:
+        return _calibrate_gptq
+    return CALIBRATORS.get(qc.quant_algo)
+
+
 # Structures an algorithm cannot handle yet (mixture-of-experts for the ones that fold scales into norms).
 MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_awq_supported,
                 QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
@@ -148,7 +155,8 @@ def check_quant_config(qc: QuantConfig, config) -> None:
                           f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
     check_lm_head(qc)
     if qc.weight_rounding == "gptq" and qc.quant_algo not in gptq.ROUNDERS:
-        raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for FP8 (int4 weights: "
+        fp8 = ", ".join(a.value for a in gptq.FP8_WEIGHT_SCALES)
+        raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for {fp8} (int4 weights: "
                           f"--quant-algo W4A16_GPTQ); quant_algo {qc.quant_algo and qc.quant_algo.value} rounds to "
                           "the nearest value: drop --weight-rounding")
     for i in range(config.num_hidden_layers):
@@ -183,7 +191,7 @@ def quantize_checkpoint(src, out_dir, quant_config: QuantConfig, mapping: Mappin
     eval_texts = calibration.read_texts(eval_dataset, calib_text.HELDOUT, "evaluation dataset") \
         if evaluate_quality else None
     tokenizer = None
-    calibrate = CALIBRATORS.get(quant_config.quant_algo)
+    calibrate = calibrator_for(quant_config)
     if calibrate is not None or quant_config.kv_cache_quant_algo or quant_config.keep_sensitive_layers or \
             evaluate_quality:
         tokenizer = calibration.source_tokenizer(source)

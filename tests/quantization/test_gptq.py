@@ -131,23 +131,31 @@ def test_a_quantized_lm_head_is_round_to_nearest_in_identity_order(quant_llama, 
     assert torch.equal(dequantize(head, 32), dequantize({"weight": _pack(codes), "weights_scaling_factor": s}, 32))
 
 
-# ---- FP8 with --weight-rounding gptq: e4m3 codes rounded by GPTQ on round-to-nearest's per-tensor scale ----
+# ---- the FP8 formats with --weight-rounding gptq: e4m3 codes rounded by GPTQ on round-to-nearest's scales ----
 
-def test_gptq_fp8_lowers_the_output_error_of_round_to_nearest_on_the_same_scale():
-    """The same scale as FP8's round-to-nearest (max |w| / 448), codes in input order, and on the calibration
-    inputs less than two thirds of round-to-nearest's output error."""
+FP8_FORMATS = {"FP8": {}, "FP8_PER_CHANNEL_PER_TOKEN": {}, "FP8_BLOCK_SCALES": {"group_size": 32}}
+
+
+@pytest.mark.parametrize("algo", FP8_FORMATS)
+def test_gptq_fp8_lowers_the_output_error_of_round_to_nearest_on_the_same_scales(algo):
+    """Each FP8 format's round-to-nearest scales (a tensor's, a row's, a group's of 32), codes in input order, and
+    on the calibration inputs less than two thirds of round-to-nearest's output error."""
     from kiln.quantization.fp8 import quantize_fp8_weight
-    from kiln.quantization.gptq import gptq_fp8
+    from kiln.quantization.fp8_block import quantize_fp8_groups_weight
+    from kiln.quantization.gptq import ROUNDERS
 
+    qc = QuantConfig(quant_algo=algo, **FP8_FORMATS[algo])
     x = correlated_inputs(1024, 384)
     w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1)) * 0.05
-    t = gptq_fp8(w, x.T @ x, torch.bfloat16)
-    q_rtn, s_rtn = quantize_fp8_weight(w, torch.bfloat16, per_channel=False)
-    assert torch.equal(t["weights_scaling_factor"], s_rtn) and t["weight"].dtype == torch.float8_e4m3fn
-    scale = s_rtn.float()[:, None]
-    err_gptq = (x @ (t["weight"].float() * scale - w).T).pow(2).mean()
-    err_rtn = (x @ (q_rtn.float() * scale - w).T).pow(2).mean()
-    assert err_gptq < 2 / 3 * err_rtn
+    t = ROUNDERS[qc.quant_algo](w, x.T @ x, qc, torch.bfloat16, 1)
+    rtn = quantize_fp8_groups_weight(w, 32, torch.bfloat16) if algo == "FP8_BLOCK_SCALES" else \
+        quantize_fp8_weight(w, torch.bfloat16, per_channel=algo != "FP8")
+    assert torch.equal(t["weights_scaling_factor"], rtn[1]) and t["weight"].dtype == torch.float8_e4m3fn
+
+    def output_error(codes, scale):
+        per_input = scale.float()[:, None] if scale.dim() == 1 else scale.float().repeat_interleave(32, dim=1)
+        return (x @ (codes.float() * per_input - w).T).pow(2).mean()
+    assert output_error(t["weight"], t["weights_scaling_factor"]) < 2 / 3 * output_error(*rtn)
 
 
 def test_with_a_diagonal_hessian_gptq_fp8_is_round_to_nearest():
@@ -156,29 +164,33 @@ def test_with_a_diagonal_hessian_gptq_fp8_is_round_to_nearest():
 
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     diagonal = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5
-    q_rtn, _ = quantize_fp8_weight(w, torch.float32, per_channel=False)
-    assert torch.equal(gptq_fp8(w, torch.diag(diagonal), torch.float32)["weight"].view(torch.uint8),
-                       q_rtn.view(torch.uint8))
+    q_rtn, scale = quantize_fp8_weight(w, torch.float32, per_channel=True)
+    codes = gptq_fp8(w, torch.diag(diagonal), scale[:, None])
+    assert torch.equal(codes.view(torch.uint8), q_rtn.view(torch.uint8))
 
 
-def test_fp8_with_gptq_rounding_is_a_plain_fp8_checkpoint(quant_llama, tmp_path):
-    """--weight-rounding gptq changes FP8's codes only: the config records it, every decoder linear keeps FP8's
-    scales (weights: round-to-nearest's; activations: the calibrated maximum) and gets codes of its own, and the
-    model's logits equal transformers' running the checkpoint's weights with FP8's activation rounding."""
+@pytest.mark.parametrize("algo", FP8_FORMATS)
+def test_fp8_with_gptq_rounding_is_a_plain_checkpoint_of_its_format(quant_llama, tmp_path, algo):
+    """--weight-rounding gptq changes the codes only: the config records it, every decoder linear keeps the
+    format's scales (weights: round-to-nearest's; FP8's activations: the calibrated maximum) and gets codes of its
+    own, and the model's logits equal transformers' running the checkpoint's weights with the format's
+    activation rounding."""
     from act_reference import assert_logits_equal_fake_quant_hf
 
     hf_dir, hf = quant_llama
     kw = dict(calib_size=4, calib_max_seq_len=64)
-    nearest = load_file(PretrainedModel.quantize(hf_dir, tmp_path / "rtn", QuantConfig(quant_algo="FP8"), **kw)
+    nearest = load_file(PretrainedModel.quantize(hf_dir, tmp_path / "rtn", QuantConfig(quant_algo=algo,
+                                                                                       **FP8_FORMATS[algo]), **kw)
                         / "rank0.safetensors")
-    out = PretrainedModel.quantize(hf_dir, tmp_path / "gptq", QuantConfig(quant_algo="FP8", weight_rounding="gptq"),
-                                   **kw)
+    qc = QuantConfig(quant_algo=algo, weight_rounding="gptq", **FP8_FORMATS[algo])
+    out = PretrainedModel.quantize(hf_dir, tmp_path / "gptq", qc, **kw)
     ckpt = load_file(out / "rank0.safetensors")
     model = PretrainedModel.from_checkpoint(out)
     assert model.config.quantization.weight_rounding == "gptq"
     for name in quantized_linears(model):
         t, rtn = linear_tensors(ckpt, name), linear_tensors(nearest, name)
-        for leaf in ("weights_scaling_factor", "activation_scaling_factor"):
+        assert t.keys() == rtn.keys()
+        for leaf in set(t) - {"weight"}:
             assert torch.equal(t[leaf], rtn[leaf]), (name, leaf)
         assert not torch.equal(t["weight"].view(torch.uint8), rtn["weight"].view(torch.uint8)), name
     assert_logits_equal_fake_quant_hf(hf, out, IDS)
@@ -187,8 +199,8 @@ def test_fp8_with_gptq_rounding_is_a_plain_fp8_checkpoint(quant_llama, tmp_path)
 def test_gptq_rounding_for_an_algorithm_without_it_is_refused(quant_llama, tmp_path):
     from kiln.errors import ConfigError
 
-    for algo in ("W8A16", "W4A16"):
-        with pytest.raises(ConfigError, match="weight_rounding 'gptq'.*W4A16_GPTQ"):
+    for algo in ("W8A16", "W4A16", "W8A8_SQ_PER_CHANNEL"):
+        with pytest.raises(ConfigError, match="weight_rounding 'gptq'.*FP8_BLOCK_SCALES.*W4A16_GPTQ"):
             PretrainedModel.quantize(quant_llama[0], tmp_path / algo, QuantConfig(quant_algo=algo,
                                                                                   weight_rounding="gptq"))
         assert not (tmp_path / algo).exists()
