@@ -151,16 +151,20 @@ def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
 
 @requires_fp8_gpu
 def test_gptq_on_the_gpu_rounds_as_well_as_on_the_cpu(tmp_path):
-    """W4A16_GPTQ calibrated and rounded on the GPU (Hessians, Cholesky factors, the column loop): every linear's
-    weight error against the source within 5% of the CPU run's. The two sum the Hessians in other orders, so
-    near-equal diagonals may sort apart and codes at rounding ties differ; a broken GPU path is far off."""
-    cpu, gpu = (gptq_weight_errors(tmp_path, device) for device in ("cpu", "cuda"))
-    for name, err in cpu.items():
-        assert gpu[name] <= 1.05 * err, f"{name}: GPU error {gpu[name]:.4g} against the CPU's {err:.4g}"
+    """GPTQ calibrated and rounded on the GPU (Hessians, Cholesky factors, the column loop), for int4 and for e4m3
+    codes: every linear's weight error against the source within 5% of the CPU run's. The two sum the Hessians in
+    other orders, so near-equal diagonals may sort apart and codes at rounding ties differ; a broken GPU path is far
+    off."""
+    for qc in (dict(quant_algo="W4A16_GPTQ", group_size=32),
+               dict(quant_algo="FP8_BLOCK_SCALES", group_size=32, weight_rounding="gptq")):
+        cpu, gpu = (gptq_weight_errors(tmp_path / qc["quant_algo"], device, qc) for device in ("cpu", "cuda"))
+        for name, err in cpu.items():
+            assert gpu[name] <= 1.05 * err, f"{qc} {name}: GPU error {gpu[name]:.4g} against the CPU's {err:.4g}"
 
 
-def gptq_weight_errors(tmp_path, device: str) -> dict[str, float]:
-    """{linear: |dequantized weight - source weight|} of a tiny model quantized to W4A16_GPTQ on `device`."""
+def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
+    """{linear: |dequantized weight - source weight|} of a tiny model quantized by GPTQ (QuantConfig qc) on
+    `device`."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
 
@@ -170,8 +174,8 @@ def gptq_weight_errors(tmp_path, device: str) -> dict[str, float]:
     from kiln.quantization.workflow import quantize_checkpoint
 
     hf = make_hf_model(tmp_path / f"hf-{device}", hidden_size=128, intermediate_size=256)  # (seeded: the same)
-    ckpt = quantize_checkpoint(tmp_path / f"hf-{device}", tmp_path / device, QuantConfig(quant_algo="W4A16_GPTQ",
-                               group_size=32), calib_size=4, calib_max_seq_len=64, device=device)
+    ckpt = quantize_checkpoint(tmp_path / f"hf-{device}", tmp_path / device, QuantConfig(**qc), calib_size=4,
+                               calib_max_seq_len=64, device=device)
     state = {k: v.float() for k, v in hf.state_dict().items()}
     hf_names = {"attention.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                 "attention.dense": ["self_attn.o_proj"], "mlp.fc": ["mlp.gate_proj"], "mlp.gate": ["mlp.up_proj"],
