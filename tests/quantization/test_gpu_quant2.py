@@ -274,32 +274,57 @@ def triton_cdiv(a: int, b: int) -> int:
 @requires_fp8_gpu
 def test_fp8_block_scales_and_smoothquant_engines_on_the_gpu_match_their_emulation(tmp_path):
     """A tiny model quantized to FP8_BLOCK_SCALES (group kernels) and to W8A8_SQ_PER_CHANNEL (the int8 pass, GEMV
-    and GEMM): the GPU's logits against the CPU emulation of the same checkpoint in float32, and greedy tokens
-    through LLM (CUDA graphs) equal to the emulation's."""
+    and GEMM), on the GPU against the CPU emulation of the same checkpoint in float32.
+
+    SmoothQuant sums int8 products exactly: the logits agree to float32 rounding, and greedy tokens through LLM (CUDA
+    graphs) equal the emulation's. FP8_BLOCK_SCALES' e4m3 MMA keeps about 14 bits of each group's running sum
+    (test_group_gemm_equals_float64_math_for_every_tile), so each linear is checked on the emulation's own input
+    (measured on an H200: within 2e-4 of its output's largest value). Those errors move the next layers' activation
+    codes a step where they sit near a rounding tie (measured: the logits 2.3% of their largest value apart), so its
+    LLM tokens are checked for being the emulation's argmax to within that much, position by position."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
 
     import kiln
     from kiln.config import QuantConfig
+    from kiln.layers.linear import Linear
     from kiln.models.base import PretrainedModel
     from kiln.quantization.workflow import quantize_checkpoint
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
     ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+    prompt = [1, 17, 5, 99, 42]
     params = kiln.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     for algo, fields in (("FP8_BLOCK_SCALES", {"group_size": 64}), ("W8A8_SQ_PER_CHANNEL", {})):
         ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / algo, QuantConfig(quant_algo=algo, **fields),
                                    device="cpu")
+        cpu_model = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cpu")
+        gpu_model = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")
+        inputs = {}
+        hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+                 for name, m in cpu_model.named_modules() if isinstance(m, Linear)]
         with torch.no_grad():
-            cpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cpu")(ids)
-            gpu = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")(ids.cuda()).cpu()
-        # float32 sums in another order; a code at a rounding tie may land one step apart
-        assert (gpu - cpu).abs().max() <= 1e-3 * cpu.abs().max(), algo
-        outputs = {}
-        for device in ("cpu", "cuda"):
-            with kiln.LLM(ckpt, device=device) as llm:
-                outputs[device] = llm.generate([[1, 17, 5, 99, 42]], params)[0].outputs[0].token_ids
-        assert outputs["cuda"] == outputs["cpu"], algo
+            cpu = cpu_model(ids)
+            gpu = gpu_model(ids.cuda()).cpu()
+            for hook in hooks:
+                hook.remove()
+            for name, x in inputs.items():  # each GPU linear on the emulation's input
+                want = cpu_model.get_submodule(name)(x)
+                got = gpu_model.get_submodule(name)(x.cuda()).cpu()
+                assert (got - want).abs().max() <= 1e-3 * want.abs().max(), (algo, name)
+        with kiln.LLM(ckpt, device="cuda") as llm:
+            tokens = llm.generate([prompt], params)[0].outputs[0].token_ids
+        if algo == "W8A8_SQ_PER_CHANNEL":  # exact sums: the same logits and tokens
+            assert (gpu - cpu).abs().max() <= 1e-3 * cpu.abs().max(), algo
+            with kiln.LLM(ckpt, device="cpu") as llm:
+                assert tokens == llm.generate([prompt], params)[0].outputs[0].token_ids, algo
+        else:  # each token the emulation's argmax, or within the code steps' reach of it
+            tolerance = 0.05 * cpu.abs().max()
+            assert (gpu - cpu).abs().max() <= tolerance, algo
+            with torch.no_grad():
+                logits = cpu_model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+            chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            assert (chosen >= logits.max(dim=1).values - tolerance).all(), (algo, tokens)
 
 
 @requires_fp8_gpu
