@@ -64,8 +64,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for n, kb, split in ((64, 256, 1), (64, 256, 2), (128, 128, 2))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
-    *[(f"rms_norm residual={r} fp8 out={q}", rmsnorm._rms_norm_kernel, dict(HAS_RESIDUAL=r, FP8_OUT=q, BLOCK=4096),
-       dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for r in (False, True) for q in (False, True)],
+    *[(f"rms_norm residual={r} out={q}", rmsnorm._rms_norm_kernel,
+       dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", BLOCK=4096),
+       dict(out_ptr={"fp8": "*fp8e4nv", "int8": "*i8"}[q], row_scale_ptr="*fp32") if q != "16-bit" else {})
+      for r in (False, True) for q in ("16-bit", "fp8", "int8")],
     *[(f"silu_and_mul fp8 out={q}", activation._silu_and_mul_kernel, dict(FP8_OUT=q, BLOCK=1024),
        dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for q in (False, True)],
     *[(f"decode split kv={c}{'' if fp16 == (c == '*fp8e4nv') else ' codes in the query dtype'}",

@@ -373,6 +373,28 @@ def int8_gemm_tiles() -> None:
             check(f"int8 gemv 2x{n}x{k} {config.kwargs}", y, ref[:2])
 
 
+def rms_norm_int8_rows() -> None:
+    """The RMSNorm writing SmoothQuant's int8 input (with and without the residual add): codes and row scales bit
+    for bit those of the norm's 16-bit output put through quantize_int8_rows_ref; hidden sizes no power of two."""
+    from kiln.kernels import int8_gemm as ig
+    from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
+
+    for rows, hidden in ((3, 576), (5, 200)):
+        x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
+        weight = (torch.rand(hidden) + 0.5).half()
+        for residual in (None, res):
+            got = rms_norm(x, weight, 1e-5, residual, int8_rows=True)
+            normed = rms_norm_ref(x, weight, 1e-5, residual)
+            if residual is not None:
+                (got, got_sum), (normed, want_sum) = got, normed
+                check(f"rms_norm int8 rows {rows}x{hidden} residual sum", got_sum, want_sum)
+            want = ig.quantize_int8_rows_ref(normed)
+            if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
+                raise SystemExit(f"rms_norm int8 rows {rows}x{hidden} residual={residual is not None}: differ")
+            print(f"rms_norm int8 rows {rows}x{hidden} residual={residual is not None}: codes and scales equal",
+                  flush=True)
+
+
 def rotary_with_cache_write() -> None:
     """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
     for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
@@ -438,6 +460,7 @@ def main() -> None:
     w4a8_prefill()
     int8_gemv()
     int8_gemm_tiles()
+    rms_norm_int8_rows()
     rotary_with_cache_write()
     int4_qkv_rotary()
     gated_gemm_tiles()

@@ -36,7 +36,7 @@ class Fp8Rows(NamedTuple):
     """Activations already quantized for an FP8 linear: codes [M, K] float8_e4m3fn and each row's scale [M, 1]
     float32 (or, quantized by groups, each row's scale per group of inputs, [M, ceil(K / group)]). The RMSNorm and
     SiLU-and-mul kernels write these directly when the linear that reads their output has a static scale
-    (kiln.models.base.DecoderLayer.fuse_fp8_inputs), saving the separate pass below."""
+    (kiln.models.base.DecoderLayer.fuse_input_quantization), saving the separate pass below."""
 
     q: torch.Tensor
     scale: torch.Tensor

@@ -15,12 +15,15 @@ same bits: (float32(sum) * x_scale) * w_scale, rounded once. Up to GEMV_MAX_ROWS
 kiln.kernels.gemv.scaled_gemv on the codes instead: W8A16's tuned GEMV, its float32 sum exact while partial sums
 stay under 2^24 (then float32 rounding only, as the CPU emulation).
 
-Neither kernel here has run on a GPU yet: their checks are in tests/quantization/test_gpu_quant2.py.
+Where the RMSNorm before a linear can write its codes and scales itself (`Int8Rows`, qkv's and fc_gate's inputs:
+their smoothing is folded into the norm), the separate pass is skipped. On an H200 (thirty-first session) the pass and
+the GEMMs equal their references bit for bit (tests/quantization/test_gpu_quant2.py).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,15 @@ INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16: smaller batches are 
 INT_MM_PAD_ROWS = 24
 INT_MM_ALIGN = 8  # ... and K, N multiples of 8
 ROUND_MAGIC = 12582912.0  # 2^23 + 2^22: y + it - it rounds a float32 |y| < 2^22 to an integer, ties to even
+
+
+class Int8Rows(NamedTuple):
+    """SmoothQuant's input already quantized: codes [M, K] int8 and each row's scale [M, 1] float32. The RMSNorm
+    kernel writes these when the linear reading its output is SmoothQuant's without a prequant scale
+    (kiln.models.base.DecoderLayer.fuse_input_quantization), saving the separate pass."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
 
 
 def quantize_int8_rows_ref(x: torch.Tensor, prequant: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,11 +166,19 @@ if triton is not None:
         ROUND_MAGIC)
 
     @triton.jit
+    def to_int8_row(x):
+        """A float32 row (zeros where masked) -> (int8 codes, its scale): max |x| / 127 with IEEE division, each
+        element divided by it (div_rn) and rounded to nearest even (the ROUND_MAGIC add: libdevice's rint has no
+        interpreter twin), as quantize_int8_rows_ref. The RMSNorm kernel writes SmoothQuant's input with it too."""
+        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _INT8_MAX), _MIN_SCALE)
+        y = tl.clamp(tl.math.div_rn(x, s), -_INT8_MAX, _INT8_MAX)
+        return ((y + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8), s
+
+    @triton.jit
     def _quantize_int8_kernel(x_ptr, p_ptr, q_ptr, scale_ptr, x_stride, K, PREQUANT: tl.constexpr,
                               BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        """One row: times the prequant scale (rounded to x's dtype, as torch multiplies two bf16 tensors), its max
-        |x| / 127 with IEEE division, each element divided by it (div_rn) and rounded to nearest even (the
-        ROUND_MAGIC add: libdevice's rint has no interpreter twin), as quantize_int8_rows_ref."""
+        """One row: times the prequant scale (rounded to x's dtype, as torch multiplies two bf16 tensors), then
+        to_int8_row."""
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -168,10 +188,8 @@ if triton is not None:
         if PREQUANT:
             p = tl.load(p_ptr + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) * p.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        x = x.to(tl.float32)
-        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _INT8_MAX), _MIN_SCALE)
-        y = tl.clamp(tl.math.div_rn(x, s), -_INT8_MAX, _INT8_MAX)
-        tl.store(q_ptr + row * K + cols, ((y + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8), mask=mask)
+        q, s = to_int8_row(x.to(tl.float32))
+        tl.store(q_ptr + row * K + cols, q, mask=mask)
         tl.store(scale_ptr + row, s)
 
     @triton.jit

@@ -7,7 +7,9 @@ so fusing changes no bit.
 
 When the linear that reads the norm's output takes static-scale FP8 input, the kernel can also write e4m3 codes
 (`fp8_scale`): the row rounded to x's dtype, then divided and cast as kiln.kernels.fp8_quant does, so the
-separate quantization pass disappears and no bit changes.
+separate quantization pass disappears and no bit changes. For SmoothQuant's int8 input (`int8_rows`) it writes the
+row's int8 codes and per-token scale as kiln.kernels.int8_gemm's pass does: the whole row is in the program, so its
+max is one reduction more.
 """
 
 import torch
@@ -20,10 +22,12 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 from kiln.kernels import rows_view
 from kiln.kernels.fp8_quant import Fp8Rows
+from kiln.kernels.int8_gemm import Int8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
     from kiln.kernels.fp8_quant import to_e4m3
+    from kiln.kernels.int8_gemm import to_int8_row
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -36,26 +40,27 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             fp8_scale: torch.Tensor | None = None):
+             fp8_scale: torch.Tensor | None = None, int8_rows: bool = False):
     """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA. With `fp8_scale`
-    (a static activation scale [1]) the normed rows come back as Fp8Rows [rows, hidden], quantized with it."""
+    (a static activation scale [1]) the normed rows come back as Fp8Rows [rows, hidden], quantized with it; with
+    `int8_rows`, as Int8Rows [rows, hidden], each row quantized with its own scale (quantize_int8_rows_ref)."""
     hidden = x.shape[-1]
     rows = rows_view(x)
     res = None if residual is None else rows_view(residual)
-    quantize = fp8_scale is not None
-    assert not quantize or weight.dtype == x.dtype, "rms_norm: FP8 output needs the weight in x's dtype"
-    out_dtype = torch.float8_e4m3fn if quantize else torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
+    codes = torch.float8_e4m3fn if fp8_scale is not None else torch.int8 if int8_rows else None  # (or the norm)
+    assert codes is None or weight.dtype == x.dtype, "rms_norm: quantized output needs the weight in x's dtype"
+    out = torch.empty(rows.shape, dtype=codes or torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if codes else None
     res_out = None if residual is None else torch.empty_like(rows)
     block, num_warps = program_shape(rows.shape[0], hidden)
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
-        fp8_scale if quantize else weight, row_scale if quantize else weight,
+        fp8_scale if fp8_scale is not None else weight, row_scale if codes else weight,
         rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
-        FP8_OUT=quantize, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
-    out = Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], hidden)
+        FP8_OUT=fp8_scale is not None, INT8_OUT=int8_rows, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
+    rows_of = {torch.float8_e4m3fn: Fp8Rows, torch.int8: Int8Rows}
+    out = rows_of[codes](out, row_scale) if codes else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
 
 
@@ -72,8 +77,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride,
-                         res_stride, n, eps, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         res_stride, n, eps, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr,
+                         INT8_OUT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         allow_dependents(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -94,6 +99,10 @@ if triton is not None:
         if FP8_OUT:  # the normed row in x's dtype (what the unfused norm would store), then to e4m3
             s = tl.load(fp8_scale_ptr).to(tl.float32)
             tl.store(out_ptr + row * n + cols, to_e4m3((w * normed).to(x.dtype).to(tl.float32), s), mask=mask)
+            tl.store(row_scale_ptr + row, s)
+        elif INT8_OUT:  # the normed row in x's dtype, then its own int8 scale (masked columns are 0: not the max)
+            q, s = to_int8_row((w * normed).to(x.dtype).to(tl.float32))
+            tl.store(out_ptr + row * n + cols, q, mask=mask)
             tl.store(row_scale_ptr + row, s)
         else:
             tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)

@@ -72,8 +72,8 @@ class Attention(nn.Module):
                              config.head_size, config.attention_bias or config.qkv_bias, mapping)
         self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
                                config.attention_bias, mapping)
-        # dense's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_fp8_inputs): decode
-        # attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output.
+        # dense's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_input_quantization):
+        # decode attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output.
         self.fp8_out_scale: torch.Tensor | None = None
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)

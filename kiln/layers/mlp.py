@@ -37,7 +37,7 @@ class GatedMLP(nn.Module):
             self.fc = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
             self.gate = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
         self.proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
-        # proj's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_fp8_inputs):
+        # proj's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_input_quantization):
         # the activation then writes proj's e4m3 input directly.
         self.fp8_act_scale: torch.Tensor | None = None
 

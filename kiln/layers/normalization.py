@@ -7,6 +7,7 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_quant import quantize_activation
+from kiln.kernels.int8_gemm import Int8Rows, quantize_int8_activation
 from kiln.kernels.rmsnorm import rms_norm
 from kiln.mapping import replicate
 
@@ -18,21 +19,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.shard_rules = {"weight": replicate}
-        # The static scale of the FP8 linear that reads this norm's output, set at engine load
-        # (DecoderLayer.fuse_fp8_inputs): the output is then that linear's e4m3 input, Fp8Rows.
+        # Set at engine load (DecoderLayer.fuse_input_quantization) when the linear that reads this norm's output
+        # takes quantized input: its static FP8 scale (the output is then Fp8Rows), or int8_rows for SmoothQuant's
+        # per-token int8 (Int8Rows).
         self.fp8_out_scale: torch.Tensor | None = None
+        self.int8_rows = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) with the sum rounded to x's dtype first."""
         if x.is_cuda and not self.unit_offset and triton_available():  # the same math in one Triton launch
-            return rms_norm(x, self.weight, self.eps, residual, self.fp8_out_scale)
+            return rms_norm(x, self.weight, self.eps, residual, self.fp8_out_scale, self.int8_rows)
         if residual is not None:
             x = x + residual
             return self(x), x
         normed = self._normed(x)
-        if self.fp8_out_scale is None:
-            return normed
-        return quantize_activation(normed.reshape(-1, normed.shape[-1]), self.fp8_out_scale)
+        rows = normed.reshape(-1, normed.shape[-1])
+        if self.fp8_out_scale is not None:
+            return quantize_activation(rows, self.fp8_out_scale)
+        return Int8Rows(*quantize_int8_activation(rows)) if self.int8_rows else normed
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -30,6 +30,7 @@ from kiln.layers.moe import MoE
 from kiln.layers.normalization import RMSNorm, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8 import fp8_input_scale
+from kiln.quantization.w8a8 import int8_input
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import apply_quant_config, quantized_linears, quantizes_lm_head
 from kiln.version import FORMAT_VERSION, __version__
@@ -285,17 +286,21 @@ class DecoderLayer(nn.Module):
         mlp = self.mlp(h)
         return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
 
-    def fuse_fp8_inputs(self) -> None:
+    def fuse_input_quantization(self) -> None:
         """Where a static-FP8 linear reads an RMSNorm's, the gated activation's or decode attention's output, that
-        kernel writes the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows): one pass less per linear, no bit
-        changed. A no-op for every other format. Set once, when the engine loads (ModelRunner)."""
+        kernel writes the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows); where a SmoothQuant linear
+        reads an RMSNorm's, the norm writes its int8 codes and row scales (kiln.kernels.int8_gemm.Int8Rows). One pass
+        less per linear, no bit changed. A no-op for every other format. Set once, when the engine loads
+        (ModelRunner)."""
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.fp8_out_scale = fp8_input_scale(self.attention.qkv)
+            self.input_layernorm.int8_rows = int8_input(self.attention.qkv)
         if os.environ.get("KILN_FP8_ATTENTION_CODES", "1") != "0":  # (3% faster FP8 batch-1 decode on an H200)
             self.attention.fp8_out_scale = fp8_input_scale(self.attention.dense)  # decode attention's output feeds it
         if isinstance(self.mlp, GatedMLP) and self.mlp.fused:
             if isinstance(self.post_layernorm, RMSNorm):  # its output feeds fc_gate alone
                 self.post_layernorm.fp8_out_scale = fp8_input_scale(self.mlp.fc_gate)
+                self.post_layernorm.int8_rows = int8_input(self.mlp.fc_gate)
             self.mlp.fp8_act_scale = fp8_input_scale(self.mlp.proj)
 
     def full_output(self, x, positions, batch):
@@ -406,7 +411,7 @@ class DecoderModelForCausalLM(PretrainedModel):
         tensors, and the FP8 input quantization fused into the kernels before those linears."""
         prepare_linear_layers(self)
         for layer in self.transformer.layers.values():
-            layer.fuse_fp8_inputs()
+            layer.fuse_input_quantization()
 
     def _ties_lm_head(self) -> bool:
         """lm_head shares the embedding's tensor: tied embeddings, both on this rank, lm_head in full precision

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.kernels.int8_gemm import int8_gemm, quantize_int8_activation
+from kiln.kernels.int8_gemm import Int8Rows, int8_gemm, quantize_int8_activation
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 from kiln.quantization.weight_only import dequantize_int8, quantize_int8_per_channel, shard_input_vector
@@ -27,6 +27,13 @@ from kiln.quantization.weight_only import dequantize_int8, quantize_int8_per_cha
 
 def _param(*shape, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def int8_input(layer: Linear) -> bool:
+    """Whether the kernel that writes this linear's input can quantize it instead (Int8Rows): SmoothQuant's linears
+    whose smoothing is folded into the norm before them (no prequant scale to multiply in first)."""
+    method = layer.quant_method
+    return isinstance(method, Int8W8A8Method) and not method.prequant
 
 
 class Int8W8A8Method(LinearMethod):
@@ -46,7 +53,10 @@ class Int8W8A8Method(LinearMethod):
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(layer.weight, layer.weights_scaling_factor, dtype)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor | Int8Rows) -> torch.Tensor:
+        if isinstance(x, Int8Rows):  # already quantized by the RMSNorm before (see int8_input)
+            return int8_gemm(x.q, x.scale, layer.weight, layer.weights_scaling_factor,
+                             layer.weights_scaling_factor.dtype)
         prequant = layer.prequant_scaling_factor if self.prequant else None
         xq, x_scale = quantize_int8_activation(x.reshape(-1, x.shape[-1]), prequant)
         y = int8_gemm(xq, x_scale, layer.weight, layer.weights_scaling_factor, x.dtype)

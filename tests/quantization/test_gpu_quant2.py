@@ -189,11 +189,12 @@ def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
 
 
 @requires_fp8_gpu
-def test_fused_fp8_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
+def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     """On the GPU, prepare_runtime has the RMSNorm and SiLU-and-mul kernels write the static-FP8 linears' e4m3
-    inputs (Fp8Rows): a prompt's logits (the _scaled_mm GEMM) equal, bit for bit, those of each linear quantizing
-    its own input. (At one or two rows the two paths run GEMV variants whose tiles the autotuner picks apart, so
-    their sums may differ in order: tests/kernels/test_gemv_kernel.py compares those with one tile.)"""
+    inputs (Fp8Rows), and the RMSNorms SmoothQuant's int8 codes and row scales (Int8Rows): a prompt's logits (the
+    _scaled_mm and int8 GEMMs) equal, bit for bit, those of each linear quantizing its own input. (At one or two
+    rows the two paths run GEMV variants whose tiles the autotuner picks apart, so their sums may differ in order:
+    tests/kernels/test_gemv_kernel.py compares those with one tile.)"""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
 
@@ -203,19 +204,21 @@ def test_fused_fp8_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     from kiln.quantization.workflow import quantize_checkpoint
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
-    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="bfloat16",
-                               calib_size=4, calib_max_seq_len=64, device="cuda")
-
-    def logits(ids: torch.Tensor, fused: bool) -> torch.Tensor:
-        model = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")
-        if fused:
-            model.prepare_runtime()
-            assert model.transformer.layers["0"].input_layernorm.fp8_out_scale is not None
-        with torch.no_grad():
-            return model(ids.cuda())
-
     ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
-    assert torch.equal(logits(ids, fused=True), logits(ids, fused=False))
+    for algo in ("FP8", "W8A8_SQ_PER_CHANNEL"):
+        ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / algo, QuantConfig(quant_algo=algo), dtype="bfloat16",
+                                   calib_size=4, calib_max_seq_len=64, device="cuda")
+
+        def logits(fused: bool) -> torch.Tensor:
+            model = kiln.build(PretrainedModel.from_checkpoint(ckpt)).runtime_model("cuda")
+            if fused:
+                model.prepare_runtime()
+                norm = model.transformer.layers["0"].input_layernorm
+                assert norm.fp8_out_scale is not None or norm.int8_rows, algo
+            with torch.no_grad():
+                return model(ids.cuda())
+
+        assert torch.equal(logits(fused=True), logits(fused=False)), algo
 
 
 @requires_fp8_gpu

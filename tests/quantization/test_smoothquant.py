@@ -101,3 +101,25 @@ def test_alpha_is_validated_and_recorded(quant_llama, tmp_path):
                           "--quant-algo", "W8A8_SQ_PER_CHANNEL", "--smoothquant-alpha", "0.8",
                           "--calib-size", "2", "--calib-max-seq-len", "32"]) == 0
     assert PretrainedModel.from_checkpoint(tmp_path / "q").config.quantization.smoothquant_alpha == 0.8
+
+
+def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
+    """prepare_runtime has the norms before qkv and fc_gate (their smoothing folded in, no prequant scale) write
+    SmoothQuant's int8 codes and row scales (Int8Rows): the logits are bit for bit those of each linear quantizing
+    its own input. The row-parallel layers, which multiply their prequant scale in first, keep their own pass."""
+    from kiln.kernels.int8_gemm import Int8Rows
+
+    def runtime_model(fused):
+        model = kiln.build(PretrainedModel.from_checkpoint(sq_ckpt)).runtime_model()
+        if fused:
+            model.prepare_runtime()
+        return model
+
+    model = runtime_model(fused=True)
+    layer = model.transformer.layers["1"]
+    assert layer.input_layernorm.int8_rows and layer.post_layernorm.int8_rows
+    assert layer.input_layernorm.fp8_out_scale is None
+    rows = layer.input_layernorm(torch.randn(3, model.config.hidden_size))
+    assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
