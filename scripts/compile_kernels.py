@@ -68,8 +68,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", BLOCK=4096),
        dict(out_ptr={"fp8": "*fp8e4nv", "int8": "*i8"}[q], row_scale_ptr="*fp32") if q != "16-bit" else {})
       for r in (False, True) for q in ("16-bit", "fp8", "int8")],
-    *[(f"silu_and_mul fp8 out={q}", activation._silu_and_mul_kernel, dict(FP8_OUT=q, BLOCK=1024),
-       dict(out_ptr="*fp8e4nv", row_scale_ptr="*fp32") if q else {}) for q in (False, True)],
+    *[(f"silu_and_mul out={q}", activation._silu_and_mul_kernel,
+       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", BLOCK=16384 if q == "int8" else 1024),
+       dict(out_ptr={"fp8": "*fp8e4nv", "int8": "*i8"}[q], row_scale_ptr="*fp32") if q != "16-bit" else {})
+      for q in ("16-bit", "fp8", "int8")],
     *[(f"decode split kv={c}{'' if fp16 == (c == '*fp8e4nv') else ' codes in the query dtype'}",
        paged_attention_kernels.decode_split_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=fp16, ONE_SPLIT=False, FUSED_MERGE=False,

@@ -395,6 +395,21 @@ def rms_norm_int8_rows() -> None:
                   flush=True)
 
 
+def silu_and_mul_int8_rows() -> None:
+    """SiLU-and-mul writing SmoothQuant's int8 input of mlp.proj, its prequant scale multiplied in: codes and row
+    scales bit for bit those of the 16-bit product put through quantize_int8_rows_ref with that scale."""
+    from kiln.kernels import int8_gemm as ig
+    from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    for rows, inter in ((3, 576), (4, 1500)):
+        x, prequant = torch.randn(rows, 2 * inter).half() * 2, (torch.rand(inter) + 0.5).half()
+        got = silu_and_mul(x, int8_prequant=prequant)
+        want = ig.quantize_int8_rows_ref(silu_and_mul_ref(x), prequant)
+        if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
+            raise SystemExit(f"silu_and_mul int8 rows {rows}x{inter}: differ from the reference")
+        print(f"silu_and_mul int8 rows {rows}x{inter}: codes and scales equal", flush=True)
+
+
 def rotary_with_cache_write() -> None:
     """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
     for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
@@ -461,6 +476,7 @@ def main() -> None:
     int8_gemv()
     int8_gemm_tiles()
     rms_norm_int8_rows()
+    silu_and_mul_int8_rows()
     rotary_with_cache_write()
     int4_qkv_rotary()
     gated_gemm_tiles()

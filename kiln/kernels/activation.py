@@ -6,7 +6,10 @@ and the chunk copy). SiLU is from Elfwing et al. 2017, arXiv:1702.03118 (the GLU
 arXiv:2002.05202).
 
 With `fp8_scale` (the static activation scale of the FP8 linear that reads the product) the kernel writes e4m3
-codes of the product as rounded to x's dtype, as kiln.kernels.fp8_quant would: one pass less, no bit changed.
+codes of the product as rounded to x's dtype, as kiln.kernels.fp8_quant would: one pass less, no bit changed. With
+`int8_prequant` (the SmoothQuant prequant scale of the int8 linear that reads it, mlp.proj) it writes the product
+times that scale as int8 codes with a scale per token, as kiln.kernels.int8_gemm's pass would: a program then takes
+the whole row, whose max the scale needs.
 """
 
 import torch
@@ -20,10 +23,12 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 from kiln.kernels import rows_view
 from kiln.kernels.fp8_quant import Fp8Rows
+from kiln.kernels.int8_gemm import Int8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
     from kiln.kernels.fp8_quant import to_e4m3
+    from kiln.kernels.int8_gemm import to_int8_row
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -33,19 +38,25 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(fc) * gate
 
 
-def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None):
+def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_prequant: torch.Tensor | None = None):
     """Triton version of `silu_and_mul_ref`, CUDA tensors. With `fp8_scale` (a static activation scale [1])
-    the product comes back as Fp8Rows [rows, I], quantized with it."""
+    the product comes back as Fp8Rows [rows, I], quantized with it; with `int8_prequant` ([I], x's dtype) as Int8Rows
+    [rows, I] of the product times it (quantize_int8_rows_ref(product, int8_prequant))."""
     inter = x.shape[-1] // 2
     rows = rows_view(x)
-    quantize = fp8_scale is not None
-    out = torch.empty(rows.shape[0], inter, dtype=torch.float8_e4m3fn if quantize else x.dtype, device=x.device)
-    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else None
+    codes = torch.float8_e4m3fn if fp8_scale is not None else torch.int8 if int8_prequant is not None else None
+    out = torch.empty(rows.shape[0], inter, dtype=codes or x.dtype, device=x.device)
+    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if codes else None
     block, num_warps = program_shape(rows.shape[0], inter)
+    if codes == torch.int8:  # the row's max sets its scale: one program takes the whole row
+        block, num_warps = triton.next_power_of_2(inter), min(max(triton.next_power_of_2(inter) // 1024, 4), 16)
+    scale_in = fp8_scale if fp8_scale is not None else int8_prequant
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out, fp8_scale if quantize else out, row_scale if quantize else out, rows.stride(0), inter,
-        FP8_OUT=quantize, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
-    return Fp8Rows(out, row_scale) if quantize else out.view(*x.shape[:-1], inter)
+        rows, out, out if scale_in is None else scale_in, row_scale if codes else out, rows.stride(0), inter,
+        FP8_OUT=codes == torch.float8_e4m3fn, INT8_OUT=codes == torch.int8, BLOCK=block, num_warps=num_warps,
+        **pdl_args(x.device))
+    rows_of = {torch.float8_e4m3fn: Fp8Rows, torch.int8: Int8Rows}
+    return rows_of[codes](out, row_scale) if codes else out.view(*x.shape[:-1], inter)
 
 
 def program_shape(rows: int, inter: int) -> tuple[int, int]:
@@ -67,8 +78,10 @@ if triton is not None:
         return (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
-                             BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, scale_in_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
+                             INT8_OUT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """scale_in_ptr: FP8's static scale [1], or the int8 linear's prequant scale [inter] (INT8_OUT: BLOCK
+        covers the row)."""
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -78,9 +91,14 @@ if triton is not None:
         gate = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0)
         y = silu_times(fc, gate)
         if FP8_OUT:
-            s = tl.load(fp8_scale_ptr).to(tl.float32)
+            s = tl.load(scale_in_ptr).to(tl.float32)
             tl.store(out_ptr + row * inter + cols, to_e4m3(y.to(tl.float32), s), mask=mask)
             if tl.program_id(1) == 0:
                 tl.store(row_scale_ptr + row, s)
+        elif INT8_OUT:  # times the prequant scale, rounded to the dtype as torch multiplies, then the row's codes
+            p = tl.load(scale_in_ptr + cols, mask=mask, other=0.0)
+            q, s = to_int8_row((y.to(tl.float32) * p.to(tl.float32)).to(y.dtype).to(tl.float32))
+            tl.store(out_ptr + row * inter + cols, q, mask=mask)
+            tl.store(row_scale_ptr + row, s)
         else:
             tl.store(out_ptr + row * inter + cols, y, mask=mask)

@@ -30,7 +30,7 @@ from kiln.layers.moe import MoE
 from kiln.layers.normalization import RMSNorm, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8 import fp8_input_scale
-from kiln.quantization.w8a8 import int8_input
+from kiln.quantization.w8a8 import int8_input, int8_prequant
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import apply_quant_config, quantized_linears, quantizes_lm_head
 from kiln.version import FORMAT_VERSION, __version__
@@ -289,9 +289,9 @@ class DecoderLayer(nn.Module):
     def fuse_input_quantization(self) -> None:
         """Where a static-FP8 linear reads an RMSNorm's, the gated activation's or decode attention's output, that
         kernel writes the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows); where a SmoothQuant linear
-        reads an RMSNorm's, the norm writes its int8 codes and row scales (kiln.kernels.int8_gemm.Int8Rows). One pass
-        less per linear, no bit changed. A no-op for every other format. Set once, when the engine loads
-        (ModelRunner)."""
+        reads an RMSNorm's or the gated activation's, that kernel writes its int8 codes and row scales, the prequant
+        scale multiplied in (kiln.kernels.int8_gemm.Int8Rows). One pass less per linear, no bit changed. A no-op
+        for every other format. Set once, when the engine loads (ModelRunner)."""
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.fp8_out_scale = fp8_input_scale(self.attention.qkv)
             self.input_layernorm.int8_rows = int8_input(self.attention.qkv)
@@ -302,6 +302,7 @@ class DecoderLayer(nn.Module):
                 self.post_layernorm.fp8_out_scale = fp8_input_scale(self.mlp.fc_gate)
                 self.post_layernorm.int8_rows = int8_input(self.mlp.fc_gate)
             self.mlp.fp8_act_scale = fp8_input_scale(self.mlp.proj)
+            self.mlp.int8_prequant = int8_prequant(self.mlp.proj)
 
     def full_output(self, x, positions, batch):
         """The layer's output as one tensor (calibration runs layers one at a time)."""

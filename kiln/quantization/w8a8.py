@@ -36,6 +36,13 @@ def int8_input(layer: Linear) -> bool:
     return isinstance(method, Int8W8A8Method) and not method.prequant
 
 
+def int8_prequant(layer: Linear) -> torch.Tensor | None:
+    """The prequant scale of a SmoothQuant linear that follows no norm (mlp.proj), for the kernel that writes its
+    input to multiply in and quantize (Int8Rows); None for any other linear."""
+    method = layer.quant_method
+    return layer.prequant_scaling_factor if isinstance(method, Int8W8A8Method) and method.prequant else None
+
+
 class Int8W8A8Method(LinearMethod):
     name = "W8A8_SQ_PER_CHANNEL"
 
@@ -54,7 +61,7 @@ class Int8W8A8Method(LinearMethod):
         return dequantize_int8(layer.weight, layer.weights_scaling_factor, dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor | Int8Rows) -> torch.Tensor:
-        if isinstance(x, Int8Rows):  # already quantized by the RMSNorm before (see int8_input)
+        if isinstance(x, Int8Rows):  # quantized by the kernel before (int8_input, int8_prequant), prequant included
             return int8_gemm(x.q, x.scale, layer.weight, layer.weights_scaling_factor,
                              layer.weights_scaling_factor.dtype)
         prequant = layer.prequant_scaling_factor if self.prequant else None

@@ -104,9 +104,10 @@ def test_alpha_is_validated_and_recorded(quant_llama, tmp_path):
 
 
 def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
-    """prepare_runtime has the norms before qkv and fc_gate (their smoothing folded in, no prequant scale) write
-    SmoothQuant's int8 codes and row scales (Int8Rows): the logits are bit for bit those of each linear quantizing
-    its own input. The row-parallel layers, which multiply their prequant scale in first, keep their own pass."""
+    """prepare_runtime has the norms before qkv and fc_gate (their smoothing folded in, no prequant scale) and the
+    gated activation before mlp.proj (its prequant scale multiplied in) write SmoothQuant's int8 codes and row scales
+    (Int8Rows): the logits are bit for bit those of each linear quantizing its own input. The attention output
+    (decode attention's kernels) keeps its own pass."""
     from kiln.kernels.int8_gemm import Int8Rows
 
     def runtime_model(fused):
@@ -118,6 +119,7 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
     model = runtime_model(fused=True)
     layer = model.transformer.layers["1"]
     assert layer.input_layernorm.int8_rows and layer.post_layernorm.int8_rows
+    assert layer.mlp.int8_prequant is layer.mlp.proj.prequant_scaling_factor
     assert layer.input_layernorm.fp8_out_scale is None
     rows = layer.input_layernorm(torch.randn(3, model.config.hidden_size))
     assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
