@@ -15,8 +15,9 @@ same bits: (float32(sum) * x_scale) * w_scale, rounded once. Up to GEMV_MAX_ROWS
 kiln.kernels.gemv.scaled_gemv on the codes instead: W8A16's tuned GEMV, its float32 sum exact while partial sums
 stay under 2^24 (then float32 rounding only, as the CPU emulation).
 
-Where the RMSNorm before a linear can write its codes and scales itself (`Int8Rows`, qkv's and fc_gate's inputs:
-their smoothing is folded into the norm), the separate pass is skipped. On an H200 (thirty-first session) the pass and
+Where the kernel before a linear writes its codes and scales itself (`Int8Rows`: the RMSNorms before qkv and fc_gate,
+whose smoothing is folded into the norm, and SiLU-and-mul before mlp.proj, its prequant scale multiplied in), the
+separate pass is skipped. On an H200 (thirty-first session) the pass and
 the GEMMs equal their references bit for bit (tests/quantization/test_gpu_quant2.py).
 """
 
@@ -52,8 +53,8 @@ ROUND_MAGIC = 12582912.0  # 2^23 + 2^22: y + it - it rounds a float32 |y| < 2^22
 
 
 class Int8Rows(NamedTuple):
-    """SmoothQuant's input already quantized: codes [M, K] int8 and each row's scale [M, 1] float32. The RMSNorm
-    kernel writes these when the linear reading its output is SmoothQuant's without a prequant scale
+    """SmoothQuant's input already quantized: codes [M, K] int8 and each row's scale [M, 1] float32. The RMSNorm and
+    SiLU-and-mul kernels write these when a SmoothQuant linear reads their output
     (kiln.models.base.DecoderLayer.fuse_input_quantization), saving the separate pass."""
 
     q: torch.Tensor

@@ -77,7 +77,7 @@ def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -
     """weight [out, in], the Hessian of its input, and each weight's scale (broadcast to [out, in]: a tensor's, a
     row's or a group's, fixed before the rounding) -> e4m3 codes [out, in], rounded by GPTQ in act order and put
     back in input order, so the checkpoint is one of the plain FP8 formats."""
-    s = scale.float().expand(weight.shape)[:, act_order(hessian.diagonal())]
+    s = scale.float().expand(weight.shape)[:, rounding_order(hessian)]
     codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
 
     def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = act_order(h.diagonal(), chunks)
+    perm = rounding_order(hessian, chunks)
     w, h = w[:, perm], h[perm][:, perm]
     h.diagonal().add_(DAMP * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -115,6 +115,13 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks
             errors[:, j] = err
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
     return perm
+
+
+def rounding_order(hessian: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """The order gptq_round rounds the columns in: act order of the Hessian's diagonal, an input that never fires
+    (diagonal 0) counted as 1, the diagonal it is given for the inversion."""
+    diagonal = hessian.diagonal().float()
+    return act_order(torch.where(diagonal == 0, torch.ones_like(diagonal), diagonal), chunks)
 
 
 def act_order(diagonal: torch.Tensor, chunks: int = 1) -> torch.Tensor:

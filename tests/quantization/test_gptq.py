@@ -169,6 +169,23 @@ def test_with_a_diagonal_hessian_gptq_fp8_is_round_to_nearest():
     assert torch.equal(codes.view(torch.uint8), q_rtn.view(torch.uint8))
 
 
+def test_gptq_fp8_keeps_each_column_on_its_own_scale_past_a_dead_input():
+    """Group scales (FP8_BLOCK_SCALES g32) and an input that never fires: with a diagonal Hessian GPTQ is
+    round-to-nearest, so every live column's codes are round-to-nearest's on its own group's scale (the scales
+    follow the columns into the rounding order, a dead input counted as 1 there as in the inversion)."""
+    from kiln.quantization.fp8_block import quantize_fp8_groups_weight
+    from kiln.quantization.gptq import gptq_fp8
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    diagonal = torch.rand(64, generator=torch.Generator().manual_seed(5)) * 0.4 + 0.8
+    diagonal[5] = 0
+    q_rtn, scale = quantize_fp8_groups_weight(w, 32, torch.float32)
+    codes = gptq_fp8(w, torch.diag(diagonal), scale.repeat_interleave(32, dim=1))
+    live = torch.arange(64) != 5
+    assert torch.equal(codes.view(torch.uint8)[:, live], q_rtn.view(torch.uint8)[:, live])
+    assert torch.equal(codes[:, 5].float(), torch.zeros(16))
+
+
 @pytest.mark.parametrize("algo", FP8_FORMATS)
 def test_fp8_with_gptq_rounding_is_a_plain_checkpoint_of_its_format(quant_llama, tmp_path, algo):
     """--weight-rounding gptq changes the codes only: the config records it, every decoder linear keeps the
