@@ -73,6 +73,16 @@ def cmd_quantize(args) -> None:
         print(format_report(json.loads((out / REPORT_FILE).read_text())) + f" ({out / REPORT_FILE})")
 
 
+def _alpha(text: str) -> float | str:
+    """--smoothquant-alpha: a number (QuantConfig checks its range) or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'auto'") from None
+
+
 def _exclude_modules(args) -> tuple[str, ...]:
     """lm_head (unless --quantize-lm-head), then the --exclude-modules patterns."""
     from kiln.errors import ConfigError
@@ -320,9 +330,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128,
                    help="inputs per scale of int4 and FP8_BLOCK_SCALES: 32, 64 or 128")
     p.add_argument("--has-zero-point", action="store_true", help="int4 with a zero point per group (asymmetric)")
-    p.add_argument("--smoothquant-alpha", type=float, default=0.5,
+    p.add_argument("--smoothquant-alpha", type=_alpha, default=0.5,
                    help="W8A8_SQ_PER_CHANNEL migration strength in [0, 1]: how much of the activations' range "
-                        "moves into the weights")
+                        "moves into the weights; 'auto' searches it per layer input on the calibration text")
     p.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
                    help="modules kept in full precision besides lm_head (fnmatch on names or their suffixes)")
     p.add_argument("--quantize-lm-head", action="store_true",

@@ -116,7 +116,8 @@ class QuantConfig:
     group_size: int = 128
     has_zero_point: bool = False
     exclude_modules: tuple[str, ...] = ("lm_head",)
-    smoothquant_alpha: float = 0.5  # W8A8_SQ_PER_CHANNEL's migration strength (kiln.quantization.smoothquant)
+    # W8A8_SQ_PER_CHANNEL's migration strength, or "auto": searched per input (kiln.quantization.smoothquant)
+    smoothquant_alpha: float | str = 0.5
     keep_sensitive_layers: int = 0  # layers kept in full precision, chosen on calibration (quantization.sensitivity)
     weight_rounding: str = "nearest"  # one of WEIGHT_ROUNDINGS
 
@@ -126,10 +127,11 @@ class QuantConfig:
         set_("kv_cache_quant_algo",
              _parse_algo(self.kv_cache_quant_algo, "QuantConfig", "kv_cache_quant_algo", KV_CACHE_ALGOS))
         _check(self.group_size in GROUP_SIZES, "QuantConfig", "group_size", "one of 32, 64, 128", self.group_size)
-        _check(isinstance(self.smoothquant_alpha, (int, float)) and not isinstance(self.smoothquant_alpha, bool)
-               and 0.0 <= self.smoothquant_alpha <= 1.0, "QuantConfig", "smoothquant_alpha",
-               "a number in [0, 1]", self.smoothquant_alpha)
-        set_("smoothquant_alpha", float(self.smoothquant_alpha))
+        number = isinstance(self.smoothquant_alpha, (int, float)) and not isinstance(self.smoothquant_alpha, bool)
+        _check(self.smoothquant_alpha == "auto" or (number and 0.0 <= self.smoothquant_alpha <= 1.0), "QuantConfig",
+               "smoothquant_alpha", "a number in [0, 1] or 'auto'", self.smoothquant_alpha)
+        if number:
+            set_("smoothquant_alpha", float(self.smoothquant_alpha))
         _check(isinstance(self.keep_sensitive_layers, int) and not isinstance(self.keep_sensitive_layers, bool)
                and self.keep_sensitive_layers >= 0, "QuantConfig", "keep_sensitive_layers", "an integer >= 0",
                self.keep_sensitive_layers)

@@ -41,6 +41,7 @@ ROWS = [
     ("FP8_BLOCK_SCALES g32, GPTQ-rounded", "--quant-algo FP8_BLOCK_SCALES --group-size 32 --weight-rounding gptq"),
     ("FP8_BLOCK_SCALES g128, GPTQ-rounded", "--quant-algo FP8_BLOCK_SCALES --group-size 128 --weight-rounding gptq"),
     ("W8A8_SQ_PER_CHANNEL", "--quant-algo W8A8_SQ_PER_CHANNEL"),
+    ("W8A8_SQ_PER_CHANNEL, alpha searched", "--quant-algo W8A8_SQ_PER_CHANNEL --smoothquant-alpha auto"),
     ("KV INT8", "--kv-cache-quant-algo INT8"),
     ("KV FP8", "--kv-cache-quant-algo FP8"),
     ("W8A16 + KV INT8", "--quant-algo W8A16 --kv-cache-quant-algo INT8"),

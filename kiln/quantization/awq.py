@@ -23,15 +23,12 @@ batch live in memory at a time. Each layer's inputs come from the float layers b
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
-from kiln.layers.attention import AttentionBatch
-from kiln.layers.linear import Linear
 from kiln.quantization import streaming
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups
 
@@ -40,7 +37,6 @@ log = logging.getLogger("kiln")
 # The norm whose output feeds a column-parallel linear of a decoder layer (relative names).
 NORM_BEFORE = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm", "mlp.gate": "post_layernorm"}
 ALPHA_GRID = 20
-MAX_SEARCH_TOKENS = 4096
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_TOKENS, CLIP_ROWS = 20, 0.5, 512, 256  # AutoAWQ's grid; rows per pass bound memory
 NOT_CLIPPED = ("attention.qkv",)
 
@@ -132,42 +128,18 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
     layer. Returns (input_scales {linear: s}, norm_scales {norm: s}, errors {linear: (awq, rtn) mse},
     clips {linear: bound [out, groups] on |W s|}).
     """
-    from kiln.quantization.methods import quant_method_for
-
     config = model.config
     check_awq_supported(config)
-    n, t = tokens.shape
-    positions = torch.arange(t, device=device).repeat(n)
-    batch = AttentionBatch.uncached(n, t)
-    x = streaming.embed(model, tokens, positions, device)
-    pick = torch.randperm(n * t, generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
     input_scales, norm_scales, errors, clips = {}, {}, {}, {}
-    for i in model.mapping.pp_layers(config.num_hidden_layers):
-        prefix = f"transformer.layers.{i}."
-        layer = streaming.load_layer(model, i, device)
-        inputs, hooks = {}, []
-        for name, m in layer.named_modules():
-            if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None:
-                hooks.append(m.register_forward_pre_hook(functools.partial(_capture_input, inputs, name, pick)))
-        with torch.no_grad():
-            y = layer.full_output(x, positions, batch)
-        for h in hooks:
-            h.remove()
+    for prefix, layer, inputs in streaming.layer_inputs(model, tokens, qc, device):
         _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)
         for name, x_in in inputs.items():
             if name not in NOT_CLIPPED:
                 s = input_scales[prefix + name].to(device)
                 w = layer.get_submodule(name).weight.detach()
                 clips[prefix + name] = search_clip(x_in.float() / s, w.float() * s, qc, config.torch_dtype).cpu()
-        log.debug("AWQ layer %d: %s", i, {k: v for k, v in errors.items() if k.startswith(prefix)})
-        x = y
-        del layer, inputs
+        log.debug("AWQ %s: %s", prefix, {k: v for k, v in errors.items() if k.startswith(prefix)})
     return input_scales, norm_scales, errors, clips
-
-
-def _capture_input(inputs: dict, name: str, pick: torch.Tensor, module, args) -> None:
-    """A forward pre-hook: keep the `pick` rows of a linear's input under `name` (None: the input goes on)."""
-    inputs[name] = args[0].detach()[pick]
 
 
 def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, errors) -> None:

@@ -116,7 +116,12 @@ def _calibrate_fp8(source, tokens, qc, reference, device, mapping) -> WeightCali
 def _calibrate_smoothquant(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
     absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
     prequant = {name for name, m in quantized_linears(reference).items() if m.quant_method.prequant}
-    input_scales, norm_scales = smoothquant.smoothing_scales(source, absmax, qc.smoothquant_alpha, prequant)
+    if qc.smoothquant_alpha != "auto":
+        input_scales, norm_scales = smoothquant.smoothing_scales(source, absmax, qc.smoothquant_alpha, prequant)
+        return WeightCalibration(input_scales, norm_scales)
+    input_scales, norm_scales, alphas = smoothquant.searched_smoothing_scales(source, tokens, qc, absmax, prequant,
+                                                                               device)
+    log.info("SmoothQuant alpha searched per input: %s", ", ".join(f"{k} {a:.2f}" for k, a in alphas.items()))
     return WeightCalibration(input_scales, norm_scales)
 
 

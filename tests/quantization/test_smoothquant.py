@@ -93,7 +93,7 @@ def test_tp2_rank_files_reassemble_to_tp1(quant_llama, sq_ckpt, tmp_path):
 
 
 def test_alpha_is_validated_and_recorded(quant_llama, tmp_path):
-    with pytest.raises(ConfigError, match=r"smoothquant_alpha must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"smoothquant_alpha must be a number in \[0, 1\] or 'auto', got 1.5"):
         QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL", smoothquant_alpha=1.5)
     qc = QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL", smoothquant_alpha=0.8)
     assert QuantConfig.from_dict(qc.to_dict()) == qc
@@ -125,3 +125,32 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
     assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
     with torch.no_grad():
         assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
+
+
+def test_auto_alpha_takes_the_grid_point_of_least_int8_output_error():
+    """The search returns the candidate whose smoothing, with both sides int8 as the engine runs them, gives the
+    least output error on the inputs: never worse than the default 0.5 (on the grid), and here better."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 2, 64)
+    x[:, 5] *= 40  # an outlier channel, as SmoothQuant's inputs have
+    weights = [torch.randn(32, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g) * 0.05]
+    absmax = x.abs().amax(0)
+    alpha, s = smoothquant.search_alpha(x, weights, absmax)
+    errors = {a: smoothquant.int8_output_error(x, weights, smoothquant.smoothing_scale(absmax, weights, a))
+              for a in smoothquant.ALPHA_CANDIDATES}
+    assert errors[alpha] == min(errors.values()) and errors[alpha] < errors[0.5]
+    assert torch.equal(s, smoothquant.smoothing_scale(absmax, weights, alpha))
+
+
+def test_auto_alpha_checkpoint_runs_and_records_auto(quant_llama, tmp_path, capsys):
+    """--smoothquant-alpha auto: the config says "auto", the checkpoint equals transformers with its weights
+    fake-quantized, and a word other than auto is refused by the command line."""
+    assert kiln.cli.main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "q"),
+                          "--quant-algo", "W8A8_SQ_PER_CHANNEL", "--smoothquant-alpha", "auto",
+                          "--calib-size", "4", "--calib-max-seq-len", "64"]) == 0
+    assert PretrainedModel.from_checkpoint(tmp_path / "q").config.quantization.smoothquant_alpha == "auto"
+    assert_logits_equal_fake_quant_hf(quant_llama[1], tmp_path / "q", IDS)
+    with pytest.raises(SystemExit):
+        kiln.cli.main(["quantize", "--model-dir", str(quant_llama[0]), "--output-dir", str(tmp_path / "r"),
+                       "--quant-algo", "W8A8_SQ_PER_CHANNEL", "--smoothquant-alpha", "high"])
+    assert "neither a number in [0, 1] nor 'auto'" in capsys.readouterr().err
