@@ -49,7 +49,8 @@ def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_pr
     row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if codes else None
     block, num_warps = program_shape(rows.shape[0], inter)
     if codes == torch.int8:  # the row's max sets its scale: one program takes the whole row
-        block, num_warps = triton.next_power_of_2(inter), min(max(triton.next_power_of_2(inter) // 1024, 4), 16)
+        block = triton.next_power_of_2(inter)
+        num_warps = min(max(block // 1024, 4), 16)
     scale_in = fp8_scale if fp8_scale is not None else int8_prequant
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
         rows, out, out if scale_in is None else scale_in, row_scale if codes else out, rows.stride(0), inter,

@@ -132,6 +132,8 @@ def _calibrate_gptq(source, tokens, qc, reference, device, mapping) -> WeightCal
 CALIBRATORS = {QuantAlgo.W4A16_AWQ: _calibrate_awq, QuantAlgo.W4A8_AWQ: _calibrate_w4a8,
                QuantAlgo.FP8: _calibrate_fp8, QuantAlgo.W8A8_SQ_PER_CHANNEL: _calibrate_smoothquant,
                QuantAlgo.W4A16_GPTQ: _calibrate_gptq}
+
+
 def calibrator_for(qc: QuantConfig):
     """The algorithm's calibration; GPTQ's rounding (--weight-rounding gptq) for a format that otherwise has none."""
     if qc.weight_rounding == "gptq" and qc.quant_algo not in CALIBRATORS:
