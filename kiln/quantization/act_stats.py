@@ -13,8 +13,6 @@ import logging
 import torch
 
 from kiln.config import QuantConfig
-from kiln.layers.attention import AttentionBatch
-from kiln.layers.linear import Linear
 from kiln.quantization import streaming
 
 log = logging.getLogger("kiln")
@@ -23,26 +21,10 @@ log = logging.getLogger("kiln")
 def calibrate_absmax(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> dict[str, torch.Tensor]:
     """{linear name: max |x| over the calibration tokens, per input channel, float32 [in] on the CPU} for every
     linear of a TP=1 source model (lazy weights) that `qc` quantizes; tokens is [n, t]."""
-    from kiln.quantization.methods import quant_method_for
-
-    config = model.config
-    n, t = tokens.shape
-    positions = torch.arange(t, device=device).repeat(n)
-    batch = AttentionBatch.uncached(n, t)
-    x = streaming.embed(model, tokens, positions, device)
     absmax: dict[str, torch.Tensor] = {}
-    for i in model.mapping.pp_layers(config.num_hidden_layers):
-        prefix = f"transformer.layers.{i}."
-        layer = streaming.load_layer(model, i, device)
-        hooks = [m.register_forward_pre_hook(_observer(absmax, prefix + name))
-                 for name, m in layer.named_modules()
-                 if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None]
-        with torch.no_grad():
-            x = layer.full_output(x, positions, batch)
-        for h in hooks:
-            h.remove()
-        del layer
-        log.debug("activation stats: layer %d done", i)
+    for prefix, layer, run in streaming.walk_layers(model, tokens, device):
+        run({m: _observer(absmax, prefix + name) for name, m in streaming.quantized_linears(layer, prefix, qc).items()})
+        log.debug("activation stats: %s done", prefix)
     return {name: a.cpu() for name, a in absmax.items()}
 
 

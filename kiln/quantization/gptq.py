@@ -30,8 +30,6 @@ import logging
 import torch
 
 from kiln.config import QuantAlgo, QuantConfig
-from kiln.layers.attention import AttentionBatch
-from kiln.layers.linear import Linear
 from kiln.quantization import streaming
 from kiln.quantization.awq import NORM_BEFORE
 from kiln.quantization.fp8 import quantize_fp8_weight, to_fp8
@@ -134,36 +132,23 @@ def act_order(diagonal: torch.Tensor, chunks: int = 1) -> torch.Tensor:
 def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, device="cpu") -> dict[str, dict]:
     """{linear name: its gptq_int4 tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
     `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it."""
-    from kiln.quantization.methods import quant_method_for
-
-    config = model.config
-    n, t = tokens.shape
-    positions = torch.arange(t, device=device).repeat(n)
-    batch = AttentionBatch.uncached(n, t)
-    x = streaming.embed(model, tokens, positions, device)
     quantized: dict[str, dict] = {}
-    for i in model.mapping.pp_layers(config.num_hidden_layers):
-        prefix = f"transformer.layers.{i}."
-        layer = streaming.load_layer(model, i, device)
-        linears = {name: m for name, m in layer.named_modules()
-                   if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None}
+    for prefix, layer, run in streaming.walk_layers(model, tokens, device):
+        linears = streaming.quantized_linears(layer, prefix, qc)
         # one Hessian per input: fc and gate read the same norm output (awq.NORM_BEFORE), so one hook sums it
         inputs = {name: NORM_BEFORE.get(name, name) for name in linears}
-        hessians: dict[str, torch.Tensor] = {}
         first = {}  # input -> the first linear reading it, whose hook sums it
         for name, key in inputs.items():
             first.setdefault(key, name)
-        hooks = [linears[name].register_forward_pre_hook(_accumulate(hessians, key)) for key, name in first.items()]
-        with torch.no_grad():
-            x = layer.full_output(x, positions, batch)
-        for hook in hooks:
-            hook.remove()
+        hessians: dict[str, torch.Tensor] = {}
+        run({linears[name]: _accumulate(hessians, key) for key, name in first.items()})
         for name, m in linears.items():
             chunks = tp_size if m.input_sharded else 1
-            tensors = ROUNDERS[qc.quant_algo](m.weight.detach(), hessians[inputs[name]], qc, config.torch_dtype, chunks)
+            tensors = ROUNDERS[qc.quant_algo](m.weight.detach(), hessians[inputs[name]], qc, model.config.torch_dtype,
+                                              chunks)
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
-        log.debug("GPTQ layer %d: %d linears", i, len(linears))
-        del layer, hessians
+        log.debug("GPTQ %s: %d linears", prefix, len(linears))
+        del hessians
     return quantized
 
 

@@ -120,19 +120,11 @@ def calibrate(model, tokens: torch.Tensor, algo: QuantAlgo, device="cpu") -> dic
     from kiln.layers.attention import AttentionBatch
     from kiln.quantization import streaming
 
-    config = model.config
-    n, t = tokens.shape
-    positions = torch.arange(t, device=device).repeat(n)
-    batch = _KVRecorder(AttentionBatch.uncached(n, t))
-    x = streaming.embed(model, tokens, positions, device)
+    recorder = _KVRecorder(AttentionBatch.uncached(*tokens.shape))
     scales = {}
-    for i in model.mapping.pp_layers(config.num_hidden_layers):
-        prefix = f"transformer.layers.{i}."
-        layer = streaming.load_layer(model, i, device)
-        with torch.no_grad():
-            x = layer.full_output(x, positions, batch)
-        scale = torch.stack([calibrated_scale(t, algo, config.torch_dtype) for t in batch.kv])
+    for prefix, _, run in streaming.walk_layers(model, tokens, device, batch=recorder):
+        run()
+        scale = torch.stack([calibrated_scale(t, algo, model.config.torch_dtype) for t in recorder.kv])
         scales[prefix + "attention." + SCALE_NAME] = scale.cpu()
-        log.debug("KV cache layer %d: s_k %.3g s_v %.3g", i, *scale.float().tolist())
-        del layer
+        log.debug("KV cache %s: s_k %.3g s_v %.3g", prefix, *scale.float().tolist())
     return scales

@@ -1,7 +1,8 @@
-"""Layer-by-layer streaming of a source model, shared by every calibration (AWQ, activation statistics,
-KV-cache scales): only the embedding, then one decoder layer at a time, holds real weights, read from the
+"""Layer-by-layer streaming of a source model, shared by every calibration (AWQ, activation statistics, GPTQ's
+Hessians, KV-cache scales): only the embedding, then one decoder layer at a time, holds real weights, read from the
 lazy source; so a model larger than memory can be calibrated.
 
+`walk_layers` is the walk itself: each layer runs over the float layers' output, the caller's hooks on it.
 `layer_inputs` walks the decoder layers with the inputs of their quantized linears sampled, for the calibrations
 that search on those inputs (AWQ's scales and clipping, SmoothQuant's migration strength).
 """
@@ -48,34 +49,57 @@ def embed(model, tokens: torch.Tensor, positions: torch.Tensor, device) -> torch
     return x
 
 
+def walk_layers(model, tokens: torch.Tensor, device, batch=None):
+    """Yield (prefix, layer, run) for each decoder layer of a TP=1 source model (lazy weights); tokens [n, t].
+    The caller calls run(pre_hooks) once, {module: forward pre-hook}: it runs the layer, with those hooks, over its
+    input, the output of the float layers before it; the layer's output is the next layer's input. `batch`: the
+    attention batch the layers run (default: uncached attention over the n sequences)."""
+    from kiln.layers.attention import AttentionBatch
+
+    n, t = tokens.shape
+    positions = torch.arange(t, device=device).repeat(n)
+    batch = AttentionBatch.uncached(n, t) if batch is None else batch
+    hidden = {"output": embed(model, tokens, positions, device)}  # the only reference to the hidden states
+    for i in model.mapping.pp_layers(model.config.num_hidden_layers):
+        layer = load_layer(model, i, device)
+        hidden["input"] = hidden.pop("output")
+        yield f"transformer.layers.{i}.", layer, functools.partial(_run_layer, layer, hidden, positions, batch)
+        if "output" not in hidden:
+            raise RuntimeError(f"walk_layers: layer {i} was not run before the walk went on")
+        del layer
+
+
+def _run_layer(layer, hidden: dict, positions, batch, pre_hooks: dict | None = None) -> None:
+    """walk_layers' run: the layer over hidden["input"], {module: forward pre-hook} on; its output replaces it."""
+    hooks = [m.register_forward_pre_hook(hook) for m, hook in (pre_hooks or {}).items()]
+    try:
+        with torch.no_grad():
+            hidden["output"] = layer.full_output(hidden.pop("input"), positions, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def quantized_linears(layer: nn.Module, prefix: str, qc) -> dict[str, nn.Module]:
+    """{name: linear} of a decoder layer's linears that `qc` quantizes; prefix: the layer's own."""
+    from kiln.layers.linear import Linear
+    from kiln.quantization.methods import quant_method_for
+
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None}
+
+
 def layer_inputs(model, tokens: torch.Tensor, qc, device):
     """Yield (prefix, layer, {linear: its input [<= MAX_SEARCH_TOKENS rows, in]}) for each decoder layer of a TP=1
     source model (lazy weights), for the linears `qc` quantizes; tokens [n, t]. The rows are the same random sample
     of the calibration tokens for every linear; each layer's input comes from the float layers before it."""
-    from kiln.layers.attention import AttentionBatch
-    from kiln.layers.linear import Linear
-    from kiln.quantization.methods import quant_method_for
-
-    config = model.config
-    n, t = tokens.shape
-    positions = torch.arange(t, device=device).repeat(n)
-    batch = AttentionBatch.uncached(n, t)
-    x = embed(model, tokens, positions, device)
-    pick = torch.randperm(n * t, generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
-    for i in model.mapping.pp_layers(config.num_hidden_layers):
-        prefix = f"transformer.layers.{i}."
-        layer = load_layer(model, i, device)
-        inputs, hooks = {}, []
-        for name, m in layer.named_modules():
-            if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None:
-                hooks.append(m.register_forward_pre_hook(functools.partial(_capture_input, inputs, name, pick)))
-        with torch.no_grad():
-            y = layer.full_output(x, positions, batch)
-        for h in hooks:
-            h.remove()
+    pick = torch.randperm(tokens.numel(), generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
+    for prefix, layer, run in walk_layers(model, tokens, device):
+        inputs = {}
+        run({m: functools.partial(_capture_input, inputs, name, pick)
+             for name, m in quantized_linears(layer, prefix, qc).items()})
         yield prefix, layer, inputs
-        x = y
-        del layer, inputs
+        del inputs
 
 
 def _capture_input(inputs: dict, name: str, pick: torch.Tensor, module, args) -> None:
