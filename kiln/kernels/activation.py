@@ -22,8 +22,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.fp8_quant import Fp8Rows
-from kiln.kernels.int8_gemm import Int8Rows
+from kiln.kernels.int8_gemm import QUANTIZED_ROWS
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -56,8 +55,7 @@ def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_pr
         rows, out, out if scale_in is None else scale_in, row_scale if codes else out, rows.stride(0), inter,
         FP8_OUT=codes == torch.float8_e4m3fn, INT8_OUT=codes == torch.int8, BLOCK=block, num_warps=num_warps,
         **pdl_args(x.device))
-    rows_of = {torch.float8_e4m3fn: Fp8Rows, torch.int8: Int8Rows}
-    return rows_of[codes](out, row_scale) if codes else out.view(*x.shape[:-1], inter)
+    return QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], inter)
 
 
 def program_shape(rows: int, inter: int) -> tuple[int, int]:

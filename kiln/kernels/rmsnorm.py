@@ -21,8 +21,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.fp8_quant import Fp8Rows
-from kiln.kernels.int8_gemm import Int8Rows
+from kiln.kernels.int8_gemm import QUANTIZED_ROWS
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -59,8 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         fp8_scale if fp8_scale is not None else weight, row_scale if codes else weight,
         rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
         FP8_OUT=fp8_scale is not None, INT8_OUT=int8_rows, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
-    rows_of = {torch.float8_e4m3fn: Fp8Rows, torch.int8: Int8Rows}
-    out = rows_of[codes](out, row_scale) if codes else out.view(*x.shape[:-1], hidden)
+    out = QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
 
 
