@@ -152,14 +152,15 @@ def test_quantize_on_gpu_writes_the_cpu_checkpoint(tmp_path):
 @requires_fp8_gpu
 def test_gptq_on_the_gpu_rounds_as_well_as_on_the_cpu(tmp_path):
     """GPTQ calibrated and rounded on the GPU (Hessians, Cholesky factors, the column loop), for int4 and for e4m3
-    codes: every linear's weight error against the source within 5% of the CPU run's. The two sum the Hessians in
-    other orders, so near-equal diagonals may sort apart and codes at rounding ties differ; a broken GPU path is far
-    off."""
+    codes: every linear's weight error against the source within 5% of the CPU run's, either way. The two sum the
+    Hessians in other orders, so near-equal diagonals may sort apart and codes at rounding ties differ; a broken GPU
+    path is far off. So is round-to-nearest: its weight error is 25-40% below GPTQ's on this model (GPTQ trades weight
+    error for output error), so a GPU run falling back to it fails too."""
     for qc in (dict(quant_algo="W4A16_GPTQ", group_size=32),
                dict(quant_algo="FP8_BLOCK_SCALES", group_size=32, weight_rounding="gptq")):
         cpu, gpu = (gptq_weight_errors(tmp_path / qc["quant_algo"], device, qc) for device in ("cpu", "cuda"))
         for name, err in cpu.items():
-            assert gpu[name] <= 1.05 * err, f"{qc} {name}: GPU error {gpu[name]:.4g} against the CPU's {err:.4g}"
+            assert abs(gpu[name] - err) <= 0.05 * err, f"{qc} {name}: GPU error {gpu[name]:.4g}, the CPU's {err:.4g}"
 
 
 def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
