@@ -27,11 +27,12 @@ TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
 
 
-def signature(fn, pointers: dict[str, str]) -> dict[str, str]:
+def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
     """Triton's signature of `fn`: the types given (pointers, tensor descriptors), other pointers `*bf16`, floats
-    by name, other scalars int32."""
+    by name, other scalars int32. A scalar given a value in `constexprs` is compiled as that constant, as Triton
+    specializes an integer argument equal to 1 at run time (a unit stride)."""
     def kind(p):
-        if p.is_constexpr:
+        if p.is_constexpr or p.name in constexprs:
             return "constexpr"
         if p.name in pointers:
             return pointers[p.name]
@@ -149,11 +150,12 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
     ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256), dict(w_ptr="*i64")),
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
+    # (the weight scales column-major, as Fp8BlockMethod.prepare stores them; the activations' row-major)
     *[(f"fp8 group gemm group={g} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", fp8_group_gemm._fp8_group_gemm_kernel,
-       dict(GROUP=g, **c.kwargs), dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32"))
+       dict(GROUP=g, stride_wsn=1, stride_xsg=1, **c.kwargs), dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32"))
       for c in fp8_group_gemm._CONFIGS for g in (64, 128)],
     *[(f"fp8 group gemv group={g} split={split}", fp8_group_gemm._fp8_group_gemv_kernel,
-       dict(GROUP=g, BLOCK_N=fp8_group_gemm.GEMV_TILE[0], SPLIT=split),
+       dict(GROUP=g, BLOCK_N=fp8_group_gemm.GEMV_TILE[0], SPLIT=split, stride_wsn=1, stride_xsg=1),
        dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32"))
       for g in (64, 128) for split in (1, 4)],
     *[(f"fp8 quantize groups group={g}", fp8_quant._quantize_groups_kernel, dict(GROUP=g, BLOCK=4096),
@@ -175,7 +177,8 @@ def main() -> None:
             constexprs = {"USE_PDL": True, **constexprs}
         start = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs), target=TARGET)
+            triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers, constexprs),
+                                           constexprs=constexprs), target=TARGET)
             print(f"ok      {label} ({time.perf_counter() - start:.1f} s)")  # what a first open pays per variant
         except Exception as e:  # a compile error: report it and go on to the next kernel
             failed += 1

@@ -13,7 +13,9 @@ itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     pip install --no-deps --target /tmp/np_site numpy==2.2.6   # the interpreter needs numpy < 2.3
-    TRITON_INTERPRET=1 PYTHONPATH=/tmp/np_site:/tmp/triton_site:. python scripts/interpret_kernels.py
+    TRITON_INTERPRET=1 PYTHONPATH=/tmp/np_site:/tmp/triton_site:. python scripts/interpret_kernels.py [ONLY]
+
+ONLY runs the checks whose function names contain it (fp8_group, int8, ...).
 
 fp16 throughout: the interpreter's bfloat16 arithmetic is not torch's.
 """
@@ -21,6 +23,7 @@ fp16 throughout: the interpreter's bfloat16 arithmetic is not torch's.
 from __future__ import annotations
 
 import os
+import sys
 import types
 
 import torch
@@ -303,15 +306,16 @@ def fp8_group_gemm() -> None:
         check(f"fp8 group scales {m}x{k} group {group}", quantize_fp8_groups(x, group).scale, xs)
         wq, ws = quantize_fp8_groups_weight(torch.randn(n, k), group, torch.float16)
         want = gg.fp8_group_gemm_ref(xq, xs, wq, ws, group, torch.float16)
-        for config in gg._CONFIGS:
-            y = torch.empty(m, n, dtype=torch.float16)
-            grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
-            gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), xs.stride(0), ws.stride(0),
-                                            gg.rows_bucket(m), GROUP=group, **config.kwargs)
-            check(f"fp8 group gemm {m}x{n}x{k} group {group} {config.kwargs}", y, want)
+        for order, scales in (("row-major", ws), ("column-major", ws.t().contiguous().t())):  # (the engine's)
+            for config in gg._CONFIGS:
+                y = torch.empty(m, n, dtype=torch.float16)
+                grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
+                gg._fp8_group_gemm_kernel[grid](xq, xs, wq, scales, y, m, n, k, xq.stride(0), *xs.stride(),
+                                                *scales.stride(), gg.rows_bucket(m), GROUP=group, **config.kwargs)
+                check(f"fp8 group gemm {m}x{n}x{k} group {group} {order} scales {config.kwargs}", y, want)
         if m <= gg.GEMV_ROWS:  # the weights-left kernel, unsplit and split over the input dim
             for parts in (1, 3):
-                got = gg.fp8_group_gemm(xq, xs, wq, ws, group, torch.float16, gemv_parts=parts)
+                got = gg.fp8_group_gemm(xq, xs, wq, ws.t().contiguous().t(), group, torch.float16, gemv_parts=parts)
                 check(f"fp8 group gemv {m}x{n}x{k} group {group} in {parts} parts", got, want)
 
 
@@ -459,28 +463,21 @@ def gated_gemm_tiles() -> None:
                   gated_gemm.silu_and_mul_gemm_ref(x, w))
 
 
-def main() -> None:
+CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
+          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows, rotary_with_cache_write,
+          int4_qkv_rotary, gated_gemm_tiles)
+
+
+def main(only: str = "") -> None:
+    """Every check, or those whose function names contain `only`."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
     rotary.libdevice = types.SimpleNamespace(cos=_cos, sin=_sin, mul_rn=_mul_rn)  # the interpreter has no libdevice
-    int4_gemm()
-    int4_gemv()
-    decode_attention()
-    fused_merge()
-    prefill_attention()
-    fp8_dot_gemv()
-    fp8_group_gemm()
-    w4a8_prefill()
-    int8_gemv()
-    int8_gemm_tiles()
-    rms_norm_int8_rows()
-    silu_and_mul_int8_rows()
-    rotary_with_cache_write()
-    int4_qkv_rotary()
-    gated_gemm_tiles()
-
+    for check_kernel in CHECKS:
+        if only in check_kernel.__name__:
+            check_kernel()
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

@@ -39,7 +39,7 @@ MULTIPLES_OF_16 = {"N", "K", "n", "KB", "G", "inter", "stride_xm", "stride_wn", 
                    "q_sb", "q_sh", "k_sblk", "k_stok", "k_sh", "v_sblk", "v_stok", "v_sh", "o_sb", "o_sh",
                    "q_st", "k_st", "v_st", "o_st", "q_tok_stride", "k_tok_stride", "v_tok_stride", "q_head_stride",
                    "k_head_stride", "v_head_stride", "kc_tok_stride", "kc_head_stride", "vc_tok_stride",
-                   "vc_head_stride"}
+                   "vc_head_stride", "stride_xsm", "stride_wsg"}
 
 
 def aligned_pointers(fn) -> dict:
@@ -53,7 +53,7 @@ def disassemble(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages
     """(the kernel's SASS, its registers per thread and shared memory per program); maxnreg caps the registers
     (Triton's launch option)."""
     options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers), constexprs=constexprs,
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers, constexprs), constexprs=constexprs,
                                       attrs=aligned_pointers(fn)), target=TARGET, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])

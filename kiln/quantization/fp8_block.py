@@ -26,6 +26,7 @@ the Triton kernel on CUDA (compute capability 8.9 or newer), the same math in fl
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
@@ -66,6 +67,12 @@ class Fp8BlockMethod(LinearMethod):
         layer.weight = _param(layer.out_features, inp, dtype=FP8)
         layer.weights_scaling_factor = _param(layer.out_features, -(-inp // g))
         layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)
+
+    def prepare(self, layer: Linear) -> None:
+        # The same [out, groups] scales stored column-major: the GEMM reads a group's scales of a tile's columns
+        # as one contiguous vector a step (kiln.kernels.fp8_group_gemm._CONFIGS says what that saves).
+        scales = layer.weights_scaling_factor.data
+        layer.weights_scaling_factor = nn.Parameter(scales.t().contiguous().t(), requires_grad=False)
 
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8_groups(layer.weight, layer.weights_scaling_factor, self.group_size, dtype)
