@@ -47,12 +47,13 @@ def check_awq_supported(config) -> None:
                           "(its scale would fold into the norm the unquantized experts share); use W4A16 or W8A16")
 
 
-def rtn_error(x: torch.Tensor, weights: list[torch.Tensor], qc: QuantConfig, dtype, s=None) -> float:
-    """Mean squared output error of the group's layers quantized with input scale s (None: plain RTN)."""
+def rtn_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], qc: QuantConfig, dtype,
+              s=None) -> float:
+    """Mean squared output error of the group's layers quantized with input scale s (None: plain RTN); refs: their
+    float outputs x w^T, computed once for every s."""
     err, count = 0.0, 0
     xs = x if s is None else x / s
-    for w in weights:
-        ref = x @ w.T
+    for w, ref in zip(weights, refs):
         ws = w if s is None else w * s
         packed, scale, zero = quantize_int4_groups(ws, qc.group_size, qc.has_zero_point, dtype)
         q = dequantize_int4(packed, scale, zero, qc.group_size, torch.float32)
@@ -66,13 +67,14 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qc: QuantConfig, 
     x = x.float()
     weights = [w.float() for w in weights]
     x_mean = x.abs().mean(0)
+    refs = [x @ w.T for w in weights]
     best = (float("inf"), None)
     rtn = None
     for step in range(ALPHA_GRID + 1):
         alpha = step / ALPHA_GRID
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = rtn_error(x, weights, qc, dtype, s)
+        err = rtn_error(x, weights, refs, qc, dtype, s)
         if step == 0:
             rtn = err
         if err < best[0]:
