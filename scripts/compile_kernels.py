@@ -25,6 +25,7 @@ from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gem
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
+CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv"}  # a quantized output's pointer type
 
 
 def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -65,14 +66,17 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for n, kb, split in ((64, 256, 1), (64, 256, 2), (128, 128, 2))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
+    # out: the 16-bit norm, e4m3 over a static scale, int8 over the row's, e4m3 over a scale per 128 inputs
     *[(f"rms_norm residual={r} out={q}", rmsnorm._rms_norm_kernel,
-       dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", BLOCK=4096),
-       dict(out_ptr={"fp8": "*fp8e4nv", "int8": "*i8"}[q], row_scale_ptr="*fp32") if q != "16-bit" else {})
-      for r in (False, True) for q in ("16-bit", "fp8", "int8")],
+       dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=128 if q == "fp8 groups" else 0,
+            BLOCK=4096),
+       dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
+      for r in (False, True) for q in ("16-bit", "fp8", "int8", "fp8 groups")],
     *[(f"silu_and_mul out={q}", activation._silu_and_mul_kernel,
-       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", BLOCK=16384 if q == "int8" else 1024),
-       dict(out_ptr={"fp8": "*fp8e4nv", "int8": "*i8"}[q], row_scale_ptr="*fp32") if q != "16-bit" else {})
-      for q in ("16-bit", "fp8", "int8")],
+       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=128 if q == "fp8 groups" else 0,
+            BLOCK=16384 if q == "int8" else 1024),
+       dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
+      for q in ("16-bit", "fp8", "int8", "fp8 groups")],
     *[(f"decode split kv={c}{'' if fp16 == (c == '*fp8e4nv') else ' codes in the query dtype'}",
        paged_attention_kernels.decode_split_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=fp16, ONE_SPLIT=False, FUSED_MERGE=False,

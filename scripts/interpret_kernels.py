@@ -414,6 +414,45 @@ def silu_and_mul_int8_rows() -> None:
         print(f"silu_and_mul int8 rows {rows}x{inter}: codes and scales equal", flush=True)
 
 
+def fp8_groups_written_by_norm_and_activation() -> None:
+    """The RMSNorm (with and without the residual add) and SiLU-and-mul writing FP8_BLOCK_SCALES' input: group
+    scales and codes bit for bit those of the 16-bit output put through quantize_fp8_groups_ref, but for the
+    interpreter's own e4m3 rounding: a value that rounds up to a power of two (127.3 to 128) comes out as half of it
+    (the mantissa's carry is lost), a tie (42 between 40 and 44) rounds away from zero, not to even, and a subnormal
+    (under 2^-6) may land a step (2^-9) off. Sizes with a short last group."""
+    from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+    from kiln.kernels.fp8_quant import from_groups, quantize_fp8_groups_ref, to_groups
+    from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
+
+    def compare(label, got, want_of):
+        want = quantize_fp8_groups_ref(want_of, group)
+        if not torch.equal(got.scale, want.scale):
+            raise SystemExit(f"{label}: group scales differ from the reference")
+        g, w = got.q.float(), want.q.float()
+        exact = from_groups(to_groups(want_of, group) / want.scale[..., None], want_of.shape[1])
+        carry_lost = (2 * g == w) & (torch.frexp(w).mantissa.abs() == 0.5)
+        tie_away = (g != w) & ((g + w) / 2 == exact) & (g.abs() > w.abs())
+        subnormal = (g != w) & (exact.abs() < 2 ** -6) & ((g - w).abs() <= 2 ** -9)
+        if not bool(((g == w) | carry_lost | tie_away | subnormal).all()):
+            raise SystemExit(f"{label}: codes differ from the reference")
+        print(f"{label}: scales equal, codes equal (interpreter's rounding: {int(carry_lost.sum())} lost carries, "
+              f"{int(tie_away.sum())} ties away, {int(subnormal.sum())} subnormals, of {g.numel()})", flush=True)
+
+    for rows, hidden, group in ((3, 576, 128), (5, 200, 64)):
+        x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
+        weight = (torch.rand(hidden) + 0.5).half()
+        for residual in (None, res):
+            got = rms_norm(x, weight, 1e-5, residual, fp8_group=group)
+            normed = rms_norm_ref(x, weight, 1e-5, residual)
+            if residual is not None:
+                (got, _), (normed, _) = got, normed
+            compare(f"rms_norm fp8 groups {rows}x{hidden} g{group} residual={residual is not None}", got, normed)
+    for rows, inter, group in ((3, 576, 128), (4, 1500, 32)):
+        x = torch.randn(rows, 2 * inter).half() * 2
+        compare(f"silu_and_mul fp8 groups {rows}x{inter} g{group}", silu_and_mul(x, fp8_group=group),
+                silu_and_mul_ref(x))
+
+
 def rotary_with_cache_write() -> None:
     """One head a program (decode's few tokens) and every head in one (more tokens), fused QKV views."""
     for tokens, heads, kv_heads, d in ((1, 32, 8, 128), (3, 12, 4, 64), (17, 12, 4, 64)):
@@ -464,7 +503,8 @@ def gated_gemm_tiles() -> None:
 
 
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
-          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows, rotary_with_cache_write,
+          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows,
+          fp8_groups_written_by_norm_and_activation, rotary_with_cache_write,
           int4_qkv_rotary, gated_gemm_tiles)
 
 

@@ -26,7 +26,7 @@ from kiln.kernels.int8_gemm import QUANTIZED_ROWS
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
-    from kiln.kernels.fp8_quant import to_e4m3
+    from kiln.kernels.fp8_quant import to_e4m3, to_e4m3_groups
     from kiln.kernels.int8_gemm import to_int8_row
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
@@ -37,24 +37,29 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(fc) * gate
 
 
-def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_prequant: torch.Tensor | None = None):
+def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_prequant: torch.Tensor | None = None,
+                 fp8_group: int = 0):
     """Triton version of `silu_and_mul_ref`, CUDA tensors. With `fp8_scale` (a static activation scale [1])
     the product comes back as Fp8Rows [rows, I], quantized with it; with `int8_prequant` ([I], x's dtype) as Int8Rows
-    [rows, I] of the product times it (quantize_int8_rows_ref(product, int8_prequant))."""
+    [rows, I] of the product times it (quantize_int8_rows_ref(product, int8_prequant)); with `fp8_group`, as Fp8Rows
+    with a scale per row and group of that many inputs (quantize_fp8_groups_ref)."""
     inter = x.shape[-1] // 2
     rows = rows_view(x)
-    codes = torch.float8_e4m3fn if fp8_scale is not None else torch.int8 if int8_prequant is not None else None
+    codes = torch.float8_e4m3fn if fp8_scale is not None or fp8_group else \
+        torch.int8 if int8_prequant is not None else None
     out = torch.empty(rows.shape[0], inter, dtype=codes or x.dtype, device=x.device)
-    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if codes else None
+    scales = -(-inter // fp8_group) if fp8_group else 1  # a row's scales
+    row_scale = torch.empty(rows.shape[0], scales, dtype=torch.float32, device=x.device) if codes else None
     block, num_warps = program_shape(rows.shape[0], inter)
+    block = max(block, fp8_group)  # (whole groups a program: both are powers of two)
     if codes == torch.int8:  # the row's max sets its scale: one program takes the whole row
         block = triton.next_power_of_2(inter)
         num_warps = min(max(block // 1024, 4), 16)
     scale_in = fp8_scale if fp8_scale is not None else int8_prequant
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
         rows, out, out if scale_in is None else scale_in, row_scale if codes else out, rows.stride(0), inter,
-        FP8_OUT=codes == torch.float8_e4m3fn, INT8_OUT=codes == torch.int8, BLOCK=block, num_warps=num_warps,
-        **pdl_args(x.device))
+        FP8_OUT=fp8_scale is not None, INT8_OUT=codes == torch.int8, FP8_GROUP=fp8_group, BLOCK=block,
+        num_warps=num_warps, **pdl_args(x.device))
     return QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], inter)
 
 
@@ -78,7 +83,8 @@ if triton is not None:
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, scale_in_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
-                             INT8_OUT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                             INT8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         """scale_in_ptr: FP8's static scale [1], or the int8 linear's prequant scale [inter] (INT8_OUT: BLOCK
         covers the row)."""
         allow_dependents(USE_PDL)
@@ -99,5 +105,11 @@ if triton is not None:
             q, s = to_int8_row((y.to(tl.float32) * p.to(tl.float32)).to(y.dtype).to(tl.float32))
             tl.store(out_ptr + row * inter + cols, q, mask=mask)
             tl.store(row_scale_ptr + row, s)
+        elif FP8_GROUP > 0:  # the program's whole groups, each its own scale (masked columns are 0)
+            q, s = to_e4m3_groups(y.to(tl.float32), FP8_GROUP)
+            tl.store(out_ptr + row * inter + cols, q, mask=mask)
+            groups = tl.program_id(1) * (BLOCK // FP8_GROUP) + tl.arange(0, BLOCK // FP8_GROUP)
+            tl.store(row_scale_ptr + row * tl.cdiv(inter, FP8_GROUP) + groups, s,
+                     mask=groups < tl.cdiv(inter, FP8_GROUP))
         else:
             tl.store(out_ptr + row * inter + cols, y, mask=mask)

@@ -139,16 +139,25 @@ if triton is not None:
         tl.store(scale_ptr + row, s)
 
     @triton.jit
+    def to_e4m3_groups(y, GROUP: tl.constexpr):
+        """A row y [BLOCK] in float32 (zeros past its end; BLOCK a multiple of GROUP) -> (its e4m3 codes [BLOCK],
+        the scales [BLOCK // GROUP] of its groups of GROUP inputs), as quantize_fp8_groups_ref (the kernels that
+        write group-scaled Fp8Rows share it)."""
+        grouped = tl.reshape(y, (y.shape[0] // GROUP, GROUP))
+        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(grouped), axis=1), _FP8_MAX), _MIN_SCALE)
+        return tl.reshape(to_e4m3(grouped, s[:, None]), (y.shape[0],)), s
+
+    @triton.jit
     def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, x_stride, K, G, GROUP: tl.constexpr, BLOCK: tl.constexpr,
                                 USE_PDL: tl.constexpr):
-        """One row: its groups of GROUP inputs (a [BLOCK // GROUP, GROUP] view of the row; masked past K), each
-        with its own scale, as quantize_fp8_groups_ref."""
+        """One row, each group of GROUP inputs with its own scale, as quantize_fp8_groups_ref."""
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        cols = tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), _FP8_MAX), _MIN_SCALE)
-        tl.store(q_ptr + row * K + cols, to_e4m3(x, s[:, None]), mask=mask)
-        tl.store(scale_ptr + row * G + tl.arange(0, BLOCK // GROUP), s, mask=tl.arange(0, BLOCK // GROUP) < G)
+        q, s = to_e4m3_groups(x, GROUP)
+        tl.store(q_ptr + row * K + cols, q, mask=mask)
+        groups = tl.arange(0, BLOCK // GROUP)
+        tl.store(scale_ptr + row * G + groups, s, mask=groups < G)

@@ -9,7 +9,8 @@ When the linear that reads the norm's output takes static-scale FP8 input, the k
 (`fp8_scale`): the row rounded to x's dtype, then divided and cast as kiln.kernels.fp8_quant does, so the
 separate quantization pass disappears and no bit changes. For SmoothQuant's int8 input (`int8_rows`) it writes the
 row's int8 codes and per-token scale as kiln.kernels.int8_gemm's pass does: the whole row is in the program, so its
-max is one reduction more.
+max is one reduction more. For FP8_BLOCK_SCALES' input (`fp8_group`) it writes e4m3 codes with a scale per group of
+inputs, as kiln.kernels.fp8_quant's group pass does.
 """
 
 import torch
@@ -25,7 +26,7 @@ from kiln.kernels.int8_gemm import QUANTIZED_ROWS
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
-    from kiln.kernels.fp8_quant import to_e4m3
+    from kiln.kernels.fp8_quant import to_e4m3, to_e4m3_groups
     from kiln.kernels.int8_gemm import to_int8_row
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
@@ -39,17 +40,19 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             fp8_scale: torch.Tensor | None = None, int8_rows: bool = False):
+             fp8_scale: torch.Tensor | None = None, int8_rows: bool = False, fp8_group: int = 0):
     """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA. With `fp8_scale`
     (a static activation scale [1]) the normed rows come back as Fp8Rows [rows, hidden], quantized with it; with
-    `int8_rows`, as Int8Rows [rows, hidden], each row quantized with its own scale (quantize_int8_rows_ref)."""
+    `int8_rows`, as Int8Rows [rows, hidden], each row quantized with its own scale (quantize_int8_rows_ref); with
+    `fp8_group`, as Fp8Rows with a scale per row and group of that many inputs (quantize_fp8_groups_ref)."""
     hidden = x.shape[-1]
     rows = rows_view(x)
     res = None if residual is None else rows_view(residual)
-    codes = torch.float8_e4m3fn if fp8_scale is not None else torch.int8 if int8_rows else None  # (or the norm)
+    codes = torch.float8_e4m3fn if fp8_scale is not None or fp8_group else torch.int8 if int8_rows else None
     assert codes is None or weight.dtype == x.dtype, "rms_norm: quantized output needs the weight in x's dtype"
     out = torch.empty(rows.shape, dtype=codes or torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    row_scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if codes else None
+    scales = -(-hidden // fp8_group) if fp8_group else 1  # a row's scales
+    row_scale = torch.empty(rows.shape[0], scales, dtype=torch.float32, device=x.device) if codes else None
     res_out = None if residual is None else torch.empty_like(rows)
     block, num_warps = program_shape(rows.shape[0], hidden)
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
@@ -57,7 +60,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
         fp8_scale if fp8_scale is not None else weight, row_scale if codes else weight,
         rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
-        FP8_OUT=fp8_scale is not None, INT8_OUT=int8_rows, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
+        FP8_OUT=fp8_scale is not None, INT8_OUT=int8_rows, FP8_GROUP=fp8_group, BLOCK=max(block, fp8_group),
+        num_warps=num_warps, **pdl_args(x.device))
     out = QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -76,7 +80,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, fp8_scale_ptr, row_scale_ptr, x_stride,
                          res_stride, n, eps, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr,
-                         INT8_OUT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                         INT8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         allow_dependents(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -102,5 +106,10 @@ if triton is not None:
             q, s = to_int8_row((w * normed).to(x.dtype).to(tl.float32))
             tl.store(out_ptr + row * n + cols, q, mask=mask)
             tl.store(row_scale_ptr + row, s)
+        elif FP8_GROUP > 0:  # the normed row in x's dtype, then a scale per group (masked columns are 0)
+            q, s = to_e4m3_groups((w * normed).to(x.dtype).to(tl.float32), FP8_GROUP)
+            tl.store(out_ptr + row * n + cols, q, mask=mask)
+            groups = tl.arange(0, BLOCK // FP8_GROUP)
+            tl.store(row_scale_ptr + row * tl.cdiv(n, FP8_GROUP) + groups, s, mask=groups < tl.cdiv(n, FP8_GROUP))
         else:
             tl.store(out_ptr + row * n + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)

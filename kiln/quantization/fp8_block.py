@@ -55,6 +55,14 @@ def fp8_groups_matmul(x: Fp8Rows, wq: torch.Tensor, w_scale: torch.Tensor, group
     return fp8_group_gemm_ref(x.q, x.scale, wq, w_scale, group, out_dtype)
 
 
+def fp8_input_group(layer: Linear) -> int:
+    """The group size of an FP8_BLOCK_SCALES linear, for the kernel that writes its input to quantize it by groups
+    itself (RMSNorm, SiLU-and-mul: they then return Fp8Rows, bit for bit the pass apply would run); 0 for any other
+    linear."""
+    method = layer.quant_method
+    return method.group_size if isinstance(method, Fp8BlockMethod) else 0
+
+
 class Fp8BlockMethod(LinearMethod):
     name = "FP8_BLOCK_SCALES"
 
@@ -77,7 +85,10 @@ class Fp8BlockMethod(LinearMethod):
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8_groups(layer.weight, layer.weights_scaling_factor, self.group_size, dtype)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):  # quantized by the kernel before (fp8_input_group): codes and group scales
+            return fp8_groups_matmul(x, layer.weight, layer.weights_scaling_factor, self.group_size,
+                                     layer.weights_scaling_factor.dtype)
         fp8_backend(x.device)  # refuses GPUs without FP8 before anything runs
         x2 = x.reshape(-1, x.shape[-1])
         y = fp8_groups_matmul(quantize_activation_groups(x2, self.group_size), layer.weight,

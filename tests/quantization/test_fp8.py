@@ -165,6 +165,31 @@ def test_fused_input_quantization_changes_no_logit(quantized):
     assert per_token.transformer.layers["1"].input_layernorm.fp8_out_scale is None
 
 
+def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_logit(quantized):
+    """FP8_BLOCK_SCALES: prepare_runtime has the norms and the gated activation write their linears' e4m3 input
+    with a scale per group (Fp8Rows), and stores the weight scales column-major: the logits are bit for bit those
+    of each linear quantizing its own input from row-major scales."""
+    import kiln
+    from kiln.kernels.fp8_quant import Fp8Rows
+
+    def runtime_model(fused):
+        model = kiln.build(PretrainedModel.from_checkpoint(quantized["FP8_BLOCK_SCALES"])).runtime_model()
+        if fused:
+            model.prepare_runtime()
+        return model
+
+    model = runtime_model(fused=True)
+    layer, group = model.transformer.layers["1"], model.config.quantization.group_size
+    assert layer.input_layernorm.fp8_out_group == layer.post_layernorm.fp8_out_group == layer.mlp.fp8_act_group \
+        == group
+    assert layer.mlp.proj.weights_scaling_factor.stride(0) == 1  # column-major
+    hidden = model.config.hidden_size
+    normed = layer.input_layernorm(torch.randn(3, hidden))
+    assert isinstance(normed, Fp8Rows) and normed.scale.shape == (3, -(-hidden // group))
+    with torch.no_grad():
+        assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
+
+
 def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):
     out = PretrainedModel.quantize(quant_llama[0], tmp_path / "tp2", QuantConfig(quant_algo="FP8"), Mapping.of(2),
                                    calib_size=4, calib_max_seq_len=64)

@@ -192,8 +192,9 @@ def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
 @requires_fp8_gpu
 def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     """On the GPU, prepare_runtime has the RMSNorm and SiLU-and-mul kernels write the static-FP8 linears' e4m3
-    inputs (Fp8Rows), and the RMSNorms SmoothQuant's int8 codes and row scales (Int8Rows): a prompt's logits (the
-    _scaled_mm and int8 GEMMs) equal, bit for bit, those of each linear quantizing its own input. (At one or two
+    inputs (Fp8Rows), the RMSNorms SmoothQuant's int8 codes and row scales (Int8Rows), and both FP8_BLOCK_SCALES'
+    group-scaled codes: a prompt's logits (the _scaled_mm, int8 and group GEMMs) equal, bit for bit, those of each
+    linear quantizing its own input. (At one or two
     rows the two paths run GEMV variants whose tiles the autotuner picks apart, so their sums may differ in order:
     tests/kernels/test_gemv_kernel.py compares those with one tile.)"""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
@@ -206,7 +207,7 @@ def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
     ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
-    for algo in ("FP8", "W8A8_SQ_PER_CHANNEL"):
+    for algo in ("FP8", "W8A8_SQ_PER_CHANNEL", "FP8_BLOCK_SCALES"):
         ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / algo, QuantConfig(quant_algo=algo), dtype="bfloat16",
                                    calib_size=4, calib_max_seq_len=64, device="cuda")
 
@@ -215,7 +216,7 @@ def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
             if fused:
                 model.prepare_runtime()
                 norm = model.transformer.layers["0"].input_layernorm
-                assert norm.fp8_out_scale is not None or norm.int8_rows, algo
+                assert norm.fp8_out_scale is not None or norm.int8_rows or norm.fp8_out_group, algo
             with torch.no_grad():
                 return model(ids.cuda())
 
