@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The first GPU calls for the kernels written without a GPU (twenty-ninth and thirtieth sessions): their tests, then
-# their speed beside the paths they replace, each in one `kiln bench` run.
+# The first GPU calls for the kernels written without a GPU (twenty-ninth to thirty-second sessions): their tests,
+# then their speed beside the paths they replace, each in one `kiln bench` run.
 #
-#   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]      # parts: tests block-sq w4a8 fp8-lm-head (default: all)
+#   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]   # parts: tests block-sq w4a8 fp8-lm-head block (default: all)
 #
 # A device call runs at most 10 minutes: run `tests block-sq` in one call (about 7 minutes on an H200) and
 # `w4a8 fp8-lm-head` in the next.
 # - tests: FP8_BLOCK_SCALES' group quantization, GEMM and GEMV; SmoothQuant's int8 pass and GEMM (every tile and
 #   torch._int_mm, bit for bit); W4A8_AWQ's FP8 path from 256 rows; both new engines against their CPU emulation;
-#   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's and SmoothQuant's inputs.
+#   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's, SmoothQuant's and
+#   FP8_BLOCK_SCALES' inputs (the last new in the thirty-second session).
 #   (Thirty-first session, H200: all pass, after two reference fixes and the engine test's rewrite.)
 # - block-sq: FP8_BLOCK_SCALES and W8A8_SQ_PER_CHANNEL beside FP8 and bf16, batch-1 decode and offline-3000.
 # - w4a8: W4A8_AWQ (prompt matmuls on FP8 tensor cores) beside W4A16 (dequantized to bf16 for cuBLAS) on one
-#   2048-token prompt and batch-1 decode. AWQ's scale search on 8B shapes has never been timed: capped at 5 minutes.
+#   2048-token prompt and batch-1 decode. AWQ's scale search on 8B shapes has never been timed: capped at 8 minutes.
 # - fp8-lm-head: FP8 with its lm_head in FP8 too (--quantize-lm-head) beside bf16, batch-1 decode: issue 5's 1.7x
 #   needs the lm_head's bytes halved (docs/quantization.md); last measured in the fifth session.
+# - block: FP8_BLOCK_SCALES after the thirty-second session (weight scales column-major, a 128 x 128 tile, inputs
+#   written by the norms and SiLU-and-mul): its GEMM's tiles and GEMV's splits beside bf16
+#   (scripts/bench_fp8_group_gemm.py, about 1.5 minutes), then the engine beside bf16 (about 4 minutes).
+# (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
+# search, which is why it now has 480 s.)
 # Each part writes OUT_DIR/PART.txt (and the bench's PART.json). pytest may come from wheels in .whl/.
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block}
 mkdir -p "$out"
 if ! python -c "import pytest" 2>/dev/null; then
   python -m pip install -q --no-index --no-deps --target /tmp/kiln-site .whl/*.whl
@@ -32,9 +38,11 @@ for part in $parts; do
              -k "group or block or int8 or w4a8 or gptq or fused" ;;
     block-sq) $bench --quant-algo FP8,FP8_BLOCK_SCALES,W8A8_SQ_PER_CHANNEL --workloads decode-1,offline-3000 \
                 --output-json "$out/$part.json" ;;
-    w4a8) timeout 300 $bench --skip-unquantized --quant-algo W4A16,W4A8_AWQ --workloads ttft-2048,decode-1 \
+    w4a8) timeout 480 $bench --skip-unquantized --quant-algo W4A16,W4A8_AWQ --workloads ttft-2048,decode-1 \
             --output-json "$out/$part.json" ;;
     fp8-lm-head) $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
-    *) echo "unknown part $part: use tests, block-sq, w4a8 or fp8-lm-head" >&2; exit 2 ;;
+    block) python scripts/bench_fp8_group_gemm.py
+           $bench --quant-algo FP8_BLOCK_SCALES --workloads decode-1,offline-3000 --output-json "$out/$part.json" ;;
+    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head or block" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
