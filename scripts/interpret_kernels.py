@@ -377,26 +377,33 @@ def int8_gemm_tiles() -> None:
             check(f"int8 gemv 2x{n}x{k} {config.kwargs}", y, ref[:2])
 
 
+def rms_norm_cases(sizes, **quantized):
+    """For each (rows, hidden), with and without the residual add: (label, the RMSNorm kernel's output with the
+    `quantized` option, the reference's 16-bit norm), the residual sums checked on the way."""
+    from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
+
+    for rows, hidden in sizes:
+        x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
+        weight = (torch.rand(hidden) + 0.5).half()
+        for residual in (None, res):
+            got = rms_norm(x, weight, 1e-5, residual, **quantized)
+            normed = rms_norm_ref(x, weight, 1e-5, residual)
+            if residual is not None:
+                (got, got_sum), (normed, want_sum) = got, normed
+                check(f"rms_norm {rows}x{hidden} residual sum", got_sum, want_sum)
+            yield f"{rows}x{hidden} residual={residual is not None}", got, normed
+
+
 def rms_norm_int8_rows() -> None:
     """The RMSNorm writing SmoothQuant's int8 input (with and without the residual add): codes and row scales bit
     for bit those of the norm's 16-bit output put through quantize_int8_rows_ref; hidden sizes no power of two."""
     from kiln.kernels import int8_gemm as ig
-    from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 
-    for rows, hidden in ((3, 576), (5, 200)):
-        x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
-        weight = (torch.rand(hidden) + 0.5).half()
-        for residual in (None, res):
-            got = rms_norm(x, weight, 1e-5, residual, int8_rows=True)
-            normed = rms_norm_ref(x, weight, 1e-5, residual)
-            if residual is not None:
-                (got, got_sum), (normed, want_sum) = got, normed
-                check(f"rms_norm int8 rows {rows}x{hidden} residual sum", got_sum, want_sum)
-            want = ig.quantize_int8_rows_ref(normed)
-            if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
-                raise SystemExit(f"rms_norm int8 rows {rows}x{hidden} residual={residual is not None}: differ")
-            print(f"rms_norm int8 rows {rows}x{hidden} residual={residual is not None}: codes and scales equal",
-                  flush=True)
+    for label, got, normed in rms_norm_cases(((3, 576), (5, 200)), int8_rows=True):
+        want = ig.quantize_int8_rows_ref(normed)
+        if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
+            raise SystemExit(f"rms_norm int8 rows {label}: differ from the reference")
+        print(f"rms_norm int8 rows {label}: codes and scales equal", flush=True)
 
 
 def silu_and_mul_int8_rows() -> None:
@@ -422,7 +429,6 @@ def fp8_groups_written_by_norm_and_activation() -> None:
     (under 2^-6) may land a step (2^-9) off. Sizes with a short last group."""
     from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
     from kiln.kernels.fp8_quant import from_groups, quantize_fp8_groups_ref, to_groups
-    from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 
     def compare(label, got, want_of):
         want = quantize_fp8_groups_ref(want_of, group)
@@ -438,15 +444,9 @@ def fp8_groups_written_by_norm_and_activation() -> None:
         print(f"{label}: scales equal, codes equal (interpreter's rounding: {int(carry_lost.sum())} lost carries, "
               f"{int(tie_away.sum())} ties away, {int(subnormal.sum())} subnormals, of {g.numel()})", flush=True)
 
-    for rows, hidden, group in ((3, 576, 128), (5, 200, 64)):
-        x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
-        weight = (torch.rand(hidden) + 0.5).half()
-        for residual in (None, res):
-            got = rms_norm(x, weight, 1e-5, residual, fp8_group=group)
-            normed = rms_norm_ref(x, weight, 1e-5, residual)
-            if residual is not None:
-                (got, _), (normed, _) = got, normed
-            compare(f"rms_norm fp8 groups {rows}x{hidden} g{group} residual={residual is not None}", got, normed)
+    for size, group in (((3, 576), 128), ((5, 200), 64)):
+        for label, got, normed in rms_norm_cases([size], fp8_group=group):
+            compare(f"rms_norm fp8 groups {label} g{group}", got, normed)
     for rows, inter, group in ((3, 576, 128), (4, 1500, 32)):
         x = torch.randn(rows, 2 * inter).half() * 2
         compare(f"silu_and_mul fp8 groups {rows}x{inter} g{group}", silu_and_mul(x, fp8_group=group),
