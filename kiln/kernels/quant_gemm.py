@@ -216,7 +216,11 @@ def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, s
     groups = -(-packed.shape[1] * 2 // group_size)
     # x's scale is one for every row and group: a [1, G] row read with a zero row stride
     x_scales = x_scale.float().reshape(1, 1).expand(1, groups).contiguous().expand(rows.shape[0], groups)
-    return fp8_group_gemm(rows, x_scales, w4_centered_codes(packed, zero, group_size), scale, group_size, out_dtype)
+    # the group scales column-major, as FP8_BLOCK_SCALES' engine stores them (a step's scales one vector: see
+    # fp8_group_gemm._CONFIGS); a copy of G x N values beside the N x K codes written above
+    col_scales = scale.t().contiguous().t()
+    return fp8_group_gemm(rows, x_scales, w4_centered_codes(packed, zero, group_size), col_scales, group_size,
+                          out_dtype)
 
 
 def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
