@@ -77,24 +77,25 @@ def searched_smoothing_scales(model, tokens: torch.Tensor, qc, act_absmax: dict[
 def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(alpha, s) of ALPHA_CANDIDATES whose smoothing gives the least int8_output_error on inputs x [N, in]."""
     x, weights = x.float(), [w.float() for w in weights]
+    refs = [x @ w.T for w in weights]  # the float outputs, the same for every alpha
     best = None
     for alpha in ALPHA_CANDIDATES:
         s = smoothing_scale(act_absmax, weights, alpha)
-        err = int8_output_error(x, weights, s)
+        err = int8_output_error(x, weights, refs, s)
         if best is None or err < best[0]:
             best = (err, alpha, s)
     return best[1], best[2]
 
 
-def int8_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
-    """Mean squared error of x W^T for each of `weights` when x / s is int8 per token and W s int8 per output
-    channel, as W8A8_SQ_PER_CHANNEL runs them (float32)."""
+def int8_output_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor) -> float:
+    """Mean squared error of x W^T (refs, one per weight) for each of `weights` when x / s is int8 per token and W s
+    int8 per output channel, as W8A8_SQ_PER_CHANNEL runs them (float32)."""
     xq, x_scale = quantize_int8_rows_ref(x / s)
     xd = xq.float() * x_scale
     err, count = 0.0, 0
-    for w in weights:
+    for w, ref in zip(weights, refs):
         wq, w_scale = quantize_int8_per_channel(w * s, torch.float32)
-        err += (xd @ (wq.float() * w_scale[:, None]).T - x @ w.T).pow(2).sum().item()
+        err += (xd @ (wq.float() * w_scale[:, None]).T - ref).pow(2).sum().item()
         count += x.shape[0] * w.shape[0]
     return err / count
 

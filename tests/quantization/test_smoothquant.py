@@ -136,7 +136,8 @@ def test_auto_alpha_takes_the_grid_point_of_least_int8_output_error():
     weights = [torch.randn(32, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g) * 0.05]
     absmax = x.abs().amax(0)
     alpha, s = smoothquant.search_alpha(x, weights, absmax)
-    errors = {a: smoothquant.int8_output_error(x, weights, smoothquant.smoothing_scale(absmax, weights, a))
+    refs = [x @ w.T for w in weights]
+    errors = {a: smoothquant.int8_output_error(x, weights, refs, smoothquant.smoothing_scale(absmax, weights, a))
               for a in smoothquant.ALPHA_CANDIDATES}
     assert errors[alpha] == min(errors.values()) and errors[alpha] < errors[0.5]
     assert torch.equal(s, smoothquant.smoothing_scale(absmax, weights, alpha))
