@@ -459,6 +459,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unquantized", action="store_true", help="bench only the quantized systems")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too in the quantized systems (kiln quantize's --quantize-lm-head)")
+    p.add_argument("--calib-size", type=int, default=32,
+                   help="calibration windows for the quantized systems that calibrate (kiln quantize's --calib-size); "
+                        "speed does not depend on them, and fewer make AWQ's and GPTQ's searches on 8B shapes quicker")
     p.add_argument("--max-batch-size", type=int, default=512, help="the engine's running batch ceiling")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="the engine's per-step token budget")
     _add_runtime_flags(p)

@@ -356,7 +356,8 @@ def build_engine(source, args, quant: QuantConfig | None, build_config: BuildCon
         ckpt = Path(tempfile.mkdtemp(prefix="kiln-bench-quant-")) / "ckpt"
         scratch.append(ckpt.parent)
         start = time.perf_counter()
-        source = quantize_checkpoint(source, ckpt, quant, dtype=args.dtype, device=str(device))
+        source = quantize_checkpoint(source, ckpt, quant, dtype=args.dtype, device=str(device),
+                                     calib_size=args.calib_size)
         print(f"# quantized to {quant.quant_algo and quant.quant_algo.value} / KV "
               f"{quant.kv_cache_quant_algo and quant.kv_cache_quant_algo.value} in {time.perf_counter() - start:.0f}s")
     engine_dir = open_engine_dir(source, args.dtype, build_config)

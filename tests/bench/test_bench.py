@@ -402,6 +402,16 @@ def test_a_synthetic_run_takes_the_default_dtype(tiny_synthetic, tmp_path, caplo
     assert "KV cache (float32)" in caplog.text
 
 
+def test_calib_size_sets_the_quantized_systems_calibration(tiny_synthetic, tmp_path, caplog):
+    """--calib-size reaches the calibration of a quantized system (AWQ's search on 8B shapes took minutes at 32)."""
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 16, "output_len": 2}]))
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assert main(["bench", "--synthetic", "tiny-test", "--workload-file", str(workloads), "--baseline", "none",
+                     "--device", "cpu", "--skip-unquantized", "--quant-algo", "W4A16_AWQ", "--calib-size", "3"]) == 0
+    assert "W4A16_AWQ: calibrating on 3 x " in caplog.text
+
+
 def test_bad_system_flags_fail_before_any_run(tiny_synthetic, capsys):
     """A bad --quant-algo, KV cache format or build flag is refused before the ceilings, the weights and the
     baseline's run: nothing was measured, and no table was printed."""
