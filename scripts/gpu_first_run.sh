@@ -2,10 +2,12 @@
 # The first GPU calls for the kernels written without a GPU (twenty-ninth to thirty-second sessions): their tests,
 # then their speed beside the paths they replace, each in one `kiln bench` run.
 #
-#   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]   # parts: tests block-sq w4a8 fp8-lm-head block (default: all)
+#   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
+#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream (default: all)
 #
-# A device call runs at most 10 minutes: run `tests block-sq` in one call (about 7 minutes on an H200) and
-# `w4a8 fp8-lm-head` in the next.
+# A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
+# H200), `w4a8` alone (up to 8), `attention side-stream` (about 8). block-sq and fp8-lm-head ran in the
+# thirty-first session.
 # - tests: FP8_BLOCK_SCALES' group quantization, GEMM and GEMV; SmoothQuant's int8 pass and GEMM (every tile and
 #   torch._int_mm, bit for bit); W4A8_AWQ's FP8 path from 256 rows; both new engines against their CPU emulation;
 #   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's, SmoothQuant's and
@@ -19,6 +21,10 @@
 # - block: FP8_BLOCK_SCALES after the thirty-second session (weight scales column-major, a 128 x 128 tile, inputs
 #   written by the norms and SiLU-and-mul): its GEMM's tiles and GEMV's splits beside bf16
 #   (scripts/bench_fp8_group_gemm.py, about 1.5 minutes), then the engine beside bf16 (about 4 minutes).
+# - attention: the twenty-eighth session's attention kernels (the TMA prompt kernel over cache codes, the decode
+#   tiles' register caps and prefetch): their tests, then both attention benches (about 3 minutes). Switch on
+#   PREFILL_TMA_CODES, PAIRS_MAX_REGISTERS or PAIRS_PREFETCH where one wins (docs/performance.md, s28).
+# - side-stream: decode attention on the side stream or not, with the FP8 cache, in one process (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
 # search, which is why it now has 480 s and calibrates on 8 windows, a quarter of the default: its speed does not
 # depend on the scales.)
@@ -26,11 +32,12 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream}
 mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
   python -m pip install -q --no-index --no-deps --target /tmp/kiln-site .whl/*.whl
-  export PYTHONPATH=$PWD:/tmp/kiln-site
+  export PYTHONPATH=$PYTHONPATH:/tmp/kiln-site
 fi
 bench="python -m kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none"
 for part in $parts; do
@@ -39,11 +46,18 @@ for part in $parts; do
              -k "group or block or int8 or w4a8 or gptq or fused" ;;
     block-sq) $bench --quant-algo FP8,FP8_BLOCK_SCALES,W8A8_SQ_PER_CHANNEL --workloads decode-1,offline-3000 \
                 --output-json "$out/$part.json" ;;
-    w4a8) timeout 480 $bench --skip-unquantized --calib-size 8 --quant-algo W4A16,W4A8_AWQ --workloads ttft-2048,decode-1 \
-            --output-json "$out/$part.json" ;;
+    w4a8) timeout 480 $bench --skip-unquantized --calib-size 8 --quant-algo W4A16,W4A8_AWQ \
+            --workloads ttft-2048,decode-1 --output-json "$out/$part.json" ;;
     fp8-lm-head) $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
     block) python scripts/bench_fp8_group_gemm.py
            $bench --quant-algo FP8_BLOCK_SCALES --workloads decode-1,offline-3000 --output-json "$out/$part.json" ;;
-    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head or block" >&2; exit 2 ;;
+    attention) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= -n 8 \
+                 tests/kernels/test_paged_attention_kernel.py
+               python scripts/bench_prefill_attention.py
+               python scripts/bench_decode_attention.py ;;
+    side-stream) python scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,first \
+                   --kv-cache-quant-algo FP8 --requests 400 ;;
+    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention or side-stream" >&2
+       exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
