@@ -181,8 +181,8 @@ def main() -> None:
             constexprs = {"USE_PDL": True, **constexprs}
         start = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers, constexprs),
-                                           constexprs=constexprs), target=TARGET)
+            source = ASTSource(fn=fn, signature=signature(fn, pointers, constexprs), constexprs=constexprs)
+            triton.compile(source, target=TARGET)
             print(f"ok      {label} ({time.perf_counter() - start:.1f} s)")  # what a first open pays per variant
         except Exception as e:  # a compile error: report it and go on to the next kernel
             failed += 1
