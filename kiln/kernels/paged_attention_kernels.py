@@ -5,7 +5,7 @@ the references and launchers there. CUDA only: import it where Triton is install
 import triton
 import triton.language as tl
 
-from kiln.kernels.fp8_quant import to_e4m3
+from kiln.kernels.fp8_quant import to_e4m3, to_e4m3_groups
 from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
@@ -296,11 +296,13 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
 
 @triton.jit(do_not_specialize=VARYING_INTS)
 def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_ptr, o_sb, o_sh, heads, head_size,
-                 num_splits, FP8_OUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 num_splits, FP8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     """out[b, h] = the splits' parts weighted by their softmax mass. FP8_OUT: out holds e4m3 codes of the output
     rounded to like_ptr's dtype (the query's: what the 16-bit output would hold) over the static scale
-    fp8_scale_ptr [1], as the next linear would quantize it, and row_scale_ptr [b] gets that scale (Fp8Rows)."""
+    fp8_scale_ptr [1], as the next linear would quantize it, and row_scale_ptr [b] gets that scale (Fp8Rows).
+    FP8_GROUP (a divisor of head_size): the codes have a scale per group of that many of the head's values, as
+    FP8_BLOCK_SCALES' linear would quantize them, and row_scale_ptr [b, heads x head_size / FP8_GROUP] gets them."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -316,6 +318,10 @@ def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_
         out = to_e4m3(out.to(like_ptr.dtype.element_ty).to(tl.float32), scale)
         if h == 0:
             tl.store(row_scale_ptr + b, scale)
+    elif FP8_GROUP > 0:  # values past head_size are 0: their groups' scales are not stored
+        out, group_scales = to_e4m3_groups(out.to(like_ptr.dtype.element_ty).to(tl.float32), FP8_GROUP)
+        g, per_head = tl.arange(0, BLOCK_D // FP8_GROUP), head_size // FP8_GROUP
+        tl.store(row_scale_ptr + (b * heads + h) * per_head + g, group_scales, mask=g < per_head)
     tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
 
 

@@ -73,8 +73,10 @@ class Attention(nn.Module):
         self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
                                config.attention_bias, mapping)
         # dense's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_input_quantization):
-        # decode attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output.
+        # decode attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output. Or dense's
+        # FP8_BLOCK_SCALES group size: the same, codes with a scale per group.
         self.fp8_out_scale: torch.Tensor | None = None
+        self.fp8_out_group = 0
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
         self.qk_norm = config.qk_norm

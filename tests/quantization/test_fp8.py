@@ -181,7 +181,7 @@ def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_l
     model = runtime_model(fused=True)
     layer, group = model.transformer.layers["1"], model.config.quantization.group_size
     assert layer.input_layernorm.fp8_out_group == layer.post_layernorm.fp8_out_group == layer.mlp.fp8_act_group \
-        == group
+        == layer.attention.fp8_out_group == group
     assert layer.mlp.proj.weights_scaling_factor.stride(0) == 1  # column-major
     hidden = model.config.hidden_size
     normed = layer.input_layernorm(torch.randn(3, hidden))

@@ -31,6 +31,7 @@ class Layer:
     kv_cache_dtype: torch.dtype | None = None  # int8 / float8 codes: a quantized cache
     kv_cache_scaling_factor: torch.Tensor | None = None  # [s_k, s_v] with a quantized cache
     fp8_out_scale: torch.Tensor | None = None  # an FP8 output projection's input scale: decode writes its codes
+    fp8_out_group: int = 0  # ... or an FP8_BLOCK_SCALES one's group size
     attend_dense = Attention.attend_dense
 
 
