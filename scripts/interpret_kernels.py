@@ -36,6 +36,7 @@ from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
 from kiln.kernels.activation import silu_and_mul_ref
+from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC, INT8_ROWS, InputQuant
 from kiln.kernels.quant_gemm import w8a16_matmul_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
@@ -180,15 +181,15 @@ def equal_group_codes(got, x: torch.Tensor, group: int) -> bool:
 
 
 def fp8_attention_codes(q, k, v, tables, ctx, d, window, lens) -> None:
-    """fp8_out_scale: where the merge kernel runs, it writes the codes of the 16-bit output over the static scale
-    (Fp8Rows), saturated ones included; unsplit, the 16-bit output itself."""
+    """FP8's static scale as out_quant: where the merge kernel runs, it writes the codes of the 16-bit output over
+    the scale (Fp8Rows), saturated ones included; unsplit, the 16-bit output itself."""
     from kiln.kernels.fp8_quant import FP8_MAX, Fp8Rows
 
     args = (q, k, v, tables, ctx, d ** -0.5, window, torch.tensor([0.02, 0.03]))
     plain = pa.paged_decode_attention(*args)
     for scale in (plain.float().abs().amax() / 400, plain.float().abs().amax() / 900):  # the second saturates
         scale = scale.half().reshape(1)
-        got = pa.paged_decode_attention(*args, fp8_out_scale=scale)
+        got = pa.paged_decode_attention(*args, out_quant=InputQuant(FP8_STATIC, scale))
         if not isinstance(got, Fp8Rows):
             if not torch.equal(got, plain):
                 raise SystemExit(f"decode fp8 codes lens {lens}: the unsplit output changed")
@@ -200,7 +201,7 @@ def fp8_attention_codes(q, k, v, tables, ctx, d, window, lens) -> None:
         if not same:
             raise SystemExit(f"decode fp8 codes lens {lens}: not the quantized output")
     for group in (d, d // 2):  # an FP8_BLOCK_SCALES output projection: a scale per group of a head's values
-        got = pa.paged_decode_attention(*args, fp8_out_group=group)
+        got = pa.paged_decode_attention(*args, out_quant=InputQuant(FP8_GROUPS, group=group))
         if not isinstance(got, Fp8Rows):
             if not torch.equal(got, plain):
                 raise SystemExit(f"decode fp8 group codes lens {lens}: the unsplit output changed")
@@ -404,16 +405,16 @@ def int8_gemm_tiles() -> None:
             check(f"int8 gemv 2x{n}x{k} {config.kwargs}", y, ref[:2])
 
 
-def rms_norm_cases(sizes, **quantized):
-    """For each (rows, hidden), with and without the residual add: (label, the RMSNorm kernel's output with the
-    `quantized` option, the reference's 16-bit norm), the residual sums checked on the way."""
+def rms_norm_cases(sizes, out_quant: InputQuant):
+    """For each (rows, hidden), with and without the residual add: (label, the RMSNorm kernel's output quantized
+    as out_quant, the reference's 16-bit norm), the residual sums checked on the way."""
     from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 
     for rows, hidden in sizes:
         x, res = torch.randn(rows, hidden).half() * 3, torch.randn(rows, hidden).half()
         weight = (torch.rand(hidden) + 0.5).half()
         for residual in (None, res):
-            got = rms_norm(x, weight, 1e-5, residual, **quantized)
+            got = rms_norm(x, weight, 1e-5, residual, out_quant)
             normed = rms_norm_ref(x, weight, 1e-5, residual)
             if residual is not None:
                 (got, got_sum), (normed, want_sum) = got, normed
@@ -426,7 +427,7 @@ def rms_norm_int8_rows() -> None:
     for bit those of the norm's 16-bit output put through quantize_int8_rows_ref; hidden sizes no power of two."""
     from kiln.kernels import int8_gemm as ig
 
-    for label, got, normed in rms_norm_cases(((3, 576), (5, 200)), int8_rows=True):
+    for label, got, normed in rms_norm_cases(((3, 576), (5, 200)), InputQuant(INT8_ROWS)):
         want = ig.quantize_int8_rows_ref(normed)
         if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
             raise SystemExit(f"rms_norm int8 rows {label}: differ from the reference")
@@ -441,7 +442,7 @@ def silu_and_mul_int8_rows() -> None:
 
     for rows, inter in ((3, 576), (4, 1500)):
         x, prequant = torch.randn(rows, 2 * inter).half() * 2, (torch.rand(inter) + 0.5).half()
-        got = silu_and_mul(x, int8_prequant=prequant)
+        got = silu_and_mul(x, InputQuant(INT8_ROWS, scale=prequant))
         want = ig.quantize_int8_rows_ref(silu_and_mul_ref(x), prequant)
         if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
             raise SystemExit(f"silu_and_mul int8 rows {rows}x{inter}: differ from the reference")
@@ -460,12 +461,34 @@ def fp8_groups_written_by_norm_and_activation() -> None:
         print(f"{label:<60} codes and scales equal", flush=True)
 
     for size, group in (((3, 576), 128), ((5, 200), 64)):
-        for label, got, normed in rms_norm_cases([size], fp8_group=group):
+        for label, got, normed in rms_norm_cases([size], InputQuant(FP8_GROUPS, group=group)):
             compare(f"rms_norm fp8 groups {label} g{group}", got, normed, group)
     for rows, inter, group in ((3, 576, 128), (4, 1500, 32)):
         x = torch.randn(rows, 2 * inter).half() * 2
-        compare(f"silu_and_mul fp8 groups {rows}x{inter} g{group}", silu_and_mul(x, fp8_group=group),
-                silu_and_mul_ref(x), group)
+        got = silu_and_mul(x, InputQuant(FP8_GROUPS, group=group))
+        compare(f"silu_and_mul fp8 groups {rows}x{inter} g{group}", got, silu_and_mul_ref(x), group)
+
+
+def fp8_static_written_by_norm_and_activation() -> None:
+    """The RMSNorm (with and without the residual add) and SiLU-and-mul writing static FP8's input: codes bit for
+    bit those of the 16-bit output over the scale (as the interpreter casts: interpreter_e4m3), the scale on every
+    row; the scale makes the largest values saturate."""
+    from kiln.kernels.activation import silu_and_mul
+    from kiln.kernels.fp8_quant import FP8_MAX
+
+    def compare(label, got, x, scale):
+        want = interpreter_e4m3((x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX))
+        if not (torch.equal(got.q.view(torch.uint8), want.view(torch.uint8))
+                and torch.equal(got.scale, scale.float().expand(x.shape[0], 1))):
+            raise SystemExit(f"{label}: codes or scales differ from the reference")
+        print(f"{label:<60} codes and scales equal", flush=True)
+
+    scale = torch.tensor([0.01]).half()  # |x| past 4.48 saturates
+    for label, got, normed in rms_norm_cases([(3, 576)], InputQuant(FP8_STATIC, scale)):
+        compare(f"rms_norm fp8 static {label}", got, normed, scale)
+    x = torch.randn(4, 2 * 1500).half() * 4
+    compare("silu_and_mul fp8 static 4x1500", silu_and_mul(x, InputQuant(FP8_STATIC, scale)), silu_and_mul_ref(x),
+            scale)
 
 
 def rotary_with_cache_write() -> None:
@@ -519,8 +542,8 @@ def gated_gemm_tiles() -> None:
 
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
           w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows,
-          fp8_groups_written_by_norm_and_activation, rotary_with_cache_write,
-          int4_qkv_rotary, gated_gemm_tiles)
+          fp8_groups_written_by_norm_and_activation, fp8_static_written_by_norm_and_activation,
+          rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
 
 
 def main(only: str = "") -> None:

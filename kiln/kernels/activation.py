@@ -5,11 +5,10 @@ reads each half once and writes the [tokens, I] product, instead of torch's thre
 and the chunk copy). SiLU is from Elfwing et al. 2017, arXiv:1702.03118 (the GLU variant: Shazeer 2020,
 arXiv:2002.05202).
 
-With `fp8_scale` (the static activation scale of the FP8 linear that reads the product) the kernel writes e4m3
-codes of the product as rounded to x's dtype, as kiln.kernels.fp8_quant would: one pass less, no bit changed. With
-`int8_prequant` (the SmoothQuant prequant scale of the int8 linear that reads it, mlp.proj) it writes the product
-times that scale as int8 codes with a scale per token, as kiln.kernels.int8_gemm's pass would: a program then takes
-the whole row, whose max the scale needs.
+When the linear that reads the product (mlp.proj) takes quantized input (`out_quant`, kiln.kernels.input_quant),
+the kernel writes it, from the product as rounded to x's dtype, as that linear's own pass would: one pass less, no
+bit changed. SmoothQuant's int8 input is the product times proj's prequant scale, with a scale per token: a program
+then takes the whole row, whose max the scale needs.
 """
 
 import torch
@@ -22,7 +21,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.int8_gemm import QUANTIZED_ROWS
+from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -37,30 +36,30 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(fc) * gate
 
 
-def silu_and_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None, int8_prequant: torch.Tensor | None = None,
-                 fp8_group: int = 0):
-    """Triton version of `silu_and_mul_ref`, CUDA tensors. With `fp8_scale` (a static activation scale [1])
-    the product comes back as Fp8Rows [rows, I], quantized with it; with `int8_prequant` ([I], x's dtype) as Int8Rows
-    [rows, I] of the product times it (quantize_int8_rows_ref(product, int8_prequant)); with `fp8_group`, as Fp8Rows
-    with a scale per row and group of that many inputs (quantize_fp8_groups_ref)."""
+def silu_and_mul(x: torch.Tensor, out_quant: InputQuant | None = None):
+    """Triton version of `silu_and_mul_ref`, CUDA tensors. With `out_quant` the product comes back quantized as
+    out_quant.quantize would: Fp8Rows or Int8Rows [rows, I]."""
     inter = x.shape[-1] // 2
     rows = rows_view(x)
-    codes = torch.float8_e4m3fn if fp8_scale is not None or fp8_group else \
-        torch.int8 if int8_prequant is not None else None
-    out = torch.empty(rows.shape[0], inter, dtype=codes or x.dtype, device=x.device)
-    scales = -(-inter // fp8_group) if fp8_group else 1  # a row's scales
-    row_scale = torch.empty(rows.shape[0], scales, dtype=torch.float32, device=x.device) if codes else None
     block, num_warps = program_shape(rows.shape[0], inter)
-    block = max(block, fp8_group)  # (whole groups a program: both are powers of two)
-    if codes == torch.int8:  # the row's max sets its scale: one program takes the whole row
-        block = triton.next_power_of_2(inter)
-        num_warps = min(max(block // 1024, 4), 16)
-    scale_in = fp8_scale if fp8_scale is not None else int8_prequant
+    if out_quant is None:
+        out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
+        scale_in = row_scale = out  # (unread)
+        flags = NO_QUANT_FLAGS
+    else:
+        assert not (out_quant.kind == INT8_ROWS and out_quant.scale is None), \
+            "silu_and_mul: int8 rows need proj's prequant scale"
+        out = out_quant.empty(rows.shape[0], inter, x.device)
+        scale_in, row_scale = (out.q if out_quant.scale is None else out_quant.scale), out.scale
+        flags = out_quant.kernel_flags()
+        block = max(block, flags["FP8_GROUP"])  # (whole groups a program: both are powers of two)
+        if flags["INT8_OUT"]:  # the row's max sets its scale: one program takes the whole row
+            block = triton.next_power_of_2(inter)
+            num_warps = min(max(block // 1024, 4), 16)
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out, out if scale_in is None else scale_in, row_scale if codes else out, rows.stride(0), inter,
-        FP8_OUT=fp8_scale is not None, INT8_OUT=codes == torch.int8, FP8_GROUP=fp8_group, BLOCK=block,
+        rows, out.q if out_quant else out, scale_in, row_scale, rows.stride(0), inter, **flags, BLOCK=block,
         num_warps=num_warps, **pdl_args(x.device))
-    return QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], inter)
+    return out if out_quant else out.view(*x.shape[:-1], inter)
 
 
 def program_shape(rows: int, inter: int) -> tuple[int, int]:

@@ -38,7 +38,6 @@ except ImportError:  # CPU-only installs: the torch math below
     triton = None
 
 from kiln.kernels.choices import KernelChoices
-from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.gemv import AUTOTUNE, GEMV_MAX_ROWS, candidate_ms, rows_bucket, scaled_gemv, weight_copies
 from kiln.kernels.pdl import pdl_args
 
@@ -60,10 +59,6 @@ class Int8Rows(NamedTuple):
 
     q: torch.Tensor
     scale: torch.Tensor
-
-
-# a quantized input's code dtype -> its rows type, as the RMSNorm and SiLU-and-mul kernels return them
-QUANTIZED_ROWS = {torch.float8_e4m3fn: Fp8Rows, torch.int8: Int8Rows}
 
 
 def quantize_int8_rows_ref(x: torch.Tensor, prequant: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

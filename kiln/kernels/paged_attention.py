@@ -40,7 +40,7 @@ except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
 from kiln.kernels import num_sms
-from kiln.kernels.fp8_quant import Fp8Rows
+from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC, NO_QUANT_FLAGS
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:  # the kernels themselves (kiln/kernels/paged_attention_kernels.py)
@@ -208,16 +208,14 @@ def decode_block_n(pairs: bool, max_context: int) -> int:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                           kv_scale=None, out=None, fp8_out_scale=None, fp8_out_group=0):
+                           kv_scale=None, out=None, out_quant=None):
     """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors.
 
-    fp8_out_scale: the static FP8 scale [1] of the linear that reads the output (the output projection of an FP8
-    engine). Where the merge kernel runs (the keys are split), it then writes that linear's e4m3 input itself and
-    the result is Fp8Rows [batch, heads x head size], bit for bit quantize_fp8_rows_ref of the 16-bit output: the
-    projection's GEMV reads codes instead of dividing every element of its input in every program. Elsewhere the
-    16-bit output, as without it. fp8_out_group: the same for an FP8_BLOCK_SCALES output projection, codes with a
-    scale per group of that many inputs (quantize_fp8_groups_ref of the 16-bit output), where it divides the head
-    size."""
+    out_quant: the input the output projection wants (kiln.kernels.input_quant). Where the merge kernel runs (the
+    keys are split) and it is e4m3 (FP8's static scale, or FP8_BLOCK_SCALES' groups where the group divides the
+    head size), the merge writes that input itself and the result is Fp8Rows [batch, heads x head size], bit for
+    bit out_quant.quantize of the 16-bit output: the projection reads codes instead of quantizing its input in a
+    pass (or, in FP8's GEMV, in every program). Elsewhere the 16-bit output, as without it."""
     batch, heads, head_size = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -231,8 +229,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
     # codes: the merge kernel writes Fp8Rows of its own (the split kernel's 16-bit `out` then stays unwritten)
-    out_group = fp8_out_group if fp8_out_group and head_size % fp8_out_group == 0 else 0  # (within a head)
-    codes = (fp8_out_scale is not None or out_group > 0) and not one and not FUSED_MERGE and out is None
+    codes = _merge_writes(out_quant, head_size) and not one and not FUSED_MERGE and out is None
     out = torch.empty_like(q) if out is None else out
     partial = out if one else torch.empty(batch, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
@@ -253,10 +250,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **_register_cap(pairs, block_n),
         **pdl_args(q.device))
     if codes:
-        scales = heads * head_size // out_group if out_group else 1  # a row's
-        fp8 = Fp8Rows(torch.empty(batch, heads * head_size, dtype=torch.float8_e4m3fn, device=q.device),
-                      torch.empty(batch, scales, dtype=torch.float32, device=q.device))
-        _merge_splits(partial, lse, fp8.q.view(batch, heads, head_size), q, fp8_out_scale, fp8.scale, out_group)
+        fp8 = out_quant.empty(batch, heads * head_size, q.device)
+        _merge_splits(partial, lse, fp8.q.view(batch, heads, head_size), q, out_quant, fp8.scale)
         return fp8
     if not one and counts is None:
         _merge_splits(partial, lse, out, q)
@@ -292,16 +287,24 @@ def _codes_fp16(q: torch.Tensor, cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
 
 
+def _merge_writes(out_quant, head_size: int) -> bool:
+    """Whether the merge kernel can write this input: one program a head, so e4m3 codes over a static scale or
+    with a scale per group within a head. (SmoothQuant's int8 rows need the max of every head's output.)"""
+    return out_quant is not None and (out_quant.kind == FP8_STATIC or
+                                      out_quant.kind == FP8_GROUPS and head_size % out_quant.group == 0)
+
+
 def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
-                  fp8_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                  fp8_group: int = 0) -> None:
+                  out_quant=None, row_scale: torch.Tensor | None = None) -> None:
     """out[r, h] = the splits' partial outputs [r, h, s] weighted by their softmax mass (lse, base 2); with
-    fp8_scale, as e4m3 codes of the output rounded to q's dtype, and row_scale [r, 1] gets the scale; with
-    fp8_group, as codes with a scale per group of that many of a head's values, row_scale [r, groups] gets them."""
+    out_quant (_merge_writes), as its e4m3 codes of the output rounded to q's dtype, and row_scale [r, scales a
+    row] gets the scales."""
     rows, heads, splits, head_size = partial.shape
+    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags()
+    scale_in = lse if out_quant is None or out_quant.scale is None else out_quant.scale
     merge_kernel[(rows, heads)](
-        partial, lse, out, q, fp8_scale if fp8_scale is not None else lse, row_scale if row_scale is not None else lse,
-        out.stride(0), out.stride(1), heads, head_size, splits, FP8_OUT=fp8_scale is not None, FP8_GROUP=fp8_group,
+        partial, lse, out, q, scale_in, row_scale if row_scale is not None else lse,
+        out.stride(0), out.stride(1), heads, head_size, splits, FP8_OUT=flags["FP8_OUT"], FP8_GROUP=flags["FP8_GROUP"],
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4,
         **pdl_args(out.device))
 

@@ -5,12 +5,10 @@ into the norm reads each row once and writes it twice, instead of three reads an
 is rounded to x's dtype before it is normalised, as the unfused add would round it (and transformers does),
 so fusing changes no bit.
 
-When the linear that reads the norm's output takes static-scale FP8 input, the kernel can also write e4m3 codes
-(`fp8_scale`): the row rounded to x's dtype, then divided and cast as kiln.kernels.fp8_quant does, so the
-separate quantization pass disappears and no bit changes. For SmoothQuant's int8 input (`int8_rows`) it writes the
-row's int8 codes and per-token scale as kiln.kernels.int8_gemm's pass does: the whole row is in the program, so its
-max is one reduction more. For FP8_BLOCK_SCALES' input (`fp8_group`) it writes e4m3 codes with a scale per group of
-inputs, as kiln.kernels.fp8_quant's group pass does.
+When the linear that reads the norm's output takes quantized input (`out_quant`, kiln.kernels.input_quant), the
+kernel writes it: the row rounded to x's dtype, then quantized as that linear's own pass would, so the pass
+disappears and no bit changes. Static-scale FP8 divides and casts; SmoothQuant's int8 and FP8_BLOCK_SCALES' groups
+take the row's (or group's) max as well, one reduction more, since the whole row is in the program.
 """
 
 import torch
@@ -22,7 +20,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.int8_gemm import QUANTIZED_ROWS
+from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -40,29 +38,32 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             fp8_scale: torch.Tensor | None = None, int8_rows: bool = False, fp8_group: int = 0):
-    """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA. With `fp8_scale`
-    (a static activation scale [1]) the normed rows come back as Fp8Rows [rows, hidden], quantized with it; with
-    `int8_rows`, as Int8Rows [rows, hidden], each row quantized with its own scale (quantize_int8_rows_ref); with
-    `fp8_group`, as Fp8Rows with a scale per row and group of that many inputs (quantize_fp8_groups_ref)."""
+             out_quant: InputQuant | None = None):
+    """Triton version of `rms_norm_ref`, same arguments and results; x: [..., hidden], CUDA. With `out_quant` the
+    normed rows come back quantized as out_quant.quantize would: Fp8Rows or Int8Rows [rows, hidden]."""
     hidden = x.shape[-1]
     rows = rows_view(x)
     res = None if residual is None else rows_view(residual)
-    codes = torch.float8_e4m3fn if fp8_scale is not None or fp8_group else torch.int8 if int8_rows else None
-    assert codes is None or weight.dtype == x.dtype, "rms_norm: quantized output needs the weight in x's dtype"
-    out = torch.empty(rows.shape, dtype=codes or torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    scales = -(-hidden // fp8_group) if fp8_group else 1  # a row's scales
-    row_scale = torch.empty(rows.shape[0], scales, dtype=torch.float32, device=x.device) if codes else None
+    if out_quant is None:
+        out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        scale_in = row_scale = weight  # (unread)
+    else:
+        assert weight.dtype == x.dtype, "rms_norm: quantized output needs the weight in x's dtype"
+        assert not (out_quant.kind == INT8_ROWS and out_quant.scale is not None), \
+            "rms_norm: no prequant scale (SmoothQuant folds a norm-fed linear's smoothing into the norm)"
+        out = out_quant.empty(rows.shape[0], hidden, x.device)
+        scale_in = weight if out_quant.scale is None else out_quant.scale
+        row_scale = out.scale
     res_out = None if residual is None else torch.empty_like(rows)
     block, num_warps = program_shape(rows.shape[0], hidden)
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
+    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags()
     _rms_norm_kernel[(rows.shape[0],)](
-        rows, res if res is not None else rows, weight, out, res_out if res_out is not None else out,
-        fp8_scale if fp8_scale is not None else weight, row_scale if codes else weight,
-        rows.stride(0), 0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None,
-        FP8_OUT=fp8_scale is not None, INT8_OUT=int8_rows, FP8_GROUP=fp8_group, BLOCK=max(block, fp8_group),
-        num_warps=num_warps, **pdl_args(x.device))
-    out = QUANTIZED_ROWS[codes](out, row_scale) if codes else out.view(*x.shape[:-1], hidden)
+        rows, res if res is not None else rows, weight, out.q if out_quant else out,
+        res_out if res_out is not None else rows, scale_in, row_scale, rows.stride(0),
+        0 if res is None else res.stride(0), hidden, eps, HAS_RESIDUAL=res is not None, **flags,
+        BLOCK=max(block, flags["FP8_GROUP"]), num_warps=num_warps, **pdl_args(x.device))
+    out = out if out_quant else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
 
 

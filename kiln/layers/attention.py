@@ -16,6 +16,7 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_quant import Fp8Rows
+from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.rotary import apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import make_norm
@@ -72,11 +73,9 @@ class Attention(nn.Module):
                              config.head_size, config.attention_bias or config.qkv_bias, mapping)
         self.dense = RowLinear(config.num_attention_heads * config.head_size, config.hidden_size,
                                config.attention_bias, mapping)
-        # dense's static FP8 input scale, set at engine load (kiln.models.base.DecoderLayer.fuse_input_quantization):
-        # decode attention may then return dense's e4m3 input (Fp8Rows) instead of its 16-bit output. Or dense's
-        # FP8_BLOCK_SCALES group size: the same, codes with a scale per group.
-        self.fp8_out_scale: torch.Tensor | None = None
-        self.fp8_out_group = 0
+        # dense's quantized input (kiln.kernels.input_quant), set at engine load (DecoderLayer.fuse_input_quantization):
+        # decode attention may then return it (Fp8Rows) instead of its 16-bit output.
+        self.out_quant: InputQuant | None = None
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
         self.qk_norm = config.qk_norm

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kiln.kernels import gated_gemm
+from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
@@ -44,6 +45,12 @@ class LinearMethod:
         """apply(layer, x) for the fused QKV projection, then rotary on q and k and the keys and values written to
         `cache` ((k_cache, v_cache, slots, kv_scale): kiln.kernels.rotary.apply_rotary_and_write_cache), in one
         kernel where this method has one for x; None (the default) where not: the caller does the three apart."""
+        return None
+
+    def input_quant(self, layer: "Linear") -> InputQuant | None:
+        """The quantized input this method's apply takes ready-made (Fp8Rows, Int8Rows), for the kernel that
+        computes the layer's input to write it in place of a pass of its own (kiln.kernels.input_quant); None (the
+        default) where apply takes the 16-bit input alone."""
         return None
 
     def prepare(self, layer: "Linear") -> None:
@@ -125,6 +132,10 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
+
+    def input_quant(self) -> InputQuant | None:
+        """The quantized input this layer takes ready-made, if any (LinearMethod.input_quant)."""
+        return self.quant_method.input_quant(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.fp8_quant import quantize_activation, quantize_activation_groups
-from kiln.kernels.int8_gemm import Int8Rows, quantize_int8_activation
+from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.rmsnorm import rms_norm
 from kiln.mapping import replicate
 
@@ -20,26 +19,18 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
         self.shard_rules = {"weight": replicate}
         # Set at engine load (DecoderLayer.fuse_input_quantization) when the linear that reads this norm's output
-        # takes quantized input: its static FP8 scale (the output is then Fp8Rows), int8_rows for SmoothQuant's
-        # per-token int8 (Int8Rows), or FP8_BLOCK_SCALES' group size (Fp8Rows with a scale per group).
-        self.fp8_out_scale: torch.Tensor | None = None
-        self.int8_rows = False
-        self.fp8_out_group = 0
+        # takes quantized input (kiln.kernels.input_quant): the output is then that input, Fp8Rows or Int8Rows.
+        self.out_quant: InputQuant | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) with the sum rounded to x's dtype first."""
         if x.is_cuda and not self.unit_offset and triton_available():  # the same math in one Triton launch
-            return rms_norm(x, self.weight, self.eps, residual, self.fp8_out_scale, self.int8_rows, self.fp8_out_group)
+            return rms_norm(x, self.weight, self.eps, residual, self.out_quant)
         if residual is not None:
             x = x + residual
             return self(x), x
         normed = self._normed(x)
-        rows = normed.reshape(-1, normed.shape[-1])
-        if self.fp8_out_scale is not None:
-            return quantize_activation(rows, self.fp8_out_scale)
-        if self.fp8_out_group:
-            return quantize_activation_groups(rows, self.fp8_out_group)
-        return Int8Rows(*quantize_int8_activation(rows)) if self.int8_rows else normed
+        return normed if self.out_quant is None else self.out_quant.quantize(normed.reshape(-1, normed.shape[-1]))
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

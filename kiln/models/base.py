@@ -29,9 +29,6 @@ from kiln.layers.mlp import GatedMLP, make_mlp
 from kiln.layers.moe import MoE
 from kiln.layers.normalization import RMSNorm, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
-from kiln.quantization.fp8 import fp8_input_scale
-from kiln.quantization.fp8_block import fp8_input_group
-from kiln.quantization.w8a8 import int8_input, int8_prequant
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import apply_quant_config, quantized_linears, quantizes_lm_head
 from kiln.version import FORMAT_VERSION, __version__
@@ -288,27 +285,18 @@ class DecoderLayer(nn.Module):
         return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
 
     def fuse_input_quantization(self) -> None:
-        """Where a static-FP8 linear reads an RMSNorm's, the gated activation's or decode attention's output, that
-        kernel writes the linear's e4m3 input itself (kiln.kernels.fp8_quant.Fp8Rows); where a SmoothQuant linear
-        reads an RMSNorm's or the gated activation's, that kernel writes its int8 codes and row scales, the prequant
-        scale multiplied in (kiln.kernels.int8_gemm.Int8Rows). One pass less per linear, no bit changed. A no-op
-        for every other format. Set once, when the engine loads (ModelRunner). FP8_BLOCK_SCALES' linears get their
-        e4m3 input with its group scales the same way (fp8_input_group)."""
+        """Where a linear takes quantized input (LinearMethod.input_quant: static FP8, SmoothQuant,
+        FP8_BLOCK_SCALES) and an RMSNorm, the gated activation or decode attention computes that input, the kernel
+        writes the codes and scales itself (kiln.kernels.input_quant): one pass less per linear, no bit changed. A
+        no-op for every other format. Set once, when the engine loads (ModelRunner)."""
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
-            self.input_layernorm.fp8_out_scale = fp8_input_scale(self.attention.qkv)
-            self.input_layernorm.int8_rows = int8_input(self.attention.qkv)
-            self.input_layernorm.fp8_out_group = fp8_input_group(self.attention.qkv)
+            self.input_layernorm.out_quant = self.attention.qkv.input_quant()
         if os.environ.get("KILN_FP8_ATTENTION_CODES", "1") != "0":  # (3% faster FP8 batch-1 decode on an H200)
-            self.attention.fp8_out_scale = fp8_input_scale(self.attention.dense)  # decode attention's output feeds it
-            self.attention.fp8_out_group = fp8_input_group(self.attention.dense)
+            self.attention.out_quant = self.attention.dense.input_quant()  # decode attention's output feeds it
         if isinstance(self.mlp, GatedMLP) and self.mlp.fused:
             if isinstance(self.post_layernorm, RMSNorm):  # its output feeds fc_gate alone
-                self.post_layernorm.fp8_out_scale = fp8_input_scale(self.mlp.fc_gate)
-                self.post_layernorm.int8_rows = int8_input(self.mlp.fc_gate)
-                self.post_layernorm.fp8_out_group = fp8_input_group(self.mlp.fc_gate)
-            self.mlp.fp8_act_scale = fp8_input_scale(self.mlp.proj)
-            self.mlp.int8_prequant = int8_prequant(self.mlp.proj)
-            self.mlp.fp8_act_group = fp8_input_group(self.mlp.proj)
+                self.post_layernorm.out_quant = self.mlp.fc_gate.input_quant()
+            self.mlp.act_quant = self.mlp.proj.input_quant()
 
     def full_output(self, x, positions, batch):
         """The layer's output as one tensor (calibration runs layers one at a time)."""

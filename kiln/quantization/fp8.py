@@ -37,6 +37,7 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation
+from kiln.kernels.input_quant import FP8_STATIC, InputQuant
 from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
@@ -160,14 +161,6 @@ def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale:
     return fp8_gemm_emulated(xq, x_scale, wq, w_scale, out_dtype)
 
 
-def fp8_input_scale(layer: Linear) -> torch.Tensor | None:
-    """The static activation scale of an FP8 linear, for the kernel that writes its input to quantize that input
-    itself (RMSNorm, SiLU-and-mul: they then return Fp8Rows, bit for bit what apply's own quantization gives);
-    None for any other linear."""
-    method = layer.quant_method
-    return layer.activation_scaling_factor if isinstance(method, Fp8Method) and method.static else None
-
-
 # ---- the method a linear layer holds -------------------------------------------------------------------
 
 def _param(*shape, dtype=None) -> nn.Parameter:
@@ -197,6 +190,10 @@ class Fp8Method(LinearMethod):
             return quantize_fp8_static(x, layer.activation_scaling_factor)
         return quantize_fp8_per_token(x)
 
+    def input_quant(self, layer: Linear) -> InputQuant | None:
+        """Static FP8 takes e4m3 codes over its calibrated scale; per-token scales are left to apply."""
+        return InputQuant(FP8_STATIC, scale=layer.activation_scaling_factor) if self.static else None
+
     def prepare(self, layer: Linear) -> None:
         # The GEMM's column scales in float32, made once: casting them on every call was a kernel per linear,
         # 0.46 ms of a batch-512 Llama-3-8B decode step on the H100 (kiln.bench.profile_decode).
@@ -204,7 +201,7 @@ class Fp8Method(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         w_scale = getattr(layer, "weights_scale_f32", layer.weights_scaling_factor)  # (set by prepare)
-        if isinstance(x, Fp8Rows):  # already quantized by the kernel before (see fp8_input_scale)
+        if isinstance(x, Fp8Rows):  # already quantized by the kernel before (input_quant)
             return fp8_gemm(x.q, x.scale, layer.weight, w_scale, layer.weights_scaling_factor.dtype)
         x2, out_dtype = x.reshape(-1, x.shape[-1]), x.dtype
         if self.static and _runs_gemv(x2):

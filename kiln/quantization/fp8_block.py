@@ -30,7 +30,8 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
-from kiln.kernels.fp8_quant import Fp8Rows, from_groups, quantize_activation_groups, to_groups
+from kiln.kernels.fp8_quant import Fp8Rows, from_groups, to_groups
+from kiln.kernels.input_quant import FP8_GROUPS, InputQuant
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import FP8, fp8_backend, search_scales
 from kiln.quantization.weight_only import _param, check_whole_groups_per_rank
@@ -55,14 +56,6 @@ def fp8_groups_matmul(x: Fp8Rows, wq: torch.Tensor, w_scale: torch.Tensor, group
     return fp8_group_gemm_ref(x.q, x.scale, wq, w_scale, group, out_dtype)
 
 
-def fp8_input_group(layer: Linear) -> int:
-    """The group size of an FP8_BLOCK_SCALES linear, for the kernel that writes its input to quantize it by groups
-    itself (RMSNorm, SiLU-and-mul: they then return Fp8Rows, bit for bit the pass apply would run); 0 for any other
-    linear."""
-    method = layer.quant_method
-    return method.group_size if isinstance(method, Fp8BlockMethod) else 0
-
-
 class Fp8BlockMethod(LinearMethod):
     name = "FP8_BLOCK_SCALES"
 
@@ -85,13 +78,17 @@ class Fp8BlockMethod(LinearMethod):
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8_groups(layer.weight, layer.weights_scaling_factor, self.group_size, dtype)
 
+    def input_quant(self, layer: Linear) -> InputQuant:
+        """e4m3 codes with a scale per token and group."""
+        return InputQuant(FP8_GROUPS, group=self.group_size)
+
     def apply(self, layer: Linear, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        if isinstance(x, Fp8Rows):  # quantized by the kernel before (fp8_input_group): codes and group scales
+        if isinstance(x, Fp8Rows):  # quantized by the kernel before (input_quant): codes and group scales
             return fp8_groups_matmul(x, layer.weight, layer.weights_scaling_factor, self.group_size,
                                      layer.weights_scaling_factor.dtype)
         fp8_backend(x.device)  # refuses GPUs without FP8 before anything runs
         x2 = x.reshape(-1, x.shape[-1])
-        y = fp8_groups_matmul(quantize_activation_groups(x2, self.group_size), layer.weight,
+        y = fp8_groups_matmul(self.input_quant(layer).quantize(x2), layer.weight,
                               layer.weights_scaling_factor, self.group_size, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.kernels.int8_gemm import Int8Rows, int8_gemm, quantize_int8_activation
+from kiln.kernels.input_quant import INT8_ROWS, InputQuant
+from kiln.kernels.int8_gemm import Int8Rows, int8_gemm
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 from kiln.quantization.weight_only import dequantize_int8, quantize_int8_per_channel, shard_input_vector
@@ -27,20 +28,6 @@ from kiln.quantization.weight_only import dequantize_int8, quantize_int8_per_cha
 
 def _param(*shape, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
-def int8_input(layer: Linear) -> bool:
-    """Whether the kernel that writes this linear's input can quantize it instead (Int8Rows): SmoothQuant's linears
-    whose smoothing is folded into the norm before them (no prequant scale to multiply in first)."""
-    method = layer.quant_method
-    return isinstance(method, Int8W8A8Method) and not method.prequant
-
-
-def int8_prequant(layer: Linear) -> torch.Tensor | None:
-    """The prequant scale of a SmoothQuant linear that follows no norm (mlp.proj), for the kernel that writes its
-    input to multiply in and quantize (Int8Rows); None for any other linear."""
-    method = layer.quant_method
-    return layer.prequant_scaling_factor if isinstance(method, Int8W8A8Method) and method.prequant else None
 
 
 class Int8W8A8Method(LinearMethod):
@@ -60,13 +47,16 @@ class Int8W8A8Method(LinearMethod):
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(layer.weight, layer.weights_scaling_factor, dtype)
 
+    def input_quant(self, layer: Linear) -> InputQuant:
+        """int8 codes with a scale per token, the input times the prequant scale first where the layer has one."""
+        return InputQuant(INT8_ROWS, scale=layer.prequant_scaling_factor if self.prequant else None)
+
     def apply(self, layer: Linear, x: torch.Tensor | Int8Rows) -> torch.Tensor:
-        if isinstance(x, Int8Rows):  # quantized by the kernel before (int8_input, int8_prequant), prequant included
+        if isinstance(x, Int8Rows):  # quantized by the kernel before (input_quant), prequant included
             return int8_gemm(x.q, x.scale, layer.weight, layer.weights_scaling_factor,
                              layer.weights_scaling_factor.dtype)
-        prequant = layer.prequant_scaling_factor if self.prequant else None
-        xq, x_scale = quantize_int8_activation(x.reshape(-1, x.shape[-1]), prequant)
-        y = int8_gemm(xq, x_scale, layer.weight, layer.weights_scaling_factor, x.dtype)
+        rows = self.input_quant(layer).quantize(x.reshape(-1, x.shape[-1]))
+        y = int8_gemm(rows.q, rows.scale, layer.weight, layer.weights_scaling_factor, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):

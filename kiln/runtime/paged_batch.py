@@ -95,9 +95,8 @@ class PagedAttentionBatch:
         continuing = paged_prefill_attention if fast else paged_prefill_attention_ref
         if self.decode_only:
             args = (q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window, kv_scale)
-            # an FP8 output projection's e4m3 input, where the kernel can write it (paged_decode_attention)
-            return decode(*args, fp8_out_scale=layer.fp8_out_scale, fp8_out_group=layer.fp8_out_group) if fast \
-                else decode(*args)
+            # the output projection's quantized input, where the kernel can write it (paged_decode_attention)
+            return decode(*args, out_quant=layer.out_quant) if fast else decode(*args)
         if self.fresh_prefill:
             k, v = self._new_keys(k, v, k_flat, v_flat, kv_scale, slice(None))
             return prefill(q, k, v, self.cu_seqlens, max(self.query_lens), layer.scale, layer.sliding_window,

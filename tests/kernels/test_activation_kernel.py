@@ -36,13 +36,14 @@ def test_kernel_matches_reference(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 37])
 def test_fp8_output_is_the_product_quantized(dtype, rows):
-    """With fp8_scale the kernel writes the e4m3 codes of the product it would have stored: bit for bit
+    """With FP8's static scale the kernel writes the e4m3 codes of the product it would have stored: bit for bit
     quantize_fp8_rows of its own unquantized output (the separate pass it replaces for an FP8 proj)."""
     from kiln.kernels.fp8_quant import quantize_fp8_rows
+    from kiln.kernels.input_quant import FP8_STATIC, InputQuant
 
     x = (torch.randn(rows, 2 * 14336, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype).cuda()
     plain = silu_and_mul(x)
     scale = (plain.float().abs().max() / 448 * 0.75).reshape(1).to(dtype)  # the largest values saturate
-    got, want = silu_and_mul(x, fp8_scale=scale), quantize_fp8_rows(plain, scale)
+    got, want = silu_and_mul(x, InputQuant(FP8_STATIC, scale)), quantize_fp8_rows(plain, scale)
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
     assert torch.equal(got.scale, want.scale) and (got.q.float().abs() == 448).any()

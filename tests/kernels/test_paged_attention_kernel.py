@@ -128,12 +128,14 @@ def test_decode_kernel_matches_reference(dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case):
-    """fp8_out_scale (an FP8 engine's output projection, KILN_FP8_ATTENTION_CODES): where the keys are split, the
-    merge kernel returns Fp8Rows, the same bits as quantizing the kernel's own 16-bit output with that static scale
-    (saturated values included); unsplit, the 16-bit output itself. fp8_out_group (FP8_BLOCK_SCALES): the same with
-    a scale per group of a head's values, where the group divides the head size."""
+    """out_quant FP8_STATIC (an FP8 engine's output projection, KILN_FP8_ATTENTION_CODES): where the keys are split,
+    the merge kernel returns Fp8Rows, the same bits as quantizing the kernel's own 16-bit output with that static
+    scale (saturated values included); unsplit, the 16-bit output itself. FP8_GROUPS (FP8_BLOCK_SCALES): the same
+    with a scale per group of a head's values, where the group divides the head size. INT8_ROWS (SmoothQuant): the
+    16-bit output, which dense quantizes itself."""
     from kiln.kernels import paged_attention
     from kiln.kernels.fp8_quant import Fp8Rows, quantize_fp8_groups_ref, quantize_fp8_rows_ref
+    from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC, INT8_ROWS, InputQuant
 
     lens, heads, kv_heads, d, block_size, window = DECODE_CASES[case]
     q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, block_size, dtype, case)
@@ -144,7 +146,7 @@ def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case)
                                          paged_attention.decode_block_n(False, max_context), plain.device)
     for over in (400, 900):  # max |output| to 400 of e4m3's 448, then to 900: half of them saturate
         scale = (plain.float().abs().amax() / over).to(dtype).reshape(1)
-        got = paged_decode_attention(*args, d ** -0.5, window, fp8_out_scale=scale)
+        got = paged_decode_attention(*args, d ** -0.5, window, out_quant=InputQuant(FP8_STATIC, scale))
         if splits == 1:
             assert torch.equal(got, plain)
             continue
@@ -153,13 +155,14 @@ def test_decode_writes_the_output_projections_fp8_input_bit_for_bit(dtype, case)
         assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
         assert torch.equal(got.scale, want.scale)
     for group in (32, 64, 128):  # FP8_BLOCK_SCALES' output projection: a scale per group of a head's values
-        got = paged_decode_attention(*args, d ** -0.5, window, fp8_out_group=group)
+        got = paged_decode_attention(*args, d ** -0.5, window, out_quant=InputQuant(FP8_GROUPS, group=group))
         if splits == 1 or d % group:  # (a group spanning heads: the 16-bit output, dense quantizes it)
             assert torch.equal(got, plain)
             continue
         want = quantize_fp8_groups_ref(plain.flatten(-2), group)
         assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)), group
         assert torch.equal(got.scale, want.scale), group
+    assert torch.equal(paged_decode_attention(*args, d ** -0.5, window, out_quant=InputQuant(INT8_ROWS)), plain)
 
 
 PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window

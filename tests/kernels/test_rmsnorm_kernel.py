@@ -60,9 +60,10 @@ def test_kernel_matches_reference(dtype, shape, with_residual):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fp8_output_is_the_normed_row_quantized(dtype, with_residual):
-    """With fp8_scale the kernel writes the e4m3 codes of the row it would have stored: bit for bit
+    """With FP8's static scale the kernel writes the e4m3 codes of the row it would have stored: bit for bit
     quantize_fp8_rows of its own unquantized output (the separate pass it replaces for an FP8 linear)."""
     from kiln.kernels.fp8_quant import quantize_fp8_rows
+    from kiln.kernels.input_quant import FP8_STATIC, InputQuant
 
     g = torch.Generator().manual_seed(7 + with_residual)
     x = (torch.randn(37, 4096, generator=g) * 3).to(dtype).cuda()
@@ -71,7 +72,7 @@ def test_fp8_output_is_the_normed_row_quantized(dtype, with_residual):
     plain = rms_norm(x, w, 1e-6, res)
     normed = plain[0] if with_residual else plain
     scale = (normed.float().abs().max() / 448 * 0.75).reshape(1).to(dtype)  # the largest values saturate
-    got = rms_norm(x, w, 1e-6, res, fp8_scale=scale)
+    got = rms_norm(x, w, 1e-6, res, InputQuant(FP8_STATIC, scale))
     if with_residual:
         assert torch.equal(got[1], plain[1])
         got = got[0]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from kiln.builder import engine_weights
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
+from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
 from kiln.quantization import fp8, fp8_block
@@ -155,14 +156,15 @@ def test_fused_input_quantization_changes_no_logit(quantized):
 
     model = runtime_model("FP8", fused=True)
     layer = model.transformer.layers["1"]
-    assert layer.input_layernorm.fp8_out_scale is layer.attention.qkv.activation_scaling_factor
-    assert layer.post_layernorm.fp8_out_scale is layer.mlp.fc_gate.activation_scaling_factor
-    assert layer.mlp.fp8_act_scale is layer.mlp.proj.activation_scaling_factor
+    for written, linear in ((layer.input_layernorm.out_quant, layer.attention.qkv),
+                            (layer.post_layernorm.out_quant, layer.mlp.fc_gate), (layer.mlp.act_quant, layer.mlp.proj),
+                            (layer.attention.out_quant, layer.attention.dense)):
+        assert written.kind == FP8_STATIC and written.scale is linear.activation_scaling_factor
     assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
     with torch.no_grad():
         assert torch.equal(model(IDS), runtime_model("FP8", fused=False)(IDS))
     per_token = runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=True)  # dynamic scales: nothing to fuse
-    assert per_token.transformer.layers["1"].input_layernorm.fp8_out_scale is None
+    assert per_token.transformer.layers["1"].input_layernorm.out_quant is None
 
 
 def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_logit(quantized):
@@ -180,8 +182,9 @@ def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_l
 
     model = runtime_model(fused=True)
     layer, group = model.transformer.layers["1"], model.config.quantization.group_size
-    assert layer.input_layernorm.fp8_out_group == layer.post_layernorm.fp8_out_group == layer.mlp.fp8_act_group \
-        == layer.attention.fp8_out_group == group
+    for written in (layer.input_layernorm.out_quant, layer.post_layernorm.out_quant, layer.mlp.act_quant,
+                    layer.attention.out_quant):
+        assert written.kind == FP8_GROUPS and written.group == group
     assert layer.mlp.proj.weights_scaling_factor.stride(0) == 1  # column-major
     hidden = model.config.hidden_size
     normed = layer.input_layernorm(torch.randn(3, hidden))

@@ -14,6 +14,7 @@ from kiln.checkpoint.convert import load_source_model
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
 from kiln.kernels import int8_gemm
+from kiln.kernels.input_quant import INT8_ROWS
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
 from kiln.quantization import act_stats, calibration, smoothquant, w8a8
@@ -118,9 +119,10 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
 
     model = runtime_model(fused=True)
     layer = model.transformer.layers["1"]
-    assert layer.input_layernorm.int8_rows and layer.post_layernorm.int8_rows
-    assert layer.mlp.int8_prequant is layer.mlp.proj.prequant_scaling_factor
-    assert layer.input_layernorm.fp8_out_scale is None
+    for norm in (layer.input_layernorm, layer.post_layernorm):  # smoothing folded in: no prequant scale
+        assert norm.out_quant.kind == INT8_ROWS and norm.out_quant.scale is None
+    proj_input = layer.mlp.act_quant  # the prequant scale multiplied in
+    assert proj_input.kind == INT8_ROWS and proj_input.scale is layer.mlp.proj.prequant_scaling_factor
     rows = layer.input_layernorm(torch.randn(3, model.config.hidden_size))
     assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
     with torch.no_grad():

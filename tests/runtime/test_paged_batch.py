@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
+from kiln.kernels.input_quant import InputQuant
 from kiln.layers.attention import Attention, AttentionBatch
 from kiln.quantization.kv_cache import quantize
 from kiln.runtime.kv_cache import PagedKVCache
@@ -30,8 +31,7 @@ class Layer:
     scale: float = HEAD_SIZE ** -0.5
     kv_cache_dtype: torch.dtype | None = None  # int8 / float8 codes: a quantized cache
     kv_cache_scaling_factor: torch.Tensor | None = None  # [s_k, s_v] with a quantized cache
-    fp8_out_scale: torch.Tensor | None = None  # an FP8 output projection's input scale: decode writes its codes
-    fp8_out_group: int = 0  # ... or an FP8_BLOCK_SCALES one's group size
+    out_quant: InputQuant | None = None  # the output projection's quantized input, where decode writes it
     attend_dense = Attention.attend_dense
 
 
