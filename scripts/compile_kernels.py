@@ -25,7 +25,10 @@ from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gem
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
-CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv"}  # a quantized output's pointer type
+CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv", "fp8 rows": "*fp8e4nv"}  # the codes' pointer
+# a norm's or activation's output -> its FP8_GROUP for a program of `block` inputs
+OUT_GROUP = {"16-bit": lambda block: 0, "fp8": lambda block: 0, "int8": lambda block: 0,
+             "fp8 groups": lambda block: 128, "fp8 rows": lambda block: block}
 
 
 def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -66,17 +69,17 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for n, kb, split in ((64, 256, 1), (64, 256, 2), (128, 128, 2))],
     *[(f"fp8 quant static={s}", fp8_quant._quantize_rows_kernel, dict(STATIC=s, BLOCK=4096),
        dict(q_ptr="*fp8e4nv", scale_ptr="*fp32")) for s in (False, True)],
-    # out: the 16-bit norm, e4m3 over a static scale, int8 over the row's, e4m3 over a scale per 128 inputs
+    # out: the 16-bit norm, e4m3 over a static scale, int8 over the row's, e4m3 over a scale per 128 inputs or per
+    # row (one group as wide as the program: InputQuant.kernel_flags)
     *[(f"rms_norm residual={r} out={q}", rmsnorm._rms_norm_kernel,
-       dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=128 if q == "fp8 groups" else 0,
-            BLOCK=4096),
+       dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=OUT_GROUP[q](4096), BLOCK=4096),
        dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
-      for r in (False, True) for q in ("16-bit", "fp8", "int8", "fp8 groups")],
+      for r in (False, True) for q in ("16-bit", "fp8", "int8", "fp8 groups", "fp8 rows")],
     *[(f"silu_and_mul out={q}", activation._silu_and_mul_kernel,
-       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=128 if q == "fp8 groups" else 0,
-            BLOCK=16384 if q == "int8" else 1024),
+       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=OUT_GROUP[q](block), BLOCK=block),
        dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
-      for q in ("16-bit", "fp8", "int8", "fp8 groups")],
+      for q, block in (("16-bit", 1024), ("fp8", 1024), ("int8", 16384), ("fp8 groups", 1024),
+                       ("fp8 rows", 16384))],
     *[(f"decode split kv={c}{'' if fp16 == (c == '*fp8e4nv') else ' codes in the query dtype'}",
        paged_attention_kernels.decode_split_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=fp16, ONE_SPLIT=False, FUSED_MERGE=False,

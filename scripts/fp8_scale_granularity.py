@@ -6,7 +6,9 @@ granularities, each evaluated as `kiln quantize --eval` does (same held-out text
 WEIGHTS is one of tensor, channel, block64, block32, group64 (an e4m3 scale per tensor, output row, 64 x 64 or 32 x
 32 block, or 64 inputs of a row, max |w| at 448), group64-searched (FP8_BLOCK_SCALES' scales), channel-searched (one
 searched scale a row) or float; ACTIVATIONS one of token, group64, group32 (a dynamic scale per token, or per 64 /
-32 of its values), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all) or float.
+32 of its values), static (FP8's own: one scale per linear, max |x| over the calibration text / 448, as `kiln
+quantize` calibrates it), mantissa3 (3 mantissa bits, as e4m3, with an unbounded exponent: no range limit at all)
+or float.
 Every linear that `kiln quantize --quant-algo FP8` quantizes (lm_head stays in full precision) runs quantize-
 dequantized weights and activations in float32, from the float model's weights; no checkpoint is written. The
 defaults run the rows of docs/quantization.md.
@@ -22,7 +24,7 @@ from kiln.checkpoint.convert import load_source_model
 from kiln.config import QuantConfig
 from kiln.default_model import default_model_path
 from kiln.layers.linear import Linear
-from kiln.quantization import calibration, evaluate, fp8
+from kiln.quantization import act_stats, calibration, evaluate, fp8
 from kiln.quantization.fp8_block import dequantize_fp8_groups, quantize_fp8_groups_weight
 from kiln.quantization.methods import is_excluded
 
@@ -74,19 +76,37 @@ class FakeQuantMatmul:
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def fake_quantized(model, weights: str, activations: str) -> dict:
+def static_activations(scale: torch.Tensor):
+    """e4m3 codes of x over FP8's static per-tensor scale, dequantized (values past the calibrated range clip)."""
+    return lambda x: fp8.to_fp8((x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX)).float() * scale
+
+
+def calibrated_absmax(source) -> dict[str, torch.Tensor]:
+    """{linear: max |x| per input channel} on the shipped calibration text, as `kiln quantize --quant-algo FP8`
+    calibrates (its default 32 windows of 256 tokens)."""
+    tokens = calibration.token_batches(calibration.read_texts(None), calibration.source_tokenizer(source),
+                                       source.config.vocab_size, 32, 256)
+    return act_stats.calibrate_absmax(source, tokens, QuantConfig(quant_algo="FP8"))
+
+
+def fake_quantized(model, weights: str, activations: str, absmax: dict) -> dict:
     """{name: original linear} after the linears FP8 quantizes run e4m3 fakes (restore with the result)."""
     excluded = QuantConfig(quant_algo="FP8").exclude_modules
     swapped = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear) and not is_excluded(name, excluded):
-            module.matmul = FakeQuantMatmul(WEIGHTS[weights](module.weight.detach()), ACTIVATIONS[activations])
+            act = static_activations(fp8.static_activation_scale(absmax[name], torch.float32)) \
+                if activations == "static" else ACTIVATIONS[activations]
+            module.matmul = FakeQuantMatmul(WEIGHTS[weights](module.weight.detach()), act)
             swapped[name] = module
     return swapped
 
 
 def main(runs: list[str]) -> None:
     source = load_source_model(default_model_path(), "float32", None)
+    # (calibration streams the source's layers and leaves them unloaded: it runs on a source of its own)
+    static = any(run.endswith(":static") for run in runs)
+    absmax = calibrated_absmax(load_source_model(default_model_path(), "float32", None)) if static else {}
     windows = calibration.heldout_windows(calibration.source_tokenizer(source), source.config.vocab_size, 256)
     float_model = source.materialize("cpu")
     quant_model = load_source_model(default_model_path(), "float32", None).materialize("cpu")  # (not the same one)
@@ -94,12 +114,13 @@ def main(runs: list[str]) -> None:
     print("| --- | --- | --- | --- | --- |")
     for run in runs:
         weights, activations = run.split(":")
-        swapped = fake_quantized(quant_model, weights, activations)
+        swapped = fake_quantized(quant_model, weights, activations, absmax)
         m = evaluate.compare(float_model, quant_model, windows)
         for module in swapped.values():
             del module.matmul  # back to the class's own matmul
-        print(f"| {weights} | {activations} | {m['perplexity_change_pct']:+.2f}% | {m['mean_kl_divergence']:.4f} | "
-              f"{m['top1_agreement']:.1%} |", flush=True)
+        change = f"{m['perplexity_change_pct']:+.2f}% +- {m['perplexity_change_se_pct']:.2f}"
+        print(f"| {weights} | {activations} | {change} | {m['mean_kl_divergence']:.4f} | {m['top1_agreement']:.1%} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
 from kiln.kernels.activation import silu_and_mul_ref
-from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC, INT8_ROWS, InputQuant
+from kiln.kernels.input_quant import FP8_GROUPS, FP8_ROWS, FP8_STATIC, INT8_ROWS, InputQuant
 from kiln.kernels.quant_gemm import w8a16_matmul_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
@@ -442,7 +442,7 @@ def silu_and_mul_int8_rows() -> None:
 
     for rows, inter in ((3, 576), (4, 1500)):
         x, prequant = torch.randn(rows, 2 * inter).half() * 2, (torch.rand(inter) + 0.5).half()
-        got = silu_and_mul(x, InputQuant(INT8_ROWS, scale=prequant))
+        got = silu_and_mul(x, InputQuant(INT8_ROWS, prequant=prequant))
         want = ig.quantize_int8_rows_ref(silu_and_mul_ref(x), prequant)
         if not (torch.equal(got.q, want[0]) and torch.equal(got.scale, want[1])):
             raise SystemExit(f"silu_and_mul int8 rows {rows}x{inter}: differ from the reference")
@@ -469,26 +469,26 @@ def fp8_groups_written_by_norm_and_activation() -> None:
         compare(f"silu_and_mul fp8 groups {rows}x{inter} g{group}", got, silu_and_mul_ref(x), group)
 
 
-def fp8_static_written_by_norm_and_activation() -> None:
-    """The RMSNorm (with and without the residual add) and SiLU-and-mul writing static FP8's input: codes bit for
-    bit those of the 16-bit output over the scale (as the interpreter casts: interpreter_e4m3), the scale on every
-    row; the scale makes the largest values saturate."""
+def fp8_rows_written_by_norm_and_activation() -> None:
+    """The RMSNorm (with and without the residual add) and SiLU-and-mul writing FP8's input over its static scale
+    (some values saturate) and FP8_PER_CHANNEL_PER_TOKEN's with a scale per token: scales bit for bit the torch
+    reference's (InputQuant.quantize), codes those of the 16-bit output over them (as the interpreter casts:
+    interpreter_e4m3). Sizes no power of two."""
     from kiln.kernels.activation import silu_and_mul
     from kiln.kernels.fp8_quant import FP8_MAX
 
-    def compare(label, got, x, scale):
-        want = interpreter_e4m3((x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX))
-        if not (torch.equal(got.q.view(torch.uint8), want.view(torch.uint8))
-                and torch.equal(got.scale, scale.float().expand(x.shape[0], 1))):
+    def compare(label, got, x, spec):
+        scale = spec.quantize(x).scale
+        want = interpreter_e4m3((x.float() / scale).clamp(-FP8_MAX, FP8_MAX))
+        if not (torch.equal(got.q.view(torch.uint8), want.view(torch.uint8)) and torch.equal(got.scale, scale)):
             raise SystemExit(f"{label}: codes or scales differ from the reference")
         print(f"{label:<60} codes and scales equal", flush=True)
 
-    scale = torch.tensor([0.01]).half()  # |x| past 4.48 saturates
-    for label, got, normed in rms_norm_cases([(3, 576)], InputQuant(FP8_STATIC, scale)):
-        compare(f"rms_norm fp8 static {label}", got, normed, scale)
-    x = torch.randn(4, 2 * 1500).half() * 4
-    compare("silu_and_mul fp8 static 4x1500", silu_and_mul(x, InputQuant(FP8_STATIC, scale)), silu_and_mul_ref(x),
-            scale)
+    for spec in (InputQuant(FP8_STATIC, torch.tensor([0.01]).half()), InputQuant(FP8_ROWS)):  # static: past 4.48
+        for label, got, normed in rms_norm_cases([(3, 576)], spec):
+            compare(f"rms_norm {spec.kind} {label}", got, normed, spec)
+        x = torch.randn(4, 2 * 1500).half() * 4
+        compare(f"silu_and_mul {spec.kind} 4x1500", silu_and_mul(x, spec), silu_and_mul_ref(x), spec)
 
 
 def rotary_with_cache_write() -> None:
@@ -542,7 +542,7 @@ def gated_gemm_tiles() -> None:
 
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
           w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows,
-          fp8_groups_written_by_norm_and_activation, fp8_static_written_by_norm_and_activation,
+          fp8_groups_written_by_norm_and_activation, fp8_rows_written_by_norm_and_activation,
           rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
 
 

@@ -7,8 +7,8 @@ arXiv:2002.05202).
 
 When the linear that reads the product (mlp.proj) takes quantized input (`out_quant`, kiln.kernels.input_quant),
 the kernel writes it, from the product as rounded to x's dtype, as that linear's own pass would: one pass less, no
-bit changed. SmoothQuant's int8 input is the product times proj's prequant scale, with a scale per token: a program
-then takes the whole row, whose max the scale needs.
+bit changed. SmoothQuant's int8 input is the product times proj's prequant scale. A scale per token (int8, or
+FP8_PER_CHANNEL_PER_TOKEN's e4m3) needs the row's max: a program then takes the whole row.
 """
 
 import torch
@@ -21,7 +21,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, InputQuant
+from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, WHOLE_ROW, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -47,15 +47,16 @@ def silu_and_mul(x: torch.Tensor, out_quant: InputQuant | None = None):
         scale_in = row_scale = out  # (unread)
         flags = NO_QUANT_FLAGS
     else:
-        assert not (out_quant.kind == INT8_ROWS and out_quant.scale is None), \
-            "silu_and_mul: int8 rows need proj's prequant scale"
+        assert (out_quant.kind == INT8_ROWS) == (out_quant.prequant is not None), \
+            "silu_and_mul: int8 rows, and only they, take proj's prequant scale"
         out = out_quant.empty(rows.shape[0], inter, x.device)
-        scale_in, row_scale = (out.q if out_quant.scale is None else out_quant.scale), out.scale
-        flags = out_quant.kernel_flags()
-        block = max(block, flags["FP8_GROUP"])  # (whole groups a program: both are powers of two)
-        if flags["INT8_OUT"]:  # the row's max sets its scale: one program takes the whole row
+        scale_in = next((t for t in (out_quant.scale, out_quant.prequant) if t is not None), out.q)
+        row_scale = out.scale
+        if out_quant.kind in WHOLE_ROW:  # the row's max sets its scale: one program takes the whole row
             block = triton.next_power_of_2(inter)
             num_warps = min(max(block // 1024, 4), 16)
+        flags = out_quant.kernel_flags(block)
+        block = max(block, flags["FP8_GROUP"])  # (whole groups a program: both are powers of two)
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
         rows, out.q if out_quant else out, scale_in, row_scale, rows.stride(0), inter, **flags, BLOCK=block,
         num_warps=num_warps, **pdl_args(x.device))

@@ -9,9 +9,11 @@ and hand it to their kernel, and `InputQuant.quantize` is the torch reference ev
 
 Kinds, by what gets written:
 - FP8_STATIC: e4m3 codes over FP8's calibrated per-tensor scale, `scale` [1] (Fp8Rows, the scale on every row).
+- FP8_ROWS: e4m3 codes with a scale per token (FP8_PER_CHANNEL_PER_TOKEN; Fp8Rows).
 - FP8_GROUPS: e4m3 codes with a scale per token and group of `group` inputs (FP8_BLOCK_SCALES; Fp8Rows).
-- INT8_ROWS: int8 codes with a scale per token (SmoothQuant; Int8Rows), the input multiplied by `scale` first
-  where one is given: the prequant scale [in] of a linear that follows no norm to fold its smoothing into.
+- INT8_ROWS: int8 codes with a scale per token (SmoothQuant; Int8Rows).
+`prequant` [in], where given, multiplies the input first: SmoothQuant's scale on a linear that follows no norm to
+fold its smoothing into (INT8_ROWS only, so far).
 """
 
 from __future__ import annotations
@@ -23,21 +25,24 @@ import torch
 from kiln.kernels.fp8_quant import Fp8Rows, quantize_activation, quantize_activation_groups
 from kiln.kernels.int8_gemm import Int8Rows, quantize_int8_activation
 
-FP8_STATIC, FP8_GROUPS, INT8_ROWS = "fp8_static", "fp8_groups", "int8_rows"
+FP8_STATIC, FP8_ROWS, FP8_GROUPS, INT8_ROWS = "fp8_static", "fp8_rows", "fp8_groups", "int8_rows"
 
 # kind -> (code dtype, rows type, the torch pass the linear would run on x [M, K] itself)
 KINDS = {
     FP8_STATIC: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(x, spec.scale)),
+    FP8_ROWS: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(x)),
     FP8_GROUPS: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation_groups(x, spec.group)),
-    INT8_ROWS: (torch.int8, Int8Rows, lambda spec, x: Int8Rows(*quantize_int8_activation(x, spec.scale))),
+    INT8_ROWS: (torch.int8, Int8Rows, lambda spec, x: Int8Rows(*quantize_int8_activation(x, spec.prequant))),
 }
+WHOLE_ROW = (FP8_ROWS, INT8_ROWS)  # a scale per token: the program that writes a row needs all of it (its max)
 
 
 @dataclass(frozen=True, eq=False)
 class InputQuant:
     kind: str
-    scale: torch.Tensor | None = None  # FP8_STATIC: the static scale [1]; INT8_ROWS: the prequant scale, or None
+    scale: torch.Tensor | None = None  # FP8_STATIC: the static scale [1]
     group: int = 0  # FP8_GROUPS: inputs per scale
+    prequant: torch.Tensor | None = None  # INT8_ROWS: the input's multiplier [in] (SmoothQuant), if any
 
     def quantize(self, x: torch.Tensor) -> Fp8Rows | Int8Rows:
         """x [M, K] quantized as the linear's own pass would: the reference for the kernels that write it."""
@@ -50,10 +55,12 @@ class InputQuant:
         return rows_type(torch.empty(rows, k, dtype=codes, device=device),
                          torch.empty(rows, scales, dtype=torch.float32, device=device))
 
-    def kernel_flags(self) -> dict:
-        """The constexprs of the kernels that write it (RMSNorm, SiLU-and-mul; the merge kernel takes the FP8 two)."""
-        return dict(FP8_OUT=self.kind == FP8_STATIC, INT8_OUT=self.kind == INT8_ROWS,
-                    FP8_GROUP=self.group if self.kind == FP8_GROUPS else 0)
+    def kernel_flags(self, block: int) -> dict:
+        """The constexprs of the kernels that write it (RMSNorm, SiLU-and-mul; the merge kernel takes the FP8 two),
+        for a program of `block` inputs. A scale per token is one group as wide as the program, which then holds
+        the whole row (WHOLE_ROW)."""
+        group = {FP8_GROUPS: self.group, FP8_ROWS: block}.get(self.kind, 0)
+        return dict(FP8_OUT=self.kind == FP8_STATIC, INT8_OUT=self.kind == INT8_ROWS, FP8_GROUP=group)
 
 
 NO_QUANT_FLAGS = dict(FP8_OUT=False, INT8_OUT=False, FP8_GROUP=0)  # the kernels' flags for a 16-bit output

@@ -289,7 +289,7 @@ def _codes_fp16(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 def _merge_writes(out_quant, head_size: int) -> bool:
     """Whether the merge kernel can write this input: one program a head, so e4m3 codes over a static scale or
-    with a scale per group within a head. (SmoothQuant's int8 rows need the max of every head's output.)"""
+    with a scale per group within a head. (A scale per token needs the max of every head's output.)"""
     return out_quant is not None and (out_quant.kind == FP8_STATIC or
                                       out_quant.kind == FP8_GROUPS and head_size % out_quant.group == 0)
 
@@ -300,7 +300,7 @@ def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q
     out_quant (_merge_writes), as its e4m3 codes of the output rounded to q's dtype, and row_scale [r, scales a
     row] gets the scales."""
     rows, heads, splits, head_size = partial.shape
-    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags()
+    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags(0)  # (_merge_writes: no whole rows)
     scale_in = lse if out_quant is None or out_quant.scale is None else out_quant.scale
     merge_kernel[(rows, heads)](
         partial, lse, out, q, scale_in, row_scale if row_scale is not None else lse,

@@ -20,7 +20,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, InputQuant
+from kiln.kernels.input_quant import NO_QUANT_FLAGS, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -49,7 +49,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         scale_in = row_scale = weight  # (unread)
     else:
         assert weight.dtype == x.dtype, "rms_norm: quantized output needs the weight in x's dtype"
-        assert not (out_quant.kind == INT8_ROWS and out_quant.scale is not None), \
+        assert out_quant.prequant is None, \
             "rms_norm: no prequant scale (SmoothQuant folds a norm-fed linear's smoothing into the norm)"
         out = out_quant.empty(rows.shape[0], hidden, x.device)
         scale_in = weight if out_quant.scale is None else out_quant.scale
@@ -57,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = None if residual is None else torch.empty_like(rows)
     block, num_warps = program_shape(rows.shape[0], hidden)
     assert block <= 65536, f"rms_norm: hidden size {hidden} is over the kernel's 65536"
-    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags()
+    flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags(block)  # (the program holds the row)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res if res is not None else rows, weight, out.q if out_quant else out,
         res_out if res_out is not None else rows, scale_in, row_scale, rows.stride(0),

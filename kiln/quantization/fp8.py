@@ -37,7 +37,7 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation
-from kiln.kernels.input_quant import FP8_STATIC, InputQuant
+from kiln.kernels.input_quant import FP8_ROWS, FP8_STATIC, InputQuant
 from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
@@ -190,9 +190,9 @@ class Fp8Method(LinearMethod):
             return quantize_fp8_static(x, layer.activation_scaling_factor)
         return quantize_fp8_per_token(x)
 
-    def input_quant(self, layer: Linear) -> InputQuant | None:
-        """Static FP8 takes e4m3 codes over its calibrated scale; per-token scales are left to apply."""
-        return InputQuant(FP8_STATIC, scale=layer.activation_scaling_factor) if self.static else None
+    def input_quant(self, layer: Linear) -> InputQuant:
+        """e4m3 codes over the calibrated scale (FP8), or with a scale per token (FP8_PER_CHANNEL_PER_TOKEN)."""
+        return InputQuant(FP8_STATIC, scale=layer.activation_scaling_factor) if self.static else InputQuant(FP8_ROWS)
 
     def prepare(self, layer: Linear) -> None:
         # The GEMM's column scales in float32, made once: casting them on every call was a kernel per linear,

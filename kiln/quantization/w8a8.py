@@ -49,7 +49,7 @@ class Int8W8A8Method(LinearMethod):
 
     def input_quant(self, layer: Linear) -> InputQuant:
         """int8 codes with a scale per token, the input times the prequant scale first where the layer has one."""
-        return InputQuant(INT8_ROWS, scale=layer.prequant_scaling_factor if self.prequant else None)
+        return InputQuant(INT8_ROWS, prequant=layer.prequant_scaling_factor if self.prequant else None)
 
     def apply(self, layer: Linear, x: torch.Tensor | Int8Rows) -> torch.Tensor:
         if isinstance(x, Int8Rows):  # quantized by the kernel before (input_quant), prequant included

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from kiln.builder import engine_weights
 from kiln.config import QuantConfig
 from kiln.errors import ConfigError
-from kiln.kernels.input_quant import FP8_GROUPS, FP8_STATIC
+from kiln.kernels.input_quant import FP8_GROUPS, FP8_ROWS, FP8_STATIC
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
 from kiln.quantization import fp8, fp8_block
@@ -143,8 +143,9 @@ def test_build_and_llm_greedy_equal_fake_quantized_transformers(quant_llama, qua
 
 
 def test_fused_input_quantization_changes_no_logit(quantized):
-    """prepare_runtime has the norms and the gated activation write the FP8 linears' e4m3 inputs (Fp8Rows) where
-    the linear's scale is static: the logits are bit for bit those of each linear quantizing its own input."""
+    """prepare_runtime has the norms and the gated activation write the FP8 linears' e4m3 inputs (Fp8Rows), over the
+    static scale (FP8) or with a scale per token (FP8_PER_CHANNEL_PER_TOKEN): the logits are bit for bit those of
+    each linear quantizing its own input."""
     import kiln
     from kiln.kernels.fp8_quant import Fp8Rows
 
@@ -163,8 +164,14 @@ def test_fused_input_quantization_changes_no_logit(quantized):
     assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
     with torch.no_grad():
         assert torch.equal(model(IDS), runtime_model("FP8", fused=False)(IDS))
-    per_token = runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=True)  # dynamic scales: nothing to fuse
-    assert per_token.transformer.layers["1"].input_layernorm.out_quant is None
+    per_token = runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=True)
+    layer = per_token.transformer.layers["1"]
+    assert layer.input_layernorm.out_quant.kind == layer.post_layernorm.out_quant.kind == layer.mlp.act_quant.kind \
+        == FP8_ROWS  # (attention's too, which decode attention's merge leaves to dense: a token spans the heads)
+    normed = layer.input_layernorm(torch.randn(3, per_token.config.hidden_size))
+    assert isinstance(normed, Fp8Rows) and normed.scale.shape == (3, 1) and normed.scale.unique().numel() == 3
+    with torch.no_grad():
+        assert torch.equal(per_token(IDS), runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=False)(IDS))
 
 
 def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_logit(quantized):

@@ -120,9 +120,9 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
     model = runtime_model(fused=True)
     layer = model.transformer.layers["1"]
     for norm in (layer.input_layernorm, layer.post_layernorm):  # smoothing folded in: no prequant scale
-        assert norm.out_quant.kind == INT8_ROWS and norm.out_quant.scale is None
+        assert norm.out_quant.kind == INT8_ROWS and norm.out_quant.prequant is None
     proj_input = layer.mlp.act_quant  # the prequant scale multiplied in
-    assert proj_input.kind == INT8_ROWS and proj_input.scale is layer.mlp.proj.prequant_scaling_factor
+    assert proj_input.kind == INT8_ROWS and proj_input.prequant is layer.mlp.proj.prequant_scaling_factor
     rows = layer.input_layernorm(torch.randn(3, model.config.hidden_size))
     assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
     with torch.no_grad():
