@@ -193,8 +193,8 @@ def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
 def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     """On the GPU, prepare_runtime has the RMSNorm and SiLU-and-mul kernels write the FP8 linears' e4m3 inputs
     (Fp8Rows, over the static scale or with a scale per token), SmoothQuant's int8 codes and row scales (Int8Rows),
-    and FP8_BLOCK_SCALES' group-scaled codes: a prompt's logits (the _scaled_mm, int8 and group GEMMs) equal, bit for bit, those of each
-    linear quantizing its own input. (At one or two rows the two paths run GEMV variants whose tiles the autotuner
+    and FP8_BLOCK_SCALES' group-scaled codes: a prompt's logits (the _scaled_mm, int8 and group GEMMs) equal, bit
+    for bit, those of each linear quantizing its own input. (At one or two rows the two paths run GEMV variants whose tiles the autotuner
     picks apart, so their sums may differ in order: tests/kernels/test_gemv_kernel.py compares those with one
     tile.)"""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
