@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The first GPU calls for the kernels written without a GPU (twenty-ninth to thirty-second sessions): their tests,
+# The first GPU calls for the kernels written without a GPU (twenty-ninth to thirty-third sessions): their tests,
 # then their speed beside the paths they replace, each in one `kiln bench` run.
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
-#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream (default: all)
+#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
-# H200), `w4a8` alone (up to 8), `attention side-stream` (about 8). block-sq and fp8-lm-head ran in the
-# thirty-first session.
+# H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
+# fp8-lm-head ran in the thirty-first session.
 # - tests: FP8_BLOCK_SCALES' group quantization, GEMM and GEMV; SmoothQuant's int8 pass and GEMM (every tile and
 #   torch._int_mm, bit for bit); W4A8_AWQ's FP8 path from 256 rows; both new engines against their CPU emulation;
 #   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's, SmoothQuant's and
-#   FP8_BLOCK_SCALES' inputs (the last new in the thirty-second session).
+#   FP8_BLOCK_SCALES' inputs (the last new in the thirty-second session), and FP8_PER_CHANNEL_PER_TOKEN's (new in the
+#   thirty-third, with the norm and activation kernel tests, whose argument became one InputQuant).
 #   (Thirty-first session, H200: all pass, after two reference fixes and the engine test's rewrite.)
 # - block-sq: FP8_BLOCK_SCALES and W8A8_SQ_PER_CHANNEL beside FP8 and bf16, batch-1 decode and offline-3000.
 # - w4a8: W4A8_AWQ (prompt matmuls on FP8 tensor cores) beside W4A16 (dequantized to bf16 for cuBLAS) on one
@@ -25,6 +26,8 @@
 #   tiles' register caps and prefetch): their tests, then both attention benches (about 3 minutes). Switch on
 #   PREFILL_TMA_CODES, PAIRS_MAX_REGISTERS or PAIRS_PREFETCH where one wins (docs/performance.md, s28).
 # - side-stream: decode attention on the side stream or not, with the FP8 cache, in one process (about 5 minutes).
+# - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
+#   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
 # search, which is why it now has 480 s and calibrates on 8 windows, a quarter of the default: its speed does not
 # depend on the scales.)
@@ -32,7 +35,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -42,7 +45,9 @@ fi
 bench="python -m kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none"
 for part in $parts; do
   case $part in
-    tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/quantization/test_gpu_quant2.py \
+    tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rmsnorm_kernel.py \
+             tests/kernels/test_activation_kernel.py
+           KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/quantization/test_gpu_quant2.py \
              -k "group or block or int8 or w4a8 or gptq or fused" ;;
     block-sq) $bench --quant-algo FP8,FP8_BLOCK_SCALES,W8A8_SQ_PER_CHANNEL --workloads decode-1,offline-3000 \
                 --output-json "$out/$part.json" ;;
@@ -57,7 +62,9 @@ for part in $parts; do
                python scripts/bench_decode_attention.py ;;
     side-stream) python scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,first \
                    --kv-cache-quant-algo FP8 --requests 400 ;;
-    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention or side-stream" >&2
+    per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
+                 --output-json "$out/$part.json" ;;
+    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream or per-token" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

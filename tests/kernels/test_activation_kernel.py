@@ -47,3 +47,17 @@ def test_fp8_output_is_the_product_quantized(dtype, rows):
     got, want = silu_and_mul(x, InputQuant(FP8_STATIC, scale)), quantize_fp8_rows(plain, scale)
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
     assert torch.equal(got.scale, want.scale) and (got.q.float().abs() == 448).any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("inter", [14336, 1500])
+def test_per_token_fp8_output_is_the_product_quantized(inter):
+    """FP8_ROWS (FP8_PER_CHANNEL_PER_TOKEN's input): one program takes a whole row, whose max sets its scale; the
+    codes and scales bit for bit quantize_fp8_rows of the kernel's own 16-bit product."""
+    from kiln.kernels.fp8_quant import quantize_fp8_rows
+    from kiln.kernels.input_quant import FP8_ROWS, InputQuant
+
+    x = (torch.randn(5, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).bfloat16().cuda()
+    got, want = silu_and_mul(x, InputQuant(FP8_ROWS)), quantize_fp8_rows(silu_and_mul(x))
+    assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() == 5

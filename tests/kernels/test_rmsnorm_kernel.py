@@ -79,3 +79,19 @@ def test_fp8_output_is_the_normed_row_quantized(dtype, with_residual):
     want = quantize_fp8_rows(normed, scale)
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
     assert torch.equal(got.scale, want.scale) and (got.q.float().abs() == 448).any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("hidden", [4096, 2880])
+def test_per_token_fp8_output_is_the_normed_row_quantized(hidden):
+    """FP8_ROWS (FP8_PER_CHANNEL_PER_TOKEN's input): the codes and each row's own scale, bit for bit
+    quantize_fp8_rows of the kernel's own 16-bit output; a hidden size no power of two too."""
+    from kiln.kernels.fp8_quant import quantize_fp8_rows
+    from kiln.kernels.input_quant import FP8_ROWS, InputQuant
+
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(37, hidden, generator=g) * 3).bfloat16().cuda()
+    w = torch.randn(hidden, generator=g).bfloat16().cuda()
+    got, want = rms_norm(x, w, 1e-6, None, InputQuant(FP8_ROWS)), quantize_fp8_rows(rms_norm(x, w, 1e-6))
+    assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() == 37
