@@ -25,10 +25,11 @@ from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gem
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps", "scale_log2"}
-CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv", "fp8 rows": "*fp8e4nv"}  # the codes' pointer
+CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv", "fp8 rows": "*fp8e4nv",
+         "fp8 prequant": "*fp8e4nv"}  # a quantized output's pointer type
 # a norm's or activation's output -> its FP8_GROUP for a program of `block` inputs
 OUT_GROUP = {"16-bit": lambda block: 0, "fp8": lambda block: 0, "int8": lambda block: 0,
-             "fp8 groups": lambda block: 128, "fp8 rows": lambda block: block}
+             "fp8 groups": lambda block: 128, "fp8 rows": lambda block: block, "fp8 prequant": lambda block: 0}
 
 
 def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -75,11 +76,13 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(HAS_RESIDUAL=r, FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=OUT_GROUP[q](4096), BLOCK=4096),
        dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
       for r in (False, True) for q in ("16-bit", "fp8", "int8", "fp8 groups", "fp8 rows")],
+    # (int8: SmoothQuant's, proj's prequant scale multiplied in; fp8 prequant: W4A8_AWQ's)
     *[(f"silu_and_mul out={q}", activation._silu_and_mul_kernel,
-       dict(FP8_OUT=q == "fp8", INT8_OUT=q == "int8", FP8_GROUP=OUT_GROUP[q](block), BLOCK=block),
+       dict(FP8_OUT=q in ("fp8", "fp8 prequant"), INT8_OUT=q == "int8", FP8_GROUP=OUT_GROUP[q](block),
+            PREQUANT=q in ("int8", "fp8 prequant"), BLOCK=block),
        dict(out_ptr=CODES[q], row_scale_ptr="*fp32") if q in CODES else {})
       for q, block in (("16-bit", 1024), ("fp8", 1024), ("int8", 16384), ("fp8 groups", 1024),
-                       ("fp8 rows", 16384))],
+                       ("fp8 rows", 16384), ("fp8 prequant", 1024))],
     *[(f"decode split kv={c}{'' if fp16 == (c == '*fp8e4nv') else ' codes in the query dtype'}",
        paged_attention_kernels.decode_split_kernel,
        dict(ATTENTION, PAGE=32, HAS_SCALE=c != "*bf16", CODES_FP16=fp16, ONE_SPLIT=False, FUSED_MERGE=False,

@@ -471,9 +471,9 @@ def fp8_groups_written_by_norm_and_activation() -> None:
 
 def fp8_rows_written_by_norm_and_activation() -> None:
     """The RMSNorm (with and without the residual add) and SiLU-and-mul writing FP8's input over its static scale
-    (some values saturate) and FP8_PER_CHANNEL_PER_TOKEN's with a scale per token: scales bit for bit the torch
-    reference's (InputQuant.quantize), codes those of the 16-bit output over them (as the interpreter casts:
-    interpreter_e4m3). Sizes no power of two."""
+    (some values saturate; SiLU-and-mul with W4A8_AWQ's prequant scale too) and FP8_PER_CHANNEL_PER_TOKEN's with a
+    scale per token: scales bit for bit the torch reference's (InputQuant.quantize), codes those of the 16-bit
+    values over them (as the interpreter casts: interpreter_e4m3). Sizes no power of two."""
     from kiln.kernels.activation import silu_and_mul
     from kiln.kernels.fp8_quant import FP8_MAX
 
@@ -489,6 +489,11 @@ def fp8_rows_written_by_norm_and_activation() -> None:
             compare(f"rms_norm {spec.kind} {label}", got, normed, spec)
         x = torch.randn(4, 2 * 1500).half() * 4
         compare(f"silu_and_mul {spec.kind} 4x1500", silu_and_mul(x, spec), silu_and_mul_ref(x), spec)
+    # W4A8_AWQ's mlp.proj: the product times AWQ's prequant scale (rounded to the dtype), then static codes
+    spec = InputQuant(FP8_STATIC, torch.tensor([0.01]).half(), prequant=(torch.rand(1500) + 0.5).half())
+    x = torch.randn(4, 2 * 1500).half() * 4
+    compare("silu_and_mul fp8_static prequant 4x1500", silu_and_mul(x, spec), spec.premultiplied(silu_and_mul_ref(x)),
+            spec)
 
 
 def rotary_with_cache_write() -> None:

@@ -7,8 +7,9 @@ arXiv:2002.05202).
 
 When the linear that reads the product (mlp.proj) takes quantized input (`out_quant`, kiln.kernels.input_quant),
 the kernel writes it, from the product as rounded to x's dtype, as that linear's own pass would: one pass less, no
-bit changed. SmoothQuant's int8 input is the product times proj's prequant scale. A scale per token (int8, or
-FP8_PER_CHANNEL_PER_TOKEN's e4m3) needs the row's max: a program then takes the whole row.
+bit changed. Where proj has a prequant scale (SmoothQuant's, AWQ's for W4A8_AWQ) its input is the product times
+it. A scale per token (int8, or FP8_PER_CHANNEL_PER_TOKEN's e4m3) needs the row's max: a program then takes the
+whole row.
 """
 
 import torch
@@ -21,7 +22,7 @@ except ImportError:  # CPU-only installs: the reference below still works
     triton = None
 
 from kiln.kernels import rows_view
-from kiln.kernels.input_quant import INT8_ROWS, NO_QUANT_FLAGS, WHOLE_ROW, InputQuant
+from kiln.kernels.input_quant import NO_QUANT_FLAGS, WHOLE_ROW, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
@@ -44,22 +45,20 @@ def silu_and_mul(x: torch.Tensor, out_quant: InputQuant | None = None):
     block, num_warps = program_shape(rows.shape[0], inter)
     if out_quant is None:
         out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
-        scale_in = row_scale = out  # (unread)
+        scale, prequant, row_scale = out, out, out  # (unread)
         flags = NO_QUANT_FLAGS
     else:
-        assert (out_quant.kind == INT8_ROWS) == (out_quant.prequant is not None), \
-            "silu_and_mul: int8 rows, and only they, take proj's prequant scale"
         out = out_quant.empty(rows.shape[0], inter, x.device)
-        scale_in = next((t for t in (out_quant.scale, out_quant.prequant) if t is not None), out.q)
-        row_scale = out.scale
+        scale, prequant, row_scale = out_quant.scale, out_quant.prequant, out.scale
         if out_quant.kind in WHOLE_ROW:  # the row's max sets its scale: one program takes the whole row
             block = triton.next_power_of_2(inter)
             num_warps = min(max(block // 1024, 4), 16)
         flags = out_quant.kernel_flags(block)
         block = max(block, flags["FP8_GROUP"])  # (whole groups a program: both are powers of two)
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out.q if out_quant else out, scale_in, row_scale, rows.stride(0), inter, **flags, BLOCK=block,
-        num_warps=num_warps, **pdl_args(x.device))
+        rows, out.q if out_quant else out, row_scale if scale is None else scale,
+        row_scale if prequant is None else prequant, row_scale, rows.stride(0), inter, **flags,
+        PREQUANT=prequant is not None, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
     return out if out_quant else out.view(*x.shape[:-1], inter)
 
 
@@ -82,11 +81,12 @@ if triton is not None:
         return (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, scale_in_ptr, row_scale_ptr, x_stride, inter, FP8_OUT: tl.constexpr,
-                             INT8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK: tl.constexpr,
-                             USE_PDL: tl.constexpr):
-        """scale_in_ptr: FP8's static scale [1], or the int8 linear's prequant scale [inter] (INT8_OUT: BLOCK
-        covers the row)."""
+    def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, prequant_ptr, row_scale_ptr, x_stride, inter,
+                             FP8_OUT: tl.constexpr, INT8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr,
+                             PREQUANT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """scale_ptr: FP8's static scale [1] (FP8_OUT); prequant_ptr: the linear's prequant scale [inter]
+        (PREQUANT), which multiplies the product first; a scale per row (INT8_OUT, or FP8_GROUP as wide as BLOCK)
+        needs BLOCK to cover the row."""
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -95,14 +95,16 @@ if triton is not None:
         fc = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         gate = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0)
         y = silu_times(fc, gate)
+        if PREQUANT:  # times the prequant scale, rounded to the dtype as torch multiplies
+            p = tl.load(prequant_ptr + cols, mask=mask, other=0.0)
+            y = (y.to(tl.float32) * p.to(tl.float32)).to(y.dtype)
         if FP8_OUT:
-            s = tl.load(scale_in_ptr).to(tl.float32)
+            s = tl.load(scale_ptr).to(tl.float32)
             tl.store(out_ptr + row * inter + cols, to_e4m3(y.to(tl.float32), s), mask=mask)
             if tl.program_id(1) == 0:
                 tl.store(row_scale_ptr + row, s)
-        elif INT8_OUT:  # times the prequant scale, rounded to the dtype as torch multiplies, then the row's codes
-            p = tl.load(scale_in_ptr + cols, mask=mask, other=0.0)
-            q, s = to_int8_row((y.to(tl.float32) * p.to(tl.float32)).to(y.dtype).to(tl.float32))
+        elif INT8_OUT:  # the row's codes
+            q, s = to_int8_row(y.to(tl.float32))
             tl.store(out_ptr + row * inter + cols, q, mask=mask)
             tl.store(row_scale_ptr + row, s)
         elif FP8_GROUP > 0:  # the program's whole groups, each its own scale (masked columns are 0)

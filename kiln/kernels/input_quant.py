@@ -12,8 +12,8 @@ Kinds, by what gets written:
 - FP8_ROWS: e4m3 codes with a scale per token (FP8_PER_CHANNEL_PER_TOKEN; Fp8Rows).
 - FP8_GROUPS: e4m3 codes with a scale per token and group of `group` inputs (FP8_BLOCK_SCALES; Fp8Rows).
 - INT8_ROWS: int8 codes with a scale per token (SmoothQuant; Int8Rows).
-`prequant` [in], where given, multiplies the input first: SmoothQuant's scale on a linear that follows no norm to
-fold its smoothing into (INT8_ROWS only, so far).
+`prequant` [in], where given, multiplies the input first: the scale of a linear that follows no norm to fold its
+smoothing into (SmoothQuant's with INT8_ROWS, AWQ's with W4A8_AWQ's FP8_STATIC).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ FP8_STATIC, FP8_ROWS, FP8_GROUPS, INT8_ROWS = "fp8_static", "fp8_rows", "fp8_gro
 
 # kind -> (code dtype, rows type, the torch pass the linear would run on x [M, K] itself)
 KINDS = {
-    FP8_STATIC: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(x, spec.scale)),
-    FP8_ROWS: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(x)),
-    FP8_GROUPS: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation_groups(x, spec.group)),
+    FP8_STATIC: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(spec.premultiplied(x), spec.scale)),
+    FP8_ROWS: (torch.float8_e4m3fn, Fp8Rows, lambda spec, x: quantize_activation(spec.premultiplied(x))),
+    FP8_GROUPS: (torch.float8_e4m3fn, Fp8Rows,
+                 lambda spec, x: quantize_activation_groups(spec.premultiplied(x), spec.group)),
+    # (the int8 pass multiplies as it reads: the same rounding, one launch)
     INT8_ROWS: (torch.int8, Int8Rows, lambda spec, x: Int8Rows(*quantize_int8_activation(x, spec.prequant))),
 }
 WHOLE_ROW = (FP8_ROWS, INT8_ROWS)  # a scale per token: the program that writes a row needs all of it (its max)
@@ -42,11 +44,15 @@ class InputQuant:
     kind: str
     scale: torch.Tensor | None = None  # FP8_STATIC: the static scale [1]
     group: int = 0  # FP8_GROUPS: inputs per scale
-    prequant: torch.Tensor | None = None  # INT8_ROWS: the input's multiplier [in] (SmoothQuant), if any
+    prequant: torch.Tensor | None = None  # the input's multiplier [in] (SmoothQuant's, AWQ's), if any
 
     def quantize(self, x: torch.Tensor) -> Fp8Rows | Int8Rows:
         """x [M, K] quantized as the linear's own pass would: the reference for the kernels that write it."""
         return KINDS[self.kind][2](self, x)
+
+    def premultiplied(self, x: torch.Tensor) -> torch.Tensor:
+        """x times the prequant scale in x's dtype (rounded as the kernels round it), or x."""
+        return x if self.prequant is None else x * self.prequant
 
     def empty(self, rows: int, k: int, device: torch.device) -> Fp8Rows | Int8Rows:
         """Unwritten codes [rows, k] and scales [rows, scales a row], for a kernel to fill."""

@@ -289,9 +289,10 @@ def _codes_fp16(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 def _merge_writes(out_quant, head_size: int) -> bool:
     """Whether the merge kernel can write this input: one program a head, so e4m3 codes over a static scale or
-    with a scale per group within a head. (A scale per token needs the max of every head's output.)"""
-    return out_quant is not None and (out_quant.kind == FP8_STATIC or
-                                      out_quant.kind == FP8_GROUPS and head_size % out_quant.group == 0)
+    with a scale per group within a head, and no prequant scale to multiply in (W4A8_AWQ's output projection).
+    (A scale per token needs the max of every head's output.)"""
+    return out_quant is not None and out_quant.prequant is None and (
+        out_quant.kind == FP8_STATIC or out_quant.kind == FP8_GROUPS and head_size % out_quant.group == 0)
 
 
 def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q: torch.Tensor,

@@ -165,9 +165,9 @@ def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
     return F.linear(x, dequantize_int8(q, scale, x.dtype))
 
 
-def kernel_supports(x: torch.Tensor) -> bool:
+def kernel_supports(device: torch.device, dtype: torch.dtype) -> bool:
     """The kernels run on CUDA for 16-bit activations; everything else takes the reference."""
-    return x.is_cuda and x.dtype in KERNEL_DTYPES
+    return device.type == "cuda" and dtype in KERNEL_DTYPES
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

@@ -23,7 +23,9 @@ from kiln.errors import ConfigError
 from kiln.kernels.gemv import has_fp8_mma
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
-from kiln.quantization.fp8 import quantize_fp8_static, static_activation_scale
+from kiln.kernels.fp8_quant import Fp8Rows
+from kiln.kernels.input_quant import FP8_STATIC, InputQuant
+from kiln.quantization.fp8 import static_activation_scale
 from kiln.quantization.weight_only import Int4GroupMethod, _kernels_for, _param
 
 
@@ -42,20 +44,26 @@ class W4A8AwqMethod(Int4GroupMethod):
         layer.activation_scaling_factor = _param(1)
         layer.shard_rules["activation_scaling_factor"] = replicate
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.prequant:
-            x = x * layer.prequant_scaling_factor
-        xq, scale = quantize_fp8_static(x.reshape(-1, x.shape[-1]), layer.activation_scaling_factor)
-        quant_gemm = _kernels_for(x)
-        if quant_gemm is not None and on_fp8_tensor_cores(xq, quant_gemm):
-            y = quant_gemm.w4a8_matmul(xq, layer.activation_scaling_factor, *self._packed(layer), x.dtype)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-        codes = xq.to(x.dtype)  # (exact)
+    def input_quant(self, layer: Linear) -> InputQuant:
+        """e4m3 codes over the calibrated scale, the input times AWQ's prequant scale first where the layer has one."""
+        return InputQuant(FP8_STATIC, scale=layer.activation_scaling_factor,
+                          prequant=layer.prequant_scaling_factor if self.prequant else None)
+
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        # quantized by the kernel before (input_quant), or here
+        rows = x if isinstance(x, Fp8Rows) else self.input_quant(layer).quantize(x.reshape(-1, x.shape[-1]))
+        lead = rows.q.shape[:-1] if isinstance(x, Fp8Rows) else x.shape[:-1]
+        dtype = layer.activation_scaling_factor.dtype  # the model's (x's, where x is not codes)
+        quant_gemm = _kernels_for(rows.q, dtype)
+        if quant_gemm is not None and on_fp8_tensor_cores(rows.q, quant_gemm):
+            y = quant_gemm.w4a8_matmul(rows.q, layer.activation_scaling_factor, *self._packed(layer), dtype)
+            return y.reshape(*lead, y.shape[-1])
+        codes = rows.q.to(dtype)  # (exact)
         if quant_gemm is not None:
             y = self.fused_matmul(quant_gemm, layer, codes)
         else:
-            y = F.linear(codes, self.dequantize(layer, x.dtype))
-        return (y.float() * scale).to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+            y = F.linear(codes, self.dequantize(layer, dtype))
+        return (y.float() * rows.scale).to(dtype).reshape(*lead, y.shape[-1])
 
     # The row scale comes before the activation and the rotation, so the int4 GEMV's epilogues do not apply: the
     # layers take their plain paths (LinearMethod's defaults).

@@ -121,13 +121,14 @@ def shard_input_permutation(tensor: torch.Tensor, mapping) -> torch.Tensor:
 
 # ---- the methods a linear layer holds ------------------------------------------------------------------
 
-def _kernels_for(x: torch.Tensor):
-    """kiln.kernels.quant_gemm where its kernels run on x, else None (the reference: dequantize, then matmul)."""
+def _kernels_for(x: torch.Tensor, dtype: torch.dtype | None = None):
+    """kiln.kernels.quant_gemm where its kernels run on x (activations in `dtype`, where x holds their codes), else
+    None (the reference: dequantize, then matmul)."""
     if not (x.is_cuda and triton_available()):
         return None
     from kiln.kernels import quant_gemm  # imported here: its torch references import this module
 
-    return quant_gemm if quant_gemm.kernel_supports(x) else None
+    return quant_gemm if quant_gemm.kernel_supports(x.device, dtype or x.dtype) else None
 
 
 def _param(*shape, dtype=None) -> nn.Parameter:

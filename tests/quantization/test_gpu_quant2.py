@@ -192,11 +192,11 @@ def gptq_weight_errors(tmp_path, device: str, qc: dict) -> dict[str, float]:
 @requires_fp8_gpu
 def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
     """On the GPU, prepare_runtime has the RMSNorm and SiLU-and-mul kernels write the FP8 linears' e4m3 inputs
-    (Fp8Rows, over the static scale or with a scale per token), SmoothQuant's int8 codes and row scales (Int8Rows),
-    and FP8_BLOCK_SCALES' group-scaled codes: a prompt's logits (the _scaled_mm, int8 and group GEMMs) equal, bit
-    for bit, those of each linear quantizing its own input. (At one or two rows the two paths run GEMV variants whose tiles the autotuner
-    picks apart, so their sums may differ in order: tests/kernels/test_gemv_kernel.py compares those with one
-    tile.)"""
+    (Fp8Rows, over the static scale or with a scale per token; W4A8_AWQ's with proj's prequant scale multiplied in),
+    SmoothQuant's int8 codes and row scales (Int8Rows), and FP8_BLOCK_SCALES' group-scaled codes: a prompt's logits
+    (the _scaled_mm, int8, int4 and group GEMMs) equal, bit for bit, those of each linear quantizing its own input.
+    (At one or two rows the two paths run GEMV variants whose tiles the autotuner picks apart, so their sums may
+    differ in order: tests/kernels/test_gemv_kernel.py compares those with one tile.)"""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_hf_model
 
@@ -207,7 +207,7 @@ def test_fused_input_quantization_is_bit_equal_on_the_gpu(tmp_path):
 
     make_hf_model(tmp_path / "hf", hidden_size=128, intermediate_size=256)
     ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
-    for algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "FP8_BLOCK_SCALES"):
+    for algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "FP8_BLOCK_SCALES", "W4A8_AWQ"):
         ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / algo, QuantConfig(quant_algo=algo), dtype="bfloat16",
                                    calib_size=4, calib_max_seq_len=64, device="cuda")
 
