@@ -345,9 +345,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="keep the N decoder layers whose quantization costs the most (KL on the calibration text) "
                         "in full precision; they are added to exclude_modules")
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
-                   help="FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES: round the weights to the nearest e4m3 "
-                        "value, or by GPTQ's error feedback on the calibration text (the same format and scales; "
-                        "less error: docs/quantization.md)")
+                   help="FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES, W4A16_AWQ, W4A8_AWQ: round the weights "
+                        "to the nearest code, or by GPTQ's error feedback on the calibration text (the same format "
+                        "and scales; less error: docs/quantization.md)")
     p.add_argument("--calib-dataset", default=None,
                    help="calibration text: .txt, or .jsonl with a 'text' field (default: text shipped with kiln)")
     p.add_argument("--calib-size", type=int, default=32, help="calibration windows")

@@ -46,6 +46,8 @@ ROWS = [
     ("KV FP8", "--kv-cache-quant-algo FP8"),
     ("W8A16 + KV INT8", "--quant-algo W8A16 --kv-cache-quant-algo INT8"),
     ("W4A8_AWQ g128", "--quant-algo W4A8_AWQ --group-size 128"),
+    ("W4A16_AWQ g128, GPTQ-rounded", "--quant-algo W4A16_AWQ --group-size 128 --weight-rounding gptq"),
+    ("W4A8_AWQ g128, GPTQ-rounded", "--quant-algo W4A8_AWQ --group-size 128 --weight-rounding gptq"),
 ]
 
 

@@ -1,8 +1,10 @@
 """GPTQ: weights rounded one input column at a time, each column's rounding error pushed onto the columns not
 yet rounded, weighted by the inverse Hessian of the layer's output error (Frantar et al. 2022, arXiv:2210.17323).
 It makes W4A16_GPTQ's int4 weights (`kiln quantize` makes them as well as imports them) and, with
-`--weight-rounding gptq`, the e4m3 weights of FP8, FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES on
-round-to-nearest's scales (plain checkpoints of those formats).
+`--weight-rounding gptq`, the e4m3 weights of FP8, FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES, and the int4
+weights of W4A16_AWQ and W4A8_AWQ, on the scales the format's own round to nearest gives (AWQ's: smoothed and
+clipped), in plain checkpoints of those formats: act order is only the order of rounding, and the codes go back
+to input order.
 
 For a linear y = x W^T and calibration inputs X, the output error of a weight change D is tr(D H D^T) with
 H = X^T X. Rounding column c to q leaves an error e = (w_c - q_c) / Hinv[c, c] (Hinv: the upper Cholesky factor of
@@ -75,17 +77,53 @@ def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -
     """weight [out, in], the Hessian of its input, and each weight's scale (broadcast to [out, in]: a tensor's, a
     row's or a group's, fixed before the rounding) -> e4m3 codes [out, in], rounded by GPTQ in act order and put
     back in input order, so the checkpoint is one of the plain FP8 formats."""
-    s = scale.float().expand(weight.shape)[:, rounding_order(hessian)]
-    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    s = scale.float().expand(weight.shape)
+
+    def quantize_column(values: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = to_fp8(values / s[:, j])
+        return codes, codes.float() * s[:, j]
+
+    return gptq_on_fixed_scales(weight, hessian, quantize_column, torch.float8_e4m3fn)
+
+
+def gptq_int4_on_scales(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        group_size: int) -> torch.Tensor:
+    """weight [out, in], the Hessian of its input, and W4A16's group scales and zero points [out, groups] fixed before
+    the rounding (round to nearest's, as the checkpoint stores them; zero None: symmetric) -> int4 codes [out, in]
+    uint8, rounded by GPTQ in act order and put back in input order: a plain W4A16 layout with GPTQ's rounding
+    (kiln's AWQ formats with --weight-rounding gptq)."""
+    def per_input(t: torch.Tensor) -> torch.Tensor:
+        return t.float().repeat_interleave(group_size, dim=1)[:, :weight.shape[1]].to(weight.device)
+    s = per_input(scale)
+    z = per_input(zero) if zero is not None else torch.full_like(s, INT4_SYMMETRIC_ZERO)
+
+    def quantize_column(values: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u = (torch.round(values / s[:, j]) + z[:, j]).clamp(0, INT4_LEVELS)
+        return u.to(torch.uint8), (u - z[:, j]) * s[:, j]
+
+    return gptq_on_fixed_scales(weight, hessian, quantize_column, torch.uint8)
+
+
+def gptq_on_fixed_scales(weight: torch.Tensor, hessian: torch.Tensor, quantize_column, codes_dtype: torch.dtype):
+    """GPTQ's loop in act order on a grid fixed before it: quantize_column(values [out], j) rounds the values of input
+    column j onto j's grid -> (codes [out], their values). -> codes [out, in] in input order."""
+    order = rounding_order(hessian)
+    codes = torch.empty(weight.shape, dtype=codes_dtype, device=weight.device)
 
     def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
-        codes[:, c] = to_fp8(pending[:, 0] / s[:, c])
-        return codes[:, c].float() * s[:, c]
+        codes[:, c], values = quantize_column(pending[:, 0], order[c].item())
+        return values
 
     perm = gptq_round(weight, hessian, round_column)
     ordered = torch.empty_like(codes)
     ordered[:, perm] = codes
     return ordered
+
+
+def smoothed_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Hessian of x / s (AWQ's smoothed input, which meets the weight W * s) from that of x."""
+    inv = 1.0 / s.float().to(hessian.device)
+    return hessian * inv[:, None] * inv[None, :]
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks: int = 1) -> torch.Tensor:
@@ -129,9 +167,13 @@ def act_order(diagonal: torch.Tensor, chunks: int = 1) -> torch.Tensor:
                       for i, part in enumerate(diagonal.split(size))])
 
 
-def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, device="cpu") -> dict[str, dict]:
-    """{linear name: its gptq_int4 tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
-    `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it."""
+def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, device="cpu",
+              rounder=None) -> dict[str, dict]:
+    """{linear name: its checkpoint tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
+    `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it.
+    rounder(name, weight, Hessian, TP chunks) -> tensors; by default the format's own (ROUNDERS)."""
+    dtype = model.config.torch_dtype
+    rounder = rounder or (lambda name, w, h, chunks: ROUNDERS[qc.quant_algo](w, h, qc, dtype, chunks))
     quantized: dict[str, dict] = {}
     for prefix, layer, run in streaming.walk_layers(model, tokens, device):
         linears = streaming.quantized_linears(layer, prefix, qc)
@@ -144,8 +186,7 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
         run({linears[name]: _accumulate(hessians, key) for key, name in first.items()})
         for name, m in linears.items():
             chunks = tp_size if m.input_sharded else 1
-            tensors = ROUNDERS[qc.quant_algo](m.weight.detach(), hessians[inputs[name]], qc, model.config.torch_dtype,
-                                              chunks)
+            tensors = rounder(prefix + name, m.weight.detach(), hessians[inputs[name]], chunks)
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
         log.debug("GPTQ %s: %d linears", prefix, len(linears))
         del hessians

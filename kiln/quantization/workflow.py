@@ -28,6 +28,7 @@ from kiln.quantization import (act_stats, awq, calib_text, calibration, evaluate
                                 smoothquant)
 from kiln.quantization.fp8 import static_activation_scale
 from kiln.quantization.methods import check_lm_head, is_excluded, quantized_linears, supported_names
+from kiln.quantization.weight_only import pack_int4
 
 log = logging.getLogger("kiln")
 
@@ -63,8 +64,10 @@ class QuantizedSource:
         return tensor
 
     def _quantize(self, module: str) -> dict[str, torch.Tensor]:
-        if module in self.rounded:
-            return self.rounded[module]
+        return self.rounded[module] if module in self.rounded else self.linear_tensors(module)
+
+    def linear_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """The linear's checkpoint tensors as its method's quantize gives them (round to nearest), on the CPU."""
 
         def on_device(t):
             return None if t is None else t.to(self.device)
@@ -93,13 +96,38 @@ class WeightCalibration:
 
 
 def _calibrate_awq(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
+    return _awq_gptq_rounded(_awq_scales(source, tokens, qc, device), source, tokens, qc, reference, device, mapping)
+
+
+def _calibrate_w4a8(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
+    calibrated = _awq_scales(source, tokens, qc, device)
+    calibrated.act_absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
+    return _awq_gptq_rounded(calibrated, source, tokens, qc, reference, device, mapping)
+
+
+def _awq_scales(source, tokens, qc, device) -> WeightCalibration:
     input_scales, norm_scales, errors, clips = awq.calibrate(source, tokens, qc, device)
     return WeightCalibration(input_scales, norm_scales, awq_errors=errors, weight_clips=clips)
 
 
-def _calibrate_w4a8(source, tokens, qc, reference, device, mapping) -> WeightCalibration:
-    calibrated = _calibrate_awq(source, tokens, qc, reference, device, mapping)
-    calibrated.act_absmax = act_stats.calibrate_absmax(source, tokens, qc, device)
+def _awq_gptq_rounded(calibrated: WeightCalibration, source, tokens, qc, reference, device,
+                      mapping) -> WeightCalibration:
+    """With --weight-rounding gptq, AWQ's linears get their int4 codes from GPTQ, on the scales and zero points
+    round to nearest gives the smoothed, clipped weight (the checkpoint's own), the smoothed unclipped weight W * s
+    its target and x / s its input; every other tensor as round to nearest writes it."""
+    if qc.weight_rounding != "gptq":
+        return calibrated
+    nearest = QuantizedSource(source, reference, calibrated.input_scales, calibrated.norm_scales,
+                              act_absmax=calibrated.act_absmax, device=device, weight_clips=calibrated.weight_clips)
+
+    def rounder(name: str, weight: torch.Tensor, hessian: torch.Tensor, chunks: int) -> dict[str, torch.Tensor]:
+        tensors = nearest.linear_tensors(name)
+        s = calibrated.input_scales[name].to(weight.device)
+        codes = gptq.gptq_int4_on_scales(weight.float() * s, gptq.smoothed_hessian(hessian, s),
+                                         tensors["weights_scaling_factor"], tensors.get("zero_point"), qc.group_size)
+        return {**tensors, "weight": pack_int4(codes).cpu()}
+
+    calibrated.rounded = gptq.calibrate(source, tokens, qc, mapping.tp_size, device, rounder)
     return calibrated
 
 
@@ -141,6 +169,9 @@ def calibrator_for(qc: QuantConfig):
     return CALIBRATORS.get(qc.quant_algo)
 
 
+# The formats --weight-rounding gptq rounds: the FP8 ones (gptq.ROUNDERS) and AWQ's, on their own scales.
+GPTQ_ROUNDED = (*gptq.FP8_WEIGHT_SCALES, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A8_AWQ)
+
 # Structures an algorithm cannot handle yet (mixture-of-experts for the ones that fold scales into norms).
 MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_awq_supported,
                 QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
@@ -161,11 +192,11 @@ def check_quant_config(qc: QuantConfig, config) -> None:
         raise ConfigError(f"QuantConfig.quant_algo must be one of {supported_names()}, or "
                           f"kv_cache_quant_algo one of {[a.value for a in kv_cache.KV_FORMATS]}, to quantize")
     check_lm_head(qc)
-    if qc.weight_rounding == "gptq" and qc.quant_algo not in gptq.ROUNDERS:
-        fp8 = ", ".join(a.value for a in gptq.FP8_WEIGHT_SCALES)
-        raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for {fp8} (int4 weights: "
-                          f"--quant-algo W4A16_GPTQ); quant_algo {qc.quant_algo and qc.quant_algo.value} rounds to "
-                          "the nearest value: drop --weight-rounding")
+    if qc.weight_rounding == "gptq" and qc.quant_algo not in GPTQ_ROUNDED:
+        able = ", ".join(a.value for a in GPTQ_ROUNDED)
+        raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for {able} (plain int4 "
+                          f"weights: --quant-algo W4A16_GPTQ); quant_algo {qc.quant_algo and qc.quant_algo.value} "
+                          "rounds to the nearest value: drop --weight-rounding")
     for i in range(config.num_hidden_layers):
         fc, gate = (f"transformer.layers.{i}.mlp.{m}" for m in ("fc", "gate"))
         if config.gated_mlp and is_excluded(fc, qc.exclude_modules) != is_excluded(gate, qc.exclude_modules):

@@ -1,5 +1,5 @@
-"""Float math written out for the weight-and-activation formats (FP8, FP8_BLOCK_SCALES, W8A8 SmoothQuant, W4A8 AWQ),
-independent of kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per
+"""Float math written out for the weight-and-activation formats (FP8, FP8_BLOCK_SCALES, W8A8 SmoothQuant, W4A8 AWQ;
+W4A16 AWQ too, its activations as they are), independent of kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per
 token, per token and group, or with the checkpoint's static scale), then multiplied in float64 by the dequantized
 checkpoint weight. `fake_quant_hf` is a transformers model whose linears do exactly that, with the checkpoint's
 norms (SmoothQuant folds into them)."""
@@ -48,6 +48,8 @@ def fake_quant_input(x: torch.Tensor, t: dict, group: int) -> torch.Tensor:
     if "activation_scaling_factor" in t:  # FP8 / W4A8: one static scale
         s = t["activation_scaling_factor"].double()
         return e4m3(x / s) * s
+    if t["weight"].dtype == torch.uint8:  # W4A16_AWQ: int4 weights alone, the activations as they are
+        return x
     s = x.abs().amax(-1, keepdim=True) / E4M3_MAX  # FP8 per token
     return e4m3(x / s) * s
 

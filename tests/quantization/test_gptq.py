@@ -186,20 +186,50 @@ def test_gptq_fp8_keeps_each_column_on_its_own_scale_past_a_dead_input():
     assert torch.equal(codes[:, 5].float(), torch.zeros(16))
 
 
-@pytest.mark.parametrize("algo", FP8_FORMATS)
-def test_fp8_with_gptq_rounding_is_a_plain_checkpoint_of_its_format(quant_llama, tmp_path, algo):
+# ---- AWQ's int4 formats with --weight-rounding gptq: int4 codes rounded by GPTQ on AWQ's own scales ----
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_gptq_on_awq_scales_lowers_the_output_error_of_round_to_nearest(zero_point):
+    """W4A16_AWQ's tensors for a smoothing s (the weight W * s, round to nearest's group scales and zero points),
+    then GPTQ's codes on those same scales with the Hessian of x / s: on the calibration inputs, less than two
+    thirds of round-to-nearest's output error; with a diagonal Hessian, round-to-nearest's codes exactly."""
+    from kiln.quantization.gptq import gptq_int4_on_scales, smoothed_hessian
+    from kiln.quantization.weight_only import Int4GroupMethod, unpack_int4
+
+    x = correlated_inputs(1024, 384)
+    w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1)) * 0.05
+    s = torch.rand(384, generator=torch.Generator().manual_seed(2)) + 0.5
+    rtn = Int4GroupMethod(32, zero_point, prequant=True).quantize(w, torch.float32, s)
+    scale, zero = rtn["weights_scaling_factor"], rtn.get("zero_point")
+    codes = gptq_int4_on_scales(w * s, smoothed_hessian(x.T @ x, s), scale, zero, 32)
+
+    def output_error(u):
+        z = zero if zero is not None else torch.full_like(scale, 8)
+        q = (u.float() - z.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)
+        return ((x / s) @ q.T - x @ w.T).pow(2).mean()
+    assert output_error(codes) < 2 / 3 * output_error(unpack_int4(rtn["weight"]))
+    diagonal = torch.diag(torch.rand(384, generator=torch.Generator().manual_seed(3)) + 0.5)
+    assert torch.equal(gptq_int4_on_scales(w * s, diagonal, scale, zero, 32), unpack_int4(rtn["weight"]))
+
+
+ROUNDED_FORMATS = {**FP8_FORMATS, "W4A16_AWQ": {"group_size": 64}, "W4A8_AWQ": {"group_size": 64}}
+
+
+@pytest.mark.parametrize("algo", ROUNDED_FORMATS)
+def test_gptq_rounding_is_a_plain_checkpoint_of_its_format(quant_llama, tmp_path, algo):
     """--weight-rounding gptq changes the codes only: the config records it, every decoder linear keeps the
-    format's scales (weights: round-to-nearest's; FP8's activations: the calibrated maximum) and gets codes of its
-    own, and the model's logits equal transformers' running the checkpoint's weights with the format's
-    activation rounding."""
+    format's other tensors (weight scales and zero points: round-to-nearest's, AWQ's on its smoothed and clipped
+    weight; AWQ's prequant scales; static activation scales: the calibrated maximum) and gets codes of its own,
+    and the model's logits equal transformers' running the checkpoint's weights with the format's activation
+    rounding."""
     from act_reference import assert_logits_equal_fake_quant_hf
 
     hf_dir, hf = quant_llama
     kw = dict(calib_size=4, calib_max_seq_len=64)
     nearest = load_file(PretrainedModel.quantize(hf_dir, tmp_path / "rtn", QuantConfig(quant_algo=algo,
-                                                                                       **FP8_FORMATS[algo]), **kw)
+                                                                                       **ROUNDED_FORMATS[algo]), **kw)
                         / "rank0.safetensors")
-    qc = QuantConfig(quant_algo=algo, weight_rounding="gptq", **FP8_FORMATS[algo])
+    qc = QuantConfig(quant_algo=algo, weight_rounding="gptq", **ROUNDED_FORMATS[algo])
     out = PretrainedModel.quantize(hf_dir, tmp_path / "gptq", qc, **kw)
     ckpt = load_file(out / "rank0.safetensors")
     model = PretrainedModel.from_checkpoint(out)
@@ -210,6 +240,8 @@ def test_fp8_with_gptq_rounding_is_a_plain_checkpoint_of_its_format(quant_llama,
         for leaf in set(t) - {"weight"}:
             assert torch.equal(t[leaf], rtn[leaf]), (name, leaf)
         assert not torch.equal(t["weight"].view(torch.uint8), rtn["weight"].view(torch.uint8)), name
+    for name, tensor in ckpt.items():  # AWQ's scales folded into the norms, as round to nearest's
+        assert name.startswith(tuple(quantized_linears(model))) or torch.equal(tensor, nearest[name]), name
     assert_logits_equal_fake_quant_hf(hf, out, IDS)
 
 
