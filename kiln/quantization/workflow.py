@@ -6,8 +6,8 @@ build use. Every algorithm reads, quantizes and writes one linear at a time; tho
 (CALIBRATORS: AWQ's scale search, SmoothQuant's smoothing scales, the static activation scales of FP8 and
 W4A8_AWQ, GPTQ's rounding, which gives the linears' tensors themselves) first stream the calibration text
 through the float model layer by layer; with QuantConfig.keep_sensitive_layers the decoder layers whose
-quantization costs most on that text then stay in full precision (kiln.quantization.sensitivity). Everything is validated before anything is written, and the output dir
-is written atomically.
+quantization costs most on that text then stay in full precision (kiln.quantization.sensitivity). Everything is
+validated before anything is written, and the output dir is written atomically.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Float math written out for the weight-and-activation formats (FP8, FP8_BLOCK_SCALES, W8A8 SmoothQuant, W4A8 AWQ;
-W4A16 AWQ too, its activations as they are), independent of kiln.quantization: each linear's input is fake-quantized as docs/quantization.md describes (per
-token, per token and group, or with the checkpoint's static scale), then multiplied in float64 by the dequantized
-checkpoint weight. `fake_quant_hf` is a transformers model whose linears do exactly that, with the checkpoint's
+W4A16 AWQ too, its activations as they are), independent of kiln.quantization: each linear's input is
+fake-quantized as docs/quantization.md describes (per token, per token and group, or with the checkpoint's static
+scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a transformers model whose linears do exactly that, with the checkpoint's
 norms (SmoothQuant folds into them)."""
 
 from __future__ import annotations
