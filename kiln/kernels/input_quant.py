@@ -1,6 +1,6 @@
 """The input a quantized linear wants, described once, so the kernel before the linear can write it.
 
-A linear whose GEMM reads quantized activations (FP8, SmoothQuant, FP8_BLOCK_SCALES) quantizes its input in a
+A linear whose GEMM reads quantized activations (the FP8 formats, SmoothQuant, W4A8_AWQ) quantizes its input in a
 pass of its own: one read of x, one write of codes and scales. Where the kernel that computes x (RMSNorm,
 SiLU-and-mul, decode attention's merge) writes the codes itself, that pass goes away and no bit changes.
 `InputQuant` is the one description of that input: the linear's method gives it (LinearMethod.input_quant), the

@@ -7,8 +7,9 @@ so fusing changes no bit.
 
 When the linear that reads the norm's output takes quantized input (`out_quant`, kiln.kernels.input_quant), the
 kernel writes it: the row rounded to x's dtype, then quantized as that linear's own pass would, so the pass
-disappears and no bit changes. Static-scale FP8 divides and casts; SmoothQuant's int8 and FP8_BLOCK_SCALES' groups
-take the row's (or group's) max as well, one reduction more, since the whole row is in the program.
+disappears and no bit changes. Static-scale FP8 divides and casts; a scale per token (SmoothQuant's int8,
+FP8_PER_CHANNEL_PER_TOKEN's e4m3) or per group (FP8_BLOCK_SCALES) takes the row's or group's max as well, one
+reduction more, since the whole row is in the program.
 """
 
 import torch
