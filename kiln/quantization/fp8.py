@@ -185,11 +185,6 @@ class Fp8Method(LinearMethod):
     def dequantize(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8(layer.weight, layer.weights_scaling_factor, dtype)
 
-    def quantize_input(self, layer: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.static:
-            return quantize_fp8_static(x, layer.activation_scaling_factor)
-        return quantize_fp8_per_token(x)
-
     def input_quant(self, layer: Linear) -> InputQuant:
         """e4m3 codes over the calibrated scale (FP8), or with a scale per token (FP8_PER_CHANNEL_PER_TOKEN)."""
         return InputQuant(FP8_STATIC, scale=layer.activation_scaling_factor) if self.static else InputQuant(FP8_ROWS)
@@ -209,7 +204,7 @@ class Fp8Method(LinearMethod):
             # decode: the GEMV quantizes x as it reads it (the numbers of the two-kernel path below, one launch)
             y = static_fp8_gemv(x2, layer.activation_scaling_factor, layer.weight, w_scale, out_dtype)
         else:
-            xq, x_scale = self.quantize_input(layer, x2)
+            xq, x_scale = self.input_quant(layer).quantize(x2)
             y = fp8_gemm(xq, x_scale, layer.weight, w_scale, out_dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
