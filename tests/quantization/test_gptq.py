@@ -257,18 +257,20 @@ def test_gptq_rounding_for_an_algorithm_without_it_is_refused(quant_llama, tmp_p
         QuantConfig(quant_algo="FP8", weight_rounding="optimal")
 
 
-def test_cli_weight_rounding_and_tensor_parallel_ranks(quant_llama, tmp_path, capsys):
+@pytest.mark.parametrize("algo", ["FP8", "W4A16_AWQ"])
+def test_cli_weight_rounding_and_tensor_parallel_ranks(quant_llama, tmp_path, capsys, algo):
     """`kiln quantize --weight-rounding gptq --tp-size 2`: the config records it, the report's label says it, and
     each rank's shard is its slice of the TP=1 checkpoint's codes (GPTQ rounds the unsharded weights, in input
-    order, so the row-parallel layers split like any FP8 checkpoint's)."""
+    order, so the row-parallel layers split like any checkpoint of the format: e4m3 codes, or int4 codes packed
+    two a byte along the inputs)."""
     import json
 
     import kiln.cli
 
-    args = ["quantize", "--model-dir", str(quant_llama[0]), "--quant-algo", "FP8", "--weight-rounding", "gptq",
-            "--calib-size", "4", "--calib-max-seq-len", "64"]
+    args = ["quantize", "--model-dir", str(quant_llama[0]), "--quant-algo", algo, "--weight-rounding", "gptq",
+            "--calib-size", "4", "--calib-max-seq-len", "64", "--group-size", "64"]
     assert kiln.cli.main([*args, "--output-dir", str(tmp_path / "tp1")]) == 0
-    assert "FP8 (GPTQ-rounded)" in capsys.readouterr().out
+    assert f"{algo} (GPTQ-rounded)" in capsys.readouterr().out
     assert kiln.cli.main([*args, "--output-dir", str(tmp_path / "tp2"), "--tp-size", "2"]) == 0
     assert json.loads((tmp_path / "tp2" / "config.json").read_text())["quantization"]["weight_rounding"] == "gptq"
     full = load_file(tmp_path / "tp1" / "rank0.safetensors")
