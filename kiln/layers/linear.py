@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from kiln.kernels import gated_gemm
-from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
+from kiln.kernels.input_quant import InputQuant
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
 

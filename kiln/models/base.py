@@ -285,10 +285,10 @@ class DecoderLayer(nn.Module):
         return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
 
     def fuse_input_quantization(self) -> None:
-        """Where a linear takes quantized input (LinearMethod.input_quant: static FP8, SmoothQuant,
-        FP8_BLOCK_SCALES) and an RMSNorm, the gated activation or decode attention computes that input, the kernel
-        writes the codes and scales itself (kiln.kernels.input_quant): one pass less per linear, no bit changed. A
-        no-op for every other format. Set once, when the engine loads (ModelRunner)."""
+        """Where a linear takes quantized input (LinearMethod.input_quant: the FP8 formats, SmoothQuant, W4A8_AWQ)
+        and an RMSNorm, the gated activation or decode attention computes that input, the kernel writes the codes
+        and scales itself (kiln.kernels.input_quant): one pass less per linear, no bit changed. A no-op for every
+        other format. Set once, when the engine loads (ModelRunner)."""
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.out_quant = self.attention.qkv.input_quant()
         if os.environ.get("KILN_FP8_ATTENTION_CODES", "1") != "0":  # (3% faster FP8 batch-1 decode on an H200)

@@ -37,8 +37,8 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation
-from kiln.kernels.input_quant import FP8_ROWS, FP8_STATIC, InputQuant
 from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
+from kiln.kernels.input_quant import FP8_ROWS, FP8_STATIC, InputQuant
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
 

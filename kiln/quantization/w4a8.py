@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import ConfigError
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.gemv import has_fp8_mma
+from kiln.kernels.input_quant import FP8_STATIC, InputQuant
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
-from kiln.kernels.fp8_quant import Fp8Rows
-from kiln.kernels.input_quant import FP8_STATIC, InputQuant
 from kiln.quantization.fp8 import static_activation_scale
 from kiln.quantization.weight_only import Int4GroupMethod, _kernels_for, _param
 
