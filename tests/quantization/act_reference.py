@@ -1,8 +1,9 @@
 """Float math written out for the weight-and-activation formats (FP8, FP8_BLOCK_SCALES, W8A8 SmoothQuant, W4A8 AWQ;
 W4A16 AWQ too, its activations as they are), independent of kiln.quantization: each linear's input is
 fake-quantized as docs/quantization.md describes (per token, per token and group, or with the checkpoint's static
-scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a transformers model whose linears do exactly that, with the checkpoint's
-norms (SmoothQuant folds into them)."""
+scale), then multiplied in float64 by the dequantized checkpoint weight. `fake_quant_hf` is a transformers model
+whose linears do exactly that, with the checkpoint's norms (SmoothQuant folds into them). `runtime_model` is kiln's
+own engine model of a checkpoint, its input quantization fused or not."""
 
 from __future__ import annotations
 
@@ -129,3 +130,15 @@ def assert_engine_greedy_equals_fake_quant_hf(hf_model, ckpt_dir, engine_dir, pr
     with kiln.LLM(engine_dir, device="cpu") as llm:
         out = llm.generate(list(prompt), kiln.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy(ref, list(prompt), tokens)
+
+
+def runtime_model(ckpt_dir, fused: bool):
+    """The engine's runtime model of a quantized checkpoint (CPU), with its input quantization fused into the
+    kernels before each linear (prepare_runtime: DecoderLayer.fuse_input_quantization) or each linear's own."""
+    import kiln
+    from kiln.models.base import PretrainedModel
+
+    model = kiln.build(PretrainedModel.from_checkpoint(ckpt_dir)).runtime_model()
+    if fused:
+        model.prepare_runtime()
+    return model

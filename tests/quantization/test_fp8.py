@@ -5,7 +5,7 @@ quantize -> checkpoint -> from_checkpoint -> build -> run against transformers w
 import pytest
 import torch
 from act_reference import (assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf, e4m3,
-                           is_searched_scale)
+                           is_searched_scale, runtime_model)
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
@@ -146,16 +146,9 @@ def test_fused_input_quantization_changes_no_logit(quantized):
     """prepare_runtime has the norms and the gated activation write the FP8 linears' e4m3 inputs (Fp8Rows), over the
     static scale (FP8) or with a scale per token (FP8_PER_CHANNEL_PER_TOKEN): the logits are bit for bit those of
     each linear quantizing its own input."""
-    import kiln
     from kiln.kernels.fp8_quant import Fp8Rows
 
-    def runtime_model(algo, fused):
-        model = kiln.build(PretrainedModel.from_checkpoint(quantized[algo])).runtime_model()
-        if fused:
-            model.prepare_runtime()
-        return model
-
-    model = runtime_model("FP8", fused=True)
+    model = runtime_model(quantized["FP8"], fused=True)
     layer = model.transformer.layers["1"]
     for written, linear in ((layer.input_layernorm.out_quant, layer.attention.qkv),
                             (layer.post_layernorm.out_quant, layer.mlp.fc_gate), (layer.mlp.act_quant, layer.mlp.proj),
@@ -163,31 +156,25 @@ def test_fused_input_quantization_changes_no_logit(quantized):
         assert written.kind == FP8_STATIC and written.scale is linear.activation_scaling_factor
     assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
     with torch.no_grad():
-        assert torch.equal(model(IDS), runtime_model("FP8", fused=False)(IDS))
-    per_token = runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=True)
+        assert torch.equal(model(IDS), runtime_model(quantized["FP8"], fused=False)(IDS))
+    per_token = runtime_model(quantized["FP8_PER_CHANNEL_PER_TOKEN"], fused=True)
     layer = per_token.transformer.layers["1"]
     assert layer.input_layernorm.out_quant.kind == layer.post_layernorm.out_quant.kind == layer.mlp.act_quant.kind \
         == FP8_ROWS  # (attention's too, which decode attention's merge leaves to dense: a token spans the heads)
     normed = layer.input_layernorm(torch.randn(3, per_token.config.hidden_size))
     assert isinstance(normed, Fp8Rows) and normed.scale.shape == (3, 1) and normed.scale.unique().numel() == 3
     with torch.no_grad():
-        assert torch.equal(per_token(IDS), runtime_model("FP8_PER_CHANNEL_PER_TOKEN", fused=False)(IDS))
+        unfused = runtime_model(quantized["FP8_PER_CHANNEL_PER_TOKEN"], fused=False)
+        assert torch.equal(per_token(IDS), unfused(IDS))
 
 
 def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_logit(quantized):
     """FP8_BLOCK_SCALES: prepare_runtime has the norms and the gated activation write their linears' e4m3 input
     with a scale per group (Fp8Rows), and stores the weight scales column-major: the logits are bit for bit those
     of each linear quantizing its own input from row-major scales."""
-    import kiln
     from kiln.kernels.fp8_quant import Fp8Rows
 
-    def runtime_model(fused):
-        model = kiln.build(PretrainedModel.from_checkpoint(quantized["FP8_BLOCK_SCALES"])).runtime_model()
-        if fused:
-            model.prepare_runtime()
-        return model
-
-    model = runtime_model(fused=True)
+    model = runtime_model(quantized["FP8_BLOCK_SCALES"], fused=True)
     layer, group = model.transformer.layers["1"], model.config.quantization.group_size
     for written in (layer.input_layernorm.out_quant, layer.post_layernorm.out_quant, layer.mlp.act_quant,
                     layer.attention.out_quant):
@@ -197,7 +184,7 @@ def test_block_scaled_inputs_written_by_the_norms_and_the_activation_change_no_l
     normed = layer.input_layernorm(torch.randn(3, hidden))
     assert isinstance(normed, Fp8Rows) and normed.scale.shape == (3, -(-hidden // group))
     with torch.no_grad():
-        assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
+        assert torch.equal(model(IDS), runtime_model(quantized["FP8_BLOCK_SCALES"], fused=False)(IDS))
 
 
 def test_tp2_rank_files_reassemble_to_tp1(quant_llama, quantized, tmp_path):

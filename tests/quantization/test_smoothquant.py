@@ -4,7 +4,7 @@ migration strength's validation and effect."""
 
 import pytest
 import torch
-from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf
+from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf, runtime_model
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
@@ -111,13 +111,7 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
     (decode attention's kernels) keeps its own pass."""
     from kiln.kernels.int8_gemm import Int8Rows
 
-    def runtime_model(fused):
-        model = kiln.build(PretrainedModel.from_checkpoint(sq_ckpt)).runtime_model()
-        if fused:
-            model.prepare_runtime()
-        return model
-
-    model = runtime_model(fused=True)
+    model = runtime_model(sq_ckpt, fused=True)
     layer = model.transformer.layers["1"]
     for norm in (layer.input_layernorm, layer.post_layernorm):  # smoothing folded in: no prequant scale
         assert norm.out_quant.kind == INT8_ROWS and norm.out_quant.prequant is None
@@ -126,7 +120,7 @@ def test_fused_int8_input_quantization_changes_no_logit(sq_ckpt):
     rows = layer.input_layernorm(torch.randn(3, model.config.hidden_size))
     assert isinstance(rows, Int8Rows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
     with torch.no_grad():
-        assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
+        assert torch.equal(model(IDS), runtime_model(sq_ckpt, fused=False)(IDS))
 
 
 def test_auto_alpha_takes_the_grid_point_of_least_int8_output_error():

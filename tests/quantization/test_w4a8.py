@@ -3,7 +3,7 @@ with fake-quantized linears (act_reference.py), the activation scale against the
 
 import pytest
 import torch
-from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf
+from act_reference import assert_engine_greedy_equals_fake_quant_hf, assert_logits_equal_fake_quant_hf, runtime_model
 from reference import linear_tensors, quant_llama  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
@@ -57,17 +57,10 @@ def test_fused_input_quantization_changes_no_logit(w4a8_ckpt):
     """prepare_runtime has the norms (AWQ's scales folded into them) and the gated activation (proj's prequant scale
     multiplied in) write W4A8's e4m3 inputs over their static scales (Fp8Rows): the logits are bit for bit those of
     each linear quantizing its own input. Decode attention's merge leaves dense's input alone: its prequant scale."""
-    import kiln
     from kiln.kernels.fp8_quant import Fp8Rows
     from kiln.kernels.input_quant import FP8_STATIC
 
-    def runtime_model(fused):
-        model = kiln.build(PretrainedModel.from_checkpoint(w4a8_ckpt)).runtime_model()
-        if fused:
-            model.prepare_runtime()
-        return model
-
-    model = runtime_model(fused=True)
+    model = runtime_model(w4a8_ckpt, fused=True)
     layer = model.transformer.layers["1"]
     for norm, linear in ((layer.input_layernorm, layer.attention.qkv), (layer.post_layernorm, layer.mlp.fc_gate)):
         assert norm.out_quant.kind == FP8_STATIC and norm.out_quant.scale is linear.activation_scaling_factor
@@ -76,4 +69,4 @@ def test_fused_input_quantization_changes_no_logit(w4a8_ckpt):
     assert proj_input.kind == FP8_STATIC and proj_input.prequant is layer.mlp.proj.prequant_scaling_factor
     assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
     with torch.no_grad():
-        assert torch.equal(model(IDS), runtime_model(fused=False)(IDS))
+        assert torch.equal(model(IDS), runtime_model(w4a8_ckpt, fused=False)(IDS))
