@@ -48,6 +48,9 @@ ROWS = [
     ("W4A8_AWQ g128", "--quant-algo W4A8_AWQ --group-size 128"),
     ("W4A16_AWQ g128, GPTQ-rounded", "--quant-algo W4A16_AWQ --group-size 128 --weight-rounding gptq"),
     ("W4A8_AWQ g128, GPTQ-rounded", "--quant-algo W4A8_AWQ --group-size 128 --weight-rounding gptq"),
+    ("W4A16_AWQ g128 zero point", "--quant-algo W4A16_AWQ --group-size 128 --has-zero-point"),
+    ("W4A16_AWQ g128 zero point, GPTQ-rounded", "--quant-algo W4A16_AWQ --group-size 128 --has-zero-point "
+                                                "--weight-rounding gptq"),
 ]
 
 
