@@ -107,11 +107,11 @@ def gptq_int4_on_scales(weight: torch.Tensor, hessian: torch.Tensor, scale: torc
 def gptq_on_fixed_scales(weight: torch.Tensor, hessian: torch.Tensor, quantize_column, codes_dtype: torch.dtype):
     """GPTQ's loop in act order on a grid fixed before it: quantize_column(values [out], j) rounds the values of input
     column j onto j's grid -> (codes [out], their values). -> codes [out, in] in input order."""
-    order = rounding_order(hessian)
+    order = rounding_order(hessian).tolist()  # (a host list: no device sync a column)
     codes = torch.empty(weight.shape, dtype=codes_dtype, device=weight.device)
 
     def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
-        codes[:, c], values = quantize_column(pending[:, 0], order[c].item())
+        codes[:, c], values = quantize_column(pending[:, 0], order[c])
         return values
 
     perm = gptq_round(weight, hessian, round_column)

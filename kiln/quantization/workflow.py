@@ -66,12 +66,15 @@ class QuantizedSource:
     def _quantize(self, module: str) -> dict[str, torch.Tensor]:
         return self.rounded[module] if module in self.rounded else self.linear_tensors(module)
 
-    def linear_tensors(self, module: str) -> dict[str, torch.Tensor]:
-        """The linear's checkpoint tensors as its method's quantize gives them (round to nearest), on the CPU."""
+    def linear_tensors(self, module: str, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The linear's checkpoint tensors as its method's quantize gives them (round to nearest), on the CPU; from
+        `weight` where the caller holds the source weight already, else read."""
 
         def on_device(t):
             return None if t is None else t.to(self.device)
-        weight = on_device(self.source.read_weight(module + ".weight"))  # lm_head of a tied model: the embedding
+        if weight is None:
+            weight = self.source.read_weight(module + ".weight")  # lm_head of a tied model: the embedding
+        weight = on_device(weight)
         if module in self.weight_clips:
             group_size = self.linears[module].quant_method.group_size
             weight = awq.clip_weight(weight, on_device(self.weight_clips[module]),
@@ -121,7 +124,7 @@ def _awq_gptq_rounded(calibrated: WeightCalibration, source, tokens, qc, referen
                               act_absmax=calibrated.act_absmax, device=device, weight_clips=calibrated.weight_clips)
 
     def rounder(name: str, weight: torch.Tensor, hessian: torch.Tensor, chunks: int) -> dict[str, torch.Tensor]:
-        tensors = nearest.linear_tensors(name)
+        tensors = nearest.linear_tensors(name, weight)  # (the walk's weight: no second read)
         s = calibrated.input_scales[name].to(weight.device)
         codes = gptq.gptq_int4_on_scales(weight.float() * s, gptq.smoothed_hessian(hessian, s),
                                          tensors["weights_scaling_factor"], tensors.get("zero_point"), qc.group_size)
