@@ -171,8 +171,10 @@ ROPE_SCALING_FIELDS = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
+    "freq_factors": ("factors",),
 }
 ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
+ROPE_PER_FREQUENCY_FIELDS = ("factors", "short_factor", "long_factor")  # lists of (rotary dim / 2) values
 NORM_TYPES = ("rmsnorm", "layernorm")
 # Activations by MLP kind: a gated MLP is act(fc(x)) * gate(x) (SwiGLU, GeGLU), a plain one act(fc(x)).
 GATED_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -254,6 +256,10 @@ class PretrainedConfig:
             needed = ROPE_SCALING_FIELDS[scaling["type"]]
             _check(all(f in scaling for f in needed), owner, "rotary_scaling",
                    f"a dict with {list(needed)} for type {scaling['type']!r}", scaling)
+            pairs = (self.rotary_dim or self.head_size) // 2
+            for name in set(needed) & set(ROPE_PER_FREQUENCY_FIELDS):
+                _check(len(scaling[name]) == pairs, owner, f"rotary_scaling.{name}",
+                       f"one value per rotary frequency ({pairs})", f"{len(scaling[name])} values")
         _check(self.sliding_window is None or isinstance(self.sliding_window, int) and self.sliding_window >= 1,
                owner, "sliding_window", "None or an integer >= 1", self.sliding_window)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

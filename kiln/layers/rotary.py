@@ -3,7 +3,8 @@
 Scalings follow the reference implementations in transformers' modeling_rope_utils:
 linear (positions divided by the factor), dynamic NTK (base grown with the sequence length,
 https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr) and llama3 (frequency-dependent
-interpolation from the Llama 3.1 release) and longrope (Phi-3's per-frequency factors, short below the
+interpolation from the Llama 3.1 release), freq_factors (a divisor per frequency, as GGUF files of Llama 3.1 and
+later carry llama3's scaling: llama.cpp's `rope_freqs` tensor) and longrope (Phi-3's per-frequency factors, short below the
 original context and long beyond it, with cos/sin scaled by an attention factor; arXiv:2402.13753).
 """
 
@@ -47,6 +48,8 @@ def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq
         freqs = freqs / scaling["factor"]
     elif kind == "llama3":
         freqs = _llama3_inv_freq(freqs, scaling)
+    elif kind == "freq_factors":
+        freqs = freqs / torch.tensor(scaling["factors"], dtype=torch.float32)
     return freqs
 
 

@@ -4,6 +4,7 @@ same model transformers runs; Q8_0 weights match HF weights quantized and dequan
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -13,6 +14,7 @@ import torch
 
 from conftest import add_gguf_shape, half_to_interleaved, make_hf_model
 from kiln.checkpoint.convert import convert_checkpoint
+from kiln.errors import ConfigError
 from kiln.models.base import PretrainedModel
 from kiln.models.llama.model import LLaMAForCausalLM
 
@@ -53,14 +55,15 @@ def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
                                      dtype=np.float32).reshape(t.shape))
 
 
-def write_gguf(hf, path: Path, quantize: bool) -> None:
+def write_gguf(hf, path: Path, quantize: bool, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """`extra`: more float32 tensors, written as they are (rope_freqs.weight)."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), "llama")
     add_gguf_shape(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
-    for name, t in gguf_tensors(hf).items():
+    for name, t in {**gguf_tensors(hf), **(extra or {})}.items():
         array = t.numpy().astype(np.float32)  # torch's row-major shape; the writer reverses it for GGUF
         if quantize and t.dim() == 2:
             w.add_tensor(name, gguf.quants.quantize(array, Q8_0), raw_dtype=Q8_0)
@@ -130,3 +133,55 @@ def test_q8_0_gguf_matches_hf_with_the_same_quantization_error(hf_llama, tmp_pat
 
     model = LLaMAForCausalLM.from_gguf(path, dtype="float32")
     assert (_logits(model, IDS) - expected).abs().max().item() <= ATOL
+
+
+# Llama 3.1's rope scaling, with an original context short enough that the tiny model's 8 frequencies fall in all
+# three of its bands (kept, smoothed, divided by the factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def llama_cpp_rope_freqs(head_dim: int, theta: float, rope: dict) -> torch.Tensor:
+    """The divisors llama.cpp's convert_hf_to_gguf.py writes as rope_freqs.weight for a llama3-scaled model: 1
+    above the high-frequency band, the factor below the low one, and the smoothed ratio between (in float64)."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            divisors.append(1.0)
+        elif wavelen > old / low:
+            divisors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(divisors, dtype=torch.float32)
+
+
+def test_llama3_rope_freqs_gguf_matches_transformers_llama3_scaling(tmp_path):
+    """GGUF files of Llama 3.1 and later carry llama3's rope scaling as rope_freqs.weight, one divisor a frequency;
+    kiln reads it as `freq_factors` and matches transformers running the llama3 parameters it came from."""
+    theta = 10000.0
+    hf = make_hf_model(tmp_path / "hf", seed=6, rope_parameters={"rope_theta": theta, **LLAMA3_ROPE})
+    plain = make_hf_model(tmp_path / "plain", seed=6)  # the same weights, unscaled
+    freqs = llama_cpp_rope_freqs(hf.config.head_dim, theta, LLAMA3_ROPE)
+    assert {1.0, 8.0} < set(freqs.tolist())  # every band present
+    path = tmp_path / "llama31.gguf"
+    write_gguf(hf, path, quantize=False, extra={"rope_freqs.weight": freqs})
+
+    model = LLaMAForCausalLM.from_gguf(path, dtype="float32")
+    assert model.config.rotary_scaling == {"type": "freq_factors", "factors": freqs.tolist()}
+    expected = _logits(hf, IDS)
+    assert (_logits(plain, IDS) - expected).abs().max().item() > 10 * ATOL  # the scaling shows in the logits
+    assert (_logits(model, IDS) - expected).abs().max().item() <= ATOL
+    out = convert_checkpoint(path, tmp_path / "ckpt", dtype="float32")
+    assert (_logits(PretrainedModel.from_checkpoint(out), IDS) - expected).abs().max().item() <= ATOL
+
+
+def test_rope_freqs_of_the_wrong_length_is_refused(tmp_path):
+    hf = make_hf_model(tmp_path / "hf", seed=6)
+    path = tmp_path / "bad.gguf"
+    write_gguf(hf, path, quantize=False, extra={"rope_freqs.weight": torch.ones(hf.config.head_dim)})
+    with pytest.raises(ConfigError, match=r"rotary_scaling.factors must be one value per rotary frequency \(8\)"):
+        LLaMAForCausalLM.from_gguf(path, dtype="float32")

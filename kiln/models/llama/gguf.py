@@ -26,18 +26,13 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
         raise UnsupportedArchitectureError(f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Llama "
                                            f"file; GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)} "
                                            "(kiln convert picks the right class)")
-    if "rope_freqs.weight" in gguf:
-        raise CheckpointError(f"{gguf.path}: GGUF rope frequency factors (llama3 rope scaling) are not supported "
-                              "yet; convert the Hugging Face checkpoint instead")
     k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
     heads = k("attention.head_count")
     hidden = k("embedding_length")
     tokens = gguf.field("tokenizer.ggml.tokens")
     vocab = gguf.field(f"{arch}.vocab_size") or (len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[1])
     eos = [gguf.field(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id")]
-    scaling = None
-    if gguf.field(f"{arch}.rope.scaling.type") == "linear":
-        scaling = {"type": "linear", "factor": gguf.require(f"{arch}.rope.scaling.factor")}
+    scaling = rope_scaling_from_gguf(gguf, arch)
     return PretrainedConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         dtype=conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
@@ -57,6 +52,21 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         mapping=mapping,
     )
+
+
+def rope_scaling_from_gguf(gguf: GGUFFile, arch: str) -> dict | None:
+    """kiln's rotary_scaling for the file: linear from `{arch}.rope.scaling.*`, or the per-frequency divisors of
+    `rope_freqs.weight`, which llama.cpp's converter writes for Llama 3.1 and later in place of llama3's
+    parameters (factor, low/high_freq_factor, original context): they are the same scaling, evaluated."""
+    kind = gguf.field(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in gguf:
+        if kind not in (None, "none"):
+            raise CheckpointError(f"{gguf.path}: the file has both rope_freqs.weight and {arch}.rope.scaling.type "
+                                  f"{kind!r}; kiln reads one rope scaling, so it cannot tell which applies")
+        return {"type": "freq_factors", "factors": gguf.get("rope_freqs.weight").float().tolist()}
+    if kind == "linear":
+        return {"type": "linear", "factor": gguf.require(f"{arch}.rope.scaling.factor")}
+    return None
 
 
 def gguf_tokenizer_writer(gguf: GGUFFile, chat_template: str | None = None, eos_token_ids=None):
