@@ -108,7 +108,7 @@ def _fp8_format(qc: dict, where: str) -> Fp8ImportFormat:
         quant_config = QuantConfig(quant_algo=QuantAlgo.FP8 if scheme == "static" else
                                    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
         scale_leaf = "weight_scale"
-    _check_ignored(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [], where)
+    hf_import.check_ignored(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [], where)
     return Fp8ImportFormat("fp8", quant_config, scale_leaf, block)
 
 
@@ -119,6 +119,8 @@ def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
                           f"targets every Linear")
     (name, group), = groups.items()
     weights, acts = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") == "int":
+        return _WrappedFormat(hf_import.compressed_tensors_int_format(qc, where))
     if (weights.get("type"), weights.get("num_bits"), weights.get("strategy")) not in (
             ("float", 8, "tensor"), ("float", 8, "channel")):
         raise ConfigError(f"{where}.config_groups.{name}.weights: this kiln imports float 8-bit weights with "
@@ -132,17 +134,8 @@ def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
         raise ConfigError(f"{where}.config_groups.{name}.input_activations: strategy {acts.get('strategy')!r} with "
                           f"dynamic {acts.get('dynamic')!r} is not imported; this kiln reads static 'tensor' or "
                           f"dynamic 'token' activation scales")
-    _check_ignored(qc.get("ignore") or [], where)
+    hf_import.check_ignored(qc.get("ignore") or [], where)
     return Fp8ImportFormat("compressed-tensors", QuantConfig(quant_algo=algo), "weight_scale", None)
-
-
-def _check_ignored(ignored: list, where: str) -> None:
-    # kiln keeps lm_head in full precision; a source that left a decoder linear unquantized would need a
-    # per-layer exclude list mapped from HF names, which this importer does not do.
-    others = [m for m in ignored if m.rsplit(".", 1)[-1] != "lm_head" and m != "re:.*lm_head"]
-    if others:
-        raise ConfigError(f"{where}: layers kept unquantized {others[:4]} are not supported; this kiln imports FP8 "
-                          f"checkpoints that quantize every decoder linear (lm_head excepted)")
 
 
 # ---- the tensors ---------------------------------------------------------------------------------------

@@ -19,6 +19,19 @@ empty), from untied checkpoints only (kiln.models.base refuses a tied one).
   model becomes W4A16_GPTQ (kiln/quantization/weight_only.py). Layers that share their input (q, k, v; gate
   and up) must share g_idx, as GPTQ's act-order gives them (it sorts by the same input statistics).
 
+- compressed-tensors (llm-compressor) with integer weights, one config group for every Linear:
+  - `pack-quantized` int4, strategy "group" (32, 64 or 128): `weight_packed` int32 [out, in / 8], eight codes along
+    the input dim in plain order, each stored as q + 8 (q in [-8, 7]); `weight_scale` [out, in / group], already
+    kiln's layout; asymmetric, `weight_zero_point` int32 [out / 8, in / group], packed the same way down the
+    output dim. w = (q - zq) * s = (u - uz) * s in stored codes, so the codes are kiln's W4A16 as they are, with
+    a zero point when the source has one (else kiln's symmetric zero, 8). `actorder: "group"` (older
+    llm-compressor GPTQ) adds `weight_g_idx`, GPTQ's g_idx by another name, and imports as act-order GPTQ does.
+  - int8, strategy "channel", symmetric, stored as int8 `weight` (`int-quantized`) or four to an int32 as q + 128
+    (`pack-quantized`), `weight_scale` [out, 1]: W8A16 when activations stay in float, W8A8_SQ_PER_CHANNEL when
+    they are int8 with a dynamic scale per token (llm-compressor's W8A8, SmoothQuant's smoothing already in
+    the weights). kiln's W8A8 gives its row-parallel layers a prequant scale for the smoothing no norm absorbs;
+    the source folded that into the weights too, so it imports as 1.
+
 Scales are converted to the model dtype; they come in float16, so a float16 or float32 model keeps them exactly.
 """
 
@@ -37,6 +50,9 @@ from kiln.quantization.weight_only import pack_int4, unpack_int4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ GEMM int32 holds column 8c + AWQ_ORDER[i]
 PLAIN_ORDER = tuple(range(8))
 GPTQ_FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+# compressed-tensors' actorder -> whether the checkpoint keeps its columns in act order (weight_g_idx); "static" and
+# "dynamic" are the package's aliases of "weight" and "group"
+CT_ACTORDERS = {None: False, "weight": False, "static": False, "group": True, "dynamic": True}
 
 
 # ---- the math: pure functions of the source tensors ----------------------------------------------------
@@ -75,6 +91,33 @@ def gptq_zeros(offset: int) -> Callable:
         """GPTQ qzeros [groups, out / 8] -> kiln zero_point [out, groups], undoing the format's offset."""
         return ((unpack_int32(qzeros) + offset) & 0xF).T.contiguous().float()
     return convert
+
+
+def ct_int4_weight(packed: torch.Tensor, config) -> torch.Tensor:
+    """compressed-tensors weight_packed int32 [out, in / 8] (codes q + 8 along the input dim) -> kiln packed codes."""
+    return pack_int4(unpack_int32(packed))
+
+
+def ct_int4_zeros(packed: torch.Tensor, config) -> torch.Tensor:
+    """compressed-tensors weight_zero_point int32 [out / 8, groups] (zq + 8, packed down the output dim) -> kiln
+    zero_point [out, groups]."""
+    return unpack_int32(packed.T.contiguous()).T.contiguous().float()
+
+
+def ct_int8_weight(packed: torch.Tensor, config) -> torch.Tensor:
+    """compressed-tensors weight_packed int32 [out, in / 4] (bytes q + 128, little-endian) -> int8 q [out, in]."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64)
+    return (((packed.to(torch.int64)[..., None] >> shifts) & 0xFF) - 128).flatten(-2).to(torch.int8)
+
+
+def row_scales(scale: torch.Tensor, config) -> torch.Tensor:
+    """A scale per output row as [out, 1] (compressed-tensors' channel strategy) -> [out]."""
+    return scale.reshape(-1)
+
+
+def unit_prequant(weight: torch.Tensor, config) -> torch.Tensor:
+    """A prequant scale of 1 per input of this [out, in] weight: the source folded its smoothing into the weights."""
+    return torch.ones(weight.shape[-1])
 
 
 def act_order_permutation(g_idx: list[torch.Tensor], group: int, where: str) -> torch.Tensor:
@@ -143,6 +186,62 @@ def hf_quant_format(hf: dict, path: str) -> HFQuantFormat | None:
     act_order = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=group, has_zero_point=True,
                             exclude_modules=exclude)
     return HFQuantFormat(method, act_order, {**leaves, "input_permutation": ("g_idx", None)}, act_order=True)
+
+
+def compressed_tensors_int_format(qc: dict, where: str) -> HFQuantFormat:
+    """The kiln format of a compressed-tensors checkpoint whose one config group has integer weights."""
+    (name, group), = (qc.get("config_groups") or {}).items()
+    at = f"{where}.config_groups.{name}"
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    packing = group.get("format") or qc.get("format")
+    bits, strategy, symmetric = weights.get("num_bits"), weights.get("strategy"), weights.get("symmetric", True)
+    check_ignored(qc.get("ignore") or [], where)
+    if weights.get("dynamic"):
+        raise ConfigError(f"{at}.weights.dynamic is true; kiln imports weights quantized ahead of time")
+    if bits == 4 and strategy == "group" and packing == "pack-quantized" and acts is None:
+        return _ct_int4_format(weights, at)
+    if bits == 8 and strategy == "channel" and symmetric and packing in ("pack-quantized", "int-quantized"):
+        weight = ("weight_packed", ct_int8_weight) if packing == "pack-quantized" else ("weight", None)
+        leaves = {"weight": weight, "weights_scaling_factor": ("weight_scale", row_scales)}
+        if acts is None:
+            return HFQuantFormat("compressed-tensors", QuantConfig(quant_algo=QuantAlgo.W8A16), leaves)
+        if (acts.get("type"), acts.get("num_bits"), acts.get("strategy"), bool(acts.get("dynamic")),
+                acts.get("symmetric", True)) == ("int", 8, "token", True, True):
+            leaves["prequant_scaling_factor"] = ("weight", unit_prequant)
+            return HFQuantFormat("compressed-tensors", QuantConfig(quant_algo=QuantAlgo.W8A8_SQ_PER_CHANNEL), leaves)
+    raise ConfigError(
+        f"{at}: integer weights of {bits} bits, strategy {strategy!r}, symmetric {symmetric}, format {packing!r}, "
+        f"input_activations {acts} cannot be imported; this kiln imports pack-quantized int4 by group (W4A16), int8 "
+        f"by channel (W8A16), and int8 by channel with dynamic per-token int8 activations (W8A8); convert the float "
+        f"model and use `kiln quantize` instead")
+
+
+def _ct_int4_format(weights: dict, at: str) -> HFQuantFormat:
+    group = weights.get("group_size")
+    if group not in GROUP_SIZES:
+        raise ConfigError(f"{at}.weights.group_size is {group!r}; kiln's W4A16 holds groups of 32, 64 or 128 inputs")
+    zero = not weights.get("symmetric", True)
+    leaves = {"weight": ("weight_packed", ct_int4_weight), "weights_scaling_factor": ("weight_scale", None)}
+    if zero:
+        leaves["zero_point"] = ("weight_zero_point", ct_int4_zeros)
+    actorder = weights.get("actorder")
+    if actorder not in CT_ACTORDERS:
+        raise ConfigError(f"{at}.weights.actorder {actorder!r} is not one of {list(CT_ACTORDERS)}")
+    if not CT_ACTORDERS[actorder]:  # "weight": GPTQ's order was used while quantizing, the columns stay in place
+        return HFQuantFormat("compressed-tensors", QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=group,
+                                                               has_zero_point=zero), leaves)
+    act_order = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=group, has_zero_point=zero)
+    return HFQuantFormat("compressed-tensors", act_order, {**leaves, "input_permutation": ("weight_g_idx", None)},
+                         act_order=True)
+
+
+def check_ignored(ignored: list, where: str) -> None:
+    """kiln keeps lm_head in full precision; a source that left a decoder linear unquantized would need a
+    per-layer exclude list mapped from HF names, which the importers do not do."""
+    others = [m for m in ignored if m.rsplit(".", 1)[-1] != "lm_head" and m != "re:.*lm_head"]
+    if others:
+        raise ConfigError(f"{where}: layers kept unquantized {others[:4]} are not supported; this kiln imports "
+                          f"checkpoints that quantize every decoder linear (lm_head excepted)")
 
 
 class PrequantizedNameMap(NameMap):

@@ -1,0 +1,229 @@
+"""compressed-tensors checkpoints (llm-compressor's format, and most int4 / int8 releases on the Hugging Face hub)
+import into kiln's W4A16, W8A16 and W8A8 with their codes and scales carried over exactly. The checkpoints are
+written by the `compressed_tensors` package itself (its compressor packs, its config is the one it writes); the
+reference is that package's own decompression of the same model."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from act_reference import assert_logits_equal_fake_quant_hf
+from reference import HF_LINEARS, QUANT_LLAMA, unpack
+from safetensors.torch import load_file, save_file
+from test_import_awq import pack_along_last
+from test_import_gptq_act_order import SHARED_INPUT, act_order_int4
+
+from kiln.checkpoint.convert import convert_checkpoint
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.base import PretrainedModel
+from kiln.models.llama.model import LLaMAForCausalLM
+
+ct = pytest.importorskip("compressed_tensors", reason="the compressed-tensors package writes these checkpoints "
+                                                      "(pip install -e '.[test]')")
+from compressed_tensors.compressors import ModelCompressor  # noqa: E402
+from compressed_tensors.quantization import (  # noqa: E402
+    QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+GROUP = 64  # TP=2 splits the attention output's 128 inputs into 64 per rank: whole groups
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+INT8_ROWS = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+
+# name -> (weights' QuantizationArgs, input activations' or None, compressed-tensors format, kiln algorithm)
+SCHEMES = {
+    "w4a16": (dict(num_bits=4, symmetric=True, strategy="group", group_size=GROUP), None, "pack-quantized",
+              "W4A16"),
+    "w4a16_asym": (dict(num_bits=4, symmetric=False, strategy="group", group_size=GROUP), None, "pack-quantized",
+                   "W4A16"),
+    "w8a16": (dict(num_bits=8, symmetric=True, strategy="channel"), None, "pack-quantized", "W8A16"),
+    "w8a8": (dict(num_bits=8, symmetric=True, strategy="channel"), INT8_ROWS, "int-quantized", "W8A8_SQ_PER_CHANNEL"),
+}
+
+
+def write_compressed(hf_model, out_dir, name: str):
+    """Save a copy of hf_model quantized by SCHEMES[name] (min-max scales, lm_head ignored) as compressed-tensors
+    writes it; return the package's own decompression of it (a transformers model with dense weights)."""
+    weights, acts, fmt, _ = SCHEMES[name]
+    args = QuantizationArgs(type="int", **weights)
+    model = copy.deepcopy(hf_model)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        w = module.weight.data
+        w = w.reshape(w.shape[0], -1, GROUP) if args.strategy == "group" else w
+        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+        module.weight_scale.data = scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(
+                module.weight_zero_point.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+    compressor.decompress_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from conftest import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("float") / "hf", **QUANT_LLAMA)
+
+
+@pytest.fixture(scope="module", params=list(SCHEMES))
+def imported(request, hf_llama, tmp_path_factory):
+    """(scheme name, the package's decompressed model, source dir, TP=1 kiln checkpoint dir)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    reference = write_compressed(hf_llama, tmp / "src", request.param)
+    return request.param, reference, tmp / "src", convert_checkpoint(tmp / "src", tmp / "ckpt")
+
+
+def _kiln_weight(t: dict) -> torch.Tensor:
+    """A kiln linear's float weight, from its checkpoint tensors (int4 groups of GROUP or int8 rows)."""
+    s = t["weights_scaling_factor"].double()
+    if t["weight"].dtype == torch.uint8:
+        g = torch.arange(t["weight"].shape[1] * 2) // GROUP
+        z = t["zero_point"].double() if "zero_point" in t else torch.full_like(s, 8.0)
+        return (unpack(t["weight"]).double() - z[:, g]) * s[:, g]
+    return t["weight"].double() * s[:, None]
+
+
+def test_config_records_the_kiln_format(imported):
+    name, _, src, ckpt_dir = imported
+    source = json.loads((src / "config.json").read_text())["quantization_config"]
+    assert source["quant_method"] == "compressed-tensors" and source["format"] == SCHEMES[name][2]
+    qc = json.loads((ckpt_dir / "config.json").read_text())["quantization"]
+    assert qc["quant_algo"] == SCHEMES[name][3]
+    if qc["quant_algo"] == "W4A16":
+        assert (qc["group_size"], qc["has_zero_point"]) == (GROUP, name.endswith("asym"))
+    assert qc["exclude_modules"] == ["lm_head"]
+
+
+def test_weights_are_the_packages_decompression_exactly(imported):
+    """Every kiln linear dequantizes to the weights compressed_tensors decompresses, bit for bit (each is one
+    product of a code and a float32 scale), and its codes are integers of the source's range."""
+    name, reference, _, ckpt_dir = imported
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    for i in range(2):
+        for kiln_name, hf_names in HF_LINEARS.items():
+            t = {k.rsplit(".", 1)[1]: v for k, v in ckpt.items()
+                 if k.rsplit(".", 1)[0] == f"transformer.layers.{i}.{kiln_name}"}
+            expected = torch.cat([reference.get_submodule(f"model.layers.{i}.{h}").weight for h in hf_names])
+            assert torch.equal(_kiln_weight(t).float(), expected.float()), (name, i, kiln_name)
+            # W8A8's row-parallel layers hold kiln's prequant scale; the source's smoothing is in its weights, so 1
+            has_prequant = name == "w8a8" and kiln_name in ("attention.dense", "mlp.proj")
+            assert ("prequant_scaling_factor" in t) == has_prequant
+            if has_prequant:
+                assert bool((t["prequant_scaling_factor"] == 1).all())
+    assert ckpt["lm_head.weight"].dtype == torch.float32
+
+
+def test_logits_equal_the_packages_decompressed_model(hf_llama, imported):
+    name, reference, src, ckpt_dir = imported
+    if name == "w8a8":
+        # int8 activations too: the reference is float math over the checkpoint's tensors, each input quantized
+        # per token (act_reference), and the tensors themselves are the package's (the test above).
+        assert_logits_equal_fake_quant_hf(hf_llama, ckpt_dir, IDS)
+        return
+    with torch.no_grad():
+        expected, full = reference(IDS).logits, hf_llama(IDS).logits
+        for model in (LLaMAForCausalLM.from_hugging_face(src), PretrainedModel.from_checkpoint(ckpt_dir)):
+            assert (model(IDS) - expected).abs().max() <= 1e-4
+    assert (expected - full).abs().max() > 1e-3  # the reference really is the quantized model
+
+
+def test_tp2_conversion_shards_the_imported_tensors(imported, tmp_path):
+    _, _, src, ckpt_dir = imported
+    out = convert_checkpoint(src, tmp_path / "tp2", tp_size=2)
+    full = load_file(ckpt_dir / "rank0.safetensors")
+    shards = [load_file(out / f"rank{rank}.safetensors") for rank in range(2)]
+    for name in ("transformer.layers.0.attention.dense.weight", "transformer.layers.0.mlp.proj.weight"):
+        assert torch.equal(torch.cat([s[name] for s in shards], dim=1), full[name])  # row-parallel: input halves
+    name = "transformer.layers.1.mlp.fc.weights_scaling_factor"
+    assert torch.equal(torch.cat([s[name] for s in shards], dim=0), full[name])  # column-parallel: output halves
+
+
+def _with_quantization_config(src, dst, change) -> None:
+    """dst: a copy of the source dir whose config.json's quantization_config went through `change`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    change(config["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def _group(qc: dict) -> dict:
+    return qc["config_groups"]["group_0"]
+
+
+BAD_CONFIGS = {
+    "two bits": (lambda qc: _group(qc)["weights"].update(num_bits=2), r"integer weights of 2 bits.*imports "
+                 r"pack-quantized int4 by group \(W4A16\)"),
+    "group size": (lambda qc: _group(qc)["weights"].update(group_size=48), r"weights.group_size is 48; kiln's "
+                   r"W4A16 holds groups of 32, 64 or 128"),
+    "a decoder layer ignored": (lambda qc: qc.update(ignore=["lm_head", "model.layers.0.mlp.down_proj"]),
+                                r"layers kept unquantized \['model.layers.0.mlp.down_proj'\] are not supported"),
+    "act order": (lambda qc: _group(qc)["weights"].update(actorder="columns"), r"actorder 'columns' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_format_kiln_cannot_import_is_refused_by_name(hf_llama, tmp_path, case):
+    src = tmp_path / "src"
+    write_compressed(hf_llama, src, "w4a16")
+    change, message = BAD_CONFIGS[case]
+    _with_quantization_config(src, tmp_path / "bad", change)
+    with pytest.raises(ConfigError, match=message):
+        convert_checkpoint(tmp_path / "bad", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_missing_scale_tensor_is_named_and_nothing_is_written(hf_llama, tmp_path):
+    src = tmp_path / "src"
+    write_compressed(hf_llama, src, "w4a16_asym")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight_zero_point"]
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight_zero_point"):
+        convert_checkpoint(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_group_act_order_imports_as_gptq_act_order(hf_llama, tmp_path):
+    """actorder "group" (older llm-compressor GPTQ) keeps each input channel where it was and stores its group as
+    weight_g_idx. The package no longer writes it, so the act-order quantization is written out here
+    (test_import_gptq_act_order's) and stored in the compressed-tensors layout of the asymmetric checkpoint."""
+    src = tmp_path / "src"
+    write_compressed(hf_llama, src, "w4a16_asym")
+    tensors, reference = load_file(src / "model.safetensors"), copy.deepcopy(hf_llama)
+    g, perms = torch.Generator().manual_seed(0), {}
+    for name, w in hf_llama.state_dict().items():
+        proj = name[: -len(".weight")]
+        if proj + ".weight_packed" not in tensors:
+            continue
+        layer, kind = proj.rsplit(".", 2)[0], proj.rsplit(".", 1)[1]
+        perm = perms.setdefault((layer, SHARED_INPUT.get(kind, kind)), torch.randperm(w.shape[1], generator=g))
+        q, z, s, g_idx = act_order_int4(w.T, perm)  # [in, out] codes in source order, [groups, out] zeros, scales
+        tensors[proj + ".weight_packed"] = pack_along_last(q.T, list(range(8)))
+        tensors[proj + ".weight_zero_point"] = pack_along_last(z, list(range(8))).T.contiguous()
+        tensors[proj + ".weight_scale"] = s.T.float().contiguous()
+        tensors[proj + ".weight_g_idx"] = g_idx
+        with torch.no_grad():
+            gi = g_idx.long()
+            reference.get_submodule(proj).weight.copy_(((q.double() - z.double()[gi]) * s.double()[gi]).T.float())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(src / "model.safetensors"))
+    _with_quantization_config(src, tmp_path / "act", lambda qc: _group(qc)["weights"].update(actorder="group"))
+
+    ckpt = convert_checkpoint(tmp_path / "act", tmp_path / "ckpt")
+    assert json.loads((ckpt / "config.json").read_text())["quantization"]["quant_algo"] == "W4A16_GPTQ"
+    with torch.no_grad():
+        expected, full = reference(IDS).logits, hf_llama(IDS).logits
+        assert (PretrainedModel.from_checkpoint(ckpt)(IDS) - expected).abs().max() <= 1e-4
+    assert (expected - full).abs().max() > 1e-3
