@@ -92,7 +92,7 @@ def test_int8_codes_by_bits_equal_the_conversion(rows, n, k):
     conversion): both give the same sums, bit for bit, and the float64 product within float32 rounding."""
     g = torch.Generator().manual_seed(rows + n + k)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16).cuda()
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g).cuda()  # imported codes reach -128
     scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16).cuda()
     outs = [_gemv_one_tile(x, w, torch.empty(rows, n, dtype=torch.float32, device="cuda"), None, scale,
                            INT8_BY_BITS=bits) for bits in (False, True)]

@@ -81,6 +81,7 @@ def test_int8_gemm_equals_emulation_and_float64():
     for m, n, k in SHAPES + [(37, 1000, 4096)]:
         x, w = _operands(m, n, k)
         wq, ws = quantize_int8_per_channel(w, torch.bfloat16)
+        wq[:, ::7] = -128  # kiln's codes stop at -127; imported ones (compressed-tensors) reach -128
         xq, xs = quantize_int8_rows_ref(x)
         _check(f"int8 {m}x{n}x{k}", int8_gemm, int8_gemm_ref, xq, xs, wq, ws)
         if m <= ig.GEMV_MAX_ROWS:
