@@ -1,11 +1,20 @@
 """Qwen2 / Qwen2.5 (bias on q, k, v only), Qwen3 (q/k RMSNorm), Qwen2-MoE (experts plus a sigmoid-gated
-shared expert) and Qwen3-MoE: the generic decoder with these config switches."""
+shared expert) and Qwen3-MoE: the generic decoder with these config switches. The dense ones also convert from
+GGUF (gguf.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.config import QuantConfig
+from kiln.errors import UnsupportedArchitectureError
+from kiln.mapping import Mapping
 from kiln.models import hf_config
-from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
+from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
 from kiln.models.qwen import convert
+from kiln.models.qwen import gguf as qwen_gguf
 
 
 def moe_fields(hf: dict) -> dict:
@@ -45,3 +54,22 @@ class QWenForCausalLM(DecoderModelForCausalLM):
     @classmethod
     def hf_name_map(cls, config):
         return convert.hf_name_map(config.tie_word_embeddings)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
+                  quant_config: QuantConfig | None = None) -> "QWenForCausalLM":
+        """Qwen2 / Qwen2.5 / Qwen3 from llama.cpp's GGUF (quantized tensors dequantized to float32 on read)."""
+        refuse_quantization(quant_config)
+        gguf = GGUFFile(path)
+        arch = gguf.require("general.architecture")
+        if arch not in qwen_gguf.QWEN_GGUF_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Qwen file (Qwen reads "
+                f"{list(qwen_gguf.QWEN_GGUF_ARCHITECTURES)}); GGUF architectures kiln reads: "
+                f"{', '.join(GGUF_ARCHITECTURES)}")
+        config = cls.config_from_hf(qwen_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
+                                    f"{gguf.path} (GGUF metadata)")
+        model = cls.empty(config)
+        model.attach_source(gguf, qwen_gguf.gguf_name_map(config.tie_word_embeddings), str(path))
+        model.tokenizer_writer = gguf_tokenizer_writer(gguf, eos_token_ids=config.eos_token_ids)
+        return model

@@ -1,0 +1,78 @@
+"""Qwen2 / Qwen2.5 and Qwen3 (dense) from a GGUF file (llama.cpp's `qwen2` and `qwen3` architectures): the
+metadata read as the Hugging Face config it came from, and the GGUF tensor names -> kiln names.
+
+llama.cpp runs these with NeoX rotary, so its converter leaves q/k rows as Hugging Face has them (no
+permutation, unlike `llama`). Qwen2's q, k and v carry biases (`attn_q.bias`, ...); Qwen3's carry none and
+normalize q and k per head (`attn_q_norm`, `attn_k_norm`). The MoE variants (`qwen2moe`, `qwen3moe`: experts
+stacked in one tensor) are not read yet.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.checkpoint.name_map import NameMap
+from kiln.config import conversion_dtype
+from kiln.errors import CheckpointError
+from kiln.models.llama.convert import L
+from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
+
+QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3")  # (GGUF_ARCHITECTURES gives each one's Hugging Face architecture)
+
+
+def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
+    """The config.json (transformers 5 form) that the file's `qwen2.*` / `qwen3.*` metadata encodes."""
+    arch = gguf.require("general.architecture")
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
+    hidden, heads = k("embedding_length"), k("attention.head_count")
+    tokens = gguf.field("tokenizer.ggml.tokens") or []
+    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
+    return {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
+        "vocab_size": int(gguf.field(f"{arch}.vocab_size") or len(tokens) or
+                          gguf.tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "num_hidden_layers": k("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": gguf.field(f"{arch}.attention.head_count_kv") or heads,
+        "head_dim": gguf.field(f"{arch}.attention.key_length") or hidden // heads,
+        "intermediate_size": k("feed_forward_length"),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": k("context_length"),
+        "rope_parameters": _rope(gguf, arch),
+        "qkv_bias": "blk.0.attn_q.bias" in gguf,
+        "tie_word_embeddings": "output.weight" not in gguf,
+        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+    }
+
+
+def _rope(gguf: GGUFFile, arch: str) -> dict:
+    theta = float(gguf.field(f"{arch}.rope.freq_base", 1000000.0))
+    kind = gguf.field(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(gguf.require(f"{arch}.rope.scaling.factor"))}
+    raise CheckpointError(f"{gguf.path}: {arch}.rope.scaling.type {kind!r} is not supported (kiln reads 'linear' "
+                          f"from GGUF); convert the Hugging Face checkpoint instead")
+
+
+def gguf_name_map(tied: bool) -> NameMap:
+    b = "blk.{i}."
+    return NameMap({
+        "transformer.vocab_embedding.weight": "token_embd.weight",
+        "transformer.ln_f.weight": "output_norm.weight",
+        "lm_head.weight": "token_embd.weight" if tied else "output.weight",
+        L + "input_layernorm.weight": b + "attn_norm.weight",
+        L + "post_layernorm.weight": b + "ffn_norm.weight",
+        L + "attention.qkv.weight": (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"),
+        L + "attention.qkv.bias": (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
+        L + "attention.q_norm.weight": b + "attn_q_norm.weight",
+        L + "attention.k_norm.weight": b + "attn_k_norm.weight",
+        L + "attention.dense.weight": b + "attn_output.weight",
+        L + "mlp.fc.weight": b + "ffn_gate.weight",
+        L + "mlp.gate.weight": b + "ffn_up.weight",
+        L + "mlp.proj.weight": b + "ffn_down.weight",
+    })
