@@ -1,7 +1,8 @@
-"""Qwen2 and Qwen3 from GGUF (llama.cpp's `qwen2` and `qwen3` architectures) through `kiln convert`: tiny
-transformers models written as GGUF the way llama.cpp's converter writes them (q/k rows as Hugging Face has them:
-llama.cpp runs Qwen with NeoX rotary) convert to models with transformers' logits. transformers' own GGUF loader
-reads each file back to the same weights, so the layout written here is the one it (and llama.cpp) expects."""
+"""Qwen2, Qwen3 and their MoE variants from GGUF (llama.cpp's `qwen2`, `qwen3`, `qwen2moe` and `qwen3moe`) through
+`kiln convert`: tiny transformers models written as GGUF the way llama.cpp's converter writes them (q/k rows as
+Hugging Face has them: llama.cpp runs Qwen with NeoX rotary; each projection's experts stacked in one tensor)
+convert to models with transformers' logits. transformers' own GGUF loader reads the files whose sizes it can
+read back to the same weights, so the layout written here is the one it (and llama.cpp) expects."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file
 
 from conftest import add_gguf_shape, make_tiny_hf
 from family_checks import ATOL
@@ -29,19 +31,37 @@ LAYER_NAMES = {
 }
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=1e6, initializer_range=0.2)
-# case -> (GGUF architecture, transformers classes, config). Qwen3's head_dim is not hidden / heads (as in the real
-# models: key_length in the file), and transformers 5's GGUF loader does not read key_length, so it cannot read
-# that file back; the qwen3_even case has the head_dim it assumes.
+MOE = dict(num_experts=4, num_experts_per_tok=2)
+# case -> (GGUF architecture, transformers classes, config, whether transformers' GGUF loader can read it back).
+# That loader does not read key_length, expert_feed_forward_length, expert_shared_feed_forward_length or a dense
+# layer's place, so it reads back only files whose sizes are its defaults (head_dim 128, Qwen2-MoE's 1408 and 5632,
+# Qwen3-MoE's 768); the other cases have the sizes real models have that it cannot read.
 CASES = {
-    "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=False)),
-    "qwen2_tied": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=True)),
-    "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(TINY, head_dim=32, tie_word_embeddings=False)),
-    "qwen3_even": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(TINY, head_dim=128, tie_word_embeddings=True)),
+    "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=False), True),
+    "qwen2_tied": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=True), True),
+    "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(TINY, head_dim=32), False),
+    "qwen3_default_head": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM,
+                           dict(TINY, head_dim=128, tie_word_embeddings=True), True),
+    # experts with a sigmoid-gated shared expert, top-k weights not renormalized (llama.cpp's rule for qwen2moe)
+    "qwen2moe": ("qwen2moe", tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                 dict(TINY, **MOE, moe_intermediate_size=1408, shared_expert_intermediate_size=5632), True),
+    "qwen2moe_dense_layer": ("qwen2moe", tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                             dict(TINY, **MOE, num_hidden_layers=3, mlp_only_layers=[1], moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=48), False),
+    # q/k norms, top-k weights renormalized (llama.cpp's rule for qwen3moe)
+    "qwen3moe": ("qwen3moe", tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                 dict(TINY, **MOE, head_dim=128, moe_intermediate_size=768, norm_topk_prob=True), True),
 }
+# Qwen-MoE per-expert HF names (after "mlp.") -> llama.cpp's stacked tensor (after "blk.{i}.")
+EXPERTS = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
+SHARED = {"shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "shared_expert.up_proj.weight":
+          "ffn_up_shexp.weight", "shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+          "gate.weight": "ffn_gate_inp.weight"}
 
 
-def write_qwen_gguf(hf, path, arch: str) -> None:
-    c, sd = hf.config, hf.state_dict()
+def write_qwen_gguf(hf_dir, c, path, arch: str) -> None:
+    """As llama.cpp's convert_hf_to_gguf.py writes it, from the saved checkpoint (one tensor per expert there)."""
+    sd = load_file(hf_dir / "model.safetensors")
     w = gguf_py.GGUFWriter(str(path), arch)
     add_gguf_shape(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
@@ -51,8 +71,23 @@ def write_qwen_gguf(hf, path, arch: str) -> None:
     if not c.tie_word_embeddings:
         tensors["output.weight"] = sd["lm_head.weight"]
     for i in range(c.num_hidden_layers):
-        tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"]
-                        for hf_name, name in LAYER_NAMES.items() if f"model.layers.{i}.{hf_name}" in sd})
+        hf = f"model.layers.{i}."
+        tensors.update({f"blk.{i}.{name}": sd[hf + hf_name] for hf_name, name in LAYER_NAMES.items()
+                        if hf + hf_name in sd})
+        tensors.update({f"blk.{i}.{name}": sd[hf + "mlp." + hf_name] for hf_name, name in SHARED.items()
+                        if hf + "mlp." + hf_name in sd})
+        if hf + "mlp.shared_expert_gate.weight" in sd:  # a vector in GGUF
+            tensors[f"blk.{i}.ffn_gate_inp_shexp.weight"] = sd[hf + "mlp.shared_expert_gate.weight"].reshape(-1)
+        if hf + "mlp.experts.0.gate_proj.weight" in sd:
+            tensors.update({f"blk.{i}.{name}": torch.stack([sd[f"{hf}mlp.experts.{e}.{proj}.weight"]
+                                                            for e in range(c.num_experts)])
+                            for proj, name in EXPERTS.items()})
+    if arch.endswith("moe"):
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     for name, t in tensors.items():
         w.add_tensor(name, t.numpy().astype(np.float32))
     w.write_header_to_file()
@@ -63,13 +98,13 @@ def write_qwen_gguf(hf, path, arch: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiny_qwen_gguf_converts_to_transformers_logits(case, tmp_path):
-    arch, config_cls, model_cls, config = CASES[case]
+    arch, config_cls, model_cls, config, read_back = CASES[case]
     hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, seed=4, **config)
     path = tmp_path / "tiny.gguf"
-    write_qwen_gguf(hf, path, arch)
-    assert ("blk.0.attn_q.bias" in {t.name for t in gguf_py.GGUFReader(path).tensors}) == (arch == "qwen2")
+    write_qwen_gguf(tmp_path / "hf", hf.config, path, arch)
+    assert ("blk.0.attn_q.bias" in {t.name for t in gguf_py.GGUFReader(path).tensors}) == arch.startswith("qwen2")
 
-    if case != "qwen3":  # transformers reads the file back to the weights written
+    if read_back:  # transformers reads the file back to the weights written
         theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
         for name, t in hf.state_dict().items():
             assert torch.equal(theirs.state_dict()[name], t), name
@@ -77,7 +112,10 @@ def test_tiny_qwen_gguf_converts_to_transformers_logits(case, tmp_path):
     out = convert_checkpoint(path, tmp_path / "ckpt", dtype="float32")
     model = PretrainedModel.from_checkpoint(out)
     assert model.config.architecture == model_cls.__name__
-    assert (model.config.qk_norm, model.config.qkv_bias) == (arch == "qwen3", arch == "qwen2")
+    assert (model.config.qk_norm, model.config.qkv_bias) == (arch.startswith("qwen3"), arch.startswith("qwen2"))
+    assert model.config.moe_dense_layers == tuple(config.get("mlp_only_layers", ()))
+    if arch.endswith("moe"):
+        assert model.config.moe_normalize_topk == (arch == "qwen3moe")
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((model(ids) - hf(ids, use_cache=False).logits).abs().max())

@@ -1,22 +1,27 @@
-"""Qwen2 / Qwen2.5 and Qwen3 (dense) from a GGUF file (llama.cpp's `qwen2` and `qwen3` architectures): the
-metadata read as the Hugging Face config it came from, and the GGUF tensor names -> kiln names.
+"""Qwen2 / Qwen2.5, Qwen3 and their MoE variants from a GGUF file (llama.cpp's `qwen2`, `qwen3`, `qwen2moe` and
+`qwen3moe` architectures): the metadata read as the Hugging Face config it came from, and the GGUF tensor
+names -> kiln names.
 
 llama.cpp runs these with NeoX rotary, so its converter leaves q/k rows as Hugging Face has them (no
 permutation, unlike `llama`). Qwen2's q, k and v carry biases (`attn_q.bias`, ...); Qwen3's carry none and
-normalize q and k per head (`attn_q_norm`, `attn_k_norm`). The MoE variants (`qwen2moe`, `qwen3moe`: experts
-stacked in one tensor) are not read yet.
+normalize q and k per head (`attn_q_norm`, `attn_k_norm`). The MoE files stack each projection's experts in one
+tensor (`ffn_gate_exps` [experts, ff, hidden], ...), which is kiln's layout as it is; Qwen2-MoE adds a shared
+expert (`ffn_*_shexp`) and its sigmoid gate (`ffn_gate_inp_shexp`, one vector). What the file leaves out,
+llama.cpp fixes by rule, and so do we: Qwen3-MoE renormalizes its top-k routing weights and Qwen2-MoE does not
+(unless the file says otherwise in `expert_weights_norm`), and a layer is dense where it has no expert tensors.
 """
 
 from __future__ import annotations
 
 from kiln.checkpoint.gguf_source import GGUFFile
-from kiln.checkpoint.name_map import NameMap
+from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
 from kiln.models.llama.convert import L
 from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
 
-QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3")  # (GGUF_ARCHITECTURES gives each one's Hugging Face architecture)
+QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")  # (GGUF_ARCHITECTURES: the HF architecture)
+NORMALIZES_TOP_K = {"qwen2moe": False, "qwen3moe": True}  # llama.cpp's build_moe_ffn norm_w for each MoE architecture
 
 
 def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
@@ -45,6 +50,20 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
         "tie_word_embeddings": "output.weight" not in gguf,
         "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+        **(_moe(gguf, arch) if arch in NORMALIZES_TOP_K else {}),
+    }
+
+
+def _moe(gguf: GGUFFile, arch: str) -> dict:
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
+    layers = k("block_count")
+    return {
+        "num_experts": k("expert_count"),
+        "num_experts_per_tok": k("expert_used_count"),
+        "moe_intermediate_size": k("expert_feed_forward_length"),
+        "shared_expert_intermediate_size": gguf.field(f"{arch}.expert_shared_feed_forward_length", 0),
+        "norm_topk_prob": bool(gguf.field(f"{arch}.expert_weights_norm", NORMALIZES_TOP_K[arch])),
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" not in gguf],
     }
 
 
@@ -54,7 +73,8 @@ def _rope(gguf: GGUFFile, arch: str) -> dict:
     if kind in (None, "none"):
         return {"rope_type": "default", "rope_theta": theta}
     if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta, "factor": float(gguf.require(f"{arch}.rope.scaling.factor"))}
+        factor = float(gguf.require(f"{arch}.rope.scaling.factor"))
+        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
     raise CheckpointError(f"{gguf.path}: {arch}.rope.scaling.type {kind!r} is not supported (kiln reads 'linear' "
                           f"from GGUF); convert the Hugging Face checkpoint instead")
 
@@ -75,4 +95,17 @@ def gguf_name_map(tied: bool) -> NameMap:
         L + "mlp.fc.weight": b + "ffn_gate.weight",
         L + "mlp.gate.weight": b + "ffn_up.weight",
         L + "mlp.proj.weight": b + "ffn_down.weight",
+        L + "mlp.router.weight": b + "ffn_gate_inp.weight",
+        L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
+        L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",
+        L + "mlp.experts.proj.weight": b + "ffn_down_exps.weight",
+        L + "mlp.shared_expert.fc.weight": b + "ffn_gate_shexp.weight",
+        L + "mlp.shared_expert.gate.weight": b + "ffn_up_shexp.weight",
+        L + "mlp.shared_expert.proj.weight": b + "ffn_down_shexp.weight",
+        L + "mlp.shared_expert_gate.weight": Src(b + "ffn_gate_inp_shexp.weight", _one_row),
     })
+
+
+def _one_row(w, config):
+    """The shared expert's gate: a [hidden] vector in GGUF, a [1, hidden] linear in kiln (and HF)."""
+    return w.reshape(1, -1)
