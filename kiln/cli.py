@@ -45,7 +45,7 @@ def cmd_convert(args) -> None:
     with _tqdm_progress("converting") as progress:
         out = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, args.tp_size, args.pp_size,
                                  args.overwrite, progress=progress, moe_tp_size=args.moe_tp_size,
-                                 moe_ep_size=args.moe_ep_size)
+                                 moe_ep_size=args.moe_ep_size, keep_quantization=args.keep_quantization)
     print(f"wrote kiln checkpoint {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -305,6 +305,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-ep-size", type=int, default=None,
                    help="MoE: expert-parallel groups the experts are dealt out to (default: tp-size / moe-tp-size, "
                         "else 1); moe-tp-size * moe-ep-size must equal tp-size")
+    p.add_argument("--keep-quantization", action="store_true",
+                   help="GGUF: keep the linears stored in Q4_0, Q4_1 or Q4_K as int4 (W4A16, group 32, their own "
+                        "codes) instead of dequantizing them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_convert)
 

@@ -108,10 +108,14 @@ def int4_gemm() -> None:
 
 
 def int4_gemv() -> None:
-    """Rows of whole words (in % 8 == 0); the last shape's rows are not a whole number of 512-word steps."""
-    for m, n, k, group, zero in ((1, 96, 256, 128, False), (2, 38, 1024, 64, True), (1, 22, 14336 // 4, 128, True)):
+    """Rows of whole words (in % 8 == 0); the last shape's rows are not a whole number of 512-word steps. The
+    fractional case has zeros that are not whole numbers (GGUF's Q4_1 and Q4_K kept, kiln.quantization.gguf_import)."""
+    for m, n, k, group, zero in ((1, 96, 256, 128, False), (2, 38, 1024, 64, True), (1, 22, 14336 // 4, 128, True),
+                                 (2, 40, 576, 32, "fractional")):
         x = torch.randn(m, k).half()
-        packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, zero, torch.float16)
+        packed, scale, z = quantize_int4_groups(torch.randn(n, k), group, bool(zero), torch.float16)
+        if zero == "fractional":
+            z = (z.float() + torch.rand(z.shape) - 0.5).half()
         want = x.float() @ dequantize_int4(packed, scale, z, group, torch.float16).float().T
         for tile in qg.W4_GEMV_TILES:
             y = torch.empty(m, n, dtype=torch.float16)

@@ -3,6 +3,7 @@ model through LLM(), its chat template, and kiln's logits against transformers' 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -110,3 +111,24 @@ def test_stop_string_cuts_the_text_like_the_reference(engine_dir, hf_tokenizer):
     cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, stop=["."], ignore_eos=True))[0]
     assert cut.outputs[0].text == full.text[:full.text.index(".")]
     assert (cut.outputs[0].finish_reason, cut.outputs[0].stop_reason) == ("stop", ".")
+
+
+def test_keep_quantization_runs_the_files_own_int4_like_transformers(gguf, hf_gguf_model, hf_tokenizer, tmp_path):
+    """`kiln convert --keep-quantization`: the Q4_1 linears stay int4 (W4A16 at group 32, float zero points), and
+    the engine built from them computes transformers' logits of the dequantized file and its greedy tokens."""
+    from kiln import LLM, SamplingParams
+    from kiln.builder import Engine
+
+    kiln_cli("convert", "--model-dir", gguf, "--output-dir", tmp_path / "ckpt", "--keep-quantization")
+    kiln_cli("build", "--checkpoint-dir", tmp_path / "ckpt", "--output-dir", tmp_path / "engine")
+    quantization = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"]
+    assert (quantization["quant_algo"], quantization["group_size"]) == ("W4A16", 32)
+    ids = hf_tokenizer("The Eiffel Tower is in the city of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = Engine.from_dir(tmp_path / "engine").runtime_model()(ids)
+        theirs = hf_gguf_model(ids).logits
+    assert float((ours - theirs).abs().max()) <= 1e-3
+    expected = hf_gguf_model.generate(ids, do_sample=False, max_new_tokens=16, min_new_tokens=16)[0, ids.shape[1]:]
+    out = LLM(tmp_path / "engine", device="cpu").generate(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=16,
+                                                                                          ignore_eos=True))
+    assert out[0].outputs[0].token_ids == expected.tolist()

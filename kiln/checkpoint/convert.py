@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kiln.checkpoint.atomic import atomic_dir
 from kiln.config import read_json
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, ConfigError
 from kiln.mapping import Mapping
 
 SOURCE_FORMATS = ("hf", "meta", "gguf")
@@ -53,31 +53,40 @@ def source_model_class(src: str | Path):
 # The reader of each source format: (model class, path, dtype, mapping) -> the model.
 SOURCE_READERS = {"hf": lambda cls, *args: cls.from_hugging_face(*args),
                   "meta": lambda cls, *args: cls.from_meta_ckpt(*args),
-                  "gguf": lambda cls, *args: cls.from_gguf(*args)}
+                  "gguf": lambda cls, *args: cls.from_gguf(*args),
+                  "gguf_kept": lambda cls, *args: cls.from_gguf(*args, keep_quantization=True)}
 
 
-def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None):
-    """The model object for one rank of `src`, with lazy weights; any supported format."""
+def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
+                      keep_quantization: bool = False):
+    """The model object for one rank of `src`, with lazy weights; any supported format. keep_quantization: a
+    GGUF file's 4-bit linears stay int4 (kiln.quantization.gguf_import); other formats refuse it."""
     src = Path(src)
-    return SOURCE_READERS[detect_source_format(src)](source_model_class(src), src, dtype, mapping or Mapping())
+    fmt = detect_source_format(src)
+    if keep_quantization:
+        if fmt != "gguf":
+            raise ConfigError(f"{src}: --keep-quantization applies to GGUF files; a pre-quantized Hugging Face "
+                              "checkpoint (AWQ, GPTQ, FP8, compressed-tensors) keeps its quantization without it")
+        fmt = "gguf_kept"
+    return SOURCE_READERS[fmt](source_model_class(src), src, dtype, mapping or Mapping())
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "auto", tp_size: int = 1,
                        pp_size: int = 1, overwrite: bool = False, progress=None, moe_tp_size: int | None = None,
-                       moe_ep_size: int | None = None) -> Path:
+                       moe_ep_size: int | None = None, keep_quantization: bool = False) -> Path:
     """Write a kiln checkpoint of every rank of `src` into out_dir (atomically), streaming tensor by tensor.
 
     `moe_tp_size` x `moe_ep_size` (= tp_size) split MoE experts as in Mapping; by default experts are
     tensor-parallel like the dense MLP. `progress`, if given, is called with (rank, world_size) before each
-    rank is written.
+    rank is written. `keep_quantization`: see load_source_model.
     """
     mapping = Mapping.of(tp_size, pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
-    detect_source_format(src)  # fail on a bad source before creating anything
+    load_source_model(src, dtype, mapping, keep_quantization)  # fail on a bad source before creating anything
     with atomic_dir(out_dir, overwrite) as tmp:
         for rank in range(mapping.world_size):
             if progress:
                 progress(rank, mapping.world_size)
-            model = load_source_model(src, dtype, mapping.with_rank(rank))
+            model = load_source_model(src, dtype, mapping.with_rank(rank), keep_quantization)
             model.write_rank(tmp)
         model.write_metadata(tmp)
     return Path(out_dir)

@@ -37,6 +37,14 @@ class GGUFFile:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def type_name(self, name: str) -> str:
+        """The tensor's GGML type, by name ("F32", "Q4_K", ...)."""
+        return self.tensors[name].tensor_type.name
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored: for a block-quantized type, its bytes [rows, bytes a row]."""
+        return self.tensors[name].data
+
     def get(self, name: str) -> torch.Tensor:
         import gguf
 

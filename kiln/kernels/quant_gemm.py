@@ -171,10 +171,13 @@ def kernel_supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 group_size: int) -> torch.Tensor:
-    """Triton version of `w4a16_matmul_ref`, same arguments and result (see the module docstring)."""
+                 group_size: int, integer_zeros: bool = True) -> torch.Tensor:
+    """Triton version of `w4a16_matmul_ref`, same arguments and result (see the module docstring). With zeros that
+    are not whole numbers (integer_zeros False: GGUF's Q4_1 and Q4_K kept as they are), rows the GEMV does not take
+    go through the dequantized weight: _w4_gemm_kernel's 16-bit conversion takes z + 128 (bfloat16) or z + 1024
+    (float16), where those formats step by 1, so it rounds a fractional zero."""
     rows = rows_view(x)
-    if rows.shape[0] >= DEQUANT_MIN_ROWS:
+    if rows.shape[0] >= DEQUANT_MIN_ROWS or not (integer_zeros or gemv_takes(rows, packed)):
         y = F.linear(rows, w4a16_dequantize(packed, scale, zero, group_size, x.dtype))
     else:
         y = w4a16_fused_matmul(rows, packed, scale, zero, group_size)

@@ -203,6 +203,17 @@ def check_whole_groups_per_rank(layer: Linear, group: int) -> bool:
     return split
 
 
+def _integer_zeros(layer) -> bool:
+    """Whether the layer's zero points are whole numbers, as kiln's quantizer and AWQ/GPTQ's make them; GGUF's Q4_1
+    and Q4_K kept as they are (kiln.quantization.gguf_import) have fractional ones, which the fused int4 GEMM
+    cannot take (kiln.kernels.quant_gemm.w4a16_matmul). Found once, when the engine prepares the layer (a host
+    sync), and kept on it."""
+    if not hasattr(layer, "integer_zeros"):
+        zero = getattr(layer, "zero_point", None)
+        layer.integer_zeros = zero is None or bool(torch.equal(zero, zero.round()))
+    return layer.integer_zeros
+
+
 class Int4GroupMethod(_WeightOnlyMethod):
     name = "W4A16"
 
@@ -236,8 +247,12 @@ class Int4GroupMethod(_WeightOnlyMethod):
             w = torch.empty_like(w).index_copy_(1, layer.input_permutation.long(), w)
         return w
 
+    def prepare(self, layer) -> None:
+        _integer_zeros(layer)
+
     def fused_matmul(self, quant_gemm, layer, x):
-        return quant_gemm.w4a16_matmul(self._act_ordered(layer, x), *self._packed(layer))
+        return quant_gemm.w4a16_matmul(self._act_ordered(layer, x), *self._packed(layer),
+                                       integer_zeros=_integer_zeros(layer))
 
     def silu_and_mul_matmul(self, layer, x):
         quant_gemm, x = self._gemv_input(layer, x)

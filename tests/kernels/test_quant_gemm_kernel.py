@@ -90,6 +90,25 @@ def test_w4a16_kernel_matches_reference(dtype, rows, group, zero_point):
         assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] max error {err.max().item()}"
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 37, qg.DEQUANT_MIN_ROWS + 3])
+def test_w4a16_kernels_take_fractional_zeros(dtype, rows):
+    """GGUF's Q4_1 and Q4_K kept as W4A16 have zeros that are not whole numbers (kiln.quantization.gguf_import):
+    the GEMV takes them as they are and, with integer_zeros False, the rows it does not take go through the
+    dequantized weight; either way within the same bound of the reference as whole zeros."""
+    torch.manual_seed(rows)
+    for n, k in SHAPES:
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 32, True, dtype)
+        zero = (zero.float() + torch.rand_like(zero.float()) - 0.5).to(dtype)
+        assert not torch.equal(zero, zero.round())
+        ref = qg.w4a16_matmul_ref(x, packed, scale, zero, 32)
+        w = dequantize_int4(packed, scale, zero, 32, dtype)
+        err = (qg.w4a16_matmul(x, packed, scale, zero, 32, integer_zeros=False).double() - ref.double()).abs()
+        assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] max error {err.max().item()}"
+
+
 def every_tile(rows: int) -> list:
     """(tile, run) of each candidate of the kernel that `rows` rows of x take: the GEMV's or the GEMM's."""
     if rows <= qg.GEMV_MAX_ROWS:

@@ -20,6 +20,7 @@ from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.gemma import gguf as gemma_gguf
 from kiln.models.llama.convert import L, hf_table
 from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
+from kiln.quantization.gguf_import import keep_int4
 
 HF = "model.layers.{i}."
 
@@ -70,8 +71,9 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
-                  quant_config: QuantConfig | None = None) -> "GemmaForCausalLM":
-        """Gemma 3 from llama.cpp's GGUF (quantized tensors dequantized to float32 on read)."""
+                  quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "GemmaForCausalLM":
+        """Gemma 3 from llama.cpp's GGUF: quantized tensors dequantized to float32 on read, or with
+        keep_quantization the 4-bit linears kept as W4A16 (kiln.quantization.gguf_import)."""
         refuse_quantization(quant_config)
         gguf = GGUFFile(path)
         arch = gguf.require("general.architecture")
@@ -81,7 +83,10 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
                 f"GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)}")
         config = cls.config_from_hf(gemma_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
                                     f"{gguf.path} (GGUF metadata)")
+        name_map = gemma_gguf.gguf_name_map(config.tie_word_embeddings)
+        if keep_quantization:
+            config, name_map = keep_int4(cls, config, gguf, name_map)
         model = cls.empty(config)
-        model.attach_source(gguf, gemma_gguf.gguf_name_map(config.tie_word_embeddings), str(path))
+        model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf, gemma_gguf.CHAT_TEMPLATE, config.eos_token_ids)
         return model

@@ -13,6 +13,7 @@ from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama import convert
 from kiln.models.llama.config import config_from_hf
 from kiln.models.llama.gguf import config_from_gguf, gguf_tokenizer_writer
+from kiln.quantization.gguf_import import keep_int4
 from kiln.models.llama.meta import config_from_meta
 
 
@@ -41,11 +42,15 @@ class LLaMAForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
-                  quant_config: QuantConfig | None = None) -> "LLaMAForCausalLM":
+                  quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "LLaMAForCausalLM":
+        """keep_quantization: 4-bit linears stay W4A16 (kiln.quantization.gguf_import), else all is dequantized."""
         refuse_quantization(quant_config)
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf, dtype, mapping or Mapping())
+        name_map = convert.gguf_name_map(config.tie_word_embeddings)
+        if keep_quantization:
+            config, name_map = keep_int4(cls, config, gguf, name_map)
         model = cls.empty(config)
-        model.attach_source(gguf, convert.gguf_name_map(config.tie_word_embeddings), str(path))
+        model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf)
         return model

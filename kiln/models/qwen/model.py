@@ -15,6 +15,7 @@ from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
 from kiln.models.qwen import convert
 from kiln.models.qwen import gguf as qwen_gguf
+from kiln.quantization.gguf_import import keep_int4
 
 
 def moe_fields(hf: dict) -> dict:
@@ -57,8 +58,9 @@ class QWenForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
-                  quant_config: QuantConfig | None = None) -> "QWenForCausalLM":
-        """Qwen2 / Qwen2.5 / Qwen3 from llama.cpp's GGUF (quantized tensors dequantized to float32 on read)."""
+                  quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "QWenForCausalLM":
+        """Qwen2 / Qwen2.5 / Qwen3 (and MoE) from llama.cpp's GGUF: quantized tensors dequantized to float32 on read,
+        or with keep_quantization the 4-bit linears kept as W4A16 (kiln.quantization.gguf_import)."""
         refuse_quantization(quant_config)
         gguf = GGUFFile(path)
         arch = gguf.require("general.architecture")
@@ -69,7 +71,10 @@ class QWenForCausalLM(DecoderModelForCausalLM):
                 f"{', '.join(GGUF_ARCHITECTURES)}")
         config = cls.config_from_hf(qwen_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
                                     f"{gguf.path} (GGUF metadata)")
+        name_map = qwen_gguf.gguf_name_map(config.tie_word_embeddings)
+        if keep_quantization:
+            config, name_map = keep_int4(cls, config, gguf, name_map)
         model = cls.empty(config)
-        model.attach_source(gguf, qwen_gguf.gguf_name_map(config.tie_word_embeddings), str(path))
+        model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf, eos_token_ids=config.eos_token_ids)
         return model
