@@ -31,6 +31,9 @@ from kiln.quantization.weight_only import pack_int4
 
 GROUP = 32  # inputs per scale in every 4-bit GGUF format kept here
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # gguf.GGMLQuantizationType names
+# What --dtype auto gives a kept model: the int4 kernels take 16-bit activations, and the files' scales are float16
+# (Q4_0's and Q4_1's exactly; bfloat16 would round them, and costs more quality: docs/quantization.md).
+KEPT_DTYPE = "float16"
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -96,10 +99,11 @@ def int4_groups(raw: np.ndarray, type_name: str) -> tuple[torch.Tensor, torch.Te
 
 # ---- a model read from GGUF with its 4-bit linears kept ------------------------------------------------------
 
-def keep_int4(cls, config, gguf, name_map: NameMap):
+def keep_int4(cls, config, gguf, name_map: NameMap, dtype: str):
     """(config, name map) of `cls` read from `gguf` with every linear whose GGUF tensors are all in a 4-bit format
     kept as W4A16 (group 32, zero points); the others (lm_head, and a linear with any tensor in another type, e.g.
-    Q4_K_M's Q6_K) stay in full precision, dequantized, and are named in exclude_modules."""
+    Q4_K_M's Q6_K) stay in full precision, dequantized, and are named in exclude_modules. `dtype` "auto" becomes
+    KEPT_DTYPE."""
     quant = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=GROUP, has_zero_point=True)
     candidates = quantized_linears(cls.empty(config.replace(quantization=quant)))
     types = {m: {gguf.type_name(s.name) for s in name_map.sources(m + ".weight")} for m in candidates}
@@ -111,7 +115,8 @@ def keep_int4(cls, config, gguf, name_map: NameMap):
     excluded = tuple(m for m in candidates if m not in kept)
     quant = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=GROUP, has_zero_point=True,
                         exclude_modules=quant.exclude_modules + excluded)
-    return config.replace(quantization=quant), Int4GGUFNameMap(name_map, kept)
+    config = config.replace(quantization=quant, dtype=KEPT_DTYPE if dtype == "auto" else config.dtype)
+    return config, Int4GGUFNameMap(name_map, kept)
 
 
 class Int4GGUFNameMap(NameMap):

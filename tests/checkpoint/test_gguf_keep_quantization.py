@@ -129,6 +129,15 @@ def test_kept_weights_and_logits_are_the_dequantized_files(mixed):
         assert (kept(IDS) - full(IDS)).abs().max() <= 1e-4
 
 
+def test_auto_dtype_of_a_kept_file_is_float16(mixed, tmp_path):
+    """The int4 kernels take 16-bit activations and the file's scales are float16; a plain conversion of the same
+    file is float32 (its dequantized weights exactly)."""
+    path, float_ckpt, _ = mixed
+    kept = convert_checkpoint(path, tmp_path / "auto", keep_quantization=True)
+    assert json.loads((kept / "config.json").read_text())["dtype"] == "float16"
+    assert json.loads((convert_checkpoint(path, tmp_path / "plain") / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_keep_quantization_refuses_what_it_cannot_keep(tmp_path):
     hf = make_hf_model(tmp_path / "hf", seed=7)
     with pytest.raises(ConfigError, match=r"--keep-quantization applies to GGUF files"):

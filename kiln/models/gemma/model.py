@@ -85,7 +85,7 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
                                     f"{gguf.path} (GGUF metadata)")
         name_map = gemma_gguf.gguf_name_map(config.tie_word_embeddings)
         if keep_quantization:
-            config, name_map = keep_int4(cls, config, gguf, name_map)
+            config, name_map = keep_int4(cls, config, gguf, name_map, dtype)
         model = cls.empty(config)
         model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf, gemma_gguf.CHAT_TEMPLATE, config.eos_token_ids)

@@ -49,7 +49,7 @@ class LLaMAForCausalLM(DecoderModelForCausalLM):
         config = config_from_gguf(gguf, dtype, mapping or Mapping())
         name_map = convert.gguf_name_map(config.tie_word_embeddings)
         if keep_quantization:
-            config, name_map = keep_int4(cls, config, gguf, name_map)
+            config, name_map = keep_int4(cls, config, gguf, name_map, dtype)
         model = cls.empty(config)
         model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf)
