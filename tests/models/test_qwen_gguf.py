@@ -59,8 +59,9 @@ SHARED = {"shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "shared_exp
           "gate.weight": "ffn_gate_inp.weight"}
 
 
-def write_qwen_gguf(hf_dir, c, path, arch: str) -> None:
-    """As llama.cpp's convert_hf_to_gguf.py writes it, from the saved checkpoint (one tensor per expert there)."""
+def write_qwen_gguf(hf_dir, c, path, arch: str, linear_type: str = "F32") -> None:
+    """As llama.cpp's convert_hf_to_gguf.py writes it, from the saved checkpoint (one tensor per expert there);
+    the decoder's 2-D weights in `linear_type` (quantized by the gguf package)."""
     sd = load_file(hf_dir / "model.safetensors")
     w = gguf_py.GGUFWriter(str(path), arch)
     add_gguf_shape(w, c)
@@ -89,7 +90,12 @@ def write_qwen_gguf(hf_dir, c, path, arch: str) -> None:
         if getattr(c, "shared_expert_intermediate_size", 0):
             w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     for name, t in tensors.items():
-        w.add_tensor(name, t.numpy().astype(np.float32))
+        array = t.numpy().astype(np.float32)
+        if linear_type != "F32" and name.startswith("blk.") and array.ndim == 2:
+            kind = gguf_py.GGMLQuantizationType[linear_type]
+            w.add_tensor(name, gguf_py.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -120,3 +126,20 @@ def test_tiny_qwen_gguf_converts_to_transformers_logits(case, tmp_path):
     with torch.no_grad():
         diff = float((model(ids) - hf(ids, use_cache=False).logits).abs().max())
     assert diff <= ATOL, f"{case}: max logit diff {diff}"
+
+
+def test_qwen_gguf_keeps_its_q4_linears(tmp_path):
+    """--keep-quantization on a Qwen2 file (q/k rows as Hugging Face has them): its Q4_1 linears become W4A16 and
+    the model computes what the dequantized conversion computes."""
+    arch, config_cls, model_cls, config, _ = CASES["qwen2"]
+    hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, seed=4, **config)
+    path = tmp_path / "q4_1.gguf"
+    write_qwen_gguf(tmp_path / "hf", hf.config, path, arch, linear_type="Q4_1")
+    plain, kept = (PretrainedModel.from_checkpoint(convert_checkpoint(path, tmp_path / name, dtype="float32",
+                                                                      keep_quantization=name == "kept"))
+                   for name in ("plain", "kept"))
+    assert kept.config.quantization.quant_algo.value == "W4A16"
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((kept(ids) - plain(ids)).abs().max()) <= ATOL
+        assert float((plain(ids) - hf(ids, use_cache=False).logits).abs().max()) > 10 * ATOL  # Q4_1 shows

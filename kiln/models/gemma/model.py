@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap
 from kiln.config import QuantConfig
-from kiln.errors import UnsupportedArchitectureError
 from kiln.mapping import Mapping
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.gemma import gguf as gemma_gguf
 from kiln.models.llama.convert import L, hf_table
-from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
-from kiln.quantization.gguf_import import keep_int4
+from kiln.models.llama.gguf import from_gguf_as_hf
 
 HF = "model.layers.{i}."
 
@@ -75,18 +72,5 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
         """Gemma 3 from llama.cpp's GGUF: quantized tensors dequantized to float32 on read, or with
         keep_quantization the 4-bit linears kept as W4A16 (kiln.quantization.gguf_import)."""
         refuse_quantization(quant_config)
-        gguf = GGUFFile(path)
-        arch = gguf.require("general.architecture")
-        if arch != "gemma3":
-            raise UnsupportedArchitectureError(
-                f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Gemma file (Gemma reads 'gemma3'); "
-                f"GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)}")
-        config = cls.config_from_hf(gemma_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
-                                    f"{gguf.path} (GGUF metadata)")
-        name_map = gemma_gguf.gguf_name_map(config.tie_word_embeddings)
-        if keep_quantization:
-            config, name_map = keep_int4(cls, config, gguf, name_map, dtype)
-        model = cls.empty(config)
-        model.attach_source(gguf, name_map, str(path))
-        model.tokenizer_writer = gguf_tokenizer_writer(gguf, gemma_gguf.CHAT_TEMPLATE, config.eos_token_ids)
-        return model
+        return from_gguf_as_hf(cls, path, dtype, mapping, keep_quantization, ("gemma3",),
+                               gemma_gguf.hf_config_from_gguf, gemma_gguf.gguf_name_map, gemma_gguf.CHAT_TEMPLATE)

@@ -65,17 +65,25 @@ def meta_name_map(tied: bool) -> NameMap:
 
 
 def gguf_name_map(tied: bool) -> NameMap:
+    return NameMap(gguf_table(tied))
+
+
+def gguf_table(tied: bool, rotary_rows: bool = True) -> dict:
+    """llama.cpp's names, which the families that read GGUF share (Qwen extends this table). rotary_rows: q/k rows
+    stored in interleaved rotary order, as llama.cpp's converter permutes them for `llama`; else as Hugging Face
+    has them (architectures llama.cpp runs with NeoX rotary)."""
     b = "blk.{i}."
-    return NameMap({
+    q, k = b + "attn_q.weight", b + "attn_k.weight"
+    return {
         "transformer.vocab_embedding.weight": "token_embd.weight",
         "transformer.ln_f.weight": "output_norm.weight",
         "lm_head.weight": "token_embd.weight" if tied else "output.weight",
         L + "input_layernorm.weight": b + "attn_norm.weight",
         L + "post_layernorm.weight": b + "ffn_norm.weight",
-        L + "attention.qkv.weight": (Src(b + "attn_q.weight", _q_rows), Src(b + "attn_k.weight", _k_rows),
-                                     b + "attn_v.weight"),
+        L + "attention.qkv.weight": ((Src(q, _q_rows), Src(k, _k_rows)) if rotary_rows else (q, k)) + (
+            b + "attn_v.weight",),
         L + "attention.dense.weight": b + "attn_output.weight",
         L + "mlp.fc.weight": b + "ffn_gate.weight",
         L + "mlp.gate.weight": b + "ffn_up.weight",
         L + "mlp.proj.weight": b + "ffn_down.weight",
-    })
+    }

@@ -70,6 +70,31 @@ def rope_scaling_from_gguf(gguf: GGUFFile, arch: str) -> dict | None:
     return None
 
 
+def from_gguf_as_hf(cls, path, dtype: str, mapping: Mapping | None, keep_quantization: bool, architectures,
+                    hf_config, name_map, chat_template: str | None = None):
+    """The model of a GGUF file for a family that reads the metadata as the Hugging Face config it came from (Gemma 3,
+    Qwen): `hf_config(gguf, dtype)` -> that config.json, `name_map(tied)` -> the GGUF names, `architectures` the
+    GGUF ones the family reads, `chat_template` its default for files that carry none. Weights are read lazily;
+    with keep_quantization the 4-bit linears stay int4 (kiln.quantization.gguf_import)."""
+    from kiln.quantization.gguf_import import keep_int4
+
+    gguf = GGUFFile(path)
+    arch = gguf.require("general.architecture")
+    if arch not in architectures:
+        raise UnsupportedArchitectureError(
+            f"{gguf.path}: GGUF architecture {arch!r} is not supported by {cls.__name__} (it reads "
+            f"{list(architectures)}); GGUF architectures kiln reads: {', '.join(GGUF_ARCHITECTURES)}")
+    config = cls.config_from_hf(hf_config(gguf, dtype), dtype, mapping or Mapping(), None,
+                                f"{gguf.path} (GGUF metadata)")
+    names = name_map(config.tie_word_embeddings)
+    if keep_quantization:
+        config, names = keep_int4(cls, config, gguf, names, dtype)
+    model = cls.empty(config)
+    model.attach_source(gguf, names, str(path))
+    model.tokenizer_writer = gguf_tokenizer_writer(gguf, chat_template, config.eos_token_ids)
+    return model
+
+
 def gguf_tokenizer_writer(gguf: GGUFFile, chat_template: str | None = None, eos_token_ids=None):
     """Writes the file's tokenizer and chat template as Hugging Face tokenizer files (or nothing, with a
     warning, when the GGUF carries no tokenizer). `chat_template` is the family's default for files that

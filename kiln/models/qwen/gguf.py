@@ -17,7 +17,7 @@ from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
-from kiln.models.llama.convert import L
+from kiln.models.llama.convert import L, gguf_table
 from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
 
 QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")  # (GGUF_ARCHITECTURES: the HF architecture)
@@ -82,19 +82,10 @@ def _rope(gguf: GGUFFile, arch: str) -> dict:
 def gguf_name_map(tied: bool) -> NameMap:
     b = "blk.{i}."
     return NameMap({
-        "transformer.vocab_embedding.weight": "token_embd.weight",
-        "transformer.ln_f.weight": "output_norm.weight",
-        "lm_head.weight": "token_embd.weight" if tied else "output.weight",
-        L + "input_layernorm.weight": b + "attn_norm.weight",
-        L + "post_layernorm.weight": b + "ffn_norm.weight",
-        L + "attention.qkv.weight": (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"),
+        **gguf_table(tied, rotary_rows=False),
         L + "attention.qkv.bias": (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
         L + "attention.q_norm.weight": b + "attn_q_norm.weight",
         L + "attention.k_norm.weight": b + "attn_k_norm.weight",
-        L + "attention.dense.weight": b + "attn_output.weight",
-        L + "mlp.fc.weight": b + "ffn_gate.weight",
-        L + "mlp.gate.weight": b + "ffn_up.weight",
-        L + "mlp.proj.weight": b + "ffn_down.weight",
         L + "mlp.router.weight": b + "ffn_gate_inp.weight",
         L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
         L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.config import QuantConfig
-from kiln.errors import UnsupportedArchitectureError
 from kiln.mapping import Mapping
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
-from kiln.models.llama.gguf import GGUF_ARCHITECTURES, gguf_tokenizer_writer
+from kiln.models.llama.gguf import from_gguf_as_hf
 from kiln.models.qwen import convert
 from kiln.models.qwen import gguf as qwen_gguf
-from kiln.quantization.gguf_import import keep_int4
 
 
 def moe_fields(hf: dict) -> dict:
@@ -62,19 +59,5 @@ class QWenForCausalLM(DecoderModelForCausalLM):
         """Qwen2 / Qwen2.5 / Qwen3 (and MoE) from llama.cpp's GGUF: quantized tensors dequantized to float32 on read,
         or with keep_quantization the 4-bit linears kept as W4A16 (kiln.quantization.gguf_import)."""
         refuse_quantization(quant_config)
-        gguf = GGUFFile(path)
-        arch = gguf.require("general.architecture")
-        if arch not in qwen_gguf.QWEN_GGUF_ARCHITECTURES:
-            raise UnsupportedArchitectureError(
-                f"{gguf.path}: GGUF architecture {arch!r} is not supported as a Qwen file (Qwen reads "
-                f"{list(qwen_gguf.QWEN_GGUF_ARCHITECTURES)}); GGUF architectures kiln reads: "
-                f"{', '.join(GGUF_ARCHITECTURES)}")
-        config = cls.config_from_hf(qwen_gguf.hf_config_from_gguf(gguf, dtype), dtype, mapping or Mapping(), None,
-                                    f"{gguf.path} (GGUF metadata)")
-        name_map = qwen_gguf.gguf_name_map(config.tie_word_embeddings)
-        if keep_quantization:
-            config, name_map = keep_int4(cls, config, gguf, name_map, dtype)
-        model = cls.empty(config)
-        model.attach_source(gguf, name_map, str(path))
-        model.tokenizer_writer = gguf_tokenizer_writer(gguf, eos_token_ids=config.eos_token_ids)
-        return model
+        return from_gguf_as_hf(cls, path, dtype, mapping, keep_quantization, qwen_gguf.QWEN_GGUF_ARCHITECTURES,
+                               qwen_gguf.hf_config_from_gguf, qwen_gguf.gguf_name_map)
