@@ -12,7 +12,9 @@
 #   torch._int_mm, bit for bit); W4A8_AWQ's FP8 path from 256 rows; both new engines against their CPU emulation;
 #   GPTQ calibrated and rounded on the GPU (int4 and e4m3 codes); the norms writing FP8's, SmoothQuant's and
 #   FP8_BLOCK_SCALES' inputs (the last new in the thirty-second session), and FP8_PER_CHANNEL_PER_TOKEN's (new in the
-#   thirty-third, with the norm and activation kernel tests, whose argument became one InputQuant).
+#   thirty-third, with the norm and activation kernel tests, whose argument became one InputQuant); int8 weight
+#   codes of -128 (compressed-tensors imports carry them) and the int4 kernels on fractional zeros (GGUF's Q4_1 and
+#   Q4_K kept at 4 bits), new in the thirty-fourth.
 #   (Thirty-first session, H200: all pass, after two reference fixes and the engine test's rewrite.)
 # - block-sq: FP8_BLOCK_SCALES and W8A8_SQ_PER_CHANNEL beside FP8 and bf16, batch-1 decode and offline-3000.
 # - w4a8: W4A8_AWQ (prompt matmuls on FP8 tensor cores) beside W4A16 (dequantized to bf16 for cuBLAS) on one
@@ -48,7 +50,9 @@ for part in $parts; do
     tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rmsnorm_kernel.py \
              tests/kernels/test_activation_kernel.py
            KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/quantization/test_gpu_quant2.py \
-             -k "group or block or int8 or w4a8 or gptq or fused" ;;
+             -k "group or block or int8 or w4a8 or gptq or fused"
+           KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_quant_gemm_kernel.py \
+             tests/kernels/test_gemv_kernel.py -k "w8a16 or fractional or int8_codes" ;;
     block-sq) $bench --quant-algo FP8,FP8_BLOCK_SCALES,W8A8_SQ_PER_CHANNEL --workloads decode-1,offline-3000 \
                 --output-json "$out/$part.json" ;;
     w4a8) timeout 480 $bench --skip-unquantized --calib-size 8 --quant-algo W4A16,W4A8_AWQ \
