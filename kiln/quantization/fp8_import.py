@@ -17,7 +17,9 @@ Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float
   most one e4m3 rounding per weight.
 - `quant_method: "compressed-tensors"` with one config group of float 8-bit weights (strategy "tensor" or
   "channel": `weight_scale` [1] or [out, 1]) and float 8-bit input activations (static "tensor" with
-  `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN).
+  `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN); or strategy "block" (`block_structure`
+  [bo, bi], `weight_scale` [ceil(out / bo), ceil(in / bi)], each block's multiplier) with dynamic activations in
+  groups of bi, read as `weight_block_size` above. Integer weights: kiln.quantization.hf_import.
 
 Scales are converted to the model dtype (a bfloat16 model rounds a float32 scale to 8 bits of mantissa, far
 below an e4m3 step). An lm_head the source stores in FP8 (no ignore list naming it) is dequantized into kiln's
@@ -48,7 +50,7 @@ class Fp8ImportFormat:
     method: str
     quant_config: QuantConfig
     scale_leaf: str  # "weight_scale" or "weight_scale_inv"
-    block: tuple[int, int] | None  # (rows, columns) of a block of weight_scale_inv; None: per tensor / channel
+    block: tuple[int, int] | None  # (rows, columns) of a block of the scale tensor; None: per tensor / channel
 
     @property
     def static(self) -> bool:
@@ -100,16 +102,36 @@ def _fp8_format(qc: dict, where: str) -> Fp8ImportFormat:
             raise ConfigError(f"{where}: block-wise FP8 (weight_block_size {block}) is imported with dynamic "
                               f"activations and a [rows, columns] block only; got activation_scheme {scheme!r}")
         scale_leaf, block = "weight_scale_inv", tuple(block)
-        if block[1] in GROUP_SIZES:  # (a block's width FP8_BLOCK_SCALES can take as its group)
-            quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, group_size=block[1])
-        else:
-            quant_config = QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+        quant_config = _block_quant_config(block)
     else:
         quant_config = QuantConfig(quant_algo=QuantAlgo.FP8 if scheme == "static" else
                                    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
         scale_leaf = "weight_scale"
     hf_import.check_ignored(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [], where)
     return Fp8ImportFormat("fp8", quant_config, scale_leaf, block)
+
+
+def _compressed_tensors_block(qc: dict, name: str, weights: dict, acts: dict, where: str) -> Fp8ImportFormat:
+    """Block-wise FP8 (llm-compressor's FP8_BLOCK): `weight_scale` [ceil(out / bo), ceil(in / bi)], each block's
+    multiplier, with activations quantized per token and group of bi at run time, as FP8_BLOCK_SCALES runs them."""
+    block = tuple(weights.get("block_structure") or ())
+    at = f"{where}.config_groups.{name}"
+    if len(block) != 2:
+        raise ConfigError(f"{at}.weights.block_structure must be [rows, columns], got {weights.get('block_structure')}")
+    if not (acts.get("dynamic") and acts.get("strategy") == "group" and acts.get("group_size") == block[1]):
+        raise ConfigError(f"{at}.input_activations: block-wise FP8 weights ({list(block)}) are imported with dynamic "
+                          f"activations in groups of the block's width ({block[1]}), as FP8_BLOCK_SCALES runs them; "
+                          f"got {acts}")
+    hf_import.check_ignored(qc.get("ignore") or [], where)
+    return Fp8ImportFormat("compressed-tensors", _block_quant_config(block), "weight_scale", block)
+
+
+def _block_quant_config(block: tuple[int, int]) -> QuantConfig:
+    """FP8_BLOCK_SCALES with the block's width as its group where kiln's groups take it (the codes as they are),
+    else FP8_PER_CHANNEL_PER_TOKEN (re-quantized per row, Fp8NameMap._read)."""
+    if block[1] in GROUP_SIZES:
+        return QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, group_size=block[1])
+    return QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
 
 
 def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
@@ -122,12 +144,14 @@ def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
     if weights.get("type") == "int":
         return _WrappedFormat(hf_import.compressed_tensors_int_format(qc, where))
     if (weights.get("type"), weights.get("num_bits"), weights.get("strategy")) not in (
-            ("float", 8, "tensor"), ("float", 8, "channel")):
+            ("float", 8, "tensor"), ("float", 8, "channel"), ("float", 8, "block")):
         raise ConfigError(f"{where}.config_groups.{name}.weights: this kiln imports float 8-bit weights with "
-                          f"strategy 'tensor' or 'channel', got {weights}")
+                          f"strategy 'tensor', 'channel' or 'block' (or integer weights), got {weights}")
     if not acts or acts.get("type") != "float" or acts.get("num_bits") != 8:
         raise ConfigError(f"{where}.config_groups.{name}.input_activations: this kiln imports float 8-bit "
                           f"activations (FP8 W8A8) only, got {acts}")
+    if weights["strategy"] == "block":
+        return _compressed_tensors_block(qc, name, weights, acts, where)
     kinds = {(False, "tensor"): QuantAlgo.FP8, (True, "token"): QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN}
     algo = kinds.get((bool(acts.get("dynamic")), acts.get("strategy")))
     if algo is None:

@@ -32,14 +32,20 @@ GROUP = 64  # TP=2 splits the attention output's 128 inputs into 64 per rank: wh
 IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
 INT8_ROWS = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
 
+FP8_GROUPS = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="group", group_size=GROUP,
+                              dynamic=True)
+INT4 = dict(num_bits=4, type="int", strategy="group", group_size=GROUP)
+INT8 = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+
 # name -> (weights' QuantizationArgs, input activations' or None, compressed-tensors format, kiln algorithm)
 SCHEMES = {
-    "w4a16": (dict(num_bits=4, symmetric=True, strategy="group", group_size=GROUP), None, "pack-quantized",
-              "W4A16"),
-    "w4a16_asym": (dict(num_bits=4, symmetric=False, strategy="group", group_size=GROUP), None, "pack-quantized",
-                   "W4A16"),
-    "w8a16": (dict(num_bits=8, symmetric=True, strategy="channel"), None, "pack-quantized", "W8A16"),
-    "w8a8": (dict(num_bits=8, symmetric=True, strategy="channel"), INT8_ROWS, "int-quantized", "W8A8_SQ_PER_CHANNEL"),
+    "w4a16": (dict(INT4, symmetric=True), None, "pack-quantized", "W4A16"),
+    "w4a16_asym": (dict(INT4, symmetric=False), None, "pack-quantized", "W4A16"),
+    "w8a16": (INT8, None, "pack-quantized", "W8A16"),
+    "w8a8": (INT8, INT8_ROWS, "int-quantized", "W8A8_SQ_PER_CHANNEL"),
+    # llm-compressor's FP8_BLOCK (Qwen3 and DeepSeek FP8 releases), with blocks of GROUP x GROUP
+    "fp8_block": (dict(num_bits=8, type="float", symmetric=True, strategy="block", block_structure=[GROUP, GROUP]),
+                  FP8_GROUPS, "float-quantized", "FP8_BLOCK_SCALES"),
 }
 
 
@@ -47,16 +53,14 @@ def write_compressed(hf_model, out_dir, name: str):
     """Save a copy of hf_model quantized by SCHEMES[name] (min-max scales, lm_head ignored) as compressed-tensors
     writes it; return the package's own decompression of it (a transformers model with dense weights)."""
     weights, acts, fmt, _ = SCHEMES[name]
-    args = QuantizationArgs(type="int", **weights)
+    args = QuantizationArgs(**weights)
     model = copy.deepcopy(hf_model)
     scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     for module in model.modules():
         if getattr(module, "quantization_scheme", None) is None:
             continue
-        w = module.weight.data
-        w = w.reshape(w.shape[0], -1, GROUP) if args.strategy == "group" else w
-        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+        scale, zero = calculate_qparams(*_ranges(module.weight.data, args), args)
         module.weight_scale.data = scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(
@@ -67,6 +71,16 @@ def write_compressed(hf_model, out_dir, name: str):
     compressor.update_config(out_dir)
     compressor.decompress_model(model)
     return model
+
+
+def _ranges(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each set of weights that shares a scale under args' strategy."""
+    if args.strategy == "group":
+        w = w.reshape(w.shape[0], -1, GROUP)
+    elif args.strategy == "block":
+        rows, cols = args.block_structure
+        w = w.reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols).transpose(1, 2).flatten(2)
+    return w.amin(-1), w.amax(-1)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +99,11 @@ def imported(request, hf_llama, tmp_path_factory):
 
 
 def _kiln_weight(t: dict) -> torch.Tensor:
-    """A kiln linear's float weight, from its checkpoint tensors (int4 groups of GROUP or int8 rows)."""
+    """A kiln linear's float weight, from its checkpoint tensors (int4 groups of GROUP, int8 rows, or e4m3 codes
+    with a scale per row and group of GROUP)."""
     s = t["weights_scaling_factor"].double()
+    if t["weight"].dtype == torch.float8_e4m3fn:
+        return t["weight"].double() * s[:, torch.arange(t["weight"].shape[1]) // GROUP]
     if t["weight"].dtype == torch.uint8:
         g = torch.arange(t["weight"].shape[1] * 2) // GROUP
         z = t["zero_point"].double() if "zero_point" in t else torch.full_like(s, 8.0)
@@ -100,7 +117,7 @@ def test_config_records_the_kiln_format(imported):
     assert source["quant_method"] == "compressed-tensors" and source["format"] == SCHEMES[name][2]
     qc = json.loads((ckpt_dir / "config.json").read_text())["quantization"]
     assert qc["quant_algo"] == SCHEMES[name][3]
-    if qc["quant_algo"] == "W4A16":
+    if qc["quant_algo"] in ("W4A16", "FP8_BLOCK_SCALES"):
         assert (qc["group_size"], qc["has_zero_point"]) == (GROUP, name.endswith("asym"))
     assert qc["exclude_modules"] == ["lm_head"]
 
@@ -126,9 +143,10 @@ def test_weights_are_the_packages_decompression_exactly(imported):
 
 def test_logits_equal_the_packages_decompressed_model(hf_llama, imported):
     name, reference, src, ckpt_dir = imported
-    if name == "w8a8":
-        # int8 activations too: the reference is float math over the checkpoint's tensors, each input quantized
-        # per token (act_reference), and the tensors themselves are the package's (the test above).
+    if SCHEMES[name][1] is not None:
+        # quantized activations too: the reference is float math over the checkpoint's tensors, each input
+        # quantized per token (int8) or per token and group (e4m3) (act_reference), and the tensors themselves
+        # are the package's (the test above).
         assert_logits_equal_fake_quant_hf(hf_llama, ckpt_dir, IDS)
         return
     with torch.no_grad():
@@ -227,3 +245,15 @@ def test_group_act_order_imports_as_gptq_act_order(hf_llama, tmp_path):
         expected, full = reference(IDS).logits, hf_llama(IDS).logits
         assert (PretrainedModel.from_checkpoint(ckpt)(IDS) - expected).abs().max() <= 1e-4
     assert (expected - full).abs().max() > 1e-3
+
+
+def test_block_fp8_with_activations_kiln_would_not_match_is_refused(hf_llama, tmp_path):
+    """FP8_BLOCK_SCALES quantizes activations per token and group of the block's width; a source whose activations
+    go per token (or in other groups) would run differently, so it is refused rather than imported inexactly."""
+    src = tmp_path / "src"
+    write_compressed(hf_llama, src, "fp8_block")
+    _with_quantization_config(src, tmp_path / "bad", lambda qc: _group(qc)["input_activations"].update(
+        strategy="token", group_size=None))
+    with pytest.raises(ConfigError, match=r"imported with dynamic activations in groups of the block's width \(64\)"):
+        convert_checkpoint(tmp_path / "bad", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -182,7 +182,7 @@ def test_checkpoint_without_scales_is_refused_naming_them(hf_model, tmp_path):
 
 
 @pytest.mark.parametrize("config,message", [
-    ({**CT, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"},
+    ({**CT, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "tensor_group"},
                                     "input_activations": None}}}, r"weights: this kiln imports float 8-bit"),
     ({**CT, "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, r"kept unquantized.*down_proj"),
     ({**FP8, "weight_block_size": [BLOCK, BLOCK]}, r"block-wise FP8 .* dynamic activations"),
