@@ -134,8 +134,8 @@ def cmd_run(args) -> None:
         device = join_torchrun(args.engine_dir, _build_config(args))
         if device is None:  # a rank other than 0: it served until rank 0 was done
             return
-    with LLM(args.engine_dir, dtype=args.dtype, device=device, build_config=_build_config(args)) \
-            as llm:
+    with LLM(args.engine_dir, dtype=args.dtype, device=device, build_config=_build_config(args),
+             keep_quantization=args.keep_quantization) as llm:
         _generate_to_stdout(llm, args)
     if torchrun_rank() is not None:
         from kiln.runtime.distributed import leave_process_group
@@ -182,7 +182,8 @@ def cmd_serve(args) -> None:
         from kiln.serve.async_llm import AsyncLLM
 
         llm = LLM(args.path, dtype=args.dtype, device=args.device, build_config=_build_config(args),
-                  tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size)
+                  tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size,
+                  keep_quantization=args.keep_quantization)
         return AsyncLLM(llm, max_waiting=args.max_waiting)
 
     if args.served_model_name:
@@ -239,6 +240,12 @@ def _lm_head_format(quantization: dict) -> str:
 
     qc = QuantConfig.from_dict(quantization)
     return f"quantized ({qc.quant_algo.value})" if quantizes_lm_head(qc) else "full precision"
+
+
+def _add_keep_quantization_flag(p) -> None:
+    p.add_argument("--keep-quantization", action="store_true",
+                   help="a .gguf source: keep the linears stored in Q4_0, Q4_1 or Q4_K as int4 (W4A16, group 32, "
+                        "their own codes) instead of dequantizing them")
 
 
 def _add_build_flags(p) -> None:
@@ -305,9 +312,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-ep-size", type=int, default=None,
                    help="MoE: expert-parallel groups the experts are dealt out to (default: tp-size / moe-tp-size, "
                         "else 1); moe-tp-size * moe-ep-size must equal tp-size")
-    p.add_argument("--keep-quantization", action="store_true",
-                   help="GGUF: keep the linears stored in Q4_0, Q4_1 or Q4_K as int4 (W4A16, group 32, their own "
-                        "codes) instead of dequantizing them")
+    _add_keep_quantization_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=cmd_convert)
 
@@ -392,6 +397,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype when converting a source model in-process")
+    _add_keep_quantization_flag(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_run)
@@ -410,6 +416,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="requests allowed to wait for a slot; more are answered 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is cancelled")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    _add_keep_quantization_flag(p)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_serve)
 

@@ -1,8 +1,8 @@
 """LLM(hf_dir) converts and builds in-process; the engine is cached so the next start just loads it.
 
-The cache key covers the source (path, file sizes and modification times), the dtype, the build
-config's engine fields and kiln's format version, so any change to them rebuilds (its RUNTIME_FIELDS, such as
-the KV cache's memory fraction, apply at load and rebuild nothing). Root: $KILN_CACHE_DIR, else
+The cache key covers the source (path, file sizes and modification times), the dtype, whether a GGUF's 4-bit
+linears are kept, the build config's engine fields and kiln's format version, so any change to them rebuilds (its
+RUNTIME_FIELDS, such as the KV cache's memory fraction, apply at load and rebuild nothing). Root: $KILN_CACHE_DIR, else
 $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
 """
 
@@ -28,9 +28,11 @@ def _file_stamps(src: Path) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None, world_key=None) -> Path:
+def engine_cache_dir(src: str | Path, dtype: str, build_config: BuildConfig | None, world_key=None,
+                     keep_quantization: bool = False) -> Path:
     src = Path(src).resolve()
-    key = json.dumps({"src": str(src), "files": _file_stamps(src), "dtype": dtype,
+    kept = {"keep_quantization": True} if keep_quantization else {}  # (absent otherwise: earlier keys still hold)
+    key = json.dumps({"src": str(src), "files": _file_stamps(src), "dtype": dtype, **kept,
                       "build_config": (build_config or BuildConfig()).engine_fields(),  # (None: the defaults)
                       "world": world_key, "format_version": FORMAT_VERSION}, sort_keys=True)
     return cache_root() / "engines" / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -39,9 +39,10 @@ def _check_world(engine_dir: Path, mapping: dict, tp: int | None, pp: int | None
 
 
 def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildConfig | None = None,
-                    tp_size: int | None = None, pp_size: int | None = None) -> Path:
+                    tp_size: int | None = None, pp_size: int | None = None, keep_quantization: bool = False) -> Path:
     """An engine dir for `model`: itself if it is one, else built (all ranks) into the engine cache from a
-    kiln checkpoint or a source model. tp/pp None take the engine's or checkpoint's own (1 for sources)."""
+    kiln checkpoint or a source model. tp/pp None take the engine's or checkpoint's own (1 for sources).
+    keep_quantization: a GGUF source's 4-bit linears stay int4 (kiln.quantization.gguf_import)."""
     path = Path(model)
     manifest = read_json(path / CONFIG_FILE, "config") if (path / CONFIG_FILE).is_file() else {}
     if "format_version" in manifest and dtype not in ("auto", manifest.get("dtype")):
@@ -60,8 +61,8 @@ def open_engine_dir(model: str | Path, dtype: str = "auto", build_config: BuildC
         detect_source_format(path)  # names a missing or unrecognised source before any work
         mapping = Mapping.of(tp_size or 1, pp_size or 1)
         world = mapping.world_size
-        load = lambda rank: load_source_model(path, dtype, mapping.with_rank(rank))  # noqa: E731
-    cached = engine_cache_dir(path, dtype, build_config, world_key=(tp_size, pp_size))
+        load = lambda rank: load_source_model(path, dtype, mapping.with_rank(rank), keep_quantization)  # noqa: E731
+    cached = engine_cache_dir(path, dtype, build_config, (tp_size, pp_size), keep_quantization)
     if (cached / CONFIG_FILE).is_file():
         try:
             Engine.from_dir(cached)
@@ -113,17 +114,19 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str | None = None,
                  build_config: BuildConfig | None = None, tensor_parallel_size: int | None = None,
-                 pipeline_parallel_size: int | None = None):
+                 pipeline_parallel_size: int | None = None, keep_quantization: bool = False):
         """model: an engine dir, a kiln checkpoint dir, an HF dir, a Meta dir or a .gguf file (default: the
         built-in model). build_config: the limits to build with; a built engine takes only its RUNTIME_FIELDS
         (the KV cache's size, decode bursts, admission policy). With tensor/pipeline_parallel_size > 1 the ranks
-        run as worker processes."""
+        run as worker processes. keep_quantization: a .gguf's Q4_0/Q4_1/Q4_K linears stay int4 (W4A16) instead of
+        being dequantized (`kiln convert --keep-quantization`)."""
         if model is None:
             from kiln.default_model import default_model_path
 
             model = default_model_path()
         self.device = resolve_device(device)
-        self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size)
+        self.engine_dir = open_engine_dir(model, dtype, build_config, tensor_parallel_size, pipeline_parallel_size,
+                                          keep_quantization)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
         self.build_config = self.engine.build_config.with_runtime_options(build_config)

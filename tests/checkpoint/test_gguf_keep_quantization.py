@@ -163,3 +163,22 @@ def test_keep_quantization_refuses_what_it_cannot_keep(tmp_path):
                                           r"are \['F32'\]"):
         convert_checkpoint(path, tmp_path / "out", keep_quantization=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_llm_keeps_a_ggufs_4_bit_linears_and_generates_what_the_dequantized_file_does(mixed, tmp_path, monkeypatch):
+    """LLM(gguf, keep_quantization=True) (kiln run / serve --keep-quantization) converts and builds in-process with
+    the 4-bit linears kept, cached apart from the plain build, and decodes the plain engine's greedy tokens."""
+    from kiln import LLM, SamplingParams
+    from kiln.builder import Engine
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    path, _, _ = mixed
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = {}
+    for keep in (False, True):
+        with LLM(path, dtype="float32", device="cpu", keep_quantization=keep) as llm:
+            algo = Engine.from_dir(llm.engine_dir).config.quantization.quant_algo
+            assert (algo is not None and algo.value == "W4A16") == keep
+            outputs[keep] = llm.generate([1, 17, 5, 99, 42], params)[0].outputs[0].token_ids
+    assert len(list((tmp_path / "cache" / "engines").iterdir())) == 2
+    assert outputs[True] == outputs[False]
