@@ -19,7 +19,9 @@ Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float
   "channel": `weight_scale` [1] or [out, 1]) and float 8-bit input activations (static "tensor" with
   `input_scale` -> FP8; dynamic "token" -> FP8_PER_CHANNEL_PER_TOKEN); or strategy "block" (`block_structure`
   [bo, bi], `weight_scale` [ceil(out / bo), ceil(in / bi)], each block's multiplier) with dynamic activations in
-  groups of bi, read as `weight_block_size` above. Integer weights: kiln.quantization.hf_import.
+  groups of bi, read as `weight_block_size` above. Integer weights: kiln.quantization.hf_import. A
+  `kv_cache_scheme` (static per-tensor FP8 or INT8) adds the KV cache's scales, `self_attn.k_scale` and `v_scale`
+  of each layer, to whichever weights (or to float ones, with no config groups).
 
 Scales are converted to the model dtype (a bfloat16 model rounds a float32 scale to 8 bits of mantissa, far
 below an e4m3 step). An lm_head the source stores in FP8 (no ignore list naming it) is dequantized into kiln's
@@ -29,6 +31,7 @@ lacks a scale tensor is refused up front with the missing names (PretrainedModel
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,7 @@ from kiln.config import GROUP_SIZES, QuantAlgo, QuantConfig
 from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization import hf_import
 from kiln.quantization.fp8 import FP8, quantize_fp8_weight
+from kiln.quantization.kv_cache import SCALE_NAME
 
 LEAVES = ("weight", "weights_scaling_factor", "activation_scaling_factor")
 
@@ -134,7 +138,76 @@ def _block_quant_config(block: tuple[int, int]) -> QuantConfig:
     return QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
 
 
-def _compressed_tensors_format(qc: dict, where: str) -> Fp8ImportFormat:
+def _compressed_tensors_format(qc: dict, where: str):
+    """The weights' format (one config group), with the KV cache's scales where `kv_cache_scheme` is set (alone
+    too: a checkpoint that quantizes only its KV cache)."""
+    kv_algo = _kv_cache_algo(qc.get("kv_cache_scheme"), f"{where}.kv_cache_scheme")
+    if kv_algo is not None and not qc.get("config_groups"):
+        return _KVScalesFormat(None, kv_algo)
+    weights = _compressed_tensors_weights(qc, where)
+    return weights if kv_algo is None else _KVScalesFormat(weights, kv_algo)
+
+
+# compressed-tensors kv_cache_scheme (type, num_bits) -> kiln's KV cache algorithm
+KV_SCHEMES = {("float", 8): QuantAlgo.FP8, ("int", 8): QuantAlgo.INT8}
+
+
+def _kv_cache_algo(scheme: dict | None, where: str) -> QuantAlgo | None:
+    """kiln's KV cache algorithm for compressed-tensors' kv_cache_scheme: one static scale per layer for keys and
+    one for values (`self_attn.k_scale`, `v_scale`), as kiln's cache holds them (kiln.quantization.kv_cache)."""
+    if not scheme:
+        return None
+    algo = KV_SCHEMES.get((scheme.get("type"), scheme.get("num_bits")))
+    if algo is None or scheme.get("strategy", "tensor") != "tensor" or scheme.get("dynamic") or \
+            not scheme.get("symmetric", True):
+        raise ConfigError(f"{where}: {scheme} cannot be imported; kiln's KV cache takes static, symmetric, per-tensor "
+                          f"scales of 8-bit floats (FP8) or integers (INT8); convert without it and use "
+                          f"`kiln quantize --kv-cache-quant-algo` instead")
+    return algo
+
+
+@dataclass(frozen=True)
+class _KVScalesFormat:
+    """A format (or None: float weights) plus the KV cache's per-layer scales, read from the attention module's
+    `k_scale` and `v_scale` (beside its o_proj in the family's name map) into kiln's [s_k, s_v]."""
+
+    weights: object | None
+    kv_algo: QuantAlgo
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        base = self.weights.quant_config if self.weights is not None else QuantConfig()
+        return dataclasses.replace(base, kv_cache_quant_algo=self.kv_algo)
+
+    def name_map(self, base: NameMap, quantized_modules) -> NameMap:
+        inner = self.weights.name_map(base, quantized_modules) if self.weights is not None else base
+        return KVScalesNameMap(inner, base)
+
+
+class KVScalesNameMap(NameMap):
+    def __init__(self, inner: NameMap, base: NameMap):
+        self.inner, self.base = inner, base
+
+    def sources(self, kiln_name: str) -> tuple[Src, ...]:
+        module, _, leaf = kiln_name.rpartition(".")
+        if leaf != SCALE_NAME:
+            return self.inner.sources(kiln_name)
+        (dense,) = self.base.sources(module + ".dense.weight")
+        attention = dense.name.rsplit(".", 2)[0]  # model.layers.{i}.self_attn.o_proj.weight -> ...self_attn
+        return Src(attention + ".k_scale", _one), Src(attention + ".v_scale", _one)
+
+    def load(self, kiln_name: str, source, config) -> torch.Tensor:
+        if kiln_name.rpartition(".")[2] != SCALE_NAME:
+            return self.inner.load(kiln_name, source, config)
+        return NameMap.load(self, kiln_name, source, config)
+
+
+def _one(scale: torch.Tensor, config) -> torch.Tensor:
+    """A per-tensor scale stored as [] or [1] -> [1]."""
+    return scale.float().reshape(1)
+
+
+def _compressed_tensors_weights(qc: dict, where: str):
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise ConfigError(f"{where}.config_groups holds {len(groups)} groups; this kiln imports one group that "

@@ -257,3 +257,59 @@ def test_block_fp8_with_activations_kiln_would_not_match_is_refused(hf_llama, tm
     with pytest.raises(ConfigError, match=r"imported with dynamic activations in groups of the block's width \(64\)"):
         convert_checkpoint(tmp_path / "bad", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def _with_kv_scales(src, dst, scheme: dict, scales: dict) -> None:
+    """dst: src with `kv_cache_scheme` and each layer's self_attn.k_scale / v_scale (scales: layer -> (k, v)); a
+    float src gets a quantization_config of no config groups (its KV cache alone quantized)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config.setdefault("quantization_config", {"quant_method": "compressed-tensors", "config_groups": {}})
+    config["quantization_config"]["kv_cache_scheme"] = scheme
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = load_file(dst / "model.safetensors")
+    for i, (k, v) in scales.items():  # a 0-d and a 1-element tensor: both forms are in the wild
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([v])
+    save_file(tensors, str(dst / "model.safetensors"))
+
+
+@pytest.mark.parametrize("weights,kv_type,kv_algo", [("w8a16", "float", "FP8"), ("w4a16", "int", "INT8"),
+                                                      (None, "float", "FP8")])
+def test_kv_cache_scheme_imports_each_layers_scales(hf_llama, tmp_path, weights, kv_type, kv_algo):
+    """kv_cache_scheme's static per-tensor scales (self_attn.k_scale, v_scale) become kiln's quantized KV cache
+    with the same [s_k, s_v] per layer, beside quantized weights or (None) over float ones."""
+    src = tmp_path / "src"
+    if weights is None:  # a float checkpoint that quantizes its KV cache alone
+        hf_llama.save_pretrained(src)
+    else:
+        write_compressed(hf_llama, src, weights)
+    scales = {0: (0.012, 0.009), 1: (0.021, 0.007)}  # the tiny model's keys reach ~4: well inside 448 s
+    _with_kv_scales(src, tmp_path / "kv", dict(KV_SCHEME, type=kv_type), scales)
+
+    ckpt = convert_checkpoint(tmp_path / "kv", tmp_path / "ckpt")
+    qc = json.loads((ckpt / "config.json").read_text())["quantization"]
+    assert (qc["quant_algo"], qc["kv_cache_quant_algo"]) == (weights and SCHEMES[weights][3], kv_algo)
+    tensors = load_file(ckpt / "rank0.safetensors")
+    for i, (k, v) in scales.items():
+        assert torch.equal(tensors[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"],
+                           torch.tensor([k, v], dtype=torch.float32))
+    without = convert_checkpoint(src, tmp_path / "plain")
+    with torch.no_grad():  # the reference forward emulates the cache (test_kv_cache_quant), so the scales show
+        diff = (PretrainedModel.from_checkpoint(ckpt)(IDS) - PretrainedModel.from_checkpoint(without)(IDS)).abs()
+    assert diff.max() > 1e-4
+
+
+def test_kv_cache_scheme_kiln_cannot_hold_is_refused(hf_llama, tmp_path):
+    src = tmp_path / "src"
+    write_compressed(hf_llama, src, "w8a16")
+    _with_kv_scales(src, tmp_path / "kv", dict(KV_SCHEME, strategy="attn_head"), {0: (0.01, 0.01), 1: (0.01, 0.01)})
+    with pytest.raises(ConfigError, match=r"kv_cache_scheme: .* cannot be imported; kiln's KV cache takes static, "
+                                          r"symmetric, per-tensor scales"):
+        convert_checkpoint(tmp_path / "kv", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
