@@ -28,7 +28,8 @@ CASES = {
 }
 
 
-def write_phi3_gguf(hf, path) -> None:
+def write_phi3_gguf(hf, path, linear_type: str = "F32") -> None:
+    """The decoder's 2-D weights in `linear_type` (quantized by the gguf package)."""
     c, sd = hf.config, hf.state_dict()
     w = gguf_py.GGUFWriter(str(path), "phi3")
     add_gguf_shape(w, c)
@@ -50,7 +51,12 @@ def write_phi3_gguf(hf, path) -> None:
     for i in range(c.num_hidden_layers):
         tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"] for hf_name, name in LAYER_NAMES.items()})
     for name, t in tensors.items():
-        w.add_tensor(name, t.numpy().astype(np.float32))
+        array = t.numpy().astype(np.float32)
+        if linear_type != "F32" and name.startswith("blk.") and array.ndim == 2:
+            kind = gguf_py.GGMLQuantizationType[linear_type]
+            w.add_tensor(name, gguf_py.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -83,3 +89,18 @@ def test_tiny_phi3_gguf_converts_to_transformers_logits(case, tmp_path):
     with torch.no_grad():
         diff = float((model(ids) - hf(ids, use_cache=False).logits).abs().max())
     assert diff <= ATOL, f"{case}: max logit diff {diff}"
+
+
+def test_phi3_gguf_keeps_its_fused_q4_linears(tmp_path):
+    """--keep-quantization splits the fused ffn_up's codes, scales and zeros into kiln's fc and gate as it splits the
+    weights, and the kept model computes the dequantized conversion's logits."""
+    hf = make_tiny_hf(tmp_path / "hf", tf.Phi3Config, tf.Phi3ForCausalLM, seed=5, **CASES["sliding"][0])
+    path = tmp_path / "q4_0.gguf"
+    write_phi3_gguf(hf, path, linear_type="Q4_0")
+    plain, kept = (PretrainedModel.from_checkpoint(convert_checkpoint(path, tmp_path / name, dtype="float32",
+                                                                      keep_quantization=name == "kept"))
+                   for name in ("plain", "kept"))
+    assert kept.config.quantization.quant_algo.value == "W4A16"
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((kept(ids) - plain(ids)).abs().max()) <= ATOL
