@@ -172,6 +172,7 @@ ROPE_SCALING_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
     "freq_factors": ("factors",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "truncate"),
 }
 ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
 ROPE_PER_FREQUENCY_FIELDS = ("factors", "short_factor", "long_factor")  # lists of (rotary dim / 2) values

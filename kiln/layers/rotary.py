@@ -1,13 +1,17 @@
 """Rotary position embeddings (GPT-NeoX / Hugging Face "rotate half" layout) and their scalings.
 
 Scalings follow the reference implementations in transformers' modeling_rope_utils:
-linear (positions divided by the factor), dynamic NTK (base grown with the sequence length,
-https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr) and llama3 (frequency-dependent
-interpolation from the Llama 3.1 release), freq_factors (a divisor per frequency, as GGUF files of Llama 3.1 and
-later carry llama3's scaling: llama.cpp's `rope_freqs` tensor) and longrope (Phi-3's per-frequency factors, short below the
-original context and long beyond it, with cos/sin scaled by an attention factor; arXiv:2402.13753).
+- linear: positions divided by the factor;
+- dynamic NTK: base grown with the sequence length (https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr);
+- llama3: frequency-dependent interpolation from the Llama 3.1 release;
+- yarn (NTK-by-parts, arXiv:2309.00071; Qwen2.5 / Qwen3 past 32k tokens): each frequency interpolated by the
+  factor, kept, or ramped between, by how many turns it makes over the original context, with cos/sin scaled by
+  an attention factor;
+- longrope (Phi-3, arXiv:2402.13753): per-frequency factors, short below the original context and long beyond it,
+  with cos/sin scaled by an attention factor;
+- freq_factors: a divisor per frequency, as GGUF files of Llama 3.1 and later carry llama3's scaling (llama.cpp's
+  `rope_freqs` tensor).
 """
-
 from __future__ import annotations
 
 import math
@@ -31,6 +35,23 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, base: float, dim: int, scaling: dict) -> torch.Tensor:
+    """Frequencies that turn fewer than beta_slow times over the original context are divided by the factor, those
+    that turn more than beta_fast times kept, and those between ramped linearly (by frequency index) from one to
+    the other."""
+    original = scaling["original_max_position_embeddings"]
+
+    def index_of_turns(turns: float) -> float:  # the (fractional) frequency index that turns `turns` times
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = index_of_turns(scaling["beta_fast"]), index_of_turns(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
+
+
 def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq_len: int) -> torch.Tensor:
     """Inverse frequencies for a forward whose largest position is seq_len - 1."""
     kind = scaling and scaling["type"]
@@ -50,12 +71,14 @@ def inv_freq(base: float, dim: int, scaling: dict | None, max_position: int, seq
         freqs = _llama3_inv_freq(freqs, scaling)
     elif kind == "freq_factors":
         freqs = freqs / torch.tensor(scaling["factors"], dtype=torch.float32)
+    elif kind == "yarn":
+        freqs = _yarn_inv_freq(freqs, base, dim, scaling)
     return freqs
 
 
 def attention_factor(scaling: dict | None) -> float:
-    """The factor longrope applies to cos and sin (1 for every other scaling)."""
-    return scaling["attention_factor"] if scaling and scaling["type"] == "longrope" else 1.0
+    """The factor longrope and yarn apply to cos and sin (1 for every other scaling)."""
+    return scaling["attention_factor"] if scaling and scaling["type"] in ("longrope", "yarn") else 1.0
 
 
 def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):

@@ -14,8 +14,10 @@ from kiln.config import ROPE_SCALING_FIELDS, PretrainedConfig, conversion_dtype
 from kiln.errors import ConfigError
 from kiln.mapping import Mapping
 
-# Fields a source must give per rope type; longrope's attention_factor is derived when absent.
-ROPE_FIELDS = {**ROPE_SCALING_FIELDS, "longrope": ("short_factor", "long_factor")}
+# Fields a Hugging Face config must give per rope type; longrope's and yarn's others are derived when absent (as
+# transformers derives them). (kiln's freq_factors comes from GGUF files only.)
+ROPE_FIELDS = {**{k: ROPE_SCALING_FIELDS[k] for k in ("linear", "dynamic", "llama3")},
+               "longrope": ("short_factor", "long_factor"), "yarn": ()}
 # HF activation names -> kiln's.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
@@ -52,6 +54,8 @@ def rope(hf: dict, path: str) -> tuple[float, dict | None]:
         raise ConfigError(f"{path}: rope scaling {kind!r} needs field(s) {missing}")
     if kind == "longrope":
         return theta, _longrope(hf, params)
+    if kind == "yarn":
+        return theta, _yarn(hf, params)
     out = {"type": kind, **{f: params[f] for f in ROPE_FIELDS[kind]}}
     if kind == "dynamic" and "original_max_position_embeddings" in params:
         out["original_max_position_embeddings"] = params["original_max_position_embeddings"]
@@ -68,6 +72,24 @@ def _longrope(hf: dict, params: dict) -> dict:
     return {"type": "longrope", "short_factor": list(params["short_factor"]),
             "long_factor": list(params["long_factor"]), "original_max_position_embeddings": original,
             "attention_factor": mscale}
+
+
+def _yarn(hf: dict, params: dict) -> dict:
+    """YaRN with every field transformers defaults or derives filled in: the original context (the config's own
+    max_position_embeddings when absent), the factor (their ratio when absent, as DeepSeek-V3 configs leave it),
+    the cos/sin attention factor (0.1 ln(factor) + 1, or the ratio of two such with mscale and mscale_all_dim), and
+    the ramp's bounds beta_fast 32 and beta_slow 1, truncated to whole indices unless `truncate` is false."""
+    original = params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or \
+        hf["max_position_embeddings"]
+    factor = params.get("factor") or hf["max_position_embeddings"] / original
+    mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+    attention = params.get("attention_factor")
+    if attention is None:
+        both = params.get("mscale") and params.get("mscale_all_dim")
+        attention = mscale(params["mscale"]) / mscale(params["mscale_all_dim"]) if both else mscale(1)
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "attention_factor": float(attention), "beta_fast": params.get("beta_fast") or 32,
+            "beta_slow": params.get("beta_slow") or 1, "truncate": params.get("truncate", True)}
 
 
 def partial_rotary_factor(hf: dict) -> float:

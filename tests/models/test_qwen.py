@@ -30,6 +30,15 @@ CASES = {
                        dict(TINY, **MOE, shared_expert_intermediate_size=48, decoder_sparse_step=2,
                             norm_topk_prob=True)),
     "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, dict(TINY, **MOE, norm_topk_prob=True)),
+    # YaRN past an original context shorter than the test sequences (Qwen2.5 / Qwen3's long-context setting):
+    # frequencies kept, ramped and interpolated, cos/sin scaled by 0.1 ln(4) + 1
+    "qwen2_yarn": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=16))),
+    # DeepSeek-style: no factor (max_position_embeddings / original), the attention factor from mscale and
+    # mscale_all_dim, beta bounds of its own, no truncation
+    "qwen3_yarn_mscale": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(TINY, head_dim=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=None, original_max_position_embeddings=32, mscale=0.707,
+        mscale_all_dim=1.0, beta_fast=16, beta_slow=2, truncate=False))),
 }
 
 

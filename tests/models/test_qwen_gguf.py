@@ -40,6 +40,9 @@ CASES = {
     "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=False), True),
     "qwen2_tied": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, tie_word_embeddings=True), True),
     "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(TINY, head_dim=32), False),
+    # YaRN, as llama.cpp writes Qwen2.5's long-context setting (rope.scaling.type, factor, original context)
+    "qwen2_yarn": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(TINY, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=16)), True),
     "qwen3_default_head": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM,
                            dict(TINY, head_dim=128, tie_word_embeddings=True), True),
     # experts with a sigmoid-gated shared expert, top-k weights not renormalized (llama.cpp's rule for qwen2moe)
@@ -66,6 +69,10 @@ def write_qwen_gguf(hf_dir, c, path, arch: str, linear_type: str = "F32") -> Non
     w = gguf_py.GGUFWriter(str(path), arch)
     add_gguf_shape(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if c.rope_parameters["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf_py.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.rope_parameters["factor"])
+        w.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf_py.LlamaFileType.ALL_F32)
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}

@@ -72,11 +72,13 @@ def _rope(gguf: GGUFFile, arch: str) -> dict:
     kind = gguf.field(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return {"rope_type": "default", "rope_theta": theta}
-    if kind == "linear":
-        factor = float(gguf.require(f"{arch}.rope.scaling.factor"))
-        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-    raise CheckpointError(f"{gguf.path}: {arch}.rope.scaling.type {kind!r} is not supported (kiln reads 'linear' "
-                          f"from GGUF); convert the Hugging Face checkpoint instead")
+    if kind not in ("linear", "yarn"):
+        raise CheckpointError(f"{gguf.path}: {arch}.rope.scaling.type {kind!r} is not supported (kiln reads 'linear' "
+                              f"and 'yarn' from GGUF); convert the Hugging Face checkpoint instead")
+    rope = {"rope_type": kind, "rope_theta": theta, "factor": float(gguf.require(f"{arch}.rope.scaling.factor"))}
+    if kind == "yarn":  # (Qwen2.5 / Qwen3 past 32k tokens; YaRN's other parameters at their defaults)
+        rope["original_max_position_embeddings"] = gguf.require(f"{arch}.rope.scaling.original_context_length")
+    return rope
 
 
 def gguf_name_map(tied: bool) -> NameMap:
