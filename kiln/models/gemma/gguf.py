@@ -1,10 +1,13 @@
-"""Gemma 3 from a GGUF file (llama.cpp's `gemma3` architecture): its metadata read as the Hugging Face
-config it came from, and the GGUF tensor names -> kiln names.
+"""Gemma, Gemma 2 and Gemma 3 from a GGUF file (llama.cpp's `gemma`, `gemma2` and `gemma3` architectures): its
+metadata read as the Hugging Face config it came from, and the GGUF tensor names -> kiln names (one map: a Gemma
+or Gemma 2 model simply has no tensors for the norms it lacks).
 
-What GGUF leaves out, llama.cpp fixes by rule (src/llama-model.cpp, LLM_ARCH_GEMMA3), and so do we:
-every 6th layer is global, the others slide (unless the file has sliding_window_pattern); sliding layers
-rotate with base 10000 and no scaling; queries are scaled by head_dim ** -1/2, except Gemma 3 27B
-(62 layers), which uses (hidden / heads) ** -1/2.
+What GGUF leaves out, llama.cpp fixes by rule (src/llama-model.cpp, LLM_ARCH_GEMMA2 and LLM_ARCH_GEMMA3), and so do
+we. Gemma 3: every 6th layer is global, the others slide (unless the file has sliding_window_pattern); sliding
+layers rotate with base 10000 and no scaling; queries are scaled by head_dim ** -1/2, except Gemma 3 27B
+(62 layers), which uses (hidden / heads) ** -1/2. Gemma 2: even layers slide (transformers' own rule for its
+configs, which gemma_structure applies); queries are scaled by head_dim ** -1/2, except Gemma 2 27B (46 layers),
+(hidden / heads) ** -1/2; its soft-capping is in the metadata. Gemma: none of these.
 llama.cpp's converter stores each RMSNorm's scale as 1 + w (it adds Gemma's unit offset), so w is the
 stored value minus 1; q/k rows are not permuted (Gemma uses NeoX rotary there).
 Files from llama.cpp's converter carry no chat template: Gemma's turn format is the default.
@@ -16,9 +19,12 @@ from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import conversion_dtype
 from kiln.models.llama.convert import L
-from kiln.models.llama.gguf import GGUF_FILE_DTYPES
+from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
 
+GEMMA_GGUF_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 SLIDING_PATTERN = 6  # llama.cpp: hparams.set_swa_pattern(6)
+# layers of the 27B models, whose queries are scaled by (hidden / heads) ** -1/2 rather than head_dim ** -1/2
+HIDDEN_SCALED_QUERIES = {"gemma2": 46, "gemma3": 62}
 LOCAL_ROPE_BASE = 10000.0  # llama.cpp: rope_freq_base_train_swa
 END_OF_TURN = "<end_of_turn>"  # ends a chat turn: a stop token beside <eos>, as in Gemma's generation_config
 
@@ -38,41 +44,47 @@ CHAT_TEMPLATE = (
 
 
 def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
-    """The Gemma3ForCausalLM config.json (transformers 5 form) that the file's `gemma3.*` metadata encodes."""
-    k = lambda key: gguf.require(f"gemma3.{key}")  # noqa: E731
+    """The config.json (transformers 5 form) that the file's `gemma.*`, `gemma2.*` or `gemma3.*` metadata encodes."""
+    arch = gguf.require("general.architecture")
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
     layers, hidden, heads = k("block_count"), k("embedding_length"), k("attention.head_count")
-    head_dim = gguf.field("gemma3.attention.key_length") or hidden // heads
+    head_dim = gguf.field(f"{arch}.attention.key_length") or hidden // heads
     tokens = gguf.field("tokenizer.ggml.tokens") or []
     eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
     if END_OF_TURN in tokens:
         eos.append(tokens.index(END_OF_TURN))
-    full_rope = {"rope_type": "default", "rope_theta": float(gguf.field("gemma3.rope.freq_base", 1000000.0))}
-    if gguf.field("gemma3.rope.scaling.type") == "linear":  # Gemma 3 4B-27B: the global layers only
-        full_rope.update(rope_type="linear", factor=float(k("rope.scaling.factor")))
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
+    config = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
         "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
-        "vocab_size": int(gguf.field("gemma3.vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[1]),
+        "vocab_size": int(gguf.field(f"{arch}.vocab_size") or len(tokens) or
+                          gguf.tensors["token_embd.weight"].shape[1]),
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": gguf.field("gemma3.attention.head_count_kv") or heads,
+        "num_key_value_heads": gguf.field(f"{arch}.attention.head_count_kv") or heads,
         "head_dim": head_dim,
         "intermediate_size": k("feed_forward_length"),
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": k("context_length"),
-        "rope_parameters": {"full_attention": full_rope,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": LOCAL_ROPE_BASE}},
-        "sliding_window": k("attention.sliding_window"),
-        "layer_types": _layer_types(gguf.field("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN), layers),
-        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
-        "final_logit_softcapping": gguf.field("gemma3.final_logit_softcapping"),
-        "attn_logit_softcapping": gguf.field("gemma3.attn_logit_softcapping"),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(gguf.field(f"{arch}.rope.freq_base", 10000.0))},
         "tie_word_embeddings": "output.weight" not in gguf,
         "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
     }
+    if arch in HIDDEN_SCALED_QUERIES:  # Gemma 2 and 3: sliding layers, query scale, soft-capping
+        config.update(sliding_window=k("attention.sliding_window"),
+                      query_pre_attn_scalar=hidden // heads if layers == HIDDEN_SCALED_QUERIES[arch] else head_dim,
+                      final_logit_softcapping=gguf.field(f"{arch}.final_logit_softcapping"),
+                      attn_logit_softcapping=gguf.field(f"{arch}.attn_logit_softcapping"))
+    if arch == "gemma3":
+        full_rope = dict(config["rope_parameters"], rope_theta=float(gguf.field("gemma3.rope.freq_base", 1000000.0)))
+        if gguf.field("gemma3.rope.scaling.type") == "linear":  # Gemma 3 4B-27B: the global layers only
+            full_rope.update(rope_type="linear", factor=float(k("rope.scaling.factor")))
+        config.update(rope_parameters={"full_attention": full_rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": LOCAL_ROPE_BASE}},
+            layer_types=_layer_types(gguf.field("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN), layers))
+    return config
 
 
 def _layer_types(pattern, layers: int) -> list[str]:

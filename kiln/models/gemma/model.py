@@ -3,7 +3,7 @@
 All: embeddings scaled by sqrt(hidden_size), RMSNorm scaling by (1 + w), GELU-tanh gated MLP, tied lm_head.
 Gemma 2 adds norms on the attention and MLP outputs (sandwich), query_pre_attn_scalar, attention and final
 logit soft-capping, and alternating sliding-window / global layers; Gemma 3 drops the soft-capping, adds q/k
-norms and gives the sliding layers their own rotary base. Gemma 3 also converts from GGUF (gguf.py).
+norms and gives the sliding layers their own rotary base. All three also convert from GGUF (gguf.py).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class GemmaForCausalLM(DecoderModelForCausalLM):
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
                   quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "GemmaForCausalLM":
-        """Gemma 3 from llama.cpp's GGUF: quantized tensors dequantized to float32 on read, or with
+        """Gemma, Gemma 2 and Gemma 3 from llama.cpp's GGUF: quantized tensors dequantized to float32 on read, or with
         keep_quantization the 4-bit linears kept as W4A16 (kiln.quantization.gguf_import)."""
         refuse_quantization(quant_config)
-        return from_gguf_as_hf(cls, path, dtype, mapping, keep_quantization, ("gemma3",),
+        return from_gguf_as_hf(cls, path, dtype, mapping, keep_quantization, gemma_gguf.GEMMA_GGUF_ARCHITECTURES,
                                gemma_gguf.hf_config_from_gguf, gemma_gguf.gguf_name_map, gemma_gguf.CHAT_TEMPLATE)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # general.file_type -> the dtype "auto" picks; quantized files dequantize to float32 (exact).
 GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
 # GGUF general.architecture -> the HF architecture whose class reads it (from_gguf).
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                      "gemma3": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
                       "phi3": "Phi3ForCausalLM"}
 

