@@ -102,6 +102,26 @@ def add_gguf_shape(writer, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
 
 
+def finish_gguf(writer, tensors: dict, quant: str | None = None, decoder_only: bool = True) -> None:
+    """Add `tensors` (torch's row-major shapes: the writer reverses them for GGUF) to a gguf.GGUFWriter as float32,
+    2-D ones quantized to the type named `quant` by the gguf package (decoder_only: blk.* ones only), and write the
+    file."""
+    import gguf
+    import numpy as np
+
+    for name, t in tensors.items():
+        array = t.numpy().astype(np.float32)
+        if quant and array.ndim == 2 and (name.startswith("blk.") or not decoder_only):
+            kind = gguf.GGMLQuantizationType[quant]
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def leftovers(out_dir: Path) -> list[str]:
     """Anything a failed write to out_dir left behind: the dir itself or a `.NAME.tmp-*` / `.NAME.old-*` sibling."""
     out_dir = Path(out_dir)

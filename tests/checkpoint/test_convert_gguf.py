@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import add_gguf_shape, half_to_interleaved, make_hf_model
+from conftest import add_gguf_shape, finish_gguf, half_to_interleaved, make_hf_model
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.errors import ConfigError
 from kiln.models.base import PretrainedModel
@@ -63,16 +63,7 @@ def write_gguf(hf, path: Path, quantize: bool, extra: dict[str, torch.Tensor] | 
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
-    for name, t in {**gguf_tensors(hf), **(extra or {})}.items():
-        array = t.numpy().astype(np.float32)  # torch's row-major shape; the writer reverses it for GGUF
-        if quantize and t.dim() == 2:
-            w.add_tensor(name, gguf.quants.quantize(array, Q8_0), raw_dtype=Q8_0)
-        else:
-            w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, {**gguf_tensors(hf), **(extra or {})}, "Q8_0" if quantize else None, decoder_only=False)
 
 
 VARIANTS = {"untied": dict(tie_word_embeddings=False), "tied": dict(tie_word_embeddings=True),

@@ -16,12 +16,11 @@ import subprocess
 import sys
 
 import gguf as gguf_py
-import numpy as np
 import pytest
 import torch
 import transformers as tf
 
-from conftest import add_gguf_shape, make_tiny_hf
+from conftest import add_gguf_shape, finish_gguf, make_tiny_hf
 from family_checks import ATOL
 from test_gemma import CASES as GEMMA_CASES
 from kiln.checkpoint.convert import convert_checkpoint
@@ -76,12 +75,7 @@ def write_gemma_gguf(hf, path, pattern, arch: str = "gemma3") -> None:
     for i in range(c.num_hidden_layers):
         tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"] for hf_name, name in names.items()
                         if f"model.layers.{i}.{hf_name}" in sd})
-    for name, t in tensors.items():
-        w.add_tensor(name, (t + 1 if name.endswith("norm.weight") else t).numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, {name: t + 1 if name.endswith("norm.weight") else t for name, t in tensors.items()})
 
 
 @pytest.mark.parametrize("case", list(TINY_CASES))

@@ -6,12 +6,11 @@ the plain file back to the same weights."""
 from __future__ import annotations
 
 import gguf as gguf_py
-import numpy as np
 import pytest
 import torch
 import transformers as tf
 
-from conftest import add_gguf_shape, make_tiny_hf
+from conftest import add_gguf_shape, finish_gguf, make_tiny_hf
 from family_checks import ATOL
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
@@ -50,17 +49,7 @@ def write_phi3_gguf(hf, path, linear_type: str = "F32") -> None:
         tensors["rope_factors_short.weight"] = torch.tensor(rope["short_factor"])
     for i in range(c.num_hidden_layers):
         tensors.update({f"blk.{i}.{name}": sd[f"model.layers.{i}.{hf_name}"] for hf_name, name in LAYER_NAMES.items()})
-    for name, t in tensors.items():
-        array = t.numpy().astype(np.float32)
-        if linear_type != "F32" and name.startswith("blk.") and array.ndim == 2:
-            kind = gguf_py.GGMLQuantizationType[linear_type]
-            w.add_tensor(name, gguf_py.quants.quantize(array, kind), raw_dtype=kind)
-        else:
-            w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, tensors, None if linear_type == "F32" else linear_type)
 
 
 def hf_attention_factor(c) -> float:

@@ -7,13 +7,12 @@ read back to the same weights, so the layout written here is the one it (and lla
 from __future__ import annotations
 
 import gguf as gguf_py
-import numpy as np
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from conftest import add_gguf_shape, make_tiny_hf
+from conftest import add_gguf_shape, finish_gguf, make_tiny_hf
 from family_checks import ATOL
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
@@ -96,17 +95,7 @@ def write_qwen_gguf(hf_dir, c, path, arch: str, linear_type: str = "F32") -> Non
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
         if getattr(c, "shared_expert_intermediate_size", 0):
             w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
-    for name, t in tensors.items():
-        array = t.numpy().astype(np.float32)
-        if linear_type != "F32" and name.startswith("blk.") and array.ndim == 2:
-            kind = gguf_py.GGMLQuantizationType[linear_type]
-            w.add_tensor(name, gguf_py.quants.quantize(array, kind), raw_dtype=kind)
-        else:
-            w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, tensors, None if linear_type == "F32" else linear_type)
 
 
 @pytest.mark.parametrize("case", list(CASES))
