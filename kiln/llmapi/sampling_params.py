@@ -24,11 +24,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's, +-100)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", isinstance(self.temperature, (int, float)) and self.temperature >= 0, ">= 0"),
@@ -45,6 +48,12 @@ class SamplingParams:
              and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
              "None or an integer in [0, 20]"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "a dict of token id (an integer >= 0) -> bias in [-100, 100]"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"an integer in [0, max_tokens ({self.max_tokens})]"),
         ]
         for name, ok, allowed in checks:
             if not ok:

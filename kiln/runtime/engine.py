@@ -43,6 +43,9 @@ class GenerationEngine:
         if self.vocab_size is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < self.vocab_size:
             bad = next(t for t in prompt_ids if not 0 <= t < self.vocab_size)
             raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        if self.vocab_size is not None and params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ConfigError(f"SamplingParams.logit_bias names token id {max(params.logit_bias)}, outside the model's "
+                              f"vocabulary [0, {self.vocab_size})")
         if len(prompt_ids) > bc.max_input_len:
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, more than the engine's max_input_len "
                               f"({bc.max_input_len}); shorten it or rebuild with a larger --max-input-len")

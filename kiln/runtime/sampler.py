@@ -59,8 +59,14 @@ def top_k_top_p_filter_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
 
 
 def _apply_penalties(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """Each row's penalties, logit bias, and (before min_tokens) its stop tokens masked out."""
     for i, seq in enumerate(seqs):
         params = seq.params
+        if params.logit_bias:
+            ids, bias = zip(*params.logit_bias.items())
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+        if len(seq.output_ids) < params.min_tokens and seq.stop_ids:
+            logits[i, sorted(seq.stop_ids)] = float("-inf")
         if params.repetition_penalty != 1.0 and seq.all_ids:
             seen = torch.tensor(sorted(set(seq.all_ids)), device=logits.device)
             logits[i] = apply_repetition_penalty(logits[i], seen, params.repetition_penalty)

@@ -58,11 +58,12 @@ class Sequence:
 
     @cached_property  # the params never change: checked once, not at every step
     def queueable(self) -> bool:
-        """Nothing read from the logits but the sampled token, and no penalty (it reads the tokens so far on the
-        host): a step can be queued before the host has read this sequence's token from the step before."""
+        """Nothing read from the logits but the sampled token, and no penalty, bias or min_tokens (applied on the
+        host's side of sampling, kiln.runtime.sampler): a step can be queued before the host has read this
+        sequence's token from the step before."""
         p = self.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None)
+                and p.logprobs is None and not p.logit_bias and not p.min_tokens)
 
     @cached_property
     def burstable(self) -> bool:

@@ -36,18 +36,16 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
     return value
 
 
-# OpenAI request fields (and vLLM's min_tokens) that kiln does not implement, each with the values that ask for
-# nothing: clients send some of them by default. Any other value is refused by name, since answering as if the
-# field were absent would return output the client did not ask for (prose where `response_format` asked for JSON).
+# OpenAI request fields that kiln does not implement, each with the values that ask for nothing: clients send some
+# of them by default. Any other value is refused by name, since answering as if the field were absent would return
+# output the client did not ask for (prose where `response_format` asked for JSON).
 UNIMPLEMENTED_FIELDS = {
-    "logit_bias": ({},),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
     "response_format": ({"type": "text"},),
     "tools": ([],),
     "functions": ([],),
-    "min_tokens": (0,),
 }
 
 
@@ -60,8 +58,8 @@ def refuse_unimplemented(body: dict) -> None:
 
 
 def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
-    """Map an OpenAI request body onto SamplingParams (kiln extensions: top_k, repetition_penalty,
-    ignore_eos, stop_token_ids); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS)."""
+    """Map an OpenAI request body onto SamplingParams (kiln and vLLM extensions: top_k, repetition_penalty,
+    ignore_eos, stop_token_ids, min_tokens); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS)."""
     refuse_unimplemented(body)
     stop = field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
@@ -91,9 +89,21 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
             ignore_eos=field(body, "ignore_eos", bool, False),
             n=field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
             logprobs=logprobs,
+            logit_bias=_logit_bias(body),
+            min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings) -> a bias in [-100, 100]."""
+    bias = field(body, "logit_bias", dict, {})
+    try:
+        return {int(token): float(value) for token, value in bias.items()}
+    except (TypeError, ValueError):
+        raise APIError(400, "'logit_bias' must map token ids (integers, as strings) to numbers, got "
+                       f"{bias!r}", param="logit_bias") from None
 
 
 def include_usage(body: dict) -> bool:

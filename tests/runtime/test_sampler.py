@@ -10,6 +10,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import SamplingParams
 from kiln.runtime.sampler import (apply_repetition_penalty, sample_batch, top_k_top_p_filter,
                                   top_k_top_p_filter_batch)
@@ -152,3 +153,44 @@ def test_greedy_tokens_equal_argmax_with_ties_inside_and_across_chunks(vocab):
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
     assert torch.equal(greedy_tokens(logits[0]), logits[0].argmax(-1))  # one row, no batch dim
     assert torch.equal(greedy_tokens(logits.bfloat16()), logits.bfloat16().argmax(-1))
+
+
+def test_logit_bias_adds_to_the_logits_before_the_choice():
+    """OpenAI's logit_bias: +100 forces a token, -100 bans the argmax, a small bias reorders close logits; the
+    sampled distribution is the biased softmax (the same draw as unbiased logits with the bias added by hand)."""
+    logits = _random_logits(3, 50)
+    best = int(logits.argmax())
+    greedy = SamplingParams(temperature=0)
+    assert sample_token(logits, SamplingParams(temperature=0, logit_bias={7: 100.0}), (), 0) == 7
+    banned = sample_token(logits, SamplingParams(temperature=0, logit_bias={best: -100.0}), (), 0)
+    assert banned == int(logits.masked_fill(torch.arange(50) == best, float("-inf")).argmax())
+    second = int(logits.topk(2).indices[1])
+    gap = float(logits[best] - logits[second])
+    assert sample_token(logits, SamplingParams(temperature=0, logit_bias={second: gap + 0.01}), (), 0) == second
+    assert sample_token(logits, greedy, (), 0) == best  # (the row itself is left as it was)
+    biased = logits.clone()
+    biased[[4, 9]] += torch.tensor([2.5, -1.0])
+    params = SamplingParams(temperature=0.8, seed=5, logit_bias={4: 2.5, 9: -1.0})
+    assert _draws(logits, params, 5, 20) == _draws(biased, SamplingParams(temperature=0.8, seed=5), 5, 20)
+
+
+def test_min_tokens_masks_the_stop_tokens_until_reached():
+    """vLLM's min_tokens: EOS and stop_token_ids cannot be drawn before min_tokens outputs; after, they can."""
+    logits = _random_logits(4, 30)
+    stop = int(logits.argmax())
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=2)
+    seq = Sequence(0, [1, 2], params, max_len=100, seed=0, stop_ids=frozenset({stop}))
+    assert sample_batch(logits[None], [seq])[0] != stop
+    seq.output_ids += [5]
+    assert sample_batch(logits[None], [seq])[0] != stop
+    seq.output_ids += [6]
+    assert sample_batch(logits[None], [seq])[0] == stop
+    assert not seq.queueable  # the mask is applied on the host's side of sampling
+
+
+def test_logit_bias_and_min_tokens_are_checked():
+    for bad in ({-1: 1.0}, {3: 101.0}, {"3": 1.0}):
+        with pytest.raises(ConfigError, match="SamplingParams.logit_bias"):
+            SamplingParams(logit_bias=bad)
+    with pytest.raises(ConfigError, match=r"SamplingParams.min_tokens must be an integer in \[0, max_tokens \(4\)\]"):
+        SamplingParams(max_tokens=4, min_tokens=5)

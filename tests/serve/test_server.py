@@ -259,6 +259,42 @@ def test_presence_and_frequency_penalties_change_greedy_output(client, model):
     assert len(set(tokens(frequency_penalty=2.0))) == 64
 
 
+def test_logit_bias_forces_a_token_like_the_python_api(client, model, llm):
+    """OpenAI's logit_bias (token ids as string keys): +100 makes every greedy token that one, as
+    SamplingParams(logit_bias=...) does in LLM.generate; -100 on the first greedy token bans it."""
+    from kiln import SamplingParams
+
+    forced = complete(client, model, max_tokens=3, temperature=0, logit_bias={"42": 100})
+    ours = llm.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0, logit_bias={42: 100}))
+    assert ours[0].outputs[0].token_ids == [42, 42, 42]
+    assert forced.choices[0].text == ours[0].outputs[0].text
+    first = llm.generate(PROMPT, SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids[0]
+    banned = llm.generate(PROMPT, SamplingParams(max_tokens=1, temperature=0, logit_bias={first: -100}))
+    assert banned[0].outputs[0].token_ids[0] != first
+
+
+def test_bad_logit_bias_is_400_naming_it(server, client, model):
+    for bias in ({"x": 1}, {"5": 500}, {"49152": 1}):
+        status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT,
+                                                                         "logit_bias": bias})
+        assert_error(status, response, 400)
+        assert "logit_bias" in response["error"]["message"]
+    assert_still_serving(client, model)
+
+
+def test_min_tokens_holds_off_a_stop_token(client, model, llm):
+    """vLLM's min_tokens: a stop token the model would emit second ends the output at 2 tokens without it, and
+    cannot end it before 5 with min_tokens 5."""
+    from kiln import SamplingParams
+
+    second = llm.generate(PROMPT, SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids[1]
+    plain = complete(client, model, max_tokens=12, temperature=0, extra_body={"stop_token_ids": [second]})
+    assert (plain.usage.completion_tokens, plain.choices[0].finish_reason) == (2, "stop")
+    held = complete(client, model, max_tokens=12, temperature=0,
+                    extra_body={"stop_token_ids": [second], "min_tokens": 5})
+    assert held.usage.completion_tokens >= 5
+
+
 # ---- 2. the same tokens as the Python API ----------------------------------------------------------
 
 def test_greedy_chat_equals_llm_chat(client, model, llm):
@@ -377,11 +413,9 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
 
 
 UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
-    ("completions", {"logit_bias": {"42": 100}}),
     ("completions", {"best_of": 3}),
     ("completions", {"echo": True}),
     ("completions", {"suffix": " the end"}),
-    ("completions", {"min_tokens": 8}),
     ("chat/completions", {"response_format": {"type": "json_object"}}),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {}}}]}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
@@ -396,8 +430,8 @@ def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model,
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
     assert "not implemented" in assert_error(status, response, 400, name)["message"]
     # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"logit_bias": {}, "best_of": 1, "echo": False, "suffix": "", "min_tokens": 0,
-              "response_format": {"type": "text"}, "tools": [], "functions": []}[name]
+    unused = {"best_of": 1, "echo": False, "suffix": "", "response_format": {"type": "text"}, "tools": [],
+              "functions": []}[name]
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
                                                                      name: unused})
     assert status == 200, response
