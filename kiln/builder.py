@@ -237,8 +237,11 @@ def build_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, build_config: Bu
 
 
 def describe(path: str | Path) -> dict:
-    """What a checkpoint or engine dir holds: its manifest and, per rank file, tensor shapes and sizes."""
+    """What a checkpoint or engine dir holds: its manifest and, per rank file, tensor shapes and sizes; for a .gguf
+    file, what `kiln convert` makes of it (describe_gguf)."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return describe_gguf(path)
     if path.exists() and not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path}: not a kiln checkpoint or engine dir (no {CONFIG_FILE}); convert a source model "
                               f"first: `kiln convert --model-dir {path} --output-dir CKPT`")
@@ -249,4 +252,26 @@ def describe(path: str | Path) -> dict:
         st = SafetensorsFile(f)
         ranks[f.name] = {"tensors": {n: list(st.shape(n)) for n in st.keys()}, "bytes": f.stat().st_size}
     return {"kind": "engine" if "build_config" in d else "checkpoint", "config": d, "ranks": ranks}
+
+
+def describe_gguf(path: Path) -> dict:
+    """A GGUF file: the config `kiln convert` gives it (metadata only, no weight read), how many tensors it holds of
+    each GGML type, and what `--keep-quantization` would keep (the linears it keeps at 4 bits, or why none)."""
+    from collections import Counter
+
+    from kiln.checkpoint.convert import load_source_model
+    from kiln.checkpoint.gguf_source import GGUFFile
+    from kiln.quantization.methods import quantized_linears
+
+    gguf = GGUFFile(path)
+    config = load_source_model(path).config.to_dict()
+    try:
+        kept = load_source_model(path, keep_quantization=True)
+        keep = {"kept_linears": len(quantized_linears(kept)),
+                "full_precision": list(kept.config.quantization.exclude_modules)}
+    except ConfigError as e:
+        keep = {"error": str(e)}
+    types = Counter(gguf.type_name(name) for name in gguf.tensors)
+    return {"kind": "gguf", "config": config, "tensor_types": dict(types.most_common()), "keep_quantization": keep,
+            "ranks": {}}
 

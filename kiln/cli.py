@@ -217,13 +217,20 @@ def cmd_inspect(args) -> None:
         return
     c = info["config"]
     print(f"{info['kind']}: {args.path}")
-    print(f"  architecture  {c['architecture']}  dtype {c['dtype']}  kiln format {c.get('format_version')}")
+    kiln_format = f"  kiln format {c['format_version']}" if "format_version" in c else ""
+    print(f"  architecture  {c['architecture']}  dtype {c['dtype']}{kiln_format}")
     print(f"  layers {c['num_hidden_layers']}  hidden {c['hidden_size']}  heads {c['num_attention_heads']} "
           f"(kv {c['num_key_value_heads']}, head size {c['head_size']})  ffn {c['intermediate_size']}  "
           f"vocab {c['vocab_size']}")
     print(f"  mapping       {c['mapping']}")
     print(f"  quantization  {c['quantization']}")
     print(f"  lm_head       {_lm_head_format(c['quantization'])}")
+    if info["kind"] == "gguf":
+        print(f"  tensor types  {info['tensor_types']}")
+        keep = info["keep_quantization"]
+        print("  --keep-quantization  " + (f"keeps {keep['kept_linears']} linears at 4 bits (W4A16 g32); "
+                                          f"{len(keep['full_precision'])} modules stay in full precision"
+                                          if "error" not in keep else f"keeps nothing: {keep['error']}"))
     if "build_config" in c:
         print(f"  build_config  {c['build_config']}")
         print(f"  plan          {c['plan']}")

@@ -182,3 +182,19 @@ def test_llm_keeps_a_ggufs_4_bit_linears_and_generates_what_the_dequantized_file
             outputs[keep] = llm.generate([1, 17, 5, 99, 42], params)[0].outputs[0].token_ids
     assert len(list((tmp_path / "cache" / "engines").iterdir())) == 2
     assert outputs[True] == outputs[False]
+
+
+def test_inspect_tells_what_a_gguf_converts_to_and_what_keep_quantization_keeps(mixed, capsys):
+    """`kiln inspect FILE.gguf`: the config kiln convert gives it, its tensor types, and the linears
+    --keep-quantization would keep (without reading a weight)."""
+    import kiln.cli
+
+    path, _, _ = mixed
+    kiln.cli.main(["inspect", str(path), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["config"]["architecture"]) == ("gguf", "LlamaForCausalLM")
+    assert info["tensor_types"] == {"F32": 7, "Q4_K": 6, "Q4_1": 3, "Q4_0": 4, "Q8_0": 1}
+    assert info["keep_quantization"] == {"kept_linears": 9,
+                                         "full_precision": ["lm_head", "transformer.layers.1.attention.qkv"]}
+    kiln.cli.main(["inspect", str(path)])
+    assert "--keep-quantization  keeps 9 linears at 4 bits" in capsys.readouterr().out
