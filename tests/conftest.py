@@ -122,6 +122,22 @@ def finish_gguf(writer, tensors: dict, quant: str | None = None, decoder_only: b
     writer.close()
 
 
+def assert_kept_gguf_computes_the_dequantized_model(path: Path, tmp_path: Path, atol: float = 1e-4):
+    """Convert a GGUF file twice (float32), dequantized and with --keep-quantization; check the kept one is W4A16 and
+    its logits equal the dequantized one's within atol; return the dequantized model."""
+    from kiln.checkpoint.convert import convert_checkpoint
+    from kiln.models.base import PretrainedModel
+
+    plain, kept = (PretrainedModel.from_checkpoint(convert_checkpoint(path, tmp_path / name, dtype="float32",
+                                                                      keep_quantization=name == "kept"))
+                   for name in ("plain", "kept"))
+    assert kept.config.quantization.quant_algo.value == "W4A16"
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((kept(ids) - plain(ids)).abs().max()) <= atol
+    return plain
+
+
 def leftovers(out_dir: Path) -> list[str]:
     """Anything a failed write to out_dir left behind: the dir itself or a `.NAME.tmp-*` / `.NAME.old-*` sibling."""
     out_dir = Path(out_dir)

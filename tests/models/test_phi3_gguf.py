@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import add_gguf_shape, finish_gguf, make_tiny_hf
+from conftest import add_gguf_shape, assert_kept_gguf_computes_the_dequantized_model, finish_gguf, make_tiny_hf
 from family_checks import ATOL
 from kiln.checkpoint.convert import convert_checkpoint
 from kiln.models.base import PretrainedModel
@@ -86,10 +86,4 @@ def test_phi3_gguf_keeps_its_fused_q4_linears(tmp_path):
     hf = make_tiny_hf(tmp_path / "hf", tf.Phi3Config, tf.Phi3ForCausalLM, seed=5, **CASES["sliding"][0])
     path = tmp_path / "q4_0.gguf"
     write_phi3_gguf(hf, path, linear_type="Q4_0")
-    plain, kept = (PretrainedModel.from_checkpoint(convert_checkpoint(path, tmp_path / name, dtype="float32",
-                                                                      keep_quantization=name == "kept"))
-                   for name in ("plain", "kept"))
-    assert kept.config.quantization.quant_algo.value == "W4A16"
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert float((kept(ids) - plain(ids)).abs().max()) <= ATOL
+    assert_kept_gguf_computes_the_dequantized_model(path, tmp_path, ATOL)
