@@ -31,7 +31,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
-        self.logit_bias = dict(self.logit_bias or {})
+        self.logit_bias = self.logit_bias or {}  # (None: no bias)
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", isinstance(self.temperature, (int, float)) and self.temperature >= 0, ">= 0"),

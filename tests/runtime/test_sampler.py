@@ -189,7 +189,7 @@ def test_min_tokens_masks_the_stop_tokens_until_reached():
 
 
 def test_logit_bias_and_min_tokens_are_checked():
-    for bad in ({-1: 1.0}, {3: 101.0}, {"3": 1.0}):
+    for bad in ({-1: 1.0}, {3: 101.0}, {"3": 1.0}, [(3, 1.0)]):
         with pytest.raises(ConfigError, match="SamplingParams.logit_bias"):
             SamplingParams(logit_bias=bad)
     with pytest.raises(ConfigError, match=r"SamplingParams.min_tokens must be an integer in \[0, max_tokens \(4\)\]"):
