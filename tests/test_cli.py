@@ -113,9 +113,9 @@ def test_a_source_model_dir_where_a_kiln_dir_is_read_is_one_line_naming_convert(
     assert_one_line_error(result, "not a kiln checkpoint", f"kiln convert --model-dir {hf_dir}")
     assert not (tmp_path / "engine").exists()
     assert_one_line_error(kiln_cli("inspect", hf_dir), "not a kiln checkpoint", "kiln convert")
-    gguf = tmp_path / "model.gguf"  # a file: inspect reads dirs
+    gguf = tmp_path / "model.gguf"  # inspect reads a .gguf too: a broken one is named
     gguf.write_bytes(b"GGUF")
-    assert_one_line_error(kiln_cli("inspect", gguf), "not a kiln checkpoint or engine dir", "kiln convert")
+    assert_one_line_error(kiln_cli("inspect", gguf), str(gguf), "not a readable GGUF file")
 
 
 def test_serve_on_a_taken_port_is_one_line_naming_the_flag(tiny_llama_session):
