@@ -440,6 +440,17 @@ def rms_norm_int8_rows() -> None:
         print(f"rms_norm int8 rows {label}: codes and scales equal", flush=True)
 
 
+def silu_and_mul_plain() -> None:
+    """The 16-bit product alone (no out_quant): the engine's activation for every batch the int4 or FP8 epilogues do
+    not take. (Session 34 found it multiplying by an unread placeholder on the GPU: the quantized checks below
+    compare against the torch product, so only this one reads the plain kernel.)"""
+    from kiln.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    for rows, inter in ((1, 1500), (5, 576)):
+        x = torch.randn(rows, 2 * inter).half() * 4
+        check(f"silu_and_mul plain {rows}x{inter}", silu_and_mul(x), silu_and_mul_ref(x))
+
+
 def silu_and_mul_int8_rows() -> None:
     """SiLU-and-mul writing SmoothQuant's int8 input of mlp.proj, its prequant scale multiplied in: codes and row
     scales bit for bit those of the 16-bit product put through quantize_int8_rows_ref with that scale."""
@@ -552,7 +563,7 @@ def gated_gemm_tiles() -> None:
 
 
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
-          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_int8_rows,
+          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_plain, silu_and_mul_int8_rows,
           fp8_groups_written_by_norm_and_activation, fp8_rows_written_by_norm_and_activation,
           rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
 

@@ -45,19 +45,20 @@ def silu_and_mul(x: torch.Tensor, out_quant: InputQuant | None = None):
     block, num_warps = program_shape(rows.shape[0], inter)
     if out_quant is None:
         out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
-        scale, prequant, row_scale = out, out, out  # (unread)
+        codes, scale, prequant, row_scale = out, None, None, None
         flags = NO_QUANT_FLAGS
     else:
         out = out_quant.empty(rows.shape[0], inter, x.device)
-        scale, prequant, row_scale = out_quant.scale, out_quant.prequant, out.scale
+        codes, scale, prequant, row_scale = out.q, out_quant.scale, out_quant.prequant, out.scale
         if out_quant.kind in WHOLE_ROW:  # the row's max sets its scale: one program takes the whole row
             block = triton.next_power_of_2(inter)
             num_warps = min(max(block // 1024, 4), 16)
         flags = out_quant.kernel_flags(block)
         block = max(block, flags["FP8_GROUP"])  # (whole groups a program: both are powers of two)
+    unread = codes  # stands in for the pointers a variant does not read
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
-        rows, out.q if out_quant else out, row_scale if scale is None else scale,
-        row_scale if prequant is None else prequant, row_scale, rows.stride(0), inter, **flags,
+        rows, codes, unread if scale is None else scale, unread if prequant is None else prequant,
+        unread if row_scale is None else row_scale, rows.stride(0), inter, **flags,
         PREQUANT=prequant is not None, BLOCK=block, num_warps=num_warps, **pdl_args(x.device))
     return out if out_quant else out.view(*x.shape[:-1], inter)
 

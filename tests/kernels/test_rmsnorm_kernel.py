@@ -94,4 +94,4 @@ def test_per_token_fp8_output_is_the_normed_row_quantized(hidden):
     w = torch.randn(hidden, generator=g).bfloat16().cuda()
     got, want = rms_norm(x, w, 1e-6, None, InputQuant(FP8_ROWS)), quantize_fp8_rows(rms_norm(x, w, 1e-6))
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
-    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() == 37
+    assert torch.equal(got.scale, want.scale) and got.scale.unique().numel() > 1  # (per row: bf16 maxima may tie)

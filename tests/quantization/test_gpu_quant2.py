@@ -260,7 +260,7 @@ def test_group_gemm_equals_float64_math_for_every_tile():
         for config in gg._CONFIGS:
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             grid = (triton_cdiv(m, config.kwargs["BLOCK_M"]), triton_cdiv(n, config.kwargs["BLOCK_N"]))
-            gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), xs.stride(0), ws.stride(0),
+            gg._fp8_group_gemm_kernel[grid](xq, xs, wq, ws, y, m, n, k, xq.stride(0), *xs.stride(), *ws.stride(),
                                             gg.rows_bucket(m), GROUP=group, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)
             excess = ((y.double() - ref).abs() - bound).max().item()
