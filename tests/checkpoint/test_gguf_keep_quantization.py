@@ -198,3 +198,14 @@ def test_inspect_tells_what_a_gguf_converts_to_and_what_keep_quantization_keeps(
                                          "full_precision": ["lm_head", "transformer.layers.1.attention.qkv"]}
     kiln.cli.main(["inspect", str(path)])
     assert "--keep-quantization  keeps 9 linears at 4 bits" in capsys.readouterr().out
+
+
+def test_fractional_zeros_are_found_once_per_layer(mixed):
+    """Q4_1 and Q4_K zeros are not whole numbers, which the fused int4 GEMM cannot take
+    (kiln.kernels.quant_gemm.w4a16_matmul): the engine's prepare step marks those layers, not Q4_0's."""
+    _, _, kept_ckpt = mixed
+    model = PretrainedModel.from_checkpoint(kept_ckpt).materialize()
+    model.prepare_runtime()
+    marks = [model.get_submodule(f"transformer.layers.{name}").integer_zeros
+             for name in ("0.attention.qkv", "0.attention.dense", "1.attention.dense", "1.mlp.proj")]
+    assert marks == [False, False, True, False]  # Q4_1 q/k, Q4_1, Q4_0, Q4_K

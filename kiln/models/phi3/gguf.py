@@ -13,7 +13,7 @@ from __future__ import annotations
 from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import conversion_dtype
-from kiln.models.llama.convert import L
+from kiln.models.llama.convert import L, gguf_table
 from kiln.models.llama.gguf import GGUF_FILE_DTYPES
 from kiln.models.phi3.model import gate_half, up_half
 
@@ -54,16 +54,11 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
 
 
 def gguf_name_map(tied: bool) -> NameMap:
+    """llama.cpp's shared table with Phi-3's fused projections in place of the separate ones."""
     b = "blk.{i}."
     return NameMap({
-        "transformer.vocab_embedding.weight": "token_embd.weight",
-        "transformer.ln_f.weight": "output_norm.weight",
-        "lm_head.weight": "token_embd.weight" if tied else "output.weight",
-        L + "input_layernorm.weight": b + "attn_norm.weight",
-        L + "post_layernorm.weight": b + "ffn_norm.weight",
+        **gguf_table(tied, rotary_rows=False),
         L + "attention.qkv.weight": b + "attn_qkv.weight",
-        L + "attention.dense.weight": b + "attn_output.weight",
         L + "mlp.fc.weight": Src(b + "ffn_up.weight", gate_half),
         L + "mlp.gate.weight": Src(b + "ffn_up.weight", up_half),
-        L + "mlp.proj.weight": b + "ffn_down.weight",
     })
