@@ -94,8 +94,14 @@ class Attention(nn.Module):
             scaling = None if local else config.rotary_scaling
             self.rope = (config.rotary_base_local if local else config.rotary_base,
                          config.rotary_dim or config.head_size, scaling, config.max_position_embeddings)
+            # yarn and longrope multiply cos and sin by an attention factor f. Where rotary covers the whole head,
+            # that is q.k times f^2: the softmax scale takes it, and the rotation is the plain one, which the fused
+            # GPU kernels do. A partial rotary keeps f in cos and sin (the unrotated dims are not scaled).
+            self.fused_rope = self.rope[1] == config.head_size
             self.rope_factor = attention_factor(scaling)
-            self.fused_rope = self.rope[1] == config.head_size and self.rope_factor == 1.0
+            if self.fused_rope:
+                self.scale *= self.rope_factor ** 2
+                self.rope_factor = 1.0
             self._freqs = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

@@ -26,9 +26,14 @@ def hf_greedy_cuda(hf, prompt, n):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {"sliding_window": 16})])
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {"sliding_window": 16}),
+                                        ("llama", {"rope_parameters": YARN})])
 def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra):
-    """Issue 3's check: 64 greedy tokens in float32 on the tiny models, transformers' on the same GPU."""
+    """Issue 3's check: 64 greedy tokens in float32 on the tiny models, transformers' on the same GPU. YaRN's
+    attention factor goes into the softmax scale, so its rotation runs in the fused kernels too."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_hf_model(tmp_path / "hf", arch=arch, **extra).to("cuda")
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
