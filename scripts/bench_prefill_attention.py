@@ -2,7 +2,10 @@
 8 KV heads, head size 128, bf16) on the two kinds of prompt work a prefill-heavy step holds, each candidate checked
 against the torch reference first.
 
-    python scripts/bench_prefill_attention.py
+    python scripts/bench_prefill_attention.py [--quick]
+
+First the fresh prompts on the defaults and on torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash); --quick
+stops there.
 
 - fresh: 4 new prompts of 2048 tokens packed back to back (varlen_prefill_attention), as a step of prefill-1000
   with its 8192-token budget;
@@ -18,6 +21,9 @@ Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per que
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 
@@ -101,6 +107,14 @@ def main() -> None:
         except Exception as error:  # a tile that does not compile or fit: say so and go on
             print(f"{label} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
 
+    run(f"defaults, TMA {current[2]}", ["fresh 4 x 2048"])
+    os.environ["KILN_PREFILL_ATTENTION"] = "flash"  # torch's FlashAttention-2 (pa.flash_varlen_prefill_attention)
+    try:
+        run("torch flash (KILN_PREFILL_ATTENTION=flash)", ["fresh 4 x 2048"])
+    finally:
+        del os.environ["KILN_PREFILL_ATTENTION"]
+    if "--quick" in sys.argv:
+        return
     try:
         pa.PREFILL_TMA_CONFIG = None
         for config in CANDIDATES:

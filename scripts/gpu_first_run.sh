@@ -3,7 +3,7 @@
 # then their speed beside the paths they replace, each in one `kiln bench` run.
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
-#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token (default: all)
+#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -28,6 +28,9 @@
 #   tiles' register caps and prefetch): their tests, then both attention benches (about 3 minutes). Switch on
 #   PREFILL_TMA_CODES, PAIRS_MAX_REGISTERS or PAIRS_PREFETCH where one wins (docs/performance.md, s28).
 # - side-stream: decode attention on the side stream or not, with the FP8 cache, in one process (about 5 minutes).
+# - flash: fresh prompts' attention by torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash, thirty-fifth
+#   session): its tests, the kernel beside the default (scripts/bench_prefill_attention.py --quick), then 400
+#   prefill-1000 requests under each (about 5 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -37,7 +40,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -66,9 +69,14 @@ for part in $parts; do
                python scripts/bench_decode_attention.py ;;
     side-stream) python scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,first \
                    --kv-cache-quant-algo FP8 --requests 400 ;;
+    flash) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+             tests/kernels/test_paged_attention_kernel.py -k "prefill_kernel_matches_reference"
+           python scripts/bench_prefill_attention.py --quick
+           python scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash --requests 400 ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
-    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream or per-token" >&2
+    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token or" \
+         "flash" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

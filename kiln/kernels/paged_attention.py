@@ -31,6 +31,7 @@ both 1-byte formats multiply in fp16 there. Prefill and a float32 query read the
 """
 
 import math
+import os
 
 import torch
 
@@ -148,6 +149,41 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         v = _read(gather_rows(v_cache, pages).flatten(0, 1)[lo:n], kv_scale, 1)
         out[b] = _attend_ref(q[b:b + 1], k, v, scale, None)[0]
     return out
+
+
+# Fresh prompts' attention by torch's FlashAttention-2 varlen forward (aten._flash_attention_forward) instead of
+# the Triton kernels: on the H100 in the third session it took 259 us for 4 x 2048 tokens against the Triton
+# prefill's 356 then (docs/performance.md, "Kernels in isolation"); the TMA kernel took 0.338 ms on an H200 since.
+# Off until prefill-1000 says it wins (scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash). Read per
+# call, like the decode stream's setting.
+PREFILL_ATTENTION_SETTINGS = ("triton", "flash")
+
+
+def prefill_attention_setting() -> str:
+    setting = os.environ.get("KILN_PREFILL_ATTENTION", "triton")
+    if setting not in PREFILL_ATTENTION_SETTINGS:
+        raise ValueError(f"KILN_PREFILL_ATTENTION={setting!r}: allowed values are triton (the default) and flash")
+    return setting
+
+
+def flash_prefill_takes(q: torch.Tensor, kv_scale) -> bool:
+    """Whether torch's flash kernel takes these prompts: 16-bit keys (not a quantized cache's codes), a head
+    size it has kernels for, an Ampere or later GPU, and a torch built with it."""
+    return (kv_scale is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 8
+            and torch.backends.cuda.is_flash_attention_available())
+
+
+def flash_varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, out=None):
+    """varlen_prefill_attention by torch's FlashAttention-2 (GQA as it is: k and v keep their fewer heads). Its
+    window (left, right) counts the keys beside the query's own: kiln's W is (W - 1, 0)."""
+    window = {} if sliding_window is None else dict(window_size_left=sliding_window - 1, window_size_right=0)
+    cu = cu_seqlens.to(torch.int32)
+    got = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False,
+                                                  scale=scale, **window)[0]
+    if out is None:
+        return got
+    return out.copy_(got)
 
 
 def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
@@ -312,9 +348,12 @@ def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q
 
 def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
                              out=None):
-    """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors."""
+    """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors. With
+    KILN_PREFILL_ATTENTION=flash, torch's FlashAttention-2 where it takes the inputs (flash_prefill_takes)."""
     tokens, heads, head_size = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    if prefill_attention_setting() == "flash" and flash_prefill_takes(q, kv_scale):
+        return flash_varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window, out)
     out = torch.empty_like(q) if out is None else out
     block_d = max(16, triton.next_power_of_2(head_size))
     cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)

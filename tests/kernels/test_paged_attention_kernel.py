@@ -173,17 +173,31 @@ PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window
 ]
 
 
-@needs_gpu
-@pytest.mark.parametrize("tma", [True, False], ids=["tma-default", "plain"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
-def test_prefill_kernel_matches_reference(dtype, case, tma, monkeypatch):
-    """With the default PREFILL_TMA_CONFIG (16-bit cases of power-of-two head sizes take the TMA kernel on Hopper),
-    and with the plain kernel alone."""
+def test_prefill_attention_setting_names_its_allowed_values(monkeypatch):
     from kiln.kernels import paged_attention
 
-    if not tma:
+    assert paged_attention.prefill_attention_setting() == "triton"
+    monkeypatch.setenv("KILN_PREFILL_ATTENTION", "fa3")
+    with pytest.raises(ValueError, match="'fa3'.*triton.*flash"):
+        paged_attention.prefill_attention_setting()
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["tma-default", "plain", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_kernel_matches_reference(dtype, case, kernel, monkeypatch):
+    """With the default PREFILL_TMA_CONFIG (16-bit cases of power-of-two head sizes take the TMA kernel on Hopper),
+    with the plain kernel alone, and with torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash; float32 stays on
+    the Triton kernels)."""
+    from kiln.kernels import paged_attention
+
+    if kernel == "plain":
         monkeypatch.setattr(paged_attention, "PREFILL_TMA_CONFIG", None)
+    if kernel == "flash":
+        monkeypatch.setenv("KILN_PREFILL_ATTENTION", "flash")
+        assert paged_attention.flash_prefill_takes(torch.empty(1, 1, 64, dtype=dtype, device="cuda"), None) == (
+            dtype != torch.float32)
     lens, heads, kv_heads, d, window = PREFILL_CASES[case]
     q, k, v, cu = (t.cuda() for t in _packed(lens, heads, kv_heads, d, dtype, case))
     got = varlen_prefill_attention(q, k, v, cu, max(lens), d ** -0.5, window)
