@@ -176,6 +176,7 @@ PREFILL_CASES = [  # seq lens, heads, kv_heads, head_size, window
 def test_prefill_attention_setting_names_its_allowed_values(monkeypatch):
     from kiln.kernels import paged_attention
 
+    monkeypatch.delenv("KILN_PREFILL_ATTENTION", raising=False)
     assert paged_attention.prefill_attention_setting() == "triton"
     monkeypatch.setenv("KILN_PREFILL_ATTENTION", "fa3")
     with pytest.raises(ValueError, match="'fa3'.*triton.*flash"):
