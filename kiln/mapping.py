@@ -176,6 +176,11 @@ def shard_expert_column(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
                   "a column-parallel expert tensor", "moe_tp_size")
 
 
+def shard_experts(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
+    """Stacked expert tensors kept whole but for the expert dim: a row-parallel expert's per-output scales."""
+    return _local_experts(tensor, mapping)
+
+
 def shard_expert_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     """Stacked expert weights [experts, out, in]: this rank's experts, then their slice of the input dim."""
     return _split(_local_experts(tensor, mapping), 2, mapping.moe_tp_size, mapping.moe_tp_rank,

@@ -175,9 +175,12 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32")) for bm, bn, bk, _, _ in int8_gemm._tiles(128)],
     *[(f"int8 quantize rows prequant={p}", int8_gemm._quantize_int8_kernel, dict(PREQUANT=p, BLOCK=4096),
        dict(q_ptr="*i8", scale_ptr="*fp32")) for p in (False, True)],
-    ("moe grouped gemm", moe._grouped_gemm_kernel,
-     dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, BLOCK_M=64, BLOCK_N=64,
-          BLOCK_K=64), dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32")),
+    *[(f"moe grouped gemm int8={scaled} {bm}x{bn}x{bk}", moe._grouped_gemm_kernel,
+       dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, SCALED=scaled, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk),
+       dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32",
+            **(dict(b_ptr="*i8", bg_ptr="*i8", sb_ptr="*fp32", sg_ptr="*fp32") if scaled else {})))
+      for scaled in (False, True) for bm, bn, bk in ((16, 64, 128), (64, 128, 64))],
 ]
 
 

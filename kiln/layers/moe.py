@@ -7,7 +7,8 @@ moe_tp_size-th slice of their intermediate dim; every rank routes with the full 
 its local experts on the tokens routed to them, and one all-reduce over the TP group sums the partial outputs.
 Tokens are grouped by expert, never looped one by one: on CUDA one sort and two grouped Triton GEMMs for all
 experts, with no host sync (kiln.kernels.moe.fused_moe, so decode graphs capture it); elsewhere one matmul per
-expert present (fused_moe_ref).
+expert present (fused_moe_ref). Under W8A16 the stacked weights are int8 codes with a scale per expert and output
+row (kiln.quantization.weight_only.Int8ExpertMethod), dequantized by both paths as they read them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,28 @@ from kiln.runtime.distributed import all_reduce
 
 
 class ExpertLinear(nn.Module):
-    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin."""
+    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A quantized
+    model gives it a method (kiln.quantization.methods: W8A16's int8 codes and per-output scales); `quant_method`
+    is None in full precision."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rule):
         super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight_rule = rule
+        self.input_sharded = rule is shard_expert_row  # (a row-parallel expert's per-output tensors stay whole)
+        self.quant_method = None
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features), requires_grad=False)
         self.shard_rules = {"weight": rule}
+
+    def set_quant_method(self, method) -> None:
+        """Replace the weight by the tensors of `method` (created on the current default device)."""
+        del self.weight
+        self.quant_method = method
+        method.create_weights(self)
+
+    def scales(self) -> torch.Tensor | None:
+        """The per-output scales [experts, out, 1] of quantized codes, or None for a full-precision weight."""
+        return None if self.quant_method is None else self.weights_scaling_factor
 
 
 class Experts(nn.Module):
@@ -52,12 +69,16 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; experts (global ids), weights [tokens, top_k]. This rank's partial sum (not
         reduced): only its local experts contribute; the others' tokens are some other rank's work."""
-        if self.fused:
-            fc, gate = self.fc_gate.weight.chunk(2, dim=1)  # views of the runtime's [fc | gate] rows
+        if self.fused:  # views of the runtime's [fc | gate] rows (and of their scales)
+            fc, gate = self.fc_gate.weight.chunk(2, dim=1)
+            s = self.fc_gate.scales()
+            fc_scale, gate_scale = (None, None) if s is None else s.chunk(2, dim=1)
         else:
-            fc, gate = self.fc.weight, self.gate.weight
+            fc, gate, fc_scale, gate_scale = self.fc.weight, self.gate.weight, self.fc.scales(), self.gate.scales()
+        scales = (fc_scale, gate_scale, self.proj.scales())
         run = fused_moe if x.is_cuda and triton_available() else fused_moe_ref
-        return run(x, fc, gate, self.proj.weight, experts, weights, self.local.start, self.act)
+        return run(x, fc, gate, self.proj.weight, experts, weights, self.local.start, self.act,
+                   scales if any(s is not None for s in scales) else None)
 
 
 class MoE(nn.Module):

@@ -1,8 +1,9 @@
 """Which LinearMethod each linear layer of a model holds, from the model's QuantConfig.
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
-pattern of `exclude_modules` names them; embeddings, MoE routers and stacked expert weights stay in full
-precision in this version. A pattern matches a module's full name or any dotted suffix of it (fnmatch
+pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16; under the others they stay in full precision, as do
+embeddings and MoE routers). A pattern matches a module's full name or any dotted suffix of it (fnmatch
 syntax): "lm_head", "mlp.proj", "transformer.layers.0.*".
 
 lm_head is excluded by default (QuantConfig.exclude_modules = ("lm_head",), as TensorRT-LLM and ModelOpt do);
@@ -22,11 +23,12 @@ from kiln.config import QuantAlgo, QuantConfig
 from kiln.errors import ConfigError
 from kiln.layers.embedding import LMHead
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
+from kiln.layers.moe import ExpertLinear
 from kiln.quantization.fp8 import Fp8Method
 from kiln.quantization.fp8_block import Fp8BlockMethod
 from kiln.quantization.w4a8 import W4A8AwqMethod
 from kiln.quantization.w8a8 import Int8W8A8Method
-from kiln.quantization.weight_only import Int4GroupMethod, Int8WeightOnlyMethod
+from kiln.quantization.weight_only import Int4GroupMethod, Int8ExpertMethod, Int8WeightOnlyMethod
 
 # quant_algo -> (QuantConfig, layer) -> the layer's method. AWQ's and SmoothQuant's per-input-channel scales fold
 # into the norm before a column-parallel layer (QKV, fc/gate); a row-parallel layer (attention output, mlp.proj)
@@ -54,6 +56,11 @@ LM_HEAD_METHODS = {
     QuantAlgo.FP8: lambda qc: Fp8Method(static=False),  # no static activation scale to calibrate
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8Method(static=False),
     QuantAlgo.FP8_BLOCK_SCALES: lambda qc: Fp8Method(static=False),  # (a vocabulary need not split into groups)
+}
+# quant_algo -> QuantConfig -> the method of a mixture of experts' stacked weights (kiln.layers.moe.ExpertLinear).
+# The others keep experts in full precision: their kernels are per-linear.
+EXPERT_METHODS = {
+    QuantAlgo.W8A16: lambda qc: Int8ExpertMethod(),
 }
 SUPPORTED_ALGOS = tuple(METHODS)  # every weight algorithm (tests/quantization check the list)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
@@ -92,9 +99,11 @@ def is_excluded(module_name: str, patterns) -> bool:
 
 def quant_method_for(module_name: str, layer: nn.Module, qc: QuantConfig) -> LinearMethod | None:
     """The method `layer` holds under `qc`; None keeps it in full precision."""
-    if qc.quant_algo is None or not isinstance(layer, (*QUANTIZABLE, LMHead)) or \
+    if qc.quant_algo is None or not isinstance(layer, (*QUANTIZABLE, LMHead, ExpertLinear)) or \
             is_excluded(module_name, qc.exclude_modules):
         return None
+    if isinstance(layer, ExpertLinear):
+        return EXPERT_METHODS[qc.quant_algo](qc) if qc.quant_algo in EXPERT_METHODS else None
     if isinstance(layer, LMHead):
         check_lm_head(qc)
         return LM_HEAD_METHODS[qc.quant_algo](qc)
@@ -106,7 +115,7 @@ def apply_quant_config(model: nn.Module, qc: QuantConfig) -> None:
     if qc.quant_algo is None:
         return
     for name, module in model.named_modules():
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, ExpertLinear)):
             method = quant_method_for(name, module, qc)
             if method is not None:
                 try:
@@ -115,7 +124,8 @@ def apply_quant_config(model: nn.Module, qc: QuantConfig) -> None:
                     raise ConfigError(f"{name}: {e}") from None
 
 
-def quantized_linears(model: nn.Module) -> dict[str, Linear]:
-    """Module name -> linear layer, for every layer holding a quantized method."""
+def quantized_linears(model: nn.Module) -> dict[str, Linear | ExpertLinear]:
+    """Module name -> linear layer (or stacked experts), for every layer holding a quantized method."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, Linear) and m.quant_method.name != "none"}
+            if (isinstance(m, Linear) and m.quant_method.name != "none")
+            or (isinstance(m, ExpertLinear) and m.quant_method is not None)}

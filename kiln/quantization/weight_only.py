@@ -16,6 +16,8 @@ rules apply to them as to a plain weight):
   layer split across ranks needs whole groups on every rank.
 - AWQ adds `prequant_scaling_factor` [in] where its scale could not be folded into a norm: the layer computes
   (x * prequant_scaling_factor) W^T.
+- W8A16 of a mixture of experts' stacked weights (Int8ExpertMethod): `weight` int8 [experts, out, in],
+  `weights_scaling_factor` [experts, out, 1].
 - W4A16_GPTQ (imported act-order GPTQ, kiln.quantization.hf_import) adds `input_permutation` int32 [in]: the
   columns are the source's input channels sorted by group, column j being channel input_permutation[j], so
   the layer computes x[..., input_permutation] W^T. A row-parallel layer's permutation must keep every rank's
@@ -36,7 +38,7 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.mapping import replicate
+from kiln.mapping import replicate, shard_experts
 
 INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
@@ -190,6 +192,34 @@ class Int8WeightOnlyMethod(_WeightOnlyMethod):
         w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
         q, s = quantize_int8_per_channel(w, dtype)
         return {"weight": q, "weights_scaling_factor": s, **self._prequant_tensor(input_scale, weight, dtype)}
+
+
+def quantize_int8_experts(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights [experts, out, in] -> (q int8, scale [experts, out, 1] in `dtype`): each expert's
+    rows as quantize_int8_per_channel rounds them."""
+    experts, out, inp = weight.shape
+    q, scale = quantize_int8_per_channel(weight.reshape(experts * out, inp), dtype)
+    return q.view(experts, out, inp), scale.view(experts, out, 1)
+
+
+class Int8ExpertMethod:
+    """W8A16 for stacked expert weights (kiln.layers.moe.ExpertLinear): `weight` int8 [experts, out, in] and
+    `weights_scaling_factor` [experts, out, 1], a scale per expert and output row, w = q * s. The scales' last
+    dim of 1 lets them follow the codes: sharded by the same rule (a row-parallel expert's keep every output),
+    joined with them into the engine's fc_gate on dim -2, and broadcast against them. kiln.kernels.moe runs
+    them: the grouped GEMM dequantizes each tile of codes as it loads it."""
+
+    name = "W8A16"
+
+    def create_weights(self, layer) -> None:
+        layer.weight = _param(layer.num_experts, layer.out_features, layer.in_features, dtype=torch.int8)
+        layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features, 1)
+        layer.shard_rules.update(weight=layer.weight_rule,
+                                 weights_scaling_factor=shard_experts if layer.input_sharded else layer.weight_rule)
+
+    def quantize(self, weight, dtype, input_scale=None):
+        q, s = quantize_int8_experts(weight, dtype)
+        return {"weight": q, "weights_scaling_factor": s}
 
 
 def check_whole_groups_per_rank(layer: Linear, group: int) -> bool:

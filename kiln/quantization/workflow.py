@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,8 +201,9 @@ def check_quant_config(qc: QuantConfig, config) -> None:
         raise ConfigError(f"QuantConfig.weight_rounding 'gptq' (--weight-rounding gptq) is for {able} (plain int4 "
                           f"weights: --quant-algo W4A16_GPTQ); quant_algo {qc.quant_algo and qc.quant_algo.value} "
                           "rounds to the nearest value: drop --weight-rounding")
-    for i in range(config.num_hidden_layers):
-        fc, gate = (f"transformer.layers.{i}.mlp.{m}" for m in ("fc", "gate"))
+    mlps = ("mlp", "mlp.experts") if config.moe_num_experts else ("mlp",)
+    for i, mlp in itertools.product(range(config.num_hidden_layers), mlps):
+        fc, gate = (f"transformer.layers.{i}.{mlp}.{m}" for m in ("fc", "gate"))
         if config.gated_mlp and is_excluded(fc, qc.exclude_modules) != is_excluded(gate, qc.exclude_modules):
             raise ConfigError(f"QuantConfig.exclude_modules must name both or neither of {fc} and {gate} "
                               "(the engine runs them as one matmul)")

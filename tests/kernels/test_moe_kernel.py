@@ -14,6 +14,7 @@ import torch
 from kiln.kernels import triton_available
 from kiln.kernels.moe import fused_moe, fused_moe_ref, moe_align
 from kiln.layers.mlp import ACTIVATIONS
+from kiln.quantization.weight_only import quantize_int8_experts
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if triton_available() else "cpu"
@@ -117,6 +118,33 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == 
 def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter):
     got, want = run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, "silu",
                          fused_layout=True)
+    assert_within_ulps(got, want, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized", [
+    (1, 8, 2, 0, 8, 64, 96, "all"),  # decode
+    (45, 8, 2, 0, 8, 80, 72, "all"),  # ragged tiles in every dim
+    (300, 6, 3, 2, 2, 64, 48, "all"),  # expert parallelism, 64-row blocks
+    (45, 8, 2, 0, 8, 80, 72, "proj"),  # fc and gate excluded (exclude_modules), proj int8
+])
+def test_int8_experts_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter,
+                                               quantized):
+    """W8A16 experts: int8 codes and a scale per expert and output row, fc and gate as views of the engine's
+    fused fc_gate codes and scales; the kernel dequantizes each tile as the reference dequantizes each expert."""
+    experts, weights = routing(tokens, num_experts, top_k, seed=tokens)
+    fc, gate, proj = expert_weights(num_local, hidden, inter, seed=7)
+    (fc_q, fc_s), (gate_q, gate_s), (proj_q, proj_s) = (quantize_int8_experts(w, dtype) for w in (fc, gate, proj))
+    fc_q, gate_q = torch.cat([fc_q, gate_q], dim=1).chunk(2, dim=1)
+    fc_s, gate_s = torch.cat([fc_s, gate_s], dim=1).chunk(2, dim=1)
+    scales = (fc_s, gate_s, proj_s)
+    if quantized == "proj":
+        fc_q, gate_q, scales = fc.to(dtype), gate.to(dtype), (None, None, proj_s)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3)).to(dtype)
+    args = [t.to(DEVICE) for t in (x, fc_q, gate_q, proj_q, experts, weights.to(dtype))] + [first, "silu"]
+    scales = tuple(None if s is None else s.to(DEVICE) for s in scales)
+    got, want = fused_moe(*args, scales=scales), fused_moe_ref(*args, scales=scales)
     assert_within_ulps(got, want, dtype)
 
 

@@ -37,6 +37,15 @@ def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
     return full.float()
 
 
+def dequantize_experts(tensors: dict) -> torch.Tensor:
+    """Stacked experts' checkpoint tensors -> [experts, out, in] float: int8 codes times a scale per expert and
+    output row ([experts, out, 1]), or the float weight as it is."""
+    w = tensors["weight"]
+    if w.dtype != torch.int8:
+        return w.float()
+    return (w.double() * tensors["weights_scaling_factor"].double()).float()
+
+
 def rtn_int4(w: torch.Tensor, group: int, zero_point: bool, dtype=torch.float32):
     """Round-to-nearest int4 of w [out, in] -> (codes [out, in] in 0..15, scale, zero) per group, in float32
     with the scale rounded to `dtype` first."""
@@ -61,8 +70,9 @@ def linear_tensors(ckpt: dict, module: str) -> dict:
 
 
 def dequantized_hf(hf_model, ckpt: dict, config):
-    """A copy of the transformers model with every kiln linear (lm_head too, when quantized) replaced by its
-    dequantized checkpoint weight and the norms by the checkpoint's (AWQ folds scales into them)."""
+    """A copy of the transformers model with every kiln linear (lm_head too, when quantized; a mixture of experts'
+    stacked weights) replaced by its dequantized checkpoint weight and the norms by the checkpoint's (AWQ folds
+    scales into them)."""
     model = copy.deepcopy(hf_model)
     q, kv = config.num_attention_heads * config.head_size, config.num_key_value_heads * config.head_size
     with torch.no_grad():
@@ -72,12 +82,19 @@ def dequantized_hf(hf_model, ckpt: dict, config):
             layer.input_layernorm.weight.copy_(ckpt[prefix + "input_layernorm.weight"])
             layer.post_attention_layernorm.weight.copy_(ckpt[prefix + "post_layernorm.weight"])
             for kiln_name, hf_names in HF_LINEARS.items():
+                if prefix + kiln_name + ".weight" not in ckpt:  # a mixture of experts: no dense MLP
+                    continue
                 w = dequantize(linear_tensors(ckpt, prefix + kiln_name), config.quantization.group_size) \
                     if ckpt[prefix + kiln_name + ".weight"].dtype in (torch.int8, torch.uint8) \
                     else ckpt[prefix + kiln_name + ".weight"]
                 parts = w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)
                 for hf_name, part in zip(hf_names, parts):
                     layer.get_submodule(hf_name).weight.copy_(part)
+            if prefix + "mlp.experts.fc.weight" in ckpt:  # transformers 5 stacks them too: [w1 | w3] and w2
+                fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"))
+                                  for p in ("fc", "gate", "proj"))
+                layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
+                layer.mlp.experts.down_proj.copy_(proj)
         head = linear_tensors(ckpt, "lm_head")
         if head and head["weight"].dtype in (torch.int8, torch.uint8):  # quantized: its own tensor, even if tied
             model.lm_head.weight = torch.nn.Parameter(dequantize(head, config.quantization.group_size))
