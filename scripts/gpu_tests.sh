@@ -17,5 +17,5 @@ status=0
 $pytest $workers "$@" tests/kernels tests/quantization/test_gpu_quant2.py || status=$?
 $pytest "$@" tests/runtime/test_gpu_runtime.py tests/runtime/test_paged_batch.py tests/runtime/test_host_tensors.py \
   tests/quantization/test_kv_cache_quant.py tests/quantization/test_quantize_lm_head.py \
-  tests/quantization/test_moe_w8a16.py || status=$?
+  tests/quantization/test_moe_weight_only.py || status=$?
 exit $status

@@ -104,14 +104,14 @@ def add_gguf_shape(writer, config) -> None:
 
 def finish_gguf(writer, tensors: dict, quant: str | None = None, decoder_only: bool = True) -> None:
     """Add `tensors` (torch's row-major shapes: the writer reverses them for GGUF) to a gguf.GGUFWriter as float32,
-    2-D ones quantized to the type named `quant` by the gguf package (decoder_only: blk.* ones only), and write the
-    file."""
+    matrices (2-D, and stacked experts' 3-D) quantized to the type named `quant` by the gguf package (decoder_only:
+    blk.* ones only), and write the file."""
     import gguf
     import numpy as np
 
     for name, t in tensors.items():
         array = t.numpy().astype(np.float32)
-        if quant and array.ndim == 2 and (name.startswith("blk.") or not decoder_only):
+        if quant and array.ndim >= 2 and (name.startswith("blk.") or not decoder_only):
             kind = gguf.GGMLQuantizationType[quant]
             writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:

@@ -14,12 +14,14 @@ The layout follows vLLM's fused_moe (moe_align_block_size + fused_moe_kernel); t
 
 `fused_moe_ref` is the reference: one matmul per expert present, exact against transformers on CPU.
 
-W8A16 experts (kiln.quantization.weight_only.Int8ExpertMethod) pass int8 codes for fc, gate and proj and
-`scales`, one per output row of each expert ([local, out, 1]): both paths use the weight w = (q s) rounded to the
-activations' dtype, the reference per expert present, the kernel per tile as it loads the codes.
+Quantized experts (kiln.quantization.weight_only's expert methods) come as `ExpertCodes`: W8A16's int8 codes or
+W4A16's packed int4 ones with their scales (and zeros). Both paths use the weight the format defines, rounded to
+the activations' dtype: the reference dequantizes each expert present, the kernel each tile as it loads it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +37,56 @@ except ImportError:  # CPU-only installs: the reference below still works
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's constexpr for each name
 
 
-def fused_moe_ref(x: torch.Tensor, fc: torch.Tensor, gate: torch.Tensor, proj: torch.Tensor,
-                  experts: torch.Tensor, weights: torch.Tensor, first_expert: int, act: str,
-                  scales: tuple | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class ExpertCodes:
+    """One projection of the local experts as quantized codes: int8 [local, out, in] (W8A16) or int4 packed two a
+    byte along the input dim [local, out, in / 2] (W4A16, as its dense layers pack them); `scale` [local, out,
+    groups] of `group` inputs each (int8: one group, the whole row); `zero` int4's zero points shaped like scale,
+    or None (the symmetric 8)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    group: int = 0  # inputs per int4 scale (0 for int8)
+
+    @property
+    def int4(self) -> bool:
+        return self.codes.dtype == torch.uint8
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(local experts, outputs, inputs), as a float weight's shape."""
+        local, out, width = self.codes.shape
+        return local, out, width * 2 if self.int4 else width
+
+    def dequantize(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Local expert i's weight [out, in] in dtype, as its dense format dequantizes."""
+        from kiln.quantization.weight_only import dequantize_int4, dequantize_int8  # (they import the layers)
+
+        if self.int4:
+            return dequantize_int4(self.codes[i], self.scale[i], None if self.zero is None else self.zero[i],
+                                   self.group, dtype)
+        return dequantize_int8(self.codes[i], self.scale[i, :, 0], dtype)
+
+    def halves(self) -> tuple["ExpertCodes", "ExpertCodes"]:
+        """fc's and gate's codes, as views of the engine's fused fc_gate (its outputs are [fc | gate])."""
+        parts = [t.chunk(2, dim=1) if t is not None else (None, None) for t in (self.codes, self.scale, self.zero)]
+        return tuple(ExpertCodes(c, s, z, self.group) for c, s, z in zip(*parts))
+
+
+def expert_halves(weight):
+    """fc and gate of the engine's fused fc_gate experts: a float weight's or ExpertCodes' two output halves."""
+    return weight.chunk(2, dim=1) if isinstance(weight, torch.Tensor) else weight.halves()
+
+
+def fused_moe_ref(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: torch.Tensor,
+                  first_expert: int, act: str) -> torch.Tensor:
     """sum over the top-k slots of weight * proj_e(act(fc_e x) * gate_e x), for the experts held here.
 
     x [tokens, hidden]; fc, gate [local, inter, hidden]; proj [local, hidden, inter]; experts (global ids)
     and weights [tokens, top_k]; local expert i is global expert first_expert + i. Other experts' pairs
-    contribute nothing (they are another rank's partial sum). `scales` (fc's, gate's, proj's, each
-    [local, out, 1] or None) make the weights they scale int8 codes, dequantized per expert present."""
+    contribute nothing (they are another rank's partial sum). Each of fc, gate and proj may be ExpertCodes,
+    dequantized per expert present."""
     out = torch.zeros_like(x)
     stop = first_expert + fc.shape[0]
     for e in experts.unique().tolist():
@@ -51,16 +94,11 @@ def fused_moe_ref(x: torch.Tensor, fc: torch.Tensor, gate: torch.Tensor, proj: t
             continue
         token, slot = (experts == e).nonzero(as_tuple=True)
         h, i = x[token], e - first_expert
-        w_fc, w_gate, w_proj = (w[i] if s is None else dequantize_expert(w[i], s[i], x.dtype)
-                                for w, s in zip((fc, gate, proj), scales or (None,) * 3))
+        w_fc, w_gate, w_proj = (w[i] if isinstance(w, torch.Tensor) else w.dequantize(i, x.dtype)
+                                for w in (fc, gate, proj))
         y = F.linear(ACTIVATIONS[act](F.linear(h, w_fc)) * F.linear(h, w_gate), w_proj)
         out.index_add_(0, token, y * weights[token, slot, None])
     return out
-
-
-def dequantize_expert(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An expert's int8 codes [..., out, in] times their per-output scales [..., out, 1], rounded to dtype."""
-    return (q.float() * scale.float()).to(dtype)
 
 
 def moe_align(experts: torch.Tensor, first_expert: int, num_local: int, block_m: int):
@@ -94,22 +132,19 @@ def moe_align(experts: torch.Tensor, first_expert: int, num_local: int, block_m:
     return sorted_pairs[:padded], block_expert.to(torch.int32)
 
 
-def fused_moe(x: torch.Tensor, fc: torch.Tensor, gate: torch.Tensor, proj: torch.Tensor,
-              experts: torch.Tensor, weights: torch.Tensor, first_expert: int, act: str,
-              scales: tuple | None = None) -> torch.Tensor:
+def fused_moe(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: torch.Tensor, first_expert: int,
+              act: str) -> torch.Tensor:
     """Triton version of `fused_moe_ref`, same arguments and result; CUDA tensors (or the interpreter).
-    fc and gate (and their scales) may be the two halves (views) of the runtime's fused fc_gate tensors."""
+    fc and gate may be the two halves (views) of the runtime's fused fc_gate (expert_halves)."""
     tokens, top_k = experts.shape
     num_local, inter, hidden = fc.shape
     pairs = tokens * top_k
     cfg = _config(pairs, num_local)
     sorted_pairs, block_expert = moe_align(experts, first_expert, num_local, cfg["BLOCK_M"])
-    fc_scale, gate_scale, proj_scale = scales or (None,) * 3
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # act(fc) * gate, one row per pair
-    _grouped_gemm(x, (fc, fc_scale), (gate, gate_scale), h, None, sorted_pairs, block_expert, top_k,
-                  ACT_CODE[act], cfg)
+    _grouped_gemm(x, fc, gate, h, None, sorted_pairs, block_expert, top_k, ACT_CODE[act], cfg)
     y = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # zeros: pairs not held here add 0
-    _grouped_gemm(h, (proj, proj_scale), None, y, weights.reshape(-1), sorted_pairs, block_expert, 1, -1, cfg)
+    _grouped_gemm(h, proj, None, y, weights.reshape(-1), sorted_pairs, block_expert, 1, -1, cfg)
     return y.view(tokens, top_k, hidden).sum(1)
 
 
@@ -121,24 +156,36 @@ def _config(pairs: int, num_local: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+_CODES = {None: 0, torch.int8: 1, torch.uint8: 2}  # the kernel's CODES: float weights, int8, packed int4
+
+
 def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows_per_token, act, cfg):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated by b_gate[e] when given, scaled by
-    weights[pair] when given) for every pair of every row block of local expert e. b and b_gate are (weight,
-    its per-output scales or None)."""
-    (b, b_scale), gated = b, b_gate is not None
-    bg, bg_scale = b_gate if gated else (b, b_scale)
+    weights[pair] when given) for every pair of every row block of local expert e. b and b_gate are float
+    weights or ExpertCodes, both alike."""
+    gated = b_gate is not None
+    bg = b_gate if gated else b
+    coded = isinstance(b, ExpertCodes)
+    assert coded == isinstance(bg, ExpertCodes), "fc and gate must be quantized alike"
     n, k = b.shape[1], b.shape[2]
-    scaled = b_scale is not None
-    sb, sg = (b_scale, bg_scale) if scaled else (a, a)  # (unread stand-ins without scales)
+    w, wg = (b.codes, bg.codes) if coded else (b, bg)
+    scale, zero = (b.scale, b.zero) if coded else (a, None)  # (unread stand-ins without codes)
+    if coded:  # fc's and gate's scales and zeros: views of one fused tensor, or tensors alike
+        assert bg.scale.stride() == scale.stride() and (zero is None or zero.stride() == scale.stride())
+    group = (b.group if b.int4 else k) if coded else k
+    if coded and b.int4:  # a step of BLOCK_K inputs must stay in one group of scales
+        cfg = dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], group))
+    scale_strides = scale.stride() if coded else (0, 0, 0)
     grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
-        a, b, bg, sb, sg, out, weights if weights is not None else a, sorted_pairs, block_expert,
-        n, a_rows_per_token * a.shape[0],
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        bg.stride(0), bg.stride(1), bg.stride(2), sb.stride(0) if scaled else 0, sb.stride(1) if scaled else 0,
-        sg.stride(0) if scaled else 0, sg.stride(1) if scaled else 0, out.stride(0),
+        a, w, wg, scale, bg.scale if coded else a, zero if zero is not None else scale,
+        bg.zero if coded and bg.zero is not None else scale, out, weights if weights is not None else a,
+        sorted_pairs, block_expert, n, a_rows_per_token * a.shape[0],
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), wg.stride(0), wg.stride(1), wg.stride(2),
+        *scale_strides, out.stride(0),
         K=k, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACT=act, WEIGHTED=weights is not None,
-        FP32=a.dtype == torch.float32, SCALED=scaled, **cfg)
+        FP32=a.dtype == torch.float32, CODES=_CODES[w.dtype if coded else None], GROUP=group,
+        HAS_ZERO=zero is not None, **cfg)
 
 
 if triton is not None:
@@ -157,21 +204,39 @@ if triton is not None:
             return tl.maximum(x, 0.0)
 
     @triton.jit
-    def _expert_tile(ptrs, mask, scale, a_dtype: tl.constexpr, SCALED: tl.constexpr):
-        """A [BLOCK_K, BLOCK_N] tile of an expert's weight: as stored, or int8 codes times their column's scale
-        rounded to the activations' dtype (dequantize_expert's math)."""
-        b = tl.load(ptrs, mask=mask, other=0)
-        if SCALED:
-            b = (b.to(tl.float32) * scale[None, :]).to(a_dtype)
+    def _expert_tile(ptrs, mask, s_ptrs, z_ptrs, col_ok, a_dtype: tl.constexpr, CODES: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A [BLOCK_K, BLOCK_N] tile of an expert's weight in the activations' dtype: as stored (CODES 0); int8
+        codes times their column's scale (1); or int4 codes, two a byte along K (low nibble first), minus
+        their zero (8 without zero points) times their group's scale (2): dequantize_int8's and
+        dequantize_int4's float32 math, rounded once."""
+        if CODES == 0:
+            b = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            s = tl.load(s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            c = tl.load(ptrs, mask=mask, other=0)
+            if CODES == 1:
+                b = (c.to(tl.float32) * s).to(a_dtype)
+            else:  # bytes [BLOCK_K / 2, BLOCK_N] -> codes [BLOCK_K, BLOCK_N], input 2j from byte j's low nibble
+                u = tl.reshape(tl.permute(tl.join(c & 15, c >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                else:
+                    z = 8.0
+                b = ((u - z) * s).to(a_dtype)
         return b
 
     @triton.jit
-    def _grouped_gemm_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, out_ptr, w_ptr, pairs_ptr, block_expert_ptr,
-                             N, num_pairs,
-                             a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, sb_se, sb_sn, sg_se, sg_sn, out_s0,
+    def _grouped_gemm_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, out_ptr, w_ptr, pairs_ptr,
+                             block_expert_ptr, N, num_pairs,
+                             a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
                              K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                             WEIGHTED: tl.constexpr, FP32: tl.constexpr, SCALED: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             WEIGHTED: tl.constexpr, FP32: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
+                             HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # CODES (_expert_tile): float weights, int8 codes with a scale per output, or int4 codes with a scale (and
+        # zero) per output and GROUP inputs, two codes a byte: b's rows are then BLOCK_K / 2 bytes a step.
+        B_ROWS: tl.constexpr = BLOCK_K // 2 if CODES == 2 else BLOCK_K
         pid_m = tl.program_id(0)
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if expert < 0:
@@ -183,32 +248,37 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
+        kb = tl.arange(0, B_ROWS)
         a_ptrs = a_ptr + a_row[:, None] * a_s0 + ks[None, :] * a_s1
-        b_ptrs = b_ptr + expert * b_se + cols[None, :] * b_sn + ks[:, None] * b_sk
-        bg_ptrs = bg_ptr + expert * bg_se + cols[None, :] * bg_sn + ks[:, None] * bg_sk
+        b_ptrs = b_ptr + expert * b_se + cols[None, :] * b_sn + kb[:, None] * b_sk
+        bg_ptrs = bg_ptr + expert * bg_se + cols[None, :] * bg_sn + kb[:, None] * bg_sk
+        col_scales = expert * s_se + cols * s_sn  # (offsets of the columns' scales and zeros, with codes)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        s_b, s_g = 1.0, 1.0
-        if SCALED:  # the columns' scales, read once
-            s_b = tl.load(sb_ptr + expert * sb_se + cols * sb_sn, mask=col_ok, other=0.0).to(tl.float32)
-            s_g = tl.load(sg_ptr + expert * sg_se + cols * sg_sn, mask=col_ok, other=0.0).to(tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
+            if CODES == 2:
+                b_ok = (kb < (K - k0) // 2)[:, None] & col_ok[None, :]
+            else:
+                b_ok = k_ok[:, None] & col_ok[None, :]
+            group = col_scales + (k0 // GROUP) * s_sg
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = _expert_tile(b_ptrs, k_ok[:, None] & col_ok[None, :], s_b, a.dtype, SCALED)
+            b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
+                             BLOCK_K, BLOCK_N)
             if FP32:  # float32 models compare with the reference at 1e-4: no TF32
                 acc += tl.dot(a, b, input_precision="ieee")
             else:
                 acc += tl.dot(a, b)
             if GATED:
-                bg = _expert_tile(bg_ptrs, k_ok[:, None] & col_ok[None, :], s_g, a.dtype, SCALED)
+                bg = _expert_tile(bg_ptrs, b_ok, sg_ptr + group, zg_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
+                                  BLOCK_K, BLOCK_N)
                 if FP32:
                     acc_g += tl.dot(a, bg, input_precision="ieee")
                 else:
                     acc_g += tl.dot(a, bg)
             a_ptrs += BLOCK_K * a_s1
-            b_ptrs += BLOCK_K * b_sk
-            bg_ptrs += BLOCK_K * bg_sk
+            b_ptrs += B_ROWS * b_sk
+            bg_ptrs += B_ROWS * bg_sk
         dtype = out_ptr.dtype.element_ty
         # Round where the reference rounds (each matmul's output, the activation, each product), so the
         # two paths differ only by the order of the float32 sums inside the matmuls.

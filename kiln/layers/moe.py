@@ -7,8 +7,9 @@ moe_tp_size-th slice of their intermediate dim; every rank routes with the full 
 its local experts on the tokens routed to them, and one all-reduce over the TP group sums the partial outputs.
 Tokens are grouped by expert, never looped one by one: on CUDA one sort and two grouped Triton GEMMs for all
 experts, with no host sync (kiln.kernels.moe.fused_moe, so decode graphs capture it); elsewhere one matmul per
-expert present (fused_moe_ref). Under W8A16 the stacked weights are int8 codes with a scale per expert and output
-row (kiln.quantization.weight_only.Int8ExpertMethod), dequantized by both paths as they read them.
+expert present (fused_moe_ref). Under W8A16 and W4A16 the stacked weights are codes with their scales
+(kiln.quantization.weight_only's expert methods, kiln.kernels.moe.ExpertCodes), dequantized by both paths as they
+read them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import fused_moe, fused_moe_ref
+from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref
 from kiln.layers.linear import Linear
 from kiln.layers.mlp import GatedMLP
 from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
@@ -45,9 +46,9 @@ class ExpertLinear(nn.Module):
         self.quant_method = method
         method.create_weights(self)
 
-    def scales(self) -> torch.Tensor | None:
-        """The per-output scales [experts, out, 1] of quantized codes, or None for a full-precision weight."""
-        return None if self.quant_method is None else self.weights_scaling_factor
+    def operand(self):
+        """What kiln.kernels.moe multiplies: the float weight, or the method's ExpertCodes."""
+        return self.weight if self.quant_method is None else self.quant_method.codes(self)
 
 
 class Experts(nn.Module):
@@ -70,15 +71,11 @@ class Experts(nn.Module):
         """x [tokens, hidden]; experts (global ids), weights [tokens, top_k]. This rank's partial sum (not
         reduced): only its local experts contribute; the others' tokens are some other rank's work."""
         if self.fused:  # views of the runtime's [fc | gate] rows (and of their scales)
-            fc, gate = self.fc_gate.weight.chunk(2, dim=1)
-            s = self.fc_gate.scales()
-            fc_scale, gate_scale = (None, None) if s is None else s.chunk(2, dim=1)
+            fc, gate = expert_halves(self.fc_gate.operand())
         else:
-            fc, gate, fc_scale, gate_scale = self.fc.weight, self.gate.weight, self.fc.scales(), self.gate.scales()
-        scales = (fc_scale, gate_scale, self.proj.scales())
+            fc, gate = self.fc.operand(), self.gate.operand()
         run = fused_moe if x.is_cuda and triton_available() else fused_moe_ref
-        return run(x, fc, gate, self.proj.weight, experts, weights, self.local.start, self.act,
-                   scales if any(s is not None for s in scales) else None)
+        return run(x, fc, gate, self.proj.operand(), experts, weights, self.local.start, self.act)
 
 
 class MoE(nn.Module):

@@ -79,10 +79,11 @@ BLOCK_FORMATS = {"Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q4_K": (144,
 
 
 def int4_groups(raw: np.ndarray, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A weight's GGUF bytes [out, bytes a row] in a 4-bit format -> (codes uint8 [out, in], scale float32
-    [out, in / 32], zero float32 [out, in / 32]) with w = (codes - zero) * scale."""
+    """A weight's GGUF bytes [..., out, bytes a row] in a 4-bit format (stacked experts have a leading dim) ->
+    (codes uint8 [..., out, in], scale float32 [..., out, in / 32], zero float32 [..., out, in / 32]) with
+    w = (codes - zero) * scale."""
     size, _, unpack = BLOCK_FORMATS[type_name]
-    out = raw.shape[0]
+    rows = raw.shape[:-1]
     codes, scale, zero, offset = unpack(np.ascontiguousarray(raw).reshape(-1, size))
     codes, scale, offset = codes.reshape(-1, GROUP), scale.reshape(-1, 1), offset.reshape(-1, 1)  # a group a row
     empty = scale == 0  # one value, the offset: codes 0, scale 1, zero -offset
@@ -91,9 +92,9 @@ def int4_groups(raw: np.ndarray, type_name: str) -> tuple[torch.Tensor, torch.Te
     zero = np.where(empty, -offset, zero.reshape(-1, 1))
     codes = np.where(empty, 0, codes)
     scale = np.where(empty, 1.0, scale)
-    return (torch.from_numpy(codes.astype(np.uint8).reshape(out, -1)),
-            torch.from_numpy(scale.astype(np.float32).reshape(out, -1)),
-            torch.from_numpy(zero.astype(np.float32).reshape(out, -1)))
+    return (torch.from_numpy(codes.astype(np.uint8).reshape(*rows, -1)),
+            torch.from_numpy(scale.astype(np.float32).reshape(*rows, -1)),
+            torch.from_numpy(zero.astype(np.float32).reshape(*rows, -1)))
 
 
 # ---- a model read from GGUF with its 4-bit linears kept ------------------------------------------------------

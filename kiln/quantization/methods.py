@@ -2,7 +2,7 @@
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
-`.proj`) by the algorithms in EXPERT_METHODS (W8A16; under the others they stay in full precision, as do
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16; under the others they stay in full precision, as do
 embeddings and MoE routers). A pattern matches a module's full name or any dotted suffix of it (fnmatch
 syntax): "lm_head", "mlp.proj", "transformer.layers.0.*".
 
@@ -28,7 +28,7 @@ from kiln.quantization.fp8 import Fp8Method
 from kiln.quantization.fp8_block import Fp8BlockMethod
 from kiln.quantization.w4a8 import W4A8AwqMethod
 from kiln.quantization.w8a8 import Int8W8A8Method
-from kiln.quantization.weight_only import Int4GroupMethod, Int8ExpertMethod, Int8WeightOnlyMethod
+from kiln.quantization.weight_only import Int4ExpertMethod, Int4GroupMethod, Int8ExpertMethod, Int8WeightOnlyMethod
 
 # quant_algo -> (QuantConfig, layer) -> the layer's method. AWQ's and SmoothQuant's per-input-channel scales fold
 # into the norm before a column-parallel layer (QKV, fc/gate); a row-parallel layer (attention output, mlp.proj)
@@ -61,6 +61,7 @@ LM_HEAD_METHODS = {
 # The others keep experts in full precision: their kernels are per-linear.
 EXPERT_METHODS = {
     QuantAlgo.W8A16: lambda qc: Int8ExpertMethod(),
+    QuantAlgo.W4A16: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
 }
 SUPPORTED_ALGOS = tuple(METHODS)  # every weight algorithm (tests/quantization check the list)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)

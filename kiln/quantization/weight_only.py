@@ -16,8 +16,8 @@ rules apply to them as to a plain weight):
   layer split across ranks needs whole groups on every rank.
 - AWQ adds `prequant_scaling_factor` [in] where its scale could not be folded into a norm: the layer computes
   (x * prequant_scaling_factor) W^T.
-- W8A16 of a mixture of experts' stacked weights (Int8ExpertMethod): `weight` int8 [experts, out, in],
-  `weights_scaling_factor` [experts, out, 1].
+- A mixture of experts' stacked weights [experts, out, in] (Int8ExpertMethod, Int4ExpertMethod): each expert as
+  above, stacked on a first dim, W8A16's scales as [experts, out, 1].
 - W4A16_GPTQ (imported act-order GPTQ, kiln.quantization.hf_import) adds `input_permutation` int32 [in]: the
   columns are the source's input channels sorted by group, column j being channel input_permutation[j], so
   the layer computes x[..., input_permutation] W^T. A row-parallel layer's permutation must keep every rank's
@@ -37,6 +37,7 @@ from torch import nn
 
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
+from kiln.kernels.moe import ExpertCodes
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate, shard_experts
 
@@ -220,6 +221,47 @@ class Int8ExpertMethod:
     def quantize(self, weight, dtype, input_scale=None):
         q, s = quantize_int8_experts(weight, dtype)
         return {"weight": q, "weights_scaling_factor": s}
+
+    def codes(self, layer) -> ExpertCodes:
+        return ExpertCodes(layer.weight, layer.weights_scaling_factor)
+
+
+class Int4ExpertMethod:
+    """W4A16 (round to nearest) for stacked expert weights: each expert's [out, in] packed and scaled as a dense
+    W4A16 layer's (`weight` uint8 [experts, out, in / 2], `weights_scaling_factor` and, with zero points,
+    `zero_point` [experts, out, groups]), sharded like the codes (a row-parallel expert splits its groups, whole
+    ones on every rank) and joined into fc_gate on dim -2 with them."""
+
+    name = "W4A16"
+
+    def __init__(self, group_size: int, zero_point: bool):
+        self.group_size, self.zero_point = group_size, zero_point
+
+    def create_weights(self, layer) -> None:
+        g, inp = self.group_size, layer.in_features
+        if inp % g:  # (the grouped GEMM's steps stay within a group: no short last group, none across ranks)
+            raise ConfigError(f"QuantConfig.group_size ({g}) must divide the experts' input features on a rank "
+                              f"({inp}) to quantize them as W4A16; choose one of 32, 64, 128 that divides it, a "
+                              f"smaller moe_tp_size, or keep the experts in full precision with exclude_modules "
+                              f"'experts.*'")
+        layer.weight = _param(layer.num_experts, layer.out_features, inp // 2, dtype=torch.uint8)
+        layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features, inp // g)
+        leaves = ["weight", "weights_scaling_factor"]
+        if self.zero_point:
+            layer.zero_point = _param(layer.num_experts, layer.out_features, inp // g)
+            leaves.append("zero_point")
+        layer.shard_rules.update({leaf: layer.weight_rule for leaf in leaves})
+
+    def quantize(self, weight, dtype, input_scale=None):
+        experts, out, inp = weight.shape
+        packed, s, z = quantize_int4_groups(weight.reshape(experts * out, inp), self.group_size, self.zero_point,
+                                            dtype)
+        tensors = {"weight": packed, "weights_scaling_factor": s, "zero_point": z}
+        return {leaf: t.view(experts, out, -1) for leaf, t in tensors.items() if t is not None}
+
+    def codes(self, layer) -> ExpertCodes:
+        return ExpertCodes(layer.weight, layer.weights_scaling_factor,
+                           layer.zero_point if self.zero_point else None, self.group_size)
 
 
 def check_whole_groups_per_rank(layer: Linear, group: int) -> bool:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import fused_moe, fused_moe_ref, moe_align
+from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align
 from kiln.layers.mlp import ACTIVATIONS
-from kiln.quantization.weight_only import quantize_int8_experts
+from kiln.quantization.weight_only import Int4ExpertMethod, Int8ExpertMethod
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if triton_available() else "cpu"
@@ -121,30 +121,46 @@ def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_
     assert_within_ulps(got, want, dtype)
 
 
+def expert_codes(weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> ExpertCodes:
+    """A stacked [local, out, in] weight as a quantized format's ExpertCodes (the expert methods' quantize)."""
+    method = {"int8": Int8ExpertMethod(), "int4_g32": Int4ExpertMethod(32, False),
+              "int4_g64_zp": Int4ExpertMethod(64, True)}[fmt]
+    t = method.quantize(weight, dtype)
+    group = 0 if fmt == "int8" else method.group_size
+    return ExpertCodes(t["weight"], t["weights_scaling_factor"], t.get("zero_point"), group)
+
+
+def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, ExpertCodes]:
+    """fc and gate as the engine holds them: two views of one fused [fc | gate] set of tensors."""
+    parts = [None if a is None else torch.cat([a, b], dim=1) for a, b in
+             ((fc.codes, gate.codes), (fc.scale, gate.scale), (fc.zero, gate.zero))]
+    return ExpertCodes(*parts, fc.group).halves()
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("fmt", ["int8", "int4_g32", "int4_g64_zp"])
 @pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized", [
-    (1, 8, 2, 0, 8, 64, 96, "all"),  # decode
-    (45, 8, 2, 0, 8, 80, 72, "all"),  # ragged tiles in every dim
-    (300, 6, 3, 2, 2, 64, 48, "all"),  # expert parallelism, 64-row blocks
-    (45, 8, 2, 0, 8, 80, 72, "proj"),  # fc and gate excluded (exclude_modules), proj int8
+    (1, 8, 2, 0, 8, 64, 128, "all"),  # decode: 16-row blocks, 128-input steps (int4: a group's)
+    (45, 8, 2, 0, 8, 192, 64, "all"),  # ragged row blocks and output tiles
+    (300, 6, 3, 2, 2, 64, 192, "all"),  # expert parallelism, 64-row blocks
+    (45, 8, 2, 0, 8, 192, 64, "proj"),  # fc and gate excluded (exclude_modules), proj quantized
 ])
-def test_int8_experts_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter,
-                                               quantized):
-    """W8A16 experts: int8 codes and a scale per expert and output row, fc and gate as views of the engine's
-    fused fc_gate codes and scales; the kernel dequantizes each tile as the reference dequantizes each expert."""
+def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_experts, top_k, first, num_local,
+                                                    hidden, inter, quantized):
+    """W8A16 and W4A16 experts (codes, scales, zeros) with fc and gate as views of the engine's fused fc_gate
+    tensors: the kernel dequantizes each tile as the reference dequantizes each expert."""
     experts, weights = routing(tokens, num_experts, top_k, seed=tokens)
     fc, gate, proj = expert_weights(num_local, hidden, inter, seed=7)
-    (fc_q, fc_s), (gate_q, gate_s), (proj_q, proj_s) = (quantize_int8_experts(w, dtype) for w in (fc, gate, proj))
-    fc_q, gate_q = torch.cat([fc_q, gate_q], dim=1).chunk(2, dim=1)
-    fc_s, gate_s = torch.cat([fc_s, gate_s], dim=1).chunk(2, dim=1)
-    scales = (fc_s, gate_s, proj_s)
+    fc_q, gate_q = fused_codes(expert_codes(fc, fmt, dtype), expert_codes(gate, fmt, dtype))
     if quantized == "proj":
-        fc_q, gate_q, scales = fc.to(dtype), gate.to(dtype), (None, None, proj_s)
+        fc_q, gate_q = fc.to(dtype), gate.to(dtype)
+    proj_q = expert_codes(proj, fmt, dtype)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3)).to(dtype)
-    args = [t.to(DEVICE) for t in (x, fc_q, gate_q, proj_q, experts, weights.to(dtype))] + [first, "silu"]
-    scales = tuple(None if s is None else s.to(DEVICE) for s in scales)
-    got, want = fused_moe(*args, scales=scales), fused_moe_ref(*args, scales=scales)
+    on_device = lambda w: w.to(DEVICE) if isinstance(w, torch.Tensor) else ExpertCodes(  # noqa: E731
+        w.codes.to(DEVICE), w.scale.to(DEVICE), None if w.zero is None else w.zero.to(DEVICE), w.group)
+    args = [on_device(t) for t in (x, fc_q, gate_q, proj_q, experts, weights.to(dtype))] + [first, "silu"]
+    got, want = fused_moe(*args), fused_moe_ref(*args)
     assert_within_ulps(got, want, dtype)
 
 

@@ -135,3 +135,20 @@ def test_qwen_gguf_keeps_its_q4_linears(tmp_path):
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert float((plain(ids) - hf(ids, use_cache=False).logits).abs().max()) > 10 * ATOL  # Q4_1 shows
+
+
+@pytest.mark.parametrize("case", ["qwen3moe", "qwen2moe_dense_layer"])
+def test_qwen_moe_gguf_keeps_its_q4_experts(case, tmp_path):
+    """--keep-quantization on MoE files whose stacked experts are Q4_0 too: the experts stay int4 (W4A16 experts,
+    group 32), not only the dense linears, and the model computes what the dequantized conversion computes."""
+    arch, config_cls, model_cls, config, _ = CASES[case]
+    if case == "qwen2moe_dense_layer":  # blocks of 32 along every expert's inputs
+        config = dict(config, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, seed=4, **config)
+    path = tmp_path / "q4_0.gguf"
+    write_qwen_gguf(tmp_path / "hf", hf.config, path, arch, linear_type="Q4_0")
+    assert_kept_gguf_computes_the_dequantized_model(path, tmp_path, ATOL)
+    kept = load_file(tmp_path / "kept" / "rank0.safetensors")
+    experts = [n for n in kept if ".mlp.experts." in n and n.endswith(".weight")]
+    assert experts and all(kept[n].dtype == torch.uint8 for n in experts)
+    assert kept[experts[0]].dim() == 3 and kept[experts[0].replace(".weight", ".zero_point")].dim() == 3

@@ -37,13 +37,15 @@ def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
     return full.float()
 
 
-def dequantize_experts(tensors: dict) -> torch.Tensor:
-    """Stacked experts' checkpoint tensors -> [experts, out, in] float: int8 codes times a scale per expert and
-    output row ([experts, out, 1]), or the float weight as it is."""
-    w = tensors["weight"]
-    if w.dtype != torch.int8:
-        return w.float()
-    return (w.double() * tensors["weights_scaling_factor"].double()).float()
+def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
+    """Stacked experts' checkpoint tensors -> [experts, out, in] float: each expert as `dequantize` reads a dense
+    layer's (W8A16's scales [experts, out, 1]), or the float weight as it is."""
+    if tensors["weight"].dtype not in (torch.int8, torch.uint8):
+        return tensors["weight"].float()
+    experts = tensors["weight"].shape[0]
+    int8 = tensors["weight"].dtype == torch.int8
+    squeezed = {leaf: t.flatten(-2) if int8 and leaf == "weights_scaling_factor" else t for leaf, t in tensors.items()}
+    return torch.stack([dequantize({leaf: t[e] for leaf, t in squeezed.items()}, group) for e in range(experts)])
 
 
 def rtn_int4(w: torch.Tensor, group: int, zero_point: bool, dtype=torch.float32):
@@ -91,8 +93,8 @@ def dequantized_hf(hf_model, ckpt: dict, config):
                 for hf_name, part in zip(hf_names, parts):
                     layer.get_submodule(hf_name).weight.copy_(part)
             if prefix + "mlp.experts.fc.weight" in ckpt:  # transformers 5 stacks them too: [w1 | w3] and w2
-                fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"))
-                                  for p in ("fc", "gate", "proj"))
+                fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
+                                                     config.quantization.group_size) for p in ("fc", "gate", "proj"))
                 layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
                 layer.mlp.experts.down_proj.copy_(proj)
         head = linear_tensors(ckpt, "lm_head")

@@ -1,0 +1,198 @@
+"""Weight-only quantization of a mixture of experts: W8A16 and W4A16 quantize the stacked expert weights too
+(each expert as a dense layer of the format), through quantize -> checkpoint -> from_checkpoint -> build -> run,
+against transformers with every weight replaced by its dequantization (reference.py), and sharded over tensor and
+expert parallelism."""
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+import kiln
+from kiln.config import QuantConfig
+from kiln.errors import ConfigError
+from kiln.kernels import triton_available
+from kiln.mapping import Mapping
+from kiln.models.base import PretrainedModel
+from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
+from reference import dequantize_experts, dequantized_hf, linear_tensors
+from conftest import hf_greedy, leftovers
+
+# intermediate 64: whole groups of 32 for proj's inputs, on one rank and on two
+TINY_MIXTRAL = dict(vocab_size=127, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_local_experts=4,
+                    num_experts_per_tok=2, tie_word_embeddings=False)
+CONFIGS = {
+    "W8A16": QuantConfig(quant_algo="W8A16"),
+    "W4A16_g32": QuantConfig(quant_algo="W4A16", group_size=32),
+    "W4A16_g32_zp": QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True),
+}
+IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+EXPERTS = "transformer.layers.1.mlp.experts."
+
+
+@pytest.fixture(scope="module")
+def hf_mixtral(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe") / "hf"
+    torch.manual_seed(0)
+    hf = tf.MixtralForCausalLM(tf.MixtralConfig(**TINY_MIXTRAL)).eval()
+    hf.save_pretrained(out)
+    return out, hf
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def quantized(request, hf_mixtral, tmp_path_factory):
+    """(config name, checkpoint dir) of the tiny Mixtral under each config."""
+    out = tmp_path_factory.mktemp("moe_" + request.param)
+    return request.param, PretrainedModel.quantize(hf_mixtral[0], out / "q", CONFIGS[request.param])
+
+
+def test_expert_codes_are_each_experts_rows_rounded_to_nearest(hf_mixtral, quantized):
+    name, ckpt_dir = quantized
+    qc = CONFIGS[name]
+    t = linear_tensors(load_file(ckpt_dir / "rank0.safetensors"), EXPERTS + "proj")
+    source = hf_mixtral[1].model.layers[1].mlp.experts.down_proj.detach()  # [experts, hidden, inter]
+    for e in range(4):
+        if name == "W8A16":
+            q, s = quantize_int8_per_channel(source[e], torch.float32)
+            assert torch.equal(t["weight"][e], q) and torch.equal(t["weights_scaling_factor"][e, :, 0], s)
+        else:
+            packed, s, z = quantize_int4_groups(source[e], qc.group_size, qc.has_zero_point, torch.float32)
+            assert torch.equal(t["weight"][e], packed) and torch.equal(t["weights_scaling_factor"][e], s)
+            assert (z is None) == ("zero_point" not in t) and (z is None or torch.equal(t["zero_point"][e], z))
+    w = dequantize_experts(t, qc.group_size)  # within half a step of its group's scale (a clamped zero: a step)
+    step = t["weights_scaling_factor"].repeat_interleave(qc.group_size if name != "W8A16" else 64, dim=-1)
+    assert ((w - source).abs() <= step * (1 if qc.has_zero_point else 0.5) + 1e-6).all()
+
+
+def test_logits_equal_transformers_with_dequantized_experts(hf_mixtral, quantized):
+    hf = hf_mixtral[1]
+    ckpt_dir = quantized[1]
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    assert ckpt[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8)
+    with torch.no_grad():
+        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
+        full = hf(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - full).abs().max() > 1e-4  # the comparison would see a model that was not quantized
+
+
+def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
+    """Another family: Qwen3-MoE (q/k norms, normalized top-2 of 4 experts of 32), int4 with zero points."""
+    torch.manual_seed(1)
+    config = tf.Qwen3MoeConfig(vocab_size=127, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                               tie_word_embeddings=False)
+    hf = tf.Qwen3MoeForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    qc = QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True)
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", qc)
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    assert ckpt[EXPERTS + "gate.weight"].dtype == torch.uint8
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    with torch.no_grad():
+        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
+        full = hf(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - full).abs().max() > 1e-4
+
+
+def test_engine_fuses_the_codes_and_scales_and_greedy_equals_dequantized_transformers(hf_mixtral, quantized,
+                                                                                      tmp_path):
+    hf = hf_mixtral[1]
+    name, ckpt_dir = quantized
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    engine = kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64))
+    fused = dict(engine.weights())
+    codes = fused["transformer.layers.0.mlp.experts.fc_gate.weight"]
+    assert codes.shape == ((4, 128, 64) if name == "W8A16" else (4, 128, 32))
+    assert fused["transformer.layers.0.mlp.experts.fc_gate.weights_scaling_factor"].shape[:2] == (4, 128)
+    engine.save(tmp_path / "engine")
+    prompt = [1, 17, 5, 99, 42]
+    ref = dequantized_hf(hf, load_file(ckpt_dir / "rank0.safetensors"), model.config)
+    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
+        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 8)
+
+
+@pytest.mark.parametrize("moe_tp, moe_ep", [(2, 1), (1, 2)])
+def test_rank_files_hold_their_experts_and_slices(hf_mixtral, quantized, tmp_path, moe_tp, moe_ep):
+    """Column experts (fc, gate) split their output rows, scales and zeros; the row expert (proj) splits its inputs
+    (int4: whole groups) and W8A16 keeps every output's scale on each rank; expert parallelism splits the experts."""
+    name, ckpt_dir = quantized
+    mapping = Mapping.of(tp_size=2, moe_tp_size=moe_tp, moe_ep_size=moe_ep)
+    out = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "q", CONFIGS[name], mapping)
+    full = load_file(ckpt_dir / "rank0.safetensors")
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in range(2)]
+    for tensor_name, tensor in full.items():
+        if EXPERTS not in tensor_name:
+            continue
+        parts = [r[tensor_name] for r in ranks]
+        if moe_ep > 1:
+            joined = torch.cat(parts, dim=0)
+        elif ".proj." in tensor_name and name == "W8A16" and tensor_name.endswith("scaling_factor"):
+            assert all(torch.equal(p, tensor) for p in parts), tensor_name  # every output's scale on each rank
+            continue
+        else:
+            joined = torch.cat(parts, dim=2 if ".proj." in tensor_name else 1)
+        assert torch.equal(joined, tensor), tensor_name
+
+
+def test_ranks_partial_expert_outputs_sum_to_the_single_rank(hf_mixtral, quantized, tmp_path):
+    """Each rank's local experts give a partial sum; added up (the all-reduce, done here in one process) they are
+    the single rank's experts' output, for moe_tp = 2 and for moe_ep = 2."""
+    name, ckpt_dir = quantized
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1))
+    moe = PretrainedModel.from_checkpoint(ckpt_dir).materialize().transformer.layers["0"].mlp
+    with torch.no_grad():
+        weights, experts = torch.softmax(moe.router(x), -1).topk(2, dim=-1)
+        want = moe.experts(x, experts, weights)
+        for moe_tp, moe_ep in ((2, 1), (1, 2)):
+            out = PretrainedModel.quantize(hf_mixtral[0], tmp_path / str(moe_ep), CONFIGS[name],
+                                           Mapping.of(tp_size=2, moe_tp_size=moe_tp, moe_ep_size=moe_ep))
+            ranks = [PretrainedModel.from_checkpoint(out, rank=r).materialize() for r in range(2)]
+            got = sum(r.transformer.layers["0"].mlp.experts(x, experts, weights) for r in ranks)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_excluding_the_experts_keeps_them_float_and_half_of_a_pair_is_refused(hf_mixtral, tmp_path):
+    hf_dir = hf_mixtral[0]
+    out = PretrainedModel.quantize(hf_dir, tmp_path / "q", QuantConfig(quant_algo="W8A16",
+                                                                       exclude_modules=("lm_head", "experts.*")))
+    ckpt = load_file(out / "rank0.safetensors")
+    assert ckpt[EXPERTS + "fc.weight"].dtype == torch.float32 and EXPERTS + "fc.weights_scaling_factor" not in ckpt
+    assert ckpt["transformer.layers.1.attention.qkv.weight"].dtype == torch.int8
+    with pytest.raises(ConfigError, match="both or neither.*experts.fc.*experts.gate"):
+        PretrainedModel.quantize(hf_dir, tmp_path / "half", QuantConfig(quant_algo="W8A16",
+                                                                        exclude_modules=("lm_head", "experts.fc")))
+    assert leftovers(tmp_path / "half") == []
+
+
+def test_int4_group_that_does_not_divide_an_experts_inputs_is_refused(hf_mixtral, tmp_path):
+    qc = QuantConfig(quant_algo="W4A16", group_size=128)  # dense layers take a short last group, experts do not
+    with pytest.raises(ConfigError, match="group_size.*experts' input features on a rank.*exclude_modules"):
+        PretrainedModel.quantize(hf_mixtral[0], tmp_path / "q", qc)
+    assert leftovers(tmp_path / "q") == []
+
+
+@pytest.mark.skipif(not triton_available(), reason="the grouped GEMM on int8 and int4 codes runs on an NVIDIA GPU")
+def test_gpu_engine_greedy_equals_dequantized_transformers(hf_mixtral, quantized, tmp_path, monkeypatch):
+    """The quantized experts through kiln.kernels.moe on the GPU (float32, so tokens must be identical)."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = hf_mixtral[1]
+    ckpt_dir = quantized[1]
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=4, max_seq_len=128)).save(tmp_path / "engine")
+    ref = dequantized_hf(hf, load_file(ckpt_dir / "rank0.safetensors"), model.config).to("cuda")
+    prompts = [[1, 17, 5, 99, 42], list(range(10, 60))]
+    greedy = kiln.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    with kiln.LLM(tmp_path / "engine", device="cuda") as llm:
+        outputs = llm.generate(prompts, greedy)
+    for prompt, out in zip(prompts, outputs):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            for _ in range(32):
+                ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert out.outputs[0].token_ids == ids[0, len(prompt):].tolist()
