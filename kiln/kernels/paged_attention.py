@@ -152,10 +152,10 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 
 
 # Fresh prompts' attention by torch's FlashAttention-2 varlen forward (aten._flash_attention_forward) instead of
-# the Triton kernels: on the H100 in the third session it took 259 us for 4 x 2048 tokens against the Triton
-# prefill's 356 then (docs/performance.md, "Kernels in isolation"); the TMA kernel took 0.338 ms on an H200 since.
-# Off until prefill-1000 says it wins (scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash). Read per
-# call, like the decode stream's setting.
+# the Triton kernels. In the third session torch's took 259 us for 4 x 2048 tokens on an H100 against the Triton
+# prefill's 356; in the thirty-fifth, 0.498 ms against the TMA kernel's 0.332 (scripts/bench_prefill_attention.py
+# --quick). So it is off; KILN_PREFILL_ATTENTION=flash turns it on (read per call, like the decode stream's
+# setting) to compare on other GPUs and torch builds.
 PREFILL_ATTENTION_SETTINGS = ("triton", "flash")
 
 
