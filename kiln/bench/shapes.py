@@ -44,4 +44,10 @@ FAMILY_SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                          num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
                          rope_theta=1000000.0, max_position_embeddings=32768),
+    # 128 experts of 768, 8 a token: 61 GB in bf16, fits one H100 (Mixtral's 93 GB does not)
+    "qwen3-30b-a3b": dict(architecture="Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                          rope_theta=1000000.0, max_position_embeddings=40960),
 }

@@ -254,6 +254,30 @@ def test_the_prefill_floor_runs_the_linears_at_the_rate_of_the_engines_gemm_form
     assert prefill_floor_s(config, tokens, rates) == pytest.approx(want)
 
 
+def test_the_decode_roofline_counts_a_mixture_of_experts_top_k_share_of_its_experts(tmp_path):
+    """Batch-1 decode reads every weight once a token, but of the stacked experts only the top-k a token picks."""
+    import transformers as tf
+
+    from kiln.bench.offline import decode_weight_bytes
+    from kiln.models.llama.model import LLaMAForCausalLM
+    from kiln.models.mixtral.model import MixtralForCausalLM
+
+    hf = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=8, num_experts_per_tok=2))
+    hf.save_pretrained(tmp_path / "hf")
+    model = MixtralForCausalLM.from_hugging_face(tmp_path / "hf", dtype="float32").materialize()
+    sizes = {name: p.numel() * 4 for name, p in model.named_parameters()}
+    experts = sum(size for name, size in sizes.items() if ".mlp.experts." in name)
+    assert experts == 2 * 3 * 8 * 32 * 64 * 4  # layers x projections x experts x hidden x inter x 4 bytes
+    assert decode_weight_bytes(model, model.config) == sum(sizes.values()) - experts + experts * 2 // 8
+    dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4))
+    dense.save_pretrained(tmp_path / "dense")
+    model = LLaMAForCausalLM.from_hugging_face(tmp_path / "dense", dtype="float32").materialize()
+    assert decode_weight_bytes(model, model.config) == sum(p.numel() * 4 for p in model.parameters())
+
+
 def test_gemm_formats_name_real_algorithms():
     from kiln.bench.offline import GEMM_FORMAT
     from kiln.config import QuantAlgo
