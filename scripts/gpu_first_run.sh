@@ -3,7 +3,7 @@
 # then their speed beside the paths they replace, each in one `kiln bench` run.
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
-#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash (default: all)
+#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -31,6 +31,9 @@
 # - flash: fresh prompts' attention by torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash, thirty-fifth
 #   session): its tests, the kernel beside the default (scripts/bench_prefill_attention.py --quick), then 400
 #   prefill-1000 requests under each (about 5 minutes).
+# - moe: an MoE engine's speed, Qwen3-30B-A3B shapes (61 GB in bf16), with its experts in W8A16 and W4A16 (the
+#   grouped GEMM on int8 and int4 codes, thirty-fifth session) beside bf16: batch-1 decode against the top-k
+#   roofline, and batch 64 (about 8 minutes; on an H200 if the H100's memory runs out).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -40,7 +43,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -73,10 +76,12 @@ for part in $parts; do
              tests/kernels/test_paged_attention_kernel.py -k "prefill_kernel_matches_reference"
            python scripts/bench_prefill_attention.py --quick
            python scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash --requests 400 ;;
+    moe) python -m kiln bench --synthetic qwen3-30b-a3b --dtype bfloat16 --baseline none --quant-algo W8A16,W4A16 \
+           --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
-    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token or" \
-         "flash" >&2
+    *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
+         "flash or moe" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
