@@ -30,7 +30,8 @@ from kiln.layers.moe import MoE
 from kiln.layers.normalization import RMSNorm, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8_import import prequantized_format
-from kiln.quantization.methods import apply_quant_config, quantized_linears, quantizes_lm_head
+from kiln.quantization.methods import (apply_quant_config, check_experts_importable, quantized_linears,
+                                      quantizes_lm_head)
 from kiln.version import FORMAT_VERSION, __version__
 
 CONFIG_FILE = "config.json"
@@ -374,6 +375,7 @@ class DecoderModelForCausalLM(PretrainedModel):
         prequantized = prequantized_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ / FP8: imported as is
         if prequantized is not None:
             config = config.replace(quantization=prequantized.quant_config)
+            check_experts_importable(config, f"{hf_dir / 'config.json'}: quantization_config")
             if config.tie_word_embeddings and quantizes_lm_head(config.quantization):
                 raise ConfigError(f"{hf_dir / 'config.json'}: quantization_config quantizes lm_head (lm_head: true) "
                                   "but tie_word_embeddings is true; kiln imports a quantized lm_head from untied "

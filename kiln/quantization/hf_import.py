@@ -37,6 +37,7 @@ Scales are converted to the model dtype; they come in float16, so a float16 or f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -235,13 +236,29 @@ def _ct_int4_format(weights: dict, at: str) -> HFQuantFormat:
                          act_order=True)
 
 
+# Layers kiln never quantizes, which a source may list as ignored: lm_head (excluded by default) and a mixture of
+# experts' routers (`mlp.gate`, Mixtral's `block_sparse_moe.gate`, Qwen2-MoE's `shared_expert_gate`), as names or
+# compressed-tensors' "re:" patterns.
+ALWAYS_FLOAT = re.compile(r"(^|\.|\*)(lm_head|(mlp|block_sparse_moe)\.gate|shared_expert_gate)\$?$")
+
+
 def check_ignored(ignored: list, where: str) -> None:
-    """kiln keeps lm_head in full precision; a source that left a decoder linear unquantized would need a
-    per-layer exclude list mapped from HF names, which the importers do not do."""
-    others = [m for m in ignored if m.rsplit(".", 1)[-1] != "lm_head" and m != "re:.*lm_head"]
+    """kiln keeps lm_head and MoE routers in full precision; a source that left a decoder linear unquantized would
+    need a per-layer exclude list mapped from HF names, which the importers do not do."""
+    others = [m for m in ignored if not ALWAYS_FLOAT.search(m.replace("\\.", "."))]
     if others:
         raise ConfigError(f"{where}: layers kept unquantized {others[:4]} are not supported; this kiln imports "
                           f"checkpoints that quantize every decoder linear (lm_head excepted)")
+
+
+def _per_expert(convert):
+    """A leaf converter for stacked experts: NameMap.load stacks the source's per-expert tensors, so convert each
+    expert's slice and stack again. Per-output scales ([out] an expert, W8A16) become [experts, out, 1], as
+    kiln.quantization.weight_only.Int8ExpertMethod holds them."""
+    def stacked(tensor: torch.Tensor, config) -> torch.Tensor:
+        out = torch.stack([t if convert is None else convert(t, config) for t in tensor])
+        return out[..., None] if out.dim() == 2 else out
+    return stacked
 
 
 class PrequantizedNameMap(NameMap):
@@ -265,7 +282,8 @@ class PrequantizedNameMap(NameMap):
             if src.transform is not None or not src.name.endswith(".weight"):
                 raise CheckpointError(f"{src.name}: a {self.fmt.method.upper()} checkpoint of this family needs a "
                                       f"row transform of its packed weights, which kiln does not implement")
-            out.append(Src(src.name[: -len("weight")] + source_leaf, convert))
+            name = src.name[: -len("weight")] + source_leaf
+            out.append(Src(name, _per_expert(convert) if "{e}" in name else convert))
         return tuple(out)
 
     def load(self, kiln_name: str, source, config) -> torch.Tensor:

@@ -81,6 +81,18 @@ def check_lm_head(qc: QuantConfig) -> None:
                           f"on the CLI, drop --quantize-lm-head)")
 
 
+def check_experts_importable(config, where: str) -> None:
+    """Refuse a pre-quantized mixture of experts whose experts kiln would hold in full precision (an algorithm
+    outside EXPERT_METHODS): their source tensors are codes, which only an expert method reads."""
+    algo = config.quantization.quant_algo
+    if config.moe_num_experts and algo is not None and algo not in EXPERT_METHODS:
+        able = [a.value for a in EXPERT_METHODS]
+        raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln holds "
+                          f"quantized experts as {able} only (GPTQ without desc_act, AWQ, compressed-tensors int4 or "
+                          f"int8 without act order). Convert the float model and use `kiln quantize --quant-algo "
+                          f"W4A16` (or W8A16)")
+
+
 def supported_names() -> list[str]:
     return [a.value for a in SUPPORTED_ALGOS]
 

@@ -203,6 +203,18 @@ def test_a_format_kiln_cannot_import_is_refused_by_name(hf_llama, tmp_path, case
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_routers_a_source_ignores_are_accepted_and_a_decoder_linear_is_not():
+    """llm-compressor's MoE recipes leave the routers unquantized (kiln keeps them float too); as names or as "re:"
+    patterns, Mixtral's and Qwen's."""
+    from kiln.quantization.hf_import import check_ignored
+
+    check_ignored(["lm_head", "re:.*lm_head", "model.layers.0.mlp.gate", "re:.*mlp.gate$",
+                   "model.layers.1.block_sparse_moe.gate", "re:.*shared_expert_gate$"], "config.json")
+    for linear in ("model.layers.0.mlp.gate_proj", "re:.*mlp.gate_proj$", "model.layers.0.mlp.experts.0.gate_proj"):
+        with pytest.raises(ConfigError, match="layers kept unquantized"):
+            check_ignored(["lm_head", linear], "config.json")
+
+
 def test_a_missing_scale_tensor_is_named_and_nothing_is_written(hf_llama, tmp_path):
     src = tmp_path / "src"
     write_compressed(hf_llama, src, "w4a16_asym")

@@ -3,10 +3,12 @@
 against transformers with every weight replaced by its dequantization (reference.py), and sharded over tensor and
 expert parallelism."""
 
+import json
+
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import kiln
 from kiln.config import QuantConfig
@@ -14,6 +16,7 @@ from kiln.errors import ConfigError
 from kiln.kernels import triton_available
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
+from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
 from reference import dequantize_experts, dequantized_hf, linear_tensors
 from conftest import hf_greedy, leftovers
@@ -196,3 +199,62 @@ def test_gpu_engine_greedy_equals_dequantized_transformers(hf_mixtral, quantized
             for _ in range(32):
                 ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], dim=1)
         assert out.outputs[0].token_ids == ids[0, len(prompt):].tolist()
+
+
+# ---- pre-quantized MoE checkpoints: AutoAWQ (GEMM) and GPTQ, one tensor set per expert as the hub has them ----
+
+def write_prequantized_moe(hf_dir, out_dir, method: str, group: int = 32):
+    """The saved checkpoint in hf_dir with every decoder linear, each expert's too (routers stay float), as an
+    AutoAWQ-GEMM or GPTQ checkpoint in out_dir / "q" (packing as tests/quantization/test_import_awq.py writes
+    it), and a float checkpoint of the dequantized weights in out_dir / "dequantized"."""
+    from test_import_awq import AWQ_ORDER, asymmetric_int4, pack_along_last
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tensors, dequantized = {}, {}
+    for name, p in load_file(hf_dir / "model.safetensors").items():
+        proj, last = name[: -len(".weight")], name.rsplit(".", 2)[-2]
+        if not (name.startswith("model.layers.") and name.endswith(".weight")
+                and (last.endswith("_proj") or last in ("w1", "w2", "w3"))):
+            tensors[name] = dequantized[name] = p
+            continue
+        q, z, s = asymmetric_int4(p.T, group)  # codes [in, out], zeros and scales [groups, out]
+        dequantized[name] = ((q - z.repeat_interleave(group, 0)) * s.float().repeat_interleave(group, 0)).T
+        if method == "awq":
+            tensors[proj + ".qweight"] = pack_along_last(q, AWQ_ORDER)
+            tensors[proj + ".qzeros"] = pack_along_last(z, AWQ_ORDER)
+        else:  # GPTQ's original format stores zero - 1
+            tensors[proj + ".qweight"] = pack_along_last(q.T, list(range(8))).T.contiguous()
+            tensors[proj + ".qzeros"] = pack_along_last((z - 1) & 0xF, list(range(8)))
+            tensors[proj + ".g_idx"] = torch.arange(p.shape[1], dtype=torch.int32) // group
+        tensors[proj + ".scales"] = s
+    for sub, state, qc in (("q", tensors, {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
+                                            "zero_point": True} if method == "awq" else
+                            {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False}),
+                           ("dequantized", dequantized, None)):
+        (out_dir / sub).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / sub / "model.safetensors"))
+        extra = {"quantization_config": qc} if qc else {}
+        (out_dir / sub / "config.json").write_text(json.dumps({**config, **extra}))
+    return out_dir / "q", out_dir / "dequantized"
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_and_gptq_moe_checkpoints_import_their_experts_as_int4(hf_mixtral, method, tmp_path):
+    """Hub AWQ/GPTQ MoE releases (Mixtral-AWQ, Qwen3-MoE-GPTQ) pack each expert's linears like any other: they
+    import as W4A16 experts with their own codes, and compute what transformers computes on the dequantized
+    weights."""
+    quantized, dequantized = write_prequantized_moe(hf_mixtral[0], tmp_path, method)
+    model = MixtralForCausalLM.from_hugging_face(quantized, dtype="float32")
+    assert model.weight_specs()[EXPERTS + "fc.weight"] == (torch.uint8, (4, 64, 32))
+    ref = tf.AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(IDS) - ref(IDS).logits).abs().max() <= 1e-4
+
+
+def test_an_act_order_gptq_moe_checkpoint_is_refused_by_name(hf_mixtral, tmp_path):
+    quantized, _ = write_prequantized_moe(hf_mixtral[0], tmp_path, "gptq")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="mixture of experts quantized as W4A16_GPTQ.*kiln quantize"):
+        MixtralForCausalLM.from_hugging_face(quantized, dtype="float32")
