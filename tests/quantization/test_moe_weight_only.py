@@ -160,6 +160,26 @@ def test_ranks_partial_expert_outputs_sum_to_the_single_rank(hf_mixtral, quantiz
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("moe_tp, moe_ep", [(2, 1), (1, 2)])
+def test_two_worker_engine_greedy_equals_dequantized_transformers(hf_mixtral, tmp_path, kiln_cache, moe_tp, moe_ep):
+    """W4A16 experts split over two worker processes (torch.distributed on gloo): by their inputs' groups
+    (moe_tp 2) or by expert (moe_ep 2); the all-reduced partial sums give transformers' tokens on the dequantized
+    weights."""
+    from kiln.builder import build_checkpoint
+
+    qc = CONFIGS["W4A16_g32_zp"]
+    one = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "tp1", qc)
+    ckpt = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "tp2", qc,
+                                    Mapping.of(tp_size=2, moe_tp_size=moe_tp, moe_ep_size=moe_ep))
+    engine = build_checkpoint(ckpt, tmp_path / "engine")
+    prompt = [1, 17, 5, 99, 42]
+    config = PretrainedModel.from_checkpoint(one).config
+    ref = dequantized_hf(hf_mixtral[1], load_file(one / "rank0.safetensors"), config)
+    with kiln.LLM(engine, tensor_parallel_size=2) as llm:
+        out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 8)
+
+
 def test_excluding_the_experts_keeps_them_float_and_half_of_a_pair_is_refused(hf_mixtral, tmp_path):
     hf_dir = hf_mixtral[0]
     out = PretrainedModel.quantize(hf_dir, tmp_path / "q", QuantConfig(quant_algo="W8A16",
