@@ -102,6 +102,29 @@ def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
     assert (ours - full).abs().max() > 1e-4
 
 
+def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
+    """Issue 4's memory line on a mixture of experts: every decoder linear (attention's, and each expert's fc,
+    gate and proj) as the format defines it, 1 byte a weight and one scale an output (W8A16) or half a byte and
+    a scale (and zero) per group of inputs (W4A16); routers, norms, embedding and lm_head in the model dtype."""
+    name, ckpt_dir = quantized
+    qc = CONFIGS[name]
+    c = PretrainedModel.from_checkpoint(ckpt_dir).config
+    h, inter, experts, layers = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts, c.num_hidden_layers
+    q, kv = c.num_attention_heads * c.head_size, c.num_key_value_heads * c.head_size
+    linears = [(q + 2 * kv, h), (h, q)] + [(2 * inter, h), (h, inter)] * experts  # (out, in)
+    if name == "W8A16":
+        per_layer = sum(o * i + o * 4 for o, i in linears)
+    else:
+        per_layer = sum(o * i // 2 + o * (i // qc.group_size) * 4 * (1 + qc.has_zero_point) for o, i in linears)
+    per_layer += (experts * h + 2 * h) * 4  # the router, two norms (float32)
+    expected = layers * per_layer + (2 * c.vocab_size * h + h) * 4  # embedding, lm_head, final norm
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    kiln.build(model, kiln.BuildConfig(max_batch_size=1, max_seq_len=32)).save(tmp_path / "engine")
+    held = sum(t.numel() * t.element_size() for f in (tmp_path / "engine").glob("*.safetensors")
+               for t in load_file(f).values())
+    assert held == expected
+
+
 def test_engine_fuses_the_codes_and_scales_and_greedy_equals_dequantized_transformers(hf_mixtral, quantized,
                                                                                       tmp_path):
     hf = hf_mixtral[1]
