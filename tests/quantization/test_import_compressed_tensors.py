@@ -57,6 +57,17 @@ def write_compressed(hf_model, out_dir, name: str):
     model = copy.deepcopy(hf_model)
     scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    _set_min_max_qparams(model, args)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+    compressor.decompress_model(model)
+    return model
+
+
+def _set_min_max_qparams(model, args) -> None:
+    """Each quantized module's scale (and zero) from its weights' min and max, as the tests' checkpoints use."""
     for module in model.modules():
         if getattr(module, "quantization_scheme", None) is None:
             continue
@@ -65,12 +76,40 @@ def write_compressed(hf_model, out_dir, name: str):
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(
                 module.weight_zero_point.dtype)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
-    model.save_pretrained(out_dir)
+
+
+def write_compressed_moe(hf_dir, out_dir, name: str) -> dict:
+    """hf_dir's saved MoE checkpoint, one tensor set per expert as transformers 4 and the hub hold them, quantized
+    by SCHEMES[name] (routers and lm_head ignored, as llm-compressor's MoE recipes do) and written as
+    compressed-tensors writes it; return its tensors as the package decompresses them (float weights)."""
+    weights, acts, fmt, _ = SCHEMES[name]
+    args = QuantizationArgs(**weights)
+    root = torch.nn.Module()  # the saved names, an nn.Linear for each decoder matrix (transformers 5 stacks experts)
+    for tensor_name, t in load_file(hf_dir / "model.safetensors").items():
+        *path, leaf, kind = tensor_name.split(".")
+        parent = root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        if tensor_name.startswith("model.layers.") and t.dim() == 2:
+            parent.add_module(leaf, torch.nn.Linear(t.shape[1], t.shape[0], bias=False))
+            getattr(parent, leaf).weight.data = t.clone()
+        else:
+            parent.add_module(leaf, torch.nn.Module())
+            getattr(parent, leaf).register_parameter(kind, torch.nn.Parameter(t.clone(), requires_grad=False))
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+    ignore = ["lm_head", "re:.*block_sparse_moe.gate$"]
+    apply_quantization_config(root, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
+    _set_min_max_qparams(root, args)
+    compressor = ModelCompressor.from_pretrained_model(root, quantization_format=fmt)
+    compressor.compress_model(root)
+    out_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in root.state_dict().items()}, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text((hf_dir / "config.json").read_text())
     compressor.update_config(out_dir)
-    compressor.decompress_model(model)
-    return model
+    compressor.decompress_model(root)
+    return {k: v for k, v in root.state_dict().items() if not k.endswith(("_scale", "_zero_point", "g_idx"))}
 
 
 def _ranges(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,3 +364,30 @@ def test_kv_cache_scheme_kiln_cannot_hold_is_refused(hf_llama, tmp_path):
                                           r"symmetric, per-tensor scales"):
         convert_checkpoint(tmp_path / "kv", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_asym", "w8a16"])
+def test_an_moe_checkpoint_imports_its_experts_as_quantized_experts(name, tmp_path):
+    """llm-compressor's MoE checkpoints (routers ignored, each expert's linears compressed like any other) import
+    as kiln's W4A16 or W8A16 experts and compute what transformers computes on the package's decompression."""
+    import transformers as tf
+
+    from kiln.models.mixtral.model import MixtralForCausalLM
+
+    torch.manual_seed(0)
+    hf = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=127, hidden_size=64, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    decompressed = write_compressed_moe(tmp_path / "hf", tmp_path / "ct", name)
+    (tmp_path / "ref").mkdir()
+    save_file({k: v.contiguous() for k, v in decompressed.items()}, str(tmp_path / "ref" / "model.safetensors"))
+    (tmp_path / "ref" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32).eval()
+    model = MixtralForCausalLM.from_hugging_face(tmp_path / "ct", dtype="float32")
+    experts = model.weight_specs()["transformer.layers.0.mlp.experts.fc.weight"]
+    assert experts == ((torch.int8, (4, 64, 64)) if name == "w8a16" else (torch.uint8, (4, 64, 32)))
+    with torch.no_grad():
+        ours, theirs = model(IDS), ref(IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (ours - hf(IDS).logits).abs().max() > 1e-4  # the comparison would see a model that was not quantized
