@@ -175,12 +175,14 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32")) for bm, bn, bk, _, _ in int8_gemm._tiles(128)],
     *[(f"int8 quantize rows prequant={p}", int8_gemm._quantize_int8_kernel, dict(PREQUANT=p, BLOCK=4096),
        dict(q_ptr="*i8", scale_ptr="*fp32")) for p in (False, True)],
-    *[(f"moe grouped gemm codes={codes} zero={zero} {bm}x{bn}x{bk}", moe._grouped_gemm_kernel,
+    *[(f"moe grouped gemm codes={codes} {ptr} zero={zero} {bm}x{bn}x{bk}", moe._grouped_gemm_kernel,
        dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, CODES=codes,
             GROUP=128 if codes == 2 else 4096, HAS_ZERO=zero, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
        dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32",
-            **({1: dict(b_ptr="*i8", bg_ptr="*i8"), 2: dict(b_ptr="*u8", bg_ptr="*u8")}.get(codes, {}))))
-      for codes, zero in ((0, False), (1, False), (2, False), (2, True))
+            **{"*i8": dict(b_ptr="*i8", bg_ptr="*i8"), "*fp8e4nv": dict(b_ptr="*fp8e4nv", bg_ptr="*fp8e4nv"),
+               "*u8": dict(b_ptr="*u8", bg_ptr="*u8"), None: {}}[ptr]))
+      for codes, zero, ptr in ((0, False, None), (1, False, "*i8"), (1, False, "*fp8e4nv"), (2, False, "*u8"),
+                               (2, True, "*u8"))
       for bm, bn, bk in ((16, 64, 128), (64, 128, 64))],
 ]
 

@@ -31,9 +31,10 @@
 # - flash: fresh prompts' attention by torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash, thirty-fifth
 #   session): its tests, the kernel beside the default (scripts/bench_prefill_attention.py --quick), then 400
 #   prefill-1000 requests under each (about 5 minutes).
-# - moe: an MoE engine's speed, Qwen3-30B-A3B shapes (61 GB in bf16), with its experts in W8A16 and W4A16 (the
-#   grouped GEMM on int8 and int4 codes, thirty-fifth session) beside bf16: batch-1 decode against the top-k
-#   roofline, and batch 64 (about 8 minutes; on an H200 if the H100's memory runs out).
+# - moe: the e4m3 experts' GPU tests (written after the thirty-fifth session's device time), then an MoE engine's
+#   speed, Qwen3-30B-A3B shapes (61 GB in bf16), with its experts in W8A16, W4A16 and FP8 (the grouped GEMM on
+#   int8, int4 and e4m3 codes) beside bf16: batch-1 decode against the top-k roofline, and batch 64 (about 9
+#   minutes; on an H200 if the H100's memory runs out).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -76,7 +77,10 @@ for part in $parts; do
              tests/kernels/test_paged_attention_kernel.py -k "prefill_kernel_matches_reference"
            python scripts/bench_prefill_attention.py --quick
            python scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash --requests 400 ;;
-    moe) python -m kiln bench --synthetic qwen3-30b-a3b --dtype bfloat16 --baseline none --quant-algo W8A16,W4A16 \
+    moe) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_moe_kernel.py \
+           tests/quantization/test_moe_weight_only.py -k "gpu or quantized_experts"
+         python -m kiln bench --synthetic qwen3-30b-a3b --dtype bfloat16 --baseline none \
+           --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN \
            --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;

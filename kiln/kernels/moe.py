@@ -14,9 +14,10 @@ The layout follows vLLM's fused_moe (moe_align_block_size + fused_moe_kernel); t
 
 `fused_moe_ref` is the reference: one matmul per expert present, exact against transformers on CPU.
 
-Quantized experts (kiln.quantization.weight_only's expert methods) come as `ExpertCodes`: W8A16's int8 codes or
-W4A16's packed int4 ones with their scales (and zeros). Both paths use the weight the format defines, rounded to
-the activations' dtype: the reference dequantizes each expert present, the kernel each tile as it loads it.
+Quantized experts (the expert methods of kiln.quantization) come as `ExpertCodes`: W8A16's int8 codes, FP8's e4m3
+ones or W4A16's packed int4 ones, with their scales (and zeros). Both paths use the weight the format defines,
+rounded to the activations' dtype: the reference dequantizes each expert present, the kernel each tile as it loads
+it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's con
 
 @dataclass(frozen=True)
 class ExpertCodes:
-    """One projection of the local experts as quantized codes: int8 [local, out, in] (W8A16) or int4 packed two a
-    byte along the input dim [local, out, in / 2] (W4A16, as its dense layers pack them); `scale` [local, out,
-    groups] of `group` inputs each (int8: one group, the whole row); `zero` int4's zero points shaped like scale,
-    or None (the symmetric 8)."""
+    """One projection of the local experts as quantized codes: int8 or e4m3 [local, out, in] (W8A16, FP8) or int4
+    packed two a byte along the input dim [local, out, in / 2] (W4A16, as its dense layers pack them); `scale`
+    [local, out, groups] of `group` inputs each (int8 and e4m3: one group, the whole row); `zero` int4's zero
+    points shaped like scale, or None (the symmetric 8)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -61,12 +62,12 @@ class ExpertCodes:
 
     def dequantize(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         """Local expert i's weight [out, in] in dtype, as its dense format dequantizes."""
-        from kiln.quantization.weight_only import dequantize_int4, dequantize_int8  # (they import the layers)
+        from kiln.quantization.weight_only import dequantize_int4  # (it imports the layers)
 
         if self.int4:
             return dequantize_int4(self.codes[i], self.scale[i], None if self.zero is None else self.zero[i],
                                    self.group, dtype)
-        return dequantize_int8(self.codes[i], self.scale[i, :, 0], dtype)
+        return (self.codes[i].float() * self.scale[i].float()).to(dtype)  # int8 or e4m3 codes, a scale a row
 
     def halves(self) -> tuple["ExpertCodes", "ExpertCodes"]:
         """fc's and gate's codes, as views of the engine's fused fc_gate (its outputs are [fc | gate])."""
@@ -156,7 +157,8 @@ def _config(pairs: int, num_local: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-_CODES = {None: 0, torch.int8: 1, torch.uint8: 2}  # the kernel's CODES: float weights, int8, packed int4
+# the kernel's CODES: float weights; int8 or e4m3 codes with a scale a row; packed int4
+_CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 1, torch.uint8: 2}
 
 
 def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows_per_token, act, cfg):
@@ -206,18 +208,19 @@ if triton is not None:
     @triton.jit
     def _expert_tile(ptrs, mask, s_ptrs, z_ptrs, col_ok, a_dtype: tl.constexpr, CODES: tl.constexpr,
                      HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """A [BLOCK_K, BLOCK_N] tile of an expert's weight in the activations' dtype: as stored (CODES 0); int8
-        codes times their column's scale (1); or int4 codes, two a byte along K (low nibble first), minus
+        """A [BLOCK_K, BLOCK_N] tile of an expert's weight in the activations' dtype: as stored (CODES 0); int8 or
+        e4m3 codes times their column's scale (1); or int4 codes, two a byte along K (low nibble first), minus
         their zero (8 without zero points) times their group's scale (2): dequantize_int8's and
         dequantize_int4's float32 math, rounded once."""
         if CODES == 0:
             b = tl.load(ptrs, mask=mask, other=0.0)
         else:
             s = tl.load(s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            c = tl.load(ptrs, mask=mask, other=0)
-            if CODES == 1:
+            if CODES == 1:  # (a float `other`: e4m3 codes take no integer one, int8 codes either)
+                c = tl.load(ptrs, mask=mask, other=0.0)
                 b = (c.to(tl.float32) * s).to(a_dtype)
             else:  # bytes [BLOCK_K / 2, BLOCK_N] -> codes [BLOCK_K, BLOCK_N], input 2j from byte j's low nibble
+                c = tl.load(ptrs, mask=mask, other=0)
                 u = tl.reshape(tl.permute(tl.join(c & 15, c >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(tl.float32)
                 if HAS_ZERO:
                     z = tl.load(z_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]

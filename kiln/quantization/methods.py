@@ -2,9 +2,10 @@
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
-`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16; under the others they stay in full precision, as do
-embeddings and MoE routers). A pattern matches a module's full name or any dotted suffix of it (fnmatch
-syntax): "lm_head", "mlp.proj", "transformer.layers.0.*".
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16, and FP8 and FP8_PER_CHANNEL_PER_TOKEN as e4m3 weights
+with 16-bit inputs; under the others they stay in full precision, as do embeddings and MoE routers). A pattern
+matches a module's full name or any dotted suffix of it (fnmatch syntax): "lm_head", "mlp.proj",
+"transformer.layers.0.*".
 
 lm_head is excluded by default (QuantConfig.exclude_modules = ("lm_head",), as TensorRT-LLM and ModelOpt do);
 a config that drops "lm_head" from the list quantizes it too, with LM_HEAD_METHODS: methods that need no
@@ -24,7 +25,7 @@ from kiln.errors import ConfigError
 from kiln.layers.embedding import LMHead
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
 from kiln.layers.moe import ExpertLinear
-from kiln.quantization.fp8 import Fp8Method
+from kiln.quantization.fp8 import Fp8ExpertMethod, Fp8Method
 from kiln.quantization.fp8_block import Fp8BlockMethod
 from kiln.quantization.w4a8 import W4A8AwqMethod
 from kiln.quantization.w8a8 import Int8W8A8Method
@@ -62,6 +63,8 @@ LM_HEAD_METHODS = {
 EXPERT_METHODS = {
     QuantAlgo.W8A16: lambda qc: Int8ExpertMethod(),
     QuantAlgo.W4A16: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
+    QuantAlgo.FP8: lambda qc: Fp8ExpertMethod(),  # (weight-only: experts take 16-bit inputs)
+    QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8ExpertMethod(),
 }
 SUPPORTED_ALGOS = tuple(METHODS)  # every weight algorithm (tests/quantization check the list)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
@@ -87,10 +90,10 @@ def check_experts_importable(config, where: str) -> None:
     algo = config.quantization.quant_algo
     if config.moe_num_experts and algo is not None and algo not in EXPERT_METHODS:
         able = [a.value for a in EXPERT_METHODS]
-        raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln holds "
-                          f"quantized experts as {able} only (GPTQ without desc_act, AWQ, compressed-tensors int4 or "
-                          f"int8 without act order). Convert the float model and use `kiln quantize --quant-algo "
-                          f"W4A16` (or W8A16)")
+        raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln imports "
+                          f"quantized experts from GPTQ without desc_act, AWQ and compressed-tensors int4 or int8 "
+                          f"without act order ({able} are made by `kiln quantize`). Convert the float model and use "
+                          f"`kiln quantize --quant-algo W4A16` (or W8A16, FP8)")
 
 
 def supported_names() -> list[str]:

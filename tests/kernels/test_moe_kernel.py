@@ -14,6 +14,7 @@ import torch
 from kiln.kernels import triton_available
 from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align
 from kiln.layers.mlp import ACTIVATIONS
+from kiln.quantization.fp8 import Fp8ExpertMethod
 from kiln.quantization.weight_only import Int4ExpertMethod, Int8ExpertMethod
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
@@ -123,10 +124,10 @@ def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_
 
 def expert_codes(weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> ExpertCodes:
     """A stacked [local, out, in] weight as a quantized format's ExpertCodes (the expert methods' quantize)."""
-    method = {"int8": Int8ExpertMethod(), "int4_g32": Int4ExpertMethod(32, False),
+    method = {"int8": Int8ExpertMethod(), "e4m3": Fp8ExpertMethod(), "int4_g32": Int4ExpertMethod(32, False),
               "int4_g64_zp": Int4ExpertMethod(64, True)}[fmt]
     t = method.quantize(weight, dtype)
-    group = 0 if fmt == "int8" else method.group_size
+    group = method.group_size if fmt.startswith("int4") else 0
     return ExpertCodes(t["weight"], t["weights_scaling_factor"], t.get("zero_point"), group)
 
 
@@ -139,7 +140,7 @@ def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, Expert
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("fmt", ["int8", "int4_g32", "int4_g64_zp"])
+@pytest.mark.parametrize("fmt", ["int8", "e4m3", "int4_g32", "int4_g64_zp"])
 @pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized", [
     (1, 8, 2, 0, 8, 64, 128, "all"),  # decode: 16-row blocks, 128-input steps (int4: a group's)
     (45, 8, 2, 0, 8, 192, 64, "all"),  # ragged row blocks and output tiles
@@ -148,7 +149,7 @@ def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, Expert
 ])
 def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_experts, top_k, first, num_local,
                                                     hidden, inter, quantized):
-    """W8A16 and W4A16 experts (codes, scales, zeros) with fc and gate as views of the engine's fused fc_gate
+    """W8A16, FP8 and W4A16 experts (codes, scales, zeros) with fc and gate as views of the engine's fused fc_gate
     tensors: the kernel dequantizes each tile as the reference dequantizes each expert."""
     experts, weights = routing(tokens, num_experts, top_k, seed=tokens)
     fc, gate, proj = expert_weights(num_local, hidden, inter, seed=7)

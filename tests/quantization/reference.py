@@ -22,10 +22,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
-    """A quantized linear's checkpoint tensors (leaf -> tensor) -> its effective float weight [out, in],
-    with the AWQ prequant scale multiplied into the input columns. Input column c is in group c // group."""
+    """A quantized linear's checkpoint tensors (leaf -> tensor) -> its effective float weight [out, in] (int8 or
+    e4m3 codes times a scale a row, int4 codes by group), with the AWQ prequant scale multiplied into the input
+    columns. Input column c is in group c // group."""
     w, s = tensors["weight"], tensors["weights_scaling_factor"].double()
-    if w.dtype == torch.int8:
+    if w.dtype in (torch.int8, torch.float8_e4m3fn):
         full = w.double() * s[:, None]
     else:
         codes = unpack(w).double()
@@ -39,11 +40,11 @@ def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
 
 def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
     """Stacked experts' checkpoint tensors -> [experts, out, in] float: each expert as `dequantize` reads a dense
-    layer's (W8A16's scales [experts, out, 1]), or the float weight as it is."""
-    if tensors["weight"].dtype not in (torch.int8, torch.uint8):
+    layer's (W8A16's and FP8's scales [experts, out, 1]), or the float weight as it is."""
+    if tensors["weight"].dtype not in (torch.int8, torch.uint8, torch.float8_e4m3fn):
         return tensors["weight"].float()
     experts = tensors["weight"].shape[0]
-    int8 = tensors["weight"].dtype == torch.int8
+    int8 = tensors["weight"].dtype != torch.uint8  # (int8 or e4m3: a scale a row)
     squeezed = {leaf: t.flatten(-2) if int8 and leaf == "weights_scaling_factor" else t for leaf, t in tensors.items()}
     return torch.stack([dequantize({leaf: t[e] for leaf, t in squeezed.items()}, group) for e in range(experts)])
 
@@ -87,7 +88,7 @@ def dequantized_hf(hf_model, ckpt: dict, config):
                 if prefix + kiln_name + ".weight" not in ckpt:  # a mixture of experts: no dense MLP
                     continue
                 w = dequantize(linear_tensors(ckpt, prefix + kiln_name), config.quantization.group_size) \
-                    if ckpt[prefix + kiln_name + ".weight"].dtype in (torch.int8, torch.uint8) \
+                    if ckpt[prefix + kiln_name + ".weight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) \
                     else ckpt[prefix + kiln_name + ".weight"]
                 parts = w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)
                 for hf_name, part in zip(hf_names, parts):

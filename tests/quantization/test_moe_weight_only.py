@@ -17,6 +17,7 @@ from kiln.kernels import triton_available
 from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
 from kiln.models.mixtral.model import MixtralForCausalLM
+from kiln.quantization.fp8 import search_scales
 from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
 from reference import dequantize_experts, dequantized_hf, linear_tensors
 from conftest import hf_greedy, leftovers
@@ -29,7 +30,10 @@ CONFIGS = {
     "W8A16": QuantConfig(quant_algo="W8A16"),
     "W4A16_g32": QuantConfig(quant_algo="W4A16", group_size=32),
     "W4A16_g32_zp": QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True),
+    # e4m3 experts with 16-bit inputs; attention kept float so the reference needs no activation quantization
+    "FP8_experts": QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN", exclude_modules=("lm_head", "attention.*")),
 }
+ROW_SCALED = ("W8A16", "FP8_experts")  # a scale an output row, [experts, out, 1]
 IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
 EXPERTS = "transformer.layers.1.mlp.experts."
 
@@ -59,11 +63,18 @@ def test_expert_codes_are_each_experts_rows_rounded_to_nearest(hf_mixtral, quant
         if name == "W8A16":
             q, s = quantize_int8_per_channel(source[e], torch.float32)
             assert torch.equal(t["weight"][e], q) and torch.equal(t["weights_scaling_factor"][e, :, 0], s)
+        elif name == "FP8_experts":
+            q, s = search_scales(source[e].float(), torch.float32)
+            assert torch.equal(t["weight"][e].view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(t["weights_scaling_factor"][e, :, 0], s)
         else:
             packed, s, z = quantize_int4_groups(source[e], qc.group_size, qc.has_zero_point, torch.float32)
             assert torch.equal(t["weight"][e], packed) and torch.equal(t["weights_scaling_factor"][e], s)
             assert (z is None) == ("zero_point" not in t) and (z is None or torch.equal(t["zero_point"][e], z))
-    w = dequantize_experts(t, qc.group_size)  # within half a step of its group's scale (a clamped zero: a step)
+    w = dequantize_experts(t, qc.group_size)  # int: within half a step of its group's scale (a clamped zero: a step)
+    if name == "FP8_experts":  # e4m3: within half its 3-bit mantissa's step, or of its smallest subnormal
+        assert ((w - source).abs() <= source.abs() * 2 ** -4 + t["weights_scaling_factor"] * 2 ** -10).all()
+        return
     step = t["weights_scaling_factor"].repeat_interleave(qc.group_size if name != "W8A16" else 64, dim=-1)
     assert ((w - source).abs() <= step * (1 if qc.has_zero_point else 0.5) + 1e-6).all()
 
@@ -73,7 +84,7 @@ def test_logits_equal_transformers_with_dequantized_experts(hf_mixtral, quantize
     ckpt_dir = quantized[1]
     model = PretrainedModel.from_checkpoint(ckpt_dir)
     ckpt = load_file(ckpt_dir / "rank0.safetensors")
-    assert ckpt[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8)
+    assert ckpt[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
     with torch.no_grad():
         ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
         full = hf(IDS).logits
@@ -111,11 +122,14 @@ def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     c = PretrainedModel.from_checkpoint(ckpt_dir).config
     h, inter, experts, layers = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts, c.num_hidden_layers
     q, kv = c.num_attention_heads * c.head_size, c.num_key_value_heads * c.head_size
-    linears = [(q + 2 * kv, h), (h, q)] + [(2 * inter, h), (h, inter)] * experts  # (out, in)
-    if name == "W8A16":
+    attention, moe = [(q + 2 * kv, h), (h, q)], [(2 * inter, h), (h, inter)] * experts  # (out, in)
+    linears = moe if name == "FP8_experts" else attention + moe  # (FP8_experts keeps attention float)
+    if name in ROW_SCALED:
         per_layer = sum(o * i + o * 4 for o, i in linears)
     else:
         per_layer = sum(o * i // 2 + o * (i // qc.group_size) * 4 * (1 + qc.has_zero_point) for o, i in linears)
+    if name == "FP8_experts":
+        per_layer += sum(o * i * 4 for o, i in attention)
     per_layer += (experts * h + 2 * h) * 4  # the router, two norms (float32)
     expected = layers * per_layer + (2 * c.vocab_size * h + h) * 4  # embedding, lm_head, final norm
     model = PretrainedModel.from_checkpoint(ckpt_dir)
@@ -133,7 +147,7 @@ def test_engine_fuses_the_codes_and_scales_and_greedy_equals_dequantized_transfo
     engine = kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64))
     fused = dict(engine.weights())
     codes = fused["transformer.layers.0.mlp.experts.fc_gate.weight"]
-    assert codes.shape == ((4, 128, 64) if name == "W8A16" else (4, 128, 32))
+    assert codes.shape == ((4, 128, 64) if name in ROW_SCALED else (4, 128, 32))
     assert fused["transformer.layers.0.mlp.experts.fc_gate.weights_scaling_factor"].shape[:2] == (4, 128)
     engine.save(tmp_path / "engine")
     prompt = [1, 17, 5, 99, 42]
@@ -158,7 +172,7 @@ def test_rank_files_hold_their_experts_and_slices(hf_mixtral, quantized, tmp_pat
         parts = [r[tensor_name] for r in ranks]
         if moe_ep > 1:
             joined = torch.cat(parts, dim=0)
-        elif ".proj." in tensor_name and name == "W8A16" and tensor_name.endswith("scaling_factor"):
+        elif ".proj." in tensor_name and name in ROW_SCALED and tensor_name.endswith("scaling_factor"):
             assert all(torch.equal(p, tensor) for p in parts), tensor_name  # every output's scale on each rank
             continue
         else:
