@@ -84,16 +84,22 @@ def check_lm_head(qc: QuantConfig) -> None:
                           f"on the CLI, drop --quantize-lm-head)")
 
 
+# The expert formats a pre-quantized checkpoint imports into (each expert's tensors converted as a dense layer's
+# and stacked, kiln.quantization.hf_import): AWQ, GPTQ without desc_act and compressed-tensors int4 (W4A16),
+# compressed-tensors int8 (W8A16). FP8 MoE checkpoints carry per-expert activation scales that kiln's
+# weight-only FP8 experts do not take.
+IMPORTED_EXPERT_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16)
+
+
 def check_experts_importable(config, where: str) -> None:
-    """Refuse a pre-quantized mixture of experts whose experts kiln would hold in full precision (an algorithm
-    outside EXPERT_METHODS): their source tensors are codes, which only an expert method reads."""
+    """Refuse a pre-quantized mixture of experts whose experts kiln does not import: their source tensors are
+    codes that only an import of that format reads."""
     algo = config.quantization.quant_algo
-    if config.moe_num_experts and algo is not None and algo not in EXPERT_METHODS:
-        able = [a.value for a in EXPERT_METHODS]
+    if config.moe_num_experts and algo is not None and algo not in IMPORTED_EXPERT_ALGOS:
         raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln imports "
-                          f"quantized experts from GPTQ without desc_act, AWQ and compressed-tensors int4 or int8 "
-                          f"without act order ({able} are made by `kiln quantize`). Convert the float model and use "
-                          f"`kiln quantize --quant-algo W4A16` (or W8A16, FP8)")
+                          f"quantized experts from AWQ, GPTQ without desc_act and compressed-tensors int4 or int8 "
+                          f"without act order. Convert the float model and use `kiln quantize --quant-algo W4A16` "
+                          f"(or W8A16, FP8)")
 
 
 def supported_names() -> list[str]:

@@ -308,10 +308,15 @@ def test_awq_and_gptq_moe_checkpoints_import_their_experts_as_int4(hf_mixtral, m
         assert (model(IDS) - ref(IDS).logits).abs().max() <= 1e-4
 
 
-def test_an_act_order_gptq_moe_checkpoint_is_refused_by_name(hf_mixtral, tmp_path):
+@pytest.mark.parametrize("quantization_config, algo", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}, "W4A16_GPTQ"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "FP8"),
+])
+def test_an_moe_checkpoint_kiln_does_not_import_is_refused_by_name(hf_mixtral, tmp_path, quantization_config, algo):
+    """Act-order GPTQ and FP8 MoE checkpoints: refused from their config, naming the formats that do import."""
     quantized, _ = write_prequantized_moe(hf_mixtral[0], tmp_path, "gptq")
     config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"]["desc_act"] = True
+    config["quantization_config"] = quantization_config
     (quantized / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="mixture of experts quantized as W4A16_GPTQ.*kiln quantize"):
+    with pytest.raises(ConfigError, match=f"mixture of experts quantized as {algo}.*AWQ, GPTQ without desc_act"):
         MixtralForCausalLM.from_hugging_face(quantized, dtype="float32")
