@@ -41,6 +41,7 @@ from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
 from kiln.kernels.input_quant import FP8_ROWS, FP8_STATIC, InputQuant
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
+from kiln.quantization.weight_only import RowScaledExpertMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -219,29 +220,16 @@ class Fp8Method(LinearMethod):
         return out
 
 
-class Fp8ExpertMethod:
-    """FP8 and FP8_PER_CHANNEL_PER_TOKEN for a mixture of experts' stacked weights (kiln.layers.moe.ExpertLinear):
-    `weight` float8_e4m3fn [experts, out, in] with a searched scale per expert and output row,
-    `weights_scaling_factor` [experts, out, 1] (search_scales; laid out as W8A16's experts hold theirs), w = q s.
-    Experts run weight-only: the grouped GEMM (kiln.kernels.moe) converts each tile of codes to the activations'
-    dtype as it loads it and multiplies 16-bit inputs, as the reference does. So an expert's input is never
-    quantized (no activation scale per expert to calibrate), and decode streams half the experts' bytes."""
+class Fp8ExpertMethod(RowScaledExpertMethod):
+    """FP8 and FP8_PER_CHANNEL_PER_TOKEN for a mixture of experts' stacked weights: e4m3 codes with a searched
+    scale per expert and output row (search_scales). Experts run weight-only: the grouped GEMM (kiln.kernels.moe)
+    converts each tile of codes to the activations' dtype as it loads it and multiplies 16-bit inputs, as the
+    reference does. So an expert's input is never quantized (no activation scale per expert to calibrate), and
+    decode streams half the experts' bytes."""
 
     name = "FP8"
-
-    def create_weights(self, layer) -> None:
-        from kiln.mapping import shard_experts
-
-        layer.weight = _param(layer.num_experts, layer.out_features, layer.in_features, dtype=FP8)
-        layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features, 1)
-        layer.shard_rules.update(weight=layer.weight_rule,
-                                 weights_scaling_factor=shard_experts if layer.input_sharded else layer.weight_rule)
+    code_dtype = FP8
 
     def quantize(self, weight, dtype, input_scale=None):
         q, scale = search_scales(weight.float(), dtype)  # a scale per row of each expert
         return {"weight": q, "weights_scaling_factor": scale[..., None]}
-
-    def codes(self, layer):
-        from kiln.kernels.moe import ExpertCodes
-
-        return ExpertCodes(layer.weight, layer.weights_scaling_factor)

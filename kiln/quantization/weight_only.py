@@ -203,27 +203,34 @@ def quantize_int8_experts(weight: torch.Tensor, dtype: torch.dtype) -> tuple[tor
     return q.view(experts, out, inp), scale.view(experts, out, 1)
 
 
-class Int8ExpertMethod:
-    """W8A16 for stacked expert weights (kiln.layers.moe.ExpertLinear): `weight` int8 [experts, out, in] and
-    `weights_scaling_factor` [experts, out, 1], a scale per expert and output row, w = q * s. The scales' last
-    dim of 1 lets them follow the codes: sharded by the same rule (a row-parallel expert's keep every output),
-    joined with them into the engine's fc_gate on dim -2, and broadcast against them. kiln.kernels.moe runs
-    them: the grouped GEMM dequantizes each tile of codes as it loads it."""
+class RowScaledExpertMethod:
+    """Stacked expert weights (kiln.layers.moe.ExpertLinear) as 1-byte codes [experts, out, in] of `code_dtype`
+    with a scale per expert and output row, `weights_scaling_factor` [experts, out, 1], w = q * s. The scales'
+    last dim of 1 lets them follow the codes: sharded by the same rule (a row-parallel expert's keep every
+    output), joined with them into the engine's fc_gate on dim -2, and broadcast against them. kiln.kernels.moe
+    runs them: the grouped GEMM dequantizes each tile of codes as it loads it. Subclasses round the weights."""
 
-    name = "W8A16"
+    code_dtype: torch.dtype
 
     def create_weights(self, layer) -> None:
-        layer.weight = _param(layer.num_experts, layer.out_features, layer.in_features, dtype=torch.int8)
+        layer.weight = _param(layer.num_experts, layer.out_features, layer.in_features, dtype=self.code_dtype)
         layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features, 1)
         layer.shard_rules.update(weight=layer.weight_rule,
                                  weights_scaling_factor=shard_experts if layer.input_sharded else layer.weight_rule)
 
+    def codes(self, layer) -> ExpertCodes:
+        return ExpertCodes(layer.weight, layer.weights_scaling_factor)
+
+
+class Int8ExpertMethod(RowScaledExpertMethod):
+    """W8A16 for stacked expert weights: int8 codes, each expert's rows as quantize_int8_per_channel rounds them."""
+
+    name = "W8A16"
+    code_dtype = torch.int8
+
     def quantize(self, weight, dtype, input_scale=None):
         q, s = quantize_int8_experts(weight, dtype)
         return {"weight": q, "weights_scaling_factor": s}
-
-    def codes(self, layer) -> ExpertCodes:
-        return ExpertCodes(layer.weight, layer.weights_scaling_factor)
 
 
 class Int4ExpertMethod:
