@@ -216,7 +216,7 @@ if triton is not None:
             b = tl.load(ptrs, mask=mask, other=0.0)
         else:
             s = tl.load(s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if CODES == 1:  # (a float `other`: e4m3 codes take no integer one, int8 codes either)
+            if CODES == 1:  # (other=0.0: e4m3 codes refuse an integer one, int8 codes take either)
                 c = tl.load(ptrs, mask=mask, other=0.0)
                 b = (c.to(tl.float32) * s).to(a_dtype)
             else:  # bytes [BLOCK_K / 2, BLOCK_N] -> codes [BLOCK_K, BLOCK_N], input 2j from byte j's low nibble

@@ -27,9 +27,9 @@ from kiln.runtime.distributed import all_reduce
 
 
 class ExpertLinear(nn.Module):
-    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A W8A16 or
-    W4A16 model gives it a method (kiln.quantization.methods.EXPERT_METHODS: codes and scales in place of the
-    weight); `quant_method` is None in full precision."""
+    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A W8A16,
+    W4A16 or per-channel FP8 model gives it a method (kiln.quantization.methods.EXPERT_METHODS: codes and scales in
+    place of the weight); `quant_method` is None in full precision."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rule):
         super().__init__()
