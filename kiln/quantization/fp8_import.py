@@ -274,10 +274,23 @@ class Fp8NameMap(NameMap):
             tensor = self.base.load(kiln_name, source, config)
             return self._dequantized(kiln_name, tensor, source) if tensor.dtype == FP8 else tensor
         if self._last is None or self._last[0] != module:
-            parts = [self._read(prefix, source, config.torch_dtype) for prefix in self._hf_prefixes(module)]
-            self._last = (module, {k: [p[k] for p in parts] for k in parts[0]})
-        tensors = self._last[1][leaf]
-        return torch.stack(tensors).amax(0) if leaf == "activation_scaling_factor" else torch.cat(tensors)
+            self._last = (module, self._read_module(module, source, config))
+        return self._last[1][leaf]
+
+    def _read_module(self, module: str, source, config) -> dict[str, torch.Tensor]:
+        """A quantized module's leaves: its sources' codes and row scales joined on the output dim (the fused QKV's
+        one activation scale the largest of theirs); stacked experts' per expert, with scales [experts, out, 1]
+        (kiln's FP8 experts are weight-only: the source's activation scales are not read)."""
+        prefixes = self._hf_prefixes(module)
+        if any("{e}" in prefix for prefix in prefixes):
+            (prefix,) = prefixes
+            parts = [self._read(prefix.replace("{e}", str(e)), source, config.torch_dtype)
+                     for e in range(config.moe_num_experts)]
+            return {"weight": torch.stack([p["weight"] for p in parts]),
+                    "weights_scaling_factor": torch.stack([p["weights_scaling_factor"] for p in parts])[..., None]}
+        parts = [self._read(prefix, source, config.torch_dtype) for prefix in prefixes]
+        return {k: torch.stack([p[k] for p in parts]).amax(0) if k == "activation_scaling_factor"
+                else torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _dequantized(self, kiln_name: str, q: torch.Tensor, source) -> torch.Tensor:
         """A weight kiln holds in full precision (lm_head, unless quantized on kiln's side) that the source stores
@@ -290,6 +303,7 @@ class Fp8NameMap(NameMap):
         return q.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
 
     def _read(self, prefix: str, source, dtype) -> dict[str, torch.Tensor]:
+        """One source linear's codes, row scales and (static) activation scale."""
         q, scale = source.get(prefix + "weight"), source.get(prefix + self.fmt.scale_leaf)
         if q.dtype != FP8:
             raise CheckpointError(f"{prefix}weight: is {q.dtype}, but the config's quantization_config declares "

@@ -85,10 +85,10 @@ def check_lm_head(qc: QuantConfig) -> None:
 
 
 # The expert formats a pre-quantized checkpoint imports into (each expert's tensors converted as a dense layer's
-# and stacked, kiln.quantization.hf_import): AWQ, GPTQ without desc_act and compressed-tensors int4 (W4A16),
-# compressed-tensors int8 (W8A16). FP8 MoE checkpoints carry per-expert activation scales that kiln's
-# weight-only FP8 experts do not take.
-IMPORTED_EXPERT_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16)
+# and stacked): AWQ, GPTQ without desc_act and compressed-tensors int4 (W4A16), compressed-tensors int8 (W8A16)
+# (kiln.quantization.hf_import), and per-tensor or per-channel FP8 (kiln.quantization.fp8_import; the experts'
+# activation scales are not read: kiln's FP8 experts are weight-only). Block-wise FP8 experts are not.
+IMPORTED_EXPERT_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
 
 
 def check_experts_importable(config, where: str) -> None:
@@ -97,9 +97,9 @@ def check_experts_importable(config, where: str) -> None:
     algo = config.quantization.quant_algo
     if config.moe_num_experts and algo is not None and algo not in IMPORTED_EXPERT_ALGOS:
         raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln imports "
-                          f"quantized experts from AWQ, GPTQ without desc_act and compressed-tensors int4 or int8 "
-                          f"without act order. Convert the float model and use `kiln quantize --quant-algo W4A16` "
-                          f"(or W8A16, FP8)")
+                          f"quantized experts from AWQ, GPTQ without desc_act, compressed-tensors int4 or int8 "
+                          f"without act order, and per-tensor or per-channel FP8. Convert the float model and use "
+                          f"`kiln quantize --quant-algo W4A16` (or W8A16, FP8)")
 
 
 def supported_names() -> list[str]:

@@ -193,3 +193,48 @@ def test_unsupported_fp8_configs_are_refused(hf_model, tmp_path, config, message
     write_fp8_checkpoint(hf_model, tmp_path / "src", config, "tensor0")
     with pytest.raises(ConfigError, match=message):
         convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("config,layout,algo", [
+    (FP8, "tensor0", "FP8"),
+    (CT, "channel", "FP8_PER_CHANNEL_PER_TOKEN"),
+], ids=["fp8-static", "ct-channel-token"])
+def test_an_moe_checkpoint_imports_its_experts_codes_as_fp8_experts(tmp_path, config, layout, algo):
+    """An FP8 MoE checkpoint (each expert's linears in FP8, as hub releases hold them): the experts' codes carry
+    over exactly, each expert's scale on its rows, and kiln's FP8 experts run weight-only (the experts' input
+    scales are not read), so the model computes transformers' with attention's activations quantized and the
+    experts' dequantized weights (act_reference.fake_quant_hf)."""
+    import transformers as tf
+
+    from kiln.models.mixtral.model import MixtralForCausalLM
+
+    torch.manual_seed(0)
+    hf = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=127, hidden_size=64, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    tensors, sources = {}, {}
+    for n, (name, p) in enumerate(load_file(tmp_path / "hf" / "model.safetensors").items()):
+        proj, last = name[: -len(".weight")], name.rsplit(".", 2)[-2]
+        if not (name.startswith("model.layers.") and (last.endswith("_proj") or last in ("w1", "w2", "w3"))):
+            tensors[name] = p
+            continue
+        sources[proj] = t = {**fp8_tensors(p, layout), "input_scale": torch.tensor(0.01 + 0.001 * n)}
+        tensors.update({f"{proj}.{leaf}": v for leaf, v in t.items()})
+    (tmp_path / "src").mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "src" / "model.safetensors"))
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**hf_config, "quantization_config": config}))
+    out = convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+    ckpt, model = load_file(out / "rank0.safetensors"), MixtralForCausalLM.from_checkpoint(out)
+    assert model.config.quantization.quant_algo.value == algo
+    experts = [sources[f"model.layers.1.block_sparse_moe.experts.{e}.w2"] for e in range(4)]
+    proj = "transformer.layers.1.mlp.experts.proj."
+    assert torch.equal(ckpt[proj + "weight"].view(torch.uint8),
+                       torch.stack([t["weight"] for t in experts]).view(torch.uint8))
+    assert torch.equal(ckpt[proj + "weights_scaling_factor"],
+                       torch.stack([_rows(t, 64) for t in experts])[..., None])
+    with torch.no_grad():
+        ours, ref = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - hf(IDS).logits).abs().max() > 1e-3 * ref.abs().max()

@@ -310,10 +310,11 @@ def test_awq_and_gptq_moe_checkpoints_import_their_experts_as_int4(hf_mixtral, m
 
 @pytest.mark.parametrize("quantization_config, algo", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}, "W4A16_GPTQ"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "FP8"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}, "FP8_BLOCK_SCALES"),
 ])
 def test_an_moe_checkpoint_kiln_does_not_import_is_refused_by_name(hf_mixtral, tmp_path, quantization_config, algo):
-    """Act-order GPTQ and FP8 MoE checkpoints: refused from their config, naming the formats that do import."""
+    """Act-order GPTQ and block-wise FP8 MoE checkpoints: refused from their config, naming the formats that do
+    import."""
     quantized, _ = write_prequantized_moe(hf_mixtral[0], tmp_path, "gptq")
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = quantization_config
