@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 
 import torch
-from reference import HF_LINEARS, dequantize_experts, linear_tensors, unpack
+from reference import HF_LINEARS, copy_dequantized_experts, linear_tensors, unpack
 from safetensors.torch import load_file
 from torch import nn
 
@@ -98,11 +98,7 @@ def fake_quant_hf(hf_model, ckpt: dict, config):
                     parent, _, leaf = hf_name.rpartition(".")
                     linear = FakeQuantLinear(t, slice(bounds[j], bounds[j + 1]), config.quantization.group_size)
                     setattr(layer.get_submodule(parent), leaf, linear)
-            if prefix + "mlp.experts.fc.weight" in ckpt:  # experts are weight-only: their dequantized weights
-                fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
-                                                     config.quantization.group_size) for p in ("fc", "gate", "proj"))
-                layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
-                layer.mlp.experts.down_proj.copy_(proj)
+            copy_dequantized_experts(layer, ckpt, prefix, config)  # (experts are weight-only)
         head = linear_tensors(ckpt, "lm_head")
         if "weights_scaling_factor" in head:  # a quantized lm_head (its own tensors, even if tied)
             model.lm_head = FakeQuantLinear(head, slice(None), config.quantization.group_size)

@@ -49,6 +49,25 @@ def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
     return torch.stack([dequantize({leaf: t[e] for leaf, t in squeezed.items()}, group) for e in range(experts)])
 
 
+def copy_dequantized_experts(layer, ckpt: dict, prefix: str, config) -> None:
+    """A transformers decoder layer's stacked experts ([w1 | w3] and w2 in transformers 5) set to the checkpoint's
+    dequantized experts at `prefix`, where it has them."""
+    if prefix + "mlp.experts.fc.weight" not in ckpt:
+        return
+    fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
+                                         config.quantization.group_size) for p in ("fc", "gate", "proj"))
+    layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
+    layer.mlp.experts.down_proj.copy_(proj)
+
+
+def is_decoder_linear(name: str) -> bool:
+    """A saved checkpoint's decoder linear weight, as hub checkpoints name them: `*_proj`, and Mixtral's experts'
+    `w1`, `w2`, `w3` (one tensor per expert; routers are not linears here)."""
+    last = name.rsplit(".", 2)[-2]
+    return name.startswith("model.layers.") and name.endswith(".weight") and (
+        last.endswith("_proj") or last in ("w1", "w2", "w3"))
+
+
 def rtn_int4(w: torch.Tensor, group: int, zero_point: bool, dtype=torch.float32):
     """Round-to-nearest int4 of w [out, in] -> (codes [out, in] in 0..15, scale, zero) per group, in float32
     with the scale rounded to `dtype` first."""
@@ -93,11 +112,7 @@ def dequantized_hf(hf_model, ckpt: dict, config):
                 parts = w.split([q, kv, kv]) if len(hf_names) == 3 else (w,)
                 for hf_name, part in zip(hf_names, parts):
                     layer.get_submodule(hf_name).weight.copy_(part)
-            if prefix + "mlp.experts.fc.weight" in ckpt:  # transformers 5 stacks them too: [w1 | w3] and w2
-                fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
-                                                     config.quantization.group_size) for p in ("fc", "gate", "proj"))
-                layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
-                layer.mlp.experts.down_proj.copy_(proj)
+            copy_dequantized_experts(layer, ckpt, prefix, config)
         head = linear_tensors(ckpt, "lm_head")
         if head and head["weight"].dtype in (torch.int8, torch.uint8):  # quantized: its own tensor, even if tied
             model.lm_head.weight = torch.nn.Parameter(dequantize(head, config.quantization.group_size))

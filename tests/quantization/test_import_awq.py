@@ -40,6 +40,19 @@ def pack_along_last(codes: torch.Tensor, order) -> torch.Tensor:
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement into int32
 
 
+def packed_int4(w: torch.Tensor, method: str, checkpoint_format: str, group: int):
+    """One linear's weight [out, in] as AWQ-GEMM or GPTQ packs it: ({leaf: tensor}, (codes, zeros, scales))."""
+    q, z, s = asymmetric_int4(w.T, group)
+    if method == "awq":
+        tensors = {"qweight": pack_along_last(q, AWQ_ORDER), "qzeros": pack_along_last(z, AWQ_ORDER)}
+    else:  # along the input dim in plain order; the original format stores zero - 1
+        stored = z - 1 if checkpoint_format == "gptq" else z
+        tensors = {"qweight": pack_along_last(q.T, list(range(8))).T.contiguous(),
+                   "qzeros": pack_along_last(stored & 0xF, list(range(8))),
+                   "g_idx": torch.arange(w.shape[1], dtype=torch.int32) // group}
+    return {**tensors, "scales": s}, (q, z, s)
+
+
 def write_prequantized(hf_model, out_dir, method: str, checkpoint_format: str = "gptq", lm_head: bool = False):
     """Save hf_model as an AWQ-GEMM or GPTQ checkpoint (GPTQModel's `lm_head: true` packs lm_head too); return
     {hf linear name: (codes, zeros, scales)}."""
@@ -51,17 +64,8 @@ def write_prequantized(hf_model, out_dir, method: str, checkpoint_format: str = 
         if not (decoder_linear or lm_head and name == "lm_head.weight"):
             tensors[name] = p.contiguous()
             continue
-        q, z, s = asymmetric_int4(p.T, GROUP)
-        quantized[proj] = (q, z, s)
-        if method == "awq":
-            tensors[proj + ".qweight"] = pack_along_last(q, AWQ_ORDER)
-            tensors[proj + ".qzeros"] = pack_along_last(z, AWQ_ORDER)
-        else:  # along the input dim in plain order; the original format stores zero - 1
-            tensors[proj + ".qweight"] = pack_along_last(q.T, list(range(8))).T.contiguous()
-            stored = z - 1 if checkpoint_format == "gptq" else z
-            tensors[proj + ".qzeros"] = pack_along_last(stored & 0xF, list(range(8)))
-            tensors[proj + ".g_idx"] = torch.arange(p.shape[1], dtype=torch.int32) // GROUP
-        tensors[proj + ".scales"] = s
+        packed, quantized[proj] = packed_int4(p, method, checkpoint_format, GROUP)
+        tensors.update({f"{proj}.{leaf}": t for leaf, t in packed.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
     config = hf_model.config.to_dict()
     config["quantization_config"] = (

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from act_reference import e4m3, fake_quant_hf, is_searched_scale
-from reference import QUANT_LLAMA
+from reference import QUANT_LLAMA, is_decoder_linear
 from safetensors.torch import load_file, save_file
 
 from kiln.checkpoint.convert import convert_checkpoint
@@ -215,8 +215,8 @@ def test_an_moe_checkpoint_imports_its_experts_codes_as_fp8_experts(tmp_path, co
     hf.save_pretrained(tmp_path / "hf")
     tensors, sources = {}, {}
     for n, (name, p) in enumerate(load_file(tmp_path / "hf" / "model.safetensors").items()):
-        proj, last = name[: -len(".weight")], name.rsplit(".", 2)[-2]
-        if not (name.startswith("model.layers.") and (last.endswith("_proj") or last in ("w1", "w2", "w3"))):
+        proj = name[: -len(".weight")]
+        if not is_decoder_linear(name):
             tensors[name] = p
             continue
         sources[proj] = t = {**fp8_tensors(p, layout), "input_scale": torch.tensor(0.01 + 0.001 * n)}

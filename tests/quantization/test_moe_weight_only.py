@@ -19,7 +19,7 @@ from kiln.models.base import PretrainedModel
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.quantization.fp8 import search_scales
 from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
-from reference import dequantize_experts, dequantized_hf, linear_tensors
+from reference import dequantize_experts, dequantized_hf, is_decoder_linear, linear_tensors
 from conftest import hf_greedy, leftovers
 
 # intermediate 64: whole groups of 32 for proj's inputs, on one rank and on two
@@ -264,26 +264,17 @@ def write_prequantized_moe(hf_dir, out_dir, method: str, group: int = 32):
     """The saved checkpoint in hf_dir with every decoder linear, each expert's too (routers stay float), as an
     AutoAWQ-GEMM or GPTQ checkpoint in out_dir / "q" (packing as tests/quantization/test_import_awq.py writes
     it), and a float checkpoint of the dequantized weights in out_dir / "dequantized"."""
-    from test_import_awq import AWQ_ORDER, asymmetric_int4, pack_along_last
+    from test_import_awq import packed_int4
 
     config = json.loads((hf_dir / "config.json").read_text())
     tensors, dequantized = {}, {}
     for name, p in load_file(hf_dir / "model.safetensors").items():
-        proj, last = name[: -len(".weight")], name.rsplit(".", 2)[-2]
-        if not (name.startswith("model.layers.") and name.endswith(".weight")
-                and (last.endswith("_proj") or last in ("w1", "w2", "w3"))):
+        if not is_decoder_linear(name):
             tensors[name] = dequantized[name] = p
             continue
-        q, z, s = asymmetric_int4(p.T, group)  # codes [in, out], zeros and scales [groups, out]
+        packed, (q, z, s) = packed_int4(p, method, "gptq", group)  # codes [in, out], zeros, scales [groups, out]
+        tensors.update({f"{name[: -len('.weight')]}.{leaf}": t for leaf, t in packed.items()})
         dequantized[name] = ((q - z.repeat_interleave(group, 0)) * s.float().repeat_interleave(group, 0)).T
-        if method == "awq":
-            tensors[proj + ".qweight"] = pack_along_last(q, AWQ_ORDER)
-            tensors[proj + ".qzeros"] = pack_along_last(z, AWQ_ORDER)
-        else:  # GPTQ's original format stores zero - 1
-            tensors[proj + ".qweight"] = pack_along_last(q.T, list(range(8))).T.contiguous()
-            tensors[proj + ".qzeros"] = pack_along_last((z - 1) & 0xF, list(range(8)))
-            tensors[proj + ".g_idx"] = torch.arange(p.shape[1], dtype=torch.int32) // group
-        tensors[proj + ".scales"] = s
     for sub, state, qc in (("q", tensors, {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
                                             "zero_point": True} if method == "awq" else
                             {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False}),
