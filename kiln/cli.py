@@ -433,6 +433,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="engine dir, checkpoint, HF dir, Meta dir or .gguf")
     source.add_argument("--synthetic", default=None, choices=sorted({**LLAMA_SHAPES, **FAMILY_SHAPES}),
                         help="random weights of a real model shape, built on the device")
+    p.add_argument("--synthetic-layers", type=int, default=None, metavar="N",
+                   help="with --synthetic: keep the shape's first N decoder layers (a model too big for the GPU "
+                        "or its disk, which holds the saved model and one engine at a time)")
     source.add_argument("--serve", default=None, metavar="URL", help="drive a running kiln serve (or any "
                         "OpenAI-compatible server) at --concurrency")
     p.add_argument("--num-requests", type=int, default=64)

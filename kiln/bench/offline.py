@@ -258,9 +258,10 @@ def decode_weight_bytes(model, config) -> int:
     return total
 
 
-def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
+def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device, layers: int | None = None):
     """A transformers model of a named real shape (LLAMA_SHAPES or FAMILY_SHAPES) with random weights,
-    built directly on the device."""
+    built directly on the device; `layers` keeps only the first decoder layers (a shape too big for the device's
+    memory or disk, which holds the saved source and one engine at a time)."""
     import transformers
 
     if shape in LLAMA_SHAPES:
@@ -270,6 +271,8 @@ def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device):
         fields = dict(FAMILY_SHAPES[shape])
         model_cls = getattr(transformers, fields.pop("architecture"))
         config = model_cls.config_class(**fields)
+    if layers is not None:
+        config.num_hidden_layers = layers
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -647,7 +650,7 @@ def prepare_source(args, device):
     import tempfile
 
     if args.synthetic:
-        hf_model = synthetic_hf_model(args.synthetic, getattr(torch, args.dtype), device)
+        hf_model = synthetic_hf_model(args.synthetic, getattr(torch, args.dtype), device, args.synthetic_layers)
         source = tempfile.mkdtemp(prefix=f"kiln-bench-{args.synthetic}-")
         hf_model.save_pretrained(source)
         return source, None if args.baseline == "none" else hf_model

@@ -91,7 +91,9 @@ def _run_gemv(args, tile) -> None:
     n, k = weight.shape
     scales = (y if x_scale is None else x_scale, y if w_scale is None else w_scale)
     if tile is None:
-        grid = lambda meta: (rows.shape[0], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 (rows fastest: L2 reuse)
+        # One grid dim, rows fastest (L2 reuse): outputs / BLOCK_N passes the 65,535 limit of a second dim at
+        # Qwen's 151,936-word lm_head and BLOCK_N 2.
+        grid = lambda meta: (rows.shape[0] * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_kernel[grid](rows, weight, y, *scales, n, k, rows.stride(0), weight.stride(0), rows.shape[0],
                            HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
                            QUANTIZE_X=quantize_x, **pdl_args(rows.device))
@@ -296,8 +298,8 @@ if triton is not None:
         kiln.kernels.fp8_quant does, and the scale multiplies the sum. The first step's weights are requested
         before the wait for x (kiln.kernels.pdl), so they stream while the kernel before this one ends."""
         allow_dependents(USE_PDL)
-        m = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = (tl.program_id(0) % M).to(tl.int64)
+        rows = tl.program_id(0) // M * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         w_first = _load_w_tile(w_ptr, rows, row_ok, 0, K, stride_wn, BLOCK_K)
         wait_for_inputs(USE_PDL)

@@ -96,6 +96,10 @@ def _make_runner(engine_dir: Path, engine: Engine, build_config: BuildConfig, de
         return DriverRunner(ModelRunner(engine.runtime_model(device), device, build_config, engine.plan),
                             engine.config.vocab_size)
     if world > 1:
+        gpus = torch.cuda.device_count() if device.type == "cuda" else world
+        if gpus < world:  # (NCCL would refuse two ranks on one GPU, and only after every rank loaded its weights)
+            raise ConfigError(f"{engine_dir} has {world} ranks, one a GPU, but this machine has {gpus} GPU(s); run "
+                              f"it where there are {world}, or on the CPU with device='cpu' (gloo)")
         return WorkerGroup(str(engine_dir), world, build_config, device.type)
     return ModelRunner(engine.runtime_model(device), device, build_config, engine.plan)
 

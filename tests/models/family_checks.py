@@ -105,7 +105,7 @@ def check_tensor_parallel(family: Family, cases: list[str], tmp_path) -> None:
     for case in cases:
         hf_dir, hf = family.hf(case)
         ckpt = convert_checkpoint(hf_dir, tmp_path / f"ckpt-{case}", dtype="float32", tp_size=2)
-        with LLM(ckpt, tensor_parallel_size=2) as llm:
+        with LLM(ckpt, tensor_parallel_size=2, device="cpu") as llm:
             out = llm.generate([prompt(hf)[0].tolist()], GREEDY)
         assert out[0].outputs[0].token_ids == family.hf_tokens(case), case
 

@@ -147,7 +147,7 @@ def test_expert_parallel_greedy_tokens_equal_single_rank(family, tmp_path, kiln_
         ckpt = convert_checkpoint(hf_dir, tmp_path / f"ckpt-{case}", dtype="float32", tp_size=2, moe_ep_size=2)
         engine = build_checkpoint(ckpt, tmp_path / f"engine-{case}")
         assert json.loads((engine / "config.json").read_text())["mapping"]["moe_ep_size"] == 2
-        with LLM(engine, tensor_parallel_size=2) as llm:
+        with LLM(engine, tensor_parallel_size=2, device="cpu") as llm:
             out = llm.generate([prompt(hf)[0].tolist()], GREEDY)
         assert out[0].outputs[0].token_ids == family.hf_tokens(case), case
 

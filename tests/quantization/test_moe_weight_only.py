@@ -59,16 +59,20 @@ def test_expert_codes_are_each_experts_rows_rounded_to_nearest(hf_mixtral, quant
     qc = CONFIGS[name]
     t = linear_tensors(load_file(ckpt_dir / "rank0.safetensors"), EXPERTS + "proj")
     source = hf_mixtral[1].model.layers[1].mlp.experts.down_proj.detach()  # [experts, hidden, inter]
+    # The reference rounds on the device quantize worked on (the GPU where there is one): CUDA divides by a
+    # scalar through its reciprocal, so a scale can sit an ulp from the CPU's.
+    on_device = source.to("cuda" if torch.cuda.is_available() else "cpu")
     for e in range(4):
         if name == "W8A16":
-            q, s = quantize_int8_per_channel(source[e], torch.float32)
+            q, s = (r.cpu() for r in quantize_int8_per_channel(on_device[e], torch.float32))
             assert torch.equal(t["weight"][e], q) and torch.equal(t["weights_scaling_factor"][e, :, 0], s)
         elif name == "FP8_experts":
-            q, s = search_scales(source[e].float(), torch.float32)
+            q, s = (r.cpu() for r in search_scales(on_device[e].float(), torch.float32))
             assert torch.equal(t["weight"][e].view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(t["weights_scaling_factor"][e, :, 0], s)
         else:
-            packed, s, z = quantize_int4_groups(source[e], qc.group_size, qc.has_zero_point, torch.float32)
+            packed, s, z = (r if r is None else r.cpu() for r in
+                            quantize_int4_groups(on_device[e], qc.group_size, qc.has_zero_point, torch.float32))
             assert torch.equal(t["weight"][e], packed) and torch.equal(t["weights_scaling_factor"][e], s)
             assert (z is None) == ("zero_point" not in t) and (z is None or torch.equal(t["zero_point"][e], z))
     w = dequantize_experts(t, qc.group_size)  # int: within half a step of its group's scale (a clamped zero: a step)
@@ -212,7 +216,7 @@ def test_two_worker_engine_greedy_equals_dequantized_transformers(hf_mixtral, tm
     prompt = [1, 17, 5, 99, 42]
     config = PretrainedModel.from_checkpoint(one).config
     ref = dequantized_hf(hf_mixtral[1], load_file(one / "rank0.safetensors"), config)
-    with kiln.LLM(engine, tensor_parallel_size=2) as llm:
+    with kiln.LLM(engine, tensor_parallel_size=2, device="cpu") as llm:
         out = llm.generate(prompt, kiln.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 8)
 

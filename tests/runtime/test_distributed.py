@@ -67,7 +67,7 @@ def _torchrun(nproc: int, *args: str, timeout: int = 180) -> subprocess.Complete
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_llm_parallel_greedy_tokens_equal_single_process(engines, reference_tokens, tp, pp):
-    with LLM(engines[tp, pp], tensor_parallel_size=tp, pipeline_parallel_size=pp) as llm:
+    with LLM(engines[tp, pp], tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu") as llm:
         tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert tokens == reference_tokens
 
@@ -96,7 +96,7 @@ def test_engine_of_another_world_size_is_refused(engines):
 
 
 def test_killed_worker_fails_the_caller_fast_and_leaves_no_process(engines):
-    llm = LLM(engines[2, 2], tensor_parallel_size=2, pipeline_parallel_size=2)
+    llm = LLM(engines[2, 2], tensor_parallel_size=2, pipeline_parallel_size=2, device="cpu")
     processes = list(llm.runner.processes)
     stream = llm.generate_stream(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     for _ in range(3):
