@@ -86,10 +86,10 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int, zero_point: bool
     w = F.pad(weight.float(), (0, groups * group_size - inp)).reshape(out, groups, group_size)
     if zero_point:
         hi, lo = w.amax(-1).clamp(min=0), w.amin(-1).clamp(max=0)
-        scale = ((hi - lo) / INT4_LEVELS).clamp(min=1e-8).to(dtype)
+        scale = divide_exactly(hi - lo, INT4_LEVELS).clamp(min=1e-8).to(dtype)  # (the same bits on any device)
         zero = torch.round(-lo / scale.float()).clamp(0, INT4_LEVELS)
     else:
-        scale = (w.abs().amax(-1) / (INT4_LEVELS // 2)).clamp(min=1e-8).to(dtype)
+        scale = divide_exactly(w.abs().amax(-1), INT4_LEVELS // 2).clamp(min=1e-8).to(dtype)
         zero = torch.full_like(scale, INT4_SYMMETRIC_ZERO, dtype=torch.float32)
     codes = torch.round(w / scale.float()[..., None]) + zero[..., None]
     codes = codes.clamp(0, INT4_LEVELS).to(torch.uint8).reshape(out, groups * group_size)[:, :inp]
