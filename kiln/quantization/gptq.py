@@ -104,6 +104,36 @@ def gptq_int4_on_scales(weight: torch.Tensor, hessian: torch.Tensor, scale: torc
     return gptq_on_fixed_scales(weight, hessian, quantize_column, torch.uint8)
 
 
+def gptq_experts_int4(weight: torch.Tensor, hessians: torch.Tensor, group_size: int, zero_point: bool,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stacked experts' weight [experts, out, in] and each expert's input Hessian [experts, in, in] -> W4A16's
+    expert tensors (kiln.quantization.weight_only.Int4ExpertMethod): round to nearest's group scales and zero
+    points, GPTQ's codes, every expert rounded at once in input order (the grouped GEMM reads codes in input
+    order, and one order for all keeps the experts in one batch). An input that none of an expert's calibration
+    tokens fired keeps its weight (rounded to nearest, unlike a dense layer's, which GPTQ zeroes): other tokens
+    reach that expert at run time. An expert no token reached is rounded to nearest."""
+    experts, out, inp = weight.shape
+    _, scale, zero = quantize_int4_groups(weight.reshape(experts * out, inp), group_size, zero_point, dtype)
+    s = scale.float().view(experts, out, -1)
+    z = zero.float().view(experts, out, -1) if zero_point else torch.full_like(s, INT4_SYMMETRIC_ZERO)
+    codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+
+    def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
+        g = c // group_size
+        u = (torch.round(pending[..., 0] / s[..., g]) + z[..., g]).clamp(0, INT4_LEVELS)
+        codes[..., c] = u.to(torch.uint8)
+        return (u - z[..., g]) * s[..., g]
+
+    h = hessians.float().clone()
+    diagonal = h.diagonal(dim1=-2, dim2=-1)
+    mean = diagonal.mean(-1, keepdim=True)
+    diagonal.copy_(torch.where(diagonal == 0, torch.where(mean > 0, mean, 1.0), diagonal))  # (all 0: H = I, RTN)
+    _round_columns(weight.float().clone(), _inverse_factor(h), round_column)
+    tensors = {"weight": pack_int4(codes.view(experts * out, inp)), "weights_scaling_factor": scale,
+               "zero_point": zero}
+    return {leaf: t.view(experts, out, -1) for leaf, t in tensors.items() if t is not None}
+
+
 def gptq_on_fixed_scales(weight: torch.Tensor, hessian: torch.Tensor, quantize_column, codes_dtype: torch.dtype):
     """GPTQ's loop in act order on a grid fixed before it: quantize_column(values [out], j) rounds the values of input
     column j onto j's grid -> (codes [out], their values). -> codes [out, in] in input order."""
@@ -137,20 +167,31 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_column, chunks
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = rounding_order(hessian, chunks)
-    w, h = w[:, perm], h[perm][:, perm]
-    h.diagonal().add_(DAMP * h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    out, inp = w.shape
+    _round_columns(w[:, perm], _inverse_factor(h[perm][:, perm]), round_column)
+    return perm
+
+
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of the damped Hessian's inverse; h [..., in, in] (a batch of them too)."""
+    diagonal = h.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(DAMP * diagonal.mean(-1, keepdim=True))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def _round_columns(w: torch.Tensor, hinv: torch.Tensor, round_column) -> None:
+    """GPTQ's loop (in blocks of columns, lazy updates) over the columns of w [..., out, in] in their order, hinv
+    [..., in, in] the inverse factor: every matrix of a batch (stacked experts) steps through its columns at once.
+    round_column(c, pending [..., out, >= 1]) -> column c's rounded values [..., out]."""
+    inp = w.shape[-1]
     for b0 in range(0, inp, BLOCK):
         b1 = min(b0 + BLOCK, inp)
-        block, errors, hinv_block = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=w.device), hinv[b0:b1, b0:b1]
+        block, hinv_block = w[..., b0:b1].clone(), hinv[..., b0:b1, b0:b1]
+        errors = torch.zeros_like(block)
         for j in range(b1 - b0):
-            col = block[:, j]
-            err = (col - round_column(b0 + j, block[:, j:])) / hinv_block[j, j]
-            block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
-            errors[:, j] = err
-        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
-    return perm
+            err = (block[..., j] - round_column(b0 + j, block[..., j:])) / hinv_block[..., j, j, None]
+            block[..., j:] -= err[..., None] * hinv_block[..., None, j, j:]
+            errors[..., j] = err
+        w[..., b1:] -= errors @ hinv[..., b0:b1, b1:]
 
 
 def rounding_order(hessian: torch.Tensor, chunks: int = 1) -> torch.Tensor:
@@ -171,8 +212,11 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
               rounder=None) -> dict[str, dict]:
     """{linear name: its checkpoint tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
     `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it.
-    rounder(name, weight, Hessian, TP chunks) -> tensors; by default the format's own (ROUNDERS)."""
+    rounder(name, weight, Hessian, TP chunks) -> tensors; by default the format's own (ROUNDERS), and then a
+    mixture of experts' stacked weights too, under W4A16_GPTQ (gptq_experts_int4; the other formats' experts are
+    rounded to nearest)."""
     dtype = model.config.torch_dtype
+    default_rounder = rounder is None
     rounder = rounder or (lambda name, w, h, chunks: ROUNDERS[qc.quant_algo](w, h, qc, dtype, chunks))
     quantized: dict[str, dict] = {}
     for prefix, layer, run in streaming.walk_layers(model, tokens, device):
@@ -182,13 +226,20 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
         first = {}  # input -> the first linear reading it, whose hook sums it
         for name, key in inputs.items():
             first.setdefault(key, name)
+        experts = _rounded_experts(layer, prefix, qc) if default_rounder else {}
         hessians: dict[str, torch.Tensor] = {}
-        run({linears[name]: _accumulate(hessians, key) for key, name in first.items()})
+        run({**{linears[name]: _accumulate(hessians, key) for key, name in first.items()},
+             **{m: _accumulate_experts(hessians, name) for name, m in experts.items()}})
         for name, m in linears.items():
             chunks = tp_size if m.input_sharded else 1
             tensors = rounder(prefix + name, m.weight.detach(), hessians[inputs[name]], chunks)
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
-        log.debug("GPTQ %s: %d linears", prefix, len(linears))
+        for name, m in experts.items():
+            for proj, hessian in (("fc", name + ".in"), ("gate", name + ".in"), ("proj", name + ".mid")):
+                tensors = gptq_experts_int4(getattr(m, proj).weight.detach(), hessians[hessian], qc.group_size,
+                                            qc.has_zero_point, dtype)
+                quantized[f"{prefix}{name}.{proj}"] = {leaf: v.cpu() for leaf, v in tensors.items()}
+        log.debug("GPTQ %s: %d linears, %d sets of experts", prefix, len(linears), len(experts))
         del hessians
     return quantized
 
@@ -213,6 +264,38 @@ FP8_WEIGHT_SCALES = {
 }
 # quant_algo -> (weight, Hessian, QuantConfig, dtype, TP chunks) -> the linear's GPTQ-rounded checkpoint tensors
 ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, **{algo: _round_fp8 for algo in FP8_WEIGHT_SCALES}}
+
+
+def _rounded_experts(layer, prefix: str, qc: QuantConfig) -> dict:
+    """{name: Experts module} of a decoder layer whose stacked weights GPTQ rounds (W4A16_GPTQ's int4 experts)."""
+    from kiln.layers.moe import Experts
+    from kiln.quantization.methods import quant_method_for
+
+    if qc.quant_algo != QuantAlgo.W4A16_GPTQ:
+        return {}
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, Experts) and quant_method_for(f"{prefix}{name}.fc", m.fc, qc) is not None}
+
+
+def _accumulate_experts(hessians: dict, name: str):
+    """A forward pre-hook on a TP=1 source model's Experts (x, experts, weights): each expert's Hessians over the
+    tokens routed to it, of its input (`name`.in, fc's and gate's) and of proj's input act(fc x) * gate x
+    (`name`.mid, from the float weights), [experts, in, in] each."""
+    from kiln.layers.mlp import ACTIVATIONS
+
+    def hook(module, args):
+        x, experts = args[0].detach(), args[1]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        fc, gate = module.fc.weight.float(), module.gate.weight.float()
+        if name + ".in" not in hessians:
+            hessians[name + ".in"] = rows.new_zeros(fc.shape[0], fc.shape[2], fc.shape[2])
+            hessians[name + ".mid"] = rows.new_zeros(fc.shape[0], fc.shape[1], fc.shape[1])
+        for e in experts.unique().tolist():
+            h = rows[(experts == e).nonzero(as_tuple=True)[0]]  # (top-k ids are distinct: a token once)
+            mid = ACTIVATIONS[module.act](h @ fc[e].T) * (h @ gate[e].T)
+            hessians[name + ".in"][e] += h.T @ h
+            hessians[name + ".mid"][e] += mid.T @ mid
+    return hook
 
 
 def _accumulate(hessians: dict, key: str):

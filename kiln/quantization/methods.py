@@ -2,8 +2,9 @@
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
-`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16, and FP8 and FP8_PER_CHANNEL_PER_TOKEN as e4m3 weights
-with 16-bit inputs; under the others they stay in full precision, as do embeddings and MoE routers). A pattern
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16 and W4A16_GPTQ, and FP8 and FP8_PER_CHANNEL_PER_TOKEN
+as e4m3 weights with 16-bit inputs; under the others they stay in full precision, as do embeddings and MoE
+routers). A pattern
 matches a module's full name or any dotted suffix of it (fnmatch syntax): "lm_head", "mlp.proj",
 "transformer.layers.0.*".
 
@@ -63,6 +64,9 @@ LM_HEAD_METHODS = {
 EXPERT_METHODS = {
     QuantAlgo.W8A16: lambda qc: Int8ExpertMethod(),
     QuantAlgo.W4A16: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
+    # GPTQ's experts: W4A16's format in input order (no act order: the grouped GEMM reads no permutation), codes
+    # from kiln.quantization.gptq.gptq_experts_int4
+    QuantAlgo.W4A16_GPTQ: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
     QuantAlgo.FP8: lambda qc: Fp8ExpertMethod(),  # (weight-only: experts take 16-bit inputs)
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8ExpertMethod(),
 }

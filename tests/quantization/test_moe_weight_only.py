@@ -312,3 +312,67 @@ def test_an_moe_checkpoint_kiln_does_not_import_is_refused_by_name(hf_mixtral, t
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=f"mixture of experts quantized as {algo}.*AWQ, GPTQ without desc_act"):
         MixtralForCausalLM.from_hugging_face(quantized, dtype="float32")
+
+
+def _output_error(w: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """tr(D H D^T), D the weight's change: the summed squared output error over the inputs H came from."""
+    d = (dequantized - w).double()
+    return torch.einsum("oi,ij,oj->", d, hessian.double(), d)
+
+
+def test_gptq_experts_beat_rounding_to_nearest_on_their_own_inputs():
+    """gptq_experts_int4 on four experts at once: round to nearest's scales, a smaller output error than its codes
+    on each expert's inputs; an expert no token reached is rounded to nearest, and an input none fired keeps its
+    weight (rounded to nearest, where a dense layer's GPTQ zeroes it)."""
+    from kiln.quantization.gptq import gptq_experts_int4
+
+    g = torch.Generator().manual_seed(3)
+    experts, out, inp, group = 4, 48, 96, 32
+    w = torch.randn(experts, out, inp, generator=g)
+    hessians = torch.zeros(experts, inp, inp)
+    for e in (0, 1, 3):  # correlated inputs, as a model's are; expert 2 is never routed to
+        x = torch.randn(200, 16, generator=g) @ torch.randn(16, inp, generator=g) + 0.1 * torch.randn(200, inp,
+                                                                                                         generator=g)
+        x[:, 5] = 0 if e == 3 else x[:, 5]  # an input that never fires for expert 3
+        hessians[e] = x.T @ x
+    for zero_point in (False, True):
+        got = gptq_experts_int4(w, hessians, group, zero_point, torch.float32)
+        w_got = dequantize_experts(got, group)
+        for e in range(experts):
+            packed, s, z = quantize_int4_groups(w[e], group, zero_point, torch.float32)
+            nearest = {"weight": packed, "weights_scaling_factor": s, **({"zero_point": z} if zero_point else {})}
+            assert torch.equal(got["weights_scaling_factor"][e], s)
+            assert not zero_point or torch.equal(got["zero_point"][e], z)
+            w_rtn = dequantize_experts({leaf: t[None] for leaf, t in nearest.items()}, group)[0]
+            if e == 2:
+                assert torch.equal(got["weight"][e], packed)
+                continue
+            gptq_err, rtn_err = (_output_error(w[e], v, hessians[e]) for v in (w_got[e], w_rtn))
+            print(f"expert {e} zero_point={zero_point}: output error GPTQ {gptq_err:.4g}, nearest {rtn_err:.4g}")
+            assert gptq_err < 0.8 * rtn_err
+        # the dead input: never zeroed, within a step of its weight
+        assert ((w_got[3, :, 5] - w[3, :, 5]).abs() <= got["weights_scaling_factor"][3, :, 0] * 1.001).all()
+        assert (w_got[3, :, 5] != 0).any()
+
+
+def test_w4a16_gptq_quantizes_the_experts_by_gptq_and_logits_equal_dequantized_transformers(hf_mixtral, tmp_path):
+    """W4A16_GPTQ on a mixture of experts: every expert's Hessians come from the calibration tokens routed to it
+    (proj's from act(fc x) * gate x), and its codes from GPTQ in W4A16's expert format (round to nearest's scales):
+    the model's logits equal transformers' on the dequantized experts."""
+    hf = hf_mixtral[1]
+    qc = QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, exclude_modules=("lm_head", "attention.*"))
+    ckpt_dir = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "q", qc)
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    t = linear_tensors(ckpt, EXPERTS + "proj")
+    assert t["weight"].dtype == torch.uint8 and "input_permutation" not in t
+    source = hf.model.layers[1].mlp.experts.down_proj.detach()
+    changed = 0
+    for e in range(4):
+        packed, s, _ = quantize_int4_groups(source[e], 32, False, torch.float32)
+        assert torch.equal(t["weights_scaling_factor"][e], s)
+        changed += (t["weight"][e] != packed).sum().item()
+    assert changed > 0  # GPTQ moved codes off round to nearest
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    with torch.no_grad():
+        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4
