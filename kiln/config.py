@@ -408,8 +408,12 @@ class BuildConfig:
         default = BuildConfig()
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(default, name)}
 
-    def with_runtime_options(self, asked: "BuildConfig | None") -> "BuildConfig":
-        """This engine's config with the RUNTIME_FIELDS `asked` sets (fields_set); itself when asked is None."""
+    def with_runtime_options(self, asked: "BuildConfig | None", every: bool = False) -> "BuildConfig":
+        """This engine's config with the RUNTIME_FIELDS `asked` sets (fields_set); itself when asked is None.
+        every: all of asked's RUNTIME_FIELDS, those at their defaults too (BuildConfig()'s when asked is None)."""
+        if every:
+            asked = asked or BuildConfig()
+            return dataclasses.replace(self, **{name: getattr(asked, name) for name in self.RUNTIME_FIELDS})
         given = asked.fields_set(self.RUNTIME_FIELDS) if asked is not None else {}
         if "kv_cache_free_gpu_mem_fraction" in given:  # (the two KV sizes are alternatives: the one asked for wins)
             given.setdefault("kv_cache_max_tokens", None)

@@ -133,7 +133,10 @@ class LLM:
                                           keep_quantization)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
-        self.build_config = self.engine.build_config.with_runtime_options(build_config)
+        # An engine dir keeps its runtime options but those asked for; one from the engine cache (built from a
+        # source or checkpoint, whose cache key leaves them out) takes this call's, not those of the call that built it.
+        self.build_config = self.engine.build_config.with_runtime_options(
+            build_config, every=self.engine_dir != Path(model))
         # Python's cycle collector walks every tracked object at each full collection, and the ~400,000 that
         # importing torch and transformers made would be walked again and again as requests come and go (0.25 s
         # of the 0.3 s it took to submit 3,000 prompts). They live as long as the process: leave them out of

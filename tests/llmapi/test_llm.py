@@ -328,6 +328,21 @@ def test_runtime_options_rebuild_no_cached_engine(tiny_llama_session, kiln_cache
     assert llm.runner.num_blocks * llm.build_config.tokens_per_block == 512
 
 
+def test_a_cached_engine_takes_this_calls_runtime_options_not_its_builders(tiny_llama_session, kiln_cache):
+    """The engine cache's key leaves the runtime options out, so an engine built by an earlier call with one
+    decode step per sync serves a later call that asks for the default (or nothing) with the default's bursts."""
+    hf_dir, _ = tiny_llama_session
+    first = LLM(hf_dir, device="cpu", build_config=BuildConfig(decode_steps_per_sync=1, kv_cache_max_tokens=256))
+    before = _snapshot(kiln_cache)
+    default = BuildConfig().decode_steps_per_sync
+    assert default != 1 and first.build_config.decode_steps_per_sync == 1
+    for asked in (BuildConfig(decode_steps_per_sync=default), None):
+        llm = LLM(hf_dir, device="cpu", build_config=asked)
+        assert (llm.build_config.decode_steps_per_sync, llm.build_config.kv_cache_max_tokens) == \
+            (default, BuildConfig().kv_cache_max_tokens)
+    assert _snapshot(kiln_cache) == before  # (the same engine, not rebuilt)
+
+
 def test_copy_of_an_hf_dir_gets_its_own_cache_entry(tiny_llama_session, tmp_path, kiln_cache):
     # The cache key is the source's path and files: a copy elsewhere builds its own engine.
     copy = tmp_path / "copy"
