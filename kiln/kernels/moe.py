@@ -12,6 +12,11 @@ captured in a CUDA graph; the sizes depend only on the token count and the exper
 to experts this rank does not hold (expert parallelism) are sorted past the last block and dropped.
 The layout follows vLLM's fused_moe (moe_align_block_size + fused_moe_kernel); the code is our own.
 
+Decode's few pairs skip the sort (`_fused_moe_by_pair`): one GEMV program per (pair, output tile) reads its
+expert from the routing. At batch 1 the grouped GEMMs had a row block per expert, so fc_gate's 2048-long rows ran
+in few programs, behind the sort's dozen small kernels: a 16-layer Qwen3-30B-A3B decoded at 37% of its roofline
+in bf16 and W4A16 at 20% on an H100 (docs/performance.md, thirty-sixth session).
+
 `fused_moe_ref` is the reference: one matmul per expert present, exact against transformers on CPU.
 
 Quantized experts (the expert methods of kiln.quantization) come as `ExpertCodes`: W8A16's int8 codes, FP8's e4m3
@@ -22,6 +27,7 @@ it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -133,13 +139,40 @@ def moe_align(experts: torch.Tensor, first_expert: int, num_local: int, block_m:
     return sorted_pairs[:padded], block_expert.to(torch.int32)
 
 
+def _by_pair(tokens: int, pairs: int, num_local: int) -> bool:
+    """Decode's few pairs go one GEMV each: a token's top-k experts are distinct, so one token reads each expert
+    once either way, and a few tokens over many experts rarely share one (sharing, the grouped GEMMs read it once
+    for all its rows). KILN_MOE_BY_PAIR=0 or 1 forces the choice (for A/B runs)."""
+    forced = os.environ.get("KILN_MOE_BY_PAIR")
+    if forced is not None:
+        return forced != "0"
+    return tokens == 1 or 4 * pairs <= num_local
+
+
+def _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert: int, act: str) -> torch.Tensor:
+    """fused_moe for a few pairs: fc and gate, then proj, each one GEMV program per (pair, column tile) that reads
+    its expert from the routing; no sort, no padding, and a program for every output column tile of every pair
+    (the grouped GEMM at batch 1 has one row block an expert, so fc_gate's hidden-long rows run in few programs)."""
+    tokens, top_k = experts.shape
+    pairs, inter, hidden = tokens * top_k, fc.shape[1], fc.shape[2]
+    flat = experts.reshape(-1)
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    _pair_gemv(x, fc, gate, h, None, flat, first_expert, top_k, ACT_CODE[act])
+    y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)  # (a pair not held here: zeros)
+    _pair_gemv(h, proj, None, y, weights.reshape(-1), flat, first_expert, 1, -1)
+    return y.view(tokens, top_k, hidden).sum(1)
+
+
 def fused_moe(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: torch.Tensor, first_expert: int,
-              act: str) -> torch.Tensor:
+              act: str, by_pair: bool | None = None) -> torch.Tensor:
     """Triton version of `fused_moe_ref`, same arguments and result; CUDA tensors (or the interpreter).
-    fc and gate may be the two halves (views) of the runtime's fused fc_gate (expert_halves)."""
+    fc and gate may be the two halves (views) of the runtime's fused fc_gate (expert_halves). by_pair: one GEMV
+    a (token, slot) pair, with no sort (_fused_moe_by_pair), or the grouped GEMMs; None chooses (_by_pair)."""
     tokens, top_k = experts.shape
     num_local, inter, hidden = fc.shape
     pairs = tokens * top_k
+    if by_pair if by_pair is not None else _by_pair(tokens, pairs, num_local):
+        return _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert, act)
     cfg = _config(pairs, num_local)
     sorted_pairs, block_expert = moe_align(experts, first_expert, num_local, cfg["BLOCK_M"])
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # act(fc) * gate, one row per pair
@@ -188,6 +221,32 @@ def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows
         K=k, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACT=act, WEIGHTED=weights is not None,
         FP32=a.dtype == torch.float32, CODES=_CODES[w.dtype if coded else None], GROUP=group,
         HAS_ZERO=zero is not None, **cfg)
+
+
+# the GEMV's tile: outputs a program, inputs a step (int4: at most a group)
+PAIR_BLOCK_N, PAIR_BLOCK_K = 16, 128
+
+
+def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int):
+    """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
+    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros."""
+    gated = b_gate is not None
+    bg = b_gate if gated else b
+    coded = isinstance(b, ExpertCodes)
+    n, k = b.shape[1], b.shape[2]
+    w, wg = (b.codes, bg.codes) if coded else (b, bg)
+    scale, zero = (b.scale, b.zero) if coded else (a, None)
+    group = (b.group if b.int4 else k) if coded else k
+    block_k = min(PAIR_BLOCK_K, group) if coded and b.int4 else PAIR_BLOCK_K
+    _pair_gemv_kernel[(experts.numel(), triton.cdiv(n, PAIR_BLOCK_N))](
+        a, w, wg, scale, bg.scale if coded else a, zero if zero is not None else scale,
+        bg.zero if coded and bg.zero is not None else scale, out, weights if weights is not None else a,
+        experts, first_expert, b.shape[0], n,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), wg.stride(0), wg.stride(1), wg.stride(2),
+        *(scale.stride() if coded else (0, 0, 0)), out.stride(0),
+        K=k, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACT=act, WEIGHTED=weights is not None,
+        CODES=_CODES[w.dtype if coded else None], GROUP=group, HAS_ZERO=zero is not None,
+        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=block_k, num_warps=4)
 
 
 if triton is not None:
@@ -282,15 +341,68 @@ if triton is not None:
             a_ptrs += BLOCK_K * a_s1
             b_ptrs += B_ROWS * b_sk
             bg_ptrs += B_ROWS * bg_sk
-        dtype = out_ptr.dtype.element_ty
-        # Round where the reference rounds (each matmul's output, the activation, each product), so the
-        # two paths differ only by the order of the float32 sums inside the matmuls.
+        w = tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None] if WEIGHTED else 1.0
+        y = _epilogue(acc, acc_g, w, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED)
+        out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * out_s0 + cols[None, :]
+        tl.store(out_ptrs, y, mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _epilogue(acc, acc_g, w, dtype: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                  WEIGHTED: tl.constexpr):
+        """The float32 sums -> the output in dtype: act(fc) * gate, or the routing weight w times proj. Rounds where
+        the reference rounds (each matmul's output, the activation, each product), so the paths differ only by
+        the order of the float32 sums inside the matmuls."""
         y = acc.to(dtype).to(tl.float32)
         if GATED:
             y = _activation(y, ACT).to(dtype).to(tl.float32)
             y = y * acc_g.to(dtype).to(tl.float32)
         if WEIGHTED:
-            w = tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
-            y = (y.to(dtype).to(tl.float32) * w[:, None])
-        out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * out_s0 + cols[None, :]
-        tl.store(out_ptrs, y.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+            y = y.to(dtype).to(tl.float32) * w
+        return y.to(dtype)
+
+    @triton.jit
+    def _pair_gemv_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, out_ptr, w_ptr, experts_ptr,
+                          first_expert, num_local, N,
+                          a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
+                          K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                          WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (pair, j): outputs [j BLOCK_N, (j + 1) BLOCK_N) of the pair, on CUDA cores (one row: no MMA),
+        # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K.
+        B_ROWS: tl.constexpr = BLOCK_K // 2 if CODES == 2 else BLOCK_K
+        pair = tl.program_id(0)
+        expert = (tl.load(experts_ptr + pair) - first_expert).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        out_ptrs = out_ptr + pair.to(tl.int64) * out_s0 + cols
+        if (expert < 0) | (expert >= num_local):  # another rank's expert: this rank adds nothing
+            tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
+            return
+        ks = tl.arange(0, BLOCK_K)
+        kb = tl.arange(0, B_ROWS)
+        a_ptrs = a_ptr + (pair // A_ROWS_PER_TOKEN).to(tl.int64) * a_s0 + ks * a_s1
+        b_ptrs = b_ptr + expert * b_se + cols[None, :] * b_sn + kb[:, None] * b_sk
+        bg_ptrs = bg_ptr + expert * bg_se + cols[None, :] * bg_sn + kb[:, None] * bg_sk
+        col_scales = expert * s_se + cols * s_sn
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            if CODES == 2:
+                b_ok = (kb < (K - k0) // 2)[:, None] & col_ok[None, :]
+            else:
+                b_ok = k_ok[:, None] & col_ok[None, :]
+            group = col_scales + (k0 // GROUP) * s_sg
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+            b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
+                             BLOCK_K, BLOCK_N)
+            acc += tl.sum(a.to(tl.float32)[:, None] * b.to(tl.float32), axis=0)
+            if GATED:
+                bg = _expert_tile(bg_ptrs, b_ok, sg_ptr + group, zg_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
+                                  BLOCK_K, BLOCK_N)
+                acc_g += tl.sum(a.to(tl.float32)[:, None] * bg.to(tl.float32), axis=0)
+            a_ptrs += BLOCK_K * a_s1
+            b_ptrs += B_ROWS * b_sk
+            bg_ptrs += B_ROWS * bg_sk
+        w = tl.load(w_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
+        tl.store(out_ptrs, _epilogue(acc, acc_g, w, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED), mask=col_ok)

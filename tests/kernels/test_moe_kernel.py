@@ -87,14 +87,15 @@ def test_reference_is_the_weighted_sum_of_each_tokens_experts(act):
     assert expected.abs().min() == 0 and expected.abs().max() > 0.1  # some tokens dropped, others not
 
 
-def run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, act, fused_layout, seed=0):
+def run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, act, fused_layout, seed=0,
+             by_pair=False):
     experts, weights = routing(tokens, num_experts, top_k, seed)
     fc, gate, proj = (w.to(DEVICE) for w in expert_weights(num_local, hidden, inter, seed + 1, dtype))
     if fused_layout:  # the engine's fc_gate: fc and gate are two views of one [local, 2*inter, hidden] tensor
         fc, gate = torch.cat([fc, gate], dim=1).chunk(2, dim=1)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(DEVICE)
     args = (x, fc, gate, proj, experts.to(DEVICE), weights.to(dtype).to(DEVICE), first, act)
-    return fused_moe(*args), fused_moe_ref(*args)
+    return fused_moe(*args, by_pair=by_pair), fused_moe_ref(*args)
 
 
 def assert_within_ulps(got, want, dtype):
@@ -111,14 +112,16 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter", [
-    (1, 8, 2, 0, 8, 64, 96),  # decode: two rows, 16-row blocks
-    (45, 8, 2, 0, 8, 80, 72),  # ragged tiles in every dim
-    (300, 6, 3, 2, 2, 64, 48),  # expert parallelism: 2 of 6 experts held, 64-row blocks
+@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,by_pair", [
+    (1, 8, 2, 0, 8, 64, 96, False),  # decode by the grouped GEMMs: two rows, 16-row blocks
+    (45, 8, 2, 0, 8, 80, 72, False),  # ragged tiles in every dim
+    (300, 6, 3, 2, 2, 64, 48, False),  # expert parallelism: 2 of 6 experts held, 64-row blocks
+    (1, 8, 2, 0, 8, 64, 96, True),  # decode by pair: one GEMV a pair
+    (3, 6, 2, 2, 3, 80, 200, True),  # by pair, expert parallelism (3 of 6 held), ragged output tiles and K steps
 ])
-def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter):
+def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_local, hidden, inter, by_pair):
     got, want = run_both(tokens, num_experts, top_k, first, num_local, hidden, inter, dtype, "silu",
-                         fused_layout=True)
+                         fused_layout=True, by_pair=by_pair)
     assert_within_ulps(got, want, dtype)
 
 
@@ -141,14 +144,16 @@ def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, Expert
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("fmt", ["int8", "e4m3", "int4_g32", "int4_g64_zp"])
-@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized", [
-    (1, 8, 2, 0, 8, 64, 128, "all"),  # decode: 16-row blocks, 128-input steps (int4: a group's)
-    (45, 8, 2, 0, 8, 192, 64, "all"),  # ragged row blocks and output tiles
-    (300, 6, 3, 2, 2, 64, 192, "all"),  # expert parallelism, 64-row blocks
-    (45, 8, 2, 0, 8, 192, 64, "proj"),  # fc and gate excluded (exclude_modules), proj quantized
+@pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized,by_pair", [
+    (1, 8, 2, 0, 8, 64, 128, "all", False),  # decode: 16-row blocks, 128-input steps (int4: a group's)
+    (45, 8, 2, 0, 8, 192, 64, "all", False),  # ragged row blocks and output tiles
+    (300, 6, 3, 2, 2, 64, 192, "all", False),  # expert parallelism, 64-row blocks
+    (45, 8, 2, 0, 8, 192, 64, "proj", False),  # fc and gate excluded (exclude_modules), proj quantized
+    (1, 8, 2, 0, 8, 64, 128, "all", True),  # decode by pair
+    (3, 6, 2, 2, 3, 192, 64, "all", True),  # by pair: expert parallelism, two int4 groups a step's length apart
 ])
 def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_experts, top_k, first, num_local,
-                                                    hidden, inter, quantized):
+                                                    hidden, inter, quantized, by_pair):
     """W8A16, FP8 and W4A16 experts (codes, scales, zeros) with fc and gate as views of the engine's fused fc_gate
     tensors: the kernel dequantizes each tile as the reference dequantizes each expert."""
     experts, weights = routing(tokens, num_experts, top_k, seed=tokens)
@@ -161,15 +166,29 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
     on_device = lambda w: w.to(DEVICE) if isinstance(w, torch.Tensor) else ExpertCodes(  # noqa: E731
         w.codes.to(DEVICE), w.scale.to(DEVICE), None if w.zero is None else w.zero.to(DEVICE), w.group)
     args = [on_device(t) for t in (x, fc_q, gate_q, proj_q, experts, weights.to(dtype))] + [first, "silu"]
-    got, want = fused_moe(*args), fused_moe_ref(*args)
+    got, want = fused_moe(*args, by_pair=by_pair), fused_moe_ref(*args)
     assert_within_ulps(got, want, dtype)
 
 
 @needs_kernel
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
-def test_kernel_matches_reference_for_each_activation(act):
-    got, want = run_both(20, 4, 2, 0, 4, 48, 40, torch.float32, act, fused_layout=False, seed=5)
+@pytest.mark.parametrize("by_pair", [False, True])
+def test_kernel_matches_reference_for_each_activation(act, by_pair):
+    got, want = run_both(20, 4, 2, 0, 4, 48, 40, torch.float32, act, fused_layout=False, seed=5, by_pair=by_pair)
     assert_within_ulps(got, want, torch.float32)
+
+
+def test_decode_goes_by_pair_unless_tokens_share_experts(monkeypatch):
+    """One token always (its top-k experts are distinct); more when there are four experts a pair or more (they
+    rarely share one); KILN_MOE_BY_PAIR forces either way."""
+    from kiln.kernels.moe import _by_pair
+
+    monkeypatch.delenv("KILN_MOE_BY_PAIR", raising=False)
+    assert _by_pair(1, 8, 8) and _by_pair(4, 32, 128) and not _by_pair(5, 40, 128) and not _by_pair(2, 4, 8)
+    monkeypatch.setenv("KILN_MOE_BY_PAIR", "0")
+    assert not _by_pair(1, 8, 128)
+    monkeypatch.setenv("KILN_MOE_BY_PAIR", "1")
+    assert _by_pair(64, 512, 8)
 
 
 @needs_gpu
