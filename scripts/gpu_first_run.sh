@@ -31,10 +31,13 @@
 # - flash: fresh prompts' attention by torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash, thirty-fifth
 #   session): its tests, the kernel beside the default (scripts/bench_prefill_attention.py --quick), then 400
 #   prefill-1000 requests under each (about 5 minutes).
-# - moe: the e4m3 experts' GPU tests (written after the thirty-fifth session's device time), then an MoE engine's
-#   speed, Qwen3-30B-A3B shapes (61 GB in bf16), with its experts in W8A16, W4A16 and FP8 (the grouped GEMM on
-#   int8, int4 and e4m3 codes) beside bf16: batch-1 decode against the top-k roofline, and batch 64 (about 9
-#   minutes; on an H200 if the H100's memory runs out).
+# - moe: the MoE kernel tests (decode by pair, new in the thirty-sixth session, among them) and the MoE quantization
+#   GPU tests, then an MoE engine's speed, 16 of Qwen3-30B-A3B's layers (21 GB in bf16), with its experts in
+#   W8A16, W4A16 and FP8 (int8, int4 and e4m3 codes) beside bf16: batch-1 decode against the top-k roofline, and
+#   batch 64 (about 7 minutes). The thirty-sixth session's H100 run, before decode by pair: bf16 at 37% of the
+#   roofline, W4A16 at 20% (0.94x bf16).
+# - moe-grouped: the same W4A16 and bf16 engines with decode by pair off (KILN_MOE_BY_PAIR=0), the A/B's other
+#   half (about 4 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -44,7 +47,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -52,6 +55,9 @@ if ! python -c "import pytest" 2>/dev/null; then
   export PYTHONPATH=$PYTHONPATH:/tmp/kiln-site
 fi
 bench="python -m kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline none"
+# 16 of Qwen3-30B-A3B's 48 layers: the saved model and one engine at a time fit the device's 64 GB disk
+moe_bench="python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 16 --dtype bfloat16 --baseline none
+  --workloads decode-1,offline-64"
 for part in $parts; do
   case $part in
     tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rmsnorm_kernel.py \
@@ -78,14 +84,13 @@ for part in $parts; do
            python scripts/bench_prefill_attention.py --quick
            python scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash --requests 400 ;;
     moe) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_moe_kernel.py \
-           tests/quantization/test_moe_weight_only.py -k "gpu or quantized_experts"
-         python -m kiln bench --synthetic qwen3-30b-a3b --dtype bfloat16 --baseline none \
-           --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN \
-           --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
+           tests/quantization/test_moe_weight_only.py -k "gpu or quantized_experts or kernel or gptq"
+         $moe_bench --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN --output-json "$out/$part.json" ;;
+    moe-grouped) KILN_MOE_BY_PAIR=0 $moe_bench --quant-algo W4A16 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash or moe" >&2
+         "flash, moe or moe-grouped" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
