@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_hf_model  # noqa: E402  (the tests' tiny random Llama)
 
 import kiln.runtime.executor as executor  # noqa: E402
-from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.llmapi.llm import LLM  # noqa: E402
+from kiln.llmapi.sampling_params import SamplingParams  # noqa: E402
 from kiln.config import BuildConfig  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 20, 3], [7, 8, 9], list(range(10, 80)), [3] * 33, [4, 4]]
