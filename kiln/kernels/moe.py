@@ -289,6 +289,16 @@ if triton is not None:
         return b
 
     @triton.jit
+    def _weight_tile_mask(k_ok, kb, k_left, col_ok, CODES: tl.constexpr):
+        """Which elements of a step's weight tile [B_ROWS, BLOCK_N] exist: inputs left (int4: bytes, two inputs
+        each) of the columns in range."""
+        if CODES == 2:
+            rows_ok = kb < k_left // 2
+        else:
+            rows_ok = k_ok
+        return rows_ok[:, None] & col_ok[None, :]
+
+    @triton.jit
     def _grouped_gemm_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, out_ptr, w_ptr, pairs_ptr,
                              block_expert_ptr, N, num_pairs,
                              a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
@@ -319,10 +329,7 @@ if triton is not None:
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
-            if CODES == 2:
-                b_ok = (kb < (K - k0) // 2)[:, None] & col_ok[None, :]
-            else:
-                b_ok = k_ok[:, None] & col_ok[None, :]
+            b_ok = _weight_tile_mask(k_ok, kb, K - k0, col_ok, CODES)
             group = col_scales + (k0 // GROUP) * s_sg
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
@@ -388,10 +395,7 @@ if triton is not None:
         acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
-            if CODES == 2:
-                b_ok = (kb < (K - k0) // 2)[:, None] & col_ok[None, :]
-            else:
-                b_ok = k_ok[:, None] & col_ok[None, :]
+            b_ok = _weight_tile_mask(k_ok, kb, K - k0, col_ok, CODES)
             group = col_scales + (k0 // GROUP) * s_sg
             a = tl.load(a_ptrs, mask=k_ok, other=0.0)
             b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
