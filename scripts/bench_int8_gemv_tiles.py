@@ -16,7 +16,6 @@ import functools
 import sys
 
 import torch
-import triton
 
 from kiln.kernels import gemv
 from kiln.kernels import quant_gemm as qg
@@ -30,7 +29,7 @@ from bench_w4_gemv_versions import load_version  # (this folder's script: an old
 def run_tile(x, q, scale, y, config) -> None:
     """The full-precision GEMV on int8 codes with one of its autotuner's configs, as the engine launches it."""
     n, k = q.shape
-    gemv._gemv_kernel.fn[(1, triton.cdiv(n, config.kwargs["BLOCK_N"]))](
+    gemv._gemv_kernel.fn[gemv.gemv_grid(1, n, config.kwargs["BLOCK_N"])](
         x, q, y, y, scale, n, k, x.stride(0), q.stride(0), 1, HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False,
         num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs, **pdl_args(x.device))
 

@@ -405,7 +405,7 @@ def int8_gemm_tiles() -> None:
             check(f"int8 gemm {m}x{n}x{k} tile {tile}", ig._run(xq, xs.reshape(m), wq, ws, y, tile), ref)
         for config in gemv._CONFIGS[:2]:  # decode's 2 rows by the GEMV on the codes (the interpreter cannot tune it)
             y = torch.empty(2, n, dtype=torch.float16)
-            gemv._gemv_kernel.fn[(2 * triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
+            gemv._gemv_kernel.fn[gemv.gemv_grid(2, n, config.kwargs["BLOCK_N"])](
                 xq, wq, y, xs.reshape(-1)[:2].contiguous(), ws, n, k, xq.stride(0), wq.stride(0), 2, HAS_X_SCALE=True,
                 HAS_W_SCALE=True, QUANTIZE_X=False, USE_PDL=False, **config.kwargs)
             check(f"int8 gemv 2x{n}x{k} {config.kwargs}", y, ref[:2])

@@ -91,9 +91,7 @@ def _run_gemv(args, tile) -> None:
     n, k = weight.shape
     scales = (y if x_scale is None else x_scale, y if w_scale is None else w_scale)
     if tile is None:
-        # One grid dim, rows fastest (L2 reuse): outputs / BLOCK_N passes the 65,535 limit of a second dim at
-        # Qwen's 151,936-word lm_head and BLOCK_N 2.
-        grid = lambda meta: (rows.shape[0] * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: gemv_grid(rows.shape[0], n, meta["BLOCK_N"])  # noqa: E731
         _gemv_kernel[grid](rows, weight, y, *scales, n, k, rows.stride(0), weight.stride(0), rows.shape[0],
                            HAS_X_SCALE=x_scale is not None and not quantize_x, HAS_W_SCALE=w_scale is not None,
                            QUANTIZE_X=quantize_x, **pdl_args(rows.device))
@@ -105,6 +103,12 @@ def _run_gemv(args, tile) -> None:
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **pdl_args(rows.device))
     if split > 1:
         sum_splits(out, y)
+
+
+def gemv_grid(rows: int, n: int, block_n: int) -> tuple[int]:
+    """_gemv_kernel's launch grid: one dim, rows fastest (a weight tile's rows meet in L2). Outputs / BLOCK_N in a
+    second dim would pass its 65,535 limit at Qwen's 151,936-word lm_head and BLOCK_N 2."""
+    return (rows * triton.cdiv(n, block_n),)
 
 
 def sum_splits(partials: torch.Tensor, y: torch.Tensor) -> None:

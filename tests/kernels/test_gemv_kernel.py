@@ -74,16 +74,14 @@ def test_scaled_gemv_matches_the_emulated_fp8_gemm(out_dtype, rows, n, k):
 def _gemv_one_tile(x, w, y, xs, ws, **flags):
     """_gemv_kernel with one tile config (the autotuner may take another per variant, another summation order),
     launched as the engine launches it (with PDL on a Hopper GPU)."""
-    import triton
-
-    from kiln.kernels.gemv import _gemv_kernel
+    from kiln.kernels.gemv import _gemv_kernel, gemv_grid
     from kiln.kernels.pdl import pdl_args
 
     rows, n, k = x.shape[0], w.shape[0], w.shape[1]
     flags = {**dict(HAS_X_SCALE=False, HAS_W_SCALE=True, QUANTIZE_X=False, INT8_BY_BITS=False), **flags}
-    _gemv_kernel.fn[(rows, triton.cdiv(n, 4))](x, w, y, y if xs is None else xs, ws, n, k, x.stride(0),
-                                               w.stride(0), rows, BLOCK_N=4, BLOCK_K=1024, num_warps=8,
-                                               **flags, **pdl_args(x.device))
+    _gemv_kernel.fn[gemv_grid(rows, n, 4)](x, w, y, y if xs is None else xs, ws, n, k, x.stride(0),
+                                           w.stride(0), rows, BLOCK_N=4, BLOCK_K=1024, num_warps=8,
+                                           **flags, **pdl_args(x.device))
     return y
 
 
