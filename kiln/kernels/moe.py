@@ -46,15 +46,15 @@ ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's con
 
 @dataclass(frozen=True)
 class ExpertCodes:
-    """One projection of the local experts as quantized codes: int8 or e4m3 [local, out, in] (W8A16, FP8) or int4
-    packed two a byte along the input dim [local, out, in / 2] (W4A16, as its dense layers pack them); `scale`
-    [local, out, groups] of `group` inputs each (int8 and e4m3: one group, the whole row); `zero` int4's zero
-    points shaped like scale, or None (the symmetric 8)."""
+    """One projection of the local experts as quantized codes: int8 or e4m3 [local, out, in] (W8A16, FP8,
+    FP8_BLOCK_SCALES) or int4 packed two a byte along the input dim [local, out, in / 2] (W4A16, as its dense layers
+    pack them); `scale` [local, out, groups] of `group` inputs each (0: one group, the whole row; int4 and
+    FP8_BLOCK_SCALES' e4m3 have groups); `zero` int4's zero points shaped like scale, or None (the symmetric 8)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None = None
-    group: int = 0  # inputs per int4 scale (0 for int8)
+    group: int = 0  # inputs per scale (0: the whole row)
 
     @property
     def int4(self) -> bool:
@@ -73,7 +73,9 @@ class ExpertCodes:
         if self.int4:
             return dequantize_int4(self.codes[i], self.scale[i], None if self.zero is None else self.zero[i],
                                    self.group, dtype)
-        return (self.codes[i].float() * self.scale[i].float()).to(dtype)  # int8 or e4m3 codes, a scale a row
+        scale = self.scale[i].float()  # int8 or e4m3 codes: a scale a row, or a row's group
+        scale = scale.repeat_interleave(self.group, dim=-1) if self.group else scale
+        return (self.codes[i].float() * scale).to(dtype)
 
     def halves(self) -> tuple["ExpertCodes", "ExpertCodes"]:
         """fc's and gate's codes, as views of the engine's fused fc_gate (its outputs are [fc | gate])."""
@@ -190,7 +192,7 @@ def _config(pairs: int, num_local: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-# the kernel's CODES: float weights; int8 or e4m3 codes with a scale a row; packed int4
+# the kernel's CODES: float weights; int8 or e4m3 codes with a scale a row (or a row's group); packed int4
 _CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 1, torch.uint8: 2}
 
 
@@ -207,8 +209,8 @@ def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows
     scale, zero = (b.scale, b.zero) if coded else (a, None)  # (unread stand-ins without codes)
     if coded:  # fc's and gate's scales and zeros: views of one fused tensor, or tensors alike
         assert bg.scale.stride() == scale.stride() and (zero is None or zero.stride() == scale.stride())
-    group = (b.group if b.int4 else k) if coded else k
-    if coded and b.int4:  # a step of BLOCK_K inputs must stay in one group of scales
+    group = (b.group or k) if coded else k  # inputs a scale
+    if coded and b.group:  # a step of BLOCK_K inputs must stay in one group of scales
         cfg = dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], group))
     scale_strides = scale.stride() if coded else (0, 0, 0)
     grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
@@ -236,8 +238,8 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
     n, k = b.shape[1], b.shape[2]
     w, wg = (b.codes, bg.codes) if coded else (b, bg)
     scale, zero = (b.scale, b.zero) if coded else (a, None)
-    group = (b.group if b.int4 else k) if coded else k
-    block_k = min(PAIR_BLOCK_K, group) if coded and b.int4 else PAIR_BLOCK_K
+    group = (b.group or k) if coded else k  # inputs a scale
+    block_k = min(PAIR_BLOCK_K, group) if coded and b.group else PAIR_BLOCK_K  # (a step within a group)
     _pair_gemv_kernel[(experts.numel(), triton.cdiv(n, PAIR_BLOCK_N))](
         a, w, wg, scale, bg.scale if coded else a, zero if zero is not None else scale,
         bg.zero if coded and bg.zero is not None else scale, out, weights if weights is not None else a,
@@ -268,9 +270,9 @@ if triton is not None:
     def _expert_tile(ptrs, mask, s_ptrs, z_ptrs, col_ok, a_dtype: tl.constexpr, CODES: tl.constexpr,
                      HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """A [BLOCK_K, BLOCK_N] tile of an expert's weight in the activations' dtype: as stored (CODES 0); int8 or
-        e4m3 codes times their column's scale (1); or int4 codes, two a byte along K (low nibble first), minus
-        their zero (8 without zero points) times their group's scale (2): dequantize_int8's and
-        dequantize_int4's float32 math, rounded once."""
+        e4m3 codes times their column's scale (of the step's group, where rows have groups) (1); or int4 codes, two
+        a byte along K (low nibble first), minus their zero (8 without zero points) times their group's scale (2):
+        dequantize_int8's and dequantize_int4's float32 math, rounded once."""
         if CODES == 0:
             b = tl.load(ptrs, mask=mask, other=0.0)
         else:

@@ -32,9 +32,10 @@ from kiln.kernels import triton_available
 from kiln.kernels.fp8_group_gemm import dequantize_groups, fp8_group_gemm, fp8_group_gemm_ref
 from kiln.kernels.fp8_quant import Fp8Rows, from_groups, to_groups
 from kiln.kernels.input_quant import FP8_GROUPS, InputQuant
+from kiln.kernels.moe import ExpertCodes
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import FP8, fp8_backend, search_scales
-from kiln.quantization.weight_only import _param, check_whole_groups_per_rank
+from kiln.quantization.weight_only import _param, check_expert_groups, check_whole_groups_per_rank
 
 
 def quantize_fp8_groups_weight(weight: torch.Tensor, group: int, dtype: torch.dtype):
@@ -95,3 +96,32 @@ class Fp8BlockMethod(LinearMethod):
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         q, s = quantize_fp8_groups_weight(weight, self.group_size, dtype)
         return {"weight": q, "weights_scaling_factor": s}
+
+
+class Fp8GroupExpertMethod:
+    """FP8_BLOCK_SCALES for a mixture of experts' stacked weights: e4m3 codes [experts, out, in] with a searched
+    scale per expert, output row and group of group_size inputs, `weights_scaling_factor` [experts, out,
+    in / group] (a block-scaled checkpoint's blocks come in as their rows' groups, kiln.quantization.fp8_import).
+    Weight-only as FP8's experts (kiln.quantization.fp8.Fp8ExpertMethod): the grouped GEMM converts each tile of
+    codes with its group's scales and multiplies 16-bit inputs. Sharded and joined into fc_gate as W4A16's experts
+    are (a row-parallel expert splits its groups, whole ones on every rank)."""
+
+    name = "FP8_BLOCK_SCALES"
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def create_weights(self, layer) -> None:
+        check_expert_groups(layer, self.group_size, self.name)
+        layer.weight = _param(layer.num_experts, layer.out_features, layer.in_features, dtype=FP8)
+        layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features,
+                                              layer.in_features // self.group_size)
+        layer.shard_rules.update(weight=layer.weight_rule, weights_scaling_factor=layer.weight_rule)
+
+    def quantize(self, weight, dtype, input_scale=None):
+        experts, out, inp = weight.shape
+        q, s = quantize_fp8_groups_weight(weight.reshape(experts * out, inp), self.group_size, dtype)
+        return {"weight": q.view(experts, out, inp), "weights_scaling_factor": s.view(experts, out, -1)}
+
+    def codes(self, layer) -> ExpertCodes:
+        return ExpertCodes(layer.weight, layer.weights_scaling_factor, None, self.group_size)

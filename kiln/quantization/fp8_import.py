@@ -279,15 +279,17 @@ class Fp8NameMap(NameMap):
 
     def _read_module(self, module: str, source, config) -> dict[str, torch.Tensor]:
         """A quantized module's leaves: its sources' codes and row scales joined on the output dim (the fused QKV's
-        one activation scale the largest of theirs); stacked experts' per expert, with scales [experts, out, 1]
-        (kiln's FP8 experts are weight-only: the source's activation scales are not read)."""
+        one activation scale the largest of theirs); stacked experts' per expert, with scales [experts, out, 1], or
+        [experts, out, groups] from blocks (kiln's FP8 experts are weight-only: the source's activation scales are
+        not read)."""
         prefixes = self._hf_prefixes(module)
         if any("{e}" in prefix for prefix in prefixes):
             (prefix,) = prefixes
             parts = [self._read(prefix.replace("{e}", str(e)), source, config.torch_dtype)
                      for e in range(config.moe_num_experts)]
+            scales = torch.stack([p["weights_scaling_factor"] for p in parts])
             return {"weight": torch.stack([p["weight"] for p in parts]),
-                    "weights_scaling_factor": torch.stack([p["weights_scaling_factor"] for p in parts])[..., None]}
+                    "weights_scaling_factor": scales if scales.dim() == 3 else scales[..., None]}
         parts = [self._read(prefix, source, config.torch_dtype) for prefix in prefixes]
         return {k: torch.stack([p[k] for p in parts]).amax(0) if k == "activation_scaling_factor"
                 else torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -2,9 +2,9 @@
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
-`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16 and W4A16_GPTQ, and FP8 and FP8_PER_CHANNEL_PER_TOKEN
-as e4m3 weights with 16-bit inputs; under the others they stay in full precision, as do embeddings and MoE
-routers). A pattern
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16 and W4A16_GPTQ, and FP8, FP8_PER_CHANNEL_PER_TOKEN and
+FP8_BLOCK_SCALES as e4m3 weights with 16-bit inputs; under the others they stay in full precision, as do embeddings
+and MoE routers). A pattern
 matches a module's full name or any dotted suffix of it (fnmatch syntax): "lm_head", "mlp.proj",
 "transformer.layers.0.*".
 
@@ -27,7 +27,7 @@ from kiln.layers.embedding import LMHead
 from kiln.layers.linear import ColumnLinear, Linear, LinearMethod, QKVLinear, RowLinear
 from kiln.layers.moe import ExpertLinear
 from kiln.quantization.fp8 import Fp8ExpertMethod, Fp8Method
-from kiln.quantization.fp8_block import Fp8BlockMethod
+from kiln.quantization.fp8_block import Fp8BlockMethod, Fp8GroupExpertMethod
 from kiln.quantization.w4a8 import W4A8AwqMethod
 from kiln.quantization.w8a8 import Int8W8A8Method
 from kiln.quantization.weight_only import Int4ExpertMethod, Int4GroupMethod, Int8ExpertMethod, Int8WeightOnlyMethod
@@ -69,6 +69,7 @@ EXPERT_METHODS = {
     QuantAlgo.W4A16_GPTQ: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
     QuantAlgo.FP8: lambda qc: Fp8ExpertMethod(),  # (weight-only: experts take 16-bit inputs)
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8ExpertMethod(),
+    QuantAlgo.FP8_BLOCK_SCALES: lambda qc: Fp8GroupExpertMethod(qc.group_size),  # (weight-only too)
 }
 SUPPORTED_ALGOS = tuple(METHODS)  # every weight algorithm (tests/quantization check the list)
 QUANTIZABLE = (ColumnLinear, RowLinear, QKVLinear)
@@ -91,8 +92,10 @@ def check_lm_head(qc: QuantConfig) -> None:
 # The expert formats a pre-quantized checkpoint imports into (each expert's tensors converted as a dense layer's
 # and stacked): AWQ, GPTQ without desc_act and compressed-tensors int4 (W4A16), compressed-tensors int8 (W8A16)
 # (kiln.quantization.hf_import), and per-tensor or per-channel FP8 (kiln.quantization.fp8_import; the experts'
-# activation scales are not read: kiln's FP8 experts are weight-only). Block-wise FP8 experts are not.
-IMPORTED_EXPERT_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+# activation scales are not read: kiln's FP8 experts are weight-only), block-wise FP8 too (each block's scale on its
+# rows' groups, FP8_BLOCK_SCALES).
+IMPORTED_EXPERT_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN,
+                         QuantAlgo.FP8_BLOCK_SCALES)
 
 
 def check_experts_importable(config, where: str) -> None:
@@ -102,8 +105,8 @@ def check_experts_importable(config, where: str) -> None:
     if config.moe_num_experts and algo is not None and algo not in IMPORTED_EXPERT_ALGOS:
         raise ConfigError(f"{where}: a mixture of experts quantized as {algo.value} cannot be imported; kiln imports "
                           f"quantized experts from AWQ, GPTQ without desc_act, compressed-tensors int4 or int8 "
-                          f"without act order, and per-tensor or per-channel FP8. Convert the float model and use "
-                          f"`kiln quantize --quant-algo W4A16` (or W8A16, FP8)")
+                          f"without act order, and per-tensor, per-channel or block-wise FP8. Convert the float "
+                          f"model and use `kiln quantize --quant-algo W4A16` (or W8A16, FP8)")
 
 
 def supported_names() -> list[str]:

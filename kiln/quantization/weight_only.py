@@ -246,11 +246,7 @@ class Int4ExpertMethod:
 
     def create_weights(self, layer) -> None:
         g, inp = self.group_size, layer.in_features
-        if inp % g:  # (the grouped GEMM's steps stay within a group: no short last group, none across ranks)
-            raise ConfigError(f"QuantConfig.group_size ({g}) must divide the experts' input features on a rank "
-                              f"({inp}) to quantize them as W4A16; choose one of 32, 64, 128 that divides it, a "
-                              f"smaller moe_tp_size, or keep the experts in full precision with exclude_modules "
-                              f"'experts.*'")
+        check_expert_groups(layer, g, self.name)
         layer.weight = _param(layer.num_experts, layer.out_features, inp // 2, dtype=torch.uint8)
         layer.weights_scaling_factor = _param(layer.num_experts, layer.out_features, inp // g)
         leaves = ["weight", "weights_scaling_factor"]
@@ -269,6 +265,16 @@ class Int4ExpertMethod:
     def codes(self, layer) -> ExpertCodes:
         return ExpertCodes(layer.weight, layer.weights_scaling_factor,
                            layer.zero_point if self.zero_point else None, self.group_size)
+
+
+def check_expert_groups(layer, group: int, algo: str) -> None:
+    """Refuse stacked experts whose inputs on a rank are not whole groups: the grouped GEMM's steps stay within a
+    group (no short last group, none across ranks)."""
+    if layer.in_features % group:
+        raise ConfigError(f"QuantConfig.group_size ({group}) must divide the experts' input features on a rank "
+                          f"({layer.in_features}) to quantize them as {algo}; choose one of 32, 64, 128 that divides "
+                          f"it, a smaller moe_tp_size, or keep the experts in full precision with exclude_modules "
+                          f"'experts.*'")
 
 
 def check_whole_groups_per_rank(layer: Linear, group: int) -> bool:

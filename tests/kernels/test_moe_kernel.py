@@ -15,6 +15,7 @@ from kiln.kernels import triton_available
 from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align
 from kiln.layers.mlp import ACTIVATIONS
 from kiln.quantization.fp8 import Fp8ExpertMethod
+from kiln.quantization.fp8_block import Fp8GroupExpertMethod
 from kiln.quantization.weight_only import Int4ExpertMethod, Int8ExpertMethod
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
@@ -127,10 +128,10 @@ def test_kernel_matches_reference(dtype, tokens, num_experts, top_k, first, num_
 
 def expert_codes(weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> ExpertCodes:
     """A stacked [local, out, in] weight as a quantized format's ExpertCodes (the expert methods' quantize)."""
-    method = {"int8": Int8ExpertMethod(), "e4m3": Fp8ExpertMethod(), "int4_g32": Int4ExpertMethod(32, False),
-              "int4_g64_zp": Int4ExpertMethod(64, True)}[fmt]
+    method = {"int8": Int8ExpertMethod(), "e4m3": Fp8ExpertMethod(), "e4m3_g32": Fp8GroupExpertMethod(32),
+              "int4_g32": Int4ExpertMethod(32, False), "int4_g64_zp": Int4ExpertMethod(64, True)}[fmt]
     t = method.quantize(weight, dtype)
-    group = method.group_size if fmt.startswith("int4") else 0
+    group = getattr(method, "group_size", 0)
     return ExpertCodes(t["weight"], t["weights_scaling_factor"], t.get("zero_point"), group)
 
 
@@ -143,7 +144,7 @@ def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, Expert
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("fmt", ["int8", "e4m3", "int4_g32", "int4_g64_zp"])
+@pytest.mark.parametrize("fmt", ["int8", "e4m3", "e4m3_g32", "int4_g32", "int4_g64_zp"])
 @pytest.mark.parametrize("tokens,num_experts,top_k,first,num_local,hidden,inter,quantized,by_pair", [
     (1, 8, 2, 0, 8, 64, 128, "all", False),  # decode: 16-row blocks, 128-input steps (int4: a group's)
     (45, 8, 2, 0, 8, 192, 64, "all", False),  # ragged row blocks and output tiles
@@ -154,8 +155,8 @@ def fused_codes(fc: ExpertCodes, gate: ExpertCodes) -> tuple[ExpertCodes, Expert
 ])
 def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_experts, top_k, first, num_local,
                                                     hidden, inter, quantized, by_pair):
-    """W8A16, FP8 and W4A16 experts (codes, scales, zeros) with fc and gate as views of the engine's fused fc_gate
-    tensors: the kernel dequantizes each tile as the reference dequantizes each expert."""
+    """W8A16, FP8, FP8_BLOCK_SCALES and W4A16 experts (codes, scales, zeros) with fc and gate as views of the
+    engine's fused fc_gate tensors: the kernel dequantizes each tile as the reference dequantizes each expert."""
     experts, weights = routing(tokens, num_experts, top_k, seed=tokens)
     fc, gate, proj = expert_weights(num_local, hidden, inter, seed=7)
     fc_q, gate_q = fused_codes(expert_codes(fc, fmt, dtype), expert_codes(gate, fmt, dtype))

@@ -23,11 +23,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(tensors: dict, group: int = 0) -> torch.Tensor:
     """A quantized linear's checkpoint tensors (leaf -> tensor) -> its effective float weight [out, in] (int8 or
-    e4m3 codes times a scale a row, int4 codes by group), with the AWQ prequant scale multiplied into the input
-    columns. Input column c is in group c // group."""
+    e4m3 codes times a scale a row or a row's group, int4 codes by group), with the AWQ prequant scale multiplied
+    into the input columns. Input column c is in group c // group."""
     w, s = tensors["weight"], tensors["weights_scaling_factor"].double()
     if w.dtype in (torch.int8, torch.float8_e4m3fn):
-        full = w.double() * s[:, None]
+        full = w.double() * (s[:, None] if s.dim() == 1 else s[:, torch.arange(w.shape[1]) // group])
     else:
         codes = unpack(w).double()
         z = tensors["zero_point"].double() if "zero_point" in tensors else torch.full_like(s, 8.0)
@@ -44,8 +44,9 @@ def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
     if tensors["weight"].dtype not in (torch.int8, torch.uint8, torch.float8_e4m3fn):
         return tensors["weight"].float()
     experts = tensors["weight"].shape[0]
-    int8 = tensors["weight"].dtype != torch.uint8  # (int8 or e4m3: a scale a row)
-    squeezed = {leaf: t.flatten(-2) if int8 and leaf == "weights_scaling_factor" else t for leaf, t in tensors.items()}
+    int8 = tensors["weight"].dtype != torch.uint8  # (int8 or e4m3: a scale a row, [experts, out, 1], or a group)
+    squeezed = {leaf: t.flatten(-2) if int8 and leaf == "weights_scaling_factor" and t.shape[-1] == 1 else t
+                for leaf, t in tensors.items()}
     return torch.stack([dequantize({leaf: t[e] for leaf, t in squeezed.items()}, group) for e in range(experts)])
 
 

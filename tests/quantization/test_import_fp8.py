@@ -198,12 +198,14 @@ def test_unsupported_fp8_configs_are_refused(hf_model, tmp_path, config, message
 @pytest.mark.parametrize("config,layout,algo", [
     (FP8, "tensor0", "FP8"),
     (CT, "channel", "FP8_PER_CHANNEL_PER_TOKEN"),
-], ids=["fp8-static", "ct-channel-token"])
+    ({**FP8, "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}, "block", "FP8_BLOCK_SCALES"),
+], ids=["fp8-static", "ct-channel-token", "fp8-block"])
 def test_an_moe_checkpoint_imports_its_experts_codes_as_fp8_experts(tmp_path, config, layout, algo):
-    """An FP8 MoE checkpoint (each expert's linears in FP8, as hub releases hold them): the experts' codes carry
-    over exactly, each expert's scale on its rows, and kiln's FP8 experts run weight-only (the experts' input
-    scales are not read), so the model computes transformers' with attention's activations quantized and the
-    experts' dequantized weights (act_reference.fake_quant_hf)."""
+    """An FP8 MoE checkpoint (each expert's linears in FP8, as hub releases hold them, Qwen3-30B-A3B-FP8's in
+    [128, 128] blocks): the experts' codes carry over exactly, each expert's scale on its rows (a block's on its
+    rows' groups), and kiln's FP8 experts run weight-only (the experts' input scales are not read), so the model
+    computes transformers' with attention's activations quantized and the experts' dequantized weights
+    (act_reference.fake_quant_hf)."""
     import transformers as tf
 
     from kiln.models.mixtral.model import MixtralForCausalLM
@@ -232,8 +234,9 @@ def test_an_moe_checkpoint_imports_its_experts_codes_as_fp8_experts(tmp_path, co
     proj = "transformer.layers.1.mlp.experts.proj."
     assert torch.equal(ckpt[proj + "weight"].view(torch.uint8),
                        torch.stack([t["weight"] for t in experts]).view(torch.uint8))
-    assert torch.equal(ckpt[proj + "weights_scaling_factor"],
-                       torch.stack([_rows(t, 64) for t in experts])[..., None])
+    scales = [t["weight_scale_inv"].float().repeat_interleave(BLOCK, 0) if layout == "block" else _rows(t, 64)[:, None]
+              for t in experts]
+    assert torch.equal(ckpt[proj + "weights_scaling_factor"], torch.stack(scales))
     with torch.no_grad():
         ours, ref = model(IDS), fake_quant_hf(hf, ckpt, model.config)(IDS).logits
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

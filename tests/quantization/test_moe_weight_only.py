@@ -18,6 +18,7 @@ from kiln.mapping import Mapping
 from kiln.models.base import PretrainedModel
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.quantization.fp8 import search_scales
+from kiln.quantization.fp8_block import quantize_fp8_groups_weight
 from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
 from reference import dequantize_experts, dequantized_hf, is_decoder_linear, linear_tensors
 from conftest import hf_greedy, leftovers
@@ -32,8 +33,12 @@ CONFIGS = {
     "W4A16_g32_zp": QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True),
     # e4m3 experts with 16-bit inputs; attention kept float so the reference needs no activation quantization
     "FP8_experts": QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN", exclude_modules=("lm_head", "attention.*")),
+    # e4m3 experts with a scale per row and group of 32 inputs
+    "FP8_block_experts": QuantConfig(quant_algo="FP8_BLOCK_SCALES", group_size=32,
+                                     exclude_modules=("lm_head", "attention.*")),
 }
 ROW_SCALED = ("W8A16", "FP8_experts")  # a scale an output row, [experts, out, 1]
+FP8_EXPERTS = ("FP8_experts", "FP8_block_experts")  # e4m3 codes, attention kept float
 IDS = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
 EXPERTS = "transformer.layers.1.mlp.experts."
 
@@ -67,13 +72,18 @@ def test_expert_codes_are_each_experts_rows_rounded_to_nearest(hf_mixtral, quant
             q, s = search_scales(source[e].float(), torch.float32)
             assert torch.equal(t["weight"][e].view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(t["weights_scaling_factor"][e, :, 0], s)
+        elif name == "FP8_block_experts":
+            q, s = quantize_fp8_groups_weight(source[e], qc.group_size, torch.float32)
+            assert torch.equal(t["weight"][e].view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(t["weights_scaling_factor"][e], s)
         else:
             packed, s, z = quantize_int4_groups(source[e], qc.group_size, qc.has_zero_point, torch.float32)
             assert torch.equal(t["weight"][e], packed) and torch.equal(t["weights_scaling_factor"][e], s)
             assert (z is None) == ("zero_point" not in t) and (z is None or torch.equal(t["zero_point"][e], z))
     w = dequantize_experts(t, qc.group_size)  # int: within half a step of its group's scale (a clamped zero: a step)
-    if name == "FP8_experts":  # e4m3: within half its 3-bit mantissa's step, or of its smallest subnormal
-        assert ((w - source).abs() <= source.abs() * 2 ** -4 + t["weights_scaling_factor"] * 2 ** -10).all()
+    if name in FP8_EXPERTS:  # e4m3: within half its 3-bit mantissa's step, or of its smallest subnormal
+        scale = t["weights_scaling_factor"].repeat_interleave(qc.group_size if name == "FP8_block_experts" else 64, -1)
+        assert ((w - source).abs() <= source.abs() * 2 ** -4 + scale * 2 ** -10).all()
         return
     step = t["weights_scaling_factor"].repeat_interleave(qc.group_size if name != "W8A16" else 64, dim=-1)
     assert ((w - source).abs() <= step * (1 if qc.has_zero_point else 0.5) + 1e-6).all()
@@ -123,12 +133,14 @@ def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     h, inter, experts, layers = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts, c.num_hidden_layers
     q, kv = c.num_attention_heads * c.head_size, c.num_key_value_heads * c.head_size
     attention, moe = [(q + 2 * kv, h), (h, q)], [(2 * inter, h), (h, inter)] * experts  # (out, in)
-    linears = moe if name == "FP8_experts" else attention + moe  # (FP8_experts keeps attention float)
+    linears = moe if name in FP8_EXPERTS else attention + moe  # (the FP8 experts' configs keep attention float)
     if name in ROW_SCALED:
         per_layer = sum(o * i + o * 4 for o, i in linears)
+    elif name == "FP8_block_experts":
+        per_layer = sum(o * i + o * (i // qc.group_size) * 4 for o, i in linears)
     else:
         per_layer = sum(o * i // 2 + o * (i // qc.group_size) * 4 * (1 + qc.has_zero_point) for o, i in linears)
-    if name == "FP8_experts":
+    if name in FP8_EXPERTS:
         per_layer += sum(o * i * 4 for o, i in attention)
     per_layer += (experts * h + 2 * h) * 4  # the router, two norms (float32)
     expected = layers * per_layer + (2 * c.vocab_size * h + h) * 4  # embedding, lm_head, final norm
@@ -147,7 +159,7 @@ def test_engine_fuses_the_codes_and_scales_and_greedy_equals_dequantized_transfo
     engine = kiln.build(model, kiln.BuildConfig(max_batch_size=2, max_seq_len=64))
     fused = dict(engine.weights())
     codes = fused["transformer.layers.0.mlp.experts.fc_gate.weight"]
-    assert codes.shape == ((4, 128, 64) if name in ROW_SCALED else (4, 128, 32))
+    assert codes.shape == ((4, 128, 64) if name in ROW_SCALED + FP8_EXPERTS else (4, 128, 32))
     assert fused["transformer.layers.0.mlp.experts.fc_gate.weights_scaling_factor"].shape[:2] == (4, 128)
     engine.save(tmp_path / "engine")
     prompt = [1, 17, 5, 99, 42]
@@ -301,11 +313,10 @@ def test_awq_and_gptq_moe_checkpoints_import_their_experts_as_int4(hf_mixtral, m
 
 @pytest.mark.parametrize("quantization_config, algo", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}, "W4A16_GPTQ"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}, "FP8_BLOCK_SCALES"),
 ])
 def test_an_moe_checkpoint_kiln_does_not_import_is_refused_by_name(hf_mixtral, tmp_path, quantization_config, algo):
-    """Act-order GPTQ and block-wise FP8 MoE checkpoints: refused from their config, naming the formats that do
-    import."""
+    """Act-order GPTQ MoE checkpoints (the grouped GEMM reads no permutation): refused from their config, naming
+    the formats that do import."""
     quantized, _ = write_prequantized_moe(hf_mixtral[0], tmp_path, "gptq")
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = quantization_config
