@@ -17,6 +17,10 @@ Where the layer's input is a norm's output (QKV after input_layernorm; fc and ga
 s for both since they share the input) 1/s folds into the norm's weight; the attention output and mlp.proj
 follow no norm, so they keep 1/s as `prequant_scaling_factor`.
 
+A mixture of experts (no shared expert) follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every
+expert's fc and gate folds into post_layernorm and into the router's weight (the router reads that norm too, and
+stays float and exact), and each expert's proj scale folds into the rows of that expert's gate.
+
 Calibration streams layer by layer: only one decoder layer's weights and the activations of the calibration
 batch live in memory at a time. Each layer's inputs come from the float layers before it.
 """
@@ -42,9 +46,17 @@ NOT_CLIPPED = ("attention.qkv",)
 
 
 def check_awq_supported(config) -> None:
+    """W4A16_AWQ takes a mixture of experts whose post-attention norm feeds only the router and the experts."""
+    if config.moe_shared_expert_intermediate_size:
+        raise ConfigError("QuantConfig.quant_algo W4A16_AWQ does not support a mixture of experts with a shared "
+                          "expert yet (its scale would fold into the norm the shared expert and its gate also "
+                          "read); use W4A16, W4A16_GPTQ or W8A16")
+
+
+def check_w4a8_awq_supported(config) -> None:
     if config.moe_num_experts:
-        raise ConfigError("QuantConfig.quant_algo W4A16_AWQ does not support mixture-of-experts models yet "
-                          "(its scale would fold into the norm the unquantized experts share); use W4A16 or W8A16")
+        raise ConfigError("QuantConfig.quant_algo W4A8_AWQ does not support mixture-of-experts models yet (there is "
+                          "no W4A8 expert kernel); use W4A16_AWQ, W4A16 or W8A16")
 
 
 def rtn_error(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], qc: QuantConfig, dtype,
@@ -128,20 +140,23 @@ def clip_weight(weight: torch.Tensor, bound: torch.Tensor, s: torch.Tensor | Non
 def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tuple[dict, dict, dict, dict]:
     """AWQ scales and clipping bounds of every quantized linear of a TP=1 source model (lazy weights), layer by
     layer. Returns (input_scales {linear: s}, norm_scales {norm: s}, errors {linear: (awq, rtn) mse},
-    clips {linear: bound [out, groups] on |W s|}).
+    clips {linear: bound [out, groups] on |W s|}, experts {module: its tensors, a mixture of experts' stacked
+    weights quantized with their scales and its router's weight with the norm's scale folded in}).
     """
     config = model.config
-    check_awq_supported(config)
-    input_scales, norm_scales, errors, clips = {}, {}, {}, {}
-    for prefix, layer, inputs in streaming.layer_inputs(model, tokens, qc, device):
+    input_scales, norm_scales, errors, clips, experts = {}, {}, {}, {}, {}
+    for prefix, layer, inputs in streaming.layer_inputs(model, tokens, qc, device, experts=True):
+        routed = {name: inputs.pop(name) for name, x in list(inputs.items()) if isinstance(x, tuple)}
         _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)
         for name, x_in in inputs.items():
             if name not in NOT_CLIPPED:
                 s = input_scales[prefix + name].to(device)
                 w = layer.get_submodule(name).weight.detach()
                 clips[prefix + name] = search_clip(x_in.float() / s, w.float() * s, qc, config.torch_dtype).cpu()
+        for name, (x, picked) in routed.items():
+            _search_experts(layer, prefix, name, x, picked, qc, config.torch_dtype, norm_scales, errors, experts)
         log.debug("AWQ %s: %s", prefix, {k: v for k, v in errors.items() if k.startswith(prefix)})
-    return input_scales, norm_scales, errors, clips
+    return input_scales, norm_scales, errors, clips, experts
 
 
 def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, errors) -> None:
@@ -161,6 +176,36 @@ def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, e
             errors[prefix + n] = (err, rtn)
         if key in ("input_layernorm", "post_layernorm"):
             norm_scales[prefix + key] = s.cpu()
+
+
+def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torch.Tensor, qc: QuantConfig, dtype,
+                    norm_scales: dict, errors: dict, experts: dict) -> None:
+    """AWQ for a mixture of experts (AutoAWQ's Mixtral recipe): one scale s for every expert's fc and gate, searched
+    on the norm's output over all of them, folds into post_layernorm, and the router's weight takes s (it reads
+    that output too, and stays exact); each expert's proj gets its own s_e, searched on act(fc x) * gate x over
+    the tokens routed to it, folded into that expert's gate rows as 1 / s_e (h = act(fc x) * gate x is linear in
+    gate). No clipping search for experts. Adds the experts' W4A16 tensors and the router's weight to `experts`."""
+    from kiln.layers.mlp import ACTIVATIONS
+    from kiln.quantization.weight_only import Int4ExpertMethod
+
+    m = layer.get_submodule(name)
+    fc, gate, proj = (getattr(m, p).weight.detach().float() for p in ("fc", "gate", "proj"))
+    s, err, rtn = search_scale(x, [*fc, *gate], qc, dtype)
+    router = name.rpartition(".")[0] + ".router"
+    norm_scales[prefix + "post_layernorm"] = s.cpu()
+    r = layer.get_submodule(router).weight.detach()
+    experts[prefix + router] = {"weight": (r.float() * s).to(r.dtype).cpu()}
+    errors[f"{prefix}{name}.fc"] = errors[f"{prefix}{name}.gate"] = (err, rtn)
+    s_mid = torch.ones(fc.shape[:2], device=fc.device)  # [experts, inter]; 1: an expert no token reached
+    h = x.float()
+    for e in picked.unique().tolist():
+        rows = h[(picked == e).any(-1)]
+        mid = ACTIVATIONS[m.act](rows @ fc[e].T) * (rows @ gate[e].T)
+        s_mid[e], err, rtn = search_scale(mid, [proj[e]], qc, dtype)
+        errors[f"{prefix}{name}.proj.{e}"] = (err, rtn)
+    method = Int4ExpertMethod(qc.group_size, qc.has_zero_point)
+    for proj_name, w in (("fc", fc * s), ("gate", gate / s_mid[..., None] * s), ("proj", proj * s_mid[:, None, :])):
+        experts[f"{prefix}{name}.{proj_name}"] = {k: v.cpu() for k, v in method.quantize(w, dtype).items()}
 
 
 def fold_into_norm(leaf: str, tensor: torch.Tensor, s: torch.Tensor, config) -> torch.Tensor:

@@ -226,7 +226,8 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
         first = {}  # input -> the first linear reading it, whose hook sums it
         for name, key in inputs.items():
             first.setdefault(key, name)
-        experts = _rounded_experts(layer, prefix, qc) if default_rounder else {}
+        experts = streaming.quantized_experts(layer, prefix, qc) if default_rounder and \
+            qc.quant_algo == QuantAlgo.W4A16_GPTQ else {}  # (GPTQ's int4 experts)
         hessians: dict[str, torch.Tensor] = {}
         run({**{linears[name]: _accumulate(hessians, key) for key, name in first.items()},
              **{m: _accumulate_experts(hessians, name) for name, m in experts.items()}})
@@ -264,17 +265,6 @@ FP8_WEIGHT_SCALES = {
 }
 # quant_algo -> (weight, Hessian, QuantConfig, dtype, TP chunks) -> the linear's GPTQ-rounded checkpoint tensors
 ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, **{algo: _round_fp8 for algo in FP8_WEIGHT_SCALES}}
-
-
-def _rounded_experts(layer, prefix: str, qc: QuantConfig) -> dict:
-    """{name: Experts module} of a decoder layer whose stacked weights GPTQ rounds (W4A16_GPTQ's int4 experts)."""
-    from kiln.layers.moe import Experts
-    from kiln.quantization.methods import quant_method_for
-
-    if qc.quant_algo != QuantAlgo.W4A16_GPTQ:
-        return {}
-    return {name: m for name, m in layer.named_modules()
-            if isinstance(m, Experts) and quant_method_for(f"{prefix}{name}.fc", m.fc, qc) is not None}
 
 
 def _accumulate_experts(hessians: dict, name: str):

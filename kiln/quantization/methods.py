@@ -2,9 +2,9 @@
 
 The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared experts) are quantized unless a
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
-`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16 and W4A16_GPTQ, and FP8, FP8_PER_CHANNEL_PER_TOKEN and
-FP8_BLOCK_SCALES as e4m3 weights with 16-bit inputs; under the others they stay in full precision, as do embeddings
-and MoE routers). A pattern
+`.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16, W4A16_AWQ and W4A16_GPTQ, and FP8,
+FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES as e4m3 weights with 16-bit inputs; under the others they stay in
+full precision, as do embeddings and MoE routers). A pattern
 matches a module's full name or any dotted suffix of it (fnmatch syntax): "lm_head", "mlp.proj",
 "transformer.layers.0.*".
 
@@ -67,6 +67,9 @@ EXPERT_METHODS = {
     # GPTQ's experts: W4A16's format in input order (no act order: the grouped GEMM reads no permutation), codes
     # from kiln.quantization.gptq.gptq_experts_int4
     QuantAlgo.W4A16_GPTQ: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
+    # AWQ's experts: W4A16's format, their scales folded into the norm and each expert's gate rows
+    # (kiln.quantization.awq._search_experts)
+    QuantAlgo.W4A16_AWQ: lambda qc: Int4ExpertMethod(qc.group_size, qc.has_zero_point),
     QuantAlgo.FP8: lambda qc: Fp8ExpertMethod(),  # (weight-only: experts take 16-bit inputs)
     QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: lambda qc: Fp8ExpertMethod(),
     QuantAlgo.FP8_BLOCK_SCALES: lambda qc: Fp8GroupExpertMethod(qc.group_size),  # (weight-only too)

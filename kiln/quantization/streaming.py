@@ -89,19 +89,39 @@ def quantized_linears(layer: nn.Module, prefix: str, qc) -> dict[str, nn.Module]
             if isinstance(m, Linear) and quant_method_for(prefix + name, m, qc) is not None}
 
 
-def layer_inputs(model, tokens: torch.Tensor, qc, device):
+def layer_inputs(model, tokens: torch.Tensor, qc, device, experts: bool = False):
     """Yield (prefix, layer, {linear: its input [<= MAX_SEARCH_TOKENS rows, in]}) for each decoder layer of a TP=1
     source model (lazy weights), for the linears `qc` quantizes; tokens [n, t]. The rows are the same random sample
-    of the calibration tokens for every linear; each layer's input comes from the float layers before it."""
+    of the calibration tokens for every linear; each layer's input comes from the float layers before it. With
+    `experts`, a mixture of experts whose stacked weights `qc` quantizes adds {its name: (input rows, the experts
+    the router picked for each [rows, top_k])}."""
     pick = torch.randperm(tokens.numel(), generator=torch.Generator().manual_seed(0))[:MAX_SEARCH_TOKENS].to(device)
     for prefix, layer, run in walk_layers(model, tokens, device):
         inputs = {}
-        run({m: functools.partial(_capture_input, inputs, name, pick)
-             for name, m in quantized_linears(layer, prefix, qc).items()})
+        hooks = {m: functools.partial(_capture_input, inputs, name, pick)
+                 for name, m in quantized_linears(layer, prefix, qc).items()}
+        if experts:
+            hooks.update({m: functools.partial(_capture_routed, inputs, name, pick)
+                          for name, m in quantized_experts(layer, prefix, qc).items()})
+        run(hooks)
         yield prefix, layer, inputs
         del inputs
+
+
+def quantized_experts(layer: nn.Module, prefix: str, qc) -> dict[str, nn.Module]:
+    """{name: Experts module} of a decoder layer whose stacked weights `qc` quantizes."""
+    from kiln.layers.moe import Experts
+    from kiln.quantization.methods import quant_method_for
+
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, Experts) and quant_method_for(f"{prefix}{name}.fc", m.fc, qc) is not None}
 
 
 def _capture_input(inputs: dict, name: str, pick: torch.Tensor, module, args) -> None:
     """A forward pre-hook: keep the `pick` rows of a linear's input under `name` (None: the input goes on)."""
     inputs[name] = args[0].detach()[pick]
+
+
+def _capture_routed(inputs: dict, name: str, pick: torch.Tensor, module, args) -> None:
+    """A forward pre-hook on Experts (x, experts, weights): keep the `pick` rows of x and of their experts."""
+    inputs[name] = (args[0].detach()[pick], args[1][pick])

@@ -45,7 +45,9 @@ class QuantizedSource:
         self.input_scales, self.norm_scales = input_scales or {}, norm_scales or {}
         self.act_absmax = act_absmax or {}  # linear -> calibrated max |x| per input channel (FP8, W4A8_AWQ)
         self.weight_clips = weight_clips or {}  # linear -> bound on |W s| per (output, group) (AWQ)
-        self.rounded = rounded or {}  # linear -> its checkpoint tensors, quantized during calibration (GPTQ)
+        # module -> its checkpoint tensors made during calibration: GPTQ's linears, AWQ's experts and the router
+        # its scale folds into
+        self.rounded = rounded or {}
         self.device = device  # where each weight is quantized (one linear at a time); the results come back to CPU
         self.kv_scales = kv_scales or {}  # checkpoint name -> kv_cache_scaling_factor (kiln.quantization.kv_cache)
         self.dtype = reference.config.torch_dtype
@@ -55,6 +57,8 @@ class QuantizedSource:
         if name in self.kv_scales:
             return self.kv_scales[name]
         module, _, leaf = name.rpartition(".")
+        if module in self.rounded and module not in self.linears:  # a float module calibration rewrote (a router)
+            return self.rounded[module][leaf]
         if module in self.linears and leaf != "bias":
             if self._last is None or self._last[0] != module:
                 self._last = (module, self._quantize(module))
@@ -110,8 +114,8 @@ def _calibrate_w4a8(source, tokens, qc, reference, device, mapping) -> WeightCal
 
 
 def _awq_scales(source, tokens, qc, device) -> WeightCalibration:
-    input_scales, norm_scales, errors, clips = awq.calibrate(source, tokens, qc, device)
-    return WeightCalibration(input_scales, norm_scales, awq_errors=errors, weight_clips=clips)
+    input_scales, norm_scales, errors, clips, experts = awq.calibrate(source, tokens, qc, device)
+    return WeightCalibration(input_scales, norm_scales, awq_errors=errors, weight_clips=clips, rounded=experts)
 
 
 def _awq_gptq_rounded(calibrated: WeightCalibration, source, tokens, qc, reference, device,
@@ -131,7 +135,7 @@ def _awq_gptq_rounded(calibrated: WeightCalibration, source, tokens, qc, referen
                                          tensors["weights_scaling_factor"], tensors.get("zero_point"), qc.group_size)
         return {**tensors, "weight": pack_int4(codes).cpu()}
 
-    calibrated.rounded = gptq.calibrate(source, tokens, qc, mapping.tp_size, device, rounder)
+    calibrated.rounded.update(gptq.calibrate(source, tokens, qc, mapping.tp_size, device, rounder))
     return calibrated
 
 
@@ -176,8 +180,9 @@ def calibrator_for(qc: QuantConfig):
 # The formats --weight-rounding gptq rounds: the FP8 ones (gptq.ROUNDERS) and AWQ's, on their own scales.
 GPTQ_ROUNDED = (*gptq.FP8_WEIGHT_SCALES, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A8_AWQ)
 
-# Structures an algorithm cannot handle yet (mixture-of-experts for the ones that fold scales into norms).
-MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_awq_supported,
+# Structures an algorithm cannot handle yet (mixtures of experts that SmoothQuant's and W4A8_AWQ's scales, or AWQ's
+# with a shared expert, cannot fold into).
+MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_w4a8_awq_supported,
                 QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
 
 

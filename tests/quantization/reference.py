@@ -52,9 +52,11 @@ def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
 
 def copy_dequantized_experts(layer, ckpt: dict, prefix: str, config) -> None:
     """A transformers decoder layer's stacked experts ([w1 | w3] and w2 in transformers 5) set to the checkpoint's
-    dequantized experts at `prefix`, where it has them."""
+    dequantized experts at `prefix`, where it has them, and its router to the checkpoint's (AWQ folds its scale
+    into the router as into the norm before it)."""
     if prefix + "mlp.experts.fc.weight" not in ckpt:
         return
+    layer.mlp.gate.weight.copy_(ckpt[prefix + "mlp.router.weight"])
     fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
                                          config.quantization.group_size) for p in ("fc", "gate", "proj"))
     layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))

@@ -387,3 +387,44 @@ def test_w4a16_gptq_quantizes_the_experts_by_gptq_and_logits_equal_dequantized_t
     with torch.no_grad():
         ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
     assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_w4a16_awq_folds_its_scales_and_logits_equal_dequantized_transformers(hf_mixtral, tmp_path):
+    """W4A16_AWQ on a mixture of experts (AutoAWQ's recipe): one scale for every expert's fc and gate folds into
+    post_layernorm and multiplies the router's weight (the router's logits stay exact), each expert's proj scale
+    folds into its gate rows; the experts are W4A16 codes, and the model's logits equal transformers' on the
+    checkpoint's norms, router and dequantized weights."""
+    hf = hf_mixtral[1]
+    qc = QuantConfig(quant_algo="W4A16_AWQ", group_size=32)
+    ckpt_dir = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "q", qc)
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    t = linear_tensors(ckpt, EXPERTS + "gate")
+    assert t["weight"].dtype == torch.uint8 and t["weights_scaling_factor"].shape == (4, 64, 2)
+    layer = hf.model.layers[1]
+    norm, router = ckpt["transformer.layers.1.post_layernorm.weight"], ckpt["transformer.layers.1.mlp.router.weight"]
+    s = layer.post_attention_layernorm.weight.detach() / norm  # the folded scale, one per input channel
+    assert not torch.allclose(s, torch.ones_like(s))  # AWQ moved the scale
+    torch.testing.assert_close(router, layer.mlp.gate.weight.detach() * s, rtol=1e-5, atol=1e-6)
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    with torch.no_grad():
+        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
+        full = hf(IDS).logits
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - full).abs().max() > 1e-4
+
+
+def test_awq_with_a_shared_expert_and_w4a8_awq_on_experts_are_refused(tmp_path):
+    """A shared expert also reads the norm AWQ's scale would fold into, and W4A8 has no expert kernel: both are
+    refused by name before any work."""
+    from kiln.config import PretrainedConfig
+    from kiln.quantization.workflow import check_quant_config
+
+    base = PretrainedConfig(architecture="Qwen2MoeForCausalLM", dtype="float32", vocab_size=127, hidden_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=16,
+                            intermediate_size=64, moe_num_experts=4, moe_top_k=2, moe_intermediate_size=32)
+    shared = base.replace(moe_shared_expert_intermediate_size=64)
+    with pytest.raises(ConfigError, match="W4A16_AWQ does not support a mixture of experts with a shared expert"):
+        check_quant_config(QuantConfig(quant_algo="W4A16_AWQ"), shared)
+    with pytest.raises(ConfigError, match="W4A8_AWQ does not support mixture-of-experts"):
+        check_quant_config(QuantConfig(quant_algo="W4A8_AWQ"), base)
+    check_quant_config(QuantConfig(quant_algo="W4A16_AWQ"), base)  # (no shared expert: taken)
