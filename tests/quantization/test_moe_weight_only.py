@@ -89,17 +89,22 @@ def test_expert_codes_are_each_experts_rows_rounded_to_nearest(hf_mixtral, quant
     assert ((w - source).abs() <= step * (1 if qc.has_zero_point else 0.5) + 1e-6).all()
 
 
-def test_logits_equal_transformers_with_dequantized_experts(hf_mixtral, quantized):
-    hf = hf_mixtral[1]
-    ckpt_dir = quantized[1]
-    model = PretrainedModel.from_checkpoint(ckpt_dir)
+def assert_logits_equal_dequantized_transformers(hf, ckpt_dir) -> None:
+    """The checkpoint's logits within 1e-4 of transformers' on its dequantized weights (and its norms and router),
+    and not within it of the float model's: the comparison would see a model that was not quantized."""
     ckpt = load_file(ckpt_dir / "rank0.safetensors")
-    assert ckpt[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
     with torch.no_grad():
-        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
-        full = hf(IDS).logits
+        ours, ref, full = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits, hf(IDS).logits
     assert (ours - ref).abs().max() <= 1e-4
-    assert (ours - full).abs().max() > 1e-4  # the comparison would see a model that was not quantized
+    assert (ours - full).abs().max() > 1e-4
+
+
+def test_logits_equal_transformers_with_dequantized_experts(hf_mixtral, quantized):
+    ckpt_dir = quantized[1]
+    assert load_file(ckpt_dir / "rank0.safetensors")[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8,
+                                                                                      torch.float8_e4m3fn)
+    assert_logits_equal_dequantized_transformers(hf_mixtral[1], ckpt_dir)
 
 
 def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
@@ -115,12 +120,7 @@ def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
     ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", qc)
     ckpt = load_file(ckpt_dir / "rank0.safetensors")
     assert ckpt[EXPERTS + "gate.weight"].dtype == torch.uint8
-    model = PretrainedModel.from_checkpoint(ckpt_dir)
-    with torch.no_grad():
-        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
-        full = hf(IDS).logits
-    assert (ours - ref).abs().max() <= 1e-4
-    assert (ours - full).abs().max() > 1e-4
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
 def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
@@ -383,10 +383,7 @@ def test_w4a16_gptq_quantizes_the_experts_by_gptq_and_logits_equal_dequantized_t
         assert torch.equal(t["weights_scaling_factor"][e], s)
         changed += (t["weight"][e] != packed).sum().item()
     assert changed > 0  # GPTQ moved codes off round to nearest
-    model = PretrainedModel.from_checkpoint(ckpt_dir)
-    with torch.no_grad():
-        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
-    assert (ours - ref).abs().max() <= 1e-4
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
 def test_w4a16_awq_folds_its_scales_and_logits_equal_dequantized_transformers(hf_mixtral, tmp_path):
@@ -405,12 +402,7 @@ def test_w4a16_awq_folds_its_scales_and_logits_equal_dequantized_transformers(hf
     s = layer.post_attention_layernorm.weight.detach() / norm  # the folded scale, one per input channel
     assert not torch.allclose(s, torch.ones_like(s))  # AWQ moved the scale
     torch.testing.assert_close(router, layer.mlp.gate.weight.detach() * s, rtol=1e-5, atol=1e-6)
-    model = PretrainedModel.from_checkpoint(ckpt_dir)
-    with torch.no_grad():
-        ours, ref = model(IDS), dequantized_hf(hf, ckpt, model.config)(IDS).logits
-        full = hf(IDS).logits
-    assert (ours - ref).abs().max() <= 1e-4
-    assert (ours - full).abs().max() > 1e-4
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
 def test_awq_with_a_shared_expert_and_w4a8_awq_on_experts_are_refused(tmp_path):
