@@ -534,6 +534,9 @@ def _release(device: torch.device) -> None:
 def run(args) -> list[BenchResult]:
     """Measure the ceilings, run the transformers baseline (synthetic or HF sources), then each kiln system."""
     device = resolve_device(args.device)
+    if args.synthetic_layers is not None and (not args.synthetic or args.synthetic_layers < 1):
+        raise ConfigError(f"--synthetic-layers {args.synthetic_layers}: keeps the first N >= 1 layers of a "
+                          f"--synthetic shape; give both, or neither")
     if args.synthetic and args.dtype == "auto":
         args.dtype = synthetic_dtype(device)
     workloads = select(args.workloads, args.workload_file, args.num_requests, args.input_len, args.output_len,

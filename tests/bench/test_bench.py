@@ -436,6 +436,24 @@ def test_calib_size_sets_the_quantized_systems_calibration(tiny_synthetic, tmp_p
     assert "W4A16_AWQ: calibrating on 3 x " in caplog.text
 
 
+def test_synthetic_layers_keep_a_shapes_first_layers(tiny_synthetic, tmp_path, capsys):
+    """--synthetic-layers N: a shape too big for the GPU or its disk (Qwen3-30B-A3B's 61 GB) keeps its first N
+    layers, the rest of the shape as it is; without --synthetic, or below 1, it is refused."""
+    import torch
+
+    from kiln.bench.offline import synthetic_hf_model
+
+    model = synthetic_hf_model("qwen3-30b-a3b", torch.float32, torch.device("meta"), layers=2)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 2
+    assert (model.config.num_experts, model.config.hidden_size) == (128, 2048)
+    workloads = tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 16, "output_len": 2}]))
+    assert main(["bench", "--synthetic", "tiny-test", "--synthetic-layers", "1", "--workload-file", str(workloads),
+                 "--baseline", "none", "--device", "cpu", "--output-json", str(tmp_path / "r.json")]) == 0
+    assert main(["bench", "--model", str(tmp_path), "--synthetic-layers", "1", "--device", "cpu"]) != 0
+    assert "--synthetic-layers 1: keeps the first N >= 1 layers" in capsys.readouterr().err
+
+
 def test_bad_system_flags_fail_before_any_run(tiny_synthetic, capsys):
     """A bad --quant-algo, KV cache format or build flag is refused before the ceilings, the weights and the
     baseline's run: nothing was measured, and no table was printed."""
