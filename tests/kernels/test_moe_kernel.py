@@ -193,21 +193,22 @@ def test_decode_goes_by_pair_unless_tokens_share_experts(monkeypatch):
 
 
 @needs_gpu
-def test_kernel_makes_no_host_sync_and_replays_in_a_cuda_graph():
-    tokens, num_experts, top_k, hidden, inter, dtype = 4, 8, 2, 128, 256, torch.bfloat16
+@pytest.mark.parametrize("tokens,by_pair", [(4, False), (1, True)])  # decode's graphs capture both paths
+def test_kernel_makes_no_host_sync_and_replays_in_a_cuda_graph(tokens, by_pair):
+    num_experts, top_k, hidden, inter, dtype = 8, 2, 128, 256, torch.bfloat16
     fc, gate, proj = (w.cuda() for w in expert_weights(num_experts, hidden, inter, 0, dtype))
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
     experts, weights = (t.cuda() for t in routing(tokens, num_experts, top_k, seed=1))
     weights = weights.to(dtype)
-    fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")  # compile outside the checks
+    fused_moe(x, fc, gate, proj, experts, weights, 0, "silu", by_pair)  # compile outside the checks
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")
+        fused_moe(x, fc, gate, proj, experts, weights, 0, "silu", by_pair)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_moe(x, fc, gate, proj, experts, weights, 0, "silu")
+        out = fused_moe(x, fc, gate, proj, experts, weights, 0, "silu", by_pair)
     new_experts, new_weights = routing(tokens, num_experts, top_k, seed=2)
     experts.copy_(new_experts)
     weights.copy_(new_weights)
