@@ -184,7 +184,8 @@ def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torc
     on the norm's output over all of them, folds into post_layernorm, and the router's weight takes s (it reads
     that output too, and stays exact); each expert's proj gets its own s_e, searched on act(fc x) * gate x over
     the tokens routed to it, folded into that expert's gate rows as 1 / s_e (h = act(fc x) * gate x is linear in
-    gate). No clipping search for experts. Adds the experts' W4A16 tensors and the router's weight to `experts`."""
+    gate). Then each expert's three scaled weights are clipped as a dense layer's are (search_clip, on the tokens
+    routed to it). Adds the experts' W4A16 tensors and the router's weight to `experts`."""
     from kiln.layers.mlp import ACTIVATIONS
     from kiln.quantization.weight_only import Int4ExpertMethod
 
@@ -197,14 +198,19 @@ def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torc
     experts[prefix + router] = {"weight": (r.float() * s).to(r.dtype).cpu()}
     errors[f"{prefix}{name}.fc"] = errors[f"{prefix}{name}.gate"] = (err, rtn)
     s_mid = torch.ones(fc.shape[:2], device=fc.device)  # [experts, inter]; 1: an expert no token reached
-    h = x.float()
+    routed = {}  # expert -> (its rows of x, their act(fc x) * gate x)
     for e in picked.unique().tolist():
-        rows = h[(picked == e).any(-1)]
-        mid = ACTIVATIONS[m.act](rows @ fc[e].T) * (rows @ gate[e].T)
-        s_mid[e], err, rtn = search_scale(mid, [proj[e]], qc, dtype)
+        rows = x.float()[(picked == e).any(-1)]
+        routed[e] = rows, ACTIVATIONS[m.act](rows @ fc[e].T) * (rows @ gate[e].T)
+        s_mid[e], err, rtn = search_scale(routed[e][1], [proj[e]], qc, dtype)
         errors[f"{prefix}{name}.proj.{e}"] = (err, rtn)
+    scaled = {"fc": fc * s, "gate": gate / s_mid[..., None] * s, "proj": proj * s_mid[:, None, :]}
+    for e, (rows, mid) in routed.items():  # (the scaled weights meet the scaled inputs)
+        for proj_name, x_e in (("fc", rows / s), ("gate", rows / s), ("proj", mid / s_mid[e])):
+            w = scaled[proj_name][e]
+            scaled[proj_name][e] = clip_weight(w, search_clip(x_e, w, qc, dtype), None, qc.group_size)
     method = Int4ExpertMethod(qc.group_size, qc.has_zero_point)
-    for proj_name, w in (("fc", fc * s), ("gate", gate / s_mid[..., None] * s), ("proj", proj * s_mid[:, None, :])):
+    for proj_name, w in scaled.items():
         experts[f"{prefix}{name}.{proj_name}"] = {k: v.cpu() for k, v in method.quantize(w, dtype).items()}
 
 

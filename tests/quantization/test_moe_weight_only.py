@@ -402,6 +402,12 @@ def test_w4a16_awq_folds_its_scales_and_logits_equal_dequantized_transformers(hf
     s = layer.post_attention_layernorm.weight.detach() / norm  # the folded scale, one per input channel
     assert not torch.allclose(s, torch.ones_like(s))  # AWQ moved the scale
     torch.testing.assert_close(router, layer.mlp.gate.weight.detach() * s, rtol=1e-5, atol=1e-6)
+    # fc: each expert's W s clipped before rounding (search_clip): no group's scale above round to nearest's of
+    # W s, and some below it
+    fc = linear_tensors(ckpt, EXPERTS + "fc")["weights_scaling_factor"]
+    nearest = torch.stack([quantize_int4_groups(w * s, 32, False, torch.float32)[1]
+                           for w in layer.mlp.experts.gate_up_proj.detach()[:, :64]])
+    assert (fc <= nearest * (1 + 1e-5)).all() and (fc < 0.99 * nearest).any()
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
