@@ -198,9 +198,9 @@ def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torc
     experts[prefix + router] = {"weight": (r.float() * s).to(r.dtype).cpu()}
     errors[f"{prefix}{name}.fc"] = errors[f"{prefix}{name}.gate"] = (err, rtn)
     s_mid = torch.ones(fc.shape[:2], device=fc.device)  # [experts, inter]; 1: an expert no token reached
-    routed = {}  # expert -> (its rows of x, their act(fc x) * gate x)
+    routed, x = {}, x.float()  # routed: expert -> (its rows of x, their act(fc x) * gate x)
     for e in picked.unique().tolist():
-        rows = x.float()[(picked == e).any(-1)]
+        rows = x[(picked == e).any(-1)]
         routed[e] = rows, ACTIVATIONS[m.act](rows @ fc[e].T) * (rows @ gate[e].T)
         s_mid[e], err, rtn = search_scale(routed[e][1], [proj[e]], qc, dtype)
         errors[f"{prefix}{name}.proj.{e}"] = (err, rtn)
