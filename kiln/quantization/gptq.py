@@ -108,10 +108,7 @@ def gptq_experts_int4(weight: torch.Tensor, hessians: torch.Tensor, group_size: 
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Stacked experts' weight [experts, out, in] and each expert's input Hessian [experts, in, in] -> W4A16's
     expert tensors (kiln.quantization.weight_only.Int4ExpertMethod): round to nearest's group scales and zero
-    points, GPTQ's codes, every expert rounded at once in input order (the grouped GEMM reads codes in input
-    order, and one order for all keeps the experts in one batch). An input that none of an expert's calibration
-    tokens fired keeps its weight (rounded to nearest, unlike a dense layer's, which GPTQ zeroes): other tokens
-    reach that expert at run time. An expert no token reached is rounded to nearest."""
+    points, GPTQ's codes (gptq_stacked)."""
     experts, out, inp = weight.shape
     _, scale, zero = quantize_int4_groups(weight.reshape(experts * out, inp), group_size, zero_point, dtype)
     s = scale.float().view(experts, out, -1)
@@ -124,14 +121,40 @@ def gptq_experts_int4(weight: torch.Tensor, hessians: torch.Tensor, group_size: 
         codes[..., c] = u.to(torch.uint8)
         return (u - z[..., g]) * s[..., g]
 
+    gptq_stacked(weight, hessians, round_column)
+    tensors = {"weight": pack_int4(codes.view(experts * out, inp)), "weights_scaling_factor": scale,
+               "zero_point": zero}
+    return {leaf: t.view(experts, out, -1) for leaf, t in tensors.items() if t is not None}
+
+
+def gptq_experts_fp8(weight: torch.Tensor, hessians: torch.Tensor, method, dtype: torch.dtype) -> dict:
+    """Stacked experts' weight and Hessians -> the e4m3 expert tensors of `method` (FP8's scale a row,
+    FP8_BLOCK_SCALES' a row's group): round to nearest's scales, GPTQ's codes (gptq_stacked)."""
+    tensors = method.quantize(weight, dtype)
+    s = tensors["weights_scaling_factor"].float()  # [experts, out, groups]; one group: the whole row
+    columns = weight.shape[-1] // s.shape[-1]
+    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+
+    def round_column(c: int, pending: torch.Tensor) -> torch.Tensor:
+        scale = s[..., c // columns]
+        codes[..., c] = to_fp8(pending[..., 0] / scale)
+        return codes[..., c].float() * scale
+
+    gptq_stacked(weight, hessians, round_column)
+    return {**tensors, "weight": codes}
+
+
+def gptq_stacked(weight: torch.Tensor, hessians: torch.Tensor, round_column) -> None:
+    """GPTQ over stacked experts [experts, out, in] with each expert's Hessian [experts, in, in]: every expert
+    rounded at once in input order (the grouped GEMM reads codes in input order, and one order for all keeps the
+    experts in one batch). An input that none of an expert's calibration tokens fired keeps its weight (rounded to
+    nearest, unlike a dense layer's, which GPTQ zeroes): other tokens reach that expert at run time. An expert no
+    token reached is rounded to nearest."""
     h = hessians.float().clone()
     diagonal = h.diagonal(dim1=-2, dim2=-1)
     mean = diagonal.mean(-1, keepdim=True)
     diagonal.copy_(torch.where(diagonal == 0, torch.where(mean > 0, mean, 1.0), diagonal))  # (all 0: H = I, RTN)
     _round_columns(weight.float().clone(), _inverse_factor(h), round_column)
-    tensors = {"weight": pack_int4(codes.view(experts * out, inp)), "weights_scaling_factor": scale,
-               "zero_point": zero}
-    return {leaf: t.view(experts, out, -1) for leaf, t in tensors.items() if t is not None}
 
 
 def gptq_on_fixed_scales(weight: torch.Tensor, hessian: torch.Tensor, quantize_column, codes_dtype: torch.dtype):
@@ -213,8 +236,7 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
     """{linear name: its checkpoint tensors, on the CPU} for every linear of a TP=1 source model (lazy weights) that
     `qc` quantizes, layer by layer; tokens [n, t]. Row-parallel layers keep each of tp_size ranks' inputs on it.
     rounder(name, weight, Hessian, TP chunks) -> tensors; by default the format's own (ROUNDERS), and then a
-    mixture of experts' stacked weights too, under W4A16_GPTQ (gptq_experts_int4; the other formats' experts are
-    rounded to nearest)."""
+    mixture of experts' stacked weights too (_round_experts: W4A16_GPTQ's int4 experts and the FP8 formats')."""
     dtype = model.config.torch_dtype
     default_rounder = rounder is None
     rounder = rounder or (lambda name, w, h, chunks: ROUNDERS[qc.quant_algo](w, h, qc, dtype, chunks))
@@ -226,8 +248,7 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
         first = {}  # input -> the first linear reading it, whose hook sums it
         for name, key in inputs.items():
             first.setdefault(key, name)
-        experts = streaming.quantized_experts(layer, prefix, qc) if default_rounder and \
-            qc.quant_algo == QuantAlgo.W4A16_GPTQ else {}  # (GPTQ's int4 experts)
+        experts = streaming.quantized_experts(layer, prefix, qc) if default_rounder else {}
         hessians: dict[str, torch.Tensor] = {}
         run({**{linears[name]: _accumulate(hessians, key) for key, name in first.items()},
              **{m: _accumulate_experts(hessians, name) for name, m in experts.items()}})
@@ -237,8 +258,8 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, tp_size: int = 1, de
             quantized[prefix + name] = {leaf: v.cpu() for leaf, v in tensors.items()}
         for name, m in experts.items():
             for proj, hessian in (("fc", name + ".in"), ("gate", name + ".in"), ("proj", name + ".mid")):
-                tensors = gptq_experts_int4(getattr(m, proj).weight.detach(), hessians[hessian], qc.group_size,
-                                            qc.has_zero_point, dtype)
+                linear = getattr(m, proj)
+                tensors = _round_experts(linear.weight.detach(), hessians[hessian], qc, dtype)
                 quantized[f"{prefix}{name}.{proj}"] = {leaf: v.cpu() for leaf, v in tensors.items()}
         log.debug("GPTQ %s: %d linears, %d sets of experts", prefix, len(linears), len(experts))
         del hessians
@@ -265,6 +286,15 @@ FP8_WEIGHT_SCALES = {
 }
 # quant_algo -> (weight, Hessian, QuantConfig, dtype, TP chunks) -> the linear's GPTQ-rounded checkpoint tensors
 ROUNDERS = {QuantAlgo.W4A16_GPTQ: _round_int4, **{algo: _round_fp8 for algo in FP8_WEIGHT_SCALES}}
+
+
+def _round_experts(weight, hessians, qc: QuantConfig, dtype) -> dict[str, torch.Tensor]:
+    """A mixture of experts' stacked weight rounded by GPTQ in the format's expert tensors."""
+    from kiln.quantization.methods import EXPERT_METHODS
+
+    if qc.quant_algo == QuantAlgo.W4A16_GPTQ:
+        return gptq_experts_int4(weight, hessians, qc.group_size, qc.has_zero_point, dtype)
+    return gptq_experts_fp8(weight, hessians, EXPERT_METHODS[qc.quant_algo](qc), dtype)
 
 
 def _accumulate_experts(hessians: dict, name: str):

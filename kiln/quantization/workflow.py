@@ -145,7 +145,8 @@ def _calibrate_fp8(source, tokens, qc, reference, device, mapping) -> WeightCali
         return WeightCalibration(act_absmax=absmax)
     rounded = gptq.calibrate(source, tokens, qc, mapping.tp_size, device)
     for name, tensors in rounded.items():
-        tensors["activation_scaling_factor"] = static_activation_scale(absmax[name], source.config.torch_dtype)
+        if name in absmax:  # (the dense linears: FP8's experts are weight-only, with no activation scale)
+            tensors["activation_scaling_factor"] = static_activation_scale(absmax[name], source.config.torch_dtype)
     return WeightCalibration(act_absmax=absmax, rounded=rounded)
 
 

@@ -366,6 +366,29 @@ def test_gptq_experts_beat_rounding_to_nearest_on_their_own_inputs():
         assert (w_got[3, :, 5] != 0).any()
 
 
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"])
+def test_gptq_rounded_fp8_experts_keep_their_scales_and_logits_equal_dequantized_transformers(hf_mixtral, tmp_path,
+                                                                                            algo):
+    """--weight-rounding gptq on e4m3 experts: round to nearest's scales (a row's, or a row's group's), GPTQ's codes
+    (some off round to nearest's), and the model computes transformers' on its dequantized experts."""
+    from kiln.quantization.methods import EXPERT_METHODS
+
+    qc = QuantConfig(quant_algo=algo, group_size=32, weight_rounding="gptq", exclude_modules=("lm_head", "attention.*"))
+    ckpt_dir = PretrainedModel.quantize(hf_mixtral[0], tmp_path / "q", qc)
+    t = linear_tensors(load_file(ckpt_dir / "rank0.safetensors"), EXPERTS + "proj")
+    nearest = EXPERT_METHODS[qc.quant_algo](qc).quantize(hf_mixtral[1].model.layers[1].mlp.experts.down_proj.detach(),
+                                                         torch.float32)
+    assert t["weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(t["weights_scaling_factor"], nearest["weights_scaling_factor"])
+    assert not torch.equal(t["weight"].view(torch.uint8), nearest["weight"].view(torch.uint8))
+    assert_logits_equal_dequantized_transformers(hf_mixtral[1], ckpt_dir)
+    if algo == "FP8":  # with attention in FP8 too: its static activation scales, none for the weight-only experts
+        qc = QuantConfig(quant_algo=algo, weight_rounding="gptq")
+        ckpt = load_file(PretrainedModel.quantize(hf_mixtral[0], tmp_path / "all", qc) / "rank0.safetensors")
+        assert "transformer.layers.1.attention.qkv.activation_scaling_factor" in ckpt
+        assert not any(n.startswith(EXPERTS) and n.endswith("activation_scaling_factor") for n in ckpt)
+
+
 def test_w4a16_gptq_quantizes_the_experts_by_gptq_and_logits_equal_dequantized_transformers(hf_mixtral, tmp_path):
     """W4A16_GPTQ on a mixture of experts: every expert's Hessians come from the calibration tokens routed to it
     (proj's from act(fc x) * gate x), and its codes from GPTQ in W4A16's expert format (round to nearest's scales):
