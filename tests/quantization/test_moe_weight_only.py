@@ -123,6 +123,23 @@ def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_qwen2_moe_with_a_shared_expert_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
+    """Qwen2-MoE: a sigmoid-gated shared expert (a dense gated MLP, quantized as any) beside the routed experts."""
+    torch.manual_seed(2)
+    config = tf.Qwen2MoeConfig(vocab_size=127, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                               tie_word_embeddings=False)
+    hf = tf.Qwen2MoeForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo, group_size=32))
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    assert ckpt["transformer.layers.1.mlp.shared_expert.proj.weight"].dtype in (torch.int8, torch.uint8)
+    assert ckpt[EXPERTS + "proj.weight"].dtype in (torch.int8, torch.uint8)
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
+
+
 def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     """Issue 4's memory line on a mixture of experts: every decoder linear (attention's, and each expert's fc,
     gate and proj) as the format defines it, 1 byte a weight and one scale an output (W8A16) or half a byte and
