@@ -17,9 +17,9 @@ Where the layer's input is a norm's output (QKV after input_layernorm; fc and ga
 s for both since they share the input) 1/s folds into the norm's weight; the attention output and mlp.proj
 follow no norm, so they keep 1/s as `prequant_scaling_factor`.
 
-A mixture of experts (no shared expert) follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every
-expert's fc and gate folds into post_layernorm and into the router's weight (the router reads that norm too, and
-stays float and exact), and each expert's proj scale folds into the rows of that expert's gate.
+A mixture of experts follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every expert's fc and gate
+(and a shared expert's) folds into post_layernorm and into the other modules reading it (the router and a shared
+expert's gate stay float and exact), and each expert's proj scale folds into the rows of that expert's gate.
 
 Calibration streams layer by layer: only one decoder layer's weights and the activations of the calibration
 batch live in memory at a time. Each layer's inputs come from the float layers before it.
@@ -43,14 +43,10 @@ NORM_BEFORE = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm", "
 ALPHA_GRID = 20
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_TOKENS, CLIP_ROWS = 20, 0.5, 512, 256  # AutoAWQ's grid; rows per pass bound memory
 NOT_CLIPPED = ("attention.qkv",)
-
-
-def check_awq_supported(config) -> None:
-    """W4A16_AWQ takes a mixture of experts whose post-attention norm feeds only the router and the experts."""
-    if config.moe_shared_expert_intermediate_size:
-        raise ConfigError("QuantConfig.quant_algo W4A16_AWQ does not support a mixture of experts with a shared "
-                          "expert yet (its scale would fold into the norm the shared expert and its gate also "
-                          "read); use W4A16, W4A16_GPTQ or W8A16")
+# A mixture of experts' modules besides the experts that read post_layernorm's output (relative to the MLP), and
+# the shared expert's linears among them (relative to the layer)
+NORM_READERS = ("router", "shared_expert.fc", "shared_expert.gate", "shared_expert_gate")
+SHARED_EXPERT_INPUTS = ("mlp.shared_expert.fc", "mlp.shared_expert.gate")
 
 
 def check_w4a8_awq_supported(config) -> None:
@@ -147,14 +143,17 @@ def calibrate(model, tokens: torch.Tensor, qc: QuantConfig, device="cpu") -> tup
     input_scales, norm_scales, errors, clips, experts = {}, {}, {}, {}, {}
     for prefix, layer, inputs in streaming.layer_inputs(model, tokens, qc, device, experts=True):
         routed = {name: inputs.pop(name) for name, x in list(inputs.items()) if isinstance(x, tuple)}
+        shared = {name: inputs.pop(name) for name in SHARED_EXPERT_INPUTS if routed and name in inputs}
         _search_layer(layer, prefix, inputs, qc, config.torch_dtype, input_scales, norm_scales, errors)
+        for name, (x, picked) in routed.items():
+            _search_experts(layer, prefix, name, x, picked, tuple(shared), qc, config.torch_dtype, input_scales,
+                            norm_scales, errors, experts)
+        inputs.update(shared)  # (a shared expert's fc and gate are clipped as any dense linear, on the norm's s)
         for name, x_in in inputs.items():
             if name not in NOT_CLIPPED:
                 s = input_scales[prefix + name].to(device)
                 w = layer.get_submodule(name).weight.detach()
                 clips[prefix + name] = search_clip(x_in.float() / s, w.float() * s, qc, config.torch_dtype).cpu()
-        for name, (x, picked) in routed.items():
-            _search_experts(layer, prefix, name, x, picked, qc, config.torch_dtype, norm_scales, errors, experts)
         log.debug("AWQ %s: %s", prefix, {k: v for k, v in errors.items() if k.startswith(prefix)})
     return input_scales, norm_scales, errors, clips, experts
 
@@ -178,24 +177,34 @@ def _search_layer(layer, prefix, inputs, qc, dtype, input_scales, norm_scales, e
             norm_scales[prefix + key] = s.cpu()
 
 
-def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torch.Tensor, qc: QuantConfig, dtype,
-                    norm_scales: dict, errors: dict, experts: dict) -> None:
-    """AWQ for a mixture of experts (AutoAWQ's Mixtral recipe): one scale s for every expert's fc and gate, searched
-    on the norm's output over all of them, folds into post_layernorm, and the router's weight takes s (it reads
-    that output too, and stays exact); each expert's proj gets its own s_e, searched on act(fc x) * gate x over
-    the tokens routed to it, folded into that expert's gate rows as 1 / s_e (h = act(fc x) * gate x is linear in
-    gate). Then each expert's three scaled weights are clipped as a dense layer's are (search_clip, on the tokens
-    routed to it). Adds the experts' W4A16 tensors and the router's weight to `experts`."""
+def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torch.Tensor, quantized_shared: tuple,
+                    qc: QuantConfig, dtype, input_scales: dict, norm_scales: dict, errors: dict,
+                    experts: dict) -> None:
+    """AWQ for a mixture of experts (AutoAWQ's Mixtral recipe): one scale s for every expert's fc and gate (and a
+    shared expert's, Qwen2-MoE's), searched on the norm's output over all of them, folds into post_layernorm; the
+    other modules reading that output take s in their weights (the router, a shared expert's sigmoid gate, and a
+    shared expert's fc and gate: as their input scale where quantized, else in their float weights), so they stay
+    exact (`quantized_shared`: the shared expert's linears the config quantizes); each expert's proj gets its own
+    s_e, searched on act(fc x) * gate x over the tokens routed to it, folded into that expert's gate rows as 1 / s_e
+    (h = act(fc x) * gate x is linear in gate). Then each expert's three scaled weights are clipped as a dense
+    layer's are (search_clip, on the tokens routed to it). Adds the experts' W4A16 tensors and the float weights
+    that took s to `experts`."""
     from kiln.layers.mlp import ACTIVATIONS
     from kiln.quantization.weight_only import Int4ExpertMethod
 
     m = layer.get_submodule(name)
     fc, gate, proj = (getattr(m, p).weight.detach().float() for p in ("fc", "gate", "proj"))
-    s, err, rtn = search_scale(x, [*fc, *gate], qc, dtype)
-    router = name.rpartition(".")[0] + ".router"
+    mlp = name.rpartition(".")[0]
+    readers = {n: layer.get_submodule(n) for n in (f"{mlp}.{r}" for r in NORM_READERS) if _has(layer, n)}
+    shared = [r.weight.detach().float() for n, r in readers.items() if n in SHARED_EXPERT_INPUTS]
+    s, err, rtn = search_scale(x, [*fc, *gate, *shared], qc, dtype)
     norm_scales[prefix + "post_layernorm"] = s.cpu()
-    r = layer.get_submodule(router).weight.detach()
-    experts[prefix + router] = {"weight": (r.float() * s).to(r.dtype).cpu()}
+    for n, reader in readers.items():
+        if n in quantized_shared:  # (its method multiplies its weight by s, as any AWQ linear's)
+            input_scales[prefix + n] = s.cpu()
+        else:
+            w = reader.weight.detach()
+            experts[prefix + n] = {"weight": (w.float() * s).to(w.dtype).cpu()}
     errors[f"{prefix}{name}.fc"] = errors[f"{prefix}{name}.gate"] = (err, rtn)
     s_mid = torch.ones(fc.shape[:2], device=fc.device)  # [experts, inter]; 1: an expert no token reached
     routed, x = {}, x.float()  # routed: expert -> (its rows of x, their act(fc x) * gate x)
@@ -212,6 +221,14 @@ def _search_experts(layer, prefix: str, name: str, x: torch.Tensor, picked: torc
     method = Int4ExpertMethod(qc.group_size, qc.has_zero_point)
     for proj_name, w in scaled.items():
         experts[f"{prefix}{name}.{proj_name}"] = {k: v.cpu() for k, v in method.quantize(w, dtype).items()}
+
+
+def _has(module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def fold_into_norm(leaf: str, tensor: torch.Tensor, s: torch.Tensor, config) -> torch.Tensor:

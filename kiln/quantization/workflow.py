@@ -181,9 +181,9 @@ def calibrator_for(qc: QuantConfig):
 # The formats --weight-rounding gptq rounds: the FP8 ones (gptq.ROUNDERS) and AWQ's, on their own scales.
 GPTQ_ROUNDED = (*gptq.FP8_WEIGHT_SCALES, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A8_AWQ)
 
-# Structures an algorithm cannot handle yet (mixtures of experts that SmoothQuant's and W4A8_AWQ's scales, or AWQ's
-# with a shared expert, cannot fold into).
-MODEL_CHECKS = {QuantAlgo.W4A16_AWQ: awq.check_awq_supported, QuantAlgo.W4A8_AWQ: awq.check_w4a8_awq_supported,
+# Structures an algorithm cannot handle yet (mixtures of experts, which SmoothQuant's and W4A8_AWQ's scales cannot
+# fold into).
+MODEL_CHECKS = {QuantAlgo.W4A8_AWQ: awq.check_w4a8_awq_supported,
                 QuantAlgo.W8A8_SQ_PER_CHANNEL: smoothquant.check_smoothquant_supported}
 
 

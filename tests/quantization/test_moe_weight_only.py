@@ -123,9 +123,11 @@ def test_qwen3_moe_logits_equal_transformers_with_dequantized_experts(tmp_path):
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
-@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ"])
 def test_qwen2_moe_with_a_shared_expert_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
-    """Qwen2-MoE: a sigmoid-gated shared expert (a dense gated MLP, quantized as any) beside the routed experts."""
+    """Qwen2-MoE: a sigmoid-gated shared expert (a dense gated MLP, quantized as any) beside the routed experts;
+    under AWQ it shares the experts' scale, which its fc and gate take as their input scale and its sigmoid gate
+    in its float weight, as the router does."""
     torch.manual_seed(2)
     config = tf.Qwen2MoeConfig(vocab_size=127, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
@@ -137,6 +139,11 @@ def test_qwen2_moe_with_a_shared_expert_logits_equal_transformers_with_dequantiz
     ckpt = load_file(ckpt_dir / "rank0.safetensors")
     assert ckpt["transformer.layers.1.mlp.shared_expert.proj.weight"].dtype in (torch.int8, torch.uint8)
     assert ckpt[EXPERTS + "proj.weight"].dtype in (torch.int8, torch.uint8)
+    if algo == "W4A16_AWQ":
+        layer = hf.model.layers[1]
+        s = layer.post_attention_layernorm.weight.detach() / ckpt["transformer.layers.1.post_layernorm.weight"]
+        torch.testing.assert_close(ckpt["transformer.layers.1.mlp.shared_expert_gate.weight"],
+                                   layer.mlp.shared_expert_gate.weight.detach() * s, rtol=1e-5, atol=1e-6)
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
@@ -451,18 +458,13 @@ def test_w4a16_awq_folds_its_scales_and_logits_equal_dequantized_transformers(hf
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
-def test_awq_with_a_shared_expert_and_w4a8_awq_on_experts_are_refused(tmp_path):
-    """A shared expert also reads the norm AWQ's scale would fold into, and W4A8 has no expert kernel: both are
-    refused by name before any work."""
+def test_w4a8_awq_on_experts_is_refused_by_name():
+    """W4A8 has no expert kernel: refused before any work."""
     from kiln.config import PretrainedConfig
     from kiln.quantization.workflow import check_quant_config
 
-    base = PretrainedConfig(architecture="Qwen2MoeForCausalLM", dtype="float32", vocab_size=127, hidden_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=16,
-                            intermediate_size=64, moe_num_experts=4, moe_top_k=2, moe_intermediate_size=32)
-    shared = base.replace(moe_shared_expert_intermediate_size=64)
-    with pytest.raises(ConfigError, match="W4A16_AWQ does not support a mixture of experts with a shared expert"):
-        check_quant_config(QuantConfig(quant_algo="W4A16_AWQ"), shared)
+    config = PretrainedConfig(architecture="MixtralForCausalLM", dtype="float32", vocab_size=127, hidden_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=16,
+                              intermediate_size=64, moe_num_experts=4, moe_top_k=2, moe_intermediate_size=32)
     with pytest.raises(ConfigError, match="W4A8_AWQ does not support mixture-of-experts"):
-        check_quant_config(QuantConfig(quant_algo="W4A8_AWQ"), base)
-    check_quant_config(QuantConfig(quant_algo="W4A16_AWQ"), base)  # (no shared expert: taken)
+        check_quant_config(QuantConfig(quant_algo="W4A8_AWQ"), config)
