@@ -19,10 +19,10 @@ in bf16 and W4A16 at 20% on an H100 (docs/performance.md, thirty-sixth session).
 
 `fused_moe_ref` is the reference: one matmul per expert present, exact against transformers on CPU.
 
-Quantized experts (the expert methods of kiln.quantization) come as `ExpertCodes`: W8A16's int8 codes, FP8's e4m3
-ones or W4A16's packed int4 ones, with their scales (and zeros). Both paths use the weight the format defines,
-rounded to the activations' dtype: the reference dequantizes each expert present, the kernel each tile as it loads
-it.
+Quantized experts (the expert methods of kiln.quantization) come as `ExpertCodes`: W8A16's int8 codes, the FP8
+formats' e4m3 ones or the int4 formats' packed ones, with their scales (a row's, or a row's group's) and zeros.
+Both paths use the weight the format defines, rounded to the activations' dtype: the reference dequantizes each
+expert present, the kernel each tile as it loads it.
 """
 
 from __future__ import annotations
@@ -196,59 +196,72 @@ def _config(pairs: int, num_local: int) -> dict:
 _CODES = {None: 0, torch.int8: 1, torch.float8_e4m3fn: 1, torch.uint8: 2}
 
 
+@dataclass(frozen=True)
+class _WeightArgs:
+    """What both MoE kernels take of a projection's weight (b, with the gate's bg when fused into one pass): the
+    pointers b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, their strides, and the constexprs K, GATED, CODES,
+    GROUP, HAS_ZERO; `step_limit` caps BLOCK_K where scales come by group (a step stays within one)."""
+
+    pointers: tuple
+    strides: tuple
+    constexprs: dict
+    n: int
+    step_limit: int | None
+
+    @staticmethod
+    def of(a: torch.Tensor, b, b_gate) -> "_WeightArgs":
+        """b and b_gate (None: no gate) are float weights or ExpertCodes, both alike; `a` stands in for pointers a
+        float weight does not have (never read)."""
+        bg = b if b_gate is None else b_gate
+        coded = isinstance(b, ExpertCodes)
+        assert coded == isinstance(bg, ExpertCodes), "fc and gate must be quantized alike"
+        n, k = b.shape[1], b.shape[2]
+        w, wg = (b.codes, bg.codes) if coded else (b, bg)
+        scale, zero = (b.scale, b.zero) if coded else (a, None)
+        if coded:  # fc's and gate's scales and zeros: views of one fused tensor, or tensors alike
+            assert bg.scale.stride() == scale.stride() and (zero is None or zero.stride() == scale.stride())
+        stand_in = scale if zero is None else zero
+        pointers = (w, wg, scale, bg.scale if coded else a, stand_in, bg.zero if coded and bg.zero is not None
+                    else stand_in)
+        strides = (*w.stride(), *wg.stride(), *(scale.stride() if coded else (0, 0, 0)))
+        group = (b.group or k) if coded else k  # inputs a scale
+        constexprs = dict(K=k, GATED=b_gate is not None, CODES=_CODES[w.dtype if coded else None], GROUP=group,
+                          HAS_ZERO=zero is not None)
+        return _WeightArgs(pointers, strides, constexprs, n, group if coded and b.group else None)
+
+    def block_k(self, block_k: int) -> int:
+        return block_k if self.step_limit is None else min(block_k, self.step_limit)
+
+
 def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows_per_token, act, cfg):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated by b_gate[e] when given, scaled by
     weights[pair] when given) for every pair of every row block of local expert e. b and b_gate are float
     weights or ExpertCodes, both alike."""
-    gated = b_gate is not None
-    bg = b_gate if gated else b
-    coded = isinstance(b, ExpertCodes)
-    assert coded == isinstance(bg, ExpertCodes), "fc and gate must be quantized alike"
-    n, k = b.shape[1], b.shape[2]
-    w, wg = (b.codes, bg.codes) if coded else (b, bg)
-    scale, zero = (b.scale, b.zero) if coded else (a, None)  # (unread stand-ins without codes)
-    if coded:  # fc's and gate's scales and zeros: views of one fused tensor, or tensors alike
-        assert bg.scale.stride() == scale.stride() and (zero is None or zero.stride() == scale.stride())
-    group = (b.group or k) if coded else k  # inputs a scale
-    if coded and b.group:  # a step of BLOCK_K inputs must stay in one group of scales
-        cfg = dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], group))
-    scale_strides = scale.stride() if coded else (0, 0, 0)
-    grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
+    op = _WeightArgs.of(a, b, b_gate)
+    cfg = dict(cfg, BLOCK_K=op.block_k(cfg["BLOCK_K"]))
+    grid = (block_expert.shape[0], triton.cdiv(op.n, cfg["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
-        a, w, wg, scale, bg.scale if coded else a, zero if zero is not None else scale,
-        bg.zero if coded and bg.zero is not None else scale, out, weights if weights is not None else a,
-        sorted_pairs, block_expert, n, a_rows_per_token * a.shape[0],
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), wg.stride(0), wg.stride(1), wg.stride(2),
-        *scale_strides, out.stride(0),
-        K=k, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACT=act, WEIGHTED=weights is not None,
-        FP32=a.dtype == torch.float32, CODES=_CODES[w.dtype if coded else None], GROUP=group,
-        HAS_ZERO=zero is not None, **cfg)
+        a, *op.pointers, out, weights if weights is not None else a,
+        sorted_pairs, block_expert, op.n, a_rows_per_token * a.shape[0],
+        a.stride(0), a.stride(1), *op.strides, out.stride(0),
+        A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None, FP32=a.dtype == torch.float32,
+        **op.constexprs, **cfg)
 
 
-# the GEMV's tile: outputs a program, inputs a step (int4: at most a group)
+# the GEMV's tile: outputs a program, inputs a step (a grouped format's: at most a group)
 PAIR_BLOCK_N, PAIR_BLOCK_K = 16, 128
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
     as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros."""
-    gated = b_gate is not None
-    bg = b_gate if gated else b
-    coded = isinstance(b, ExpertCodes)
-    n, k = b.shape[1], b.shape[2]
-    w, wg = (b.codes, bg.codes) if coded else (b, bg)
-    scale, zero = (b.scale, b.zero) if coded else (a, None)
-    group = (b.group or k) if coded else k  # inputs a scale
-    block_k = min(PAIR_BLOCK_K, group) if coded and b.group else PAIR_BLOCK_K  # (a step within a group)
-    _pair_gemv_kernel[(experts.numel(), triton.cdiv(n, PAIR_BLOCK_N))](
-        a, w, wg, scale, bg.scale if coded else a, zero if zero is not None else scale,
-        bg.zero if coded and bg.zero is not None else scale, out, weights if weights is not None else a,
-        experts, first_expert, b.shape[0], n,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), wg.stride(0), wg.stride(1), wg.stride(2),
-        *(scale.stride() if coded else (0, 0, 0)), out.stride(0),
-        K=k, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACT=act, WEIGHTED=weights is not None,
-        CODES=_CODES[w.dtype if coded else None], GROUP=group, HAS_ZERO=zero is not None,
-        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=block_k, num_warps=4)
+    op = _WeightArgs.of(a, b, b_gate)
+    _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, PAIR_BLOCK_N))](
+        a, *op.pointers, out, weights if weights is not None else a,
+        experts, first_expert, b.shape[0], op.n,
+        a.stride(0), a.stride(1), *op.strides, out.stride(0),
+        A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None,
+        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=op.block_k(PAIR_BLOCK_K), num_warps=4, **op.constexprs)
 
 
 if triton is not None:

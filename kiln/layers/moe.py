@@ -7,9 +7,9 @@ moe_tp_size-th slice of their intermediate dim; every rank routes with the full 
 its local experts on the tokens routed to them, and one all-reduce over the TP group sums the partial outputs.
 Tokens are grouped by expert, never looped one by one: on CUDA one sort and two grouped Triton GEMMs for all
 experts, with no host sync (kiln.kernels.moe.fused_moe, so decode graphs capture it); elsewhere one matmul per
-expert present (fused_moe_ref). Under W8A16 and W4A16 the stacked weights are codes with their scales
-(kiln.quantization.weight_only's expert methods, kiln.kernels.moe.ExpertCodes), dequantized by both paths as they
-read them.
+expert present (fused_moe_ref). Quantized, the stacked weights are codes with their scales (the expert methods of
+kiln.quantization.methods.EXPERT_METHODS, kiln.kernels.moe.ExpertCodes), dequantized by both paths as they read
+them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from kiln.runtime.distributed import all_reduce
 
 
 class ExpertLinear(nn.Module):
-    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A W8A16,
-    W4A16 or per-channel FP8 model gives it a method (kiln.quantization.methods.EXPERT_METHODS: codes and scales in
-    place of the weight); `quant_method` is None in full precision."""
+    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A quantized
+    model gives it a method (kiln.quantization.methods.EXPERT_METHODS: codes and scales in place of the weight);
+    `quant_method` is None in full precision."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rule):
         super().__init__()

@@ -4,9 +4,8 @@ The decoder's linear layers (QKV, attention output, MLP fc/gate/proj, shared exp
 pattern of `exclude_modules` names them; so are a mixture of experts' stacked weights (`mlp.experts.fc`, `.gate`,
 `.proj`) by the algorithms in EXPERT_METHODS (W8A16, W4A16, W4A16_AWQ and W4A16_GPTQ, and FP8,
 FP8_PER_CHANNEL_PER_TOKEN and FP8_BLOCK_SCALES as e4m3 weights with 16-bit inputs; under the others they stay in
-full precision, as do embeddings and MoE routers). A pattern
-matches a module's full name or any dotted suffix of it (fnmatch syntax): "lm_head", "mlp.proj",
-"transformer.layers.0.*".
+full precision, as do embeddings and MoE routers). A pattern matches a module's full name or any dotted suffix of
+it (fnmatch syntax): "lm_head", "mlp.proj", "transformer.layers.0.*".
 
 lm_head is excluded by default (QuantConfig.exclude_modules = ("lm_head",), as TensorRT-LLM and ModelOpt do);
 a config that drops "lm_head" from the list quantizes it too, with LM_HEAD_METHODS: methods that need no
