@@ -195,6 +195,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for codes, zero, ptr in ((0, False, None), (1, False, "*i8"), (1, False, "*fp8e4nv"), (2, False, "*u8"),
                                (2, True, "*u8"))
       for gated in (True, False)],
+    # the router's softmax and top-k: Qwen3-MoE's 128 experts and top 8, Mixtral's 8 and 2
+    *[(f"moe route experts={e} top_k={k}", moe._route_kernel,
+       dict(TOP_K=k, NORMALIZE=True, BLOCK_E=e, BLOCK_K=k), dict(experts_ptr="*i64"))
+      for e, k in ((128, 8), (8, 2))],
 ]
 
 

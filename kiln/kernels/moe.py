@@ -110,6 +110,32 @@ def fused_moe_ref(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weight
     return out
 
 
+def route_ref(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
+    """The router's choice: softmax over the experts in float32, the top_k (descending), their probabilities renormed
+    to sum to 1 when `normalize` (Mixtral, Qwen3-MoE; Qwen2-MoE keeps them), cast to dtype. logits [tokens,
+    experts]; returns (weights [tokens, top_k] in dtype, experts [tokens, top_k] int64), as transformers routes."""
+    probs = F.softmax(logits.float(), dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(dtype), experts
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
+    """Triton version of `route_ref`, same arguments and results, in one launch where the reference takes seven
+    (cast, softmax, top-k, sum, divide, cast back): at batch-1 decode each is a launch on the critical path.
+    CUDA tensors (or the interpreter); the weights match up to float32 rounding (exp's and the sums'), the experts
+    exactly unless two probabilities tie (the lower index wins)."""
+    tokens, num_experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=dtype, device=logits.device)
+    experts = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    block_e = triton.next_power_of_2(num_experts)
+    _route_kernel[(tokens,)](logits, weights, experts, num_experts, logits.stride(0), TOP_K=top_k,
+                             NORMALIZE=normalize, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+                             num_warps=min(max(block_e // 256, 1), 8))
+    return weights, experts
+
+
 def moe_align(experts: torch.Tensor, first_expert: int, num_local: int, block_m: int):
     """Sort the flattened (token, slot) pairs by local expert, each expert's run padded to block_m rows.
 
@@ -265,6 +291,30 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
 
 
 if triton is not None:
+
+    @triton.jit
+    def _route_kernel(logits_ptr, weights_ptr, experts_ptr, E, stride, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program t routes token t: softmax of its row, then TOP_K rounds of argmax, each taking the winner out of
+        # the running. (tl.exp is ex2.approx on float32 where torch's is expf: a few ulps apart at the logits' range.)
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BLOCK_E)
+        x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - tl.max(x, axis=0))
+        p = tl.math.div_rn(p, tl.sum(p, axis=0))  # (masked experts: exp(-inf) = 0)
+        slots = tl.arange(0, BLOCK_K)
+        top = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        picked = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for k in tl.static_range(TOP_K):
+            best = tl.argmax(p, axis=0, tie_break_left=True)
+            top = tl.where(slots == k, tl.max(p, axis=0), top)
+            picked = tl.where(slots == k, best.to(tl.int64), picked)
+            p = tl.where(e == best, -1.0, p)  # (probabilities are >= 0: out of the running)
+        if NORMALIZE:
+            top = tl.math.div_rn(top, tl.sum(top, axis=0))  # (slots past TOP_K hold 0)
+        ok = slots < TOP_K
+        tl.store(weights_ptr + t * TOP_K + slots, top.to(weights_ptr.dtype.element_ty), mask=ok)
+        tl.store(experts_ptr + t * TOP_K + slots, picked, mask=ok)
 
     @triton.jit
     def _activation(x, ACT: tl.constexpr):

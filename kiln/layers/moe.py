@@ -15,11 +15,10 @@ them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref
+from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref, route, route_ref
 from kiln.layers.linear import Linear
 from kiln.layers.mlp import GatedMLP
 from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
@@ -95,11 +94,10 @@ class MoE(nn.Module):
             self.shared_expert_gate = Linear(config.hidden_size, 1, False, replicate, replicate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        out = all_reduce(self.experts(x, experts, weights.to(x.dtype)), self.mapping)
+        logits = self.router(x)
+        choose = route if logits.is_cuda and triton_available() else route_ref
+        weights, experts = choose(logits, self.top_k, self.normalize, x.dtype)
+        out = all_reduce(self.experts(x, experts, weights), self.mapping)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

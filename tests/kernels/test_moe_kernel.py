@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align
+from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align, route, route_ref
 from kiln.layers.mlp import ACTIVATIONS
 from kiln.quantization.fp8 import Fp8ExpertMethod
 from kiln.quantization.fp8_block import Fp8GroupExpertMethod
@@ -177,6 +177,42 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 def test_kernel_matches_reference_for_each_activation(act, by_pair):
     got, want = run_both(20, 4, 2, 0, 4, 48, 40, torch.float32, act, fused_layout=False, seed=5, by_pair=by_pair)
     assert_within_ulps(got, want, torch.float32)
+
+
+def test_reference_routes_as_transformers_writes_it():
+    """softmax in float32, top-k, renormed when asked, cast: Mixtral's and Qwen-MoE's routing, written out."""
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for normalize in (False, True):
+        weights, experts = route_ref(logits, 3, normalize, torch.bfloat16)
+        for t in range(5):
+            probs = [float(v) for v in torch.softmax(logits[t].float(), -1)]
+            top = sorted(range(12), key=lambda e: -probs[e])[:3]
+            assert experts[t].tolist() == top
+            chosen = torch.tensor([probs[e] for e in top])
+            want = chosen / chosen.sum() if normalize else chosen
+            assert torch.equal(weights[t], want.to(torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,num_experts,top_k,normalize",
+                         [(1, 128, 8, True), (7, 60, 4, False), (33, 8, 2, True), (3, 512, 10, True)])
+def test_route_kernel_matches_reference(dtype, tokens, num_experts, top_k, normalize):
+    """Qwen3-MoE's 128 experts and top 8, Qwen2-MoE's 60 (not a power of two) un-renormed, Mixtral's 8 and 2, and
+    512 experts with a top-k not a power of two."""
+    g = torch.Generator().manual_seed(tokens + num_experts)
+    logits = (3 * torch.randn(tokens, num_experts, generator=g)).to(dtype).to(DEVICE)
+    weights, experts = route(logits, top_k, normalize, dtype)
+    want_weights, want_experts = route_ref(logits, top_k, normalize, dtype)
+    # the same experts, but where 16-bit logits tie (512 bf16 values do), which torch.topk leaves unspecified
+    probs = torch.softmax(logits.float(), -1)
+    assert torch.equal(probs.gather(1, experts), probs.gather(1, want_experts))
+    assert all(len(set(row)) == top_k for row in experts.tolist())
+    # The float32 probabilities differ by exp's rounding (the GPU's ex2.approx of x log2(e): ~|x| 2^-24 relative,
+    # |x| up to ~20 here) and the sums' order: 64 float32 ulps bound it. Cast, that is at most one ulp of the dtype.
+    ulps = 64 * ULP[torch.float32] if dtype == torch.float32 else ULP[dtype]
+    assert ((weights.float() - want_weights.float()).abs() <= ulps * want_weights.float()).all()
+    assert weights.dtype == dtype and experts.dtype == torch.int64
 
 
 def test_decode_goes_by_pair_unless_tokens_share_experts(monkeypatch):
