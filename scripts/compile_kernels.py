@@ -49,11 +49,11 @@ def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
 
 ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, CODES_FP16=False, IEEE=False, BLOCK_D=128)
 CASES = [  # (label, kernel, constexprs, pointer types)
-    *[(f"rotary write={w} quant={q} heads={h}", rotary._rotary_kernel,
-       dict(WRITE_CACHE=w, QUANT=q, QMAX=m, BLOCK_H=h, BLOCK_D=64),
+    *[(f"rotary write={w} quant={q} heads={h} norm={n}", rotary._rotary_kernel,
+       dict(WRITE_CACHE=w, QUANT=q, QMAX=m, NORM=n, BLOCK_H=h, BLOCK_D=64),
        dict(pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c, kvs_ptr="*bf16" if q else "*fp32"))
       for w, q, c, m in ((False, 0, "*bf16", 0.0), (True, 0, "*bf16", 0.0), (True, 1, "*i8", 127.0),
-                         (True, 2, "*fp8e4nv", 448.0)) for h in (1, 32)],
+                         (True, 2, "*fp8e4nv", 448.0)) for h in (1, 32) for n in (0, 1, 2)],
     *[(f"gemv {label}", gemv._gemv_kernel.fn,
        dict(K=4096, HAS_X_SCALE=xs, HAS_W_SCALE=ws, QUANTIZE_X=qx, BLOCK_N=4, BLOCK_K=1024, INT8_BY_BITS=bits),
        pointers)

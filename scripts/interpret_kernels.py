@@ -6,10 +6,10 @@ too) on each candidate tile of scripts/bench_prefill_attention.py, with the soft
 lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM (and W4A8_AWQ's prompt matmul through it), SmoothQuant's
 int8 GEMM and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a GPU), and
 SmoothQuant's activation pass bit for bit; rotary with its cache write, one head a program and all in one, and the
-int4 GEMV of a fused QKV with rotary as its epilogue (libdevice's cos, sin and mul_rn swapped for Triton's); and the
-fc_gate GEMM with SiLU-and-mul as its epilogue on each candidate tile (no PTX, but its grouped order, TMA edges and
-epilogue run only on Hopper). It checks the kernels' indexing, masks and splits on a machine without a GPU; the PTX
-itself is checked by the GPU tests.
+int4 GEMV of a fused QKV with rotary as its epilogue (kiln.kernels.rotary takes Triton's cos, sin and products in
+place of libdevice's under the interpreter); and the fc_gate GEMM with SiLU-and-mul as its epilogue on each
+candidate tile (no PTX, but its grouped order, TMA edges and epilogue run only on Hopper). It checks the kernels'
+indexing, masks and splits on a machine without a GPU; the PTX itself is checked by the GPU tests.
 
     pip install --no-deps --target /tmp/triton_site triton==3.6.0
     pip install --no-deps --target /tmp/np_site numpy==2.2.6   # the interpreter needs numpy < 2.3
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 import torch
 import triton
@@ -69,21 +68,6 @@ def _code_pairs_plain(w, INT8: tl.constexpr):
     if INT8:
         return _int8_plain(w & 0xFF), _int8_plain((w >> 8) & 0xFF)
     return _e4m3_plain(w & 0xFF), _e4m3_plain((w >> 8) & 0xFF)
-
-
-@triton.jit
-def _cos(x):
-    return tl.cos(x)
-
-
-@triton.jit
-def _sin(x):
-    return tl.sin(x)
-
-
-@triton.jit
-def _mul_rn(x, y):
-    return x * y  # numpy rounds each product
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -574,7 +558,6 @@ def main(only: str = "") -> None:
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
-    rotary.libdevice = types.SimpleNamespace(cos=_cos, sin=_sin, mul_rn=_mul_rn)  # the interpreter has no libdevice
     for check_kernel in CHECKS:
         if only in check_kernel.__name__:
             check_kernel()

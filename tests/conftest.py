@@ -20,6 +20,8 @@ def make_hf_model(out_dir: Path, arch: str = "llama", seed: int = 0, save_kwargs
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # q_norm and k_norm over each head
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY_LLAMA, **overrides})

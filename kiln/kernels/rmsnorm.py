@@ -30,11 +30,15 @@ if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """normed, or (normed, x + residual) when residual is given; the sum is the next residual."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 unit_offset: bool = False):
+    """normed, or (normed, x + residual) when residual is given; the sum is the next residual. The normed row is
+    rounded to x's dtype, then times the weight; with `unit_offset` (Gemma) it is scaled by 1 + w in float32 and
+    rounded once."""
     summed = x if residual is None else x + residual
     h = summed.float()
-    normed = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (h * (1.0 + weight.float())).to(x.dtype) if unit_offset else weight * h.to(x.dtype)
     return normed if residual is None else (normed, summed)
 
 

@@ -17,9 +17,9 @@ from torch import nn
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.input_quant import InputQuant
-from kiln.kernels.rotary import apply_rotary, apply_rotary_and_write_cache
+from kiln.kernels.rotary import HeadNorms, apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
-from kiln.layers.normalization import make_norm
+from kiln.layers.normalization import RMSNorm, make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
 from kiln.mapping import Mapping
 from kiln.quantization.kv_cache import SCALE_NAME, fake_quantize, kv_format
@@ -115,17 +115,24 @@ class Attention(nn.Module):
                 q, k, v = self.qkv.split_heads(qkv)
                 return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written=True)))
         q, k, v = self.qkv.split_heads(self.qkv(x))
-        if self.qk_norm:
+        norms = self._head_norms() if fused_rope else None  # (the rotary launch norms the heads as it loads them)
+        if self.qk_norm and norms is None:
             q, k = self.q_norm(q), self.k_norm(k)
         kv_written = cache is not None
         if fused_rope and cache is None:
-            q, k = apply_rotary(q, k, positions, freqs)  # one Triton launch, in place
+            q, k = apply_rotary(q, k, positions, freqs, norms)  # one Triton launch, in place
         elif fused_rope:  # the same launch also writes k and v into the paged cache
-            q, k = apply_rotary_and_write_cache(q, k, v, positions, freqs, *cache)
+            q, k = apply_rotary_and_write_cache(q, k, v, positions, freqs, *cache, norms=norms)
         elif self.rope is not None:
             cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written)))
+
+    def _head_norms(self) -> HeadNorms | None:
+        """q_norm and k_norm as the rotary kernel applies them, where they are RMSNorms over each head."""
+        if not self.qk_norm or not isinstance(self.q_norm, RMSNorm):
+            return None
+        return HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.unit_offset)
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The rotary frequencies on `device`; kept when they do not depend on the length (no host work

@@ -7,7 +7,7 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.input_quant import InputQuant
-from kiln.kernels.rmsnorm import rms_norm
+from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 from kiln.mapping import replicate
 
 
@@ -33,12 +33,7 @@ class RMSNorm(nn.Module):
         return normed if self.out_quant is None else self.out_quant.quantize(normed.reshape(-1, normed.shape[-1]))
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:  # Gemma keeps w as stored and scales by (1 + w) in float32
-            return (x * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)
+        return rms_norm_ref(x, self.weight, self.eps, unit_offset=self.unit_offset)
 
 
 class LayerNorm(nn.Module):

@@ -1,14 +1,25 @@
-"""apply_rotary: the reference against rotation written with complex numbers, the kernel against the reference."""
+"""apply_rotary: the reference against rotation written with complex numbers, the kernel against the reference.
+
+The head-norm tests run on CUDA, or on the CPU under Triton's interpreter
+(`TRITON_INTERPRET=1 PYTHONPATH=<site with triton> pytest tests/kernels/test_rotary_kernel.py`)."""
+
+import importlib.util
+import os
 
 import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.rotary import (apply_rotary, apply_rotary_and_write_cache, apply_rotary_and_write_cache_ref,
-                                 apply_rotary_ref)
+from kiln.kernels.rmsnorm import rms_norm_ref
+from kiln.kernels.rotary import (HeadNorms, apply_rotary, apply_rotary_and_write_cache,
+                                 apply_rotary_and_write_cache_ref, apply_rotary_ref)
 
 needs_gpu = pytest.mark.skipif(not triton_available(),
                                reason="needs an NVIDIA GPU with Triton: the kernel path only exists there")
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if triton_available() else "cpu"
+needs_kernel = pytest.mark.skipif(not (triton_available() or INTERPRETER),
+                                  reason="needs an NVIDIA GPU with Triton, or TRITON_INTERPRET=1 with Triton")
 
 
 def _inv_freq(head_size: int, base: float = 10000.0) -> torch.Tensor:
@@ -69,10 +80,22 @@ def test_reference_with_a_quantized_cache_writes_the_codes(code_dtype):
     assert (k_cache[slots].float() != 0).any()
 
 
+def test_reference_norms_each_head_before_rotating():
+    """Qwen3's order: q_norm and k_norm over each head (RMSNorm's math), then the rotation."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    norms = HeadNorms(1 + 0.1 * torch.randn(8, generator=g), 1 + 0.1 * torch.randn(8, generator=g), 1e-6)
+    positions = torch.tensor([3, 9, 40])
+    want = apply_rotary_ref(rms_norm_ref(q, norms.q_weight, 1e-6), rms_norm_ref(k, norms.k_weight, 1e-6),
+                            positions, _inv_freq(8))
+    got = apply_rotary_ref(q, k, positions, _inv_freq(8), norms)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def _qkv_views(tokens, heads, kv_heads, head_size, dtype, fused_qkv, g):
     """q, k, v and the QKV output they view: strided slices of it (fused), or contiguous copies."""
     width = (heads + 2 * kv_heads) * head_size
-    qkv = torch.randn(tokens, width, generator=g).to(dtype).cuda()
+    qkv = torch.randn(tokens, width, generator=g).to(dtype).to(DEVICE)
     bounds = (0, heads * head_size, (heads + kv_heads) * head_size, width)
     parts = [qkv[:, a:b].view(tokens, -1, head_size) for a, b in zip(bounds[:-1], bounds[1:])]
     return (parts if fused_qkv else [p.contiguous() for p in parts]), qkv
@@ -164,3 +187,39 @@ def test_kernel_matches_reference(dtype, tokens, heads, kv_heads, head_size, fus
     print(f"apply_rotary {dtype} {(tokens, heads, kv_heads, head_size)} fused={fused_qkv}: max err {err:.3g}")
     torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
     torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit_offset", [False, True])  # Qwen3's RMSNorm, Gemma 3's 1 + w
+# Qwen3-30B-A3B's decode step (one head a program), and past HEAD_PER_PROGRAM_MAX_TOKENS (BLOCK_H heads a program,
+# the last partly masked), Gemma 3's 256-wide heads among them
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 4, 128), (3, 6, 2, 64), (20, 12, 4, 64),
+                                                             (18, 4, 2, 256)])
+def test_kernel_norms_heads_as_the_reference(dtype, unit_offset, tokens, heads, kv_heads, head_size):
+    """The rotary launch norms each head of q and k (weights of random size, not ones) before rotating and caching
+    them, as q_norm and k_norm followed by the rotation do."""
+    g = torch.Generator().manual_seed(tokens * heads + head_size + unit_offset)
+    (q, k, v), _ = _qkv_views(tokens, heads, kv_heads, head_size, dtype, True, g)
+    q.mul_(3)  # heads of different scales: the norm has work to do
+    spread = 0.3 * torch.randn(2, head_size, generator=g)
+    weights = (spread if unit_offset else 1 + spread).to(dtype).to(DEVICE)
+    norms = HeadNorms(weights[0], weights[1], 1e-6, unit_offset)
+    num_slots = 2 * tokens + 4
+    k_cache, v_cache = (torch.randn(num_slots, kv_heads, head_size, generator=g).to(dtype).to(DEVICE)
+                        for _ in range(2))
+    slots = torch.randperm(num_slots, generator=g)[:tokens].to(DEVICE)
+    positions = torch.randint(0, 8192, (tokens,), generator=g).to(DEVICE)
+    freqs = _inv_freq(head_size, 1000000.0).to(DEVICE)
+    want = [t.clone() for t in (q, k, k_cache, v_cache)]
+    apply_rotary_and_write_cache_ref(*want[:2], v, positions, freqs, *want[2:], slots, norms=norms)
+    apply_rotary_and_write_cache(q, k, v, positions, freqs, k_cache, v_cache, slots, norms=norms)
+    tol = ROTARY_TOL[dtype]
+    for got, expected in zip((q, k, k_cache), want[:3]):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert torch.equal(v_cache, want[3])  # values unnormed, copied bit for bit
+    q2, k2 = (torch.randn(tokens, n, head_size, generator=g).to(dtype).to(DEVICE) for n in (heads, kv_heads))
+    want_q, want_k = apply_rotary_ref(q2.clone(), k2.clone(), positions, freqs, norms)
+    apply_rotary(q2, k2, positions, freqs, norms)  # without the cache write
+    torch.testing.assert_close(q2, want_q, rtol=tol, atol=tol)
+    torch.testing.assert_close(k2, want_k, rtol=tol, atol=tol)

@@ -29,11 +29,16 @@ def hf_greedy_cuda(hf, prompt, n):
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
+QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=32)
+
+
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {"sliding_window": 16}),
-                                        ("llama", {"rope_parameters": YARN})])
+                                        ("llama", {"rope_parameters": YARN}), ("qwen3", {"head_dim": 32}),
+                                        ("qwen3_moe", QWEN3_MOE)])
 def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra):
     """Issue 3's check: 64 greedy tokens in float32 on the tiny models, transformers' on the same GPU. YaRN's
-    attention factor goes into the softmax scale, so its rotation runs in the fused kernels too."""
+    attention factor goes into the softmax scale, so its rotation runs in the fused kernels too; Qwen3's q and k
+    norms run in the rotary launch, and Qwen3-MoE's routing in its own kernel (kiln.kernels.moe.route)."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_hf_model(tmp_path / "hf", arch=arch, **extra).to("cuda")
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
