@@ -3,7 +3,8 @@
 # then their speed beside the paths they replace, each in one `kiln bench` run.
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
-#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe (default: all)
+#   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
+#   #   moe-profile (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -38,6 +39,12 @@
 #   roofline, W4A16 at 20% (0.94x bf16).
 # - moe-grouped: the same W4A16 and bf16 engines with decode by pair off (KILN_MOE_BY_PAIR=0), the A/B's other
 #   half (about 4 minutes).
+# - fusions: the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
+#   Qwen3's q and k norms inside the rotary launch): their kernel tests, Qwen3's and Qwen3-MoE's greedy tokens
+#   against transformers, then Qwen3-8B's batch-1 decode against its roofline (about 5 minutes). Then `moe` again
+#   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
+# - moe-profile: 4 of Qwen3-30B-A3B's layers, bf16 and W4A16, batch-1 decode under torch.profiler: its kernels by GPU
+#   time (about 3 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -47,7 +54,8 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
-parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped}
+parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
+  moe-profile}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -87,10 +95,18 @@ for part in $parts; do
            tests/quantization/test_moe_weight_only.py -k "gpu or quantized_experts or kernel or gptq"
          $moe_bench --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN --output-json "$out/$part.json" ;;
     moe-grouped) KILN_MOE_BY_PAIR=0 $moe_bench --quant-algo W4A16 --output-json "$out/$part.json" ;;
+    fusions) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rotary_kernel.py \
+               tests/kernels/test_moe_kernel.py -k "norms or route or matches_reference"
+             KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
+               -k "greedy_tokens_equal_transformers and qwen3"
+             python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
+               --output-json "$out/$part.json" ;;
+    moe-profile) python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
+                   --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe or moe-grouped" >&2
+         "flash, moe, moe-grouped, fusions or moe-profile" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

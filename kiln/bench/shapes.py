@@ -31,6 +31,10 @@ FAMILY_SHAPES = {
     "qwen2.5-7b": dict(architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
                        tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
+    # q_norm and k_norm over each head (fused into the rotary launch on the GPU)
+    "qwen3-8b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                     tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960),
     "gemma-2-9b": dict(architecture="Gemma2ForCausalLM", vocab_size=256000, hidden_size=3584, num_hidden_layers=42,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=14336,
                        tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=8192,
