@@ -33,6 +33,8 @@ ROWS = [
     ("FP8, GPTQ-rounded weights", "--quant-algo FP8 --weight-rounding gptq"),
     ("FP8, GPTQ-rounded weights, 2 sensitive layers kept", "--quant-algo FP8 --weight-rounding gptq "
                                                           "--keep-sensitive-layers 2"),
+    ("FP8, GPTQ-rounded weights, 4 sensitive layers kept", "--quant-algo FP8 --weight-rounding gptq "
+                                                          "--keep-sensitive-layers 4"),
     ("FP8_PER_CHANNEL_PER_TOKEN", "--quant-algo FP8_PER_CHANNEL_PER_TOKEN"),
     ("FP8_BLOCK_SCALES g32", "--quant-algo FP8_BLOCK_SCALES --group-size 32"),
     ("FP8_BLOCK_SCALES g64", "--quant-algo FP8_BLOCK_SCALES --group-size 64"),

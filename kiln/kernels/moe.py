@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.pdl import pdl_args
 from kiln.layers.mlp import ACTIVATIONS
 
 try:
@@ -40,6 +41,9 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference below still works
     triton = None
+
+if triton is not None:
+    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's constexpr for each name
 
@@ -132,7 +136,7 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype)
     block_e = triton.next_power_of_2(num_experts)
     _route_kernel[(tokens,)](logits, weights, experts, num_experts, logits.stride(0), TOP_K=top_k,
                              NORMALIZE=normalize, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-                             num_warps=min(max(block_e // 256, 1), 8))
+                             num_warps=min(max(block_e // 256, 1), 8), **pdl_args(logits.device))
     return weights, experts
 
 
@@ -287,16 +291,18 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
         experts, first_expert, b.shape[0], op.n,
         a.stride(0), a.stride(1), *op.strides, out.stride(0),
         A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None,
-        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=op.block_k(PAIR_BLOCK_K), num_warps=4, **op.constexprs)
+        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=op.block_k(PAIR_BLOCK_K), num_warps=4, **op.constexprs, **pdl_args(a.device))
 
 
 if triton is not None:
 
     @triton.jit
     def _route_kernel(logits_ptr, weights_ptr, experts_ptr, E, stride, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # Program t routes token t: softmax of its row, then TOP_K rounds of argmax, each taking the winner out of
         # the running. (tl.exp is ex2.approx on float32 where torch's is expf: a few ulps apart at the logits' range.)
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)  # (nothing to read before: the logits are the router GEMV's)
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
         x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -438,9 +444,14 @@ if triton is not None:
                           a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
                           K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                           WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
-                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          USE_PDL: tl.constexpr):
         # Program (pair, j): outputs [j BLOCK_N, (j + 1) BLOCK_N) of the pair, on CUDA cores (one row: no MMA),
-        # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K.
+        # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K. With
+        # PDL it is scheduled while the kernel before it ends, but reads nothing before its wait: which expert's
+        # weights to read comes from the routing.
+        allow_dependents(USE_PDL)
+        wait_for_inputs(USE_PDL)
         B_ROWS: tl.constexpr = BLOCK_K // 2 if CODES == 2 else BLOCK_K
         pair = tl.program_id(0)
         expert = (tl.load(experts_ptr + pair) - first_expert).to(tl.int64)

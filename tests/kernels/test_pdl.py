@@ -71,3 +71,48 @@ def test_decode_chain_in_a_cuda_graph_with_pdl_equals_plain_launches(monkeypatch
     monkeypatch.setenv("KILN_PDL", "0")
     for (xi, ri), y in zip(inputs, got):
         assert torch.equal(y, _decode_chain(xi.clone(), ri.clone(), weights))
+
+
+def _moe_decode_chain(x, residual, weights):
+    """An MoE layer's expert half at batch 1, as the engine launches it: residual add + RMSNorm, the router's GEMV,
+    the routing kernel, the two pair GEMVs (decode by pair), the slots' sum, and the next RMSNorm."""
+    from kiln.kernels.gemv import gemv
+    from kiln.kernels.moe import fused_moe, route
+    from kiln.kernels.rmsnorm import rms_norm
+
+    norm_w, router, fc, gate, proj = weights
+    h, residual = rms_norm(x, norm_w, 1e-5, residual)
+    expert_weights, experts = route(gemv(h, router), 4, True, h.dtype)
+    y = fused_moe(h, fc, gate, proj, experts, expert_weights, 0, "silu", by_pair=True)
+    return rms_norm(y, norm_w, 1e-5, residual)[0]
+
+
+@needs_hopper
+def test_moe_decode_chain_in_a_cuda_graph_with_pdl_equals_plain_launches(monkeypatch):
+    """The routing kernel and the pair GEMVs wait for their inputs: a replay on fresh inputs, routed to other
+    experts, gives the plain launches' bits."""
+    torch.manual_seed(0)
+    hidden, inter, experts = 512, 256, 16
+    dev, bf16 = "cuda", torch.bfloat16
+    weights = (torch.randn(hidden, device=dev, dtype=bf16), torch.randn(experts, hidden, device=dev, dtype=bf16),
+               *(torch.randn(experts, n, k, device=dev, dtype=bf16) / k ** 0.5
+                 for n, k in ((inter, hidden), (inter, hidden), (hidden, inter))))
+    x, residual = (torch.empty(1, hidden, device=dev, dtype=bf16) for _ in range(2))
+    inputs = [(torch.randn(1, hidden, device=dev, dtype=bf16), torch.randn(1, hidden, device=dev, dtype=bf16))
+              for _ in range(8)]
+    x.copy_(inputs[0][0]), residual.copy_(inputs[0][1])
+    _moe_decode_chain(x, residual, weights)  # compiles every kernel outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = _moe_decode_chain(x, residual, weights)
+    got = []
+    for xi, ri in inputs:
+        x.copy_(xi), residual.copy_(ri)
+        graph.replay()
+        got.append(out.clone())
+    monkeypatch.setenv("KILN_PDL", "0")
+    for (xi, ri), y in zip(inputs, got):
+        assert torch.equal(y, _moe_decode_chain(xi.clone(), ri.clone(), weights))
