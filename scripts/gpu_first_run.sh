@@ -97,7 +97,8 @@ for part in $parts; do
          $moe_bench --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN --output-json "$out/$part.json" ;;
     moe-grouped) KILN_MOE_BY_PAIR=0 $moe_bench --quant-algo W4A16 --output-json "$out/$part.json" ;;
     fusions) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rotary_kernel.py \
-               tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py -k "norms or route or matches_reference or pdl"
+               tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
+               -k "norms or route or matches_reference or pdl"
              KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
                -k "greedy_tokens_equal_transformers and qwen3"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
