@@ -181,6 +181,7 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 GATED_ACTIVATIONS = ("silu", "gelu_tanh")
 PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MOE_ROUTERS = ("softmax", "sigmoid")  # how a mixture of experts chooses (PretrainedConfig.moe_router)
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,16 @@ class PretrainedConfig:
     moe_top_k: int = 0
     moe_intermediate_size: int = 0
     moe_normalize_topk: bool = True  # renormalise the top-k softmax probabilities to sum to 1
-    moe_shared_expert_intermediate_size: int = 0  # a sigmoid-gated shared expert (Qwen2-MoE)
+    moe_shared_expert_intermediate_size: int = 0  # a shared expert every token runs (Qwen2-MoE, GLM-4.5)
+    moe_shared_expert_gated: bool = True  # its output times a sigmoid gate (Qwen2-MoE) or added as is (GLM-4.5)
     moe_dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
+    # MOE_ROUTERS: "softmax" top-k of softmax probabilities (Mixtral, Qwen-MoE); "sigmoid" DeepSeek-V3's and
+    # GLM-4.5's, top-k of sigmoid scores plus a learned bias (the router's `bias`, used to choose only), from the
+    # moe_topk_groups best of moe_num_groups groups of experts, weighted by the scores times moe_routed_scaling
+    moe_router: str = "softmax"
+    moe_num_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_routed_scaling: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mapping: Mapping = field(default_factory=Mapping)
@@ -297,9 +306,24 @@ class PretrainedConfig:
                    f"in [1, moe_num_experts={self.moe_num_experts}]", self.moe_top_k)
             _check(self.moe_intermediate_size >= 1, owner, "moe_intermediate_size", "an integer >= 1 with experts",
                    self.moe_intermediate_size)
+        self._check_router()
         object.__setattr__(self, "moe_dense_layers", tuple(self.moe_dense_layers))
         _check(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.moe_dense_layers), owner,
                "moe_dense_layers", f"layer indices in [0, {self.num_hidden_layers - 1}]", self.moe_dense_layers)
+
+    def _check_router(self) -> None:
+        owner = "PretrainedConfig"
+        _check(self.moe_router in MOE_ROUTERS, owner, "moe_router", f"one of {MOE_ROUTERS}", self.moe_router)
+        groups, best = self.moe_num_groups, self.moe_topk_groups
+        _check(isinstance(groups, int) and groups >= 1 and (self.moe_num_experts % groups == 0), owner,
+               "moe_num_groups", f"a divisor of moe_num_experts ({self.moe_num_experts})", groups)
+        _check(isinstance(best, int) and 1 <= best <= groups, owner, "moe_topk_groups",
+               f"in [1, moe_num_groups={groups}]", best)
+        _check(groups == 1 or self.moe_router == "sigmoid" and self.moe_num_experts // groups >= 2, owner,
+               "moe_num_groups", "1, or with moe_router 'sigmoid' groups of 2 experts or more", groups)
+        scaling = self.moe_routed_scaling
+        _check(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0, owner,
+               "moe_routed_scaling", "a number > 0", scaling)
 
     def is_sliding_layer(self, layer: int) -> bool:
         if self.sliding_window is None:

@@ -195,5 +195,8 @@ def make_tiny_hf(out_dir: Path, config_cls, model_cls, seed: int = 0, **config):
         for _, p in model.named_parameters():
             if p.dim() == 1 or p.std() == 0:  # also a zero-initialised router
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():  # DeepSeek-V3-style routers' balance bias (saved, zero at init)
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     model.save_pretrained(out_dir)
     return model

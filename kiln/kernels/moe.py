@@ -125,6 +125,26 @@ def route_ref(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dt
     return weights.to(dtype), experts
 
 
+def route_sigmoid_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
+                      normalize: bool, scaling: float, dtype: torch.dtype):
+    """DeepSeek-V3's and GLM-4.5's choice: sigmoid scores; the experts chosen by score + bias (a learned balance
+    that only chooses), among the topk_groups groups (of num_groups equal runs of experts) whose two best
+    score + bias sum highest; weighted by their scores, renormed when `normalize` (plus 1e-20, as transformers),
+    times `scaling`. Returns (weights in dtype, experts int64), both [tokens, top_k]."""
+    scores = logits.float().sigmoid()
+    choice = scores + bias.float()
+    if num_groups > 1:
+        tokens, experts = choice.shape
+        best_two = choice.view(tokens, num_groups, -1).topk(2, dim=-1)[0].sum(-1)
+        kept = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, best_two.topk(topk_groups, dim=-1)[1], True)
+        choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))
+    experts = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return (weights * scaling).to(dtype), experts
+
+
 def route(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
     """Triton version of `route_ref`, same arguments and results, in one launch where the reference takes seven
     (cast, softmax, top-k, sum, divide, cast back): at batch-1 decode each is a launch on the critical path.

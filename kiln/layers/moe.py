@@ -1,4 +1,5 @@
-"""Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a softmax router picks top-k experts per token.
+"""Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5): a router picks top-k experts per token, by softmax
+(Mixtral, Qwen) or by DeepSeek-V3's biased sigmoid scores within the best groups (GLM-4.5; config.moe_router).
 
 Expert weights are stacked, one tensor per projection: `experts.fc` and `experts.gate` [experts, inter, hidden],
 `experts.proj` [experts, hidden, inter] (engines fuse fc and gate into `experts.fc_gate`). Under tensor
@@ -15,10 +16,11 @@ them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref, route, route_ref
+from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref, route, route_ref, route_sigmoid_ref
 from kiln.layers.linear import Linear
 from kiln.layers.mlp import GatedMLP
 from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
@@ -82,22 +84,35 @@ class MoE(nn.Module):
         super().__init__()
         m = config.mapping
         self.mapping = m
-        self.top_k = config.moe_top_k
-        self.normalize = config.moe_normalize_topk
+        self.config = config
         self.router = Linear(config.hidden_size, config.moe_num_experts, False, replicate, replicate)
+        if config.moe_router == "sigmoid":  # DeepSeek-V3's balance bias (every rank's): it chooses, scores weigh
+            self.choice_bias = nn.Parameter(torch.empty(config.moe_num_experts), requires_grad=False)
         self.experts = Experts(config.moe_num_experts, config.hidden_size, config.moe_intermediate_size,
                                config.hidden_act, m, fused)
-        self.shared_expert = None
+        self.shared_expert = self.shared_expert_gate = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(config.hidden_size, config.moe_shared_expert_intermediate_size,
                                           config.hidden_act, False, m, fused)
-            self.shared_expert_gate = Linear(config.hidden_size, 1, False, replicate, replicate)
+            if config.moe_shared_expert_gated:
+                self.shared_expert_gate = Linear(config.hidden_size, 1, False, replicate, replicate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(x)
-        choose = route if logits.is_cuda and triton_available() else route_ref
-        weights, experts = choose(logits, self.top_k, self.normalize, x.dtype)
+        weights, experts = self.route(x)
         out = all_reduce(self.experts(x, experts, weights), self.mapping)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = self.shared_expert(x)
+            gate = self.shared_expert_gate
+            out = out + (shared if gate is None else torch.sigmoid(gate(x)) * shared)
         return out
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [tokens, top_k] in x's dtype, experts [tokens, top_k]) of the config's router."""
+        c = self.config
+        if c.moe_router == "sigmoid":  # in float32, as DeepSeek-V3 and GLM-4.5 route (their gate is kept float32)
+            logits = F.linear(x.float(), self.router.weight.float())
+            return route_sigmoid_ref(logits, self.choice_bias, c.moe_top_k, c.moe_num_groups, c.moe_topk_groups,
+                                     c.moe_normalize_topk, c.moe_routed_scaling, x.dtype)
+        logits = self.router(x)
+        choose = route if logits.is_cuda and triton_available() else route_ref
+        return choose(logits, c.moe_top_k, c.moe_normalize_topk, x.dtype)

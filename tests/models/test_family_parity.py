@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import test_gemma
+import test_glm4_moe
 import test_gpt2
 import test_gpt_neox
 import test_mixtral
@@ -16,6 +17,7 @@ from family_checks import (check_convert_checkpoint, check_from_hugging_face, ch
                            report_max_diffs, shared_family)
 
 from kiln.models.gemma.model import GemmaForCausalLM
+from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
@@ -25,6 +27,7 @@ from kiln.models.qwen.model import QWenForCausalLM
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
+    "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),

@@ -53,16 +53,18 @@ def dequantize_experts(tensors: dict, group: int = 0) -> torch.Tensor:
 def copy_dequantized_experts(layer, ckpt: dict, prefix: str, config) -> None:
     """A transformers decoder layer's stacked experts ([w1 | w3] and w2 in transformers 5) set to the checkpoint's
     dequantized experts at `prefix`, where it has them, its router to the checkpoint's (AWQ folds its scale into
-    the router as into the norm before it), and a shared expert (Qwen2-MoE) to its dequantized weights."""
+    the router as into the norm before it), and a shared expert (Qwen2-MoE, GLM-4.5) to its dequantized weights."""
     if prefix + "mlp.experts.fc.weight" not in ckpt:
         return
     layer.mlp.gate.weight.copy_(ckpt[prefix + "mlp.router.weight"])
-    if prefix + "mlp.shared_expert.fc.weight" in ckpt:  # Qwen2-MoE's shared expert, a dense gated MLP, and its gate
+    if prefix + "mlp.shared_expert.fc.weight" in ckpt:  # a shared expert, a dense gated MLP (Qwen2-MoE's, GLM-4.5's)
+        shared = getattr(layer.mlp, "shared_expert", None) or layer.mlp.shared_experts
         for kiln_name, hf_name in (("fc", "gate_proj"), ("gate", "up_proj"), ("proj", "down_proj")):
             t = linear_tensors(ckpt, f"{prefix}mlp.shared_expert.{kiln_name}")
             w = dequantize(t, config.quantization.group_size) if "weights_scaling_factor" in t else t["weight"]
-            getattr(layer.mlp.shared_expert, hf_name).weight.copy_(w)
-        layer.mlp.shared_expert_gate.weight.copy_(ckpt[prefix + "mlp.shared_expert_gate.weight"])
+            getattr(shared, hf_name).weight.copy_(w)
+        if prefix + "mlp.shared_expert_gate.weight" in ckpt:  # Qwen2-MoE's sigmoid gate on it
+            layer.mlp.shared_expert_gate.weight.copy_(ckpt[prefix + "mlp.shared_expert_gate.weight"])
     fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
                                          config.quantization.group_size) for p in ("fc", "gate", "proj"))
     layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))

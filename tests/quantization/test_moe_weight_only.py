@@ -147,6 +147,31 @@ def test_qwen2_moe_with_a_shared_expert_logits_equal_transformers_with_dequantiz
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
+@pytest.mark.parametrize("algo", ["W4A16", "W4A16_AWQ"])
+def test_glm4_moe_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
+    """GLM-4.5: a sigmoid router that chooses by a balance bias within groups, an ungated shared expert, a dense
+    first layer; under AWQ the router's float weight takes the norm's scale (its float32 logits unchanged)."""
+    torch.manual_seed(3)
+    config = tf.Glm4MoeConfig(vocab_size=127, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, n_group=2,
+                              topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=1, use_qk_norm=True,
+                              attention_bias=True, tie_word_embeddings=False)
+    hf = tf.Glm4MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0, 0.3)  # (transformers starts routers and their bias at zero)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo, group_size=32))
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    assert ckpt["transformer.layers.1.mlp.shared_expert.proj.weight"].dtype == torch.uint8
+    assert ckpt[EXPERTS + "proj.weight"].dtype == torch.uint8
+    bias = hf.model.layers[1].mlp.gate.e_score_correction_bias
+    assert torch.equal(ckpt["transformer.layers.1.mlp.choice_bias"], bias)  # (float: it only chooses)
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
+
+
 def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     """Issue 4's memory line on a mixture of experts: every decoder linear (attention's, and each expert's fc,
     gate and proj) as the format defines it, 1 byte a weight and one scale an output (W8A16) or half a byte and

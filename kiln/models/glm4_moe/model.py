@@ -1,0 +1,52 @@
+"""GLM-4.5 and GLM-4.5-Air (Glm4MoeForCausalLM): Llama attention with q/k/v biases, a partial rotary (half of each
+head by default) and optional q/k norms over each head; the first `first_k_dense_replace` layers dense, the others
+a mixture of experts routed as DeepSeek-V3 routes (sigmoid scores, a balance bias that only chooses, the best
+groups, weights renormed and scaled), plus an ungated shared expert.
+
+Source names beyond Llama's: `mlp.gate.weight` (the router), `mlp.gate.e_score_correction_bias` (kiln's
+`mlp.choice_bias`), `mlp.experts.{e}.gate_proj/up_proj/down_proj` and `mlp.shared_experts.*`. A checkpoint's
+multi-token-prediction layers (`num_nextn_predict_layers`, stored past the last decoder layer) are not read.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.name_map import NameMap
+from kiln.models import hf_config
+from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.llama.convert import L, hf_table
+from kiln.models.qwen.convert import HF, moe_table
+
+
+def glm4_moe_structure(hf: dict) -> dict:
+    experts = hf.get("n_routed_experts") or hf["num_local_experts"]
+    return dict(
+        qkv_bias=hf.get("attention_bias", False), attention_bias=False,  # (o_proj has none)
+        qk_norm=hf.get("use_qk_norm", False),
+        moe_num_experts=experts, moe_top_k=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"], moe_normalize_topk=hf.get("norm_topk_prob", True),
+        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1),
+        moe_shared_expert_gated=False,
+        moe_dense_layers=tuple(range(min(hf.get("first_k_dense_replace", 1), hf["num_hidden_layers"]))),
+        moe_router="sigmoid", moe_num_groups=hf.get("n_group") or 1, moe_topk_groups=hf.get("topk_group") or 1,
+        moe_routed_scaling=float(hf.get("routed_scaling_factor", 1.0)))
+
+
+class Glm4MoeForCausalLM(DecoderModelForCausalLM):
+    HF_ARCHITECTURES = ("Glm4MoeForCausalLM",)
+
+    @classmethod
+    def config_from_hf(cls, hf, dtype, mapping, generation, path):
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, glm4_moe_structure)
+
+    @classmethod
+    def hf_name_map(cls, config):
+        return NameMap({
+            **hf_table(config.tie_word_embeddings),
+            L + "attention.q_norm.weight": HF + "self_attn.q_norm.weight",
+            L + "attention.k_norm.weight": HF + "self_attn.k_norm.weight",
+            **moe_table("mlp", "gate_proj", "up_proj", "down_proj"),
+            L + "mlp.choice_bias": HF + "mlp.gate.e_score_correction_bias",
+            L + "mlp.shared_expert.fc.weight": HF + "mlp.shared_experts.gate_proj.weight",
+            L + "mlp.shared_expert.gate.weight": HF + "mlp.shared_experts.up_proj.weight",
+            L + "mlp.shared_expert.proj.weight": HF + "mlp.shared_experts.down_proj.weight",
+        })
