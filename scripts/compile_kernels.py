@@ -24,7 +24,7 @@ from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gem
                           paged_attention_kernels, quant_gemm, rmsnorm, rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"eps", "scale_log2"}
+FLOAT_SCALARS = {"eps", "scale_log2", "scaling"}
 CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv", "fp8 rows": "*fp8e4nv",
          "fp8 prequant": "*fp8e4nv"}  # a quantized output's pointer type
 # a norm's or activation's output -> its FP8_GROUP for a program of `block` inputs
@@ -195,10 +195,12 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for codes, zero, ptr in ((0, False, None), (1, False, "*i8"), (1, False, "*fp8e4nv"), (2, False, "*u8"),
                                (2, True, "*u8"))
       for gated in (True, False)],
-    # the router's softmax and top-k: Qwen3-MoE's 128 experts and top 8, Mixtral's 8 and 2
-    *[(f"moe route experts={e} top_k={k}", moe._route_kernel,
-       dict(TOP_K=k, NORMALIZE=True, BLOCK_E=e, BLOCK_K=k), dict(experts_ptr="*i64"))
-      for e, k in ((128, 8), (8, 2))],
+    # the routing: Qwen3-MoE's softmax over 128 experts and top 8, Mixtral's 8 and 2; DeepSeek-V3's sigmoid over 256
+    # in 8 groups (4 kept), GLM-4.5's over 160 in one
+    *[(f"moe route experts={e} top_k={k} sigmoid={s} groups={g}", moe._route_kernel,
+       dict(TOP_K=k, NORMALIZE=True, SIGMOID=s, GROUPS=g, TOPK_GROUPS=max(g // 2, 1), BLOCK_E=e, BLOCK_G=g,
+            BLOCK_K=k), dict(experts_ptr="*i64", logits_ptr="*fp32" if s else "*bf16"))
+      for e, k, s, g in ((128, 8, False, 1), (8, 2, False, 1), (256, 8, True, 8), (256, 8, True, 1))],
 ]
 
 

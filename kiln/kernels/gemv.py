@@ -51,10 +51,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Triton version of `gemv_ref`: x [..., k] with at most GEMV_MAX_ROWS rows, weight [n, k]; CUDA tensors."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton version of `gemv_ref`: x [..., k] with at most GEMV_MAX_ROWS rows, weight [n, k]; CUDA tensors. The
+    output in x's dtype, or out_dtype (float32: the float32 sums as they are)."""
     rows = rows_view(x)
-    y = _launch(rows, weight, None, None, x.dtype)
+    y = _launch(rows, weight, None, None, out_dtype or x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

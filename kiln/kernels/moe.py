@@ -114,48 +114,60 @@ def fused_moe_ref(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weight
     return out
 
 
-def route_ref(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
-    """The router's choice: softmax over the experts in float32, the top_k (descending), their probabilities renormed
-    to sum to 1 when `normalize` (Mixtral, Qwen3-MoE; Qwen2-MoE keeps them), cast to dtype. logits [tokens,
-    experts]; returns (weights [tokens, top_k] in dtype, experts [tokens, top_k] int64), as transformers routes."""
-    probs = F.softmax(logits.float(), dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights.to(dtype), experts
+@dataclass(frozen=True)
+class Router:
+    """How a mixture of experts chooses its top_k experts from the router's logits [tokens, experts]:
+    - softmax (Mixtral, Qwen-MoE): the top_k softmax probabilities, renormed to sum to 1 when `normalize`;
+    - sigmoid (DeepSeek-V3, GLM-4.5): sigmoid scores; the experts chosen by score + `bias` (a learned balance that
+      only chooses) among the `topk_groups` of `groups` equal runs of experts whose two best score + bias sum
+      highest; weighted by their scores, renormed when `normalize` (over the sum plus 1e-20, as transformers).
+    The weights are then times `scaling` (1 but for sigmoid routers)."""
+
+    top_k: int
+    normalize: bool
+    sigmoid: bool = False
+    bias: torch.Tensor | None = None
+    groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
 
 
-def route_sigmoid_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                      normalize: bool, scaling: float, dtype: torch.dtype):
-    """DeepSeek-V3's and GLM-4.5's choice: sigmoid scores; the experts chosen by score + bias (a learned balance
-    that only chooses), among the topk_groups groups (of num_groups equal runs of experts) whose two best
-    score + bias sum highest; weighted by their scores, renormed when `normalize` (plus 1e-20, as transformers),
-    times `scaling`. Returns (weights in dtype, experts int64), both [tokens, top_k]."""
+def route_ref(logits: torch.Tensor, router: Router, dtype: torch.dtype):
+    """The router's choice in float32, as transformers routes: (weights [tokens, top_k] in dtype, experts
+    [tokens, top_k] int64)."""
+    if not router.sigmoid:
+        weights, experts = F.softmax(logits.float(), dim=-1).topk(router.top_k, dim=-1)
+        return (weights / weights.sum(-1, keepdim=True) if router.normalize else weights).to(dtype), experts
     scores = logits.float().sigmoid()
-    choice = scores + bias.float()
-    if num_groups > 1:
+    choice = scores + router.bias.float()
+    if router.groups > 1:
         tokens, experts = choice.shape
-        best_two = choice.view(tokens, num_groups, -1).topk(2, dim=-1)[0].sum(-1)
-        kept = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, best_two.topk(topk_groups, dim=-1)[1], True)
-        choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))
-    experts = choice.topk(top_k, dim=-1)[1]
+        best_two = choice.view(tokens, router.groups, -1).topk(2, dim=-1)[0].sum(-1)
+        best = best_two.topk(router.topk_groups, dim=-1)[1]
+        kept = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~kept.repeat_interleave(experts // router.groups, dim=1), float("-inf"))
+    experts = choice.topk(router.top_k, dim=-1)[1]
     weights = scores.gather(1, experts)
-    if normalize:
+    if router.normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return (weights * scaling).to(dtype), experts
+    return (weights * router.scaling).to(dtype), experts
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
+def route(logits: torch.Tensor, router: Router, dtype: torch.dtype):
     """Triton version of `route_ref`, same arguments and results, in one launch where the reference takes seven
-    (cast, softmax, top-k, sum, divide, cast back): at batch-1 decode each is a launch on the critical path.
-    CUDA tensors (or the interpreter); the weights match up to float32 rounding (exp's and the sums'), the experts
-    exactly unless two probabilities tie (the lower index wins)."""
+    (softmax) to seventeen (sigmoid with groups): at batch-1 decode each is a launch on the critical path. CUDA
+    tensors (or the interpreter); the weights match up to float32 rounding (exp's and the sums'), the experts
+    exactly unless two choices tie (the lower index wins; torch.topk leaves ties unspecified)."""
     tokens, num_experts = logits.shape
+    top_k = router.top_k
     weights = torch.empty(tokens, top_k, dtype=dtype, device=logits.device)
     experts = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
     block_e = triton.next_power_of_2(num_experts)
-    _route_kernel[(tokens,)](logits, weights, experts, num_experts, logits.stride(0), TOP_K=top_k,
-                             NORMALIZE=normalize, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+    _route_kernel[(tokens,)](logits, router.bias if router.sigmoid else logits, weights, experts, num_experts,
+                             logits.stride(0), float(router.scaling), num_experts // router.groups, TOP_K=top_k,
+                             NORMALIZE=router.normalize, SIGMOID=router.sigmoid, GROUPS=router.groups,
+                             TOPK_GROUPS=router.topk_groups, BLOCK_E=block_e,
+                             BLOCK_G=triton.next_power_of_2(router.groups), BLOCK_K=triton.next_power_of_2(top_k),
                              num_warps=min(max(block_e // 256, 1), 8), **pdl_args(logits.device))
     return weights, experts
 
@@ -317,30 +329,66 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
 if triton is not None:
 
     @triton.jit
-    def _route_kernel(logits_ptr, weights_ptr, experts_ptr, E, stride, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-        # Program t routes token t: softmax of its row, then TOP_K rounds of argmax, each taking the winner out of
-        # the running. (tl.exp is ex2.approx on float32 where torch's is expf: a few ulps apart at the logits' range.)
+    def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride, scaling, group_size,
+                      TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, SIGMOID: tl.constexpr, GROUPS: tl.constexpr,
+                      TOPK_GROUPS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+        # Program t routes token t: its scores p (softmax, or sigmoid) and what chooses (p, or p + bias within the
+        # best groups), then TOP_K rounds of argmax, each taking the winner out of the running. (tl.exp is
+        # ex2.approx on float32 where torch's is expf: a few ulps apart at the logits' range.)
         allow_dependents(USE_PDL)
-        wait_for_inputs(USE_PDL)  # (nothing to read before: the logits are the router GEMV's)
-        t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
-        x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - tl.max(x, axis=0))
-        p = tl.math.div_rn(p, tl.sum(p, axis=0))  # (masked experts: exp(-inf) = 0)
+        real = e < E
+        if SIGMOID:
+            bias = tl.load(bias_ptr + e, mask=real, other=0.0).to(tl.float32)  # a weight: read before the wait
+        wait_for_inputs(USE_PDL)
+        t = tl.program_id(0).to(tl.int64)
+        x = tl.load(logits_ptr + t * stride + e, mask=real, other=float("-inf")).to(tl.float32)
+        if SIGMOID:
+            p = tl.sigmoid(x)  # (masked experts: 0)
+            choice = tl.where(real, p + bias, float("-inf"))
+            if GROUPS > 1:
+                choice = _best_groups(choice, e, group_size, GROUPS, TOPK_GROUPS, BLOCK_G)
+        else:
+            p = tl.exp(x - tl.max(x, axis=0))
+            p = tl.math.div_rn(p, tl.sum(p, axis=0))  # (masked experts: exp(-inf) = 0)
+            choice = tl.where(real, p, float("-inf"))
         slots = tl.arange(0, BLOCK_K)
         top = tl.zeros((BLOCK_K,), dtype=tl.float32)
         picked = tl.zeros((BLOCK_K,), dtype=tl.int64)
         for k in tl.static_range(TOP_K):
-            best = tl.argmax(p, axis=0, tie_break_left=True)
-            top = tl.where(slots == k, tl.max(p, axis=0), top)
+            best = tl.argmax(choice, axis=0, tie_break_left=True)
+            top = tl.where(slots == k, tl.sum(tl.where(e == best, p, 0.0), axis=0), top)
             picked = tl.where(slots == k, best.to(tl.int64), picked)
-            p = tl.where(e == best, -1.0, p)  # (probabilities are >= 0: out of the running)
-        if NORMALIZE:
-            top = tl.math.div_rn(top, tl.sum(top, axis=0))  # (slots past TOP_K hold 0)
+            choice = tl.where(e == best, float("-inf"), choice)
+        if NORMALIZE:  # (slots past TOP_K hold 0)
+            total = tl.sum(top, axis=0)
+            if SIGMOID:
+                total += 1e-20
+            top = tl.math.div_rn(top, total)
+        top = top * scaling
         ok = slots < TOP_K
         tl.store(weights_ptr + t * TOP_K + slots, top.to(weights_ptr.dtype.element_ty), mask=ok)
         tl.store(experts_ptr + t * TOP_K + slots, picked, mask=ok)
+
+    @triton.jit
+    def _best_groups(choice, e, group_size, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
+        """choice [BLOCK_E] with every expert outside the TOPK_GROUPS best of GROUPS groups (group_size experts
+        each, in order) set to -inf; a group's worth is the sum of its two best choices."""
+        g = tl.arange(0, BLOCK_G)
+        member = (e[None, :] // group_size) == g[:, None]  # [BLOCK_G, BLOCK_E]
+        by_group = tl.where(member, choice[None, :], float("-inf"))
+        first_at = tl.argmax(by_group, axis=1, tie_break_left=True)
+        second = tl.max(tl.where(e[None, :] == first_at[:, None], float("-inf"), by_group), axis=1)
+        worth = tl.where(g < GROUPS, tl.max(by_group, axis=1) + second, float("-inf"))
+        kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
+        for _ in tl.static_range(TOPK_GROUPS):
+            best = tl.argmax(worth, axis=0, tie_break_left=True)
+            kept = tl.where(g == best, 1, kept)
+            worth = tl.where(g == best, float("-inf"), worth)
+        keep = tl.max(tl.where(member & (kept[:, None] == 1), 1, 0), axis=0)
+        return tl.where(keep == 1, choice, float("-inf"))
 
     @triton.jit
     def _activation(x, ACT: tl.constexpr):

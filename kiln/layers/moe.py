@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import expert_halves, fused_moe, fused_moe_ref, route, route_ref, route_sigmoid_ref
+from kiln.kernels.gemv import GEMV_MAX_ROWS, gemv
+from kiln.kernels.moe import Router, expert_halves, fused_moe, fused_moe_ref, route, route_ref
 from kiln.layers.linear import Linear
 from kiln.layers.mlp import GatedMLP
 from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
@@ -109,10 +110,17 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [tokens, top_k] in x's dtype, experts [tokens, top_k]) of the config's router."""
         c = self.config
-        if c.moe_router == "sigmoid":  # in float32, as DeepSeek-V3 and GLM-4.5 route (their gate is kept float32)
-            logits = F.linear(x.float(), self.router.weight.float())
-            return route_sigmoid_ref(logits, self.choice_bias, c.moe_top_k, c.moe_num_groups, c.moe_topk_groups,
-                                     c.moe_normalize_topk, c.moe_routed_scaling, x.dtype)
-        logits = self.router(x)
+        sigmoid = c.moe_router == "sigmoid"
+        router = Router(c.moe_top_k, c.moe_normalize_topk, sigmoid, self.choice_bias if sigmoid else None,
+                        c.moe_num_groups, c.moe_topk_groups, c.moe_routed_scaling)
+        logits = self._float32_logits(x) if sigmoid else self.router(x)
         choose = route if logits.is_cuda and triton_available() else route_ref
-        return choose(logits, c.moe_top_k, c.moe_normalize_topk, x.dtype)
+        return choose(logits, router, x.dtype)
+
+    def _float32_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 and GLM-4.5 route on float32 logits (their gate is kept in float32): on the GPU a decode step's
+        few rows take the GEMV's float32 sums as they are, other rows float32 operands."""
+        w = self.router.weight
+        if x.is_cuda and triton_available() and x.shape[0] <= GEMV_MAX_ROWS and w.dtype == x.dtype:
+            return gemv(x, w, torch.float32)
+        return F.linear(x.float(), w.float())

@@ -5,6 +5,7 @@ dropped experts, every activation, and (on the GPU) no host sync, so a CUDA grap
 The kernel tests run on CUDA, or on the CPU under Triton's interpreter
 (`TRITON_INTERPRET=1 PYTHONPATH=<site with triton> pytest tests/kernels/test_moe_kernel.py`)."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import ExpertCodes, fused_moe, fused_moe_ref, moe_align, route, route_ref
+from kiln.kernels.moe import ExpertCodes, Router, fused_moe, fused_moe_ref, moe_align, route, route_ref
 from kiln.layers.mlp import ACTIVATIONS
 from kiln.quantization.fp8 import Fp8ExpertMethod
 from kiln.quantization.fp8_block import Fp8GroupExpertMethod
@@ -183,7 +184,7 @@ def test_reference_routes_as_transformers_writes_it():
     """softmax in float32, top-k, renormed when asked, cast: Mixtral's and Qwen-MoE's routing, written out."""
     logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     for normalize in (False, True):
-        weights, experts = route_ref(logits, 3, normalize, torch.bfloat16)
+        weights, experts = route_ref(logits, Router(3, normalize), torch.bfloat16)
         for t in range(5):
             probs = [float(v) for v in torch.softmax(logits[t].float(), -1)]
             top = sorted(range(12), key=lambda e: -probs[e])[:3]
@@ -195,23 +196,30 @@ def test_reference_routes_as_transformers_writes_it():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,num_experts,top_k,normalize",
-                         [(1, 128, 8, True), (7, 60, 4, False), (33, 8, 2, True), (3, 512, 10, True)])
-def test_route_kernel_matches_reference(dtype, tokens, num_experts, top_k, normalize):
-    """Qwen3-MoE's 128 experts and top 8, Qwen2-MoE's 60 (not a power of two) un-renormed, Mixtral's 8 and 2, and
-    512 experts with a top-k not a power of two."""
+@pytest.mark.parametrize("tokens,num_experts,router", [
+    (1, 128, Router(8, True)),  # Qwen3-MoE's 128 experts and top 8
+    (7, 60, Router(4, False)),  # Qwen2-MoE's 60 (not a power of two), not renormed
+    (33, 8, Router(2, True)),  # Mixtral's
+    (3, 512, Router(10, True)),  # a top-k not a power of two
+    (2, 256, Router(8, True, True, groups=8, topk_groups=4, scaling=2.5)),  # DeepSeek-V3's groups
+    (5, 160, Router(8, True, True, scaling=2.5)),  # GLM-4.5's 160 experts, one group
+    (9, 12, Router(3, False, True, groups=4, topk_groups=2))])  # groups of 3, unnormed
+def test_route_kernel_matches_reference(dtype, tokens, num_experts, router):
     g = torch.Generator().manual_seed(tokens + num_experts)
     logits = (3 * torch.randn(tokens, num_experts, generator=g)).to(dtype).to(DEVICE)
-    weights, experts = route(logits, top_k, normalize, dtype)
-    want_weights, want_experts = route_ref(logits, top_k, normalize, dtype)
+    if router.sigmoid:  # a balance bias of the logits' order: it moves the choice
+        router = dataclasses.replace(router, bias=torch.randn(num_experts, generator=g).to(dtype).to(DEVICE))
+    weights, experts = route(logits, router, dtype)
+    want_weights, want_experts = route_ref(logits, router, dtype)
     # the same experts, but where 16-bit logits tie (512 bf16 values do), which torch.topk leaves unspecified
-    probs = torch.softmax(logits.float(), -1)
-    assert torch.equal(probs.gather(1, experts), probs.gather(1, want_experts))
-    assert all(len(set(row)) == top_k for row in experts.tolist())
-    # The float32 probabilities differ by exp's rounding (the GPU's ex2.approx of x log2(e): ~|x| 2^-24 relative,
+    chooses = torch.softmax(logits.float(), -1) if not router.sigmoid else logits.float().sigmoid() + router.bias
+    assert torch.equal(chooses.gather(1, experts), chooses.gather(1, want_experts))
+    assert all(len(set(row)) == router.top_k for row in experts.tolist())
+    # The float32 scores differ by exp's rounding (the GPU's ex2.approx of x log2(e): ~|x| 2^-24 relative,
     # |x| up to ~20 here) and the sums' order: 64 float32 ulps bound it. Cast, that is at most one ulp of the dtype.
     ulps = 64 * ULP[torch.float32] if dtype == torch.float32 else ULP[dtype]
-    assert ((weights.float() - want_weights.float()).abs() <= ulps * want_weights.float()).all()
+    ours, want = weights.float().sort(-1).values, want_weights.float().sort(-1).values  # (sigmoid: any order)
+    assert ((ours - want).abs() <= ulps * want).all()
     assert weights.dtype == dtype and experts.dtype == torch.int64
 
 

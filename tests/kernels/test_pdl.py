@@ -77,12 +77,12 @@ def _moe_decode_chain(x, residual, weights):
     """An MoE layer's expert half at batch 1, as the engine launches it: residual add + RMSNorm, the router's GEMV,
     the routing kernel, the two pair GEMVs (decode by pair), the slots' sum, and the next RMSNorm."""
     from kiln.kernels.gemv import gemv
-    from kiln.kernels.moe import fused_moe, route
+    from kiln.kernels.moe import Router, fused_moe, route
     from kiln.kernels.rmsnorm import rms_norm
 
     norm_w, router, fc, gate, proj = weights
     h, residual = rms_norm(x, norm_w, 1e-5, residual)
-    expert_weights, experts = route(gemv(h, router), 4, True, h.dtype)
+    expert_weights, experts = route(gemv(h, router), Router(4, True), h.dtype)
     y = fused_moe(h, fc, gate, proj, experts, expert_weights, 0, "silu", by_pair=True)
     return rms_norm(y, norm_w, 1e-5, residual)[0]
 

@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from family_checks import shared_family
-from kiln.kernels.moe import route_sigmoid_ref
+from kiln.kernels.moe import Router, route_ref
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check
@@ -49,11 +49,11 @@ def test_sigmoid_router_chooses_within_the_best_groups_by_biased_scores():
     never chosen, whatever its scores."""
     logits = torch.tensor([[2.0, 1.9, -3.0, -3.0, 0.5, 0.4, 3.0, -9.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.2, -2.0, 0.0])
-    weights, experts = route_sigmoid_ref(logits, bias, 2, 4, 2, True, 2.0, torch.float32)
+    weights, experts = route_ref(logits, Router(2, True, True, bias, 4, 2, 2.0), torch.float32)
     s = logits[0].sigmoid()
     # groups' two best (score + bias): {0,1} 1.75, {2,3} 0.09, {4,5} 1.42, {6,7} -1.05 -> groups 0 and 2 kept
     assert sorted(experts[0].tolist()) == [0, 1]  # expert 6 (the highest score) sits in a dropped group
     torch.testing.assert_close(weights[0].sort().values, (2 * s[[0, 1]] / s[[0, 1]].sum()).sort().values)
-    weights, experts = route_sigmoid_ref(logits, bias, 3, 4, 2, False, 1.0, torch.float32)
+    weights, experts = route_ref(logits, Router(3, False, True, bias, 4, 2), torch.float32)
     assert sorted(experts[0].tolist()) == [0, 1, 5]  # 5 by its bias (0.60 + 0.2 > 0.62 of expert 4)
     torch.testing.assert_close(weights[0].sort().values, s[[0, 1, 5]].sort().values)  # unbiased scores weigh

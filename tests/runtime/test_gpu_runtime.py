@@ -53,6 +53,26 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
         assert out2.outputs[0].token_ids == expected
 
 
+def test_gpu_glm4_moe_greedy_tokens_equal_transformers(tmp_path, monkeypatch):
+    """GLM-4.5 on the GPU in float32: its sigmoid routing in one kernel (4 groups, 2 kept, a balance bias, weights
+    scaled), a partial rotary, q/k norms: 64 greedy tokens as transformers' on the same GPU."""
+    import transformers as tf
+    from conftest import make_tiny_hf
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_tiny_hf(tmp_path / "hf", tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, vocab_size=128, hidden_size=64,
+                      intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=256, initializer_range=0.2, moe_intermediate_size=32,
+                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                      attention_bias=True, use_qk_norm=True, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    with LLM(tmp_path / "hf", device="cuda") as llm:
+        outputs = llm.generate(PROMPTS, greedy)
+    hf = hf.to("cuda")
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.outputs[0].token_ids == hf_greedy_cuda(hf, prompt, 64)
+
+
 def test_warming_lm_head_at_load_runs_every_row_count_and_changes_no_token(tmp_path, monkeypatch):
     """KILN_WARM_LM_HEAD (on by default): the engine runs lm_head at 1..max_batch_size rows while it loads, so
     no step meets a new row count's first GEMM (which waits for the GPU's queue); the tokens are transformers'."""
