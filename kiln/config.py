@@ -230,8 +230,9 @@ class PretrainedConfig:
     moe_shared_expert_gated: bool = True  # its output times a sigmoid gate (Qwen2-MoE) or added as is (GLM-4.5)
     moe_dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
     # MOE_ROUTERS: "softmax" top-k of softmax probabilities (Mixtral, Qwen-MoE); "sigmoid" DeepSeek-V3's and
-    # GLM-4.5's, top-k of sigmoid scores plus a learned bias (the router's `bias`, used to choose only), from the
+    # GLM-4.5's, top-k of sigmoid scores plus a learned bias (`mlp.choice_bias`, used to choose only), from the
     # moe_topk_groups best of moe_num_groups groups of experts, weighted by the scores times moe_routed_scaling
+    # (kiln.kernels.moe.Router)
     moe_router: str = "softmax"
     moe_num_groups: int = 1
     moe_topk_groups: int = 1
