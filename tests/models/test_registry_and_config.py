@@ -40,7 +40,9 @@ def test_structure_fields_round_trip_through_json():
                               layer_types=("sliding_attention", "full_attention"), rotary_dim=8,
                               rotary_base_local=10000.0, qkv_bias=True, moe_num_experts=4, moe_top_k=2,
                               moe_intermediate_size=32, moe_normalize_topk=False,
-                              moe_shared_expert_intermediate_size=48, moe_dense_layers=(1,),
+                              moe_shared_expert_intermediate_size=48, moe_dense_layers=(1,), moe_router="sigmoid",
+                              moe_num_groups=2, moe_topk_groups=1, moe_routed_scaling=2.5,
+                              moe_shared_expert_gated=False,
                               rotary_scaling={"type": "longrope", "short_factor": [1.0] * 4,
                                               "long_factor": [2.0] * 4, "original_max_position_embeddings": 64,
                                               "attention_factor": 1.1})
@@ -62,6 +64,12 @@ def test_structure_fields_round_trip_through_json():
     (dict(moe_num_experts=4, moe_top_k=5, moe_intermediate_size=8), "moe_top_k"),
     (dict(moe_num_experts=4, moe_top_k=2), "moe_intermediate_size"),
     (dict(moe_dense_layers=(2,)), "moe_dense_layers"),
+    (dict(moe_router="top1"), "moe_router"),
+    (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_num_groups=3), "moe_num_groups"),
+    (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_num_groups=4), "moe_num_groups"),  # softmax
+    (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_router="sigmoid", moe_num_groups=2,
+          moe_topk_groups=3), "moe_topk_groups"),
+    (dict(moe_router="sigmoid", moe_routed_scaling=0), "moe_routed_scaling"),
     (dict(parallel_residual=True, sandwich_norm=True), "sandwich_norm"),
     (dict(position_embedding_type="alibi"), "position_embedding_type"),
 ])
