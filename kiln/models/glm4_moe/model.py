@@ -5,14 +5,21 @@ groups, weights renormed and scaled), plus an ungated shared expert.
 
 Source names beyond Llama's: `mlp.gate.weight` (the router), `mlp.gate.e_score_correction_bias` (kiln's
 `mlp.choice_bias`), `mlp.experts.{e}.gate_proj/up_proj/down_proj` and `mlp.shared_experts.*`. A checkpoint's
-multi-token-prediction layers (`num_nextn_predict_layers`, stored past the last decoder layer) are not read.
+multi-token-prediction layers (`num_nextn_predict_layers`, stored past the last decoder layer) are not read. Also
+from llama.cpp's GGUF (gguf.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kiln.checkpoint.name_map import NameMap
+from kiln.config import QuantConfig
+from kiln.mapping import Mapping
 from kiln.models import hf_config
-from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
+from kiln.models.glm4_moe import gguf as glm_gguf
+from kiln.models.llama.gguf import from_gguf_as_hf
 from kiln.models.llama.convert import L, hf_table
 from kiln.models.qwen.convert import HF, moe_table
 
@@ -37,6 +44,15 @@ class Glm4MoeForCausalLM(DecoderModelForCausalLM):
     @classmethod
     def config_from_hf(cls, hf, dtype, mapping, generation, path):
         return hf_config.config_from_hf(hf, dtype, mapping, generation, path, glm4_moe_structure)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
+                  quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "Glm4MoeForCausalLM":
+        """GLM-4.5 from llama.cpp's GGUF (`glm4moe`): quantized tensors dequantized to float32 on read, or with
+        keep_quantization the 4-bit linears and experts kept as W4A16 (kiln.quantization.gguf_import)."""
+        refuse_quantization(quant_config)
+        return from_gguf_as_hf(cls, path, dtype, mapping, keep_quantization, glm_gguf.GLM4_MOE_GGUF_ARCHITECTURES,
+                               glm_gguf.hf_config_from_gguf, glm_gguf.gguf_name_map)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -20,7 +20,7 @@ GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                       "gemma3": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
-                      "phi3": "Phi3ForCausalLM"}
+                      "phi3": "Phi3ForCausalLM", "glm4moe": "Glm4MoeForCausalLM"}
 
 
 def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> PretrainedConfig:

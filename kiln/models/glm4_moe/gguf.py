@@ -1,0 +1,85 @@
+"""GLM-4.5 / GLM-4.5-Air from a GGUF file (llama.cpp's `glm4moe` architecture): the metadata read as the Hugging
+Face config it came from, and the GGUF tensor names -> kiln names.
+
+llama.cpp runs GLM-4.5 with NeoX rotary over the first `rope.dimension_count` dims of each head, so its converter
+leaves q/k rows as Hugging Face has them. Its `block_count` counts the multi-token-prediction layers
+(`nextn_predict_layers`, stored last), which kiln does not run. The router's balance bias is `exp_probs_b.bias`, the
+post-attention norm `post_attention_norm`; the experts are stacked (`ffn_gate_exps` [experts, ff, hidden], ...), as
+kiln stacks them, and a layer is dense where it has no expert tensors (`leading_dense_block_count`).
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.gguf_source import GGUFFile
+from kiln.checkpoint.name_map import NameMap
+from kiln.config import conversion_dtype
+from kiln.errors import CheckpointError
+from kiln.models.llama.convert import L, gguf_table
+from kiln.models.llama.gguf import GGUF_FILE_DTYPES
+
+GLM4_MOE_GGUF_ARCHITECTURES = ("glm4moe",)
+SIGMOID_GATING = 2  # llama.cpp's expert_gating_func for sigmoid (1: softmax)
+
+
+def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
+    """The config.json (transformers 5 form) that the file's `glm4moe.*` metadata encodes."""
+    arch = gguf.require("general.architecture")
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
+    field = lambda key, default=None: gguf.field(f"{arch}.{key}", default)  # noqa: E731
+    hidden, heads = k("embedding_length"), k("attention.head_count")
+    head_dim = field("attention.key_length") or hidden // heads
+    gating = field("expert_gating_func", SIGMOID_GATING)
+    if gating != SIGMOID_GATING:
+        raise CheckpointError(f"{gguf.path}: {arch}.expert_gating_func is {gating}; GLM-4.5 routes by sigmoid "
+                              f"({SIGMOID_GATING}), the only gating kiln reads for {arch}")
+    tokens = gguf.field("tokenizer.ggml.tokens") or []
+    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
+        "vocab_size": int(field("vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "num_hidden_layers": k("block_count") - field("nextn_predict_layers", 0),
+        "num_attention_heads": heads,
+        "num_key_value_heads": field("attention.head_count_kv") or heads,
+        "head_dim": head_dim,
+        "intermediate_size": k("feed_forward_length"),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": k("context_length"),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(field("rope.freq_base", 10000.0)),
+                            "partial_rotary_factor": field("rope.dimension_count", head_dim) / head_dim},
+        "attention_bias": "blk.0.attn_q.bias" in gguf,
+        "use_qk_norm": "blk.0.attn_q_norm.weight" in gguf,
+        "tie_word_embeddings": "output.weight" not in gguf,
+        "n_routed_experts": k("expert_count"),
+        "num_experts_per_tok": k("expert_used_count"),
+        "moe_intermediate_size": k("expert_feed_forward_length"),
+        "n_shared_experts": field("expert_shared_count", 1),
+        "first_k_dense_replace": field("leading_dense_block_count", 0),
+        "routed_scaling_factor": float(field("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(field("expert_weights_norm", True)),
+        "n_group": field("expert_group_count", 1) or 1,
+        "topk_group": field("expert_group_used_count", 1) or 1,
+        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+    }
+
+
+def gguf_name_map(tied: bool) -> NameMap:
+    b = "blk.{i}."
+    return NameMap({
+        **gguf_table(tied, rotary_rows=False),
+        L + "post_layernorm.weight": b + "post_attention_norm.weight",
+        L + "attention.qkv.bias": (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
+        L + "attention.q_norm.weight": b + "attn_q_norm.weight",
+        L + "attention.k_norm.weight": b + "attn_k_norm.weight",
+        L + "mlp.router.weight": b + "ffn_gate_inp.weight",
+        L + "mlp.choice_bias": b + "exp_probs_b.bias",
+        L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
+        L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",
+        L + "mlp.experts.proj.weight": b + "ffn_down_exps.weight",
+        L + "mlp.shared_expert.fc.weight": b + "ffn_gate_shexp.weight",
+        L + "mlp.shared_expert.gate.weight": b + "ffn_up_shexp.weight",
+        L + "mlp.shared_expert.proj.weight": b + "ffn_down_shexp.weight",
+    })
