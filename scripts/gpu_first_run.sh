@@ -41,8 +41,8 @@
 #   half (about 4 minutes).
 # - fusions: the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
 #   Qwen3's q and k norms inside the rotary launch; the routing and pair GEMVs launched with PDL): their kernel
-#   tests (an MoE decode chain replayed in a CUDA graph with PDL among them), Qwen3's, Qwen3-MoE's and GLM-4.5's
-#   (sigmoid routing in the same kernel) greedy tokens
+#   tests (an MoE decode chain replayed in a CUDA graph with PDL among them), Qwen3's, Qwen3-MoE's, GLM-4.5's
+#   (sigmoid routing in the same kernel) and Gemma 3's (q/k norms of 1 + w in the rotary launch) greedy tokens
 #   against transformers, then Qwen3-8B's batch-1 decode against its roofline (about 5 minutes). Then `moe` again
 #   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
 # - moe-profile: 4 of Qwen3-30B-A3B's layers, bf16 and W4A16, batch-1 decode under torch.profiler: its kernels by GPU
@@ -101,7 +101,7 @@ for part in $parts; do
                tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
                -k "norms or route or matches_reference or pdl"
              KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
-               -k "greedy_tokens_equal_transformers and (qwen3 or glm4)"
+               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
     moe-profile) python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \

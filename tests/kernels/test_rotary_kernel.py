@@ -138,9 +138,11 @@ def test_kernel_with_cache_write_matches_reference(dtype, tokens, heads, kv_head
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 32, 8, 128), (17, 12, 4, 64), (300, 32, 8, 128)])
-def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens, heads, kv_heads, head_size):
-    """The codes are kv_cache.quantize of the kernel's own rotated keys (and of the values), bit for bit; a
-    small scale makes some of them saturate."""
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens, heads, kv_heads, head_size,
+                                                      head_norms):
+    """The codes are kv_cache.quantize of the kernel's own rotated keys (normed first, with head norms) and of the
+    values, bit for bit; a small scale makes some of them saturate."""
     from kiln.quantization.kv_cache import QMAX, quantize
 
     if code_dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability() < (8, 9):
@@ -153,8 +155,12 @@ def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens,
     scale = (torch.tensor([3.0, 2.5]) / QMAX[code_dtype]).to(dtype).cuda()  # |x| > 3 saturates
     slots = torch.randperm(num_slots, generator=g)[:tokens].cuda()
     positions = torch.randint(0, 8192, (tokens,), generator=g).cuda()
+    norms = None
+    if head_norms:  # Qwen3's q_norm and k_norm, weights of random size
+        weights = (1 + 0.3 * torch.randn(2, head_size, generator=g)).to(dtype).cuda()
+        norms = HeadNorms(weights[0], weights[1], 1e-6)
     apply_rotary_and_write_cache(q, k, v, positions, _inv_freq(head_size, 500000.0).cuda(), k_cache, v_cache,
-                                 slots, scale)
+                                 slots, scale, norms)
     for cache, x, s in ((k_cache, k, scale[0]), (v_cache, v, scale[1])):  # (float8 indexed through its bytes)
         assert torch.equal(cache.view(torch.uint8)[slots], quantize(x, s, code_dtype).view(torch.uint8))
     written = k_cache.view(torch.uint8)[slots].view(code_dtype)

@@ -53,18 +53,32 @@ def test_gpu_greedy_tokens_equal_transformers(tmp_path, monkeypatch, arch, extra
         assert out2.outputs[0].token_ids == expected
 
 
-def test_gpu_glm4_moe_greedy_tokens_equal_transformers(tmp_path, monkeypatch):
-    """GLM-4.5 on the GPU in float32: its sigmoid routing in one kernel (4 groups, 2 kept, a balance bias, weights
-    scaled), a partial rotary, q/k norms: 64 greedy tokens as transformers' on the same GPU."""
+GLM4_MOE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2,
+                moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, n_group=4, topk_group=2,
+                routed_scaling_factor=2.5)
+GEMMA3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2,
+              sliding_window=5, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                               "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}})
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "gemma3"])
+def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, family):
+    """On the GPU in float32, 64 greedy tokens as transformers' on the same GPU: GLM-4.5 (its sigmoid routing in one
+    kernel: 4 groups, 2 kept, a balance bias, weights scaled; a partial rotary; q/k norms) and Gemma 3 (q/k norms
+    scaling by 1 + w inside the rotary launch; sliding and global layers of their own rope)."""
     import transformers as tf
     from conftest import make_tiny_hf
 
+    config_cls, model_cls, config = {
+        "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, GLM4_MOE),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3)}[family]
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    hf = make_tiny_hf(tmp_path / "hf", tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, vocab_size=128, hidden_size=64,
-                      intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=256, initializer_range=0.2, moe_intermediate_size=32,
-                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                      attention_bias=True, use_qk_norm=True, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, **config)
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     with LLM(tmp_path / "hf", device="cuda") as llm:
         outputs = llm.generate(PROMPTS, greedy)
