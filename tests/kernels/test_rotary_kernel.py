@@ -157,7 +157,7 @@ def test_kernel_writes_the_codes_of_a_quantized_cache(dtype, code_dtype, tokens,
     positions = torch.randint(0, 8192, (tokens,), generator=g).cuda()
     norms = None
     if head_norms:  # Qwen3's q_norm and k_norm, weights of random size
-        weights = (1 + 0.3 * torch.randn(2, head_size, generator=g)).to(dtype).cuda()
+        weights = (2 + 0.3 * torch.randn(2, head_size, generator=g)).to(dtype).cuda()  # (RMS 2: some saturate)
         norms = HeadNorms(weights[0], weights[1], 1e-6)
     apply_rotary_and_write_cache(q, k, v, positions, _inv_freq(head_size, 500000.0).cuda(), k_cache, v_cache,
                                  slots, scale, norms)
