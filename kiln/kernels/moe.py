@@ -121,7 +121,7 @@ class Router:
     - sigmoid (DeepSeek-V3, GLM-4.5): sigmoid scores; the experts chosen by score + `bias` (a learned balance that
       only chooses) among the `topk_groups` of `groups` equal runs of experts whose two best score + bias sum
       highest; weighted by their scores, renormed when `normalize` (over the sum plus 1e-20, as transformers).
-    The weights are then times `scaling` (1 but for sigmoid routers)."""
+    The weights are then times `scaling` (DeepSeek-V3's and GLM-4.5's routed_scaling_factor; 1 for the others)."""
 
     top_k: int
     normalize: bool
@@ -137,7 +137,9 @@ def route_ref(logits: torch.Tensor, router: Router, dtype: torch.dtype):
     [tokens, top_k] int64)."""
     if not router.sigmoid:
         weights, experts = F.softmax(logits.float(), dim=-1).topk(router.top_k, dim=-1)
-        return (weights / weights.sum(-1, keepdim=True) if router.normalize else weights).to(dtype), experts
+        if router.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return (weights * router.scaling).to(dtype), experts
     scores = logits.float().sigmoid()
     choice = scores + router.bias.float()
     if router.groups > 1:
