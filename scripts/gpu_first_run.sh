@@ -45,8 +45,9 @@
 #   (sigmoid routing in the same kernel) and Gemma 3's (q/k norms of 1 + w in the rotary launch) greedy tokens
 #   against transformers, then Qwen3-8B's batch-1 decode against its roofline (about 5 minutes). Then `moe` again
 #   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
-# - moe-profile: 4 of Qwen3-30B-A3B's layers, bf16 and W4A16, batch-1 decode under torch.profiler: its kernels by GPU
-#   time (about 3 minutes).
+# - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
+#   kiln.kernels.moe.PAIR_TILE to a clear winner), then 4 of its layers, bf16 and W4A16, batch-1 decode under
+#   torch.profiler: its kernels by GPU time (about 5 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -104,7 +105,8 @@ for part in $parts; do
                -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
-    moe-profile) python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
+    moe-profile) python scripts/bench_moe_pair_gemv.py
+                 python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;

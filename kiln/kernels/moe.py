@@ -312,20 +312,24 @@ def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows
         **op.constexprs, **cfg)
 
 
-# the GEMV's tile: outputs a program, inputs a step (a grouped format's: at most a group)
-PAIR_BLOCK_N, PAIR_BLOCK_K = 16, 128
+# the GEMV's tile (outputs a program, inputs a step: a grouped format's at most a group, warps), chosen blind;
+# scripts/bench_moe_pair_gemv.py times the others on a GPU
+PAIR_TILE = (16, 128, 4)
 
 
-def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int):
+def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
+               tile: tuple[int, int, int] | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
-    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros."""
+    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros. tile: PAIR_TILE
+    unless given."""
     op = _WeightArgs.of(a, b, b_gate)
-    _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, PAIR_BLOCK_N))](
+    block_n, block_k, warps = tile or PAIR_TILE
+    _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, block_n))](
         a, *op.pointers, out, weights if weights is not None else a,
         experts, first_expert, b.shape[0], op.n,
         a.stride(0), a.stride(1), *op.strides, out.stride(0),
         A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None,
-        BLOCK_N=PAIR_BLOCK_N, BLOCK_K=op.block_k(PAIR_BLOCK_K), num_warps=4, **op.constexprs, **pdl_args(a.device))
+        BLOCK_N=block_n, BLOCK_K=op.block_k(block_k), num_warps=warps, **op.constexprs, **pdl_args(a.device))
 
 
 if triton is not None:

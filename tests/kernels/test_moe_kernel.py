@@ -224,6 +224,27 @@ def test_route_kernel_matches_reference(dtype, tokens, num_experts, router):
     assert weights.dtype == dtype and experts.dtype == torch.int64
 
 
+@needs_kernel
+@pytest.mark.parametrize("tile", [(8, 128, 4), (32, 64, 2), (64, 256, 8)])
+@pytest.mark.parametrize("fmt", [None, "int4_g64_zp"])
+def test_pair_gemv_tiles_match_the_reference(monkeypatch, tile, fmt):
+    """Every tile shape scripts/bench_moe_pair_gemv.py may pick (outputs a program, inputs a step, an int4 group's
+    at most, warps), on float and int4 experts."""
+    from kiln.kernels import moe
+
+    monkeypatch.setattr(moe, "PAIR_TILE", tile)
+    experts, weights = routing(1, 8, 3, seed=7)
+    fc, gate, proj = expert_weights(8, 256, 96, seed=7)
+    if fmt:
+        (fc, gate), proj = fused_codes(*(expert_codes(w, fmt, torch.float32) for w in (fc, gate))), \
+            expert_codes(proj, fmt, torch.float32)
+    on_device = lambda w: w.to(DEVICE) if isinstance(w, torch.Tensor) else ExpertCodes(  # noqa: E731
+        w.codes.to(DEVICE), w.scale.to(DEVICE), None if w.zero is None else w.zero.to(DEVICE), w.group)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    args = [on_device(t) for t in (x, fc, gate, proj, experts, weights)] + [0, "silu"]
+    assert_within_ulps(fused_moe(*args, by_pair=True), fused_moe_ref(*args), torch.float32)
+
+
 def test_decode_goes_by_pair_unless_tokens_share_experts(monkeypatch):
     """One token always (its top-k experts are distinct); more when there are four experts a pair or more (they
     rarely share one); KILN_MOE_BY_PAIR forces either way."""

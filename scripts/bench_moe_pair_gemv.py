@@ -1,0 +1,87 @@
+"""Decode by pair's GEMV tiles on an NVIDIA GPU, Qwen3-30B-A3B's experts at batch 1 (128 experts of 768, top 8,
+hidden 2048): fc_gate (gated, 2,048 inputs) and proj (weighted by the routing, 768 inputs), in bf16, W8A16 (int8
+codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.PAIR_TILE, the tile
+kiln runs. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
+
+Timed as the engine's tuners time kernels (CUDA-graph replay, kiln.kernels.gemv.graph_ms_per_call), each call
+routed to its own 8 experts of 16 random choices, so the weights stream from memory as in a decode step; us per
+call and the routed experts' bytes over it. Each tile's output is checked against PAIR_TILE's (float32 sums in
+another order: within a 16-bit ulp).
+
+    PYTHONPATH=. python scripts/bench_moe_pair_gemv.py
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kiln.kernels import moe
+from kiln.kernels.gemv import candidate_ms, graph_ms_per_call
+from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
+
+EXPERTS, TOP_K, HIDDEN, INTER, GROUP, ROUTINGS = 128, 8, 2048, 768, 128, 16
+# (outputs a program, inputs a step, warps); a grouped format's step is at most its group
+TILES = [moe.PAIR_TILE, (8, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (16, 64, 2),
+         (32, 64, 4), (8, 256, 2), (16, 128, 8), (64, 64, 8)]
+
+
+def expert_codes(w: torch.Tensor, fmt: str):
+    """[experts, out, in] bf16 weights as the format's experts (a float weight, or ExpertCodes)."""
+    if fmt == "bf16":
+        return w
+    if fmt == "W8A16":
+        parts = [quantize_int8_per_channel(w[e].float(), torch.bfloat16) for e in range(w.shape[0])]
+        return moe.ExpertCodes(torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])[..., None])
+    parts = [quantize_int4_groups(w[e].float(), GROUP, False, torch.bfloat16) for e in range(w.shape[0])]
+    return moe.ExpertCodes(torch.stack([q for q, _, _ in parts]), torch.stack([s for _, s, _ in parts]), None, GROUP)
+
+
+def weight_bytes(w, rows: int) -> int:
+    """Bytes of `rows` outputs of TOP_K experts (codes and scales)."""
+    if isinstance(w, torch.Tensor):
+        return TOP_K * rows * w.shape[2] * w.element_size()
+    per_expert = sum(t[0].numel() * t.element_size() for t in (w.codes, w.scale) if t is not None)
+    return TOP_K * per_expert * rows // w.codes.shape[1]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(1, HIDDEN, device=dev, dtype=bf16)
+    routings = [torch.randperm(EXPERTS, device=dev)[:TOP_K][None] for _ in range(ROUTINGS)]
+    weights = torch.softmax(torch.randn(1, TOP_K, device=dev), -1).to(bf16)
+    raw = {name: torch.randn(EXPERTS, n, k, device=dev, dtype=bf16) / k ** 0.5
+           for name, n, k in (("fc", INTER, HIDDEN), ("gate", INTER, HIDDEN), ("proj", HIDDEN, INTER))}
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per call (TB/s of the routed weights)")
+    for fmt in ("bf16", "W8A16", "W4A16"):
+        fc, gate, proj = (expert_codes(raw[n], fmt) for n in ("fc", "gate", "proj"))
+        h = torch.randn(TOP_K, INTER, device=dev, dtype=bf16)
+        out_h, out_y = torch.empty(TOP_K, INTER, device=dev, dtype=bf16), torch.empty(TOP_K, HIDDEN, device=dev,
+                                                                                         dtype=bf16)
+        cases = {  # name -> (call of tile and routing, its output, its bytes)
+            "fc_gate": (lambda tile, r: moe._pair_gemv(x, fc, gate, out_h, None, r.reshape(-1), 0, TOP_K, 0, tile),
+                        out_h, 2 * weight_bytes(fc, INTER)),
+            "proj": (lambda tile, r: moe._pair_gemv(h, proj, None, out_y, weights.reshape(-1), r.reshape(-1), 0, 1,
+                                                    -1, tile), out_y, weight_bytes(proj, HIDDEN))}
+        for name, (run, out, nbytes) in cases.items():
+            run(moe.PAIR_TILE, routings[0])
+            want = out.clone()
+            ms = candidate_ms(TILES, lambda tile: [functools.partial(run, tile, r) for r in routings])
+            for tile, t in sorted(ms.items(), key=lambda item: item[1]):
+                run(tile, routings[0])
+                ok = torch.allclose(out.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+                mark = " (kiln's)" if tile == moe.PAIR_TILE else ""
+                print(f"{fmt:6} {name:8} tile {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s)"
+                      f"{'' if ok else '  OUTPUT DIFFERS'}")
+        for by_pair in (True, False):
+            calls = [functools.partial(moe.fused_moe, x, fc, gate, proj, r, weights, 0, "silu", by_pair)
+                     for r in routings]
+            calls[0]()
+            t = graph_ms_per_call(calls)
+            print(f"{fmt:6} whole MoE {'by pair' if by_pair else 'grouped'}: {t * 1e3:6.1f} us")
+
+
+if __name__ == "__main__":
+    main()
