@@ -51,18 +51,24 @@ def test_decode_chain_in_a_cuda_graph_with_pdl_equals_plain_launches(monkeypatch
     w4, w4_s, _ = quantize_int4_groups(torch.randn(hidden, hidden, device=dev) * 0.02, 128, False, bf16)
     weights = (torch.randn(hidden, device=dev, dtype=bf16), (torch.randn(2 * inter, hidden, device=dev) * 0.02).to(bf16),
                down_q, down_s, w4, w4_s)
+    assert_replays_equal_plain_launches(_decode_chain, weights, hidden, monkeypatch)
+
+
+def assert_replays_equal_plain_launches(chain, weights, hidden: int, monkeypatch) -> None:
+    """chain(x, residual, weights) captured with PDL in a CUDA graph and replayed on 8 fresh inputs gives, bit for
+    bit, what it gives launched plainly (KILN_PDL=0)."""
+    dev, bf16 = "cuda", torch.bfloat16
     x, residual = (torch.empty(1, hidden, device=dev, dtype=bf16) for _ in range(2))
     inputs = [(torch.randn(1, hidden, device=dev, dtype=bf16), torch.randn(1, hidden, device=dev, dtype=bf16))
               for _ in range(8)]
-
     x.copy_(inputs[0][0]), residual.copy_(inputs[0][1])
-    _decode_chain(x, residual, weights)  # autotunes every kernel outside the capture
+    chain(x, residual, weights)  # compiles and autotunes every kernel outside the capture
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        out = _decode_chain(x, residual, weights)
+        out = chain(x, residual, weights)
     got = []
     for xi, ri in inputs:
         x.copy_(xi), residual.copy_(ri)
@@ -70,7 +76,7 @@ def test_decode_chain_in_a_cuda_graph_with_pdl_equals_plain_launches(monkeypatch
         got.append(out.clone())
     monkeypatch.setenv("KILN_PDL", "0")
     for (xi, ri), y in zip(inputs, got):
-        assert torch.equal(y, _decode_chain(xi.clone(), ri.clone(), weights))
+        assert torch.equal(y, chain(xi.clone(), ri.clone(), weights))
 
 
 def _moe_decode_chain(x, residual, weights):
@@ -97,22 +103,4 @@ def test_moe_decode_chain_in_a_cuda_graph_with_pdl_equals_plain_launches(monkeyp
     weights = (torch.randn(hidden, device=dev, dtype=bf16), torch.randn(experts, hidden, device=dev, dtype=bf16),
                *(torch.randn(experts, n, k, device=dev, dtype=bf16) / k ** 0.5
                  for n, k in ((inter, hidden), (inter, hidden), (hidden, inter))))
-    x, residual = (torch.empty(1, hidden, device=dev, dtype=bf16) for _ in range(2))
-    inputs = [(torch.randn(1, hidden, device=dev, dtype=bf16), torch.randn(1, hidden, device=dev, dtype=bf16))
-              for _ in range(8)]
-    x.copy_(inputs[0][0]), residual.copy_(inputs[0][1])
-    _moe_decode_chain(x, residual, weights)  # compiles every kernel outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = _moe_decode_chain(x, residual, weights)
-    got = []
-    for xi, ri in inputs:
-        x.copy_(xi), residual.copy_(ri)
-        graph.replay()
-        got.append(out.clone())
-    monkeypatch.setenv("KILN_PDL", "0")
-    for (xi, ri), y in zip(inputs, got):
-        assert torch.equal(y, _moe_decode_chain(xi.clone(), ri.clone(), weights))
+    assert_replays_equal_plain_launches(_moe_decode_chain, weights, hidden, monkeypatch)

@@ -14,7 +14,7 @@ from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap
 from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
-from kiln.models.llama.convert import L, gguf_table
+from kiln.models.llama.convert import L, gguf_moe_table, gguf_table
 from kiln.models.llama.gguf import GGUF_FILE_DTYPES
 
 GLM4_MOE_GGUF_ARCHITECTURES = ("glm4moe",)
@@ -74,12 +74,6 @@ def gguf_name_map(tied: bool) -> NameMap:
         L + "attention.qkv.bias": (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
         L + "attention.q_norm.weight": b + "attn_q_norm.weight",
         L + "attention.k_norm.weight": b + "attn_k_norm.weight",
-        L + "mlp.router.weight": b + "ffn_gate_inp.weight",
+        **gguf_moe_table(),
         L + "mlp.choice_bias": b + "exp_probs_b.bias",
-        L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
-        L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",
-        L + "mlp.experts.proj.weight": b + "ffn_down_exps.weight",
-        L + "mlp.shared_expert.fc.weight": b + "ffn_gate_shexp.weight",
-        L + "mlp.shared_expert.gate.weight": b + "ffn_up_shexp.weight",
-        L + "mlp.shared_expert.proj.weight": b + "ffn_down_shexp.weight",
     })

@@ -21,7 +21,7 @@ from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.glm4_moe import gguf as glm_gguf
 from kiln.models.llama.gguf import from_gguf_as_hf
 from kiln.models.llama.convert import L, hf_table
-from kiln.models.qwen.convert import HF, moe_table
+from kiln.models.qwen.convert import HF, QK_NORMS, moe_table, shared_expert_table
 
 
 def glm4_moe_structure(hf: dict) -> dict:
@@ -58,11 +58,8 @@ class Glm4MoeForCausalLM(DecoderModelForCausalLM):
     def hf_name_map(cls, config):
         return NameMap({
             **hf_table(config.tie_word_embeddings),
-            L + "attention.q_norm.weight": HF + "self_attn.q_norm.weight",
-            L + "attention.k_norm.weight": HF + "self_attn.k_norm.weight",
+            **QK_NORMS,
             **moe_table("mlp", "gate_proj", "up_proj", "down_proj"),
             L + "mlp.choice_bias": HF + "mlp.gate.e_score_correction_bias",
-            L + "mlp.shared_expert.fc.weight": HF + "mlp.shared_experts.gate_proj.weight",
-            L + "mlp.shared_expert.gate.weight": HF + "mlp.shared_experts.up_proj.weight",
-            L + "mlp.shared_expert.proj.weight": HF + "mlp.shared_experts.down_proj.weight",
+            **shared_expert_table("mlp.shared_experts"),
         })

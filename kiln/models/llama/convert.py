@@ -47,6 +47,21 @@ def hf_table(tied: bool) -> dict:
     return table
 
 
+def gguf_moe_table() -> dict:
+    """llama.cpp's MoE names (its architectures with experts share them): the router, each projection's experts
+    stacked in one tensor, and a shared expert's projections."""
+    b = "blk.{i}."
+    return {
+        L + "mlp.router.weight": b + "ffn_gate_inp.weight",
+        L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
+        L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",
+        L + "mlp.experts.proj.weight": b + "ffn_down_exps.weight",
+        L + "mlp.shared_expert.fc.weight": b + "ffn_gate_shexp.weight",
+        L + "mlp.shared_expert.gate.weight": b + "ffn_up_shexp.weight",
+        L + "mlp.shared_expert.proj.weight": b + "ffn_down_shexp.weight",
+    }
+
+
 def meta_name_map(tied: bool) -> NameMap:
     m = "layers.{i}."
     return NameMap({

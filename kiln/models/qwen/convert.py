@@ -22,14 +22,23 @@ def moe_table(block: str, fc: str, gate: str, proj: str, router: str = "gate") -
     }
 
 
+def shared_expert_table(block: str) -> dict:
+    """Kiln's shared-expert names -> `HF + block` names (Qwen2-MoE's `mlp.shared_expert`, GLM-4.5's
+    `mlp.shared_experts`): a gated MLP's gate_proj, up_proj and down_proj."""
+    src = HF + block + "."
+    return {L + f"mlp.shared_expert.{ours}.weight": src + f"{theirs}.weight"
+            for ours, theirs in (("fc", "gate_proj"), ("gate", "up_proj"), ("proj", "down_proj"))}
+
+
+QK_NORMS = {L + "attention.q_norm.weight": HF + "self_attn.q_norm.weight",
+            L + "attention.k_norm.weight": HF + "self_attn.k_norm.weight"}
+
+
 def hf_name_map(tied: bool) -> NameMap:
     return NameMap({
         **hf_table(tied),
-        L + "attention.q_norm.weight": HF + "self_attn.q_norm.weight",
-        L + "attention.k_norm.weight": HF + "self_attn.k_norm.weight",
+        **QK_NORMS,
         **moe_table("mlp", "gate_proj", "up_proj", "down_proj"),
-        L + "mlp.shared_expert.fc.weight": HF + "mlp.shared_expert.gate_proj.weight",
-        L + "mlp.shared_expert.gate.weight": HF + "mlp.shared_expert.up_proj.weight",
-        L + "mlp.shared_expert.proj.weight": HF + "mlp.shared_expert.down_proj.weight",
+        **shared_expert_table("mlp.shared_expert"),
         L + "mlp.shared_expert_gate.weight": HF + "mlp.shared_expert_gate.weight",
     })

@@ -17,7 +17,7 @@ from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
-from kiln.models.llama.convert import L, gguf_table
+from kiln.models.llama.convert import L, gguf_moe_table, gguf_table
 from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
 
 QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")  # (GGUF_ARCHITECTURES: the HF architecture)
@@ -88,13 +88,7 @@ def gguf_name_map(tied: bool) -> NameMap:
         L + "attention.qkv.bias": (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
         L + "attention.q_norm.weight": b + "attn_q_norm.weight",
         L + "attention.k_norm.weight": b + "attn_k_norm.weight",
-        L + "mlp.router.weight": b + "ffn_gate_inp.weight",
-        L + "mlp.experts.fc.weight": b + "ffn_gate_exps.weight",
-        L + "mlp.experts.gate.weight": b + "ffn_up_exps.weight",
-        L + "mlp.experts.proj.weight": b + "ffn_down_exps.weight",
-        L + "mlp.shared_expert.fc.weight": b + "ffn_gate_shexp.weight",
-        L + "mlp.shared_expert.gate.weight": b + "ffn_up_shexp.weight",
-        L + "mlp.shared_expert.proj.weight": b + "ffn_down_shexp.weight",
+        **gguf_moe_table(),
         L + "mlp.shared_expert_gate.weight": Src(b + "ffn_gate_inp_shexp.weight", _one_row),
     })
 
