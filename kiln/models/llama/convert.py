@@ -79,8 +79,14 @@ def meta_name_map(tied: bool) -> NameMap:
     })
 
 
-def gguf_name_map(tied: bool) -> NameMap:
-    return NameMap(gguf_table(tied))
+def gguf_name_map(tied: bool, stacked_experts: bool = True) -> NameMap:
+    """A `llama` file's names, Mixtral's experts among them: stacked one tensor a projection (`ffn_gate_exps`), or
+    one a projection and expert (`ffn_gate.{e}`, llama.cpp's files before April 2024)."""
+    b = "blk.{i}."
+    experts = {} if stacked_experts else {
+        L + f"mlp.experts.{ours}.weight": b + f"ffn_{theirs}.{{e}}.weight"
+        for ours, theirs in (("fc", "gate"), ("gate", "up"), ("proj", "down"))}
+    return NameMap({**gguf_table(tied), **gguf_moe_table(), **experts})
 
 
 def gguf_table(tied: bool, rotary_rows: bool = True) -> dict:

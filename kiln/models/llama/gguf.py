@@ -36,8 +36,9 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
     vocab = gguf.field(f"{arch}.vocab_size") or (len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[1])
     eos = [gguf.field(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id")]
     scaling = rope_scaling_from_gguf(gguf, arch)
+    experts = gguf.field(f"{arch}.expert_count") or 0
     return PretrainedConfig(
-        architecture=GGUF_ARCHITECTURES[arch],
+        architecture="MixtralForCausalLM" if experts else GGUF_ARCHITECTURES[arch],
         dtype=conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -54,7 +55,15 @@ def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> Pretrained
         bos_token_id=gguf.field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         mapping=mapping,
+        **(_mixtral_fields(gguf, arch, experts) if experts else {}),
     )
+
+
+def _mixtral_fields(gguf: GGUFFile, arch: str, experts: int) -> dict:
+    """llama.cpp writes Mixtral as a `llama` file with experts: each of feed_forward_length, softmax routing with
+    the top-k weights renormalized (its rule for `llama`), as transformers' Mixtral routes."""
+    return dict(moe_num_experts=experts, moe_top_k=gguf.require(f"{arch}.expert_used_count"),
+                moe_intermediate_size=gguf.require(f"{arch}.feed_forward_length"), moe_normalize_topk=True)
 
 
 def rope_scaling_from_gguf(gguf: GGUFFile, arch: str) -> dict | None:

@@ -9,6 +9,7 @@ from kiln.checkpoint.meta_source import MetaWeights
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import QuantConfig
 from kiln.mapping import Mapping
+from kiln.models import model_class
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama import convert
 from kiln.models.llama.config import config_from_hf
@@ -43,14 +44,16 @@ class LLaMAForCausalLM(DecoderModelForCausalLM):
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
                   quant_config: QuantConfig | None = None, keep_quantization: bool = False) -> "LLaMAForCausalLM":
-        """keep_quantization: 4-bit linears stay W4A16 (kiln.quantization.gguf_import), else all is dequantized."""
+        """keep_quantization: 4-bit linears stay W4A16 (kiln.quantization.gguf_import), else all is dequantized. A
+        `llama` file with experts (llama.cpp's Mixtral) gives a MixtralForCausalLM."""
         refuse_quantization(quant_config)
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf, dtype, mapping or Mapping())
-        name_map = convert.gguf_name_map(config.tie_word_embeddings)
+        name_map = convert.gguf_name_map(config.tie_word_embeddings, "blk.0.ffn_gate.0.weight" not in gguf)
+        model_cls = model_class(config.architecture)  # (Mixtral's, where the file has experts)
         if keep_quantization:
-            config, name_map = keep_int4(cls, config, gguf, name_map, dtype)
-        model = cls.empty(config)
+            config, name_map = keep_int4(model_cls, config, gguf, name_map, dtype)
+        model = model_cls.empty(config)
         model.attach_source(gguf, name_map, str(path))
         model.tokenizer_writer = gguf_tokenizer_writer(gguf)
         return model
