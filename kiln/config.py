@@ -237,6 +237,15 @@ class PretrainedConfig:
     moe_num_groups: int = 1
     moe_topk_groups: int = 1
     moe_routed_scaling: float = 1.0
+    # Multi-head latent attention (DeepSeek-V3, Kimi K2; kiln.layers.mla), on where mla_kv_lora_rank > 0: each head's
+    # key and value expanded from one latent of that rank, the key's last mla_rope_head_dim dims from one rotated key
+    # all heads share (in interleaved pairs when mla_rope_interleave); q through a rank-mla_q_lora_rank bottleneck (0:
+    # none). head_size is a key's width, values are mla_v_head_dim wide.
+    mla_kv_lora_rank: int = 0
+    mla_q_lora_rank: int = 0
+    mla_rope_head_dim: int = 0
+    mla_v_head_dim: int = 0
+    mla_rope_interleave: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mapping: Mapping = field(default_factory=Mapping)
@@ -308,6 +317,7 @@ class PretrainedConfig:
             _check(self.moe_intermediate_size >= 1, owner, "moe_intermediate_size", "an integer >= 1 with experts",
                    self.moe_intermediate_size)
         self._check_router()
+        self._check_mla()
         object.__setattr__(self, "moe_dense_layers", tuple(self.moe_dense_layers))
         _check(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.moe_dense_layers), owner,
                "moe_dense_layers", f"layer indices in [0, {self.num_hidden_layers - 1}]", self.moe_dense_layers)
@@ -325,6 +335,23 @@ class PretrainedConfig:
         scaling = self.moe_routed_scaling
         _check(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0, owner,
                "moe_routed_scaling", "a number > 0", scaling)
+
+    def _check_mla(self) -> None:
+        owner = "PretrainedConfig"
+        for name in ("mla_kv_lora_rank", "mla_q_lora_rank", "mla_rope_head_dim", "mla_v_head_dim"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, owner, name,
+                   "an integer >= 0", value)
+        if not self.mla_kv_lora_rank:
+            return
+        rope = self.mla_rope_head_dim
+        _check(rope % 2 == 0 and 2 <= rope < self.head_size, owner, "mla_rope_head_dim",
+               f"an even integer in [2, head_size={self.head_size}) with mla_kv_lora_rank", rope)
+        _check(1 <= self.mla_v_head_dim <= self.head_size, owner, "mla_v_head_dim",
+               f"in [1, head_size={self.head_size}] (values are cached padded to a key's width)", self.mla_v_head_dim)
+        _check(self.num_key_value_heads == self.num_attention_heads, owner, "num_key_value_heads",
+               f"num_attention_heads ({self.num_attention_heads}) with mla_kv_lora_rank: each head has its own key",
+               self.num_key_value_heads)
 
     def is_sliding_layer(self, layer: int) -> bool:
         if self.sliding_window is None:

@@ -42,7 +42,8 @@
 # - fusions: the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
 #   Qwen3's q and k norms inside the rotary launch; the routing and pair GEMVs launched with PDL): their kernel
 #   tests (an MoE decode chain replayed in a CUDA graph with PDL among them), Qwen3's, Qwen3-MoE's, GLM-4.5's
-#   (sigmoid routing in the same kernel) and Gemma 3's (q/k norms of 1 + w in the rotary launch) greedy tokens
+#   (sigmoid routing in the same kernel), Gemma 3's (q/k norms of 1 + w in the rotary launch) and DeepSeek-V3's
+#   (latent attention, new: 48-wide keys through the paged kernels) greedy tokens
 #   against transformers, then Qwen3-8B's batch-1 decode against its roofline (about 5 minutes). Then `moe` again
 #   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
 # - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
@@ -102,7 +103,7 @@ for part in $parts; do
                tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
                -k "norms or route or matches_reference or pdl"
              KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
-               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3)"
+               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
     moe-profile) python scripts/bench_moe_pair_gemv.py

@@ -23,6 +23,7 @@ from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import PretrainedConfig, QuantConfig, read_json
 from kiln.errors import CheckpointError, ConfigError, EngineVersionError
 from kiln.layers.attention import Attention, AttentionBatch
+from kiln.layers.mla import MLAttention
 from kiln.layers.embedding import LMHead, PositionEmbedding, VocabEmbedding
 from kiln.layers.linear import prepare_linear_layers
 from kiln.layers.mlp import GatedMLP, make_mlp
@@ -266,7 +267,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.parallel_residual = config.parallel_residual
         self.input_layernorm = make_norm(config)
-        self.attention = Attention(config, layer_idx, config.mapping)
+        self.attention = (MLAttention if config.mla_kv_lora_rank else Attention)(config, layer_idx, config.mapping)
         self.post_layernorm = make_norm(config)
         self.mlp = MoE(config, fused_mlp) if config.is_moe_layer(layer_idx) else make_mlp(config, fused_mlp)
         self.sandwich_norm = config.sandwich_norm
@@ -290,14 +291,18 @@ class DecoderLayer(nn.Module):
         and an RMSNorm, the gated activation or decode attention computes that input, the kernel writes the codes
         and scales itself (kiln.kernels.input_quant): one pass less per linear, no bit changed. A no-op for every
         other format. Set once, when the engine loads (ModelRunner)."""
-        if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
-            self.input_layernorm.out_quant = self.attention.qkv.input_quant()
-        if os.environ.get("KILN_FP8_ATTENTION_CODES", "1") != "0":  # (3% faster FP8 batch-1 decode on an H200)
-            self.attention.out_quant = self.attention.dense.input_quant()  # decode attention's output feeds it
+        if isinstance(self.attention, Attention):  # (latent attention's norm feeds two linears, its output is cut)
+            self._fuse_attention_input_quantization()
         if isinstance(self.mlp, GatedMLP) and self.mlp.fused:
             if isinstance(self.post_layernorm, RMSNorm):  # its output feeds fc_gate alone
                 self.post_layernorm.out_quant = self.mlp.fc_gate.input_quant()
             self.mlp.act_quant = self.mlp.proj.input_quant()
+
+    def _fuse_attention_input_quantization(self) -> None:
+        if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
+            self.input_layernorm.out_quant = self.attention.qkv.input_quant()
+        if os.environ.get("KILN_FP8_ATTENTION_CODES", "1") != "0":  # (3% faster FP8 batch-1 decode on an H200)
+            self.attention.out_quant = self.attention.dense.input_quant()  # decode attention's output feeds it
 
     def full_output(self, x, positions, batch):
         """The layer's output as one tensor (calibration runs layers one at a time)."""

@@ -6,6 +6,7 @@ family's cases (the structural variants it must cover) live in its own test_<fam
 from __future__ import annotations
 
 import pytest
+import test_deepseek_v3
 import test_gemma
 import test_glm4_moe
 import test_gpt2
@@ -16,6 +17,7 @@ import test_qwen
 from family_checks import (check_convert_checkpoint, check_from_hugging_face, check_runtime, check_tensor_parallel,
                            report_max_diffs, shared_family)
 
+from kiln.models.deepseek.model import DeepseekV3ForCausalLM
 from kiln.models.gemma.model import GemmaForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
@@ -26,6 +28,7 @@ from kiln.models.qwen.model import QWenForCausalLM
 
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
+    "deepseek_v3": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),

@@ -70,6 +70,10 @@ def test_structure_fields_round_trip_through_json():
     (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_router="sigmoid", moe_num_groups=2,
           moe_topk_groups=3), "moe_topk_groups"),
     (dict(moe_router="sigmoid", moe_routed_scaling=0), "moe_routed_scaling"),
+    (dict(mla_kv_lora_rank=32, mla_rope_head_dim=0, mla_v_head_dim=8), "mla_rope_head_dim"),
+    (dict(mla_kv_lora_rank=32, mla_rope_head_dim=8, mla_v_head_dim=0), "mla_v_head_dim"),
+    (dict(mla_kv_lora_rank=-1), "mla_kv_lora_rank"),
+    (dict(mla_kv_lora_rank=32, mla_rope_head_dim=8, mla_v_head_dim=8), "num_key_value_heads"),  # (2 of 4)
     (dict(parallel_residual=True, sandwich_norm=True), "sandwich_norm"),
     (dict(position_embedding_type="alibi"), "position_embedding_type"),
 ])

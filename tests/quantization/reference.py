@@ -10,7 +10,10 @@ import torch
 
 HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",),
-              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",)}
+              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",),
+              # multi-head latent attention's (DeepSeek-V3)
+              "attention.q": ("self_attn.q_proj",), "attention.q_b": ("self_attn.q_b_proj",),
+              "attention.kv_b": ("self_attn.kv_b_proj",)}
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,30 @@ def test_glm4_moe_logits_equal_transformers_with_dequantized_weights(tmp_path, a
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
+    """DeepSeek-V3: multi-head latent attention's per-head projections (q_b, kv_b, o_proj) quantized like any
+    column- and row-parallel linear, its replicated down projections (q_a, kv_a) kept like routers; the experts
+    and the shared expert as GLM-4.5's."""
+    torch.manual_seed(4)
+    config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                 n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32,
+                                 q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32,
+                                 n_group=2, topk_group=1, first_k_dense_replace=1, tie_word_embeddings=False)
+    hf = tf.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.model.layers[1].mlp.gate.weight.normal_(0, 0.3)  # (transformers starts routers and their bias at zero)
+        hf.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo, group_size=32))
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    for name in ("attention.q_b", "attention.kv_b", "attention.dense"):
+        assert ckpt[f"transformer.layers.0.{name}.weight"].dtype in (torch.int8, torch.uint8)
+    assert ckpt["transformer.layers.0.attention.kv_a.weight"].dtype == torch.float32
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
+
+
 def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     """Issue 4's memory line on a mixture of experts: every decoder linear (attention's, and each expert's fc,
     gate and proj) as the format defines it, 1 byte a weight and one scale an output (W8A16) or half a byte and

@@ -66,17 +66,26 @@ GEMMA3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
                                "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}})
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "gemma3"])
+DEEPSEEK_V3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                   n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+                   v_head_dim=24, qk_nope_head_dim=32, first_k_dense_replace=1, max_position_embeddings=256,
+                   initializer_range=0.2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "gemma3", "deepseek_v3"])
 def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, family):
     """On the GPU in float32, 64 greedy tokens as transformers' on the same GPU: GLM-4.5 (its sigmoid routing in one
-    kernel: 4 groups, 2 kept, a balance bias, weights scaled; a partial rotary; q/k norms) and Gemma 3 (q/k norms
-    scaling by 1 + w inside the rotary launch; sliding and global layers of their own rope)."""
+    kernel: 4 groups, 2 kept, a balance bias, weights scaled; a partial rotary; q/k norms), Gemma 3 (q/k norms
+    scaling by 1 + w inside the rotary launch; sliding and global layers of their own rope) and DeepSeek-V3 (latent
+    attention: 48-wide keys, values padded to them in the paged cache)."""
     import transformers as tf
     from conftest import make_tiny_hf
 
     config_cls, model_cls, config = {
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, GLM4_MOE),
-        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3)}[family]
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3),
+        "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, DEEPSEEK_V3)}[family]
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, **config)
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)

@@ -18,6 +18,7 @@ from kiln.config import QuantConfig
 from kiln.mapping import Mapping
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
+from kiln.models.deepseek.model import deepseek_moe_fields
 from kiln.models.glm4_moe import gguf as glm_gguf
 from kiln.models.llama.gguf import from_gguf_as_hf
 from kiln.models.llama.convert import L, hf_table
@@ -25,17 +26,8 @@ from kiln.models.qwen.convert import HF, QK_NORMS, moe_table, shared_expert_tabl
 
 
 def glm4_moe_structure(hf: dict) -> dict:
-    experts = hf.get("n_routed_experts") or hf["num_local_experts"]
-    return dict(
-        qkv_bias=hf.get("attention_bias", False), attention_bias=False,  # (o_proj has none)
-        qk_norm=hf.get("use_qk_norm", False),
-        moe_num_experts=experts, moe_top_k=hf["num_experts_per_tok"],
-        moe_intermediate_size=hf["moe_intermediate_size"], moe_normalize_topk=hf.get("norm_topk_prob", True),
-        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1),
-        moe_shared_expert_gated=False,
-        moe_dense_layers=tuple(range(min(hf.get("first_k_dense_replace", 1), hf["num_hidden_layers"]))),
-        moe_router="sigmoid", moe_num_groups=hf.get("n_group") or 1, moe_topk_groups=hf.get("topk_group") or 1,
-        moe_routed_scaling=float(hf.get("routed_scaling_factor", 1.0)))
+    return dict(qkv_bias=hf.get("attention_bias", False), attention_bias=False,  # (o_proj has none)
+                qk_norm=hf.get("use_qk_norm", False), **deepseek_moe_fields(hf))
 
 
 class Glm4MoeForCausalLM(DecoderModelForCausalLM):

@@ -1,0 +1,87 @@
+"""DeepSeek-V3 / R1 and Kimi K2 (DeepseekV3ForCausalLM): multi-head latent attention (kiln.layers.mla) and DeepSeek's
+mixture of experts, which GLM-4.5 shares: the first `first_k_dense_replace` layers dense, the others routed by
+sigmoid scores with a balance bias that only chooses, within the best groups, weights renormed and scaled, plus
+ungated shared experts.
+
+Source names: `self_attn.q_a_proj`, `q_a_layernorm`, `q_b_proj` (or `q_proj` without a q bottleneck),
+`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`; the MoE's as GLM-4.5's. A checkpoint's multi-token
+prediction layers (`num_nextn_predict_layers`, stored past the last decoder layer) are not read. YaRN (DeepSeek-V3's
+long context) also scales the softmax by mscale(factor, mscale_all_dim)^2, as transformers does; kiln folds that
+into query_pre_attn_scalar.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kiln.checkpoint.name_map import NameMap
+from kiln.errors import ConfigError
+from kiln.models import hf_config
+from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.llama.convert import L, hf_table
+from kiln.models.qwen.convert import HF, moe_table, shared_expert_table
+
+
+def deepseek_moe_fields(hf: dict) -> dict:
+    """DeepSeek-V3's mixture of experts (GLM-4.5's too) from its config.json fields."""
+    return dict(
+        moe_num_experts=hf.get("n_routed_experts") or hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"], moe_normalize_topk=hf.get("norm_topk_prob", True),
+        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1),
+        moe_shared_expert_gated=False,
+        moe_dense_layers=tuple(range(min(hf.get("first_k_dense_replace", 1), hf["num_hidden_layers"]))),
+        moe_router="sigmoid", moe_num_groups=hf.get("n_group") or 1, moe_topk_groups=hf.get("topk_group") or 1,
+        moe_routed_scaling=float(hf.get("routed_scaling_factor", 1.0)))
+
+
+def _softmax_mscale(hf: dict) -> float:
+    """transformers' yarn_apply_mscale: the factor a non-default rope with mscale_all_dim puts on the softmax
+    scale (squared there), 1 otherwise."""
+    params, _ = hf_config.rope_parameters(hf)
+    all_dim = params.get("mscale_all_dim") or 0
+    if params.get("rope_type", params.get("type", "default")) == "default" or not all_dim:
+        return 1.0
+    factor = params["factor"]
+    return 1.0 if factor <= 1 else 0.1 * all_dim * math.log(factor) + 1.0
+
+
+def deepseek_v3_structure(hf: dict) -> dict:
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ConfigError(f"topk_method {hf['topk_method']!r} is not supported; DeepSeek-V3's 'noaux_tc' is")
+    head_size = hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
+    return dict(
+        head_size=head_size, rotary_dim=None, num_key_value_heads=hf["num_attention_heads"],
+        query_pre_attn_scalar=head_size / _softmax_mscale(hf) ** 4,
+        mla_kv_lora_rank=hf["kv_lora_rank"], mla_q_lora_rank=hf.get("q_lora_rank") or 0,
+        mla_rope_head_dim=hf["qk_rope_head_dim"], mla_v_head_dim=hf["v_head_dim"],
+        mla_rope_interleave=hf.get("rope_interleave", True), **deepseek_moe_fields(hf))
+
+
+class DeepseekV3ForCausalLM(DecoderModelForCausalLM):
+    HF_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+    @classmethod
+    def config_from_hf(cls, hf, dtype, mapping, generation, path):
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, deepseek_v3_structure)
+
+    @classmethod
+    def hf_name_map(cls, config):
+        a = L + "attention."
+        attn = HF + "self_attn."
+        return NameMap({
+            **{k: v for k, v in hf_table(config.tie_word_embeddings).items() if not k.startswith(a)},
+            a + "q.weight": attn + "q_proj.weight",
+            a + "q_a.weight": attn + "q_a_proj.weight",
+            a + "q_a.bias": attn + "q_a_proj.bias",
+            a + "q_a_norm.weight": attn + "q_a_layernorm.weight",
+            a + "q_b.weight": attn + "q_b_proj.weight",
+            a + "kv_a.weight": attn + "kv_a_proj_with_mqa.weight",
+            a + "kv_a.bias": attn + "kv_a_proj_with_mqa.bias",
+            a + "kv_a_norm.weight": attn + "kv_a_layernorm.weight",
+            a + "kv_b.weight": attn + "kv_b_proj.weight",
+            a + "dense.weight": attn + "o_proj.weight",
+            a + "dense.bias": attn + "o_proj.bias",
+            **moe_table("mlp", "gate_proj", "up_proj", "down_proj"),
+            L + "mlp.choice_bias": HF + "mlp.gate.e_score_correction_bias",
+            **shared_expert_table("mlp.shared_experts"),
+        })
