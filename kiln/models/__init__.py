@@ -18,6 +18,7 @@ _REGISTRY = {
     "GemmaForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
+    "DeepseekV2ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),
     "GPT2LMHeadModel": ("kiln.models.gpt2.model", "GPT2ForCausalLM"),

@@ -1,5 +1,5 @@
-"""DeepSeek-V3 (DeepseekV3ForCausalLM: multi-head latent attention, DeepSeek's experts) converted from tiny
-transformers models matches them. This file declares the cases; test_family_parity.py runs the shared checks."""
+"""DeepSeek-V3 and V2 (multi-head latent attention, DeepSeek's experts) converted from tiny transformers models
+match them. This file declares the cases; test_family_parity.py runs the shared checks."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ CASES = {
                               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                    original_max_position_embeddings=16, mscale=0.707,
                                                    mscale_all_dim=0.707, beta_fast=32, beta_slow=1))),
+    # DeepSeek-V2-Lite's: its greedy softmax routing (no renorm, weights scaled), two shared experts
+    "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                    dict(TINY, q_lora_rank=None, topk_method="greedy", n_shared_experts=2,
+                         routed_scaling_factor=1.5)),
 }
 
 
@@ -43,3 +47,9 @@ def test_fields_follow_the_source(family):
     assert (c.moe_router, c.moe_num_groups, c.moe_topk_groups, c.moe_dense_layers) == ("sigmoid", 4, 2, (0,))
     yarn = DeepseekV3ForCausalLM.from_hugging_face(family.hf("deepseek_v3_yarn")[0]).config
     assert yarn.mla_q_lora_rank == 0 and yarn.query_pre_attn_scalar < 48  # mscale^2 > 1 on the softmax
+
+
+def test_deepseek_v2_routes_by_the_softmax(family):
+    c = DeepseekV3ForCausalLM.from_hugging_face(family.hf("deepseek_v2")[0]).config
+    assert (c.moe_router, c.moe_normalize_topk, c.moe_routed_scaling) == ("softmax", False, 1.5)
+    assert c.mla_rope_interleave and c.moe_shared_expert_intermediate_size == 64

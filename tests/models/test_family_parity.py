@@ -28,7 +28,7 @@ from kiln.models.qwen.model import QWenForCausalLM
 
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
-    "deepseek_v3": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
+    "deepseek": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),

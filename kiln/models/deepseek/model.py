@@ -1,7 +1,8 @@
-"""DeepSeek-V3 / R1 and Kimi K2 (DeepseekV3ForCausalLM): multi-head latent attention (kiln.layers.mla) and DeepSeek's
-mixture of experts, which GLM-4.5 shares: the first `first_k_dense_replace` layers dense, the others routed by
-sigmoid scores with a balance bias that only chooses, within the best groups, weights renormed and scaled, plus
-ungated shared experts.
+"""DeepSeek-V3 / R1 and Kimi K2 (DeepseekV3ForCausalLM), and DeepSeek-V2-Lite (DeepseekV2ForCausalLM): multi-head
+latent attention (kiln.layers.mla) and DeepSeek's mixture of experts, which GLM-4.5 shares: the first
+`first_k_dense_replace` layers dense, the others routed by sigmoid scores with a balance bias that only chooses,
+within the best groups, weights renormed and scaled (V3), or by the top-k of the softmax, scaled (V2's `greedy`);
+plus ungated shared experts. DeepSeek-V2 rotates its interleaved pairs as complex numbers, the same rotation.
 
 Source names: `self_attn.q_a_proj`, `q_a_layernorm`, `q_b_proj` (or `q_proj` without a q bottleneck),
 `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`; the MoE's as GLM-4.5's. A checkpoint's multi-token
@@ -45,24 +46,40 @@ def _softmax_mscale(hf: dict) -> float:
     return 1.0 if factor <= 1 else 0.1 * all_dim * math.log(factor) + 1.0
 
 
-def deepseek_v3_structure(hf: dict) -> dict:
-    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
-        raise ConfigError(f"topk_method {hf['topk_method']!r} is not supported; DeepSeek-V3's 'noaux_tc' is")
+def mla_fields(hf: dict) -> dict:
+    """Multi-head latent attention's fields (kiln.layers.mla) from a DeepSeek config.json."""
     head_size = hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
     return dict(
         head_size=head_size, rotary_dim=None, num_key_value_heads=hf["num_attention_heads"],
         query_pre_attn_scalar=head_size / _softmax_mscale(hf) ** 4,
         mla_kv_lora_rank=hf["kv_lora_rank"], mla_q_lora_rank=hf.get("q_lora_rank") or 0,
         mla_rope_head_dim=hf["qk_rope_head_dim"], mla_v_head_dim=hf["v_head_dim"],
-        mla_rope_interleave=hf.get("rope_interleave", True), **deepseek_moe_fields(hf))
+        mla_rope_interleave=hf.get("rope_interleave", True))
+
+
+# topk_method -> the routing it names: DeepSeek-V3's, and DeepSeek-V2's plain top-k of the softmax
+TOPK_METHODS = {"noaux_tc": "sigmoid", "greedy": "softmax"}
+
+
+def deepseek_structure(hf: dict) -> dict:
+    method = hf.get("topk_method", "noaux_tc")
+    if method not in TOPK_METHODS:
+        raise ConfigError(f"topk_method {method!r} is not supported; supported: {', '.join(TOPK_METHODS)} "
+                          "(DeepSeek-V2's 'group_limited_greedy' is not yet)")
+    moe = deepseek_moe_fields(hf)
+    if TOPK_METHODS[method] == "softmax":  # DeepSeek-V2: its weights scaled, never renormed, no balance bias
+        moe.update(moe_router="softmax", moe_normalize_topk=False, moe_num_groups=1, moe_topk_groups=1)
+    return dict(**mla_fields(hf), **moe)
 
 
 class DeepseekV3ForCausalLM(DecoderModelForCausalLM):
-    HF_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+    """DeepSeek-V3's architecture, and DeepSeek-V2's (its greedy routing: V2-Lite), which differs in the router."""
+
+    HF_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
     @classmethod
     def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, deepseek_v3_structure)
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, deepseek_structure)
 
     @classmethod
     def hf_name_map(cls, config):
