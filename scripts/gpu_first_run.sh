@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile (default: all)
+#   #   moe-profile mla (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -49,6 +49,9 @@
 # - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
 #   kiln.kernels.moe.PAIR_TILE to a clear winner), then 4 of its layers, bf16 and W4A16, batch-1 decode under
 #   torch.profiler: its kernels by GPU time (about 5 minutes).
+# - mla: DeepSeek-V2-Lite's shapes (latent attention, 64 experts; 31 GB in bf16), batch-1 decode and batch 64: the
+#   thirty-seventh session's latent attention caches keys and values expanded per head, so expect its decode far
+#   off the roofline; a first number (about 4 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -59,7 +62,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile}
+  moe-profile mla}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -70,6 +73,7 @@ bench="python -m kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline n
 # 16 of Qwen3-30B-A3B's 48 layers: the saved model and one engine at a time fit the device's 64 GB disk
 moe_bench="python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 16 --dtype bfloat16 --baseline none
   --workloads decode-1,offline-64"
+bench_mla="python -m kiln bench --synthetic deepseek-v2-lite --dtype bfloat16 --baseline none"
 for part in $parts; do
   case $part in
     tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rmsnorm_kernel.py \
@@ -106,13 +110,14 @@ for part in $parts; do
                -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
+    mla) $bench_mla --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
     moe-profile) python scripts/bench_moe_pair_gemv.py
                  python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe, moe-grouped, fusions or moe-profile" >&2
+         "flash, moe, moe-grouped, fusions, moe-profile or mla" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

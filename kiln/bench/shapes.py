@@ -48,6 +48,15 @@ FAMILY_SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                          num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
                          rope_theta=1000000.0, max_position_embeddings=32768),
+    # multi-head latent attention (kv_lora_rank 512), 64 experts of 1408, 6 a token, 2 shared: 31 GB in bf16
+    "deepseek-v2-lite": dict(architecture="DeepseekV2ForCausalLM", vocab_size=102400, hidden_size=2048,
+                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                             intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+                             num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
+                             routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+                             norm_topk_prob=False, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             v_head_dim=128, qk_nope_head_dim=128, tie_word_embeddings=False,
+                             rope_theta=10000.0, max_position_embeddings=163840),
     # 128 experts of 768, 8 a token: 61 GB in bf16, fits one H100 (Mixtral's 93 GB does not)
     "qwen3-30b-a3b": dict(architecture="Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
