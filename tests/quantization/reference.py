@@ -10,10 +10,10 @@ import torch
 
 HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",),
-              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",),
-              # multi-head latent attention's (DeepSeek-V3)
-              "attention.q": ("self_attn.q_proj",), "attention.q_b": ("self_attn.q_b_proj",),
-              "attention.kv_b": ("self_attn.kv_b_proj",)}
+              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",)}
+# multi-head latent attention's quantized linears (DeepSeek; its o_proj is attention.dense)
+MLA_LINEARS = {"attention.q": ("self_attn.q_proj",), "attention.q_b": ("self_attn.q_b_proj",),
+               "attention.kv_b": ("self_attn.kv_b_proj",)}
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,8 @@ def dequantized_hf(hf_model, ckpt: dict, config):
             prefix = f"transformer.layers.{i}."
             layer.input_layernorm.weight.copy_(ckpt[prefix + "input_layernorm.weight"])
             layer.post_attention_layernorm.weight.copy_(ckpt[prefix + "post_layernorm.weight"])
-            for kiln_name, hf_names in HF_LINEARS.items():
-                if prefix + kiln_name + ".weight" not in ckpt:  # a mixture of experts: no dense MLP
+            for kiln_name, hf_names in {**HF_LINEARS, **MLA_LINEARS}.items():
+                if prefix + kiln_name + ".weight" not in ckpt:  # a mixture of experts: no dense MLP (and so on)
                     continue
                 w = dequantize(linear_tensors(ckpt, prefix + kiln_name), config.quantization.group_size) \
                     if ckpt[prefix + kiln_name + ".weight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) \
