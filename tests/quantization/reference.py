@@ -14,6 +14,8 @@ HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_at
 # multi-head latent attention's quantized linears (DeepSeek; its o_proj is attention.dense)
 MLA_LINEARS = {"attention.q": ("self_attn.q_proj",), "attention.q_b": ("self_attn.q_b_proj",),
                "attention.kv_b": ("self_attn.kv_b_proj",)}
+MLA_NORMS = {"attention.q_a_norm.weight": "self_attn.q_a_layernorm",
+             "attention.kv_a_norm.weight": "self_attn.kv_a_layernorm"}
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -117,6 +119,9 @@ def dequantized_hf(hf_model, ckpt: dict, config):
             prefix = f"transformer.layers.{i}."
             layer.input_layernorm.weight.copy_(ckpt[prefix + "input_layernorm.weight"])
             layer.post_attention_layernorm.weight.copy_(ckpt[prefix + "post_layernorm.weight"])
+            for kiln_name, hf_name in MLA_NORMS.items():  # (AWQ folds latent attention's scales into them)
+                if prefix + kiln_name in ckpt:
+                    layer.get_submodule(hf_name).weight.copy_(ckpt[prefix + kiln_name])
             for kiln_name, hf_names in {**HF_LINEARS, **MLA_LINEARS}.items():
                 if prefix + kiln_name + ".weight" not in ckpt:  # a mixture of experts: no dense MLP (and so on)
                     continue

@@ -172,11 +172,11 @@ def test_glm4_moe_logits_equal_transformers_with_dequantized_weights(tmp_path, a
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
-@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ"])
 def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
     """DeepSeek-V3: multi-head latent attention's per-head projections (q_b, kv_b, o_proj) quantized like any
     column- and row-parallel linear, its replicated down projections (q_a, kv_a) kept like routers; the experts
-    and the shared expert as GLM-4.5's."""
+    and the shared expert as GLM-4.5's. Under AWQ q_b's and kv_b's scales fold into the norms before them."""
     torch.manual_seed(4)
     config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -193,6 +193,9 @@ def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path
     for name in ("attention.q_b", "attention.kv_b", "attention.dense"):
         assert ckpt[f"transformer.layers.0.{name}.weight"].dtype in (torch.int8, torch.uint8)
     assert ckpt["transformer.layers.0.attention.kv_a.weight"].dtype == torch.float32
+    if algo == "W4A16_AWQ":  # the norms took the scales
+        norm = hf.model.layers[0].self_attn.kv_a_layernorm.weight.detach()
+        assert not torch.equal(ckpt["transformer.layers.0.attention.kv_a_norm.weight"], norm)
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
