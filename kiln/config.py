@@ -232,7 +232,7 @@ class PretrainedConfig:
     # MOE_ROUTERS: "softmax" top-k of softmax probabilities (Mixtral, Qwen-MoE); "sigmoid" DeepSeek-V3's and
     # GLM-4.5's, top-k of sigmoid scores plus a learned bias (`mlp.choice_bias`, used to choose only), from the
     # moe_topk_groups best of moe_num_groups groups of experts, weighted by the scores times moe_routed_scaling
-    # (kiln.kernels.moe.Router)
+    # (kiln.kernels.moe.Router; a softmax router with groups keeps the groups of the best probabilities: DeepSeek-V2)
     moe_router: str = "softmax"
     moe_num_groups: int = 1
     moe_topk_groups: int = 1
@@ -330,8 +330,9 @@ class PretrainedConfig:
                "moe_num_groups", f"a divisor of moe_num_experts ({self.moe_num_experts})", groups)
         _check(isinstance(best, int) and 1 <= best <= groups, owner, "moe_topk_groups",
                f"in [1, moe_num_groups={groups}]", best)
-        _check(groups == 1 or self.moe_router == "sigmoid" and self.moe_num_experts // groups >= 2, owner,
-               "moe_num_groups", "1, or with moe_router 'sigmoid' groups of 2 experts or more", groups)
+        _check(groups == 1 or self.moe_router != "sigmoid" or self.moe_num_experts // groups >= 2, owner,
+               "moe_num_groups", "groups of 2 experts or more with moe_router 'sigmoid' (a group's worth is its "
+               "two best)", groups)
         scaling = self.moe_routed_scaling
         _check(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0, owner,
                "moe_routed_scaling", "a number > 0", scaling)

@@ -121,7 +121,9 @@ class Router:
     - sigmoid (DeepSeek-V3, GLM-4.5): sigmoid scores; the experts chosen by score + `bias` (a learned balance that
       only chooses) among the `topk_groups` of `groups` equal runs of experts whose two best score + bias sum
       highest; weighted by their scores, renormed when `normalize` (over the sum plus 1e-20, as transformers).
-    The weights are then times `scaling` (DeepSeek-V3's and GLM-4.5's routed_scaling_factor; 1 for the others)."""
+    With groups, a softmax router (DeepSeek-V2's group_limited_greedy) chooses among the groups whose best
+    probability is highest. The weights are then times `scaling` (DeepSeek's and GLM-4.5's routed_scaling_factor;
+    1 for the others)."""
 
     top_k: int
     normalize: bool
@@ -135,23 +137,21 @@ class Router:
 def route_ref(logits: torch.Tensor, router: Router, dtype: torch.dtype):
     """The router's choice in float32, as transformers routes: (weights [tokens, top_k] in dtype, experts
     [tokens, top_k] int64)."""
-    if not router.sigmoid:
-        weights, experts = F.softmax(logits.float(), dim=-1).topk(router.top_k, dim=-1)
-        if router.normalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return (weights * router.scaling).to(dtype), experts
-    scores = logits.float().sigmoid()
-    choice = scores + router.bias.float()
+    if router.sigmoid:
+        scores = logits.float().sigmoid()
+        choice = scores + router.bias.float()
+    else:
+        scores = choice = F.softmax(logits.float(), dim=-1)
     if router.groups > 1:
         tokens, experts = choice.shape
-        best_two = choice.view(tokens, router.groups, -1).topk(2, dim=-1)[0].sum(-1)
-        best = best_two.topk(router.topk_groups, dim=-1)[1]
-        kept = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, best, True)
+        by_group = choice.view(tokens, router.groups, -1)
+        worth = by_group.topk(2, dim=-1)[0].sum(-1) if router.sigmoid else by_group.amax(-1)
+        kept = torch.zeros_like(worth, dtype=torch.bool).scatter_(1, worth.topk(router.topk_groups, dim=-1)[1], True)
         choice = choice.masked_fill(~kept.repeat_interleave(experts // router.groups, dim=1), float("-inf"))
     experts = choice.topk(router.top_k, dim=-1)[1]
     weights = scores.gather(1, experts)
     if router.normalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if router.sigmoid else 0.0))
     return (weights * router.scaling).to(dtype), experts
 
 
@@ -353,12 +353,12 @@ if triton is not None:
         if SIGMOID:
             p = tl.sigmoid(x)  # (masked experts: 0)
             choice = tl.where(real, p + bias, float("-inf"))
-            if GROUPS > 1:
-                choice = _best_groups(choice, e, group_size, GROUPS, TOPK_GROUPS, BLOCK_G)
         else:
             p = tl.exp(x - tl.max(x, axis=0))
             p = tl.math.div_rn(p, tl.sum(p, axis=0))  # (masked experts: exp(-inf) = 0)
             choice = tl.where(real, p, float("-inf"))
+        if GROUPS > 1:  # a group's worth: its two best choices' sum (sigmoid), or its best (softmax)
+            choice = _best_groups(choice, e, group_size, GROUPS, TOPK_GROUPS, SIGMOID, BLOCK_G)
         slots = tl.arange(0, BLOCK_K)
         top = tl.zeros((BLOCK_K,), dtype=tl.float32)
         picked = tl.zeros((BLOCK_K,), dtype=tl.int64)
@@ -378,16 +378,18 @@ if triton is not None:
         tl.store(experts_ptr + t * TOP_K + slots, picked, mask=ok)
 
     @triton.jit
-    def _best_groups(choice, e, group_size, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+    def _best_groups(choice, e, group_size, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP2: tl.constexpr,
                      BLOCK_G: tl.constexpr):
         """choice [BLOCK_E] with every expert outside the TOPK_GROUPS best of GROUPS groups (group_size experts
-        each, in order) set to -inf; a group's worth is the sum of its two best choices."""
+        each, in order) set to -inf; a group's worth is the sum of its two best choices (TOP2), or its best."""
         g = tl.arange(0, BLOCK_G)
         member = (e[None, :] // group_size) == g[:, None]  # [BLOCK_G, BLOCK_E]
         by_group = tl.where(member, choice[None, :], float("-inf"))
-        first_at = tl.argmax(by_group, axis=1, tie_break_left=True)
-        second = tl.max(tl.where(e[None, :] == first_at[:, None], float("-inf"), by_group), axis=1)
-        worth = tl.where(g < GROUPS, tl.max(by_group, axis=1) + second, float("-inf"))
+        worth = tl.max(by_group, axis=1)
+        if TOP2:
+            first_at = tl.argmax(by_group, axis=1, tie_break_left=True)
+            worth += tl.max(tl.where(e[None, :] == first_at[:, None], float("-inf"), by_group), axis=1)
+        worth = tl.where(g < GROUPS, worth, float("-inf"))
         kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
         for _ in tl.static_range(TOPK_GROUPS):
             best = tl.argmax(worth, axis=0, tie_break_left=True)

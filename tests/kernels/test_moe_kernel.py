@@ -204,7 +204,8 @@ def test_reference_routes_as_transformers_writes_it():
     (2, 256, Router(8, True, True, groups=8, topk_groups=4, scaling=2.5)),  # DeepSeek-V3's groups
     (5, 160, Router(8, True, True, scaling=2.5)),  # GLM-4.5's 160 experts, one group
     (9, 12, Router(3, False, True, groups=4, topk_groups=2)),  # groups of 3, unnormed
-    (4, 160, Router(6, False, scaling=16.0))])  # a softmax router's weights scaled (DeepSeek-V2's)
+    (4, 160, Router(6, False, scaling=16.0)),  # a softmax router's weights scaled (DeepSeek-V2's)
+    (3, 160, Router(6, False, groups=8, topk_groups=2, scaling=16.0))])  # its groups of the best probabilities
 def test_route_kernel_matches_reference(dtype, tokens, num_experts, router):
     g = torch.Generator().manual_seed(tokens + num_experts)
     logits = (3 * torch.randn(tokens, num_experts, generator=g)).to(dtype).to(DEVICE)

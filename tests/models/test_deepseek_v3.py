@@ -31,6 +31,11 @@ CASES = {
     "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
                     dict(TINY, q_lora_rank=None, topk_method="greedy", n_shared_experts=2,
                          routed_scaling_factor=1.5)),
+    # DeepSeek-V2's and V2.5's: the softmax's top-k from the groups whose best probability is highest (one of four
+    # here, so the second expert is its group's other, not the second-best anywhere)
+    "deepseek_v2_groups": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                           dict(TINY, q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=1,
+                                routed_scaling_factor=16.0)),
 }
 
 
@@ -51,5 +56,7 @@ def test_fields_follow_the_source(family):
 
 def test_deepseek_v2_routes_by_the_softmax(family):
     c = DeepseekV3ForCausalLM.from_hugging_face(family.hf("deepseek_v2")[0]).config
-    assert (c.moe_router, c.moe_normalize_topk, c.moe_routed_scaling) == ("softmax", False, 1.5)
+    assert (c.moe_router, c.moe_normalize_topk, c.moe_routed_scaling, c.moe_num_groups) == ("softmax", False, 1.5, 1)
     assert c.mla_rope_interleave and c.moe_shared_expert_intermediate_size == 64
+    grouped = DeepseekV3ForCausalLM.from_hugging_face(family.hf("deepseek_v2_groups")[0]).config
+    assert (grouped.moe_router, grouped.moe_num_groups, grouped.moe_topk_groups) == ("softmax", 4, 1)

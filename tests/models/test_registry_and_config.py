@@ -66,7 +66,8 @@ def test_structure_fields_round_trip_through_json():
     (dict(moe_dense_layers=(2,)), "moe_dense_layers"),
     (dict(moe_router="top1"), "moe_router"),
     (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_num_groups=3), "moe_num_groups"),
-    (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_num_groups=4), "moe_num_groups"),  # softmax
+    (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_router="sigmoid", moe_num_groups=8),
+     "moe_num_groups"),  # groups of one expert: no two best
     (dict(moe_num_experts=8, moe_top_k=2, moe_intermediate_size=8, moe_router="sigmoid", moe_num_groups=2,
           moe_topk_groups=3), "moe_topk_groups"),
     (dict(moe_router="sigmoid", moe_routed_scaling=0), "moe_routed_scaling"),

@@ -1,7 +1,8 @@
 """DeepSeek-V3 / R1 and Kimi K2 (DeepseekV3ForCausalLM), and DeepSeek-V2-Lite (DeepseekV2ForCausalLM): multi-head
 latent attention (kiln.layers.mla) and DeepSeek's mixture of experts, which GLM-4.5 shares: the first
 `first_k_dense_replace` layers dense, the others routed by sigmoid scores with a balance bias that only chooses,
-within the best groups, weights renormed and scaled (V3), or by the top-k of the softmax, scaled (V2's `greedy`);
+within the best groups, weights renormed and scaled (V3), or by the top-k of the softmax, scaled, from all
+experts or the groups of the best probabilities (V2's `greedy` and `group_limited_greedy`);
 plus ungated shared experts. DeepSeek-V2 rotates its interleaved pairs as complex numbers, the same rotation.
 
 Source names: `self_attn.q_a_proj`, `q_a_layernorm`, `q_b_proj` (or `q_proj` without a q bottleneck),
@@ -57,18 +58,21 @@ def mla_fields(hf: dict) -> dict:
         mla_rope_interleave=hf.get("rope_interleave", True))
 
 
-# topk_method -> the routing it names: DeepSeek-V3's, and DeepSeek-V2's plain top-k of the softmax
-TOPK_METHODS = {"noaux_tc": "sigmoid", "greedy": "softmax"}
+# topk_method -> (the router, whether it keeps groups): DeepSeek-V3's; DeepSeek-V2's top-k of the softmax, from all
+# experts (V2-Lite) or from the groups of the best probabilities (V2, V2.5)
+TOPK_METHODS = {"noaux_tc": ("sigmoid", True), "greedy": ("softmax", False), "group_limited_greedy": ("softmax", True)}
 
 
 def deepseek_structure(hf: dict) -> dict:
     method = hf.get("topk_method", "noaux_tc")
     if method not in TOPK_METHODS:
-        raise ConfigError(f"topk_method {method!r} is not supported; supported: {', '.join(TOPK_METHODS)} "
-                          "(DeepSeek-V2's 'group_limited_greedy' is not yet)")
+        raise ConfigError(f"topk_method {method!r} is not supported; supported: {', '.join(TOPK_METHODS)}")
+    router, grouped = TOPK_METHODS[method]
     moe = deepseek_moe_fields(hf)
-    if TOPK_METHODS[method] == "softmax":  # DeepSeek-V2: its weights scaled, never renormed, no balance bias
-        moe.update(moe_router="softmax", moe_normalize_topk=False, moe_num_groups=1, moe_topk_groups=1)
+    if router == "softmax":  # DeepSeek-V2: its weights scaled, never renormed, no balance bias
+        moe.update(moe_router="softmax", moe_normalize_topk=False)
+    if not grouped:
+        moe.update(moe_num_groups=1, moe_topk_groups=1)
     return dict(**mla_fields(hf), **moe)
 
 
