@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.config import conversion_dtype
 from kiln.models.llama.convert import L
-from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
+from kiln.models.llama.gguf import hf_shape_from_gguf
 
 GEMMA_GGUF_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 SLIDING_PATTERN = 6  # llama.cpp: hparams.set_swa_pattern(6)
@@ -47,31 +46,14 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
     """The config.json (transformers 5 form) that the file's `gemma.*`, `gemma2.*` or `gemma3.*` metadata encodes."""
     arch = gguf.require("general.architecture")
     k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
-    layers, hidden, heads = k("block_count"), k("embedding_length"), k("attention.head_count")
-    head_dim = gguf.field(f"{arch}.attention.key_length") or hidden // heads
     tokens = gguf.field("tokenizer.ggml.tokens") or []
-    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
-    if END_OF_TURN in tokens:
-        eos.append(tokens.index(END_OF_TURN))
     config = {
-        "architectures": [GGUF_ARCHITECTURES[arch]],
-        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
-        "vocab_size": int(gguf.field(f"{arch}.vocab_size") or len(tokens) or
-                          gguf.tensors["token_embd.weight"].shape[1]),
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": gguf.field(f"{arch}.attention.head_count_kv") or heads,
-        "head_dim": head_dim,
-        "intermediate_size": k("feed_forward_length"),
+        **hf_shape_from_gguf(gguf, dtype, (tokens.index(END_OF_TURN),) if END_OF_TURN in tokens else ()),
         "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": k("context_length"),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(gguf.field(f"{arch}.rope.freq_base", 10000.0))},
-        "tie_word_embeddings": "output.weight" not in gguf,
-        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
     }
+    layers, hidden, heads, head_dim = (config[f] for f in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                           "head_dim"))
     if arch in HIDDEN_SCALED_QUERIES:  # Gemma 2 and 3: sliding layers, query scale, soft-capping
         config.update(sliding_window=k("attention.sliding_window"),
                       query_pre_attn_scalar=hidden // heads if layers == HIDDEN_SCALED_QUERIES[arch] else head_dim,

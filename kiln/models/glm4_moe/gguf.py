@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap
-from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
 from kiln.models.llama.convert import L, gguf_moe_table, gguf_table
-from kiln.models.llama.gguf import GGUF_FILE_DTYPES
+from kiln.models.llama.gguf import hf_shape_from_gguf
 
 GLM4_MOE_GGUF_ARCHITECTURES = ("glm4moe",)
 SIGMOID_GATING = 2  # llama.cpp's expert_gating_func for sigmoid (1: softmax)
@@ -26,32 +25,20 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
     arch = gguf.require("general.architecture")
     k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
     field = lambda key, default=None: gguf.field(f"{arch}.{key}", default)  # noqa: E731
-    hidden, heads = k("embedding_length"), k("attention.head_count")
-    head_dim = field("attention.key_length") or hidden // heads
     gating = field("expert_gating_func", SIGMOID_GATING)
     if gating != SIGMOID_GATING:
         raise CheckpointError(f"{gguf.path}: {arch}.expert_gating_func is {gating}; GLM-4.5 routes by sigmoid "
                               f"({SIGMOID_GATING}), the only gating kiln reads for {arch}")
-    tokens = gguf.field("tokenizer.ggml.tokens") or []
-    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
+    config = hf_shape_from_gguf(gguf, dtype)
+    head_dim = config["head_dim"]
     return {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
-        "vocab_size": int(field("vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[1]),
-        "hidden_size": hidden,
-        "num_hidden_layers": k("block_count") - field("nextn_predict_layers", 0),
-        "num_attention_heads": heads,
-        "num_key_value_heads": field("attention.head_count_kv") or heads,
-        "head_dim": head_dim,
-        "intermediate_size": k("feed_forward_length"),
+        **config,
+        "num_hidden_layers": config["num_hidden_layers"] - field("nextn_predict_layers", 0),
         "hidden_act": "silu",
-        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": k("context_length"),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(field("rope.freq_base", 10000.0)),
                             "partial_rotary_factor": field("rope.dimension_count", head_dim) / head_dim},
         "attention_bias": "blk.0.attn_q.bias" in gguf,
         "use_qk_norm": "blk.0.attn_q_norm.weight" in gguf,
-        "tie_word_embeddings": "output.weight" not in gguf,
         "n_routed_experts": k("expert_count"),
         "num_experts_per_tok": k("expert_used_count"),
         "moe_intermediate_size": k("expert_feed_forward_length"),
@@ -61,8 +48,6 @@ def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
         "norm_topk_prob": bool(field("expert_weights_norm", True)),
         "n_group": field("expert_group_count", 1) or 1,
         "topk_group": field("expert_group_used_count", 1) or 1,
-        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
     }
 
 

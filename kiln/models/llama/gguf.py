@@ -23,6 +23,34 @@ GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", 
                       "phi3": "Phi3ForCausalLM", "glm4moe": "Glm4MoeForCausalLM"}
 
 
+def hf_shape_from_gguf(gguf: GGUFFile, dtype: str, extra_eos: tuple[int, ...] = ()) -> dict:
+    """The config.json fields (transformers 5 form) that every llama.cpp architecture's `{arch}.*` metadata gives
+    alike: the architecture, dtype, sizes, norm epsilon, context, tied embeddings and special tokens (eos and eot,
+    then `extra_eos`). The families that read GGUF as a Hugging Face config add their own fields."""
+    arch = gguf.require("general.architecture")
+    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
+    hidden, heads = k("embedding_length"), k("attention.head_count")
+    tokens = gguf.field("tokenizer.ggml.tokens") or []
+    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id"), *extra_eos]
+    return {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
+        "vocab_size": int(gguf.field(f"{arch}.vocab_size") or len(tokens) or
+                          gguf.tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "num_hidden_layers": k("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": gguf.field(f"{arch}.attention.head_count_kv") or heads,
+        "head_dim": gguf.field(f"{arch}.attention.key_length") or hidden // heads,
+        "intermediate_size": k("feed_forward_length"),
+        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": k("context_length"),
+        "tie_word_embeddings": "output.weight" not in gguf,
+        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+    }
+
+
 def config_from_gguf(gguf: GGUFFile, dtype: str, mapping: Mapping) -> PretrainedConfig:
     arch = gguf.require("general.architecture")
     if GGUF_ARCHITECTURES.get(arch) != "LlamaForCausalLM":

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from kiln.checkpoint.gguf_source import GGUFFile
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.config import conversion_dtype
 from kiln.errors import CheckpointError
 from kiln.models.llama.convert import L, gguf_moe_table, gguf_table
-from kiln.models.llama.gguf import GGUF_ARCHITECTURES, GGUF_FILE_DTYPES
+from kiln.models.llama.gguf import hf_shape_from_gguf
 
 QWEN_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")  # (GGUF_ARCHITECTURES: the HF architecture)
 NORMALIZES_TOP_K = {"qwen2moe": False, "qwen3moe": True}  # llama.cpp's build_moe_ffn norm_w for each MoE architecture
@@ -27,29 +26,11 @@ NORMALIZES_TOP_K = {"qwen2moe": False, "qwen3moe": True}  # llama.cpp's build_mo
 def hf_config_from_gguf(gguf: GGUFFile, dtype: str) -> dict:
     """The config.json (transformers 5 form) that the file's `qwen2.*` / `qwen3.*` metadata encodes."""
     arch = gguf.require("general.architecture")
-    k = lambda key: gguf.require(f"{arch}.{key}")  # noqa: E731
-    hidden, heads = k("embedding_length"), k("attention.head_count")
-    tokens = gguf.field("tokenizer.ggml.tokens") or []
-    eos = [gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")]
     return {
-        "architectures": [GGUF_ARCHITECTURES[arch]],
-        "dtype": conversion_dtype(dtype, GGUF_FILE_DTYPES.get(gguf.field("general.file_type"), "float32")),
-        "vocab_size": int(gguf.field(f"{arch}.vocab_size") or len(tokens) or
-                          gguf.tensors["token_embd.weight"].shape[1]),
-        "hidden_size": hidden,
-        "num_hidden_layers": k("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": gguf.field(f"{arch}.attention.head_count_kv") or heads,
-        "head_dim": gguf.field(f"{arch}.attention.key_length") or hidden // heads,
-        "intermediate_size": k("feed_forward_length"),
+        **hf_shape_from_gguf(gguf, dtype),
         "hidden_act": "silu",
-        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": k("context_length"),
         "rope_parameters": _rope(gguf, arch),
         "qkv_bias": "blk.0.attn_q.bias" in gguf,
-        "tie_word_embeddings": "output.weight" not in gguf,
-        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
         **(_moe(gguf, arch) if arch in NORMALIZES_TOP_K else {}),
     }
 
