@@ -187,8 +187,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     # decode's GEMV a (token, slot) pair: fc_gate (gated) and proj (weighted by the routing), each format
     *[(f"moe pair gemv codes={codes} {ptr} zero={zero} gated={gated}", moe._pair_gemv_kernel,
        dict(K=2048, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated, ACT=0 if gated else -1, WEIGHTED=not gated,
-            CODES=codes, GROUP=128 if codes == 2 else 2048, HAS_ZERO=zero, BLOCK_N=moe.PAIR_TILE[0],
-            BLOCK_K=moe.PAIR_TILE[1]),
+            CODES=codes, GROUP=128 if codes == 2 else 2048, HAS_ZERO=zero, BLOCK_N=moe.PAIR_TILE["gated" if gated else "plain"][0],
+            BLOCK_K=moe.PAIR_TILE["gated" if gated else "plain"][1]),
        dict(w_ptr="*bf16", experts_ptr="*i64",
             **{"*i8": dict(b_ptr="*i8", bg_ptr="*i8"), "*fp8e4nv": dict(b_ptr="*fp8e4nv", bg_ptr="*fp8e4nv"),
                "*u8": dict(b_ptr="*u8", bg_ptr="*u8"), None: {}}[ptr]))

@@ -312,18 +312,19 @@ def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows
         **op.constexprs, **cfg)
 
 
-# the GEMV's tile (outputs a program, inputs a step: a grouped format's at most a group, warps), chosen blind;
-# scripts/bench_moe_pair_gemv.py times the others on a GPU
-PAIR_TILE = (16, 128, 4)
+# the GEMV's tiles (outputs a program, inputs a step: a grouped format's at most a group, warps): the gated
+# fc (two weights a program) and the plain proj. scripts/bench_moe_pair_gemv.py times the others; these won on
+# an H100 for bf16, int8 and int4 experts alike (thirty-eighth session: fc 25-45 -> 22-23 us, proj 10-12 -> 10-11)
+PAIR_TILE = {"gated": (8, 128, 4), "plain": (16, 128, 8)}
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
                tile: tuple[int, int, int] | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
-    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros. tile: PAIR_TILE
+    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros. tile: PAIR_TILE's
     unless given."""
     op = _WeightArgs.of(a, b, b_gate)
-    block_n, block_k, warps = tile or PAIR_TILE
+    block_n, block_k, warps = tile or PAIR_TILE["plain" if b_gate is None else "gated"]
     _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, block_n))](
         a, *op.pointers, out, weights if weights is not None else a,
         experts, first_expert, b.shape[0], op.n,

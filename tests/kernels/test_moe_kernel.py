@@ -233,7 +233,7 @@ def test_pair_gemv_tiles_match_the_reference(monkeypatch, tile, fmt):
     at most, warps), on float and int4 experts."""
     from kiln.kernels import moe
 
-    monkeypatch.setattr(moe, "PAIR_TILE", tile)
+    monkeypatch.setattr(moe, "PAIR_TILE", {"gated": tile, "plain": tile})
     experts, weights = routing(1, 8, 3, seed=7)
     fc, gate, proj = expert_weights(8, 256, 96, seed=7)
     if fmt:
