@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from kiln.errors import ConfigError
-from kiln.mapping import Mapping
+from kiln.mapping import Mapping, kv_heads_per_rank
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -185,6 +185,20 @@ MOE_ROUTERS = ("softmax", "sigmoid")  # how a mixture of experts chooses (Pretra
 
 
 @dataclass(frozen=True)
+class KVCacheLayout:
+    """A layer's paged cache on one rank: `heads` rows of `width` a token, keys and values apart, or values read
+    from the keys' rows (values_in_keys: one tensor)."""
+
+    heads: int
+    width: int
+    values_in_keys: bool = False
+
+    @property
+    def tensors(self) -> int:
+        return 1 if self.values_in_keys else 2
+
+
+@dataclass(frozen=True)
 class PretrainedConfig:
     """A model's structure, dtype, and the shard layout of the checkpoint that holds it."""
 
@@ -240,7 +254,8 @@ class PretrainedConfig:
     # Multi-head latent attention (DeepSeek-V3, Kimi K2; kiln.layers.mla), on where mla_kv_lora_rank > 0: each head's
     # key and value expanded from one latent of that rank, the key's last mla_rope_head_dim dims from one rotated key
     # all heads share (in interleaved pairs when mla_rope_interleave); q through a rank-mla_q_lora_rank bottleneck (0:
-    # none). head_size is a key's width, values are mla_v_head_dim wide.
+    # none). head_size is a key's width, values are mla_v_head_dim wide. The cache holds the latent and the rotated
+    # key alone (kv_cache_layout).
     mla_kv_lora_rank: int = 0
     mla_q_lora_rank: int = 0
     mla_rope_head_dim: int = 0
@@ -348,14 +363,22 @@ class PretrainedConfig:
         rope = self.mla_rope_head_dim
         _check(rope % 2 == 0 and 2 <= rope < self.head_size, owner, "mla_rope_head_dim",
                f"an even integer in [2, head_size={self.head_size}) with mla_kv_lora_rank", rope)
-        _check(1 <= self.mla_v_head_dim <= self.head_size, owner, "mla_v_head_dim",
-               f"in [1, head_size={self.head_size}] (values are cached padded to a key's width)", self.mla_v_head_dim)
+        _check(self.mla_v_head_dim >= 1, owner, "mla_v_head_dim", "an integer >= 1 with mla_kv_lora_rank",
+               self.mla_v_head_dim)
         _check(self.num_key_value_heads == self.num_attention_heads, owner, "num_key_value_heads",
                f"num_attention_heads ({self.num_attention_heads}) with mla_kv_lora_rank: each head has its own key",
                self.num_key_value_heads)
         _check(self.quantization.kv_cache_quant_algo is None, "QuantConfig", "kv_cache_quant_algo",
                "None with latent attention (mla_kv_lora_rank): its cache is not quantized yet; drop "
                "--kv-cache-quant-algo", self.quantization.kv_cache_quant_algo)
+
+    def kv_cache_layout(self, tp_size: int) -> "KVCacheLayout":
+        """What a rank caches of a token in each layer: its kv heads' keys and values; with latent attention one
+        row of kv_lora_rank + rope dims (the normed latent and the rotated key, on every rank), which its heads
+        attend as keys and read the first kv_lora_rank of as values (kiln.layers.mla)."""
+        if self.mla_kv_lora_rank:
+            return KVCacheLayout(1, self.mla_kv_lora_rank + self.mla_rope_head_dim, values_in_keys=True)
+        return KVCacheLayout(kv_heads_per_rank(self.num_key_value_heads, tp_size), self.head_size)
 
     def is_sliding_layer(self, layer: int) -> bool:
         if self.sliding_window is None:

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gemv, int8_gemm, moe,
+from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gemv, int8_gemm, moe, paged_attention,
                           paged_attention_kernels, quant_gemm, rmsnorm, rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -102,6 +102,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     ("decode one split", paged_attention_kernels.decode_split_kernel,
      dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, FUSED_MERGE=False, BLOCK_G=16, BLOCK_N=64),
      dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
+    ("decode latent rows (576 wide)", paged_attention_kernels.decode_split_kernel,
+     dict(ATTENTION, PAGE=32, HAS_WINDOW=False, ONE_SPLIT=False, FUSED_MERGE=False, BLOCK_G=16, BLOCK_D=1024,
+          **{k: v for k, v in paged_attention.WIDE_DECODE_CONFIG.items() if k.isupper()}),
+     dict(bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32")),
     ("merge splits", paged_attention_kernels.merge_kernel, dict(FP8_OUT=False, FP8_GROUP=0, BLOCK_S=64, BLOCK_D=128),
      dict(part_ptr="*fp32", lse_ptr="*fp32", fp8_scale_ptr="*fp32", row_scale_ptr="*fp32")),
     *[(f"merge splits to e4m3 group={g}", paged_attention_kernels.merge_kernel,
@@ -120,6 +124,9 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(cu_ptr="*i32", kvs_ptr="*fp32", k_desc=f"tensordesc<{code}[64, 128]>",
             v_desc=f"tensordesc<{code}[64, 128]>"))
       for code in ("fp8e4nv", "i8")],
+    ("varlen prefill latent rows (576 wide)", paged_attention_kernels.prefill_kernel,
+     dict(ATTENTION, HAS_WINDOW=False, BLOCK_D=1024, EVEN_D=False, LAZY=False,
+          **{k: v for k, v in paged_attention.WIDE_PREFILL_CONFIG.items() if k.isupper()}), dict(cu_ptr="*i32")),
     *[(f"paged prefill one_split={one}", paged_attention_kernels.paged_prefill_kernel,
        dict(ATTENTION, PAGE=32, ONE_SPLIT=one, BLOCK_M=64, BLOCK_N=64, EVEN_D=True, LAZY=True),
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))

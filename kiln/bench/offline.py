@@ -351,7 +351,8 @@ def decode_kv_bytes(config, input_len: int, output_len: int, kv_element_bytes: i
     """Bytes of cached keys and values that one request's decode steps read: the first output token comes from the
     prefill, and the token at position p then attends p + 1 cached tokens (itself included) in every layer. Decode
     attention streams them from memory, so on a long prompt they are a floor of their own beside the FLOPs."""
-    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_size * kv_element_bytes
+    layout = config.kv_cache_layout(tp_size=1)  # the whole model's cache, as on one GPU
+    per_token = config.num_hidden_layers * layout.tensors * layout.heads * layout.width * kv_element_bytes
     steps = output_len - 1
     return per_token * (steps * (input_len + 1) + steps * (steps - 1) / 2)
 

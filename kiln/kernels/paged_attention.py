@@ -60,6 +60,17 @@ _LOG2E = 1.4426950408889634
 # BLOCK_N 64: at batch 512 and contexts of 128-256 keys (offline decode) a 128-key tile is mostly masked; on the
 # H100, 112 us a layer against 137 (bf16 cache) and no slower at 2048 keys (scripts/bench_decode_attention.py).
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)
+# Heads of 129 to 256 (tiles of 256): prompts in small tiles, their 128 x 128 ones outgrowing shared memory.
+MID_PREFILL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+# Heads wider than 256: latent attention's cached rows (kiln.layers.mla; 576 wide, tiles of 1024). Tiles that fit
+# an H100's 227 KB of shared memory by the sm_90 compiler (decode 97 KB with 16 query heads a program, prompts 64
+# KB), with 8 warps to hold the 1024-wide accumulators; chosen blind, not yet timed. More than WIDE_MAX_GROUP query
+# heads a program (DeepSeek-V3's 128 on one GPU: 288 KB at the least) do not fit, so decode attends them 16 at a
+# time (_decode_in_head_chunks).
+WIDE_HEAD = 256
+WIDE_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=8, num_stages=1)
+WIDE_PREFILL_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
+WIDE_MAX_GROUP = 16
 # Decode over a 1-byte cache read as 16-bit words of two codes (decode_code_pairs_kernel): in the sm_90 machine
 # code a 64-key step issues 515 (e4m3) or 582 (int8) instructions against 822 or 1016 for the codes read one by
 # one (scripts/kernel_sass.py "decode" --num-stages 2). Timed on an H200 (scripts/bench_decode_attention.py, ninth
@@ -259,9 +270,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     max_context = block_tables.shape[1] * block_size
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
-    cfg = DECODE_CONFIG
     pairs = _reads_code_pairs(q, k_cache)
-    block_n = decode_block_n(pairs, max_context)
+    block_d = max(32 if pairs else 16, triton.next_power_of_2(head_size))
+    wide = block_d > WIDE_HEAD
+    if wide and group > WIDE_MAX_GROUP:
+        return _decode_in_head_chunks(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                      kv_scale, out)
+    cfg = WIDE_DECODE_CONFIG if wide else DECODE_CONFIG
+    block_n = cfg["BLOCK_N"] if wide else decode_block_n(pairs, max_context)
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
     one = splits == 1  # a large batch fills the GPU unsplit: the kernel writes the output, no merge
     # codes: the merge kernel writes Fp8Rows of its own (the split kernel's 16-bit `out` then stays unwritten)
@@ -282,7 +298,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=max(32 if pairs else 16, triton.next_power_of_2(head_size)),
+        BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **_register_cap(pairs, block_n),
         **pdl_args(q.device))
     if codes:
@@ -292,6 +308,29 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if not one and counts is None:
         _merge_splits(partial, lse, out, q)
     return out
+
+
+def _decode_in_head_chunks(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, kv_scale,
+                           out=None) -> torch.Tensor:
+    """paged_decode_attention WIDE_MAX_GROUP query heads at a time, each run against its kv head's view of the
+    cache: for wide heads whose groups outgrow one program."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.empty_like(q) if out is None else out
+    for kv in range(kv_heads):
+        cache = (k_cache[:, :, kv:kv + 1], v_cache[:, :, kv:kv + 1])
+        for first in range(kv * group, (kv + 1) * group, WIDE_MAX_GROUP):
+            chunk = slice(first, min(first + WIDE_MAX_GROUP, (kv + 1) * group))
+            paged_decode_attention(q[:, chunk], *cache, block_tables, context_lens, scale, sliding_window, kv_scale,
+                                   out=out[:, chunk])
+    return out
+
+
+def _prefill_config(block_d: int, narrow: dict) -> dict:
+    """A prompt kernel's tile: `narrow` for heads up to 128, smaller ones for wider heads."""
+    if block_d <= 128:
+        return narrow
+    return WIDE_PREFILL_CONFIG if block_d > WIDE_HEAD else MID_PREFILL_CONFIG
 
 
 def _register_cap(pairs: bool, block_n: int) -> dict:
@@ -356,7 +395,7 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         return flash_varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window, out)
     out = torch.empty_like(q) if out is None else out
     block_d = max(16, triton.next_power_of_2(head_size))
-    cfg = PREFILL_CONFIG if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    cfg = _prefill_config(block_d, PREFILL_CONFIG)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
     tma = PREFILL_TMA_CONFIG
@@ -409,8 +448,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     block_d = max(16, triton.next_power_of_2(head_size))
     # float32's 128 x 128 tiles outgrow shared memory (257 KB against the H200's 227)
-    cfg = ((PAGED_PREFILL_CONFIG if q.element_size() == 2 else PREFILL_CONFIG) if block_d <= 128
-           else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
+    cfg = _prefill_config(block_d, PAGED_PREFILL_CONFIG if q.element_size() == 2 else PREFILL_CONFIG)
     tiles, seqs = triton.cdiv(max_query_len or tokens, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1
     # A few new tokens after a long prefix (a prefix-cache hit) make few programs, each streaming the whole
     # context: split the keys across programs as decode does, and merge.

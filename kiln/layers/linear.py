@@ -62,11 +62,18 @@ class LinearMethod:
         """A full-precision weight [out, in] -> {leaf: tensor} of this method (unsharded)."""
         raise NotImplementedError
 
+    def dequantize(self, layer: "Linear", dtype: torch.dtype) -> torch.Tensor:
+        """This rank's weight [out, in] in `dtype`: the codes times their scales."""
+        raise NotImplementedError
+
 
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: "Linear") -> None:
         layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)
         layer.shard_rules["weight"] = layer.weight_rule
+
+    def dequantize(self, layer, dtype):
+        return layer.weight.to(dtype)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return linear(x, layer.weight)  # cuBLAS, or a GEMV for batch-1 shapes where it measured faster
@@ -132,6 +139,14 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] matrix this layer's matmul multiplies by, in `dtype`: its method's weight, an input scale
+        (prequant_scaling_factor) folded in. For a layer folded into other math (latent attention's kv_b); the
+        activations of an FP8 or int8 method are then not quantized."""
+        weight = self.quant_method.dequantize(self, dtype)
+        prequant = getattr(self, "prequant_scaling_factor", None)
+        return weight if prequant is None else weight * prequant.to(dtype)
 
     def input_quant(self) -> InputQuant | None:
         """The quantized input this layer takes ready-made, if any (LinearMethod.input_quant)."""

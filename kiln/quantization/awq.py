@@ -17,8 +17,8 @@ Where the layer's input is a norm's output (QKV after input_layernorm; fc and ga
 s for both since they share the input) 1/s folds into the norm's weight; the attention output and mlp.proj
 follow no norm, so they keep 1/s as `prequant_scaling_factor`.
 
-Latent attention's up projections (DeepSeek, kiln.layers.mla) fold theirs into the norms before them (q_a_norm,
-kv_a_norm). A mixture of experts follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every
+Latent attention's query up projection (DeepSeek, kiln.layers.mla) folds its scale into q_a_norm (kv_b stays in
+the model dtype, folded into attention). A mixture of experts follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every
 expert's fc and gate (and a shared expert's) folds into post_layernorm and into the other modules reading it (the
 router and a shared expert's gate stay float and exact), and each expert's proj scale folds into the rows of that
 expert's gate.
@@ -42,8 +42,8 @@ log = logging.getLogger("kiln")
 
 # The norm whose output feeds a column-parallel linear of a decoder layer (relative names).
 NORM_BEFORE = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm", "mlp.gate": "post_layernorm",
-               # latent attention's (kiln.layers.mla): each up projection reads its own norm
-               "attention.q_b": "attention.q_a_norm", "attention.kv_b": "attention.kv_a_norm"}
+               # latent attention's (kiln.layers.mla): the query's up projection reads its own norm
+               "attention.q_b": "attention.q_a_norm"}
 ALPHA_GRID = 20
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_TOKENS, CLIP_ROWS = 20, 0.5, 512, 256  # AutoAWQ's grid; rows per pass bound memory
 NOT_CLIPPED = ("attention.qkv",)

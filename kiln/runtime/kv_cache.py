@@ -1,5 +1,6 @@
-"""The paged KV cache: per layer, keys and values in [num_blocks, block_size, kv_heads, head_size] tensors
-(the layout the paged attention kernels read), sized at start-up from one memory budget."""
+"""The paged KV cache: per layer, keys and values in [num_blocks, block_size, heads, width] tensors (the layout the
+paged attention kernels read; one tensor for both where the values are read from the keys' rows, as latent
+attention's are: kiln.config.KVCacheLayout), sized at start-up from one memory budget."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ CPU_MEMORY_FRACTION = 0.25  # of the machine's RAM, at most, for a CPU KV cache
 
 
 class PagedKVCache:
-    def __init__(self, layers, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, layers, num_blocks: int, block_size: int, layout, dtype: torch.dtype, device: torch.device):
+        """layout: kiln.config.KVCacheLayout."""
         check_cache_dtype(dtype, device)
-        shape = (num_blocks, block_size, num_kv_heads, head_size)
+        shape = (num_blocks, block_size, layout.heads, layout.width)
         # empty, not zeros: a slot is always written before it is read, and on the CPU untouched pages of
         # a large cache then cost no resident memory.
         self.k = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
-        self.v = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
+        self.v = self.k if layout.values_in_keys else {i: torch.empty(shape, dtype=dtype, device=device)
+                                                       for i in layers}
         self.num_blocks, self.block_size = num_blocks, block_size
 
 
@@ -38,8 +40,8 @@ def check_cache_dtype(dtype: torch.dtype, device: torch.device) -> None:
                               "Quantize with --kv-cache-quant-algo INT8 instead")
 
 
-def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_size: int, dtype) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_size * dtype.itemsize
+def bytes_per_block(num_layers: int, block_size: int, layout, dtype) -> int:
+    return layout.tensors * num_layers * block_size * layout.heads * layout.width * dtype.itemsize
 
 
 def plan_num_blocks(build_config, block_bytes: int, device: torch.device, activation_reserve: int,

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from kiln.kernels import triton_available
 from kiln.layers.linear import choose_linear_kernels
-from kiln.mapping import kv_heads_per_rank
 from kiln.quantization.kv_cache import cache_dtype
 from kiln.runtime.cuda_graphs import (DecodeGraphs, PrefillGraphs, cuda_graph_batch_sizes,
                                      prefill_graph_token_counts)
@@ -56,10 +55,9 @@ class ModelRunner:
         model.prepare_runtime()
         choose_linear_kernels(model)  # times kernels while the memory the KV cache will take is still free
         layers = self.mapping.pp_layers(config.num_hidden_layers)
-        kv_heads = kv_heads_per_rank(config.num_key_value_heads, self.mapping.tp_size)
+        kv_layout = config.kv_cache_layout(self.mapping.tp_size)
         kv_dtype = cache_dtype(config.quantization, self.dtype)  # int8 / float8 codes for a quantized cache
-        block_bytes = bytes_per_block(len(layers), build_config.tokens_per_block, kv_heads, config.head_size,
-                                      kv_dtype)
+        block_bytes = bytes_per_block(len(layers), build_config.tokens_per_block, kv_layout, kv_dtype)
         # Activations of the largest step, and its logits, with room to spare.
         reserve = 16 * build_config.max_num_tokens * (config.hidden_size + config.intermediate_size) * 4 \
             + build_config.max_batch_size * config.vocab_size * 4
@@ -74,8 +72,7 @@ class ModelRunner:
         # With graphs, one block past the plan is their scratch space for padding rows: taking it from the
         # plan could leave less than the one max_seq_len sequence the plan guarantees (it would never finish).
         physical = self.num_blocks + 1 if use_graphs else self.num_blocks
-        self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_heads, config.head_size,
-                               kv_dtype, self.device)
+        self.kv = PagedKVCache(layers, physical, build_config.tokens_per_block, kv_layout, kv_dtype, self.device)
         self.graphs = self.prefill_graphs = None
         self._burst_in_graphs, self._eager_next = False, None  # where the last decode burst ran, for its continuation
         if use_graphs:

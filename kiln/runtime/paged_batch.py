@@ -86,7 +86,8 @@ class PagedAttentionBatch:
             if kv_scale is not None:
                 k, v = quantize(k, kv_scale[0], k_cache.dtype), quantize(v, kv_scale[1], v_cache.dtype)
             _write(k_flat, self.slot_mapping, k)
-            _write(v_flat, self.slot_mapping, v)
+            if v_cache is not k_cache:  # (one tensor: the values are read from the keys' rows, latent attention's)
+                _write(v_flat, self.slot_mapping, v)
         if layer.softcap is not None:
             return self._attend_each(layer, q, k_flat, v_flat, range(len(self.query_lens)))
         fast = q.is_cuda and triton_available()

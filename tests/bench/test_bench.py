@@ -221,13 +221,16 @@ def test_decode_kv_bytes_count_each_decode_tokens_reads():
     from types import SimpleNamespace
 
     from kiln.bench.offline import decode_kv_bytes
+    from kiln.config import KVCacheLayout
 
-    config = SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_size=8)
+    config = SimpleNamespace(num_hidden_layers=3, kv_cache_layout=lambda tp_size: KVCacheLayout(2, 8))
     per_token = 3 * 2 * 2 * 8 * 2  # layers, keys and values, heads, head size, bf16 bytes
     input_len, output_len = 11, 5
     read = sum(position + 1 for position in range(input_len, input_len + output_len - 1))  # outputs 2..5
     assert decode_kv_bytes(config, input_len, output_len, 2) == per_token * read
     assert decode_kv_bytes(config, input_len, 1, 2) == 0  # the only output comes from the prefill
+    latent = SimpleNamespace(num_hidden_layers=3, kv_cache_layout=lambda tp_size: KVCacheLayout(1, 72, True))
+    assert decode_kv_bytes(latent, input_len, output_len, 2) == 3 * 72 * 2 * read  # one row for keys and values
 
 
 @pytest.mark.parametrize("algo,quantize_lm_head,linears_format", [

@@ -424,3 +424,28 @@ def test_continuing_prefill_kernel_matches_reference(dtype, case, lazy, monkeypa
     want = paged_prefill_attention_ref(*args, d ** -0.5, window)
     print(f"paged_prefill {dtype} case {case}: max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_latent_attention_rows_match_the_reference(dtype, heads):
+    """Latent attention's cache (kiln.layers.mla): one 576-wide row a token (kv_lora 512 + rope 64) that every head
+    reads as its key and as its value, one tensor for both. Tiles for heads over 256 wide (WIDE_*), and decode of
+    more than 16 heads a kv head attended 16 at a time: DeepSeek-V2-Lite's 16 and V3's 128 on one GPU."""
+    d, scale = 576, 192 ** -0.5
+    q, cache, _, tables, ctx, _, _ = make_decode_case([7, 300, 33], heads, 1, d, 32, dtype, seed=heads)
+    args = [t.cuda() for t in (q, cache, cache, tables, ctx)]
+    got, want = paged_decode_attention(*args, scale), paged_decode_attention_ref(*args, scale)
+    print(f"latent decode {dtype} {heads} heads: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+    q, k, _, cu = (t.cuda() for t in _packed([5, 70], heads, 1, d, dtype, seed=heads))
+    got = varlen_prefill_attention(q, k, k, cu, 70, scale)
+    torch.testing.assert_close(got, varlen_prefill_attention_ref(q, k, k, cu, 70, scale), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+
+    q, cache, _, tables, cu, ctx, _, _ = make_continuing_case([40, 3], [9, 20], heads, 1, d, 16, dtype, heads)
+    args = [t.cuda() for t in (q, cache, cache, tables, cu, ctx)]
+    got = paged_prefill_attention(*args, scale, max_query_len=20)
+    torch.testing.assert_close(got, paged_prefill_attention_ref(*args, scale), rtol=TOL[dtype], atol=TOL[dtype])

@@ -174,9 +174,9 @@ def test_glm4_moe_logits_equal_transformers_with_dequantized_weights(tmp_path, a
 
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ"])
 def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
-    """DeepSeek-V3: multi-head latent attention's per-head projections (q_b, kv_b, o_proj) quantized like any
-    column- and row-parallel linear, its replicated down projections (q_a, kv_a) kept like routers; the experts
-    and the shared expert as GLM-4.5's. Under AWQ q_b's and kv_b's scales fold into the norms before them."""
+    """DeepSeek-V3: multi-head latent attention's q_b and o_proj quantized like any column- and row-parallel linear,
+    its replicated down projections (q_a, kv_a) kept like routers and kv_b (folded into attention) kept too; the
+    experts and the shared expert as GLM-4.5's. Under AWQ q_b's scale folds into q_a_norm."""
     torch.manual_seed(4)
     config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -190,18 +190,19 @@ def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path
     hf.save_pretrained(tmp_path / "hf")
     ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo, group_size=32))
     ckpt = load_file(ckpt_dir / "rank0.safetensors")
-    for name in ("attention.q_b", "attention.kv_b", "attention.dense"):
+    for name in ("attention.q_b", "attention.dense"):
         assert ckpt[f"transformer.layers.0.{name}.weight"].dtype in (torch.int8, torch.uint8)
-    assert ckpt["transformer.layers.0.attention.kv_a.weight"].dtype == torch.float32
-    if algo == "W4A16_AWQ":  # the norms took the scales
-        norm = hf.model.layers[0].self_attn.kv_a_layernorm.weight.detach()
-        assert not torch.equal(ckpt["transformer.layers.0.attention.kv_a_norm.weight"], norm)
+    for name in ("attention.kv_a", "attention.kv_b"):
+        assert ckpt[f"transformer.layers.0.{name}.weight"].dtype == torch.float32
+    if algo == "W4A16_AWQ":  # the norm took the scale
+        norm = hf.model.layers[0].self_attn.q_a_layernorm.weight.detach()
+        assert not torch.equal(ckpt["transformer.layers.0.attention.q_a_norm.weight"], norm)
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
 def test_a_quantized_kv_cache_on_latent_attention_is_refused_by_name_and_writes_nothing(tmp_path):
-    """Latent attention caches keys and values padded to a key's width, with no scales yet: an INT8 or FP8 cache
-    would store them unscaled. The quantize call names the field and the fix, and leaves no output."""
+    """Latent attention's cache rows (the latent and the rotated key) have no scales yet: an INT8 or FP8 cache would
+    store them unscaled. The quantize call names the field and the fix, and leaves no output."""
     config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                  n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_hf_model
 from kiln.builder import Engine
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, KVCacheLayout
 from kiln.llmapi.llm import open_engine_dir
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, cuda_graph_batch_sizes, prefill_graph_token_counts
@@ -63,7 +63,7 @@ def test_padded_fresh_prompt_gives_the_logits_of_its_eager_prefill(tmp_path, mon
 
 
 def test_which_steps_a_prefill_graph_takes():
-    kv = PagedKVCache(range(1), num_blocks=10, block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32,
+    kv = PagedKVCache(range(1), num_blocks=10, block_size=16, layout=KVCacheLayout(1, 8), dtype=torch.float32,
                       device=torch.device("cpu"))
     graphs = PrefillGraphs(None, kv, torch.device("cpu"), [16, 32], max_blocks_per_seq=4, scratch_block=9)
 

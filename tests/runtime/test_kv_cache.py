@@ -7,13 +7,30 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
-from kiln.runtime.kv_cache import bytes_per_block, plan_num_blocks
+from kiln.config import KVCacheLayout, PretrainedConfig
+from kiln.runtime.kv_cache import PagedKVCache, bytes_per_block, plan_num_blocks
 
 BLOCK_BYTES = 100_000
 
 
 def test_bytes_per_block_is_keys_and_values_of_every_layer():
-    assert bytes_per_block(3, 16, 2, 64, torch.float16) == 2 * 3 * 16 * 2 * 64 * 2
+    assert bytes_per_block(3, 16, KVCacheLayout(2, 64), torch.float16) == 2 * 3 * 16 * 2 * 64 * 2
+
+
+def test_latent_attention_caches_one_row_a_token_for_keys_and_values():
+    """DeepSeek-V3's shape: one 576-wide row a token and layer (kv_lora_rank 512 + rope 64) on every rank, the
+    values read from it, where its 128 heads' expanded keys and values would take 2 x 128 x 192."""
+    config = PretrainedConfig(architecture="DeepseekV3ForCausalLM", dtype="bfloat16", vocab_size=64, hidden_size=64,
+                              num_hidden_layers=1, num_attention_heads=128, num_key_value_heads=128, head_size=192,
+                              intermediate_size=64, mla_kv_lora_rank=512, mla_rope_head_dim=64, mla_v_head_dim=128)
+    for tp in (1, 8):
+        assert config.kv_cache_layout(tp) == KVCacheLayout(1, 576, values_in_keys=True)
+    assert bytes_per_block(61, 32, config.kv_cache_layout(1), torch.bfloat16) == 61 * 32 * 576 * 2
+    cache = PagedKVCache([0, 1], 2, 32, config.kv_cache_layout(1), torch.bfloat16, torch.device("cpu"))
+    assert cache.v[1] is cache.k[1] and cache.k[0].shape == (2, 32, 1, 576)
+    plain = config.replace(mla_kv_lora_rank=0, mla_rope_head_dim=0, mla_v_head_dim=0, num_key_value_heads=8,
+                           head_size=128)
+    assert plain.kv_cache_layout(2) == KVCacheLayout(4, 128)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # an explicit size replaces either budget; no GPU is touched

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kiln.config import KVCacheLayout
 from kiln.kernels import triton_available
 from kiln.kernels.input_quant import InputQuant
 from kiln.layers.attention import Attention, AttentionBatch
@@ -46,7 +47,7 @@ def _paged_vs_reference(layer: Layer, steps: list[tuple[int, int]], device: str)
 
     widest = -(-max(lengths) // BLOCK)
     num_blocks = widest * len(steps) + 3
-    kv = PagedKVCache([0], num_blocks, BLOCK, KV_HEADS, HEAD_SIZE, layer.kv_cache_dtype or torch.float32,
+    kv = PagedKVCache([0], num_blocks, BLOCK, KVCacheLayout(KV_HEADS, HEAD_SIZE), layer.kv_cache_dtype or torch.float32,
                       torch.device(device))
     stored_k, stored_v = _as_stored(layer, k, 0), _as_stored(layer, v, 1)
     order = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, not in sequence order
@@ -139,7 +140,7 @@ def test_soft_capped_scores_through_the_paged_cache(kind):
 def test_a_later_step_reads_the_keys_an_earlier_step_wrote_to_the_cache():
     # Step 1 prefills 4 tokens into block 0; step 2 writes 2 more into block 2 and reads all 6.
     layer = Layer()
-    kv = PagedKVCache([0], 3, BLOCK, KV_HEADS, HEAD_SIZE, torch.float32, torch.device("cpu"))
+    kv = PagedKVCache([0], 3, BLOCK, KVCacheLayout(KV_HEADS, HEAD_SIZE), torch.float32, torch.device("cpu"))
     k, v, q = torch.randn(6, KV_HEADS, HEAD_SIZE), torch.randn(6, KV_HEADS, HEAD_SIZE), torch.randn(6, HEADS, HEAD_SIZE)
     batch = PagedAttentionBatch([4], [0], kv, torch.arange(4), torch.tensor([[0]], dtype=torch.int32),
                                 torch.tensor([4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32))
