@@ -368,9 +368,6 @@ class PretrainedConfig:
         _check(self.num_key_value_heads == self.num_attention_heads, owner, "num_key_value_heads",
                f"num_attention_heads ({self.num_attention_heads}) with mla_kv_lora_rank: each head has its own key",
                self.num_key_value_heads)
-        _check(self.quantization.kv_cache_quant_algo is None, "QuantConfig", "kv_cache_quant_algo",
-               "None with latent attention (mla_kv_lora_rank): its cache is not quantized yet; drop "
-               "--kv-cache-quant-algo", self.quantization.kv_cache_quant_algo)
 
     def kv_cache_layout(self, tp_size: int) -> "KVCacheLayout":
         """What a rank caches of a token in each layer: its kv heads' keys and values; with latent attention one

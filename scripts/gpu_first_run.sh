@@ -49,9 +49,11 @@
 # - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
 #   kiln.kernels.moe.PAIR_TILE to a clear winner), then 4 of its layers, bf16 and W4A16, batch-1 decode under
 #   torch.profiler: its kernels by GPU time (about 5 minutes).
-# - mla: DeepSeek-V2-Lite's shapes (latent attention, 64 experts; 31 GB in bf16), batch-1 decode and batch 64: the
-#   thirty-seventh session's latent attention caches keys and values expanded per head, so expect its decode far
-#   off the roofline; a first number (about 4 minutes).
+# - mla: the latent cache's kernel tests (576-wide rows, 16 and 128 query heads, 1-byte codes read as pairs: new in
+#   the thirty-eighth session, the codes not yet run on a GPU) and DeepSeek-V3's greedy tokens on the GPU, then
+#   DeepSeek-V2-Lite's shapes (latent attention, 64 experts; 31 GB in bf16), batch-1 decode and batch 64 with the
+#   bf16 and the FP8 latent cache (about 6 minutes; s38 with the bf16 latent cache: 243.4 tok/s, 44% of the
+#   roofline).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -110,7 +112,11 @@ for part in $parts; do
                -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
-    mla) $bench_mla --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
+    mla) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_paged_attention_kernel.py \
+           tests/quantization/test_kv_cache_quant.py -k "latent"
+         KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
+           -k "greedy_tokens_equal_transformers and deepseek"
+         $bench_mla --workloads decode-1,offline-64 --kv-cache-quant-algo NONE,FP8 --output-json "$out/$part.json" ;;
     moe-profile) python scripts/bench_moe_pair_gemv.py
                  python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;

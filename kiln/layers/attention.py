@@ -83,11 +83,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if sliding else None
         self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
         self.softcap = config.attn_logit_softcapping
-        # A quantized KV cache: its code dtype, and [s_k, s_v] (kiln.quantization.kv_cache).
-        kv_algo = config.quantization.kv_cache_quant_algo
-        self.kv_cache_dtype = None if kv_algo is None else kv_format(kv_algo).dtype
-        self.register_parameter(SCALE_NAME, None if kv_algo is None else
-                                nn.Parameter(torch.ones(2), requires_grad=False))
+        add_kv_cache_scales(self, config)
         self.rope = None
         if config.position_embedding_type == "rope_gpt_neox":
             local = sliding and config.rotary_base_local is not None  # Gemma 3's local layers: own base, unscaled
@@ -160,6 +156,15 @@ class Attention(nn.Module):
         scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
         return (probs @ v).transpose(0, 1)
+
+
+def add_kv_cache_scales(attention: nn.Module, config) -> None:
+    """A quantized KV cache's code dtype (`kv_cache_dtype`) and its scales [s_k, s_v] (`kv_cache_scaling_factor`,
+    kiln.quantization.kv_cache) on an attention module; None for a cache in the model dtype."""
+    kv_algo = config.quantization.kv_cache_quant_algo
+    attention.kv_cache_dtype = None if kv_algo is None else kv_format(kv_algo).dtype
+    attention.register_parameter(SCALE_NAME, None if kv_algo is None else
+                                 nn.Parameter(torch.ones(2), requires_grad=False))
 
 
 def _heads_joined(out: torch.Tensor | Fp8Rows) -> torch.Tensor | Fp8Rows:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.layers.attention import Attention
+from kiln.layers.attention import Attention, add_kv_cache_scales
 from kiln.layers.linear import ColumnLinear, Linear, RowLinear
 from kiln.layers.normalization import RMSNorm
 from kiln.layers.rotary import apply_rope, attention_factor, rope_cos_sin
@@ -51,7 +51,8 @@ class MLAttention(nn.Module):
         # what the paged batch reads of an attention layer (kiln.runtime.paged_batch)
         self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
         self.sliding_window = self.softcap = self.out_quant = None
-        self.kv_cache_dtype = self.kv_cache_scaling_factor = None
+        # a quantized cache: the row is the key and the value, so calibration gives it one scale twice
+        add_kv_cache_scales(self, config)
         self.rope = (config.rotary_base, self.rope_dim, config.rotary_scaling, config.max_position_embeddings)
         self.rope_factor = attention_factor(config.rotary_scaling)
         self._freqs = None

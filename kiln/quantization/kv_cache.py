@@ -10,7 +10,8 @@ the cache's mean KL from 0.0038 (r = 1, the maximum) to 0.0026 (docs/quantizatio
 separate scales (`kv_cache_scaling_factor` = [s_k, s_v] under the attention module) because keys carry a few
 outlier channels that values do not: one shared scale would waste most of the values' range. One scale per
 tensor, not per head, keeps the scale a replicated 2-element tensor that any tensor-parallel split shares and the
-kernels load once.
+kernels load once. Latent attention (kiln.layers.mla) caches one row a token that is both its key and its value:
+its layers' keys and values are the same numbers, so their two scales are one, as the cache's one tensor needs.
 
 Calibration streams layer by layer, as AWQ does (kiln.quantization.awq): one float decoder layer in memory at a
 time, each fed by the float layers before it.

@@ -83,10 +83,12 @@ class PagedAttentionBatch:
         k_flat, v_flat = self._flat_cache(layer)
         kv_scale = layer.kv_cache_scaling_factor  # None: the cache holds keys and values as they are
         if not kv_written:
+            shared = v_cache is k_cache  # one tensor: the values are read from the keys' rows (latent attention)
             if kv_scale is not None:
-                k, v = quantize(k, kv_scale[0], k_cache.dtype), quantize(v, kv_scale[1], v_cache.dtype)
+                k = quantize(k, kv_scale[0], k_cache.dtype)
+                v = k if shared else quantize(v, kv_scale[1], v_cache.dtype)
             _write(k_flat, self.slot_mapping, k)
-            if v_cache is not k_cache:  # (one tensor: the values are read from the keys' rows, latent attention's)
+            if not shared:
                 _write(v_flat, self.slot_mapping, v)
         if layer.softcap is not None:
             return self._attend_each(layer, q, k_flat, v_flat, range(len(self.query_lens)))

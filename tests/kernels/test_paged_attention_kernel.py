@@ -449,3 +449,20 @@ def test_latent_attention_rows_match_the_reference(dtype, heads):
     args = [t.cuda() for t in (q, cache, cache, tables, cu, ctx)]
     got = paged_prefill_attention(*args, scale, max_query_len=20)
     torch.testing.assert_close(got, paged_prefill_attention_ref(*args, scale), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads", [16, 128])
+def test_latent_rows_in_codes_decode_like_the_reference(heads, code_dtype):
+    """A quantized latent cache: 1-byte codes of the 576-wide rows under one scale for keys and values, read as
+    16-bit words of two codes (CODES_AS_PAIRS) in WIDE_DECODE_CONFIG's tiles."""
+    dtype = torch.bfloat16
+    q, cache, _, tables, ctx, _, _ = make_decode_case([7, 300, 33], heads, 1, 576, 32, dtype, seed=heads)
+    codes, s = to_codes(cache, code_dtype)
+    kv_scale = torch.tensor([s, s], dtype=dtype, device="cuda")
+    args = [t.cuda() for t in (q, codes, codes, tables, ctx)]
+    got = paged_decode_attention(*args, 192 ** -0.5, None, kv_scale)
+    want = paged_decode_attention_ref(*args, 192 ** -0.5, None, kv_scale)
+    print(f"latent decode {code_dtype} {heads} heads: max err {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])

@@ -347,3 +347,86 @@ def test_every_tensor_parallel_rank_holds_the_same_scales(kv_llama, kv_quantized
             name = f"transformer.layers.{i}.attention.{SCALE}"
             assert torch.equal(shard[name], one[name])
         PretrainedModel.from_checkpoint(out, rank).materialize()
+
+
+def deepseek_v3(hf_dir, seed: int = 5):
+    """A tiny DeepSeek-V3 (latent attention: 32-wide latent, 16 rope dims; one dense and one MoE layer), saved."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                 n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,
+                                 qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=1, topk_group=1,
+                                 first_k_dense_replace=1, tie_word_embeddings=False)
+    hf = tf.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.model.layers[1].mlp.gate.weight.normal_(0, 0.3)  # (transformers starts routers at zero)
+    hf.save_pretrained(hf_dir)
+    return hf
+
+
+def latent_rows_of(hf, ids: torch.Tensor, scales=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """transformers' logits over ids and each layer's cached latent rows [normed latent | rotated rope key], with
+    the rows fake-quantized to int8 by `scales` (one per layer) before attention when given."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+
+    rows, expand = [], ds.DeepseekV3Attention.expand_kv
+
+    def recording_expand(self, kv_nope, k_rot):
+        rows.append(torch.cat([kv_nope, k_rot], dim=-1).detach().clone())
+        if scales is not None:
+            s = scales[self.layer_idx]
+            kv_nope, k_rot = ((x / s).round().clamp(-127, 127) * s for x in (kv_nope, k_rot))
+        return expand(self, kv_nope, k_rot)
+    ds.DeepseekV3Attention.expand_kv = recording_expand
+    try:
+        with torch.no_grad():
+            logits = hf(ids).logits
+    finally:
+        ds.DeepseekV3Attention.expand_kv = expand
+    return logits, rows
+
+
+@pytest.mark.parametrize("algo", ["INT8", "FP8"])
+def test_latent_attention_caches_its_rows_in_codes_of_one_scale(algo, tmp_path):
+    """Latent attention (DeepSeek) caches one row a token, its key and its value both: one scale for the two,
+    calibrated on transformers' latent rows; the reference forward is transformers' with the rows quantized (int8,
+    written out); LLM over the paged codes (prefill, decode, a reused prefix) gives the reference's greedy tokens
+    and logprobs; the cache is one tensor of 1-byte codes, half the bytes of the bf16 one."""
+    from kiln.quantization.kv_cache import calibrated_scale
+
+    hf = deepseek_v3(tmp_path / "hf")
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(kv_cache_quant_algo=algo),
+                                        **CALIB)
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    tokens = calibration.token_batches([calib_text.CALIBRATION], None, hf.config.vocab_size, CALIB["calib_size"],
+                                       CALIB["calib_max_seq_len"])
+    _, rows = latent_rows_of(hf, tokens)
+    scales = [ckpt[f"transformer.layers.{i}.attention.{SCALE}"] for i in range(2)]
+    for s, row in zip(scales, rows):
+        want = calibrated_scale(row, kiln.QuantAlgo(algo), torch.float32)
+        torch.testing.assert_close(s, torch.stack([want, want]), rtol=1e-5, atol=0)
+
+    ids = torch.tensor([[1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8]])
+    model = PretrainedModel.from_checkpoint(ckpt_dir)
+    if algo == "INT8":
+        want, _ = latent_rows_of(hf, ids, [s[0] for s in scales])
+        with torch.no_grad():
+            got = model(ids)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert (got - latent_rows_of(hf, ids)[0]).abs().max() > 1e-4  # (it would see an unquantized cache)
+
+    kiln.build(model, BuildConfig(max_batch_size=2, max_seq_len=64, tokens_per_block=8)).save(tmp_path / "e")
+    prefix = [1, 17, 5, 99, 42, 7, 3, 64, 120, 11, 0, 8, 33, 2, 90, 61]
+    params = kiln.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    with kiln.LLM(tmp_path / "e") as llm:
+        kv = llm.runner.kv
+        assert kv.v[0] is kv.k[0] and kv.k[0].dtype == DTYPE[algo] and kv.k[0].shape[2:] == (1, 48)
+        outs = [llm.generate(p, params)[0].outputs[0] for p in (prefix + [4, 9], prefix + [77, 23, 5])]
+    reference = model.materialize()
+    for prompt, out in zip((prefix + [4, 9], prefix + [77, 23, 5]), outs):
+        tokens, logprobs = reference_greedy(reference, prompt, 10)
+        assert out.token_ids == tokens
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in out.logprobs]), torch.tensor(logprobs),
+                                   rtol=0, atol=1e-4)

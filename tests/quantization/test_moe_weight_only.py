@@ -200,20 +200,6 @@ def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path
     assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
 
 
-def test_a_quantized_kv_cache_on_latent_attention_is_refused_by_name_and_writes_nothing(tmp_path):
-    """Latent attention's cache rows (the latent and the rotated key) have no scales yet: an INT8 or FP8 cache would
-    store them unscaled. The quantize call names the field and the fix, and leaves no output."""
-    config = tf.DeepseekV3Config(vocab_size=127, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                 n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,
-                                 qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=1, topk_group=1)
-    tf.DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ConfigError, match="kv_cache_quant_algo.*latent attention"):
-        PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q",
-                                 QuantConfig(quant_algo="W8A16", kv_cache_quant_algo="INT8"))
-    assert not (tmp_path / "q").exists()
-
-
 def test_the_engine_holds_exactly_the_formats_size(quantized, tmp_path):
     """Issue 4's memory line on a mixture of experts: every decoder linear (attention's, and each expert's fc,
     gate and proj) as the format defines it, 1 byte a weight and one scale an output (W8A16) or half a byte and
