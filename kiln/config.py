@@ -230,6 +230,8 @@ class PretrainedConfig:
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
     sandwich_norm: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
     embedding_multiplier: float = 1.0  # sqrt(hidden_size) in Gemma, applied in the activations' dtype
+    residual_multiplier: float = 1.0  # each sub-block's output times this before it joins the residual (Granite)
+    logits_scaling: float = 1.0  # logits divided by this (Granite)
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power; None: head_size
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None
@@ -306,12 +308,13 @@ class PretrainedConfig:
                "False unless norm_type is 'rmsnorm'", self.norm_unit_offset)
         _check(not (self.parallel_residual and self.sandwich_norm), owner, "sandwich_norm",
                "False with parallel_residual", self.sandwich_norm)
-        for name in ("embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcapping",
-                     "final_logit_softcapping", "rotary_base_local"):
+        multipliers = ("embedding_multiplier", "residual_multiplier", "logits_scaling")  # (never None)
+        for name in (*multipliers, "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "rotary_base_local"):
             value = getattr(self, name)
-            _check(value is None and name != "embedding_multiplier" or
+            _check(value is None and name not in multipliers or
                    isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, owner, name,
-                   "a number > 0" + ("" if name == "embedding_multiplier" else " or None"), value)
+                   "a number > 0" + ("" if name in multipliers else " or None"), value)
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             _check(len(self.layer_types) == self.num_hidden_layers and set(self.layer_types) <= set(LAYER_TYPES),

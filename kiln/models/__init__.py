@@ -22,6 +22,8 @@ _REGISTRY = {
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),
     "GPT2LMHeadModel": ("kiln.models.gpt2.model", "GPT2ForCausalLM"),
+    "GraniteForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
+    "GraniteMoeForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GPTNeoXForCausalLM": ("kiln.models.gpt_neox.model", "GPTNeoXForCausalLM"),
     "MixtralForCausalLM": ("kiln.models.mixtral.model", "MixtralForCausalLM"),
     "Phi3ForCausalLM": ("kiln.models.phi3.model", "Phi3ForCausalLM"),

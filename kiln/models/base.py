@@ -254,6 +254,14 @@ class PretrainedModel(nn.Module):
                                   f"are from different runs: write it again with {made_by} of the source model")
 
 
+def final_logits(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    """lm_head's output as the model's logits: divided by logits_scaling (Granite), soft-capped (Gemma 2)."""
+    if config.logits_scaling != 1.0:
+        logits = logits / config.logits_scaling
+    cap = config.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class DecoderLayer(nn.Module):
     """One decoder block. Pre-norm (Llama): h = x + attn(norm(x)), then h + mlp(norm(h)); parallel
     residual (GPT-NeoX): x + attn(norm1(x)) + mlp(norm2(x)); sandwich norms (Gemma 2/3) also normalise
@@ -274,6 +282,7 @@ class DecoderLayer(nn.Module):
         if config.sandwich_norm:
             self.attention_out_layernorm = make_norm(config)
             self.mlp_out_layernorm = make_norm(config)
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x, positions, batch, residual=None):
         h, residual = add_and_norm(self.input_layernorm, x, residual)
@@ -282,9 +291,13 @@ class DecoderLayer(nn.Module):
             return self.mlp(self.post_layernorm(residual)) + attn, residual
         if self.sandwich_norm:
             attn = self.attention_out_layernorm(attn)
-        h, residual = add_and_norm(self.post_layernorm, attn, residual)
+        h, residual = add_and_norm(self.post_layernorm, self._scaled(attn), residual)
         mlp = self.mlp(h)
-        return (self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
+        return self._scaled(self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """A sub-block's output as it joins the residual: times residual_multiplier (Granite), in its dtype."""
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def fuse_input_quantization(self) -> None:
         """Where a linear takes quantized input (LinearMethod.input_quant: the FP8 formats, SmoothQuant, W4A8_AWQ)
@@ -450,6 +463,4 @@ class DecoderModelForCausalLM(PretrainedModel):
             return x
         if last_token_only and max(batch.query_lens) > 1:  # (decode steps have one token per sequence)
             x = x[batch.last_token_rows(x.device)]
-        logits = self.lm_head(x)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return final_logits(self.config, self.lm_head(x))

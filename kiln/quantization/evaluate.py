@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.layers.attention import AttentionBatch
+from kiln.models.base import final_logits
 from kiln.quantization import streaming
 
 REPORT_FILE = "quant_report.json"
@@ -121,9 +122,7 @@ class _Head:
         self.lm_head = streaming.load_module(model.lm_head, "lm_head.", model, device)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden))
-        cap = self.model.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return final_logits(self.model.config, self.lm_head(self.norm(hidden)))
 
     def release(self) -> None:
         self.norm.to_empty(device="meta")

@@ -11,6 +11,7 @@ import test_gemma
 import test_glm4_moe
 import test_gpt2
 import test_gpt_neox
+import test_granite
 import test_mixtral
 import test_phi3
 import test_qwen
@@ -22,6 +23,7 @@ from kiln.models.gemma.model import GemmaForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
+from kiln.models.granite.model import GraniteForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.phi3.model import Phi3ForCausalLM
 from kiln.models.qwen.model import QWenForCausalLM
@@ -33,6 +35,7 @@ FAMILIES = {
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
+    "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
     # phi3_longrope_long compares without a KV cache only (see test_phi3)
     "phi3": (test_phi3.CASES, Phi3ForCausalLM, test_phi3.RUNTIME_CASES, ["phi3_longrope_short"]),
