@@ -226,6 +226,8 @@ class PretrainedConfig:
     norm_type: str = "rmsnorm"  # "layernorm" has a bias (GPT-2, GPT-NeoX)
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
+    qk_norm_full_width: bool = False  # ... over all of a token's q heads, and all its k heads, at once (OLMo 2)
+    pre_norm: bool = True  # a norm before each sub-block; False with sandwich_norm: after it only (OLMo 2)
     gated_mlp: bool = True
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
     sandwich_norm: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
@@ -308,6 +310,10 @@ class PretrainedConfig:
                "False unless norm_type is 'rmsnorm'", self.norm_unit_offset)
         _check(not (self.parallel_residual and self.sandwich_norm), owner, "sandwich_norm",
                "False with parallel_residual", self.sandwich_norm)
+        _check(self.pre_norm or self.sandwich_norm, owner, "pre_norm",
+               "True unless sandwich_norm (a layer needs its norms before or after each sub-block)", self.pre_norm)
+        _check(self.qk_norm or not self.qk_norm_full_width, owner, "qk_norm_full_width", "False without qk_norm",
+               self.qk_norm_full_width)
         multipliers = ("embedding_multiplier", "residual_multiplier", "logits_scaling")  # (never None)
         for name in (*multipliers, "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                      "rotary_base_local"):

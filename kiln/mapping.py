@@ -218,10 +218,15 @@ def shard_qkv(tensor: torch.Tensor, mapping: Mapping, num_heads: int, num_kv_hea
     tp, r = mapping.tp_size, mapping.tp_rank
     q, k, v = tensor.split([num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size])
     q = _split(q, 0, tp, r, "the query heads")
-    if num_kv_heads >= tp:
-        k, v = (_split(t, 0, tp, r, "the key/value heads") for t in (k, v))
-    else:
-        kv_per_rank = kv_heads_per_rank(num_kv_heads, tp)  # validates; == 1
-        head = r * num_kv_heads // tp
-        k, v = (t.narrow(0, head * head_size, kv_per_rank * head_size) for t in (k, v))
+    k, v = (shard_kv_heads(t, mapping, num_kv_heads, head_size) for t in (k, v))
     return torch.cat([q, k, v]).contiguous()
+
+
+def shard_kv_heads(tensor: torch.Tensor, mapping: Mapping, num_kv_heads: int, head_size: int) -> torch.Tensor:
+    """The rows of this rank's KV heads (dim 0, head_size a head): a share of them, or the one head a rank
+    replicates when tp_size exceeds them."""
+    tp, r = mapping.tp_size, mapping.tp_rank
+    if num_kv_heads >= tp:
+        return _split(tensor, 0, tp, r, "the key/value heads")
+    kv_per_rank = kv_heads_per_rank(num_kv_heads, tp)  # validates; == 1
+    return tensor.narrow(0, r * num_kv_heads // tp * head_size, kv_per_rank * head_size)

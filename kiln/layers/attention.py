@@ -8,6 +8,7 @@ the reference path (plain PyTorch, any device); fast kernels take the same input
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,9 @@ from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.rotary import HeadNorms, apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
-from kiln.layers.normalization import RMSNorm, make_norm
+from kiln.layers.normalization import RMSNorm, ShardedRMSNorm, make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
-from kiln.mapping import Mapping
+from kiln.mapping import Mapping, kv_heads_per_rank, shard_column, shard_kv_heads
 from kiln.quantization.kv_cache import SCALE_NAME, fake_quantize, kv_format
 
 
@@ -76,7 +77,9 @@ class Attention(nn.Module):
         # dense's quantized input (kiln.kernels.input_quant), set at engine load (DecoderLayer.fuse_input_quantization):
         # decode attention may then return it (Fp8Rows) instead of its 16-bit output.
         self.out_quant: InputQuant | None = None
-        if config.qk_norm:
+        if config.qk_norm_full_width:
+            self.q_norm, self.k_norm = full_width_qk_norms(config, mapping)
+        elif config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
         self.qk_norm = config.qk_norm
         sliding = config.is_sliding_layer(layer_idx)
@@ -156,6 +159,15 @@ class Attention(nn.Module):
         scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
         return (probs @ v).transpose(0, 1)
+
+
+def full_width_qk_norms(config, mapping: Mapping) -> tuple[ShardedRMSNorm, ShardedRMSNorm]:
+    """OLMo 2's q_norm and k_norm, each over all of a token's query (key) heads, on this rank's heads."""
+    d, tp, kv = config.head_size, mapping.tp_size, config.num_key_value_heads
+    q = ShardedRMSNorm(config.num_attention_heads // tp, d, config.norm_epsilon, mapping, shard_column)
+    k = ShardedRMSNorm(kv_heads_per_rank(kv, tp), d, config.norm_epsilon, mapping,
+                       functools.partial(shard_kv_heads, num_kv_heads=kv, head_size=d))
+    return q, k
 
 
 def add_kv_cache_scales(attention: nn.Module, config) -> None:

@@ -9,6 +9,7 @@ from kiln.kernels import triton_available
 from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 from kiln.mapping import replicate
+from kiln.runtime.distributed import all_reduce
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +35,37 @@ class RMSNorm(nn.Module):
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_ref(x, self.weight, self.eps, unit_offset=self.unit_offset)
+
+
+class Unnormed(nn.Module):
+    """No norm before a sub-block (OLMo 2 norms the sub-blocks' outputs instead): it reads the residual stream as
+    it is; with a residual, (x + residual, x + residual), as add_and_norm expects of a norm."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return x
+        x = x + residual
+        return x, x
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over all of a token's heads at once (OLMo 2's q_norm and k_norm, `qk_norm_full_width`), on
+    [tokens, heads, head_size] of this rank's heads: the mean square over every rank's, their sums all-reduced
+    across tensor-parallel ranks and divided by all ranks' widths. Replicated KV heads (more ranks than heads)
+    count once per rank in both, so the mean is the same. The weight multiplies in float32 before the rounding,
+    as OLMo's norms do."""
+
+    def __init__(self, heads: int, head_size: int, eps: float, mapping, shard_rule):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads * head_size), requires_grad=False)
+        self.eps, self.mapping = eps, mapping
+        self.shard_rules = {"weight": shard_rule}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], -1).float()
+        squares = all_reduce(h.pow(2).sum(-1, keepdim=True), self.mapping)
+        h = h * torch.rsqrt(squares / (h.shape[1] * self.mapping.tp_size) + self.eps)
+        return (self.weight.float() * h).to(x.dtype).view_as(x)
 
 
 class LayerNorm(nn.Module):

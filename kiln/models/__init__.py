@@ -26,6 +26,8 @@ _REGISTRY = {
     "GraniteMoeForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GPTNeoXForCausalLM": ("kiln.models.gpt_neox.model", "GPTNeoXForCausalLM"),
     "MixtralForCausalLM": ("kiln.models.mixtral.model", "MixtralForCausalLM"),
+    "Olmo2ForCausalLM": ("kiln.models.olmo.model", "OlmoForCausalLM"),
+    "Olmo3ForCausalLM": ("kiln.models.olmo.model", "OlmoForCausalLM"),
     "Phi3ForCausalLM": ("kiln.models.phi3.model", "Phi3ForCausalLM"),
     "Qwen2ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
     "Qwen3ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),

@@ -28,7 +28,7 @@ from kiln.layers.embedding import LMHead, PositionEmbedding, VocabEmbedding
 from kiln.layers.linear import prepare_linear_layers
 from kiln.layers.mlp import GatedMLP, make_mlp
 from kiln.layers.moe import MoE
-from kiln.layers.normalization import RMSNorm, add_and_norm, make_norm
+from kiln.layers.normalization import RMSNorm, Unnormed, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import (apply_quant_config, check_experts_importable, quantized_linears,
@@ -265,7 +265,7 @@ def final_logits(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor
 class DecoderLayer(nn.Module):
     """One decoder block. Pre-norm (Llama): h = x + attn(norm(x)), then h + mlp(norm(h)); parallel
     residual (GPT-NeoX): x + attn(norm1(x)) + mlp(norm2(x)); sandwich norms (Gemma 2/3) also normalise
-    each sub-block's output before it joins the residual.
+    each sub-block's output before it joins the residual, and without pre-norms (OLMo 2) only that.
 
     A layer returns its last sub-block's output and the residual stream apart, (out, residual): the next
     layer's first norm adds them (`add_and_norm`), one fused kernel on the GPU instead of an add and a norm.
@@ -274,9 +274,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int, fused_mlp: bool):
         super().__init__()
         self.parallel_residual = config.parallel_residual
-        self.input_layernorm = make_norm(config)
+        self.input_layernorm = make_norm(config) if config.pre_norm else Unnormed()
         self.attention = (MLAttention if config.mla_kv_lora_rank else Attention)(config, layer_idx, config.mapping)
-        self.post_layernorm = make_norm(config)
+        self.post_layernorm = make_norm(config) if config.pre_norm else Unnormed()
         self.mlp = MoE(config, fused_mlp) if config.is_moe_layer(layer_idx) else make_mlp(config, fused_mlp)
         self.sandwich_norm = config.sandwich_norm
         if config.sandwich_norm:

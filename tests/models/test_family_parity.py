@@ -13,6 +13,7 @@ import test_gpt2
 import test_gpt_neox
 import test_granite
 import test_mixtral
+import test_olmo
 import test_phi3
 import test_qwen
 from family_checks import (check_convert_checkpoint, check_from_hugging_face, check_runtime, check_tensor_parallel,
@@ -25,6 +26,7 @@ from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 from kiln.models.granite.model import GraniteForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
+from kiln.models.olmo.model import OlmoForCausalLM
 from kiln.models.phi3.model import Phi3ForCausalLM
 from kiln.models.qwen.model import QWenForCausalLM
 
@@ -37,6 +39,7 @@ FAMILIES = {
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
     "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
+    "olmo": (test_olmo.CASES, OlmoForCausalLM, list(test_olmo.CASES), ["olmo2", "olmo3"]),
     # phi3_longrope_long compares without a KV cache only (see test_phi3)
     "phi3": (test_phi3.CASES, Phi3ForCausalLM, test_phi3.RUNTIME_CASES, ["phi3_longrope_short"]),
     "qwen": (test_qwen.CASES, QWenForCausalLM, list(test_qwen.CASES), ["qwen2_tied", "qwen3_moe", "qwen2_moe"]),
