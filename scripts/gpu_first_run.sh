@@ -109,7 +109,7 @@ for part in $parts; do
                tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
                -k "norms or route or matches_reference or pdl"
              KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
-               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek)"
+               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek or granite or olmo)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
     mla) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_paged_attention_kernel.py \
