@@ -240,6 +240,7 @@ class PretrainedConfig:
     layer_types: tuple[str, ...] | None = None  # per layer: full or sliding; None: sliding_window for all
     rotary_dim: int | None = None  # rotate the first rotary_dim dims of each head (GPT-NeoX); None: all
     rotary_base_local: float | None = None  # rotary base of sliding layers, unscaled (Gemma 3)
+    nope_layers: tuple[int, ...] = ()  # layers whose attention has no rotary: no positions at all (SmolLM3)
     moe_num_experts: int = 0  # 0: dense MLP
     moe_top_k: int = 0
     moe_intermediate_size: int = 0
@@ -321,6 +322,9 @@ class PretrainedConfig:
             _check(value is None and name not in multipliers or
                    isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, owner, name,
                    "a number > 0" + ("" if name in multipliers else " or None"), value)
+        object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
+        _check(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.nope_layers), owner,
+               "nope_layers", f"layer indices in [0, num_hidden_layers={self.num_hidden_layers})", self.nope_layers)
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             _check(len(self.layer_types) == self.num_hidden_layers and set(self.layer_types) <= set(LAYER_TYPES),

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.softcap = config.attn_logit_softcapping
         add_kv_cache_scales(self, config)
         self.rope = None
-        if config.position_embedding_type == "rope_gpt_neox":
+        if config.position_embedding_type == "rope_gpt_neox" and layer_idx not in config.nope_layers:
             local = sliding and config.rotary_base_local is not None  # Gemma 3's local layers: own base, unscaled
             scaling = None if local else config.rotary_scaling
             self.rope = (config.rotary_base_local if local else config.rotary_base,

@@ -33,6 +33,7 @@ _REGISTRY = {
     "Qwen3ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
     "Qwen2MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
     "Qwen3MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
+    "SmolLM3ForCausalLM": ("kiln.models.smollm3.model", "SmolLM3ForCausalLM"),
 }
 MODEL_MAP = dict(_REGISTRY)
 

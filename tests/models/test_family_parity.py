@@ -16,6 +16,7 @@ import test_mixtral
 import test_olmo
 import test_phi3
 import test_qwen
+import test_smollm3
 from family_checks import (check_convert_checkpoint, check_from_hugging_face, check_runtime, check_tensor_parallel,
                            report_max_diffs, shared_family)
 
@@ -29,6 +30,7 @@ from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.olmo.model import OlmoForCausalLM
 from kiln.models.phi3.model import Phi3ForCausalLM
 from kiln.models.qwen.model import QWenForCausalLM
+from kiln.models.smollm3.model import SmolLM3ForCausalLM
 
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
@@ -43,6 +45,7 @@ FAMILIES = {
     # phi3_longrope_long compares without a KV cache only (see test_phi3)
     "phi3": (test_phi3.CASES, Phi3ForCausalLM, test_phi3.RUNTIME_CASES, ["phi3_longrope_short"]),
     "qwen": (test_qwen.CASES, QWenForCausalLM, list(test_qwen.CASES), ["qwen2_tied", "qwen3_moe", "qwen2_moe"]),
+    "smollm3": (test_smollm3.CASES, SmolLM3ForCausalLM, list(test_smollm3.CASES), ["smollm3"]),
 }
 ALL_CASES = [(f, case) for f, (cases, *_) in FAMILIES.items() for case in cases]
 RUNTIME_CASES = [(f, case) for f, (_, _, runtime, _) in FAMILIES.items() for case in runtime]
