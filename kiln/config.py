@@ -224,6 +224,7 @@ class PretrainedConfig:
     # Structure beyond Llama (defaults are Llama's). Families set them in their HF config readers.
     qkv_bias: bool = False  # bias on q/k/v only (Qwen2); attention_bias puts one on the output too
     norm_type: str = "rmsnorm"  # "layernorm" has a bias (GPT-2, GPT-NeoX)
+    norm_bias: bool = True  # the layernorm's bias; False: none (Cohere)
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
     qk_norm_full_width: bool = False  # ... over all of a token's q heads, and all its k heads, at once (OLMo 2)

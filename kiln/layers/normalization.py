@@ -69,10 +69,10 @@ class ShardedRMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False) if bias else None
         self.eps = eps
         self.shard_rules = {"weight": replicate, "bias": replicate}
 
@@ -81,8 +81,8 @@ class LayerNorm(nn.Module):
         if residual is not None:
             x = x + residual
             return self(x), x
-        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps).to(x.dtype)
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
@@ -94,5 +94,5 @@ def make_norm(config, size: int | None = None) -> nn.Module:
     """The config's norm over `size` features (default hidden_size)."""
     size = size or config.hidden_size
     if config.norm_type == "layernorm":
-        return LayerNorm(size, config.norm_epsilon)
+        return LayerNorm(size, config.norm_epsilon, config.norm_bias)
     return RMSNorm(size, config.norm_epsilon, config.norm_unit_offset)

@@ -18,6 +18,8 @@ _REGISTRY = {
     "GemmaForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
+    "CohereForCausalLM": ("kiln.models.cohere.model", "CohereForCausalLM"),
+    "Cohere2ForCausalLM": ("kiln.models.cohere.model", "CohereForCausalLM"),
     "DeepseekV2ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),

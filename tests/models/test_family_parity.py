@@ -6,6 +6,7 @@ family's cases (the structural variants it must cover) live in its own test_<fam
 from __future__ import annotations
 
 import pytest
+import test_cohere
 import test_deepseek_v3
 import test_gemma
 import test_glm4_moe
@@ -20,6 +21,7 @@ import test_smollm3
 from family_checks import (check_convert_checkpoint, check_from_hugging_face, check_runtime, check_tensor_parallel,
                            report_max_diffs, shared_family)
 
+from kiln.models.cohere.model import CohereForCausalLM
 from kiln.models.deepseek.model import DeepseekV3ForCausalLM
 from kiln.models.gemma.model import GemmaForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
@@ -34,6 +36,7 @@ from kiln.models.smollm3.model import SmolLM3ForCausalLM
 
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
+    "cohere": (test_cohere.CASES, CohereForCausalLM, list(test_cohere.CASES), ["cohere2"]),
     "deepseek": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),

@@ -1,0 +1,48 @@
+"""Cohere's Command R (CohereForCausalLM) and Command R7B / Command A (Cohere2ForCausalLM): attention and the MLP
+in parallel on one LayerNorm's output (no bias; kiln's parallel residual, both norms read from the one weight),
+interleaved rotary pairs (the q and k rows are reordered to the rotate-half layout at conversion, as Meta's
+checkpoints are), tied embeddings and logits multiplied by `logit_scale`. Command R7B and A slide a window in three
+layers of four and use no rotary in the fourth, global one.
+
+Command R+'s q/k norms (`use_qk_norm`: a LayerNorm weight per head) are refused until kiln's q/k norms take a
+weight per head.
+"""
+
+from __future__ import annotations
+
+from kiln.checkpoint.name_map import NameMap, Src
+from kiln.errors import ConfigError
+from kiln.models import hf_config
+from kiln.models.base import DecoderModelForCausalLM
+from kiln.models.llama.convert import L, _k_rows, _q_rows, hf_table
+
+HF = "model.layers.{i}."
+
+
+def cohere_structure(hf: dict) -> dict:
+    if hf.get("use_qk_norm"):
+        raise ConfigError("use_qk_norm is true (Command R+): its q/k LayerNorms hold a weight per head, which kiln's "
+                          "q/k norms do not take yet; supported: Command R (v01, 08-2024), Command R7B, Command A")
+    fields = dict(norm_type="layernorm", norm_bias=False, norm_epsilon=hf.get("layer_norm_eps", 1e-5),
+                  parallel_residual=True, logits_scaling=1 / hf.get("logit_scale", 1.0), **hf_config.sliding_fields(hf))
+    if fields["layer_types"]:  # Command R7B / A: the global layers have no rotary
+        fields["nope_layers"] = tuple(i for i, t in enumerate(fields["layer_types"]) if t == "full_attention")
+    return fields
+
+
+class CohereForCausalLM(DecoderModelForCausalLM):
+    HF_ARCHITECTURES = ("CohereForCausalLM", "Cohere2ForCausalLM")
+
+    @classmethod
+    def config_from_hf(cls, hf, dtype, mapping, generation, path):
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, cohere_structure)
+
+    @classmethod
+    def hf_name_map(cls, config):
+        attn = HF + "self_attn."
+        return NameMap({
+            **hf_table(config.tie_word_embeddings),
+            L + "post_layernorm.weight": HF + "input_layernorm.weight",  # (the MLP reads the same norm)
+            L + "attention.qkv.weight": (Src(attn + "q_proj.weight", _q_rows), Src(attn + "k_proj.weight", _k_rows),
+                                         attn + "v_proj.weight"),
+        })
