@@ -76,7 +76,7 @@ def engine_weights(model: PretrainedModel):
             # (-2; stacked experts too); biases and per-channel scales are [out]: join on -1. fc and gate
             # share their input, so an AWQ prequant scale [in], a static activation scale [1] and a GPTQ
             # act-order input permutation [in] are one for both (fc's is kept).
-            dim = -1 if tensor.dim() == 1 else -2
+            dim = -1 if tensor.dim() == 1 or name.endswith(".bias") else -2  # (stacked experts' [experts, out])
             tensor = torch.cat([tensor, model.read_weight(_sibling(name, "gate"))], dim=dim)
         yield runtime, tensor
 

@@ -178,7 +178,7 @@ ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
 ROPE_PER_FREQUENCY_FIELDS = ("factors", "short_factor", "long_factor")  # lists of (rotary dim / 2) values
 NORM_TYPES = ("rmsnorm", "layernorm")
 # Activations by MLP kind: a gated MLP is act(fc(x)) * gate(x) (SwiGLU, GeGLU), a plain one act(fc(x)).
-GATED_ACTIVATIONS = ("silu", "gelu_tanh")
+GATED_ACTIVATIONS = ("silu", "gelu_tanh", "quick_gelu")
 PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MOE_ROUTERS = ("softmax", "sigmoid")  # how a mixture of experts chooses (PretrainedConfig.moe_router)
@@ -228,6 +228,7 @@ class PretrainedConfig:
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
     qk_norm_full_width: bool = False  # ... over all of a token's q heads, and all its k heads, at once (OLMo 2)
+    attention_sinks: bool = False  # a learned logit per head joins each softmax's denominator (gpt-oss: `sinks`)
     pre_norm: bool = True  # a norm before each sub-block; False with sandwich_norm: after it only (OLMo 2)
     gated_mlp: bool = True
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
@@ -257,6 +258,11 @@ class PretrainedConfig:
     moe_num_groups: int = 1
     moe_topk_groups: int = 1
     moe_routed_scaling: float = 1.0
+    # gpt-oss: a bias on the router and on every expert's projections, and its clamped GLU: act(min(fc, limit)) *
+    # (clamp(gate, -limit, limit) + 1) where moe_swiglu_limit is set (None: act(fc) * gate)
+    moe_router_bias: bool = False
+    moe_expert_bias: bool = False
+    moe_swiglu_limit: float | None = None
     # Multi-head latent attention (DeepSeek-V3, Kimi K2; kiln.layers.mla), on where mla_kv_lora_rank > 0: each head's
     # key and value expanded from one latent of that rank, the key's last mla_rope_head_dim dims from one rotated key
     # all heads share (in interleaved pairs when mla_rope_interleave); q through a rank-mla_q_lora_rank bottleneck (0:

@@ -181,6 +181,13 @@ def shard_experts(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     return _local_experts(tensor, mapping)
 
 
+def shard_expert_row_bias(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
+    """A row-parallel expert's bias [experts, out]: this rank's experts, whole on moe_tp rank 0 and zeros on the
+    others, so the all-reduce of their partial sums adds it once."""
+    local = _local_experts(tensor, mapping)
+    return local if mapping.moe_tp_rank == 0 else torch.zeros_like(local)
+
+
 def shard_expert_row(tensor: torch.Tensor, mapping: Mapping) -> torch.Tensor:
     """Stacked expert weights [experts, out, in]: this rank's experts, then their slice of the input dim."""
     return _split(_local_experts(tensor, mapping), 2, mapping.moe_tp_size, mapping.moe_tp_rank,

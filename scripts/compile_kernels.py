@@ -24,7 +24,7 @@ from kiln.kernels import (activation, fp8_group_gemm, fp8_quant, gated_gemm, gem
                           paged_attention_kernels, quant_gemm, rmsnorm, rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"eps", "scale_log2", "scaling"}
+FLOAT_SCALARS = {"eps", "scale_log2", "scaling", "limit"}
 CODES = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8 groups": "*fp8e4nv", "fp8 rows": "*fp8e4nv",
          "fp8 prequant": "*fp8e4nv"}  # a quantized output's pointer type
 # a norm's or activation's output -> its FP8_GROUP for a program of `block` inputs
@@ -47,7 +47,7 @@ def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
     return {p.name: kind(p) for p in fn.params}
 
 
-ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, CODES_FP16=False, IEEE=False, BLOCK_D=128)
+ATTENTION = dict(HAS_WINDOW=True, HAS_SCALE=False, CODES_FP16=False, IEEE=False, BLOCK_D=128, HAS_SINK=False)
 CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"rotary write={w} quant={q} heads={h} norm={n}", rotary._rotary_kernel,
        dict(WRITE_CACHE=w, QUANT=q, QMAX=m, NORM=n, BLOCK_H=h, BLOCK_D=64),
@@ -95,32 +95,36 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"decode code pairs int8={i8} one_split={one}{' prefetch' if pf else ''}",
        paged_attention_kernels.decode_code_pairs_kernel,
        {**{c: v for c, v in ATTENTION.items() if c not in ("CODES_FP16", "IEEE")}, "PAGE": 32, "HAS_SCALE": True,
-        "ONE_SPLIT": one, "FUSED_MERGE": not one, "BLOCK_G": 16, "BLOCK_N": 64, "INT8": i8, "PREFETCH": pf},
+        "ONE_SPLIT": one, "FUSED_MERGE": not one, "BLOCK_G": 16, "BLOCK_N": 64, "INT8": i8, "PREFETCH": pf, "HAS_SINK": one and pf},
        dict(k_ptr="*i16", v_ptr="*i16", bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*bf16" if one else "*fp32",
             lse_ptr="*fp32", count_ptr="*i32")) for i8 in (False, True) for one in (True, False)
       for pf in (False, True)],
-    ("decode one split", paged_attention_kernels.decode_split_kernel,
-     dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, FUSED_MERGE=False, BLOCK_G=16, BLOCK_N=64),
-     dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")),
+    *[(f"decode one split sinks={sink}", paged_attention_kernels.decode_split_kernel,
+       dict(ATTENTION, PAGE=32, HAS_SCALE=False, ONE_SPLIT=True, FUSED_MERGE=False, BLOCK_G=16, BLOCK_N=64,
+            HAS_SINK=sink),
+       dict(bt_ptr="*i32", ctx_ptr="*i32", lse_ptr="*fp32")) for sink in (False, True)],
     ("decode latent rows (576 wide)", paged_attention_kernels.decode_split_kernel,
      dict(ATTENTION, PAGE=32, HAS_WINDOW=False, ONE_SPLIT=False, FUSED_MERGE=False, BLOCK_G=16, BLOCK_D=1024,
           **{k: v for k, v in paged_attention.WIDE_DECODE_CONFIG.items() if k.isupper()}),
      dict(bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32")),
-    ("merge splits", paged_attention_kernels.merge_kernel, dict(FP8_OUT=False, FP8_GROUP=0, BLOCK_S=64, BLOCK_D=128),
-     dict(part_ptr="*fp32", lse_ptr="*fp32", fp8_scale_ptr="*fp32", row_scale_ptr="*fp32")),
+    *[(f"merge splits sinks={sink}", paged_attention_kernels.merge_kernel,
+       dict(FP8_OUT=False, FP8_GROUP=0, BLOCK_S=64, BLOCK_D=128, HAS_SINK=sink),
+       dict(part_ptr="*fp32", lse_ptr="*fp32", fp8_scale_ptr="*fp32", row_scale_ptr="*fp32")) for sink in (False, True)],
     *[(f"merge splits to e4m3 group={g}", paged_attention_kernels.merge_kernel,
-       dict(FP8_OUT=g == 0, FP8_GROUP=g, BLOCK_S=64, BLOCK_D=128),
+       dict(FP8_OUT=g == 0, FP8_GROUP=g, BLOCK_S=64, BLOCK_D=128, HAS_SINK=False),
        dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*fp8e4nv", row_scale_ptr="*fp32")) for g in (0, 128, 64)],
-    *[(f"varlen prefill lazy={lazy}", paged_attention_kernels.prefill_kernel,
-       dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, EVEN_D=True, LAZY=lazy), dict(cu_ptr="*i32")) for lazy in (False, True)],
+    *[(f"varlen prefill lazy={lazy} sinks={lazy}", paged_attention_kernels.prefill_kernel,
+       dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, EVEN_D=True, LAZY=lazy, HAS_SINK=lazy), dict(cu_ptr="*i32"))
+      for lazy in (False, True)],
     *[(f"varlen prefill tma {m}x{n}", paged_attention_kernels.prefill_tma_kernel,
-       dict(HAS_WINDOW=False, HAS_SCALE=False, CODES_FP16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, LAZY=True),
+       dict(HAS_WINDOW=False, HAS_SCALE=False, CODES_FP16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, LAZY=True,
+            HAS_SINK=m == 128),
        dict(cu_ptr="*i32", kvs_ptr="*fp32", k_desc=f"tensordesc<bf16[{n}, 128]>",
             v_desc=f"tensordesc<bf16[{n}, 128]>"))
       for m, n in ((64, 64), (128, 64), (128, 128))],
     *[(f"varlen prefill tma {code} codes", paged_attention_kernels.prefill_tma_kernel,
        dict(HAS_WINDOW=False, HAS_SCALE=True, CODES_FP16=code == "fp8e4nv", BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
-            LAZY=False),
+            LAZY=False, HAS_SINK=False),
        dict(cu_ptr="*i32", kvs_ptr="*fp32", k_desc=f"tensordesc<{code}[64, 128]>",
             v_desc=f"tensordesc<{code}[64, 128]>"))
       for code in ("fp8e4nv", "i8")],
@@ -184,7 +188,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(q_ptr="*i8", scale_ptr="*fp32")) for p in (False, True)],
     *[(f"moe grouped gemm codes={codes} {ptr} zero={zero} {bm}x{bn}x{bk}", moe._grouped_gemm_kernel,
        dict(K=4096, A_ROWS_PER_TOKEN=1, GATED=True, ACT=0, WEIGHTED=False, FP32=False, CODES=codes,
-            GROUP=128 if codes == 2 else 4096, HAS_ZERO=zero, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+            GROUP=128 if codes == 2 else 4096, HAS_ZERO=zero, HAS_BIAS=bm == 16, CLAMP=bm == 16, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk),
        dict(w_ptr="*fp32", pairs_ptr="*i32", block_expert_ptr="*i32",
             **{"*i8": dict(b_ptr="*i8", bg_ptr="*i8"), "*fp8e4nv": dict(b_ptr="*fp8e4nv", bg_ptr="*fp8e4nv"),
                "*u8": dict(b_ptr="*u8", bg_ptr="*u8"), None: {}}[ptr]))
@@ -194,7 +199,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     # decode's GEMV a (token, slot) pair: fc_gate (gated) and proj (weighted by the routing), each format
     *[(f"moe pair gemv codes={codes} {ptr} zero={zero} gated={gated}", moe._pair_gemv_kernel,
        dict(K=2048, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated, ACT=0 if gated else -1, WEIGHTED=not gated,
-            CODES=codes, GROUP=128 if codes == 2 else 2048, HAS_ZERO=zero, BLOCK_N=moe.PAIR_TILE["gated" if gated else "plain"][0],
+            CODES=codes, GROUP=128 if codes == 2 else 2048, HAS_ZERO=zero, HAS_BIAS=zero, CLAMP=zero and gated,
+            BLOCK_N=moe.PAIR_TILE["gated" if gated else "plain"][0],
             BLOCK_K=moe.PAIR_TILE["gated" if gated else "plain"][1]),
        dict(w_ptr="*bf16", experts_ptr="*i64",
             **{"*i8": dict(b_ptr="*i8", bg_ptr="*i8"), "*fp8e4nv": dict(b_ptr="*fp8e4nv", bg_ptr="*fp8e4nv"),

@@ -45,7 +45,7 @@ except ImportError:  # CPU-only installs: the reference below still works
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
-ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's constexpr for each name
+ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}  # the kernel's constexpr for each name
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,32 @@ def expert_halves(weight):
     return weight.chunk(2, dim=1) if isinstance(weight, torch.Tensor) else weight.halves()
 
 
+@dataclass(frozen=True)
+class ExpertBiases:
+    """gpt-oss's expert biases, [local experts, out] each, added to each projection's output before what follows
+    it (the GLU, the routing weight); `limit` its clamped GLU's (config.moe_swiglu_limit), or None."""
+
+    fc: torch.Tensor
+    gate: torch.Tensor
+    proj: torch.Tensor
+    limit: float | None = None
+
+
+def glu(act: str, fc_out: torch.Tensor, gate_out: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """act(fc) * gate; with a limit (gpt-oss), act(min(fc, limit)) * (clamp(gate, -limit, limit) + 1)."""
+    if limit is not None:
+        fc_out, gate_out = fc_out.clamp(max=limit), gate_out.clamp(-limit, limit) + 1
+    return ACTIVATIONS[act](fc_out) * gate_out
+
+
 def fused_moe_ref(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: torch.Tensor,
-                  first_expert: int, act: str) -> torch.Tensor:
-    """sum over the top-k slots of weight * proj_e(act(fc_e x) * gate_e x), for the experts held here.
+                  first_expert: int, act: str, biases: ExpertBiases | None = None) -> torch.Tensor:
+    """sum over the top-k slots of weight * proj_e(glu(fc_e x, gate_e x)), for the experts held here.
 
     x [tokens, hidden]; fc, gate [local, inter, hidden]; proj [local, hidden, inter]; experts (global ids)
     and weights [tokens, top_k]; local expert i is global expert first_expert + i. Other experts' pairs
     contribute nothing (they are another rank's partial sum). Each of fc, gate and proj may be ExpertCodes,
-    dequantized per expert present."""
+    dequantized per expert present. biases: added to each projection's output (gpt-oss)."""
     out = torch.zeros_like(x)
     stop = first_expert + fc.shape[0]
     for e in experts.unique().tolist():
@@ -109,7 +127,10 @@ def fused_moe_ref(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weight
         h, i = x[token], e - first_expert
         w_fc, w_gate, w_proj = (w[i] if isinstance(w, torch.Tensor) else w.dequantize(i, x.dtype)
                                 for w in (fc, gate, proj))
-        y = F.linear(ACTIVATIONS[act](F.linear(h, w_fc)) * F.linear(h, w_gate), w_proj)
+        b_fc, b_gate, b_proj = (None, None, None) if biases is None else (biases.fc[i], biases.gate[i],
+                                                                          biases.proj[i])
+        limit = None if biases is None else biases.limit
+        y = F.linear(glu(act, F.linear(h, w_fc, b_fc), F.linear(h, w_gate, b_gate), limit), w_proj, b_proj)
         out.index_add_(0, token, y * weights[token, slot, None])
     return out
 
@@ -215,7 +236,8 @@ def _by_pair(tokens: int, pairs: int, num_local: int) -> bool:
     return tokens == 1 or 4 * pairs <= num_local
 
 
-def _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert: int, act: str) -> torch.Tensor:
+def _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert: int, act: str,
+                       biases: ExpertBiases | None = None) -> torch.Tensor:
     """fused_moe for a few pairs: fc and gate, then proj, each one GEMV program per (pair, column tile) that reads
     its expert from the routing; no sort, no padding, and a program for every output column tile of every pair
     (the grouped GEMM at batch 1 has one row block an expert, so fc_gate's hidden-long rows run in few programs)."""
@@ -223,14 +245,23 @@ def _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert: int, a
     pairs, inter, hidden = tokens * top_k, fc.shape[1], fc.shape[2]
     flat = experts.reshape(-1)
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    _pair_gemv(x, fc, gate, h, None, flat, first_expert, top_k, ACT_CODE[act])
+    gated, plain = _bias_pairs(biases)
+    limit = None if biases is None else biases.limit
+    _pair_gemv(x, fc, gate, h, None, flat, first_expert, top_k, ACT_CODE[act], bias=gated, limit=limit)
     y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)  # (a pair not held here: zeros)
-    _pair_gemv(h, proj, None, y, weights.reshape(-1), flat, first_expert, 1, -1)
+    _pair_gemv(h, proj, None, y, weights.reshape(-1), flat, first_expert, 1, -1, bias=plain)
     return y.view(tokens, top_k, hidden).sum(1)
 
 
+def _bias_pairs(biases: ExpertBiases | None) -> tuple[tuple, tuple]:
+    """The kernels' bias arguments: (fc's, gate's) for the gated pass, (proj's, None) for the weighted one."""
+    if biases is None:
+        return (None, None), (None, None)
+    return (biases.fc, biases.gate), (biases.proj, None)
+
+
 def fused_moe(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: torch.Tensor, first_expert: int,
-              act: str, by_pair: bool | None = None) -> torch.Tensor:
+              act: str, by_pair: bool | None = None, biases: ExpertBiases | None = None) -> torch.Tensor:
     """Triton version of `fused_moe_ref`, same arguments and result; CUDA tensors (or the interpreter).
     fc and gate may be the two halves (views) of the runtime's fused fc_gate (expert_halves). by_pair: one GEMV
     a (token, slot) pair, with no sort (_fused_moe_by_pair), or the grouped GEMMs; None chooses (_by_pair)."""
@@ -238,13 +269,15 @@ def fused_moe(x: torch.Tensor, fc, gate, proj, experts: torch.Tensor, weights: t
     num_local, inter, hidden = fc.shape
     pairs = tokens * top_k
     if by_pair if by_pair is not None else _by_pair(tokens, pairs, num_local):
-        return _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert, act)
+        return _fused_moe_by_pair(x, fc, gate, proj, experts, weights, first_expert, act, biases)
     cfg = _config(pairs, num_local)
     sorted_pairs, block_expert = moe_align(experts, first_expert, num_local, cfg["BLOCK_M"])
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # act(fc) * gate, one row per pair
-    _grouped_gemm(x, fc, gate, h, None, sorted_pairs, block_expert, top_k, ACT_CODE[act], cfg)
+    gated, plain = _bias_pairs(biases)
+    _grouped_gemm(x, fc, gate, h, None, sorted_pairs, block_expert, top_k, ACT_CODE[act], cfg, gated,
+                  None if biases is None else biases.limit)
     y = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # zeros: pairs not held here add 0
-    _grouped_gemm(h, proj, None, y, weights.reshape(-1), sorted_pairs, block_expert, 1, -1, cfg)
+    _grouped_gemm(h, proj, None, y, weights.reshape(-1), sorted_pairs, block_expert, 1, -1, cfg, plain)
     return y.view(tokens, top_k, hidden).sum(1)
 
 
@@ -297,19 +330,34 @@ class _WeightArgs:
         return block_k if self.step_limit is None else min(block_k, self.step_limit)
 
 
-def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows_per_token, act, cfg):
+def _grouped_gemm(a, b, b_gate, out, weights, sorted_pairs, block_expert, a_rows_per_token, act, cfg,
+                  bias: tuple = (None, None), limit: float | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated by b_gate[e] when given, scaled by
     weights[pair] when given) for every pair of every row block of local expert e. b and b_gate are float
-    weights or ExpertCodes, both alike."""
+    weights or ExpertCodes, both alike. bias: (b's, b_gate's) [local, out] or None each; limit: the clamped GLU's."""
     op = _WeightArgs.of(a, b, b_gate)
     cfg = dict(cfg, BLOCK_K=op.block_k(cfg["BLOCK_K"]))
     grid = (block_expert.shape[0], triton.cdiv(op.n, cfg["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
         a, *op.pointers, out, weights if weights is not None else a,
-        sorted_pairs, block_expert, op.n, a_rows_per_token * a.shape[0],
-        a.stride(0), a.stride(1), *op.strides, out.stride(0),
+        sorted_pairs, block_expert, *_bias_args(bias, a), op.n, a_rows_per_token * a.shape[0],
+        a.stride(0), a.stride(1), *op.strides, out.stride(0), _bias_stride(bias), limit or 0.0,
         A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None, FP32=a.dtype == torch.float32,
-        **op.constexprs, **cfg)
+        HAS_BIAS=bias[0] is not None, CLAMP=limit is not None, **op.constexprs, **cfg)
+
+
+def _bias_args(bias: tuple, like: torch.Tensor) -> tuple:
+    """The kernels' two bias pointers: b's and b_gate's (a plain projection's second is its first), or `like`'s."""
+    first = bias[0] if bias[0] is not None else like
+    return first, bias[1] if bias[1] is not None else first
+
+
+def _bias_stride(bias: tuple) -> int:
+    """Elements from one expert's bias to the next (both of a fused pair's halves share it; columns contiguous)."""
+    if bias[0] is None:
+        return 0
+    assert all(b is None or b.stride(-1) == 1 and b.stride(0) == bias[0].stride(0) for b in bias)
+    return bias[0].stride(0)
 
 
 # the GEMV's tiles (outputs a program, inputs a step: a grouped format's at most a group, warps): the gated
@@ -319,18 +367,19 @@ PAIR_TILE = {"gated": (8, 128, 4), "plain": (16, 128, 8)}
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
-               tile: tuple[int, int, int] | None = None):
+               tile: tuple[int, int, int] | None = None, bias: tuple = (None, None), limit: float | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
-    as _grouped_gemm computes it for a held pair; a pair whose expert is not held here gets zeros. tile: PAIR_TILE's
-    unless given."""
+    as _grouped_gemm computes it for a held pair (bias and limit too); a pair whose expert is not held here gets
+    zeros. tile: PAIR_TILE's unless given."""
     op = _WeightArgs.of(a, b, b_gate)
     block_n, block_k, warps = tile or PAIR_TILE["plain" if b_gate is None else "gated"]
     _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, block_n))](
         a, *op.pointers, out, weights if weights is not None else a,
-        experts, first_expert, b.shape[0], op.n,
-        a.stride(0), a.stride(1), *op.strides, out.stride(0),
-        A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None,
-        BLOCK_N=block_n, BLOCK_K=op.block_k(block_k), num_warps=warps, **op.constexprs, **pdl_args(a.device))
+        experts, *_bias_args(bias, a), first_expert, b.shape[0], op.n,
+        a.stride(0), a.stride(1), *op.strides, out.stride(0), _bias_stride(bias), limit or 0.0,
+        A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None, HAS_BIAS=bias[0] is not None,
+        CLAMP=limit is not None, BLOCK_N=block_n, BLOCK_K=op.block_k(block_k), num_warps=warps, **op.constexprs,
+        **pdl_args(a.device))
 
 
 if triton is not None:
@@ -409,6 +458,8 @@ if triton is not None:
         elif ACT == 2:
             inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
+        elif ACT == 4:
+            return x / (1.0 + tl.exp(-1.702 * x))
         else:
             return tl.maximum(x, 0.0)
 
@@ -448,12 +499,13 @@ if triton is not None:
 
     @triton.jit
     def _grouped_gemm_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, out_ptr, w_ptr, pairs_ptr,
-                             block_expert_ptr, N, num_pairs,
-                             a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
+                             block_expert_ptr, bias_ptr, bias_g_ptr, N, num_pairs,
+                             a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0, bias_se,
+                             limit,
                              K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                              WEIGHTED: tl.constexpr, FP32: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
-                             HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # CODES (_expert_tile): float weights, int8 codes with a scale per output, or int4 codes with a scale (and
         # zero) per output and GROUP inputs, two codes a byte: b's rows are then BLOCK_K / 2 bytes a step.
         B_ROWS: tl.constexpr = BLOCK_K // 2 if CODES == 2 else BLOCK_K
@@ -497,32 +549,45 @@ if triton is not None:
             b_ptrs += B_ROWS * b_sk
             bg_ptrs += B_ROWS * bg_sk
         w = tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None] if WEIGHTED else 1.0
-        y = _epilogue(acc, acc_g, w, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED)
+        if HAS_BIAS:
+            acc += _bias_row(bias_ptr, expert, bias_se, cols, col_ok)[None, :]
+            acc_g += _bias_row(bias_g_ptr, expert, bias_se, cols, col_ok)[None, :]
+        y = _epilogue(acc, acc_g, w, limit, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED, CLAMP)
         out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * out_s0 + cols[None, :]
         tl.store(out_ptrs, y, mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _epilogue(acc, acc_g, w, dtype: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                  WEIGHTED: tl.constexpr):
-        """The float32 sums -> the output in dtype: act(fc) * gate, or the routing weight w times proj. Rounds where
-        the reference rounds (each matmul's output, the activation, each product), so the paths differ only by
-        the order of the float32 sums inside the matmuls."""
+    def _bias_row(bias_ptr, expert, bias_se, cols, col_ok):
+        """An expert's bias over the tile's output columns, float32 (gpt-oss)."""
+        return tl.load(bias_ptr + expert * bias_se + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _epilogue(acc, acc_g, w, limit, dtype: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                  WEIGHTED: tl.constexpr, CLAMP: tl.constexpr):
+        """The float32 sums (biases added) -> the output in dtype: glu(fc, gate), or the routing weight w times
+        proj. Rounds where the reference rounds (each matmul's output, the clamped gate plus one, the activation,
+        each product), so the paths differ only by the order of the float32 sums inside the matmuls. CLAMP
+        (gpt-oss): act(min(fc, limit)) * (clamp(gate, -limit, limit) + 1)."""
         y = acc.to(dtype).to(tl.float32)
         if GATED:
+            g = acc_g.to(dtype).to(tl.float32)
+            if CLAMP:
+                y = tl.minimum(y, limit)
+                g = (tl.minimum(tl.maximum(g, -limit), limit) + 1.0).to(dtype).to(tl.float32)
             y = _activation(y, ACT).to(dtype).to(tl.float32)
-            y = y * acc_g.to(dtype).to(tl.float32)
+            y = y * g
         if WEIGHTED:
             y = y.to(dtype).to(tl.float32) * w
         return y.to(dtype)
 
     @triton.jit
     def _pair_gemv_kernel(a_ptr, b_ptr, bg_ptr, sb_ptr, sg_ptr, zb_ptr, zg_ptr, out_ptr, w_ptr, experts_ptr,
-                          first_expert, num_local, N,
-                          a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0,
+                          bias_ptr, bias_g_ptr, first_expert, num_local, N,
+                          a_s0, a_s1, b_se, b_sn, b_sk, bg_se, bg_sn, bg_sk, s_se, s_sn, s_sg, out_s0, bias_se, limit,
                           K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                           WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
-                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # Program (pair, j): outputs [j BLOCK_N, (j + 1) BLOCK_N) of the pair, on CUDA cores (one row: no MMA),
         # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K. With
         # PDL it is scheduled while the kernel before it ends, but reads nothing before its wait: which expert's
@@ -562,4 +627,8 @@ if triton is not None:
             b_ptrs += B_ROWS * b_sk
             bg_ptrs += B_ROWS * bg_sk
         w = tl.load(w_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
-        tl.store(out_ptrs, _epilogue(acc, acc_g, w, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED), mask=col_ok)
+        if HAS_BIAS:
+            acc += _bias_row(bias_ptr, expert, bias_se, cols, col_ok)
+            acc_g += _bias_row(bias_g_ptr, expert, bias_se, cols, col_ok)
+        y = _epilogue(acc, acc_g, w, limit, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED, CLAMP)
+        tl.store(out_ptrs, y, mask=col_ok)

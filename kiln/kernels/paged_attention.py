@@ -137,20 +137,31 @@ def _read(x: torch.Tensor, kv_scale: torch.Tensor | None, which: int) -> torch.T
     return x.float() if kv_scale is None else x.float() * kv_scale[which].float()
 
 
-def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
+def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+                sinks: torch.Tensor | None = None):
     """Softmax attention in float32. q [m, heads, d], k/v [n, kv_heads, d], mask [m, n] (True = attend)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.float().repeat_interleave(groups, dim=1), v.float().repeat_interleave(groups, dim=1)
     scores = torch.einsum("mhd,nhd->hmn", q.float(), k) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v).to(q.dtype)
+    return torch.einsum("hmn,nhd->mhd", softmax_with_sinks(scores, sinks), v).to(q.dtype)
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores [heads, m, n] (float32); with sinks [heads] (gpt-oss), each head's sink
+    logit joins the denominator as a key that no value follows."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.float()[:, None, None].expand(*scores.shape[:2], 1)
+    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                               kv_scale=None, out=None):
+                               kv_scale=None, out=None, sinks=None):
     """q [batch, heads, d] -> [batch, heads, d]: each sequence's one new query over its cached keys. Every
-    attention function here writes into `out` where given (a view of a larger output), else a new tensor."""
+    attention function here writes into `out` where given (a view of a larger output), else a new tensor, and
+    takes `sinks` [heads] (softmax_with_sinks) or None."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q) if out is None else out
     for b, n in enumerate(context_lens.tolist()):
@@ -158,7 +169,7 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         lo = 0 if sliding_window is None else max(n - sliding_window, 0)
         k = _read(gather_rows(k_cache, pages).flatten(0, 1)[lo:n], kv_scale, 0)
         v = _read(gather_rows(v_cache, pages).flatten(0, 1)[lo:n], kv_scale, 1)
-        out[b] = _attend_ref(q[b:b + 1], k, v, scale, None)[0]
+        out[b] = _attend_ref(q[b:b + 1], k, v, scale, None, sinks)[0]
     return out
 
 
@@ -198,7 +209,7 @@ def flash_varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, slidi
 
 
 def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
-                                 out=None):
+                                 out=None, sinks=None):
     """Causal attention within each packed sequence; q [tokens, heads, d], k/v [tokens, kv_heads, d]
     (codes when kv_scale is given)."""
     out = torch.empty_like(q) if out is None else out
@@ -209,12 +220,12 @@ def varlen_prefill_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, sliding
         mask = pos[None, :] <= pos[:, None]
         if sliding_window is not None:
             mask &= pos[:, None] - pos[None, :] < sliding_window
-        out[start:end] = _attend_ref(q[start:end], k[start:end], v[start:end], scale, mask)
+        out[start:end] = _attend_ref(q[start:end], k[start:end], v[start:end], scale, mask, sinks)
     return out
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
-                                sliding_window=None, kv_scale=None, max_query_len=None, out=None):
+                                sliding_window=None, kv_scale=None, max_query_len=None, out=None, sinks=None):
     """Prompts that continue a cached prefix (or an earlier chunk): sequence b's new queries
     q[cu[b]:cu[b+1]] sit at positions context_lens[b] onwards and attend causally over its cached keys,
     their own included (already written to the cache). max_query_len (the longest one's new tokens) sizes
@@ -232,7 +243,7 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens, c
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= q_pos - k_pos < sliding_window
-        out[start:end] = _attend_ref(q[start:end], k, v, scale, mask)
+        out[start:end] = _attend_ref(q[start:end], k, v, scale, mask, sinks)
     return out
 
 
@@ -255,7 +266,7 @@ def decode_block_n(pairs: bool, max_context: int) -> int:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
-                           kv_scale=None, out=None, out_quant=None):
+                           kv_scale=None, out=None, out_quant=None, sinks=None):
     """Triton version of `paged_decode_attention_ref`, same arguments and result. CUDA tensors.
 
     out_quant: the input the output projection wants (kiln.kernels.input_quant). Where the merge kernel runs (the
@@ -275,7 +286,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     wide = block_d > WIDE_HEAD
     if wide and group > WIDE_MAX_GROUP:
         return _decode_in_head_chunks(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
-                                      kv_scale, out)
+                                      kv_scale, out, sinks)
     cfg = WIDE_DECODE_CONFIG if wide else DECODE_CONFIG
     block_n = cfg["BLOCK_N"] if wide else decode_block_n(pairs, max_context)
     splits = _num_splits(batch * kv_heads, max_context, block_n, q.device)
@@ -290,28 +301,28 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
     else:
         flags = dict(CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32)
-    counts = None if one or not FUSED_MERGE else _split_counts(q.device, batch * kv_heads)
+    # (the fused merge leaves sinks out: the merge kernel applies them)
+    counts = None if one or not FUSED_MERGE or sinks is not None else _split_counts(q.device, batch * kv_heads)
     kernel = decode_code_pairs_kernel if pairs else decode_split_kernel
     kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse, out, counts,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse, out, counts, sinks, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SINK=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **_register_cap(pairs, block_n),
         **pdl_args(q.device))
     if codes:
         fp8 = out_quant.empty(batch, heads * head_size, q.device)
-        _merge_splits(partial, lse, fp8.q.view(batch, heads, head_size), q, out_quant, fp8.scale)
+        _merge_splits(partial, lse, fp8.q.view(batch, heads, head_size), q, out_quant, fp8.scale, sinks)
         return fp8
     if not one and counts is None:
-        _merge_splits(partial, lse, out, q)
+        _merge_splits(partial, lse, out, q, sinks=sinks)
     return out
 
 
 def _decode_in_head_chunks(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, kv_scale,
-                           out=None) -> torch.Tensor:
+                           out=None, sinks=None) -> torch.Tensor:
     """paged_decode_attention WIDE_MAX_GROUP query heads at a time, each run against its kv head's view of the
     cache: for wide heads whose groups outgrow one program."""
     heads, kv_heads = q.shape[1], k_cache.shape[2]
@@ -322,7 +333,7 @@ def _decode_in_head_chunks(q, k_cache, v_cache, block_tables, context_lens, scal
         for first in range(kv * group, (kv + 1) * group, WIDE_MAX_GROUP):
             chunk = slice(first, min(first + WIDE_MAX_GROUP, (kv + 1) * group))
             paged_decode_attention(q[:, chunk], *cache, block_tables, context_lens, scale, sliding_window, kv_scale,
-                                   out=out[:, chunk])
+                                   out=out[:, chunk], sinks=None if sinks is None else sinks[chunk])
     return out
 
 
@@ -371,27 +382,27 @@ def _merge_writes(out_quant, head_size: int) -> bool:
 
 
 def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
-                  out_quant=None, row_scale: torch.Tensor | None = None) -> None:
+                  out_quant=None, row_scale: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> None:
     """out[r, h] = the splits' partial outputs [r, h, s] weighted by their softmax mass (lse, base 2); with
     out_quant (_merge_writes), as its e4m3 codes of the output rounded to q's dtype, and row_scale [r, scales a
-    row] gets the scales."""
+    row] gets the scales; sinks [heads], the share kept beside each head's sink."""
     rows, heads, splits, head_size = partial.shape
     flags = NO_QUANT_FLAGS if out_quant is None else out_quant.kernel_flags(0)  # (_merge_writes: no whole rows)
     scale_in = lse if out_quant is None or out_quant.scale is None else out_quant.scale
     merge_kernel[(rows, heads)](
-        partial, lse, out, q, scale_in, row_scale if row_scale is not None else lse,
+        partial, lse, out, q, scale_in, row_scale if row_scale is not None else lse, sinks,
         out.stride(0), out.stride(1), heads, head_size, splits, FP8_OUT=flags["FP8_OUT"], FP8_GROUP=flags["FP8_GROUP"],
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size), num_warps=4,
-        **pdl_args(out.device))
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_size),
+        HAS_SINK=sinks is not None, num_warps=4, **pdl_args(out.device))
 
 
 def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
-                             out=None):
+                             out=None, sinks=None):
     """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors. With
     KILN_PREFILL_ATTENTION=flash, torch's FlashAttention-2 where it takes the inputs (flash_prefill_takes)."""
     tokens, heads, head_size = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    if prefill_attention_setting() == "flash" and flash_prefill_takes(q, kv_scale):
+    if prefill_attention_setting() == "flash" and flash_prefill_takes(q, kv_scale) and sinks is None:
         return flash_varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window, out)
     out = torch.empty_like(q) if out is None else out
     block_d = max(16, triton.next_power_of_2(head_size))
@@ -404,17 +415,17 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
         grid = (triton.cdiv(max_seqlen, tma["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
         k_desc, v_desc = (_rows_descriptor(x, tma["BLOCK_N"]) for x in (k, v))
         prefill_tma_kernel[grid](
-            q, k_desc, v_desc, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            scale * _LOG2E, sliding_window or 0, heads // k.shape[1], HAS_WINDOW=sliding_window is not None,
-            HAS_SCALE=kv_scale is not None, CODES_FP16=_codes_fp16(q, k), BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE,
-            **tma)
+            q, k_desc, v_desc, kv_scale, out, cu_seqlens, sinks, q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
+            HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, CODES_FP16=_codes_fp16(q, k),
+            BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE, HAS_SINK=sinks is not None, **tma)
         return out
     prefill_kernel[grid](
-        q, k, v, kv_scale, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        q, k, v, kv_scale, out, cu_seqlens, sinks, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
-        LAZY=PREFILL_LAZY_RESCALE, **cfg)
+        LAZY=PREFILL_LAZY_RESCALE, HAS_SINK=sinks is not None, **cfg)
     return out
 
 
@@ -440,7 +451,7 @@ def _rows_descriptor(x: torch.Tensor, block_rows: int):
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale,
-                            sliding_window=None, kv_scale=None, max_query_len=None, out=None):
+                            sliding_window=None, kv_scale=None, max_query_len=None, out=None, sinks=None):
     """Triton version of `paged_prefill_attention_ref`, same arguments and result. CUDA tensors.
     max_query_len (the longest sequence's new tokens) sizes the grid; without it, q's length does."""
     tokens, heads, head_size = q.shape
@@ -461,12 +472,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
     partial = out if one else torch.empty(tokens, heads, splits, head_size, dtype=torch.float32, device=q.device)
     lse = None if one else torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
     paged_prefill_kernel[(tiles, seqs, heads * splits)](
-        q, k_cache, v_cache, kv_scale, partial, lse, cu_seqlens, context_lens, block_tables, q.stride(0),
+        q, k_cache, v_cache, kv_scale, partial, lse, cu_seqlens, context_lens, block_tables, sinks, q.stride(0),
         q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0),
         out.stride(1), scale * _LOG2E, sliding_window or 0, heads // kv_heads, head_size, splits, PAGE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         CODES_FP16=_codes_fp16(q, k_cache), IEEE=q.dtype == torch.float32, ONE_SPLIT=one, BLOCK_D=block_d,
-        EVEN_D=head_size == block_d, LAZY=PREFILL_LAZY_RESCALE, **cfg)
+        EVEN_D=head_size == block_d, LAZY=PREFILL_LAZY_RESCALE, HAS_SINK=sinks is not None, **cfg)
     if not one:
-        _merge_splits(partial, lse, out, q)
+        _merge_splits(partial, lse, out, q, sinks=sinks)
     return out

@@ -69,6 +69,15 @@ def _running_lse(m, l, qk_scale, LAZY: tl.constexpr):
 
 
 @triton.jit
+def _sink_kept(sink_ptr, h, lse):
+    """The share of a row's softmax mass its keys keep beside its head's sink logit (gpt-oss: the sink joins the
+    denominator, no value follows it): 1 / (1 + 2^(sink log2(e) - lse)), lse the keys' log2 mass in scaled units.
+    (A row with no keys, l = 0: lse -inf, 0 kept.)"""
+    sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+    return 1.0 / (1.0 + tl.exp2(sink - lse))
+
+
+@triton.jit
 def _codes_query(q, CODES_FP16: tl.constexpr):
     """q as the matmuls over cache codes take it: fp16 for a bf16 query of a quantized cache, the keys and
     values converting to q's dtype after it (see the module docstring)."""
@@ -139,15 +148,17 @@ def _merge_if_last(part_ptr, lse_ptr, out_ptr, count_ptr, b, kvh, group, head_si
 
 @triton.jit(do_not_specialize=VARYING_INTS)
 def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
-                        q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+                        sink_ptr, q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                         scale_log2, window, group, head_size, num_splits,
                         PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                         CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
                         FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_D: tl.constexpr, HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr):
     """One split of one sequence's keys for the query heads of one KV head: a normalised partial output
     and its log-sum-exp for the merge; with ONE_SPLIT, part_ptr is the output itself and no merge runs. With
-    FUSED_MERGE the last split program to finish merges into out_ptr (o_sb, o_sh), counting in count_ptr."""
+    FUSED_MERGE the last split program to finish merges into out_ptr (o_sb, o_sh), counting in count_ptr.
+    HAS_SINK (sink_ptr [heads]): the whole output's share beside the sink (_sink_kept), with ONE_SPLIT; the
+    merge applies it to split parts."""
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     b, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -176,7 +187,11 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr,
         m, l, acc = _online_softmax_step(s, m, l, acc, v, IEEE)
 
     empty = l == 0.0  # a split past the end of a short context
-    out = acc * (v_scale / tl.where(empty, 1.0, l))[:, None]
+    if HAS_SINK and ONE_SPLIT:  # its share beside the sink (heads past the group: a valid index, rows masked)
+        kept = _sink_kept(sink_ptr, tl.minimum(heads, kvh * group + group - 1), m + tl.log2(l))
+        out = acc * (v_scale * kept / tl.where(empty, 1.0, l))[:, None]
+    else:  # (split parts: the merge applies the sink)
+        out = acc * (v_scale / tl.where(empty, 1.0, l))[:, None]
     mask = (g < group)[:, None] & d_ok[None, :]
     if ONE_SPLIT:
         tl.store(part_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :], out.to(part_ptr.dtype.element_ty),
@@ -220,12 +235,12 @@ def _tile_rows(bt_ptr, b, bt_sb, start, hi, j_ok, PAGE: tl.constexpr, BLOCK_N: t
 
 @triton.jit(do_not_specialize=VARYING_INTS)
 def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
-                             q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
+                             sink_ptr, q_sb, q_sh, k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_sb, o_sh,
                              scale_log2, window, group, head_size, num_splits,
                              PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                              ONE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                             PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                             PREFETCH: tl.constexpr, HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr):
     """decode_split_kernel over an int8 or e4m3 cache (INT8) viewed as int16 words (k_ptr, v_ptr and their
     strides count words): each word holds the codes of columns 2j and 2j+1. The query is split into its even
     and odd columns, so s = q_even k_even^T + q_odd k_odd^T, and the output is kept as its even and odd
@@ -280,7 +295,11 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
         m = m_new
 
     empty = l == 0.0  # a split past the end of a short context
-    norm = (v_scale / tl.where(empty, 1.0, l))[:, None]
+    if HAS_SINK and ONE_SPLIT:  # as in decode_split_kernel
+        kept = _sink_kept(sink_ptr, tl.minimum(heads, kvh * group + group - 1), m + tl.log2(l))
+        norm = (v_scale * kept / tl.where(empty, 1.0, l))[:, None]
+    else:
+        norm = (v_scale / tl.where(empty, 1.0, l))[:, None]
     if ONE_SPLIT:
         out = part_ptr + b * o_sb + heads[:, None] * o_sh + 2 * j[None, :]
     else:
@@ -295,9 +314,9 @@ def decode_code_pairs_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, bt_ptr, ctx_ptr, part
 
 
 @triton.jit(do_not_specialize=VARYING_INTS)
-def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_ptr, o_sb, o_sh, heads, head_size,
-                 num_splits, FP8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_ptr, sink_ptr, o_sb, o_sh, heads,
+                 head_size, num_splits, FP8_OUT: tl.constexpr, FP8_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[b, h] = the splits' parts weighted by their softmax mass. FP8_OUT: out holds e4m3 codes of the output
     rounded to like_ptr's dtype (the query's: what the 16-bit output would hold) over the static scale
     fp8_scale_ptr [1], as the next linear would quantize it, and row_scale_ptr [b] gets that scale (Fp8Rows).
@@ -309,10 +328,13 @@ def merge_kernel(part_ptr, lse_ptr, out_ptr, like_ptr, fp8_scale_ptr, row_scale_
     s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     row = (b * heads + h) * num_splits + s
     lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # a query sees at least one key (itself): the max is finite
+    top = tl.max(lse, axis=0)  # a query sees at least one key (itself): the max is finite
+    w = tl.exp2(lse - top)
     parts = tl.load(part_ptr + row[:, None] * head_size + d[None, :],
                     mask=(s < num_splits)[:, None] & (d < head_size)[None, :], other=0.0)
     out = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w, axis=0)
+    if HAS_SINK:
+        out = out * _sink_kept(sink_ptr, h, top + tl.log2(tl.sum(w, axis=0)))
     if FP8_OUT:
         scale = tl.load(fp8_scale_ptr).to(tl.float32)
         out = to_e4m3(out.to(like_ptr.dtype.element_ty).to(tl.float32), scale)
@@ -374,11 +396,11 @@ def _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale):
 
 
 @triton.jit
-def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
+def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, sink_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st,
                    o_sh, scale_log2, window, group, head_size,
                    HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_D: tl.constexpr, LAZY: tl.constexpr):
+                   EVEN_D: tl.constexpr, LAZY: tl.constexpr, HAS_SINK: tl.constexpr):
     # The last query tiles first: causal work grows with the tile, and the GPU starts programs in order, so the
     # longest ones start first and the short ones fill the end of the grid (FlashAttention-2's ordering).
     tile, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -405,7 +427,11 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, k_st
     for kstart in range(diag, hi, BLOCK_N):
         m, l, acc = _prefill_step(q, k_ptrs, v_ptrs, k_st, v_st, kstart, rows, d_ok, m, l, acc, qk_scale,
                                   window, n, True, HAS_WINDOW, IEEE, BLOCK_N, LAZY)
-    _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
+    if HAS_SINK:
+        v_kept = v_scale * _sink_kept(sink_ptr, h, _running_lse(m, l, qk_scale, LAZY))
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_kept)
+    else:
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
 
 
 @triton.jit
@@ -425,9 +451,10 @@ def _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_
 
 
 @triton.jit
-def prefill_tma_kernel(q_ptr, k_desc, v_desc, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh, o_st, o_sh, scale_log2, window,
-                       group, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LAZY: tl.constexpr):
+def prefill_tma_kernel(q_ptr, k_desc, v_desc, kvs_ptr, o_ptr, cu_ptr, sink_ptr, q_st, q_sh, o_st, o_sh, scale_log2,
+                       window, group, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr, CODES_FP16: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LAZY: tl.constexpr,
+                       HAS_SINK: tl.constexpr):
     """prefill_kernel for a 16-bit q of head size BLOCK_D, its key and value tiles loaded by Hopper's TMA: k_desc
     and v_desc are 2-D descriptors over [tokens, kv heads x head size] with blocks of [BLOCK_N, BLOCK_D], of 16-bit
     keys and values or (HAS_SCALE) the codes of a quantized cache, which convert as in prefill_kernel. (Triton 3.6
@@ -454,17 +481,21 @@ def prefill_tma_kernel(q_ptr, k_desc, v_desc, kvs_ptr, o_ptr, cu_ptr, q_st, q_sh
     for kstart in range(diag, tl.minimum(diag + BLOCK_M, n), BLOCK_N):
         m, l, acc = _prefill_tma_step(q, k_desc, v_desc, row0, col, kstart, rows, m, l, acc, qk_scale, window,
                                       n, True, HAS_WINDOW, BLOCK_N, LAZY)
-    _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
+    if HAS_SINK:
+        v_kept = v_scale * _sink_kept(sink_ptr, h, _running_lse(m, l, qk_scale, LAZY))
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_kept)
+    else:
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
 
 
 @triton.jit(do_not_specialize=VARYING_INTS)
-def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr, q_st, q_sh,
+def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr, sink_ptr, q_st, q_sh,
                          k_sblk, k_stok, k_sh, v_sblk, v_stok, v_sh, bt_sb, o_st, o_sh,
                          scale_log2, window, group, head_size, num_splits,
                          PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALE: tl.constexpr,
                          CODES_FP16: tl.constexpr, IEEE: tl.constexpr, ONE_SPLIT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, LAZY: tl.constexpr):
+                         EVEN_D: tl.constexpr, LAZY: tl.constexpr, HAS_SINK: tl.constexpr):
     """FlashAttention-2 for new queries over a paged cache: keys are found through the block table. With
     several splits, each program folds one share of the keys and stores a partial output [token, head,
     split] with its log-sum-exp, for the merge. The last query tiles first, as in prefill_kernel."""
@@ -503,7 +534,10 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, kvs_ptr, o_ptr, lse_ptr, cu_ptr, c
         s = tl.where(keep, s, float("-inf"))
         v = _load_pages(v_ptr, page, t, kvh, d, kv_mask, v_sblk, v_stok, v_sh, PAGE).to(q.dtype)
         m, l, acc = _prefill_softmax_step(s, m, l, acc, v, qk_scale, IEEE, LAZY)
-    if ONE_SPLIT:
+    if ONE_SPLIT and HAS_SINK:
+        v_kept = v_scale * _sink_kept(sink_ptr, h, _running_lse(m, l, qk_scale, LAZY))
+        _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_kept)
+    elif ONE_SPLIT:
         _store_tile(o_ptr, start, rows, n, h, d, d_ok, o_st, o_sh, acc, l, v_scale)
     else:
         empty = l == 0.0  # no key of this split is visible to the row (or a padding row)

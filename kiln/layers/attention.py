@@ -18,6 +18,7 @@ from torch import nn
 from kiln.kernels import triton_available
 from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.input_quant import InputQuant
+from kiln.kernels.paged_attention import softmax_with_sinks
 from kiln.kernels.rotary import HeadNorms, apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
 from kiln.layers.normalization import RMSNorm, ShardedRMSNorm, make_norm
@@ -86,6 +87,10 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if sliding else None
         self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
         self.softcap = config.attn_logit_softcapping
+        # gpt-oss: a learned logit per query head that joins each softmax's denominator (softmax_with_sinks)
+        self.register_parameter("sinks", nn.Parameter(torch.empty(config.num_attention_heads // mapping.tp_size),
+                                                      requires_grad=False) if config.attention_sinks else None)
+        self.shard_rules = {"sinks": shard_column}
         add_kv_cache_scales(self, config)
         self.rope = None
         if config.position_embedding_type == "rope_gpt_neox" and layer_idx not in config.nope_layers:
@@ -153,11 +158,12 @@ class Attention(nn.Module):
         if self.sliding_window is not None:
             mask &= q_pos - k_pos < self.sliding_window
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if self.softcap is None:
+        if self.softcap is None and self.sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
         scores = (q @ k.transpose(-1, -2)) * self.scale
-        scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2's attention soft-capping
+        probs = softmax_with_sinks(scores.float().masked_fill(~mask, float("-inf")), self.sinks).to(q.dtype)
         return (probs @ v).transpose(0, 1)
 
 

@@ -50,7 +50,7 @@ class MLAttention(nn.Module):
         self.interleaved = config.mla_rope_interleave
         # what the paged batch reads of an attention layer (kiln.runtime.paged_batch)
         self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
-        self.sliding_window = self.softcap = self.out_quant = None
+        self.sliding_window = self.softcap = self.out_quant = self.sinks = None
         # a quantized cache: the row is the key and the value, so calibration gives it one scale twice
         add_kv_cache_scales(self, config)
         self.rope = (config.rotary_base, self.rope_dim, config.rotary_scaling, config.max_position_embeddings)

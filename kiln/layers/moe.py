@@ -21,26 +21,28 @@ from torch import nn
 
 from kiln.kernels import triton_available
 from kiln.kernels.gemv import GEMV_MAX_ROWS, gemv
-from kiln.kernels.moe import Router, expert_halves, fused_moe, fused_moe_ref, route, route_ref
+from kiln.kernels.moe import ExpertBiases, Router, expert_halves, fused_moe, fused_moe_ref, route, route_ref
 from kiln.layers.linear import Linear
 from kiln.layers.mlp import GatedMLP
-from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row
+from kiln.mapping import Mapping, replicate, shard_expert_column, shard_expert_row, shard_expert_row_bias
 from kiln.runtime.distributed import all_reduce
 
 
 class ExpertLinear(nn.Module):
-    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin. A quantized
-    model gives it a method (kiln.quantization.methods.EXPERT_METHODS: codes and scales in place of the weight);
-    `quant_method` is None in full precision."""
+    """One projection of every expert, stacked: weight [experts, out, in], sharded like its dense kin, and an
+    optional bias [experts, out] (gpt-oss; kept in the model dtype). A quantized model gives it a method
+    (kiln.quantization.methods.EXPERT_METHODS: codes and scales in place of the weight); `quant_method` is None in
+    full precision."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, rule):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rule, bias: bool = False):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.weight_rule = rule
         self.input_sharded = rule is shard_expert_row  # (a row-parallel expert's per-output tensors stay whole)
         self.quant_method = None
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features), requires_grad=False)
-        self.shard_rules = {"weight": rule}
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features), requires_grad=False) if bias else None
+        self.shard_rules = {"weight": rule, "bias": shard_expert_row_bias if self.input_sharded else rule}
 
     def set_quant_method(self, method) -> None:
         """Replace the weight by the tensors of `method` (created on the current default device)."""
@@ -55,19 +57,19 @@ class ExpertLinear(nn.Module):
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
-                 mapping: Mapping, fused: bool):
+                 mapping: Mapping, fused: bool, bias: bool = False, swiglu_limit: float | None = None):
         super().__init__()
         self.local = mapping.local_experts(num_experts)  # global expert ids; weight row i is self.local[i]
         inter = intermediate_size // mapping.moe_tp_size
         local = len(self.local)
-        self.act = hidden_act
+        self.act, self.swiglu_limit = hidden_act, swiglu_limit
         self.fused = fused
         if fused:
-            self.fc_gate = ExpertLinear(local, hidden_size, 2 * inter, shard_expert_column)
+            self.fc_gate = ExpertLinear(local, hidden_size, 2 * inter, shard_expert_column, bias)
         else:
-            self.fc = ExpertLinear(local, hidden_size, inter, shard_expert_column)
-            self.gate = ExpertLinear(local, hidden_size, inter, shard_expert_column)
-        self.proj = ExpertLinear(local, inter, hidden_size, shard_expert_row)
+            self.fc = ExpertLinear(local, hidden_size, inter, shard_expert_column, bias)
+            self.gate = ExpertLinear(local, hidden_size, inter, shard_expert_column, bias)
+        self.proj = ExpertLinear(local, inter, hidden_size, shard_expert_row, bias)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; experts (global ids), weights [tokens, top_k]. This rank's partial sum (not
@@ -77,7 +79,15 @@ class Experts(nn.Module):
         else:
             fc, gate = self.fc.operand(), self.gate.operand()
         run = fused_moe if x.is_cuda and triton_available() else fused_moe_ref
-        return run(x, fc, gate, self.proj.operand(), experts, weights, self.local.start, self.act)
+        return run(x, fc, gate, self.proj.operand(), experts, weights, self.local.start, self.act,
+                   biases=self._biases())
+
+    def _biases(self) -> ExpertBiases | None:
+        """gpt-oss's: each projection's bias and the GLU's limit; None for experts without."""
+        if self.proj.bias is None:
+            return None
+        fc, gate = (self.fc_gate.bias.chunk(2, dim=-1) if self.fused else (self.fc.bias, self.gate.bias))
+        return ExpertBiases(fc, gate, self.proj.bias, self.swiglu_limit)
 
 
 class MoE(nn.Module):
@@ -86,11 +96,11 @@ class MoE(nn.Module):
         m = config.mapping
         self.mapping = m
         self.config = config
-        self.router = Linear(config.hidden_size, config.moe_num_experts, False, replicate, replicate)
+        self.router = Linear(config.hidden_size, config.moe_num_experts, config.moe_router_bias, replicate, replicate)
         if config.moe_router == "sigmoid":  # DeepSeek-V3's balance bias (every rank's): it chooses, scores weigh
             self.choice_bias = nn.Parameter(torch.empty(config.moe_num_experts), requires_grad=False)
         self.experts = Experts(config.moe_num_experts, config.hidden_size, config.moe_intermediate_size,
-                               config.hidden_act, m, fused)
+                               config.hidden_act, m, fused, config.moe_expert_bias, config.moe_swiglu_limit)
         self.shared_expert = self.shared_expert_gate = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(config.hidden_size, config.moe_shared_expert_intermediate_size,

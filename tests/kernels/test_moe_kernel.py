@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kiln.kernels import triton_available
-from kiln.kernels.moe import ExpertCodes, Router, fused_moe, fused_moe_ref, moe_align, route, route_ref
+from kiln.kernels.moe import ExpertBiases, ExpertCodes, Router, fused_moe, fused_moe_ref, moe_align, route, route_ref
 from kiln.layers.mlp import ACTIVATIONS
 from kiln.quantization.fp8 import Fp8ExpertMethod
 from kiln.quantization.fp8_block import Fp8GroupExpertMethod
@@ -178,6 +178,35 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 def test_kernel_matches_reference_for_each_activation(act, by_pair):
     got, want = run_both(20, 4, 2, 0, 4, 48, 40, torch.float32, act, fused_layout=False, seed=5, by_pair=by_pair)
     assert_within_ulps(got, want, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("fmt", [None, "int4_g32"])
+@pytest.mark.parametrize("tokens,by_pair", [(1, True), (3, True), (40, False)])
+def test_gpt_oss_experts_match_the_reference(dtype, fmt, tokens, by_pair):
+    """gpt-oss's experts: biases on fc, gate and proj (proj's before the routing weight) and the clamped GLU,
+    quick_gelu(min(fc, 7)) * (clamp(gate, -7, 7) + 1), on the engine's fused fc_gate layout; the weights scaled
+    so that a share of fc and gate lands past the limit (checked), by pair and by the grouped GEMMs."""
+    experts, weights = routing(tokens, 8, 2, seed=9)
+    fc, gate, proj = (w * 4 for w in expert_weights(8, 64, 48, seed=9, dtype=torch.float32))
+    g = torch.Generator().manual_seed(10)
+    bias = [torch.randn(8, n, generator=g).to(dtype).to(DEVICE) for n in (96, 64)]  # [fc | gate] fused, proj
+    biases = ExpertBiases(*bias[0].chunk(2, dim=1), bias[1], limit=7.0)
+    x = torch.randn(tokens, 64, generator=g).to(dtype)
+    assert (torch.einsum("th,eih->tei", x.float(), torch.cat([fc, gate], 1)).abs() > 7).float().mean() > 0.05
+    if fmt:
+        (fc, gate), proj = fused_codes(*(expert_codes(w, fmt, dtype) for w in (fc, gate))), \
+            expert_codes(proj, fmt, dtype)
+    else:
+        fc, gate = (t.to(dtype) for t in torch.cat([fc, gate], dim=1).chunk(2, dim=1))
+        proj = proj.to(dtype)
+    on_device = lambda w: w.to(DEVICE) if isinstance(w, torch.Tensor) else ExpertCodes(  # noqa: E731
+        w.codes.to(DEVICE), w.scale.to(DEVICE), None if w.zero is None else w.zero.to(DEVICE), w.group)
+    args = [on_device(t) for t in (x, fc, gate, proj)] + [experts.to(DEVICE), weights.to(dtype).to(DEVICE), 0,
+                                                          "quick_gelu"]
+    got = fused_moe(*args, by_pair=by_pair, biases=biases)
+    assert_within_ulps(got, fused_moe_ref(*args, biases=biases), dtype)
 
 
 def test_reference_routes_as_transformers_writes_it():

@@ -466,3 +466,48 @@ def test_latent_rows_in_codes_decode_like_the_reference(heads, code_dtype):
     want = paged_decode_attention_ref(*args, 192 ** -0.5, None, kv_scale)
     print(f"latent decode {code_dtype} {heads} heads: max err {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_attention_sinks_match_the_reference(dtype, lazy, monkeypatch):
+    """gpt-oss's sinks (a logit per head in each softmax's denominator, random here, some far above the scores):
+    decode with one split and with several (the merge applies them), fresh prompts on the plain kernel and on the
+    TMA kernel, and prompts continuing a cache with one split and with several."""
+    from kiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "PREFILL_LAZY_RESCALE", lazy)
+    heads, kv_heads, d = 8, 2, 64
+    sinks = (torch.randn(heads) * 2 + torch.tensor([0, 0, 0, 0, 0, 0, 8.0, -8.0])).cuda()
+    for lens in ([3, 9], [700, 2000]):  # few keys: one split at batch 2 on most GPUs; many: several
+        q, k_cache, v_cache, tables, ctx, _, _ = make_decode_case(lens, heads, kv_heads, d, 16, dtype, 1)
+        args = [t.cuda() for t in (q, k_cache, v_cache, tables, ctx)]
+        got = paged_decode_attention(*args, d ** -0.5, None, sinks=sinks)
+        torch.testing.assert_close(got, paged_decode_attention_ref(*args, d ** -0.5, None, sinks=sinks),
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+    q, k, v, cu = (t.cuda() for t in _packed([5, 130], heads, kv_heads, d, dtype, 2))
+    for tma in (None, paged_attention.PREFILL_TMA_CONFIG):
+        monkeypatch.setattr(paged_attention, "PREFILL_TMA_CONFIG", tma)
+        got = varlen_prefill_attention(q, k, v, cu, 130, d ** -0.5, 16, sinks=sinks)
+        torch.testing.assert_close(got, varlen_prefill_attention_ref(q, k, v, cu, 130, d ** -0.5, 16, sinks=sinks),
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+    for cached, new in (([40, 3], [9, 20]), ([2000], [3])):  # the second splits the keys (a prefix hit)
+        q, k_cache, v_cache, tables, cu, ctx, _, _ = make_continuing_case(cached, new, heads, kv_heads, d, 16, dtype, 3)
+        args = [t.cuda() for t in (q, k_cache, v_cache, tables, cu, ctx)]
+        got = paged_prefill_attention(*args, d ** -0.5, max_query_len=max(new), sinks=sinks)
+        torch.testing.assert_close(got, paged_prefill_attention_ref(*args, d ** -0.5, sinks=sinks),
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_sinks_reference_is_a_softmax_over_one_more_key_with_no_value():
+    """The reference's sinks, written another way: a key whose score is the sink and whose value is zero."""
+    q, k_cache, v_cache, tables, ctx, dense_k, dense_v = make_decode_case([5, 12], 4, 2, 16, 4)
+    sinks = torch.tensor([0.5, -1.0, 3.0, 0.0])
+    got = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.25, sinks=sinks)
+    for b in range(2):
+        k, v = dense_k[b].repeat_interleave(2, dim=1), dense_v[b].repeat_interleave(2, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b], k) * 0.25
+        probs = torch.cat([scores, sinks[:, None]], dim=1).softmax(-1)
+        want = torch.einsum("hn,nhd->hd", probs, torch.cat([v, torch.zeros(1, 4, 16)]))
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
