@@ -33,6 +33,7 @@ class Layer:
     kv_cache_dtype: torch.dtype | None = None  # int8 / float8 codes: a quantized cache
     kv_cache_scaling_factor: torch.Tensor | None = None  # [s_k, s_v] with a quantized cache
     out_quant: InputQuant | None = None  # the output projection's quantized input, where decode writes it
+    sinks: torch.Tensor | None = None  # gpt-oss: a logit per head in each softmax's denominator
     attend_dense = Attention.attend_dense
 
 
@@ -103,6 +104,15 @@ STEPS = {
 @pytest.mark.parametrize("kind", list(STEPS))
 def test_paged_attention_equals_uncached_attention(kind, window, device):
     _paged_vs_reference(Layer(sliding_window=window), STEPS[kind], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(STEPS))
+def test_attention_sinks_equal_uncached_attention(kind, device):
+    """gpt-oss's sinks through every path (decode, fresh prefill, a continued prefix, a mixed step) as the
+    uncached attention applies them (Attention.attend_dense), over a window as gpt-oss's sliding layers have."""
+    sinks = torch.tensor([0.3, -1.0, 2.5, 0.0, 1.0, -0.5, 4.0, -3.0][:HEADS], device=device)
+    _paged_vs_reference(Layer(sliding_window=4, sinks=sinks), STEPS[kind], device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
