@@ -39,7 +39,9 @@
 #   roofline, W4A16 at 20% (0.94x bf16).
 # - moe-grouped: the same W4A16 and bf16 engines with decode by pair off (KILN_MOE_BY_PAIR=0), the A/B's other
 #   half (about 4 minutes).
-# - fusions: the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
+# - fusions (thirty-eighth session: also attention sinks in every paged kernel and gpt-oss's expert biases and
+#   clamped GLU in both MoE kernels, the latent cache's wide tiles, and Granite, OLMo 3 and gpt-oss greedy tokens):
+#   the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
 #   Qwen3's q and k norms inside the rotary launch; the routing and pair GEMVs launched with PDL): their kernel
 #   tests (an MoE decode chain replayed in a CUDA graph with PDL among them), Qwen3's, Qwen3-MoE's, GLM-4.5's
 #   (sigmoid routing in the same kernel), Gemma 3's (q/k norms of 1 + w in the rotary launch) and DeepSeek-V3's
@@ -107,9 +109,11 @@ for part in $parts; do
     moe-grouped) KILN_MOE_BY_PAIR=0 $moe_bench --quant-algo W4A16 --output-json "$out/$part.json" ;;
     fusions) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rotary_kernel.py \
                tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
-               -k "norms or route or matches_reference or pdl"
+               -k "norms or route or matches_reference or pdl or gpt_oss"
+             KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+               tests/kernels/test_paged_attention_kernel.py -k "sinks or latent"
              KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
-               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek or granite or olmo)"
+               -k "greedy_tokens_equal_transformers and (qwen3 or glm4 or gemma3 or deepseek or granite or olmo or gpt_oss)"
              python -m kiln bench --synthetic qwen3-8b --dtype bfloat16 --baseline none --workloads decode-1 \
                --output-json "$out/$part.json" ;;
     mla) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_paged_attention_kernel.py \

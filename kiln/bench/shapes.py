@@ -57,6 +57,13 @@ FAMILY_SHAPES = {
                              norm_topk_prob=False, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
                              v_head_dim=128, qk_nope_head_dim=128, tie_word_embeddings=False,
                              rope_theta=10000.0, max_position_embeddings=163840),
+    # OpenAI's gpt-oss-20b in bfloat16 (its release stores the experts in MXFP4): attention sinks, 128-token windows
+    # in every other layer, 32 experts of 2880 with biases, 4 a token; 42 GB, so the device's 64 GB disk holds the
+    # saved source and an engine of half its layers at most (--synthetic-layers 12)
+    "gpt-oss-20b": dict(architecture="GptOssForCausalLM", vocab_size=201088, hidden_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, intermediate_size=2880,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128, tie_word_embeddings=False,
+                        max_position_embeddings=131072),
     # 128 experts of 768, 8 a token: 61 GB in bf16, fits one H100 (Mixtral's 93 GB does not)
     "qwen3-30b-a3b": dict(architecture="Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,

@@ -24,6 +24,7 @@ _REGISTRY = {
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),
     "GPT2LMHeadModel": ("kiln.models.gpt2.model", "GPT2ForCausalLM"),
+    "GptOssForCausalLM": ("kiln.models.gpt_oss.model", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GraniteMoeForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GPTNeoXForCausalLM": ("kiln.models.gpt_neox.model", "GPTNeoXForCausalLM"),

@@ -12,6 +12,7 @@ import test_gemma
 import test_glm4_moe
 import test_gpt2
 import test_gpt_neox
+import test_gpt_oss
 import test_granite
 import test_mixtral
 import test_olmo
@@ -27,6 +28,7 @@ from kiln.models.gemma.model import GemmaForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
+from kiln.models.gpt_oss.model import GptOssForCausalLM
 from kiln.models.granite.model import GraniteForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.olmo.model import OlmoForCausalLM
@@ -42,6 +44,7 @@ FAMILIES = {
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
+    "gpt_oss": (test_gpt_oss.CASES, GptOssForCausalLM, list(test_gpt_oss.CASES), ["gpt_oss"]),
     "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
     "olmo": (test_olmo.CASES, OlmoForCausalLM, list(test_olmo.CASES), ["olmo2", "olmo3"]),

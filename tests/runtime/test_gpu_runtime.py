@@ -82,13 +82,19 @@ OLMO3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              layer_types=["sliding_attention"] * 3 + ["full_attention"])
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "gemma3", "deepseek_v3", "granite_moe", "olmo3"])
+GPT_OSS = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2,
+               num_local_experts=8, num_experts_per_tok=4, sliding_window=8, pad_token_id=None)
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "gemma3", "deepseek_v3", "granite_moe", "olmo3", "gpt_oss"])
 def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, family):
     """On the GPU in float32, 64 greedy tokens as transformers' on the same GPU: GLM-4.5 (its sigmoid routing in one
     kernel: 4 groups, 2 kept, a balance bias, weights scaled; a partial rotary; q/k norms), Gemma 3 (q/k norms
     scaling by 1 + w inside the rotary launch; sliding and global layers of their own rope), DeepSeek-V3 (latent
-    attention: one 48-wide cached row a token, its key and its value), Granite MoE (its four multipliers) and OLMo 3
-    (norms after the sub-blocks, q/k norms over all heads, sliding layers)."""
+    attention: one 48-wide cached row a token, its key and its value), Granite MoE (its four multipliers), OLMo 3
+    (norms after the sub-blocks, q/k norms over all heads, sliding layers) and gpt-oss (attention sinks in every
+    paged kernel, experts with biases and the clamped GLU in both MoE kernels)."""
     import transformers as tf
     from conftest import make_tiny_hf
 
@@ -97,7 +103,8 @@ def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, fami
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3),
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, DEEPSEEK_V3),
         "granite_moe": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, GRANITE_MOE),
-        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, OLMO3)}[family]
+        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, OLMO3),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, GPT_OSS)}[family]
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, **config)
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)

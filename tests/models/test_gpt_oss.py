@@ -1,0 +1,72 @@
+"""OpenAI's gpt-oss (GptOssForCausalLM) converted from tiny transformers models matches it. This file declares the
+cases; test_family_parity.py runs the shared checks over them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from family_checks import shared_family
+from kiln.errors import ConfigError
+from kiln.models.gpt_oss.model import GptOssForCausalLM
+
+# initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check. gpt-oss's
+# layout: sliding and full layers alternating (a window of 8 tokens here, 128 there), YaRN, 4 of 8 experts here.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2,
+            num_local_experts=8, num_experts_per_tok=4, sliding_window=8, pad_token_id=None, bos_token_id=1,
+            eos_token_id=2, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                             "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                             "beta_slow": 1.0, "truncate": False})
+
+
+CASES = {
+    "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, dict(TINY)),
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return shared_family(tmp_path_factory, CASES)
+
+
+def test_fields_follow_the_source(family):
+    config = GptOssForCausalLM.from_hugging_face(family.hf("gpt_oss")[0]).config
+    assert config.attention_sinks and config.moe_router_bias and config.moe_expert_bias
+    assert (config.hidden_act, config.moe_swiglu_limit, config.moe_top_k) == ("quick_gelu", 7.0, 4)
+    assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+
+
+def test_mxfp4_checkpoints_are_refused_with_the_way_out(tmp_path):
+    model = tf.GptOssForCausalLM(tf.GptOssConfig(**TINY))
+    model.config.quantization_config = {"quant_method": "mxfp4"}
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConfigError, match="mxfp4.*bfloat16 copy"):
+        GptOssForCausalLM.from_hugging_face(tmp_path / "hf")
+
+
+def test_clamped_glu_and_large_sinks_match_transformers(tmp_path):
+    """The family checks' model keeps its gates under gpt-oss's limit of 7 and its sinks near 0; here the
+    experts' gate_up weights are 4 times larger (a share of gate and up values past the limit, checked) and the
+    sinks spread over +-4: logits still within 1e-4 of transformers' in float32."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "tiny", tf.GptOssConfig, tf.GptOssForCausalLM, **TINY)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape, generator=g) * 2)
+            layer.mlp.experts.gate_up_proj.mul_(4)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 128, (1, 24), generator=g)
+    seen = []
+    hook = hf.model.layers[1].mlp.experts.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        want = hf(ids).logits
+    hook.remove()
+    gate_up = seen[0] @ hf.model.layers[1].mlp.experts.gate_up_proj[0]
+    assert (gate_up.abs() > 7).float().mean() > 0.05  # the clamp is exercised
+    with torch.no_grad():
+        got = GptOssForCausalLM.from_hugging_face(tmp_path / "hf")(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
