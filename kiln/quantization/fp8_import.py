@@ -1,5 +1,6 @@
 """Import of FP8 checkpoints published in the Hugging Face ecosystem into kiln's FP8 formats
-(kiln/quantization/fp8.py), and the dispatch of every pre-quantized `quantization_config` by its quant_method.
+(kiln/quantization/fp8.py), and the dispatch of every pre-quantized `quantization_config` by its quant_method
+(AWQ and GPTQ: kiln/quantization/hf_import.py; MXFP4, read as a float model: kiln/quantization/mxfp4.py).
 
 Formats read (each linear `<proj>` of the decoder holds `<proj>.weight` in float8_e4m3fn plus its scales):
 
@@ -42,6 +43,7 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization import hf_import
 from kiln.quantization.fp8 import FP8, quantize_fp8_weight
 from kiln.quantization.kv_cache import SCALE_NAME
+from kiln.quantization.mxfp4 import Mxfp4Format
 
 LEAVES = ("weight", "weights_scaling_factor", "activation_scaling_factor")
 
@@ -85,7 +87,7 @@ def prequantized_format(hf: dict, path: str):
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
-    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format}
+    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format, "mxfp4": lambda qc, where: Mxfp4Format()}
     if method in readers:
         return readers[method](qc, f"{path}: quantization_config")
     if method not in ("awq", "gptq"):

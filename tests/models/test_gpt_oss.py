@@ -3,12 +3,13 @@ cases; test_family_parity.py runs the shared checks over them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as tf
 
 from family_checks import shared_family
-from kiln.errors import ConfigError
 from kiln.models.gpt_oss.model import GptOssForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check. gpt-oss's
@@ -38,12 +39,46 @@ def test_fields_follow_the_source(family):
     assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
 
 
-def test_mxfp4_checkpoints_are_refused_with_the_way_out(tmp_path):
-    model = tf.GptOssForCausalLM(tf.GptOssConfig(**TINY))
-    model.config.quantization_config = {"quant_method": "mxfp4"}
-    model.save_pretrained(tmp_path / "hf")
-    with pytest.raises(ConfigError, match="mxfp4.*bfloat16 copy"):
-        GptOssForCausalLM.from_hugging_face(tmp_path / "hf")
+def test_mxfp4_checkpoint_reads_as_the_float_model_transformers_dequantizes(tmp_path):
+    """OpenAI's release layout: each layer's experts as MXFP4 blocks and scales (random codes, scales 2^-7..2^-2 here)
+    beside float attention, router and biases, with quantization_config mxfp4. kiln reads them back exactly as
+    transformers' own dequantizer does (integrations.mxfp4.convert_moe_packed_tensors): the converted model's
+    logits equal transformers' float model holding those dequantized weights."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "float", tf.GptOssConfig, tf.GptOssForCausalLM, **TINY)
+    tensors = load_file(tmp_path / "float" / "model.safetensors")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            prefix = f"model.layers.{i}.mlp.experts."
+            for name, param in (("gate_up_proj", layer.mlp.experts.gate_up_proj),
+                                ("down_proj", layer.mlp.experts.down_proj)):
+                experts, rows_in, rows_out = param.shape  # transformers' float layout: [experts, in, out]
+                blocks = torch.randint(0, 256, (experts, rows_out, rows_in // 32, 16), generator=g, dtype=torch.uint8)
+                scales = torch.randint(120, 126, (experts, rows_out, rows_in // 32), generator=g, dtype=torch.uint8)
+                del tensors[prefix + name]
+                tensors[prefix + name + "_blocks"], tensors[prefix + name + "_scales"] = blocks, scales
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    (tmp_path / "mxfp4").mkdir()
+    save_file(tensors, tmp_path / "mxfp4" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                         "model.layers.*.mlp.router"]}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+    model = GptOssForCausalLM.from_hugging_face(tmp_path / "mxfp4")
+    assert model.config.quantization.quant_algo is None  # read as the float model
+    ids = torch.randint(0, 128, (1, 16), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+    gate_up = convert_moe_packed_tensors(tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"],
+                                         tensors["model.layers.0.mlp.experts.gate_up_proj_scales"],
+                                         dtype=torch.float32)
+    assert torch.equal(model.read_weight("transformer.layers.0.mlp.experts.fc.weight"),
+                       gate_up[..., 0::2].transpose(1, 2))  # bit for bit
 
 
 def test_clamped_glu_and_large_sinks_match_transformers(tmp_path):

@@ -6,9 +6,9 @@ quick_gelu(min(fc, limit)) * (clamp(up, -limit, limit) + 1) (kiln's moe_swiglu_l
 
 Source names: `mlp.router.weight`/`.bias`; `mlp.experts.gate_up_proj` [experts, hidden, 2 x inter], its columns
 interleaved (gate even, up odd) and `gate_up_proj_bias` alike; `mlp.experts.down_proj` [experts, inter, hidden]
-and `down_proj_bias`: transposed and de-interleaved here into kiln's fc, gate and proj. These are the
-bfloat16 checkpoints' names; OpenAI's published ones store the experts in MXFP4 (`_blocks`, `_scales`), which this
-reader does not import yet.
+and `down_proj_bias`: transposed and de-interleaved here into kiln's fc, gate and proj. OpenAI's published
+checkpoints store the experts in MXFP4 (`gate_up_proj_blocks` and `_scales`, ...): they are read back exactly in the
+model dtype (kiln.quantization.mxfp4).
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ QUICK_GELU_ALPHA = 1.702
 
 
 def gpt_oss_structure(hf: dict) -> dict:
-    if hf.get("quantization_config", {}).get("quant_method") == "mxfp4":
-        raise ConfigError("quantization_config.quant_method is 'mxfp4': OpenAI's published gpt-oss stores its experts "
-                          "in MXFP4, which kiln does not import yet; convert a bfloat16 copy of the model (its "
-                          "experts dequantized, e.g. with transformers' Mxfp4Config(dequantize=True))")
     if hf.get("swiglu_alpha", QUICK_GELU_ALPHA) != QUICK_GELU_ALPHA:
         raise ConfigError(f"swiglu_alpha {hf['swiglu_alpha']} is not supported; supported: {QUICK_GELU_ALPHA} "
                           "(gpt-oss's, quick_gelu's)")
