@@ -187,7 +187,7 @@ def test_checkpoint_without_scales_is_refused_naming_them(hf_model, tmp_path):
     ({**CT, "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, r"kept unquantized.*down_proj"),
     ({**FP8, "weight_block_size": [BLOCK, BLOCK]}, r"block-wise FP8 .* dynamic activations"),
     ({"quant_method": "bitsandbytes"}, (r"'bitsandbytes' cannot be imported; this kiln imports "
-                                       r"\['awq', 'gptq', 'fp8', 'compressed-tensors'\]")),
+                                       r"\['awq', 'gptq', 'fp8', 'compressed-tensors', 'mxfp4'\]")),
 ])
 def test_unsupported_fp8_configs_are_refused(hf_model, tmp_path, config, message):
     write_fp8_checkpoint(hf_model, tmp_path / "src", config, "tensor0")
