@@ -57,8 +57,8 @@ class QuantizedSource:
         if name in self.kv_scales:
             return self.kv_scales[name]
         module, _, leaf = name.rpartition(".")
-        if module in self.rounded and module not in self.linears:  # a float module calibration rewrote (a router)
-            return self.rounded[module][leaf]
+        if module in self.rounded and module not in self.linears and leaf in self.rounded[module]:
+            return self.rounded[module][leaf]  # a float module calibration rewrote (a router; its bias stays)
         if module in self.linears and leaf != "bias":
             if self._last is None or self._last[0] != module:
                 self._last = (module, self._quantize(module))

@@ -61,7 +61,8 @@ def copy_dequantized_experts(layer, ckpt: dict, prefix: str, config) -> None:
     the router as into the norm before it), and a shared expert (Qwen2-MoE, GLM-4.5) to its dequantized weights."""
     if prefix + "mlp.experts.fc.weight" not in ckpt:
         return
-    layer.mlp.gate.weight.copy_(ckpt[prefix + "mlp.router.weight"])
+    router = layer.mlp.router if hasattr(layer.mlp, "router") else layer.mlp.gate  # (gpt-oss's has a bias)
+    router.weight.copy_(ckpt[prefix + "mlp.router.weight"])
     if prefix + "mlp.shared_expert.fc.weight" in ckpt:  # a shared expert, a dense gated MLP (Qwen2-MoE's, GLM-4.5's)
         shared = getattr(layer.mlp, "shared_expert", None) or layer.mlp.shared_experts
         for kiln_name, hf_name in (("fc", "gate_proj"), ("gate", "up_proj"), ("proj", "down_proj")):
@@ -72,8 +73,13 @@ def copy_dequantized_experts(layer, ckpt: dict, prefix: str, config) -> None:
             layer.mlp.shared_expert_gate.weight.copy_(ckpt[prefix + "mlp.shared_expert_gate.weight"])
     fc, gate, proj = (dequantize_experts(linear_tensors(ckpt, f"{prefix}mlp.experts.{p}"),
                                          config.quantization.group_size) for p in ("fc", "gate", "proj"))
-    layer.mlp.experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
-    layer.mlp.experts.down_proj.copy_(proj)
+    experts = layer.mlp.experts
+    if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: [experts, in, out], gate and up interleaved on out
+        experts.gate_up_proj.copy_(torch.stack([fc, gate], dim=2).flatten(1, 2).transpose(1, 2))
+        experts.down_proj.copy_(proj.transpose(1, 2))
+        return
+    experts.gate_up_proj.copy_(torch.cat([fc, gate], dim=1))
+    experts.down_proj.copy_(proj)
 
 
 def is_decoder_linear(name: str) -> bool:

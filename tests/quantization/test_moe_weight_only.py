@@ -173,6 +173,24 @@ def test_glm4_moe_logits_equal_transformers_with_dequantized_weights(tmp_path, a
 
 
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ"])
+def test_gpt_oss_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
+    """gpt-oss: its experts' codes beside their float biases (the router's and attention's too, and the sinks),
+    the clamped GLU read from the dequantized weights; AWQ's expert scale folds into post_layernorm and the router
+    as for any mixture."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", tf.GptOssConfig, tf.GptOssForCausalLM, vocab_size=127, hidden_size=64,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                      initializer_range=0.2, pad_token_id=None, tie_word_embeddings=False)
+    ckpt_dir = PretrainedModel.quantize(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo, group_size=32))
+    ckpt = load_file(ckpt_dir / "rank0.safetensors")
+    assert ckpt[EXPERTS + "fc.weight"].dtype in (torch.int8, torch.uint8)
+    assert ckpt[EXPERTS + "fc.bias"].dtype == torch.float32  # (biases stay in the model dtype)
+    assert_logits_equal_dequantized_transformers(hf, ckpt_dir)
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ"])
 def test_deepseek_v3_logits_equal_transformers_with_dequantized_weights(tmp_path, algo):
     """DeepSeek-V3: multi-head latent attention's q_b and o_proj quantized like any column- and row-parallel linear,
     its replicated down projections (q_a, kv_a) kept like routers and kv_b (folded into attention) kept too; the
