@@ -252,7 +252,8 @@ def _lm_head_format(quantization: dict) -> str:
 def _add_keep_quantization_flag(p) -> None:
     p.add_argument("--keep-quantization", action="store_true",
                    help="a .gguf source: keep the linears stored in Q4_0, Q4_1 or Q4_K as int4 (W4A16, group 32, "
-                        "their own codes) instead of dequantizing them")
+                        "their own codes) instead of dequantizing them; an MXFP4 checkpoint (gpt-oss): keep its "
+                        "experts as e4m3 codes over their groups' exponents (FP8_BLOCK_SCALES, group 32; exact)")
 
 
 def _add_build_flags(p) -> None:

@@ -54,20 +54,27 @@ def source_model_class(src: str | Path):
 SOURCE_READERS = {"hf": lambda cls, *args: cls.from_hugging_face(*args),
                   "meta": lambda cls, *args: cls.from_meta_ckpt(*args),
                   "gguf": lambda cls, *args: cls.from_gguf(*args),
-                  "gguf_kept": lambda cls, *args: cls.from_gguf(*args, keep_quantization=True)}
+                  "gguf_kept": lambda cls, *args: cls.from_gguf(*args, keep_quantization=True),
+                  "hf_kept": lambda cls, *args: cls.from_hugging_face(*args, keep_quantization=True)}
+# Hugging Face checkpoints whose quantization keep_quantization keeps as codes (others keep theirs anyway)
+KEPT_HF_METHODS = ("mxfp4",)
 
 
 def load_source_model(src: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
                       keep_quantization: bool = False):
     """The model object for one rank of `src`, with lazy weights; any supported format. keep_quantization: a
-    GGUF file's 4-bit linears stay int4 (kiln.quantization.gguf_import); other formats refuse it."""
+    GGUF file's 4-bit linears stay int4 (kiln.quantization.gguf_import), an MXFP4 checkpoint's experts e4m3 codes
+    (kiln.quantization.mxfp4); other formats refuse it."""
     src = Path(src)
     fmt = detect_source_format(src)
     if keep_quantization:
-        if fmt != "gguf":
-            raise ConfigError(f"{src}: --keep-quantization applies to GGUF files; a pre-quantized Hugging Face "
-                              "checkpoint (AWQ, GPTQ, FP8, compressed-tensors) keeps its quantization without it")
-        fmt = "gguf_kept"
+        method = (read_json(src / "config.json", "config").get("quantization_config") or {}).get(
+            "quant_method") if fmt == "hf" else None
+        if fmt != "gguf" and method not in KEPT_HF_METHODS:
+            raise ConfigError(f"{src}: --keep-quantization applies to GGUF files and MXFP4 checkpoints; a "
+                              "pre-quantized Hugging Face checkpoint (AWQ, GPTQ, FP8, compressed-tensors) keeps its "
+                              "quantization without it")
+        fmt = f"{fmt}_kept"
     return SOURCE_READERS[fmt](source_model_class(src), src, dtype, mapping or Mapping())
 
 

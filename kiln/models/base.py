@@ -383,14 +383,17 @@ class DecoderModelForCausalLM(PretrainedModel):
 
     @classmethod
     def from_hugging_face(cls, hf_dir: str | Path, dtype: str = "auto", mapping: Mapping | None = None,
-                          quant_config: QuantConfig | None = None) -> "DecoderModelForCausalLM":
+                          quant_config: QuantConfig | None = None,
+                          keep_quantization: bool = False) -> "DecoderModelForCausalLM":
+        """keep_quantization: an MXFP4 checkpoint's experts stay codes (kiln.quantization.mxfp4)."""
         refuse_quantization(quant_config)
         hf_dir = Path(hf_dir)
         hf = read_json(hf_dir / "config.json", "Hugging Face config.json")
         generation = (read_json(hf_dir / "generation_config.json", "generation config")
                       if (hf_dir / "generation_config.json").is_file() else None)
         config = cls.config_from_hf(hf, dtype, mapping or Mapping(), generation, str(hf_dir / "config.json"))
-        prequantized = prequantized_format(hf, str(hf_dir / "config.json"))  # AWQ / GPTQ / FP8: imported as is
+        prequantized = prequantized_format(hf, str(hf_dir / "config.json"),  # AWQ / GPTQ / FP8: imported as is
+                                           keep_quantization)
         if prequantized is not None:
             config = config.replace(quantization=prequantized.quant_config)
             check_experts_importable(config, f"{hf_dir / 'config.json'}: quantization_config")

@@ -80,14 +80,15 @@ class _WrappedFormat:
         return hf_import.PrequantizedNameMap(base, self.fmt, quantized_modules)
 
 
-def prequantized_format(hf: dict, path: str):
+def prequantized_format(hf: dict, path: str, keep_quantization: bool = False):
     """The pre-quantized format a Hugging Face config.json declares (with `quant_config` and
-    `name_map(base, quantized_modules)`); None for a float checkpoint."""
+    `name_map(base, quantized_modules)`); None for a float checkpoint. keep_quantization: MXFP4 experts stay
+    codes."""
     qc = hf.get("quantization_config")
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
-    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format, "mxfp4": lambda qc, where: Mxfp4Format()}
+    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format, "mxfp4": lambda qc, where: Mxfp4Format(keep_quantization)}
     if method in readers:
         return readers[method](qc, f"{path}: quantization_config")
     if method not in ("awq", "gptq"):

@@ -39,11 +39,10 @@ def test_fields_follow_the_source(family):
     assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
 
 
-def test_mxfp4_checkpoint_reads_as_the_float_model_transformers_dequantizes(tmp_path):
-    """OpenAI's release layout: each layer's experts as MXFP4 blocks and scales (random codes, scales 2^-7..2^-2 here)
-    beside float attention, router and biases, with quantization_config mxfp4. kiln reads them back exactly as
-    transformers' own dequantizer does (integrations.mxfp4.convert_moe_packed_tensors): the converted model's
-    logits equal transformers' float model holding those dequantized weights."""
+def write_mxfp4(tmp_path):
+    """OpenAI's release layout: each layer's experts as MXFP4 blocks and scales (random codes, scales 2^-7..2^-2)
+    beside float attention, router and biases, with quantization_config mxfp4, in tmp_path / "mxfp4". Returns
+    (transformers' float model holding the dequantized experts, the tensors written)."""
     from safetensors.torch import load_file, save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -69,6 +68,17 @@ def test_mxfp4_checkpoint_reads_as_the_float_model_transformers_dequantizes(tmp_
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
                                                                                          "model.layers.*.mlp.router"]}
     (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+    return hf, tensors
+
+
+def test_mxfp4_checkpoint_reads_as_the_float_model_transformers_dequantizes(tmp_path):
+    """kiln reads the release's experts back exactly as transformers' own dequantizer does
+    (integrations.mxfp4.convert_moe_packed_tensors): the converted model's logits equal transformers' float model
+    holding those dequantized weights; with keep_quantization, as FP8_BLOCK_SCALES codes of the same values."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf, tensors = write_mxfp4(tmp_path)
+    g = torch.Generator().manual_seed(5)
     model = GptOssForCausalLM.from_hugging_face(tmp_path / "mxfp4")
     assert model.config.quantization.quant_algo is None  # read as the float model
     ids = torch.randint(0, 128, (1, 16), generator=g)
@@ -79,6 +89,17 @@ def test_mxfp4_checkpoint_reads_as_the_float_model_transformers_dequantizes(tmp_
                                          dtype=torch.float32)
     assert torch.equal(model.read_weight("transformer.layers.0.mlp.experts.fc.weight"),
                        gate_up[..., 0::2].transpose(1, 2))  # bit for bit
+
+    # --keep-quantization: the experts as FP8_BLOCK_SCALES codes over their groups' powers of two, still exact
+    kept = GptOssForCausalLM.from_hugging_face(tmp_path / "mxfp4", keep_quantization=True)
+    assert kept.config.quantization.quant_algo.value == "FP8_BLOCK_SCALES" and kept.config.quantization.group_size == 32
+    codes = kept.read_weight("transformer.layers.0.mlp.experts.fc.weight")
+    scales = kept.read_weight("transformer.layers.0.mlp.experts.fc.weights_scaling_factor")
+    assert codes.dtype == torch.float8_e4m3fn and scales.shape == (8, 32, 2)
+    assert torch.equal(codes.float() * scales.repeat_interleave(32, dim=-1), gate_up[..., 0::2].transpose(1, 2))
+    assert kept.read_weight("transformer.layers.0.attention.qkv.weight").dtype == torch.float32  # (attention: float)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids), hf(ids).logits, rtol=0, atol=1e-4)
 
 
 def test_clamped_glu_and_large_sinks_match_transformers(tmp_path):
@@ -105,3 +126,26 @@ def test_clamped_glu_and_large_sinks_match_transformers(tmp_path):
     with torch.no_grad():
         got = GptOssForCausalLM.from_hugging_face(tmp_path / "hf")(ids)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_kiln_convert_keeps_mxfp4_experts_as_codes(tmp_path, capsys):
+    """`kiln convert --keep-quantization` of the release layout writes FP8_BLOCK_SCALES experts (1 byte a weight,
+    exact) that build and run as transformers' float model does; a float checkpoint refuses the flag."""
+    import kiln.cli
+    from safetensors.torch import load_file
+
+    from kiln.models.base import PretrainedModel
+
+    hf, _ = write_mxfp4(tmp_path)
+    assert kiln.cli.main(["convert", "--model-dir", str(tmp_path / "mxfp4"), "--output-dir", str(tmp_path / "ckpt"),
+                          "--keep-quantization"]) in (0, None)
+    ckpt = load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    assert ckpt["transformer.layers.1.mlp.experts.proj.weight"].dtype == torch.float8_e4m3fn
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(PretrainedModel.from_checkpoint(tmp_path / "ckpt")(ids), hf(ids).logits,
+                                   rtol=0, atol=1e-4)
+    assert kiln.cli.main(["convert", "--model-dir", str(tmp_path / "float"), "--output-dir", str(tmp_path / "x"),
+                          "--keep-quantization"]) != 0
+    assert "--keep-quantization applies to GGUF files and MXFP4 checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
