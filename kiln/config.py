@@ -228,6 +228,7 @@ class PretrainedConfig:
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
     qk_norm_full_width: bool = False  # ... over all of a token's q heads, and all its k heads, at once (OLMo 2)
+    qk_norm_per_head_weight: bool = False  # ... each head's a bias-free LayerNorm with its own weight (Command R+)
     attention_sinks: bool = False  # a learned logit per head joins each softmax's denominator (gpt-oss: `sinks`)
     pre_norm: bool = True  # a norm before each sub-block; False with sandwich_norm: after it only (OLMo 2)
     gated_mlp: bool = True
@@ -322,6 +323,9 @@ class PretrainedConfig:
                "True unless sandwich_norm (a layer needs its norms before or after each sub-block)", self.pre_norm)
         _check(self.qk_norm or not self.qk_norm_full_width, owner, "qk_norm_full_width", "False without qk_norm",
                self.qk_norm_full_width)
+        _check(self.qk_norm and not self.qk_norm_full_width or not self.qk_norm_per_head_weight, owner,
+               "qk_norm_per_head_weight", "False without qk_norm or with qk_norm_full_width",
+               self.qk_norm_per_head_weight)
         multipliers = ("embedding_multiplier", "residual_multiplier", "logits_scaling")  # (never None)
         for name in (*multipliers, "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                      "rotary_base_local"):

@@ -21,7 +21,7 @@ from kiln.kernels.input_quant import InputQuant
 from kiln.kernels.paged_attention import softmax_with_sinks
 from kiln.kernels.rotary import HeadNorms, apply_rotary, apply_rotary_and_write_cache
 from kiln.layers.linear import QKVLinear, RowLinear
-from kiln.layers.normalization import RMSNorm, ShardedRMSNorm, make_norm
+from kiln.layers.normalization import PerHeadLayerNorm, RMSNorm, ShardedRMSNorm, make_norm
 from kiln.layers.rotary import apply_rope, attention_factor, inv_freq, rope_cos_sin
 from kiln.mapping import Mapping, kv_heads_per_rank, shard_column, shard_kv_heads
 from kiln.quantization.kv_cache import SCALE_NAME, fake_quantize, kv_format
@@ -80,6 +80,8 @@ class Attention(nn.Module):
         self.out_quant: InputQuant | None = None
         if config.qk_norm_full_width:
             self.q_norm, self.k_norm = full_width_qk_norms(config, mapping)
+        elif config.qk_norm_per_head_weight:
+            self.q_norm, self.k_norm = per_head_qk_norms(config, mapping)
         elif config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, config.head_size), make_norm(config, config.head_size)
         self.qk_norm = config.qk_norm
@@ -173,6 +175,15 @@ def full_width_qk_norms(config, mapping: Mapping) -> tuple[ShardedRMSNorm, Shard
     q = ShardedRMSNorm(config.num_attention_heads // tp, d, config.norm_epsilon, mapping, shard_column)
     k = ShardedRMSNorm(kv_heads_per_rank(kv, tp), d, config.norm_epsilon, mapping,
                        functools.partial(shard_kv_heads, num_kv_heads=kv, head_size=d))
+    return q, k
+
+
+def per_head_qk_norms(config, mapping: Mapping) -> tuple[PerHeadLayerNorm, PerHeadLayerNorm]:
+    """Command R+'s q_norm and k_norm, a weight per head, on this rank's query (key) heads."""
+    d, tp, kv = config.head_size, mapping.tp_size, config.num_key_value_heads
+    q = PerHeadLayerNorm(config.num_attention_heads // tp, d, config.norm_epsilon, shard_column)
+    k = PerHeadLayerNorm(kv_heads_per_rank(kv, tp), d, config.norm_epsilon,
+                         functools.partial(shard_kv_heads, num_kv_heads=kv, head_size=1))  # (rows are heads)
     return q, k
 
 

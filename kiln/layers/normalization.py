@@ -68,6 +68,24 @@ class ShardedRMSNorm(nn.Module):
         return (self.weight.float() * h).to(x.dtype).view_as(x)
 
 
+class PerHeadLayerNorm(nn.Module):
+    """Command R+'s q_norm and k_norm: a bias-free LayerNorm over each head's dims, a weight per head [heads,
+    head_size] (this rank's heads), on [tokens, heads, head_size]; the weight multiplies in float32 before the
+    rounding, as Cohere's norms do."""
+
+    def __init__(self, heads: int, head_size: int, eps: float, shard_rule):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, head_size), requires_grad=False)
+        self.eps = eps
+        self.shard_rules = {"weight": shard_rule}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h - h.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
 class LayerNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, bias: bool = True):
         super().__init__()

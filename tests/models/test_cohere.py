@@ -7,7 +7,6 @@ import pytest
 import transformers as tf
 
 from family_checks import shared_family
-from kiln.errors import ConfigError
 from kiln.models.cohere.model import CohereForCausalLM
 
 # initializer_range 0.2: with transformers' 0.02 these tiny models repeat one token, a weak greedy check
@@ -17,6 +16,9 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 CASES = {
     "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(TINY)),
+    # Command R+: q/k LayerNorms over each head, a weight per head (before the interleaved rotary); one KV head,
+    # which two tensor-parallel ranks both hold
+    "cohere_plus": (tf.CohereConfig, tf.CohereForCausalLM, dict(TINY, use_qk_norm=True, num_key_value_heads=1)),
     # Command R7B's layout: a window (8 tokens here, 4,096 there) in three layers of four, no rotary in the fourth
     "cohere2": (tf.Cohere2Config, tf.Cohere2ForCausalLM,
                 dict(TINY, sliding_window=8, layer_types=["sliding_attention"] * 3 + ["full_attention"])),
@@ -34,9 +36,5 @@ def test_fields_follow_the_source(family):
     assert config.logits_scaling == 4.0 and config.tie_word_embeddings and config.nope_layers == ()
     r7b = CohereForCausalLM.from_hugging_face(family.hf("cohere2")[0]).config
     assert r7b.sliding_window == 8 and r7b.nope_layers == (3,)
-
-
-def test_command_r_plus_qk_norms_are_refused_by_name(tmp_path):
-    tf.CohereForCausalLM(tf.CohereConfig(**TINY, use_qk_norm=True)).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ConfigError, match="use_qk_norm.*Command R\\+"):
-        CohereForCausalLM.from_hugging_face(tmp_path / "hf")
+    plus = CohereForCausalLM.from_hugging_face(family.hf("cohere_plus")[0]).config
+    assert plus.qk_norm and plus.qk_norm_per_head_weight and not config.qk_norm

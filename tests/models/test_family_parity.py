@@ -38,7 +38,7 @@ from kiln.models.smollm3.model import SmolLM3ForCausalLM
 
 # family: (its CASES, the kiln class, cases kiln.LLM runs, cases run at TP=2 against TP=1)
 FAMILIES = {
-    "cohere": (test_cohere.CASES, CohereForCausalLM, list(test_cohere.CASES), ["cohere2"]),
+    "cohere": (test_cohere.CASES, CohereForCausalLM, list(test_cohere.CASES), ["cohere2", "cohere_plus"]),
     "deepseek": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
