@@ -17,10 +17,9 @@ matches the runtime.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
@@ -98,8 +97,7 @@ class PagedAttentionBatch:
         prefill = varlen_prefill_attention if fast else varlen_prefill_attention_ref
         continuing = paged_prefill_attention if fast else paged_prefill_attention_ref
         if layer.sinks is not None:  # (gpt-oss)
-            decode, prefill, continuing = (functools.partial(f, sinks=layer.sinks) for f in (decode, prefill,
-                                                                                               continuing))
+            decode, prefill, continuing = (partial(f, sinks=layer.sinks) for f in (decode, prefill, continuing))
         if self.decode_only:
             args = (q, k_cache, v_cache, self.block_tables, self.seq_lens, layer.scale, layer.sliding_window, kv_scale)
             # the output projection's quantized input, where the kernel can write it (paged_decode_attention)
