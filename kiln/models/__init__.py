@@ -15,6 +15,7 @@ from kiln.models.base import DecoderModelForCausalLM, PretrainedModel
 _REGISTRY = {
     "LlamaForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
     "MistralForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
+    "Exaone4ForCausalLM": ("kiln.models.exaone.model", "Exaone4ForCausalLM"),
     "GemmaForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import test_cohere
 import test_deepseek_v3
+import test_exaone
 import test_gemma
 import test_glm4_moe
 import test_gpt2
@@ -24,6 +25,7 @@ from family_checks import (check_convert_checkpoint, check_from_hugging_face, ch
 
 from kiln.models.cohere.model import CohereForCausalLM
 from kiln.models.deepseek.model import DeepseekV3ForCausalLM
+from kiln.models.exaone.model import Exaone4ForCausalLM
 from kiln.models.gemma.model import GemmaForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
@@ -40,6 +42,7 @@ from kiln.models.smollm3.model import SmolLM3ForCausalLM
 FAMILIES = {
     "cohere": (test_cohere.CASES, CohereForCausalLM, list(test_cohere.CASES), ["cohere2", "cohere_plus"]),
     "deepseek": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
+    "exaone": (test_exaone.CASES, Exaone4ForCausalLM, list(test_exaone.CASES), ["exaone4_hybrid"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),

@@ -31,11 +31,16 @@ class OlmoForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def hf_name_map(cls, config):
-        table = {k: v for k, v in hf_table(config.tie_word_embeddings).items()
-                 if not k.endswith(("input_layernorm.weight", "post_layernorm.weight"))}  # (no pre-norms)
-        return NameMap({
-            **table,
-            **QK_NORMS,
-            L + "attention_out_layernorm.weight": HF + "post_attention_layernorm.weight",
-            L + "mlp_out_layernorm.weight": HF + "post_feedforward_layernorm.weight",
-        })
+        return post_norm_name_map(config.tie_word_embeddings)
+
+
+def post_norm_name_map(tied: bool) -> NameMap:
+    """Llama's names for a model normed after each sub-block (no pre-norms), with q/k norms (OLMo 2, EXAONE 4)."""
+    table = {k: v for k, v in hf_table(tied).items()
+             if not k.endswith(("input_layernorm.weight", "post_layernorm.weight"))}
+    return NameMap({
+        **table,
+        **QK_NORMS,
+        L + "attention_out_layernorm.weight": HF + "post_attention_layernorm.weight",
+        L + "mlp_out_layernorm.weight": HF + "post_feedforward_layernorm.weight",
+    })
