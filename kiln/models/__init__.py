@@ -29,6 +29,7 @@ _REGISTRY = {
     "GraniteForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GraniteMoeForCausalLM": ("kiln.models.granite.model", "GraniteForCausalLM"),
     "GPTNeoXForCausalLM": ("kiln.models.gpt_neox.model", "GPTNeoXForCausalLM"),
+    "MiniMaxM2ForCausalLM": ("kiln.models.minimax.model", "MiniMaxM2ForCausalLM"),
     "MixtralForCausalLM": ("kiln.models.mixtral.model", "MixtralForCausalLM"),
     "Olmo2ForCausalLM": ("kiln.models.olmo.model", "OlmoForCausalLM"),
     "Olmo3ForCausalLM": ("kiln.models.olmo.model", "OlmoForCausalLM"),

@@ -15,6 +15,7 @@ import test_gpt2
 import test_gpt_neox
 import test_gpt_oss
 import test_granite
+import test_minimax
 import test_mixtral
 import test_olmo
 import test_phi3
@@ -32,6 +33,7 @@ from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 from kiln.models.gpt_oss.model import GptOssForCausalLM
 from kiln.models.granite.model import GraniteForCausalLM
+from kiln.models.minimax.model import MiniMaxM2ForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.olmo.model import OlmoForCausalLM
 from kiln.models.phi3.model import Phi3ForCausalLM
@@ -49,6 +51,7 @@ FAMILIES = {
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
     "gpt_oss": (test_gpt_oss.CASES, GptOssForCausalLM, list(test_gpt_oss.CASES), ["gpt_oss"]),
     "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
+    "minimax": (test_minimax.CASES, MiniMaxM2ForCausalLM, list(test_minimax.CASES), ["minimax_m2"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
     "olmo": (test_olmo.CASES, OlmoForCausalLM, list(test_olmo.CASES), ["olmo2", "olmo3"]),
     # phi3_longrope_long compares without a KV cache only (see test_phi3)
