@@ -179,7 +179,7 @@ ROPE_PER_FREQUENCY_FIELDS = ("factors", "short_factor", "long_factor")  # lists 
 NORM_TYPES = ("rmsnorm", "layernorm")
 # Activations by MLP kind: a gated MLP is act(fc(x)) * gate(x) (SwiGLU, GeGLU), a plain one act(fc(x)).
 GATED_ACTIVATIONS = ("silu", "gelu_tanh", "quick_gelu")
-PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MOE_ROUTERS = ("softmax", "sigmoid")  # how a mixture of experts chooses (PretrainedConfig.moe_router)
 

@@ -23,6 +23,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF's gelu_new / gelu_pytorch_tanh
     "relu": F.relu,
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # gpt-oss's experts
+    "relu2": lambda x: F.relu(x).square(),  # Arcee's (a plain MLP)
 }
 
 

@@ -15,12 +15,14 @@ from kiln.models.base import DecoderModelForCausalLM, PretrainedModel
 _REGISTRY = {
     "LlamaForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
     "MistralForCausalLM": ("kiln.models.llama.model", "LLaMAForCausalLM"),
+    "Ernie4_5ForCausalLM": ("kiln.models.llama_like.model", "Ernie45ForCausalLM"),
     "Exaone4ForCausalLM": ("kiln.models.exaone.model", "Exaone4ForCausalLM"),
     "GemmaForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("kiln.models.gemma.model", "GemmaForCausalLM"),
     "CohereForCausalLM": ("kiln.models.cohere.model", "CohereForCausalLM"),
     "Cohere2ForCausalLM": ("kiln.models.cohere.model", "CohereForCausalLM"),
+    "ArceeForCausalLM": ("kiln.models.llama_like.model", "ArceeForCausalLM"),
     "DeepseekV2ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),
@@ -38,6 +40,7 @@ _REGISTRY = {
     "Qwen3ForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
     "Qwen2MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
     "Qwen3MoeForCausalLM": ("kiln.models.qwen.model", "QWenForCausalLM"),
+    "SeedOssForCausalLM": ("kiln.models.llama_like.model", "SeedOssForCausalLM"),
     "SmolLM3ForCausalLM": ("kiln.models.smollm3.model", "SmolLM3ForCausalLM"),
 }
 MODEL_MAP = dict(_REGISTRY)

@@ -20,7 +20,7 @@ ROPE_FIELDS = {**{k: ROPE_SCALING_FIELDS[k] for k in ("linear", "dynamic", "llam
                "longrope": ("short_factor", "long_factor"), "yarn": ()}
 # HF activation names -> kiln's.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
 
 
 def rope_parameters(hf: dict) -> tuple[dict, dict | None]:

@@ -16,6 +16,7 @@ import test_gpt_neox
 import test_gpt_oss
 import test_granite
 import test_minimax
+import test_llama_like
 import test_mixtral
 import test_olmo
 import test_phi3
@@ -33,6 +34,7 @@ from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 from kiln.models.gpt_oss.model import GptOssForCausalLM
 from kiln.models.granite.model import GraniteForCausalLM
+from kiln.models.llama_like.model import ArceeForCausalLM, Ernie45ForCausalLM, SeedOssForCausalLM
 from kiln.models.minimax.model import MiniMaxM2ForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.olmo.model import OlmoForCausalLM
@@ -51,6 +53,9 @@ FAMILIES = {
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
     "gpt_oss": (test_gpt_oss.CASES, GptOssForCausalLM, list(test_gpt_oss.CASES), ["gpt_oss"]),
     "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
+    "arcee": (test_llama_like.ARCEE, ArceeForCausalLM, ["arcee"], ["arcee"]),
+    "ernie45": (test_llama_like.ERNIE45, Ernie45ForCausalLM, ["ernie45"], ["ernie45"]),
+    "seed_oss": (test_llama_like.SEED_OSS, SeedOssForCausalLM, ["seed_oss"], ["seed_oss"]),
     "minimax": (test_minimax.CASES, MiniMaxM2ForCausalLM, list(test_minimax.CASES), ["minimax_m2"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
     "olmo": (test_olmo.CASES, OlmoForCausalLM, list(test_olmo.CASES), ["olmo2", "olmo3"]),
