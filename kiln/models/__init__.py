@@ -25,6 +25,7 @@ _REGISTRY = {
     "ArceeForCausalLM": ("kiln.models.llama_like.model", "ArceeForCausalLM"),
     "DeepseekV2ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
     "DeepseekV3ForCausalLM": ("kiln.models.deepseek.model", "DeepseekV3ForCausalLM"),
+    "Glm4ForCausalLM": ("kiln.models.glm4.model", "Glm4ForCausalLM"),
     "Glm4MoeForCausalLM": ("kiln.models.glm4_moe.model", "Glm4MoeForCausalLM"),
     "GPT2LMHeadModel": ("kiln.models.gpt2.model", "GPT2ForCausalLM"),
     "GptOssForCausalLM": ("kiln.models.gpt_oss.model", "GptOssForCausalLM"),

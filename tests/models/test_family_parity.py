@@ -10,6 +10,7 @@ import test_cohere
 import test_deepseek_v3
 import test_exaone
 import test_gemma
+import test_glm4
 import test_glm4_moe
 import test_gpt2
 import test_gpt_neox
@@ -29,6 +30,7 @@ from kiln.models.cohere.model import CohereForCausalLM
 from kiln.models.deepseek.model import DeepseekV3ForCausalLM
 from kiln.models.exaone.model import Exaone4ForCausalLM
 from kiln.models.gemma.model import GemmaForCausalLM
+from kiln.models.glm4.model import Glm4ForCausalLM
 from kiln.models.glm4_moe.model import Glm4MoeForCausalLM
 from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
@@ -48,6 +50,7 @@ FAMILIES = {
     "deepseek": (test_deepseek_v3.CASES, DeepseekV3ForCausalLM, list(test_deepseek_v3.CASES), ["deepseek_v3"]),
     "exaone": (test_exaone.CASES, Exaone4ForCausalLM, list(test_exaone.CASES), ["exaone4_hybrid"]),
     "gemma": (test_gemma.CASES, GemmaForCausalLM, list(test_gemma.CASES), ["gemma2", "gemma3"]),
+    "glm4": (test_glm4.CASES, Glm4ForCausalLM, list(test_glm4.CASES), ["glm4"]),
     "glm4_moe": (test_glm4_moe.CASES, Glm4MoeForCausalLM, list(test_glm4_moe.CASES), ["glm4_moe"]),
     "gpt2": (test_gpt2.CASES, GPT2ForCausalLM, list(test_gpt2.CASES), ["gpt2"]),
     "gpt_neox": (test_gpt_neox.CASES, GPTNeoXForCausalLM, list(test_gpt_neox.CASES), ["neox_parallel"]),
