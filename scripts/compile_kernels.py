@@ -95,7 +95,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
     *[(f"decode code pairs int8={i8} one_split={one}{' prefetch' if pf else ''}",
        paged_attention_kernels.decode_code_pairs_kernel,
        {**{c: v for c, v in ATTENTION.items() if c not in ("CODES_FP16", "IEEE")}, "PAGE": 32, "HAS_SCALE": True,
-        "ONE_SPLIT": one, "FUSED_MERGE": not one, "BLOCK_G": 16, "BLOCK_N": 64, "INT8": i8, "PREFETCH": pf, "HAS_SINK": one and pf},
+        "ONE_SPLIT": one, "FUSED_MERGE": not one, "BLOCK_G": 16, "BLOCK_N": 64, "INT8": i8, "PREFETCH": pf,
+        "HAS_SINK": one and pf},
        dict(k_ptr="*i16", v_ptr="*i16", bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*bf16" if one else "*fp32",
             lse_ptr="*fp32", count_ptr="*i32")) for i8 in (False, True) for one in (True, False)
       for pf in (False, True)],
@@ -109,7 +110,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
      dict(bt_ptr="*i32", ctx_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32")),
     *[(f"merge splits sinks={sink}", paged_attention_kernels.merge_kernel,
        dict(FP8_OUT=False, FP8_GROUP=0, BLOCK_S=64, BLOCK_D=128, HAS_SINK=sink),
-       dict(part_ptr="*fp32", lse_ptr="*fp32", fp8_scale_ptr="*fp32", row_scale_ptr="*fp32")) for sink in (False, True)],
+       dict(part_ptr="*fp32", lse_ptr="*fp32", fp8_scale_ptr="*fp32", row_scale_ptr="*fp32"))
+      for sink in (False, True)],
     *[(f"merge splits to e4m3 group={g}", paged_attention_kernels.merge_kernel,
        dict(FP8_OUT=g == 0, FP8_GROUP=g, BLOCK_S=64, BLOCK_D=128, HAS_SINK=False),
        dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*fp8e4nv", row_scale_ptr="*fp32")) for g in (0, 128, 64)],

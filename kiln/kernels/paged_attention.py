@@ -305,7 +305,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     counts = None if one or not FUSED_MERGE or sinks is not None else _split_counts(q.device, batch * kv_heads)
     kernel = decode_code_pairs_kernel if pairs else decode_split_kernel
     kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse, out, counts, sinks, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        q, k_cache, v_cache, kv_scale, block_tables, context_lens, partial, lse, out, counts, sinks,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, group, head_size, splits,
         PAGE=block_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
         ONE_SPLIT=one, FUSED_MERGE=counts is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),

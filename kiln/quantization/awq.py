@@ -18,10 +18,10 @@ s for both since they share the input) 1/s folds into the norm's weight; the att
 follow no norm, so they keep 1/s as `prequant_scaling_factor`.
 
 Latent attention's query up projection (DeepSeek, kiln.layers.mla) folds its scale into q_a_norm (kv_b stays in
-the model dtype, folded into attention). A mixture of experts follows AutoAWQ's Mixtral recipe (`_search_experts`): one scale for every
-expert's fc and gate (and a shared expert's) folds into post_layernorm and into the other modules reading it (the
-router and a shared expert's gate stay float and exact), and each expert's proj scale folds into the rows of that
-expert's gate.
+the model dtype, folded into attention). A mixture of experts follows AutoAWQ's Mixtral recipe (`_search_experts`):
+one scale for every expert's fc and gate (and a shared expert's) folds into post_layernorm and into the other
+modules reading it (the router and a shared expert's gate stay float and exact), and each expert's proj scale
+folds into the rows of that expert's gate.
 
 Calibration streams layer by layer: only one decoder layer's weights and the activations of the calibration
 batch live in memory at a time. Each layer's inputs come from the float layers before it.

@@ -88,7 +88,8 @@ def prequantized_format(hf: dict, path: str, keep_quantization: bool = False):
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
-    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format, "mxfp4": lambda qc, where: Mxfp4Format(keep_quantization)}
+    readers = {"fp8": _fp8_format, "compressed-tensors": _compressed_tensors_format,
+               "mxfp4": lambda qc, where: Mxfp4Format(keep_quantization)}
     if method in readers:
         return readers[method](qc, f"{path}: quantization_config")
     if method not in ("awq", "gptq"):

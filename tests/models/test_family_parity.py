@@ -36,7 +36,8 @@ from kiln.models.gpt2.model import GPT2ForCausalLM
 from kiln.models.gpt_neox.model import GPTNeoXForCausalLM
 from kiln.models.gpt_oss.model import GptOssForCausalLM
 from kiln.models.granite.model import GraniteForCausalLM
-from kiln.models.llama_like.model import ArceeForCausalLM, Ernie45ForCausalLM, SeedOssForCausalLM
+from kiln.models.llama_like.model import (ArceeForCausalLM, Ernie45ForCausalLM, OlmoeForCausalLM, SeedOssForCausalLM,
+                                          Starcoder2ForCausalLM)
 from kiln.models.minimax.model import MiniMaxM2ForCausalLM
 from kiln.models.mixtral.model import MixtralForCausalLM
 from kiln.models.olmo.model import OlmoForCausalLM
@@ -58,7 +59,9 @@ FAMILIES = {
     "granite": (test_granite.CASES, GraniteForCausalLM, list(test_granite.CASES), ["granite_moe"]),
     "arcee": (test_llama_like.ARCEE, ArceeForCausalLM, ["arcee"], ["arcee"]),
     "ernie45": (test_llama_like.ERNIE45, Ernie45ForCausalLM, ["ernie45"], ["ernie45"]),
+    "olmoe": (test_llama_like.OLMOE, OlmoeForCausalLM, ["olmoe"], ["olmoe"]),
     "seed_oss": (test_llama_like.SEED_OSS, SeedOssForCausalLM, ["seed_oss"], ["seed_oss"]),
+    "starcoder2": (test_llama_like.STARCODER2, Starcoder2ForCausalLM, ["starcoder2"], ["starcoder2"]),
     "minimax": (test_minimax.CASES, MiniMaxM2ForCausalLM, list(test_minimax.CASES), ["minimax_m2"]),
     "mixtral": (test_mixtral.CASES, MixtralForCausalLM, list(test_mixtral.CASES), ["mixtral"]),
     "olmo": (test_olmo.CASES, OlmoForCausalLM, list(test_olmo.CASES), ["olmo2", "olmo3"]),

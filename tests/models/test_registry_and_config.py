@@ -91,4 +91,5 @@ def test_real_shapes_read_as_kiln_configs(shape):
     config = model_class(arch).config_from_hf({"architectures": [arch], **fields}, "bfloat16",
                                               Mapping(), None, shape)
     assert config.architecture == arch and config.hidden_size == fields["hidden_size"]
-    assert config.is_moe_layer(0) == (shape in ("gpt-oss-20b", "mixtral-8x7b", "qwen3-30b-a3b"))  # (DeepSeek's first is dense)
+    # (DeepSeek's first layer is dense)
+    assert config.is_moe_layer(0) == (shape in ("gpt-oss-20b", "mixtral-8x7b", "qwen3-30b-a3b"))

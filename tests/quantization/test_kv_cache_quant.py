@@ -293,7 +293,8 @@ def test_one_byte_cache_holds_twice_the_tokens_and_the_log_names_its_dtype(monke
     blocks = {}
     with caplog.at_level(logging.INFO, logger="kiln.runtime.kv_cache"):
         for dtype in (torch.bfloat16, torch.int8, torch.float8_e4m3fn):
-            blocks[dtype] = plan_num_blocks(bc, bytes_per_block(32, 32, KVCacheLayout(8, 128), dtype), torch.device("cuda"), 0, dtype)
+            block_bytes = bytes_per_block(32, 32, KVCacheLayout(8, 128), dtype)
+            blocks[dtype] = plan_num_blocks(bc, block_bytes, torch.device("cuda"), 0, dtype)
     assert blocks[torch.int8] == blocks[torch.float8_e4m3fn] == 2 * blocks[torch.bfloat16]
     assert "KV cache (int8)" in caplog.text and "KV cache (float8_e4m3fn)" in caplog.text
 

@@ -48,8 +48,9 @@ class Glm4ForCausalLM(DecoderModelForCausalLM):
         attn = HF + "self_attn."
         return NameMap({
             **hf_table(config.tie_word_embeddings),
-            **{L + f"attention.qkv.{kind}": (Src(attn + f"q_proj.{kind}", _q_rows), Src(attn + f"k_proj.{kind}", _k_rows),
-                                             attn + f"v_proj.{kind}") for kind in ("weight", "bias")},
+            **{L + f"attention.qkv.{kind}": (Src(attn + f"q_proj.{kind}", _q_rows),
+                                             Src(attn + f"k_proj.{kind}", _k_rows), attn + f"v_proj.{kind}")
+               for kind in ("weight", "bias")},
             L + "attention_out_layernorm.weight": HF + "post_self_attn_layernorm.weight",
             L + "mlp_out_layernorm.weight": HF + "post_mlp_layernorm.weight",
             L + "mlp.fc.weight": Src(HF + "mlp.gate_up_proj.weight", gate_half),
