@@ -83,7 +83,8 @@ class Mxfp4NameMap(NameMap):
         (src,) = sources
         if self._last is None or self._last[0] != src.name:
             blocks, exponents = source.get(src.name + "_blocks"), source.get(src.name + "_scales")
-            values = dequantize_mxfp4(blocks, exponents, torch.float32 if self.keep else config.torch_dtype)
+            # (kept: bfloat16 holds every value and its division by a power of two exactly, in half float32's bytes)
+            values = dequantize_mxfp4(blocks, exponents, torch.bfloat16 if self.keep else config.torch_dtype)
             scales = torch.exp2(exponents.float() - 127)
             self._last = (src.name, values.transpose(1, 2), scales.transpose(1, 2))
         _, values, scales = self._last
@@ -93,4 +94,5 @@ class Mxfp4NameMap(NameMap):
         group_scales = transform(scales, config)  # [experts, out, groups]
         if kiln_name.endswith(".weights_scaling_factor"):
             return group_scales.to(config.torch_dtype)
-        return (transform(values, config) / group_scales.repeat_interleave(GROUP, dim=-1)).to(FP8)
+        steps = group_scales.to(values.dtype).repeat_interleave(GROUP, dim=-1)
+        return (transform(values, config) / steps).to(FP8)
