@@ -1,5 +1,7 @@
-"""Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5): a router picks top-k experts per token, by softmax
-(Mixtral, Qwen) or by DeepSeek-V3's biased sigmoid scores within the best groups (GLM-4.5; config.moe_router).
+"""Mixture of experts (Mixtral, Qwen-MoE, GLM-4.5, DeepSeek, gpt-oss, MiniMax-M2, ...): a router picks top-k experts
+per token, by softmax (Mixtral, Qwen, gpt-oss) or by DeepSeek-V3's biased sigmoid scores within the best groups
+(GLM-4.5, MiniMax-M2; config.moe_router). gpt-oss adds a bias to the router and to every expert projection, and its
+clamped GLU (config.moe_expert_bias, moe_swiglu_limit; kiln.kernels.moe.ExpertBiases).
 
 Expert weights are stacked, one tensor per projection: `experts.fc` and `experts.gate` [experts, inter, hidden],
 `experts.proj` [experts, hidden, inter] (engines fuse fc and gate into `experts.fc_gate`). Under tensor
