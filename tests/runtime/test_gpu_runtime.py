@@ -87,7 +87,20 @@ GPT_OSS = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_
                num_local_experts=8, num_experts_per_tok=4, sliding_window=8, pad_token_id=None)
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "gemma3", "deepseek_v3", "granite_moe", "olmo3", "gpt_oss"])
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2)
+EXTRA_FAMILIES = {  # (config class, model class, kwargs) by transformers' names
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",  # q/k norms over all heads, half the head rotates
+                   dict(SMALL, num_local_experts=8, num_experts_per_tok=2, rotary_dim=16)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",  # parallel blocks, windows, rotary-free global layers
+                dict(SMALL, sliding_window=8, layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(SMALL)),  # sandwich norms, partial interleaved rotary
+}
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "gemma3", "deepseek_v3", "granite_moe", "olmo3", "gpt_oss",
+                                    *EXTRA_FAMILIES])
 def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, family):
     """On the GPU in float32, 64 greedy tokens as transformers' on the same GPU: GLM-4.5 (its sigmoid routing in one
     kernel: 4 groups, 2 kept, a balance bias, weights scaled; a partial rotary; q/k norms), Gemma 3 (q/k norms
@@ -104,7 +117,8 @@ def test_gpu_family_greedy_tokens_equal_transformers(tmp_path, monkeypatch, fami
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, DEEPSEEK_V3),
         "granite_moe": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, GRANITE_MOE),
         "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, OLMO3),
-        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, GPT_OSS)}[family]
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, GPT_OSS),
+        **{name: (getattr(tf, c), getattr(tf, m), kw) for name, (c, m, kw) in EXTRA_FAMILIES.items()}}[family]
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     hf = make_tiny_hf(tmp_path / "hf", config_cls, model_cls, **config)
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
