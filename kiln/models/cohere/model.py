@@ -14,7 +14,7 @@ from kiln.checkpoint.name_map import NameMap, Src
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.layers.rotary import interleaved_to_half
-from kiln.models.llama.convert import L, _k_rows, _q_rows, hf_table
+from kiln.models.llama.convert import L, _k_rows, _q_rows, hf_table, qkv_table
 
 HF = "model.layers.{i}."
 
@@ -42,8 +42,7 @@ class CohereForCausalLM(DecoderModelForCausalLM):
         return NameMap({
             **hf_table(config.tie_word_embeddings),
             L + "post_layernorm.weight": HF + "input_layernorm.weight",  # (the MLP reads the same norm)
-            L + "attention.qkv.weight": (Src(attn + "q_proj.weight", _q_rows), Src(attn + "k_proj.weight", _k_rows),
-                                         attn + "v_proj.weight"),
+            **qkv_table(_q_rows, _k_rows),
             L + "attention.q_norm.weight": Src(attn + "q_norm.weight", _per_head_halves),
             L + "attention.k_norm.weight": Src(attn + "k_norm.weight", _per_head_halves),
         })

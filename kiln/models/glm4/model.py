@@ -11,7 +11,7 @@ from kiln.checkpoint.name_map import NameMap, Src
 from kiln.layers.rotary import interleaved_to_half
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
-from kiln.models.llama.convert import L, hf_table
+from kiln.models.llama.convert import L, hf_table, qkv_table
 from kiln.models.phi3.model import gate_half, up_half
 
 HF = "model.layers.{i}."
@@ -45,12 +45,9 @@ class Glm4ForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def hf_name_map(cls, config):
-        attn = HF + "self_attn."
         return NameMap({
             **hf_table(config.tie_word_embeddings),
-            **{L + f"attention.qkv.{kind}": (Src(attn + f"q_proj.{kind}", _q_rows),
-                                             Src(attn + f"k_proj.{kind}", _k_rows), attn + f"v_proj.{kind}")
-               for kind in ("weight", "bias")},
+            **qkv_table(_q_rows, _k_rows),
             L + "attention_out_layernorm.weight": HF + "post_self_attn_layernorm.weight",
             L + "mlp_out_layernorm.weight": HF + "post_mlp_layernorm.weight",
             L + "mlp.fc.weight": Src(HF + "mlp.gate_up_proj.weight", gate_half),

@@ -42,9 +42,15 @@ def hf_table(tied: bool) -> dict:
         L + "mlp.gate.bias": hf + "mlp.up_proj.bias",
         L + "mlp.proj.bias": hf + "mlp.down_proj.bias",
     }
-    for kind in ("weight", "bias"):
-        table[L + f"attention.qkv.{kind}"] = tuple(hf + f"self_attn.{p}_proj.{kind}" for p in "qkv")
-    return table
+    return {**table, **qkv_table()}
+
+
+def qkv_table(q_rows=None, k_rows=None) -> dict:
+    """The fused QKV's weight and bias from HF's q/k/v_proj, the q and k rows through a transform where given (a
+    rotary layout reordered: Cohere, ERNIE 4.5, GLM-4)."""
+    attn = "model.layers.{i}.self_attn."
+    return {L + f"attention.qkv.{kind}": (Src(attn + f"q_proj.{kind}", q_rows), Src(attn + f"k_proj.{kind}", k_rows),
+                                          attn + f"v_proj.{kind}") for kind in ("weight", "bias")}
 
 
 def gguf_moe_table() -> dict:

@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-from kiln.checkpoint.name_map import NameMap, Src
+from kiln.checkpoint.name_map import NameMap
 from kiln.errors import ConfigError
 from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
-from kiln.models.llama.convert import L, _k_rows, _q_rows, hf_table
+from kiln.models.llama.convert import L, _k_rows, _q_rows, hf_table, qkv_table
 from kiln.models.qwen.convert import QK_NORMS, moe_table
 
 HF = "model.layers.{i}."
@@ -60,13 +60,7 @@ class Ernie45ForCausalLM(DecoderModelForCausalLM):
 
     @classmethod
     def hf_name_map(cls, config):
-        attn = HF + "self_attn."
-        return NameMap({
-            **hf_table(config.tie_word_embeddings),
-            **{L + f"attention.qkv.{kind}": (Src(attn + f"q_proj.{kind}", _q_rows),
-                                             Src(attn + f"k_proj.{kind}", _k_rows), attn + f"v_proj.{kind}")
-               for kind in ("weight", "bias")},
-        })
+        return NameMap({**hf_table(config.tie_word_embeddings), **qkv_table(_q_rows, _k_rows)})
 
 
 class ArceeForCausalLM(DecoderModelForCausalLM):
