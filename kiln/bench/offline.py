@@ -322,14 +322,39 @@ def matmul_flops(device: torch.device, fmt: str = "bf16", n: int = 8192) -> floa
 
 def prefill_flops_by_part(config, tokens: int) -> dict[str, float]:
     """FLOPs of one forward over a prompt of `tokens`: the decoder layers' linears and lm_head at 2 per weight per
-    token (lm_head counted at every token, as the usual 2-per-parameter count does), and causal attention."""
+    token (lm_head counted at every token, as the usual 2-per-parameter count does; a mixture of experts' top-k
+    experts, shared expert and router), and causal attention."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    inter = config.intermediate_size * (3 if config.gated_mlp else 2)
-    kv = config.num_key_value_heads * config.head_size
-    q = config.num_attention_heads * config.head_size
-    return {"linears": layers * 2 * (h * (q + 2 * kv) + q * h + h * inter) * tokens,
+    attention_weights, score_width = _attention_shape(config)
+    mlp_weights = sum(_mlp_weights_a_token(config, i) for i in range(layers))
+    return {"linears": 2 * (layers * attention_weights + mlp_weights) * tokens,
             "lm_head": 2 * h * config.vocab_size * tokens,
-            "attention": layers * 2 * 2 * q * tokens * tokens / 2}  # QK^T and PV over the causal half
+            "attention": layers * 2 * score_width * tokens * tokens / 2}  # QK^T and PV over the causal half
+
+
+def _attention_shape(config) -> tuple[int, int]:
+    """(weights a token multiplies in one layer's attention, widths its scores and values span per key: q.k plus
+    p.v over the heads). Latent attention (kiln.layers.mla) counts its absorbed form: the query and output fold kv_b
+    in, and every head attends the kv_lora + rope wide latent row and reads kv_lora of it."""
+    h, heads, d = config.hidden_size, config.num_attention_heads, config.head_size
+    if not config.mla_kv_lora_rank:
+        q, kv = heads * d, config.num_key_value_heads * d
+        return h * (q + 2 * kv) + q * h, 2 * q
+    lora, rope, v = config.mla_kv_lora_rank, config.mla_rope_head_dim, config.mla_v_head_dim
+    q_lora = config.mla_q_lora_rank
+    q = h * q_lora + q_lora * heads * d if q_lora else h * heads * d
+    absorbed = heads * (d - rope + v) * lora  # K_h into each query, V_h onto each output
+    return q + h * (lora + rope) + absorbed + heads * v * h, heads * (2 * lora + rope)
+
+
+def _mlp_weights_a_token(config, layer: int) -> int:
+    """Weights a token multiplies in one layer's MLP: the dense one's, or its top-k experts', a shared expert's
+    and the router's."""
+    h = config.hidden_size
+    if not config.is_moe_layer(layer):
+        return h * config.intermediate_size * (3 if config.gated_mlp else 2)
+    experts = config.moe_top_k * 3 * h * config.moe_intermediate_size  # (experts are gated MLPs)
+    return experts + 3 * h * config.moe_shared_expert_intermediate_size + h * config.moe_num_experts
 
 
 def prefill_flops(config, tokens: int) -> float:

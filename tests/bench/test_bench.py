@@ -257,6 +257,30 @@ def test_the_prefill_floor_runs_the_linears_at_the_rate_of_the_engines_gemm_form
     assert prefill_floor_s(config, tokens, rates) == pytest.approx(want)
 
 
+def test_the_prefill_floor_counts_a_mixture_of_experts_top_k_experts_and_latent_attention_absorbed():
+    """A token's multiply-adds through a mixture: its top-k experts (three projections each), the shared expert and
+    the router, not the dense MLP's width; a dense first layer as dense. Latent attention as it runs: q, kv_a, kv_b
+    folded into the query and output, o; scores over the kv_lora + rope row, values over kv_lora."""
+    from kiln.bench.offline import prefill_flops_by_part
+    from kiln.config import PretrainedConfig
+
+    moe = PretrainedConfig(architecture="Qwen3MoeForCausalLM", dtype="bfloat16", vocab_size=100, hidden_size=16,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=4,
+                           intermediate_size=64, moe_num_experts=8, moe_top_k=2, moe_intermediate_size=12,
+                           moe_shared_expert_intermediate_size=20, moe_dense_layers=(0,))
+    attention = 16 * (16 + 2 * 8) + 16 * 16
+    dense, routed = 16 * 64 * 3, 2 * 3 * 16 * 12 + 3 * 16 * 20 + 16 * 8
+    assert prefill_flops_by_part(moe, 10)["linears"] == 2 * (2 * attention + dense + routed) * 10
+    mla = PretrainedConfig(architecture="DeepseekV3ForCausalLM", dtype="bfloat16", vocab_size=100, hidden_size=16,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_size=12,
+                           intermediate_size=24, mla_kv_lora_rank=8, mla_q_lora_rank=6, mla_rope_head_dim=4,
+                           mla_v_head_dim=5)
+    q, kv_a, absorbed, o = 16 * 6 + 6 * 4 * 12, 16 * (8 + 4), 4 * (8 + 5) * 8, 4 * 5 * 16
+    parts = prefill_flops_by_part(mla, 10)
+    assert parts["linears"] == 2 * (q + kv_a + absorbed + o + 16 * 24 * 3) * 10
+    assert parts["attention"] == 2 * 4 * (8 + 4 + 8) * 10 * 10 / 2
+
+
 def test_the_decode_roofline_counts_a_mixture_of_experts_top_k_share_of_its_experts(tmp_path):
     """Batch-1 decode reads every weight once a token, but of the stacked experts only the top-k a token picks."""
     import transformers as tf
