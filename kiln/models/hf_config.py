@@ -148,6 +148,12 @@ def common_fields(hf: dict, dtype: str, generation: dict | None, path: str) -> d
     )
 
 
+def global_layers(layer_types) -> tuple[int, ...]:
+    """The full-attention layers of a layer_types list: the rotary-free ones of Command R7B's and EXAONE 4.0's
+    hybrid layouts."""
+    return tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
+
+
 def sliding_fields(hf: dict) -> dict:
     """sliding_window and per-layer layer_types, as transformers 5 writes them (or None)."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None

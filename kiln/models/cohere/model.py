@@ -25,7 +25,7 @@ def cohere_structure(hf: dict) -> dict:
                   parallel_residual=True, logits_scaling=1 / hf.get("logit_scale", 1.0), qk_norm=qk_norm,
                   qk_norm_per_head_weight=qk_norm, **hf_config.sliding_fields(hf))
     if fields["layer_types"]:  # Command R7B / A: the global layers have no rotary
-        fields["nope_layers"] = tuple(i for i, t in enumerate(fields["layer_types"]) if t == "full_attention")
+        fields["nope_layers"] = hf_config.global_layers(fields["layer_types"])
     return fields
 
 

@@ -13,7 +13,7 @@ from kiln.models.olmo.model import post_norm_name_map
 def exaone4_structure(hf: dict) -> dict:
     fields = dict(pre_norm=False, sandwich_norm=True, qk_norm=True, **hf_config.sliding_fields(hf))
     if fields["sliding_window"] and fields["layer_types"]:  # the hybrid models: global layers without rotary
-        fields["nope_layers"] = tuple(i for i, t in enumerate(fields["layer_types"]) if t == "full_attention")
+        fields["nope_layers"] = hf_config.global_layers(fields["layer_types"])
     return fields
 
 
