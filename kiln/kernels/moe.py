@@ -45,7 +45,7 @@ except ImportError:  # CPU-only installs: the reference below still works
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
 
-ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}  # the kernel's constexpr for each name
+ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4, "relu2": 5}  # the kernel's constexpr
 
 
 @dataclass(frozen=True)
@@ -460,6 +460,8 @@ if triton is not None:
             return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
         elif ACT == 4:
             return x / (1.0 + tl.exp(-1.702 * x))
+        elif ACT == 5:
+            return tl.maximum(x, 0.0) * tl.maximum(x, 0.0)
         else:
             return tl.maximum(x, 0.0)
 
