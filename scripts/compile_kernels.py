@@ -64,6 +64,10 @@ CASES = [  # (label, kernel, constexprs, pointer types)
           ("w8a16", False, True, False, False, dict(w_ptr="*i8")),
           ("w8a16 int8 by bits", False, True, False, True, dict(w_ptr="*i8")),
           ("w8a8 (int8 codes of x)", True, True, False, True, dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32")))],
+    *[(f"fp8 words gemv {n}x{kw} bits={bits}", gemv._fp8_words_gemv_kernel,
+       dict(K=4096, EVEN_N=True, BLOCK_N=n, BLOCK_KW=kw, BY_BITS=bits),
+       dict(x_ptr="*fp8e4nv", w_ptr="*i64", xs_ptr="*fp32", ws_ptr="*fp32"))
+      for _, n, kw, _, bits in gemv.FP8_WORD_TILES],
     *[(f"fp8 dot gemv {n}x{kb} split={split}", gemv._fp8_dot_gemv_kernel,
        dict(K=4096, BLOCK_N=n, BLOCK_K=kb, SPLIT=split),
        dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32"))

@@ -308,6 +308,26 @@ def fp8_dot_gemv() -> None:
             check(f"fp8 dot gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 
+def fp8_word_gemv() -> None:
+    """The e4m3 GEMV on int64 words, its codes made floats by bit operations (the hardware conversion is inline
+    PTX, which the interpreter cannot run: the GPU test checks both give the same bits); outputs and input dims
+    that are not whole tiles, codes of every byte value but NaN (subnormals and negatives among them)."""
+    g = torch.Generator().manual_seed(3)
+    for rows, n, k in ((1, 36, 520), (2, 64, 1024), (2, 40, 256)):
+        wq, xq = (_random_e4m3_codes(shape, g) for shape in ((n, k), (rows, k)))
+        xs, ws = torch.rand(rows, generator=g) + 0.5, torch.rand(n, generator=g) * 1e-2
+        want = fp8_gemm_emulated(xq, xs[:, None], wq, ws, torch.float32)
+        for tile in (t for t in gemv.FP8_WORD_TILES if t[-1]):
+            y = torch.empty(rows, n, dtype=torch.float32)
+            gemv._run_gemv((xq, wq, y, xs, ws, False), ("words", tile[1], 32, tile[3], True))  # (small steps)
+            check(f"fp8 word gemv {rows}x{n}x{k} tile {tile}", y, want)
+
+
+def _random_e4m3_codes(shape, g) -> torch.Tensor:
+    b = torch.randint(0, 256, shape, generator=g, dtype=torch.int32)
+    return torch.where((b & 0x7F) == 0x7F, b - 1, b).to(torch.uint8).view(torch.float8_e4m3fn)  # (no NaN)
+
+
 def fp8_group_gemm() -> None:
     """FP8_BLOCK_SCALES' GEMM on every tile: groups of 32-128 inputs, a short last group (576 = 4.5 x 128), rows and
     outputs that no tile divides. Codes of x from the reference (the interpreter rounds some e4m3 values wrong), whose
@@ -546,9 +566,9 @@ def gated_gemm_tiles() -> None:
                   gated_gemm.silu_and_mul_gemm_ref(x, w))
 
 
-CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_group_gemm,
-          w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_plain, silu_and_mul_int8_rows,
-          fp8_groups_written_by_norm_and_activation, fp8_rows_written_by_norm_and_activation,
+CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_word_gemv,
+          fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_plain,
+          silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation, fp8_rows_written_by_norm_and_activation,
           rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
 
 

@@ -34,6 +34,7 @@ from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+    from kiln.kernels.words import load_step, split8
 
 log = logging.getLogger("kiln")
 
@@ -86,11 +87,18 @@ def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False)
 
 
 def _run_gemv(args, tile) -> None:
-    """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), or the e4m3 MMA kernel with
-    `tile` = (BLOCK_N, BLOCK_K, SPLIT, warps, stages)."""
+    """One GEMV: the CUDA-core kernel (`tile` None, its tile autotuned by Triton), the e4m3 word kernel (`tile` =
+    ("words", BLOCK_N, BLOCK_KW, warps, BY_BITS)), or the e4m3 MMA kernel with `tile` = (BLOCK_N, BLOCK_K, SPLIT,
+    warps, stages)."""
     rows, weight, y, x_scale, w_scale, quantize_x = args
     n, k = weight.shape
     scales = (y if x_scale is None else x_scale, y if w_scale is None else w_scale)
+    if tile is not None and tile[0] == "words":
+        _, block_n, block_kw, warps, by_bits = tile
+        _fp8_words_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
+            rows, weight.view(torch.int64), y, x_scale, w_scale, n, k, rows.stride(0), EVEN_N=n % block_n == 0,
+            BLOCK_N=block_n, BLOCK_KW=block_kw, BY_BITS=by_bits, num_warps=warps, **pdl_args(rows.device))
+        return
     if tile is None:
         grid = lambda meta: gemv_grid(rows.shape[0], n, meta["BLOCK_N"])  # noqa: E731
         _gemv_kernel[grid](rows, weight, y, *scales, n, k, rows.stride(0), weight.stride(0), rows.shape[0],
@@ -143,15 +151,31 @@ def _fp8_kernel_choice(args):
     key = (*weight.shape, rows.shape[0], y.dtype, rows.device.index)
     if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = weight_copies(weight, w_scale)
-        ms = candidate_ms([None, *FP8_DOT_TILES], lambda tile: [
+        ms = candidate_ms([None, *fp8_word_tiles(weight), *FP8_DOT_TILES], lambda tile: [
             functools.partial(_run_gemv, (rows, w, y, x_scale, s, False), tile) for w, s in copies])
         _FP8_PICKED[key] = min(ms, key=ms.get)
-        mma = min((t for t in ms if t is not None), key=ms.get, default=None)
-        log.info("FP8 GEMV %s x %s: CUDA cores %.1f us, e4m3 MMA %s; runs %s", tuple(rows.shape),
-                 tuple(weight.shape), ms[None] * 1e3,
-                 "-" if mma is None else f"{ms[mma] * 1e3:.1f} us (tile {mma})",
-                 "CUDA cores" if _FP8_PICKED[key] is None else "e4m3 MMA")
+        log.info("FP8 GEMV %s x %s: %s; runs %s", tuple(rows.shape), tuple(weight.shape), "; ".join(
+            f"{kind} {ms[t] * 1e3:.1f} us" + (f" (tile {t})" if t else "") for kind, t in _best_of_each_kind(ms)),
+            _fp8_kernel_kind(_FP8_PICKED[key]))
     return _FP8_PICKED.get(key)
+
+
+def _fp8_kernel_kind(tile) -> str:
+    return "CUDA cores" if tile is None else "e4m3 words" if tile[0] == "words" else "e4m3 MMA"
+
+
+def _best_of_each_kind(ms: dict) -> list[tuple[str, tuple | None]]:
+    """(kind, its fastest tile) of each kernel kind timed, for the tuner's log line."""
+    best = {}
+    for tile in sorted(ms, key=ms.get, reverse=True):
+        best[_fp8_kernel_kind(tile)] = tile
+    return list(best.items())
+
+
+def fp8_word_tiles(weight: torch.Tensor) -> tuple:
+    """The e4m3 word kernel's tiles where it can read the weight as int64 words (whole, aligned words a row)."""
+    words = weight.is_contiguous() and weight.shape[1] % 8 == 0 and weight.data_ptr() % 8 == 0
+    return FP8_WORD_TILES if words else ()
 
 
 def candidate_ms(candidates: list, calls_of) -> dict:
@@ -341,6 +365,93 @@ if triton is not None:
     FP8_DOT_TILES = ((64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 512, 2, 4, 3),
                      (128, 256, 1, 4, 3), (128, 128, 2, 4, 4), (64, 128, 4, 4, 6), (128, 256, 2, 8, 3))
     SUM_BLOCK = 1024
+    # ("words", BLOCK_N, BLOCK_KW, warps, BY_BITS) of _fp8_words_gemv_kernel: the int8 GEMV's tiles
+    # (kiln.kernels.quant_gemm.W8_GEMV_TILES), each code made a float by the hardware's conversion, and one tile by
+    # bit operations instead (the interpreter's way; timed beside it so that the GPU says which is faster).
+    FP8_WORD_TILES = (("words", 8, 256, 4, False), ("words", 4, 256, 4, False), ("words", 8, 512, 4, False),
+                      ("words", 8, 256, 4, True))
+    # e4m3 magnitudes moved to float32 bits 20..26 read as 2^-120 times their value (E4M3_BITS_EXP); x is
+    # prescaled by 2^64 so that every product stays a normal float (|w x| >= 2^-18), the sum scaled back at the end.
+    E4M3_BITS_EXP = tl.constexpr(120)
+    X_PRESCALE_EXP = tl.constexpr(64)
+    SIGN_BIT = tl.constexpr(-0x80000000)
+    MAGNITUDE_BITS = tl.constexpr(0x07F00000)
+
+    @triton.jit
+    def _e4m3_floats(half, BY_BITS: tl.constexpr):
+        """The 4 e4m3 codes of int32 words (code j in bits 8j..8j+7) as 4 float32 tensors: their values (the
+        hardware's conversion, two codes an instruction to float16, then float32), or BY_BITS their values times
+        2^-E4M3_BITS_EXP (each code's sign to bit 31 and its 7 other bits to bits 20..26 of a float, which makes
+        e4m3's subnormals float32 subnormals; no inline assembly, so the interpreter runs it)."""
+        if BY_BITS:
+            f0 = ((half << 24) & SIGN_BIT) | ((half << 20) & MAGNITUDE_BITS)
+            f1 = ((half << 16) & SIGN_BIT) | ((half << 12) & MAGNITUDE_BITS)
+            f2 = ((half << 8) & SIGN_BIT) | ((half << 4) & MAGNITUDE_BITS)
+            f3 = (half & SIGN_BIT) | ((half >> 4) & MAGNITUDE_BITS)
+            return (f0.to(tl.float32, bitcast=True), f1.to(tl.float32, bitcast=True),
+                    f2.to(tl.float32, bitcast=True), f3.to(tl.float32, bitcast=True))
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi, a, b, c, d; .reg .b32 p, q; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 p, lo; "
+            "cvt.rn.f16x2.e4m3x2 q, hi; mov.b32 {a, b}, p; mov.b32 {c, d}, q; cvt.f32.f16 $0, a; "
+            "cvt.f32.f16 $1, b; cvt.f32.f16 $2, c; cvt.f32.f16 $3, d; }",
+            "=r,=r,=r,=r,r", [half], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _e4m3_half_sums(acc, half, x0, x1, x2, x3, BY_BITS: tl.constexpr):
+        """acc [k, n] plus each int32 half's sum_j w_j x_j: half [k, n] holds 4 e4m3 codes, x0..x3 [k] the columns
+        of x they multiply."""
+        w0, w1, w2, w3 = _e4m3_floats(half, BY_BITS)
+        acc += w0 * x0[:, None]
+        acc += w1 * x1[:, None]
+        acc += w2 * x2[:, None]
+        acc += w3 * x3[:, None]
+        return acc
+
+    @triton.jit
+    def _fp8_words_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm,
+                               USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr):
+        """_gemv_kernel's y for e4m3 weights and e4m3 codes of x (y = sum * x's row scale * w's column scale, in
+        float32), the weights read as int64 words of 8 codes as the int8 GEMV reads its codes
+        (kiln.kernels.quant_gemm._w8_gemv_kernel): each thread holds one word of each of its BLOCK_N outputs and
+        the 8 columns of x it multiplies, so no value crosses threads until the final sum. The CUDA-core kernel
+        above broadcasts its step's x through shared memory, a barrier a step (sm_90 code, scripts/kernel_sass.py
+        "gemv fp8"). Products of e4m3 values are exact in float32 either way; only the order of the sum differs
+        from the emulated GEMM's. The first step's weights are requested before the wait for x
+        (kiln.kernels.pdl)."""
+        allow_dependents(USE_PDL)
+        KW: tl.constexpr = K // 8  # words per row
+        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
+        m = tl.program_id(0).to(tl.int64)
+        n0 = tl.program_id(1) * BLOCK_N
+        outs = tl.arange(0, BLOCK_N)  # from n0
+        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
+            outs = tl.minimum(outs, N - 1 - n0)
+        w_row = w_ptr + n0.to(tl.int64) * KW
+        x_row = x_ptr + m * stride_xm
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        wait_for_inputs(USE_PDL)
+        x_prescale = 1.0
+        if BY_BITS:
+            x_prescale = 2.0 ** X_PRESCALE_EXP
+        for k0 in range(0, KW, BLOCK_KW):
+            ok = (k0 + first < KW)[:, None]
+            if k0 > 0:
+                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
+            xs = split8(x.to(tl.float32) * x_prescale)
+            acc = _e4m3_half_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3], BY_BITS)  # (low half)
+            acc = _e4m3_half_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7], BY_BITS)
+        y = tl.sum(acc, axis=0)
+        if BY_BITS:
+            y = y * 2.0 ** (E4M3_BITS_EXP - X_PRESCALE_EXP)
+        y = y * tl.load(xs_ptr + m)
+        y = y * tl.load(ws_ptr + n0 + outs).to(tl.float32)
+        out = n0 + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
 
     @triton.jit
     def _fp8_dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,

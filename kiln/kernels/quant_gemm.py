@@ -449,9 +449,9 @@ def _launch(kernel, grid, args, **meta) -> None:
         tuned[grid](*args, **meta)
 
 
-
-
 if triton is not None:
+    from kiln.kernels.words import halves, load_step, split8, sum8
+
     SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
     # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
     # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
@@ -472,36 +472,6 @@ if triton is not None:
                                                (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
                                                (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
-    @triton.jit
-    def _halves(x):
-        """[B, 16] -> columns 0..7 and 8..15, each [B, 8]."""
-        return tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 8]), (0, 2, 1)))
-
-    @triton.jit
-    def _sum8(xs):
-        """The sum of _split8's 8 columns."""
-        return ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
-
-    @triton.jit
-    def _split8(x):
-        """[B, 8] -> its 8 columns, each [B] (three halvings of the last dim: j = 4 a + 2 b + c)."""
-        c0, c1 = tl.split(tl.reshape(x, [x.shape[0], 2, 2, 2]))  # by c
-        c00, c01 = tl.split(c0)  # by b
-        c10, c11 = tl.split(c1)
-        x0, x4 = tl.split(c00)  # by a
-        x2, x6 = tl.split(c01)
-        x1, x5 = tl.split(c10)
-        x3, x7 = tl.split(c11)
-        return x0, x1, x2, x3, x4, x5, x6, x7
-
-    @triton.jit
-    def _load_step(p, ok, EVEN_K: tl.constexpr):
-        """A GEMV step's values at p, 0 past the row's end (where ok is False); no mask when steps are whole."""
-        if EVEN_K:
-            v = tl.load(p)
-        else:
-            v = tl.load(p, mask=ok, other=0)
-        return v
 
     @triton.jit
     def _step_weights(w_row, s_row, z_row, k0, first, out_words, out_groups, KW: tl.constexpr, WPG: tl.constexpr,
@@ -510,18 +480,18 @@ if triton is not None:
         at word k0. The address of each is the step's scalar base, plus the thread's word, plus the output's
         constant offset, added in that order so the last becomes the load's immediate offset."""
         ok = (k0 + first < KW)[:, None]
-        w = _load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
+        w = load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
         group = (first // WPG)[:, None]
-        s = _load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+        s = load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
         if HAS_ZERO:
-            z = _load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+            z = load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
         else:
             z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
         return w, s, z
 
     @triton.jit
     def _slot_scaled(xs):
-        """x's 8 columns (xs, _split8), each times the power of two that turns the float32 bits of its code, masked
+        """x's 8 columns (xs, split8), each times the power of two that turns the float32 bits of its code, masked
         in its slot (_w4_row_sums), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
         columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
         return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
@@ -598,9 +568,9 @@ if triton is not None:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
                                                HAS_ZERO, EVEN_K)
             x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
-            x_low, x_high = _halves(_load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            xs_low, xs_high = _split8(x_low), _split8(x_high)
-            x_sum = _sum8(xs_low) + _sum8(xs_high)
+            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
+            xs_low, xs_high = split8(x_low), split8(x_high)
+            x_sum = sum8(xs_low) + sum8(xs_high)
             slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
             acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
             if PAIRED:
@@ -660,15 +630,15 @@ if triton is not None:
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see _w4_row_sums)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         x_sums = tl.zeros([BLOCK_KW], tl.float32)
-        w = _load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             ok = (k0 + first < KW)[:, None]
             if k0 > 0:
-                w = _load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            xs = _split8(_load_step(x_p, ok, EVEN_K).to(tl.float32))
-            x_sums += _sum8(xs)
+            xs = split8(load_step(x_p, ok, EVEN_K).to(tl.float32))
+            x_sums += sum8(xs)
             # (a word past the row's end reads 0: codes 128 times x's 0 there)
             acc = _byte_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3])  # (the low half: truncation)
             acc = _byte_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7])

@@ -168,8 +168,32 @@ def test_fp8_dot_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (2, 6144, 4096), (1, 1000, 1232), (2, 7, 4104)])
+def test_fp8_word_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
+    """The e4m3 GEMV on int64 words of codes, each tile the chooser may take (outputs and input dims not whole
+    tiles among the shapes), against the emulated FP8 GEMM; the conversion by bit operations (the interpreter's)
+    gives the hardware conversion's bits on the same tile shape (the products are exact and scaled by powers of
+    two, so every partial sum is too)."""
+    from kiln.kernels.gemv import FP8_WORD_TILES, _run_gemv
+    from kiln.quantization.fp8 import fp8_gemm_emulated
+
+    _, _, xq, xs, wq, ws = _fp8_operands(rows, n, k, rows * n + k + 13)
+    want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
+    bound = _fp8_bound(xq, xs, wq, ws, want, k)
+    x_scale = xs.reshape(-1).float().contiguous()
+    got = {}
+    for tile in FP8_WORD_TILES:
+        y = got[tile] = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        _run_gemv((xq, wq, y, x_scale, ws, False), tile)
+        err = (y.float() - want.float()).abs()
+        print(f"fp8 word gemv {rows}x{n}x{k} tile {tile}: worst err / bound {(err / bound).max():.3g}")
+        assert (err <= bound).all(), tile
+    assert torch.equal(got[("words", 8, 256, 4, True)], got[("words", 8, 256, 4, False)])
+
+
+@needs_fp8_gpu
 def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
-    """The FP8 GEMV of e4m3 codes times the CUDA-core kernel against the e4m3 MMA tiles the first time it sees a
+    """The FP8 GEMV of e4m3 codes times the CUDA-core kernel against the word and MMA tiles the first time it sees a
     shape (never inside a CUDA-graph capture, which keeps the CUDA-core kernel and records nothing), then keeps the
     choice; x quantized by the GEMV itself always takes the CUDA-core kernel."""
     from kiln.kernels import gemv
@@ -186,7 +210,7 @@ def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
     assert gemv._FP8_PICKED == {}
     got = gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16)
     (key, choice), = gemv._FP8_PICKED.items()
-    assert choice is None or choice in gemv.FP8_DOT_TILES
+    assert choice is None or choice in gemv.FP8_DOT_TILES + gemv.FP8_WORD_TILES
     want = fp8_gemm_emulated(xq, xs, wq, ws, torch.bfloat16)
     assert ((got.float() - want.float()).abs() <= _fp8_bound(xq, xs, wq, ws, want, 4096)).all()
     assert torch.equal(gemv.scaled_gemv(xq, xs, wq, ws, torch.bfloat16), got) and len(gemv._FP8_PICKED) == 1
