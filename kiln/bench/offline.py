@@ -17,6 +17,7 @@ and a PNG plot (--plot, needs matplotlib).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -382,15 +383,15 @@ def decode_kv_bytes(config, input_len: int, output_len: int, kv_element_bytes: i
     return per_token * (steps * (input_len + 1) + steps * (steps - 1) / 2)
 
 
-def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device) -> tuple[Path, list]:
-    """(the engine dir of one kiln system: the source as is, or quantized first into a temp checkpoint; the dirs
-    to delete after it: with a synthetic source, all of them, since 8B-shaped copies fill a disk fast)."""
+def build_engine(source, args, quant: QuantConfig | None, build_config: BuildConfig, device, scratch: list) -> Path:
+    """The engine dir of one kiln system: the source as is, or quantized first into a temp checkpoint. The dirs to
+    delete after it go on `scratch` as they are made (so a failed build leaves none behind): the checkpoint, and with
+    a synthetic source the engine too, since 8B-shaped copies fill a disk fast."""
     import tempfile
 
     from kiln.llmapi.llm import open_engine_dir
     from kiln.quantization.workflow import quantize_checkpoint
 
-    scratch = []
     if quant is not None:
         ckpt = Path(tempfile.mkdtemp(prefix="kiln-bench-quant-")) / "ckpt"
         scratch.append(ckpt.parent)
@@ -400,7 +401,9 @@ def build_engine(source, args, quant: QuantConfig | None, build_config: BuildCon
         print(f"# quantized to {quant.quant_algo and quant.quant_algo.value} / KV "
               f"{quant.kv_cache_quant_algo and quant.kv_cache_quant_algo.value} in {time.perf_counter() - start:.0f}s")
     engine_dir = open_engine_dir(source, args.dtype, build_config)
-    return engine_dir, (scratch + [engine_dir] if args.synthetic else scratch)
+    if args.synthetic:
+        scratch.append(engine_dir)
+    return engine_dir
 
 
 def quant_systems(args) -> list[tuple[str, QuantConfig | None]]:
@@ -632,11 +635,19 @@ def _bench_source(args, device, workloads, ceilings, source, hf_model, system_co
         _release(device)
     systems = {}
     for label, quant in system_configs:
-        engine_dir, system_scratch = build_engine(source, args, quant, build_config, device)
-        scratch += system_scratch
-        system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings, args.profile)
-        results += system_results
-        for path in system_scratch:  # (before the next system's engine takes the disk)
+        first_own = len(scratch)
+        try:
+            engine_dir = build_engine(source, args, quant, build_config, device, scratch)
+            system_results, systems[label] = bench_system(label, engine_dir, workloads, device, ceilings,
+                                                          args.profile)
+            results += system_results
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            print(f"# {label}: not run, the disk filled while its checkpoint or engine was written ({error}). A "
+                  "quantized system writes both, each up to the model's size, beside the source; bench fewer layers "
+                  "(--synthetic-layers) or point TMPDIR and KILN_CACHE_DIR at a larger disk", flush=True)
+        for path in scratch[first_own:]:  # (before the next system's engine takes the disk)
             shutil.rmtree(path, ignore_errors=True)
     ratios = speed_ratios(results)
     print_results(results, ratios)

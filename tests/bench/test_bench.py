@@ -1,6 +1,7 @@
 """`kiln bench` end to end on a tiny model (CPU): workloads from a file, a dataset of requests of their own
 lengths, the transformers baseline, a quantized system, the JSON report and the plot."""
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -440,6 +441,30 @@ def test_a_synthetic_run_leaves_no_checkpoint_or_engine_behind(tiny_synthetic, t
     assert kiln_dirs(scratch) == []
     engines = cache / "engines"
     assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_a_system_that_fills_the_disk_is_named_and_the_others_reported(tiny_synthetic, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A system whose checkpoint or engine fills the disk (DeepSeek-V2-Lite's 31 GB with a KV-cache-only
+    quantization, on a 64 GB disk, thirty-ninth session: the run ended in a traceback and the bf16 results before it
+    were never saved) is named as not run with the fix, its partial checkpoint deleted; the other systems run and
+    the report is saved."""
+    from kiln.quantization import workflow
+
+    def disk_full(source, ckpt, *args, **kwargs):
+        Path(ckpt).mkdir(parents=True)
+        (Path(ckpt) / "rank0.safetensors").write_bytes(b"\0" * 64)  # what it wrote before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workflow, "quantize_checkpoint", disk_full)
+    scratch, _ = tiny_synthetic
+    workloads, report_path = tmp_path / "workloads.json", tmp_path / "r.json"
+    workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 16, "output_len": 2}]))
+    assert main(["bench", "--synthetic", "tiny-test", "--workload-file", str(workloads), "--baseline", "none",
+                 "--device", "cpu", "--quant-algo", "W8A16", "--output-json", str(report_path)]) == 0
+    assert "# kiln W8A16: not run, the disk filled" in capsys.readouterr().out
+    assert {r["system"] for r in json.loads(report_path.read_text())["results"]} == {"kiln"}
+    assert kiln_dirs(scratch) == []
 
 
 def test_a_synthetic_run_takes_the_default_dtype(tiny_synthetic, tmp_path, caplog):
