@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile mla (default: all)
+#   #   moe-profile mla fp8-words gpt-oss (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -53,9 +53,16 @@
 #   torch.profiler: its kernels by GPU time (about 5 minutes).
 # - mla: the latent cache's kernel tests (576-wide rows, 16 and 128 query heads, 1-byte codes read as pairs: new in
 #   the thirty-eighth session, the codes not yet run on a GPU) and DeepSeek-V3's greedy tokens on the GPU, then
-#   DeepSeek-V2-Lite's shapes (latent attention, 64 experts; 31 GB in bf16), batch-1 decode and batch 64 with the
-#   bf16 and the FP8 latent cache (about 6 minutes; s38 with the bf16 latent cache: 243.4 tok/s, 44% of the
-#   roofline).
+#   13 of DeepSeek-V2-Lite's 27 layers (latent attention, 64 experts), batch-1 decode and batch 64 with the bf16
+#   and the FP8 latent cache (about 5 minutes; s38 and s39, all 27 layers, bf16 latent cache: 243.4 and 245.9 tok/s,
+#   44% of the roofline). All 27 layers (31 GB) with the FP8 cache filled the 64 GB disk in s39: the source, the
+#   calibrated checkpoint and its engine are each the model's size.
+# - fp8-words (thirty-ninth session, not yet run on a GPU): the e4m3 GEMV on int64 words of codes (the int8 GEMV's
+#   layout; the tuner times it beside the CUDA-core and MMA kernels per shape and logs each kind's best): its tests,
+#   then FP8 with an FP8 lm_head beside bf16, batch-1 decode (s35 on an H100: 306.0 against 187.5 tok/s, 1.63x; issue
+#   5 wants 1.7x). About 5 minutes; the tuner's log lines say which kernel each shape took, and each kind's best.
+# - gpt-oss: gpt-oss-20b's shapes, 12 of 24 layers (sinks, alternating windows, 32 experts with biases), batch-1
+#   decode and batch 64 (about 4 minutes; never run).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -66,7 +73,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla}
+  moe-profile mla fp8-words gpt-oss}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -77,7 +84,7 @@ bench="python -m kiln bench --synthetic llama-3-8b --dtype bfloat16 --baseline n
 # 16 of Qwen3-30B-A3B's 48 layers: the saved model and one engine at a time fit the device's 64 GB disk
 moe_bench="python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 16 --dtype bfloat16 --baseline none
   --workloads decode-1,offline-64"
-bench_mla="python -m kiln bench --synthetic deepseek-v2-lite --dtype bfloat16 --baseline none"
+bench_mla="python -m kiln bench --synthetic deepseek-v2-lite --synthetic-layers 13 --dtype bfloat16 --baseline none"
 for part in $parts; do
   case $part in
     tests) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rmsnorm_kernel.py \
@@ -124,10 +131,15 @@ for part in $parts; do
     moe-profile) python scripts/bench_moe_pair_gemv.py
                  python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
+    fp8-words) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_gemv_kernel.py \
+                 -k "fp8" -s
+               $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
+    gpt-oss) python -m kiln bench --synthetic gpt-oss-20b --synthetic-layers 12 --dtype bfloat16 --baseline none \
+               --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe, moe-grouped, fusions, moe-profile or mla" >&2
+         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words or gpt-oss" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
