@@ -68,6 +68,11 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(K=4096, EVEN_N=True, BLOCK_N=n, BLOCK_KW=kw, BY_BITS=bits),
        dict(x_ptr="*fp8e4nv", w_ptr="*i64", xs_ptr="*fp32", ws_ptr="*fp32"))
       for _, n, kw, _, bits in gemv.FP8_WORD_TILES],
+    ("fp8 words gemv silu", gemv._fp8_words_gemv_kernel,
+     dict(K=4096, EVEN_N=True, BLOCK_N=4, BLOCK_KW=256, BY_BITS=False, GATED=True, FP8_OUT=True,
+          ACT_DTYPE=triton.language.bfloat16),
+     dict(x_ptr="*fp8e4nv", w_ptr="*i64", y_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32", os_ptr="*bf16",
+          rs_ptr="*fp32")),
     *[(f"fp8 dot gemv {n}x{kb} split={split}", gemv._fp8_dot_gemv_kernel,
        dict(K=4096, BLOCK_N=n, BLOCK_K=kb, SPLIT=split),
        dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", xs_ptr="*fp32", ws_ptr="*fp32"))

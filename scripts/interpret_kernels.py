@@ -323,6 +323,31 @@ def fp8_word_gemv() -> None:
             check(f"fp8 word gemv {rows}x{n}x{k} tile {tile}", y, want)
 
 
+def fp8_word_gemv_silu() -> None:
+    """The word GEMV's gated epilogue (the FP8 fc_gate with SiLU-and-mul and the down projection's static codes):
+    its codes and scales equal those of the plain word GEMV on the same tile (the same sums, bit for bit), then
+    silu_and_mul_ref and the static quantization (as the interpreter casts: interpreter_e4m3). fp16 (the
+    interpreter's bf16 is wrong); some products saturate."""
+    from kiln.kernels.fp8_quant import FP8_MAX
+
+    g = torch.Generator().manual_seed(4)
+    for rows, inter, k in ((1, 36, 520), (2, 64, 1024)):
+        wq, xq = (_random_e4m3_codes(shape, g) for shape in ((2 * inter, k), (rows, k)))
+        xs, ws = torch.rand(rows, generator=g) + 0.5, torch.rand(2 * inter, generator=g) * 1e-4
+        out_scale = torch.tensor([0.02]).half()
+        for tile in (t for t in gemv.FP8_WORD_TILES if t[-1]):
+            tile = ("words", tile[1], 32, tile[3], True)  # (small steps)
+            plain = torch.empty(rows, 2 * inter, dtype=torch.float16)
+            gemv._run_gemv((xq, wq, plain, xs, ws, False), tile)
+            got = gemv.run_fp8_silu_and_mul(xq, xs, wq, ws, out_scale, torch.float16, tile)
+            want = interpreter_e4m3((silu_and_mul_ref(plain).float() / out_scale.float()).clamp(-FP8_MAX, FP8_MAX))
+            label = f"fp8 word gemv silu {rows}x{inter}x{k} tile {tile}"
+            if not (torch.equal(got.q.view(torch.uint8), want.view(torch.uint8))
+                    and torch.equal(got.scale, out_scale.float().expand(rows, 1))):
+                raise SystemExit(f"{label}: codes or scales differ from the reference")
+            print(f"{label:<60} codes and scales equal", flush=True)
+
+
 def _random_e4m3_codes(shape, g) -> torch.Tensor:
     b = torch.randint(0, 256, shape, generator=g, dtype=torch.int32)
     return torch.where((b & 0x7F) == 0x7F, b - 1, b).to(torch.uint8).view(torch.float8_e4m3fn)  # (no NaN)
@@ -567,7 +592,7 @@ def gated_gemm_tiles() -> None:
 
 
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_word_gemv,
-          fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_plain,
+          fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows, silu_and_mul_plain,
           silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation, fp8_rows_written_by_norm_and_activation,
           rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
 

@@ -26,6 +26,7 @@ from kiln.kernels.input_quant import NO_QUANT_FLAGS, WHOLE_ROW, InputQuant
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
+    from kiln.kernels.epilogue import silu_times
     from kiln.kernels.fp8_quant import to_e4m3, to_e4m3_groups
     from kiln.kernels.int8_gemm import to_int8_row
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
@@ -72,14 +73,6 @@ def program_shape(rows: int, inter: int) -> tuple[int, int]:
 
 
 if triton is not None:
-
-    @triton.jit
-    def silu_times(fc, gate):
-        """silu(fc) * gate in fc's dtype: silu in float32 rounded to the dtype, then the multiply rounded, the two
-        roundings torch makes (also the int4 GEMV's epilogue, kiln.kernels.quant_gemm)."""
-        f = fc.to(tl.float32)
-        act = (f / (1.0 + tl.exp(-f))).to(fc.dtype)
-        return (act.to(tl.float32) * gate.to(tl.float32)).to(fc.dtype)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, prequant_ptr, row_scale_ptr, x_stride, inter,

@@ -11,6 +11,12 @@ runs them, and remembers the faster; the engine makes every choice at load (kiln
 Each program owns BLOCK_N output rows and streams them along the whole input dim in BLOCK_K columns, with
 float32 partial sums per column summed once at the end; programs of the same output rows but another row of x
 are adjacent in the launch order, so the second row reads the weights from L2.
+
+FP8's e4m3 weights times e4m3 codes of x have three kernels, timed per shape (`_fp8_kernel_choice`): that one on
+the CUDA cores, one on the tensor cores (`_fp8_dot_gemv_kernel`), and one that reads the codes as int64 words as
+W8A16's GEMV does (`_fp8_words_gemv_kernel`, thirty-ninth session, not yet timed on a GPU). Where the word kernel
+wins the gated MLP's fc_gate, it also runs SiLU-and-mul and writes the down projection's e4m3 input
+(`fp8_silu_and_mul_gemv`): one launch where there were two.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ except ImportError:  # CPU-only installs: F.linear is the reference and the only
 
 from kiln.kernels import rows_view
 from kiln.kernels.choices import KernelChoices
+from kiln.kernels.fp8_quant import Fp8Rows
 from kiln.kernels.pdl import pdl_args
 
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+    from kiln.kernels.epilogue import silu_times
+    from kiln.kernels.fp8_quant import to_e4m3
     from kiln.kernels.words import load_step, split8
 
 log = logging.getLogger("kiln")
@@ -78,6 +87,46 @@ def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
     return _launch(rows_view(x), wq, x_scale.reshape(1), w_scale, out_dtype, quantize_x=True)
 
 
+def epilogues_enabled() -> bool:
+    """KILN_GEMV_EPILOGUES=0 turns off the GEMVs' epilogue variants (the int4 GEMV's SiLU-and-mul and rotary, the
+    e4m3 word GEMV's SiLU-and-mul): to compare, or to rule them out."""
+    return os.environ.get("KILN_GEMV_EPILOGUES", "1") != "0"
+
+
+def fp8_silu_and_mul_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                          out_scale: torch.Tensor, act_dtype: torch.dtype):
+    """silu(fc) * gate of the FP8 fc_gate GEMV in one launch: wq [2I, K] = [fc; gate] in e4m3, xq [m, K] e4m3
+    codes of x with x_scale [m, 1], m <= GEMV_MAX_ROWS; fc and gate rounded to act_dtype (as the GEMV's output),
+    and the product written as e4m3 codes over the static out_scale [1], the down projection's input: Fp8Rows
+    [m, I]. The word kernel's gated epilogue, where timing picked the word kernel for the plain fc_gate GEMV (then
+    with its tile); else None, and the caller runs the GEMV, then silu_and_mul."""
+    rows, x_scale = rows_view(xq), x_scale.reshape(-1).float().contiguous()
+    plain = (rows, wq, torch.empty(rows.shape[0], wq.shape[0], dtype=act_dtype, device=xq.device), x_scale, w_scale,
+             False)  # (the plain GEMV's arguments: its choice's key, and its timing's output)
+    tile = _fp8_kernel_choice(plain) if _fp8_codes_with_scales(*plain) else None
+    if tile is None or tile[0] != "words":
+        return None
+    return run_fp8_silu_and_mul(rows, x_scale, wq, w_scale, out_scale, act_dtype, tile)
+
+
+def run_fp8_silu_and_mul(rows: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                         out_scale: torch.Tensor, act_dtype: torch.dtype, tile: tuple) -> Fp8Rows:
+    """fp8_silu_and_mul_gemv's launch, for the plain GEMV's word `tile` (x_scale [m] float32): each program sums
+    half the tile's outputs of fc and as many of gate, so it streams the plain tile's bytes with about its registers
+    (the whole tile's pairs took 178 registers a thread against 96 in the sm_90 code: two programs an SM, not five).
+    Each output's sum is the plain tile's, step for step."""
+    _, block_n, block_kw, warps, by_bits = tile
+    block_n = max(block_n // 2, 1)
+    inter = wq.shape[0] // 2
+    out = Fp8Rows(torch.empty(rows.shape[0], inter, dtype=torch.float8_e4m3fn, device=rows.device),
+                  torch.empty(rows.shape[0], 1, dtype=torch.float32, device=rows.device))
+    _fp8_words_gemv_kernel[(rows.shape[0], triton.cdiv(inter, block_n), 1)](
+        rows, wq.view(torch.int64), out.q, x_scale, w_scale, out_scale, out.scale, inter, wq.shape[1],
+        rows.stride(0), EVEN_N=inter % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, BY_BITS=by_bits,
+        GATED=True, FP8_OUT=True, ACT_DTYPE=TL_DTYPES[act_dtype], num_warps=warps, **pdl_args(rows.device))
+    return out
+
+
 def _launch(rows, weight, x_scale, w_scale, out_dtype, quantize_x: bool = False) -> torch.Tensor:
     assert weight.stride(-1) == 1 and rows.shape[0] <= GEMV_MAX_ROWS
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=out_dtype, device=rows.device)
@@ -96,7 +145,7 @@ def _run_gemv(args, tile) -> None:
     if tile is not None and tile[0] == "words":
         _, block_n, block_kw, warps, by_bits = tile
         _fp8_words_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
-            rows, weight.view(torch.int64), y, x_scale, w_scale, n, k, rows.stride(0), EVEN_N=n % block_n == 0,
+            rows, weight.view(torch.int64), y, x_scale, w_scale, y, y, n, k, rows.stride(0), EVEN_N=n % block_n == 0,
             BLOCK_N=block_n, BLOCK_KW=block_kw, BY_BITS=by_bits, num_warps=warps, **pdl_args(rows.device))
         return
     if tile is None:
@@ -365,6 +414,7 @@ if triton is not None:
     FP8_DOT_TILES = ((64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 512, 2, 4, 3),
                      (128, 256, 1, 4, 3), (128, 128, 2, 4, 4), (64, 128, 4, 4, 6), (128, 256, 2, 8, 3))
     SUM_BLOCK = 1024
+    TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # ("words", BLOCK_N, BLOCK_KW, warps, BY_BITS) of _fp8_words_gemv_kernel: the int8 GEMV's tiles
     # (kiln.kernels.quant_gemm.W8_GEMV_TILES), each code made a float by the hardware's conversion, and one tile by
     # bit operations instead (the interpreter's way; timed beside it so that the GPU says which is faster).
@@ -408,9 +458,10 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fp8_words_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, N, K: tl.constexpr, stride_xm,
+    def _fp8_words_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, os_ptr, rs_ptr, N, K: tl.constexpr, stride_xm,
                                USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr):
+                               BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, GATED: tl.constexpr = False,
+                               FP8_OUT: tl.constexpr = False, ACT_DTYPE: tl.constexpr = tl.bfloat16):
         """_gemv_kernel's y for e4m3 weights and e4m3 codes of x (y = sum * x's row scale * w's column scale, in
         float32), the weights read as int64 words of 8 codes as the int8 GEMV reads its codes
         (kiln.kernels.quant_gemm._w8_gemv_kernel): each thread holds one word of each of its BLOCK_N outputs and
@@ -418,7 +469,11 @@ if triton is not None:
         above broadcasts its step's x through shared memory, a barrier a step (sm_90 code, scripts/kernel_sass.py
         "gemv fp8"). Products of e4m3 values are exact in float32 either way; only the order of the sum differs
         from the emulated GEMM's. The first step's weights are requested before the wait for x
-        (kiln.kernels.pdl)."""
+        (kiln.kernels.pdl).
+        GATED: the weight rows are the gated MLP's [fc; gate] (2N of them) and y is silu(fc) * gate, fc and gate
+        each rounded to ACT_DTYPE first as the fc_gate GEMV's output is: each program sums BLOCK_N fc rows and the
+        gate rows N further on. FP8_OUT: y is written as e4m3 codes over the static scale at os_ptr [1], the next
+        linear's input (kiln.kernels.input_quant.FP8_STATIC), that scale on its row at rs_ptr [M]."""
         allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
@@ -428,10 +483,15 @@ if triton is not None:
         if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
             outs = tl.minimum(outs, N - 1 - n0)
         w_row = w_ptr + n0.to(tl.int64) * KW
+        gate_row = w_row + tl.cast(N, tl.int64) * KW  # (GATED: the gate rows of the same outputs)
         x_row = x_ptr + m * stride_xm
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        acc_gate = acc
         w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        w_gate = w
+        if GATED:
+            w_gate = load_step(gate_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
         wait_for_inputs(USE_PDL)
         x_prescale = 1.0
         if BY_BITS:
@@ -440,18 +500,41 @@ if triton is not None:
             ok = (k0 + first < KW)[:, None]
             if k0 > 0:
                 w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                if GATED:
+                    w_gate = load_step(gate_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
             xs = split8(x.to(tl.float32) * x_prescale)
-            acc = _e4m3_half_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3], BY_BITS)  # (low half)
-            acc = _e4m3_half_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7], BY_BITS)
+            acc = _e4m3_word_sums(acc, w, xs, BY_BITS)
+            if GATED:
+                acc_gate = _e4m3_word_sums(acc_gate, w_gate, xs, BY_BITS)
+        x_scale = tl.load(xs_ptr + m)
+        y = _scaled_sums(acc, x_scale, ws_ptr + n0 + outs, BY_BITS)
+        if GATED:
+            gate = _scaled_sums(acc_gate, x_scale, ws_ptr + N + n0 + outs, BY_BITS)
+            y = silu_times(y.to(ACT_DTYPE), gate.to(ACT_DTYPE))
+        out = n0 + tl.arange(0, BLOCK_N)
+        if FP8_OUT:
+            s = tl.load(os_ptr).to(tl.float32)
+            tl.store(y_ptr + m * N + out, to_e4m3(y.to(tl.float32), s), mask=out < N)
+            if tl.program_id(1) == 0:
+                tl.store(rs_ptr + m, s)
+        else:
+            tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+
+    @triton.jit
+    def _e4m3_word_sums(acc, w, xs, BY_BITS: tl.constexpr):
+        """acc plus a step's products: w [k, n] int64 words of 8 codes, xs the 8 columns of x (split8)."""
+        acc = _e4m3_half_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3], BY_BITS)  # (the low half)
+        return _e4m3_half_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7], BY_BITS)
+
+    @triton.jit
+    def _scaled_sums(acc, x_scale, ws_ptrs, BY_BITS: tl.constexpr):
+        """The outputs' sums (acc summed over its steps) times x's row scale, then w's column scales, in float32."""
         y = tl.sum(acc, axis=0)
         if BY_BITS:
             y = y * 2.0 ** (E4M3_BITS_EXP - X_PRESCALE_EXP)
-        y = y * tl.load(xs_ptr + m)
-        y = y * tl.load(ws_ptr + n0 + outs).to(tl.float32)
-        out = n0 + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+        return y * x_scale * tl.load(ws_ptrs).to(tl.float32)
 
     @triton.jit
     def _fp8_dot_gemv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,

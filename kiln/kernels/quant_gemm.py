@@ -70,7 +70,7 @@ except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
 if triton is not None:
-    from kiln.kernels.activation import silu_times
+    from kiln.kernels.epilogue import silu_times
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
     from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
 

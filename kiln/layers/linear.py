@@ -35,9 +35,10 @@ class LinearMethod:
         """x W^T with this rank's weights, no bias."""
         raise NotImplementedError
 
-    def silu_and_mul_matmul(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor | None:
+    def silu_and_mul_matmul(self, layer: "Linear", x, out_quant: InputQuant | None = None):
         """silu(fc) * gate of [fc | gate] = apply(layer, x), in one kernel where this method has one for x (the
-        gated MLP's fc_gate); None (the default) where not: the caller multiplies, then activates."""
+        gated MLP's fc_gate), quantized as `out_quant` says where given (the down projection's input: Fp8Rows,
+        Int8Rows); None (the default) where not: the caller multiplies, then activates."""
         return None
 
     def rotary_qkv_matmul(self, layer: "QKVLinear", x: torch.Tensor, positions: torch.Tensor,
@@ -78,11 +79,11 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return linear(x, layer.weight)  # cuBLAS, or a GEMV for batch-1 shapes where it measured faster
 
-    def silu_and_mul_matmul(self, layer, x):
+    def silu_and_mul_matmul(self, layer, x, out_quant=None):
         """Prompt-sized rows on Hopper with KILN_GATED_GEMM=1: the Triton GEMM with the activation as its epilogue
-        (kiln.kernels.gated_gemm; off: it measured slower than cuBLAS plus the activation)."""
-        if (not x.is_cuda or x.dim() != 2 or x.shape[0] < gated_gemm.MIN_ROWS or not gated_gemm.gated_gemm_enabled()
-                or not gated_gemm.can_run(x, layer.weight)):
+        (kiln.kernels.gated_gemm; off: it measured slower than cuBLAS plus the activation). 16-bit output only."""
+        if (out_quant is not None or not x.is_cuda or x.dim() != 2 or x.shape[0] < gated_gemm.MIN_ROWS
+                or not gated_gemm.gated_gemm_enabled() or not gated_gemm.can_run(x, layer.weight)):
             return None
         return gated_gemm.silu_and_mul_gemm(x, layer.weight)
 

@@ -45,9 +45,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            if self.act is F.silu and self.fc_gate.bias is None and self.act_quant is None:
-                h = self.fc_gate.quant_method.silu_and_mul_matmul(self.fc_gate, x)
-                if h is not None:  # the matmul with the activation as its epilogue (the int4 GEMV), one launch
+            if self.act is F.silu and self.fc_gate.bias is None:
+                h = self.fc_gate.quant_method.silu_and_mul_matmul(self.fc_gate, x, self.act_quant)
+                if h is not None:  # the matmul with the activation as its epilogue (the int4 and e4m3 GEMVs)
                     return self.proj(h)
             fc_gate = self.fc_gate(x)  # (x may be fc_gate's FP8 input, Fp8Rows: no tensor checks on it)
             if self.act is F.silu and fc_gate.is_cuda and triton_available():

@@ -37,7 +37,13 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.fp8_quant import FP8_MAX, MIN_SCALE, Fp8Rows, quantize_activation
-from kiln.kernels.gemv import GEMV_MAX_ROWS, scaled_gemv, static_fp8_gemv
+from kiln.kernels.gemv import (
+    GEMV_MAX_ROWS,
+    epilogues_enabled,
+    fp8_silu_and_mul_gemv,
+    scaled_gemv,
+    static_fp8_gemv,
+)
 from kiln.kernels.input_quant import FP8_ROWS, FP8_STATIC, InputQuant
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate
@@ -208,6 +214,19 @@ class Fp8Method(LinearMethod):
             xq, x_scale = self.input_quant(layer).quantize(x2)
             y = fp8_gemm(xq, x_scale, layer.weight, w_scale, out_dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def silu_and_mul_matmul(self, layer: Linear, x, out_quant: InputQuant | None = None):
+        """Decode rows given as e4m3 codes (Fp8Rows) whose down projection takes FP8's static input: one launch,
+        the e4m3 word GEMV with SiLU-and-mul and the down projection's quantization as its epilogue, where that
+        kernel measured the fastest for the plain fc_gate GEMV (kiln.kernels.gemv.fp8_silu_and_mul_gemv); else
+        None."""
+        if (not isinstance(x, Fp8Rows) or out_quant is None or out_quant.kind != FP8_STATIC
+                or out_quant.prequant is not None or not _runs_gemv(x.q) or not epilogues_enabled()):
+            return None
+        fp8_backend(x.q.device)  # refuses GPUs without FP8
+        w_scale = getattr(layer, "weights_scale_f32", layer.weights_scaling_factor)
+        return fp8_silu_and_mul_gemv(x.q, x.scale, layer.weight, w_scale, out_quant.scale,
+                                     layer.weights_scaling_factor.dtype)
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         q, s = quantize_fp8_weight(weight, dtype, per_channel=not self.static)

@@ -29,7 +29,6 @@ quantizer's own reconstruction exactly.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from torch import nn
 
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
+from kiln.kernels.gemv import epilogues_enabled
 from kiln.kernels.moe import ExpertCodes
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate, shard_experts
@@ -339,9 +339,9 @@ class Int4GroupMethod(_WeightOnlyMethod):
         return quant_gemm.w4a16_matmul(self._act_ordered(layer, x), *self._packed(layer),
                                        integer_zeros=_integer_zeros(layer))
 
-    def silu_and_mul_matmul(self, layer, x):
+    def silu_and_mul_matmul(self, layer, x, out_quant=None):
         quant_gemm, x = self._gemv_input(layer, x)
-        if quant_gemm is None:
+        if quant_gemm is None or out_quant is not None:  # (the int4 GEMV's epilogue writes the 16-bit product)
             return None
         return quant_gemm.w4a16_silu_and_mul_matmul(x, *self._packed(layer))
 
@@ -354,11 +354,10 @@ class Int4GroupMethod(_WeightOnlyMethod):
 
     def _gemv_input(self, layer, x) -> tuple:
         """(kiln.kernels.quant_gemm, x as its int4 GEMV takes it: AWQ-scaled, act-order permuted) where the GEMV
-        runs on x (CUDA, 1-2 rows), else (None, x): the epilogue variants are the GEMV's. KILN_GEMV_EPILOGUES=0
-        turns the variants off (to compare, or to rule them out)."""
+        runs on x (CUDA, 1-2 rows) and the epilogue variants are on (kiln.kernels.gemv.epilogues_enabled), else
+        (None, x): the epilogue variants are the GEMV's."""
         quant_gemm = _kernels_for(x)
-        if (quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight)
-                or os.environ.get("KILN_GEMV_EPILOGUES", "1") == "0"):
+        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight) or not epilogues_enabled():
             return None, x
         return quant_gemm, self._act_ordered(layer, self._prequant_scaled(layer, x))
 

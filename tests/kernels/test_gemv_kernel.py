@@ -192,6 +192,29 @@ def test_fp8_word_gemv_every_tile_matches_the_emulated_fp8_gemm(rows, n, k):
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("rows,inter,k", [(1, 14336, 4096), (2, 1000, 1232)])
+def test_fp8_word_gemv_silu_epilogue_writes_the_codes_of_the_separate_kernels(rows, inter, k):
+    """The FP8 fc_gate GEMV with SiLU-and-mul and the down projection's static codes as its epilogue, on each word
+    tile: the codes and row scales of the plain word GEMV on the same tile (the same sums, bit for bit), then the
+    SiLU-and-mul kernel writing the same static codes (its FP8 output), as the engine runs them unfused."""
+    from kiln.kernels.activation import silu_and_mul
+    from kiln.kernels.gemv import FP8_WORD_TILES, _run_gemv, run_fp8_silu_and_mul
+    from kiln.kernels.input_quant import FP8_STATIC, InputQuant
+
+    _, _, xq, xs, wq, ws = _fp8_operands(rows, 2 * inter, k, rows * inter + k)
+    x_scale = xs.reshape(-1).float().contiguous()
+    spec = InputQuant(FP8_STATIC, torch.tensor([0.05], dtype=torch.bfloat16, device="cuda"))  # (some saturate)
+    for tile in FP8_WORD_TILES:
+        plain = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device="cuda")
+        _run_gemv((xq, wq, plain, x_scale, ws, False), tile)
+        want = silu_and_mul(plain, spec)
+        got = run_fp8_silu_and_mul(xq, x_scale, wq, ws, spec.scale, torch.bfloat16, tile)
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)), tile
+        assert torch.equal(got.scale, want.scale), tile
+        assert 0 < (got.q.float().abs() == 448).float().mean() < 0.5  # some codes saturate, most do not
+
+
+@needs_fp8_gpu
 def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
     """The FP8 GEMV of e4m3 codes times the CUDA-core kernel against the word and MMA tiles the first time it sees a
     shape (never inside a CUDA-graph capture, which keeps the CUDA-core kernel and records nothing), then keeps the

@@ -257,6 +257,43 @@ def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypat
     assert runner.graphs is not None and runner.graphs.replays == 1  # the decode step ran as a graph
 
 
+def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch):
+    """An FP8 engine whose GEMVs run on the word kernel (forced: the tests do not time kernels) takes its fc_gate
+    GEMV, SiLU-and-mul and the down projection's quantization in one launch at one and two rows: the greedy tokens
+    of the same engine with KILN_GEMV_EPILOGUES=0 (the GEMV, then the SiLU-and-mul kernel writing the codes)."""
+    from kiln.config import QuantConfig
+    from kiln.kernels import gemv
+    from kiln.quantization.workflow import quantize_checkpoint
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs an FP8 GPU (compute capability 8.9+)")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gemv, "_fp8_kernel_choice", lambda args: gemv.FP8_WORD_TILES[0])
+    make_hf_model(tmp_path / "hf")
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="bfloat16",
+                               device="cuda")
+    fused_calls = []
+    real = gemv.run_fp8_silu_and_mul
+
+    def counted(*args):
+        fused_calls.append(args)
+        return real(*args)
+    monkeypatch.setattr(gemv, "run_fp8_silu_and_mul", counted)
+
+    def tokens():
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
+            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
+
+    fused = tokens()
+    assert fused_calls
+    fused_calls.clear()
+    monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
+    assert tokens() == fused
+    assert not fused_calls
+
+
 def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch):
     """At one or two rows a W4A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and its
     fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
