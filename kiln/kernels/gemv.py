@@ -43,7 +43,7 @@ if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
     from kiln.kernels.epilogue import silu_times
     from kiln.kernels.fp8_quant import to_e4m3
-    from kiln.kernels.words import load_step, split8
+    from kiln.kernels.words import gemv_program, load_step, split8
 
 log = logging.getLogger("kiln")
 
@@ -477,11 +477,7 @@ if triton is not None:
         allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
-        m = tl.program_id(0).to(tl.int64)
-        n0 = tl.program_id(1) * BLOCK_N
-        outs = tl.arange(0, BLOCK_N)  # from n0
-        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
-            outs = tl.minimum(outs, N - 1 - n0)
+        m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         w_row = w_ptr + n0.to(tl.int64) * KW
         gate_row = w_row + tl.cast(N, tl.int64) * KW  # (GATED: the gate rows of the same outputs)
         x_row = x_ptr + m * stride_xm

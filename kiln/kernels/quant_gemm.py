@@ -450,7 +450,7 @@ def _launch(kernel, grid, args, **meta) -> None:
 
 
 if triton is not None:
-    from kiln.kernels.words import halves, load_step, split8, sum8
+    from kiln.kernels.words import gemv_program, halves, load_step, split8, sum8
 
     SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
     # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
@@ -590,11 +590,7 @@ if triton is not None:
         and the activation is the epilogue (no fc_gate output, no second launch)."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
-        m = tl.program_id(0).to(tl.int64)
-        n0 = tl.program_id(1) * BLOCK_N
-        outs = tl.arange(0, BLOCK_N)  # from n0
-        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
-            outs = tl.minimum(outs, N - 1 - n0)
+        m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         y, y_gate = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
                                  s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
                                  GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
@@ -620,11 +616,7 @@ if triton is not None:
         allow_dependents(USE_PDL)
         KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
-        m = tl.program_id(0).to(tl.int64)
-        n0 = tl.program_id(1) * BLOCK_N
-        outs = tl.arange(0, BLOCK_N)  # from n0
-        if not EVEN_N:  # outputs past the end read the last one (not stored): no row mask
-            outs = tl.minimum(outs, N - 1 - n0)
+        m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         w_row = w_ptr + n0.to(tl.int64) * KW
         x_row = x_ptr + m * stride_xm
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see _w4_row_sums)

@@ -41,3 +41,14 @@ if triton is not None:
         else:
             v = tl.load(p, mask=ok, other=0)
         return v
+
+    @triton.jit
+    def gemv_program(N, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        """(x's row m, the first output n0, the outputs from n0) of a word GEMV's program (m, j, 0). Outputs past the
+        end read the last one instead (not stored), so no load needs a row mask."""
+        m = tl.program_id(0).to(tl.int64)
+        n0 = tl.program_id(1) * BLOCK_N
+        outs = tl.arange(0, BLOCK_N)
+        if not EVEN_N:
+            outs = tl.minimum(outs, N - 1 - n0)
+        return m, n0, outs

@@ -26,6 +26,15 @@ def hf_greedy(hf, prompt, n, device):
     return ids[0, len(prompt):].tolist()
 
 
+def one_then_two_greedy(engine_source) -> list:
+    """24 greedy tokens of the first prompt alone, then of the other two together (decode at one and two rows), in
+    bf16 on the GPU."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with LLM(engine_source, dtype="bfloat16", device="cuda") as llm:
+        return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                for prompts in (PROMPTS[:1], PROMPTS[1:])]
+
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -271,7 +280,7 @@ def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_pat
     monkeypatch.setattr(gemv, "_fp8_kernel_choice", lambda args: gemv.FP8_WORD_TILES[0])
     make_hf_model(tmp_path / "hf")
     ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="bfloat16",
-                               device="cuda")
+                               calib_size=4, calib_max_seq_len=64, device="cuda")
     fused_calls = []
     real = gemv.run_fp8_silu_and_mul
 
@@ -280,17 +289,11 @@ def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_pat
         return real(*args)
     monkeypatch.setattr(gemv, "run_fp8_silu_and_mul", counted)
 
-    def tokens():
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
-            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
-
-    fused = tokens()
+    fused = one_then_two_greedy(ckpt)
     assert fused_calls
     fused_calls.clear()
     monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
-    assert tokens() == fused
+    assert one_then_two_greedy(ckpt) == fused
     assert not fused_calls
 
 
@@ -317,17 +320,11 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
             return y
         monkeypatch.setattr(quant_gemm, name, counted)
 
-    def tokens():
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
-            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
-
-    fused = tokens()
+    fused = one_then_two_greedy(ckpt)
     assert {"w4a16_qkv_rotary_matmul", "w4a16_silu_and_mul_matmul"} <= set(fused_calls)
     fused_calls.clear()
     monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
-    assert tokens() == fused
+    assert one_then_two_greedy(ckpt) == fused
     assert not fused_calls
 
 
@@ -357,18 +354,12 @@ def test_fp8_decode_attention_writing_the_projections_input_gives_the_same_token
         return out
     monkeypatch.setattr(paged_batch, "paged_decode_attention", counted)
 
-    def tokens():
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        with LLM(ckpt, dtype="bfloat16", device="cuda") as llm:
-            return [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-                    for prompts in (PROMPTS[:1], PROMPTS[1:])]
-
     monkeypatch.setenv("KILN_FP8_ATTENTION_CODES", "1")
-    fused = tokens()
+    fused = one_then_two_greedy(ckpt)
     assert any(codes_returned)
     codes_returned.clear()
     monkeypatch.setenv("KILN_FP8_ATTENTION_CODES", "0")
-    assert tokens() == fused
+    assert one_then_two_greedy(ckpt) == fused
     assert not any(codes_returned)
 
 
