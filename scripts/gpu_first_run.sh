@@ -58,8 +58,10 @@
 #   44% of the roofline). All 27 layers (31 GB) with the FP8 cache filled the 64 GB disk in s39: the source, the
 #   calibrated checkpoint and its engine are each the model's size.
 # - fp8-words (thirty-ninth session, not yet run on a GPU): the e4m3 GEMV on int64 words of codes (the int8 GEMV's
-#   layout; the tuner times it beside the CUDA-core and MMA kernels per shape and logs each kind's best): its tests,
-#   then FP8 with an FP8 lm_head beside bf16, batch-1 decode (s35 on an H100: 306.0 against 187.5 tok/s, 1.63x; issue
+#   layout; the tuner times it beside the CUDA-core and MMA kernels per shape and logs each kind's best) and, where
+#   it wins fc_gate, SiLU-and-mul and down's e4m3 input as its epilogue: the tests (kernels against the emulated
+#   GEMM and the separate kernels, an FP8 engine's tokens with the epilogue on and off), then FP8 with an FP8 lm_head
+#   beside bf16, batch-1 decode (s35 on an H100: 306.0 against 187.5 tok/s, 1.63x; issue
 #   5 wants 1.7x). About 5 minutes; the tuner's log lines say which kernel each shape took, and each kind's best.
 # - gpt-oss: gpt-oss-20b's shapes, 12 of 24 layers (sinks, alternating windows, 32 experts with biases), batch-1
 #   decode and batch 64 (about 4 minutes; never run).
@@ -132,7 +134,7 @@ for part in $parts; do
                  python -m kiln bench --synthetic qwen3-30b-a3b --synthetic-layers 4 --dtype bfloat16 \
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
     fp8-words) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_gemv_kernel.py \
-                 -k "fp8" -s
+                 tests/runtime/test_gpu_runtime.py -k "fp8" -s
                $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
     gpt-oss) python -m kiln bench --synthetic gpt-oss-20b --synthetic-layers 12 --dtype bfloat16 --baseline none \
                --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
