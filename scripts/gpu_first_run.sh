@@ -50,7 +50,9 @@
 #   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
 # - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
 #   kiln.kernels.moe.PAIR_TILE to a clear winner), then 4 of its layers, bf16 and W4A16, batch-1 decode under
-#   torch.profiler: its kernels by GPU time (about 5 minutes).
+#   torch.profiler: its kernels by GPU time (about 5 minutes). Thirty-ninth session, not yet run on a GPU: the pair
+#   GEMV sums across threads once at the end, no longer every step (360 -> 129 instructions a step in bf16, 359 ->
+#   261 in int4, sm_90 code): PAIR_TILE came from the old kernel, so sweep again, then `moe` for the engines.
 # - mla: the latent cache's kernel tests (576-wide rows, 16 and 128 query heads, 1-byte codes read as pairs: new in
 #   the thirty-eighth session, the codes not yet run on a GPU) and DeepSeek-V3's greedy tokens on the GPU, then
 #   13 of DeepSeek-V2-Lite's 27 layers (latent attention, 64 experts), batch-1 decode and batch 64 with the bf16

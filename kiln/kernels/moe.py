@@ -611,8 +611,11 @@ if triton is not None:
         b_ptrs = b_ptr + expert * b_se + cols[None, :] * b_sn + kb[:, None] * b_sk
         bg_ptrs = bg_ptr + expert * bg_se + cols[None, :] * bg_sn + kb[:, None] * bg_sk
         col_scales = expert * s_se + cols * s_sn
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Products summed per input row across the steps, the rows summed once at the end: a sum across the
+        # threads every step cost 41 warp shuffles and as many adds a step of the int4 kernel's 329 instructions
+        # (sm_90 code, scripts/kernel_sass.py "moe pair gemv"), as kiln.kernels.gemv's GEMVs avoid.
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
             b_ok = _weight_tile_mask(k_ok, kb, K - k0, col_ok, CODES)
@@ -620,14 +623,15 @@ if triton is not None:
             a = tl.load(a_ptrs, mask=k_ok, other=0.0)
             b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
                              BLOCK_K, BLOCK_N)
-            acc += tl.sum(a.to(tl.float32)[:, None] * b.to(tl.float32), axis=0)
+            acc += a.to(tl.float32)[:, None] * b.to(tl.float32)
             if GATED:
                 bg = _expert_tile(bg_ptrs, b_ok, sg_ptr + group, zg_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
                                   BLOCK_K, BLOCK_N)
-                acc_g += tl.sum(a.to(tl.float32)[:, None] * bg.to(tl.float32), axis=0)
+                acc_g += a.to(tl.float32)[:, None] * bg.to(tl.float32)
             a_ptrs += BLOCK_K * a_s1
             b_ptrs += B_ROWS * b_sk
             bg_ptrs += B_ROWS * bg_sk
+        acc, acc_g = tl.sum(acc, axis=0), tl.sum(acc_g, axis=0)
         w = tl.load(w_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
         if HAS_BIAS:
             acc += _bias_row(bias_ptr, expert, bias_se, cols, col_ok)
