@@ -419,7 +419,7 @@ if triton is not None:
     # (kiln.kernels.quant_gemm.W8_GEMV_TILES), each code made a float by the hardware's conversion, and one tile by
     # bit operations instead (the interpreter's way; timed beside it so that the GPU says which is faster).
     FP8_WORD_TILES = (("words", 8, 256, 4, False), ("words", 4, 256, 4, False), ("words", 8, 512, 4, False),
-                      ("words", 8, 256, 4, True))
+                      ("words", 2, 256, 4, False), ("words", 8, 256, 4, True))
     # e4m3 magnitudes moved to float32 bits 20..26 read as 2^-120 times their value (E4M3_BITS_EXP); x is
     # prescaled by 2^64 so that every product stays a normal float (|w x| >= 2^-18), the sum scaled back at the end.
     E4M3_BITS_EXP = tl.constexpr(120)
