@@ -162,6 +162,11 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
             kvs_ptr="*bf16" if q else "*fp32"))
       for q, c, m in ((0, "*bf16", 0.0), (1, "*i8", 127.0))],
+    *[(f"fp8 words gemv rotary quant={q}", quant_gemm._fp8_qkv_rotary_kernel,
+       dict(K=4096, HEAD=128, QUANT=q, QMAX=m, BY_BITS=False, BLOCK_N=4, BLOCK_KW=256),
+       dict(x_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*i64", ws_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",
+            freq_ptr="*fp32", kc_ptr=c, vc_ptr=c, kvs_ptr="*bf16" if q else "*fp32"))
+      for q, c, m in ((0, "*bf16", 0.0), (2, "*fp8e4nv", 448.0))],
     *[(f"w4 gemm zero={z} split={split} {m}x{n}{' weights left' if left else ''}{' x as is' if as_is else ''}",
        quant_gemm._w4_gemm_kernel,
        dict(GROUP=g, HAS_ZERO=z, EVEN_K=g == 128, SPLIT=split, BLOCK_M=m, BLOCK_N=n, WEIGHTS_LEFT=left,

@@ -61,7 +61,8 @@
 #   calibrated checkpoint and its engine are each the model's size.
 # - fp8-words (thirty-ninth session, not yet run on a GPU): the e4m3 GEMV on int64 words of codes (the int8 GEMV's
 #   layout; the tuner times it beside the CUDA-core and MMA kernels per shape and logs each kind's best) and, where
-#   it wins fc_gate, SiLU-and-mul and down's e4m3 input as its epilogue: the tests (kernels against the emulated
+#   it wins fc_gate, SiLU-and-mul and down's e4m3 input as its epilogue (and rotary with the cache write where it
+#   wins the fused QKV): the tests (kernels against the emulated
 #   GEMM and the separate kernels, an FP8 engine's tokens with the epilogue on and off), then FP8 with an FP8 lm_head
 #   beside bf16, batch-1 decode (s35 on an H100: 306.0 against 187.5 tok/s, 1.63x; issue
 #   5 wants 1.7x). About 5 minutes; the tuner's log lines say which kernel each shape took, and each kind's best.

@@ -582,6 +582,31 @@ def int4_qkv_rotary() -> None:
                 check(f"w4 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
 
 
+def fp8_qkv_rotary() -> None:
+    """The e4m3 word GEMV of a fused QKV projection with rotary and the cache write as its epilogue, each word
+    BLOCK_N (converting by bit operations), against the same tile's plain GEMV followed by the rotary kernel. Within
+    rounding, not bit for bit: the interpreter sums a one-output tile (the epilogue's half of a 2-output one) in
+    another order (numpy's pairwise sum); the GPU test compares bits."""
+    g = torch.Generator().manual_seed(5)
+    for m, heads, kv_heads, d, k in ((1, 4, 2, 64, 512), (2, 6, 2, 32, 1032)):
+        n = (heads + 2 * kv_heads) * d
+        wq, xq = (_random_e4m3_codes(shape, g) for shape in ((n, k), (m, k)))
+        xs, ws = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) * 1e-4
+        positions, slots = torch.randint(0, 8192, (m,), generator=g), torch.randperm(4 * m, generator=g)[:m]
+        freqs = 500000.0 ** -(torch.arange(0, d, 2).float() / d)
+        for tile in _word_tiles_by_bits():
+            want, want_caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            gemv._run_gemv((xq, wq, want, xs, ws, False), tile)
+            q, kk, v = (t.view(m, -1, d) for t in want.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+            rotary.apply_rotary_and_write_cache(q, kk, v, positions, freqs, *want_caches, slots)
+            got, caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            qg.run_fp8_qkv_rotary(xq, xs, wq, ws, got, tile, (heads, kv_heads, d, positions, freqs, *caches, slots,
+                                                             None))
+            for name, a, b in (("qkv", got, want), ("k_cache", caches[0], want_caches[0]),
+                               ("v_cache", caches[1], want_caches[1])):
+                check(f"fp8 word gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
+
+
 def gated_gemm_tiles() -> None:
     from kiln.kernels import gated_gemm
 
@@ -599,7 +624,8 @@ def gated_gemm_tiles() -> None:
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_word_gemv,
           fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows,
           silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
-          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, gated_gemm_tiles)
+          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, fp8_qkv_rotary,
+          gated_gemm_tiles)
 
 
 def main(only: str = "") -> None:

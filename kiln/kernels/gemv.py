@@ -16,7 +16,8 @@ FP8's e4m3 weights times e4m3 codes of x have three kernels, timed per shape (`_
 the CUDA cores, one on the tensor cores (`_fp8_dot_gemv_kernel`), and one that reads the codes as int64 words as
 W8A16's GEMV does (`_fp8_words_gemv_kernel`, thirty-ninth session, not yet timed on a GPU). Where the word kernel
 wins the gated MLP's fc_gate, it also runs SiLU-and-mul and writes the down projection's e4m3 input
-(`fp8_silu_and_mul_gemv`): one launch where there were two.
+(`fp8_silu_and_mul_gemv`): one launch where there were two; where it wins the fused QKV projection, rotary and the
+cache write (kiln.kernels.quant_gemm.fp8_qkv_rotary_matmul).
 """
 
 from __future__ import annotations
@@ -101,12 +102,18 @@ def fp8_silu_and_mul_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Ten
     [m, I]. The word kernel's gated epilogue, where timing picked the word kernel for the plain fc_gate GEMV (then
     with its tile); else None, and the caller runs the GEMV, then silu_and_mul."""
     rows, x_scale = rows_view(xq), x_scale.reshape(-1).float().contiguous()
-    plain = (rows, wq, torch.empty(rows.shape[0], wq.shape[0], dtype=act_dtype, device=xq.device), x_scale, w_scale,
+    tile = fp8_word_tile(rows, x_scale, wq, w_scale, act_dtype)
+    return None if tile is None else run_fp8_silu_and_mul(rows, x_scale, wq, w_scale, out_scale, act_dtype, tile)
+
+
+def fp8_word_tile(rows: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                  out_dtype: torch.dtype) -> tuple | None:
+    """The word tile the plain FP8 GEMV of these operands runs (timed the first time, as scaled_gemv times it),
+    or None where it runs another kernel: the epilogue variants ride on the word kernel's choice."""
+    plain = (rows, wq, torch.empty(rows.shape[0], wq.shape[0], dtype=out_dtype, device=rows.device), x_scale, w_scale,
              False)  # (the plain GEMV's arguments: its choice's key, and its timing's output)
     tile = _fp8_kernel_choice(plain) if _fp8_codes_with_scales(*plain) else None
-    if tile is None or tile[0] != "words":
-        return None
-    return run_fp8_silu_and_mul(rows, x_scale, wq, w_scale, out_scale, act_dtype, tile)
+    return tile if tile is not None and tile[0] == "words" else None
 
 
 def run_fp8_silu_and_mul(rows: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -475,39 +482,10 @@ if triton is not None:
         gate rows N further on. FP8_OUT: y is written as e4m3 codes over the static scale at os_ptr [1], the next
         linear's input (kiln.kernels.input_quant.FP8_STATIC), that scale on its row at rs_ptr [M]."""
         allow_dependents(USE_PDL)
-        KW: tl.constexpr = K // 8  # words per row
-        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
-        w_row = w_ptr + n0.to(tl.int64) * KW
-        gate_row = w_row + tl.cast(N, tl.int64) * KW  # (GATED: the gate rows of the same outputs)
-        x_row = x_ptr + m * stride_xm
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        acc_gate = acc
-        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
-        w_gate = w
+        y, gate = fp8_word_row_sums(x_ptr + m * stride_xm, xs_ptr + m, w_ptr + n0.to(tl.int64) * (K // 8),
+                                    ws_ptr + n0, outs, tl.cast(N, tl.int64), GATED, K, BLOCK_KW, BY_BITS, USE_PDL)
         if GATED:
-            w_gate = load_step(gate_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
-        wait_for_inputs(USE_PDL)
-        x_prescale = 1.0
-        if BY_BITS:
-            x_prescale = 2.0 ** X_PRESCALE_EXP
-        for k0 in range(0, KW, BLOCK_KW):
-            ok = (k0 + first < KW)[:, None]
-            if k0 > 0:
-                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
-                if GATED:
-                    w_gate = load_step(gate_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
-            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
-            xs = split8(x.to(tl.float32) * x_prescale)
-            acc = _e4m3_word_sums(acc, w, xs, BY_BITS)
-            if GATED:
-                acc_gate = _e4m3_word_sums(acc_gate, w_gate, xs, BY_BITS)
-        x_scale = tl.load(xs_ptr + m)
-        y = _scaled_sums(acc, x_scale, ws_ptr + n0 + outs, BY_BITS)
-        if GATED:
-            gate = _scaled_sums(acc_gate, x_scale, ws_ptr + N + n0 + outs, BY_BITS)
             y = silu_times(y.to(ACT_DTYPE), gate.to(ACT_DTYPE))
         out = n0 + tl.arange(0, BLOCK_N)
         if FP8_OUT:
@@ -517,6 +495,47 @@ if triton is not None:
                 tl.store(rs_ptr + m, s)
         else:
             tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+
+    @triton.jit
+    def fp8_word_row_sums(x_row, x_scale_ptr, w_row, ws_row, outs, pair_offset, PAIRED: tl.constexpr,
+                          K: tl.constexpr, BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr):
+        """(y, y_pair) [BLOCK_N] of x's row (e4m3 codes at x_row, its scale at x_scale_ptr) times weight rows w_row +
+        outs (int64 words of 8 e4m3 codes, column scales at ws_row + outs), in float32: sum * x's scale * w's
+        scale. With PAIRED also the rows pair_offset further on (y_pair; else y_pair is y): the gated MLP's gate
+        rows, or the second half of a rotary head. Requests the first step's weights, then waits for x
+        (kiln.kernels.pdl)."""
+        KW: tl.constexpr = K // 8  # words per row
+        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
+        pair_row = w_row + pair_offset * KW
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
+        acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
+        acc_pair = acc
+        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        w_pair = w
+        if PAIRED:
+            w_pair = load_step(pair_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        wait_for_inputs(USE_PDL)
+        x_prescale = 1.0
+        if BY_BITS:
+            x_prescale = 2.0 ** X_PRESCALE_EXP
+        for k0 in range(0, KW, BLOCK_KW):
+            ok = (k0 + first < KW)[:, None]
+            if k0 > 0:
+                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                if PAIRED:
+                    w_pair = load_step(pair_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
+            xs = split8(x.to(tl.float32) * x_prescale)
+            acc = _e4m3_word_sums(acc, w, xs, BY_BITS)
+            if PAIRED:
+                acc_pair = _e4m3_word_sums(acc_pair, w_pair, xs, BY_BITS)
+        x_scale = tl.load(x_scale_ptr)
+        y = _scaled_sums(acc, x_scale, ws_row + outs, BY_BITS)
+        y_pair = y
+        if PAIRED:
+            y_pair = _scaled_sums(acc_pair, x_scale, ws_row + pair_offset + outs, BY_BITS)
+        return y, y_pair
 
     @triton.jit
     def _e4m3_word_sums(acc, w, xs, BY_BITS: tl.constexpr):

@@ -52,6 +52,7 @@ from kiln.kernels.gemv import (
     AUTOTUNE,  # (KILN_AUTOTUNE=0: first configs only)
     GEMV_MAX_ROWS,
     candidate_ms,
+    fp8_word_tile,
     quick_bench,
     rows_bucket,
     scaled_gemv,
@@ -71,6 +72,7 @@ except ImportError:  # CPU-only installs: the references below still work
 
 if triton is not None:
     from kiln.kernels.epilogue import silu_times
+    from kiln.kernels.gemv import fp8_word_row_sums
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
     from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
 
@@ -278,6 +280,39 @@ def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     tile = _tuned_tile(key, tiles, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
+
+
+def fp8_qkv_rotary_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                          out_dtype: torch.dtype, heads: int, kv_heads: int, head_size: int, positions: torch.Tensor,
+                          inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                          kv_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """FP8's fused QKV projection of e4m3 codes (xq [m, K] with x_scale [m, 1], m <= GEMV_MAX_ROWS; wq e4m3 with
+    column scales w_scale) in out_dtype, followed by kiln.kernels.rotary.apply_rotary_and_write_cache on its q, k
+    and v, in one launch, where the plain QKV GEMV runs the e4m3 word kernel (kiln.kernels.gemv.fp8_word_tile):
+    its tile's word steps, half its outputs a program, each paired with the same dims of the head's other half.
+    None otherwise (or where half a head is not whole programs): the caller projects, then rotates."""
+    rows, x_scale = rows_view(xq), x_scale.reshape(-1).float().contiguous()
+    tile = fp8_word_tile(rows, x_scale, wq, w_scale, out_dtype)
+    if tile is None or head_size % 2 or (head_size // 2) % max(tile[1] // 2, 1):
+        return None
+    y = torch.empty(rows.shape[0], wq.shape[0], dtype=out_dtype, device=xq.device)
+    run_fp8_qkv_rotary(rows, x_scale, wq, w_scale, y, tile,
+                       (heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale))
+    return y.view(*xq.shape[:-1], y.shape[1])
+
+
+def run_fp8_qkv_rotary(rows, x_scale, wq, w_scale, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
+    """One launch of _fp8_qkv_rotary_kernel for the plain GEMV's word `tile`; `rotary` as _run_w4_qkv_rotary's."""
+    heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
+    _, block_n, block_kw, warps, by_bits = tile
+    block_n = max(block_n // 2, 1)  # (and as many dims of the head's other half: the plain tile's bytes)
+    programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
+    _fp8_qkv_rotary_kernel[(rows.shape[0], programs, 1)](
+        rows, x_scale, wq.view(torch.int64), w_scale, y, positions, inv_freq, k_cache, v_cache, slots,
+        kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], HEAD=head_size,
+        **cache_code_args(k_cache, kv_scale), BY_BITS=by_bits, BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps,
+        **pdl_args(rows.device))
 
 
 def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
@@ -676,11 +711,47 @@ if triton is not None:
         y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
                               tl.arange(0, BLOCK_N), HALF, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
                               BLOCK_N, BLOCK_KW, USE_PDL)
-        y1, y2 = y1.to(y_ptr.dtype.element_ty), y2.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
+        _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
+                         QMAX)
+
+    @triton.jit
+    def _fp8_qkv_rotary_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr,
+                               kvs_ptr, stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride,
+                               q_heads, kv_heads, K: tl.constexpr, HEAD: tl.constexpr, QUANT: tl.constexpr,
+                               QMAX: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """_w4_qkv_rotary_kernel for FP8's fused QKV projection: e4m3 weights times e4m3 codes of x (x's row scale
+        at xs_ptr, the weights' column scales at ws_ptr), the codes read as int64 words
+        (kiln.kernels.gemv.fp8_word_row_sums), then the same rotary epilogue."""
+        allow_dependents(USE_PDL)
+        HALF: tl.constexpr = HEAD // 2
+        m = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1) // (HALF // BLOCK_N)
+        i0 = tl.program_id(1) % (HALF // BLOCK_N) * BLOCK_N
+        dims = i0 + tl.arange(0, BLOCK_N)
+        freq = tl.load(freq_ptr + dims)  # a constant of the model: read before the wait
+        n0 = (head * HEAD + i0).to(tl.int64)
+        y1, y2 = fp8_word_row_sums(x_ptr + m * stride_xm, xs_ptr + m, w_ptr + n0 * (K // 8), ws_ptr + n0,
+                                   tl.arange(0, BLOCK_N), HALF, True, K, BLOCK_KW, BY_BITS, USE_PDL)
+        _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
+                         QMAX)
+
+    @triton.jit
+    def _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads,
+                         HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+        """The QKV GEMVs' rotary epilogue, as kiln.kernels.rotary.apply_rotary_and_write_cache: y1, y2 (float32)
+        are dims `dims` of a head's two halves, rounded to the output's dtype as F.linear rounds its output; q and
+        k rotate (rotate-half), v does not; keys and values also go to their cache slot (as codes with a quantized
+        cache)."""
+        HALF: tl.constexpr = HEAD // 2
+        y1, y2 = y1.to(y_ptr.dtype.element_ty), y2.to(y_ptr.dtype.element_ty)
         if head < q_heads + kv_heads:  # q and k rotate, v does not
             cos, sin = cos_sin(tl.load(pos_ptr + m).to(tl.float32) * freq)
             y1, y2 = rotate_pair(y1, y2, cos, sin)
-        out = y_ptr + m * ((q_heads + 2 * kv_heads) * HEAD) + n0 + tl.arange(0, BLOCK_N)
+        out = y_ptr + m * ((q_heads + 2 * kv_heads) * HEAD) + head * HEAD + dims
         tl.store(out, y1)
         tl.store(out + HALF, y2)
         if head >= q_heads:  # a key or a value: its cache slot too

@@ -228,6 +228,20 @@ class Fp8Method(LinearMethod):
         return fp8_silu_and_mul_gemv(x.q, x.scale, layer.weight, w_scale, out_quant.scale,
                                      layer.weights_scaling_factor.dtype)
 
+    def rotary_qkv_matmul(self, layer, x, positions, inv_freq, cache):
+        """Decode rows given as e4m3 codes (Fp8Rows): the fused QKV projection with rotary and the cache write as
+        the e4m3 word GEMV's epilogue, where that kernel measured the fastest for the plain projection
+        (kiln.kernels.quant_gemm.fp8_qkv_rotary_matmul); else None."""
+        if not isinstance(x, Fp8Rows) or not _runs_gemv(x.q) or not epilogues_enabled():
+            return None
+        fp8_backend(x.q.device)  # refuses GPUs without FP8
+        from kiln.kernels import quant_gemm  # (imported here: its torch references import the quantization package)
+
+        w_scale = getattr(layer, "weights_scale_f32", layer.weights_scaling_factor)
+        return quant_gemm.fp8_qkv_rotary_matmul(x.q, x.scale, layer.weight, w_scale, layer.weights_scaling_factor.dtype,
+                                                layer.num_heads, layer.num_kv_heads, layer.head_size, positions,
+                                                inv_freq, *cache)
+
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         q, s = quantize_fp8_weight(weight, dtype, per_channel=not self.static)
         out = {"weight": q, "weights_scaling_factor": s}

@@ -215,6 +215,41 @@ def test_fp8_word_gemv_silu_epilogue_writes_the_codes_of_the_separate_kernels(ro
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("rows,heads,kv_heads,d,k,cache", [(1, 32, 8, 128, 4096, "bf16"), (2, 6, 2, 64, 1032, "fp8")])
+def test_fp8_word_gemv_rotary_epilogue_gives_the_separate_kernels_results(rows, heads, kv_heads, d, k, cache):
+    """FP8's fused QKV GEMV with rotary and the cache write as the word kernel's epilogue, on each word tile: q, k,
+    v and the cache slots of the plain word GEMV on the same tile followed by the rotary kernel, bit for bit where
+    the epilogue's half tile still has several outputs; the 2-output tile's halves (one output a program) may sum
+    in another order, so those within a bf16 rounding."""
+    from kiln.kernels import quant_gemm, rotary
+    from kiln.kernels.gemv import FP8_WORD_TILES, _run_gemv
+
+    n = (heads + 2 * kv_heads) * d
+    _, _, xq, xs, wq, ws = _fp8_operands(rows, n, k, rows + heads + k)
+    x_scale = xs.reshape(-1).float().contiguous()
+    g = torch.Generator().manual_seed(k)
+    positions = torch.randint(0, 8192, (rows,), generator=g).cuda()
+    slots = torch.randperm(4 * rows, generator=g)[:rows].cuda()
+    freqs = (500000.0 ** -(torch.arange(0, d, 2).float() / d)).cuda()
+    code = torch.float8_e4m3fn if cache == "fp8" else torch.bfloat16
+    kv_scale = torch.tensor([0.05, 0.04], dtype=torch.bfloat16, device="cuda") if cache == "fp8" else None
+    for tile in FP8_WORD_TILES:
+        want, want_caches = (torch.empty(rows, n, dtype=torch.bfloat16, device="cuda"),
+                             torch.zeros(2, 4 * rows, kv_heads, d, device="cuda").to(code))
+        _run_gemv((xq, wq, want, x_scale, ws, False), tile)
+        q, kk, v = (t.view(rows, -1, d) for t in want.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+        rotary.apply_rotary_and_write_cache(q, kk, v, positions, freqs, *want_caches, slots, kv_scale)
+        got, caches = torch.empty_like(want), torch.zeros_like(want_caches)
+        quant_gemm.run_fp8_qkv_rotary(xq, x_scale, wq, ws, got, tile, (heads, kv_heads, d, positions, freqs,
+                                                                      *caches, slots, kv_scale))
+        if tile[1] >= 4:
+            assert torch.equal(got, want), tile
+            assert torch.equal(caches.view(torch.uint8), want_caches.view(torch.uint8)), tile
+        else:
+            assert (got.float() - want.float()).abs().max() <= 2.0 ** -6 * want.float().abs().max(), tile
+
+
+@needs_fp8_gpu
 def test_fp8_gemv_choice_is_timed_once_outside_a_capture_and_kept(monkeypatch):
     """The FP8 GEMV of e4m3 codes times the CUDA-core kernel against the word and MMA tiles the first time it sees a
     shape (never inside a CUDA-graph capture, which keeps the CUDA-core kernel and records nothing), then keeps the

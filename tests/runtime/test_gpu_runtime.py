@@ -268,10 +268,11 @@ def test_gpu_logits_of_a_real_shape_match_the_reference_path(tmp_path, monkeypat
 
 def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch):
     """An FP8 engine whose GEMVs run on the word kernel (forced: the tests do not time kernels) takes its fc_gate
-    GEMV, SiLU-and-mul and the down projection's quantization in one launch at one and two rows: the greedy tokens
-    of the same engine with KILN_GEMV_EPILOGUES=0 (the GEMV, then the SiLU-and-mul kernel writing the codes)."""
+    GEMV, SiLU-and-mul and the down projection's quantization in one launch, and its QKV GEMV, rotary and the cache
+    write in another, at one and two rows: the greedy tokens of the same engine with KILN_GEMV_EPILOGUES=0 (the
+    GEMVs, then the SiLU-and-mul and rotary kernels)."""
     from kiln.config import QuantConfig
-    from kiln.kernels import gemv
+    from kiln.kernels import gemv, quant_gemm
     from kiln.quantization.workflow import quantize_checkpoint
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -282,15 +283,14 @@ def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_pat
     ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="bfloat16",
                                calib_size=4, calib_max_seq_len=64, device="cuda")
     fused_calls = []
-    real = gemv.run_fp8_silu_and_mul
-
-    def counted(*args):
-        fused_calls.append(args)
-        return real(*args)
-    monkeypatch.setattr(gemv, "run_fp8_silu_and_mul", counted)
+    for module, name in ((gemv, "run_fp8_silu_and_mul"), (quant_gemm, "run_fp8_qkv_rotary")):
+        def counted(*args, real=getattr(module, name), name=name):
+            fused_calls.append(name)
+            return real(*args)
+        monkeypatch.setattr(module, name, counted)
 
     fused = one_then_two_greedy(ckpt)
-    assert fused_calls
+    assert set(fused_calls) == {"run_fp8_silu_and_mul", "run_fp8_qkv_rotary"}
     fused_calls.clear()
     monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
     assert one_then_two_greedy(ckpt) == fused
