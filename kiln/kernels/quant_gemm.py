@@ -700,16 +700,10 @@ if triton is not None:
         Program (row, p) sums dims i0 .. i0 + BLOCK_N of the first half of a head and the same dims of its second
         half (_w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program."""
         allow_dependents(USE_PDL)
-        HALF: tl.constexpr = HEAD // 2
         G: tl.constexpr = (K + GROUP - 1) // GROUP
-        m = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1) // (HALF // BLOCK_N)
-        i0 = tl.program_id(1) % (HALF // BLOCK_N) * BLOCK_N
-        dims = i0 + tl.arange(0, BLOCK_N)
-        freq = tl.load(freq_ptr + dims)  # a constant of the model: read before the wait
-        n0 = (head * HEAD + i0).to(tl.int64)
+        m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
         y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
-                              tl.arange(0, BLOCK_N), HALF, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
+                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
                               BLOCK_N, BLOCK_KW, USE_PDL)
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
@@ -725,18 +719,24 @@ if triton is not None:
         at xs_ptr, the weights' column scales at ws_ptr), the codes read as int64 words
         (kiln.kernels.gemv.fp8_word_row_sums), then the same rotary epilogue."""
         allow_dependents(USE_PDL)
+        m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
+        y1, y2 = fp8_word_row_sums(x_ptr + m * stride_xm, xs_ptr + m, w_ptr + n0 * (K // 8), ws_ptr + n0,
+                                   tl.arange(0, BLOCK_N), HEAD // 2, True, K, BLOCK_KW, BY_BITS, USE_PDL)
+        _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
+                         QMAX)
+
+    @triton.jit
+    def _rotary_program(freq_ptr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(x's row m, the head, the dims i0 .. i0 + BLOCK_N of its first half, their rotary frequencies, the
+        first output row n0) of a QKV GEMV's program (m, p) with the rotary epilogue."""
         HALF: tl.constexpr = HEAD // 2
         m = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) // (HALF // BLOCK_N)
         i0 = tl.program_id(1) % (HALF // BLOCK_N) * BLOCK_N
         dims = i0 + tl.arange(0, BLOCK_N)
         freq = tl.load(freq_ptr + dims)  # a constant of the model: read before the wait
-        n0 = (head * HEAD + i0).to(tl.int64)
-        y1, y2 = fp8_word_row_sums(x_ptr + m * stride_xm, xs_ptr + m, w_ptr + n0 * (K // 8), ws_ptr + n0,
-                                   tl.arange(0, BLOCK_N), HALF, True, K, BLOCK_KW, BY_BITS, USE_PDL)
-        _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
-                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
-                         QMAX)
+        return m, head, dims, freq, (head * HEAD + i0).to(tl.int64)
 
     @triton.jit
     def _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
