@@ -4,20 +4,21 @@ them: `PYTHONPATH=. python scripts/bench_decode_gemv.py [--formats bf16,int8,fp8
 Each kernel is replayed from a CUDA graph over copies of its weight that together overflow the L2 cache, so
 every call reads its weight from memory (kiln.kernels.bench_quant_gemm replays one weight, which a 4096 x 4096
 int4 matrix leaves in L2). Formats run as their engines run them at batch 1: bf16 by `linear` (the GEMV or cuBLAS,
-whichever measured faster), int8 by `w8a16_matmul`, fp8 by `static_fp8_gemv` (per-tensor scales, as the FP8
+whichever measured faster), int8 by `w8a16_matmul`, fp8 on x's codes by `scaled_gemv` (per-tensor scales, as the FP8
 engine's layers), `fp8-tok` by per-token quantization then `scaled_gemv` (the FP8 lm_head), int4 (group 128) by
 `w4a16_matmul`. KILN_PDL=0 times them launched without programmatic dependent launch (kiln.kernels.pdl). Prints
 microseconds and TB/s of the weight bytes (codes and scales), then the sum over 32 decoder layers (qkv, o_proj,
 fc_gate, down)."""
 
 import argparse
+import logging
 
 import torch
 
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels.bench_quant_gemm import graph_us
 from kiln.kernels.gemv import linear, scaled_gemv, static_fp8_gemv
-from kiln.quantization.fp8 import quantize_fp8_per_token, quantize_fp8_weight
+from kiln.quantization.fp8 import quantize_fp8_per_token, quantize_fp8_static, quantize_fp8_weight
 from kiln.quantization.weight_only import (
     quantize_int4_groups,
     quantize_int8_per_channel,
@@ -39,6 +40,15 @@ def int8(w, x):
 
 
 def fp8(w, x):
+    """As the FP8 engine's decode runs: x arrives as e4m3 codes over the static scale (the norm, SiLU-and-mul or
+    attention's merge wrote them), and the GEMV on codes runs the kernel kind its tuner picked (CUDA cores, int64
+    words or the tensor cores; the choice is logged at INFO). `fp8-static` is the GEMV quantizing x itself."""
+    q, s = quantize_fp8_weight(w, torch.bfloat16, per_channel=False)
+    xq, xs = quantize_fp8_static(x, (x.abs().max().float() / 448.0).reshape(1))
+    return (q, s.float()), lambda c: scaled_gemv(xq, xs, c[0], c[1], torch.bfloat16)
+
+
+def fp8_static(w, x):
     q, s = quantize_fp8_weight(w, torch.bfloat16, per_channel=False)
     x_scale = (x.abs().max().float() / 448.0).reshape(1)
     return (q, s), lambda c: static_fp8_gemv(x, x_scale, c[0], c[1], torch.bfloat16)
@@ -53,7 +63,7 @@ def bf16(w, x):
     return (w.to(torch.bfloat16),), lambda c: linear(x, c[0])
 
 
-FORMATS = {"bf16": bf16, "int8": int8, "fp8": fp8, "fp8-tok": fp8_per_token, "int4": int4}
+FORMATS = {"bf16": bf16, "int8": int8, "fp8": fp8, "fp8-static": fp8_static, "fp8-tok": fp8_per_token, "int4": int4}
 
 
 def time_format(make, w, x) -> tuple[float, int]:
@@ -69,6 +79,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     formats = parser.parse_args().formats.split(",")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # (the FP8 tuner's kinds and pick)
     torch.manual_seed(0)
     total = dict.fromkeys(formats, 0.0)
     for name, n, k in SHAPES:

@@ -138,6 +138,7 @@ for part in $parts; do
                    --baseline none --quant-algo W4A16 --workloads decode-1 --profile ;;
     fp8-words) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_gemv_kernel.py \
                  tests/runtime/test_gpu_runtime.py -k "fp8" -s
+               python scripts/bench_decode_gemv.py --formats bf16,fp8,fp8-tok
                $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
     gpt-oss) python -m kiln bench --synthetic gpt-oss-20b --synthetic-layers 12 --dtype bfloat16 --baseline none \
                --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
