@@ -30,6 +30,7 @@ from kiln.layers.mlp import GatedMLP, make_mlp
 from kiln.layers.moe import MoE
 from kiln.layers.normalization import RMSNorm, Unnormed, add_and_norm, make_norm
 from kiln.mapping import Mapping, replicate
+from kiln.models import hf_config
 from kiln.quantization.fp8_import import prequantized_format
 from kiln.quantization.methods import (apply_quant_config, check_experts_importable, quantized_linears,
                                       quantizes_lm_head)
@@ -371,11 +372,16 @@ class DecoderModelForCausalLM(PretrainedModel):
     """
 
     HF_ARCHITECTURES: tuple[str, ...] = ()
+    # The family's own fields of its HF config.json (kiln.models.hf_config.config_from_hf's `structure`), as a
+    # staticmethod: a family that reads its config otherwise overrides config_from_hf instead.
+    HF_STRUCTURE: Callable[[dict], dict] | None = None
 
     @classmethod
     def config_from_hf(cls, hf: dict, dtype: str, mapping: Mapping, generation: dict | None,
                        path: str) -> PretrainedConfig:
-        raise NotImplementedError
+        if cls.HF_STRUCTURE is None:
+            raise NotImplementedError(f"{cls.__name__}: set HF_STRUCTURE or override config_from_hf")
+        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, cls.HF_STRUCTURE)
 
     @classmethod
     def hf_name_map(cls, config: PretrainedConfig):

@@ -31,10 +31,7 @@ def cohere_structure(hf: dict) -> dict:
 
 class CohereForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("CohereForCausalLM", "Cohere2ForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, cohere_structure)
+    HF_STRUCTURE = staticmethod(cohere_structure)
 
     @classmethod
     def hf_name_map(cls, config):

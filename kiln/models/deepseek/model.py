@@ -80,10 +80,7 @@ class DeepseekV3ForCausalLM(DecoderModelForCausalLM):
     """DeepSeek-V3's architecture, and DeepSeek-V2's (its greedy routing: V2-Lite), which differs in the router."""
 
     HF_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, deepseek_structure)
+    HF_STRUCTURE = staticmethod(deepseek_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -19,10 +19,7 @@ def exaone4_structure(hf: dict) -> dict:
 
 class Exaone4ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Exaone4ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, exaone4_structure)
+    HF_STRUCTURE = staticmethod(exaone4_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -50,10 +50,7 @@ def gemma_structure(hf: dict) -> dict:
 
 class GemmaForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, gemma_structure)
+    HF_STRUCTURE = staticmethod(gemma_structure)
 
     @classmethod
     def hf_name_map(cls, config):

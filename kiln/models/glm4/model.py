@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.layers.rotary import interleaved_to_half
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.models.llama.convert import L, hf_table, qkv_table
 from kiln.models.phi3.model import gate_half, up_half
@@ -38,10 +37,7 @@ _k_rows = _rotated_half_layout(lambda c: c.num_key_value_heads)
 
 class Glm4ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Glm4ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, glm4_structure)
+    HF_STRUCTURE = staticmethod(glm4_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -16,7 +16,6 @@ from pathlib import Path
 from kiln.checkpoint.name_map import NameMap
 from kiln.config import QuantConfig
 from kiln.mapping import Mapping
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.deepseek.model import deepseek_moe_fields
 from kiln.models.glm4_moe import gguf as glm_gguf
@@ -32,10 +31,7 @@ def glm4_moe_structure(hf: dict) -> dict:
 
 class Glm4MoeForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Glm4MoeForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, glm4_moe_structure)
+    HF_STRUCTURE = staticmethod(glm4_moe_structure)
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: str = "auto", mapping: Mapping | None = None,

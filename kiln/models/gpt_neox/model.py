@@ -4,7 +4,6 @@ biases everywhere. The source's fused query_key_value interleaves q, k, v per he
 from __future__ import annotations
 
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.models.llama.convert import L
 
@@ -32,10 +31,7 @@ def _pair(kiln: str, source: str, transform=None) -> dict:
 
 class GPTNeoXForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("GPTNeoXForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, neox_structure)
+    HF_STRUCTURE = staticmethod(neox_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -50,10 +50,7 @@ def _transposed(t, config):
 
 class GptOssForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("GptOssForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, gpt_oss_structure)
+    HF_STRUCTURE = staticmethod(gpt_oss_structure)
 
     @classmethod
     def hf_name_map(cls, config):

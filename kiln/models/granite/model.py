@@ -12,7 +12,6 @@ stacked already.
 from __future__ import annotations
 
 from kiln.checkpoint.name_map import NameMap, Src
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.models.llama.convert import L, hf_table
 
@@ -41,10 +40,7 @@ def up_half(tensor, config):
 
 class GraniteForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("GraniteForCausalLM", "GraniteMoeForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, granite_structure)
+    HF_STRUCTURE = staticmethod(granite_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -12,7 +12,7 @@ from kiln.mapping import Mapping
 from kiln.models import model_class
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama import convert
-from kiln.models.llama.config import config_from_hf
+from kiln.models.llama.config import llama_structure
 from kiln.models.llama.gguf import config_from_gguf, gguf_tokenizer_writer
 from kiln.quantization.gguf_import import keep_int4
 from kiln.models.llama.meta import config_from_meta
@@ -20,10 +20,7 @@ from kiln.models.llama.meta import config_from_meta
 
 class LLaMAForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return config_from_hf(hf, dtype, mapping, generation, path)
+    HF_STRUCTURE = staticmethod(llama_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -41,10 +41,7 @@ def arcee_structure(hf: dict) -> dict:
 
 class SeedOssForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("SeedOssForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, seed_oss_structure)
+    HF_STRUCTURE = staticmethod(seed_oss_structure)
 
     @classmethod
     def hf_name_map(cls, config):
@@ -53,10 +50,7 @@ class SeedOssForCausalLM(DecoderModelForCausalLM):
 
 class Ernie45ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Ernie4_5ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, ernie45_structure)
+    HF_STRUCTURE = staticmethod(ernie45_structure)
 
     @classmethod
     def hf_name_map(cls, config):
@@ -65,10 +59,7 @@ class Ernie45ForCausalLM(DecoderModelForCausalLM):
 
 class ArceeForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("ArceeForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, arcee_structure)
+    HF_STRUCTURE = staticmethod(arcee_structure)
 
     @classmethod
     def hf_name_map(cls, config):
@@ -84,10 +75,7 @@ def starcoder2_structure(hf: dict) -> dict:
 
 class Starcoder2ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Starcoder2ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, starcoder2_structure)
+    HF_STRUCTURE = staticmethod(starcoder2_structure)
 
     @classmethod
     def hf_name_map(cls, config):
@@ -109,10 +97,7 @@ def olmoe_structure(hf: dict) -> dict:
 
 class OlmoeForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("OlmoeForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, olmoe_structure)
+    HF_STRUCTURE = staticmethod(olmoe_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from kiln.checkpoint.name_map import NameMap
 from kiln.errors import ConfigError
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.models.llama.convert import L, hf_table
 from kiln.models.qwen.convert import HF, QK_NORMS, moe_table
@@ -31,10 +30,7 @@ def minimax_m2_structure(hf: dict) -> dict:
 
 class MiniMaxM2ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("MiniMaxM2ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, minimax_m2_structure)
+    HF_STRUCTURE = staticmethod(minimax_m2_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -7,7 +7,6 @@ Source names: `block_sparse_moe.gate` (the router) and `block_sparse_moe.experts
 from __future__ import annotations
 
 from kiln.checkpoint.name_map import NameMap
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM
 from kiln.models.llama.convert import hf_table
 from kiln.models.qwen.convert import moe_table
@@ -21,10 +20,7 @@ def mixtral_structure(hf: dict) -> dict:
 
 class MixtralForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("MixtralForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, mixtral_structure)
+    HF_STRUCTURE = staticmethod(mixtral_structure)
 
     @classmethod
     def hf_name_map(cls, config):

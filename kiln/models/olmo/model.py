@@ -24,10 +24,7 @@ def olmo_structure(hf: dict) -> dict:
 
 class OlmoForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, olmo_structure)
+    HF_STRUCTURE = staticmethod(olmo_structure)
 
     @classmethod
     def hf_name_map(cls, config):

@@ -12,7 +12,6 @@ from pathlib import Path
 from kiln.checkpoint.name_map import NameMap, Src
 from kiln.config import QuantConfig
 from kiln.mapping import Mapping
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama.convert import L
 from kiln.models.llama.gguf import from_gguf_as_hf
@@ -36,10 +35,7 @@ def phi3_structure(hf: dict) -> dict:
 
 class Phi3ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Phi3ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, phi3_structure)
+    HF_STRUCTURE = staticmethod(phi3_structure)
 
     @classmethod
     def hf_name_map(cls, config):

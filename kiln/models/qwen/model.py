@@ -8,7 +8,6 @@ from pathlib import Path
 
 from kiln.config import QuantConfig
 from kiln.mapping import Mapping
-from kiln.models import hf_config
 from kiln.models.base import DecoderModelForCausalLM, refuse_quantization
 from kiln.models.llama.gguf import from_gguf_as_hf
 from kiln.models.qwen import convert
@@ -44,10 +43,7 @@ def qwen_structure(hf: dict) -> dict:
 
 class QWenForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, qwen_structure)
+    HF_STRUCTURE = staticmethod(qwen_structure)
 
     @classmethod
     def hf_name_map(cls, config):

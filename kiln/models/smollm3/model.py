@@ -23,10 +23,7 @@ def smollm3_structure(hf: dict) -> dict:
 
 class SmolLM3ForCausalLM(DecoderModelForCausalLM):
     HF_ARCHITECTURES = ("SmolLM3ForCausalLM",)
-
-    @classmethod
-    def config_from_hf(cls, hf, dtype, mapping, generation, path):
-        return hf_config.config_from_hf(hf, dtype, mapping, generation, path, smollm3_structure)
+    HF_STRUCTURE = staticmethod(smollm3_structure)
 
     @classmethod
     def hf_name_map(cls, config):
