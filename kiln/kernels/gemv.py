@@ -110,9 +110,11 @@ def fp8_word_tile(rows: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w
                   out_dtype: torch.dtype) -> tuple | None:
     """The word tile the plain FP8 GEMV of these operands runs (timed the first time, as scaled_gemv times it),
     or None where it runs another kernel: the epilogue variants ride on the word kernel's choice."""
-    plain = (rows, wq, torch.empty(rows.shape[0], wq.shape[0], dtype=out_dtype, device=rows.device), x_scale, w_scale,
-             False)  # (the plain GEMV's arguments: its choice's key, and its timing's output)
-    tile = _fp8_kernel_choice(plain) if _fp8_codes_with_scales(*plain) else None
+    tile = _FP8_PICKED.get(_fp8_key(rows, wq, out_dtype), _NOT_TIMED)
+    if tile is _NOT_TIMED:  # (only then an output for the timing: decode steps allocate nothing here)
+        plain = (rows, wq, torch.empty(rows.shape[0], wq.shape[0], dtype=out_dtype, device=rows.device), x_scale,
+                 w_scale, False)  # (the plain GEMV's arguments)
+        tile = _fp8_kernel_choice(plain) if _fp8_codes_with_scales(*plain) else None
     return tile if tile is not None and tile[0] == "words" else None
 
 
@@ -200,11 +202,16 @@ def has_fp8_mma(device_index: int) -> bool:
 # The kernel each FP8 GEMV key runs (None: the CUDA-core kernel), chosen by timing the first time the key is seen;
 # until then (tuning off, or a capture, which cannot time) the CUDA-core kernel.
 _FP8_PICKED = KernelChoices("fp8_gemv")
+_NOT_TIMED = object()
+
+
+def _fp8_key(rows: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> tuple:
+    return (*weight.shape, rows.shape[0], out_dtype, rows.device.index)
 
 
 def _fp8_kernel_choice(args):
     rows, weight, y, x_scale, w_scale, _ = args  # (x given as codes: see _fp8_codes_with_scales)
-    key = (*weight.shape, rows.shape[0], y.dtype, rows.device.index)
+    key = _fp8_key(rows, weight, y.dtype)
     if key not in _FP8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         copies = weight_copies(weight, w_scale)
         ms = candidate_ms([None, *fp8_word_tiles(weight), *FP8_DOT_TILES], lambda tile: [
