@@ -1,11 +1,11 @@
 """Decode by pair's GEMV tiles on an NVIDIA GPU, Qwen3-30B-A3B's experts at batch 1 (128 experts of 768, top 8,
 hidden 2048): fc_gate (gated, 2,048 inputs) and proj (weighted by the routing, 768 inputs), in bf16, W8A16 (int8
-codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.PAIR_TILE, the tile
-kiln runs. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
+codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.pair_tile's, the
+tile kiln runs. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
 
 Timed as the engine's tuners time kernels (CUDA-graph replay, kiln.kernels.gemv.graph_ms_per_call), each call
 routed to its own 8 experts of 16 random choices, so the weights stream from memory as in a decode step; us per
-call and the routed experts' bytes over it. Each tile's output is checked against PAIR_TILE's (float32 sums in
+call and the routed experts' bytes over it. Each tile's output is checked against kiln's (float32 sums in
 another order: within a 16-bit ulp).
 
     PYTHONPATH=. python scripts/bench_moe_pair_gemv.py
@@ -22,9 +22,10 @@ from kiln.kernels.gemv import candidate_ms, graph_ms_per_call
 from kiln.quantization.weight_only import quantize_int4_groups, quantize_int8_per_channel
 
 EXPERTS, TOP_K, HIDDEN, INTER, GROUP, ROUTINGS = 128, 8, 2048, 768, 128, 16
-# (outputs a program, inputs a step, warps); a grouped format's step is at most its group
+# (outputs a program, inputs a step, warps); a grouped format's step reads a group at a time
 TILES = [(16, 128, 4), (8, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (16, 64, 2),
-         (32, 64, 4), (8, 256, 2), (16, 128, 8), (64, 64, 8), (8, 128, 8), (4, 128, 4), (8, 64, 4)]
+         (32, 64, 4), (8, 256, 2), (16, 128, 8), (64, 64, 8), (8, 128, 8), (4, 128, 4), (8, 64, 4),
+         (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (4, 512, 4), (8, 1024, 8)]
 
 
 def expert_codes(w: torch.Tensor, fmt: str):
@@ -66,7 +67,7 @@ def main() -> None:
             "proj": (lambda tile, r: moe._pair_gemv(h, proj, None, out_y, weights.reshape(-1), r.reshape(-1), 0, 1,
                                                     -1, tile), out_y, weight_bytes(proj, HIDDEN))}
         for name, (run, out, nbytes) in cases.items():
-            kilns = moe.PAIR_TILE["gated" if name == "fc_gate" else "plain"]
+            kilns = moe.pair_tile(name == "fc_gate", {"bf16": 0, "W8A16": 1, "W4A16": 2}[fmt])
             run(kilns, routings[0])
             want = out.clone()
             ms = candidate_ms(TILES, lambda tile: [functools.partial(run, tile, r) for r in routings])

@@ -213,17 +213,18 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                (2, True, "*u8"))
       for bm, bn, bk in ((16, 64, 128), (64, 128, 64))],
     # decode's GEMV a (token, slot) pair: fc_gate (gated) and proj (weighted by the routing), each format
-    *[(f"moe pair gemv codes={codes} {ptr} zero={zero} gated={gated}", moe._pair_gemv_kernel,
+    *[(f"moe pair gemv codes={codes} {ptr} zero={zero} gated={gated} step={step}", moe._pair_gemv_kernel,
        dict(K=2048, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated, ACT=0 if gated else -1, WEIGHTED=not gated,
             CODES=codes, GROUP=128 if codes == 2 else 2048, HAS_ZERO=zero, HAS_BIAS=zero, CLAMP=zero and gated,
-            BLOCK_N=moe.PAIR_TILE["gated" if gated else "plain"][0],
-            BLOCK_K=moe.PAIR_TILE["gated" if gated else "plain"][1]),
+            BLOCK_N=moe.pair_tile(gated, codes)[0], BLOCK_K=step,
+            SUB_K=min(step, 128) if codes == 2 else step),
        dict(w_ptr="*bf16", experts_ptr="*i64",
             **{"*i8": dict(b_ptr="*i8", bg_ptr="*i8"), "*fp8e4nv": dict(b_ptr="*fp8e4nv", bg_ptr="*fp8e4nv"),
                "*u8": dict(b_ptr="*u8", bg_ptr="*u8"), None: {}}[ptr]))
       for codes, zero, ptr in ((0, False, None), (1, False, "*i8"), (1, False, "*fp8e4nv"), (2, False, "*u8"),
                                (2, True, "*u8"))
-      for gated in (True, False)],
+      for gated in (True, False)
+      for step in sorted({moe.pair_tile(gated, codes)[1], 512 if codes == 2 else 256})],  # (int4: 4 groups a step)
     # the routing: Qwen3-MoE's softmax over 128 experts and top 8, Mixtral's 8 and 2; DeepSeek-V3's sigmoid over 256
     # in 8 groups (4 kept), GLM-4.5's over 160 in one
     *[(f"moe route experts={e} top_k={k} sigmoid={s} groups={g}", moe._route_kernel,

@@ -360,25 +360,38 @@ def _bias_stride(bias: tuple) -> int:
     return bias[0].stride(0)
 
 
-# the GEMV's tiles (outputs a program, inputs a step: a grouped format's at most a group, warps): the gated
-# fc (two weights a program) and the plain proj. scripts/bench_moe_pair_gemv.py times the others; these won on
-# an H100 for bf16, int8 and int4 experts alike (thirty-eighth session: fc 25-45 -> 22-23 us, proj 10-12 -> 10-11)
-PAIR_TILE = {"gated": (8, 128, 4), "plain": (16, 128, 8)}
+# the GEMV's tiles, (outputs a program, inputs a step, warps), by pass (the gated fc: two weights a program; the
+# plain proj) and weight format. A step may span several of a grouped format's groups: the kernel reads them one
+# after the other within the step, so one step keeps as many bytes in flight as a float step of the same width
+# (the thirty-eighth session's int4 and int8 fc GEMVs streamed 0.56 and 1.11 TB/s at 128 inputs a step, bf16 2.2,
+# each 16 dependent steps). scripts/bench_moe_pair_gemv.py times the others. These won on an H100 for bf16, int8
+# and int4 experts alike before steps spanned groups (thirty-eighth session: fc 25-45 -> 22-23 us, proj 10-12 ->
+# 10-11); each format's row is its own so that a sweep can move one.
+PAIR_TILE = {(kind, fmt): tile for kind, tile in (("gated", (8, 128, 4)), ("plain", (16, 128, 8)))
+             for fmt in ("float", "byte", "int4")}
+_FORMAT_OF_CODES = {0: "float", 1: "byte", 2: "int4"}  # _CODES's values -> PAIR_TILE's formats
+
+
+def pair_tile(gated: bool, codes: int) -> tuple[int, int, int]:
+    """PAIR_TILE's tile for a pass (gated or plain) over weights of _CODES's kind `codes`."""
+    return PAIR_TILE["gated" if gated else "plain", _FORMAT_OF_CODES[codes]]
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
                tile: tuple[int, int, int] | None = None, bias: tuple = (None, None), limit: float | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
     as _grouped_gemm computes it for a held pair (bias and limit too); a pair whose expert is not held here gets
-    zeros. tile: PAIR_TILE's unless given."""
+    zeros. tile: pair_tile's unless given."""
     op = _WeightArgs.of(a, b, b_gate)
-    block_n, block_k, warps = tile or PAIR_TILE["plain" if b_gate is None else "gated"]
+    block_n, block_k, warps = tile or pair_tile(b_gate is not None, op.constexprs["CODES"])
+    sub_k = op.block_k(block_k)  # inputs read at once: the step, or one group of it
+    assert block_k % sub_k == 0, f"a step of {block_k} inputs must hold whole groups of {sub_k}"
     _pair_gemv_kernel[(experts.numel(), triton.cdiv(op.n, block_n))](
         a, *op.pointers, out, weights if weights is not None else a,
         experts, *_bias_args(bias, a), first_expert, b.shape[0], op.n,
         a.stride(0), a.stride(1), *op.strides, out.stride(0), _bias_stride(bias), limit or 0.0,
         A_ROWS_PER_TOKEN=a_rows_per_token, ACT=act, WEIGHTED=weights is not None, HAS_BIAS=bias[0] is not None,
-        CLAMP=limit is not None, BLOCK_N=block_n, BLOCK_K=op.block_k(block_k), num_warps=warps, **op.constexprs,
+        CLAMP=limit is not None, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k, num_warps=warps, **op.constexprs,
         **pdl_args(a.device))
 
 
@@ -589,14 +602,16 @@ if triton is not None:
                           K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                           WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+                          USE_PDL: tl.constexpr):
         # Program (pair, j): outputs [j BLOCK_N, (j + 1) BLOCK_N) of the pair, on CUDA cores (one row: no MMA),
-        # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K. With
-        # PDL it is scheduled while the kernel before it ends, but reads nothing before its wait: which expert's
-        # weights to read comes from the routing.
+        # the weight tiles as the grouped kernel reads them (_expert_tile), float32 products summed over K. A step
+        # of BLOCK_K inputs reads SUB_K at a time (a scale group's at most), its reads independent of each other's
+        # sums, so they are all in flight at once. With PDL it is scheduled while the kernel before it ends, but
+        # reads nothing before its wait: which expert's weights to read comes from the routing.
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)
-        B_ROWS: tl.constexpr = BLOCK_K // 2 if CODES == 2 else BLOCK_K
+        SUB_ROWS: tl.constexpr = SUB_K // 2 if CODES == 2 else SUB_K  # weight rows a read (int4: bytes)
         pair = tl.program_id(0)
         expert = (tl.load(experts_ptr + pair) - first_expert).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -605,32 +620,34 @@ if triton is not None:
         if (expert < 0) | (expert >= num_local):  # another rank's expert: this rank adds nothing
             tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
             return
-        ks = tl.arange(0, BLOCK_K)
-        kb = tl.arange(0, B_ROWS)
+        ks = tl.arange(0, SUB_K)
+        kb = tl.arange(0, SUB_ROWS)
         a_ptrs = a_ptr + (pair // A_ROWS_PER_TOKEN).to(tl.int64) * a_s0 + ks * a_s1
         b_ptrs = b_ptr + expert * b_se + cols[None, :] * b_sn + kb[:, None] * b_sk
         bg_ptrs = bg_ptr + expert * bg_se + cols[None, :] * bg_sn + kb[:, None] * bg_sk
         col_scales = expert * s_se + cols * s_sn
-        # Products summed per input row across the steps, the rows summed once at the end: a sum across the
+        # Products summed per input row across the reads, the rows summed once at the end: a sum across the
         # threads every step cost 41 warp shuffles and as many adds a step of the int4 kernel's 329 instructions
         # (sm_90 code, scripts/kernel_sass.py "moe pair gemv"), as kiln.kernels.gemv's GEMVs avoid.
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = ks < K - k0
-            b_ok = _weight_tile_mask(k_ok, kb, K - k0, col_ok, CODES)
-            group = col_scales + (k0 // GROUP) * s_sg
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-            b = _expert_tile(b_ptrs, b_ok, sb_ptr + group, zb_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
-                             BLOCK_K, BLOCK_N)
-            acc += a.to(tl.float32)[:, None] * b.to(tl.float32)
-            if GATED:
-                bg = _expert_tile(bg_ptrs, b_ok, sg_ptr + group, zg_ptr + group, col_ok, a.dtype, CODES, HAS_ZERO,
-                                  BLOCK_K, BLOCK_N)
-                acc_g += a.to(tl.float32)[:, None] * bg.to(tl.float32)
+            for j in tl.static_range(BLOCK_K // SUB_K):
+                k_left = K - k0 - j * SUB_K
+                k_ok = ks < k_left
+                b_ok = _weight_tile_mask(k_ok, kb, k_left, col_ok, CODES)
+                group = col_scales + ((k0 + j * SUB_K) // GROUP) * s_sg
+                a = tl.load(a_ptrs + j * SUB_K * a_s1, mask=k_ok, other=0.0)
+                b = _expert_tile(b_ptrs + j * SUB_ROWS * b_sk, b_ok, sb_ptr + group, zb_ptr + group, col_ok,
+                                 a.dtype, CODES, HAS_ZERO, SUB_K, BLOCK_N)
+                acc += a.to(tl.float32)[:, None] * b.to(tl.float32)
+                if GATED:
+                    bg = _expert_tile(bg_ptrs + j * SUB_ROWS * bg_sk, b_ok, sg_ptr + group, zg_ptr + group,
+                                      col_ok, a.dtype, CODES, HAS_ZERO, SUB_K, BLOCK_N)
+                    acc_g += a.to(tl.float32)[:, None] * bg.to(tl.float32)
             a_ptrs += BLOCK_K * a_s1
-            b_ptrs += B_ROWS * b_sk
-            bg_ptrs += B_ROWS * bg_sk
+            b_ptrs += BLOCK_K // SUB_K * SUB_ROWS * b_sk
+            bg_ptrs += BLOCK_K // SUB_K * SUB_ROWS * bg_sk
         acc, acc_g = tl.sum(acc, axis=0), tl.sum(acc_g, axis=0)
         w = tl.load(w_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
         if HAS_BIAS:

@@ -255,14 +255,14 @@ def test_route_kernel_matches_reference(dtype, tokens, num_experts, router):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tile", [(8, 128, 4), (32, 64, 2), (64, 256, 8)])
-@pytest.mark.parametrize("fmt", [None, "int4_g64_zp"])
+@pytest.mark.parametrize("tile", [(8, 128, 4), (32, 64, 2), (64, 256, 8), (8, 512, 4)])
+@pytest.mark.parametrize("fmt", [None, "int4_g64_zp", "int4_g32", "e4m3_g32"])
 def test_pair_gemv_tiles_match_the_reference(monkeypatch, tile, fmt):
-    """Every tile shape scripts/bench_moe_pair_gemv.py may pick (outputs a program, inputs a step, an int4 group's
-    at most, warps), on float and int4 experts."""
+    """Every tile shape scripts/bench_moe_pair_gemv.py may pick (outputs a program, inputs a step, warps), on float
+    and grouped experts: a step of several groups (each read with its own scale and zero), and one past K."""
     from kiln.kernels import moe
 
-    monkeypatch.setattr(moe, "PAIR_TILE", {"gated": tile, "plain": tile})
+    monkeypatch.setattr(moe, "PAIR_TILE", dict.fromkeys(moe.PAIR_TILE, tile))
     experts, weights = routing(1, 8, 3, seed=7)
     fc, gate, proj = expert_weights(8, 256, 96, seed=7)
     if fmt:
