@@ -1,7 +1,8 @@
 """Decode by pair's GEMV tiles on an NVIDIA GPU, Qwen3-30B-A3B's experts at batch 1 (128 experts of 768, top 8,
 hidden 2048): fc_gate (gated, 2,048 inputs) and proj (weighted by the routing, 768 inputs), in bf16, W8A16 (int8
 codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.pair_tile's, the
-tile kiln runs. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
+tile kiln runs; for W4A16 also the GEMV on words of codes, which kiln runs in the engine's fused fc_gate layout, every
+tile of WORD_TILES. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
 
 Timed as the engine's tuners time kernels (CUDA-graph replay, kiln.kernels.gemv.graph_ms_per_call), each call
 routed to its own 8 experts of 16 random choices, so the weights stream from memory as in a decode step; us per
@@ -27,6 +28,10 @@ TILES = [(16, 128, 4), (8, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (3
          (32, 64, 4), (8, 256, 2), (16, 128, 8), (64, 64, 8), (8, 128, 8), (4, 128, 4), (8, 64, 4),
          (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (4, 512, 4), (8, 1024, 8)]
 
+# int4 experts on words: (outputs a program, int64 words of 16 codes a step, warps); fc's rows are 128 words, proj's 48
+WORD_TILES = [(4, 128, 4), (2, 128, 4), (8, 128, 4), (8, 128, 8), (4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 64, 2),
+              (8, 32, 4), (16, 32, 4), (16, 16, 4), (32, 16, 4)]
+
 
 def expert_codes(w: torch.Tensor, fmt: str):
     """[experts, out, in] bf16 weights as the format's experts (a float weight, or ExpertCodes)."""
@@ -37,6 +42,14 @@ def expert_codes(w: torch.Tensor, fmt: str):
         return moe.ExpertCodes(torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])[..., None])
     parts = [quantize_int4_groups(w[e].float(), GROUP, False, torch.bfloat16) for e in range(w.shape[0])]
     return moe.ExpertCodes(torch.stack([q for q, _, _ in parts]), torch.stack([s for _, s, _ in parts]), None, GROUP)
+
+
+def fused_halves(fc, gate):
+    """fc and gate as the engine holds them: the two halves (views) of one fused fc_gate."""
+    if isinstance(fc, torch.Tensor):
+        return torch.cat([fc, gate], dim=1).chunk(2, dim=1)
+    return moe.ExpertCodes(torch.cat([fc.codes, gate.codes], 1), torch.cat([fc.scale, gate.scale], 1), None,
+                           fc.group).halves()
 
 
 def weight_bytes(w, rows: int) -> int:
@@ -58,6 +71,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per call (TB/s of the routed weights)")
     for fmt in ("bf16", "W8A16", "W4A16"):
         fc, gate, proj = (expert_codes(raw[n], fmt) for n in ("fc", "gate", "proj"))
+        fc, gate = fused_halves(fc, gate)
         h = torch.randn(TOP_K, INTER, device=dev, dtype=bf16)
         out_h, out_y = torch.empty(TOP_K, INTER, device=dev, dtype=bf16), torch.empty(TOP_K, HIDDEN, device=dev,
                                                                                          dtype=bf16)
@@ -77,12 +91,34 @@ def main() -> None:
                 mark = " (kiln's)" if tile == kilns else ""
                 print(f"{fmt:6} {name:8} tile {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s)"
                       f"{'' if ok else '  OUTPUT DIFFERS'}")
+            if fmt == "W4A16":
+                words_sweep(name, run, out, want, nbytes, routings)
         for by_pair in (True, False):
             calls = [functools.partial(moe.fused_moe, x, fc, gate, proj, r, weights, 0, "silu", by_pair)
                      for r in routings]
             calls[0]()
             t = graph_ms_per_call(calls)
             print(f"{fmt:6} whole MoE {'by pair' if by_pair else 'grouped'}: {t * 1e3:6.1f} us")
+
+
+def words_sweep(name: str, run, out, want, nbytes: int, routings) -> None:
+    """int4 experts on words of codes (kiln.kernels.moe._pair_w4_words_kernel, what kiln runs where the layout
+    allows): each tile of WORD_TILES as PAIR_WORD_TILE's, against the tile kernel's output `want`."""
+    kind = "gated" if name == "fc_gate" else "plain"
+    kilns = moe.PAIR_WORD_TILE[kind]
+
+    def run_words(tile, r):
+        moe.PAIR_WORD_TILE[kind] = tile
+        run(None, r)
+
+    ms = candidate_ms(WORD_TILES, lambda tile: [functools.partial(run_words, tile, r) for r in routings])
+    for tile, t in sorted(ms.items(), key=lambda item: item[1]):
+        run_words(tile, routings[0])
+        ok = torch.allclose(out.float(), want.float(), rtol=2 ** -7, atol=2e-3)
+        mark = " (kiln's)" if tile == kilns else ""
+        print(f"W4A16  {name:8} words {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s)"
+              f"{'' if ok else '  OUTPUT DIFFERS'}")
+    moe.PAIR_WORD_TILE[kind] = kilns
 
 
 if __name__ == "__main__":

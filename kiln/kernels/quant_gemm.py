@@ -62,7 +62,7 @@ from kiln.kernels.gemv import (
 from kiln.kernels.fp8_group_gemm import fp8_group_gemm
 from kiln.kernels.pdl import pdl_args
 from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
-from kiln.quantization.weight_only import INT4_SYMMETRIC_ZERO, dequantize_int4, dequantize_int8
+from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
 
 try:
     import triton
@@ -487,12 +487,8 @@ def _launch(kernel, grid, args, **meta) -> None:
 
 
 if triton is not None:
-    from kiln.kernels.words import gemv_program, halves, load_step, split8, sum8
+    from kiln.kernels.words import SHIFT_EXP, SYMMETRIC_ZERO, gemv_program, load_step, split8, sum8, w4_row_sums
 
-    SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
-    # The GEMV's sums are kept at 2^-SHIFT_EXP of their value (_w4_gemv_kernel): x scaled by up to 2^80 stays
-    # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
-    SHIFT_EXP = tl.constexpr(69)
     BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
     # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS) of the int4 GEMM, BLOCK_M from the rows
     # (_w4_gemm_tiles, which adds the X_AS_IS twin of each tile up to 128 wide: wider ones spill registers).
@@ -511,126 +507,18 @@ if triton is not None:
 
 
     @triton.jit
-    def _step_weights(w_row, s_row, z_row, k0, first, out_words, out_groups, KW: tl.constexpr, WPG: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
-        """The int4 GEMV's codes, scales and zeros (float32; the symmetric zero without zero points) of the step
-        at word k0. The address of each is the step's scalar base, plus the thread's word, plus the output's
-        constant offset, added in that order so the last becomes the load's immediate offset."""
-        ok = (k0 + first < KW)[:, None]
-        w = load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
-        group = (first // WPG)[:, None]
-        s = load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
-        if HAS_ZERO:
-            z = load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
-        else:
-            z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
-        return w, s, z
-
-    @triton.jit
-    def _slot_scaled(xs):
-        """x's 8 columns (xs, split8), each times the power of two that turns the float32 bits of its code, masked
-        in its slot (_w4_row_sums), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
-        columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
-        return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
-                xs[3] * 2.0 ** (137 - SHIFT_EXP), xs[4] * 2.0 ** (133 - SHIFT_EXP), xs[5] * 2.0 ** (141 - SHIFT_EXP),
-                xs[6] * 2.0 ** (137 - SHIFT_EXP), xs[7] * 2.0 ** (133 - SHIFT_EXP))
-
-    @triton.jit
-    def _word_sums(w, s, z, x_sum, slots_low, slots_high):
-        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int64 words [k, n] of 16 codes, s and z
-        [k, n] in float32, x_sum [k] and the slots (_slot_scaled) of the columns of x each 32-bit half
-        multiplies. An AND and an FMA a code; the scale and zero once a word."""
-        dot = _half_dot(w.to(tl.int32), slots_low, tl.zeros(w.shape, tl.float32))  # (the low half: truncation)
-        dot = _half_dot((w >> 32).to(tl.int32), slots_high, dot)
-        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
-
-    @triton.jit
-    def _half_dot(half, slots, dot):
-        """dot plus sum_j u_j x_j 2^-SHIFT_EXP of the 8 codes in each int32 half of a word [k, n]."""
-        high = half >> 12
-        for j in tl.static_range(8):
-            if j < 5:
-                code = half & (15 << (4 * j))
-            else:  # slot j - 3 of the shifted half
-                code = high & (15 << (4 * j - 12))
-            dot += code.to(tl.float32, bitcast=True) * slots[j][:, None]
-        return dot
-
-    @triton.jit
-    def _w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
-                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
-        """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
-        scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
-        `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
-        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
-        # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
-        # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
-        # 8 of them. Within a half, a code masked in place,
-        # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
-        # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
-        # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
-        # float32 sums carry that factor until the end. The group's scale and zero come once per word:
-        # s (sum_j u_j x_j - z sum_j x_j).
-        # The tile is [BLOCK_KW words, BLOCK_N outputs] with one word per thread and output: the word indices are
-        # XORed with program_id(2), always 0, so that Triton cannot prove a thread's words contiguous and does not
-        # give it two (one 16-byte load). Then the 16 columns of x that a word multiplies, loaded as two 16-byte
-        # vectors, land in the thread that holds the word. With four words a thread, x's columns came from other
-        # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
-        # "w4 gemv"). Each thread's outputs share its x.
-        KW: tl.constexpr = K // 16  # words per row
-        WPG: tl.constexpr = GROUP // 16  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
-        G: tl.constexpr = (K + GROUP - 1) // GROUP
-        # Each address is a scalar base (uniform registers), plus the thread's word (one 64-bit add), plus the
-        # output's distance from the first, a constant with whole tiles: then the loads of a thread's outputs
-        # share one address register with immediate offsets. Offsets as one int32 tensor before the add cost two
-        # 64-bit adds a load instead (scripts/kernel_sass.py "w4 gemv").
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        if PAIRED:
-            wp_row, sp_row, zp_row = w_row + gap * KW, s_row + gap * G, z_row + gap * G
-            acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        # The first step's weights are requested before the wait for x, so they stream while the kernel before
-        # this one ends.
-        w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
-        if PAIRED:
-            wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
-                                       EVEN_K)
-        wait_for_inputs(USE_PDL)
-        for k0 in range(0, KW, BLOCK_KW):
-            if k0 > 0:
-                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
-                                        EVEN_K)
-                if PAIRED:
-                    wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
-                                               HAS_ZERO, EVEN_K)
-            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
-            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            xs_low, xs_high = split8(x_low), split8(x_high)
-            x_sum = sum8(xs_low) + sum8(xs_high)
-            slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
-            acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
-            if PAIRED:
-                acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
-        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
-        y_paired = y
-        if PAIRED:
-            y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
-        return y, y_paired
-
-    @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
-        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (_w4_row_sums). GATED: the weight rows are [fc; gate]
+        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows are [fc; gate]
         (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on,
         and the activation is the epilogue (no fc_gate output, no second launch)."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
-        y, y_gate = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
-                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
-                                 GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        y, y_gate = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
+                                s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
+                                GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -644,7 +532,7 @@ if triton is not None:
         words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8
         bytes of an output's codes and the 8 columns of x they multiply (16 bytes), as the int4 GEMV loads a word of
         16 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte the unsigned code u = q + 128
-        (one instruction a half), and the int4 GEMV's trick (_w4_row_sums) turns it into a float: bytes 0 and 1
+        (one instruction a half), and the int4 GEMV's trick (w4_row_sums) turns it into a float: bytes 0 and 1
         masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits, are the
         subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA, where the
         full-precision GEMV (kiln.kernels.gemv) converts each code apart. The sums carry 2^-SHIFT_EXP until the
@@ -656,7 +544,7 @@ if triton is not None:
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         w_row = w_ptr + n0.to(tl.int64) * KW
         x_row = x_ptr + m * stride_xm
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see _w4_row_sums)
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         x_sums = tl.zeros([BLOCK_KW], tl.float32)
         w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
@@ -698,13 +586,13 @@ if triton is not None:
         kiln.kernels.rotary.apply_rotary_and_write_cache leaves it: q and k heads rotated (rotate-half: dim i pairs
         with i + HEAD / 2), and the keys and values written to their cache slot (as codes with a quantized cache).
         Program (row, p) sums dims i0 .. i0 + BLOCK_N of the first half of a head and the same dims of its second
-        half (_w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program."""
+        half (w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
-        y1, y2 = _w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
-                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
-                              BLOCK_N, BLOCK_KW, USE_PDL)
+        y1, y2 = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
+                             tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
+                             BLOCK_N, BLOCK_KW, USE_PDL)
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)

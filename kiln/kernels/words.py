@@ -1,7 +1,10 @@
 """Pieces of the GEMVs that read their weights as int64 words of codes (8 int8 or e4m3 codes, or 16 int4 ones):
 each thread holds one word of each of its outputs and the columns of x that word multiplies, as [B, 8] or [B, 16]
 tiles split here into columns, so no value crosses threads until the final sum (kiln.kernels.quant_gemm's int4 and
-int8 GEMVs, kiln.kernels.gemv's e4m3 one)."""
+int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 GEMV a (token, expert) pair). The int4 GEMV's
+sums (`w4_row_sums`) are here whole: the dense and the MoE kernels call them on their own rows."""
+
+INT4_SYMMETRIC_ZERO = 8  # int4 codes' zero point where a format has none (kiln.quantization.weight_only's formats)
 
 try:
     import triton
@@ -10,6 +13,12 @@ except ImportError:  # CPU-only installs
     triton = None
 
 if triton is not None:
+    from kiln.kernels.pdl import wait_for_inputs
+
+    SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
+    # The int4 and int8 word GEMVs keep their sums at 2^-SHIFT_EXP of their value (w4_row_sums): x scaled by up to
+    # 2^80 stays finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
+    SHIFT_EXP = tl.constexpr(69)
 
     @triton.jit
     def halves(x):
@@ -52,3 +61,111 @@ if triton is not None:
         if not EVEN_N:
             outs = tl.minimum(outs, N - 1 - n0)
         return m, n0, outs
+
+    @triton.jit
+    def _step_weights(w_row, s_row, z_row, k0, first, out_words, out_groups, KW: tl.constexpr, WPG: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
+        """The int4 GEMV's codes, scales and zeros (float32; the symmetric zero without zero points) of the step
+        at word k0. The address of each is the step's scalar base, plus the thread's word, plus the output's
+        constant offset, added in that order so the last becomes the load's immediate offset."""
+        ok = (k0 + first < KW)[:, None]
+        w = load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
+        group = (first // WPG)[:, None]
+        s = load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+        if HAS_ZERO:
+            z = load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+        else:
+            z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
+        return w, s, z
+
+    @triton.jit
+    def _slot_scaled(xs):
+        """x's 8 columns (xs, split8), each times the power of two that turns the float32 bits of its code, masked
+        in its slot (w4_row_sums), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
+        columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
+        return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
+                xs[3] * 2.0 ** (137 - SHIFT_EXP), xs[4] * 2.0 ** (133 - SHIFT_EXP), xs[5] * 2.0 ** (141 - SHIFT_EXP),
+                xs[6] * 2.0 ** (137 - SHIFT_EXP), xs[7] * 2.0 ** (133 - SHIFT_EXP))
+
+    @triton.jit
+    def _word_sums(w, s, z, x_sum, slots_low, slots_high):
+        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int64 words [k, n] of 16 codes, s and z
+        [k, n] in float32, x_sum [k] and the slots (_slot_scaled) of the columns of x each 32-bit half
+        multiplies. An AND and an FMA a code; the scale and zero once a word."""
+        dot = _half_dot(w.to(tl.int32), slots_low, tl.zeros(w.shape, tl.float32))  # (the low half: truncation)
+        dot = _half_dot((w >> 32).to(tl.int32), slots_high, dot)
+        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
+
+    @triton.jit
+    def _half_dot(half, slots, dot):
+        """dot plus sum_j u_j x_j 2^-SHIFT_EXP of the 8 codes in each int32 half of a word [k, n]."""
+        high = half >> 12
+        for j in tl.static_range(8):
+            if j < 5:
+                code = half & (15 << (4 * j))
+            else:  # slot j - 3 of the shifted half
+                code = high & (15 << (4 * j - 12))
+            dot += code.to(tl.float32, bitcast=True) * slots[j][:, None]
+        return dot
+
+    @triton.jit
+    def w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+        """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
+        scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
+        `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
+        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
+        # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
+        # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
+        # 8 of them. Within a half, a code masked in place,
+        # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
+        # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
+        # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
+        # float32 sums carry that factor until the end. The group's scale and zero come once per word:
+        # s (sum_j u_j x_j - z sum_j x_j).
+        # The tile is [BLOCK_KW words, BLOCK_N outputs] with one word per thread and output: the word indices are
+        # XORed with program_id(2), always 0, so that Triton cannot prove a thread's words contiguous and does not
+        # give it two (one 16-byte load). Then the 16 columns of x that a word multiplies, loaded as two 16-byte
+        # vectors, land in the thread that holds the word. With four words a thread, x's columns came from other
+        # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
+        # "w4 gemv"). Each thread's outputs share its x.
+        KW: tl.constexpr = K // 16  # words per row
+        WPG: tl.constexpr = GROUP // 16  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
+        G: tl.constexpr = (K + GROUP - 1) // GROUP
+        # Each address is a scalar base (uniform registers), plus the thread's word (one 64-bit add), plus the
+        # output's distance from the first, a constant with whole tiles: then the loads of a thread's outputs
+        # share one address register with immediate offsets. Offsets as one int32 tensor before the add cost two
+        # 64-bit adds a load instead (scripts/kernel_sass.py "w4 gemv").
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        if PAIRED:
+            wp_row, sp_row, zp_row = w_row + gap * KW, s_row + gap * G, z_row + gap * G
+            acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        # The first step's weights are requested before the wait for x, so they stream while the kernel before
+        # this one ends.
+        w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
+        if PAIRED:
+            wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+                                       EVEN_K)
+        wait_for_inputs(USE_PDL)
+        for k0 in range(0, KW, BLOCK_KW):
+            if k0 > 0:
+                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
+                                        EVEN_K)
+                if PAIRED:
+                    wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
+                                               HAS_ZERO, EVEN_K)
+            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
+            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
+            xs_low, xs_high = split8(x_low), split8(x_high)
+            x_sum = sum8(xs_low) + sum8(xs_high)
+            slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
+            acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
+            if PAIRED:
+                acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
+        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
+        y_paired = y
+        if PAIRED:
+            y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
+        return y, y_paired

@@ -38,12 +38,12 @@ from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.gemv import epilogues_enabled
 from kiln.kernels.moe import ExpertCodes
+from kiln.kernels.words import INT4_SYMMETRIC_ZERO
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.mapping import replicate, shard_experts
 
 INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
-INT4_SYMMETRIC_ZERO = 8
 
 
 # ---- the math: pure functions of (tensor, format) ------------------------------------------------------
