@@ -114,10 +114,13 @@ def words_sweep(name: str, run, out, want, nbytes: int, routings) -> None:
     ms = candidate_ms(WORD_TILES, lambda tile: [functools.partial(run_words, tile, r) for r in routings])
     for tile, t in sorted(ms.items(), key=lambda item: item[1]):
         run_words(tile, routings[0])
-        ok = torch.allclose(out.float(), want.float(), rtol=2 ** -7, atol=2e-3)
+        # the words never round a weight to bf16 as the tile kernel does: outputs a bf16 ulp or two apart, so the
+        # bound is tests/kernels/test_moe_kernel.py's, 2 ulps of the largest output
+        err = (out.float() - want.float()).abs().max().item()
+        ok = err <= 2 * 2 ** -7 * want.float().abs().max().item()
         mark = " (kiln's)" if tile == kilns else ""
-        print(f"W4A16  {name:8} words {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s)"
-              f"{'' if ok else '  OUTPUT DIFFERS'}")
+        print(f"W4A16  {name:8} words {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s), max diff "
+              f"{err:.2g}{'' if ok else '  OUTPUT DIFFERS'}")
     moe.PAIR_WORD_TILE[kind] = kilns
 
 

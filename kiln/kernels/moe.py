@@ -379,9 +379,10 @@ def pair_tile(gated: bool, codes: int) -> tuple[int, int, int]:
 
 
 # int4 experts' GEMV a pair on words of codes (_pair_w4_words_kernel), by pass: (outputs a program, int64 words of 16
-# codes a step, warps), as kiln.kernels.quant_gemm's W4_GEMV_TILES. Untimed (thirty-ninth session): one step covers
-# Qwen3-30B-A3B's 2,048-input fc rows (128 words) and its 768-input proj rows (48 words, in 64).
-PAIR_WORD_TILE = {"gated": (4, 128, 4), "plain": (8, 64, 4)}
+# codes a step, warps), as kiln.kernels.quant_gemm's W4_GEMV_TILES. The fastest of twelve on Qwen3-30B-A3B's experts
+# on an H100 (fortieth session, scripts/bench_moe_pair_gemv.py): fc_gate 7.2 us (1.79 TB/s; the tile kernel 28.0),
+# proj 5.0 (the tile kernel 9.5); the whole MoE by pair 15.8 us against bf16's 33.8.
+PAIR_WORD_TILE = {"gated": (4, 64, 2), "plain": (16, 64, 4)}
 # Whether int4 experts go by words where their layout allows (_pair_w4_words_args); off, the tile kernel: the A/B
 PAIR_INT4_WORDS = os.environ.get("KILN_MOE_INT4_WORDS", "1") != "0"
 
