@@ -266,14 +266,16 @@ def synthetic_hf_model(shape: str, dtype: torch.dtype, device: torch.device, lay
     import transformers
 
     if shape in LLAMA_SHAPES:
-        config = transformers.LlamaConfig(**LLAMA_SHAPES[shape], rms_norm_eps=1e-5)
+        fields = dict(LLAMA_SHAPES[shape], rms_norm_eps=1e-5)
         model_cls = transformers.LlamaForCausalLM
     else:
         fields = dict(FAMILY_SHAPES[shape])
         model_cls = getattr(transformers, fields.pop("architecture"))
-        config = model_cls.config_class(**fields)
-    if layers is not None:
-        config.num_hidden_layers = layers
+    if layers is not None:  # (given to the config, which derives its per-layer lists from it: gpt-oss's layer_types)
+        fields["num_hidden_layers"] = layers
+        if "layer_types" in fields:
+            fields["layer_types"] = fields["layer_types"][:layers]
+    config = model_cls.config_class(**fields)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

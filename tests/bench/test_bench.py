@@ -490,7 +490,8 @@ def test_calib_size_sets_the_quantized_systems_calibration(tiny_synthetic, tmp_p
 
 def test_synthetic_layers_keep_a_shapes_first_layers(tiny_synthetic, tmp_path, capsys):
     """--synthetic-layers N: a shape too big for the GPU or its disk (Qwen3-30B-A3B's 61 GB) keeps its first N
-    layers, the rest of the shape as it is; without --synthetic, or below 1, it is refused."""
+    layers (and its per-layer lists' first N), the rest of the shape as it is; without --synthetic, or below 1, it is
+    refused."""
     import torch
 
     from kiln.bench.offline import synthetic_hf_model
@@ -498,6 +499,10 @@ def test_synthetic_layers_keep_a_shapes_first_layers(tiny_synthetic, tmp_path, c
     model = synthetic_hf_model("qwen3-30b-a3b", torch.float32, torch.device("meta"), layers=2)
     assert model.config.num_hidden_layers == len(model.model.layers) == 2
     assert (model.config.num_experts, model.config.hidden_size) == (128, 2048)
+    # a config with a list a layer keeps its first N too (gpt-oss's alternating windows): saved, it validates
+    model = synthetic_hf_model("gpt-oss-20b", torch.float32, torch.device("meta"), layers=3)
+    assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    model.config.save_pretrained(tmp_path / "gpt-oss")
     workloads = tmp_path / "workloads.json"
     workloads.write_text(json.dumps([{"name": "one", "num_requests": 1, "input_len": 16, "output_len": 2}]))
     assert main(["bench", "--synthetic", "tiny-test", "--synthetic-layers", "1", "--workload-file", str(workloads),
