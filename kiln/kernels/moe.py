@@ -712,12 +712,20 @@ if triton is not None:
             a_ptrs += BLOCK_K * a_s1
             b_ptrs += BLOCK_K // SUB_K * SUB_ROWS * b_sk
             bg_ptrs += BLOCK_K // SUB_K * SUB_ROWS * bg_sk
-        acc, acc_g = tl.sum(acc, axis=0), tl.sum(acc_g, axis=0)
+        _store_pair(tl.sum(acc, axis=0), tl.sum(acc_g, axis=0), pair, expert, cols, col_ok, out_ptrs, w_ptr, bias_ptr,
+                    bias_g_ptr, bias_se, limit, GATED, ACT, WEIGHTED, HAS_BIAS, CLAMP)
+
+    @triton.jit
+    def _store_pair(acc, acc_g, pair, expert, cols, col_ok, out_ptrs, w_ptr, bias_ptr, bias_g_ptr, bias_se, limit,
+                    GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    CLAMP: tl.constexpr):
+        """A pair GEMV's output columns from its float32 sums [BLOCK_N] (acc_g the gate's): the expert's biases,
+        then _epilogue (the routing weight of the pair at w_ptr), stored."""
         w = tl.load(w_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
         if HAS_BIAS:
             acc += _bias_row(bias_ptr, expert, bias_se, cols, col_ok)
             acc_g += _bias_row(bias_g_ptr, expert, bias_se, cols, col_ok)
-        y = _epilogue(acc, acc_g, w, limit, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED, CLAMP)
+        y = _epilogue(acc, acc_g, w, limit, out_ptrs.dtype.element_ty, GATED, ACT, WEIGHTED, CLAMP)
         tl.store(out_ptrs, y, mask=col_ok)
 
     @triton.jit
@@ -747,9 +755,5 @@ if triton is not None:
         acc, acc_g = w4_row_sums(a_ptr + (pair // A_ROWS_PER_TOKEN) * a_s0, w_ptr + expert * w_se + n0 * (K // 16),
                                  s_ptr + rows, z_ptr + rows, outs, gap, GATED, K, GROUP, HAS_ZERO,
                                  (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
-        w = tl.load(wt_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
-        if HAS_BIAS:
-            acc += _bias_row(bias_ptr, expert, bias_se, cols, col_ok)
-            acc_g += _bias_row(bias_g_ptr, expert, bias_se, cols, col_ok)
-        y = _epilogue(acc, acc_g, w, limit, out_ptr.dtype.element_ty, GATED, ACT, WEIGHTED, CLAMP)
-        tl.store(out_ptrs, y, mask=col_ok)
+        _store_pair(acc, acc_g, pair, expert, cols, col_ok, out_ptrs, wt_ptr, bias_ptr, bias_g_ptr, bias_se, limit,
+                    GATED, ACT, WEIGHTED, HAS_BIAS, CLAMP)
