@@ -41,6 +41,7 @@ sums: the tests bound the difference by 3 units of x's dtype in the last place o
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
+
+log = logging.getLogger("kiln")
 
 if triton is not None:
     from kiln.kernels.epilogue import silu_times
@@ -379,8 +382,18 @@ def _tuned_tile(key: tuple, tiles, run, rows, packed, scale, zero, group_size: i
         copies = _int4_weight_copies(packed, scale, zero)
         ms = candidate_ms(list(tiles), lambda t: [
             functools.partial(run, rows, *w, group_size, y, t) for w in copies])
-        _PICKED[key] = min(ms, key=ms.get)
+        _PICKED[key] = _logged_pick(("int4", *key), ms)
     return _PICKED.get(key, tiles[0])
+
+
+def _logged_pick(key: tuple, ms: dict) -> tuple | None:
+    """The fastest of the timed candidates {tile: ms}, logged with the next two (what a run's output needs to say
+    which kernel each shape took: tiles win or lose by a few percent between GPUs)."""
+    ranked = sorted(ms, key=ms.get)
+    named = {None: "the full-precision GEMV"}  # (the int8 GEMV's other kind)
+    log.info("tuned %s: %s", " ".join(map(str, key)),
+             "; ".join(f"{named.get(t, t)} {ms[t] * 1e3:.1f} us" for t in ranked[:3]))
+    return ranked[0]
 
 
 def _int4_weight_copies(packed, scale, zero) -> list[tuple]:
@@ -459,7 +472,7 @@ def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
         ms = candidate_ms([None, *W8_GEMV_TILES], lambda tile: [
             functools.partial(_run_w8_gemv, rows, w, s, y, tile) for w, s in weight_copies(words, scale)])
-        _W8_PICKED[key] = min(ms, key=ms.get)
+        _W8_PICKED[key] = _logged_pick(("int8 gemv", *key[:3]), ms)
     return _run_w8_gemv(rows, words, scale, y, _W8_PICKED.get(key, W8_GEMV_TILES[0]))
 
 
