@@ -1,8 +1,8 @@
 """Decode by pair's GEMV tiles on an NVIDIA GPU, Qwen3-30B-A3B's experts at batch 1 (128 experts of 768, top 8,
 hidden 2048): fc_gate (gated, 2,048 inputs) and proj (weighted by the routing, 768 inputs), in bf16, W8A16 (int8
 codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.pair_tile's, the
-tile kiln runs; for W4A16 also the GEMV on words of codes, which kiln runs in the engine's fused fc_gate layout, every
-tile of WORD_TILES. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
+tile kiln runs; for W4A16 and W8A16 also the GEMV on words of codes, which kiln runs in the engine's fused fc_gate
+layout, every tile of WORD_TILES. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
 
 Timed as the engine's tuners time kernels (CUDA-graph replay, kiln.kernels.gemv.graph_ms_per_call), each call
 routed to its own 8 experts of 16 random choices, so the weights stream from memory as in a decode step; us per
@@ -28,7 +28,9 @@ TILES = [(16, 128, 4), (8, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (3
          (32, 64, 4), (8, 256, 2), (16, 128, 8), (64, 64, 8), (8, 128, 8), (4, 128, 4), (8, 64, 4),
          (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (4, 512, 4), (8, 1024, 8)]
 
-# int4 experts on words: (outputs a program, int64 words of 16 codes a step, warps); fc's rows are 128 words, proj's 48
+# int4 and int8 experts on words: (outputs a program, int64 words a step, warps); fc's rows are 128 words of int4
+# codes (256 of int8), proj's 48 (96)
+WORD_FORMATS = {"W4A16": "int4", "W8A16": "int8"}
 WORD_TILES = [(4, 128, 4), (2, 128, 4), (8, 128, 4), (8, 128, 8), (4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 64, 2),
               (8, 32, 4), (16, 32, 4), (16, 16, 4), (32, 16, 4)]
 
@@ -91,8 +93,8 @@ def main() -> None:
                 mark = " (kiln's)" if tile == kilns else ""
                 print(f"{fmt:6} {name:8} tile {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s)"
                       f"{'' if ok else '  OUTPUT DIFFERS'}")
-            if fmt == "W4A16":
-                words_sweep(name, run, out, want, nbytes, routings)
+            if fmt in WORD_FORMATS:
+                words_sweep(fmt, name, run, out, want, nbytes, routings)
         for by_pair in (True, False):
             calls = [functools.partial(moe.fused_moe, x, fc, gate, proj, r, weights, 0, "silu", by_pair)
                      for r in routings]
@@ -101,14 +103,14 @@ def main() -> None:
             print(f"{fmt:6} whole MoE {'by pair' if by_pair else 'grouped'}: {t * 1e3:6.1f} us")
 
 
-def words_sweep(name: str, run, out, want, nbytes: int, routings) -> None:
-    """int4 experts on words of codes (kiln.kernels.moe._pair_w4_words_kernel, what kiln runs where the layout
+def words_sweep(fmt: str, name: str, run, out, want, nbytes: int, routings) -> None:
+    """int4 or int8 experts on words of codes (kiln.kernels.moe._pair_words_kernel, what kiln runs where the layout
     allows): each tile of WORD_TILES as PAIR_WORD_TILE's, against the tile kernel's output `want`."""
-    kind = "gated" if name == "fc_gate" else "plain"
-    kilns = moe.PAIR_WORD_TILE[kind]
+    key = ("gated" if name == "fc_gate" else "plain", WORD_FORMATS[fmt])
+    kilns = moe.PAIR_WORD_TILE[key]
 
     def run_words(tile, r):
-        moe.PAIR_WORD_TILE[kind] = tile
+        moe.PAIR_WORD_TILE[key] = tile
         run(None, r)
 
     ms = candidate_ms(WORD_TILES, lambda tile: [functools.partial(run_words, tile, r) for r in routings])
@@ -119,9 +121,9 @@ def words_sweep(name: str, run, out, want, nbytes: int, routings) -> None:
         err = (out.float() - want.float()).abs().max().item()
         ok = err <= 2 * 2 ** -7 * want.float().abs().max().item()
         mark = " (kiln's)" if tile == kilns else ""
-        print(f"W4A16  {name:8} words {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s), max diff "
+        print(f"{fmt:6} {name:8} words {tile}{mark}: {t * 1e3:6.1f} us ({nbytes / t / 1e9:.2f} TB/s), max diff "
               f"{err:.2g}{'' if ok else '  OUTPUT DIFFERS'}")
-    moe.PAIR_WORD_TILE[kind] = kilns
+    moe.PAIR_WORD_TILE[key] = kilns
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
-    from kiln.kernels.words import gemv_program, w4_row_sums
+    from kiln.kernels.words import gemv_program, w4_row_sums, w8_row_sums
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4, "relu2": 5}  # the kernel's constexpr
 
@@ -378,23 +378,26 @@ def pair_tile(gated: bool, codes: int) -> tuple[int, int, int]:
     return PAIR_TILE["gated" if gated else "plain", _FORMAT_OF_CODES[codes]]
 
 
-# int4 experts' GEMV a pair on words of codes (_pair_w4_words_kernel), by pass: (outputs a program, int64 words of 16
-# codes a step, warps), as kiln.kernels.quant_gemm's W4_GEMV_TILES. The fastest of twelve on Qwen3-30B-A3B's experts
-# on an H100 (fortieth session, scripts/bench_moe_pair_gemv.py): fc_gate 7.2 us (1.79 TB/s; the tile kernel 28.0),
-# proj 5.0 (the tile kernel 9.5); the whole MoE by pair 15.8 us against bf16's 33.8.
-PAIR_WORD_TILE = {"gated": (4, 64, 2), "plain": (16, 64, 4)}
-# Whether int4 experts go by words where their layout allows (_pair_w4_words_args); off, the tile kernel: the A/B
-PAIR_INT4_WORDS = os.environ.get("KILN_MOE_INT4_WORDS", "1") != "0"
+# int4 and int8 experts' GEMV a pair on words of codes (_pair_words_kernel), by pass and format: (outputs a program,
+# int64 words a step, warps), as kiln.kernels.quant_gemm's GEMV tiles. int4's are the fastest of twelve on
+# Qwen3-30B-A3B's experts on an H100 (fortieth session, scripts/bench_moe_pair_gemv.py): fc_gate 7.2 us (1.79 TB/s;
+# the tile kernel 28.0), proj 5.0 (the tile kernel 9.5); the whole MoE by pair 15.8 us against bf16's 33.8. int8's
+# (8 codes a word) are int4's, untimed.
+PAIR_WORD_TILE = {("gated", "int4"): (4, 64, 2), ("plain", "int4"): (16, 64, 4),
+                  ("gated", "int8"): (4, 64, 2), ("plain", "int8"): (16, 64, 4)}
+# Whether int4 and int8 experts go by words where their layout allows (_pair_words_args); off, the tile kernel (A/B)
+PAIR_WORDS = os.environ.get("KILN_MOE_WORDS", "1") != "0"
+_WORD_FORMATS = {torch.uint8: ("int4", 16, 2), torch.int8: ("int8", 8, 1)}  # codes -> (format, codes a word, CODES)
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
                tile: tuple[int, int, int] | None = None, bias: tuple = (None, None), limit: float | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
     as _grouped_gemm computes it for a held pair (bias and limit too); a pair whose expert is not held here gets
-    zeros. tile: pair_tile's unless given. int4 experts go by words where they can (_pair_w4_words)."""
-    words = _pair_w4_words_args(a, b, b_gate) if PAIR_INT4_WORDS and tile is None else None
+    zeros. tile: pair_tile's unless given. int4 and int8 experts go by words where they can (_pair_words)."""
+    words = _pair_words_args(a, b, b_gate) if PAIR_WORDS and tile is None else None
     if words is not None:
-        _pair_w4_words(a, out, weights, experts, first_expert, a_rows_per_token, act, bias, limit, *words)
+        _pair_words(a, out, weights, experts, first_expert, a_rows_per_token, act, bias, limit, *words)
         return
     op = _WeightArgs.of(a, b, b_gate)
     block_n, block_k, warps = tile or pair_tile(b_gate is not None, op.constexprs["CODES"])
@@ -409,25 +412,29 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
         **pdl_args(a.device))
 
 
-def _pair_w4_words_args(a: torch.Tensor, b, b_gate) -> tuple | None:
-    """(codes as int64 words, scale, zero, group, rows from b's to b_gate's, tile) where int4 experts' GEMV can read
-    words (kiln.kernels.words.w4_row_sums): 16-bit activations in contiguous rows, codes that read as words, and
-    b_gate's tensors each the same rows further on in b's (the engine's fused fc_gate); else None."""
-    if not (isinstance(b, ExpertCodes) and b.int4 and a.dtype in (torch.float16, torch.bfloat16) and a.stride(1) == 1):
+def _pair_words_args(a: torch.Tensor, b, b_gate) -> tuple | None:
+    """(codes as int64 words, scale, zero, group, rows from b's to b_gate's, tile, CODES) where int4 or int8 experts'
+    GEMV can read words (kiln.kernels.words' row sums): 16-bit activations in contiguous rows, codes that read as
+    words, and b_gate's tensors each the same rows further on in b's (the engine's fused fc_gate); else None."""
+    sixteen_bit = a.dtype in (torch.float16, torch.bfloat16)
+    if not (isinstance(b, ExpertCodes) and b.codes.dtype in _WORD_FORMATS and sixteen_bit and a.stride(1) == 1):
         return None
-    group, tile = b.group or b.shape[2], PAIR_WORD_TILE["plain" if b_gate is None else "gated"]
+    fmt, per_word, codes = _WORD_FORMATS[b.codes.dtype]
+    group, tile = b.group or b.shape[2], PAIR_WORD_TILE["plain" if b_gate is None else "gated", fmt]
     gap = 0 if b_gate is None else _rows_apart(b, b_gate)
-    if not _reads_as_words(b, group, tile[1]) or gap is None or (b_gate is not None and gap < b.shape[1]):
+    if not _reads_as_words(b, per_word, group, tile[1]) or gap is None or (b_gate is not None and gap < b.shape[1]):
         return None
-    return b.codes.view(torch.int64), b.scale, b.zero, group, gap, tile
+    return b.codes.view(torch.int64), b.scale, b.zero, group, gap, tile, codes
 
 
-def _reads_as_words(b: ExpertCodes, group: int, block_kw: int) -> bool:
-    """Whether int4 experts' codes read as aligned int64 words, a step of block_kw words holding whole groups, with
-    scales and zeros [local, out, groups] in contiguous rows."""
+def _reads_as_words(b: ExpertCodes, per_word: int, group: int, block_kw: int) -> bool:
+    """Whether experts' codes read as aligned int64 words of per_word codes, with scales and zeros [local, out,
+    groups] in contiguous rows: int4's a step of block_kw words holding whole groups, int8's one scale a row."""
     k, groups = b.shape[2], b.scale.shape[2]
-    return (k % 16 == 0 and group % 16 == 0 and block_kw % (group // 16) == 0 and groups == -(-k // group)
-            and b.codes.data_ptr() % 8 == 0 and b.codes.stride(0) % 8 == 0 and b.codes.stride()[1:] == (k // 2, 1)
+    row_bytes = k // 2 if b.int4 else k
+    grouped = group % per_word == 0 and block_kw % (group // per_word) == 0 if b.int4 else groups == 1
+    return (k % per_word == 0 and grouped and groups == -(-k // group)
+            and b.codes.data_ptr() % 8 == 0 and b.codes.stride(0) % 8 == 0 and b.codes.stride()[1:] == (row_bytes, 1)
             and b.scale.stride()[1:] == (groups, 1) and (b.zero is None or b.zero.stride() == b.scale.stride()))
 
 
@@ -443,20 +450,21 @@ def _rows_apart(b: ExpertCodes, b_gate: ExpertCodes) -> int | None:
     return gap if same else None
 
 
-def _pair_w4_words(a, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int, bias: tuple,
-                   limit: float | None, words, scale, zero, group: int, gap: int, tile: tuple[int, int, int]) -> None:
-    """_pair_gemv for int4 experts on words of codes (_pair_w4_words_kernel); gap: rows from fc's to the gate's
-    (0: no gate)."""
+def _pair_words(a, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int, bias: tuple,
+                limit: float | None, words, scale, zero, group: int, gap: int, tile: tuple[int, int, int],
+                codes: int) -> None:
+    """_pair_gemv for int4 or int8 experts on words of codes (_pair_words_kernel); gap: rows from fc's to the
+    gate's (0: no gate)."""
     local, n = words.shape[0], words.shape[1]
     block_n, block_kw, warps = tile
-    _pair_w4_words_kernel[(experts.numel(), triton.cdiv(n, block_n), 1)](
+    _pair_words_kernel[(experts.numel(), triton.cdiv(n, block_n), 1)](
         a, words, scale, zero if zero is not None else scale, out, weights if weights is not None else a, experts,
         *_bias_args(bias, a), first_expert, local, n, gap, a.stride(0), words.stride(0), scale.stride(0),
         out.stride(0), _bias_stride(bias), limit or 0.0,
-        K=words.shape[2] * 16, A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gap > 0, ACT=act,
-        WEIGHTED=weights is not None, GROUP=group, HAS_ZERO=zero is not None, HAS_BIAS=bias[0] is not None,
-        CLAMP=limit is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps,
-        **pdl_args(a.device))
+        K=words.shape[2] * (16 if codes == 2 else 8), A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gap > 0, ACT=act,
+        WEIGHTED=weights is not None, CODES=codes, GROUP=group, HAS_ZERO=zero is not None,
+        HAS_BIAS=bias[0] is not None, CLAMP=limit is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
+        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(a.device))
 
 
 if triton is not None:
@@ -729,17 +737,17 @@ if triton is not None:
         tl.store(out_ptrs, y, mask=col_ok)
 
     @triton.jit
-    def _pair_w4_words_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, wt_ptr, experts_ptr, bias_ptr, bias_g_ptr,
-                              first_expert, num_local, N, gap, a_s0, w_se, s_se, out_s0, bias_se, limit,
-                              K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr,
-                              ACT: tl.constexpr, WEIGHTED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, EVEN_N: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
-        # _pair_gemv_kernel for int4 experts, their codes read as int64 words of 16 by the dense int4 GEMV's sums
-        # (kiln.kernels.words.w4_row_sums: an AND and an FMA a weight, the scale and zero once a word), on the rows
-        # of the pair's expert; the gate's rows are `gap` rows on. The tile kernel's unpacking cost 16 instructions
-        # a weight (sm_90 code, 261 a step of 16 weights a thread) and streamed the fc GEMV at 0.56 TB/s on an H100
-        # (thirty-eighth session). Program (pair, j, 0) as gemv_program numbers them.
+    def _pair_words_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, wt_ptr, experts_ptr, bias_ptr, bias_g_ptr,
+                           first_expert, num_local, N, gap, a_s0, w_se, s_se, out_s0, bias_se, limit,
+                           K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                           WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+        # _pair_gemv_kernel for int4 (CODES 2) or int8 (1) experts, their codes read as int64 words by the dense
+        # GEMVs' row sums (kiln.kernels.words: an AND and an FMA a weight, the scale once a word or a row), on the
+        # rows of the pair's expert; the gate's rows are `gap` rows on. The tile kernel's unpacking cost 16
+        # instructions a weight for int4 (sm_90 code, 261 a step of 16 weights a thread) and streamed the fc GEMV at
+        # 0.56 TB/s on an H100 (thirty-eighth session). Program (pair, j, 0) as gemv_program numbers them.
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)  # which expert's weights to read comes from the routing
         G: tl.constexpr = (K + GROUP - 1) // GROUP
@@ -751,9 +759,14 @@ if triton is not None:
         if (expert < 0) | (expert >= num_local):  # another rank's expert: this rank adds nothing
             tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=col_ok)
             return
+        x_row = a_ptr + (pair // A_ROWS_PER_TOKEN) * a_s0
         rows = expert * s_se + n0 * G  # (scales and zeros alike)
-        acc, acc_g = w4_row_sums(a_ptr + (pair // A_ROWS_PER_TOKEN) * a_s0, w_ptr + expert * w_se + n0 * (K // 16),
-                                 s_ptr + rows, z_ptr + rows, outs, gap, GATED, K, GROUP, HAS_ZERO,
-                                 (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        if CODES == 2:
+            acc, acc_g = w4_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 16), s_ptr + rows, z_ptr + rows,
+                                     outs, gap, GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N,
+                                     BLOCK_KW, USE_PDL)
+        else:
+            acc, acc_g = w8_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 8), s_ptr + rows, outs, gap, GATED,
+                                     K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         _store_pair(acc, acc_g, pair, expert, cols, col_ok, out_ptrs, wt_ptr, bias_ptr, bias_g_ptr, bias_se, limit,
                     GATED, ACT, WEIGHTED, HAS_BIAS, CLAMP)

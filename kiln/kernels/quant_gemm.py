@@ -76,7 +76,7 @@ log = logging.getLogger("kiln")
 if triton is not None:
     from kiln.kernels.epilogue import silu_times
     from kiln.kernels.gemv import fp8_word_row_sums
-    from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+    from kiln.kernels.pdl import allow_dependents
     from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
 
 # Rows of x up to which the GEMVs run (kiln.kernels.gemv's limit, shared by the int8 path): on the H200 the int4
@@ -500,9 +500,8 @@ def _launch(kernel, grid, args, **meta) -> None:
 
 
 if triton is not None:
-    from kiln.kernels.words import SHIFT_EXP, SYMMETRIC_ZERO, gemv_program, load_step, split8, sum8, w4_row_sums
+    from kiln.kernels.words import SYMMETRIC_ZERO, gemv_program, w4_row_sums, w8_row_sums
 
-    BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
     # (BLOCK_N, SPLIT, warps, stages, WEIGHTS_LEFT, X_AS_IS) of the int4 GEMM, BLOCK_M from the rows
     # (_w4_gemm_tiles, which adds the X_AS_IS twin of each tile up to 128 wide: wider ones spill registers).
     # Split-K for the shapes with few output tiles (4096 outputs are 32 tiles of 128 on a GPU of 132 SMs). The last
@@ -542,52 +541,14 @@ if triton is not None:
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
                         EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int64
-        words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8
-        bytes of an output's codes and the 8 columns of x they multiply (16 bytes), as the int4 GEMV loads a word of
-        16 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte the unsigned code u = q + 128
-        (one instruction a half), and the int4 GEMV's trick (w4_row_sums) turns it into a float: bytes 0 and 1
-        masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits, are the
-        subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA, where the
-        full-precision GEMV (kiln.kernels.gemv) converts each code apart. The sums carry 2^-SHIFT_EXP until the
-        end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32. The first step's weights
-        are requested before the wait for x (kiln.kernels.pdl)."""
+        words of 8 (kiln.kernels.words.w8_row_sums: one AND and one FMA a weight, where the full-precision GEMV,
+        kiln.kernels.gemv, converts each code apart)."""
         allow_dependents(USE_PDL)
-        KW: tl.constexpr = K // 8  # words per row
-        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
-        w_row = w_ptr + n0.to(tl.int64) * KW
-        x_row = x_ptr + m * stride_xm
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        x_sums = tl.zeros([BLOCK_KW], tl.float32)
-        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
-        wait_for_inputs(USE_PDL)
-        for k0 in range(0, KW, BLOCK_KW):
-            ok = (k0 + first < KW)[:, None]
-            if k0 > 0:
-                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
-            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            xs = split8(load_step(x_p, ok, EVEN_K).to(tl.float32))
-            x_sums += sum8(xs)
-            # (a word past the row's end reads 0: codes 128 times x's 0 there)
-            acc = _byte_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3])  # (the low half: truncation)
-            acc = _byte_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7])
-        sums = tl.sum(acc, axis=0) - tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
-        y = sums * (2.0 ** SHIFT_EXP) * tl.load(s_ptr + n0 + outs).to(tl.float32)
+        y, _ = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8), s_ptr + n0, outs, 0, False, K,
+                           (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         out = n0 + tl.arange(0, BLOCK_N)
         tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
-
-    @triton.jit
-    def _byte_sums(acc, half, x0, x1, x2, x3):
-        """acc plus each 32-bit half's sum_j u_j x_j 2^-SHIFT_EXP: half [k, n] holds 4 int8 codes, x0..x3 [k] the
-        columns of x they multiply."""
-        u = half ^ BYTE_SIGNS
-        high = u >> 16
-        acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0 ** (149 - SHIFT_EXP))[:, None]
-        acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (141 - SHIFT_EXP))[:, None]
-        acc += (high & 0xFF).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (149 - SHIFT_EXP))[:, None]
-        acc += (high & 0xFF00).to(tl.float32, bitcast=True) * (x3 * 2.0 ** (141 - SHIFT_EXP))[:, None]
-        return acc
 
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,

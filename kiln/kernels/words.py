@@ -19,6 +19,7 @@ if triton is not None:
     # The int4 and int8 word GEMVs keep their sums at 2^-SHIFT_EXP of their value (w4_row_sums): x scaled by up to
     # 2^80 stays finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
+    BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
 
     @triton.jit
     def halves(x):
@@ -169,3 +170,67 @@ if triton is not None:
         if PAIRED:
             y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
         return y, y_paired
+
+    @triton.jit
+    def w8_row_sums(x_row, w_row, s_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+        """The int8 GEMV's outputs, float32 [BLOCK_N]: x (at x_row) times rows `outs` of int8 codes from w_row, each
+        times its row's scale (at s_row + the row), and with PAIRED also the rows `gap` further on (the same x read
+        once for both): (y, y of the paired rows; y again without PAIRED). Requests the first step's weights, then
+        waits for x (kiln.kernels.pdl)."""
+        # Codes read as int64 words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits
+        # 8j..8j+7: each thread loads 8 bytes of an output's codes and the 8 columns of x they multiply (16 bytes),
+        # as w4_row_sums loads a word of 16 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte
+        # the unsigned code u = q + 128 (one instruction a half), and w4_row_sums' trick turns it into a float:
+        # bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits,
+        # are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA. The sums carry
+        # 2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32.
+        KW: tl.constexpr = K // 8  # words per row
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        x_sums = tl.zeros([BLOCK_KW], tl.float32)
+        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        if PAIRED:
+            wp_row = w_row + gap * KW
+            acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+            wp = load_step(wp_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        wait_for_inputs(USE_PDL)
+        for k0 in range(0, KW, BLOCK_KW):
+            ok = (k0 + first < KW)[:, None]
+            if k0 > 0:
+                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                if PAIRED:
+                    wp = load_step(wp_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            xs = split8(load_step(x_p, ok, EVEN_K).to(tl.float32))
+            x_sums += sum8(xs)
+            # (a word past the row's end reads 0: codes 128 times x's 0 there)
+            acc = _word_byte_sums(acc, w, xs)
+            if PAIRED:
+                acc_paired = _word_byte_sums(acc_paired, wp, xs)
+        x_total = tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
+        y = (tl.sum(acc, axis=0) - x_total) * (2.0 ** SHIFT_EXP) * tl.load(s_row + outs).to(tl.float32)
+        y_paired = y
+        if PAIRED:
+            y_paired = (tl.sum(acc_paired, axis=0) - x_total) * (2.0 ** SHIFT_EXP) * tl.load(
+                s_row + gap + outs).to(tl.float32)
+        return y, y_paired
+
+    @triton.jit
+    def _word_byte_sums(acc, w, xs):
+        """acc plus each int64 word's sum_j u_j x_j 2^-SHIFT_EXP: w [k, n] words of 8 int8 codes, xs (split8) the 8
+        columns of x they multiply."""
+        acc = _byte_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3])  # (the low half: truncation)
+        return _byte_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7])
+
+    @triton.jit
+    def _byte_sums(acc, half, x0, x1, x2, x3):
+        """acc plus each 32-bit half's sum_j u_j x_j 2^-SHIFT_EXP: half [k, n] holds 4 int8 codes, x0..x3 [k] the
+        columns of x they multiply."""
+        u = half ^ BYTE_SIGNS
+        high = u >> 16
+        acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+        acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+        acc += (high & 0xFF).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (149 - SHIFT_EXP))[:, None]
+        acc += (high & 0xFF00).to(tl.float32, bitcast=True) * (x3 * 2.0 ** (141 - SHIFT_EXP))[:, None]
+        return acc

@@ -174,12 +174,13 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:])  # (16-bit activations: the words' scaling assumes them)
-@pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64_zp"])
+@pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64_zp", "int8"])
 @pytest.mark.parametrize("tokens,first,num_local", [(1, 0, 8), (2, 2, 3)])  # (expert parallelism: pairs not held)
-def test_int4_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first, num_local):
-    """int4 experts held as the engine holds them (fc and gate halves of one fused tensor on the device) go by
-    words of codes (_pair_w4_words_kernel), gated and plain; their output matches the reference and the tile
-    kernel's, which the words replace (KILN_MOE_INT4_WORDS=0). Separate fc and gate tensors keep the tile kernel."""
+def test_int4_and_int8_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first,
+                                                                       num_local):
+    """int4 and int8 experts held as the engine holds them (fc and gate halves of one fused tensor on the device)
+    go by words of codes (_pair_words_kernel), gated and plain; their output matches the reference and the tile
+    kernel's, which the words replace (KILN_MOE_WORDS=0). Separate fc and gate tensors keep the tile kernel."""
     from kiln.kernels import moe
 
     experts, weights = routing(tokens, 8, 2, seed=11)
@@ -191,12 +192,12 @@ def test_int4_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype
     proj_q = ExpertCodes(*(None if t is None else t.to(DEVICE) for t in (proj_q.codes, proj_q.scale, proj_q.zero)),
                          proj_q.group)
     x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
-    assert moe._pair_w4_words_args(x, fc_q, gate_q) is not None
-    assert moe._pair_w4_words_args(x, proj_q, None) is not None
-    assert moe._pair_w4_words_args(x, *(expert_codes(w, fmt, dtype) for w in (fc, gate))) is None  # (two tensors)
+    assert moe._pair_words_args(x, fc_q, gate_q) is not None
+    assert moe._pair_words_args(x, proj_q, None) is not None
+    assert moe._pair_words_args(x, *(expert_codes(w, fmt, dtype) for w in (fc, gate))) is None  # (two tensors)
     args = [x, fc_q, gate_q, proj_q, experts.to(DEVICE), weights.to(dtype).to(DEVICE), first, "silu"]
     by_words = fused_moe(*args, by_pair=True)
-    monkeypatch.setattr(moe, "PAIR_INT4_WORDS", False)
+    monkeypatch.setattr(moe, "PAIR_WORDS", False)
     by_tiles = fused_moe(*args, by_pair=True)
     want = fused_moe_ref(*args)
     assert_within_ulps(by_words, want, dtype)
