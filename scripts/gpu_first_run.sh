@@ -50,24 +50,24 @@
 #   for the MoE engine after them (s37 before: bf16 49% of the roofline, W4A16 28%, H200).
 # - moe-profile: decode by pair's GEMV tiles timed on Qwen3-30B-A3B's experts (scripts/bench_moe_pair_gemv.py: set
 #   kiln.kernels.moe.PAIR_TILE to a clear winner), then 4 of its layers, bf16 and W4A16, batch-1 decode under
-#   torch.profiler: its kernels by GPU time (about 5 minutes). Thirty-ninth session, not yet run on a GPU: the pair
-#   GEMV sums across threads once at the end, no longer every step (360 -> 129 instructions a step in bf16, 359 ->
-#   261 in int4, sm_90 code): PAIR_TILE came from the old kernel, so sweep again, then `moe` for the engines.
+#   torch.profiler: its kernels by GPU time (about 5 minutes). Fortieth session, H100: int4 and int8 experts now go
+#   by words of codes (PAIR_WORD_TILE, swept; the whole MoE by pair 15.4 us in W4A16, 22.2 in W8A16, 33.1 in bf16);
+#   the tile kernel's PAIR_TILE (bf16 and FP8 experts) was swept again (two runs agreed; bf16's whole MoE about 4 us
+#   faster, untimed in an engine): next, `moe` for the engines.
 # - mla: the latent cache's kernel tests (576-wide rows, 16 and 128 query heads, 1-byte codes read as pairs: new in
 #   the thirty-eighth session, the codes not yet run on a GPU) and DeepSeek-V3's greedy tokens on the GPU, then
 #   13 of DeepSeek-V2-Lite's 27 layers (latent attention, 64 experts), batch-1 decode and batch 64 with the bf16
 #   and the FP8 latent cache (about 5 minutes; s38 and s39, all 27 layers, bf16 latent cache: 243.4 and 245.9 tok/s,
 #   44% of the roofline). All 27 layers (31 GB) with the FP8 cache filled the 64 GB disk in s39: the source, the
 #   calibrated checkpoint and its engine are each the model's size.
-# - fp8-words (thirty-ninth session, not yet run on a GPU): the e4m3 GEMV on int64 words of codes (the int8 GEMV's
-#   layout; the tuner times it beside the CUDA-core and MMA kernels per shape and logs each kind's best) and, where
-#   it wins fc_gate, SiLU-and-mul and down's e4m3 input as its epilogue (and rotary with the cache write where it
-#   wins the fused QKV): the tests (kernels against the emulated
-#   GEMM and the separate kernels, an FP8 engine's tokens with the epilogue on and off), then FP8 with an FP8 lm_head
-#   beside bf16, batch-1 decode (s35 on an H100: 306.0 against 187.5 tok/s, 1.63x; issue
-#   5 wants 1.7x). About 5 minutes; the tuner's log lines say which kernel each shape took, and each kind's best.
+# - fp8-words (thirty-ninth session): the e4m3 GEMV on int64 words of codes (the tuner times it beside the CUDA-core
+#   and MMA kernels per shape and logs each kind's best) and, where it wins fc_gate, SiLU-and-mul and down's e4m3
+#   input as its epilogue (and rotary with the cache write where it wins the fused QKV): the tests, then FP8 with an
+#   FP8 lm_head beside bf16, batch-1 decode. Fortieth session, H100: 25 pass, the words won every shape, 321.2
+#   against 188.7 tok/s (1.70x). About 4 minutes.
 # - gpt-oss: gpt-oss-20b's shapes, 12 of 24 layers (sinks, alternating windows, 32 experts with biases), batch-1
-#   decode and batch 64 (about 4 minutes; never run).
+#   decode and batch 64 (about 4 minutes; never run: the fortieth session's try met transformers refusing 12 layers
+#   with 24 layer_types, since fixed in kiln.bench.offline.synthetic_hf_model).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's

@@ -363,13 +363,15 @@ def _bias_stride(bias: tuple) -> int:
 
 # the GEMV's tiles, (outputs a program, inputs a step, warps), by pass (the gated fc: two weights a program; the
 # plain proj) and weight format. A step may span several of a grouped format's groups: the kernel reads them one
-# after the other within the step, so one step keeps as many bytes in flight as a float step of the same width
-# (the thirty-eighth session's int4 and int8 fc GEMVs streamed 0.56 and 1.11 TB/s at 128 inputs a step, bf16 2.2,
-# each 16 dependent steps). scripts/bench_moe_pair_gemv.py times the others. These won on an H100 for bf16, int8
-# and int4 experts alike before steps spanned groups (thirty-eighth session: fc 25-45 -> 22-23 us, proj 10-12 ->
-# 10-11); each format's row is its own so that a sweep can move one.
-PAIR_TILE = {(kind, fmt): tile for kind, tile in (("gated", (8, 128, 4)), ("plain", (16, 128, 8)))
-             for fmt in ("float", "byte", "int4")}
+# after the other within the step, so one step keeps as many bytes in flight as a float step of the same width.
+# Each the fastest of twenty on Qwen3-30B-A3B's experts on an H100, the same in two runs (fortieth session,
+# scripts/bench_moe_pair_gemv.py, after the thirty-ninth session's one sum across threads): bf16 fc_gate 18.3-18.8
+# us (the thirty-eighth session's (8, 128, 4): 21.7-21.8), proj 9.4-9.5 (10.7-10.8); int8 codes 17.2 (26.6) and
+# 8.8 (10.7); int4 17.2 (28.0) and 9.0 (9.5). e4m3 codes take int8's tiles (the same loads, another conversion).
+# int4 and int8 experts in the engine's layout take the words kernel instead (PAIR_WORD_TILE).
+PAIR_TILE = {("gated", "float"): (16, 256, 8), ("plain", "float"): (8, 128, 8),
+             ("gated", "byte"): (4, 512, 4), ("plain", "byte"): (8, 256, 4),
+             ("gated", "int4"): (8, 1024, 8), ("plain", "int4"): (8, 128, 8)}
 _FORMAT_OF_CODES = {0: "float", 1: "byte", 2: "int4"}  # _CODES's values -> PAIR_TILE's formats
 
 
