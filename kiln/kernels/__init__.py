@@ -9,7 +9,7 @@
 | `fp8_quant` | `quantize_fp8_rows` | `quantize_fp8_rows_ref` | activations to e4m3, per-token or static scale |
 | `paged_attention` | `paged_decode_attention` | `paged_decode_attention_ref` | decode attention over a paged KV cache (split-K; int8 / fp8 codes with `kv_scale`) |
 | `paged_attention` | `varlen_prefill_attention` | `varlen_prefill_attention_ref` | causal flash attention over packed sequences |
-| `moe` | `fused_moe` | `fused_moe_ref` | MoE experts: sort by expert, two grouped GEMMs (gated act fused), no host sync |
+| `moe` | `fused_moe` | `fused_moe_ref` | MoE experts: sort by expert, two grouped GEMMs (gated act fused), no host sync; decode's few tokens one GEMV a (token, expert) pair, int4 and int8 experts on words of codes |
 | `gemv` | `gemv`, `scaled_gemv` | `gemv_ref`, `fp8_gemm_emulated` (quantization.fp8) | decode's one or two rows: one read of the weights (e4m3 as codes, as int64 words of codes or on the tensor cores, the fastest) |
 | `gemv` | `fp8_silu_and_mul_gemv` | the GEMV, `silu_and_mul_ref`, `InputQuant.quantize` | the FP8 fc_gate GEMV on words with SiLU-and-mul and the down projection's e4m3 input as its epilogue (1-2 rows) |
 | `quant_gemm` | `fp8_qkv_rotary_matmul` | the GEMV, `apply_rotary_and_write_cache_ref` | the FP8 fused QKV GEMV on words with rotary and the KV-cache write as its epilogue (1-2 rows) |

@@ -204,6 +204,35 @@ def test_int4_and_int8_experts_by_pair_read_words_in_the_engine_layout(monkeypat
     assert_within_ulps(by_tiles, want, dtype)
 
 
+def test_pair_words_take_only_experts_whose_codes_read_as_words():
+    """Which experts the words kernel takes (no GPU needed): int4 and int8 fc and gate as halves of one fused
+    tensor, proj alone, under 16-bit activations; not float32 activations, fc and gate apart, e4m3 codes, rows of
+    part of a word, or scales not in contiguous rows."""
+    from kiln.kernels import moe
+
+    fc, gate, proj = expert_weights(4, 64, 48, seed=12)
+    x16, x32 = torch.randn(1, 64).to(torch.bfloat16), torch.randn(1, 64)
+
+    def fused(fmt, fc=fc, gate=gate):
+        a, b = (expert_codes(w, fmt, torch.bfloat16) for w in (fc, gate))
+        return ExpertCodes(*(None if t is None else torch.cat([t, u], dim=1) for t, u in (
+            (a.codes, b.codes), (a.scale, b.scale), (a.zero, b.zero))), a.group).halves()
+
+    for fmt, codes in (("int4_g32", 2), ("int4_g64_zp", 2), ("int8", 1)):
+        words, *_, gap, tile, kind = moe._pair_words_args(x16, *fused(fmt))
+        assert (gap, kind, words.dtype) == (48, codes, torch.int64)
+        assert moe._pair_words_args(x16, expert_codes(proj, fmt, torch.bfloat16), None)[4] == 0
+        assert moe._pair_words_args(x32, *fused(fmt)) is None
+        assert moe._pair_words_args(x16, *(expert_codes(w, fmt, torch.bfloat16) for w in (fc, gate))) is None
+    assert moe._pair_words_args(x16, *fused("e4m3")) is None
+    narrow = [w[..., :56] for w in (fc, gate)]  # 56 inputs: 3.5 words of int4 codes, 7 of int8
+    assert moe._pair_words_args(x16[:, :56], *fused("int4_g32", *narrow)) is None
+    assert moe._pair_words_args(x16[:, :56], *fused("int8", *narrow)) is not None
+    fc_q, gate_q = fused("int4_g32")
+    strided = ExpertCodes(fc_q.codes, fc_q.scale[..., :1], None, 64)  # scales of every other group: not rows
+    assert moe._pair_words_args(x16, strided, None) is None
+
+
 @needs_kernel
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
 @pytest.mark.parametrize("by_pair", [False, True])
