@@ -15,7 +15,9 @@ The layout follows vLLM's fused_moe (moe_align_block_size + fused_moe_kernel); t
 Decode's few pairs skip the sort (`_fused_moe_by_pair`): one GEMV program per (pair, output tile) reads its
 expert from the routing. At batch 1 the grouped GEMMs had a row block per expert, so fc_gate's 2048-long rows ran
 in few programs, behind the sort's dozen small kernels: a 16-layer Qwen3-30B-A3B decoded at 37% of its roofline
-in bf16 and W4A16 at 20% on an H100 (docs/performance.md, thirty-sixth session).
+in bf16 and W4A16 at 20% on an H100 (docs/performance.md, thirty-sixth session). int4 and int8 experts held as the
+engine holds them go by words of codes (`_pair_words_kernel`, the dense GEMVs' sums of kiln.kernels.words): the
+tile kernel's unpacking left W4A16 no faster than bf16, the words 1.46x (fortieth session).
 
 `fused_moe_ref` is the reference: one matmul per expert present, exact against transformers on CPU.
 

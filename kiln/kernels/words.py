@@ -1,8 +1,9 @@
 """Pieces of the GEMVs that read their weights as int64 words of codes (8 int8 or e4m3 codes, or 16 int4 ones):
 each thread holds one word of each of its outputs and the columns of x that word multiplies, as [B, 8] or [B, 16]
 tiles split here into columns, so no value crosses threads until the final sum (kiln.kernels.quant_gemm's int4 and
-int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 GEMV a (token, expert) pair). The int4 GEMV's
-sums (`w4_row_sums`) are here whole: the dense and the MoE kernels call them on their own rows."""
+int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 and int8 GEMVs a (token, expert) pair). The int4
+and int8 GEMVs' sums (`w4_row_sums`, `w8_row_sums`) are here whole: the dense and the MoE kernels call them on their
+own rows."""
 
 INT4_SYMMETRIC_ZERO = 8  # int4 codes' zero point where a format has none (kiln.quantization.weight_only's formats)
 
