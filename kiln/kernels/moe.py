@@ -437,7 +437,7 @@ def _reads_as_words(b: ExpertCodes, per_word: int, group: int, block_kw: int) ->
     k, groups = b.shape[2], b.scale.shape[2]
     row_bytes = k // 2 if b.int4 else k
     grouped = group % per_word == 0 and block_kw % (group // per_word) == 0 if b.int4 else groups == 1
-    return (k % per_word == 0 and grouped and groups == -(-k // group)
+    return (k % per_word == 0 and grouped and groups == -(-k // group) and b.scale.shape[1] == b.shape[1]
             and b.codes.data_ptr() % 8 == 0 and b.codes.stride(0) % 8 == 0 and b.codes.stride()[1:] == (row_bytes, 1)
             and b.scale.stride()[1:] == (groups, 1) and (b.zero is None or b.zero.stride() == b.scale.stride()))
 

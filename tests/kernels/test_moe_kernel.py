@@ -207,7 +207,7 @@ def test_int4_and_int8_experts_by_pair_read_words_in_the_engine_layout(monkeypat
 def test_pair_words_take_only_experts_whose_codes_read_as_words():
     """Which experts the words kernel takes (no GPU needed): int4 and int8 fc and gate as halves of one fused
     tensor, proj alone, under 16-bit activations; not float32 activations, fc and gate apart, e4m3 codes, rows of
-    part of a word, or scales not in contiguous rows."""
+    part of a word, or scales not one a row (or a row's group) in contiguous rows."""
     from kiln.kernels import moe
 
     fc, gate, proj = expert_weights(4, 64, 48, seed=12)
@@ -231,6 +231,9 @@ def test_pair_words_take_only_experts_whose_codes_read_as_words():
     fc_q, gate_q = fused("int4_g32")
     strided = ExpertCodes(fc_q.codes, fc_q.scale[..., :1], None, 64)  # scales of every other group: not rows
     assert moe._pair_words_args(x16, strided, None) is None
+    int8 = expert_codes(proj, "int8", torch.bfloat16)
+    assert moe._pair_words_args(x16[:, :48], ExpertCodes(int8.codes, int8.scale[:, :1]), None) is None  # (a scale
+    # an expert, not a row: the kernels read one a row)
 
 
 @needs_kernel
