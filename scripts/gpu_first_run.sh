@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile mla fp8-words gpt-oss (default: all)
+#   #   moe-profile mla fp8-words gpt-oss w4-profile (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -68,6 +68,9 @@
 # - gpt-oss: gpt-oss-20b's shapes, 12 of 24 layers (sinks, alternating windows, 32 experts with biases), batch-1
 #   decode and batch 64 (about 4 minutes; never run: the fortieth session's try met transformers refusing 12 layers
 #   with 24 layer_types, since fixed in kiln.bench.offline.synthetic_hf_model).
+# - w4-profile (fortieth session, for issue 4's W4A16 2.5x, at 2.30x with the bf16 lm_head and 83% of its roofline):
+#   each format's GEMV per Llama-3-8B shape on the H100 (bf16, int4, int8; never timed there), then W4A16 batch-1
+#   decode under torch.profiler, its kernels by GPU time (about 4 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -78,7 +81,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla fp8-words gpt-oss}
+  moe-profile mla fp8-words gpt-oss w4-profile}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -140,12 +143,14 @@ for part in $parts; do
                  tests/runtime/test_gpu_runtime.py -k "fp8" -s
                python scripts/bench_decode_gemv.py --formats bf16,fp8,fp8-tok
                $bench --quant-algo FP8 --quantize-lm-head --workloads decode-1 --output-json "$out/$part.json" ;;
+    w4-profile) python scripts/bench_decode_gemv.py --formats bf16,int4,int8
+                $bench --quant-algo W4A16 --workloads decode-1 --profile --output-json "$out/$part.json" ;;
     gpt-oss) python -m kiln bench --synthetic gpt-oss-20b --synthetic-layers 12 --dtype bfloat16 --baseline none \
                --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words or gpt-oss" >&2
+         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss or w4-profile" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
