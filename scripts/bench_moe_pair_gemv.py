@@ -1,8 +1,10 @@
 """Decode by pair's GEMV tiles on an NVIDIA GPU, Qwen3-30B-A3B's experts at batch 1 (128 experts of 768, top 8,
 hidden 2048): fc_gate (gated, 2,048 inputs) and proj (weighted by the routing, 768 inputs), in bf16, W8A16 (int8
-codes, a scale a row) and W4A16 (int4, group 128), every tile of TILES beside kiln.kernels.moe.pair_tile's, the
-tile kiln runs; for W4A16 and W8A16 also the GEMV on words of codes, which kiln runs in the engine's fused fc_gate
-layout, every tile of WORD_TILES. Also the whole MoE (both GEMVs and the slots' sum) by pair and by the grouped GEMMs.
+codes, a scale a row), W4A16 (int4, group 128) and FP8 (e4m3 codes, a scale a row), every tile of TILES beside
+kiln.kernels.moe.pair_tile's, the tile kiln runs; for W4A16, W8A16 and FP8 also the GEMV on words of codes, which
+kiln runs in the engine's fused fc_gate layout (FP8 only where KILN_MOE_WORDS names e4m3: this times it to
+decide), every tile of WORD_TILES. Also the whole MoE (both GEMVs and the slots' sum) by pair, the words taken for
+all three, and by the grouped GEMMs.
 
 Timed as the engine's tuners time kernels (CUDA-graph replay, kiln.kernels.gemv.graph_ms_per_call), each call
 routed to its own 8 experts of 16 random choices, so the weights stream from memory as in a decode step; us per
@@ -30,7 +32,7 @@ TILES = [(16, 128, 4), (8, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (3
 
 # int4 and int8 experts on words: (outputs a program, int64 words a step, warps); fc's rows are 128 words of int4
 # codes (256 of int8), proj's 48 (96)
-WORD_FORMATS = {"W4A16": "int4", "W8A16": "int8"}
+WORD_FORMATS = {"W4A16": "int4", "W8A16": "int8", "FP8": "e4m3"}
 WORD_TILES = [(4, 128, 4), (2, 128, 4), (8, 128, 4), (8, 128, 8), (4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 64, 2),
               (8, 32, 4), (16, 32, 4), (16, 16, 4), (32, 16, 4)]
 
@@ -42,6 +44,9 @@ def expert_codes(w: torch.Tensor, fmt: str):
     if fmt == "W8A16":
         parts = [quantize_int8_per_channel(w[e].float(), torch.bfloat16) for e in range(w.shape[0])]
         return moe.ExpertCodes(torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])[..., None])
+    if fmt == "FP8":  # e4m3 codes, a scale a row (what FP8_PER_CHANNEL_PER_TOKEN's experts hold)
+        scale = w.float().abs().amax(-1, keepdim=True) / 448
+        return moe.ExpertCodes((w.float() / scale).to(torch.float8_e4m3fn), scale.to(torch.bfloat16))
     parts = [quantize_int4_groups(w[e].float(), GROUP, False, torch.bfloat16) for e in range(w.shape[0])]
     return moe.ExpertCodes(torch.stack([q for q, _, _ in parts]), torch.stack([s for _, s, _ in parts]), None, GROUP)
 
@@ -50,8 +55,8 @@ def fused_halves(fc, gate):
     """fc and gate as the engine holds them: the two halves (views) of one fused fc_gate."""
     if isinstance(fc, torch.Tensor):
         return torch.cat([fc, gate], dim=1).chunk(2, dim=1)
-    return moe.ExpertCodes(torch.cat([fc.codes, gate.codes], 1), torch.cat([fc.scale, gate.scale], 1), None,
-                           fc.group).halves()
+    codes = torch.cat([fc.codes.view(torch.uint8), gate.codes.view(torch.uint8)], 1).view(fc.codes.dtype)
+    return moe.ExpertCodes(codes, torch.cat([fc.scale, gate.scale], 1), None, fc.group).halves()
 
 
 def weight_bytes(w, rows: int) -> int:
@@ -71,7 +76,8 @@ def main() -> None:
     raw = {name: torch.randn(EXPERTS, n, k, device=dev, dtype=bf16) / k ** 0.5
            for name, n, k in (("fc", INTER, HIDDEN), ("gate", INTER, HIDDEN), ("proj", HIDDEN, INTER))}
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per call (TB/s of the routed weights)")
-    for fmt in ("bf16", "W8A16", "W4A16"):
+    moe.PAIR_WORDS = frozenset(WORD_FORMATS.values())  # (e4m3 too: its words are what this times first)
+    for fmt in ("bf16", "W8A16", "W4A16", "FP8"):
         fc, gate, proj = (expert_codes(raw[n], fmt) for n in ("fc", "gate", "proj"))
         fc, gate = fused_halves(fc, gate)
         h = torch.randn(TOP_K, INTER, device=dev, dtype=bf16)
@@ -83,7 +89,7 @@ def main() -> None:
             "proj": (lambda tile, r: moe._pair_gemv(h, proj, None, out_y, weights.reshape(-1), r.reshape(-1), 0, 1,
                                                     -1, tile), out_y, weight_bytes(proj, HIDDEN))}
         for name, (run, out, nbytes) in cases.items():
-            kilns = moe.pair_tile(name == "fc_gate", {"bf16": 0, "W8A16": 1, "W4A16": 2}[fmt])
+            kilns = moe.pair_tile(name == "fc_gate", {"bf16": 0, "W8A16": 1, "W4A16": 2, "FP8": 1}[fmt])
             run(kilns, routings[0])
             want = out.clone()
             ms = candidate_ms(TILES, lambda tile: [functools.partial(run, tile, r) for r in routings])

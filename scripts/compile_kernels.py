@@ -225,15 +225,17 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                (2, True, "*u8"))
       for gated in (True, False)
       for step in sorted({moe.pair_tile(gated, codes)[1], 512 if codes == 2 else 256})],  # (int4: 4 groups a step)
-    # int4 and int8 experts' GEMV a pair on words of codes: Qwen3-30B-A3B's fc_gate (2,048 inputs) and proj (768)
-    *[(f"moe pair words {fmt} zero={zero} gated={gated}", moe._pair_words_kernel,
+    # int4, int8 and e4m3 experts' GEMV a pair on words of codes: Qwen3-30B-A3B's fc_gate (2,048 inputs) and proj (768)
+    *[(f"moe pair words {fmt} zero={zero} bits={bits} gated={gated}", moe._pair_words_kernel,
        dict(K=2048 if gated else 768, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated, ACT=0 if gated else -1,
             WEIGHTED=not gated, CODES=codes, GROUP=128 if codes == 2 else (2048 if gated else 768), HAS_ZERO=zero,
             HAS_BIAS=False, CLAMP=False, EVEN_N=True,
             BLOCK_N=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][0],
-            BLOCK_KW=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][1]),
+            BLOCK_KW=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][1], BY_BITS=bits),
        dict(w_ptr="*i64", wt_ptr="*bf16", experts_ptr="*i64"))
-      for fmt, codes, zero in (("int4", 2, False), ("int4", 2, True), ("int8", 1, False)) for gated in (True, False)],
+      for fmt, codes, zero, bits in (("int4", 2, False, False), ("int4", 2, True, False), ("int8", 1, False, False),
+                                     ("e4m3", 3, False, False), ("e4m3", 3, False, True))
+      for gated in (True, False)],
     # the routing: Qwen3-MoE's softmax over 128 experts and top 8, Mixtral's 8 and 2; DeepSeek-V3's sigmoid over 256
     # in 8 groups (4 kept), GLM-4.5's over 160 in one
     *[(f"moe route experts={e} top_k={k} sigmoid={s} groups={g}", moe._route_kernel,

@@ -506,11 +506,11 @@ if triton is not None:
     @triton.jit
     def fp8_word_row_sums(x_row, x_scale_ptr, w_row, ws_row, outs, pair_offset, PAIRED: tl.constexpr,
                           K: tl.constexpr, BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr):
-        """(y, y_pair) [BLOCK_N] of x's row (e4m3 codes at x_row, its scale at x_scale_ptr) times weight rows w_row +
-        outs (int64 words of 8 e4m3 codes, column scales at ws_row + outs), in float32: sum * x's scale * w's
-        scale. With PAIRED also the rows pair_offset further on (y_pair; else y_pair is y): the gated MLP's gate
-        rows, or the second half of a rotary head. Requests the first step's weights, then waits for x
-        (kiln.kernels.pdl)."""
+        """(y, y_pair) [BLOCK_N] of x's row (e4m3 codes at x_row, its scale at x_scale_ptr; with x_scale_ptr None,
+        16-bit values) times weight rows w_row + outs (int64 words of 8 e4m3 codes, column scales at ws_row + outs),
+        in float32: sum * x's scale * w's scale. With PAIRED also the rows pair_offset further on (y_pair; else
+        y_pair is y): the gated MLP's gate rows, or the second half of a rotary head. Requests the first step's
+        weights, then waits for x (kiln.kernels.pdl)."""
         KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         pair_row = w_row + pair_offset * KW
@@ -537,7 +537,9 @@ if triton is not None:
             acc = _e4m3_word_sums(acc, w, xs, BY_BITS)
             if PAIRED:
                 acc_pair = _e4m3_word_sums(acc_pair, w_pair, xs, BY_BITS)
-        x_scale = tl.load(x_scale_ptr)
+        x_scale = 1.0  # (x_scale_ptr None: x as it is, 16-bit activations of e4m3 weights alone)
+        if x_scale_ptr is not None:
+            x_scale = tl.load(x_scale_ptr)
         y = _scaled_sums(acc, x_scale, ws_row + outs, BY_BITS)
         y_pair = y
         if PAIRED:

@@ -46,6 +46,7 @@ except ImportError:  # CPU-only installs: the reference below still works
 
 if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
+    from kiln.kernels.gemv import fp8_word_row_sums
     from kiln.kernels.words import gemv_program, w4_row_sums, w8_row_sums
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4, "relu2": 5}  # the kernel's constexpr
@@ -387,11 +388,17 @@ def pair_tile(gated: bool, codes: int) -> tuple[int, int, int]:
 # Qwen3-30B-A3B's experts on an H100 (fortieth session, scripts/bench_moe_pair_gemv.py): fc_gate 7.2 us (1.79 TB/s;
 # the tile kernel 28.0), proj 5.0 (the tile kernel 9.5); the whole MoE by pair 15.8 us against bf16's 33.8. int8's
 # likewise (same session, 8 codes a word): fc_gate 11.2 us (the tile kernel 26.7), proj 6.7 (10.7).
+# e4m3's (weight-only FP8 experts: the FP8 GEMV's word sums, kiln.kernels.gemv.fp8_word_row_sums) are int8's, untimed.
 PAIR_WORD_TILE = {("gated", "int4"): (4, 64, 2), ("plain", "int4"): (16, 64, 4),
-                  ("gated", "int8"): (4, 128, 4), ("plain", "int8"): (8, 128, 4)}
-# Whether int4 and int8 experts go by words where their layout allows (_pair_words_args); off, the tile kernel (A/B)
-PAIR_WORDS = os.environ.get("KILN_MOE_WORDS", "1") != "0"
-_WORD_FORMATS = {torch.uint8: ("int4", 16, 2), torch.int8: ("int8", 8, 1)}  # codes -> (format, codes a word, CODES)
+                  ("gated", "int8"): (4, 128, 4), ("plain", "int8"): (8, 128, 4),
+                  ("gated", "e4m3"): (4, 128, 4), ("plain", "e4m3"): (8, 128, 4)}
+# The formats whose experts go by words where their layout allows (_pair_words_args), the others by the tile kernel:
+# KILN_MOE_WORDS, comma-separated ("0": none, the A/B). e4m3 is left out until a GPU has timed it.
+PAIR_WORDS = frozenset(os.environ.get("KILN_MOE_WORDS", "int4,int8").split(","))
+# codes' dtype -> (format, codes a word, the words kernel's CODES)
+_WORD_FORMATS = {torch.uint8: ("int4", 16, 2), torch.int8: ("int8", 8, 1), torch.float8_e4m3fn: ("e4m3", 8, 3)}
+# e4m3 codes made floats by bit operations (True; what Triton's interpreter runs) or by the hardware's conversion
+E4M3_BY_BITS = False
 
 
 def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int,
@@ -399,7 +406,7 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
     as _grouped_gemm computes it for a held pair (bias and limit too); a pair whose expert is not held here gets
     zeros. tile: pair_tile's unless given. int4 and int8 experts go by words where they can (_pair_words)."""
-    words = _pair_words_args(a, b, b_gate) if PAIR_WORDS and tile is None else None
+    words = _pair_words_args(a, b, b_gate) if tile is None else None
     if words is not None:
         _pair_words(a, out, weights, experts, first_expert, a_rows_per_token, act, bias, limit, *words)
         return
@@ -417,13 +424,16 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
 
 
 def _pair_words_args(a: torch.Tensor, b, b_gate) -> tuple | None:
-    """(codes as int64 words, scale, zero, group, rows from b's to b_gate's, tile, CODES) where int4 or int8 experts'
-    GEMV can read words (kiln.kernels.words' row sums): 16-bit activations in contiguous rows, codes that read as
-    words, and b_gate's tensors each the same rows further on in b's (the engine's fused fc_gate); else None."""
+    """(codes as int64 words, scale, zero, group, rows from b's to b_gate's, tile, CODES) where experts' GEMV can
+    read words (kiln.kernels.words' row sums, or the FP8 GEMV's): a format of PAIR_WORDS, 16-bit activations in
+    contiguous rows, codes that read as words, and b_gate's tensors each the same rows further on in b's (the
+    engine's fused fc_gate); else None."""
     sixteen_bit = a.dtype in (torch.float16, torch.bfloat16)
     if not (isinstance(b, ExpertCodes) and b.codes.dtype in _WORD_FORMATS and sixteen_bit and a.stride(1) == 1):
         return None
     fmt, per_word, codes = _WORD_FORMATS[b.codes.dtype]
+    if fmt not in PAIR_WORDS:
+        return None
     group, tile = b.group or b.shape[2], PAIR_WORD_TILE["plain" if b_gate is None else "gated", fmt]
     gap = 0 if b_gate is None else _rows_apart(b, b_gate)
     if not _reads_as_words(b, per_word, group, tile[1]) or gap is None or (b_gate is not None and gap < b.shape[1]):
@@ -433,7 +443,8 @@ def _pair_words_args(a: torch.Tensor, b, b_gate) -> tuple | None:
 
 def _reads_as_words(b: ExpertCodes, per_word: int, group: int, block_kw: int) -> bool:
     """Whether experts' codes read as aligned int64 words of per_word codes, with scales and zeros [local, out,
-    groups] in contiguous rows: int4's a step of block_kw words holding whole groups, int8's one scale a row."""
+    groups] in contiguous rows: int4's a step of block_kw words holding whole groups, int8's and e4m3's one scale
+    a row."""
     k, groups = b.shape[2], b.scale.shape[2]
     row_bytes = k // 2 if b.int4 else k
     grouped = group % per_word == 0 and block_kw % (group // per_word) == 0 if b.int4 else groups == 1
@@ -457,8 +468,8 @@ def _rows_apart(b: ExpertCodes, b_gate: ExpertCodes) -> int | None:
 def _pair_words(a, out, weights, experts, first_expert: int, a_rows_per_token: int, act: int, bias: tuple,
                 limit: float | None, words, scale, zero, group: int, gap: int, tile: tuple[int, int, int],
                 codes: int) -> None:
-    """_pair_gemv for int4 or int8 experts on words of codes (_pair_words_kernel); gap: rows from fc's to the
-    gate's (0: no gate)."""
+    """_pair_gemv for int4, int8 or e4m3 experts on words of codes (_pair_words_kernel); gap: rows from fc's to
+    the gate's (0: no gate)."""
     local, n = words.shape[0], words.shape[1]
     block_n, block_kw, warps = tile
     _pair_words_kernel[(experts.numel(), triton.cdiv(n, block_n), 1)](
@@ -468,7 +479,7 @@ def _pair_words(a, out, weights, experts, first_expert: int, a_rows_per_token: i
         K=words.shape[2] * (16 if codes == 2 else 8), A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gap > 0, ACT=act,
         WEIGHTED=weights is not None, CODES=codes, GROUP=group, HAS_ZERO=zero is not None,
         HAS_BIAS=bias[0] is not None, CLAMP=limit is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(a.device))
+        BLOCK_KW=block_kw, BY_BITS=E4M3_BY_BITS, num_warps=warps, **pdl_args(a.device))
 
 
 if triton is not None:
@@ -746,9 +757,10 @@ if triton is not None:
                            K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                            WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                            HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
-        # _pair_gemv_kernel for int4 (CODES 2) or int8 (1) experts, their codes read as int64 words by the dense
-        # GEMVs' row sums (kiln.kernels.words: an AND and an FMA a weight, the scale once a word or a row), on the
+                           BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr):
+        # _pair_gemv_kernel for int4 (CODES 2), int8 (1) or e4m3 (3) experts, their codes read as int64 words by
+        # the dense GEMVs' row sums (kiln.kernels.words: an AND and an FMA a weight, the scale once a word or a row;
+        # e4m3's, kiln.kernels.gemv.fp8_word_row_sums, on 16-bit x: each code made a float, BY_BITS or not), on the
         # rows of the pair's expert; the gate's rows are `gap` rows on. The tile kernel's unpacking cost 16
         # instructions a weight for int4 (sm_90 code, 261 a step of 16 weights a thread) and streamed the fc GEMV at
         # 0.56 TB/s on an H100 (thirty-eighth session). Program (pair, j, 0) as gemv_program numbers them.
@@ -769,8 +781,11 @@ if triton is not None:
             acc, acc_g = w4_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 16), s_ptr + rows, z_ptr + rows,
                                      outs, gap, GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N,
                                      BLOCK_KW, USE_PDL)
-        else:
+        elif CODES == 1:
             acc, acc_g = w8_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 8), s_ptr + rows, outs, gap, GATED,
                                      K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        else:
+            acc, acc_g = fp8_word_row_sums(x_row, None, w_ptr + expert * w_se + n0 * (K // 8), s_ptr + rows, outs,
+                                           gap, GATED, K, BLOCK_KW, BY_BITS, USE_PDL)
         _store_pair(acc, acc_g, pair, expert, cols, col_ok, out_ptrs, wt_ptr, bias_ptr, bias_g_ptr, bias_se, limit,
                     GATED, ACT, WEIGHTED, HAS_BIAS, CLAMP)

@@ -174,14 +174,18 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:])  # (16-bit activations: the words' scaling assumes them)
-@pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64_zp", "int8"])
+@pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64_zp", "int8", "e4m3"])
 @pytest.mark.parametrize("tokens,first,num_local", [(1, 0, 8), (2, 2, 3)])  # (expert parallelism: pairs not held)
-def test_int4_and_int8_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first,
-                                                                       num_local):
-    """int4 and int8 experts held as the engine holds them (fc and gate halves of one fused tensor on the device)
-    go by words of codes (_pair_words_kernel), gated and plain; their output matches the reference and the tile
-    kernel's, which the words replace (KILN_MOE_WORDS=0). Separate fc and gate tensors keep the tile kernel."""
+def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first, num_local):
+    """int4, int8 and e4m3 experts held as the engine holds them (fc and gate halves of one fused tensor on the
+    device) go by words of codes (_pair_words_kernel; e4m3 only where KILN_MOE_WORDS names it), gated and plain;
+    their output matches the reference and the tile kernel's, which the words replace (KILN_MOE_WORDS=0).
+    Separate fc and gate tensors keep the tile kernel. (e4m3 codes become floats by the hardware's conversion on
+    the GPU, by bit operations under Triton's interpreter.)"""
     from kiln.kernels import moe
+
+    monkeypatch.setattr(moe, "PAIR_WORDS", frozenset({"int4", "int8", "e4m3"}))
+    monkeypatch.setattr(moe, "E4M3_BY_BITS", INTERPRETER)
 
     experts, weights = routing(tokens, 8, 2, seed=11)
     fc, gate, proj = expert_weights(num_local, 256, 96, seed=11)
@@ -197,17 +201,17 @@ def test_int4_and_int8_experts_by_pair_read_words_in_the_engine_layout(monkeypat
     assert moe._pair_words_args(x, *(expert_codes(w, fmt, dtype) for w in (fc, gate))) is None  # (two tensors)
     args = [x, fc_q, gate_q, proj_q, experts.to(DEVICE), weights.to(dtype).to(DEVICE), first, "silu"]
     by_words = fused_moe(*args, by_pair=True)
-    monkeypatch.setattr(moe, "PAIR_WORDS", False)
+    monkeypatch.setattr(moe, "PAIR_WORDS", frozenset())
     by_tiles = fused_moe(*args, by_pair=True)
     want = fused_moe_ref(*args)
     assert_within_ulps(by_words, want, dtype)
     assert_within_ulps(by_tiles, want, dtype)
 
 
-def test_pair_words_take_only_experts_whose_codes_read_as_words():
+def test_pair_words_take_only_experts_whose_codes_read_as_words(monkeypatch):
     """Which experts the words kernel takes (no GPU needed): int4 and int8 fc and gate as halves of one fused
-    tensor, proj alone, under 16-bit activations; not float32 activations, fc and gate apart, e4m3 codes, rows of
-    part of a word, or scales not one a row (or a row's group) in contiguous rows."""
+    tensor, proj alone, under 16-bit activations; e4m3 where KILN_MOE_WORDS names it; not float32 activations, fc
+    and gate apart, rows of part of a word, or scales not one a row (or a row's group) in contiguous rows."""
     from kiln.kernels import moe
 
     fc, gate, proj = expert_weights(4, 64, 48, seed=12)
@@ -224,7 +228,7 @@ def test_pair_words_take_only_experts_whose_codes_read_as_words():
         assert moe._pair_words_args(x16, expert_codes(proj, fmt, torch.bfloat16), None)[4] == 0
         assert moe._pair_words_args(x32, *fused(fmt)) is None
         assert moe._pair_words_args(x16, *(expert_codes(w, fmt, torch.bfloat16) for w in (fc, gate))) is None
-    assert moe._pair_words_args(x16, *fused("e4m3")) is None
+    assert moe._pair_words_args(x16, *fused("e4m3")) is None  # (e4m3 not among KILN_MOE_WORDS' default formats)
     narrow = [w[..., :56] for w in (fc, gate)]  # 56 inputs: 3.5 words of int4 codes, 7 of int8
     assert moe._pair_words_args(x16[:, :56], *fused("int4_g32", *narrow)) is None
     assert moe._pair_words_args(x16[:, :56], *fused("int8", *narrow)) is not None
@@ -234,6 +238,8 @@ def test_pair_words_take_only_experts_whose_codes_read_as_words():
     int8 = expert_codes(proj, "int8", torch.bfloat16)
     assert moe._pair_words_args(x16[:, :48], ExpertCodes(int8.codes, int8.scale[:, :1]), None) is None  # (a scale
     # an expert, not a row: the kernels read one a row)
+    monkeypatch.setattr(moe, "PAIR_WORDS", frozenset({"e4m3"}))
+    assert moe._pair_words_args(x16, *fused("e4m3"))[-1] == 3 and moe._pair_words_args(x16, *fused("int8")) is None
 
 
 @needs_kernel
