@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile mla fp8-words gpt-oss w4-profile (default: all)
+#   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -39,6 +39,9 @@
 #   roofline, W4A16 at 20% (0.94x bf16).
 # - moe-grouped: the same W4A16 and bf16 engines with decode by pair off (KILN_MOE_BY_PAIR=0), the A/B's other
 #   half (about 4 minutes).
+# - moe-e4m3-words (fortieth session, not yet run on a GPU): the pair GEMVs' sweep (FP8 experts by tiles and by
+#   words now among them), then FP8_PER_CHANNEL_PER_TOKEN experts by words beside bf16 (the other half of the A/B
+#   is `moe`'s FP8 line). If the words win, add e4m3 to kiln.kernels.moe.PAIR_WORDS' default (about 5 minutes).
 # - fusions (thirty-eighth session: also attention sinks in every paged kernel and gpt-oss's expert biases and
 #   clamped GLU in both MoE kernels, the latent cache's wide tiles, and Granite, OLMo 3 and gpt-oss greedy tokens):
 #   the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
@@ -81,7 +84,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla fp8-words gpt-oss w4-profile}
+  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -122,6 +125,9 @@ for part in $parts; do
            tests/quantization/test_moe_weight_only.py -k "gpu or quantized_experts or kernel or gptq"
          $moe_bench --quant-algo W8A16,W4A16,FP8_PER_CHANNEL_PER_TOKEN --output-json "$out/$part.json" ;;
     moe-grouped) KILN_MOE_BY_PAIR=0 $moe_bench --quant-algo W4A16 --output-json "$out/$part.json" ;;
+    moe-e4m3-words) python scripts/bench_moe_pair_gemv.py
+                    KILN_MOE_WORDS=int4,int8,e4m3 $moe_bench --quant-algo FP8_PER_CHANNEL_PER_TOKEN \
+                      --output-json "$out/$part.json" ;;
     fusions) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_rotary_kernel.py \
                tests/kernels/test_moe_kernel.py tests/kernels/test_pdl.py \
                -k "norms or route or matches_reference or pdl or gpt_oss"
@@ -150,7 +156,7 @@ for part in $parts; do
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss or w4-profile" >&2
+         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile or moe-e4m3-words" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
