@@ -405,7 +405,7 @@ def _pair_gemv(a, b, b_gate, out, weights, experts, first_expert: int, a_rows_pe
                tile: tuple[int, int, int] | None = None, bias: tuple = (None, None), limit: float | None = None):
     """out[pair] = a[pair // a_rows_per_token] @ b[e].T (gated, weighted) for e = experts[pair] - first_expert,
     as _grouped_gemm computes it for a held pair (bias and limit too); a pair whose expert is not held here gets
-    zeros. tile: pair_tile's unless given. int4 and int8 experts go by words where they can (_pair_words)."""
+    zeros. tile: pair_tile's unless given. Experts of PAIR_WORDS' formats go by words where they can (_pair_words)."""
     words = _pair_words_args(a, b, b_gate) if tile is None else None
     if words is not None:
         _pair_words(a, out, weights, experts, first_expert, a_rows_per_token, act, bias, limit, *words)
@@ -723,14 +723,17 @@ if triton is not None:
                 k_left = K - k0 - j * SUB_K
                 k_ok = ks < k_left
                 b_ok = _weight_tile_mask(k_ok, kb, k_left, col_ok, CODES)
+                # a read past the row's end (a last step longer than what is left) reads no scale either: past
+                # the row's groups lie the next row's, or nothing, and 0 * a NaN there is NaN
+                group_ok = col_ok & (k_left > 0)
                 group = col_scales + ((k0 + j * SUB_K) // GROUP) * s_sg
                 a = tl.load(a_ptrs + j * SUB_K * a_s1, mask=k_ok, other=0.0)
-                b = _expert_tile(b_ptrs + j * SUB_ROWS * b_sk, b_ok, sb_ptr + group, zb_ptr + group, col_ok,
+                b = _expert_tile(b_ptrs + j * SUB_ROWS * b_sk, b_ok, sb_ptr + group, zb_ptr + group, group_ok,
                                  a.dtype, CODES, HAS_ZERO, SUB_K, BLOCK_N)
                 acc += a.to(tl.float32)[:, None] * b.to(tl.float32)
                 if GATED:
                     bg = _expert_tile(bg_ptrs + j * SUB_ROWS * bg_sk, b_ok, sg_ptr + group, zg_ptr + group,
-                                      col_ok, a.dtype, CODES, HAS_ZERO, SUB_K, BLOCK_N)
+                                      group_ok, a.dtype, CODES, HAS_ZERO, SUB_K, BLOCK_N)
                     acc_g += a.to(tl.float32)[:, None] * bg.to(tl.float32)
             a_ptrs += BLOCK_K * a_s1
             b_ptrs += BLOCK_K // SUB_K * SUB_ROWS * b_sk
