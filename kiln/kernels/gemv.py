@@ -44,7 +44,7 @@ if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
     from kiln.kernels.epilogue import silu_times
     from kiln.kernels.fp8_quant import to_e4m3
-    from kiln.kernels.words import gemv_program, load_step, split8
+    from kiln.kernels.words import gemv_program, split8, step_words
 
 log = logging.getLogger("kiln")
 
@@ -517,10 +517,10 @@ if triton is not None:
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
         acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
         acc_pair = acc
-        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        w = step_words(w_row, 0, first, outs, KW, EVEN_K)
         w_pair = w
         if PAIRED:
-            w_pair = load_step(pair_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+            w_pair = step_words(pair_row, 0, first, outs, KW, EVEN_K)
         wait_for_inputs(USE_PDL)
         x_prescale = 1.0
         if BY_BITS:
@@ -528,9 +528,9 @@ if triton is not None:
         for k0 in range(0, KW, BLOCK_KW):
             ok = (k0 + first < KW)[:, None]
             if k0 > 0:
-                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                w = step_words(w_row, k0, first, outs, KW, EVEN_K)
                 if PAIRED:
-                    w_pair = load_step(pair_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                    w_pair = step_words(pair_row, k0, first, outs, KW, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
             xs = split8(x.to(tl.float32) * x_prescale)

@@ -54,6 +54,13 @@ if triton is not None:
         return v
 
     @triton.jit
+    def step_words(w_row, k0, first, outs, KW: tl.constexpr, EVEN_K: tl.constexpr):
+        """A word GEMV's step of codes: words k0 + first [B] of rows outs [N] from w_row (KW words a row), one word
+        a thread and row, 0 past a row's end. The address is the step's scalar base, plus the thread's word, plus
+        the row's constant offset, added in that order so the last becomes the load's immediate offset."""
+        return load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], (k0 + first < KW)[:, None], EVEN_K)
+
+    @triton.jit
     def gemv_program(N, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
         """(x's row m, the first output n0, the outputs from n0) of a word GEMV's program (m, j, 0). Outputs past the
         end read the last one instead (not stored), so no load needs a row mask."""
@@ -190,18 +197,18 @@ if triton is not None:
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         x_sums = tl.zeros([BLOCK_KW], tl.float32)
-        w = load_step(w_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+        w = step_words(w_row, 0, first, outs, KW, EVEN_K)
         if PAIRED:
             wp_row = w_row + gap * KW
             acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-            wp = load_step(wp_row + first[:, None] + (outs * KW)[None, :], (first < KW)[:, None], EVEN_K)
+            wp = step_words(wp_row, 0, first, outs, KW, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             ok = (k0 + first < KW)[:, None]
             if k0 > 0:
-                w = load_step(w_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                w = step_words(w_row, k0, first, outs, KW, EVEN_K)
                 if PAIRED:
-                    wp = load_step(wp_row + k0 + first[:, None] + (outs * KW)[None, :], ok, EVEN_K)
+                    wp = step_words(wp_row, k0, first, outs, KW, EVEN_K)
             x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
             xs = split8(load_step(x_p, ok, EVEN_K).to(tl.float32))
             x_sums += sum8(xs)
