@@ -478,7 +478,7 @@ if triton is not None:
                                FP8_OUT: tl.constexpr = False, ACT_DTYPE: tl.constexpr = tl.bfloat16):
         """_gemv_kernel's y for e4m3 weights and e4m3 codes of x (y = sum * x's row scale * w's column scale, in
         float32), the weights read as int64 words of 8 codes as the int8 GEMV reads its codes
-        (kiln.kernels.quant_gemm._w8_gemv_kernel): each thread holds one word of each of its BLOCK_N outputs and
+        (kiln.kernels.words.w8_row_sums): each thread holds one word of each of its BLOCK_N outputs and
         the 8 columns of x it multiplies, so no value crosses threads until the final sum. The CUDA-core kernel
         above broadcasts its step's x through shared memory, a barrier a step (sm_90 code, scripts/kernel_sass.py
         "gemv fp8"). Products of e4m3 values are exact in float32 either way; only the order of the sum differs
@@ -514,7 +514,7 @@ if triton is not None:
         KW: tl.constexpr = K // 8  # words per row
         EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
         pair_row = w_row + pair_offset * KW
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see quant_gemm._w4_row_sums)
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see kiln.kernels.words.w4_row_sums)
         acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
         acc_pair = acc
         w = step_words(w_row, 0, first, outs, KW, EVEN_K)
