@@ -72,17 +72,16 @@ if triton is not None:
         return m, n0, outs
 
     @triton.jit
-    def _step_weights(w_row, s_row, z_row, k0, first, out_words, out_groups, KW: tl.constexpr, WPG: tl.constexpr,
+    def _step_weights(w_row, s_row, z_row, k0, first, outs, G: tl.constexpr, KW: tl.constexpr, WPG: tl.constexpr,
                       HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr):
-        """The int4 GEMV's codes, scales and zeros (float32; the symmetric zero without zero points) of the step
-        at word k0. The address of each is the step's scalar base, plus the thread's word, plus the output's
-        constant offset, added in that order so the last becomes the load's immediate offset."""
+        """The int4 GEMV's codes (step_words), scales and zeros (float32; the symmetric zero without zero points)
+        of the step at word k0 for rows outs (G groups a row), each address added as step_words adds its own."""
         ok = (k0 + first < KW)[:, None]
-        w = load_step(w_row + k0 + first[:, None] + out_words[None, :], ok, EVEN_K)
+        w = step_words(w_row, k0, first, outs, KW, EVEN_K)
         group = (first // WPG)[:, None]
-        s = load_step(s_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+        s = load_step(s_row + k0 // WPG + group + (outs * G)[None, :], ok, EVEN_K).to(tl.float32)
         if HAS_ZERO:
-            z = load_step(z_row + k0 // WPG + group + out_groups[None, :], ok, EVEN_K).to(tl.float32)
+            z = load_step(z_row + k0 // WPG + group + (outs * G)[None, :], ok, EVEN_K).to(tl.float32)
         else:
             z = tl.full(s.shape, SYMMETRIC_ZERO, tl.float32)
         return w, s, z
@@ -153,18 +152,16 @@ if triton is not None:
             acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         # The first step's weights are requested before the wait for x, so they stream while the kernel before
         # this one ends.
-        w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO, EVEN_K)
+        w, s, z = _step_weights(w_row, s_row, z_row, 0, first, outs, G, KW, WPG, HAS_ZERO, EVEN_K)
         if PAIRED:
-            wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, 0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
-                                       EVEN_K)
+            wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, 0, first, outs, G, KW, WPG, HAS_ZERO, EVEN_K)
         wait_for_inputs(USE_PDL)
         for k0 in range(0, KW, BLOCK_KW):
             if k0 > 0:
-                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs * KW, outs * G, KW, WPG, HAS_ZERO,
-                                        EVEN_K)
+                w, s, z = _step_weights(w_row, s_row, z_row, k0, first, outs, G, KW, WPG, HAS_ZERO, EVEN_K)
                 if PAIRED:
-                    wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs * KW, outs * G, KW, WPG,
-                                               HAS_ZERO, EVEN_K)
+                    wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs, G, KW, WPG, HAS_ZERO,
+                                               EVEN_K)
             x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
             x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             xs_low, xs_high = split8(x_low), split8(x_high)
