@@ -44,7 +44,7 @@ if triton is not None:
     from kiln.kernels.pdl import allow_dependents, wait_for_inputs
     from kiln.kernels.epilogue import silu_times
     from kiln.kernels.fp8_quant import to_e4m3
-    from kiln.kernels.words import gemv_program, split8, step_words
+    from kiln.kernels.words import byte_word_steps, gemv_program
 
 log = logging.getLogger("kiln")
 
@@ -477,8 +477,8 @@ if triton is not None:
                                BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, GATED: tl.constexpr = False,
                                FP8_OUT: tl.constexpr = False, ACT_DTYPE: tl.constexpr = tl.bfloat16):
         """_gemv_kernel's y for e4m3 weights and e4m3 codes of x (y = sum * x's row scale * w's column scale, in
-        float32), the weights read as int64 words of 8 codes as the int8 GEMV reads its codes
-        (kiln.kernels.words.w8_row_sums): each thread holds one word of each of its BLOCK_N outputs and
+        float32), the weights read as int64 words of 8 codes by the int8 GEMV's loop
+        (kiln.kernels.words.byte_word_steps): each thread holds one word of each of its BLOCK_N outputs and
         the 8 columns of x it multiplies, so no value crosses threads until the final sum. The CUDA-core kernel
         above broadcasts its step's x through shared memory, a barrier a step (sm_90 code, scripts/kernel_sass.py
         "gemv fp8"). Products of e4m3 values are exact in float32 either way; only the order of the sum differs
@@ -509,34 +509,15 @@ if triton is not None:
         """(y, y_pair) [BLOCK_N] of x's row (e4m3 codes at x_row, its scale at x_scale_ptr; with x_scale_ptr None,
         16-bit values) times weight rows w_row + outs (int64 words of 8 e4m3 codes, column scales at ws_row + outs),
         in float32: sum * x's scale * w's scale. With PAIRED also the rows pair_offset further on (y_pair; else
-        y_pair is y): the gated MLP's gate rows, or the second half of a rotary head. Requests the first step's
-        weights, then waits for x (kiln.kernels.pdl)."""
-        KW: tl.constexpr = K // 8  # words per row
-        EVEN_K: tl.constexpr = KW % BLOCK_KW == 0
-        pair_row = w_row + pair_offset * KW
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see kiln.kernels.words.w4_row_sums)
-        acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
-        acc_pair = acc
-        w = step_words(w_row, 0, first, outs, KW, EVEN_K)
-        w_pair = w
-        if PAIRED:
-            w_pair = step_words(pair_row, 0, first, outs, KW, EVEN_K)
-        wait_for_inputs(USE_PDL)
+        y_pair is y): the gated MLP's gate rows, or the second half of a rotary head. The loop is the int8 GEMV's
+        (kiln.kernels.words.byte_word_steps), with e4m3's products (_e4m3_word_sums) and x prescaled for BY_BITS.
+        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
         x_prescale = 1.0
         if BY_BITS:
             x_prescale = 2.0 ** X_PRESCALE_EXP
-        for k0 in range(0, KW, BLOCK_KW):
-            ok = (k0 + first < KW)[:, None]
-            if k0 > 0:
-                w = step_words(w_row, k0, first, outs, KW, EVEN_K)
-                if PAIRED:
-                    w_pair = step_words(pair_row, k0, first, outs, KW, EVEN_K)
-            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=ok, other=0.0)  # (past the row's end: 0)
-            xs = split8(x.to(tl.float32) * x_prescale)
-            acc = _e4m3_word_sums(acc, w, xs, BY_BITS)
-            if PAIRED:
-                acc_pair = _e4m3_word_sums(acc_pair, w_pair, xs, BY_BITS)
+        acc, acc_pair, _ = byte_word_steps(x_row, w_row, outs, pair_offset,
+                                           _e4m3_bits_word_sums if BY_BITS else _e4m3_word_sums, PAIRED, K,
+                                           (K // 8) % BLOCK_KW == 0, BLOCK_KW, USE_PDL, x_prescale)
         x_scale = 1.0  # (x_scale_ptr None: x as it is, 16-bit activations of e4m3 weights alone)
         if x_scale_ptr is not None:
             x_scale = tl.load(x_scale_ptr)
@@ -547,10 +528,16 @@ if triton is not None:
         return y, y_pair
 
     @triton.jit
-    def _e4m3_word_sums(acc, w, xs, BY_BITS: tl.constexpr):
-        """acc plus a step's products: w [k, n] int64 words of 8 codes, xs the 8 columns of x (split8)."""
+    def _e4m3_word_sums(acc, w, xs, BY_BITS: tl.constexpr = False):
+        """acc plus a step's products (kiln.kernels.words.byte_word_steps' word_sums): w [k, n] int64 words of 8
+        codes, xs the 8 columns of x (split8)."""
         acc = _e4m3_half_sums(acc, w.to(tl.int32), xs[0], xs[1], xs[2], xs[3], BY_BITS)  # (the low half)
         return _e4m3_half_sums(acc, (w >> 32).to(tl.int32), xs[4], xs[5], xs[6], xs[7], BY_BITS)
+
+    @triton.jit
+    def _e4m3_bits_word_sums(acc, w, xs):
+        """_e4m3_word_sums with each code made a float by bit operations (BY_BITS)."""
+        return _e4m3_word_sums(acc, w, xs, True)
 
     @triton.jit
     def _scaled_sums(acc, x_scale, ws_ptrs, BY_BITS: tl.constexpr):

@@ -3,7 +3,8 @@ each thread holds one word of each of its outputs and the columns of x that word
 tiles split here into columns, so no value crosses threads until the final sum (kiln.kernels.quant_gemm's int4 and
 int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 and int8 GEMVs a (token, expert) pair). The int4
 and int8 GEMVs' sums (`w4_row_sums`, `w8_row_sums`) are here whole: the dense and the MoE kernels call them on their
-own rows."""
+own rows. The e4m3 GEMV's (kiln.kernels.gemv.fp8_word_row_sums) runs the int8 one's loop (`byte_word_steps`) with
+its own products and scales."""
 
 INT4_SYMMETRIC_ZERO = 8  # int4 codes' zero point where a format has none (kiln.quantization.weight_only's formats)
 
@@ -177,42 +178,62 @@ if triton is not None:
         return y, y_paired
 
     @triton.jit
+    def byte_word_steps(x_row, w_row, outs, pair_offset, word_sums, PAIRED: tl.constexpr, K: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
+                        X_SCALE: tl.constexpr = 1.0, SUM_X: tl.constexpr = False):
+        """The loop of the GEMVs on words of 8 byte codes, int8's (w8_row_sums) and e4m3's
+        (kiln.kernels.gemv.fp8_word_row_sums): (acc, acc of the rows pair_offset further on, x's sums), float32
+        [BLOCK_KW, BLOCK_N] a word of each output and [BLOCK_KW] a word of x, which each format's own epilogue sums
+        and scales (the paired acc 0 without PAIRED, x's sums 0 without SUM_X). A step adds the format's products,
+        word_sums(acc, w, xs): w the int64 words [BLOCK_KW, BLOCK_N] of rows `outs` of the codes at w_row, xs
+        (split8) the 8 columns of x (at x_row) they multiply, times X_SCALE. Requests the first step's weights,
+        then waits for x (kiln.kernels.pdl)."""
+        # Word c of a row holds columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8 bytes of an
+        # output's codes and the 8 columns of x they multiply, as w4_row_sums loads a word of 16 codes.
+        # The lines up to the loop keep the order that gives both formats the sm_90 code of their own loops before
+        # they shared this one (the order of the values the loop carries; scripts/kernel_sass.py --sass).
+        KW: tl.constexpr = K // 8  # words per row
+        pair_row = w_row + pair_offset * KW
+        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
+        acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
+        x_sums = tl.zeros([BLOCK_KW], tl.float32)
+        acc_pair = acc
+        w = step_words(w_row, 0, first, outs, KW, EVEN_K)
+        if PAIRED:
+            w_pair = step_words(pair_row, 0, first, outs, KW, EVEN_K)
+        wait_for_inputs(USE_PDL)
+        for k0 in range(0, KW, BLOCK_KW):
+            if k0 > 0:
+                w = step_words(w_row, k0, first, outs, KW, EVEN_K)
+                if PAIRED:
+                    w_pair = step_words(pair_row, k0, first, outs, KW, EVEN_K)
+            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
+            # (a word past the row's end reads 0, and so does x there. Not load_step: the interpreter cannot cast
+            # its integer 0 to e4m3 codes of x, and as a call it moved registers in the e4m3 MoE kernel's sm_90 code)
+            x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=(k0 + first < KW)[:, None], other=0.0)
+            xs = split8(x.to(tl.float32) * X_SCALE)
+            if SUM_X:
+                x_sums += sum8(xs)
+            acc = word_sums(acc, w, xs)
+            if PAIRED:
+                acc_pair = word_sums(acc_pair, w_pair, xs)
+        return acc, acc_pair, x_sums
+
+    @triton.jit
     def w8_row_sums(x_row, w_row, s_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
         """The int8 GEMV's outputs, float32 [BLOCK_N]: x (at x_row) times rows `outs` of int8 codes from w_row, each
         times its row's scale (at s_row + the row), and with PAIRED also the rows `gap` further on (the same x read
         once for both): (y, y of the paired rows; y again without PAIRED). Requests the first step's weights, then
         waits for x (kiln.kernels.pdl)."""
-        # Codes read as int64 words of 8, word c of a row holding columns 8c..8c+7, column 8c + j in bits
-        # 8j..8j+7: each thread loads 8 bytes of an output's codes and the 8 columns of x they multiply (16 bytes),
-        # as w4_row_sums loads a word of 16 codes. Each 32-bit half is XORed with 0x80808080, which makes each byte
-        # the unsigned code u = q + 128 (one instruction a half), and w4_row_sums' trick turns it into a float:
-        # bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32 bits,
-        # are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA. The sums carry
-        # 2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in float32.
-        KW: tl.constexpr = K // 8  # words per row
-        first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        x_sums = tl.zeros([BLOCK_KW], tl.float32)
-        w = step_words(w_row, 0, first, outs, KW, EVEN_K)
-        if PAIRED:
-            wp_row = w_row + gap * KW
-            acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-            wp = step_words(wp_row, 0, first, outs, KW, EVEN_K)
-        wait_for_inputs(USE_PDL)
-        for k0 in range(0, KW, BLOCK_KW):
-            ok = (k0 + first < KW)[:, None]
-            if k0 > 0:
-                w = step_words(w_row, k0, first, outs, KW, EVEN_K)
-                if PAIRED:
-                    wp = step_words(wp_row, k0, first, outs, KW, EVEN_K)
-            x_p = x_row + 8 * k0 + (8 * first)[:, None] + tl.arange(0, 8)[None, :]
-            xs = split8(load_step(x_p, ok, EVEN_K).to(tl.float32))
-            x_sums += sum8(xs)
-            # (a word past the row's end reads 0: codes 128 times x's 0 there)
-            acc = _word_byte_sums(acc, w, xs)
-            if PAIRED:
-                acc_paired = _word_byte_sums(acc_paired, wp, xs)
+        # Codes read as int64 words of 8 (byte_word_steps). Each 32-bit half is XORed with 0x80808080, which makes
+        # each byte the unsigned code u = q + 128 (one instruction a half), and w4_row_sums' trick turns it into a
+        # float: bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32
+        # bits, are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA. The sums
+        # carry 2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in
+        # float32 (a word past the row's end reads 0: codes 128 times x's 0 there).
+        acc, acc_paired, x_sums = byte_word_steps(x_row, w_row, outs, gap, _word_byte_sums, PAIRED, K, EVEN_K,
+                                                  BLOCK_KW, USE_PDL, SUM_X=True)
         x_total = tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
         y = (tl.sum(acc, axis=0) - x_total) * (2.0 ** SHIFT_EXP) * tl.load(s_row + outs).to(tl.float32)
         y_paired = y
