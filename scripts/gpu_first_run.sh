@@ -36,12 +36,14 @@
 #   GPU tests, then an MoE engine's speed, 16 of Qwen3-30B-A3B's layers (21 GB in bf16), with its experts in
 #   W8A16, W4A16 and FP8 (int8, int4 and e4m3 codes) beside bf16: batch-1 decode against the top-k roofline, and
 #   batch 64 (about 7 minutes). The thirty-sixth session's H100 run, before decode by pair: bf16 at 37% of the
-#   roofline, W4A16 at 20% (0.94x bf16).
+#   roofline, W4A16 at 20% (0.94x bf16); the forty-first's (H100, int4 and int8 words): 223 tests pass, bf16 782.3
+#   tokens/s (81%), W8A16 1.21x, W4A16 1.40x, FP8_PER_CHANNEL_PER_TOKEN 1.15x.
 # - moe-grouped: the same W4A16 and bf16 engines with decode by pair off (KILN_MOE_BY_PAIR=0), the A/B's other
 #   half (about 4 minutes).
-# - moe-e4m3-words (fortieth session, not yet run on a GPU): the pair GEMVs' sweep (FP8 experts by tiles and by
-#   words now among them), then FP8_PER_CHANNEL_PER_TOKEN experts by words beside bf16 (the other half of the A/B
-#   is `moe`'s FP8 line). If the words win, add e4m3 to kiln.kernels.moe.PAIR_WORDS' default (about 5 minutes).
+# - moe-e4m3-words (fortieth session): the pair GEMVs' sweep (FP8 experts by tiles and by words among them), then
+#   FP8_PER_CHANNEL_PER_TOKEN experts by words beside bf16 (the other half of the A/B is `moe`'s FP8 line before
+#   the forty-first session, when the words won on the H100, 1.19x bf16 against 1.15x, and became the default)
+#   (about 4 minutes).
 # - fusions (thirty-eighth session: also attention sinks in every paged kernel and gpt-oss's expert biases and
 #   clamped GLU in both MoE kernels, the latent cache's wide tiles, and Granite, OLMo 3 and gpt-oss greedy tokens):
 #   the thirty-seventh session's decode launches cut (the MoE router's softmax and top-k in one kernel,
@@ -69,11 +71,10 @@
 #   FP8 lm_head beside bf16, batch-1 decode. Fortieth session, H100: 25 pass, the words won every shape, 321.2
 #   against 188.7 tok/s (1.70x). About 4 minutes.
 # - gpt-oss: gpt-oss-20b's shapes, 12 of 24 layers (sinks, alternating windows, 32 experts with biases), batch-1
-#   decode and batch 64 (about 4 minutes; never run: the fortieth session's try met transformers refusing 12 layers
-#   with 24 layer_types, since fixed in kiln.bench.offline.synthetic_hf_model).
+#   decode and batch 64 (about 3 minutes; forty-first session, H100: 499.5 tokens/s, 90% of the roofline).
 # - w4-profile (fortieth session, for issue 4's W4A16 2.5x, at 2.30x with the bf16 lm_head and 83% of its roofline):
-#   each format's GEMV per Llama-3-8B shape on the H100 (bf16, int4, int8; never timed there), then W4A16 batch-1
-#   decode under torch.profiler, its kernels by GPU time (about 4 minutes).
+#   each format's GEMV per Llama-3-8B shape on the H100 (bf16, int4, int8), then W4A16 batch-1 decode under
+#   torch.profiler, its kernels by GPU time (about 3 minutes; forty-first session: docs/performance.md).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's

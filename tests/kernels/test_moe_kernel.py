@@ -178,7 +178,7 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 @pytest.mark.parametrize("tokens,first,num_local", [(1, 0, 8), (2, 2, 3)])  # (expert parallelism: pairs not held)
 def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first, num_local):
     """int4, int8 and e4m3 experts held as the engine holds them (fc and gate halves of one fused tensor on the
-    device) go by words of codes (_pair_words_kernel; e4m3 only where KILN_MOE_WORDS names it), gated and plain;
+    device) go by words of codes (_pair_words_kernel), gated and plain;
     their output matches the reference and the tile kernel's, which the words replace (KILN_MOE_WORDS=0).
     Separate fc and gate tensors keep the tile kernel. (e4m3 codes become floats by the hardware's conversion on
     the GPU, by bit operations under Triton's interpreter.)"""
@@ -210,8 +210,9 @@ def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt
 
 def test_pair_words_take_only_experts_whose_codes_read_as_words(monkeypatch):
     """Which experts the words kernel takes (no GPU needed): int4 and int8 fc and gate as halves of one fused
-    tensor, proj alone, under 16-bit activations; e4m3 where KILN_MOE_WORDS names it; not float32 activations, fc
-    and gate apart, rows of part of a word, or scales not one a row (or a row's group) in contiguous rows."""
+    tensor, proj alone, under 16-bit activations, e4m3 too, each where KILN_MOE_WORDS names it; not float32
+    activations, fc and gate apart, rows of part of a word, or scales not one a row (or a row's group) in contiguous
+    rows."""
     from kiln.kernels import moe
 
     fc, gate, proj = expert_weights(4, 64, 48, seed=12)
@@ -222,13 +223,12 @@ def test_pair_words_take_only_experts_whose_codes_read_as_words(monkeypatch):
         return ExpertCodes(*(None if t is None else torch.cat([t, u], dim=1) for t, u in (
             (a.codes, b.codes), (a.scale, b.scale), (a.zero, b.zero))), a.group).halves()
 
-    for fmt, codes in (("int4_g32", 2), ("int4_g64_zp", 2), ("int8", 1)):
+    for fmt, codes in (("int4_g32", 2), ("int4_g64_zp", 2), ("int8", 1), ("e4m3", 3)):
         words, *_, gap, tile, kind = moe._pair_words_args(x16, *fused(fmt))
         assert (gap, kind, words.dtype) == (48, codes, torch.int64)
         assert moe._pair_words_args(x16, expert_codes(proj, fmt, torch.bfloat16), None)[4] == 0
         assert moe._pair_words_args(x32, *fused(fmt)) is None
         assert moe._pair_words_args(x16, *(expert_codes(w, fmt, torch.bfloat16) for w in (fc, gate))) is None
-    assert moe._pair_words_args(x16, *fused("e4m3")) is None  # (e4m3 not among KILN_MOE_WORDS' default formats)
     narrow = [w[..., :56] for w in (fc, gate)]  # 56 inputs: 3.5 words of int4 codes, 7 of int8
     assert moe._pair_words_args(x16[:, :56], *fused("int4_g32", *narrow)) is None
     assert moe._pair_words_args(x16[:, :56], *fused("int8", *narrow)) is not None
