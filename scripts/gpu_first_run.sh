@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words (default: all)
+#   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -75,6 +75,14 @@
 # - w4-profile (fortieth session, for issue 4's W4A16 2.5x, at 2.30x with the bf16 lm_head and 83% of its roofline):
 #   each format's GEMV per Llama-3-8B shape on the H100 (bf16, int4, int8), then W4A16 batch-1 decode under
 #   torch.profiler, its kernels by GPU time (about 3 minutes; forty-first session: docs/performance.md).
+# - norm-probe (forty-first session, not yet run: the session's device time ran out): W4A16 batch-1 decode as it
+#   is, then with every RMSNorm left out (scripts/probe_norm_cost.py): the most that folding the norms into the
+#   GEMVs could save a step, before anyone builds it (issue 4's W4A16 needs 2.30 -> 2.12 ms a step; about 3 minutes).
+# - w4-timeline (forty-first session): W4A16 batch-1 decode under torch.profiler with PDL off (KILN_PDL=0), so each
+#   kernel's time is its own (with PDL a kernel's time includes its wait for the one before: w4-profile's kernels
+#   summed to 1.22 s over a 0.59 s run), and the same run's tokens/s, PDL's share (about 3 minutes).
+# - prefill (forty-first session): bf16 prefill-1000 on the H100, issue 3's 70% line, last run on an H100 in the
+#   third session (55%); since then only on H200s (66-67%) (about 3 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -85,7 +93,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words}
+  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -154,10 +162,16 @@ for part in $parts; do
                 $bench --quant-algo W4A16 --workloads decode-1 --profile --output-json "$out/$part.json" ;;
     gpt-oss) python -m kiln bench --synthetic gpt-oss-20b --synthetic-layers 12 --dtype bfloat16 --baseline none \
                --workloads decode-1,offline-64 --output-json "$out/$part.json" ;;
+    norm-probe) python scripts/probe_norm_cost.py --synthetic llama-3-8b --dtype bfloat16 --baseline none \
+                  --quant-algo W4A16 --skip-unquantized --workloads decode-1 ;;
+    w4-timeline) KILN_PDL=0 $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 --profile \
+                   --output-json "$out/$part.json" ;;
+    prefill) $bench --workloads prefill-1000 --output-json "$out/$part.json" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
-         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile or moe-e4m3-words" >&2
+         "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
+         "norm-probe, w4-timeline or prefill" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
