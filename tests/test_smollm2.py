@@ -113,6 +113,23 @@ def test_stop_string_cuts_the_text_like_the_reference(engine_dir, hf_tokenizer):
     assert (cut.outputs[0].finish_reason, cut.outputs[0].stop_reason) == ("stop", ".")
 
 
+def test_json_mode_answers_one_object_where_the_free_answer_runs_on(engine_dir):
+    """Asked for JSON, SmolLM2 writes an object and then prose (or a fenced block first); in JSON mode the answer is
+    the object alone, closed by EOS, and json.loads reads it."""
+    from kiln import LLM, SamplingParams
+
+    llm = LLM(engine_dir, device="cpu")
+    question = "Give me a JSON object describing Ada Lovelace with keys name, born and known_for."
+    free = llm.chat(question, SamplingParams(temperature=0, max_tokens=60)).outputs[0]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.text)
+    out = llm.chat(question, SamplingParams(temperature=0, max_tokens=120, json_object=True)).outputs[0]
+    assert out.finish_reason == "stop"
+    assert json.loads(out.text)["name"] == "Ada Lovelace"
+    printed = kiln_cli("run", "--engine-dir", engine_dir, "--json", "--chat", question, "--max-tokens", "120")
+    assert json.loads(printed.stdout) == json.loads(out.text)  # (`kiln run --json`: the same answer)
+
+
 def test_keep_quantization_runs_the_files_own_int4_like_transformers(gguf, hf_gguf_model, hf_tokenizer, tmp_path):
     """`kiln convert --keep-quantization`: the Q4_1 linears stay int4 (W4A16 at group 32, float zero points), and
     the engine built from them computes transformers' logits of the dequantized file and its greedy tokens."""

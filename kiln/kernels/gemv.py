@@ -265,7 +265,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` runs this product faster than cuBLAS on this GPU (timed on the first call per shape)."""
     rows = x.numel() // x.shape[-1]
-    if triton is None or not (x.is_cuda and rows <= GEMV_MAX_ROWS and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype):
+    if triton is None or not (x.is_cuda and rows <= GEMV_MAX_ROWS and x.dtype in KERNEL_DTYPES
+                              and weight.dtype == x.dtype):
         return False
     key = (*weight.shape, x.dtype, rows, x.device.index)
     if key not in _faster:

@@ -146,7 +146,7 @@ class LLM:
         gc.freeze()
         self.runner = _make_runner(self.engine_dir, self.engine, self.build_config, self.device)
         self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids,
-                                          self.engine.config.vocab_size)
+                                          self.engine.config.vocab_size, lambda: tok.token_bytes(self.tokenizer))
         self._next_request = 0
 
     def shutdown(self) -> None:

@@ -26,6 +26,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's, +-100)
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's)
+    # The output is one JSON object (OpenAI's response_format json_object): at each step the tokens that would break
+    # it are masked, and once it closes only EOS (or a stop token) may follow (kiln.runtime.json_mode). A cut at
+    # max_tokens still leaves an unclosed object (finish_reason "length").
+    json_object: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -54,6 +58,8 @@ class SamplingParams:
              "a dict of token id (an integer >= 0) -> bias in [-100, 100]"),
             ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
              f"an integer in [0, max_tokens ({self.max_tokens})]"),
+            ("json_object", isinstance(self.json_object, bool) and not (self.json_object and self.ignore_eos),
+             "True or False, and not True with ignore_eos (the output ends with EOS once the object closes)"),
         ]
         for name, ok, allowed in checks:
             if not ok:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from kiln.checkpoint.tokenizer_files import TOKENIZER_MAIN_FILES, has_tokenizer
@@ -38,3 +40,47 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 def decode(tokenizer, ids: list[int]) -> str:
     return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: the printable bytes stand for themselves, the others
+    (space, control bytes, ...) for the characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(0x100 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_piece(piece: str) -> bytes | None:
+    try:
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    except KeyError:  # (not a byte-level piece: never part of the JSON)
+        return None
+
+
+def _sentencepiece_piece(piece: str) -> bytes:
+    fallback = _BYTE_FALLBACK.fullmatch(piece)
+    return bytes([int(fallback.group(1), 16)]) if fallback else piece.replace("\u2581", " ").encode()
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    """The types named in a fast tokenizer's decoder (nested ones too): "ByteLevel", "ByteFallback", ..."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    return set(re.findall(r'"type":\s*"(\w+)"', json.dumps(decoder))) if decoder else set()
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Each token id's bytes in the text it decodes to (None: a special or added token, never inside the JSON):
+    byte-level BPE pieces (GPT-2, Llama 3, Qwen, SmolLM2) through their alphabet, SentencePiece pieces (Llama 2,
+    Mistral) with "\u2581" for a space and <0xNN> for a byte. JSON mode (kiln.runtime.json_mode) reads them."""
+    if tokenizer is None:
+        raise CheckpointError("this model has no tokenizer, and JSON mode (json_object) reads the tokens' text from "
+                              "it: save the model's tokenizer files beside its weights and rebuild")
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    as_bytes = _byte_level_piece if "ByteLevel" in _decoder_types(tokenizer) else _sentencepiece_piece
+    return [None if i in special or piece is None else as_bytes(piece) for i, piece in enumerate(pieces)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,17 +17,22 @@ from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.executor import Executor
+from kiln.runtime.json_mode import JsonConstraint, JsonVocab
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 
 
 class GenerationEngine:
-    def __init__(self, runner, build_config: BuildConfig, eos_token_ids=(), vocab_size: int | None = None):
+    def __init__(self, runner, build_config: BuildConfig, eos_token_ids=(), vocab_size: int | None = None,
+                 token_bytes: Callable[[], list] | None = None):
         """runner: a ModelRunner (one process), DriverRunner (torchrun) or WorkerGroup (worker processes);
-        it says how many KV-cache blocks every rank holds."""
+        it says how many KV-cache blocks every rank holds. token_bytes: each token id's bytes
+        (kiln.runtime.json_mode.token_bytes of the tokenizer), asked for at the first JSON-mode request."""
         self.build_config = build_config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
+        self._token_bytes = token_bytes
+        self._json_vocab: JsonVocab | None = None
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
         self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync)
         self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks,
@@ -58,8 +64,22 @@ class GenerationEngine:
         seq = Sequence(next(self._ids), list(prompt_ids), params,
                        max_len=min(len(prompt_ids) + params.max_tokens, bc.max_seq_len),
                        seed=seed, stop_ids=stop_ids)
+        if params.json_object:
+            seq.json = JsonConstraint(self.json_vocab(stop_ids))
         self.scheduler.add(seq)
         return seq
+
+    def json_vocab(self, stop_ids) -> JsonVocab:
+        """The vocabulary's JSON masks, made at the first JSON-mode request."""
+        if self._token_bytes is None or self.vocab_size is None:
+            raise ConfigError("SamplingParams.json_object needs the tokenizer's token bytes, which this engine was "
+                              "not given: run it through kiln.LLM (or kiln serve)")
+        if not stop_ids:
+            raise ConfigError("SamplingParams.json_object needs a token to end the output once the object closes: "
+                              "the model's config names no EOS; give stop_token_ids")
+        if self._json_vocab is None:
+            self._json_vocab = JsonVocab(self._token_bytes(), self.vocab_size)
+        return self._json_vocab
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -59,7 +59,7 @@ def top_k_top_p_filter_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
 
 
 def _apply_penalties(logits: torch.Tensor, seqs) -> torch.Tensor:
-    """Each row's penalties, logit bias, and (before min_tokens) its stop tokens masked out."""
+    """Each row's penalties, logit bias, (before min_tokens) its stop tokens masked out, and last its JSON mask."""
     for i, seq in enumerate(seqs):
         params = seq.params
         if params.logit_bias:
@@ -73,6 +73,8 @@ def _apply_penalties(logits: torch.Tensor, seqs) -> torch.Tensor:
         if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
             logits[i] = apply_presence_frequency_penalty(logits[i], seq.output_ids, params.presence_penalty,
                                                          params.frequency_penalty)
+        if seq.json is not None:  # (last: a closed object takes its stop tokens whatever min_tokens says)
+            logits[i] = seq.json.restrict(logits[i], seq.stop_ids)
     return logits
 
 

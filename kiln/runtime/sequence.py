@@ -34,6 +34,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: its stop_token_ids, and EOS unless ignore_eos
+    json: object = None  # its place in the JSON object params.json_object asks for (kiln.runtime.json_mode)
     # prompt + output, kept as one list (the scheduler reads it every step; concatenating each time is O(len))
     all_ids: list[int] = field(init=False)
 
@@ -54,16 +55,18 @@ class Sequence:
         """New output tokens, all ready at `when` (one step, or a burst of decode steps read at once)."""
         self.output_ids += tokens
         self.all_ids += tokens
+        if self.json is not None:
+            self.json.advance(tokens)
         self.token_times += [when] * len(tokens)
 
     @cached_property  # the params never change: checked once, not at every step
     def queueable(self) -> bool:
-        """Nothing read from the logits but the sampled token, and no penalty, bias or min_tokens (applied on the
-        host's side of sampling, kiln.runtime.sampler): a step can be queued before the host has read this
+        """Nothing read from the logits but the sampled token, and no penalty, bias, min_tokens or JSON mask (applied
+        on the host's side of sampling, kiln.runtime.sampler): a step can be queued before the host has read this
         sequence's token from the step before."""
         p = self.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None and not p.logit_bias and not p.min_tokens)
+                and p.logprobs is None and not p.logit_bias and not p.min_tokens and not p.json_object)
 
     @cached_property
     def burstable(self) -> bool:

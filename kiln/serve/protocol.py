@@ -38,15 +38,16 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
 
 # OpenAI request fields that kiln does not implement, each with the values that ask for nothing: clients send some
 # of them by default. Any other value is refused by name, since answering as if the field were absent would return
-# output the client did not ask for (prose where `response_format` asked for JSON).
+# output the client did not ask for (a prose answer where `tools` asked for a call).
 UNIMPLEMENTED_FIELDS = {
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "functions": ([],),
 }
+# response_format's types: whether each holds the output to one JSON object (SamplingParams.json_object)
+RESPONSE_FORMATS = {"text": False, "json_object": True}
 
 
 def refuse_unimplemented(body: dict) -> None:
@@ -91,9 +92,23 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
             logprobs=logprobs,
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
+            json_object=_json_object(body),
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None
+
+
+def _json_object(body: dict) -> bool:
+    """OpenAI's response_format: {"type": "text"} or {"type": "json_object"} (JSON mode)."""
+    kind = field(body, "response_format", dict, {"type": "text"}).get("type")
+    if kind == "json_schema":
+        raise APIError(400, "'response_format' of type 'json_schema' is not implemented by kiln serve; send "
+                       "{'type': 'json_object'} (the output is then one JSON object; describe its keys in the prompt)",
+                       param="response_format")
+    if kind not in RESPONSE_FORMATS:
+        raise APIError(400, f"'response_format.type' must be one of {sorted(RESPONSE_FORMATS)}, got {kind!r}",
+                       param="response_format")
+    return RESPONSE_FORMATS[kind]
 
 
 def _logit_bias(body: dict) -> dict[int, float]:

@@ -273,6 +273,24 @@ def test_logit_bias_forces_a_token_like_the_python_api(client, model, llm):
     assert banned[0].outputs[0].token_ids[0] != first
 
 
+def test_json_mode_answers_with_one_object(client, model, llm):
+    """response_format json_object (kiln.runtime.json_mode): pushed by logit_bias to close at once, the answer is
+    "{}" and EOS, streamed or not; sampled freely (a random model), every answer is an object or the start of one."""
+    from kiln.runtime.json_mode import START, walk
+
+    braces = {str(llm.tokenizer.convert_tokens_to_ids(t)): 100 for t in "{}"}
+    whole = chat(client, model, response_format={"type": "json_object"}, logit_bias=braces, temperature=0,
+                 max_tokens=16)
+    assert json.loads(whole.choices[0].message.content) == {} and whole.choices[0].finish_reason == "stop"
+    texts, reasons, _, _ = streamed(chat(client, model, response_format={"type": "json_object"}, logit_bias=braces,
+                                         temperature=0, max_tokens=16, stream=True), chat_api=True)
+    assert (texts, reasons) == ({0: "{}"}, {0: "stop"})
+    sampled = chat(client, model, response_format={"type": "json_object"}, max_tokens=24, seed=5, n=4)
+    for choice in sampled.choices:
+        assert walk(START, choice.message.content.encode()) is not None, choice.message.content
+    assert_still_serving(client, model)
+
+
 def test_bad_logit_bias_is_400_naming_it(server, client, model):
     for bias in ({"x": 1}, {"5": 500}, {"49152": 1}):
         status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT,
@@ -416,7 +434,8 @@ UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value tha
     ("completions", {"best_of": 3}),
     ("completions", {"echo": True}),
     ("completions", {"suffix": " the end"}),
-    ("chat/completions", {"response_format": {"type": "json_object"}}),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "colour", "schema": {
+        "type": "object", "properties": {"colour": {"type": "string"}}}}}}),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {}}}]}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
 ]
