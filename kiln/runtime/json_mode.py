@@ -273,7 +273,7 @@ class JsonConstraint:
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
         else:
             allowed = self.vocab.allowed(self.state)[:logits.shape[-1]].clone()
-        if self.done or not allowed.any():  # (a state no token continues: end rather than break the JSON)
+        if not allowed.any():  # closed (or a state no token continues: end rather than break the JSON)
             allowed[sorted(t for t in stop_ids if t < logits.shape[-1])] = True
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
