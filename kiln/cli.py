@@ -144,12 +144,14 @@ def cmd_run(args) -> None:
 
 
 def _generate_to_stdout(llm, args) -> None:
+    from kiln.config import read_json
     from kiln.llmapi.sampling_params import SamplingParams
 
+    schema = None if args.json_schema is None else read_json(args.json_schema, "JSON Schema file")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [],
                             repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos,
-                            json_object=args.json)
+                            json_object=args.json, json_schema=schema)
     if args.prompt_ids is not None:
         stream = llm.generate_stream(args.prompt_ids, params)
     elif args.prompt is not None:
@@ -404,8 +406,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--json", action="store_true",
-                   help="JSON mode: the output is one JSON object (tokens that would break it are never sampled)")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json", action="store_true",
+                            help="JSON mode: the output is one JSON object (tokens that would break it are never "
+                                 "sampled)")
+    structured.add_argument("--json-schema", metavar="FILE",
+                            help="structured output: the output is one value of the JSON Schema in FILE")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype when converting a source model in-process")
     _add_keep_quantization_flag(p)

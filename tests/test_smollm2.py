@@ -130,6 +130,29 @@ def test_json_mode_answers_one_object_where_the_free_answer_runs_on(engine_dir):
     assert json.loads(printed.stdout) == json.loads(out.text)  # (`kiln run --json`: the same answer)
 
 
+def test_json_schema_answers_a_valid_value(engine_dir, tmp_path):
+    """Structured output: SmolLM2's greedy answer under a schema validates against it (the jsonschema package),
+    from the Python API and from `kiln run --json-schema FILE` alike."""
+    import jsonschema
+
+    from kiln import LLM, SamplingParams
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"},
+              "known_for": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+              "required": ["name", "born", "known_for"]}
+    question = "Describe Ada Lovelace as JSON with keys name, born (a year) and known_for."
+    llm = LLM(engine_dir, device="cpu")
+    out = llm.chat(question, SamplingParams(temperature=0, max_tokens=120, json_schema=schema)).outputs[0]
+    assert out.finish_reason == "stop"
+    answer = json.loads(out.text)
+    jsonschema.validate(answer, schema)
+    assert answer["name"] == "Ada Lovelace"
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    printed = kiln_cli("run", "--engine-dir", engine_dir, "--json-schema", tmp_path / "schema.json", "--chat",
+                       question, "--max-tokens", "120")
+    assert json.loads(printed.stdout) == answer
+
+
 def test_keep_quantization_runs_the_files_own_int4_like_transformers(gguf, hf_gguf_model, hf_tokenizer, tmp_path):
     """`kiln convert --keep-quantization`: the Q4_1 linears stay int4 (W4A16 at group 32, float zero points), and
     the engine built from them computes transformers' logits of the dequantized file and its greedy tokens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.runtime.json_schema import schema_grammar
 
 
 @dataclass
@@ -30,6 +31,9 @@ class SamplingParams:
     # it are masked, and once it closes only EOS (or a stop token) may follow (kiln.runtime.json_mode). A cut at
     # max_tokens still leaves an unclosed object (finish_reason "length").
     json_object: bool = False
+    # The output is one value of this JSON Schema (OpenAI's response_format json_schema), masked as json_object is;
+    # the keywords it holds to and the ones it refuses: kiln.runtime.json_schema.
+    json_schema: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -60,10 +64,15 @@ class SamplingParams:
              f"an integer in [0, max_tokens ({self.max_tokens})]"),
             ("json_object", isinstance(self.json_object, bool) and not (self.json_object and self.ignore_eos),
              "True or False, and not True with ignore_eos (the output ends with EOS once the object closes)"),
+            ("json_schema", self.json_schema is None or isinstance(self.json_schema, dict)
+             and not self.json_object and not self.ignore_eos,
+             "None or a JSON Schema (a dict), without json_object (it asks for JSON already) or ignore_eos"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+        if self.json_schema is not None:
+            schema_grammar(self.json_schema)  # (a schema kiln cannot hold to is refused here, its path named)
 
     @property
     def greedy(self) -> bool:

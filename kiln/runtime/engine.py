@@ -18,6 +18,7 @@ from kiln.errors import ConfigError
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.executor import Executor
 from kiln.runtime.json_mode import JsonConstraint, JsonVocab
+from kiln.runtime.json_schema import schema_grammar
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 
@@ -66,17 +67,19 @@ class GenerationEngine:
                        seed=seed, stop_ids=stop_ids)
         if params.json_object:
             seq.json = JsonConstraint(self.json_vocab(stop_ids))
+        elif params.json_schema is not None:
+            seq.json = JsonConstraint(self.json_vocab(stop_ids), schema_grammar(params.json_schema))
         self.scheduler.add(seq)
         return seq
 
     def json_vocab(self, stop_ids) -> JsonVocab:
         """The vocabulary's JSON masks, made at the first JSON-mode request."""
         if self._token_bytes is None or self.vocab_size is None:
-            raise ConfigError("SamplingParams.json_object needs the tokenizer's token bytes, which this engine was "
-                              "not given: run it through kiln.LLM (or kiln serve)")
+            raise ConfigError("SamplingParams.json_object and json_schema need the tokenizer's token bytes, which "
+                              "this engine was not given: run it through kiln.LLM (or kiln serve)")
         if not stop_ids:
-            raise ConfigError("SamplingParams.json_object needs a token to end the output once the object closes: "
-                              "the model's config names no EOS; give stop_token_ids")
+            raise ConfigError("SamplingParams.json_object and json_schema need a token to end the output once the "
+                              "JSON closes: the model's config names no EOS; give stop_token_ids")
         if self._json_vocab is None:
             self._json_vocab = JsonVocab(self._token_bytes(), self.vocab_size)
         return self._json_vocab

@@ -185,13 +185,29 @@ def step(state: tuple, b: int) -> tuple | None:
     return _MODES[mode](stack, arg, b)
 
 
-def walk(state: tuple | None, data: bytes) -> tuple | None:
-    """The state after every byte of data (None once one is refused)."""
+def walk(state: tuple | None, data: bytes, step=step) -> tuple | None:
+    """The state after every byte of data (None once one is refused), by `step` (a grammar's)."""
     for b in data:
         if state is None:
             return None
         state = step(state, b)
     return state
+
+
+class JsonObjectGrammar:
+    """Any one JSON object: JSON mode's grammar. A grammar is what JsonVocab and JsonConstraint need of one: its
+    start state, its `step`, and which of its states are inside a string (where plain tokens keep the state); the
+    schema grammars of kiln.runtime.json_schema are the others."""
+
+    start = START
+    step = staticmethod(step)
+
+    @staticmethod
+    def in_plain_string(state: tuple) -> bool:
+        return state[0] == "string"
+
+
+JSON_OBJECT = JsonObjectGrammar()
 
 
 # ---------------------------------------------------------------------------- masks
@@ -212,7 +228,7 @@ def _plain_in_string(data: bytes) -> bool:
 
 
 class JsonVocab:
-    """A vocabulary's token bytes as tries, and the allowed-token mask of each recognizer state met so far.
+    """A vocabulary's token bytes as tries, and the allowed-token mask of each (grammar, state) met so far.
 
     Inside a string every token of plain bytes (printable ASCII but quote and backslash) keeps the state as it is,
     and they are most of a vocabulary, so a string's mask is those tokens plus a walk of the other tokens' trie."""
@@ -229,38 +245,40 @@ class JsonVocab:
         self.plain[[i for i, b in tokens if _plain_in_string(b)]] = True
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    def allowed(self, state: tuple) -> torch.Tensor:
-        """Bool [vocab_size]: the tokens whose every byte the recognizer takes from `state` (CPU; do not modify)."""
-        mask = self._masks.get(state)
+    def allowed(self, state: tuple, grammar=JSON_OBJECT) -> torch.Tensor:
+        """Bool [vocab_size]: the tokens whose every byte the grammar takes from `state` (CPU; do not modify)."""
+        mask = self._masks.get((grammar, state))
         if mask is None:
             if len(self._masks) >= self.MAX_MASKS:
                 self._masks.clear()
-            in_string = state[0] == "string"
+            in_string = grammar.in_plain_string(state)
             mask = self.plain.clone() if in_string else torch.zeros(self.vocab_size, dtype=torch.bool)
             ids: list[int] = []
-            _collect(self.string_trie if in_string else self.trie, state, ids)
+            _collect(self.string_trie if in_string else self.trie, state, grammar.step, ids)
             mask[ids] = True
-            self._masks[state] = mask
+            self._masks[grammar, state] = mask
         return mask
 
 
-def _collect(node: dict, state: tuple, ids: list[int]) -> None:
-    """Append to ids every token under node whose bytes the recognizer takes from state."""
+def _collect(node: dict, state: tuple, step, ids: list[int]) -> None:
+    """Append to ids every token under node whose bytes `step` takes from state."""
     for b, child in node.items():
         if b is None:
             continue
         after = step(state, b)
         if after is not None:
             ids.extend(child.get(None, ()))
-            _collect(child, after, ids)
+            _collect(child, after, step, ids)
 
 
 class JsonConstraint:
-    """One sequence's place in its JSON object: the mask for its next token, advanced by the tokens it takes."""
+    """One sequence's place in its JSON (any object, or a schema's value): the mask for its next token, advanced by
+    the tokens it takes."""
 
-    def __init__(self, vocab: JsonVocab):
+    def __init__(self, vocab: JsonVocab, grammar=JSON_OBJECT):
         self.vocab = vocab
-        self.state: tuple | None = START
+        self.grammar = grammar
+        self.state: tuple | None = grammar.start
 
     @property
     def done(self) -> bool:
@@ -272,7 +290,7 @@ class JsonConstraint:
         if self.done or self.state is None:
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
         else:
-            allowed = self.vocab.allowed(self.state)[:logits.shape[-1]].clone()
+            allowed = self.vocab.allowed(self.state, self.grammar)[:logits.shape[-1]].clone()
         if not allowed.any():  # closed (or a state no token continues: end rather than break the JSON)
             allowed[sorted(t for t in stop_ids if t < logits.shape[-1])] = True
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
@@ -283,4 +301,4 @@ class JsonConstraint:
             if self.done:
                 return
             data = self.vocab.token_bytes[token] if token < len(self.vocab.token_bytes) else None
-            self.state = walk(self.state, data) if data else None
+            self.state = walk(self.state, data, self.grammar.step) if data else None

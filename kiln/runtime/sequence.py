@@ -34,7 +34,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: its stop_token_ids, and EOS unless ignore_eos
-    json: object = None  # its place in the JSON object params.json_object asks for (kiln.runtime.json_mode)
+    json: object = None  # its place in the JSON params.json_object or json_schema asks for (kiln.runtime.json_mode)
     # prompt + output, kept as one list (the scheduler reads it every step; concatenating each time is O(len))
     all_ids: list[int] = field(init=False)
 
@@ -66,7 +66,8 @@ class Sequence:
         sequence's token from the step before."""
         p = self.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None and not p.logit_bias and not p.min_tokens and not p.json_object)
+                and p.logprobs is None and not p.logit_bias and not p.min_tokens and not p.json_object
+                and p.json_schema is None)
 
     @cached_property
     def burstable(self) -> bool:

@@ -8,6 +8,7 @@ import uuid
 
 from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import RequestOutput, SamplingParams
+from kiln.runtime.json_schema import schema_grammar
 
 
 class APIError(Exception):
@@ -46,8 +47,7 @@ UNIMPLEMENTED_FIELDS = {
     "tools": ([],),
     "functions": ([],),
 }
-# response_format's types: whether each holds the output to one JSON object (SamplingParams.json_object)
-RESPONSE_FORMATS = {"text": False, "json_object": True}
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 def refuse_unimplemented(body: dict) -> None:
@@ -92,23 +92,30 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
             logprobs=logprobs,
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
-            json_object=_json_object(body),
+            **_response_format(body),
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None
 
 
-def _json_object(body: dict) -> bool:
-    """OpenAI's response_format: {"type": "text"} or {"type": "json_object"} (JSON mode)."""
-    kind = field(body, "response_format", dict, {"type": "text"}).get("type")
-    if kind == "json_schema":
-        raise APIError(400, "'response_format' of type 'json_schema' is not implemented by kiln serve; send "
-                       "{'type': 'json_object'} (the output is then one JSON object; describe its keys in the prompt)",
-                       param="response_format")
+def _response_format(body: dict) -> dict:
+    """OpenAI's response_format as SamplingParams fields: {"type": "text"}, {"type": "json_object"} (JSON mode), or
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}} (structured output)."""
+    fmt = field(body, "response_format", dict, {"type": "text"})
+    kind = fmt.get("type")
     if kind not in RESPONSE_FORMATS:
-        raise APIError(400, f"'response_format.type' must be one of {sorted(RESPONSE_FORMATS)}, got {kind!r}",
+        raise APIError(400, f"'response_format.type' must be one of {list(RESPONSE_FORMATS)}, got {kind!r}",
                        param="response_format")
-    return RESPONSE_FORMATS[kind]
+    if kind != "json_schema":
+        return {"json_object": kind == "json_object"}
+    schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format")
+    try:
+        schema_grammar(schema)  # (a schema kiln cannot hold to: its path named)
+    except ConfigError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    return {"json_schema": schema}
 
 
 def _logit_bias(body: dict) -> dict[int, float]:

@@ -170,7 +170,11 @@ def test_sentencepiece_token_bytes_read_spaces_and_byte_fallback():
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's vocabulary and tokenizer."""
+    return tiny_llm_with_smollm2_tokenizer(tmp_path_factory.mktemp("json-mode"))
+
+
+def tiny_llm_with_smollm2_tokenizer(root):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, on the CPU."""
     from kiln import LLM
     from kiln.builder import build_checkpoint
     from kiln.checkpoint.convert import convert_checkpoint
@@ -178,7 +182,6 @@ def llm(tmp_path_factory):
     from kiln.config import BuildConfig
     from kiln.models.llama.gguf import gguf_tokenizer_writer
 
-    root = tmp_path_factory.mktemp("json-mode")
     make_hf_model(root / "hf", vocab_size=49152, max_position_embeddings=256)
     gguf_tokenizer_writer(GGUFFile(smollm2_gguf()))(root / "hf")
     engine = build_checkpoint(convert_checkpoint(root / "hf", root / "ckpt"), root / "engine",

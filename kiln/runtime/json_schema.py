@@ -1,0 +1,322 @@
+"""Structured output: a sequence's output held to one value of a JSON Schema (OpenAI's `response_format:
+{"type": "json_schema", ...}`, SamplingParams.json_schema).
+
+The schema is compiled into a table of nodes, and a grammar over bytes walks them as JSON mode's recognizer walks
+any object (kiln.runtime.json_mode: the same masks over the vocabulary's trie, the same string and number rules).
+Every output it lets through validates against the schema; it writes a part of what the schema allows, as OpenAI's
+strict mode does:
+- an object's keys come in the order of its `properties`, a required one never skipped, an optional one written or
+  not, and no key beyond them (whatever `additionalProperties` says); an object with no `properties` takes any
+  JSON object;
+- `enum` and `const` values are written as `json.dumps` spells them.
+Keywords that constrain what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with
+the schema path that holds them, as are alternatives (`anyOf`, `oneOf`, a list of types) that begin with the same
+byte. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from kiln.errors import ConfigError
+from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JSON_OBJECT, START
+
+# Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
+UNSUPPORTED = ("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+               "multipleOf", "uniqueItems", "patternProperties", "propertyNames", "minProperties", "maxProperties",
+               "not", "allOf", "if", "then", "else", "dependentRequired", "dependentSchemas", "prefixItems",
+               "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
+_FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789"}
+
+# Nodes, by index in SchemaGrammar.nodes:
+#   ("object", ((key as JSON bytes, node, required), ...))   ("any_object",)
+#   ("array", item node, min items, max items or None)       ("string",)
+#   ("number", integer only)                                  ("options", (JSON bytes, ...))  enum, const, literals
+#   ("choice", (node, ...))  alternatives told apart by their first byte
+
+
+class SchemaGrammar:
+    """A JSON Schema compiled for the recognizer: `step` takes one byte; a state is (mode, frames, arg), frames the
+    open containers ("o", node, next property) and ("a", node, items so far), innermost last."""
+
+    def __init__(self, schema: dict):
+        self.schema = schema
+        self.nodes: list[tuple] = []
+        self._refs: dict[str, int] = {}
+        root = self._compile(schema, "#", schema)
+        if not self._first_bytes(root) <= set(b"{["):  # (a number at the top would never know it had ended)
+            raise ConfigError("json_schema: the top value must be an object or an array")
+        self.start = ("value", (), (root, 0))
+
+    # ---- compiling -------------------------------------------------------------------------------
+
+    def _add(self, node: tuple) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _compile(self, schema, path: str, root: dict) -> int:
+        if schema is True or schema == {}:
+            raise ConfigError(f"json_schema at {path}: a value of any type is not supported; give it a 'type'")
+        if not isinstance(schema, dict):
+            raise ConfigError(f"json_schema at {path}: a schema must be an object, got {schema!r}")
+        refused = [k for k in UNSUPPORTED if k in schema]
+        if refused:
+            raise ConfigError(f"json_schema at {path}: {refused[0]!r} is not supported (kiln enforces type, "
+                              "properties, required, items, minItems, maxItems, enum, const, anyOf, oneOf and "
+                              "local $ref); drop it, or check the output yourself")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], path, root)
+        if "const" in schema:
+            return self._add(("options", (_json_bytes(schema["const"]),)))
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise ConfigError(f"json_schema at {path}: 'enum' must be a non-empty list")
+            return self._add(("options", tuple(dict.fromkeys(_json_bytes(v) for v in schema["enum"]))))
+        alternatives = schema.get("anyOf", schema.get("oneOf"))
+        if alternatives is not None:
+            base = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+            return self._choice([self._compile({**base, **alt}, f"{path}/anyOf/{i}", root)
+                                 for i, alt in enumerate(alternatives)], path)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            return self._choice([self._compile({**schema, "type": k}, f"{path}/type/{k}", root) for k in kind], path)
+        if kind not in TYPES:
+            raise ConfigError(f"json_schema at {path}: 'type' must be one of {list(TYPES)} (or a list of them), got "
+                              f"{kind!r}")
+        return getattr(self, f"_{kind}")(schema, path, root)
+
+    def _ref(self, ref, path: str, root: dict) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise ConfigError(f"json_schema at {path}: only local references ('#/$defs/Name') are supported, got "
+                              f"{ref!r}")
+        if ref not in self._refs:  # (a placeholder first: a recursive schema refers to itself)
+            self._refs[ref] = self._add(("choice", ()))
+            target = root
+            for part in ref[2:].split("/"):
+                if not isinstance(target, dict) or part not in target:
+                    raise ConfigError(f"json_schema at {path}: {ref!r} names nothing in the schema")
+                target = target[part]
+            self.nodes[self._refs[ref]] = ("choice", (self._compile(target, ref, root),))
+        return self._refs[ref]
+
+    def _choice(self, alternatives: list[int], path: str) -> int:
+        seen: dict[int, int] = {}
+        for alt in alternatives:
+            for b in self._first_bytes(alt):
+                if seen.setdefault(b, alt) != alt:
+                    raise ConfigError(f"json_schema at {path}: two alternatives may both begin with {chr(b)!r}; "
+                                      "kiln tells alternatives apart by their first byte (an object and null: "
+                                      "yes; two objects: no)")
+        return self._add(("choice", tuple(alternatives)))
+
+    def _first_bytes(self, node: int) -> set[int]:
+        kind, *rest = self.nodes[node]
+        if kind == "options":
+            return {option[0] for option in rest[0]}
+        if kind == "choice":
+            return set().union(*(self._first_bytes(alt) for alt in rest[0]))
+        return set(_FIRST_BYTES[kind])
+
+    def _object(self, schema, path, root) -> int:
+        properties = schema.get("properties")
+        if not properties:
+            return self._add(("any_object",))
+        required = schema.get("required", [])
+        missing = [name for name in required if name not in properties]
+        if missing:
+            raise ConfigError(f"json_schema at {path}: required {missing[0]!r} is not among its properties")
+        props = tuple((_json_bytes(name), self._compile(sub, f"{path}/properties/{name}", root), name in required)
+                      for name, sub in properties.items())
+        return self._add(("object", props))
+
+    def _array(self, schema, path, root) -> int:
+        if "items" not in schema:
+            raise ConfigError(f"json_schema at {path}: an array needs 'items'")
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if not isinstance(low, int) or low < 0 or high is not None and (not isinstance(high, int) or high < low):
+            raise ConfigError(f"json_schema at {path}: minItems and maxItems must be integers, 0 <= min <= max")
+        return self._add(("array", self._compile(schema["items"], f"{path}/items", root), low, high))
+
+    def _string(self, schema, path, root) -> int:
+        return self._add(("string",))
+
+    def _number(self, schema, path, root) -> int:
+        return self._add(("number", False))
+
+    def _integer(self, schema, path, root) -> int:
+        return self._add(("number", True))
+
+    def _boolean(self, schema, path, root) -> int:
+        return self._add(("options", (b"true", b"false")))
+
+    def _null(self, schema, path, root) -> int:
+        return self._add(("options", (b"null",)))
+
+    # ---- recognizing -----------------------------------------------------------------------------
+
+    def in_plain_string(self, state: tuple) -> bool:
+        return state[0] == "string" and state[2][0] == "string"
+
+    def step(self, state: tuple, b: int) -> tuple | None:
+        mode, frames, arg = state
+        return getattr(self, f"_on_{mode}")(frames, arg, b)
+
+    def _on_done(self, frames, arg, b):
+        return None
+
+    def _on_value(self, frames, arg, b):  # a value of node, after ws whitespace bytes
+        node, ws = arg
+        if b in WHITESPACE:
+            return ("value", frames, (node, ws + 1)) if ws < MAX_WHITESPACE else None
+        return self._begin(frames, node, b)
+
+    def _begin(self, frames, node: int, b: int):
+        """The state after b, the first byte of a value of node, or None."""
+        kind, *rest = self.nodes[node]
+        if kind == "choice":
+            return next((s for s in (self._begin(frames, alt, b) for alt in rest[0]) if s is not None), None)
+        if b not in self._first_bytes(node):
+            return None
+        if kind == "object":
+            return ("key", frames + (("o", node, 0),), (0, False))
+        if kind == "any_object":
+            return ("any_object", frames, JSON_OBJECT.step(START, b))
+        if kind == "array":
+            return ("items", frames + (("a", node, 0),), 0)
+        if kind == "string":
+            return ("string", frames, _STRING_START)
+        if kind == "number":
+            return ("number", frames, (rest[0], "minus" if b == ord("-") else "zero" if b == ord("0") else "int"))
+        return self._on_options(frames, (rest[0], 0), b)
+
+    def _value_done(self, frames):
+        """The state after a value closes inside frames (an array counts it)."""
+        if not frames:
+            return DONE
+        kind, node, count = frames[-1]
+        return ("after", frames[:-1] + ((kind, node, count + 1),) if kind == "a" else frames, 0)
+
+    def _candidates(self, node: int, pos: int) -> list[int]:
+        """The properties whose key may come next: from pos up to and with the first required one."""
+        props = self.nodes[node][1]
+        out = []
+        for i in range(pos, len(props)):
+            out.append(i)
+            if props[i][2]:
+                break
+        return out
+
+    def _on_key(self, frames, arg, b):  # in an object, before a key (after "{" or ","): ws whitespace bytes
+        ws, after_comma = arg
+        _, node, pos = frames[-1]
+        if b in WHITESPACE:
+            return ("key", frames, (ws + 1, after_comma)) if ws < MAX_WHITESPACE else None
+        if b == ord('"'):
+            keys = tuple(i for i in self._candidates(node, pos))
+            return ("key_bytes", frames, (keys, 1)) if keys else None
+        if b == ord("}") and not after_comma and not self._required_left(node, pos):
+            return self._value_done(frames[:-1])
+        return None
+
+    def _required_left(self, node: int, pos: int) -> bool:
+        return any(required for _, _, required in self.nodes[node][1][pos:])
+
+    def _on_key_bytes(self, frames, arg, b):  # inside a key: the candidates' JSON spellings, prefix-free
+        keys, matched = arg
+        _, node, _ = frames[-1]
+        props = self.nodes[node][1]
+        keys = tuple(i for i in keys if len(props[i][0]) > matched and props[i][0][matched] == b)
+        if not keys:
+            return None
+        if len(keys) == 1 and len(props[keys[0]][0]) == matched + 1:  # the key's closing quote
+            i = keys[0]
+            return ("colon", frames[:-1] + (("o", node, i + 1),), (props[i][1], 0))
+        return ("key_bytes", frames, (keys, matched + 1))
+
+    def _on_colon(self, frames, arg, b):
+        node, ws = arg
+        if b in WHITESPACE:
+            return ("colon", frames, (node, ws + 1)) if ws < MAX_WHITESPACE else None
+        return ("value", frames, (node, 0)) if b == ord(":") else None
+
+    def _on_after(self, frames, ws, b):  # after a value in the innermost container
+        if b in WHITESPACE:
+            return ("after", frames, ws + 1) if ws < MAX_WHITESPACE else None
+        kind, node, count = frames[-1]
+        if kind == "o":
+            if b == ord(",") and self._candidates(node, count):
+                return ("key", frames, (0, True))
+            if b == ord("}") and not self._required_left(node, count):
+                return self._value_done(frames[:-1])
+            return None
+        _, item, low, high = self.nodes[node]
+        if b == ord(",") and (high is None or count < high):
+            return ("value", frames, (item, 0))
+        if b == ord("]") and count >= low:
+            return self._value_done(frames[:-1])
+        return None
+
+    def _on_items(self, frames, ws, b):  # after "[": an item or "]"
+        if b in WHITESPACE:
+            return ("items", frames, ws + 1) if ws < MAX_WHITESPACE else None
+        _, item, low, high = self.nodes[frames[-1][1]]
+        if b == ord("]"):
+            return self._value_done(frames[:-1]) if low == 0 else None
+        return self._begin(frames, item, b) if high != 0 else None
+
+    def _on_string(self, frames, inner, b):  # json_mode's string rules; its closing quote ends the value
+        inner = JSON_OBJECT.step(inner, b)
+        if inner is None:
+            return None
+        return self._value_done(frames) if inner[0] == "after" else ("string", frames, inner)
+
+    def _on_any_object(self, frames, inner, b):  # json_mode's object rules
+        inner = JSON_OBJECT.step(inner, b)
+        if inner is None:
+            return None
+        return self._value_done(frames) if inner == DONE else ("any_object", frames, inner)
+
+    def _on_number(self, frames, arg, b):
+        integer, phase = arg
+        moves, may_end = _NUMBER[phase]
+        after = moves.get(b)
+        if after is not None and not (integer and after in ("dot", "exp")):
+            return ("number", frames, (integer, after))
+        if not may_end:
+            return None
+        done = self._value_done(frames)  # (the byte after a number is what follows the value)
+        return None if done == DONE else self.step(done, b)
+
+    def _on_options(self, frames, arg, b):  # one of several exact JSON texts (enum, const, true, null, ...)
+        options, matched = arg
+        going = tuple(o for o in options if len(o) > matched and o[matched] == b)
+        if going:
+            if len(going) == 1 and len(going[0]) == matched + 1:
+                return self._value_done(frames)
+            return ("options", frames, (going, matched + 1))
+        if any(len(o) == matched for o in options):  # one ended here, another went on: b follows the value
+            done = self._value_done(frames)
+            return None if done == DONE else self.step(done, b)
+        return None
+
+
+def _json_bytes(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar(schema_text: str) -> SchemaGrammar:
+    return SchemaGrammar(json.loads(schema_text))
+
+
+def schema_grammar(schema: dict) -> SchemaGrammar:
+    """The compiled grammar of a schema (kept for the 64 schemas used last: a JSON vocabulary keeps its masks per
+    grammar, so a schema sent again reuses them). Raises ConfigError naming the schema path it cannot hold to."""
+    try:
+        text = json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"json_schema must be JSON data: {e}") from None
+    return _grammar(text)

