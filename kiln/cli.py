@@ -129,6 +129,7 @@ def cmd_run(args) -> None:
     from kiln.llmapi.llm import LLM
     from kiln.runtime.workers import join_torchrun, torchrun_rank
 
+    params = _sampling_params(args)  # (bad settings or a bad schema file refused before the model loads)
     device = args.device
     if torchrun_rank() is not None:  # one of several ranks started by torchrun
         device = join_torchrun(args.engine_dir, _build_config(args))
@@ -136,22 +137,25 @@ def cmd_run(args) -> None:
             return
     with LLM(args.engine_dir, dtype=args.dtype, device=device, build_config=_build_config(args),
              keep_quantization=args.keep_quantization) as llm:
-        _generate_to_stdout(llm, args)
+        _generate_to_stdout(llm, args, params)
     if torchrun_rank() is not None:
         from kiln.runtime.distributed import leave_process_group
 
         leave_process_group()
 
 
-def _generate_to_stdout(llm, args) -> None:
+def _sampling_params(args):
     from kiln.config import read_json
     from kiln.llmapi.sampling_params import SamplingParams
 
     schema = None if args.json_schema is None else read_json(args.json_schema, "JSON Schema file")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop or [],
-                            repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos,
-                            json_object=args.json, json_schema=schema)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=args.stop or [],
+                          repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos,
+                          json_object=args.json, json_schema=schema)
+
+
+def _generate_to_stdout(llm, args, params) -> None:
     if args.prompt_ids is not None:
         stream = llm.generate_stream(args.prompt_ids, params)
     elif args.prompt is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.runtime.json_mode import JSON_OBJECT
 from kiln.runtime.json_schema import schema_grammar
 
 
@@ -77,6 +78,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def json_grammar(self):
+        """The grammar the output is held to (json_object's or json_schema's), or None."""
+        if self.json_schema is not None:
+            return schema_grammar(self.json_schema)
+        return JSON_OBJECT if self.json_object else None
 
 
 @dataclass

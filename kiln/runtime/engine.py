@@ -18,7 +18,6 @@ from kiln.errors import ConfigError
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.executor import Executor
 from kiln.runtime.json_mode import JsonConstraint, JsonVocab
-from kiln.runtime.json_schema import schema_grammar
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 
@@ -28,7 +27,7 @@ class GenerationEngine:
                  token_bytes: Callable[[], list] | None = None):
         """runner: a ModelRunner (one process), DriverRunner (torchrun) or WorkerGroup (worker processes);
         it says how many KV-cache blocks every rank holds. token_bytes: each token id's bytes
-        (kiln.runtime.json_mode.token_bytes of the tokenizer), asked for at the first JSON-mode request."""
+        (kiln.llmapi.tokenizer.token_bytes of the tokenizer), asked for at the first JSON-mode request."""
         self.build_config = build_config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
@@ -65,10 +64,9 @@ class GenerationEngine:
         seq = Sequence(next(self._ids), list(prompt_ids), params,
                        max_len=min(len(prompt_ids) + params.max_tokens, bc.max_seq_len),
                        seed=seed, stop_ids=stop_ids)
-        if params.json_object:
-            seq.json = JsonConstraint(self.json_vocab(stop_ids))
-        elif params.json_schema is not None:
-            seq.json = JsonConstraint(self.json_vocab(stop_ids), schema_grammar(params.json_schema))
+        grammar = params.json_grammar
+        if grammar is not None:
+            seq.json = JsonConstraint(self.json_vocab(stop_ids), grammar)
         self.scheduler.add(seq)
         return seq
 

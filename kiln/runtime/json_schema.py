@@ -43,7 +43,6 @@ class SchemaGrammar:
     open containers ("o", node, next property) and ("a", node, items so far), innermost last."""
 
     def __init__(self, schema: dict):
-        self.schema = schema
         self.nodes: list[tuple] = []
         self._refs: dict[str, int] = {}
         root = self._compile(schema, "#", schema)
@@ -215,7 +214,7 @@ class SchemaGrammar:
         if b in WHITESPACE:
             return ("key", frames, (ws + 1, after_comma)) if ws < MAX_WHITESPACE else None
         if b == ord('"'):
-            keys = tuple(i for i in self._candidates(node, pos))
+            keys = tuple(self._candidates(node, pos))
             return ("key_bytes", frames, (keys, 1)) if keys else None
         if b == ord("}") and not after_comma and not self._required_left(node, pos):
             return self._value_done(frames[:-1])

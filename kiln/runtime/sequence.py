@@ -66,8 +66,7 @@ class Sequence:
         sequence's token from the step before."""
         p = self.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None and not p.logit_bias and not p.min_tokens and not p.json_object
-                and p.json_schema is None)
+                and p.logprobs is None and not p.logit_bias and not p.min_tokens and p.json_grammar is None)
 
     @cached_property
     def burstable(self) -> bool:

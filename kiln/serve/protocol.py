@@ -108,7 +108,8 @@ def _response_format(body: dict) -> dict:
                        param="response_format")
     if kind != "json_schema":
         return {"json_object": kind == "json_object"}
-    schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format")
     try:
