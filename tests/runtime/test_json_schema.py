@@ -94,7 +94,10 @@ def test_object_keys_follow_properties_and_required_ones_are_never_skipped():
     assert takes('{"name":"A","age":1,"tags":["t"]}')
     assert not takes('{"age":1,"name":"A","tags":["t"]}')  # (valid JSON Schema, not the grammar's order)
     assert not takes('{"name":"A","tags":["t"]}')  # (age required)
+    assert not takes('{"name":"A","age":1}')  # (tags required: no closing before it)
     assert not takes('{"name":"A","age":1,"tags":[]}')  # (minItems 1)
+    pair = schema_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2})
+    assert [walk(pair.start, t, pair.step) == DONE for t in (b"[1]", b"[1,2]", b"[1,2,3]")] == [False, True, False]
     assert not takes('{"name":"A","age":1.5,"tags":["t"]}')  # (an integer)
     assert not takes('{"name":"A","age":1,"tags":["t"],"unknown":1}')
 
