@@ -244,6 +244,7 @@ class JsonVocab:
         self.plain = torch.zeros(vocab_size, dtype=torch.bool)
         self.plain[[i for i, b in tokens if _plain_in_string(b)]] = True
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._refused: dict[tuple, torch.Tensor | None] = {}  # per (grammar, state, device): ~mask, None if empty
 
     def allowed(self, state: tuple, grammar=JSON_OBJECT) -> torch.Tensor:
         """Bool [vocab_size]: the tokens whose every byte the grammar takes from `state` (CPU; do not modify)."""
@@ -258,6 +259,17 @@ class JsonVocab:
             mask[ids] = True
             self._masks[grammar, state] = mask
         return mask
+
+    def refused(self, state: tuple, grammar, device: torch.device) -> torch.Tensor | None:
+        """Bool [vocab_size] on `device`: the tokens `allowed` leaves out, or None where it allows none. Kept per
+        device, so a GPU step copies no mask it has met before (do not modify)."""
+        key = (grammar, state, device)
+        if key not in self._refused:
+            if len(self._refused) >= self.MAX_MASKS:
+                self._refused.clear()
+            mask = self.allowed(state, grammar)
+            self._refused[key] = (~mask).to(device) if mask.any() else None
+        return self._refused[key]
 
 
 def _collect(node: dict, state: tuple, step, ids: list[int]) -> None:
@@ -287,12 +299,14 @@ class JsonConstraint:
     def restrict(self, logits: torch.Tensor, stop_ids) -> torch.Tensor:
         """logits [vocab] with every token that would break the JSON at -inf: once the object is closed, all but
         the stop tokens (EOS); before, the stop tokens too (the object must close before the output ends)."""
-        if self.done or self.state is None:
-            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        else:
-            allowed = self.vocab.allowed(self.state, self.grammar)[:logits.shape[-1]].clone()
-        if not allowed.any():  # closed (or a state no token continues: end rather than break the JSON)
-            allowed[sorted(t for t in stop_ids if t < logits.shape[-1])] = True
+        n = logits.shape[-1]
+        if not self.done and self.state is not None:
+            refused = self.vocab.refused(self.state, self.grammar, logits.device)
+            if refused is not None:
+                return logits.masked_fill(refused[:n], float("-inf"))
+        # closed, or a state no token continues: end rather than break the JSON
+        allowed = torch.zeros(n, dtype=torch.bool)
+        allowed[sorted(t for t in stop_ids if t < n)] = True
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def advance(self, tokens: list[int]) -> None:
