@@ -100,7 +100,7 @@ def _exclude_modules(args) -> tuple[str, ...]:
 # keeps the limits it was built with (kiln.llmapi.llm names one asked for) and takes the RUNTIME_FIELDS.
 BUILD_CONFIG_FLAGS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block",
                       "kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens", "decode_steps_per_sync",
-                      "capacity_scheduler_policy")
+                      "max_draft_len", "capacity_scheduler_policy")
 
 
 def given_build_fields(args) -> dict:
@@ -284,6 +284,9 @@ def _add_runtime_flags(p) -> None:
     p.add_argument("--decode-steps-per-sync", type=int, default=None,
                    help="greedy decode steps run back to back on the GPU before the host reads their tokens "
                         "(default: 4; 1: token by token)")
+    p.add_argument("--max-draft-len", type=int, default=None, metavar="TOKENS",
+                   help="speculative decoding by n-gram lookup: greedy requests check up to this many draft tokens, "
+                        "copied from their own prompt and output, in each decode step (default: 0, off)")
     # (checked by BuildConfig, whose error names the allowed values: no torch import for --help)
     p.add_argument("--capacity-scheduler-policy", default=None,
                    help="max_utilization (the default): admit a request when its prompt fits, preempt the newest "

@@ -438,6 +438,7 @@ class PretrainedConfig:
 
 
 CAPACITY_SCHEDULER_POLICIES = ("max_utilization", "guaranteed_no_evict")
+MAX_DRAFT_LEN = 16  # draft tokens a step may check: past a few, a copied run rarely holds
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,9 @@ class BuildConfig:
     # Greedy decode steps run back to back on the GPU (CUDA graphs feeding each step's argmax to the next)
     # before the host looks at the tokens: the host's per-step work then overlaps the GPU's. 1 turns it off.
     decode_steps_per_sync: int = 4
+    # Speculative decoding by n-gram lookup (kiln.runtime.speculative): up to this many draft tokens, found in a
+    # greedy sequence's own prompt and output, checked in each decode step. 0 turns it off.
+    max_draft_len: int = 0
     # Who gets the KV cache (TensorRT-LLM's names): "max_utilization" admits a request when its prompt fits and
     # preempts the newest running one (to be recomputed) when blocks run out; "guaranteed_no_evict" admits one
     # only when the cache can also hold every running request's output to its max_tokens, so none is ever
@@ -469,11 +473,14 @@ class BuildConfig:
     # takes those bc sets (with_runtime_options) whatever the engine was built with; the other fields shape the
     # engine (its CUDA graphs, its limits) and change only by building again.
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_free_gpu_mem_fraction", "kv_cache_max_tokens",
-                                                 "decode_steps_per_sync", "capacity_scheduler_policy")
+                                                 "decode_steps_per_sync", "max_draft_len", "capacity_scheduler_policy")
 
     def __post_init__(self):
         owner = "BuildConfig"
         _check_positive_ints(self, ("max_batch_size", "max_num_tokens", "tokens_per_block", "decode_steps_per_sync"))
+        _check(isinstance(self.max_draft_len, int) and not isinstance(self.max_draft_len, bool)
+               and 0 <= self.max_draft_len <= MAX_DRAFT_LEN, owner, "max_draft_len",
+               f"an integer in [0, {MAX_DRAFT_LEN}] (0: no speculative decoding)", self.max_draft_len)
         for name in ("max_input_len", "max_seq_len", "kv_cache_max_tokens"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1,

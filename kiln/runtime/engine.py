@@ -34,7 +34,8 @@ class GenerationEngine:
         self._token_bytes = token_bytes
         self._json_vocab: JsonVocab | None = None
         self.blocks = BlockManager(runner.num_blocks, build_config.tokens_per_block)
-        self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync)
+        self.executor = Executor(runner, self.blocks, build_config.max_seq_len, build_config.decode_steps_per_sync,
+                                 build_config.max_draft_len, build_config.max_num_tokens)
         self.scheduler = Scheduler(build_config.max_batch_size, build_config.max_num_tokens, self.blocks,
                                    no_evict=build_config.capacity_scheduler_policy == "guaranteed_no_evict")
         self._ids = itertools.count()

@@ -11,7 +11,11 @@ turns it off or on.
 
 Every other step (prompts joining running sequences, sampled requests' decode steps) can be queued ahead too
 (step run-ahead; on by default on a GPU since its A/B there, `KILN_STEP_RUN_AHEAD=0|1`): its sampled tokens stay on
-the GPU, where the next step's inputs read them, and the host reads them while that next step runs."""
+the GPU, where the next step's inputs read them, and the host reads them while that next step runs.
+
+With `max_draft_len` set, a step of greedy decoding whose sequences find drafts in their own tokens checks them
+instead (kiln.runtime.speculative): the sequences' next tokens and drafts in one step, up to 1 + max_draft_len
+tokens each. Decode bursts are then not queued ahead: the step after a burst may be a speculative one."""
 
 from __future__ import annotations
 
@@ -21,15 +25,18 @@ from dataclasses import dataclass
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.model_runner import BurstTokens, StepInputs
-from kiln.runtime.sampler import sample_batch, token_logprobs
+from kiln.runtime.sampler import greedy_tokens, sample_batch, token_logprobs
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.speculative import NgramIndex, accepted_tokens
 
 
-def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepInputs:
-    """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls)."""
-    inp = StepInputs([], [], [], [], [], [])
+def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager,
+                drafts: list[list[int]] | None = None) -> StepInputs:
+    """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls).
+    drafts: each sequence's draft tokens, after its next token (a speculative step: n is 1 + the draft's length)."""
+    inp = StepInputs([], [], [], [], [], [], all_logits=drafts is not None)
     bs = blocks.block_size
-    for seq, n in step:
+    for i, (seq, n) in enumerate(step):
         start = seq.num_cached
         table = blocks.tables[seq.seq_id]
         inp.query_lens.append(n)
@@ -41,7 +48,7 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
             inp.slot_mapping.append(table[start // bs] * bs + start % bs)
             continue
         end = start + n
-        inp.token_ids += seq.all_ids[start:end]
+        inp.token_ids += seq.all_ids[start:end] if drafts is None else seq.all_ids[start:] + drafts[i]
         inp.positions += range(start, end)
         for b in range(start // bs, (end - 1) // bs + 1):  # each block's run of slots at once
             base = table[b] * bs - b * bs
@@ -112,18 +119,22 @@ RUN_AHEAD_MAX_DROPS = 1
 
 
 class Executor:
-    def __init__(self, runner, blocks: BlockManager, max_seq_len: int, decode_steps_per_sync: int = 1):
+    def __init__(self, runner, blocks: BlockManager, max_seq_len: int, decode_steps_per_sync: int = 1,
+                 max_draft_len: int = 0, max_num_tokens: int | None = None):
         self.runner = runner  # ModelRunner, DriverRunner (torchrun) or WorkerGroup
         self.blocks = blocks
         self.max_seq_len = max_seq_len
         self.decode_steps_per_sync = decode_steps_per_sync
-        self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner)
+        self.max_draft_len = max_draft_len
+        self.max_num_tokens = max_num_tokens or max_seq_len  # a step's token budget, drafts included
+        self.run_ahead = hasattr(runner, "continue_burst") and _run_ahead_setting(runner) and not max_draft_len
         self.step_run_ahead = step_run_ahead_setting(runner)
         self.in_flight: InFlight | None = None
         self.steps_queued_ahead = 0  # (the decode bursts' own run-ahead counts in bursts_run_ahead)
         self.ahead: RunAhead | None = None
         self.ahead_kept: deque[bool] = deque(maxlen=RUN_AHEAD_WINDOW)  # whether the next step continued each one
         self.bursts = self.bursts_run_ahead = 0  # decode bursts run, and those whose tokens came from a run-ahead
+        self.speculative_steps = self.draft_tokens = self.accepted_draft_tokens = 0
 
     def step(self, step: list[tuple[Sequence, int]], may_run_ahead: bool = False) -> list[tuple[Sequence, list[int]]]:
         """Run one step; returns (sequence, new tokens) for the sequences that produced any: one token
@@ -139,6 +150,9 @@ class Executor:
         rows = None if ahead is None else ahead.rows_of(step)
         if ahead is not None:
             self.ahead_kept.append(rows is not None)
+        drafts = self._drafts(step)
+        if drafts is not None:
+            return self._speculative_step(step, drafts)
         if self.can_queue_ahead(step):  # (not a burst: a burst queued ahead is dropped, as rows_of said)
             return self._queue_ahead(step)
         assert self.in_flight is None, "the engine reads a step in flight before one that needs its tokens"
@@ -229,6 +243,44 @@ class Executor:
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))
         return [(seq, [token]) for seq, token in zip(seqs, tokens)]
+
+    def _drafts(self, step: list[tuple[Sequence, int]]) -> list[list[int]] | None:
+        """Each sequence's draft (kiln.runtime.speculative), its blocks reserved, when the step is greedy decoding
+        and some sequence finds one; else None. Drafts stay within each sequence's length limit and the step's
+        token budget, and a sequence whose draft's blocks are not free goes without."""
+        if not self.max_draft_len or self.in_flight is not None:
+            return None
+        if not all(seq.num_pending == 1 and seq.burstable for seq, _ in step):
+            return None
+        budget = self.max_num_tokens - len(step)
+        drafts = []
+        for seq, _ in step:
+            if seq.ngrams is None:
+                seq.ngrams = NgramIndex()
+            room = min(self.max_draft_len, seq.max_len - len(seq.all_ids) - 1, budget)
+            draft = seq.ngrams.draft(seq.all_ids, room)
+            if draft and not self.blocks.append_slots(seq.seq_id, seq.num_cached + 1 + len(draft)):
+                draft = []
+            budget -= len(draft)
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _speculative_step(self, step: list[tuple[Sequence, int]], drafts: list[list[int]]):
+        """Run each sequence's next token and draft, keeping every position's logits; each sequence takes its
+        draft up to the first token greedy decoding would not have made, then the model's own next token."""
+        inp = step_inputs([(seq, 1 + len(draft)) for (seq, _), draft in zip(step, drafts)], self.blocks, drafts)
+        targets = greedy_tokens(self.runner.execute(inp).float()).tolist()
+        produced, start = [], 0
+        for (seq, _), draft in zip(step, drafts):
+            tokens = accepted_tokens(draft, targets[start:start + 1 + len(draft)])
+            start += 1 + len(draft)
+            seq.num_cached += len(tokens)  # the input token and the accepted drafts (the last token is new)
+            self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
+            produced.append((seq, tokens))
+            self.accepted_draft_tokens += len(tokens) - 1
+        self.speculative_steps += 1
+        self.draft_tokens += sum(map(len, drafts))
+        return produced
 
     def _burst_steps(self, step) -> int:
         """How many greedy decode steps this step can run before the host looks (1: an ordinary step).

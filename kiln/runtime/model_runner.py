@@ -40,6 +40,11 @@ class StepInputs:
     context_lens: list[int]  # tokens already cached before this step
     slot_mapping: list[int]  # flat cache slot of each new token
     block_tables: list[list[int]]
+    all_logits: bool = False  # the logits of every new token (speculative steps), not only each sequence's last
+
+    @property
+    def num_logit_rows(self) -> int:
+        return len(self.token_ids) if self.all_logits else len(self.query_lens)
 
 
 class ModelRunner:
@@ -134,7 +139,7 @@ class ModelRunner:
         through the stages one after another, so stage k works on micro-batch i while stage k+1 works on
         micro-batch i-1 (GPipe-style, within the step)."""
         for graphs in (self.graphs, self.prefill_graphs):
-            if graphs is not None and graphs.can_run(inp):
+            if graphs is not None and not inp.all_logits and graphs.can_run(inp):
                 return graphs.run(inp)
         m = self.mapping
         if m.pp_size == 1:
@@ -234,7 +239,8 @@ class ModelRunner:
         positions = list_tensor(inp.positions, torch.long, self.device)
         tokens = None if hidden is not None else list_tensor(inp.token_ids, torch.long, self.device)
         fill_tokens(tokens, fill)
-        return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
+        return self.model(tokens, positions, self._batch(inp), hidden_states=hidden,
+                          last_token_only=not inp.all_logits)
 
 
 class BurstTokens:
@@ -284,5 +290,5 @@ def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:
         lo, hi = starts[group[0]], starts[group[-1] + 1]
         micro.append(StepInputs(inp.token_ids[lo:hi], inp.positions[lo:hi], [inp.query_lens[i] for i in group],
                                 [inp.context_lens[i] for i in group], inp.slot_mapping[lo:hi],
-                                [inp.block_tables[i] for i in group]))
+                                [inp.block_tables[i] for i in group], inp.all_logits))
     return micro

@@ -34,6 +34,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: its stop_token_ids, and EOS unless ignore_eos
+    ngrams: object = None  # its tokens' n-grams, for speculative drafts (kiln.runtime.speculative.NgramIndex)
     json: object = None  # its place in the JSON params.json_object or json_schema asks for (kiln.runtime.json_mode)
     # prompt + output, kept as one list (the scheduler reads it every step; concatenating each time is O(len))
     all_ids: list[int] = field(init=False)

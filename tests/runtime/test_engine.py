@@ -512,3 +512,61 @@ def test_seeded_sampling_gives_the_same_tokens_queued_ahead(built, monkeypatch, 
         _assert_all_released(engine)
     assert outputs["1"] == outputs["0"] and [len(o) for o in outputs["1"]] == [12, 32, 9, 15]
     assert queued["0"] == 0 and queued["1"] > 0
+
+
+# ---- speculative decoding by n-gram lookup: drafts checked in one step never change a greedy token ---------
+
+@pytest.mark.parametrize("max_draft_len,limits", [
+    (3, {}),
+    (8, {"max_num_tokens": 6}),  # the step's budget cuts the drafts
+    (4, {"max_seq_len": 48, "kv_cache_max_tokens": 48, "tokens_per_block": 4}),  # blocks run out: preemption
+])
+def test_ngram_drafts_give_the_greedy_tokens(built, reference, max_draft_len, limits):
+    engine = _engine(built, max_draft_len=max_draft_len, **limits)
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    _drain(engine)
+    assert [s.output_ids for s in seqs] == reference
+    ex = engine.executor
+    assert ex.speculative_steps > 0 and 0 < ex.accepted_draft_tokens < ex.draft_tokens  # both outcomes were met
+    _assert_all_released(engine)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_drafts_are_taken_up_to_the_first_wrong_token(built, reference, right, monkeypatch):
+    """Drafts of the true continuation are all taken (a step makes 1 + max_draft_len tokens); drafts that are all
+    wrong are all refused (one token a step); the tokens are greedy decoding's either way."""
+    import kiln.runtime.speculative as speculative
+
+    truth = {tuple(p): p + r for p, r in zip(PROMPTS, reference)}
+
+    def draft(self, ids, max_len):
+        full = next(t for p, t in truth.items() if tuple(ids[:len(p)]) == p)
+        continuation = full[len(ids):len(ids) + max_len]
+        return continuation if right else [(t + 1) % 128 for t in continuation]
+
+    monkeypatch.setattr(speculative.NgramIndex, "draft", draft)
+    engine = _engine(built, max_draft_len=3)
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    _drain(engine)
+    assert [s.output_ids for s in seqs] == reference
+    ex = engine.executor
+    assert ex.accepted_draft_tokens == (ex.draft_tokens if right else 0)
+    # The first token comes from the prompt's step; the last, with no room left for a draft, from a plain step.
+    assert ex.speculative_steps == (-(-31 // 4) if right else 30)
+    _assert_all_released(engine)
+
+
+def test_sampled_and_stop_string_requests_are_not_speculated(built, reference):
+    engine = _engine(built, max_draft_len=4)
+    sampled = engine.add_request(PROMPTS[0], SamplingParams(temperature=0.8, seed=1, max_tokens=32, ignore_eos=True))
+    _drain(engine)
+    assert engine.executor.speculative_steps == 0 and len(sampled.output_ids) == 32
+    greedy = engine.add_request(PROMPTS[1], GREEDY)
+    _drain(engine)
+    assert engine.executor.speculative_steps > 0 and greedy.output_ids == reference[1]
+
+
+@pytest.mark.parametrize("value", [-1, 17, 2.0, True])
+def test_max_draft_len_out_of_range_is_refused_by_name(value):
+    with pytest.raises(ConfigError, match=r"BuildConfig.max_draft_len must be an integer in \[0, 16\]"):
+        BuildConfig(max_draft_len=value)
