@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-#   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill (default: all)
+#   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
+#   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
 # H200), `w4a8` alone (up to 8), `attention side-stream` (about 8), `per-token` (about 5). block-sq and
@@ -83,6 +84,10 @@
 #   summed to 1.22 s over a 0.59 s run), and the same run's tokens/s, PDL's share (about 3 minutes).
 # - prefill (forty-first session): bf16 prefill-1000 on the H100, issue 3's 70% line, last run on an H100 in the
 #   third session (55%); since then only on H200s (66-67%) (about 3 minutes).
+# - speculative (forty-second session): speculative decoding by n-gram lookup on Llama-3-8B's shapes, batch 1
+#   (scripts/bench_speculative.py): plain greedy decoding, then steps checking k = 1, 2, 4, 8 draft tokens that are
+#   all right (the plain run's own continuation: the ceiling) and all wrong (the floor, what checking costs). Random
+#   weights say nothing of how often real drafts are right: that was measured on SmolLM2 (about 5 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -93,7 +98,7 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill}
+  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -167,11 +172,13 @@ for part in $parts; do
     w4-timeline) KILN_PDL=0 $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 --profile \
                    --output-json "$out/$part.json" ;;
     prefill) $bench --workloads prefill-1000 --output-json "$out/$part.json" ;;
+    speculative) python scripts/bench_speculative.py --synthetic llama-3-8b --dtype bfloat16 --drafts oracle,wrong \
+                   --draft-lens 1,2,4,8 ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
-         "norm-probe, w4-timeline or prefill" >&2
+         "norm-probe, w4-timeline, prefill or speculative" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
