@@ -150,6 +150,7 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
         torch.cuda.reset_peak_memory_stats(llm.device)
     executor, scheduler = llm.generator.executor, llm.generator.scheduler
     bursts, bursts_run_ahead, queued_ahead = executor.bursts, executor.bursts_run_ahead, executor.steps_queued_ahead
+    drafted, accepted = executor.draft_tokens, executor.accepted_draft_tokens
     preempted = scheduler.num_preemptions
     blocks = llm.generator.blocks
     queried, hits = blocks.prefix_queried_tokens, blocks.prefix_hit_tokens
@@ -178,6 +179,9 @@ def kiln_offline(llm, workload: Workload, label: str, around=contextlib.nullcont
     if executor.bursts > bursts:  # decode bursts, and the share queued before the host read the one before
         extra["bursts"] = executor.bursts - bursts
         extra["bursts_run_ahead"] = (executor.bursts_run_ahead - bursts_run_ahead) / (executor.bursts - bursts)
+    if executor.draft_tokens > drafted:  # speculative decoding (max_draft_len): the share of draft tokens taken
+        extra["draft_tokens"] = executor.draft_tokens - drafted
+        extra["draft_acceptance"] = (executor.accepted_draft_tokens - accepted) / extra["draft_tokens"]
     if scheduler.num_preemptions > preempted:  # sequences sent back to wait for KV-cache room (recomputed later)
         extra["preemptions"] = scheduler.num_preemptions - preempted
     if executor.steps_queued_ahead > queued_ahead:  # steps queued ahead (KILN_STEP_RUN_AHEAD=1)

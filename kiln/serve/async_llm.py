@@ -187,4 +187,7 @@ class AsyncLLM:
     def counters(self) -> dict[str, int]:
         executor = self.llm.generator.executor
         return {"kiln_decode_bursts_total": executor.bursts,
-                "kiln_decode_bursts_run_ahead_total": executor.bursts_run_ahead}
+                "kiln_decode_bursts_run_ahead_total": executor.bursts_run_ahead,
+                "kiln_speculative_steps_total": executor.speculative_steps,
+                "kiln_speculative_draft_tokens_total": executor.draft_tokens,
+                "kiln_speculative_accepted_tokens_total": executor.accepted_draft_tokens}

@@ -574,3 +574,13 @@ def test_a_source_transformers_cannot_run_says_why_there_is_no_baseline(tiny_lla
                  "--output-json", str(report_path)]) == 0
     assert f"# no transformers baseline: {ckpt} is not a Hugging Face dir" in capsys.readouterr().out
     assert {r["system"] for r in json.loads(report_path.read_text())["results"]} == {"kiln"}
+
+
+def test_bench_notes_how_many_draft_tokens_speculative_decoding_took(tiny_llama, tmp_path):
+    hf_dir, _ = tiny_llama
+    report_path, workloads = tmp_path / "r.json", tmp_path / "workloads.json"
+    workloads.write_text(json.dumps([{"name": "two", "num_requests": 2, "input_len": 8, "output_len": 48}]))
+    assert main(["bench", "--model", str(hf_dir), "--workload-file", str(workloads), "--dtype", "float32",
+                 "--baseline", "none", "--max-draft-len", "4", "--output-json", str(report_path)]) == 0
+    (row,) = json.loads(report_path.read_text())["results"]
+    assert row["extra"]["draft_tokens"] > 0 and 0 < row["extra"]["draft_acceptance"] <= 1

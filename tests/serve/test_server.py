@@ -648,6 +648,32 @@ def test_64_concurrent_streams_with_disconnects(server, client, model):
     assert_still_serving(client, model)
 
 
+@pytest.fixture(scope="module")
+def speculative_server(engine_dir, tmp_path_factory):
+    """Speculative decoding on (a runtime option: the built engine takes it)."""
+    proc = ServerProcess(engine_dir, tmp_path_factory.mktemp("speculative_server"), "--max-draft-len", "4",
+                         api_key=API_KEY)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_speculative_decoding_serves_greedy_decodings_text(speculative_server, model, llm):
+    """Greedy answers, streamed and not, are those of plain decoding, and /metrics counts the drafts taken."""
+    from kiln import SamplingParams
+
+    client = openai.OpenAI(base_url=speculative_server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    expected = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)).outputs[0].text
+    body = {"max_tokens": 64, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    assert chat(client, model, **body).choices[0].message.content == expected
+    texts, reasons, _, _ = streamed(chat(client, model, stream=True, **body), chat_api=True)
+    assert texts[0] == expected and reasons[0] == "length"
+    _, _, text = speculative_server.request("GET", "/metrics")
+    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("kiln_spec")}
+    assert counts["kiln_speculative_steps_total"] > 0
+    assert 0 < counts["kiln_speculative_accepted_tokens_total"] <= counts["kiln_speculative_draft_tokens_total"]
+
+
 # ---- 5. /metrics and /health -------------------------------------------------------------------------
 
 def test_metrics_are_valid_prometheus_text(server, client, model):
