@@ -13,7 +13,7 @@ Every other step (prompts joining running sequences, sampled requests' decode st
 (step run-ahead; on by default on a GPU since its A/B there, `KILN_STEP_RUN_AHEAD=0|1`): its sampled tokens stay on
 the GPU, where the next step's inputs read them, and the host reads them while that next step runs.
 
-With `max_draft_len` set, a step of greedy decoding whose sequences find drafts in their own tokens checks them
+With `max_draft_len` set, a step of decoding whose sequences find drafts in their own tokens checks them
 instead (kiln.runtime.speculative): the sequences' next tokens and drafts in one step, up to 1 + max_draft_len
 tokens each. Decode bursts are then not queued ahead: the step after a burst may be a speculative one."""
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.model_runner import BurstTokens, StepInputs
-from kiln.runtime.sampler import greedy_tokens, sample_batch, token_logprobs
+from kiln.runtime.sampler import greedy_tokens, sample_batch, sampling_probs, token_logprobs
 from kiln.runtime.sequence import Sequence
-from kiln.runtime.speculative import NgramIndex, accepted_tokens
+from kiln.runtime.speculative import NgramIndex, accept_greedy, accept_sampled
 
 
 def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager,
@@ -178,7 +178,7 @@ class Executor:
     def can_queue_ahead(self, step: list[tuple[Sequence, int]]) -> bool:
         """Whether `step` runs queued ahead (step run-ahead): every sequence in it is `queueable` (its token can
         stay on the GPU until the next step is queued), and it is not a greedy decode step that a burst takes."""
-        if not self.step_run_ahead or not all(seq.queueable for seq, _ in step):
+        if not self.step_run_ahead or not all(seq.queueable for seq, _ in step) or self._speculable(step):
             return False
         return not (self.decode_steps_per_sync > 1 and hasattr(self.runner, "decode_burst")
                     and all(seq.num_pending == 1 and seq.burstable for seq, _ in step))
@@ -244,13 +244,18 @@ class Executor:
                 seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))
         return [(seq, [token]) for seq, token in zip(seqs, tokens)]
 
+    def _speculable(self, step: list[tuple[Sequence, int]]) -> bool:
+        """Whether the step may check drafts: speculation is on, and the step decodes sequences with no penalty,
+        logprobs, JSON mask or stop string (a stop string is matched on text, by the caller, a token at a time).
+        Such a step is never queued ahead: its drafts need the host to have its tokens."""
+        return bool(self.max_draft_len) and all(seq.num_pending == 1 and seq.queueable and not seq.params.stop
+                                                for seq, _ in step)
+
     def _drafts(self, step: list[tuple[Sequence, int]]) -> list[list[int]] | None:
-        """Each sequence's draft (kiln.runtime.speculative), its blocks reserved, when the step is greedy decoding
+        """Each sequence's draft (kiln.runtime.speculative), its blocks reserved, when the step is `_speculable`
         and some sequence finds one; else None. Drafts stay within each sequence's length limit and the step's
         token budget, and a sequence whose draft's blocks are not free goes without."""
-        if not self.max_draft_len or self.in_flight is not None:
-            return None
-        if not all(seq.num_pending == 1 and seq.burstable for seq, _ in step):
+        if self.in_flight is not None or not self._speculable(step):
             return None
         budget = self.max_num_tokens - len(step)
         drafts = []
@@ -267,13 +272,19 @@ class Executor:
 
     def _speculative_step(self, step: list[tuple[Sequence, int]], drafts: list[list[int]]):
         """Run each sequence's next token and draft, keeping every position's logits; each sequence takes its
-        draft up to the first token greedy decoding would not have made, then the model's own next token."""
+        draft up to the first token it refuses (kiln.runtime.speculative), then a token of its own."""
         inp = step_inputs([(seq, 1 + len(draft)) for (seq, _), draft in zip(step, drafts)], self.blocks, drafts)
-        targets = greedy_tokens(self.runner.execute(inp).float()).tolist()
+        logits = self.runner.execute(inp).float()
+        targets = greedy_tokens(logits).tolist()
         produced, start = [], 0
         for (seq, _), draft in zip(step, drafts):
-            tokens = accepted_tokens(draft, targets[start:start + 1 + len(draft)])
-            start += 1 + len(draft)
+            rows = slice(start, start + 1 + len(draft))
+            start = rows.stop
+            if seq.params.greedy:
+                tokens = accept_greedy(draft, targets[rows])
+            else:
+                probs = sampling_probs(logits[rows], [seq.params] * (1 + len(draft)))
+                tokens = accept_sampled(draft, probs, seq.generator(logits.device))
             seq.num_cached += len(tokens)  # the input token and the accepted drafts (the last token is new)
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, min(seq.num_cached, len(seq.all_ids)))
             produced.append((seq, tokens))

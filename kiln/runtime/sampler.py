@@ -105,16 +105,22 @@ def sample_tokens(logits: torch.Tensor, seqs) -> torch.Tensor:
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
     if rows:
         device = logits.device
-        params = [seqs[i].params for i in rows]
         index = list_tensor(rows, torch.long, device)
-        temperature = list_tensor([p.temperature for p in params], torch.float32, device)
-        top_k = list_tensor([p.top_k for p in params], torch.long, device)
-        top_p = list_tensor([p.top_p for p in params], torch.float32, device)
-        probs = top_k_top_p_filter_batch(logits.index_select(0, index) / temperature[:, None], top_k, top_p)
+        probs = sampling_probs(logits.index_select(0, index), [seqs[i].params for i in rows])
         noise = torch.stack([torch.empty(logits.shape[-1], device=device).exponential_(
             generator=seqs[i].generator(device)) for i in rows])
-        tokens[index] = (probs.softmax(-1) / noise.clamp_min_(1e-30)).argmax(-1)
+        tokens[index] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
     return tokens
+
+
+def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """What each float logits row samples from: the softmax of its logits over its params' temperature, within
+    their top-k and top-p."""
+    device = logits.device
+    temperature = list_tensor([p.temperature for p in params], torch.float32, device)
+    top_k = list_tensor([p.top_k for p in params], torch.long, device)
+    top_p = list_tensor([p.top_p for p in params], torch.float32, device)
+    return top_k_top_p_filter_batch(logits / temperature[:, None], top_k, top_p).softmax(-1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

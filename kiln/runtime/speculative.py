@@ -9,6 +9,11 @@ to the first miss, and the argmax there comes free. So a step makes 1 to d + 1 t
 decoding would make; the keys and values written for the rejected tail sit past the sequence's cached tokens,
 where the next step writes over them.
 
+Sampling accepts a draft token t with the probability p(t) the model gives it there, and where it refuses one,
+samples that position from p with t taken out. This is speculative sampling (Leviathan et al., Chen et al.,
+2023) with a draft that puts all its mass on t, so every token comes from exactly the distribution plain sampling
+draws it from (the same temperature, top-k and top-p), though not the same token for the same seed.
+
 It pays where outputs copy their inputs (editing, extraction, summaries that quote, code that repeats names):
 batch-1 decode reads every weight once a step whatever the step's width, so accepted tokens cost almost nothing.
 No draft model: nothing to load, train or keep in step with the target.
@@ -17,6 +22,8 @@ No draft model: nothing to load, train or keep in step with the target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 # Lengths of the suffix looked up, longest first: a longer match predicts better, a one-token one more often.
 NGRAM_SIZES = (3, 2, 1)
@@ -47,10 +54,28 @@ class NgramIndex:
         return []
 
 
-def accepted_tokens(draft: list[int], targets: list[int]) -> list[int]:
+def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:
     """The tokens a step makes: the draft's tokens up to its first that differs from the model's choice there
     (targets: the model's token at each of the step's 1 + len(draft) positions), then the model's next."""
     taken = 0
     while taken < len(draft) and draft[taken] == targets[taken]:
         taken += 1
     return draft[:taken] + [targets[taken]]
+
+
+def accept_sampled(draft: list[int], probs: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """The tokens a sampled step makes: each draft token taken with its probability, up to the first refused;
+    that position (or, all taken, the one after the draft) sampled from its distribution without the refused
+    token. probs: [1 + len(draft), vocab], what each position samples from (kiln.runtime.sampler.sampling_probs)."""
+    taken = 0
+    if draft:
+        chance = probs[:len(draft)].gather(1, torch.tensor(draft, device=probs.device)[:, None])[:, 0]
+        draws = torch.rand(len(draft), generator=generator, device=probs.device)
+        kept = (draws < chance).tolist()
+        taken = kept.index(False) if False in kept else len(draft)
+    p = probs[taken]
+    if taken < len(draft):
+        p = p.clone()
+        p[draft[taken]] = 0  # (no need to renormalize: the exponential race below picks by ratio)
+    noise = torch.empty_like(p).exponential_(generator=generator)
+    return draft[:taken] + [int((p / noise.clamp_min_(1e-30)).argmax())]

@@ -556,14 +556,26 @@ def test_drafts_are_taken_up_to_the_first_wrong_token(built, reference, right, m
     _assert_all_released(engine)
 
 
-def test_sampled_and_stop_string_requests_are_not_speculated(built, reference):
+def test_sampled_requests_check_drafts_and_stop_string_ones_do_not(built, reference):
     engine = _engine(built, max_draft_len=4)
-    sampled = engine.add_request(PROMPTS[0], SamplingParams(temperature=0.8, seed=1, max_tokens=32, ignore_eos=True))
+    stop = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=["x"]))
     _drain(engine)
-    assert engine.executor.speculative_steps == 0 and len(sampled.output_ids) == 32
-    greedy = engine.add_request(PROMPTS[1], GREEDY)
+    assert engine.executor.speculative_steps == 0 and stop.output_ids == reference[1]
+    # So cold that sampling is greedy decoding: the drafts' rows and the accepted tokens line up with the reference.
+    cold = SamplingParams(temperature=1e-4, max_tokens=32, ignore_eos=True, seed=3)
+    seqs = [engine.add_request(p, cold) for p in PROMPTS]
     _drain(engine)
-    assert engine.executor.speculative_steps > 0 and greedy.output_ids == reference[1]
+    assert [s.output_ids for s in seqs] == reference
+    assert engine.executor.accepted_draft_tokens > 0
+    # Warm: a seed gives the same tokens again (drafts and their draws come from the sequence's own stream).
+    warm = SamplingParams(temperature=0.9, max_tokens=32, ignore_eos=True, seed=5)
+    runs = []
+    for _ in range(2):
+        seqs = [engine.add_request(p, warm) for p in PROMPTS]
+        _drain(engine)
+        runs.append([s.output_ids for s in seqs])
+    assert runs[0] == runs[1] and all(len(ids) == 32 for ids in runs[0])
+    _assert_all_released(engine)
 
 
 @pytest.mark.parametrize("value", [-1, 17, 2.0, True])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from kiln.runtime.speculative import NGRAM_SIZES, NgramIndex, accepted_tokens
+from kiln.runtime.speculative import NGRAM_SIZES, NgramIndex, accept_greedy, accept_sampled
 
 
 def searched_draft(ids: list[int], max_len: int) -> list[int]:
@@ -50,5 +51,22 @@ def test_a_suffix_never_finds_itself():
     ([1, 2, 3], [1, 9, 3, 4], [1, 9]),
     ([1, 2, 3], [8, 2, 3, 4], [8]),
 ])
-def test_accepted_tokens_stop_at_the_first_miss(draft, targets, made):
-    assert accepted_tokens(draft, targets) == made
+def test_accept_greedy_stop_at_the_first_miss(draft, targets, made):
+    assert accept_greedy(draft, targets) == made
+
+
+def test_sampled_drafts_leave_each_position_its_own_distribution():
+    """Speculative sampling's promise: the first token is distributed as probs[0]; after draft token a the second
+    as probs[1]; after a and b the third as probs[2], whatever the draft (checked by frequency over many draws)."""
+    probs = torch.tensor([[0.10, 0.45, 0.05, 0.30, 0.10, 0.00],
+                          [0.25, 0.05, 0.40, 0.10, 0.00, 0.20],
+                          [0.00, 0.30, 0.10, 0.10, 0.35, 0.15]])
+    a, b, draws = 1, 2, 30_000
+    generator = torch.Generator().manual_seed(0)
+    made = [accept_sampled([a, b], probs, generator) for _ in range(draws)]
+    assert {len(m) for m in made} == {1, 2, 3}
+    for position, given in enumerate(([], [a], [a, b])):
+        tokens = [m[position] for m in made if m[:position] == given and len(m) > position]
+        freq = torch.bincount(torch.tensor(tokens), minlength=6).float() / len(tokens)
+        assert (freq - probs[position]).abs().max() < 0.02, (position, freq)
+    assert all(m[-1] != 5 for m in made if len(m) == 1)  # a token of probability 0 is never made
