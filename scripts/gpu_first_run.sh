@@ -84,8 +84,9 @@
 #   summed to 1.22 s over a 0.59 s run), and the same run's tokens/s, PDL's share (about 3 minutes).
 # - prefill (forty-first session): bf16 prefill-1000 on the H100, issue 3's 70% line, last run on an H100 in the
 #   third session (55%); since then only on H200s (66-67%) (about 3 minutes).
-# - speculative (forty-second session): speculative decoding by n-gram lookup on Llama-3-8B's shapes, batch 1
-#   (scripts/bench_speculative.py): plain greedy decoding, then steps checking k = 1, 2, 4, 8 draft tokens that are
+# - speculative (forty-second session): its GPU test (one sequence's steps replay the 16-token prefill graph, which
+#   keeps every row's logits) and the prefill graph tests, then speculative decoding by n-gram lookup on
+#   Llama-3-8B's shapes, batch 1 (scripts/bench_speculative.py): plain greedy decoding, then steps checking k = 1, 2, 4, 8 draft tokens that are
 #   all right (the plain run's own continuation: the ceiling) and all wrong (the floor, what checking costs). Random
 #   weights say nothing of how often real drafts are right: that was measured on SmolLM2 (about 5 minutes).
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -172,7 +173,9 @@ for part in $parts; do
     w4-timeline) KILN_PDL=0 $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 --profile \
                    --output-json "$out/$part.json" ;;
     prefill) $bench --workloads prefill-1000 --output-json "$out/$part.json" ;;
-    speculative) python scripts/bench_speculative.py --synthetic llama-3-8b --dtype bfloat16 --drafts oracle,wrong \
+    speculative) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_cuda_graphs.py \
+                   tests/runtime/test_gpu_runtime.py -k "speculative or prefill"
+                 python scripts/bench_speculative.py --synthetic llama-3-8b --dtype bfloat16 --drafts oracle,wrong \
                    --draft-lens 1,2,4,8 ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;

@@ -139,7 +139,7 @@ class ModelRunner:
         through the stages one after another, so stage k works on micro-batch i while stage k+1 works on
         micro-batch i-1 (GPipe-style, within the step)."""
         for graphs in (self.graphs, self.prefill_graphs):
-            if graphs is not None and not inp.all_logits and graphs.can_run(inp):
+            if graphs is not None and graphs.can_run(inp):
                 return graphs.run(inp)
         m = self.mapping
         if m.pp_size == 1:

@@ -240,6 +240,29 @@ def test_short_prompts_and_prefix_hits_run_their_prefill_as_cuda_graphs(tmp_path
             assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8, "cuda"), new
 
 
+def test_speculative_decoding_on_the_gpu_gives_transformers_greedy_tokens(tmp_path, monkeypatch):
+    """n-gram drafts checked on the GPU in float32: one sequence's steps replay the 16-token prefill graph with every
+    row's logits, several sequences' run eagerly; the tokens are transformers' greedy ones either way, and sampled
+    requests check drafts too."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(tmp_path / "hf").to("cuda")
+    greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    with LLM(tmp_path / "hf", device="cuda", build_config=BuildConfig(max_draft_len=4)) as llm:
+        executor, graphs = llm.generator.executor, llm.runner.prefill_graphs
+        alone_before = graphs.replays
+        alone = llm.generate(PROMPTS[:1], greedy)
+        # the prompt's prefill and each speculative step replayed a prefill graph
+        assert executor.accepted_draft_tokens > 0 and graphs.replays - alone_before == 1 + executor.speculative_steps
+        together = llm.generate(PROMPTS, greedy)
+        steps = executor.speculative_steps
+        sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0.8, seed=1, ignore_eos=True))
+        assert executor.speculative_steps > steps and all(len(o.outputs[0].token_ids) == 64 for o in sampled)
+        assert not llm.generator.blocks.tables
+    assert alone[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[0], 64, "cuda")
+    for prompt, out in zip(PROMPTS, together):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 64, "cuda")
+
+
 REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256,
                   rope_theta=500000.0)  # Llama-3-8B layer shapes (two layers), Llama-2 vocab
