@@ -72,6 +72,18 @@ def test_llm_parallel_greedy_tokens_equal_single_process(engines, reference_toke
     assert tokens == reference_tokens
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_speculative_steps_across_ranks_give_the_single_process_tokens(engines, reference_tokens, tp, pp):
+    """Every token's logits come back from the last stage (pipeline micro-batches keep them all)."""
+    from kiln.config import BuildConfig
+
+    with LLM(engines[tp, pp], tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu",
+             build_config=BuildConfig(max_draft_len=4)) as llm:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert llm.generator.executor.accepted_draft_tokens > 0
+    assert tokens == reference_tokens
+
+
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_torchrun_parallel_logits_match_single_process(engines, tmp_path, tp, pp):
     out = tmp_path / "logits.pt"
