@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -141,12 +142,13 @@ class LLM:
         # importing torch and transformers made would be walked again and again as requests come and go (0.25 s
         # of the 0.3 s it took to submit 3,000 prompts). They live as long as the process: leave them out of
         # collections, as vLLM does. Done before the model and its KV cache exist, so those are still collected
-        # with a dropped LLM whatever cycles they are in.
+        # with a dropped LLM whatever cycles they are in, but for cycles through this object itself, frozen too: nothing
+        # made below may refer back to it (a closure over self kept a closed engine's GPU memory to the process's end).
         gc.collect()
         gc.freeze()
         self.runner = _make_runner(self.engine_dir, self.engine, self.build_config, self.device)
         self.generator = GenerationEngine(self.runner, self.build_config, self.engine.config.eos_token_ids,
-                                          self.engine.config.vocab_size, lambda: tok.token_bytes(self.tokenizer))
+                                          self.engine.config.vocab_size, partial(tok.token_bytes, self.tokenizer))
         self._next_request = 0
 
     def shutdown(self) -> None:
