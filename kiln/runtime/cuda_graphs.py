@@ -42,9 +42,6 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
 # Token counts of the prefill graphs: a step of up to 256 new tokens, after a cached prefix or not, is
 # still cheap enough on the GPU (an 8B model reads its weights in about 5 ms) that eager launches dominate it.
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
-# Prefill graphs of at most this many tokens keep every row's logits (at 16 rows the lm_head still reads its weights
-# once), so a speculative step of one sequence (its next token and draft: kiln.runtime.speculative) replays one.
-ALL_LOGITS_TOKENS = 16
 
 
 def prefill_graph_token_counts(build_config) -> list[int]:
@@ -217,12 +214,10 @@ class PrefillGraphs:
         self.replays = 0
 
     def forward(self, size: int) -> torch.Tensor:
-        """The forward each graph holds: the last real token's logits [1, vocab] of the step in the buffers; up to
-        ALL_LOGITS_TOKENS, every row's [size, vocab]."""
+        """The forward each graph holds: the last real token's logits [1, vocab] of the step in the buffers."""
         # context_lens [1] only marks the step as continuing a prefix; the kernels read the real one on the GPU
         batch = PagedAttentionBatch([size], [1], self.kv, self.slots[:size], self.table, self.seq_lens, self.cu)
-        return self.model(self.tokens[:size], self.positions[:size], batch,
-                          last_token_only=size > ALL_LOGITS_TOKENS)
+        return self.model(self.tokens[:size], self.positions[:size], batch, last_token_only=True)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -260,26 +255,15 @@ class PrefillGraphs:
         if len(inp.query_lens) != 1 or not 1 < inp.query_lens[0] <= self.sizes[-1]:
             return False
         size = next(s for s in self.sizes if s >= inp.query_lens[0])
-        if inp.all_logits and size > ALL_LOGITS_TOKENS:
-            return False
         return inp.context_lens[0] + size <= self.table.shape[1] * self.kv.block_size
 
     def run(self, inp, fill=None) -> torch.Tensor:
-        """Replay the step's graph: logits [1, vocab], or [n, vocab] of all n tokens where inp.all_logits. fill:
-        rows whose token is on the GPU (fill_tokens)."""
+        """Replay the step's graph: logits [1, vocab]. fill: rows whose token is on the GPU (fill_tokens)."""
         size = self.load(inp)
         fill_tokens(self.tokens, fill)
         self.graphs[size].replay()
         self.replays += 1
-        return self.step_logits(self.outputs[size], inp)
-
-    @staticmethod
-    def step_logits(out: torch.Tensor, inp) -> torch.Tensor:
-        """Of a graph's output, the logits the step asks for: its last token's, or every real token's."""
-        if out.shape[0] == 1:  # a graph past ALL_LOGITS_TOKENS: the last token's alone
-            return out
-        n = inp.query_lens[0]
-        return out[:n] if inp.all_logits else out[n - 1:n]
+        return self.outputs[size]
 
     def load(self, inp) -> int:
         """Copy the step into the static buffers, padded up to a captured size; returns that size."""

@@ -30,13 +30,11 @@ from kiln.runtime.sequence import Sequence
 from kiln.runtime.speculative import NgramIndex, accept_greedy, accept_sampled
 
 
-def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager,
-                drafts: list[list[int]] | None = None) -> StepInputs:
-    """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls).
-    drafts: each sequence's draft tokens, after its next token (a speculative step: n is 1 + the draft's length)."""
-    inp = StepInputs([], [], [], [], [], [], all_logits=drafts is not None)
+def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepInputs:
+    """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls)."""
+    inp = StepInputs([], [], [], [], [], [])
     bs = blocks.block_size
-    for i, (seq, n) in enumerate(step):
+    for seq, n in step:
         start = seq.num_cached
         table = blocks.tables[seq.seq_id]
         inp.query_lens.append(n)
@@ -48,7 +46,7 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager,
             inp.slot_mapping.append(table[start // bs] * bs + start % bs)
             continue
         end = start + n
-        inp.token_ids += seq.all_ids[start:end] if drafts is None else seq.all_ids[start:] + drafts[i]
+        inp.token_ids += seq.all_ids[start:end]
         inp.positions += range(start, end)
         for b in range(start // bs, (end - 1) // bs + 1):  # each block's run of slots at once
             base = table[b] * bs - b * bs
@@ -57,6 +55,25 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager,
 
 
 IN_FLIGHT = -1  # a step input's token id that the GPU fills from the step before (never a real id: fails loudly)
+
+
+def draft_rows(step: list[tuple[Sequence, int]], drafts: list[list[int]], blocks: BlockManager) -> StepInputs:
+    """A speculative step as a decode step: each sequence's next token and draft tokens are rows of their own, on
+    the sequence's block table, row j after the j tokens before it in the step (whose keys the step writes before
+    any row attends). One decode step of all the rows gives every position's logits, in the decode CUDA graphs
+    where the row count has one."""
+    inp = StepInputs([], [], [], [], [], [])
+    bs = blocks.block_size
+    for (seq, _), draft in zip(step, drafts):
+        start, table = seq.num_cached, blocks.tables[seq.seq_id]
+        for position, token in enumerate([seq.all_ids[start], *draft], start):
+            inp.token_ids.append(token)
+            inp.positions.append(position)
+            inp.query_lens.append(1)
+            inp.context_lens.append(position)
+            inp.slot_mapping.append(table[position // bs] * bs + position % bs)
+            inp.block_tables.append(table)
+    return inp
 
 
 def _run_ahead_setting(runner, name: str = "KILN_DECODE_RUN_AHEAD", default_on_gpu: bool = True) -> bool:
@@ -273,8 +290,7 @@ class Executor:
     def _speculative_step(self, step: list[tuple[Sequence, int]], drafts: list[list[int]]):
         """Run each sequence's next token and draft, keeping every position's logits; each sequence takes its
         draft up to the first token it refuses (kiln.runtime.speculative), then a token of its own."""
-        inp = step_inputs([(seq, 1 + len(draft)) for (seq, _), draft in zip(step, drafts)], self.blocks, drafts)
-        logits = self.runner.execute(inp).float()
+        logits = self.runner.execute(draft_rows(step, drafts, self.blocks)).float()
         targets = greedy_tokens(logits).tolist()
         produced, start = [], 0
         for (seq, _), draft in zip(step, drafts):

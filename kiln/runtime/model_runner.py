@@ -40,11 +40,6 @@ class StepInputs:
     context_lens: list[int]  # tokens already cached before this step
     slot_mapping: list[int]  # flat cache slot of each new token
     block_tables: list[list[int]]
-    all_logits: bool = False  # the logits of every new token (speculative steps), not only each sequence's last
-
-    @property
-    def num_logit_rows(self) -> int:
-        return len(self.token_ids) if self.all_logits else len(self.query_lens)
 
 
 class ModelRunner:
@@ -71,6 +66,9 @@ class ModelRunner:
         self.kv_token_capacity = self.num_blocks * build_config.tokens_per_block  # for `kiln bench` to report
         self.graph_batch_sizes = (plan["cuda_graph_batch_sizes"] if plan
                                   else cuda_graph_batch_sizes(build_config.max_batch_size))
+        if build_config.max_draft_len:  # a speculative step of one sequence, its draft as rows (executor.draft_rows)
+            rows = cuda_graph_batch_sizes(1 + build_config.max_draft_len)
+            self.graph_batch_sizes = sorted(set(self.graph_batch_sizes) | set(rows))
         self.graph_prefill_tokens = (plan["cuda_graph_prefill_tokens"] if plan
                                      else prefill_graph_token_counts(build_config))
         use_graphs = self._can_use_graphs(config)
@@ -239,8 +237,7 @@ class ModelRunner:
         positions = list_tensor(inp.positions, torch.long, self.device)
         tokens = None if hidden is not None else list_tensor(inp.token_ids, torch.long, self.device)
         fill_tokens(tokens, fill)
-        return self.model(tokens, positions, self._batch(inp), hidden_states=hidden,
-                          last_token_only=not inp.all_logits)
+        return self.model(tokens, positions, self._batch(inp), hidden_states=hidden, last_token_only=True)
 
 
 class BurstTokens:
@@ -290,5 +287,5 @@ def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:
         lo, hi = starts[group[0]], starts[group[-1] + 1]
         micro.append(StepInputs(inp.token_ids[lo:hi], inp.positions[lo:hi], [inp.query_lens[i] for i in group],
                                 [inp.context_lens[i] for i in group], inp.slot_mapping[lo:hi],
-                                [inp.block_tables[i] for i in group], inp.all_logits))
+                                [inp.block_tables[i] for i in group]))
     return micro

@@ -46,8 +46,8 @@ def test_padded_continuing_prefill_gives_the_logits_of_the_step(tmp_path, monkey
     runner.execute(_step(blocks, prefix, 0))
     step = _step(blocks, suffix, len(prefix))
     assert graphs.can_run(step)
-    padded = graphs.step_logits(graphs.forward(graphs.load(step)), step)  # 7 tokens padded to 16: first fills
-    torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)  # the cache, then compared
+    padded = graphs.forward(graphs.load(step))  # 7 tokens padded to 16: first fills the cache, then compared
+    torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
 
 
 def test_padded_fresh_prompt_gives_the_logits_of_its_eager_prefill(tmp_path, monkeypatch):
@@ -58,24 +58,8 @@ def test_padded_fresh_prompt_gives_the_logits_of_its_eager_prefill(tmp_path, mon
     blocks.allocate(0, prompt)
     step = _step(blocks, prompt, 0)
     assert graphs.can_run(step)
-    padded = graphs.step_logits(graphs.forward(graphs.load(step)), step)
+    padded = graphs.forward(graphs.load(step))
     torch.testing.assert_close(padded, runner.execute(step), rtol=1e-5, atol=1e-5)
-
-
-def test_a_speculative_step_takes_every_tokens_logits_from_the_graph(tmp_path, monkeypatch):
-    """A decoding sequence's next token and 4 draft tokens, padded to 16: each token's logits, as the eager step
-    gives them (the speculative step of one sequence replays this graph on a GPU)."""
-    runner, blocks, graphs = _runner_and_graphs(tmp_path, monkeypatch)
-    prompt, step_tokens = list(range(3, 40)), [8, 1, 2, 3, 4]
-    blocks.allocate(0, prompt + step_tokens)
-    runner.execute(_step(blocks, prompt, 0))
-    step = _step(blocks, step_tokens, len(prompt))
-    step.all_logits = True
-    assert graphs.can_run(step)
-    padded = graphs.step_logits(graphs.forward(graphs.load(step)), step)
-    eager = runner.execute(step)
-    assert padded.shape == eager.shape == (5, runner.model.config.vocab_size)
-    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_which_steps_a_prefill_graph_takes():
@@ -92,9 +76,6 @@ def test_which_steps_a_prefill_graph_takes():
     assert not graphs.can_run(step([33], [10]))  # past the largest size
     assert not graphs.can_run(step([17], [33]))  # padded to 32 after 33 cached: past the 64-slot table
     assert not graphs.can_run(step([5, 5], [10, 10]))  # two sequences
-    every = step([17], [10])
-    every.all_logits = True
-    assert not graphs.can_run(every)  # every token's logits: the graphs of up to ALL_LOGITS_TOKENS alone
     assert prefill_graph_token_counts(BuildConfig(max_seq_len=100, max_num_tokens=8192)) == [16, 32, 64]
     assert prefill_graph_token_counts(BuildConfig(max_seq_len=4096, max_num_tokens=48)) == [16, 32]
 
