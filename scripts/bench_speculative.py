@@ -25,7 +25,8 @@ import time
 import torch
 
 import kiln.runtime.speculative as speculative
-from kiln import LLM, SamplingParams
+from kiln.llmapi.llm import LLM
+from kiln.llmapi.sampling_params import SamplingParams
 from kiln.llmapi.tokenizer import encode_chat
 
 ngram_draft = speculative.NgramIndex.draft
