@@ -86,7 +86,7 @@
 #   third session (55%); since then only on H200s (66-67%) (about 3 minutes).
 # - speculative (forty-second session): its GPU test (a draft's tokens are decode rows, in the decode graphs), then
 #   speculative decoding by n-gram lookup on Llama-3-8B's shapes, batch 1 (scripts/bench_speculative.py): plain
-#   greedy decoding, then steps checking k = 1, 3, 7 draft tokens (2, 4, 8 rows: decode graph sizes) that are all
+#   greedy decoding, then steps checking k = 3 and 7 draft tokens (4 and 8 rows: decode graph sizes) that are all
 #   wrong (the floor: what checking costs) and all right (the plain run's own continuation: the ceiling, while the
 #   tokens stay plain decoding's; in bf16 random weights' near ties part them). How often real drafts are right was
 #   measured on SmolLM2 (about 5 minutes; the first run, checking drafts as a prefill chunk: 0.72x plain at 0%).
@@ -177,7 +177,7 @@ for part in $parts; do
     speculative) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= tests/runtime/test_gpu_runtime.py \
                    -k speculative
                  python scripts/bench_speculative.py --synthetic llama-3-8b --dtype bfloat16 --drafts wrong,oracle \
-                   --draft-lens 1,3,7 ;;
+                   --draft-lens 3,7 ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
