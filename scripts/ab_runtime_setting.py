@@ -55,14 +55,16 @@ def main() -> None:
             source = quantize_checkpoint(source, f"{source}/kv-{args.kv_cache_quant_algo}",
                                          QuantConfig(kv_cache_quant_algo=args.kv_cache_quant_algo),
                                          dtype="bfloat16", device=str(device))
-        workload = Workload(f"prefill-{args.requests}", args.requests, 2048, 128)
         build = BuildConfig(max_batch_size=min(512, args.requests), max_seq_len=2048 + 128, max_input_len=2048,
                             max_num_tokens=8192, decode_steps_per_sync=4)
         engine_dir = open_engine_dir(source, "bfloat16", build)
         llm, _ = open_to_first_token(engine_dir, device)
         floor = prefill_flops(llm.engine.config, 2048) * args.requests / flops
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for value in args.values.split(","):
+                # Prompts are seeded by the workload's name: a name per run gives each run prompts of its own, so
+                # no run finds an earlier one's in the prefix cache
+                workload = Workload(f"prefill-{args.requests}-{value}-{round_}", args.requests, 2048, 128)
                 os.environ[args.variable] = value
                 executor = llm.generator.executor
                 executor.step_run_ahead = executor_setting(executor.runner)  # (read once, at the engine's start)
