@@ -9,9 +9,10 @@ strict mode does:
   not, and no key beyond them (whatever `additionalProperties` says); an object with no `properties` takes any
   JSON object;
 - `enum` and `const` values are written as `json.dumps` spells them.
-Keywords that constrain what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with
-the schema path that holds them, as are alternatives (`anyOf`, `oneOf`, a list of types) that begin with the same
-byte. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
+Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
+failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
+what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with the schema path that
+holds them. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"
 #   ("object", ((key as JSON bytes, node, required), ...))   ("any_object",)
 #   ("array", item node, min items, max items or None)       ("string",)
 #   ("number", integer only)                                  ("options", (JSON bytes, ...))  enum, const, literals
-#   ("choice", (node, ...))  alternatives told apart by their first byte
+#   ("choice", (node, ...))  alternatives, followed side by side in an ("either", (), (state, ...)) state
 
 
 class SchemaGrammar:
@@ -78,10 +79,10 @@ class SchemaGrammar:
         if alternatives is not None:
             base = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
             return self._choice([self._compile({**base, **alt}, f"{path}/anyOf/{i}", root)
-                                 for i, alt in enumerate(alternatives)], path)
+                                 for i, alt in enumerate(alternatives)])
         kind = schema.get("type")
         if isinstance(kind, list):
-            return self._choice([self._compile({**schema, "type": k}, f"{path}/type/{k}", root) for k in kind], path)
+            return self._choice([self._compile({**schema, "type": k}, f"{path}/type/{k}", root) for k in kind])
         if kind not in TYPES:
             raise ConfigError(f"json_schema at {path}: 'type' must be one of {list(TYPES)} (or a list of them), got "
                               f"{kind!r}")
@@ -101,14 +102,7 @@ class SchemaGrammar:
             self.nodes[self._refs[ref]] = ("choice", (self._compile(target, ref, root),))
         return self._refs[ref]
 
-    def _choice(self, alternatives: list[int], path: str) -> int:
-        seen: dict[int, int] = {}
-        for alt in alternatives:
-            for b in self._first_bytes(alt):
-                if seen.setdefault(b, alt) != alt:
-                    raise ConfigError(f"json_schema at {path}: two alternatives may both begin with {chr(b)!r}; "
-                                      "kiln tells alternatives apart by their first byte (an object and null: "
-                                      "yes; two objects: no)")
+    def _choice(self, alternatives: list[int]) -> int:
         return self._add(("choice", tuple(alternatives)))
 
     def _first_bytes(self, node: int) -> set[int]:
@@ -166,6 +160,9 @@ class SchemaGrammar:
     def _on_done(self, frames, arg, b):
         return None
 
+    def _on_either(self, frames, states, b):  # alternatives still alive, each its own state
+        return _either(self.step(state, b) for state in states)
+
     def _on_value(self, frames, arg, b):  # a value of node, after ws whitespace bytes
         node, ws = arg
         if b in WHITESPACE:
@@ -176,7 +173,7 @@ class SchemaGrammar:
         """The state after b, the first byte of a value of node, or None."""
         kind, *rest = self.nodes[node]
         if kind == "choice":
-            return next((s for s in (self._begin(frames, alt, b) for alt in rest[0]) if s is not None), None)
+            return _either(self._begin(frames, alt, b) for alt in rest[0])
         if b not in self._first_bytes(node):
             return None
         if kind == "object":
@@ -300,6 +297,18 @@ class SchemaGrammar:
             done = self._value_done(frames)
             return None if done == DONE else self.step(done, b)
         return None
+
+
+def _either(states) -> tuple | None:
+    """The alternatives' states that took the byte, as one state: None when none did, the survivor when one did,
+    else ("either", (), states), flat and without repeats (alternatives that met again go on as one)."""
+    alive: dict[tuple, None] = {}
+    for state in states:
+        if state is not None:
+            alive.update(dict.fromkeys(state[2] if state[0] == "either" else (state,)))
+    if len(alive) <= 1:
+        return next(iter(alive), None)
+    return ("either", (), tuple(alive))
 
 
 def _json_bytes(value) -> bytes:

@@ -9,6 +9,7 @@ import uuid
 from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import RequestOutput, SamplingParams
 from kiln.runtime.json_schema import schema_grammar
+from kiln.serve import tools as tool_calls
 
 
 class APIError(Exception):
@@ -39,12 +40,11 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
 
 # OpenAI request fields that kiln does not implement, each with the values that ask for nothing: clients send some
 # of them by default. Any other value is refused by name, since answering as if the field were absent would return
-# output the client did not ask for (a prose answer where `tools` asked for a call).
+# output the client did not ask for (a prose answer where the legacy `functions` asked for a call).
 UNIMPLEMENTED_FIELDS = {
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "tools": ([],),
     "functions": ([],),
 }
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -58,10 +58,26 @@ def refuse_unimplemented(body: dict) -> None:
                            f"{unused[0]!r}", param=name)
 
 
-def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
+def tools(body: dict) -> tool_calls.Tools | None:
+    """A chat request's tools (kiln.serve.tools), or None."""
+    try:
+        return tool_calls.tools_request(body)
+    except tool_calls.ToolsError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def sampling_params(body: dict, default_max_tokens: int, chat: bool,
+                    tools: tool_calls.Tools | None = None) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln and vLLM extensions: top_k, repetition_penalty,
-    ignore_eos, stop_token_ids, min_tokens); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS)."""
+    ignore_eos, stop_token_ids, min_tokens); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS).
+    Forced tool calls (`tools`) hold the output to their schema."""
     refuse_unimplemented(body)
+    output_format = _response_format(body)
+    if tools is not None and tools.forced:
+        if output_format != {"json_object": False}:
+            raise APIError(400, "'response_format' and a forced 'tool_choice' both shape the answer; send one",
+                           param="response_format")
+        output_format = {"json_schema": tools.call_schema()}
     stop = field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
@@ -92,7 +108,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
             logprobs=logprobs,
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
-            **_response_format(body),
+            **output_format,
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None
@@ -184,12 +200,14 @@ def completion_response(output: RequestOutput, model: str, request_id: str, toke
     }
 
 
-def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer) -> dict:
-    return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                     "finish_reason": o.finish_reason,
-                     "logprobs": chat_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None else None}
-                    for o in output.outputs],
-        "usage": usage(output),
-    }
+def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer, reader=None) -> dict:
+    """The chat completion; `reader` (ToolReader) reads each choice's tool calls out of its text."""
+    choices = []
+    for o in output.outputs:
+        content, calls = reader.read(o.text) if reader is not None else (o.text, [])
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        choices.append({"index": o.index, "message": message | ({"tool_calls": calls} if calls else {}),
+                        "finish_reason": "tool_calls" if calls else o.finish_reason,
+                        "logprobs": chat_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None else None})
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(output)}

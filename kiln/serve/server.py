@@ -20,6 +20,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.llmapi import tokenizer as tok
 from kiln.llmapi.sampling_params import RequestOutput
 from kiln.serve import protocol
+from kiln.serve import tools as tool_calls
 from kiln.serve.async_llm import AsyncLLM, QueueFullError
 from kiln.serve.protocol import APIError
 
@@ -106,7 +107,7 @@ def completion_prompt(engine: AsyncLLM, prompt) -> list[int]:
                    param="prompt")
 
 
-def chat_prompt(engine: AsyncLLM, body: dict) -> list[int]:
+def chat_prompt(engine: AsyncLLM, body: dict, tools: tool_calls.Tools | None = None) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
@@ -114,8 +115,13 @@ def chat_prompt(engine: AsyncLLM, body: dict) -> list[int]:
     unknown = sorted({m["role"] for m in messages} - CHAT_ROLES)
     if unknown:
         raise APIError(400, f"unknown message roles {unknown}; the roles are {sorted(CHAT_ROLES)}", param="messages")
-    messages = [{**m, "content": text_content(m.get("content", ""))} for m in messages]
-    return _encode(engine, lambda t: tok.encode_chat(t, messages))
+    messages = [{**m, "content": text_content(m.get("content") or "")} for m in messages]  # (None with tool_calls)
+    messages, template_tools = tool_calls.prompt_messages(messages, tools, _chat_template(engine))
+    return _encode(engine, lambda t: tok.encode_chat(t, messages, template_tools))
+
+
+def _chat_template(engine: AsyncLLM) -> str | None:
+    return getattr(engine.llm.tokenizer, "chat_template", None)
 
 
 def text_content(content) -> str:
@@ -244,28 +250,43 @@ def default_max_tokens(engine: AsyncLLM, prompt_ids: list[int], chat: bool) -> i
 async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = get_engine(request)
     body = await read_body(request)
-    prompts = [chat_prompt(engine, body)] if chat else completion_prompts(engine, body)
-    params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat)
+    tools = protocol.tools(body) if chat else None
+    reader = tool_calls.ToolReader.of(tools, _chat_template(engine)) if tools is not None else None
+    prompts = [chat_prompt(engine, body, tools)] if chat else completion_prompts(engine, body)
+    params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat, tools)
     stream = bool(protocol.field(body, "stream", bool, False))
     with_usage = protocol.include_usage(body)
     model = request.app[SETTINGS]["model_name"]
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     outputs = generate_all(engine, prompts, params, request.app[SETTINGS]["request_timeout"])
     if stream:
-        return await stream_response(request, outputs, chat, model, request_id, with_usage)
+        return await stream_response(request, outputs, chat, model, request_id, with_usage, reader)
     final = None
     async for final in outputs:
         pass
-    respond = protocol.chat_response if chat else protocol.completion_response
-    return web.json_response(respond(final, model, request_id, engine.llm.tokenizer))
+    if chat:
+        return web.json_response(protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader))
+    return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer))
 
 
-async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool):
+def streamed_content(o, reader: tool_calls.ToolReader | None) -> tuple[str, list[dict]]:
+    """(a choice's text that may go out as content now, its tool calls): with tools, the text that may still become
+    a call is held back until the choice ends, when its calls are read."""
+    if reader is None:
+        return o.text, []
+    if o.finish_reason is None:
+        return o.text[:reader.sendable(o.text)], []
+    return reader.read(o.text)
+
+
+async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,
+                          reader: tool_calls.ToolReader | None = None):
     """Server-sent events: a chunk per choice whenever it has new tokens, then usage (if asked), then [DONE].
 
     A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
-    still incomplete, text held back as a possible stop string): clients see progress, and `kiln bench --serve`
-    times every token's arrival, not only the arrivals that happened to carry text."""
+    still incomplete, text held back as a possible stop string or tool call): clients see progress, and `kiln bench
+    --serve` times every token's arrival, not only the arrivals that happened to carry text. Tool calls go out
+    whole, in the choice's last chunk."""
     tokenizer = get_engine(request).llm.tokenizer
     first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -283,22 +304,24 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     async def send_choices(output) -> None:
         for o in output.outputs:
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
-            delta_text = o.text[start_text or 0:]
+            text, calls = streamed_content(o, reader)
+            delta_text = text[start_text or 0:]
             no_new_tokens = len(o.token_ids) == sent_tokens.get(o.index)
             if o.index in ended or not delta_text and no_new_tokens and o.finish_reason is None:
                 continue
-            choice = {"index": o.index, "finish_reason": o.finish_reason}
+            choice = {"index": o.index, "finish_reason": "tool_calls" if calls else o.finish_reason}
             entries = protocol.logprob_entries(o)
             if chat:
                 choice["delta"] = ({"role": "assistant"} if start_text is None else {}) | (
-                    {"content": delta_text} if delta_text or start_text is None else {})
+                    {"content": delta_text} if delta_text or start_text is None else {}) | (
+                    {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
                 choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
             else:
                 choice["text"] = delta_text
                 choice["logprobs"] = (protocol.completion_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
-            sent_text[o.index], sent_logprobs[o.index] = len(o.text), len(entries)
+            sent_text[o.index], sent_logprobs[o.index] = len(text), len(entries)
             sent_tokens[o.index] = len(o.token_ids)
             if o.finish_reason is not None:
                 ended.add(o.index)

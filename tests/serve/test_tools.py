@@ -1,0 +1,142 @@
+"""Tool calling's parts (kiln.serve.tools): the request's validation, the prompt, the answer's calls read in each
+format, what a stream may send, and the schema forced calls are held to (against the jsonschema validator). The
+server end to end, with the openai client, is in test_server.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from kiln.runtime.json_mode import DONE, walk
+from kiln.runtime.json_schema import schema_grammar
+from kiln.serve.tools import KILN_TOOL_PROMPT, Tools, ToolsError, prompt_messages, read_calls, sendable, \
+    template_format, tools_request
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+HERMES_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> Answer with "
+                   "<tool_call>...</tool_call>.{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+                   "{% endfor %}<|assistant|>")
+
+
+def tools(*defs, choice=None, parallel=True) -> Tools:
+    body = {"tools": list(defs), "parallel_tool_calls": parallel} | ({"tool_choice": choice} if choice else {})
+    return tools_request(body)
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"tools": {"name": "x"}}, "tools", "must be a list"),
+    ({"tools": [{"type": "retrieval"}]}, "tools", "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", "letters, digits"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "'get_weather' more than once"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice", "'always'"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
+     "one of ['get_weather']"),
+    ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
+    ({"tools": [{"type": "function", "function": {"name": "n", "parameters": {
+        "type": "object", "properties": {"k": {"type": "integer", "minimum": 1}}}}}], "tool_choice": "required"},
+     "tools", "tool 'n' parameters: json_schema at #/properties/k: 'minimum'"),
+])
+def test_bad_tools_fields_are_refused_naming_the_field(body, param, words):
+    with pytest.raises(ToolsError, match=words.replace("[", r"\[").replace("]", r"\]")) as e:
+        tools_request(body)
+    assert e.value.param == param
+
+
+def test_choices():
+    assert tools_request({}) is None and tools_request({"tools": [WEATHER], "tool_choice": "none"}) is None
+    assert tools(WEATHER).choice == "auto" and not tools(WEATHER).forced
+    named = tools(WEATHER, TIME, choice={"type": "function", "function": {"name": "get_time"}})
+    assert named.choice == "get_time" and named.forced
+    # a schema kiln cannot hold to is fine where nothing is held to it
+    loose = {"type": "function", "function": {"name": "n", "parameters": {"type": "object", "properties": {
+        "k": {"type": "integer", "minimum": 1}}}}}
+    assert tools(loose).functions[0]["name"] == "n"
+
+
+@pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
+                                             ({"type": "function", "function": {"name": "get_time"}}, True)])
+def test_forced_calls_schema_takes_valid_calls_of_the_allowed_functions_only(choice, parallel):
+    t = tools(WEATHER, TIME, choice=choice, parallel=parallel)
+    schema, grammar = t.call_schema(), schema_grammar(t.call_schema())
+    rng = random.Random(0)
+    allowed = ["get_weather", "get_time"] if choice == "required" else ["get_time"]
+    for _ in range(200):
+        calls = [{"name": "get_weather", "arguments": {"city": rng.choice(["Oslo", "Lima"])} | (
+                     {"unit": "c"} if rng.random() < 0.5 else {})} if rng.random() < 0.5 else
+                 {"name": "get_time", "arguments": {"zone": "UTC"}} for _ in range(rng.randint(0, 3))]
+        valid = bool(calls) and all(c["name"] in allowed for c in calls) and (parallel and choice == "required"
+                                                                              or len(calls) == 1)
+        assert (walk(grammar.start, json.dumps(calls).encode(), grammar.step) == DONE) == valid, calls
+        if valid:
+            jsonschema.validate(calls, schema)
+    wrong = [{"name": "get_time", "arguments": {"city": "Oslo"}}]  # (another function's arguments)
+    assert walk(grammar.start, json.dumps(wrong).encode(), grammar.step) != DONE
+
+
+def test_calls_are_read_in_each_format():
+    t = tools(WEATHER, TIME)
+    content, calls = read_calls('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+                                '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}',
+                                t, "hermes")  # (the last tag unclosed: the answer ended there)
+    assert content == "Let me look.\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    _, calls = read_calls('{"name": "get_time", "parameters": {"zone": "a;b"}}; {"name": "get_weather", '
+                          '"parameters": {"city": "X"}}', t, "llama3_json")
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"zone": "a;b"}, {"city": "X"}]
+    _, calls = read_calls('[{"name":"get_time","arguments":{"zone":"Z"}}]', t, "forced")
+    assert calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "Z"}'}
+
+
+@pytest.mark.parametrize("text,parser", [
+    ("The weather is fine.", "hermes"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> and more text', "hermes"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', "hermes"),
+    ('<tool_call>{"name": "send_mail", "arguments": {}}</tool_call>', "hermes"),  # (a function not offered)
+    ('<tool_call>{"name": "get_weather", "arguments": "Oslo"}</tool_call>', "hermes"),
+    ('{"name": "get_time", "parameters": {"zone": "Z"}} then prose', "llama3_json"),
+    ("Hello there", "llama3_json"),
+    ('[{"name":"get_time","arguments":{"zone":"Z"', "forced"),  # (cut by max_tokens)
+])
+def test_an_answer_that_is_not_all_calls_is_content_as_written(text, parser):
+    assert read_calls(text, tools(WEATHER, TIME), parser) == (text, [])
+
+
+@pytest.mark.parametrize("text,parser,n", [
+    ("Sure", "hermes", 4), ("Sure <tool", "hermes", 5), ("Sure <tool_call>{", "hermes", 5), ("a < b", "hermes", 5),
+    ("x<", "hermes", 1), ("  ", "llama3_json", 0), (' {"name"', "llama3_json", 0), ("Hi {", "llama3_json", 4),
+    ('[{"name"', "forced", 0),
+])
+def test_a_stream_holds_back_what_may_become_a_call(text, parser, n):
+    assert sendable(text, parser) == n
+
+
+def test_the_prompt_gets_the_tools_from_the_template_or_from_kiln():
+    t = tools(WEATHER)
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
+    assert template_format(HERMES_TEMPLATE) == "hermes" and template_format("{{ messages }}") is None
+    out, template_tools = prompt_messages(messages, t, HERMES_TEMPLATE)
+    assert template_tools == [{"type": "function", "function": WEATHER["function"]}]
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # (an object, as templates want)
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'  # (the request's untouched)
+    # a template with no tool format kiln reads: kiln's own prompt, in a system message first
+    out, template_tools = prompt_messages(messages, t, "{{ messages }}")
+    assert template_tools is None and out[0]["role"] == "system"
+    assert out[0]["content"] == KILN_TOOL_PROMPT.format(functions=json.dumps(WEATHER["function"]))
+    out, _ = prompt_messages([{"role": "system", "content": "Be brief."}, *messages], t, None)
+    assert out[0]["content"].startswith("Be brief.\n\nYou can call functions.") and out[1]["role"] == "user"
+    assert prompt_messages(messages, None, HERMES_TEMPLATE)[1] is None
