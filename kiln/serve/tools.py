@@ -27,7 +27,7 @@ from kiln.runtime.json_schema import schema_grammar
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's function names
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # Markers of a chat template's own tool-call format -> the parser that reads it (the first found wins)
-TEMPLATE_FORMATS = ((HERMES_OPEN, "hermes"), ("<|python_tag|>", "llama3_json"))
+TEMPLATE_FORMATS = ((HERMES_OPEN, "hermes"), ("<|python_tag|>", "llama3_json"), ('"parameters": ', "llama3_json"))
 KILN_TOOL_PROMPT = (
     "You can call functions. To call one, answer with a line <tool_call>{{\"name\": <its name>, \"arguments\": <its "
     "arguments as a JSON object>}}</tool_call> for each call, and nothing else. Call one only when it helps; "

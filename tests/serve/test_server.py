@@ -346,6 +346,11 @@ def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, m
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
     assert streamed_calls(chat(client, model, stream=True, **kw)) == (
         [(call.function.name, call.function.arguments)], "tool_calls")
+    sampled = chat(client, model, **{**kw, "temperature": 1.0, "seed": 3, "n": 3, "max_tokens": 180})  # (each alike)
+    for c in sampled.choices:
+        assert c.message.tool_calls, (c.finish_reason, c.message.content)
+        (call,) = c.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
 
 
 def test_tool_choice_auto_prompts_with_the_tools_and_a_history_of_calls_is_taken(client, model, llm):

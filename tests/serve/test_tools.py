@@ -129,6 +129,8 @@ def test_the_prompt_gets_the_tools_from_the_template_or_from_kiln():
                     "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
     assert template_format(HERMES_TEMPLATE) == "hermes" and template_format("{{ messages }}") is None
+    llama = "{% for t in tools %}{{ t | tojson }}{% endfor %}{{- '{\"name\": \"' + c.name + '\", \"parameters\": ' }}"
+    assert template_format(llama) == "llama3_json"
     out, template_tools = prompt_messages(messages, t, HERMES_TEMPLATE)
     assert template_tools == [{"type": "function", "function": WEATHER["function"]}]
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # (an object, as templates want)
