@@ -28,14 +28,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                template_kwargs: dict | None = None) -> list[int]:
     """Apply the model's chat template (with the assistant's turn opened; `tools` for a template that renders
-    them, kiln.serve.tools) and tokenize."""
+    them, kiln.serve.tools; `template_kwargs` its extra variables, Qwen3's enable_thinking, say) and tokenize."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(
             "this model has no chat template (a 'chat_template' in tokenizer_config.json, or chat_template.jinja); "
             "send a plain prompt instead (LLM.generate(text), `kiln run --prompt`, or /v1/completions)")
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                         **(template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
 
 

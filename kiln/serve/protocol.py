@@ -3,6 +3,7 @@ RequestOutputs -> response and stream-chunk JSON. https://platform.openai.com/do
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -10,6 +11,12 @@ from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import RequestOutput, SamplingParams
 from kiln.runtime.json_schema import schema_grammar
 from kiln.serve import tools as tool_calls
+from kiln.serve.reasoning import Thinking
+
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+TEMPLATE_ARGUMENTS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                      "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class APIError(Exception):
@@ -64,6 +71,34 @@ def tools(body: dict) -> tool_calls.Tools | None:
         return tool_calls.tools_request(body)
     except tool_calls.ToolsError as e:
         raise APIError(400, str(e), param=e.param) from None
+
+
+def chat_template_kwargs(body: dict) -> dict:
+    """vLLM's `chat_template_kwargs`: extra variables for the chat template (Qwen3's enable_thinking, ...)."""
+    kwargs = field(body, "chat_template_kwargs", dict, {})
+    taken = sorted(k for k in kwargs if k in TEMPLATE_ARGUMENTS)
+    if taken:
+        raise APIError(400, f"'chat_template_kwargs' may not set {taken}: the request's own fields set those",
+                       param="chat_template_kwargs")
+    return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerReader:
+    """How a chat answer's text becomes the message: a reasoning model's thinking apart (kiln.serve.reasoning),
+    then tool calls read out of the rest (kiln.serve.tools); either may be None."""
+
+    thinking: Thinking | None
+    tools: tool_calls.ToolReader | None
+
+    def read(self, text: str, finished: bool = True) -> tuple[str | None, str, list[dict]]:
+        """(reasoning or None, content, tool calls); while the answer is still coming, only what is known."""
+        reasoning, content = self.thinking.split(text, finished) if self.thinking else (None, text)
+        if self.tools is None:
+            return reasoning, content, []
+        if not finished:
+            return reasoning, content[:self.tools.sendable(content)], []
+        return reasoning, *self.tools.read(content)
 
 
 def sampling_params(body: dict, default_max_tokens: int, chat: bool,
@@ -200,12 +235,14 @@ def completion_response(output: RequestOutput, model: str, request_id: str, toke
     }
 
 
-def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer, reader=None) -> dict:
-    """The chat completion; `reader` (ToolReader) reads each choice's tool calls out of its text."""
+def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer,
+                  reader: AnswerReader | None = None) -> dict:
+    """The chat completion; `reader` splits each choice's text into reasoning, content and tool calls."""
     choices = []
     for o in output.outputs:
-        content, calls = reader.read(o.text) if reader is not None else (o.text, [])
-        message = {"role": "assistant", "content": content if content or not calls else None}
+        reasoning, content, calls = reader.read(o.text) if reader is not None else (None, o.text, [])
+        message = {"role": "assistant", "content": content if content or not calls else None} | (
+            {"reasoning_content": reasoning} if reasoning is not None else {})
         choices.append({"index": o.index, "message": message | ({"tool_calls": calls} if calls else {}),
                         "finish_reason": "tool_calls" if calls else o.finish_reason,
                         "logprobs": chat_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None else None})

@@ -20,6 +20,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.llmapi import tokenizer as tok
 from kiln.llmapi.sampling_params import RequestOutput
 from kiln.serve import protocol
+from kiln.serve import reasoning
 from kiln.serve import tools as tool_calls
 from kiln.serve.async_llm import AsyncLLM, QueueFullError
 from kiln.serve.protocol import APIError
@@ -108,6 +109,7 @@ def completion_prompt(engine: AsyncLLM, prompt) -> list[int]:
 
 
 def chat_prompt(engine: AsyncLLM, body: dict, tools: tool_calls.Tools | None = None) -> list[int]:
+    """The chat's prompt ids: the messages (and tools) through the model's chat template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
@@ -117,7 +119,19 @@ def chat_prompt(engine: AsyncLLM, body: dict, tools: tool_calls.Tools | None = N
         raise APIError(400, f"unknown message roles {unknown}; the roles are {sorted(CHAT_ROLES)}", param="messages")
     messages = [{**m, "content": text_content(m.get("content") or "")} for m in messages]  # (None with tool_calls)
     messages, template_tools = tool_calls.prompt_messages(messages, tools, _chat_template(engine))
-    return _encode(engine, lambda t: tok.encode_chat(t, messages, template_tools))
+    kwargs = protocol.chat_template_kwargs(body)
+    return _encode(engine, lambda t: tok.encode_chat(t, messages, template_tools, kwargs))
+
+
+def answer_reader(engine: AsyncLLM, tools: tool_calls.Tools | None, prompt_ids: list[int]):
+    """The AnswerReader of a chat whose prompt is prompt_ids, or None where the answer is all content."""
+    template = _chat_template(engine)
+    thinking = None
+    if reasoning.reasons(template):  # (whether the prompt's last tokens opened the thinking block)
+        tail = engine.llm.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
+        thinking = reasoning.Thinking.of(tail)
+    tool_reader = tool_calls.ToolReader.of(tools, template) if tools is not None else None
+    return protocol.AnswerReader(thinking, tool_reader) if thinking or tool_reader else None
 
 
 def _chat_template(engine: AsyncLLM) -> str | None:
@@ -251,8 +265,8 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     engine = get_engine(request)
     body = await read_body(request)
     tools = protocol.tools(body) if chat else None
-    reader = tool_calls.ToolReader.of(tools, _chat_template(engine)) if tools is not None else None
     prompts = [chat_prompt(engine, body, tools)] if chat else completion_prompts(engine, body)
+    reader = answer_reader(engine, tools, prompts[0]) if chat else None
     params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat, tools)
     stream = bool(protocol.field(body, "stream", bool, False))
     with_usage = protocol.include_usage(body)
@@ -269,18 +283,8 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer))
 
 
-def streamed_content(o, reader: tool_calls.ToolReader | None) -> tuple[str, list[dict]]:
-    """(a choice's text that may go out as content now, its tool calls): with tools, the text that may still become
-    a call is held back until the choice ends, when its calls are read."""
-    if reader is None:
-        return o.text, []
-    if o.finish_reason is None:
-        return o.text[:reader.sendable(o.text)], []
-    return reader.read(o.text)
-
-
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,
-                          reader: tool_calls.ToolReader | None = None):
+                          reader: protocol.AnswerReader | None = None):
     """Server-sent events: a chunk per choice whenever it has new tokens, then usage (if asked), then [DONE].
 
     A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
@@ -294,6 +298,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent_text: dict[int, int] = {}
+    sent_reasoning: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     sent_logprobs: dict[int, int] = {}
     ended: set[int] = set()  # choices whose finish_reason went out: later outputs still carry them
@@ -304,8 +309,10 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     async def send_choices(output) -> None:
         for o in output.outputs:
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
-            text, calls = streamed_content(o, reader)
+            thought, text, calls = (reader.read(o.text, o.finish_reason is not None) if reader is not None
+                                    else (None, o.text, []))
             delta_text = text[start_text or 0:]
+            delta_thought = (thought or "")[sent_reasoning.get(o.index, 0):]
             no_new_tokens = len(o.token_ids) == sent_tokens.get(o.index)
             if o.index in ended or not delta_text and no_new_tokens and o.finish_reason is None:
                 continue
@@ -313,8 +320,10 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
             entries = protocol.logprob_entries(o)
             if chat:
                 choice["delta"] = ({"role": "assistant"} if start_text is None else {}) | (
+                    {"reasoning_content": delta_thought} if delta_thought else {}) | (
                     {"content": delta_text} if delta_text or start_text is None else {}) | (
                     {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
+                sent_reasoning[o.index] = len(thought or "")
                 choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
             else:

@@ -261,8 +261,9 @@ def sendable(text: str, parser: str) -> int:
     if parser == "llama3_json":
         return 0 if text.strip() == "" or text.lstrip().startswith("{") else len(text)
     start = text.find(HERMES_OPEN)
-    if start >= 0:
-        return start
-    partial = next((k for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1)
-                    if HERMES_OPEN.startswith(text[-k:])), 0)
-    return len(text) - partial
+    return start if start >= 0 else len(text) - tag_start(text, HERMES_OPEN)
+
+
+def tag_start(text: str, tag: str) -> int:
+    """The length of text's longest ending that begins `tag`: what a stream holds back."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)

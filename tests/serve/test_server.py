@@ -959,3 +959,50 @@ def test_a_request_past_the_timeout_is_408_and_frees_its_blocks(engine_dir, tmp_
         assert proc.request("GET", "/health")[0] == 200  # (a new completion could itself time out at 20 ms)
     finally:
         proc.stop()
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+                     "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}")
+
+
+def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_factory):
+    """A chat template that opens a thinking block (as DeepSeek-R1's does; kiln.serve.reasoning): the random
+    model's greedy answer never closes it, so all of it is reasoning_content, streamed or not; with
+    chat_template_kwargs {"enable_thinking": false} (Qwen3's switch) the template closes the block and all of the
+    answer is content."""
+    from transformers import AutoTokenizer
+
+    from kiln import LLM, SamplingParams
+
+    root = tmp_path_factory.mktemp("thinking")
+    make_hf_model(root / "hf", vocab_size=49152, max_position_embeddings=MAX_SEQ_LEN)
+    gguf_tokenizer_writer(GGUFFile(smollm2_gguf()))(root / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(root / "hf")
+    engine = build_checkpoint(convert_checkpoint(root / "hf", root / "ckpt"), root / "thinker",
+                              BuildConfig(max_batch_size=4, max_input_len=MAX_INPUT_LEN, max_seq_len=MAX_SEQ_LEN))
+    llm = LLM(engine, device="cpu")
+
+    def greedy(**template_kwargs):
+        ids = encode_chat(llm.tokenizer, MESSAGES, template_kwargs=template_kwargs)
+        return llm.generate([ids], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
+
+    proc = ServerProcess(engine, root / "server").start()
+    try:
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0, timeout=60)
+        kw = dict(model=engine.name, messages=MESSAGES, max_tokens=16, temperature=0)
+        message = client.chat.completions.create(**kw).choices[0].message
+        assert message.reasoning_content == greedy() and message.content == ""
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.reasoning_content or "" for c in chunks if c.choices) == greedy()
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+        off = client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert off.choices[0].message.content == greedy(enable_thinking=False) != greedy()
+        assert getattr(off.choices[0].message, "reasoning_content", None) is None
+        status, _, response = proc.request("POST", "/v1/chat/completions", {
+            "messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}})
+        assert_error(status, response, 400, "chat_template_kwargs")
+    finally:
+        proc.stop()
