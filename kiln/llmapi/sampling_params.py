@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
-from kiln.runtime.json_mode import JSON_OBJECT
+from kiln.runtime.json_mode import JSON_OBJECT, after_text
 from kiln.runtime.json_schema import schema_grammar
 
 
@@ -35,6 +35,9 @@ class SamplingParams:
     # The output is one value of this JSON Schema (OpenAI's response_format json_schema), masked as json_object is;
     # the keywords it holds to and the ones it refuses: kiln.runtime.json_schema.
     json_schema: dict | None = None
+    # With json_object or json_schema: the output is free text until it has written this, and the JSON follows it
+    # (a reasoning model's "</think>": it thinks, then answers in JSON; kiln serve sets it for such models).
+    json_after: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +71,9 @@ class SamplingParams:
             ("json_schema", self.json_schema is None or isinstance(self.json_schema, dict)
              and not self.json_object and not self.ignore_eos,
              "None or a JSON Schema (a dict), without json_object (it asks for JSON already) or ignore_eos"),
+            ("json_after", self.json_after is None or isinstance(self.json_after, str) and self.json_after
+             and (self.json_object or self.json_schema is not None),
+             "None or a non-empty string, with json_object or json_schema (the JSON it comes before)"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -81,10 +87,10 @@ class SamplingParams:
 
     @property
     def json_grammar(self):
-        """The grammar the output is held to (json_object's or json_schema's), or None."""
-        if self.json_schema is not None:
-            return schema_grammar(self.json_schema)
-        return JSON_OBJECT if self.json_object else None
+        """The grammar the output is held to (json_object's or json_schema's, after json_after's text), or None."""
+        grammar = schema_grammar(self.json_schema) if self.json_schema is not None else \
+            JSON_OBJECT if self.json_object else None
+        return after_text(grammar, self.json_after.encode()) if grammar and self.json_after else grammar
 
 
 @dataclass

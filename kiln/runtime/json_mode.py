@@ -13,6 +13,8 @@ MAX_WHITESPACE whitespace bytes in a row between tokens of the JSON, and at most
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MAX_WHITESPACE = 24  # bytes in a row: a pretty-printed line's newline and indent fit
@@ -208,6 +210,34 @@ class JsonObjectGrammar:
 
 
 JSON_OBJECT = JsonObjectGrammar()
+
+
+class AfterText:
+    """Any text until `tag` has been written, then one value of the `inner` grammar: a reasoning model's thinking,
+    free, before its JSON answer (SamplingParams.json_after, "</think>"). Its own states are ("free", "", the
+    tag's bytes matched so far); after the tag, the inner grammar's states as they are (DONE included)."""
+
+    def __init__(self, inner, tag: bytes):
+        self.inner, self.tag = inner, tag
+        self.start = ("free", "", 0)
+
+    def step(self, state: tuple, b: int) -> tuple | None:
+        if state[0] != "free":
+            return self.inner.step(state, b)
+        text = self.tag[:state[2]] + bytes([b])
+        if text == self.tag:
+            return self.inner.start
+        matched = next(k for k in range(len(text), -1, -1) if self.tag.startswith(text[len(text) - k:]))
+        return ("free", "", matched)  # (the longest end of the text so far that begins the tag)
+
+    def in_plain_string(self, state: tuple) -> bool:
+        return state[0] != "free" and self.inner.in_plain_string(state)
+
+
+@functools.lru_cache(maxsize=64)
+def after_text(inner, tag: bytes) -> AfterText:
+    """The AfterText of (inner, tag), one per pair, so that its masks are kept across requests (JsonVocab)."""
+    return AfterText(inner, tag)
 
 
 # ---------------------------------------------------------------------------- masks

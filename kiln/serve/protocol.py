@@ -101,11 +101,12 @@ class AnswerReader:
         return reasoning, *self.tools.read(content)
 
 
-def sampling_params(body: dict, default_max_tokens: int, chat: bool,
-                    tools: tool_calls.Tools | None = None) -> SamplingParams:
+def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool_calls.Tools | None = None,
+                    json_after: str | None = None) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln and vLLM extensions: top_k, repetition_penalty,
     ignore_eos, stop_token_ids, min_tokens); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS).
-    Forced tool calls (`tools`) hold the output to their schema."""
+    Forced tool calls (`tools`) hold the output to their schema; JSON of any kind comes after `json_after` (a
+    reasoning model's "</think>") where given."""
     refuse_unimplemented(body)
     output_format = _response_format(body)
     if tools is not None and tools.forced:
@@ -144,6 +145,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool,
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
             **output_format,
+            json_after=json_after if output_format != {"json_object": False} else None,
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None

@@ -4,8 +4,10 @@ beside `message.content` in `kiln serve`'s chat completions.
 A chat template that mentions `</think>` (Qwen3, QwQ, DeepSeek-R1 and their distills) marks a reasoning model. Its
 answer is `<think>` reasoning `</think>` content; or, where the template opened the block itself at the end of the
 prompt (DeepSeek-R1's), reasoning `</think>` content. An answer cut before `</think>` is all reasoning; one with no
-`<think>` at its start (Qwen3 with `chat_template_kwargs: {"enable_thinking": false}`, whose template writes an
-empty block into the prompt) is all content. A stream holds back what may be the start of either tag.
+`<think>` at its start, or to a prompt that closed the block itself (Qwen3 with `chat_template_kwargs:
+{"enable_thinking": false}`, whose template writes an empty block into the prompt), is all content. A stream holds
+back what may be the start of either tag. JSON asked of a thinking answer (`response_format`, forced tool calls)
+is held to after its `</think>` (SamplingParams.json_after), so the model thinks first.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ class Thinking:
     opened: bool
 
     @classmethod
-    def of(cls, prompt_text: str) -> Thinking:
-        return cls(prompt_text.rstrip().endswith(THINK_OPEN))
+    def of(cls, prompt_text: str) -> Thinking | None:
+        """The Thinking of a prompt's answer, or None where the prompt closed the block itself (Qwen3's
+        enable_thinking false): that answer is all content."""
+        end = prompt_text.rstrip()
+        return None if end.endswith(THINK_CLOSE) else cls(end.endswith(THINK_OPEN))
 
     def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
         """(reasoning or None, content) of an answer; while it is still coming (not `finished`), the parts that

@@ -127,7 +127,7 @@ def answer_reader(engine: AsyncLLM, tools: tool_calls.Tools | None, prompt_ids: 
     """The AnswerReader of a chat whose prompt is prompt_ids, or None where the answer is all content."""
     template = _chat_template(engine)
     thinking = None
-    if reasoning.reasons(template):  # (whether the prompt's last tokens opened the thinking block)
+    if reasoning.reasons(template):  # (whether the prompt's last tokens opened the thinking block, or closed it)
         tail = engine.llm.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
         thinking = reasoning.Thinking.of(tail)
     tool_reader = tool_calls.ToolReader.of(tools, template) if tools is not None else None
@@ -267,7 +267,9 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     tools = protocol.tools(body) if chat else None
     prompts = [chat_prompt(engine, body, tools)] if chat else completion_prompts(engine, body)
     reader = answer_reader(engine, tools, prompts[0]) if chat else None
-    params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat, tools)
+    thinks = reader is not None and reader.thinking is not None  # (JSON asked for comes after the thinking)
+    params = protocol.sampling_params(body, default_max_tokens(engine, prompts[0], chat), chat, tools,
+                                      json_after=reasoning.THINK_CLOSE if thinks else None)
     stream = bool(protocol.field(body, "stream", bool, False))
     with_usage = protocol.include_usage(body)
     model = request.app[SETTINGS]["model_name"]

@@ -218,3 +218,48 @@ def test_greedy_json_closes_on_the_first_chance_when_pushed_there(llm):
     out = llm.generate("x", SamplingParams(json_object=True, max_tokens=20, temperature=0,
                                            logit_bias=braces))[0].outputs[0]
     assert json.loads(out.text) == {} and out.finish_reason == "stop"
+
+
+def test_after_text_takes_any_text_then_the_tag_then_json():
+    """AfterText (SamplingParams.json_after): free text, the tag's bytes matched across false starts, then the
+    inner grammar; its masks equal each token's own check in every state met, free ones included."""
+    from kiln.runtime.json_mode import JSON_OBJECT, after_text
+
+    grammar = after_text(JSON_OBJECT, b"</think>")
+    assert grammar is after_text(JSON_OBJECT, b"</think>")  # (one per pair: masks kept across requests)
+
+    def state(text):
+        return walk(grammar.start, text.encode(), grammar.step)
+
+    assert state('<think>a < b, </thin </ {"x": 1} </think>\n{"a": [1]}') == DONE
+    assert state("<<</think>{}") == DONE and state("</think></think>{}") is None
+    assert state("hmm </thin") == ("free", "", 6) and state("hmm </think>")[0] != "free"
+    assert state('</think> x') is None  # (after the tag, JSON only)
+    toy = TOY_VOCAB + [b"</", b"think", b">", b"</think>", b"k>{", b">x"]
+    vocab, rng = JsonVocab(toy, len(toy)), random.Random(4)
+    for _ in range(300):
+        s = grammar.start
+        for _ in range(rng.randrange(10)):
+            want = [d is not None and walk(s, d, grammar.step) is not None for d in toy]
+            assert vocab.allowed(s, grammar).tolist() == want, s
+            s = walk(s, rng.choice([d for d, ok in zip(toy, want) if ok]), grammar.step)
+            if s == DONE:
+                break
+
+
+@needs_smollm2
+def test_json_after_thinks_freely_then_answers_in_json(llm):
+    """A random model pushed towards a one-token tag (" Answer") and "{}": free text first, "{}" in it too, then
+    after the tag's first time an object that parses, then EOS."""
+    tokenizer = llm.tokenizer
+    push = {i: 8.0 for i in tokenizer.encode(" Answer{}", add_special_tokens=False)}
+    params = SamplingParams(json_object=True, json_after=" Answer", max_tokens=60, temperature=1.0, seed=1, n=6,
+                            logit_bias=push)
+    outputs = llm.generate("Think, then answer in JSON:", params)[0].outputs
+    ended = [out for out in outputs if out.finish_reason == "stop"]
+    assert ended, [out.text for out in outputs]
+    for out in ended:
+        _, tag, answer = out.text.partition(" Answer")
+        assert tag and isinstance(json.loads(answer), dict), out.text
+    with pytest.raises(ConfigError, match="json_after"):
+        SamplingParams(json_after="</think>")  # (no JSON to come after it)

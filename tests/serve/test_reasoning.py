@@ -43,4 +43,5 @@ def test_a_stream_sends_only_beginnings_of_the_finished_parts(opened, text):
 def test_a_reasoning_model_is_told_by_its_template():
     assert reasons(QWEN3_LIKE) and not reasons("{{ messages }}") and not reasons(None)
     assert Thinking.of("<|im_start|>assistant\n<think>\n").opened
-    assert not Thinking.of("<|im_start|>assistant\n<think>\n\n</think>\n\n").opened
+    assert not Thinking.of("<|im_start|>assistant\n").opened  # (Qwen3 thinking: the answer opens the block)
+    assert Thinking.of("<|im_start|>assistant\n<think>\n\n</think>\n\n") is None  # (closed: all content)

@@ -985,9 +985,10 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_facto
                               BuildConfig(max_batch_size=4, max_input_len=MAX_INPUT_LEN, max_seq_len=MAX_SEQ_LEN))
     llm = LLM(engine, device="cpu")
 
-    def greedy(**template_kwargs):
+    def greedy(json_after=None, **template_kwargs):
         ids = encode_chat(llm.tokenizer, MESSAGES, template_kwargs=template_kwargs)
-        return llm.generate([ids], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
+        params = SamplingParams(max_tokens=16, temperature=0, json_object=bool(json_after), json_after=json_after)
+        return llm.generate([ids], params)[0].outputs[0].text
 
     proc = ServerProcess(engine, root / "server").start()
     try:
@@ -1001,6 +1002,9 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_facto
         off = client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert off.choices[0].message.content == greedy(enable_thinking=False) != greedy()
         assert getattr(off.choices[0].message, "reasoning_content", None) is None
+        # JSON asked for comes after the thinking: the answer thinks freely first (here all 16 tokens of it)
+        thought = client.chat.completions.create(**kw, response_format={"type": "json_object"}).choices[0].message
+        assert thought.reasoning_content == greedy(json_after="</think>") == greedy()
         status, _, response = proc.request("POST", "/v1/chat/completions", {
             "messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}})
         assert_error(status, response, 400, "chat_template_kwargs")
