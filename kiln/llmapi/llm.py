@@ -164,9 +164,10 @@ class LLM:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def _submit(self, prompt: str | list[int], params: SamplingParams, chat: list[dict] | None = None) -> _Request:
+    def _submit(self, prompt: str | list[int], params: SamplingParams, chat: list[dict] | None = None,
+                template_kwargs: dict | None = None) -> _Request:
         if chat is not None:
-            text, ids = None, tok.encode_chat(self.tokenizer, chat)
+            text, ids = None, tok.encode_chat(self.tokenizer, chat, template_kwargs=template_kwargs)
         elif isinstance(prompt, str):
             text, ids = prompt, tok.encode_prompt(self.tokenizer, prompt)
         else:
@@ -255,11 +256,14 @@ class LLM:
                 seen = tokens
                 yield output
 
-    def chat(self, messages: str | list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """Answer a conversation (or one user message) through the model's chat template."""
+    def chat(self, messages: str | list[dict], sampling_params: SamplingParams | None = None,
+             chat_template_kwargs: dict | None = None) -> RequestOutput:
+        """Answer a conversation (or one user message) through the model's chat template; `chat_template_kwargs`
+        are the template's extra variables (Qwen3's enable_thinking, say)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        request = self._submit(None, sampling_params or SamplingParams(), chat=messages)
+        request = self._submit(None, sampling_params or SamplingParams(), chat=messages,
+                               template_kwargs=chat_template_kwargs)
         for _ in self._run([request]):
             pass
         return self._output(request)

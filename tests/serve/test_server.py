@@ -985,10 +985,9 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_facto
                               BuildConfig(max_batch_size=4, max_input_len=MAX_INPUT_LEN, max_seq_len=MAX_SEQ_LEN))
     llm = LLM(engine, device="cpu")
 
-    def greedy(json_after=None, **template_kwargs):
-        ids = encode_chat(llm.tokenizer, MESSAGES, template_kwargs=template_kwargs)
+    def greedy(json_after=None, **template_kwargs):  # (LLM.chat takes the template's variables too)
         params = SamplingParams(max_tokens=16, temperature=0, json_object=bool(json_after), json_after=json_after)
-        return llm.generate([ids], params)[0].outputs[0].text
+        return llm.chat(MESSAGES, params, chat_template_kwargs=template_kwargs).outputs[0].text
 
     proc = ServerProcess(engine, root / "server").start()
     try:
