@@ -237,6 +237,14 @@ def completion_response(output: RequestOutput, model: str, request_id: str, toke
     }
 
 
+def chat_delta(first: bool, reasoning: str, content: str, calls: list[dict]) -> dict:
+    """A chat stream chunk's delta: the role in a choice's first chunk (with its content, "" if none yet), then
+    only the parts with something new; the tool calls, whole, with their indices."""
+    return ({"role": "assistant"} if first else {}) | ({"reasoning_content": reasoning} if reasoning else {}) | (
+        {"content": content} if content or first else {}) | (
+        {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
+
+
 def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer,
                   reader: AnswerReader | None = None) -> dict:
     """The chat completion; `reader` splits each choice's text into reasoning, content and tool calls."""

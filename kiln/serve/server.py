@@ -321,10 +321,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
             choice = {"index": o.index, "finish_reason": "tool_calls" if calls else o.finish_reason}
             entries = protocol.logprob_entries(o)
             if chat:
-                choice["delta"] = ({"role": "assistant"} if start_text is None else {}) | (
-                    {"reasoning_content": delta_thought} if delta_thought else {}) | (
-                    {"content": delta_text} if delta_text or start_text is None else {}) | (
-                    {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
+                choice["delta"] = protocol.chat_delta(start_text is None, delta_thought, delta_text, calls)
                 sent_reasoning[o.index] = len(thought or "")
                 choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
