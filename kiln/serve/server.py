@@ -368,6 +368,30 @@ async def chat_completions(request):
     return await handle_completion(request, chat=True)
 
 
+async def tokenize(request):
+    """vLLM's /tokenize: the token ids a completion's `prompt`, or a chat's `messages` (and `tools`), would be
+    prompted with, their count, and the context length they share with the answer."""
+    engine = get_engine(request)
+    body = await read_body(request)
+    ids = chat_prompt(engine, body, protocol.tools(body)) if "messages" in body else \
+        completion_prompt(engine, body.get("prompt"))
+    return web.json_response({"count": len(ids), "max_model_len": engine.llm.build_config.max_seq_len,
+                              "tokens": ids})
+
+
+async def detokenize(request):
+    """vLLM's /detokenize: token ids -> their text, as an answer's text is decoded."""
+    engine = get_engine(request)
+    body = await read_body(request)
+    tokens, vocab_size = body.get("tokens"), engine.llm.engine.config.vocab_size
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                                               for t in tokens):
+        raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab_size})", param="tokens")
+    if engine.llm.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so its token ids have no text", param="tokens")
+    return web.json_response({"prompt": tok.decode(engine.llm.tokenizer, tokens)})
+
+
 def model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "kiln"}
 
@@ -400,6 +424,8 @@ def make_app(model_name: str, api_key: str | None = None, request_timeout: float
                      "engine": engine}
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)

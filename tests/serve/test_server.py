@@ -387,6 +387,24 @@ def test_bad_tools_are_400_naming_the_field(server, client, model):
     assert_still_serving(client, model)
 
 
+def test_tokenize_gives_the_prompt_a_request_would_have_and_detokenize_its_text(server, client, model, llm):
+    """vLLM's /tokenize and /detokenize: a chat's ids (tools included) are the ones its completion is prompted
+    with (the usage counts them); a prompt's are the tokenizer's; detokenize inverts them."""
+    status, _, body = server.request("POST", "/tokenize", {"model": model, "messages": MESSAGES, "tools": [FORECAST]})
+    assert status == 200 and body["max_model_len"] == MAX_SEQ_LEN and body["count"] == len(body["tokens"])
+    answer = chat(client, model, tools=[FORECAST], max_tokens=1)
+    assert body["count"] == answer.usage.prompt_tokens > len(encode_chat(llm.tokenizer, MESSAGES))
+    status, _, body = server.request("POST", "/tokenize", {"prompt": PROMPT})
+    assert status == 200 and body["tokens"] == llm.tokenizer.encode(PROMPT)
+    status, _, text = server.request("POST", "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and text["prompt"] == PROMPT
+    for path, bad, param in (("/detokenize", {"tokens": [49152]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens"),
+                             ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"model": "other", "prompt": "a"},
+                                                                       "model")):
+        status, _, response = server.request("POST", path, bad)
+        assert_error(status, response, 404 if param == "model" else 400, param)
+
+
 def test_bad_logit_bias_is_400_naming_it(server, client, model):
     for bias in ({"x": 1}, {"5": 500}, {"49152": 1}):
         status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT,
