@@ -164,7 +164,8 @@ def _response_format(body: dict) -> dict:
     spec = fmt.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
-        raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format")
+        raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
+                       param="response_format")
     try:
         schema_grammar(schema)  # (a schema kiln cannot hold to: its path named)
     except ConfigError as e:
