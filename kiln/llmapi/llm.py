@@ -198,9 +198,11 @@ class LLM:
             outputs.append(CompletionOutput(index, text, list(seq.output_ids), seq.finish_reason, seq.stop_reason,
                                             list(seq.logprobs) if seq.params.logprobs is not None else None,
                                             list(seq.token_times)))
+        first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs,
-                             finished=all(s.finished for s in request.seqs),
-                             arrival_time=request.seqs[0].arrival_time)
+                             finished=all(s.finished for s in request.seqs), arrival_time=first.arrival_time,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None
+                             else None)
 
     def _run(self, requests: list[_Request]) -> Iterator[None]:
         """Step the engine until these requests finish, yielding after every step."""

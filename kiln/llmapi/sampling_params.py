@@ -26,6 +26,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    # None: none; k: each prompt token's logprob given the tokens before it, with the k most likely there (vLLM's;
+    # kiln serve's `echo` with `logprobs`). Such a prompt is computed whole: no prefix is taken from the cache.
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's, +-100)
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's)
     # The output is one JSON object (OpenAI's response_format json_object): at each step the tokens that would break
@@ -64,6 +67,8 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
                 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
              "a dict of token id (an integer >= 0) -> bias in [-100, 100]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or isinstance(self.prompt_logprobs, int)
+             and 0 <= self.prompt_logprobs <= 20, "None or an integer in [0, 20]"),
             ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
              f"an integer in [0, max_tokens ({self.max_tokens})]"),
             ("json_object", isinstance(self.json_object, bool) and not (self.json_object and self.ignore_eos),
@@ -112,6 +117,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     arrival_time: float | None = None  # time.monotonic() when the request was added
+    # With SamplingParams.prompt_logprobs: per prompt token after the first, (logprob, top alternatives)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def ttft(self, index: int = 0) -> float | None:
         """Seconds from arrival to the first token of output `index`."""

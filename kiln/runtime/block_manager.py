@@ -80,13 +80,14 @@ class BlockManager:
         self.refs[block] = 1
         return block
 
-    def allocate(self, seq_id: int, tokens: list[int]) -> int:
-        """Give a new sequence blocks for `tokens`, reusing cached full blocks of its prefix.
+    def allocate(self, seq_id: int, tokens: list[int], reuse: bool = True) -> int:
+        """Give a new sequence blocks for `tokens`, reusing cached full blocks of its prefix (unless not `reuse`:
+        a prompt whose every token's logits are wanted).
 
         Returns how many leading tokens are already in the cache. The block holding the last token is
         never reused, so at least one token is computed (its logits are needed)."""
         table, hashes, cached, previous = [], [], 0, None
-        reusable = (len(tokens) - 1) // self.block_size if self.prefix_caching else 0
+        reusable = (len(tokens) - 1) // self.block_size if self.prefix_caching and reuse else 0
         for i in range(reusable):
             previous = chain_hash(previous, tokens[i * self.block_size:(i + 1) * self.block_size])
             block = self.block_of.get(previous)

@@ -252,8 +252,8 @@ class PrefillGraphs:
     def can_run(self, inp) -> bool:
         """One sequence, 2..max(sizes) new tokens, and room in its table for the padding (the attention kernel
         reads the block table up to context + padded length)."""
-        if len(inp.query_lens) != 1 or not 1 < inp.query_lens[0] <= self.sizes[-1]:
-            return False
+        if len(inp.query_lens) != 1 or not 1 < inp.query_lens[0] <= self.sizes[-1] or inp.logit_rows() is not None:
+            return False  # (a graph keeps the last token's logits only)
         size = next(s for s in self.sizes if s >= inp.query_lens[0])
         return inp.context_lens[0] + size <= self.table.shape[1] * self.kv.block_size
 

@@ -23,6 +23,8 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.model_runner import BurstTokens, StepInputs
 from kiln.runtime.sampler import greedy_tokens, sample_batch, sampling_probs, token_logprobs
@@ -51,7 +53,39 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
         for b in range(start // bs, (end - 1) // bs + 1):  # each block's run of slots at once
             base = table[b] * bs - b * bs
             inp.slot_mapping += range(base + max(start, b * bs), base + min(end, (b + 1) * bs))
+    if any(seq.wants_prompt_logits for seq, _ in step):
+        inp.all_logits = [seq.wants_prompt_logits for seq, _ in step]
     return inp
+
+
+def _last_rows(inp) -> list[int]:
+    """Each sequence's last row in the step's logits: its index, or where all_logits keeps every token's rows,
+    the end of its run."""
+    if inp.logit_rows() is None:
+        return list(range(len(inp.query_lens)))
+    rows, end = [], 0
+    for n, every in zip(inp.query_lens, inp.all_logits):
+        end += n if every else 1
+        rows.append(end - 1)
+    return rows
+
+
+def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+    """The logprobs of the prompt tokens that a chunk's logits predict (row j: the token after the chunk's j-th),
+    in one pass over the chunk; each prompt position once (a sequence preempted and recomputed adds none again)."""
+    first = len(seq.prompt_logprobs) + 1  # the next prompt position without one
+    lo, hi = first - seq.num_cached - 1, min(logits.shape[0], len(seq.prompt_ids) - seq.num_cached - 1)
+    assert lo >= 0, "a prompt with prompt_logprobs is computed whole (no cached prefix)"
+    if hi <= lo:
+        return
+    logprobs = logits[lo:hi].float().log_softmax(-1)
+    targets = torch.tensor(seq.prompt_ids[first:first + hi - lo], device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = seq.params.prompt_logprobs
+    top = logprobs.topk(k) if k else None
+    alternatives = ([list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if top is not None
+                    else [[] for _ in chosen])
+    seq.prompt_logprobs += list(zip(chosen, alternatives))
 
 
 IN_FLIGHT = -1  # a step input's token id that the GPU fills from the step before (never a real id: fails loudly)
@@ -243,17 +277,21 @@ class Executor:
         return produced
 
     def _single_step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
-        logits = self.runner.execute(step_inputs(step, self.blocks))
-        ready = []  # rows of the sequences that sample: not a chunk in the middle of a prompt
+        inp = step_inputs(step, self.blocks)
+        logits = self.runner.execute(inp)
+        last = _last_rows(inp)  # each sequence's row of logits (its last token's)
+        ready, seqs = [], []  # the rows and sequences that sample: not a chunk in the middle of a prompt
         for i, (seq, n) in enumerate(step):
+            if inp.all_logits and inp.all_logits[i]:
+                _add_prompt_logprobs(seq, logits[last[i] - n + 1:last[i] + 1])
             seq.num_cached += n
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)
             if seq.num_cached == len(seq.all_ids):
-                ready.append(i)
+                ready.append(last[i])
+                seqs.append(seq)
         if not ready:
             return []
-        seqs = [step[i][0] for i in ready]
-        if len(ready) < len(step):
+        if len(ready) < logits.shape[0]:
             logits = logits[ready]
         tokens = sample_batch(logits, seqs)
         for i, seq in enumerate(seqs):

@@ -40,6 +40,19 @@ class StepInputs:
     context_lens: list[int]  # tokens already cached before this step
     slot_mapping: list[int]  # flat cache slot of each new token
     block_tables: list[list[int]]
+    # Per sequence, whether the step returns the logits of each of its new tokens (prompt logprobs), not only of
+    # its last; None: the last of each
+    all_logits: list[bool] | None = None
+
+    def logit_rows(self) -> list[int] | None:
+        """The flat rows whose logits the step returns, in order, where all_logits asks for more than the last."""
+        if not self.all_logits or not any(self.all_logits):
+            return None
+        rows, end = [], 0
+        for n, every in zip(self.query_lens, self.all_logits):
+            rows += range(end, end + n) if every else [end + n - 1]
+            end += n
+        return rows
 
 
 class ModelRunner:
@@ -124,9 +137,11 @@ class ModelRunner:
         tables = padded_tables(inp.block_tables, max(len(t) for t in inp.block_tables), 0, self.device)
         seq_lens = [c + q for c, q in zip(inp.context_lens, inp.query_lens)]
         as_tensor = lambda x, dtype: list_tensor(x, dtype, self.device)  # noqa: E731
+        rows = inp.logit_rows()
         return PagedAttentionBatch(inp.query_lens, inp.context_lens, self.kv, as_tensor(inp.slot_mapping, torch.long),
                                    tables, as_tensor(seq_lens, torch.int32),
-                                   as_tensor([0, *accumulate(inp.query_lens)], torch.int32))
+                                   as_tensor([0, *accumulate(inp.query_lens)], torch.int32),
+                                   None if rows is None else as_tensor(rows, torch.long))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
@@ -287,5 +302,6 @@ def split_step(inp: StepInputs, parts: int) -> list[StepInputs]:
         lo, hi = starts[group[0]], starts[group[-1] + 1]
         micro.append(StepInputs(inp.token_ids[lo:hi], inp.positions[lo:hi], [inp.query_lens[i] for i in group],
                                 [inp.context_lens[i] for i in group], inp.slot_mapping[lo:hi],
-                                [inp.block_tables[i] for i in group]))
+                                [inp.block_tables[i] for i in group],
+                                inp.all_logits and [inp.all_logits[i] for i in group]))
     return micro

@@ -40,6 +40,7 @@ class PagedAttentionBatch:
     block_tables: torch.Tensor  # [batch, max_blocks] int32
     seq_lens: torch.Tensor  # [batch] int32: context + new tokens
     cu_seqlens: torch.Tensor  # [batch + 1] int32: where each sequence's new tokens start
+    logit_rows: torch.Tensor | None = None  # the rows whose logits the step keeps, where not each sequence's last
 
     @property
     def max_seq_len(self) -> int:
@@ -64,8 +65,8 @@ class PagedAttentionBatch:
 
     def last_token_rows(self, device: torch.device) -> torch.Tensor:
         """Index of each sequence's last new token, from cu_seqlens on the GPU (a captured step pads its
-        tokens: the host's query_lens would point at padding)."""
-        return self.cu_seqlens[1:].long() - 1
+        tokens: the host's query_lens would point at padding); or `logit_rows`, where a step keeps more."""
+        return self.cu_seqlens[1:].long() - 1 if self.logit_rows is None else self.logit_rows
 
     def cache_slots(self, layer):
         """(k_cache, v_cache, slot_mapping, kv_scale), the caches as [slots, kv_heads, d], for a kernel that

@@ -72,7 +72,7 @@ class Scheduler:
             if not self.blocks.can_allocate(seq.max_len if self.no_evict else len(tokens), reserved):
                 break
             self.waiting.popleft()
-            seq.num_cached = self.blocks.allocate(seq.seq_id, tokens)
+            seq.num_cached = self.blocks.allocate(seq.seq_id, tokens, reuse=seq.params.prompt_logprobs is None)
             if self.no_evict:
                 reserved += self.blocks.blocks_for(seq.max_len) - len(self.blocks.tables[seq.seq_id])
             seq.status = Status.RUNNING

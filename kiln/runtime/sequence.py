@@ -31,6 +31,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose keys and values are in the cache
     num_in_flight: int = 0  # tokens sampled by a step queued ahead, still on the GPU (kiln.runtime.executor)
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first (params.prompt_logprobs)
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each output token was ready (monotonic)
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: its stop_token_ids, and EOS unless ignore_eos
@@ -67,7 +68,13 @@ class Sequence:
         sequence's token from the step before."""
         p = self.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None and not p.logit_bias and not p.min_tokens and p.json_grammar is None)
+                and p.logprobs is None and p.prompt_logprobs is None and not p.logit_bias and not p.min_tokens
+                and p.json_grammar is None)
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Its step needs the logits of every new token, not only the last: prompt logprobs still to compute."""
+        return self.params.prompt_logprobs is not None and self.num_cached < len(self.prompt_ids)
 
     @cached_property
     def burstable(self) -> bool:

@@ -71,7 +71,9 @@ class DriverRunner:
         logits = self.local.execute(inp)
         source = _logits_rank(self.local)
         if source != 0:
-            logits = torch.empty(len(inp.query_lens), self.vocab_size, dtype=self.local.dtype, device=self.local.device)
+            rows = inp.logit_rows()
+            logits = torch.empty(len(inp.query_lens) if rows is None else len(rows), self.vocab_size,
+                                 dtype=self.local.dtype, device=self.local.device)
             dist.recv(logits, src=source)
         return logits
 

@@ -84,6 +84,19 @@ def test_speculative_steps_across_ranks_give_the_single_process_tokens(engines, 
     assert tokens == reference_tokens
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_prompt_logprobs_across_ranks_equal_the_single_process_ones(engines, tp, pp):
+    """Every prompt token's logits come back from the rank that makes them (the last stage's micro-batches)."""
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    with LLM(engines[1, 1]) as llm:
+        want = [o.prompt_logprobs for o in llm.generate(PROMPTS, params)]
+    with LLM(engines[tp, pp], tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu") as llm:
+        got = [o.prompt_logprobs for o in llm.generate(PROMPTS, params)]
+    assert [len(g) for g in got] == [len(w) for w in want] == [len(p) - 1 for p in PROMPTS]
+    flat = lambda runs: torch.tensor([[lp, *(v for _, v in top)] for run in runs for lp, top in run])  # noqa: E731
+    torch.testing.assert_close(flat(got), flat(want), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_torchrun_parallel_logits_match_single_process(engines, tmp_path, tp, pp):
     out = tmp_path / "logits.pt"

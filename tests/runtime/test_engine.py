@@ -261,6 +261,46 @@ def test_a_tiny_kv_cache_preempts_and_recomputes_without_changing_tokens(built, 
     _assert_all_released(engine)
 
 
+def _hf_prompt_logprobs(hf, prompt: list[int], k: int) -> list:
+    """(logprob of each prompt token after the first, its k most likely) by transformers, in float32."""
+    with torch.no_grad():
+        logprobs = hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    top = logprobs.topk(k)
+    return [(logprobs[j, t].item(), list(zip(top.indices[j].tolist(), top.values[j].tolist())))
+            for j, t in enumerate(prompt[1:])]
+
+
+@pytest.mark.parametrize("tokens_per_block,max_num_tokens,kv_cache_max_tokens", [(4, 3, 48), (4, 16, None)],
+                         ids=["chunked-and-preempted", "prefix-cached-by-another"])
+def test_prompt_logprobs_equal_transformers_through_chunks_preemption_and_a_cached_prefix(
+        built, reference, tokens_per_block, max_num_tokens, kv_cache_max_tokens):
+    """SamplingParams.prompt_logprobs: every prompt token's logprob and top 3 as transformers gives them (float32,
+    <= 1e-4), each position once, whether the prompt runs in 3-token chunks, is preempted and recomputed, or
+    shares a prefix another request left in the cache (computed anew: its logits are needed); the generated
+    tokens stay those of plain greedy decoding."""
+    hf = built[2]
+    engine = _engine(built, max_seq_len=48, max_input_len=16, kv_cache_max_tokens=kv_cache_max_tokens,
+                     tokens_per_block=tokens_per_block, max_num_tokens=max_num_tokens)
+    prompts = PROMPTS if kv_cache_max_tokens else [PROMPTS[1], PROMPTS[1]]
+    if not kv_cache_max_tokens:  # the first, without prompt logprobs, leaves the prompt's blocks in the cache
+        engine.add_request(prompts[0], GREEDY)
+        _drain(engine)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, prompt_logprobs=3)
+    seqs = [engine.add_request(p, params) for p in prompts[-(4 if kv_cache_max_tokens else 1):]]
+    _drain(engine)
+    if kv_cache_max_tokens:
+        assert engine.scheduler.num_preemptions > 0
+        assert [s.output_ids for s in seqs] == reference
+    for seq in seqs:
+        want = _hf_prompt_logprobs(hf, seq.prompt_ids, 3)
+        assert len(seq.prompt_logprobs) == len(want) == len(seq.prompt_ids) - 1
+        for (lp, top), (want_lp, want_top) in zip(seq.prompt_logprobs, want):
+            assert lp == pytest.approx(want_lp, abs=1e-4)
+            assert [t for t, _ in top] == [t for t, _ in want_top]
+            assert [v for _, v in top] == pytest.approx([v for _, v in want_top], abs=1e-4)
+    _assert_all_released(engine)
+
+
 @pytest.mark.parametrize("tokens_per_block,max_num_tokens", [(4, 16), (8, 3)])
 def test_guaranteed_no_evict_runs_the_tiny_cache_in_turns_without_preempting(built, reference, tokens_per_block,
                                                                              max_num_tokens):
