@@ -201,7 +201,7 @@ class LLM:
         first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs,
                              finished=all(s.finished for s in request.seqs), arrival_time=first.arrival_time,
-                             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None
+                             prompt_logprobs=[None, *first.prompt_logprobs] if first.params.prompt_logprobs is not None
                              else None)
 
     def _run(self, requests: list[_Request]) -> Iterator[None]:

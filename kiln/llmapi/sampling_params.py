@@ -117,8 +117,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     arrival_time: float | None = None  # time.monotonic() when the request was added
-    # With SamplingParams.prompt_logprobs: per prompt token after the first, (logprob, top alternatives)
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # With SamplingParams.prompt_logprobs: per prompt token, (logprob, top alternatives), None for the first (as vLLM)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
     def ttft(self, index: int = 0) -> float | None:
         """Seconds from arrival to the first token of output `index`."""

@@ -9,6 +9,7 @@ import uuid
 
 from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import RequestOutput, SamplingParams
+from kiln.llmapi.tokenizer import decode
 from kiln.runtime.json_schema import schema_grammar
 from kiln.serve import tools as tool_calls
 from kiln.serve.reasoning import Thinking
@@ -50,7 +51,6 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
 # output the client did not ask for (a prose answer where the legacy `functions` asked for a call).
 UNIMPLEMENTED_FIELDS = {
     "best_of": (1,),
-    "echo": (False,),
     "suffix": ("",),
     "functions": ([],),
 }
@@ -108,6 +108,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
     Forced tool calls (`tools`) hold the output to their schema; JSON of any kind comes after `json_after` (a
     reasoning model's "</think>") where given."""
     refuse_unimplemented(body)
+    echo = echoes(body, chat)
     output_format = _response_format(body)
     if tools is not None and tools.forced:
         if output_format != {"json_object": False}:
@@ -142,6 +143,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
             ignore_eos=field(body, "ignore_eos", bool, False),
             n=field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
             logprobs=logprobs,
+            prompt_logprobs=logprobs if echo else None,  # (echo's prompt tokens come with theirs)
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
             **output_format,
@@ -183,6 +185,16 @@ def _logit_bias(body: dict) -> dict[int, float]:
                        f"{bias!r}", param="logit_bias") from None
 
 
+def echoes(body: dict, chat: bool) -> bool:
+    """The legacy completions' `echo`: the answer's text (and logprobs) begin with the prompt's."""
+    echo = field(body, "echo", bool, False)
+    if echo and chat:
+        raise APIError(400, "'echo' is a /v1/completions field; chat completions do not take it", param="echo")
+    if echo and body.get("stream") and body.get("logprobs") is not None:
+        raise APIError(400, "'echo' with 'logprobs' is answered whole: send 'stream': false", param="echo")
+    return echo
+
+
 def include_usage(body: dict) -> bool:
     options = field(body, "stream_options", dict, {})
     if options and not body.get("stream"):
@@ -205,12 +217,12 @@ def _token_text(tokenizer, token: int) -> str:
 
 
 def completion_logprobs(tokenizer, entries, start: int = 0) -> dict:
-    """The legacy completions logprobs object for entries[start:]."""
+    """The legacy completions logprobs object for entries[start:] (an echoed prompt's first token: null)."""
     entries = entries[start:]
     return {
         "tokens": [_token_text(tokenizer, t) for t, _ in entries],
-        "token_logprobs": [lp for _, (lp, _) in entries],
-        "top_logprobs": [{_token_text(tokenizer, i): v for i, v in alts} for _, (_, alts) in entries],
+        "token_logprobs": [None if e is None else e[0] for _, e in entries],
+        "top_logprobs": [None if e is None else {_token_text(tokenizer, i): v for i, v in e[1]} for _, e in entries],
         "text_offset": [],
     }
 
@@ -228,14 +240,32 @@ def logprob_entries(completion) -> list:
     return list(zip(completion.token_ids, completion.logprobs or []))
 
 
-def completion_response(output: RequestOutput, model: str, request_id: str, tokenizer) -> dict:
-    return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason,
-                     "logprobs": completion_logprobs(tokenizer, logprob_entries(o)) if o.logprobs is not None
-                     else None} for o in output.outputs],
-        "usage": usage(output),
-    }
+def completion_response(output: RequestOutput, model: str, request_id: str, tokenizer,
+                        echo: list[list[int]] | None = None, n: int = 1) -> dict:
+    """The completion; `echo`: the request's prompts (choice i holds prompt i // n's), echoed before each answer."""
+    prompt_logprobs = _per_prompt(output.prompt_logprobs, echo) if echo else None
+    choices = []
+    for o in output.outputs:
+        text, entries = o.text, logprob_entries(o)
+        if echo:
+            prompt = echo[o.index // n]
+            text = decode(tokenizer, prompt) + text
+            entries = list(zip(prompt, prompt_logprobs[o.index // n])) + entries if prompt_logprobs else entries
+        choices.append({"index": o.index, "text": text, "finish_reason": o.finish_reason,
+                        "logprobs": completion_logprobs(tokenizer, entries) if o.logprobs is not None else None})
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(output)}
+
+
+def _per_prompt(logprobs: list | None, prompts: list[list[int]]) -> list[list] | None:
+    """A batch's prompt logprobs, one run after another, cut into each prompt's."""
+    if logprobs is None:
+        return None
+    runs, start = [], 0
+    for prompt in prompts:
+        runs.append(logprobs[start:start + len(prompt)])
+        start += len(prompt)
+    return runs
 
 
 def chat_delta(first: bool, reasoning: str, content: str, calls: list[dict]) -> dict:

@@ -222,12 +222,12 @@ async def generate_all(engine: AsyncLLM, prompts: list[list[int]], params, timeo
 def joined(latest: dict[int, RequestOutput], n: int, prompts: int) -> RequestOutput:
     """The latest outputs of a batch's prompts as one RequestOutput (see generate_all); finished once all
     `prompts` have reported and finished."""
-    first = latest[min(latest)]
-    return RequestOutput(first.request_id, None, [t for i in sorted(latest) for t in latest[i].prompt_token_ids],
-                         [dataclasses.replace(o, index=i * n + o.index) for i in sorted(latest)
-                          for o in latest[i].outputs],
+    first, order = latest[min(latest)], sorted(latest)
+    logprobs = [lp for i in order for lp in latest[i].prompt_logprobs or []]
+    return RequestOutput(first.request_id, None, [t for i in order for t in latest[i].prompt_token_ids],
+                         [dataclasses.replace(o, index=i * n + o.index) for i in order for o in latest[i].outputs],
                          len(latest) == prompts and all(out.finished for out in latest.values()),
-                         first.arrival_time)
+                         first.arrival_time, logprobs if first.prompt_logprobs is not None else None)
 
 
 async def generate(engine: AsyncLLM, prompt_ids: list[int], params, timeout_s: float | None):
@@ -275,24 +275,29 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     model = request.app[SETTINGS]["model_name"]
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     outputs = generate_all(engine, prompts, params, request.app[SETTINGS]["request_timeout"])
+    echo = prompts if protocol.echoes(body, chat) else None
     if stream:
-        return await stream_response(request, outputs, chat, model, request_id, with_usage, reader)
+        echoed = [tok.decode(engine.llm.tokenizer, p) for p in echo] if echo else None
+        return await stream_response(request, outputs, chat, model, request_id, with_usage, reader,
+                                     echoed and (lambda index: echoed[index // params.n]))
     final = None
     async for final in outputs:
         pass
     if chat:
         return web.json_response(protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader))
-    return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer))
+    return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer, echo,
+                                                          params.n))
 
 
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,
-                          reader: protocol.AnswerReader | None = None):
+                          reader: protocol.AnswerReader | None = None, echoed=None):
     """Server-sent events: a chunk per choice whenever it has new tokens, then usage (if asked), then [DONE].
 
     A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
     still incomplete, text held back as a possible stop string or tool call): clients see progress, and `kiln bench
     --serve` times every token's arrival, not only the arrivals that happened to carry text. Tool calls go out
-    whole, in the choice's last chunk."""
+    whole, in the choice's last chunk. `echoed(index)`: the prompt text a completion choice's first chunk begins
+    with (`echo`)."""
     tokenizer = get_engine(request).llm.tokenizer
     first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -326,7 +331,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
                 choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
             else:
-                choice["text"] = delta_text
+                choice["text"] = (echoed(o.index) if echoed and start_text is None else "") + delta_text
                 choice["logprobs"] = (protocol.completion_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
             sent_text[o.index], sent_logprobs[o.index] = len(text), len(entries)

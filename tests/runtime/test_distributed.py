@@ -92,8 +92,9 @@ def test_prompt_logprobs_across_ranks_equal_the_single_process_ones(engines, tp,
         want = [o.prompt_logprobs for o in llm.generate(PROMPTS, params)]
     with LLM(engines[tp, pp], tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu") as llm:
         got = [o.prompt_logprobs for o in llm.generate(PROMPTS, params)]
-    assert [len(g) for g in got] == [len(w) for w in want] == [len(p) - 1 for p in PROMPTS]
-    flat = lambda runs: torch.tensor([[lp, *(v for _, v in top)] for run in runs for lp, top in run])  # noqa: E731
+    assert [len(g) for g in got] == [len(w) for w in want] == [len(p) for p in PROMPTS]
+    assert all(run[0] is None for run in got)  # (the first token has none, as in vLLM)
+    flat = lambda runs: torch.tensor([[lp, *(v for _, v in top)] for run in runs for lp, top in run[1:]])  # noqa
     torch.testing.assert_close(flat(got), flat(want), atol=1e-5, rtol=0)
 
 

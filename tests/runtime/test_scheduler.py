@@ -17,6 +17,7 @@ import random
 
 import pytest
 
+from kiln.llmapi.sampling_params import SamplingParams
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence, Status
@@ -24,7 +25,7 @@ from kiln.runtime.sequence import Sequence, Status
 
 def _seq(seq_id: int, prompt: list[int] | int, max_new: int) -> Sequence:
     prompt = [1] * prompt if isinstance(prompt, int) else prompt
-    return Sequence(seq_id, prompt, params=None, max_len=len(prompt) + max_new, seed=0)
+    return Sequence(seq_id, prompt, params=SamplingParams(), max_len=len(prompt) + max_new, seed=0)
 
 
 class Stream:

@@ -405,6 +405,34 @@ def test_tokenize_gives_the_prompt_a_request_would_have_and_detokenize_its_text(
         assert_error(status, response, 404 if param == "model" else 400, param)
 
 
+def test_echo_with_logprobs_scores_each_prompt_token_as_lm_eval_asks(server, client, model, llm):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1, a batch of prompts): each
+    choice's text and tokens begin with its prompt's, the first token's logprob null, the others' the engine's
+    prompt logprobs (SamplingParams.prompt_logprobs); streamed, the first chunk begins with the prompt."""
+    from kiln import SamplingParams
+
+    prompts = [PROMPT, "Once upon a time"]
+    r = complete(client, model, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    want = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1))
+    for choice, out, prompt in zip(r.choices, want, prompts):
+        ids = llm.tokenizer.encode(prompt)
+        assert choice.text == prompt + out.outputs[0].text
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None and all(len(top) == 1 for top in lp.top_logprobs[1:])
+        assert lp.token_logprobs[1:-1] == pytest.approx([e[0] for e in out.prompt_logprobs[1:]], abs=1e-5)
+        assert lp.token_logprobs[-1] == pytest.approx(out.outputs[0].logprobs[0][0], abs=1e-5)
+    texts, _, _, _ = streamed(complete(client, model, prompt=PROMPT, echo=True, max_tokens=4, temperature=0,
+                                       stream=True), chat_api=False)
+    plain = complete(client, model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    assert texts == {0: PROMPT + plain}
+    for endpoint, body in (("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}),
+                           ("chat/completions", {"messages": MESSAGES, "echo": True})):
+        status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **body})
+        assert_error(status, response, 400, "echo")
+    assert_still_serving(client, model)
+
+
 def test_bad_logit_bias_is_400_naming_it(server, client, model):
     for bias in ({"x": 1}, {"5": 500}, {"49152": 1}):
         status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT,
@@ -546,7 +574,6 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
 
 UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
     ("completions", {"best_of": 3}),
-    ("completions", {"echo": True}),
     ("completions", {"suffix": " the end"}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
 ]
@@ -560,7 +587,7 @@ def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model,
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
     assert "not implemented" in assert_error(status, response, 400, name)["message"]
     # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"best_of": 1, "echo": False, "suffix": "", "functions": []}[name]
+    unused = {"best_of": 1, "suffix": "", "functions": []}[name]
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
                                                                      name: unused})
     assert status == 200, response
