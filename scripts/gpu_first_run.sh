@@ -103,7 +103,8 @@ set -uo pipefail
 out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
-  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative}
+  moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
+  prompt-logprobs}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -181,11 +182,13 @@ for part in $parts; do
                    -k speculative
                  python scripts/bench_speculative.py --synthetic llama-3-8b --dtype bfloat16 --drafts wrong,oracle \
                    --draft-lens 3,7 ;;
+    prompt-logprobs) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+                       tests/runtime/test_gpu_runtime.py -k "prompt_logprobs" ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
-         "norm-probe, w4-timeline, prefill or speculative" >&2
+         "norm-probe, w4-timeline, prefill, speculative or prompt-logprobs" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

@@ -264,6 +264,28 @@ def test_speculative_decoding_on_the_gpu_gives_transformers_greedy_tokens(tmp_pa
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 64, "cuda")
 
 
+def test_prompt_logprobs_and_json_after_on_the_gpu(tmp_path, monkeypatch):
+    """SamplingParams.prompt_logprobs in float32 on the GPU: each prompt token's logprob as transformers gives it
+    (1e-3), through 16-token chunks beside other requests (a mixed step keeps every prompt row's logits), and a
+    prompt alone, short enough for a prefill graph, runs eagerly instead (a graph keeps the last row only)."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(tmp_path / "hf").to("cuda")
+    bc = BuildConfig(max_batch_size=4, max_seq_len=256, max_num_tokens=16)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    with LLM(tmp_path / "hf", device="cuda", build_config=bc) as llm:
+        outs = llm.generate(PROMPTS, params)
+        replays = llm.runner.prefill_graphs.replays
+        outs += llm.generate(PROMPTS[:1], params)
+        assert llm.runner.prefill_graphs.replays == replays
+    for prompt, out in zip(PROMPTS + PROMPTS[:1], outs):
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt], device="cuda")).logits[0, :-1].float().log_softmax(-1)
+        want = want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist()
+        assert out.prompt_logprobs[0] is None
+        assert [e[0] for e in out.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-3)
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 4, "cuda")
+
+
 REAL_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256,
                   rope_theta=500000.0)  # Llama-3-8B layer shapes (two layers), Llama-2 vocab
