@@ -36,7 +36,8 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
     """Flat lists of the step, appended per sequence (at batch 512 this runs every step: no per-token calls)."""
     inp = StepInputs([], [], [], [], [], [])
     bs = blocks.block_size
-    for seq, n in step:
+    every_row = []  # the chunks that keep every row's logits (prompt logprobs; a 1-token chunk's row is its last)
+    for i, (seq, n) in enumerate(step):
         start = seq.num_cached
         table = blocks.tables[seq.seq_id]
         inp.query_lens.append(n)
@@ -48,13 +49,17 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
             inp.slot_mapping.append(table[start // bs] * bs + start % bs)
             continue
         end = start + n
+        if seq.scores_prompt and start < len(seq.prompt_ids):
+            every_row.append(i)
         inp.token_ids += seq.all_ids[start:end]
         inp.positions += range(start, end)
         for b in range(start // bs, (end - 1) // bs + 1):  # each block's run of slots at once
             base = table[b] * bs - b * bs
             inp.slot_mapping += range(base + max(start, b * bs), base + min(end, (b + 1) * bs))
-    if any(seq.wants_prompt_logits for seq, _ in step):
-        inp.all_logits = [seq.wants_prompt_logits for seq, _ in step]
+    if every_row:
+        inp.all_logits = [False] * len(step)
+        for i in every_row:
+            inp.all_logits[i] = True
     return inp
 
 
@@ -282,7 +287,7 @@ class Executor:
         last = _last_rows(inp)  # each sequence's row of logits (its last token's)
         ready, seqs = [], []  # the rows and sequences that sample: not a chunk in the middle of a prompt
         for i, (seq, n) in enumerate(step):
-            if inp.all_logits and inp.all_logits[i]:
+            if seq.scores_prompt and seq.num_cached < len(seq.prompt_ids):  # (its chunk's rows end at last[i])
                 _add_prompt_logprobs(seq, logits[last[i] - n + 1:last[i] + 1])
             seq.num_cached += n
             self.blocks.register_full_blocks(seq.seq_id, seq.all_ids, seq.num_cached)

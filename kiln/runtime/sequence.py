@@ -71,10 +71,10 @@ class Sequence:
                 and p.logprobs is None and p.prompt_logprobs is None and not p.logit_bias and not p.min_tokens
                 and p.json_grammar is None)
 
-    @property
-    def wants_prompt_logits(self) -> bool:
-        """Its step needs the logits of every new token, not only the last: prompt logprobs still to compute."""
-        return self.params.prompt_logprobs is not None and self.num_cached < len(self.prompt_ids)
+    @cached_property
+    def scores_prompt(self) -> bool:
+        """It wants its prompt tokens' logprobs (params.prompt_logprobs): its prompt chunks keep every row's logits."""
+        return self.params.prompt_logprobs is not None
 
     @cached_property
     def burstable(self) -> bool:
