@@ -274,11 +274,16 @@ class JsonVocab:
         self.plain = torch.zeros(vocab_size, dtype=torch.bool)
         self.plain[[i for i, b in tokens if _plain_in_string(b)]] = True
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.any_token = torch.zeros(vocab_size, dtype=torch.bool)  # the tokens with bytes (special ones have none)
+        self.any_token[[i for i, _ in tokens]] = True
+        self._inner_byte: dict[int, list[int]] = {}  # byte -> the tokens that hold it before their last byte
         self._refused: dict[tuple, torch.Tensor | None] = {}  # per (grammar, state, device): ~mask, None if empty
 
     def allowed(self, state: tuple, grammar=JSON_OBJECT) -> torch.Tensor:
         """Bool [vocab_size]: the tokens whose every byte the grammar takes from `state` (CPU; do not modify)."""
         mask = self._masks.get((grammar, state))
+        if mask is None and isinstance(grammar, AfterText) and state[0] == "free":
+            mask = self._masks[grammar, state] = self._free_text_mask(state, grammar)
         if mask is None:
             if len(self._masks) >= self.MAX_MASKS:
                 self._masks.clear()
@@ -288,6 +293,20 @@ class JsonVocab:
             _collect(self.string_trie if in_string else self.trie, state, grammar.step, ids)
             mask[ids] = True
             self._masks[grammar, state] = mask
+        return mask
+
+    def _free_text_mask(self, state: tuple, grammar: AfterText) -> torch.Tensor:
+        """Before AfterText's tag every token goes but one that completes the tag before its last byte and then
+        breaks the JSON: only tokens holding the tag's last byte before their end are walked (a few hundred, where
+        a walk of the whole trie takes a second on a large vocabulary, and again for every schema)."""
+        if len(self._masks) >= self.MAX_MASKS:
+            self._masks.clear()
+        last = grammar.tag[-1]
+        if last not in self._inner_byte:
+            self._inner_byte[last] = [i for i, b in enumerate(self.token_bytes) if b and last in b[:-1]]
+        mask = self.any_token.clone()
+        for i in self._inner_byte[last]:
+            mask[i] = walk(state, self.token_bytes[i], grammar.step) is not None
         return mask
 
     def refused(self, state: tuple, grammar, device: torch.device) -> torch.Tensor | None:

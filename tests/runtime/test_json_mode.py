@@ -222,7 +222,8 @@ def test_greedy_json_closes_on_the_first_chance_when_pushed_there(llm):
 
 def test_after_text_takes_any_text_then_the_tag_then_json():
     """AfterText (SamplingParams.json_after): free text, the tag's bytes matched across false starts, then the
-    inner grammar; its masks equal each token's own check in every state met, free ones included."""
+    inner grammar; its masks equal each token's own check in every state met, free ones included (their masks
+    walk only the tokens that hold the tag's last byte before their end: ">x" must go after "</think")."""
     from kiln.runtime.json_mode import JSON_OBJECT, after_text
 
     grammar = after_text(JSON_OBJECT, b"</think>")
