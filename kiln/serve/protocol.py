@@ -126,10 +126,11 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
     else:
         logprobs = field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "in [0, 20]")
     max_tokens = field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
-                        int, default_max_tokens, lambda v: v >= 1, ">= 1")
+                        int, default_max_tokens, lambda v: v >= 1 or echo and v == 0,
+                        ">= 1 (0 only with echo: the prompt scored, nothing generated)")
     try:
         return SamplingParams(
-            max_tokens=max_tokens,
+            max_tokens=max(max_tokens, 1),  # (scoring only: one token made, and dropped, see scores_only)
             temperature=field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
             top_p=field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
             top_k=max(0, field(body, "top_k", int, 0)),
@@ -190,9 +191,15 @@ def echoes(body: dict, chat: bool) -> bool:
     echo = field(body, "echo", bool, False)
     if echo and chat:
         raise APIError(400, "'echo' is a /v1/completions field; chat completions do not take it", param="echo")
-    if echo and body.get("stream") and body.get("logprobs") is not None:
-        raise APIError(400, "'echo' with 'logprobs' is answered whole: send 'stream': false", param="echo")
+    if echo and body.get("stream") and (body.get("logprobs") is not None or body.get("max_tokens") == 0):
+        raise APIError(400, "'echo' with 'logprobs' or 'max_tokens': 0 is answered whole: send 'stream': false",
+                       param="echo")
     return echo
+
+
+def scores_only(body: dict) -> bool:
+    """`echo` with `max_tokens: 0` (the legacy API's way to score a prompt): the answer is the prompt alone."""
+    return bool(body.get("echo")) and body.get("max_tokens") == 0
 
 
 def include_usage(body: dict) -> bool:
@@ -241,20 +248,22 @@ def logprob_entries(completion) -> list:
 
 
 def completion_response(output: RequestOutput, model: str, request_id: str, tokenizer,
-                        echo: list[list[int]] | None = None, n: int = 1) -> dict:
-    """The completion; `echo`: the request's prompts (choice i holds prompt i // n's), echoed before each answer."""
+                        echo: list[list[int]] | None = None, n: int = 1, generated: bool = True) -> dict:
+    """The completion; `echo`: the request's prompts (choice i holds prompt i // n's), echoed before each answer;
+    not `generated` (scores_only): the prompts alone, their one generated token dropped."""
     prompt_logprobs = _per_prompt(output.prompt_logprobs, echo) if echo else None
     choices = []
     for o in output.outputs:
-        text, entries = o.text, logprob_entries(o)
+        text, entries = (o.text, logprob_entries(o)) if generated else ("", [])
         if echo:
             prompt = echo[o.index // n]
             text = decode(tokenizer, prompt) + text
             entries = list(zip(prompt, prompt_logprobs[o.index // n])) + entries if prompt_logprobs else entries
-        choices.append({"index": o.index, "text": text, "finish_reason": o.finish_reason,
+        choices.append({"index": o.index, "text": text, "finish_reason": o.finish_reason if generated else "length",
                         "logprobs": completion_logprobs(tokenizer, entries) if o.logprobs is not None else None})
+    counts = usage(output) if generated else usage(dataclasses.replace(output, outputs=[]))
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(output)}
+            "choices": choices, "usage": counts}
 
 
 def _per_prompt(logprobs: list | None, prompts: list[list[int]]) -> list[list] | None:

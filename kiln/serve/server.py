@@ -286,7 +286,7 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     if chat:
         return web.json_response(protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader))
     return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer, echo,
-                                                          params.n))
+                                                          params.n, generated=not protocol.scores_only(body)))
 
 
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,

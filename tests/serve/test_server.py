@@ -408,7 +408,8 @@ def test_tokenize_gives_the_prompt_a_request_would_have_and_detokenize_its_text(
 def test_echo_with_logprobs_scores_each_prompt_token_as_lm_eval_asks(server, client, model, llm):
     """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1, a batch of prompts): each
     choice's text and tokens begin with its prompt's, the first token's logprob null, the others' the engine's
-    prompt logprobs (SamplingParams.prompt_logprobs); streamed, the first chunk begins with the prompt."""
+    prompt logprobs (SamplingParams.prompt_logprobs); with max_tokens 0 (the legacy API's scoring) the prompt
+    alone; streamed, the first chunk begins with the prompt."""
     from kiln import SamplingParams
 
     prompts = [PROMPT, "Once upon a time"]
@@ -422,14 +423,19 @@ def test_echo_with_logprobs_scores_each_prompt_token_as_lm_eval_asks(server, cli
         assert lp.top_logprobs[0] is None and all(len(top) == 1 for top in lp.top_logprobs[1:])
         assert lp.token_logprobs[1:-1] == pytest.approx([e[0] for e in out.prompt_logprobs[1:]], abs=1e-5)
         assert lp.token_logprobs[-1] == pytest.approx(out.outputs[0].logprobs[0][0], abs=1e-5)
+    scored = complete(client, model, prompt=PROMPT, echo=True, logprobs=0, max_tokens=0)  # (the legacy scoring)
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == r.choices[0].logprobs.token_logprobs[:-1]
     texts, _, _, _ = streamed(complete(client, model, prompt=PROMPT, echo=True, max_tokens=4, temperature=0,
                                        stream=True), chat_api=False)
     plain = complete(client, model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
     assert texts == {0: PROMPT + plain}
-    for endpoint, body in (("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}),
-                           ("chat/completions", {"messages": MESSAGES, "echo": True})):
+    for endpoint, body, param in (
+            ("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}, "echo"),
+            ("chat/completions", {"messages": MESSAGES, "echo": True}, "echo"),
+            ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens")):  # (0 only to score, with echo)
         status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **body})
-        assert_error(status, response, 400, "echo")
+        assert_error(status, response, 400, param)
     assert_still_serving(client, model)
 
 
