@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from kiln.checkpoint.tokenizer_files import TOKENIZER_MAIN_FILES, has_tokenizer
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, ConfigError
 
 
 def load_tokenizer(directory: str | Path):
@@ -36,8 +36,13 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         raise CheckpointError(
             "this model has no chat template (a 'chat_template' in tokenizer_config.json, or chat_template.jinja); "
             "send a plain prompt instead (LLM.generate(text), `kiln run --prompt`, or /v1/completions)")
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                         **(template_kwargs or {}))
+    from jinja2 import TemplateError  # (transformers renders chat templates with jinja2)
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                             **(template_kwargs or {}))
+    except TemplateError as e:  # (a template's raise_exception: roles out of order, a role it lacks, ...)
+        raise ConfigError(f"the model's chat template refused these messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

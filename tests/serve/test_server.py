@@ -1012,7 +1012,8 @@ def test_a_request_past_the_timeout_is_408_and_frees_its_blocks(engine_dir, tmp_
         proc.stop()
 
 
-THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+THINKING_TEMPLATE = ("{% if refuse is defined %}{{ raise_exception(refuse) }}{% endif %}"
+                     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                      "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
                      "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}")
 
@@ -1058,5 +1059,10 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_facto
         status, _, response = proc.request("POST", "/v1/chat/completions", {
             "messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}})
         assert_error(status, response, 400, "chat_template_kwargs")
+        # a template's own refusal (raise_exception) is the client's 400, not the server's 500
+        status, _, response = proc.request("POST", "/v1/chat/completions", {
+            "messages": MESSAGES, "chat_template_kwargs": {"refuse": "only one system message"}})
+        assert "chat template refused these messages: only one system message" in assert_error(
+            status, response, 400)["message"]
     finally:
         proc.stop()
