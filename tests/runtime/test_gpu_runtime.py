@@ -264,7 +264,7 @@ def test_speculative_decoding_on_the_gpu_gives_transformers_greedy_tokens(tmp_pa
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 64, "cuda")
 
 
-def test_prompt_logprobs_and_json_after_on_the_gpu(tmp_path, monkeypatch):
+def test_prompt_logprobs_on_the_gpu_equal_transformers(tmp_path, monkeypatch):
     """SamplingParams.prompt_logprobs in float32 on the GPU: each prompt token's logprob as transformers gives it
     (1e-3), through 16-token chunks beside other requests (a mixed step keeps every prompt row's logits), and a
     prompt alone, short enough for a prefill graph, runs eagerly instead (a graph keeps the last row only)."""
