@@ -63,18 +63,6 @@ def step_inputs(step: list[tuple[Sequence, int]], blocks: BlockManager) -> StepI
     return inp
 
 
-def _last_rows(inp) -> list[int]:
-    """Each sequence's last row in the step's logits: its index, or where all_logits keeps every token's rows,
-    the end of its run."""
-    if inp.logit_rows() is None:
-        return list(range(len(inp.query_lens)))
-    rows, end = [], 0
-    for n, every in zip(inp.query_lens, inp.all_logits):
-        end += n if every else 1
-        rows.append(end - 1)
-    return rows
-
-
 def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
     """The logprobs of the prompt tokens that a chunk's logits predict (row j: the token after the chunk's j-th),
     in one pass over the chunk; each prompt position once (a sequence preempted and recomputed adds none again)."""
@@ -284,7 +272,7 @@ class Executor:
     def _single_step(self, step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int]]]:
         inp = step_inputs(step, self.blocks)
         logits = self.runner.execute(inp)
-        last = _last_rows(inp)  # each sequence's row of logits (its last token's)
+        last = inp.last_rows()  # each sequence's row of logits (its last token's)
         ready, seqs = [], []  # the rows and sequences that sample: not a chunk in the middle of a prompt
         for i, (seq, n) in enumerate(step):
             if seq.scores_prompt and seq.num_cached < len(seq.prompt_ids):  # (its chunk's rows end at last[i])

@@ -282,25 +282,28 @@ class JsonVocab:
     def allowed(self, state: tuple, grammar=JSON_OBJECT) -> torch.Tensor:
         """Bool [vocab_size]: the tokens whose every byte the grammar takes from `state` (CPU; do not modify)."""
         mask = self._masks.get((grammar, state))
-        if mask is None and isinstance(grammar, AfterText) and state[0] == "free":
-            mask = self._masks[grammar, state] = self._free_text_mask(state, grammar)
         if mask is None:
             if len(self._masks) >= self.MAX_MASKS:
                 self._masks.clear()
-            in_string = grammar.in_plain_string(state)
-            mask = self.plain.clone() if in_string else torch.zeros(self.vocab_size, dtype=torch.bool)
-            ids: list[int] = []
-            _collect(self.string_trie if in_string else self.trie, state, grammar.step, ids)
-            mask[ids] = True
+            free = isinstance(grammar, AfterText) and state[0] == "free"
+            mask = self._free_text_mask(state, grammar) if free else self._walked_mask(state, grammar)
             self._masks[grammar, state] = mask
+        return mask
+
+    def _walked_mask(self, state: tuple, grammar) -> torch.Tensor:
+        """The tokens the grammar takes from `state`, found by walking the trie (inside a string: the plain tokens,
+        which keep the state, and a walk of the others)."""
+        in_string = grammar.in_plain_string(state)
+        mask = self.plain.clone() if in_string else torch.zeros(self.vocab_size, dtype=torch.bool)
+        ids: list[int] = []
+        _collect(self.string_trie if in_string else self.trie, state, grammar.step, ids)
+        mask[ids] = True
         return mask
 
     def _free_text_mask(self, state: tuple, grammar: AfterText) -> torch.Tensor:
         """Before AfterText's tag every token goes but one that completes the tag before its last byte and then
         breaks the JSON: only tokens holding the tag's last byte before their end are walked (a few hundred, where
         a walk of the whole trie takes a second on a large vocabulary, and again for every schema)."""
-        if len(self._masks) >= self.MAX_MASKS:
-            self._masks.clear()
         last = grammar.tag[-1]
         if last not in self._inner_byte:
             self._inner_byte[last] = [i for i, b in enumerate(self.token_bytes) if b and last in b[:-1]]

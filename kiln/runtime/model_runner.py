@@ -54,6 +54,11 @@ class StepInputs:
             end += n
         return rows
 
+    def last_rows(self) -> list[int]:
+        """Each sequence's last row among those the step returns: its index, or past the runs all_logits keeps."""
+        every = self.all_logits or [False] * len(self.query_lens)
+        return [end - 1 for end in accumulate(n if all_rows else 1 for n, all_rows in zip(self.query_lens, every))]
+
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, build_config, plan: dict | None = None):

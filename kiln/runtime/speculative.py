@@ -4,8 +4,9 @@ the model in one step.
 A decoding sequence's last few tokens are looked up among its earlier tokens (prompt and output); where they
 occurred before, the tokens that followed them then are its draft for what follows now. The step runs the
 sequence's next token and its d draft tokens together, as 1 + d decode rows, row j attending to the j before it
-(kiln.runtime.executor.draft_rows), so it has the logits of every position. Greedy decoding takes the model's own argmax at each: the draft tokens that match it are accepted up
-to the first miss, and the argmax there comes free. So a step makes 1 to d + 1 tokens, each the one plain greedy
+(kiln.runtime.executor.draft_rows), so it has the logits of every position. Greedy decoding takes the model's
+own argmax at each: the draft tokens that match it are accepted up to the first miss, and the argmax there comes
+free. So a step makes 1 to d + 1 tokens, each the one plain greedy
 decoding would make; the keys and values written for the rejected tail sit past the sequence's cached tokens,
 where the next step writes over them.
 

@@ -55,6 +55,7 @@ UNIMPLEMENTED_FIELDS = {
     "functions": ([],),
 }
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+PLAIN_TEXT = {"json_object": False}  # (_response_format's SamplingParams fields for "text": no JSON asked for)
 
 
 def refuse_unimplemented(body: dict) -> None:
@@ -111,7 +112,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
     echo = echoes(body, chat)
     output_format = _response_format(body)
     if tools is not None and tools.forced:
-        if output_format != {"json_object": False}:
+        if output_format != PLAIN_TEXT:
             raise APIError(400, "'response_format' and a forced 'tool_choice' both shape the answer; send one",
                            param="response_format")
         output_format = {"json_schema": tools.call_schema()}
@@ -148,7 +149,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
             **output_format,
-            json_after=json_after if output_format != {"json_object": False} else None,
+            json_after=json_after if output_format != PLAIN_TEXT else None,
         )
     except ConfigError as e:  # SamplingParams names the field
         raise APIError(400, str(e)) from None

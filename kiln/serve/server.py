@@ -99,13 +99,22 @@ def completion_prompts(engine: AsyncLLM, body: dict) -> list[list[int]]:
 def completion_prompt(engine: AsyncLLM, prompt) -> list[int]:
     if isinstance(prompt, str):
         return _encode(engine, lambda t: tok.encode_prompt(t, prompt))
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab_size = engine.llm.engine.config.vocab_size
-        if not all(0 <= t < vocab_size for t in prompt):  # an id past the embedding would fail the engine
-            raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size}) for this model", param="prompt")
-        return prompt
+    if prompt and _is_token_ids(prompt):
+        return in_vocabulary(engine, prompt, "prompt")
     raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of either (a batch)",
                    param="prompt")
+
+
+def _is_token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def in_vocabulary(engine: AsyncLLM, ids: list[int], param: str) -> list[int]:
+    """ids, each checked to be one of the model's tokens (an id past the embedding would fail the engine)."""
+    vocab_size = engine.llm.engine.config.vocab_size
+    if not all(0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"'{param}' token ids must be in [0, {vocab_size}) for this model", param=param)
+    return ids
 
 
 def chat_prompt(engine: AsyncLLM, body: dict, tools: tool_calls.Tools | None = None) -> list[int]:
@@ -388,10 +397,10 @@ async def detokenize(request):
     """vLLM's /detokenize: token ids -> their text, as an answer's text is decoded."""
     engine = get_engine(request)
     body = await read_body(request)
-    tokens, vocab_size = body.get("tokens"), engine.llm.engine.config.vocab_size
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
-                                               for t in tokens):
-        raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab_size})", param="tokens")
+    tokens = body.get("tokens")
+    if not _is_token_ids(tokens):
+        raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+    in_vocabulary(engine, tokens, "tokens")
     if engine.llm.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so its token ids have no text", param="tokens")
     return web.json_response({"prompt": tok.decode(engine.llm.tokenizer, tokens)})

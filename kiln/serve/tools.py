@@ -58,12 +58,16 @@ class Tools:
     def function(self, name: str) -> dict | None:
         return next((f for f in self.functions if f["name"] == name), None)
 
+    @property
+    def allowed(self) -> tuple[dict, ...]:
+        """The functions an answer may call: all of them, or the one tool_choice names."""
+        return self.functions if self.choice in ("auto", "required") else (self.function(self.choice),)
+
     def call_schema(self) -> dict:
         """The JSON Schema a forced answer is held to: an array of calls of the allowed functions."""
-        allowed = self.functions if self.choice == "required" else (self.function(self.choice),)
         calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                    "arguments": _parameters(f)},
-                  "required": ["name", "arguments"]} for f in allowed]
+                  "required": ["name", "arguments"]} for f in self.allowed]
         one = not self.parallel or self.choice != "required"
         return {"type": "array", "items": {"anyOf": calls}, "minItems": 1, **({"maxItems": 1} if one else {})}
 
@@ -95,7 +99,7 @@ def tools_request(body: dict) -> Tools | None:
         return None
     result = Tools(functions, choice, parallel)
     if result.forced:  # (held to a schema: one kiln cannot hold to is named now, not mid-answer)
-        for f in functions if choice == "required" else (result.function(choice),):
+        for f in result.allowed:
             try:
                 schema_grammar(_parameters(f))
             except ConfigError as e:
@@ -121,7 +125,8 @@ def _function(tool, i: int) -> dict:
 def _choice(choice, names: list[str]) -> str:
     if choice in ("none", "auto", "required"):
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if name in names:
         return name
     raise ToolsError(f"'tool_choice' must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", "
