@@ -150,7 +150,7 @@ def _sampling_params(args):
 
     schema = None if args.json_schema is None else read_json(args.json_schema, "JSON Schema file")
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=args.stop or [],
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
                           repetition_penalty=args.repetition_penalty, ignore_eos=args.ignore_eos,
                           json_object=args.json, json_schema=schema)
 
@@ -409,6 +409,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this times the most likely one (0 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)

@@ -11,12 +11,14 @@ from kiln.runtime.json_schema import schema_grammar
 
 @dataclass
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; seed makes sampling repeatable."""
+    """temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 turn those filters off; seed makes sampling
+    repeatable."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after top-k and top-p)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -52,6 +54,7 @@ class SamplingParams:
             ("temperature", isinstance(self.temperature, (int, float)) and self.temperature >= 0, ">= 0"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "in [0, 1] (0 = off)"),
             ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
              "> 0 (1 = off)"),
             ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),

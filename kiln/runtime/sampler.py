@@ -1,4 +1,5 @@
-"""Token sampling for a whole batch on the logits' device: penalties, temperature, top-k, top-p, seeded draws.
+"""Token sampling for a whole batch on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded
+draws.
 
 The filters follow Hugging Face's logits processors so that a kiln run and a transformers run with
 the same settings pick from the same distribution. `sample_batch` filters every sampled row at once
@@ -21,8 +22,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside the top k and outside the smallest set whose mass reaches top_p."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top k, then outside the smallest set whose mass reaches top_p, then
+    those less likely than min_p times the most likely token (transformers' warpers, in generate()'s order)."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +34,9 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         drop_sorted = cumulative <= 1 - top_p
         drop_sorted[-1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     return logits
 
 
@@ -43,8 +48,10 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, output_tokens: list[i
     return logits
 
 
-def top_k_top_p_filter_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Row-wise top_k_top_p_filter for [rows, vocab] logits (top_k 0: off, top_p 1: off), with one sort."""
+def filter_logits_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                        min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise filter_logits for [rows, vocab] logits (top_k 0, top_p 1 and min_p 0 or None: off), with one
+    sort."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
@@ -55,6 +62,9 @@ def top_k_top_p_filter_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
     mass_before = probs.cumsum(-1) - probs  # of the tokens ranked above: dropped once it reaches top_p
     drop = (mass_before >= top_p[:, None]) & (rank > 0) & (top_p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if min_p is not None:  # (the most likely token is first: a row's min_p 0 drops nothing)
+        probs = sorted_logits.softmax(-1)
+        sorted_logits = sorted_logits.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
@@ -115,12 +125,13 @@ def sample_tokens(logits: torch.Tensor, seqs) -> torch.Tensor:
 
 def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """What each float logits row samples from: the softmax of its logits over its params' temperature, within
-    their top-k and top-p."""
+    their top-k, top-p and min-p."""
     device = logits.device
     temperature = list_tensor([p.temperature for p in params], torch.float32, device)
     top_k = list_tensor([p.top_k for p in params], torch.long, device)
     top_p = list_tensor([p.top_p for p in params], torch.float32, device)
-    return top_k_top_p_filter_batch(logits / temperature[:, None], top_k, top_p).softmax(-1)
+    min_p = list_tensor([p.min_p for p in params], torch.float32, device) if any(p.min_p for p in params) else None
+    return filter_logits_batch(logits / temperature[:, None], top_k, top_p, min_p).softmax(-1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

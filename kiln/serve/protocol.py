@@ -135,6 +135,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
             temperature=field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
             top_p=field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
             top_k=max(0, field(body, "top_k", int, 0)),
+            min_p=field(body, "min_p", (int, float), 0.0, lambda v: 0 <= v <= 1, "in [0, 1]"),
             seed=field(body, "seed", int),
             stop=stop,
             stop_token_ids=field(body, "stop_token_ids", list, []),

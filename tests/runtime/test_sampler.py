@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from kiln.errors import ConfigError
 from kiln.llmapi.sampling_params import SamplingParams
-from kiln.runtime.sampler import (apply_repetition_penalty, sample_batch, top_k_top_p_filter,
-                                  top_k_top_p_filter_batch)
+from kiln.runtime.sampler import apply_repetition_penalty, filter_logits, filter_logits_batch, sample_batch
 from kiln.runtime.sequence import Sequence
 
 
@@ -27,13 +26,16 @@ def sample_token(logits, params, seen, seq_or_seed) -> int:
     return sample_batch(logits[None], [seq])[0]
 
 
-def _hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p: the order of transformers' generate()."""
+def _hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               min_p: float = 0.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, then min-p: the order of transformers' generate()."""
     scores = (logits / temperature)[None]
     if top_k > 0:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p > 0:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     return scores[0]
 
 
@@ -48,22 +50,28 @@ def test_greedy_is_argmax():
         assert sample_token(logits, params, [], seed) == int(logits.argmax())
 
 
-@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (10, 1.0), (999, 1.0), (0, 0.9), (0, 0.3), (0, 0.01),
-                                          (50, 0.8), (5, 0.99), (1000, 1.0), (2000, 0.5)])
-def test_top_k_top_p_filter_equals_transformers_warpers(top_k, top_p):
+@pytest.mark.parametrize("top_k, top_p, min_p", [
+    (1, 1.0, 0.0), (10, 1.0, 0.0), (999, 1.0, 0.0), (0, 0.9, 0.0), (0, 0.3, 0.0), (0, 0.01, 0.0), (50, 0.8, 0.0),
+    (5, 0.99, 0.0), (1000, 1.0, 0.0), (2000, 0.5, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.5), (0, 1.0, 1.0),
+    (20, 0.9, 0.1), (0, 0.95, 0.02)])
+def test_filter_logits_equals_transformers_warpers(top_k, top_p, min_p):
+    min_p_dropped = 0  # tokens that top-k and top-p keep and min-p drops
     for seed in range(20):
         logits = _random_logits(seed, 1000)
         temperature = 0.5 + seed / 10
-        ours = top_k_top_p_filter(logits / temperature, top_k, top_p)
-        theirs = _hf_filter(logits, temperature, min(top_k, 1000), top_p)
+        ours = filter_logits(logits / temperature, top_k, top_p, min_p)
+        theirs = _hf_filter(logits, temperature, min(top_k, 1000), top_p, min_p)
+        min_p_dropped += int(torch.isinf(ours).sum() - torch.isinf(filter_logits(logits / temperature, top_k,
+                                                                                    top_p)).sum())
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert (min_p_dropped > 0) == (min_p > 0)  # the check has power where min-p is on
 
 
 def test_filter_does_not_change_its_input():
     logits = _random_logits(0, 100)
     before = logits.clone()
-    top_k_top_p_filter(logits, 5, 0.5)
+    filter_logits(logits, 5, 0.5, 0.1)
     assert torch.equal(logits, before)
 
 
@@ -100,9 +108,11 @@ def test_batched_filter_equals_the_row_reference():
     logits = torch.randn(6, 300, generator=g) * 3
     top_k = torch.tensor([0, 1, 7, 0, 50, 400])
     top_p = torch.tensor([1.0, 1.0, 0.9, 0.3, 0.8, 0.05])
-    ours = top_k_top_p_filter_batch(logits, top_k, top_p)
-    for row, k, p in zip(range(6), top_k.tolist(), top_p.tolist()):
-        assert torch.equal(ours[row], top_k_top_p_filter(logits[row], k, p)), (k, p)
+    min_p = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.2, 1.0])
+    ours = filter_logits_batch(logits, top_k, top_p, min_p)
+    for row, k, p, mp in zip(range(6), top_k.tolist(), top_p.tolist(), min_p.tolist()):
+        assert torch.equal(ours[row], filter_logits(logits[row], k, p, mp)), (k, p, mp)
+    assert torch.equal(filter_logits_batch(logits, top_k, top_p), filter_logits_batch(logits, top_k, top_p, 0 * min_p))
 
 
 def test_a_seeded_row_draws_the_same_whatever_runs_beside_it():
@@ -123,14 +133,15 @@ def test_seeded_sampling_repeats_and_differs_across_seeds():
     assert a != c
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 6, 1.0), (1.0, 0, 0.8), (0.9, 7, 0.9)])
-def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(0.7, 0, 1.0, 0.0), (1.5, 6, 1.0, 0.0), (1.0, 0, 0.8, 0.0),
+                                                               (0.9, 7, 0.9, 0.0), (1.0, 0, 1.0, 0.3)])
+def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p, min_p):
     """N draws: each frequency is Binomial(N, p)/N with std <= 0.5/sqrt(N); 5 std (0.018 at N=20000) bounds all
     10 tokens with a false alarm chance below 1e-5, while a wrong temperature or filter moves some p by > 0.05."""
     n = 20000
     logits = _random_logits(3, 10, scale=1.5)
-    expected = _hf_filter(logits, temperature, top_k, top_p).softmax(-1)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    expected = _hf_filter(logits, temperature, top_k, top_p, min_p).softmax(-1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     counts = torch.bincount(torch.tensor(_draws(logits, params, 7, n)), minlength=10).double()
     freq = counts / n
     assert torch.all(counts[expected == 0] == 0)  # filtered tokens are never drawn

@@ -259,6 +259,15 @@ def test_presence_and_frequency_penalties_change_greedy_output(client, model):
     assert len(set(tokens(frequency_penalty=2.0))) == 64
 
 
+def test_min_p_of_one_samples_the_greedy_tokens(client, model):
+    """min_p 1 keeps only the most likely token, so a hot, seeded draw gives the greedy text; without it the same
+    draw does not (the check has power)."""
+    greedy = complete(client, model, max_tokens=24, temperature=0).choices[0].text
+    hot = dict(max_tokens=24, temperature=2.0, seed=3)
+    assert complete(client, model, **hot, extra_body={"min_p": 1.0}).choices[0].text == greedy
+    assert complete(client, model, **hot).choices[0].text != greedy
+
+
 def test_logit_bias_forces_a_token_like_the_python_api(client, model, llm):
     """OpenAI's logit_bias (token ids as string keys): +100 makes every greedy token that one, as
     SamplingParams(logit_bias=...) does in LLM.generate; -100 on the first greedy token bans it."""
@@ -558,6 +567,7 @@ BAD_BODIES = [  # (endpoint, body, param named in the error)
     ("completions", {"prompt": PROMPT, "stop": 5}, "stop"),
     ("completions", {"prompt": PROMPT, "logprobs": "2"}, "logprobs"),
     ("completions", {"prompt": PROMPT, "presence_penalty": 5}, "presence_penalty"),
+    ("completions", {"prompt": PROMPT, "min_p": 1.5}, "min_p"),
     ("completions", {"prompt": 5}, "prompt"),
     ("completions", {}, "prompt"),
     ("chat/completions", {"messages": "hello"}, "messages"),
