@@ -133,8 +133,8 @@ def test_seeded_sampling_repeats_and_differs_across_seeds():
     assert a != c
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(0.7, 0, 1.0, 0.0), (1.5, 6, 1.0, 0.0), (1.0, 0, 0.8, 0.0),
-                                                               (0.9, 7, 0.9, 0.0), (1.0, 0, 1.0, 0.3)])
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (0.7, 0, 1.0, 0.0), (1.5, 6, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (0.9, 7, 0.9, 0.0), (1.0, 0, 1.0, 0.3)])
 def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p, min_p):
     """N draws: each frequency is Binomial(N, p)/N with std <= 0.5/sqrt(N); 5 std (0.018 at N=20000) bounds all
     10 tokens with a false alarm chance below 1e-5, while a wrong temperature or filter moves some p by > 0.05."""
