@@ -6,13 +6,15 @@ differs. On an NVIDIA GPU:
     python scripts/ab_runtime_setting.py KILN_STEP_RUN_AHEAD 0,1
     python scripts/ab_runtime_setting.py KILN_DECODE_ATTENTION_STREAM off,high,first --kv-cache-quant-algo FP8
     python scripts/ab_runtime_setting.py KILN_PREFILL_ATTENTION triton,flash
+    python scripts/ab_runtime_setting.py KILN_PREFILL_CODES plain,widened --kv-cache-quant-algo FP8
 
 Llama-3-8B shapes, random bf16 weights, N requests of 2048 prompt and 128 output tokens (prefill-1000's shape,
 fewer requests, so that an A/B fits a short device call), with a bf16 KV cache or (--kv-cache-quant-algo) an FP8
 or INT8 one calibrated by `kiln quantize`'s workflow. Prints each run's seconds and its share of the compute
 floor, as `kiln bench` counts them, with its inter-token latency percentiles and its notes. The settings it takes
 are read at every step (KILN_DECODE_ATTENTION_STREAM by the attention of a mixed step, KILN_PREFILL_ATTENTION by the
-fresh prompts' attention, KILN_STEP_RUN_AHEAD by the executor, which the script re-reads per run).
+fresh prompts' attention, KILN_PREFILL_CODES by their attention over a quantized cache's codes,
+KILN_STEP_RUN_AHEAD by the executor, which the script re-reads per run).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 8 KV heads, head size 128, bf16) on the two kinds of prompt work a prefill-heavy step holds, each candidate checked
 against the torch reference first.
 
-    python scripts/bench_prefill_attention.py [--quick]
+    python scripts/bench_prefill_attention.py [--quick | --codes]
 
 First the fresh prompts on the defaults and on torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash); --quick
-stops there.
+stops there, --codes goes on to the quantized cache's codes alone (the last part below).
 
 - fresh: 4 new prompts of 2048 tokens packed back to back (varlen_prefill_attention), as a step of prefill-1000
   with its 8192-token budget;
@@ -16,7 +16,8 @@ Each candidate tile in turn runs both plain kernels (as PREFILL_CONFIG and PAGED
 kiln.kernels.paged_attention, TMA off), then the current tiles with lazy rescaling (PREFILL_LAZY_RESCALE). Then the
 fresh prompts' kernel with TMA loads (PREFILL_TMA_CONFIG) on each of its tiles, with and without lazy rescaling.
 Last, fresh prompts over a quantized cache's codes (e4m3 and int8, bf16 queries, as a step with an FP8 or INT8 KV
-cache reads them back from their slots): the plain kernel, then the TMA one (PREFILL_TMA_CODES) on each tile.
+cache reads them back from their slots): the plain kernel, then the TMA one on each tile over the codes and over
+them widened to 16 bits (KILN_PREFILL_CODES tma and widened; the widening's pass is inside the time).
 Prints each config's ms and TFLOP/s (causal FLOPs: 4 x heads x head size per query-key pair).
 """
 
@@ -115,6 +116,8 @@ def main() -> None:
         del os.environ["KILN_PREFILL_ATTENTION"]
     if "--quick" in sys.argv:
         return
+    if "--codes" in sys.argv:
+        return time_codes(current[2])
     try:
         pa.PREFILL_TMA_CONFIG = None
         for config in CANDIDATES:
@@ -129,20 +132,31 @@ def main() -> None:
                 pa.PREFILL_LAZY_RESCALE = lazy
                 run(f"TMA{' lazy' if lazy else ''} {config}", ["fresh 4 x 2048"])
         pa.PREFILL_TMA_CONFIG, pa.PREFILL_LAZY_RESCALE = current[2], False
-        for code in (torch.float8_e4m3fn, torch.int8):  # over a quantized cache's codes: plain, then TMA
+        time_codes(current[2])
+    finally:
+        (pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG), pa.PREFILL_LAZY_RESCALE = current, False
+
+
+def time_codes(tma_config: dict) -> None:
+    """Fresh prompts over e4m3 and int8 codes: the plain kernel, then each TMA tile over the codes and over them
+    widened (KILN_PREFILL_CODES)."""
+    try:
+        for code in (torch.float8_e4m3fn, torch.int8):
             name = f"fresh 4 x 2048, {str(code)[6:]} codes"
             small = fresh_codes_case([100, 37, 250], code)[0]
             args, flops = fresh_codes_case([2048] * 4, code)
-            for tma_codes, config in [(False, current[2]), *((True, c) for c in TMA_CANDIDATES)]:
-                pa.PREFILL_TMA_CODES, pa.PREFILL_TMA_CONFIG = tma_codes, config
+            for setting, config in [("plain", tma_config), *((s, c) for s in ("tma", "widened")
+                                                              for c in TMA_CANDIDATES)]:
+                os.environ["KILN_PREFILL_CODES"], pa.PREFILL_TMA_CONFIG = setting, config
                 ok = checked(pa.varlen_prefill_attention, pa.varlen_prefill_attention_ref, small)
                 pa.varlen_prefill_attention(*args)  # compiled outside the graph's capture
                 ms = graph_ms_per_call([lambda: pa.varlen_prefill_attention(*args)])
-                label = f"TMA {config}" if tma_codes else "plain"
+                label = f"{setting} {config}" if setting != "plain" else "plain"
                 print(f"{name} {label} ok={ok} | {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     finally:
-        (pa.PREFILL_CONFIG, pa.PAGED_PREFILL_CONFIG, pa.PREFILL_TMA_CONFIG), pa.PREFILL_LAZY_RESCALE = current, False
-        pa.PREFILL_TMA_CODES = False
+        pa.PREFILL_TMA_CONFIG = tma_config
+        os.environ.pop("KILN_PREFILL_CODES", None)
+
 
 if __name__ == "__main__":
     main()

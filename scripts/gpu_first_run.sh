@@ -27,8 +27,15 @@
 #   written by the norms and SiLU-and-mul): its GEMM's tiles and GEMV's splits beside bf16
 #   (scripts/bench_fp8_group_gemm.py, about 1.5 minutes), then the engine beside bf16 (about 4 minutes).
 # - attention: the twenty-eighth session's attention kernels (the TMA prompt kernel over cache codes, the decode
-#   tiles' register caps and prefetch): their tests, then both attention benches (about 3 minutes). Switch on
-#   PREFILL_TMA_CODES, PAIRS_MAX_REGISTERS or PAIRS_PREFETCH where one wins (docs/performance.md, s28).
+#   tiles' register caps and prefetch): their tests, then both attention benches (about 3 minutes). Forty-fourth
+#   session, H100: 287 pass; the TMA kernel over e4m3 codes no faster than the plain one (0.491 against 0.495 ms),
+#   over int8 codes 11% faster; the 64-key tile capped at 96 registers 4-8% faster (now the default), the
+#   prefetch slower everywhere (docs/performance.md).
+# - prefill-codes (forty-fourth session): fresh prompts' attention over codes widened to 16 bits first
+#   (KILN_PREFILL_CODES=widened) beside the plain kernel and the TMA one over the codes
+#   (scripts/bench_prefill_attention.py --codes), then 400 prefill-1000 requests with an FP8 cache under plain and
+#   widened (scripts/ab_runtime_setting.py; about 5 minutes). The codes cost 0.495 ms a layer for 4 x 2048 fresh
+#   tokens against 0.338 for 16-bit keys on the H100.
 # - side-stream: decode attention on the side stream or not, with the FP8 cache, in one process (about 5 minutes).
 # - flash: fresh prompts' attention by torch's FlashAttention-2 (KILN_PREFILL_ATTENTION=flash, thirty-fifth
 #   session): its tests, the kernel beside the default (scripts/bench_prefill_attention.py --quick), then 400
@@ -104,7 +111,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs}
+  prompt-logprobs prefill-codes}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -184,11 +191,14 @@ for part in $parts; do
                    --draft-lens 3,7 ;;
     prompt-logprobs) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
                        tests/runtime/test_gpu_runtime.py -k "prompt_logprobs" ;;
+    prefill-codes) python scripts/bench_prefill_attention.py --codes
+                   python scripts/ab_runtime_setting.py KILN_PREFILL_CODES plain,widened --kv-cache-quant-algo FP8 \
+                     --requests 400 ;;
     per-token) $bench --quant-algo FP8,FP8_PER_CHANNEL_PER_TOKEN --workloads decode-1,offline-3000 \
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
-         "norm-probe, w4-timeline, prefill, speculative or prompt-logprobs" >&2
+         "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs or prefill-codes" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

@@ -275,25 +275,26 @@ def prefill_attention() -> None:
 
 def prefill_codes(fresh: tuple, tma_tiles) -> None:
     """Fresh prompts over a quantized cache's codes (as kiln.runtime.paged_batch reads them back from their
-    slots), by the plain kernel and by the TMA kernel on each of its tiles (PREFILL_TMA_CODES). fp16 queries only:
-    Triton 3.6's interpreter gets bf16 wrong (the plain kernel, checked on GPUs, was off by 3e7 here), so a bf16
-    query's fp16 matmuls over e4m3 codes (CODES_FP16) are left to the GPU test."""
+    slots), by the plain kernel, and by the TMA kernel on each of its tiles over the codes and over them widened
+    (KILN_PREFILL_CODES). fp16 queries only: Triton 3.6's interpreter gets bf16 wrong (the plain kernel, checked on
+    GPUs, was off by 3e7 here), so a bf16 query's fp16 matmuls over e4m3 codes (CODES_FP16) are left to the GPU
+    test."""
     q, k, v, cu, max_len, scale = fresh
     kv_scale = torch.tensor([0.02, 0.03])
-    current = pa.PREFILL_TMA_CONFIG, pa.PREFILL_TMA_CODES
+    current = pa.PREFILL_TMA_CONFIG
     for code in (torch.int8, torch.float8_e4m3fn):
         codes = [(x.float() * 50).clamp(-127, 127).round().to(code) if code == torch.int8
                  else (x.float() * 50).clamp(-448, 448).to(code) for x in (k, v)]
         args = (q, *codes, cu, max_len, scale, None, kv_scale)
         want = pa.varlen_prefill_attention_ref(*args)
-        pa.PREFILL_TMA_CODES = False
-        check(f"prefill fresh {str(code)[6:]} codes, plain", pa.varlen_prefill_attention(*args), want)
-        pa.PREFILL_TMA_CODES = True
-        for config in tma_tiles:
-            pa.PREFILL_TMA_CONFIG = config
-            check(f"prefill fresh {str(code)[6:]} codes, TMA {tuple(config.values())}",
-                  pa.varlen_prefill_attention(*args), want)
-    pa.PREFILL_TMA_CONFIG, pa.PREFILL_TMA_CODES = current
+        for setting in pa.PREFILL_CODES_SETTINGS:
+            os.environ["KILN_PREFILL_CODES"] = setting
+            for config in tma_tiles if setting != "plain" else [current]:
+                pa.PREFILL_TMA_CONFIG = config
+                check(f"prefill fresh {str(code)[6:]} codes, {setting} {tuple(config.values())}",
+                      pa.varlen_prefill_attention(*args), want)
+    os.environ.pop("KILN_PREFILL_CODES")
+    pa.PREFILL_TMA_CONFIG = current
 
 
 def fp8_dot_gemv() -> None:

@@ -89,13 +89,16 @@ PAIRS_LONG_CONTEXT, PAIRS_LONG_BLOCK_N = 512, 128
 # The registers a thread of the pairs kernel may hold, by its tile's keys (Triton's maxnreg): fewer registers, more
 # programs an SM to hide the loads' latency. In sm_90 code (scripts/kernel_sass.py "decode code pairs" --maxnreg N)
 # the 64-key tile takes 117 (4 programs an SM) and fits in 96 without spilling (5, as the bf16 kernel's 96 give);
-# the 128-key tile takes 143 (3) and fits in 128 with 6 spill stores (4). Shared memory allows 5-10. Empty (the
-# compiler's choice) until timed on a GPU: scripts/bench_decode_attention.py sweeps both caps.
-PAIRS_MAX_REGISTERS: dict[int, int] = {}
+# the 128-key tile takes 143 (3) and fits in 128 with 6 spill stores (4). Shared memory allows 5-10. Timed on an
+# H100 (forty-fourth session, scripts/bench_decode_attention.py, e4m3 and int8 codes): the 64-key tile at 96 took
+# 73.6 us against 78.9 at 512 sequences of ~192 tokens and 4.9 against 5.3 at one of ~384; the 128-key tile at 128
+# lost at every length it runs (85.2 against 82.0 us at 128 x ~1024), so it keeps the compiler's choice.
+PAIRS_MAX_REGISTERS: dict[int, int] = {64: 96}
 # The pairs kernel requests the next tile's words before it works on its own (decode_code_pairs_kernel's
 # PREFETCH), so a program waits on memory once instead of once a tile. It costs a second tile of words in
 # registers: in sm_90 code 144 a thread for 64-key tiles (3 programs an SM) and 225 for 128-key tiles (2), no
-# spills. Off until timed on a GPU (scripts/bench_decode_attention.py sweeps it).
+# spills. Off: slower at every batch and length timed on an H100 (forty-fourth session, e.g. 91.0 against 78.9 us
+# at 512 x ~192, 103.5 against 84.5 at 64 x ~2048; scripts/bench_decode_attention.py).
 PAIRS_PREFETCH = False
 # Decode's split programs merge their parts themselves, the last one to finish a (sequence, KV head) doing it
 # (_merge_if_last), instead of a merge kernel after them: one launch fewer a layer where decode splits, as at
@@ -114,10 +117,18 @@ PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 # (_tma_layout); with this tile, or None: the plain kernel on PREFILL_CONFIG. On an H200 (nineteenth session) 4 x
 # 2048 fresh tokens took 0.338 ms (407 TFLOP/s) against the plain kernel's 0.365 (scripts/bench_prefill_attention.py).
 PREFILL_TMA_CONFIG: dict | None = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-# The TMA kernel for the codes of a quantized cache too (fresh prompts read theirs back from their slots:
-# kiln.runtime.paged_batch), else the plain kernel. Off until timed on a GPU (scripts/bench_prefill_attention.py
-# times both): built in the twenty-eighth session, checked only under Triton's interpreter so far.
-PREFILL_TMA_CODES = False
+# How fresh prompts attend a quantized cache's codes, read back from their slots (kiln.runtime.paged_batch):
+# KILN_PREFILL_CODES (read per call, as KILN_PREFILL_ATTENTION is, so that one process can A/B it)
+# - "plain" (the default): the plain kernel, converting each tile of codes to the matmuls' 16-bit type as it loads it;
+# - "tma": the TMA kernel on the codes, converting each tile after TMA put it in shared memory;
+# - "widened": the codes widened to that 16-bit type first, by torch (exact: int8 in q's type, e4m3 in fp16, which
+#   CODES_FP16 matmuls take anyway), then the TMA kernel on those as on an unquantized cache: the same products, the
+#   tiles going to the tensor cores straight from shared memory, for a pass writing twice the codes' bytes.
+# On an H100 (forty-fourth session, scripts/bench_prefill_attention.py, 4 x 2048 fresh tokens, bf16 q) the codes
+# took 0.495 ms plainly (278 TFLOP/s; e4m3 and int8 alike) and 0.491 (e4m3) and 0.441 (int8) by TMA, against 0.338
+# for 16-bit keys: up to 1.3 s of prefill-1000 with an FP8 cache, were all its prompts fresh in packs of four.
+# "widened" is not yet timed, so "plain" stays the default.
+PREFILL_CODES_SETTINGS = ("plain", "tma", "widened")
 # The prefill kernels' softmax rescales lazily (_lazy_softmax_step: only once some row's max grew by more than 2^8
 # in its weights, as FlashAttention-4 does; the sm_90 loop then skips 64 of its 563 instructions on most steps).
 # Off: slower on an H200 in every kernel (nineteenth session: fresh 0.390 ms against 0.365, continuing 0.469 against
@@ -185,6 +196,13 @@ def prefill_attention_setting() -> str:
     setting = os.environ.get("KILN_PREFILL_ATTENTION", "triton")
     if setting not in PREFILL_ATTENTION_SETTINGS:
         raise ValueError(f"KILN_PREFILL_ATTENTION={setting!r}: allowed values are triton (the default) and flash")
+    return setting
+
+
+def prefill_codes_setting() -> str:
+    setting = os.environ.get("KILN_PREFILL_CODES", "plain")
+    if setting not in PREFILL_CODES_SETTINGS:
+        raise ValueError(f"KILN_PREFILL_CODES={setting!r}: allowed values are plain (the default), tma and widened")
     return setting
 
 
@@ -400,7 +418,8 @@ def _merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, q
 def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window=None, kv_scale=None,
                              out=None, sinks=None):
     """Triton version of `varlen_prefill_attention_ref`, same arguments and result. CUDA tensors. With
-    KILN_PREFILL_ATTENTION=flash, torch's FlashAttention-2 where it takes the inputs (flash_prefill_takes)."""
+    KILN_PREFILL_ATTENTION=flash, torch's FlashAttention-2 where it takes the inputs (flash_prefill_takes); a
+    quantized cache's codes as KILN_PREFILL_CODES says (PREFILL_CODES_SETTINGS)."""
     tokens, heads, head_size = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     if prefill_attention_setting() == "flash" and flash_prefill_takes(q, kv_scale) and sinks is None:
@@ -410,22 +429,26 @@ def varlen_prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, sliding_win
     cfg = _prefill_config(block_d, PREFILL_CONFIG)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
+    codes_fp16 = _codes_fp16(q, k)
+    codes_by = "plain" if kv_scale is None else prefill_codes_setting()
     tma = PREFILL_TMA_CONFIG
-    if tma is not None and (kv_scale is None or PREFILL_TMA_CODES) and _tma_layout(q, k, v, block_d, kv_scale):
+    if tma is not None and (kv_scale is None or codes_by != "plain") and _tma_layout(q, k, v, block_d, kv_scale):
+        if codes_by == "widened":
+            k, v = (x.to(torch.float16 if codes_fp16 else q.dtype) for x in (k, v))
         assert tma["BLOCK_M"] % tma["BLOCK_N"] == 0, "the diagonal tiles must tile the query block"
         grid = (triton.cdiv(max_seqlen, tma["BLOCK_M"]), cu_seqlens.shape[0] - 1, heads)
         k_desc, v_desc = (_rows_descriptor(x, tma["BLOCK_N"]) for x in (k, v))
         prefill_tma_kernel[grid](
             q, k_desc, v_desc, kv_scale, out, cu_seqlens, sinks, q.stride(0), q.stride(1), out.stride(0),
             out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
-            HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, CODES_FP16=_codes_fp16(q, k),
+            HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None, CODES_FP16=codes_fp16,
             BLOCK_D=block_d, LAZY=PREFILL_LAZY_RESCALE, HAS_SINK=sinks is not None, **tma)
         return out
     prefill_kernel[grid](
         q, k, v, kv_scale, out, cu_seqlens, sinks, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), scale * _LOG2E, sliding_window or 0, heads // k.shape[1],
         head_size, HAS_WINDOW=sliding_window is not None, HAS_SCALE=kv_scale is not None,
-        CODES_FP16=_codes_fp16(q, k), IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
+        CODES_FP16=codes_fp16, IEEE=q.dtype == torch.float32, BLOCK_D=block_d, EVEN_D=head_size == block_d,
         LAZY=PREFILL_LAZY_RESCALE, HAS_SINK=sinks is not None, **cfg)
     return out
 

@@ -348,13 +348,13 @@ class LaunchCounter:
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", [0, 2, 3])
-@pytest.mark.parametrize("tma_codes", [False, True], ids=["plain", "tma"])
-def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtype, case, tma_codes, monkeypatch):
-    """Both kernels (PREFILL_TMA_CODES): where the TMA one can read the codes (a 16-bit q, a power-of-two head size,
-    Hopper), it must be the one that runs."""
+@pytest.mark.parametrize("codes_by", ["plain", "tma", "widened"])
+def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtype, case, codes_by, monkeypatch):
+    """Each way of reading the codes (KILN_PREFILL_CODES): where the TMA kernel can read them (a 16-bit q, a
+    power-of-two head size, Hopper), it must be the one that runs, but for "plain"."""
     from kiln.kernels import paged_attention
 
-    monkeypatch.setattr(paged_attention, "PREFILL_TMA_CODES", tma_codes)
+    monkeypatch.setenv("KILN_PREFILL_CODES", codes_by)
     lens, heads, kv_heads, d, window = PREFILL_CASES[case]
     q, k, v, cu = _packed(lens, heads, kv_heads, d, dtype, case)
     (kc, sk), (vc, sv) = to_codes(k * 3, code_dtype), to_codes(v, code_dtype)
@@ -362,7 +362,8 @@ def test_prefill_kernel_reads_quantized_keys_like_the_reference(code_dtype, dtyp
     q, kc, vc, cu = (t.cuda() for t in (q, kc, vc, cu))
     tma = LaunchCounter(paged_attention.prefill_tma_kernel)
     monkeypatch.setattr(paged_attention, "prefill_tma_kernel", tma)
-    takes_tma = tma_codes and dtype != torch.float32 and d in (64, 128) and torch.cuda.get_device_capability()[0] >= 9
+    takes_tma = codes_by != "plain" and dtype != torch.float32 and d in (64, 128) and \
+        torch.cuda.get_device_capability()[0] >= 9
     got = varlen_prefill_attention(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
     assert len(tma.grids) == takes_tma
     want = varlen_prefill_attention_ref(q, kc, vc, cu, max(lens), d ** -0.5, window, kv_scale)
