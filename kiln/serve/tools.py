@@ -11,7 +11,9 @@
   model; a parameters schema kiln cannot hold to is refused (400) with its path.
 - **tool_choice "none"**: no tools in the prompt, no calls read.
 Calls come back as `message.tool_calls` (arguments a JSON string), with finish_reason "tool_calls"; a stream holds
-back the text that may be a call and sends the calls in one delta at the end.
+back the text that may be a call and sends the calls in one delta at the end. Their ids are OpenAI's form
+(`call_...`), or 9 letters and digits where the template is Mistral's: its templates refuse any other id when the
+calls come back in the history.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from kiln.errors import ConfigError
 from kiln.runtime.json_schema import schema_grammar
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's function names
+# The start of a Mistral answer that may still be a call: a JSON array, or a function name before its arguments
+MISTRAL_HEAD = re.compile(r"\s*([A-Za-z0-9_-]{0,64}(\{|\[|$)|\[)")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 # Markers of a chat template's own tool-call format -> the parser that reads it (the first found wins)
-TEMPLATE_FORMATS = ((HERMES_OPEN, "hermes"), ("<|python_tag|>", "llama3_json"), ('"parameters": ', "llama3_json"))
+TEMPLATE_FORMATS = ((HERMES_OPEN, "hermes"), ("<|python_tag|>", "llama3_json"), (MISTRAL_CALLS, "mistral"),
+                    ('"parameters": ', "llama3_json"))
 KILN_TOOL_PROMPT = (
     "You can call functions. To call one, answer with a line <tool_call>{{\"name\": <its name>, \"arguments\": <its "
     "arguments as a JSON object>}}</tool_call> for each call, and nothing else. Call one only when it helps; "
@@ -175,29 +181,33 @@ def _template_message(message: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ToolReader:
-    """How a request's answers are read: its tools, and the format their calls come in (a PARSERS key)."""
+    """How a request's answers are read: its tools, the format their calls come in (a PARSERS key), and whether
+    their ids must be Mistral's (9 letters and digits)."""
 
     tools: Tools
     parser: str
+    mistral_ids: bool = False
 
     @classmethod
     def of(cls, tools: Tools, chat_template: str | None) -> ToolReader:
-        return cls(tools, "forced" if tools.forced else template_format(chat_template) or "hermes")
+        template = template_format(chat_template)
+        return cls(tools, "forced" if tools.forced else template or "hermes", template == "mistral")
 
     def read(self, text: str) -> tuple[str, list[dict]]:
-        return read_calls(text, self.tools, self.parser)
+        return read_calls(text, self.tools, self.parser, self.mistral_ids)
 
     def sendable(self, text: str) -> int:
         return sendable(text, self.parser)
 
 
-def read_calls(text: str, tools: Tools, parser: str) -> tuple[str, list[dict]]:
+def read_calls(text: str, tools: Tools, parser: str, mistral_ids: bool = False) -> tuple[str, list[dict]]:
     """(the message's content, its calls as OpenAI tool_calls). An answer whose calls do not all parse, or name a
     function the request did not offer, is content only, as the model wrote it."""
     content, calls = PARSERS[parser](text)
     if calls is None or not calls or any(not _known(c, tools) for c in calls):
         return text, []
-    return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return content, [{"id": uuid.uuid4().hex[:9] if mistral_ids else f"call_{uuid.uuid4().hex[:24]}",
+                      "type": "function",
                       "function": {"name": c["name"], "arguments": json.dumps(_arguments(c), ensure_ascii=False)}}
                      for c in calls]
 
@@ -255,18 +265,49 @@ def _llama3_json(text: str):
     return "", calls
 
 
-PARSERS = {"forced": _forced, "hermes": _hermes, "llama3_json": _llama3_json}
+def _mistral(text: str):
+    """Mistral's calls after [TOOL_CALLS]: a JSON array of {"name", "arguments"} (the templates from v0.3 to Small
+    3.1), or name[ARGS]{...} for each (Magistral's and Devstral's, several joined by [TOOL_CALLS]). Both markers are
+    special tokens in Mistral's tokenizers, gone from the decoded text: an answer that is a call without them is read
+    the same."""
+    start = text.find(MISTRAL_CALLS)
+    content, body = (text[:start], text[start:]) if start >= 0 else ("", text)
+    body = body.replace(MISTRAL_CALLS, " ").replace(MISTRAL_ARGS, "").strip()
+    if body.startswith("["):
+        calls = _forced(body)[1]
+        return (content, calls) if calls is not None else (text, None)
+    calls, decoder = [], json.JSONDecoder()
+    while body:
+        name = NAME.match(body)
+        if name is None:
+            return text, None
+        try:
+            arguments, end = decoder.raw_decode(body, name.end())
+        except ValueError:
+            return text, None
+        calls.append({"name": name.group(), "arguments": arguments})
+        body = body[end:].strip()
+    return content, calls
+
+
+PARSERS = {"forced": _forced, "hermes": _hermes, "llama3_json": _llama3_json, "mistral": _mistral}
 
 
 def sendable(text: str, parser: str) -> int:
     """How much of a streaming answer's text can go out as content now: none of a forced answer, none of what may
-    become a JSON call, and in the Hermes format nothing from where a call's tag begins or may be beginning."""
+    become a JSON call, and in the Hermes and Mistral formats nothing from where a call's tag begins or may be
+    beginning (nor, in Mistral's, an answer that may be a call whose tag the decode dropped)."""
     if parser == "forced":
         return 0
     if parser == "llama3_json":
         return 0 if text.strip() == "" or text.lstrip().startswith("{") else len(text)
-    start = text.find(HERMES_OPEN)
-    return start if start >= 0 else len(text) - tag_start(text, HERMES_OPEN)
+    tag = MISTRAL_CALLS if parser == "mistral" else HERMES_OPEN
+    start = text.find(tag)
+    if start >= 0:
+        return start
+    if parser == "mistral" and MISTRAL_HEAD.match(text):  # (a call whose [TOOL_CALLS] the decode dropped)
+        return 0
+    return len(text) - tag_start(text, tag)
 
 
 def tag_start(text: str, tag: str) -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import random
 
+import jinja2
 import jsonschema
 import pytest
 
 from kiln.runtime.json_mode import DONE, walk
 from kiln.runtime.json_schema import schema_grammar
-from kiln.serve.tools import KILN_TOOL_PROMPT, Tools, ToolsError, prompt_messages, read_calls, sendable, \
-    template_format, tools_request
+from kiln.serve.tools import KILN_TOOL_PROMPT, ToolReader, Tools, ToolsError, prompt_messages, read_calls, \
+    sendable, template_format, tools_request
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -24,6 +25,13 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 HERMES_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> Answer with "
                    "<tool_call>...</tool_call>.{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
                    "{% endfor %}<|assistant|>")
+
+# The shape of Mistral's templates (v0.3 on): tools in [AVAILABLE_TOOLS], calls after [TOOL_CALLS], ids of 9 characters
+MISTRAL_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}"
+                    "[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]{% elif m.tool_calls %}[TOOL_CALLS]"
+                    "{% for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should "
+                    "be alphanumeric strings with length 9!') }}{% endif %}{% endfor %}{{ m.tool_calls | tojson }}"
+                    "{% else %}{{ m.content }}{% endif %}{% endfor %}")
 
 
 def tools(*defs, choice=None, parallel=True) -> Tools:
@@ -97,6 +105,40 @@ def test_calls_are_read_in_each_format():
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"zone": "a;b"}, {"city": "X"}]
     _, calls = read_calls('[{"name":"get_time","arguments":{"zone":"Z"}}]', t, "forced")
     assert calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "Z"}'}
+    # Mistral's: a JSON array after [TOOL_CALLS], or name[ARGS]{...} each; the markers (special tokens) may be gone
+    two = [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]
+    for text, content in [('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": '
+                           '"get_time", "arguments": {"zone": "CET"}}]', ""),
+                          (' [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", '
+                           '"arguments": {"zone": "CET"}}]', ""),
+                          ('One moment.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]'
+                           '{"zone": "CET"}', "One moment."),
+                          ('get_weather{"city": "Oslo"}get_time{"zone": "CET"}', "")]:
+        got, calls = read_calls(text, t, "mistral")
+        assert got == content and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                   for c in calls] == two, text
+
+
+def test_a_mistral_template_gets_ids_of_9_characters_in_every_mode():
+    """Mistral's templates refuse a history whose call ids are not 9 letters and digits: kiln's answers to such a
+    template have those ids, forced or not, and its history then renders."""
+    assert template_format(MISTRAL_TEMPLATE) == "mistral"
+    for t, text in [(tools(WEATHER), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
+                    (tools(WEATHER, choice="required"), '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]')]:
+        _, calls = ToolReader.of(t, MISTRAL_TEMPLATE).read(text)
+        assert len(calls) == 1 and len(calls[0]["id"]) == 9 and calls[0]["id"].isalnum()
+        history = [{"role": "user", "content": "Oslo?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+        messages, template_tools = prompt_messages(history, t, MISTRAL_TEMPLATE)
+        rendered = jinja2.Environment().from_string(MISTRAL_TEMPLATE).render(
+            messages=messages, tools=template_tools, raise_exception=_raise)
+        assert f'"id": "{calls[0]["id"]}"' in rendered and "[AVAILABLE_TOOLS]" in rendered
+    _, calls = ToolReader.of(tools(WEATHER), HERMES_TEMPLATE).read('<tool_call>{"name": "get_weather", "arguments": '
+                                                                  '{"city": "Oslo"}}</tool_call>')
+    assert calls[0]["id"].startswith("call_")  # (other templates: OpenAI's form)
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 @pytest.mark.parametrize("text,parser", [
@@ -108,6 +150,8 @@ def test_calls_are_read_in_each_format():
     ('{"name": "get_time", "parameters": {"zone": "Z"}} then prose', "llama3_json"),
     ("Hello there", "llama3_json"),
     ('[{"name":"get_time","arguments":{"zone":"Z"', "forced"),  # (cut by max_tokens)
+    ("Hello there", "mistral"), ("get_weather is a function", "mistral"), ("[1, 2]", "mistral"),
+    ('Note: {"city": "Oslo"}', "mistral"), ('[TOOL_CALLS]get_weather[ARGS]{"city": ', "mistral"),
 ])
 def test_an_answer_that_is_not_all_calls_is_content_as_written(text, parser):
     assert read_calls(text, tools(WEATHER, TIME), parser) == (text, [])
@@ -116,7 +160,9 @@ def test_an_answer_that_is_not_all_calls_is_content_as_written(text, parser):
 @pytest.mark.parametrize("text,parser,n", [
     ("Sure", "hermes", 4), ("Sure <tool", "hermes", 5), ("Sure <tool_call>{", "hermes", 5), ("a < b", "hermes", 5),
     ("x<", "hermes", 1), ("  ", "llama3_json", 0), (' {"name"', "llama3_json", 0), ("Hi {", "llama3_json", 4),
-    ('[{"name"', "forced", 0),
+    ('[{"name"', "forced", 0), ("Sure", "mistral", 0), ("Sure ", "mistral", 5), ("Sure [TOOL", "mistral", 5),
+    ("Hi.[TOOL_CALLS]", "mistral", 3), (" [", "mistral", 0), ("get_weather{", "mistral", 0),
+    ("Hello, world", "mistral", 12),
 ])
 def test_a_stream_holds_back_what_may_become_a_call(text, parser, n):
     assert sendable(text, parser) == n
