@@ -29,7 +29,8 @@ HERMES_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% 
 # The shape of Mistral's templates (v0.3 on): tools in [AVAILABLE_TOOLS], calls after [TOOL_CALLS], ids of 9
 # characters
 MISTRAL_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}{% if tools %}[AVAILABLE_TOOLS]"
-                    "{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]{% elif m.tool_calls %}[TOOL_CALLS]"
+                    "{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]"
+                    "{% elif m.tool_calls %}[TOOL_CALLS]"
                     "{% for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should "
                     "be alphanumeric strings with length 9!') }}{% endif %}{% endfor %}{{ m.tool_calls | tojson }}"
                     "{% else %}{{ m.content }}{% endif %}{% endfor %}")
