@@ -8,7 +8,9 @@ strict mode does:
 - an object's keys come in the order of its `properties`, a required one never skipped, an optional one written or
   not, and no key beyond them (whatever `additionalProperties` says); an object with no `properties` takes any
   JSON object;
-- `enum` and `const` values are written as `json.dumps` spells them.
+- `enum` and `const` values are written as `json.dumps` spells them;
+- a number with bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) is written without an
+  exponent, and each digit only where the number can still end within them (`_reaches`).
 Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
 failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
 what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with the schema path that
@@ -17,25 +19,30 @@ holds them. Annotations (`title`, `description`, `format`, `default`, `examples`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
+from fractions import Fraction
 
 from kiln.errors import ConfigError
 from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JSON_OBJECT, START
 
 # Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
-UNSUPPORTED = ("pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-               "multipleOf", "uniqueItems", "patternProperties", "propertyNames", "minProperties", "maxProperties",
-               "not", "allOf", "if", "then", "else", "dependentRequired", "dependentSchemas", "prefixItems",
+UNSUPPORTED = ("pattern", "minLength", "maxLength", "multipleOf", "uniqueItems", "patternProperties", "propertyNames",
+               "minProperties", "maxProperties", "not", "allOf", "if", "then", "else", "dependentRequired", "dependentSchemas", "prefixItems",
                "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
-_FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789"}
+_FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
+                "bounded": b"-0123456789"}
+BOUND_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 
 # Nodes, by index in SchemaGrammar.nodes:
 #   ("object", ((key as JSON bytes, node, required), ...))   ("any_object",)
 #   ("array", item node, min items, max items or None)       ("string",)
 #   ("number", integer only)                                  ("options", (JSON bytes, ...))  enum, const, literals
+#   ("bounded", integer only, Bounds)  a number within bounds, its bytes so far in its state
 #   ("choice", (node, ...))  alternatives, followed side by side in an ("either", (), (state, ...)) state
 
 
@@ -65,8 +72,9 @@ class SchemaGrammar:
         refused = [k for k in UNSUPPORTED if k in schema]
         if refused:
             raise ConfigError(f"json_schema at {path}: {refused[0]!r} is not supported (kiln enforces type, "
-                              "properties, required, items, minItems, maxItems, enum, const, anyOf, oneOf and "
-                              "local $ref); drop it, or check the output yourself")
+                              "properties, required, items, minItems, maxItems, minimum, maximum, their exclusive "
+                              "forms, enum, const, anyOf, oneOf and local $ref); drop it, or check the output "
+                              "yourself")
         if "$ref" in schema:
             return self._ref(schema["$ref"], path, root)
         if "const" in schema:
@@ -136,11 +144,12 @@ class SchemaGrammar:
     def _string(self, schema, path, root) -> int:
         return self._add(("string",))
 
-    def _number(self, schema, path, root) -> int:
-        return self._add(("number", False))
+    def _number(self, schema, path, root, integer: bool = False) -> int:
+        bounds = Bounds.of(schema, path, integer)
+        return self._add(("number", integer) if bounds is None else ("bounded", integer, bounds))
 
     def _integer(self, schema, path, root) -> int:
-        return self._add(("number", True))
+        return self._number(schema, path, root, integer=True)
 
     def _boolean(self, schema, path, root) -> int:
         return self._add(("options", (b"true", b"false")))
@@ -186,6 +195,9 @@ class SchemaGrammar:
             return ("string", frames, _STRING_START)
         if kind == "number":
             return ("number", frames, (rest[0], "minus" if b == ord("-") else "zero" if b == ord("0") else "int"))
+        if kind == "bounded":
+            phase = "minus" if b == ord("-") else "zero" if b == ord("0") else "int"
+            return ("bounded", frames, (node, phase, bytes([b]))) if rest[1].reaches(bytes([b]), rest[0]) else None
         return self._on_options(frames, (rest[0], 0), b)
 
     def _value_done(self, frames):
@@ -286,6 +298,19 @@ class SchemaGrammar:
         done = self._value_done(frames)  # (the byte after a number is what follows the value)
         return None if done == DONE else self.step(done, b)
 
+    def _on_bounded(self, frames, arg, b):  # a number within bounds: no exponent, only digits it can end after
+        node, phase, written = arg
+        _, integer, bounds = self.nodes[node]
+        moves, may_end = _NUMBER[phase]
+        after = moves.get(b)
+        if after is not None and after != "exp" and not (integer and after == "dot"):
+            return ("bounded", frames, (node, after, written + bytes([b]))) if bounds.reaches(
+                written + bytes([b]), integer) else None
+        if not may_end or not bounds.holds(Fraction(written.decode())):
+            return None
+        done = self._value_done(frames)
+        return None if done == DONE else self.step(done, b)
+
     def _on_options(self, frames, arg, b):  # one of several exact JSON texts (enum, const, true, null, ...)
         options, matched = arg
         going = tuple(o for o in options if len(o) > matched and o[matched] == b)
@@ -297,6 +322,90 @@ class SchemaGrammar:
             done = self._value_done(frames)
             return None if done == DONE else self.step(done, b)
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """A number's bounds from its schema: low and high (None: none), each inclusive or not."""
+
+    low: Fraction | None
+    low_inclusive: bool
+    high: Fraction | None
+    high_inclusive: bool
+
+    @classmethod
+    def of(cls, schema: dict, path: str, integer: bool) -> Bounds | None:
+        """The schema's bounds, or None where it has none; ConfigError where they are not numbers or leave no
+        value."""
+        given = {k: schema[k] for k in BOUND_KEYWORDS if k in schema}
+        if not given:
+            return None
+        for keyword, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+                    value in (float("inf"), float("-inf")):
+                raise ConfigError(f"json_schema at {path}: {keyword!r} must be a finite number, got {value!r} "
+                                  "(a boolean exclusiveMinimum is draft 4's; give the bound itself)")
+        low = max(((Fraction(repr(v)), k == "minimum") for k, v in given.items() if "inimum" in k),
+                  key=lambda bound: (bound[0], not bound[1]), default=(None, False))
+        high = min(((Fraction(repr(v)), k == "maximum") for k, v in given.items() if "aximum" in k),
+                   key=lambda bound: (bound[0], bound[1]), default=(None, False))
+        bounds = cls(low[0], low[1], high[0], high[1])
+        if not bounds.meets(bounds.low, True, bounds.high, True, integer):
+            raise ConfigError(f"json_schema at {path}: no {'integer' if integer else 'number'} lies within its "
+                              f"bounds {given}")
+        return bounds
+
+    def holds(self, x: Fraction) -> bool:
+        return (self.low is None or x > self.low or x == self.low and self.low_inclusive) and \
+            (self.high is None or x < self.high or x == self.high and self.high_inclusive)
+
+    def meets(self, a, a_closed: bool, b, b_closed: bool, integer: bool) -> bool:
+        """Whether the interval from a to b (None: unbounded; each end closed or not) shares a value (an integer,
+        with `integer`) with these bounds."""
+        lo, lo_closed = _tighter((a, a_closed), (self.low, self.low_inclusive), max)
+        hi, hi_closed = _tighter((b, b_closed), (self.high, self.high_inclusive), min)
+        if integer:
+            first = None if lo is None else (math.ceil(lo) if lo_closed else math.floor(lo) + 1)
+            return first is None or hi is None or first < hi or first == hi and hi_closed
+        return lo is None or hi is None or lo < hi or lo == hi and lo_closed and hi_closed
+
+    def reaches(self, written: bytes, integer: bool) -> bool:
+        """Whether a number begun as `written` (JSON's syntax, no exponent) can still end within the bounds: the
+        values its continuations can take are, by magnitude, one interval once it has a '.' and otherwise
+        [m 10^k, (m + 1) 10^k) for each count k of digits still to come; a '-' mirrors them."""
+        text = written.decode()
+        negative, digits = text.startswith("-"), text.lstrip("-")
+        whole, dot, fraction = digits.partition(".")
+        if not whole:  # ("-" alone: any value <= 0)
+            return self.meets(None, False, Fraction(0), True, integer)
+        if dot:
+            start = Fraction(digits if fraction else whole)
+            intervals = [(start, start + Fraction(1, 10 ** len(fraction)))]
+        elif whole == "0":
+            intervals = [(Fraction(0), Fraction(1))]
+        else:
+            m = int(whole)
+            # (past the bounds' largest magnitude one more digit decides it: every later interval lies further out)
+            far = max((abs(b) for b in (self.low, self.high) if b is not None), default=Fraction(0))
+            intervals, k = [], 0
+            while not intervals or m * 10 ** (k - 1) <= far:
+                intervals.append((Fraction(m * 10 ** k), Fraction((m + 1) * 10 ** k)))
+                k += 1
+            if self.high is None and not negative or self.low is None and negative:
+                return True  # (digits enough reach past any bound on the other side)
+        if negative:
+            return any(self.meets(-b, False, -a, True, integer) for a, b in intervals)
+        return any(self.meets(a, True, b, False, integer) for a, b in intervals)
+
+
+def _tighter(x: tuple, y: tuple, pick) -> tuple:
+    """Of two interval ends (value or None for unbounded, closed), the tighter under pick (max for lower ends, min
+    for upper ones); at equal values the end is closed only if both are."""
+    if x[0] is None or y[0] is None:
+        return y if x[0] is None else x
+    if x[0] == y[0]:
+        return x[0], x[1] and y[1]
+    return x if pick(x[0], y[0]) == x[0] else y
 
 
 def _either(states) -> tuple | None:

@@ -21,7 +21,7 @@ PERSON = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "description": "annotations are read past"},
-        "age": {"type": "integer"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
         "height": {"anyOf": [{"type": "number"}, {"type": "null"}]},
         "role": {"enum": ["admin", "user", 1, 12, None]},
         "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
@@ -72,7 +72,8 @@ def _instance(schema: dict, root: dict, rng: random.Random):
     if kind == "array":
         high = schema.get("maxItems", 4)
         return [_instance(schema["items"], root, rng) for _ in range(rng.randint(schema.get("minItems", 0), high))]
-    return {"string": lambda: rng.choice(["", "Ada", "q\"\\\n\u2603"]), "integer": lambda: rng.randint(-99, 99),
+    return {"string": lambda: rng.choice(["", "Ada", "q\"\\\n\u2603"]),
+            "integer": lambda: rng.randint(schema.get("minimum", -99), schema.get("maximum", 99)),
             "number": lambda: rng.choice([0, -1.5, 2e-7, 31]), "boolean": lambda: rng.random() < 0.5,
             "null": lambda: None}[kind]()
 
@@ -109,7 +110,85 @@ def test_object_keys_follow_properties_and_required_ones_are_never_skipped():
     pair = schema_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2})
     assert [walk(pair.start, t, pair.step) == DONE for t in (b"[1]", b"[1,2]", b"[1,2,3]")] == [False, True, False]
     assert not takes('{"name":"A","age":1.5,"tags":["t"]}')  # (an integer)
+    assert not takes('{"name":"A","age":131,"tags":["t"]}') and not takes('{"name":"A","age":-1,"tags":["t"]}')
+    assert takes('{"name":"A","age":130,"tags":["t"]}')  # (within 0..130)
     assert not takes('{"name":"A","age":1,"tags":["t"],"unknown":1}')
+
+
+BOUNDS = [{"minimum": 3, "maximum": 120}, {"exclusiveMinimum": 0, "maximum": 1.5}, {"minimum": -40.5},
+          {"maximum": -7, "exclusiveMaximum": -7}, {"exclusiveMinimum": -1, "exclusiveMaximum": 1},
+          {"minimum": 0.25, "maximum": 0.75}, {"minimum": 2, "exclusiveMinimum": 1.5, "maximum": 5000},
+          {"exclusiveMinimum": 99.9, "exclusiveMaximum": 100}, {"maximum": -2}]
+NUMBER_BYTES = b"-0123456789."
+
+
+def _in_subset(text: str, integer: bool) -> bool:
+    """A JSON number as bounded numbers are written: no exponent, and no '.' in an integer."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return not set(text) - set("-0123456789" + ("" if integer else "."))
+
+
+@pytest.mark.parametrize("bounds", BOUNDS, ids=str)
+@pytest.mark.parametrize("kind", ["integer", "number"])
+def test_a_bounded_number_is_written_within_its_bounds_and_never_gets_stuck(bounds, kind):
+    """Every string the grammar takes validates, every number of the written form within the bounds is taken,
+    and every prefix it takes can still be finished (the masks never leave a sequence without a token)."""
+    schema = {"type": "object", "properties": {"n": {"type": kind, **bounds}}, "required": ["n"]}
+    rng, integer = random.Random(1), kind == "integer"
+    if integer and not any(_validates(f'{{"n": {i}}}'.encode(), schema) for i in range(-100, 200)):
+        with pytest.raises(ConfigError, match="no integer lies within"):  # (such bounds are refused)
+            schema_grammar(schema)
+        return
+    grammar = schema_grammar(schema)
+    ends = list(bounds.values())
+    near = [str(round(v + d, 3)) for v in ends + [sum(ends) / len(ends)] for d in (-0.01, 0, 0.01)]
+    taken = 0
+    for i in range(3000):
+        text = "".join(rng.choice("-0123456789.") for _ in range(rng.randint(1, 7)))
+        text = text if rng.random() < 0.5 else str(rng.choice([rng.randint(-200, 6000), round(rng.uniform(
+            -50, 150), rng.randint(0, 3))]))
+        text = near[i] if i < len(near) else text  # (the values beside the bounds first)
+        data = f'{{"n": {text}}}'.encode()
+        if walk(grammar.start, data, grammar.step) == DONE:
+            jsonschema.validate(json.loads(data), schema)
+            taken += 1
+        else:
+            assert not (_in_subset(text, integer) and _validates(data, schema)), text
+    assert taken > 0  # (a narrow range takes few: 1 is the only integer of (0, 1.5])
+    # liveness: from each prefix the grammar takes (breadth first, 5 bytes deep), some bytes finish the object
+    frontier = [s for s in (walk(grammar.start, b'{"n":' + bytes([b]), grammar.step) for b in NUMBER_BYTES) if s]
+    for _ in range(5):
+        for state in frontier:
+            assert _finishes(grammar, state, 8), state
+        frontier = [s for s in (grammar.step(state, b) for state in frontier for b in NUMBER_BYTES) if s][:100]
+
+
+def _validates(data: bytes, schema: dict) -> bool:
+    try:
+        jsonschema.validate(json.loads(data), schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def _finishes(grammar, state, depth: int) -> bool:
+    """Whether some number bytes (at most depth), then '}', take state to DONE."""
+    if grammar.step(state, ord("}")) == DONE:
+        return True
+    return depth > 0 and any(_finishes(grammar, s, depth - 1) for s in (grammar.step(state, b)
+                                                                         for b in b"0123456789.") if s)
+
+
+def test_bounds_that_leave_no_value_or_are_not_numbers_are_refused():
+    for bounds, message in [({"minimum": 2, "maximum": 1}, "no number lies within"),
+                            ({"exclusiveMinimum": 1, "exclusiveMaximum": 2, "type": "integer"}, "no integer"),
+                            ({"exclusiveMinimum": True}, "finite number"), ({"maximum": "9"}, "finite number")]:
+        schema = {"type": "object", "properties": {"n": {"type": "number", **bounds}}}
+        with pytest.raises(ConfigError, match=message):
+            schema_grammar(schema)
 
 
 @pytest.mark.parametrize("schema,message", [
