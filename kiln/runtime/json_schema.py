@@ -31,7 +31,8 @@ from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JS
 # Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
 UNSUPPORTED = ("pattern", "minLength", "maxLength", "multipleOf", "uniqueItems", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "not", "allOf", "if", "then", "else", "dependentRequired",
-               "dependentSchemas", "prefixItems", "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
+               "dependentSchemas", "prefixItems", "contains", "minContains", "maxContains", "unevaluatedProperties",
+               "unevaluatedItems")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
 _FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
