@@ -10,7 +10,9 @@ strict mode does:
   JSON object;
 - `enum` and `const` values are written as `json.dumps` spells them;
 - a number with bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) is written without an
-  exponent, and each digit only where the number can still end within them (`_reaches`).
+  exponent, and each digit only where the number can still end within them (`Bounds.reaches`);
+- a string with `minLength` or `maxLength` counts its characters (code points, as the validator does) and writes
+  none as a \\u escape (a surrogate pair would count as two).
 Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
 failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
 what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with the schema path that
@@ -29,14 +31,14 @@ from kiln.errors import ConfigError
 from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JSON_OBJECT, START
 
 # Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
-UNSUPPORTED = ("pattern", "minLength", "maxLength", "multipleOf", "uniqueItems", "patternProperties", "propertyNames",
+UNSUPPORTED = ("pattern", "multipleOf", "uniqueItems", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "not", "allOf", "if", "then", "else", "dependentRequired",
                "dependentSchemas", "prefixItems", "contains", "minContains", "maxContains", "unevaluatedProperties",
                "unevaluatedItems")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
 _FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
-                "bounded": b"-0123456789"}
+                "bounded": b"-0123456789", "sized_string": b'"'}
 BOUND_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 
 # Nodes, by index in SchemaGrammar.nodes:
@@ -44,6 +46,7 @@ BOUND_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 #   ("array", item node, min items, max items or None)       ("string",)
 #   ("number", integer only)                                  ("options", (JSON bytes, ...))  enum, const, literals
 #   ("bounded", integer only, Bounds)  a number within bounds, its bytes so far in its state
+#   ("sized_string", min length, max length or None)  its characters so far counted in its state
 #   ("choice", (node, ...))  alternatives, followed side by side in an ("either", (), (state, ...)) state
 
 
@@ -74,8 +77,8 @@ class SchemaGrammar:
         if refused:
             raise ConfigError(f"json_schema at {path}: {refused[0]!r} is not supported (kiln enforces type, "
                               "properties, required, items, minItems, maxItems, minimum, maximum, their exclusive "
-                              "forms, enum, const, anyOf, oneOf and local $ref); drop it, or check the output "
-                              "yourself")
+                              "forms, minLength, maxLength, enum, const, anyOf, oneOf and local $ref); drop it, or "
+                              "check the output yourself")
         if "$ref" in schema:
             return self._ref(schema["$ref"], path, root)
         if "const" in schema:
@@ -137,13 +140,14 @@ class SchemaGrammar:
     def _array(self, schema, path, root) -> int:
         if "items" not in schema:
             raise ConfigError(f"json_schema at {path}: an array needs 'items'")
-        low, high = schema.get("minItems", 0), schema.get("maxItems")
-        if not isinstance(low, int) or low < 0 or high is not None and (not isinstance(high, int) or high < low):
-            raise ConfigError(f"json_schema at {path}: minItems and maxItems must be integers, 0 <= min <= max")
+        low, high = _sizes(schema, "minItems", "maxItems", path)
         return self._add(("array", self._compile(schema["items"], f"{path}/items", root), low, high))
 
     def _string(self, schema, path, root) -> int:
-        return self._add(("string",))
+        if "minLength" not in schema and "maxLength" not in schema:
+            return self._add(("string",))
+        low, high = _sizes(schema, "minLength", "maxLength", path)
+        return self._add(("sized_string", low, high))
 
     def _number(self, schema, path, root, integer: bool = False) -> int:
         bounds = Bounds.of(schema, path, integer)
@@ -196,6 +200,8 @@ class SchemaGrammar:
             return ("string", frames, _STRING_START)
         if kind == "number":
             return ("number", frames, (rest[0], "minus" if b == ord("-") else "zero" if b == ord("0") else "int"))
+        if kind == "sized_string":
+            return ("sized_string", frames, (node, _STRING_START, 0))
         if kind == "bounded":
             phase = "minus" if b == ord("-") else "zero" if b == ord("0") else "int"
             return ("bounded", frames, (node, phase, bytes([b]))) if rest[1].reaches(bytes([b]), rest[0]) else None
@@ -312,6 +318,23 @@ class SchemaGrammar:
         done = self._value_done(frames)
         return None if done == DONE else self.step(done, b)
 
+    def _on_sized_string(self, frames, arg, b):  # json_mode's string rules, its characters counted
+        node, inner, count = arg
+        _, low, high = self.nodes[node]
+        if inner[0] == "string":  # (between characters: b closes the string or begins one)
+            if b == ord('"'):
+                return self._value_done(frames) if count >= low else None
+            if high is not None and count >= high:
+                return None
+        if inner[0] == "escape" and b == ord("u"):
+            return None
+        inner = JSON_OBJECT.step(inner, b)
+        if inner is None:
+            return None
+        if inner[0] == "string":  # a character complete (counted up to min length only, where none is the most)
+            count = count + 1 if high is not None else min(count + 1, low)
+        return ("sized_string", frames, (node, inner, count))
+
     def _on_options(self, frames, arg, b):  # one of several exact JSON texts (enum, const, true, null, ...)
         options, matched = arg
         going = tuple(o for o in options if len(o) > matched and o[matched] == b)
@@ -397,6 +420,19 @@ class Bounds:
         if negative:
             return any(self.meets(-b, False, -a, True, integer) for a, b in intervals)
         return any(self.meets(a, True, b, False, integer) for a, b in intervals)
+
+
+def _sizes(schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, int | None]:
+    """(min, max or None) of minItems/maxItems or minLength/maxLength; ConfigError unless 0 <= min <= max."""
+    low, high = schema.get(low_key, 0), schema.get(high_key)
+
+    def count(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    if not count(low) or high is not None and (not count(high) or high < low):
+        raise ConfigError(f"json_schema at {path}: {low_key} and {high_key} must be integers, 0 <= min <= max, "
+                          f"got {low!r} and {high!r}")
+    return low, high
 
 
 def _tighter(x: tuple, y: tuple, pick) -> tuple:

@@ -20,7 +20,7 @@ from test_json_mode import TOY_VOCAB, tiny_llm_with_smollm2_tokenizer
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "description": "annotations are read past"},
+        "name": {"type": "string", "description": "annotations are read past", "minLength": 1},
         "age": {"type": "integer", "minimum": 0, "maximum": 130},
         "height": {"anyOf": [{"type": "number"}, {"type": "null"}]},
         "role": {"enum": ["admin", "user", 1, 12, None]},
@@ -72,7 +72,8 @@ def _instance(schema: dict, root: dict, rng: random.Random):
     if kind == "array":
         high = schema.get("maxItems", 4)
         return [_instance(schema["items"], root, rng) for _ in range(rng.randint(schema.get("minItems", 0), high))]
-    return {"string": lambda: rng.choice(["", "Ada", "q\"\\\n\u2603"]),
+    strings = [v for v in ["", "Ada", "q\"\\\n\u2603"] if len(v) >= schema.get("minLength", 0)]
+    return {"string": lambda: rng.choice(strings),
             "integer": lambda: rng.randint(schema.get("minimum", -99), schema.get("maximum", 99)),
             "number": lambda: rng.choice([0, -1.5, 2e-7, 31]), "boolean": lambda: rng.random() < 0.5,
             "null": lambda: None}[kind]()
@@ -182,10 +183,51 @@ def _finishes(grammar, state, depth: int) -> bool:
                                                                          for b in b"0123456789.") if s)
 
 
+@pytest.mark.parametrize("sizes", [{"minLength": 1}, {"maxLength": 3}, {"minLength": 2, "maxLength": 4},
+                                   {"minLength": 3, "maxLength": 3}, {"maxLength": 0}])
+def test_a_sized_string_counts_its_characters_as_the_validator_does(sizes):
+    """Every string the grammar takes validates; every one the validator takes, written without \\u escapes (as
+    json.dumps writes non-ASCII text unescaped), is taken; a string begun can always be finished."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", **sizes}}, "required": ["s"]}
+    grammar, rng = schema_grammar(schema), random.Random(2)
+    taken = 0
+    for _ in range(2000):
+        value = "".join(rng.choice(["a", "\n", '"', "\\", "\u00e9", "\u2603", "\U0001f600"])
+                        for _ in range(rng.randint(0, 6)))
+        data = json.dumps({"s": value}, ensure_ascii=False).encode()
+        if rng.random() < 0.3:  # (mutated: one byte replaced)
+            data = bytearray(data)
+            data[rng.randrange(len(data))] = rng.choice(b'"\\au0{}')
+            data = bytes(data)
+        if walk(grammar.start, data, grammar.step) == DONE:
+            jsonschema.validate(json.loads(data), schema)
+            taken += 1
+        elif b"\\u" not in data:
+            assert not _validates_any(data, schema), data
+    assert taken > 100
+    # a surrogate pair's two escapes are one character to the validator: no \\u escape is written at all
+    assert walk(grammar.start, b'{"s": "\\ud83d\\ude00ab"}', grammar.step) != DONE
+    state = walk(grammar.start, b'{"s": "', grammar.step)
+    for _ in range(sizes.get("maxLength", 5)):  # (a character at a time, closing possible or one more allowed)
+        assert grammar.step(state, ord('"')) is not None or grammar.step(state, ord("a")) is not None
+        state = grammar.step(state, ord("a")) or state
+    assert walk(state, b'"}', grammar.step) == DONE or walk(state, b'a"}', grammar.step) == DONE
+
+
+def _validates_any(data: bytes, schema: dict) -> bool:
+    """_validates, False where data is not JSON."""
+    try:
+        return _validates(data, schema)
+    except ValueError:
+        return False
+
+
 def test_bounds_that_leave_no_value_or_are_not_numbers_are_refused():
     for bounds, message in [({"minimum": 2, "maximum": 1}, "no number lies within"),
                             ({"exclusiveMinimum": 1, "exclusiveMaximum": 2, "type": "integer"}, "no integer"),
-                            ({"exclusiveMinimum": True}, "finite number"), ({"maximum": "9"}, "finite number")]:
+                            ({"exclusiveMinimum": True}, "finite number"), ({"maximum": "9"}, "finite number"),
+                            ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength and maxLength"),
+                            ({"type": "string", "minLength": -1}, "minLength and maxLength")]:
         schema = {"type": "object", "properties": {"n": {"type": "number", **bounds}}}
         with pytest.raises(ConfigError, match=message):
             schema_grammar(schema)
