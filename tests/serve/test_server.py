@@ -308,7 +308,7 @@ def test_json_schema_answers_with_a_valid_value_and_a_schema_it_cannot_hold_to_i
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
               "required": ["ok"]}
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-    r = chat(client, model, response_format=fmt, temperature=0, max_tokens=200)
+    r = chat(client, model, response_format=fmt, temperature=0, max_tokens=120)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     bad = {**fmt, "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {
@@ -324,7 +324,9 @@ FORECAST = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "rain": {"type": "boolean"}},
                    "required": ["unit", "rain"]}}}
 ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
-    "type": "object", "properties": {"loud": {"type": "boolean"}}, "required": ["loud"]}}}
+    "type": "object", "properties": {"loud": {"type": "boolean"}, "minutes": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 120}},
+    "required": ["loud", "minutes"]}}}
 TOOLS = {"forecast": FORECAST, "set_alarm": ALARM}
 
 
@@ -345,17 +347,17 @@ def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, m
     a call of an allowed function whose arguments validate, and a stream sends the same call."""
     import jsonschema
 
-    kw = dict(tools=[FORECAST, ALARM], tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=64)
+    kw = dict(tools=[FORECAST, ALARM], tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=120)
     r = chat(client, model, **kw)
     c = r.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content is None
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c.message.content
     (call,) = c.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "set_alarm" or choice == "required"
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
     assert streamed_calls(chat(client, model, stream=True, **kw)) == (
         [(call.function.name, call.function.arguments)], "tool_calls")
-    sampled = chat(client, model, **{**kw, "temperature": 1.0, "seed": 3, "n": 3, "max_tokens": 180})  # (each alike)
+    sampled = chat(client, model, **{**kw, "temperature": 1.0, "seed": 3, "n": 3, "max_tokens": 120})  # (each alike)
     for c in sampled.choices:
         assert c.message.tool_calls, (c.finish_reason, c.message.content)
         (call,) = c.message.tool_calls
