@@ -88,13 +88,18 @@ def test_grammar_takes_its_own_instances_and_nothing_the_validator_refuses(schem
         data = json.dumps(value, indent=rng.choice([None, 2]), ensure_ascii=False).encode()  # (enums as spelt)
         assert walk(grammar.start, data, grammar.step) == DONE, data
         for _ in range(rng.randrange(3)):  # mutations: whatever the grammar still takes must validate
-            data = bytearray(data)
-            data[rng.randrange(len(data))] = rng.choice(b'{}[],:"0123456789.e-tfnul \n')
-            data = bytes(data)
+            data = _mutated(data, rng, b'{}[],:"0123456789.e-tfnul \n')
         if walk(grammar.start, data, grammar.step) == DONE:
             jsonschema.validate(json.loads(data), schema)
             taken += 1
     assert taken > 400  # (the unmutated third, at least: the validator checked many)
+
+
+def _mutated(data: bytes, rng: random.Random, alphabet: bytes) -> bytes:
+    """data with one byte, at random, replaced by one of alphabet."""
+    data = bytearray(data)
+    data[rng.randrange(len(data))] = rng.choice(alphabet)
+    return bytes(data)
 
 
 def test_object_keys_follow_properties_and_required_ones_are_never_skipped():
@@ -195,10 +200,8 @@ def test_a_sized_string_counts_its_characters_as_the_validator_does(sizes):
         value = "".join(rng.choice(["a", "\n", '"', "\\", "\u00e9", "\u2603", "\U0001f600"])
                         for _ in range(rng.randint(0, 6)))
         data = json.dumps({"s": value}, ensure_ascii=False).encode()
-        if rng.random() < 0.3:  # (mutated: one byte replaced)
-            data = bytearray(data)
-            data[rng.randrange(len(data))] = rng.choice(b'"\\au0{}')
-            data = bytes(data)
+        if rng.random() < 0.3:
+            data = _mutated(data, rng, b'"\\au0{}')
         if walk(grammar.start, data, grammar.step) == DONE:
             jsonschema.validate(json.loads(data), schema)
             taken += 1
