@@ -15,7 +15,7 @@ strict mode does:
   none as a \\u escape (a surrogate pair would count as two).
 Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
 failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
-what the grammar cannot hold to (`pattern`, `minLength`, `minimum`, ...) are refused with the schema path that
+what the grammar cannot hold to (`pattern`, `multipleOf`, `uniqueItems`, ...) are refused with the schema path that
 holds them. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
 """
 
@@ -39,7 +39,9 @@ TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
 _FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
                 "bounded": b"-0123456789", "sized_string": b'"'}
-BOUND_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+# A number's bound keywords -> (a lower bound?, inclusive?)
+BOUND_KEYWORDS = {"minimum": (True, True), "exclusiveMinimum": (True, False), "maximum": (False, True),
+                  "exclusiveMaximum": (False, False)}
 
 # Nodes, by index in SchemaGrammar.nodes:
 #   ("object", ((key as JSON bytes, node, required), ...))   ("any_object",)
@@ -199,12 +201,13 @@ class SchemaGrammar:
         if kind == "string":
             return ("string", frames, _STRING_START)
         if kind == "number":
-            return ("number", frames, (rest[0], "minus" if b == ord("-") else "zero" if b == ord("0") else "int"))
+            return ("number", frames, (rest[0], _number_phase(b)))
         if kind == "sized_string":
             return ("sized_string", frames, (node, _STRING_START, 0))
         if kind == "bounded":
-            phase = "minus" if b == ord("-") else "zero" if b == ord("0") else "int"
-            return ("bounded", frames, (node, phase, bytes([b]))) if rest[1].reaches(bytes([b]), rest[0]) else None
+            written = bytes([b])
+            return ("bounded", frames, (node, _number_phase(b), written)) if rest[1].reaches(written, rest[0]) \
+                else None
         return self._on_options(frames, (rest[0], 0), b)
 
     def _value_done(self, frames):
@@ -369,10 +372,12 @@ class Bounds:
                     value in (float("inf"), float("-inf")):
                 raise ConfigError(f"json_schema at {path}: {keyword!r} must be a finite number, got {value!r} "
                                   "(a boolean exclusiveMinimum is draft 4's; give the bound itself)")
-        low = max(((Fraction(repr(v)), k == "minimum") for k, v in given.items() if "inimum" in k),
-                  key=lambda bound: (bound[0], not bound[1]), default=(None, False))
-        high = min(((Fraction(repr(v)), k == "maximum") for k, v in given.items() if "aximum" in k),
-                   key=lambda bound: (bound[0], bound[1]), default=(None, False))
+        ends = [(Fraction(repr(v)), *BOUND_KEYWORDS[k]) for k, v in given.items()]  # (value, lower?, inclusive?)
+        # the tightest of each side: the larger lower bound, the smaller upper one, exclusive before inclusive
+        low = max(((v, inclusive) for v, lower, inclusive in ends if lower), key=lambda end: (end[0], not end[1]),
+                  default=(None, False))
+        high = min(((v, inclusive) for v, lower, inclusive in ends if not lower),
+                   default=(None, False))
         bounds = cls(low[0], low[1], high[0], high[1])
         if not bounds.meets(bounds.low, True, bounds.high, True, integer):
             raise ConfigError(f"json_schema at {path}: no {'integer' if integer else 'number'} lies within its "
@@ -420,6 +425,11 @@ class Bounds:
         if negative:
             return any(self.meets(-b, False, -a, True, integer) for a, b in intervals)
         return any(self.meets(a, True, b, False, integer) for a, b in intervals)
+
+
+def _number_phase(b: int) -> str:
+    """The phase (json_mode._NUMBER) of a number whose first byte is b."""
+    return "minus" if b == ord("-") else "zero" if b == ord("0") else "int"
 
 
 def _sizes(schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, int | None]:
