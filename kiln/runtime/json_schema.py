@@ -376,8 +376,7 @@ class Bounds:
         # the tightest of each side: the larger lower bound, the smaller upper one, exclusive before inclusive
         low = max(((v, inclusive) for v, lower, inclusive in ends if lower), key=lambda end: (end[0], not end[1]),
                   default=(None, False))
-        high = min(((v, inclusive) for v, lower, inclusive in ends if not lower),
-                   default=(None, False))
+        high = min(((v, inclusive) for v, lower, inclusive in ends if not lower), default=(None, False))
         bounds = cls(low[0], low[1], high[0], high[1])
         if not bounds.meets(bounds.low, True, bounds.high, True, integer):
             raise ConfigError(f"json_schema at {path}: no {'integer' if integer else 'number'} lies within its "
