@@ -198,7 +198,8 @@ def walk(state: tuple | None, data: bytes, step=step) -> tuple | None:
 
 class JsonObjectGrammar:
     """Any one JSON object: JSON mode's grammar. A grammar is what JsonVocab and JsonConstraint need of one: its
-    start state, its `step`, and which of its states are inside a string (where plain tokens keep the state); the
+    start state, its `step`, which of its states are inside a string (where plain tokens keep the state, but for
+    its count of characters), and how many plain characters such a state still takes (None: any number); the
     schema grammars of kiln.runtime.json_schema are the others."""
 
     start = START
@@ -207,6 +208,10 @@ class JsonObjectGrammar:
     @staticmethod
     def in_plain_string(state: tuple) -> bool:
         return state[0] == "string"
+
+    @staticmethod
+    def plain_room(state: tuple) -> int | None:
+        return None
 
 
 JSON_OBJECT = JsonObjectGrammar()
@@ -232,6 +237,9 @@ class AfterText:
 
     def in_plain_string(self, state: tuple) -> bool:
         return state[0] != "free" and self.inner.in_plain_string(state)
+
+    def plain_room(self, state: tuple) -> int | None:
+        return self.inner.plain_room(state)
 
 
 @functools.lru_cache(maxsize=64)
@@ -261,7 +269,8 @@ class JsonVocab:
     """A vocabulary's token bytes as tries, and the allowed-token mask of each (grammar, state) met so far.
 
     Inside a string every token of plain bytes (printable ASCII but quote and backslash) keeps the state as it is,
-    and they are most of a vocabulary, so a string's mask is those tokens plus a walk of the other tokens' trie."""
+    and they are most of a vocabulary, so a string's mask is those tokens plus a walk of the other tokens' trie;
+    a string with a maximum length takes the plain tokens of as many characters as it has room for."""
 
     MAX_MASKS = 512  # kept masks (a vocab's bools each); all dropped when full, to be made again as met
 
@@ -273,6 +282,9 @@ class JsonVocab:
         self.string_trie = _trie([(i, b) for i, b in tokens if not _plain_in_string(b)])
         self.plain = torch.zeros(vocab_size, dtype=torch.bool)
         self.plain[[i for i, b in tokens if _plain_in_string(b)]] = True
+        self.plain_length = torch.zeros(vocab_size, dtype=torch.long)  # a plain token's characters (its bytes)
+        self.plain_length[self.plain] = torch.tensor([len(b) for b in self.token_bytes if b and _plain_in_string(b)],
+                                                     dtype=torch.long)
         self._masks: dict[tuple, torch.Tensor] = {}
         self.any_token = torch.zeros(vocab_size, dtype=torch.bool)  # the tokens with bytes (special ones have none)
         self.any_token[[i for i, _ in tokens]] = True
@@ -295,6 +307,9 @@ class JsonVocab:
         which keep the state, and a walk of the others)."""
         in_string = grammar.in_plain_string(state)
         mask = self.plain.clone() if in_string else torch.zeros(self.vocab_size, dtype=torch.bool)
+        room = grammar.plain_room(state) if in_string else None
+        if room is not None:
+            mask &= self.plain_length <= room
         ids: list[int] = []
         _collect(self.string_trie if in_string else self.trie, state, grammar.step, ids)
         mask[ids] = True

@@ -167,7 +167,16 @@ class SchemaGrammar:
     # ---- recognizing -----------------------------------------------------------------------------
 
     def in_plain_string(self, state: tuple) -> bool:
-        return state[0] == "string" and state[2][0] == "string"
+        return state[0] == "string" and state[2][0] == "string" or \
+            state[0] == "sized_string" and state[2][1][0] == "string"
+
+    def plain_room(self, state: tuple) -> int | None:
+        """How many more characters a sized string's state takes (None: any number, or not such a state)."""
+        if state[0] != "sized_string":
+            return None
+        node, _, count = state[2]
+        high = self.nodes[node][2]
+        return None if high is None else high - count
 
     def step(self, state: tuple, b: int) -> tuple | None:
         mode, frames, arg = state

@@ -250,7 +250,10 @@ def test_schemas_it_cannot_hold_to_are_refused_naming_where(schema, message):
 
 
 def test_masks_equal_each_tokens_own_check():
-    schema = {"type": "object", "properties": {"ab": {"type": "string"}, "e": {"enum": [1, 12, True]},
+    # (keys the toy tokens spell: a sized string and a bounded integer first, each written or not)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 5},
+                                               "tr": {"type": "integer", "minimum": -3, "maximum": 40},
+                                               "ab": {"type": "string"}, "e": {"enum": [1, 12, True]},
                                                "l": {"type": "array", "items": {"type": "integer"}}}}
     grammar, vocab, rng = schema_grammar(schema), JsonVocab(TOY_VOCAB, len(TOY_VOCAB)), random.Random(2)
     states = [grammar.start]
@@ -265,6 +268,9 @@ def test_masks_equal_each_tokens_own_check():
     for state in states:
         want = [data is not None and walk(state, data, grammar.step) is not None for data in TOY_VOCAB]
         assert vocab.allowed(state, grammar).tolist() == want, state
+    kinds = {state[0] for state in states}
+    assert {"sized_string", "bounded"} <= kinds, kinds  # (the walks reached both)
+    assert any(grammar.plain_room(s) == 0 for s in states if s[0] == "sized_string")  # (and a full string)
 
 
 @pytest.fixture(scope="module")
