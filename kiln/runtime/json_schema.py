@@ -12,10 +12,12 @@ strict mode does:
 - a number with bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) is written without an
   exponent, and each digit only where the number can still end within them (`Bounds.reaches`);
 - a string with `minLength` or `maxLength` counts its characters (code points, as the validator does) and writes
-  none as a \\u escape (a surrogate pair would count as two).
+  none as a \\u escape (a surrogate pair would count as two);
+- a string with a `pattern` is written in printable ASCII without a quote or backslash, each character one after
+  which the pattern can still match (kiln.runtime.json_pattern: the syntax it takes).
 Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
 failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
-what the grammar cannot hold to (`pattern`, `multipleOf`, `uniqueItems`, ...) are refused with the schema path that
+what the grammar cannot hold to (`multipleOf`, `uniqueItems`, ...) are refused with the schema path that
 holds them. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
 """
 
@@ -29,16 +31,17 @@ from fractions import Fraction
 
 from kiln.errors import ConfigError
 from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JSON_OBJECT, START
+from kiln.runtime.json_pattern import WRITABLE, Pattern, PatternError
 
 # Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
-UNSUPPORTED = ("pattern", "multipleOf", "uniqueItems", "patternProperties", "propertyNames",
+UNSUPPORTED = ("multipleOf", "uniqueItems", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "not", "allOf", "if", "then", "else", "dependentRequired",
                "dependentSchemas", "prefixItems", "contains", "minContains", "maxContains", "unevaluatedProperties",
                "unevaluatedItems")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _STRING_START = ("string", "a", False)  # json_mode's state inside a value string (its stack unread here)
 _FIRST_BYTES = {"object": b"{", "any_object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
-                "bounded": b"-0123456789", "sized_string": b'"'}
+                "bounded": b"-0123456789", "sized_string": b'"', "pattern_string": b'"'}
 # A number's bound keywords -> (a lower bound?, inclusive?)
 BOUND_KEYWORDS = {"minimum": (True, True), "exclusiveMinimum": (True, False), "maximum": (False, True),
                   "exclusiveMaximum": (False, False)}
@@ -49,6 +52,7 @@ BOUND_KEYWORDS = {"minimum": (True, True), "exclusiveMinimum": (True, False), "m
 #   ("number", integer only)                                  ("options", (JSON bytes, ...))  enum, const, literals
 #   ("bounded", integer only, Bounds)  a number within bounds, its bytes so far in its state
 #   ("sized_string", min length, max length or None)  its characters so far counted in its state
+#   ("pattern_string", Pattern)  its pattern's automaton, the states it may be in held in its state
 #   ("choice", (node, ...))  alternatives, followed side by side in an ("either", (), (state, ...)) state
 
 
@@ -79,8 +83,8 @@ class SchemaGrammar:
         if refused:
             raise ConfigError(f"json_schema at {path}: {refused[0]!r} is not supported (kiln enforces type, "
                               "properties, required, items, minItems, maxItems, minimum, maximum, their exclusive "
-                              "forms, minLength, maxLength, enum, const, anyOf, oneOf and local $ref); drop it, or "
-                              "check the output yourself")
+                              "forms, minLength, maxLength, pattern, enum, const, anyOf, oneOf and local $ref); drop "
+                              "it, or check the output yourself")
         if "$ref" in schema:
             return self._ref(schema["$ref"], path, root)
         if "const" in schema:
@@ -146,10 +150,24 @@ class SchemaGrammar:
         return self._add(("array", self._compile(schema["items"], f"{path}/items", root), low, high))
 
     def _string(self, schema, path, root) -> int:
+        if "pattern" in schema:
+            return self._pattern_string(schema, path)
         if "minLength" not in schema and "maxLength" not in schema:
             return self._add(("string",))
         low, high = _sizes(schema, "minLength", "maxLength", path)
         return self._add(("sized_string", low, high))
+
+    def _pattern_string(self, schema, path) -> int:
+        pattern = schema["pattern"]
+        if "minLength" in schema or "maxLength" in schema:
+            raise ConfigError(f"json_schema at {path}: a pattern with minLength or maxLength is not supported; give "
+                              "the lengths in the pattern ('^.{2,8}$')")
+        if not isinstance(pattern, str):
+            raise ConfigError(f"json_schema at {path}: 'pattern' must be a string, got {pattern!r}")
+        try:
+            return self._add(("pattern_string", Pattern(pattern)))
+        except PatternError as e:
+            raise ConfigError(f"json_schema at {path}: pattern {pattern!r}: {e}") from None
 
     def _number(self, schema, path, root, integer: bool = False) -> int:
         bounds = Bounds.of(schema, path, integer)
@@ -213,6 +231,8 @@ class SchemaGrammar:
             return ("number", frames, (rest[0], _number_phase(b)))
         if kind == "sized_string":
             return ("sized_string", frames, (node, _STRING_START, 0))
+        if kind == "pattern_string":
+            return ("pattern_string", frames, (node, rest[0].begin))
         if kind == "bounded":
             written = bytes([b])
             return ("bounded", frames, (node, _number_phase(b), written)) if rest[1].reaches(written, rest[0]) \
@@ -346,6 +366,14 @@ class SchemaGrammar:
         if inner[0] == "string":  # a character complete (counted up to min length only, where none is the most)
             count = count + 1 if high is not None else min(count + 1, low)
         return ("sized_string", frames, (node, inner, count))
+
+    def _on_pattern_string(self, frames, arg, b):  # printable ASCII only, each character one the pattern can take
+        node, states = arg
+        pattern = self.nodes[node][1]
+        if b == ord('"'):
+            return self._value_done(frames) if pattern.accepts(states) else None
+        states = pattern.step(states, b) if b in WRITABLE else None
+        return ("pattern_string", frames, (node, states)) if states else None
 
     def _on_options(self, frames, arg, b):  # one of several exact JSON texts (enum, const, true, null, ...)
         options, matched = arg

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import jsonschema
 import pytest
@@ -225,6 +226,60 @@ def _validates_any(data: bytes, schema: dict) -> bool:
         return False
 
 
+# (pattern, a string it matches)
+PATTERNS = [("^\\d{4}-\\d{2}-\\d{2}$", "2024-01-31"), ("ab", "xaby"), ("^(cat|dog)s?$", "dogs"),
+            ("^[A-Z][a-z]*$", "Ada"), ("^[^0-9 ]+$", "a-b"), ("^a{2,3}$", "aaa"), ("x.y", "ax!yb"),
+            ("^(?:[a-c]|\\.)+?$", "a.c"), ("[\\w-]+@[a-z]+\\.(com|org)$", "x a-b@ab.org"),
+            ("^\\S*\\s\\S*$", "ab cd"), ("^$", ""), ("^(ab|a)(bc)*c?$", "abcbc"),
+            ('^(a"|b)c*$', "bcc")]  # (a quote is never written: the branch that needs one is dead from the start)
+
+
+@pytest.mark.parametrize("pattern,example", PATTERNS)
+def test_a_pattern_string_matches_as_the_validator_does_and_never_gets_stuck(pattern, example):
+    """Python's re (the same language as ECMA-262 here, on printable ASCII) is the oracle: a string is taken iff
+    the pattern matches somewhere in it and it is written without escapes; and every prefix taken can be finished."""
+    schema = {"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}, "required": ["p"]}
+    grammar, rng = schema_grammar(schema), random.Random(3)
+    alphabet = "abcxy-.@ AZ09_!" + "".join(c for c in "ABCDcatdogcomorgs" if rng.random() < 0.7)
+    matched = 0
+    for i in range(3000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        if i % 3 == 0:  # (a third built around a match: the example, a character or two changed)
+            value = "".join(c if rng.random() < 0.9 else rng.choice(alphabet) for c in example)
+        taken = walk(grammar.start, json.dumps({"p": value}).encode(), grammar.step) == DONE
+        assert taken == bool(re.search(pattern, value)), (value, taken)
+        matched += taken
+    assert matched > 20
+    frontier = [walk(grammar.start, b'{"p": "', grammar.step)]
+    for _ in range(4):  # liveness: from each prefix taken (breadth first), some characters and '"}' finish
+        for state in frontier:
+            assert _finishes_string(grammar, state, 12), state
+        frontier = [s for s in (grammar.step(st, ord(c)) for st in frontier for c in alphabet) if s][:60]
+
+
+def _finishes_string(grammar, state, depth: int) -> bool:
+    """Whether some printable characters (at most depth), then '"}', take state to DONE (breadth first)."""
+    level = {state}
+    for _ in range(depth + 1):
+        if any(walk(s, b'"}', grammar.step) == DONE for s in level):
+            return True
+        level = {t for s in level for b in range(0x20, 0x7F) if b not in b'"\\' for t in [grammar.step(s, b)] if t}
+    return False
+
+
+@pytest.mark.parametrize("pattern,message", [
+    ("^(?=a)b", "look-around"), ("(a)\\1", "escape"), ("\\bword", "escape"), ("^\"+$", "no string"),
+    ("a{3,1}", "below the smallest"), ("(ab", "not closed"), ("*a", "nothing before it"), ("a{1,99999}", "states"),
+    ("[]a]", "begins with ']'"), ("ab\\", "escape"), ("[a-", "ends inside"),
+])
+def test_patterns_it_cannot_hold_to_are_refused_naming_why(pattern, message):
+    schema = {"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}}
+    with pytest.raises(ConfigError, match=f"#/properties/p: pattern .*{message}"):
+        schema_grammar(schema)
+    with pytest.raises(ConfigError, match="pattern with minLength"):
+        schema_grammar({"type": "object", "properties": {"p": {"type": "string", "pattern": "a", "minLength": 1}}})
+
+
 def test_bounds_that_leave_no_value_or_are_not_numbers_are_refused():
     for bounds, message in [({"minimum": 2, "maximum": 1}, "no number lies within"),
                             ({"exclusiveMinimum": 1, "exclusiveMaximum": 2, "type": "integer"}, "no integer"),
@@ -237,7 +292,7 @@ def test_bounds_that_leave_no_value_or_are_not_numbers_are_refused():
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}}, "#/properties/id"),
+    ({"type": "object", "properties": {"id": {"type": "string", "format": "x", "multipleOf": 2}}}, "#/properties/id"),
     ({"type": "string"}, "top value"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names nothing"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b' is not among"),
@@ -250,9 +305,10 @@ def test_schemas_it_cannot_hold_to_are_refused_naming_where(schema, message):
 
 
 def test_masks_equal_each_tokens_own_check():
-    # (keys the toy tokens spell: a sized string and a bounded integer first, each written or not)
+    # (keys the toy tokens spell: a sized string, a bounded integer and a pattern first, each written or not)
     schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 5},
                                                "tr": {"type": "integer", "minimum": -3, "maximum": 40},
+                                               "ue": {"type": "string", "pattern": "^a[b9e]*$"},
                                                "ab": {"type": "string"}, "e": {"enum": [1, 12, True]},
                                                "l": {"type": "array", "items": {"type": "integer"}}}}
     grammar, vocab, rng = schema_grammar(schema), JsonVocab(TOY_VOCAB, len(TOY_VOCAB)), random.Random(2)
@@ -269,7 +325,7 @@ def test_masks_equal_each_tokens_own_check():
         want = [data is not None and walk(state, data, grammar.step) is not None for data in TOY_VOCAB]
         assert vocab.allowed(state, grammar).tolist() == want, state
     kinds = {state[0] for state in states}
-    assert {"sized_string", "bounded"} <= kinds, kinds  # (the walks reached both)
+    assert {"sized_string", "bounded", "pattern_string"} <= kinds, kinds  # (the walks reached each)
     assert any(grammar.plain_room(s) == 0 for s in states if s[0] == "sized_string")  # (and a full string)
 
 

@@ -305,14 +305,15 @@ def test_json_schema_answers_with_a_valid_value_and_a_schema_it_cannot_hold_to_i
     keyword kiln does not enforce is refused with a 400 naming response_format and the schema path."""
     import jsonschema
 
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
-              "required": ["ok"]}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                               "code": {"type": "string", "pattern": "^[a-z]{2,4}-\\d$"}},
+              "required": ["ok", "code"]}
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
     r = chat(client, model, response_format=fmt, temperature=0, max_tokens=120)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     bad = {**fmt, "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {
-        "id": {"type": "string", "pattern": "^[a-z]+$"}}}}}
+        "id": {"type": "integer", "multipleOf": 3}}}}}
     status, _, response = server.request("POST", "/v1/chat/completions", {"model": model, "messages": MESSAGES,
                                                                            "response_format": bad})
     assert "#/properties/id" in assert_error(status, response, 400, "response_format")["message"]
