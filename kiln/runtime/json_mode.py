@@ -279,12 +279,11 @@ class JsonVocab:
         self.token_bytes = token_bytes[:vocab_size]
         tokens = [(i, b) for i, b in enumerate(self.token_bytes) if b]
         self.trie = _trie(tokens)
+        plain = [(i, len(b)) for i, b in tokens if _plain_in_string(b)]
         self.string_trie = _trie([(i, b) for i, b in tokens if not _plain_in_string(b)])
-        self.plain = torch.zeros(vocab_size, dtype=torch.bool)
-        self.plain[[i for i, b in tokens if _plain_in_string(b)]] = True
         self.plain_length = torch.zeros(vocab_size, dtype=torch.long)  # a plain token's characters (its bytes)
-        self.plain_length[self.plain] = torch.tensor([len(b) for b in self.token_bytes if b and _plain_in_string(b)],
-                                                     dtype=torch.long)
+        self.plain_length[[i for i, _ in plain]] = torch.tensor([n for _, n in plain], dtype=torch.long)
+        self.plain = self.plain_length > 0
         self._masks: dict[tuple, torch.Tensor] = {}
         self.any_token = torch.zeros(vocab_size, dtype=torch.bool)  # the tokens with bytes (special ones have none)
         self.any_token[[i for i, _ in tokens]] = True

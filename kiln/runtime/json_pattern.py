@@ -30,7 +30,7 @@ class PatternError(ValueError):
 class Pattern:
     """A pattern's automaton: states 0..n-1, `moves[s]` its (bytes, next state) edges, `empty[s]` its ε-edges;
     `start` and the accepting state. A position in a string is the set of states it may be in, kept to those from
-    which the accepting state can still be reached (`live`)."""
+    which the accepting state can still be reached (`_coreachable`)."""
 
     def __init__(self, pattern: str):
         self.moves: list[list[tuple[frozenset, int]]] = []
@@ -71,8 +71,8 @@ class Pattern:
     def _reaching_accept(self) -> set:
         back: list[list[int]] = [[] for _ in self.moves]
         for s, edges in enumerate(self.moves):
-            for chars, t in edges:
-                if chars & WRITABLE:
+            for chars, t in edges:  # (an edge's characters are writable ones: none, where it can never be taken)
+                if chars:
                     back[t].append(s)
             for t in self.empty[s]:
                 back[t].append(s)
@@ -95,7 +95,7 @@ class _Parser:
     def parse(self) -> tuple[int, int]:
         anchored_start = self._take("^")
         first, last = self._alternation()
-        anchored_end = self.text.endswith("$") and self.at == len(self.text) - 1 and self._take("$")
+        anchored_end = self.at == len(self.text) - 1 and self._take("$")
         if self.at != len(self.text):
             raise PatternError(f"{self.text[self.at]!r} at {self.at} is not supported")
         if not anchored_start:  # (unanchored: anything before the match)
