@@ -119,15 +119,16 @@ PAGED_PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 PREFILL_TMA_CONFIG: dict | None = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # How fresh prompts attend a quantized cache's codes, read back from their slots (kiln.runtime.paged_batch):
 # KILN_PREFILL_CODES (read per call, as KILN_PREFILL_ATTENTION is, so that one process can A/B it)
-# - "plain" (the default): the plain kernel, converting each tile of codes to the matmuls' 16-bit type as it loads it;
+# - "plain": the plain kernel, converting each tile of codes to the matmuls' 16-bit type as it loads it;
 # - "tma": the TMA kernel on the codes, converting each tile after TMA put it in shared memory;
-# - "widened": the codes widened to that 16-bit type first, by torch (exact: int8 in q's type, e4m3 in fp16, which
+# - "widened" (the default): the codes widened to that 16-bit type first, by torch (exact: int8 in q's type, e4m3 in fp16, which
 #   CODES_FP16 matmuls take anyway), then the TMA kernel on those as on an unquantized cache: the same products, the
 #   tiles going to the tensor cores straight from shared memory, for a pass writing twice the codes' bytes.
 # On an H100 (forty-fourth session, scripts/bench_prefill_attention.py, 4 x 2048 fresh tokens, bf16 q) the codes
 # took 0.495 ms plainly (278 TFLOP/s; e4m3 and int8 alike) and 0.491 (e4m3) and 0.441 (int8) by TMA, against 0.338
 # for 16-bit keys: up to 1.3 s of prefill-1000 with an FP8 cache, were all its prompts fresh in packs of four.
-# "widened" is not yet timed, so "plain" stays the default.
+# Widened first (forty-fifth session, H100, the widening's pass inside the time): 0.391 ms (e4m3) and 0.372 (int8),
+# and 400 prefill-1000 requests with an FP8 cache took 24.91 s against plain's 25.64 (scripts/ab_runtime_setting.py).
 PREFILL_CODES_SETTINGS = ("plain", "tma", "widened")
 # The prefill kernels' softmax rescales lazily (_lazy_softmax_step: only once some row's max grew by more than 2^8
 # in its weights, as FlashAttention-4 does; the sm_90 loop then skips 64 of its 563 instructions on most steps).
@@ -200,9 +201,9 @@ def prefill_attention_setting() -> str:
 
 
 def prefill_codes_setting() -> str:
-    setting = os.environ.get("KILN_PREFILL_CODES", "plain")
+    setting = os.environ.get("KILN_PREFILL_CODES", "widened")
     if setting not in PREFILL_CODES_SETTINGS:
-        raise ValueError(f"KILN_PREFILL_CODES={setting!r}: allowed values are plain (the default), tma and widened")
+        raise ValueError(f"KILN_PREFILL_CODES={setting!r}: allowed values are widened (the default), plain and tma")
     return setting
 
 
