@@ -404,7 +404,7 @@ def w4a8_prefill() -> None:
 
 def int8_gemv() -> None:
     """W8A16's GEMV on int64 words of codes (subnormal floats, like the int4 GEMV's), every tile; N and K that no
-    tile divides."""
+    tile divides; where N is even, the weights as [fc; gate] with SiLU-and-mul as the epilogue."""
     for rows, n, k in ((1, 130, 600), (2, 70, 512), (2, 33, 4104)):
         x, (q, scale) = torch.randn(rows, k).half(), quantize_int8_per_channel(torch.randn(n, k), torch.float16)
         q[:, ::7] = -128  # imported codes (compressed-tensors) reach -128, kiln's stop at -127
@@ -413,6 +413,10 @@ def int8_gemv() -> None:
             y = torch.empty(rows, n, dtype=torch.float16)
             got = qg._run_w8_gemv(x, q.view(qg.WORD_DTYPE), scale, y, tile)
             check(f"int8 gemv {rows}x{n}x{k} tile {tile}", got, want)
+            if n % 2 == 0:
+                gated = torch.empty(rows, n // 2, dtype=torch.float16)
+                qg._run_w8_gemv(x, q.view(qg.WORD_DTYPE), scale, gated, tile, gated=True)
+                check(f"int8 gemv silu {rows}x{n}x{k} tile {tile}", gated, silu_and_mul_ref(got))
 
 
 def int8_gemm_tiles() -> None:
@@ -583,6 +587,28 @@ def int4_qkv_rotary() -> None:
                 check(f"w4 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
 
 
+def int8_qkv_rotary() -> None:
+    """The int8 GEMV of a fused QKV projection with the same epilogue, against the same tile's GEMV followed by the
+    rotary kernel (a 16-bit cache: the interpreter cannot run the rotary kernel's rounding to codes)."""
+    for m, heads, kv_heads, d, k in ((1, 4, 2, 64, 512), (2, 6, 2, 32, 1032)):
+        n = (heads + 2 * kv_heads) * d
+        x, positions = torch.randn(m, k).half(), torch.randint(0, 8192, (m,))
+        q_codes, scale = quantize_int8_per_channel(torch.randn(n, k), torch.float16)
+        words = q_codes.view(qg.WORD_DTYPE)
+        freqs, slots = 500000.0 ** -(torch.arange(0, d, 2).float() / d), torch.randperm(4 * m)[:m]
+        for tile in [t for t in qg.W8_GEMV_TILES if (d // 2) % t[0] == 0]:
+            want, want_caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            qg._run_w8_gemv(x, words, scale, want, tile)
+            q, kk, v = (t.view(m, -1, d) for t in want.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+            rotary.apply_rotary_and_write_cache(q, kk, v, positions, freqs, *want_caches, slots)
+            got, caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
+            qg._run_w8_qkv_rotary(x, words, scale, got, tile, (heads, kv_heads, d, positions, freqs, *caches, slots,
+                                                               None))
+            for name, a, b in (("qkv", got, want), ("k_cache", caches[0], want_caches[0]),
+                               ("v_cache", caches[1], want_caches[1])):
+                check(f"int8 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
+
+
 def fp8_qkv_rotary() -> None:
     """The e4m3 word GEMV of a fused QKV projection with rotary and the cache write as its epilogue, each word
     BLOCK_N (converting by bit operations), against the same tile's plain GEMV followed by the rotary kernel. Within
@@ -625,7 +651,8 @@ def gated_gemm_tiles() -> None:
 CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv, fp8_word_gemv,
           fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows,
           silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
-          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, fp8_qkv_rotary,
+          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int8_qkv_rotary,
+          fp8_qkv_rotary,
           gated_gemm_tiles)
 
 

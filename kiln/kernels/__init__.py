@@ -18,6 +18,7 @@
 | `quant_gemm` | `w4a16_qkv_rotary_matmul` | `w4a16_qkv_rotary_matmul_ref` | the fused QKV GEMV with rotary and the KV-cache write as its epilogue (1-2 rows) |
 | `quant_gemm` | `w4a16_dequantize` | `dequantize_int4` (quantization.weight_only) | int4 codes to 16-bit weights (prefill-sized matmuls) |
 | `quant_gemm` | `w8a16_matmul` | `w8a16_matmul_ref` | int8 per-channel dequantization into the matmul (GEMV / GEMM) |
+| `quant_gemm` | `w8a16_silu_and_mul_matmul`, `w8a16_qkv_rotary_matmul` | the GEMV, `silu_and_mul_ref`, `apply_rotary_and_write_cache_ref` | the int8 GEMV on words with the int4 one's two epilogues (1-2 rows) |
 | `int8_gemm` | `quantize_int8_rows` | `quantize_int8_rows_ref` | SmoothQuant's activations to int8, per-token scale, the prequant scale multiplied in |
 | `int8_gemm` | `int8_gemm` | `int8_gemm_ref` | SmoothQuant's int8 GEMM, int32 sums, both scales in the epilogue (or `torch._int_mm`, timed) |
 

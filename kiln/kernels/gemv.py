@@ -89,8 +89,8 @@ def static_fp8_gemv(x: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
 
 
 def epilogues_enabled() -> bool:
-    """KILN_GEMV_EPILOGUES=0 turns off the GEMVs' epilogue variants (the int4 GEMV's SiLU-and-mul and rotary, the
-    e4m3 word GEMV's SiLU-and-mul): to compare, or to rule them out."""
+    """KILN_GEMV_EPILOGUES=0 turns off the GEMVs' epilogue variants (the int4 and int8 GEMVs' SiLU-and-mul and
+    rotary, the e4m3 word GEMV's SiLU-and-mul and rotary): to compare, or to rule them out."""
     return os.environ.get("KILN_GEMV_EPILOGUES", "1") != "0"
 
 

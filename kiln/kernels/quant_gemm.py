@@ -354,8 +354,8 @@ def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, z
 
 
 def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Whether the int4 GEMV (and its epilogue variants) runs x [..., in] against these codes: 1-2 rows, codes
-    read as int64 words."""
+    """Whether the int4 or int8 GEMV on words (and its epilogue variants) runs x [..., in] against these codes: 1-2
+    rows, codes read as int64 words."""
     return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and _reads_as_words(packed)
 
 
@@ -454,9 +454,45 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return y.view(*x.shape[:-1], n)
 
 
-# The kernel each int8 GEMV key runs: a tile of _w8_gemv_kernel, or None for the full-precision GEMV with int8
-# weights (kiln.kernels.gemv), chosen by timing both kinds the first time the key is seen; until then the first
-# W8_GEMV_TILES entry.
+def w8a16_silu_and_mul_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """silu(fc) * gate of [fc | gate] = w8a16_matmul(x, q, scale) (the gated MLP's fc_gate weights [fc; gate]), in
+    one launch: the int8 GEMV with the activation as its epilogue, as w4a16_silu_and_mul_matmul is for int4. None
+    where that GEMV does not run (more than GEMV_MAX_ROWS rows, or codes not readable as words)."""
+    if not gemv_takes(x, q) or q.shape[0] % 2:
+        return None
+    rows, words = rows_view(x), q.view(WORD_DTYPE)
+    y = torch.empty(rows.shape[0], q.shape[0] // 2, dtype=rows.dtype, device=rows.device)
+    run = functools.partial(_run_w8_gemv, gated=True)
+    tile = _w8_tile(("gemv silu", *q.shape, rows.shape[0], rows.dtype, rows.device.index), W8_GEMV_TILES, run,
+                    rows, words, scale, y)
+    run(rows, words, scale, y, tile)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+def w8a16_qkv_rotary_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, heads: int, kv_heads: int,
+                            head_size: int, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slots: torch.Tensor,
+                            kv_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The fused QKV projection w8a16_matmul(x, q, scale) followed by apply_rotary_and_write_cache on its q, k and v,
+    in one launch: the int8 GEMV with w4a16_qkv_rotary_matmul's epilogue, the same bits. None where the GEMV does
+    not run (more than GEMV_MAX_ROWS rows, codes not readable as words, or no tile that divides half a head)."""
+    tiles = [tile for tile in W8_GEMV_TILES if (head_size // 2) % tile[0] == 0]
+    if not gemv_takes(x, q) or head_size % 2 or not tiles:
+        return None
+    rows, words = rows_view(x), q.view(WORD_DTYPE)
+    y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
+    run = functools.partial(_run_w8_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
+                                                        v_cache, slots, kv_scale))
+    # (timing a tile writes this step's keys and values to their slots, the same bits each time)
+    tile = _w8_tile(("gemv rotary", *q.shape, rows.shape[0], rows.dtype, rows.device.index, head_size), tiles, run,
+                    rows, words, scale, y)
+    run(rows, words, scale, y, tile)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+# The kernel each int8 GEMV key runs: a tile of _w8_gemv_kernel (or of its epilogue variants), or for the plain GEMV
+# None, the full-precision GEMV with int8 weights (kiln.kernels.gemv), chosen by timing the candidates the first
+# time the key is seen; until then the first candidate, W8_GEMV_TILES[0].
 _W8_PICKED = KernelChoices("w8_gemv")
 
 
@@ -468,26 +504,49 @@ def _w8_gemv(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         return scaled_gemv(rows, None, q, scale, rows.dtype)
     y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
     words = q.view(WORD_DTYPE)
-    key = (*q.shape, rows.shape[0], rows.dtype, rows.device.index)
+    tile = _w8_tile(("gemv", *q.shape, rows.shape[0], rows.dtype, rows.device.index), [*W8_GEMV_TILES, None],
+                    _run_w8_gemv, rows, words, scale, y)
+    return _run_w8_gemv(rows, words, scale, y, tile)
+
+
+def _w8_tile(key: tuple, candidates: list, run, rows, words, scale, y) -> tuple | None:
+    """The candidate `run` (an int8 GEMV's launcher) takes for `key` (kind, N, K, rows, dtype, GPU, ...): the
+    fastest, timed the first time the key is seen over weight copies, as a decode step runs them; the first while
+    tuning is off or a CUDA graph captures (a capture cannot time)."""
     if key not in _W8_PICKED and AUTOTUNE and not torch.cuda.is_current_stream_capturing():
-        ms = candidate_ms([None, *W8_GEMV_TILES], lambda tile: [
-            functools.partial(_run_w8_gemv, rows, w, s, y, tile) for w, s in weight_copies(words, scale)])
-        _W8_PICKED[key] = _logged_pick(("int8 gemv", *key[:3]), ms)
-    return _run_w8_gemv(rows, words, scale, y, _W8_PICKED.get(key, W8_GEMV_TILES[0]))
+        ms = candidate_ms(list(candidates), lambda tile: [
+            functools.partial(run, rows, w, s, y, tile) for w, s in weight_copies(words, scale)])
+        _W8_PICKED[key] = _logged_pick((f"int8 {key[0]}", *key[1:4]), ms)
+    return _W8_PICKED.get(key, candidates[0])
 
 
 def _run_w8_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
-                 tile: tuple | None) -> torch.Tensor:
+                 tile: tuple | None, gated: bool = False) -> torch.Tensor:
     """One int8 GEMV into y by _w8_gemv_kernel with `tile` = (BLOCK_N, BLOCK_KW, warps), or (tile None) by the
-    full-precision GEMV, which returns its own output."""
+    full-precision GEMV, which returns its own output. `gated`: y = silu(fc) * gate of the weights' two halves
+    (`w8a16_silu_and_mul_matmul`)."""
     if tile is None:
+        assert not gated, "the full-precision GEMV has no SiLU epilogue"
         return scaled_gemv(rows, None, words.view(torch.int8), scale, rows.dtype)
     block_n, block_kw, warps = tile
     n = y.shape[1]
     _w8_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
         rows, words, scale, y, n, rows.shape[1], rows.stride(0), EVEN_N=n % block_n == 0, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
+        BLOCK_KW=block_kw, GATED=gated, num_warps=warps, **pdl_args(rows.device))
     return y
+
+
+def _run_w8_qkv_rotary(rows, words, scale, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
+    """One launch of _w8_qkv_rotary_kernel with `tile`; `rotary` as _run_w4_qkv_rotary's."""
+    heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
+    block_n, block_kw, warps = tile
+    programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
+    _w8_qkv_rotary_kernel[(rows.shape[0], programs, 1)](
+        rows, words, scale, y, positions, inv_freq, k_cache, v_cache, slots,
+        kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], HEAD=head_size,
+        **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps,
+        **pdl_args(rows.device))
 
 
 def _launch(kernel, grid, args, **meta) -> None:
@@ -539,16 +598,36 @@ if triton is not None:
 
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
-                        EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                        EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                        GATED: tl.constexpr = False):
         """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int64
         words of 8 (kiln.kernels.words.w8_row_sums: one AND and one FMA a weight, where the full-precision GEMV,
-        kiln.kernels.gemv, converts each code apart)."""
+        kiln.kernels.gemv, converts each code apart). GATED: as _w4_gemv_kernel's, y = silu(fc) * gate of the
+        weight rows [fc; gate], the gate rows N further on summed with the same x."""
         allow_dependents(USE_PDL)
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
-        y, _ = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8), s_ptr + n0, outs, 0, False, K,
-                           (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        y, y_gate = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8), s_ptr + n0, outs,
+                                tl.cast(N, tl.int64), GATED, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
+        if GATED:
+            y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
         out = n0 + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + m * N + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+        tl.store(y_ptr + m * N + out, y, mask=out < N)
+
+    @triton.jit
+    def _w8_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                              stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
+                              kv_heads, K: tl.constexpr, HEAD: tl.constexpr, QUANT: tl.constexpr,
+                              QMAX: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_KW: tl.constexpr):
+        """_w4_qkv_rotary_kernel for int8 codes with a scale per output (w8_row_sums), the same rotary epilogue."""
+        allow_dependents(USE_PDL)
+        m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
+        y1, y2 = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 8), s_ptr + n0, tl.arange(0, BLOCK_N),
+                             HEAD // 2, True, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
+                         kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
+                         QMAX)
 
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,

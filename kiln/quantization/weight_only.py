@@ -167,6 +167,19 @@ class _WeightOnlyMethod(LinearMethod):
         """x W^T by this format's Triton kernel (kiln.kernels.quant_gemm), the weights read packed."""
         raise NotImplementedError
 
+    def _gemv_input(self, layer, x) -> tuple:
+        """(kiln.kernels.quant_gemm, x as the format's GEMV on words takes it: AWQ-scaled, act-order permuted) where
+        that GEMV runs on x (CUDA, 1-2 rows) and the epilogue variants are on (kiln.kernels.gemv.epilogues_enabled),
+        else (None, x): the epilogue variants are the GEMV's."""
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight) or not epilogues_enabled():
+            return None, x
+        return quant_gemm, self._act_ordered(layer, self._prequant_scaled(layer, x))
+
+    def _act_ordered(self, layer, x) -> torch.Tensor:
+        """x's columns in the codes' order: as they are, but for GPTQ's act-order (Int4GroupMethod)."""
+        return x
+
     def _prequant_tensor(self, input_scale, weight, dtype) -> dict:
         if not self.prequant:
             return {}
@@ -188,6 +201,19 @@ class Int8WeightOnlyMethod(_WeightOnlyMethod):
 
     def fused_matmul(self, quant_gemm, layer, x):
         return quant_gemm.w8a16_matmul(x, layer.weight, layer.weights_scaling_factor)
+
+    def silu_and_mul_matmul(self, layer, x, out_quant=None):
+        quant_gemm, x = self._gemv_input(layer, x)
+        if quant_gemm is None or out_quant is not None:  # (the int8 GEMV's epilogue writes the 16-bit product)
+            return None
+        return quant_gemm.w8a16_silu_and_mul_matmul(x, layer.weight, layer.weights_scaling_factor)
+
+    def rotary_qkv_matmul(self, layer, x, positions, inv_freq, cache):
+        quant_gemm, x = self._gemv_input(layer, x)
+        if quant_gemm is None:
+            return None
+        return quant_gemm.w8a16_qkv_rotary_matmul(x, layer.weight, layer.weights_scaling_factor, layer.num_heads,
+                                                  layer.num_kv_heads, layer.head_size, positions, inv_freq, *cache)
 
     def quantize(self, weight, dtype, input_scale=None):
         w = weight.float() if input_scale is None else weight.float() * input_scale.float()[None, :]
@@ -351,15 +377,6 @@ class Int4GroupMethod(_WeightOnlyMethod):
             return None
         return quant_gemm.w4a16_qkv_rotary_matmul(x, *self._packed(layer), layer.num_heads, layer.num_kv_heads,
                                                   layer.head_size, positions, inv_freq, *cache)
-
-    def _gemv_input(self, layer, x) -> tuple:
-        """(kiln.kernels.quant_gemm, x as its int4 GEMV takes it: AWQ-scaled, act-order permuted) where the GEMV
-        runs on x (CUDA, 1-2 rows) and the epilogue variants are on (kiln.kernels.gemv.epilogues_enabled), else
-        (None, x): the epilogue variants are the GEMV's."""
-        quant_gemm = _kernels_for(x)
-        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight) or not epilogues_enabled():
-            return None, x
-        return quant_gemm, self._act_ordered(layer, self._prequant_scaled(layer, x))
 
     def _act_ordered(self, layer, x) -> torch.Tensor:
         """x's columns in the codes' order (GPTQ act-order: column j is input channel input_permutation[j])."""

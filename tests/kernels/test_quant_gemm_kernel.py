@@ -301,6 +301,62 @@ def test_w8a16_gemv_matches_reference_with_every_tile(rows):
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+def test_w8a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(rows):
+    """The int8 fc_gate GEMV with the activation as its epilogue, on each of its tiles: the same bits as the same
+    tile's GEMV followed by silu_and_mul. Intermediate sizes no tile divides and rows that end inside a step."""
+    from kiln.kernels.activation import silu_and_mul
+
+    torch.manual_seed(rows + 80)
+    for inter, k in ((131, 464), (96, 1152), (300, 3584)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        q, scale = quantize_int8_per_channel(torch.randn(2 * inter, k, device="cuda"), x.dtype)
+        words = q.view(qg.WORD_DTYPE)
+        for tile in qg.W8_GEMV_TILES:
+            fc_gate = torch.empty(rows, 2 * inter, device="cuda", dtype=x.dtype)
+            qg._run_w8_gemv(x, words, scale, fc_gate, tile)
+            fused = torch.full((rows, inter), float("nan"), device="cuda", dtype=x.dtype)
+            qg._run_w8_gemv(x, words, scale, fused, tile, gated=True)
+            assert torch.equal(fused, silu_and_mul(fc_gate)), f"[{inter}, {k}] tile {tile}"
+    assert qg.w8a16_silu_and_mul_matmul(torch.randn(3, k, device="cuda", dtype=x.dtype), q, scale) is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+def test_w8a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, cache_dtype):
+    """The int8 fused QKV GEMV with rotary and the cache write as its epilogue, on each tile: the same bits, in the
+    projection and in both caches, as the same tile's GEMV followed by apply_rotary_and_write_cache."""
+    from kiln.kernels.rotary import apply_rotary_and_write_cache
+
+    torch.manual_seed(rows + 90)
+    kv_scale = None if cache_dtype == torch.bfloat16 else torch.tensor([0.05, 0.04], device="cuda")
+    for heads, kv_heads, head_size, k in ((32, 8, 128, 1024), (6, 2, 64, 464)):
+        n = (heads + 2 * kv_heads) * head_size
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        q_codes, scale = quantize_int8_per_channel(torch.randn(n, k, device="cuda"), x.dtype)
+        words, slots = q_codes.view(qg.WORD_DTYPE), torch.randperm(8 * rows, device="cuda")[:rows]
+        positions = torch.randint(0, 8192, (rows,), device="cuda")
+        inv_freq = 500000.0 ** -(torch.arange(0, head_size, 2, device="cuda").float() / head_size)
+        for tile in qg.W8_GEMV_TILES:
+            caches = torch.randn(4, 8 * rows, kv_heads, head_size, device="cuda").to(cache_dtype)
+            want = torch.empty(rows, n, device="cuda", dtype=x.dtype)
+            qg._run_w8_gemv(x, words, scale, want, tile)
+            q, kk, v = (t.unflatten(-1, (-1, head_size)) for t in
+                        want.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1))
+            apply_rotary_and_write_cache(q, kk, v, positions, inv_freq, caches[0], caches[1], slots, kv_scale)
+            got = torch.full_like(want, float("nan"))
+            qg._run_w8_qkv_rotary(x, words, scale, got, tile, (heads, kv_heads, head_size, positions, inv_freq,
+                                                                caches[2], caches[3], slots, kv_scale))
+            assert torch.equal(got, want), f"{heads}/{kv_heads} heads, tile {tile}: projection"
+            for mine, theirs, name in ((caches[2], caches[0], "keys"), (caches[3], caches[1], "values")):
+                same = torch.equal(mine.view(torch.uint8)[slots], theirs.view(torch.uint8)[slots])
+                assert same, f"{heads}/{kv_heads} heads, tile {tile}: {name}"
+    assert qg.w8a16_qkv_rotary_matmul(torch.randn(3, k, device="cuda", dtype=x.dtype), q_codes, scale, heads,
+                                      kv_heads, head_size, positions, inv_freq, *caches[:2], slots, kv_scale) is None
+
+
+@needs_gpu
 def test_w8a16_gemv_tuner_times_both_kernels_and_keeps_one(monkeypatch):
     """With tuning on, the first one-row call of a shape times the int8 GEMV's tiles against the full-precision
     GEMV (None), never inside a CUDA-graph capture, and keeps the choice; later calls give the same bits."""

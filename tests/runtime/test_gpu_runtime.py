@@ -354,9 +354,10 @@ def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_pat
     assert not fused_calls
 
 
-def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch):
-    """At one or two rows a W4A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and its
-    fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
+@pytest.mark.parametrize("algo", ["W4A16", "W8A16"])
+def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch, algo):
+    """At one or two rows a W4A16 or W8A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and
+    its fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
     engine running the GEMV, then the rotary and activation kernels (one tile for all, so the sums agree)."""
     from kiln.config import QuantConfig
     from kiln.kernels import quant_gemm
@@ -365,10 +366,11 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(quant_gemm, "AUTOTUNE", False)
     make_hf_model(tmp_path / "hf")
-    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "w4", QuantConfig(quant_algo="W4A16", group_size=32),
+    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "ckpt", QuantConfig(quant_algo=algo, group_size=32),
                                dtype="bfloat16", device="cuda")
     fused_calls = []
-    for name in ("w4a16_qkv_rotary_matmul", "w4a16_silu_and_mul_matmul"):  # count the calls that fused
+    names = [f"{algo.lower()}_qkv_rotary_matmul", f"{algo.lower()}_silu_and_mul_matmul"]
+    for name in names:  # count the calls that fused
         real = getattr(quant_gemm, name)
 
         def counted(*args, real=real, name=name):
@@ -378,7 +380,7 @@ def test_w4a16_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, 
         monkeypatch.setattr(quant_gemm, name, counted)
 
     fused = one_then_two_greedy(ckpt)
-    assert {"w4a16_qkv_rotary_matmul", "w4a16_silu_and_mul_matmul"} <= set(fused_calls)
+    assert set(names) <= set(fused_calls)
     fused_calls.clear()
     monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
     assert one_then_two_greedy(ckpt) == fused
