@@ -101,6 +101,13 @@ class AnswerReader:
             return reasoning, content[:self.tools.sendable(content)], []
         return reasoning, *self.tools.read(content)
 
+    def calls_begun(self, text: str, finished: bool) -> list[tuple[str, str]]:
+        """The tool calls the answer has begun so far, (name, arguments text) each (ToolReader.begun): what a stream
+        sends as it comes."""
+        if self.tools is None:
+            return []
+        return self.tools.begun(self.thinking.split(text, finished)[1] if self.thinking else text)
+
 
 def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool_calls.Tools | None = None,
                     json_after: str | None = None) -> SamplingParams:
@@ -281,10 +288,25 @@ def _per_prompt(logprobs: list | None, prompts: list[list[int]]) -> list[list] |
 
 def chat_delta(first: bool, reasoning: str, content: str, calls: list[dict]) -> dict:
     """A chat stream chunk's delta: the role in a choice's first chunk (with its content, "" if none yet), then
-    only the parts with something new; the tool calls, whole, with their indices."""
+    only the parts with something new; the tool calls' new parts, with their indices (call_deltas)."""
     return ({"role": "assistant"} if first else {}) | ({"reasoning_content": reasoning} if reasoning else {}) | (
-        {"content": content} if content or first else {}) | (
-        {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
+        {"content": content} if content or first else {}) | ({"tool_calls": calls} if calls else {})
+
+
+def call_deltas(begun: list[tuple[str, str]], sent: list[int], new_id) -> list[dict]:
+    """A stream's tool-call deltas for the calls begun so far ((name, arguments text) each): a call's index, id,
+    type, name and arguments so far when it first shows, then each new piece of its arguments. `sent` holds the
+    arguments' length sent of each call, and grows; `new_id()` gives a new call's id."""
+    deltas = []
+    for i, (name, arguments) in enumerate(begun):
+        if i == len(sent):
+            deltas.append({"index": i, "id": new_id(), "type": "function",
+                           "function": {"name": name, "arguments": arguments}})
+            sent.append(len(arguments))
+        elif len(arguments) > sent[i]:
+            deltas.append({"index": i, "function": {"arguments": arguments[sent[i]:]}})
+            sent[i] = len(arguments)
+    return deltas
 
 
 def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer,

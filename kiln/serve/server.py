@@ -305,8 +305,9 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
     still incomplete, text held back as a possible stop string or tool call): clients see progress, and `kiln bench
     --serve` times every token's arrival, not only the arrivals that happened to carry text. Tool calls go out
-    whole, in the choice's last chunk. `echoed(index)`: the prompt text a completion choice's first chunk begins
-    with (`echo`)."""
+    as the model writes them (protocol.call_deltas): a call's name once it is whole, then its arguments' JSON text
+    piece by piece; the message's text stops where the first call begins. `echoed(index)`: the prompt text a
+    completion choice's first chunk begins with (`echo`)."""
     tokenizer = get_engine(request).llm.tokenizer
     first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -317,6 +318,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     sent_reasoning: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     sent_logprobs: dict[int, int] = {}
+    sent_calls: dict[int, list[int]] = {}  # each choice's calls: the arguments' length sent of each
     ended: set[int] = set()  # choices whose finish_reason went out: later outputs still carry them
 
     async def send(payload: dict) -> None:
@@ -325,17 +327,23 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     async def send_choices(output) -> None:
         for o in output.outputs:
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
-            thought, text, calls = (reader.read(o.text, o.finish_reason is not None) if reader is not None
-                                    else (None, o.text, []))
-            delta_text = text[start_text or 0:]
+            finished = o.finish_reason is not None
+            thought, text, calls = reader.read(o.text, finished) if reader is not None else (None, o.text, [])
+            sent = sent_calls.setdefault(o.index, [])
+            calls_went_out = bool(sent)  # (in an earlier chunk: the message's text stopped where they began)
+            deltas = (protocol.call_deltas(reader.calls_begun(o.text, finished), sent, reader.tools.new_id)
+                      if reader is not None and reader.tools is not None else [])
+            delta_text = "" if calls_went_out else text[start_text or 0:]
             delta_thought = (thought or "")[sent_reasoning.get(o.index, 0):]
             no_new_tokens = len(o.token_ids) == sent_tokens.get(o.index)
-            if o.index in ended or not delta_text and no_new_tokens and o.finish_reason is None:
+            if o.index in ended or not delta_text and not deltas and no_new_tokens and not finished:
                 continue
+            if calls and not sent:  # calls the stream could not follow as they came: whole, at the end
+                deltas = [{"index": i, **call} for i, call in enumerate(calls)]
             choice = {"index": o.index, "finish_reason": "tool_calls" if calls else o.finish_reason}
             entries = protocol.logprob_entries(o)
             if chat:
-                choice["delta"] = protocol.chat_delta(start_text is None, delta_thought, delta_text, calls)
+                choice["delta"] = protocol.chat_delta(start_text is None, delta_thought, delta_text, deltas)
                 sent_reasoning[o.index] = len(thought or "")
                 choice["logprobs"] = (protocol.chat_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
@@ -343,9 +351,11 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
                 choice["text"] = (echoed(o.index) if echoed and start_text is None else "") + delta_text
                 choice["logprobs"] = (protocol.completion_logprobs(tokenizer, entries, start_lp)
                                       if o.logprobs is not None else None)
-            sent_text[o.index], sent_logprobs[o.index] = len(text), len(entries)
+            if not calls_went_out:
+                sent_text[o.index] = len(text)
+            sent_logprobs[o.index] = len(entries)
             sent_tokens[o.index] = len(o.token_ids)
-            if o.finish_reason is not None:
+            if finished:
                 ended.add(o.index)
             await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]})
 

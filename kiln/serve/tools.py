@@ -10,8 +10,9 @@
   at most with `parallel_tool_calls: false` or a named function. Every call then parses and validates, whatever the
   model; a parameters schema kiln cannot hold to is refused (400) with its path.
 - **tool_choice "none"**: no tools in the prompt, no calls read.
-Calls come back as `message.tool_calls` (arguments a JSON string), with finish_reason "tool_calls"; a stream holds
-back the text that may be a call and sends the calls in one delta at the end. Their ids are OpenAI's form
+Calls come back as `message.tool_calls` (arguments the JSON text the model wrote), with finish_reason "tool_calls"; a
+stream holds back the text that may be a call and sends each call as it is written (calls_begun): its id and name
+once the name is whole, then the arguments' text piece by piece. Their ids are OpenAI's form
 (`call_...`), or 9 letters and digits where the template is Mistral's: its templates refuse any other id when the
 calls come back in the history.
 """
@@ -199,17 +200,41 @@ class ToolReader:
     def sendable(self, text: str) -> int:
         return sendable(text, self.parser)
 
+    def begun(self, text: str) -> list[tuple[str, str]]:
+        """The calls a streaming answer has begun, up to the first that names no offered function (calls_begun)."""
+        calls = calls_begun(text, self.parser)
+        known = [self.tools.function(name) is not None for name, _ in calls]
+        return calls[:known.index(False)] if False in known else calls
+
+    def new_id(self) -> str:
+        """A call's id: OpenAI's form, or 9 letters and digits for Mistral's templates."""
+        return uuid.uuid4().hex[:9] if self.mistral_ids else f"call_{uuid.uuid4().hex[:24]}"
+
 
 def read_calls(text: str, tools: Tools, parser: str, mistral_ids: bool = False) -> tuple[str, list[dict]]:
-    """(the message's content, its calls as OpenAI tool_calls). An answer whose calls do not all parse, or name a
-    function the request did not offer, is content only, as the model wrote it."""
+    """(the message's content, its calls as OpenAI tool_calls, each call's arguments the JSON text the model wrote,
+    as a stream sends them). An answer whose calls do not all parse, or name a function the request did not offer,
+    is content only, as the model wrote it."""
     content, calls = PARSERS[parser](text)
     if calls is None or not calls or any(not _known(c, tools) for c in calls):
         return text, []
-    return content, [{"id": uuid.uuid4().hex[:9] if mistral_ids else f"call_{uuid.uuid4().hex[:24]}",
-                      "type": "function",
-                      "function": {"name": c["name"], "arguments": json.dumps(_arguments(c), ensure_ascii=False)}}
-                     for c in calls]
+    reader, written = ToolReader(tools, parser, mistral_ids), calls_begun(text, parser)
+    return content, [{"id": reader.new_id(), "type": "function",
+                      "function": {"name": c["name"], "arguments": _arguments_text(c, written[i:i + 1])}}
+                     for i, c in enumerate(calls)]
+
+
+def _arguments_text(call: dict, written: list[tuple[str, str]]) -> str:
+    """A call's arguments as the model wrote them (`written`: the call as calls_begun read it), where that text is
+    the same object; else as JSON writes them (a call calls_begun cannot follow)."""
+    arguments = _arguments(call)
+    if written:
+        try:
+            if json.loads(written[0][1]) == arguments:
+                return written[0][1]
+        except ValueError:
+            pass
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _known(call, tools: Tools) -> bool:
@@ -313,3 +338,143 @@ def sendable(text: str, parser: str) -> int:
 def tag_start(text: str, tag: str) -> int:
     """The length of text's longest ending that begins `tag`: what a stream holds back."""
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+
+
+# ---- calls as they stream -----------------------------------------------------------------------
+# A stream sends each call as the model writes it, as OpenAI's does: the call's id and name once the name is whole
+# and its arguments have begun, then each piece of the arguments' JSON text as it comes. The text is read again
+# from the start at every chunk (answers are short), by a scanner that knows where a JSON value ends but builds
+# nothing.
+
+_WHITESPACE = " \t\r\n"
+_SCALAR = re.compile(r"-?[0-9][0-9.eE+-]*|true|false|null")
+
+
+def calls_begun(text: str, parser: str) -> list[tuple[str, str]]:
+    """(name, the arguments' JSON text so far) of each call the answer has begun, in order, up to the first whose name
+    is not whole yet or whose arguments (a JSON object) have not begun."""
+    calls = []
+    for name, start, end in CALL_SCANNERS[parser](text):
+        if name is None or start is None or text[start] != "{":
+            break
+        calls.append((name, text[start:end if end is not None else len(text)]))
+    return calls
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _value_end(text: str, i: int) -> int | None:
+    """Where the JSON value at text[i] ends (the index after it), or None where the text ends first."""
+    if i >= len(text):
+        return None
+    if text[i] == '"':
+        j = i + 1
+        while j < len(text) and text[j] != '"':
+            j += 2 if text[j] == "\\" else 1
+        return j + 1 if j < len(text) else None
+    if text[i] in "{[":
+        depth, j = 0, i
+        while j < len(text):
+            if text[j] == '"':
+                j = _value_end(text, j)
+                if j is None:
+                    return None
+                continue
+            depth += (text[j] in "{[") - (text[j] in "}]")
+            j += 1
+            if depth == 0:
+                return j
+        return None
+    scalar = _SCALAR.match(text, i)
+    return scalar.end() if scalar and scalar.end() < len(text) else None  # (at the text's end it may go on)
+
+
+def _call_object(text: str, i: int) -> tuple[str | None, int | None, int | None, int | None]:
+    """The call object at text[i], '{"name": ..., "arguments": {...}}' ("parameters" in Llama's): (its name, where
+    its arguments begin and end, where the object ends), each None where the text has not come that far."""
+    name = start = end = None
+    i = _skip_space(text, i + 1)
+    while i < len(text) and text[i] == '"':
+        key_end = _value_end(text, i)
+        colon = _skip_space(text, key_end) if key_end is not None else len(text)
+        if colon >= len(text) or text[colon] != ":":
+            break
+        value = _skip_space(text, colon + 1)
+        value_end = _value_end(text, value)
+        key = json.loads(text[i:key_end])
+        if key in ("arguments", "parameters") and value < len(text):
+            start, end = value, value_end
+        elif key == "name" and value_end is not None:
+            name = json.loads(text[value:value_end])
+        if value_end is None:
+            break
+        i = _skip_space(text, value_end)
+        if i < len(text) and text[i] == "}":
+            return name, start, end, i + 1
+        i = _skip_space(text, i + 1) if i < len(text) and text[i] == "," else len(text)
+    return name, start, end, None
+
+
+def _objects(text: str, i: int, separator: str):
+    """(name, arguments start, arguments end) of each call object from text[i] on, objects split by `separator`."""
+    i = _skip_space(text, i)
+    while i < len(text) and text[i] == "{":
+        name, start, end, i = _call_object(text, i)
+        yield name, start, end
+        if i is None:
+            return
+        i = _skip_space(text, i)
+        if i >= len(text) or text[i] != separator:
+            return
+        i = _skip_space(text, i + 1)
+
+
+def _array_scanner(text: str, i: int = 0):
+    """A JSON array of call objects from text[i] (forced calls; Mistral's older templates)."""
+    i = _skip_space(text, i)
+    if i < len(text) and text[i] == "[":
+        yield from _objects(text, i + 1, ",")
+
+
+def _hermes_scanner(text: str):
+    at = text.find(HERMES_OPEN)
+    while at >= 0:
+        i = _skip_space(text, at + len(HERMES_OPEN))
+        if i >= len(text) or text[i] != "{":
+            return
+        name, start, end, i = _call_object(text, i)
+        yield name, start, end
+        if i is None:
+            return
+        at = text.find(HERMES_OPEN, i)
+
+
+def _mistral_scanner(text: str):
+    """After [TOOL_CALLS] (or from the start, the marker dropped): an array, or name[ARGS]{...} for each call."""
+    at = text.find(MISTRAL_CALLS)
+    i = _skip_space(text, at + len(MISTRAL_CALLS) if at >= 0 else 0)
+    if text.startswith("[", i) and not text.startswith(MISTRAL_ARGS, i):
+        yield from _array_scanner(text, i)
+        return
+    while (name := NAME.match(text, i)) is not None:
+        i = name.end()
+        if text.startswith(MISTRAL_ARGS, i):
+            i += len(MISTRAL_ARGS)
+        elif MISTRAL_ARGS.startswith(text[i:]):  # (the marker still coming, or the name)
+            return
+        if i >= len(text) or text[i] != "{":
+            return
+        end = _value_end(text, i)
+        yield name.group(), i, end
+        if end is None:
+            return
+        i = _skip_space(text, end)
+        i = _skip_space(text, i + len(MISTRAL_CALLS)) if text.startswith(MISTRAL_CALLS, i) else i
+
+
+CALL_SCANNERS = {"forced": _array_scanner, "hermes": _hermes_scanner,
+                 "llama3_json": lambda text: _objects(text, 0, ";"), "mistral": _mistral_scanner}

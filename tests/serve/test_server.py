@@ -331,21 +331,28 @@ ALARM = {"type": "function", "function": {"name": "set_alarm", "parameters": {
 TOOLS = {"forecast": FORECAST, "set_alarm": ALARM}
 
 
-def streamed_calls(chunks) -> tuple[list, str]:
-    """(the tool calls a chat stream sent, as (name, arguments) pairs, its finish reason)."""
-    calls, reason = [], None
+def streamed_calls(chunks) -> tuple[list, str, int]:
+    """(the tool calls a chat stream sent, as (name, arguments) pairs joined from their pieces by index, its finish
+    reason, how many deltas carried them)."""
+    calls, reason, deltas = {}, None, 0
     for chunk in chunks:
         for c in chunk.choices:
-            calls += [(t.function.name, t.function.arguments) for t in c.delta.tool_calls or []]
+            for t in c.delta.tool_calls or []:
+                name, arguments = calls.get(t.index, (None, ""))
+                assert (name is None) == (t.function.name is not None), "a call's name comes once, first"
+                assert (t.id is not None) == (name is None), "and its id with it"
+                calls[t.index] = (name or t.function.name, arguments + (t.function.arguments or ""))
+                deltas += 1
             reason = c.finish_reason or reason
-    return calls, reason
+    return [calls[i] for i in sorted(calls)], reason, deltas
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}],
                          ids=["required", "named"])
 def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, model, choice):
     """tool_choice "required" or a function by name (kiln.serve.tools): the random model's greedy answer is held to
-    a call of an allowed function whose arguments validate, and a stream sends the same call."""
+    a call of an allowed function whose arguments validate, and a stream sends the same call, its arguments in
+    pieces as they come."""
     import jsonschema
 
     kw = dict(tools=[FORECAST, ALARM], tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=120)
@@ -356,8 +363,9 @@ def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, m
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "set_alarm" or choice == "required"
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
-    assert streamed_calls(chat(client, model, stream=True, **kw)) == (
-        [(call.function.name, call.function.arguments)], "tool_calls")
+    calls, reason, deltas = streamed_calls(chat(client, model, stream=True, **kw))
+    assert (calls, reason) == ([(call.function.name, call.function.arguments)], "tool_calls")
+    assert deltas > 1, "the arguments come as the model writes them, not whole at the end"
     sampled = chat(client, model, **{**kw, "temperature": 1.0, "seed": 3, "n": 3, "max_tokens": 120})  # (each alike)
     for c in sampled.choices:
         assert c.message.tool_calls, (c.finish_reason, c.message.content)

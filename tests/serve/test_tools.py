@@ -13,8 +13,9 @@ import pytest
 
 from kiln.runtime.json_mode import DONE, walk
 from kiln.runtime.json_schema import schema_grammar
-from kiln.serve.tools import KILN_TOOL_PROMPT, ToolReader, Tools, ToolsError, prompt_messages, read_calls, \
-    sendable, template_format, tools_request
+from kiln.serve.protocol import call_deltas
+from kiln.serve.tools import KILN_TOOL_PROMPT, ToolReader, Tools, ToolsError, calls_begun, prompt_messages, \
+    read_calls, sendable, template_format, tools_request
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -106,7 +107,7 @@ def test_calls_are_read_in_each_format():
                           '"parameters": {"city": "X"}}', t, "llama3_json")
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"zone": "a;b"}, {"city": "X"}]
     _, calls = read_calls('[{"name":"get_time","arguments":{"zone":"Z"}}]', t, "forced")
-    assert calls[0]["function"] == {"name": "get_time", "arguments": '{"zone": "Z"}'}
+    assert calls[0]["function"] == {"name": "get_time", "arguments": '{"zone":"Z"}'}  # (as the model wrote them)
     # Mistral's: a JSON array after [TOOL_CALLS], or name[ARGS]{...} each; the markers (special tokens) may be gone
     two = [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]
     for text, content in [('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": '
@@ -168,6 +169,55 @@ def test_an_answer_that_is_not_all_calls_is_content_as_written(text, parser):
 ])
 def test_a_stream_holds_back_what_may_become_a_call(text, parser, n):
     assert sendable(text, parser) == n
+
+
+# One answer of two calls in each format, the second's arguments with a quote, braces and the format's separators
+# inside their strings: what a stream's scanner must not stop at.
+STREAMED = {
+    "hermes": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}"}}\n</tool_call>\n'
+              '<tool_call>{"arguments": {"zone": "C{E}T"}, "name": "get_time"}</tool_call>',
+    "forced": '[{"name":"get_time","arguments":{"zone":"Z"}}, {"name":"get_weather","arguments":{"city":"a]}, b"}}]',
+    "llama3_json": '{"name": "get_time", "parameters": {"zone": "a;b"}}; {"name": "get_weather", "parameters": '
+                   '{"city": "X", "unit": "c"}}',
+    "mistral": 'One moment.[TOOL_CALLS]get_weather[ARGS]{"city": "a[b]{"}[TOOL_CALLS]get_time[ARGS]{"zone": "{"}',
+}
+
+
+@pytest.mark.parametrize("parser", sorted(STREAMED))
+def test_a_stream_reads_each_call_as_it_comes_and_ends_with_the_calls_read_whole(parser):
+    """calls_begun on every prefix of an answer: each prefix's calls extend the last prefix's (a call's name never
+    changes, its arguments only grow), and the whole answer's are the calls read_calls reads, their arguments the
+    text the model wrote. call_deltas then sends each call's name once and the arguments' new text."""
+    text, t = STREAMED[parser], tools(WEATHER, TIME)
+    _, calls = read_calls(text, t, parser)
+    whole = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    assert len(whole) == 2 and [json.loads(a) for _, a in whole] == [json.loads(a) for _, a in calls_begun(text,
+                                                                                                           parser)]
+    before, sent, joined = [], [], {}
+    for n in range(len(text) + 1):
+        now = calls_begun(text[:n], parser)
+        assert len(now) >= len(before), (n, now, before)
+        for (name, arguments), (name_now, arguments_now) in zip(before, now):
+            assert name_now == name and arguments_now.startswith(arguments), (n, before, now)
+        for d in call_deltas(now, sent, lambda: "id"):
+            name, arguments = joined.get(d["index"], (None, ""))
+            assert ("id" in d) == (name is None)
+            joined[d["index"]] = (name or d["function"]["name"], arguments + d["function"]["arguments"])
+        before = now
+    assert before == whole and [joined[i] for i in sorted(joined)] == whole
+
+
+def test_a_stream_sends_no_call_of_a_function_not_offered():
+    """ToolReader.begun stops at the first call naming a function the request did not offer (read whole, such an
+    answer is content), and calls_begun waits for a name to be whole and for the arguments to begin."""
+    reader = ToolReader(tools(WEATHER), "hermes")
+    text = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call><tool_call>{"name": "send_mail", ' \
+           '"arguments": {"to": "x"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {}}'
+    assert reader.begun(text) == [("get_weather", "{}")]
+    assert calls_begun('<tool_call>{"name": "get_wea', "hermes") == []
+    assert calls_begun('<tool_call>{"name": "get_weather", "arguments": ', "hermes") == []
+    assert calls_begun('<tool_call>{"name": "get_weather", "arguments": "Oslo"}', "hermes") == []  # (no object)
+    assert calls_begun("get_weather[AR", "mistral") == [] and calls_begun("Hello there", "mistral") == []
 
 
 def test_the_prompt_gets_the_tools_from_the_template_or_from_kiln():
