@@ -9,15 +9,16 @@ strict mode does:
   not, and no key beyond them (whatever `additionalProperties` says); an object with no `properties` takes any
   JSON object;
 - `enum` and `const` values are written as `json.dumps` spells them;
-- a number with bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) is written without an
-  exponent, and each digit only where the number can still end within them (`Bounds.reaches`);
+- a number with bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) or a `multipleOf` is
+  written without an exponent, and each digit only where the number can still end within them on a multiple
+  (`Bounds.reaches`; multiples exactly, as decimals: 0.3 is a multiple of 0.1);
 - a string with `minLength` or `maxLength` counts its characters (code points, as the validator does) and writes
   none as a \\u escape (a surrogate pair would count as two);
 - a string with a `pattern` is written in printable ASCII without a quote or backslash, each character one after
   which the pattern can still match (kiln.runtime.json_pattern: the syntax it takes).
 Alternatives (`anyOf`, `oneOf`, a list of types) are followed side by side, byte by byte, until all but one have
 failed (two objects that differ in a `const` property's value, say: a tool call's name). Keywords that constrain
-what the grammar cannot hold to (`multipleOf`, `uniqueItems`, ...) are refused with the schema path that
+what the grammar cannot hold to (`uniqueItems`, `not`, ...) are refused with the schema path that
 holds them. Annotations (`title`, `description`, `format`, `default`, `examples`, ...) are read past.
 """
 
@@ -34,7 +35,7 @@ from kiln.runtime.json_mode import _NUMBER, DONE, MAX_WHITESPACE, WHITESPACE, JS
 from kiln.runtime.json_pattern import WRITABLE, Pattern, PatternError
 
 # Keywords that assert what the grammar does not enforce: refused, since an output could then break the schema.
-UNSUPPORTED = ("multipleOf", "uniqueItems", "patternProperties", "propertyNames",
+UNSUPPORTED = ("uniqueItems", "patternProperties", "propertyNames",
                "minProperties", "maxProperties", "not", "allOf", "if", "then", "else", "dependentRequired",
                "dependentSchemas", "prefixItems", "contains", "minContains", "maxContains", "unevaluatedProperties",
                "unevaluatedItems")
@@ -83,8 +84,8 @@ class SchemaGrammar:
         if refused:
             raise ConfigError(f"json_schema at {path}: {refused[0]!r} is not supported (kiln enforces type, "
                               "properties, required, items, minItems, maxItems, minimum, maximum, their exclusive "
-                              "forms, minLength, maxLength, pattern, enum, const, anyOf, oneOf and local $ref); drop "
-                              "it, or check the output yourself")
+                              "forms, multipleOf, minLength, maxLength, pattern, enum, const, anyOf, oneOf and local "
+                              "$ref); drop it, or check the output yourself")
         if "$ref" in schema:
             return self._ref(schema["$ref"], path, root)
         if "const" in schema:
@@ -390,31 +391,36 @@ class SchemaGrammar:
 
 @dataclasses.dataclass(frozen=True)
 class Bounds:
-    """A number's bounds from its schema: low and high (None: none), each inclusive or not."""
+    """A number's bounds from its schema: low and high (None: none), each inclusive or not, and the step its values
+    are multiples of (multipleOf; None: any)."""
 
     low: Fraction | None
     low_inclusive: bool
     high: Fraction | None
     high_inclusive: bool
+    step: Fraction | None = None
 
     @classmethod
     def of(cls, schema: dict, path: str, integer: bool) -> Bounds | None:
         """The schema's bounds, or None where it has none; ConfigError where they are not numbers or leave no
         value."""
-        given = {k: schema[k] for k in BOUND_KEYWORDS if k in schema}
+        given = {k: schema[k] for k in (*BOUND_KEYWORDS, "multipleOf") if k in schema}
         if not given:
             return None
         for keyword, value in given.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
-                    value in (float("inf"), float("-inf")):
-                raise ConfigError(f"json_schema at {path}: {keyword!r} must be a finite number, got {value!r} "
-                                  "(a boolean exclusiveMinimum is draft 4's; give the bound itself)")
-        ends = [(Fraction(repr(v)), *BOUND_KEYWORDS[k]) for k, v in given.items()]  # (value, lower?, inclusive?)
+                    value in (float("inf"), float("-inf")) or keyword == "multipleOf" and value <= 0:
+                raise ConfigError(f"json_schema at {path}: {keyword!r} must be a finite number"
+                                  f"{', above 0' if keyword == 'multipleOf' else ''}, got {value!r} (a boolean "
+                                  "exclusiveMinimum is draft 4's; give the bound itself)")
+        # (a float's shortest decimal, as written in the schema: multipleOf 0.1 is 1/10)
+        ends = [(Fraction(repr(v)), *BOUND_KEYWORDS[k]) for k, v in given.items() if k != "multipleOf"]
         # the tightest of each side: the larger lower bound, the smaller upper one, exclusive before inclusive
         low = max(((v, inclusive) for v, lower, inclusive in ends if lower), key=lambda end: (end[0], not end[1]),
                   default=(None, False))
         high = min(((v, inclusive) for v, lower, inclusive in ends if not lower), default=(None, False))
-        bounds = cls(low[0], low[1], high[0], high[1])
+        step = Fraction(repr(given["multipleOf"])) if "multipleOf" in given else None
+        bounds = cls(low[0], low[1], high[0], high[1], step)
         if not bounds.meets(bounds.low, True, bounds.high, True, integer):
             raise ConfigError(f"json_schema at {path}: no {'integer' if integer else 'number'} lies within its "
                               f"bounds {given}")
@@ -422,17 +428,24 @@ class Bounds:
 
     def holds(self, x: Fraction) -> bool:
         return (self.low is None or x > self.low or x == self.low and self.low_inclusive) and \
-            (self.high is None or x < self.high or x == self.high and self.high_inclusive)
+            (self.high is None or x < self.high or x == self.high and self.high_inclusive) and \
+            (self.step is None or (x / self.step).denominator == 1)
 
     def meets(self, a, a_closed: bool, b, b_closed: bool, integer: bool) -> bool:
         """Whether the interval from a to b (None: unbounded; each end closed or not) shares a value (an integer,
         with `integer`) with these bounds."""
         lo, lo_closed = _tighter((a, a_closed), (self.low, self.low_inclusive), max)
         hi, hi_closed = _tighter((b, b_closed), (self.high, self.high_inclusive), min)
-        if integer:
-            first = None if lo is None else (math.ceil(lo) if lo_closed else math.floor(lo) + 1)
-            return first is None or hi is None or first < hi or first == hi and hi_closed
-        return lo is None or hi is None or lo < hi or lo == hi and lo_closed and hi_closed
+        # the spacing of the values allowed: multiples of the step, integers, or (None) any number. An integer is a
+        # multiple of p/q (lowest terms) where it is one of p.
+        spacing = self.step if not integer else Fraction(1 if self.step is None else self.step.numerator)
+        if lo is None or hi is None:
+            return True
+        if spacing is None:
+            return lo < hi or lo == hi and lo_closed and hi_closed
+        first = math.ceil(lo / spacing) * spacing
+        first += spacing if first == lo and not lo_closed else 0
+        return first < hi or first == hi and hi_closed
 
     def reaches(self, written: bytes, integer: bool) -> bool:
         """Whether a number begun as `written` (JSON's syntax, no exponent) can still end within the bounds: the

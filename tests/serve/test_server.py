@@ -313,7 +313,7 @@ def test_json_schema_answers_with_a_valid_value_and_a_schema_it_cannot_hold_to_i
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     bad = {**fmt, "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {
-        "id": {"type": "integer", "multipleOf": 3}}}}}
+        "id": {"type": "array", "uniqueItems": True}}}}}
     status, _, response = server.request("POST", "/v1/chat/completions", {"model": model, "messages": MESSAGES,
                                                                            "response_format": bad})
     assert "#/properties/id" in assert_error(status, response, 400, "response_format")["message"]

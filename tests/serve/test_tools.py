@@ -53,8 +53,8 @@ def tools(*defs, choice=None, parallel=True) -> Tools:
     ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
     ({"tools": [{"type": "function", "function": {"name": "n", "parameters": {
-        "type": "object", "properties": {"k": {"type": "integer", "multipleOf": 2}}}}}], "tool_choice": "required"},
-     "tools", "tool 'n' parameters: json_schema at #/properties/k: 'multipleOf'"),
+        "type": "object", "properties": {"k": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"},
+     "tools", "tool 'n' parameters: json_schema at #/properties/k: 'uniqueItems'"),
 ])
 def test_bad_tools_fields_are_refused_naming_the_field(body, param, words):
     with pytest.raises(ToolsError, match=words.replace("[", r"\[").replace("]", r"\]")) as e:
@@ -69,7 +69,7 @@ def test_choices():
     assert named.choice == "get_time" and named.forced
     # a schema kiln cannot hold to is fine where nothing is held to it
     loose = {"type": "function", "function": {"name": "n", "parameters": {"type": "object", "properties": {
-        "k": {"type": "integer", "multipleOf": 2}}}}}
+        "k": {"type": "array", "uniqueItems": True}}}}}
     assert tools(loose).functions[0]["name"] == "n"
 
 
