@@ -162,6 +162,23 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
             kvs_ptr="*bf16" if q else "*fp32"))
       for q, c, m in ((0, "*bf16", 0.0), (1, "*i8", 127.0))],
+    *[(f"w8 gemv rotary quant={q}", quant_gemm._w8_qkv_rotary_kernel,
+       dict(K=4096, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=2, BLOCK_KW=256),
+       dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
+            kvs_ptr="*bf16" if q else "*fp32"))
+      for q, c, m in ((0, "*bf16", 0.0), (2, "*fp8e4nv", 448.0))],
+    # the norm folded in (KILN_FOLD_NORMS: kiln.kernels.rmsnorm.NormFold), with and without a residual
+    *[(f"{codes} gemv {name} norm residual={res}", kernel, dict(K=4096, NORM=True, HAS_RES=res, **constexprs),
+       dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kvs_ptr="*fp32"))
+      for codes, name, kernel, constexprs in (
+          ("w4", "silu", quant_gemm._w4_gemv_kernel,
+           dict(GROUP=128, HAS_ZERO=True, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256, GATED=True)),
+          ("w4", "rotary", quant_gemm._w4_qkv_rotary_kernel,
+           dict(GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=0, QMAX=0.0, BLOCK_N=8, BLOCK_KW=256)),
+          ("w8", "silu", quant_gemm._w8_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
+          ("w8", "rotary", quant_gemm._w8_qkv_rotary_kernel,
+           dict(HEAD=128, QUANT=0, QMAX=0.0, BLOCK_N=2, BLOCK_KW=256)))
+      for res in (False, True)],
     *[(f"fp8 words gemv rotary quant={q}", quant_gemm._fp8_qkv_rotary_kernel,
        dict(K=4096, HEAD=128, QUANT=q, QMAX=m, BY_BITS=False, BLOCK_N=4, BLOCK_KW=256),
        dict(x_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*i64", ws_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",
@@ -186,7 +203,8 @@ CASES = [  # (label, kernel, constexprs, pointer types)
             y_desc=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_N']}]>"))
       for c in gated_gemm.GATED_GEMM_CONFIGS],
     ("sum splits", gemv._sum_splits_kernel, dict(SPLIT=4, BLOCK=1024), dict(part_ptr="*fp32")),
-    ("w8 gemv", quant_gemm._w8_gemv_kernel, dict(K=4096, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256), dict(w_ptr="*i64")),
+    *[(f"w8 gemv gated={g}", quant_gemm._w8_gemv_kernel, dict(K=4096, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256, GATED=g),
+       dict(w_ptr="*i64")) for g in (False, True)],
     ("w8 gemm", quant_gemm._w8_gemm_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64), dict(w_ptr="*i8")),
     # (the weight scales column-major, as Fp8BlockMethod.prepare stores them; the activations' row-major)
     *[(f"fp8 group gemm group={g} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", fp8_group_gemm._fp8_group_gemm_kernel,
