@@ -354,11 +354,9 @@ def test_fp8_word_gemv_epilogue_gives_the_tokens_of_the_separate_kernels(tmp_pat
     assert not fused_calls
 
 
-@pytest.mark.parametrize("algo", ["W4A16", "W8A16"])
-def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch, algo):
-    """At one or two rows a W4A16 or W8A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and
-    its fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
-    engine running the GEMV, then the rotary and activation kernels (one tile for all, so the sums agree)."""
+def weight_only_tiny_checkpoint(tmp_path, monkeypatch, algo: str):
+    """The tiny model quantized to `algo` (W4A16 at group 32, or W8A16) on the GPU, its kernels untuned (one tile
+    for every call, so fused and separate kernels sum alike) and their choices cached under tmp_path."""
     from kiln.config import QuantConfig
     from kiln.kernels import quant_gemm
     from kiln.quantization.workflow import quantize_checkpoint
@@ -366,8 +364,18 @@ def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(quant_gemm, "AUTOTUNE", False)
     make_hf_model(tmp_path / "hf")
-    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "ckpt", QuantConfig(quant_algo=algo, group_size=32),
+    return quantize_checkpoint(tmp_path / "hf", tmp_path / "ckpt", QuantConfig(quant_algo=algo, group_size=32),
                                dtype="bfloat16", device="cuda")
+
+
+@pytest.mark.parametrize("algo", ["W4A16", "W8A16"])
+def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_path, monkeypatch, algo):
+    """At one or two rows a W4A16 or W8A16 engine's fused QKV GEMV also rotates q and k and writes the cache, and
+    its fc_gate GEMV applies SiLU-and-mul: greedy tokens, one sequence and two together, equal those of the same
+    engine running the GEMV, then the rotary and activation kernels (one tile for all, so the sums agree)."""
+    from kiln.kernels import quant_gemm
+
+    ckpt = weight_only_tiny_checkpoint(tmp_path, monkeypatch, algo)
     fused_calls = []
     names = [f"{algo.lower()}_qkv_rotary_matmul", f"{algo.lower()}_silu_and_mul_matmul"]
     for name in names:  # count the calls that fused
@@ -395,16 +403,10 @@ def test_folded_norms_run_in_decode_and_keep_the_logits(tmp_path, monkeypatch, a
     within bf16 rounding of the unfolded ones. Greedy tokens are not compared: skipping one rounding of the normed
     row may flip a near tie of the tiny random model."""
     import kiln
-    from kiln.config import QuantConfig
     from kiln.kernels import quant_gemm
     from kiln.models.base import PretrainedModel
-    from kiln.quantization.workflow import quantize_checkpoint
 
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(quant_gemm, "AUTOTUNE", False)
-    make_hf_model(tmp_path / "hf")
-    ckpt = quantize_checkpoint(tmp_path / "hf", tmp_path / "ckpt", QuantConfig(quant_algo=algo, group_size=32),
-                               dtype="bfloat16", device="cuda")
+    ckpt = weight_only_tiny_checkpoint(tmp_path, monkeypatch, algo)
     folded = []
     real = quant_gemm._gemv_rows
 
