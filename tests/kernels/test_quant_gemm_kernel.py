@@ -429,8 +429,9 @@ def test_word_gemvs_folding_the_norm_match_the_norm_then_the_gemv(rows, with_res
             bound = ulp_bound(normed, dense[n], 8)  # (a rotation keeps each pair's error within the pair's bound)
             bound = bound.view(rows, -1, 2, head_size // 2).max(dim=2, keepdim=True).values.expand(
                 -1, -1, 2, -1).reshape(rows, -1) * 1.5
-            for mine, theirs in ((caches[2], caches[0]), (caches[3], caches[1])):
-                assert torch.equal(mine[slots] != 0, theirs[slots] != 0), "the cache write: the same slots"
+            k_heads, v_heads = got[:, heads * head_size:].unflatten(-1, (-1, head_size)).chunk(2, dim=1)
+            assert torch.equal(caches[2][slots], k_heads) and torch.equal(caches[3][slots], v_heads), \
+                "the cache holds the keys and values returned"
         err = (got.double() - want.double()).abs()
         assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g}"
         if with_residual:
