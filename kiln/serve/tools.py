@@ -255,18 +255,22 @@ def _forced(text: str):
 
 
 def _hermes(text: str):
+    """Hermes calls: <tool_call>{...}</tool_call> each, whitespace between them; the last may end with the answer,
+    its tag unclosed. Each call is read as JSON, so a string in it may hold a tag."""
     start = text.find(HERMES_OPEN)
     if start < 0:
         return text, None
-    blocks, calls = text[start:].split(HERMES_OPEN)[1:], []
-    for i, block in enumerate(blocks):
-        body, closed, rest = block.partition(HERMES_CLOSE)
-        if rest.strip() or not closed and i < len(blocks) - 1:  # text after a call, or a call left open
+    calls, i, decoder = [], start, json.JSONDecoder()
+    while i < len(text):
+        if not text.startswith(HERMES_OPEN, i):  # text after a call, or a call left open before another
             return text, None
-        try:  # (the last call may end at the end of the answer, its tag unclosed)
-            calls.append(json.loads(body))
+        try:
+            call, end = decoder.raw_decode(text, _skip_space(text, i + len(HERMES_OPEN)))
         except ValueError:
             return text, None
+        calls.append(call)
+        i = _skip_space(text, end)
+        i = _skip_space(text, i + len(HERMES_CLOSE)) if text.startswith(HERMES_CLOSE, i) else i
     return text[:start], calls
 
 
@@ -294,24 +298,29 @@ def _mistral(text: str):
     """Mistral's calls after [TOOL_CALLS]: a JSON array of {"name", "arguments"} (the templates from v0.3 to Small
     3.1), or name[ARGS]{...} for each (Magistral's and Devstral's, several joined by [TOOL_CALLS]). Both markers are
     special tokens in Mistral's tokenizers, gone from the decoded text: an answer that is a call without them is read
-    the same."""
+    the same. The arguments are read as JSON, so a string in them may hold a marker."""
     start = text.find(MISTRAL_CALLS)
-    content, body = (text[:start], text[start:]) if start >= 0 else ("", text)
-    body = body.replace(MISTRAL_CALLS, " ").replace(MISTRAL_ARGS, "").strip()
-    if body.startswith("["):
-        calls = _forced(body)[1]
-        return (content, calls) if calls is not None else (text, None)
-    calls, decoder = [], json.JSONDecoder()
-    while body:
-        name = NAME.match(body)
+    content, i = (text[:start], start + len(MISTRAL_CALLS)) if start >= 0 else ("", 0)
+    i, decoder = _skip_space(text, i), json.JSONDecoder()
+    if text.startswith("[", i) and not text.startswith(MISTRAL_ARGS, i):
+        try:
+            calls, end = decoder.raw_decode(text, i)
+        except ValueError:
+            return text, None
+        return (content, calls) if isinstance(calls, list) and not text[end:].strip() else (text, None)
+    calls = []
+    while i < len(text):
+        name = NAME.match(text, i)
         if name is None:
             return text, None
+        i = name.end() + (len(MISTRAL_ARGS) if text.startswith(MISTRAL_ARGS, name.end()) else 0)
         try:
-            arguments, end = decoder.raw_decode(body, name.end())
+            arguments, end = decoder.raw_decode(text, i)
         except ValueError:
             return text, None
         calls.append({"name": name.group(), "arguments": arguments})
-        body = body[end:].strip()
+        i = _skip_space(text, end)
+        i = _skip_space(text, i + len(MISTRAL_CALLS)) if text.startswith(MISTRAL_CALLS, i) else i
     return content, calls
 
 

@@ -171,15 +171,16 @@ def test_a_stream_holds_back_what_may_become_a_call(text, parser, n):
     assert sendable(text, parser) == n
 
 
-# One answer of two calls in each format, the second's arguments with a quote, braces and the format's separators
-# inside their strings: what a stream's scanner must not stop at.
+# One answer of two calls in each format, their arguments with a quote, braces, the format's separators and its
+# tags inside their strings: what neither the parsers nor a stream's scanner may stop at.
 STREAMED = {
     "hermes": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}"}}\n</tool_call>\n'
-              '<tool_call>{"arguments": {"zone": "C{E}T"}, "name": "get_time"}</tool_call>',
+              '<tool_call>{"arguments": {"zone": "C{E}T</tool_call>"}, "name": "get_time"}</tool_call>',
     "forced": '[{"name":"get_time","arguments":{"zone":"Z"}}, {"name":"get_weather","arguments":{"city":"a]}, b"}}]',
     "llama3_json": '{"name": "get_time", "parameters": {"zone": "a;b"}}; {"name": "get_weather", "parameters": '
                    '{"city": "X", "unit": "c"}}',
-    "mistral": 'One moment.[TOOL_CALLS]get_weather[ARGS]{"city": "a[b]{"}[TOOL_CALLS]get_time[ARGS]{"zone": "{"}',
+    "mistral": 'One moment.[TOOL_CALLS]get_weather[ARGS]{"city": "a[ARGS]{[TOOL_CALLS]"}[TOOL_CALLS]get_time[ARGS]'
+               '{"zone": "{"}',
 }
 
 
