@@ -293,14 +293,14 @@ def chat_delta(first: bool, reasoning: str, content: str, calls: list[dict]) -> 
         {"content": content} if content or first else {}) | ({"tool_calls": calls} if calls else {})
 
 
-def call_deltas(begun: list[tuple[str, str]], sent: list[int], new_id) -> list[dict]:
+def call_deltas(begun: list[tuple[str, str]], sent: list[int], new_call_id) -> list[dict]:
     """A stream's tool-call deltas for the calls begun so far ((name, arguments text) each): a call's index, id,
     type, name and arguments so far when it first shows, then each new piece of its arguments. `sent` holds the
-    arguments' length sent of each call, and grows; `new_id()` gives a new call's id."""
+    arguments' length sent of each call, and grows; `new_call_id()` gives a new call's id."""
     deltas = []
     for i, (name, arguments) in enumerate(begun):
         if i == len(sent):
-            deltas.append({"index": i, "id": new_id(), "type": "function",
+            deltas.append({"index": i, "id": new_call_id(), "type": "function",
                            "function": {"name": name, "arguments": arguments}})
             sent.append(len(arguments))
         elif len(arguments) > sent[i]:

@@ -207,8 +207,7 @@ class ToolReader:
         return calls[:known.index(False)] if False in known else calls
 
     def new_id(self) -> str:
-        """A call's id: OpenAI's form, or 9 letters and digits for Mistral's templates."""
-        return uuid.uuid4().hex[:9] if self.mistral_ids else f"call_{uuid.uuid4().hex[:24]}"
+        return call_id(self.mistral_ids)
 
 
 def read_calls(text: str, tools: Tools, parser: str, mistral_ids: bool = False) -> tuple[str, list[dict]]:
@@ -218,10 +217,15 @@ def read_calls(text: str, tools: Tools, parser: str, mistral_ids: bool = False) 
     content, calls = PARSERS[parser](text)
     if calls is None or not calls or any(not _known(c, tools) for c in calls):
         return text, []
-    reader, written = ToolReader(tools, parser, mistral_ids), calls_begun(text, parser)
-    return content, [{"id": reader.new_id(), "type": "function",
+    written = calls_begun(text, parser)
+    return content, [{"id": call_id(mistral_ids), "type": "function",
                       "function": {"name": c["name"], "arguments": _arguments_text(c, written[i:i + 1])}}
                      for i, c in enumerate(calls)]
+
+
+def call_id(mistral_ids: bool) -> str:
+    """A new call's id: OpenAI's form, or 9 letters and digits for Mistral's templates."""
+    return uuid.uuid4().hex[:9] if mistral_ids else f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _arguments_text(call: dict, written: list[tuple[str, str]]) -> str:
