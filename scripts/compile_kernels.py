@@ -167,18 +167,6 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
             kvs_ptr="*bf16" if q else "*fp32"))
       for q, c, m in ((0, "*bf16", 0.0), (2, "*fp8e4nv", 448.0))],
-    # the norm folded in (KILN_FOLD_NORMS: kiln.kernels.rmsnorm.NormFold), with and without a residual
-    *[(f"{codes} gemv {name} norm residual={res}", kernel, dict(K=4096, NORM=True, HAS_RES=res, **constexprs),
-       dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kvs_ptr="*fp32"))
-      for codes, name, kernel, constexprs in (
-          ("w4", "silu", quant_gemm._w4_gemv_kernel,
-           dict(GROUP=128, HAS_ZERO=True, EVEN_N=True, BLOCK_N=8, BLOCK_KW=256, GATED=True)),
-          ("w4", "rotary", quant_gemm._w4_qkv_rotary_kernel,
-           dict(GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=0, QMAX=0.0, BLOCK_N=8, BLOCK_KW=256)),
-          ("w8", "silu", quant_gemm._w8_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=256, GATED=True)),
-          ("w8", "rotary", quant_gemm._w8_qkv_rotary_kernel,
-           dict(HEAD=128, QUANT=0, QMAX=0.0, BLOCK_N=2, BLOCK_KW=256)))
-      for res in (False, True)],
     *[(f"fp8 words gemv rotary quant={q}", quant_gemm._fp8_qkv_rotary_kernel,
        dict(K=4096, HEAD=128, QUANT=q, QMAX=m, BY_BITS=False, BLOCK_N=4, BLOCK_KW=256),
        dict(x_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*i64", ws_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",

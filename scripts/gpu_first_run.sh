@@ -5,7 +5,7 @@
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
 #   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-#   #   prompt-logprobs prefill-codes fold-norms
+#   #   prompt-logprobs prefill-codes
 #   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
@@ -102,11 +102,8 @@
 #   wrong (the floor: what checking costs) and all right (the plain run's own continuation: the ceiling, while the
 #   tokens stay plain decoding's; in bf16 random weights' near ties part them). How often real drafts are right was
 #   measured on SmolLM2 (about 5 minutes; the first run, checking drafts as a prefill chunk: 0.72x plain at 0%).
-# - fold-norms (forty-fifth session): the RMSNorms before the W4A16 and W8A16 QKV-rotary and SiLU GEMVs computed by
-#   those GEMVs (KILN_FOLD_NORMS=1, kiln.kernels.rmsnorm.NormFold; off by default until this part times it): their
-#   kernel and engine tests, then batch-1 decode of both formats beside bf16 with folding off, and again with it on
-#   (about 8 minutes). The forty-third session's probe bounds the gain: the 65 norm launches cost 0.117 ms of a
-#   W4A16 step on an H200. If it wins, make it the default (fold_norms_enabled).
+# (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
+#  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
 #   batch-1 decode and offline-3000 (about 5 minutes).
 # (Thirty-second session: block-sq's SmoothQuant line re-run with fused inputs; w4a8 ran out of its 230 s in AWQ's
@@ -118,7 +115,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs prefill-codes fold-norms}
+  prompt-logprobs prefill-codes}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -198,11 +195,6 @@ for part in $parts; do
                    --draft-lens 3,7 ;;
     prompt-logprobs) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
                        tests/runtime/test_gpu_runtime.py -k "prompt_logprobs" ;;
-    fold-norms) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
-                  tests/kernels/test_quant_gemm_kernel.py tests/runtime/test_gpu_runtime.py -k "fold"
-                $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part-off.json"
-                KILN_FOLD_NORMS=1 $bench --skip-unquantized --quant-algo W4A16,W8A16 --workloads decode-1 \
-                  --output-json "$out/$part-on.json" ;;
     prefill-codes) python scripts/bench_prefill_attention.py --codes
                    python scripts/ab_runtime_setting.py KILN_PREFILL_CODES plain,widened --kv-cache-quant-algo FP8 \
                      --requests 400 ;;
@@ -210,7 +202,7 @@ for part in $parts; do
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
-         "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs, prefill-codes or fold-norms" >&2
+         "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs or prefill-codes" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

@@ -609,70 +609,6 @@ def int8_qkv_rotary() -> None:
                 check(f"int8 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
 
 
-def folded_norms() -> None:
-    """The int4 and int8 GEMVs computing the RMSNorm before them (NormFold): plain, with the SiLU epilogue and with
-    the rotary one, with and without a residual, against the norm kernel's reference then the same GEMV on every
-    tile; the sum written as the next residual, bit for bit."""
-    from kiln.kernels.rmsnorm import NormFold, rms_norm_ref
-
-    for m, k, with_residual in ((1, 512, True), (2, 1032, True), (1, 1024, False)):
-        x, residual = torch.randn(m, k).half(), torch.randn(m, k).half() if with_residual else None
-        weight = (torch.rand(k) + 0.5).half()
-        normed = rms_norm_ref(x, weight, 1e-5, residual)
-        normed, summed = normed if with_residual else (normed, x)
-        (q, q_scale), (packed, scale, z) = (quantize_int8_per_channel(torch.randn(64, k), torch.float16),
-                                            quantize_int4_groups(torch.randn(64, k), 64, True, torch.float16))
-        # (the GEMV reads the normed rows, or with a fold the norm's input)
-        runs = {"int8": (lambda rows, y, tile, **kw: qg._run_w8_gemv(rows, q.view(qg.WORD_DTYPE), q_scale, y, tile,
-                                                                      **kw), qg.W8_GEMV_TILES),
-                "int4": (lambda rows, y, tile, **kw: qg._run_w4_gemv(rows, packed.view(qg.WORD_DTYPE), scale, z, 64,
-                                                                      y, tile, **kw), qg.W4_GEMV_TILES)}
-        for codes, (run, tiles) in runs.items():
-            if codes == "int4" and k % 16:
-                continue
-            for tile in tiles:
-                for gated in (False, True):
-                    want = torch.empty(m, 32 if gated else 64, dtype=torch.float16)
-                    run(normed, want, tile, gated=gated)
-                    fold = NormFold(x, weight, 1e-5, residual)
-                    got = torch.empty_like(want)
-                    run(x, got, tile, gated=gated, fold=qg._gemv_rows(fold)[1])
-                    check(f"{codes} gemv norm m{m} k{k} residual={with_residual} gated={gated} tile {tile}", got,
-                          want)
-                    if with_residual:
-                        check(f"{codes} gemv norm m{m} k{k}: the next residual", fold.residual_out, summed)
-        folded_norm_rotary(x, weight, residual, normed)
-
-
-def folded_norm_rotary(x, weight, residual, normed) -> None:
-    """The int4 and int8 QKV GEMVs with the rotary epilogue, computing the norm before them (NormFold): q, k and v
-    and the caches against the same kernel on the normed rows."""
-    from kiln.kernels.rmsnorm import NormFold
-
-    m, k = x.shape
-    heads, kv_heads, d = 2, 1, 32
-    n = (heads + 2 * kv_heads) * d
-    positions, freqs = torch.randint(0, 8192, (m,)), 500000.0 ** -(torch.arange(0, d, 2).float() / d)
-    slots = torch.randperm(4 * m)[:m]
-    (q, q_scale), (packed, scale, z) = (quantize_int8_per_channel(torch.randn(n, k), torch.float16),
-                                        quantize_int4_groups(torch.randn(n, k), 64, True, torch.float16))
-    runs = {"int8": lambda rows, y, caches, **kw: qg._run_w8_qkv_rotary(
-                rows, q.view(qg.WORD_DTYPE), q_scale, y, (8, 256, 4),
-                (heads, kv_heads, d, positions, freqs, *caches, slots, None), **kw),
-            "int4": lambda rows, y, caches, **kw: qg._run_w4_qkv_rotary(
-                rows, packed.view(qg.WORD_DTYPE), scale, z, 64, y, (8, 256, 4),
-                (heads, kv_heads, d, positions, freqs, *caches, slots, None), **kw)}
-    for codes, run in runs.items():
-        if codes == "int4" and k % 16:  # (rows of whole int64 words)
-            continue
-        want, want_caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
-        run(normed, want, want_caches)
-        got, caches = torch.empty(m, n, dtype=torch.float16), torch.zeros(2, 4 * m, kv_heads, d).half()
-        run(x, got, caches, fold=qg._gemv_rows(NormFold(x, weight, 1e-5, residual))[1])
-        for name, a, b in (("qkv", got, want), ("caches", caches, want_caches)):
-            check(f"{codes} gemv rotary norm m{m} k{k} residual={residual is not None}: {name}", a, b)
-
-
 def fp8_qkv_rotary() -> None:
     """The e4m3 word GEMV of a fused QKV projection with rotary and the cache write as its epilogue, each word
     BLOCK_N (converting by bit operations), against the same tile's plain GEMV followed by the rotary kernel. Within
@@ -716,7 +652,7 @@ CHECKS = (int4_gemm, int4_gemv, decode_attention, fused_merge, prefill_attention
           fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows,
           silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
           fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int8_qkv_rotary,
-          folded_norms, fp8_qkv_rotary,
+          fp8_qkv_rotary,
           gated_gemm_tiles)
 
 

@@ -2,7 +2,7 @@
 
 | module | kernel (Triton, CUDA only) | reference (torch, any device) | what it fuses |
 | --- | --- | --- | --- |
-| `rmsnorm` | `rms_norm` | `rms_norm_ref` | residual add + RMSNorm, one read and one write of the row (e4m3 for an FP8 linear; at 1-2 rows left to the next W4A16/W8A16 GEMV with `KILN_FOLD_NORMS=1`: `NormFold`) |
+| `rmsnorm` | `rms_norm` | `rms_norm_ref` | residual add + RMSNorm, one read and one write of the row (e4m3 for an FP8 linear) |
 | `rotary` | `apply_rotary` | `apply_rotary_ref` | cos/sin from positions + rotate-half on q and k, in place |
 | `activation` | `silu_and_mul` | `silu_and_mul_ref` | SiLU of the fc half times the gate half (e4m3 for an FP8 linear) |
 | `gated_gemm` | `silu_and_mul_gemm` | `silu_and_mul_gemm_ref` | the 16-bit fc_gate GEMM of prompt rows with SiLU-and-mul as its epilogue (TMA; `KILN_GATED_GEMM=1`) |

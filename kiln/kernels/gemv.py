@@ -516,7 +516,7 @@ if triton is not None:
         x_prescale = 1.0
         if BY_BITS:
             x_prescale = 2.0 ** X_PRESCALE_EXP
-        acc, acc_pair, _, _ = byte_word_steps(x_row, w_row, outs, pair_offset,
+        acc, acc_pair, _ = byte_word_steps(x_row, w_row, outs, pair_offset,
                                            _e4m3_bits_word_sums if BY_BITS else _e4m3_word_sums, PAIRED, K,
                                            (K // 8) % BLOCK_KW == 0, BLOCK_KW, USE_PDL, x_prescale)
         x_scale = 1.0  # (x_scale_ptr None: x as it is, 16-bit activations of e4m3 weights alone)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +62,6 @@ from kiln.kernels.gemv import (
 )
 from kiln.kernels.fp8_group_gemm import fp8_group_gemm
 from kiln.kernels.pdl import pdl_args
-from kiln.kernels.rmsnorm import NO_FOLD, NormFold
 from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
 
@@ -254,11 +252,11 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     multiplies and activates apart."""
     if not gemv_takes(x, packed) or packed.shape[0] % 2:
         return None
-    rows, fold = _gemv_rows(x)
+    rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
-    key = (_kind("gemv silu", fold), *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
-    run = functools.partial(_run_w4_gemv, gated=True, fold=fold)
+    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
+    run = functools.partial(_run_w4_gemv, gated=True)
     tile = _tuned_tile(key, W4_EPILOGUE_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
@@ -275,13 +273,12 @@ def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     tiles = [tile for tile in W4_EPILOGUE_TILES if (head_size // 2) % tile[0] == 0]
     if not gemv_takes(x, packed) or head_size % 2 or not tiles:
         return None
-    rows, fold = _gemv_rows(x)
+    rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
-    key = (_kind("gemv rotary", fold), *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype,
-           head_size)
+    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size)
     run = functools.partial(_run_w4_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
-                                                         v_cache, slots, kv_scale), fold=fold)
+                                                         v_cache, slots, kv_scale))
     # (timing a tile writes this step's keys and values to their slots, the same bits each time)
     tile = _tuned_tile(key, tiles, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
@@ -321,11 +318,8 @@ def run_fp8_qkv_rotary(rows, x_scale, wq, w_scale, y: torch.Tensor, tile: tuple,
         **pdl_args(rows.device))
 
 
-def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple,
-                       fold: dict | None = None) -> None:
-    """One launch of _w4_qkv_rotary_kernel with `tile`; `rotary` the heads and cache of w4a16_qkv_rotary_matmul,
-    `fold` a NormFold's arguments (_gemv_rows)."""
-    fold = fold or _no_fold(rows)
+def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
+    """One launch of _w4_qkv_rotary_kernel with `tile`; `rotary` the heads and cache of w4a16_qkv_rotary_matmul."""
     heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
     block_n, block_kw, warps = tile
     programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
@@ -334,7 +328,7 @@ def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tenso
         kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], GROUP=group_size,
         HAS_ZERO=zero is not None, HEAD=head_size, **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n,
-        BLOCK_KW=block_kw, num_warps=warps, **fold, **pdl_args(rows.device))
+        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
 
 
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -347,41 +341,22 @@ def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False, fold: dict | None = None) -> None:
+                 group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False) -> None:
     """One int4 GEMV with `tile` = (BLOCK_N, BLOCK_KW, warps); programs of the same outputs and another row of x are
     adjacent in the launch order, so the second row reads the weights from L2. `gated`: y = silu(fc) * gate of
-    the weights' two halves (`w4a16_silu_and_mul_matmul`). `fold`: a NormFold's arguments (_gemv_rows)."""
-    fold = fold or _no_fold(rows)
+    the weights' two halves (`w4a16_silu_and_mul_matmul`)."""
     block_n, block_kw, warps = tile
     n = y.shape[1]
     _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
         rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
         GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        GATED=gated, num_warps=warps, **fold, **pdl_args(rows.device))
+        GATED=gated, num_warps=warps, **pdl_args(rows.device))
 
 
-def gemv_takes(x, packed: torch.Tensor) -> bool:
-    """Whether the int4 or int8 GEMV on words (and its epilogue variants) runs x [..., in] (or a NormFold's rows)
-    against these codes: 1-2 rows, codes read as int64 words."""
-    return math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS and _reads_as_words(packed)
-
-
-def _gemv_rows(x) -> tuple[torch.Tensor, dict]:
-    """(the rows a word GEMV reads, its folded-norm arguments): x's rows, or a NormFold's input rows with the norm
-    left to the kernel (kiln.kernels.rmsnorm.NormFold)."""
-    if isinstance(x, NormFold):
-        return rows_view(x.x), x.kernel_args()
-    rows = rows_view(x)
-    return rows, _no_fold(rows)
-
-
-def _no_fold(rows: torch.Tensor) -> dict:
-    return dict(res_ptr=rows, g_ptr=rows, h_ptr=rows, **NO_FOLD)
-
-
-def _kind(kind: str, fold: dict) -> str:
-    """A tuning key's kind, " norm" added where the kernel computes the norm too (another compiled kernel)."""
-    return f"{kind} norm" if fold["NORM"] else kind
+def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether the int4 or int8 GEMV on words (and its epilogue variants) runs x [..., in] against these codes: 1-2
+    rows, codes read as int64 words."""
+    return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and _reads_as_words(packed)
 
 
 def _reads_as_words(codes: torch.Tensor) -> bool:
@@ -485,11 +460,11 @@ def w8a16_silu_and_mul_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Ten
     where that GEMV does not run (more than GEMV_MAX_ROWS rows, or codes not readable as words)."""
     if not gemv_takes(x, q) or q.shape[0] % 2:
         return None
-    (rows, fold), words = _gemv_rows(x), q.view(WORD_DTYPE)
+    rows, words = rows_view(x), q.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], q.shape[0] // 2, dtype=rows.dtype, device=rows.device)
-    run = functools.partial(_run_w8_gemv, gated=True, fold=fold)
-    key = (_kind("gemv silu", fold), *q.shape, rows.shape[0], rows.dtype, rows.device.index)
-    tile = _w8_tile(key, W8_GEMV_TILES, run, rows, words, scale, y)
+    run = functools.partial(_run_w8_gemv, gated=True)
+    tile = _w8_tile(("gemv silu", *q.shape, rows.shape[0], rows.dtype, rows.device.index), W8_GEMV_TILES, run,
+                    rows, words, scale, y)
     run(rows, words, scale, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
 
@@ -504,13 +479,13 @@ def w8a16_qkv_rotary_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
     tiles = [tile for tile in W8_GEMV_TILES if (head_size // 2) % tile[0] == 0]
     if not gemv_takes(x, q) or head_size % 2 or not tiles:
         return None
-    (rows, fold), words = _gemv_rows(x), q.view(WORD_DTYPE)
+    rows, words = rows_view(x), q.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=rows.device)
     run = functools.partial(_run_w8_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
-                                                        v_cache, slots, kv_scale), fold=fold)
+                                                        v_cache, slots, kv_scale))
     # (timing a tile writes this step's keys and values to their slots, the same bits each time)
-    key = (_kind("gemv rotary", fold), *q.shape, rows.shape[0], rows.dtype, rows.device.index, head_size)
-    tile = _w8_tile(key, tiles, run, rows, words, scale, y)
+    tile = _w8_tile(("gemv rotary", *q.shape, rows.shape[0], rows.dtype, rows.device.index, head_size), tiles, run,
+                    rows, words, scale, y)
     run(rows, words, scale, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
 
@@ -546,26 +521,23 @@ def _w8_tile(key: tuple, candidates: list, run, rows, words, scale, y) -> tuple 
 
 
 def _run_w8_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
-                 tile: tuple | None, gated: bool = False, fold: dict | None = None) -> torch.Tensor:
+                 tile: tuple | None, gated: bool = False) -> torch.Tensor:
     """One int8 GEMV into y by _w8_gemv_kernel with `tile` = (BLOCK_N, BLOCK_KW, warps), or (tile None) by the
     full-precision GEMV, which returns its own output. `gated`: y = silu(fc) * gate of the weights' two halves
-    (`w8a16_silu_and_mul_matmul`). `fold`: a NormFold's arguments (_gemv_rows)."""
-    fold = fold or _no_fold(rows)
+    (`w8a16_silu_and_mul_matmul`)."""
     if tile is None:
-        assert not gated and not fold["NORM"], "the full-precision GEMV has no epilogue and folds no norm"
+        assert not gated, "the full-precision GEMV has no SiLU epilogue"
         return scaled_gemv(rows, None, words.view(torch.int8), scale, rows.dtype)
     block_n, block_kw, warps = tile
     n = y.shape[1]
     _w8_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
         rows, words, scale, y, n, rows.shape[1], rows.stride(0), EVEN_N=n % block_n == 0, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, GATED=gated, num_warps=warps, **fold, **pdl_args(rows.device))
+        BLOCK_KW=block_kw, GATED=gated, num_warps=warps, **pdl_args(rows.device))
     return y
 
 
-def _run_w8_qkv_rotary(rows, words, scale, y: torch.Tensor, tile: tuple, rotary: tuple,
-                       fold: dict | None = None) -> None:
-    """One launch of _w8_qkv_rotary_kernel with `tile`; `rotary` and `fold` as _run_w4_qkv_rotary's."""
-    fold = fold or _no_fold(rows)
+def _run_w8_qkv_rotary(rows, words, scale, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
+    """One launch of _w8_qkv_rotary_kernel with `tile`; `rotary` as _run_w4_qkv_rotary's."""
     heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
     block_n, block_kw, warps = tile
     programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
@@ -573,7 +545,7 @@ def _run_w8_qkv_rotary(rows, words, scale, y: torch.Tensor, tile: tuple, rotary:
         rows, words, scale, y, positions, inv_freq, k_cache, v_cache, slots,
         kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], HEAD=head_size,
-        **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps, **fold,
+        **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps,
         **pdl_args(rows.device))
 
 
@@ -606,21 +578,18 @@ if triton is not None:
 
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, res_ptr, g_ptr, h_ptr,
-                        eps, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr,
-                        EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                        GATED: tl.constexpr = False, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
         """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows are [fc; gate]
         (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on,
-        and the activation is the epilogue (no fc_gate output, no second launch). NORM: x is an RMSNorm's input,
-        the norm folded in (_norm_rows)."""
+        and the activation is the epilogue (no fc_gate output, no second launch)."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         y, y_gate = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
-                                GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL,
-                                _norm_rows(res_ptr, g_ptr, h_ptr, m, K), eps, NORM, HAS_RES)
+                                GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -628,18 +597,17 @@ if triton is not None:
         tl.store(y_ptr + m * N + out, y, mask=out < N)
 
     @triton.jit
-    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, res_ptr, g_ptr, h_ptr, eps,
-                        USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                        GATED: tl.constexpr = False, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
+                        EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                        GATED: tl.constexpr = False):
         """y [rows, N] = (x @ q^T) * s, BLOCK_N outputs a program: W8A16's GEMV with int8 codes q read as int64
         words of 8 (kiln.kernels.words.w8_row_sums: one AND and one FMA a weight, where the full-precision GEMV,
         kiln.kernels.gemv, converts each code apart). GATED: as _w4_gemv_kernel's, y = silu(fc) * gate of the
-        weight rows [fc; gate], the gate rows N further on summed with the same x. NORM: as _w4_gemv_kernel's."""
+        weight rows [fc; gate], the gate rows N further on summed with the same x."""
         allow_dependents(USE_PDL)
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         y, y_gate = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 8), s_ptr + n0, outs,
-                                tl.cast(N, tl.int64), GATED, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL,
-                                _norm_rows(res_ptr, g_ptr, h_ptr, m, K), eps, NORM, HAS_RES)
+                                tl.cast(N, tl.int64), GATED, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -649,15 +617,14 @@ if triton is not None:
     @triton.jit
     def _w8_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                               stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
-                              kv_heads, res_ptr, g_ptr, h_ptr, eps, K: tl.constexpr, HEAD: tl.constexpr,
-                              QUANT: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_KW: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                              kv_heads, K: tl.constexpr, HEAD: tl.constexpr, QUANT: tl.constexpr,
+                              QMAX: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_KW: tl.constexpr):
         """_w4_qkv_rotary_kernel for int8 codes with a scale per output (w8_row_sums), the same rotary epilogue."""
         allow_dependents(USE_PDL)
         m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
         y1, y2 = w8_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 8), s_ptr + n0, tl.arange(0, BLOCK_N),
-                             HEAD // 2, True, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL,
-                             _norm_rows(res_ptr, g_ptr, h_ptr, m, K), eps, NORM, HAS_RES)
+                             HEAD // 2, True, K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)
@@ -665,10 +632,9 @@ if triton is not None:
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                               stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
-                              kv_heads, res_ptr, g_ptr, h_ptr, eps, K: tl.constexpr, GROUP: tl.constexpr,
-                              HAS_ZERO: tl.constexpr, HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                              USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                              NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                              kv_heads, K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                              HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         """The fused QKV projection y [rows, (q_heads + 2 kv_heads) HEAD] with rotary as its epilogue, as
         kiln.kernels.rotary.apply_rotary_and_write_cache leaves it: q and k heads rotated (rotate-half: dim i pairs
         with i + HEAD / 2), and the keys and values written to their cache slot (as codes with a quantized cache).
@@ -679,7 +645,7 @@ if triton is not None:
         m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
         y1, y2 = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
-                             BLOCK_N, BLOCK_KW, USE_PDL, _norm_rows(res_ptr, g_ptr, h_ptr, m, K), eps, NORM, HAS_RES)
+                             BLOCK_N, BLOCK_KW, USE_PDL)
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)
@@ -700,12 +666,6 @@ if triton is not None:
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)
-
-    @triton.jit
-    def _norm_rows(res_ptr, g_ptr, h_ptr, m, K: tl.constexpr):
-        """A folded norm's pointers for row m (kiln.kernels.words.folded_norm_step): the residual's row, the
-        weight, the next residual's row, and whether this program writes it (the first of the row's programs)."""
-        return res_ptr + m * K, g_ptr, h_ptr + m * K, tl.program_id(1) == 0
 
     @triton.jit
     def _rotary_program(freq_ptr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr):

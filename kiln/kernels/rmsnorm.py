@@ -10,15 +10,7 @@ kernel writes it: the row rounded to x's dtype, then quantized as that linear's 
 disappears and no bit changes. Static-scale FP8 divides and casts; a scale per token (SmoothQuant's int8,
 FP8_PER_CHANNEL_PER_TOKEN's e4m3) or per group (FP8_BLOCK_SCALES) takes the row's or group's max as well, one
 reduction more, since the whole row is in the program.
-
-At one or two rows, a W4A16 or W8A16 GEMV on words of codes can compute the norm itself (`NormFold`,
-KILN_FOLD_NORMS=1): it reads the norm's input and residual in place of the normed row, writes the sum as the next
-residual, multiplies by the norm's weight as it loads each column and by the norm's one scalar after its sums
-(kiln.kernels.words.folded_norm_step). The launch of the norm goes away; the normed row is never rounded to x's
-dtype, so the GEMV's result differs from the norm-then-GEMV one within that rounding.
 """
-
-import os
 
 import torch
 
@@ -78,50 +70,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         BLOCK=max(block, flags["FP8_GROUP"]), num_warps=num_warps, **pdl_args(x.device))
     out = out if out_quant else out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, res_out.view(x.shape))
-
-
-def fold_norms_enabled() -> bool:
-    """KILN_FOLD_NORMS=1 lets the word GEMVs compute the RMSNorm before them (NormFold). Off by default until timed
-    on a GPU (scripts/gpu_first_run.sh fold-norms)."""
-    return os.environ.get("KILN_FOLD_NORMS", "0") == "1"
-
-
-class NormFold:
-    """An RMSNorm's rows, left for the GEMV after it to compute: the norm's input x [rows, K], its weight and eps,
-    and its residual and the tensor the sum goes to (None without a residual: x is then the stream itself). A
-    kernel that takes it (kiln.kernels.quant_gemm's word GEMVs and their epilogues) writes residual_out;
-    anything else calls materialize(), which runs the norm."""
-
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-        assert x.is_contiguous() and (residual is None or residual.is_contiguous()), "NormFold: contiguous rows"
-        self.x, self.weight, self.eps, self.residual = x, weight, eps, residual
-        self.residual_out = None if residual is None else torch.empty_like(x)
-        self._normed = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.x.shape
-
-    def materialize(self) -> torch.Tensor:
-        """The normed rows, by the norm kernel (once), the sum written to residual_out as a folding GEMV would."""
-        if self._normed is None:
-            if self.residual is None:
-                self._normed = rms_norm(self.x, self.weight, self.eps)
-            else:
-                self._normed, summed = rms_norm(self.x, self.weight, self.eps, self.residual)
-                self.residual_out.copy_(summed)
-        return self._normed
-
-    def kernel_args(self) -> dict:
-        """The folding kernels' arguments: the residual's rows, the weight, the rows the sum goes to, eps, and the
-        flags (rows of K values each, as x's)."""
-        res = self.x if self.residual is None else self.residual
-        out = self.x if self.residual_out is None else self.residual_out
-        return dict(res_ptr=res, g_ptr=self.weight, h_ptr=out, eps=self.eps, NORM=True,
-                    HAS_RES=self.residual is not None)
-
-
-NO_FOLD = dict(eps=0.0, NORM=False, HAS_RES=False)  # (with x itself as the three pointers: unread)
 
 
 def program_shape(rows: int, hidden: int) -> tuple[int, int]:

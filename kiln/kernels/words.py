@@ -55,35 +55,6 @@ if triton is not None:
         return v
 
     @triton.jit
-    def step_columns(row, k0, first, W: tl.constexpr):
-        """The addresses of a word GEMV step's columns of x [B, W] in a row of x's shape (words k0 + first, W
-        columns each), added in the order that keeps the step's scalar base apart (see step_words)."""
-        return row + W * k0 + (W * first)[:, None] + tl.arange(0, W)[None, :]
-
-    @triton.jit
-    def folded_norm_step(x, k0, first, ok, norm_rows, sq, W: tl.constexpr, HAS_RES: tl.constexpr,
-                         EVEN_K: tl.constexpr):
-        """One GEMV step's x [B, W] (step_columns) under a folded RMSNorm (kiln.kernels.quant_gemm.NormFold):
-        h = x + the residual's same columns, rounded to x's dtype as the norm kernel rounds the sum (and stored as
-        the next residual by the program that writes it); h's squares added to sq [B]; h times the norm's weight in
-        float32, the GEMV's input but for the norm's one scalar (norm_scale). norm_rows: (the residual's row, the
-        norm weight, the next residual's row, whether this program writes it)."""
-        res_row, g_ptr, h_row, writes_h = norm_rows
-        h = x
-        if HAS_RES:
-            residual = load_step(step_columns(res_row, k0, first, W), ok, EVEN_K)
-            h = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
-            tl.store(step_columns(h_row, k0, first, W), h, mask=ok & writes_h)
-        h = h.to(tl.float32)
-        g = load_step(step_columns(g_ptr, k0, first, W), ok, EVEN_K).to(tl.float32)
-        return h * g, sq + tl.sum(h * h, axis=1)
-
-    @triton.jit
-    def norm_scale(sq, K: tl.constexpr, eps):
-        """The folded RMSNorm's scalar, 1 / sqrt(mean(h^2) + eps), from folded_norm_step's sums of squares."""
-        return 1.0 / tl.sqrt(tl.sum(sq) / K + eps)
-
-    @triton.jit
     def step_words(w_row, k0, first, outs, KW: tl.constexpr, EVEN_K: tl.constexpr):
         """A word GEMV's step of codes: words k0 + first [B] of rows outs [N] from w_row (KW words a row), one word
         a thread and row, 0 past a row's end. The address is the step's scalar base, plus the thread's word, plus
@@ -149,12 +120,10 @@ if triton is not None:
     @triton.jit
     def w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr, norm_rows=None, eps=0.0,
-                    NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
         """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
         scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
         `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
-        With NORM, x is an RMSNorm's input (and HAS_RES its residual), the norm folded in (folded_norm_step).
         Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
         # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
         # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
@@ -179,7 +148,6 @@ if triton is not None:
         # 64-bit adds a load instead (scripts/kernel_sass.py "w4 gemv").
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
-        sq = tl.zeros([BLOCK_KW], tl.float32)
         if PAIRED:
             wp_row, sp_row, zp_row = w_row + gap * KW, s_row + gap * G, z_row + gap * G
             acc_paired = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
@@ -195,39 +163,31 @@ if triton is not None:
                 if PAIRED:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs, G, KW, WPG, HAS_ZERO,
                                                EVEN_K)
-            x = load_step(step_columns(x_row, k0, first, 16), (k0 + first < KW)[:, None], EVEN_K)
-            if NORM:
-                x, sq = folded_norm_step(x, k0, first, (k0 + first < KW)[:, None], norm_rows, sq, 16, HAS_RES,
-                                         EVEN_K)
-            x_low, x_high = halves(x.to(tl.float32))
+            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
+            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
             xs_low, xs_high = split8(x_low), split8(x_high)
             x_sum = sum8(xs_low) + sum8(xs_high)
             slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
             acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
             if PAIRED:
                 acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
-        scale = 2.0 ** SHIFT_EXP
-        if NORM:
-            scale = scale * norm_scale(sq, K, eps)
-        y = tl.sum(acc, axis=0) * scale
+        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
         y_paired = y
         if PAIRED:
-            y_paired = tl.sum(acc_paired, axis=0) * scale
+            y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
         return y, y_paired
 
     @triton.jit
     def byte_word_steps(x_row, w_row, outs, pair_offset, word_sums, PAIRED: tl.constexpr, K: tl.constexpr,
                         EVEN_K: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
-                        X_SCALE: tl.constexpr = 1.0, SUM_X: tl.constexpr = False, norm_rows=None,
-                        NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                        X_SCALE: tl.constexpr = 1.0, SUM_X: tl.constexpr = False):
         """The loop of the GEMVs on words of 8 byte codes, int8's (w8_row_sums) and e4m3's
-        (kiln.kernels.gemv.fp8_word_row_sums): (acc, acc of the rows pair_offset further on, x's sums, the squares'
-        sums), float32 [BLOCK_KW, BLOCK_N] a word of each output and [BLOCK_KW] a word of x, which each format's own
-        epilogue sums and scales (the paired acc 0 without PAIRED, x's sums 0 without SUM_X, the squares' sums 0
-        without NORM: x then an RMSNorm's input, folded in by folded_norm_step, for norm_scale last). A step adds the
-        format's products, word_sums(acc, w, xs): w the int64 words [BLOCK_KW, BLOCK_N] of rows `outs` of the codes
-        at w_row, xs (split8) the 8 columns of x (at x_row) they multiply, times X_SCALE. Requests the first step's
-        weights, then waits for x (kiln.kernels.pdl)."""
+        (kiln.kernels.gemv.fp8_word_row_sums): (acc, acc of the rows pair_offset further on, x's sums), float32
+        [BLOCK_KW, BLOCK_N] a word of each output and [BLOCK_KW] a word of x, which each format's own epilogue sums
+        and scales (the paired acc 0 without PAIRED, x's sums 0 without SUM_X). A step adds the format's products,
+        word_sums(acc, w, xs): w the int64 words [BLOCK_KW, BLOCK_N] of rows `outs` of the codes at w_row, xs
+        (split8) the 8 columns of x (at x_row) they multiply, times X_SCALE. Requests the first step's weights,
+        then waits for x (kiln.kernels.pdl)."""
         # Word c of a row holds columns 8c..8c+7, column 8c + j in bits 8j..8j+7: each thread loads 8 bytes of an
         # output's codes and the 8 columns of x they multiply, as w4_row_sums loads a word of 16 codes.
         # The lines up to the loop keep the order that gives both formats the sm_90 code of their own loops before
@@ -237,7 +197,6 @@ if triton is not None:
         first = tl.arange(0, BLOCK_KW) ^ tl.program_id(2)  # (one word a thread: see w4_row_sums)
         acc = tl.zeros([BLOCK_KW, outs.shape[0]], tl.float32)
         x_sums = tl.zeros([BLOCK_KW], tl.float32)
-        sq = tl.zeros([BLOCK_KW], tl.float32)
         acc_pair = acc
         w = step_words(w_row, 0, first, outs, KW, EVEN_K)
         if PAIRED:
@@ -252,41 +211,35 @@ if triton is not None:
             # (a word past the row's end reads 0, and so does x there. Not load_step: the interpreter cannot cast
             # its integer 0 to e4m3 codes of x, and as a call it moved registers in the e4m3 MoE kernel's sm_90 code)
             x = tl.load(x_p) if EVEN_K else tl.load(x_p, mask=(k0 + first < KW)[:, None], other=0.0)
-            if NORM:
-                x, sq = folded_norm_step(x, k0, first, (k0 + first < KW)[:, None], norm_rows, sq, 8, HAS_RES, EVEN_K)
             xs = split8(x.to(tl.float32) * X_SCALE)
             if SUM_X:
                 x_sums += sum8(xs)
             acc = word_sums(acc, w, xs)
             if PAIRED:
                 acc_pair = word_sums(acc_pair, w_pair, xs)
-        return acc, acc_pair, x_sums, sq
+        return acc, acc_pair, x_sums
 
     @triton.jit
     def w8_row_sums(x_row, w_row, s_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr, norm_rows=None, eps=0.0,
-                    NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
         """The int8 GEMV's outputs, float32 [BLOCK_N]: x (at x_row) times rows `outs` of int8 codes from w_row, each
         times its row's scale (at s_row + the row), and with PAIRED also the rows `gap` further on (the same x read
-        once for both): (y, y of the paired rows; y again without PAIRED). NORM, HAS_RES: as w4_row_sums'. Requests
-        the first step's weights, then waits for x (kiln.kernels.pdl)."""
+        once for both): (y, y of the paired rows; y again without PAIRED). Requests the first step's weights, then
+        waits for x (kiln.kernels.pdl)."""
         # Codes read as int64 words of 8 (byte_word_steps). Each 32-bit half is XORed with 0x80808080, which makes
         # each byte the unsigned code u = q + 128 (one instruction a half), and w4_row_sums' trick turns it into a
         # float: bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32
         # bits, are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA. The sums
         # carry 2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in
         # float32 (a word past the row's end reads 0: codes 128 times x's 0 there).
-        acc, acc_paired, x_sums, sq = byte_word_steps(x_row, w_row, outs, gap, _word_byte_sums, PAIRED, K, EVEN_K,
-                                                      BLOCK_KW, USE_PDL, SUM_X=True, norm_rows=norm_rows, NORM=NORM,
-                                                      HAS_RES=HAS_RES)
+        acc, acc_paired, x_sums = byte_word_steps(x_row, w_row, outs, gap, _word_byte_sums, PAIRED, K, EVEN_K,
+                                                  BLOCK_KW, USE_PDL, SUM_X=True)
         x_total = tl.sum(x_sums) * (128.0 * 2.0 ** -SHIFT_EXP)
-        scale = 2.0 ** SHIFT_EXP
-        if NORM:
-            scale = scale * norm_scale(sq, K, eps)
-        y = (tl.sum(acc, axis=0) - x_total) * scale * tl.load(s_row + outs).to(tl.float32)
+        y = (tl.sum(acc, axis=0) - x_total) * (2.0 ** SHIFT_EXP) * tl.load(s_row + outs).to(tl.float32)
         y_paired = y
         if PAIRED:
-            y_paired = (tl.sum(acc_paired, axis=0) - x_total) * scale * tl.load(s_row + gap + outs).to(tl.float32)
+            y_paired = (tl.sum(acc_paired, axis=0) - x_total) * (2.0 ** SHIFT_EXP) * tl.load(
+                s_row + gap + outs).to(tl.float32)
         return y, y_paired
 
     @triton.jit

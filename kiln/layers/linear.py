@@ -18,7 +18,6 @@ from torch import nn
 from kiln.kernels import gated_gemm
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
 from kiln.kernels.input_quant import InputQuant
-from kiln.kernels.rmsnorm import NormFold
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
 
@@ -48,11 +47,6 @@ class LinearMethod:
         `cache` ((k_cache, v_cache, slots, kv_scale): kiln.kernels.rotary.apply_rotary_and_write_cache), in one
         kernel where this method has one for x; None (the default) where not: the caller does the three apart."""
         return None
-
-    def folds_norm(self, layer: "Linear") -> bool:
-        """Whether this method's kernels at 1-2 rows (the SiLU and rotary epilogue variants) can compute the RMSNorm
-        before the layer themselves (kiln.kernels.rmsnorm.NormFold); False (the default) where not."""
-        return False
 
     def input_quant(self, layer: "Linear") -> InputQuant | None:
         """The quantized input this method's apply takes ready-made (Fp8Rows, Int8Rows), for the kernel that
@@ -145,8 +139,6 @@ class Linear(nn.Module):
         method.create_weights(self)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, NormFold):  # (a norm left for a GEMV that did not take it: kiln.kernels.rmsnorm)
-            x = x.materialize()
         return self.quant_method.apply(self, x)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels import triton_available
-from kiln.kernels.gemv import GEMV_MAX_ROWS
 from kiln.kernels.input_quant import InputQuant
-from kiln.kernels.rmsnorm import NormFold, fold_norms_enabled, rms_norm, rms_norm_ref
+from kiln.kernels.rmsnorm import rms_norm, rms_norm_ref
 from kiln.mapping import replicate
 from kiln.runtime.distributed import all_reduce
 
@@ -23,15 +22,9 @@ class RMSNorm(nn.Module):
         # Set at engine load (DecoderLayer.fuse_input_quantization) when the linear that reads this norm's output
         # takes quantized input (kiln.kernels.input_quant): the output is then that input, Fp8Rows or Int8Rows.
         self.out_quant: InputQuant | None = None
-        # Set at engine load (DecoderLayer.fold_norms) when the linear that reads this norm's output can compute
-        # it (LinearMethod.folds_norm): with KILN_FOLD_NORMS=1, decode's rows then go to it as a NormFold.
-        self.fold = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) with the sum rounded to x's dtype first."""
-        if self._folds(x, residual):  # the next linear's GEMV computes it (kiln.kernels.rmsnorm.NormFold)
-            fold = NormFold(x, self.weight, self.eps, residual)
-            return fold if residual is None else (fold, fold.residual_out)
         if x.is_cuda and not self.unit_offset and triton_available():  # the same math in one Triton launch
             return rms_norm(x, self.weight, self.eps, residual, self.out_quant)
         if residual is not None:
@@ -42,13 +35,6 @@ class RMSNorm(nn.Module):
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_ref(x, self.weight, self.eps, unit_offset=self.unit_offset)
-
-    def _folds(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        """Whether these rows go to the next linear unnormed: a folding layer, a decode step's 1-2 contiguous rows
-        on the GPU in the weight's dtype, and KILN_FOLD_NORMS=1."""
-        return (self.fold and x.is_cuda and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and x.is_contiguous()
-                and (residual is None or residual.is_contiguous()) and x.dtype == self.weight.dtype
-                and fold_norms_enabled() and triton_available())
 
 
 class Unnormed(nn.Module):

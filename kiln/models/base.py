@@ -312,25 +312,6 @@ class DecoderLayer(nn.Module):
                 self.post_layernorm.out_quant = self.mlp.fc_gate.input_quant()
             self.mlp.act_quant = self.mlp.proj.input_quant()
 
-    def fold_norms(self) -> None:
-        """Mark the RMSNorms whose one reader computes them itself at 1-2 rows (LinearMethod.folds_norm: the W4A16
-        and W8A16 word GEMVs' epilogue variants; kiln.kernels.rmsnorm.NormFold, on with KILN_FOLD_NORMS=1): the
-        input norm before a QKV projection that rotates in its epilogue, the post-attention norm before a fused
-        gated MLP. Set once, when the engine loads; a norm already writing quantized input is left alone."""
-        if self.parallel_residual or self.sandwich_norm:
-            return
-        attention = self.attention
-        if isinstance(attention, Attention) and attention.rope is not None and attention.fused_rope and \
-                not attention.qk_norm and attention.qkv.bias is None:
-            self._mark_fold(self.input_layernorm, attention.qkv)
-        if isinstance(self.mlp, GatedMLP) and self.mlp.fused:
-            self._mark_fold(self.post_layernorm, self.mlp.fc_gate)
-
-    @staticmethod
-    def _mark_fold(norm, linear) -> None:
-        if isinstance(norm, RMSNorm) and not norm.unit_offset and norm.out_quant is None:
-            norm.fold = linear.quant_method.folds_norm(linear)
-
     def _fuse_attention_input_quantization(self) -> None:
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.out_quant = self.attention.qkv.input_quant()
@@ -455,7 +436,6 @@ class DecoderModelForCausalLM(PretrainedModel):
         prepare_linear_layers(self)
         for layer in self.transformer.layers.values():
             layer.fuse_input_quantization()
-            layer.fold_norms()
 
     def _ties_lm_head(self) -> bool:
         """lm_head shares the embedding's tensor: tied embeddings, both on this rank, lm_head in full precision

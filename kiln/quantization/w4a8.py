@@ -69,7 +69,6 @@ class W4A8AwqMethod(Int4GroupMethod):
     # layers take their plain paths (LinearMethod's defaults).
     silu_and_mul_matmul = LinearMethod.silu_and_mul_matmul
     rotary_qkv_matmul = LinearMethod.rotary_qkv_matmul
-    folds_norm = LinearMethod.folds_norm
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         if act_absmax is None:

@@ -37,7 +37,6 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import divide_exactly, triton_available
 from kiln.kernels.gemv import epilogues_enabled
-from kiln.kernels.rmsnorm import NormFold
 from kiln.kernels.moe import ExpertCodes
 from kiln.kernels.words import INT4_SYMMETRIC_ZERO
 from kiln.layers.linear import Linear, LinearMethod
@@ -142,8 +141,6 @@ def _param(*shape, dtype=None) -> nn.Parameter:
 class _WeightOnlyMethod(LinearMethod):
     """Shared by both formats: the optional AWQ prequant scale, and apply = dequantize then matmul."""
 
-    act_order = False  # (GPTQ's act-order: Int4GroupMethod)
-
     def __init__(self, prequant: bool = False):
         self.prequant = prequant
 
@@ -171,20 +168,13 @@ class _WeightOnlyMethod(LinearMethod):
         raise NotImplementedError
 
     def _gemv_input(self, layer, x) -> tuple:
-        """(kiln.kernels.quant_gemm, x as the format's GEMV on words takes it: AWQ-scaled, act-order permuted, or a
-        NormFold, which only folds_norm layers get) where that GEMV runs on x (CUDA, 1-2 rows) and the epilogue
-        variants are on (kiln.kernels.gemv.epilogues_enabled), else (None, x): the epilogue variants are the
-        GEMV's."""
-        rows = x.x if isinstance(x, NormFold) else x
-        quant_gemm = _kernels_for(rows)
-        if quant_gemm is None or not quant_gemm.gemv_takes(rows, layer.weight) or not epilogues_enabled():
+        """(kiln.kernels.quant_gemm, x as the format's GEMV on words takes it: AWQ-scaled, act-order permuted) where
+        that GEMV runs on x (CUDA, 1-2 rows) and the epilogue variants are on (kiln.kernels.gemv.epilogues_enabled),
+        else (None, x): the epilogue variants are the GEMV's."""
+        quant_gemm = _kernels_for(x)
+        if quant_gemm is None or not quant_gemm.gemv_takes(x, layer.weight) or not epilogues_enabled():
             return None, x
-        return quant_gemm, x if isinstance(x, NormFold) else self._act_ordered(layer, self._prequant_scaled(layer, x))
-
-    def folds_norm(self, layer) -> bool:
-        """The word GEMVs' epilogue variants compute the norm before them where x goes to them as it is: no AWQ
-        prequant scale, no act-order permutation, rows of whole words."""
-        return not self.prequant and not self.act_order and layer.weight.shape[-1] % 8 == 0
+        return quant_gemm, self._act_ordered(layer, self._prequant_scaled(layer, x))
 
     def _act_ordered(self, layer, x) -> torch.Tensor:
         """x's columns in the codes' order: as they are, but for GPTQ's act-order (Int4GroupMethod)."""

@@ -380,65 +380,6 @@ def test_w8a16_gemv_tuner_times_both_kernels_and_keeps_one(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("codes", ["int4", "int8"])
-def test_word_gemvs_folding_the_norm_match_the_norm_then_the_gemv(rows, with_residual, codes):
-    """KILN_FOLD_NORMS' kernels (kiln.kernels.rmsnorm.NormFold): the SiLU and rotary epilogue variants given the
-    norm's input, weight and residual match the norm kernel then the same variant, within the rounding of the normed
-    row to bf16 that they skip (8 units in the last place of sum |x| |w|, where a norm applied wrongly is off by
-    its whole scale), and write x + residual as the next residual bit for bit."""
-    from kiln.kernels.rmsnorm import NormFold, rms_norm
-
-    torch.manual_seed(100 + rows + 2 * with_residual)
-    heads, kv_heads, head_size, k, inter = 8, 2, 64, 1024, 300
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 3
-    residual = torch.randn_like(x) if with_residual else None
-    weight = (torch.rand(k, device="cuda") + 0.5).to(x.dtype)
-    normed = rms_norm(x, weight, 1e-5, residual)
-    normed = normed[0] if with_residual else normed
-    n = (heads + 2 * kv_heads) * head_size
-    if codes == "int4":
-        weights = {size: quantize_int4_groups(torch.randn(size, k, device="cuda"), 64, True, x.dtype)
-                   for size in (2 * inter, n)}
-        silu = lambda rows_in: qg.w4a16_silu_and_mul_matmul(rows_in, *weights[2 * inter], 64)  # noqa: E731
-        rotary = lambda rows_in, *args: qg.w4a16_qkv_rotary_matmul(rows_in, *weights[n], 64, *args)  # noqa: E731
-        dense = {size: dequantize_int4(*w, 64, torch.float32).double() for size, w in weights.items()}
-    else:
-        weights = {size: quantize_int8_per_channel(torch.randn(size, k, device="cuda"), x.dtype)
-                   for size in (2 * inter, n)}
-        silu = lambda rows_in: qg.w8a16_silu_and_mul_matmul(rows_in, *weights[2 * inter])  # noqa: E731
-        rotary = lambda rows_in, *args: qg.w8a16_qkv_rotary_matmul(rows_in, *weights[n], *args)  # noqa: E731
-        dense = {size: q.double() * s.double()[:, None] for size, (q, s) in weights.items()}
-    positions = torch.randint(0, 8192, (rows,), device="cuda")
-    inv_freq = 500000.0 ** -(torch.arange(0, head_size, 2, device="cuda").float() / head_size)
-    slots = torch.randperm(8 * rows, device="cuda")[:rows]
-    for name in ("silu", "rotary"):
-        caches = torch.zeros(4, 8 * rows, kv_heads, head_size, device="cuda", dtype=x.dtype)
-        fold = NormFold(x, weight, 1e-5, residual)
-        if name == "silu":
-            want, got = silu(normed), silu(fold)
-            # silu(fc) * gate moves by at most 1.1 |gate| dfc + |silu(fc)| dgate (+ both, + its own rounding)
-            fc, gate = (normed.double() @ w.T for w in dense[2 * inter].chunk(2))
-            d_fc, d_gate = (ulp_bound(normed, w, 8) for w in dense[2 * inter].chunk(2))
-            bound = 1.1 * gate.abs() * d_fc + (fc * torch.sigmoid(fc)).abs() * d_gate + 1.1 * d_fc * d_gate + \
-                2 ** -7 * want.double().abs()
-        else:
-            want = rotary(normed, heads, kv_heads, head_size, positions, inv_freq, caches[0], caches[1], slots, None)
-            got = rotary(fold, heads, kv_heads, head_size, positions, inv_freq, caches[2], caches[3], slots, None)
-            bound = ulp_bound(normed, dense[n], 8)  # (a rotation keeps each pair's error within the pair's bound)
-            bound = bound.view(rows, -1, 2, head_size // 2).max(dim=2, keepdim=True).values.expand(
-                -1, -1, 2, -1).reshape(rows, -1) * 1.5
-            k_heads, v_heads = got[:, heads * head_size:].unflatten(-1, (-1, head_size)).chunk(2, dim=1)
-            assert torch.equal(caches[2][slots], k_heads) and torch.equal(caches[3][slots], v_heads), \
-                "the cache holds the keys and values returned"
-        err = (got.double() - want.double()).abs()
-        assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g}"
-        if with_residual:
-            assert torch.equal(fold.residual_out, x + residual), f"{name}: the next residual"
-
-
-@needs_gpu
 @pytest.mark.parametrize("act_order", [False, True])
 def test_quantized_linear_runs_the_kernel_on_cuda(act_order):
     from kiln.layers.linear import ColumnLinear

@@ -101,29 +101,6 @@ def test_awq_folds_into_norms_and_keeps_prequant_on_row_layers(quantized, quant_
     assert any(folded)  # the searched scales moved into the norms (alpha = 0 may leave one as it was)
 
 
-def test_the_norms_before_the_word_gemvs_are_marked_to_fold(quantized, monkeypatch):
-    """prepare_runtime marks each layer's input and post-attention RMSNorm for the W4A16 or W8A16 GEMV after it to
-    compute (DecoderLayer.fold_norms; with KILN_FOLD_NORMS=1, on a GPU, at 1-2 rows), but not where that GEMV takes
-    x otherwise (GPTQ's act-order, an AWQ prequant scale) or computes nothing (W4A8_AWQ's own input quantization).
-    On the CPU a marked norm still normalizes itself: the logits do not change."""
-    from kiln.quantization.w4a8 import W4A8AwqMethod
-    from kiln.quantization.weight_only import Int4GroupMethod
-
-    monkeypatch.setenv("KILN_FOLD_NORMS", "1")
-    for name in ("W8A16", "W4A16_g64", "W4A16_AWQ_g64"):
-        model = kiln.build(PretrainedModel.from_checkpoint(quantized[name])).runtime_model()
-        with torch.no_grad():
-            before = model(IDS)
-            model.prepare_runtime()
-            assert torch.equal(model(IDS), before), name
-        layer = model.transformer.layers["0"]
-        assert layer.input_layernorm.fold and layer.post_layernorm.fold, name
-    qkv = layer.attention.qkv
-    assert not Int4GroupMethod(64, False, act_order=True).folds_norm(qkv)
-    assert not Int4GroupMethod(64, False, prequant=True).folds_norm(qkv)
-    assert not W4A8AwqMethod(64, False).folds_norm(qkv)
-
-
 def test_awq_reduces_layer_output_error_versus_round_to_nearest(quant_llama, tmp_path):
     qc = CONFIGS["W4A16_AWQ_g64"]
     out = PretrainedModel.quantize(quant_llama[0], tmp_path / "q", qc, calib_size=4, calib_max_seq_len=64,
