@@ -95,8 +95,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # twice the words a step) each of the first five won a shape; the rest were within 10% of the best on one. Tiles of
 # one output, or of 8192 codes a step, lost on every shape by 24% or more and were dropped. On int64 words the
 # fifth, (2, 256, 4), was 18-51% behind the best on all eight shapes and was dropped too (twenty-seventh session).
+# (16, 128, 4), added untimed in the forty-sixth session, is the one tile whose threads each hold one word of 16
+# outputs: x's 16 columns a thread converts, scales and sums once for 16 words, and the loop issues 2.95
+# instructions a weight in sm_90 code against (8, 128, 4)'s 3.30 (scripts/kernel_sass.py "w4 gemv zero=True" --set
+# K=14336). With the weights in L2 the GEMV ran only 18% faster on an H100 (scripts/probe_l2_prefetch.py): issue
+# and latency bound it as much as DRAM. It holds 153 registers, 3 programs an SM; the tuner decides.
 W4_GEMV_TILES = ((4, 256, 4), (8, 256, 4), (8, 256, 8), (16, 64, 4), (4, 128, 4), (8, 128, 4), (8, 64, 4),
-                 (16, 128, 8))
+                 (16, 128, 8), (16, 128, 4))
 # The tiles the GEMV's epilogue variants (SiLU-and-mul, rotary) choose from: the four that came first or second for
 # the plain GEMV of Llama-3-8B's qkv and fc_gate on an H200, symmetric and with zero points (fifteenth session,
 # scripts/bench_w4_gemv_versions.py). Every candidate is compiled and timed at a first open, and the rotary variant's
