@@ -114,8 +114,10 @@ W4_EPILOGUE_TILES = ((8, 256, 4), (4, 128, 4), (8, 64, 4), (8, 128, 4))
 # was the fastest of five on one of Llama-3-8B's shapes on an H200 (scripts/bench_int8_gemv_tiles.py); (8, 256, 4)
 # was within 3% of the best on three and 9% on qkv. (8, 128, 4) and (4, 512, 4) never won and were dropped.
 # (2, 256, 4), added untimed in the thirty-ninth session: o_proj's 4096 outputs are 512 programs of 8, under one
-# wave on an H100 (about five 96-register programs an SM on 132 SMs), or 2,048 of 2.
-W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4), (2, 256, 4))
+# wave on an H100 (about five 96-register programs an SM on 132 SMs), or 2,048 of 2. (16, 128, 4), added untimed in
+# the forty-sixth session as the int4 GEMV's: one word of 16 outputs a thread, 2.96 instructions a weight in sm_90
+# code against (8, 256, 4)'s 3.23 (scripts/kernel_sass.py "w8 gemv gated=False" --set K=14336), 80 registers.
+W8_GEMV_TILES = ((8, 256, 4), (4, 256, 4), (8, 512, 4), (2, 256, 4), (16, 128, 4))
 # The words the GEMVs read the codes as: 8 bytes, 16 int4 codes or 8 int8 ones. For int8, int32 words of 4 took 2%
 # longer on a layer's four shapes (8.3, 5.5, 30.6 and 16.3 us against 8.0, 5.5, 28.8 and 17.1), and batch-1 decode
 # 2% longer. For int4, int32 words of 8 took 3-6% longer on a layer's four shapes (46.1 against 44.7 us with zero
