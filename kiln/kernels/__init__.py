@@ -38,12 +38,11 @@ import functools
 @functools.cache
 def triton_available() -> bool:
     """True when Triton imports and a CUDA GPU is visible: the only place the kernels can run."""
-    try:
-        import torch
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
 @functools.cache
