@@ -50,11 +50,11 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
 # of them by default. Any other value is refused by name, since answering as if the field were absent would return
 # output the client did not ask for (a prose answer where the legacy `functions` asked for a call).
 UNIMPLEMENTED_FIELDS = {
-    "best_of": (1,),
     "suffix": ("",),
     "functions": ([],),
 }
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+MAX_CHOICES = 16  # the most choices (n) or best_of candidates a request may ask for
 PLAIN_TEXT = {"json_object": False}  # (_response_format's SamplingParams fields for "text": no JSON asked for)
 
 
@@ -133,6 +133,8 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
         logprobs = top if want else None
     else:
         logprobs = field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "in [0, 20]")
+    n = field(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES, f"in [1, {MAX_CHOICES}]")
+    candidates = best_of(body, chat, n)
     max_tokens = field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                         int, default_max_tokens, lambda v: v >= 1 or echo and v == 0,
                         ">= 1 (0 only with echo: the prompt scored, nothing generated)")
@@ -151,8 +153,9 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
             frequency_penalty=field(body, "frequency_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2,
                                      "in [-2, 2]"),
             ignore_eos=field(body, "ignore_eos", bool, False),
-            n=field(body, "n", int, 1, lambda v: 1 <= v <= 16, "in [1, 16]"),
-            logprobs=logprobs,
+            n=candidates,
+            # (best_of ranks its candidates by their tokens' logprobs: asked for whether the client wants them or not)
+            logprobs=0 if candidates > n and logprobs is None else logprobs,
             prompt_logprobs=logprobs if echo else None,  # (echo's prompt tokens come with theirs)
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
@@ -193,6 +196,35 @@ def _logit_bias(body: dict) -> dict[int, float]:
     except (TypeError, ValueError):
         raise APIError(400, "'logit_bias' must map token ids (integers, as strings) to numbers, got "
                        f"{bias!r}", param="logit_bias") from None
+
+
+def best_of(body: dict, chat: bool, n: int) -> int:
+    """The legacy completions' `best_of`: how many candidates each prompt samples, of which the `n` with the highest
+    log probability per token are returned (OpenAI's rule; vLLM ranks by the sum), n when absent. Like OpenAI's, an
+    answer that ranks candidates is not streamed."""
+    candidates = field(body, "best_of", int, n, lambda v: n <= v <= MAX_CHOICES, f"in [n, {MAX_CHOICES}] (n is {n})")
+    if candidates > n and chat:
+        raise APIError(400, "'best_of' is a /v1/completions field; chat completions do not take it (send n)",
+                       param="best_of")
+    if candidates > n and body.get("stream"):
+        raise APIError(400, "'best_of' greater than 'n' ranks whole answers, so it is not streamed: send 'stream': "
+                       "false", param="best_of")
+    return candidates
+
+
+def best_choices(output: RequestOutput, n: int, candidates: int, with_logprobs: bool) -> RequestOutput:
+    """best_of's answer: of each prompt's `candidates` outputs (choices i * candidates + j), the n with the highest
+    mean logprob per token (ties in sampling order), as choices i * n + rank; their logprobs dropped unless the
+    client asked for them."""
+    def score(o) -> float:
+        return sum(lp for lp, _ in o.logprobs) / len(o.logprobs) if o.logprobs else float("-inf")
+
+    kept = []
+    for i in range(len(output.outputs) // candidates):
+        group = [o for o in output.outputs if o.index // candidates == i]
+        kept += [dataclasses.replace(o, index=i * n + rank, logprobs=o.logprobs if with_logprobs else None)
+                 for rank, o in enumerate(sorted(group, key=score, reverse=True)[:n])]
+    return dataclasses.replace(output, outputs=kept)
 
 
 def echoes(body: dict, chat: bool) -> bool:

@@ -294,8 +294,13 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
         pass
     if chat:
         return web.json_response(protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader))
-    return web.json_response(protocol.completion_response(final, model, request_id, engine.llm.tokenizer, echo,
-                                                          params.n, generated=not protocol.scores_only(body)))
+    n = protocol.field(body, "n", int, 1)
+    answer = protocol.best_choices(final, n, params.n, body.get("logprobs") is not None) if params.n > n else final
+    response = protocol.completion_response(answer, model, request_id, engine.llm.tokenizer, echo, n,
+                                            generated=not protocol.scores_only(body))
+    if answer is not final and not protocol.scores_only(body):  # every candidate's tokens count (OpenAI bills them)
+        response["usage"] = protocol.usage(final)
+    return web.json_response(response)
 
 
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,

@@ -187,6 +187,48 @@ def test_n2_with_a_seed_gives_two_reproducible_choices(client, model, api):
     assert texts == dict(enumerate(first_texts)) and reasons == {0: "length", 1: "length"}
 
 
+def test_best_of_returns_the_n_candidates_of_highest_logprob_per_token(client, model):
+    """best_of = 4, n = 2 over two prompts: the same four seeded candidates as n = 4 with logprobs (best_of asks the
+    engine for the same), the two of highest mean token logprob returned per prompt, best first, without logprobs
+    unless asked for; usage counts every candidate's tokens."""
+    kw = dict(prompt=[PROMPT, "Once upon a time"], seed=7, temperature=1.0, max_tokens=6)
+    everything = complete(client, model, n=4, logprobs=0, **kw)
+    best = complete(client, model, n=2, best_of=4, **kw)
+    with_logprobs = complete(client, model, n=2, best_of=4, logprobs=1, **kw)
+    by_index = {c.index: c for c in everything.choices}
+    for prompt in range(2):
+        candidates = [by_index[prompt * 4 + j] for j in range(4)]
+        ranked = sorted(candidates, key=lambda c: -sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs))
+        assert len({c.text for c in candidates}) > 2  # (else any two would do)
+        got = sorted((c for c in best.choices if c.index // 2 == prompt), key=lambda c: c.index)
+        assert [c.text for c in got] == [c.text for c in ranked[:2]]
+        assert all(c.logprobs is None for c in got)
+    assert sorted(c.index for c in best.choices) == [0, 1, 2, 3]
+    assert best.usage.completion_tokens == everything.usage.completion_tokens
+    assert [c.text for c in with_logprobs.choices] == [c.text for c in best.choices]
+    assert all(len(c.logprobs.top_logprobs[0]) == 1 for c in with_logprobs.choices)
+
+
+@pytest.mark.parametrize("body,reason", [
+    ({"n": 3, "best_of": 2}, "in [n, 16]"),
+    ({"best_of": 17}, "in [n, 16]"),
+    ({"best_of": 2, "stream": True}, "not streamed"),
+])
+def test_best_of_below_n_over_the_cap_or_streamed_is_400(server, client, model, body, reason):
+    status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT, **body})
+    assert reason in assert_error(status, response, 400, "best_of")["message"]
+    assert_still_serving(client, model)
+
+
+def test_best_of_on_chat_is_400_unless_it_asks_for_nothing(server, client, model):
+    status, _, response = server.request("POST", "/v1/chat/completions",
+                                         {"model": model, "messages": MESSAGES, "best_of": 3})
+    assert "/v1/completions" in assert_error(status, response, 400, "best_of")["message"]
+    status, _, response = server.request("POST", "/v1/chat/completions",
+                                         {"model": model, "messages": MESSAGES, "best_of": 1, "max_tokens": 2})
+    assert status == 200, response
+
+
 def pick_stop_string(text: str) -> str:
     """A 3-character piece of the greedy text, from its middle, that holds no space or odd character."""
     for start in range(len(text) // 3, len(text) - 3):
@@ -600,7 +642,6 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
 
 
 UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
-    ("completions", {"best_of": 3}),
     ("completions", {"suffix": " the end"}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
 ]
@@ -614,7 +655,7 @@ def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model,
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
     assert "not implemented" in assert_error(status, response, 400, name)["message"]
     # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"best_of": 1, "suffix": "", "functions": []}[name]
+    unused = {"suffix": "", "functions": []}[name]
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
                                                                      name: unused})
     assert status == 200, response
