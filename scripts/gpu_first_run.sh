@@ -5,7 +5,7 @@
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
 #   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-#   #   prompt-logprobs prefill-codes
+#   #   prompt-logprobs prefill-codes word-tiles fp8-long
 #   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
@@ -102,6 +102,12 @@
 #   wrong (the floor: what checking costs) and all right (the plain run's own continuation: the ceiling, while the
 #   tokens stay plain decoding's; in bf16 random weights' near ties part them). How often real drafts are right was
 #   measured on SmolLM2 (about 5 minutes; the first run, checking drafts as a prefill chunk: 0.72x plain at 0%).
+# - word-tiles (forty-sixth session): the (16, 128, 4) tile of the int4 and int8 GEMVs, added untimed (one word of
+#   16 outputs a thread, about 11% fewer instructions a weight): W4A16 and W8A16 batch-1 decode beside bf16, the
+#   tuner's choices printed (kiln: tuned ...) show whether it wins a shape (about 5 minutes; forty-sixth session
+#   without it: W4A16 436.8, W8A16 306.9, bf16 190.4).
+# - fp8-long: FP8 weights with the FP8 KV cache on long-1000 (TensorRT-LLM's 1000/1000, 15,220 tok/s), issue 5's
+#   line never run on an H100 (H200, twenty-eighth session: 15,408.9; about 4 minutes).
 # (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
 #  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -115,7 +121,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs prefill-codes}
+  prompt-logprobs prefill-codes word-tiles fp8-long}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -195,6 +201,9 @@ for part in $parts; do
                    --draft-lens 3,7 ;;
     prompt-logprobs) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
                        tests/runtime/test_gpu_runtime.py -k "prompt_logprobs" ;;
+    word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
+    fp8-long) $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads long-1000 \
+                --output-json "$out/$part.json" ;;
     prefill-codes) python scripts/bench_prefill_attention.py --codes
                    python scripts/ab_runtime_setting.py KILN_PREFILL_CODES plain,widened --kv-cache-quant-algo FP8 \
                      --requests 400 ;;
@@ -202,7 +211,7 @@ for part in $parts; do
                  --output-json "$out/$part.json" ;;
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
-         "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs or prefill-codes" >&2
+         "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs, prefill-codes, word-tiles or fp8-long" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
