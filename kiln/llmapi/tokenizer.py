@@ -46,6 +46,46 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+# Fill-in-the-middle prompts: each code-model family's special tokens in the order it was trained on them, PREFIX and
+# SUFFIX standing for the text before and after the hole. A format applies when each of its tokens is one token of
+# the tokenizer; the model then writes the middle.
+PREFIX, SUFFIX = object(), object()
+FIM_FORMATS = {
+    "starcoder": ("<fim_prefix>", PREFIX, "<fim_suffix>", SUFFIX, "<fim_middle>"),  # StarCoder 1/2, Granite code
+    "qwen": ("<|fim_prefix|>", PREFIX, "<|fim_suffix|>", SUFFIX, "<|fim_middle|>"),  # Qwen2.5-Coder, Qwen3-Coder
+    "deepseek": ("<\uff5cfim\u2581begin\uff5c>", PREFIX, "<\uff5cfim\u2581hole\uff5c>", SUFFIX,
+                 "<\uff5cfim\u2581end\uff5c>"),  # DeepSeek-Coder
+    "codestral": ("[SUFFIX]", SUFFIX, "[PREFIX]", PREFIX),  # Mistral's Codestral: the suffix first
+}
+
+
+def fim_format(tokenizer) -> tuple | None:
+    """The first of FIM_FORMATS whose special tokens are all single tokens of `tokenizer`, or None."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    for parts in FIM_FORMATS.values():
+        if all(part in vocab for part in parts if isinstance(part, str)):
+            return parts
+    return None
+
+
+def encode_fill_in_middle(tokenizer, prefix: str, suffix: str) -> list[int]:
+    """The prompt ids that ask a code model for the text between `prefix` and `suffix` (its FIM_FORMATS entry; a
+    tokenizer's BOS first, as its plain prompts have one)."""
+    parts = fim_format(tokenizer)
+    if parts is None:
+        names = "; ".join(f"{name}: {' '.join(p for p in f if isinstance(p, str))}" for name, f in FIM_FORMATS.items())
+        raise ConfigError(f"this model's tokenizer has no fill-in-the-middle tokens (kiln knows {names}); send the "
+                          "prompt without a suffix")
+    vocab = tokenizer.get_vocab()
+    ids = tokenizer.encode("")  # (the BOS, for a tokenizer that adds one)
+    for part in parts:
+        if isinstance(part, str):
+            ids.append(vocab[part])
+        else:
+            ids += tokenizer.encode(prefix if part is PREFIX else suffix, add_special_tokens=False)
+    return ids
+
+
 def decode(tokenizer, ids: list[int]) -> str:
     return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -50,7 +50,6 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
 # of them by default. Any other value is refused by name, since answering as if the field were absent would return
 # output the client did not ask for (a prose answer where the legacy `functions` asked for a call).
 UNIMPLEMENTED_FIELDS = {
-    "suffix": ("",),
     "functions": ([],),
 }
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -225,6 +224,16 @@ def best_choices(output: RequestOutput, n: int, candidates: int, with_logprobs: 
         kept += [dataclasses.replace(o, index=i * n + rank, logprobs=o.logprobs if with_logprobs else None)
                  for rank, o in enumerate(sorted(group, key=score, reverse=True)[:n])]
     return dataclasses.replace(output, outputs=kept)
+
+
+def suffix(body: dict) -> str | None:
+    """The legacy completions' `suffix`, the text after the hole a code model fills in (kiln.llmapi.tokenizer's
+    FIM_FORMATS); None where absent or empty."""
+    value = field(body, "suffix", str, "")
+    if value and body.get("echo"):
+        raise APIError(400, "'echo' returns the prompt before the answer, which a 'suffix' puts elsewhere: send one",
+                       param="suffix")
+    return value or None
 
 
 def echoes(body: dict, chat: bool) -> bool:

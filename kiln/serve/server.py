@@ -90,13 +90,22 @@ def check_model(request: web.Request, model: str) -> None:
 # ---- prompts ------------------------------------------------------------------------------------
 
 def completion_prompts(engine: AsyncLLM, body: dict) -> list[list[int]]:
-    """'prompt' as token ids: one prompt (a string or token ids), or a batch (a list of either)."""
+    """'prompt' as token ids: one prompt (a string or token ids), or a batch (a list of either); with a 'suffix',
+    each (text) prompt asks a code model for what goes between it and the suffix."""
     prompt = body.get("prompt")
     is_batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
-    return [completion_prompt(engine, p) for p in (prompt if is_batch else [prompt])]
+    suffix = protocol.suffix(body)
+    return [completion_prompt(engine, p, suffix) for p in (prompt if is_batch else [prompt])]
 
 
-def completion_prompt(engine: AsyncLLM, prompt) -> list[int]:
+def completion_prompt(engine: AsyncLLM, prompt, suffix: str | None = None) -> list[int]:
+    if suffix is not None:
+        if not isinstance(prompt, str):
+            raise APIError(400, "'suffix' fills in the middle of a text prompt: send 'prompt' as text", param="prompt")
+        try:
+            return tok.encode_fill_in_middle(engine.llm.tokenizer, prompt, suffix)
+        except KilnError as e:
+            raise APIError(400, str(e), param="suffix") from None
     if isinstance(prompt, str):
         return _encode(engine, lambda t: tok.encode_prompt(t, prompt))
     if prompt and _is_token_ids(prompt):
@@ -403,7 +412,7 @@ async def tokenize(request):
     engine = get_engine(request)
     body = await read_body(request)
     ids = chat_prompt(engine, body, protocol.tools(body)) if "messages" in body else \
-        completion_prompt(engine, body.get("prompt"))
+        completion_prompt(engine, body.get("prompt"), protocol.suffix(body))
     return web.json_response({"count": len(ids), "max_model_len": engine.llm.build_config.max_seq_len,
                               "tokens": ids})
 

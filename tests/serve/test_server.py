@@ -642,7 +642,6 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
 
 
 UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
-    ("completions", {"suffix": " the end"}),
     ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
 ]
 
@@ -655,9 +654,24 @@ def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model,
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
     assert "not implemented" in assert_error(status, response, 400, name)["message"]
     # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"suffix": "", "functions": []}[name]
+    unused = {"functions": []}[name]
     status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
                                                                      name: unused})
+    assert status == 200, response
+    assert_still_serving(client, model)
+
+
+@pytest.mark.parametrize("body,param,reason", [
+    ({"prompt": PROMPT, "suffix": " the end"}, "suffix", "no fill-in-the-middle tokens"),  # (SmolLM2 has none)
+    ({"prompt": [1, 2, 3], "suffix": " the end"}, "prompt", "text prompt"),
+    ({"prompt": PROMPT, "suffix": " the end", "echo": True}, "suffix", "send one"),
+])
+def test_a_suffix_the_model_or_the_request_cannot_fill_is_400(server, client, model, body, param, reason):
+    """(tests/serve/test_fill_in_middle.py serves a model that can.) An empty suffix asks for nothing."""
+    status, _, response = server.request("POST", "/v1/completions", {"model": model, **body})
+    assert reason in assert_error(status, response, 400, param)["message"]
+    status, _, response = server.request("POST", "/v1/completions", {"model": model, "prompt": PROMPT, "suffix": "",
+                                                                     "max_tokens": 2})
     assert status == 200, response
     assert_still_serving(client, model)
 
