@@ -20,7 +20,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.llmapi import tokenizer as tok
 from kiln.llmapi.sampling_params import RequestOutput
 from kiln.serve import protocol
-from kiln.serve import reasoning
+from kiln.serve import reasoning, responses
 from kiln.serve import tools as tool_calls
 from kiln.serve.async_llm import AsyncLLM, QueueFullError
 from kiln.serve.protocol import APIError
@@ -389,6 +389,68 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     return response
 
 
+async def create_response(request):
+    """OpenAI's Responses API over the chat pipeline (kiln.serve.responses): one answer, as output items, or as the
+    API's typed stream events."""
+    engine = get_engine(request)
+    body = await read_body(request)
+    chat = responses.chat_body(body)
+    tools = protocol.tools(chat)
+    prompt = chat_prompt(engine, chat, tools)
+    reader = answer_reader(engine, tools, prompt)
+    thinks = reader is not None and reader.thinking is not None
+    params = protocol.sampling_params(chat, default_max_tokens(engine, prompt, True), True, tools,
+                                      json_after=reasoning.THINK_CLOSE if thinks else None)
+    outputs = generate(engine, prompt, params, request.app[SETTINGS]["request_timeout"])
+    answer = (lambda text, finished=True: reader.read(text, finished)) if reader is not None else (
+        lambda text, finished=True: (None, text, []))
+    meta = (responses.new_item_id("resp"), body, request.app[SETTINGS]["model_name"], int(time.time()))
+    if protocol.field(body, "stream", bool, False):
+        return await stream_response_events(request, outputs, answer, meta)
+    final = None
+    async for final in outputs:
+        pass
+    o = final.outputs[0]
+    items = responses.output_items(*answer(o.text), responses.new_item_id)
+    return web.json_response(responses.response_object(*meta, items, "completed", o.finish_reason,
+                                                       protocol.usage(final)))
+
+
+async def stream_response_events(request, outputs, answer, meta) -> web.StreamResponse:
+    """The Responses API's server-sent events: response.created, each output item's events as the answer grows
+    (responses.EventStream), then response.completed with the whole Response (or an error event)."""
+    first = await anext_or_none(outputs)  # errors before the first event still answer with a status
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    stream = responses.EventStream(responses.new_item_id)
+
+    async def send(event: dict) -> None:
+        await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+
+    await send(stream.event("response.created", response=responses.response_object(*meta, [], "in_progress")))
+    last = first
+    try:
+        if first is not None:
+            await send_answer_events(send, stream, answer, first)
+        async for last in outputs:
+            await send_answer_events(send, stream, answer, last)
+        if last is not None:
+            await send(stream.event("response.completed", response=responses.response_object(
+                *meta, stream.items, "completed", last.outputs[0].finish_reason, protocol.usage(last))))
+    except APIError as e:  # after the headers went out, an error travels in the stream
+        await send(stream.event("error", code=e.code, message=e.message, param=e.param))
+    await response.write_eof()
+    return response
+
+
+async def send_answer_events(send, stream, answer, output) -> None:
+    o = output.outputs[0]
+    finished = o.finish_reason is not None
+    reasoning_text, text, calls = answer(o.text, finished)
+    for event in stream.events(reasoning_text, text, calls, finished):
+        await send(event)
+
+
 async def anext_or_none(agen):
     try:
         return await agen.__anext__()
@@ -462,6 +524,7 @@ def make_app(model_name: str, api_key: str | None = None, request_timeout: float
                      "engine": engine}
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", create_response)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", models)

@@ -415,6 +415,89 @@ def test_a_forced_tool_call_comes_back_as_a_valid_call_streamed_or_not(client, m
         jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
 
 
+def responses_tool(tool: dict) -> dict:
+    """A chat tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
+
+
+def test_responses_answer_as_chat_does_whole_and_streamed(client, model):
+    """POST /v1/responses (kiln.serve.responses): `instructions` and `input` are the chat's system and user
+    messages, the greedy answer is the chat's, as output_text; the stream's events, numbered in order, add up to the
+    same text and end with the whole Response."""
+    want = chat(client, model, max_tokens=12, temperature=0)
+    kw = dict(model=model, instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"], max_output_tokens=12,
+              temperature=0)
+    r = client.responses.create(**kw)
+    assert r.object == "response" and r.output_text == want.choices[0].message.content
+    assert r.status == ("incomplete" if want.choices[0].finish_reason == "length" else "completed")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (want.usage.prompt_tokens, want.usage.completion_tokens)
+    assert [item.type for item in r.output] == ["message"] and r.store is False
+    events = list(client.responses.create(stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == r.output_text
+    assert events[-1].response.output_text == r.output_text
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_item.added") < kinds.index("response.output_text.delta") < kinds.index(
+        "response.output_text.done") < kinds.index("response.output_item.done")
+
+
+def test_responses_function_calls_and_their_outputs_as_input(client, model):
+    """Function tools in the Responses API's flat form: tool_choice "required" gives the chat's forced call as a
+    function_call item; that call and its output sent back as input items give the chat's answer to the same
+    history."""
+    import jsonschema
+
+    r = client.responses.create(model=model, input=MESSAGES[1]["content"], tools=[responses_tool(FORECAST)],
+                                tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                max_output_tokens=120)
+    want = chat(client, model, messages=MESSAGES[1:], tools=[FORECAST], tool_choice="required",
+                parallel_tool_calls=False, temperature=0, max_tokens=120).choices[0].message.tool_calls[0]
+    (call,) = [item for item in r.output if item.type == "function_call"]
+    assert (call.name, call.arguments) == (want.function.name, want.function.arguments)
+    jsonschema.validate(json.loads(call.arguments), FORECAST["function"]["parameters"])
+    streamed = list(client.responses.create(model=model, input=MESSAGES[1]["content"], stream=True,
+                                            tools=[responses_tool(FORECAST)], tool_choice="required",
+                                            parallel_tool_calls=False, temperature=0, max_output_tokens=120))
+    done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in done] == [(call.name, call.arguments)]
+    history = [{"role": "user", "content": MESSAGES[1]["content"]},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "12 degrees, dry"}]
+    again = client.responses.create(model=model, input=history, tools=[responses_tool(FORECAST)], temperature=0,
+                                    max_output_tokens=10)
+    messages = [MESSAGES[1], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "12 degrees, dry"}]
+    answer = chat(client, model, messages=messages, tools=[FORECAST], temperature=0, max_tokens=10)
+    assert again.output_text == answer.choices[0].message.content
+
+
+def test_responses_text_format_holds_the_answer_to_a_json_schema(client, model):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"],
+              "additionalProperties": False}
+    r = client.responses.create(model=model, input=MESSAGES[1]["content"], temperature=0, max_output_tokens=60,
+                                text={"format": {"type": "json_schema", "name": "colour", "schema": schema}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"background": True}, "background"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": [{"type": "image_generation_call"}]}, "input"),
+    ({"input": [{"role": "robot", "content": "hi"}]}, "input"),
+    ({"input": []}, "input"),
+])
+def test_responses_the_server_cannot_serve_are_400_naming_the_field(server, client, model, extra, param):
+    status, _, response = server.request("POST", "/v1/responses", {"model": model, "input": "Hi", **extra})
+    assert_error(status, response, 400, param)
+    assert_still_serving(client, model)
+
+
 def test_tool_choice_auto_prompts_with_the_tools_and_a_history_of_calls_is_taken(client, model, llm):
     """SmolLM2's template renders no tools, so kiln's system message describes them; the random model calls
     none, so its answer is content, the greedy answer to that prompt. A history of calls and results is taken."""
@@ -1132,6 +1215,15 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_content(tmp_path_facto
         # JSON asked for comes after the thinking: the answer thinks freely first (here all 16 tokens of it)
         thought = client.chat.completions.create(**kw, response_format={"type": "json_object"}).choices[0].message
         assert thought.reasoning_content == greedy(json_after="</think>") == greedy()
+        # the Responses API: the thinking as a reasoning item before the (here empty) message, streamed or not
+        kw_responses = dict(model=engine.name, instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"],
+                            max_output_tokens=16, temperature=0)
+        r = client.responses.create(**kw_responses)
+        assert [item.type for item in r.output] == ["reasoning", "message"] and r.output_text == ""
+        assert r.output[0].content[0].text == greedy()
+        events = list(client.responses.create(**kw_responses, stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == greedy()
+        assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
         status, _, response = proc.request("POST", "/v1/chat/completions", {
             "messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}})
         assert_error(status, response, 400, "chat_template_kwargs")
