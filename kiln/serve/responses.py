@@ -135,9 +135,9 @@ def message_item(item_id: str, text: str | None, status: str) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def call_item(item_id: str, call: dict, status: str = "completed") -> dict:
+def call_item(item_id: str, call: dict) -> dict:
     return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": status}
+            "arguments": call["function"]["arguments"], "status": "completed"}
 
 
 def response_object(response_id: str, body: dict, model: str, created: int, output: list[dict], status: str,
@@ -162,12 +162,14 @@ def response_object(response_id: str, body: dict, model: str, created: int, outp
 
 class EventStream:
     """The Responses API's stream events for one answer as it grows: each output item added, its text (reasoning
-    or message) in deltas, done, then the next; function calls as whole items once the answer has ended (the
-    reader finds them in the finished text). `events(...)` gives the events an update adds, in order."""
+    or message) in deltas, done, then the next; a function call's item once its name is whole, then its arguments
+    as the model writes them (the calls begun, kiln.serve.tools), done when the answer ends. `events(...)` gives the
+    events an update adds, in order."""
 
-    def __init__(self, new_id):
-        self.new_id = new_id
+    def __init__(self, new_id, new_call_id=None):
+        self.new_id, self.new_call_id = new_id, new_call_id
         self.items: list[dict] = []  # output items opened, in order
+        self.calls: list[dict] = []  # the function-call items among them
         self.open: dict | None = None  # the reasoning or message item receiving deltas
         self.sent = 0  # characters of the open item's text sent
         self.sequence = 0
@@ -176,25 +178,32 @@ class EventStream:
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
-    def events(self, reasoning: str | None, text: str, calls: list[dict], finished: bool) -> list[dict]:
+    def events(self, reasoning: str | None, text: str, calls: list[dict], finished: bool,
+               begun: list[tuple[str, str]] = ()) -> list[dict]:
+        """The events of an update: the answer's reasoning and text so far, the calls begun so far ((name,
+        arguments text) each) and, once `finished`, the calls read from the whole answer."""
         events = []
         if reasoning and (self.open is None and not self.items):
             events += self._open(reasoning_item(self.new_id("rs"), ""))
         if self.open is not None and self.open["type"] == "reasoning":
             events += self._grow(reasoning or "")
-            if text or finished:
+            if text or begun or finished:
                 events += self._close()
-        if text and (self.open is None or self.open["type"] != "message") and not any(
-                i["type"] == "message" for i in self.items):
+        if text and self.open is None and not self.calls and not any(i["type"] == "message" for i in self.items):
             events += self._open(message_item(self.new_id("msg"), "", "in_progress"))
         if self.open is not None and self.open["type"] == "message":
             events += self._grow(text)
-        if finished:
+        if begun or finished:
             events += self._close()
-            if not calls and not any(i["type"] == "message" for i in self.items):
+        for i, (name, arguments) in enumerate(begun):
+            events += self._grow_call(i, name, arguments)
+        if finished:
+            if not calls and not self.calls and not any(i["type"] == "message" for i in self.items):
                 events += self._open(message_item(self.new_id("msg"), "", "in_progress")) + self._close()
-            for call in calls:
-                events += self._call(call_item(self.new_id("fc"), call))
+            for i, call in enumerate(calls):  # (the scanner may not have followed every call: those come whole)
+                events += self._grow_call(i, call["function"]["name"], call["function"]["arguments"], call["id"])
+            for item in self.calls:
+                events += self._call_done(item)
         return events
 
     def _open(self, item: dict) -> list[dict]:
@@ -232,14 +241,28 @@ class EventStream:
                                  content_index=0, text=part["text"])]
         return events + [self.event("response.output_item.done", output_index=index, item=item)]
 
-    def _call(self, item: dict) -> list[dict]:
-        self.items.append(item)
-        index = len(self.items) - 1
-        return [self.event("response.output_item.added", output_index=index,
-                           item=dict(item, arguments="", status="in_progress")),
-                self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                           delta=item["arguments"]),
-                self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+    def _grow_call(self, i: int, name: str, arguments: str, call_id: str | None = None) -> list[dict]:
+        """Call i's item added (when it is new) and its arguments' new text."""
+        events = []
+        if i == len(self.calls):
+            call_id = call_id or (self.new_call_id() if self.new_call_id else self.new_id("call"))
+            item = {"type": "function_call", "id": self.new_id("fc"), "call_id": call_id, "name": name,
+                    "arguments": "", "status": "in_progress"}
+            self.calls.append(item)
+            self.items.append(item)
+            events.append(self.event("response.output_item.added", output_index=len(self.items) - 1,
+                                     item=dict(item)))
+        item = self.calls[i]
+        if arguments.startswith(item["arguments"]) and len(arguments) > len(item["arguments"]):
+            delta, item["arguments"] = arguments[len(item["arguments"]):], arguments
+            events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                     output_index=self.items.index(item), delta=delta))
+        return events
+
+    def _call_done(self, item: dict) -> list[dict]:
+        item["status"] = "completed"
+        index = self.items.index(item)
+        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                            arguments=item["arguments"]),
                 self.event("response.output_item.done", output_index=index, item=item)]
 

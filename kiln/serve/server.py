@@ -404,9 +404,11 @@ async def create_response(request):
     outputs = generate(engine, prompt, params, request.app[SETTINGS]["request_timeout"])
     answer = (lambda text, finished=True: reader.read(text, finished)) if reader is not None else (
         lambda text, finished=True: (None, text, []))
+    begun = reader.calls_begun if reader is not None and reader.tools is not None else (lambda text, finished: [])
     meta = (responses.new_item_id("resp"), body, request.app[SETTINGS]["model_name"], int(time.time()))
     if protocol.field(body, "stream", bool, False):
-        return await stream_response_events(request, outputs, answer, meta)
+        new_call_id = reader.tools.new_id if reader is not None and reader.tools is not None else None
+        return await stream_response_events(request, outputs, answer, begun, new_call_id, meta)
     final = None
     async for final in outputs:
         pass
@@ -416,13 +418,13 @@ async def create_response(request):
                                                        protocol.usage(final)))
 
 
-async def stream_response_events(request, outputs, answer, meta) -> web.StreamResponse:
+async def stream_response_events(request, outputs, answer, begun, new_call_id, meta) -> web.StreamResponse:
     """The Responses API's server-sent events: response.created, each output item's events as the answer grows
     (responses.EventStream), then response.completed with the whole Response (or an error event)."""
     first = await anext_or_none(outputs)  # errors before the first event still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    stream = responses.EventStream(responses.new_item_id)
+    stream = responses.EventStream(responses.new_item_id, new_call_id)
 
     async def send(event: dict) -> None:
         await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
@@ -431,9 +433,9 @@ async def stream_response_events(request, outputs, answer, meta) -> web.StreamRe
     last = first
     try:
         if first is not None:
-            await send_answer_events(send, stream, answer, first)
+            await send_answer_events(send, stream, answer, begun, first)
         async for last in outputs:
-            await send_answer_events(send, stream, answer, last)
+            await send_answer_events(send, stream, answer, begun, last)
         if last is not None:
             await send(stream.event("response.completed", response=responses.response_object(
                 *meta, stream.items, "completed", last.outputs[0].finish_reason, protocol.usage(last))))
@@ -443,11 +445,11 @@ async def stream_response_events(request, outputs, answer, meta) -> web.StreamRe
     return response
 
 
-async def send_answer_events(send, stream, answer, output) -> None:
+async def send_answer_events(send, stream, answer, begun, output) -> None:
     o = output.outputs[0]
     finished = o.finish_reason is not None
     reasoning_text, text, calls = answer(o.text, finished)
-    for event in stream.events(reasoning_text, text, calls, finished):
+    for event in stream.events(reasoning_text, text, calls, finished, begun(o.text, finished)):
         await send(event)
 
 

@@ -445,8 +445,8 @@ def test_responses_answer_as_chat_does_whole_and_streamed(client, model):
 
 def test_responses_function_calls_and_their_outputs_as_input(client, model):
     """Function tools in the Responses API's flat form: tool_choice "required" gives the chat's forced call as a
-    function_call item; that call and its output sent back as input items give the chat's answer to the same
-    history."""
+    function_call item, streamed as it is written; that call and its output sent back as input items give the
+    chat's answer to the same history."""
     import jsonschema
 
     r = client.responses.create(model=model, input=MESSAGES[1]["content"], tools=[responses_tool(FORECAST)],
@@ -462,6 +462,9 @@ def test_responses_function_calls_and_their_outputs_as_input(client, model):
                                             parallel_tool_calls=False, temperature=0, max_output_tokens=120))
     done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
     assert [(c.name, c.arguments) for c in done] == [(call.name, call.arguments)]
+    pieces = [e.delta for e in streamed if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments  # (as the model writes them, not whole at the end)
+    assert [i.type for i in streamed[-1].response.output] == ["function_call"]
     history = [{"role": "user", "content": MESSAGES[1]["content"]},
                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                {"type": "function_call_output", "call_id": call.call_id, "output": "12 degrees, dry"}]
