@@ -33,13 +33,13 @@ def chat_body(body: dict) -> dict:
         chat["max_tokens"] = field(body, "max_output_tokens", int, None, lambda v: v >= 1, ">= 1")
     for name in ("temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "repetition_penalty",
                  "stop"):
-        if name in body:
+        if body.get(name) is not None:  # (clients send null for "not given")
             chat[name] = body[name]
     if body.get("tools"):
         chat["tools"] = [chat_tool(t, i) for i, t in enumerate(field(body, "tools", list))]
-    if "tool_choice" in body:
+    if body.get("tool_choice") is not None:
         chat["tool_choice"] = chat_tool_choice(body["tool_choice"])
-    text_format = field(body, "text", dict, {}).get("format")
+    text_format = (field(body, "text", dict, {}) or {}).get("format")
     if text_format is not None:
         chat["response_format"] = chat_response_format(text_format)
     return chat

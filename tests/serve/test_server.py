@@ -487,6 +487,27 @@ def test_responses_text_format_holds_the_answer_to_a_json_schema(client, model):
     jsonschema.validate(json.loads(r.output_text), schema)
 
 
+def test_responses_take_what_agent_clients_send(server, model, client):
+    """The fields an agents client sends as null or for OpenAI's hosting (store, include, reasoning, truncation),
+    and an earlier assistant turn as an output_text message item with its id and status, change nothing."""
+    history = [{"role": "user", "content": "Hi"},
+               {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello.", "annotations": []}]},
+               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Name a colour."}]}]
+    plain = {"model": model, "input": history, "temperature": 0, "max_output_tokens": 8}
+    sent = {**plain, "instructions": None, "tool_choice": None, "parallel_tool_calls": None, "top_p": None,
+            "text": None, "store": False, "include": ["reasoning.encrypted_content"], "reasoning": {"effort": "low"},
+            "truncation": "disabled", "metadata": {"run": "7"}}
+    status, _, with_extras = server.request("POST", "/v1/responses", sent)
+    assert status == 200, with_extras
+    status, _, without = server.request("POST", "/v1/responses", plain)
+    want = chat(client, model, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                         {"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8)
+    texts = [[part["text"] for item in r["output"] for part in item["content"]] for r in (with_extras, without)]
+    assert texts[0] == texts[1] == [want.choices[0].message.content]
+    assert with_extras["metadata"] == {"run": "7"} and with_extras["store"] is False
+
+
 @pytest.mark.parametrize("extra,param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
