@@ -5,7 +5,7 @@
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
 #   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines
+#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile
 #   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
@@ -112,6 +112,9 @@
 #   of the first's: 27% in the fourth session, 23% on an H200 in the seventh) and ttft-2048 (<= 1.3x its floor:
 #   1.23x in the third), then prefill-1000 with the FP8 cache under the profiler (its kernels after the widened
 #   codes: where issue 3's 70% stands, for the next lever; about 6 minutes).
+# - fp8-profile: FP8 weights with the FP8 KV cache under the profiler on TensorRT-LLM's two missed workloads,
+#   offline-3000 (128/128, 91% of its figure in the forty-sixth session) and prefill-1000 (2048/128, 87%): where their
+#   time goes now, kernel by kernel (about 5 minutes).
 # (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
 #  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -125,7 +128,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines}
+  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -208,6 +211,10 @@ for part in $parts; do
     h100-lines) $bench --workloads prefix-64,ttft-2048 --output-json "$out/$part.json"
                 $bench --kv-cache-quant-algo FP8 --skip-unquantized --workloads prefill-1000 --profile \
                   --output-json "$out/$part-prefill-profile.json" ;;
+    fp8-profile) $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads offline-3000 \
+                   --profile --output-json "$out/$part-offline-3000.json"
+                 $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads prefill-1000 \
+                   --profile --output-json "$out/$part-prefill-1000.json" ;;
     word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
     fp8-long) $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads long-1000 \
                 --output-json "$out/$part.json" ;;
@@ -219,7 +226,7 @@ for part in $parts; do
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
          "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs, prefill-codes, word-tiles," \
-         "fp8-long or h100-lines" >&2
+         "fp8-long, h100-lines or fp8-profile" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done
