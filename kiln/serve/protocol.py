@@ -46,23 +46,60 @@ def field(body: dict, name: str, types, default=None, check=None, allowed: str =
     return value
 
 
-# OpenAI request fields that kiln does not implement, each with the values that ask for nothing: clients send some
-# of them by default. Any other value is refused by name, since answering as if the field were absent would return
-# output the client did not ask for (a prose answer where the legacy `functions` asked for a call).
-UNIMPLEMENTED_FIELDS = {
-    "functions": ([],),
-}
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_CHOICES = 16  # the most choices (n) or best_of candidates a request may ask for
 PLAIN_TEXT = {"json_object": False}  # (_response_format's SamplingParams fields for "text": no JSON asked for)
 
 
-def refuse_unimplemented(body: dict) -> None:
-    for name, unused in UNIMPLEMENTED_FIELDS.items():
-        value = body.get(name)
-        if value is not None and value not in unused:
-            raise APIError(400, f"'{name}' is not implemented by kiln serve (got {value!r}); leave it out or send "
-                           f"{unused[0]!r}", param=name)
+def legacy_functions(body: dict) -> tuple[dict, bool]:
+    """A chat body in OpenAI's legacy function-calling form (`functions`, `function_call`, `function` messages and
+    assistant messages with a `function_call`) as the tools form, and whether it was one: one call an answer, as
+    that API has. Answers go back in its form (legacy_choice)."""
+    if isinstance(body.get("messages"), list):  # (a history may hold legacy calls whatever this request offers)
+        body = body | {"messages": legacy_messages(body["messages"])}
+    functions = body.get("functions")
+    if functions is None or functions == []:
+        return body, False
+    if body.get("tools"):
+        raise APIError(400, "'functions' and 'tools' both offer functions; send one ('functions' is the legacy "
+                       "form of 'tools')", param="functions")
+    if not isinstance(functions, list):
+        raise APIError(400, "'functions' must be a list of {name, description?, parameters?}", param="functions")
+    choice = body.get("function_call")
+    if isinstance(choice, dict):
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    chat = {k: v for k, v in body.items() if k not in ("functions", "function_call")}
+    chat |= {"tools": [{"type": "function", "function": f} for f in functions], "parallel_tool_calls": False}
+    if choice is not None:
+        chat["tool_choice"] = choice
+    return chat, True
+
+
+def legacy_messages(messages: list) -> list:
+    """Legacy function calls and results as tool calls and tool messages, each result paired with the call before
+    it by an id made up here (the legacy form has none)."""
+    out, call_id = [], None
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("function_call"), dict):
+            call_id = f"call_{i}"
+            call = {"id": call_id, "type": "function", "function": m["function_call"]}
+            m = {k: v for k, v in m.items() if k != "function_call"} | {"tool_calls": [call]}
+        elif isinstance(m, dict) and m.get("role") == "function":
+            m = {"role": "tool", "tool_call_id": call_id or f"call_{i}", "name": m.get("name"),
+                 "content": m.get("content")}
+        out.append(m)
+    return out
+
+
+def legacy_choice(choice: dict) -> dict:
+    """A chat choice (a message, or a stream chunk's delta) in the legacy form: its one tool call as
+    `function_call` (in a stream: the name and arguments so far, then the arguments' pieces), and finish_reason
+    "function_call" for "tool_calls"."""
+    key = "message" if "message" in choice else "delta"
+    part = dict(choice[key])
+    calls = part.pop("tool_calls", None)
+    reason = "function_call" if choice.get("finish_reason") == "tool_calls" else choice.get("finish_reason")
+    return choice | {key: part | ({"function_call": calls[0]["function"]} if calls else {}), "finish_reason": reason}
 
 
 def tools(body: dict) -> tool_calls.Tools | None:
@@ -111,10 +148,9 @@ class AnswerReader:
 def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool_calls.Tools | None = None,
                     json_after: str | None = None) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln and vLLM extensions: top_k, repetition_penalty,
-    ignore_eos, stop_token_ids, min_tokens); a field kiln does not implement is refused (UNIMPLEMENTED_FIELDS).
+    ignore_eos, stop_token_ids, min_tokens).
     Forced tool calls (`tools`) hold the output to their schema; JSON of any kind comes after `json_after` (a
     reasoning model's "</think>") where given."""
-    refuse_unimplemented(body)
     echo = echoes(body, chat)
     output_format = _response_format(body)
     if tools is not None and tools.forced:

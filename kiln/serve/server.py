@@ -282,6 +282,7 @@ def default_max_tokens(engine: AsyncLLM, prompt_ids: list[int], chat: bool) -> i
 async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = get_engine(request)
     body = await read_body(request)
+    body, legacy = protocol.legacy_functions(body) if chat else (body, False)
     tools = protocol.tools(body) if chat else None
     prompts = [chat_prompt(engine, body, tools)] if chat else completion_prompts(engine, body)
     reader = answer_reader(engine, tools, prompts[0]) if chat else None
@@ -297,12 +298,15 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     if stream:
         echoed = [tok.decode(engine.llm.tokenizer, p) for p in echo] if echo else None
         return await stream_response(request, outputs, chat, model, request_id, with_usage, reader,
-                                     echoed and (lambda index: echoed[index // params.n]))
+                                     echoed and (lambda index: echoed[index // params.n]), legacy)
     final = None
     async for final in outputs:
         pass
     if chat:
-        return web.json_response(protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader))
+        response = protocol.chat_response(final, model, request_id, engine.llm.tokenizer, reader)
+        if legacy:
+            response["choices"] = [protocol.legacy_choice(c) for c in response["choices"]]
+        return web.json_response(response)
     n = protocol.field(body, "n", int, 1)
     answer = protocol.best_choices(final, n, params.n, body.get("logprobs") is not None) if params.n > n else final
     response = protocol.completion_response(answer, model, request_id, engine.llm.tokenizer, echo, n,
@@ -313,7 +317,7 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
 
 
 async def stream_response(request, outputs, chat: bool, model: str, request_id: str, with_usage: bool,
-                          reader: protocol.AnswerReader | None = None, echoed=None):
+                          reader: protocol.AnswerReader | None = None, echoed=None, legacy: bool = False):
     """Server-sent events: a chunk per choice whenever it has new tokens, then usage (if asked), then [DONE].
 
     A chunk goes out for new tokens even when they add no text (a model served without a tokenizer, a character
@@ -321,7 +325,8 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
     --serve` times every token's arrival, not only the arrivals that happened to carry text. Tool calls go out
     as the model writes them (protocol.call_deltas): a call's name once it is whole, then its arguments' JSON text
     piece by piece; the message's text stops where the first call begins. `echoed(index)`: the prompt text a
-    completion choice's first chunk begins with (`echo`)."""
+    completion choice's first chunk begins with (`echo`). `legacy`: a call goes out as the legacy
+    `function_call` (protocol.legacy_functions)."""
     tokenizer = get_engine(request).llm.tokenizer
     first = await anext_or_none(outputs)  # errors before the first chunk still answer with a status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -371,6 +376,8 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
             sent_tokens[o.index] = len(o.token_ids)
             if finished:
                 ended.add(o.index)
+            if legacy:
+                choice = protocol.legacy_choice(choice)
             await send({"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]})
 
     last = first

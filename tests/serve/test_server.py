@@ -748,23 +748,35 @@ def test_wrong_types_are_400_naming_the_field(server, client, model, endpoint, b
     assert_still_serving(client, model)
 
 
-UNIMPLEMENTED = [  # (endpoint, a field kiln does not implement with a value that asks for something)
-    ("chat/completions", {"functions": [{"name": "now", "parameters": {}}]}),
-]
-
-
-@pytest.mark.parametrize("endpoint,extra", UNIMPLEMENTED, ids=lambda v: v if isinstance(v, str) else next(iter(v)))
-def test_a_field_kiln_does_not_implement_is_400_naming_it(server, client, model, endpoint, extra):
-    """Answering as if the field were absent would return what the client did not ask for."""
-    prompt = {"prompt": PROMPT} if endpoint == "completions" else {"messages": MESSAGES}
-    (name, value), = extra.items()
-    status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, **extra})
-    assert "not implemented" in assert_error(status, response, 400, name)["message"]
-    # the values that ask for nothing, as some clients send by default, are accepted
-    unused = {"functions": []}[name]
-    status, _, response = server.request("POST", f"/v1/{endpoint}", {"model": model, **prompt, "max_tokens": 2,
-                                                                     name: unused})
-    assert status == 200, response
+def test_legacy_functions_call_as_tools_do_in_the_legacy_form(server, client, model):
+    """OpenAI's legacy function calling (protocol.legacy_functions): `functions` and a named `function_call` give
+    the tools form's forced call as message.function_call with finish_reason "function_call", streamed as the
+    legacy deltas; a history of a legacy call and its `function` result is answered as the tools form's history;
+    `functions` beside `tools` is a 400 naming it."""
+    kw = dict(messages=MESSAGES[1:], temperature=0, max_tokens=80)
+    tools = chat(client, model, tools=[FORECAST], tool_choice={"type": "function", "function": {"name": "forecast"}},
+                 **kw).choices[0].message.tool_calls[0].function
+    legacy = {"functions": [FORECAST["function"]], "function_call": {"name": "forecast"}}
+    r = chat(client, model, extra_body=legacy, **kw).choices[0]
+    assert r.finish_reason == "function_call" and not r.message.tool_calls
+    assert (r.message.function_call.name, r.message.function_call.arguments) == (tools.name, tools.arguments)
+    chunks = [c.choices[0] for c in chat(client, model, extra_body=legacy, stream=True, **kw) if c.choices]
+    calls = [c.delta.function_call for c in chunks if c.delta.function_call is not None]
+    assert calls[0].name == "forecast" and "".join(c.arguments for c in calls) == tools.arguments
+    assert chunks[-1].finish_reason == "function_call"
+    history = MESSAGES[1:] + [{"role": "assistant", "content": None,
+                               "function_call": {"name": "forecast", "arguments": tools.arguments}},
+                              {"role": "function", "name": "forecast", "content": "dry, 12 degrees"}]
+    answer = chat(client, model, messages=history, extra_body={"functions": [FORECAST["function"]]}, temperature=0,
+                  max_tokens=8).choices[0].message.content
+    as_tools = MESSAGES[1:] + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "forecast", "arguments": tools.arguments}}]},
+                               {"role": "tool", "tool_call_id": "call_1", "content": "dry, 12 degrees"}]
+    assert answer == chat(client, model, messages=as_tools, tools=[FORECAST], temperature=0,
+                          max_tokens=8).choices[0].message.content
+    status, _, response = server.request("POST", "/v1/chat/completions", {"model": model, "messages": MESSAGES,
+                                                                          "tools": [FORECAST], **legacy})
+    assert "legacy form" in assert_error(status, response, 400, "functions")["message"]
     assert_still_serving(client, model)
 
 
