@@ -91,5 +91,11 @@ def test_suffix_completes_the_middle_as_the_python_api_does_on_the_fim_prompt(fi
         assert r.usage.prompt_tokens == len(ids)
         status, _, body = server.request("POST", "/tokenize", {"prompt": PREFIX, "suffix": SUFFIX})
         assert status == 200 and body["tokens"] == ids
+        other = "def sub(a, b):\n    return "  # a batch: each prompt's middle before the same suffix
+        batch = client.completions.create(model=fim_engine.name, prompt=[other, PREFIX], suffix=SUFFIX, max_tokens=8,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        first = llm.generate([encode_fill_in_middle(llm.tokenizer, other, SUFFIX)],
+                             SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0].text
+        assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [first, expected.text]
     finally:
         server.stop()
