@@ -6,8 +6,7 @@ https://platform.openai.com/docs/api-reference/responses
 kiln keeps no state between requests: `previous_response_id` and `conversation` are refused (send the earlier
 items in `input`), and every response says `"store": false`. Fields that only steer OpenAI's hosting (`store`,
 `include`, `truncation`, `service_tier`, `user`, `prompt_cache_key`, `reasoning`) are taken and change nothing, so
-that clients which always send them (the Agents SDK sends `include` with `store: false`) work; function calls
-stream as whole items once the answer ends."""
+that clients which always send them (the Agents SDK sends `include` with `store: false`) work."""
 
 from __future__ import annotations
 
