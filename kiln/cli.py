@@ -136,7 +136,7 @@ def cmd_run(args) -> None:
         if device is None:  # a rank other than 0: it served until rank 0 was done
             return
     with LLM(args.engine_dir, dtype=args.dtype, device=device, build_config=_build_config(args),
-             keep_quantization=args.keep_quantization) as llm:
+             keep_quantization=args.keep_quantization, chat_template=args.chat_template) as llm:
         _generate_to_stdout(llm, args, params)
     if torchrun_rank() is not None:
         from kiln.runtime.distributed import leave_process_group
@@ -182,7 +182,10 @@ def cmd_serve(args) -> None:
     import asyncio
     from pathlib import Path
 
+    from kiln.llmapi.tokenizer import read_chat_template
     from kiln.serve.server import serve
+
+    template = None if args.chat_template is None else read_chat_template(args.chat_template)  # (before listening)
 
     def load_engine():
         from kiln.llmapi.llm import LLM
@@ -190,7 +193,7 @@ def cmd_serve(args) -> None:
 
         llm = LLM(args.path, dtype=args.dtype, device=args.device, build_config=_build_config(args),
                   tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size,
-                  keep_quantization=args.keep_quantization)
+                  keep_quantization=args.keep_quantization, chat_template=template)
         return AsyncLLM(llm, max_waiting=args.max_waiting)
 
     if args.served_model_name:
@@ -425,6 +428,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="dtype when converting a source model in-process")
     _add_keep_quantization_flag(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template (a file, or its text) in place of the model's, for --chat")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -435,6 +440,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: PATH's name)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template (a file, or its text) in place of the model's")
     p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel worker processes")
     p.add_argument("--pp-size", type=int, default=None, help="pipeline-parallel stages")
     _add_build_flags(p)

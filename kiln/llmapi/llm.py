@@ -119,12 +119,15 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str | None = None,
                  build_config: BuildConfig | None = None, tensor_parallel_size: int | None = None,
-                 pipeline_parallel_size: int | None = None, keep_quantization: bool = False):
+                 pipeline_parallel_size: int | None = None, keep_quantization: bool = False,
+                 chat_template: str | None = None):
         """model: an engine dir, a kiln checkpoint dir, an HF dir, a Meta dir or a .gguf file (default: the
         built-in model). build_config: the limits to build with; a built engine takes only its RUNTIME_FIELDS
         (the KV cache's size, decode bursts, admission policy). With tensor/pipeline_parallel_size > 1 the ranks
         run as worker processes. keep_quantization: a .gguf's Q4_0/Q4_1/Q4_K linears stay int4 (W4A16) instead of
-        being dequantized (`kiln convert --keep-quantization`)."""
+        being dequantized (`kiln convert --keep-quantization`). chat_template: a Jinja chat template (its text, or a
+        file's path) in place of the model's, for chat() and kiln serve's chats."""
+        template = None if chat_template is None else tok.read_chat_template(chat_template)  # (checked first)
         if model is None:
             from kiln.default_model import default_model_path
 
@@ -134,6 +137,8 @@ class LLM:
                                           keep_quantization)
         self.engine = Engine.from_dir(self.engine_dir)
         self.tokenizer = tok.load_tokenizer(self.engine_dir)
+        if template is not None:
+            tok.set_chat_template(self.tokenizer, template)
         # An engine dir keeps its runtime options but those asked for; one from the engine cache (built from a
         # source or checkpoint, whose cache key leaves them out) takes this call's, not those of the call that built it.
         self.build_config = self.engine.build_config.with_runtime_options(

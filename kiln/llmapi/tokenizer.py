@@ -46,6 +46,33 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def read_chat_template(value: str) -> str:
+    """A chat template given in place of the model's (`LLM(chat_template=...)`, `--chat-template`): a file's text,
+    or the Jinja template itself; its syntax checked here, before any model loads."""
+    from jinja2 import Environment, TemplateSyntaxError
+
+    path = Path(value)
+    looks_inline = "{{" in value or "{%" in value
+    if not looks_inline and not path.is_file():
+        raise ConfigError(f"chat template {value!r} is neither a file nor a Jinja template (no '{{{{' or '{{%'); give "
+                          "the path of a .jinja file or the template's text")
+    text, where = (value, "the chat template given") if looks_inline else (path.read_text(), str(path))
+    try:
+        Environment().parse(text)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"{where}, line {e.lineno}: {e.message}; fix the template's Jinja syntax") from None
+    return text
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Replace the tokenizer's chat template (read_chat_template's text)."""
+    if tokenizer is None:
+        raise CheckpointError(f"this model has no tokenizer files (none of {', '.join(TOKENIZER_MAIN_FILES)}), so "
+                              "there is nothing to apply a chat template to; convert it from a directory that holds "
+                              "its tokenizer")
+    tokenizer.chat_template = template
+
+
 # Fill-in-the-middle prompts: each code-model family's special tokens in the order it was trained on them, PREFIX and
 # SUFFIX standing for the text before and after the hole. A format applies when each of its tokens is one token of
 # the tokenizer; the model then writes the middle.
