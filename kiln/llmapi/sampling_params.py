@@ -43,6 +43,9 @@ class SamplingParams:
     # With json_object or json_schema: the output is free text until it has written this, and the JSON follows it
     # (a reasoning model's "</think>": it thinks, then answers in JSON; kiln serve sets it for such models).
     json_after: str | None = None
+    # Lower first (vLLM's): a waiting request of lower priority joins the batch before older ones of higher, and
+    # when blocks run out the running request of the highest priority (the newest among equals) is preempted.
+    priority: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -79,6 +82,7 @@ class SamplingParams:
             ("json_schema", self.json_schema is None or isinstance(self.json_schema, dict)
              and not self.json_object and not self.ignore_eos,
              "None or a JSON Schema (a dict), without json_object (it asks for JSON already) or ignore_eos"),
+            ("priority", isinstance(self.priority, int) and not isinstance(self.priority, bool), "an integer"),
             ("json_after", self.json_after is None or isinstance(self.json_after, str) and self.json_after
              and (self.json_object or self.json_schema is not None),
              "None or a non-empty string, with json_object or json_schema (the JSON it comes before)"),

@@ -2,10 +2,12 @@
 
 Plain Python, no tensors. Each step gives every running sequence its next tokens (one when decoding,
 a chunk of its prompt while prefilling) within the step's token budget (max_num_tokens), then admits
-waiting sequences (oldest first) while the batch has room (max_batch_size), the budget holds, and the
-KV cache has blocks for their prompts. A long prompt is prefilled in chunks across steps. When a
-running sequence needs a block and none is left, the newest running sequence is preempted: its blocks
-are freed and it waits to be recomputed (prompt and output so far), so no request fails for memory.
+waiting sequences (by SamplingParams.priority, lowest first, then oldest first) while the batch has room
+(max_batch_size), the budget holds, and the KV cache has blocks for their prompts. A long prompt is prefilled
+in chunks across steps. When a running sequence needs a block and none is left, the running sequence of the
+highest priority value, the newest among equals, is preempted: its blocks are freed and it waits to be
+recomputed (prompt and output so far), so no request fails for memory. Priorities order the queue and choose
+the victims; a waiting request does not preempt a running one to get in.
 
 With no_evict (BuildConfig's capacity_scheduler_policy "guaranteed_no_evict") a waiting sequence is admitted
 only when the free blocks cover its whole length (prompt and max_tokens) on top of what the running ones may
@@ -14,6 +16,7 @@ still grow to: no sequence is ever preempted, and none recomputes a prompt it ha
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from kiln.runtime.block_manager import BlockManager
@@ -31,7 +34,18 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """seq into the waiting queue at its place by (priority, age): at an end when it belongs there (all of
+        equal priority: the common case, no search), else by bisection."""
+        key = _order(seq)
+        if not self.waiting or key >= _order(self.waiting[-1]):
+            self.waiting.append(seq)
+        elif key <= _order(self.waiting[0]):
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.insert(bisect.bisect_right(self.waiting, key, key=_order), seq)
 
     def has_unfinished(self) -> bool:
         return any(not s.finished for s in self.waiting) or any(not s.finished for s in self.running)
@@ -92,7 +106,7 @@ class Scheduler:
         """Blocks for num_tokens of seq, preempting the newest other sequences as needed; False if seq
         itself had to go."""
         while not self.blocks.append_slots(seq.seq_id, num_tokens):
-            victim = self.running[-1]
+            victim = max(self.running, key=_order)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -103,5 +117,10 @@ class Scheduler:
         self.running.remove(seq)
         seq.num_cached = 0
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
         self.num_preemptions += 1
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    """A sequence's place in the queue and, reversed, as a preemption victim: its priority, then its age."""
+    return seq.params.priority, seq.seq_id

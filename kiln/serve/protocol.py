@@ -148,7 +148,7 @@ class AnswerReader:
 def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool_calls.Tools | None = None,
                     json_after: str | None = None) -> SamplingParams:
     """Map an OpenAI request body onto SamplingParams (kiln and vLLM extensions: top_k, repetition_penalty,
-    ignore_eos, stop_token_ids, min_tokens).
+    ignore_eos, stop_token_ids, min_tokens, priority).
     Forced tool calls (`tools`) hold the output to their schema; JSON of any kind comes after `json_after` (a
     reasoning model's "</think>") where given."""
     echo = echoes(body, chat)
@@ -194,6 +194,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool, tools: tool
             prompt_logprobs=logprobs if echo else None,  # (echo's prompt tokens come with theirs)
             logit_bias=_logit_bias(body),
             min_tokens=field(body, "min_tokens", int, 0, lambda v: v >= 0, ">= 0"),
+            priority=field(body, "priority", int, 0),
             **output_format,
             json_after=json_after if output_format != PLAIN_TEXT else None,
         )

@@ -31,7 +31,7 @@ def chat_body(body: dict) -> dict:
     if "max_output_tokens" in body:
         chat["max_tokens"] = field(body, "max_output_tokens", int, None, lambda v: v >= 1, ">= 1")
     for name in ("temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "repetition_penalty",
-                 "stop"):
+                 "stop", "priority"):
         if body.get(name) is not None:  # (clients send null for "not given")
             chat[name] = body[name]
     if body.get("tools"):

@@ -242,3 +242,49 @@ def test_out_of_blocks_preempts_the_newest_which_returns_first_from_its_cached_p
     step = sched.schedule()
     assert step[0] == (new, 3) and new.num_cached == 2  # back first; its first block was a cache hit
     assert step[1] == (later, 1)
+
+
+def _prioritized(seq_id: int, prompt: int, max_new: int, priority: int) -> Sequence:
+    return Sequence(seq_id, [1] * prompt, params=SamplingParams(priority=priority), max_len=prompt + max_new, seed=0)
+
+
+def test_a_lower_priority_value_is_admitted_first_then_age_among_equals():
+    """SamplingParams.priority (lower first, vLLM's): the queue orders by priority, then by age; a running sequence
+    is not displaced by a waiting one of a lower value."""
+    sched = Scheduler(max_batch_size=1, max_num_tokens=64, blocks=BlockManager(16, 4))
+    first, plain, later_plain, urgent, urgent_later = (_prioritized(0, 3, 2, 0), _prioritized(1, 3, 2, 0),
+                                                      _prioritized(2, 3, 2, 0), _prioritized(3, 3, 2, -5),
+                                                      _prioritized(4, 3, 2, -5))
+    sched.add(first)
+    assert sched.schedule() == [(first, 3)]
+    for s in (plain, later_plain, urgent, urgent_later):
+        sched.add(s)
+    assert list(sched.waiting) == [urgent, urgent_later, plain, later_plain]
+    first.num_cached = 3
+    first.append_tokens([0], 0.0)
+    assert sched.schedule() == [(first, 1)]  # the batch is full: urgent waits for a place
+    first.finish("length")
+    sched.free(first)
+    assert sched.schedule() == [(urgent, 3)]
+
+
+def test_out_of_blocks_preempts_the_highest_priority_value_before_the_newest():
+    """The victim is the running sequence of the highest priority value, even when it is the oldest and the one
+    that needs the block; it waits ahead of the newer ones of its own value."""
+    blocks = BlockManager(4, 2)
+    sched = Scheduler(max_batch_size=4, max_num_tokens=64, blocks=blocks)
+    background, urgent = _prioritized(0, 3, 8, 10), _prioritized(1, 3, 8, 0)
+    sched.add(background)
+    assert sched.schedule() == [(background, 3)]
+    background.num_cached = 3
+    background.append_tokens([9], 0.0)
+    sched.add(urgent)
+    assert sched.schedule() == [(background, 1), (urgent, 3)]  # all 4 blocks taken
+    background.num_cached, urgent.num_cached = 4, 3
+    background.append_tokens([9], 0.0)
+    urgent.append_tokens([9], 0.0)
+    step = sched.schedule()  # background's 5th token needs a block: background itself goes, not the newer urgent
+    assert step == [(urgent, 1)] and background.status is Status.WAITING and urgent.status is Status.RUNNING
+    newer_background = _prioritized(2, 1, 2, 10)
+    sched.add(newer_background)
+    assert list(sched.waiting) == [background, newer_background]

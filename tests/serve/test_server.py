@@ -719,6 +719,7 @@ def assert_error(status, body, want_status, param=None):
 
 
 BAD_BODIES = [  # (endpoint, body, param named in the error)
+    ("completions", {"prompt": PROMPT, "priority": "high"}, "priority"),
     ("completions", {"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
     ("completions", {"prompt": PROMPT, "max_tokens": True}, "max_tokens"),
     ("completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
