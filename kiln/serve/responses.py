@@ -113,15 +113,11 @@ def chat_response_format(text_format) -> dict:
 
 
 def output_items(reasoning: str | None, text: str, calls: list[dict], new_id) -> list[dict]:
-    """A finished answer's output items: its reasoning, its message (where it has text or calls nothing), its
-    function calls."""
-    items = []
-    if reasoning:
-        items.append(reasoning_item(new_id("rs"), reasoning))
-    if text or not calls:
-        items.append(message_item(new_id("msg"), text, "completed"))
-    items += [call_item(new_id("fc"), call) for call in calls]
-    return items
+    """A finished answer's output items (its reasoning, its message where it has text or calls nothing, its function
+    calls): the items a stream of the whole answer at once ends with, so both build them one way."""
+    stream = EventStream(new_id)
+    stream.events(reasoning, text, calls, finished=True)
+    return stream.items
 
 
 def reasoning_item(item_id: str, text: str) -> dict:
@@ -132,11 +128,6 @@ def reasoning_item(item_id: str, text: str) -> dict:
 def message_item(item_id: str, text: str | None, status: str) -> dict:
     content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
-
-
-def call_item(item_id: str, call: dict) -> dict:
-    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": "completed"}
 
 
 def response_object(response_id: str, body: dict, model: str, created: int, output: list[dict], status: str,
