@@ -364,6 +364,11 @@ def _per_prompt(logprobs: list | None, prompts: list[list[int]]) -> list[list] |
     return runs
 
 
+def read_answer(reader: AnswerReader | None, text: str, finished: bool = True) -> tuple[str | None, str, list[dict]]:
+    """AnswerReader.read, or the whole text as content where there is no reader (answer_reader's None)."""
+    return reader.read(text, finished) if reader is not None else (None, text, [])
+
+
 def chat_delta(first: bool, reasoning: str, content: str, calls: list[dict]) -> dict:
     """A chat stream chunk's delta: the role in a choice's first chunk (with its content, "" if none yet), then
     only the parts with something new; the tool calls' new parts, with their indices (call_deltas)."""
@@ -392,7 +397,7 @@ def chat_response(output: RequestOutput, model: str, request_id: str, tokenizer,
     """The chat completion; `reader` splits each choice's text into reasoning, content and tool calls."""
     choices = []
     for o in output.outputs:
-        reasoning, content, calls = reader.read(o.text) if reader is not None else (None, o.text, [])
+        reasoning, content, calls = read_answer(reader, o.text)
         message = {"role": "assistant", "content": content if content or not calls else None} | (
             {"reasoning_content": reasoning} if reasoning is not None else {})
         choices.append({"index": o.index, "message": message | ({"tool_calls": calls} if calls else {}),

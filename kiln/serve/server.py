@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -347,7 +348,7 @@ async def stream_response(request, outputs, chat: bool, model: str, request_id: 
         for o in output.outputs:
             start_text, start_lp = sent_text.get(o.index), sent_logprobs.get(o.index, 0)
             finished = o.finish_reason is not None
-            thought, text, calls = reader.read(o.text, finished) if reader is not None else (None, o.text, [])
+            thought, text, calls = protocol.read_answer(reader, o.text, finished)
             sent = sent_calls.setdefault(o.index, [])
             calls_went_out = bool(sent)  # (in an earlier chunk: the message's text stopped where they began)
             deltas = (protocol.call_deltas(reader.calls_begun(o.text, finished), sent, reader.tools.new_id)
@@ -409,9 +410,8 @@ async def create_response(request):
     params = protocol.sampling_params(chat, default_max_tokens(engine, prompt, True), True, tools,
                                       json_after=reasoning.THINK_CLOSE if thinks else None)
     outputs = generate(engine, prompt, params, request.app[SETTINGS]["request_timeout"])
-    answer = (lambda text, finished=True: reader.read(text, finished)) if reader is not None else (
-        lambda text, finished=True: (None, text, []))
-    begun = reader.calls_begun if reader is not None and reader.tools is not None else (lambda text, finished: [])
+    answer = functools.partial(protocol.read_answer, reader)
+    begun = reader.calls_begun if reader is not None else (lambda text, finished: [])  # ([] without tools too)
     meta = (responses.new_item_id("resp"), body, request.app[SETTINGS]["model_name"], int(time.time()))
     if protocol.field(body, "stream", bool, False):
         new_call_id = reader.tools.new_id if reader is not None and reader.tools is not None else None
