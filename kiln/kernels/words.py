@@ -6,7 +6,22 @@ and int8 GEMVs' sums (`w4_row_sums`, `w8_row_sums`) are here whole: the dense an
 own rows. The e4m3 GEMV's (kiln.kernels.gemv.fp8_word_row_sums) runs the int8 one's loop (`byte_word_steps`) with
 its own products and scales."""
 
+import os
+
 INT4_SYMMETRIC_ZERO = 8  # int4 codes' zero point where a format has none (kiln.quantization.weight_only's formats)
+W4_DOT_SETTINGS = ("float", "int")  # KILN_W4_DOT's values, the default first (w4_int_dot)
+
+
+def w4_int_dot() -> bool:
+    """Whether the int4 GEMVs (dense, with their epilogues, and the MoE experts' by pair) take w4_row_sums' integer
+    dot products (KILN_W4_DOT=int) rather than its float ones (float, the default); read at each launch, so one
+    process can A/B it. The integer path is new in the forty-seventh session, not yet timed on a GPU."""
+    setting = os.environ.get("KILN_W4_DOT", W4_DOT_SETTINGS[0])
+    if setting not in W4_DOT_SETTINGS:
+        raise ValueError(f"KILN_W4_DOT={setting!r}: allowed values are {', '.join(W4_DOT_SETTINGS)} "
+                         f"({W4_DOT_SETTINGS[0]} is the default); unset it or pick one")
+    return setting == "int"
+
 
 try:
     import triton
@@ -22,6 +37,10 @@ if triton is not None:
     # 2^80 stays finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
     BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
+    # The integer dot products' x (_x_fixed_point): the float32 bits of 1.5 x 2^23 + v are ROUNDING_BITS + v for
+    # every integer |v| < 2^22, so one FMA rounds x 2^P to an integer in the low bits.
+    ROUNDING_MAGIC = tl.constexpr(12582912.0)
+    ROUNDING_BITS = tl.constexpr(0x4B400000)
 
     @triton.jit
     def halves(x):
@@ -118,13 +137,89 @@ if triton is not None:
         return dot
 
     @triton.jit
+    def _x_fixed_point(x):
+        """x [B, 16] (the 16 columns of x a thread's words multiply) as integers v = round(x 2^P), P a row's own,
+        the largest power of two that keeps |v| <= 2^14: (the pairs of v that the low halves' dot products take
+        and the high halves', each 4 int32 [B] of two int16 (_int16_pairs), sum_j v_j as float32 [B], exactly,
+        and 2^-P, float32 [B]). A row's error is at most 2^-15 of its largest |x|: 16-bit inputs' largest values
+        are exact."""
+        # Column by column, as the float path takes x (a reduction over the tile's columns moved x between threads
+        # through shared memory).
+        x_low, x_high = halves(x.to(tl.float32))
+        xs_low, xs_high = split8(x_low), split8(x_high)
+        # The exponent field e of the row's largest |x| (at least 14, so that 2^-P stays a normal float): that
+        # |x| is below 2^(e - 126), so P = 140 - e.
+        top = tl.maximum(_abs_max8(xs_low), _abs_max8(xs_high))
+        e = tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 14)
+        scale = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^P: the exponent field P + 127
+        unscale = ((e - 13) << 23).to(tl.float32, bitcast=True)  # 2^-P
+        vs_low, vs_high = _fixed8(xs_low, scale), _fixed8(xs_high, scale)
+        return _int16_pairs(vs_low), _int16_pairs(vs_high), (sum8(vs_low) + sum8(vs_high)).to(tl.float32), unscale
+
+    @triton.jit
+    def _abs_max8(xs):
+        """The largest |x| of split8's 8 columns."""
+        a = tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3])))
+        b = tl.maximum(tl.maximum(tl.abs(xs[4]), tl.abs(xs[5])), tl.maximum(tl.abs(xs[6]), tl.abs(xs[7])))
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _fixed8(xs, scale):
+        """split8's 8 columns times scale, each rounded to an int32 (one FMA and an add of the bits)."""
+        return (_fixed(xs[0], scale), _fixed(xs[1], scale), _fixed(xs[2], scale), _fixed(xs[3], scale),
+                _fixed(xs[4], scale), _fixed(xs[5], scale), _fixed(xs[6], scale), _fixed(xs[7], scale))
+
+    @triton.jit
+    def _fixed(x, scale):
+        """round(x scale) as int32, for |x scale| < 2^22 (ROUNDING_MAGIC)."""
+        return (x * scale + ROUNDING_MAGIC).to(tl.int32, bitcast=True) - ROUNDING_BITS
+
+    @triton.jit
+    def _int16_pairs(vs):
+        """The 8 integers (split8) of a word half's columns as the 4 pairs _half_int_dots takes, two int16 an int32
+        (the first in the low 16 bits): columns (0, 2), (4, 6), (1, 3), (5, 7), the order in which the nibbles of
+        a half land in bytes when masked and when shifted first."""
+        return ((vs[0] & 0xFFFF) | (vs[2] << 16), (vs[4] & 0xFFFF) | (vs[6] << 16),
+                (vs[1] & 0xFFFF) | (vs[3] << 16), (vs[5] & 0xFFFF) | (vs[7] << 16))
+
+    @triton.jit
+    def _half_int_dots(half, pairs, dot):
+        """dot plus sum_j u_j v_j, int32 [k, n]: the 8 codes u of each int32 half [k, n] times x's integers v
+        (pairs, _int16_pairs, [k]). The low nibbles masked are bytes of columns 0, 2, 4, 6, the high ones shifted
+        down and masked those of 1, 3, 5, 7; dp2a multiplies two int16 by two of the bytes and adds both to an int32,
+        so 8 weights cost 3 integer instructions and 4 dp2a, exact. (scripts/interpret_kernels.py swaps in the same
+        arithmetic without PTX.)"""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 lo, hi, d; and.b32 lo, $1, 0x0F0F0F0F; shr.u32 hi, $1, 4; and.b32 hi, hi, 0x0F0F0F0F; "
+            "dp2a.lo.s32.u32 d, $2, lo, $6; dp2a.hi.s32.u32 d, $3, lo, d; dp2a.lo.s32.u32 d, $4, hi, d; "
+            "dp2a.hi.s32.u32 $0, $5, hi, d; }",
+            "=r,r,r,r,r,r,r", [half, _across(pairs[0], half), _across(pairs[1], half), _across(pairs[2], half),
+                               _across(pairs[3], half), dot], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _across(column, tile):
+        """column [k] repeated across tile's outputs, tile's shape [k, n]."""
+        return tl.broadcast_to(column[:, None], tile.shape)
+
+    @triton.jit
+    def _word_int_sums(w, s, z, x_fixed):
+        """Each word's s (sum_j u_j x_j - z sum_j x_j) as _word_sums, by integer dot products: x_fixed the fixed
+        point x of the word's 16 columns (_x_fixed_point). Two dp2a a 4 weights, then a conversion and three float
+        instructions a word."""
+        pairs_low, pairs_high, v_sum, unscale = x_fixed
+        dot = _half_int_dots(w.to(tl.int32), pairs_low, tl.zeros(w.shape, tl.int32))  # (the low half: truncation)
+        dot = _half_int_dots((w >> 32).to(tl.int32), pairs_high, dot)
+        return (s * unscale[:, None]) * (dot.to(tl.float32) - z * v_sum[:, None])
+
+    @triton.jit
     def w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr, INT_DOT: tl.constexpr = False):
         """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
         scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
         `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
-        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
+        INT_DOT: by integer dot products (_word_int_sums) rather than float ones (_word_sums). Requests the first
+        step's weights, then waits for x (kiln.kernels.pdl)."""
         # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
         # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
         # 8 of them. Within a half, a code masked in place,
@@ -164,17 +259,25 @@ if triton is not None:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs, G, KW, WPG, HAS_ZERO,
                                                EVEN_K)
             x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
-            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            xs_low, xs_high = split8(x_low), split8(x_high)
-            x_sum = sum8(xs_low) + sum8(xs_high)
-            slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
-            acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
-            if PAIRED:
-                acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
-        y = tl.sum(acc, axis=0) * (2.0 ** SHIFT_EXP)
+            x = load_step(x_p, (k0 + first < KW)[:, None], EVEN_K)
+            if INT_DOT:
+                x_fixed = _x_fixed_point(x)
+                acc += _word_int_sums(w, s, z, x_fixed)
+                if PAIRED:
+                    acc_paired += _word_int_sums(wp, sp, zp, x_fixed)
+            else:
+                x_low, x_high = halves(x.to(tl.float32))
+                xs_low, xs_high = split8(x_low), split8(x_high)
+                x_sum = sum8(xs_low) + sum8(xs_high)
+                slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
+                acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
+                if PAIRED:
+                    acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
+        unshift: tl.constexpr = 1.0 if INT_DOT else 2.0 ** SHIFT_EXP  # (the integer sums carry no shift)
+        y = tl.sum(acc, axis=0) * unshift
         y_paired = y
         if PAIRED:
-            y_paired = tl.sum(acc_paired, axis=0) * (2.0 ** SHIFT_EXP)
+            y_paired = tl.sum(acc_paired, axis=0) * unshift
         return y, y_paired
 
     @triton.jit
