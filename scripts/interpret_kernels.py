@@ -50,17 +50,20 @@ def _dequant_nibbles_plain(w, s, z, dtype: tl.constexpr):
 
 
 @triton.jit
-def _half_int_dots_plain(half, pairs, dot):
-    """words._half_int_dots without PTX: each code (the masked nibbles' bytes, then the shifted ones') times its
-    int16 of x, the pairs' low 16 bits first."""
-    low, high = half & 0x0F0F0F0F, (half >> 4) & 0x0F0F0F0F
-    dot += _bytes_times_pairs(low, pairs[0][:, None], pairs[1][:, None])
-    return dot + _bytes_times_pairs(high, pairs[2][:, None], pairs[3][:, None])
+def _word_int_dot_plain(w, pairs_low, pairs_high):
+    """words._word_int_dot without PTX: each half's even codes (its bytes masked by 0x0F0F0F0F) and odd codes times
+    16 (by 0xF0F0F0F0) times their int16 of x, the pairs' low 16 bits first; 16 times the even sums plus the odd."""
+    low, high = w.to(tl.int32), (w >> 32).to(tl.int32)
+    even = (_bytes_times_pairs(low & 0x0F0F0F0F, pairs_low[0][:, None], pairs_low[1][:, None])
+            + _bytes_times_pairs(high & 0x0F0F0F0F, pairs_high[0][:, None], pairs_high[1][:, None]))
+    odd = (_bytes_times_pairs(low & -0x0F0F0F10, pairs_low[2][:, None], pairs_low[3][:, None])
+           + _bytes_times_pairs(high & -0x0F0F0F10, pairs_high[2][:, None], pairs_high[3][:, None]))
+    return even * 16 + odd
 
 
 @triton.jit
 def _bytes_times_pairs(codes, first, second):
-    """Bytes 0 and 1 of codes times the two int16 of `first`, bytes 2 and 3 times those of `second`."""
+    """Bytes 0 and 1 of codes (unsigned) times the two int16 of `first`, bytes 2 and 3 times those of `second`."""
     return ((codes & 0xFF) * ((first << 16) >> 16) + ((codes >> 8) & 0xFF) * (first >> 16)
             + ((codes >> 16) & 0xFF) * ((second << 16) >> 16) + ((codes >> 24) & 0xFF) * (second >> 16))
 
@@ -704,7 +707,7 @@ def main(only: str = "") -> None:
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
-    words._half_int_dots = _half_int_dots_plain
+    words._word_int_dot = _word_int_dot_plain
     for check_kernel in CHECKS:
         if only in check_kernel.__name__:
             check_kernel()

@@ -139,22 +139,23 @@ if triton is not None:
     @triton.jit
     def _x_fixed_point(x):
         """x [B, 16] (the 16 columns of x a thread's words multiply) as integers v = round(x 2^P), P a row's own,
-        the largest power of two that keeps |v| <= 2^14: (the pairs of v that the low halves' dot products take
-        and the high halves', each 4 int32 [B] of two int16 (_int16_pairs), sum_j v_j as float32 [B], exactly,
-        and 2^-P, float32 [B]). A row's error is at most 2^-15 of its largest |x|: 16-bit inputs' largest values
-        are exact."""
+        the largest power of two that keeps |v| <= 2^14: (the pairs of v that the dot products take from the low
+        halves of the words and from the high ones, each 4 int32 [B] of two int16 (_int16_pairs), 16 sum_j v_j as
+        float32 [B], exactly, and 2^-P / 16, float32 [B]: _word_int_dot's sums are 16 times the dot product). A
+        row's error is at most 2^-15 of its largest |x|: 16-bit inputs' largest values are exact."""
         # Column by column, as the float path takes x (a reduction over the tile's columns moved x between threads
         # through shared memory).
         x_low, x_high = halves(x.to(tl.float32))
         xs_low, xs_high = split8(x_low), split8(x_high)
-        # The exponent field e of the row's largest |x| (at least 14, so that 2^-P stays a normal float): that
-        # |x| is below 2^(e - 126), so P = 140 - e.
+        # The exponent field e of the row's largest |x| (at least 18, so that 2^-P / 16 stays a normal float):
+        # that |x| is below 2^(e - 126), so P = 140 - e.
         top = tl.maximum(_abs_max8(xs_low), _abs_max8(xs_high))
-        e = tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 14)
+        e = tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 18)
         scale = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^P: the exponent field P + 127
-        unscale = ((e - 13) << 23).to(tl.float32, bitcast=True)  # 2^-P
+        unscale = ((e - 17) << 23).to(tl.float32, bitcast=True)  # 2^-P / 16
         vs_low, vs_high = _fixed8(xs_low, scale), _fixed8(xs_high, scale)
-        return _int16_pairs(vs_low), _int16_pairs(vs_high), (sum8(vs_low) + sum8(vs_high)).to(tl.float32), unscale
+        v_sum = (sum8(vs_low) + sum8(vs_high)).to(tl.float32) * 16.0
+        return _int16_pairs(vs_low), _int16_pairs(vs_high), v_sum, unscale
 
     @triton.jit
     def _abs_max8(xs):
@@ -176,25 +177,33 @@ if triton is not None:
 
     @triton.jit
     def _int16_pairs(vs):
-        """The 8 integers (split8) of a word half's columns as the 4 pairs _half_int_dots takes, two int16 an int32
-        (the first in the low 16 bits): columns (0, 2), (4, 6), (1, 3), (5, 7), the order in which the nibbles of
-        a half land in bytes when masked and when shifted first."""
+        """The 8 integers (split8) of a word half's columns as the 4 pairs _word_int_dot takes, two int16 an int32
+        (the first in the low 16 bits): columns (0, 2), (4, 6), (1, 3), (5, 7), the order of the nibbles in the
+        bytes of a half masked by 0x0F0F0F0F and by 0xF0F0F0F0."""
         return ((vs[0] & 0xFFFF) | (vs[2] << 16), (vs[4] & 0xFFFF) | (vs[6] << 16),
                 (vs[1] & 0xFFFF) | (vs[3] << 16), (vs[5] & 0xFFFF) | (vs[7] << 16))
 
     @triton.jit
-    def _half_int_dots(half, pairs, dot):
-        """dot plus sum_j u_j v_j, int32 [k, n]: the 8 codes u of each int32 half [k, n] times x's integers v
-        (pairs, _int16_pairs, [k]). The low nibbles masked are bytes of columns 0, 2, 4, 6, the high ones shifted
-        down and masked those of 1, 3, 5, 7; dp2a multiplies two int16 by two of the bytes and adds both to an int32,
-        so 8 weights cost 3 integer instructions and 4 dp2a, exact. (scripts/interpret_kernels.py swaps in the same
-        arithmetic without PTX.)"""
+    def _word_int_dot(w, pairs_low, pairs_high):
+        """16 sum_j u_j v_j, int32 [k, n]: the 16 codes u of each int64 word [k, n] times x's integers v (the pairs
+        of _x_fixed_point, [k]). Each 32-bit half masked by 0x0F0F0F0F holds the even columns' codes as bytes, and
+        masked by 0xF0F0F0F0 the odd columns' times 16; dp2a multiplies two int16 by two of those bytes and adds
+        both to an int32. So 16 weights cost 4 ANDs, 8 dp2a and one shift-and-add of the two sums, exact (|sum| <
+        2^26). (scripts/interpret_kernels.py swaps in the same arithmetic without PTX.)"""
+        low, high = w.to(tl.int32), (w >> 32).to(tl.int32)  # (the low half: truncation)
         return tl.inline_asm_elementwise(
-            "{ .reg .b32 lo, hi, d; and.b32 lo, $1, 0x0F0F0F0F; shr.u32 hi, $1, 4; and.b32 hi, hi, 0x0F0F0F0F; "
-            "dp2a.lo.s32.u32 d, $2, lo, $6; dp2a.hi.s32.u32 d, $3, lo, d; dp2a.lo.s32.u32 d, $4, hi, d; "
-            "dp2a.hi.s32.u32 $0, $5, hi, d; }",
-            "=r,r,r,r,r,r,r", [half, _across(pairs[0], half), _across(pairs[1], half), _across(pairs[2], half),
-                               _across(pairs[3], half), dot], dtype=tl.int32, is_pure=True, pack=1)
+            "{ .reg .b32 l0, h0, l1, h1, a, b; "
+            "and.b32 l0, $1, 0x0F0F0F0F; and.b32 h0, $1, 0xF0F0F0F0; "
+            "and.b32 l1, $2, 0x0F0F0F0F; and.b32 h1, $2, 0xF0F0F0F0; "
+            "dp2a.lo.s32.u32 a, $3, l0, 0; dp2a.hi.s32.u32 a, $4, l0, a; "
+            "dp2a.lo.s32.u32 a, $7, l1, a; dp2a.hi.s32.u32 a, $8, l1, a; "
+            "dp2a.lo.s32.u32 b, $5, h0, 0; dp2a.hi.s32.u32 b, $6, h0, b; "
+            "dp2a.lo.s32.u32 b, $9, h1, b; dp2a.hi.s32.u32 b, $10, h1, b; "
+            "shl.b32 a, a, 4; add.s32 $0, a, b; }",
+            "=r,r,r,r,r,r,r,r,r,r,r",
+            [low, high, _across(pairs_low[0], w), _across(pairs_low[1], w), _across(pairs_low[2], w),
+             _across(pairs_low[3], w), _across(pairs_high[0], w), _across(pairs_high[1], w),
+             _across(pairs_high[2], w), _across(pairs_high[3], w)], dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
     def _across(column, tile):
@@ -204,11 +213,10 @@ if triton is not None:
     @triton.jit
     def _word_int_sums(w, s, z, x_fixed):
         """Each word's s (sum_j u_j x_j - z sum_j x_j) as _word_sums, by integer dot products: x_fixed the fixed
-        point x of the word's 16 columns (_x_fixed_point). Two dp2a a 4 weights, then a conversion and three float
-        instructions a word."""
+        point x of the word's 16 columns (_x_fixed_point). Half an instruction a weight for the products, then a
+        conversion and three float instructions a word."""
         pairs_low, pairs_high, v_sum, unscale = x_fixed
-        dot = _half_int_dots(w.to(tl.int32), pairs_low, tl.zeros(w.shape, tl.int32))  # (the low half: truncation)
-        dot = _half_int_dots((w >> 32).to(tl.int32), pairs_high, dot)
+        dot = _word_int_dot(w, pairs_low, pairs_high)
         return (s * unscale[:, None]) * (dot.to(tl.float32) - z * v_sum[:, None])
 
     @triton.jit
