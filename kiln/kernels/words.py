@@ -4,7 +4,9 @@ tiles split here into columns, so no value crosses threads until the final sum (
 int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 and int8 GEMVs a (token, expert) pair). The int4
 and int8 GEMVs' sums (`w4_row_sums`, `w8_row_sums`) are here whole: the dense and the MoE kernels call them on their
 own rows. The e4m3 GEMV's (kiln.kernels.gemv.fp8_word_row_sums) runs the int8 one's loop (`byte_word_steps`) with
-its own products and scales."""
+its own products and scales. The int4 sums come two ways (`w4_int_dot`): float products of codes read as
+subnormals (an AND and an FMA a weight), or integer ones, x rounded to 16-bit fixed point a word and two codes an
+instruction by dp2a (`_word_int_sums`)."""
 
 import os
 
