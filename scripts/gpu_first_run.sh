@@ -220,7 +220,8 @@ for part in $parts; do
                  $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads prefill-1000 \
                    --profile --output-json "$out/$part-prefill-1000.json" ;;
     int-dot) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
-               tests/kernels/test_quant_gemm_kernel.py tests/kernels/test_moe_kernel.py -k "integer_dot or epilogue or read_words or dot_setting"
+               tests/kernels/test_quant_gemm_kernel.py tests/kernels/test_moe_kernel.py \
+               -k "integer_dot or (epilogue and int) or (read_words and int)"
              python scripts/bench_decode_gemv.py --formats int4
              KILN_W4_DOT=int python scripts/bench_decode_gemv.py --formats int4
              KILN_W4_DOT=int $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
