@@ -117,8 +117,9 @@
 #   time goes now, kernel by kernel (about 5 minutes).
 # - int-dot (forty-seventh session): the int4 GEMVs by integer dot products (KILN_W4_DOT=int: x as 16-bit fixed
 #   point a word, dp2a on the codes; 1.92 instructions a weight at 16 x 128 in sm_90 code against the float path's
-#   2.95): their GPU tests (the PTX has only run under the interpreter's stand-in), the int4 GEMVs per Llama-3-8B
-#   shape under each setting, then W4A16 batch-1 decode with int beside bf16 and with float (about 8 minutes).
+#   2.95): their GPU tests (the PTX has only run under the interpreter's stand-in), then W4A16 batch-1 decode with
+#   int beside bf16 and with float; the tuner's lines (kiln: tuned ...) time each GEMV shape's best tiles under
+#   both (about 6 minutes).
 # (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
 #  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -222,8 +223,6 @@ for part in $parts; do
     int-dot) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
                tests/kernels/test_quant_gemm_kernel.py tests/kernels/test_moe_kernel.py \
                -k "integer_dot or (epilogue and int) or (read_words and int)"
-             python scripts/bench_decode_gemv.py --formats int4
-             KILN_W4_DOT=int python scripts/bench_decode_gemv.py --formats int4
              KILN_W4_DOT=int $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
              $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 --output-json "$out/$part-float.json" ;;
     word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
