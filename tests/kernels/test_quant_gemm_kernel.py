@@ -130,6 +130,20 @@ def every_tile(rows: int) -> list:
             for t in qg._w4_gemm_tiles(qg.rows_bucket(rows))]
 
 
+def assert_every_tile_matches_reference(x, packed, scale, zero, group: int) -> None:
+    """Each of every_tile's kernels within 3 ulps of F.linear on the dequantized weight, the same bits again."""
+    w = dequantize_int4(packed, scale, zero, group, x.dtype)
+    ref = torch.nn.functional.linear(x, w)
+    for tile, run in every_tile(x.shape[0]):
+        y = torch.full_like(ref, float("nan"))
+        run(x, packed, scale, zero, group, y)
+        err = (y.double() - ref.double()).abs()
+        assert (err <= ulp_bound(x, w, 3)).all(), f"{list(w.shape)} tile {tile}: max error {err.max().item()}"
+        again = torch.empty_like(y)
+        run(x, packed, scale, zero, group, again)
+        assert torch.equal(again, y), f"tile {tile}: the same call must give the same bits"
+
+
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2, 5, 64, 100])
 def test_w4a16_kernels_match_reference_with_every_tile(rows):
@@ -141,16 +155,7 @@ def test_w4a16_kernels_match_reference_with_every_tile(rows):
     for n, k, group, zero_point in ((131, 464, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, zero_point, x.dtype)
-        w = dequantize_int4(packed, scale, zero, group, x.dtype)
-        ref = torch.nn.functional.linear(x, w)
-        for tile, run in every_tile(rows):
-            y = torch.full_like(ref, float("nan"))
-            run(x, packed, scale, zero, group, y)
-            err = (y.double() - ref.double()).abs()
-            assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
-            again = torch.empty_like(y)
-            run(x, packed, scale, zero, group, again)
-            assert torch.equal(again, y), f"tile {tile}: the same call must give the same bits"
+        assert_every_tile_matches_reference(x, packed, scale, zero, group)
 
 
 @needs_gpu
@@ -173,16 +178,7 @@ def test_w4a16_gemv_integer_dot_products_match_reference_with_every_tile(monkeyp
         packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), group, bool(zero_point), x.dtype)
         if zero_point == "fractional":
             zero = (zero.float() + torch.rand_like(zero.float()) - 0.5).to(x.dtype)
-        w = dequantize_int4(packed, scale, zero, group, x.dtype)
-        ref = torch.nn.functional.linear(x, w)
-        for tile, run in every_tile(rows):
-            y = torch.full_like(ref, float("nan"))
-            run(x, packed, scale, zero, group, y)
-            err = (y.double() - ref.double()).abs()
-            assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] tile {tile}: max error {err.max().item()}"
-            again = torch.empty_like(y)
-            run(x, packed, scale, zero, group, again)
-            assert torch.equal(again, y), f"tile {tile}: the same call must give the same bits"
+        assert_every_tile_matches_reference(x, packed, scale, zero, group)
 
 
 @needs_gpu
