@@ -694,8 +694,8 @@ def gated_gemm_tiles() -> None:
 
 
 CHECKS = (int4_gemm, int4_gemv, int4_gemv_int_dot, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv,
-          fp8_word_gemv, fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles, rms_norm_int8_rows,
-          silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
+          fp8_word_gemv, fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles,
+          rms_norm_int8_rows, silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
           fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int8_qkv_rotary,
           fp8_qkv_rotary,
           gated_gemm_tiles)
