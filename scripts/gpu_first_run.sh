@@ -116,7 +116,7 @@
 #   offline-3000 (128/128, 91% of its figure in the forty-sixth session) and prefill-1000 (2048/128, 87%): where their
 #   time goes now, kernel by kernel (about 5 minutes).
 # - int-dot (forty-seventh session): the int4 GEMVs by integer dot products (KILN_W4_DOT=int: x as 16-bit fixed
-#   point a word, dp2a on the codes; 1.92 instructions a weight at 16 x 128 in sm_90 code against the float path's
+#   point a word, dp2a on the codes; 1.86 instructions a weight at 16 x 128 in sm_90 code against the float path's
 #   2.95): their GPU tests (the PTX has only run under the interpreter's stand-in), then W4A16 batch-1 decode with
 #   int beside bf16 and with float; the tuner's lines (kiln: tuned ...) time each GEMV shape's best tiles under
 #   both (about 6 minutes).

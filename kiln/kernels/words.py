@@ -139,18 +139,16 @@ if triton is not None:
         return dot
 
     @triton.jit
-    def _x_fixed_point(x):
-        """x [B, 16] (the 16 columns of x a thread's words multiply) as integers v = round(x 2^P), P a row's own,
-        the largest power of two that keeps |v| <= 2^14: (the pairs of v that the dot products take from the low
-        halves of the words and from the high ones, each 4 int32 [B] of two int16 (_int16_pairs), 16 sum_j v_j as
-        float32 [B], exactly, and 2^-P / 16, float32 [B]: _word_int_dot's sums are 16 times the dot product). A
-        row's error is at most 2^-15 of its largest |x|: 16-bit inputs' largest values are exact."""
-        # Column by column, as the float path takes x (a reduction over the tile's columns moved x between threads
-        # through shared memory).
-        x_low, x_high = halves(x.to(tl.float32))
-        xs_low, xs_high = split8(x_low), split8(x_high)
-        # The exponent field e of the row's largest |x| (at least 18, so that 2^-P / 16 stays a normal float):
-        # that |x| is below 2^(e - 126), so P = 140 - e.
+    def _x_fixed_point(xs_low, xs_high):
+        """x's 16 columns that a thread's words multiply (split8's columns of each half, float32 [B] each) as
+        integers v = round(x 2^P), P a row's own, the largest power of two that keeps |v| <= 2^14: (the pairs of v
+        that the dot products take from the low halves of the words and from the high ones, each 4 int32 [B] of two
+        int16 (_int16_pairs), 16 sum_j v_j as float32 [B], exactly, and 2^-P / 16, float32 [B]: _word_int_dot's
+        sums are 16 times the dot product). A row's error is at most 2^-15 of its largest |x|: 16-bit inputs'
+        largest values are exact."""
+        # (Column by column: a reduction over the [B, 16] tile's columns moved x between threads through shared
+        # memory.) The exponent field e of the row's largest |x| (at least 18, so that 2^-P / 16 stays a normal
+        # float): that |x| is below 2^(e - 126), so P = 140 - e.
         top = tl.maximum(_abs_max8(xs_low), _abs_max8(xs_high))
         e = tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 18)
         scale = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^P: the exponent field P + 127
@@ -269,15 +267,14 @@ if triton is not None:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs, G, KW, WPG, HAS_ZERO,
                                                EVEN_K)
             x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
-            x = load_step(x_p, (k0 + first < KW)[:, None], EVEN_K)
+            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
+            xs_low, xs_high = split8(x_low), split8(x_high)
             if INT_DOT:
-                x_fixed = _x_fixed_point(x)
+                x_fixed = _x_fixed_point(xs_low, xs_high)
                 acc += _word_int_sums(w, s, z, x_fixed)
                 if PAIRED:
                     acc_paired += _word_int_sums(wp, sp, zp, x_fixed)
             else:
-                x_low, x_high = halves(x.to(tl.float32))
-                xs_low, xs_high = split8(x_low), split8(x_high)
                 x_sum = sum8(xs_low) + sum8(xs_high)
                 slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
                 acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
