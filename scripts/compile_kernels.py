@@ -154,16 +154,6 @@ CASES = [  # (label, kernel, constexprs, pointer types)
                                    ("dequant", quant_gemm._w4_dequant_kernel,
                                     dict(SCALED=True, BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
-    # the int4 GEMVs by integer dot products (KILN_W4_DOT=int: dp2a in inline PTX)
-    *[(f"w4 {name} int dot zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, INT_DOT=True, **blocks),
-       dict(w_ptr="*i64", **pointers))
-      for name, kernel, blocks, pointers in (
-          ("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=16, BLOCK_KW=128), {}),
-          ("gemv silu", quant_gemm._w4_gemv_kernel, dict(EVEN_N=False, BLOCK_N=8, BLOCK_KW=128, GATED=True), {}),
-          ("gemv rotary", quant_gemm._w4_qkv_rotary_kernel, dict(HEAD=128, QUANT=1, QMAX=127.0, BLOCK_N=8,
-                                                                 BLOCK_KW=256),
-           dict(pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr="*i8", vc_ptr="*i8", kvs_ptr="*bf16")))
-      for z in (False, True)],
     *[(f"w4 centered e4m3 codes zero={z}", quant_gemm._w4_dequant_kernel,
        dict(K=4096, GROUP=128, HAS_ZERO=z, SCALED=False, BLOCK_N=8, BLOCK_KB=256),
        dict(w_ptr="*u8", s_ptr="*u8", out_ptr="*fp8e4nv")) for z in (False, True)],
@@ -242,17 +232,16 @@ CASES = [  # (label, kernel, constexprs, pointer types)
       for gated in (True, False)
       for step in sorted({moe.pair_tile(gated, codes)[1], 512 if codes == 2 else 256})],  # (int4: 4 groups a step)
     # int4, int8 and e4m3 experts' GEMV a pair on words of codes: Qwen3-30B-A3B's fc_gate (2,048 inputs) and proj (768)
-    *[(f"moe pair words {fmt} zero={zero} bits={bits}{' int dot' if dot else ''} gated={gated}",
+    *[(f"moe pair words {fmt} zero={zero} bits={bits} gated={gated}",
        moe._pair_words_kernel,
        dict(K=2048 if gated else 768, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated, ACT=0 if gated else -1,
             WEIGHTED=not gated, CODES=codes, GROUP=128 if codes == 2 else (2048 if gated else 768), HAS_ZERO=zero,
             HAS_BIAS=False, CLAMP=False, EVEN_N=True,
             BLOCK_N=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][0],
-            BLOCK_KW=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][1], BY_BITS=bits, INT_DOT=dot),
+            BLOCK_KW=moe.PAIR_WORD_TILE["gated" if gated else "plain", fmt][1], BY_BITS=bits),
        dict(w_ptr="*i64", wt_ptr="*bf16", experts_ptr="*i64"))
-      for fmt, codes, zero, bits, dot in (("int4", 2, False, False, False), ("int4", 2, True, False, False),
-                                          ("int4", 2, True, False, True), ("int8", 1, False, False, False),
-                                          ("e4m3", 3, False, False, False), ("e4m3", 3, False, True, False))
+      for fmt, codes, zero, bits in (("int4", 2, False, False), ("int4", 2, True, False), ("int8", 1, False, False),
+                                     ("e4m3", 3, False, False), ("e4m3", 3, False, True))
       for gated in (True, False)],
     # the routing: Qwen3-MoE's softmax over 128 experts and top 8, Mixtral's 8 and 2; DeepSeek-V3's sigmoid over 256
     # in 8 groups (4 kept), GLM-4.5's over 160 in one

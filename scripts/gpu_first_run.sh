@@ -5,7 +5,7 @@
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
 #   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-dot
+#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only
 #   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
@@ -115,11 +115,11 @@
 # - fp8-profile: FP8 weights with the FP8 KV cache under the profiler on TensorRT-LLM's two missed workloads,
 #   offline-3000 (128/128, 91% of its figure in the forty-sixth session) and prefill-1000 (2048/128, 87%): where their
 #   time goes now, kernel by kernel (about 5 minutes).
-# - int-dot (forty-seventh session): the int4 GEMVs by integer dot products (KILN_W4_DOT=int: x as 16-bit fixed
-#   point a word, dp2a on the codes; 1.86 instructions a weight at 16 x 128 in sm_90 code against the float path's
-#   2.95): their GPU tests (the PTX has only run under the interpreter's stand-in), then W4A16 batch-1 decode with
-#   int beside bf16 and with float; the tuner's lines (kiln: tuned ...) time each GEMV shape's best tiles under
-#   both (about 6 minutes).
+# (int-dot, forty-seventh session: the int4 GEMVs by integer dot products A/B'd against the float ones in the
+#  forty-eighth, 454.7 against 425.2 tokens/s, and made the only int4 sums: docs/performance.md.)
+# - int-only (forty-eighth session): the int4 GEMVs' integer sums with x loaded as two 8-column tiles (no shared
+#   memory or barrier in the loop): the int4 GEMV, epilogue and MoE words tests, then W4A16 batch-1 decode beside
+#   bf16, and with the int4 lm_head (--quantize-lm-head; about 7 minutes).
 # (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
 #  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -133,7 +133,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-dot}
+  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -220,11 +220,11 @@ for part in $parts; do
                    --profile --output-json "$out/$part-offline-3000.json"
                  $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads prefill-1000 \
                    --profile --output-json "$out/$part-prefill-1000.json" ;;
-    int-dot) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
-               tests/kernels/test_quant_gemm_kernel.py tests/kernels/test_moe_kernel.py \
-               -k "integer_dot or (epilogue and int) or (read_words and int)"
-             KILN_W4_DOT=int $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
-             $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 --output-json "$out/$part-float.json" ;;
+    int-only) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+                tests/kernels/test_quant_gemm_kernel.py tests/kernels/test_moe_kernel.py -k "w4a16 or read_words"
+              $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
+              $bench --quant-algo W4A16 --quantize-lm-head --skip-unquantized --workloads decode-1 \
+                --output-json "$out/$part-lm-head.json" ;;
     word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
     fp8-long) $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads long-1000 \
                 --output-json "$out/$part.json" ;;

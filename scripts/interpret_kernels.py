@@ -34,7 +34,6 @@ from kiln.kernels import paged_attention as pa
 from kiln.kernels import paged_attention_kernels as pk
 from kiln.kernels import quant_gemm as qg
 from kiln.kernels import rotary
-from kiln.kernels import words
 from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.input_quant import FP8_GROUPS, FP8_ROWS, FP8_STATIC, INT8_ROWS, InputQuant
 from kiln.kernels.quant_gemm import w8a16_matmul_ref
@@ -47,25 +46,6 @@ def _dequant_nibbles_plain(w, s, z, dtype: tl.constexpr):
     """qg._dequant_nibbles without PTX: (u - z) s of each nibble plane, rounded once."""
     w = w.to(tl.int32)
     return (((w & 0xF).to(tl.float32) - z) * s).to(dtype), (((w >> 4).to(tl.float32) - z) * s).to(dtype)
-
-
-@triton.jit
-def _word_int_dot_plain(w, pairs_low, pairs_high):
-    """words._word_int_dot without PTX: each half's even codes (its bytes masked by 0x0F0F0F0F) and odd codes times
-    16 (by 0xF0F0F0F0) times their int16 of x, the pairs' low 16 bits first; 16 times the even sums plus the odd."""
-    low, high = w.to(tl.int32), (w >> 32).to(tl.int32)
-    even = (_bytes_times_pairs(low & 0x0F0F0F0F, pairs_low[0][:, None], pairs_low[1][:, None])
-            + _bytes_times_pairs(high & 0x0F0F0F0F, pairs_high[0][:, None], pairs_high[1][:, None]))
-    odd = (_bytes_times_pairs(low & -0x0F0F0F10, pairs_low[2][:, None], pairs_low[3][:, None])
-           + _bytes_times_pairs(high & -0x0F0F0F10, pairs_high[2][:, None], pairs_high[3][:, None]))
-    return even * 16 + odd
-
-
-@triton.jit
-def _bytes_times_pairs(codes, first, second):
-    """Bytes 0 and 1 of codes (unsigned) times the two int16 of `first`, bytes 2 and 3 times those of `second`."""
-    return ((codes & 0xFF) * ((first << 16) >> 16) + ((codes >> 8) & 0xFF) * (first >> 16)
-            + ((codes >> 16) & 0xFF) * ((second << 16) >> 16) + ((codes >> 24) & 0xFF) * (second >> 16))
 
 
 @triton.jit
@@ -131,29 +111,23 @@ def int4_gemv() -> None:
                 check(f"w4 gemv silu m{m} n{n} k{k} g{group} zero={zero} tile {tile}", gated, silu_and_mul_ref(y))
 
 
-def int4_gemv_int_dot() -> None:
-    """int4_gemv and int4_qkv_rotary with KILN_W4_DOT=int (kiln.kernels.words._word_int_sums), then x of large,
-    small and mixed magnitudes and a row of zeros, each word's fixed point scaled on its own."""
-    os.environ["KILN_W4_DOT"] = "int"
-    try:
-        int4_gemv()
-        int4_qkv_rotary()
-        m, n, k = 4, 64, 1024
-        packed, scale, z = quantize_int4_groups(torch.randn(n, k), 128, True, torch.float16)
-        x = torch.randn(m, k)
-        x[0] *= 200.0
-        x[1] *= 1e-3
-        x[2, ::16] *= 500.0  # one large column a word: the rest lose low bits to it
-        x[3] = 0.0
-        x = x.half()
-        want = x.float() @ dequantize_int4(packed, scale, z, 128, torch.float16).float().T
-        for tile in qg.W4_GEMV_TILES:
-            y = torch.empty(m, n, dtype=torch.float16)
-            qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, z, 128, y, tile)
-            for row, name in enumerate(("x 200", "x 1e-3", "one large column a word", "zeros")):
-                check(f"w4 gemv int dot {name} tile {tile}", y[row], want[row])
-    finally:
-        del os.environ["KILN_W4_DOT"]
+def int4_gemv_magnitudes() -> None:
+    """The int4 GEMV's integer dot products (kiln.kernels.words._word_int_sums) on x of large, small and mixed
+    magnitudes and a row of zeros: each word's fixed point scaled on its own."""
+    m, n, k = 4, 64, 1024
+    packed, scale, z = quantize_int4_groups(torch.randn(n, k), 128, True, torch.float16)
+    x = torch.randn(m, k)
+    x[0] *= 200.0
+    x[1] *= 1e-3
+    x[2, ::16] *= 500.0  # one large column a word: the rest lose low bits to it
+    x[3] = 0.0
+    x = x.half()
+    want = x.float() @ dequantize_int4(packed, scale, z, 128, torch.float16).float().T
+    for tile in qg.W4_GEMV_TILES:
+        y = torch.empty(m, n, dtype=torch.float16)
+        qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, z, 128, y, tile)
+        for row, name in enumerate(("x 200", "x 1e-3", "one large column a word", "zeros")):
+            check(f"w4 gemv {name} tile {tile}", y[row], want[row])
 
 
 def decode_attention() -> None:
@@ -693,7 +667,7 @@ def gated_gemm_tiles() -> None:
                   gated_gemm.silu_and_mul_gemm_ref(x, w))
 
 
-CHECKS = (int4_gemm, int4_gemv, int4_gemv_int_dot, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv,
+CHECKS = (int4_gemm, int4_gemv, int4_gemv_magnitudes, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv,
           fp8_word_gemv, fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles,
           rms_norm_int8_rows, silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
           fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int8_qkv_rotary,
@@ -707,7 +681,6 @@ def main(only: str = "") -> None:
         raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
     torch.manual_seed(0)
     qg._dequant_nibbles, pk._code_pairs = _dequant_nibbles_plain, _code_pairs_plain
-    words._word_int_dot = _word_int_dot_plain
     for check_kernel in CHECKS:
         if only in check_kernel.__name__:
             check_kernel()

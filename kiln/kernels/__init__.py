@@ -13,7 +13,7 @@
 | `gemv` | `gemv`, `scaled_gemv` | `gemv_ref`, `fp8_gemm_emulated` (quantization.fp8) | decode's one or two rows: one read of the weights (e4m3 as codes, as int64 words of codes or on the tensor cores, the fastest) |
 | `gemv` | `fp8_silu_and_mul_gemv` | the GEMV, `silu_and_mul_ref`, `InputQuant.quantize` | the FP8 fc_gate GEMV on words with SiLU-and-mul and the down projection's e4m3 input as its epilogue (1-2 rows) |
 | `quant_gemm` | `fp8_qkv_rotary_matmul` | the GEMV, `apply_rotary_and_write_cache_ref` | the FP8 fused QKV GEMV on words with rotary and the KV-cache write as its epilogue (1-2 rows) |
-| `quant_gemm` | `w4a16_matmul` | `w4a16_matmul_ref` | int4 group dequantization into the matmul (GEMV / GEMM; the GEMV's sums by float or integer dot products, `KILN_W4_DOT`) |
+| `quant_gemm` | `w4a16_matmul` | `w4a16_matmul_ref` | int4 group dequantization into the matmul (GEMV / GEMM; the GEMV's sums by integer dot products, dp2a) |
 | `quant_gemm` | `w4a16_silu_and_mul_matmul` | `w4a16_silu_and_mul_matmul_ref` | the gated MLP's fc_gate GEMV with SiLU-and-mul as its epilogue (1-2 rows) |
 | `quant_gemm` | `w4a16_qkv_rotary_matmul` | `w4a16_qkv_rotary_matmul_ref` | the fused QKV GEMV with rotary and the KV-cache write as its epilogue (1-2 rows) |
 | `quant_gemm` | `w4a16_dequantize` | `dequantize_int4` (quantization.weight_only) | int4 codes to 16-bit weights (prefill-sized matmuls) |

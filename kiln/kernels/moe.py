@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.pdl import pdl_args
-from kiln.kernels.words import w4_int_dot
 from kiln.layers.mlp import ACTIVATIONS
 
 try:
@@ -484,7 +483,7 @@ def _pair_words(a, out, weights, experts, first_expert: int, a_rows_per_token: i
         K=words.shape[2] * (16 if codes == 2 else 8), A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gap > 0, ACT=act,
         WEIGHTED=weights is not None, CODES=codes, GROUP=group, HAS_ZERO=zero is not None,
         HAS_BIAS=bias[0] is not None, CLAMP=limit is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, BY_BITS=E4M3_BY_BITS, INT_DOT=codes == 2 and w4_int_dot(), num_warps=warps,
+        BLOCK_KW=block_kw, BY_BITS=E4M3_BY_BITS, num_warps=warps,
         **pdl_args(a.device))
 
 
@@ -766,14 +765,14 @@ if triton is not None:
                            K: tl.constexpr, A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                            WEIGHTED: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                            HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr,
-                           INT_DOT: tl.constexpr = False):
+                           BLOCK_KW: tl.constexpr, BY_BITS: tl.constexpr, USE_PDL: tl.constexpr):
         # _pair_gemv_kernel for int4 (CODES 2), int8 (1) or e4m3 (3) experts, their codes read as int64 words by
-        # the dense GEMVs' row sums (kiln.kernels.words: an AND and an FMA a weight, the scale once a word or a row;
-        # e4m3's, kiln.kernels.gemv.fp8_word_row_sums, on 16-bit x: each code made a float, BY_BITS or not), on the
-        # rows of the pair's expert; the gate's rows are `gap` rows on. The tile kernel's unpacking cost 16
-        # instructions a weight for int4 (sm_90 code, 261 a step of 16 weights a thread) and streamed the fc GEMV at
-        # 0.56 TB/s on an H100 (thirty-eighth session). Program (pair, j, 0) as gemv_program numbers them.
+        # the dense GEMVs' row sums (kiln.kernels.words: dp2a for int4, an AND and an FMA a weight for int8, the
+        # scale once a word or a row; e4m3's, kiln.kernels.gemv.fp8_word_row_sums, on 16-bit x: each code made a
+        # float, BY_BITS or not), on the rows of the pair's expert; the gate's rows are `gap` rows on. The tile
+        # kernel's unpacking cost 16 instructions a weight for int4 (sm_90 code, 261 a step of 16 weights a
+        # thread) and streamed the fc GEMV at 0.56 TB/s on an H100 (thirty-eighth session). Program (pair, j, 0)
+        # as gemv_program numbers them.
         allow_dependents(USE_PDL)
         wait_for_inputs(USE_PDL)  # which expert's weights to read comes from the routing
         G: tl.constexpr = (K + GROUP - 1) // GROUP
@@ -790,7 +789,7 @@ if triton is not None:
         if CODES == 2:
             acc, acc_g = w4_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 16), s_ptr + rows, z_ptr + rows,
                                      outs, gap, GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N,
-                                     BLOCK_KW, USE_PDL, INT_DOT)
+                                     BLOCK_KW, USE_PDL)
         elif CODES == 1:
             acc, acc_g = w8_row_sums(x_row, w_ptr + expert * w_se + n0 * (K // 8), s_ptr + rows, outs, gap, GATED,
                                      K, (K // 8) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)

@@ -63,7 +63,6 @@ from kiln.kernels.gemv import (
 from kiln.kernels.fp8_group_gemm import fp8_group_gemm
 from kiln.kernels.pdl import pdl_args
 from kiln.kernels.rotary import apply_rotary_and_write_cache_ref, cache_code_args
-from kiln.kernels.words import w4_int_dot
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
 
 try:
@@ -263,7 +262,7 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
     rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
-    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, *_dot_key())
+    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     run = functools.partial(_run_w4_gemv, gated=True)
     tile = _tuned_tile(key, W4_EPILOGUE_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
@@ -284,8 +283,7 @@ def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
-    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size,
-           *_dot_key())
+    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size)
     run = functools.partial(_run_w4_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
                                                          v_cache, slots, kv_scale))
     # (timing a tile writes this step's keys and values to their slots, the same bits each time)
@@ -337,20 +335,14 @@ def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tenso
         kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], GROUP=group_size,
         HAS_ZERO=zero is not None, HEAD=head_size, **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n,
-        BLOCK_KW=block_kw, INT_DOT=w4_int_dot(), num_warps=warps, **pdl_args(rows.device))
-
-
-def _dot_key() -> tuple:
-    """What the int4 GEMVs' tuned tiles are keyed by beyond the shape: their dot products' kind (w4_int_dot), the
-    float one unnamed so that the choices kept on disk before it still apply."""
-    return ("int dot",) if w4_int_dot() else ()
+        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
 
 
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
              group_size: int, y: torch.Tensor) -> None:
     """y = rows @ dequantize_int4(...)^T by _w4_gemv_kernel (codes read as int64 words), its tile picked per shape
     by timing the candidates as the GEMM's are."""
-    key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, *_dot_key())
+    key = ("gemv", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
     tile = _tuned_tile(key, W4_GEMV_TILES, _run_w4_gemv, rows, words, scale, zero, group_size, y)
     _run_w4_gemv(rows, words, scale, zero, group_size, y, tile)
 
@@ -365,7 +357,7 @@ def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, z
     _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
         rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
         GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        GATED=gated, INT_DOT=w4_int_dot(), num_warps=warps, **pdl_args(rows.device))
+        GATED=gated, num_warps=warps, **pdl_args(rows.device))
 
 
 def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
@@ -595,8 +587,8 @@ if triton is not None:
     @triton.jit
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False, INT_DOT: tl.constexpr = False):
-        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums, by its INT_DOT). GATED: the weight rows
+                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
+        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows
         are [fc; gate] (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N
         further on, and the activation is the epilogue (no fc_gate output, no second launch)."""
         allow_dependents(USE_PDL)
@@ -604,8 +596,7 @@ if triton is not None:
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         y, y_gate = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
-                                GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL,
-                                INT_DOT)
+                                GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -650,7 +641,7 @@ if triton is not None:
                               stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
                               kv_heads, K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                               HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, INT_DOT: tl.constexpr = False):
+                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         """The fused QKV projection y [rows, (q_heads + 2 kv_heads) HEAD] with rotary as its epilogue, as
         kiln.kernels.rotary.apply_rotary_and_write_cache leaves it: q and k heads rotated (rotate-half: dim i pairs
         with i + HEAD / 2), and the keys and values written to their cache slot (as codes with a quantized cache).
@@ -661,7 +652,7 @@ if triton is not None:
         m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
         y1, y2 = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
-                             BLOCK_N, BLOCK_KW, USE_PDL, INT_DOT)
+                             BLOCK_N, BLOCK_KW, USE_PDL)
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)

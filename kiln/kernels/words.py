@@ -1,28 +1,16 @@
 """Pieces of the GEMVs that read their weights as int64 words of codes (8 int8 or e4m3 codes, or 16 int4 ones):
-each thread holds one word of each of its outputs and the columns of x that word multiplies, as [B, 8] or [B, 16]
-tiles split here into columns, so no value crosses threads until the final sum (kiln.kernels.quant_gemm's int4 and
+each thread holds one word of each of its outputs and the columns of x that word multiplies, as [B, 8] tiles
+split here into columns, so no value crosses threads until the final sum (kiln.kernels.quant_gemm's int4 and
 int8 GEMVs, kiln.kernels.gemv's e4m3 one, kiln.kernels.moe's int4 and int8 GEMVs a (token, expert) pair). The int4
 and int8 GEMVs' sums (`w4_row_sums`, `w8_row_sums`) are here whole: the dense and the MoE kernels call them on their
 own rows. The e4m3 GEMV's (kiln.kernels.gemv.fp8_word_row_sums) runs the int8 one's loop (`byte_word_steps`) with
-its own products and scales. The int4 sums come two ways (`w4_int_dot`): float products of codes read as
-subnormals (an AND and an FMA a weight), or integer ones, x rounded to 16-bit fixed point a word and two codes an
-instruction by dp2a (`_word_int_sums`)."""
+its own products and scales. The int4 sums are integer dot products: x rounded to 16-bit fixed point a word,
+two codes an instruction by dp2a (`_word_int_sums`; float products of codes read as subnormals, an AND and an FMA
+a weight, measured 6.9% slower at batch-1 decode on an H100 and removed in the forty-eighth session)."""
 
 import os
 
 INT4_SYMMETRIC_ZERO = 8  # int4 codes' zero point where a format has none (kiln.quantization.weight_only's formats)
-W4_DOT_SETTINGS = ("float", "int")  # KILN_W4_DOT's values, the default first (w4_int_dot)
-
-
-def w4_int_dot() -> bool:
-    """Whether the int4 GEMVs (dense, with their epilogues, and the MoE experts' by pair) take w4_row_sums' integer
-    dot products (KILN_W4_DOT=int) rather than its float ones (float, the default); read at each launch, so one
-    process can A/B it. The integer path is new in the forty-seventh session, not yet timed on a GPU."""
-    setting = os.environ.get("KILN_W4_DOT", W4_DOT_SETTINGS[0])
-    if setting not in W4_DOT_SETTINGS:
-        raise ValueError(f"KILN_W4_DOT={setting!r}: allowed values are {', '.join(W4_DOT_SETTINGS)} "
-                         f"({W4_DOT_SETTINGS[0]} is the default); unset it or pick one")
-    return setting == "int"
 
 
 try:
@@ -35,19 +23,18 @@ if triton is not None:
     from kiln.kernels.pdl import wait_for_inputs
 
     SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
-    # The int4 and int8 word GEMVs keep their sums at 2^-SHIFT_EXP of their value (w4_row_sums): x scaled by up to
-    # 2^80 stays finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
+    # The int8 word GEMV keeps its sums at 2^-SHIFT_EXP of their value (w8_row_sums): x scaled by up to 2^80 stays
+    # finite for |x| < 2^48, and a product u x 2^-69 stays a normal float for |u x| > 2^-57.
     SHIFT_EXP = tl.constexpr(69)
     BYTE_SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: the sign bit of each byte
     # The integer dot products' x (_x_fixed_point): the float32 bits of 1.5 x 2^23 + v are ROUNDING_BITS + v for
     # every integer |v| < 2^22, so one FMA rounds x 2^P to an integer in the low bits.
     ROUNDING_MAGIC = tl.constexpr(12582912.0)
     ROUNDING_BITS = tl.constexpr(0x4B400000)
-
-    @triton.jit
-    def halves(x):
-        """[B, 16] -> columns 0..7 and 8..15, each [B, 8]."""
-        return tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 8]), (0, 2, 1)))
+    SIXTEEN_ROUNDING_BITS = tl.constexpr(-0x4C000000)  # 16 ROUNDING_BITS modulo 2^32, as an int32
+    # Triton's interpreter (TRITON_INTERPRET=1, the kernel checks on a CPU) cannot run inline PTX: under it the
+    # dot products take the same integer arithmetic in plain Triton (_word_int_dot_plain).
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
     @triton.jit
     def sum8(xs):
@@ -109,36 +96,6 @@ if triton is not None:
         return w, s, z
 
     @triton.jit
-    def _slot_scaled(xs):
-        """x's 8 columns (xs, split8), each times the power of two that turns the float32 bits of its code, masked
-        in its slot (w4_row_sums), into u x 2^-SHIFT_EXP: 2^(149 - 4 j - SHIFT_EXP) for columns 0..4 and, as
-        columns 5..7 are shifted down 12 bits first, 2^(161 - 4 j - SHIFT_EXP)."""
-        return (xs[0] * 2.0 ** (149 - SHIFT_EXP), xs[1] * 2.0 ** (145 - SHIFT_EXP), xs[2] * 2.0 ** (141 - SHIFT_EXP),
-                xs[3] * 2.0 ** (137 - SHIFT_EXP), xs[4] * 2.0 ** (133 - SHIFT_EXP), xs[5] * 2.0 ** (141 - SHIFT_EXP),
-                xs[6] * 2.0 ** (137 - SHIFT_EXP), xs[7] * 2.0 ** (133 - SHIFT_EXP))
-
-    @triton.jit
-    def _word_sums(w, s, z, x_sum, slots_low, slots_high):
-        """Each word's s (sum_j u_j x_j - z sum_j x_j) 2^-SHIFT_EXP: w the int64 words [k, n] of 16 codes, s and z
-        [k, n] in float32, x_sum [k] and the slots (_slot_scaled) of the columns of x each 32-bit half
-        multiplies. An AND and an FMA a code; the scale and zero once a word."""
-        dot = _half_dot(w.to(tl.int32), slots_low, tl.zeros(w.shape, tl.float32))  # (the low half: truncation)
-        dot = _half_dot((w >> 32).to(tl.int32), slots_high, dot)
-        return s * (dot - z * (x_sum * (2.0 ** -SHIFT_EXP))[:, None])
-
-    @triton.jit
-    def _half_dot(half, slots, dot):
-        """dot plus sum_j u_j x_j 2^-SHIFT_EXP of the 8 codes in each int32 half of a word [k, n]."""
-        high = half >> 12
-        for j in tl.static_range(8):
-            if j < 5:
-                code = half & (15 << (4 * j))
-            else:  # slot j - 3 of the shifted half
-                code = high & (15 << (4 * j - 12))
-            dot += code.to(tl.float32, bitcast=True) * slots[j][:, None]
-        return dot
-
-    @triton.jit
     def _x_fixed_point(xs_low, xs_high):
         """x's 16 columns that a thread's words multiply (split8's columns of each half, float32 [B] each) as
         integers v = round(x 2^P), P a row's own, the largest power of two that keeps |v| <= 2^14: (the pairs of v
@@ -153,9 +110,10 @@ if triton is not None:
         e = tl.maximum(top.to(tl.int32, bitcast=True) >> 23, 18)
         scale = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^P: the exponent field P + 127
         unscale = ((e - 17) << 23).to(tl.float32, bitcast=True)  # 2^-P / 16
-        vs_low, vs_high = _fixed8(xs_low, scale), _fixed8(xs_high, scale)
-        v_sum = (sum8(vs_low) + sum8(vs_high)).to(tl.float32) * 16.0
-        return _int16_pairs(vs_low), _int16_pairs(vs_high), v_sum, unscale
+        bits_low, bits_high = _fixed8(xs_low, scale), _fixed8(xs_high, scale)
+        # (the sum of the bits wraps around int32 as 16 ROUNDING_BITS does: the difference is exact)
+        v_sum = (sum8(bits_low) + sum8(bits_high) - SIXTEEN_ROUNDING_BITS).to(tl.float32) * 16.0
+        return _int16_pairs(bits_low), _int16_pairs(bits_high), v_sum, unscale
 
     @triton.jit
     def _abs_max8(xs):
@@ -166,22 +124,31 @@ if triton is not None:
 
     @triton.jit
     def _fixed8(xs, scale):
-        """split8's 8 columns times scale, each rounded to an int32 (one FMA and an add of the bits)."""
+        """split8's 8 columns times scale, each rounded to an integer v held as ROUNDING_BITS + v (_fixed)."""
         return (_fixed(xs[0], scale), _fixed(xs[1], scale), _fixed(xs[2], scale), _fixed(xs[3], scale),
                 _fixed(xs[4], scale), _fixed(xs[5], scale), _fixed(xs[6], scale), _fixed(xs[7], scale))
 
     @triton.jit
     def _fixed(x, scale):
-        """round(x scale) as int32, for |x scale| < 2^22 (ROUNDING_MAGIC)."""
-        return (x * scale + ROUNDING_MAGIC).to(tl.int32, bitcast=True) - ROUNDING_BITS
+        """ROUNDING_BITS + round(x scale) as int32, for |x scale| < 2^22 (ROUNDING_MAGIC), in one FMA: its low 16
+        bits are round(x scale)'s, as ROUNDING_BITS' are 0."""
+        return (x * scale + ROUNDING_MAGIC).to(tl.int32, bitcast=True)
 
     @triton.jit
     def _int16_pairs(vs):
         """The 8 integers (split8) of a word half's columns as the 4 pairs _word_int_dot takes, two int16 an int32
         (the first in the low 16 bits): columns (0, 2), (4, 6), (1, 3), (5, 7), the order of the nibbles in the
         bytes of a half masked by 0x0F0F0F0F and by 0xF0F0F0F0."""
-        return ((vs[0] & 0xFFFF) | (vs[2] << 16), (vs[4] & 0xFFFF) | (vs[6] << 16),
-                (vs[1] & 0xFFFF) | (vs[3] << 16), (vs[5] & 0xFFFF) | (vs[7] << 16))
+        return _pair(vs[0], vs[2]), _pair(vs[4], vs[6]), _pair(vs[1], vs[3]), _pair(vs[5], vs[7])
+
+    @triton.jit
+    def _pair(low, high):
+        """The low 16 bits of low and of high as one int32, low's first: one prmt (an AND and a shift-and-add as
+        plain Triton)."""
+        if INTERPRETED:
+            return (low & 0xFFFF) | (high << 16)
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [low, high], dtype=tl.int32,
+                                         is_pure=True, pack=1)
 
     @triton.jit
     def _word_int_dot(w, pairs_low, pairs_high):
@@ -189,7 +156,9 @@ if triton is not None:
         of _x_fixed_point, [k]). Each 32-bit half masked by 0x0F0F0F0F holds the even columns' codes as bytes, and
         masked by 0xF0F0F0F0 the odd columns' times 16; dp2a multiplies two int16 by two of those bytes and adds
         both to an int32. So 16 weights cost 4 ANDs, 8 dp2a and one shift-and-add of the two sums, exact (|sum| <
-        2^26). (scripts/interpret_kernels.py swaps in the same arithmetic without PTX.)"""
+        2^26)."""
+        if INTERPRETED:
+            return _word_int_dot_plain(w, pairs_low, pairs_high)
         low, high = w.to(tl.int32), (w >> 32).to(tl.int32)  # (the low half: truncation)
         return tl.inline_asm_elementwise(
             "{ .reg .b32 l0, h0, l1, h1, a, b; "
@@ -206,15 +175,35 @@ if triton is not None:
              _across(pairs_high[2], w), _across(pairs_high[3], w)], dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
+    def _word_int_dot_plain(w, pairs_low, pairs_high):
+        """_word_int_dot without PTX, for the interpreter: each half's even codes (its bytes masked by 0x0F0F0F0F)
+        and odd codes times 16 (by 0xF0F0F0F0) times their int16 of x, the pairs' low 16 bits first; 16 times the
+        even sums plus the odd."""
+        low, high = w.to(tl.int32), (w >> 32).to(tl.int32)
+        even = (_bytes_times_pairs(low & 0x0F0F0F0F, pairs_low[0][:, None], pairs_low[1][:, None])
+                + _bytes_times_pairs(high & 0x0F0F0F0F, pairs_high[0][:, None], pairs_high[1][:, None]))
+        odd = (_bytes_times_pairs(low & -0x0F0F0F10, pairs_low[2][:, None], pairs_low[3][:, None])
+               + _bytes_times_pairs(high & -0x0F0F0F10, pairs_high[2][:, None], pairs_high[3][:, None]))
+        return even * 16 + odd
+
+    @triton.jit
+    def _bytes_times_pairs(codes, first, second):
+        """Bytes 0 and 1 of codes (unsigned) times the two int16 of `first`, bytes 2 and 3 times those of
+        `second`."""
+        return ((codes & 0xFF) * ((first << 16) >> 16) + ((codes >> 8) & 0xFF) * (first >> 16)
+                + ((codes >> 16) & 0xFF) * ((second << 16) >> 16) + ((codes >> 24) & 0xFF) * (second >> 16))
+
+    @triton.jit
     def _across(column, tile):
         """column [k] repeated across tile's outputs, tile's shape [k, n]."""
         return tl.broadcast_to(column[:, None], tile.shape)
 
     @triton.jit
     def _word_int_sums(w, s, z, x_fixed):
-        """Each word's s (sum_j u_j x_j - z sum_j x_j) as _word_sums, by integer dot products: x_fixed the fixed
-        point x of the word's 16 columns (_x_fixed_point). Half an instruction a weight for the products, then a
-        conversion and three float instructions a word."""
+        """Each word's s (sum_j u_j x_j - z sum_j x_j), float32 [k, n]: w the int64 words [k, n] of 16 codes u, s
+        and z [k, n] in float32, x_fixed the fixed point x of the word's 16 columns (_x_fixed_point). Half an
+        instruction a weight for the products (_word_int_dot), then a conversion and three float instructions a
+        word."""
         pairs_low, pairs_high, v_sum, unscale = x_fixed
         dot = _word_int_dot(w, pairs_low, pairs_high)
         return (s * unscale[:, None]) * (dot.to(tl.float32) - z * v_sum[:, None])
@@ -222,26 +211,22 @@ if triton is not None:
     @triton.jit
     def w4_row_sums(x_row, w_row, s_row, z_row, outs, gap, PAIRED: tl.constexpr, K: tl.constexpr,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr, INT_DOT: tl.constexpr = False):
+                    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
         """The int4 GEMV's sums, float32 [BLOCK_N]: x (at x_row) times rows `outs` of the codes from w_row (their
         scales and zeros from s_row and z_row, rows of the same first output), and with PAIRED also the rows
         `gap` further on (the same x read once for both): (y, y of the paired rows; y again without PAIRED).
-        INT_DOT: by integer dot products (_word_int_sums) rather than float ones (_word_sums). Requests the first
-        step's weights, then waits for x (kiln.kernels.pdl)."""
+        Requests the first step's weights, then waits for x (kiln.kernels.pdl)."""
         # w_row points at packed codes read as int64 words: word c of a row holds the codes of columns
         # 16c..16c+15, column 16c + j in bits 4j..4j+3 (little-endian bytes, low nibble first), each 32-bit half
-        # 8 of them. Within a half, a code masked in place,
-        # u 2^(4j), read as float32 bits is the subnormal u 2^(4j - 149), exactly, while its bits stay below the
-        # exponent field (j <= 4); codes 5..7 are first shifted down 12 bits, to slots 2..4. So a weight costs
-        # one AND and one FMA: the subnormal times x 2^(149 - 4 slot - SHIFT_EXP) is u x 2^-SHIFT_EXP, and the
-        # float32 sums carry that factor until the end. The group's scale and zero come once per word:
-        # s (sum_j u_j x_j - z sum_j x_j).
+        # 8 of them. x's 16 columns of a word become 16-bit integers (_x_fixed_point, once a thread and step, shared
+        # by its outputs), dp2a multiplies them by the codes two at a time (_word_int_dot), and the group's scale
+        # and zero come once per word: s (sum_j u_j x_j - z sum_j x_j) (_word_int_sums).
         # The tile is [BLOCK_KW words, BLOCK_N outputs] with one word per thread and output: the word indices are
         # XORed with program_id(2), always 0, so that Triton cannot prove a thread's words contiguous and does not
-        # give it two (one 16-byte load). Then the 16 columns of x that a word multiplies, loaded as two 16-byte
-        # vectors, land in the thread that holds the word. With four words a thread, x's columns came from other
-        # threads through shared memory: 8 layout conversions and 20 barriers a step (scripts/kernel_sass.py
-        # "w4 gemv"). Each thread's outputs share its x.
+        # give it two (one 16-byte load). x's 16 columns of a word are loaded as two [BLOCK_KW, 8] tiles, one
+        # 16-byte load each, which land in the thread that holds the word. (One [BLOCK_KW, 16] tile split in two
+        # took x through shared memory, two barriers a step; with four words a thread, 20 barriers a step:
+        # scripts/kernel_sass.py "w4 gemv".)
         KW: tl.constexpr = K // 16  # words per row
         WPG: tl.constexpr = GROUP // 16  # words per group (BLOCK_KW is a multiple: a step holds whole groups)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
@@ -266,25 +251,17 @@ if triton is not None:
                 if PAIRED:
                     wp, sp, zp = _step_weights(wp_row, sp_row, zp_row, k0, first, outs, G, KW, WPG, HAS_ZERO,
                                                EVEN_K)
-            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 16)[None, :]
-            x_low, x_high = halves(load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32))
-            xs_low, xs_high = split8(x_low), split8(x_high)
-            if INT_DOT:
-                x_fixed = _x_fixed_point(xs_low, xs_high)
-                acc += _word_int_sums(w, s, z, x_fixed)
-                if PAIRED:
-                    acc_paired += _word_int_sums(wp, sp, zp, x_fixed)
-            else:
-                x_sum = sum8(xs_low) + sum8(xs_high)
-                slots_low, slots_high = _slot_scaled(xs_low), _slot_scaled(xs_high)
-                acc += _word_sums(w, s, z, x_sum, slots_low, slots_high)
-                if PAIRED:
-                    acc_paired += _word_sums(wp, sp, zp, x_sum, slots_low, slots_high)
-        unshift: tl.constexpr = 1.0 if INT_DOT else 2.0 ** SHIFT_EXP  # (the integer sums carry no shift)
-        y = tl.sum(acc, axis=0) * unshift
+            x_p = x_row + 16 * k0 + (16 * first)[:, None] + tl.arange(0, 8)[None, :]
+            x_low = load_step(x_p, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32)
+            x_high = load_step(x_p + 8, (k0 + first < KW)[:, None], EVEN_K).to(tl.float32)
+            x_fixed = _x_fixed_point(split8(x_low), split8(x_high))
+            acc += _word_int_sums(w, s, z, x_fixed)
+            if PAIRED:
+                acc_paired += _word_int_sums(wp, sp, zp, x_fixed)
+        y = tl.sum(acc, axis=0)
         y_paired = y
         if PAIRED:
-            y_paired = tl.sum(acc_paired, axis=0) * unshift
+            y_paired = tl.sum(acc_paired, axis=0)
         return y, y_paired
 
     @triton.jit
@@ -337,7 +314,7 @@ if triton is not None:
         once for both): (y, y of the paired rows; y again without PAIRED). Requests the first step's weights, then
         waits for x (kiln.kernels.pdl)."""
         # Codes read as int64 words of 8 (byte_word_steps). Each 32-bit half is XORed with 0x80808080, which makes
-        # each byte the unsigned code u = q + 128 (one instruction a half), and w4_row_sums' trick turns it into a
+        # each byte the unsigned code u = q + 128 (one instruction a half); a code masked in its place reads as a
         # float: bytes 0 and 1 masked in place, bytes 2 and 3 after a shift of the half by 16 bits, read as float32
         # bits, are the subnormals u 2^-149 and u 2^-141, exactly. So a weight costs one AND and one FMA. The sums
         # carry 2^-SHIFT_EXP until the end: sum_j q_j x_j = sum_j u_j x_j - 128 sum_j x_j, then the scale, in

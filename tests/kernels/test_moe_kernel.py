@@ -176,8 +176,7 @@ def test_quantized_experts_kernel_matches_reference(dtype, fmt, tokens, num_expe
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:])  # (16-bit activations: the words' scaling assumes them)
 @pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64_zp", "int8", "e4m3"])
 @pytest.mark.parametrize("tokens,first,num_local", [(1, 0, 8), (2, 2, 3)])  # (expert parallelism: pairs not held)
-@pytest.mark.parametrize("dot", ["float", pytest.param("int", marks=needs_gpu)])  # (KILN_W4_DOT: its PTX needs a GPU)
-def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first, num_local, dot):
+def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt, tokens, first, num_local):
     """int4, int8 and e4m3 experts held as the engine holds them (fc and gate halves of one fused tensor on the
     device) go by words of codes (_pair_words_kernel), gated and plain;
     their output matches the reference and the tile kernel's, which the words replace (KILN_MOE_WORDS=0).
@@ -185,9 +184,6 @@ def test_experts_by_pair_read_words_in_the_engine_layout(monkeypatch, dtype, fmt
     the GPU, by bit operations under Triton's interpreter.)"""
     from kiln.kernels import moe
 
-    if dot == "int" and not fmt.startswith("int4"):
-        pytest.skip("KILN_W4_DOT sets the int4 experts' dot products only")
-    monkeypatch.setenv("KILN_W4_DOT", dot)
     monkeypatch.setattr(moe, "PAIR_WORDS", frozenset({"int4", "int8", "e4m3"}))
     monkeypatch.setattr(moe, "E4M3_BY_BITS", INTERPRETER)
 

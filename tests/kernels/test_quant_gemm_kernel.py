@@ -109,18 +109,6 @@ def test_w4a16_kernels_take_fractional_zeros(dtype, rows):
         assert (err <= ulp_bound(x, w, 3)).all(), f"[{n}, {k}] max error {err.max().item()}"
 
 
-def test_w4_dot_setting_takes_its_values_and_names_them(monkeypatch):
-    from kiln.kernels.words import w4_int_dot
-
-    monkeypatch.delenv("KILN_W4_DOT", raising=False)
-    assert not w4_int_dot()  # the default: float
-    monkeypatch.setenv("KILN_W4_DOT", "int")
-    assert w4_int_dot()
-    monkeypatch.setenv("KILN_W4_DOT", "integer")
-    with pytest.raises(ValueError, match="KILN_W4_DOT='integer': allowed values are float, int"):
-        w4_int_dot()
-
-
 def every_tile(rows: int) -> list:
     """(tile, run) of each candidate of the kernel that `rows` rows of x take: the GEMV's or the GEMM's."""
     if rows <= qg.GEMV_MAX_ROWS:
@@ -161,12 +149,11 @@ def test_w4a16_kernels_match_reference_with_every_tile(rows):
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("zero_point", [False, True, "fractional"])
-def test_w4a16_gemv_integer_dot_products_match_reference_with_every_tile(monkeypatch, rows, zero_point):
-    """KILN_W4_DOT=int (kiln.kernels.words._word_int_sums: x as 16-bit fixed point a word, dp2a on the codes) on
-    every GEMV tile, within the float path's bound of the reference, for x of ordinary, large and small size, a
-    word's columns of very different sizes (the small ones lose low bits to the large one's scale), zero rows, and
-    zeros that are not whole numbers; the same bits again."""
-    monkeypatch.setenv("KILN_W4_DOT", "int")
+def test_w4a16_gemv_integer_dot_products_match_reference_with_every_tile(rows, zero_point):
+    """The GEMV's integer dot products (kiln.kernels.words._word_int_sums: x as 16-bit fixed point a word, dp2a on
+    the codes) on every tile, within 3 ulps of the reference, for x of ordinary, large and small size, a word's
+    columns of very different sizes (the small ones lose low bits to the large one's scale), zero rows, and zeros
+    that are not whole numbers; the same bits again."""
     torch.manual_seed(rows + 80)
     for n, k, group in ((131, 464, 64), (96, 1152, 128), (300, 3584, 32)):
         x = torch.randn(rows, k, device="cuda")
@@ -183,14 +170,12 @@ def test_w4a16_gemv_integer_dot_products_match_reference_with_every_tile(monkeyp
 
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("dot", ["float", "int"])  # (KILN_W4_DOT)
-def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(monkeypatch, dot, rows):
+def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(rows):
     """The gated MLP's fc_gate GEMV with the activation as its epilogue, on each of its tiles: the same bits as the same
     tile's GEMV followed by silu_and_mul (each output's sum is the same; only the store changes). Intermediate
     sizes leave activated outputs past the last tile (131) and rows that end inside a step (3584 columns)."""
     from kiln.kernels.activation import silu_and_mul
 
-    monkeypatch.setenv("KILN_W4_DOT", dot)
     torch.manual_seed(rows + 40)
     for inter, k, group, zero_point in ((131, 464, 64, False), (96, 1152, 128, True), (300, 3584, 128, False)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -210,14 +195,12 @@ def test_w4a16_gemv_with_the_silu_epilogue_equals_the_gemv_then_silu_and_mul(mon
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("dot", ["float", "int"])  # (KILN_W4_DOT)
-def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(monkeypatch, dot, rows, cache_dtype):
+def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, cache_dtype):
     """The fused QKV GEMV with rotary and the cache write as its epilogue, on each of its tiles that divides half a
     head: the same bits, in the projection and in both caches, as the same tile's GEMV followed by
     apply_rotary_and_write_cache (a quantized cache holds the same codes)."""
     from kiln.kernels.rotary import apply_rotary_and_write_cache
 
-    monkeypatch.setenv("KILN_W4_DOT", dot)
     torch.manual_seed(rows + 60)
     kv_scale = None if cache_dtype == torch.bfloat16 else torch.tensor([0.05, 0.04], device="cuda")
     for heads, kv_heads, head_size, k in ((32, 8, 128, 1024), (6, 2, 64, 464)):
