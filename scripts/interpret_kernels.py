@@ -4,7 +4,8 @@ either side of the MMA; decode attention over int8 and e4m3 caches, codes read o
 programs merging their parts themselves (FUSED_MERGE); the prefill attention kernels (the fresh prompts' TMA one
 too) on each candidate tile of scripts/bench_prefill_attention.py, with the softmax rescaled at every step and
 lazily; the e4m3 MMA GEMV, FP8_BLOCK_SCALES' group GEMM (and W4A8_AWQ's prompt matmul through it), SmoothQuant's
-int8 GEMM and the int4 GEMV on every tile (no PTX, but their tiles, masks and splits are only timed on a GPU), and
+int8 GEMM (no PTX, but its tiles, masks and splits are only timed on a GPU), and the int4 GEMV on every tile and on
+x of mixed magnitudes (kiln.kernels.words takes plain Triton for its dp2a and prmt under the interpreter), and
 SmoothQuant's activation pass bit for bit; rotary with its cache write, one head a program and all in one, and the
 int4 GEMV of a fused QKV with rotary as its epilogue (kiln.kernels.rotary takes Triton's cos, sin and products in
 place of libdevice's under the interpreter); and the fc_gate GEMM with SiLU-and-mul as its epilogue on each

@@ -588,9 +588,9 @@ if triton is not None:
     def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
-        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows
-        are [fc; gate] (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N
-        further on, and the activation is the epilogue (no fc_gate output, no second launch)."""
+        """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows are [fc; gate]
+        (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on, and
+        the activation is the epilogue (no fc_gate output, no second launch)."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
