@@ -5,7 +5,7 @@
 #   bash scripts/gpu_first_run.sh OUT_DIR [PART ...]
 #   # parts: tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
 #   #   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only
+#   #   prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only pending-norms
 #   #   (default: all)
 #
 # A device call runs at most 10 minutes, so give each call parts that fit: `block tests` (about 8 minutes on an
@@ -121,6 +121,10 @@
 #   memory or barrier in the loop): the int4 GEMV, epilogue and MoE words tests, then W4A16 batch-1 decode beside
 #   bf16, and with the int4 lm_head (--quantize-lm-head; about 9 minutes, the tests 5). Forty-eighth session, H100:
 #   101 pass; 2.49x bf16 (471.3 against 189.6), 2.77x with the int4 lm_head.
+# - pending-norms (forty-ninth session): the RMSNorms between layers carried by the int4 GEMVs (the output
+#   projections add the residual and sum its squares, the next GEMV applies the 1/rms; DecoderLayer.defer_norms):
+#   the kernel and runtime tests, then W4A16 batch-1 decode beside bf16, and again with KILN_DEFER_NORMS=0 (the norm
+#   kernels).
 # (fold-norms, forty-fifth session: the norms folded into the W4A16/W8A16 GEMVs, timed slower in the forty-sixth
 #  and removed: docs/performance.md.)
 # - per-token: FP8_PER_CHANNEL_PER_TOKEN, its inputs now written by the norms and SiLU-and-mul, beside FP8 and bf16,
@@ -134,7 +138,7 @@ out=${1:?usage: bash scripts/gpu_first_run.sh OUT_DIR [PART ...]}
 shift
 parts=${*:-tests block-sq w4a8 fp8-lm-head block attention side-stream per-token flash moe moe-grouped fusions
   moe-profile mla fp8-words gpt-oss w4-profile moe-e4m3-words norm-probe w4-timeline prefill speculative
-  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only}
+  prompt-logprobs prefill-codes word-tiles fp8-long h100-lines fp8-profile int-only pending-norms}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln from this tree, for the scripts too
 if ! python -c "import pytest" 2>/dev/null; then
@@ -226,6 +230,12 @@ for part in $parts; do
               $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
               $bench --quant-algo W4A16 --quantize-lm-head --skip-unquantized --workloads decode-1 \
                 --output-json "$out/$part-lm-head.json" ;;
+    pending-norms) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+                     tests/kernels/test_quant_gemm_kernel.py tests/runtime/test_gpu_runtime.py \
+                     -k "pending_norm or norms_in_the_gemvs or epilogue"
+                   $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
+                   KILN_DEFER_NORMS=0 $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 \
+                     --output-json "$out/$part-off.json" ;;
     word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
     fp8-long) $bench --quant-algo FP8 --kv-cache-quant-algo FP8 --skip-unquantized --workloads long-1000 \
                 --output-json "$out/$part.json" ;;
@@ -237,7 +247,7 @@ for part in $parts; do
     *) echo "unknown part $part: use tests, block-sq, w4a8, fp8-lm-head, block, attention, side-stream, per-token," \
          "flash, moe, moe-grouped, fusions, moe-profile, mla, fp8-words, gpt-oss, w4-profile, moe-e4m3-words," \
          "norm-probe, w4-timeline, prefill, speculative, prompt-logprobs, prefill-codes, word-tiles," \
-         "fp8-long, h100-lines, fp8-profile or int-dot" >&2
+         "fp8-long, h100-lines, fp8-profile, int-only or pending-norms" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

@@ -38,6 +38,7 @@ from kiln.kernels import rotary
 from kiln.kernels.activation import silu_and_mul_ref
 from kiln.kernels.input_quant import FP8_GROUPS, FP8_ROWS, FP8_STATIC, INT8_ROWS, InputQuant
 from kiln.kernels.quant_gemm import w8a16_matmul_ref
+from kiln.kernels.rmsnorm import rms_norm_ref
 from kiln.quantization.fp8 import fp8_gemm_emulated, quantize_fp8_per_token, quantize_fp8_weight
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4_groups, quantize_int8_per_channel
 
@@ -607,6 +608,46 @@ def int4_qkv_rotary() -> None:
                 check(f"w4 gemv rotary m{m} {heads}/{kv_heads} heads d{d} tile {tile}: {name}", a, b)
 
 
+def int4_pending_norm() -> None:
+    """An RMSNorm split between two int4 GEMVs (kiln.kernels.epilogue): the first, on every tile, adds the residual
+    and sums its squares (the stream and the norm's weighted input bit for bit); the second, as the SiLU and the
+    rotary epilogue variants, applies the norm's 1/rms to its sums, against the norm then the same GEMV."""
+    m, n, k, eps, d, heads, kv_heads = 2, 256, 512, 1e-5, 32, 4, 2
+    words = lambda packed: packed.view(qg.WORD_DTYPE)  # noqa: E731
+    x, residual = torch.randn(m, k).half(), (torch.randn(m, n) * 4).half()
+    norm_weight = (torch.rand(n) + 0.5).half()
+    packed, scale, z = quantize_int4_groups(torch.randn(n, k), 128, True, torch.float16)
+    out = torch.empty(m, n, dtype=torch.float16)
+    qg._run_w4_gemv(x, words(packed), scale, z, 128, out, qg.W4_GEMV_TILES[0])
+    normed, stream = rms_norm_ref(out, norm_weight, eps, residual)
+    for tile in qg.W4_GEMV_TILES:
+        h, weighted, squares = torch.empty_like(out), torch.empty_like(out), torch.empty(m * n // tile[0])
+        qg._run_w4_gemv(x, words(packed), scale, z, 128, h, tile, add_norm=(residual, norm_weight, weighted, squares))
+        same = torch.equal(h, stream) and torch.equal(weighted, (h.float() * norm_weight.float()).half())
+        if not same:
+            raise SystemExit(f"w4 gemv add-norm tile {tile}: the stream or the weighted input differs")
+        check(f"w4 gemv add-norm tile {tile}: squares", squares.view(m, -1).sum(1), h.float().pow(2).sum(1))
+    norm_in = (squares.view(m, -1), eps)
+    gate_up, g_scale, g_z = quantize_int4_groups(torch.randn(96, n), 128, True, torch.float16)
+    qkv, q_scale, q_z = quantize_int4_groups(torch.randn((heads + 2 * kv_heads) * d, n), 128, True, torch.float16)
+    positions, freqs = torch.randint(0, 8192, (m,)), 500000.0 ** -(torch.arange(0, d, 2).float() / d)
+    for tile in qg.W4_EPILOGUE_TILES:
+        want, got = torch.empty(m, 48, dtype=torch.float16), torch.empty(m, 48, dtype=torch.float16)
+        qg._run_w4_gemv(normed, words(gate_up), g_scale, g_z, 128, want, tile, gated=True)
+        qg._run_w4_gemv(weighted, words(gate_up), g_scale, g_z, 128, got, tile, gated=True, norm_in=norm_in)
+        check(f"w4 gemv silu of a pending norm tile {tile}", got, want)
+        if (d // 2) % tile[0]:
+            continue
+        results = []
+        for rows, pending in ((normed, None), (weighted, norm_in)):
+            y, caches = torch.empty(m, qkv.shape[0], dtype=torch.float16), torch.zeros(2, 4, kv_heads, d).half()
+            qg._run_w4_qkv_rotary(rows, words(qkv), q_scale, q_z, 128, y, tile,
+                                  (heads, kv_heads, d, positions, freqs, *caches, torch.tensor([3, 1]), None), pending)
+            results.append((y, caches))
+        check(f"w4 gemv rotary of a pending norm tile {tile}: qkv", results[1][0], results[0][0])
+        check(f"w4 gemv rotary of a pending norm tile {tile}: caches", results[1][1], results[0][1])
+
+
 def int8_qkv_rotary() -> None:
     """The int8 GEMV of a fused QKV projection with the same epilogue, against the same tile's GEMV followed by the
     rotary kernel (a 16-bit cache: the interpreter cannot run the rotary kernel's rounding to codes)."""
@@ -671,8 +712,8 @@ def gated_gemm_tiles() -> None:
 CHECKS = (int4_gemm, int4_gemv, int4_gemv_magnitudes, decode_attention, fused_merge, prefill_attention, fp8_dot_gemv,
           fp8_word_gemv, fp8_word_gemv_silu, fp8_group_gemm, w4a8_prefill, int8_gemv, int8_gemm_tiles,
           rms_norm_int8_rows, silu_and_mul_plain, silu_and_mul_int8_rows, fp8_groups_written_by_norm_and_activation,
-          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int8_qkv_rotary,
-          fp8_qkv_rotary,
+          fp8_rows_written_by_norm_and_activation, rotary_with_cache_write, int4_qkv_rotary, int4_pending_norm,
+          int8_qkv_rotary, fp8_qkv_rotary,
           gated_gemm_tiles)
 
 

@@ -74,7 +74,7 @@ except ImportError:  # CPU-only installs: the references below still work
 log = logging.getLogger("kiln")
 
 if triton is not None:
-    from kiln.kernels.epilogue import silu_times
+    from kiln.kernels.epilogue import add_residual_for_norm, pending_rms, silu_times
     from kiln.kernels.gemv import fp8_word_row_sums
     from kiln.kernels.pdl import allow_dependents
     from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
@@ -252,18 +252,19 @@ def w4a16_fused_matmul(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Te
 
 
 def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                              group_size: int) -> torch.Tensor | None:
+                              group_size: int, norm_in: tuple | None = None) -> torch.Tensor | None:
     """silu(fc) * gate of [fc | gate] = w4a16_matmul(x, ...) (the gated MLP's fc_gate weights [fc; gate]), in one
     launch: the GEMV with the activation as its epilogue, rounding as w4a16_matmul then silu_and_mul do. None
     where the GEMV does not run (more than GEMV_MAX_ROWS rows, or codes not readable as words): the caller
-    multiplies and activates apart."""
+    multiplies and activates apart. `norm_in` (squares, eps): x is an RMSNorm's input times its weight, the norm's
+    1/rms still to apply (w4a16_add_norm_matmul's output)."""
     if not gemv_takes(x, packed) or packed.shape[0] % 2:
         return None
     rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0] // 2, dtype=rows.dtype, device=rows.device)
-    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
-    run = functools.partial(_run_w4_gemv, gated=True)
+    key = ("gemv silu", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, norm_in is not None)
+    run = functools.partial(_run_w4_gemv, gated=True, norm_in=norm_in)
     tile = _tuned_tile(key, W4_EPILOGUE_TILES, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
@@ -272,24 +273,53 @@ def w4a16_silu_and_mul_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torc
 def w4a16_qkv_rotary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                             group_size: int, heads: int, kv_heads: int, head_size: int, positions: torch.Tensor,
                             inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slots: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor | None:
+                            slots: torch.Tensor, kv_scale: torch.Tensor | None,
+                            norm_in: tuple | None = None) -> torch.Tensor | None:
     """The fused QKV projection w4a16_matmul(x, ...) [rows, (heads + 2 kv_heads) head_size] followed by
     kiln.kernels.rotary.apply_rotary_and_write_cache on its q, k and v, in one launch: the GEMV with rotary as its
     epilogue, the same bits. None where the GEMV does not run (more than GEMV_MAX_ROWS rows, codes not readable
-    as words, or no tile that divides half a head): the caller projects, then rotates."""
+    as words, or no tile that divides half a head): the caller projects, then rotates. `norm_in` as
+    w4a16_silu_and_mul_matmul's."""
     tiles = [tile for tile in W4_EPILOGUE_TILES if (head_size // 2) % tile[0] == 0]
     if not gemv_takes(x, packed) or head_size % 2 or not tiles:
         return None
     rows = rows_view(x)
     words = packed.view(WORD_DTYPE)
     y = torch.empty(rows.shape[0], packed.shape[0], dtype=rows.dtype, device=rows.device)
-    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size)
+    key = ("gemv rotary", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype, head_size,
+           norm_in is not None)
     run = functools.partial(_run_w4_qkv_rotary, rotary=(heads, kv_heads, head_size, positions, inv_freq, k_cache,
-                                                         v_cache, slots, kv_scale))
+                                                         v_cache, slots, kv_scale), norm_in=norm_in)
     # (timing a tile writes this step's keys and values to their slots, the same bits each time)
     tile = _tuned_tile(key, tiles, run, rows, words, scale, zero, group_size, y)
     run(rows, words, scale, zero, group_size, y, tile)
     return y.view(*x.shape[:-1], y.shape[1])
+
+
+def w4a16_add_norm_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                          group_size: int, residual: torch.Tensor, norm_weight: torch.Tensor) -> tuple | None:
+    """An int4 GEMV whose output joins the residual stream before an RMSNorm (the attention's and the MLP's output
+    projections), the norm begun in its epilogue: (h = w4a16_matmul(x, ...) + residual as torch rounds both,
+    h times norm_weight rounded once, squares [rows, programs] float32: each program's sum of h's squares). The
+    GEMV that reads the norm's output takes the last two as x and `norm_in` and applies the 1/rms to its sums, so
+    no norm kernel runs (kiln.layers.normalization.PendingNorm). None where the GEMV does not run."""
+    if not gemv_takes(x, packed):
+        return None
+    rows = rows_view(x)
+    words = packed.view(WORD_DTYPE)
+    n = packed.shape[0]
+    h = torch.empty(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
+    weighted = torch.empty_like(h)
+    squares = torch.empty(rows.shape[0] * triton.cdiv(n, min(t[0] for t in W4_GEMV_TILES)), dtype=torch.float32,
+                          device=rows.device)  # (as many as the narrowest tile's programs)
+    key = ("gemv add-norm", *words.shape, group_size, zero is not None, rows.shape[0], rows.dtype)
+    run = functools.partial(_run_w4_gemv, add_norm=(residual.reshape(-1, n).contiguous(), norm_weight, weighted,
+                                                    squares))
+    tile = _tuned_tile(key, W4_GEMV_TILES, run, rows, words, scale, zero, group_size, h)
+    run(rows, words, scale, zero, group_size, h, tile)
+    parts = triton.cdiv(n, tile[0])
+    shape = (*x.shape[:-1], n)
+    return h.view(shape), weighted.view(shape), squares[:rows.shape[0] * parts].view(rows.shape[0], parts)
 
 
 def fp8_qkv_rotary_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -325,17 +355,21 @@ def run_fp8_qkv_rotary(rows, x_scale, wq, w_scale, y: torch.Tensor, tile: tuple,
         **pdl_args(rows.device))
 
 
-def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple) -> None:
-    """One launch of _w4_qkv_rotary_kernel with `tile`; `rotary` the heads and cache of w4a16_qkv_rotary_matmul."""
+def _run_w4_qkv_rotary(rows, words, scale, zero, group_size: int, y: torch.Tensor, tile: tuple, rotary: tuple,
+                       norm_in: tuple | None = None) -> None:
+    """One launch of _w4_qkv_rotary_kernel with `tile`; `rotary` the heads and cache of w4a16_qkv_rotary_matmul,
+    `norm_in` as _run_w4_gemv's."""
     heads, kv_heads, head_size, positions, inv_freq, k_cache, v_cache, slots, kv_scale = rotary
     block_n, block_kw, warps = tile
     programs = (heads + 2 * kv_heads) * (head_size // 2 // block_n)
     _w4_qkv_rotary_kernel[(rows.shape[0], programs, 1)](
         rows, words, scale, zero if zero is not None else scale, y, positions, inv_freq, k_cache, v_cache, slots,
-        kv_scale if kv_scale is not None else inv_freq, rows.stride(0), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), heads, kv_heads, K=rows.shape[1], GROUP=group_size,
-        HAS_ZERO=zero is not None, HEAD=head_size, **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n,
-        BLOCK_KW=block_kw, num_warps=warps, **pdl_args(rows.device))
+        kv_scale if kv_scale is not None else inv_freq, **_pending_norm_args(norm_in, scale),
+        stride_xm=rows.stride(0), kc_tok_stride=k_cache.stride(0), kc_head_stride=k_cache.stride(1),
+        vc_tok_stride=v_cache.stride(0), vc_head_stride=v_cache.stride(1), q_heads=heads, kv_heads=kv_heads,
+        K=rows.shape[1], GROUP=group_size, HAS_ZERO=zero is not None, HEAD=head_size,
+        **cache_code_args(k_cache, kv_scale), BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps,
+        **pdl_args(rows.device))
 
 
 def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -348,16 +382,33 @@ def _w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False) -> None:
+                 group_size: int, y: torch.Tensor, tile: tuple, gated: bool = False, norm_in: tuple | None = None,
+                 add_norm: tuple | None = None) -> None:
     """One int4 GEMV with `tile` = (BLOCK_N, BLOCK_KW, warps); programs of the same outputs and another row of x are
     adjacent in the launch order, so the second row reads the weights from L2. `gated`: y = silu(fc) * gate of
-    the weights' two halves (`w4a16_silu_and_mul_matmul`)."""
+    the weights' two halves (`w4a16_silu_and_mul_matmul`). `norm_in` (squares, eps): rows are an RMSNorm's input
+    times its weight, and `squares` [rows, parts] the sums that give its 1/rms (`_pending_norm_args`). `add_norm`
+    (residual, norm weight, weighted, squares): y gets the output plus `residual`, `weighted` that times the norm's
+    weight, and `squares` (flat, at least rows x programs) each program's sum of squares (w4a16_add_norm_matmul)."""
     block_n, block_kw, warps = tile
     n = y.shape[1]
+    residual, norm_weight, weighted, squares_out = add_norm if add_norm is not None else (y, y, y, y)
     _w4_gemv_kernel[(rows.shape[0], triton.cdiv(n, block_n), 1)](
-        rows, words, scale, zero if zero is not None else scale, y, n, rows.shape[1], rows.stride(0),
-        GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        GATED=gated, num_warps=warps, **pdl_args(rows.device))
+        rows, words, scale, zero if zero is not None else scale, y, **_pending_norm_args(norm_in, scale),
+        res_ptr=residual, nw_ptr=norm_weight, g_ptr=weighted, sq_out_ptr=squares_out, N=n, K=rows.shape[1],
+        stride_xm=rows.stride(0), GROUP=group_size, HAS_ZERO=zero is not None, EVEN_N=n % block_n == 0,
+        BLOCK_N=block_n, BLOCK_KW=block_kw, GATED=gated, ADD_NORM=add_norm is not None, num_warps=warps,
+        **pdl_args(rows.device))
+
+
+def _pending_norm_args(norm_in: tuple | None, unread: torch.Tensor) -> dict:
+    """The int4 GEMVs' arguments for x an RMSNorm's input times its weight (kiln.kernels.epilogue.pending_rms):
+    norm_in (squares [rows, parts] float32, eps), or None for x as it is (`unread` stands in for the pointer)."""
+    if norm_in is None:
+        return {"sq_in_ptr": unread, "parts_in": 1, "eps": 0.0, "NORM_PARTS": 0}
+    squares, eps = norm_in
+    return {"sq_in_ptr": squares, "parts_in": squares.shape[1], "eps": eps,
+            "NORM_PARTS": triton.next_power_of_2(squares.shape[1])}
 
 
 def gemv_takes(x: torch.Tensor, packed: torch.Tensor) -> bool:
@@ -585,23 +636,34 @@ if triton is not None:
 
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KW: tl.constexpr, GATED: tl.constexpr = False):
+    def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, sq_in_ptr, parts_in, eps, res_ptr, nw_ptr, g_ptr,
+                        sq_out_ptr, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        USE_PDL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                        GATED: tl.constexpr = False, NORM_PARTS: tl.constexpr = 0, ADD_NORM: tl.constexpr = False):
         """y [rows, N] = x @ W^T, BLOCK_N outputs a program (w4_row_sums). GATED: the weight rows are [fc; gate]
         (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on, and
-        the activation is the epilogue (no fc_gate output, no second launch)."""
+        the activation is the epilogue (no fc_gate output, no second launch).
+        An RMSNorm pending between two GEMVs (kiln.kernels.epilogue): NORM_PARTS > 0 says x is a norm's input times
+        its weight and the sums take its 1/rms (pending_rms over the parts_in sums of squares at sq_in_ptr, eps);
+        ADD_NORM says y joins the residual stream (res_ptr) before the next norm (weight nw_ptr): y_ptr gets the
+        stream, g_ptr the next GEMV's input, sq_out_ptr this program's sum of squares (add_residual_for_norm)."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, n0, outs = gemv_program(N, BLOCK_N, EVEN_N)
         y, y_gate = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0.to(tl.int64) * (K // 16),
                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
                                 GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
+        if NORM_PARTS > 0:
+            rms = pending_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
+            y, y_gate = y * rms, y_gate * rms
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
         out = n0 + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + m * N + out, y, mask=out < N)
+        if ADD_NORM:
+            add_residual_for_norm(y, m, n0, N, res_ptr, nw_ptr, y_ptr, g_ptr, sq_out_ptr, BLOCK_N)
+        else:
+            tl.store(y_ptr + m * N + out, y, mask=out < N)
 
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, stride_xm, USE_PDL: tl.constexpr,
@@ -638,21 +700,26 @@ if triton is not None:
 
     @triton.jit
     def _w4_qkv_rotary_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, pos_ptr, freq_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
-                              stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads,
-                              kv_heads, K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                              HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                              sq_in_ptr, parts_in, eps, stride_xm, kc_tok_stride, kc_head_stride, vc_tok_stride,
+                              vc_head_stride, q_heads, kv_heads, K: tl.constexpr, GROUP: tl.constexpr,
+                              HAS_ZERO: tl.constexpr, HEAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                              USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                              NORM_PARTS: tl.constexpr = 0):
         """The fused QKV projection y [rows, (q_heads + 2 kv_heads) HEAD] with rotary as its epilogue, as
         kiln.kernels.rotary.apply_rotary_and_write_cache leaves it: q and k heads rotated (rotate-half: dim i pairs
         with i + HEAD / 2), and the keys and values written to their cache slot (as codes with a quantized cache).
         Program (row, p) sums dims i0 .. i0 + BLOCK_N of the first half of a head and the same dims of its second
-        half (w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program."""
+        half (w4_row_sums, paired HEAD / 2 rows further on), so each rotation pair is in one program. NORM_PARTS as
+        _w4_gemv_kernel's: x is an RMSNorm's input times its weight, the sums take its 1/rms."""
         allow_dependents(USE_PDL)
         G: tl.constexpr = (K + GROUP - 1) // GROUP
         m, head, dims, freq, n0 = _rotary_program(freq_ptr, HEAD, BLOCK_N)
         y1, y2 = w4_row_sums(x_ptr + m * stride_xm, w_ptr + n0 * (K // 16), s_ptr + n0 * G, z_ptr + n0 * G,
                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
                              BLOCK_N, BLOCK_KW, USE_PDL)
+        if NORM_PARTS > 0:
+            rms = pending_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
+            y1, y2 = y1 * rms, y2 * rms
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)

@@ -110,7 +110,10 @@ class Attention(nn.Module):
                 self.rope_factor = 1.0
             self._freqs = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, x, positions: torch.Tensor, batch: AttentionBatch, add_norm: tuple | None = None):
+        """The attention's output; with add_norm (residual, norm), that output added to the residual with the norm
+        begun where dense's kernel can (RowLinear.matmul_then_norm). x: the input, a PendingNorm where the norm
+        before it was begun so."""
         # (positions, not x, give the device: x may be an FP8 linear's Fp8Rows)
         fused_rope = self.rope is not None and self.fused_rope and positions.is_cuda and triton_available()
         freqs = None if self.rope is None else self._inv_freq(batch.max_seq_len, positions.device)
@@ -119,7 +122,7 @@ class Attention(nn.Module):
             qkv = self.qkv.quant_method.rotary_qkv_matmul(self.qkv, x, positions, freqs, cache)
             if qkv is not None:  # one kernel projected, rotated and wrote the cache (the int4 GEMV at 1-2 rows)
                 q, k, v = self.qkv.split_heads(qkv)
-                return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written=True)))
+                return self._project(_heads_joined(batch.attend(self, q, k, v, kv_written=True)), add_norm)
         q, k, v = self.qkv.split_heads(self.qkv(x))
         norms = self._head_norms() if fused_rope else None  # (the rotary launch norms the heads as it loads them)
         if self.qk_norm and norms is None:
@@ -132,7 +135,11 @@ class Attention(nn.Module):
         elif self.rope is not None:
             cos, sin = rope_cos_sin(positions, freqs, q.dtype, self.rope_factor)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.dense(_heads_joined(batch.attend(self, q, k, v, kv_written)))
+        return self._project(_heads_joined(batch.attend(self, q, k, v, kv_written)), add_norm)
+
+    def _project(self, out: torch.Tensor, add_norm: tuple | None):
+        """dense(out), or with add_norm (residual, norm) RowLinear.matmul_then_norm's."""
+        return self.dense(out) if add_norm is None else self.dense.matmul_then_norm(out, *add_norm)
 
     def _head_norms(self) -> HeadNorms | None:
         """q_norm and k_norm as the rotary kernel applies them, where they are RMSNorms over each head."""

@@ -18,6 +18,7 @@ from torch import nn
 from kiln.kernels import gated_gemm
 from kiln.kernels.gemv import GEMV_MAX_ROWS, linear, use_gemv
 from kiln.kernels.input_quant import InputQuant
+from kiln.layers.normalization import PendingNorm
 from kiln.mapping import Mapping, kv_heads_per_rank, replicate, shard_column, shard_qkv, shard_row
 from kiln.runtime.distributed import all_reduce
 
@@ -47,6 +48,16 @@ class LinearMethod:
         `cache` ((k_cache, v_cache, slots, kv_scale): kiln.kernels.rotary.apply_rotary_and_write_cache), in one
         kernel where this method has one for x; None (the default) where not: the caller does the three apart."""
         return None
+
+    def add_norm_matmul(self, layer: "Linear", x: torch.Tensor, residual: torch.Tensor, norm) -> PendingNorm | None:
+        """apply(layer, x) + residual with the RMSNorm `norm` of that sum begun (PendingNorm), in one kernel where
+        this method has one for x; None (the default) where not: the caller adds and norms."""
+        return None
+
+    def carries_norms(self, layer: "Linear") -> bool:
+        """Whether add_norm_matmul, silu_and_mul_matmul and rotary_qkv_matmul take part in a decode step's pending
+        norms (PendingNorm) on this layer: x as it reaches the kernel, no input scale or permutation."""
+        return False
 
     def input_quant(self, layer: "Linear") -> InputQuant | None:
         """The quantized input this method's apply takes ready-made (Fp8Rows, Int8Rows), for the kernel that
@@ -153,7 +164,9 @@ class Linear(nn.Module):
         """The quantized input this layer takes ready-made, if any (LinearMethod.input_quant)."""
         return self.quant_method.input_quant(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        if isinstance(x, PendingNorm):  # (a reader that took no fused kernel)
+            x = x.normed()
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias
 
@@ -177,6 +190,15 @@ class RowLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(self.matmul(x), self.mapping)
         return y if self.bias is None else y + self.bias
+
+    def matmul_then_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> torch.Tensor | PendingNorm:
+        """forward(x) + residual with the RMSNorm `norm` of that sum begun, a PendingNorm, where the method's kernel
+        does both (LinearMethod.add_norm_matmul: one rank, no bias); else forward(x), which add_and_norm adds to
+        the residual and norms."""
+        pending = None
+        if self.bias is None and self.mapping.tp_size == 1:
+            pending = self.quant_method.add_norm_matmul(self, x, residual, norm)
+        return self(x) if pending is None else pending
 
 
 class QKVLinear(Linear):

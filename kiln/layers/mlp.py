@@ -43,21 +43,29 @@ class GatedMLP(nn.Module):
         # (kiln.models.base.DecoderLayer.fuse_input_quantization): the activation then writes it directly.
         self.act_quant: InputQuant | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, add_norm: tuple | None = None):
+        """The MLP's output; with add_norm (residual, norm), that output added to the residual with the norm begun
+        where proj's kernel can (RowLinear.matmul_then_norm). x: the input, a PendingNorm where the norm before it
+        was begun so."""
         if self.fused:
             if self.act is F.silu and self.fc_gate.bias is None:
                 h = self.fc_gate.quant_method.silu_and_mul_matmul(self.fc_gate, x, self.act_quant)
                 if h is not None:  # the matmul with the activation as its epilogue (the int4 and e4m3 GEMVs)
-                    return self.proj(h)
+                    return self._project(h, add_norm)
             fc_gate = self.fc_gate(x)  # (x may be fc_gate's FP8 input, Fp8Rows: no tensor checks on it)
             if self.act is F.silu and fc_gate.is_cuda and triton_available():
                 # one Triton launch for act(fc) * gate (and its quantization for an FP8 proj)
-                return self.proj(silu_and_mul(fc_gate, self.act_quant))
+                return self._project(silu_and_mul(fc_gate, self.act_quant), add_norm)
             fc, gate = fc_gate.chunk(2, dim=-1)
         else:
             fc, gate = self.fc(x), self.gate(x)
         h = self.act(fc) * gate
-        return self.proj(h if self.act_quant is None else self.act_quant.quantize(h.reshape(-1, h.shape[-1])))
+        return self._project(h if self.act_quant is None else self.act_quant.quantize(h.reshape(-1, h.shape[-1])),
+                             add_norm)
+
+    def _project(self, h, add_norm: tuple | None):
+        """proj(h), or with add_norm (residual, norm) RowLinear.matmul_then_norm's."""
+        return self.proj(h) if add_norm is None else self.proj.matmul_then_norm(h, *add_norm)
 
 
 class MLP(nn.Module):

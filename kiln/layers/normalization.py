@@ -1,6 +1,8 @@
 """RMSNorm (optionally scaling by 1 + w, as Gemma does) and LayerNorm, computed in float32 as the
 reference models do, then cast back; `add_and_norm` adds a residual first, fused into one kernel on the GPU."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,8 +105,32 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps).to(x.dtype)
 
 
-def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
-    """(norm(x + residual), x + residual); residual None means x is already the whole stream."""
+@dataclass
+class PendingNorm:
+    """An RMSNorm's output, its last step still to take. The GEMV whose output joined the residual stream wrote the
+    stream (`residual`: its output plus the residual), the stream times the norm's weight (`weighted`) and its
+    programs' sums of squares (`squares` [rows, parts], float32); the GEMV that reads the norm's output takes
+    `weighted` and applies the norm's 1/rms to its sums (kiln.kernels.epilogue). So no norm kernel runs between two
+    int4 GEMVs of a decode step (DecoderLayer.defer_norms). One rounding differs from the norm's: the stream times
+    the weight is rounded, where the norm rounds the stream times 1/rms, then times the weight."""
+
+    residual: torch.Tensor
+    weighted: torch.Tensor
+    squares: torch.Tensor
+    eps: float
+
+    def normed(self) -> torch.Tensor:
+        """The norm's output, for a reader that cannot apply the 1/rms itself."""
+        rows = self.weighted.reshape(-1, self.weighted.shape[-1])
+        rms = torch.rsqrt(self.squares.sum(-1, keepdim=True) / rows.shape[-1] + self.eps)
+        return (rows.float() * rms).to(rows.dtype).view(self.weighted.shape)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor | PendingNorm, residual: torch.Tensor | None):
+    """(norm(x + residual), x + residual); residual None means x is already the whole stream. A PendingNorm x is
+    that norm begun by the GEMV before it, the residual added: (x, its stream)."""
+    if isinstance(x, PendingNorm):
+        return x, x.residual
     return (norm(x), x) if residual is None else norm(x, residual)
 
 

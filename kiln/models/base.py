@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.checkpoint.atomic import atomic_dir, write_json_atomic
@@ -284,16 +285,22 @@ class DecoderLayer(nn.Module):
             self.attention_out_layernorm = make_norm(config)
             self.mlp_out_layernorm = make_norm(config)
         self.residual_multiplier = config.residual_multiplier
+        # Set at engine load (defer_norms): the norms that the attention's and the MLP's output projections begin in
+        # their kernels (post_layernorm, and the next layer's input_layernorm), None where a norm kernel runs.
+        self.norms_begun: tuple = (None, None)
+        self.mapping = config.mapping
 
     def forward(self, x, positions, batch, residual=None):
+        # (x may be a PendingNorm: the norm begun by the layer before, its residual added)
         h, residual = add_and_norm(self.input_layernorm, x, residual)
-        attn = self.attention(h, positions, batch)
+        after_attention, after_mlp = self.norms_begun
+        attn = self.attention(h, positions, batch, **_adding(residual, after_attention))
         if self.parallel_residual:  # in transformers' order: (mlp + attn) + x
             return self.mlp(self.post_layernorm(residual)) + attn, residual
         if self.sandwich_norm:
             attn = self.attention_out_layernorm(attn)
         h, residual = add_and_norm(self.post_layernorm, self._scaled(attn), residual)
-        mlp = self.mlp(h)
+        mlp = self.mlp(h, **_adding(residual, after_mlp))
         return self._scaled(self.mlp_out_layernorm(mlp) if self.sandwich_norm else mlp), residual
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
@@ -312,6 +319,36 @@ class DecoderLayer(nn.Module):
                 self.post_layernorm.out_quant = self.mlp.fc_gate.input_quant()
             self.mlp.act_quant = self.mlp.proj.input_quant()
 
+    def defer_norms(self, next_layer: "DecoderLayer | None") -> None:
+        """Where the GEMVs of a decode step can carry the RMSNorms between them, set norms_begun: the output
+        projections' kernels add the residual and sum its squares, the next linear's kernel applies the 1/rms
+        (kiln.layers.normalization.PendingNorm), and no norm kernel runs between them (the 64 of a Llama-3-8B
+        step's 65 RMSNorms cost 5.7% of a W4A16 batch-1 step: docs/performance.md). Layers of int4 linears
+        (LinearMethod.carries_norms), one rank; `next_layer` the one after on this stage (its input norm is the MLP's
+        to begin), or None. KILN_DEFER_NORMS=0 keeps the norm kernels. Set once, when the engine loads."""
+        if os.environ.get("KILN_DEFER_NORMS", "1") == "0" or not self._carries_norms():
+            return
+        after_mlp = next_layer.input_layernorm if next_layer is not None and next_layer._carries_norms() else None
+        self.norms_begun = (self.post_layernorm, after_mlp)
+
+    def _carries_norms(self) -> bool:
+        """A plain pre-norm layer (Llama's) of RMSNorms, fused rotary and SiLU, whose four linears carry pending
+        norms."""
+        attn, mlp = self.attention, self.mlp
+        if not (isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.fused and mlp.act_quant is None
+                and not self.parallel_residual and not self.sandwich_norm and self.residual_multiplier == 1.0
+                and self.mapping.tp_size == 1):
+            return False
+        norms = (self.input_layernorm, self.post_layernorm)
+        if not all(type(n) is RMSNorm and not n.unit_offset and n.out_quant is None for n in norms):
+            return False
+        if attn.qk_norm or attn.rope is None or not attn.fused_rope or attn.out_quant is not None:
+            return False
+        if mlp.act is not F.silu:
+            return False
+        return all(linear.bias is None and linear.quant_method.carries_norms(linear)
+                   for linear in (attn.qkv, attn.dense, mlp.fc_gate, mlp.proj))
+
     def _fuse_attention_input_quantization(self) -> None:
         if isinstance(self.input_layernorm, RMSNorm):  # its output feeds qkv alone
             self.input_layernorm.out_quant = self.attention.qkv.input_quant()
@@ -322,6 +359,12 @@ class DecoderLayer(nn.Module):
         """The layer's output as one tensor (calibration runs layers one at a time)."""
         out, residual = self(x, positions, batch)
         return out + residual
+
+
+def _adding(residual, norm) -> dict:
+    """A sub-block's keywords for ending with its output added to the residual and `norm` begun (add_norm), none
+    where a norm kernel runs (norm None)."""
+    return {} if norm is None else {"add_norm": (residual, norm)}
 
 
 class DecoderModel(nn.Module):
@@ -434,8 +477,11 @@ class DecoderModelForCausalLM(PretrainedModel):
         """Once the weights are loaded, before the engine's first step (ModelRunner): each linear's derived
         tensors, and the FP8 input quantization fused into the kernels before those linears."""
         prepare_linear_layers(self)
-        for layer in self.transformer.layers.values():
+        layers = list(self.transformer.layers.values())
+        for layer in layers:
             layer.fuse_input_quantization()
+        for layer, next_layer in zip(layers, layers[1:] + [None]):
+            layer.defer_norms(next_layer)
 
     def _ties_lm_head(self) -> bool:
         """lm_head shares the embedding's tensor: tied embeddings, both on this rank, lm_head in full precision

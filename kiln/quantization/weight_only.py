@@ -40,6 +40,7 @@ from kiln.kernels.gemv import epilogues_enabled
 from kiln.kernels.moe import ExpertCodes
 from kiln.kernels.words import INT4_SYMMETRIC_ZERO
 from kiln.layers.linear import Linear, LinearMethod
+from kiln.layers.normalization import PendingNorm
 from kiln.mapping import replicate, shard_experts
 
 INT8_MAX = 127
@@ -366,17 +367,37 @@ class Int4GroupMethod(_WeightOnlyMethod):
                                        integer_zeros=_integer_zeros(layer))
 
     def silu_and_mul_matmul(self, layer, x, out_quant=None):
+        x, norm_in = self._pending_input(layer, x)
         quant_gemm, x = self._gemv_input(layer, x)
         if quant_gemm is None or out_quant is not None:  # (the int4 GEMV's epilogue writes the 16-bit product)
             return None
-        return quant_gemm.w4a16_silu_and_mul_matmul(x, *self._packed(layer))
+        return quant_gemm.w4a16_silu_and_mul_matmul(x, *self._packed(layer), norm_in=norm_in)
 
     def rotary_qkv_matmul(self, layer, x, positions, inv_freq, cache):
+        x, norm_in = self._pending_input(layer, x)
         quant_gemm, x = self._gemv_input(layer, x)
         if quant_gemm is None:
             return None
         return quant_gemm.w4a16_qkv_rotary_matmul(x, *self._packed(layer), layer.num_heads, layer.num_kv_heads,
-                                                  layer.head_size, positions, inv_freq, *cache)
+                                                  layer.head_size, positions, inv_freq, *cache, norm_in=norm_in)
+
+    def add_norm_matmul(self, layer, x, residual, norm):
+        quant_gemm, x = self._gemv_input(layer, x)
+        out = None if quant_gemm is None else quant_gemm.w4a16_add_norm_matmul(x, *self._packed(layer), residual,
+                                                                                norm.weight)
+        return None if out is None else PendingNorm(*out, norm.eps)
+
+    def carries_norms(self, layer) -> bool:
+        return not self.prequant and not self.act_order
+
+    def _pending_input(self, layer, x) -> tuple:
+        """(x, None), or for a PendingNorm x (its weighted input, (its squares, eps)): the GEMV's `norm_in`. An input
+        scale or permutation cannot apply to the weighted input (carries_norms): the norm is finished first."""
+        if not isinstance(x, PendingNorm):
+            return x, None
+        if not self.carries_norms(layer):
+            return x.normed(), None
+        return x.weighted, (x.squares, x.eps)
 
     def _act_ordered(self, layer, x) -> torch.Tensor:
         """x's columns in the codes' order (GPTQ act-order: column j is input channel input_permutation[j])."""

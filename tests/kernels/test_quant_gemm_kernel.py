@@ -230,6 +230,52 @@ def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, c
 
 
 @needs_gpu
+@pytest.mark.parametrize("rows", [1, 2])
+def test_w4a16_pending_norm_between_two_gemvs_equals_the_norm_kernel(rows):
+    """An RMSNorm carried by the int4 GEMVs on either side (kiln.layers.normalization.PendingNorm). The first GEMV,
+    on each of its tiles (1000 outputs: the last program's run past the end), writes the residual stream and the
+    norm's weighted input bit for bit as the GEMV then torch's add and multiply, and its programs' sums of squares
+    add up to the stream's. The GEMVs that read the norm's output (the SiLU and the rotary epilogue) apply its
+    1/rms: within 2^-6 of the largest output of the norm kernel then the same GEMV (one rounding moves; without
+    the 1/rms the outputs are about 4 times too large)."""
+    from kiln.kernels.rmsnorm import rms_norm
+
+    torch.manual_seed(rows + 80)
+    k, n, eps, heads, kv_heads, d = 1024, 1000, 1e-5, 6, 2, 64
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    residual = (torch.randn(rows, n, device="cuda") * 4).to(x.dtype)
+    norm_weight = (torch.rand(n, device="cuda") + 0.5).to(x.dtype)
+    packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 128, True, x.dtype)
+    words = packed.view(qg.WORD_DTYPE)
+    for tile in qg.W4_GEMV_TILES:
+        out, h, weighted = (torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype) for _ in range(3))
+        squares = torch.full((rows * n,), float("nan"), device="cuda")
+        qg._run_w4_gemv(x, words, scale, zero, 128, out, tile)
+        qg._run_w4_gemv(x, words, scale, zero, 128, h, tile, add_norm=(residual, norm_weight, weighted, squares))
+        assert torch.equal(h, out + residual), f"tile {tile}: the stream"
+        assert torch.equal(weighted, h * norm_weight), f"tile {tile}: the weighted input"
+        parts = squares[:rows * -(-n // tile[0])].view(rows, -1)
+        torch.testing.assert_close(parts.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=0)
+    h, weighted, parts = qg.w4a16_add_norm_matmul(x, packed, scale, zero, 128, residual, norm_weight)
+    normed = rms_norm(h, norm_weight, eps)
+    gate_up, g_scale, g_zero = quantize_int4_groups(torch.randn(2 * 300, n, device="cuda"), 128, False, x.dtype)
+    got = qg.w4a16_silu_and_mul_matmul(weighted, gate_up, g_scale, None, 128, norm_in=(parts, eps))
+    want = qg.w4a16_silu_and_mul_matmul(normed, gate_up, g_scale, None, 128)
+    assert (got - want).abs().max() <= 2 ** -6 * want.abs().max()
+    qkv, q_scale, q_zero = quantize_int4_groups(torch.randn((heads + 2 * kv_heads) * d, n, device="cuda"), 128,
+                                                True, x.dtype)
+    slots, positions = torch.randperm(4 * rows, device="cuda")[:rows], torch.randint(0, 8192, (rows,), device="cuda")
+    inv_freq = 500000.0 ** -(torch.arange(0, d, 2, device="cuda").float() / d)
+    caches = torch.zeros(4, 4 * rows, kv_heads, d, device="cuda", dtype=x.dtype)
+    got = qg.w4a16_qkv_rotary_matmul(weighted, qkv, q_scale, q_zero, 128, heads, kv_heads, d, positions, inv_freq,
+                                     caches[0], caches[1], slots, None, norm_in=(parts, eps))
+    want = qg.w4a16_qkv_rotary_matmul(normed, qkv, q_scale, q_zero, 128, heads, kv_heads, d, positions, inv_freq,
+                                      caches[2], caches[3], slots, None)
+    assert (got - want).abs().max() <= 2 ** -6 * want.abs().max()
+    assert (caches[:2] - caches[2:]).abs().max() <= 2 ** -6 * caches[2:].abs().max()
+
+
+@needs_gpu
 def test_w4a16_gemv_tuner_keeps_one_tile(monkeypatch):
     """With tuning on, the first one-row call of a shape times the GEMV's tiles and keeps one; later calls reuse it."""
     monkeypatch.setattr(qg, "AUTOTUNE", True)

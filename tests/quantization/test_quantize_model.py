@@ -192,3 +192,44 @@ def test_checkpoint_with_missing_scales_is_refused(quantized, tmp_path):
     save_tensors(bad / "rank0.safetensors", tensors)
     with pytest.raises(CheckpointError, match="weights_scaling_factor"):
         PretrainedModel.from_checkpoint(bad)
+
+
+def test_w4a16_engines_carry_the_norms_between_their_gemvs(quantized, monkeypatch):
+    """prepare_runtime (DecoderLayer.defer_norms) has a W4A16 engine's output projections begin the RMSNorm after
+    them (post_layernorm, then the next layer's input norm; the last layer's final norm stays a kernel), for its
+    decode GEMVs on a GPU; not W8A16's, not where a linear scales its input first (AWQ's prequant), and not with
+    KILN_DEFER_NORMS=0. On the CPU no GEMV begins a norm: the logits are those of the model without it."""
+    from act_reference import runtime_model
+
+    model = runtime_model(quantized["W4A16_g64"], fused=True)
+    first, last = model.transformer.layers["0"], model.transformer.layers["1"]
+    assert first.norms_begun == (first.post_layernorm, last.input_layernorm)
+    assert last.norms_begun == (last.post_layernorm, None)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), runtime_model(quantized["W4A16_g64"], fused=False)(IDS))
+    for name in ("W8A16", "W4A16_AWQ_g64"):
+        layers = runtime_model(quantized[name], fused=True).transformer.layers.values()
+        assert all(layer.norms_begun == (None, None) for layer in layers), name
+    monkeypatch.setenv("KILN_DEFER_NORMS", "0")
+    layers = runtime_model(quantized["W4A16_g64"], fused=True).transformer.layers.values()
+    assert all(layer.norms_begun == (None, None) for layer in layers)
+
+
+def test_a_pending_norm_read_by_a_plain_linear_is_the_norm_kernel_output():
+    """A PendingNorm (the stream, the stream times the norm's weight, its sums of squares in parts) that reaches a
+    linear without a fused kernel is finished first (PendingNorm.normed): the RMSNorm's output, but for the one
+    rounding that moves (the weight multiplies before the 1/rms), within two bf16 units of each value."""
+    from kiln.kernels.rmsnorm import rms_norm_ref
+    from kiln.layers.linear import ColumnLinear
+    from kiln.layers.normalization import PendingNorm
+
+    torch.manual_seed(3)
+    stream = (torch.randn(2, 256) * 4).bfloat16()
+    weight = (torch.rand(256) + 0.5).bfloat16()
+    squares = stream.float().pow(2).view(2, 8, 32).sum(-1)  # as 8 programs of 32 outputs leave them
+    pending = PendingNorm(stream, stream * weight, squares, 1e-5)
+    want = rms_norm_ref(stream, weight, 1e-5)
+    assert ((pending.normed().float() - want.float()).abs() <= 2 ** -6 * want.float().abs()).all()
+    linear = ColumnLinear(256, 16, False, Mapping())
+    linear.weight.data = torch.randn(16, 256).bfloat16()
+    assert torch.equal(linear(pending), linear(pending.normed()))

@@ -381,8 +381,8 @@ def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_
     for name in names:  # count the calls that fused
         real = getattr(quant_gemm, name)
 
-        def counted(*args, real=real, name=name):
-            y = real(*args)
+        def counted(*args, real=real, name=name, **kwargs):
+            y = real(*args, **kwargs)
             fused_calls.extend([name] if y is not None else [])
             return y
         monkeypatch.setattr(quant_gemm, name, counted)
@@ -393,6 +393,55 @@ def test_weight_only_gemv_epilogues_give_the_tokens_of_the_separate_kernels(tmp_
     monkeypatch.setenv("KILN_GEMV_EPILOGUES", "0")
     assert one_then_two_greedy(ckpt) == fused
     assert not fused_calls
+
+
+def test_w4a16_decode_with_norms_in_the_gemvs_gives_the_logits_of_the_norm_kernels(tmp_path, monkeypatch):
+    """A W4A16 engine's decode steps at one and two rows carry the RMSNorms between layers in the int4 GEMVs
+    (DecoderLayer.defer_norms: the output projections add the residual and sum its squares, the next GEMV applies
+    the 1/rms; only the first layer's input norm and the final norm run as kernels). Its decode logits equal those
+    of the same engine with KILN_DEFER_NORMS=0 (the norm kernels) within bf16's rounding (one rounding of each norm
+    moves), through prefill and two decode steps."""
+    from kiln.builder import Engine
+    from kiln.kernels import quant_gemm
+    from kiln.llmapi.llm import open_engine_dir
+    from kiln.runtime.block_manager import BlockManager
+    from kiln.runtime.model_runner import ModelRunner, StepInputs
+
+    build_config = BuildConfig(max_batch_size=2, max_seq_len=128, kv_cache_max_tokens=512)
+    engine_dir = open_engine_dir(weight_only_tiny_checkpoint(tmp_path, monkeypatch, "W4A16"), "bfloat16",
+                                 build_config)
+    pending = []
+    real = quant_gemm.w4a16_add_norm_matmul
+    monkeypatch.setattr(quant_gemm, "w4a16_add_norm_matmul", lambda *a: pending.append(1) or real(*a))
+
+    def decode_logits(prompts) -> list:
+        runner = ModelRunner(Engine.from_dir(engine_dir).runtime_model("cuda"), "cuda", build_config)
+        blocks = BlockManager(num_blocks=8, block_size=build_config.tokens_per_block)
+        for i, p in enumerate(prompts):
+            blocks.allocate(i, p + [0, 0])  # room for two decode tokens
+        tables, lens = [blocks.tables[i] for i in range(len(prompts))], [len(p) for p in prompts]
+        runner.execute(StepInputs([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))], lens,
+                                  [0] * len(prompts), [blocks.slot(i, t) for i, p in enumerate(prompts)
+                                                       for t in range(len(p))], tables))
+        logits = []
+        for step in range(2):
+            at = [n + step for n in lens]
+            logits.append(runner.execute(StepInputs([11 + step] * len(prompts), at, [1] * len(prompts), at,
+                                                    [blocks.slot(i, n) for i, n in enumerate(at)],
+                                                    tables)).float().cpu())
+        return logits
+
+    for prompts in (PROMPTS[:1], PROMPTS[1:]):
+        pending.clear()
+        carried = decode_logits(prompts)
+        assert pending, "no GEMV began a norm"
+        monkeypatch.setenv("KILN_DEFER_NORMS", "0")
+        pending.clear()
+        kernels = decode_logits(prompts)
+        assert not pending
+        monkeypatch.delenv("KILN_DEFER_NORMS")
+        for got, want in zip(carried, kernels):
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
