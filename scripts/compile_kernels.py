@@ -147,21 +147,26 @@ CASES = [  # (label, kernel, constexprs, pointer types)
        dict(cu_ptr="*i32", ctx_ptr="*i32", bt_ptr="*i32", o_ptr="*bf16" if one else "*fp32", lse_ptr="*fp32"))
       for one in (True, False)],
     *[(f"w4 {name} zero={z}", kernel, dict(K=4096, GROUP=128, HAS_ZERO=z, **blocks),
-       dict(w_ptr="*i64" if name.startswith("gemv") else "*u8"))
-      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel, dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=128)),
+       dict(w_ptr="*i64" if name.startswith("gemv") else "*u8", sq_in_ptr="*fp32", sq_out_ptr="*fp32"))
+      for name, kernel, blocks in (("gemv", quant_gemm._w4_gemv_kernel,
+                                    dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=128, NORM_PARTS=0)),
                                    ("gemv silu", quant_gemm._w4_gemv_kernel,
-                                    dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=128, GATED=True)),
+                                    dict(EVEN_N=False, BLOCK_N=4, BLOCK_KW=128, GATED=True, NORM_PARTS=0)),
+                                   ("gemv add-norm", quant_gemm._w4_gemv_kernel,
+                                    dict(EVEN_N=True, BLOCK_N=8, BLOCK_KW=256, NORM_PARTS=0, ADD_NORM=True)),
+                                   ("gemv silu pending norm", quant_gemm._w4_gemv_kernel,
+                                    dict(EVEN_N=True, BLOCK_N=4, BLOCK_KW=128, GATED=True, NORM_PARTS=512)),
                                    ("dequant", quant_gemm._w4_dequant_kernel,
                                     dict(SCALED=True, BLOCK_N=8, BLOCK_KB=256)))
       for z in (False, True)],
     *[(f"w4 centered e4m3 codes zero={z}", quant_gemm._w4_dequant_kernel,
        dict(K=4096, GROUP=128, HAS_ZERO=z, SCALED=False, BLOCK_N=8, BLOCK_KB=256),
        dict(w_ptr="*u8", s_ptr="*u8", out_ptr="*fp8e4nv")) for z in (False, True)],
-    *[(f"w4 gemv rotary quant={q}", quant_gemm._w4_qkv_rotary_kernel,
-       dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=256),
+    *[(f"w4 gemv rotary quant={q}{' pending norm' if parts else ''}", quant_gemm._w4_qkv_rotary_kernel,
+       dict(K=4096, GROUP=128, HAS_ZERO=False, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=8, BLOCK_KW=256, NORM_PARTS=parts),
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
-            kvs_ptr="*bf16" if q else "*fp32"))
-      for q, c, m in ((0, "*bf16", 0.0), (1, "*i8", 127.0))],
+            kvs_ptr="*bf16" if q else "*fp32", sq_in_ptr="*fp32"))
+      for q, c, m, parts in ((0, "*bf16", 0.0, 0), (1, "*i8", 127.0, 0), (0, "*bf16", 0.0, 512))],
     *[(f"w8 gemv rotary quant={q}", quant_gemm._w8_qkv_rotary_kernel,
        dict(K=4096, HEAD=128, QUANT=q, QMAX=m, BLOCK_N=2, BLOCK_KW=256),
        dict(w_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", freq_ptr="*fp32", kc_ptr=c, vc_ptr=c,
