@@ -475,7 +475,8 @@ class DecoderModelForCausalLM(PretrainedModel):
 
     def prepare_runtime(self) -> None:
         """Once the weights are loaded, before the engine's first step (ModelRunner): each linear's derived
-        tensors, and the FP8 input quantization fused into the kernels before those linears."""
+        tensors, the FP8 input quantization fused into the kernels before those linears, and the norms that the
+        int4 GEMVs carry (DecoderLayer.defer_norms)."""
         prepare_linear_layers(self)
         layers = list(self.transformer.layers.values())
         for layer in layers:
