@@ -230,10 +230,10 @@ for part in $parts; do
               $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
               $bench --quant-algo W4A16 --quantize-lm-head --skip-unquantized --workloads decode-1 \
                 --output-json "$out/$part-lm-head.json" ;;
-    pending-norms) KILN_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -o addopts= \
+    pending-norms) KILN_AUTOTUNE=0 timeout 200 python -m pytest -q -p no:cacheprovider -o addopts= \
                      tests/kernels/test_quant_gemm_kernel.py tests/runtime/test_gpu_runtime.py \
                      -k "pending_norm or norms_in_the_gemvs or epilogue"
-                   $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
+                   KILN_DEFER_NORMS=1 $bench --quant-algo W4A16 --workloads decode-1 --output-json "$out/$part.json"
                    KILN_DEFER_NORMS=0 $bench --quant-algo W4A16 --skip-unquantized --workloads decode-1 \
                      --output-json "$out/$part-off.json" ;;
     word-tiles) $bench --quant-algo W4A16,W8A16 --workloads decode-1 --output-json "$out/$part.json" ;;
