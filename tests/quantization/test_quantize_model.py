@@ -201,6 +201,7 @@ def test_w4a16_engines_carry_the_norms_between_their_gemvs(quantized, monkeypatc
     KILN_DEFER_NORMS=0. On the CPU no GEMV begins a norm: the logits are those of the model without it."""
     from act_reference import runtime_model
 
+    monkeypatch.setenv("KILN_DEFER_NORMS", "1")
     model = runtime_model(quantized["W4A16_g64"], fused=True)
     first, last = model.transformer.layers["0"], model.transformer.layers["1"]
     assert first.norms_begun == (first.post_layernorm, last.input_layernorm)
