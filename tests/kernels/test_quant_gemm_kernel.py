@@ -233,7 +233,7 @@ def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, c
 @pytest.mark.parametrize("rows", [1, 2])
 def test_w4a16_pending_norm_between_two_gemvs_equals_the_norm_kernel(rows):
     """An RMSNorm carried by the int4 GEMVs on either side (kiln.layers.normalization.PendingNorm). The first GEMV,
-    on each of its tiles (1000 outputs: the last program's run past the end), writes the residual stream and the
+    on each of its tiles (1000 outputs: the last program runs past the end), writes the residual stream and the
     norm's weighted input bit for bit as the GEMV then torch's add and multiply, and its programs' sums of squares
     add up to the stream's. The GEMVs that read the norm's output (the SiLU and the rotary epilogue) apply its
     1/rms: within 2^-6 of the largest output of the norm kernel then the same GEMV (one rounding moves; without
@@ -241,21 +241,24 @@ def test_w4a16_pending_norm_between_two_gemvs_equals_the_norm_kernel(rows):
     from kiln.kernels.rmsnorm import rms_norm
 
     torch.manual_seed(rows + 80)
-    k, n, eps, heads, kv_heads, d = 1024, 1000, 1e-5, 6, 2, 64
+    k, n, eps, heads, kv_heads, d = 1024, 1024, 1e-5, 6, 2, 64
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     residual = (torch.randn(rows, n, device="cuda") * 4).to(x.dtype)
     norm_weight = (torch.rand(n, device="cuda") + 0.5).to(x.dtype)
-    packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 128, True, x.dtype)
-    words = packed.view(qg.WORD_DTYPE)
+    odd = 1000  # outputs of the tile loop: the last program runs past the end
+    packed, scale, zero = quantize_int4_groups(torch.randn(odd, k, device="cuda"), 128, True, x.dtype)
     for tile in qg.W4_GEMV_TILES:
-        out, h, weighted = (torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype) for _ in range(3))
-        squares = torch.full((rows * n,), float("nan"), device="cuda")
-        qg._run_w4_gemv(x, words, scale, zero, 128, out, tile)
-        qg._run_w4_gemv(x, words, scale, zero, 128, h, tile, add_norm=(residual, norm_weight, weighted, squares))
-        assert torch.equal(h, out + residual), f"tile {tile}: the stream"
-        assert torch.equal(weighted, h * norm_weight), f"tile {tile}: the weighted input"
-        parts = squares[:rows * -(-n // tile[0])].view(rows, -1)
+        out, h, weighted = (torch.full((rows, odd), float("nan"), device="cuda", dtype=x.dtype) for _ in range(3))
+        squares = torch.full((rows * odd,), float("nan"), device="cuda")
+        qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, zero, 128, out, tile)
+        qg._run_w4_gemv(x, packed.view(qg.WORD_DTYPE), scale, zero, 128, h, tile,
+                        add_norm=(residual[:, :odd].contiguous(), norm_weight[:odd], weighted, squares))
+        assert torch.equal(h, out + residual[:, :odd]), f"tile {tile}: the stream"
+        assert torch.equal(weighted, h * norm_weight[:odd]), f"tile {tile}: the weighted input"
+        parts = squares[:rows * -(-odd // tile[0])].view(rows, -1)
         torch.testing.assert_close(parts.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=0)
+    # the next GEMVs read whole words of inputs: a stream of 1024
+    packed, scale, zero = quantize_int4_groups(torch.randn(n, k, device="cuda"), 128, True, x.dtype)
     h, weighted, parts = qg.w4a16_add_norm_matmul(x, packed, scale, zero, 128, residual, norm_weight)
     normed = rms_norm(h, norm_weight, eps)
     gate_up, g_scale, g_zero = quantize_int4_groups(torch.randn(2 * 300, n, device="cuda"), 128, False, x.dtype)
