@@ -3,7 +3,7 @@ does and all of them alike: the gated MLP's SiLU-and-mul, computed by its own ke
 as the epilogue of the GEMVs that produce fc and gate (the int4 one in kiln.kernels.quant_gemm, the e4m3 one in
 kiln.kernels.gemv); and an RMSNorm split between two int4 GEMVs (kiln.layers.normalization.PendingNorm): the one
 that writes the residual stream adds it and sums its squares (`add_residual_for_norm`), the one that reads the
-norm's output scales its sums by the norm's 1/rms (`pending_rms`), so no norm kernel runs between them."""
+norm's output scales its sums by the norm's 1/rms (`pending_inv_rms`), so no norm kernel runs between them."""
 
 try:
     import triton
@@ -27,7 +27,7 @@ if triton is not None:
         n0 + BLOCK_N of row m, in the output's dtype) plus the residual (res_ptr [rows, N]), rounded to the dtype as
         torch's add rounds, is the stream h (to h_ptr); h times the norm's weight (nw_ptr [N]), rounded once, is the
         next GEMV's input (to g_ptr); and the sum of h's squares over this program's outputs, float32, goes to
-        sq_ptr[m, program] (pending_rms adds them up)."""
+        sq_ptr[m, program] (pending_inv_rms adds them up)."""
         out = n0 + tl.arange(0, BLOCK_N)
         ok = out < N
         h = (y.to(tl.float32) + tl.load(res_ptr + m * N + out, mask=ok, other=0.0).to(tl.float32)).to(y.dtype)
@@ -38,7 +38,7 @@ if triton is not None:
         tl.store(sq_ptr + m * tl.num_programs(1) + tl.program_id(1), tl.sum(h * h, axis=0))
 
     @triton.jit
-    def pending_rms(sq_ptr, m, parts, K: tl.constexpr, eps, PARTS: tl.constexpr):
+    def pending_inv_rms(sq_ptr, m, parts, K: tl.constexpr, eps, PARTS: tl.constexpr):
         """The RMSNorm's 1/rms of row m, as kiln.kernels.rmsnorm computes it: 1 / sqrt(mean of squares + eps), from
         the `parts` sums of squares at sq_ptr[m, :] (add_residual_for_norm's; PARTS a power of two >= parts) over a
         row of K."""

@@ -7,10 +7,12 @@ be up to 4x and int8 up to 2x faster than bf16 if the kernel reads them once at 
 - GEMV (a few rows of x): each program owns a block of output rows and streams their packed codes along the
   input dim, as int64 words of 16 codes, doing the multiply-adds on CUDA cores; a step of up to 256 words covers
   a 4096-wide row, so all of a program's loads are in flight at once. For int4 the group's scale and zero are
-  applied once per word, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k), and a code
-  becomes a float by one AND (it is read as a subnormal float, _w4_gemv_kernel), so a weight costs two
-  instructions. Each thread holds one word of each of its outputs and the 8 columns of x that word multiplies,
-  so no value crosses threads until the final sum. Programs of the same output block but different rows of x
+  applied once per word, not per weight: sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k), and the
+  codes multiply x rounded to 16-bit fixed point two at a time (dp2a; kiln.kernels.words). Each thread holds one
+  word of each of its outputs and the columns of x that word multiplies, so no value crosses threads until the
+  final sum. Its epilogue variants: SiLU-and-mul, rotary with the KV-cache write, and an RMSNorm carried between
+  two GEMVs (the residual added and the squares summed by one, the 1/rms applied by the next:
+  w4a16_add_norm_matmul, `norm_in`). Programs of the same output block but different rows of x
   are adjacent in the launch order, so the weights come from L2 after the first read. int8 codes are read as
   int64 words of 8 (_w8_gemv_kernel), each made a float by one AND; per shape, timing may instead pick the
   full-precision GEMV (kiln.kernels.gemv) with int8 weights. Either applies the per-channel scale after the
@@ -74,7 +76,7 @@ except ImportError:  # CPU-only installs: the references below still work
 log = logging.getLogger("kiln")
 
 if triton is not None:
-    from kiln.kernels.epilogue import add_residual_for_norm, pending_rms, silu_times
+    from kiln.kernels.epilogue import add_residual_for_norm, pending_inv_rms, silu_times
     from kiln.kernels.gemv import fp8_word_row_sums
     from kiln.kernels.pdl import allow_dependents
     from kiln.kernels.rotary import cos_sin, rotate_pair, to_cache
@@ -402,7 +404,7 @@ def _run_w4_gemv(rows: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, z
 
 
 def _pending_norm_args(norm_in: tuple | None, unread: torch.Tensor) -> dict:
-    """The int4 GEMVs' arguments for x an RMSNorm's input times its weight (kiln.kernels.epilogue.pending_rms):
+    """The int4 GEMVs' arguments for x an RMSNorm's input times its weight (kiln.kernels.epilogue.pending_inv_rms):
     norm_in (squares [rows, parts] float32, eps), or None for x as it is (`unread` stands in for the pointer)."""
     if norm_in is None:
         return {"sq_in_ptr": unread, "parts_in": 1, "eps": 0.0, "NORM_PARTS": 0}
@@ -644,7 +646,7 @@ if triton is not None:
         (2N of them) and y is silu(fc) * gate: each program sums BLOCK_N fc rows and the gate rows N further on, and
         the activation is the epilogue (no fc_gate output, no second launch).
         An RMSNorm pending between two GEMVs (kiln.kernels.epilogue): NORM_PARTS > 0 says x is a norm's input times
-        its weight and the sums take its 1/rms (pending_rms over the parts_in sums of squares at sq_in_ptr, eps);
+        its weight and the sums take its 1/rms (pending_inv_rms over the parts_in sums of squares at sq_in_ptr, eps);
         ADD_NORM says y joins the residual stream (res_ptr) before the next norm (weight nw_ptr): y_ptr gets the
         stream, g_ptr the next GEMV's input, sq_out_ptr this program's sum of squares (add_residual_for_norm)."""
         allow_dependents(USE_PDL)
@@ -654,8 +656,8 @@ if triton is not None:
                                 s_ptr + n0.to(tl.int64) * G, z_ptr + n0.to(tl.int64) * G, outs, tl.cast(N, tl.int64),
                                 GATED, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0, BLOCK_N, BLOCK_KW, USE_PDL)
         if NORM_PARTS > 0:
-            rms = pending_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
-            y, y_gate = y * rms, y_gate * rms
+            inv_rms = pending_inv_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
+            y, y_gate = y * inv_rms, y_gate * inv_rms
         y = y.to(y_ptr.dtype.element_ty)  # as F.linear rounds its output
         if GATED:
             y = silu_times(y, y_gate.to(y_ptr.dtype.element_ty))
@@ -718,8 +720,8 @@ if triton is not None:
                              tl.arange(0, BLOCK_N), HEAD // 2, True, K, GROUP, HAS_ZERO, (K // 16) % BLOCK_KW == 0,
                              BLOCK_N, BLOCK_KW, USE_PDL)
         if NORM_PARTS > 0:
-            rms = pending_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
-            y1, y2 = y1 * rms, y2 * rms
+            inv_rms = pending_inv_rms(sq_in_ptr, m, parts_in, K, eps, NORM_PARTS)
+            y1, y2 = y1 * inv_rms, y2 * inv_rms
         _rotary_epilogue(y1, y2, m, head, dims, freq, y_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr, kvs_ptr,
                          kc_tok_stride, kc_head_stride, vc_tok_stride, vc_head_stride, q_heads, kv_heads, HEAD, QUANT,
                          QMAX)
