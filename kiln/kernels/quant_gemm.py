@@ -304,8 +304,9 @@ def w4a16_add_norm_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     projections), the norm begun in its epilogue: (h = w4a16_matmul(x, ...) + residual as torch rounds both,
     h times norm_weight rounded once, squares [rows, programs] float32: each program's sum of h's squares). The
     GEMV that reads the norm's output takes the last two as x and `norm_in` and applies the 1/rms to its sums, so
-    no norm kernel runs (kiln.layers.normalization.PendingNorm). None where the GEMV does not run."""
-    if not gemv_takes(x, packed):
+    no norm kernel runs (kiln.layers.normalization.PendingNorm). None where the GEMV does not run, and for float16:
+    there the stream times the weight, not yet normalized, can overflow where the norm's output does not."""
+    if x.dtype == torch.float16 or not gemv_takes(x, packed):
         return None
     rows = rows_view(x)
     words = packed.view(WORD_DTYPE)

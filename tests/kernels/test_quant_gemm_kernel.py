@@ -229,6 +229,15 @@ def test_w4a16_gemv_with_the_rotary_epilogue_equals_the_gemv_then_rotary(rows, c
                                       kv_heads, head_size, positions, inv_freq, *caches[:2], slots, kv_scale) is None
 
 
+def test_w4a16_gemv_carries_no_norm_of_a_float16_stream():
+    """In float16 the stream times the norm's weight, not yet normalized, can overflow where the norm's output does
+    not (a residual of 1000 times a weight of 100): the GEMV declines, and the norm kernel runs."""
+    packed, scale, zero = quantize_int4_groups(torch.randn(64, 64), 32, False, torch.float16)
+    x, residual = torch.randn(1, 64).half(), torch.full((1, 64), 1000.0).half()
+    assert qg.w4a16_add_norm_matmul(x, packed, scale, zero, 32, residual, torch.full((64,), 100.0).half()) is None
+    assert qg.gemv_takes(x, packed)  # (the GEMV itself would take these rows)
+
+
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 2])
 def test_w4a16_pending_norm_between_two_gemvs_equals_the_norm_kernel(rows):
