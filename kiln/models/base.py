@@ -288,7 +288,6 @@ class DecoderLayer(nn.Module):
         # Set at engine load (defer_norms): the norms that the attention's and the MLP's output projections begin in
         # their kernels (post_layernorm, and the next layer's input_layernorm), None where a norm kernel runs.
         self.norms_begun: tuple = (None, None)
-        self.mapping = config.mapping
 
     def forward(self, x, positions, batch, residual=None):
         # (x may be a PendingNorm: the norm begun by the layer before, its residual added)
@@ -324,8 +323,9 @@ class DecoderLayer(nn.Module):
         projections' kernels add the residual and sum its squares, the next linear's kernel applies the 1/rms
         (kiln.layers.normalization.PendingNorm), and no norm kernel runs between them. A Llama-3-8B W4A16 batch-1
         step then launches 2 of its 65 norms: 0.9% faster on an H100 (docs/performance.md). Layers of int4
-        linears (LinearMethod.carries_norms) on one rank; `next_layer` is the one after on this stage (the MLP
-        begins its input norm), or None. KILN_DEFER_NORMS=0 keeps the norm kernels. Set once, at engine load."""
+        linears (LinearMethod.carries_norms; RowLinear.matmul_then_norm declines on more than one rank);
+        `next_layer` is the one after on this stage (the MLP begins its input norm), or None. KILN_DEFER_NORMS=0
+        keeps the norm kernels. Set once, at engine load."""
         if os.environ.get("KILN_DEFER_NORMS", "1") == "0" or not self._carries_norms():
             return
         after_mlp = next_layer.input_layernorm if next_layer is not None and next_layer._carries_norms() else None
@@ -335,16 +335,12 @@ class DecoderLayer(nn.Module):
         """A plain pre-norm layer (Llama's) of RMSNorms, fused rotary and SiLU, whose four linears carry pending
         norms."""
         attn, mlp = self.attention, self.mlp
-        if not (isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.fused and mlp.act_quant is None
-                and not self.parallel_residual and not self.sandwich_norm and self.residual_multiplier == 1.0
-                and self.mapping.tp_size == 1):
+        if not (isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.fused and mlp.act is F.silu
+                and not self.parallel_residual and not self.sandwich_norm and self.residual_multiplier == 1.0):
             return False
-        norms = (self.input_layernorm, self.post_layernorm)
-        if not all(type(n) is RMSNorm and not n.unit_offset and n.out_quant is None for n in norms):
+        if not all(type(n) is RMSNorm and not n.unit_offset for n in (self.input_layernorm, self.post_layernorm)):
             return False
-        if attn.qk_norm or attn.rope is None or not attn.fused_rope or attn.out_quant is not None:
-            return False
-        if mlp.act is not F.silu:
+        if attn.qk_norm or attn.rope is None or not attn.fused_rope:
             return False
         return all(linear.bias is None and linear.quant_method.carries_norms(linear)
                    for linear in (attn.qkv, attn.dense, mlp.fc_gate, mlp.proj))

@@ -65,10 +65,13 @@ class W4A8AwqMethod(Int4GroupMethod):
             y = F.linear(codes, self.dequantize(layer, dtype))
         return (y.float() * rows.scale).to(dtype).reshape(*lead, y.shape[-1])
 
-    # The row scale comes before the activation and the rotation, so the int4 GEMV's epilogues do not apply: the
-    # layers take their plain paths (LinearMethod's defaults).
+    # The row scale comes before the activation and the rotation, so the int4 GEMV's epilogues do not apply, and
+    # the input is quantized after the norm, so no GEMV carries one (PendingNorm): the layers take their plain paths
+    # (LinearMethod's defaults).
     silu_and_mul_matmul = LinearMethod.silu_and_mul_matmul
     rotary_qkv_matmul = LinearMethod.rotary_qkv_matmul
+    add_norm_matmul = LinearMethod.add_norm_matmul
+    carries_norms = LinearMethod.carries_norms
 
     def quantize(self, weight, dtype, input_scale=None, act_absmax=None):
         if act_absmax is None:

@@ -70,3 +70,13 @@ def test_fused_input_quantization_changes_no_logit(w4a8_ckpt):
     assert isinstance(layer.input_layernorm(torch.randn(3, model.config.hidden_size)), Fp8Rows)
     with torch.no_grad():
         assert torch.equal(model(IDS), runtime_model(w4a8_ckpt, fused=False)(IDS))
+
+
+def test_no_gemv_carries_a_norm_before_w4a8_linears(w4a8_ckpt, monkeypatch):
+    """W4A8's input is quantized after the norm (its e4m3 codes over a static scale), so its int4 linears carry no
+    pending norm (DecoderLayer.defer_norms), whether or not a linear scales its input first."""
+    monkeypatch.setenv("KILN_DEFER_NORMS", "1")
+    for layer in runtime_model(w4a8_ckpt, fused=True).transformer.layers.values():
+        assert layer.norms_begun == (None, None)
+        linears = (layer.attention.qkv, layer.attention.dense, layer.mlp.fc_gate, layer.mlp.proj)
+        assert not any(linear.quant_method.carries_norms(linear) for linear in linears)
