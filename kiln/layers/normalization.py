@@ -122,8 +122,8 @@ class PendingNorm:
     def normed(self) -> torch.Tensor:
         """The norm's output, for a reader that cannot apply the 1/rms itself."""
         rows = self.weighted.reshape(-1, self.weighted.shape[-1])
-        rms = torch.rsqrt(self.squares.sum(-1, keepdim=True) / rows.shape[-1] + self.eps)
-        return (rows.float() * rms).to(rows.dtype).view(self.weighted.shape)
+        inv_rms = torch.rsqrt(self.squares.sum(-1, keepdim=True) / rows.shape[-1] + self.eps)
+        return (rows.float() * inv_rms).to(rows.dtype).view(self.weighted.shape)
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor | PendingNorm, residual: torch.Tensor | None):
